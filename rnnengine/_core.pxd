@@ -1,0 +1,61 @@
+# _core.pxd - Cython mirror of src_c/rnnengine.h (the one public C header).
+from libc.stdint cimport int32_t, int64_t
+
+cdef extern from "rnnengine.h" nogil:
+    ctypedef enum rnn_status:
+        RNN_STATUS_OK
+        RNN_STATUS_BAD_ARGUMENT
+        RNN_STATUS_BAD_SHAPE
+        RNN_STATUS_OUT_OF_MEMORY
+        RNN_STATUS_TOO_LARGE
+
+    const char *rnn_status_string(rnn_status status)
+
+    ctypedef struct rnn_activation:
+        int32_t kind
+        float alpha
+        float beta
+
+    void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n)
+
+    ctypedef struct rnn_cell_config:
+        int32_t kind
+        int32_t input_size
+        int32_t hidden_size
+        rnn_activation act[3]
+        int32_t has_clip
+        float clip
+        int32_t input_forget
+        int32_t linear_before_reset
+
+    ctypedef struct rnn_cell:
+        pass
+    ctypedef struct rnn_stack:
+        pass
+
+    rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const float *R,
+                               const float *B, const float *P, rnn_cell **out)
+    void rnn_cell_free(rnn_cell *cell)
+
+    rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell **cells,
+                                rnn_stack **out)
+    void rnn_stack_free(rnn_stack *stack)
+    int32_t rnn_stack_input_size(const rnn_stack *stack)
+    int32_t rnn_stack_output_size(const rnn_stack *stack)
+    int64_t rnn_stack_state_floats(const rnn_stack *stack, int64_t B)
+    int64_t rnn_stack_state_offset(const rnn_stack *stack, int32_t layer, int64_t B, int32_t want_c)
+    int64_t rnn_stack_workspace_floats(const rnn_stack *stack, int64_t T, int64_t B)
+    rnn_status rnn_stack_forward(const rnn_stack *stack, const float *X, int64_t T, int64_t B,
+                                 int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
+                                 int64_t ys_b, int64_t ys_d, float *state, float *work)
+    void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float **streams, int64_t n)
+    void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float **streams,
+                                  int64_t n)
+
+    ctypedef void (*rnn_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                                  float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                                  int *ldc)
+    void rnn_blas_set_sgemm(rnn_sgemm_fn fn)
+    int rnn_blas_has_sgemm()
+    void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                     const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas)

@@ -1,0 +1,365 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# _core.pyx - thin binding over the C core: validate, then release the GIL around compute.
+"""Low-level binding. Use the classes in :mod:`rnnengine` rather than this module."""
+
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdlib cimport calloc, free
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+# --- BLAS: SciPy's sgemm, taken from scipy.linalg.cython_blas at import (as scikit-learn does),
+# so the package needs no BLAS at build time.
+def _install_blas():
+    from scipy.linalg import cython_blas
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    rnn_blas_set_sgemm(<rnn_sgemm_fn>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)))
+
+
+_install_blas()
+
+CELL_KINDS = {"RNN": 0, "GRU": 1, "LSTM": 2}
+DIRECTIONS = {"forward": 0, "reverse": 1, "bidirectional": 2}
+
+
+class EngineError(RuntimeError):
+    """The C core refused a call (a bug in validation if it ever reaches a user)."""
+
+
+cdef int _check(rnn_status status, what) except -1:
+    if status != RNN_STATUS_OK:
+        if status == RNN_STATUS_OUT_OF_MEMORY:
+            raise MemoryError(f"{what}: out of memory")
+        raise EngineError(f"{what}: {rnn_status_string(status).decode()}")
+    return 0
+
+
+def blas_available():
+    """True when the C core calls SciPy's BLAS (False: naive reference GEMM)."""
+    return bool(rnn_blas_has_sgemm())
+
+
+def gemm_nt(float[:, ::1] A, float[:, ::1] B, bint use_blas=True):
+    """C = A @ B.T through the core's GEMM (BLAS or the naive reference); for tests."""
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"gemm_nt: A has {A.shape[1]} columns, B has {B.shape[1]}")
+    out = np.zeros((A.shape[0], B.shape[0]), dtype=np.float32)
+    cdef float[:, ::1] C = out
+    cdef int64_t M = A.shape[0], N = B.shape[0], K = A.shape[1]
+    if M and N:
+        with nogil:
+            rnn_gemm_nt(M, N, K, 1.0, &A[0, 0] if K else NULL, K, &B[0, 0] if K else NULL, K,
+                        0.0, &C[0, 0], N, use_blas)
+    return out
+
+
+def apply_activation(int kind, float alpha, float beta, x):
+    """Applies one activation function of the core to a float32 vector (a copy); for tests."""
+    arr = np.array(x, dtype=np.float32, copy=True).reshape(-1)
+    cdef float[::1] v = arr
+    cdef rnn_activation act
+    act.kind = kind
+    act.alpha = alpha
+    act.beta = beta
+    if not 0 <= kind < 11:
+        raise ValueError(f"unknown activation kind {kind}")
+    if v.shape[0]:
+        with nogil:
+            rnn_activation_apply(&act, &v[0], v.shape[0])
+    return arr
+
+
+cdef class Stack:
+    """A compiled stack of recurrent layers (an rnn_stack handle). Immutable; thread-safe.
+
+    ``layers`` is a list of dicts with keys: kind, direction, input_size, hidden_size,
+    cells (one dict per direction: act [(kind, alpha, beta)] * 3, clip (float or None),
+    input_forget, linear_before_reset, W, R, B (or None), P (or None); float32 C-contiguous).
+    """
+    cdef rnn_stack *ptr
+    cdef readonly int input_size, output_size, n_layers, last_hidden
+    cdef readonly tuple layer_shapes  # per layer: (kind, D, H, has_c)
+
+    def __cinit__(self, list layers):
+        self.ptr = NULL
+        cdef int32_t n = len(layers)
+        if n == 0:
+            raise ValueError("a stack needs at least one layer")
+        cdef int32_t *dirs = <int32_t *>calloc(n, sizeof(int32_t))
+        cdef rnn_cell **cells = <rnn_cell **>calloc(2 * n, sizeof(rnn_cell *))
+        cdef rnn_cell_config cfg
+        cdef rnn_status st
+        cdef int k = 0, a
+        cdef float[:, ::1] W, R
+        cdef float[::1] Bv, Pv
+        cdef const float *bp
+        cdef const float *pp
+        shapes = []
+        try:
+            if dirs == NULL or cells == NULL:
+                raise MemoryError()
+            for li, layer in enumerate(layers):
+                dirs[li] = DIRECTIONS[layer["direction"]]
+                kind = CELL_KINDS[layer["kind"]]
+                shapes.append((layer["kind"], len(layer["cells"]), layer["hidden_size"], kind == 2))
+                for cell in layer["cells"]:
+                    cfg.kind = kind
+                    cfg.input_size = layer["input_size"]
+                    cfg.hidden_size = layer["hidden_size"]
+                    for a in range(3):
+                        cfg.act[a].kind, cfg.act[a].alpha, cfg.act[a].beta = cell["act"][a]
+                    cfg.has_clip = cell["clip"] is not None
+                    cfg.clip = cell["clip"] if cell["clip"] is not None else 0.0
+                    cfg.input_forget = cell["input_forget"]
+                    cfg.linear_before_reset = cell["linear_before_reset"]
+                    W = cell["W"]
+                    R = cell["R"]
+                    bp = NULL
+                    pp = NULL
+                    if cell["B"] is not None:
+                        Bv = cell["B"]
+                        bp = &Bv[0]
+                    if cell["P"] is not None:
+                        Pv = cell["P"]
+                        pp = &Pv[0]
+                    st = rnn_cell_create(&cfg, &W[0, 0], &R[0, 0], bp, pp, &cells[k])
+                    _check(st, f"layer {li}: creating a {layer['kind']} cell")
+                    k += 1
+        except BaseException:
+            for a in range(k):
+                rnn_cell_free(cells[a])
+            free(dirs)
+            free(cells)
+            raise
+        st = rnn_stack_create(n, dirs, cells, &self.ptr)
+        free(dirs)
+        free(cells)
+        _check(st, "building the layer stack")
+        self.n_layers = n
+        self.input_size = rnn_stack_input_size(self.ptr)
+        self.output_size = rnn_stack_output_size(self.ptr)
+        self.layer_shapes = tuple(shapes)
+        self.last_hidden = shapes[len(shapes) - 1][2]
+
+    def __dealloc__(self):
+        rnn_stack_free(self.ptr)
+
+    def state_size(self, int64_t batch):
+        return rnn_stack_state_floats(self.ptr, batch)
+
+    def state_offset(self, int layer, int64_t batch, bint want_c):
+        return rnn_stack_state_offset(self.ptr, layer, batch, want_c)
+
+    def workspace_size(self, int64_t T, int64_t batch):
+        return rnn_stack_workspace_floats(self.ptr, T, batch)
+
+    def forward(self, const float[:, :, ::1] X, lens, float[::1] Y, int64_t ys_t, int64_t ys_b,
+                int64_t ys_d, float[::1] state, float[::1] work, bint batch_first):
+        """Runs the stack; all buffers are validated by the caller (rnnengine.model)."""
+        cdef int64_t T = X.shape[1] if batch_first else X.shape[0]
+        cdef int64_t B = X.shape[0] if batch_first else X.shape[1]
+        cdef const int32_t[::1] lv
+        cdef const int32_t *lp = NULL
+        if X.shape[2] != self.input_size:
+            raise ValueError(f"input has {X.shape[2]} features, the model expects {self.input_size}")
+        if state.shape[0] != rnn_stack_state_floats(self.ptr, B):
+            raise ValueError("state buffer has the wrong size")
+        if work.shape[0] < rnn_stack_workspace_floats(self.ptr, T, B):
+            raise ValueError("workspace buffer is too small")
+        if lens is not None:
+            lv = lens
+            if lv.shape[0] != B:
+                raise ValueError(f"lengths has {lv.shape[0]} entries, batch is {B}")
+            lp = &lv[0] if B else NULL
+        if T == 0 or B == 0:
+            return
+        cdef int64_t last = (T - 1) * ys_t + (B - 1) * ys_b + (rnn_stack_output_size(self.ptr) - 1)
+        if ys_t < 0 or ys_b < 0 or ys_d < 0 or last >= Y.shape[0]:
+            raise ValueError("output buffer too small for its strides")
+        cdef rnn_status st
+        with nogil:
+            st = rnn_stack_forward(self.ptr, &X[0, 0, 0], T, B, batch_first, lp, &Y[0], ys_t, ys_b,
+                                   ys_d, &state[0], &work[0])
+        _check(st, "forward")
+
+
+cdef class Stream:
+    """Recurrent state of ``batch_size`` rows kept between calls to step() and feed().
+
+    Made by :meth:`rnnengine.Model.stream`. One stream is used by one thread at a time;
+    many streams of one model may run in parallel threads.
+    """
+    cdef readonly object model
+    cdef Stack stack
+    cdef readonly int batch_size
+    cdef readonly bint batch_first
+    cdef object _state          # float32 (S,): this stream's state, layout of rnn_stack
+    cdef object _initial        # float32 (S,): what reset() restores
+    cdef object _work
+    cdef int64_t _work_T
+
+    def __cinit__(self, model, Stack stack, int batch_size, initial, bint batch_first):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.stack = stack
+        self.batch_size = batch_size
+        self.batch_first = batch_first
+        self._initial = np.ascontiguousarray(initial, dtype=np.float32)
+        if self._initial.shape != (stack.state_size(batch_size),):
+            raise ValueError("initial state has the wrong size")
+        self._state = self._initial.copy()
+        self._work_T = 1
+        self._work = np.empty(stack.workspace_size(1, batch_size), dtype=np.float32)
+
+    cdef _ensure_work(self, int64_t T):
+        if T > self._work_T:
+            self._work = np.empty(self.stack.workspace_size(T, self.batch_size), dtype=np.float32)
+            self._work_T = T
+
+    def step(self, x, out=None):
+        """Advances one time step. x: (batch_size, input_size), or (input_size,) when
+        batch_size is 1. Returns the top layer's output, (batch_size, output_size) or
+        (output_size,), written into ``out`` when given."""
+        cdef Stack stack = self.stack
+        cdef int64_t B = self.batch_size
+        arr = np.ascontiguousarray(x, dtype=np.float32) if not (
+            type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous) else x
+        squeeze = arr.ndim == 1
+        if squeeze and B != 1:
+            raise ValueError(f"step() of a stream with batch_size {B} needs x of shape "
+                             f"({B}, {stack.input_size}), got {arr.shape}")
+        if not ((arr.ndim == 2 and arr.shape[0] == B and arr.shape[1] == stack.input_size) or
+                (squeeze and arr.shape[0] == stack.input_size)):
+            raise ValueError(f"step() expects x of shape ({B}, {stack.input_size})"
+                             f"{' or (%d,)' % stack.input_size if B == 1 else ''}, got {arr.shape}")
+        if out is None:
+            shape = (stack.output_size,) if squeeze else (int(B), stack.output_size)
+            res = np.empty(shape, np.float32)
+        else:
+            res = out
+            if not (type(res) is np.ndarray and res.dtype == np.float32 and res.flags.c_contiguous
+                    and res.size == B * stack.output_size):
+                raise ValueError(f"out must be a C-contiguous float32 array of "
+                                 f"{B * stack.output_size} elements")
+        cdef const float[::1] xv = arr.reshape(-1)
+        cdef float[::1] yv = res.reshape(-1)
+        cdef float[::1] sv = self._state
+        cdef float[::1] wv = self._work
+        cdef rnn_status st
+        with nogil:
+            st = rnn_stack_forward(stack.ptr, &xv[0], 1, B, 0, NULL, &yv[0], 0, stack.output_size,
+                                   stack.last_hidden, &sv[0], &wv[0])
+        _check(st, "step")
+        return res
+
+    def feed(self, xs):
+        """Advances len(xs) time steps. xs: (T, batch_size, input_size), or
+        (batch_size, T, input_size) for a batch_first model; a 2-D (T, input_size) when
+        batch_size is 1. Returns the top layer's outputs in the same layout."""
+        cdef Stack stack = self.stack
+        arr = np.ascontiguousarray(xs, dtype=np.float32)
+        squeeze = arr.ndim == 2 and self.batch_size == 1
+        if squeeze:
+            arr = arr[:, None, :] if not self.batch_first else arr[None, :, :]
+        bdim = 0 if self.batch_first else 1
+        if arr.ndim != 3 or arr.shape[bdim] != self.batch_size or arr.shape[2] != stack.input_size:
+            want = ("(batch_size, T, input_size)" if self.batch_first else "(T, batch_size, input_size)")
+            raise ValueError(f"feed() expects xs of shape {want} = "
+                             f"{'(%d, T, %d)' % (self.batch_size, stack.input_size) if self.batch_first else '(T, %d, %d)' % (self.batch_size, stack.input_size)}"
+                             f", got {np.shape(xs)}")
+        T = arr.shape[1 - bdim]
+        Y = np.zeros(arr.shape[:2] + (stack.output_size,), np.float32)
+        if T:
+            self._ensure_work(T)
+            B = self.batch_size
+            DH = stack.output_size
+            ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
+            stack.forward(arr, None, Y.reshape(-1), ys_t, ys_b, stack.last_hidden, self._state,
+                          self._work, self.batch_first)
+        return Y[:, 0, :] if squeeze and not self.batch_first else (Y[0] if squeeze else Y)
+
+    def reset(self):
+        """Restores the model's initial state (zeros unless the model defines one)."""
+        self._state[...] = self._initial
+
+    def fork(self):
+        """A new, independent stream that starts from a copy of this stream's state."""
+        s = Stream(self.model, self.stack, self.batch_size, self._initial, self.batch_first)
+        s._state[...] = self._state
+        return s
+
+    def get_state(self):
+        """A copy of the state: one entry per layer, (h, c) for LSTM and h otherwise,
+        each of shape (num_directions, batch_size, hidden_size)."""
+        return self.model.unpack_state(self._state, self.batch_size)
+
+    def set_state(self, state):
+        """Replaces the state (same structure as get_state() returns)."""
+        self._state[...] = self.model._pack_state(state, self.batch_size)
+
+    def get_state_vector(self):
+        """A copy of the raw state (rnn_stack layout); see Model for the structured form."""
+        return self._state.copy()
+
+    def set_state_vector(self, v):
+        v = np.asarray(v, dtype=np.float32).reshape(-1)
+        if v.shape != self._state.shape:
+            raise ValueError(f"state vector must have {self._state.shape[0]} floats, got {v.shape[0]}")
+        self._state[...] = v
+
+    cdef float *_state_ptr(self):
+        cdef float[::1] sv = self._state
+        return &sv[0]
+
+
+def step_streams(list streams, x, out=None):
+    """Steps several single-row streams of one model together in one batched call.
+    x: (n, input_size); returns (n, output_size). Each stream keeps its own state."""
+    cdef int64_t n = len(streams)
+    if n == 0:
+        raise ValueError("step_streams() needs at least one stream")
+    cdef Stream first = streams[0]
+    cdef Stack stack = first.stack
+    cdef Stream s
+    for i, obj in enumerate(streams):
+        if not isinstance(obj, Stream):
+            raise TypeError(f"streams[{i}] is a {type(obj).__name__}, not a Stream")
+        s = obj
+        if s.stack is not stack:
+            raise ValueError(f"streams[{i}] belongs to another model")
+        if s.batch_size != 1:
+            raise ValueError(f"streams[{i}] has batch_size {s.batch_size}; step_streams() "
+                             "takes streams of batch_size 1")
+    if len(set(map(id, streams))) != n:
+        raise ValueError("the same stream appears twice in step_streams()")
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.shape != (n, stack.input_size):
+        raise ValueError(f"step_streams() expects x of shape ({n}, {stack.input_size}), got {arr.shape}")
+    res = np.empty((n, stack.output_size), np.float32) if out is None else out
+    if not (isinstance(res, np.ndarray) and res.dtype == np.float32 and res.flags.c_contiguous
+            and res.shape == (n, stack.output_size)):
+        raise ValueError(f"out must be a C-contiguous float32 array of shape ({n}, {stack.output_size})")
+    ptrs_arr = np.empty(n, dtype=np.uintp)
+    cdef uintptr_t[::1] ptrs = ptrs_arr
+    for i in range(n):
+        s = streams[i]
+        ptrs[i] = <uintptr_t>s._state_ptr()
+    batched_arr = np.empty(stack.state_size(n), np.float32)
+    work_arr = np.empty(stack.workspace_size(1, n), np.float32)
+    cdef float[::1] bs = batched_arr
+    cdef float[::1] wv = work_arr
+    cdef const float[:, ::1] xv = arr
+    cdef float[:, ::1] yv = res
+    cdef rnn_status st
+    with nogil:
+        rnn_stack_gather_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
+        st = rnn_stack_forward(stack.ptr, &xv[0, 0], 1, n, 0, NULL, &yv[0, 0], 0, stack.output_size,
+                               stack.last_hidden, &bs[0], &wv[0])
+        if st == RNN_STATUS_OK:
+            rnn_stack_scatter_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
+    _check(st, "step_streams")
+    return res

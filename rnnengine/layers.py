@@ -1,0 +1,222 @@
+"""One recurrent layer built from ONNX-layout weights and attributes (LSTM, GRU, RNN).
+
+A layer object checks its weights and attributes against the ONNX operator spec once,
+at construction, and can be called like the ONNX operator itself::
+
+    lstm = rnnengine.LSTM(W, R, B, direction="bidirectional")
+    Y, Y_h, Y_c = lstm(X, sequence_lens=lens)
+
+Layers are stacked into a :class:`rnnengine.Model` for multi-layer runs and streaming.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# name -> (C kind, takes alpha, takes beta, default alpha, default beta).
+# Defaults are those of the ONNX operators of the same name (and of onnxruntime).
+ACTIVATIONS = {
+    "Relu": (0, False, False, 0.0, 0.0),
+    "Tanh": (1, False, False, 0.0, 0.0),
+    "Sigmoid": (2, False, False, 0.0, 0.0),
+    "Affine": (3, True, True, 1.0, 0.0),
+    "LeakyRelu": (4, True, False, 0.01, 0.0),
+    "ThresholdedRelu": (5, True, False, 1.0, 0.0),
+    "ScaledTanh": (6, True, True, 1.0, 1.0),
+    "HardSigmoid": (7, True, True, 0.2, 0.5),
+    "Elu": (8, True, False, 1.0, 0.0),
+    "Softsign": (9, False, False, 0.0, 0.0),
+    "Softplus": (10, False, False, 0.0, 0.0),
+}
+_ACT_BY_LOWER = {k.lower(): k for k in ACTIVATIONS}
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+
+def float_array(value, what, ndim=None):
+    """``value`` as a C-contiguous float32 array; refuses non-float data by name."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{what} must be a float array, got dtype {arr.dtype}")
+    if arr.dtype.kind in "iu":
+        raise TypeError(f"{what} must be a float array (float32 preferred), got integer dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def resolve_activations(kind, n_per_dir, num_dirs, activations, alphas, betas):
+    """ONNX ``activations``/``activation_alpha``/``activation_beta`` -> [(kind, a, b)] per
+    direction. alpha and beta lists are consumed in order by the functions that take them;
+    missing entries take the function's default. A list of n_per_dir activations for a
+    bidirectional layer is used for both directions."""
+    defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[kind]
+    names = list(activations) if activations is not None else defaults * num_dirs
+    if len(names) == n_per_dir and num_dirs == 2:
+        names = names * 2
+    if len(names) != n_per_dir * num_dirs:
+        raise ValueError(f"{kind} with {num_dirs} direction(s) needs {n_per_dir * num_dirs} activations "
+                         f"({n_per_dir} per direction), got {len(names)}: {names}")
+    alphas = [float(a) for a in (alphas or [])]
+    betas = [float(b) for b in (betas or [])]
+    ia = ib = 0
+    out = []
+    for raw in names:
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        canon = _ACT_BY_LOWER.get(name.lower())
+        if canon is None:
+            raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+        ckind, has_a, has_b, da, db = ACTIVATIONS[canon]
+        a, b = da, db
+        if has_a and ia < len(alphas):
+            a = alphas[ia]
+            ia += 1
+        if has_b and ib < len(betas):
+            b = betas[ib]
+            ib += 1
+        out.append((ckind, a, b))
+    if ia < len(alphas) or ib < len(betas):
+        raise ValueError(f"activation_alpha {alphas} / activation_beta {betas} have more values than "
+                         f"the activations {names} take")
+    per_dir = [out[d * n_per_dir:(d + 1) * n_per_dir] for d in range(num_dirs)]
+    for acts in per_dir:
+        acts += [(0, 0.0, 0.0)] * (3 - len(acts))
+    return per_dir
+
+
+class _Layer:
+    """Common part of LSTM, GRU and RNN layers (see those classes)."""
+
+    kind = ""
+    gates = 0
+    n_activations = 0
+
+    def __init__(self, W, R, B=None, P=None, *, hidden_size=None, direction="forward",
+                 activations=None, activation_alpha=None, activation_beta=None, clip=None,
+                 input_forget=0, linear_before_reset=0, layout=0, name=None):
+        self.name = name or self.kind
+        who = f"{self.kind} {self.name!r}" if name else self.kind
+        if isinstance(direction, bytes):
+            direction = direction.decode()
+        if direction not in DIRECTIONS:
+            raise ValueError(f"{who}: direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+        D = 2 if direction == "bidirectional" else 1
+        self.num_directions = D
+        if W is None or R is None:
+            raise ValueError(f"{who}: the weights W and R are required")
+        W = float_array(W, f"{who}: W", 3)
+        R = float_array(R, f"{who}: R", 3)
+        G = self.gates
+        if W.shape[0] != D:
+            raise ValueError(f"{who}: W has {W.shape[0]} direction(s) (shape {W.shape}), "
+                             f"direction={direction!r} needs {D}")
+        if W.shape[1] % G:
+            raise ValueError(f"{who}: W must have shape ({D}, {G}*hidden_size, input_size), got {W.shape}")
+        H = W.shape[1] // G
+        if hidden_size is not None and int(hidden_size) != H:
+            raise ValueError(f"{who}: hidden_size={hidden_size} but W has shape {W.shape} "
+                             f"(hidden_size {H})")
+        if H <= 0 or W.shape[2] <= 0:
+            raise ValueError(f"{who}: W has an empty dimension: {W.shape}")
+        I = W.shape[2]
+        if R.shape != (D, G * H, H):
+            raise ValueError(f"{who}: R must have shape ({D}, {G * H}, {H}), got {R.shape}")
+        if B is not None:
+            B = float_array(B, f"{who}: B", 2)
+            if B.shape != (D, 2 * G * H):
+                raise ValueError(f"{who}: B must have shape ({D}, {2 * G * H}), got {B.shape}")
+        if P is not None:
+            if self.kind != "LSTM":
+                raise ValueError(f"{who}: peepholes P exist only for LSTM")
+            P = float_array(P, f"{who}: P", 2)
+            if P.shape != (D, 3 * H):
+                raise ValueError(f"{who}: P must have shape ({D}, {3 * H}), got {P.shape}")
+        if clip is not None:
+            clip = float(clip)
+            if not clip > 0 or not np.isfinite(clip):
+                raise ValueError(f"{who}: clip must be a positive finite number, got {clip}")
+        if int(layout) not in (0, 1):
+            raise ValueError(f"{who}: layout must be 0 or 1, got {layout}")
+        if int(input_forget) not in (0, 1):
+            raise ValueError(f"{who}: input_forget must be 0 or 1, got {input_forget}")
+        if int(linear_before_reset) not in (0, 1):
+            raise ValueError(f"{who}: linear_before_reset must be 0 or 1, got {linear_before_reset}")
+        self.W, self.R, self.B, self.P = W, R, B, P
+        self.input_size, self.hidden_size = I, H
+        self.clip = clip
+        self.input_forget = int(input_forget)
+        self.linear_before_reset = int(linear_before_reset)
+        self.layout = int(layout)
+        self.activations = activations
+        self.activation_alpha = activation_alpha
+        self.activation_beta = activation_beta
+        try:
+            self._acts = resolve_activations(self.kind, self.n_activations, D, activations,
+                                             activation_alpha, activation_beta)
+        except ValueError as e:
+            raise ValueError(f"{who}: {e}") from None
+        self._single = None
+
+    @property
+    def output_size(self):
+        """Features per time step this layer gives the next one: directions * hidden_size."""
+        return self.num_directions * self.hidden_size
+
+    def _spec(self):
+        """The description the C core's Stack is built from."""
+        cells = []
+        for d in range(self.num_directions):
+            cells.append({
+                "act": self._acts[d], "clip": self.clip, "input_forget": self.input_forget,
+                "linear_before_reset": self.linear_before_reset,
+                "W": self.W[d], "R": self.R[d],
+                "B": None if self.B is None else self.B[d],
+                "P": None if self.P is None else self.P[d],
+            })
+        return {"kind": self.kind, "direction": self.direction, "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "cells": cells}
+
+    def __repr__(self):
+        return (f"{self.kind}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"direction={self.direction!r})")
+
+    def __call__(self, X, sequence_lens=None, initial_h=None, initial_c=None):
+        """Runs the layer exactly as the ONNX operator would, in this layer's ``layout``.
+
+        Returns ``(Y, Y_h)`` (GRU, RNN) or ``(Y, Y_h, Y_c)`` (LSTM) with ONNX shapes:
+        layout 0: Y (T, D, B, H), Y_h (D, B, H); layout 1: Y (B, T, D, H), Y_h (B, D, H).
+        """
+        from .model import Model
+        if self._single is None:
+            self._single = Model([self], batch_first=bool(self.layout))
+        return self._single._run_onnx(X, sequence_lens, initial_h, initial_c)
+
+
+class LSTM(_Layer):
+    """ONNX LSTM layer. W (D, 4H, I), R (D, 4H, H), B (D, 8H), P (D, 3H); gates i, o, f, c."""
+    kind, gates, n_activations = "LSTM", 4, 3
+
+    def __init__(self, W, R, B=None, P=None, **attrs):
+        if attrs.get("linear_before_reset"):
+            raise ValueError("LSTM has no linear_before_reset attribute")
+        super().__init__(W, R, B, P, **attrs)
+
+
+class GRU(_Layer):
+    """ONNX GRU layer. W (D, 3H, I), R (D, 3H, H), B (D, 6H); gates z, r, h."""
+    kind, gates, n_activations = "GRU", 3, 2
+
+    def __init__(self, W, R, B=None, **attrs):
+        if attrs.get("input_forget"):
+            raise ValueError("GRU has no input_forget attribute")
+        super().__init__(W, R, B, None, **attrs)
+
+
+class RNN(_Layer):
+    """ONNX simple RNN layer. W (D, H, I), R (D, H, H), B (D, 2H)."""
+    kind, gates, n_activations = "RNN", 1, 1
+
+    def __init__(self, W, R, B=None, **attrs):
+        for bad in ("input_forget", "linear_before_reset"):
+            if attrs.get(bad):
+                raise ValueError(f"RNN has no {bad} attribute")
+        super().__init__(W, R, B, None, **attrs)

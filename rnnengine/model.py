@@ -1,0 +1,216 @@
+"""A stack of recurrent layers: whole-sequence runs and streams with persistent state.
+
+State convention (as PyTorch's nn.LSTM / nn.GRU, one entry per layer): an LSTM layer's
+state is a tuple ``(h, c)``, a GRU or RNN layer's state is ``h``; each array has shape
+(num_directions, batch, hidden_size).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .layers import _Layer, float_array
+
+
+def _as_lengths(lengths, B, T, what="lengths"):
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"{what} must have shape ({B},) (one length per batch row), got {arr.shape}")
+    if B and (arr.min() < 0 or arr.max() > T):
+        bad = arr[(arr < 0) | (arr > T)]
+        raise ValueError(f"{what} must lie in [0, {T}] (T = {T}), got {bad.tolist()}")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+class Model:
+    """A stack of recurrent layers run by the C core.
+
+    Parameters
+    ----------
+    layers : list of LSTM / GRU / RNN layers; layer k+1's input_size must equal
+        layer k's output_size (num_directions * hidden_size).
+    batch_first : arrays are (batch, T, features) instead of (T, batch, features).
+    initial_state : optional default state (see module doc) with batch size 1,
+        broadcast to every row; zeros when omitted. Streams start from it and
+        reset() returns to it.
+    """
+
+    def __init__(self, layers, batch_first=False, initial_state=None):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a Model needs at least one layer")
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, _Layer):
+                raise TypeError(f"layers[{k}] is a {type(layer).__name__}, not an LSTM/GRU/RNN layer")
+            if k and layer.input_size != layers[k - 1].output_size:
+                raise ValueError(f"layers[{k}] ({layer!r}) takes input_size {layer.input_size}, but "
+                                 f"layers[{k - 1}] gives {layers[k - 1].output_size} features")
+        self.layers = layers
+        self.batch_first = bool(batch_first)
+        self._stack = _core.Stack([layer._spec() for layer in layers])
+        self.input_size = layers[0].input_size
+        self.output_size = layers[-1].output_size
+        self._default = None
+        if initial_state is not None:
+            self._default = self._pack_state(initial_state, 1)
+
+    def __repr__(self):
+        inner = ", ".join(repr(layer) for layer in self.layers)
+        return f"Model([{inner}], batch_first={self.batch_first})"
+
+    @property
+    def streamable(self):
+        """True when every layer runs forward in time (so it can be fed step by step)."""
+        return all(layer.direction == "forward" for layer in self.layers)
+
+    # --- state <-> the C core's flat vector ------------------------------------------
+    def initial_state_vector(self, batch):
+        if self._default is None:
+            return np.zeros(self._stack.state_size(batch), np.float32)
+        return self._pack_state(self.unpack_state(self._default, 1), batch, broadcast=True)
+
+    def _pack_state(self, state, batch, broadcast=False):
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.layers):
+            raise ValueError(f"state must be a list with one entry per layer ({len(self.layers)}), "
+                             f"got {type(state).__name__}"
+                             f"{' of length %d' % len(state) if isinstance(state, (list, tuple)) else ''}")
+        parts = []
+        for k, (layer, entry) in enumerate(zip(self.layers, state)):
+            want = (layer.num_directions, batch, layer.hidden_size)
+            if layer.kind == "LSTM":
+                if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                    raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c)")
+                arrays = [("h", entry[0]), ("c", entry[1])]
+            else:
+                arrays = [("h", entry)]
+            for nm, a in arrays:
+                a = float_array(a, f"state[{k}] {nm}")
+                if broadcast and a.shape == (want[0], 1, want[2]):
+                    a = np.broadcast_to(a, want)
+                if a.shape != want:
+                    raise ValueError(f"state[{k}] {nm} must have shape {want} "
+                                     f"(directions, batch, hidden), got {a.shape}")
+                parts.append(a.reshape(-1))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+    def unpack_state(self, vec, batch):
+        """The flat state vector of the C core -> the per-layer structure (copies)."""
+        out, off = [], 0
+        for layer in self.layers:
+            shape = (layer.num_directions, batch, layer.hidden_size)
+            n = int(np.prod(shape))
+            h = vec[off:off + n].reshape(shape).copy()
+            off += n
+            if layer.kind == "LSTM":
+                c = vec[off:off + n].reshape(shape).copy()
+                off += n
+                out.append((h, c))
+            else:
+                out.append(h)
+        return out
+
+    # --- whole sequences ---------------------------------------------------------------
+    def _input(self, X, what="X"):
+        X = float_array(X, what)
+        if X.ndim == 2:
+            raise ValueError(f"{what} must have 3 dimensions "
+                             f"({'batch, T' if self.batch_first else 'T, batch'}, {self.input_size}), "
+                             f"got shape {X.shape}; add a batch axis for a single sequence")
+        if X.ndim != 3:
+            raise ValueError(f"{what} must have 3 dimensions "
+                             f"({'batch, T' if self.batch_first else 'T, batch'}, {self.input_size}), "
+                             f"got shape {X.shape}")
+        if X.shape[2] != self.input_size:
+            raise ValueError(f"{what} has {X.shape[2]} features per step (shape {X.shape}), "
+                             f"the model expects {self.input_size}")
+        B, T = (X.shape[0], X.shape[1]) if self.batch_first else (X.shape[1], X.shape[0])
+        return X, T, B
+
+    def run(self, X, lengths=None, state=None):
+        """Runs whole sequences.
+
+        X : (T, batch, input_size), or (batch, T, input_size) when batch_first.
+        lengths : optional (batch,) integers in [0, T]; outputs past a row's length are 0
+            and its final state is the state at its last valid step.
+        state : optional initial state (see module doc); the model's initial state if None.
+        Returns (Y, final_state): Y is (T, batch, output_size) (or batch-first).
+        """
+        X, T, B = self._input(X)
+        lens = _as_lengths(lengths, B, T)
+        st = self.initial_state_vector(B) if state is None else self._pack_state(state, B)
+        Y = np.zeros(X.shape[:2] + (self.output_size,), np.float32)
+        if T and B:
+            H = self.layers[-1].hidden_size
+            DH = self.output_size
+            ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
+            work = np.empty(self._stack.workspace_size(T, B), np.float32)
+            self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, H, st, work, self.batch_first)
+        return Y, self.unpack_state(st, B)
+
+    def _run_onnx(self, X, sequence_lens, initial_h, initial_c):
+        """One-layer ONNX operator semantics (used by LSTM/GRU/RNN.__call__)."""
+        layer = self.layers[0]
+        layout = 1 if self.batch_first else 0
+        X, T, B = self._input(X)
+        D, H = layer.num_directions, layer.hidden_size
+        lens = _as_lengths(sequence_lens, B, T, "sequence_lens")
+        state_shape = (B, D, H) if layout else (D, B, H)
+
+        def initial(value, nm):
+            if value is None:
+                return np.zeros((D, B, H), np.float32)
+            v = float_array(value, nm)
+            if v.shape != state_shape:
+                raise ValueError(f"{nm} must have shape {state_shape} "
+                                 f"({'batch, directions' if layout else 'directions, batch'}, hidden), "
+                                 f"got {v.shape}")
+            return v.transpose(1, 0, 2) if layout else v
+
+        if initial_c is not None and layer.kind != "LSTM":
+            raise ValueError(f"initial_c is an LSTM input; {layer.kind} has none")
+        h0 = initial(initial_h, "initial_h")
+        state = [(h0, initial(initial_c, "initial_c"))] if layer.kind == "LSTM" else [h0]
+        st = self._pack_state(state, B)
+        Y = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
+        if T and B:
+            if layout:
+                ys_t, ys_b, ys_d = D * H, T * D * H, H
+            else:
+                ys_t, ys_b, ys_d = D * B * H, H, B * H
+            work = np.empty(self._stack.workspace_size(T, B), np.float32)
+            self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, ys_d, st, work, self.batch_first)
+        final = self.unpack_state(st, B)[0]
+        final = list(final) if layer.kind == "LSTM" else [final]
+        for k, a in enumerate(final):
+            if lens is not None:
+                a[:, lens == 0, :] = 0.0  # onnxruntime: a row of length 0 has Y_h = Y_c = 0
+            final[k] = np.ascontiguousarray(a.transpose(1, 0, 2)) if layout else a
+        return (Y, *final)
+
+    # --- streams -----------------------------------------------------------------------
+    def stream(self, batch_size=1, state=None):
+        """A :class:`rnnengine.Stream` of ``batch_size`` rows, starting from ``state``
+        (default: the model's initial state). Needs every layer to run forward."""
+        if not self.streamable:
+            bad = [f"layer {k} is {layer.direction}" for k, layer in enumerate(self.layers)
+                   if layer.direction != "forward"]
+            raise ValueError("a stream feeds time steps in order, so every layer must have "
+                             f"direction 'forward' ({'; '.join(bad)}); use Model.run() for whole sequences")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        s = _core.Stream(self, self._stack, int(batch_size), self.initial_state_vector(batch_size),
+                         self.batch_first)
+        if state is not None:
+            s.set_state(state)
+        return s
+
+
+def load_onnx(path_or_model):
+    """Loads an ONNX file whose graph is one LSTM/GRU/RNN node or a plain stack of them.
+    (Real exported graphs with more glue go through the converter.)"""
+    from .onnx_import import load_stack
+    return load_stack(path_or_model)

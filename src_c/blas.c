@@ -1,0 +1,43 @@
+/* blas.c - the one place rnnengine calls BLAS, plus the naive reference GEMM beside it. */
+#include "rnnengine.h"
+
+#include <stddef.h>
+
+static rnn_sgemm_fn g_sgemm = NULL;
+
+void rnn_blas_set_sgemm(rnn_sgemm_fn fn) { g_sgemm = fn; }
+int rnn_blas_has_sgemm(void) { return g_sgemm != NULL; }
+
+/* Naive reference: C (M,N) = alpha * A (M,K) @ B (N,K)^T + beta * C, row-major. */
+static void gemm_nt_naive(int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                          int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                          int64_t ldc) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += A[m * lda + k] * B[n * ldb + k];
+            float prev = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
+            C[m * ldc + n] = alpha * acc + prev;
+        }
+    }
+}
+
+void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { /* C = beta * C */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) C[m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
+        return;
+    }
+    if (!use_blas || g_sgemm == NULL) {
+        gemm_nt_naive(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    /* Row-major C = A @ B^T is column-major C^T = B @ A^T with B stored as (K x N)^T:
+     * C = alpha * A @ B.T + beta * C   ->   sgemm('T', 'N', N, M, K, B, A, C) */
+    char ta = 'T', tb = 'N';
+    int m = (int)N, n = (int)M, k = (int)K;
+    int ilda = (int)ldb, ildb = (int)lda, ildc = (int)ldc;
+    g_sgemm(&ta, &tb, &m, &n, &k, &alpha, (float *)B, &ilda, (float *)A, &ildb, &beta, C, &ildc);
+}

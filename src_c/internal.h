@@ -1,0 +1,65 @@
+/* internal.h - structures and helpers shared by the cell files; not part of the public API. */
+#ifndef RNNENGINE_INTERNAL_H
+#define RNNENGINE_INTERNAL_H
+
+#include "rnnengine.h"
+
+#include <assert.h>
+
+struct rnn_cell {
+    rnn_cell_config cfg;
+    int32_t G;      /* gates: RNN 1, GRU 3, LSTM 4 */
+    float *W;       /* (G*H, I) */
+    float *R;       /* (G*H, H) */
+    float *bias_x;  /* (G*H) biases summed once, added to the input projection */
+    float *bias_rh; /* (H) GRU with linear_before_reset: Rbh, applied inside r * (.) */
+    float *P;       /* (3*H) LSTM peepholes [Pi; Po; Pf] or NULL */
+};
+
+/* One direction's pass over a sequence, as seen by a cell's step function. */
+typedef struct {
+    int64_t T, B;
+    const float *xproj;   /* rows of G*H floats: X @ W^T + bias_x; row (t, b) = t*xs_t + b*xs_b */
+    int64_t xs_t, xs_b;
+    float *Y;             /* h of (t, b) goes to Y[t*ys_t + b*ys_b .. +H) */
+    int64_t ys_t, ys_b;
+    const int32_t *lens;  /* (B) or NULL */
+    int32_t reverse;
+} rnn_seq;
+
+/* Time index that row b processes at step s, or -1 when the row is already finished.
+ * A reverse pass walks each row from its own last valid step down to 0. */
+static inline int64_t rnn_seq_time(const rnn_seq *s, int64_t step, int64_t b) {
+    int64_t len = s->lens ? s->lens[b] : s->T;
+    if (step >= len) return -1;
+    return s->reverse ? len - 1 - step : step;
+}
+
+static inline const float *rnn_seq_xrow(const rnn_seq *s, int64_t t, int64_t b, int64_t width) {
+    return s->xproj + (t * s->xs_t + b * s->xs_b) * width;
+}
+
+static inline void rnn_clip(float *x, int64_t n, const rnn_cell_config *cfg) {
+    if (!cfg->has_clip) return;
+    const float c = cfg->clip;
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] < -c ? -c : (x[i] > c ? c : x[i]);
+}
+
+/* Scratch floats one step of the cell needs for B rows. */
+int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B);
+
+/* One time step of each cell kind over all B rows. h (B, H) and c (B, H) are updated
+ * in place for active rows; work holds rnn_cell_step_floats(B) floats. */
+void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *c,
+                   float *work);
+void rnn_gru_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *work);
+void rnn_rnn_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *work);
+
+/* One direction over a whole sequence (see rnn_stack_forward for the conventions).
+ * X rows have I floats; work holds rnn_cell_forward_floats(T, B) floats. */
+int64_t rnn_cell_forward_floats(const rnn_cell *cell, int64_t T, int64_t B);
+void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B, int64_t xs_t,
+                      int64_t xs_b, const int32_t *lens, int32_t reverse, float *Y, int64_t ys_t,
+                      int64_t ys_b, float *h, float *c, float *work);
+
+#endif

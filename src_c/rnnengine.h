@@ -1,0 +1,146 @@
+/* rnnengine.h - the one public header of the rnnengine C core: recurrent cells and stacks. */
+#ifndef RNNENGINE_H
+#define RNNENGINE_H
+
+/*
+ * Dimension legend used in every comment of the core:
+ *   T = time steps, B = batch rows, I = input size, H = hidden size,
+ *   G = gates per cell (RNN 1, GRU 3, LSTM 4), D = directions (1 or 2), L = layers.
+ *
+ * Ownership: the core never allocates inside a forward or step call. Every buffer
+ * passed to rnn_stack_forward (input, output, state, workspace) belongs to the caller
+ * and must hold at least the number of floats the matching *_floats() function
+ * returns. Handles (rnn_cell, rnn_stack) are immutable after creation, so one handle
+ * may be used by many threads at once as long as each thread passes its own state
+ * and workspace.
+ *
+ * Errors come in two tiers: bad user data returns a status other than RNN_STATUS_OK
+ * (see rnn_status_string); a broken internal invariant is a bug and asserts. Nothing
+ * here calls exit() or abort() on user input.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    RNN_STATUS_OK = 0,
+    RNN_STATUS_BAD_ARGUMENT = 1,  /* a NULL pointer or a value out of range */
+    RNN_STATUS_BAD_SHAPE = 2,     /* sizes that do not fit together */
+    RNN_STATUS_OUT_OF_MEMORY = 3, /* only from *_create */
+    RNN_STATUS_TOO_LARGE = 4      /* a size whose product overflows or exceeds BLAS int */
+} rnn_status;
+
+const char *rnn_status_string(rnn_status status);
+
+typedef enum { RNN_CELL_RNN = 0, RNN_CELL_GRU = 1, RNN_CELL_LSTM = 2 } rnn_cell_kind;
+
+/* The activation functions of the ONNX RNN operators. alpha and beta are the
+ * function's parameters (ignored by those that take none). */
+typedef enum {
+    RNN_ACT_RELU = 0,             /* max(0, x) */
+    RNN_ACT_TANH = 1,             /* tanh(x) */
+    RNN_ACT_SIGMOID = 2,          /* 1 / (1 + exp(-x)) */
+    RNN_ACT_AFFINE = 3,           /* alpha * x + beta */
+    RNN_ACT_LEAKY_RELU = 4,       /* x if x >= 0 else alpha * x */
+    RNN_ACT_THRESHOLDED_RELU = 5, /* x if x > alpha else 0 */
+    RNN_ACT_SCALED_TANH = 6,      /* alpha * tanh(beta * x) */
+    RNN_ACT_HARD_SIGMOID = 7,     /* min(max(alpha * x + beta, 0), 1) */
+    RNN_ACT_ELU = 8,              /* x if x >= 0 else alpha * (exp(x) - 1) */
+    RNN_ACT_SOFTSIGN = 9,         /* x / (1 + |x|) */
+    RNN_ACT_SOFTPLUS = 10,        /* log(1 + exp(x)) */
+    RNN_ACT_COUNT = 11
+} rnn_activation_kind;
+
+typedef struct {
+    int32_t kind; /* rnn_activation_kind */
+    float alpha;
+    float beta;
+} rnn_activation;
+
+/* Applies act to x[0..n) in place. */
+void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n);
+
+/* One direction of one ONNX LSTM / GRU / RNN layer. */
+typedef struct {
+    int32_t kind;                /* rnn_cell_kind */
+    int32_t input_size;          /* I */
+    int32_t hidden_size;         /* H */
+    rnn_activation act[3];       /* LSTM: f, g, h; GRU: f, g; RNN: f (rest unused) */
+    int32_t has_clip;            /* 1: clip gate pre-activations to [-clip, clip] */
+    float clip;
+    int32_t input_forget;        /* LSTM only: couple forget gate to input gate */
+    int32_t linear_before_reset; /* GRU only */
+} rnn_cell_config;
+
+typedef struct rnn_cell rnn_cell;
+
+/* Packs one direction's weights, in ONNX layout and gate order:
+ *   W (G*H, I), R (G*H, H), B (2*G*H) = [Wb; Rb] or NULL for zeros,
+ *   P (3*H) = [Pi; Po; Pf] or NULL (LSTM only).
+ * The weights are copied; the caller may free its arrays afterwards. */
+rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const float *R,
+                           const float *B, const float *P, rnn_cell **out);
+void rnn_cell_free(rnn_cell *cell);
+const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell);
+
+/* A stack of layers; layer l has 1 or 2 directions (forward, reverse or both) and
+ * its input is the previous layer's output of size D*H (directions concatenated). */
+typedef struct rnn_stack rnn_stack;
+
+/* direction per layer: 0 forward, 1 reverse, 2 bidirectional. cells[l] holds D cells
+ * (forward first). The stack takes ownership of the cells, also on failure. */
+rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell *const *cells,
+                            rnn_stack **out);
+void rnn_stack_free(rnn_stack *stack);
+int32_t rnn_stack_input_size(const rnn_stack *stack);
+int32_t rnn_stack_output_size(const rnn_stack *stack); /* D*H of the last layer */
+
+/* State of the whole stack for B rows, in floats. Layout, layer by layer:
+ *   h (D, B, H), then for LSTM layers c (D, B, H). */
+int64_t rnn_stack_state_floats(const rnn_stack *stack, int64_t B);
+/* Offset (floats) of layer l's h block and c block (-1 when the layer has no c). */
+int64_t rnn_stack_state_offset(const rnn_stack *stack, int32_t layer, int64_t B, int32_t want_c);
+/* Workspace for a forward over T steps and B rows, in floats. */
+int64_t rnn_stack_workspace_floats(const rnn_stack *stack, int64_t T, int64_t B);
+
+/* Runs the stack over a sequence.
+ *   X     rows of I floats, C-contiguous: (T, B, I), or (B, T, I) when batch_first.
+ *   lens  (B) int32 valid lengths in [0, T], or NULL for all T. Outputs past a row's
+ *         length are 0; the state of a row stops at its last valid step; a reverse
+ *         direction starts at each row's own end.
+ *   Y     output of the last layer; element (t, b, d, j) is written at
+ *         Y[t*ys_t + b*ys_b + d*ys_d + j].
+ *   state in/out, rnn_stack_state_floats(B) floats: initial state in, final state out.
+ *   work  rnn_stack_workspace_floats(T, B) floats. */
+rnn_status rnn_stack_forward(const rnn_stack *stack, const float *X, int64_t T, int64_t B,
+                             int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
+                             int64_t ys_b, int64_t ys_d, float *state, float *work);
+
+/* Copies the state of n single-row streams into / out of one batched state of n rows
+ * (per layer, direction: rows stacked), so independent streams can be stepped together. */
+void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float *const *streams,
+                             int64_t n);
+void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float *const *streams,
+                              int64_t n);
+
+/* The one BLAS entry point, a Fortran sgemm (column-major). Set once at import by the
+ * binding from SciPy's cython_blas; without it a naive reference GEMM is used. */
+typedef void (*rnn_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                             float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                             int *ldc);
+void rnn_blas_set_sgemm(rnn_sgemm_fn fn);
+int rnn_blas_has_sgemm(void);
+
+/* Row-major C (M, N) = alpha * A (M, K) @ B(N, K)^T + beta * C. use_blas=0 forces the
+ * naive reference kernel (exposed for tests). */
+void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
