@@ -93,8 +93,10 @@ cdef class Stack:
         cdef rnn_cell_config cfg
         cdef rnn_status st
         cdef int k = 0, a
-        cdef float[:, ::1] W, R
-        cdef float[::1] Bv, Pv
+        cdef const float[:, ::1] W
+        cdef const float[:, ::1] R
+        cdef const float[::1] Bv
+        cdef const float[::1] Pv
         cdef const float *bp
         cdef const float *pp
         shapes = []

@@ -5,8 +5,25 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-# Tolerances per dtype, in one place (max abs error against the oracle).
-TOLERANCE = {np.float32: 1e-5}
+# Tolerances per dtype, in one place: |got - want| <= atol + rtol * |want| elementwise.
+# atol is the bound on the max abs error for outputs of magnitude <= 1 (every bounded
+# activation); rtol only matters where unbounded activations (Relu, Affine, Softplus...)
+# let values grow past 1, where float32 rounding is relative.
+TOLERANCE = {np.float32: {"atol": 1e-5, "rtol": 1e-5}}
+
+
+def max_violation(got, want, dtype=np.float32):
+    """Largest |got - want| / (atol + rtol |want|); <= 1 means within tolerance."""
+    tol = TOLERANCE[dtype]
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.size == 0:
+        return 0.0
+    same = (got == want) | (np.isnan(got) & np.isnan(want))  # equal infinities / NaNs agree
+    with np.errstate(invalid="ignore"):
+        ratio = np.abs(got - want) / (tol["atol"] + tol["rtol"] * np.abs(want))
+    ratio = np.where(same, 0.0, ratio)
+    return float(np.max(np.nan_to_num(ratio, nan=np.inf)))
 
 
 def make_rnn_model(kind, attrs, inputs, opset=14):
@@ -38,3 +55,108 @@ def run_ort(kind, attrs, inputs, opset=14):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {k: v for k, v in inputs.items() if v is not None}
     return sess.run(None, feeds)
+
+
+# --- independent NumPy reference (float64) of the ONNX equations -------------------------
+_DEFAULT_ACTS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+_TAKES = {"affine": (1, 1), "leakyrelu": (1, 0), "thresholdedrelu": (1, 0), "scaledtanh": (1, 1),
+          "hardsigmoid": (1, 1), "elu": (1, 0)}
+_DEFAULTS = {"affine": (1.0, 0.0), "leakyrelu": (0.01, 0.0), "thresholdedrelu": (1.0, 0.0),
+             "scaledtanh": (1.0, 1.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
+
+
+def np_activation(name, a, b):
+    n = name.lower()
+    return {
+        "relu": lambda x: np.maximum(x, 0),
+        "tanh": np.tanh,
+        "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+        "affine": lambda x: a * x + b,
+        "leakyrelu": lambda x: np.where(x >= 0, x, a * x),
+        "thresholdedrelu": lambda x: np.where(x > a, x, 0),
+        "scaledtanh": lambda x: a * np.tanh(b * x),
+        "hardsigmoid": lambda x: np.clip(a * x + b, 0, 1),
+        "elu": lambda x: np.where(x >= 0, x, a * (np.exp(x) - 1)),
+        "softsign": lambda x: x / (1 + np.abs(x)),
+        "softplus": lambda x: np.log1p(np.exp(x)),
+    }[n]
+
+
+def np_reference(kind, attrs, X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None):
+    """ONNX LSTM/GRU/RNN written straight from the operator spec, in float64, for any layout."""
+    layout = attrs.get("layout", 0)
+    if layout:  # work in layout 0
+        X = X.transpose(1, 0, 2)
+        initial_h = None if initial_h is None else initial_h.transpose(1, 0, 2)
+        initial_c = None if initial_c is None else initial_c.transpose(1, 0, 2)
+    X = X.astype(np.float64)
+    T, Bsz, _ = X.shape
+    D, GH, _ = W.shape
+    H = R.shape[2]
+    G = GH // H
+    direction = attrs.get("direction", "forward")
+    n_act = len(_DEFAULT_ACTS[kind])
+    names = list(attrs.get("activations") or _DEFAULT_ACTS[kind] * D)
+    if len(names) == n_act and D == 2:
+        names = names * 2
+    alphas = list(attrs.get("activation_alpha") or [])
+    betas = list(attrs.get("activation_beta") or [])
+    acts = []
+    for nm in names:
+        ta, tb = _TAKES.get(nm.lower(), (0, 0))
+        a, b = _DEFAULTS.get(nm.lower(), (0.0, 0.0))
+        if ta and alphas:
+            a = alphas.pop(0)
+        if tb and betas:
+            b = betas.pop(0)
+        acts.append(np_activation(nm, a, b))
+    clip = attrs.get("clip")
+    cl = (lambda v: np.clip(v, -clip, clip)) if clip is not None else (lambda v: v)
+    lens = np.full(Bsz, T) if sequence_lens is None else np.asarray(sequence_lens)
+    Y = np.zeros((T, D, Bsz, H))
+    Yh = np.zeros((D, Bsz, H))
+    Yc = np.zeros((D, Bsz, H))
+    for d in range(D):
+        f = acts[d * n_act: (d + 1) * n_act]
+        Wd, Rd = W[d].astype(np.float64), R[d].astype(np.float64)
+        Bd = np.zeros(2 * GH) if B is None else B[d].astype(np.float64)
+        Wb, Rb = Bd[:GH], Bd[GH:]
+        Pd = np.zeros(3 * H) if P is None else P[d].astype(np.float64)
+        reverse = direction == "reverse" or d == 1
+        for b in range(Bsz):
+            h = np.zeros(H) if initial_h is None else initial_h[d, b].astype(np.float64)
+            c = np.zeros(H) if initial_c is None else initial_c[d, b].astype(np.float64)
+            L = int(lens[b])
+            order = range(L - 1, -1, -1) if reverse else range(L)
+            for t in order:
+                x = X[t, b]
+                if kind == "RNN":
+                    h = f[0](cl(x @ Wd.T + h @ Rd.T + Wb + Rb))
+                elif kind == "GRU":
+                    xw = x @ Wd.T + Wb
+                    z = f[0](cl(xw[:H] + h @ Rd[:H].T + Rb[:H]))
+                    r = f[0](cl(xw[H:2 * H] + h @ Rd[H:2 * H].T + Rb[H:2 * H]))
+                    if attrs.get("linear_before_reset", 0):
+                        n = f[1](cl(xw[2 * H:] + r * (h @ Rd[2 * H:].T + Rb[2 * H:])))
+                    else:
+                        n = f[1](cl(xw[2 * H:] + (r * h) @ Rd[2 * H:].T + Rb[2 * H:]))
+                    h = (1 - z) * n + z * h
+                else:
+                    g = x @ Wd.T + h @ Rd.T + Wb + Rb
+                    i = f[0](cl(g[:H] + Pd[:H] * c))
+                    if attrs.get("input_forget", 0):
+                        fg = 1 - i
+                    else:
+                        fg = f[0](cl(g[2 * H:3 * H] + Pd[2 * H:] * c))
+                    cc = f[1](cl(g[3 * H:]))
+                    c = fg * c + i * cc
+                    o = f[0](cl(g[H:2 * H] + Pd[H:2 * H] * c))
+                    h = o * f[2](c)
+                Y[t, d, b] = h
+            if L > 0:
+                Yh[d, b] = h
+                Yc[d, b] = c
+    outs = [Y, Yh] + ([Yc] if kind == "LSTM" else [])
+    if layout:
+        outs = [outs[0].transpose(2, 0, 1, 3)] + [o.transpose(1, 0, 2) for o in outs[1:]]
+    return outs
