@@ -1,0 +1,250 @@
+"""Bad input raises a clear exception naming what was expected and what came; nothing crashes."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import rnnengine
+from oracle import make_rnn_model, run_ort
+
+rng = np.random.default_rng(0)
+W = rng.standard_normal((1, 16, 3)).astype(np.float32)
+R = rng.standard_normal((1, 16, 4)).astype(np.float32)
+B = rng.standard_normal((1, 32)).astype(np.float32)
+
+
+def lstm(**kw):
+    return rnnengine.LSTM(W, R, B, **kw)
+
+
+def test_weights_with_wrong_shapes_are_named():
+    with pytest.raises(ValueError, match=r"R must have shape \(1, 16, 4\), got \(1, 16, 5\)"):
+        rnnengine.LSTM(W, np.zeros((1, 16, 5), np.float32))
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 32\), got \(1, 31\)"):
+        rnnengine.LSTM(W, R, np.zeros((1, 31), np.float32))
+    with pytest.raises(ValueError, match=r"P must have shape \(1, 12\), got \(1, 4\)"):
+        rnnengine.LSTM(W, R, B, np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="W must have 3 dimensions, got shape"):
+        rnnengine.LSTM(W[0], R)
+    with pytest.raises(ValueError, match="direction='bidirectional' needs 2"):
+        rnnengine.LSTM(W, R, direction="bidirectional")
+    with pytest.raises(ValueError, match="hidden_size=5 but W has shape"):
+        rnnengine.LSTM(W, R, hidden_size=5)
+    with pytest.raises(ValueError, match=r"W must have shape \(1, 3\*hidden_size"):
+        rnnengine.GRU(W[:, :14], R)
+
+
+def test_missing_weights_and_bad_attributes():
+    with pytest.raises(ValueError, match="W and R are required"):
+        rnnengine.GRU(None, R)
+    with pytest.raises(ValueError, match="unknown activation 'Swish'"):
+        lstm(activations=["Sigmoid", "Swish", "Tanh"])
+    with pytest.raises(ValueError, match="needs 3 activations"):
+        lstm(activations=["Sigmoid", "Tanh"])
+    with pytest.raises(ValueError, match="more values than the activations"):
+        lstm(activations=["Sigmoid", "Tanh", "Tanh"], activation_alpha=[0.5])
+    with pytest.raises(ValueError, match="direction must be one of"):
+        lstm(direction="sideways")
+    with pytest.raises(ValueError, match="clip must be a positive finite number"):
+        lstm(clip=-1.0)
+    with pytest.raises(ValueError, match="layout must be 0 or 1"):
+        lstm(layout=2)
+    with pytest.raises(ValueError, match="GRU has no input_forget"):
+        rnnengine.GRU(W[:, :12], R[:, :12], input_forget=1)
+
+
+def test_activation_names_are_case_insensitive_like_onnxruntime():
+    a = lstm(activations=["sigmoid", "TANH", "Tanh"])
+    b = lstm()
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(a(x)[0], b(x)[0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((5, 3), np.float32), "must have 3 dimensions"),
+    (np.zeros((5, 2, 3, 1), np.float32), "must have 3 dimensions"),
+    (np.zeros((5, 2, 4), np.float32), "has 4 features per step"),
+    (np.zeros((5, 2, 3), np.int64), "integer dtype int64"),
+    (np.array([["a"]]), "float array, got dtype <U1"),
+    (np.zeros((5, 2, 3), np.complex64), "float array, got dtype complex64"),
+])
+def test_bad_inputs_are_refused_by_name(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        lstm()(bad)
+
+
+def test_lengths_out_of_range_or_wrong_type():
+    x = np.zeros((5, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\] \(T = 5\), got \[6\]"):
+        lstm()(x, sequence_lens=np.array([6, 1], np.int32))
+    with pytest.raises(ValueError, match=r"got \[-1\]"):
+        lstm()(x, sequence_lens=np.array([-1, 1], np.int32))
+    with pytest.raises(ValueError, match=r"must have shape \(2,\)"):
+        lstm()(x, sequence_lens=np.array([1, 1, 1], np.int32))
+    with pytest.raises(TypeError, match="integer array"):
+        lstm()(x, sequence_lens=np.array([1.0, 2.0]))
+
+
+def test_initial_state_shapes():
+    x = np.zeros((5, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"initial_h must have shape \(1, 2, 4\)"):
+        lstm()(x, initial_h=np.zeros((1, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="initial_c is an LSTM input"):
+        rnnengine.GRU(W[:, :12], R[:, :12])(x, initial_c=np.zeros((1, 2, 4), np.float32))
+
+
+def test_non_contiguous_and_float64_inputs_are_accepted_correctly():
+    x = rng.standard_normal((6, 2, 8)).astype(np.float64)
+    view = x[:, :, ::2][:, :, :3]  # strided float64 view
+    assert not view.flags.c_contiguous
+    got = lstm()(view)
+    want = lstm()(np.ascontiguousarray(view, dtype=np.float32))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    # and Fortran-ordered weights
+    layer = rnnengine.LSTM(np.asfortranarray(W), np.asfortranarray(R), B)
+    np.testing.assert_array_equal(layer(view)[0], got[0])
+
+
+def test_model_stack_mismatch_and_state_errors():
+    with pytest.raises(ValueError, match=r"layers\[1\].*takes input_size 3, but layers\[0\] gives 4"):
+        rnnengine.Model([lstm(), lstm()])
+    with pytest.raises(TypeError, match="not an LSTM/GRU/RNN layer"):
+        rnnengine.Model([lstm(), "GRU"])
+    with pytest.raises(ValueError, match="at least one layer"):
+        rnnengine.Model([])
+    m = rnnengine.Model([lstm()])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        m.run(np.zeros((2, 1, 3), np.float32), state=[])
+    with pytest.raises(ValueError, match=r"must be a pair \(h, c\)"):
+        m.run(np.zeros((2, 1, 3), np.float32), state=[np.zeros((1, 1, 4), np.float32)])
+    with pytest.raises(ValueError, match=r"state\[0\] c must have shape \(1, 1, 4\)"):
+        m.run(np.zeros((2, 1, 3), np.float32),
+              state=[(np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32))])
+
+
+def test_stream_input_errors():
+    m = rnnengine.Model([lstm()])
+    s = m.stream(batch_size=2)
+    with pytest.raises(ValueError, match=r"step\(\) expects x of shape \(2, 3\), got \(3,\)|needs x of shape \(2, 3\)"):
+        s.step(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"got \(2, 5\)"):
+        s.step(np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="feed\\(\\) expects xs"):
+        s.feed(np.zeros((4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        s.step(np.zeros((2, 3), np.float32), out=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        m.stream(batch_size=0)
+    with pytest.raises(ValueError, match="state vector must have"):
+        s.set_state_vector(np.zeros(3))
+    other = rnnengine.Model([lstm()]).stream()
+    one = m.stream()
+    with pytest.raises(ValueError, match="belongs to another model"):
+        rnnengine.step_streams([one, other], np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="appears twice"):
+        rnnengine.step_streams([one, one], np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="batch_size 1"):
+        rnnengine.step_streams([s], np.zeros((1, 3), np.float32))
+    with pytest.raises(TypeError, match="not a Stream"):
+        rnnengine.step_streams([one, "x"], np.zeros((2, 3), np.float32))
+
+
+def test_empty_time_or_batch():
+    layer = lstm()
+    Y, Yh, Yc = layer(np.zeros((0, 2, 3), np.float32))
+    assert Y.shape == (0, 1, 2, 4) and Yh.shape == (1, 2, 4)
+    Y, Yh, Yc = layer(np.zeros((3, 0, 3), np.float32))
+    assert Y.shape == (3, 1, 0, 4)
+
+
+# --- ONNX files ------------------------------------------------------------------------
+def one_node_file(tmp_path, kind="LSTM", **attrs):
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    m = make_rnn_model(kind, dict(hidden_size=4, **attrs), {"X": x, "W": W, "R": R})
+    # make W and R initializers
+    g = m.graph
+    keep = [i for i in g.input if i.name == "X"]
+    del g.input[:]
+    g.input.extend(keep)
+    g.initializer.extend([numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    return path, x
+
+
+def test_load_onnx_single_node_matches_onnxruntime(tmp_path):
+    path, x = one_node_file(tmp_path, clip=1.5)
+    model = rnnengine.load_onnx(str(path))
+    Y, _ = model.run(x)
+    want = run_ort("LSTM", {"hidden_size": 4, "clip": 1.5}, {"X": x, "W": W, "R": R})
+    np.testing.assert_allclose(Y, want[0][:, 0], atol=1e-5)
+    assert model.onnx_info["output_form"] == "onnx_y"
+
+
+def test_load_onnx_refuses_unknown_attribute_and_op(tmp_path):
+    path, _ = one_node_file(tmp_path)
+    m = onnx.load(str(path))
+    m.graph.node[0].attribute.append(helper.make_attribute("peephole_mode", 1))
+    with pytest.raises(ValueError, match="LSTM node .*attribute 'peephole_mode' is not an attribute of LSTM"):
+        rnnengine.load_onnx(m)
+    m = onnx.load(str(path))
+    m.graph.node.append(helper.make_node("Softmax", ["Y"], ["Z"], name="head"))
+    with pytest.raises(ValueError, match="Softmax node 'head' is not supported"):
+        rnnengine.load_onnx(m)
+    m = onnx.load(str(path))
+    m.graph.node[0].domain = "com.microsoft"
+    with pytest.raises(ValueError, match="domain 'com.microsoft'"):
+        rnnengine.load_onnx(m)
+
+
+def test_load_onnx_refuses_non_constant_weights_and_garbage(tmp_path):
+    x = np.zeros((3, 2, 3), np.float32)
+    m = make_rnn_model("LSTM", {"hidden_size": 4}, {"X": x, "W": W, "R": R})
+    with pytest.raises(ValueError, match="input W .* must be a constant initializer"):
+        rnnengine.load_onnx(m)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ValueError):
+        rnnengine.load_onnx(str(bad))
+    with pytest.raises(FileNotFoundError):
+        rnnengine.load_onnx(str(tmp_path / "missing.onnx"))
+
+
+def test_load_onnx_layout1_opset13_attribute_refused(tmp_path):
+    path, _ = one_node_file(tmp_path, layout=0)
+    m = onnx.load(str(path))
+    del m.opset_import[:]
+    m.opset_import.append(helper.make_opsetid("", 13))
+    with pytest.raises(ValueError, match="attribute 'layout' is not an attribute of LSTM at opset 13"):
+        rnnengine.load_onnx(m)
+
+
+def test_load_onnx_bidirectional_stack_through_transpose_reshape_glue():
+    """Y (T, 2, B, H) -> Transpose(0, 2, 1, 3) -> Reshape(0, 0, -1) -> next layer."""
+    H, I = 4, 3
+    Wa = rng.standard_normal((2, 3 * H, I)).astype(np.float32)
+    Ra = rng.standard_normal((2, 3 * H, H)).astype(np.float32) * 0.5
+    Wb = rng.standard_normal((1, 4 * H, 2 * H)).astype(np.float32) * 0.5
+    Rb = rng.standard_normal((1, 4 * H, H)).astype(np.float32) * 0.5
+    inits = [numpy_helper.from_array(a, n) for a, n in ((Wa, "Wa"), (Ra, "Ra"), (Wb, "Wb"), (Rb, "Rb"))]
+    inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "shape"))
+    nodes = [helper.make_node("GRU", ["X", "Wa", "Ra"], ["Y1"], name="gru", hidden_size=H,
+                              direction="bidirectional", linear_before_reset=1),
+             helper.make_node("Transpose", ["Y1"], ["Y1t"], name="t", perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["Y1t", "shape"], ["X2"], name="r"),
+             helper.make_node("LSTM", ["X2", "Wb", "Rb"], ["Y2"], name="lstm", hidden_size=H)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])],
+                          [helper.make_tensor_value_info("Y2", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    import onnxruntime as ort
+    x = rng.standard_normal((6, 2, I)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    model = rnnengine.load_onnx(m)
+    Y, _ = model.run(x)
+    np.testing.assert_allclose(Y, want[:, 0], atol=1e-5)
+    # a wrong permutation is refused, not silently run
+    m.graph.node[1].attribute[0].ints[:] = [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="does not turn Y into the next layer"):
+        rnnengine.load_onnx(m)
