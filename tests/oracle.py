@@ -84,6 +84,11 @@ def np_activation(name, a, b):
 
 def np_reference(kind, attrs, X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None):
     """ONNX LSTM/GRU/RNN written straight from the operator spec, in float64, for any layout."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _np_reference(kind, attrs, X, W, R, B, sequence_lens, initial_h, initial_c, P)
+
+
+def _np_reference(kind, attrs, X, W, R, B, sequence_lens, initial_h, initial_c, P):
     layout = attrs.get("layout", 0)
     if layout:  # work in layout 0
         X = X.transpose(1, 0, 2)

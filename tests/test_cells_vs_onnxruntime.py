@@ -127,11 +127,12 @@ COUNTS = {}  # run counts per kind: compared, discarded as ill-conditioned
 
 
 def well_conditioned(kind, want, exact):
-    """A configuration is well-conditioned when onnxruntime itself lands within the
+    """A configuration is well-conditioned when onnxruntime itself lands within half the
     tolerance of the exact (float64) answer. Where it does not, the recurrence amplifies
     float32 rounding (e.g. Affine/Relu gates above 1 make it expand), so two correct
-    float32 engines cannot agree to 1e-5 either; such runs are counted and discarded."""
-    ok = bounded(want) and all(max_violation(w, e) <= 1.0 for w, e in zip(want, exact))
+    float32 engines cannot agree to 1e-5 either; such runs are counted and discarded
+    (the counts are printed by test_report_max_errors)."""
+    ok = bounded(want) and all(max_violation(w, e) <= 0.5 for w, e in zip(want, exact))
     key = kind + (" compared" if ok else " discarded (ill-conditioned)")
     COUNTS[key] = COUNTS.get(key, 0) + 1
     return ok
