@@ -72,6 +72,14 @@ def apply_activation(int kind, float alpha, float beta, x):
     return arr
 
 
+cdef object _float_input(x, what):
+    """x as a C-contiguous float32 array; any float dtype is converted, others refused."""
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{what} must be a float array (float32 preferred), got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 cdef class Stack:
     """A compiled stack of recurrent layers (an rnn_stack handle). Immutable; thread-safe.
 
@@ -228,8 +236,8 @@ cdef class Stream:
         (output_size,), written into ``out`` when given."""
         cdef Stack stack = self.stack
         cdef int64_t B = self.batch_size
-        arr = np.ascontiguousarray(x, dtype=np.float32) if not (
-            type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous) else x
+        arr = x if (type(x) is np.ndarray and x.dtype == np.float32
+                    and x.flags.c_contiguous) else _float_input(x, "step(): x")
         squeeze = arr.ndim == 1
         if squeeze and B != 1:
             raise ValueError(f"step() of a stream with batch_size {B} needs x of shape "
@@ -263,7 +271,7 @@ cdef class Stream:
         (batch_size, T, input_size) for a batch_first model; a 2-D (T, input_size) when
         batch_size is 1. Returns the top layer's outputs in the same layout."""
         cdef Stack stack = self.stack
-        arr = np.ascontiguousarray(xs, dtype=np.float32)
+        arr = _float_input(xs, "feed(): xs")
         squeeze = arr.ndim == 2 and self.batch_size == 1
         if squeeze:
             arr = arr[:, None, :] if not self.batch_first else arr[None, :, :]
@@ -338,7 +346,7 @@ def step_streams(list streams, x, out=None):
                              "takes streams of batch_size 1")
     if len(set(map(id, streams))) != n:
         raise ValueError("the same stream appears twice in step_streams()")
-    arr = np.ascontiguousarray(x, dtype=np.float32)
+    arr = _float_input(x, "step_streams(): x")
     if arr.shape != (n, stack.input_size):
         raise ValueError(f"step_streams() expects x of shape ({n}, {stack.input_size}), got {arr.shape}")
     res = np.empty((n, stack.output_size), np.float32) if out is None else out

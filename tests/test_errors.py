@@ -134,6 +134,10 @@ def test_stream_input_errors():
         s.feed(np.zeros((4, 3, 3), np.float32))
     with pytest.raises(ValueError, match="out must be"):
         s.step(np.zeros((2, 3), np.float32), out=np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match=r"step\(\): x must be a float array .* got dtype int64"):
+        s.step(np.zeros((2, 3), np.int64))
+    with pytest.raises(TypeError, match=r"feed\(\): xs must be a float array .* got dtype <U1"):
+        s.feed([["a"]])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         m.stream(batch_size=0)
     with pytest.raises(ValueError, match="state vector must have"):
