@@ -56,6 +56,9 @@ cdef extern from "rnnengine.h" nogil:
                                   float *a, int *lda, float *b, int *ldb, float *beta, float *c,
                                   int *ldc)
     void rnn_blas_set_sgemm(rnn_sgemm_fn fn)
+    ctypedef void (*rnn_sgemv_fn)(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                                  float *x, int *incx, float *beta, float *y, int *incy)
+    void rnn_blas_set_sgemv(rnn_sgemv_fn fn)
     int rnn_blas_has_sgemm()
     void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas)

@@ -11,12 +11,14 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-# --- BLAS: SciPy's sgemm, taken from scipy.linalg.cython_blas at import (as scikit-learn does),
+# --- BLAS: SciPy's sgemm and sgemv, taken from scipy.linalg.cython_blas at import (as scikit-learn does),
 # so the package needs no BLAS at build time.
 def _install_blas():
     from scipy.linalg import cython_blas
     capsule = cython_blas.__pyx_capi__["sgemm"]
     rnn_blas_set_sgemm(<rnn_sgemm_fn>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)))
+    capsule = cython_blas.__pyx_capi__["sgemv"]
+    rnn_blas_set_sgemv(<rnn_sgemv_fn>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)))
 
 
 _install_blas()

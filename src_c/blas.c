@@ -4,8 +4,10 @@
 #include <stddef.h>
 
 static rnn_sgemm_fn g_sgemm = NULL;
+static rnn_sgemv_fn g_sgemv = NULL;
 
 void rnn_blas_set_sgemm(rnn_sgemm_fn fn) { g_sgemm = fn; }
+void rnn_blas_set_sgemv(rnn_sgemv_fn fn) { g_sgemv = fn; }
 int rnn_blas_has_sgemm(void) { return g_sgemm != NULL; }
 
 /* Naive reference: C (M,N) = alpha * A (M,K) @ B (N,K)^T + beta * C, row-major. */
@@ -32,6 +34,14 @@ void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, i
     }
     if (!use_blas || g_sgemm == NULL) {
         gemm_nt_naive(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    if (M == 1 && g_sgemv != NULL) {
+        /* One row: c = alpha * B @ a + beta * c. sgemm would pack all of B on every call.
+         * B (N, K) row-major is column-major (K, N):   sgemv('T', K, N, B, a, c) */
+        char tr = 'T';
+        int m = (int)K, n = (int)N, ild = (int)ldb, one = 1;
+        g_sgemv(&tr, &m, &n, &alpha, (float *)B, &ild, (float *)A, &one, &beta, C, &one);
         return;
     }
     /* Row-major C = A @ B^T is column-major C^T = B @ A^T with B stored as (K x N)^T:

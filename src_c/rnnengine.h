@@ -127,12 +127,16 @@ void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float *cons
 void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float *const *streams,
                               int64_t n);
 
-/* The one BLAS entry point, a Fortran sgemm (column-major). Set once at import by the
+/* The BLAS entry points, Fortran sgemm/sgemv (column-major). Set once at import by the
  * binding from SciPy's cython_blas; without it a naive reference GEMM is used. */
 typedef void (*rnn_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
                              float *a, int *lda, float *b, int *ldb, float *beta, float *c,
                              int *ldc);
 void rnn_blas_set_sgemm(rnn_sgemm_fn fn);
+/* Optional Fortran sgemv, used for single-row products (batch-1 steps). */
+typedef void (*rnn_sgemv_fn)(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                             float *x, int *incx, float *beta, float *y, int *incy);
+void rnn_blas_set_sgemv(rnn_sgemv_fn fn);
 int rnn_blas_has_sgemm(void);
 
 /* Row-major C (M, N) = alpha * A (M, K) @ B(N, K)^T + beta * C. use_blas=0 forces the
