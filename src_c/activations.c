@@ -1,14 +1,7 @@
 /* activations.c - the ONNX RNN activation functions, applied in place to a vector. */
-#include "rnnengine.h"
+#include "internal.h"
 
 #include <math.h>
-
-static inline float sigmoidf(float x) {
-    /* Split by sign so exp never overflows: both branches equal 1 / (1 + exp(-x)). */
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
-}
 
 static inline float softplusf(float x) {
     /* log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)). */
@@ -22,10 +15,10 @@ void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n) {
         for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
         break;
     case RNN_ACT_TANH:
-        for (int64_t i = 0; i < n; i++) x[i] = tanhf(x[i]);
+        rnn_vtanh(x, n);
         break;
     case RNN_ACT_SIGMOID:
-        for (int64_t i = 0; i < n; i++) x[i] = sigmoidf(x[i]);
+        rnn_vsigmoid(x, n);
         break;
     case RNN_ACT_AFFINE:
         for (int64_t i = 0; i < n; i++) x[i] = a * x[i] + b;
@@ -37,7 +30,9 @@ void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n) {
         for (int64_t i = 0; i < n; i++) x[i] = x[i] > a ? x[i] : 0.0f;
         break;
     case RNN_ACT_SCALED_TANH:
-        for (int64_t i = 0; i < n; i++) x[i] = a * tanhf(b * x[i]);
+        for (int64_t i = 0; i < n; i++) x[i] = b * x[i];
+        rnn_vtanh(x, n);
+        for (int64_t i = 0; i < n; i++) x[i] = a * x[i];
         break;
     case RNN_ACT_HARD_SIGMOID:
         for (int64_t i = 0; i < n; i++) {

@@ -45,6 +45,11 @@ static inline void rnn_clip(float *x, int64_t n, const rnn_cell_config *cfg) {
     for (int64_t i = 0; i < n; i++) x[i] = x[i] < -c ? -c : (x[i] > c ? c : x[i]);
 }
 
+/* Vectorised elementwise functions (vmath.c), in place over x[0..n). */
+void rnn_vexp(float *x, int64_t n);
+void rnn_vsigmoid(float *x, int64_t n);
+void rnn_vtanh(float *x, int64_t n);
+
 /* Scratch floats one step of the cell needs for B rows. */
 int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B);
 

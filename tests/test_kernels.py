@@ -47,3 +47,12 @@ def test_sigmoid_and_softplus_do_not_overflow():
     np.testing.assert_allclose(sig, [0.0, 0.0, 1.0, 1.0], atol=1e-30)
     sp = _core.apply_activation(ACTIVATIONS["Softplus"][0], 0, 0, x)
     np.testing.assert_allclose(sp, [0.0, 0.0, 100.0, 1000.0], atol=1e-30)
+
+
+@pytest.mark.parametrize("name, bound", [("Sigmoid", 1.2e-7), ("Tanh", 2e-7)])
+def test_vectorised_sigmoid_tanh_error_bounds(name, bound):
+    """The documented max abs error of the vectorised kernels (src_c/vmath.c)."""
+    x = np.linspace(-20, 20, 2_000_001).astype(np.float32)
+    got = _core.apply_activation(ACTIVATIONS[name][0], 0, 0, x)
+    want = np_activation(name, 0, 0)(x.astype(np.float64))
+    assert np.max(np.abs(got - want)) <= bound
