@@ -212,6 +212,8 @@ cdef class Stream:
     cdef object _initial        # float32 (S,): what reset() restores
     cdef object _work
     cdef int64_t _work_T
+    cdef float *_state_p        # data pointers of _state and _work (kept alive by them)
+    cdef float *_work_p
 
     def __cinit__(self, model, Stack stack, int batch_size, initial, bint batch_first):
         if batch_size < 1:
@@ -224,12 +226,15 @@ cdef class Stream:
         if self._initial.shape != (stack.state_size(batch_size),):
             raise ValueError("initial state has the wrong size")
         self._state = self._initial.copy()
+        self._state_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._state)
         self._work_T = 1
         self._work = np.empty(stack.workspace_size(1, batch_size), dtype=np.float32)
+        self._work_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._work)
 
     cdef _ensure_work(self, int64_t T):
         if T > self._work_T:
             self._work = np.empty(self.stack.workspace_size(T, self.batch_size), dtype=np.float32)
+            self._work_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._work)
             self._work_T = T
 
     def step(self, x, out=None):
@@ -238,34 +243,38 @@ cdef class Stream:
         (output_size,), written into ``out`` when given."""
         cdef Stack stack = self.stack
         cdef int64_t B = self.batch_size
-        arr = x if (type(x) is np.ndarray and x.dtype == np.float32
-                    and x.flags.c_contiguous) else _float_input(x, "step(): x")
-        squeeze = arr.ndim == 1
-        if squeeze and B != 1:
-            raise ValueError(f"step() of a stream with batch_size {B} needs x of shape "
-                             f"({B}, {stack.input_size}), got {arr.shape}")
-        if not ((arr.ndim == 2 and arr.shape[0] == B and arr.shape[1] == stack.input_size) or
-                (squeeze and arr.shape[0] == stack.input_size)):
+        cdef cnp.ndarray arr
+        if not (type(x) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)):
+            x = _float_input(x, "step(): x")
+        arr = <cnp.ndarray>x
+        cdef int nd = cnp.PyArray_NDIM(arr)
+        cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(arr)
+        cdef bint squeeze = nd == 1
+        if not ((nd == 2 and dims[0] == B and dims[1] == stack.input_size) or
+                (squeeze and B == 1 and dims[0] == stack.input_size)):
             raise ValueError(f"step() expects x of shape ({B}, {stack.input_size})"
-                             f"{' or (%d,)' % stack.input_size if B == 1 else ''}, got {arr.shape}")
+                             f"{' or (%d,)' % stack.input_size if B == 1 else ''}, got {x.shape}")
+        cdef cnp.ndarray res
         if out is None:
             shape = (stack.output_size,) if squeeze else (int(B), stack.output_size)
             res = np.empty(shape, np.float32)
         else:
-            res = out
-            if not (type(res) is np.ndarray and res.dtype == np.float32 and res.flags.c_contiguous
-                    and res.size == B * stack.output_size):
-                raise ValueError(f"out must be a C-contiguous float32 array of "
+            if not (type(out) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_FLOAT32
+                    and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
+                    and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                    and cnp.PyArray_SIZE(<cnp.ndarray>out) == B * stack.output_size):
+                raise ValueError(f"out must be a writeable C-contiguous float32 array of "
                                  f"{B * stack.output_size} elements")
-        cdef const float[::1] xv = arr.reshape(-1)
-        cdef float[::1] yv = res.reshape(-1)
-        cdef float[::1] sv = self._state
-        cdef float[::1] wv = self._work
+            res = <cnp.ndarray>out
+        cdef const float *xp = <const float *>cnp.PyArray_DATA(arr)
+        cdef float *yp = <float *>cnp.PyArray_DATA(res)
         cdef rnn_status st
         with nogil:
-            st = rnn_stack_forward(stack.ptr, &xv[0], 1, B, 0, NULL, &yv[0], 0, stack.output_size,
-                                   stack.last_hidden, &sv[0], &wv[0])
-        _check(st, "step")
+            st = rnn_stack_forward(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
+                                   stack.last_hidden, self._state_p, self._work_p)
+        if st != RNN_STATUS_OK:
+            _check(st, "step")
         return res
 
     def feed(self, xs):
@@ -324,8 +333,7 @@ cdef class Stream:
         self._state[...] = v
 
     cdef float *_state_ptr(self):
-        cdef float[::1] sv = self._state
-        return &sv[0]
+        return self._state_p
 
 
 def step_streams(list streams, x, out=None):
