@@ -62,3 +62,20 @@ cdef extern from "rnnengine.h" nogil:
     int rnn_blas_has_sgemm()
     void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas)
+
+    int rnn_kernel_level()
+    int rnn_kernel_level_max()
+    void rnn_set_kernel_level(int level)
+
+
+cdef extern from "internal.h" nogil:
+    ctypedef struct rnn_packed:
+        int64_t N
+        int64_t K
+        float *data
+    rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb)
+    void rnn_packed_free(rnn_packed *p)
+    void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                         int64_t ldc, int accumulate)
+    void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                             int64_t ldc, int accumulate)

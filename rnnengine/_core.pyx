@@ -22,6 +22,20 @@ def _install_blas():
 
 
 _install_blas()
+rnn_kernel_level()  # resolve the CPU dispatch once, at import
+
+
+def kernel_level(level=None):
+    """The compute kernels in use: 1 = AVX2+FMA, 0 = portable reference. Passing a level
+    switches process-wide (tests and benchmarks only; never while streams are running).
+    Returns the level in force."""
+    if level is not None:
+        rnn_set_kernel_level(int(level))
+    return rnn_kernel_level()
+
+
+def kernel_level_max():
+    return rnn_kernel_level_max()
 
 CELL_KINDS = {"RNN": 0, "GRU": 1, "LSTM": 2}
 DIRECTIONS = {"forward": 0, "reverse": 1, "bidirectional": 2}
@@ -55,6 +69,26 @@ def gemm_nt(float[:, ::1] A, float[:, ::1] B, bint use_blas=True):
         with nogil:
             rnn_gemm_nt(M, N, K, 1.0, &A[0, 0] if K else NULL, K, &B[0, 0] if K else NULL, K,
                         0.0, &C[0, 0], N, use_blas)
+    return out
+
+
+def gemm_packed(const float[:, ::1] A, const float[:, ::1] B, C=None, bint reference=False):
+    """C (+)= A @ B.T with B packed into panels, through the dispatched kernel or the
+    plain reference; for tests."""
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"gemm_packed: A has {A.shape[1]} columns, B has {B.shape[1]}")
+    cdef int64_t M = A.shape[0], N = B.shape[0], K = A.shape[1]
+    cdef int accumulate = C is not None
+    out = np.zeros((M, N), np.float32) if C is None else C
+    cdef float[:, ::1] Cv = out
+    cdef rnn_packed p
+    _check(rnn_packed_init(&p, &B[0, 0], N, K, K), "packing")
+    with nogil:
+        if reference:
+            rnn_gemm_packed_ref(M, &A[0, 0], K, &p, &Cv[0, 0], N, accumulate)
+        else:
+            rnn_gemm_packed(M, &A[0, 0], K, &p, &Cv[0, 0], N, accumulate)
+    rnn_packed_free(&p)
     return out
 
 

@@ -22,7 +22,9 @@ static int32_t gates_of(int32_t kind) {
 void rnn_cell_free(rnn_cell *cell) {
     if (!cell) return;
     free(cell->W);
-    free(cell->R);
+    rnn_packed_free(&cell->Wp);
+    rnn_packed_free(&cell->Rp);
+    rnn_packed_free(&cell->Rhp);
     free(cell->bias_x);
     free(cell->bias_rh);
     free(cell->P);
@@ -51,16 +53,20 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
     c->cfg = *cfg;
     c->G = (int32_t)G;
     c->W = malloc(sizeof(float) * (size_t)(G * H * (I > 0 ? I : 1)));
-    c->R = malloc(sizeof(float) * (size_t)(G * H * H));
     c->bias_x = calloc((size_t)(G * H), sizeof(float));
     c->bias_rh = calloc((size_t)H, sizeof(float));
     if (P) c->P = malloc(sizeof(float) * (size_t)(3 * H));
-    if (!c->W || !c->R || !c->bias_x || !c->bias_rh || (P && !c->P)) {
+    /* GRU without linear_before_reset needs r before (r . h) @ Rh^T: pack R in two parts. */
+    const int split = cfg->kind == RNN_CELL_GRU && !cfg->linear_before_reset;
+    rnn_status st = RNN_STATUS_OK;
+    if (c->W) st = rnn_packed_init(&c->Wp, W, G * H, I, I);
+    if (st == RNN_STATUS_OK) st = rnn_packed_init(&c->Rp, R, split ? 2 * H : G * H, H, H);
+    if (st == RNN_STATUS_OK && split) st = rnn_packed_init(&c->Rhp, R + 2 * H * H, H, H, H);
+    if (st != RNN_STATUS_OK || !c->W || !c->bias_x || !c->bias_rh || (P && !c->P)) {
         rnn_cell_free(c);
         return RNN_STATUS_OUT_OF_MEMORY;
     }
     memcpy(c->W, W, sizeof(float) * (size_t)(G * H * I));
-    memcpy(c->R, R, sizeof(float) * (size_t)(G * H * H));
     if (P) memcpy(c->P, P, sizeof(float) * (size_t)(3 * H));
     if (B) {
         const float *Wb = B, *Rb = B + G * H;
@@ -98,7 +104,10 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
 
     /* xproj = X @ W^T + bias_x   (one GEMM for all time steps) */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
-    rnn_gemm_nt(N, GH, I, 1.0f, X, I, cell->W, I, 1.0f, xproj, GH, 1);
+    if (N >= RNN_BLAS_MIN_ROWS)
+        rnn_gemm_nt(N, GH, I, 1.0f, X, I, cell->W, I, 1.0f, xproj, GH, 1);
+    else
+        rnn_gemm_packed(N, X, I, &cell->Wp, xproj, GH, 1);
 
     /* Outputs past each row's length are zero. */
     int64_t max_len = T;

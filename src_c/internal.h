@@ -6,11 +6,33 @@
 
 #include <assert.h>
 
+/* A weight matrix B (N, K) packed into 16-column panels once (pack.c). */
+#define RNN_PANEL 16
+typedef struct {
+    int64_t N, K;
+    float *data; /* 64-byte aligned; ceil(N/16) panels of K x 16 floats */
+} rnn_packed;
+
+rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb);
+void rnn_packed_free(rnn_packed *p);
+/* C (M, N) = A (M, K) @ B^T, or C += ... when accumulate; the AVX2+FMA kernel when the
+ * CPU has it (rnn_kernel_level), else the plain reference rnn_gemm_packed_ref. */
+void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                     int64_t ldc, int accumulate);
+void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                         int64_t ldc, int accumulate);
+
+/* Input projections of at least this many rows go to BLAS sgemm; fewer (streaming
+ * steps) to the packed kernel, which does not repack W on every call. */
+#define RNN_BLAS_MIN_ROWS 64
+
 struct rnn_cell {
     rnn_cell_config cfg;
     int32_t G;      /* gates: RNN 1, GRU 3, LSTM 4 */
-    float *W;       /* (G*H, I) */
-    float *R;       /* (G*H, H) */
+    float *W;       /* (G*H, I), for BLAS input projections */
+    rnn_packed Wp;  /* W packed, for short input projections */
+    rnn_packed Rp;  /* R (G*H, H) packed; GRU with linear_before_reset = 0: only R[:2H] */
+    rnn_packed Rhp; /* GRU with linear_before_reset = 0: R[2H:] (H, H) packed */
     float *bias_x;  /* (G*H) biases summed once, added to the input projection */
     float *bias_rh; /* (H) GRU with linear_before_reset: Rbh, applied inside r * (.) */
     float *P;       /* (3*H) LSTM peepholes [Pi; Po; Pf] or NULL */
@@ -46,7 +68,7 @@ static inline void rnn_clip(float *x, int64_t n, const rnn_cell_config *cfg) {
 }
 
 /* Vectorised elementwise functions (vmath.c), in place over x[0..n). */
-void rnn_vexp(float *x, int64_t n);
+int rnn_kernel_level(void);
 void rnn_vsigmoid(float *x, int64_t n);
 void rnn_vtanh(float *x, int64_t n);
 

@@ -19,7 +19,7 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
     float *gates = work; /* (B, 4H) */
 
     /* gates = h @ R^T   (B, 4H) */
-    rnn_gemm_nt(B, GH, H, 1.0f, h, H, cell->R, H, 0.0f, gates, GH, 1);
+    rnn_gemm_packed(B, h, H, &cell->Rp, gates, GH, 0);
 
     const float *Pi = cell->P, *Po = cell->P ? cell->P + H : NULL, *Pf = cell->P ? cell->P + 2 * H : NULL;
     for (int64_t b = 0; b < B; b++) {

@@ -139,6 +139,13 @@ typedef void (*rnn_sgemv_fn)(char *trans, int *m, int *n, float *alpha, float *a
 void rnn_blas_set_sgemv(rnn_sgemv_fn fn);
 int rnn_blas_has_sgemm(void);
 
+/* Which compute kernels run: 1 = AVX2+FMA (chosen at load time when the CPU has it),
+ * 0 = the portable reference kernels. rnn_set_kernel_level is for tests and benchmarks
+ * (process-wide, not to be called while other threads compute). */
+int rnn_kernel_level(void);
+int rnn_kernel_level_max(void);
+void rnn_set_kernel_level(int level);
+
 /* Row-major C (M, N) = alpha * A (M, K) @ B(N, K)^T + beta * C. use_blas=0 forces the
  * naive reference kernel (exposed for tests). */
 void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,

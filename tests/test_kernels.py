@@ -49,10 +49,69 @@ def test_sigmoid_and_softplus_do_not_overflow():
     np.testing.assert_allclose(sp, [0.0, 0.0, 100.0, 1000.0], atol=1e-30)
 
 
-@pytest.mark.parametrize("name, bound", [("Sigmoid", 1.2e-7), ("Tanh", 2e-7)])
-def test_vectorised_sigmoid_tanh_error_bounds(name, bound):
-    """The documented max abs error of the vectorised kernels (src_c/vmath.c)."""
-    x = np.linspace(-20, 20, 2_000_001).astype(np.float32)
-    got = _core.apply_activation(ACTIVATIONS[name][0], 0, 0, x)
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("name, bound", [("Sigmoid", 1e-7), ("Tanh", 2e-7)])
+def test_vectorised_sigmoid_tanh_error_bounds(name, bound, level):
+    """The documented max abs error of both kernels (src_c/vmath.c), odd lengths included."""
+    if level > _core.kernel_level_max():
+        pytest.skip("this CPU has no AVX2+FMA kernels")
+    x = np.linspace(-20, 20, 2_000_003).astype(np.float32)
+    try:
+        _core.kernel_level(level)
+        got = _core.apply_activation(ACTIVATIONS[name][0], 0, 0, x)
+    finally:
+        _core.kernel_level(1)
     want = np_activation(name, 0, 0)(x.astype(np.float64))
     assert np.max(np.abs(got - want)) <= bound
+
+
+ODD = [1, 3, 17, 255, 1023]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("N", ODD)
+@pytest.mark.parametrize("K", [1, 3, 17, 255])
+def test_packed_gemm_matches_numpy_and_reference(M, N, K):
+    rng = np.random.default_rng(M * 7 + N * 11 + K)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    want = A.astype(np.float64) @ B.T.astype(np.float64)
+    fast = _core.gemm_packed(A, B)
+    ref = _core.gemm_packed(A, B, reference=True)
+    tol = 1e-5 * np.sqrt(K) * (1 + np.abs(want))
+    assert np.all(np.abs(fast - want) <= tol)
+    assert np.all(np.abs(ref - want) <= tol)
+    # accumulate mode adds to C
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    acc = _core.gemm_packed(A, B, C0.copy())
+    assert np.all(np.abs(acc - (want + C0)) <= tol)
+
+
+def test_packed_gemm_row_results_do_not_depend_on_batch_size():
+    """Row r of a batched product equals the same row computed alone, bit for bit (so a
+    batch of streams equals the streams stepped one by one)."""
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((7, 300)).astype(np.float32)
+    B = rng.standard_normal((100, 300)).astype(np.float32)
+    full = _core.gemm_packed(A, B)
+    for r in range(7):
+        np.testing.assert_array_equal(_core.gemm_packed(A[r:r + 1].copy(), B)[0], full[r])
+
+
+@pytest.mark.skipif(_core.kernel_level_max() == 0, reason="this CPU has no AVX2+FMA kernels")
+def test_reference_kernels_give_the_same_cells():
+    """Whole cells on the portable kernels agree with the AVX2 ones."""
+    import rnnengine
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((2, 4 * 33, 20)).astype(np.float32) * 0.3
+    R = rng.standard_normal((2, 4 * 33, 33)).astype(np.float32) * 0.3
+    X = rng.standard_normal((9, 5, 20)).astype(np.float32)
+    layer = rnnengine.LSTM(W, R, direction="bidirectional")
+    fast = layer(X)
+    try:
+        _core.kernel_level(0)
+        ref = layer(X)
+    finally:
+        _core.kernel_level(1)
+    for a, b in zip(fast, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
