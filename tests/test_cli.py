@@ -38,8 +38,10 @@ def test_demo_model_loads_with_state_inputs():
     assert m.streamable
 
 
-def test_console_help():
-    r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "demo", "--help"], capture_output=True, text=True)
+def test_console_help(tmp_path):
+    # run outside the source tree, so the installed package is the one imported
+    r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "demo", "--help"], capture_output=True,
+                       text=True, cwd=tmp_path)
     assert r.returncode == 0 and "--steps" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "rnnengine.cli"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "rnnengine.cli"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "demo" in r.stdout
