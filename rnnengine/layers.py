@@ -13,7 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 # name -> (C kind, takes alpha, takes beta, default alpha, default beta).
-# Defaults are those of the ONNX operators of the same name (and of onnxruntime).
+# Defaults are those of the ONNX operators of the same name, as the LSTM/GRU/RNN spec says.
+# onnxruntime (1.2x-1.3x) differs when alpha/beta are left out: it uses 0 for Affine's alpha
+# and beta, ThresholdedRelu's alpha and ScaledTanh's alpha and beta. Files that spell the
+# values out (as exporters do) run identically in both.
 ACTIVATIONS = {
     "Relu": (0, False, False, 0.0, 0.0),
     "Tanh": (1, False, False, 0.0, 0.0),
