@@ -79,3 +79,10 @@ cdef extern from "internal.h" nogil:
                          int64_t ldc, int accumulate)
     void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                              int64_t ldc, int accumulate)
+
+
+cdef extern from "rnnengine.h" nogil:
+    int RNN_INSTR_WORDS
+    rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                             const float *fparams, void **tensors, rnn_stack **stacks,
+                             float *work, char *err, size_t errlen)

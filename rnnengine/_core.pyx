@@ -417,3 +417,67 @@ def step_streams(list streams, x, out=None):
             rnn_stack_scatter_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
     _check(st, "step_streams")
     return res
+
+
+# --- graph executor -------------------------------------------------------------------------------
+
+INSTR_WORDS = RNN_INSTR_WORDS
+
+
+class GraphRunError(ValueError):
+    """The graph executor stopped on bad input data (an index or a length out of range)."""
+
+
+def address(cnp.ndarray arr):
+    """Address of an array's first element (the array must stay alive while it is used)."""
+    return <int64_t><uintptr_t>cnp.PyArray_DATA(arr)
+
+
+cdef class Program:
+    """A planned graph program (see src_c/graph.c): instructions, their parameters and the
+    recurrent stacks they call. Immutable once built; many threads may run it at once, each
+    with its own tensor table and workspace."""
+    cdef readonly object program, iparams, fparams, stacks
+    cdef int64_t n_instr
+    cdef rnn_stack **stack_ptrs
+
+    def __cinit__(self, program, iparams, fparams, list stacks):
+        self.stack_ptrs = NULL
+        self.program = np.ascontiguousarray(program, dtype=np.int64).reshape(-1, RNN_INSTR_WORDS)
+        self.iparams = np.ascontiguousarray(iparams, dtype=np.int64)
+        self.fparams = np.ascontiguousarray(fparams, dtype=np.float32)
+        if self.iparams.size == 0:
+            self.iparams = np.zeros(1, np.int64)
+        if self.fparams.size == 0:
+            self.fparams = np.zeros(1, np.float32)
+        self.n_instr = self.program.shape[0]
+        self.stacks = list(stacks)
+        self.stack_ptrs = <rnn_stack **>calloc(max(1, len(stacks)), sizeof(rnn_stack *))
+        if self.stack_ptrs == NULL:
+            raise MemoryError()
+        for k, s in enumerate(self.stacks):
+            self.stack_ptrs[k] = (<Stack?>s).ptr
+
+    def __dealloc__(self):
+        free(self.stack_ptrs)
+
+    def run(self, cnp.ndarray ptrs, cnp.ndarray work):
+        """Runs the program over the tensors whose addresses are in ptrs (int64, one per
+        tensor id) with the float32 workspace work. The GIL is released meanwhile."""
+        if ptrs.dtype != np.int64 or not ptrs.flags.c_contiguous:
+            raise TypeError("ptrs must be a C-contiguous int64 array")
+        if work.dtype != np.float32 or not work.flags.c_contiguous or work.size == 0:
+            raise TypeError("work must be a non-empty C-contiguous float32 array")
+        cdef char err[256]
+        err[0] = 0
+        cdef const int64_t *prog = <const int64_t *>cnp.PyArray_DATA(self.program)
+        cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(self.iparams)
+        cdef const float *fp = <const float *>cnp.PyArray_DATA(self.fparams)
+        cdef void **tens = <void **>cnp.PyArray_DATA(ptrs)
+        cdef float *w = <float *>cnp.PyArray_DATA(work)
+        cdef rnn_status st
+        with nogil:
+            st = rnn_graph_run(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256)
+        if st != RNN_STATUS_OK:
+            msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
+            raise GraphRunError(msg)

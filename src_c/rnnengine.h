@@ -151,6 +151,44 @@ void rnn_set_kernel_level(int level);
 void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                  const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int use_blas);
 
+/* ---------------------------------------------------------------------------------------
+ * Graph executor: runs a converted model as a flat program of instructions over tensors
+ * whose shapes were fixed when the program was planned (rnnengine/graph.py). Everything
+ * shape-dependent (strides, broadcast, axes) is computed by the planner; the executor
+ * only moves and computes floats, so one call runs a whole model step.
+ *
+ * A program is n instructions of RNN_INSTR_WORDS int64 words each:
+ *   [0] op (rnn_op)   [1..4] input tensor ids   [5..7] output tensor ids (-1 = none)
+ *   [8] aux (the stack index of RNN_OP_RECURRENT)   [9] offset, [10] count of the int64
+ *   parameters in iparams   [11] offset, [12] count of the float parameters in fparams.
+ * tensors[id] points at tensor id's data (inputs, constants, intermediates, outputs,
+ * recurrent state), all C-contiguous; work holds the planner's workspace floats.
+ * ------------------------------------------------------------------------------------- */
+#define RNN_INSTR_WORDS 16
+
+typedef enum {
+    RNN_OP_COPY = 0,      /* strided copy: Transpose, Slice, Concat part, Expand, Split */
+    RNN_OP_BINARY = 1,    /* broadcast Add/Sub/Mul/Div/Pow/Max/Min */
+    RNN_OP_UNARY = 2,     /* activations and elementwise math */
+    RNN_OP_MATMUL = 3,    /* (M, K) @ Bt(N, K)^T + bias(N) */
+    RNN_OP_SOFTMAX = 4,   /* (outer, n, inner) softmax or log-softmax over n */
+    RNN_OP_GATHER = 5,    /* (outer, n, inner) rows picked by int64 indices */
+    RNN_OP_CONV1D = 6,    /* (N, C, L) * W (M, C/g, K) + bias */
+    RNN_OP_PAD = 7,       /* N-d gather through per-axis index maps (-1: constant) */
+    RNN_OP_REDUCE = 8,    /* sum/mean/max/min over axes */
+    RNN_OP_CAST = 9,      /* between float32, int64, int32, uint8 */
+    RNN_OP_RECURRENT = 10 /* one LSTM/GRU/RNN layer (a one-layer rnn_stack) */
+} rnn_op;
+
+/* Element types of graph tensors. */
+typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3 } rnn_dtype;
+
+/* Runs the program. On a data error (an index out of range, bad sequence lengths) it
+ * stops and returns a status with a message in err (errlen bytes). */
+rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                         const float *fparams, void *const *tensors, rnn_stack *const *stacks,
+                         float *work, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,413 @@
+"""graph.py - a converted model: its graph planned for concrete input shapes and run in C.
+
+A converted graph (made by rnnengine.converter, stored in the weight file) is a list of
+nodes with ONNX semantics at the graph's opset, over named tensors. Running it takes two
+steps:
+  1. Planning, once per set of input shapes (cached): the nodes are walked in order with
+     each value either a constant (folded with NumPy: weights, and the shape arithmetic
+     that depends only on input shapes) or a run-time tensor. Every node with a run-time
+     input is turned into instructions for the C executor (src_c/graph.c), with all
+     strides, broadcasts and axes resolved. Recurrent layers are packed once per model.
+  2. Execution: one call into C per run or stream step, the GIL released.
+
+Streams keep two kinds of state between calls: the state of recurrent layers whose
+initial state is not a graph input (held per layer), and explicit state carried by the
+graph itself (an input such as ``h0`` paired with an output such as ``hn``; the output of
+one call becomes the input of the next).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+
+from . import _core
+from .ops import OPS, UnsupportedError, where
+
+NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+             "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
+
+
+class Value:
+    """A tensor during planning: its shape and dtype, and either its constant value or the
+    id of the run-time buffer that will hold it."""
+    __slots__ = ("shape", "dtype", "const", "tid")
+
+    def __init__(self, shape, dtype, const=None, tid=None):
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.const = const
+        self.tid = tid
+
+
+class Plan:
+    """The program for one set of input shapes, shared by every run and stream using them."""
+
+    def __init__(self, planner):
+        self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
+                                     np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
+                                     planner.stacks)
+        self.specs = planner.specs
+        self.inputs = planner.input_tids
+        self.outputs = planner.outputs
+        self.state = planner.state  # key -> (tid, start vector)
+        self.work_floats = planner.work
+        self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
+
+    def context(self):
+        """Buffers for one run: a tensor table with intermediates allocated, constants bound."""
+        ptrs = np.zeros(max(1, len(self.specs)), np.int64)
+        bufs = {}
+        for tid, spec in enumerate(self.specs):
+            if spec[0] == "buf":
+                bufs[tid] = np.zeros(max(1, int(np.prod(spec[1]))), spec[2])
+            elif spec[0] == "const":
+                bufs[tid] = spec[1]
+            else:
+                continue
+            ptrs[tid] = _core.address(bufs[tid])
+        return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(max(16, self.work_floats), np.float32)}
+
+    def execute(self, ctx, feeds, states):
+        ptrs = ctx["ptrs"]
+        for name, tid in self.inputs.items():
+            ptrs[tid] = _core.address(feeds[name])
+        for key, (tid, _) in self.state.items():
+            ptrs[tid] = _core.address(states[key])
+        self.program.run(ptrs, ctx["work"])
+        out = {}
+        for name, v in self.outputs:
+            if v.const is not None:
+                out[name] = np.array(v.const, copy=True)
+                continue
+            spec = self.specs[v.tid]
+            src = feeds[spec[1]] if spec[0] == "input" else ctx["bufs"][v.tid]
+            n = int(np.prod(v.shape))
+            out[name] = np.array(src.reshape(-1)[:n].view(v.dtype).reshape(v.shape), copy=True)
+        return out
+
+
+class Planner:
+    def __init__(self, model, feeds, streaming):
+        self.model = model
+        self.streaming = streaming
+        self.specs = []
+        self.prog, self.ip, self.fp = [], [], []
+        self.work = 16
+        self.stacks, self._stack_ids = [], {}
+        self.state = {}
+        self.input_tids = {}
+        env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
+        for name, (shape, dtype) in feeds.items():
+            tid = self._spec(("input", name))
+            self.input_tids[name] = tid
+            env[name] = Value(shape, dtype, tid=tid)
+        self.walk(model.graph["nodes"], env)
+        self.outputs = []
+        for o in model.graph["outputs"]:
+            if o["name"] not in env:
+                raise UnsupportedError(f"graph output {o['name']!r} is produced by no node")
+            self.outputs.append((o["name"], env[o["name"]]))
+
+    # -- building blocks used by the op handlers (rnnengine/ops.py)
+    def _spec(self, spec):
+        self.specs.append(spec)
+        return len(self.specs) - 1
+
+    def const(self, arr):
+        arr = np.asarray(arr)
+        return Value(arr.shape, arr.dtype, const=arr)
+
+    def new(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
+
+    def alias(self, x, shape):
+        """The same data seen with another shape (Reshape, Squeeze...): no copy."""
+        if x.const is not None:
+            return Value(shape, x.dtype, const=np.asarray(x.const).reshape(shape))
+        return Value(shape, x.dtype, tid=x.tid)
+
+    def materialize(self, x):
+        self.tid(x)
+        return x
+
+    def tid(self, v):
+        if v.tid is None:
+            arr = np.ascontiguousarray(v.const)
+            if arr.dtype == np.bool_:
+                arr = arr.astype(np.uint8)
+            if arr.size == 0:
+                arr = np.zeros(1, arr.dtype)
+            v.tid = self._spec(("const", arr))
+        return v.tid
+
+    def need_work(self, floats):
+        self.work = max(self.work, int(floats))
+
+    def stack(self, handler, consts):
+        return self.model._stack_for(handler, consts)
+
+    def stack_index(self, stack):
+        if id(stack) not in self._stack_ids:
+            self._stack_ids[id(stack)] = len(self.stacks)
+            self.stacks.append(stack)
+        return self._stack_ids[id(stack)]
+
+    def stream_state(self, key, start):
+        if key in self.state:
+            raise UnsupportedError(f"two recurrent layers share the state key {key!r}")
+        tid = self._spec(("state", key))
+        self.state[key] = (tid, start)
+        return Value(start.shape, np.float32, tid=tid)
+
+    def emit(self, op, ins, outs, ip, fp=(), aux=-1):
+        if len(ins) > 4 or len(outs) > 3:
+            raise AssertionError("instruction slots exceeded")
+        word = [op] + [-1] * 15
+        for k, v in enumerate(ins):
+            word[1 + k] = -1 if v is None else self.tid(v)
+        for k, v in enumerate(outs):
+            word[5 + k] = -1 if v is None else self.tid(v)
+        word[8] = aux
+        word[9], word[10] = len(self.ip), len(ip)
+        word[11], word[12] = len(self.fp), len(fp)
+        self.prog.extend(int(w) for w in word)
+        self.ip.extend(int(v) for v in ip)
+        self.fp.extend(float(v) for v in fp)
+
+    # -- the walk over the nodes
+    def walk(self, nodes, env):
+        opset = self.model.opset
+        for node in nodes:
+            op = node["op"]
+            if op == "If":
+                cond = env[node["inputs"][0]]
+                if cond.const is None:
+                    raise UnsupportedError(
+                        f"{where(node)}: its condition depends on input data; fix the input it depends on "
+                        "at conversion (e.g. --input sr=16000) so the branch can be chosen")
+                branch = node["attrs"]["then_branch" if bool(np.asarray(cond.const).reshape(-1)[0])
+                                       else "else_branch"]
+                sub = dict(env)
+                for name, arr in branch.get("tensors", {}).items():
+                    sub[name] = Value(arr.shape, arr.dtype, const=arr)
+                self.walk(branch["nodes"], sub)
+                outs = [sub[name] for name in branch["outputs"]]
+            else:
+                handler_cls = OPS.get(op)
+                if handler_cls is None:
+                    raise UnsupportedError(f"{where(node)}: op {op!r} is not supported")
+                h = handler_cls(node, opset)
+                xs = []
+                for name in node["inputs"]:
+                    if not name:
+                        xs.append(None)
+                    elif name not in env:
+                        raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
+                    else:
+                        xs.append(env[name])
+                if all(x is None or x.const is not None for x in xs) and op not in ("LSTM", "GRU", "RNN"):
+                    try:
+                        with np.errstate(all="ignore"):
+                            vals = h.eval([None if x is None else x.const for x in xs])
+                    except UnsupportedError:
+                        raise
+                    except Exception as e:  # NumPy refusing the shapes, etc.
+                        raise UnsupportedError(f"{where(node)}: {e}") from None
+                    outs = [self.const(np.asarray(v)) for v in vals]
+                else:
+                    outs = h.emit(self, xs)
+            for name, v in zip(node["outputs"], outs):
+                if name:
+                    env[name] = v
+
+
+class GraphModel:
+    """A converted model ready to run. Build it with :func:`rnnengine.load` (a weight file)
+    or :func:`rnnengine.convert` (an ONNX file).
+
+    ``run(inputs)`` runs whole sequences; ``stream()`` gives a stream that keeps every
+    recurrent state between calls. ``inputs`` is a dict name -> array, or one array when
+    the model has a single input to feed.
+    """
+
+    def __init__(self, graph, tensors, metadata=None):
+        self.graph = graph
+        self.tensors = dict(tensors)
+        self.metadata = dict(metadata or {})
+        self.opset = int(graph["opset"])
+        self.inputs = graph["inputs"]
+        self.outputs = [o["name"] for o in graph["outputs"]]
+        self.state_pairs = [tuple(p) for p in graph.get("state_pairs", [])]
+        self._plans = {}
+        self._stacks = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return (f"GraphModel(inputs={[i['name'] for i in self.inputs]}, outputs={self.outputs}, "
+                f"nodes={len(self.graph['nodes'])})")
+
+    @property
+    def feed_names(self):
+        """Inputs a stream's caller feeds: all inputs but the explicit state ones."""
+        carried = {a for a, _ in self.state_pairs}
+        return [i["name"] for i in self.inputs if i["name"] not in carried]
+
+    def _stack_for(self, handler, consts):
+        key = handler.node["outputs"][0] or handler.node.get("name")
+        with self._lock:
+            if key not in self._stacks:
+                layer = handler.layer(consts)
+                self._stacks[key] = (layer, _core.Stack([layer._spec()]))
+            return self._stacks[key]
+
+    def plan(self, feeds, streaming=False):
+        key = (streaming,) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming)
+            plan = Plan(planner)
+            with self._lock:
+                if len(self._plans) > 64:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
+
+    def _check_feeds(self, inputs, allow_missing=()):
+        if not isinstance(inputs, dict):
+            names = [n for n in self.feed_names]
+            if len(names) != 1:
+                raise TypeError(f"this model takes several inputs {names}; pass a dict name -> array")
+            inputs = {names[0]: inputs}
+        declared = {i["name"]: i for i in self.inputs}
+        for name in inputs:
+            if name not in declared:
+                raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
+        feeds = {}
+        for name, spec in declared.items():
+            if name not in inputs:
+                if name in allow_missing:
+                    continue
+                raise ValueError(f"input {name!r} is missing (the model's inputs are {list(declared)})")
+            arr = np.asarray(inputs[name])
+            want = np.dtype(NP_DTYPES[spec["dtype"]])
+            if arr.dtype != want:
+                if want.kind == arr.dtype.kind or (want.kind == "i" and arr.dtype.kind == "u"):
+                    arr = arr.astype(want)
+                else:
+                    raise TypeError(f"input {name!r} must be {want} (got {arr.dtype})")
+            shape = spec["shape"]
+            if shape is not None:
+                if arr.ndim != len(shape):
+                    raise ValueError(f"input {name!r} must have rank {len(shape)} (shape {shape}), "
+                                     f"got shape {arr.shape}")
+                for k, (d, g) in enumerate(zip(shape, arr.shape)):
+                    if isinstance(d, int) and d >= 0 and d != g:
+                        raise ValueError(f"input {name!r} must have shape {shape}, got {arr.shape} "
+                                         f"(dimension {k})")
+            feeds[name] = np.ascontiguousarray(arr)
+        return feeds
+
+    def run(self, inputs):
+        """Runs the graph once on whole sequences (no state kept). Returns a dict
+        output name -> array. Explicit state inputs default to zeros when omitted."""
+        feeds = self._check_feeds(inputs, allow_missing={a for a, _ in self.state_pairs})
+        for a, _ in self.state_pairs:
+            if a not in feeds:
+                feeds[a] = self._zero_state(a, feeds)
+        plan = self.plan(feeds)
+        return plan.execute(plan.context(), feeds, {})
+
+    def _zero_state(self, name, feeds):
+        spec = next(i for i in self.inputs if i["name"] == name)
+        dims = {}
+        for i in self.inputs:
+            if i["name"] in feeds and i["shape"] is not None:
+                for d, g in zip(i["shape"], feeds[i["name"]].shape):
+                    if isinstance(d, str):
+                        dims[d] = g
+        shape = []
+        for d in spec["shape"] or ():
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            elif d in dims:
+                shape.append(dims[d])
+            else:
+                raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r}: "
+                                 f"pass {name!r} explicitly")
+        return np.zeros(shape, NP_DTYPES[spec["dtype"]])
+
+    def stream(self):
+        """A stream: feed it chunks (any number of time steps) and it carries every
+        recurrent state on from call to call."""
+        return GraphStream(self)
+
+
+class GraphStream:
+    """State held between calls: recurrent layers' own state and the graph's explicit state
+    inputs (fed from the paired outputs of the previous call)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._layer_state = {}   # recurrent layer key -> float32 vector
+        self._carried = {}       # explicit state input name -> array
+        self._ctx = {}
+
+    def reset(self):
+        self._layer_state.clear()
+        self._carried.clear()
+
+    def fork(self):
+        other = GraphStream(self.model)
+        other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
+        other._carried = {k: v.copy() for k, v in self._carried.items()}
+        return other
+
+    def get_state(self):
+        """Every piece of state: {"layers": {key: vector}, "inputs": {name: array}} (copies)."""
+        return {"layers": {k: v.copy() for k, v in self._layer_state.items()},
+                "inputs": {k: v.copy() for k, v in self._carried.items()}}
+
+    def set_state(self, state):
+        self._layer_state = {k: np.array(v, np.float32, copy=True) for k, v in state.get("layers", {}).items()}
+        self._carried = {k: np.array(v, copy=True) for k, v in state.get("inputs", {}).items()}
+
+    def __call__(self, inputs):
+        return self.step(inputs)
+
+    def step(self, inputs):
+        """Runs the graph on one chunk and returns its outputs (dict name -> array)."""
+        m = self.model
+        carried_names = [a for a, _ in m.state_pairs]
+        if isinstance(inputs, dict):
+            for a in carried_names:
+                if a in inputs:
+                    raise ValueError(f"input {a!r} is state the stream carries itself; "
+                                     "use set_state to change it")
+        feeds = m._check_feeds(inputs, allow_missing=set(carried_names))
+        for a in carried_names:
+            if a not in self._carried:
+                self._carried[a] = m._zero_state(a, feeds)
+            feeds[a] = np.ascontiguousarray(self._carried[a])
+        plan = m.plan(feeds, streaming=True)
+        for key, (tid, start) in plan.state.items():
+            cur = self._layer_state.get(key)
+            if cur is None:
+                self._layer_state[key] = start.copy()
+            elif cur.shape != start.shape:
+                raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
+                                 f"call needs {start.size}: the batch size changed; use a new stream")
+        ctx = self._ctx.get(id(plan))
+        if ctx is None:
+            self._ctx = {id(plan): plan.context()}  # keep one context: per-step calls reuse it
+            ctx = self._ctx[id(plan)]
+        out = plan.execute(ctx, feeds, self._layer_state)
+        for a, o in m.state_pairs:
+            self._carried[a] = out[o].copy()
+        return out
+
+
+def deepcopy_graph(graph):
+    return copy.deepcopy(graph)

@@ -1,0 +1,1059 @@
+"""ops.py - the op handlers: one per ONNX op type the converter and the graph executor know.
+
+Every handler does two things for its op, with ONNX semantics at the graph's opset:
+  * ``eval``: NumPy evaluation, used to fold constants (at conversion, and when a model is
+    planned for concrete input shapes, e.g. the Shape -> Gather -> ConstantOfShape chains that
+    build zero initial states);
+  * ``emit``: planning of instructions for the C executor (src_c/graph.c) when an input is
+    only known at run time.
+Handlers are registered in OPS by ``@register("Op", ...)``. ``ATTRS`` lists the attributes
+each op accepts; any other attribute is refused at conversion (never silently ignored).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPS = {}  # op type -> handler class
+
+
+class UnsupportedError(ValueError):
+    """An op, attribute or pattern rnnengine cannot run faithfully."""
+
+
+def register(*op_types, attrs=()):
+    def deco(cls):
+        for op in op_types:
+            OPS[op] = cls
+        cls.ATTRS = set(attrs)
+        return cls
+    return deco
+
+
+def where(node):
+    return f"{node['op']} node {node.get('name') or '(unnamed)'!r}"
+
+
+# C enums (src_c/rnnengine.h)
+OP_COPY, OP_BINARY, OP_UNARY, OP_MATMUL, OP_SOFTMAX, OP_GATHER, OP_CONV1D, OP_PAD, OP_REDUCE, \
+    OP_CAST, OP_RECURRENT = range(11)
+DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
+              np.dtype(np.bool_): 3}
+# ONNX TensorProto element types
+ONNX_DTYPE = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
+              10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+class Handler:
+    ATTRS = set()
+
+    def __init__(self, node, opset):
+        self.node = node
+        self.opset = opset
+        self.attrs = node.get("attrs", {})
+
+    def fail(self, msg):
+        raise UnsupportedError(f"{where(self.node)}: {msg}")
+
+    def attr(self, name, default=None):
+        return self.attrs.get(name, default)
+
+    def eval(self, xs):
+        """Outputs as NumPy arrays from NumPy inputs (None for absent optional inputs)."""
+        self.fail("cannot be evaluated at conversion time")
+
+    def emit(self, p, xs):
+        """Plans instructions; xs are Values (runtime or constant); returns output Values."""
+        self.fail(f"{self.node['op']} with inputs only known at run time is not supported "
+                  "(it is supported when its inputs are constants or shapes)")
+
+
+def const_input(h, x, what):
+    if x is None or x.const is None:
+        h.fail(f"input {what} must be a constant (known at conversion or from the input shapes)")
+    return x.const
+
+
+def contiguous_strides(shape):
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return list(reversed(strides))
+
+
+def broadcast_strides(shape, out_shape):
+    """Element strides reading an array of `shape` as if broadcast to out_shape (NumPy rules:
+    shapes aligned on the right; a missing or size-1 dimension repeats, stride 0)."""
+    strides = contiguous_strides(shape)
+    pad = len(out_shape) - len(shape)
+    res = []
+    for i in range(len(out_shape)):
+        j = i - pad
+        res.append(0 if j < 0 or shape[j] == 1 else strides[j])
+    return res
+
+
+def emit_copy(p, src, dst, shape, src_strides, dst_strides, src_off=0, dst_off=0):
+    shape = list(shape)
+    if len(shape) > 8:
+        raise UnsupportedError(f"tensors of rank {len(shape)} > 8 are not supported")
+    es = src.dtype.itemsize
+    p.emit(OP_COPY, [src], [dst], [es, len(shape), src_off, dst_off] + shape + list(src_strides) + list(dst_strides))
+
+
+def axis_of(h, axis, ndim):
+    a = int(axis)
+    if not -ndim <= a < max(ndim, 1):
+        h.fail(f"axis {a} is out of range for rank {ndim}")
+    return a % max(ndim, 1)
+
+
+# --- constants and shapes ------------------------------------------------------------------
+
+@register("Constant", attrs=("value", "value_float", "value_floats", "value_int", "value_ints"))
+class Constant(Handler):
+    def eval(self, xs):
+        a = self.attrs
+        if "value" in a:
+            return [np.asarray(a["value"])]
+        if "value_float" in a:
+            return [np.array(a["value_float"], np.float32)]
+        if "value_floats" in a:
+            return [np.array(a["value_floats"], np.float32)]
+        if "value_int" in a:
+            return [np.array(a["value_int"], np.int64)]
+        if "value_ints" in a:
+            return [np.array(a["value_ints"], np.int64)]
+        self.fail("needs one of value, value_float(s), value_int(s)")
+
+
+@register("Shape", attrs=("start", "end"))
+class Shape(Handler):
+    def _shape(self, shape):
+        s = np.array(shape, np.int64)
+        n = len(s)
+        start = self.attr("start", 0)
+        end = self.attr("end", n)
+        return [s[slice(start, end)]]
+
+    def eval(self, xs):
+        return self._shape(xs[0].shape)
+
+    def emit(self, p, xs):
+        return [p.const(self._shape(xs[0].shape)[0])]
+
+
+@register("Size")
+class Size(Handler):
+    def eval(self, xs):
+        return [np.array(xs[0].size, np.int64)]
+
+    def emit(self, p, xs):
+        return [p.const(np.array(int(np.prod(xs[0].shape)), np.int64))]
+
+
+@register("ConstantOfShape", attrs=("value",))
+class ConstantOfShape(Handler):
+    def eval(self, xs):
+        v = self.attr("value")
+        v = np.zeros(1, np.float32) if v is None else np.asarray(v).reshape(-1)
+        return [np.full(tuple(int(d) for d in xs[0]), v[0], dtype=v.dtype)]
+
+
+@register("Range")
+class Range(Handler):
+    def eval(self, xs):
+        start, limit, delta = (np.asarray(x).item() for x in xs)
+        return [np.arange(start, limit, delta, dtype=np.asarray(xs[0]).dtype)]
+
+
+# --- elementwise -------------------------------------------------------------------------
+
+BINARY = {"Add": (0, np.add), "Sub": (1, np.subtract), "Mul": (2, np.multiply), "Div": (3, None),
+          "Pow": (4, np.power), "Max": (5, np.maximum), "Min": (6, np.minimum)}
+
+
+@register(*BINARY)
+class Binary(Handler):
+    def eval(self, xs):
+        op = self.node["op"]
+        if op in ("Max", "Min") and len(xs) != 2:
+            out = xs[0]
+            for x in xs[1:]:
+                out = BINARY[op][1](out, x)
+            return [out]
+        a, b = xs
+        if op == "Div":
+            if a.dtype.kind in "iu":
+                return [np.trunc(a / b).astype(a.dtype)]
+            return [(a / b).astype(a.dtype)]
+        if op == "Pow":
+            return [np.power(a, b).astype(a.dtype)]
+        return [BINARY[op][1](a, b).astype(np.result_type(a, b) if a.dtype == b.dtype else a.dtype)]
+
+    def emit(self, p, xs):
+        if len(xs) != 2:
+            self.fail(f"takes 2 inputs here, got {len(xs)}")
+        a, b = xs
+        if a.dtype != np.float32 or b.dtype != np.float32:
+            self.fail(f"arithmetic on {a.dtype}/{b.dtype} tensors at run time is not supported (float32 only)")
+        try:
+            out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
+        except ValueError:
+            self.fail(f"shapes {a.shape} and {b.shape} do not broadcast")
+        if len(out_shape) > 8:
+            self.fail("rank > 8")
+        out = p.new(out_shape, np.float32)
+        p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(out_shape)] + list(out_shape)
+               + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
+        return [out]
+
+
+def _sigmoid(x):
+    return (1 / (1 + np.exp(-x.astype(np.float64)))).astype(x.dtype)
+
+
+# op -> (C kind, NumPy function of (x, alpha, beta), default alpha, default beta)
+UNARY = {
+    "Relu": (0, lambda x, a, b: np.maximum(x, 0).astype(x.dtype), 0, 0),
+    "Tanh": (1, lambda x, a, b: np.tanh(x), 0, 0),
+    "Sigmoid": (2, lambda x, a, b: _sigmoid(x), 0, 0),
+    "LeakyRelu": (4, lambda x, a, b: np.where(x >= 0, x, a * x).astype(x.dtype), 0.01, 0),
+    "ThresholdedRelu": (5, lambda x, a, b: np.where(x > a, x, 0).astype(x.dtype), 1.0, 0),
+    "HardSigmoid": (7, lambda x, a, b: np.clip(a * x + b, 0, 1).astype(x.dtype), 0.2, 0.5),
+    "Elu": (8, lambda x, a, b: np.where(x >= 0, x, a * (np.exp(x) - 1)).astype(x.dtype), 1.0, 0),
+    "Softsign": (9, lambda x, a, b: (x / (1 + np.abs(x))).astype(x.dtype), 0, 0),
+    "Softplus": (10, lambda x, a, b: np.logaddexp(0, x).astype(x.dtype), 0, 0),
+    "Sqrt": (20, lambda x, a, b: np.sqrt(x), 0, 0),
+    "Exp": (21, lambda x, a, b: np.exp(x), 0, 0),
+    "Log": (22, lambda x, a, b: np.log(x), 0, 0),
+    "Neg": (23, lambda x, a, b: -x, 0, 0),
+    "Abs": (24, lambda x, a, b: np.abs(x), 0, 0),
+    "Reciprocal": (26, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
+    "Floor": (28, lambda x, a, b: np.floor(x), 0, 0),
+    "Ceil": (29, lambda x, a, b: np.ceil(x), 0, 0),
+}
+
+
+@register(*UNARY, attrs=("alpha", "beta"))
+class Unary(Handler):
+    def params(self):
+        kind, fn, da, db = UNARY[self.node["op"]]
+        allowed = {"LeakyRelu": {"alpha"}, "ThresholdedRelu": {"alpha"}, "Elu": {"alpha"},
+                   "HardSigmoid": {"alpha", "beta"}}.get(self.node["op"], set())
+        for a in self.attrs:
+            if a not in allowed:
+                self.fail(f"attribute {a!r} is not an attribute of {self.node['op']}")
+        return kind, fn, float(self.attr("alpha", da)), float(self.attr("beta", db))
+
+    def eval(self, xs):
+        kind, fn, a, b = self.params()
+        return [fn(xs[0], a, b)]
+
+    def emit(self, p, xs):
+        kind, fn, a, b = self.params()
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+        out = p.new(x.shape, np.float32)
+        p.emit(OP_UNARY, [x], [out], [kind, int(np.prod(x.shape))], [a, b])
+        return [out]
+
+
+@register("Clip", attrs=("min", "max"))
+class Clip(Handler):
+    def bounds(self, xs):
+        if self.opset < 11:
+            lo, hi = self.attr("min", -np.inf), self.attr("max", np.inf)
+        else:
+            lo = -np.inf if len(xs) < 2 or xs[1] is None else const_input(self, xs[1], "min").item() \
+                if hasattr(xs[1], "const") else np.asarray(xs[1]).item()
+            hi = np.inf if len(xs) < 3 or xs[2] is None else const_input(self, xs[2], "max").item() \
+                if hasattr(xs[2], "const") else np.asarray(xs[2]).item()
+        return float(lo), float(hi)
+
+    def eval(self, xs):
+        lo, hi = self.bounds(xs)
+        return [np.clip(xs[0], lo, hi).astype(xs[0].dtype)]
+
+    def emit(self, p, xs):
+        lo, hi = self.bounds(xs)
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+        out = p.new(x.shape, np.float32)
+        p.emit(OP_UNARY, [x], [out], [25, int(np.prod(x.shape))], [lo, hi])
+        return [out]
+
+
+COMPARE = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
+           "GreaterOrEqual": np.greater_equal, "And": np.logical_and, "Or": np.logical_or,
+           "Xor": np.logical_xor}
+
+
+@register(*COMPARE)
+class Compare(Handler):
+    def eval(self, xs):
+        return [COMPARE[self.node["op"]](xs[0], xs[1])]
+
+
+@register("Not")
+class Not(Handler):
+    def eval(self, xs):
+        return [np.logical_not(xs[0])]
+
+
+@register("Where")
+class Where(Handler):
+    def eval(self, xs):
+        return [np.where(xs[0], xs[1], xs[2]).astype(np.result_type(xs[1], xs[2]))]
+
+
+@register("Cast", attrs=("to", "saturate"))
+class Cast(Handler):
+    def target(self):
+        to = self.attr("to")
+        if to not in ONNX_DTYPE:
+            self.fail(f"cast to ONNX element type {to} is not supported")
+        return np.dtype(ONNX_DTYPE[to])
+
+    def eval(self, xs):
+        return [xs[0].astype(self.target())]
+
+    def emit(self, p, xs):
+        x, to = xs[0], self.target()
+        if to == np.bool_:
+            to = np.dtype(np.uint8)
+        if x.dtype not in DTYPE_CODE or to not in DTYPE_CODE:
+            self.fail(f"cast from {x.dtype} to {to} at run time is not supported "
+                      "(float32, int64, int32, bool only)")
+        if x.dtype == to:
+            return [p.alias(x, x.shape)]
+        out = p.new(x.shape, to)
+        p.emit(OP_CAST, [x], [out], [DTYPE_CODE[x.dtype], DTYPE_CODE[to], int(np.prod(x.shape))])
+        return [out]
+
+
+# --- shape-only ops (views) ---------------------------------------------------------------
+
+@register("Identity")
+class Identity(Handler):
+    def eval(self, xs):
+        return [xs[0]]
+
+    def emit(self, p, xs):
+        return [xs[0]]
+
+
+def _reshape_target(h, shape_in, shape, allowzero):
+    shape = [int(s) for s in shape]
+    out = []
+    for i, s in enumerate(shape):
+        if s == 0 and not allowzero:
+            if i >= len(shape_in):
+                h.fail(f"shape {shape} copies dimension {i} of an input of rank {len(shape_in)}")
+            out.append(shape_in[i])
+        else:
+            out.append(s)
+    n = int(np.prod(shape_in))
+    if out.count(-1) > 1:
+        h.fail(f"shape {shape} has more than one -1")
+    if -1 in out:
+        rest = int(np.prod([d for d in out if d != -1]))
+        if rest == 0 or n % rest:
+            h.fail(f"cannot reshape {tuple(shape_in)} to {shape}")
+        out[out.index(-1)] = n // rest
+    if int(np.prod(out)) != n:
+        h.fail(f"cannot reshape {tuple(shape_in)} ({n} elements) to {out}")
+    return tuple(out)
+
+
+@register("Reshape", attrs=("allowzero",))
+class Reshape(Handler):
+    def eval(self, xs):
+        return [xs[0].reshape(_reshape_target(self, xs[0].shape, xs[1], self.attr("allowzero", 0)))]
+
+    def emit(self, p, xs):
+        shape = const_input(self, xs[1], "shape")
+        return [p.alias(xs[0], _reshape_target(self, xs[0].shape, shape, self.attr("allowzero", 0)))]
+
+
+@register("Flatten", attrs=("axis",))
+class Flatten(Handler):
+    def target(self, shape):
+        a = self.attr("axis", 1)
+        a = a + len(shape) if a < 0 else a
+        return (int(np.prod(shape[:a])), int(np.prod(shape[a:])))
+
+    def eval(self, xs):
+        return [xs[0].reshape(self.target(xs[0].shape))]
+
+    def emit(self, p, xs):
+        return [p.alias(xs[0], self.target(xs[0].shape))]
+
+
+def _axes(h, xs, k, name="axes"):
+    """Axes from the attribute (older opsets) or from input k (newer)."""
+    if name in h.attrs:
+        return [int(a) for a in h.attrs[name]]
+    if len(xs) > k and xs[k] is not None:
+        v = xs[k].const if hasattr(xs[k], "const") else xs[k]
+        if v is None:
+            h.fail(f"input {name} must be a constant")
+        return [int(a) for a in np.asarray(v).reshape(-1)]
+    return None
+
+
+@register("Squeeze", attrs=("axes",))
+class Squeeze(Handler):
+    def target(self, shape, axes):
+        if axes is None:
+            return tuple(d for d in shape if d != 1)
+        axes = {axis_of(self, a, len(shape)) for a in axes}
+        for a in axes:
+            if shape[a] != 1:
+                self.fail(f"cannot squeeze axis {a} of size {shape[a]} (shape {tuple(shape)})")
+        return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+    def eval(self, xs):
+        return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+    def emit(self, p, xs):
+        return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+
+@register("Unsqueeze", attrs=("axes",))
+class Unsqueeze(Handler):
+    def target(self, shape, axes):
+        if axes is None:
+            self.fail("needs axes")
+        nd = len(shape) + len(axes)
+        axes = sorted(axis_of(self, a, nd) for a in axes)
+        out = list(shape)
+        for a in axes:
+            out.insert(a, 1)
+        return tuple(out)
+
+    def eval(self, xs):
+        return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+    def emit(self, p, xs):
+        return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+
+# --- data movement -----------------------------------------------------------------------
+
+@register("Transpose", attrs=("perm",))
+class Transpose(Handler):
+    def perm(self, nd):
+        perm = self.attr("perm") or list(range(nd))[::-1]
+        if sorted(perm) != list(range(nd)):
+            self.fail(f"perm {perm} is not a permutation of {nd} axes")
+        return [int(a) for a in perm]
+
+    def eval(self, xs):
+        return [np.transpose(xs[0], self.perm(xs[0].ndim))]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        perm = self.perm(len(x.shape))
+        if perm == sorted(perm):
+            return [x]
+        shape = [x.shape[a] for a in perm]
+        out = p.new(tuple(shape), x.dtype)
+        st = contiguous_strides(x.shape)
+        emit_copy(p, x, out, shape, [st[a] for a in perm], contiguous_strides(shape))
+        return [out]
+
+
+def _slice_params(h, shape, xs):
+    """Per axis (start, count, step) of an ONNX Slice."""
+    if h.opset < 10:
+        starts, ends = h.attr("starts"), h.attr("ends")
+        axes, steps = h.attr("axes"), None
+    else:
+        def val(k):
+            if len(xs) <= k or xs[k] is None:
+                return None
+            v = xs[k].const if hasattr(xs[k], "const") else xs[k]
+            if v is None:
+                h.fail("starts, ends, axes and steps must be constants")
+            return [int(a) for a in np.asarray(v).reshape(-1)]
+        starts, ends, axes, steps = val(1), val(2), val(3), val(4)
+    nd = len(shape)
+    axes = list(range(len(starts))) if axes is None else [axis_of(h, a, nd) for a in axes]
+    steps = [1] * len(axes) if steps is None else steps
+    res = [(0, d, 1) for d in shape]
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        if st == 0:
+            h.fail("a slice step of 0")
+        r = range(*slice(s, e, st).indices(shape[a]))
+        res[a] = (r.start, len(r), st)
+    return res
+
+
+@register("Slice", attrs=("starts", "ends", "axes"))
+class Slice(Handler):
+    def eval(self, xs):
+        params = _slice_params(self, xs[0].shape, xs)
+        idx = tuple(slice(s, s + n * st if s + n * st >= 0 else None, st) for s, n, st in params)
+        return [xs[0][idx]]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        params = _slice_params(self, x.shape, xs)
+        shape = [n for _, n, _ in params]
+        out = p.new(tuple(shape), x.dtype)
+        st = contiguous_strides(x.shape)
+        off = sum(s * k for (s, _, _), k in zip(params, st))
+        emit_copy(p, x, out, shape, [k * step for (_, _, step), k in zip(params, st)],
+                  contiguous_strides(shape), src_off=off)
+        return [out]
+
+
+@register("Concat", attrs=("axis",))
+class Concat(Handler):
+    def eval(self, xs):
+        return [np.concatenate(xs, axis=self.attr("axis"))]
+
+    def emit(self, p, xs):
+        nd = len(xs[0].shape)
+        a = axis_of(self, self.attr("axis"), nd)
+        for x in xs:
+            if len(x.shape) != nd or any(x.shape[i] != xs[0].shape[i] for i in range(nd) if i != a):
+                self.fail(f"inputs of shapes {[x.shape for x in xs]} do not concatenate on axis {a}")
+            if x.dtype != xs[0].dtype:
+                self.fail(f"inputs of dtypes {[str(x.dtype) for x in xs]} differ")
+        shape = list(xs[0].shape)
+        shape[a] = sum(x.shape[a] for x in xs)
+        out = p.new(tuple(shape), xs[0].dtype)
+        ost = contiguous_strides(shape)
+        pos = 0
+        for x in xs:
+            if int(np.prod(x.shape)):
+                emit_copy(p, x, out, x.shape, contiguous_strides(x.shape), ost, dst_off=pos * ost[a])
+            pos += x.shape[a]
+        return [out]
+
+
+@register("Split", attrs=("axis", "split", "num_outputs"))
+class Split(Handler):
+    def sizes(self, shape, xs):
+        a = axis_of(self, self.attr("axis", 0), len(shape))
+        split = self.attr("split")
+        if split is None and len(xs) > 1 and xs[1] is not None:
+            v = xs[1].const if hasattr(xs[1], "const") else xs[1]
+            if v is None:
+                self.fail("input split must be a constant")
+            split = [int(s) for s in np.asarray(v).reshape(-1)]
+        n_out = len(self.node["outputs"])
+        if split is None:
+            n = shape[a]
+            k = -(-n // n_out) if "num_outputs" in self.attrs else n // n_out
+            if "num_outputs" not in self.attrs and n % n_out:
+                self.fail(f"cannot split {n} evenly into {n_out}")
+            split = [min(k, n - i * k) for i in range(n_out)]
+        if sum(split) != shape[a] or len(split) != n_out:
+            self.fail(f"split {split} does not cover axis {a} of size {shape[a]} with {n_out} outputs")
+        return a, split
+
+    def eval(self, xs):
+        a, split = self.sizes(xs[0].shape, xs)
+        return np.split(xs[0], np.cumsum(split)[:-1], axis=a)
+
+    def emit(self, p, xs):
+        x = xs[0]
+        a, split = self.sizes(x.shape, xs)
+        st = contiguous_strides(x.shape)
+        outs, pos = [], 0
+        for n in split:
+            shape = list(x.shape)
+            shape[a] = n
+            out = p.new(tuple(shape), x.dtype)
+            emit_copy(p, x, out, shape, st, contiguous_strides(shape), src_off=pos * st[a])
+            outs.append(out)
+            pos += n
+        return outs
+
+
+@register("Expand")
+class Expand(Handler):
+    def eval(self, xs):
+        shape = np.broadcast_shapes(xs[0].shape, tuple(int(d) for d in xs[1]))
+        return [np.broadcast_to(xs[0], shape).copy()]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        target = tuple(int(d) for d in const_input(self, xs[1], "shape"))
+        try:
+            shape = tuple(np.broadcast_shapes(x.shape, target))
+        except ValueError:
+            self.fail(f"cannot expand {x.shape} to {target}")
+        out = p.new(shape, x.dtype)
+        emit_copy(p, x, out, shape, broadcast_strides(x.shape, shape), contiguous_strides(shape))
+        return [out]
+
+
+@register("Tile")
+class Tile(Handler):
+    def eval(self, xs):
+        return [np.tile(xs[0], [int(r) for r in xs[1]])]
+
+
+@register("Gather", attrs=("axis",))
+class Gather(Handler):
+    def eval(self, xs):
+        idx = xs[1].astype(np.int64)
+        a = self.attr("axis", 0)
+        n = xs[0].shape[a]
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            self.fail(f"an index lies outside [-{n}, {n})")
+        return [np.take(xs[0], idx, axis=a)]
+
+    def emit(self, p, xs):
+        data, idx = xs
+        a = axis_of(self, self.attr("axis", 0), len(data.shape))
+        if idx.dtype not in (np.int64, np.int32):
+            self.fail(f"indices must be int32 or int64, got {idx.dtype}")
+        if idx.dtype == np.int32:
+            if idx.const is not None:
+                idx = p.const(idx.const.astype(np.int64))
+            else:
+                cast = p.new(idx.shape, np.int64)
+                p.emit(OP_CAST, [idx], [cast], [2, 1, int(np.prod(idx.shape))])
+                idx = cast
+        shape = tuple(data.shape[:a]) + tuple(idx.shape) + tuple(data.shape[a + 1:])
+        out = p.new(shape, data.dtype)
+        p.emit(OP_GATHER, [data, idx], [out], [data.dtype.itemsize, int(np.prod(data.shape[:a])),
+                                               data.shape[a], int(np.prod(data.shape[a + 1:])),
+                                               int(np.prod(idx.shape))])
+        return [out]
+
+
+# --- dense layers ------------------------------------------------------------------------
+
+@register("MatMul")
+class MatMul(Handler):
+    def eval(self, xs):
+        return [np.matmul(xs[0], xs[1])]
+
+    def emit(self, p, xs):
+        a, b = xs
+        if b.const is None:
+            self.fail("the right-hand operand must be a constant weight matrix")
+        B = np.asarray(b.const, np.float32)
+        while B.ndim > 2 and B.shape[0] == 1:
+            B = B[0]
+        if B.ndim != 2 or a.dtype != np.float32:
+            self.fail(f"supports float32 (..., K) @ (K, N) with constant weights, got {a.shape} @ {b.shape}")
+        K, N = B.shape
+        if a.shape[-1:] != (K,):
+            self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
+        shape = tuple(a.shape[:-1]) + (N,)
+        out = p.new(shape, np.float32)
+        p.emit(OP_MATMUL, [a, p.const(np.ascontiguousarray(B.T)), None], [out],
+               [int(np.prod(a.shape[:-1])), N, K])
+        return [out]
+
+
+@register("Gemm", attrs=("alpha", "beta", "transA", "transB", "broadcast"))
+class Gemm(Handler):
+    def eval(self, xs):
+        A, B = xs[0], xs[1]
+        if self.attr("transA", 0):
+            A = A.T
+        if self.attr("transB", 0):
+            B = B.T
+        y = self.attr("alpha", 1.0) * (A @ B)
+        if len(xs) > 2 and xs[2] is not None:
+            y = y + self.attr("beta", 1.0) * xs[2]
+        return [y.astype(np.float32)]
+
+    def emit(self, p, xs):
+        a, b = xs[0], xs[1]
+        c = xs[2] if len(xs) > 2 else None
+        if b.const is None:
+            self.fail("B must be a constant weight matrix")
+        if len(a.shape) != 2:
+            self.fail(f"A must be 2-D, got shape {a.shape}")
+        if self.attr("transA", 0):
+            t = p.new((a.shape[1], a.shape[0]), a.dtype)
+            emit_copy(p, a, t, t.shape, [1, a.shape[1]], [a.shape[0], 1])
+            a = t
+        B = np.asarray(b.const, np.float32)
+        Bt = B if self.attr("transB", 0) else B.T
+        Bt = np.ascontiguousarray(Bt * np.float32(self.attr("alpha", 1.0)), np.float32)
+        M, K = a.shape
+        N = Bt.shape[0]
+        if Bt.shape[1] != K:
+            self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
+        bias = None
+        out = p.new((M, N), np.float32)
+        if c is not None and c.const is not None and np.asarray(c.const).size in (1, N) and \
+                np.asarray(c.const).ndim <= 2 and (np.asarray(c.const).ndim < 2 or np.asarray(c.const).shape[0] == 1):
+            bias = p.const(np.broadcast_to(np.asarray(c.const, np.float32).reshape(-1) * np.float32(self.attr("beta", 1.0)), (N,)).copy())
+            c = None
+        p.emit(OP_MATMUL, [a, p.const(Bt), bias], [out], [M, N, K])
+        if c is not None:
+            if self.attr("beta", 1.0) != 1.0:
+                if c.const is None:
+                    self.fail("C with beta != 1 must be a constant")
+                c = p.const(np.asarray(c.const, np.float32) * np.float32(self.attr("beta", 1.0)))
+            out2 = p.new((M, N), np.float32)
+            p.emit(OP_BINARY, [out, c], [out2], [0, 2, M, N] + broadcast_strides((M, N), (M, N))
+                   + broadcast_strides(c.shape, (M, N)))
+            out = out2
+        return [out]
+
+
+@register("Softmax", "LogSoftmax", attrs=("axis",))
+class Softmax(Handler):
+    def geometry(self, shape):
+        nd = len(shape)
+        if self.opset < 13:
+            a = axis_of(self, self.attr("axis", 1), nd)
+            return int(np.prod(shape[:a])), int(np.prod(shape[a:])), 1
+        a = axis_of(self, self.attr("axis", -1), nd)
+        return int(np.prod(shape[:a])), shape[a], int(np.prod(shape[a + 1:]))
+
+    def eval(self, xs):
+        x = xs[0]
+        outer, n, inner = self.geometry(x.shape)
+        v = x.reshape(outer, n, inner).astype(np.float64)
+        v = v - v.max(axis=1, keepdims=True)
+        if self.node["op"] == "LogSoftmax":
+            y = v - np.log(np.exp(v).sum(axis=1, keepdims=True))
+        else:
+            y = np.exp(v) / np.exp(v).sum(axis=1, keepdims=True)
+        return [y.reshape(x.shape).astype(x.dtype)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        out = p.new(x.shape, np.float32)
+        p.emit(OP_SOFTMAX, [x], [out], list(self.geometry(x.shape)) + [int(self.node["op"] == "LogSoftmax")])
+        return [out]
+
+
+# --- audio front ends --------------------------------------------------------------------
+
+@register("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
+class Conv(Handler):
+    def geometry(self, xshape, wshape):
+        if len(xshape) != 3 or len(wshape) != 3:
+            self.fail(f"only 1-D convolution (N, C, L) is supported, got input {xshape}, weights {wshape}")
+        N, C, L = xshape
+        M, Cg, K = wshape
+        g = int(self.attr("group", 1))
+        if Cg * g != C or M % g:
+            self.fail(f"weights {wshape} with group {g} do not fit input channels {C}")
+        ks = self.attr("kernel_shape")
+        if ks is not None and list(ks) != [K]:
+            self.fail(f"kernel_shape {ks} differs from the weights' {K}")
+        s = int((self.attr("strides") or [1])[0])
+        d = int((self.attr("dilations") or [1])[0])
+        ap = self.attr("auto_pad", "NOTSET")
+        ap = ap.decode() if isinstance(ap, bytes) else ap
+        if ap in ("NOTSET", ""):
+            pl, pr = (self.attr("pads") or [0, 0])
+        elif ap == "VALID":
+            pl = pr = 0
+        elif ap in ("SAME_UPPER", "SAME_LOWER"):
+            out = -(-L // s)
+            total = max(0, (out - 1) * s + (K - 1) * d + 1 - L)
+            pl = total // 2 if ap == "SAME_UPPER" else total - total // 2
+            pr = total - pl
+        else:
+            self.fail(f"auto_pad {ap!r} is not supported")
+        Lout = (L + pl + pr - d * (K - 1) - 1) // s + 1
+        if Lout < 0:
+            self.fail(f"input length {L} is too short for kernel {K}")
+        return N, C, L, M, K, Lout, s, d, int(pl), int(pr), g
+
+    def eval(self, xs):
+        x, W = xs[0].astype(np.float64), xs[1].astype(np.float64)
+        N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, W.shape)
+        xp = np.pad(x, ((0, 0), (0, 0), (pl, max(pr, 0))))
+        out = np.zeros((N, M, Lout))
+        Cg, Mg = C // g, M // g
+        for gi in range(g):
+            for k in range(K):
+                cols = xp[:, gi * Cg:(gi + 1) * Cg, k * d: k * d + s * (Lout - 1) + 1: s]
+                out[:, gi * Mg:(gi + 1) * Mg] += np.einsum("mc,ncl->nml", W[gi * Mg:(gi + 1) * Mg, :, k], cols)
+        if len(xs) > 2 and xs[2] is not None:
+            out += xs[2].reshape(1, M, 1)
+        return [out.astype(np.float32)]
+
+    def emit(self, p, xs):
+        x, w = xs[0], xs[1]
+        bias = xs[2] if len(xs) > 2 else None
+        if w.const is None or (bias is not None and bias.const is None):
+            self.fail("weights and bias must be constants")
+        N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, w.shape)
+        out = p.new((N, M, Lout), np.float32)
+        wc = p.const(np.ascontiguousarray(w.const, np.float32))
+        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
+        p.need_work(Lout * (C // g) * K)
+        p.emit(OP_CONV1D, [x, wc, bc], [out], [N, C, L, M, K, Lout, s, d, pl, g])
+        return [out]
+
+
+@register("Pad", attrs=("mode", "pads", "value"))
+class Pad(Handler):
+    def params(self, shape, xs):
+        nd = len(shape)
+        mode = self.attr("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if self.opset < 11:
+            pads, value = list(self.attr("pads")), float(self.attr("value", 0.0))
+            axes = list(range(nd))
+        else:
+            def val(k):
+                if len(xs) <= k or xs[k] is None:
+                    return None
+                v = xs[k].const if hasattr(xs[k], "const") else xs[k]
+                if v is None:
+                    self.fail("pads, constant_value and axes must be constants")
+                return np.asarray(v)
+            pads = [int(v) for v in val(1).reshape(-1)]
+            cv = val(2)
+            value = 0.0 if cv is None or cv.size == 0 else float(cv.reshape(-1)[0])
+            ax = val(3)
+            axes = list(range(nd)) if ax is None else [axis_of(self, a, nd) for a in ax.reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            self.fail(f"pads {pads} do not match {len(axes)} axes")
+        begin, end = [0] * nd, [0] * nd
+        for i, a in enumerate(axes):
+            begin[a], end[a] = pads[i], pads[i + len(axes)]
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            self.fail(f"mode {mode!r} is not supported")
+        return mode, begin, end, value
+
+    @staticmethod
+    def index_map(n, b, e, mode):
+        """For each output position along one axis: the input index, or -1 (constant)."""
+        out = []
+        for o in range(n + b + e):
+            i = o - b
+            if 0 <= i < n:
+                out.append(i)
+            elif mode == "constant" or n == 0:
+                out.append(-1)
+            elif mode == "edge":
+                out.append(min(max(i, 0), n - 1))
+            elif mode == "wrap":
+                out.append(i % n)
+            else:  # reflect, without repeating the edge
+                if n == 1:
+                    out.append(0)
+                    continue
+                period = 2 * (n - 1)
+                i = i % period
+                out.append(i if i < n else period - i)
+        return out
+
+    def check(self, shape, mode, begin, end):
+        for d, (n, b, e) in enumerate(zip(shape, begin, end)):
+            if n + b + e < 0:
+                self.fail(f"pads remove more than axis {d} holds")
+            if mode == "reflect" and (b >= n or e >= n) and (b > 0 or e > 0):
+                self.fail(f"reflect padding of {max(b, e)} needs more than {n} elements on axis {d}")
+
+    def eval(self, xs):
+        x = xs[0]
+        mode, begin, end, value = self.params(x.shape, xs)
+        self.check(x.shape, mode, begin, end)
+        maps = [np.array(self.index_map(n, b, e, mode), np.int64) for n, b, e in zip(x.shape, begin, end)]
+        out = np.full([len(m) for m in maps], value, dtype=x.dtype)
+        if all(len(m) for m in maps):
+            grids = np.ix_(*[np.maximum(m, 0) for m in maps])
+            inside = np.ones(out.shape, bool)
+            for d, m in enumerate(maps):
+                sh = [1] * x.ndim
+                sh[d] = len(m)
+                inside &= (m >= 0).reshape(sh)
+            out = np.where(inside, x[grids], out)
+        return [out]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        mode, begin, end, value = self.params(x.shape, xs)
+        self.check(x.shape, mode, begin, end)
+        maps = [self.index_map(n, b, e, mode) for n, b, e in zip(x.shape, begin, end)]
+        shape = tuple(len(m) for m in maps)
+        out = p.new(shape, x.dtype)
+        nd = len(shape)
+        head = 2 + 3 * nd
+        starts, pos = [], head
+        for m in maps:
+            starts.append(pos)
+            pos += len(m)
+        ip = [x.dtype.itemsize, nd] + list(shape) + contiguous_strides(x.shape) + starts
+        for m in maps:
+            ip += m
+        p.emit(OP_PAD, [x], [out], ip, [value])
+        return [out]
+
+
+REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3}
+
+
+@register(*REDUCE, attrs=("axes", "keepdims", "noop_with_empty_axes"))
+class Reduce(Handler):
+    def axes(self, shape, xs):
+        axes = _axes(self, xs, 1)
+        nd = len(shape)
+        if not axes:
+            if self.attr("noop_with_empty_axes", 0):
+                return []
+            return list(range(nd))
+        return sorted({axis_of(self, a, nd) for a in axes})
+
+    def eval(self, xs):
+        x = xs[0]
+        axes = self.axes(x.shape, xs)
+        if not axes:
+            return [x]
+        fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min}[self.node["op"]]
+        return [fn(x, axis=tuple(axes), keepdims=bool(self.attr("keepdims", 1))).astype(x.dtype)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs float32 at run time, got {x.dtype}")
+        axes = self.axes(x.shape, xs)
+        if not axes:
+            return [x]
+        keep = bool(self.attr("keepdims", 1))
+        kept = [1 if i in axes else d for i, d in enumerate(x.shape)]
+        shape = tuple(kept) if keep else tuple(d for i, d in enumerate(x.shape) if i not in axes)
+        kst = contiguous_strides(kept)
+        ostr = [0 if i in axes else kst[i] for i in range(len(x.shape))]
+        count = int(np.prod([x.shape[a] for a in axes]))
+        out = p.new(shape, np.float32)
+        p.emit(OP_REDUCE, [x], [out], [REDUCE[self.node["op"]], len(x.shape)] + list(x.shape) + ostr
+               + [int(np.prod(shape)), count])
+        return [out]
+
+
+# --- recurrent layers ----------------------------------------------------------------------
+
+RECURRENT_ATTRS = ("activation_alpha", "activation_beta", "activations", "clip", "direction",
+                   "hidden_size", "layout", "input_forget", "linear_before_reset")
+
+
+@register("LSTM", "GRU", "RNN", attrs=RECURRENT_ATTRS)
+class Recurrent(Handler):
+    """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
+    rnn_stack packed once per model (see graph.Planner.stack)."""
+    SLOTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+
+    def check_attrs(self):
+        kind = self.node["op"]
+        extra = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": set()}[kind]
+        allowed = set(RECURRENT_ATTRS) - {"input_forget", "linear_before_reset"} | extra
+        if self.opset < 14:
+            allowed.discard("layout")
+        for a in self.attrs:
+            if a not in allowed:
+                self.fail(f"attribute {a!r} is not an attribute of {kind} at opset {self.opset} "
+                          f"(known: {', '.join(sorted(allowed))})")
+
+    def layer(self, consts):
+        from .layers import GRU, LSTM, RNN
+        self.check_attrs()
+        kind = self.node["op"]
+        at = self.attrs
+        kwargs = dict(hidden_size=at.get("hidden_size"), direction=at.get("direction", "forward"),
+                      activations=at.get("activations"), activation_alpha=at.get("activation_alpha"),
+                      activation_beta=at.get("activation_beta"), clip=at.get("clip"),
+                      layout=at.get("layout", 0), name=self.node.get("name") or None)
+        if kind == "LSTM":
+            kwargs["input_forget"] = at.get("input_forget", 0)
+        if kind == "GRU":
+            kwargs["linear_before_reset"] = at.get("linear_before_reset", 0)
+        try:
+            if kind == "LSTM":
+                return LSTM(consts["W"], consts["R"], consts.get("B"), consts.get("P"), **kwargs)
+            return {"GRU": GRU, "RNN": RNN}[kind](consts["W"], consts["R"], consts.get("B"), **kwargs)
+        except (ValueError, TypeError) as e:
+            raise UnsupportedError(f"{where(self.node)}: {e}") from None
+
+    def emit(self, p, xs):
+        kind = self.node["op"]
+        slots = dict(zip(self.SLOTS, list(xs) + [None] * 8))
+        consts = {}
+        for w in ("W", "R", "B", "P"):
+            if slots[w] is not None:
+                consts[w] = const_input(self, slots[w], w)
+        if "W" not in consts or "R" not in consts:
+            self.fail("the weights W and R are required")
+        layer, stack = p.stack(self, consts)
+        D, H, I = layer.num_directions, layer.hidden_size, layer.input_size
+        x = slots["X"]
+        if x.dtype != np.float32 or len(x.shape) != 3 or x.shape[2] != I:
+            self.fail(f"X must be float32 ({'B, T' if layer.layout else 'T, B'}, {I}), got {x.dtype} {x.shape}")
+        B, T = (x.shape[0], x.shape[1]) if layer.layout else (x.shape[1], x.shape[0])
+        if x.const is not None:
+            x = p.materialize(x)
+        lens = slots["sequence_lens"]
+        if lens is not None:
+            if lens.shape != (B,) or lens.dtype.kind not in "iu":
+                self.fail(f"sequence_lens must be int ({B},), got {lens.dtype} {lens.shape}")
+            if lens.const is not None:
+                lv = lens.const.astype(np.int64)
+                if lv.size and (lv.min() < 0 or lv.max() > T):
+                    self.fail(f"sequence_lens {lv.tolist()} must lie in [0, T = {T}]")
+                lens = p.const(lv.astype(np.int32))
+            elif lens.dtype != np.int32:
+                cast = p.new((B,), np.int32)
+                p.emit(OP_CAST, [lens], [cast], [DTYPE_CODE[lens.dtype], 2, B])
+                lens = cast
+        has_c = kind == "LSTM"
+        sshape = (D, B, H)
+        inits = [slots["initial_h"], slots["initial_c"] if has_c else None]
+        for k, v in enumerate(inits):
+            if v is None:
+                continue
+            want = (B, D, H) if layer.layout else (D, B, H)
+            if v.shape != want or v.dtype != np.float32:
+                self.fail(f"{('initial_h', 'initial_c')[k]} must be float32 {want}, got {v.dtype} {v.shape}")
+        runtime_init = any(v is not None and v.const is None for v in inits)
+        state_floats = int(np.prod(sshape)) * (2 if has_c else 1)
+        key = self.node["outputs"][0] or self.node.get("name")
+        if p.streaming and not runtime_init:
+            # The stream holds this layer's state: it starts from the constant initial state
+            # (or zeros) and carries on from call to call.
+            if layer.direction != "forward":
+                self.fail(f"direction {layer.direction!r} needs the whole sequence, so it cannot be "
+                          "streamed (run the model on whole sequences instead)")
+            start = np.zeros((2 if has_c else 1,) + sshape, np.float32)
+            for k, v in enumerate(inits):
+                if v is not None:
+                    c = np.asarray(v.const, np.float32)
+                    start[k] = c.transpose(1, 0, 2) if layer.layout else c
+            state = p.stream_state(key, start.reshape(-1))
+            mode, init_ins = 1, [None, None]
+        else:
+            state = p.new((state_floats,), np.float32)
+            init_ins = []
+            for v in inits:
+                if v is not None and layer.layout:
+                    if v.const is not None:
+                        v = p.const(np.ascontiguousarray(np.asarray(v.const, np.float32).transpose(1, 0, 2)))
+                    else:
+                        t = p.new(sshape, np.float32)
+                        emit_copy(p, v, t, sshape, [H, D * H, 1], contiguous_strides(sshape))
+                        v = t
+                init_ins.append(v)
+            mode = 2 if any(v is not None for v in init_ins) else 0
+        yshape = (B, T, D, H) if layer.layout else (T, D, B, H)
+        hshape = (B, D, H) if layer.layout else (D, B, H)
+        Y = p.new(yshape, np.float32)
+        Yh = p.new(hshape, np.float32)
+        Yc = p.new(hshape, np.float32) if has_c else None
+        p.need_work(stack.workspace_size(T, B))
+        p.emit(OP_RECURRENT, [x, lens, init_ins[0], init_ins[1]], [Y, Yh, Yc],
+               [T, B, layer.layout, D, H, int(has_c), p.tid(state), mode], aux=p.stack_index(stack))
+        return [Y, Yh] + ([Yc] if has_c else [])

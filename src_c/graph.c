@@ -1,0 +1,421 @@
+/* graph.c - the graph executor: a flat program of planned instructions over tensors. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/*
+ * Parameters of each op, as the planner (rnnengine/graph.py) lays them out in iparams
+ * (int64) and fparams (float). nd = number of dimensions, strides count elements.
+ *
+ *   COPY      ip: esize, nd, src_off, dst_off, shape[nd], src_stride[nd], dst_stride[nd]
+ *             dst[dst_off + sum i*dst_stride] = src[src_off + sum i*src_stride]
+ *   BINARY    ip: kind (0 add 1 sub 2 mul 3 div 4 pow 5 max 6 min), nd, shape[nd],
+ *                 a_stride[nd], b_stride[nd]       out (contiguous, shape) = a (op) b
+ *   UNARY     ip: kind, n   fp: alpha, beta        out[i] = f(in[i])
+ *   MATMUL    ip: M, N, K                          out (M, N) = A (M, K) @ Bt (N, K)^T + bias (N)
+ *   SOFTMAX   ip: outer, n, inner, log             over the middle axis of (outer, n, inner)
+ *   GATHER    ip: esize, outer, n, inner, n_idx    out (outer, n_idx, inner) = data (outer, n, inner)[:, idx]
+ *   CONV1D    ip: N, C, L, M, K, Lout, stride, dilation, pad_left, group
+ *             out (N, M, Lout) = conv(x (N, C, L), W (M, C/group, K)) + bias (M)
+ *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], maps...   fp: value
+ *             out[o] = in[sum map_d[o_d] * in_stride[d]], or value when any map_d[o_d] < 0
+ *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min), nd, in_shape[nd], out_stride[nd], out_n, count
+ *             out_stride is 0 along reduced axes
+ *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n
+ *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode
+ *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
+ *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
+ *             2: copied from initial_h / initial_c. The final state stays in the state tensor.
+ */
+
+#define MAX_ND 8
+
+static rnn_status fail(char *err, size_t errlen, rnn_status st, const char *msg) {
+    if (err && errlen) snprintf(err, errlen, "%s", msg);
+    return st;
+}
+
+/* ---- COPY ---------------------------------------------------------------------------- */
+
+static void op_copy(const int64_t *ip, const char *src, char *dst) {
+    const int64_t es = ip[0], nd = ip[1];
+    const int64_t *shape = ip + 4, *ss = ip + 4 + nd, *ds = ip + 4 + 2 * nd;
+    src += ip[2] * es;
+    dst += ip[3] * es;
+    int64_t total = 1;
+    for (int64_t d = 0; d < nd; d++) total *= shape[d];
+    if (total == 0) return;
+    if (nd == 0) { memcpy(dst, src, (size_t)es); return; }
+    /* innermost dimension as a run; odometer over the rest */
+    const int64_t inner = shape[nd - 1], sin = ss[nd - 1], din = ds[nd - 1];
+    int64_t idx[MAX_ND] = {0};
+    int64_t so = 0, doff = 0;
+    for (int64_t done = 0; done < total; done += inner) {
+        if (sin == 1 && din == 1) {
+            memcpy(dst + doff * es, src + so * es, (size_t)(inner * es));
+        } else if (es == 4) {
+            const float *s = (const float *)src + so;
+            float *o = (float *)dst + doff;
+            for (int64_t i = 0; i < inner; i++) o[i * din] = s[i * sin];
+        } else {
+            for (int64_t i = 0; i < inner; i++)
+                memcpy(dst + (doff + i * din) * es, src + (so + i * sin) * es, (size_t)es);
+        }
+        for (int64_t d = nd - 2; d >= 0; d--) {
+            idx[d]++;
+            so += ss[d];
+            doff += ds[d];
+            if (idx[d] < shape[d]) break;
+            so -= ss[d] * shape[d];
+            doff -= ds[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+/* ---- BINARY -------------------------------------------------------------------------- */
+
+static inline float binop(int64_t kind, float a, float b) {
+    switch (kind) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    case 3: return a / b;
+    case 4: return powf(a, b);
+    case 5: return a > b ? a : b;
+    default: return a < b ? a : b;
+    }
+}
+
+static void op_binary(const int64_t *ip, const float *a, const float *b, float *out) {
+    const int64_t kind = ip[0], nd = ip[1];
+    const int64_t *shape = ip + 2, *as = ip + 2 + nd, *bs = ip + 2 + 2 * nd;
+    int64_t total = 1;
+    for (int64_t d = 0; d < nd; d++) total *= shape[d];
+    if (total == 0) return;
+    if (nd == 0) { out[0] = binop(kind, a[0], b[0]); return; }
+    const int64_t inner = shape[nd - 1], sa = as[nd - 1], sb = bs[nd - 1];
+    int64_t idx[MAX_ND] = {0};
+    int64_t ao = 0, bo = 0;
+    for (int64_t o = 0; o < total; o += inner) {
+        const float *pa = a + ao, *pb = b + bo;
+        float *po = out + o;
+        if (kind == 0 && sa == 1 && sb == 1) {
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] + pb[i];
+        } else if (kind == 2 && sa == 1 && sb == 1) {
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] * pb[i];
+        } else if (kind == 0 && sa == 1 && sb == 0) {
+            const float v = pb[0];
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] + v;
+        } else if (kind == 2 && sa == 1 && sb == 0) {
+            const float v = pb[0];
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] * v;
+        } else {
+            for (int64_t i = 0; i < inner; i++) po[i] = binop(kind, pa[i * sa], pb[i * sb]);
+        }
+        for (int64_t d = nd - 2; d >= 0; d--) {
+            idx[d]++;
+            ao += as[d];
+            bo += bs[d];
+            if (idx[d] < shape[d]) break;
+            ao -= as[d] * shape[d];
+            bo -= bs[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+/* ---- UNARY --------------------------------------------------------------------------- */
+
+static void op_unary(const int64_t *ip, const float *fp, const float *in, float *out) {
+    const int64_t kind = ip[0], n = ip[1];
+    if (out != in) memcpy(out, in, sizeof(float) * (size_t)n);
+    if (kind < RNN_ACT_COUNT) {
+        rnn_activation act = {(int32_t)kind, fp[0], fp[1]};
+        rnn_activation_apply(&act, out, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float x = out[i];
+        switch (kind) {
+        case 20: out[i] = sqrtf(x); break;
+        case 21: out[i] = expf(x); break;
+        case 22: out[i] = logf(x); break;
+        case 23: out[i] = -x; break;
+        case 24: out[i] = fabsf(x); break;
+        case 25: out[i] = x < fp[0] ? fp[0] : (x > fp[1] ? fp[1] : x); break;
+        case 26: out[i] = 1.0f / x; break;
+        case 27: out[i] = erff(x); break;
+        case 28: out[i] = floorf(x); break;
+        case 29: out[i] = ceilf(x); break;
+        default: assert(!"unknown unary kind"); break;
+        }
+    }
+}
+
+/* ---- SOFTMAX ------------------------------------------------------------------------- */
+
+static void op_softmax(const int64_t *ip, const float *in, float *out) {
+    const int64_t outer = ip[0], n = ip[1], inner = ip[2], logsm = ip[3];
+    for (int64_t o = 0; o < outer; o++) {
+        for (int64_t j = 0; j < inner; j++) {
+            const float *x = in + o * n * inner + j;
+            float *y = out + o * n * inner + j;
+            float mx = -INFINITY;
+            for (int64_t i = 0; i < n; i++) mx = x[i * inner] > mx ? x[i * inner] : mx;
+            double sum = 0.0;
+            for (int64_t i = 0; i < n; i++) sum += exp((double)x[i * inner] - mx);
+            if (logsm) {
+                const float lse = (float)log(sum) + mx;
+                for (int64_t i = 0; i < n; i++) y[i * inner] = x[i * inner] - lse;
+            } else {
+                const double inv = 1.0 / sum;
+                for (int64_t i = 0; i < n; i++) y[i * inner] = (float)(exp((double)x[i * inner] - mx) * inv);
+            }
+        }
+    }
+}
+
+/* ---- GATHER -------------------------------------------------------------------------- */
+
+static rnn_status op_gather(const int64_t *ip, const char *data, const int64_t *idx, char *out,
+                            char *err, size_t errlen) {
+    const int64_t es = ip[0], outer = ip[1], n = ip[2], inner = ip[3], n_idx = ip[4];
+    for (int64_t k = 0; k < n_idx; k++) {
+        if (idx[k] < -n || idx[k] >= n) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "Gather: index %lld at position %lld is outside [-%lld, %lld)",
+                     (long long)idx[k], (long long)k, (long long)n, (long long)n);
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+        }
+    }
+    const size_t row = (size_t)(inner * es);
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t k = 0; k < n_idx; k++) {
+            const int64_t j = idx[k] < 0 ? idx[k] + n : idx[k];
+            memcpy(out + (o * n_idx + k) * (int64_t)row, data + (o * n + j) * (int64_t)row, row);
+        }
+    return RNN_STATUS_OK;
+}
+
+/* ---- CONV1D -------------------------------------------------------------------------- */
+
+static void op_conv1d(const int64_t *ip, const float *x, const float *W, const float *bias,
+                      float *out, float *work) {
+    const int64_t N = ip[0], C = ip[1], L = ip[2], M = ip[3], K = ip[4], Lout = ip[5];
+    const int64_t stride = ip[6], dil = ip[7], pad = ip[8], G = ip[9];
+    const int64_t Cg = C / G, Mg = M / G, CK = Cg * K;
+    float *colT = work; /* (Lout, Cg*K): colT[l][c*K + k] = x[c][l*stride + k*dil - pad] */
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *xg = x + (n * C + g * Cg) * L;
+            for (int64_t l = 0; l < Lout; l++) {
+                float *row = colT + l * CK;
+                for (int64_t c = 0; c < Cg; c++)
+                    for (int64_t k = 0; k < K; k++) {
+                        const int64_t p = l * stride + k * dil - pad;
+                        row[c * K + k] = (p >= 0 && p < L) ? xg[c * L + p] : 0.0f;
+                    }
+            }
+            float *og = out + (n * M + g * Mg) * Lout;
+            /* og (Mg, Lout) = W_g (Mg, CK) @ colT (Lout, CK)^T */
+            rnn_gemm_nt(Mg, Lout, CK, 1.0f, W + g * Mg * CK, CK, colT, CK, 0.0f, og, Lout, 1);
+            if (bias)
+                for (int64_t m = 0; m < Mg; m++)
+                    for (int64_t l = 0; l < Lout; l++) og[m * Lout + l] += bias[g * Mg + m];
+        }
+    }
+}
+
+/* ---- PAD ----------------------------------------------------------------------------- */
+
+static void op_pad(const int64_t *ip, const float *fp, const char *in, char *out) {
+    const int64_t es = ip[0], nd = ip[1];
+    const int64_t *oshape = ip + 2, *istr = ip + 2 + nd, *mstart = ip + 2 + 2 * nd;
+    int64_t total = 1;
+    for (int64_t d = 0; d < nd; d++) total *= oshape[d];
+    int64_t idx[MAX_ND] = {0};
+    const float fval = fp[0];
+    for (int64_t o = 0; o < total; o++) {
+        int64_t off = 0, outside = 0;
+        for (int64_t d = 0; d < nd; d++) {
+            const int64_t m = ip[mstart[d] + idx[d]];
+            if (m < 0) { outside = 1; break; }
+            off += m * istr[d];
+        }
+        if (!outside) {
+            memcpy(out + o * es, in + off * es, (size_t)es);
+        } else if (es == 4) {
+            memcpy(out + o * es, &fval, 4);
+        } else {
+            const int64_t v = (int64_t)fval;
+            if (es == 8) memcpy(out + o * es, &v, 8);
+            else memset(out + o * es, (int)v, (size_t)es);
+        }
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            if (++idx[d] < oshape[d]) break;
+            idx[d] = 0;
+        }
+    }
+}
+
+/* ---- REDUCE -------------------------------------------------------------------------- */
+
+static void op_reduce(const int64_t *ip, const float *in, float *out) {
+    const int64_t kind = ip[0], nd = ip[1];
+    const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;
+    const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];
+    const float init = kind == 2 ? -INFINITY : (kind == 3 ? INFINITY : 0.0f);
+    for (int64_t i = 0; i < out_n; i++) out[i] = init;
+    int64_t total = 1;
+    for (int64_t d = 0; d < nd; d++) total *= ishape[d];
+    int64_t idx[MAX_ND] = {0};
+    int64_t oo = 0;
+    for (int64_t i = 0; i < total; i++) {
+        const float v = in[i];
+        switch (kind) {
+        case 2: out[oo] = v > out[oo] ? v : out[oo]; break;
+        case 3: out[oo] = v < out[oo] ? v : out[oo]; break;
+        default: out[oo] += v; break;
+        }
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            oo += ostr[d];
+            if (++idx[d] < ishape[d]) break;
+            oo -= ostr[d] * ishape[d];
+            idx[d] = 0;
+        }
+    }
+    if (kind == 1 && count > 0)
+        for (int64_t i = 0; i < out_n; i++) out[i] /= (float)count;
+}
+
+/* ---- CAST ---------------------------------------------------------------------------- */
+
+static double load_as_double(int64_t dt, const void *p, int64_t i) {
+    switch (dt) {
+    case RNN_DT_F32: return ((const float *)p)[i];
+    case RNN_DT_I64: return (double)((const int64_t *)p)[i];
+    case RNN_DT_I32: return ((const int32_t *)p)[i];
+    default: return ((const uint8_t *)p)[i];
+    }
+}
+
+static void op_cast(const int64_t *ip, const void *in, void *out) {
+    const int64_t from = ip[0], to = ip[1], n = ip[2];
+    for (int64_t i = 0; i < n; i++) {
+        if (from == RNN_DT_I64 && to == RNN_DT_I32) { ((int32_t *)out)[i] = (int32_t)((const int64_t *)in)[i]; continue; }
+        if (from == RNN_DT_I32 && to == RNN_DT_I64) { ((int64_t *)out)[i] = ((const int32_t *)in)[i]; continue; }
+        const double v = load_as_double(from, in, i);
+        switch (to) {
+        case RNN_DT_F32: ((float *)out)[i] = (float)v; break;
+        case RNN_DT_I64: ((int64_t *)out)[i] = (int64_t)v; break; /* truncation toward 0, as ONNX */
+        case RNN_DT_I32: ((int32_t *)out)[i] = (int32_t)v; break;
+        default: ((uint8_t *)out)[i] = v != 0.0; break;
+        }
+    }
+}
+
+/* ---- RECURRENT ----------------------------------------------------------------------- */
+
+static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *const *tensors,
+                               const int64_t *ins, const int64_t *outs, float *work, char *err,
+                               size_t errlen) {
+    const int64_t T = ip[0], B = ip[1], layout = ip[2], D = ip[3], H = ip[4], has_c = ip[5];
+    const int64_t init_mode = ip[7];
+    float *state = tensors[ip[6]];
+    const float *X = tensors[ins[0]];
+    const int32_t *lens = ins[1] >= 0 ? tensors[ins[1]] : NULL;
+    float *Y = tensors[outs[0]];
+    const int64_t block = D * B * H; /* one of h, c in the state: (D, B, H) */
+    if (lens)
+        for (int64_t b = 0; b < B; b++)
+            if (lens[b] < 0 || lens[b] > T) {
+                char msg[160];
+                snprintf(msg, sizeof msg, "sequence_lens[%lld] = %d lies outside [0, T = %lld]",
+                         (long long)b, (int)lens[b], (long long)T);
+                return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+            }
+    if (init_mode == 0) {
+        memset(state, 0, sizeof(float) * (size_t)(block * (has_c ? 2 : 1)));
+    } else if (init_mode == 2) {
+        if (ins[2] >= 0) memcpy(state, tensors[ins[2]], sizeof(float) * (size_t)block);
+        else memset(state, 0, sizeof(float) * (size_t)block);
+        if (has_c) {
+            if (ins[3] >= 0) memcpy(state + block, tensors[ins[3]], sizeof(float) * (size_t)block);
+            else memset(state + block, 0, sizeof(float) * (size_t)block);
+        }
+    }
+    /* Y (T, D, B, H) for layout 0, (B, T, D, H) for layout 1 */
+    const int64_t ys_t = layout ? D * H : D * B * H, ys_b = layout ? T * D * H : H, ys_d = layout ? H : B * H;
+    rnn_status st = rnn_stack_forward(stack, X, T, B, (int32_t)layout, lens, Y, ys_t, ys_b, ys_d, state, work);
+    if (st != RNN_STATUS_OK) return fail(err, errlen, st, "recurrent layer: the stack refused its inputs");
+    /* Y_h, Y_c: (D, B, H) for layout 0, (B, D, H) for layout 1. Rows of length 0 give 0, as
+     * onnxruntime does, except in a stream, where such a row's state simply carries on. */
+    for (int64_t k = 0; k < (has_c ? 2 : 1); k++) {
+        if (outs[1 + k] < 0) continue;
+        float *dst = tensors[outs[1 + k]];
+        const float *src = state + k * block;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t b = 0; b < B; b++) {
+                float *o = dst + (layout ? (b * D + d) * H : (d * B + b) * H);
+                if (lens && lens[b] == 0 && init_mode != 1) memset(o, 0, sizeof(float) * (size_t)H);
+                else memcpy(o, src + (d * B + b) * H, sizeof(float) * (size_t)H);
+            }
+    }
+    return RNN_STATUS_OK;
+}
+
+/* ---- the interpreter ----------------------------------------------------------------- */
+
+rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                         const float *fparams, void *const *tensors, rnn_stack *const *stacks,
+                         float *work, char *err, size_t errlen) {
+    if (!program || !tensors || n_instr < 0) return RNN_STATUS_BAD_ARGUMENT;
+    for (int64_t k = 0; k < n_instr; k++) {
+        const int64_t *in = program + k * RNN_INSTR_WORDS;
+        const int64_t op = in[0];
+        const int64_t *ins = in + 1, *outs = in + 5;
+        const int64_t *ip = iparams + in[9];
+        const float *fp = fparams + in[11];
+#define T_(i) (tensors[(i)])
+        rnn_status st = RNN_STATUS_OK;
+        switch (op) {
+        case RNN_OP_COPY: op_copy(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_BINARY: op_binary(ip, T_(ins[0]), T_(ins[1]), T_(outs[0])); break;
+        case RNN_OP_UNARY: op_unary(ip, fp, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_MATMUL: {
+            const int64_t M = ip[0], N = ip[1], K = ip[2];
+            float *C = T_(outs[0]);
+            if (M == 0 || N == 0) break;
+            if (ins[2] >= 0) {
+                const float *bias = T_(ins[2]);
+                for (int64_t m = 0; m < M; m++) memcpy(C + m * N, bias, sizeof(float) * (size_t)N);
+            }
+            if (K == 0) {
+                if (ins[2] < 0) memset(C, 0, sizeof(float) * (size_t)(M * N));
+                break;
+            }
+            /* C (M, N) = A (M, K) @ Bt (N, K)^T (+ C when there is a bias) */
+            rnn_gemm_nt(M, N, K, 1.0f, T_(ins[0]), K, T_(ins[1]), K, ins[2] >= 0 ? 1.0f : 0.0f, C, N, 1);
+            break;
+        }
+        case RNN_OP_SOFTMAX: op_softmax(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_GATHER: st = op_gather(ip, T_(ins[0]), T_(ins[1]), T_(outs[0]), err, errlen); break;
+        case RNN_OP_CONV1D:
+            op_conv1d(ip, T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
+            break;
+        case RNN_OP_PAD: op_pad(ip, fp, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_RECURRENT:
+            st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen);
+            break;
+        default: return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "unknown instruction");
+        }
+#undef T_
+        if (st != RNN_STATUS_OK) return st;
+    }
+    return RNN_STATUS_OK;
+}
