@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .ops import OPS, ONNX_DTYPE, Recurrent, UnsupportedError, where
+from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
 
 MIN_OPSET, MAX_OPSET = 7, 21
 CONVERTER_VERSION = "1"
@@ -98,14 +98,10 @@ class _Converter:
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
         if n.op_type == "If":
             extra = set(node["attrs"]) - {"then_branch", "else_branch"}
-        elif OPS[n.op_type] is Recurrent:
-            Recurrent(node, self.opset).check_attrs()
-            extra = set()
+            if extra:
+                raise ConversionError(f"{where(node)}: attribute(s) {sorted(extra)} not supported")
         else:
-            extra = set(node["attrs"]) - OPS[n.op_type].ATTRS
-        if extra:
-            raise ConversionError(f"{where(node)}: attribute(s) {sorted(extra)} not supported "
-                                  f"(known: {sorted(OPS[n.op_type].ATTRS) if n.op_type in OPS else ['then_branch', 'else_branch']})")
+            OPS[n.op_type](node, self.opset).check_attrs()
         return node
 
     def subgraph(self, g, parent):

@@ -56,6 +56,16 @@ class Handler:
     def fail(self, msg):
         raise UnsupportedError(f"{where(self.node)}: {msg}")
 
+    def allowed_attrs(self):
+        return self.ATTRS
+
+    def check_attrs(self):
+        """Refuses any attribute this handler does not implement (run at conversion)."""
+        allowed = self.allowed_attrs()
+        extra = sorted(set(self.attrs) - set(allowed))
+        if extra:
+            self.fail(f"attribute(s) {extra} not supported (known: {sorted(allowed)})")
+
     def attr(self, name, default=None):
         return self.attrs.get(name, default)
 
@@ -239,13 +249,13 @@ UNARY = {
 
 @register(*UNARY, attrs=("alpha", "beta"))
 class Unary(Handler):
+    def allowed_attrs(self):
+        return {"LeakyRelu": {"alpha"}, "ThresholdedRelu": {"alpha"}, "Elu": {"alpha"},
+                "HardSigmoid": {"alpha", "beta"}}.get(self.node["op"], set())
+
     def params(self):
         kind, fn, da, db = UNARY[self.node["op"]]
-        allowed = {"LeakyRelu": {"alpha"}, "ThresholdedRelu": {"alpha"}, "Elu": {"alpha"},
-                   "HardSigmoid": {"alpha", "beta"}}.get(self.node["op"], set())
-        for a in self.attrs:
-            if a not in allowed:
-                self.fail(f"attribute {a!r} is not an attribute of {self.node['op']}")
+        self.check_attrs()
         return kind, fn, float(self.attr("alpha", da)), float(self.attr("beta", db))
 
     def eval(self, xs):
@@ -324,8 +334,6 @@ class Cast(Handler):
 
     def emit(self, p, xs):
         x, to = xs[0], self.target()
-        if to == np.bool_:
-            to = np.dtype(np.uint8)
         if x.dtype not in DTYPE_CODE or to not in DTYPE_CODE:
             self.fail(f"cast from {x.dtype} to {to} at run time is not supported "
                       "(float32, int64, int32, bool only)")
@@ -949,16 +957,13 @@ class Recurrent(Handler):
     rnn_stack packed once per model (see graph.Planner.stack)."""
     SLOTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
 
-    def check_attrs(self):
+    def allowed_attrs(self):
         kind = self.node["op"]
         extra = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": set()}[kind]
         allowed = set(RECURRENT_ATTRS) - {"input_forget", "linear_before_reset"} | extra
         if self.opset < 14:
             allowed.discard("layout")
-        for a in self.attrs:
-            if a not in allowed:
-                self.fail(f"attribute {a!r} is not an attribute of {kind} at opset {self.opset} "
-                          f"(known: {', '.join(sorted(allowed))})")
+        return allowed
 
     def layer(self, consts):
         from .layers import GRU, LSTM, RNN
