@@ -54,6 +54,7 @@ class Plan:
         self.state = planner.state  # key -> (tid, start vector)
         self.work_floats = planner.work
         self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
+        self.recurrent = planner.recurrent
 
     def context(self):
         """Buffers for one run: a tensor table with intermediates allocated, constants bound."""
@@ -71,21 +72,38 @@ class Plan:
 
     def execute(self, ctx, feeds, states):
         ptrs = ctx["ptrs"]
+        address = _core.address
         for name, tid in self.inputs.items():
-            ptrs[tid] = _core.address(feeds[name])
+            ptrs[tid] = address(feeds[name])
         for key, (tid, _) in self.state.items():
-            ptrs[tid] = _core.address(states[key])
+            ptrs[tid] = address(states[key])
         self.program.run(ptrs, ctx["work"])
         out = {}
-        for name, v in self.outputs:
-            if v.const is not None:
-                out[name] = np.array(v.const, copy=True)
-                continue
-            spec = self.specs[v.tid]
-            src = feeds[spec[1]] if spec[0] == "input" else ctx["bufs"][v.tid]
-            n = int(np.prod(v.shape))
-            out[name] = np.array(src.reshape(-1)[:n].view(v.dtype).reshape(v.shape), copy=True)
+        bufs = ctx["bufs"]
+        for name, kind, ref, n, dtype, shape in self._reads:
+            if kind == "const":
+                out[name] = ref.copy()
+            else:
+                src = feeds[ref] if kind == "input" else bufs[ref]
+                out[name] = src.reshape(-1)[:n].view(dtype).reshape(shape).copy()
         return out
+
+    @property
+    def _reads(self):
+        """How to read each graph output after a run: (name, kind, ref, n, dtype, shape)."""
+        reads = self.__dict__.get("_reads_cache")
+        if reads is None:
+            reads = []
+            for name, v in self.outputs:
+                n = int(np.prod(v.shape))
+                if v.const is not None:
+                    reads.append((name, "const", np.asarray(v.const), n, v.dtype, v.shape))
+                elif self.specs[v.tid][0] == "input":
+                    reads.append((name, "input", self.specs[v.tid][1], n, v.dtype, v.shape))
+                else:
+                    reads.append((name, "buf", v.tid, n, v.dtype, v.shape))
+            self.__dict__["_reads_cache"] = reads
+        return reads
 
 
 class Planner:
@@ -98,6 +116,7 @@ class Planner:
         self.stacks, self._stack_ids = [], {}
         self.state = {}
         self.input_tids = {}
+        self.recurrent = []  # per recurrent layer planned: node, T, B, direction, kind
         env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
         for name, (shape, dtype) in feeds.items():
             tid = self._spec(("input", name))
@@ -142,6 +161,11 @@ class Planner:
                 arr = np.zeros(1, arr.dtype)
             v.tid = self._spec(("const", arr))
         return v.tid
+
+    def derived(self, source, tag, fn):
+        """fn() computed once per model for a constant (e.g. a transposed weight matrix), so
+        plans for other shapes reuse it instead of copying the weights again."""
+        return self.model._derived_for(source, tag, fn)
 
     def need_work(self, floats):
         self.work = max(self.work, int(floats))
@@ -243,6 +267,7 @@ class GraphModel:
         self.state_pairs = [tuple(p) for p in graph.get("state_pairs", [])]
         self._plans = {}
         self._stacks = {}
+        self._derived = {}
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -254,6 +279,15 @@ class GraphModel:
         """Inputs a stream's caller feeds: all inputs but the explicit state ones."""
         carried = {a for a, _ in self.state_pairs}
         return [i["name"] for i in self.inputs if i["name"] not in carried]
+
+    def _derived_for(self, source, tag, fn):
+        key = (id(source), tag)
+        with self._lock:
+            hit = self._derived.get(key)
+            if hit is None or hit[0] is not source:
+                hit = (source, fn())
+                self._derived[key] = hit
+            return hit[1]
 
     def _stack_for(self, handler, consts):
         key = handler.node["outputs"][0] or handler.node.get("name")
@@ -351,6 +385,7 @@ class GraphStream:
 
     def __init__(self, model):
         self.model = model
+        self._paired_outputs = {o for _, o in model.state_pairs}
         self._layer_state = {}   # recurrent layer key -> float32 vector
         self._carried = {}       # explicit state input name -> array
         self._ctx = {}
@@ -405,7 +440,9 @@ class GraphStream:
             ctx = self._ctx[id(plan)]
         out = plan.execute(ctx, feeds, self._layer_state)
         for a, o in m.state_pairs:
-            self._carried[a] = out[o].copy()
+            self._carried[a] = out[o]  # a fresh array: the caller's copy is a different one
+        if m.state_pairs:
+            out = {k: (v.copy() if k in self._paired_outputs else v) for k, v in out.items()}
         return out
 
 

@@ -661,7 +661,8 @@ class MatMul(Handler):
             self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
         shape = tuple(a.shape[:-1]) + (N,)
         out = p.new(shape, np.float32)
-        p.emit(OP_MATMUL, [a, p.const(np.ascontiguousarray(B.T)), None], [out],
+        Bt = p.derived(b.const, "T", lambda: np.ascontiguousarray(B.T))
+        p.emit(OP_MATMUL, [a, p.const(Bt), None], [out],
                [int(np.prod(a.shape[:-1])), N, K])
         return [out]
 
@@ -1059,6 +1060,8 @@ class Recurrent(Handler):
         Yh = p.new(hshape, np.float32)
         Yc = p.new(hshape, np.float32) if has_c else None
         p.need_work(stack.workspace_size(T, B))
+        p.recurrent.append({"node": self.node.get("name") or key, "T": T, "B": B, "direction": layer.direction,
+                            "kind": kind, "explicit_state": runtime_init})
         p.emit(OP_RECURRENT, [x, lens, init_ins[0], init_ins[1]], [Y, Yh, Yc],
                [T, B, layer.layout, D, H, int(has_c), p.tid(state), mode], aux=p.stack_index(stack))
         return [Y, Yh] + ([Yc] if has_c else [])

@@ -1,0 +1,317 @@
+"""verify.py - run a converted model and onnxruntime on the same random valid inputs and
+report the error per output, for whole sequences and for streams (used by `rnnengine verify`
+and the corpus tests).
+
+Random inputs are valid by construction: token ids lie within the vocabulary of the
+embedding they index, sequence lengths within the time axis (sorted longest first, as
+``pack_padded_sequence`` wants by default), floats are standard normal. Symbolic dimensions
+take the sizes given with ``dims`` or defaults (batch-like names 2, others 5).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import NP_DTYPES
+from .ops import Recurrent
+
+# Max error per output: absolute for values of magnitude <= 1, relative above. float32 is
+# checked against onnxruntime; float16 / int8 weight files against the float32 conversion
+# of the same model (the bounds documented in docs/FORMAT.md).
+TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "int8": 5e-2}
+
+
+def _consumers(graph):
+    uses = {}
+    for n in graph["nodes"]:
+        for k, x in enumerate(n["inputs"]):
+            if x:
+                uses.setdefault(x, []).append((n, k))
+    return uses
+
+
+def _follow(uses, name, through=("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape")):
+    """(node, input index) pairs that read `name`, looking through dtype/shape glue."""
+    out, todo, seen = [], [name], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for n, k in uses.get(t, []):
+            if n["op"] in through and k == 0:
+                todo.extend(o for o in n["outputs"] if o)
+            else:
+                out.append((n, k))
+    return out
+
+
+def input_roles(model):
+    """For each integer input: ("tokens", vocab) when it indexes an embedding, ("lengths",)
+    when it reaches a recurrent layer's sequence_lens, else ("int",)."""
+    uses = _consumers(model.graph)
+    roles = {}
+    for spec in model.inputs:
+        if spec["dtype"] not in ("int64", "int32"):
+            continue
+        role = ("int",)
+        for n, k in _follow(uses, spec["name"]):
+            if n["op"] == "Gather" and k == 1 and n["inputs"][0] in model.tensors:
+                table = model.tensors[n["inputs"][0]]
+                axis = n.get("attrs", {}).get("axis", 0)
+                role = ("tokens", int(table.shape[axis]))
+                break
+            if n["op"] in ("LSTM", "GRU", "RNN") and k == Recurrent.SLOTS.index("sequence_lens"):
+                role = ("lengths",)
+                break
+        if role == ("int",) and "len" in spec["name"].lower():
+            role = ("lengths",)
+        roles[spec["name"]] = role
+    return roles
+
+
+def default_dim(name):
+    low = str(name).lower()
+    return 2 if ("batch" in low or low in ("b", "n")) else 5
+
+
+def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None):
+    """Random valid inputs for every fed input (explicit state inputs are left to the
+    caller, zeros by default)."""
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    fixed = dict(fixed or {})
+    roles = input_roles(model)
+    carried = {a for a, _ in model.state_pairs}
+    feeds = {}
+    lengths_inputs = []
+    for spec in model.inputs:
+        name = spec["name"]
+        if name in fixed:
+            feeds[name] = np.asarray(fixed[name], NP_DTYPES[spec["dtype"]])
+            continue
+        if name in carried:
+            continue
+        shape = []
+        for d in spec["shape"] or []:
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            else:
+                key = d if d is not None else f"{name}_{len(shape)}"
+                if key not in dims:
+                    dims[key] = default_dim(key)
+                shape.append(dims[key])
+        dt = NP_DTYPES[spec["dtype"]]
+        role = roles.get(name, ("float",))
+        if role[0] == "tokens":
+            feeds[name] = rng.integers(0, role[1], size=shape).astype(dt)
+        elif role[0] == "lengths":
+            lengths_inputs.append((name, shape, dt))
+        elif role[0] == "int":
+            feeds[name] = rng.integers(0, 3, size=shape).astype(dt)
+        elif dt == np.bool_:
+            feeds[name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(dt)
+    for name, shape, dt in lengths_inputs:
+        T = time_size or _guess_time(model, feeds) or 5
+        n = int(np.prod(shape))
+        lens = np.sort(rng.integers(1, T + 1, size=n))[::-1].copy()
+        if n:
+            lens[0] = T
+        feeds[name] = lens.reshape(shape).astype(dt)
+    return feeds
+
+
+def _guess_time(model, feeds):
+    axes = time_axes(model, feeds)
+    for name, axis in axes.items():
+        return feeds[name].shape[axis]
+    return None
+
+
+def time_axes(model, feeds):
+    """{input name: axis} of the inputs whose symbolic axis is the recurrent time axis,
+    found by planning with that axis one longer and seeing the layers' T change."""
+    try:
+        base = model.plan(feeds)
+    except Exception:
+        return {}
+    if not base.recurrent:
+        return {}
+    found = {}
+    for spec in model.inputs:
+        name = spec["name"]
+        if name not in feeds or spec["shape"] is None:
+            continue
+        for axis, d in enumerate(spec["shape"]):
+            if isinstance(d, int) and d >= 0:
+                continue
+            arr = feeds[name]
+            longer = np.concatenate([arr, np.take(arr, [-1], axis=axis)], axis=axis) if arr.shape[axis] else None
+            if longer is None:
+                continue
+            try:
+                plan = model.plan({**feeds, name: longer})
+            except Exception:
+                continue
+            ts = [(a["T"], a["B"]) for a in base.recurrent]
+            ts2 = [(a["T"], a["B"]) for a in plan.recurrent]
+            if len(ts) == len(ts2) and all(b1 == b2 for (_, b1), (_, b2) in zip(ts, ts2)) and \
+                    any(t1 != t2 for (t1, _), (t2, _) in zip(ts, ts2)):
+                found[name] = axis
+    return found
+
+
+def errors(got, want):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return {"shape": (got.shape, want.shape), "abs": np.inf, "rel": np.inf}
+    if got.size == 0:
+        return {"abs": 0.0, "rel": 0.0}
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    diff = np.where(same, 0.0, np.abs(got - want))
+    rel = diff / np.maximum(np.abs(want), 1.0)  # relative above 1, absolute below
+    return {"abs": float(np.nan_to_num(diff, nan=np.inf).max()), "rel": float(np.nan_to_num(rel, nan=np.inf).max())}
+
+
+def ort_session(onnx_source):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    data = onnx_source if isinstance(onnx_source, (bytes, str)) else onnx_source.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_feeds(sess, feeds):
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+class _Session:
+    """onnxruntime with the inputs that were fixed at conversion added to every run."""
+
+    def __init__(self, sess, extra):
+        self.sess, self.extra = sess, extra
+
+    def get_outputs(self):
+        return self.sess.get_outputs()
+
+    def run(self, names, feeds):
+        return self.sess.run(names, ort_feeds(self.sess, {**self.extra, **feeds}))
+
+
+def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), calls=4, ref=None, ort_extra=None):
+    """Compares the model with onnxruntime. Returns a report dict:
+    {"whole": {output: errors}, "stream": {output: errors} or None, "stream_note": str}.
+    ``ref`` (optional) is another GraphModel to compare with instead of onnxruntime for the
+    whole-sequence check (e.g. a float32 file when checking a float16 one). ``ort_extra``
+    are inputs fixed at conversion that onnxruntime still needs."""
+    sess = _Session(ort_session(onnx_source), ort_extra or {})
+    feeds = random_feeds(model, dims, fixed, seed)
+    for a, _ in model.state_pairs:
+        if a not in feeds:
+            feeds[a] = model._zero_state(a, feeds)
+    out_names = [o.name for o in sess.get_outputs()]
+    want = dict(zip(out_names, sess.run(None, feeds)))
+    got = model.run(feeds)
+    report = {"whole": {n: errors(got[n], want[n]) for n in out_names}, "inputs": {k: v.shape for k, v in feeds.items()}}
+    if ref is not None:
+        r = ref.run(feeds)
+        report["vs_float32"] = {n: errors(got[n], r[n]) for n in out_names}
+    report["stream"], report["stream_note"] = _verify_stream(model, sess, feeds, want, out_names, chunks, calls,
+                                                             seed, dims, fixed)
+    return report
+
+
+def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dims, fixed):
+    reasons = [f"{r['kind']} {r['node']!r} runs {r['direction']}" for r in model.plan(feeds).recurrent
+               if r["direction"] != "forward" and not r["explicit_state"]]
+    if reasons:
+        return None, "not streamable: " + "; ".join(reasons) + " (needs the whole sequence)"
+    taxes = time_axes(model, feeds)
+    carried = {a for a, _ in model.state_pairs}
+    if taxes:
+        return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
+    if model.state_pairs:
+        return _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed)
+    return None, "no time axis and no explicit state: nothing to stream"
+
+
+def _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried):
+    roles = input_roles(model)
+    T = next(feeds[n].shape[a] for n, a in taxes.items())
+    worst = {}
+    note = []
+    for chunk in chunks:
+        s = model.stream()
+        start_state = {a: feeds[a] for a in carried}
+        if start_state:
+            s.set_state({"inputs": start_state})
+        parts = []
+        for t0 in range(0, T, chunk):
+            f = {}
+            for name, arr in feeds.items():
+                if name in carried:
+                    continue
+                if name in taxes:
+                    sl = [slice(None)] * arr.ndim
+                    sl[taxes[name]] = slice(t0, min(T, t0 + chunk))
+                    f[name] = arr[tuple(sl)]
+                elif roles.get(name, ("",))[0] == "lengths":
+                    f[name] = np.clip(arr - t0, 0, min(chunk, T - t0)).astype(arr.dtype)
+                else:
+                    f[name] = arr
+            parts.append(s(f))
+        for n in out_names:
+            w = want[n]
+            pieces = [p[n] for p in parts]
+            axis = _time_axis_of_output(pieces, w, T)
+            g = np.concatenate(pieces, axis=axis) if axis is not None else pieces[-1]
+            e = errors(g, w)
+            prev = worst.get(n)
+            if prev is None or e["abs"] > prev["abs"]:
+                worst[n] = e
+        note.append(str(chunk))
+    return worst, f"time axis {taxes}, chunks of {', '.join(note)} step(s)"
+
+
+def _time_axis_of_output(pieces, whole, T):
+    if len(pieces) == 1:
+        return None
+    for axis in range(whole.ndim):
+        if whole.shape[axis] == T and sum(p.shape[axis] for p in pieces) == T and \
+                all(p.ndim == whole.ndim for p in pieces):
+            return axis
+    return None
+
+
+def _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed):
+    """Chunk-per-call models (state as graph I/O): several calls, onnxruntime fed its own
+    state outputs back, the stream carrying its state itself."""
+    s = model.stream()
+    ort_state = {a: feeds[a] for a, _ in model.state_pairs}
+    s.set_state({"inputs": dict(ort_state)})
+    worst = {}
+    for k in range(calls):
+        # a new random chunk each call (same shapes; fixed inputs such as a sample rate kept)
+        f = random_feeds(model, dims, fixed, seed + k) if k else feeds
+        f = {n: v for n, v in f.items() if n not in ort_state}
+        got = s(f)
+        res = dict(zip(out_names, sess.run(None, {**f, **ort_state})))
+        for a, o in model.state_pairs:
+            ort_state[a] = res[o]
+        for n in out_names:
+            e = errors(got[n], res[n])
+            if n not in worst or e["abs"] > worst[n]["abs"]:
+                worst[n] = e
+    return worst, f"{calls} calls, state carried by the stream"
+
+
+def within_tolerance(report, tol=TOLERANCE["float32"]):
+    for part in ("whole", "stream"):
+        for e in (report.get(part) or {}).values():
+            if not e["rel"] <= tol:
+                return False
+    return True
