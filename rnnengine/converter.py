@@ -92,12 +92,12 @@ class _Converter:
                 "default-domain ONNX ops only (quantized contrib ops such as "
                 "com.microsoft::DynamicQuantizeLSTM must be exported unquantized; rnnengine can "
                 "store weights as int8 itself: convert --dtype int8)")
-        if n.op_type not in OPS and n.op_type != "If":
+        if n.op_type not in OPS and n.op_type not in ("If", "Loop"):
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
-                                  f"{', '.join(sorted(set(OPS) | {'If'}))}")
+                                  f"{', '.join(sorted(set(OPS) | {'If', 'Loop'}))}")
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
-        if n.op_type == "If":
-            extra = set(node["attrs"]) - {"then_branch", "else_branch"}
+        if n.op_type in ("If", "Loop"):
+            extra = set(node["attrs"]) - {"then_branch", "else_branch", "body"}
             if extra:
                 raise ConversionError(f"{where(node)}: attribute(s) {sorted(extra)} not supported")
         else:
@@ -107,9 +107,10 @@ class _Converter:
     def subgraph(self, g, parent):
         nodes = [self.node_dict(n) for n in g.node]
         tensors = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        if len(g.input):
-            raise ConversionError(f"{where(parent)}: subgraphs with inputs (loop bodies) are not supported")
-        return {"nodes": nodes, "outputs": [o.name for o in g.output], "tensors": tensors}
+        inputs = [i.name for i in g.input]
+        if inputs and parent["op"] != "Loop":
+            raise ConversionError(f"{where(parent)}: a subgraph with inputs is only supported as a Loop body")
+        return {"nodes": nodes, "outputs": [o.name for o in g.output], "tensors": tensors, "inputs": inputs}
 
     # -- step 3: folding
     def fold(self, nodes, consts):
@@ -142,6 +143,14 @@ class _Converter:
                     sub.update(b["tensors"])
                     b["nodes"] = self.fold(b["nodes"], sub)
                     b["tensors"].update({k: v for k, v in sub.items() if k not in consts})
+                out.append(node)
+                continue
+            if op == "Loop":
+                b = node["attrs"]["body"]
+                sub = {k: v for k, v in consts.items() if k not in b["inputs"]}
+                sub.update(b["tensors"])
+                b["nodes"] = self.fold(b["nodes"], sub)
+                b["tensors"].update({k: v for k, v in sub.items() if k not in consts})
                 out.append(node)
                 continue
             if op == "Constant":
@@ -221,7 +230,7 @@ def _outer_reads(node):
     reads = []
     for v in node.get("attrs", {}).values():
         if isinstance(v, dict) and "nodes" in v:
-            local = set(v["tensors"])
+            local = set(v["tensors"]) | set(v.get("inputs", []))
             for n in v["nodes"]:
                 for x in [x for x in n["inputs"] if x] + _outer_reads(n):
                     if x not in local:

@@ -219,6 +219,8 @@ class Planner:
                     sub[name] = Value(arr.shape, arr.dtype, const=arr)
                 self.walk(branch["nodes"], sub)
                 outs = [sub[name] for name in branch["outputs"]]
+            elif op == "Loop":
+                outs = self.loop(node, env)
             else:
                 handler_cls = OPS.get(op)
                 if handler_cls is None:
@@ -246,6 +248,73 @@ class Planner:
             for name, v in zip(node["outputs"], outs):
                 if name:
                     env[name] = v
+
+
+    def loop(self, node, env):
+        """ONNX Loop, unrolled: the trip count and the condition must be known when planning
+        (they are for recurrent loops over a time axis: Shape-derived, and `i < T`). In a
+        stream, float loop-carried values that start from constants (zero states) are held
+        by the stream and carried on from call to call, as a recurrent layer's state is."""
+        from .ops import OP_COPY, contiguous_strides, emit_copy
+        body = node["attrs"]["body"]
+        ins = node["inputs"] + [""] * 2
+        M = env[ins[0]] if ins[0] else None
+        cond = env[ins[1]] if ins[1] else None
+        if M is not None and M.const is None or cond is not None and cond.const is None:
+            raise UnsupportedError(f"{where(node)}: the trip count and condition must be known when planning")
+        trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None
+        keep_going = bool(np.asarray(cond.const).reshape(-1)[0]) if cond is not None else True
+        carried = [env[n] if n else None for n in node["inputs"][2:]]
+        n_carried = len(carried)
+        n_scan = len(body["outputs"]) - 1 - n_carried
+        states = []
+        if self.streaming:
+            for k, v in enumerate(carried):
+                if v is not None and v.const is not None and v.dtype == np.float32:
+                    key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
+                    st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
+                    carried[k] = self.alias(st, v.shape)
+                    states.append((k, st))
+        if trips is None:
+            raise UnsupportedError(f"{where(node)}: a Loop without a trip count is not supported")
+        if trips > 100000:
+            raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
+        scans = [[] for _ in range(n_scan)]
+        for i in range(trips):
+            if not keep_going:
+                break
+            sub = dict(env)
+            names = body["inputs"]
+            sub[names[0]] = self.const(np.array(i, np.int64))
+            sub[names[1]] = self.const(np.array(keep_going))
+            for name, v in zip(names[2:], carried):
+                sub[name] = v
+            self.walk(body["nodes"], sub)
+            res = [sub[n] for n in body["outputs"]]
+            c = res[0]
+            if c.const is None:
+                raise UnsupportedError(f"{where(node)}: the loop condition depends on run-time data")
+            keep_going = bool(np.asarray(c.const).reshape(-1)[0])
+            carried = res[1:1 + n_carried]
+            for k, v in enumerate(res[1 + n_carried:]):
+                scans[k].append(v)
+        outs = list(carried)
+        for k, st in states:
+            v = carried[k]
+            emit_copy(self, v, st, [int(np.prod(v.shape))], [1], [1])
+        for k, vals in enumerate(scans):
+            if not vals:
+                raise UnsupportedError(f"{where(node)}: a loop that runs 0 times has scan outputs of unknown shape")
+            shape = (len(vals),) + vals[0].shape
+            if all(v.const is not None for v in vals):
+                outs.append(self.const(np.stack([v.const for v in vals])))
+                continue
+            out = self.new(shape, vals[0].dtype)
+            per = int(np.prod(vals[0].shape))
+            for t, v in enumerate(vals):
+                emit_copy(self, v, out, [per], [1], [1], dst_off=t * per)
+            outs.append(out)
+        return outs
 
 
 class GraphModel:

@@ -27,7 +27,8 @@ def _encode(obj, tensors, where):
         tensors[name] = obj
         return {"tensor": name}
     if isinstance(obj, dict) and "nodes" in obj:
-        return {"graph": {"nodes": [_encode_node(n, tensors) for n in obj["nodes"]], "outputs": obj["outputs"]}}
+        return {"graph": {"nodes": [_encode_node(n, tensors) for n in obj["nodes"]], "outputs": obj["outputs"],
+                          "inputs": obj.get("inputs", [])}}
     if isinstance(obj, (list, tuple)):
         return [_encode(v, tensors, f"{where}:{k}") for k, v in enumerate(obj)]
     if isinstance(obj, np.generic):
@@ -46,7 +47,8 @@ def _decode(obj, tensors):
         return tensors[obj["tensor"]]
     if isinstance(obj, dict) and set(obj) == {"graph"}:
         g = obj["graph"]
-        return {"nodes": [_decode_node(n, tensors) for n in g["nodes"]], "outputs": g["outputs"], "tensors": {}}
+        return {"nodes": [_decode_node(n, tensors) for n in g["nodes"]], "outputs": g["outputs"], "tensors": {},
+                "inputs": g.get("inputs", [])}
     if isinstance(obj, list):
         return [_decode(v, tensors) for v in obj]
     return obj

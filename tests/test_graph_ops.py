@@ -357,3 +357,45 @@ def test_binary_broadcast_property(shape, data):
     b = rand(*bshape)
     op = data.draw(st.sampled_from(["Add", "Mul", "Sub"]))
     check(model_of([helper.make_node(op, ["a", "b"], ["y"])], [("a", a), ("b", b)], ["y"]), {"a": a, "b": b})
+
+
+def loop_rnn_model(T, B, I, H, opset=17):
+    """A simple RNN written as an ONNX Loop over the time axis (as Keras 3 exports its
+    recurrent layers): body h' = tanh(x_t W + h R + b), scan output h'."""
+    W, R, b = rand(I, H), rand(H, H), rand(H)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["X", "i"], ["xt"], axis=0),
+         helper.make_node("MatMul", ["xt", "W"], ["xw"]),
+         helper.make_node("MatMul", ["h", "R"], ["hr"]),
+         helper.make_node("Add", ["xw", "hr"], ["s1"]),
+         helper.make_node("Add", ["s1", "b"], ["s2"]),
+         helper.make_node("Tanh", ["s2"], ["h2"]),
+         helper.make_node("Add", ["i", "one"], ["i1"]),
+         helper.make_node("Less", ["i1", "T"], ["c"]),
+         helper.make_node("Identity", ["h2"], ["y"])],
+        "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h", F, None)],
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("h2", F, None),
+         helper.make_tensor_value_info("y", F, None)])
+    nodes = [helper.make_node("Shape", ["X"], ["xs"]),
+             helper.make_node("Gather", ["xs", "zero"], ["T"], axis=0),
+             helper.make_node("Gather", ["xs", "onei"], ["Bn"], axis=0),
+             helper.make_node("Unsqueeze", ["Bn", "ax0"], ["Bu"]),
+             helper.make_node("Concat", ["Bu", "Hs"], ["hshape"], axis=0),
+             helper.make_node("ConstantOfShape", ["hshape"], ["h0"]),
+             helper.make_node("Loop", ["T", "true", "h0"], ["hT", "Y"], body=body)]
+    inits = [("W", W), ("R", R), ("b", b), ("zero", np.array(0, np.int64)), ("onei", np.array(1, np.int64)),
+             ("one", np.array(1, np.int64)), ("ax0", np.array([0], np.int64)), ("Hs", np.array([H], np.int64)),
+             ("true", np.array(True))]
+    X = rand(T, B, I)
+    return model_of(nodes, [("X", X)], ["Y", "hT"], inits, opset=opset, time_inputs=["X"]), X
+
+
+def test_loop_over_time_is_unrolled_and_streams():
+    m, X = loop_rnn_model(6, 2, 3, 4)
+    gm, whole = check(m, {"X": X})
+    s = gm.stream()
+    parts = [s({"X": X[t:t + 2]}) for t in range(0, 6, 2)]
+    assert max_violation(np.concatenate([p["Y"] for p in parts]), whole["Y"]) <= 0.1
+    assert max_violation(parts[-1]["hT"], whole["hT"]) <= 0.1

@@ -1,0 +1,68 @@
+"""The exported-model corpus (tests/data/corpus, made by tools/make_corpus.py from PyTorch's
+two exporters and, where TensorFlow installs, Keras through tf2onnx): every file converts,
+matches onnxruntime whole-sequence and streamed, and survives the weight file at float32
+(bitwise), float16 and int8 (within the documented bounds)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import rnnengine
+from rnnengine.store import load, save
+from rnnengine.verify import TOLERANCE, verify
+
+HERE = os.path.join(os.path.dirname(__file__), "data", "corpus")
+MANIFEST = os.path.join(HERE, "manifest.json")
+ENTRIES = json.load(open(MANIFEST))["models"] if os.path.exists(MANIFEST) else []
+DIMS = {}  # symbolic dimensions take verify's defaults (batch-like 2, others 5)
+REPORT = {}
+
+
+def _ids(e):
+    return e["file"].rsplit(".", 1)[0]
+
+
+def test_corpus_is_present():
+    assert len(ENTRIES) >= 10, "tests/data/corpus/manifest.json is missing or small: run tools/make_corpus.py"
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=_ids)
+def test_corpus_model_converts_and_matches_onnxruntime(entry, tmp_path):
+    path = os.path.join(HERE, entry["file"])
+    model = rnnengine.convert(path)
+    rep = verify(model, path, DIMS, seed=1, chunks=(1, 4))
+    worst = max(e["rel"] for e in rep["whole"].values())
+    assert worst <= TOLERANCE["float32"], rep["whole"]
+    if rep["stream"] is None:
+        # only layers that need the whole sequence may make a model unstreamable
+        assert "not streamable" in rep["stream_note"] and ("reverse" in rep["stream_note"]
+                                                         or "bidirectional" in rep["stream_note"]), rep["stream_note"]
+        sworst = None
+    else:
+        sworst = max(e["rel"] for e in rep["stream"].values())
+        assert sworst <= TOLERANCE["float32"], (rep["stream_note"], rep["stream"])
+    # the weight file: float32 reproduces the conversion exactly; float16 / int8 stay in bounds
+    sizes = {"onnx": os.path.getsize(path)}
+    for dtype in ("float32", "float16", "int8"):
+        out = tmp_path / f"m.{dtype}.rnne"
+        save(model, str(out), dtype)
+        sizes[dtype] = os.path.getsize(out)
+        loaded = load(str(out))
+        rep2 = verify(loaded, path, DIMS, seed=1, chunks=(3,), ref=model)
+        err = max(e["rel"] for e in rep2["vs_float32"].values())
+        if dtype == "float32":
+            assert err == 0.0
+        else:
+            assert err <= TOLERANCE[dtype], (dtype, rep2["vs_float32"])
+    assert sizes["float32"] <= sizes["onnx"], sizes
+    REPORT[entry["file"]] = {"whole": worst, "stream": sworst, "sizes": sizes}
+
+
+def test_print_corpus_report():
+    """Prints the per-file errors and sizes (shown with pytest -s; used for the closing note)."""
+    for f, r in sorted(REPORT.items()):
+        s = r["sizes"]
+        print(f"\n{f}: max err whole {r['whole']:.1e}, streamed "
+              f"{'n/a' if r['stream'] is None else format(r['stream'], '.1e')}; bytes onnx {s['onnx']}, "
+              f"f32 {s['float32']}, f16 {s['float16']}, int8 {s['int8']}", end="")
