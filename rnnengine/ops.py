@@ -37,7 +37,7 @@ def where(node):
 
 # C enums (src_c/rnnengine.h)
 OP_COPY, OP_BINARY, OP_UNARY, OP_MATMUL, OP_SOFTMAX, OP_GATHER, OP_CONV1D, OP_PAD, OP_REDUCE, \
-    OP_CAST, OP_RECURRENT = range(11)
+    OP_CAST, OP_RECURRENT, OP_TOPK, OP_SCATTER = range(13)
 DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
               np.dtype(np.bool_): 3}
 # ONNX TensorProto element types
@@ -637,6 +637,88 @@ class Gather(Handler):
         p.emit(OP_GATHER, [data, idx], [out], [data.dtype.itemsize, int(np.prod(data.shape[:a])),
                                                data.shape[a], int(np.prod(data.shape[a + 1:])),
                                                int(np.prod(idx.shape))])
+        return [out]
+
+
+@register("TopK", attrs=("axis", "k", "largest", "sorted"))
+class TopK(Handler):
+    """As exported around padded batches (sorting sequence lengths). Always sorted; ties
+    keep the lower index first."""
+
+    def geometry(self, shape, xs):
+        a = axis_of(self, self.attr("axis", -1), len(shape))
+        if self.opset < 10:
+            k = int(self.attr("k"))
+        else:
+            v = xs[1].const if hasattr(xs[1], "const") else xs[1]
+            if v is None:
+                self.fail("k must be a constant")
+            k = int(np.asarray(v).reshape(-1)[0])
+        if not 0 <= k <= shape[a]:
+            self.fail(f"k = {k} is out of range for axis {a} of size {shape[a]}")
+        return a, k
+
+    def eval(self, xs):
+        x = xs[0]
+        a, k = self.geometry(x.shape, xs)
+        largest = self.attr("largest", 1)
+        key = -x.astype(np.float64) if largest else x.astype(np.float64)
+        order = np.argsort(key, axis=a, kind="stable")
+        idx = np.take(order, np.arange(k), axis=a)
+        return [np.take_along_axis(x, idx, axis=a), idx.astype(np.int64)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        if x.dtype not in DTYPE_CODE:
+            self.fail(f"dtype {x.dtype} is not supported at run time")
+        a, k = self.geometry(x.shape, xs)
+        shape = list(x.shape)
+        shape[a] = k
+        vals, idx = p.new(tuple(shape), x.dtype), p.new(tuple(shape), np.int64)
+        n = x.shape[a]
+        p.need_work(2 * n + 2)  # int64 scratch, counted in floats
+        p.emit(OP_TOPK, [x], [vals, idx], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), n,
+                                           int(np.prod(x.shape[a + 1:])), k, int(self.attr("largest", 1))])
+        return [vals, idx]
+
+
+@register("ScatterElements", "Scatter", attrs=("axis", "reduction"))
+class ScatterElements(Handler):
+    def check(self, data, idx, upd):
+        if self.attr("reduction", "none") != "none":
+            self.fail(f"reduction {self.attr('reduction')!r} is not supported")
+        if len(idx) != len(data) or tuple(idx) != tuple(upd):
+            self.fail(f"indices {tuple(idx)} and updates {tuple(upd)} must have the data's rank {len(data)}")
+        return axis_of(self, self.attr("axis", 0), len(data))
+
+    def eval(self, xs):
+        data, idx, upd = xs
+        a = self.check(data.shape, idx.shape, upd.shape)
+        out = data.copy()
+        n = data.shape[a]
+        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            self.fail("an index is out of range")
+        np.put_along_axis(out, idx, upd, axis=a)
+        return [out]
+
+    def emit(self, p, xs):
+        data, idx, upd = xs
+        a = self.check(data.shape, idx.shape, upd.shape)
+        if len(data.shape) > 8:
+            self.fail("rank > 8")
+        if idx.dtype != np.int64:
+            if idx.const is not None:
+                idx = p.const(idx.const.astype(np.int64))
+            else:
+                cast = p.new(idx.shape, np.int64)
+                p.emit(OP_CAST, [idx], [cast], [DTYPE_CODE[idx.dtype], 1, int(np.prod(idx.shape))])
+                idx = cast
+        if upd.dtype != data.dtype:
+            self.fail(f"updates {upd.dtype} differ from data {data.dtype}")
+        out = p.new(data.shape, data.dtype)
+        p.emit(OP_SCATTER, [data, idx, upd], [out], [data.dtype.itemsize, len(data.shape)] + list(data.shape)
+               + list(idx.shape) + [a])
         return [out]
 
 

@@ -24,6 +24,10 @@
  *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min), nd, in_shape[nd], out_stride[nd], out_n, count
  *             out_stride is 0 along reduced axes
  *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n
+ *   TOPK      ip: dtype, outer, n, inner, k, largest   out: values, indices (int64); ties keep
+ *             the lower index first, as ONNX says
+ *   SCATTER   ip: esize, nd, data_shape[nd], idx_shape[nd], axis
+ *             out = data; out[i with axis index idx[i]] = updates[i] for every i of idx
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -317,6 +321,74 @@ static void op_cast(const int64_t *ip, const void *in, void *out) {
     }
 }
 
+/* ---- TOPK ---------------------------------------------------------------------------- */
+
+static rnn_status op_topk(const int64_t *ip, const void *x, void *vals, int64_t *idx, int64_t *scratch,
+                          char *err, size_t errlen) {
+    const int64_t dt = ip[0], outer = ip[1], n = ip[2], inner = ip[3], k = ip[4], largest = ip[5];
+    if (k < 0 || k > n) return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "TopK: k is out of range");
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t j = 0; j < inner; j++) {
+            /* stable insertion sort of the n positions by value (n is small: a batch) */
+            int64_t *order = scratch;
+            for (int64_t i = 0; i < n; i++) {
+                const double v = load_as_double(dt, x, (o * n + i) * inner + j);
+                int64_t p = i;
+                while (p > 0) {
+                    const double u = load_as_double(dt, x, (o * n + order[p - 1]) * inner + j);
+                    if (largest ? (u >= v) : (u <= v)) break;
+                    order[p] = order[p - 1];
+                    p--;
+                }
+                order[p] = i;
+            }
+            for (int64_t r = 0; r < k; r++) {
+                const int64_t src = (o * n + order[r]) * inner + j, dst = (o * k + r) * inner + j;
+                idx[dst] = order[r];
+                if (dt == RNN_DT_F32) ((float *)vals)[dst] = ((const float *)x)[src];
+                else if (dt == RNN_DT_I64) ((int64_t *)vals)[dst] = ((const int64_t *)x)[src];
+                else if (dt == RNN_DT_I32) ((int32_t *)vals)[dst] = ((const int32_t *)x)[src];
+                else ((uint8_t *)vals)[dst] = ((const uint8_t *)x)[src];
+            }
+        }
+    return RNN_STATUS_OK;
+}
+
+/* ---- SCATTER (ScatterElements, no reduction) ------------------------------------------ */
+
+static rnn_status op_scatter(const int64_t *ip, const char *data, const int64_t *idx, const char *upd,
+                             char *out, char *err, size_t errlen) {
+    const int64_t es = ip[0], nd = ip[1], axis = ip[2 + 2 * nd];
+    const int64_t *dshape = ip + 2, *ishape = ip + 2 + nd;
+    int64_t dn = 1, in = 1, dstr[MAX_ND];
+    for (int64_t d = nd - 1; d >= 0; d--) {
+        dstr[d] = dn;
+        dn *= dshape[d];
+    }
+    for (int64_t d = 0; d < nd; d++) in *= ishape[d];
+    memcpy(out, data, (size_t)(dn * es));
+    int64_t pos[MAX_ND] = {0};
+    for (int64_t i = 0; i < in; i++) {
+        int64_t j = idx[i];
+        const int64_t n = dshape[axis];
+        if (j < -n || j >= n) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "ScatterElements: index %lld is outside [-%lld, %lld)", (long long)j,
+                     (long long)n, (long long)n);
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+        }
+        if (j < 0) j += n;
+        int64_t off = 0;
+        for (int64_t d = 0; d < nd; d++) off += (d == axis ? j : pos[d]) * dstr[d];
+        memcpy(out + off * es, upd + i * es, (size_t)es);
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            if (++pos[d] < ishape[d]) break;
+            pos[d] = 0;
+        }
+    }
+    return RNN_STATUS_OK;
+}
+
 /* ---- RECURRENT ----------------------------------------------------------------------- */
 
 static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *const *tensors,
@@ -409,6 +481,12 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_PAD: op_pad(ip, fp, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_TOPK:
+            st = op_topk(ip, T_(ins[0]), T_(outs[0]), T_(outs[1]), (int64_t *)work, err, errlen);
+            break;
+        case RNN_OP_SCATTER:
+            st = op_scatter(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0]), err, errlen);
+            break;
         case RNN_OP_RECURRENT:
             st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen);
             break;

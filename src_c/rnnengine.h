@@ -177,7 +177,9 @@ typedef enum {
     RNN_OP_PAD = 7,       /* N-d gather through per-axis index maps (-1: constant) */
     RNN_OP_REDUCE = 8,    /* sum/mean/max/min over axes */
     RNN_OP_CAST = 9,      /* between float32, int64, int32, uint8 */
-    RNN_OP_RECURRENT = 10 /* one LSTM/GRU/RNN layer (a one-layer rnn_stack) */
+    RNN_OP_RECURRENT = 10, /* one LSTM/GRU/RNN layer (a one-layer rnn_stack) */
+    RNN_OP_TOPK = 11,      /* k largest/smallest along the middle axis of (outer, n, inner) */
+    RNN_OP_SCATTER = 12    /* ScatterElements: data with updates written at indices on an axis */
 } rnn_op;
 
 /* Element types of graph tensors. */

@@ -399,3 +399,28 @@ def test_loop_over_time_is_unrolled_and_streams():
     parts = [s({"X": X[t:t + 2]}) for t in range(0, 6, 2)]
     assert max_violation(np.concatenate([p["Y"] for p in parts]), whole["Y"]) <= 0.1
     assert max_violation(parts[-1]["hT"], whole["hT"]) <= 0.1
+
+
+@pytest.mark.parametrize("largest", [1, 0])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_topk_with_ties(largest, dtype):
+    x = rng.integers(0, 4, size=(3, 7)).astype(dtype)  # many ties: the lower index must come first
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=largest)
+    m = model_of([node], [("x", x)], ["v", "i"], [("k", np.array([5], np.int64))])
+    m.graph.output[0].type.tensor_type.elem_type = F if dtype == np.float32 else I64
+    m.graph.output[1].type.tensor_type.elem_type = I64
+    check(m, {"x": x})
+
+
+def test_scatter_elements_inverts_a_sort_permutation():
+    """The unsort step exported around pack_padded_sequence(enforce_sorted=False)."""
+    lens = np.array([3, 7, 1, 5], np.int64)
+    nodes = [helper.make_node("TopK", ["lens", "k"], ["sl", "perm"], axis=0),
+             helper.make_node("ScatterElements", ["zeros", "perm", "ar"], ["inv"], axis=0)]
+    inits = [("k", np.array([4], np.int64)), ("zeros", np.zeros(4, np.int64)), ("ar", np.arange(4, dtype=np.int64))]
+    m = model_of(nodes, [("lens", lens)], ["sl", "inv"], inits, out_type=I64)
+    check(m, {"lens": lens})
+    x, idx, upd = rand(3, 4), np.array([[2, 0, 1, 0], [1, 1, 2, 0]], np.int64), rand(2, 4)
+    m = model_of([helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], axis=0)],
+                 [("x", x), ("i", idx), ("u", upd)], ["y"])
+    check(m, {"x": x, "i": idx, "u": upd})
