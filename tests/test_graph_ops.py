@@ -424,3 +424,53 @@ def test_scatter_elements_inverts_a_sort_permutation():
     m = model_of([helper.make_node("ScatterElements", ["x", "i", "u"], ["y"], axis=0)],
                  [("x", x), ("i", idx), ("u", upd)], ["y"])
     check(m, {"x": x, "i": idx, "u": upd})
+
+
+def test_gate_reordering_on_constants_folds_into_the_weights():
+    """Weights in Constant nodes, re-ordered from PyTorch's (i, f, g, o) to ONNX's (i, o, f, c)
+    with Slice + Concat, as exporters write it: the converted graph keeps only the LSTM."""
+    T, B, I, H = 5, 2, 3, 4
+    Wt = rand(4 * H, I)  # PyTorch gate order i, f, g, o
+    Rt = rand(4 * H, H)
+    nodes = []
+    for name, src in (("W", "Wt"), ("R", "Rt")):
+        nodes.append(helper.make_node("Constant", [], [src], value=numpy_helper.from_array({"Wt": Wt, "Rt": Rt}[src])))
+        parts = []
+        for g, (a, b) in enumerate(((0, H), (3 * H, 4 * H), (H, 2 * H), (2 * H, 3 * H))):
+            nodes.append(helper.make_node("Slice", [src, f"s{a}", f"s{b}", "ax0"], [f"{name}{g}"]))
+            parts.append(f"{name}{g}")
+        nodes.append(helper.make_node("Concat", parts, [f"{name}c"], axis=0))
+        nodes.append(helper.make_node("Unsqueeze", [f"{name}c", "ax0"], [name]))
+    nodes.append(helper.make_node("LSTM", ["X", "W", "R"], ["Y", "Yh"], hidden_size=H))
+    inits = [(f"s{v}", np.array([v], np.int64)) for v in range(0, 4 * H + 1, H)] + [("ax0", np.array([0], np.int64))]
+    X = rand(T, B, I)
+    gm, _ = check(model_of(nodes, [("X", X)], ["Y", "Yh"], inits), {"X": X})
+    assert [n["op"] for n in gm.graph["nodes"]] == ["LSTM"]
+
+
+def test_token_model_steps_with_one_call_into_c():
+    """Embedding -> LSTM -> Linear -> LogSoftmax, batch first, stepped one token per call:
+    the graph is planned once and each step is a single program run."""
+    V, E, H, B = 13, 4, 6, 2
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0),
+             helper.make_node("Transpose", ["e"], ["et"], perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["et", "W", "R", "Bb"], ["Y"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y", "ax1"], ["Ys"]),
+             helper.make_node("Transpose", ["Ys"], ["Yb"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["Yb", "Wo"], ["lo"]), helper.make_node("Add", ["lo", "bo"], ["l"]),
+             helper.make_node("LogSoftmax", ["l"], ["logp"], axis=-1)]
+    inits = [("emb", rand(V, E)), ("W", rand(1, 4 * H, E)), ("R", rand(1, 4 * H, H)), ("Bb", rand(1, 8 * H)),
+             ("ax1", np.array([1], np.int64)), ("Wo", rand(H, V)), ("bo", rand(V))]
+    ids = rng.integers(0, V, size=(B, 9)).astype(np.int64)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", I64, ["B", "T"])],
+                          [helper.make_tensor_value_info("logp", F, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    gm, whole = check(m, {"ids": ids})
+    s = gm.stream()
+    steps = [s({"ids": ids[:, t:t + 1]})["logp"] for t in range(9)]
+    assert max_violation(np.concatenate(steps, axis=1), whole["logp"]) <= 0.1
+    plan = gm.plan({"ids": ids[:, :1]}, streaming=True)
+    assert len(gm._plans) == 2  # the whole-sequence plan and the one-token stream plan, reused
+    assert plan.n_instructions <= 8
