@@ -3,7 +3,8 @@ from ._core import Stream, step_streams
 from .layers import GRU, LSTM, RNN, ACTIVATIONS
 from .model import Model, load_onnx
 
-__all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert"]
+__all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
+           "load", "save"]
 __version__ = "0.1.0"
 
 
@@ -16,3 +17,18 @@ def convert(source, fixed_inputs=None, state_pairs=None):
     from .graph import GraphModel
     graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
     return GraphModel(graph, tensors, metadata)
+
+
+def save(model, path, dtype="float32"):
+    """Writes a converted model to a weight file (docs/FORMAT.md); the weight matrices are
+    stored as ``dtype``: "float32", "float16" or "int8" (one scale per row)."""
+    from .store import save as _save
+    _save(model, path, dtype)
+
+
+def load(path, verify=True):
+    """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
+    :class:`GraphModel`; float32 weights are memory-mapped, not copied. ``verify`` checks
+    the file's checksums first."""
+    from .store import load as _load
+    return _load(path, verify)

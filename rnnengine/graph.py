@@ -140,6 +140,12 @@ class Planner:
 
     def new(self, shape, dtype):
         dtype = np.dtype(dtype)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if n > (1 << 31):
+            raise UnsupportedError(f"a run-time tensor of shape {tuple(shape)} would have {n:,} elements; "
+                                   "rnnengine refuses to allocate it")
         return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
 
     def alias(self, x, shape):

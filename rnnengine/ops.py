@@ -79,6 +79,21 @@ class Handler:
                   "(it is supported when its inputs are constants or shapes)")
 
 
+MAX_ELEMENTS = 1 << 31  # a tensor larger than this (8 GiB of floats) is refused, not allocated
+
+
+def check_size(h, shape, what="result"):
+    n = 1
+    for d in shape:
+        if d < 0:
+            h.fail(f"{what} has a negative dimension: {tuple(shape)}")
+        n *= int(d)
+    if n > MAX_ELEMENTS:
+        h.fail(f"{what} of shape {tuple(int(d) for d in shape)} has {n:,} elements, more than the "
+               f"{MAX_ELEMENTS:,} rnnengine allocates")
+    return n
+
+
 def const_input(h, x, what):
     if x is None or x.const is None:
         h.fail(f"input {what} must be a constant (known at conversion or from the input shapes)")
@@ -169,13 +184,18 @@ class ConstantOfShape(Handler):
     def eval(self, xs):
         v = self.attr("value")
         v = np.zeros(1, np.float32) if v is None else np.asarray(v).reshape(-1)
-        return [np.full(tuple(int(d) for d in xs[0]), v[0], dtype=v.dtype)]
+        shape = tuple(int(d) for d in np.asarray(xs[0]).reshape(-1))
+        check_size(self, shape)
+        return [np.full(shape, v[0], dtype=v.dtype)]
 
 
 @register("Range")
 class Range(Handler):
     def eval(self, xs):
         start, limit, delta = (np.asarray(x).item() for x in xs)
+        if delta == 0:
+            self.fail("delta is 0")
+        check_size(self, (max(0, math.ceil((limit - start) / delta)),))
         return [np.arange(start, limit, delta, dtype=np.asarray(xs[0]).dtype)]
 
 
@@ -590,6 +610,7 @@ class Split(Handler):
 class Expand(Handler):
     def eval(self, xs):
         shape = np.broadcast_shapes(xs[0].shape, tuple(int(d) for d in xs[1]))
+        check_size(self, shape)
         return [np.broadcast_to(xs[0], shape).copy()]
 
     def emit(self, p, xs):
@@ -607,7 +628,9 @@ class Expand(Handler):
 @register("Tile")
 class Tile(Handler):
     def eval(self, xs):
-        return [np.tile(xs[0], [int(r) for r in xs[1]])]
+        reps = [int(r) for r in xs[1]]
+        check_size(self, [d * r for d, r in zip(xs[0].shape, reps)])
+        return [np.tile(xs[0], reps)]
 
 
 @register("Gather", attrs=("axis",))

@@ -474,3 +474,29 @@ def test_token_model_steps_with_one_call_into_c():
     plan = gm.plan({"ids": ids[:, :1]}, streaming=True)
     assert len(gm._plans) == 2  # the whole-sequence plan and the one-token stream plan, reused
     assert plan.n_instructions <= 8
+
+
+def test_hostile_onnx_files_raise_clearly(tmp_path):
+    m, X = loop_rnn_model(3, 1, 2, 2)
+    data = m.SerializeToString()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
+        rnnengine.convert(str(bad))
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(ValueError):
+        rnnengine.convert(str(tmp_path / "garbage.onnx"))
+    # a shape computation asking for an absurd tensor is refused, not allocated
+    node = helper.make_node("ConstantOfShape", ["s"], ["z"], name="huge")
+    mm = model_of([node, helper.make_node("Add", ["x", "z"], ["y"])], [("x", rand(2))], ["y"],
+                  [("s", np.array([1 << 40, 1 << 30], np.int64))])
+    with pytest.raises(ValueError, match="ConstantOfShape node 'huge'.*elements"):
+        rnnengine.convert(mm)
+    # wrong input shapes and dtypes name the input
+    gm = rnnengine.convert(m)
+    with pytest.raises(ValueError, match="input 'X' must have rank 3"):
+        gm.run({"X": rand(3, 2)})
+    with pytest.raises(TypeError, match="input 'X' must be float32"):
+        gm.run({"X": np.zeros((3, 1, 2), np.int64)})
+    with pytest.raises(ValueError, match="missing"):
+        gm.run({})
