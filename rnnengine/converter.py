@@ -294,6 +294,8 @@ def pair_states(graph):
             for o in n["outputs"]:
                 if o:
                     deps[o] = d
+        if n["op"] in ("Shape", "Size"):
+            continue  # only the shape flows on: a state's data does not
         for inp, r in reach.items():
             if any(x in r for x in ins):
                 r.update(o for o in n["outputs"] if o)
@@ -321,9 +323,10 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         with open(path, "rb") as f:
             raw = f.read()
         try:
-            model = onnx.load_from_string(raw)
+            # onnx.load also reads weights kept in external data files beside the model
+            model = onnx.load(path)
         except Exception as e:
-            raise ConversionError(f"{path}: not a readable ONNX file ({e})") from None
+            raise ConversionError(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
     conv = _Converter(model, fixed_inputs)
     graph, tensors = conv.convert(model)
     if state_pairs is not None:

@@ -1010,7 +1010,7 @@ class Pad(Handler):
         return [out]
 
 
-REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3}
+REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceProd": 4}
 
 
 @register(*REDUCE, attrs=("axes", "keepdims", "noop_with_empty_axes"))
@@ -1029,7 +1029,8 @@ class Reduce(Handler):
         axes = self.axes(x.shape, xs)
         if not axes:
             return [x]
-        fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min}[self.node["op"]]
+        fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min,
+              "ReduceProd": np.prod}[self.node["op"]]
         return [fn(x, axis=tuple(axes), keepdims=bool(self.attr("keepdims", 1))).astype(x.dtype)]
 
     def emit(self, p, xs):

@@ -21,7 +21,7 @@
  *             out (N, M, Lout) = conv(x (N, C, L), W (M, C/group, K)) + bias (M)
  *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], maps...   fp: value
  *             out[o] = in[sum map_d[o_d] * in_stride[d]], or value when any map_d[o_d] < 0
- *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min), nd, in_shape[nd], out_stride[nd], out_n, count
+ *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min 4 prod), nd, in_shape[nd], out_stride[nd], out_n, count
  *             out_stride is 0 along reduced axes
  *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n
  *   TOPK      ip: dtype, outer, n, inner, k, largest   out: values, indices (int64); ties keep
@@ -271,7 +271,7 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     const int64_t kind = ip[0], nd = ip[1];
     const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;
     const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];
-    const float init = kind == 2 ? -INFINITY : (kind == 3 ? INFINITY : 0.0f);
+    const float init = kind == 2 ? -INFINITY : (kind == 3 ? INFINITY : (kind == 4 ? 1.0f : 0.0f));
     for (int64_t i = 0; i < out_n; i++) out[i] = init;
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= ishape[d];
@@ -282,6 +282,7 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
         switch (kind) {
         case 2: out[oo] = v > out[oo] ? v : out[oo]; break;
         case 3: out[oo] = v < out[oo] ? v : out[oo]; break;
+        case 4: out[oo] *= v; break;
         default: out[oo] += v; break;
         }
         for (int64_t d = nd - 1; d >= 0; d--) {

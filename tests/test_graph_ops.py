@@ -224,7 +224,7 @@ def test_pad_opset7_attributes():
     check(model_of([node], [("x", x)], ["y"], opset=7), {"x": x})
 
 
-@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"])
 @pytest.mark.parametrize("axes,keep", [([1], 1), ([0, 2], 0), (None, 1), ([-1], 0)])
 def test_reduce(op, axes, keep):
     x = rand(3, 4, 5)
