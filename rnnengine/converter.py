@@ -190,6 +190,10 @@ class _Converter:
         nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes = self.fold(nodes, consts)
         outputs = [_value_info(o) for o in g.output]
+        from .fuse import fuse_lstm_cells
+        nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
+        if self.fused:
+            nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
         tensors = {k: v for k, v in consts.items() if k in used or k in {o["name"] for o in outputs}}
         for t in list(tensors):
@@ -346,5 +350,6 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         "source.sha256": hashlib.sha256(raw).hexdigest(),
         "source.file": os.path.basename(path) if path else None,
         "source.fixed_inputs": {k: np.asarray(v).tolist() for k, v in (fixed_inputs or {}).items()},
+        "converter.fused_lstm_cells": conv.fused,
     }
     return graph, tensors, metadata

@@ -365,7 +365,15 @@ class GraphModel:
             return hit[1]
 
     def _stack_for(self, handler, consts):
-        key = handler.node["outputs"][0] or handler.node.get("name")
+        node = handler.node
+        ins = node["inputs"]
+        weights = [ins[k] if k < len(ins) else "" for k in (1, 2, 3, 7)]
+        if all(not w or w in self.tensors for w in weights):
+            # layers sharing their weights and attributes (e.g. the steps of an unrolled
+            # cell loop) share one packed stack
+            key = (node["op"], tuple(weights), repr(sorted(node.get("attrs", {}).items())))
+        else:
+            key = node["outputs"][0] or node.get("name")
         with self._lock:
             if key not in self._stacks:
                 layer = handler.layer(consts)

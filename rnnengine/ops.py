@@ -1073,8 +1073,11 @@ class Recurrent(Handler):
         return allowed
 
     def layer(self, consts):
+        from .fuse import STATELESS
         from .layers import GRU, LSTM, RNN
-        self.check_attrs()
+        extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS})
+        if extra:
+            self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
         kind = self.node["op"]
         at = self.attrs
         kwargs = dict(hidden_size=at.get("hidden_size"), direction=at.get("direction", "forward"),
@@ -1134,7 +1137,8 @@ class Recurrent(Handler):
         runtime_init = any(v is not None and v.const is None for v in inits)
         state_floats = int(np.prod(sshape)) * (2 if has_c else 1)
         key = self.node["outputs"][0] or self.node.get("name")
-        if p.streaming and not runtime_init:
+        from .fuse import STATELESS
+        if p.streaming and not runtime_init and not self.attrs.get(STATELESS):
             # The stream holds this layer's state: it starts from the constant initial state
             # (or zeros) and carries on from call to call.
             if layer.direction != "forward":

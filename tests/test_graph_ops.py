@@ -500,3 +500,47 @@ def test_hostile_onnx_files_raise_clearly(tmp_path):
         gm.run({"X": np.zeros((3, 1, 2), np.int64)})
     with pytest.raises(ValueError, match="missing"):
         gm.run({})
+
+
+def lstm_cell_loop(T, B, I, H, expose_gate=False):
+    """A loop over an LSTMCell written out op by op, as torch.onnx.export writes it."""
+    Wih, Whh, bih, bhh = rand(4 * H, I), rand(4 * H, H), rand(4 * H), rand(4 * H)
+    # zero initial state built from the input's shape, as exporters do (so it is not folded)
+    nodes = [helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Slice", ["xs", "z1", "one1"], ["b1"]),
+             helper.make_node("Concat", ["b1", "hs"], ["zs"], axis=0),
+             helper.make_node("ConstantOfShape", ["zs"], ["zeros"])]
+    h, c = "zeros", "zeros"
+    for t in range(T):
+        p = f"s{t}_"
+        nodes += [helper.make_node("Gather", ["x", f"t{t}"], [p + "xt"], axis=1),
+                  helper.make_node("Gemm", [h, "Whh", "bhh"], [p + "gh"], transB=1),
+                  helper.make_node("Gemm", [p + "xt", "Wih", "bih"], [p + "gx"], transB=1),
+                  helper.make_node("Add", [p + "gh", p + "gx"], [p + "g"]),
+                  helper.make_node("Split", [p + "g", "four"], [p + "i", p + "f", p + "gg", p + "o"], axis=1),
+                  helper.make_node("Sigmoid", [p + "i"], [p + "si"]), helper.make_node("Sigmoid", [p + "f"], [p + "sf"]),
+                  helper.make_node("Tanh", [p + "gg"], [p + "tg"]), helper.make_node("Sigmoid", [p + "o"], [p + "so"]),
+                  helper.make_node("Mul", [p + "sf", c], [p + "fc"]), helper.make_node("Mul", [p + "si", p + "tg"], [p + "ig"]),
+                  helper.make_node("Add", [p + "fc", p + "ig"], [p + "c"]), helper.make_node("Tanh", [p + "c"], [p + "tc"]),
+                  helper.make_node("Mul", [p + "so", p + "tc"], [p + "h"]),
+                  helper.make_node("Unsqueeze", [p + "h", "ax1"], [p + "hu"])]
+        h, c = p + "h", p + "c"
+    nodes.append(helper.make_node("Concat", [f"s{t}_hu" for t in range(T)], ["y"], axis=1))
+    inits = [("Wih", Wih), ("Whh", Whh), ("bih", bih), ("bhh", bhh), ("z1", np.array([0], np.int64)),
+             ("one1", np.array([1], np.int64)), ("hs", np.array([H], np.int64)),
+             ("four", np.array([H] * 4, np.int64)), ("ax1", np.array([1], np.int64))]
+    inits += [(f"t{t}", np.array(t, np.int64)) for t in range(T)]
+    x = rand(B, T, I)
+    outs = ["y"] + (["s0_si"] if expose_gate else [])
+    return model_of(nodes, [("x", x)], outs, inits), x
+
+
+def test_lstm_cell_loop_is_mapped_to_engine_cells():
+    m, x = lstm_cell_loop(4, 2, 3, 5)
+    gm, _ = check(m, {"x": x})
+    assert gm.metadata["converter.fused_lstm_cells"] == 4
+    assert [n["op"] for n in gm.graph["nodes"]].count("LSTM") == 4
+    assert len(gm._stacks) == 1  # the four steps share one packed copy of the weights
+    # a gate that is also a graph output keeps its step op by op, still correct
+    m, x = lstm_cell_loop(3, 2, 3, 5, expose_gate=True)
+    gm, _ = check(m, {"x": x})
+    assert gm.metadata["converter.fused_lstm_cells"] == 2
