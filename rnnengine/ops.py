@@ -375,6 +375,26 @@ class Identity(Handler):
         return [xs[0]]
 
 
+@register("Dropout", attrs=("ratio", "seed", "is_test"))
+class Dropout(Handler):
+    """Inference: the identity (and an all-true mask when asked for). training_mode given as
+    a constant true is refused."""
+
+    def check(self, xs):
+        if len(xs) > 2 and xs[2] is not None:
+            tm = xs[2].const if hasattr(xs[2], "const") else xs[2]
+            if tm is None or bool(np.asarray(tm).reshape(-1)[0]):
+                self.fail("training_mode must be a constant false for inference")
+
+    def eval(self, xs):
+        self.check(xs)
+        return [xs[0], np.ones(xs[0].shape, bool)][: len(self.node["outputs"])]
+
+    def emit(self, p, xs):
+        self.check(xs)
+        return [xs[0], p.const(np.ones(xs[0].shape, bool))][: len(self.node["outputs"])]
+
+
 def _reshape_target(h, shape_in, shape, allowzero):
     shape = [int(s) for s in shape]
     out = []

@@ -544,3 +544,13 @@ def test_lstm_cell_loop_is_mapped_to_engine_cells():
     m, x = lstm_cell_loop(3, 2, 3, 5, expose_gate=True)
     gm, _ = check(m, {"x": x})
     assert gm.metadata["converter.fused_lstm_cells"] == 2
+
+
+def test_dropout_is_the_identity_at_inference():
+    x = rand(3, 4)
+    check(model_of([helper.make_node("Dropout", ["x", "r"], ["y"])], [("x", x)], ["y"], [("r", np.float32(0.3))]),
+          {"x": x})
+    m = model_of([helper.make_node("Dropout", ["x", "r", "tm"], ["y"], name="d")], [("x", x)], ["y"],
+                 [("r", np.float32(0.3)), ("tm", np.array(True))])
+    with pytest.raises(ValueError, match="Dropout node 'd'.*training_mode"):
+        rnnengine.convert(m)
