@@ -169,6 +169,8 @@ class _Converter:
                     if name:
                         consts[name] = np.asarray(v)
                 continue
+            if op in OPS:
+                OPS[op](node, self.opset).validate([consts.get(n) if n else None for n in ins])
             out.append(node)
         return out
 

@@ -69,6 +69,9 @@ class Handler:
     def attr(self, name, default=None):
         return self.attrs.get(name, default)
 
+    def validate(self, xs):
+        """Checks at conversion what the constant inputs allow (xs: arrays or None)."""
+
     def eval(self, xs):
         """Outputs as NumPy arrays from NumPy inputs (None for absent optional inputs)."""
         self.fail("cannot be evaluated at conversion time")
@@ -385,6 +388,10 @@ class Dropout(Handler):
             tm = xs[2].const if hasattr(xs[2], "const") else xs[2]
             if tm is None or bool(np.asarray(tm).reshape(-1)[0]):
                 self.fail("training_mode must be a constant false for inference")
+
+    def validate(self, xs):
+        if len(xs) > 2 and self.node["inputs"][2]:
+            self.check(xs)
 
     def eval(self, xs):
         self.check(xs)
