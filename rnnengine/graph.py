@@ -274,9 +274,18 @@ class Planner:
         n_carried = len(carried)
         n_scan = len(body["outputs"]) - 1 - n_carried
         states = []
+        produced_by = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+
+        def passes_through(k):
+            """True when the body hands carried value k on unchanged (through Identities):
+            a loop invariant such as a weight, not state."""
+            name = body["outputs"][1 + k]
+            while name in produced_by and produced_by[name]["op"] == "Identity":
+                name = produced_by[name]["inputs"][0]
+            return name == body["inputs"][2 + k]
         if self.streaming:
             for k, v in enumerate(carried):
-                if v is not None and v.const is not None and v.dtype == np.float32:
+                if v is not None and v.const is not None and v.dtype == np.float32 and not passes_through(k):
                     key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
                     st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
                     carried[k] = self.alias(st, v.shape)
@@ -285,6 +294,8 @@ class Planner:
             raise UnsupportedError(f"{where(node)}: a Loop without a trip count is not supported")
         if trips > 100000:
             raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
+        self.recurrent.append({"node": node.get("name") or node["outputs"][0], "T": trips, "B": None,
+                               "direction": "forward", "kind": "Loop", "explicit_state": not states})
         scans = [[] for _ in range(n_scan)]
         for i in range(trips):
             if not keep_going:
@@ -452,8 +463,9 @@ class GraphModel:
             elif d in dims:
                 shape.append(dims[d])
             else:
-                raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r}: "
-                                 f"pass {name!r} explicitly")
+                raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r} from the "
+                                 f"other inputs: pass {name!r} explicitly (to a stream: "
+                                 f"stream.set_state({{'inputs': {{{name!r}: array}}}}) before the first call)")
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
     def stream(self):

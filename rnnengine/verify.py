@@ -74,9 +74,9 @@ def default_dim(name):
     return 2 if ("batch" in low or low in ("b", "n")) else 5
 
 
-def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None):
-    """Random valid inputs for every fed input (explicit state inputs are left to the
-    caller, zeros by default)."""
+def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None, states=True):
+    """Random valid inputs for every input; explicit state inputs get random values too
+    (a non-zero starting state) unless ``states`` is False."""
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
     fixed = dict(fixed or {})
@@ -89,7 +89,7 @@ def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None):
         if name in fixed:
             feeds[name] = np.asarray(fixed[name], NP_DTYPES[spec["dtype"]])
             continue
-        if name in carried:
+        if name in carried and not states:
             continue
         shape = []
         for d in spec["shape"] or []:
