@@ -7,7 +7,7 @@ replaced by {"tensor": name}; If branches are nested graphs.
 
 Which tensors are stored in float16 / int8 when asked: the weight matrices, i.e. the
 W and R inputs of recurrent layers, the constant right-hand side of MatMul/Gemm, Conv
-weights and embedding tables read by Gather. Biases, peepholes and everything else stay
+weights, embedding tables read by Gather, and matrices handed to Loop bodies. Biases, peepholes and everything else stay
 float32, so the accuracy cost stays in the matrix products.
 """
 from __future__ import annotations
@@ -66,6 +66,8 @@ def weight_names(graph, tensors):
             for k in WEIGHT_SLOTS.get(n["op"], ()):
                 if k < len(n["inputs"]) and n["inputs"][k] in tensors:
                     names.add(n["inputs"][k])
+            if n["op"] == "Loop":  # weights handed to a loop body as loop-carried values (tf2onnx)
+                names.update(x for x in n["inputs"][2:] if x in tensors)
             for v in n.get("attrs", {}).values():
                 if isinstance(v, dict) and "nodes" in v:
                     visit(v["nodes"])

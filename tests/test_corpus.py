@@ -22,8 +22,6 @@ def _ids(e):
     return e["file"].rsplit(".", 1)[0]
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(rnnengine.__file__), "fileformat.py")),
-                    reason="the weight file module is being written")
 def test_corpus_is_present():
     assert len(ENTRIES) >= 10, "tests/data/corpus/manifest.json is missing or small: run tools/make_corpus.py"
 
