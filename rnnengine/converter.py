@@ -92,12 +92,15 @@ class _Converter:
                 "default-domain ONNX ops only (quantized contrib ops such as "
                 "com.microsoft::DynamicQuantizeLSTM must be exported unquantized; rnnengine can "
                 "store weights as int8 itself: convert --dtype int8)")
-        if n.op_type not in OPS and n.op_type not in ("If", "Loop"):
+        from .graph import SEQUENCE_ATTRS, SEQUENCE_OPS
+        if n.op_type not in OPS and n.op_type not in ("If", "Loop") + SEQUENCE_OPS:
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
-                                  f"{', '.join(sorted(set(OPS) | {'If', 'Loop'}))}")
+                                  f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
-        if n.op_type in ("If", "Loop"):
-            extra = set(node["attrs"]) - {"then_branch", "else_branch", "body"}
+        if n.op_type in ("If", "Loop") + SEQUENCE_OPS:
+            allowed = SEQUENCE_ATTRS.get(n.op_type, set()) | ({"then_branch", "else_branch", "body"}
+                                                              if n.op_type in ("If", "Loop") else set())
+            extra = set(node["attrs"]) - allowed
             if extra:
                 raise ConversionError(f"{where(node)}: attribute(s) {sorted(extra)} not supported")
         else:
@@ -156,7 +159,7 @@ class _Converter:
             if op == "Constant":
                 consts[node["outputs"][0]] = OPS["Constant"](node, self.opset).eval([])[0]
                 continue
-            if op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
+            if op in OPS and op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
                 h = OPS[op](node, self.opset)
                 try:
                     with np.errstate(all="ignore"):

@@ -29,6 +29,12 @@ NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool"
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
 
 
+SEQUENCE_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
+                "SequenceInsert", "ConcatFromSequence")
+SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence": {"axis", "new_axis"},
+                  "SequenceEmpty": {"dtype"}}
+
+
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
@@ -227,6 +233,8 @@ class Planner:
                 outs = [sub[name] for name in branch["outputs"]]
             elif op == "Loop":
                 outs = self.loop(node, env)
+            elif op in SEQUENCE_OPS:
+                outs = self.sequence_op(node, env)
             else:
                 handler_cls = OPS.get(op)
                 if handler_cls is None:
@@ -255,6 +263,69 @@ class Planner:
                 if name:
                     env[name] = v
 
+
+    def sequence_op(self, node, env):
+        """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
+        sequence is a Python list of values while planning; nothing of it reaches C."""
+        from .ops import Concat, Slice, Squeeze, Unsqueeze
+        op, at = node["op"], node.get("attrs", {})
+        xs = [env[n] if n else None for n in node["inputs"]]
+
+        def sub(op_type, inputs, attrs):
+            return {"op": op_type, "name": node.get("name", ""), "inputs": inputs, "outputs": ["x"], "attrs": attrs}
+        if op == "SplitToSequence":
+            x = xs[0]
+            axis = at.get("axis", 0) % max(1, len(x.shape))
+            if len(xs) > 1 and xs[1] is not None:
+                if xs[1].const is None:
+                    raise UnsupportedError(f"{where(node)}: split sizes must be constants")
+                sizes = np.asarray(xs[1].const).reshape(-1)
+                if sizes.size == 1 and np.ndim(xs[1].const) == 0:
+                    k = int(sizes[0])
+                    sizes = [min(k, x.shape[axis] - i) for i in range(0, x.shape[axis], k)]
+                keep = True
+            else:
+                sizes, keep = [1] * x.shape[axis], bool(at.get("keepdims", 1))
+            parts, pos = [], 0
+            for n in sizes:
+                sl = Slice(sub("Slice", [], {}), 10)
+                part = sl.emit(self, [x, self.const(np.array([pos])), self.const(np.array([pos + int(n)])),
+                                      self.const(np.array([axis]))])[0] if x.const is None else \
+                    self.const(np.take(x.const, range(pos, pos + int(n)), axis=axis))
+                if not keep:
+                    part = self.alias(part, tuple(d for i, d in enumerate(part.shape) if i != axis))
+                parts.append(part)
+                pos += int(n)
+            return [parts]
+        if op == "SequenceAt":
+            seq, pos = xs
+            if pos.const is None:
+                raise UnsupportedError(f"{where(node)}: the position must be a constant")
+            return [seq[int(np.asarray(pos.const).reshape(-1)[0])]]
+        if op == "SequenceConstruct":
+            return [list(xs)]
+        if op == "SequenceEmpty":
+            return [[]]
+        if op == "SequenceLength":
+            return [self.const(np.array(len(xs[0]), np.int64))]
+        if op == "SequenceInsert":
+            seq = list(xs[0])
+            if len(xs) > 2 and xs[2] is not None:
+                seq.insert(int(np.asarray(xs[2].const).reshape(-1)[0]), xs[1])
+            else:
+                seq.append(xs[1])
+            return [seq]
+        if op == "ConcatFromSequence":
+            seq, axis = xs[0], at.get("axis")
+            if at.get("new_axis", 0):
+                nd = len(seq[0].shape) + 1
+                ax = axis % nd
+                seq = [Unsqueeze(sub("Unsqueeze", [], {"axes": [ax]}), 11).emit(self, [v])[0]
+                       if v.const is None else self.const(np.expand_dims(v.const, ax)) for v in seq]
+            if all(v.const is not None for v in seq):
+                return [self.const(np.concatenate([v.const for v in seq], axis=axis))]
+            return Concat(sub("Concat", [], {"axis": axis}), 13).emit(self, seq)
+        raise UnsupportedError(f"{where(node)}: {op} is not supported")
 
     def loop(self, node, env):
         """ONNX Loop, unrolled: the trip count and the condition must be known when planning
