@@ -45,3 +45,69 @@ def test_console_help(tmp_path):
     assert r.returncode == 0 and "--steps" in r.stdout
     r = subprocess.run([sys.executable, "-m", "rnnengine.cli"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "demo" in r.stdout
+
+
+CORPUS = __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "corpus")
+
+
+def corpus(name):
+    return __import__("os").path.join(CORPUS, name)
+
+
+def test_every_subcommand_has_help(tmp_path):
+    for sub in ("demo", "convert", "inspect", "verify", "run", "bench"):
+        r = subprocess.run([sys.executable, "-m", "rnnengine.cli", sub, "--help"], capture_output=True, text=True,
+                           cwd=tmp_path)
+        assert r.returncode == 0 and "usage: rnnengine " + sub in r.stdout, sub
+
+
+def test_convert_inspect_verify_run_on_a_token_model(tmp_path, capsys):
+    src = corpus("torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    out = str(tmp_path / "tok.rnne")
+    assert cli.main(["convert", src, "-o", out]) == 0
+    assert "done" in capsys.readouterr().out
+    assert cli.main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "LSTM" in text and "parameters:" in text and "source.sha256" in text and "ids" in text
+    assert cli.main(["verify", src, "--dim", "batch=3", "--dim", "time=6"]) == 0
+    text = capsys.readouterr().out
+    assert "streamed" in text and "OK" in text and "max abs" in text
+    ids = np.random.default_rng(0).integers(0, 20, size=(2, 9)).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    assert cli.main(["run", out, "--input", str(tmp_path / "ids.npy"), "-o", str(tmp_path / "y.npy")]) == 0
+    assert cli.main(["run", out, "--input", f"ids={tmp_path / 'ids.npy'}", "-o", str(tmp_path / "ys.npy"),
+                     "--stream", "2"]) == 0
+    whole, streamed = np.load(tmp_path / "y.npy"), np.load(tmp_path / "ys.npy")
+    assert whole.shape == (2, 9, 20) and np.abs(whole - streamed).max() <= 1e-5
+    want = rnnengine.convert(src).run({"ids": ids})["logp"]
+    assert np.array_equal(whole, want)
+
+
+def test_verify_quantized_files_against_float32(tmp_path, capsys):
+    src = corpus("torch_legacy_lstm_2layer_batchfirst_op14.onnx")
+    for dtype in ("float16", "int8"):
+        out = str(tmp_path / f"m.{dtype}.rnne")
+        assert cli.main(["convert", src, "-o", out, "--dtype", dtype]) == 0
+        assert cli.main(["verify", src, "--model", out]) == 0
+        text = capsys.readouterr().out
+        assert "vs float32 file" in text and f"({dtype})" in text
+
+
+def test_verify_fails_above_tolerance_and_errors_are_clear(tmp_path, capsys):
+    src = corpus("torch_legacy_gru_1layer_op14.onnx")
+    assert cli.main(["verify", src, "--tolerance", "1e-12"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert cli.main(["inspect", str(tmp_path / "missing.rnne")]) == 2
+    (tmp_path / "bad.rnne").write_bytes(b"RNNE" + b"\0" * 100)
+    assert cli.main(["inspect", str(tmp_path / "bad.rnne")]) == 2
+    assert "rnnengine: error:" in capsys.readouterr().err
+
+
+def test_convert_fixes_inputs_and_bench_runs(tmp_path, capsys):
+    src = corpus("torch_legacy_audio_vad_stateful_op14.onnx")
+    out = str(tmp_path / "vad.rnne")
+    assert cli.main(["convert", src, "-o", out]) == 0
+    assert "state pairs: [['state', 'stateN']]" in capsys.readouterr().out
+    assert cli.main(["bench", out, "--onnx", src, "--steps", "5", "--repeats", "1", "--seq", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime" in text and "rnnengine is" in text
