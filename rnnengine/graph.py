@@ -361,16 +361,20 @@ class Planner:
                     st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
                     carried[k] = self.alias(st, v.shape)
                     states.append((k, st))
-        if trips is None:
-            raise UnsupportedError(f"{where(node)}: a Loop without a trip count is not supported")
-        if trips > 100000:
+        limit = 100000
+        if trips is not None and trips > limit:
             raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
-        self.recurrent.append({"node": node.get("name") or node["outputs"][0], "T": trips, "B": None,
-                               "direction": "forward", "kind": "Loop", "explicit_state": not states})
+        record = {"node": node.get("name") or node["outputs"][0], "T": trips, "B": None, "direction": "forward",
+                  "kind": "Loop", "explicit_state": not states}
+        self.recurrent.append(record)
         scans = [[] for _ in range(n_scan)]
-        for i in range(trips):
+        # a while loop (no trip count) runs as long as its condition, known when planning,
+        # stays true
+        for i in range(trips if trips is not None else limit + 1):
             if not keep_going:
                 break
+            if i == limit:
+                raise UnsupportedError(f"{where(node)}: the loop did not stop within {limit} iterations")
             sub = dict(env)
             names = body["inputs"]
             sub[names[0]] = self.const(np.array(i, np.int64))
@@ -386,6 +390,7 @@ class Planner:
             carried = res[1:1 + n_carried]
             for k, v in enumerate(res[1 + n_carried:]):
                 scans[k].append(v)
+            record["T"] = i + 1
         outs = list(carried)
         for k, st in states:
             v = carried[k]

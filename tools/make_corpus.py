@@ -5,14 +5,15 @@ file. CI needs neither framework: the small .onnx files are committed.
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 onnx onnxruntime onnxscript
     /tmp/tv/bin/python tools/make_corpus.py --torch
 
-    python3 -m venv /tmp/tf && /tmp/tf/bin/pip install tensorflow tf2onnx onnxruntime
+    python3 -m venv /tmp/tf && /tmp/tf/bin/pip install tensorflow tf_keras tf2onnx onnxruntime
     /tmp/tf/bin/python tools/make_corpus.py --keras
+    /tmp/tf/bin/python tools/make_corpus.py --keras2
 
 Each run replaces its own entries in the manifest and keeps the other family's. Weights are
 random (fixed seeds) and non-symmetric; sizes are small so the corpus stays under a megabyte.
 Every export is checked: onnx.checker, then onnxruntime against the framework's own output
-(<= 1e-5); an export that fails either is reported and left out. Keras 2 (tf_keras) is not
-exported: TensorFlow 2.21 ships Keras 3 only, and tf_keras did not install beside it here.
+(<= 1e-5); an export that fails either is reported and left out. Keras 2 is the tf_keras
+package (TensorFlow 2.16+ ships Keras 3).
 """
 from __future__ import annotations
 
@@ -285,14 +286,20 @@ def manifest_entry(fname, source, opset, notes, model, ins, args):
 
 # --- Keras 3 through tf2onnx ---------------------------------------------------------------
 
-def export_keras(entries):
+def export_keras(entries, legacy=False):
+    """Keras 3 (legacy=False) or Keras 2 (the tf_keras package, legacy=True)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+    if legacy:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow is imported
+        import tf_keras as keras
+    else:
+        import keras
     import onnx
     import tensorflow as tf
     import tf2onnx
-    from keras import layers
+    layers = keras.layers
     keras.utils.set_random_seed(0)
+    family = "keras2" if legacy else "keras3"
     failures = []
 
     def seq(layer):
@@ -311,7 +318,7 @@ def export_keras(entries):
     models.append(("lstm_state_io", keras.Model([inp, h0, c0], [y, h, c]),
                    "LSTM with initial_state inputs and return_state=True (state carried as graph I/O)"))
     for name, model, notes in models:
-        fname = f"keras3_tf2onnx_{name}_op17.onnx"
+        fname = f"{family}_tf2onnx_{name}_op17.onnx"
         path = os.path.join(OUT, fname)
         specs = [tf.TensorSpec((None,) + tuple(t.shape[1:]), tf.float32, name=t.name.split(":")[0])
                  for t in model.inputs]
@@ -329,9 +336,9 @@ def export_keras(entries):
                 os.remove(path)
             continue
         ins = [(i.name, "state" if i.name in ("h0", "c0") else "float", None) for i in m.graph.input]
-        entries.append(manifest_entry(fname, "keras3-tf2onnx", 17, notes, m, ins, args))
+        entries.append(manifest_entry(fname, f"{family}-tf2onnx", 17, notes, m, ins, args))
         print("ok  ", fname, os.path.getsize(path), "bytes")
-    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__}
+    versions = {"tensorflow": tf.__version__, family: keras.__version__, "tf2onnx": tf2onnx.__version__}
     return failures, versions
 
 
@@ -339,16 +346,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torch", action="store_true", help="export the PyTorch models")
     ap.add_argument("--keras", action="store_true", help="export the Keras 3 models through tf2onnx")
+    ap.add_argument("--keras2", action="store_true", help="export the Keras 2 (tf_keras) models through tf2onnx")
     args = ap.parse_args()
-    if not (args.torch or args.keras):
-        ap.error("say --torch and/or --keras")
+    if not (args.torch or args.keras or args.keras2):
+        ap.error("say --torch, --keras and/or --keras2 (Keras 2 in a process of its own)")
+    if args.keras2 and args.keras:
+        ap.error("--keras2 needs a process of its own (it switches TensorFlow to tf_keras)")
     os.makedirs(OUT, exist_ok=True)
     manifest = json.load(open(MANIFEST)) if os.path.exists(MANIFEST) else {"generated_with": {}, "models": []}
     import onnx
     import onnxruntime
     manifest["generated_with"].update({"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__})
     failures = []
-    for flag, prefix, fn in ((args.torch, "torch_", export_torch), (args.keras, "keras", export_keras)):
+    for flag, prefix, fn in ((args.torch, "torch_", export_torch), (args.keras, "keras3", export_keras),
+                             (args.keras2, "keras2", lambda e: export_keras(e, legacy=True))):
         if not flag:
             continue
         for e in [e for e in manifest["models"] if e["file"].startswith(prefix)]:
