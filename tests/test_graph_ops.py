@@ -554,3 +554,32 @@ def test_dropout_is_the_identity_at_inference():
                  [("r", np.float32(0.3)), ("tm", np.array(True))])
     with pytest.raises(ValueError, match="Dropout node 'd'.*training_mode"):
         rnnengine.convert(m)
+
+
+@pytest.mark.parametrize("opset", list(range(7, 22)))
+def test_token_model_at_every_opset(opset):
+    """The same small model (embedding, LSTM, squeeze, dense, softmax, reduce) written in each
+    opset's forms (axes as attributes before 13, as inputs after; Softmax's axis semantics;
+    Reduce axes as inputs from 18), against onnxruntime."""
+    V, E, H = 11, 4, 5
+    axes_as_input = opset >= 13
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0),
+             helper.make_node("LSTM", ["e", "W", "R", "Bb"], ["Y"], hidden_size=H)]
+    inits = [("emb", rand(V, E)), ("W", rand(1, 4 * H, E)), ("R", rand(1, 4 * H, H)), ("Bb", rand(1, 8 * H)),
+             ("Wo", rand(H, V)), ("ax1", np.array([1], np.int64)), ("ax2", np.array([2], np.int64))]
+    if axes_as_input:
+        nodes.append(helper.make_node("Squeeze", ["Y", "ax1"], ["Ys"]))
+    else:
+        nodes.append(helper.make_node("Squeeze", ["Y"], ["Ys"], axes=[1]))
+    nodes += [helper.make_node("MatMul", ["Ys", "Wo"], ["l"]),
+              helper.make_node("Softmax", ["l"], ["p"], axis=2 if opset < 13 else -1)]
+    if opset >= 18:
+        nodes.append(helper.make_node("ReduceMean", ["p", "ax2"], ["m"], keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["p"], ["m"], axes=[2], keepdims=1))
+    ids = rng.integers(0, V, size=(6, 2)).astype(np.int64)
+    m = model_of(nodes, [("ids", ids)], ["p", "m"], inits, opset=opset, time_inputs=["ids"])
+    gm, whole = check(m, {"ids": ids})
+    s = gm.stream()
+    parts = [s({"ids": ids[t:t + 2]})["p"] for t in range(0, 6, 2)]
+    assert max_violation(np.concatenate(parts), whole["p"]) <= 0.1
