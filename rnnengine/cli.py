@@ -154,7 +154,6 @@ def cmd_convert(args):
 
 
 def cmd_inspect(args):
-    from . import fileformat
     from .store import load
     model = load(args.file)
     wf = model.file
@@ -238,34 +237,12 @@ def cmd_verify(args):
 
 
 def _stream_run(model, feeds, chunk):
-    from .verify import _time_axis_of_output, time_axes
+    from .verify import feed_in_chunks, input_roles, join_chunks, time_axes
     axes = time_axes(model, feeds)
     if not axes:
         raise ValueError("--stream: no input has a time axis the recurrent layers run over")
-    T = next(feeds[n].shape[a] for n, a in axes.items())
-    s = model.stream()
-    parts = []
-    for t0 in range(0, T, chunk):
-        f = {}
-        for name, arr in feeds.items():
-            if name in axes:
-                sl = [slice(None)] * arr.ndim
-                sl[axes[name]] = slice(t0, t0 + chunk)
-                f[name] = arr[tuple(sl)]
-            else:
-                f[name] = arr
-        parts.append(s(f))
-    out = {}
-    for name in parts[0]:
-        pieces = [p[name] for p in parts]
-        whole_shape = None
-        axis = None
-        for a in range(pieces[0].ndim):
-            if sum(p.shape[a] for p in pieces) == T and len(pieces) > 1:
-                axis = a
-                break
-        out[name] = np.concatenate(pieces, axis=axis) if axis is not None else pieces[-1]
-    return out
+    parts, T = feed_in_chunks(model.stream(), feeds, axes, chunk, roles=input_roles(model))
+    return join_chunks(parts, T)
 
 
 def cmd_run(args):

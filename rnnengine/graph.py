@@ -267,7 +267,7 @@ class Planner:
     def sequence_op(self, node, env):
         """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
         sequence is a Python list of values while planning; nothing of it reaches C."""
-        from .ops import Concat, Slice, Squeeze, Unsqueeze
+        from .ops import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         xs = [env[n] if n else None for n in node["inputs"]]
 
@@ -332,7 +332,7 @@ class Planner:
         (they are for recurrent loops over a time axis: Shape-derived, and `i < T`). In a
         stream, float loop-carried values that start from constants (zero states) are held
         by the stream and carried on from call to call, as a recurrent layer's state is."""
-        from .ops import OP_COPY, contiguous_strides, emit_copy
+        from .ops import emit_copy
         body = node["attrs"]["body"]
         ins = node["inputs"] + [""] * 2
         M = env[ins[0]] if ins[0] else None

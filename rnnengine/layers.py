@@ -223,3 +223,18 @@ class RNN(_Layer):
             if attrs.get(bad):
                 raise ValueError(f"RNN has no {bad} attribute")
         super().__init__(W, R, B, None, **attrs)
+
+
+def layer_from_onnx(kind, attrs, W, R, B=None, P=None, name=None):
+    """An LSTM / GRU / RNN layer from an ONNX node's attributes (a dict of Python values;
+    strings may be bytes) and its constant weights."""
+    at = attrs
+    kwargs = dict(hidden_size=at.get("hidden_size"), direction=at.get("direction", "forward"),
+                  activations=at.get("activations"), activation_alpha=at.get("activation_alpha"),
+                  activation_beta=at.get("activation_beta"), clip=at.get("clip"), layout=at.get("layout", 0),
+                  name=name)
+    if kind == "LSTM":
+        return LSTM(W, R, B, P, input_forget=at.get("input_forget", 0), **kwargs)
+    if kind == "GRU":
+        return GRU(W, R, B, linear_before_reset=at.get("linear_before_reset", 0), **kwargs)
+    return RNN(W, R, B, **kwargs)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layers import GRU, LSTM, RNN
+from .layers import GRU, LSTM, RNN, layer_from_onnx
 from .model import Model
 
 RECURRENT = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
@@ -154,20 +154,9 @@ def _layer_from_node(graph, node):
             weights[w] = graph.const(slots[w], node, w)
     if "W" not in weights or "R" not in weights:
         raise OnnxImportError(f"{_where(node)}: the weights W and R are required")
-    kwargs = dict(
-        hidden_size=at.get("hidden_size"), direction=at.get("direction", b"forward"),
-        activations=at.get("activations"), activation_alpha=at.get("activation_alpha"),
-        activation_beta=at.get("activation_beta"), clip=at.get("clip"), layout=at.get("layout", 0),
-        name=node.name or None)
-    if kind == "LSTM":
-        kwargs["input_forget"] = at.get("input_forget", 0)
-    if kind == "GRU":
-        kwargs["linear_before_reset"] = at.get("linear_before_reset", 0)
     try:
-        if kind == "LSTM":
-            layer = LSTM(weights["W"], weights["R"], weights.get("B"), weights.get("P"), **kwargs)
-        else:
-            layer = RECURRENT[kind](weights["W"], weights["R"], weights.get("B"), **kwargs)
+        layer = layer_from_onnx(kind, at, weights["W"], weights["R"], weights.get("B"), weights.get("P"),
+                                name=node.name or None)
     except (ValueError, TypeError) as e:
         raise OnnxImportError(f"{_where(node)}: {e}") from None
     return layer, slots

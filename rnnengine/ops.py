@@ -461,8 +461,18 @@ def _axes(h, xs, k, name="axes"):
     return None
 
 
+class _View(Handler):
+    """Ops that only give the data another shape (no copy): subclasses define target()."""
+
+    def eval(self, xs):
+        return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+    def emit(self, p, xs):
+        return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
+
+
 @register("Squeeze", attrs=("axes",))
-class Squeeze(Handler):
+class Squeeze(_View):
     def target(self, shape, axes):
         if axes is None:
             return tuple(d for d in shape if d != 1)
@@ -472,15 +482,9 @@ class Squeeze(Handler):
                 self.fail(f"cannot squeeze axis {a} of size {shape[a]} (shape {tuple(shape)})")
         return tuple(d for i, d in enumerate(shape) if i not in axes)
 
-    def eval(self, xs):
-        return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
-
-    def emit(self, p, xs):
-        return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
-
 
 @register("Unsqueeze", attrs=("axes",))
-class Unsqueeze(Handler):
+class Unsqueeze(_View):
     def target(self, shape, axes):
         if axes is None:
             self.fail("needs axes")
@@ -490,12 +494,6 @@ class Unsqueeze(Handler):
         for a in axes:
             out.insert(a, 1)
         return tuple(out)
-
-    def eval(self, xs):
-        return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
-
-    def emit(self, p, xs):
-        return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
 
 
 # --- data movement -----------------------------------------------------------------------
@@ -1101,24 +1099,13 @@ class Recurrent(Handler):
 
     def layer(self, consts):
         from .fuse import STATELESS
-        from .layers import GRU, LSTM, RNN
+        from .layers import layer_from_onnx
         extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS})
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
-        kind = self.node["op"]
-        at = self.attrs
-        kwargs = dict(hidden_size=at.get("hidden_size"), direction=at.get("direction", "forward"),
-                      activations=at.get("activations"), activation_alpha=at.get("activation_alpha"),
-                      activation_beta=at.get("activation_beta"), clip=at.get("clip"),
-                      layout=at.get("layout", 0), name=self.node.get("name") or None)
-        if kind == "LSTM":
-            kwargs["input_forget"] = at.get("input_forget", 0)
-        if kind == "GRU":
-            kwargs["linear_before_reset"] = at.get("linear_before_reset", 0)
         try:
-            if kind == "LSTM":
-                return LSTM(consts["W"], consts["R"], consts.get("B"), consts.get("P"), **kwargs)
-            return {"GRU": GRU, "RNN": RNN}[kind](consts["W"], consts["R"], consts.get("B"), **kwargs)
+            return layer_from_onnx(self.node["op"], self.attrs, consts["W"], consts["R"], consts.get("B"),
+                                   consts.get("P"), name=self.node.get("name") or None)
         except (ValueError, TypeError) as e:
             raise UnsupportedError(f"{where(self.node)}: {e}") from None
 

@@ -239,50 +239,63 @@ def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dim
     return None, "no time axis and no explicit state: nothing to stream"
 
 
+def feed_in_chunks(stream, feeds, taxes, chunk, skip=(), roles=None):
+    """Feeds whole-sequence inputs to a stream `chunk` time steps per call (lengths inputs
+    clipped to each chunk); returns the list of per-call outputs."""
+    roles = roles or {}
+    T = next(feeds[n].shape[a] for n, a in taxes.items())
+    parts = []
+    for t0 in range(0, T, chunk):
+        f = {}
+        for name, arr in feeds.items():
+            if name in skip:
+                continue
+            if name in taxes:
+                sl = [slice(None)] * arr.ndim
+                sl[taxes[name]] = slice(t0, min(T, t0 + chunk))
+                f[name] = np.ascontiguousarray(arr[tuple(sl)])
+            elif roles.get(name, ("",))[0] == "lengths":
+                f[name] = np.clip(arr - t0, 0, min(chunk, T - t0)).astype(arr.dtype)
+            else:
+                f[name] = arr
+        parts.append(stream(f))
+    return parts, T
+
+
+def join_chunks(parts, T, like=None):
+    """Per output: the chunks concatenated along the axis that grew with time, or the last
+    chunk's value (final states)."""
+    out = {}
+    for n in parts[0]:
+        pieces = [p[n] for p in parts]
+        axis = _time_axis_of_output(pieces, like[n] if like is not None else None, T)
+        out[n] = np.concatenate(pieces, axis=axis) if axis is not None else pieces[-1]
+    return out
+
+
 def _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried):
     roles = input_roles(model)
-    T = next(feeds[n].shape[a] for n, a in taxes.items())
     worst = {}
-    note = []
     for chunk in chunks:
         s = model.stream()
-        start_state = {a: feeds[a] for a in carried}
-        if start_state:
-            s.set_state({"inputs": start_state})
-        parts = []
-        for t0 in range(0, T, chunk):
-            f = {}
-            for name, arr in feeds.items():
-                if name in carried:
-                    continue
-                if name in taxes:
-                    sl = [slice(None)] * arr.ndim
-                    sl[taxes[name]] = slice(t0, min(T, t0 + chunk))
-                    f[name] = arr[tuple(sl)]
-                elif roles.get(name, ("",))[0] == "lengths":
-                    f[name] = np.clip(arr - t0, 0, min(chunk, T - t0)).astype(arr.dtype)
-                else:
-                    f[name] = arr
-            parts.append(s(f))
+        if carried:
+            s.set_state({"inputs": {a: feeds[a] for a in carried}})
+        parts, T = feed_in_chunks(s, feeds, taxes, chunk, skip=carried, roles=roles)
+        got = join_chunks(parts, T, want)
         for n in out_names:
-            w = want[n]
-            pieces = [p[n] for p in parts]
-            axis = _time_axis_of_output(pieces, w, T)
-            g = np.concatenate(pieces, axis=axis) if axis is not None else pieces[-1]
-            e = errors(g, w)
-            prev = worst.get(n)
-            if prev is None or e["abs"] > prev["abs"]:
+            e = errors(got[n], want[n])
+            if n not in worst or e["abs"] > worst[n]["abs"]:
                 worst[n] = e
-        note.append(str(chunk))
-    return worst, f"time axis {taxes}, chunks of {', '.join(note)} step(s)"
+    return worst, f"time axis {taxes}, chunks of {', '.join(map(str, chunks))} step(s)"
 
 
 def _time_axis_of_output(pieces, whole, T):
     if len(pieces) == 1:
         return None
-    for axis in range(whole.ndim):
-        if whole.shape[axis] == T and sum(p.shape[axis] for p in pieces) == T and \
-                all(p.ndim == whole.ndim for p in pieces):
+    nd = pieces[0].ndim
+    for axis in range(nd):
+        if sum(p.shape[axis] for p in pieces) == T and all(p.ndim == nd for p in pieces) and \
+                (whole is None or (whole.ndim == nd and whole.shape[axis] == T)):
             return axis
     return None
 

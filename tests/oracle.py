@@ -1,7 +1,6 @@
 """Oracles for the numeric tests: onnxruntime on one-node ONNX models, and an independent
 NumPy reference of the ONNX LSTM/GRU/RNN equations (for cases onnxruntime refuses)."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 

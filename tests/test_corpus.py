@@ -5,7 +5,6 @@ matches onnxruntime whole-sequence and streamed, and survives the weight file at
 import json
 import os
 
-import numpy as np
 import pytest
 
 import rnnengine

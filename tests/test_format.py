@@ -2,7 +2,6 @@
 mapping, alignment, the documented quantization bounds, and hostile files built byte by
 byte, each of which must raise FormatError with a message naming the problem."""
 import json
-import struct
 import time
 import zlib
 

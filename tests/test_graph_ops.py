@@ -2,7 +2,6 @@
 onnxruntime on random non-symmetric data; plus the graph-level behaviours (folding, If,
 state pairing, streaming equals whole-sequence)."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
