@@ -12,7 +12,7 @@ ext = Extension(
     sources=["rnnengine/_core.pyx"] + sorted(glob.glob("src_c/*.c")),
     include_dirs=["src_c", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=["-O3", "-fno-math-errno", "-Wall"],
+    extra_compile_args=["-O3", "-fno-math-errno", "-Wall", "-Wpointer-arith"],
 )
 
 setup(ext_modules=cythonize([ext], compiler_directives={"language_level": 3}))

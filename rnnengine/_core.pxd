@@ -27,6 +27,7 @@ cdef extern from "rnnengine.h" nogil:
         float clip
         int32_t input_forget
         int32_t linear_before_reset
+        int32_t weight_dtype
 
     ctypedef struct rnn_cell:
         pass
@@ -72,8 +73,12 @@ cdef extern from "internal.h" nogil:
     ctypedef struct rnn_packed:
         int64_t N
         int64_t K
-        float *data
+        int32_t dtype
+        void *data
+        float *scale
     rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb)
+    rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
+                                     int32_t dtype)
     void rnn_packed_free(rnn_packed *p)
     void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                          int64_t ldc, int accumulate)

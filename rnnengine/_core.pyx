@@ -39,6 +39,7 @@ def kernel_level_max():
 
 CELL_KINDS = {"RNN": 0, "GRU": 1, "LSTM": 2}
 DIRECTIONS = {"forward": 0, "reverse": 1, "bidirectional": 2}
+WEIGHT_DTYPES = {"float32": 0, "float16": 1, "int8": 2}
 
 
 class EngineError(RuntimeError):
@@ -72,9 +73,9 @@ def gemm_nt(float[:, ::1] A, float[:, ::1] B, bint use_blas=True):
     return out
 
 
-def gemm_packed(const float[:, ::1] A, const float[:, ::1] B, C=None, bint reference=False):
-    """C (+)= A @ B.T with B packed into panels, through the dispatched kernel or the
-    plain reference; for tests."""
+def gemm_packed(const float[:, ::1] A, const float[:, ::1] B, C=None, bint reference=False, dtype="float32"):
+    """C (+)= A @ B.T with B packed into panels (stored as float32, float16 or int8), through
+    the dispatched kernel or the plain reference; for tests."""
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"gemm_packed: A has {A.shape[1]} columns, B has {B.shape[1]}")
     cdef int64_t M = A.shape[0], N = B.shape[0], K = A.shape[1]
@@ -82,7 +83,7 @@ def gemm_packed(const float[:, ::1] A, const float[:, ::1] B, C=None, bint refer
     out = np.zeros((M, N), np.float32) if C is None else C
     cdef float[:, ::1] Cv = out
     cdef rnn_packed p
-    _check(rnn_packed_init(&p, &B[0, 0], N, K, K), "packing")
+    _check(rnn_packed_init_dtype(&p, &B[0, 0], N, K, K, WEIGHT_DTYPES[dtype]), "packing")
     with nogil:
         if reference:
             rnn_gemm_packed_ref(M, &A[0, 0], K, &p, &Cv[0, 0], N, accumulate)
@@ -161,6 +162,7 @@ cdef class Stack:
                     cfg.clip = cell["clip"] if cell["clip"] is not None else 0.0
                     cfg.input_forget = cell["input_forget"]
                     cfg.linear_before_reset = cell["linear_before_reset"]
+                    cfg.weight_dtype = WEIGHT_DTYPES[cell.get("weight_dtype", "float32")]
                     W = cell["W"]
                     R = cell["R"]
                     bp = NULL

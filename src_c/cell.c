@@ -43,6 +43,7 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
     for (int k = 0; k < 3; k++)
         if (cfg->act[k].kind < 0 || cfg->act[k].kind >= RNN_ACT_COUNT) return RNN_STATUS_BAD_ARGUMENT;
     if (P && cfg->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->weight_dtype < RNN_WEIGHTS_F32 || cfg->weight_dtype > RNN_WEIGHTS_I8) return RNN_STATUS_BAD_ARGUMENT;
 
     const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
     /* G*H is a BLAS dimension; W and R must stay far below 2^40 floats. */
@@ -59,9 +60,10 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
     /* GRU without linear_before_reset needs r before (r . h) @ Rh^T: pack R in two parts. */
     const int split = cfg->kind == RNN_CELL_GRU && !cfg->linear_before_reset;
     rnn_status st = RNN_STATUS_OK;
-    if (c->W) st = rnn_packed_init(&c->Wp, W, G * H, I, I);
-    if (st == RNN_STATUS_OK) st = rnn_packed_init(&c->Rp, R, split ? 2 * H : G * H, H, H);
-    if (st == RNN_STATUS_OK && split) st = rnn_packed_init(&c->Rhp, R + 2 * H * H, H, H, H);
+    const int32_t wd = cfg->weight_dtype;
+    if (c->W) st = rnn_packed_init_dtype(&c->Wp, W, G * H, I, I, wd);
+    if (st == RNN_STATUS_OK) st = rnn_packed_init_dtype(&c->Rp, R, split ? 2 * H : G * H, H, H, wd);
+    if (st == RNN_STATUS_OK && split) st = rnn_packed_init_dtype(&c->Rhp, R + 2 * H * H, H, H, H, wd);
     if (st != RNN_STATUS_OK || !c->W || !c->bias_x || !c->bias_rh || (P && !c->P)) {
         rnn_cell_free(c);
         return RNN_STATUS_OUT_OF_MEMORY;

@@ -6,15 +6,21 @@
 
 #include <assert.h>
 
-/* A weight matrix B (N, K) packed into 16-column panels once (pack.c). */
+/* A weight matrix B (N, K) packed into 16-column panels once (pack.c), stored as float32,
+ * float16 or int8 with one scale per output column n (rnn_weight_dtype). */
 #define RNN_PANEL 16
 typedef struct {
     int64_t N, K;
-    float *data; /* 64-byte aligned; ceil(N/16) panels of K x 16 floats */
+    int32_t dtype;  /* rnn_weight_dtype */
+    void *data;     /* 64-byte aligned; ceil(N/16) panels of K x 16 elements */
+    float *scale;   /* int8: (ceil(N/16)*16) scales, B[n][k] ~ scale[n] * q[n][k]; else NULL */
 } rnn_packed;
 
 rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb);
+rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
+                                 int32_t dtype);
 void rnn_packed_free(rnn_packed *p);
+float rnn_half_to_float(uint16_t h);
 /* C (M, N) = A (M, K) @ B^T, or C += ... when accumulate; the AVX2+FMA kernel when the
  * CPU has it (rnn_kernel_level), else the plain reference rnn_gemm_packed_ref. */
 void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,

@@ -1,6 +1,7 @@
 /* pack.c - weights packed once into 16-column panels, and the GEMM kernels that stream them. */
 #include "internal.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,27 +19,107 @@
 
 void rnn_packed_free(rnn_packed *p) {
     free(p->data);
+    free(p->scale);
     p->data = NULL;
+    p->scale = NULL;
+}
+
+/* IEEE half from float, round to nearest even (portable; the AVX2 kernels read halves with
+ * F16C, the reference kernel with rnn_half_to_float). */
+static uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0)); /* inf, nan */
+    if (x >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                               /* overflow */
+    if (x < 0x38800000u) {                                                                  /* subnormal */
+        if (x < 0x33000000u) return (uint16_t)sign;
+        const uint32_t e = x >> 23, m = (x & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e, r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        return (uint16_t)(sign | (r + (rem > half || (rem == half && (r & 1)))));
+    }
+    const uint32_t r = x + 0xfffu + ((x >> 13) & 1u) - 0x38000000u; /* rebias, round to even */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+float rnn_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t x;
+    if (e == 0) {
+        if (m == 0) x = sign;
+        else { /* subnormal: value m * 2^-24 */
+            float f = (float)m * 5.9604644775390625e-8f;
+            memcpy(&x, &f, 4);
+            x |= sign;
+        }
+    } else if (e == 31) {
+        x = sign | 0x7f800000u | (m << 13);
+    } else {
+        x = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
 }
 
 rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb) {
+    return rnn_packed_init_dtype(dst, B, N, K, ldb, RNN_WEIGHTS_F32);
+}
+
+rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
+                                 int32_t dtype) {
     const int64_t P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    static const size_t esize[3] = {4, 2, 1};
     dst->N = N;
     dst->K = K;
-    size_t bytes = sizeof(float) * (size_t)(P * K * RNN_PANEL);
+    dst->dtype = dtype;
+    dst->scale = NULL;
+    size_t bytes = esize[dtype] * (size_t)(P * K * RNN_PANEL);
     bytes = (bytes + 63) / 64 * 64; /* aligned_alloc wants a multiple of the alignment */
     dst->data = aligned_alloc(64, bytes ? bytes : 64);
     if (!dst->data) return RNN_STATUS_OUT_OF_MEMORY;
+    if (dtype == RNN_WEIGHTS_I8) {
+        dst->scale = calloc((size_t)(P * RNN_PANEL > 0 ? P * RNN_PANEL : 1), sizeof(float));
+        if (!dst->scale) {
+            rnn_packed_free(dst);
+            return RNN_STATUS_OUT_OF_MEMORY;
+        }
+        for (int64_t n = 0; n < N; n++) { /* symmetric, one scale per output column */
+            float amax = 0.0f;
+            for (int64_t k = 0; k < K; k++) amax = fabsf(B[n * ldb + k]) > amax ? fabsf(B[n * ldb + k]) : amax;
+            dst->scale[n] = amax > 0.0f ? amax / 127.0f : 1.0f;
+        }
+    }
+    float *f = dst->data;
+    uint16_t *h = dst->data;
+    int8_t *q = dst->data;
     for (int64_t p = 0; p < P; p++)
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = 0; j < RNN_PANEL; j++) {
-                int64_t n = p * RNN_PANEL + j;
-                dst->data[(p * K + k) * RNN_PANEL + j] = n < N ? B[n * ldb + k] : 0.0f;
+                const int64_t n = p * RNN_PANEL + j, at = (p * K + k) * RNN_PANEL + j;
+                const float v = n < N ? B[n * ldb + k] : 0.0f;
+                if (dtype == RNN_WEIGHTS_F32) f[at] = v;
+                else if (dtype == RNN_WEIGHTS_F16) h[at] = float_to_half(v);
+                else {
+                    const float r = n < N ? nearbyintf(v / dst->scale[n]) : 0.0f;
+                    q[at] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
+                }
             }
     return RNN_STATUS_OK;
 }
 
-/* Reference kernel: C (M, N) (+)= A (M, K) @ B^T, B packed. Plain loops, any CPU. */
+/* The packed weight at (panel element `at`) as a float, in any storage. */
+static inline float packed_at(const rnn_packed *Bp, int64_t at) {
+    switch (Bp->dtype) {
+    case RNN_WEIGHTS_F16: return rnn_half_to_float(((const uint16_t *)Bp->data)[at]);
+    case RNN_WEIGHTS_I8: return (float)((const int8_t *)Bp->data)[at];
+    default: return ((const float *)Bp->data)[at];
+    }
+}
+
+/* Reference kernel: C (M, N) (+)= A (M, K) @ B^T, B packed in any storage. Plain loops, any
+ * CPU. int8 sums a[k] * q[n][k] over k, then multiplies by scale[n]. */
 void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                          int64_t ldc, int accumulate) {
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
@@ -46,12 +127,14 @@ void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packe
         const float *a = A + m * lda;
         for (int64_t p = 0; p < P; p++) {
             float acc[RNN_PANEL] = {0};
-            const float *panel = Bp->data + p * K * RNN_PANEL;
             for (int64_t k = 0; k < K; k++)
-                for (int64_t j = 0; j < RNN_PANEL; j++) acc[j] += a[k] * panel[k * RNN_PANEL + j];
+                for (int64_t j = 0; j < RNN_PANEL; j++) acc[j] += a[k] * packed_at(Bp, (p * K + k) * RNN_PANEL + j);
             float *c = C + m * ldc + p * RNN_PANEL;
             int64_t w = N - p * RNN_PANEL < RNN_PANEL ? N - p * RNN_PANEL : RNN_PANEL;
-            for (int64_t j = 0; j < w; j++) c[j] = accumulate ? c[j] + acc[j] : acc[j];
+            for (int64_t j = 0; j < w; j++) {
+                const float v = Bp->scale ? acc[j] * Bp->scale[p * RNN_PANEL + j] : acc[j];
+                c[j] = accumulate ? c[j] + v : v;
+            }
         }
     }
 }
@@ -84,7 +167,7 @@ AVX2 static void gemv_packed_avx2(const float *a, const rnn_packed *Bp, float *c
     const int64_t stride = K * RNN_PANEL;
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {
-        const float *b = Bp->data + p * stride;
+        const float *b = (const float *)Bp->data + p * stride;
         __m256 l0 = _mm256_setzero_ps(), h0 = _mm256_setzero_ps();
         __m256 l1 = _mm256_setzero_ps(), h1 = _mm256_setzero_ps();
         __m256 l2 = _mm256_setzero_ps(), h2 = _mm256_setzero_ps();
@@ -107,7 +190,7 @@ AVX2 static void gemv_packed_avx2(const float *a, const rnn_packed *Bp, float *c
         }
     }
     for (; p < P; p++) {
-        const float *b = Bp->data + p * stride;
+        const float *b = (const float *)Bp->data + p * stride;
         __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k++, b += RNN_PANEL) {
             __m256 x = _mm256_broadcast_ss(a + k);
@@ -161,17 +244,62 @@ AVX2 static void gemm1_panel_avx2(const float *a, const float *b, int64_t K, flo
     store_panel(c, w, lo, hi, accumulate);
 }
 
+/* Compact weights, one row of A (batch-1 steps): four panels at once as in gemv_packed_avx2,
+ * each 16-wide panel row widened to float (F16C for halves, sign extension for int8) right
+ * before its FMA, so the bytes streamed from memory are 2 or 4 times fewer. */
+#define AVX2F16 __attribute__((target("avx2,fma,f16c")))
+
+AVX2F16 static inline __m256 load8(const rnn_packed *Bp, int64_t at) {
+    if (Bp->dtype == RNN_WEIGHTS_F16)
+        return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)((const uint16_t *)Bp->data + at)));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)Bp->data + at))));
+}
+
+AVX2F16 static void gemv_compact_avx2(const float *a, const rnn_packed *Bp, float *c, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    int64_t p = 0;
+    for (; p < P; p += 2) {
+        const int two = p + 1 < P;
+        __m256 l0 = _mm256_setzero_ps(), h0 = _mm256_setzero_ps();
+        __m256 l1 = _mm256_setzero_ps(), h1 = _mm256_setzero_ps();
+        int64_t at = p * stride;
+        for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
+            __m256 x = _mm256_broadcast_ss(a + k);
+            l0 = _mm256_fmadd_ps(x, load8(Bp, at), l0);
+            h0 = _mm256_fmadd_ps(x, load8(Bp, at + 8), h0);
+            if (two) {
+                l1 = _mm256_fmadd_ps(x, load8(Bp, at + stride), l1);
+                h1 = _mm256_fmadd_ps(x, load8(Bp, at + stride + 8), h1);
+            }
+        }
+        __m256 lo[2] = {l0, l1}, hi[2] = {h0, h1};
+        for (int q = 0; q < 1 + two; q++) {
+            const int64_t col = (p + q) * RNN_PANEL;
+            if (Bp->scale) {
+                lo[q] = _mm256_mul_ps(lo[q], _mm256_loadu_ps(Bp->scale + col));
+                hi[q] = _mm256_mul_ps(hi[q], _mm256_loadu_ps(Bp->scale + col + 8));
+            }
+            store_panel(c + col, N - col < RNN_PANEL ? N - col : RNN_PANEL, lo[q], hi[q], accumulate);
+        }
+    }
+}
+
 /* Panels outer, rows inner: a panel (K x 16 floats) is read from memory once and reused
  * from L1 by every group of rows. */
 AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                   float *C, int64_t ldc, int accumulate) {
+    if (Bp->dtype != RNN_WEIGHTS_F32) {
+        for (int64_t m = 0; m < M; m++) gemv_compact_avx2(A + m * lda, Bp, C + m * ldc, accumulate);
+        return;
+    }
     if (M == 1) {
         gemv_packed_avx2(A, Bp, C, accumulate);
         return;
     }
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
     for (int64_t p = 0; p < P; p++) {
-        const float *b = Bp->data + p * K * RNN_PANEL;
+        const float *b = (const float *)Bp->data + p * K * RNN_PANEL;
         const int64_t col = p * RNN_PANEL, w = N - col < RNN_PANEL ? N - col : RNN_PANEL;
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) gemm4_panel_avx2(A + m * lda, lda, b, K, C + m * ldc + col, ldc, w, accumulate);
@@ -186,7 +314,8 @@ int rnn_kernel_level(void) {
     if (g_kernel < 0) {
 #ifdef RNN_HAVE_AVX2_KERNEL
         __builtin_cpu_init();
-        g_kernel = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+        g_kernel = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+                       ? 1 : 0;
 #else
         g_kernel = 0;
 #endif
@@ -199,7 +328,7 @@ void rnn_set_kernel_level(int level) { g_kernel = level > 0 && rnn_kernel_level_
 int rnn_kernel_level_max(void) {
 #ifdef RNN_HAVE_AVX2_KERNEL
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
 #else
     return 0;
 #endif

@@ -65,6 +65,11 @@ typedef struct {
 void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n);
 
 /* One direction of one ONNX LSTM / GRU / RNN layer. */
+/* How a cell keeps its packed weights for short (streaming) products. float16 and int8
+ * read half / a quarter of the bytes per step, at an accuracy cost: float16 rounds each
+ * weight to 11 significant bits; int8 keeps one scale per output row (max|row|/127). */
+typedef enum { RNN_WEIGHTS_F32 = 0, RNN_WEIGHTS_F16 = 1, RNN_WEIGHTS_I8 = 2 } rnn_weight_dtype;
+
 typedef struct {
     int32_t kind;                /* rnn_cell_kind */
     int32_t input_size;          /* I */
@@ -74,6 +79,7 @@ typedef struct {
     float clip;
     int32_t input_forget;        /* LSTM only: couple forget gate to input gate */
     int32_t linear_before_reset; /* GRU only */
+    int32_t weight_dtype;        /* rnn_weight_dtype of the packed weights */
 } rnn_cell_config;
 
 typedef struct rnn_cell rnn_cell;

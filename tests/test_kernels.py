@@ -115,3 +115,68 @@ def test_reference_kernels_give_the_same_cells():
         _core.kernel_level(1)
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def dequantized(B, dtype):
+    """NumPy model of the compact packed weights: float16 rounding, or int8 with one
+    symmetric scale per output row."""
+    if dtype == "float16":
+        return B.astype(np.float16).astype(np.float64)
+    amax = np.abs(B).max(axis=1)
+    scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    return np.clip(np.rint(B / scale[:, None]), -127, 127) * scale[:, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 3, 17), (1, 17, 3), (1, 255, 1023), (1, 1023, 255),
+                                   (3, 17, 255), (5, 33, 1)])
+def test_compact_packed_gemm_matches_numpy_and_reference(dtype, M, N, K):
+    rng = np.random.default_rng(M * 7919 + N * 31 + K)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    want = A.astype(np.float64) @ dequantized(B, dtype).T
+    tol = 1e-5 * np.sqrt(K) * (1 + np.abs(want))
+    fast = _core.gemm_packed(A, B, dtype=dtype)
+    ref = _core.gemm_packed(A, B, dtype=dtype, reference=True)
+    assert np.all(np.abs(fast - want) <= tol)
+    assert np.all(np.abs(ref - want) <= tol)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    acc = _core.gemm_packed(A, B, C0.copy(), dtype=dtype)
+    assert np.all(np.abs(acc - (want + C0)) <= tol)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_packed_gemm_with_unaligned_operands(offset):
+    """A and C need no alignment: rows that start anywhere give the same products."""
+    rng = np.random.default_rng(offset)
+    K, N = 37, 50
+    buf = rng.standard_normal(offset + 3 * K).astype(np.float32)
+    A = buf[offset:].reshape(3, K)
+    assert A.ctypes.data % 32
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    want = A.astype(np.float64) @ B.T.astype(np.float64)
+    for dtype in ("float32", "float16", "int8"):
+        got = _core.gemm_packed(A, B, dtype=dtype)
+        w = want if dtype == "float32" else A.astype(np.float64) @ dequantized(B, dtype).T
+        assert np.all(np.abs(got - w) <= 1e-5 * np.sqrt(K) * (1 + np.abs(w)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_cells_with_compact_weights_equal_the_dequantized_model(dtype):
+    """A stream over float16 / int8 packed weights computes the ONNX cell exactly on the
+    dequantized weights (the only error is the weights' rounding, documented in FORMAT.md)."""
+    import rnnengine
+    rng = np.random.default_rng(11)
+    I, H = 20, 48
+    W = rng.standard_normal((1, 3 * H, I)).astype(np.float32) * 0.3
+    R = rng.standard_normal((1, 3 * H, H)).astype(np.float32) * 0.3
+    Bb = rng.standard_normal((1, 6 * H)).astype(np.float32) * 0.1
+    X = rng.standard_normal((12, 2, I)).astype(np.float32)
+    Wq = dequantized(W[0], dtype).astype(np.float32)[None]
+    Rq = dequantized(R[0], dtype).astype(np.float32)[None]
+    want = rnnengine.Model([rnnengine.GRU(Wq, Rq, Bb, linear_before_reset=1)]).run(X)[0]
+    s = rnnengine.Model([rnnengine.GRU(W, R, Bb, linear_before_reset=1)], weight_dtype=dtype).stream(batch_size=2)
+    got = np.stack([s.step(X[t]) for t in range(12)])
+    assert np.abs(got - want).max() <= 1e-5
+    full = rnnengine.Model([rnnengine.GRU(W, R, Bb, linear_before_reset=1)]).run(X)[0]
+    assert np.abs(got - full).max() <= {"float16": 5e-3, "int8": 5e-2}[dtype]

@@ -215,3 +215,32 @@ def test_stream_refuses_models_that_need_the_future():
     model = rnnengine.Model([random_layer("GRU", rng, 3, 4, direction="reverse")])
     with pytest.raises(ValueError, match="reverse"):
         model.stream()
+
+
+def test_threads_split_batch_rows_and_match_one_thread():
+    """Model(threads=2) runs each half of the batch on its own thread through the whole
+    sequence; results match the one-thread run to float32 rounding (the input projection's
+    BLAS call sees fewer rows), lengths and initial states included."""
+    rng = np.random.default_rng(21)
+    I, H, T, B = 12, 16, 30, 9
+    W = rng.standard_normal((2, 4 * H, I)).astype(np.float32) * 0.3
+    R = rng.standard_normal((2, 4 * H, H)).astype(np.float32) * 0.3
+    W2 = rng.standard_normal((1, 3 * H, 2 * H)).astype(np.float32) * 0.3
+    R2 = rng.standard_normal((1, 3 * H, H)).astype(np.float32) * 0.3
+    layers = [rnnengine.LSTM(W, R, direction="bidirectional"), rnnengine.GRU(W2, R2)]
+    X = rng.standard_normal((B, T, I)).astype(np.float32)
+    lens = rng.integers(0, T + 1, B)
+    one = rnnengine.Model(layers, batch_first=True)
+    two = rnnengine.Model(layers, batch_first=True, threads=2)
+    st = [(rng.standard_normal((2, B, H)).astype(np.float32), rng.standard_normal((2, B, H)).astype(np.float32)),
+          rng.standard_normal((1, B, H)).astype(np.float32)]
+    y1, s1 = one.run(X, lengths=lens, state=st)
+    y2, s2 = two.run(X, lengths=lens, state=st)
+    assert np.abs(y1 - y2).max() <= 1e-5
+    for a, b in zip(s1, s2):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert np.abs(u - v).max() <= 1e-5
+    with pytest.raises(ValueError, match="threads"):
+        rnnengine.Model(layers, threads=0)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        rnnengine.Model(layers, weight_dtype="bfloat16")
