@@ -175,7 +175,8 @@ class Model:
     def _run_split(self, X, T, B, lens, st):
         """run() with the batch rows split over self.threads threads. Rows are independent,
         so each thread takes its rows through the whole sequence with its own state and
-        workspace: no synchronisation per step, and the result equals a one-thread run."""
+        workspace: no synchronisation per step. Results equal a one-thread run to float32
+        rounding (the input projection's BLAS call sees fewer rows)."""
         import concurrent.futures as cf
         if getattr(self, "_pool", None) is None or self._pool_size != self.threads:
             self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
