@@ -45,10 +45,11 @@ def timeit(fn, reps, inner):
 
 
 def sgemm_peak(reps):
-    n = 512
+    """This core's SGEMM rate (FLOP/s): the best of several large single-thread products."""
+    n = 1024
     a = np.asfortranarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
-    t = timeit(lambda: blas.sgemm(1.0, a, a), reps, 3)
-    return 2 * n ** 3 / np.median(t)
+    t = timeit(lambda: blas.sgemm(1.0, a, a), max(3, reps // 2), 1)
+    return 2 * n ** 3 / np.min(t)
 
 
 def make_weights(kind, I, H, seed=0):
@@ -60,7 +61,7 @@ def make_weights(kind, I, H, seed=0):
     return W, R, B
 
 
-def onnx_session(kind, W, R, B, with_state):
+def onnx_session(kind, W, R, B, with_state, threads=1):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -82,7 +83,7 @@ def onnx_session(kind, W, R, B, with_state):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
     m.ir_version = 8
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     del G
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -92,12 +93,12 @@ def layer_of(kind, W, R, B):
     return getattr(rnnengine, kind)(W, R, B)
 
 
-def torch_module(kind, W, R, B):
+def torch_module(kind, W, R, B, threads=1):
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     H, I = R.shape[2], W.shape[2]
     mod = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[kind](I, H)
     # ONNX gate order -> PyTorch: LSTM iofc -> ifgo, GRU zrh -> rzn
@@ -188,29 +189,34 @@ def bench_stream(kind, I, H, reps, inner, peak):
     return res
 
 
-def bench_sequence(kind, I, H, T, batch, reps, peak):
+def bench_sequence(kind, I, H, T, batch, reps, peak, threads=1):
     W, R, B = make_weights(kind, I, H)
     G = GATES[kind]
     X = np.random.default_rng(2).standard_normal((T, batch, I)).astype(np.float32)
-    res = {"case": f"sequence {kind} I={I} H={H} T={T} B={batch}", "kind": kind, "I": I, "H": H, "batch": batch, "T": T}
-    Rf = np.asfortranarray(R[0])
-    hb = np.zeros((H, batch), np.float32, order="F")
-    if batch == 1:
-        t_r = np.median(timeit(lambda: blas.sgemv(1.0, Rf, hb[:, 0]), reps, 50))
-    else:
-        t_r = np.median(timeit(lambda: blas.sgemm(1.0, Rf, hb), reps, 50))
+    res = {"case": f"sequence {kind} I={I} H={H} T={T} B={batch}" + (f" {threads} threads" if threads > 1 else ""),
+           "kind": kind, "I": I, "H": H, "batch": batch, "T": T, "threads": threads}
+    # bound per time step: FLOPs at the SGEMM peak; for batch 1 also one sgemv over R (a
+    # batch-1 step cannot beat reading R once)
     flops = 2 * G * H * (I + H) * batch
-    res["bound_us"] = max(flops / peak, t_r) * 1e6  # per time step
+    t_r = 0.0
+    if batch == 1:
+        Rf = np.asfortranarray(R[0])
+        hv = np.zeros(H, np.float32)
+        t_r = np.median(timeit(lambda: blas.sgemv(1.0, Rf, hv), reps, 50))
+    res["bound_us"] = max(flops / peak, t_r) * 1e6
 
     engines = {}
-    model = rnnengine.Model([layer_of(kind, W, R, B)])
+    model = rnnengine.Model([layer_of(kind, W, R, B)], threads=threads)
     engines["rnnengine"] = lambda: model.run(X)
+    if threads > 1:
+        one = rnnengine.Model([layer_of(kind, W, R, B)])
+        engines["rnnengine 1 thread"] = lambda: one.run(X)
     try:
-        sess = onnx_session(kind, W, R, B, with_state=False)
+        sess = onnx_session(kind, W, R, B, with_state=False, threads=threads)
         engines["onnxruntime"] = lambda: sess.run(None, {"X": X})
     except ImportError:
         pass
-    mod = torch_module(kind, W, R, B)
+    mod = torch_module(kind, W, R, B, threads)
     if mod is not None:
         import torch
         tX = torch.from_numpy(X)
@@ -228,41 +234,271 @@ def bench_sequence(kind, I, H, T, batch, reps, peak):
     return res
 
 
+def bench_audio(kind, H, chunk, reps, peak):
+    """Per-sample streaming of a tiny model (input 1), fed a chunk per call so the loop over
+    samples runs in C; onnxruntime runs the same chunk as a sequence with the state in/out."""
+    W, R, B = make_weights(kind, 1, H)
+    G = GATES[kind]
+    x = np.random.default_rng(3).standard_normal((chunk, 1, 1)).astype(np.float32)
+    res = {"case": f"audio {kind} H={H} chunk={chunk} (per sample)", "kind": kind, "H": H, "batch": 1}
+    res["bound_us"] = 2 * G * H * (1 + H) / peak * 1e6
+    model = rnnengine.Model([layer_of(kind, W, R, B)])
+    stream = model.stream()
+    engines = {"rnnengine": lambda: stream.feed(x)}
+    try:
+        sess = onnx_session(kind, W, R, B, with_state=True)
+        state = {"h0": np.zeros((1, 1, H), np.float32)}
+        if kind == "LSTM":
+            state["c0"] = np.zeros((1, 1, H), np.float32)
+
+        def ort_chunk():
+            out = sess.run(None, {"X": x, **state})
+            state["h0"] = out[1]
+            if kind == "LSTM":
+                state["c0"] = out[2]
+        engines["onnxruntime"] = ort_chunk
+    except ImportError:
+        pass
+    times = {k: [] for k in engines}
+    for _ in range(reps):
+        for name, fn in engines.items():
+            times[name].extend(timeit(fn, 1, 1) / chunk)
+    res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                      for k, v in times.items()}
+    return res
+
+
+def bench_streams64(kind, H, n, reps, peak):
+    """n independent batch-1 streams stepped together with step_streams: the rate of the
+    recurrent work (2*G*H*H*n FLOPs per step) against the SGEMM peak."""
+    W, R, B = make_weights(kind, H, H)
+    G = GATES[kind]
+    model = rnnengine.Model([layer_of(kind, W, R, B)])
+    streams = [model.stream() for _ in range(n)]
+    x = np.random.default_rng(4).standard_normal((n, H)).astype(np.float32)
+    out = np.empty((n, H), np.float32)
+    t = timeit(lambda: rnnengine.step_streams(streams, x, out=out), reps, 20)
+    rec_flops, all_flops = 2 * G * H * H * n, 2 * G * H * 2 * H * n
+    res = {"case": f"{n} streams {kind} I=H={H} stepped together", "kind": kind, "H": H, "batch": n,
+           "bound_us": all_flops / peak * 1e6,
+           "recurrent_fraction_of_peak": rec_flops / np.median(t) / peak,
+           "engines": {"rnnengine": {"median_us": float(np.median(t) * 1e6), "p99_us": float(np.percentile(t, 99) * 1e6)}}}
+    sess = onnx_session(kind, W, R, B, with_state=True)
+    st = {"h0": np.zeros((1, n, H), np.float32)}
+    if kind == "LSTM":
+        st["c0"] = np.zeros((1, n, H), np.float32)
+    xo = x.reshape(1, n, H)
+    to = timeit(lambda: sess.run(None, {"X": xo, **st}), reps, 20)
+    res["engines"]["onnxruntime"] = {"median_us": float(np.median(to) * 1e6), "p99_us": float(np.percentile(to, 99) * 1e6)}
+    return res
+
+
+def bench_compact(kind, H, steps, reps, peak):
+    """Batch-1 streaming with float32 / float16 / int8 packed weights against the float32
+    bound (one sgemv over the float32 [W R]); the accuracy cost is the largest difference
+    of the outputs from the float32 model over `steps` steps."""
+    W, R, B = make_weights(kind, H, H)
+    G = GATES[kind]
+    xs = np.random.default_rng(5).standard_normal((steps, H)).astype(np.float32)
+    WR = np.asfortranarray(np.concatenate([W[0], R[0]], axis=1))
+    xh = np.zeros(2 * H, np.float32)
+    t_gemv = np.median(timeit(lambda: blas.sgemv(1.0, WR, xh), reps, 20))
+    res = {"case": f"stream {kind} I=H={H} compact weights", "kind": kind, "H": H, "batch": 1,
+           "bound_us": max(2 * G * H * 2 * H / peak, t_gemv) * 1e6, "engines": {}, "max_abs_error": {}}
+    ref = None
+    models = {dt: rnnengine.Model([layer_of(kind, W, R, B)], weight_dtype=dt) for dt in ("float32", "float16", "int8")}
+    for dt, m in models.items():
+        s = m.stream()
+        y = np.array([s.step(x) for x in xs])
+        ref = y if ref is None else ref
+        res["max_abs_error"][dt] = float(np.abs(y - ref).max())
+    times = {dt: [] for dt in models}
+    streams = {dt: m.stream() for dt, m in models.items()}
+    outs = {dt: np.empty(H, np.float32) for dt in models}
+    for _ in range(reps):
+        for dt, s in streams.items():
+            times[dt].extend(timeit(lambda: s.step(xs[0], out=outs[dt]), 1, 20))
+    for dt, v in times.items():
+        res["engines"][f"rnnengine {dt}"] = {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+    return res
+
+
+def bench_memory(n=1000, H=256):
+    """Resident memory growth of a fresh process that builds an H=256 LSTM and 1,000 streams
+    and steps each once, against weights + n x state + 10%."""
+    import subprocess
+    code = f"""
+import numpy as np, rnnengine
+def rss():  # resident set size now, bytes (Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+rng = np.random.default_rng(0)
+W = rng.standard_normal((1, 4 * {H}, {H})).astype(np.float32); R = W.copy(); B = np.zeros((1, 8 * {H}), np.float32)
+x = np.zeros({H}, np.float32)
+r0 = rss()
+m = rnnengine.Model([rnnengine.LSTM(W, R, B)])
+del W, R
+r1 = rss()
+ss = [m.stream() for _ in range({n})]
+for s in ss: s.step(x)
+r2 = rss()
+print(r0, r1, r2, m._stack.state_size(1) * 4)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    r0, r1, r2, state = map(int, out)
+    weights = (4 * H * H * 2 + 8 * H) * 4
+    return {"case": f"memory: {n} streams of an LSTM H={H}", "weights_bytes": weights, "state_bytes": state,
+            "model_rss_bytes": r1 - r0, "streams_rss_bytes": r2 - r1,
+            "budget_bytes": int((weights + n * state) * 1.1), "total_bytes": r2 - r0}
+
+
+def bench_graph_models(reps):
+    """Whole converted models from the test corpus, stepped as streams: a token model (one
+    token per call) and an audio model with a conv front end (one chunk per call)."""
+    here = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "corpus")
+    results = []
+    cases = [("torch_legacy_token_lstm_logsoftmax_op14.onnx", {"ids": np.array([[3]], np.int64)}, None),
+             ("torch_legacy_audio_vad_stateful_op14.onnx",
+              {"x": np.random.default_rng(6).standard_normal((1, 128)).astype(np.float32)},
+              ("state", "stateN", np.zeros((2, 1, 1, 16), np.float32)))]
+    import onnxruntime as ort
+    for fname, feeds, pair in cases:
+        path = os.path.join(here, fname)
+        model = rnnengine.convert(path)
+        stream = model.stream()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        st = {} if pair is None else {pair[0]: pair[2]}
+
+        def ort_call():
+            out = sess.run(None, {**feeds, **st})
+            if pair is not None:
+                st[pair[0]] = out[names.index(pair[1])]
+        engines = {"rnnengine": lambda: stream(feeds), "onnxruntime": ort_call}
+        times = {k: [] for k in engines}
+        for _ in range(reps):
+            for k, fn in engines.items():
+                times[k].extend(timeit(fn, 1, 50))
+        results.append({"case": f"converted model {fname} (per call)", "bound_us": float("nan"),
+                        "engines": {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                                    for k, v in times.items()}})
+    return results
+
+
+def call_overhead(reps):
+    """Python per-step cost of a stream of a trivial model (RNN 1 -> 1)."""
+    m = rnnengine.Model([rnnengine.RNN(np.ones((1, 1, 1), np.float32), np.ones((1, 1, 1), np.float32) * 0.5)])
+    s = m.stream()
+    x = np.zeros(1, np.float32)
+    y = np.empty(1, np.float32)
+    t = timeit(lambda: s.step(x, out=y), reps, 2000)
+    return float(np.median(t) * 1e6)
+
+
 def table(results):
-    lines = ["| case | bound µs/step | engine | median µs/step | p99 | fraction of bound | rnnengine speed-up |",
+    lines = ["| case | bound µs | engine | median µs | p99 µs | bound / time | time / rnnengine's |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        ours = r["engines"]["rnnengine"]["median_us"]
+        if "engines" not in r:
+            continue
+        ours = r["engines"].get("rnnengine", next(iter(r["engines"].values())))["median_us"]
         for name, e in r["engines"].items():
+            frac = r["bound_us"] / e["median_us"]
             lines.append(f"| {r['case']} | {r['bound_us']:.2f} | {name} | {e['median_us']:.2f} | {e['p99_us']:.2f} | "
-                         f"{r['bound_us'] / e['median_us']:.2f} | {e['median_us'] / ours:.2f}x |")
+                         f"{'' if np.isnan(frac) else f'{frac:.2f}'} | {e['median_us'] / ours:.2f}x |")
     return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind in zip(axes, ("LSTM", "GRU")):
+        rows = [r for r in results if r.get("kind") == kind and r["case"].startswith("stream ") and "compact" not in r["case"]]
+        hs = [r["H"] for r in rows]
+        for eng in ("rnnengine", "onnxruntime+iobinding", "onnxruntime", "pytorch"):
+            ys = [r["engines"][eng]["median_us"] for r in rows if eng in r["engines"]]
+            if len(ys) == len(hs) and ys:
+                ax.plot(hs, ys, marker="o", label=eng)
+        ax.plot(hs, [r["bound_us"] for r in rows], "k--", label="lower bound")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden size H (I = 64, 256, 512)")
+        ax.set_ylabel("µs per step (batch 1, median)")
+        ax.set_title(f"{kind}: streaming, one step per call")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under a minute)")
     p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--plot", help="also draw per-step latency vs hidden size to this PNG (needs matplotlib)")
     a = p.parse_args(argv)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, user_api="blas")  # BLAS threads: 1, whatever the environment says
+    except ImportError:
+        pass  # OPENBLAS_NUM_THREADS=1 above does the same for SciPy's OpenBLAS
     reps = 5 if a.quick else 15
     peak = sgemm_peak(reps)
     sizes = [(64, 128)] if a.quick else [(64, 128), (256, 256), (512, 512)]
     results = []
+
+    def step(msg):
+        print(msg, "...", file=sys.stderr, flush=True)
     for kind in ("LSTM", "GRU"):
         for I, H in sizes:
-            print(f"streaming {kind} I={I} H={H} ...", file=sys.stderr)
+            step(f"streaming {kind} I={I} H={H}")
             results.append(bench_stream(kind, I, H, reps, 200 if H <= 256 else 50, peak))
+    for kind in ("LSTM", "GRU"):
+        for H in ((16,) if a.quick else (16, 64)):
+            step(f"audio {kind} H={H}")
+            results.append(bench_audio(kind, H, 1000, reps, peak))
     seq = [(256, 1), (256, 16)] if a.quick else [(256, 1), (1024, 1), (256, 16)]
     for kind in ("LSTM", "GRU"):
         for T, batch in seq:
-            print(f"sequence {kind} T={T} B={batch} ...", file=sys.stderr)
+            step(f"sequence {kind} T={T} B={batch}")
             results.append(bench_sequence(kind, 256, 256, T, batch, reps, peak))
+    step("64 streams stepped together")
+    results.append(bench_streams64("LSTM", 256, 64, reps, peak))
+    for H in ((512,) if a.quick else (512, 1024)):
+        step(f"compact weights H={H}")
+        results.append(bench_compact("LSTM", H, 100, reps, peak))
+    if (os.cpu_count() or 1) >= 2:
+        for batch in ((16,) if a.quick else (1, 16, 64)):
+            step(f"2 threads, batch {batch}")
+            results.append(bench_sequence("LSTM", 256, 256, 256, batch, max(3, reps // 3), peak, threads=2))
+    if not a.quick:
+        step("converted models")
+        results.extend(bench_graph_models(reps))
+    step("memory")
+    mem = bench_memory()
+    overhead = call_overhead(reps)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"\nmachine: {machine}; single-core SGEMM peak measured: {peak / 1e9:.1f} GFLOP/s\n")
     print(table(results))
+    for r in results:
+        if "recurrent_fraction_of_peak" in r:
+            print(f"\n{r['case']}: recurrent work at {r['recurrent_fraction_of_peak']:.0%} of the SGEMM peak")
+        if "max_abs_error" in r:
+            print(f"\n{r['case']}: max abs output difference from float32 over 100 steps: "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_error"].items()))
+    print(f"\nPython call overhead per stream step (trivial model): {overhead:.2f} us")
+    print(f"{mem['case']}: model {mem['model_rss_bytes'] / 1e6:.1f} MB, streams {mem['streams_rss_bytes'] / 1e6:.1f} MB, "
+          f"total {mem['total_bytes'] / 1e6:.1f} MB; budget (weights + n x state + 10%) {mem['budget_bytes'] / 1e6:.1f} MB")
+    if a.plot:
+        plot(results, a.plot)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": machine, "sgemm_gflops": peak / 1e9, "results": results}, f, indent=1)
+            json.dump({"machine": machine, "sgemm_gflops": peak / 1e9, "results": results, "memory": mem,
+                       "call_overhead_us": overhead}, f, indent=1)
 
 
 if __name__ == "__main__":
