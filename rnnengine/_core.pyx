@@ -6,6 +6,8 @@ from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
+import threading
+
 import numpy as np
 cimport numpy as cnp
 
@@ -234,6 +236,20 @@ cdef class Stack:
         _check(st, "forward")
 
 
+# Scratch memory of stream steps, one buffer per thread (grown as needed) rather than one
+# per stream: a thousand streams then cost their states, not a thousand workspaces. A
+# thread runs one step at a time, so its buffer is never in use twice.
+_tls = threading.local()
+
+
+cdef cnp.ndarray _thread_work(int64_t n):
+    cdef object buf = getattr(_tls, "work", None)
+    if buf is None or cnp.PyArray_SIZE(<cnp.ndarray>buf) < n:
+        buf = np.empty(max(n, 4096), np.float32)
+        _tls.work = buf
+    return <cnp.ndarray>buf
+
+
 cdef class Stream:
     """Recurrent state of ``batch_size`` rows kept between calls to step() and feed().
 
@@ -246,10 +262,8 @@ cdef class Stream:
     cdef readonly bint batch_first
     cdef object _state          # float32 (S,): this stream's state, layout of rnn_stack
     cdef object _initial        # float32 (S,): what reset() restores
-    cdef object _work
-    cdef int64_t _work_T
-    cdef float *_state_p        # data pointers of _state and _work (kept alive by them)
-    cdef float *_work_p
+    cdef int64_t _ws1           # workspace floats of one step
+    cdef float *_state_p        # data pointer of _state (kept alive by it)
 
     def __cinit__(self, model, Stack stack, int batch_size, initial, bint batch_first):
         if batch_size < 1:
@@ -263,15 +277,7 @@ cdef class Stream:
             raise ValueError("initial state has the wrong size")
         self._state = self._initial.copy()
         self._state_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._state)
-        self._work_T = 1
-        self._work = np.empty(stack.workspace_size(1, batch_size), dtype=np.float32)
-        self._work_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._work)
-
-    cdef _ensure_work(self, int64_t T):
-        if T > self._work_T:
-            self._work = np.empty(self.stack.workspace_size(T, self.batch_size), dtype=np.float32)
-            self._work_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._work)
-            self._work_T = T
+        self._ws1 = stack.workspace_size(1, batch_size)
 
     def step(self, x, out=None):
         """Advances one time step. x: (batch_size, input_size), or (input_size,) when
@@ -305,10 +311,11 @@ cdef class Stream:
             res = <cnp.ndarray>out
         cdef const float *xp = <const float *>cnp.PyArray_DATA(arr)
         cdef float *yp = <float *>cnp.PyArray_DATA(res)
+        cdef float *wp = <float *>cnp.PyArray_DATA(_thread_work(self._ws1))
         cdef rnn_status st
         with nogil:
             st = rnn_stack_forward(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
-                                   stack.last_hidden, self._state_p, self._work_p)
+                                   stack.last_hidden, self._state_p, wp)
         if st != RNN_STATUS_OK:
             _check(st, "step")
         return res
@@ -331,12 +338,12 @@ cdef class Stream:
         T = arr.shape[1 - bdim]
         Y = np.zeros(arr.shape[:2] + (stack.output_size,), np.float32)
         if T:
-            self._ensure_work(T)
             B = self.batch_size
             DH = stack.output_size
             ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
+            work = _thread_work(stack.workspace_size(T, B))
             stack.forward(arr, None, Y.reshape(-1), ys_t, ys_b, stack.last_hidden, self._state,
-                          self._work, self.batch_first)
+                          work[:stack.workspace_size(T, B)], self.batch_first)
         return Y[:, 0, :] if squeeze and not self.batch_first else (Y[0] if squeeze else Y)
 
     def reset(self):

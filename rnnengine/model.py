@@ -255,8 +255,14 @@ class Model:
                              f"direction 'forward' ({'; '.join(bad)}); use Model.run() for whole sequences")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        s = _core.Stream(self, self._stack, int(batch_size), self.initial_state_vector(batch_size),
-                         self.batch_first)
+        # streams of one batch size share one read-only initial state (reset() copies it)
+        cache = self.__dict__.setdefault("_stream_initial", {})
+        init = cache.get(int(batch_size))
+        if init is None:
+            init = self.initial_state_vector(batch_size)
+            init.flags.writeable = False
+            cache[int(batch_size)] = init
+        s = _core.Stream(self, self._stack, int(batch_size), init, self.batch_first)
         if state is not None:
             s.set_state(state)
         return s
