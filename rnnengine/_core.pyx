@@ -28,7 +28,8 @@ rnn_kernel_level()  # resolve the CPU dispatch once, at import
 
 
 def kernel_level(level=None):
-    """The compute kernels in use: 1 = AVX2+FMA, 0 = portable reference. Passing a level
+    """The compute kernels in use: 2 = AVX-512F (float32 products; the rest AVX2), 1 = AVX2+FMA,
+    0 = portable reference. Passing a level
     switches process-wide (tests and benchmarks only; never while streams are running).
     Returns the level in force."""
     if level is not None:

@@ -285,6 +285,108 @@ AVX2F16 static void gemv_compact_avx2(const float *a, const rnn_packed *Bp, floa
     }
 }
 
+/* AVX-512F versions of the float32 kernels: a 16-column panel row is one zmm register, so a
+ * product needs half the instructions of the AVX2 kernels. Every output still accumulates
+ * a[k] * b[k] with one FMA per k in order, exactly as the AVX2 kernels do, so both give the
+ * same bits (and rows stay independent of the batch they are in). */
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+AVX512 static inline void store16(float *c, int64_t w, __m512 v, int accumulate) {
+    const __mmask16 m = (__mmask16)(w >= 16 ? 0xffff : ((1u << w) - 1));
+    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c));
+    _mm512_mask_storeu_ps(c, m, v);
+}
+
+/* One row of A: eight panels at once (eight accumulators cover the FMA latency). */
+AVX512 static void gemv_packed_avx512(const float *a, const rnn_packed *Bp, float *c, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    const float *base = (const float *)Bp->data;
+    int64_t p = 0;
+    for (; p + 8 <= P; p += 8) {
+        const float *b = base + p * stride;
+        __m512 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++, b += RNN_PANEL) {
+            const __m512 x = _mm512_set1_ps(a[k]);
+            for (int q = 0; q < 8; q++) acc[q] = _mm512_fmadd_ps(x, _mm512_load_ps(b + q * stride), acc[q]);
+        }
+        for (int q = 0; q < 8; q++) {
+            const int64_t col = (p + q) * RNN_PANEL;
+            store16(c + col, N - col, acc[q], accumulate);
+        }
+    }
+    for (; p < P; p++) {
+        const float *b = base + p * stride;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++, b += RNN_PANEL) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_load_ps(b), acc);
+        store16(c + p * RNN_PANEL, N - p * RNN_PANEL, acc, accumulate);
+    }
+}
+
+/* Rows of A in groups of four against two panels at a time: eight accumulators, two panel
+ * loads and four broadcasts feed eight FMAs per k. */
+AVX512 static void gemm_packed_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
+                                      float *C, int64_t ldc, int accumulate) {
+    if (M == 1) {
+        gemv_packed_avx512(A, Bp, C, accumulate);
+        return;
+    }
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    const float *base = (const float *)Bp->data;
+    for (int64_t p = 0; p < P; p += 2) {
+        const int two = p + 1 < P;
+        const float *b0 = base + p * stride, *b1 = two ? b0 + stride : b0;
+        const int64_t col = p * RNN_PANEL;
+        const int64_t w0 = N - col, w1 = N - col - RNN_PANEL;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const float *a0 = A + m * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+            __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(),
+                   c11 = _mm512_setzero_ps(), c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps(),
+                   c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 u = _mm512_load_ps(b0 + k * RNN_PANEL), v = _mm512_load_ps(b1 + k * RNN_PANEL);
+                __m512 x = _mm512_set1_ps(a0[k]);
+                c00 = _mm512_fmadd_ps(x, u, c00);
+                c01 = _mm512_fmadd_ps(x, v, c01);
+                x = _mm512_set1_ps(a1[k]);
+                c10 = _mm512_fmadd_ps(x, u, c10);
+                c11 = _mm512_fmadd_ps(x, v, c11);
+                x = _mm512_set1_ps(a2[k]);
+                c20 = _mm512_fmadd_ps(x, u, c20);
+                c21 = _mm512_fmadd_ps(x, v, c21);
+                x = _mm512_set1_ps(a3[k]);
+                c30 = _mm512_fmadd_ps(x, u, c30);
+                c31 = _mm512_fmadd_ps(x, v, c31);
+            }
+            float *cr = C + m * ldc + col;
+            store16(cr, w0, c00, accumulate);
+            store16(cr + ldc, w0, c10, accumulate);
+            store16(cr + 2 * ldc, w0, c20, accumulate);
+            store16(cr + 3 * ldc, w0, c30, accumulate);
+            if (two) {
+                store16(cr + RNN_PANEL, w1, c01, accumulate);
+                store16(cr + ldc + RNN_PANEL, w1, c11, accumulate);
+                store16(cr + 2 * ldc + RNN_PANEL, w1, c21, accumulate);
+                store16(cr + 3 * ldc + RNN_PANEL, w1, c31, accumulate);
+            }
+        }
+        for (; m < M; m++) {
+            const float *a = A + m * lda;
+            __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 x = _mm512_set1_ps(a[k]);
+                u0 = _mm512_fmadd_ps(x, _mm512_load_ps(b0 + k * RNN_PANEL), u0);
+                u1 = _mm512_fmadd_ps(x, _mm512_load_ps(b1 + k * RNN_PANEL), u1);
+            }
+            store16(C + m * ldc + col, w0, u0, accumulate);
+            if (two) store16(C + m * ldc + col + RNN_PANEL, w1, u1, accumulate);
+        }
+    }
+}
+
 /* Panels outer, rows inner: a panel (K x 16 floats) is read from memory once and reused
  * from L1 by every group of rows. */
 AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
@@ -308,37 +410,39 @@ AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const 
 }
 #endif
 
-static int g_kernel = -1; /* -1 unknown, 0 reference, 1 AVX2+FMA */
-
-int rnn_kernel_level(void) {
-    if (g_kernel < 0) {
-#ifdef RNN_HAVE_AVX2_KERNEL
-        __builtin_cpu_init();
-        g_kernel = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
-                       ? 1 : 0;
-#else
-        g_kernel = 0;
-#endif
-    }
-    return g_kernel;
-}
-
-void rnn_set_kernel_level(int level) { g_kernel = level > 0 && rnn_kernel_level_max() > 0 ? 1 : 0; }
+static int g_kernel = -1; /* -1 unknown, 0 reference, 1 AVX2+FMA(+F16C), 2 AVX-512F for float32 */
 
 int rnn_kernel_level_max(void) {
 #ifdef RNN_HAVE_AVX2_KERNEL
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
 #else
     return 0;
 #endif
+}
+
+int rnn_kernel_level(void) {
+    if (g_kernel < 0) g_kernel = rnn_kernel_level_max();
+    return g_kernel;
+}
+
+void rnn_set_kernel_level(int level) {
+    const int top = rnn_kernel_level_max();
+    g_kernel = level < 0 ? 0 : (level > top ? top : level);
 }
 
 void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                      int64_t ldc, int accumulate) {
     if (M <= 0 || Bp->N <= 0) return;
 #ifdef RNN_HAVE_AVX2_KERNEL
-    if (rnn_kernel_level() == 1) {
+    const int level = rnn_kernel_level();
+    if (level == 2 && Bp->dtype == RNN_WEIGHTS_F32) {
+        gemm_packed_avx512(M, A, lda, Bp, C, ldc, accumulate);
+        return;
+    }
+    if (level >= 1) {
         gemm_packed_avx2(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }

@@ -145,8 +145,9 @@ typedef void (*rnn_sgemv_fn)(char *trans, int *m, int *n, float *alpha, float *a
 void rnn_blas_set_sgemv(rnn_sgemv_fn fn);
 int rnn_blas_has_sgemm(void);
 
-/* Which compute kernels run: 1 = AVX2+FMA (chosen at load time when the CPU has it),
- * 0 = the portable reference kernels. rnn_set_kernel_level is for tests and benchmarks
+/* Which compute kernels run, chosen at load time from what the CPU has: 2 = AVX-512F for
+ * float32 products (AVX2 for the rest), 1 = AVX2+FMA+F16C, 0 = the portable reference
+ * kernels. rnn_set_kernel_level is for tests and benchmarks
  * (process-wide, not to be called while other threads compute). */
 int rnn_kernel_level(void);
 int rnn_kernel_level_max(void);

@@ -111,7 +111,7 @@ APPLY8(tanh_avx2, tanh8)
 
 void rnn_vsigmoid(float *x, int64_t n) {
 #ifdef RNN_HAVE_AVX2_VMATH
-    if (rnn_kernel_level() == 1) {
+    if (rnn_kernel_level() >= 1) {
         sigmoid_avx2(x, n);
         return;
     }
@@ -121,7 +121,7 @@ void rnn_vsigmoid(float *x, int64_t n) {
 
 void rnn_vtanh(float *x, int64_t n) {
 #ifdef RNN_HAVE_AVX2_VMATH
-    if (rnn_kernel_level() == 1) {
+    if (rnn_kernel_level() >= 1) {
         tanh_avx2(x, n);
         return;
     }

@@ -60,7 +60,7 @@ def test_vectorised_sigmoid_tanh_error_bounds(name, bound, level):
         _core.kernel_level(level)
         got = _core.apply_activation(ACTIVATIONS[name][0], 0, 0, x)
     finally:
-        _core.kernel_level(1)
+        _core.kernel_level(_core.kernel_level_max())
     want = np_activation(name, 0, 0)(x.astype(np.float64))
     assert np.max(np.abs(got - want)) <= bound
 
@@ -112,7 +112,7 @@ def test_reference_kernels_give_the_same_cells():
         _core.kernel_level(0)
         ref = layer(X)
     finally:
-        _core.kernel_level(1)
+        _core.kernel_level(_core.kernel_level_max())
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -180,3 +180,25 @@ def test_cells_with_compact_weights_equal_the_dequantized_model(dtype):
     assert np.abs(got - want).max() <= 1e-5
     full = rnnengine.Model([rnnengine.GRU(W, R, Bb, linear_before_reset=1)]).run(X)[0]
     assert np.abs(got - full).max() <= {"float16": 5e-3, "int8": 5e-2}[dtype]
+
+
+@pytest.mark.skipif(_core.kernel_level_max() < 2, reason="this CPU has no AVX-512F")
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 3, 17), (1, 255, 1023), (3, 17, 255), (4, 33, 3), (9, 1023, 17),
+                                   (64, 1024, 256)])
+def test_avx512_kernels_equal_avx2_bit_for_bit(M, N, K):
+    """The AVX-512 float32 kernels do the same FMAs in the same order as the AVX2 ones."""
+    rng = np.random.default_rng(M + N + K)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K)).astype(np.float32)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    try:
+        _core.kernel_level(1)
+        avx2, avx2_acc = _core.gemm_packed(A, B), _core.gemm_packed(A, B, C0.copy())
+        _core.kernel_level(2)
+        avx512, avx512_acc = _core.gemm_packed(A, B), _core.gemm_packed(A, B, C0.copy())
+    finally:
+        _core.kernel_level(_core.kernel_level_max())
+    np.testing.assert_array_equal(avx2, avx512)
+    np.testing.assert_array_equal(avx2_acc, avx512_acc)
+    want = A.astype(np.float64) @ B.T.astype(np.float64)
+    assert np.all(np.abs(avx512 - want) <= 1e-5 * np.sqrt(K) * (1 + np.abs(want)))
