@@ -106,7 +106,7 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
 
     /* xproj = X @ W^T + bias_x   (one GEMM for all time steps) */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
-    if (N >= RNN_BLAS_MIN_ROWS)
+    if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2)
         rnn_gemm_nt(N, GH, I, 1.0f, X, I, cell->W, I, 1.0f, xproj, GH, 1);
     else
         rnn_gemm_packed(N, X, I, &cell->Wp, xproj, GH, 1);
