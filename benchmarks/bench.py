@@ -24,6 +24,7 @@ import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # 1 thread unless said; before numpy loads
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads (PyTorch) must not spin
 
 import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
@@ -85,6 +86,9 @@ def onnx_session(kind, W, R, B, with_state, threads=1):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # engines alternate in one process: onnxruntime's idle pool threads must not spin on the
+    # core the next engine needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     del G
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
