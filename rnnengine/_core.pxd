@@ -91,3 +91,39 @@ cdef extern from "rnnengine.h" nogil:
     rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                              const float *fparams, void **tensors, rnn_stack **stacks,
                              float *work, char *err, size_t errlen)
+
+
+cdef extern from "rnnengine.h" nogil:
+    ctypedef struct rnn_train_cell:
+        int32_t kind
+        int32_t input_size
+        int32_t hidden_size
+        int32_t linear_before_reset
+        int32_t relu
+        int32_t has_clip
+        float clip
+        const float *W
+        const float *R
+        const float *B
+        const float *P
+    int64_t rnn_train_saved_floats(const rnn_train_cell *cell, int64_t T, int64_t B)
+    int64_t rnn_train_work_floats(const rnn_train_cell *cell, int64_t T, int64_t B)
+    rnn_status rnn_train_forward(const rnn_train_cell *cell, int64_t T, int64_t B, const float *X,
+                                 const float *h0, const float *c0, float *Y, float *hT, float *cT,
+                                 float *saved, float *work)
+    rnn_status rnn_train_backward(const rnn_train_cell *cell, int64_t T, int64_t B, const float *X,
+                                  const float *h0, const float *c0, const float *Y, const float *saved,
+                                  const float *dY, const float *dhT, const float *dcT, float *dX,
+                                  float *dW, float *dR, float *dB, float *dP, float *dh0, float *dc0,
+                                  float *work)
+    void rnn_dense_forward(int64_t N, int64_t K, int64_t O, const float *X, const float *W, const float *b, float *Y)
+    void rnn_dense_backward(int64_t N, int64_t K, int64_t O, const float *X, const float *W, const float *dY,
+                            float *dW, float *db, float *dX)
+    double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t *targets, float *dlogits)
+    double rnn_mse(int64_t N, int64_t D, const float *y, const float *t, float *dy)
+    int rnn_embedding_forward(int64_t N, int64_t V, int64_t E, const int32_t *ids, const float *table, float *out)
+    int rnn_embedding_backward(int64_t N, int64_t V, int64_t E, const int32_t *ids, const float *dout, float *dtable)
+    double rnn_clip_grad_norm(int64_t n, float *g, double max_norm)
+    void rnn_sgd_step(int64_t n, float *w, const float *g, float *v, float lr, float momentum, float weight_decay)
+    void rnn_adam_step(int64_t n, float *w, const float *g, float *m, float *v, int64_t t, float lr, float beta1,
+                       float beta2, float eps, float weight_decay)

@@ -491,3 +491,190 @@ cdef class Program:
         if st != RNN_STATUS_OK:
             msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
             raise GraphRunError(msg)
+
+
+# --- training (src_c/lstm.c, gru.c, rnn.c, train.c) --------------------------------------------
+# Thin wrappers: rnnengine.train validates shapes and owns every buffer; these check what the
+# C code relies on (dtype, contiguity, sizes) and release the GIL around the loops.
+
+cdef float *_fptr(object a, int64_t n, str what) except? NULL:
+    if a is None:
+        return NULL
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+        raise TypeError(f"{what} must be a C-contiguous float32 array")
+    if a.size < n:
+        raise ValueError(f"{what} has {a.size} floats, needs {n}")
+    return <float *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef void _cell_from(rnn_train_cell *c, dict spec) except *:
+    c.kind = CELL_KINDS[spec["kind"]]
+    c.input_size = spec["I"]
+    c.hidden_size = spec["H"]
+    c.linear_before_reset = spec.get("linear_before_reset", 0)
+    c.relu = spec.get("relu", 0)
+    c.has_clip = spec.get("clip") is not None
+    c.clip = spec["clip"] if spec.get("clip") is not None else 0.0
+    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[spec["kind"]]
+    H, I = spec["H"], spec["I"]
+    c.W = _fptr(spec["W"], G * H * I, "W")
+    c.R = _fptr(spec["R"], G * H * H, "R")
+    c.B = _fptr(spec.get("B"), 2 * G * H, "B")
+    c.P = _fptr(spec.get("P"), 3 * H, "P")
+
+
+def train_sizes(dict spec, int64_t T, int64_t B):
+    """(saved floats, work floats) for a forward/backward pair over T steps of B rows."""
+    cdef rnn_train_cell c
+    _cell_from(&c, spec)
+    return rnn_train_saved_floats(&c, T, B), rnn_train_work_floats(&c, T, B)
+
+
+def train_forward(dict spec, X, h0, c0, Y, hT, cT, saved, work):
+    cdef rnn_train_cell c
+    _cell_from(&c, spec)
+    cdef int64_t T = X.shape[0], B = X.shape[1], H = spec["H"]
+    cdef const float *xp = _fptr(X, T * B * spec["I"], "X")
+    cdef const float *h0p = _fptr(h0, B * H, "h0")
+    cdef const float *c0p = _fptr(c0, B * H, "c0")
+    cdef float *yp = _fptr(Y, T * B * H, "Y")
+    cdef float *hp = _fptr(hT, B * H, "hT")
+    cdef float *cp = _fptr(cT, B * H, "cT")
+    cdef float *sp = _fptr(saved, rnn_train_saved_floats(&c, T, B), "saved")
+    cdef float *wp = _fptr(work, rnn_train_work_floats(&c, T, B), "work")
+    cdef rnn_status st
+    with nogil:
+        st = rnn_train_forward(&c, T, B, xp, h0p, c0p, yp, hp, cp, sp, wp)
+    _check(st, "train_forward")
+
+
+def train_backward(dict spec, X, h0, c0, Y, saved, dY, dhT, dcT, dX, dW, dR, dB, dP, dh0, dc0, work):
+    cdef rnn_train_cell c
+    _cell_from(&c, spec)
+    cdef int64_t T = X.shape[0], B = X.shape[1], H = spec["H"], I = spec["I"]
+    cdef int64_t G = {"RNN": 1, "GRU": 3, "LSTM": 4}[spec["kind"]]
+    cdef const float *xp = _fptr(X, T * B * I, "X")
+    cdef const float *h0p = _fptr(h0, B * H, "h0")
+    cdef const float *c0p = _fptr(c0, B * H, "c0")
+    cdef const float *yp = _fptr(Y, T * B * H, "Y")
+    cdef const float *sp = _fptr(saved, rnn_train_saved_floats(&c, T, B), "saved")
+    cdef const float *dyp = _fptr(dY, T * B * H, "dY")
+    cdef const float *dhp = _fptr(dhT, B * H, "dhT")
+    cdef const float *dcp = _fptr(dcT, B * H, "dcT")
+    cdef float *dxp = _fptr(dX, T * B * I, "dX")
+    cdef float *dwp = _fptr(dW, G * H * I, "dW")
+    cdef float *drp = _fptr(dR, G * H * H, "dR")
+    cdef float *dbp = _fptr(dB, 2 * G * H, "dB")
+    cdef float *dpp = _fptr(dP, 3 * H, "dP")
+    cdef float *dh0p = _fptr(dh0, B * H, "dh0")
+    cdef float *dc0p = _fptr(dc0, B * H, "dc0")
+    cdef float *wp = _fptr(work, rnn_train_work_floats(&c, T, B), "work")
+    cdef rnn_status st
+    with nogil:
+        st = rnn_train_backward(&c, T, B, xp, h0p, c0p, yp, sp, dyp, dhp, dcp, dxp, dwp, drp, dbp, dpp,
+                                dh0p, dc0p, wp)
+    _check(st, "train_backward")
+
+
+def dense_forward(X, W, b, Y):
+    cdef int64_t N = X.shape[0], K = X.shape[1], O = W.shape[0]
+    cdef const float *xp = _fptr(X, N * K, "X")
+    cdef const float *wp = _fptr(W, O * K, "W")
+    cdef const float *bp = _fptr(b, O, "b")
+    cdef float *yp = _fptr(Y, N * O, "Y")
+    with nogil:
+        rnn_dense_forward(N, K, O, xp, wp, bp, yp)
+
+
+def dense_backward(X, W, dY, dW, db, dX):
+    cdef int64_t N = X.shape[0], K = X.shape[1], O = W.shape[0]
+    cdef const float *xp = _fptr(X, N * K, "X")
+    cdef const float *wp = _fptr(W, O * K, "W")
+    cdef const float *dyp = _fptr(dY, N * O, "dY")
+    cdef float *dwp = _fptr(dW, O * K, "dW")
+    cdef float *dbp = _fptr(db, O, "db")
+    cdef float *dxp = _fptr(dX, N * K, "dX")
+    with nogil:
+        rnn_dense_backward(N, K, O, xp, wp, dyp, dwp, dbp, dxp)
+
+
+def softmax_xent(logits, cnp.ndarray targets, dlogits):
+    cdef int64_t N = logits.shape[0], C = logits.shape[1]
+    if targets.dtype != np.int32 or not targets.flags.c_contiguous or targets.size != N:
+        raise TypeError("targets must be a C-contiguous int32 array of one class per row")
+    cdef const float *lp = _fptr(logits, N * C, "logits")
+    cdef float *dp = _fptr(dlogits, N * C, "dlogits")
+    cdef const int32_t *tp = <const int32_t *>cnp.PyArray_DATA(targets)
+    cdef double loss
+    with nogil:
+        loss = rnn_softmax_xent(N, C, lp, tp, dp)
+    if loss < 0:
+        raise ValueError(f"a target class is >= the number of classes {C}")
+    return loss
+
+
+def mse(y, t, dy):
+    cdef int64_t N = y.shape[0], D = y.size // max(1, y.shape[0])
+    cdef const float *yp = _fptr(y, N * D, "y")
+    cdef const float *tp = _fptr(t, N * D, "targets")
+    cdef float *dp = _fptr(dy, N * D, "dy")
+    cdef double loss
+    with nogil:
+        loss = rnn_mse(N, D, yp, tp, dp)
+    return loss
+
+
+def embedding_forward(cnp.ndarray ids, table, out):
+    cdef int64_t N = ids.size, V = table.shape[0], E = table.shape[1]
+    if ids.dtype != np.int32 or not ids.flags.c_contiguous:
+        raise TypeError("ids must be a C-contiguous int32 array")
+    cdef const int32_t *ip = <const int32_t *>cnp.PyArray_DATA(ids)
+    cdef const float *tp = _fptr(table, V * E, "table")
+    cdef float *op = _fptr(out, N * E, "out")
+    cdef int r
+    with nogil:
+        r = rnn_embedding_forward(N, V, E, ip, tp, op)
+    if r:
+        raise ValueError(f"a token id lies outside the vocabulary [0, {V})")
+
+
+def embedding_backward(cnp.ndarray ids, dout, dtable):
+    cdef int64_t N = ids.size, V = dtable.shape[0], E = dtable.shape[1]
+    if ids.dtype != np.int32 or not ids.flags.c_contiguous:
+        raise TypeError("ids must be a C-contiguous int32 array")
+    cdef const int32_t *ip = <const int32_t *>cnp.PyArray_DATA(ids)
+    cdef const float *dp = _fptr(dout, N * E, "dout")
+    cdef float *tp = _fptr(dtable, V * E, "dtable")
+    cdef int r
+    with nogil:
+        r = rnn_embedding_backward(N, V, E, ip, dp, tp)
+    if r:
+        raise ValueError(f"a token id lies outside the vocabulary [0, {V})")
+
+
+def clip_grad_norm(g, double max_norm):
+    cdef float *gp = _fptr(g, g.size, "g")
+    cdef int64_t n = g.size
+    cdef double norm
+    with nogil:
+        norm = rnn_clip_grad_norm(n, gp, max_norm)
+    return norm
+
+
+def sgd_step(w, g, v, float lr, float momentum, float weight_decay):
+    cdef int64_t n = w.size
+    cdef float *wp = _fptr(w, n, "w")
+    cdef const float *gp = _fptr(g, n, "g")
+    cdef float *vp = _fptr(v, n, "v")
+    with nogil:
+        rnn_sgd_step(n, wp, gp, vp, lr, momentum, weight_decay)
+
+
+def adam_step(w, g, m, v, int64_t t, float lr, float beta1, float beta2, float eps, float weight_decay):
+    cdef int64_t n = w.size
+    cdef float *wp = _fptr(w, n, "w")
+    cdef const float *gp = _fptr(g, n, "g")
+    cdef float *mp = _fptr(m, n, "m")
+    cdef float *vp = _fptr(v, n, "v")
+    with nogil:
+        rnn_adam_step(n, wp, gp, mp, vp, t, lr, beta1, beta2, eps, weight_decay)

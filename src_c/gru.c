@@ -63,3 +63,138 @@ void rnn_gru_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
         }
     }
 }
+
+/* ---- training: forward with saved activations, and backward through time ---------------
+ * Default activations (f = Sigmoid, g = Tanh), clip, linear_before_reset 0 and 1.
+ * saved, per (t, b): pre (3H: z, r, n pre-activations before clipping), post (3H: z, r, n),
+ *                    extra (H): lbr = 0: r . h_{t-1};  lbr = 1: h_{t-1} @ Rh^T + Rbh.
+ * work: xproj / dAx (T*B, 3H), dAr (T*B, 3H), gates (B, 3H), zeros, dh, dz, dr (B, H). */
+int64_t rnn_gru_saved_floats(int64_t H) { return 7 * H; }
+
+void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                           float *Y, float *hT, float *saved, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size, GH = 3 * H, S = 7 * H;
+    const int lbr = c->linear_before_reset;
+    float *xproj = work, *gates = xproj + 2 * T * B * GH, *zeros = gates + B * GH, *rh = zeros + B * H;
+    for (int64_t k = 0; k < B * H; k++) zeros[k] = 0.0f;
+    /* xproj = X @ W^T + Wb + Rb (Rbh only without linear_before_reset) */
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < GH; j++)
+            xproj[r * GH + j] = c->B ? c->B[j] + (lbr && j >= 2 * H ? 0.0f : c->B[GH + j]) : 0.0f;
+    rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
+    const float *Rh = c->R + 2 * H * H;
+    for (int64_t t = 0; t < T; t++) {
+        const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
+        /* gates[:, :2H] = h @ Rzr^T; with lbr also gates[:, 2H:] = h @ Rh^T */
+        rnn_gemm_nt(B, lbr ? GH : 2 * H, H, 1.0f, hp, H, c->R, H, 0.0f, gates, GH, 1);
+        for (int64_t b = 0; b < B; b++) {
+            float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
+            const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
+            for (int64_t j = 0; j < 2 * H; j++) {
+                pre[j] = a[j] + xp[j];
+                post[j] = rnn_sigmoidf(rnn_train_clip(c, pre[j]));
+            }
+            for (int64_t j = 0; j < H; j++) {
+                if (lbr) ex[j] = a[2 * H + j] + (c->B ? c->B[GH + 2 * H + j] : 0.0f);
+                else ex[j] = post[H + j] * hb[j];
+                rh[b * H + j] = ex[j];
+            }
+        }
+        if (!lbr) /* gates[:, 2H:] = (r . h) @ Rh^T */
+            rnn_gemm_nt(B, H, H, 1.0f, rh, H, Rh, H, 0.0f, gates + 2 * H, GH, 1);
+        for (int64_t b = 0; b < B; b++) {
+            float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
+            const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
+            float *y = Y + (t * B + b) * H;
+            for (int64_t j = 0; j < H; j++) {
+                const float n_pre = xp[2 * H + j] + (lbr ? post[H + j] * ex[j] : a[2 * H + j]);
+                const float n = tanhf(rnn_train_clip(c, n_pre)), z = post[j];
+                pre[2 * H + j] = n_pre;
+                post[2 * H + j] = n;
+                y[j] = (1.0f - z) * n + z * hb[j];
+            }
+        }
+    }
+    if (hT) {
+        const float *src = T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros);
+        for (int64_t k = 0; k < B * H; k++) hT[k] = src[k];
+    }
+}
+
+void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
+                            float *dW, float *dR, float *dB, float *dh0, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size, GH = 3 * H, S = 7 * H;
+    const int lbr = c->linear_before_reset;
+    float *dAx = work, *dAr = dAx + T * B * GH, *tmp = dAr + T * B * GH;
+    float *zeros = tmp + B * GH, *dh = zeros + B * H, *dz = dh + B * H, *dr = dz + B * H, *drh = dr + B * H;
+    for (int64_t k = 0; k < B * H; k++) {
+        zeros[k] = 0.0f;
+        dh[k] = dhT ? dhT[k] : 0.0f;
+    }
+    const float *Rh = c->R + 2 * H * H;
+    for (int64_t t = T - 1; t >= 0; t--) {
+        const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
+        float *ax = dAx + t * B * GH, *ar = dAr + t * B * GH;
+        for (int64_t b = 0; b < B; b++) {
+            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
+            const float *dy = dY ? dY + (t * B + b) * H : zeros, *hb = hp + b * H;
+            for (int64_t j = 0; j < H; j++) {
+                const float z = post[j], r = post[H + j], n = post[2 * H + j];
+                const float dht = dh[b * H + j] + dy[j];
+                const float dn_pre = dht * (1.0f - z) * (1.0f - n * n) * rnn_train_clip_grad(c, pre[2 * H + j]);
+                dz[b * H + j] = dht * (hb[j] - n);
+                dh[b * H + j] = dht * z; /* the direct path; gate paths are added below */
+                ax[b * GH + 2 * H + j] = dn_pre;
+                if (lbr) {
+                    dr[b * H + j] = dn_pre * ex[j];       /* n_pre = xh + r . hr */
+                    ar[b * GH + 2 * H + j] = dn_pre * r;  /* d hr */
+                } else {
+                    ar[b * GH + 2 * H + j] = dn_pre;      /* n_pre = xh + (r . h) Rh^T */
+                }
+            }
+        }
+        if (lbr) {
+            /* dh += d(hr) @ Rh */
+            rnn_gemm_nn(B, H, H, 1.0f, ar + 2 * H, GH, Rh, H, 1.0f, dh, H);
+        } else {
+            /* d(r . h) = dn_pre @ Rh;  dr = d(rh) . h;  dh += d(rh) . r */
+            rnn_gemm_nn(B, H, H, 1.0f, ax + 2 * H, GH, Rh, H, 0.0f, drh, H);
+            for (int64_t b = 0; b < B; b++) {
+                const float *post = saved + (t * B + b) * S + GH;
+                for (int64_t j = 0; j < H; j++) {
+                    dr[b * H + j] = drh[b * H + j] * hp[b * H + j];
+                    dh[b * H + j] += drh[b * H + j] * post[H + j];
+                }
+            }
+        }
+        for (int64_t b = 0; b < B; b++) {
+            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH;
+            for (int64_t j = 0; j < H; j++) {
+                const float z = post[j], r = post[H + j];
+                const float dzp = dz[b * H + j] * z * (1.0f - z) * rnn_train_clip_grad(c, pre[j]);
+                const float drp = dr[b * H + j] * r * (1.0f - r) * rnn_train_clip_grad(c, pre[H + j]);
+                ax[b * GH + j] = ar[b * GH + j] = dzp;
+                ax[b * GH + H + j] = ar[b * GH + H + j] = drp;
+            }
+        }
+        /* dh += dA_zr @ Rzr   (B, 2H) @ (2H, H) */
+        rnn_gemm_nn(B, H, 2 * H, 1.0f, ar, GH, c->R, H, 1.0f, dh, H);
+    }
+    if (dh0)
+        for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
+    if (T == 0) return;
+    /* dW += dAx^T X;  dX = dAx @ W */
+    rnn_gemm_tn(GH, I, T * B, 1.0f, dAx, GH, X, I, 1.0f, dW, I);
+    if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dAx, GH, c->W, I, 0.0f, dX, I);
+    /* dRzr += dAr_zr^T H_{t-1};  dRh += dAr_h^T (lbr: H_{t-1}; else r . H_{t-1}) */
+    const int64_t hrows = lbr ? GH : 2 * H;
+    rnn_gemm_tn(hrows, H, B, 1.0f, dAr, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
+    rnn_gemm_tn(hrows, H, (T - 1) * B, 1.0f, dAr + B * GH, GH, Y, H, 1.0f, dR, H);
+    if (!lbr) rnn_gemm_tn(H, H, T * B, 1.0f, dAr + 2 * H, GH, saved + 2 * GH, S, 1.0f, dR + 2 * H * H, H);
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < GH; j++) {
+            dB[j] += dAx[r * GH + j];
+            dB[GH + j] += dAr[r * GH + j];
+        }
+}

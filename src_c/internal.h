@@ -99,4 +99,41 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
                       int64_t xs_b, const int32_t *lens, int32_t reverse, float *Y, int64_t ys_t,
                       int64_t ys_b, float *h, float *c, float *work);
 
+/* ---- training helpers (lstm.c, gru.c, rnn.c, train.c) ---- */
+#include <math.h>
+
+static inline float rnn_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float rnn_train_clip(const rnn_train_cell *c, float x) {
+    return c->has_clip ? (x < -c->clip ? -c->clip : (x > c->clip ? c->clip : x)) : x;
+}
+/* d clip(x) / dx: 1 inside the clip range, 0 where the value was clipped. */
+static inline float rnn_train_clip_grad(const rnn_train_cell *c, float x) {
+    return !c->has_clip || (x > -c->clip && x < c->clip) ? 1.0f : 0.0f;
+}
+/* h_{t-1} of rows (B, H): h0 (or zeros) at t = 0, else Y[t-1]. */
+static inline const float *rnn_train_hprev(const float *h0, const float *Y, const float *zeros, int64_t t,
+                                           int64_t B, int64_t H) {
+    return t == 0 ? (h0 ? h0 : zeros) : Y + (t - 1) * B * H;
+}
+
+int64_t rnn_lstm_saved_floats(int64_t H);
+int64_t rnn_gru_saved_floats(int64_t H);
+int64_t rnn_rnn_saved_floats(int64_t H);
+void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *c0, float *Y, float *hT, float *cT, float *saved, float *work);
+void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                             const float *c0, const float *Y, const float *saved, const float *dY,
+                             const float *dhT, const float *dcT, float *dX, float *dW, float *dR, float *dB,
+                             float *dP, float *dh0, float *dc0, float *work);
+void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                           float *Y, float *hT, float *saved, float *work);
+void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
+                            float *dW, float *dR, float *dB, float *dh0, float *work);
+void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                           float *Y, float *hT, float *saved, float *work);
+void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
+                            float *dW, float *dR, float *dB, float *dh0, float *work);
+
 #endif

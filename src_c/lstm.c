@@ -66,3 +66,108 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
         }
     }
 }
+
+/* ---- training: forward with saved activations, and backward through time ---------------
+ * Default activations (f = Sigmoid, g = h = Tanh), clip and peepholes; row-major float32.
+ * saved, per (t, b): pre (4H: the gate pre-activations i, o, f, c before clipping),
+ *                    post (4H: i, o, f, g after activation), c (H), tanh(c) (H).
+ * work: xproj / dA (T*B, 4H), gates (B, 4H), zeros (B, H), dh (B, H), dc (B, H). */
+int64_t rnn_lstm_saved_floats(int64_t H) { return 10 * H; }
+
+void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *c0, float *Y, float *hT, float *cT, float *saved, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size, GH = 4 * H, S = 10 * H;
+    float *xproj = work, *gates = xproj + T * B * GH, *zeros = gates + B * GH;
+    memset(zeros, 0, sizeof(float) * (size_t)(B * H));
+    /* xproj = X @ W^T + Wb + Rb   (T*B, 4H) */
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < GH; j++) xproj[r * GH + j] = c->B ? c->B[j] + c->B[GH + j] : 0.0f;
+    rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
+    const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
+    for (int64_t t = 0; t < T; t++) {
+        const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
+        /* gates = h_{t-1} @ R^T   (B, 4H) */
+        rnn_gemm_nt(B, GH, H, 1.0f, hp, H, c->R, H, 0.0f, gates, GH, 1);
+        for (int64_t b = 0; b < B; b++) {
+            float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
+            const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
+            const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH;
+            float *y = Y + (t * B + b) * H;
+            for (int64_t j = 0; j < H; j++) {
+                const float pi = a[j] + xp[j] + (Pi ? Pi[j] * cp[j] : 0.0f);
+                const float pf = a[2 * H + j] + xp[2 * H + j] + (Pf ? Pf[j] * cp[j] : 0.0f);
+                const float pc = a[3 * H + j] + xp[3 * H + j];
+                const float i = rnn_sigmoidf(rnn_train_clip(c, pi)), f = rnn_sigmoidf(rnn_train_clip(c, pf));
+                const float g = tanhf(rnn_train_clip(c, pc));
+                const float ct = f * cp[j] + i * g;
+                const float po = a[H + j] + xp[H + j] + (Po ? Po[j] * ct : 0.0f);
+                const float o = rnn_sigmoidf(rnn_train_clip(c, po));
+                pre[j] = pi, pre[H + j] = po, pre[2 * H + j] = pf, pre[3 * H + j] = pc;
+                post[j] = i, post[H + j] = o, post[2 * H + j] = f, post[3 * H + j] = g;
+                cs[j] = ct;
+                tc[j] = tanhf(ct);
+                y[j] = o * tc[j];
+            }
+        }
+    }
+    if (hT) memcpy(hT, T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros), sizeof(float) * (size_t)(B * H));
+    if (cT) {
+        for (int64_t b = 0; b < B; b++)
+            memcpy(cT + b * H, T ? saved + ((T - 1) * B + b) * S + 2 * GH : (c0 ? c0 + b * H : zeros),
+                   sizeof(float) * (size_t)H);
+    }
+}
+
+void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                             const float *c0, const float *Y, const float *saved, const float *dY,
+                             const float *dhT, const float *dcT, float *dX, float *dW, float *dR, float *dB,
+                             float *dP, float *dh0, float *dc0, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size, GH = 4 * H, S = 10 * H;
+    float *dA = work, *zeros = dA + T * B * GH, *dh = zeros + B * H, *dc = dh + B * H;
+    memset(zeros, 0, sizeof(float) * (size_t)(B * H));
+    for (int64_t k = 0; k < B * H; k++) {
+        dh[k] = dhT ? dhT[k] : 0.0f;
+        dc[k] = dcT ? dcT[k] : 0.0f;
+    }
+    const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
+    for (int64_t t = T - 1; t >= 0; t--) {
+        for (int64_t b = 0; b < B; b++) {
+            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
+            const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
+            const float *dy = dY ? dY + (t * B + b) * H : zeros;
+            float *da = dA + (t * B + b) * GH, *dhb = dh + b * H, *dcb = dc + b * H;
+            for (int64_t j = 0; j < H; j++) {
+                const float i = post[j], o = post[H + j], f = post[2 * H + j], g = post[3 * H + j];
+                const float dht = dhb[j] + dy[j];
+                float dct = dcb[j] + dht * o * (1.0f - tc[j] * tc[j]);
+                const float dpo = dht * tc[j] * o * (1.0f - o) * rnn_train_clip_grad(c, pre[H + j]);
+                if (Po) dct += dpo * Po[j];
+                const float dpi = dct * g * i * (1.0f - i) * rnn_train_clip_grad(c, pre[j]);
+                const float dpf = dct * cp[j] * f * (1.0f - f) * rnn_train_clip_grad(c, pre[2 * H + j]);
+                const float dpc = dct * i * (1.0f - g * g) * rnn_train_clip_grad(c, pre[3 * H + j]);
+                dcb[j] = dct * f + (Pi ? dpi * Pi[j] + dpf * Pf[j] : 0.0f);
+                if (dP && Pi) {
+                    dP[j] += dpi * cp[j];
+                    dP[H + j] += dpo * cs[j];
+                    dP[2 * H + j] += dpf * cp[j];
+                }
+                da[j] = dpi, da[H + j] = dpo, da[2 * H + j] = dpf, da[3 * H + j] = dpc;
+            }
+        }
+        /* dh_{t-1} = dA_t @ R   (B, 4H) @ (4H, H) */
+        rnn_gemm_nn(B, H, GH, 1.0f, dA + t * B * GH, GH, c->R, H, 0.0f, dh, H);
+    }
+    if (dh0) memcpy(dh0, dh, sizeof(float) * (size_t)(B * H));
+    if (dc0) memcpy(dc0, dc, sizeof(float) * (size_t)(B * H));
+    if (T == 0) return;
+    /* dW += dA^T X;  dR += dA^T H_{t-1};  dWb, dRb += colsum(dA);  dX = dA @ W */
+    rnn_gemm_tn(GH, I, T * B, 1.0f, dA, GH, X, I, 1.0f, dW, I);
+    rnn_gemm_tn(GH, H, B, 1.0f, dA, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
+    rnn_gemm_tn(GH, H, (T - 1) * B, 1.0f, dA + B * GH, GH, Y, H, 1.0f, dR, H);
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < GH; j++) {
+            dB[j] += dA[r * GH + j];
+            dB[GH + j] += dA[r * GH + j];
+        }
+    if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dA, GH, c->W, I, 0.0f, dX, I);
+}

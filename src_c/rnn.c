@@ -28,3 +28,64 @@ void rnn_rnn_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
         }
     }
 }
+
+/* ---- training: forward with saved activations, and backward through time ---------------
+ * f = Tanh or Relu, with clip. saved, per (t, b): the pre-activation before clipping (H).
+ * work: xproj / dA (T*B, H), gates (B, H), zeros (B, H), dh (B, H). */
+int64_t rnn_rnn_saved_floats(int64_t H) { return H; }
+
+void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                           float *Y, float *hT, float *saved, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size;
+    float *xproj = work, *gates = xproj + T * B * H, *zeros = gates + B * H;
+    for (int64_t k = 0; k < B * H; k++) zeros[k] = 0.0f;
+    /* xproj = X @ W^T + Wb + Rb */
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < H; j++) xproj[r * H + j] = c->B ? c->B[j] + c->B[H + j] : 0.0f;
+    rnn_gemm_nt(T * B, H, I, 1.0f, X, I, c->W, I, 1.0f, xproj, H, 1);
+    for (int64_t t = 0; t < T; t++) {
+        const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
+        rnn_gemm_nt(B, H, H, 1.0f, hp, H, c->R, H, 0.0f, gates, H, 1);
+        for (int64_t k = 0; k < B * H; k++) {
+            const float pre = gates[k] + xproj[t * B * H + k], v = rnn_train_clip(c, pre);
+            saved[t * B * H + k] = pre;
+            Y[t * B * H + k] = c->relu ? (v > 0.0f ? v : 0.0f) : tanhf(v);
+        }
+    }
+    if (hT) {
+        const float *src = T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros);
+        for (int64_t k = 0; k < B * H; k++) hT[k] = src[k];
+    }
+}
+
+void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
+                            const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
+                            float *dW, float *dR, float *dB, float *dh0, float *work) {
+    const int64_t H = c->hidden_size, I = c->input_size;
+    float *dA = work, *zeros = dA + T * B * H, *dh = zeros + B * H;
+    for (int64_t k = 0; k < B * H; k++) {
+        zeros[k] = 0.0f;
+        dh[k] = dhT ? dhT[k] : 0.0f;
+    }
+    for (int64_t t = T - 1; t >= 0; t--) {
+        for (int64_t k = 0; k < B * H; k++) {
+            const float pre = saved[t * B * H + k], y = Y[t * B * H + k];
+            const float dact = c->relu ? (rnn_train_clip(c, pre) > 0.0f ? 1.0f : 0.0f) : 1.0f - y * y;
+            dA[t * B * H + k] = (dh[k] + (dY ? dY[t * B * H + k] : 0.0f)) * dact * rnn_train_clip_grad(c, pre);
+        }
+        /* dh_{t-1} = dA_t @ R */
+        rnn_gemm_nn(B, H, H, 1.0f, dA + t * B * H, H, c->R, H, 0.0f, dh, H);
+    }
+    if (dh0)
+        for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
+    if (T == 0) return;
+    rnn_gemm_tn(H, I, T * B, 1.0f, dA, H, X, I, 1.0f, dW, I);
+    rnn_gemm_tn(H, H, B, 1.0f, dA, H, h0 ? h0 : zeros, H, 1.0f, dR, H);
+    rnn_gemm_tn(H, H, (T - 1) * B, 1.0f, dA + B * H, H, Y, H, 1.0f, dR, H);
+    for (int64_t r = 0; r < T * B; r++)
+        for (int64_t j = 0; j < H; j++) {
+            dB[j] += dA[r * H + j];
+            dB[H + j] += dA[r * H + j];
+        }
+    if (dX) rnn_gemm_nn(T * B, I, H, 1.0f, dA, H, c->W, I, 0.0f, dX, I);
+}

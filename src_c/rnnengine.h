@@ -198,6 +198,76 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
                          float *work, char *err, size_t errlen);
 
+/* ---------------------------------------------------------------------------------------
+ * Training: forward with saved activations and backward through time for one direction of
+ * one layer (src_c/lstm.c, gru.c, rnn.c), and the pieces around it (src_c/train.c).
+ * Plain float32 row-major matrices, ONNX layout and gate order; gradients accumulate (+=)
+ * into caller-owned buffers; nothing allocates. Supported: default activations (Sigmoid,
+ * Tanh; RNN Tanh or Relu), clip, LSTM peepholes, GRU linear_before_reset 0 and 1.
+ * ------------------------------------------------------------------------------------- */
+typedef struct {
+    int32_t kind;                /* rnn_cell_kind */
+    int32_t input_size;          /* I */
+    int32_t hidden_size;         /* H */
+    int32_t linear_before_reset; /* GRU */
+    int32_t relu;                /* RNN: 1 = Relu, 0 = Tanh */
+    int32_t has_clip;
+    float clip;
+    const float *W;              /* (G*H, I) */
+    const float *R;              /* (G*H, H) */
+    const float *B;              /* (2*G*H) = [Wb; Rb] */
+    const float *P;              /* (3*H) = [Pi; Po; Pf] or NULL (LSTM) */
+} rnn_train_cell;
+
+/* Floats of the saved activations and of the workspace for T steps of B rows. */
+int64_t rnn_train_saved_floats(const rnn_train_cell *cell, int64_t T, int64_t B);
+int64_t rnn_train_work_floats(const rnn_train_cell *cell, int64_t T, int64_t B);
+
+/* X (T, B, I); h0, c0 (B, H) or NULL for zeros (c0: LSTM); out: Y (T, B, H), hT, cT (B, H)
+ * (cT: LSTM, may be NULL), saved. */
+rnn_status rnn_train_forward(const rnn_train_cell *cell, int64_t T, int64_t B, const float *X,
+                             const float *h0, const float *c0, float *Y, float *hT, float *cT,
+                             float *saved, float *work);
+
+/* dY (T, B, H), dhT / dcT (B, H) or NULL. Accumulates dW (G*H, I), dR (G*H, H), dB (2*G*H),
+ * dP (3*H, NULL without peepholes); writes dX (T, B, I) (NULL: not wanted), dh0, dc0 (B, H)
+ * (NULL: not wanted). X, h0, c0, Y, saved as given to / made by rnn_train_forward. */
+rnn_status rnn_train_backward(const rnn_train_cell *cell, int64_t T, int64_t B, const float *X,
+                              const float *h0, const float *c0, const float *Y, const float *saved,
+                              const float *dY, const float *dhT, const float *dcT, float *dX,
+                              float *dW, float *dR, float *dB, float *dP, float *dh0, float *dc0,
+                              float *work);
+
+/* Row-major products used by training (blas.c): C = a * A @ B + b * C and C = a * A^T @ B + b * C. */
+void rnn_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+void rnn_gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+
+/* Dense layer and losses over N rows (train.c). */
+/* Y (N, O) = X (N, K) @ W (O, K)^T + b (O) */
+void rnn_dense_forward(int64_t N, int64_t K, int64_t O, const float *X, const float *W, const float *b, float *Y);
+/* dW += dY^T X, db += colsum(dY), dX = dY @ W (dX may be NULL) */
+void rnn_dense_backward(int64_t N, int64_t K, int64_t O, const float *X, const float *W, const float *dY,
+                        float *dW, float *db, float *dX);
+/* Mean softmax cross-entropy of logits (N, C) against int32 targets (N) (targets < 0 are
+ * ignored); dlogits = d(loss)/d(logits). Returns the loss; a target >= C gives -1 (bad). */
+double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t *targets, float *dlogits);
+/* Mean squared error over N*D values: returns mean((y - t)^2), dy = d(loss)/dy. */
+double rnn_mse(int64_t N, int64_t D, const float *y, const float *t, float *dy);
+/* Embedding: out (N, E) = table[ids]; backward: dtable[ids] += dout. Ids out of range: -1. */
+int rnn_embedding_forward(int64_t N, int64_t V, int64_t E, const int32_t *ids, const float *table, float *out);
+int rnn_embedding_backward(int64_t N, int64_t V, int64_t E, const int32_t *ids, const float *dout, float *dtable);
+
+/* Optimisers over n parameters (train.c). Returns the global gradient norm before clipping
+ * (rnn_clip_grad_norm scales g in place when the norm exceeds max_norm > 0). */
+double rnn_clip_grad_norm(int64_t n, float *g, double max_norm);
+/* SGD with momentum: v = mu * v + g + wd * w; w -= lr * v */
+void rnn_sgd_step(int64_t n, float *w, const float *g, float *v, float lr, float momentum, float weight_decay);
+/* Adam(W) with bias correction at step t >= 1; decoupled weight decay: w -= lr * wd * w. */
+void rnn_adam_step(int64_t n, float *w, const float *g, float *m, float *v, int64_t t, float lr, float beta1,
+                   float beta2, float eps, float weight_decay);
+
 #ifdef __cplusplus
 }
 #endif

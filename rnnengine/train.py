@@ -1,0 +1,422 @@
+"""train.py - training recurrent networks with the C core: backprop through time, optimisers,
+checkpoints, and export to ONNX.
+
+A :class:`Network` is an optional embedding, a stack of LSTM / GRU / RNN layers (each
+forward, reverse or bidirectional, in ONNX layout and gate order) and a dense head. All
+parameters live in one flat float32 array (so an optimiser step is one C call); each
+tensor is a view into it. The C code (src_c/lstm.c, gru.c, rnn.c, train.c) does every loop
+over time and every product; Python only walks the layers.
+
+Tasks: ``"lm"`` (next-token language modelling: softmax cross-entropy at every step),
+``"classify"`` (a label per sequence from the last step), ``"regress"`` (mean squared error
+at every step, or of the last step with ``last_only=True``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import _core
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+class Network:
+    """Parameters and forward/backward of embedding -> recurrent stack -> dense head.
+
+    Parameters
+    ----------
+    kind : "LSTM", "GRU" or "RNN" (one kind per network, every layer).
+    input_size : features per step, or the vocabulary size when ``embedding`` is set.
+    hidden_size, num_layers, bidirectional : the stack.
+    output_size : outputs of the dense head (classes, targets or the vocabulary).
+    embedding : size of a token embedding in front (inputs are then int token ids).
+    clip : ONNX ``clip`` of every layer; peepholes (LSTM); linear_before_reset (GRU);
+    relu (RNN: Relu instead of Tanh).
+    seed : initialisation (uniform in +-1/sqrt(H), as PyTorch does).
+    """
+
+    def __init__(self, kind, input_size, hidden_size, output_size, num_layers=1, bidirectional=False,
+                 embedding=None, clip=None, peepholes=False, linear_before_reset=0, relu=False, seed=0):
+        if kind not in GATES:
+            raise ValueError(f"kind must be LSTM, GRU or RNN, got {kind!r}")
+        if peepholes and kind != "LSTM":
+            raise ValueError("peepholes exist only for LSTM")
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("output_size", output_size),
+                        ("num_layers", num_layers)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be positive, got {v}")
+        self.config = dict(kind=kind, input_size=int(input_size), hidden_size=int(hidden_size),
+                           output_size=int(output_size), num_layers=int(num_layers),
+                           bidirectional=bool(bidirectional), embedding=None if embedding is None else int(embedding),
+                           clip=None if clip is None else float(clip), peepholes=bool(peepholes),
+                           linear_before_reset=int(linear_before_reset), relu=bool(relu), seed=int(seed))
+        self.kind, self.H, self.L = kind, int(hidden_size), int(num_layers)
+        self.D = 2 if bidirectional else 1
+        self._layout()
+        self.params = np.zeros(self.size, np.float32)
+        self.grads = np.zeros(self.size, np.float32)
+        rng = np.random.default_rng(seed)
+        k = 1 / math.sqrt(self.H)
+        for name, (off, shape) in self.slots.items():
+            n = int(np.prod(shape))
+            if name == "embedding":
+                self.params[off:off + n] = rng.standard_normal(n) * 0.1
+            elif name.endswith(".P"):
+                self.params[off:off + n] = rng.uniform(-k, k, n) * 0.1
+            else:
+                self.params[off:off + n] = rng.uniform(-k, k, n)
+
+    def _layout(self):
+        c = self.config
+        G, H, D = GATES[self.kind], self.H, self.D
+        self.slots = {}
+        off = 0
+
+        def add(name, shape):
+            nonlocal off
+            self.slots[name] = (off, tuple(shape))
+            off += int(np.prod(shape))
+        if c["embedding"]:
+            add("embedding", (c["input_size"], c["embedding"]))
+        I = c["embedding"] or c["input_size"]
+        for l in range(self.L):
+            add(f"layer{l}.W", (D, G * H, I))
+            add(f"layer{l}.R", (D, G * H, H))
+            add(f"layer{l}.B", (D, 2 * G * H))
+            if c["peepholes"]:
+                add(f"layer{l}.P", (D, 3 * H))
+            I = D * H
+        add("head.W", (c["output_size"], D * H))
+        add("head.b", (c["output_size"],))
+        self.size = off
+
+    def tensor(self, name, grads=False):
+        """A parameter (or its gradient) as a view into the flat array."""
+        off, shape = self.slots[name]
+        src = self.grads if grads else self.params
+        return src[off:off + int(np.prod(shape))].reshape(shape)
+
+    def _spec(self, l, d, grads=False):
+        c = self.config
+        s = {"kind": self.kind, "H": self.H, "I": (c["embedding"] or c["input_size"]) if l == 0 else self.D * self.H,
+             "clip": c["clip"], "linear_before_reset": c["linear_before_reset"], "relu": int(c["relu"]),
+             "W": self.tensor(f"layer{l}.W", grads)[d], "R": self.tensor(f"layer{l}.R", grads)[d],
+             "B": self.tensor(f"layer{l}.B", grads)[d],
+             "P": self.tensor(f"layer{l}.P", grads)[d] if c["peepholes"] else None}
+        return s
+
+    def zero_state(self, batch):
+        """One (D, B, H) h per layer, and c for LSTM: [(h, c)] or [h]."""
+        z = lambda: np.zeros((self.D, batch, self.H), np.float32)  # noqa: E731
+        return [(z(), z()) if self.kind == "LSTM" else z() for _ in range(self.L)]
+
+    # -- forward / backward over a batch of sequences (time-major)
+    def forward(self, inputs, state=None):
+        """inputs: (T, B, input_size) floats, or (T, B) token ids. Returns the head's outputs
+        (T, B, output_size) and the final state; keeps what backward() needs."""
+        c = self.config
+        if c["embedding"]:
+            ids = np.ascontiguousarray(inputs, dtype=np.int32)
+            if ids.ndim != 2:
+                raise ValueError(f"token inputs must be (T, batch), got shape {ids.shape}")
+            T, B = ids.shape
+            X = np.empty((T, B, c["embedding"]), np.float32)
+            _core.embedding_forward(ids.reshape(-1), self.tensor("embedding"), X)
+            self._ids = ids
+        else:
+            X = np.ascontiguousarray(inputs, dtype=np.float32)
+            if X.ndim != 3 or X.shape[2] != c["input_size"]:
+                raise ValueError(f"inputs must be (T, batch, {c['input_size']}), got shape {X.shape}")
+            T, B = X.shape[:2]
+        state = self.zero_state(B) if state is None else state
+        self._tape = []
+        new_state = []
+        for l in range(self.L):
+            h0s, c0s = (state[l] if self.kind == "LSTM" else (state[l], None))
+            out = np.empty((T, B, self.D * self.H), np.float32)
+            hN, cN = np.empty_like(h0s), (np.empty_like(c0s) if c0s is not None else None)
+            dirs = []
+            for d in range(self.D):
+                spec = self._spec(l, d)
+                Xd = X if d == 0 else np.ascontiguousarray(X[::-1])
+                S, Wk = _core.train_sizes(spec, T, B)
+                Y = np.empty((T, B, self.H), np.float32)
+                saved, work = np.empty(S, np.float32), np.empty(Wk, np.float32)
+                h0 = np.ascontiguousarray(h0s[d])
+                c0 = np.ascontiguousarray(c0s[d]) if c0s is not None else None
+                _core.train_forward(spec, Xd, h0, c0, Y, hN[d], cN[d] if cN is not None else None, saved, work)
+                out[:, :, d * self.H:(d + 1) * self.H] = Y if d == 0 else Y[::-1]
+                dirs.append((Xd, h0, c0, Y, saved))
+            self._tape.append(dirs)
+            new_state.append((hN, cN) if self.kind == "LSTM" else hN)
+            X = out
+        self._top = X
+        logits = np.empty((T, B, c["output_size"]), np.float32)
+        _core.dense_forward(X.reshape(T * B, -1), self.tensor("head.W"), self.tensor("head.b"),
+                            logits.reshape(T * B, -1))
+        return logits, new_state
+
+    def backward(self, dlogits):
+        """Accumulates into self.grads the gradients of the loss whose derivative with
+        respect to forward()'s outputs is dlogits (T, B, output_size). The final state of
+        forward() is treated as a constant (truncated backprop through time)."""
+        c = self.config
+        T, B = dlogits.shape[:2]
+        dX = np.empty_like(self._top)
+        _core.dense_backward(self._top.reshape(T * B, -1), self.tensor("head.W"),
+                             np.ascontiguousarray(dlogits, np.float32).reshape(T * B, -1),
+                             self.tensor("head.W", True), self.tensor("head.b", True), dX.reshape(T * B, -1))
+        for l in reversed(range(self.L)):
+            dY_all = dX
+            dX = None
+            for d, (Xd, h0, c0, Y, saved) in enumerate(self._tape[l]):
+                spec, gspec = self._spec(l, d), self._spec(l, d, grads=True)
+                dY = np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
+                                          else dY_all[::-1, :, d * self.H:(d + 1) * self.H])
+                _, Wk = _core.train_sizes(spec, T, B)
+                dXd = np.empty(Xd.shape, np.float32)
+                _core.train_backward(spec, Xd, h0, c0, Y, saved, dY, None, None, dXd, gspec["W"], gspec["R"],
+                                     gspec["B"], gspec["P"], None, None, np.empty(Wk, np.float32))
+                dXd = dXd if d == 0 else dXd[::-1]
+                dX = dXd if dX is None else dX + dXd
+        if c["embedding"]:
+            _core.embedding_backward(self._ids.reshape(-1), np.ascontiguousarray(dX, np.float32),
+                                     self.tensor("embedding", True))
+        return dX
+
+    # -- export and conversion back to the engine
+    def to_onnx(self, path=None, state_io=False, opset=14):
+        """The network as an ONNX model of standard ops (Gather, LSTM/GRU/RNN, Transpose,
+        Reshape, MatMul, Add): input X (T, B, I) floats or ``tokens`` (T, B) int64, output
+        ``logits`` (T, B, O). With state_io, each layer's initial state is an input
+        (h0_l, c0_l: (D, B, H)) and its final state an output (hN_l, cN_l), so a stream
+        can carry it. Returns the ModelProto (and writes it when path is given)."""
+        from .export import network_to_onnx
+        model = network_to_onnx(self, state_io=state_io, opset=opset)
+        if path is not None:
+            import onnx
+            onnx.save(model, path)
+        return model
+
+
+class Adam:
+    """Adam with decoupled weight decay (AdamW) over a flat parameter array, in C."""
+
+    def __init__(self, size, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), betas, float(eps), float(weight_decay)
+        self.m = np.zeros(size, np.float32)
+        self.v = np.zeros(size, np.float32)
+        self.t = 0
+
+    def step(self, params, grads):
+        self.t += 1
+        _core.adam_step(params, grads, self.m, self.v, self.t, self.lr, self.betas[0], self.betas[1], self.eps,
+                        self.weight_decay)
+
+    def state(self):
+        return {"m": self.m, "v": self.v}, {"t": self.t, "lr": self.lr}
+
+
+class SGD:
+    """SGD with momentum (and L2 weight decay), in C."""
+
+    def __init__(self, size, lr=0.1, momentum=0.9, weight_decay=0.0):
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.v = np.zeros(size, np.float32)
+        self.t = 0
+
+    def step(self, params, grads):
+        self.t += 1
+        _core.sgd_step(params, grads, self.v, self.lr, self.momentum, self.weight_decay)
+
+    def state(self):
+        return {"v": self.v}, {"t": self.t, "lr": self.lr}
+
+
+def loss_and_grad(task, logits, targets, last_only=False):
+    """Loss value and d(loss)/d(logits) for a task (see module doc)."""
+    T, B, O = logits.shape
+    d = np.zeros_like(logits)
+    if task == "lm":
+        tg = np.ascontiguousarray(targets, np.int32).reshape(-1)
+        loss = _core.softmax_xent(logits.reshape(T * B, O), tg, d.reshape(T * B, O))
+    elif task == "classify":
+        tg = np.ascontiguousarray(targets, np.int32).reshape(-1)
+        last = np.ascontiguousarray(logits[-1])
+        dl = np.zeros_like(last)
+        loss = _core.softmax_xent(last, tg, dl)
+        d[-1] = dl
+    elif task == "regress":
+        if last_only:
+            last = np.ascontiguousarray(logits[-1])
+            dl = np.zeros_like(last)
+            loss = _core.mse(last, np.ascontiguousarray(targets, np.float32).reshape(last.shape), dl)
+            d[-1] = dl
+        else:
+            loss = _core.mse(logits.reshape(T * B, O), np.ascontiguousarray(targets, np.float32).reshape(T * B, O),
+                             d.reshape(T * B, O))
+    else:
+        raise ValueError(f"task must be lm, classify or regress, got {task!r}")
+    return float(loss), d
+
+
+class Progress:
+    """A one-line progress bar on stderr: step, loss, tokens/s, ETA."""
+
+    def __init__(self, total, stream=sys.stderr, enabled=True):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, step, loss, tokens, extra=""):
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        rate = self.tokens / el if el > 0 else 0.0
+        eta = (self.total - step) * el / max(step, 1)
+        width = 24
+        done = int(width * step / max(1, self.total))
+        self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} "
+                          f"{rate:,.0f} tok/s ETA {eta:5.0f}s {extra}   ")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3, optimizer="adam",
+        clip_norm=1.0, weight_decay=0.0, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
+        checkpoint_every=0, state=None, last_only=False, log=None):
+    """Trains ``net`` for ``steps`` optimiser steps; deterministic given ``seed``.
+
+    inputs / targets:
+      * lm: one long token sequence ``inputs`` (int array); targets None (next tokens).
+        Batches are ``batch_size`` parallel streams through the sequence, ``seq_len`` steps
+        per optimiser step, the recurrent state carried from chunk to chunk (truncated
+        BPTT).
+      * classify / regress: arrays (N, T, I) (or (N, T) token ids) and (N,) labels /
+        (N, T, O) or (N, O) targets; random minibatches of ``batch_size`` sequences.
+    val: (inputs, targets) evaluated every ``val_every`` steps (loss in the log).
+    checkpoint: a path written every ``checkpoint_every`` steps and at the end (resume with
+    :func:`load_checkpoint`). Returns the list of (step, train loss, val loss or None).
+    """
+    rng = np.random.default_rng(seed)
+    opt = state["optimizer"] if state else (
+        Adam(net.size, lr, weight_decay=weight_decay) if optimizer == "adam"
+        else SGD(net.size, lr, weight_decay=weight_decay))
+    start = opt.t
+    history = []
+    bar = Progress(start + steps, enabled=progress)
+    carry = None
+    if task == "lm":
+        seq = np.asarray(inputs).reshape(-1)
+        seq_len = seq_len or 64
+        span = (len(seq) - 1) // batch_size
+        if span < seq_len + 1:
+            raise ValueError(f"the text is too short for {batch_size} streams of {seq_len} steps")
+        offsets = np.arange(batch_size) * span
+        pos = state.get("pos", 0) if state else 0
+    else:
+        X_all, Y_all = np.asarray(inputs), np.asarray(targets)
+        if len(X_all) != len(Y_all):
+            raise ValueError(f"{len(X_all)} input sequences but {len(Y_all)} targets")
+    for step in range(start + 1, start + steps + 1):
+        if task == "lm":
+            if pos + seq_len >= span:
+                pos, carry = 0, None
+            idx = offsets[None, :] + pos + np.arange(seq_len)[:, None]   # (T, B)
+            xb, yb = seq[idx], seq[idx + 1]
+            pos += seq_len
+        else:
+            pick = rng.integers(0, len(X_all), batch_size)
+            xb = np.swapaxes(X_all[pick], 0, 1)                          # (T, B, ...)
+            yb = Y_all[pick]
+            if task == "regress" and not last_only:
+                yb = np.swapaxes(yb, 0, 1)
+            carry = None
+        net.grads[:] = 0
+        logits, carry = net.forward(xb, carry)
+        loss, dlogits = loss_and_grad(task, logits, yb, last_only)
+        net.backward(dlogits)
+        if clip_norm:
+            _core.clip_grad_norm(net.grads, float(clip_norm))
+        opt.step(net.params, net.grads)
+        vloss = None
+        if val is not None and val_every and step % val_every == 0:
+            vloss = evaluate(net, task, *val, last_only=last_only)
+        history.append((step, loss, vloss))
+        if log is not None:
+            log(step, loss, vloss)
+        bar.update(step, loss, xb.size, "" if vloss is None else f"val {vloss:.4f}")
+        if checkpoint and checkpoint_every and step % checkpoint_every == 0:
+            save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0)
+    bar.close()
+    if checkpoint:
+        save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0)
+    return history
+
+
+def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
+    """Mean loss over a validation set (lm: one token sequence, run in chunks)."""
+    if task == "lm":
+        seq = np.asarray(inputs).reshape(-1)
+        total, count, state = 0.0, 0, None
+        for s in range(0, len(seq) - 1, seq_len):
+            x = seq[s:min(len(seq) - 1, s + seq_len)]
+            y = seq[s + 1:s + 1 + len(x)]
+            logits, state = net.forward(x[:, None], state)
+            loss, _ = loss_and_grad("lm", logits, y[:, None])
+            total += loss * len(x)
+            count += len(x)
+        return total / max(1, count)
+    X = np.swapaxes(np.asarray(inputs), 0, 1)
+    Y = np.asarray(targets)
+    if task == "regress" and not last_only:
+        Y = np.swapaxes(Y, 0, 1)
+    logits, _ = net.forward(X)
+    return loss_and_grad(task, logits, Y, last_only)[0]
+
+
+# --- checkpoints: the weight file (rnnengine.fileformat) ------------------------------------
+
+def save_checkpoint(path, net, opt, pos=0, extra=None):
+    """Parameters, optimiser state and position in one weight file (float32)."""
+    from . import fileformat
+    tensors = {"params": net.params}
+    arrays, scalars = opt.state()
+    tensors.update({f"optimizer.{k}": v for k, v in arrays.items()})
+    meta = {"train.config": net.config, "train.optimizer": type(opt).__name__, "train.optimizer_state": scalars,
+            "train.pos": int(pos), "train.extra": extra or {}}
+    fileformat.write(path, {"kind": "rnnengine-checkpoint"}, tensors, quantize=set(), metadata=meta)
+
+
+def load_checkpoint(path):
+    """(network, state) where state = {"optimizer": ..., "pos": ...} resumes fit()."""
+    from . import fileformat
+    with fileformat.read(path) as wf:
+        if wf.graph.get("kind") != "rnnengine-checkpoint":
+            raise ValueError(f"{path} is a weight file but not a training checkpoint")
+        cfg = dict(wf.metadata["train.config"])
+        net = Network(**cfg)
+        net.params[:] = wf.tensor("params")
+        sc = wf.metadata["train.optimizer_state"]
+        if wf.metadata["train.optimizer"] == "Adam":
+            opt = Adam(net.size, sc["lr"])
+            opt.m[:], opt.v[:] = wf.tensor("optimizer.m"), wf.tensor("optimizer.v")
+        else:
+            opt = SGD(net.size, sc["lr"])
+            opt.v[:] = wf.tensor("optimizer.v")
+        opt.t = sc["t"]
+        return net, {"optimizer": opt, "pos": wf.metadata.get("train.pos", 0),
+                     "extra": wf.metadata.get("train.extra", {})}
+
+
+def config_json(net):
+    return json.dumps(net.config)
