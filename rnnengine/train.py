@@ -323,6 +323,7 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3,
             raise ValueError(f"the text is too short for {batch_size} streams of {seq_len} steps")
         offsets = np.arange(batch_size) * span
         pos = state.get("pos", 0) if state else 0
+        carry = state.get("carry") if state else None
     else:
         X_all, Y_all = np.asarray(inputs), np.asarray(targets)
         if len(X_all) != len(Y_all):
@@ -356,10 +357,10 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3,
             log(step, loss, vloss)
         bar.update(step, loss, xb.size, "" if vloss is None else f"val {vloss:.4f}")
         if checkpoint and checkpoint_every and step % checkpoint_every == 0:
-            save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0)
+            save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0, carry=carry)
     bar.close()
     if checkpoint:
-        save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0)
+        save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0, carry=carry)
     return history
 
 
@@ -386,10 +387,14 @@ def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
 
 # --- checkpoints: the weight file (rnnengine.fileformat) ------------------------------------
 
-def save_checkpoint(path, net, opt, pos=0, extra=None):
-    """Parameters, optimiser state and position in one weight file (float32)."""
+def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None):
+    """Parameters, optimiser state, position in the text and the carried recurrent state
+    (language modelling) in one weight file (float32), so a resumed run continues exactly."""
     from . import fileformat
     tensors = {"params": net.params}
+    for l, st in enumerate(carry or []):
+        for name, arr in zip(("h", "c"), st if isinstance(st, tuple) else (st,)):
+            tensors[f"carry.{l}.{name}"] = arr
     arrays, scalars = opt.state()
     tensors.update({f"optimizer.{k}": v for k, v in arrays.items()})
     meta = {"train.config": net.config, "train.optimizer": type(opt).__name__, "train.optimizer_state": scalars,
@@ -414,7 +419,13 @@ def load_checkpoint(path):
             opt = SGD(net.size, sc["lr"])
             opt.v[:] = wf.tensor("optimizer.v")
         opt.t = sc["t"]
-        return net, {"optimizer": opt, "pos": wf.metadata.get("train.pos", 0),
+        carry = None
+        if "carry.0.h" in wf.names:
+            carry = []
+            for l in range(net.L):
+                h = np.array(wf.tensor(f"carry.{l}.h"))
+                carry.append((h, np.array(wf.tensor(f"carry.{l}.c"))) if net.kind == "LSTM" else h)
+        return net, {"optimizer": opt, "pos": wf.metadata.get("train.pos", 0), "carry": carry,
                      "extra": wf.metadata.get("train.extra", {})}
 
 
