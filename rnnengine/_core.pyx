@@ -485,6 +485,10 @@ cdef class Program:
         cdef const float *fp = <const float *>cnp.PyArray_DATA(self.fparams)
         cdef void **tens = <void **>cnp.PyArray_DATA(ptrs)
         cdef float *w = <float *>cnp.PyArray_DATA(work)
+        cdef int64_t k, n = cnp.PyArray_SIZE(ptrs)
+        for k in range(n):  # every tensor bound: an unbound one would be a NULL dereference
+            if tens[k] == NULL:
+                raise ValueError(f"tensor {k} of the program is not bound to a buffer")
         cdef rnn_status st
         with nogil:
             st = rnn_graph_run(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-DEMO_MODEL = os.path.join(os.path.dirname(__file__), "data", "demo_lstm.onnx")
+DEMO_MODEL = os.path.join(os.path.dirname(__file__), "data", "demo_lstm.onnx")  # load_onnx's test model
 TOLERANCE = 1e-5
 
 
@@ -24,69 +24,88 @@ def _ort_session(path):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
+DEMO_CHARLM = os.path.join(os.path.dirname(__file__), "data", "demo_charlm.onnx")
+
+
 def cmd_demo(args):
-    from . import load_onnx
+    """Streams the bundled character LSTM (trained by rnnengine itself) one character per
+    call, beside onnxruntime fed its state by hand; prints the text it writes, the
+    per-character time of both and the largest difference of their next-character
+    probabilities."""
+    import json
 
-    path = args.model or DEMO_MODEL
-    model = load_onnx(path)
-    info = model.onnx_info
+    import onnx
+
+    from . import convert
+    path = args.model or DEMO_CHARLM
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    if "rnnengine.vocab" not in meta:
+        raise ValueError(f"{path} has no 'rnnengine.vocab' metadata: the demo streams a character model "
+                         "exported by rnnengine train --export")
+    vocab = json.loads(meta["rnnengine.vocab"])
+    index = {ch: k for k, ch in enumerate(vocab)}
+    model = convert(path)
     sess = _ort_session(path)
-    desc = ", ".join(f"{l.kind} {l.input_size}->{l.hidden_size}" for l in model.layers)
-    print(f"rnnengine demo: streaming {os.path.basename(path)} ({desc}) one step per call,")
-    print("side by side with onnxruntime (state passed in and out of every session.run).\n")
-
-    rng = np.random.default_rng(args.seed)
-    T = args.steps
-    t = np.arange(T, dtype=np.float32)[:, None]
-    freqs = rng.uniform(0.05, 0.5, model.input_size).astype(np.float32)
-    xs = (np.sin(t * freqs) + 0.1 * rng.standard_normal((T, model.input_size))).astype(np.float32)
-
-    if not info["state_inputs"]:
-        raise SystemExit("the demo needs a model whose state is a graph input and output")
-    stream = model.stream(batch_size=1)
-    ort_state = {name: np.zeros((1, 1, model.layers[k].hidden_size), np.float32)
-                 for k, _, name in info["state_inputs"]}
     out_names = [o.name for o in sess.get_outputs()]
-    state_out = {}  # graph output name that carries each state input's next value
-    for k, slot, name in info["state_inputs"]:
-        want = ("hN_" if slot == "initial_h" else "cN_") + str(k)
-        state_out[name] = want if want in out_names else None
-    if any(v is None for v in state_out.values()):
-        raise SystemExit("the demo model must output its final states (hN_k, cN_k)")
-
-    show = min(3, model.output_size)
-    print(f"{'step':>4}  {'rnnengine y[:%d]' % show:<30}{'onnxruntime y[:%d]' % show:<30}max|diff|")
-    worst = 0.0
-    t_eng, t_ort = [], []
-    y = np.empty(model.output_size, np.float32)
-    for step in range(T):
-        x = xs[step]
+    state_names = [i.name for i in sess.get_inputs() if i.name != "tokens"]
+    shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
+    ort_state = {n: np.zeros(shapes[n], np.float32) for n in state_names}
+    pairs = dict(model.state_pairs)
+    layers = [n for n in model.graph["nodes"] if n["op"] in ("LSTM", "GRU", "RNN")]
+    desc = f"{layers[0]['op']} {len(layers)}x{layers[0]['attrs'].get('hidden_size')}" if layers else "?"
+    print(f"rnnengine demo: streaming {os.path.basename(path)} ({desc}, {len(vocab)} characters) one "
+          "character per call,\nbeside onnxruntime (its state passed in and out of every session.run).")
+    if meta.get("rnnengine.notes"):
+        print(f"model: {meta['rnnengine.notes']}")
+    prompt = "".join(ch for ch in args.prompt if ch in index) or vocab[0]
+    stream = model.stream()
+    rng = np.random.default_rng(args.seed)
+    text, worst, t_eng, t_ort = prompt, 0.0, [], []
+    feed = [index[ch] for ch in prompt]
+    shown = 0
+    print(f"\n{'step':>4} {'char':>5}  {'rnnengine top-3':<36}{'onnxruntime top-3':<36}max|dp|")
+    total = len(feed) + args.steps
+    for step in range(total):
+        tok = np.array([[feed[step] if step < len(feed) else nxt]], np.int64)
         t0 = time.perf_counter()
-        stream.step(x, out=y)
+        logits = stream({"tokens": tok})["logits"].reshape(-1)
         t1 = time.perf_counter()
-        feeds = {info["input"]: x.reshape(1, 1, -1), **ort_state}
-        res = sess.run(None, feeds)
+        res = dict(zip(out_names, sess.run(None, {"tokens": tok, **ort_state})))
         t2 = time.perf_counter()
+        for n in state_names:
+            ort_state[n] = res[pairs.get(n, n.replace("0_", "N_"))]
         t_eng.append(t1 - t0)
         t_ort.append(t2 - t1)
-        named = dict(zip(out_names, res))
-        for name, out in state_out.items():
-            ort_state[name] = named[out]
-        y_ort = named[info["output"]].reshape(-1)
-        diff = float(np.abs(y - y_ort).max())
+        p, q = _softmax(logits), _softmax(res["logits"].reshape(-1))
+        diff = float(np.abs(p - q).max())
         worst = max(worst, diff)
-        if step < args.show or step == T - 1:
-            fmt = lambda v: " ".join(f"{a:+.5f}" for a in v[:show])
-            print(f"{step:>4}  {fmt(y):<30}{fmt(y_ort):<30}{diff:.1e}")
-        elif step == args.show:
-            print("   ...")
+        if args.temperature <= 0:
+            nxt = int(np.argmax(p))
+        else:
+            z = np.log(np.maximum(p, 1e-30)) / args.temperature
+            z = np.exp(z - z.max())
+            nxt = int(rng.choice(len(p), p=z / z.sum()))
+        if step >= len(feed) - 1 and step < total - 1:
+            text += vocab[nxt]
+        if shown < args.show:
+            fmt = lambda v: " ".join(f"{vocab[k]!r}:{v[k]:.3f}" for k in np.argsort(-v)[:3])  # noqa: E731
+            print(f"{step:>4} {vocab[int(tok[0, 0])]!r:>5}  {fmt(p):<36}{fmt(q):<36}{diff:.1e}")
+            shown += 1
+    print(f"\n--- text (prompt {prompt!r}, then {args.steps} characters sampled at temperature {args.temperature}) ---")
+    print(text)
+    print("---")
     me, mo = np.median(t_eng) * 1e6, np.median(t_ort) * 1e6
-    print(f"\nper-step time (median of {T}): rnnengine {me:.1f} us, onnxruntime {mo:.1f} us "
-          f"({mo / me:.1f}x)")
+    print(f"per-character time (median of {total}): rnnengine {me:.1f} us, onnxruntime {mo:.1f} us ({mo / me:.1f}x)")
     ok = worst <= TOLERANCE
-    print(f"max abs difference over {T} steps: {worst:.2e} (tolerance {TOLERANCE:g}) "
-          f"{'OK' if ok else 'MISMATCH'}")
+    print(f"max |p_rnnengine - p_onnxruntime| of the next-character probabilities over {total} steps: "
+          f"{worst:.2e} (tolerance {TOLERANCE:g}) {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
+
+
+def _softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
 
 
 def _kv(items, what, cast=str):
@@ -278,18 +297,83 @@ def cmd_bench(args):
     return bench_model(args)
 
 
+def cmd_train(args):
+    from .train import Network, char_vocab, export_char_lm, fit, load_checkpoint
+    rng_seed = args.seed
+    if args.data.endswith((".npz", ".npy")):
+        task = args.task or "classify"
+        if task == "lm":
+            raise ValueError("--task lm trains on a text file; .npy/.npz data are for classify/regress")
+        data = np.load(args.data)
+        if isinstance(data, np.ndarray):
+            raise ValueError("a .npy file holds one array; give an .npz with 'inputs' and 'targets'")
+        if "inputs" not in data or "targets" not in data:
+            raise ValueError(f"{args.data} must hold arrays named 'inputs' (N, T, I) and 'targets'")
+        X, Y = data["inputs"], data["targets"]
+        n_val = int(len(X) * args.val_fraction)
+        tr, va = (X[n_val:], Y[n_val:]), ((X[:n_val], Y[:n_val]) if n_val else None)
+        in_size = X.shape[2]
+        out_size = int(Y.max()) + 1 if task == "classify" else (Y.shape[-1] if Y.ndim > 1 else 1)
+        vocab = None
+    else:
+        task = "lm"
+        with open(args.data, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if len(text) < 1000:
+            raise ValueError(f"{args.data} has {len(text)} characters; a language model needs more text")
+        vocab, ids = char_vocab(text)
+        n_val = int(len(ids) * args.val_fraction)
+        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
+        in_size = out_size = len(vocab)
+    state = None
+    if args.resume:
+        net, state = load_checkpoint(args.resume)
+        vocab = state["extra"].get("vocab", vocab)
+        print(f"resuming {args.resume} at step {state['optimizer'].t}", file=sys.stderr)
+    else:
+        net = Network(args.kind, in_size, args.hidden, out_size, num_layers=args.layers,
+                      embedding=args.embedding if task == "lm" else None, seed=rng_seed)
+    print(f"rnnengine train: {task}, {net.kind} {net.L}x{net.H}, {net.size:,} parameters, "
+          f"{args.steps} steps of {args.batch} x {args.seq_len}", file=sys.stderr)
+    from . import train as tr_mod
+    orig = tr_mod.save_checkpoint
+    tr_mod.save_checkpoint = lambda path, n, o, pos=0, extra=None, carry=None: orig(
+        path, n, o, pos, {"vocab": vocab} if vocab else None, carry)
+    try:
+        hist = fit(net, tr[0], tr[1], task, args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
+                   optimizer=args.optimizer, clip_norm=args.clip_norm, seed=rng_seed, val=va,
+                   val_every=args.val_every, progress=not args.quiet, checkpoint=args.output,
+                   checkpoint_every=args.checkpoint_every, state=state)
+    finally:
+        tr_mod.save_checkpoint = orig
+    vals = [v for _, _, v in hist if v is not None]
+    print(f"final loss {hist[-1][1]:.4f}" + (f", validation {vals[-1]:.4f}" if vals else "")
+          + f"; checkpoint {args.output}")
+    if args.export:
+        if vocab:
+            export_char_lm(net, vocab, args.export)
+        else:
+            net.to_onnx(args.export, state_io=True)
+        print(f"exported {args.export}")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="rnnengine",
                                 description="Fast, faithful CPU inference for recurrent networks from ONNX.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="stream the bundled model step by step beside onnxruntime",
-                       description="Streams a small bundled 2-layer LSTM one time step per call, "
-                                   "prints its outputs beside onnxruntime's and the per-step time "
-                                   "of both; exits 1 if they differ by more than 1e-5.")
-    d.add_argument("--steps", type=int, default=200, help="time steps to stream (default 200)")
-    d.add_argument("--show", type=int, default=8, help="steps to print (default 8)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the demo input signal")
-    d.add_argument("--model", help="another ONNX file to stream (state as graph inputs/outputs)")
+    d = sub.add_parser("demo", help="stream the bundled character LSTM beside onnxruntime",
+                       description="Streams the bundled character-level LSTM language model (trained by "
+                                   "rnnengine's own C training path, tools/train_demo_model.py) one character "
+                                   "per call: prints the text it writes, its next-character probabilities "
+                                   "beside onnxruntime's, and the per-character time of both; exits 1 if the "
+                                   "probabilities differ by more than 1e-5.")
+    d.add_argument("--steps", type=int, default=200, help="characters to generate (default 200)")
+    d.add_argument("--prompt", default="Return the ", help="text fed first (default 'Return the ')")
+    d.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    d.add_argument("--show", type=int, default=6, help="steps whose probabilities to print (default 6)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    d.add_argument("--model", help="another character model exported by rnnengine train --export")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("convert", help="convert an ONNX model into an rnnengine weight file",
@@ -339,6 +423,34 @@ def build_parser():
     r.add_argument("--stream", type=int, metavar="CHUNK",
                    help="feed the input through a stream, CHUNK time steps per call")
     r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", help="train a recurrent network (char-level LM on a text file, or .npz data)",
+                       description="Trains with backprop through time in C: a character-level language model "
+                                   "on a text file, or sequence classification / regression on an .npz holding "
+                                   "'inputs' (N, T, I) and 'targets'. Shows loss, tokens/s and ETA; writes a "
+                                   "checkpoint (a weight file) every --checkpoint-every steps and at the end; "
+                                   "--resume continues one. Deterministic given --seed.")
+    t.add_argument("data", metavar="TEXT|DATA.npz")
+    t.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint to write")
+    t.add_argument("--task", choices=["lm", "classify", "regress"], help="default: lm for text, classify for .npz")
+    t.add_argument("--kind", choices=["LSTM", "GRU", "RNN"], default="LSTM")
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--embedding", type=int, default=32, help="token embedding size (lm)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=64, help="time steps per update (truncated BPTT)")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    t.add_argument("--export", metavar="OUT.onnx", help="also export the trained model to ONNX")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="per-step latency and throughput beside onnxruntime",
                        description="Measures per-step streaming latency and whole-sequence throughput of "

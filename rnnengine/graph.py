@@ -76,7 +76,9 @@ class Plan:
             ptrs[tid] = _core.address(bufs[tid])
         return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(max(16, self.work_floats), np.float32)}
 
-    def execute(self, ctx, feeds, states):
+    def execute(self, ctx, feeds, states, want=None, into=None):
+        """Runs the program; returns copies of the outputs named in ``want`` (all when None)
+        and copies the outputs named in ``into`` (name -> array) into those arrays."""
         ptrs = ctx["ptrs"]
         address = _core.address
         for name, tid in self.inputs.items():
@@ -87,11 +89,18 @@ class Plan:
         out = {}
         bufs = ctx["bufs"]
         for name, kind, ref, n, dtype, shape in self._reads:
+            dest = into.get(name) if into else None
+            if dest is None and want is not None and name not in want:
+                continue
             if kind == "const":
-                out[name] = ref.copy()
+                val = ref
             else:
                 src = feeds[ref] if kind == "input" else bufs[ref]
-                out[name] = src.reshape(-1)[:n].view(dtype).reshape(shape).copy()
+                val = src.reshape(-1)[:n].view(dtype).reshape(shape)
+            if dest is not None:
+                np.copyto(dest, val)
+            if want is None or name in want:
+                out[name] = val.copy()
         return out
 
     @property
@@ -559,6 +568,7 @@ class GraphStream:
         self._paired_outputs = {o for _, o in model.state_pairs}
         self._carried_names = [a for a, _ in model.state_pairs]
         self._fast = None        # (input signature, plan, context) of the last call
+        self._spare = {}         # explicit state: the buffer of the previous call, reused
         self._layer_state = {}   # recurrent layer key -> float32 vector
         self._carried = {}       # explicit state input name -> array
         self._ctx = {}
@@ -584,11 +594,13 @@ class GraphStream:
         self._layer_state = {k: np.array(v, np.float32, copy=True) for k, v in state.get("layers", {}).items()}
         self._carried = {k: np.array(v, copy=True) for k, v in state.get("inputs", {}).items()}
 
-    def __call__(self, inputs):
-        return self.step(inputs)
+    def __call__(self, inputs, outputs=None):
+        return self.step(inputs, outputs)
 
-    def step(self, inputs):
-        """Runs the graph on one chunk and returns its outputs (dict name -> array)."""
+    def step(self, inputs, outputs=None):
+        """Runs the graph on one chunk and returns its outputs (dict name -> array; only
+        the names in ``outputs`` when given, which saves copying the others)."""
+        want = None if outputs is None else set(outputs)
         m = self.model
         fast = self._fast
         if fast is not None and type(inputs) is dict and len(inputs) == len(fast[0]):
@@ -603,7 +615,7 @@ class GraphStream:
                 feeds = dict(inputs)
                 for a in self._carried_names:
                     feeds[a] = self._carried[a]
-                return self._finish(plan, ctx, feeds)
+                return self._finish(plan, ctx, feeds, want)
         carried_names = [a for a, _ in m.state_pairs]
         if isinstance(inputs, dict):
             for a in carried_names:
@@ -629,15 +641,24 @@ class GraphStream:
             ctx = self._ctx[id(plan)]
         if isinstance(inputs, dict) and all(isinstance(v, np.ndarray) for v in inputs.values()):
             self._fast = (tuple((n, feeds[n].shape, feeds[n].dtype) for n in inputs), plan, ctx)
-        return self._finish(plan, ctx, feeds)
+        if want is not None and not want <= set(m.outputs):
+            raise ValueError(f"unknown outputs {sorted(want - set(m.outputs))}; the model's are {m.outputs}")
+        return self._finish(plan, ctx, feeds, want)
 
-    def _finish(self, plan, ctx, feeds):
-        m = self.model
-        out = plan.execute(ctx, feeds, self._layer_state)
-        for a, o in m.state_pairs:
-            self._carried[a] = out[o]  # a fresh array: the caller's copy is a different one
-        if m.state_pairs:
-            out = {k: (v.copy() if k in self._paired_outputs else v) for k, v in out.items()}
+    def _finish(self, plan, ctx, feeds, want=None):
+        # explicit state: each paired output is copied straight into the array the next call
+        # feeds back (carried arrays are the stream's own, so nothing is allocated for them)
+        into = {}
+        for a, o in self.model.state_pairs:
+            # feeds[a] (the carried state) is read by this very call: write the next state to
+            # the spare buffer, then swap the two
+            spare = self._spare.get(a)
+            if spare is None or spare.shape != feeds[a].shape or spare.dtype != feeds[a].dtype:
+                spare = np.empty_like(feeds[a])
+            into[o] = spare
+        out = plan.execute(ctx, feeds, self._layer_state, want, into)
+        for a, o in self.model.state_pairs:
+            self._spare[a], self._carried[a] = self._carried[a], into[o]
         return out
 
 

@@ -431,3 +431,22 @@ def load_checkpoint(path):
 
 def config_json(net):
     return json.dumps(net.config)
+
+
+def char_vocab(text):
+    """The sorted characters of a text, and the text as int32 token ids."""
+    vocab = "".join(sorted(set(text)))
+    index = {ch: k for k, ch in enumerate(vocab)}
+    return vocab, np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
+
+
+def export_char_lm(net, vocab, path, notes=""):
+    """A character language model as ONNX with its state as graph inputs/outputs and its
+    vocabulary in the model's metadata (key "rnnengine.vocab", a JSON string)."""
+    import onnx
+    model = net.to_onnx(state_io=True)
+    for key, value in (("rnnengine.vocab", json.dumps(vocab)), ("rnnengine.notes", notes)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+    return model

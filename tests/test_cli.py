@@ -29,7 +29,7 @@ def test_bundled_demo_model_is_the_committed_generator_output():
 def test_demo_runs_and_agrees_with_onnxruntime(capsys):
     assert cli.main(["demo", "--steps", "50", "--show", "2"]) == 0
     out = capsys.readouterr().out
-    assert "onnxruntime" in out and "OK" in out and "per-step time" in out
+    assert "onnxruntime" in out and "OK" in out and "per-character time" in out
 
 
 def test_demo_model_loads_with_state_inputs():
@@ -111,3 +111,38 @@ def test_convert_fixes_inputs_and_bench_runs(tmp_path, capsys):
     assert cli.main(["bench", out, "--onnx", src, "--steps", "5", "--repeats", "1", "--seq", "8"]) == 0
     text = capsys.readouterr().out
     assert "onnxruntime" in text and "rnnengine is" in text
+
+
+def test_train_on_text_resume_export_and_demo(tmp_path, capsys):
+    """rnnengine train: a character LM on a text file, resumed from its checkpoint, exported,
+    and the export streamed by the demo beside onnxruntime."""
+    words = "the quick brown fox jumps over the lazy dog while the cat sleeps in the sun "
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(words.split()) + " " for _ in range(2000))
+    (tmp_path / "t.txt").write_text(text)
+    ck, onnx_out = str(tmp_path / "ck.rnne"), str(tmp_path / "m.onnx")
+    assert cli.main(["train", str(tmp_path / "t.txt"), "-o", ck, "--steps", "30", "--hidden", "16", "--batch", "8",
+                     "--seq-len", "16", "--quiet", "--val-every", "10"]) == 0
+    out = capsys.readouterr()
+    assert "final loss" in out.out and "validation" in out.out
+    assert cli.main(["train", str(tmp_path / "t.txt"), "-o", ck, "--resume", ck, "--steps", "10", "--quiet",
+                     "--batch", "8", "--seq-len", "16", "--export", onnx_out]) == 0
+    assert "resuming" in capsys.readouterr().err
+    from rnnengine.train import load_checkpoint
+    net, state = load_checkpoint(ck)
+    assert state["optimizer"].t == 40 and state["extra"]["vocab"]
+    assert cli.main(["demo", "--model", onnx_out, "--steps", "20", "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "per-character time" in out
+
+
+def test_train_classification_from_npz(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((200, 6, 3)).astype(np.float32)
+    y = (X[:, 0, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", inputs=X, targets=y)
+    assert cli.main(["train", str(tmp_path / "d.npz"), "-o", str(tmp_path / "c.rnne"), "--steps", "20",
+                     "--hidden", "8", "--quiet"]) == 0
+    assert "classify" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", X)
+    assert cli.main(["train", str(tmp_path / "x.npy"), "-o", str(tmp_path / "c.rnne")]) == 2
