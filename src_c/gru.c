@@ -92,8 +92,9 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
             const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
             for (int64_t j = 0; j < 2 * H; j++) {
                 pre[j] = a[j] + xp[j];
-                post[j] = rnn_sigmoidf(rnn_train_clip(c, pre[j]));
+                post[j] = rnn_train_clip(c, pre[j]);
             }
+            rnn_vsigmoid(post, 2 * H); /* z, r */
             for (int64_t j = 0; j < H; j++) {
                 if (lbr) ex[j] = a[2 * H + j] + (c->B ? c->B[GH + 2 * H + j] : 0.0f);
                 else ex[j] = post[H + j] * hb[j];
@@ -107,12 +108,11 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
             const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
             float *y = Y + (t * B + b) * H;
             for (int64_t j = 0; j < H; j++) {
-                const float n_pre = xp[2 * H + j] + (lbr ? post[H + j] * ex[j] : a[2 * H + j]);
-                const float n = tanhf(rnn_train_clip(c, n_pre)), z = post[j];
-                pre[2 * H + j] = n_pre;
-                post[2 * H + j] = n;
-                y[j] = (1.0f - z) * n + z * hb[j];
+                pre[2 * H + j] = xp[2 * H + j] + (lbr ? post[H + j] * ex[j] : a[2 * H + j]);
+                post[2 * H + j] = rnn_train_clip(c, pre[2 * H + j]);
             }
+            rnn_vtanh(post + 2 * H, H); /* n */
+            for (int64_t j = 0; j < H; j++) y[j] = (1.0f - post[j]) * post[2 * H + j] + post[j] * hb[j];
         }
     }
     if (hT) {

@@ -93,21 +93,28 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
             const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
             const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH;
             float *y = Y + (t * B + b) * H;
-            for (int64_t j = 0; j < H; j++) {
-                const float pi = a[j] + xp[j] + (Pi ? Pi[j] * cp[j] : 0.0f);
-                const float pf = a[2 * H + j] + xp[2 * H + j] + (Pf ? Pf[j] * cp[j] : 0.0f);
-                const float pc = a[3 * H + j] + xp[3 * H + j];
-                const float i = rnn_sigmoidf(rnn_train_clip(c, pi)), f = rnn_sigmoidf(rnn_train_clip(c, pf));
-                const float g = tanhf(rnn_train_clip(c, pc));
-                const float ct = f * cp[j] + i * g;
-                const float po = a[H + j] + xp[H + j] + (Po ? Po[j] * ct : 0.0f);
-                const float o = rnn_sigmoidf(rnn_train_clip(c, po));
-                pre[j] = pi, pre[H + j] = po, pre[2 * H + j] = pf, pre[3 * H + j] = pc;
-                post[j] = i, post[H + j] = o, post[2 * H + j] = f, post[3 * H + j] = g;
-                cs[j] = ct;
-                tc[j] = tanhf(ct);
-                y[j] = o * tc[j];
+            /* pre-activations (o's peephole term is added once c is known), then the
+             * activations over whole gate blocks with the vectorised sigmoid / tanh */
+            for (int64_t j = 0; j < GH; j++) pre[j] = a[j] + xp[j];
+            if (Pi)
+                for (int64_t j = 0; j < H; j++) {
+                    pre[j] += Pi[j] * cp[j];
+                    pre[2 * H + j] += Pf[j] * cp[j];
+                }
+            for (int64_t j = 0; j < GH; j++) post[j] = rnn_train_clip(c, pre[j]);
+            rnn_vsigmoid(post, 3 * H); /* i, o (recomputed below with a peephole), f */
+            rnn_vtanh(post + 3 * H, H); /* g */
+            for (int64_t j = 0; j < H; j++) cs[j] = post[2 * H + j] * cp[j] + post[j] * post[3 * H + j];
+            if (Po) {
+                for (int64_t j = 0; j < H; j++) {
+                    pre[H + j] += Po[j] * cs[j];
+                    post[H + j] = rnn_train_clip(c, pre[H + j]);
+                }
+                rnn_vsigmoid(post + H, H);
             }
+            memcpy(tc, cs, sizeof(float) * (size_t)H);
+            rnn_vtanh(tc, H);
+            for (int64_t j = 0; j < H; j++) y[j] = post[H + j] * tc[j];
         }
     }
     if (hT) memcpy(hT, T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros), sizeof(float) * (size_t)(B * H));

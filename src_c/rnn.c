@@ -46,11 +46,13 @@ void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     for (int64_t t = 0; t < T; t++) {
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
         rnn_gemm_nt(B, H, H, 1.0f, hp, H, c->R, H, 0.0f, gates, H, 1);
+        float *y = Y + t * B * H;
         for (int64_t k = 0; k < B * H; k++) {
             const float pre = gates[k] + xproj[t * B * H + k], v = rnn_train_clip(c, pre);
             saved[t * B * H + k] = pre;
-            Y[t * B * H + k] = c->relu ? (v > 0.0f ? v : 0.0f) : tanhf(v);
+            y[k] = c->relu ? (v > 0.0f ? v : 0.0f) : v;
         }
+        if (!c->relu) rnn_vtanh(y, B * H);
     }
     if (hT) {
         const float *src = T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros);
