@@ -300,13 +300,24 @@ def cmd_bench(args):
 def cmd_train(args):
     from .train import Network, char_vocab, export_char_lm, fit, load_checkpoint
     rng_seed = args.seed
-    if args.data.endswith((".npz", ".npy")):
+    if args.data.endswith(".npy"):
+        ids = np.load(args.data)
+        if ids.dtype.kind not in "iu" or ids.ndim != 1:
+            raise ValueError(f"{args.data}: a .npy file holds one 1-D array of token ids (language model); "
+                             f"got {ids.dtype} {ids.shape}. Sequences to classify go in an .npz with "
+                             "'inputs' and 'targets'")
+        if args.task not in (None, "lm"):
+            raise ValueError("a .npy file of token ids trains a language model (--task lm)")
+        task, vocab = "lm", None
+        ids = ids.astype(np.int32)
+        n_val = int(len(ids) * args.val_fraction)
+        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
+        in_size = out_size = int(ids.max()) + 1
+    elif args.data.endswith(".npz"):
         task = args.task or "classify"
         if task == "lm":
             raise ValueError("--task lm trains on a text file; .npy/.npz data are for classify/regress")
         data = np.load(args.data)
-        if isinstance(data, np.ndarray):
-            raise ValueError("a .npy file holds one array; give an .npz with 'inputs' and 'targets'")
         if "inputs" not in data or "targets" not in data:
             raise ValueError(f"{args.data} must hold arrays named 'inputs' (N, T, I) and 'targets'")
         X, Y = data["inputs"], data["targets"]

@@ -145,4 +145,7 @@ def test_train_classification_from_npz(tmp_path, capsys):
                      "--hidden", "8", "--quiet"]) == 0
     assert "classify" in capsys.readouterr().err
     np.save(tmp_path / "x.npy", X)
-    assert cli.main(["train", str(tmp_path / "x.npy"), "-o", str(tmp_path / "c.rnne")]) == 2
+    assert cli.main(["train", str(tmp_path / "x.npy"), "-o", str(tmp_path / "c.rnne")]) == 2  # floats: refused
+    np.save(tmp_path / "ids.npy", rng.integers(0, 7, 3000))
+    assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", str(tmp_path / "lm.rnne"), "--steps", "5",
+                     "--hidden", "8", "--batch", "4", "--seq-len", "8", "--quiet"]) == 0
