@@ -437,11 +437,12 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a recurrent network (char-level LM on a text file, or .npz data)",
                        description="Trains with backprop through time in C: a character-level language model "
-                                   "on a text file, or sequence classification / regression on an .npz holding "
+                                   "on a text file (or a language model on a 1-D .npy of token ids), or "
+                                   "sequence classification / regression on an .npz holding "
                                    "'inputs' (N, T, I) and 'targets'. Shows loss, tokens/s and ETA; writes a "
                                    "checkpoint (a weight file) every --checkpoint-every steps and at the end; "
                                    "--resume continues one. Deterministic given --seed.")
-    t.add_argument("data", metavar="TEXT|DATA.npz")
+    t.add_argument("data", metavar="TEXT|DATA.npz|TOKENS.npy")
     t.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint to write")
     t.add_argument("--task", choices=["lm", "classify", "regress"], help="default: lm for text, classify for .npz")
     t.add_argument("--kind", choices=["LSTM", "GRU", "RNN"], default="LSTM")

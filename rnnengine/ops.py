@@ -97,6 +97,16 @@ def check_size(h, shape, what="result"):
     return n
 
 
+def optional_const(h, xs, k, what):
+    """Input k as a NumPy array (None when absent); it must be known when planning."""
+    if len(xs) <= k or xs[k] is None:
+        return None
+    v = xs[k].const if hasattr(xs[k], "const") else xs[k]
+    if v is None:
+        h.fail(f"{what} must be constants")
+    return np.asarray(v)
+
+
 def const_input(h, x, what):
     if x is None or x.const is None:
         h.fail(f"input {what} must be a constant (known at conversion or from the input shapes)")
@@ -528,12 +538,8 @@ def _slice_params(h, shape, xs):
         axes, steps = h.attr("axes"), None
     else:
         def val(k):
-            if len(xs) <= k or xs[k] is None:
-                return None
-            v = xs[k].const if hasattr(xs[k], "const") else xs[k]
-            if v is None:
-                h.fail("starts, ends, axes and steps must be constants")
-            return [int(a) for a in np.asarray(v).reshape(-1)]
+            v = optional_const(h, xs, k, "starts, ends, axes and steps")
+            return None if v is None else [int(a) for a in v.reshape(-1)]
         starts, ends, axes, steps = val(1), val(2), val(3), val(4)
     nd = len(shape)
     axes = list(range(len(starts))) if axes is None else [axis_of(h, a, nd) for a in axes]
@@ -949,12 +955,7 @@ class Pad(Handler):
             axes = list(range(nd))
         else:
             def val(k):
-                if len(xs) <= k or xs[k] is None:
-                    return None
-                v = xs[k].const if hasattr(xs[k], "const") else xs[k]
-                if v is None:
-                    self.fail("pads, constant_value and axes must be constants")
-                return np.asarray(v)
+                return optional_const(self, xs, k, "pads, constant_value and axes")
             pads = [int(v) for v in val(1).reshape(-1)]
             cv = val(2)
             value = 0.0 if cv is None or cv.size == 0 else float(cv.reshape(-1)[0])

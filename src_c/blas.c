@@ -52,40 +52,33 @@ void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, i
     g_sgemm(&ta, &tb, &m, &n, &k, &alpha, (float *)B, &ilda, (float *)A, &ildb, &beta, C, &ildc);
 }
 
-/* Row-major C (M, N) = alpha * A (M, K) @ B (K, N) + beta * C   (NumPy: C = a * A @ B + b * C) */
-void rnn_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
-                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+/* Row-major C (M, N) = alpha * op(A) @ B (K, N) + beta * C, op(A) = A (M, K) or A (K, M)^T. */
+static void gemm_xn(int transa, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
     if (M <= 0 || N <= 0) return;
     if (g_sgemm == NULL || K <= 0) {
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) {
                 float acc = 0.0f;
-                for (int64_t k = 0; k < K; k++) acc += A[m * lda + k] * B[k * ldb + n];
+                for (int64_t k = 0; k < K; k++) acc += (transa ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
                 C[m * ldc + n] = alpha * acc + (beta == 0.0f ? 0.0f : beta * C[m * ldc + n]);
             }
         return;
     }
-    /* column-major C^T = B^T @ A^T:   sgemm('N', 'N', N, M, K, B, A, C) */
-    char ta = 'N', tb = 'N';
+    /* column-major C^T = B^T @ op(A)^T:   sgemm('N', transa ? 'T' : 'N', N, M, K, B, A, C) */
+    char ta = 'N', tb = transa ? 'T' : 'N';
     int m = (int)N, n = (int)M, k = (int)K, il = (int)ldb, ir = (int)lda, ic = (int)ldc;
     g_sgemm(&ta, &tb, &m, &n, &k, &alpha, (float *)B, &il, (float *)A, &ir, &beta, C, &ic);
 }
 
-/* Row-major C (M, N) = alpha * A (K, M)^T @ B (K, N) + beta * C   (NumPy: C = a * A.T @ B + b * C) */
+/* NumPy: C = alpha * A @ B + beta * C */
+void rnn_gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    gemm_xn(0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* NumPy: C = alpha * A.T @ B + beta * C */
 void rnn_gemm_tn(int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                  const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (g_sgemm == NULL || K <= 0) {
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) {
-                float acc = 0.0f;
-                for (int64_t k = 0; k < K; k++) acc += A[k * lda + m] * B[k * ldb + n];
-                C[m * ldc + n] = alpha * acc + (beta == 0.0f ? 0.0f : beta * C[m * ldc + n]);
-            }
-        return;
-    }
-    /* column-major C^T = B^T @ A:   sgemm('N', 'T', N, M, K, B, A, C) */
-    char ta = 'N', tb = 'T';
-    int m = (int)N, n = (int)M, k = (int)K, il = (int)ldb, ir = (int)lda, ic = (int)ldc;
-    g_sgemm(&ta, &tb, &m, &n, &k, &alpha, (float *)B, &il, (float *)A, &ir, &beta, C, &ic);
+    gemm_xn(1, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
