@@ -1,6 +1,8 @@
 /* gru.c - the ONNX GRU cell: one time step over a batch (gate order z, r, h). */
 #include "internal.h"
 
+#include <string.h>
+
 /*
  * Per active row b at time t (ONNX GRU, default activations f=Sigmoid, g=Tanh):
  *   z = f(clip(Xt Wz^T + Ht-1 Rz^T + Wbz + Rbz))
@@ -83,10 +85,14 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
             xproj[r * GH + j] = c->B ? c->B[j] + (lbr && j >= 2 * H ? 0.0f : c->B[GH + j]) : 0.0f;
     rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
     const float *Rh = c->R + 2 * H * H;
+    rnn_packed Rp, Rhp;
+    const int64_t nrows = lbr ? GH : 2 * H;
+    const int packed = rnn_train_pack(&Rp, c->R, nrows, H, 0), packed_h = lbr ? 0 : rnn_train_pack(&Rhp, Rh, H, H, 0);
+    if (lbr) memset(&Rhp, 0, sizeof Rhp);
     for (int64_t t = 0; t < T; t++) {
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
         /* gates[:, :2H] = h @ Rzr^T; with lbr also gates[:, 2H:] = h @ Rh^T */
-        rnn_gemm_nt(B, lbr ? GH : 2 * H, H, 1.0f, hp, H, c->R, H, 0.0f, gates, GH, 1);
+        rnn_train_gemm(packed, &Rp, B, hp, H, c->R, nrows, H, gates, GH, 0, 0);
         for (int64_t b = 0; b < B; b++) {
             float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
             const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
@@ -102,7 +108,7 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
             }
         }
         if (!lbr) /* gates[:, 2H:] = (r . h) @ Rh^T */
-            rnn_gemm_nt(B, H, H, 1.0f, rh, H, Rh, H, 0.0f, gates + 2 * H, GH, 1);
+            rnn_train_gemm(packed_h, &Rhp, B, rh, H, Rh, H, H, gates + 2 * H, GH, 0, 0);
         for (int64_t b = 0; b < B; b++) {
             float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
             const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH, *hb = hp + b * H;
@@ -115,6 +121,8 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
             for (int64_t j = 0; j < H; j++) y[j] = (1.0f - post[j]) * post[2 * H + j] + post[j] * hb[j];
         }
     }
+    rnn_packed_free(&Rp);
+    rnn_packed_free(&Rhp);
     if (hT) {
         const float *src = T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros);
         for (int64_t k = 0; k < B * H; k++) hT[k] = src[k];
@@ -133,6 +141,8 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
         dh[k] = dhT ? dhT[k] : 0.0f;
     }
     const float *Rh = c->R + 2 * H * H;
+    rnn_packed RzrT, RhT; /* Rzr^T (H, 2H) and Rh^T (H, H) packed */
+    const int pz = rnn_train_pack(&RzrT, c->R, 2 * H, H, 1), ph = rnn_train_pack(&RhT, Rh, H, H, 1);
     for (int64_t t = T - 1; t >= 0; t--) {
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
         float *ax = dAx + t * B * GH, *ar = dAr + t * B * GH;
@@ -156,10 +166,10 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
         }
         if (lbr) {
             /* dh += d(hr) @ Rh */
-            rnn_gemm_nn(B, H, H, 1.0f, ar + 2 * H, GH, Rh, H, 1.0f, dh, H);
+            rnn_train_gemm(ph, &RhT, B, ar + 2 * H, GH, Rh, H, H, dh, H, 1, 1);
         } else {
             /* d(r . h) = dn_pre @ Rh;  dr = d(rh) . h;  dh += d(rh) . r */
-            rnn_gemm_nn(B, H, H, 1.0f, ax + 2 * H, GH, Rh, H, 0.0f, drh, H);
+            rnn_train_gemm(ph, &RhT, B, ax + 2 * H, GH, Rh, H, H, drh, H, 1, 0);
             for (int64_t b = 0; b < B; b++) {
                 const float *post = saved + (t * B + b) * S + GH;
                 for (int64_t j = 0; j < H; j++) {
@@ -179,8 +189,10 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
             }
         }
         /* dh += dA_zr @ Rzr   (B, 2H) @ (2H, H) */
-        rnn_gemm_nn(B, H, 2 * H, 1.0f, ar, GH, c->R, H, 1.0f, dh, H);
+        rnn_train_gemm(pz, &RzrT, B, ar, GH, c->R, H, 2 * H, dh, H, 1, 1);
     }
+    rnn_packed_free(&RzrT);
+    rnn_packed_free(&RhT);
     if (dh0)
         for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
     if (T == 0) return;

@@ -116,6 +116,15 @@ static inline const float *rnn_train_hprev(const float *h0, const float *Y, cons
     return t == 0 ? (h0 ? h0 : zeros) : Y + (t - 1) * B * H;
 }
 
+/* Packs M (rows, cols) for per-step products (or M^T when transpose), so the T small products
+ * of a training pass stream one packed copy instead of OpenBLAS repacking R at every step.
+ * Returns 0 when packing failed (out of memory): callers then use BLAS. One allocation per
+ * pass (not per step), freed with rnn_packed_free. */
+int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose);
+/* C (B, N) = A (B, K) @ M^T where p packs M (N, K) when ok, else through BLAS with M itself. */
+void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int64_t lda, const float *M,
+                    int64_t N, int64_t K, float *C, int64_t ldc, int transposed, int accumulate);
+
 int64_t rnn_lstm_saved_floats(int64_t H);
 int64_t rnn_gru_saved_floats(int64_t H);
 int64_t rnn_rnn_saved_floats(int64_t H);

@@ -84,10 +84,12 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
         for (int64_t j = 0; j < GH; j++) xproj[r * GH + j] = c->B ? c->B[j] + c->B[GH + j] : 0.0f;
     rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
+    rnn_packed Rp;
+    const int packed = rnn_train_pack(&Rp, c->R, GH, H, 0);
     for (int64_t t = 0; t < T; t++) {
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
         /* gates = h_{t-1} @ R^T   (B, 4H) */
-        rnn_gemm_nt(B, GH, H, 1.0f, hp, H, c->R, H, 0.0f, gates, GH, 1);
+        rnn_train_gemm(packed, &Rp, B, hp, H, c->R, GH, H, gates, GH, 0, 0);
         for (int64_t b = 0; b < B; b++) {
             float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
             const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
@@ -117,6 +119,7 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
             for (int64_t j = 0; j < H; j++) y[j] = post[H + j] * tc[j];
         }
     }
+    rnn_packed_free(&Rp);
     if (hT) memcpy(hT, T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros), sizeof(float) * (size_t)(B * H));
     if (cT) {
         for (int64_t b = 0; b < B; b++)
@@ -137,6 +140,8 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
         dc[k] = dcT ? dcT[k] : 0.0f;
     }
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
+    rnn_packed RTp; /* R^T (H, 4H) packed: dh = dA @ R */
+    const int packed = rnn_train_pack(&RTp, c->R, GH, H, 1);
     for (int64_t t = T - 1; t >= 0; t--) {
         for (int64_t b = 0; b < B; b++) {
             const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
@@ -162,8 +167,9 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
             }
         }
         /* dh_{t-1} = dA_t @ R   (B, 4H) @ (4H, H) */
-        rnn_gemm_nn(B, H, GH, 1.0f, dA + t * B * GH, GH, c->R, H, 0.0f, dh, H);
+        rnn_train_gemm(packed, &RTp, B, dA + t * B * GH, GH, c->R, H, GH, dh, H, 1, 0);
     }
+    rnn_packed_free(&RTp);
     if (dh0) memcpy(dh0, dh, sizeof(float) * (size_t)(B * H));
     if (dc0) memcpy(dc0, dc, sizeof(float) * (size_t)(B * H));
     if (T == 0) return;

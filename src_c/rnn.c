@@ -43,9 +43,11 @@ void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     for (int64_t r = 0; r < T * B; r++)
         for (int64_t j = 0; j < H; j++) xproj[r * H + j] = c->B ? c->B[j] + c->B[H + j] : 0.0f;
     rnn_gemm_nt(T * B, H, I, 1.0f, X, I, c->W, I, 1.0f, xproj, H, 1);
+    rnn_packed Rp;
+    const int packed = rnn_train_pack(&Rp, c->R, H, H, 0);
     for (int64_t t = 0; t < T; t++) {
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
-        rnn_gemm_nt(B, H, H, 1.0f, hp, H, c->R, H, 0.0f, gates, H, 1);
+        rnn_train_gemm(packed, &Rp, B, hp, H, c->R, H, H, gates, H, 0, 0); /* h @ R^T */
         float *y = Y + t * B * H;
         for (int64_t k = 0; k < B * H; k++) {
             const float pre = gates[k] + xproj[t * B * H + k], v = rnn_train_clip(c, pre);
@@ -54,6 +56,7 @@ void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
         }
         if (!c->relu) rnn_vtanh(y, B * H);
     }
+    rnn_packed_free(&Rp);
     if (hT) {
         const float *src = T ? Y + (T - 1) * B * H : (h0 ? h0 : zeros);
         for (int64_t k = 0; k < B * H; k++) hT[k] = src[k];
@@ -69,6 +72,8 @@ void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
         zeros[k] = 0.0f;
         dh[k] = dhT ? dhT[k] : 0.0f;
     }
+    rnn_packed RTp;
+    const int packed = rnn_train_pack(&RTp, c->R, H, H, 1);
     for (int64_t t = T - 1; t >= 0; t--) {
         for (int64_t k = 0; k < B * H; k++) {
             const float pre = saved[t * B * H + k], y = Y[t * B * H + k];
@@ -76,8 +81,9 @@ void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
             dA[t * B * H + k] = (dh[k] + (dY ? dY[t * B * H + k] : 0.0f)) * dact * rnn_train_clip_grad(c, pre);
         }
         /* dh_{t-1} = dA_t @ R */
-        rnn_gemm_nn(B, H, H, 1.0f, dA + t * B * H, H, c->R, H, 0.0f, dh, H);
+        rnn_train_gemm(packed, &RTp, B, dA + t * B * H, H, c->R, H, H, dh, H, 1, 0);
     }
+    rnn_packed_free(&RTp);
     if (dh0)
         for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
     if (T == 0) return;

@@ -202,7 +202,8 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
  * Training: forward with saved activations and backward through time for one direction of
  * one layer (src_c/lstm.c, gru.c, rnn.c), and the pieces around it (src_c/train.c).
  * Plain float32 row-major matrices, ONNX layout and gate order; gradients accumulate (+=)
- * into caller-owned buffers; nothing allocates. Supported: default activations (Sigmoid,
+ * into caller-owned buffers; nothing allocates per time step (each pass packs R once for its
+ * per-step products, falling back to BLAS if that allocation fails). Supported: default activations (Sigmoid,
  * Tanh; RNN Tanh or Relu), clip, LSTM peepholes, GRU linear_before_reset 0 and 1.
  * ------------------------------------------------------------------------------------- */
 typedef struct {

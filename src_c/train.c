@@ -1,6 +1,7 @@
 /* train.c - training around the cells: dispatch, dense layer, losses, embedding, optimisers. */
 #include "internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* Dimension legend: N = rows (time steps x batch), K = input features, O = outputs,
@@ -60,6 +61,33 @@ rnn_status rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, con
     default: rnn_rnn_train_backward(c, T, B, X, h0, Y, saved, dY, dhT, dX, dW, dR, dB, dh0, work); break;
     }
     return RNN_STATUS_OK;
+}
+
+/* ---- packed weights for the per-step products ------------------------------------------ */
+
+int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose) {
+    memset(p, 0, sizeof *p);
+    if (!transpose) return rnn_packed_init(p, M, rows, cols, cols) == RNN_STATUS_OK;
+    float *t = malloc(sizeof(float) * (size_t)(rows * cols > 0 ? rows * cols : 1));
+    if (!t) return 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < cols; k++) t[k * rows + r] = M[r * cols + k];
+    const int ok = rnn_packed_init(p, t, cols, rows, rows) == RNN_STATUS_OK;
+    free(t);
+    return ok;
+}
+
+void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int64_t lda, const float *M,
+                    int64_t N, int64_t K, float *C, int64_t ldc, int transposed, int accumulate) {
+    if (ok) {
+        rnn_gemm_packed(B, A, lda, p, C, ldc, accumulate);
+    } else if (transposed) {
+        /* C (B, N) (+)= A (B, K) @ M (K, N) */
+        rnn_gemm_nn(B, N, K, 1.0f, A, lda, M, N, accumulate ? 1.0f : 0.0f, C, ldc);
+    } else {
+        /* C (B, N) (+)= A (B, K) @ M (N, K)^T */
+        rnn_gemm_nt(B, N, K, 1.0f, A, lda, M, K, accumulate ? 1.0f : 0.0f, C, ldc, 1);
+    }
 }
 
 /* ---- dense layer ------------------------------------------------------------------------ */
