@@ -324,8 +324,7 @@ AVX512 static void gemv_packed_avx512(const float *a, const rnn_packed *Bp, floa
     }
 }
 
-/* Rows of A in groups of four against two panels at a time: eight accumulators, two panel
- * loads and four broadcasts feed eight FMAs per k. */
+/* Rows of A in groups of eight (then four, then one) against two panels at a time. */
 AVX512 static void gemm_packed_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                       float *C, int64_t ldc, int accumulate) {
     if (M == 1) {
@@ -341,6 +340,26 @@ AVX512 static void gemm_packed_avx512(int64_t M, const float *A, int64_t lda, co
         const int64_t col = p * RNN_PANEL;
         const int64_t w0 = N - col, w1 = N - col - RNN_PANEL;
         int64_t m = 0;
+        for (; m + 8 <= M; m += 8) {
+            /* eight rows x two panels: sixteen accumulators; per k two panel loads and
+             * eight broadcasts feed sixteen FMAs */
+            __m512 c0[8], c1[8];
+            for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+            const float *a = A + m * lda;
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 u = _mm512_load_ps(b0 + k * RNN_PANEL), v = _mm512_load_ps(b1 + k * RNN_PANEL);
+                for (int r = 0; r < 8; r++) {
+                    const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+                    c0[r] = _mm512_fmadd_ps(x, u, c0[r]);
+                    c1[r] = _mm512_fmadd_ps(x, v, c1[r]);
+                }
+            }
+            for (int r = 0; r < 8; r++) {
+                float *cr = C + (m + r) * ldc + col;
+                store16(cr, w0, c0[r], accumulate);
+                if (two) store16(cr + RNN_PANEL, w1, c1[r], accumulate);
+            }
+        }
         for (; m + 4 <= M; m += 4) {
             const float *a0 = A + m * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
             __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(),
