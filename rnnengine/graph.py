@@ -87,16 +87,19 @@ class Plan:
             ptrs[tid] = address(states[key])
         self.program.run(ptrs, ctx["work"])
         out = {}
-        bufs = ctx["bufs"]
+        views = ctx.get("views")
+        if views is None:  # output views of this context's buffers, made once
+            views = ctx["views"] = {name: (ref if kind == "const" else
+                                           ctx["bufs"][ref].reshape(-1)[:n].view(dtype).reshape(shape))
+                                    for name, kind, ref, n, dtype, shape in self._reads if kind != "input"}
         for name, kind, ref, n, dtype, shape in self._reads:
             dest = into.get(name) if into else None
             if dest is None and want is not None and name not in want:
                 continue
-            if kind == "const":
-                val = ref
+            if kind == "input":
+                val = feeds[ref].reshape(-1)[:n].view(dtype).reshape(shape)
             else:
-                src = feeds[ref] if kind == "input" else bufs[ref]
-                val = src.reshape(-1)[:n].view(dtype).reshape(shape)
+                val = views[name]
             if dest is not None:
                 np.copyto(dest, val)
             if want is None or name in want:
