@@ -582,3 +582,20 @@ def test_token_model_at_every_opset(opset):
     s = gm.stream()
     parts = [s({"ids": ids[t:t + 2]})["p"] for t in range(0, 6, 2)]
     assert max_violation(np.concatenate(parts), whole["p"]) <= 0.1
+
+
+def test_gru_cell_steps_from_both_exporters_are_mapped_to_engine_cells():
+    """nn.GRUCell loops from the legacy and the dynamo exporter (test corpus): every step
+    becomes one GRU node (linear_before_reset = 1) sharing one packed stack, and the model
+    still matches onnxruntime."""
+    import os
+    from rnnengine.verify import verify
+    here = os.path.join(os.path.dirname(__file__), "data", "corpus")
+    for name in ("torch_legacy_grucell_loop_op14.onnx", "torch_dynamo_grucell_loop_op18.onnx"):
+        path = os.path.join(here, name)
+        gm = rnnengine.convert(path)
+        assert gm.metadata["converter.fused_gru_cells"] == 5
+        assert [n["op"] for n in gm.graph["nodes"]].count("GRU") == 5
+        rep = verify(gm, path, {"batch": 3})
+        assert max(e["rel"] for e in rep["whole"].values()) <= 1e-5
+        assert len(gm._stacks) == 1
