@@ -62,7 +62,7 @@ def cmd_demo(args):
     rng = np.random.default_rng(args.seed)
     text, worst, t_eng, t_ort = prompt, 0.0, [], []
     feed = [index[ch] for ch in prompt]
-    shown = 0
+    shown, nxt = 0, 0
     print(f"\n{'step':>4} {'char':>5}  {'rnnengine top-3':<36}{'onnxruntime top-3':<36}max|dp|")
     total = len(feed) + args.steps
     for step in range(total):

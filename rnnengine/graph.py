@@ -17,7 +17,6 @@ one call becomes the input of the next).
 """
 from __future__ import annotations
 
-import copy
 import threading
 
 import numpy as np
@@ -663,7 +662,3 @@ class GraphStream:
         for a, o in self.model.state_pairs:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
         return out
-
-
-def deepcopy_graph(graph):
-    return copy.deepcopy(graph)

@@ -429,10 +429,6 @@ def load_checkpoint(path):
                      "extra": wf.metadata.get("train.extra", {})}
 
 
-def config_json(net):
-    return json.dumps(net.config)
-
-
 def char_vocab(text):
     """The sorted characters of a text, and the text as int32 token ids."""
     vocab = "".join(sorted(set(text)))

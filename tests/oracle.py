@@ -97,7 +97,6 @@ def _np_reference(kind, attrs, X, W, R, B, sequence_lens, initial_h, initial_c, 
     T, Bsz, _ = X.shape
     D, GH, _ = W.shape
     H = R.shape[2]
-    G = GH // H
     direction = attrs.get("direction", "forward")
     n_act = len(_DEFAULT_ACTS[kind])
     names = list(attrs.get("activations") or _DEFAULT_ACTS[kind] * D)

@@ -21,8 +21,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "rnnengine", "data", "demo_charlm.onnx")
 MODULES = """os json re collections itertools functools pathlib argparse subprocess threading typing dataclasses
