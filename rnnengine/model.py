@@ -190,18 +190,28 @@ class Model:
             sl[axis] = slice(b0, b1)
             return np.ascontiguousarray(a[tuple(sl)])
 
-        def part(b0, b1):
+        DH, H = self.output_size, self.layers[-1].hidden_size
+        Y = np.zeros(X.shape[:2] + (DH,), np.float32)
+        ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
+        flat = Y.reshape(-1)
+        states = [None] * (len(bounds) - 1)
+
+        def part(k):
+            # each thread writes its rows straight into Y (strided), with its own state
+            b0, b1 = bounds[k], bounds[k + 1]
             sub = [tuple(x[:, b0:b1] for x in e) if isinstance(e, tuple) else e[:, b0:b1] for e in full]
-            return self._run_one(rows(X, b0, b1), T, b1 - b0, None if lens is None else lens[b0:b1],
-                                 self._pack_state(sub, b1 - b0))
-        results = list(self._pool.map(lambda k: part(bounds[k], bounds[k + 1]), range(len(bounds) - 1)))
-        Y = np.concatenate([r[0] for r in results], axis=axis)
+            sv = self._pack_state(sub, b1 - b0)
+            work = np.empty(self._stack.workspace_size(T, b1 - b0), np.float32)
+            self._stack.forward(rows(X, b0, b1), None if lens is None else np.ascontiguousarray(lens[b0:b1]),
+                                flat[b0 * ys_b:], ys_t, ys_b, H, sv, work, self.batch_first)
+            states[k] = self.unpack_state(sv, b1 - b0)
+        list(self._pool.map(part, range(len(bounds) - 1)))
         state = []
         for k, layer in enumerate(self.layers):
             if layer.kind == "LSTM":
-                state.append(tuple(np.concatenate([r[1][k][i] for r in results], axis=1) for i in range(2)))
+                state.append(tuple(np.concatenate([r[k][i] for r in states], axis=1) for i in range(2)))
             else:
-                state.append(np.concatenate([r[1][k] for r in results], axis=1))
+                state.append(np.concatenate([r[k] for r in states], axis=1))
         return Y, state
 
     def _run_onnx(self, X, sequence_lens, initial_h, initial_c):
