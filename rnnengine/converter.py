@@ -31,6 +31,14 @@ class ConversionError(UnsupportedError):
     """The ONNX model cannot be converted faithfully; the message names the node."""
 
 
+def _to_array(tensor, what):
+    """An ONNX tensor as a NumPy array; a damaged tensor is a ConversionError naming it."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as e:
+        raise ConversionError(f"{what}: unreadable tensor ({type(e).__name__}: {e})") from None
+
+
 def _dtype_name(elem_type):
     if elem_type not in ONNX_DTYPE:
         return None
@@ -71,7 +79,7 @@ class _Converter:
     def attr_value(self, node, a):
         from onnx import AttributeProto as A
         if a.type == A.TENSOR:
-            return numpy_helper.to_array(a.t)
+            return _to_array(a.t, f"{where(node)}: attribute {a.name!r}")
         if a.type == A.GRAPH:
             return self.subgraph(a.g, node)
         if a.type in (A.GRAPHS, A.SPARSE_TENSOR, A.SPARSE_TENSORS, A.TENSORS, A.TYPE_PROTO, A.TYPE_PROTOS):
@@ -109,7 +117,7 @@ class _Converter:
 
     def subgraph(self, g, parent):
         nodes = [self.node_dict(n) for n in g.node]
-        tensors = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        tensors = {t.name: _to_array(t, f"{where(parent)}: subgraph initializer {t.name!r}") for t in g.initializer}
         inputs = [i.name for i in g.input]
         if inputs and parent["op"] != "Loop":
             raise ConversionError(f"{where(parent)}: a subgraph with inputs is only supported as a Loop body")
@@ -179,7 +187,7 @@ class _Converter:
 
     def convert(self, model):
         g = model.graph
-        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        consts = {t.name: _to_array(t, f"initializer {t.name!r}") for t in g.initializer}
         inputs = [_value_info(i) for i in g.input if i.name not in consts]
         for name, v in self.fixed.items():
             if name not in {i["name"] for i in inputs}:

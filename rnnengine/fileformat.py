@@ -306,6 +306,8 @@ class WeightFile:
         if e["dtype"] == "float16":
             return arr.astype(np.float32)
         if e["dtype"] == "int8":
+            if arr.size == 0:
+                return np.zeros(arr.shape, np.float32)
             rows = arr.reshape(_rows(arr.shape), -1).astype(np.float32) * scales[:, None]
             return rows.reshape(arr.shape)
         return arr

@@ -69,6 +69,7 @@ def test_quantized_storage_within_documented_bounds(tmp_path, dtype):
                 rows = np.abs(want).reshape(-1, want.shape[-1]).max(axis=1)
                 bound = np.repeat(rows / 254, want.shape[-1]).reshape(want.shape) * (1 + 1e-6)
             assert np.all(np.abs(got - want) <= bound), name
+        assert wf.tensor("empty").shape == (0, 4)
         # 1-D and integer tensors are never quantized
         assert wf.info("bias")["dtype"] == "float32" and np.array_equal(wf.tensor("bias"), t["bias"])
         assert wf.info("ids")["dtype"] == "int64"
@@ -284,3 +285,26 @@ def test_zip_bomb_json_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.rnne"
     fileformat.write(str(path), {"pad": "x" * (1 << 17)}, {})
     expect(path, "expands past|JSON block size")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(0, 10 ** 6))
+def test_random_corruption_never_escapes_as_anything_but_format_error(tmp_path_factory, flips, cut):
+    """Random byte changes and truncations of a valid file: reading it either succeeds or
+    raises FormatError (never another exception, never a crash)."""
+    base = tmp_path_factory.mktemp("fz")
+    good = base / "good.rnne"
+    fileformat.write(str(good), {"nodes": []}, sample_tensors(), dtype="int8")
+    data = bytearray(good.read_bytes())
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 else data
+    bad = base / "bad.rnne"
+    bad.write_bytes(bytes(data))
+    try:
+        with fileformat.read(str(bad)) as wf:
+            for name in wf.names:
+                wf.tensor(name)
+    except FormatError:
+        pass

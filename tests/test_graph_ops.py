@@ -599,3 +599,23 @@ def test_gru_cell_steps_from_both_exporters_are_mapped_to_engine_cells():
         rep = verify(gm, path, {"batch": 3})
         assert max(e["rel"] for e in rep["whole"].values()) <= 1e-5
         assert len(gm._stacks) == 1
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_corrupted_onnx_files_raise_value_errors(tmp_path_factory, flips):
+    """Random byte changes of a real exported model: converting and running it either works
+    or raises a ValueError (the converter's and the planner's errors are ValueErrors),
+    never another exception and never a crash."""
+    import os
+    src = os.path.join(os.path.dirname(__file__), "data", "corpus", "torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    data = bytearray(open(src, "rb").read())
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    path = tmp_path_factory.mktemp("onnxfz") / "m.onnx"
+    path.write_bytes(bytes(data))
+    try:
+        gm = rnnengine.convert(str(path))
+        gm.run({"ids": np.zeros((2, 3), np.int64)})
+    except ValueError as e:
+        assert str(e)  # says what is wrong
