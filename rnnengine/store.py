@@ -88,9 +88,63 @@ def save(model, path, dtype="float32"):
     fileformat.write(path, graph, tensors, dtype=dtype, quantize=quantize, metadata=meta)
 
 
+def check_graph(graph, tensor_names, where="graph"):
+    """Validates the structure of a stored graph before anything uses it (a damaged or
+    hand-made file must fail here with a FormatError naming the field, not later)."""
+    from .graph import SEQUENCE_OPS
+    from .ops import OPS
+
+    def fail(msg):
+        raise fileformat.FormatError(f"{where}: {msg}")
+
+    def strings(v, what):
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            fail(f"{what} must be a list of strings")
+    if not isinstance(graph, dict):
+        fail("must be an object")
+    if where == "graph":
+        if not isinstance(graph.get("opset"), int) or not 1 <= graph["opset"] <= 100:
+            fail(f"opset must be an integer, got {graph.get('opset')!r}")
+        for key in ("inputs", "outputs"):
+            items = graph.get(key)
+            if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                      for i in items):
+                fail(f"{key} must be a list of objects with a name")
+        for i in graph["inputs"]:
+            if i.get("dtype") not in ("float32", "int64", "int32", "bool", "uint8"):
+                fail(f"input {i['name']!r} has an unsupported dtype {i.get('dtype')!r}")
+            if i.get("shape") is not None and (not isinstance(i["shape"], list) or not all(
+                    d is None or isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in i["shape"])):
+                fail(f"input {i['name']!r} has an invalid shape {i.get('shape')!r}")
+        pairs = graph.get("state_pairs", [])
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            fail("state_pairs must be a list of [input, output] pairs")
+    else:
+        strings(graph.get("outputs"), "outputs")
+        strings(graph.get("inputs", []), "inputs")
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list):
+        fail("nodes must be a list")
+    for k, n in enumerate(nodes):
+        if not isinstance(n, dict) or not isinstance(n.get("op"), str):
+            fail(f"node {k} must be an object with an op")
+        if n["op"] not in OPS and n["op"] not in ("If", "Loop") + SEQUENCE_OPS:
+            fail(f"node {k} ({n.get('name')!r}) has op {n['op']!r}, which rnnengine does not run")
+        strings(n.get("inputs"), f"node {k} inputs")
+        strings(n.get("outputs"), f"node {k} outputs")
+        if not isinstance(n.get("attrs", {}), dict):
+            fail(f"node {k} attrs must be an object")
+        for name, v in n.get("attrs", {}).items():
+            if isinstance(v, dict) and set(v) == {"tensor"} and v["tensor"] not in tensor_names:
+                fail(f"node {k} attribute {name!r} names a missing tensor {v['tensor']!r}")
+            if isinstance(v, dict) and set(v) == {"graph"}:
+                check_graph(v["graph"], tensor_names, f"{where}: node {k} attribute {name!r}")
+
+
 def load(path, verify=True):
     """Loads a weight file as a GraphModel (float32 weights memory-mapped, not copied)."""
     wf = fileformat.read(path, verify=verify)
+    check_graph(wf.graph, set(wf.names))
     tensors = {name: wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]

@@ -308,3 +308,33 @@ def test_random_corruption_never_escapes_as_anything_but_format_error(tmp_path_f
                 wf.tensor(name)
     except FormatError:
         pass
+
+
+def test_hand_made_graphs_in_a_valid_file_are_refused_clearly(tmp_path):
+    """The graph JSON of a weight file is checked before use: unknown ops, missing fields,
+    wrong types and dangling tensor references raise FormatError naming them."""
+    import rnnengine
+    good = {"opset": 17, "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
+            "outputs": [{"name": "y", "dtype": "float32", "shape": None}], "state_pairs": [],
+            "nodes": [{"op": "Relu", "name": "r", "inputs": ["x"], "outputs": ["y"], "attrs": {}}]}
+    path = str(tmp_path / "g.rnne")
+    fileformat.write(path, good, {})
+    m = rnnengine.load(path)
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    np.testing.assert_array_equal(m.run({"x": x})["y"], np.maximum(x, 0))
+    bad_cases = [
+        ({"nodes": [{"op": "Einsum", "inputs": ["x"], "outputs": ["y"]}]}, "does not run"),
+        ({"opset": "17"}, "opset"),
+        ({"inputs": [{"name": "x", "dtype": "complex64", "shape": [2]}]}, "dtype"),
+        ({"inputs": [{"name": "x", "dtype": "float32", "shape": [-4]}]}, "shape"),
+        ({"nodes": [{"op": "Relu", "inputs": "x", "outputs": ["y"]}]}, "inputs must be a list"),
+        ({"nodes": [{"op": "Constant", "inputs": [], "outputs": ["y"], "attrs": {"value": {"tensor": "nope"}}}]},
+         "missing tensor"),
+        ({"state_pairs": [["x"]]}, "state_pairs"),
+        ({"nodes": "all of them"}, "nodes must be a list"),
+    ]
+    for change, match in bad_cases:
+        g = dict(good, **change)
+        fileformat.write(path, g, {})
+        with pytest.raises(FormatError, match=match):
+            rnnengine.load(path)
