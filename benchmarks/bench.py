@@ -478,7 +478,7 @@ def main(argv=None):
     if (os.cpu_count() or 1) >= 2:
         for batch in ((16,) if a.quick else (1, 16, 64)):
             step(f"2 threads, batch {batch}")
-            results.append(bench_sequence("LSTM", 256, 256, 256, batch, max(3, reps // 3), peak, threads=2))
+            results.append(bench_sequence("LSTM", 256, 256, 256, batch, reps, peak, threads=2))
     if not a.quick:
         step("converted models")
         results.extend(bench_graph_models(reps))
