@@ -412,10 +412,12 @@ def step_streams(list streams, x, out=None):
     for i in range(n):
         s = streams[i]
         ptrs[i] = <uintptr_t>s._state_ptr()
-    batched_arr = np.empty(stack.state_size(n), np.float32)
-    work_arr = np.empty(stack.workspace_size(1, n), np.float32)
-    cdef float[::1] bs = batched_arr
-    cdef float[::1] wv = work_arr
+    # scratch from this thread's buffers (no allocation per call): the batched state after
+    # the workspace, in one buffer
+    cdef int64_t ws = stack.workspace_size(1, n), ss = stack.state_size(n)
+    buf = _thread_work(ws + ss + 16)
+    cdef float[::1] wv = buf[:ws]
+    cdef float[::1] bs = buf[ws + 16:ws + 16 + ss]
     cdef const float[:, ::1] xv = arr
     cdef float[:, ::1] yv = res
     cdef rnn_status st
