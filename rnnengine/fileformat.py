@@ -5,7 +5,8 @@ specified byte by byte in docs/FORMAT.md; this module follows it section by sect
     header (64 bytes) | JSON block (zlib) | zero padding to 64 | tensor data, each 64-aligned
 
 Every field of an untrusted file is checked before it is used; a malformed file raises
-FormatError naming the field and what was expected.
+FormatError naming the field and what was expected. Misuse of the writer (bad arguments)
+raises TypeError / ValueError.
 """
 from __future__ import annotations
 
@@ -17,20 +18,27 @@ import zlib
 
 import numpy as np
 
-MAGIC = b"RNNE"
-FORMAT_VERSION = 1
-ALIGNMENT = 64
-HEADER = struct.Struct("<4sIIIQQQQI12s")  # see docs/FORMAT.md, "Header"
+# --- layout (docs/FORMAT.md, "Layout" and "Header") --------------------------------------
+MAGIC = b"RNNE"          # bytes 0..3 of every weight file
+FORMAT_VERSION = 1       # the version this module writes, and the newest it reads
+ALIGNMENT = 64           # the data section and every tensor in it start at a multiple of this
+# magic, version, flags, alignment, json_size, n_tensors, data_offset, file_size, meta_crc32, reserved
+HEADER = struct.Struct("<4sIIIQQQQI12s")
 assert HEADER.size == 64
-FLAG_JSON_ZLIB = 1  # the JSON block is zlib-compressed (always set by this writer)
-KNOWN_FLAGS = FLAG_JSON_ZLIB
-MAX_JSON = 1 << 30         # 1 GiB of JSON is more than any graph needs
-MAX_DIM = 1 << 40
-MAX_NDIM = 16
+CRC_SPAN = 48            # meta_crc32 covers header bytes [0, 48) followed by the JSON block
+FLAG_JSON_ZLIB = 1       # flags bit 0: the JSON block is zlib-compressed (always set by this writer)
+KNOWN_FLAGS = FLAG_JSON_ZLIB  # a file with any other flag bit set is refused
 
-# stored dtype name -> NumPy dtype of the stored elements
-STORED = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "int64": np.int64,
-          "int32": np.int32, "uint8": np.uint8, "bool": np.bool_}
+# --- limits a reader enforces before allocating anything -----------------------------------
+MAX_JSON = 64 << 20      # bytes of JSON text after decompression (a graph needs far less)
+MAX_NDIM = 16            # dimensions of a tensor
+MAX_DIM = 1 << 40        # largest single dimension
+
+# stored dtype name -> little-endian NumPy dtype of the stored elements (FORMAT.md, "dtypes")
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
+          "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
+PLAIN = ("int64", "int32", "int8", "uint8", "bool")  # non-float input dtypes, stored as they are
+SCALE_KEYS = ("scale_offset", "scale_nbytes", "scale_crc32")  # present exactly on int8-quantized entries
 
 
 class FormatError(ValueError):
@@ -38,21 +46,25 @@ class FormatError(ValueError):
 
 
 def quantization_error_bound(dtype):
-    """Per-element error of storing a float32 weight as `dtype` (docs/FORMAT.md):
-    float16: relative 2**-11 for |w| >= 2**-14 (absolute 2**-25 below); int8: absolute
-    max|row| / 254 (half a quantization step)."""
-    return {"float32": "exact", "float16": "relative 2**-11 (absolute 2**-25 below 2**-14)",
-            "int8": "absolute max|row|/254"}[dtype]
+    """Per-element error bound of storing a float32 weight w as `dtype` (docs/FORMAT.md):
+
+    float32: 0.0 (exact).
+    float16: 2**-11, relative: |w - w'| <= 2**-11 |w| for 2**-14 <= |w| <= 65504
+             (absolute 2**-25 below 2**-14, where float16 is subnormal).
+    int8:    1/254, relative to the row: |w - w'| <= max|row| / 254 (half a step of max|row|/127).
+    """
+    bounds = {"float32": 0.0, "float16": 2.0 ** -11, "int8": 1.0 / 254}
+    if dtype not in bounds:
+        raise ValueError(f"dtype must be float32, float16 or int8, got {dtype!r}")
+    return bounds[dtype]
 
 
-def _align(n, a=ALIGNMENT):
-    return (n + a - 1) // a * a
+def _align(n):
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
 def _rows(shape):
-    """int8 scales: one per row, a row being the last axis."""
-    if len(shape) == 0:
-        return 1
+    """int8 scales: one per row, a row being the last axis; (..., K) has prod(...) rows."""
     n = 1
     for d in shape[:-1]:
         n *= d
@@ -60,108 +72,146 @@ def _rows(shape):
 
 
 def quantize_int8(a):
+    """Symmetric int8 with one float32 scale per row: (q, scales), a ~= q * scales[row]."""
     a = np.asarray(a, np.float32)
-    rows = a.reshape(_rows(a.shape), -1) if a.size else a.reshape(_rows(a.shape), 0)
+    rows = a.reshape(_rows(a.shape), a.shape[-1] if a.ndim else 1)  # (R, K)
     amax = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0], np.float32)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)  # all-zero row: 1
     q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
     return q.reshape(a.shape), scale
 
 
+# --- writer ----------------------------------------------------------------------------------
+
+def _stored(name, arr, dtype, chosen):
+    """(stored dtype name, array to store, int8 row scales or None) for one input tensor."""
+    if arr.dtype.kind == "f":
+        target = dtype if chosen else "float32"
+        if target != "float32" and not np.isfinite(arr).all():
+            raise ValueError(f"tensor {name!r} holds non-finite values; it cannot be stored as {target} "
+                             "(store it as float32)")
+        if target == "float16":
+            big = float(np.abs(arr).max()) if arr.size else 0.0
+            if big > float(np.finfo(np.float16).max):
+                raise ValueError(f"tensor {name!r} holds {big:g}, beyond the float16 range "
+                                 f"(max {np.finfo(np.float16).max:g}); store it as float32 or int8")
+            return "float16", arr.astype(DTYPES["float16"]), None
+        if target == "int8":
+            q, scales = quantize_int8(arr)
+            return "int8", q, scales
+        if arr.dtype.itemsize > 4 and arr.size:
+            finite = np.abs(arr[np.isfinite(arr)])
+            if finite.size and finite.max() > np.finfo(np.float32).max:
+                raise ValueError(f"tensor {name!r} holds {finite.max():g}, beyond the float32 range")
+        return "float32", arr.astype(DTYPES["float32"]), None
+    if arr.dtype.name in PLAIN:
+        return arr.dtype.name, arr.astype(DTYPES[arr.dtype.name]), None
+    raise TypeError(f"tensor {name!r} has dtype {arr.dtype}, which the weight file cannot store "
+                    f"(supported: float16/32/64, {', '.join(PLAIN)})")
+
+
 def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None):
-    """Writes a weight file. ``tensors``: name -> array; float tensors are stored as float32,
-    except the names in ``quantize`` (None: every float tensor of 2 or more dimensions),
-    which are stored as ``dtype`` ("float32", "float16" or "int8" with one scale per row)."""
+    """Writes a weight file (atomically: a temporary file renamed over `path`).
+
+    graph: a JSON-serialisable dict, stored as is. tensors: name -> array. Float tensors are
+    stored as float32, except those chosen for quantization (the names in `quantize`; None
+    chooses every float tensor of 2 or more dimensions), which are stored as `dtype`:
+    "float32", "float16" or "int8" (one float32 scale per row). int64/int32/int8/uint8/bool
+    tensors are stored as they are. metadata: namespaced keys ("source.sha256") -> JSON
+    values, merged over the defaults general.converter_version and general.weight_dtype."""
     if dtype not in ("float32", "float16", "int8"):
         raise ValueError(f"dtype must be float32, float16 or int8, got {dtype!r}")
-    meta = {"general.format_version": FORMAT_VERSION}
+    if not isinstance(graph, dict):
+        raise TypeError(f"graph must be a dict, got {type(graph).__name__}")
+    for name in tensors:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+    if quantize is not None:
+        quantize = set(quantize)
+        unknown = sorted(map(str, quantize - set(tensors)))
+        if unknown:
+            raise ValueError(f"quantize names tensors that are not given: {', '.join(unknown)}")
+    meta = {"general.weight_dtype": dtype}
     try:
         from . import __version__
         meta["general.converter_version"] = __version__
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - the module used outside the package
         pass
+    for key in metadata or {}:
+        if not isinstance(key, str) or "." not in key.strip("."):
+            raise ValueError(f"metadata keys must be namespaced strings like 'source.producer', got {key!r}")
     meta.update(metadata or {})
-    entries, blobs = [], []
-    offset = 0
+
+    entries, blobs, offset = [], [], 0  # blobs: (offset in the data section, contiguous array)
     for name, arr in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be strings, got {name!r}")
         arr = np.asarray(arr)
-        kind = arr.dtype.kind
-        if kind == "f":
-            wanted = dtype if (quantize is None and arr.ndim >= 2) or (quantize is not None and name in quantize) \
-                else "float32"
-            if not np.all(np.isfinite(arr)) and wanted != "float32":
-                raise ValueError(f"tensor {name!r} holds non-finite values; it cannot be stored as {wanted}")
-            if wanted == "float16":
-                big = np.abs(arr).max() if arr.size else 0.0
-                if big > np.finfo(np.float16).max:
-                    raise ValueError(f"tensor {name!r} holds {big:g}, beyond the float16 range "
-                                     f"(max {np.finfo(np.float16).max:g}); store it as float32 or int8")
-                data, scales = arr.astype(np.float16), None
-            elif wanted == "int8":
-                data, scales = quantize_int8(arr)
-            else:
-                data, scales = arr.astype(np.float32), None
-        elif arr.dtype == np.bool_ or arr.dtype.name in STORED:
-            wanted, data, scales = arr.dtype.name, arr, None
-        else:
-            raise TypeError(f"tensor {name!r} has dtype {arr.dtype}, which the weight file cannot store "
-                            f"(supported: float, {', '.join(k for k in STORED if k not in ('float16', 'int8'))})")
-        raw = np.ascontiguousarray(data).tobytes()
-        entry = {"name": name, "dtype": wanted, "shape": [int(d) for d in arr.shape], "offset": offset,
-                 "nbytes": len(raw), "crc32": zlib.crc32(raw)}
-        blobs.append((offset, raw))
-        offset = _align(offset + len(raw))
+        if arr.ndim > MAX_NDIM:
+            raise ValueError(f"tensor {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} are stored")
+        chosen = arr.ndim >= 2 if quantize is None else name in quantize
+        if chosen and quantize is not None and arr.dtype.kind != "f":
+            raise ValueError(f"tensor {name!r} is {arr.dtype}; only float tensors can be quantized")
+        kind, data, scales = _stored(name, arr, dtype, chosen)
+        data = np.ascontiguousarray(data)
+        entry = {"name": name, "dtype": kind, "shape": [int(d) for d in arr.shape], "offset": offset,
+                 "nbytes": data.nbytes, "crc32": zlib.crc32(data)}
+        blobs.append((offset, data))
+        offset = _align(offset + data.nbytes)
         if scales is not None:
-            sraw = scales.astype("<f4").tobytes()
-            entry.update(scale_offset=offset, scale_nbytes=len(sraw), scale_crc32=zlib.crc32(sraw))
-            blobs.append((offset, sraw))
-            offset = _align(offset + len(sraw))
+            scales = np.ascontiguousarray(scales, DTYPES["float32"])
+            entry.update(scale_offset=offset, scale_nbytes=scales.nbytes, scale_crc32=zlib.crc32(scales))
+            blobs.append((offset, scales))
+            offset = _align(offset + scales.nbytes)
         entries.append(entry)
+
     doc = {"metadata": meta, "graph": graph, "tensors": entries}
     try:
-        text = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as e:
-        raise TypeError(f"graph and metadata must be JSON-serialisable: {e}") from None
+        raise TypeError(f"graph and metadata must be JSON-serialisable (finite numbers, str keys): {e}") from None
     block = zlib.compress(text, 9)
     data_offset = _align(HEADER.size + len(block))
-    file_size = data_offset + offset
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_JSON_ZLIB, ALIGNMENT, len(block), len(entries), data_offset,
-                       file_size, 0, b"\0" * 12)
-    crc = zlib.crc32(head[:48] + block)
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_JSON_ZLIB, ALIGNMENT, len(block), len(entries), data_offset,
-                       file_size, crc, b"\0" * 12)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(head)
-        f.write(block)
-        f.write(b"\0" * (data_offset - HEADER.size - len(block)))
-        pos = 0
-        for off, raw in blobs:
-            f.write(b"\0" * (off - pos))
-            f.write(raw)
-            pos = off + len(raw)
-        f.write(b"\0" * (offset - pos))
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    fields = [MAGIC, FORMAT_VERSION, FLAG_JSON_ZLIB, ALIGNMENT, len(block), len(entries), data_offset,
+              data_offset + offset]
+    crc = zlib.crc32(block, zlib.crc32(HEADER.pack(*fields, 0, bytes(12))[:CRC_SPAN]))
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(*fields, crc, bytes(12)))
+            f.write(block)
+            f.write(bytes(data_offset - HEADER.size - len(block)))
+            pos = 0
+            for off, data in blobs:
+                f.write(bytes(off - pos))
+                f.write(data.reshape(-1).view(np.uint8))
+                pos = off + data.nbytes
+            f.write(bytes(offset - pos))
+        os.replace(tmp, path)  # never leave a half-written file under the final name
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
+
+# --- reader ----------------------------------------------------------------------------------
 
 class WeightFile:
-    """An open weight file: metadata, graph and tensors (views into a read-only memory map)."""
+    """An open weight file: metadata, graph and tensors (read-only views into a memory map).
+    Use as a context manager or call close(); arrays already handed out stay valid."""
 
     def __init__(self, path, verify=True, use_mmap=True):
         self.path = os.fspath(path)
+        self._buf = None
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < HEADER.size:
                 raise FormatError(f"{self.path}: {size} bytes is shorter than the {HEADER.size}-byte header "
-                                  "(truncated or not an rnnengine weight file)")
+                                  "(truncated, or not an rnnengine weight file)")
             if use_mmap:
                 self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             else:
                 self._buf = f.read()
         try:
-            self._parse(size, verify)
+            self._parse(len(self._buf), verify)
         except BaseException:
             self.close()
             raise
@@ -170,107 +220,129 @@ class WeightFile:
         raise FormatError(f"{self.path}: {msg}")
 
     def _parse(self, size, verify):
-        buf = self._buf
-        magic, version, flags, align, jsize, ntens, data_off, fsize, crc, _ = HEADER.unpack_from(buf, 0)
+        # 1. the header, field by field, against the file's real size
+        magic, version, flags, align, jsize, ntens, data_off, fsize, crc, _ = HEADER.unpack_from(self._buf, 0)
         if magic != MAGIC:
             self._fail(f"wrong magic {magic!r} (expected {MAGIC!r}): not an rnnengine weight file")
         if version > FORMAT_VERSION:
             self._fail(f"file is version {version}, this rnnengine reads up to version {FORMAT_VERSION}: "
                        "upgrade rnnengine")
         if version < 1:
-            self._fail(f"invalid version {version}")
+            self._fail(f"invalid version {version} (versions start at 1)")
         if flags & ~KNOWN_FLAGS:
-            self._fail(f"unknown flags {flags:#x} (known: {KNOWN_FLAGS:#x})")
+            self._fail(f"unknown flags {flags:#x} (this rnnengine knows {KNOWN_FLAGS:#x})")
         if align != ALIGNMENT:
-            self._fail(f"alignment {align}, expected {ALIGNMENT}")
+            self._fail(f"alignment is {align}, expected {ALIGNMENT}")
         if fsize != size:
-            self._fail(f"the header says {fsize} bytes but the file has {size} (truncated or damaged)")
-        if not 0 < jsize <= min(MAX_JSON, size - HEADER.size):
+            self._fail(f"the header says the file has {fsize} bytes but it has {size} (truncated or damaged)")
+        if not 0 < jsize <= size - HEADER.size:
             self._fail(f"JSON block size {jsize} does not fit in the file ({size} bytes)")
         if data_off % ALIGNMENT or not HEADER.size + jsize <= data_off <= size:
-            self._fail(f"data offset {data_off} is misaligned or outside [{HEADER.size + jsize}, {size}]")
-        block = bytes(buf[HEADER.size:HEADER.size + jsize])
-        if zlib.crc32(bytes(buf[:48]) + block) != crc:
+            self._fail(f"data offset {data_off} must be a multiple of {ALIGNMENT} in "
+                       f"[{HEADER.size + jsize}, {size}]")
+        # 2. the checksum of header and JSON block (always: it is cheap)
+        block = bytes(self._buf[HEADER.size:HEADER.size + jsize])
+        if zlib.crc32(block, zlib.crc32(bytes(self._buf[:CRC_SPAN]))) != crc:
             self._fail("header/JSON checksum mismatch (the file is damaged)")
-        try:
-            if flags & FLAG_JSON_ZLIB:
-                d = zlib.decompressobj()
-                text = d.decompress(block, MAX_JSON + 1)  # bounded: a zip bomb stops here
-                if len(text) > MAX_JSON or d.unconsumed_tail:
-                    self._fail(f"the JSON block expands past {MAX_JSON} bytes")
-            else:
-                text = block
-            doc = json.loads(text.decode("utf-8"))
-        except FormatError:
-            raise
-        except Exception as e:
-            self._fail(f"the JSON block cannot be read ({type(e).__name__}: {e})")
-        if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list) or \
-                not isinstance(doc.get("graph"), dict) or not isinstance(doc.get("metadata"), dict):
-            self._fail("the JSON block must hold 'metadata', 'graph' (objects) and 'tensors' (a list)")
+        # 3. the JSON block, decompressed with a bound, then its three parts
+        doc = self._json(block, flags)
+        if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict) or \
+                not isinstance(doc.get("graph"), dict) or not isinstance(doc.get("tensors"), list):
+            self._fail("the JSON block must be an object with 'metadata' and 'graph' (objects) and "
+                       "'tensors' (a list)")
         if len(doc["tensors"]) != ntens:
             self._fail(f"the header counts {ntens} tensors, the table lists {len(doc['tensors'])}")
         self.version, self.flags = version, flags
         self.metadata, self.graph = doc["metadata"], doc["graph"]
+        # 4. every tensor-table entry, then overlaps, then (verify) the data checksums
         self._data_off, self._data_len = data_off, size - data_off
-        self._entries = {}
-        spans = []
+        self._entries, spans = {}, []
         for k, e in enumerate(doc["tensors"]):
             self._check_entry(k, e, spans)
         spans.sort()
         for (a0, a1, n0), (b0, b1, n1) in zip(spans, spans[1:]):
             if b0 < a1:
-                self._fail(f"tensors {n0!r} and {n1!r} overlap")
+                self._fail(f"tensors {n0!r} and {n1!r} overlap (bytes [{a0}, {a1}) and [{b0}, {b1}))")
         self.names = list(self._entries)
         if verify:
             for name, e in self._entries.items():
                 if zlib.crc32(self._slice(e["offset"], e["nbytes"])) != e["crc32"]:
                     self._fail(f"tensor {name!r}: checksum mismatch (its data is damaged)")
-                if "scale_offset" in e and zlib.crc32(self._slice(e["scale_offset"], e["scale_nbytes"])) != e["scale_crc32"]:
-                    self._fail(f"tensor {name!r}: checksum mismatch in its int8 scales")
+                if "scale_offset" in e and \
+                        zlib.crc32(self._slice(e["scale_offset"], e["scale_nbytes"])) != e["scale_crc32"]:
+                    self._fail(f"tensor {name!r}: checksum mismatch in its int8 scales (damaged)")
+
+    def _json(self, block, flags):
+        if flags & FLAG_JSON_ZLIB:
+            try:
+                d = zlib.decompressobj()
+                text = d.decompress(block, MAX_JSON + 1)  # bounded: a zip bomb stops here
+            except zlib.error as e:
+                self._fail(f"the JSON block is not a valid zlib stream ({e})")
+            if len(text) > MAX_JSON:
+                self._fail(f"the JSON block expands past {MAX_JSON} bytes")
+            if not d.eof or d.unused_data:
+                self._fail("the JSON block's zlib stream is incomplete or followed by other bytes")
+        else:
+            if len(block) > MAX_JSON:
+                self._fail(f"the JSON block is larger than {MAX_JSON} bytes")
+            text = block
+        try:
+            return json.loads(text.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self._fail(f"the JSON block is not valid UTF-8 ({e})")
+        except (ValueError, RecursionError) as e:
+            self._fail(f"the JSON block is not valid JSON ({type(e).__name__}: {e})")
 
     def _check_entry(self, k, e, spans):
         if not isinstance(e, dict):
             self._fail(f"tensor table entry {k} is not an object")
         name = e.get("name")
-        if not isinstance(name, str):
-            self._fail(f"tensor table entry {k} has no string name")
+        if not isinstance(name, str) or not name:
+            self._fail(f"tensor table entry {k} has no name (a non-empty string), got {name!r}")
         if name in self._entries:
-            self._fail(f"tensor {name!r} appears twice")
+            self._fail(f"tensor {name!r} appears twice in the tensor table")
         dt = e.get("dtype")
-        if dt not in STORED:
-            self._fail(f"tensor {name!r}: unknown dtype {dt!r} (known: {', '.join(STORED)})")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            self._fail(f"tensor {name!r}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or \
                 not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-            self._fail(f"tensor {name!r}: invalid shape {shape!r} (at most {MAX_NDIM} dimensions, "
-                       f"each in [0, 2**40])")
+            self._fail(f"tensor {name!r}: invalid shape {str(shape)[:80]} (a list of at most {MAX_NDIM} "
+                       f"integers, each in [0, 2**40])")
+        has_scales = [key in e for key in SCALE_KEYS]
+        if any(has_scales) and (dt != "int8" or not all(has_scales)):
+            self._fail(f"tensor {name!r}: {', '.join(SCALE_KEYS)} must be all present (int8 with row "
+                       f"scales) or all absent; dtype {dt}, present: {[k for k in SCALE_KEYS if k in e]}")
+        for key in ("offset", "nbytes", "crc32") + (SCALE_KEYS if all(has_scales) else ()):
+            v = e.get(key)
+            if type(v) is not int or not 0 <= v < (1 << 32 if key.endswith("crc32") else 1 << 64):
+                self._fail(f"tensor {name!r}: field {key!r} must be an integer in "
+                           f"[0, 2**{32 if key.endswith('crc32') else 64}), got {str(v)[:40]}")
         count = 1
         for d in shape:
-            count *= d  # Python integers: no overflow
-        itemsize = np.dtype(STORED[dt]).itemsize
-        for key in ("offset", "nbytes", "crc32"):
-            if type(e.get(key)) is not int or e[key] < 0:
-                self._fail(f"tensor {name!r}: field {key!r} must be a non-negative integer, got {e.get(key)!r}")
-        if e["nbytes"] != count * itemsize:
-            self._fail(f"tensor {name!r}: shape {tuple(shape)} of {dt} needs {count * itemsize} bytes, "
+            count *= d  # Python integers: the product cannot overflow here
+        need = count * DTYPES[dt].itemsize
+        if need >= 1 << 63:
+            self._fail(f"tensor {name!r}: shape {tuple(shape)} of {dt} is {need} bytes, which overflows "
+                       "a 64-bit size")
+        if e["nbytes"] != need:
+            self._fail(f"tensor {name!r}: shape {tuple(shape)} of {dt} needs {need} bytes, "
                        f"the table says {e['nbytes']}")
-        self._check_span(name, e["offset"], e["nbytes"], spans)
-        if dt == "int8":
-            for key in ("scale_offset", "scale_nbytes", "scale_crc32"):
-                if type(e.get(key)) is not int or e[key] < 0:
-                    self._fail(f"tensor {name!r}: int8 needs a non-negative integer {key!r}")
-            if e["scale_nbytes"] != 4 * _rows(shape):
-                self._fail(f"tensor {name!r}: {_rows(shape)} rows need {4 * _rows(shape)} bytes of scales, "
+        self._check_span(name, e["offset"], need, spans)
+        if all(has_scales):
+            rows = _rows(shape)
+            if e["scale_nbytes"] != 4 * rows:
+                self._fail(f"tensor {name!r}: {rows} rows need {4 * rows} bytes of int8 scales, "
                            f"the table says {e['scale_nbytes']}")
-            self._check_span(name + " (scales)", e["scale_offset"], e["scale_nbytes"], spans)
+            self._check_span(f"{name} (scales)", e["scale_offset"], e["scale_nbytes"], spans)
         self._entries[name] = e
 
     def _check_span(self, name, off, n, spans):
         if off % ALIGNMENT:
             self._fail(f"tensor {name!r}: offset {off} is not a multiple of {ALIGNMENT}")
         if off + n > self._data_len:
-            self._fail(f"tensor {name!r}: bytes [{off}, {off + n}) lie past the end of the data "
+            self._fail(f"tensor {name!r}: bytes [{off}, {off + n}) lie past the end of the data section "
                        f"({self._data_len} bytes)")
         if n:
             spans.append((off, off + n, name))
@@ -278,47 +350,58 @@ class WeightFile:
     def _slice(self, off, n):
         return memoryview(self._buf)[self._data_off + off:self._data_off + off + n]
 
-    def info(self, name):
-        e = self._entries[name]
-        return {"dtype": e["dtype"], "shape": tuple(e["shape"]), "nbytes": e["nbytes"], "offset": e["offset"]}
-
-    def raw(self, name):
-        """The stored array (a read-only view into the file, no copy) and the int8 scales
-        (or None)."""
+    def _entry(self, name):
+        if self._buf is None:
+            raise ValueError(f"{self.path} is closed")
         if name not in self._entries:
             raise KeyError(f"no tensor {name!r} in {self.path}")
-        e = self._entries[name]
-        dt = np.dtype(STORED[e["dtype"]])
-        count = e["nbytes"] // dt.itemsize
-        arr = np.frombuffer(self._buf, dtype=dt.newbyteorder("<"), count=count,
-                            offset=self._data_off + e["offset"]).reshape(e["shape"])
+        return self._entries[name]
+
+    def info(self, name):
+        """{"dtype": stored dtype, "shape", "nbytes", "offset" (from the data section),
+        "quantized": True for float16 and int8-with-scales, which tensor() expands to float32}."""
+        e = self._entry(name)
+        return {"dtype": e["dtype"], "shape": tuple(e["shape"]), "nbytes": e["nbytes"], "offset": e["offset"],
+                "quantized": e["dtype"] == "float16" or "scale_offset" in e}
+
+    def raw(self, name):
+        """(stored array, int8 row scales or None): read-only views into the file, no copy."""
+        e = self._entry(name)
+        dt = DTYPES[e["dtype"]]
+        arr = self._view(e["offset"], dt, e["nbytes"] // dt.itemsize).reshape(e["shape"])
         scales = None
-        if e["dtype"] == "int8":
-            scales = np.frombuffer(self._buf, dtype="<f4", count=e["scale_nbytes"] // 4,
-                                   offset=self._data_off + e["scale_offset"])
+        if "scale_offset" in e:
+            scales = self._view(e["scale_offset"], DTYPES["float32"], e["scale_nbytes"] // 4)
         return arr, scales
 
+    def _view(self, off, dt, count):
+        if count == 0:  # an empty tensor may sit at the very end of the file
+            a = np.empty(0, dt)
+            a.flags.writeable = False
+            return a
+        return np.frombuffer(self._buf, dtype=dt, count=count, offset=self._data_off + off)
+
     def tensor(self, name):
-        """float32 (a view for float32 storage; dequantized for float16 / int8) or the stored
-        integer array."""
+        """float32 (a zero-copy view for float32 storage; expanded for float16 and int8 with
+        scales) or the stored integer / bool array (a view); read-only in every case."""
         arr, scales = self.raw(name)
-        e = self._entries[name]
-        if e["dtype"] == "float16":
-            return arr.astype(np.float32)
-        if e["dtype"] == "int8":
-            if arr.size == 0:
-                return np.zeros(arr.shape, np.float32)
-            rows = arr.reshape(_rows(arr.shape), -1).astype(np.float32) * scales[:, None]
-            return rows.reshape(arr.shape)
-        return arr
+        if arr.dtype == DTYPES["float16"]:
+            out = arr.astype(np.float32)
+        elif scales is not None:
+            K = arr.shape[-1] if arr.ndim else 1
+            out = (arr.reshape(len(scales), K).astype(np.float32) * scales[:, None]).reshape(arr.shape)  # q * scale[row]
+        else:
+            return arr
+        out.flags.writeable = False  # read-only like the views, whatever the storage
+        return out
 
     def close(self):
-        buf, self._buf = getattr(self, "_buf", None), None
+        buf, self._buf = self._buf, None
         if isinstance(buf, mmap.mmap):
             try:
                 buf.close()
             except BufferError:
-                pass  # arrays still view the map; it closes when they are gone
+                pass  # arrays still view the map; it is unmapped when the last of them is gone
 
     def __enter__(self):
         return self
@@ -326,8 +409,13 @@ class WeightFile:
     def __exit__(self, *exc):
         self.close()
 
+    def __repr__(self):
+        return f"<WeightFile {self.path!r} version {getattr(self, 'version', '?')}, " \
+               f"{len(getattr(self, 'names', []))} tensors>"
+
 
 def read(path, *, verify=True, mmap=True):
-    """Opens a weight file (memory-mapped unless mmap=False), checking every field and, with
-    verify=True, every checksum."""
+    """Opens a weight file: memory-mapped (mmap=False reads it into memory), every field
+    checked, and with verify=True every tensor's checksum too (the header/JSON checksum is
+    always checked)."""
     return WeightFile(path, verify, mmap)

@@ -1,7 +1,11 @@
 """The weight file (docs/FORMAT.md): round trips at each storage dtype, zero-copy memory
-mapping, alignment, the documented quantization bounds, and hostile files built byte by
-byte, each of which must raise FormatError with a message naming the problem."""
+mapping, alignment, the documented quantization bounds, the documented byte layout, and
+hostile files built byte by byte, each of which must raise FormatError naming the problem
+within a second."""
 import json
+import os
+import re
+import struct
 import time
 import zlib
 
@@ -9,10 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import rnnengine
 from rnnengine import fileformat
 from rnnengine.fileformat import HEADER, FormatError
 
-rng = np.random.default_rng(7)
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "FORMAT.md")
 
 
 def sample_tensors():
@@ -22,6 +27,7 @@ def sample_tensors():
             "bias": rng.standard_normal(12).astype(np.float32),
             "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
             "lens": np.array([3, 1], np.int32), "flag": np.array([True, False]),
+            "codes": np.array([-128, -1, 0, 127], np.int8), "bytes": np.array([0, 255], np.uint8),
             "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 4), np.float32),
             "zeros": np.zeros((3, 4), np.float32)}
 
@@ -33,25 +39,67 @@ def write(tmp_path, dtype="float32", **kw):
     return path
 
 
+def mmap_base(a):
+    """The object at the end of an array's .base chain."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+# --- round trips -----------------------------------------------------------------------------
+
 def test_float32_round_trip_is_exact_zero_copy_and_aligned(tmp_path):
     path = write(tmp_path)
+    data_offset = HEADER.unpack_from(path.read_bytes())[6]
     with fileformat.read(str(path)) as wf:
         assert wf.version == fileformat.FORMAT_VERSION
-        assert wf.metadata["source.producer"] == "test"
-        assert wf.graph == {"nodes": [{"op": "Relu"}]}
+        assert wf.names == list(sample_tensors())
         for name, want in sample_tensors().items():
             got = wf.tensor(name)
-            assert got.dtype == (np.float32 if want.dtype.kind == "f" else want.dtype)
+            assert got.dtype == (np.float32 if want.dtype.kind == "f" else want.dtype), name
             assert got.shape == want.shape and np.array_equal(got, want), name
-            assert wf.info(name)["offset"] % 64 == 0
+            assert got.tobytes() == want.astype(got.dtype).tobytes(), name  # bitwise
+            assert not got.flags.writeable, name
+            info = wf.info(name)
+            assert (data_offset + info["offset"]) % 64 == 0 and info["quantized"] is False
+            assert info["nbytes"] == want.nbytes and info["shape"] == want.shape
         W = wf.tensor("W")
-        assert not W.flags.writeable  # a read-only view of the map ...
-        base = W
-        while isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        if isinstance(base, memoryview):
-            base = base.obj
-        assert type(base).__name__ == "mmap"  # ... not a copy
+        assert type(mmap_base(W)).__name__ == "mmap"  # a view of the map, not a copy
+        assert W.ctypes.data % 64 == 0  # aligned in memory too
+        assert wf.raw("W")[1] is None and wf.raw("codes")[1] is None
+    assert np.array_equal(W, sample_tensors()["W"])  # views stay valid after close()
+
+
+def test_metadata_defaults_and_graph_survive(tmp_path):
+    path = str(tmp_path / "m.rnne")
+    graph = {"nodes": [{"op": "LSTM", "attrs": {"activations": ["Sigmoid", "Tanh", "Tanh"], "clip": 1.5}}],
+             "naïve": "ünïcode ✓", "nested": [[1, [2, None]], {"a": True}]}
+    meta = {"source.producer": "pytorch 2.3.0", "source.opset": 17, "source.sha256": "ab" * 32,
+            "general.converter_version": "7", "train.extra": {"x": [1, 2]}}
+    fileformat.write(path, graph, {"ŵ": np.ones((2, 2), np.float32)}, dtype="int8", metadata=meta)
+    with fileformat.read(path) as wf:
+        assert wf.graph == graph
+        assert wf.metadata == dict(meta, **{"general.weight_dtype": "int8"})  # caller keys win
+        assert wf.names == ["ŵ"]
+    fileformat.write(path, {}, {})
+    with fileformat.read(path) as wf:
+        assert wf.metadata == {"general.weight_dtype": "float32", "general.converter_version": rnnengine.__version__}
+        assert wf.graph == {} and wf.names == []
+
+
+def check_bounds(got, want, dtype):
+    """Every element within the documented bound of quantization_error_bound(dtype)."""
+    bound = fileformat.quantization_error_bound(dtype)
+    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    if dtype == "float16":
+        limit = np.where(np.abs(want) >= 2.0 ** -14, bound * np.abs(want), 2.0 ** -25)
+    elif dtype == "int8":
+        K = want.shape[-1] if want.ndim else 1
+        rows = np.abs(want).reshape(-1, K).max(axis=1) if want.size else np.zeros(0)
+        limit = (np.repeat(rows, K) * bound).reshape(want.shape) * (1 + 2e-7)  # float32 scale rounding
+    else:
+        limit = np.zeros(want.shape)
+    assert np.all(err <= limit), (dtype, float((err - limit).max()))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -59,64 +107,224 @@ def test_quantized_storage_within_documented_bounds(tmp_path, dtype):
     path = write(tmp_path, dtype)
     t = sample_tensors()
     with fileformat.read(str(path)) as wf:
-        for name in ("W", "R", "zeros"):
-            got, want = wf.tensor(name), t[name]
-            assert wf.info(name)["dtype"] == dtype
-            if dtype == "float16":
-                # relative 2**-11 for normal values, absolute 2**-25 below 2**-14
-                bound = np.maximum(np.abs(want) * 2.0 ** -11, 2.0 ** -25)
-            else:
-                rows = np.abs(want).reshape(-1, want.shape[-1]).max(axis=1)
-                bound = np.repeat(rows / 254, want.shape[-1]).reshape(want.shape) * (1 + 1e-6)
-            assert np.all(np.abs(got - want) <= bound), name
-        assert wf.tensor("empty").shape == (0, 4)
-        # 1-D and integer tensors are never quantized
-        assert wf.info("bias")["dtype"] == "float32" and np.array_equal(wf.tensor("bias"), t["bias"])
-        assert wf.info("ids")["dtype"] == "int64"
+        for name in ("W", "R", "zeros", "empty"):
+            got = wf.tensor(name)
+            assert wf.info(name)["dtype"] == dtype and wf.info(name)["quantized"], name
+            assert got.dtype == np.float32 and got.shape == t[name].shape
+            check_bounds(got, t[name], dtype)
+        # 1-D and 0-d float tensors and all integer tensors are not quantized by default
+        for name in ("bias", "scalar"):
+            assert wf.info(name)["dtype"] == "float32" and np.array_equal(wf.tensor(name), t[name])
+        for name in ("ids", "lens", "flag", "codes", "bytes"):
+            assert wf.info(name)["dtype"] == t[name].dtype.name and np.array_equal(wf.tensor(name), t[name])
         if dtype == "int8":
             q, scales = wf.raw("W")
-            assert q.dtype == np.int8 and scales.shape == (24,)  # one scale per row of (2, 12, 5)
+            assert q.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == (24,)  # rows of (2, 12, 5)
+            np.testing.assert_array_equal(scales, np.abs(t["W"]).reshape(24, 5).max(axis=1) / np.float32(127))
+            assert np.abs(q).max() == 127 and q.min() >= -127
+            np.testing.assert_array_equal(wf.raw("zeros")[1], np.ones(3, np.float32))  # all-zero rows: scale 1
+            assert not wf.tensor("zeros").any()
+            assert wf.raw("empty")[1].shape == (0,)
+
+
+def test_error_bounds_hold_over_the_whole_range(tmp_path):
+    rng = np.random.default_rng(1)
+    sign = rng.choice([-1.0, 1.0], (64, 257))
+    wide = (sign * 2.0 ** rng.uniform(-26, 15.99, (64, 257))).astype(np.float32)  # subnormal to 65504
+    wide[0, :4] = [65504.0, -65504.0, 2.0 ** -24, 0.0]
+    hard = rng.standard_normal((64, 257)).astype(np.float32)
+    hard[:, 0] *= 1000  # an outlier per row: every other value lands in a few steps
+    hard[1] = -np.arange(257, dtype=np.float32) / 2  # max|row| at a negative value, half steps
+    hard[2] = 0
+    for dtype, t in (("float16", wide), ("int8", hard), ("int8", wide)):
+        path = str(tmp_path / "b.rnne")
+        fileformat.write(path, {}, {"w": t}, dtype=dtype)
+        with fileformat.read(path) as wf:
+            check_bounds(wf.tensor("w"), t, dtype)
+    assert fileformat.quantization_error_bound("float32") == 0.0
+    assert fileformat.quantization_error_bound("float16") == 2.0 ** -11
+    assert fileformat.quantization_error_bound("int8") == 1 / 254
+    with pytest.raises(ValueError, match="dtype must be"):
+        fileformat.quantization_error_bound("int4")
+
+
+def test_empty_and_scalar_tensors_at_every_storage(tmp_path):
+    tensors = {"s": np.array(-3.0, np.float32), "e0": np.zeros((0, 4), np.float32),
+               "e1": np.zeros((4, 0), np.float32), "e2": np.zeros((2, 0, 3), np.float32),
+               "v": np.array([1.5, -2.0], np.float32), "ie": np.zeros((0,), np.int64), "ib": np.array(True)}
+    for dtype in ("float32", "float16", "int8"):
+        path = str(tmp_path / f"e.{dtype}.rnne")
+        fileformat.write(path, {}, tensors, dtype=dtype, quantize={"s", "e0", "e1", "e2", "v"})
+        with fileformat.read(path) as wf:
+            for name, want in tensors.items():
+                got = wf.tensor(name)
+                assert got.shape == want.shape and got.dtype == (np.float32 if want.dtype.kind == "f" else want.dtype)
+                check_bounds(got, want, dtype if want.dtype.kind == "f" else "float32")
+            if dtype == "int8":
+                assert wf.raw("s")[1].shape == (1,) and wf.raw("e1")[1].shape == (4,)
+
+
+def test_many_tensors_each_aligned_and_disjoint(tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = {f"t{k}": rng.standard_normal((k % 7 + 1, k % 5)).astype(np.float32) for k in range(500)}
+    path = tmp_path / "many.rnne"
+    fileformat.write(str(path), {}, tensors, dtype="int8")
+    _, fields, doc = parts(path)
+    spans = []
+    for e in doc["tensors"]:
+        assert e["offset"] % 64 == 0 and e["scale_offset"] % 64 == 0
+        spans += [(e["offset"], e["offset"] + e["nbytes"]), (e["scale_offset"], e["scale_offset"] + e["scale_nbytes"])]
+    spans = sorted(s for s in spans if s[0] < s[1])
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert fields[6] % 64 == 0 and fields[6] + spans[-1][1] <= fields[7] == path.stat().st_size
+    with fileformat.read(str(path)) as wf:
+        assert len(wf.names) == 500
+        for name, want in tensors.items():
+            check_bounds(wf.tensor(name), want, "int8")
 
 
 def test_quantize_selects_names(tmp_path):
     path = tmp_path / "q.rnne"
-    fileformat.write(str(path), {}, sample_tensors(), dtype="int8", quantize={"R"})
+    fileformat.write(str(path), {}, sample_tensors(), dtype="int8", quantize={"R", "bias"})
     with fileformat.read(str(path)) as wf:
-        assert wf.info("R")["dtype"] == "int8" and wf.info("W")["dtype"] == "float32"
+        assert [n for n in wf.names if wf.info(n)["quantized"]] == ["R", "bias"]
+        assert wf.info("W")["dtype"] == "float32"
+    with pytest.raises(ValueError, match="not given: nope"):
+        fileformat.write(str(path), {}, sample_tensors(), dtype="int8", quantize={"nope"})
+    with pytest.raises(ValueError, match="'ids' is int64; only float tensors"):
+        fileformat.write(str(path), {}, sample_tensors(), dtype="int8", quantize={"ids"})
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=3),
-                          st.sampled_from(["float32", "int64", "int32", "bool"])), min_size=1, max_size=6),
-       st.sampled_from(["float32", "float16", "int8"]))
-def test_random_round_trips(tmp_path_factory, specs, dtype):
+def test_without_mmap_and_without_verify_the_same_arrays(tmp_path):
+    path = str(write(tmp_path, "int8"))
+    with fileformat.read(path) as a, fileformat.read(path, mmap=False, verify=False) as b:
+        assert a.names == b.names and a.metadata == b.metadata
+        for name in a.names:
+            assert np.array_equal(a.tensor(name), b.tensor(name)) and not b.tensor(name).flags.writeable
+        assert type(mmap_base(b.raw("ids")[0])) is bytes
+
+
+def test_closed_file_refuses_reads_clearly(tmp_path):
+    wf = fileformat.read(str(write(tmp_path)))
+    wf.close()
+    wf.close()  # twice is fine
+    with pytest.raises(ValueError, match="closed"):
+        wf.tensor("W")
+    with fileformat.read(str(write(tmp_path))) as wf:
+        with pytest.raises(KeyError, match="no tensor 'nope'"):
+            wf.raw("nope")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=4),
+                          st.sampled_from(["float32", "float64", "int64", "int32", "int8", "uint8", "bool"]),
+                          st.floats(1e-3, 1e3)), min_size=1, max_size=6),
+       st.sampled_from(["float32", "float16", "int8"]), st.integers(0, 2 ** 32 - 1))
+def test_random_round_trips(tmp_path_factory, specs, dtype, seed):
+    rng = np.random.default_rng(seed)
     tensors = {}
-    for k, (shape, dt) in enumerate(specs):
-        a = rng.standard_normal(shape) * 3
-        tensors[f"t{k}"] = a.astype(np.float32) if dt == "float32" else (a > 0 if dt == "bool" else a.astype(dt))
+    for k, (shape, dt, scale) in enumerate(specs):
+        a = rng.standard_normal(shape) * scale
+        tensors[f"t{k}"] = (a > 0) if dt == "bool" else a.astype(dt)
     path = tmp_path_factory.mktemp("rt") / "x.rnne"
     fileformat.write(str(path), {"k": 1}, tensors, dtype=dtype)
+    size = path.stat().st_size
     with fileformat.read(str(path)) as wf:
+        assert wf.graph == {"k": 1}
         for name, want in tensors.items():
-            got = wf.tensor(name)
-            assert got.shape == want.shape
-            if want.dtype.kind != "f" or wf.info(name)["dtype"] == "float32":
-                assert np.array_equal(got, want)
+            got, info = wf.tensor(name), wf.info(name)
+            assert got.shape == want.shape and info["offset"] % 64 == 0 and info["offset"] + info["nbytes"] <= size
+            if want.dtype.kind != "f":
+                assert got.dtype == want.dtype and np.array_equal(got, want)
             else:
-                assert np.allclose(got, want, rtol=1e-2, atol=np.abs(want).max() / 100 + 1e-6)
+                assert got.dtype == np.float32
+                stored = dtype if want.ndim >= 2 else "float32"
+                assert info["dtype"] == stored
+                check_bounds(got, want.astype(np.float32), stored)
 
 
 def test_writer_refuses_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="beyond the float16 range"):
-        fileformat.write(str(tmp_path / "a"), {}, {"W": np.full((2, 2), 1e6, np.float32)}, dtype="float16")
-    with pytest.raises(ValueError, match="non-finite"):
-        fileformat.write(str(tmp_path / "a"), {}, {"W": np.full((2, 2), np.inf, np.float32)}, dtype="int8")
+    p = str(tmp_path / "a.rnne")
+    with pytest.raises(ValueError, match="'W' holds 1e\\+06, beyond the float16 range"):
+        fileformat.write(p, {}, {"W": np.full((2, 2), 1e6, np.float32)}, dtype="float16")
+    for dtype in ("float16", "int8"):
+        with pytest.raises(ValueError, match="non-finite"):
+            fileformat.write(p, {}, {"W": np.array([[1, np.nan]], np.float32)}, dtype=dtype)
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        fileformat.write(p, {}, {"W": np.array([1e300])})
     with pytest.raises(TypeError, match="complex"):
-        fileformat.write(str(tmp_path / "a"), {}, {"W": np.zeros(2, np.complex64)})
-    with pytest.raises(TypeError, match="names must be strings"):
-        fileformat.write(str(tmp_path / "a"), {}, {3: np.zeros(2, np.float32)})
+        fileformat.write(p, {}, {"W": np.zeros(2, np.complex64)})
+    with pytest.raises(TypeError, match="int16"):
+        fileformat.write(p, {}, {"W": np.zeros(2, np.int16)})
+    with pytest.raises(TypeError, match="names must be non-empty strings"):
+        fileformat.write(p, {}, {3: np.zeros(2, np.float32)})
+    with pytest.raises(TypeError, match="names must be non-empty strings"):
+        fileformat.write(p, {}, {"": np.zeros(2, np.float32)})
     with pytest.raises(ValueError, match="dtype must be"):
-        fileformat.write(str(tmp_path / "a"), {}, {}, dtype="bfloat16")
+        fileformat.write(p, {}, {}, dtype="bfloat16")
+    with pytest.raises(TypeError, match="graph must be a dict"):
+        fileformat.write(p, [], {})
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        fileformat.write(p, {"x": object()}, {})
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        fileformat.write(p, {"x": float("nan")}, {})
+    with pytest.raises(ValueError, match="namespaced"):
+        fileformat.write(p, {}, {}, metadata={"producer": "x"})
+    with pytest.raises(ValueError, match="at most 16"):
+        fileformat.write(p, {}, {"W": np.zeros((1,) * 17, np.float32)})
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary left behind
+
+
+def test_a_refused_write_leaves_the_old_file(tmp_path):
+    path = write(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        fileformat.write(str(path), {"x": object()}, sample_tensors())
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+# --- the documented layout -------------------------------------------------------------------
+
+def test_header_bytes_are_as_documented(tmp_path):
+    path = write(tmp_path, "int8")
+    data = path.read_bytes()
+    assert data[:4] == b"\x52\x4e\x4e\x45"
+    (version, flags, alignment), = [struct.unpack_from("<III", data, 4)]
+    json_size, n_tensors, data_offset, file_size = struct.unpack_from("<QQQQ", data, 16)
+    crc, = struct.unpack_from("<I", data, 48)
+    assert (version, flags, alignment) == (fileformat.FORMAT_VERSION, 1, 64)
+    assert n_tensors == len(sample_tensors()) and file_size == len(data)
+    assert data_offset % 64 == 0 and 64 + json_size <= data_offset and data[52:64] == bytes(12)
+    assert crc == zlib.crc32(data[:48] + data[64:64 + json_size])
+    assert data[64 + json_size:data_offset] == bytes(data_offset - 64 - json_size)
+    doc = json.loads(zlib.decompress(data[64:64 + json_size]).decode("utf-8"))
+    assert set(doc) == {"metadata", "graph", "tensors"}
+    e = next(e for e in doc["tensors"] if e["name"] == "W")
+    assert set(e) == {"name", "dtype", "shape", "offset", "nbytes", "crc32", "scale_offset", "scale_nbytes",
+                      "scale_crc32"}
+    start = data_offset + e["offset"]
+    assert e["crc32"] == zlib.crc32(data[start:start + e["nbytes"]])
+    assert "scale_offset" not in next(e for e in doc["tensors"] if e["name"] == "codes")
+
+
+def test_the_plain_python_example_in_the_doc_reads_a_file(tmp_path):
+    code = re.search(r"## Reading a file with plain Python.*?```python\n(.*?)```", open(DOC).read(), re.S).group(1)
+    path = write(tmp_path, "int8")
+    env = {"path": str(path)}
+    exec(code, env)
+    with fileformat.read(str(path)) as wf:
+        assert list(env["arrays"]) == wf.names
+        for name in wf.names:
+            assert np.array_equal(env["arrays"][name], wf.tensor(name)), name
+
+
+def test_uncompressed_json_block_is_read(tmp_path):
+    path = write(tmp_path)
+    data, fields, doc = parts(path)
+    fields[2] = 0
+    rebuild(path, data, fields, doc, compress=False)
+    with fileformat.read(str(path)) as wf:
+        assert wf.graph == doc["graph"] and np.array_equal(wf.tensor("W"), sample_tensors()["W"])
 
 
 # --- hostile files -------------------------------------------------------------------------
@@ -124,82 +332,139 @@ def test_writer_refuses_bad_input(tmp_path):
 def parts(path):
     data = bytearray(open(path, "rb").read())
     fields = list(HEADER.unpack_from(data, 0))
-    block = bytes(data[64:64 + fields[4]])
-    doc = json.loads(zlib.decompress(block))
+    doc = json.loads(zlib.decompress(bytes(data[64:64 + fields[4]])))
     return data, fields, doc
 
 
-def rebuild(path, data, fields, doc=None, fix_crc=True):
-    """Writes the file back with a new JSON block (when doc is given), keeping the data."""
-    if doc is not None:
-        block = zlib.compress(json.dumps(doc).encode())
-        old_data_off = fields[6]
-        payload = bytes(data[old_data_off:])
+def rebuild(path, data, fields, doc=None, fix_crc=True, block=None, compress=True):
+    """Writes the file back with header `fields` and, when `doc` or `block` is given, a new
+    JSON block (the data section moved along); recomputes the header checksum unless told not."""
+    if doc is not None or block is not None:
+        if block is None:
+            text = json.dumps(doc).encode()
+            block = zlib.compress(text) if compress else text
+        payload = bytes(data[fields[6]:])
         new_off = (64 + len(block) + 63) // 64 * 64
         fields[4], fields[6], fields[7] = len(block), new_off, new_off + len(payload)
-        data = bytearray(64) + block + b"\0" * (new_off - 64 - len(block)) + payload
-    else:
-        block = bytes(data[64:64 + fields[4]])
+        data = bytearray(64) + block + bytes(new_off - 64 - len(block)) + payload
     if fix_crc:
-        head = HEADER.pack(*fields[:8], 0, b"\0" * 12)
-        fields[8] = zlib.crc32(head[:48] + block)
+        fields[8] = zlib.crc32(bytes(HEADER.pack(*fields)[:48]) + bytes(data[64:64 + fields[4]]))
     data[:64] = HEADER.pack(*fields)
     open(path, "wb").write(data)
 
 
 def expect(path, match):
     t0 = time.perf_counter()
-    with pytest.raises(FormatError, match=match):
+    with pytest.raises(FormatError, match=match) as info:
         fileformat.read(str(path))
     assert time.perf_counter() - t0 < 1.0  # refused quickly, nothing huge allocated
+    assert str(path) in str(info.value)  # the message names the file
+
+
+def edit_entry(tmp_path, name, change, dtype="float32"):
+    path = write(tmp_path, dtype)
+    data, fields, doc = parts(path)
+    change(next(e for e in doc["tensors"] if e["name"] == name), doc)
+    rebuild(path, data, fields, doc)
+    return path
 
 
 def test_truncated_files_are_refused_at_every_cut(tmp_path):
+    """Cuts in the header, the JSON block, the padding, each tensor and each scale vector;
+    refused by the size check, and still refused when the header is patched to agree."""
     path = write(tmp_path, "int8")
-    data = open(path, "rb").read()
+    data, fields, doc = parts(path)
+    json_end, data_off = 64 + fields[4], fields[6]
+    cuts = set(range(0, 65)) | {json_end // 2, json_end - 1, json_end, json_end + 1, data_off - 1, data_off}
+    ends = []
+    for e in doc["tensors"]:
+        for off, n in ((e["offset"], e["nbytes"]), (e.get("scale_offset"), e.get("scale_nbytes"))):
+            if off is not None and n:
+                cuts |= {data_off + off, data_off + off + n // 2, data_off + off + n - 1}
+                ends.append(data_off + off + n)
     cut = tmp_path / "cut.rnne"
-    for n in sorted({0, 3, 10, 63, 64, 80, len(data) // 3, len(data) // 2, len(data) - 65, len(data) - 1}):
+    for n in sorted(cuts):
         cut.write_bytes(data[:n])
-        expect(cut, "shorter than|truncated|says")
+        expect(cut, "shorter than the 64-byte header|the header says the file has")
+        if 64 <= n < max(ends):  # the same cut with file_size patched to match: deeper checks refuse it
+            fields2 = list(fields)
+            fields2[7] = n
+            rebuild(cut, bytearray(data[:n]), fields2)
+            expect(cut, "JSON block size|data offset|past the end")
 
 
-def test_wrong_magic_and_newer_version(tmp_path):
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    fields[0] = b"GGUF"
-    rebuild(path, data, fields)
-    expect(path, "wrong magic")
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    fields[1] = fileformat.FORMAT_VERSION + 1
-    rebuild(path, data, fields)
-    expect(path, f"version {fileformat.FORMAT_VERSION + 1}, this rnnengine reads up to version")
-
-
-def test_header_and_json_corruption(tmp_path):
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    data[70] ^= 0xFF  # a byte of the JSON block
-    open(path, "wb").write(data)
-    expect(path, "checksum mismatch")
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    fields[2] = 0x80
-    rebuild(path, data, fields)
-    expect(path, "unknown flags")
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    bad = zlib.compress(b"{not json")
-    data = bytearray(64) + bad + b"\0" * (fields[6] - 64 - len(bad)) + data[fields[6]:]
-    fields[4] = len(bad)
-    rebuild(path, data, fields)
-    expect(path, "JSON block cannot be read")
-    for jsize in (0, 1 << 62):
+def test_wrong_magic_version_flags_alignment(tmp_path):
+    for index, value, match in [
+            (0, b"GGUF", "wrong magic b'GGUF' \\(expected b'RNNE'\\)"),
+            (1, fileformat.FORMAT_VERSION + 1,
+             f"file is version {fileformat.FORMAT_VERSION + 1}, this rnnengine reads up to version "
+             f"{fileformat.FORMAT_VERSION}"),
+            (1, 2 ** 32 - 1, "file is version 4294967295"),
+            (1, 0, "invalid version 0"),
+            (2, 0x81, "unknown flags 0x81"),
+            (3, 32, "alignment is 32, expected 64")]:
         path = write(tmp_path)
-        data, fields, doc = parts(path)
-        fields[4] = jsize
-        rebuild(path, data, fields, fix_crc=False)
-        expect(path, "JSON block size")
+        data, fields, _ = parts(path)
+        fields[index] = value
+        rebuild(path, data, fields)
+        expect(path, match)
+
+
+@pytest.mark.parametrize("index,value,match", [
+    (4, 0, "JSON block size 0"), (4, 1 << 62, "JSON block size"), (4, 2 ** 64 - 1, "JSON block size"),
+    (6, 0, "data offset 0"), (6, 8, "data offset"), (6, 2 ** 64 - 64, "data offset"),
+    (7, 2 ** 64 - 1, "header says the file has"), (5, 2 ** 64 - 1, "header counts"), (5, 0, "header counts")])
+def test_header_sizes_and_counts(tmp_path, index, value, match):
+    path = write(tmp_path)
+    data, fields, _ = parts(path)
+    fields[index] = value
+    rebuild(path, data, fields)
+    expect(path, match)
+
+
+def test_damaged_header_or_json_fails_the_checksum(tmp_path):
+    for pos in (24, 30, 48, 64, 70):  # n_tensors (passes the size checks), the CRC itself, JSON bytes
+        path = write(tmp_path)
+        data = bytearray(path.read_bytes())
+        data[pos] ^= 0x01
+        path.write_bytes(data)
+        expect(path, "header/JSON checksum mismatch")
+    path = write(tmp_path)  # appended bytes
+    path.write_bytes(path.read_bytes() + bytes(64))
+    expect(path, "header says the file has")
+
+
+@pytest.mark.parametrize("block,match", [
+    (b"\x78\x9c not zlib", "not a valid zlib stream"),
+    (zlib.compress(b'{"metadata": {}, "gra'), "not valid JSON"),
+    (zlib.compress(b'{"metadata": {}}')[:-3], "incomplete"),
+    (zlib.compress(b'{"metadata": {}}') + b"junk", "followed by other bytes"),
+    (zlib.compress(b"\xff\xfe{}"), "not valid UTF-8"),
+    (zlib.compress(b"[1, 2]"), "must be an object"),
+    (zlib.compress(b'{"metadata": {}, "graph": {}, "tensors": {}}'), "'tensors' \\(a list\\)"),
+    (zlib.compress(b'{"metadata": [], "graph": {}, "tensors": []}'), "must be an object"),
+    (zlib.compress(b"[" * 200000), "not valid JSON"),
+    (zlib.compress(b'{"metadata": {"a.b": ' + b"9" * 5000 + b'}, "graph": {}, "tensors": []}'),
+     "not valid JSON"),
+])
+def test_bad_json_blocks(tmp_path, block, match):
+    path = write(tmp_path)
+    data, fields, _ = parts(path)
+    rebuild(path, data, fields, block=block)
+    expect(path, match)
+
+
+def test_zip_bomb_json_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileformat, "MAX_JSON", 1 << 16)
+    path = tmp_path / "big.rnne"
+    fileformat.write(str(path), {"pad": "x" * (1 << 17)}, {})
+    expect(path, "expands past 65536 bytes")
+    path = write(tmp_path)  # the real limit: 80 MiB of zeros in an 80 kB block
+    data, fields, _ = parts(path)
+    z = zlib.compressobj(9)
+    bomb = b"".join([z.compress(bytes(1 << 24)) for _ in range(5)]) + z.flush()
+    rebuild(path, data, fields, block=bomb)
+    expect(path, f"expands past {fileformat.MAX_JSON} bytes")
 
 
 def test_corrupted_weights_name_the_tensor(tmp_path):
@@ -207,84 +472,83 @@ def test_corrupted_weights_name_the_tensor(tmp_path):
     data, fields, doc = parts(path)
     entry = next(e for e in doc["tensors"] if e["name"] == "R")
     data[fields[6] + entry["offset"] + 5] ^= 0x01
-    open(path, "wb").write(data)
+    path.write_bytes(data)
     expect(path, "tensor 'R': checksum mismatch")
-    assert fileformat.read(str(path), verify=False).tensor("R").shape == (12, 3)  # readable when asked not to check
+    with fileformat.read(str(path), verify=False) as wf:  # readable when asked not to check
+        assert wf.tensor("R").shape == (12, 3)
+    path = write(tmp_path, "int8")
+    data, fields, doc = parts(path)
+    e = next(e for e in doc["tensors"] if e["name"] == "W")
+    data[fields[6] + e["scale_offset"]] ^= 0x10
+    path.write_bytes(data)
+    expect(path, "tensor 'W': checksum mismatch in its int8 scales")
+
+
+def W_like(shape):
+    return lambda e, doc: e.update(shape=shape)
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda e: e.update(shape=[1 << 62, 4]), "invalid shape"),
-    (lambda e: e.update(shape=[1 << 40, 1 << 40, 1 << 40]), "needs|invalid shape"),
-    (lambda e: e.update(shape=[-3, 4]), "invalid shape"),
-    (lambda e: e.update(shape="(2,3)"), "invalid shape"),
-    (lambda e: e.update(offset=e["offset"] + 4), "not a multiple of 64"),
-    (lambda e: e.update(offset=1 << 40), "past the end"),
-    (lambda e: e.update(nbytes=e["nbytes"] + 4), "needs .* bytes"),
-    (lambda e: e.update(nbytes=-1), "non-negative"),
-    (lambda e: e.update(dtype="complex64"), "unknown dtype"),
-    (lambda e: e.update(name=None), "no string name"),
+    (W_like([1 << 62, 4]), "invalid shape \\[4611686018427387904, 4\\]"),
+    (W_like([1 << 40, 1 << 40, 1 << 40]), "overflows a 64-bit size"),
+    (W_like([-3, 4]), "invalid shape"),
+    (W_like("(2,3)"), "invalid shape"),
+    (W_like([2, 3.0]), "invalid shape"),
+    (W_like([True, 60]), "invalid shape"),
+    (W_like([1] * 17), "at most 16"),
+    (W_like({"a": 1}), "invalid shape"),
+    (lambda e, doc: e.update(shape=[1 << 40, 1 << 20], nbytes=4 << 60), "past the end of the data section"),
+    (lambda e, doc: e.update(offset=e["offset"] + 4), "offset \\d+ is not a multiple of 64"),
+    (lambda e, doc: e.update(offset=1 << 40), "past the end"),
+    (lambda e, doc: e.update(offset=-64), "'offset' must be an integer in \\[0, 2\\*\\*64\\)"),
+    (lambda e, doc: e.update(offset=1 << 64), "'offset' must be an integer"),
+    (lambda e, doc: e.update(offset="0"), "'offset' must be an integer"),
+    (lambda e, doc: e.update(nbytes=e["nbytes"] + 4), "needs 480 bytes, the table says 484"),
+    (lambda e, doc: e.update(nbytes=-1), "'nbytes' must be an integer"),
+    (lambda e, doc: e.pop("nbytes"), "'nbytes' must be an integer"),
+    (lambda e, doc: e.update(crc32=1 << 32), "'crc32' must be an integer in \\[0, 2\\*\\*32\\)"),
+    (lambda e, doc: e.update(dtype="complex64"), "unknown dtype 'complex64'"),
+    (lambda e, doc: e.update(dtype=["float32"]), "unknown dtype"),
+    (lambda e, doc: e.update(dtype="float64"), "unknown dtype"),
+    (lambda e, doc: e.update(name=None), "entry 0 has no name"),
+    (lambda e, doc: e.update(name=""), "entry 0 has no name"),
+    (lambda e, doc: e.update(scale_offset=0), "must be all present"),
+    (lambda e, doc: e.update(scale_offset=0, scale_nbytes=4, scale_crc32=0), "must be all present .* dtype float32"),
+    (lambda e, doc: doc["tensors"].__setitem__(0, [1, 2]), "entry 0 is not an object"),
 ])
 def test_bad_tensor_table_entries(tmp_path, change, match):
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    change(next(e for e in doc["tensors"] if e["name"] == "W"))
-    rebuild(path, data, fields, doc)
-    expect(path, match)
+    expect(edit_entry(tmp_path, "W", change), match)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda e, doc: e.update(scale_nbytes=e["scale_nbytes"] + 4), "24 rows need 96 bytes of int8 scales"),
+    (lambda e, doc: e.pop("scale_crc32"), "must be all present"),
+    (lambda e, doc: e.update(scale_offset=e["scale_offset"] + 4), "W \\(scales\\)'.* not a multiple of 64"),
+    (lambda e, doc: e.update(scale_offset=1 << 50), "W \\(scales\\)'.* past the end"),
+    (lambda e, doc: e.update(scale_offset=e["offset"]), "tensors 'W( \\(scales\\))?' and 'W( \\(scales\\))?' overlap"),
+    (lambda e, doc: e.update(scale_crc32=-1), "'scale_crc32' must be an integer"),
+])
+def test_bad_int8_scale_fields(tmp_path, change, match):
+    expect(edit_entry(tmp_path, "W", change, "int8"), match)
 
 
 def test_overlapping_duplicate_and_miscounted_tensors(tmp_path):
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    w = next(e for e in doc["tensors"] if e["name"] == "W")
-    r = next(e for e in doc["tensors"] if e["name"] == "R")
-    r["offset"] = w["offset"]
-    rebuild(path, data, fields, doc)
-    expect(path, "overlap")
+    def overlap(e, doc):
+        w = next(x for x in doc["tensors"] if x["name"] == "W")
+        e["offset"] = w["offset"] + 64  # R starts inside W
+    expect(edit_entry(tmp_path, "R", overlap), "tensors 'W' and 'R' overlap")
+
+    def empty_inside(e, doc):  # an empty tensor inside another one's bytes occupies nothing: allowed
+        e["offset"] = next(x for x in doc["tensors"] if x["name"] == "W")["offset"]
+    with fileformat.read(str(edit_entry(tmp_path, "empty", empty_inside))) as wf:
+        assert wf.tensor("empty").shape == (0, 4)
+
     path = write(tmp_path)
     data, fields, doc = parts(path)
     doc["tensors"].append(dict(doc["tensors"][0]))
     fields[5] += 1
     rebuild(path, data, fields, doc)
-    expect(path, "appears twice")
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    fields[5] += 7
-    rebuild(path, data, fields, doc)
-    expect(path, "counts")
-
-
-def test_int8_scales_are_checked(tmp_path):
-    path = write(tmp_path, "int8")
-    data, fields, doc = parts(path)
-    e = next(e for e in doc["tensors"] if e["dtype"] == "int8")
-    e["scale_nbytes"] += 4
-    rebuild(path, data, fields, doc)
-    expect(path, "scales")
-    path = write(tmp_path, "int8")
-    data, fields, doc = parts(path)
-    e = next(e for e in doc["tensors"] if e["dtype"] == "int8")
-    data[fields[6] + e["scale_offset"]] ^= 0x10
-    open(path, "wb").write(data)
-    expect(path, "checksum mismatch in its int8 scales")
-
-
-def test_misaligned_data_offset_and_file_size(tmp_path):
-    path = write(tmp_path)
-    data, fields, doc = parts(path)
-    fields[6] += 8
-    rebuild(path, data, fields)
-    expect(path, "data offset")
-    path = write(tmp_path)
-    data = open(path, "rb").read() + b"\0" * 64
-    open(path, "wb").write(data)
-    expect(path, "header says")
-
-
-def test_zip_bomb_json_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(fileformat, "MAX_JSON", 1 << 16)
-    path = tmp_path / "big.rnne"
-    fileformat.write(str(path), {"pad": "x" * (1 << 17)}, {})
-    expect(path, "expands past|JSON block size")
+    expect(path, "tensor 'W' appears twice")
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -302,18 +566,18 @@ def test_random_corruption_never_escapes_as_anything_but_format_error(tmp_path_f
     data = data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 else data
     bad = base / "bad.rnne"
     bad.write_bytes(bytes(data))
-    try:
-        with fileformat.read(str(bad)) as wf:
-            for name in wf.names:
-                wf.tensor(name)
-    except FormatError:
-        pass
+    for verify in (True, False):
+        try:
+            with fileformat.read(str(bad), verify=verify) as wf:
+                for name in wf.names:
+                    wf.tensor(name)
+        except FormatError:
+            pass
 
 
 def test_hand_made_graphs_in_a_valid_file_are_refused_clearly(tmp_path):
-    """The graph JSON of a weight file is checked before use: unknown ops, missing fields,
-    wrong types and dangling tensor references raise FormatError naming them."""
-    import rnnengine
+    """The graph JSON of a weight file is checked before use (rnnengine.store): unknown ops,
+    missing fields, wrong types and dangling tensor references raise FormatError naming them."""
     good = {"opset": 17, "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
             "outputs": [{"name": "y", "dtype": "float32", "shape": None}], "state_pairs": [],
             "nodes": [{"op": "Relu", "name": "r", "inputs": ["x"], "outputs": ["y"], "attrs": {}}]}
