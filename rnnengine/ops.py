@@ -22,6 +22,19 @@ class UnsupportedError(ValueError):
     """An op, attribute or pattern rnnengine cannot run faithfully."""
 
 
+class NotStreamableError(UnsupportedError):
+    """The graph cannot be streamed: a node on a path from a time-carrying input to an
+    output mixes time steps in a way that chunk-by-chunk calls cannot reproduce exactly.
+    The message reads "not streamable: <op> node '<name>': <reason>"; ``node`` and
+    ``reason`` are kept as attributes."""
+
+    def __init__(self, node, reason):
+        self.node = node.get("name") or node.get("op", "") if isinstance(node, dict) else str(node)
+        self.reason = reason
+        label = where(node) if isinstance(node, dict) else str(node)
+        super().__init__(f"not streamable: {label}: {reason}")
+
+
 def register(*op_types, attrs=()):
     def deco(cls):
         for op in op_types:
