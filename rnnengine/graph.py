@@ -21,8 +21,8 @@ import threading
 
 import numpy as np
 
-from . import _core
-from .ops import OPS, UnsupportedError, where
+from . import _core, streaming
+from .ops import OPS, NotStreamableError, UnsupportedError, where
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
@@ -37,13 +37,15 @@ SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence":
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
-    __slots__ = ("shape", "dtype", "const", "tid")
+    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale")
 
     def __init__(self, shape, dtype, const=None, tid=None):
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self.const = const
         self.tid = tid
+        # time information of a stream's plan (rnnengine/streaming.py); unused otherwise
+        self.t, self.final, self.tdep, self.lag, self.scale = None, False, None, 0, 1
 
 
 class Plan:
@@ -60,6 +62,12 @@ class Plan:
         self.work_floats = planner.work
         self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
         self.recurrent = planner.recurrent
+        # streams: the carried context this plan was made for and the one it leaves behind
+        # (conv tails, pads already emitted), and per output its time axis / delay
+        self.aux_in, self.next_aux = dict(planner.aux_in), dict(planner.aux_out)
+        self.time = {name: (v.t, v.final, v.lag) for name, v in planner.outputs}
+        lags = [lag for t, final, lag in self.time.values() if t is not None or final]
+        self.delay = max(lags) if lags else 0
 
     def context(self):
         """Buffers for one run: a tensor table with intermediates allocated, constants bound."""
@@ -124,9 +132,13 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, model, feeds, streaming):
+    def __init__(self, model, feeds, streaming, time_axes=None, aux=None, finishing=False):
         self.model = model
         self.streaming = streaming
+        self.aux_in, self.aux_out = dict(aux or {}), {}
+        self.finishing = finishing
+        self.loop_iter = None  # in a stream, the iteration of the loop over time being planned
+        self.loop_timing = (0, 1)
         self.specs = []
         self.prog, self.ip, self.fp = [], [], []
         self.work = 16
@@ -139,6 +151,8 @@ class Planner:
             tid = self._spec(("input", name))
             self.input_tids[name] = tid
             env[name] = Value(shape, dtype, tid=tid)
+            if streaming and time_axes and name in time_axes:
+                env[name].t = time_axes[name]
         self.walk(model.graph["nodes"], env)
         self.outputs = []
         for o in model.graph["outputs"]:
@@ -231,6 +245,9 @@ class Planner:
             op = node["op"]
             if op == "If":
                 cond = env[node["inputs"][0]]
+                if self.streaming and (streaming.timed(cond) or streaming.has_tdep(cond)):
+                    raise NotStreamableError(node, "chooses its branch from the sequence length or from "
+                                                   "time-varying data")
                 if cond.const is None:
                     raise UnsupportedError(
                         f"{where(node)}: its condition depends on input data; fix the input it depends on "
@@ -259,6 +276,13 @@ class Planner:
                         raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
                     else:
                         xs.append(env[name])
+                if self.streaming:
+                    outs = self.emit_streaming(h, xs)
+                    if outs is not None:
+                        for name, v in zip(node["outputs"], outs):
+                            if name:
+                                env[name] = v
+                        continue
                 if all(x is None or x.const is not None for x in xs) and op not in ("LSTM", "GRU", "RNN"):
                     try:
                         with np.errstate(all="ignore"):
@@ -270,10 +294,27 @@ class Planner:
                     outs = [self.const(np.asarray(v)) for v in vals]
                 else:
                     outs = h.emit(self, xs)
+                if self.streaming:
+                    streaming.propagate(self, h, xs, outs)
             for name, v in zip(node["outputs"], outs):
                 if name:
                     env[name] = v
 
+
+    def emit_streaming(self, h, xs):
+        """In a stream: checks a recurrent layer before it is planned, and plans the ops that
+        carry context along time (rnnengine/streaming.py). Returns their outputs, or None
+        when the op is planned as usual."""
+        op = h.node["op"]
+        if op in ("LSTM", "GRU", "RNN"):
+            streaming.recurrent_check(h, xs)
+        elif op == "Conv" and streaming.conv_along_time(self, h, xs):
+            return streaming.emit_conv(self, h, xs)
+        elif op == "Pad":
+            tp = streaming.pad_along_time(self, h, xs, xs[0].shape)
+            if tp is not None:
+                return streaming.emit_pad(self, h, xs, *tp)
+        return None
 
     def sequence_op(self, node, env):
         """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
@@ -281,6 +322,9 @@ class Planner:
         from .ops import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         xs = [env[n] if n else None for n in node["inputs"]]
+        if self.streaming and any(streaming.timed(x) or streaming.has_tdep(x) for x in xs
+                                  if not isinstance(x, list)):
+            raise NotStreamableError(node, f"{op} on a time series is not known to act step by step")
 
         def sub(op_type, inputs, attrs):
             return {"op": op_type, "name": node.get("name", ""), "inputs": inputs, "outputs": ["x"], "attrs": attrs}
@@ -350,6 +394,17 @@ class Planner:
         cond = env[ins[1]] if ins[1] else None
         if M is not None and M.const is None or cond is not None and cond.const is None:
             raise UnsupportedError(f"{where(node)}: the trip count and condition must be known when planning")
+        # in a stream, a loop whose trip count or condition is the chunk's length runs over
+        # the time axis, one step per iteration (rnnengine/streaming.py, "time loops")
+        time_loop = self.streaming and (streaming.has_tdep(M) or streaming.has_tdep(cond))
+        if time_loop:
+            if self.loop_iter is not None:
+                raise NotStreamableError(node, "a loop over time inside another loop over time")
+            for n in node["inputs"][2:]:
+                v = env.get(n) if n else None
+                if v is not None and v.const is None and v.dtype.kind == "f" and not self.model.state_pairs:
+                    raise NotStreamableError(node, "its loop-carried state starts from a value computed in each "
+                                                   "call, so every chunk would start the recurrence anew")
         trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None
         keep_going = bool(np.asarray(cond.const).reshape(-1)[0]) if cond is not None else True
         carried = [env[n] if n else None for n in node["inputs"][2:]]
@@ -392,7 +447,13 @@ class Planner:
             sub[names[1]] = self.const(np.array(keep_going))
             for name, v in zip(names[2:], carried):
                 sub[name] = v
-            self.walk(body["nodes"], sub)
+            if time_loop:
+                self.loop_iter = i
+            try:
+                self.walk(body["nodes"], sub)
+            finally:
+                if time_loop:
+                    self.loop_iter = None
             res = [sub[n] for n in body["outputs"]]
             c = res[0]
             if c.const is None:
@@ -406,6 +467,14 @@ class Planner:
         for k, st in states:
             v = carried[k]
             emit_copy(self, v, st, [int(np.prod(v.shape))], [1], [1])
+        if time_loop:  # after a loop over time: its states are final, its counters the length
+            for k, v in enumerate(carried):
+                if v is not None and not passes_through(k):
+                    v = outs[k] = self.alias(v, v.shape) if v.const is None else self.const(v.const)
+                    if v.const is None:
+                        v.final = True
+                    else:
+                        v.tdep = np.ones(v.shape, bool)
         for k, vals in enumerate(scans):
             if not vals:
                 raise UnsupportedError(f"{where(node)}: a loop that runs 0 times has scan outputs of unknown shape")
@@ -418,7 +487,21 @@ class Planner:
             for t, v in enumerate(vals):
                 emit_copy(self, v, out, [per], [1], [1], dst_off=t * per)
             outs.append(out)
+            if self.streaming:
+                streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+def _outer_reads(node):
+    """Names a node's subgraphs (If branches, Loop bodies) read from the enclosing scope."""
+    reads = []
+    for v in node.get("attrs", {}).values():
+        if isinstance(v, dict) and "nodes" in v:
+            local = set(v.get("tensors", {})) | set(v.get("inputs", []))
+            for n in v["nodes"]:
+                reads.extend(x for x in [x for x in n["inputs"] if x] + _outer_reads(n) if x not in local)
+                local.update(n["outputs"])
+    return reads
 
 
 class GraphModel:
@@ -478,11 +561,15 @@ class GraphModel:
                 self._stacks[key] = (layer, _core.Stack([layer._spec()]))
             return self._stacks[key]
 
-    def plan(self, feeds, streaming=False):
-        key = (streaming,) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+    def plan(self, feeds, streaming=False, time_axes=None, aux=None, finishing=False):
+        """The plan for these input shapes (cached). A stream's plan also depends on its
+        inputs' time axes and on the context it carries (rnnengine/streaming.py)."""
+        key = (streaming, finishing, tuple(sorted((time_axes or {}).items())), tuple(sorted((aux or {}).items()))) \
+            + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
         plan = self._plans.get(key)
         if plan is None:
-            planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming)
+            planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming,
+                              time_axes=time_axes, aux=aux, finishing=finishing)
             plan = Plan(planner)
             with self._lock:
                 if len(self._plans) > 64:
@@ -555,15 +642,79 @@ class GraphModel:
                                  f"stream.set_state({{'inputs': {{{name!r}: array}}}}) before the first call)")
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
+    def time_axes(self, feeds):
+        """{input name: axis} of the inputs whose axis is the recurrent time axis: found by
+        planning with that (symbolic) axis one step longer and seeing a recurrent layer's T
+        change while its batch stays. A stream is fed chunks along these axes."""
+        try:
+            base = self.plan(feeds)
+        except Exception:
+            return {}
+        if not base.recurrent:
+            return {}
+        found = {}
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in feeds or spec["shape"] is None:
+                continue
+            for axis, d in enumerate(spec["shape"]):
+                if isinstance(d, int) and d >= 0:
+                    continue
+                arr = feeds[name]
+                if axis >= arr.ndim or not arr.shape[axis]:
+                    continue
+                longer = np.concatenate([arr, np.take(arr, [-1], axis=axis)], axis=axis)
+                try:
+                    plan = self.plan({**feeds, name: longer})
+                except Exception:
+                    continue
+                ts = [(a["T"], a["B"]) for a in base.recurrent]
+                ts2 = [(a["T"], a["B"]) for a in plan.recurrent]
+                if len(ts) == len(ts2) and all(b1 == b2 for (_, b1), (_, b2) in zip(ts, ts2)) and \
+                        any(t1 != t2 for (t1, _), (t2, _) in zip(ts, ts2)):
+                    found[name] = axis
+        return found
+
+    def example_feeds(self, time=5, batch=1):
+        """Zero inputs of the declared shapes (symbolic dimensions: `batch` for names that look
+        like a batch, else `time`), for deciding what a stream can do before it is fed."""
+        feeds = {}
+        carried = {a for a, _ in self.state_pairs}
+        for spec in self.inputs:
+            if spec["name"] in carried:
+                continue
+            shape = []
+            for k, d in enumerate(spec["shape"] or ()):
+                if isinstance(d, int) and d >= 0:
+                    shape.append(d)
+                else:
+                    low = str(d).lower()
+                    shape.append(batch if ("batch" in low or low in ("b", "n") or (k == 0 and "time" not in low
+                                                                                       and "seq" not in low))
+                                 else time)
+            feeds[spec["name"]] = np.zeros(shape, NP_DTYPES[spec["dtype"]])
+        for a in carried:
+            try:
+                feeds[a] = self._zero_state(a, feeds)
+            except ValueError:
+                return None
+        return feeds
+
     def stream(self):
         """A stream: feed it chunks (any number of time steps) and it carries every
-        recurrent state on from call to call."""
+        recurrent state on from call to call. Raises NotStreamableError, naming the node and
+        the reason, when a chunk-by-chunk run could differ from the whole-sequence run."""
         return GraphStream(self)
 
 
 class GraphStream:
-    """State held between calls: recurrent layers' own state and the graph's explicit state
-    inputs (fed from the paired outputs of the previous call)."""
+    """State held between calls: recurrent layers' own state, the graph's explicit state
+    inputs (fed from the paired outputs of the previous call), and the context that ops
+    along time carry (the last frames a convolution still needs; rnnengine/streaming.py).
+
+    Whether the graph can be streamed is decided when the stream is made: every op between
+    a time-carrying input and an output must give, chunk by chunk, exactly what it gives on
+    the whole sequence; otherwise NotStreamableError names the node and the reason."""
 
     def __init__(self, model):
         self.model = model
@@ -573,40 +724,76 @@ class GraphStream:
         self._spare = {}         # explicit state: the buffer of the previous call, reused
         self._layer_state = {}   # recurrent layer key -> float32 vector
         self._carried = {}       # explicit state input name -> array
+        self._aux = {}           # context carried by ops along time: key -> int
         self._ctx = {}
+        self._taxes = None       # {input name: time axis}, known from the first call
+        self._last = None        # the last call's feeds (finish() repeats their other axes)
+        self._finished = False
+        self.delay = 0
+        self._decide()
+
+    def _decide(self):
+        """Plans the graph for example inputs (zeros of the declared shapes) as a stream, so
+        that a graph that cannot be streamed is refused now rather than at the first call."""
+        m = self.model
+        feeds = m.example_feeds()
+        if feeds is None:
+            return
+        try:
+            taxes = m.time_axes(feeds)
+            plan = m.plan(feeds, streaming=True, time_axes=taxes)
+        except NotStreamableError:
+            raise
+        except Exception:  # e.g. shapes the example cannot guess: decided at the first call
+            return
+        self.delay = plan.delay
 
     def reset(self):
         self._layer_state.clear()
         self._carried.clear()
+        self._aux = {}
         self._fast = None
+        self._last = None
+        self._finished = False
 
     def fork(self):
-        other = GraphStream(self.model)
+        other = GraphStream.__new__(GraphStream)
+        other.__dict__.update(self.__dict__)
+        other._fast, other._spare, other._ctx = None, {}, {}
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
         other._carried = {k: v.copy() for k, v in self._carried.items()}
+        other._aux = dict(self._aux)
         return other
 
     def get_state(self):
-        """Every piece of state: {"layers": {key: vector}, "inputs": {name: array}} (copies)."""
+        """Every piece of state: {"layers": {key: vector}, "inputs": {name: array},
+        "context": {key: int}} (copies)."""
         return {"layers": {k: v.copy() for k, v in self._layer_state.items()},
-                "inputs": {k: v.copy() for k, v in self._carried.items()}}
+                "inputs": {k: v.copy() for k, v in self._carried.items()},
+                "context": dict(self._aux)}
 
     def set_state(self, state):
         self._fast = None
         self._layer_state = {k: np.array(v, np.float32, copy=True) for k, v in state.get("layers", {}).items()}
         self._carried = {k: np.array(v, copy=True) for k, v in state.get("inputs", {}).items()}
+        self._aux = {k: int(v) for k, v in state.get("context", {}).items()}
 
     def __call__(self, inputs, outputs=None):
         return self.step(inputs, outputs)
 
     def step(self, inputs, outputs=None):
         """Runs the graph on one chunk and returns its outputs (dict name -> array; only
-        the names in ``outputs`` when given, which saves copying the others)."""
+        the names in ``outputs`` when given, which saves copying the others). Outputs along
+        time trail the input by ``self.delay`` steps when an op looks ahead; finish() gives
+        the rest."""
+        if self._finished:
+            raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
         m = self.model
         fast = self._fast
         if fast is not None and type(inputs) is dict and len(inputs) == len(fast[0]):
-            # the same input names, shapes and dtypes as the last call: its plan and buffers
+            # the same input names, shapes and dtypes as the last call, and a plan that leaves
+            # the carried context as it found it: its plan and buffers again
             sig, plan, ctx = fast
             try:
                 ok = all(type(a := inputs[n]) is np.ndarray and a.shape == sh and a.dtype == dt
@@ -617,8 +804,9 @@ class GraphStream:
                 feeds = dict(inputs)
                 for a in self._carried_names:
                     feeds[a] = self._carried[a]
+                self._last = feeds
                 return self._finish(plan, ctx, feeds, want)
-        carried_names = [a for a, _ in m.state_pairs]
+        carried_names = self._carried_names
         if isinstance(inputs, dict):
             for a in carried_names:
                 if a in inputs:
@@ -629,7 +817,22 @@ class GraphStream:
             if a not in self._carried:
                 self._carried[a] = m._zero_state(a, feeds)
             feeds[a] = np.ascontiguousarray(self._carried[a])
-        plan = m.plan(feeds, streaming=True)
+        if self._taxes is None:
+            self._taxes = m.time_axes(feeds)
+        plan = self._plan(feeds)
+        if want is not None and not want <= set(m.outputs):
+            raise ValueError(f"unknown outputs {sorted(want - set(m.outputs))}; the model's are {m.outputs}")
+        ctx = self._context(plan)
+        if isinstance(inputs, dict) and all(isinstance(v, np.ndarray) for v in inputs.values()) and \
+                plan.next_aux == plan.aux_in:
+            self._fast = (tuple((n, feeds[n].shape, feeds[n].dtype) for n in inputs), plan, ctx)
+        else:
+            self._fast = None
+        self._last = feeds
+        return self._finish(plan, ctx, feeds, want)
+
+    def _plan(self, feeds, finishing=False):
+        plan = self.model.plan(feeds, streaming=True, time_axes=self._taxes, aux=self._aux, finishing=finishing)
         for key, (tid, start) in plan.state.items():
             cur = self._layer_state.get(key)
             if cur is None:
@@ -637,15 +840,44 @@ class GraphStream:
             elif cur.shape != start.shape:
                 raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
                                  f"call needs {start.size}: the batch size changed; use a new stream")
+        self.delay = plan.delay
+        return plan
+
+    def _context(self, plan):
         ctx = self._ctx.get(id(plan))
-        if ctx is None:
-            self._ctx = {id(plan): plan.context()}  # keep one context: per-step calls reuse it
-            ctx = self._ctx[id(plan)]
-        if isinstance(inputs, dict) and all(isinstance(v, np.ndarray) for v in inputs.values()):
-            self._fast = (tuple((n, feeds[n].shape, feeds[n].dtype) for n in inputs), plan, ctx)
-        if want is not None and not want <= set(m.outputs):
-            raise ValueError(f"unknown outputs {sorted(want - set(m.outputs))}; the model's are {m.outputs}")
-        return self._finish(plan, ctx, feeds, want)
+        if ctx is None or ctx[0] is not plan:
+            if len(self._ctx) >= 8:  # per-step calls reuse a handful of contexts
+                self._ctx.clear()
+            ctx = self._ctx[id(plan)] = (plan, plan.context())
+        return ctx[1]
+
+    def finish(self, outputs=None):
+        """Ends the sequence: flushes what ops that look ahead still hold (the trailing
+        padding of a centred convolution) and returns those last outputs (along time they
+        hold ``self.delay`` steps; nothing when the delay is 0). The stream then refuses
+        further steps until reset()."""
+        if self._finished:
+            raise ValueError("this stream was already finished; call reset() to start a new sequence")
+        if self._last is None:
+            raise ValueError("nothing was fed to this stream")
+        m = self.model
+        feeds = {}
+        for name, arr in self._last.items():
+            if name in self._taxes:
+                shape = list(arr.shape)
+                shape[self._taxes[name]] = 0
+                feeds[name] = np.zeros(shape, arr.dtype)
+            else:
+                feeds[name] = arr
+        roles = _length_inputs(m)
+        for name in roles:
+            if name in feeds:
+                feeds[name] = np.zeros_like(feeds[name])
+        plan = self._plan(feeds, finishing=True)
+        out = self._finish(plan, plan.context(), feeds, None if outputs is None else set(outputs))
+        self._finished = True
+        self._fast = None
+        return out
 
     def _finish(self, plan, ctx, feeds, want=None):
         # explicit state: each paired output is copied straight into the array the next call
@@ -661,4 +893,25 @@ class GraphStream:
         out = plan.execute(ctx, feeds, self._layer_state, want, into)
         for a, o in self.model.state_pairs:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
+        self._aux = plan.next_aux if plan.next_aux != self._aux else self._aux
         return out
+
+
+def _length_inputs(model):
+    """Graph inputs that reach a recurrent layer's sequence_lens (packed-sequence exports):
+    in a stream they count the valid steps of each row in the chunk."""
+    from .ops import Recurrent
+    slot = Recurrent.SLOTS.index("sequence_lens")
+    names = {i["name"] for i in model.inputs if i["dtype"] in ("int64", "int32")}
+    found, frontier = set(), {}
+    for n in model.graph["nodes"]:
+        for k, x in enumerate(n["inputs"]):
+            src = frontier.get(x, x if x in names else None)
+            if src is None:
+                continue
+            if n["op"] in ("LSTM", "GRU", "RNN") and k == slot:
+                found.add(src)
+            elif n["op"] in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Gather") and k == 0:
+                for o in n["outputs"]:
+                    frontier[o] = src
+    return found

@@ -1,0 +1,646 @@
+"""streaming.py - how each op behaves along the time axis of a stream, and the streaming
+rule that follows from it.
+
+A stream is fed a sequence in chunks along the time axis of its inputs. Its results are
+exact only if every op on a path from a time-carrying input to an output gives, chunk by
+chunk, what it gives on the whole sequence. While a stream's plan is made
+(rnnengine.graph.Planner with streaming=True) every value carries its time information:
+
+  t      the axis of this value that runs along the stream's time (None: no time axis)
+  final  the value at the last step seen so far (a recurrent layer's Y_h / Y_c): the whole
+         sequence's value once the stream has been fed all of it
+  tdep   for small integer constants (shape arithmetic): a boolean mask of the elements whose
+         value is the chunk's length (Shape of a time-carrying tensor), so that a Reshape or
+         ConstantOfShape built from it is known to have its time axis there, and arithmetic
+         that uses the length as a number (a mean over time) is refused
+  lag    how many input steps this value trails the input by (convolutions that look ahead)
+  scale  input steps per step of this value (product of the strides along time)
+
+RULES maps each op type to a function that checks its inputs and sets its outputs' time
+information, or raises NotStreamableError naming the node and the reason. An op that is not
+in RULES and sees time refuses: an op is streamed only when it is known to be exact.
+
+Ops with a receptive field along time (Conv with kernel > 1, Pad along time) stream with
+carried context: `emit_conv` and `emit_pad` keep the frames they still need in the stream's
+state. Look-ahead (right padding) delays their outputs; `finish` flushes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import (OP_CONV1D, NotStreamableError, axis_of, contiguous_strides, emit_copy)
+
+RULES = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def timed(v):
+    return v is not None and (v.t is not None or v.final)
+
+
+def has_tdep(v):
+    return v is not None and v.tdep is not None and bool(np.any(v.tdep))
+
+
+def propagate(p, h, xs, outs):
+    """Sets the time information of `outs` (the outputs of handler h's node) from `xs`."""
+    node = h.node
+    op = node["op"]
+    if op in ("LSTM", "GRU", "RNN"):
+        return RULES[op](p, h, xs, outs)
+    if not any(timed(x) or has_tdep(x) for x in xs):
+        return None
+    fn = RULES.get(op)
+    if fn is None:
+        raise NotStreamableError(node, f"{op} is not known to act step by step along time, so a stream "
+                                       "could not reproduce the whole-sequence result")
+    return fn(p, h, xs, outs)
+
+
+def _set(v, t=None, final=False, lag=0, scale=1, tdep=None):
+    v.t, v.final, v.lag, v.scale, v.tdep = t, final, lag, scale, tdep
+
+
+def _timing(h, xs):
+    """(lag, scale) shared by every time-carrying input; refuses inputs out of step."""
+    pairs = {(x.lag, x.scale) for x in xs if x is not None and x.t is not None}
+    if len(pairs) > 1:
+        raise NotStreamableError(h.node, "combines time series that are out of step (one is delayed or "
+                                         "subsampled by a convolution and the other is not)")
+    return pairs.pop() if pairs else (0, 1)
+
+
+def _runtime_tdep(h, xs, outs):
+    """The chunk length used as a number in run-time arithmetic (e.g. sum / T)."""
+    if any(o.const is None for o in outs) and any(has_tdep(x) for x in xs):
+        raise NotStreamableError(h.node, "uses the sequence length as a value (e.g. to average over "
+                                         "time), which a chunk does not know")
+
+
+# --- elementwise: the same step in, the same step out -------------------------------------
+
+@rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Sum", "Mean", "Relu", "Tanh",
+      "Sigmoid", "LeakyRelu", "ThresholdedRelu", "HardSigmoid", "Elu", "Softsign", "Softplus", "Sqrt",
+      "Exp", "Log", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Erf", "Round", "Sign", "Clip", "Cast",
+      "CastLike", "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
+      "Not", "Identity", "Dropout", "IsNaN", "IsInf", "Gelu", "Selu", "Celu", "PRelu", "HardSwish", "Mish",
+      "Sin", "Cos", "BitShift")
+def elementwise(p, h, xs, outs):
+    _runtime_tdep(h, xs, outs)
+    out = outs[0]
+    nd = len(out.shape)
+    axes = set()
+    for x in xs:
+        if x is not None and x.t is not None:
+            axes.add(x.t + nd - len(x.shape))
+    if len(axes) > 1:
+        raise NotStreamableError(h.node, "combines tensors whose time axes do not line up")
+    finals = [x for x in xs if x is not None and x.final]
+    t = axes.pop() if axes else None
+    if t is not None and finals:
+        raise NotStreamableError(h.node, "combines every step with a layer's final state, which is only "
+                                         "known at the end of the sequence")
+    if t is not None:
+        for x in xs:
+            if x is None or x.t is not None:
+                continue
+            k = t - (nd - len(x.shape))
+            if 0 <= k < len(x.shape) and x.shape[k] != 1:
+                raise NotStreamableError(h.node, f"combines the time axis with a tensor of fixed length "
+                                                 f"{x.shape[k]} along it")
+    lag, scale = _timing(h, xs)
+    tdep = None
+    if all(o.const is not None for o in outs):
+        masks = [np.broadcast_to(x.tdep, x.shape) if has_tdep(x) else np.zeros(x.shape, bool)
+                 for x in xs if x is not None]
+        try:
+            tdep = np.logical_or.reduce([np.broadcast_to(m, out.shape) for m in masks]) if masks else None
+        except ValueError:
+            tdep = None
+    for o in outs[:1]:
+        _set(o, t=t, final=bool(finals) and t is None, lag=lag, scale=scale, tdep=tdep)
+    for o in outs[1:]:  # Dropout's mask
+        _set(o, t=t, lag=lag, scale=scale)
+
+
+# --- shapes and views ----------------------------------------------------------------------
+
+@rule("Shape")
+def shape(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.final or x.t is None:
+        _set(out)
+        return
+    mask = np.zeros(len(x.shape), bool)
+    mask[x.t] = True
+    start, end = h.attr("start", 0), h.attr("end", len(x.shape))
+    _set(out, tdep=mask[slice(start, end)])
+
+
+@rule("Size")
+def size(p, h, xs, outs):
+    _set(outs[0], tdep=np.array(xs[0].t is not None))
+
+
+def _mask_of(x, n):
+    return np.asarray(x.tdep).reshape(-1) if has_tdep(x) else np.zeros(n, bool)
+
+
+def _shape_axis(h, x, what):
+    """The one element of a shape vector that is the chunk length, or None."""
+    if not has_tdep(x):
+        return None
+    idx = np.flatnonzero(np.asarray(x.tdep).reshape(-1))
+    if len(idx) != 1:
+        raise NotStreamableError(h.node, f"its {what} uses the sequence length in {len(idx)} places")
+    return int(idx[0])
+
+
+@rule("ConstantOfShape")
+def constant_of_shape(p, h, xs, outs):
+    _set(outs[0], t=_shape_axis(h, xs[0], "shape"))
+
+
+@rule("Reshape", "Flatten")
+def reshape(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.const is not None and x.t is None and not x.final:
+        if h.node["op"] == "Reshape" and has_tdep(xs[1]):
+            _set(out, t=_shape_axis(h, xs[1], "target shape"))
+            return
+        _set(out, tdep=np.asarray(x.tdep).reshape(out.shape) if has_tdep(x) else None)
+        return
+    if x.final:
+        _set(out, final=True)
+        return
+    a, T = x.t, x.shape[x.t]
+    before = int(np.prod(x.shape[:a]))
+    target = _shape_axis(h, xs[1], "target shape") if h.node["op"] == "Reshape" and len(xs) > 1 else None
+    cands = [b for b in range(len(out.shape))
+             if out.shape[b] == T and int(np.prod(out.shape[:b])) == before]
+    if target is not None:
+        cands = [b for b in cands if b == target]
+    if not cands:
+        raise NotStreamableError(h.node, f"reshapes the time axis {a} of {x.shape} into {out.shape}, "
+                                         "mixing time with other axes")
+    _set(out, t=cands[0], lag=x.lag, scale=x.scale)
+
+
+@rule("Squeeze")
+def squeeze(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.t is None:
+        _set(out, final=x.final, tdep=np.asarray(x.tdep).reshape(out.shape) if has_tdep(x) else None)
+        return
+    if len(out.shape) == len(x.shape):
+        _set(out, t=x.t, lag=x.lag, scale=x.scale)
+        return
+    from .ops import _axes
+    axes = _axes(h, xs, 1)
+    nd = len(x.shape)
+    axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [axis_of(h, a, nd) for a in axes]
+    if x.t in axes:
+        raise NotStreamableError(h.node, "squeezes away the time axis (a chunk of one step would lose it)")
+    _set(out, t=x.t - sum(1 for a in axes if a < x.t), lag=x.lag, scale=x.scale)
+
+
+@rule("Unsqueeze")
+def unsqueeze(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.t is None:
+        _set(out, final=x.final, tdep=np.asarray(x.tdep).reshape(out.shape) if has_tdep(x) else None)
+        return
+    from .ops import _axes
+    nd = len(out.shape)
+    axes = sorted(axis_of(h, a, nd) for a in _axes(h, xs, 1))
+    rest = [i for i in range(nd) if i not in axes]
+    _set(out, t=rest[x.t], lag=x.lag, scale=x.scale)
+
+
+@rule("Transpose")
+def transpose(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.t is None:
+        _set(out, final=x.final)
+        return
+    perm = h.perm(len(x.shape))
+    _set(out, t=perm.index(x.t), lag=x.lag, scale=x.scale)
+
+
+@rule("Expand")
+def expand(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if x.final:
+        raise NotStreamableError(h.node, "repeats a final state along other axes")
+    t = None if x.t is None else x.t + len(out.shape) - len(x.shape)
+    ts = _shape_axis(h, xs[1], "target shape")
+    if ts is not None:
+        ts += len(out.shape) - len(np.asarray(xs[1].const).reshape(-1))
+        if t is not None and t != ts:
+            raise NotStreamableError(h.node, "expands along the time axis")
+        t = ts
+    _set(out, t=t, lag=x.lag, scale=x.scale)
+
+
+@rule("Concat")
+def concat(p, h, xs, outs):
+    out = outs[0]
+    nd = len(out.shape)
+    a = axis_of(h, h.attr("axis"), nd)
+    if all(o.const is not None for o in outs) and not any(x.t is not None or x.final for x in xs):
+        _set(out, tdep=np.concatenate([_mask_of(x, int(np.prod(x.shape))).reshape(x.shape) for x in xs], axis=a))
+        return
+    if any(x.final for x in xs):
+        if all(x.final or x.const is not None for x in xs):
+            _set(out, final=True)
+            return
+        raise NotStreamableError(h.node, "concatenates final states with time steps")
+    ts = {x.t for x in xs if x.t is not None}
+    if a in ts:
+        raise NotStreamableError(h.node, "concatenates along the time axis")
+    if len(ts) > 1:
+        raise NotStreamableError(h.node, "concatenates tensors whose time axes differ")
+    t = ts.pop()
+    if any(x.t is None and x.shape[t] != 1 for x in xs):
+        raise NotStreamableError(h.node, "concatenates time steps with a tensor of fixed length along time")
+    lag, scale = _timing(h, xs)
+    _set(out, t=t, lag=lag, scale=scale)
+
+
+@rule("Gather")
+def gather(p, h, xs, outs):
+    data, idx, out = xs[0], xs[1], outs[0]
+    a = axis_of(h, h.attr("axis", 0), len(data.shape))
+    if out.const is not None and data.t is None and not data.final and idx.t is None:
+        m = _mask_of(data, int(np.prod(data.shape))).reshape(data.shape)
+        _set(out, tdep=np.take(m, np.asarray(idx.const, np.int64), axis=a) if m.any() else None)
+        return
+    if data.final or idx.final:
+        if data.t is None and idx.t is None:
+            _set(out, final=True)
+            return
+        raise NotStreamableError(h.node, "gathers with a final state")
+    if data.t is not None and idx.t is not None:
+        raise NotStreamableError(h.node, "gathers time steps with time-dependent indices")
+    if idx.t is not None:  # an embedding lookup of tokens: step by step
+        _set(out, t=a + idx.t, lag=idx.lag, scale=idx.scale)
+        return
+    if data.t == a:
+        if p.loop_iter is not None and idx.const is not None and np.asarray(idx.const).size == 1 \
+                and int(np.asarray(idx.const).reshape(-1)[0]) == p.loop_iter:
+            # step i of the chunk, read by iteration i of a loop over time: one step per iteration
+            p.loop_timing = (data.lag, data.scale)
+            if len(idx.shape) != 0:
+                raise NotStreamableError(h.node, "reads steps of the time axis as a tensor inside a loop over time")
+            _set(out)
+            return
+        return _last_step(h, data, out, idx.const, a)
+    t = data.t if data.t < a else data.t + len(idx.shape) - 1
+    _set(out, t=t, lag=data.lag, scale=data.scale)
+
+
+def _last_step(h, x, out, index, axis):
+    """x[..., -1, ...] along time: the value at the last step, as a final state is."""
+    if index is not None and np.asarray(index).size == 1 and int(np.asarray(index).reshape(-1)[0]) == -1:
+        _set(out, final=True)
+        return
+    raise NotStreamableError(h.node, "picks steps out of the time axis (only the last step, index -1, "
+                                     "has the same meaning in every chunk)")
+
+
+@rule("Slice")
+def slice_(p, h, xs, outs):
+    x, out = xs[0], outs[0]
+    if out.const is not None and x.t is None and not x.final:
+        if has_tdep(x):
+            from .ops import _slice_params
+            params = _slice_params(h, x.shape, xs)
+            idx = tuple(slice(s, s + n * st if s + n * st >= 0 else None, st) for s, n, st in params)
+            _set(out, tdep=np.asarray(x.tdep).reshape(x.shape)[idx])
+        else:
+            _set(out)
+        return
+    if x.final:
+        _set(out, final=True)
+        return
+    from .ops import _slice_params
+    params = _slice_params(h, x.shape, xs)
+    start, n, step = params[x.t]
+    T = x.shape[x.t]
+    if (start, n, step) == (0, T, 1):
+        _set(out, t=x.t, lag=x.lag, scale=x.scale)
+        return
+    starts = optional_list(h, xs, 1, "starts")
+    if n == 1 and step == 1 and starts is not None and starts.get(x.t) == -1:
+        _set(out, final=True)
+        return
+    raise NotStreamableError(h.node, "slices the time axis (a chunk holds other steps than the whole "
+                                     "sequence)")
+
+
+def optional_list(h, xs, k, what):
+    """{axis: start} of a Slice, from its inputs or attributes."""
+    if h.opset < 10:
+        starts, axes = h.attr("starts"), h.attr("axes")
+    else:
+        def val(j):
+            if len(xs) <= j or xs[j] is None or xs[j].const is None:
+                return None
+            return [int(v) for v in np.asarray(xs[j].const).reshape(-1)]
+        starts, axes = val(1), val(3)
+    if starts is None:
+        return None
+    nd = len(xs[0].shape)
+    axes = list(range(len(starts))) if axes is None else [a % nd for a in axes]
+    return dict(zip(axes, starts))
+
+
+@rule("Split")
+def split(p, h, xs, outs):
+    x = xs[0]
+    a, _ = h.sizes(x.shape, xs)
+    if x.t == a:
+        raise NotStreamableError(h.node, "splits the time axis")
+    for o in outs:
+        _set(o, t=x.t, final=x.final, lag=x.lag, scale=x.scale)
+
+
+@rule("MatMul")
+def matmul(p, h, xs, outs):
+    a, b = xs
+    out = outs[0]
+    if b.t is not None or b.final:
+        raise NotStreamableError(h.node, "multiplies by a matrix that changes with time")
+    if a.final:
+        _set(out, final=True)
+        return
+    if a.t == len(a.shape) - 1:
+        raise NotStreamableError(h.node, "sums over the time axis (it is the contracted axis)")
+    _set(out, t=a.t + len(out.shape) - len(a.shape), lag=a.lag, scale=a.scale)
+
+
+@rule("Gemm")
+def gemm(p, h, xs, outs):
+    a = xs[0]
+    if any(x is not None and (x.t is not None or x.final) for x in xs[1:]):
+        raise NotStreamableError(h.node, "its B or C input changes with time")
+    if a.final:
+        _set(outs[0], final=True)
+        return
+    t = 1 - a.t if h.attr("transA", 0) else a.t
+    if t != 0:
+        raise NotStreamableError(h.node, "sums over the time axis (it is the contracted axis)")
+    _set(outs[0], t=0, lag=a.lag, scale=a.scale)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(p, h, xs, outs):
+    x = xs[0]
+    if x.final:
+        _set(outs[0], final=True)
+        return
+    nd = len(x.shape)
+    if h.opset < 13:
+        a = axis_of(h, h.attr("axis", 1), nd)
+        mixes = x.t >= a
+    else:
+        mixes = x.t == axis_of(h, h.attr("axis", -1), nd)
+    if mixes:
+        raise NotStreamableError(h.node, "normalises over the time axis (needs the whole sequence)")
+    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+
+
+def _reduced_axes(h, x, xs):
+    op = h.node["op"]
+    if op in ("ArgMax", "ArgMin", "CumSum", "TopK"):
+        if op == "TopK":
+            return [h.geometry(x.shape, xs)[0]]
+        if op == "CumSum":
+            return [axis_of(h, int(np.asarray(xs[1].const).reshape(-1)[0]), len(x.shape))]
+        return [axis_of(h, h.attr("axis", 0), len(x.shape))]
+    return h.axes(x.shape, xs)
+
+
+@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+      "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "CumSum", "TopK")
+def reduce(p, h, xs, outs):
+    x = xs[0]
+    if any(has_tdep(v) for v in xs[1:]):
+        raise NotStreamableError(h.node, "its axes depend on the sequence length")
+    if x.final:
+        for o in outs:
+            _set(o, final=True)
+        return
+    axes = _reduced_axes(h, x, xs)
+    if x.t in axes:
+        raise NotStreamableError(h.node, f"{h.node['op']} over the time axis needs the whole sequence "
+                                         "(e.g. pooling over time)")
+    keep = h.node["op"] in ("CumSum", "TopK") or bool(h.attr("keepdims", 1))
+    t = x.t if keep else x.t - sum(1 for a in axes if a < x.t)
+    for o in outs:
+        _set(o, t=t, lag=x.lag, scale=x.scale)
+
+
+# --- recurrent layers ----------------------------------------------------------------------
+
+def recurrent_check(h, xs):
+    """Refuses, before it is planned, a recurrent layer a stream cannot carry forward."""
+    x = xs[0]
+    direction = h.attrs.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction != "forward":
+        raise NotStreamableError(h.node, f"direction {direction!r} runs backwards in time, so it needs "
+                                         "the whole sequence (run the model on whole sequences instead)")
+    for k, v in enumerate(xs[1:], 1):
+        if v is not None and k != 4 and (v.t is not None or v.final) and k not in (5, 6):
+            raise NotStreamableError(h.node, "its weights change with time")
+    for v in xs[5:7]:
+        if v is not None and v.t is not None:
+            raise NotStreamableError(h.node, "its initial state changes with time")
+    if x.final:
+        raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
+    T_axis = 1 if int(h.attrs.get("layout", 0)) else 0
+    if x.t is not None and x.t != T_axis:
+        raise NotStreamableError(h.node, f"runs its recurrence over axis {T_axis} of X, but the stream's time "
+                                         f"is axis {x.t}")
+    return T_axis
+
+
+@rule("LSTM", "GRU", "RNN")
+def recurrent(p, h, xs, outs):
+    x = xs[0]
+    T_axis = recurrent_check(h, xs)
+    if x.t is None:
+        return  # a fixed-length chunk per call: the state carries on from call to call
+    _set(outs[0], t=T_axis, lag=x.lag, scale=x.scale)
+    for o in outs[1:]:
+        if o is not None:
+            _set(o, final=True, lag=x.lag, scale=x.scale)
+
+
+# --- ops with a receptive field along time: carried context ---------------------------------
+
+def conv_along_time(p, h, xs):
+    """True when a Conv's length axis is the stream's time axis (it then streams with carried
+    context through emit_conv); refuses convs that mix time otherwise."""
+    x = xs[0]
+    if not timed(x):
+        return False
+    if any(v is not None and (v.t is not None or v.final) for v in xs[1:]):
+        raise NotStreamableError(h.node, "its weights change with time")
+    if x.final or x.t != len(x.shape) - 1:
+        raise NotStreamableError(h.node, "convolves over the channels of a time series (time must be the "
+                                         "length axis)")
+    return True
+
+
+def emit_conv(p, h, xs):
+    """Conv1d over a chunk with the frames it still needs from earlier chunks.
+
+    Along time the whole-sequence conv reads the padded input P = [pl zeros, x, pr zeros]
+    and writes output j from P[j*s, j*s + span), span = d*(K-1) + 1. The stream keeps the
+    unconsumed tail of P (`carry` frames, starting with the pl zeros) in its state; each call
+    appends the chunk, emits every window that is complete, and keeps the rest. finish()
+    appends the pr zeros. A negative carry is a number of frames to skip (stride > span)."""
+    x, w = xs[0], xs[1]
+    bias = xs[2] if len(xs) > 2 else None
+    if w.const is None or (bias is not None and bias.const is None):
+        h.fail("weights and bias must be constants")
+    N, C, L, M, K, _, s, d, pl, pr, g = h.geometry(x.shape, w.shape)
+    if pl < 0 or pr < 0:
+        raise NotStreamableError(h.node, "negative padding crops the time axis")
+    span = d * (K - 1) + 1
+    key = "conv:" + (h.node["outputs"][0] or h.node.get("name", ""))
+    cap = max(span - 1, pl)
+    carry = p.aux_in.get(key, pl)
+    skip = max(0, -carry)
+    kept = max(0, carry)
+    used = min(skip, L)
+    tail = pr if p.finishing else 0
+    n_in = L - used
+    buf_len = kept + n_in + tail
+    n_out = (buf_len - span) // s + 1 if buf_len >= span else 0
+    # the next call's carry: frames kept (> 0), or frames still to skip (< 0)
+    p.aux_out[key] = -(skip - used) if skip > used else buf_len - n_out * s
+    st = p.stream_state(key, np.zeros(N * C * cap, np.float32))
+    buf = p.new((N, C, buf_len), np.float32)
+    bst = contiguous_strides((N, C, buf_len))
+    if kept:
+        emit_copy(p, st, buf, (N, C, kept), [C * cap, cap, 1], bst)
+    if n_in:
+        emit_copy(p, x, buf, (N, C, n_in), contiguous_strides(x.shape), bst, src_off=used, dst_off=kept)
+    if tail:
+        z = p.const(np.zeros((N, C, tail), np.float32))
+        emit_copy(p, z, buf, (N, C, tail), contiguous_strides((N, C, tail)), bst, dst_off=kept + n_in)
+    out = p.new((N, M, n_out), np.float32)
+    if n_out:
+        wc = p.const(np.ascontiguousarray(w.const, np.float32))
+        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
+        p.need_work(n_out * (C // g) * K)
+        p.emit(OP_CONV1D, [buf, wc, bc], [out], [N, C, buf_len, M, K, n_out, s, d, 0, g])
+    rest = p.aux_out[key]
+    if rest > 0:  # the unconsumed tail becomes the next call's carry
+        emit_copy(p, buf, st, (N, C, rest), bst, [C * cap, cap, 1], src_off=buf_len - rest)
+    _set(out, t=2, lag=x.lag + pr * x.scale, scale=x.scale * s)
+    return [out]
+
+
+def pad_along_time(p, h, xs, x_shape):
+    """(begin, end) padding of the time axis, or None when the Pad leaves time alone."""
+    x = xs[0]
+    if not timed(x):
+        return None
+    mode, begin, end, value = h.params(x_shape, xs)
+    if x.final:
+        return None
+    b, e = begin[x.t], end[x.t]
+    if b == 0 and e == 0:
+        return None
+    if mode != "constant":
+        raise NotStreamableError(h.node, f"{mode} padding of the time axis reads steps from the other end "
+                                         "of the sequence")
+    if b < 0 or e < 0:
+        raise NotStreamableError(h.node, "negative padding crops the time axis")
+    return b, e
+
+
+def emit_pad(p, h, xs, b, e):
+    """Pad along time in a stream: the leading `b` steps come out before the first chunk, the
+    trailing `e` steps at finish(); other axes are padded as usual."""
+    x = xs[0]
+    key = "pad:" + (h.node["outputs"][0] or h.node.get("name", ""))
+    started = p.aux_in.get(key, 0)
+    p.aux_out[key] = 1
+    mode, begin, end, value = h.params(x.shape, xs)
+    begin, end = list(begin), list(end)
+    begin[x.t] = 0 if started else b
+    end[x.t] = e if p.finishing else 0
+    out = _emit_pad_with(p, h, x, mode, begin, end, value)
+    _set(out, t=x.t, lag=x.lag, scale=x.scale)
+    return [out]
+
+
+def _emit_pad_with(p, h, x, mode, begin, end, value):
+    from .ops import OP_PAD
+    maps = [h.index_map(n, bb, ee, mode) for n, bb, ee in zip(x.shape, begin, end)]
+    shape = tuple(len(m) for m in maps)
+    out = p.new(shape, x.dtype)
+    if not int(np.prod(shape)):
+        return out
+    nd = len(shape)
+    head = 2 + 3 * nd
+    starts, pos = [], head
+    for m in maps:
+        starts.append(pos)
+        pos += len(m)
+    ip = [x.dtype.itemsize, nd] + list(shape) + contiguous_strides(x.shape) + starts
+    for m in maps:
+        ip += m
+    p.emit(OP_PAD, [x], [out], ip, [value])
+    return out
+
+
+@rule("Conv", "Pad")
+def conv_or_pad_without_time(p, h, xs, outs):
+    """Conv / Pad whose time axis is left alone (handled by emit_conv / emit_pad otherwise)."""
+    x = xs[0]
+    if any(has_tdep(v) for v in xs[1:]):
+        raise NotStreamableError(h.node, "its parameters depend on the sequence length")
+    for o in outs:
+        if o.t is None and not o.final:
+            _set(o, t=x.t, final=x.final, lag=x.lag, scale=x.scale)
+
+
+def scan_output(p, node, vals, out, time_loop):
+    """The time information of a Loop's scan output: the stacked per-iteration values."""
+    if any(v.final for v in vals) or (time_loop and any(v.t is not None for v in vals)):
+        raise NotStreamableError(node, "stacks values that already run along time")
+    if time_loop:
+        lag, scale = p.loop_timing
+        _set(out, t=0, lag=lag, scale=scale)
+    elif vals[0].t is not None:
+        _set(out, t=vals[0].t + 1, lag=vals[0].lag, scale=vals[0].scale)
+
+
+@rule("Range")
+def range_(p, h, xs, outs):
+    raise NotStreamableError(h.node, "counts up to the sequence length: positions would restart at 0 in "
+                                     "every chunk")
+
+
+@rule("Tile")
+def tile(p, h, xs, outs):
+    x = xs[0]
+    if has_tdep(xs[1]) or x.final:
+        raise NotStreamableError(h.node, "repeats along the time axis")
+    reps = [int(r) for r in np.asarray(xs[1].const).reshape(-1)]
+    if x.t is not None and reps[x.t] != 1:
+        raise NotStreamableError(h.node, "repeats the time axis")
+    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
