@@ -513,7 +513,15 @@ def emit_conv(p, h, xs):
     bias = xs[2] if len(xs) > 2 else None
     if w.const is None or (bias is not None and bias.const is None):
         h.fail("weights and bias must be constants")
-    N, C, L, M, K, _, s, d, pl, pr, g = h.geometry(x.shape, w.shape)
+    L = x.shape[2]
+    K0 = w.shape[2] if len(w.shape) == 3 else 1
+    long_enough = (x.shape[0], x.shape[1], 4 * (K0 * 8 + 8))  # the geometry of a long input: pads, span
+    N, C, _, M, K, _, s, d, pl, pr, g = h.geometry(long_enough, w.shape)
+    ap = h.attr("auto_pad", "NOTSET")
+    ap = ap.decode() if isinstance(ap, bytes) else ap
+    if ap in ("SAME_UPPER", "SAME_LOWER") and s > 1:
+        raise NotStreamableError(h.node, f"auto_pad {ap} with stride {s} pads by an amount that depends on "
+                                         "the whole sequence's length")
     if pl < 0 or pr < 0:
         raise NotStreamableError(h.node, "negative padding crops the time axis")
     span = d * (K - 1) + 1

@@ -1,0 +1,222 @@
+"""The streaming rule (rnnengine/streaming.py): a stream is made only when chunk-by-chunk
+calls reproduce the whole-sequence run exactly; ops with a receptive field along time (Conv,
+Pad) carry their context between calls; everything that mixes time steps is refused by name
+when the stream is made."""
+import numpy as np
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import rnnengine
+from oracle import TOLERANCE
+from rnnengine.ops import NotStreamableError
+from rnnengine.verify import ort_session
+
+F = TensorProto.FLOAT
+TOL = TOLERANCE[np.float32]
+
+
+def model(nodes, inputs, outputs, inits, opset=17):
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, F, None) for o in outputs],
+                          [numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+
+    return m
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.all(np.abs(got - want) <= TOL["atol"] + TOL["rtol"] * np.abs(want)), np.abs(got - want).max()
+
+
+def stream_in_chunks(gm, feeds, axis, sizes):
+    """Feeds `feeds` along `axis` in chunks of the given sizes (cycled), then finish()."""
+    s = gm.stream()
+    T = next(iter(feeds.values())).shape[axis]
+    parts, t, k = [], 0, 0
+    while t < T:
+        n = sizes[k % len(sizes)]
+        k += 1
+        parts.append(s({name: np.take(a, range(t, min(T, t + n)), axis=axis) for name, a in feeds.items()}))
+        t += n
+    parts.append(s.finish())
+    return s, parts
+
+
+def conv_front_end(rng, C, M, K, dil, stride, pads, group, pad_node, H=5):
+    """x (B, C, T) [-> Pad along time] -> Conv -> Relu -> (T', B, M) -> GRU -> y, plus the conv
+    output itself."""
+    nodes, inits = [], {"Wc": rand(rng, M, C // group, K) * 0.5, "bc": rand(rng, M),
+                        "W": rand(rng, 1, 3 * H, M) * 0.5, "R": rand(rng, 1, 3 * H, H) * 0.5,
+                        "Bg": rand(rng, 1, 6 * H) * 0.1}
+    src = "x"
+    if pad_node is not None:
+        inits["pads"] = np.array([0, 0, pad_node[0], 0, 0, pad_node[1]], np.int64)
+        nodes.append(helper.make_node("Pad", ["x", "pads"], ["xp"], mode="constant", name="pad_t"))
+        src = "xp"
+    nodes += [helper.make_node("Conv", [src, "Wc", "bc"], ["c"], kernel_shape=[K], dilations=[dil],
+                               strides=[stride], pads=list(pads), group=group, name="conv_t"),
+              helper.make_node("Relu", ["c"], ["r"]),
+              helper.make_node("Transpose", ["r"], ["rt"], perm=[2, 0, 1]),
+              helper.make_node("GRU", ["rt", "W", "R", "Bg"], ["Y"], hidden_size=H, linear_before_reset=1),
+              helper.make_node("Squeeze", ["Y", "ax1"], ["y"])]
+    inits["ax1"] = np.array([1], np.int64)
+    return model(nodes, [helper.make_tensor_value_info("x", F, ["B", C, "T"])], ["y", "c"], inits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(K=st.integers(1, 5), dil=st.integers(1, 3), stride=st.integers(1, 3), group=st.sampled_from([1, 2]),
+       kind=st.sampled_from(["valid", "causal", "centred", "asymmetric", "pad_node", "lookahead"]),
+       chunks=st.lists(st.integers(1, 7), min_size=1, max_size=4), T=st.integers(8, 30), seed=st.integers(0, 99))
+def test_conv_front_end_streams_exactly(K, dil, stride, group, kind, chunks, T, seed):
+    rng = np.random.default_rng(seed)
+    span = dil * (K - 1)
+    pads, pad_node = {"valid": (0, 0), "causal": (span, 0), "centred": (span // 2, span - span // 2),
+                      "asymmetric": (1, 2), "pad_node": (0, 0), "lookahead": (0, span)}[kind], None
+    if kind == "pad_node":  # causal padding written as a Pad node before the Conv (F.pad)
+        pad_node = (span, 1)
+    C, M = 4, 6
+    m = conv_front_end(rng, C, M, K, dil, stride, pads, group, pad_node)
+    x = rand(rng, 2, C, T + span)  # long enough for one window of a conv without padding
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})
+    ort = ort_session(m).run(None, {"x": x})
+    close(whole["y"], ort[0])
+    close(whole["c"], ort[1])
+    s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
+    assert s.delay == pads[1], (s.delay, pads)  # look-ahead of the conv; the Pad node's tail adds none
+    close(np.concatenate([p["c"] for p in parts], axis=2), whole["c"])
+    close(np.concatenate([p["y"] for p in parts], axis=0), whole["y"])
+
+
+def test_causal_conv_emits_every_step_and_centred_conv_trails_by_its_right_padding():
+    rng = np.random.default_rng(3)
+    for pads, delay in (((4, 0), 0), ((2, 2), 2)):
+        m = conv_front_end(rng, 3, 4, 3, 2, 1, pads, 1, None)
+        gm = rnnengine.convert(m)
+        x = rand(rng, 1, 3, 10)
+        whole = gm.run({"x": x})
+        s = gm.stream()
+        assert s.delay == delay
+        outs = [s({"x": x[:, :, t:t + 1]})["c"] for t in range(10)]
+        assert [o.shape[2] for o in outs] == [0] * delay + [1] * (10 - delay)
+        tail = s.finish()["c"]
+        assert tail.shape[2] == delay
+        close(np.concatenate(outs + [tail], axis=2), whole["c"])
+        with pytest.raises(ValueError, match="finished"):
+            s({"x": x[:, :, :1]})
+        s.reset()
+        close(np.concatenate([s({"x": x})["c"], s.finish()["c"]], axis=2), whole["c"])
+
+
+def lstm_inits(rng, I, H, D=1):
+    return {"W": rand(rng, D, 4 * H, I), "R": rand(rng, D, 4 * H, H), "B": rand(rng, D, 8 * H)}
+
+
+def refused(m, node, why):
+    gm = rnnengine.convert(m)
+    gm.run({k: v for k, v in _feeds(m).items()})  # the whole-sequence run works
+    with pytest.raises(NotStreamableError, match=f"not streamable: .*'{node}'.*{why}"):
+        gm.stream()
+
+
+def _feeds(m):
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in m.graph.input:
+        dims = [d.dim_value if d.dim_value else 3 for d in i.type.tensor_type.shape.dim]
+        out[i.name] = rand(rng, *dims)
+    return out
+
+
+def test_mean_pooling_over_time_is_refused():
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=4, name="lstm"),
+             helper.make_node("ReduceMean", ["Y"], ["y"], axes=[0], keepdims=0, name="pool")]
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", "B", 3])], ["y"], lstm_inits(rng, 3, 4))
+    refused(m, "pool", "over the time axis")
+
+
+@pytest.mark.parametrize("direction", ["reverse", "bidirectional"])
+def test_backward_recurrences_are_refused_even_with_explicit_state(direction):
+    rng = np.random.default_rng(2)
+    D = 2 if direction == "bidirectional" else 1
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["Y", "hn"], hidden_size=4,
+                              direction=direction, name="gru")]
+    inits = {"W": rand(rng, D, 12, 3), "R": rand(rng, D, 12, 4), "B": rand(rng, D, 24)}
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", "B", 3]),
+                      helper.make_tensor_value_info("h0", F, [D, "B", 4])], ["Y", "hn"], inits)
+    gm = rnnengine.convert(m)
+    assert gm.state_pairs == [("h0", "hn")]
+    with pytest.raises(NotStreamableError, match=f"not streamable: GRU node 'gru': direction '{direction}'"):
+        gm.stream()
+
+
+def test_softmax_over_time_and_reshape_of_time_into_features_are_refused():
+    rng = np.random.default_rng(4)
+    base = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=4, name="lstm")]
+    inp = [helper.make_tensor_value_info("x", F, ["T", 2, 3])]
+    m = model(base + [helper.make_node("Softmax", ["Y"], ["y"], axis=0, name="sm")], inp, ["y"],
+              lstm_inits(rng, 3, 4), opset=13)
+    refused(m, "sm", "over the time axis")
+    inits = dict(lstm_inits(rng, 3, 4), shape=np.array([1, -1], np.int64))
+    m = model(base + [helper.make_node("Reshape", ["Y", "shape"], ["y"], name="flat")], inp, ["y"], inits)
+    refused(m, "flat", "mixing time")
+
+
+def test_positions_counted_from_the_chunk_length_are_refused():
+    """Range(0, T) restarts at every chunk: adding positions to the input is refused."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["T"], axis=0),
+             helper.make_node("Cast", ["T"], ["Tf"], to=F),
+             helper.make_node("Range", ["fzero", "Tf", "fone"], ["pos"], name="positions"),
+             helper.make_node("Unsqueeze", ["pos", "axes12"], ["pos3"]),
+             helper.make_node("Add", ["x", "pos3"], ["xp"]),
+             helper.make_node("LSTM", ["xp", "W", "R", "B"], ["Y"], hidden_size=4, name="lstm")]
+    inits = dict(lstm_inits(rng, 3, 4), zero=np.array(0, np.int64), fzero=np.array(0, np.float32),
+                 fone=np.array(1, np.float32), axes12=np.array([1, 2], np.int64))
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", 2, 3])], ["Y"], inits)
+    refused(m, "positions", "positions would restart")
+
+
+def test_dividing_by_the_sequence_length_is_refused():
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=4, name="lstm"),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["T"], axis=0),
+             helper.make_node("Cast", ["T"], ["Tf"], to=F),
+             helper.make_node("Div", ["Y", "Tf"], ["y"], name="per_len")]
+    inits = dict(lstm_inits(rng, 3, 4), zero=np.array(0, np.int64))
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", 2, 3])], ["y"], inits)
+    refused(m, "per_len", "sequence length as a value")
+
+
+def test_last_step_of_a_forward_layer_streams_as_its_final_state():
+    """y = Y[-1] (a classifier on the last step) streams: after the whole sequence the last
+    chunk's value is the whole run's."""
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=4, name="lstm"),
+             helper.make_node("Gather", ["Y", "last"], ["y"], axis=0, name="last_step")]
+    inits = dict(lstm_inits(rng, 3, 4), last=np.array(-1, np.int64))
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", 2, 3])], ["y"], inits)
+    gm = rnnengine.convert(m)
+    x = rand(rng, 9, 2, 3)
+    whole = gm.run({"x": x})
+    s = gm.stream()
+    for t0 in range(0, 9, 4):
+        last = s({"x": x[t0:t0 + 4]})["y"]
+    close(last, whole["y"])
+    # the first step is not the same in every chunk
+    inits["last"] = np.array(0, np.int64)
+    m = model([nodes[0], helper.make_node("Gather", ["Y", "last"], ["y"], axis=0, name="first_step")],
+              [helper.make_tensor_value_info("x", F, ["T", 2, 3])], ["y"], inits)
+    refused(m, "first_step", "picks steps")
