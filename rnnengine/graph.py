@@ -730,7 +730,8 @@ class GraphStream:
         self._taxes = None       # {input name: time axis}, known from the first call
         self._last = None        # the last call's feeds (finish() repeats their other axes)
         self._finished = False
-        self.delay = 0
+        self.delay = 0           # input steps by which outputs along time trail the input
+        self.output_axes = {}    # output name -> its time axis (None: a final state or no time)
         self._decide()
 
     def _decide(self):
@@ -749,6 +750,7 @@ class GraphStream:
             return
         self._taxes = taxes
         self.delay = plan.delay
+        self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
 
     def reset(self):
         self._layer_state.clear()
@@ -843,6 +845,7 @@ class GraphStream:
                 raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
                                  f"call needs {start.size}: the batch size changed; use a new stream")
         self.delay = plan.delay
+        self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
         return plan
 
     def _context(self, plan):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import NP_DTYPES
-from .ops import Recurrent
+from .ops import NotStreamableError, Recurrent
 
 # Max error per output: absolute for values of magnitude <= 1, relative above. float32 is
 # checked against onnxruntime; float16 / int8 weight files against the float32 conversion
@@ -130,36 +130,8 @@ def _guess_time(model, feeds):
 
 
 def time_axes(model, feeds):
-    """{input name: axis} of the inputs whose symbolic axis is the recurrent time axis,
-    found by planning with that axis one longer and seeing the layers' T change."""
-    try:
-        base = model.plan(feeds)
-    except Exception:
-        return {}
-    if not base.recurrent:
-        return {}
-    found = {}
-    for spec in model.inputs:
-        name = spec["name"]
-        if name not in feeds or spec["shape"] is None:
-            continue
-        for axis, d in enumerate(spec["shape"]):
-            if isinstance(d, int) and d >= 0:
-                continue
-            arr = feeds[name]
-            longer = np.concatenate([arr, np.take(arr, [-1], axis=axis)], axis=axis) if arr.shape[axis] else None
-            if longer is None:
-                continue
-            try:
-                plan = model.plan({**feeds, name: longer})
-            except Exception:
-                continue
-            ts = [(a["T"], a["B"]) for a in base.recurrent]
-            ts2 = [(a["T"], a["B"]) for a in plan.recurrent]
-            if len(ts) == len(ts2) and all(b1 == b2 for (_, b1), (_, b2) in zip(ts, ts2)) and \
-                    any(t1 != t2 for (t1, _), (t2, _) in zip(ts, ts2)):
-                found[name] = axis
-    return found
+    """{input name: axis} of the inputs a stream is fed along (GraphModel.time_axes)."""
+    return model.time_axes(feeds)
 
 
 def errors(got, want):
@@ -226,11 +198,11 @@ def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), cal
 
 
 def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dims, fixed):
-    reasons = [f"{r['kind']} {r['node']!r} runs {r['direction']}" for r in model.plan(feeds).recurrent
-               if r["direction"] != "forward" and not r["explicit_state"]]
-    if reasons:
-        return None, "not streamable: " + "; ".join(reasons) + " (needs the whole sequence)"
-    taxes = time_axes(model, feeds)
+    try:
+        probe = model.stream()  # refuses a graph that mixes time steps, naming the node
+    except NotStreamableError as e:
+        return None, str(e)
+    taxes = probe._taxes if probe._taxes is not None else model.time_axes(feeds)
     carried = {a for a, _ in model.state_pairs}
     if taxes:
         return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
@@ -241,7 +213,8 @@ def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dim
 
 def feed_in_chunks(stream, feeds, taxes, chunk, skip=(), roles=None):
     """Feeds whole-sequence inputs to a stream `chunk` time steps per call (lengths inputs
-    clipped to each chunk); returns the list of per-call outputs."""
+    clipped to each chunk: the valid steps of each row in that chunk), then finish() when the
+    stream holds outputs back; returns the list of per-call outputs."""
     roles = roles or {}
     T = next(feeds[n].shape[a] for n, a in taxes.items())
     parts = []
@@ -259,17 +232,22 @@ def feed_in_chunks(stream, feeds, taxes, chunk, skip=(), roles=None):
             else:
                 f[name] = arr
         parts.append(stream(f))
+    if stream.delay:
+        parts.append(stream.finish())
     return parts, T
 
 
-def join_chunks(parts, T, like=None):
-    """Per output: the chunks concatenated along the axis that grew with time, or the last
-    chunk's value (final states)."""
+def join_chunks(parts, T, like=None, axes=None):
+    """Per output: the chunks concatenated along its time axis (``axes``, from the stream's
+    plan; guessed from the shapes when not given), or the last chunk's value (final states)."""
     out = {}
     for n in parts[0]:
         pieces = [p[n] for p in parts]
-        axis = _time_axis_of_output(pieces, like[n] if like is not None else None, T)
-        out[n] = np.concatenate(pieces, axis=axis) if axis is not None else pieces[-1]
+        if axes is not None and n in axes:
+            axis = axes[n]
+        else:
+            axis = _time_axis_of_output(pieces, like[n] if like is not None else None, T)
+        out[n] = pieces[-1] if axis is None else np.concatenate(pieces, axis=axis)
     return out
 
 
@@ -281,7 +259,7 @@ def _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried):
         if carried:
             s.set_state({"inputs": {a: feeds[a] for a in carried}})
         parts, T = feed_in_chunks(s, feeds, taxes, chunk, skip=carried, roles=roles)
-        got = join_chunks(parts, T, want)
+        got = join_chunks(parts, T, want, axes=s.output_axes)
         for n in out_names:
             e = errors(got[n], want[n])
             if n not in worst or e["abs"] > worst[n]["abs"]:

@@ -42,19 +42,25 @@ def test_corpus_model_converts_and_matches_onnxruntime(entry, tmp_path):
     path = os.path.join(HERE, entry["file"])
     model = rnnengine.convert(path)
     DIMS = dims_of(entry)
-    rep = verify(model, path, DIMS, seed=1, chunks=(1, 4))
+    # streamed in chunks of 1, 2, 3 and 7 steps and the whole length at once
+    rep = verify(model, path, DIMS, seed=1, chunks=(1, 2, 3, 7, 10 ** 6))
     worst = max(e["rel"] for e in rep["whole"].values())
     assert worst <= TOLERANCE["float32"], rep["whole"]
+    expect = entry.get("streaming", {}).get("expect")
     if rep["stream"] is None:
-        # only layers that need the whole sequence, or an exporter that unrolled the time
-        # loop for a fixed length (recorded in the manifest), may make a model unstreamable
+        # only what the streaming rule refuses (layers that need the whole sequence, pooling over
+        # time...), or an exporter that unrolled the time loop for a fixed length (recorded in
+        # the manifest), may make a model unstreamable; the refusal names the node and why
         if "fixed_time" in entry and "no time axis" in rep["stream_note"]:
             pass
         else:
-            assert "not streamable" in rep["stream_note"] and ("reverse" in rep["stream_note"]
-                                                             or "bidirectional" in rep["stream_note"]), rep["stream_note"]
+            assert rep["stream_note"].startswith("not streamable: "), rep["stream_note"]
+            assert expect in (None, "refuse"), (expect, rep["stream_note"])
+            if expect is None:
+                assert "reverse" in rep["stream_note"] or "bidirectional" in rep["stream_note"], rep["stream_note"]
         sworst = None
     else:
+        assert expect in (None, "stream"), (expect, rep["stream_note"])
         sworst = max(e["rel"] for e in rep["stream"].values())
         assert sworst <= TOLERANCE["float32"], (rep["stream_note"], rep["stream"])
     # the weight file: float32 reproduces the conversion exactly; float16 / int8 stay in bounds
