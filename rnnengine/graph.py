@@ -37,7 +37,7 @@ SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence":
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
-    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale")
+    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm")
 
     def __init__(self, shape, dtype, const=None, tid=None):
         self.shape = tuple(int(d) for d in shape)
@@ -45,7 +45,7 @@ class Value:
         self.const = const
         self.tid = tid
         # time information of a stream's plan (rnnengine/streaming.py); unused otherwise
-        self.t, self.final, self.tdep, self.lag, self.scale = None, False, None, 0, 1
+        self.t, self.final, self.tdep, self.lag, self.scale, self.perm = None, False, None, 0, 1, False
 
 
 class Plan:

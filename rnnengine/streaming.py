@@ -55,13 +55,20 @@ def propagate(p, h, xs, outs):
     op = node["op"]
     if op in ("LSTM", "GRU", "RNN"):
         return RULES[op](p, h, xs, outs)
-    if not any(timed(x) or has_tdep(x) for x in xs):
+    if not any(timed(x) or has_tdep(x) or (x is not None and x.perm) for x in xs):
         return None
     fn = RULES.get(op)
     if fn is None:
         raise NotStreamableError(node, f"{op} is not known to act step by step along time, so a stream "
                                        "could not reproduce the whole-sequence result")
-    return fn(p, h, xs, outs)
+    fn(p, h, xs, outs)
+    # rows put in an order computed from run-time data (e.g. sorted by length): the order
+    # can differ from chunk to chunk, which a recurrent layer's carried state must not see
+    perm = any(x is not None and x.perm for x in xs) or \
+        (op in ("Gather", "GatherElements", "GatherND") and timed(xs[0]) and xs[1].const is None)
+    for o in outs:
+        if o is not None and o.const is None:
+            o.perm = perm
 
 
 def _set(v, t=None, final=False, lag=0, scale=1, tdep=None):
@@ -466,6 +473,10 @@ def recurrent_check(h, xs):
             raise NotStreamableError(h.node, "its initial state changes with time")
     if x.final:
         raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
+    if x.perm and x.t is not None:
+        raise NotStreamableError(h.node, "its batch rows arrive in an order computed from the data (e.g. "
+                                         "sorted by sequence length), which can change from chunk to chunk, so "
+                                         "its carried state would meet the wrong rows")
     T_axis = 1 if int(h.attrs.get("layout", 0)) else 0
     if x.t is not None and x.t != T_axis:
         raise NotStreamableError(h.node, f"runs its recurrence over axis {T_axis} of X, but the stream's time "

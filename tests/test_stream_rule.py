@@ -220,3 +220,23 @@ def test_last_step_of_a_forward_layer_streams_as_its_final_state():
     m = model([nodes[0], helper.make_node("Gather", ["Y", "last"], ["y"], axis=0, name="first_step")],
               [helper.make_tensor_value_info("x", F, ["T", 2, 3])], ["y"], inits)
     refused(m, "first_step", "picks steps")
+
+
+def test_rows_sorted_by_length_at_run_time_are_refused():
+    """pack_padded_sequence(enforce_sorted=False) sorts the batch by length inside the graph:
+    with per-chunk lengths the order can change between chunks (measured: up to 0.14 off), so
+    the stream is refused; the sorted export streams and matches."""
+    import os
+    here = os.path.join(os.path.dirname(__file__), "data", "corpus")
+    with pytest.raises(NotStreamableError, match="order computed from the data"):
+        rnnengine.convert(os.path.join(here, "torch_legacy_packed_lstm_unsorted_op14.onnx")).stream()
+    gm = rnnengine.convert(os.path.join(here, "torch_legacy_packed_gru_sorted_op14.onnx"))
+    rng = np.random.default_rng(8)
+    x, lens = rand(rng, 3, 7, 6), np.array([7, 5, 2], np.int64)
+    whole = gm.run({"x": x, "lens": lens})
+    s = gm.stream()
+    ys = []
+    for t0 in range(0, 7, 3):  # lengths per chunk: the valid steps of each row in the chunk
+        ys.append(s({"x": x[:, t0:t0 + 3], "lens": np.clip(lens - t0, 0, min(3, 7 - t0))})["y"])
+    close(np.concatenate(ys, axis=1), whole["y"])
+    assert np.all(np.concatenate(ys, axis=1)[2, 2:] == 0)  # past its length a row outputs zeros
