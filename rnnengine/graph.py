@@ -37,7 +37,7 @@ SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence":
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
-    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm")
+    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried")
 
     def __init__(self, shape, dtype, const=None, tid=None):
         self.shape = tuple(int(d) for d in shape)
@@ -46,6 +46,7 @@ class Value:
         self.tid = tid
         # time information of a stream's plan (rnnengine/streaming.py); unused otherwise
         self.t, self.final, self.tdep, self.lag, self.scale, self.perm = None, False, None, 0, 1, False
+        self.carried = False  # computed from explicit state inputs only (the stream feeds them back)
 
 
 class Plan:
@@ -153,6 +154,8 @@ class Planner:
             env[name] = Value(shape, dtype, tid=tid)
             if streaming and time_axes and name in time_axes:
                 env[name].t = time_axes[name]
+            if streaming and name in {a for a, _ in model.state_pairs}:
+                env[name].carried = True
         self.walk(model.graph["nodes"], env)
         self.outputs = []
         for o in model.graph["outputs"]:
@@ -402,7 +405,7 @@ class Planner:
                 raise NotStreamableError(node, "a loop over time inside another loop over time")
             for n in node["inputs"][2:]:
                 v = env.get(n) if n else None
-                if v is not None and v.const is None and v.dtype.kind == "f" and not self.model.state_pairs:
+                if v is not None and v.const is None and v.dtype.kind == "f" and not v.carried:
                     raise NotStreamableError(node, "its loop-carried state starts from a value computed in each "
                                                    "call, so every chunk would start the recurrence anew")
         trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None

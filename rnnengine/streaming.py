@@ -55,20 +55,24 @@ def propagate(p, h, xs, outs):
     op = node["op"]
     if op in ("LSTM", "GRU", "RNN"):
         return RULES[op](p, h, xs, outs)
-    if not any(timed(x) or has_tdep(x) or (x is not None and x.perm) for x in xs):
+    if not any(timed(x) or has_tdep(x) or (x is not None and (x.perm or x.carried)) for x in xs):
         return None
-    fn = RULES.get(op)
-    if fn is None:
-        raise NotStreamableError(node, f"{op} is not known to act step by step along time, so a stream "
-                                       "could not reproduce the whole-sequence result")
-    fn(p, h, xs, outs)
+    if any(timed(x) or has_tdep(x) for x in xs):
+        fn = RULES.get(op)
+        if fn is None:
+            raise NotStreamableError(node, f"{op} is not known to act step by step along time, so a stream "
+                                           "could not reproduce the whole-sequence result")
+        fn(p, h, xs, outs)
     # rows put in an order computed from run-time data (e.g. sorted by length): the order
     # can differ from chunk to chunk, which a recurrent layer's carried state must not see
     perm = any(x is not None and x.perm for x in xs) or \
         (op in ("Gather", "GatherElements", "GatherND") and timed(xs[0]) and xs[1].const is None)
+    # values computed from the explicit state inputs alone are fed back by the stream itself
+    runtime = [x for x in xs if x is not None and x.const is None]
+    carried = bool(runtime) and all(x.carried for x in runtime)
     for o in outs:
         if o is not None and o.const is None:
-            o.perm = perm
+            o.perm, o.carried = perm, carried
 
 
 def _set(v, t=None, final=False, lag=0, scale=1, tdep=None):
@@ -471,6 +475,10 @@ def recurrent_check(h, xs):
     for v in xs[5:7]:
         if v is not None and v.t is not None:
             raise NotStreamableError(h.node, "its initial state changes with time")
+        if v is not None and x.t is not None and v.const is None and not v.carried:
+            raise NotStreamableError(h.node, "its initial state is an input fed anew at every call, not state "
+                                             "the stream carries (pair it with the output holding the next state: "
+                                             "convert --state IN=OUT)")
     if x.final:
         raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
     if x.perm and x.t is not None:

@@ -240,3 +240,28 @@ def test_rows_sorted_by_length_at_run_time_are_refused():
         ys.append(s({"x": x[:, t0:t0 + 3], "lens": np.clip(lens - t0, 0, min(3, 7 - t0))})["y"])
     close(np.concatenate(ys, axis=1), whole["y"])
     assert np.all(np.concatenate(ys, axis=1)[2, 2:] == 0)  # past its length a row outputs zeros
+
+
+def test_initial_state_fed_at_every_call_is_refused_and_paired_state_streams():
+    """An initial state that is a graph input without a paired output would restart the
+    recurrence in every chunk; paired with its next-state output the stream carries it."""
+    rng = np.random.default_rng(9)
+    inits = lstm_inits(rng, 3, 4)
+    inputs = [helper.make_tensor_value_info("x", F, ["T", "B", 3]), helper.make_tensor_value_info("h0", F, [1, "B", 4])]
+    m = model([helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0"], ["Y"], hidden_size=4, name="lstm")],
+              inputs, ["Y"], inits)
+    gm = rnnengine.convert(m)
+    assert gm.state_pairs == []
+    with pytest.raises(NotStreamableError, match="'lstm'.*fed anew at every call"):
+        gm.stream()
+    m = model([helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0"], ["Y", "hn"], hidden_size=4, name="lstm")],
+              inputs, ["Y", "hn"], inits)
+    gm = rnnengine.convert(m)
+    assert gm.state_pairs == [("h0", "hn")]
+    x, h0 = rand(rng, 8, 2, 3), rand(rng, 1, 2, 4)
+    whole = gm.run({"x": x, "h0": h0})
+    s = gm.stream()
+    s.set_state({"inputs": {"h0": h0}})
+    ys = [s({"x": x[t0:t0 + 3]}) for t0 in range(0, 8, 3)]
+    close(np.concatenate([y["Y"] for y in ys]), whole["Y"])
+    close(ys[-1]["hn"], whole["hn"])
