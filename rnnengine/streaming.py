@@ -481,6 +481,12 @@ def recurrent_check(h, xs):
                                              "convert --state IN=OUT)")
     if x.final:
         raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
+    if h.node["op"] == "LSTM" and x.t is not None:
+        fed = [v is not None and v.const is None for v in (list(xs[5:7]) + [None, None])[:2]]
+        if fed[0] != fed[1]:
+            have, lack = ("initial_h", "initial_c") if fed[0] else ("initial_c", "initial_h")
+            raise NotStreamableError(h.node, f"its {have} is state fed back by the caller but its {lack} is not, "
+                                             "so that half of its state would start anew at every call")
     if x.perm and x.t is not None:
         raise NotStreamableError(h.node, "its batch rows arrive in an order computed from the data (e.g. "
                                          "sorted by sequence length), which can change from chunk to chunk, so "
