@@ -317,6 +317,8 @@ class Planner:
             tp = streaming.pad_along_time(self, h, xs, xs[0].shape)
             if tp is not None:
                 return streaming.emit_pad(self, h, xs, *tp)
+        elif op in ("Reshape", "Flatten") and xs[0].t is not None and xs[0].shape[xs[0].t] == 0:
+            return streaming.reshape_no_steps(self, h, xs)
         return None
 
     def sequence_op(self, node, env):
@@ -837,6 +839,13 @@ class GraphStream:
             self._fast = None
         self._last = feeds
         return self._finish(plan, ctx, feeds, want)
+
+    @property
+    def time_axes(self):
+        """{input name: axis} the stream is fed along (the axes that reach a recurrent layer's
+        time axis). Empty for a model that takes one fixed-size step per call (e.g. a chunk
+        of audio reduced to one recurrent step): each call is then one step."""
+        return dict(self._taxes or {})
 
     def _plan(self, feeds, finishing=False):
         plan = self.model.plan(feeds, streaming=True, time_axes=self._taxes, aux=self._aux, finishing=finishing)

@@ -204,6 +204,33 @@ def reshape(p, h, xs, outs):
     _set(out, t=cands[0], lag=x.lag, scale=x.scale)
 
 
+def reshape_no_steps(p, h, xs):
+    """A Reshape of a chunk with no steps (a conv still filling its window, or finish()):
+    -1 cannot be inferred from zero elements, so the target is resolved for a chunk of P
+    steps (P a length no other dimension has) and the time axis then set back to 0."""
+    P = 10007
+    x = xs[0]
+    probe = list(x.shape)
+    probe[x.t] = P
+    if h.node["op"] == "Flatten":
+        out_shape = list(h.target(tuple(probe)))
+    else:
+        from .ops import _reshape_target
+        target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
+        if has_tdep(xs[1]):
+            target[np.asarray(xs[1].tdep).reshape(-1)] = P
+        out_shape = list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
+    fake = type(x)(probe, x.dtype, tid=-1)
+    fake.t, fake.lag, fake.scale = x.t, x.lag, x.scale
+    out = type(x)(out_shape, x.dtype, tid=-1)
+    reshape(p, h, [fake] + list(xs[1:]), [out])
+    b = out.t
+    out_shape[b] = 0
+    res = p.alias(x, tuple(out_shape))
+    _set(res, t=b, lag=x.lag, scale=x.scale)
+    return [res]
+
+
 @rule("Squeeze")
 def squeeze(p, h, xs, outs):
     x, out = xs[0], outs[0]

@@ -274,3 +274,97 @@ def test_initial_state_fed_at_every_call_is_refused_and_paired_state_streams():
     close(np.concatenate([y["Y"] for y in ys]), whole["Y"])
     close(ys[-1]["hn"], whole["hn"])
     close(ys[-1]["cn"], whole["cn"])
+
+
+# --- random graphs: a stream is either refused or exact ----------------------------------------
+
+OPS = ["lstm", "gru_reverse", "rnn_bidirectional", "tanh", "matmul", "softmax", "reduce_mean", "conv",
+       "slice_time", "concat", "add_bias"]
+
+
+def random_graph(rng, ops, T_sym="T"):
+    """x (T, B, 3) through the chosen ops, each keeping a (T, B, F) layout (time first)."""
+    nodes, inits, F_ = [], {}, 3
+    cur = "x"
+    for k, op in enumerate(ops):
+        o, name = f"v{k}", f"n{k}_{op}"
+        if op in ("lstm", "gru_reverse", "rnn_bidirectional"):
+            kind, direction = {"lstm": ("LSTM", "forward"), "gru_reverse": ("GRU", "reverse"),
+                               "rnn_bidirectional": ("RNN", "bidirectional")}[op]
+            D, H, G = (2 if direction == "bidirectional" else 1), 4, {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+            inits.update({f"W{k}": rand(rng, D, G * H, F_) * 0.5, f"R{k}": rand(rng, D, G * H, H) * 0.5,
+                          f"B{k}": rand(rng, D, 2 * G * H) * 0.1, f"s{k}": np.array([0, 0, -1], np.int64)})
+            nodes += [helper.make_node(kind, [cur, f"W{k}", f"R{k}", f"B{k}"], [o + "y"], hidden_size=H,
+                                       direction=direction, name=name),
+                      helper.make_node("Transpose", [o + "y"], [o + "t"], perm=[0, 2, 1, 3]),
+                      helper.make_node("Reshape", [o + "t", f"s{k}"], [o])]
+            F_ = D * H
+        elif op == "tanh":
+            nodes.append(helper.make_node("Tanh", [cur], [o], name=name))
+        elif op == "add_bias":
+            inits[f"b{k}"] = rand(rng, F_)
+            nodes.append(helper.make_node("Add", [cur, f"b{k}"], [o], name=name))
+        elif op == "matmul":
+            inits[f"M{k}"] = rand(rng, F_, 5) * 0.5
+            nodes.append(helper.make_node("MatMul", [cur, f"M{k}"], [o], name=name))
+            F_ = 5
+        elif op == "softmax":
+            nodes.append(helper.make_node("Softmax", [cur], [o], axis=int(rng.integers(0, 3)), name=name))
+        elif op == "reduce_mean":
+            ax = int(rng.integers(0, 3))
+            nodes.append(helper.make_node("ReduceMean", [cur], [o], axes=[ax], keepdims=1, name=name))
+            F_ = 1 if ax == 2 else F_
+        elif op == "conv":
+            K, st_ = int(rng.integers(1, 4)), 1
+            pl, pr = int(rng.integers(0, K)), int(rng.integers(0, K))
+            inits[f"C{k}"] = rand(rng, F_, F_, K) * 0.5
+            nodes += [helper.make_node("Transpose", [cur], [o + "a"], perm=[1, 2, 0]),
+                      helper.make_node("Conv", [o + "a", f"C{k}"], [o + "c"], kernel_shape=[K], pads=[pl, pr],
+                                       strides=[st_], name=name),
+                      helper.make_node("Transpose", [o + "c"], [o], perm=[2, 0, 1])]
+        elif op == "slice_time":
+            inits.update({f"a{k}": np.array([1], np.int64), f"e{k}": np.array([2 ** 62], np.int64),
+                          f"x{k}": np.array([0], np.int64)})
+            nodes.append(helper.make_node("Slice", [cur, f"a{k}", f"e{k}", f"x{k}"], [o], name=name))
+        elif op == "concat":
+            nodes += [helper.make_node("Tanh", [cur], [o + "h"]),
+                      helper.make_node("Concat", [cur, o + "h"], [o], axis=int(rng.integers(0, 3)), name=name)]
+            if nodes[-1].attribute[0].i == 2:
+                F_ *= 2
+        cur = o
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    return model(nodes, [helper.make_tensor_value_info("x", F, [T_sym, 2, 3])], ["y"], inits, opset=13)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4), seed=st.integers(0, 10 ** 6),
+       chunks=st.lists(st.integers(1, 5), min_size=1, max_size=3))
+def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
+    if not any(o in ("lstm", "gru_reverse", "rnn_bidirectional") for o in ops):
+        ops = ["lstm"] + ops  # a recurrent layer makes the time axis
+    rng = np.random.default_rng(seed)
+    m = random_graph(rng, ops)
+    x = rand(rng, 11, 2, 3)
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})
+    close(whole["y"], ort_session(m).run(None, {"x": x})[0])
+    try:
+        s = gm.stream()
+    except NotStreamableError as e:
+        assert any(f"_{o}'" in str(e) for o in ops), str(e)  # names one of the nodes
+        return
+    if not s.time_axes:
+        # nothing reaches a recurrence's time axis (e.g. a mean over the input first): the
+        # model takes one fixed step per call, so a call is a step, not a piece of a sequence
+        close(s({"x": x[:chunks[0]]})["y"], gm.run({"x": x[:chunks[0]]})["y"])
+        return
+    parts, t, k = [], 0, 0
+    while t < 11:
+        parts.append(s({"x": x[t:t + chunks[k % len(chunks)]]}))
+        t += chunks[k % len(chunks)]
+        k += 1
+    if s.delay:
+        parts.append(s.finish())
+    axis = s.output_axes["y"]
+    got = parts[-1]["y"] if axis is None else np.concatenate([p["y"] for p in parts], axis=axis)
+    close(got, whole["y"])
