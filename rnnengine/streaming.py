@@ -580,15 +580,17 @@ def emit_conv(p, h, xs):
     key = "conv:" + (h.node["outputs"][0] or h.node.get("name", ""))
     cap = max(span - 1, pl)
     carry = p.aux_in.get(key, pl)
-    skip = max(0, -carry)
-    kept = max(0, carry)
+    # incoming frames: the chunk, then (finish) the pr zeros; a pending skip eats them first
+    skip, kept = max(0, -carry), max(0, carry)
     used = min(skip, L)
-    tail = pr if p.finishing else 0
+    tail0 = pr if p.finishing else 0
+    tail = tail0 - min(skip - used, tail0)
+    skip -= used + (tail0 - tail)
     n_in = L - used
     buf_len = kept + n_in + tail
     n_out = (buf_len - span) // s + 1 if buf_len >= span else 0
     # the next call's carry: frames kept (> 0), or frames still to skip (< 0)
-    p.aux_out[key] = -(skip - used) if skip > used else buf_len - n_out * s
+    p.aux_out[key] = -skip if skip > 0 else buf_len - n_out * s
     st = p.stream_state(key, np.zeros(N * C * cap, np.float32))
     buf = p.new((N, C, buf_len), np.float32)
     bst = contiguous_strides((N, C, buf_len))

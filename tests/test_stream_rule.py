@@ -72,7 +72,7 @@ def conv_front_end(rng, C, M, K, dil, stride, pads, group, pad_node, H=5):
     return model(nodes, [helper.make_tensor_value_info("x", F, ["B", C, "T"])], ["y", "c"], inits)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(K=st.integers(1, 5), dil=st.integers(1, 3), stride=st.integers(1, 3), group=st.sampled_from([1, 2]),
        kind=st.sampled_from(["valid", "causal", "centred", "asymmetric", "pad_node", "lookahead"]),
        chunks=st.lists(st.integers(1, 7), min_size=1, max_size=4), T=st.integers(8, 30), seed=st.integers(0, 99))
