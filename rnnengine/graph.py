@@ -69,6 +69,7 @@ class Plan:
         self.time = {name: (v.t, v.final, v.lag) for name, v in planner.outputs}
         lags = [lag for t, final, lag in self.time.values() if t is not None or final]
         self.delay = max(lags) if lags else 0
+        self.tail = planner.tail
 
     def context(self):
         """Buffers for one run: a tensor table with intermediates allocated, constants bound."""
@@ -138,6 +139,7 @@ class Planner:
         self.streaming = streaming
         self.aux_in, self.aux_out = dict(aux or {}), {}
         self.finishing = finishing
+        self.tail = False  # in a stream, an op along time holds frames back until finish()
         self.loop_iter = None  # in a stream, the iteration of the loop over time being planned
         self.loop_timing = (0, 1)
         self.specs = []
@@ -737,6 +739,7 @@ class GraphStream:
         self._finished = False
         self.delay = 0           # input steps by which outputs along time trail the input
         self.output_axes = {}    # output name -> its time axis (None: a final state or no time)
+        self._tail = False       # the plan holds frames back until finish()
         self._decide()
 
     def _decide(self):
@@ -857,6 +860,7 @@ class GraphStream:
                 raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
                                  f"call needs {start.size}: the batch size changed; use a new stream")
         self.delay = plan.delay
+        self._tail = plan.tail
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
         return plan
 
@@ -869,14 +873,18 @@ class GraphStream:
         return ctx[1]
 
     def finish(self, outputs=None):
-        """Ends the sequence: flushes what ops that look ahead still hold (the trailing
-        padding of a centred convolution) and returns those last outputs (along time they
-        hold ``self.delay`` steps; nothing when the delay is 0). The stream then refuses
-        further steps until reset()."""
+        """Ends the sequence: flushes what ops along time still hold (the trailing padding
+        of a convolution that looks ahead, or of a Pad) and returns those last outputs (an
+        empty dict when nothing is held back). The stream then refuses further steps until
+        reset()."""
         if self._finished:
             raise ValueError("this stream was already finished; call reset() to start a new sequence")
         if self._last is None:
             raise ValueError("nothing was fed to this stream")
+        self._finished = True
+        self._fast = None
+        if not self._tail:
+            return {}  # nothing held back: every output was given by the calls
         m = self.model
         feeds = {}
         for name, arr in self._last.items():
@@ -891,10 +899,7 @@ class GraphStream:
             if name in feeds:
                 feeds[name] = np.zeros_like(feeds[name])
         plan = self._plan(feeds, finishing=True)
-        out = self._finish(plan, plan.context(), feeds, None if outputs is None else set(outputs))
-        self._finished = True
-        self._fast = None
-        return out
+        return self._finish(plan, plan.context(), feeds, None if outputs is None else set(outputs))
 
     def _finish(self, plan, ctx, feeds, want=None):
         # explicit state: each paired output is copied straight into the array the next call

@@ -347,6 +347,9 @@ def gather(p, h, xs, outs):
 def _last_step(h, x, out, index, axis):
     """x[..., -1, ...] along time: the value at the last step, as a final state is."""
     if index is not None and np.asarray(index).size == 1 and int(np.asarray(index).reshape(-1)[0]) == -1:
+        if x.lag or x.scale != 1:
+            raise NotStreamableError(h.node, "picks the last step of a series that a convolution delays or "
+                                             "subsamples, so a chunk may hold no step")
         _set(out, final=True)
         return
     raise NotStreamableError(h.node, "picks steps out of the time axis (only the last step, index -1, "
@@ -377,8 +380,7 @@ def slice_(p, h, xs, outs):
         return
     starts = optional_list(h, xs, 1, "starts")
     if n == 1 and step == 1 and starts is not None and starts.get(x.t) == -1:
-        _set(out, final=True)
-        return
+        return _last_step(h, x, out, -1, x.t)
     raise NotStreamableError(h.node, "slices the time axis (a chunk holds other steps than the whole "
                                      "sequence)")
 
@@ -577,6 +579,7 @@ def emit_conv(p, h, xs):
     if pl < 0 or pr < 0:
         raise NotStreamableError(h.node, "negative padding crops the time axis")
     span = d * (K - 1) + 1
+    p.tail = p.tail or pr > 0
     key = "conv:" + (h.node["outputs"][0] or h.node.get("name", ""))
     cap = max(span - 1, pl)
     carry = p.aux_in.get(key, pl)
@@ -640,6 +643,7 @@ def emit_pad(p, h, xs, b, e):
     key = "pad:" + (h.node["outputs"][0] or h.node.get("name", ""))
     started = p.aux_in.get(key, 0)
     p.aux_out[key] = 1
+    p.tail = p.tail or e > 0
     mode, begin, end, value = h.params(x.shape, xs)
     begin, end = list(begin), list(end)
     begin[x.t] = 0 if started else b

@@ -213,8 +213,8 @@ def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dim
 
 def feed_in_chunks(stream, feeds, taxes, chunk, skip=(), roles=None):
     """Feeds whole-sequence inputs to a stream `chunk` time steps per call (lengths inputs
-    clipped to each chunk: the valid steps of each row in that chunk), then finish() when the
-    stream holds outputs back; returns the list of per-call outputs."""
+    clipped to each chunk: the valid steps of each row in that chunk), then finish() (the
+    outputs it held back, if any); returns the list of per-call outputs."""
     roles = roles or {}
     T = next(feeds[n].shape[a] for n, a in taxes.items())
     parts = []
@@ -232,8 +232,9 @@ def feed_in_chunks(stream, feeds, taxes, chunk, skip=(), roles=None):
             else:
                 f[name] = arr
         parts.append(stream(f))
-    if stream.delay:
-        parts.append(stream.finish())
+    tail = stream.finish()
+    if tail:
+        parts.append(tail)
     return parts, T
 
 
