@@ -488,6 +488,8 @@ cdef class Program:
         cdef void **tens = <void **>cnp.PyArray_DATA(ptrs)
         cdef float *w = <float *>cnp.PyArray_DATA(work)
         cdef int64_t k, n = cnp.PyArray_SIZE(ptrs)
+        if self.n_instr == 0:  # nothing to compute (every output a constant or an input)
+            return
         for k in range(n):  # every tensor bound: an unbound one would be a NULL dereference
             if tens[k] == NULL:
                 raise ValueError(f"tensor {k} of the program is not bound to a buffer")

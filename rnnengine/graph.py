@@ -616,7 +616,7 @@ class GraphModel:
                     if isinstance(d, int) and d >= 0 and d != g:
                         raise ValueError(f"input {name!r} must have shape {shape}, got {arr.shape} "
                                          f"(dimension {k})")
-            feeds[name] = np.ascontiguousarray(arr)
+            feeds[name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps rank 0
         return feeds
 
     def run(self, inputs):
