@@ -300,6 +300,10 @@ def cmd_bench(args):
 def cmd_train(args):
     from .train import Network, char_vocab, export_char_lm, fit, load_checkpoint
     rng_seed = args.seed
+    state = None
+    if args.resume:
+        net, state = load_checkpoint(args.resume)
+        print(f"resuming {args.resume} at step {state['optimizer'].t}", file=sys.stderr)
     if args.data.endswith(".npy"):
         ids = np.load(args.data)
         if ids.dtype.kind not in "iu" or ids.ndim != 1:
@@ -308,11 +312,13 @@ def cmd_train(args):
                              "'inputs' and 'targets'")
         if args.task not in (None, "lm"):
             raise ValueError("a .npy file of token ids trains a language model (--task lm)")
+        if len(ids) and ids.min() < 0:
+            raise ValueError(f"{args.data}: token id {ids.min()} at index {int(np.argmin(ids))} is negative")
         task, vocab = "lm", None
         ids = ids.astype(np.int32)
         n_val = int(len(ids) * args.val_fraction)
         tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
-        in_size = out_size = int(ids.max()) + 1
+        in_size = out_size = int(ids.max()) + 1 if len(ids) else 0
     elif args.data.endswith(".npz"):
         task = args.task or "classify"
         if task == "lm":
@@ -321,10 +327,15 @@ def cmd_train(args):
         if "inputs" not in data or "targets" not in data:
             raise ValueError(f"{args.data} must hold arrays named 'inputs' (N, T, I) and 'targets'")
         X, Y = data["inputs"], data["targets"]
+        if X.ndim != 3:
+            raise ValueError(f"{args.data}: 'inputs' must be (N, T, I), got shape {X.shape}")
         n_val = int(len(X) * args.val_fraction)
         tr, va = (X[n_val:], Y[n_val:]), ((X[:n_val], Y[:n_val]) if n_val else None)
         in_size = X.shape[2]
-        out_size = int(Y.max()) + 1 if task == "classify" else (Y.shape[-1] if Y.ndim > 1 else 1)
+        if task == "classify":
+            out_size = _classes_of(Y, args.data)
+        else:
+            out_size = Y.shape[-1] if Y.ndim > 1 else 1
         vocab = None
     else:
         task = "lm"
@@ -333,30 +344,35 @@ def cmd_train(args):
         if len(text) < 1000:
             raise ValueError(f"{args.data} has {len(text)} characters; a language model needs more text")
         vocab, ids = char_vocab(text)
+        if state and state["extra"].get("vocab") and state["extra"]["vocab"] != vocab:
+            # the checkpoint's token ids are its vocabulary's: encode this text with it
+            vocab = state["extra"]["vocab"]
+            index = {ch: k for k, ch in enumerate(vocab)}
+            unknown = sorted(set(text) - set(index))
+            if unknown:
+                raise ValueError(f"{args.data} has characters the checkpoint's vocabulary lacks: "
+                                 f"{''.join(unknown)[:40]!r}")
+            ids = np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
         n_val = int(len(ids) * args.val_fraction)
         tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
         in_size = out_size = len(vocab)
-    state = None
-    if args.resume:
-        net, state = load_checkpoint(args.resume)
-        vocab = state["extra"].get("vocab", vocab)
-        print(f"resuming {args.resume} at step {state['optimizer'].t}", file=sys.stderr)
-    else:
+    if state is None:
         net = Network(args.kind, in_size, args.hidden, out_size, num_layers=args.layers,
-                      embedding=args.embedding if task == "lm" else None, seed=rng_seed)
+                      embedding=args.embedding if task == "lm" else None, seed=rng_seed,
+                      forget_bias=args.forget_bias)
+    elif args.forget_bias is not None:
+        raise ValueError("--forget-bias initialises a new network; a resumed one keeps its trained biases")
     print(f"rnnengine train: {task}, {net.kind} {net.L}x{net.H}, {net.size:,} parameters, "
           f"{args.steps} steps of {args.batch} x {args.seq_len}", file=sys.stderr)
-    from . import train as tr_mod
-    orig = tr_mod.save_checkpoint
-    tr_mod.save_checkpoint = lambda path, n, o, pos=0, extra=None, carry=None: orig(
-        path, n, o, pos, {"vocab": vocab} if vocab else None, carry)
+    lr = args.lr if (args.lr is not None or state) else 2e-3
     try:
-        hist = fit(net, tr[0], tr[1], task, args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
-                   optimizer=args.optimizer, clip_norm=args.clip_norm, seed=rng_seed, val=va,
-                   val_every=args.val_every, progress=not args.quiet, checkpoint=args.output,
-                   checkpoint_every=args.checkpoint_every, state=state)
-    finally:
-        tr_mod.save_checkpoint = orig
+        hist = fit(net, tr[0], tr[1], task, args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=lr,
+                   optimizer=args.optimizer, clip_norm=args.clip_norm, weight_decay=args.weight_decay,
+                   seed=rng_seed, val=va, val_every=args.val_every, progress=not args.quiet, checkpoint=args.output,
+                   checkpoint_every=args.checkpoint_every, state=state, extra={"vocab": vocab} if vocab else None)
+    except FloatingPointError as e:  # the loss or gradient became NaN / Inf: say at which step
+        print(f"\nrnnengine: error: {e}", file=sys.stderr)
+        return 2
     vals = [v for _, _, v in hist if v is not None]
     print(f"final loss {hist[-1][1]:.4f}" + (f", validation {vals[-1]:.4f}" if vals else "")
           + f"; checkpoint {args.output}")
@@ -367,6 +383,32 @@ def cmd_train(args):
             net.to_onnx(args.export, state_io=True)
         print(f"exported {args.export}")
     return 0
+
+
+def _classes_of(labels, source):
+    """The number of classes of integer labels 0..K-1; refuses non-integer or negative labels
+    and labels that skip classes (a stray label would silently add classes)."""
+    Y = np.asarray(labels)
+    if Y.ndim != 1:
+        raise ValueError(f"{source}: classify 'targets' must be one label per sequence (N,), got shape {Y.shape}")
+    if Y.dtype.kind == "f" and not (np.isfinite(Y).all() and (Y == np.round(Y)).all()):
+        at = int(np.argmax(~np.isfinite(Y) | (Y != np.round(np.nan_to_num(Y)))))
+        raise ValueError(f"{source}: labels must be whole numbers; targets[{at}] = {Y[at]}")
+    if Y.dtype.kind not in "iuf":
+        raise ValueError(f"{source}: labels must be integers, got dtype {Y.dtype}")
+    if len(Y) == 0:
+        raise ValueError(f"{source}: no labels")
+    if Y.min() < 0:
+        raise ValueError(f"{source}: labels must be 0..K-1; targets[{int(np.argmin(Y))}] = {Y.min()}")
+    present = np.unique(Y.astype(np.int64))
+    K = int(present[-1]) + 1
+    if len(present) != K:
+        missing = sorted(set(range(K)) - set(present.tolist()))
+        at = int(np.argmax(Y == present[-1]))
+        raise ValueError(f"{source}: labels must be 0..K-1 with every class present; targets[{at}] = "
+                         f"{int(present[-1])} but {len(missing)} classes below it never occur "
+                         f"(first: {missing[0]}); renumber the labels")
+    return K
 
 
 def build_parser():
@@ -452,8 +494,11 @@ def build_parser():
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--seq-len", type=int, default=64, help="time steps per update (truncated BPTT)")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--lr", type=float, help="learning rate (default 2e-3; on --resume the checkpoint's)")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam; on --resume the checkpoint's")
+    t.add_argument("--weight-decay", type=float, help="decoupled (adam) or L2 (sgd) weight decay (default 0)")
+    t.add_argument("--forget-bias", type=float, metavar="B",
+                   help="LSTM: start every forget-gate bias at B (e.g. 1.0) instead of random")
     t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--val-every", type=int, default=100)

@@ -26,6 +26,24 @@ def _as_lengths(lengths, B, T, what="lengths"):
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _check_compact_weights(cell, weight_dtype, where, direction):
+    """Refuses weights the compact storage cannot hold exactly enough to stay honest: float16
+    turns finite values above 65504 into Inf, int8 has no code for +-Inf (NaN is kept: its
+    output column is NaN, as in float32)."""
+    for name in ("W", "R"):
+        w = cell[name]
+        if weight_dtype == "float16":
+            bad = np.isfinite(w) & (np.abs(w) > 65504.0)
+            why = "exceeds the float16 range (65504)"
+        else:
+            bad = np.isinf(w)
+            why = "is infinite, which int8 weights cannot represent"
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{where}: {name}{[direction, *at]} = {w[at]} {why}; "
+                             f"use weight_dtype='float32' for these weights")
+
+
 class Model:
     """A stack of recurrent layers run by the C core.
 
@@ -64,9 +82,11 @@ class Model:
         self.weight_dtype = weight_dtype
         self.threads = int(threads)
         specs = [layer._spec() for layer in layers]
-        for spec in specs:
-            for cell in spec["cells"]:
+        for k, spec in enumerate(specs):
+            for d, cell in enumerate(spec["cells"]):
                 cell["weight_dtype"] = weight_dtype
+                if weight_dtype != "float32":
+                    _check_compact_weights(cell, weight_dtype, f"layers[{k}] ({spec['kind']})", d)
         self._stack = _core.Stack(specs)
         self.input_size = layers[0].input_size
         self.output_size = layers[-1].output_size

@@ -38,14 +38,21 @@ class Network:
     clip : ONNX ``clip`` of every layer; peepholes (LSTM); linear_before_reset (GRU);
     relu (RNN: Relu instead of Tanh).
     seed : initialisation (uniform in +-1/sqrt(H), as PyTorch does).
+    forget_bias : LSTM only: the forget gate's bias starts at this value (Wb_f = forget_bias,
+        Rb_f = 0) instead of random, e.g. 1.0 so the cells remember from the first step.
     """
 
     def __init__(self, kind, input_size, hidden_size, output_size, num_layers=1, bidirectional=False,
-                 embedding=None, clip=None, peepholes=False, linear_before_reset=0, relu=False, seed=0):
+                 embedding=None, clip=None, peepholes=False, linear_before_reset=0, relu=False, seed=0,
+                 forget_bias=None):
         if kind not in GATES:
             raise ValueError(f"kind must be LSTM, GRU or RNN, got {kind!r}")
         if peepholes and kind != "LSTM":
             raise ValueError("peepholes exist only for LSTM")
+        if forget_bias is not None and kind != "LSTM":
+            raise ValueError(f"forget_bias exists only for LSTM (a {kind} has no forget gate)")
+        if forget_bias is not None and not math.isfinite(float(forget_bias)):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias}")
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("output_size", output_size),
                         ("num_layers", num_layers)):
             if int(v) < 1:
@@ -54,7 +61,8 @@ class Network:
                            output_size=int(output_size), num_layers=int(num_layers),
                            bidirectional=bool(bidirectional), embedding=None if embedding is None else int(embedding),
                            clip=None if clip is None else float(clip), peepholes=bool(peepholes),
-                           linear_before_reset=int(linear_before_reset), relu=bool(relu), seed=int(seed))
+                           linear_before_reset=int(linear_before_reset), relu=bool(relu), seed=int(seed),
+                           forget_bias=None if forget_bias is None else float(forget_bias))
         self.kind, self.H, self.L = kind, int(hidden_size), int(num_layers)
         self.D = 2 if bidirectional else 1
         self._layout()
@@ -70,6 +78,12 @@ class Network:
                 self.params[off:off + n] = rng.uniform(-k, k, n) * 0.1
             else:
                 self.params[off:off + n] = rng.uniform(-k, k, n)
+        if forget_bias is not None:
+            H = self.H
+            for l in range(self.L):
+                b = self.tensor(f"layer{l}.B")  # (D, 8H): Wb then Rb, gates i, o, f, c
+                b[:, 2 * H:3 * H] = forget_bias
+                b[:, 6 * H:7 * H] = 0.0
 
     def _layout(self):
         c = self.config
@@ -219,7 +233,8 @@ class Adam:
                         self.weight_decay)
 
     def state(self):
-        return {"m": self.m, "v": self.v}, {"t": self.t, "lr": self.lr}
+        return {"m": self.m, "v": self.v}, {"t": self.t, "lr": self.lr, "betas": [float(b) for b in self.betas],
+                                            "eps": self.eps, "weight_decay": self.weight_decay}
 
 
 class SGD:
@@ -235,7 +250,8 @@ class SGD:
         _core.sgd_step(params, grads, self.v, self.lr, self.momentum, self.weight_decay)
 
     def state(self):
-        return {"v": self.v}, {"t": self.t, "lr": self.lr}
+        return {"v": self.v}, {"t": self.t, "lr": self.lr, "momentum": self.momentum,
+                               "weight_decay": self.weight_decay}
 
 
 def loss_and_grad(task, logits, targets, last_only=False):
@@ -291,32 +307,184 @@ class Progress:
             self.stream.write("\n")
 
 
-def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3, optimizer="adam",
-        clip_norm=1.0, weight_decay=0.0, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
-        checkpoint_every=0, state=None, last_only=False, log=None):
+TASKS = ("lm", "classify", "regress")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _first_bad(mask):
+    """The first index (a tuple) where mask is True."""
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def check_finite(arr, what):
+    """ValueError naming the array and the first NaN / Inf in it."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        at = _first_bad(~np.isfinite(arr))
+        raise ValueError(f"{what} holds a non-finite value ({arr[at]}) at index {list(at)}; "
+                         "training on it would give NaN weights")
+
+
+def check_ids(arr, what, limit, name):
+    """Integer ids in [0, limit): refuses float values that are not whole numbers, negative
+    ids and ids >= limit, naming the array and the first bad index."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f":
+        check_finite(arr, what)
+        if (arr != np.round(arr)).any():
+            at = _first_bad(arr != np.round(arr))
+            raise ValueError(f"{what} must be whole numbers; {what}{list(at)} = {arr[at]}")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= limit)
+    if bad.any():
+        at = _first_bad(bad)
+        raise ValueError(f"{what}{list(at)} = {arr[at]} is outside 0..{limit - 1} ({name} {limit})")
+    return arr.astype(np.int64)
+
+
+def check_data(net, task, inputs, targets, last_only=False, what="inputs"):
+    """Validates (and returns, as arrays) the data of a task; see fit(). Returns
+    (inputs, targets, last_only) where last_only is True for one regression target per
+    sequence."""
+    c = net.config
+    tname = "targets" if what == "inputs" else what.replace("inputs", "targets")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    X = np.asarray(inputs)
+    if c["embedding"]:
+        X = check_ids(X, what, c["input_size"], "vocabulary size")
+    else:
+        if X.dtype.kind not in "fiu":
+            raise ValueError(f"{what} must be numbers, got dtype {X.dtype}")
+        check_finite(X, what)
+    if task == "lm":
+        if not c["embedding"]:
+            raise ValueError("task 'lm' needs a Network with an embedding (its inputs are token ids)")
+        if net.D == 2:
+            raise ValueError("a bidirectional network cannot be trained as a language model: its reverse "
+                             "direction reads the tokens it is asked to predict")
+        if targets is not None:
+            raise ValueError("task 'lm' predicts the next token of inputs; pass targets=None")
+        if last_only:
+            raise ValueError("last_only applies to task 'regress'")
+        X = X.reshape(-1)
+        check_ids(X, what, c["output_size"], "output size")
+        return X, None, False
+    if targets is None:
+        raise ValueError(f"task {task!r} needs targets")
+    Y = np.asarray(targets)
+    want_x = 2 if c["embedding"] else 3
+    if X.ndim != want_x or (not c["embedding"] and X.shape[2] != c["input_size"]):
+        shape = "(N, T) token ids" if c["embedding"] else f"(N, T, {c['input_size']})"
+        raise ValueError(f"{what} must be {shape}, got shape {X.shape}")
+    if len(Y) != len(X):
+        raise ValueError(f"{len(X)} input sequences but {len(Y)} {tname}")
+    if task == "classify":
+        if last_only:
+            raise ValueError("last_only applies to task 'regress' (classify always uses the last step)")
+        if Y.ndim != 1:
+            raise ValueError(f"classify {tname} must be one label per sequence, shape ({len(X)},), got {Y.shape}")
+        return X, check_ids(Y, tname, c["output_size"], "classes"), False
+    if Y.dtype.kind not in "fiu":
+        raise ValueError(f"{tname} must be numbers, got dtype {Y.dtype}")
+    check_finite(Y, tname)
+    O = c["output_size"]
+    if Y.ndim == 1 and O == 1:
+        Y = Y[:, None]
+    if Y.ndim == 2 and Y.shape[1] == O:          # one target per sequence: the last step
+        return X, Y.astype(np.float32), True
+    if Y.ndim == 3 and Y.shape[1:] == (X.shape[1], O):
+        if last_only:
+            raise ValueError(f"last_only=True takes one target per sequence, shape ({len(X)}, {O}); "
+                             f"got {tname} of shape {Y.shape} (one per step)")
+        return X, Y.astype(np.float32), False
+    raise ValueError(f"regress {tname} must be ({len(X)}, {O}) (one per sequence) or "
+                     f"({len(X)}, {X.shape[1]}, {O}) (one per step), got {Y.shape}")
+
+
+def make_optimizer(name, size, lr=None, weight_decay=None, betas=None, eps=None, momentum=None):
+    """An optimiser by name ("adam": Adam with decoupled weight decay; "sgd": SGD with momentum);
+    None takes the default of each hyperparameter. Options the optimiser does not have are
+    refused."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    wd = 0.0 if weight_decay is None else float(weight_decay)
+    if name == "adam":
+        if momentum is not None:
+            raise ValueError("momentum is an option of optimizer 'sgd' (Adam has betas)")
+        return Adam(size, 1e-3 if lr is None else lr, betas=(0.9, 0.999) if betas is None else tuple(betas),
+                    eps=1e-8 if eps is None else eps, weight_decay=wd)
+    if betas is not None or eps is not None:
+        raise ValueError("betas and eps are options of optimizer 'adam'")
+    return SGD(size, 1e-3 if lr is None else lr, momentum=0.9 if momentum is None else momentum, weight_decay=wd)
+
+
+def _check_resume(opt, optimizer, lr, weight_decay, betas, eps, momentum):
+    """On resume the checkpoint's optimiser continues; an option given that differs from it
+    would silently train something else, so it is refused."""
+    have = {"optimizer": type(opt).__name__.lower(), "lr": opt.lr, "weight_decay": opt.weight_decay,
+            "betas": tuple(getattr(opt, "betas", ())) or None, "eps": getattr(opt, "eps", None),
+            "momentum": getattr(opt, "momentum", None)}
+    given = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
+             "betas": None if betas is None else tuple(float(b) for b in betas), "eps": eps, "momentum": momentum}
+    for key, value in given.items():
+        if value is not None and value != have[key]:
+            raise ValueError(f"resuming a checkpoint trained with {key}={have[key]!r}, but {key}={value!r} "
+                             f"was given; leave it out to continue with the checkpoint's value")
+
+
+def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None, optimizer=None,
+        clip_norm=1.0, weight_decay=None, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
+        checkpoint_every=0, state=None, last_only=False, log=None, betas=None, eps=None, momentum=None,
+        extra=None):
     """Trains ``net`` for ``steps`` optimiser steps; deterministic given ``seed``.
 
     inputs / targets:
       * lm: one long token sequence ``inputs`` (int array); targets None (next tokens).
         Batches are ``batch_size`` parallel streams through the sequence, ``seq_len`` steps
         per optimiser step, the recurrent state carried from chunk to chunk (truncated
-        BPTT).
-      * classify / regress: arrays (N, T, I) (or (N, T) token ids) and (N,) labels /
-        (N, T, O) or (N, O) targets; random minibatches of ``batch_size`` sequences.
+        BPTT). The network must be unidirectional.
+      * classify: inputs (N, T, I) (or (N, T) token ids) and (N,) integer labels in
+        0..output_size-1; the last step is classified. Random minibatches of ``batch_size``.
+      * regress: inputs as classify; targets (N, T, O), one per step, or (N, O), one per
+        sequence (the last step; also what ``last_only=True`` asks for).
+    Non-finite inputs or targets, labels out of range and unknown options are refused with
+    a ValueError; a non-finite loss or gradient stops training with a FloatingPointError
+    naming the step.
+    optimizer: "adam" (default; betas (0.9, 0.999), eps 1e-8, weight_decay decoupled) or "sgd"
+    (momentum 0.9, weight_decay as L2); lr 1e-3 and weight_decay 0 unless given.
     val: (inputs, targets) evaluated every ``val_every`` steps (loss in the log).
-    checkpoint: a path written every ``checkpoint_every`` steps and at the end (resume with
-    :func:`load_checkpoint`). Returns the list of (step, train loss, val loss or None).
+    checkpoint: a path written every ``checkpoint_every`` steps and at the end. Resume with
+    ``state`` from :func:`load_checkpoint`: the optimiser (with every hyperparameter), the
+    minibatch random generator and the language model's position and carried state continue,
+    so the resumed run equals an uninterrupted one bit for bit. extra: a JSON-able dict stored
+    in the checkpoint (e.g. the vocabulary). Returns the list of (step, train loss, val loss
+    or None).
     """
+    X_all, Y_all, last_only = check_data(net, task, inputs, targets, last_only)
+    if val is not None:
+        val = check_data(net, task, val[0], val[1] if len(val) > 1 else None, last_only, what="val inputs")[:2]
+    if int(batch_size) < 1 or int(steps) < 0:
+        raise ValueError(f"batch_size must be positive and steps non-negative, got {batch_size}, {steps}")
     rng = np.random.default_rng(seed)
-    opt = state["optimizer"] if state else (
-        Adam(net.size, lr, weight_decay=weight_decay) if optimizer == "adam"
-        else SGD(net.size, lr, weight_decay=weight_decay))
+    if state:
+        opt = state["optimizer"]
+        _check_resume(opt, optimizer, lr, weight_decay, betas, eps, momentum)
+        if state.get("task") not in (None, task):
+            raise ValueError(f"the checkpoint was trained on task {state['task']!r}, not {task!r}")
+        if state.get("rng") is not None:
+            rng.bit_generator.state = state["rng"]
+    else:
+        opt = make_optimizer("adam" if optimizer is None else optimizer, net.size, lr, weight_decay, betas, eps,
+                             momentum)
     start = opt.t
     history = []
     bar = Progress(start + steps, enabled=progress)
     carry = None
+    pos = 0
     if task == "lm":
-        seq = np.asarray(inputs).reshape(-1)
+        seq = X_all
         seq_len = seq_len or 64
         span = (len(seq) - 1) // batch_size
         if span < seq_len + 1:
@@ -324,10 +492,6 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3,
         offsets = np.arange(batch_size) * span
         pos = state.get("pos", 0) if state else 0
         carry = state.get("carry") if state else None
-    else:
-        X_all, Y_all = np.asarray(inputs), np.asarray(targets)
-        if len(X_all) != len(Y_all):
-            raise ValueError(f"{len(X_all)} input sequences but {len(Y_all)} targets")
     for step in range(start + 1, start + steps + 1):
         if task == "lm":
             if pos + seq_len >= span:
@@ -345,9 +509,14 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3,
         net.grads[:] = 0
         logits, carry = net.forward(xb, carry)
         loss, dlogits = loss_and_grad(task, logits, yb, last_only)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {step}; the weights are "
+                                     f"left as after step {step - 1} (try a lower lr or clip_norm)")
         net.backward(dlogits)
-        if clip_norm:
-            _core.clip_grad_norm(net.grads, float(clip_norm))
+        norm = _core.clip_grad_norm(net.grads, float(clip_norm) if clip_norm else 0.0)
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"the gradient became non-finite (norm {norm}) at step {step}; the "
+                                     f"weights are left as after step {step - 1}")
         opt.step(net.params, net.grads)
         vloss = None
         if val is not None and val_every and step % val_every == 0:
@@ -357,10 +526,10 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=1e-3,
             log(step, loss, vloss)
         bar.update(step, loss, xb.size, "" if vloss is None else f"val {vloss:.4f}")
         if checkpoint and checkpoint_every and step % checkpoint_every == 0:
-            save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0, carry=carry)
+            save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task)
     bar.close()
     if checkpoint:
-        save_checkpoint(checkpoint, net, opt, pos=pos if task == "lm" else 0, carry=carry)
+        save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task)
     return history
 
 
@@ -377,8 +546,9 @@ def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
             total += loss * len(x)
             count += len(x)
         return total / max(1, count)
-    X = np.swapaxes(np.asarray(inputs), 0, 1)
-    Y = np.asarray(targets)
+    inputs, targets, last_only = check_data(net, task, inputs, targets, last_only)
+    X = np.swapaxes(inputs, 0, 1)
+    Y = targets
     if task == "regress" and not last_only:
         Y = np.swapaxes(Y, 0, 1)
     logits, _ = net.forward(X)
@@ -387,9 +557,10 @@ def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
 
 # --- checkpoints: the weight file (rnnengine.fileformat) ------------------------------------
 
-def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None):
-    """Parameters, optimiser state, position in the text and the carried recurrent state
-    (language modelling) in one weight file (float32), so a resumed run continues exactly."""
+def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, task=None):
+    """Parameters, optimiser state (every hyperparameter), the minibatch generator's state,
+    the position in the text and the carried recurrent state (language modelling) in one
+    weight file (float32), so a resumed run continues exactly."""
     from . import fileformat
     tensors = {"params": net.params}
     for l, st in enumerate(carry or []):
@@ -398,7 +569,9 @@ def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None):
     arrays, scalars = opt.state()
     tensors.update({f"optimizer.{k}": v for k, v in arrays.items()})
     meta = {"train.config": net.config, "train.optimizer": type(opt).__name__, "train.optimizer_state": scalars,
-            "train.pos": int(pos), "train.extra": extra or {}}
+            "train.pos": int(pos), "train.extra": extra or {}, "train.task": task,
+            # the generator's state holds 128-bit integers: kept as decimal strings in JSON
+            "train.rng": None if rng is None else _rng_to_json(rng.bit_generator.state)}
     fileformat.write(path, {"kind": "rnnengine-checkpoint"}, tensors, quantize=set(), metadata=meta)
 
 
@@ -413,10 +586,11 @@ def load_checkpoint(path):
         net.params[:] = wf.tensor("params")
         sc = wf.metadata["train.optimizer_state"]
         if wf.metadata["train.optimizer"] == "Adam":
-            opt = Adam(net.size, sc["lr"])
+            opt = Adam(net.size, sc["lr"], betas=tuple(sc.get("betas", (0.9, 0.999))), eps=sc.get("eps", 1e-8),
+                       weight_decay=sc.get("weight_decay", 0.0))
             opt.m[:], opt.v[:] = wf.tensor("optimizer.m"), wf.tensor("optimizer.v")
         else:
-            opt = SGD(net.size, sc["lr"])
+            opt = SGD(net.size, sc["lr"], momentum=sc.get("momentum", 0.9), weight_decay=sc.get("weight_decay", 0.0))
             opt.v[:] = wf.tensor("optimizer.v")
         opt.t = sc["t"]
         carry = None
@@ -425,8 +599,19 @@ def load_checkpoint(path):
             for l in range(net.L):
                 h = np.array(wf.tensor(f"carry.{l}.h"))
                 carry.append((h, np.array(wf.tensor(f"carry.{l}.c"))) if net.kind == "LSTM" else h)
+        rng = wf.metadata.get("train.rng")
         return net, {"optimizer": opt, "pos": wf.metadata.get("train.pos", 0), "carry": carry,
-                     "extra": wf.metadata.get("train.extra", {})}
+                     "extra": wf.metadata.get("train.extra", {}), "task": wf.metadata.get("train.task"),
+                     "rng": None if rng is None else _rng_from_json(rng)}
+
+
+def _rng_to_json(st):
+    return json.loads(json.dumps(st, default=str), parse_int=str)
+
+
+def _rng_from_json(st):
+    return json.loads(json.dumps(st), object_hook=lambda d: {k: (int(v) if isinstance(v, str) and v.isdigit() else v)
+                                                            for k, v in d.items()})
 
 
 def char_vocab(text):

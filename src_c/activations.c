@@ -1,4 +1,9 @@
-/* activations.c - the ONNX RNN activation functions, applied in place to a vector. */
+/* activations.c - the ONNX RNN activation functions, applied in place to a vector.
+ *
+ * NaN in gives NaN out for every function (the selects below test the condition under
+ * which the input is replaced, so a NaN, for which every comparison is false, is kept),
+ * and +-Inf follow the formulas: Relu(-Inf) = 0, Softplus(+Inf) = +Inf, Softsign(+-Inf) =
+ * Inf / Inf = NaN as the formula (and onnxruntime) gives. */
 #include "internal.h"
 
 #include <math.h>
@@ -12,7 +17,7 @@ void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n) {
     const float a = act->alpha, b = act->beta;
     switch (act->kind) {
     case RNN_ACT_RELU:
-        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] < 0.0f ? 0.0f : x[i];
         break;
     case RNN_ACT_TANH:
         rnn_vtanh(x, n);
@@ -27,7 +32,7 @@ void rnn_activation_apply(const rnn_activation *act, float *x, int64_t n) {
         for (int64_t i = 0; i < n; i++) x[i] = x[i] >= 0.0f ? x[i] : a * x[i];
         break;
     case RNN_ACT_THRESHOLDED_RELU:
-        for (int64_t i = 0; i < n; i++) x[i] = x[i] > a ? x[i] : 0.0f;
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] <= a ? 0.0f : x[i];
         break;
     case RNN_ACT_SCALED_TANH:
         for (int64_t i = 0; i < n; i++) x[i] = b * x[i];

@@ -1,6 +1,7 @@
 /* pack.c - weights packed once into 16-column panels, and the GEMM kernels that stream them. */
 #include "internal.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,8 +88,16 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
         }
         for (int64_t n = 0; n < N; n++) { /* symmetric, one scale per output column */
             float amax = 0.0f;
-            for (int64_t k = 0; k < K; k++) amax = fabsf(B[n * ldb + k]) > amax ? fabsf(B[n * ldb + k]) : amax;
-            dst->scale[n] = amax > 0.0f ? amax / 127.0f : 1.0f;
+            int finite = 1;
+            for (int64_t k = 0; k < K; k++) {
+                const float v = fabsf(B[n * ldb + k]);
+                amax = v > amax ? v : amax;
+                finite &= v <= FLT_MAX; /* false for Inf and NaN */
+            }
+            /* A column holding NaN gives NaN whatever the input (as in float32), so its scale
+             * is NaN and its codes 0. Inf has no int8 code: Model(weight_dtype="int8")
+             * refuses such weights first; were one packed anyway, NaN beats a finite lie. */
+            dst->scale[n] = !finite ? NAN : (amax > 0.0f ? amax / 127.0f : 1.0f);
         }
     }
     float *f = dst->data;
@@ -102,7 +111,7 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
                 if (dtype == RNN_WEIGHTS_F32) f[at] = v;
                 else if (dtype == RNN_WEIGHTS_F16) h[at] = float_to_half(v);
                 else {
-                    const float r = n < N ? nearbyintf(v / dst->scale[n]) : 0.0f;
+                    const float r = n < N && dst->scale[n] == dst->scale[n] ? nearbyintf(v / dst->scale[n]) : 0.0f;
                     q[at] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
                 }
             }

@@ -11,9 +11,14 @@
 
 /*
  * exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its Taylor
- * polynomial of degree 7 (truncation error < 6e-9 relative); x is clamped to [-87, 88]
- * so 2^n stays a normal float. sigmoid(x) = 1 / (1 + exp(-x)); tanh(x) = (e - 1) / (e + 1)
+ * polynomial of degree 7 (truncation error < 6e-9 relative); x is clamped to [-87, 89]
+ * so 2^n stays a normal float or, past ~88.5, becomes +Inf. sigmoid(x) = 1 / (1 + exp(-x)); tanh(x) = (e - 1) / (e + 1)
  * with e = exp(2x) and |x| clamped to 9 (tanh(9) rounds to 1 in float32).
+ *
+ * NaN in gives NaN out, as in onnxruntime: the clamps keep NaN (the portable code compares
+ * with < and >, which are false for NaN; _mm256_max_ps / _mm256_min_ps return their second
+ * operand when either is NaN, so x goes second), and the polynomial of a NaN is NaN.
+ * +-Inf saturate like large finite values (sigmoid 1 / ~0, tanh +-1).
  *
  * Max error against float64 over 2M points of [-20, 20] (asserted in tests/test_kernels.py
  * for both kernels): sigmoid 1e-7 absolute, tanh 2e-7 absolute.
@@ -22,12 +27,15 @@
 static const float LOG2E = 1.44269504088896341f;
 static const float LN2_HI = 0.693359375f;     /* ln 2 = LN2_HI + LN2_LO, n * LN2_HI exact */
 static const float LN2_LO = -2.12194440e-4f;
-static const float EXP_LO = -87.0f, EXP_HI = 88.0f, TANH_MAX = 9.0f;
+/* EXP_HI: at 89, n = 128 and 2^n has the all-ones exponent, so exp(+Inf) (and anything
+ * past ~88.5) is +Inf: sigmoid(-Inf) is exactly 0 and sigmoid(+Inf) exactly 1. */
+static const float EXP_LO = -87.0f, EXP_HI = 89.0f, TANH_MAX = 9.0f;
 static const float C7 = 1.0f / 5040.0f, C6 = 1.0f / 720.0f, C5 = 1.0f / 120.0f, C4 = 1.0f / 24.0f,
                    C3 = 1.0f / 6.0f, C2 = 0.5f;
 
 /* --- portable reference ---------------------------------------------------------------- */
 static float exp_ref(float x) {
+    if (x != x) return x; /* NaN: the int conversion below would be undefined */
     x = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
     float n = nearbyintf(x * LOG2E);
     float r = x - n * LN2_HI;
@@ -63,7 +71,9 @@ static void tanh_ref(float *x, int64_t n) {
 #define AVX2 __attribute__((target("avx2,fma")))
 
 AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
+    /* x second in max/min: a NaN x passes through (its conversion below gives a finite
+     * 2^n, and p is NaN) */
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
@@ -87,7 +97,7 @@ AVX2 static inline __m256 sigmoid8(__m256 x) {
 
 AVX2 static inline __m256 tanh8(__m256 x) {
     __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(TANH_MAX);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    x = _mm256_min_ps(lim, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), x)); /* NaN stays */
     __m256 e = exp8(_mm256_add_ps(x, x));
     return _mm256_div_ps(_mm256_sub_ps(e, one), _mm256_add_ps(e, one));
 }

@@ -72,8 +72,9 @@ def test_cell_gradients_match_finite_differences(kind, opts):
         assert err <= GRAD_TOL, (name, err)
 
 
-def np_network_loss(net, params64, inputs, targets, task):
-    """The whole network in float64 NumPy (reference cells, embedding, head, losses)."""
+def np_network_loss(net, params64, inputs, targets, task, last_only=False):
+    """The whole network in float64 NumPy (reference cells, embedding, head, losses);
+    last_only: regression of the last step only (targets (B, O))."""
     c = net.config
     P = {name: params64[off:off + int(np.prod(shape))].reshape(shape) for name, (off, shape) in net.slots.items()}
     X = P["embedding"][inputs] if c["embedding"] else inputs.astype(np.float64)
@@ -87,6 +88,8 @@ def np_network_loss(net, params64, inputs, targets, task):
             outs.append(Y if d == 0 else Y[::-1])
         X = np.concatenate(outs, axis=2)
     z = X @ P["head.W"].T + P["head.b"]
+    if last_only:
+        z = z[-1]
     if task == "lm":
         z = z - z.max(axis=2, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=2, keepdims=True))
@@ -239,3 +242,260 @@ def test_pytorch_gradients_at_step_zero():
     assert rel_err(net.tensor("layer0.W", True)[0][to_torch], lstm.weight_ih_l0.grad.numpy()) <= 1e-5
     assert rel_err(net.tensor("layer0.R", True)[0][to_torch], lstm.weight_hh_l0.grad.numpy()) <= 1e-5
     assert rel_err(net.tensor("head.W", True), head.weight.grad.numpy()) <= 1e-5
+
+
+# --- per-sequence regression, forget-gate bias --------------------------------------------
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_per_sequence_regression_gradients_match_finite_differences(kind):
+    """One target per sequence (B, O): the loss of the last step, end to end through a
+    2-layer bidirectional stack, against the float64 reference's finite differences."""
+    rng = np.random.default_rng(11)
+    T, B = 4, 3
+    net = Network(kind, 3, 4, 2, num_layers=2, bidirectional=True, seed=5)
+    net.params[:] = (rng.standard_normal(net.size) * 0.5).astype("f4")
+    inputs = rng.standard_normal((T, B, 3)).astype("f4")
+    targets = rng.standard_normal((B, 2))
+    net.grads[:] = 0
+    logits, _ = net.forward(inputs)
+    loss, d = loss_and_grad("regress", logits, targets, last_only=True)
+    assert not d[:-1].any()  # only the last step is scored
+    net.backward(d)
+    p64 = net.params.astype(np.float64)
+    ref = lambda: np_network_loss(net, p64, inputs, targets, "regress", last_only=True)  # noqa: E731
+    assert abs(loss - ref()) <= 1e-5
+    want = numeric_grad(ref, p64)
+    for name, (off, shape) in net.slots.items():
+        n = int(np.prod(shape))
+        assert rel_err(net.grads[off:off + n], want[off:off + n]) <= GRAD_TOL, name
+
+
+def test_fit_takes_one_regression_target_per_sequence():
+    """targets (N, O) train the last step (as last_only=True), (N,) when O = 1; the loss
+    fit reports equals the NumPy reference's on the same minibatch."""
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((40, 6, 3)).astype("f4")
+    Y = X[:, :, :2].sum(axis=1)  # (N, 2): a per-sequence sum to learn
+    a, b = Network("GRU", 3, 8, 2, seed=1), Network("GRU", 3, 8, 2, seed=1)
+    ha = fit(a, X, Y, "regress", steps=5, batch_size=8, seed=3)
+    hb = fit(b, X, Y, "regress", steps=5, batch_size=8, seed=3, last_only=True)
+    assert ha == hb and np.array_equal(a.params, b.params)
+    pick = np.random.default_rng(3).integers(0, 40, 8)
+    c = Network("GRU", 3, 8, 2, seed=1)
+    want = np_network_loss(c, c.params.astype(np.float64), np.swapaxes(X[pick], 0, 1), Y[pick], "regress",
+                           last_only=True)
+    assert abs(ha[0][1] - want) <= 1e-5
+    assert evaluate(a, "regress", X, Y) < ha[0][1]
+    one = Network("LSTM", 3, 8, 1, seed=1)
+    fit(one, X, Y[:, 0], "regress", steps=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"last_only=True takes one target per sequence"):
+        fit(one, X, Y[:, :, None][:, :1].repeat(6, axis=1)[:, :, :1], "regress", steps=1, last_only=True)
+    with pytest.raises(ValueError, match=r"regress targets must be \(40, 2\) .* got \(40, 3\)"):
+        fit(a, X, np.zeros((40, 3)), "regress", steps=1)
+
+
+def test_forget_bias_initialises_the_lstm_forget_gate():
+    plain = Network("LSTM", 3, 5, 2, num_layers=2, bidirectional=True, seed=4)
+    net = Network("LSTM", 3, 5, 2, num_layers=2, bidirectional=True, seed=4, forget_bias=1.0)
+    H = 5
+    for l in range(2):
+        b, b0 = net.tensor(f"layer{l}.B"), plain.tensor(f"layer{l}.B")
+        assert (b[:, 2 * H:3 * H] == 1.0).all() and (b[:, 6 * H:7 * H] == 0.0).all()
+        keep = np.r_[0:2 * H, 3 * H:6 * H, 7 * H:8 * H]
+        np.testing.assert_array_equal(b[:, keep], b0[:, keep])
+    # the forget gate of a zero input and state is sigmoid(1): the cell keeps ~73% of c0
+    X = np.zeros((1, 1, 3), np.float32)
+    net.params[net.slots["layer0.W"][0]:net.slots["layer0.B"][0]] = 0.0
+    net.tensor("layer0.B")[:, [*range(0, 2 * H), *range(3 * H, 8 * H)]] = 0.0  # all but Wb_f
+    c0 = np.ones((2, 1, H), np.float32)
+    state = [(np.zeros((2, 1, H), np.float32), c0)] + [net.zero_state(1)[1]]
+    _, st = net.forward(X, state)
+    np.testing.assert_allclose(st[0][1][0], 1 / (1 + np.exp(-1.0)) + 0.5 * np.tanh(0.0), rtol=1e-6)
+    for kind in ("GRU", "RNN"):
+        with pytest.raises(ValueError, match="forget_bias exists only for LSTM"):
+            Network(kind, 3, 5, 2, forget_bias=1.0)
+
+
+# --- training refuses what would silently train something else ---------------------------
+
+def classify_data(seed=0, N=60, T=5):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, T, 3)).astype("f4")
+    return X, (X[:, 0, 0] > 0).astype(np.int64) + (X[:, 0, 1] > 0)
+
+
+RESUME = [("lm", {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.05, "betas": (0.8, 0.99), "eps": 1e-6}),
+          ("classify", {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.1, "betas": (0.85, 0.95), "eps": 1e-7}),
+          ("classify", {"optimizer": "sgd", "lr": 0.05, "momentum": 0.5, "weight_decay": 0.01}),
+          ("regress", {"optimizer": "adam", "weight_decay": 0.02, "betas": (0.7, 0.9)}),
+          ("regress-seq", {"optimizer": "sgd", "lr": 0.02, "momentum": 0.8})]
+
+
+@pytest.mark.parametrize("task,opts", RESUME, ids=[f"{t}-{o['optimizer']}" for t, o in RESUME])
+def test_resume_equals_an_uninterrupted_run_for_every_task(task, opts, tmp_path):
+    """10 steps, checkpoint, resume for 10 more == 20 steps straight: the same losses and
+    bit-identical weights (the checkpoint holds the minibatch generator and every optimiser
+    hyperparameter)."""
+    rng = np.random.default_rng(9)
+    if task == "lm":
+        data, targets = rng.integers(0, 7, 3000), None
+        make = lambda: Network("GRU", 7, 8, 7, embedding=4, seed=1)  # noqa: E731
+        kw = dict(batch_size=4, seq_len=8)
+    elif task == "classify":
+        data, targets = classify_data()
+        make = lambda: Network("LSTM", 3, 8, 3, seed=1)  # noqa: E731
+        kw = dict(batch_size=8)
+    else:
+        data = rng.standard_normal((50, 6, 3)).astype("f4")
+        targets = data.cumsum(axis=1)[:, :, :2] if task == "regress" else data.sum(axis=1)[:, :2]
+        task = "regress"
+        make = lambda: Network("RNN", 3, 8, 2, seed=1)  # noqa: E731
+        kw = dict(batch_size=8)
+    ck = str(tmp_path / "ck.rnne")
+    a = make()
+    full = fit(a, data, targets, task, steps=20, seed=2, **kw, **opts)
+    fit(make(), data, targets, task, steps=10, seed=2, checkpoint=ck, **kw, **opts)
+    b, state = load_checkpoint(ck)
+    assert state["optimizer"].t == 10 and state["task"] == task
+    rest = fit(b, data, targets, task, steps=10, seed=12345, state=state, **kw)  # the seed is the checkpoint's
+    assert [s for s, _, _ in rest] == list(range(11, 21))
+    assert [l for _, l, _ in rest] == [l for _, l, _ in full[10:]]
+    np.testing.assert_array_equal(b.params, a.params)
+
+
+def test_resume_refuses_options_that_differ_from_the_checkpoint(tmp_path):
+    X, y = classify_data()
+    ck = str(tmp_path / "ck.rnne")
+    fit(Network("GRU", 3, 6, 3), X, y, "classify", steps=2, lr=1e-2, weight_decay=0.1, checkpoint=ck)
+    for bad, msg in [({"lr": 1e-3}, "lr=0.01"), ({"optimizer": "sgd"}, "optimizer='adam'"),
+                     ({"weight_decay": 0.0}, "weight_decay=0.1"), ({"betas": (0.5, 0.9)}, "betas")]:
+        net, state = load_checkpoint(ck)
+        with pytest.raises(ValueError, match=msg):
+            fit(net, X, y, "classify", steps=1, state=state, **bad)
+    net, state = load_checkpoint(ck)
+    fit(net, X, y, "classify", steps=1, state=state, lr=1e-2, optimizer="adam")  # the same values are fine
+    net, state = load_checkpoint(ck)
+    with pytest.raises(ValueError, match="trained on task 'classify', not 'regress'"):
+        fit(net, X, np.zeros((60, 3)), "regress", steps=1, state=state)
+
+
+def test_unknown_options_and_invalid_setups_are_refused():
+    X, y = classify_data()
+    net = Network("LSTM", 3, 6, 3)
+    with pytest.raises(ValueError, match="optimizer must be one of adam, sgd, got 'adamw'"):
+        fit(net, X, y, "classify", steps=1, optimizer="adamw")
+    with pytest.raises(ValueError, match="momentum is an option of optimizer 'sgd'"):
+        fit(net, X, y, "classify", steps=1, momentum=0.9)
+    with pytest.raises(ValueError, match="betas and eps are options of optimizer 'adam'"):
+        fit(net, X, y, "classify", steps=1, optimizer="sgd", betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="task must be one of lm, classify, regress, got 'clasify'"):
+        fit(net, X, y, "clasify", steps=1)
+    with pytest.raises(TypeError, match="learning_rate"):
+        fit(net, X, y, "classify", steps=1, learning_rate=0.1)
+    lm = Network("LSTM", 9, 8, 9, embedding=4, bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional network cannot be trained as a language model"):
+        fit(lm, np.arange(900) % 9, None, "lm", steps=1, batch_size=2, seq_len=8)
+    assert np.array_equal(net.params, Network("LSTM", 3, 6, 3).params)  # nothing was trained
+
+
+def test_non_finite_or_invalid_data_is_refused_by_name_and_index():
+    X, y = classify_data()
+    net = Network("LSTM", 3, 6, 3)
+    bad = X.copy()
+    bad[7, 2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"inputs holds a non-finite value \(nan\) at index \[7, 2, 1\]"):
+        fit(net, bad, y, "classify", steps=1)
+    with pytest.raises(ValueError, match=r"val inputs holds a non-finite value \(inf\) at index \[0, 0, 0\]"):
+        v = X[:5].copy()
+        v[0, 0, 0] = np.inf
+        fit(net, X, y, "classify", steps=1, val=(v, y[:5]), val_every=1)
+    reg = Network("GRU", 3, 6, 2)
+    t = np.zeros((60, 5, 2), np.float32)
+    t[3, 4, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"targets holds a non-finite value \(-inf\) at index \[3, 4, 1\]"):
+        fit(reg, X, t, "regress", steps=1)
+    for labels, msg in [(y + 0.5, r"targets must be whole numbers; targets\[0\] = "),
+                        (np.where(np.arange(60) == 4, -1, y), r"targets\[4\] = -1 is outside 0..2"),
+                        (np.where(np.arange(60) == 9, 3, y), r"targets\[9\] = 3 is outside 0..2 \(classes 3\)")]:
+        with pytest.raises(ValueError, match=msg):
+            fit(net, X, labels, "classify", steps=1)
+    lm = Network("LSTM", 9, 8, 9, embedding=4)
+    ids = np.arange(900) % 9
+    ids[123] = 9
+    with pytest.raises(ValueError, match=r"inputs\[123\] = 9 is outside 0..8 \(vocabulary size 9\)"):
+        fit(lm, ids, None, "lm", steps=1, batch_size=2, seq_len=8)
+    # whole-number float labels are the same labels
+    a, b = Network("LSTM", 3, 6, 3, seed=2), Network("LSTM", 3, 6, 3, seed=2)
+    assert fit(a, X, y, "classify", steps=3) == fit(b, X, y.astype(np.float32), "classify", steps=3)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step():
+    X, y = classify_data()
+    net = Network("LSTM", 3, 6, 3, seed=1)
+    net.tensor("head.b")[0] = np.inf  # the first forward already overflows
+    before = net.params.copy()
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+        fit(net, X, y, "classify", steps=5)
+    np.testing.assert_array_equal(net.params, before)
+    # a weight turning NaN after step 3 (here by hand, in the log callback) stops step 4
+    net = Network("RNN", 3, 6, 3, seed=1)
+    seen = []
+
+    def poison(step, loss, vloss):
+        seen.append(step)
+        if step == 3:
+            net.params[5] = np.nan
+    with pytest.raises(FloatingPointError, match="loss became nan at step 4; the weights are left as after step 3"):
+        fit(net, X, y, "classify", steps=10, log=poison)
+    assert seen == [1, 2, 3]
+
+
+# --- the command line ----------------------------------------------------------------------
+
+def test_cli_trains_per_sequence_regression_and_forget_bias(tmp_path):
+    from rnnengine import cli
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((40, 5, 3)).astype("f4")
+    np.savez(tmp_path / "r.npz", inputs=X, targets=X.sum(axis=1)[:, :2])
+    ck = str(tmp_path / "r.rnne")
+    args = ["train", str(tmp_path / "r.npz"), "-o", ck, "--task", "regress", "--hidden", "8", "--batch", "4",
+            "--quiet", "--val-every", "2"]
+    assert cli.main(args + ["--steps", "4", "--forget-bias", "1.0"]) == 0
+    net, state = load_checkpoint(ck)
+    assert net.config["forget_bias"] == 1.0 and net.config["output_size"] == 2
+    np.savez(tmp_path / "r1.npz", inputs=X, targets=X.sum(axis=(1, 2)))
+    assert cli.main(["train", str(tmp_path / "r1.npz"), "-o", str(tmp_path / "r1.rnne"), "--task", "regress",
+                     "--hidden", "4", "--steps", "2", "--quiet"]) == 0
+
+
+def test_cli_resume_equals_an_uninterrupted_run(tmp_path):
+    from rnnengine import cli
+    from rnnengine.fileformat import read
+    X, y = classify_data(N=80)
+    np.savez(tmp_path / "c.npz", inputs=X, targets=y)
+    base = ["train", str(tmp_path / "c.npz"), "--hidden", "8", "--batch", "4", "--quiet", "--lr", "0.01",
+            "--optimizer", "sgd", "--weight-decay", "0.01"]
+    assert cli.main(base + ["-o", str(tmp_path / "full.rnne"), "--steps", "8"]) == 0
+    assert cli.main(base + ["-o", str(tmp_path / "half.rnne"), "--steps", "4"]) == 0
+    assert cli.main(["train", str(tmp_path / "c.npz"), "--quiet", "--batch", "4", "-o", str(tmp_path / "rest.rnne"),
+                     "--steps", "4", "--resume", str(tmp_path / "half.rnne")]) == 0
+    with read(str(tmp_path / "full.rnne")) as f, read(str(tmp_path / "rest.rnne")) as g:
+        np.testing.assert_array_equal(f.tensor("params"), g.tensor("params"))
+
+
+def test_cli_refuses_stray_labels_and_changed_options(tmp_path, capsys):
+    from rnnengine import cli
+    X, y = classify_data()
+    y = y.copy()
+    y[5] = 99
+    np.savez(tmp_path / "c.npz", inputs=X, targets=y)
+    assert cli.main(["train", str(tmp_path / "c.npz"), "-o", str(tmp_path / "c.rnne"), "--steps", "1",
+                     "--quiet"]) == 2
+    assert "targets[5] = 99 but 96 classes below it never occur" in capsys.readouterr().err
+    y[5] = 1
+    np.savez(tmp_path / "c.npz", inputs=X, targets=y)
+    assert cli.main(["train", str(tmp_path / "c.npz"), "-o", str(tmp_path / "c.rnne"), "--steps", "1",
+                     "--quiet", "--hidden", "4"]) == 0
+    assert cli.main(["train", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.rnne"), "--steps", "1", "--quiet",
+                     "--resume", str(tmp_path / "c.rnne"), "--lr", "0.5"]) == 2
+    assert "resuming a checkpoint trained with lr=0.002" in capsys.readouterr().err
