@@ -160,6 +160,12 @@ static void op_unary(const int64_t *ip, const float *fp, const float *in, float 
         for (int64_t i = 0; i < n; i++) out[i] = out[i] < 0.0f ? 0.0f : out[i];
         return;
     }
+    if (kind == RNN_ACT_THRESHOLDED_RELU) {
+        /* the ThresholdedRelu op: x if x > alpha else 0, so NaN gives 0 as in onnxruntime's op
+         * (its LSTM/GRU activation of the same name keeps NaN, and so does the cells' one) */
+        for (int64_t i = 0; i < n; i++) out[i] = out[i] > fp[0] ? out[i] : 0.0f;
+        return;
+    }
     if (kind < RNN_ACT_COUNT) {
         if (out == in && (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID)) { /* in place: scalar, keeps NaN */
             for (int64_t i = 0; i < n; i++)
