@@ -5,6 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
+from rnnengine.converter import ConversionError
 from oracle import make_rnn_model, run_ort
 
 rng = np.random.default_rng(0)
@@ -252,3 +253,44 @@ def test_load_onnx_bidirectional_stack_through_transpose_reshape_glue():
     m.graph.node[1].attribute[0].ints[:] = [0, 1, 2, 3]
     with pytest.raises(ValueError, match="does not turn Y into the next layer"):
         rnnengine.load_onnx(m)
+
+
+# --- conversion refusals -------------------------------------------------------------------
+def proj_size_lstm(P=2, H=4, I=3, state_as="input"):
+    """The shape of what the PyTorch dynamo exporter writes for nn.LSTM(proj_size=P): an ONNX
+    LSTM with hidden_size H whose initial state (and the consumer of Y_h) has size P."""
+    Wp = rng.standard_normal((1, 4 * H, I)).astype(np.float32)
+    Rp = rng.standard_normal((1, 4 * H, H)).astype(np.float32)
+    head = rng.standard_normal((P, 5)).astype(np.float32)
+    inits = [numpy_helper.from_array(Wp, "W"), numpy_helper.from_array(Rp, "R"),
+             numpy_helper.from_array(head, "head")]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
+    if state_as == "input":
+        inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "B", P]))
+    else:
+        inits.append(numpy_helper.from_array(np.zeros((1, 2, P), np.float32), "h0"))
+    nodes = [helper.make_node("LSTM", ["X", "W", "R", "", "", "h0"], ["Y", "Y_h"], name="/lstm/LSTM",
+                              hidden_size=H),
+             helper.make_node("MatMul", ["Y_h", "head"], ["out"], name="/head/MatMul")]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("state_as", ["input", "initializer"])
+def test_proj_size_lstm_is_refused_at_conversion_naming_node_and_shapes(state_as):
+    m = proj_size_lstm(state_as=state_as)
+    shape = r"\(1, B, 2\)" if state_as == "input" else r"\(1, 2, 2\)"
+    with pytest.raises(ConversionError,
+                       match=r"LSTM node '/lstm/LSTM': hidden_size is 4 but initial_h 'h0' has shape "
+                             + shape + r" \(last dimension 2, expected 4\).*proj_size"):
+        rnnengine.convert(m)
+
+
+def test_state_output_declared_with_another_size_is_refused():
+    m = proj_size_lstm(P=4)  # initial state consistent ...
+    m.graph.value_info.append(helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "B", 2]))
+    with pytest.raises(ConversionError, match=r"Y_h 'Y_h' has shape \(1, B, 2\)"):
+        rnnengine.convert(m)
