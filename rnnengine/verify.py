@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import NP_DTYPES
-from .ops import Recurrent
+from .ops import NotStreamableError, Recurrent
 
 # Max error per output: absolute for values of magnitude <= 1, relative above. float32 is
 # checked against onnxruntime; float16 / int8 weight files against the float32 conversion
@@ -175,13 +175,30 @@ def errors(got, want):
     return {"abs": float(np.nan_to_num(diff, nan=np.inf).max()), "rel": float(np.nan_to_num(rel, nan=np.inf).max())}
 
 
+class OnnxRuntimeError(RuntimeError):
+    """onnxruntime refused the model (at session creation or at run); the message carries
+    the first line of onnxruntime's own message."""
+
+
+def _ort_reason(e):
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def ort_session(onnx_source):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxRuntimeError("onnxruntime is not installed: pip install 'rnnengine[verify]' "
+                               "(or pip install onnxruntime)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its failures come back as OnnxRuntimeError, not as log lines
     data = onnx_source if isinstance(onnx_source, (bytes, str)) else onnx_source.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxRuntimeError(f"onnxruntime cannot load the model: {_ort_reason(e)}") from None
 
 
 def ort_feeds(sess, feeds):
@@ -199,7 +216,12 @@ class _Session:
         return self.sess.get_outputs()
 
     def run(self, names, feeds):
-        return self.sess.run(names, ort_feeds(self.sess, {**self.extra, **feeds}))
+        f = ort_feeds(self.sess, {**self.extra, **feeds})
+        try:
+            return self.sess.run(names, f)
+        except Exception as e:
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in f.items())
+            raise OnnxRuntimeError(f"onnxruntime cannot run the model on inputs {shapes}: {_ort_reason(e)}") from None
 
 
 def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), calls=4, ref=None, ort_extra=None):
@@ -225,17 +247,29 @@ def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), cal
     return report
 
 
+def stream_refusal(model, feeds):
+    """A NotStreamableError for the first recurrent layer that runs backwards in time on
+    these inputs (it needs the whole sequence), or None."""
+    for r in model.plan(feeds).recurrent:
+        if r["direction"] != "forward" and not r["explicit_state"]:
+            return NotStreamableError(f"{r['kind']} node {r['node']!r}",
+                                      f"it runs {r['direction']}, which needs the whole sequence")
+    return None
+
+
 def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dims, fixed):
-    reasons = [f"{r['kind']} {r['node']!r} runs {r['direction']}" for r in model.plan(feeds).recurrent
-               if r["direction"] != "forward" and not r["explicit_state"]]
-    if reasons:
-        return None, "not streamable: " + "; ".join(reasons) + " (needs the whole sequence)"
+    refusal = stream_refusal(model, feeds)
+    if refusal is not None:
+        return None, str(refusal)
     taxes = time_axes(model, feeds)
     carried = {a for a, _ in model.state_pairs}
-    if taxes:
-        return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
-    if model.state_pairs:
-        return _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed)
+    try:
+        if taxes:
+            return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
+        if model.state_pairs:
+            return _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed)
+    except NotStreamableError as e:  # the stream constructor or a call refused the graph
+        return None, str(e)
     return None, "no time axis and no explicit state: nothing to stream"
 
 
