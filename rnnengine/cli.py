@@ -176,9 +176,26 @@ def cmd_inspect(args):
     from .store import load
     model = load(args.file)
     wf = model.file
-    print(f"{args.file}: rnnengine weight file version {wf.version}, {os.path.getsize(args.file):,} bytes")
+    ckpt = getattr(model, "network", None)
+    what = "training checkpoint (a weight file)" if ckpt else "weight file"
+    print(f"{args.file}: rnnengine {what} version {wf.version}, {os.path.getsize(args.file):,} bytes")
+    if ckpt:
+        md, c = wf.metadata, ckpt.config
+        sc = md.get("train.optimizer_state") or {}
+        extra = md.get("train.extra") or {}
+        print(f"  network: {c['kind']} {c['num_layers']}x{c['hidden_size']}"
+              f"{' bidirectional' if c['bidirectional'] else ''}, input {c['input_size']}"
+              f"{', embedding %d' % c['embedding'] if c['embedding'] else ''}, output {c['output_size']}")
+        print(f"  training: {md.get('train.optimizer')} at step {sc.get('t')}, lr {sc.get('lr')}, "
+              f"position {md.get('train.pos')}"
+              + (f", vocabulary of {len(extra['vocab'])} characters" if extra.get("vocab") else ""))
+        print("  runs as the network's ONNX export (Network.to_onnx): rnnengine.load, run, bench and streams "
+              "use it; `rnnengine train ... --export OUT.onnx` writes that ONNX file")
     for k in sorted(wf.metadata):
-        print(f"  {k} = {wf.metadata[k]}")
+        v = wf.metadata[k]
+        if ckpt and k == "train.extra" and isinstance(v, dict) and isinstance(v.get("vocab"), str):
+            v = {**v, "vocab": v["vocab"] if len(v["vocab"]) <= 60 else v["vocab"][:60] + "..."}
+        print(f"  {k} = {v}")
     print("inputs:")
     for i in model.inputs:
         print(f"  {i['name']}: {i['dtype']} {i['shape']}")
@@ -195,7 +212,8 @@ def cmd_inspect(args):
     by_dtype = {}
     for name in wf.names:
         info = wf.info(name)
-        total += int(np.prod(info["shape"])) if info["shape"] else 1
+        if not ckpt or name == "params":  # a checkpoint also holds optimiser moments
+            total += int(np.prod(info["shape"])) if info["shape"] else 1
         by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + info["nbytes"]
     print(f"parameters: {total:,}; stored bytes by dtype: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_dtype.items())))
     return 0

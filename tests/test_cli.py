@@ -283,3 +283,65 @@ def test_run_stream_on_chunk_per_call_model(tmp_path, capsys, name):
     assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.npz"),
                      "--stream", "2"]) == 2
     assert "one chunk" in capsys.readouterr().err
+
+
+# --- training checkpoints open like converted models ------------------------------------------
+def _checkpoint(tmp_path, kind="GRU", embedding=None):
+    from rnnengine.train import Adam, Network, fit, save_checkpoint
+    rng = np.random.default_rng(5)
+    if embedding:
+        net = Network(kind, 9, 6, 9, num_layers=2, embedding=embedding, seed=2)
+        fit(net, rng.integers(0, 9, 500).astype(np.int32), None, task="lm", steps=3, batch_size=2, seq_len=6)
+    else:
+        net = Network(kind, 3, 6, 2, num_layers=2, seed=2)
+        X = rng.standard_normal((20, 5, 3)).astype(np.float32)
+        fit(net, X, rng.integers(0, 2, 20), task="classify", steps=3, batch_size=4)
+    path = str(tmp_path / "ck.rnne")
+    save_checkpoint(path, net, Adam(net.size, 1e-3), pos=7, extra={"note": "x"})
+    return net, path
+
+
+@pytest.mark.parametrize("kind, embedding", [("GRU", None), ("LSTM", 4)])
+def test_checkpoint_loads_runs_streams_and_matches_the_network(tmp_path, kind, embedding):
+    """rnnengine.load(checkpoint) is the trained network: its run equals Network.forward and
+    onnxruntime on Network.to_onnx(); a stream in chunks equals the whole run."""
+    import onnxruntime as ort
+    net, path = _checkpoint(tmp_path, kind, embedding)
+    model = rnnengine.load(path)
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 9, (7, 3)).astype(np.int64) if embedding else rng.standard_normal((7, 3, 3)).astype(np.float32)
+    name = "tokens" if embedding else "X"
+    got = model.run({name: x})["logits"]
+    want_net = net.forward(x)[0]
+    want_ort = ort.InferenceSession(net.to_onnx().SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    assert np.abs(got - want_ort).max() <= 1e-5 and np.abs(got - want_net).max() <= 1e-5
+    s = model.stream()
+    parts = [s({name: x[t:t + 2]})["logits"] for t in range(0, 7, 2)]
+    assert np.abs(np.concatenate(parts) - got).max() <= 1e-5
+    assert model.metadata["train.pos"] == 7 and model.metadata["train.config"]["kind"] == kind
+
+
+def test_checkpoint_inspect_run_bench_from_the_command_line(tmp_path, capsys):
+    net, path = _checkpoint(tmp_path, "LSTM", 4)
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "training checkpoint" in out and "LSTM 2x6" in out and "train.pos = 7" in out
+    assert f"parameters: {net.size:,};" in out
+    tok = np.random.default_rng(0).integers(0, 9, (8, 2)).astype(np.int64)
+    np.save(tmp_path / "t.npy", tok)
+    assert cli.main(["run", path, "--input", str(tmp_path / "t.npy"), "-o", str(tmp_path / "y.npy")]) == 0
+    assert np.abs(np.load(tmp_path / "y.npy") - net.forward(tok)[0]).max() <= 1e-5
+    assert cli.main(["bench", path, "--steps", "3", "--repeats", "1", "--seq", "4"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_damaged_checkpoint_is_a_format_error(tmp_path):
+    from rnnengine import fileformat
+    fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
+                     {"params": np.zeros(3, np.float32)}, quantize=set(),
+                     metadata={"train.config": {"kind": "LSTM", "input_size": 2, "hidden_size": 2,
+                                                "output_size": 2}})
+    with pytest.raises(fileformat.FormatError, match="tensor 'params' is float32 \\(3,\\); train.config needs"):
+        rnnengine.load(str(tmp_path / "bad.rnne"))
+    assert cli.main(["inspect", str(tmp_path / "bad.rnne")]) == 2
