@@ -587,14 +587,112 @@ class GraphStream:
         return other
 
     def get_state(self):
-        """Every piece of state: {"layers": {key: vector}, "inputs": {name: array}} (copies)."""
+        """Every piece of state the stream holds, as copies::
+
+            {"layers": {key: vector}, "inputs": {name: array}}
+
+        "layers": the state of each recurrent layer whose initial state is not a graph input
+        (and of each Loop carrying state), keyed by the layer's first output (Loops:
+        "<output>:loop<k>"): a 1-D float32 vector, h then c for an LSTM, each
+        (num_directions, batch, hidden_size). "inputs": the graph's explicit state, one array
+        per state input of ``model.state_pairs``, with that input's dtype and shape. Both are
+        empty before the first call (the stream then starts from the model's initial state)."""
         return {"layers": {k: v.copy() for k, v in self._layer_state.items()},
                 "inputs": {k: v.copy() for k, v in self._carried.items()}}
 
+    def _layer_keys(self):
+        """Keys of "layers" the model can have: recurrent nodes' first outputs, Loop outputs."""
+        keys, loops = set(), set()
+
+        def visit(nodes):
+            for n in nodes:
+                if n["op"] in ("LSTM", "GRU", "RNN"):
+                    keys.add(n["outputs"][0] or n.get("name"))
+                if n["op"] == "Loop":
+                    loops.update(f"{o or n.get('name')}:loop{k}" for k, o in enumerate(n["outputs"]))
+                for v in n.get("attrs", {}).values():
+                    if isinstance(v, dict) and "nodes" in v:
+                        visit(v["nodes"])
+        visit(self.model.graph["nodes"])
+        return keys | loops
+
     def set_state(self, state):
+        """Replaces the stream's state with ``state``, structured as get_state() returns it (of
+        this stream, a fork, or another stream of the same model and batch). Everything is
+        checked before anything changes, and a mistake raises TypeError / ValueError naming
+        it: ``state`` is a dict with the keys "layers" and "inputs" only; "inputs" names
+        every state input of the model (``model.state_pairs``) and nothing else, each an array
+        of that input's dtype and declared shape (the shape the stream carries, once it has
+        run); "layers" holds exactly the layers the stream holds once it has run, each a 1-D
+        float vector of the same size. Before the first call, empty (or absent) "layers" /
+        "inputs" mean the model's initial state; after it, use reset() for that."""
+        m = self.model
+        structure = "{'layers': {key: vector}, 'inputs': {name: array}}, as get_state() returns"
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict {structure}; got {type(state).__name__}")
+        unknown = sorted(map(str, set(state) - {"layers", "inputs"}))
+        if unknown:
+            raise ValueError(f"state has unknown key(s) {unknown}; a stream's state is {structure}")
+        layers, inputs = state.get("layers", {}), state.get("inputs", {})
+        for part, d in (("layers", layers), ("inputs", inputs)):
+            if not isinstance(d, dict):
+                raise TypeError(f"state[{part!r}] must be a dict, got {type(d).__name__}")
+        started = bool(self._layer_state) or bool(self._carried)
+        # explicit state: the model's state inputs, each with its declared dtype and shape
+        specs = {i["name"]: i for i in m.inputs}
+        names = [a for a, _ in m.state_pairs]
+        extra = sorted(map(str, set(inputs) - set(names)))
+        if extra:
+            raise ValueError(f"state['inputs'] has {extra}, which {'are' if len(extra) > 1 else 'is'} not state "
+                             f"input(s) of this model (its state inputs: {names or 'none'})")
+        missing = [a for a in names if a not in inputs]
+        if missing and (inputs or started):
+            raise ValueError(f"state['inputs'] is missing {missing} (this model's state inputs are {names}"
+                             f"{'; reset() returns to the initial state' if started else ''})")
+        carried = {}
+        for a, v in inputs.items():
+            spec, arr = specs[a], np.asarray(v)
+            want = np.dtype(NP_DTYPES[spec["dtype"]])
+            if arr.dtype != want:
+                if arr.dtype.kind != want.kind and not (want.kind == "i" and arr.dtype.kind == "u"):
+                    raise TypeError(f"state['inputs'][{a!r}] must be {want}, got {arr.dtype}")
+                arr = arr.astype(want)
+            shape = spec["shape"]
+            if shape is not None and (arr.ndim != len(shape) or any(
+                    isinstance(d, int) and d != g for d, g in zip(shape, arr.shape))):
+                raise ValueError(f"state['inputs'][{a!r}] must have shape "
+                                 f"({', '.join(str(d) for d in shape)}), got {arr.shape}")
+            cur = self._carried.get(a)
+            if cur is not None and cur.shape != arr.shape:
+                raise ValueError(f"state['inputs'][{a!r}] has shape {arr.shape} but this stream carries {a!r} "
+                                 f"of shape {cur.shape}: a stream keeps its batch size (use a new stream)")
+            carried[a] = np.array(arr, copy=True)
+        # recurrent layers' own state
+        allowed = set(self._layer_state) if self._layer_state else self._layer_keys()
+        extra = sorted(map(str, set(layers) - allowed))
+        if extra:
+            raise ValueError(f"state['layers'] has {extra}, which this stream does not hold (its layers: "
+                             f"{sorted(allowed) or 'none'})")
+        missing = sorted(k for k in self._layer_state if k not in layers)
+        if missing:
+            raise ValueError(f"state['layers'] is missing {missing} (this stream holds "
+                             f"{sorted(self._layer_state)}; reset() returns to the initial state)")
+        new_layers = {}
+        for k, v in layers.items():
+            arr = np.asarray(v)
+            if arr.dtype.kind != "f":
+                raise TypeError(f"state['layers'][{k!r}] must be a float32 vector, got {arr.dtype}")
+            if arr.ndim != 1:
+                raise ValueError(f"state['layers'][{k!r}] must be a 1-D vector (as get_state() returns), "
+                                 f"got shape {arr.shape}")
+            cur = self._layer_state.get(k)
+            if cur is not None and cur.size != arr.size:
+                raise ValueError(f"state['layers'][{k!r}] has {arr.size} floats but this stream's layer holds "
+                                 f"{cur.size}: the state is of another batch size or another model")
+            new_layers[k] = np.array(arr, np.float32, copy=True)
         self._fast = None
-        self._layer_state = {k: np.array(v, np.float32, copy=True) for k, v in state.get("layers", {}).items()}
-        self._carried = {k: np.array(v, copy=True) for k, v in state.get("inputs", {}).items()}
+        self._layer_state = new_layers
+        self._carried = carried
 
     def __call__(self, inputs, outputs=None):
         return self.step(inputs, outputs)

@@ -294,3 +294,85 @@ def test_state_output_declared_with_another_size_is_refused():
     m.graph.value_info.append(helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "B", 2]))
     with pytest.raises(ConversionError, match=r"Y_h 'Y_h' has shape \(1, B, 2\)"):
         rnnengine.convert(m)
+
+
+# --- set_state checks the structure it is given ------------------------------------------------
+import os  # noqa: E402
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus")
+
+
+def test_layer_stack_stream_set_state_errors_name_the_entry():
+    g = rnnengine.GRU(rng.standard_normal((1, 12, 4)).astype(np.float32),
+                      rng.standard_normal((1, 12, 4)).astype(np.float32))
+    m = rnnengine.Model([lstm(), g])
+    s = m.stream(batch_size=2)
+    s.step(rng.standard_normal((2, 3)).astype(np.float32))
+    before = s.get_state_vector()
+    (h, c), hg = s.get_state()
+    cases = [
+        ({"layers": {}}, TypeError, r"state must be a list with one entry per layer \(2\).*got dict"),
+        ([(h, c)], ValueError, "got list of length 1"),
+        ([(h,), hg], ValueError, r"state\[0\] of an LSTM layer must be a pair \(h, c\) of arrays \(1, 2, 4\), got a tuple of 1"),
+        ([(h, c), (hg, hg)], ValueError, r"state\[1\] of a GRU layer is h alone, an array \(1, 2, 4\)"),
+        ([(h[:, :1], c), hg], ValueError, r"state\[0\] h must have shape \(1, 2, 4\) \(directions, batch, hidden\), got \(1, 1, 4\)"),
+        ([(h, c.astype(np.int32)), hg], TypeError, r"state\[0\] c must be a float array"),
+    ]
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+        np.testing.assert_array_equal(s.get_state_vector(), before)  # nothing changed
+
+
+def test_graph_stream_set_state_refuses_bad_structures_and_changes_nothing():
+    m = rnnengine.convert(os.path.join(CORPUS, "torch_legacy_lstm_2layer_batchfirst_op14.onnx"))
+    s = m.stream()
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    s({"x": x})
+    saved = s.get_state()
+    keys = sorted(saved["layers"])
+    assert saved["inputs"] == {} and len(keys) == 2  # one per LSTM layer
+    vec = saved["layers"][keys[0]]
+    cases = [
+        ([vec], TypeError, r"state must be a dict \{'layers'"),
+        ({"layer": saved["layers"]}, ValueError, r"unknown key\(s\) \['layer'\]"),
+        ({"layers": {**saved["layers"], "/other/LSTM_output_0": vec}}, ValueError,
+         r"state\['layers'\] has \['/other/LSTM_output_0'\], which this stream does not hold"),
+        ({"layers": {keys[0]: vec}}, ValueError, r"state\['layers'\] is missing \['" + keys[1] + r"'\].*reset\(\)"),
+        ({}, ValueError, "is missing"),
+        ({"layers": {**saved["layers"], keys[0]: vec[:-4]}}, ValueError, f"has {vec.size - 4} floats but this stream's layer holds {vec.size}"),
+        ({"layers": {**saved["layers"], keys[0]: vec.reshape(2, -1)}}, ValueError, "must be a 1-D vector"),
+        ({"layers": {**saved["layers"], keys[0]: vec.astype(np.int64)}}, TypeError, "must be a float32 vector, got int64"),
+        ({"layers": saved["layers"], "inputs": {"h0": vec}}, ValueError, r"\['h0'\], which is not state input"),
+    ]
+    y_next = s({"x": x})["y"]
+    s.set_state(saved)
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+    # the failed calls changed nothing: the stream continues from `saved`
+    np.testing.assert_array_equal(s({"x": x})["y"], y_next)
+
+
+def test_graph_stream_set_state_checks_explicit_state_inputs():
+    m = rnnengine.convert(os.path.join(CORPUS, "keras2_tf2onnx_lstm_state_io_op17.onnx"))
+    assert [a for a, _ in m.state_pairs] == ["h0", "c0"]
+    h = rng.standard_normal((2, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    s = m.stream()
+    for bad, exc, msg in [
+        ({"inputs": {"h0": h}}, ValueError, r"state\['inputs'\] is missing \['c0'\]"),
+        ({"inputs": {"h0": h, "c0": h, "x": x}}, ValueError, r"\['x'\], which is not state input"),
+        ({"inputs": {"h0": h, "c0": h[:, :7]}}, ValueError, r"state\['inputs'\]\['c0'\] must have shape \(unk__\d+, 8\), got \(2, 7\)"),
+        ({"inputs": {"h0": h, "c0": h.astype(np.int64)}}, TypeError, r"state\['inputs'\]\['c0'\] must be float32, got int64"),
+        ({"inputs": [h, h]}, TypeError, r"state\['inputs'\] must be a dict"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+    s.set_state({"inputs": {"h0": h, "c0": h}})
+    out = s({"x": x})
+    want = m.run({"x": x, "h0": h, "c0": h})
+    for k in want:
+        assert np.abs(out[k] - want[k]).max() <= 1e-5
+    with pytest.raises(ValueError, match=r"has shape \(3, 8\) but this stream carries 'h0' of shape \(2, 8\)"):
+        s.set_state({"inputs": {"h0": np.zeros((3, 8), np.float32), "c0": np.zeros((3, 8), np.float32)}})
