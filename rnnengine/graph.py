@@ -17,6 +17,7 @@ one call becomes the input of the next).
 """
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -491,6 +492,9 @@ class GraphModel:
         return plan
 
     def _check_feeds(self, inputs, allow_missing=()):
+        """The inputs as contiguous arrays of the declared dtypes, checked against the
+        declared shapes; mistakes are reported in the user's terms (the input's name, its
+        axes as batch / time / features, the shape given), not the engine's."""
         if not isinstance(inputs, dict):
             names = [n for n in self.feed_names]
             if len(names) != 1:
@@ -500,6 +504,22 @@ class GraphModel:
         for name in inputs:
             if name not in declared:
                 raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
+
+        def roles():
+            from .verify import axis_roles  # on error paths only: it plans probe inputs
+            return axis_roles(self)
+
+        def axis_label(name, k):
+            spec = declared[name]
+            d = spec["shape"][k]
+            role = roles().get(name, {}).get(k)
+            if isinstance(d, int) and d >= 0:
+                sequence = "time" in roles().get(name, {}).values()
+                return f"{d} features" if sequence and k == len(spec["shape"]) - 1 else str(d)
+            return role or (d if isinstance(d, str) and not re.fullmatch(r"(s|unk__)\d+", d) else "?")
+
+        def described(name):
+            return "(" + ", ".join(axis_label(name, k) for k in range(len(declared[name]["shape"]))) + ")"
         feeds = {}
         for name, spec in declared.items():
             if name not in inputs:
@@ -512,17 +532,38 @@ class GraphModel:
                 if want.kind == arr.dtype.kind or (want.kind == "i" and arr.dtype.kind == "u"):
                     arr = arr.astype(want)
                 else:
-                    raise TypeError(f"input {name!r} must be {want} (got {arr.dtype})")
+                    raise TypeError(f"input {name!r} must be {want}, got {arr.dtype} (shape {arr.shape})")
             shape = spec["shape"]
             if shape is not None:
                 if arr.ndim != len(shape):
-                    raise ValueError(f"input {name!r} must have rank {len(shape)} (shape {shape}), "
-                                     f"got shape {arr.shape}")
+                    hint = ""
+                    if arr.ndim == len(shape) - 1 and "batch" in roles().get(name, {}).values():
+                        hint = "; a batch of one still needs its batch axis (of size 1)"
+                    raise ValueError(f"input {name!r} must have {len(shape)} dimensions {described(name)}, "
+                                     f"got shape {arr.shape}{hint}")
                 for k, (d, g) in enumerate(zip(shape, arr.shape)):
                     if isinstance(d, int) and d >= 0 and d != g:
-                        raise ValueError(f"input {name!r} must have shape {shape}, got {arr.shape} "
-                                         f"(dimension {k})")
+                        label = axis_label(name, k)
+                        if label.endswith(" features"):
+                            raise ValueError(f"input {name!r} has {g} features per step, the model takes {d}: "
+                                             f"shape {described(name)}, got {arr.shape}")
+                        raise ValueError(f"input {name!r} must have size {d} in dimension {k}: shape "
+                                         f"{described(name)}, got {arr.shape}")
             feeds[name] = np.ascontiguousarray(arr)
+        # a symbol naming axes of several inputs (x's batch and lens's) takes one size; refused
+        # here when the axis is a known batch or time axis (other symbols are left to planning)
+        seen = {}
+        for name, arr in feeds.items():
+            for k, d in enumerate(declared[name]["shape"] or ()):
+                if not isinstance(d, str):
+                    continue
+                first = seen.setdefault(d, (name, k, arr.shape[k]))
+                if first[2] != arr.shape[k]:
+                    n0, k0, g0 = first
+                    role = roles().get(name, {}).get(k) or roles().get(n0, {}).get(k0)
+                    if role:
+                        raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
+                                         f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
         return feeds
 
     def run(self, inputs):
@@ -544,16 +585,30 @@ class GraphModel:
                     if isinstance(d, str):
                         dims[d] = g
         shape = []
-        for d in spec["shape"] or ():
+        for k, d in enumerate(spec["shape"] or ()):
             if isinstance(d, int) and d >= 0:
                 shape.append(d)
             elif d in dims:
                 shape.append(dims[d])
+            elif self._batch_of(name, k, feeds) is not None:  # tf2onnx: unrelated symbols for one batch
+                shape.append(self._batch_of(name, k, feeds))
             else:
                 raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r} from the "
                                  f"other inputs: pass {name!r} explicitly (to a stream: "
                                  f"stream.set_state({{'inputs': {{{name!r}: array}}}}) before the first call)")
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
+
+    def _batch_of(self, name, axis, feeds):
+        """The batch size of the fed data when axis `axis` of input `name` is a batch axis."""
+        from .verify import axis_roles
+        roles = axis_roles(self)
+        if roles.get(name, {}).get(axis) != "batch":
+            return None
+        for n, arr in feeds.items():
+            for k, r in roles.get(n, {}).items():
+                if r == "batch" and n != name and k < arr.ndim:
+                    return int(arr.shape[k])
+        return None
 
     def stream(self):
         """A stream: feed it chunks (any number of time steps) and it carries every
@@ -660,8 +715,10 @@ class GraphStream:
             shape = spec["shape"]
             if shape is not None and (arr.ndim != len(shape) or any(
                     isinstance(d, int) and d != g for d, g in zip(shape, arr.shape))):
-                raise ValueError(f"state['inputs'][{a!r}] must have shape "
-                                 f"({', '.join(str(d) for d in shape)}), got {arr.shape}")
+                from .verify import axis_roles
+                roles = axis_roles(m).get(a, {})
+                shown = ", ".join(str(d) if isinstance(d, int) else roles.get(k, str(d)) for k, d in enumerate(shape))
+                raise ValueError(f"state['inputs'][{a!r}] must have shape ({shown}), got {arr.shape}")
             cur = self._carried.get(a)
             if cur is not None and cur.shape != arr.shape:
                 raise ValueError(f"state['inputs'][{a!r}] has shape {arr.shape} but this stream carries {a!r} "
@@ -694,6 +751,39 @@ class GraphStream:
         self._layer_state = new_layers
         self._carried = carried
 
+    def _check_batch(self, feeds):
+        """A stream keeps its batch size: refuses, in the user's terms, data whose batch differs
+        from the first call's (or from the state given to set_state), before planning would
+        fail on engine internals. ``feeds``: the checked data inputs of a call."""
+        fresh = not self._layer_state and not self._carried
+        first = None if fresh else self.__dict__.get("_first_shapes")
+        if first is None:
+            self._first_shapes = {n: a.shape for n, a in feeds.items()}
+            if not self._carried:  # nothing to compare with yet
+                return
+        elif all(first.get(n) == a.shape for n, a in feeds.items()):
+            return
+        from .verify import axis_roles
+        roles = axis_roles(self.model)
+
+        def batch(name, shape):
+            return next((shape[k] for k, r in roles.get(name, {}).items() if r == "batch" and k < len(shape)),
+                        None)
+        for n, a in feeds.items():
+            b = batch(n, a.shape)
+            if b is None:
+                continue
+            if first is not None and n in first and batch(n, first[n]) not in (None, b):
+                raise ValueError(f"input {n!r} has batch {b} (shape {a.shape}) but this stream was started with "
+                                 f"batch {batch(n, first[n])} (shape {first[n]}): a stream keeps its batch size; "
+                                 "start another with model.stream()")
+            for s_name, st in self._carried.items():
+                sb = batch(s_name, st.shape)
+                if sb is not None and sb != b:
+                    raise ValueError(f"input {n!r} has batch {b} (shape {a.shape}) but this stream's state "
+                                     f"{s_name!r} is for batch {sb} (shape {st.shape}): a stream keeps its batch "
+                                     "size; start another with model.stream()")
+
     def __call__(self, inputs, outputs=None):
         return self.step(inputs, outputs)
 
@@ -723,6 +813,7 @@ class GraphStream:
                     raise ValueError(f"input {a!r} is state the stream carries itself; "
                                      "use set_state to change it")
         feeds = m._check_feeds(inputs, allow_missing=set(carried_names))
+        self._check_batch(feeds)
         for a in carried_names:
             if a not in self._carried:
                 self._carried[a] = m._zero_state(a, feeds)

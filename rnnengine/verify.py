@@ -162,6 +162,73 @@ def time_axes(model, feeds):
     return found
 
 
+def axis_roles(model):
+    """{input name: {axis: "batch" | "time"}} for the symbolic axes of the model's inputs,
+    found by planning random inputs with the axis one longer (with every axis of the same
+    symbol, and if that alone does not plan, with the symbolic axes of the state inputs too):
+    a batch axis changes the recurrent layers' batch, a time axis their T. Used to word
+    errors in the user's terms; computed once per model."""
+    cached = model.__dict__.get("_axis_roles")
+    if cached is not None:
+        return cached
+    roles = {}
+    model.__dict__["_axis_roles"] = roles
+    try:
+        feeds = random_feeds(model, seed=0)
+        base = model.plan(feeds)
+    except Exception:
+        return roles
+    if not base.recurrent:
+        return roles
+    carried = {a for a, _ in model.state_pairs}
+
+    def grown(axes):
+        f = dict(feeds)
+        for n, ax in axes:
+            if f[n].shape[ax] == 0:
+                return None
+            f[n] = np.concatenate([f[n], np.take(f[n], [-1], axis=ax)], axis=ax)
+        return f
+
+    def probe(axes):
+        f = grown(axes)
+        if f is None:
+            return None
+        try:
+            plan = model.plan(f)
+        except Exception:
+            return None
+        if len(plan.recurrent) != len(base.recurrent):
+            return None
+        if any(a["B"] != b["B"] for a, b in zip(base.recurrent, plan.recurrent)):
+            return "batch"
+        if any(a["T"] != b["T"] for a, b in zip(base.recurrent, plan.recurrent)):
+            return "time"
+        return None
+    symbolic = [(i["name"], k, d) for i in model.inputs for k, d in enumerate(i["shape"] or [])
+                if not (isinstance(d, int) and d >= 0) and i["name"] in feeds]
+    for name, axis, d in symbolic:
+        same = {(n, k) for n, k, d2 in symbolic if (n, k) == (name, axis) or (isinstance(d, str) and d2 == d)}
+        role = probe(sorted(same))
+        if role is None and name not in carried:
+            states = {(n, k) for n, k, _ in symbolic if n in carried}
+            role = probe(sorted(same | states))
+            if role == "batch":
+                for n, k in states:
+                    roles.setdefault(n, {}).setdefault(k, "batch")
+        if role is not None:
+            roles.setdefault(name, {})[axis] = role
+    for name, axis, d in symbolic:  # by name, and the other axis of an input with a time axis
+        low = str(d).lower()
+        mine = roles.setdefault(name, {})
+        if axis not in mine and ("batch" in low or "time" in low or "seq" in low):
+            mine[axis] = "batch" if "batch" in low else "time"
+        others = [k for n, k, _ in symbolic if n == name and k not in mine]
+        if "time" in mine.values() and "batch" not in mine.values() and others == [axis]:
+            mine[axis] = "batch"
+    return roles
+
+
 def errors(got, want):
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)

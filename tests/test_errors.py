@@ -363,7 +363,7 @@ def test_graph_stream_set_state_checks_explicit_state_inputs():
     for bad, exc, msg in [
         ({"inputs": {"h0": h}}, ValueError, r"state\['inputs'\] is missing \['c0'\]"),
         ({"inputs": {"h0": h, "c0": h, "x": x}}, ValueError, r"\['x'\], which is not state input"),
-        ({"inputs": {"h0": h, "c0": h[:, :7]}}, ValueError, r"state\['inputs'\]\['c0'\] must have shape \(unk__\d+, 8\), got \(2, 7\)"),
+        ({"inputs": {"h0": h, "c0": h[:, :7]}}, ValueError, r"state\['inputs'\]\['c0'\] must have shape \(batch, 8\), got \(2, 7\)"),
         ({"inputs": {"h0": h, "c0": h.astype(np.int64)}}, TypeError, r"state\['inputs'\]\['c0'\] must be float32, got int64"),
         ({"inputs": [h, h]}, TypeError, r"state\['inputs'\] must be a dict"),
     ]:
@@ -376,3 +376,80 @@ def test_graph_stream_set_state_checks_explicit_state_inputs():
         assert np.abs(out[k] - want[k]).max() <= 1e-5
     with pytest.raises(ValueError, match=r"has shape \(3, 8\) but this stream carries 'h0' of shape \(2, 8\)"):
         s.set_state({"inputs": {"h0": np.zeros((3, 8), np.float32), "c0": np.zeros((3, 8), np.float32)}})
+
+
+# --- shape mistakes in converted models are worded in the user's terms ------------------------
+def corpus_model(name):
+    return rnnengine.convert(os.path.join(CORPUS, name))
+
+
+@pytest.mark.parametrize("name", ["torch_legacy_lstm_2layer_batchfirst_op14.onnx",
+                                  "keras2_tf2onnx_lstm_state_io_op17.onnx",
+                                  "torch_dynamo_gru_2layer_batchfirst_initstate_op18.onnx"])
+def test_wrong_rank_and_features_name_the_input_and_its_axes(name):
+    m = corpus_model(name)
+    x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    s = m.stream()
+    for run in (m.run, s):
+        with pytest.raises(ValueError, match=r"^input 'x' must have 3 dimensions \(batch, time, 6 features\), "
+                                             r"got shape \(5, 6\); a batch of one still needs its batch axis"):
+            run({"x": x[0]})
+        with pytest.raises(ValueError, match=r"^input 'x' has 7 features per step, the model takes 6: shape "
+                                             r"\(batch, time, 6 features\), got \(2, 5, 7\)$"):
+            run({"x": np.concatenate([x, x[..., :1]], axis=-1)})
+        with pytest.raises(TypeError, match=r"^input 'x' must be float32, got int64 \(shape \(2, 5, 6\)\)$"):
+            run({"x": x.astype(np.int64)})
+
+
+def test_stream_batch_change_is_named_in_the_users_terms():
+    for name, feed in [("torch_legacy_lstm_2layer_batchfirst_op14.onnx", "x"),
+                       ("torch_legacy_token_lstm_logsoftmax_op14.onnx", "ids"),
+                       ("keras3_tf2onnx_gru_reset_after_op17.onnx", "x"),       # a Loop carrying state
+                       ("keras2_tf2onnx_lstm_state_io_op17.onnx", "x"),         # state as graph I/O
+                       ("torch_dynamo_gru_2layer_batchfirst_initstate_op18.onnx", "x")]:
+        m = corpus_model(name)
+        x = rng.standard_normal((2, 4, 6)).astype(np.float32) if feed == "x" else \
+            rng.integers(0, 20, (2, 4)).astype(np.int64)
+        s = m.stream()
+        s({feed: x})
+        more = np.concatenate([x, x[:1]])
+        with pytest.raises(ValueError, match=rf"^input '{feed}' has batch 3 \(shape \(3, 4(, 6)?\)\) but this stream "
+                                             r"was started with batch 2 \(shape \(2, 4(, 6)?\)\): a stream keeps "
+                                             r"its batch size"):
+            s({feed: more})
+        s({feed: x[:, :1]})  # another chunk length is fine
+    # explicit state given to set_state before the first call
+    m = corpus_model("torch_legacy_audio_vad_stateful_op14.onnx")
+    s = m.stream()
+    s.set_state({"inputs": {"state": np.zeros((2, 1, 2, 16), np.float32)}})
+    with pytest.raises(ValueError, match=r"^input 'x' has batch 3 \(shape \(3, 128\)\) but this stream's state "
+                                         r"'state' is for batch 2 \(shape \(2, 1, 2, 16\)\)"):
+        s({"x": np.zeros((3, 128), np.float32)})
+
+
+def test_inputs_sharing_a_batch_must_agree():
+    m = corpus_model("torch_legacy_packed_lstm_sorted_op14.onnx")
+    x = rng.standard_normal((3, 5, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^input 'lens' has batch 2 \(shape \(2,\)\) but input 'x' has batch 3 "
+                                         r"\(shape \(3, 5, 6\)\)$"):
+        m.run({"x": x, "lens": np.array([5, 4], np.int64)})
+    m = corpus_model("torch_legacy_audio_vad_stateful_op14.onnx")
+    with pytest.raises(ValueError, match=r"^input 'state' has batch 3 .* but input 'x' has batch 2"):
+        m.run({"x": np.zeros((2, 128), np.float32), "state": np.zeros((2, 1, 3, 16), np.float32)})
+    with pytest.raises(ValueError, match=r"^input 'state' must have size 16 in dimension 3: shape "
+                                         r"\(2, 1, batch, 16\), got \(2, 1, 2, 15\)$"):
+        m.run({"x": np.zeros((2, 128), np.float32), "state": np.zeros((2, 1, 2, 15), np.float32)})
+
+
+def test_tf2onnx_state_io_stream_sizes_its_state_from_the_data():
+    """h0/c0 have their own batch symbol: a stream fed only x still carries a state of x's
+    batch, and equals the whole run with zero state."""
+    m = corpus_model("keras2_tf2onnx_lstm_state_io_op17.onnx")
+    x = rng.standard_normal((3, 6, 6)).astype(np.float32)
+    s = m.stream()
+    parts = [s({"x": x[:, t:t + 2]}) for t in range(0, 6, 2)]
+    z = np.zeros((3, 8), np.float32)
+    want = m.run({"x": x, "h0": z, "c0": z})
+    assert np.abs(np.concatenate([p["lstm_2"] for p in parts], axis=1) - want["lstm_2"]).max() <= 1e-5
+    assert np.abs(parts[-1]["lstm_2_1"] - want["lstm_2_1"]).max() <= 1e-5
+    assert np.abs(m.run({"x": x})["lstm_2"] - want["lstm_2"]).max() == 0
