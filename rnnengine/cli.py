@@ -246,7 +246,21 @@ def cmd_verify(args):
     # `convert --input` does; onnxruntime still receives them as inputs
     baked = {k: v for k, v in given.items() if np.ndim(v) == 0}
     ref = None
-    if args.model:
+    source = args.onnx
+    if not os.path.exists(args.onnx):
+        raise FileNotFoundError(f"no such file: {args.onnx}")
+    if _is_weight_file(args.onnx):  # a training checkpoint carries its network's ONNX graph
+        if args.model:
+            raise ValueError(f"{args.onnx} is a weight file: verify takes the ONNX source first "
+                             "(verify MODEL.onnx --model FILE)")
+        _progress(f"loading {args.onnx}", t0)
+        model = load(args.onnx)
+        source = getattr(model, "onnx_source", None)
+        if source is None:
+            raise ValueError(f"{args.onnx} is a converted weight file: give its ONNX source, "
+                             f"verify MODEL.onnx --model {args.onnx}")
+        dtype = "float32"
+    elif args.model:
         _progress(f"loading {args.model}", t0)
         model = load(args.model)
         baked = {k: np.asarray(v) for k, v in (model.metadata.get("source.fixed_inputs") or {}).items()}
@@ -261,7 +275,7 @@ def cmd_verify(args):
     feeds = {k: v for k, v in given.items() if k in names}
     _progress("running rnnengine and onnxruntime on random inputs", t0)
     try:
-        rep = verify(model, args.onnx, dims, feeds, seed=args.seed, ref=ref, ort_extra=baked)
+        rep = verify(model, source, dims, feeds, seed=args.seed, ref=ref, ort_extra=baked)
     except OnnxRuntimeError as e:
         print(f"rnnengine verify: cannot compare, {e}", file=sys.stderr)
         return 2
@@ -536,7 +550,7 @@ def build_parser():
                                    "is reported as 'not streamable: <node>: <reason>'. Exit codes: 0 within "
                                    "tolerance, 1 above it, 2 when the comparison cannot be made (bad "
                                    "arguments, a conversion error, onnxruntime refusing the model).")
-    v.add_argument("onnx", metavar="MODEL.onnx")
+    v.add_argument("onnx", metavar="MODEL.onnx", help="the ONNX model (or a training checkpoint)")
     v.add_argument("--model", metavar="OUT", help="a weight file converted from MODEL.onnx to check instead")
     v.add_argument("--input", action="append", metavar="NAME=VALUE|NAME=FILE.npy",
                    help="use this value for an input instead of a random one (repeatable)")
@@ -547,8 +561,15 @@ def build_parser():
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("run", help="run a model on .npy inputs",
-                       description="Runs FILE (a weight file or an ONNX file) on the inputs and saves the "
-                                   "outputs: one output to a .npy file, all of them to a .npz file.")
+                       description="Runs FILE (a weight file, a training checkpoint or an ONNX file) on the "
+                                   "inputs and saves the outputs: one output to a .npy file, all of them to a "
+                                   ".npz file. State inputs the graph pairs with outputs (h0 -> hn) may be "
+                                   "left out: they start at zero. With --stream the inputs go through a stream "
+                                   "CHUNK time steps per call, the stream carrying every state (the state "
+                                   "outputs saved are the final ones); a model without a time axis whose state "
+                                   "is graph I/O (one chunk of audio per call) takes its chunks stacked along "
+                                   "a new leading axis, one per call (--stream 1). A model that cannot be "
+                                   "streamed is reported as 'not streamable: <node>: <reason>'.")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--input", action="append", required=True, metavar="x.npy|NAME=x.npy")
     r.add_argument("-o", "--output", required=True, metavar="y.npy|y.npz")

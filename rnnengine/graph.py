@@ -549,6 +549,11 @@ class GraphModel:
                                              f"shape {described(name)}, got {arr.shape}")
                         raise ValueError(f"input {name!r} must have size {d} in dimension {k}: shape "
                                          f"{described(name)}, got {arr.shape}")
+            vocab = self._token_inputs().get(name)
+            if vocab is not None and arr.size and (arr.min() < -vocab or arr.max() >= vocab):
+                bad = arr[(arr < -vocab) | (arr >= vocab)].reshape(-1)[0]
+                raise ValueError(f"input {name!r} holds token index {bad}, outside the vocabulary of {vocab} "
+                                 f"(ids 0..{vocab - 1}; as ONNX Gather, -{vocab}..-1 count from the end)")
             feeds[name] = np.ascontiguousarray(arr)
         # a symbol naming axes of several inputs (x's batch and lens's) takes one size; refused
         # here when the axis is a known batch or time axis (other symbols are left to planning)
@@ -565,6 +570,15 @@ class GraphModel:
                         raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
                                          f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
         return feeds
+
+    def _token_inputs(self):
+        """{input name: vocabulary size} of the inputs that index an embedding table (cached)."""
+        tokens = self.__dict__.get("_tokens")
+        if tokens is None:
+            from .verify import input_roles
+            tokens = {n: r[1] for n, r in input_roles(self).items() if r[0] == "tokens"}
+            self.__dict__["_tokens"] = tokens
+        return tokens
 
     def run(self, inputs):
         """Runs the graph once on whole sequences (no state kept). Returns a dict

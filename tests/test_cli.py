@@ -334,6 +334,9 @@ def test_checkpoint_inspect_run_bench_from_the_command_line(tmp_path, capsys):
     assert np.abs(np.load(tmp_path / "y.npy") - net.forward(tok)[0]).max() <= 1e-5
     assert cli.main(["bench", path, "--steps", "3", "--repeats", "1", "--seq", "4"]) == 0
     assert "onnxruntime" in capsys.readouterr().out
+    assert cli.main(["verify", path]) == 0  # against onnxruntime on the network's ONNX graph
+    out = capsys.readouterr().out
+    assert "streamed (time axis {'tokens': 0}" in out and "OK" in out
 
 
 def test_damaged_checkpoint_is_a_format_error(tmp_path):

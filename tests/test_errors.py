@@ -453,3 +453,18 @@ def test_tf2onnx_state_io_stream_sizes_its_state_from_the_data():
     assert np.abs(np.concatenate([p["lstm_2"] for p in parts], axis=1) - want["lstm_2"]).max() <= 1e-5
     assert np.abs(parts[-1]["lstm_2_1"] - want["lstm_2_1"]).max() <= 1e-5
     assert np.abs(m.run({"x": x})["lstm_2"] - want["lstm_2"]).max() == 0
+
+
+def test_token_ids_outside_the_vocabulary_name_the_input():
+    m = corpus_model("torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    ids = rng.integers(0, 20, (2, 5)).astype(np.int64)
+    ids[1, 3] = 20
+    for run in (m.run, m.stream()):
+        with pytest.raises(ValueError, match=r"^input 'ids' holds token index 20, outside the vocabulary of 20 "
+                                             r"\(ids 0..19"):
+            run({"ids": ids})
+    ids[1, 3] = -20  # ONNX Gather counts negative ids from the end, as onnxruntime does
+    import onnxruntime as ort
+    src = os.path.join(CORPUS, "torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    want = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert np.abs(m.run({"ids": ids})["logp"] - want).max() <= 1e-5
