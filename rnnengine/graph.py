@@ -550,25 +550,39 @@ class GraphModel:
                         raise ValueError(f"input {name!r} must have size {d} in dimension {k}: shape "
                                          f"{described(name)}, got {arr.shape}")
             vocab = self._token_inputs().get(name)
-            if vocab is not None and arr.size and (arr.min() < -vocab or arr.max() >= vocab):
-                bad = arr[(arr < -vocab) | (arr >= vocab)].reshape(-1)[0]
-                raise ValueError(f"input {name!r} holds token index {bad}, outside the vocabulary of {vocab} "
-                                 f"(ids 0..{vocab - 1}; as ONNX Gather, -{vocab}..-1 count from the end)")
+            if vocab is not None and arr.size:
+                if arr.size <= 64:  # a token per call: Python's min/max cost less than NumPy's
+                    vals = arr.ravel().tolist()
+                    lo, hi = min(vals), max(vals)
+                else:
+                    lo, hi = arr.min(), arr.max()
+                if lo < -vocab or hi >= vocab:
+                    bad = arr[(arr < -vocab) | (arr >= vocab)].reshape(-1)[0]
+                    raise ValueError(f"input {name!r} holds token index {bad}, outside the vocabulary of {vocab} "
+                                     f"(ids 0..{vocab - 1}; as ONNX Gather, -{vocab}..-1 count from the end)")
             feeds[name] = np.ascontiguousarray(arr)
         # a symbol naming axes of several inputs (x's batch and lens's) takes one size; refused
         # here when the axis is a known batch or time axis (other symbols are left to planning)
+        shared = self.__dict__.get("_shared_dims")
+        if shared is None:  # (input, axis) pairs whose symbol also names another input's axis
+            owners = {}
+            for i in self.inputs:
+                for k, d in enumerate(i["shape"] or ()):
+                    if isinstance(d, str):
+                        owners.setdefault(d, []).append((i["name"], k))
+            shared = self.__dict__["_shared_dims"] = [(n, k, d) for d, o in owners.items() if len(o) > 1
+                                                      for n, k in o]
         seen = {}
-        for name, arr in feeds.items():
-            for k, d in enumerate(declared[name]["shape"] or ()):
-                if not isinstance(d, str):
-                    continue
-                first = seen.setdefault(d, (name, k, arr.shape[k]))
-                if first[2] != arr.shape[k]:
-                    n0, k0, g0 = first
-                    role = roles().get(name, {}).get(k) or roles().get(n0, {}).get(k0)
-                    if role:
-                        raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
-                                         f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
+        for name, k, d in shared:
+            arr = feeds.get(name)
+            if arr is None:
+                continue
+            n0, k0, g0 = seen.setdefault(d, (name, k, arr.shape[k]))
+            if g0 != arr.shape[k]:
+                role = roles().get(name, {}).get(k) or roles().get(n0, {}).get(k0)
+                if role:
+                    raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
+                                     f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
         return feeds
 
     def _token_inputs(self):
