@@ -277,7 +277,10 @@ def cmd_verify(args):
     try:
         rep = verify(model, source, dims, feeds, seed=args.seed, ref=ref, ort_extra=baked)
     except OnnxRuntimeError as e:
-        print(f"rnnengine verify: cannot compare, {e}", file=sys.stderr)
+        symbols = sorted({str(d) for i in model.inputs for d in (i["shape"] or []) if isinstance(d, str)})
+        hint = (f" (a model exported for fixed sizes needs them given: --dim NAME=SIZE for {', '.join(symbols)})"
+                if symbols and "cannot run" in str(e) else "")
+        print(f"rnnengine verify: cannot compare, {e}{hint}", file=sys.stderr)
         return 2
     print("inputs: " + ", ".join(f"{k}{tuple(v)}" for k, v in rep["inputs"].items()))
     _print_report(rep)

@@ -172,6 +172,7 @@ def test_verify_reports_onnxruntime_refusal_in_one_line(tmp_path, capsys):
     assert cli.main(["verify", bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "onnxruntime cannot run the model" in err and "Reshape" in err
+    assert "--dim NAME=SIZE for s27, s77" in err
     assert "Traceback" not in err
     r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "verify", bad], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
