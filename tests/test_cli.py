@@ -349,3 +349,24 @@ def test_damaged_checkpoint_is_a_format_error(tmp_path):
     with pytest.raises(fileformat.FormatError, match="tensor 'params' is float32 \\(3,\\); train.config needs"):
         rnnengine.load(str(tmp_path / "bad.rnne"))
     assert cli.main(["inspect", str(tmp_path / "bad.rnne")]) == 2
+
+
+def test_verify_and_run_report_not_streamable_raised_by_the_stream(tmp_path, capsys, monkeypatch):
+    """When model.stream() (or its first call) raises NotStreamableError, verify prints its
+    message as the streamed result and still compares whole sequences; run --stream prints it
+    and exits 2."""
+    from rnnengine.graph import GraphModel
+    from rnnengine.ops import NotStreamableError
+
+    def refuse(self):
+        raise NotStreamableError({"op": "Softmax", "name": "/attn/Softmax"}, "it mixes time steps (axis 1)")
+    monkeypatch.setattr(GraphModel, "stream", refuse)
+    src = corpus("torch_legacy_lstm_2layer_batchfirst_op14.onnx")
+    assert cli.main(["verify", src]) == 0
+    out = capsys.readouterr().out
+    assert "streamed: not streamable: Softmax node '/attn/Softmax': it mixes time steps (axis 1)" in out
+    assert "whole sequence:" in out and "max abs" in out
+    np.save(tmp_path / "x.npy", np.zeros((2, 5, 6), np.float32))
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                     "--stream", "2"]) == 2
+    assert capsys.readouterr().err == "not streamable: Softmax node '/attn/Softmax': it mixes time steps (axis 1)\n"
