@@ -812,6 +812,23 @@ class GraphStream:
                                      f"{s_name!r} is for batch {sb} (shape {st.shape}): a stream keeps its batch "
                                      "size; start another with model.stream()")
 
+    def _state_mismatch(self, cur, start, feeds):
+        """The error for a layer state (from set_state) that does not fit a call, worded with
+        the call's inputs and the batch the state was made for."""
+        from .verify import axis_roles
+        roles = axis_roles(self.model)
+        shown = ", ".join(f"{n}{tuple(a.shape)}" for n, a in feeds.items() if n not in self._carried_names)
+        for n, a in feeds.items():
+            k = next((k for k, r in roles.get(n, {}).items() if r == "batch" and k < a.ndim), None)
+            if k is not None and a.shape[k] and start.size % a.shape[k] == 0:
+                per_row = start.size // a.shape[k]
+                if cur.size % per_row == 0:
+                    return ValueError(f"input {n!r} has batch {a.shape[k]} (shape {a.shape}) but this stream's state "
+                                      f"is for batch {cur.size // per_row}: a stream keeps its batch size; start "
+                                      "another with model.stream()")
+        return ValueError(f"this stream's state (from set_state) does not fit the inputs {shown}: it was made for "
+                          "another batch size; start another stream with model.stream()")
+
     def __call__(self, inputs, outputs=None):
         return self.step(inputs, outputs)
 
@@ -852,8 +869,7 @@ class GraphStream:
             if cur is None:
                 self._layer_state[key] = start.copy()
             elif cur.shape != start.shape:
-                raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
-                                 f"call needs {start.size}: the batch size changed; use a new stream")
+                raise self._state_mismatch(cur, start, feeds)
         ctx = self._ctx.get(id(plan))
         if ctx is None:
             self._ctx = {id(plan): plan.context()}  # keep one context: per-step calls reuse it

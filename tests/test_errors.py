@@ -468,3 +468,14 @@ def test_token_ids_outside_the_vocabulary_name_the_input():
     src = os.path.join(CORPUS, "torch_legacy_token_lstm_logsoftmax_op14.onnx")
     want = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     assert np.abs(m.run({"ids": ids})["logp"] - want).max() <= 1e-5
+
+
+def test_layer_state_of_another_batch_given_to_set_state_is_named_at_the_call():
+    m = corpus_model("torch_legacy_lstm_2layer_batchfirst_op14.onnx")
+    s = m.stream()
+    s({"x": rng.standard_normal((2, 3, 6)).astype(np.float32)})
+    other = m.stream()
+    other.set_state(s.get_state())  # a fresh stream takes it; its size is checked at the call
+    with pytest.raises(ValueError, match=r"^input 'x' has batch 3 \(shape \(3, 3, 6\)\) but this stream's state "
+                                         r"is for batch 2: a stream keeps its batch size"):
+        other({"x": rng.standard_normal((3, 3, 6)).astype(np.float32)})
