@@ -622,8 +622,9 @@ class GraphModel:
                 shape.append(self._batch_of(name, k, feeds))
             else:
                 raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r} from the "
-                                 f"other inputs: pass {name!r} explicitly (to a stream: "
-                                 f"stream.set_state({{'inputs': {{{name!r}: array}}}}) before the first call)")
+                                 f"other inputs: pass {name!r} explicitly (to a stream: stream.set_state("
+                                 f"{{'inputs': {{...}}}}) with every state input, "
+                                 f"{[a for a, _ in self.state_pairs]}, before the first call)")
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
     def _batch_of(self, name, axis, feeds):
