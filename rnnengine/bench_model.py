@@ -30,7 +30,7 @@ def bench_model(args):
     from .verify import ort_session, random_feeds, time_axes
 
     model = _load_any(args.file)
-    onnx_path = args.onnx or (None if _is_weight_file(args.file) else args.file)
+    onnx_path = args.onnx or getattr(model, "onnx_source", None) or (None if _is_weight_file(args.file) else args.file)
     if onnx_path is None:
         raise ValueError("bench FILE: give the ONNX source with --onnx to compare with onnxruntime")
     sess = ort_session(onnx_path)

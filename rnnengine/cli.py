@@ -176,9 +176,26 @@ def cmd_inspect(args):
     from .store import load
     model = load(args.file)
     wf = model.file
-    print(f"{args.file}: rnnengine weight file version {wf.version}, {os.path.getsize(args.file):,} bytes")
+    ckpt = getattr(model, "network", None)
+    what = "training checkpoint (a weight file)" if ckpt else "weight file"
+    print(f"{args.file}: rnnengine {what} version {wf.version}, {os.path.getsize(args.file):,} bytes")
+    if ckpt:
+        md, c = wf.metadata, ckpt.config
+        sc = md.get("train.optimizer_state") or {}
+        extra = md.get("train.extra") or {}
+        print(f"  network: {c['kind']} {c['num_layers']}x{c['hidden_size']}"
+              f"{' bidirectional' if c['bidirectional'] else ''}, input {c['input_size']}"
+              f"{', embedding %d' % c['embedding'] if c['embedding'] else ''}, output {c['output_size']}")
+        print(f"  training: {md.get('train.optimizer')} at step {sc.get('t')}, lr {sc.get('lr')}, "
+              f"position {md.get('train.pos')}"
+              + (f", vocabulary of {len(extra['vocab'])} characters" if extra.get("vocab") else ""))
+        print("  runs as the network's ONNX export (Network.to_onnx): rnnengine.load, run, bench and streams "
+              "use it; `rnnengine train ... --export OUT.onnx` writes that ONNX file")
     for k in sorted(wf.metadata):
-        print(f"  {k} = {wf.metadata[k]}")
+        v = wf.metadata[k]
+        if ckpt and k == "train.extra" and isinstance(v, dict) and isinstance(v.get("vocab"), str):
+            v = {**v, "vocab": v["vocab"] if len(v["vocab"]) <= 60 else v["vocab"][:60] + "..."}
+        print(f"  {k} = {v}")
     print("inputs:")
     for i in model.inputs:
         print(f"  {i['name']}: {i['dtype']} {i['shape']}")
@@ -195,7 +212,8 @@ def cmd_inspect(args):
     by_dtype = {}
     for name in wf.names:
         info = wf.info(name)
-        total += int(np.prod(info["shape"])) if info["shape"] else 1
+        if not ckpt or name == "params":  # a checkpoint also holds optimiser moments
+            total += int(np.prod(info["shape"])) if info["shape"] else 1
         by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + info["nbytes"]
     print(f"parameters: {total:,}; stored bytes by dtype: " + ", ".join(f"{k} {v:,}" for k, v in sorted(by_dtype.items())))
     return 0
@@ -220,7 +238,7 @@ def _print_report(rep):
 def cmd_verify(args):
     from . import convert
     from .store import load
-    from .verify import TOLERANCE, verify
+    from .verify import TOLERANCE, OnnxRuntimeError, verify
     t0 = time.perf_counter()
     given = {k: _value(v) for k, v in _kv(args.input, "--input").items()}
     dims = _kv(args.dim, "--dim", int)
@@ -228,7 +246,21 @@ def cmd_verify(args):
     # `convert --input` does; onnxruntime still receives them as inputs
     baked = {k: v for k, v in given.items() if np.ndim(v) == 0}
     ref = None
-    if args.model:
+    source = args.onnx
+    if not os.path.exists(args.onnx):
+        raise FileNotFoundError(f"no such file: {args.onnx}")
+    if _is_weight_file(args.onnx):  # a training checkpoint carries its network's ONNX graph
+        if args.model:
+            raise ValueError(f"{args.onnx} is a weight file: verify takes the ONNX source first "
+                             "(verify MODEL.onnx --model FILE)")
+        _progress(f"loading {args.onnx}", t0)
+        model = load(args.onnx)
+        source = getattr(model, "onnx_source", None)
+        if source is None:
+            raise ValueError(f"{args.onnx} is a converted weight file: give its ONNX source, "
+                             f"verify MODEL.onnx --model {args.onnx}")
+        dtype = "float32"
+    elif args.model:
         _progress(f"loading {args.model}", t0)
         model = load(args.model)
         baked = {k: np.asarray(v) for k, v in (model.metadata.get("source.fixed_inputs") or {}).items()}
@@ -242,7 +274,14 @@ def cmd_verify(args):
     names = {i["name"] for i in model.inputs}
     feeds = {k: v for k, v in given.items() if k in names}
     _progress("running rnnengine and onnxruntime on random inputs", t0)
-    rep = verify(model, args.onnx, dims, feeds, seed=args.seed, ref=ref, ort_extra=baked)
+    try:
+        rep = verify(model, source, dims, feeds, seed=args.seed, ref=ref, ort_extra=baked)
+    except OnnxRuntimeError as e:
+        symbols = sorted({str(d) for i in model.inputs for d in (i["shape"] or []) if isinstance(d, str)})
+        hint = (f" (a model exported for fixed sizes needs them given: --dim NAME=SIZE for {', '.join(symbols)})"
+                if symbols and "cannot run" in str(e) else "")
+        print(f"rnnengine verify: cannot compare, {e}{hint}", file=sys.stderr)
+        return 2
     print("inputs: " + ", ".join(f"{k}{tuple(v)}" for k, v in rep["inputs"].items()))
     _print_report(rep)
     if dtype == "float32":
@@ -255,13 +294,106 @@ def cmd_verify(args):
     return 0 if not bad else 1
 
 
-def _stream_run(model, feeds, chunk):
-    from .verify import feed_in_chunks, input_roles, join_chunks, time_axes
-    axes = time_axes(model, feeds)
-    if not axes:
-        raise ValueError("--stream: no input has a time axis the recurrent layers run over")
-    parts, T = feed_in_chunks(model.stream(), feeds, axes, chunk, roles=input_roles(model))
-    return join_chunks(parts, T)
+def _zero_states(model, feeds):
+    """Zero arrays for the explicit state inputs missing from ``feeds`` (where a run or a
+    stream starts). A state dimension no data input names (tf2onnx gives the batch of x and
+    of h0 unrelated symbols) takes the size of a data input's dimension: the one size with
+    which the graph runs and gives each paired output its state's shape."""
+    from .graph import NP_DTYPES
+    missing = [(a, o) for a, o in model.state_pairs if a not in feeds]
+    out, unknown = {}, []
+    for a, o in missing:
+        try:
+            out[a] = model._zero_state(a, feeds)
+        except ValueError as e:
+            unknown.append((a, o, e))
+    if not unknown:
+        return out
+    specs = {i["name"]: i for i in model.inputs}
+    sizes = sorted({int(g) for n, arr in feeds.items() if specs.get(n, {}).get("shape")
+                    for d, g in zip(specs[n]["shape"], arr.shape) if not isinstance(d, int)})
+    fits = []
+    for k in sizes:
+        trial = dict(out)
+        for a, _, _ in unknown:
+            trial[a] = np.zeros([d if isinstance(d, int) else k for d in specs[a]["shape"]],
+                                NP_DTYPES[specs[a]["dtype"]])
+        try:
+            got = dict(model.plan({**feeds, **trial}).outputs)
+        except ValueError:
+            continue
+        if all(got[o].shape == trial[a].shape for a, o in model.state_pairs if a in trial):
+            fits.append(trial)
+    if len(fits) != 1:
+        raise unknown[0][2]
+    return fits[0]
+
+
+def _shapes_of(model, feeds):
+    """Output name -> an empty stand-in with the output's whole-sequence shape (no run)."""
+    return {name: np.broadcast_to(np.float32(0), v.shape) for name, v in model.plan(feeds).outputs}
+
+
+def _stream_run(model, given, chunk):
+    """Runs ``given`` through a stream: CHUNK time steps per call, or, for a model without a
+    time axis whose state is graph I/O (one chunk of audio per call), one entry of a leading
+    axis of calls per call. The stream carries the state: state inputs the caller gives are
+    where it starts, the others start at zero. Returns (outputs, description)."""
+    from .verify import feed_in_chunks, input_roles, join_chunks, stream_refusal, time_axes
+    carried = [a for a, _ in model.state_pairs]
+    state_outputs = {o for _, o in model.state_pairs}
+    calls = None
+    if carried:
+        specs = {i["name"]: i for i in model.inputs}
+        lead = {n for n, v in given.items() if n not in carried and specs.get(n, {}).get("shape") is not None
+                and np.ndim(v) == len(specs[n]["shape"]) + 1}
+        if lead:  # chunk-per-call model, inputs stacked along a leading axis of calls
+            calls = {n: np.asarray(given[n]) for n in lead}
+            n_calls = {v.shape[0] for v in calls.values()}
+            if len(n_calls) != 1:
+                raise ValueError(f"--stream: inputs {sorted(lead)} have different numbers of calls "
+                                 f"(leading axes {sorted(n_calls)})")
+            given = {**given, **{n: v[0] for n, v in calls.items()}}
+    feeds = model._check_feeds(given, allow_missing=set(carried))
+    start = {a: feeds[a] for a in carried if a in feeds}
+    start.update(_zero_states(model, feeds))
+    data = {k: v for k, v in feeds.items() if k not in carried}
+    full = {**data, **start}
+    refusal = stream_refusal(model, full)
+    if refusal is not None:
+        raise refusal
+    axes = {} if calls else time_axes(model, full)
+    stream = model.stream()
+    if carried:
+        stream.set_state({"inputs": start})
+    if axes:
+        parts, T = feed_in_chunks(stream, data, axes, chunk, roles=input_roles(model))
+        like = _shapes_of(model, full)
+        out = join_chunks([{k: v for k, v in p.items() if k not in state_outputs} for p in parts], T, like,
+                          axes=stream.output_axes)
+        out.update({o: parts[-1][o] for o in state_outputs})
+        return {n: out[n] for n in parts[0]}, f"streamed in chunks of {chunk} time step(s)"
+    if not carried:
+        raise ValueError("--stream: no input has a time axis the recurrent layers run over, and the model "
+                         "carries no state: there is nothing to stream; run it without --stream")
+    if chunk != 1:
+        raise ValueError(f"--stream {chunk}: this model has no time axis; it takes one chunk "
+                         f"({', '.join(f'{n}{v.shape}' for n, v in data.items())}) per call with its state "
+                         f"{carried} carried by the stream. Use --stream 1 and stack the chunks along a "
+                         "new leading axis of the input")
+    k_calls = next(iter(calls.values())).shape[0] if calls else 1
+    parts = []
+    for k in range(k_calls):
+        f = dict(data)
+        if calls:
+            f.update(model._check_feeds({**given, **{n: v[k] for n, v in calls.items()}},
+                                        allow_missing=set(carried)))
+            f = {n: v for n, v in f.items() if n not in carried}
+        parts.append(stream(f))
+    out = {}
+    for n in parts[0]:
+        out[n] = parts[-1][n] if n in state_outputs or not calls else np.stack([p[n] for p in parts])
+    return out, f"streamed {k_calls} call(s), state carried by the stream"
 
 
 def cmd_run(args):
@@ -277,7 +409,12 @@ def cmd_run(args):
                 raise ValueError(f"the model has inputs {names}: use --input NAME=FILE.npy")
             given[names[0]] = np.load(item)
     t0 = time.perf_counter()
-    out = _stream_run(model, given, args.stream) if args.stream else model.run(given)
+    if args.stream:
+        out, how = _stream_run(model, given, args.stream)
+    else:
+        carried = {a for a, _ in model.state_pairs}
+        feeds = model._check_feeds(given, allow_missing=carried)
+        out, how = model.run({**feeds, **_zero_states(model, feeds)}), "whole sequence"
     dt = time.perf_counter() - t0
     if args.output.endswith(".npz"):
         np.savez(args.output, **out)
@@ -288,7 +425,7 @@ def cmd_run(args):
             raise ValueError(f"no output {name!r}; outputs: {list(out)}")
         np.save(args.output, out[name])
         saved = f"{name}{out[name].shape}"
-    print(f"{args.output}: {saved} ({dt * 1e3:.2f} ms{', streamed in chunks of %d' % args.stream if args.stream else ''})")
+    print(f"{args.output}: {saved} ({dt * 1e3:.2f} ms, {how})")
     return 0
 
 
@@ -455,8 +592,11 @@ def build_parser():
                                    "within the time axis, floats elsewhere), whole-sequence and streamed, and "
                                    "prints the max abs and relative error per output. Exits 1 above tolerance. "
                                    "For float16/int8 files the error against the float32 conversion is checked "
-                                   "against the bound documented in docs/FORMAT.md.")
-    v.add_argument("onnx", metavar="MODEL.onnx")
+                                   "against the bound documented in docs/FORMAT.md. What cannot be streamed "
+                                   "is reported as 'not streamable: <node>: <reason>'. Exit codes: 0 within "
+                                   "tolerance, 1 above it, 2 when the comparison cannot be made (bad "
+                                   "arguments, a conversion error, onnxruntime refusing the model).")
+    v.add_argument("onnx", metavar="MODEL.onnx", help="the ONNX model (or a training checkpoint)")
     v.add_argument("--model", metavar="OUT", help="a weight file converted from MODEL.onnx to check instead")
     v.add_argument("--input", action="append", metavar="NAME=VALUE|NAME=FILE.npy",
                    help="use this value for an input instead of a random one (repeatable)")
@@ -467,8 +607,15 @@ def build_parser():
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("run", help="run a model on .npy inputs",
-                       description="Runs FILE (a weight file or an ONNX file) on the inputs and saves the "
-                                   "outputs: one output to a .npy file, all of them to a .npz file.")
+                       description="Runs FILE (a weight file, a training checkpoint or an ONNX file) on the "
+                                   "inputs and saves the outputs: one output to a .npy file, all of them to a "
+                                   ".npz file. State inputs the graph pairs with outputs (h0 -> hn) may be "
+                                   "left out: they start at zero. With --stream the inputs go through a stream "
+                                   "CHUNK time steps per call, the stream carrying every state (the state "
+                                   "outputs saved are the final ones); a model without a time axis whose state "
+                                   "is graph I/O (one chunk of audio per call) takes its chunks stacked along "
+                                   "a new leading axis, one per call (--stream 1). A model that cannot be "
+                                   "streamed is reported as 'not streamable: <node>: <reason>'.")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--input", action="append", required=True, metavar="x.npy|NAME=x.npy")
     r.add_argument("-o", "--output", required=True, metavar="y.npy|y.npz")
@@ -530,11 +677,29 @@ def main(argv=None):
         return 2
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
+    from .ops import NotStreamableError
+    from .verify import OnnxRuntimeError
+
+    def one_line(e):
+        return " ".join(str(e).split("\n")).strip() or type(e).__name__
+    # every failure is one line on stderr, never a traceback; exit 2 (1 is for mismatches)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        print(f"rnnengine: error: {e}", file=sys.stderr)
-        return 2
+    except NotStreamableError as e:
+        print(one_line(e), file=sys.stderr)
+    except OnnxRuntimeError as e:
+        print(f"rnnengine {args.command}: {one_line(e)}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        print(f"rnnengine: error: {one_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rnnengine: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("RNNENGINE_TRACEBACK"):
+            raise
+        print(f"rnnengine: internal error ({type(e).__name__}): {one_line(e)} "
+              "(set RNNENGINE_TRACEBACK=1 to see where)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

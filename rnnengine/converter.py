@@ -202,6 +202,8 @@ class _Converter:
         nodes = [self.node_dict(n) for n in g.node]
         nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes = self.fold(nodes, consts)
+        _check_state_shapes(nodes, consts, {v.name: _value_info(v)["shape"]
+                                            for v in list(g.input) + list(g.value_info) + list(g.output)})
         outputs = [_value_info(o) for o in g.output]
         from .fuse import fuse_gru_cells, fuse_lstm_cells
         nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
@@ -217,6 +219,33 @@ class _Converter:
         _hoist_subgraph_tensors(graph["nodes"], tensors)
         graph["state_pairs"] = pair_states(graph)
         return graph, tensors
+
+
+def _check_state_shapes(nodes, consts, declared):
+    """Refuses a recurrent node whose state shapes contradict its hidden_size: the invalid
+    graph the PyTorch dynamo exporter writes for nn.LSTM(proj_size=P) (ONNX LSTM has no
+    projection, so initial_h / Y_h of size P cannot match hidden_size H). `declared` maps
+    tensor names to the shapes the file declares (graph inputs, value_info, outputs)."""
+    for n in nodes:
+        if n["op"] not in ("LSTM", "GRU", "RNN"):
+            continue
+        slots = dict(zip(Recurrent.SLOTS, n["inputs"]))
+        R = consts.get(slots.get("R") or "")
+        H = n.get("attrs", {}).get("hidden_size", R.shape[-1] if R is not None and R.ndim == 3 else None)
+        if H is None:
+            continue
+        named = [(slot, slots.get(slot)) for slot in ("R", "initial_h", "initial_c")]
+        named += [(slot, o) for slot, o in zip(("Y_h", "Y_c"), n["outputs"][1:])]
+        for slot, name in named:
+            shape = tuple(consts[name].shape) if name in consts else declared.get(name) if name else None
+            if not shape or not isinstance(shape[-1], int) or shape[-1] == H:
+                continue
+            shown = "(" + ", ".join(str(d) for d in shape) + ")"
+            raise ConversionError(
+                f"{where(n)}: hidden_size is {H} but {slot} {name!r} has shape {shown} (last dimension "
+                f"{shape[-1]}, expected {H}): the state shapes contradict hidden_size. This is the invalid "
+                "graph the PyTorch dynamo exporter writes for nn.LSTM(proj_size=...): ONNX LSTM has no "
+                "output projection, so such a layer cannot be expressed in ONNX (export it with proj_size=0)")
 
 
 def _toposort(nodes, available):

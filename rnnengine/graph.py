@@ -17,6 +17,7 @@ one call becomes the input of the next).
 """
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -585,6 +586,9 @@ class GraphModel:
         return plan
 
     def _check_feeds(self, inputs, allow_missing=()):
+        """The inputs as contiguous arrays of the declared dtypes, checked against the
+        declared shapes; mistakes are reported in the user's terms (the input's name, its
+        axes as batch / time / features, the shape given), not the engine's."""
         if not isinstance(inputs, dict):
             names = [n for n in self.feed_names]
             if len(names) != 1:
@@ -594,6 +598,22 @@ class GraphModel:
         for name in inputs:
             if name not in declared:
                 raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
+
+        def roles():
+            from .verify import axis_roles  # on error paths only: it plans probe inputs
+            return axis_roles(self)
+
+        def axis_label(name, k):
+            spec = declared[name]
+            d = spec["shape"][k]
+            role = roles().get(name, {}).get(k)
+            if isinstance(d, int) and d >= 0:
+                sequence = "time" in roles().get(name, {}).values()
+                return f"{d} features" if sequence and k == len(spec["shape"]) - 1 else str(d)
+            return role or (d if isinstance(d, str) and not re.fullmatch(r"(s|unk__)\d+", d) else "?")
+
+        def described(name):
+            return "(" + ", ".join(axis_label(name, k) for k in range(len(declared[name]["shape"]))) + ")"
         feeds = {}
         for name, spec in declared.items():
             if name not in inputs:
@@ -606,18 +626,67 @@ class GraphModel:
                 if want.kind == arr.dtype.kind or (want.kind == "i" and arr.dtype.kind == "u"):
                     arr = arr.astype(want)
                 else:
-                    raise TypeError(f"input {name!r} must be {want} (got {arr.dtype})")
+                    raise TypeError(f"input {name!r} must be {want}, got {arr.dtype} (shape {arr.shape})")
             shape = spec["shape"]
             if shape is not None:
                 if arr.ndim != len(shape):
-                    raise ValueError(f"input {name!r} must have rank {len(shape)} (shape {shape}), "
-                                     f"got shape {arr.shape}")
+                    hint = ""
+                    if arr.ndim == len(shape) - 1 and "batch" in roles().get(name, {}).values():
+                        hint = "; a batch of one still needs its batch axis (of size 1)"
+                    raise ValueError(f"input {name!r} must have {len(shape)} dimensions {described(name)}, "
+                                     f"got shape {arr.shape}{hint}")
                 for k, (d, g) in enumerate(zip(shape, arr.shape)):
                     if isinstance(d, int) and d >= 0 and d != g:
-                        raise ValueError(f"input {name!r} must have shape {shape}, got {arr.shape} "
-                                         f"(dimension {k})")
+                        label = axis_label(name, k)
+                        if label.endswith(" features"):
+                            raise ValueError(f"input {name!r} has {g} features per step, the model takes {d}: "
+                                             f"shape {described(name)}, got {arr.shape}")
+                        raise ValueError(f"input {name!r} must have size {d} in dimension {k}: shape "
+                                         f"{described(name)}, got {arr.shape}")
+            vocab = self._token_inputs().get(name)
+            if vocab is not None and arr.size:
+                if arr.size <= 64:  # a token per call: Python's min/max cost less than NumPy's
+                    vals = arr.ravel().tolist()
+                    lo, hi = min(vals), max(vals)
+                else:
+                    lo, hi = arr.min(), arr.max()
+                if lo < -vocab or hi >= vocab:
+                    bad = arr[(arr < -vocab) | (arr >= vocab)].reshape(-1)[0]
+                    raise ValueError(f"input {name!r} holds token index {bad}, outside the vocabulary of {vocab} "
+                                     f"(ids 0..{vocab - 1}; as ONNX Gather, -{vocab}..-1 count from the end)")
             feeds[name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps rank 0
+        # a symbol naming axes of several inputs (x's batch and lens's) takes one size; refused
+        # here when the axis is a known batch or time axis (other symbols are left to planning)
+        shared = self.__dict__.get("_shared_dims")
+        if shared is None:  # (input, axis) pairs whose symbol also names another input's axis
+            owners = {}
+            for i in self.inputs:
+                for k, d in enumerate(i["shape"] or ()):
+                    if isinstance(d, str):
+                        owners.setdefault(d, []).append((i["name"], k))
+            shared = self.__dict__["_shared_dims"] = [(n, k, d) for d, o in owners.items() if len(o) > 1
+                                                      for n, k in o]
+        seen = {}
+        for name, k, d in shared:
+            arr = feeds.get(name)
+            if arr is None:
+                continue
+            n0, k0, g0 = seen.setdefault(d, (name, k, arr.shape[k]))
+            if g0 != arr.shape[k]:
+                role = roles().get(name, {}).get(k) or roles().get(n0, {}).get(k0)
+                if role:
+                    raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
+                                     f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
         return feeds
+
+    def _token_inputs(self):
+        """{input name: vocabulary size} of the inputs that index an embedding table (cached)."""
+        tokens = self.__dict__.get("_tokens")
+        if tokens is None:
+            from .verify import input_roles
+            tokens = {n: r[1] for n, r in input_roles(self).items() if r[0] == "tokens"}
+            self.__dict__["_tokens"] = tokens
+        return tokens
 
     def run(self, inputs):
         """Runs the graph once on whole sequences (no state kept). Returns a dict
@@ -638,15 +707,18 @@ class GraphModel:
                     if isinstance(d, str):
                         dims[d] = g
         shape = []
-        for d in spec["shape"] or ():
+        for k, d in enumerate(spec["shape"] or ()):
             if isinstance(d, int) and d >= 0:
                 shape.append(d)
             elif d in dims:
                 shape.append(dims[d])
+            elif self._batch_of(name, k, feeds) is not None:  # tf2onnx: unrelated symbols for one batch
+                shape.append(self._batch_of(name, k, feeds))
             else:
                 raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r} from the "
-                                 f"other inputs: pass {name!r} explicitly (to a stream: "
-                                 f"stream.set_state({{'inputs': {{{name!r}: array}}}}) before the first call)")
+                                 f"other inputs: pass {name!r} explicitly (to a stream: stream.set_state("
+                                 f"{{'inputs': {{...}}}}) with every state input, "
+                                 f"{[a for a, _ in self.state_pairs]}, before the first call)")
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
     def time_axes(self, feeds):
@@ -707,6 +779,18 @@ class GraphModel:
             except ValueError:
                 return None
         return feeds
+
+    def _batch_of(self, name, axis, feeds):
+        """The batch size of the fed data when axis `axis` of input `name` is a batch axis."""
+        from .verify import axis_roles
+        roles = axis_roles(self)
+        if roles.get(name, {}).get(axis) != "batch":
+            return None
+        for n, arr in feeds.items():
+            for k, r in roles.get(n, {}).items():
+                if r == "batch" and n != name and k < arr.ndim:
+                    return int(arr.shape[k])
+        return None
 
     def stream(self):
         """A stream: feed it chunks (any number of time steps) and it carries every
@@ -778,17 +862,176 @@ class GraphStream:
         return other
 
     def get_state(self):
-        """Every piece of state: {"layers": {key: vector}, "inputs": {name: array},
-        "context": {key: int}} (copies)."""
+        """Every piece of state the stream holds, as copies::
+
+            {"layers": {key: vector}, "inputs": {name: array}, "context": {key: int}}
+
+        "layers": the state of each recurrent layer whose initial state is not a graph input
+        (and of each Loop carrying state), keyed by the layer's first output (Loops:
+        "<output>:loop<k>"): a 1-D float32 vector, h then c for an LSTM, each
+        (num_directions, batch, hidden_size). "inputs": the graph's explicit state, one array
+        per state input of ``model.state_pairs``, with that input's dtype and shape. Both are
+        empty before the first call (the stream then starts from the model's initial state).
+        "context": what ops along time carry (rnnengine/streaming.py): per convolution the frames
+        it keeps (or, negative, still skips), per Pad whether its leading padding was given."""
         return {"layers": {k: v.copy() for k, v in self._layer_state.items()},
                 "inputs": {k: v.copy() for k, v in self._carried.items()},
                 "context": dict(self._aux)}
 
+    def _layer_keys(self):
+        """Keys of "layers" the model can have: recurrent nodes' first outputs, Loop outputs."""
+        keys, loops = set(), set()
+
+        def visit(nodes):
+            for n in nodes:
+                if n["op"] in ("LSTM", "GRU", "RNN"):
+                    keys.add(n["outputs"][0] or n.get("name"))
+                if n["op"] == "Loop":
+                    loops.update(f"{o or n.get('name')}:loop{k}" for k, o in enumerate(n["outputs"]))
+                for v in n.get("attrs", {}).values():
+                    if isinstance(v, dict) and "nodes" in v:
+                        visit(v["nodes"])
+        visit(self.model.graph["nodes"])
+        return keys | loops
+
     def set_state(self, state):
+        """Replaces the stream's state with ``state``, structured as get_state() returns it (of
+        this stream, a fork, or another stream of the same model and batch). Everything is
+        checked before anything changes, and a mistake raises TypeError / ValueError naming
+        it: ``state`` is a dict with the keys "layers" and "inputs" only; "inputs" names
+        every state input of the model (``model.state_pairs``) and nothing else, each an array
+        of that input's dtype and declared shape (the shape the stream carries, once it has
+        run); "layers" holds exactly the layers the stream holds once it has run, each a 1-D
+        float vector of the same size. Before the first call, empty (or absent) "layers" /
+        "inputs" mean the model's initial state; after it, use reset() for that."""
+        m = self.model
+        structure = ("{'layers': {key: vector}, 'inputs': {name: array}, 'context': {key: int}}, as "
+                     "get_state() returns")
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict {structure}; got {type(state).__name__}")
+        unknown = sorted(map(str, set(state) - {"layers", "inputs", "context"}))
+        if unknown:
+            raise ValueError(f"state has unknown key(s) {unknown}; a stream's state is {structure}")
+        layers, inputs, context = state.get("layers", {}), state.get("inputs", {}), state.get("context", {})
+        for part, d in (("layers", layers), ("inputs", inputs), ("context", context)):
+            if not isinstance(d, dict):
+                raise TypeError(f"state[{part!r}] must be a dict, got {type(d).__name__}")
+        started = bool(self._layer_state) or bool(self._carried)
+        # explicit state: the model's state inputs, each with its declared dtype and shape
+        specs = {i["name"]: i for i in m.inputs}
+        names = [a for a, _ in m.state_pairs]
+        extra = sorted(map(str, set(inputs) - set(names)))
+        if extra:
+            raise ValueError(f"state['inputs'] has {extra}, which {'are' if len(extra) > 1 else 'is'} not state "
+                             f"input(s) of this model (its state inputs: {names or 'none'})")
+        missing = [a for a in names if a not in inputs]
+        if missing and (inputs or started):
+            raise ValueError(f"state['inputs'] is missing {missing} (this model's state inputs are {names}"
+                             f"{'; reset() returns to the initial state' if started else ''})")
+        carried = {}
+        for a, v in inputs.items():
+            spec, arr = specs[a], np.asarray(v)
+            want = np.dtype(NP_DTYPES[spec["dtype"]])
+            if arr.dtype != want:
+                if arr.dtype.kind != want.kind and not (want.kind == "i" and arr.dtype.kind == "u"):
+                    raise TypeError(f"state['inputs'][{a!r}] must be {want}, got {arr.dtype}")
+                arr = arr.astype(want)
+            shape = spec["shape"]
+            if shape is not None and (arr.ndim != len(shape) or any(
+                    isinstance(d, int) and d != g for d, g in zip(shape, arr.shape))):
+                from .verify import axis_roles
+                roles = axis_roles(m).get(a, {})
+                shown = ", ".join(str(d) if isinstance(d, int) else roles.get(k, str(d)) for k, d in enumerate(shape))
+                raise ValueError(f"state['inputs'][{a!r}] must have shape ({shown}), got {arr.shape}")
+            cur = self._carried.get(a)
+            if cur is not None and cur.shape != arr.shape:
+                raise ValueError(f"state['inputs'][{a!r}] has shape {arr.shape} but this stream carries {a!r} "
+                                 f"of shape {cur.shape}: a stream keeps its batch size (use a new stream)")
+            carried[a] = np.array(arr, copy=True)
+        # recurrent layers' own state
+        allowed = set(self._layer_state) if self._layer_state else self._layer_keys()
+        extra = sorted(map(str, set(layers) - allowed))
+        if extra:
+            raise ValueError(f"state['layers'] has {extra}, which this stream does not hold (its layers: "
+                             f"{sorted(allowed) or 'none'})")
+        missing = sorted(k for k in self._layer_state if k not in layers)
+        if missing:
+            raise ValueError(f"state['layers'] is missing {missing} (this stream holds "
+                             f"{sorted(self._layer_state)}; reset() returns to the initial state)")
+        new_layers = {}
+        for k, v in layers.items():
+            arr = np.asarray(v)
+            if arr.dtype.kind != "f":
+                raise TypeError(f"state['layers'][{k!r}] must be a float32 vector, got {arr.dtype}")
+            if arr.ndim != 1:
+                raise ValueError(f"state['layers'][{k!r}] must be a 1-D vector (as get_state() returns), "
+                                 f"got shape {arr.shape}")
+            cur = self._layer_state.get(k)
+            if cur is not None and cur.size != arr.size:
+                raise ValueError(f"state['layers'][{k!r}] has {arr.size} floats but this stream's layer holds "
+                                 f"{cur.size}: the state is of another batch size or another model")
+            new_layers[k] = np.array(arr, np.float32, copy=True)
+        aux = {}
+        for k, v in context.items():
+            if not isinstance(k, str) or not k.startswith(("conv:", "pad:")) or isinstance(v, bool) or \
+                    not isinstance(v, (int, np.integer)):
+                raise ValueError(f"state['context'] entry {k!r}: {v!r} is not what get_state() returns "
+                                 "(keys 'conv:<output>' / 'pad:<output>' with integer values)")
+            aux[k] = int(v)
         self._fast = None
-        self._layer_state = {k: np.array(v, np.float32, copy=True) for k, v in state.get("layers", {}).items()}
-        self._carried = {k: np.array(v, copy=True) for k, v in state.get("inputs", {}).items()}
-        self._aux = {k: int(v) for k, v in state.get("context", {}).items()}
+        self._layer_state = new_layers
+        self._carried = carried
+        self._aux = aux
+
+    def _check_batch(self, feeds):
+        """A stream keeps its batch size: refuses, in the user's terms, data whose batch differs
+        from the first call's (or from the state given to set_state), before planning would
+        fail on engine internals. ``feeds``: the checked data inputs of a call."""
+        fresh = not self._layer_state and not self._carried
+        first = None if fresh else self.__dict__.get("_first_shapes")
+        if first is None:
+            self._first_shapes = {n: a.shape for n, a in feeds.items()}
+            if not self._carried:  # nothing to compare with yet
+                return
+        elif all(first.get(n) == a.shape for n, a in feeds.items()):
+            return
+        from .verify import axis_roles
+        roles = axis_roles(self.model)
+
+        def batch(name, shape):
+            return next((shape[k] for k, r in roles.get(name, {}).items() if r == "batch" and k < len(shape)),
+                        None)
+        for n, a in feeds.items():
+            b = batch(n, a.shape)
+            if b is None:
+                continue
+            if first is not None and n in first and batch(n, first[n]) not in (None, b):
+                raise ValueError(f"input {n!r} has batch {b} (shape {a.shape}) but this stream was started with "
+                                 f"batch {batch(n, first[n])} (shape {first[n]}): a stream keeps its batch size; "
+                                 "start another with model.stream()")
+            for s_name, st in self._carried.items():
+                sb = batch(s_name, st.shape)
+                if sb is not None and sb != b:
+                    raise ValueError(f"input {n!r} has batch {b} (shape {a.shape}) but this stream's state "
+                                     f"{s_name!r} is for batch {sb} (shape {st.shape}): a stream keeps its batch "
+                                     "size; start another with model.stream()")
+
+    def _state_mismatch(self, cur, start, feeds):
+        """The error for a layer state (from set_state) that does not fit a call, worded with
+        the call's inputs and the batch the state was made for."""
+        from .verify import axis_roles
+        roles = axis_roles(self.model)
+        shown = ", ".join(f"{n}{tuple(a.shape)}" for n, a in feeds.items() if n not in self._carried_names)
+        for n, a in feeds.items():
+            k = next((k for k, r in roles.get(n, {}).items() if r == "batch" and k < a.ndim), None)
+            if k is not None and a.shape[k] and start.size % a.shape[k] == 0:
+                per_row = start.size // a.shape[k]
+                if cur.size % per_row == 0:
+                    return ValueError(f"input {n!r} has batch {a.shape[k]} (shape {a.shape}) but this stream's state "
+                                      f"is for batch {cur.size // per_row}: a stream keeps its batch size; start "
+                                      "another with model.stream()")
+        return ValueError(f"this stream's state (from set_state) does not fit the inputs {shown}: it was made for "
+                          "another batch size; start another stream with model.stream()")
 
     def __call__(self, inputs, outputs=None):
         return self.step(inputs, outputs)
@@ -825,6 +1068,7 @@ class GraphStream:
                     raise ValueError(f"input {a!r} is state the stream carries itself; "
                                      "use set_state to change it")
         feeds = m._check_feeds(inputs, allow_missing=set(carried_names))
+        self._check_batch(feeds)
         for a in carried_names:
             if a not in self._carried:
                 self._carried[a] = m._zero_state(a, feeds)
@@ -857,8 +1101,7 @@ class GraphStream:
             if cur is None:
                 self._layer_state[key] = start.copy()
             elif cur.shape != start.shape:
-                raise ValueError(f"the stream's state of layer {key!r} holds {cur.size} floats but this "
-                                 f"call needs {start.size}: the batch size changed; use a new stream")
+                raise self._state_mismatch(cur, start, feeds)
         self.delay = plan.delay
         self._tail = plan.tail
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}

@@ -110,18 +110,32 @@ class Model:
         return self._pack_state(self.unpack_state(self._default, 1), batch, broadcast=True)
 
     def _pack_state(self, state, batch, broadcast=False):
-        if not isinstance(state, (list, tuple)) or len(state) != len(self.layers):
+        """The structured state (module doc) -> the C core's flat vector, every entry checked:
+        a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
+        float array of shape (num_directions, batch, hidden_size)."""
+        def shape_of(layer):
+            return f"({layer.num_directions}, {batch}, {layer.hidden_size})"
+        if not isinstance(state, (list, tuple)):
+            raise TypeError(f"state must be a list with one entry per layer ({len(self.layers)}): (h, c) for an "
+                            f"LSTM layer, h otherwise, as get_state() returns; got {type(state).__name__}")
+        if len(state) != len(self.layers):
             raise ValueError(f"state must be a list with one entry per layer ({len(self.layers)}), "
-                             f"got {type(state).__name__}"
-                             f"{' of length %d' % len(state) if isinstance(state, (list, tuple)) else ''}")
+                             f"got {type(state).__name__} of length {len(state)}")
         parts = []
         for k, (layer, entry) in enumerate(zip(self.layers, state)):
             want = (layer.num_directions, batch, layer.hidden_size)
             if layer.kind == "LSTM":
                 if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                    raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c)")
+                    got = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple))
+                           else f"a {type(entry).__name__}")
+                    raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c) of arrays "
+                                     f"{shape_of(layer)}, got {got}")
                 arrays = [("h", entry[0]), ("c", entry[1])]
             else:
+                if isinstance(entry, (list, tuple)):
+                    raise ValueError(f"state[{k}] of a {layer.kind} layer is h alone, an array {shape_of(layer)} "
+                                     f"(only LSTM layers have a pair (h, c)), got a {type(entry).__name__} "
+                                     f"of {len(entry)}")
                 arrays = [("h", entry)]
             for nm, a in arrays:
                 a = float_array(a, f"state[{k}] {nm}")
@@ -296,6 +310,11 @@ class Model:
         if state is not None:
             s.set_state(state)
         return s
+
+    # Stream.get_state() / set_state(state) (rnnengine._core.Stream) use the structure of the
+    # module doc: a list with one entry per layer, (h, c) for LSTM and h otherwise, each
+    # (num_directions, batch_size, hidden_size); set_state checks it with _pack_state and
+    # raises TypeError / ValueError naming the entry, before anything changes.
 
 
 def load_onnx(path_or_model):

@@ -141,9 +141,50 @@ def check_graph(graph, tensor_names, where="graph"):
                 check_graph(v["graph"], tensor_names, f"{where}: node {k} attribute {name!r}")
 
 
+CHECKPOINT_KIND = "rnnengine-checkpoint"
+
+
+def load_checkpoint_model(wf, path):
+    """A training checkpoint (written by rnnengine.train, graph {"kind": "rnnengine-checkpoint"})
+    as a runnable model of its network: the graph ``Network.to_onnx()`` exports (without
+    state I/O, so streams keep every layer's state), converted. The model's metadata holds
+    the converter's and the checkpoint's ("train.*": config, optimizer, step, vocabulary)."""
+    from .converter import convert_model
+    from .train import Network
+
+    def fail(msg):
+        raise fileformat.FormatError(f"{path}: training checkpoint: {msg}")
+    cfg = wf.metadata.get("train.config")
+    if not isinstance(cfg, dict):
+        fail("metadata 'train.config' (the network's configuration) is missing")
+    try:
+        net = Network(**cfg)
+    except (TypeError, ValueError) as e:
+        fail(f"metadata 'train.config' does not describe a network ({e})")
+    if "params" not in wf.names:
+        fail("tensor 'params' is missing")
+    params = wf.tensor("params")
+    if params.shape != net.params.shape or params.dtype != np.float32:
+        fail(f"tensor 'params' is {params.dtype} {params.shape}; train.config needs float32 {net.params.shape}")
+    net.params[:] = params
+    proto = net.to_onnx()
+    graph, tensors, meta = convert_model(proto)
+    meta.update({k: v for k, v in wf.metadata.items() if k.startswith("train.")})
+    meta["source.file"] = None
+    meta["source.checkpoint"] = str(path)
+    model = GraphModel(graph, tensors, meta)
+    model.file = wf
+    model.network = net
+    model.onnx_source = proto.SerializeToString()  # for comparisons with onnxruntime (bench)
+    return model
+
+
 def load(path, verify=True):
-    """Loads a weight file as a GraphModel (float32 weights memory-mapped, not copied)."""
+    """Loads a weight file as a GraphModel (float32 weights memory-mapped, not copied). A
+    training checkpoint loads as its network (see load_checkpoint_model)."""
     wf = fileformat.read(path, verify=verify)
+    if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:
+        return load_checkpoint_model(wf, path)
     check_graph(wf.graph, set(wf.names))
     tensors = {name: wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)

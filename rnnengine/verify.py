@@ -134,6 +134,73 @@ def time_axes(model, feeds):
     return model.time_axes(feeds)
 
 
+def axis_roles(model):
+    """{input name: {axis: "batch" | "time"}} for the symbolic axes of the model's inputs,
+    found by planning random inputs with the axis one longer (with every axis of the same
+    symbol, and if that alone does not plan, with the symbolic axes of the state inputs too):
+    a batch axis changes the recurrent layers' batch, a time axis their T. Used to word
+    errors in the user's terms; computed once per model."""
+    cached = model.__dict__.get("_axis_roles")
+    if cached is not None:
+        return cached
+    roles = {}
+    model.__dict__["_axis_roles"] = roles
+    try:
+        feeds = random_feeds(model, seed=0)
+        base = model.plan(feeds)
+    except Exception:
+        return roles
+    if not base.recurrent:
+        return roles
+    carried = {a for a, _ in model.state_pairs}
+
+    def grown(axes):
+        f = dict(feeds)
+        for n, ax in axes:
+            if f[n].shape[ax] == 0:
+                return None
+            f[n] = np.concatenate([f[n], np.take(f[n], [-1], axis=ax)], axis=ax)
+        return f
+
+    def probe(axes):
+        f = grown(axes)
+        if f is None:
+            return None
+        try:
+            plan = model.plan(f)
+        except Exception:
+            return None
+        if len(plan.recurrent) != len(base.recurrent):
+            return None
+        if any(a["B"] != b["B"] for a, b in zip(base.recurrent, plan.recurrent)):
+            return "batch"
+        if any(a["T"] != b["T"] for a, b in zip(base.recurrent, plan.recurrent)):
+            return "time"
+        return None
+    symbolic = [(i["name"], k, d) for i in model.inputs for k, d in enumerate(i["shape"] or [])
+                if not (isinstance(d, int) and d >= 0) and i["name"] in feeds]
+    for name, axis, d in symbolic:
+        same = {(n, k) for n, k, d2 in symbolic if (n, k) == (name, axis) or (isinstance(d, str) and d2 == d)}
+        role = probe(sorted(same))
+        if role is None and name not in carried:
+            states = {(n, k) for n, k, _ in symbolic if n in carried}
+            role = probe(sorted(same | states))
+            if role == "batch":
+                for n, k in states:
+                    roles.setdefault(n, {}).setdefault(k, "batch")
+        if role is not None:
+            roles.setdefault(name, {})[axis] = role
+    for name, axis, d in symbolic:  # by name, and the other axis of an input with a time axis
+        low = str(d).lower()
+        mine = roles.setdefault(name, {})
+        if axis not in mine and ("batch" in low or "time" in low or "seq" in low):
+            mine[axis] = "batch" if "batch" in low else "time"
+        others = [k for n, k, _ in symbolic if n == name and k not in mine]
+        if "time" in mine.values() and "batch" not in mine.values() and others == [axis]:
+            mine[axis] = "batch"
+    return roles
+
+
 def errors(got, want):
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
@@ -147,13 +214,30 @@ def errors(got, want):
     return {"abs": float(np.nan_to_num(diff, nan=np.inf).max()), "rel": float(np.nan_to_num(rel, nan=np.inf).max())}
 
 
+class OnnxRuntimeError(RuntimeError):
+    """onnxruntime refused the model (at session creation or at run); the message carries
+    the first line of onnxruntime's own message."""
+
+
+def _ort_reason(e):
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def ort_session(onnx_source):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxRuntimeError("onnxruntime is not installed: pip install 'rnnengine[verify]' "
+                               "(or pip install onnxruntime)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its failures come back as OnnxRuntimeError, not as log lines
     data = onnx_source if isinstance(onnx_source, (bytes, str)) else onnx_source.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxRuntimeError(f"onnxruntime cannot load the model: {_ort_reason(e)}") from None
 
 
 def ort_feeds(sess, feeds):
@@ -171,7 +255,12 @@ class _Session:
         return self.sess.get_outputs()
 
     def run(self, names, feeds):
-        return self.sess.run(names, ort_feeds(self.sess, {**self.extra, **feeds}))
+        f = ort_feeds(self.sess, {**self.extra, **feeds})
+        try:
+            return self.sess.run(names, f)
+        except Exception as e:
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in f.items())
+            raise OnnxRuntimeError(f"onnxruntime cannot run the model on inputs {shapes}: {_ort_reason(e)}") from None
 
 
 def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), calls=4, ref=None, ort_extra=None):
@@ -197,6 +286,16 @@ def verify(model, onnx_source, dims=None, fixed=None, seed=0, chunks=(1, 3), cal
     return report
 
 
+def stream_refusal(model, feeds=None):
+    """The NotStreamableError model.stream() raises (naming the node that mixes time steps),
+    or None when the model streams."""
+    try:
+        model.stream()
+    except NotStreamableError as e:
+        return e
+    return None
+
+
 def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dims, fixed):
     try:
         probe = model.stream()  # refuses a graph that mixes time steps, naming the node
@@ -204,10 +303,13 @@ def _verify_stream(model, sess, feeds, want, out_names, chunks, calls, seed, dim
         return None, str(e)
     taxes = probe._taxes if probe._taxes is not None else model.time_axes(feeds)
     carried = {a for a, _ in model.state_pairs}
-    if taxes:
-        return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
-    if model.state_pairs:
-        return _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed)
+    try:
+        if taxes:
+            return _stream_chunks(model, feeds, want, out_names, taxes, chunks, carried)
+        if model.state_pairs:
+            return _stream_calls(model, sess, feeds, out_names, calls, seed, dims, fixed)
+    except NotStreamableError as e:  # the stream constructor or a call refused the graph
+        return None, str(e)
     return None, "no time axis and no explicit state: nothing to stream"
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import rnnengine
 from rnnengine import cli
@@ -149,3 +150,223 @@ def test_train_classification_from_npz(tmp_path, capsys):
     np.save(tmp_path / "ids.npy", rng.integers(0, 7, 3000))
     assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", str(tmp_path / "lm.rnne"), "--steps", "5",
                      "--hidden", "8", "--batch", "4", "--seq-len", "8", "--quiet"]) == 0
+
+
+# --- verify never prints a traceback; run --stream carries state -----------------------------
+def _lm_with_state_io(path, H=8, V=11):
+    """README's lm.onnx: a trained token LSTM exported with its state as graph I/O."""
+    from rnnengine.train import Network, fit
+    rng = np.random.default_rng(3)
+    net = Network("LSTM", input_size=V, hidden_size=H, output_size=V, embedding=4, seed=1)
+    fit(net, rng.integers(0, V, 2000).astype(np.int32), None, task="lm", steps=3, batch_size=4, seq_len=8)
+    net.to_onnx(str(path), state_io=True)
+    return net
+
+
+def test_verify_reports_onnxruntime_refusal_in_one_line(tmp_path, capsys):
+    """A model onnxruntime fails to run (a Reshape with the export's T baked in) and one it
+    refuses at session creation (an IR version it does not know): one line naming
+    onnxruntime's reason, exit 2, no traceback."""
+    import subprocess
+    bad = corpus("torch_dynamo_lstm_1layer_bidir_op18.onnx")  # its Reshape bakes T=7 in: (5, 5) inputs fail
+    assert cli.main(["verify", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxruntime cannot run the model" in err and "Reshape" in err
+    assert "--dim NAME=SIZE for s27, s77" in err
+    assert "Traceback" not in err
+    r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "verify", bad], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    # refused when the session is created
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 99  # onnxruntime refuses IR versions it does not know; rnnengine converts
+    import onnx
+    onnx.save(m, str(tmp_path / "ir99.onnx"))
+    assert cli.main(["verify", str(tmp_path / "ir99.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnengine verify: cannot compare, onnxruntime cannot load the model:")
+    assert err.count("\n") == 1
+
+
+def test_verify_conversion_error_is_one_line_exit_2(tmp_path, capsys):
+    from onnx import TensorProto, helper
+    import onnx
+    g = helper.make_graph([helper.make_node("Unique", ["x"], ["y"], name="u")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.save(m, str(tmp_path / "u.onnx"))
+    assert cli.main(["verify", str(tmp_path / "u.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unique node 'u'" in err
+
+
+def test_verify_says_not_streamable_and_still_checks_whole_sequences(capsys):
+    src = corpus("torch_legacy_lstm_1layer_bidir_op14.onnx")
+    assert cli.main(["verify", src]) == 0
+    out = capsys.readouterr().out
+    assert "streamed: not streamable: LSTM node '/m/LSTM': direction 'bidirectional' runs backwards in time" in out
+    assert "whole sequence:" in out and "OK" in out
+
+
+def test_run_stream_refuses_bidirectional_by_name(tmp_path, capsys):
+    src = corpus("torch_legacy_lstm_1layer_bidir_op14.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((5, 2, 6)).astype(np.float32))
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                     "--stream", "2"]) == 2
+    assert capsys.readouterr().err.startswith("not streamable: LSTM node '/m/LSTM': direction 'bidirectional' runs backwards in time")
+
+
+def _run_both(tmp_path, src, x, chunk):
+    np.save(tmp_path / "x.npy", x)
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "w.npz")]) == 0
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.npz"),
+                     "--stream", str(chunk)]) == 0
+    return dict(np.load(tmp_path / "w.npz")), dict(np.load(tmp_path / "s.npz"))
+
+
+def test_run_stream_on_readme_lm_with_state_io(tmp_path, capsys):
+    """README: net.to_onnx("lm.onnx", state_io=True); `run --stream` feeds only the tokens and
+    equals the whole-sequence run (onnxruntime with zero state), final state included."""
+    import onnxruntime as ort
+    path = tmp_path / "lm.onnx"
+    _lm_with_state_io(path)
+    tok = np.random.default_rng(1).integers(0, 11, size=(9, 3)).astype(np.int64)  # (T, B)
+    for chunk in (1, 2, 4):
+        whole, streamed = _run_both(tmp_path, str(path), tok, chunk)
+        assert whole.keys() == streamed.keys() == {"logits", "hN_0", "cN_0"}
+        for k in whole:
+            assert whole[k].shape == streamed[k].shape
+            assert np.abs(whole[k] - streamed[k]).max() <= 1e-5, k
+    z = np.zeros((1, 3, 8), np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"tokens": tok, "h0_0": z, "c0_0": z})
+    for k, w in zip(("logits", "hN_0", "cN_0"), want):
+        assert np.abs(streamed[k] - w).max() <= 1e-5, k
+    assert "streamed in chunks of 4" in capsys.readouterr().out
+
+
+def test_run_stream_on_tf2onnx_state_io_sizes_the_state_itself(tmp_path):
+    """keras tf2onnx names the batch of x and of h0/c0 with unrelated symbols: the state's
+    size comes from the data; the result equals onnxruntime's with zero state."""
+    import onnxruntime as ort
+    src = corpus("keras2_tf2onnx_lstm_state_io_op17.onnx")
+    x = np.random.default_rng(2).standard_normal((2, 7, 6)).astype(np.float32)
+    whole, streamed = _run_both(tmp_path, src, x, 3)
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    z = np.zeros((2, 8), np.float32)
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x, "h0": z, "c0": z})))
+    for k, w in want.items():
+        assert np.abs(whole[k] - w).max() <= 1e-5 and np.abs(streamed[k] - w).max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("name", ["torch_legacy_audio_vad_stateful_op14.onnx",
+                                  "torch_dynamo_audio_vad_stateful_op18.onnx"])
+def test_run_stream_on_chunk_per_call_model(tmp_path, capsys, name):
+    """A VAD taking one chunk of audio per call, state as graph I/O: `run --stream 1` with the
+    chunks stacked on a leading axis equals onnxruntime fed its own state back."""
+    import onnxruntime as ort
+    src = corpus(name)
+    xs = np.random.default_rng(4).standard_normal((4, 2, 128)).astype(np.float32)
+    np.save(tmp_path / "x.npy", xs)
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.npz"),
+                     "--stream", "1"]) == 0
+    got = np.load(tmp_path / "s.npz")
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    state = np.zeros((2, 1, 2, 16), np.float32)
+    for k in range(4):
+        prob, state = sess.run(None, {"x": xs[k], "state": state})
+        assert np.abs(got["prob"][k] - prob).max() <= 1e-5
+    assert np.abs(got["stateN"] - state).max() <= 1e-5
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "s.npz"),
+                     "--stream", "2"]) == 2
+    assert "one chunk" in capsys.readouterr().err
+
+
+# --- training checkpoints open like converted models ------------------------------------------
+def _checkpoint(tmp_path, kind="GRU", embedding=None):
+    from rnnengine.train import Adam, Network, fit, save_checkpoint
+    rng = np.random.default_rng(5)
+    if embedding:
+        net = Network(kind, 9, 6, 9, num_layers=2, embedding=embedding, seed=2)
+        fit(net, rng.integers(0, 9, 500).astype(np.int32), None, task="lm", steps=3, batch_size=2, seq_len=6)
+    else:
+        net = Network(kind, 3, 6, 2, num_layers=2, seed=2)
+        X = rng.standard_normal((20, 5, 3)).astype(np.float32)
+        fit(net, X, rng.integers(0, 2, 20), task="classify", steps=3, batch_size=4)
+    path = str(tmp_path / "ck.rnne")
+    save_checkpoint(path, net, Adam(net.size, 1e-3), pos=7, extra={"note": "x"})
+    return net, path
+
+
+@pytest.mark.parametrize("kind, embedding", [("GRU", None), ("LSTM", 4)])
+def test_checkpoint_loads_runs_streams_and_matches_the_network(tmp_path, kind, embedding):
+    """rnnengine.load(checkpoint) is the trained network: its run equals Network.forward and
+    onnxruntime on Network.to_onnx(); a stream in chunks equals the whole run."""
+    import onnxruntime as ort
+    net, path = _checkpoint(tmp_path, kind, embedding)
+    model = rnnengine.load(path)
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 9, (7, 3)).astype(np.int64) if embedding else rng.standard_normal((7, 3, 3)).astype(np.float32)
+    name = "tokens" if embedding else "X"
+    got = model.run({name: x})["logits"]
+    want_net = net.forward(x)[0]
+    want_ort = ort.InferenceSession(net.to_onnx().SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    assert np.abs(got - want_ort).max() <= 1e-5 and np.abs(got - want_net).max() <= 1e-5
+    s = model.stream()
+    parts = [s({name: x[t:t + 2]})["logits"] for t in range(0, 7, 2)]
+    assert np.abs(np.concatenate(parts) - got).max() <= 1e-5
+    assert model.metadata["train.pos"] == 7 and model.metadata["train.config"]["kind"] == kind
+
+
+def test_checkpoint_inspect_run_bench_from_the_command_line(tmp_path, capsys):
+    net, path = _checkpoint(tmp_path, "LSTM", 4)
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "training checkpoint" in out and "LSTM 2x6" in out and "train.pos = 7" in out
+    assert f"parameters: {net.size:,};" in out
+    tok = np.random.default_rng(0).integers(0, 9, (8, 2)).astype(np.int64)
+    np.save(tmp_path / "t.npy", tok)
+    assert cli.main(["run", path, "--input", str(tmp_path / "t.npy"), "-o", str(tmp_path / "y.npy")]) == 0
+    assert np.abs(np.load(tmp_path / "y.npy") - net.forward(tok)[0]).max() <= 1e-5
+    assert cli.main(["bench", path, "--steps", "3", "--repeats", "1", "--seq", "4"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+    assert cli.main(["verify", path]) == 0  # against onnxruntime on the network's ONNX graph
+    out = capsys.readouterr().out
+    assert "streamed (time axis {'tokens': 0}" in out and "OK" in out
+
+
+def test_damaged_checkpoint_is_a_format_error(tmp_path):
+    from rnnengine import fileformat
+    fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
+                     {"params": np.zeros(3, np.float32)}, quantize=set(),
+                     metadata={"train.config": {"kind": "LSTM", "input_size": 2, "hidden_size": 2,
+                                                "output_size": 2}})
+    with pytest.raises(fileformat.FormatError, match="tensor 'params' is float32 \\(3,\\); train.config needs"):
+        rnnengine.load(str(tmp_path / "bad.rnne"))
+    assert cli.main(["inspect", str(tmp_path / "bad.rnne")]) == 2
+
+
+def test_verify_and_run_report_not_streamable_raised_by_the_stream(tmp_path, capsys, monkeypatch):
+    """When model.stream() (or its first call) raises NotStreamableError, verify prints its
+    message as the streamed result and still compares whole sequences; run --stream prints it
+    and exits 2."""
+    from rnnengine.graph import GraphModel
+    from rnnengine.ops import NotStreamableError
+
+    def refuse(self):
+        raise NotStreamableError({"op": "Softmax", "name": "/attn/Softmax"}, "it mixes time steps (axis 1)")
+    monkeypatch.setattr(GraphModel, "stream", refuse)
+    src = corpus("torch_legacy_lstm_2layer_batchfirst_op14.onnx")
+    assert cli.main(["verify", src]) == 0
+    out = capsys.readouterr().out
+    assert "streamed: not streamable: Softmax node '/attn/Softmax': it mixes time steps (axis 1)" in out
+    assert "whole sequence:" in out and "max abs" in out
+    np.save(tmp_path / "x.npy", np.zeros((2, 5, 6), np.float32))
+    assert cli.main(["run", src, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                     "--stream", "2"]) == 2
+    assert capsys.readouterr().err == "not streamable: Softmax node '/attn/Softmax': it mixes time steps (axis 1)\n"

@@ -5,6 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
+from rnnengine.converter import ConversionError
 from oracle import make_rnn_model, run_ort
 
 rng = np.random.default_rng(0)
@@ -252,3 +253,229 @@ def test_load_onnx_bidirectional_stack_through_transpose_reshape_glue():
     m.graph.node[1].attribute[0].ints[:] = [0, 1, 2, 3]
     with pytest.raises(ValueError, match="does not turn Y into the next layer"):
         rnnengine.load_onnx(m)
+
+
+# --- conversion refusals -------------------------------------------------------------------
+def proj_size_lstm(P=2, H=4, I=3, state_as="input"):
+    """The shape of what the PyTorch dynamo exporter writes for nn.LSTM(proj_size=P): an ONNX
+    LSTM with hidden_size H whose initial state (and the consumer of Y_h) has size P."""
+    Wp = rng.standard_normal((1, 4 * H, I)).astype(np.float32)
+    Rp = rng.standard_normal((1, 4 * H, H)).astype(np.float32)
+    head = rng.standard_normal((P, 5)).astype(np.float32)
+    inits = [numpy_helper.from_array(Wp, "W"), numpy_helper.from_array(Rp, "R"),
+             numpy_helper.from_array(head, "head")]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
+    if state_as == "input":
+        inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "B", P]))
+    else:
+        inits.append(numpy_helper.from_array(np.zeros((1, 2, P), np.float32), "h0"))
+    nodes = [helper.make_node("LSTM", ["X", "W", "R", "", "", "h0"], ["Y", "Y_h"], name="/lstm/LSTM",
+                              hidden_size=H),
+             helper.make_node("MatMul", ["Y_h", "head"], ["out"], name="/head/MatMul")]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("state_as", ["input", "initializer"])
+def test_proj_size_lstm_is_refused_at_conversion_naming_node_and_shapes(state_as):
+    m = proj_size_lstm(state_as=state_as)
+    shape = r"\(1, B, 2\)" if state_as == "input" else r"\(1, 2, 2\)"
+    with pytest.raises(ConversionError,
+                       match=r"LSTM node '/lstm/LSTM': hidden_size is 4 but initial_h 'h0' has shape "
+                             + shape + r" \(last dimension 2, expected 4\).*proj_size"):
+        rnnengine.convert(m)
+
+
+def test_state_output_declared_with_another_size_is_refused():
+    m = proj_size_lstm(P=4)  # initial state consistent ...
+    m.graph.value_info.append(helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "B", 2]))
+    with pytest.raises(ConversionError, match=r"Y_h 'Y_h' has shape \(1, B, 2\)"):
+        rnnengine.convert(m)
+
+
+# --- set_state checks the structure it is given ------------------------------------------------
+import os  # noqa: E402
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus")
+
+
+def test_layer_stack_stream_set_state_errors_name_the_entry():
+    g = rnnengine.GRU(rng.standard_normal((1, 12, 4)).astype(np.float32),
+                      rng.standard_normal((1, 12, 4)).astype(np.float32))
+    m = rnnengine.Model([lstm(), g])
+    s = m.stream(batch_size=2)
+    s.step(rng.standard_normal((2, 3)).astype(np.float32))
+    before = s.get_state_vector()
+    (h, c), hg = s.get_state()
+    cases = [
+        ({"layers": {}}, TypeError, r"state must be a list with one entry per layer \(2\).*got dict"),
+        ([(h, c)], ValueError, "got list of length 1"),
+        ([(h,), hg], ValueError, r"state\[0\] of an LSTM layer must be a pair \(h, c\) of arrays \(1, 2, 4\), got a tuple of 1"),
+        ([(h, c), (hg, hg)], ValueError, r"state\[1\] of a GRU layer is h alone, an array \(1, 2, 4\)"),
+        ([(h[:, :1], c), hg], ValueError, r"state\[0\] h must have shape \(1, 2, 4\) \(directions, batch, hidden\), got \(1, 1, 4\)"),
+        ([(h, c.astype(np.int32)), hg], TypeError, r"state\[0\] c must be a float array"),
+    ]
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+        np.testing.assert_array_equal(s.get_state_vector(), before)  # nothing changed
+
+
+def test_graph_stream_set_state_refuses_bad_structures_and_changes_nothing():
+    m = rnnengine.convert(os.path.join(CORPUS, "torch_legacy_lstm_2layer_batchfirst_op14.onnx"))
+    s = m.stream()
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    s({"x": x})
+    saved = s.get_state()
+    keys = sorted(saved["layers"])
+    assert saved["inputs"] == {} and len(keys) == 2  # one per LSTM layer
+    vec = saved["layers"][keys[0]]
+    cases = [
+        ([vec], TypeError, r"state must be a dict \{'layers'"),
+        ({"layer": saved["layers"]}, ValueError, r"unknown key\(s\) \['layer'\]"),
+        ({"layers": {**saved["layers"], "/other/LSTM_output_0": vec}}, ValueError,
+         r"state\['layers'\] has \['/other/LSTM_output_0'\], which this stream does not hold"),
+        ({"layers": {keys[0]: vec}}, ValueError, r"state\['layers'\] is missing \['" + keys[1] + r"'\].*reset\(\)"),
+        ({}, ValueError, "is missing"),
+        ({"layers": {**saved["layers"], keys[0]: vec[:-4]}}, ValueError, f"has {vec.size - 4} floats but this stream's layer holds {vec.size}"),
+        ({"layers": {**saved["layers"], keys[0]: vec.reshape(2, -1)}}, ValueError, "must be a 1-D vector"),
+        ({"layers": {**saved["layers"], keys[0]: vec.astype(np.int64)}}, TypeError, "must be a float32 vector, got int64"),
+        ({"layers": saved["layers"], "inputs": {"h0": vec}}, ValueError, r"\['h0'\], which is not state input"),
+    ]
+    y_next = s({"x": x})["y"]
+    s.set_state(saved)
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+    # the failed calls changed nothing: the stream continues from `saved`
+    np.testing.assert_array_equal(s({"x": x})["y"], y_next)
+
+
+def test_graph_stream_set_state_checks_explicit_state_inputs():
+    m = rnnengine.convert(os.path.join(CORPUS, "keras2_tf2onnx_lstm_state_io_op17.onnx"))
+    assert [a for a, _ in m.state_pairs] == ["h0", "c0"]
+    h = rng.standard_normal((2, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    s = m.stream()
+    for bad, exc, msg in [
+        ({"inputs": {"h0": h}}, ValueError, r"state\['inputs'\] is missing \['c0'\]"),
+        ({"inputs": {"h0": h, "c0": h, "x": x}}, ValueError, r"\['x'\], which is not state input"),
+        ({"inputs": {"h0": h, "c0": h[:, :7]}}, ValueError, r"state\['inputs'\]\['c0'\] must have shape \(batch, 8\), got \(2, 7\)"),
+        ({"inputs": {"h0": h, "c0": h.astype(np.int64)}}, TypeError, r"state\['inputs'\]\['c0'\] must be float32, got int64"),
+        ({"inputs": [h, h]}, TypeError, r"state\['inputs'\] must be a dict"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            s.set_state(bad)
+    s.set_state({"inputs": {"h0": h, "c0": h}})
+    out = s({"x": x})
+    want = m.run({"x": x, "h0": h, "c0": h})
+    for k in want:
+        assert np.abs(out[k] - want[k]).max() <= 1e-5
+    with pytest.raises(ValueError, match=r"has shape \(3, 8\) but this stream carries 'h0' of shape \(2, 8\)"):
+        s.set_state({"inputs": {"h0": np.zeros((3, 8), np.float32), "c0": np.zeros((3, 8), np.float32)}})
+
+
+# --- shape mistakes in converted models are worded in the user's terms ------------------------
+def corpus_model(name):
+    return rnnengine.convert(os.path.join(CORPUS, name))
+
+
+@pytest.mark.parametrize("name", ["torch_legacy_lstm_2layer_batchfirst_op14.onnx",
+                                  "keras2_tf2onnx_lstm_state_io_op17.onnx",
+                                  "torch_dynamo_gru_2layer_batchfirst_initstate_op18.onnx"])
+def test_wrong_rank_and_features_name_the_input_and_its_axes(name):
+    m = corpus_model(name)
+    x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    s = m.stream()
+    for run in (m.run, s):
+        with pytest.raises(ValueError, match=r"^input 'x' must have 3 dimensions \(batch, time, 6 features\), "
+                                             r"got shape \(5, 6\); a batch of one still needs its batch axis"):
+            run({"x": x[0]})
+        with pytest.raises(ValueError, match=r"^input 'x' has 7 features per step, the model takes 6: shape "
+                                             r"\(batch, time, 6 features\), got \(2, 5, 7\)$"):
+            run({"x": np.concatenate([x, x[..., :1]], axis=-1)})
+        with pytest.raises(TypeError, match=r"^input 'x' must be float32, got int64 \(shape \(2, 5, 6\)\)$"):
+            run({"x": x.astype(np.int64)})
+
+
+def test_stream_batch_change_is_named_in_the_users_terms():
+    for name, feed in [("torch_legacy_lstm_2layer_batchfirst_op14.onnx", "x"),
+                       ("torch_legacy_token_lstm_logsoftmax_op14.onnx", "ids"),
+                       ("keras3_tf2onnx_gru_reset_after_op17.onnx", "x"),       # a Loop carrying state
+                       ("keras2_tf2onnx_lstm_state_io_op17.onnx", "x"),         # state as graph I/O
+                       ("torch_dynamo_gru_2layer_batchfirst_initstate_op18.onnx", "x")]:
+        m = corpus_model(name)
+        x = rng.standard_normal((2, 4, 6)).astype(np.float32) if feed == "x" else \
+            rng.integers(0, 20, (2, 4)).astype(np.int64)
+        s = m.stream()
+        s({feed: x})
+        more = np.concatenate([x, x[:1]])
+        with pytest.raises(ValueError, match=rf"^input '{feed}' has batch 3 \(shape \(3, 4(, 6)?\)\) but this stream "
+                                             r"was started with batch 2 \(shape \(2, 4(, 6)?\)\): a stream keeps "
+                                             r"its batch size"):
+            s({feed: more})
+        s({feed: x[:, :1]})  # another chunk length is fine
+    # explicit state given to set_state before the first call
+    m = corpus_model("torch_legacy_audio_vad_stateful_op14.onnx")
+    s = m.stream()
+    s.set_state({"inputs": {"state": np.zeros((2, 1, 2, 16), np.float32)}})
+    with pytest.raises(ValueError, match=r"^input 'x' has batch 3 \(shape \(3, 128\)\) but this stream's state "
+                                         r"'state' is for batch 2 \(shape \(2, 1, 2, 16\)\)"):
+        s({"x": np.zeros((3, 128), np.float32)})
+
+
+def test_inputs_sharing_a_batch_must_agree():
+    m = corpus_model("torch_legacy_packed_lstm_sorted_op14.onnx")
+    x = rng.standard_normal((3, 5, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^input 'lens' has batch 2 \(shape \(2,\)\) but input 'x' has batch 3 "
+                                         r"\(shape \(3, 5, 6\)\)$"):
+        m.run({"x": x, "lens": np.array([5, 4], np.int64)})
+    m = corpus_model("torch_legacy_audio_vad_stateful_op14.onnx")
+    with pytest.raises(ValueError, match=r"^input 'state' has batch 3 .* but input 'x' has batch 2"):
+        m.run({"x": np.zeros((2, 128), np.float32), "state": np.zeros((2, 1, 3, 16), np.float32)})
+    with pytest.raises(ValueError, match=r"^input 'state' must have size 16 in dimension 3: shape "
+                                         r"\(2, 1, batch, 16\), got \(2, 1, 2, 15\)$"):
+        m.run({"x": np.zeros((2, 128), np.float32), "state": np.zeros((2, 1, 2, 15), np.float32)})
+
+
+def test_tf2onnx_state_io_stream_sizes_its_state_from_the_data():
+    """h0/c0 have their own batch symbol: a stream fed only x still carries a state of x's
+    batch, and equals the whole run with zero state."""
+    m = corpus_model("keras2_tf2onnx_lstm_state_io_op17.onnx")
+    x = rng.standard_normal((3, 6, 6)).astype(np.float32)
+    s = m.stream()
+    parts = [s({"x": x[:, t:t + 2]}) for t in range(0, 6, 2)]
+    z = np.zeros((3, 8), np.float32)
+    want = m.run({"x": x, "h0": z, "c0": z})
+    assert np.abs(np.concatenate([p["lstm_2"] for p in parts], axis=1) - want["lstm_2"]).max() <= 1e-5
+    assert np.abs(parts[-1]["lstm_2_1"] - want["lstm_2_1"]).max() <= 1e-5
+    assert np.abs(m.run({"x": x})["lstm_2"] - want["lstm_2"]).max() == 0
+
+
+def test_token_ids_outside_the_vocabulary_name_the_input():
+    m = corpus_model("torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    ids = rng.integers(0, 20, (2, 5)).astype(np.int64)
+    ids[1, 3] = 20
+    for run in (m.run, m.stream()):
+        with pytest.raises(ValueError, match=r"^input 'ids' holds token index 20, outside the vocabulary of 20 "
+                                             r"\(ids 0..19"):
+            run({"ids": ids})
+    ids[1, 3] = -20  # ONNX Gather counts negative ids from the end, as onnxruntime does
+    import onnxruntime as ort
+    src = os.path.join(CORPUS, "torch_legacy_token_lstm_logsoftmax_op14.onnx")
+    want = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert np.abs(m.run({"ids": ids})["logp"] - want).max() <= 1e-5
+
+
+def test_layer_state_of_another_batch_given_to_set_state_is_named_at_the_call():
+    m = corpus_model("torch_legacy_lstm_2layer_batchfirst_op14.onnx")
+    s = m.stream()
+    s({"x": rng.standard_normal((2, 3, 6)).astype(np.float32)})
+    other = m.stream()
+    other.set_state(s.get_state())  # a fresh stream takes it; its size is checked at the call
+    with pytest.raises(ValueError, match=r"^input 'x' has batch 3 \(shape \(3, 3, 6\)\) but this stream's state "
+                                         r"is for batch 2: a stream keeps its batch size"):
+        other({"x": rng.standard_normal((3, 3, 6)).astype(np.float32)})
