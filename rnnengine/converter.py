@@ -206,6 +206,7 @@ class _Converter:
         from .fuse import fuse_gru_cells, fuse_lstm_cells
         nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
         nodes, self.fused_gru = fuse_gru_cells(nodes, consts, [o["name"] for o in outputs])
+        self._fuse_in_branches(nodes, consts)
         if self.fused or self.fused_gru:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
@@ -217,6 +218,33 @@ class _Converter:
         _hoist_subgraph_tensors(graph["nodes"], tensors)
         graph["state_pairs"] = pair_states(graph)
         return graph, tensors
+
+
+    def _fuse_in_branches(self, nodes, consts):
+        """Fuses the cells written op by op inside If branches left undecided (e.g. silero-vad's
+        16 kHz and 8 kHz models when the sample rate is an input), so that their state is a
+        recurrent layer's state that pair_states can see. Each branch keeps its own names."""
+        from .fuse import fuse_gru_cells, fuse_lstm_cells
+        for n in nodes:
+            if n["op"] != "If":
+                continue
+            for key in ("then_branch", "else_branch"):
+                b = n["attrs"][key]
+                tensors = dict(consts)
+                tensors.update(b["tensors"])
+                keep = list(b["outputs"]) + [x for m in b["nodes"] for x in _outer_reads(m)]
+                prefix = f"{n['name'] or n['outputs'][0]}/{key}/"
+                bnodes, k1 = fuse_lstm_cells(b["nodes"], tensors, keep, prefix)
+                bnodes, k2 = fuse_gru_cells(bnodes, tensors, keep, prefix)
+                if k1 or k2:
+                    produced = {o for m in bnodes for o in m["outputs"] if o}
+                    outer = {x for m in bnodes for x in [y for y in m["inputs"] if y] + _outer_reads(m)} - produced
+                    bnodes = _toposort(bnodes, set(tensors) | outer)
+                    b["tensors"].update({t: v for t, v in tensors.items() if t not in consts and t not in b["tensors"]})
+                    self.fused += k1
+                    self.fused_gru += k2
+                b["nodes"] = bnodes
+                self._fuse_in_branches(bnodes, {**consts, **b["tensors"]})
 
 
 def _toposort(nodes, available):
@@ -283,50 +311,164 @@ def _hoist_subgraph_tensors(nodes, tensors):
                 _hoist_subgraph_tensors(v["nodes"], tensors)
 
 
+MAX_ALTERNATIVES = 4096  # per tensor; beyond this the pairing gives up (no pair, never a wrong one)
+
+
 def pair_states(graph):
     """Pairs explicit state inputs with outputs from the graph's structure: input i pairs
     with output o when the recurrent slots i feeds (initial_h / initial_c of some layers)
-    are exactly the slots o is computed from (Y_h / Y_c of the same layers)."""
-    nodes = graph["nodes"]
-    feeds_of = {i["name"]: set() for i in graph["inputs"] if i["dtype"] == "float32"}
-    deps = {}  # tensor -> set of (layer, slot) it is computed from (Y_h -> 'h', Y_c -> 'c'), or 'Y'
-    reach = {i: {i} for i in feeds_of}  # input -> tensors depending on it
-    for n in nodes:
-        ins = [x for x in n["inputs"] if x] + _outer_reads(n)
-        if n["op"] in ("LSTM", "GRU", "RNN"):
-            key = n["outputs"][0] or n["name"]
-            slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
-            for inp, r in reach.items():
-                for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
-                    if slots.get(slot) and slots[slot] in r:
-                        feeds_of[inp].add((key, tag))
-            outs = n["outputs"] + ["", "", ""]
-            if outs[1]:
-                deps[outs[1]] = {(key, "h")}
-            if outs[2]:
-                deps[outs[2]] = {(key, "c")}
-            if outs[0]:
-                deps[outs[0]] = {"Y"} | set().union(*(deps.get(x, set()) for x in ins))
-        else:
-            d = set().union(*(deps.get(x, set()) for x in ins)) if ins else set()
-            for o in n["outputs"]:
-                if o:
-                    deps[o] = d
-        if n["op"] in ("Shape", "Size"):
-            continue  # only the shape flows on: a state's data does not
-        for inp, r in reach.items():
-            if any(x in r for x in ins):
-                r.update(o for o in n["outputs"] if o)
+    are exactly the slots o is computed from (Y_h / Y_c of the same layers).
+
+    The analysis sees through If nodes whose condition is not known at conversion (it
+    depends on input shapes, or on an input such as a sample rate). A tensor's dependencies
+    are a set of alternatives, one per combination of branches that can produce it; each is
+    (choices, slots) where choices are (condition, branch) pairs. Ifs reading the same
+    condition (through Cast / Identity / Not) choose together. Input i pairs with output o
+    when, in every alternative of o, o is computed from exactly the slots i feeds among the
+    layers that run under those choices, or (a fresh start, e.g. silero-vad's branch for an
+    empty state) i feeds no layer that runs and o comes only from layers no input feeds;
+    at least one alternative must be of the first kind."""
+    inputs = [i["name"] for i in graph["inputs"] if i["dtype"] == "float32"]
+    producer = {}
+    _index_producers(graph["nodes"], producer)
+    feeds_of = {i: set() for i in inputs}   # input -> {(layer, 'h'|'c')} it feeds
+    path_of = {}                            # layer -> frozenset of choices under which it runs
+    reach = {i: {i} for i in inputs}        # input -> tensors whose data depends on it
+    deps = {}                               # tensor -> frozenset of (choices, slots), None: unknown
+    none = frozenset([(frozenset(), frozenset())])
+    counter = [0]
+
+    def alts(names):
+        """Alternatives of a value computed from all of ``names`` (compatible combinations)."""
+        acc = {(frozenset(), frozenset())}
+        for x in names:
+            d = deps.get(x, none)
+            if d is None:
+                return None
+            if d == none:
+                continue
+            nxt = set()
+            for c1, s1 in acc:
+                for c2, s2 in d:
+                    c = c1 | c2
+                    if len({k for k, _ in c}) == len(c):  # no condition taken both ways
+                        nxt.add((c, s1 | s2))
+            if len(nxt) > MAX_ALTERNATIVES:
+                return None
+            acc = nxt
+        return frozenset(acc)
+
+    def walk(nodes, path):
+        for n in nodes:
+            ins = [x for x in n["inputs"] if x]
+            op = n["op"]
+            if op == "If":
+                cond, polarity = _condition_key(n["inputs"][0], producer)
+                branches = []
+                for key, taken in (("then_branch", polarity), ("else_branch", not polarity)):
+                    b = n["attrs"][key]
+                    choice = (cond, taken)
+                    walk(b["nodes"], path | {choice})
+                    branches.append((b["outputs"], choice))
+                for k, o in enumerate(n["outputs"]):
+                    if not o:
+                        continue
+                    res = set()
+                    for outs, choice in branches:
+                        d = deps.get(outs[k], none)
+                        if d is None:
+                            res = None
+                            break
+                        res.update((c | {choice}, s) for c, s in d if (choice[0], not choice[1]) not in c)
+                    deps[o] = None if res is None or len(res) > MAX_ALTERNATIVES else frozenset(res)
+                    for r in reach.values():
+                        if any(outs[k] in r for outs, _ in branches):
+                            r.add(o)
+                continue
+            ins = ins + _outer_reads(n)
+            if op in ("LSTM", "GRU", "RNN"):
+                key = n["outputs"][0] or n["name"] or f"#{counter[0]}"
+                counter[0] += 1
+                path_of[key] = frozenset(path)
+                slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
+                for inp, r in reach.items():
+                    for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
+                        if slots.get(slot) and slots[slot] in r:
+                            feeds_of[inp].add((key, tag))
+                outs = n["outputs"] + ["", "", ""]
+                if outs[1]:
+                    deps[outs[1]] = frozenset([(frozenset(), frozenset([(key, "h")]))])
+                if outs[2]:
+                    deps[outs[2]] = frozenset([(frozenset(), frozenset([(key, "c")]))])
+                if outs[0]:
+                    d = alts(ins)
+                    deps[outs[0]] = None if d is None else frozenset((c, s | {"Y"}) for c, s in d)
+            else:
+                d = alts(ins)
+                for o in n["outputs"]:
+                    if o:
+                        deps[o] = d
+            if op in ("Shape", "Size"):
+                continue  # only the shape flows on: a state's data does not
+            for r in reach.values():
+                if any(x in r for x in ins):
+                    r.update(o for o in n["outputs"] if o)
+
+    walk(graph["nodes"], frozenset())
+    fed = set().union(*feeds_of.values()) if feeds_of else set()
     pairs = []
     shapes = {i["name"]: i["shape"] for i in graph["inputs"]}
     for inp, slots in feeds_of.items():
         if not slots:
             continue
-        cands = [o["name"] for o in graph["outputs"] if deps.get(o["name"]) == slots
-                 and (o["shape"] is None or shapes[inp] is None or len(o["shape"]) == len(shapes[inp]))]
+        cands = []
+        for o in graph["outputs"]:
+            d = deps.get(o["name"])
+            if not d or d == none:
+                continue
+            if o["shape"] is not None and shapes[inp] is not None and len(o["shape"]) != len(shapes[inp]):
+                continue
+            fed_alt = 0
+            for choices, s in d:
+                running = {t for t in slots if path_of[t[0]] <= choices}
+                if not s or "Y" in s:
+                    break
+                if running and s == running:
+                    fed_alt += 1
+                elif running or s & fed:
+                    break
+            else:
+                if fed_alt:
+                    cands.append(o["name"])
         if len(cands) == 1:
             pairs.append([inp, cands[0]])
     return pairs
+
+
+def _index_producers(nodes, producer):
+    for n in nodes:
+        for o in n["outputs"]:
+            if o:
+                producer[o] = n
+        for v in n.get("attrs", {}).values():
+            if isinstance(v, dict) and "nodes" in v:
+                _index_producers(v["nodes"], producer)
+
+
+def _condition_key(name, producer):
+    """(source tensor, polarity) of an If condition, seen through Cast, Identity and Not, so
+    that Ifs testing the same thing are known to take the same branch."""
+    polarity = True
+    seen = 0
+    while name in producer and producer[name]["op"] in ("Cast", "Identity", "Not") and seen < 100:
+        n = producer[name]
+        if n["op"] == "Cast" and n["attrs"].get("to") not in (9, 7, 6, 1):  # to bool / ints / float
+            break
+        if n["op"] == "Not":
+            polarity = not polarity
+        name = n["inputs"][0]
+        seen += 1
+    return name, polarity
 
 
 def convert_model(source, fixed_inputs=None, state_pairs=None):

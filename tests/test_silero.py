@@ -1,0 +1,180 @@
+"""silero-vad as shipped on PyPI (installed with --no-deps; see README's test command): every
+.onnx file the package ships converts with its state paired automatically (also through the
+If on the sample rate), runs whole like onnxruntime, and streams from a zero state without
+help, chunk by chunk equal to onnxruntime run with the state passed back."""
+import glob
+import importlib.util
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import rnnengine
+from oracle import max_violation
+from rnnengine.ops import UnsupportedError
+
+ort = pytest.importorskip("onnxruntime")
+
+_spec = importlib.util.find_spec("silero_vad")
+if _spec is None or not _spec.submodule_search_locations:
+    pytest.skip("silero-vad is not installed (README's test command installs it: "
+                "pip install --no-deps silero-vad)", allow_module_level=True)
+DATA = os.path.join(list(_spec.submodule_search_locations)[0], "data")
+FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(DATA, "*.onnx")))
+# samples per chunk and context samples the model expects before each chunk (silero-vad's
+# OnnxWrapper: 512 + 64 at 16 kHz, 256 + 32 at 8 kHz)
+CHUNK = {16000: (512, 64), 8000: (256, 32)}
+
+
+def test_the_package_ships_onnx_files():
+    # every file below is tested; a release that drops them all must not pass silently
+    assert "silero_vad.onnx" in FILES, FILES
+
+
+def _inputs(path):
+    m = onnx.load(path, load_external_data=False)
+    init = {t.name for t in m.graph.initializer}
+    return {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+            for i in m.graph.input if i.name not in init}
+
+
+def _rates(inputs):
+    """Sample rates a file takes: both when the rate is an input, else 16 kHz (the files
+    without an sr input are 16 kHz models: _16k in their names, or the half-precision export of
+    the 16 kHz model)."""
+    return (16000, 8000) if "sr" in inputs else (16000,)
+
+
+def _expected_pairs(inputs):
+    return [("c", "cn"), ("h", "hn")] if "h" in inputs else [("state", "stateN")]
+
+
+def _audio(rng, n):
+    """Non-symmetric test signal: noise of changing loudness over a tone, so the model's
+    speech probability moves."""
+    t = np.arange(n) / 16000.0
+    env = 0.05 + 0.5 * (np.sin(2 * np.pi * 1.3 * t) > 0)
+    return (env * (0.6 * np.sin(2 * np.pi * 220 * t) + rng.standard_normal(n) * 0.3) + 0.01).astype(np.float32)
+
+
+def _windows(x, chunk, context, batch):
+    """(n_chunks, batch, context + chunk): each chunk with the context samples before it
+    (zeros before the first), as silero-vad's OnnxWrapper feeds the model."""
+    n = x.shape[-1] // chunk
+    xs = np.concatenate([np.zeros((batch, context), np.float32), x.reshape(batch, -1)], axis=1)
+    return np.stack([xs[:, k * chunk: k * chunk + chunk + context] for k in range(n)])
+
+
+def _session(path):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("fname", FILES)
+def test_state_is_paired_automatically(fname):
+    path = os.path.join(DATA, fname)
+    inputs = _inputs(path)
+    want = _expected_pairs(inputs)
+    assert sorted(rnnengine.convert(path).state_pairs) == want
+    # with the sample rate fixed (the If on it folded away) or left as an input (both
+    # branches seen): the same pairing
+    for sr in _rates(inputs) if "sr" in inputs else ():
+        assert sorted(rnnengine.convert(path, fixed_inputs={"sr": sr}).state_pairs) == want
+
+
+@pytest.mark.parametrize("fname", [f for f in FILES if "sr" in _inputs(os.path.join(DATA, f))])
+def test_sample_rate_left_as_input_is_refused_by_name_not_guessed(fname):
+    # the branch on sr is chosen when planning, so sr must be fixed at conversion; a model
+    # converted without it refuses to run, naming the node, instead of picking a branch
+    model = rnnengine.convert(os.path.join(DATA, fname))
+    x = np.zeros((1, 576), np.float32)
+    with pytest.raises(UnsupportedError, match="node"):
+        model.stream()({"input": x, "sr": np.array(16000)})
+
+
+def _cases():
+    for f in FILES:
+        inputs = _inputs(os.path.join(DATA, f))
+        if "h" in inputs:
+            continue  # the sequence model has its own test below
+        for sr in _rates(inputs):
+            yield pytest.param(f, sr, id=f"{f}-{sr}")
+
+
+@pytest.mark.parametrize("fname,sr", list(_cases()))
+def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
+    path = os.path.join(DATA, fname)
+    inputs = _inputs(path)
+    chunk, context = CHUNK[sr]
+    fixed_batch = inputs["input"][0]
+    rng = np.random.default_rng(sr + len(fname))
+    for batch in ([1] if fixed_batch else [1, 3]):
+        n_chunks = 8
+        x = np.stack([_audio(rng, chunk * n_chunks) for _ in range(batch)])
+        wins = _windows(x, chunk, context, batch)
+        sess = _session(path)
+        model = rnnengine.convert(path, fixed_inputs={"sr": sr} if "sr" in inputs else None)
+        stream = model.stream()                      # no set_state: starts from zeros
+        state = np.zeros((2, batch, 128), np.float32)
+        probs = []
+        for k in range(n_chunks):
+            feed = {"input": wins[k], "state": state}
+            if "sr" in inputs:
+                feed["sr"] = np.array(sr, np.int64)
+            want, state = sess.run(["output", "stateN"], feed)
+            got = stream({"input": wins[k]})
+            assert got["output"].shape == want.shape
+            assert max_violation(got["output"], want) <= 1, (k, got["output"], want)
+            assert max_violation(got["stateN"], state) <= 1, k
+            assert max_violation(stream.get_state()["inputs"]["state"], state) <= 1, k
+            probs.append(want)
+        assert np.ptp(np.concatenate(probs)) > 1e-3  # the signal moves the probability
+        # whole: one call, the state omitted (zeros), as onnxruntime with zeros
+        feed = {"input": wins[0], "state": np.zeros((2, batch, 128), np.float32)}
+        if "sr" in inputs:
+            feed["sr"] = np.array(sr, np.int64)
+        want = sess.run(None, feed)
+        got = model.run({"input": wins[0]})
+        assert max_violation(got["output"], want[0]) <= 1
+        assert max_violation(got["stateN"], want[1]) <= 1
+
+
+@pytest.mark.parametrize("fname", [f for f in FILES if "h" in _inputs(os.path.join(DATA, f))])
+def test_sequence_model_whole_and_streamed(fname):
+    # input (windows, 576): one LSTM step per 576-sample window; h, c carried explicitly
+    path = os.path.join(DATA, fname)
+    rng = np.random.default_rng(7)
+    chunk, context = CHUNK[16000]
+    n = 10
+    wins = _windows(_audio(rng, chunk * n)[None], chunk, context, 1)[:, 0]   # (n, 576)
+    sess = _session(path)
+    zeros = np.zeros((1, 1, 128), np.float32)
+    want_p, want_h, want_c = sess.run(["speech_probs", "hn", "cn"], {"input": wins, "h": zeros, "c": zeros})
+    model = rnnengine.convert(path)
+    got = model.run({"input": wins})
+    assert max_violation(got["speech_probs"], want_p) <= 1
+    assert max_violation(got["hn"], want_h) <= 1 and max_violation(got["cn"], want_c) <= 1
+    stream = model.stream()
+    h, c = zeros, zeros
+    pos = 0
+    for size in (3, 1, 4, 2):
+        part = wins[pos: pos + size]
+        p, h, c = sess.run(["speech_probs", "hn", "cn"], {"input": part, "h": h, "c": c})
+        out = stream({"input": part})
+        assert max_violation(out["speech_probs"], p) <= 1
+        assert max_violation(out["speech_probs"], want_p[pos: pos + size]) <= 1  # = the whole run
+        pos += size
+    assert max_violation(stream.get_state()["inputs"]["h"], want_h) <= 1
+    assert max_violation(stream.get_state()["inputs"]["c"], want_c) <= 1
+
+
+def test_stream_state_shape_is_derived_not_given():
+    # silero_vad.onnx declares state [2, ?, 128]: the stream finds ? = the batch of the first
+    # call (the only size the graph maps to itself), for any batch
+    path = os.path.join(DATA, "silero_vad.onnx")
+    model = rnnengine.convert(path, fixed_inputs={"sr": 16000})
+    assert model.inputs[1]["shape"][1] is None
+    for batch in (1, 2, 5):
+        s = model.stream()
+        s({"input": np.zeros((batch, 576), np.float32)})
+        assert s.get_state()["inputs"]["state"].shape == (2, batch, 128)
