@@ -1,9 +1,10 @@
 """converter.py - ONNX file -> rnnengine graph (the content of a weight file).
 
 Steps, each refusing loudly what it cannot do faithfully:
-  1. read the ONNX model; check opsets (default domain 7..21) and that every op has a
-     handler in rnnengine.ops.OPS (or is If), and that every attribute is one the handler
-     knows; other domains (e.g. com.microsoft::DynamicQuantizeLSTM) are refused by name;
+  1. read the ONNX model; check the opset (default domain, 7 to the newest the installed
+     onnx defines), that every op has a handler in rnnengine.ops.OPS (or is If / Loop / a
+     sequence op), that the op's version at that opset is one rnnengine implements
+     (rnnengine/opsets.py), and that every attribute is one the handler knows; other domains (e.g. com.microsoft::DynamicQuantizeLSTM) are refused by name;
   2. turn nodes into plain dicts (attributes as Python values, subgraphs recursively,
      tensors into the tensor table); Constant nodes become tensors;
   3. fold every node whose inputs are all constants with the handlers' NumPy evaluation
@@ -22,8 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
-
-MIN_OPSET, MAX_OPSET = 7, 21
+from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
 CONVERTER_VERSION = "1"
 
 
@@ -69,8 +69,9 @@ class _Converter:
                 self.opset = imp.version
         if self.opset is None:
             raise ConversionError("the model imports no default-domain ONNX opset")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise ConversionError(f"opset {self.opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+        if not MIN_OPSET <= self.opset <= max_opset():
+            raise ConversionError(f"opset {self.opset} is not supported (supported: {MIN_OPSET} to {max_opset()}, "
+                                  f"the newest the installed onnx {onnx.__version__} defines)")
         self.tensors = {}
         self.fixed = {k: np.asarray(v) for k, v in (fixed_inputs or {}).items()}
         self._anon = 0
@@ -104,6 +105,10 @@ class _Converter:
         if n.op_type not in OPS and n.op_type not in ("If", "Loop") + SEQUENCE_OPS:
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
                                   f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
+        try:
+            check_node(n.op_type, self.opset, where(node))
+        except OpsetError as e:
+            raise ConversionError(str(e)) from None
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
         if n.op_type in ("If", "Loop") + SEQUENCE_OPS:
             allowed = SEQUENCE_ATTRS.get(n.op_type, set()) | ({"then_branch", "else_branch", "body"}
