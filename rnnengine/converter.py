@@ -173,6 +173,10 @@ class _Converter:
                 consts[node["outputs"][0]] = OPS["Constant"](node, self.opset).eval([])[0]
                 continue
             if op in OPS and op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
+                if op == "Range" and any(n and np.asarray(consts[n]).dtype == np.float16 for n in ins):
+                    # Range-27 accumulates float16 in float32 (stash_type); NumPy's float16
+                    # arange does not, and earlier versions do not take float16 at all
+                    raise ConversionError(f"{where(node)}: Range on float16 is not supported")
                 h = OPS[op](node, self.opset)
                 try:
                     with np.errstate(all="ignore"):
@@ -461,13 +465,14 @@ def _index_producers(nodes, producer):
 
 
 def _condition_key(name, producer):
-    """(source tensor, polarity) of an If condition, seen through Cast, Identity and Not, so
-    that Ifs testing the same thing are known to take the same branch."""
+    """(source tensor, polarity) of an If condition, seen through Cast to bool, Identity and
+    Not, so that Ifs testing the same thing are known to take the same branch. (Only steps
+    that keep the truth value: a Cast to an integer type would not, e.g. 0.5 -> 0.)"""
     polarity = True
     seen = 0
     while name in producer and producer[name]["op"] in ("Cast", "Identity", "Not") and seen < 100:
         n = producer[name]
-        if n["op"] == "Cast" and n["attrs"].get("to") not in (9, 7, 6, 1):  # to bool / ints / float
+        if n["op"] == "Cast" and n["attrs"].get("to") != 9:
             break
         if n["op"] == "Not":
             polarity = not polarity

@@ -75,8 +75,8 @@ VERSIONS = {
     "Shape": {1: "the whole shape", 13: BF16, 15: "start / end attributes (implemented)", **_LOWBIT_19_25},
     "Size": {1: "element count", 13: BF16, **_LOWBIT_19_25},
     "Range": {11: "introduced",
-              27: "stash_type: float16 / bfloat16 accumulation (no effect on the int and float32 inputs "
-                  "rnnengine evaluates; the attribute itself is refused)"},
+              27: "float16 / bfloat16 inputs, accumulated as stash_type (rnnengine refuses float16 Range "
+                  "and the attribute; int and float32 inputs are unchanged)"},
     "Identity": {1: "tensors", 13: BF16, 14: "sequence inputs (implemented: passed through)",
                  16: "optional types (types only)", **_LOWBIT_19_25},
     "Dropout": {7: "drops is_test (inference: identity)", 10: "bool mask (types only)",

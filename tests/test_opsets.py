@@ -208,3 +208,14 @@ def test_opset_newer_than_the_installed_onnx_is_refused():
     m.opset_import[0].version = NEWEST + 1
     with pytest.raises(ConversionError, match=f"opset {NEWEST + 1} is not supported.*7 to {NEWEST}"):
         rnnengine.convert(m)
+
+
+def test_float16_range_is_refused_at_the_opset_that_defines_it():
+    if NEWEST < 27:
+        pytest.skip("Range-27 (float16) is not defined by the installed onnx")
+    node = helper.make_node("Range", ["a", "b", "c"], ["o"], name="r16")
+    g = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT16, None)],
+                          [_init(n, np.array(v, np.float16)) for n, v in (("a", 0), ("b", 900), ("c", 0.3))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 27)])
+    with pytest.raises(ConversionError, match=r"Range node 'r16'.*float16"):
+        rnnengine.convert(m)

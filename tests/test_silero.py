@@ -17,16 +17,18 @@ from rnnengine.ops import UnsupportedError
 ort = pytest.importorskip("onnxruntime")
 
 _spec = importlib.util.find_spec("silero_vad")
-if _spec is None or not _spec.submodule_search_locations:
-    pytest.skip("silero-vad is not installed (README's test command installs it: "
-                "pip install --no-deps silero-vad)", allow_module_level=True)
-DATA = os.path.join(list(_spec.submodule_search_locations)[0], "data")
-FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(DATA, "*.onnx")))
+INSTALLED = _spec is not None and bool(_spec.submodule_search_locations)
+DATA = os.path.join(list(_spec.submodule_search_locations)[0], "data") if INSTALLED else ""
+FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(DATA, "*.onnx"))) if INSTALLED else []
+# the tests of the shipped files; the synthetic If-pairing tests at the end run regardless
+needs_silero = pytest.mark.skipif(not INSTALLED, reason="silero-vad is not installed (README's test command "
+                                "installs it: pip install --no-deps silero-vad)")
 # samples per chunk and context samples the model expects before each chunk (silero-vad's
 # OnnxWrapper: 512 + 64 at 16 kHz, 256 + 32 at 8 kHz)
 CHUNK = {16000: (512, 64), 8000: (256, 32)}
 
 
+@needs_silero
 def test_the_package_ships_onnx_files():
     # every file below is tested; a release that drops them all must not pass silently
     assert "silero_vad.onnx" in FILES, FILES
@@ -71,6 +73,7 @@ def _session(path):
 
 
 @pytest.mark.parametrize("fname", FILES)
+@needs_silero
 def test_state_is_paired_automatically(fname):
     path = os.path.join(DATA, fname)
     inputs = _inputs(path)
@@ -83,6 +86,7 @@ def test_state_is_paired_automatically(fname):
 
 
 @pytest.mark.parametrize("fname", [f for f in FILES if "sr" in _inputs(os.path.join(DATA, f))])
+@needs_silero
 def test_sample_rate_left_as_input_is_refused_by_name_not_guessed(fname):
     # the branch on sr is chosen when planning, so sr must be fixed at conversion; a model
     # converted without it refuses to run, naming the node, instead of picking a branch
@@ -102,6 +106,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("fname,sr", list(_cases()))
+@needs_silero
 def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
     path = os.path.join(DATA, fname)
     inputs = _inputs(path)
@@ -140,6 +145,7 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
 
 
 @pytest.mark.parametrize("fname", [f for f in FILES if "h" in _inputs(os.path.join(DATA, f))])
+@needs_silero
 def test_sequence_model_whole_and_streamed(fname):
     # input (windows, 576): one LSTM step per 576-sample window; h, c carried explicitly
     path = os.path.join(DATA, fname)
@@ -168,6 +174,7 @@ def test_sequence_model_whole_and_streamed(fname):
     assert max_violation(stream.get_state()["inputs"]["c"], want_c) <= 1
 
 
+@needs_silero
 def test_stream_state_shape_is_derived_not_given():
     # silero_vad.onnx declares state [2, ?, 128]: the stream finds ? = the batch of the first
     # call (the only size the graph maps to itself), for any batch
@@ -178,3 +185,84 @@ def test_stream_state_shape_is_derived_not_given():
         s = model.stream()
         s({"input": np.zeros((batch, 576), np.float32)})
         assert s.get_state()["inputs"]["state"].shape == (2, batch, 128)
+
+
+# --- state pairing through If, on small synthetic graphs (no silero-vad needed) -------------
+
+def _cell_branch(tag, rng, I, H, swap_out=False):
+    """An If branch computing one LSTMCell step op by op, as exporters write nn.LSTMCell
+    (PyTorch gate order i, f, g, o), from state (2, B, H) = [h; c] and x (B, I); outputs
+    y (B, 3) and the next state stacked the same way (or, with swap_out, [h; h]: wrong)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def t(name, arr):
+        return numpy_helper.from_array(np.asarray(arr), f"{tag}.{name}")
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.4).astype(np.float32)
+    n = lambda op, ins, outs, **kw: helper.make_node(op, [f"{tag}.{i}" if not i.startswith("@") else i[1:]
+                                                         for i in ins], [f"{tag}.{o}" for o in outs], **kw)
+    inits = [t("Wih", w(4 * H, I)), t("Whh", w(4 * H, H)), t("bih", w(4 * H)), t("bhh", w(4 * H)),
+             t("Wo", w(H, 3)), t("i0", np.array(0, np.int64)), t("i1", np.array(1, np.int64)),
+             t("ax0", np.array([0], np.int64))]
+    nodes = [n("Gather", ["@state", "i0"], ["h"], axis=0), n("Gather", ["@state", "i1"], ["c"], axis=0),
+             n("Gemm", ["h", "Whh", "bhh"], ["gh"], transB=1), n("Gemm", ["@x", "Wih", "bih"], ["gx"], transB=1),
+             n("Add", ["gh", "gx"], ["g"]), n("Split", ["g"], ["s0", "s1", "s2", "s3"], axis=1, num_outputs=4),
+             n("Sigmoid", ["s0"], ["ig"]), n("Sigmoid", ["s1"], ["fg"]), n("Tanh", ["s2"], ["gg"]),
+             n("Sigmoid", ["s3"], ["og"]), n("Mul", ["fg", "c"], ["fc"]), n("Mul", ["ig", "gg"], ["ic"]),
+             n("Add", ["fc", "ic"], ["c2"]), n("Tanh", ["c2"], ["tc"]), n("Mul", ["og", "tc"], ["h2"]),
+             n("Unsqueeze", ["h2", "ax0"], ["uh"]), n("Unsqueeze", ["h2" if swap_out else "c2", "ax0"], ["uc"]),
+             n("Concat", ["uh", "uc"], ["stateN"], axis=0), n("MatMul", ["h2", "Wo"], ["y"])]
+    return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}.y", TensorProto.FLOAT, None),
+                                              helper.make_tensor_value_info(f"{tag}.stateN", TensorProto.FLOAT, None)],
+                             inits)
+
+
+def _if_cell_model(swap_else=False, I=5, H=4):
+    """x (B, I), state (2, B, H) -> y, stateN through an If on a shape (x's width equals I),
+    so the branch is chosen when planning, as silero-vad's Ifs on the batch size are; both
+    branches hold an LSTMCell written op by op (different weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Gather", ["shp", "one"], ["width"], axis=0),
+             helper.make_node("Equal", ["width", "I"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y", "stateN"], name="choose",
+                              then_branch=_cell_branch("a", rng, I, H),
+                              else_branch=_cell_branch("b", rng, I, H, swap_out=swap_else))]
+    g = helper.make_graph(nodes, "ifcell", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", I]),
+                                            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", H])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3]),
+                           helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "B", H])],
+                          [numpy_helper.from_array(np.array(1, np.int64), "one"),
+                           numpy_helper.from_array(np.array(I, np.int64), "I")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    return m
+
+
+def test_cells_inside_an_undecided_if_are_fused_paired_and_stream_like_onnxruntime():
+    model = _if_cell_model()
+    gm = rnnengine.convert(model)
+    assert gm.metadata["converter.fused_lstm_cells"] == 2   # one per branch, weights kept apart
+    assert gm.state_pairs == [("state", "stateN")]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    for batch in (1, 3):
+        stream = gm.stream()
+        state = np.zeros((2, batch, 4), np.float32)
+        for k in range(6):
+            x = (rng.standard_normal((batch, 5)) + 0.3).astype(np.float32)
+            y, state = sess.run(None, {"x": x, "state": state})
+            got = stream({"x": x})
+            assert max_violation(got["y"], y) <= 1, k
+            assert max_violation(got["stateN"], state) <= 1, k
+        assert np.abs(state).max() > 0.05
+
+
+def test_a_branch_that_returns_other_slots_blocks_the_pairing():
+    # the else branch returns [h; h] instead of [h; c]: in that alternative stateN is not the
+    # state the input feeds, so nothing is paired (the caller can still say --state)
+    gm = rnnengine.convert(_if_cell_model(swap_else=True))
+    assert gm.metadata["converter.fused_lstm_cells"] == 2
+    assert gm.state_pairs == []
