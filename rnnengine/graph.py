@@ -548,6 +548,17 @@ class GraphModel:
             shape = self._probe_state_shapes(feeds)[name]
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
+    def _check_state_positions(self, feeds):
+        """Before a stream first runs with these input shapes: every paired output must hand
+        each state element back to its own place (rnnengine.converter.check_state_positions)."""
+        if not self.state_pairs:
+            return
+        sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+        done = self.__dict__.setdefault("_positions_checked", {})
+        if sig not in done:
+            from .converter import check_state_positions
+            done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
+
     def _declared_state_shape(self, spec, feeds):
         """The state's shape with the sizes the declaration and the fed inputs give (None for
         a dimension neither tells)."""
@@ -682,6 +693,7 @@ class GraphStream:
             if a not in self._carried:
                 self._carried[a] = m._zero_state(a, feeds)
             feeds[a] = np.ascontiguousarray(self._carried[a])
+        m._check_state_positions(feeds)
         plan = m.plan(feeds, streaming=True)
         for key, (tid, start) in plan.state.items():
             cur = self._layer_state.get(key)

@@ -134,6 +134,8 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
             assert max_violation(stream.get_state()["inputs"]["state"], state) <= 1, k
             probs.append(want)
         assert np.ptp(np.concatenate(probs)) > 1e-3  # the signal moves the probability
+        # every element of stateN was traced back to the element of state it continues
+        assert list(model._positions_checked.values()) == [True]
         # whole: one call, the state omitted (zeros), as onnxruntime with zeros
         feed = {"input": wins[0], "state": np.zeros((2, batch, 128), np.float32)}
         if "sr" in inputs:
@@ -170,6 +172,8 @@ def test_sequence_model_whole_and_streamed(fname):
         assert max_violation(out["speech_probs"], p) <= 1
         assert max_violation(out["speech_probs"], want_p[pos: pos + size]) <= 1  # = the whole run
         pos += size
+    checks = list(model._positions_checked.values())   # one per chunk length
+    assert checks and all(checks)
     assert max_violation(stream.get_state()["inputs"]["h"], want_h) <= 1
     assert max_violation(stream.get_state()["inputs"]["c"], want_c) <= 1
 
@@ -189,10 +193,11 @@ def test_stream_state_shape_is_derived_not_given():
 
 # --- state pairing through If, on small synthetic graphs (no silero-vad needed) -------------
 
-def _cell_branch(tag, rng, I, H, swap_out=False):
+def _cell_branch(tag, rng, I, H, out="hc"):
     """An If branch computing one LSTMCell step op by op, as exporters write nn.LSTMCell
     (PyTorch gate order i, f, g, o), from state (2, B, H) = [h; c] and x (B, I); outputs
-    y (B, 3) and the next state stacked the same way (or, with swap_out, [h; h]: wrong)."""
+    y (B, 3) and the next state stacked as ``out`` says ("hc": [h; c] as it came in; "hh",
+    "ch": wrong)."""
     from onnx import TensorProto, helper, numpy_helper
 
     def t(name, arr):
@@ -211,14 +216,14 @@ def _cell_branch(tag, rng, I, H, swap_out=False):
              n("Sigmoid", ["s0"], ["ig"]), n("Sigmoid", ["s1"], ["fg"]), n("Tanh", ["s2"], ["gg"]),
              n("Sigmoid", ["s3"], ["og"]), n("Mul", ["fg", "c"], ["fc"]), n("Mul", ["ig", "gg"], ["ic"]),
              n("Add", ["fc", "ic"], ["c2"]), n("Tanh", ["c2"], ["tc"]), n("Mul", ["og", "tc"], ["h2"]),
-             n("Unsqueeze", ["h2", "ax0"], ["uh"]), n("Unsqueeze", ["h2" if swap_out else "c2", "ax0"], ["uc"]),
+             n("Unsqueeze", [out[0] + "2", "ax0"], ["uh"]), n("Unsqueeze", [out[1] + "2", "ax0"], ["uc"]),
              n("Concat", ["uh", "uc"], ["stateN"], axis=0), n("MatMul", ["h2", "Wo"], ["y"])]
     return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}.y", TensorProto.FLOAT, None),
                                               helper.make_tensor_value_info(f"{tag}.stateN", TensorProto.FLOAT, None)],
                              inits)
 
 
-def _if_cell_model(swap_else=False, I=5, H=4):
+def _if_cell_model(then_out="hc", else_out="hc", I=5, H=4):
     """x (B, I), state (2, B, H) -> y, stateN through an If on a shape (x's width equals I),
     so the branch is chosen when planning, as silero-vad's Ifs on the batch size are; both
     branches hold an LSTMCell written op by op (different weights)."""
@@ -228,8 +233,8 @@ def _if_cell_model(swap_else=False, I=5, H=4):
              helper.make_node("Gather", ["shp", "one"], ["width"], axis=0),
              helper.make_node("Equal", ["width", "I"], ["cond"]),
              helper.make_node("If", ["cond"], ["y", "stateN"], name="choose",
-                              then_branch=_cell_branch("a", rng, I, H),
-                              else_branch=_cell_branch("b", rng, I, H, swap_out=swap_else))]
+                              then_branch=_cell_branch("a", rng, I, H, then_out),
+                              else_branch=_cell_branch("b", rng, I, H, else_out))]
     g = helper.make_graph(nodes, "ifcell", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", I]),
                                             helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", H])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3]),
@@ -258,11 +263,24 @@ def test_cells_inside_an_undecided_if_are_fused_paired_and_stream_like_onnxrunti
             assert max_violation(got["y"], y) <= 1, k
             assert max_violation(got["stateN"], state) <= 1, k
         assert np.abs(state).max() > 0.05
+    assert list(gm._positions_checked.values()) == [True, True]  # every state element traced home
+
+
+def test_a_pair_that_puts_state_elements_back_in_the_wrong_place_is_refused():
+    # the branch the stream takes returns [c; h] for a state that came in as [h; c]: the
+    # same layers' states (so pair_states pairs them), but feeding it back would swap h and
+    # c; the stream's first call refuses, naming the pair and the elements
+    gm = rnnengine.convert(_if_cell_model(then_out="ch"))
+    assert gm.state_pairs == [("state", "stateN")]
+    with pytest.raises(UnsupportedError, match=r"state pair state=stateN: element \(0, 0, 0\) of 'stateN' "
+                                               r"continues element \(1, 0, 0\) of 'state'"):
+        gm.stream()({"x": np.ones((2, 5), np.float32)})
+    assert "stateN" in gm.run({"x": np.ones((2, 5), np.float32)})  # run() feeds nothing back
 
 
 def test_a_branch_that_returns_other_slots_blocks_the_pairing():
     # the else branch returns [h; h] instead of [h; c]: in that alternative stateN is not the
     # state the input feeds, so nothing is paired (the caller can still say --state)
-    gm = rnnengine.convert(_if_cell_model(swap_else=True))
+    gm = rnnengine.convert(_if_cell_model(else_out="hh"))
     assert gm.metadata["converter.fused_lstm_cells"] == 2
     assert gm.state_pairs == []
