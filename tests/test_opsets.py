@@ -219,3 +219,53 @@ def test_float16_range_is_refused_at_the_opset_that_defines_it():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 27)])
     with pytest.raises(ConversionError, match=r"Range node 'r16'.*float16"):
         rnnengine.convert(m)
+
+
+def control_model(opset, rng, I=4, H=3):
+    """x (B, T, I) -> If on x's width (decided when planning) choosing between two LSTMs,
+    then a Loop with a constant trip count that adds the LSTM output scaled by the
+    iteration number: If and Loop at the opset's versions."""
+    def lstm_branch(tag):
+        W = numpy_helper.from_array((rng.standard_normal((1, 4 * H, I)) * 0.5).astype(np.float32), f"{tag}W")
+        R = numpy_helper.from_array((rng.standard_normal((1, 4 * H, H)) * 0.5).astype(np.float32), f"{tag}R")
+        nodes = [helper.make_node("Transpose", ["x"], [f"{tag}xt"], perm=[1, 0, 2]),
+                 helper.make_node("LSTM", [f"{tag}xt", f"{tag}W", f"{tag}R"], [f"{tag}y", "", ""], hidden_size=H,
+                                  name=f"{tag}lstm"),
+                 helper.make_node("Squeeze", [f"{tag}y", "ax1"], [f"{tag}out"])]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}out", TensorProto.FLOAT, None)],
+                                 [W, R])
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["h", "fi"], ["hi"]),
+         helper.make_node("Add", ["acc", "hi"], ["acc2"]),
+         helper.make_node("Identity", ["cond"], ["cond2"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond2", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc2", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Gather", ["shp", "two"], ["width"], axis=0),
+             helper.make_node("Equal", ["width", "I"], ["cond"]),
+             helper.make_node("If", ["cond"], ["h"], then_branch=lstm_branch("a"), else_branch=lstm_branch("b")),
+             helper.make_node("Mul", ["h", "zero"], ["acc0"]),
+             helper.make_node("Loop", ["trips", "true", "acc0"], ["y"], body=body, name="loop")]
+    inits = [numpy_helper.from_array(v, n) for n, v in (
+        ("two", np.array(2, np.int64)), ("I", np.array(I, np.int64)), ("ax1", np.array([1], np.int64)),
+        ("zero", np.array(0, np.float32)), ("trips", np.array(3, np.int64)), ("true", np.array(True)))]
+    g = helper.make_graph(nodes, "control", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", I])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "B", H])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("opset", range(22, NEWEST + 1))
+def test_if_and_loop_at_new_opsets_match_onnxruntime(opset):
+    model = control_model(opset, np.random.default_rng(5))
+    onnx.checker.check_model(model)
+    x = (np.random.default_rng(opset).standard_normal((2, 6, 4)) + 0.2).astype(np.float32)
+    want = _ort(model, {"x": x}, control_model(21, np.random.default_rng(5)))[0]
+    got = rnnengine.convert(model).run({"x": x})["y"]
+    assert np.abs(want).max() > 0.1
+    assert max_violation(got, want) <= 1
