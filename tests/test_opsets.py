@@ -269,3 +269,26 @@ def test_if_and_loop_at_new_opsets_match_onnxruntime(opset):
     got = rnnengine.convert(model).run({"x": x})["y"]
     assert np.abs(want).max() > 0.1
     assert max_violation(got, want) <= 1
+
+
+def test_load_onnx_follows_the_same_table(monkeypatch):
+    # the simple layer-stack loader accepts the newest opset (LSTM-22) and matches
+    # onnxruntime, and refuses an unreviewed version by name like convert does
+    from oracle import make_rnn_model
+    rng = np.random.default_rng(9)
+    ins = {"X": rng.standard_normal((5, 2, 3)).astype(np.float32),
+           "W": (rng.standard_normal((1, 16, 3)) * 0.5).astype(np.float32),
+           "R": (rng.standard_normal((1, 16, 4)) * 0.5).astype(np.float32)}
+    m = make_rnn_model("LSTM", {"hidden_size": 4}, ins, opset=NEWEST)
+    for name in ("W", "R"):
+        m.graph.initializer.append(numpy_helper.from_array(ins[name], name))
+        m.graph.input.remove(next(i for i in m.graph.input if i.name == name))
+    m.ir_version = 10
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": ins["X"]})
+    Y, _ = rnnengine.load_onnx(m).run(ins["X"])
+    assert max_violation(Y, want[0][:, 0]) <= 1
+    table = dict(opsets.VERSIONS["LSTM"])
+    del table[22]
+    monkeypatch.setitem(opsets.VERSIONS, "LSTM", table)
+    with pytest.raises(ValueError, match=r"LSTM node .*LSTM changed at opset 22"):
+        rnnengine.load_onnx(m)
