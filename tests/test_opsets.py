@@ -292,3 +292,32 @@ def test_load_onnx_follows_the_same_table(monkeypatch):
     monkeypatch.setitem(opsets.VERSIONS, "LSTM", table)
     with pytest.raises(ValueError, match=r"LSTM node .*LSTM changed at opset 22"):
         rnnengine.load_onnx(m)
+
+
+@pytest.mark.parametrize("opset", [7, 11, 13, NEWEST])
+@pytest.mark.parametrize("runtime", [False, True])
+def test_clip_with_an_absent_bound_clips_infinity_like_onnxruntime(opset, runtime):
+    # an omitted min / max means the type's largest value (Clip-6 attribute defaults,
+    # Clip-11 on: numeric_limits<float>::max()), so +inf becomes FLT_MAX, not inf
+    if opset < 11:
+        node = helper.make_node("Clip", ["x"], ["y"], min=-1.0, name="clip")
+        inits = []
+    else:
+        node = helper.make_node("Clip", ["x", "lo"], ["y"], name="clip")
+        inits = [_init("lo", np.array(-1.0, np.float32))]
+    x = np.array([np.inf, -np.inf, np.nan, 3e38, -2.0, 0.5], np.float32)
+    if not runtime:  # folded at conversion: x is a constant
+        inits.append(_init("x", x))
+    g = helper.make_graph([node], "g", [] if not runtime else [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7
+    feeds = {"x": x} if runtime else {}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    if runtime:
+        got = rnnengine.convert(m).run(feeds)["y"]
+    else:
+        from rnnengine.converter import convert_model
+        got = convert_model(m)[1]["y"]   # folded at conversion (the graph has no input to run)
+    assert want[0] == np.finfo(np.float32).max
+    np.testing.assert_array_equal(got, want)
