@@ -215,8 +215,10 @@ class _Converter:
         nodes = self.fold(nodes, consts)
         outputs = [_value_info(o) for o in g.output]
         from .fuse import fuse_gru_cells, fuse_lstm_cells
-        nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
-        nodes, self.fused_gru = fuse_gru_cells(nodes, consts, [o["name"] for o in outputs])
+        # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
+        keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
+        nodes, self.fused = fuse_lstm_cells(nodes, consts, keep)
+        nodes, self.fused_gru = fuse_gru_cells(nodes, consts, keep)
         self._fuse_in_branches(nodes, consts)
         if self.fused or self.fused_gru:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})

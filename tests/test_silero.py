@@ -284,3 +284,35 @@ def test_a_branch_that_returns_other_slots_blocks_the_pairing():
     gm = rnnengine.convert(_if_cell_model(else_out="hh"))
     assert gm.metadata["converter.fused_lstm_cells"] == 2
     assert gm.state_pairs == []
+
+
+def test_a_cell_value_read_inside_a_branch_keeps_the_cell_unfused():
+    # a top-level LSTMCell whose forget gate is also read inside an If branch: fusing the
+    # cell would drop the value the branch reads, so it stays op by op (and still matches)
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(11)
+    cell = _cell_branch("a", rng, 5, 4)
+    extra = helper.make_graph([helper.make_node("ReduceMean", ["a.fg", "rax"], ["m1"], keepdims=0)], "t", [],
+                              [helper.make_tensor_value_info("m1", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("ReduceMax", ["a.fg", "rax"], ["m2"], keepdims=0)], "e", [],
+                              [helper.make_tensor_value_info("m2", TensorProto.FLOAT, None)])
+    nodes = list(cell.node) + [helper.make_node("Shape", ["x"], ["shp"]),
+                               helper.make_node("Gather", ["shp", "one"], ["width"], axis=0),
+                               helper.make_node("Equal", ["width", "five"], ["cond"]),
+                               helper.make_node("If", ["cond"], ["m"], then_branch=extra, else_branch=other)]
+    inits = list(cell.initializer) + [numpy_helper.from_array(np.array(v, np.int64), n)
+                                      for n, v in (("one", 1), ("five", 5), ("rax", [1]))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5]),
+                                       helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", 4])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a.y", "a.stateN", "m")],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32),
+             "state": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    gm = rnnengine.convert(model)
+    assert gm.metadata["converter.fused_lstm_cells"] == 0
+    got = gm.run(feeds)
+    for name, w in zip(("a.y", "a.stateN", "m"), want):
+        assert max_violation(got[name], w) <= 1, name
