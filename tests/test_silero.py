@@ -316,3 +316,48 @@ def test_a_cell_value_read_inside_a_branch_keeps_the_cell_unfused():
     got = gm.run(feeds)
     for name, w in zip(("a.y", "a.stateN", "m"), want):
         assert max_violation(got[name], w) <= 1, name
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_two_layer_state_positions_are_checked(swapped):
+    # h0 (2, B, H) sliced per layer, as exporters write a 2-layer nn.GRU; hn concatenates the
+    # layers' Y_h: in order it streams like onnxruntime, with the layers swapped the stream
+    # refuses instead of feeding layer 2's state to layer 1
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(12)
+    I, H = 3, 4
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
+    nodes = [helper.make_node("Slice", ["h0", "s0", "s1", "ax0"], ["h0a"]),
+             helper.make_node("Slice", ["h0", "s1", "s2", "ax0"], ["h0b"]),
+             helper.make_node("GRU", ["x", "W1", "R1", "", "", "h0a"], ["y1", "h1"], hidden_size=H),
+             helper.make_node("Squeeze", ["y1", "ax1"], ["x2"]),
+             helper.make_node("GRU", ["x2", "W2", "R2", "", "", "h0b"], ["y2", "h2"], hidden_size=H),
+             helper.make_node("Squeeze", ["y2", "ax1"], ["y"]),
+             helper.make_node("Concat", ["h2", "h1"] if swapped else ["h1", "h2"], ["hn"], axis=0)]
+    inits = [w("W1", 1, 3 * H, I), w("R1", 1, 3 * H, H), w("W2", 1, 3 * H, H), w("R2", 1, 3 * H, H)] + \
+        [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+         (("s0", [0]), ("s1", [1]), ("s2", [2]), ("ax0", [0]), ("ax1", [1]))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", I]),
+                                       helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "B", H])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "B", H]),
+                           helper.make_tensor_value_info("hn", TensorProto.FLOAT, [2, "B", H])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    gm = rnnengine.convert(model)
+    assert gm.state_pairs == [("h0", "hn")]
+    x = rng.standard_normal((6, 2, I)).astype(np.float32)
+    stream = gm.stream()
+    if swapped:
+        with pytest.raises(UnsupportedError, match=r"state pair h0=hn: element \(0, 0, 0\) of 'hn' continues "
+                                                   r"element \(1, 0, 0\) of 'h0'"):
+            stream({"x": x[:2]})
+        return
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = np.zeros((2, 2, H), np.float32)
+    for a, b in ((0, 2), (2, 3), (3, 6)):
+        y, h = sess.run(None, {"x": x[a:b], "h0": h})
+        got = stream({"x": x[a:b]})
+        assert max_violation(got["y"], y) <= 1 and max_violation(got["hn"], h) <= 1
+    assert all(gm._positions_checked.values())
