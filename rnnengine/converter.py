@@ -1,15 +1,18 @@
 """converter.py - ONNX file -> rnnengine graph (the content of a weight file).
 
 Steps, each refusing loudly what it cannot do faithfully:
-  1. read the ONNX model; check opsets (default domain 7..21) and that every op has a
-     handler in rnnengine.ops.OPS (or is If), and that every attribute is one the handler
-     knows; other domains (e.g. com.microsoft::DynamicQuantizeLSTM) are refused by name;
+  1. read the ONNX model; check the opset (default domain, 7 to the newest the installed
+     onnx defines), that every op has a handler in rnnengine.ops.OPS (or is If / Loop / a
+     sequence op), that the op's version at that opset is one rnnengine implements
+     (rnnengine/opsets.py), and that every attribute is one the handler knows; other
+     domains (e.g. com.microsoft::DynamicQuantizeLSTM) are refused by name;
   2. turn nodes into plain dicts (attributes as Python values, subgraphs recursively,
      tensors into the tensor table); Constant nodes become tensors;
   3. fold every node whose inputs are all constants with the handlers' NumPy evaluation
      (gate re-ordering written as Slice/Concat on weights ends up here), choose the branch
      of every If whose condition is then known, drop nodes nothing uses;
-  4. pair explicit state inputs with outputs (h0 -> hn) from the graph's structure.
+  4. pair explicit state inputs with outputs (h0 -> hn) from the graph's structure, through
+     the Ifs left for planning (cells written op by op inside them are fused first).
 The result is run by rnnengine.graph.GraphModel and stored by rnnengine.fileformat.
 """
 from __future__ import annotations
@@ -22,8 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
-
-MIN_OPSET, MAX_OPSET = 7, 21
+from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
 CONVERTER_VERSION = "1"
 
 
@@ -69,8 +71,9 @@ class _Converter:
                 self.opset = imp.version
         if self.opset is None:
             raise ConversionError("the model imports no default-domain ONNX opset")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise ConversionError(f"opset {self.opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+        if not MIN_OPSET <= self.opset <= max_opset():
+            raise ConversionError(f"opset {self.opset} is not supported (supported: {MIN_OPSET} to {max_opset()}, "
+                                  f"the newest the installed onnx {onnx.__version__} defines)")
         self.tensors = {}
         self.fixed = {k: np.asarray(v) for k, v in (fixed_inputs or {}).items()}
         self._anon = 0
@@ -104,6 +107,10 @@ class _Converter:
         if n.op_type not in OPS and n.op_type not in ("If", "Loop") + SEQUENCE_OPS:
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
                                   f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
+        try:
+            check_node(n.op_type, self.opset, where(node))
+        except OpsetError as e:
+            raise ConversionError(str(e)) from None
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
         if n.op_type in ("If", "Loop") + SEQUENCE_OPS:
             allowed = SEQUENCE_ATTRS.get(n.op_type, set()) | ({"then_branch", "else_branch", "body"}
@@ -168,6 +175,10 @@ class _Converter:
                 consts[node["outputs"][0]] = OPS["Constant"](node, self.opset).eval([])[0]
                 continue
             if op in OPS and op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
+                if op == "Range" and any(n and np.asarray(consts[n]).dtype == np.float16 for n in ins):
+                    # Range-27 accumulates float16 in float32 (stash_type); NumPy's float16
+                    # arange does not, and earlier versions do not take float16 at all
+                    raise ConversionError(f"{where(node)}: Range on float16 is not supported")
                 h = OPS[op](node, self.opset)
                 try:
                     with np.errstate(all="ignore"):
@@ -206,8 +217,11 @@ class _Converter:
                                             for v in list(g.input) + list(g.value_info) + list(g.output)})
         outputs = [_value_info(o) for o in g.output]
         from .fuse import fuse_gru_cells, fuse_lstm_cells
-        nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
-        nodes, self.fused_gru = fuse_gru_cells(nodes, consts, [o["name"] for o in outputs])
+        # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
+        keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
+        nodes, self.fused = fuse_lstm_cells(nodes, consts, keep)
+        nodes, self.fused_gru = fuse_gru_cells(nodes, consts, keep)
+        self._fuse_in_branches(nodes, consts)
         if self.fused or self.fused_gru:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
@@ -219,6 +233,33 @@ class _Converter:
         _hoist_subgraph_tensors(graph["nodes"], tensors)
         graph["state_pairs"] = pair_states(graph)
         return graph, tensors
+
+
+    def _fuse_in_branches(self, nodes, consts):
+        """Fuses the cells written op by op inside If branches left undecided (e.g. silero-vad's
+        16 kHz and 8 kHz models when the sample rate is an input), so that their state is a
+        recurrent layer's state that pair_states can see. Each branch keeps its own names."""
+        from .fuse import fuse_gru_cells, fuse_lstm_cells
+        for n in nodes:
+            if n["op"] != "If":
+                continue
+            for key in ("then_branch", "else_branch"):
+                b = n["attrs"][key]
+                tensors = dict(consts)
+                tensors.update(b["tensors"])
+                keep = list(b["outputs"]) + [x for m in b["nodes"] for x in _outer_reads(m)]
+                prefix = f"{n['name'] or n['outputs'][0]}/{key}/"
+                bnodes, k1 = fuse_lstm_cells(b["nodes"], tensors, keep, prefix)
+                bnodes, k2 = fuse_gru_cells(bnodes, tensors, keep, prefix)
+                if k1 or k2:
+                    produced = {o for m in bnodes for o in m["outputs"] if o}
+                    outer = {x for m in bnodes for x in [y for y in m["inputs"] if y] + _outer_reads(m)} - produced
+                    bnodes = _toposort(bnodes, set(tensors) | outer)
+                    b["tensors"].update({t: v for t, v in tensors.items() if t not in consts and t not in b["tensors"]})
+                    self.fused += k1
+                    self.fused_gru += k2
+                b["nodes"] = bnodes
+                self._fuse_in_branches(bnodes, {**consts, **b["tensors"]})
 
 
 def _check_state_shapes(nodes, consts, declared):
@@ -312,50 +353,165 @@ def _hoist_subgraph_tensors(nodes, tensors):
                 _hoist_subgraph_tensors(v["nodes"], tensors)
 
 
+MAX_ALTERNATIVES = 256  # per tensor; beyond this the pairing gives up (no pair, never a wrong one)
+
+
 def pair_states(graph):
     """Pairs explicit state inputs with outputs from the graph's structure: input i pairs
     with output o when the recurrent slots i feeds (initial_h / initial_c of some layers)
-    are exactly the slots o is computed from (Y_h / Y_c of the same layers)."""
-    nodes = graph["nodes"]
-    feeds_of = {i["name"]: set() for i in graph["inputs"] if i["dtype"] == "float32"}
-    deps = {}  # tensor -> set of (layer, slot) it is computed from (Y_h -> 'h', Y_c -> 'c'), or 'Y'
-    reach = {i: {i} for i in feeds_of}  # input -> tensors depending on it
-    for n in nodes:
-        ins = [x for x in n["inputs"] if x] + _outer_reads(n)
-        if n["op"] in ("LSTM", "GRU", "RNN"):
-            key = n["outputs"][0] or n["name"]
-            slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
-            for inp, r in reach.items():
-                for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
-                    if slots.get(slot) and slots[slot] in r:
-                        feeds_of[inp].add((key, tag))
-            outs = n["outputs"] + ["", "", ""]
-            if outs[1]:
-                deps[outs[1]] = {(key, "h")}
-            if outs[2]:
-                deps[outs[2]] = {(key, "c")}
-            if outs[0]:
-                deps[outs[0]] = {"Y"} | set().union(*(deps.get(x, set()) for x in ins))
-        else:
-            d = set().union(*(deps.get(x, set()) for x in ins)) if ins else set()
-            for o in n["outputs"]:
-                if o:
-                    deps[o] = d
-        if n["op"] in ("Shape", "Size"):
-            continue  # only the shape flows on: a state's data does not
-        for inp, r in reach.items():
-            if any(x in r for x in ins):
-                r.update(o for o in n["outputs"] if o)
+    are exactly the slots o is computed from (Y_h / Y_c of the same layers).
+
+    The analysis sees through If nodes whose condition is not known at conversion (it
+    depends on input shapes, or on an input such as a sample rate). A tensor's dependencies
+    are a set of alternatives, one per combination of branches that can produce it; each is
+    (choices, slots) where choices are (condition, branch) pairs. Ifs reading the same
+    condition (through Cast / Identity / Not) choose together. Input i pairs with output o
+    when, in every alternative of o, o is computed from exactly the slots i feeds among the
+    layers that run under those choices, or (a fresh start, e.g. silero-vad's branch for an
+    empty state) i feeds no layer that runs and o comes only from layers no input feeds;
+    at least one alternative must be of the first kind."""
+    inputs = [i["name"] for i in graph["inputs"] if i["dtype"] == "float32"]
+    producer = {}
+    _index_producers(graph["nodes"], producer)
+    feeds_of = {i: set() for i in inputs}   # input -> {(layer, 'h'|'c')} it feeds
+    path_of = {}                            # layer -> frozenset of choices under which it runs
+    reach = {i: {i} for i in inputs}        # input -> tensors whose data depends on it
+    deps = {}                               # tensor -> frozenset of (choices, slots), None: unknown
+    none = frozenset([(frozenset(), frozenset())])
+    counter = [0]
+
+    def alts(names):
+        """Alternatives of a value computed from all of ``names`` (compatible combinations)."""
+        acc = {(frozenset(), frozenset())}
+        for x in names:
+            d = deps.get(x, none)
+            if d is None:
+                return None
+            if d == none:
+                continue
+            nxt = set()
+            for c1, s1 in acc:
+                for c2, s2 in d:
+                    c = c1 | c2
+                    if len({k for k, _ in c}) == len(c):  # no condition taken both ways
+                        nxt.add((c, s1 | s2))
+            if len(nxt) > MAX_ALTERNATIVES:
+                return None
+            acc = nxt
+        return frozenset(acc)
+
+    def walk(nodes, path):
+        for n in nodes:
+            ins = [x for x in n["inputs"] if x]
+            op = n["op"]
+            if op == "If":
+                cond, polarity = _condition_key(n["inputs"][0], producer)
+                branches = []
+                for key, taken in (("then_branch", polarity), ("else_branch", not polarity)):
+                    b = n["attrs"][key]
+                    choice = (cond, taken)
+                    walk(b["nodes"], path | {choice})
+                    branches.append((b["outputs"], choice))
+                for k, o in enumerate(n["outputs"]):
+                    if not o:
+                        continue
+                    res = set()
+                    for outs, choice in branches:
+                        d = deps.get(outs[k], none)
+                        if d is None:
+                            res = None
+                            break
+                        res.update((c | {choice}, s) for c, s in d if (choice[0], not choice[1]) not in c)
+                    deps[o] = None if res is None or len(res) > MAX_ALTERNATIVES else frozenset(res)
+                    for r in reach.values():
+                        if any(outs[k] in r for outs, _ in branches):
+                            r.add(o)
+                continue
+            ins = ins + _outer_reads(n)
+            if op in ("LSTM", "GRU", "RNN"):
+                key = n["outputs"][0] or n["name"] or f"#{counter[0]}"
+                counter[0] += 1
+                path_of[key] = frozenset(path)
+                slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
+                for inp, r in reach.items():
+                    for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
+                        if slots.get(slot) and slots[slot] in r:
+                            feeds_of[inp].add((key, tag))
+                outs = n["outputs"] + ["", "", ""]
+                if outs[1]:
+                    deps[outs[1]] = frozenset([(frozenset(), frozenset([(key, "h")]))])
+                if outs[2]:
+                    deps[outs[2]] = frozenset([(frozenset(), frozenset([(key, "c")]))])
+                if outs[0]:
+                    d = alts(ins)
+                    deps[outs[0]] = None if d is None else frozenset((c, s | {"Y"}) for c, s in d)
+            else:
+                d = alts(ins)
+                for o in n["outputs"]:
+                    if o:
+                        deps[o] = d
+            if op in ("Shape", "Size"):
+                continue  # only the shape flows on: a state's data does not
+            for r in reach.values():
+                if any(x in r for x in ins):
+                    r.update(o for o in n["outputs"] if o)
+
+    walk(graph["nodes"], frozenset())
+    fed = set().union(*feeds_of.values()) if feeds_of else set()
     pairs = []
     shapes = {i["name"]: i["shape"] for i in graph["inputs"]}
     for inp, slots in feeds_of.items():
         if not slots:
             continue
-        cands = [o["name"] for o in graph["outputs"] if deps.get(o["name"]) == slots
-                 and (o["shape"] is None or shapes[inp] is None or len(o["shape"]) == len(shapes[inp]))]
+        cands = []
+        for o in graph["outputs"]:
+            d = deps.get(o["name"])
+            if not d or d == none:
+                continue
+            if o["shape"] is not None and shapes[inp] is not None and len(o["shape"]) != len(shapes[inp]):
+                continue
+            fed_alt = 0
+            for choices, s in d:
+                running = {t for t in slots if path_of[t[0]] <= choices}
+                if not s or "Y" in s:
+                    break
+                if running and s == running:
+                    fed_alt += 1
+                elif running or s & fed:
+                    break
+            else:
+                if fed_alt:
+                    cands.append(o["name"])
         if len(cands) == 1:
             pairs.append([inp, cands[0]])
     return pairs
+
+
+def _index_producers(nodes, producer):
+    for n in nodes:
+        for o in n["outputs"]:
+            if o:
+                producer[o] = n
+        for v in n.get("attrs", {}).values():
+            if isinstance(v, dict) and "nodes" in v:
+                _index_producers(v["nodes"], producer)
+
+
+def _condition_key(name, producer):
+    """(source tensor, polarity) of an If condition, seen through Cast to bool, Identity and
+    Not, so that Ifs testing the same thing are known to take the same branch. (Only steps
+    that keep the truth value: a Cast to an integer type would not, e.g. 0.5 -> 0.)"""
+    polarity = True
+    seen = 0
+    while name in producer and producer[name]["op"] in ("Cast", "Identity", "Not") and seen < 100:
+        n = producer[name]
+        if n["op"] == "Cast" and n["attrs"].get("to") != 9:
+            break
+        if n["op"] == "Not":
+            polarity = not polarity
+        name = n["inputs"][0]
+        seen += 1
+    return name, polarity
 
 
 def convert_model(source, fixed_inputs=None, state_pairs=None):
@@ -397,3 +553,149 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         "converter.fused_gru_cells": conv.fused_gru,
     }
     return graph, tensors, metadata
+
+
+# --- where each element of a paired state goes (checked once per input shapes) -----------
+
+_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Concat", "Split",
+          "Gather", "Expand", "Tile", "Dropout", "Cast"}
+
+
+def _elementwise():
+    from .ops import BINARY, UNARY
+    return set(BINARY) | set(UNARY) | {"Clip"}
+
+
+_ELEMENTWISE = _elementwise()
+
+
+class _Untraceable(Exception):
+    pass
+
+
+def check_state_positions(graph, tensors, feeds):
+    """Checks that every state pair (i, o) hands each element back to its own place: element
+    p of output o must be the final value of the recurrent state element that element p of
+    input i started (e.g. silero-vad's stateN[0] is the h that state[0] started, not c).
+    pair_states matches which layers' states flow; this matches positions, for the concrete
+    input shapes in ``feeds``. It follows the state through the ops that only move data
+    (Gather, Slice, Concat, Reshape, Transpose...), evaluating everything else with NumPy for
+    shapes and If conditions. Raises UnsupportedError on a definite mismatch; returns False
+    when the graph cannot be traced (a Loop, a state passing through arithmetic), True when
+    every element checked out."""
+    pairs = graph.get("state_pairs") or []
+    if not pairs:
+        return True
+    val = {k: np.asarray(v) for k, v in tensors.items()}
+    val.update({k: np.asarray(v) for k, v in feeds.items()})
+    pid, start = {}, {}
+    nxt = 1
+    for a, _ in pairs:
+        n = val[a].size
+        pid[a] = np.arange(nxt, nxt + n, dtype=np.int64).reshape(val[a].shape)
+        start[a] = nxt
+        nxt += n
+    first_slot = nxt
+    origin = {}   # slot id (a Y_h / Y_c element) -> id of the state element it started from (0: none)
+    counter = [first_slot]
+    opset = int(graph["opset"])
+
+    def walk(nodes):
+        for node in nodes:
+            op, ins = node["op"], node["inputs"]
+            if op == "If":
+                cond = val[ins[0]]
+                branch = node["attrs"]["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
+                for k, v in branch.get("tensors", {}).items():
+                    val[k] = np.asarray(v)
+                walk(branch["nodes"])
+                for o, bo in zip(node["outputs"], branch["outputs"]):
+                    val[o] = val[bo]
+                    if bo in pid:
+                        pid[o] = pid[bo]
+                continue
+            if op not in OPS:
+                raise _Untraceable(op)
+            xs = [val[x] if x else None for x in ins]
+            if op in ("LSTM", "GRU", "RNN"):
+                recurrent(node, xs)
+                continue
+            h = OPS[op](node, opset)
+            with np.errstate(all="ignore"):
+                outs = h.eval(xs)
+            for o, v in zip(node["outputs"], outs):
+                if o:
+                    val[o] = np.asarray(v)
+            if op in _ELEMENTWISE:
+                # an elementwise op keeps every element in its place (state + zeros, as some
+                # exports write): the positions follow the one tracked operand of full shape
+                tracked = [k for k, x in enumerate(ins) if x in pid]
+                o = node["outputs"][0]
+                if len(tracked) == 1 and np.shape(xs[tracked[0]]) == np.shape(val[o]):
+                    pid[o] = pid[ins[tracked[0]]]
+                continue
+            movers = [0] if op != "Concat" else list(range(len(ins)))
+            if op in _MOVES and any(ins[k] in pid for k in movers if ins[k]):
+                ps = list(xs)
+                for k in movers:
+                    ps[k] = pid[ins[k]] if ins[k] in pid else np.zeros(np.shape(xs[k]), np.int64)
+                if op == "Cast":
+                    pouts = [ps[0]]
+                else:
+                    pouts = h.eval(ps)
+                for o, p in zip(node["outputs"], pouts):
+                    if o:
+                        pid[o] = np.asarray(p).astype(np.int64)
+
+    def recurrent(node, xs):
+        a = node["attrs"]
+        layout = int(a.get("layout", 0))
+        D = 2 if a.get("direction", "forward") == "bidirectional" else 1
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node["op"]]
+        H = int(a.get("hidden_size") or xs[1].shape[1] // gates)
+        X = xs[0]
+        T, B = (X.shape[1], X.shape[0]) if layout else (X.shape[0], X.shape[1])
+        sshape = (B, D, H) if layout else (D, B, H)
+        outs = node["outputs"] + ["", "", ""]
+        if outs[0]:
+            val[outs[0]] = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
+        for k, slot in ((1, 5), (2, 6)):
+            if k == 2 and node["op"] != "LSTM":
+                break
+            if not outs[k]:
+                continue
+            val[outs[k]] = np.zeros(sshape, np.float32)
+            init = node["inputs"][slot] if len(node["inputs"]) > slot else ""
+            src = pid.get(init) if init else None
+            ids = np.arange(counter[0], counter[0] + int(np.prod(sshape)), dtype=np.int64)
+            counter[0] += ids.size
+            src = np.zeros(ids.size, np.int64) if src is None or src.size != ids.size else src.reshape(-1)
+            origin.update(zip(ids.tolist(), src.tolist()))
+            pid[outs[k]] = ids.reshape(sshape)
+
+    try:
+        walk(graph["nodes"])
+    except Exception:  # a Loop, a sequence, an op NumPy cannot evaluate here: not traceable
+        return False
+    checked = True
+    owner = sorted((s, a) for a, s in start.items())
+    for a, o in pairs:
+        p = pid.get(o)
+        if p is None or p.shape != val[a].shape:
+            checked = False
+            continue
+        for pos, q in enumerate(p.reshape(-1).tolist()):
+            src = origin.get(q, 0) if q >= first_slot else q
+            if src <= 0:
+                checked = False  # unknown, or started from a constant: nothing to compare
+                continue
+            if src == start[a] + pos:
+                continue
+            b = [name for s, name in owner if s <= src][-1]
+            where_from = np.unravel_index(src - start[b], val[b].shape)
+            raise UnsupportedError(
+                f"state pair {a}={o}: element {tuple(int(i) for i in np.unravel_index(pos, p.shape))} of {o!r} "
+                f"continues element {tuple(int(i) for i in where_from)} of {b!r}, so feeding {o!r} back as {a!r} "
+                "would put the state in the wrong place; give the right pairs (convert --state IN=OUT) or "
+                "feed the state yourself with run()")
+    return checked

@@ -40,8 +40,9 @@ def _gemm_ok(n, tensors):
             and (len(n["inputs"]) < 3 or not n["inputs"][2] or n["inputs"][2] in tensors))
 
 
-def fuse_lstm_cells(nodes, tensors, outputs):
-    """Returns nodes with every recognised LSTMCell step replaced by an LSTM node."""
+def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
+    """Returns nodes with every recognised LSTMCell step replaced by an LSTM node (new names
+    start with ``prefix``, which keeps the cells of different If branches apart)."""
     producer, users = _index(nodes)
     keep_names = set(outputs)
     replace = {}   # id(node) -> list of nodes to put in its place (at the position of the last op)
@@ -128,7 +129,7 @@ def fuse_lstm_cells(nodes, tensors, outputs):
                     return np.zeros(4 * H, np.float32)
                 return np.broadcast_to(np.asarray(tensors[name], np.float32).reshape(-1), (4 * H,))[perm]
             Bb = np.concatenate([bias(key[2]), bias(key[3])])[None]
-            base = f"fused_lstm_cell{len(shared)}"
+            base = f"{prefix}fused_lstm_cell{len(shared)}"
             tensors[base + ".W"], tensors[base + ".R"], tensors[base + ".B"] = Wx, Rh, np.ascontiguousarray(Bb)
             tensors[base + ".axis0"] = np.array([0], np.int64)
             shared[key] = base
@@ -159,7 +160,7 @@ def fuse_lstm_cells(nodes, tensors, outputs):
     return out, count
 
 
-def fuse_gru_cells(nodes, tensors, outputs):
+def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
     """Maps nn.GRUCell steps written out op by op, as exporters write them:
 
         i_r, i_z, i_n = Split(Gemm(x, W_ih, b_ih, transB=1), 3)   # PyTorch gate order r, z, n
@@ -247,7 +248,7 @@ def fuse_gru_cells(nodes, tensors, outputs):
                 if not name:
                     return np.zeros(3 * H, np.float32)
                 return np.broadcast_to(np.asarray(tensors[name], np.float32).reshape(-1), (3 * H,))[perm]
-            base = f"fused_gru_cell{len(shared)}"
+            base = f"{prefix}fused_gru_cell{len(shared)}"
             tensors[base + ".W"] = np.asarray(Wx, np.float32)[perm][None]
             tensors[base + ".R"] = np.asarray(Wh, np.float32)[perm][None]
             tensors[base + ".B"] = np.ascontiguousarray(np.concatenate([bias(key[2]), bias(key[3])])[None])

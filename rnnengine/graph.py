@@ -699,27 +699,96 @@ class GraphModel:
         return plan.execute(plan.context(), feeds, {})
 
     def _zero_state(self, name, feeds):
+        """Zeros for the explicit state input ``name`` (a stream's start, or run() without
+        it). Its shape comes from the graph: static dimensions as declared, named ones from
+        the inputs fed with the same name, and any still unknown (e.g. silero-vad's
+        ``state: [2, ?, 128]``) from the graph itself: the one shape among the sizes of the
+        fed inputs' dimensions that the graph accepts and maps to itself (the paired output
+        comes out with the shape of the state that went in)."""
         spec = next(i for i in self.inputs if i["name"] == name)
+        shape = self._declared_state_shape(spec, feeds)
+        if any(d is None for d in shape):
+            shape = self._probe_state_shapes(feeds)[name]
+        return np.zeros(shape, NP_DTYPES[spec["dtype"]])
+
+    def _check_state_positions(self, feeds):
+        """Before a stream first runs with these input shapes: every paired output must hand
+        each state element back to its own place (rnnengine.converter.check_state_positions)."""
+        if not self.state_pairs:
+            return
+        sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+        done = self.__dict__.setdefault("_positions_checked", {})
+        if sig not in done:
+            from .converter import check_state_positions
+            done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
+
+    def _declared_state_shape(self, spec, feeds):
+        """The state's shape with the sizes the declaration and the fed inputs give (None for
+        a dimension neither tells)."""
         dims = {}
         for i in self.inputs:
             if i["name"] in feeds and i["shape"] is not None:
                 for d, g in zip(i["shape"], feeds[i["name"]].shape):
                     if isinstance(d, str):
                         dims[d] = g
+        if spec["shape"] is None:
+            raise ValueError(f"state input {spec['name']!r} has no declared rank: pass it explicitly "
+                             f"(to a stream: stream.set_state({{'inputs': {{{spec['name']!r}: array}}}}) "
+                             "before the first call)")
         shape = []
-        for k, d in enumerate(spec["shape"] or ()):
+        for k, d in enumerate(spec["shape"]):
             if isinstance(d, int) and d >= 0:
                 shape.append(d)
             elif d in dims:
                 shape.append(dims[d])
-            elif self._batch_of(name, k, feeds) is not None:  # tf2onnx: unrelated symbols for one batch
-                shape.append(self._batch_of(name, k, feeds))
-            else:
-                raise ValueError(f"cannot tell the size of dimension {d!r} of state input {name!r} from the "
-                                 f"other inputs: pass {name!r} explicitly (to a stream: stream.set_state("
-                                 f"{{'inputs': {{...}}}}) with every state input, "
-                                 f"{[a for a, _ in self.state_pairs]}, before the first call)")
-        return np.zeros(shape, NP_DTYPES[spec["dtype"]])
+            else:  # tf2onnx gives one batch unrelated symbols: the data's batch; else unknown (None)
+                shape.append(self._batch_of(spec["name"], k, feeds))
+        return shape
+
+    def _probe_state_shapes(self, feeds):
+        """Shapes of every explicit state input, unknown dimensions found by planning: each
+        unknown dimension takes, in turn, each size of a fed input's dimensions (with one
+        state input, these are the only sizes a state dimension of a batch can take); a
+        combination is kept when planning succeeds and every paired output has its input's
+        shape. Exactly one such combination must exist, else a ValueError asks for the state."""
+        data = {n: a for n, a in feeds.items() if n not in {p for p, _ in self.state_pairs}}
+        sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(data.items()))
+        hit = self.__dict__.setdefault("_probed", {}).get(sig)
+        if hit is not None:
+            return hit
+        specs = {a: next(i for i in self.inputs if i["name"] == a) for a, _ in self.state_pairs}
+        partial = {a: self._declared_state_shape(spec, data) for a, spec in specs.items()}
+        holes = [(a, k) for a, shp in partial.items() for k, d in enumerate(shp) if d is None]
+        sizes = sorted({int(g) for arr in data.values() for g in arr.shape})
+        if len(sizes) ** len(holes) > 256:
+            sizes = []
+        fits, errors = [], []
+        for combo in (np.array(np.meshgrid(*[sizes] * len(holes))).reshape(len(holes), -1).T if sizes else []):
+            shapes = {a: list(shp) for a, shp in partial.items()}
+            for (a, k), g in zip(holes, combo):
+                shapes[a][k] = int(g)
+            trial = dict(data)
+            trial.update({a: np.zeros(shapes[a], NP_DTYPES[specs[a]["dtype"]]) for a in shapes})
+            try:
+                plan = self.plan(trial)
+            except (UnsupportedError, ValueError) as e:
+                errors.append(e)
+                continue
+            got = dict(plan.outputs)
+            if all(tuple(got[o].shape) == tuple(shapes[a]) for a, o in self.state_pairs):
+                fits.append({a: tuple(v) for a, v in shapes.items()})
+        if not fits and errors and len({str(e) for e in errors}) == 1:
+            raise errors[0]  # every trial fails the same way, whatever the state's shape
+        unknown = ", ".join(f"dimension {k} of {a!r}" for a, k in holes)
+        if len(fits) != 1:
+            why = (f"the graph maps several shapes to themselves ({[f for f in fits]})" if fits
+                   else f"no shape with sizes from the inputs ({sizes}) passes through the graph unchanged")
+            names = [a for a, _ in self.state_pairs]
+            raise ValueError(f"cannot tell the size of {unknown} from the inputs: {why}; pass the state "
+                             f"explicitly (to a stream: stream.set_state({{'inputs': {{{names[0]!r}: array}}}}) "
+                             "before the first call)")
+        self._probed[sig] = fits[0]
+        return fits[0]
 
     def time_axes(self, feeds):
         """{input name: axis} of the inputs whose axis is the recurrent time axis: found by
@@ -1075,6 +1144,7 @@ class GraphStream:
             feeds[a] = np.ascontiguousarray(self._carried[a])
         if self._taxes is None:
             self._taxes = m.time_axes(feeds)
+        m._check_state_positions(feeds)
         plan = self._plan(feeds)
         if want is not None and not want <= set(m.outputs):
             raise ValueError(f"unknown outputs {sorted(want - set(m.outputs))}; the model's are {m.outputs}")

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from .layers import GRU, LSTM, RNN, layer_from_onnx
 from .model import Model
+from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
 
 RECURRENT = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
 GLUE = ("Squeeze", "Unsqueeze", "Transpose", "Reshape", "Identity")
@@ -44,6 +45,8 @@ def _opset(model):
 class _Graph:
     def __init__(self, model):
         self.opset = _opset(model)
+        if not MIN_OPSET <= self.opset <= max_opset():
+            raise OnnxImportError(f"opset {self.opset} is not supported (supported: {MIN_OPSET} to {max_opset()})")
         g = model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         self.inputs = {i.name: i for i in g.input if i.name not in self.consts}
@@ -62,6 +65,10 @@ class _Graph:
                 raise OnnxImportError(
                     f"{_where(node)} is not supported by load_onnx, which takes one LSTM/GRU/RNN node "
                     f"or a plain stack joined by {', '.join(GLUE)}")
+            try:  # the op's version at this opset must be one rnnengine implements (rnnengine/opsets.py)
+                check_node(node.op_type, self.opset, _where(node))
+            except OpsetError as e:
+                raise OnnxImportError(str(e)) from None
             for name in node.input:
                 if name and name not in self.consts and name not in self.inputs and name not in self.producer:
                     raise OnnxImportError(f"{_where(node)} reads {name!r}, which nothing before it produces "

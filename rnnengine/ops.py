@@ -424,18 +424,25 @@ class Unary(Handler):
 @register("Clip", attrs=("min", "max"))
 class Clip(Handler):
     def bounds(self, xs):
+        # an absent bound is the type's largest value (Clip-6's attribute defaults, Clip-11's
+        # inputs), so +-inf clip to +-FLT_MAX as in onnxruntime
+        big = float(np.finfo(np.float32).max)
         if self.opset < 11:
-            lo, hi = self.attr("min", -np.inf), self.attr("max", np.inf)
+            lo, hi = self.attr("min", -big), self.attr("max", big)
         else:
-            lo = -np.inf if len(xs) < 2 or xs[1] is None else const_input(self, xs[1], "min").item() \
+            lo = -big if len(xs) < 2 or xs[1] is None else const_input(self, xs[1], "min").item() \
                 if hasattr(xs[1], "const") else np.asarray(xs[1]).item()
-            hi = np.inf if len(xs) < 3 or xs[2] is None else const_input(self, xs[2], "max").item() \
+            hi = big if len(xs) < 3 or xs[2] is None else const_input(self, xs[2], "max").item() \
                 if hasattr(xs[2], "const") else np.asarray(xs[2]).item()
         return float(lo), float(hi)
 
     def eval(self, xs):
         lo, hi = self.bounds(xs)
-        return [np.clip(xs[0], lo, hi).astype(xs[0].dtype)]
+        x = xs[0]
+        if x.dtype.kind in "iu":
+            info = np.iinfo(x.dtype)
+            return [np.clip(x, x.dtype.type(max(lo, info.min)), x.dtype.type(min(hi, info.max)))]
+        return [np.clip(x, lo, hi).astype(x.dtype)]
 
     def emit(self, p, xs):
         lo, hi = self.bounds(xs)

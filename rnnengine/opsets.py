@@ -1,0 +1,173 @@
+"""opsets.py - which versions of each ONNX operator rnnengine implements (default domain).
+
+An ONNX model imports an opset N; each of its nodes then means the newest version of its op
+defined at or before N (``onnx.defs.get_schema(op, N).since_version``). VERSIONS lists, for
+every op rnnengine knows (the handlers in rnnengine/ops.py, and If / Loop / the sequence ops
+planned in rnnengine/graph.py), every version in effect at some opset from MIN_OPSET on,
+with what changed at that version and whether the handlers implement it. The converter
+refuses a node whose version is missing here (a newer onnx release defined it and nobody
+has reviewed it yet) or marked refused, naming the op, node, opset and what changed.
+tests/test_opsets.py checks this table against onnx.defs, so a new op version in a new onnx
+release fails a test instead of being accepted silently.
+
+Most changes only widen the element types an op accepts (bfloat16 at opset 13 and 22,
+8-, 4- and 2-bit types from opset 19 on); rnnengine's own type checks refuse types it
+cannot compute, so those versions mean nothing new to it.
+"""
+from __future__ import annotations
+
+import onnx.defs
+
+MIN_OPSET = 7
+
+BF16 = "adds bfloat16 (types only)"
+INTS = "adds integer types (types only)"
+LOWBIT = "adds float8 / int4 / float4 / int2 / float6 types (types only)"
+NEG_AXIS = "negative axes / indices allowed (implemented: axes are normalised)"
+ATTR_TO_INPUT = "moves a constant attribute to an input (implemented: read from either)"
+BROADCAST7 = "numpy-style broadcasting replaces the broadcast/axis attributes (implemented)"
+CONSUMED = "drops the legacy consumed_inputs attribute"
+
+# The op versions an elementwise unary op went through: 6 (consumed_inputs), 13 (bfloat16).
+_UNARY6 = {6: CONSUMED, 13: BF16}
+_BINARY = {7: BROADCAST7, 13: BF16, 14: INTS}
+_COMPARE = {7: BROADCAST7, 9: INTS, 13: BF16}
+_LOGIC = {7: BROADCAST7}
+_LOWBIT_19_25 = {19: LOWBIT, 21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT}
+_CONTROL = {11: "branch / body outputs may change shape between iterations (implemented: planned per shape)",
+            13: "sequence types (types only)", 16: "optional types and bfloat16 (types only)", **_LOWBIT_19_25}
+_REDUCE = {1: "axes attribute (implemented)", 11: NEG_AXIS, 13: BF16, 18: "axes become an input, noop_with_empty_axes (implemented)"}
+_REC = {7: "drops output_sequence", 14: "layout attribute (implemented, batch-first)", 22: BF16}
+_ACT22 = {22: BF16}
+REFUSED = "refused: "  # a note starting with this marks a version rnnengine does not implement
+
+VERSIONS = {
+    "Abs": {6: CONSUMED + "; " + INTS, 13: BF16},
+    "Add": _BINARY, "Sub": _BINARY, "Mul": _BINARY, "Div": _BINARY,
+    "Pow": {7: BROADCAST7, 12: "exponent of another type; integer bases (implemented with NumPy's power)",
+            13: BF16, 15: "bfloat16 exponent (types only)"},
+    "Max": {6: CONSUMED, 8: "numpy-style broadcasting (implemented)", 12: INTS, 13: BF16},
+    "Min": {6: CONSUMED, 8: "numpy-style broadcasting (implemented)", 12: INTS, 13: BF16},
+    "And": _LOGIC, "Or": _LOGIC, "Xor": _LOGIC,
+    "Not": {1: "unchanged since opset 1"},
+    "Equal": {7: BROADCAST7, 11: "float and more integer types (types only)", 13: BF16, 19: "string (types only)"},
+    "Less": _COMPARE, "Greater": _COMPARE,
+    "LessOrEqual": {12: "introduced", 16: BF16}, "GreaterOrEqual": {12: "introduced", 16: BF16},
+    "Where": {9: "introduced", 16: BF16},
+    "Relu": {6: CONSUMED, 13: BF16, 14: INTS},
+    "Neg": {6: CONSUMED + "; " + INTS, 13: BF16},
+    **{op: dict(_UNARY6) for op in ("Ceil", "Exp", "Floor", "Log", "Reciprocal", "Sigmoid", "Sqrt", "Tanh")},
+    "Elu": {6: CONSUMED, 22: BF16}, "HardSigmoid": {6: CONSUMED, 22: BF16},
+    "LeakyRelu": {6: CONSUMED, 16: BF16},
+    "Softplus": {1: "unchanged until opset 22", **_ACT22}, "Softsign": {1: "unchanged until opset 22", **_ACT22},
+    "ThresholdedRelu": {10: "introduced", 22: BF16},
+    "Clip": {6: "min / max attributes", 11: "min / max become optional inputs (implemented)", 12: INTS, 13: BF16},
+    "Cast": {6: "`to` is an integer", 9: "string (types only)", 13: BF16,
+             19: "saturate attribute, for float8 targets only (float8 is refused as a type)",
+             21: LOWBIT, 23: LOWBIT,
+             24: "round_mode attribute for float8e8m0 (refused as an attribute) and float8e8m0",
+             25: LOWBIT, 28: LOWBIT},
+    "Constant": {1: "value attribute", 9: "more types (types only)",
+                 11: "sparse_value (refused as an attribute)",
+                 12: "value_float(s) / value_int(s) (implemented); value_string(s) (refused as attributes)",
+                 13: BF16, **_LOWBIT_19_25},
+    "ConstantOfShape": {9: "introduced", 20: LOWBIT, 21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "Shape": {1: "the whole shape", 13: BF16, 15: "start / end attributes (implemented)", **_LOWBIT_19_25},
+    "Size": {1: "element count", 13: BF16, **_LOWBIT_19_25},
+    "Range": {11: "introduced",
+              27: "float16 / bfloat16 inputs, accumulated as stash_type (rnnengine refuses float16 Range "
+                  "and the attribute; int and float32 inputs are unchanged)"},
+    "Identity": {1: "tensors", 13: BF16, 14: "sequence inputs (implemented: passed through)",
+                 16: "optional types (types only)", **_LOWBIT_19_25},
+    "Dropout": {7: "drops is_test (inference: identity)", 10: "bool mask (types only)",
+                12: "ratio and training_mode become inputs (implemented; training_mode must be constant false)",
+                13: BF16, 22: LOWBIT},
+    "Reshape": {5: "shape becomes an input (implemented)", 13: BF16, 14: "allowzero attribute (implemented)",
+                **_LOWBIT_19_25},
+    "Flatten": {1: "axis attribute", 9: "more types (types only)", 11: NEG_AXIS, 13: BF16,
+                21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "Squeeze": {1: "axes attribute", 11: NEG_AXIS, 13: "axes become an input; " + BF16 + " (implemented)",
+                21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "Unsqueeze": {1: "axes attribute", 11: NEG_AXIS, 13: "axes become an input; " + BF16 + " (implemented)",
+                  21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "Transpose": {1: "perm attribute", 13: BF16, 21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "Slice": {1: "starts / ends / axes attributes (implemented)",
+              10: "starts / ends / axes / steps inputs (implemented)", 11: NEG_AXIS, 13: BF16},
+    "Concat": {4: "axis required", 11: NEG_AXIS, 13: BF16},
+    "Split": {2: "split attribute", 11: NEG_AXIS, 13: "split becomes an input (implemented); " + BF16,
+              18: "num_outputs attribute, last part may be smaller (implemented)"},
+    "Expand": {8: "introduced", 13: BF16},
+    "Tile": {6: "repeats input", 13: BF16},
+    "Gather": {1: "gather along an axis", 11: NEG_AXIS, 13: BF16},
+    "ArgMax": {1: "axis, keepdims (implemented)", 11: NEG_AXIS, 12: "select_last_index (implemented)", 13: BF16},
+    "ArgMin": {1: "axis, keepdims (implemented)", 11: NEG_AXIS, 12: "select_last_index (implemented)", 13: BF16},
+    "CumSum": {11: "introduced (exclusive, reverse implemented)", 14: "bfloat16 / float16 (types only)"},
+    "Mod": {10: "introduced: fmod=0 on integers (floor), fmod=1 (truncation) (implemented)", 13: BF16,
+            28: "fmod=0 also defined for floats, A - floor(A/B)*B (integers implemented; float fmod=0 is "
+                "refused by the handler)"},
+    "ReverseSequence": {10: "introduced (batch_axis / time_axis, implemented)", 28: BF16},
+    "TopK": {1: "k attribute (implemented)", 10: "k becomes an input (implemented)",
+             11: "largest / sorted attributes (implemented; results always sorted), " + INTS, 24: BF16},
+    "ScatterElements": {11: "introduced", 13: BF16, 16: "reduction attribute (only 'none' is implemented; "
+                        "others are refused)", 18: "reduction max / min (refused like every reduction)"},
+    "Scatter": {9: "introduced", 11: REFUSED + "Scatter is deprecated from opset 11 on (use ScatterElements)"},
+    "MatMul": {1: "numpy matmul", 9: INTS, 13: BF16},
+    "Gemm": {7: "drops the broadcast attribute (unidirectional broadcast of C)", 9: INTS,
+             11: "C becomes optional (implemented)", 13: BF16},
+    "Softmax": {1: "coerces to 2-D at axis (implemented)", 11: NEG_AXIS,
+                13: "normalises along one axis, default -1 (implemented)"},
+    "LogSoftmax": {1: "coerces to 2-D at axis (implemented)", 11: NEG_AXIS,
+                   13: "normalises along one axis, default -1 (implemented)"},
+    "Conv": {1: "convolution", 11: "clarified auto_pad / kernel_shape (no change in the result)", 22: BF16},
+    "Pad": {2: "pads / value attributes (implemented)", 11: "pads / constant_value inputs (implemented); " + INTS,
+            13: "more types (types only)", 18: "axes input (implemented)", 19: "wrap mode (implemented)",
+            21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},
+    "ReduceSum": {1: "axes attribute (implemented)", 11: NEG_AXIS, 13: "axes become an input, noop_with_empty_axes (implemented); " + BF16},
+    "ReduceMean": dict(_REDUCE), "ReduceProd": dict(_REDUCE),
+    "ReduceMax": {**_REDUCE, 12: INTS, 20: "bool (types only)"},
+    "ReduceMin": {**_REDUCE, 12: INTS, 20: "bool (types only)"},
+    "LSTM": _REC, "GRU": _REC, "RNN": _REC,
+    "If": {1: "branches", **_CONTROL},
+    "Loop": {1: "loop", **_CONTROL},
+    "SplitToSequence": {11: "introduced", 24: BF16},
+    **{op: {11: "introduced"} for op in ("SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
+                                         "SequenceInsert", "ConcatFromSequence")},
+}
+
+
+class OpsetError(ValueError):
+    """A node's op version is not one rnnengine implements."""
+
+
+def max_opset():
+    """The newest opset rnnengine accepts: the newest the installed onnx package defines
+    (every op version up to it is either in VERSIONS or refused by check_node)."""
+    return onnx.defs.onnx_opset_version()
+
+
+def op_version(op, opset):
+    """The version of ``op`` a model importing ``opset`` uses (its since_version), or None
+    when the op does not exist at that opset."""
+    try:
+        return onnx.defs.get_schema(op, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def check_node(op, opset, label):
+    """Raises OpsetError (naming ``label``, e.g. "LSTM node 'rnn'") unless rnnengine implements
+    the version of ``op`` in effect at ``opset``."""
+    table = VERSIONS.get(op)
+    if table is None:
+        raise OpsetError(f"{label}: op {op!r} has no entry in rnnengine's opset table (rnnengine/opsets.py)")
+    v = op_version(op, opset)
+    if v is None:
+        raise OpsetError(f"{label}: op {op} does not exist at opset {opset}")
+    note = table.get(v)
+    if note is None:
+        raise OpsetError(f"{label}: {op} changed at opset {v} (the version a model at opset {opset} uses), and "
+                         f"rnnengine has not reviewed that version (known: {sorted(table)}); "
+                         "it is refused rather than run with older semantics")
+    if note.startswith(REFUSED):
+        raise OpsetError(f"{label}: {op} at opset {opset} (version {v}) is not supported: {note[len(REFUSED):]}")
+    return v
