@@ -1386,6 +1386,9 @@ class ReverseSequence(Handler):
     def emit(self, p, xs):
         x, lens = xs
         ta, T, B = self.geometry(x, lens)
+        if getattr(p, "streaming", False):
+            raise NotStreamableError(self.node, "it reverses each sequence as a whole, which chunk-by-chunk "
+                                                "calls cannot reproduce")
         if lens.const is not None:
             lv = np.asarray(lens.const)
             if lv.size and (lv.min() < 0 or lv.max() > T):

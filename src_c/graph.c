@@ -833,7 +833,8 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
 
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
-                         float *work, char *err, size_t errlen) {
+                         float *work, char *err, size_t errlen, int64_t *failed) {
+    if (failed) *failed = -1;
     if (!program || !tensors || n_instr < 0) return RNN_STATUS_BAD_ARGUMENT;
     for (int64_t k = 0; k < n_instr; k++) {
         const int64_t *in = program + k * RNN_INSTR_WORDS;
@@ -847,6 +848,7 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
             const char *bad = check_typed(op, ip, in[10]);
             if (bad) {
                 char msg[200];
+                if (failed) *failed = k;
                 snprintf(msg, sizeof msg, "instruction %lld (op %lld): %s", (long long)k, (long long)op, bad);
                 return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
             }
@@ -898,10 +900,15 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_RECURRENT:
             st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen);
             break;
-        default: return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "unknown instruction");
+        default:
+            if (failed) *failed = k;
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "unknown instruction");
         }
 #undef T_
-        if (st != RNN_STATUS_OK) return st;
+        if (st != RNN_STATUS_OK) {
+            if (failed) *failed = k;
+            return st;
+        }
     }
     return RNN_STATUS_OK;
 }

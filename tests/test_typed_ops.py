@@ -120,9 +120,9 @@ def test_float_mod():
 def test_int_division_by_zero_is_an_error(op, dtype):
     """onnxruntime crashes (SIGFPE); rnnengine refuses, at run time and when folding."""
     a, b = np.array([4, 5], dtype), np.array([2, 0], dtype)
-    gm = rnnengine.convert(make([helper.make_node(op, ["a", "b"], ["y"])], [("a", a), ("b", b)], ["y"],
-                                {"a", "b"}))
-    with pytest.raises(ValueError, match="by zero"):
+    gm = rnnengine.convert(make([helper.make_node(op, ["a", "b"], ["y"], name="idx")], [("a", a), ("b", b)],
+                                ["y"], {"a", "b"}))
+    with pytest.raises(ValueError, match=f"{op} node 'idx': an integer division or modulo by zero"):
         gm.run({"a": a, "b": b})
     with pytest.raises(UnsupportedError, match="by zero"):
         rnnengine.convert(make([helper.make_node(op, ["a", "b"], ["y"])], [("a", a), ("b", b)], ["y"], set()))
@@ -283,11 +283,19 @@ def test_reverse_sequence(data, dtype, T, B, rest, time_major):
 def test_reverse_sequence_bad_lengths():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     gm = rnnengine.convert(make([helper.make_node("ReverseSequence", ["x", "lens"], ["y"], batch_axis=1,
-                                                  time_axis=0)],
+                                                  time_axis=0, name="rev")],
                                 [("x", x), ("lens", np.array([1, 2, 3], np.int64))], ["y"], {"x", "lens"}))
     for bad in ([1, 5, 2], [1, -1, 2]):
-        with pytest.raises(ValueError, match="sequence_lens"):
+        with pytest.raises(ValueError, match=r"ReverseSequence node 'rev': sequence_lens\[1\]"):
             gm.run({"x": x, "lens": np.array(bad, np.int64)})
+
+
+def test_reverse_sequence_is_not_streamed():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    m = make([helper.make_node("ReverseSequence", ["x", "lens"], ["y"], batch_axis=1, time_axis=0, name="rev")],
+             [("x", x), ("lens", np.array([1, 2, 3], np.int64))], ["y"], {"x"})
+    with pytest.raises(rnnengine.ops.NotStreamableError, match="ReverseSequence node 'rev'"):
+        rnnengine.convert(m).stream().step({"x": x})
 
 
 @pytest.mark.parametrize("args", [(1, 10, 3), (10, 1, -3), (-5, 5, 1), (3, 3, 1), (5, 1, 1),
