@@ -365,6 +365,27 @@ def test_reduce_max_min_nan_propagates(op, axis):
         compare(rnnengine.convert(m).run(feeds)["y"], want, f"y ({mode})")
 
 
+def test_nan_through_the_fast_paths():
+    """Long contiguous arrays (several of the executor's blocks), NaN at random places, in
+    Tanh/Sigmoid, Relu, Max/Min of same-shape operands, and max / min over the innermost axis."""
+    from onnx.reference import ReferenceEvaluator
+    r = np.random.default_rng(11)
+    a, b = (r.standard_normal((3, 5000)).astype(np.float32) for _ in range(2))
+    a[r.random(a.shape) < 0.01] = np.nan
+    b[r.random(b.shape) < 0.01] = np.nan
+    for op in ("Tanh", "Sigmoid", "Relu"):
+        check([helper.make_node(op, ["a"], ["y"])], [("a", a)], ["y"], modes=("runtime",))
+    for op in ("Max", "Min"):
+        check([helper.make_node(op, ["a", "b"], ["y"])], [("a", a), ("b", b)], ["y"], modes=("runtime",))
+    a[2] = r.standard_normal(5000)  # one row without NaN
+    for op in ("ReduceMax", "ReduceMin"):
+        m = make([helper.make_node(op, ["a", "axes"], ["y"])], [("a", a), ("axes", np.array([1], np.int64))], ["y"],
+                 {"a"}, opset=18)
+        want = ReferenceEvaluator(m).run(None, {"a": a})[0]
+        assert np.isnan(want[:2]).all() and not np.isnan(want[2]).any()
+        compare(rnnengine.convert(m).run({"a": a})["y"], want, op)
+
+
 def test_topk_argmax_nan_long_rows():
     """Rows longer than a vector register, NaN scattered: the rules hold there too."""
     r = np.random.default_rng(7)
