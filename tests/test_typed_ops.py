@@ -524,3 +524,22 @@ def test_typed_ops_in_a_stream_equal_the_whole_sequence():
     parts = [s.step({"tok": tok[i:i + 3]}) for i in range(0, len(tok), 3)]
     assert np.array_equal(np.concatenate([p["y"] for p in parts]), want[0])
     assert np.array_equal(np.concatenate([p["kf"] for p in parts]), want[1])
+
+
+def test_new_ops_survive_a_weight_file(tmp_path):
+    """ReverseSequence, CumSum, ArgMax and Mod stored in a weight file and loaded back run as
+    before, and as onnxruntime."""
+    x = np.random.default_rng(5).standard_normal((4, 3, 2)).astype(np.float32)
+    lens = np.array([4, 1, 3], np.int64)
+    nodes = [helper.make_node("ReverseSequence", ["x", "lens"], ["r"], batch_axis=1, time_axis=0),
+             helper.make_node("CumSum", ["r", "ax"], ["c"], exclusive=1, reverse=1),
+             helper.make_node("ArgMax", ["c"], ["y"], axis=2, keepdims=0, select_last_index=1),
+             helper.make_node("Mod", ["lens", "two"], ["z"], fmod=0)]
+    m = make(nodes, [("x", x), ("lens", lens), ("ax", np.array(0, np.int64)), ("two", np.array(-2, np.int64))],
+             ["y", "z"], {"x", "lens"})
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "lens": lens})
+    rnnengine.save(rnnengine.convert(m), str(tmp_path / "m.rnne"))
+    got = rnnengine.load(str(tmp_path / "m.rnne")).run({"x": x, "lens": lens})
+    compare(got["y"], want[0], "y")
+    compare(got["z"], want[1], "z")
