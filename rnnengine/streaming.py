@@ -549,6 +549,8 @@ def conv_along_time(p, h, xs):
         return False
     if any(v is not None and (v.t is not None or v.final) for v in xs[1:]):
         raise NotStreamableError(h.node, "its weights change with time")
+    if not x.final and x.t == 0:
+        return False  # time runs along the conv's batch axis (a window per step): step by step
     if x.final or x.t != len(x.shape) - 1:
         raise NotStreamableError(h.node, "convolves over the channels of a time series (time must be the "
                                          "length axis)")

@@ -203,11 +203,13 @@ typedef enum {
 /* Element types of graph tensors. RNN_DT_BOOL is one byte holding 0 or 1. */
 typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RNN_DT_BOOL = 4 } rnn_dtype;
 
-/* Runs the program. On a data error (an index out of range, bad sequence lengths) it
- * stops and returns a status with a message in err (errlen bytes). */
+/* Runs the program. On a data error (an index out of range, bad sequence lengths, an
+ * integer division by zero) or an instruction it refuses, it stops and returns a status with
+ * a message in err (errlen bytes) and, when failed is not NULL, the index of the
+ * instruction that stopped in *failed (-1 when none did). */
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
-                         float *work, char *err, size_t errlen);
+                         float *work, char *err, size_t errlen, int64_t *failed);
 
 /* ---------------------------------------------------------------------------------------
  * Training: forward with saved activations and backward through time for one direction of
