@@ -1,0 +1,260 @@
+"""Red-team checks of the streaming rule: for each graph, a stream made by
+`rnnengine.convert(m).stream()` gives, chunk by chunk, exactly what `run()` gives on the whole
+sequence (outputs concatenated along `stream.output_axes`, final values from the last call),
+or `stream()` raises NotStreamableError naming the node. Tests that fail name a finding; the
+others are behaviour checked and found right (regression tests)."""
+import numpy as np
+
+import pytest
+from onnx import TensorProto, helper
+
+import rnnengine
+from rnnengine.ops import NotStreamableError
+from rnnengine.verify import ort_session
+from test_stream_rule import F, close, lstm_inits, model, rand
+
+I64 = TensorProto.INT64
+
+
+def vi(name, shape, t=F):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def N(op, ins, outs, **kw):
+    return helper.make_node(op, ins, outs, **kw)
+
+
+def chunked(s, feeds, axes, sizes):
+    """Feeds `feeds` (inputs in `axes` cut along that axis, the others whole) in chunks of
+    `sizes` (cycled), then finish(); returns the list of outputs of every call."""
+    name0 = next(iter(axes))
+    T = feeds[name0].shape[axes[name0]]
+    parts, t, k = [], 0, 0
+    while t < T:
+        n = sizes[k % len(sizes)]
+        k += 1
+        parts.append(s({nm: (np.take(a, range(t, min(T, t + n)), axis=axes[nm]) if nm in axes else a)
+                        for nm, a in feeds.items()}))
+        t += n
+    tail = s.finish()
+    if tail:
+        parts.append(tail)
+    return parts
+
+
+def joined(s, parts, name):
+    ax = s.output_axes.get(name)
+    if ax is None:
+        return parts[-1][name]
+    return np.concatenate([p[name] for p in parts if name in p], axis=ax)
+
+
+def exact_or_refused(m, feeds, axes, sizes, node):
+    """The rule: stream() refuses naming `node`, or every chunking in `sizes` gives the whole run."""
+    gm = rnnengine.convert(m)
+    whole = gm.run(feeds)
+    try:
+        gm.stream()
+    except NotStreamableError as e:
+        assert f"'{node}'" in str(e), str(e)
+        return None
+    for sz in sizes:
+        s = gm.stream()
+        parts = chunked(s, feeds, axes, sz)
+        for name in whole:
+            close(joined(s, parts, name), whole[name])
+    return gm
+
+
+def streams_exactly(m, feeds, axes, sizes):
+    gm = rnnengine.convert(m)
+    whole = gm.run(feeds)
+    for sz in sizes:
+        s = gm.stream()
+        parts = chunked(s, feeds, axes, sz)
+        for name in whole:
+            close(joined(s, parts, name), whole[name])
+    return gm
+
+
+def lstm_y(src="x", H=4):
+    return [N("LSTM", [src, "W", "R", "B"], ["Y", "Yh"], hidden_size=H, name="lstm"),
+            N("Squeeze", ["Y", "a1"], ["y"])]
+
+
+def base_inits(rng, I=3, H=4):
+    return dict(lstm_inits(rng, I, H), a1=np.array([1], np.int64))
+
+
+# --- findings --------------------------------------------------------------------------------
+
+def test_slice_of_time_with_a_fixed_end_is_refused_or_exact():
+    """x[:30] along time (truncation to a maximum length): at stream() the example length is
+    23, so the slice looks like the whole axis and the stream is made; a 50-step sequence fed
+    in chunks of 7 then gives 50 steps where the whole run gives 30."""
+    rng = np.random.default_rng(0)
+    inits = dict(base_inits(rng), s=np.array([0], np.int64), e=np.array([30], np.int64), ax=np.array([0], np.int64))
+    m = model([N("Slice", ["x", "s", "e", "ax"], ["xs"], name="cut")] + lstm_y("xs"),
+              [vi("x", ["T", 2, 3])], ["y"], inits)
+    exact_or_refused(m, {"x": rand(rng, 50, 2, 3)}, {"x": 0}, [[7]], "cut")
+
+
+def test_slice_of_the_last_k_steps_is_refused_or_exact():
+    """x[-30:] along time: for the 23-step example the start clamps to 0 and the slice passes
+    as the whole axis; on 50 steps the stream gives all 50, the whole run the last 30."""
+    rng = np.random.default_rng(1)
+    inits = dict(base_inits(rng), s=np.array([-30], np.int64), e=np.array([2 ** 62], np.int64),
+                 ax=np.array([0], np.int64))
+    m = model([N("Slice", ["x", "s", "e", "ax"], ["xs"], name="cut")] + lstm_y("xs"),
+              [vi("x", ["T", 2, 3])], ["y"], inits)
+    exact_or_refused(m, {"x": rand(rng, 50, 2, 3)}, {"x": 0}, [[7]], "cut")
+
+
+def test_sequence_length_output_is_refused_or_exact():
+    """An output computed from Shape(x) (an encoder's output length): the stream gives the
+    last chunk's length (1) with output_axes None (a final value), the whole run 50."""
+    rng = np.random.default_rng(2)
+    nodes = lstm_y() + [N("Shape", ["x"], ["sh"]), N("Gather", ["sh", "z"], ["len"], axis=0, name="length")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["y", "len"], dict(base_inits(rng), z=np.array(0, np.int64)))
+    exact_or_refused(m, {"x": rand(rng, 50, 2, 3)}, {"x": 0}, [[7]], "length")
+
+
+def pad_tail_conv(rng, add_input, last=False):
+    """x -> (B, C, T) -> Pad 1 zero at the end of time -> Conv K=2 (no pads): the same length
+    as x, but each output frame reads one frame ahead, like a conv with pads [0, 1]."""
+    inits = dict(base_inits(rng), pads=np.array([0, 0, 0, 0, 0, 1], np.int64), Wc=rand(rng, 3, 3, 2) * 0.5,
+                 m1=np.array(-1, np.int64))
+    nodes = [N("Transpose", ["x"], ["xt"], perm=[1, 2, 0]),
+             N("Pad", ["xt", "pads"], ["xp"], mode="constant", name="pad_end"),
+             N("Conv", ["xp", "Wc"], ["c"], kernel_shape=[2], name="conv")]
+    if add_input:
+        nodes += [N("Add", ["c", "xt"], ["s"], name="add")]
+    nodes += [N("Transpose", ["s" if add_input else "c"], ["st"], perm=[2, 0, 1])] + lstm_y("st")
+    outs = ["y"]
+    if last:
+        nodes.append(N("Gather", ["Y", "m1"], ["last"], axis=0, name="last_step"))
+        outs = ["y", "last"]
+    return model(nodes, [vi("x", ["T", 2, 3])], outs, inits)
+
+
+def test_pad_at_the_end_of_time_delays_like_a_lookahead_conv():
+    """Pad(end=1) along time then a K=2 conv == a conv with pads [0, 1], which the stream
+    treats as a delay of 1. Emitted by emit_pad, the held-back frame is not counted as a lag
+    (emit_pad keeps x.lag), so Add(conv, x) combines frames one step apart: chunks of 2 give
+    a max error of 1.30, no error raised (chunks of 1: 49 steps instead of 50; chunks of 7:
+    an UnsupportedError at the call). The conv-with-pads form is delayed correctly."""
+    rng = np.random.default_rng(3)
+    m = pad_tail_conv(rng, add_input=True)
+    x = rand(rng, 50, 2, 3)
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[2], [1], [7], [50]], "add")
+
+
+def test_last_step_after_a_pad_tail_conv_is_refused_or_exact():
+    """Y[-1] after Pad(end=1) + conv: the rule refuses the last step of a delayed series (a
+    chunk may hold none), but the Pad's delay is not counted, so the stream is made and a
+    1-step chunk (which yields no frame yet) fails in C: GraphRunError 'Gather: index -1 at
+    position 0 is outside [-0, 0)'."""
+    rng = np.random.default_rng(4)
+    m = pad_tail_conv(rng, add_input=False, last=True)
+    exact_or_refused(m, {"x": rand(rng, 20, 2, 3)}, {"x": 0}, [[1], [3]], "last_step")
+
+
+def time_loop_model(rng, trip, H=4):
+    """An RNN written as an ONNX Loop over time (tf2onnx style): h = tanh(x[i] W + h R), the
+    trip count computed from Shape(x), h carried, every h a scan output."""
+    body = helper.make_graph(
+        [N("Gather", ["x", "i"], ["xi"], axis=0), N("MatMul", ["xi", "Wl"], ["a"]), N("MatMul", ["h", "Rl"], ["b"]),
+         N("Add", ["a", "b"], ["ab"]), N("Tanh", ["ab"], ["hn"]), N("Identity", ["hn"], ["sc"]),
+         N("Identity", ["c"], ["co"])],
+        "body", [vi("i", [], I64), vi("c", [], TensorProto.BOOL), vi("h", [2, H])],
+        [vi("co", [], TensorProto.BOOL), vi("hn", [2, H]), vi("sc", [2, H])])
+    nodes = [N("Shape", ["x"], ["sh"]), N("Gather", ["sh", "z"], ["T"], axis=0)]
+    nodes += [N("Identity", ["T"], ["M"])] if trip == "T" else [N("Sub", ["T", "one"], ["M"], name="trip")]
+    nodes.append(N("Loop", ["M", "", "h0"], ["hT", "ys"], body=body, name="loop"))
+    inits = dict(Wl=rand(rng, 3, H) * 0.5, Rl=rand(rng, H, H) * 0.5, z=np.array(0, np.int64),
+                 one=np.array(1, np.int64), h0=np.zeros((2, H), np.float32))
+    return model(nodes, [vi("x", ["T", 2, 3])], ["ys", "hT"], inits)
+
+
+def test_loop_over_time_with_trip_count_T_minus_1_is_refused_or_exact():
+    """Loop trip count Shape(x)[0] - 1 (the last step left out): each chunk leaves out its own
+    last step. Chunks of 2 over 50 steps: 25 scan steps instead of 49 and the final h 1.11
+    off, no error; chunks of 7 end with a 1-step chunk: 'a loop that runs 0 times'."""
+    rng = np.random.default_rng(5)
+    m = time_loop_model(rng, "T-1")
+    exact_or_refused(m, {"x": rand(rng, 50, 2, 3)}, {"x": 0}, [[2], [7]], "loop")
+
+
+def test_output_axes_stay_right_after_a_one_step_chunk():
+    """y reshaped to (1, T, B, H) (target [1, -1, B, H]): for a 1-step chunk the reshape rule
+    takes the first candidate axis of length 1 (axis 0) as time, so stream.output_axes says 0
+    after such a chunk (1 for longer ones): joined along it the outputs have shape
+    (50, 1, 2, 4) instead of (1, 50, 2, 4)."""
+    rng = np.random.default_rng(6)
+    nodes = lstm_y() + [N("Reshape", ["y", "tgt"], ["y4"], name="r4")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["y4"], dict(base_inits(rng), tgt=np.array([1, -1, 2, 4], np.int64)))
+    exact_or_refused(m, {"x": rand(rng, 50, 2, 3)}, {"x": 0}, [[1], [7]], "r4")
+
+
+def test_reshape_with_a_leading_one_then_squeeze_streams_one_step_chunks():
+    """x (T, B, I) -> Reshape [1, -1, B, I] -> Squeeze(0) -> LSTM streams for chunks > 1, but a
+    1-step chunk takes axis 0 as time (see above) and the call then raises
+    NotStreamableError at Squeeze 'sq0' (squeezes away the time axis) in the middle of the
+    stream, after outputs were given: stream() made it, so every chunking must work."""
+    rng = np.random.default_rng(7)
+    inits = dict(base_inits(rng), tgt=np.array([1, -1, 2, 3], np.int64), a0=np.array([0], np.int64))
+    nodes = [N("Reshape", ["x", "tgt"], ["x4"], name="r4"), N("Squeeze", ["x4", "a0"], ["x3"], name="sq0")] + lstm_y("x3")
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["y"], inits)
+    exact_or_refused(m, {"x": rand(rng, 20, 2, 3)}, {"x": 0}, [[3, 1], [1]], "sq0")
+
+
+def test_explicit_state_input_used_beside_the_recurrence_is_refused_or_exact():
+    """h0/c0 paired with hn/cn, and h0 also added to every step of Y (y = Y + h0): in the
+    whole run h0 is the initial state; in a stream it is the previous call's hn, so y is
+    0.80 off (chunks of 5) with no error. The elementwise rule does not look at `carried`."""
+    rng = np.random.default_rng(8)
+    ins = [vi("x", ["T", "B", 3]), vi("h0", [1, "B", 4]), vi("c0", [1, "B", 4])]
+    nodes = [N("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, name="lstm"),
+             N("Add", ["Y", "h0"], ["y"], name="resid")]
+    m = model(nodes, ins, ["y", "hn", "cn"], lstm_inits(rng, 3, 4))
+    assert sorted(rnnengine.convert(m).state_pairs) == [("c0", "cn"), ("h0", "hn")]
+    exact_or_refused(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[5], [1]], "resid")
+
+
+# --- checked and found right ---------------------------------------------------------------
+
+def test_loop_over_time_with_trip_count_T_streams_exactly():
+    rng = np.random.default_rng(20)
+    m = time_loop_model(rng, "T")
+    x = rand(rng, 30, 2, 3)
+    gm = streams_exactly(m, {"x": x}, {"x": 0}, [[7], [1], [2, 5]])
+    close(gm.run({"x": x})["ys"], ort_session(m).run(None, {"x": x})[0])
+
+
+def test_sequence_lens_final_states_of_rows_that_ended_in_earlier_chunks():
+    """Per-chunk lengths clip(L - t0, 0, n): a row whose length ended in an earlier chunk keeps
+    its Y_h / Y_c in later chunks (0 valid steps), as the whole run's Y_h / Y_c."""
+    rng = np.random.default_rng(21)
+    nodes = [N("LSTM", ["x", "W", "R", "B", "lens"], ["Y", "Yh", "Yc"], hidden_size=4, name="lstm")]
+    m = model(nodes, [vi("x", ["T", 3, 3]), vi("lens", [3], TensorProto.INT32)], ["Y", "Yh", "Yc"],
+              lstm_inits(rng, 3, 4))
+    gm = rnnengine.convert(m)
+    x, lens = rand(rng, 9, 3, 3), np.array([9, 5, 2], np.int32)
+    whole = gm.run({"x": x, "lens": lens})
+    ort = ort_session(m).run(None, {"x": x, "lens": lens})
+    for k, name in enumerate(("Y", "Yh", "Yc")):
+        close(whole[name], ort[k])
+    s = gm.stream()
+    outs = [s({"x": x[t0:t0 + 3], "lens": np.clip(lens - t0, 0, 3).astype(np.int32)}) for t0 in range(0, 9, 3)]
+    assert s.finish() == {}
+    close(np.concatenate([o["Y"] for o in outs]), whole["Y"])
+    close(outs[-1]["Yh"], whole["Yh"])
+    close(outs[-1]["Yc"], whole["Yc"])
+
+
+def test_explicit_lstm_state_streams_in_one_step_chunks():
+    rng = np.random.default_rng(22)
+    ins = [vi("x", ["T", "B", 3]), vi("h0", [1, "B", 4]), vi("c0", [1, "B", 4])]
+    m = model([N("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, name="lstm")],
+              ins, ["Y", "hn", "cn"], lstm_inits(rng, 3, 4))
+    streams_exactly(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[1], [5], [12], [40]])
