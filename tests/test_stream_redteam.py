@@ -221,6 +221,40 @@ def test_explicit_state_input_used_beside_the_recurrence_is_refused_or_exact():
     exact_or_refused(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[5], [1]], "resid")
 
 
+def masked_model(rng, pool):
+    """x (T, B, 3) times a padding mask (T, B), both fed along time, -> LSTM [-> mean over time]."""
+    nodes = [N("Unsqueeze", ["mask", "a2"], ["m3"]), N("Mul", ["x", "m3"], ["xm"], name="apply_mask"),
+             N("LSTM", ["xm", "W", "R", "B"], ["Yl" if pool else "Y"], hidden_size=4, name="lstm")]
+    if pool:
+        nodes.append(N("ReduceMean", ["Yl"], ["Y"], axes=[0], keepdims=1, name="pool"))
+    inits = dict(lstm_inits(rng, 3, 4), a2=np.array([2], np.int64))
+    return model(nodes, [vi("x", ["T", "B", 3]), vi("mask", ["T", "B"])], ["Y"], inits, opset=13)
+
+
+def test_mean_over_time_is_refused_when_a_mask_input_shares_the_time_axis():
+    """Two inputs along time (data and its padding mask, as real exports have): time_axes()
+    lengthens one input at a time, the other no longer broadcasts, the plan fails and
+    `except Exception: continue` (graph.py, GraphModel.time_axes) finds no time axis at all.
+    The stream is then made as a one-step-per-call model and nothing is checked: a
+    ReduceMean over time is not refused, and chunks of 5 give a result 0.36 off, no error."""
+    rng = np.random.default_rng(9)
+    m = masked_model(rng, pool=True)
+    x, mask = rand(rng, 12, 2, 3), (rng.random((12, 2)) > 0.3).astype(np.float32)
+    exact_or_refused(m, {"x": x, "mask": mask}, {"x": 0, "mask": 0}, [[5]], "pool")
+
+
+def test_masked_lstm_streams_along_time():
+    """Same cause: for x * mask -> LSTM the stream reports time_axes {} and output_axes
+    {'Y': None} (a final value) although Y runs along time; joined as the stream says, the
+    result is the last chunk (2, 1, 2, 4) instead of (12, 1, 2, 4)."""
+    rng = np.random.default_rng(10)
+    m = masked_model(rng, pool=False)
+    x, mask = rand(rng, 12, 2, 3), (rng.random((12, 2)) > 0.3).astype(np.float32)
+    gm = exact_or_refused(m, {"x": x, "mask": mask}, {"x": 0, "mask": 0}, [[5], [1]], "lstm")
+    if gm is not None:
+        assert gm.stream().time_axes == {"x": 0, "mask": 0}
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
