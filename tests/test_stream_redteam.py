@@ -255,6 +255,27 @@ def test_masked_lstm_streams_along_time():
         assert gm.stream().time_axes == {"x": 0, "mask": 0}
 
 
+def test_pad_to_a_multiple_of_the_length_is_refused_when_the_stream_is_made():
+    """Pad the end of time to a multiple of 4, pads computed from Shape(x) (front ends that
+    frame audio do this). For the 23-step example the pad is 1 step, emit_pad takes it
+    (emit_streaming sends Pad along time to emit_pad, which never looks at tdep) and the
+    stream is made; the check 'its parameters depend on the sequence length' only fires in
+    conv_or_pad_without_time, i.e. for a chunk whose length is already a multiple of 4 or at
+    finish() (0 steps): NotStreamableError in the middle of the stream, after outputs were
+    given (chunks of 5: at finish(); chunks of 8: at the first call)."""
+    rng = np.random.default_rng(11)
+    inits = dict(base_inits(rng), z=np.array([0], np.int64), four=np.array([4], np.int64),
+                 three=np.array([3], np.int64), zz=np.array([0, 0, 0], np.int64), z2=np.array([0, 0], np.int64))
+    nodes = [N("Shape", ["x"], ["sh"]), N("Gather", ["sh", "z"], ["T"], axis=0),
+             N("Add", ["T", "three"], ["t3"]), N("Div", ["t3", "four"], ["q"]), N("Mul", ["q", "four"], ["T4"]),
+             N("Sub", ["T4", "T"], ["e"]), N("Concat", ["zz", "e", "z2"], ["pads"], axis=0),
+             N("Pad", ["x", "pads"], ["xp"], mode="constant", name="pad_to_4")] + lstm_y("xp")
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["y"], inits)
+    x = rand(rng, 50, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["y"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[5], [8]], "pad_to_4")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
@@ -292,3 +313,67 @@ def test_explicit_lstm_state_streams_in_one_step_chunks():
     m = model([N("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, name="lstm")],
               ins, ["Y", "hn", "cn"], lstm_inits(rng, 3, 4))
     streams_exactly(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[1], [5], [12], [40]])
+
+
+def test_pad_opset18_with_axes_on_time_streams_exactly():
+    rng = np.random.default_rng(23)
+    inits = dict(base_inits(rng), pads=np.array([2, 1], np.int64), axp=np.array([0], np.int64),
+                 cv=np.array(0.5, np.float32))
+    m = model([N("Pad", ["x", "pads", "cv", "axp"], ["xp"], mode="constant", name="padt")] + lstm_y("xp"),
+              [vi("x", ["T", 2, 3])], ["y"], inits, opset=18)
+    x = rand(rng, 20, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["y"], ort_session(m).run(None, {"x": x})[0])
+    streams_exactly(m, {"x": x}, {"x": 0}, [[3], [1], [30]])
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("K", [2, 4])
+def test_conv_auto_pad_streams_exactly(auto_pad, K):
+    rng = np.random.default_rng(24)
+    inits = dict(base_inits(rng), Wc=rand(rng, 3, 3, K) * 0.5)
+    nodes = [N("Transpose", ["x"], ["xt"], perm=[1, 2, 0]),
+             N("Conv", ["xt", "Wc"], ["c"], kernel_shape=[K], auto_pad=auto_pad,
+                               dilations=[2 if auto_pad == "VALID" else 1], name="conv"),
+             N("Transpose", ["c"], ["ct"], perm=[2, 0, 1])] + lstm_y("ct")
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["y", "c"], inits)
+    x = rand(rng, 20, 2, 3)
+    ort = ort_session(m).run(None, {"x": x})
+    whole = rnnengine.convert(m).run({"x": x})
+    close(whole["y"], ort[0])
+    close(whole["c"], ort[1])
+    streams_exactly(m, {"x": x}, {"x": 0}, [[1], [3, 5], [25]])
+
+
+def test_reduce_over_all_axes_and_softmax_opset11_over_time_are_refused():
+    rng = np.random.default_rng(25)
+    m = model(lstm_y() + [N("ReduceSum", ["y"], ["r"], keepdims=1, name="rsum")], [vi("x", ["T", 2, 3])], ["r"],
+              base_inits(rng), opset=18)
+    with pytest.raises(NotStreamableError, match="'rsum'"):
+        rnnengine.convert(m).stream()
+    nodes = lstm_y() + [N("Transpose", ["y"], ["yb"], perm=[1, 0, 2]), N("Softmax", ["yb"], ["sm"], axis=1, name="sm")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["sm"], base_inits(rng), opset=11)
+    with pytest.raises(NotStreamableError, match="'sm'"):
+        rnnengine.convert(m).stream()
+    nodes[-1] = N("Softmax", ["yb"], ["sm"], axis=2, name="sm")  # over features only: streams
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["sm"], base_inits(rng), opset=11)
+    streams_exactly(m, {"x": rand(rng, 9, 2, 3)}, {"x": 0}, [[2], [1]])
+
+
+def test_fork_get_state_set_state_and_empty_chunks_mid_stream_with_conv_context():
+    from test_stream_rule import conv_front_end
+    rng = np.random.default_rng(26)
+    for pads in [(2, 2), (4, 0), (0, 4)]:
+        gm = rnnengine.convert(conv_front_end(rng, 4, 6, 3, 2, 2, pads, 2, None))
+        x = rand(rng, 2, 4, 40)
+        whole = gm.run({"x": x})
+        s = gm.stream()
+        head = [s({"x": x[:, :, :7]}), s({"x": x[:, :, 7:7]})]
+        saved, f = s.get_state(), s.fork()
+        runs = {"orig": [s({"x": x[:, :, 7:20]}), s({"x": x[:, :, 20:]}), s.finish()],
+                "fork": [f({"x": x[:, :, 7:8]}), f({"x": x[:, :, 8:]}), f.finish()]}
+        s.reset()
+        s.set_state(saved)
+        runs["set_state"] = [s({"x": x[:, :, 7:33]}), s({"x": x[:, :, 33:]}), s.finish()]
+        for parts in runs.values():
+            for name, ax in (("c", 2), ("y", 0)):
+                close(np.concatenate([p[name] for p in head + parts if name in p], axis=ax), whole[name])
