@@ -276,6 +276,46 @@ def test_pad_to_a_multiple_of_the_length_is_refused_when_the_stream_is_made():
     exact_or_refused(m, {"x": x}, {"x": 0}, [[5], [8]], "pad_to_4")
 
 
+def test_a_loop_not_over_time_starts_from_its_constants_in_every_call():
+    """A Loop with a fixed trip count (3, not the length) whose float carried value starts
+    from constant zeros (acc += b), added to every step of Y. Planner.loop (graph.py) makes
+    every float loop-carried value that starts from a constant stream state in any stream,
+    not only in loops over time (`if self.streaming:` before `stream_state`), so the second
+    call starts from 3b and ends at 6b: 52.3 off with chunks of 5, no error."""
+    rng = np.random.default_rng(12)
+    body = helper.make_graph([N("Add", ["acc", "bl"], ["accn"]), N("Identity", ["c"], ["co"])], "body",
+                             [vi("i", [], I64), vi("c", [], TensorProto.BOOL), vi("acc", [1, 4])],
+                             [vi("co", [], TensorProto.BOOL), vi("accn", [1, 4])])
+    inits = dict(base_inits(rng), bl=rand(rng, 4), acc0=np.zeros((1, 4), np.float32), three=np.array(3, np.int64))
+    nodes = lstm_y() + [N("Loop", ["three", "", "acc0"], ["accT"], body=body, name="refine"),
+                        N("Add", ["y", "accT"], ["z"], name="add_acc")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["z"], inits)
+    x = rand(rng, 20, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["z"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[5], [1]], "refine")
+
+
+@pytest.mark.parametrize("pick", ["Gather", "Slice"])
+def test_last_step_survives_an_empty_chunk(pick):
+    """y = Y[-1] streams as a final value, and an LSTM stream takes empty chunks (its Y_h is
+    kept). After the whole sequence, a call with 0 steps: Gather(Y, -1) fails in C
+    (GraphRunError 'Gather: index -1 at position 0 is outside [-0, 0)'); Slice(Y, -1:)
+    returns an empty (0, 1, 2, 4) array as the final value instead of (1, 1, 2, 4)."""
+    rng = np.random.default_rng(13)
+    inits = dict(base_inits(rng), m1=np.array(-1, np.int64), sm1=np.array([-1], np.int64),
+                 big=np.array([2 ** 62], np.int64), ax0=np.array([0], np.int64))
+    last = N("Gather", ["Y", "m1"], ["last"], axis=0, name="last_step") if pick == "Gather" else \
+        N("Slice", ["Y", "sm1", "big", "ax0"], ["last"], name="last_step")
+    m = model(lstm_y() + [last], [vi("x", ["T", 2, 3])], ["last"], inits)
+    gm = rnnengine.convert(m)
+    x = rand(rng, 10, 2, 3)
+    whole = gm.run({"x": x})
+    s = gm.stream()
+    assert s.output_axes["last"] is None
+    close(s({"x": x[:4]})["last"] * 0 + s({"x": x[4:]})["last"], whole["last"])
+    close(s({"x": x[10:]})["last"], whole["last"])
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
@@ -377,3 +417,14 @@ def test_fork_get_state_set_state_and_empty_chunks_mid_stream_with_conv_context(
         for parts in runs.values():
             for name, ax in (("c", 2), ("y", 0)):
                 close(np.concatenate([p[name] for p in head + parts if name in p], axis=ax), whole[name])
+
+
+def test_layout1_lstm_with_explicit_batch_first_state_streams_exactly():
+    rng = np.random.default_rng(27)
+    ins = [vi("x", ["B", "T", 3]), vi("h0", ["B", 1, 4]), vi("c0", ["B", 1, 4])]
+    m = model([N("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, layout=1,
+                 name="lstm")], ins, ["Y", "hn", "cn"], lstm_inits(rng, 3, 4))
+    gm = rnnengine.convert(m)
+    assert sorted(gm.state_pairs) == [("c0", "cn"), ("h0", "hn")]
+    assert gm.stream().time_axes == {"x": 1}
+    streams_exactly(m, {"x": rand(rng, 2, 13, 3)}, {"x": 1}, [[5], [1], [20]])
