@@ -316,6 +316,24 @@ def test_last_step_survives_an_empty_chunk(pick):
     close(s({"x": x[10:]})["last"], whole["last"])
 
 
+def test_finish_continues_from_the_explicit_state_of_the_last_call():
+    """Conv with pads [1, 1] (delay 1) -> LSTM whose h0/c0 are paired with hn/cn. Every call
+    is exact, but finish() runs the held-back frame from the state *before* the last call:
+    GraphStream.finish builds its feeds from self._last, whose carried entries are the arrays
+    fed to the last call (now the spare buffers), not self._carried. Y's last step, hn and cn
+    are 0.85 / 0.85 / 1.53 off (one chunk of 15 + finish), no error. The same graph with the
+    state kept inside the stream is exact."""
+    rng = np.random.default_rng(14)
+    inits = dict(lstm_inits(rng, 3, 4), Wc=rand(rng, 3, 3, 3) * 0.5)
+    ins = [vi("x", ["B", 3, "T"]), vi("h0", [1, "B", 4]), vi("c0", [1, "B", 4])]
+    nodes = [N("Conv", ["x", "Wc"], ["c"], kernel_shape=[3], pads=[1, 1], name="conv"),
+             N("Transpose", ["c"], ["ct"], perm=[2, 0, 1]),
+             N("LSTM", ["ct", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, name="lstm")]
+    m = model(nodes, ins, ["Y", "hn", "cn"], inits)
+    assert sorted(rnnengine.convert(m).state_pairs) == [("c0", "cn"), ("h0", "hn")]
+    exact_or_refused(m, {"x": rand(rng, 2, 3, 15)}, {"x": 2}, [[20], [5], [1], [4, 7]], "lstm")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
