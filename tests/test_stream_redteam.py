@@ -334,6 +334,35 @@ def test_finish_continues_from_the_explicit_state_of_the_last_call():
     exact_or_refused(m, {"x": rand(rng, 2, 3, 15)}, {"x": 2}, [[20], [5], [1], [4, 7]], "lstm")
 
 
+def test_loop_over_time_reading_a_delayed_series_beside_the_input_is_refused_or_exact():
+    """A Loop over time (trip count Shape(ct)[0]) reads x[i] and ct[i], where ct is a conv with
+    pads [0, 2] (delay 2) of x: same length in the whole run. Inside the loop the two Gathers
+    just set p.loop_timing in turn (streaming.gather) and their values have no time axis, so
+    nothing sees that ct trails x by 2 steps. Chunks of 5 over 20 steps: the 18 steps given
+    before finish() are 1.79 off (x[i] meets ct[i - 2]), no error; finish() then fails in C
+    (GraphRunError 'Gather: index 0 ... outside [-0, 0)'). With the trip count from x the
+    first call fails in C."""
+    rng = np.random.default_rng(15)
+    H = 4
+    body = helper.make_graph(
+        [N("Gather", ["x", "i"], ["xi"], axis=0), N("Gather", ["ct", "i"], ["ci"], axis=0), N("Add", ["xi", "ci"], ["s"]),
+         N("MatMul", ["s", "Wl"], ["a"]), N("MatMul", ["h", "Rl"], ["b"]), N("Add", ["a", "b"], ["ab"]),
+         N("Tanh", ["ab"], ["hn"]), N("Identity", ["hn"], ["sc"]), N("Identity", ["c"], ["co"])],
+        "body", [vi("i", [], I64), vi("c", [], TensorProto.BOOL), vi("h", [2, H])],
+        [vi("co", [], TensorProto.BOOL), vi("hn", [2, H]), vi("sc", [2, H])])
+    nodes = [N("Transpose", ["x"], ["xt"], perm=[1, 2, 0]),
+             N("Conv", ["xt", "Wc"], ["cv"], kernel_shape=[3], pads=[0, 2], name="conv"),
+             N("Transpose", ["cv"], ["ct"], perm=[2, 0, 1]),
+             N("Shape", ["ct"], ["sh"]), N("Gather", ["sh", "z"], ["T"], axis=0),
+             N("Loop", ["T", "", "h0"], ["hT", "ys"], body=body, name="loop")]
+    inits = dict(Wl=rand(rng, 3, H) * 0.5, Rl=rand(rng, H, H) * 0.5, z=np.array(0, np.int64),
+                 h0=np.zeros((2, H), np.float32), Wc=rand(rng, 3, 3, 3) * 0.5)
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["ys", "hT"], inits)
+    x = rand(rng, 20, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["ys"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[5]], "loop")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
