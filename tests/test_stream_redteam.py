@@ -363,6 +363,35 @@ def test_loop_over_time_reading_a_delayed_series_beside_the_input_is_refused_or_
     exact_or_refused(m, {"x": x}, {"x": 0}, [[5]], "loop")
 
 
+@pytest.mark.parametrize("keepdims", [1, 0])
+@pytest.mark.parametrize("red", ["ReduceSum", "ReduceProd", "ReduceMax"])
+def test_length_reduced_from_a_shape_vector_and_used_as_a_value_is_refused(red, keepdims):
+    """T = ReduceProd(Shape(x)[0:1]) (how tf2onnx multiplies shape entries), y = Y / T. The
+    reduce rule (streaming.py, `reduce`) treats the constant shape vector as data without time:
+    keepdims=1 drops its tdep mask, so Div does not see the length and the stream is made,
+    0.12-0.15 off with chunks of 4, no error; keepdims=0 computes `x.t - sum(... a < x.t)` with
+    x.t None: TypeError '<' not supported between 'int' and 'NoneType' (swallowed by
+    GraphStream._decide, so stream() is made and the first call raises it). Via Gather
+    instead of a reduction, 'per_len' is refused (test_dividing_by_the_sequence_length)."""
+    rng = np.random.default_rng(16)
+    inits = dict(base_inits(rng), s0=np.array([0], np.int64), s1=np.array([1], np.int64))
+    nodes = lstm_y() + [N("Shape", ["x"], ["sh"]), N("Slice", ["sh", "s0", "s1"], ["t1"]),
+                        N(red, ["t1"], ["T"], keepdims=keepdims, name="tlen"),
+                        N("Cast", ["T"], ["Tf"], to=F), N("Div", ["y", "Tf"], ["z"], name="per_len")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["z"], inits, opset=13)
+    x = rand(rng, 12, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["z"], ort_session(m).run(None, {"x": x})[0])
+    gm = rnnengine.convert(m)
+    try:
+        gm.stream()
+    except NotStreamableError as e:
+        assert "'per_len'" in str(e) or "'tlen'" in str(e), str(e)
+        return
+    s = gm.stream()
+    parts = chunked(s, {"x": x}, {"x": 0}, [4])
+    close(joined(s, parts, "z"), gm.run({"x": x})["z"])
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
