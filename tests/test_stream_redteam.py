@@ -392,6 +392,35 @@ def test_length_reduced_from_a_shape_vector_and_used_as_a_value_is_refused(red, 
     close(joined(s, parts, "z"), gm.run({"x": x})["z"])
 
 
+def test_sequence_lens_behind_a_lookahead_conv_is_refused_or_exact():
+    """Conv with pads [1, 1] (delay 1) -> LSTM with sequence_lens from the graph input `lens`.
+    Per chunk the README says lens counts the valid steps of each row *in this chunk* (of x),
+    but the LSTM sees the conv's frames, one fewer in the first call: chunks of 4 with
+    lens = clip(L - t0, 0, 4) fail in C at the first call (GraphRunError 'sequence_lens[0] = 4
+    lies outside [0, T = 3]'). stream() should refuse sequence_lens behind a delaying op (or
+    shift the lengths by the delay)."""
+    rng = np.random.default_rng(17)
+    inits = dict(lstm_inits(rng, 3, 4), Wc=rand(rng, 3, 3, 3) * 0.5)
+    nodes = [N("Conv", ["x", "Wc"], ["c"], kernel_shape=[3], pads=[1, 1], name="conv"),
+             N("Transpose", ["c"], ["ct"], perm=[2, 0, 1]),
+             N("LSTM", ["ct", "W", "R", "B", "lens"], ["Y", "Yh", "Yc"], hidden_size=4, name="lstm")]
+    m = model(nodes, [vi("x", [3, 3, "T"]), vi("lens", [3], TensorProto.INT32)], ["Y", "Yh"], inits)
+    gm = rnnengine.convert(m)
+    x, lens = rand(rng, 3, 3, 12), np.array([12, 7, 3], np.int32)
+    whole = gm.run({"x": x, "lens": lens})
+    ort = ort_session(m).run(None, {"x": x, "lens": lens})
+    close(whole["Y"], ort[0])
+    try:
+        s = gm.stream()
+    except NotStreamableError as e:
+        assert "'lstm'" in str(e) or "'conv'" in str(e), str(e)
+        return
+    parts = [s({"x": x[:, :, t0:t0 + 4], "lens": np.clip(lens - t0, 0, 4).astype(np.int32)}) for t0 in range(0, 12, 4)]
+    parts.append(s.finish())
+    close(np.concatenate([p["Y"] for p in parts if "Y" in p], axis=0), whole["Y"])
+    close(parts[-1]["Yh"], whole["Yh"])
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
