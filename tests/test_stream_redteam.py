@@ -533,3 +533,77 @@ def test_layout1_lstm_with_explicit_batch_first_state_streams_exactly():
     assert sorted(gm.state_pairs) == [("c0", "cn"), ("h0", "hn")]
     assert gm.stream().time_axes == {"x": 1}
     streams_exactly(m, {"x": rand(rng, 2, 13, 3)}, {"x": 1}, [[5], [1], [20]])
+
+
+def test_two_layer_state_sliced_from_one_tensor_streams_exactly():
+    """PyTorch num_layers=2 export: h0/c0 (2, B, H) sliced per layer, hn/cn concatenated."""
+    rng = np.random.default_rng(28)
+    i1, i2 = lstm_inits(rng, 3, 4), lstm_inits(rng, 4, 4)
+    inits = {"W1": i1["W"], "R1": i1["R"], "B1": i1["B"], "W2": i2["W"], "R2": i2["R"], "B2": i2["B"],
+             "s0": np.array([0], np.int64), "s1": np.array([1], np.int64), "s2": np.array([2], np.int64),
+             "ax0": np.array([0], np.int64), "a1": np.array([1], np.int64)}
+    nodes = [N("Slice", ["h0", "s0", "s1", "ax0"], ["h01"]), N("Slice", ["h0", "s1", "s2", "ax0"], ["h02"]),
+             N("Slice", ["c0", "s0", "s1", "ax0"], ["c01"]), N("Slice", ["c0", "s1", "s2", "ax0"], ["c02"]),
+             N("LSTM", ["x", "W1", "R1", "B1", "", "h01", "c01"], ["Y1", "hn1", "cn1"], hidden_size=4, name="l1"),
+             N("Squeeze", ["Y1", "a1"], ["y1"]),
+             N("LSTM", ["y1", "W2", "R2", "B2", "", "h02", "c02"], ["Y2", "hn2", "cn2"], hidden_size=4, name="l2"),
+             N("Concat", ["hn1", "hn2"], ["hn"], axis=0), N("Concat", ["cn1", "cn2"], ["cn"], axis=0)]
+    m = model(nodes, [vi("x", ["T", "B", 3]), vi("h0", [2, "B", 4]), vi("c0", [2, "B", 4])], ["Y2", "hn", "cn"], inits)
+    assert sorted(rnnengine.convert(m).state_pairs) == [("c0", "cn"), ("h0", "hn")]
+    streams_exactly(m, {"x": rand(rng, 11, 2, 3)}, {"x": 0}, [[4], [1], [11]])
+
+
+def test_empty_chunks_keep_lstm_outputs_and_final_state():
+    rng = np.random.default_rng(29)
+    gm = rnnengine.convert(model(lstm_y(), [vi("x", ["T", 2, 3])], ["y", "Yh"], base_inits(rng)))
+    x = rand(rng, 12, 2, 3)
+    whole = gm.run({"x": x})
+    s = gm.stream()
+    a, e, b = s({"x": x[:5]}), s({"x": x[5:5]}), s({"x": x[5:]})
+    assert e["y"].shape == (0, 2, 4)
+    close(e["Yh"], a["Yh"])
+    close(np.concatenate([a["y"], e["y"], b["y"]]), whole["y"])
+    close(b["Yh"], whole["Yh"])
+
+
+def test_batch_size_change_between_calls_is_an_error():
+    rng = np.random.default_rng(30)
+    x = rand(rng, 6, 2, 3)
+    gm = rnnengine.convert(model(lstm_y(), [vi("x", ["T", "B", 3])], ["y"], base_inits(rng)))
+    s = gm.stream()
+    s({"x": x[:3]})
+    with pytest.raises(ValueError, match="batch size changed"):
+        s({"x": x[3:, :1]})
+    ins = [vi("x", ["T", "B", 3]), vi("h0", [1, "B", 4]), vi("c0", [1, "B", 4])]
+    m = model([N("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["Y", "hn", "cn"], hidden_size=4, name="lstm")],
+              ins, ["Y", "hn", "cn"], lstm_inits(rng, 3, 4))
+    s = rnnengine.convert(m).stream()
+    s({"x": x[:3]})
+    with pytest.raises(Exception, match="initial_h"):
+        s({"x": x[3:, :1]})
+
+
+def test_embedding_expanded_over_time_from_the_input_shape_streams_exactly():
+    """A per-sequence vector (speaker embedding) Expand-ed to Shape(x) and concatenated on features."""
+    rng = np.random.default_rng(31)
+    inits = dict(lstm_inits(rng, 6, 4), a1=np.array([1], np.int64))
+    nodes = [N("Shape", ["x"], ["sh"]), N("Expand", ["e", "sh"], ["er"], name="rep"),
+             N("Concat", ["x", "er"], ["xe"], axis=2)] + lstm_y("xe")
+    m = model(nodes, [vi("x", ["T", "B", 3]), vi("e", [1, "B", 3])], ["y"], inits)
+    gm = rnnengine.convert(m)
+    assert gm.stream().time_axes == {"x": 0}
+    streams_exactly(m, {"x": rand(rng, 10, 2, 3), "e": rand(rng, 1, 2, 3)}, {"x": 0}, [[3], [1]])
+
+
+def test_batch_first_head_flattening_time_with_batch_one_streams_exactly():
+    """layout=1 LSTM, Y reshaped to (T, H) for a Gemm (batch fixed to 1), reshaped back with
+    Shape(x)[0:2]."""
+    rng = np.random.default_rng(32)
+    inits = dict(lstm_inits(rng, 3, 4), Wg=rand(rng, 4, 5), bg=rand(rng, 5), f2=np.array([-1, 4], np.int64),
+                 s0=np.array([0], np.int64), s2=np.array([2], np.int64), o5=np.array([5], np.int64))
+    nodes = [N("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=4, layout=1, name="lstm"),
+             N("Reshape", ["Y", "f2"], ["y2"], name="flat"), N("Gemm", ["y2", "Wg", "bg"], ["g"], name="gemm"),
+             N("Shape", ["x"], ["sh"]), N("Slice", ["sh", "s0", "s2"], ["bt"]), N("Concat", ["bt", "o5"], ["shp"], axis=0),
+             N("Reshape", ["g", "shp"], ["out"], name="unflat")]
+    m = model(nodes, [vi("x", [1, "T", 3])], ["out"], inits)
+    streams_exactly(m, {"x": rand(rng, 1, 10, 3)}, {"x": 1}, [[3], [1], [12]])
