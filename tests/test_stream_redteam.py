@@ -607,3 +607,25 @@ def test_batch_first_head_flattening_time_with_batch_one_streams_exactly():
              N("Reshape", ["g", "shp"], ["out"], name="unflat")]
     m = model(nodes, [vi("x", [1, "T", 3])], ["out"], inits)
     streams_exactly(m, {"x": rand(rng, 1, 10, 3)}, {"x": 1}, [[3], [1], [12]])
+
+
+@pytest.mark.parametrize("p1,s1,p2,s2,K", [((1, 1), 2, (1, 1), 2, 3), ((0, 2), 2, (2, 0), 3, 3),
+                                           ((0, 4), 1, (1, 3), 2, 5), ((2, 2), 3, (0, 0), 1, 1)])
+def test_two_strided_lookahead_convs_then_gru_stream_exactly(p1, s1, p2, s2, K):
+    rng = np.random.default_rng(33)
+    H = 4
+    inits = {"W1": rand(rng, 4, 3, K) * 0.5, "W2": rand(rng, 6, 2, K) * 0.5, "b2": rand(rng, 6),
+             "W": rand(rng, 1, 3 * H, 6) * 0.5, "R": rand(rng, 1, 3 * H, H) * 0.5, "B": rand(rng, 1, 6 * H) * 0.1,
+             "a1": np.array([1], np.int64)}
+    nodes = [N("Conv", ["x", "W1"], ["c1"], kernel_shape=[K], pads=list(p1), strides=[s1], name="conv1"),
+             N("Relu", ["c1"], ["r1"]),
+             N("Conv", ["r1", "W2", "b2"], ["c2"], kernel_shape=[K], pads=list(p2), strides=[s2], group=2, name="conv2"),
+             N("Transpose", ["c2"], ["ct"], perm=[2, 0, 1]),
+             N("GRU", ["ct", "W", "R", "B"], ["Y", "Yh"], hidden_size=H, name="gru"), N("Squeeze", ["Y", "a1"], ["y"])]
+    m = model(nodes, [vi("x", ["B", 3, "T"])], ["y", "c2", "Yh"], inits)
+    x = rand(rng, 2, 3, 37)
+    ort = ort_session(m).run(None, {"x": x})
+    whole = rnnengine.convert(m).run({"x": x})
+    for k, name in enumerate(("y", "c2", "Yh")):
+        close(whole[name], ort[k])
+    streams_exactly(m, {"x": x}, {"x": 2}, [[1], [3, 5], [2], [100]])
