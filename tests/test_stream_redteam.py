@@ -435,6 +435,26 @@ def test_paired_state_output_that_is_not_the_final_state_is_refused_or_exact():
     exact_or_refused(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[5]], "gru")
 
 
+@pytest.mark.parametrize("via", ["Split", "Expand", "Transpose"])
+def test_length_passed_through_split_expand_or_transpose_and_used_as_a_value_is_refused(via):
+    """The same with the length taken out of Shape(x) by Split, or a [T] slice Expand-ed to
+    (1, 1, 1) (as lengths vectors are built) or Transpose-d: the rules `split`, `expand` and
+    `transpose` (streaming.py) set the outputs' time information without carrying the tdep
+    mask of a constant input, so Div(Y, T) is not refused: 0.12-0.15 off with chunks of 4."""
+    rng = np.random.default_rng(19)
+    inits = dict(base_inits(rng), s0=np.array([0], np.int64), s1=np.array([1], np.int64),
+                 one3=np.array([1, 1, 1], np.int64))
+    mid = {"Split": [N("Split", ["sh"], ["T1", "B1", "F1"], axis=0, name="tlen")],
+           "Expand": [N("Slice", ["sh", "s0", "s1"], ["t1"]), N("Expand", ["t1", "one3"], ["T1"], name="tlen")],
+           "Transpose": [N("Slice", ["sh", "s0", "s1"], ["t1"]), N("Transpose", ["t1"], ["T1"], perm=[0], name="tlen")]}[via]
+    nodes = lstm_y() + [N("Shape", ["x"], ["sh"])] + mid + [N("Cast", ["T1"], ["Tf"], to=F),
+                                                           N("Div", ["y", "Tf"], ["z"], name="per_len")]
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["z"], inits, opset=13)
+    x = rand(rng, 12, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["z"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[4]], "per_len")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
