@@ -455,6 +455,52 @@ def test_length_passed_through_split_expand_or_transpose_and_used_as_a_value_is_
     exact_or_refused(m, {"x": x}, {"x": 0}, [[4]], "per_len")
 
 
+def lstm_cell_loop(rng, pool, H=4):
+    """tf2onnx-style: a Loop over Shape(x)[0] whose body runs a 1-step LSTM node on x[i] with
+    the loop-carried h, c; every h a scan output [-> mean over time]."""
+    body = helper.make_graph(
+        [N("Gather", ["x", "i"], ["xi"], axis=0), N("Unsqueeze", ["xi", "ax0"], ["x1"]),
+         N("LSTM", ["x1", "W", "R", "B", "", "h", "c"], ["Y", "hn", "cn"], hidden_size=H, name="cell"),
+         N("Squeeze", ["hn", "ax0"], ["sc"]), N("Identity", ["cond"], ["co"])],
+        "body", [vi("i", [], I64), vi("cond", [], TensorProto.BOOL), vi("h", [1, 2, H]), vi("c", [1, 2, H])],
+        [vi("co", [], TensorProto.BOOL), vi("hn", [1, 2, H]), vi("cn", [1, 2, H]), vi("sc", [2, H])])
+    nodes = [N("Shape", ["x"], ["sh"]), N("Gather", ["sh", "z"], ["T"], axis=0),
+             N("Loop", ["T", "", "h0", "c0"], ["hT", "cT", "ys"], body=body, name="loop")]
+    outs = ["ys", "hT", "cT"]
+    if pool:
+        nodes.append(N("ReduceMean", ["ys"], ["pooled"], axes=[0], keepdims=0, name="pool"))
+        outs = ["pooled"]
+    inits = dict(lstm_inits(rng, 3, H), z=np.array(0, np.int64), ax0=np.array([0], np.int64),
+                 h0=np.zeros((1, 2, H), np.float32), c0=np.zeros((1, 2, H), np.float32))
+    return model(nodes, [vi("x", ["T", 2, 3])], outs, inits)
+
+
+def test_mean_over_a_loop_of_lstm_cells_is_refused():
+    """A Loop over time running a 1-step LSTM node per iteration: GraphModel.time_axes asks
+    that lengthening an input keep the number of recurrent records (`len(ts) == len(ts2)`),
+    but the unrolled loop adds one record per step, so no time axis is found (time_axes {}).
+    The stream is then made as one step per call with nothing checked: a ReduceMean over
+    time is not refused, 0.30 off with chunks of 5, no error."""
+    rng = np.random.default_rng(34)
+    m = lstm_cell_loop(rng, pool=True)
+    x = rand(rng, 12, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["pooled"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[5]], "pool")
+
+
+def test_loop_of_lstm_cells_streams_along_time():
+    """Same cause: for the loop alone, time_axes is {} and output_axes['ys'] is None (a final
+    value) though ys runs along time: joined as the stream says, ys is the last chunk
+    (2, 2, 4) instead of (12, 2, 4); hT / cT are right."""
+    rng = np.random.default_rng(35)
+    m = lstm_cell_loop(rng, pool=False)
+    x = rand(rng, 12, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["ys"], ort_session(m).run(None, {"x": x})[0])
+    gm = exact_or_refused(m, {"x": x}, {"x": 0}, [[5], [1]], "loop")
+    if gm is not None:
+        assert gm.stream().time_axes == {"x": 0}
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
