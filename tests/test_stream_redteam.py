@@ -501,6 +501,21 @@ def test_loop_of_lstm_cells_streams_along_time():
         assert gm.stream().time_axes == {"x": 0}
 
 
+def test_initial_state_computed_from_the_paired_input_is_refused_or_exact():
+    """h0 -> Mul 0.5 -> GRU initial_h, hn = Y_h paired with h0. `propagate` marks any value
+    computed from carried inputs alone as carried, so recurrent_check accepts it; the stream
+    then starts each call from 0.5 * (last hn) where the whole run continues from hn: Y 0.46
+    off with chunks of 5, no error."""
+    rng = np.random.default_rng(36)
+    inits = {"W": rand(rng, 1, 12, 3), "R": rand(rng, 1, 12, 4), "B": rand(rng, 1, 24),
+             "half": np.array(0.5, np.float32)}
+    nodes = [N("Mul", ["h0", "half"], ["h0s"], name="scale"),
+             N("GRU", ["x", "W", "R", "B", "", "h0s"], ["Y", "hn"], hidden_size=4, name="gru")]
+    m = model(nodes, [vi("x", ["T", "B", 3]), vi("h0", [1, "B", 4])], ["Y", "hn"], inits)
+    assert rnnengine.convert(m).state_pairs == [("h0", "hn")]
+    exact_or_refused(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[5]], "gru")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
