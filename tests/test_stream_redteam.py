@@ -516,6 +516,30 @@ def test_initial_state_computed_from_the_paired_input_is_refused_or_exact():
     exact_or_refused(m, {"x": rand(rng, 12, 2, 3)}, {"x": 0}, [[5]], "gru")
 
 
+def test_loop_counter_used_as_a_value_in_a_loop_over_time_is_refused_or_exact():
+    """A Loop over time whose body adds 0.1 * i (the iteration number: a step position) to
+    each scan output. In a stream the loop restarts at i = 0 in every chunk (Planner.loop binds
+    the counter as a plain constant; only Gather(x, i) is understood), so positions restart
+    like Range's, which is refused: here ys is 1.0 off with chunks of 5, no error."""
+    rng = np.random.default_rng(37)
+    H = 4
+    body = helper.make_graph(
+        [N("Gather", ["x", "i"], ["xi"], axis=0), N("MatMul", ["xi", "Wl"], ["a"]), N("MatMul", ["h", "Rl"], ["b"]),
+         N("Add", ["a", "b"], ["ab"]), N("Tanh", ["ab"], ["hn"]),
+         N("Cast", ["i"], ["if"], to=F), N("Mul", ["if", "tenth"], ["pos"]), N("Add", ["hn", "pos"], ["sc"], name="add_step"),
+         N("Identity", ["c"], ["co"])],
+        "body", [vi("i", [], I64), vi("c", [], TensorProto.BOOL), vi("h", [2, H])],
+        [vi("co", [], TensorProto.BOOL), vi("hn", [2, H]), vi("sc", [2, H])])
+    nodes = [N("Shape", ["x"], ["sh"]), N("Gather", ["sh", "z"], ["T"], axis=0),
+             N("Loop", ["T", "", "h0"], ["hT", "ys"], body=body, name="loop")]
+    inits = dict(Wl=rand(rng, 3, H) * 0.5, Rl=rand(rng, H, H) * 0.5, z=np.array(0, np.int64),
+                 h0=np.zeros((2, H), np.float32), tenth=np.array(0.1, np.float32))
+    m = model(nodes, [vi("x", ["T", 2, 3])], ["ys", "hT"], inits)
+    x = rand(rng, 12, 2, 3)
+    close(rnnengine.convert(m).run({"x": x})["ys"], ort_session(m).run(None, {"x": x})[0])
+    exact_or_refused(m, {"x": x}, {"x": 0}, [[5]], "loop")
+
+
 # --- checked and found right ---------------------------------------------------------------
 
 def test_loop_over_time_with_trip_count_T_streams_exactly():
