@@ -23,6 +23,7 @@ import threading
 import numpy as np
 
 from . import _core, streaming
+from .streaming import check_outputs as _check_stream_outputs
 from .ops import OPS, NotStreamableError, UnsupportedError, where
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
@@ -38,7 +39,7 @@ SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence":
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
-    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried")
+    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried", "fstate")
 
     def __init__(self, shape, dtype, const=None, tid=None):
         self.shape = tuple(int(d) for d in shape)
@@ -47,7 +48,8 @@ class Value:
         self.tid = tid
         # time information of a stream's plan (rnnengine/streaming.py); unused otherwise
         self.t, self.final, self.tdep, self.lag, self.scale, self.perm = None, False, None, 0, 1, False
-        self.carried = False  # computed from explicit state inputs only (the stream feeds them back)
+        self.carried = False  # moved from explicit state inputs only (the stream feeds them back)
+        self.fstate = False   # moved from a recurrent layer's final state only
 
 
 class Plan:
@@ -69,7 +71,7 @@ class Plan:
         self.aux_in, self.next_aux = dict(planner.aux_in), dict(planner.aux_out)
         self.time = {name: (v.t, v.final, v.lag) for name, v in planner.outputs}
         lags = [lag for t, final, lag in self.time.values() if t is not None or final]
-        self.delay = max(lags) if lags else 0
+        self.delay = max(0, max(lags)) if lags else 0
         self.tail = planner.tail
 
     def context(self):
@@ -141,6 +143,8 @@ class Planner:
         self.aux_in, self.aux_out = dict(aux or {}), {}
         self.finishing = finishing
         self.tail = False  # in a stream, an op along time holds frames back until finish()
+        self.has_time = bool(streaming and time_axes)
+        self.loop_reads = None  # in a loop over time: (steps, lag, scale) of each series it reads
         self.loop_iter = None  # in a stream, the iteration of the loop over time being planned
         self.loop_timing = (0, 1)
         self.specs = []
@@ -166,6 +170,8 @@ class Planner:
             if o["name"] not in env:
                 raise UnsupportedError(f"graph output {o['name']!r} is produced by no node")
             self.outputs.append((o["name"], env[o["name"]]))
+        if streaming and self.has_time:
+            _check_stream_outputs(self, dict(self.outputs), model.state_pairs)
 
     # -- building blocks used by the op handlers (rnnengine/ops.py)
     def _spec(self, spec):
@@ -315,6 +321,7 @@ class Planner:
         carry context along time (rnnengine/streaming.py). Returns their outputs, or None
         when the op is planned as usual."""
         op = h.node["op"]
+        streaming.precheck(self, h, xs)
         if op in ("LSTM", "GRU", "RNN"):
             streaming.recurrent_check(h, xs)
         elif op == "Conv" and streaming.conv_along_time(self, h, xs):
@@ -431,7 +438,9 @@ class Planner:
             while name in produced_by and produced_by[name]["op"] == "Identity":
                 name = produced_by[name]["inputs"][0]
             return name == body["inputs"][2 + k]
-        if self.streaming:
+        # a stream carries a loop's state from call to call when the loop runs over time (or,
+        # in a model without a time axis, a fixed step per call); another loop starts anew
+        if self.streaming and (time_loop or not self.has_time):
             for k, v in enumerate(carried):
                 if v is not None and v.const is not None and v.dtype == np.float32 and not passes_through(k):
                     key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
@@ -460,6 +469,14 @@ class Planner:
                 sub[name] = v
             if time_loop:
                 self.loop_iter = i
+                if i == 0:
+                    self.loop_reads = []
+                # positions counted within the chunk: only good for reading step i
+                sub[names[0]].tdep = np.ones((), bool)
+                for name, v in zip(names[2:], carried):
+                    if v is not None and v.const is not None and v.dtype.kind in "iu":
+                        sub[name] = self.const(v.const)
+                        sub[name].tdep = np.ones(v.shape, bool)
             try:
                 self.walk(body["nodes"], sub)
             finally:
@@ -474,6 +491,14 @@ class Planner:
             for k, v in enumerate(res[1 + n_carried:]):
                 scans[k].append(v)
             record["T"] = i + 1
+        if time_loop:
+            reads, self.loop_reads = self.loop_reads or [], None
+            if len(set(reads)) > 1:
+                raise NotStreamableError(node, "reads time series that are out of step (delayed or subsampled "
+                                               "differently) in one loop over time")
+            if reads and reads[0][0] != record["T"] and not (reads[0][0] == 0 and not record["T"]):
+                raise NotStreamableError(node, f"runs {record['T']} iterations over a chunk of {reads[0][0]} steps, "
+                                               "so a chunk's steps would not all be read once")
         outs = list(carried)
         for k, st in states:
             v = carried[k]
@@ -483,7 +508,7 @@ class Planner:
                 if v is not None and not passes_through(k):
                     v = outs[k] = self.alias(v, v.shape) if v.const is None else self.const(v.const)
                     if v.const is None:
-                        v.final = True
+                        v.final = v.fstate = True
                     else:
                         v.tdep = np.ones(v.shape, bool)
         for k, vals in enumerate(scans):
@@ -795,15 +820,17 @@ class GraphModel:
 
     def time_axes(self, feeds):
         """{input name: axis} of the inputs whose axis is the recurrent time axis: found by
-        planning with that (symbolic) axis much longer and seeing a recurrent layer's T
-        change while its batch stays. A stream is fed chunks along these axes."""
+        planning with that symbolic axis much longer (every input axis named by the same
+        symbol together, e.g. the data and a mask) and seeing a recurrent layer's T change, or
+        a loop over time unroll further, while the batch sizes stay. A stream is fed chunks
+        along these axes."""
         try:
             base = self.plan(feeds)
         except Exception:
             return {}
         if not base.recurrent:
             return {}
-        found = {}
+        groups = {}
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds or spec["shape"] is None:
@@ -811,20 +838,27 @@ class GraphModel:
             for axis, d in enumerate(spec["shape"]):
                 if isinstance(d, int) and d >= 0:
                     continue
-                arr = feeds[name]
-                if axis >= arr.ndim or not arr.shape[axis]:
+                if axis >= feeds[name].ndim or not feeds[name].shape[axis]:
                     continue
+                groups.setdefault(d if isinstance(d, str) and d else (name, axis), []).append((name, axis))
+        found = {}
+        for members in groups.values():
+            if len({feeds[n].shape[k] for n, k in members}) != 1:
+                continue
+            longer = dict(feeds)
+            for name, axis in members:
                 # much longer: one step more may not change T behind a strided convolution
+                arr = longer[name]
                 n = arr.shape[axis]
-                longer = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
-                try:
-                    plan = self.plan({**feeds, name: longer})
-                except Exception:
-                    continue
-                ts = [(a["T"], a["B"]) for a in base.recurrent]
-                ts2 = [(a["T"], a["B"]) for a in plan.recurrent]
-                if len(ts) == len(ts2) and all(b1 == b2 for (_, b1), (_, b2) in zip(ts, ts2)) and \
-                        any(t1 != t2 for (t1, _), (t2, _) in zip(ts, ts2)):
+                longer[name] = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
+            try:
+                plan = self.plan(longer)
+            except Exception:
+                continue
+            ts = [a["T"] for a in base.recurrent]
+            ts2 = [a["T"] for a in plan.recurrent]
+            if {a["B"] for a in plan.recurrent} == {a["B"] for a in base.recurrent} and ts != ts2:
+                for name, axis in members:
                     found[name] = axis
         return found
 
@@ -958,6 +992,8 @@ class GraphStream:
             for n in nodes:
                 if n["op"] in ("LSTM", "GRU", "RNN"):
                     keys.add(n["outputs"][0] or n.get("name"))
+                if n["op"] == "Conv":  # the frames a conv along time carries (rnnengine/streaming.py)
+                    keys.add("conv:" + (n["outputs"][0] or n.get("name", "")))
                 if n["op"] == "Loop":
                     loops.update(f"{o or n.get('name')}:loop{k}" for k, o in enumerate(n["outputs"]))
                 for v in n.get("attrs", {}).values():
@@ -1204,7 +1240,9 @@ class GraphStream:
         m = self.model
         feeds = {}
         for name, arr in self._last.items():
-            if name in self._taxes:
+            if name in self._carried:
+                feeds[name] = np.ascontiguousarray(self._carried[name])  # the state the last call left
+            elif name in self._taxes:
                 shape = list(arr.shape)
                 shape[self._taxes[name]] = 0
                 feeds[name] = np.zeros(shape, arr.dtype)

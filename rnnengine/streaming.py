@@ -13,7 +13,9 @@ chunk, what it gives on the whole sequence. While a stream's plan is made
          value is the chunk's length (Shape of a time-carrying tensor), so that a Reshape or
          ConstantOfShape built from it is known to have its time axis there, and arithmetic
          that uses the length as a number (a mean over time) is refused
-  lag    how many input steps this value trails the input by (convolutions that look ahead)
+  lag    how many input steps step j of this value trails input step j by (a convolution's
+         output j reads up to input step j + span - 1 - left padding; a Pad's leading steps
+         run ahead); values combined step by step must have the same lag
   scale  input steps per step of this value (product of the strides along time)
 
 RULES maps each op type to a function that checks its inputs and sets its outputs' time
@@ -41,6 +43,27 @@ def rule(*ops):
     return deco
 
 
+# ops that only move data (a state moved through them is still that state)
+MOVEMENT = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Gather", "Split",
+            "Concat", "Expand", "Dropout"}
+
+
+def check_outputs(p, outputs, state_pairs):
+    """At the end of a stream's plan: outputs must not be numbers computed from the chunk's
+    length, and a paired state output must be a layer's final state moved into place (fed back
+    as the next call's state it then continues the sequence exactly)."""
+    for name, v in outputs.items():
+        if has_tdep(v) or (v.const is not None and v.t is not None):
+            raise NotStreamableError({"op": "output", "name": name}, "is computed from the length of the chunk, "
+                                                                     "not from the whole sequence")
+    for a, o in state_pairs:
+        v = outputs.get(o)
+        if v is not None and not v.fstate:
+            raise NotStreamableError({"op": "output", "name": o},
+                                     f"is fed back as state {a!r} but is not a recurrent layer's final state "
+                                     "(it is computed from it), so the next call would not continue the sequence")
+
+
 def timed(v):
     return v is not None and (v.t is not None or v.final)
 
@@ -57,22 +80,35 @@ def propagate(p, h, xs, outs):
         return RULES[op](p, h, xs, outs)
     if not any(timed(x) or has_tdep(x) or (x is not None and (x.perm or x.carried)) for x in xs):
         return None
+    runtime = [x for x in xs if x is not None and x.const is None]
+    if any(x.carried for x in runtime) and any(timed(x) for x in xs):
+        raise NotStreamableError(node, "combines the state fed back from the previous call with the time steps "
+                                       "of this one (it holds the whole sequence's initial state only in the "
+                                       "first call)")
     if any(timed(x) or has_tdep(x) for x in xs):
         fn = RULES.get(op)
         if fn is None:
             raise NotStreamableError(node, f"{op} is not known to act step by step along time, so a stream "
                                            "could not reproduce the whole-sequence result")
         fn(p, h, xs, outs)
+        if any(has_tdep(x) for x in xs):
+            # shape arithmetic a rule does not follow element by element: every element of its
+            # result may be the length (refused wherever used as a number or an axis)
+            for o in outs:
+                if o is not None and o.const is not None and o.tdep is None and o.t is None:
+                    o.tdep = np.ones(np.shape(o.const), bool)
     # rows put in an order computed from run-time data (e.g. sorted by length): the order
     # can differ from chunk to chunk, which a recurrent layer's carried state must not see
     perm = any(x is not None and x.perm for x in xs) or \
         (op in ("Gather", "GatherElements", "GatherND") and timed(xs[0]) and xs[1].const is None)
-    # values computed from the explicit state inputs alone are fed back by the stream itself
-    runtime = [x for x in xs if x is not None and x.const is None]
-    carried = bool(runtime) and all(x.carried for x in runtime)
+    # values moved (not computed) from the explicit state inputs are fed back by the stream
+    # itself; values moved from a layer's final state can be fed back as state
+    moved = op in MOVEMENT and bool(runtime)
+    carried = moved and all(x.carried for x in runtime)
+    fstate = moved and all(x.fstate for x in runtime)
     for o in outs:
         if o is not None and o.const is None:
-            o.perm, o.carried = perm, carried
+            o.perm, o.carried, o.fstate = perm, carried, fstate
 
 
 def _set(v, t=None, final=False, lag=0, scale=1, tdep=None):
@@ -96,6 +132,18 @@ def _runtime_tdep(h, xs, outs):
 
 
 # --- elementwise: the same step in, the same step out -------------------------------------
+
+def precheck(p, h, xs):
+    """Checks made before an op is planned, whose violation would otherwise surface as a
+    shape error (or not at all): time series out of step, state combined with time steps."""
+    if h.node["op"] in RULES and RULES[h.node["op"]] is elementwise:
+        _timing(h, xs)
+    runtime = [x for x in xs if x is not None and x.const is None]
+    if any(x.carried for x in runtime) and any(timed(x) for x in xs) and h.node["op"] not in ("LSTM", "GRU", "RNN"):
+        raise NotStreamableError(h.node, "combines the state fed back from the previous call with the time steps "
+                                         "of this one (it holds the whole sequence's initial state only in the "
+                                         "first call)")
+
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Sum", "Mean", "Relu", "Tanh",
       "Sigmoid", "LeakyRelu", "ThresholdedRelu", "HardSigmoid", "Elu", "Softsign", "Softplus", "Sqrt",
@@ -198,6 +246,10 @@ def reshape(p, h, xs, outs):
              if out.shape[b] == T and int(np.prod(out.shape[:b])) == before]
     if target is not None:
         cands = [b for b in cands if b == target]
+    if len(cands) > 1 and h.node["op"] == "Reshape" and xs[1].const is not None:
+        spec = [int(v) for v in np.asarray(xs[1].const).reshape(-1)]
+        inferred = [b for b in cands if b < len(spec) and spec[b] == -1]  # a chunk of 1: the -1
+        cands = inferred or cands
     if not cands:
         raise NotStreamableError(h.node, f"reshapes the time axis {a} of {x.shape} into {out.shape}, "
                                          "mixing time with other axes")
@@ -335,6 +387,8 @@ def gather(p, h, xs, outs):
                 and int(np.asarray(idx.const).reshape(-1)[0]) == p.loop_iter:
             # step i of the chunk, read by iteration i of a loop over time: one step per iteration
             p.loop_timing = (data.lag, data.scale)
+            if p.loop_reads is not None:
+                p.loop_reads.append((data.shape[data.t], data.lag, data.scale))
             if len(idx.shape) != 0:
                 raise NotStreamableError(h.node, "reads steps of the time axis as a tensor inside a loop over time")
             _set(out)
@@ -347,6 +401,8 @@ def gather(p, h, xs, outs):
 def _last_step(h, x, out, index, axis):
     """x[..., -1, ...] along time: the value at the last step, as a final state is."""
     if index is not None and np.asarray(index).size == 1 and int(np.asarray(index).reshape(-1)[0]) == -1:
+        if x.shape[axis] == 0:
+            raise NotStreamableError(h.node, "a chunk with no steps has no last step: feed at least one step")
         if x.lag or x.scale != 1:
             raise NotStreamableError(h.node, "picks the last step of a series that a convolution delays or "
                                              "subsamples, so a chunk may hold no step")
@@ -375,14 +431,38 @@ def slice_(p, h, xs, outs):
     params = _slice_params(h, x.shape, xs)
     start, n, step = params[x.t]
     T = x.shape[x.t]
-    if (start, n, step) == (0, T, 1):
+    raw = _raw_slice(h, xs, x.t)
+    if raw is not None and raw[2] == 1 and (raw[0] == 0 or raw[0] <= -(2 ** 31)) \
+            and (raw[1] >= 2 ** 31 - 1 or raw[3]):
+        # the whole time axis by construction (0 or -inf to +inf or to the length itself)
         _set(out, t=x.t, lag=x.lag, scale=x.scale)
         return
     starts = optional_list(h, xs, 1, "starts")
-    if n == 1 and step == 1 and starts is not None and starts.get(x.t) == -1:
-        return _last_step(h, x, out, -1, x.t)
+    if step == 1 and starts is not None and starts.get(x.t) == -1 and raw is not None and raw[1] >= 2 ** 31 - 1:
+        return _last_step(h, x, out, -1, x.t)  # x[-1:], the last step
     raise NotStreamableError(h.node, "slices the time axis (a chunk holds other steps than the whole "
                                      "sequence)")
+
+
+def _raw_slice(h, xs, axis):
+    """(start, end, step, end is the length) a Slice gives the axis, as written, or None."""
+    if h.opset < 10:
+        starts, ends, axes, steps, emask = h.attr("starts"), h.attr("ends"), h.attr("axes"), None, None
+    else:
+        def val(j):
+            if len(xs) <= j or xs[j] is None or xs[j].const is None:
+                return None
+            return [int(v) for v in np.asarray(xs[j].const).reshape(-1)]
+        starts, ends, axes, steps = val(1), val(2), val(3), val(4)
+        emask = list(np.asarray(xs[2].tdep).reshape(-1)) if len(xs) > 2 and has_tdep(xs[2]) else None
+    if starts is None or ends is None:
+        return None
+    nd = len(xs[0].shape)
+    axes = list(range(len(starts))) if axes is None else [a % nd for a in axes]
+    if axis not in axes:
+        return (0, 2 ** 63 - 1, 1, False)
+    k = axes.index(axis)
+    return (starts[k], ends[k], 1 if steps is None else steps[k], bool(emask and emask[k]))
 
 
 def optional_list(h, xs, k, what):
@@ -478,6 +558,8 @@ def reduce(p, h, xs, outs):
         for o in outs:
             _set(o, final=True)
         return
+    if x.t is None:
+        return  # shape arithmetic on the length: followed by propagate
     axes = _reduced_axes(h, x, xs)
     if x.t in axes:
         raise NotStreamableError(h.node, f"{h.node['op']} over the time axis needs the whole sequence "
@@ -532,11 +614,19 @@ def recurrent(p, h, xs, outs):
     x = xs[0]
     T_axis = recurrent_check(h, xs)
     if x.t is None:
-        return  # a fixed-length chunk per call: the state carries on from call to call
+        for o in outs[1:]:  # a fixed-length chunk per call: the state carries on from call to call
+            if o is not None:
+                o.fstate = True
+        return
+    if x.lag or x.scale != 1:
+        if len(xs) > 4 and xs[4] is not None:
+            raise NotStreamableError(h.node, "its sequence_lens count the input's steps, but a convolution "
+                                             "delays or subsamples what reaches this layer")
     _set(outs[0], t=T_axis, lag=x.lag, scale=x.scale)
     for o in outs[1:]:
         if o is not None:
             _set(o, final=True, lag=x.lag, scale=x.scale)
+            o.fstate = True
 
 
 # --- ops with a receptive field along time: carried context ---------------------------------
@@ -615,7 +705,8 @@ def emit_conv(p, h, xs):
     rest = p.aux_out[key]
     if rest > 0:  # the unconsumed tail becomes the next call's carry
         emit_copy(p, buf, st, (N, C, rest), bst, [C * cap, cap, 1], src_off=buf_len - rest)
-    _set(out, t=2, lag=x.lag + pr * x.scale, scale=x.scale * s)
+    # output j reads input steps up to j*s + span - 1 - pl: it trails step j by span - 1 - pl
+    _set(out, t=2, lag=x.lag + (span - 1 - pl) * x.scale, scale=x.scale * s)
     return [out]
 
 
@@ -630,6 +721,8 @@ def pad_along_time(p, h, xs, x_shape):
     b, e = begin[x.t], end[x.t]
     if b == 0 and e == 0:
         return None
+    if any(has_tdep(v) for v in xs[1:]):
+        raise NotStreamableError(h.node, "pads the time axis by an amount computed from the chunk's length")
     if mode != "constant":
         raise NotStreamableError(h.node, f"{mode} padding of the time axis reads steps from the other end "
                                          "of the sequence")
@@ -651,7 +744,9 @@ def emit_pad(p, h, xs, b, e):
     begin[x.t] = 0 if started else b
     end[x.t] = e if p.finishing else 0
     out = _emit_pad_with(p, h, x, mode, begin, end, value)
-    _set(out, t=x.t, lag=x.lag, scale=x.scale)
+    # step j of the padded series is input step j - b: it runs b steps ahead (its trailing
+    # steps come at finish())
+    _set(out, t=x.t, lag=x.lag - b * x.scale, scale=x.scale)
     return [out]
 
 

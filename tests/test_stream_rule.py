@@ -94,7 +94,8 @@ def test_conv_front_end_streams_exactly(K, dil, stride, group, kind, chunks, T, 
     close(whole["y"], ort[0])
     close(whole["c"], ort[1])
     s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
-    assert s.delay == pads[1], (s.delay, pads)  # look-ahead of the conv; the Pad node's tail adds none
+    # output j reads input steps up to j + span - 1 - (left padding, the Pad node's included)
+    assert s.delay == max(0, span - pads[0] - (pad_node[0] if pad_node else 0)), (s.delay, pads, pad_node)
     close(np.concatenate([p["c"] for p in parts], axis=2), whole["c"])
     close(np.concatenate([p["y"] for p in parts], axis=0), whole["y"])
 
