@@ -687,6 +687,41 @@ def export_keras(entries, legacy=False):
     return failures, versions
 
 
+def engine_check(entry, path, dims):
+    """What this checkout's engine does with one file, step by step: converts? whole-sequence
+    max error against onnxruntime; streamed max error against the whole-sequence result
+    (or the engine's reason for not streaming). A streamed error above tolerance with no
+    exception is a silent wrong answer and is said so."""
+    import rnnengine
+    from rnnengine.verify import TOLERANCE, verify
+    out = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = rnnengine.convert(path)
+    except Exception as e:
+        out["convert"] = f"{type(e).__name__}: " + " ".join(str(e).split())[:200]
+        return out
+    out["convert"] = "ok"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = verify(model, path, dims, seed=1, chunks=(1, 4))
+    except Exception as e:
+        out["run"] = f"{type(e).__name__}: " + " ".join(str(e).split())[:200]
+        return out
+    out["whole_max_err"] = max(e["rel"] for e in rep["whole"].values())
+    out["stream_max_err"] = None if rep["stream"] is None else max(e["rel"] for e in rep["stream"].values())
+    out["stream_note"] = rep["stream_note"]
+    tol = TOLERANCE["float32"]
+    if out["stream_max_err"] is not None and not out["stream_max_err"] <= tol:
+        out["silent_wrong_stream"] = (f"the engine streams this file without an error and the stream differs "
+                                      f"from the whole-sequence result by {out['stream_max_err']:.2g}")
+    elif out["stream_max_err"] is not None and entry.get("streaming", {}).get("expect") == "refuse":
+        out["unexpected_stream"] = "the engine streams a file whose manifest says it should refuse"
+    return out
+
+
 def triage(manifest):
     """Runs the engine of this checkout over every pattern entry (the ones with "pattern"),
     with the corpus test itself (tests/test_corpus.py) plus, where the entry ships example
@@ -703,10 +738,12 @@ def triage(manifest):
     keep, pending, table = [], [], []
     for entry in manifest["models"] + manifest.get("pending", []):
         entry.pop("engine_today", None)
+        entry.pop("engine_check", None)
         if "pattern" not in entry:
             keep.append(entry)
             continue
         path = os.path.join(OUT, entry["file"])
+        entry["engine_check"] = engine_check(entry, path, test_corpus.dims_of(entry))
         try:
             with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
