@@ -8,6 +8,7 @@ import os
 import pytest
 
 import rnnengine
+from rnnengine.converter import ConversionError
 from rnnengine.verify import TOLERANCE, verify
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "corpus")
@@ -40,6 +41,10 @@ def test_corpus_is_present():
 def test_corpus_model_converts_and_matches_onnxruntime(entry, tmp_path):
     from rnnengine.store import load, save
     path = os.path.join(HERE, entry["file"])
+    if entry.get("convert", {}).get("expect") == "refuse":  # an invalid export: refused by name
+        with pytest.raises(ConversionError, match=r"node '.+'"):
+            rnnengine.convert(path)
+        return
     model = rnnengine.convert(path)
     DIMS = dims_of(entry)
     # streamed in chunks of 1, 2, 3 and 7 steps and the whole length at once
