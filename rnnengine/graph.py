@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _core, streaming
 from .streaming import check_outputs as _check_stream_outputs
-from .ops import OPS, NotStreamableError, UnsupportedError, where
+from .ops import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
@@ -324,6 +324,22 @@ class Planner:
         streaming.precheck(self, h, xs)
         if op in ("LSTM", "GRU", "RNN"):
             streaming.recurrent_check(h, xs)
+        elif op == "Conv" and h.as_1d(xs[0].shape, xs[1].shape) is not None and streaming.timed(xs[0]):
+            # Keras Conv1D written as a 2-D conv over (N, C, 1, L): the 1-D conv, time on L
+            flat = h.as_1d(xs[0].shape, xs[1].shape)
+            ys = flatten_conv_inputs(self, xs)
+            ys[0].t, ys[0].final, ys[0].lag, ys[0].scale = (2 if xs[0].t == 3 else xs[0].t), xs[0].final, \
+                xs[0].lag, xs[0].scale
+            if xs[0].t not in (0, 3):
+                raise NotStreamableError(h.node, "convolves over the channels of a time series")
+            if streaming.conv_along_time(self, flat, ys):
+                y = streaming.emit_conv(self, flat, ys)[0]
+            else:
+                y = flat.emit(self, ys)[0]
+                y.t, y.lag, y.scale = ys[0].t, ys[0].lag, ys[0].scale
+            out = self.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))
+            out.t, out.lag, out.scale = (3 if y.t == 2 else y.t), y.lag, y.scale
+            return [out]
         elif op == "Conv" and streaming.conv_along_time(self, h, xs):
             return streaming.emit_conv(self, h, xs)
         elif op == "Pad":

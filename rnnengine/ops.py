@@ -1087,8 +1087,36 @@ class Softmax(Handler):
 
 # --- audio front ends --------------------------------------------------------------------
 
+def flatten_conv_inputs(p, xs):
+    """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)."""
+    x, w = xs[0], xs[1]
+    return [p.alias(x, (x.shape[0], x.shape[1], x.shape[3])),
+            p.const(np.asarray(w.const).reshape(w.shape[0], w.shape[1], w.shape[3])) if w.const is not None
+            else p.alias(w, (w.shape[0], w.shape[1], w.shape[3]))] + list(xs[2:])
+
+
 @register("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
 class Conv(Handler):
+    def as_1d(self, xshape, wshape):
+        """A 2-D Conv over (N, C, 1, L) with a (M, C/g, 1, K) kernel, as tf2onnx writes Keras
+        Conv1D: the same handler for the 1-D conv over (N, C, L), or None for any other rank."""
+        if len(xshape) != 4 or len(wshape) != 4 or xshape[2] != 1 or wshape[2] != 1:
+            return None
+        a = dict(self.attrs)
+        for name, first in (("kernel_shape", 1), ("strides", 1), ("dilations", 1)):
+            v = a.get(name)
+            if v is not None:
+                if len(v) != 2 or (name != "kernel_shape" and int(v[0]) != first) or \
+                        (name == "kernel_shape" and int(v[0]) != 1):
+                    self.fail(f"{name} {list(v)} of a conv over (N, C, 1, L) must be 1 on the height axis")
+                a[name] = [int(v[1])]
+        pads = a.get("pads")
+        if pads is not None:
+            if len(pads) != 4 or int(pads[0]) or int(pads[2]):
+                self.fail(f"pads {list(pads)} pad the height axis of a conv over (N, C, 1, L)")
+            a["pads"] = [int(pads[1]), int(pads[3])]
+        return type(self)(dict(self.node, attrs=a), self.opset)
+
     def geometry(self, xshape, wshape):
         if len(xshape) != 3 or len(wshape) != 3:
             self.fail(f"only 1-D convolution (N, C, L) is supported, got input {xshape}, weights {wshape}")
@@ -1121,6 +1149,10 @@ class Conv(Handler):
         return N, C, L, M, K, Lout, s, d, int(pl), int(pr), g
 
     def eval(self, xs):
+        flat = self.as_1d(np.shape(xs[0]), np.shape(xs[1]))
+        if flat is not None:
+            y = flat.eval([xs[0][:, :, 0], xs[1][:, :, 0]] + list(xs[2:]))[0]
+            return [y[:, :, None, :]]
         x, W = xs[0].astype(np.float64), xs[1].astype(np.float64)
         N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, W.shape)
         xp = np.pad(x, ((0, 0), (0, 0), (pl, max(pr, 0))))
@@ -1135,6 +1167,10 @@ class Conv(Handler):
         return [out.astype(np.float32)]
 
     def emit(self, p, xs):
+        flat = self.as_1d(xs[0].shape, xs[1].shape)
+        if flat is not None:
+            y = flat.emit(p, flatten_conv_inputs(p, xs))[0]
+            return [p.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))]
         x, w = xs[0], xs[1]
         bias = xs[2] if len(xs) > 2 else None
         if w.const is None or (bias is not None and bias.const is None):
