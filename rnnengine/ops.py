@@ -1260,9 +1260,16 @@ class Pad(Handler):
         x = xs[0]
         mode, begin, end, value = self.params(x.shape, xs)
         self.check(x.shape, mode, begin, end)
+        return [self.emit_padded(p, x, mode, begin, end, value)]
+
+    def emit_padded(self, p, x, mode, begin, end, value):
+        """Plans x padded by begin / end steps per axis (also used by streams, which pad along
+        time only at the sequence's ends)."""
         maps = [self.index_map(n, b, e, mode) for n, b, e in zip(x.shape, begin, end)]
         shape = tuple(len(m) for m in maps)
         out = p.new(shape, x.dtype)
+        if not int(np.prod(shape)):
+            return out
         nd = len(shape)
         head = 2 + 3 * nd
         starts, pos = [], head
@@ -1273,7 +1280,7 @@ class Pad(Handler):
         for m in maps:
             ip += m
         p.emit(OP_PAD, [x], [out], ip, [value])
-        return [out]
+        return out
 
 
 REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceProd": 4}

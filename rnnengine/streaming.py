@@ -743,31 +743,11 @@ def emit_pad(p, h, xs, b, e):
     begin, end = list(begin), list(end)
     begin[x.t] = 0 if started else b
     end[x.t] = e if p.finishing else 0
-    out = _emit_pad_with(p, h, x, mode, begin, end, value)
+    out = h.emit_padded(p, x, mode, begin, end, value)
     # step j of the padded series is input step j - b: it runs b steps ahead (its trailing
     # steps come at finish())
     _set(out, t=x.t, lag=x.lag - b * x.scale, scale=x.scale)
     return [out]
-
-
-def _emit_pad_with(p, h, x, mode, begin, end, value):
-    from .ops import OP_PAD
-    maps = [h.index_map(n, bb, ee, mode) for n, bb, ee in zip(x.shape, begin, end)]
-    shape = tuple(len(m) for m in maps)
-    out = p.new(shape, x.dtype)
-    if not int(np.prod(shape)):
-        return out
-    nd = len(shape)
-    head = 2 + 3 * nd
-    starts, pos = [], head
-    for m in maps:
-        starts.append(pos)
-        pos += len(m)
-    ip = [x.dtype.itemsize, nd] + list(shape) + contiguous_strides(x.shape) + starts
-    for m in maps:
-        ip += m
-    p.emit(OP_PAD, [x], [out], ip, [value])
-    return out
 
 
 @rule("Conv", "Pad")

@@ -59,12 +59,7 @@ def exact_or_refused(m, feeds, axes, sizes, node):
         names = (node,) if isinstance(node, str) else node
         assert any(f"'{n}'" in str(e) for n in names), str(e)
         return None
-    for sz in sizes:
-        s = gm.stream()
-        parts = chunked(s, feeds, axes, sz)
-        for name in whole:
-            close(joined(s, parts, name), whole[name])
-    return gm
+    return streams_exactly(m, feeds, axes, sizes)
 
 
 def streams_exactly(m, feeds, axes, sizes):
