@@ -203,10 +203,11 @@ class _Converter:
         nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes = self.fold(nodes, consts)
         outputs = [_value_info(o) for o in g.output]
-        from .fuse import fuse_gru_cells, fuse_lstm_cells
+        from .fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
+        nodes, self.fused_loops = fuse_keras_loops(nodes, consts, [o["name"] for o in outputs], self.opset)
         nodes, self.fused = fuse_lstm_cells(nodes, consts, [o["name"] for o in outputs])
         nodes, self.fused_gru = fuse_gru_cells(nodes, consts, [o["name"] for o in outputs])
-        if self.fused or self.fused_gru:
+        if self.fused or self.fused_gru or self.fused_loops:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
         tensors = {k: v for k, v in consts.items() if k in used or k in {o["name"] for o in outputs}}
@@ -366,5 +367,6 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         "source.fixed_inputs": {k: np.asarray(v).tolist() for k, v in (fixed_inputs or {}).items()},
         "converter.fused_lstm_cells": conv.fused,
         "converter.fused_gru_cells": conv.fused_gru,
+        "converter.fused_keras_loops": conv.fused_loops,
     }
     return graph, tensors, metadata
