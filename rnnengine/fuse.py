@@ -446,19 +446,38 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     # run-time values the body reads besides the sequences: evaluated from X's shape
     shape_vals = [v for v in passthrough.values() if v not in tensors] + sorted(outer_reads)
     # weights: MatMuls of a constant with the input row or a state
+    # the body's constants: its initializers, invariant inputs that are constants, and what
+    # nodes compute from them alone (e.g. a kernel sliced inside the body)
+    bconst = dict(btensors)
+    for car, v in passthrough.items():
+        if v in tensors:
+            bconst[car] = np.asarray(tensors[v])
+    from .ops import OPS
+    for n in body["nodes"]:
+        if n["op"] in OPS and n["op"] not in ("LSTM", "GRU", "RNN") and n["inputs"] and \
+                all(not x or x in bconst or x in tensors for x in n["inputs"]):
+            try:
+                with np.errstate(all="ignore"):
+                    vals = OPS[n["op"]](n, opset).eval([None if not x else bconst.get(x, tensors.get(x))
+                                                        for x in n["inputs"]])
+            except Exception:
+                continue
+            for o, v in zip(n["outputs"], vals):
+                if o:
+                    bconst[o] = np.asarray(v)
+
     def const_of(name):
         name = through(name)
-        if name in btensors:
-            return np.asarray(btensors[name])
-        if name in passthrough and passthrough[name] in tensors:
-            return np.asarray(tensors[passthrough[name]])
+        if name in bconst:
+            return bconst[name]
         if name in tensors:
             return np.asarray(tensors[name])
         return None
     xs_names = {n["outputs"][0]: x for x, n in scans.items()}
-    W = R = None
+    # kernels: the product of the input row (W), the other products (R: a GRU with
+    # reset_after=False applies its last H columns to r * h, so its parts join in order)
+    W, rec = None, []
     mm_x, mm_h = set(), set()   # outputs of the input / recurrent products
-    state_names = [carried[k] for k in states]
     for n in body["nodes"]:
         if n["op"] == "MatMul":
             a, w = n["inputs"]
@@ -470,13 +489,12 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
                     raise _NoFuse("two input kernels")
                 W = wv
                 mm_x.add(n["outputs"][0])
-            elif through(a) in state_names:
-                if R is not None and R is not wv:
-                    raise _NoFuse("two recurrent kernels")
-                R = wv
+            else:
+                rec.append(wv)
                 mm_h.add(n["outputs"][0])
-    if W is None or R is None:
+    if W is None or not rec or len({r.shape[0] for r in rec}) != 1:
         raise _NoFuse("no kernels")
+    R = np.concatenate(rec, axis=1)
     # biases: added to the input product (bx), to the recurrent one (bh), or to their sum (bx)
     bx = bh = None
     for n in body["nodes"]:
