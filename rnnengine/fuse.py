@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
-# converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B)
-# or (T, B, 1); a masked row-step keeps the state and repeats it as output (rnnengine.h)
+# converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
+# a masked row-step keeps the state and repeats it as output (rnnengine.h)
 STEP_MASK = "rnnengine_step_mask"
 
 
@@ -404,6 +404,10 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     n_car = len(node["inputs"]) - 2
     if len(bout) - 1 - n_car != 1 or n_car < 2:
         raise _NoFuse("not one scan output")
+    if any(n["op"] in ("Where", "Loop", "If", "Scan") for n in body["nodes"]):
+        # a Where selects (a NaN computed at a masked step is dropped) where the C blend
+        # multiplies (m * new + (1 - m) * old keeps it): not the same for NaN and Inf
+        raise _NoFuse("Where or a nested subgraph in the body")
     btensors = body.get("tensors", {})
     bprod = {o: n for n in body["nodes"] for o in n["outputs"] if o}
 
@@ -522,14 +526,13 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     if kind is None or len(states) != (3 if kind == "LSTM" else 2):
         raise _NoFuse("cell kind")
     I = W.shape[0]
-    float_scans = [x for x in scans if x not in ("",)]
     # which scan read is the input sequence, which the mask: decided by the MatMul reading it
     x_seq = [x for x in scans if scans[x]["outputs"][0] in {through(n["inputs"][0]) for n in body["nodes"]
                                                                if n["op"] == "MatMul"}]
     if len(x_seq) != 1:
         raise _NoFuse("input sequence")
     x_seq = x_seq[0]
-    masks = [x for x in float_scans if x != x_seq]
+    masks = [x for x in scans if x != x_seq]
     if len(masks) > 1:
         raise _NoFuse("more than one mask")
     mask_seq = masks[0] if masks else None
@@ -603,14 +606,13 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
             env[carried[k]] = v
         env[x_seq] = xv
         if mask_seq:
-            mdt = np.bool_
-            env[mask_seq] = mv.astype(mdt)
+            env[mask_seq] = mv
         try:
             env = _eval_nodes(body["nodes"], env, opset)
         except _NoFuse:
             raise
-        except Exception as e:
-            raise _NoFuse(f"body evaluation: {e}")
+        except Exception as e:  # a handler refusing these values: not a body we can prove
+            raise _NoFuse(f"body evaluation: {e}") from None
         got = [env[bout[1 + k]] for k in states] + [env[bout[1 + n_car]]]
         trials.append((xv[i], None if mv is None else mv[i].astype(np.float64), sv, got))
     chosen = None
@@ -620,8 +622,6 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
             for x, m, sv, got in trials:
                 out0, h0 = sv[role[0]], sv[role[1]]
                 c0 = sv[role[2]] if kind == "LSTM" else None
-                if not np.array_equal(out0, h0) and False:
-                    pass
                 hn, cn = _ref_cell(kind, x, h0, None if c0 is None else c0.astype(np.float64), Wo, Ro, Bo, lbr, act)
                 if m is not None:
                     hn = m * hn + (1 - m) * h0
@@ -662,7 +662,6 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
     (evaluated from shapes for several T), the states start from zeros, and the body, run on
     random data, gives what the engine cell gives for one hypothesis of cell kind, gate order,
     roles of the carried values and bias layout. Anything else is left to run as a Loop."""
-    from .ops import where as _where  # noqa: F401
     producer, users = _index(nodes)
     keep = set(outputs)
     out, count = [], 0

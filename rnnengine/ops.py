@@ -1127,12 +1127,13 @@ class Recurrent(Handler):
         return layer
 
     def with_step_mask(self, p, x, mask, T, B, I):
-        """X (T, B, I) and the step mask (T, B[, 1]) as the rows the C cell reads with a step
+        """X (T, B, I) and the step mask (T, B, 1) as the rows the C cell reads with a step
         mask: (T, B, I + 1), the mask (1.0 / 0.0) last (see rnn_cell_config.step_mask)."""
         if mask is None:
             self.fail("a step-masked layer needs its mask input")
-        if tuple(mask.shape) not in ((T, B), (T, B, 1)) or mask.dtype not in DTYPE_CODE:
-            self.fail(f"the step mask must be ({T}, {B}) or ({T}, {B}, 1) bool, got {mask.dtype} {mask.shape}")
+        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in DTYPE_CODE:
+            self.fail(f"the step mask must be ({T}, {B}, 1) bool (the shape the converter proved the "
+                      f"loop for), got {mask.dtype} {mask.shape}")
         if mask.const is not None:
             mf = p.const(np.ascontiguousarray((np.asarray(mask.const) != 0).astype(np.float32).reshape(T, B)))
         elif mask.dtype != np.float32:
@@ -1165,8 +1166,9 @@ class Recurrent(Handler):
             x = p.materialize(x)
         from .fuse import STEP_MASK
         if self.attrs.get(STEP_MASK):
-            if layer.layout:
-                self.fail("a step mask is supported with layout 0 only")
+            # what the converter makes of Keras loops; other combinations are not tested
+            if layer.layout or layer.direction != "forward" or slots["sequence_lens"] is not None:
+                self.fail("a step mask is supported on forward layers of layout 0 without sequence_lens only")
             x = self.with_step_mask(p, x, xs[8] if len(xs) > 8 else None, T, B, I)
         lens = slots["sequence_lens"]
         if lens is not None:

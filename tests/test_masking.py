@@ -146,3 +146,28 @@ def test_weight_file_keeps_the_step_mask(name, tmp_path):
     feeds = inputs_for(e, 4, 9, 3)
     np.testing.assert_array_equal(next(iter(again.run(feeds).values())), next(iter(model.run(feeds).values())))
     assert max_violation(next(iter(again.run(feeds).values())), ort_run(os.path.join(HERE, name), feeds)) <= 1.0
+
+
+def test_loop_not_proven_is_left_alone():
+    """States that do not start from zeros break the equality of the repeated output and the
+    kept state: the loop must stay a Loop (run op by op or refused by name), never fused."""
+    import onnx
+    from onnx import numpy_helper
+    path = os.path.join(HERE, "keras3_mask_lstm.onnx")
+    m = onnx.load(path)
+    loop = next(n for n in m.graph.node if n.op_type == "Loop")
+    m.graph.initializer.append(numpy_helper.from_array(np.full((1, 8), 0.5, np.float32), "half_state"))
+    for k in (3, 4, 5):   # previous output, h, c
+        loop.input[k] = "half_state"
+    _, _, meta = convert_model(m)
+    assert meta["converter.fused_keras_loops"] == 0
+    model = rnnengine.convert(m)
+    feeds = inputs_for(next(e for e in ENTRIES if e["file"] == "keras3_mask_lstm.onnx"), 3, 6, 4)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)[0]
+    try:
+        got = next(iter(model.run(feeds).values()))
+    except UnsupportedError as e:
+        assert "node" in str(e)
+    else:
+        assert max_violation(got, want) <= 1.0
