@@ -171,3 +171,32 @@ def test_loop_not_proven_is_left_alone():
         assert "node" in str(e)
     else:
         assert max_violation(got, want) <= 1.0
+
+
+MASK_INPUT = [e for e in ENTRIES if e["file"].split("_", 1)[1].startswith("mask_")]
+
+
+@pytest.mark.parametrize("level", [0, pytest.param(None, marks=pytest.mark.xfail(
+    strict=True, reason="the vectorised sigmoid/tanh drop NaN; fixed on branch h-nan"))])
+@pytest.mark.parametrize("entry", MASK_INPUT, ids=lambda e: e["file"])
+def test_nan_and_inf_propagate_as_in_onnxruntime(entry, level):
+    """With an explicit mask, masked steps may hold any input: a NaN there reaches the state
+    through the exported blend (0 * NaN), as in onnxruntime; Inf at an unmasked step too.
+    Level 0: the portable kernels, whose activations keep NaN; None: the fastest kernels."""
+    from rnnengine import _core
+    path = os.path.join(HERE, entry["file"])
+    model = rnnengine.convert(path)
+    feeds = inputs_for(entry, 4, 8, 11)
+    x = feeds["x"]
+    x[0, 6, 1] = np.nan      # row 0: steps 5.. are masked
+    x[1, 5, 2] = np.inf      # row 1: step 5 counts
+    x[2, 0, 0] = -np.inf     # row 2: step 0 is masked
+    want = ort_run(path, feeds)
+    assert np.isnan(want).any()
+    _core.kernel_level(_core.kernel_level_max() if level is None else level)
+    try:
+        got = next(iter(model.run(feeds).values()))
+    finally:
+        _core.kernel_level(_core.kernel_level_max())
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert max_violation(got, want) <= 1.0
