@@ -56,9 +56,11 @@ def inputs_for(entry, B, T, seed):
     return feeds
 
 
-def ort_run(path, feeds):
+def ort_run(path, feeds, every=False):
+    """onnxruntime's first output, or every output by name."""
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
+    outs = sess.run(None, feeds)
+    return dict(zip([o.name for o in sess.get_outputs()], outs)) if every else outs[0]
 
 
 def _mark(e):
@@ -76,6 +78,7 @@ def test_manifest_has_every_pattern():
             for pat in ("mask", "masking", "embed"):
                 assert f"{fam}_{pat}_{cell}.onnx" in files
         for kind in ("lstm", "gru"):
+            assert f"{fam}_mask_last_{kind}.onnx" in files
             assert f"{fam}_bidirectional_{kind}.onnx" in files
             assert f"{fam}_masking_bidirectional_{kind}.onnx" in files
 
@@ -91,10 +94,12 @@ def test_whole_sequence_matches_onnxruntime(entry):
         assert "Loop" not in {n["op"] for n in g["nodes"]}
     for B, T, seed in ((4, 9, 0), (1, 5, 1), (6, 13, 2)):
         feeds = inputs_for(entry, B, T, seed)
-        want = ort_run(path, feeds)
-        got = next(iter(model.run(feeds).values()))
-        assert got.shape == want.shape
-        assert max_violation(got, want) <= 1.0, (B, T)
+        want = ort_run(path, feeds, every=True)
+        got = model.run(feeds)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            assert max_violation(got[name], want[name]) <= 1.0, (name, B, T)
 
 
 FORWARD = [e for e in ENTRIES if "bidirectional" not in e["file"] and "Loop" in e["ops"]]
@@ -110,8 +115,13 @@ def test_stream_equals_whole(entry, chunk):
     stream = model.stream()
     parts = []
     for t in range(0, 11, chunk):
-        parts.append(next(iter(stream({k: v[:, t:t + chunk] for k, v in feeds.items()}).values())))
-    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+        parts.append(stream({k: v[:, t:t + chunk] for k, v in feeds.items()}))
+    if "_last_" in entry["file"]:
+        # last output and final states: the last call's equal the whole run's
+        for name, v in model.run(feeds).items():
+            np.testing.assert_array_equal(parts[-1][name], v)
+    else:
+        np.testing.assert_array_equal(np.concatenate([next(iter(p.values())) for p in parts], axis=1), whole)
 
 
 def test_masked_step_keeps_state_and_repeats_output():

@@ -10,7 +10,8 @@ Patterns (I = 6 features or a vocabulary of 20, H = 8; random weights, fixed see
   mask_*      x (B, T, I) and an explicit bool mask (B, T) given to the layer: layer(x, mask=m)
   masking_*   Masking(mask_value=0.) in front of the layer
   embed_*     Embedding(20, 6, mask_zero=True) in front of the layer (int32 tokens)
-  embed_nomask_lstm, bidirectional_{lstm,gru}, masking_bidirectional_{lstm,gru}
+  embed_nomask_lstm, bidirectional_{lstm,gru}, masking_bidirectional_{lstm,gru},
+  mask_last_{lstm,gru} (return_sequences=False, return_state=True: a classifier's layer)
 for LSTM, GRU (reset_after True and False) and SimpleRNN, all return_sequences=True. Each
 export is checked: onnx.checker, then onnxruntime against Keras itself (<= 1e-5) on inputs
 whose masked steps are trailing and in the middle; an export that fails is reported and left
@@ -95,6 +96,12 @@ def export(legacy):
         bi = L.Bidirectional(getattr(L, kind)(H, return_sequences=True))
         models.append((f"masking_bidirectional_{kind.lower()}", keras.Model(x, bi(L.Masking(0.0)(x))), ["float"]))
 
+    for kind in ("LSTM", "GRU"):   # a sequence classifier's layer: last output and final state
+        x = keras.Input((None, I), name="x")
+        m = keras.Input((None,), dtype="bool", name="mask")
+        outs = getattr(L, kind)(H, return_sequences=False, return_state=True)(x, mask=m)
+        models.append((f"mask_last_{kind.lower()}", keras.Model([x, m], outs), ["float", "mask"]))
+
     entries, failures = [], []
     for name, model, kinds in models:
         fname = f"{family}_{name}.onnx"
@@ -106,11 +113,12 @@ def export(legacy):
         args = [x] + ([keep] if "mask" in kinds else [])
         try:
             tf2onnx.convert.from_keras(model, input_signature=specs, opset=17, output_path=path)
-            want = np.asarray(model(args if len(args) > 1 else args[0]))
+            want = model(args if len(args) > 1 else args[0])
+            want = [np.asarray(w) for w in (want if isinstance(want, (list, tuple)) else [want])]
             onnx.checker.check_model(onnx.load(path), full_check=True)
             sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            got = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), args)})[0]
-            err = float(np.abs(got - want).max())
+            got = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), args)})
+            err = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
             if not err <= 1e-5:
                 raise AssertionError(f"onnxruntime differs from Keras by {err:.2e}")
         except Exception as e:
