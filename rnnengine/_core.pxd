@@ -91,7 +91,7 @@ cdef extern from "rnnengine.h" nogil:
     int RNN_INSTR_WORDS
     rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                              const float *fparams, void **tensors, rnn_stack **stacks,
-                             float *work, char *err, size_t errlen)
+                             float *work, char *err, size_t errlen, int64_t *failed)
 
 
 cdef extern from "rnnengine.h" nogil:

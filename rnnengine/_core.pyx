@@ -453,11 +453,13 @@ cdef class Program:
     """A planned graph program (see src_c/graph.c): instructions, their parameters and the
     recurrent stacks they call. Immutable once built; many threads may run it at once, each
     with its own tensor table and workspace."""
-    cdef readonly object program, iparams, fparams, stacks
+    cdef readonly object program, iparams, fparams, stacks, labels
     cdef int64_t n_instr
     cdef rnn_stack **stack_ptrs
 
-    def __cinit__(self, program, iparams, fparams, list stacks):
+    def __cinit__(self, program, iparams, fparams, list stacks, labels=None):
+        # labels: per instruction, the node it computes (e.g. "Div node 'idx'"), named by errors
+        self.labels = list(labels) if labels is not None else None
         self.stack_ptrs = NULL
         self.program = np.ascontiguousarray(program, dtype=np.int64).reshape(-1, RNN_INSTR_WORDS)
         self.iparams = np.ascontiguousarray(iparams, dtype=np.int64)
@@ -492,14 +494,19 @@ cdef class Program:
         cdef void **tens = <void **>cnp.PyArray_DATA(ptrs)
         cdef float *w = <float *>cnp.PyArray_DATA(work)
         cdef int64_t k, n = cnp.PyArray_SIZE(ptrs)
+        if self.n_instr == 0:  # nothing to compute (every output a constant or an input)
+            return
         for k in range(n):  # every tensor bound: an unbound one would be a NULL dereference
             if tens[k] == NULL:
                 raise ValueError(f"tensor {k} of the program is not bound to a buffer")
         cdef rnn_status st
+        cdef int64_t failed = -1
         with nogil:
-            st = rnn_graph_run(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256)
+            st = rnn_graph_run(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256, &failed)
         if st != RNN_STATUS_OK:
             msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
+            if self.labels is not None and 0 <= failed < len(self.labels) and self.labels[failed]:
+                msg = f"{self.labels[failed]}: {msg}"
             raise GraphRunError(msg)
 
 

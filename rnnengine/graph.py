@@ -52,7 +52,7 @@ class Plan:
     def __init__(self, planner):
         self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
                                      np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
-                                     planner.stacks)
+                                     planner.stacks, planner.labels)
         self.specs = planner.specs
         self.inputs = planner.input_tids
         self.outputs = planner.outputs
@@ -129,6 +129,7 @@ class Planner:
         self.streaming = streaming
         self.specs = []
         self.prog, self.ip, self.fp = [], [], []
+        self.labels, self._node = [], None  # per instruction, the node it computes (for errors)
         self.work = 16
         self.stacks, self._stack_ids = [], {}
         self.state = {}
@@ -221,6 +222,7 @@ class Planner:
         word[9], word[10] = len(self.ip), len(ip)
         word[11], word[12] = len(self.fp), len(fp)
         self.prog.extend(int(w) for w in word)
+        self.labels.append(where(self._node) if self._node else "")
         self.ip.extend(int(v) for v in ip)
         self.fp.extend(float(v) for v in fp)
 
@@ -229,6 +231,7 @@ class Planner:
         opset = self.model.opset
         for node in nodes:
             op = node["op"]
+            self._node = node
             if op == "If":
                 cond = env[node["inputs"][0]]
                 if cond.const is None:
@@ -522,7 +525,7 @@ class GraphModel:
                     if isinstance(d, int) and d >= 0 and d != g:
                         raise ValueError(f"input {name!r} must have shape {shape}, got {arr.shape} "
                                          f"(dimension {k})")
-            feeds[name] = np.ascontiguousarray(arr)
+            feeds[name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps rank 0
         return feeds
 
     def run(self, inputs):

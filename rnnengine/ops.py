@@ -50,9 +50,11 @@ def where(node):
 
 # C enums (src_c/rnnengine.h)
 OP_COPY, OP_BINARY, OP_UNARY, OP_MATMUL, OP_SOFTMAX, OP_GATHER, OP_CONV1D, OP_PAD, OP_REDUCE, \
-    OP_CAST, OP_RECURRENT, OP_TOPK, OP_SCATTER = range(13)
+    OP_CAST, OP_RECURRENT, OP_TOPK, OP_SCATTER, OP_TBINARY, OP_TUNARY, OP_WHERE, OP_TREDUCE, OP_ARGMAX, \
+    OP_CUMSUM, OP_REVSEQ = range(20)
 DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
-              np.dtype(np.bool_): 3}
+              np.dtype(np.bool_): 4}
+INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 # ONNX TensorProto element types
 ONNX_DTYPE = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
               10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
@@ -161,6 +163,44 @@ def axis_of(h, axis, ndim):
     return a % max(ndim, 1)
 
 
+def broadcast_shape(h, *shapes):
+    try:
+        out = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        h.fail(f"shapes {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast")
+    if len(out) > 8:
+        h.fail("rank > 8")
+    return out
+
+
+def emit_tbinary(p, kind, a, b, out_shape, out_dtype):
+    """One typed binary instruction (src_c/graph.c TBINARY) on a and b of one dtype."""
+    out = p.new(out_shape, out_dtype)
+    p.emit(OP_TBINARY, [a, b], [out], [DTYPE_CODE[a.dtype], kind, len(out_shape)] + list(out_shape)
+           + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
+    return out
+
+
+def int_divmod(h, a, b, kind):
+    """Integer a / b truncated toward 0 (kind "div", ONNX integer Div), a mod b with the
+    divisor's sign ("mod", Mod fmod=0) or with the dividend's sign ("fmod"), exactly, as the
+    executor computes them; division by zero and min / -1 are refused."""
+    a, b = np.asarray(a), np.asarray(b)
+    if np.any(b == 0):
+        h.fail("an integer division or modulo by zero")
+    if a.dtype.kind == "i" and kind == "div" and np.any((a == np.iinfo(a.dtype).min) & (b == -1)):
+        h.fail("an integer division overflows (the minimum / -1)")
+    with np.errstate(all="ignore"):
+        if kind == "mod":
+            return np.mod(a, np.where(b == -1, 1, b)).astype(a.dtype)
+        r = np.where(b == -1, 0, np.fmod(a, np.where(b == -1, 1, b))).astype(a.dtype)
+        if kind == "fmod":
+            return r
+        q = np.floor_divide(a, np.where(b == -1, 1, b))
+        q = np.where(b == -1, np.negative(a), q)
+        return (q + ((r != 0) & ((a < 0) != (b < 0)))).astype(a.dtype)
+
+
 # --- constants and shapes ------------------------------------------------------------------
 
 @register("Constant", attrs=("value", "value_float", "value_floats", "value_int", "value_ints"))
@@ -217,12 +257,29 @@ class ConstantOfShape(Handler):
 
 @register("Range")
 class Range(Handler):
+    """As onnxruntime: n = ceil((limit - start) / delta) with the difference taken in the
+    input type, and values start, start + delta, ... accumulated in that type."""
+
     def eval(self, xs):
-        start, limit, delta = (np.asarray(x).item() for x in xs)
+        dt = np.asarray(xs[0]).dtype
+        start, limit, delta = (np.asarray(x, dt).reshape(()) for x in xs)
         if delta == 0:
             self.fail("delta is 0")
-        check_size(self, (max(0, math.ceil((limit - start) / delta)),))
-        return [np.arange(start, limit, delta, dtype=np.asarray(xs[0]).dtype)]
+        with np.errstate(all="ignore"):
+            diff = np.subtract(limit, start, dtype=dt)
+        n = max(0, math.ceil(float(diff) / float(delta)))
+        check_size(self, (n,))
+        if dt.kind == "f":
+            steps = np.full(n, delta, dt)
+            if n:
+                steps[0] = start
+            return [np.cumsum(steps, dtype=dt)]
+        with np.errstate(all="ignore"):
+            return [(start + np.arange(n, dtype=dt) * delta).astype(dt)]
+
+    def emit(self, p, xs):
+        self.fail("start, limit and delta must be known when planning (constants or shapes): the "
+                  "output's length would depend on run-time values")
 
 
 # --- elementwise -------------------------------------------------------------------------
@@ -243,28 +300,68 @@ class Binary(Handler):
         a, b = xs
         if op == "Div":
             if a.dtype.kind in "iu":
-                return [np.trunc(a / b).astype(a.dtype)]
+                return [int_divmod(self, a, b, "div")]
             return [(a / b).astype(a.dtype)]
         if op == "Pow":
             return [np.power(a, b).astype(a.dtype)]
         return [BINARY[op][1](a, b).astype(np.result_type(a, b) if a.dtype == b.dtype else a.dtype)]
 
     def emit(self, p, xs):
-        if len(xs) != 2:
+        op = self.node["op"]
+        if len(xs) < 2 or (len(xs) > 2 and op not in ("Max", "Min")):
             self.fail(f"takes 2 inputs here, got {len(xs)}")
-        a, b = xs
-        if a.dtype != np.float32 or b.dtype != np.float32:
-            self.fail(f"arithmetic on {a.dtype}/{b.dtype} tensors at run time is not supported (float32 only)")
-        try:
-            out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
-        except ValueError:
-            self.fail(f"shapes {a.shape} and {b.shape} do not broadcast")
-        if len(out_shape) > 8:
-            self.fail("rank > 8")
+        out = xs[0]
+        for b in xs[1:]:  # variadic Max / Min: pairwise, left to right, as eval
+            out = self.emit2(p, out, b)
+        return [out]
+
+    def emit2(self, p, a, b):
+        op = self.node["op"]
+        if op == "Pow" and a.dtype == np.float32 and b.dtype in INT_TYPES and b.const is not None:
+            bf = np.asarray(b.const).astype(np.float32)  # an integer exponent, exact in float32
+            if np.array_equal(bf.astype(b.dtype), b.const):
+                b = p.const(bf)
+        if a.dtype != b.dtype:
+            self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
+        out_shape = broadcast_shape(self, a.shape, b.shape)
+        if a.dtype != np.float32:
+            if a.dtype not in INT_TYPES or op == "Pow":
+                self.fail(f"{op} on {a.dtype} tensors at run time is not supported (float32, int64, int32"
+                          f"{'; Pow: float32' if op == 'Pow' else ''})")
+            return emit_tbinary(p, TBINARY_KIND[op], a, b, out_shape, a.dtype)
         out = p.new(out_shape, np.float32)
         p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(out_shape)] + list(out_shape)
                + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
-        return [out]
+        return out
+
+
+TBINARY_KIND = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3, "Max": 5, "Min": 6}
+
+
+@register("Mod", attrs=("fmod",))
+class Mod(Handler):
+    """fmod=0 (integers only): the result has the divisor's sign, as Python's %; fmod=1: the
+    dividend's sign, as C's fmod (float32 and integers)."""
+
+    def kind(self, dtype):
+        fm = int(self.attr("fmod", 0))
+        if dtype.kind == "f" and not fm:
+            self.fail("Mod on floats needs fmod=1 (ONNX)")
+        return "fmod" if fm else "mod"
+
+    def eval(self, xs):
+        a, b = xs
+        k = self.kind(a.dtype)
+        if a.dtype.kind == "f":
+            return [np.fmod(a, b).astype(a.dtype)]
+        return [int_divmod(self, a, b, k)]
+
+    def emit(self, p, xs):
+        a, b = xs
+        k = self.kind(a.dtype)
+        if a.dtype != b.dtype or (a.dtype not in INT_TYPES and a.dtype != np.float32):
+            self.fail(f"Mod on {a.dtype}/{b.dtype} at run time is not supported (float32, int64, int32; one type)")
+        return [emit_tbinary(p, 7 if k == "mod" else 8, a, b, broadcast_shape(self, a.shape, b.shape), a.dtype)]
 
 
 def _sigmoid(x):
@@ -311,8 +408,14 @@ class Unary(Handler):
     def emit(self, p, xs):
         kind, fn, a, b = self.params()
         x = xs[0]
+        op = self.node["op"]
+        if x.dtype in INT_TYPES and op in ("Neg", "Abs"):
+            out = p.new(x.shape, x.dtype)  # wraps: -min and |min| are min, as onnxruntime
+            p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 0 if op == "Neg" else 1, int(np.prod(x.shape))])
+            return [out]
         if x.dtype != np.float32:
-            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+            self.fail(f"needs a float32 input at run time{' (or int64 / int32)' if op in ('Neg', 'Abs') else ''}, "
+                      f"got {x.dtype}")
         out = p.new(x.shape, np.float32)
         p.emit(OP_UNARY, [x], [out], [kind, int(np.prod(x.shape))], [a, b])
         return [out]
@@ -347,12 +450,28 @@ class Clip(Handler):
 COMPARE = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
            "GreaterOrEqual": np.greater_equal, "And": np.logical_and, "Or": np.logical_or,
            "Xor": np.logical_xor}
+COMPARE_KIND = {"Equal": 10, "Less": 11, "LessOrEqual": 12, "Greater": 13, "GreaterOrEqual": 14,
+                "And": 15, "Or": 16, "Xor": 17}
 
 
 @register(*COMPARE)
 class Compare(Handler):
+    """Comparisons of float32 (NaN compares unequal and unordered), int64, int32 or bool
+    tensors, and And/Or/Xor of bools; the result is bool."""
+
     def eval(self, xs):
         return [COMPARE[self.node["op"]](xs[0], xs[1])]
+
+    def emit(self, p, xs):
+        a, b = xs
+        op = self.node["op"]
+        logic = op in ("And", "Or", "Xor")
+        if a.dtype != b.dtype:
+            self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
+        if (logic and a.dtype != np.bool_) or a.dtype not in DTYPE_CODE:
+            self.fail(f"{op} on {a.dtype} at run time is not supported "
+                      f"({'bool' if logic else 'float32, int64, int32, bool'})")
+        return [emit_tbinary(p, COMPARE_KIND[op], a, b, broadcast_shape(self, a.shape, b.shape), np.bool_)]
 
 
 @register("Not")
@@ -360,11 +479,52 @@ class Not(Handler):
     def eval(self, xs):
         return [np.logical_not(xs[0])]
 
+    def emit(self, p, xs):
+        x = xs[0]
+        if x.dtype != np.bool_:
+            self.fail(f"needs a bool input, got {x.dtype}")
+        out = p.new(x.shape, np.bool_)
+        p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 2, int(np.prod(x.shape))])
+        return [out]
+
 
 @register("Where")
 class Where(Handler):
     def eval(self, xs):
         return [np.where(xs[0], xs[1], xs[2]).astype(np.result_type(xs[1], xs[2]))]
+
+    def emit(self, p, xs):
+        c, x, y = xs
+        if c.dtype != np.bool_:
+            self.fail(f"the condition must be bool, got {c.dtype}")
+        if x.dtype != y.dtype:
+            self.fail(f"X and Y have types {x.dtype} and {y.dtype} (ONNX Where takes one type)")
+        shape = broadcast_shape(self, c.shape, x.shape, y.shape)
+        out = p.new(shape, x.dtype)
+        p.emit(OP_WHERE, [c, x, y], [out], [x.dtype.itemsize, len(shape)] + list(shape)
+               + broadcast_strides(c.shape, shape) + broadcast_strides(x.shape, shape)
+               + broadcast_strides(y.shape, shape))
+        return [out]
+
+
+def cast_array(x, to):
+    """x.astype(to) with the executor's (and onnxruntime's, on x86-64) semantics where NumPy's
+    are undefined: float -> int32 / int64 / uint8 truncates toward 0, and NaN, infinities and
+    values out of the target's range give its minimum (uint8: through int32, keeping the low
+    byte); float -> bool is x != 0 (NaN -> True)."""
+    x = np.asarray(x)
+    to = np.dtype(to)
+    if x.dtype.kind == "f" and to.kind in "iu":
+        wide = np.dtype(np.int64) if to == np.int64 else np.dtype(np.int32)
+        lim = float(2 ** (wide.itemsize * 8 - 1))
+        v = x.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            ok = (v >= -lim) & (v < lim)
+        r = np.where(ok, np.trunc(np.where(ok, v, 0)), 0).astype(wide)
+        r = np.where(ok, r, np.iinfo(wide).min).astype(wide)
+        return r.astype(to)
+    with np.errstate(all="ignore"):
+        return x.astype(to)
 
 
 @register("Cast", attrs=("to", "saturate"))
@@ -376,13 +536,13 @@ class Cast(Handler):
         return np.dtype(ONNX_DTYPE[to])
 
     def eval(self, xs):
-        return [xs[0].astype(self.target())]
+        return [cast_array(xs[0], self.target())]
 
     def emit(self, p, xs):
         x, to = xs[0], self.target()
         if x.dtype not in DTYPE_CODE or to not in DTYPE_CODE:
             self.fail(f"cast from {x.dtype} to {to} at run time is not supported "
-                      "(float32, int64, int32, bool only)")
+                      "(float32, int64, int32, uint8, bool only)")
         if x.dtype == to:
             return [p.alias(x, x.shape)]
         out = p.new(x.shape, to)
@@ -729,8 +889,17 @@ class TopK(Handler):
         x = xs[0]
         a, k = self.geometry(x.shape, xs)
         largest = self.attr("largest", 1)
-        key = -x.astype(np.float64) if largest else x.astype(np.float64)
-        order = np.argsort(key, axis=a, kind="stable")
+        # NaN counts as larger than every number (onnxruntime); ties keep the lower index
+        nan = np.isnan(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
+        if x.dtype.kind == "f":
+            key = np.where(nan, 0, x).astype(np.float64)
+            key = np.where(nan, 0, -key) if largest else key
+            group = np.where(nan, 0 if largest else 1, 1 if largest else 0)
+        else:  # integers, exactly (also beyond 2^53); ~k = -k - 1 reverses the order without overflow
+            key = x.astype(np.int64)
+            key = ~key if largest else key
+            group = np.zeros(x.shape, np.int64)
+        order = np.moveaxis(np.lexsort((np.moveaxis(key, a, -1), np.moveaxis(group, a, -1)), axis=-1), -1, a)
         idx = np.take(order, np.arange(k), axis=a)
         return [np.take_along_axis(x, idx, axis=a), idx.astype(np.int64)]
 
@@ -1068,14 +1237,20 @@ class Reduce(Handler):
         axes = self.axes(x.shape, xs)
         if not axes:
             return [x]
+        op = self.node["op"]
+        keep = bool(self.attr("keepdims", 1))
+        if op == "ReduceMean" and x.dtype.kind in "iu":  # the exact sum, truncated toward 0
+            total = np.sum(x, axis=tuple(axes), keepdims=keep, dtype=x.dtype)
+            count = int(np.prod([x.shape[a] for a in axes]))
+            return [int_divmod(self, total, np.array(count, x.dtype), "div") if count else total]
         fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min,
-              "ReduceProd": np.prod}[self.node["op"]]
-        return [fn(x, axis=tuple(axes), keepdims=bool(self.attr("keepdims", 1))).astype(x.dtype)]
+              "ReduceProd": np.prod}[op]
+        return [fn(x, axis=tuple(axes), keepdims=keep).astype(x.dtype)]
 
     def emit(self, p, xs):
         x = xs[0]
-        if x.dtype != np.float32:
-            self.fail(f"needs float32 at run time, got {x.dtype}")
+        if x.dtype != np.float32 and x.dtype not in INT_TYPES:
+            self.fail(f"needs float32, int64 or int32 at run time, got {x.dtype}")
         axes = self.axes(x.shape, xs)
         if not axes:
             return [x]
@@ -1085,9 +1260,141 @@ class Reduce(Handler):
         kst = contiguous_strides(kept)
         ostr = [0 if i in axes else kst[i] for i in range(len(x.shape))]
         count = int(np.prod([x.shape[a] for a in axes]))
-        out = p.new(shape, np.float32)
-        p.emit(OP_REDUCE, [x], [out], [REDUCE[self.node["op"]], len(x.shape)] + list(x.shape) + ostr
-               + [int(np.prod(shape)), count])
+        if len(x.shape) > 8:
+            self.fail("rank > 8")
+        out = p.new(shape, x.dtype)
+        ip = [REDUCE[self.node["op"]], len(x.shape)] + list(x.shape) + ostr + [int(np.prod(shape)), count]
+        if x.dtype == np.float32:
+            p.emit(OP_REDUCE, [x], [out], ip)
+        else:  # integers: sums and products wrap around, the mean truncates toward 0
+            p.emit(OP_TREDUCE, [x], [out], [DTYPE_CODE[x.dtype]] + ip)
+        return [out]
+
+
+@register("ArgMax", "ArgMin", attrs=("axis", "keepdims", "select_last_index"))
+class ArgMax(Handler):
+    """onnxruntime's scan: the best position starts at 0 and moves to a strictly greater
+    (ArgMin: smaller) value, or greater-or-equal with select_last_index; so a NaN at
+    position 0 wins and any later NaN is passed over."""
+
+    def geometry(self, shape):
+        a = axis_of(self, self.attr("axis", 0), len(shape))
+        if shape[a] == 0:
+            self.fail(f"axis {a} is empty: no position to return")
+        keep = bool(self.attr("keepdims", 1))
+        out = tuple(1 if i == a else d for i, d in enumerate(shape)) if keep else \
+            tuple(d for i, d in enumerate(shape) if i != a)
+        return a, out
+
+    def eval(self, xs):
+        x = xs[0]
+        a, out_shape = self.geometry(x.shape)
+        is_min, last = self.node["op"] == "ArgMin", bool(self.attr("select_last_index", 0))
+        best = np.take(x, 0, axis=a)
+        at = np.zeros(best.shape, np.int64)
+        with np.errstate(invalid="ignore"):
+            for i in range(1, x.shape[a]):
+                v = np.take(x, i, axis=a)
+                if is_min:
+                    better = v <= best if last else v < best
+                else:
+                    better = v >= best if last else v > best
+                best = np.where(better, v, best)
+                at = np.where(better, i, at)
+        return [at.reshape(out_shape)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        if x.dtype not in DTYPE_CODE or x.dtype == np.bool_:
+            self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32, uint8)")
+        a, out_shape = self.geometry(x.shape)
+        out = p.new(out_shape, np.int64)
+        p.emit(OP_ARGMAX, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+                                       int(np.prod(x.shape[a + 1:])), int(self.node["op"] == "ArgMin"),
+                                       int(bool(self.attr("select_last_index", 0)))])
+        return [out]
+
+
+@register("CumSum", attrs=("exclusive", "reverse"))
+class CumSum(Handler):
+    """Running sums along a constant axis, in the element type (integers wrap), added in
+    order from the first element of the scan (the last with reverse)."""
+
+    def axis(self, x, xs):
+        v = xs[1].const if hasattr(xs[1], "const") else xs[1]
+        if v is None:
+            self.fail("the axis must be a constant")
+        v = np.asarray(v)
+        if v.size != 1 or v.dtype.kind not in "iu":
+            self.fail(f"the axis must be one integer, got {v.dtype} {v.shape}")
+        return axis_of(self, int(v.reshape(-1)[0]), len(x.shape))
+
+    def eval(self, xs):
+        x = xs[0]
+        a = self.axis(x, xs)
+        rev, excl = bool(self.attr("reverse", 0)), bool(self.attr("exclusive", 0))
+        v = np.flip(x, a) if rev else x
+        with np.errstate(all="ignore"):
+            c = np.cumsum(v, axis=a, dtype=x.dtype)
+        if excl:
+            c = np.concatenate([np.zeros_like(np.take(c, [0], axis=a)), np.take(c, range(c.shape[a] - 1), axis=a)],
+                               axis=a) if c.shape[a] else c
+        return [np.ascontiguousarray(np.flip(c, a) if rev else c)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        a = self.axis(x, xs)
+        if x.dtype != np.float32 and x.dtype not in INT_TYPES:
+            self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32)")
+        out = p.new(x.shape, x.dtype)
+        p.emit(OP_CUMSUM, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+                                       int(np.prod(x.shape[a + 1:])), int(bool(self.attr("exclusive", 0))),
+                                       int(bool(self.attr("reverse", 0)))])
+        return [out]
+
+
+@register("ReverseSequence", attrs=("batch_axis", "time_axis"))
+class ReverseSequence(Handler):
+    """Reverses the first sequence_lens[b] steps of each batch row b (the rest stay), as
+    Keras 3 Bidirectional layers export their backward direction."""
+
+    def geometry(self, x, lens):
+        ta, ba = int(self.attr("time_axis", 0)), int(self.attr("batch_axis", 1))
+        if {ta, ba} != {0, 1}:
+            self.fail(f"time_axis {ta} and batch_axis {ba} must be 0 and 1")
+        if len(x.shape) < 2:
+            self.fail(f"the input must have rank >= 2, got shape {tuple(x.shape)}")
+        T, B = x.shape[ta], x.shape[ba]
+        if tuple(lens.shape) != (B,) or lens.dtype != np.int64:
+            self.fail(f"sequence_lens must be int64 ({B},), got {lens.dtype} {tuple(lens.shape)}")
+        return ta, T, B
+
+    def eval(self, xs):
+        x, lens = xs
+        ta, T, B = self.geometry(x, lens)
+        if lens.size and (lens.min() < 0 or lens.max() > T):
+            self.fail(f"sequence_lens {lens.tolist()} must lie in [0, T = {T}]")
+        out = np.array(x, copy=True)
+        for b in range(B):
+            n = int(lens[b])
+            if ta == 0:
+                out[:n, b] = x[:n, b][::-1]
+            else:
+                out[b, :n] = x[b, :n][::-1]
+        return [out]
+
+    def emit(self, p, xs):
+        x, lens = xs
+        ta, T, B = self.geometry(x, lens)
+        if getattr(p, "streaming", False):
+            raise NotStreamableError(self.node, "it reverses each sequence as a whole, which chunk-by-chunk "
+                                                "calls cannot reproduce")
+        if lens.const is not None:
+            lv = np.asarray(lens.const)
+            if lv.size and (lv.min() < 0 or lv.max() > T):
+                self.fail(f"sequence_lens {lv.tolist()} must lie in [0, T = {T}]")
+        out = p.new(x.shape, x.dtype)
+        p.emit(OP_REVSEQ, [x, lens], [out], [x.dtype.itemsize, T, B, int(np.prod(x.shape[2:])), int(ta == 0)])
         return [out]
 
 

@@ -23,11 +23,31 @@
  *             out[o] = in[sum map_d[o_d] * in_stride[d]], or value when any map_d[o_d] < 0
  *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min 4 prod), nd, in_shape[nd], out_stride[nd], out_n, count
  *             out_stride is 0 along reduced axes
- *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n
+ *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n      out[i] = (to) in[i], as onnxruntime on x86-64:
+ *             float -> int truncates toward 0; NaN, +-inf and out-of-range floats give the
+ *             type's minimum (the "integer indefinite" value); int64 -> int32 and any int ->
+ *             uint8 keep the low bits; anything -> bool is (x != 0), so NaN -> true
  *   TOPK      ip: dtype, outer, n, inner, k, largest   out: values, indices (int64); ties keep
  *             the lower index first, as ONNX says
  *   SCATTER   ip: esize, nd, data_shape[nd], idx_shape[nd], axis
  *             out = data; out[i with axis index idx[i]] = updates[i] for every i of idx
+ *   TBINARY   ip: dtype, kind, nd, shape[nd], a_stride[nd], b_stride[nd]   out (contiguous, shape)
+ *             kind 0 add 1 sub 2 mul 3 div (integers: truncated toward 0) 5 max 6 min
+ *             7 mod (integers; result has the divisor's sign) 8 fmod (the dividend's sign)
+ *             10 equal 11 less 12 less-or-equal 13 greater 14 greater-or-equal 15 and 16 or
+ *             17 xor (10..17 write bool). Integer + - * wrap around; division or mod by
+ *             zero and INT_MIN / -1 stop with an error.
+ *   TUNARY    ip: dtype, kind (0 neg 1 abs: integers; 2 not: bool), n
+ *   WHERE     ip: esize, nd, shape[nd], c_stride[nd], x_stride[nd], y_stride[nd]
+ *             in: cond (bool), x, y   out (contiguous, shape) = cond ? x : y
+ *   TREDUCE   ip: dtype, then as REDUCE (int64/int32; mean truncates toward 0)
+ *   ARGMAX    ip: dtype, outer, n, inner, is_min, select_last   out (outer, inner) int64
+ *             best starts at position 0 and moves on a strictly greater (ArgMin: smaller)
+ *             value, or greater-or-equal with select_last: onnxruntime's NaN behaviour
+ *   CUMSUM    ip: dtype, outer, n, inner, exclusive, reverse    running sum along n
+ *   REVSEQ    ip: esize, T, B, inner, time_major   in: x (T, B, inner) if time_major else
+ *             (B, T, inner), lens (int64, B)   out[t, b] = x[len_b - 1 - t, b] for t < len_b,
+ *             else x[t, b]
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -88,8 +108,8 @@ static inline float binop(int64_t kind, float a, float b) {
     case 2: return a * b;
     case 3: return a / b;
     case 4: return powf(a, b);
-    case 5: return a > b ? a : b;
-    default: return a < b ? a : b;
+    case 5: return (a > b || a != a) ? a : b; /* NaN in either operand gives NaN, as onnxruntime */
+    default: return (a < b || a != a) ? a : b;
     }
 }
 
@@ -136,9 +156,22 @@ static void op_binary(const int64_t *ip, const float *a, const float *b, float *
 static void op_unary(const int64_t *ip, const float *fp, const float *in, float *out) {
     const int64_t kind = ip[0], n = ip[1];
     if (out != in) memcpy(out, in, sizeof(float) * (size_t)n);
+    if (kind == RNN_ACT_RELU) { /* max(x, 0) that keeps NaN, as onnxruntime */
+        for (int64_t i = 0; i < n; i++) out[i] = out[i] < 0.0f ? 0.0f : out[i];
+        return;
+    }
     if (kind < RNN_ACT_COUNT) {
+        if (out == in && (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID)) { /* in place: scalar, keeps NaN */
+            for (int64_t i = 0; i < n; i++)
+                out[i] = kind == RNN_ACT_TANH ? tanhf(out[i]) : 1.0f / (1.0f + expf(-out[i]));
+            return;
+        }
         rnn_activation act = {(int32_t)kind, fp[0], fp[1]};
         rnn_activation_apply(&act, out, n);
+        /* the vector tanh / sigmoid saturate NaN to a number: NaN in gives NaN out, as onnxruntime */
+        if (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID)
+            for (int64_t i = 0; i < n; i++)
+                if (in[i] != in[i]) out[i] = in[i];
         return;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -280,8 +313,8 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     for (int64_t i = 0; i < total; i++) {
         const float v = in[i];
         switch (kind) {
-        case 2: out[oo] = v > out[oo] ? v : out[oo]; break;
-        case 3: out[oo] = v < out[oo] ? v : out[oo]; break;
+        case 2: out[oo] = (v > out[oo] || v != v) ? v : out[oo]; break; /* NaN wins, as onnxruntime */
+        case 3: out[oo] = (v < out[oo] || v != v) ? v : out[oo]; break;
         case 4: out[oo] *= v; break;
         default: out[oo] += v; break;
         }
@@ -298,31 +331,74 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
 
 /* ---- CAST ---------------------------------------------------------------------------- */
 
-static double load_as_double(int64_t dt, const void *p, int64_t i) {
-    switch (dt) {
-    case RNN_DT_F32: return ((const float *)p)[i];
-    case RNN_DT_I64: return (double)((const int64_t *)p)[i];
-    case RNN_DT_I32: return ((const int32_t *)p)[i];
-    default: return ((const uint8_t *)p)[i];
-    }
+/* float -> int as static_cast on x86-64 (what onnxruntime does): truncation toward 0, and
+ * the type's minimum for NaN, infinities and values out of range. */
+static int64_t f32_to_i64(float v) {
+    if (!(v >= -9223372036854775808.0f && v < 9223372036854775808.0f)) return INT64_MIN;
+    return (int64_t)v;
+}
+static int32_t f32_to_i32(float v) {
+    if (!(v >= -2147483648.0f && v < 2147483648.0f)) return INT32_MIN;
+    return (int32_t)v;
 }
 
 static void op_cast(const int64_t *ip, const void *in, void *out) {
     const int64_t from = ip[0], to = ip[1], n = ip[2];
     for (int64_t i = 0; i < n; i++) {
-        if (from == RNN_DT_I64 && to == RNN_DT_I32) { ((int32_t *)out)[i] = (int32_t)((const int64_t *)in)[i]; continue; }
-        if (from == RNN_DT_I32 && to == RNN_DT_I64) { ((int64_t *)out)[i] = ((const int32_t *)in)[i]; continue; }
-        const double v = load_as_double(from, in, i);
-        switch (to) {
-        case RNN_DT_F32: ((float *)out)[i] = (float)v; break;
-        case RNN_DT_I64: ((int64_t *)out)[i] = (int64_t)v; break; /* truncation toward 0, as ONNX */
-        case RNN_DT_I32: ((int32_t *)out)[i] = (int32_t)v; break;
-        default: ((uint8_t *)out)[i] = v != 0.0; break;
+        /* the value as the widest exact type of its kind */
+        int64_t iv = 0;
+        float fv = 0.0f;
+        switch (from) {
+        case RNN_DT_F32: fv = ((const float *)in)[i]; break;
+        case RNN_DT_I64: iv = ((const int64_t *)in)[i]; break;
+        case RNN_DT_I32: iv = ((const int32_t *)in)[i]; break;
+        default: iv = ((const uint8_t *)in)[i]; break;
+        }
+        if (from == RNN_DT_F32) {
+            switch (to) {
+            case RNN_DT_F32: ((float *)out)[i] = fv; break;
+            case RNN_DT_I64: ((int64_t *)out)[i] = f32_to_i64(fv); break;
+            case RNN_DT_I32: ((int32_t *)out)[i] = f32_to_i32(fv); break;
+            case RNN_DT_U8: ((uint8_t *)out)[i] = (uint8_t)(uint32_t)f32_to_i32(fv); break;
+            default: ((uint8_t *)out)[i] = fv != 0.0f; break; /* NaN -> true */
+            }
+        } else {
+            switch (to) {
+            case RNN_DT_F32: ((float *)out)[i] = (float)iv; break; /* one rounding, to nearest */
+            case RNN_DT_I64: ((int64_t *)out)[i] = iv; break;
+            case RNN_DT_I32: ((int32_t *)out)[i] = (int32_t)(uint32_t)(uint64_t)iv; break; /* low 32 bits */
+            case RNN_DT_U8: ((uint8_t *)out)[i] = (uint8_t)(uint64_t)iv; break;
+            default: ((uint8_t *)out)[i] = iv != 0; break;
+            }
         }
     }
 }
 
 /* ---- TOPK ---------------------------------------------------------------------------- */
+
+/* -1, 0, 1 as element i of x is smaller than, equal to or larger than element j, in its own
+ * type (int64 beyond 2^53 compares exactly); NaN is larger than any number, equal to NaN. */
+static int compare_elems(int64_t dt, const void *x, int64_t i, int64_t j) {
+    switch (dt) {
+    case RNN_DT_F32: {
+        const float u = ((const float *)x)[i], v = ((const float *)x)[j];
+        if (u != u || v != v) return (u != u) - (v != v);
+        return (u > v) - (u < v);
+    }
+    case RNN_DT_I64: {
+        const int64_t u = ((const int64_t *)x)[i], v = ((const int64_t *)x)[j];
+        return (u > v) - (u < v);
+    }
+    case RNN_DT_I32: {
+        const int32_t u = ((const int32_t *)x)[i], v = ((const int32_t *)x)[j];
+        return (u > v) - (u < v);
+    }
+    default: {
+        const uint8_t u = ((const uint8_t *)x)[i], v = ((const uint8_t *)x)[j];
+        return (u > v) - (u < v);
+    }
+    }
+}
 
 static rnn_status op_topk(const int64_t *ip, const void *x, void *vals, int64_t *idx, int64_t *scratch,
                           char *err, size_t errlen) {
@@ -330,14 +406,15 @@ static rnn_status op_topk(const int64_t *ip, const void *x, void *vals, int64_t 
     if (k < 0 || k > n) return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "TopK: k is out of range");
     for (int64_t o = 0; o < outer; o++)
         for (int64_t j = 0; j < inner; j++) {
-            /* stable insertion sort of the n positions by value (n is small: a batch) */
+            /* stable insertion sort of the n positions by value (n is small: a batch); NaN
+             * counts as larger than every number, as onnxruntime */
             int64_t *order = scratch;
             for (int64_t i = 0; i < n; i++) {
-                const double v = load_as_double(dt, x, (o * n + i) * inner + j);
+                const int64_t vi = (o * n + i) * inner + j;
                 int64_t p = i;
                 while (p > 0) {
-                    const double u = load_as_double(dt, x, (o * n + order[p - 1]) * inner + j);
-                    if (largest ? (u >= v) : (u <= v)) break;
+                    const int c = compare_elems(dt, x, (o * n + order[p - 1]) * inner + j, vi);
+                    if (largest ? (c >= 0) : (c <= 0)) break;
                     order[p] = order[p - 1];
                     p--;
                 }
@@ -388,6 +465,318 @@ static rnn_status op_scatter(const int64_t *ip, const char *data, const int64_t 
         }
     }
     return RNN_STATUS_OK;
+}
+
+/* ---- typed ops: integers and bools ---------------------------------------------------- */
+
+static int64_t dtype_size(int64_t dt) {
+    switch (dt) {
+    case RNN_DT_F32: return 4;
+    case RNN_DT_I64: return 8;
+    case RNN_DT_I32: return 4;
+    case RNN_DT_U8: return 1;
+    case RNN_DT_BOOL: return 1;
+    default: return 0;
+    }
+}
+
+/* Steps the multi-index idx of a row-major walk over shape (nd) by one element, keeping the
+ * element offsets off[k] of k strided operands (strides st[k][nd], 0 where broadcast). */
+static inline void odo_next(int64_t nd, const int64_t *shape, int64_t *idx, int k,
+                            const int64_t *const *st, int64_t *off) {
+    for (int64_t d = nd - 1; d >= 0; d--) {
+        idx[d]++;
+        for (int j = 0; j < k; j++) off[j] += st[j][d];
+        if (idx[d] < shape[d]) return;
+        for (int j = 0; j < k; j++) off[j] -= st[j][d] * shape[d];
+        idx[d] = 0;
+    }
+}
+
+/* x (kind) y over one integer type T (unsigned twin U, minimum TMIN): returns 0, or 1 for a
+ * division by zero, 2 for TMIN / -1. + - * wrap around (two's complement). */
+#define DEFINE_INT_BINOP(NAME, T, U, TMIN)                                                   \
+    static int NAME(int64_t kind, T x, T y, T *r) {                                         \
+        switch (kind) {                                                                      \
+        case 0: *r = (T)((U)x + (U)y); return 0;                                            \
+        case 1: *r = (T)((U)x - (U)y); return 0;                                            \
+        case 2: *r = (T)((U)x * (U)y); return 0;                                            \
+        case 3:                                                                              \
+            if (y == 0) return 1;                                                            \
+            if (x == TMIN && y == -1) return 2;                                              \
+            *r = x / y; /* C division truncates toward 0, as ONNX integer Div */             \
+            return 0;                                                                        \
+        case 5: *r = x > y ? x : y; return 0;                                                \
+        case 6: *r = x < y ? x : y; return 0;                                                \
+        case 7:                                                                              \
+        case 8: {                                                                            \
+            if (y == 0) return 1;                                                            \
+            T m = y == -1 ? 0 : x % y; /* the dividend's sign (TMIN % -1 is 0, not a trap) */ \
+            if (kind == 7 && m != 0 && ((m < 0) != (y < 0))) m += y; /* the divisor's sign */ \
+            *r = m;                                                                          \
+            return 0;                                                                        \
+        }                                                                                    \
+        default: return 3;                                                                   \
+        }                                                                                    \
+    }
+DEFINE_INT_BINOP(binop_i64, int64_t, uint64_t, INT64_MIN)
+DEFINE_INT_BINOP(binop_i32, int32_t, uint32_t, INT32_MIN)
+
+static float binop_f32(int64_t kind, float x, float y) {
+    switch (kind) {
+    case 8: return fmodf(x, y); /* Mod with fmod=1: std::fmod, as onnxruntime */
+    default: return binop(kind, x, y);
+    }
+}
+
+/* comparison / logic kind (10..17) of two values */
+#define CMP_KIND(kind, x, y)                                                                 \
+    ((kind) == 10 ? (x) == (y) : (kind) == 11 ? (x) < (y) : (kind) == 12 ? (x) <= (y)        \
+     : (kind) == 13 ? (x) > (y) : (kind) == 14 ? (x) >= (y)                                  \
+     : (kind) == 15 ? ((x) != 0) & ((y) != 0) : (kind) == 16 ? ((x) != 0) | ((y) != 0)       \
+     : ((x) != 0) ^ ((y) != 0))
+
+static rnn_status op_tbinary(const int64_t *ip, const void *a, const void *b, void *out, char *err,
+                             size_t errlen) {
+    const int64_t dt = ip[0], kind = ip[1], nd = ip[2];
+    const int64_t *shape = ip + 3;
+    const int64_t *st[2] = {ip + 3 + nd, ip + 3 + 2 * nd};
+    int64_t total = 1, idx[MAX_ND] = {0}, off[2] = {0, 0};
+    for (int64_t d = 0; d < nd; d++) total *= shape[d];
+    for (int64_t o = 0; o < total; o++, odo_next(nd, shape, idx, 2, st, off)) {
+        const int64_t i = off[0], j = off[1];
+        int bad = 0;
+        if (kind >= 10) {
+            int c;
+            switch (dt) {
+            case RNN_DT_F32: c = CMP_KIND(kind, ((const float *)a)[i], ((const float *)b)[j]); break;
+            case RNN_DT_I64: c = CMP_KIND(kind, ((const int64_t *)a)[i], ((const int64_t *)b)[j]); break;
+            case RNN_DT_I32: c = CMP_KIND(kind, ((const int32_t *)a)[i], ((const int32_t *)b)[j]); break;
+            default: c = CMP_KIND(kind, ((const uint8_t *)a)[i], ((const uint8_t *)b)[j]); break;
+            }
+            ((uint8_t *)out)[o] = (uint8_t)(c != 0);
+            continue;
+        }
+        switch (dt) {
+        case RNN_DT_F32: ((float *)out)[o] = binop_f32(kind, ((const float *)a)[i], ((const float *)b)[j]); break;
+        case RNN_DT_I64: bad = binop_i64(kind, ((const int64_t *)a)[i], ((const int64_t *)b)[j], (int64_t *)out + o); break;
+        case RNN_DT_I32: bad = binop_i32(kind, ((const int32_t *)a)[i], ((const int32_t *)b)[j], (int32_t *)out + o); break;
+        default: bad = 3; break;
+        }
+        if (bad) {
+            static const char *const what[] = {"", "an integer division or modulo by zero",
+                                               "an integer division overflows (the minimum / -1)",
+                                               "an operation this element type does not have"};
+            char msg[160];
+            snprintf(msg, sizeof msg, "%s at element %lld", what[bad], (long long)o);
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+        }
+    }
+    return RNN_STATUS_OK;
+}
+
+static void op_tunary(const int64_t *ip, const void *in, void *out) {
+    const int64_t dt = ip[0], kind = ip[1], n = ip[2];
+    for (int64_t i = 0; i < n; i++) {
+        if (dt == RNN_DT_I64) {
+            const int64_t x = ((const int64_t *)in)[i];
+            const uint64_t neg = (uint64_t)0 - (uint64_t)x; /* wraps: -INT64_MIN is INT64_MIN */
+            ((int64_t *)out)[i] = (kind == 0 || x < 0) ? (int64_t)neg : x;
+        } else if (dt == RNN_DT_I32) {
+            const int32_t x = ((const int32_t *)in)[i];
+            const uint32_t neg = (uint32_t)0 - (uint32_t)x;
+            ((int32_t *)out)[i] = (kind == 0 || x < 0) ? (int32_t)neg : x;
+        } else {
+            ((uint8_t *)out)[i] = ((const uint8_t *)in)[i] == 0; /* Not */
+        }
+    }
+}
+
+static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, const char *y, char *out) {
+    const int64_t es = ip[0], nd = ip[1];
+    const int64_t *shape = ip + 2;
+    const int64_t *st[3] = {ip + 2 + nd, ip + 2 + 2 * nd, ip + 2 + 3 * nd};
+    int64_t total = 1, idx[MAX_ND] = {0}, off[3] = {0, 0, 0};
+    for (int64_t d = 0; d < nd; d++) total *= shape[d];
+    for (int64_t o = 0; o < total; o++, odo_next(nd, shape, idx, 3, st, off)) {
+        const char *src = cond[off[0]] ? x + off[1] * es : y + off[2] * es;
+        switch (es) {
+        case 8: memcpy(out + o * 8, src, 8); break;
+        case 4: memcpy(out + o * 4, src, 4); break;
+        default: memcpy(out + o * es, src, (size_t)es); break;
+        }
+    }
+}
+
+/* ip as REDUCE after the dtype; one integer type T with unsigned twin U */
+#define DEFINE_INT_REDUCE(NAME, T, U, TMIN, TMAX)                                            \
+    static void NAME(const int64_t *ip, const T *in, T *out) {                               \
+        const int64_t kind = ip[0], nd = ip[1];                                              \
+        const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;                                 \
+        const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];                        \
+        const T init = kind == 2 ? TMIN : (kind == 3 ? TMAX : (kind == 4 ? 1 : 0));          \
+        for (int64_t i = 0; i < out_n; i++) out[i] = init;                                   \
+        int64_t total = 1, idx[MAX_ND] = {0}, oo = 0;                                        \
+        for (int64_t d = 0; d < nd; d++) total *= ishape[d];                                 \
+        for (int64_t i = 0; i < total; i++) {                                                \
+            const T v = in[i];                                                               \
+            switch (kind) {                                                                  \
+            case 2: out[oo] = v > out[oo] ? v : out[oo]; break;                              \
+            case 3: out[oo] = v < out[oo] ? v : out[oo]; break;                              \
+            case 4: out[oo] = (T)((U)out[oo] * (U)v); break;                                 \
+            default: out[oo] = (T)((U)out[oo] + (U)v); break;                                \
+            }                                                                                \
+            for (int64_t d = nd - 1; d >= 0; d--) {                                          \
+                oo += ostr[d];                                                               \
+                if (++idx[d] < ishape[d]) break;                                             \
+                oo -= ostr[d] * ishape[d];                                                   \
+                idx[d] = 0;                                                                  \
+            }                                                                                \
+        }                                                                                    \
+        if (kind == 1 && count > 0)                                                          \
+            for (int64_t i = 0; i < out_n; i++) out[i] = (T)(out[i] / (T)count);             \
+    }
+DEFINE_INT_REDUCE(reduce_i64, int64_t, uint64_t, INT64_MIN, INT64_MAX)
+DEFINE_INT_REDUCE(reduce_i32, int32_t, uint32_t, INT32_MIN, INT32_MAX)
+
+/* x (outer, n, inner) -> out (outer, inner) int64; n >= 1 */
+#define ARG_SCAN(T)                                                                          \
+    do {                                                                                     \
+        const T *xv = (const T *)x;                                                          \
+        for (int64_t o = 0; o < outer; o++)                                                  \
+            for (int64_t j = 0; j < inner; j++) {                                            \
+                const T *p = xv + o * n * inner + j;                                         \
+                T best = p[0];                                                               \
+                int64_t at = 0;                                                              \
+                for (int64_t i = 1; i < n; i++) {                                            \
+                    const T v = p[i * inner];                                                \
+                    const int better = is_min ? (last ? v <= best : v < best)                \
+                                              : (last ? v >= best : v > best);               \
+                    if (better) { best = v; at = i; }                                        \
+                }                                                                            \
+                out[o * inner + j] = at;                                                     \
+            }                                                                                \
+    } while (0)
+
+static void op_argmax(const int64_t *ip, const void *x, int64_t *out) {
+    const int64_t dt = ip[0], outer = ip[1], n = ip[2], inner = ip[3], is_min = ip[4], last = ip[5];
+    switch (dt) {
+    case RNN_DT_F32: ARG_SCAN(float); break;
+    case RNN_DT_I64: ARG_SCAN(int64_t); break;
+    case RNN_DT_I32: ARG_SCAN(int32_t); break;
+    default: ARG_SCAN(uint8_t); break;
+    }
+}
+
+/* x (outer, n, inner): out[i] = sum of x[k] over k < i (exclusive) or k <= i, or over k > i
+ * / k >= i when reverse; sums in the element type (integers wrap), in order from the start. */
+#define CUM_SCAN(T, ADD)                                                                     \
+    do {                                                                                     \
+        const T *xv = (const T *)x;                                                          \
+        T *ov = (T *)out;                                                                    \
+        for (int64_t o = 0; o < outer; o++)                                                  \
+            for (int64_t j = 0; j < inner; j++) {                                            \
+                T acc = 0;                                                                   \
+                for (int64_t s = 0; s < n; s++) {                                            \
+                    const int64_t i = reverse ? n - 1 - s : s;                               \
+                    const int64_t at = (o * n + i) * inner + j;                              \
+                    const T v = xv[at];                                                      \
+                    if (exclusive) { ov[at] = acc; acc = ADD(acc, v); }                      \
+                    else { acc = ADD(acc, v); ov[at] = acc; }                                \
+                }                                                                            \
+            }                                                                                \
+    } while (0)
+#define ADD_F(a, b) ((a) + (b))
+#define ADD_I64(a, b) ((int64_t)((uint64_t)(a) + (uint64_t)(b)))
+#define ADD_I32(a, b) ((int32_t)((uint32_t)(a) + (uint32_t)(b)))
+
+static void op_cumsum(const int64_t *ip, const void *x, void *out) {
+    const int64_t dt = ip[0], outer = ip[1], n = ip[2], inner = ip[3], exclusive = ip[4], reverse = ip[5];
+    switch (dt) {
+    case RNN_DT_F32: CUM_SCAN(float, ADD_F); break;
+    case RNN_DT_I64: CUM_SCAN(int64_t, ADD_I64); break;
+    default: CUM_SCAN(int32_t, ADD_I32); break;
+    }
+}
+
+static rnn_status op_revseq(const int64_t *ip, const char *x, const int64_t *lens, char *out, char *err,
+                            size_t errlen) {
+    const int64_t es = ip[0], T = ip[1], B = ip[2], inner = ip[3], time_major = ip[4];
+    for (int64_t b = 0; b < B; b++)
+        if (lens[b] < 0 || lens[b] > T) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "sequence_lens[%lld] = %lld lies outside [0, T = %lld]", (long long)b,
+                     (long long)lens[b], (long long)T);
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+        }
+    const size_t row = (size_t)(inner * es);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t src = t < lens[b] ? lens[b] - 1 - t : t;
+            const int64_t so = time_major ? src * B + b : b * T + src;
+            const int64_t dof = time_major ? t * B + b : b * T + t;
+            memcpy(out + dof * (int64_t)row, x + so * (int64_t)row, row);
+        }
+    return RNN_STATUS_OK;
+}
+
+/* Checks what a typed instruction is given before it runs: its dtype and kind codes, rank,
+ * sizes, and that the planner laid out as many parameters as the op reads (nip). Returns a
+ * message naming what is wrong, or NULL. */
+static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
+    if (nip < 2) return "too few parameters";
+    const int64_t dt = ip[0];
+    if (op != RNN_OP_WHERE && op != RNN_OP_REVSEQ && dtype_size(dt) == 0) return "unknown element type code";
+    switch (op) {
+    case RNN_OP_TBINARY: {
+        const int64_t kind = ip[1], nd = ip[2];
+        if (nd < 0 || nd > MAX_ND || nip != 3 + 3 * nd) return "rank or parameter count does not fit";
+        const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
+        const int is_byte = dt == RNN_DT_U8 || dt == RNN_DT_BOOL;
+        const int ok = (kind >= 10 && kind <= 14) || (kind >= 15 && kind <= 17 && is_byte) ||
+                       (is_int && ((kind >= 0 && kind <= 3) || (kind >= 5 && kind <= 8))) ||
+                       (dt == RNN_DT_F32 && kind == 8);
+        if (!ok) return "an operation this element type does not have";
+        for (int64_t d = 0; d < nd; d++)
+            if (ip[3 + d] < 0) return "a negative dimension";
+        return NULL;
+    }
+    case RNN_OP_TUNARY: {
+        const int64_t kind = ip[1];
+        const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
+        if (nip != 3 || ip[2] < 0) return "parameter count or size does not fit";
+        if (!((kind <= 1 && kind >= 0 && is_int) || (kind == 2 && dt == RNN_DT_BOOL)))
+            return "an operation this element type does not have";
+        return NULL;
+    }
+    case RNN_OP_WHERE: {
+        const int64_t nd = ip[1];
+        if (!(dt == 1 || dt == 2 || dt == 4 || dt == 8)) return "element size must be 1, 2, 4 or 8 bytes";
+        if (nd < 0 || nd > MAX_ND || nip != 2 + 4 * nd) return "rank or parameter count does not fit";
+        return NULL;
+    }
+    case RNN_OP_TREDUCE: {
+        const int64_t kind = ip[1], nd = ip[2];
+        if (dt != RNN_DT_I64 && dt != RNN_DT_I32) return "integer reductions take int64 or int32";
+        if (kind < 0 || kind > 4) return "unknown reduction";
+        if (nd < 0 || nd > MAX_ND || nip != 5 + 2 * nd) return "rank or parameter count does not fit";
+        return NULL;
+    }
+    case RNN_OP_ARGMAX:
+    case RNN_OP_CUMSUM:
+        if (nip != 6 || ip[1] < 0 || ip[2] < 0 || ip[3] < 0) return "parameter count or sizes do not fit";
+        if (op == RNN_OP_ARGMAX && ip[2] < 1) return "an empty axis has no arg max / min";
+        if (op == RNN_OP_CUMSUM && !(dt == RNN_DT_F32 || dt == RNN_DT_I64 || dt == RNN_DT_I32))
+            return "CumSum takes float32, int64 or int32";
+        return NULL;
+    case RNN_OP_REVSEQ:
+        if (nip != 5 || dt <= 0 || ip[1] < 0 || ip[2] < 0 || ip[3] < 0) return "parameter count or sizes do not fit";
+        return NULL;
+    case RNN_OP_CAST:
+        if (nip != 3 || dtype_size(ip[1]) == 0 || ip[2] < 0) return "parameter count or element type code does not fit";
+        return NULL;
+    default: return NULL;
+    }
 }
 
 /* ---- RECURRENT ----------------------------------------------------------------------- */
@@ -444,7 +833,8 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
 
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
-                         float *work, char *err, size_t errlen) {
+                         float *work, char *err, size_t errlen, int64_t *failed) {
+    if (failed) *failed = -1;
     if (!program || !tensors || n_instr < 0) return RNN_STATUS_BAD_ARGUMENT;
     for (int64_t k = 0; k < n_instr; k++) {
         const int64_t *in = program + k * RNN_INSTR_WORDS;
@@ -454,6 +844,15 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         const float *fp = fparams + in[11];
 #define T_(i) (tensors[(i)])
         rnn_status st = RNN_STATUS_OK;
+        if (op == RNN_OP_CAST || op >= RNN_OP_TBINARY) {
+            const char *bad = check_typed(op, ip, in[10]);
+            if (bad) {
+                char msg[200];
+                if (failed) *failed = k;
+                snprintf(msg, sizeof msg, "instruction %lld (op %lld): %s", (long long)k, (long long)op, bad);
+                return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
+            }
+        }
         switch (op) {
         case RNN_OP_COPY: op_copy(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_BINARY: op_binary(ip, T_(ins[0]), T_(ins[1]), T_(outs[0])); break;
@@ -488,13 +887,28 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_SCATTER:
             st = op_scatter(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0]), err, errlen);
             break;
+        case RNN_OP_TBINARY: st = op_tbinary(ip, T_(ins[0]), T_(ins[1]), T_(outs[0]), err, errlen); break;
+        case RNN_OP_TUNARY: op_tunary(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_WHERE: op_where(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0])); break;
+        case RNN_OP_TREDUCE:
+            if (ip[0] == RNN_DT_I64) reduce_i64(ip + 1, T_(ins[0]), T_(outs[0]));
+            else reduce_i32(ip + 1, T_(ins[0]), T_(outs[0]));
+            break;
+        case RNN_OP_ARGMAX: op_argmax(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_CUMSUM: op_cumsum(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_REVSEQ: st = op_revseq(ip, T_(ins[0]), T_(ins[1]), T_(outs[0]), err, errlen); break;
         case RNN_OP_RECURRENT:
             st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen);
             break;
-        default: return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "unknown instruction");
+        default:
+            if (failed) *failed = k;
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "unknown instruction");
         }
 #undef T_
-        if (st != RNN_STATUS_OK) return st;
+        if (st != RNN_STATUS_OK) {
+            if (failed) *failed = k;
+            return st;
+        }
     }
     return RNN_STATUS_OK;
 }

@@ -171,7 +171,8 @@ void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, i
  * Graph executor: runs a converted model as a flat program of instructions over tensors
  * whose shapes were fixed when the program was planned (rnnengine/graph.py). Everything
  * shape-dependent (strides, broadcast, axes) is computed by the planner; the executor
- * only moves and computes floats, so one call runs a whole model step.
+ * only moves and computes float32, int64, int32 and bool elements, so one call runs a whole
+ * model step.
  *
  * A program is n instructions of RNN_INSTR_WORDS int64 words each:
  *   [0] op (rnn_op)   [1..4] input tensor ids   [5..7] output tensor ids (-1 = none)
@@ -179,6 +180,8 @@ void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, i
  *   parameters in iparams   [11] offset, [12] count of the float parameters in fparams.
  * tensors[id] points at tensor id's data (inputs, constants, intermediates, outputs,
  * recurrent state), all C-contiguous; work holds the planner's workspace floats.
+ * Instructions check the codes and parameter counts they are given and refuse (an error
+ * status and message, never a crash) what does not fit.
  * ------------------------------------------------------------------------------------- */
 #define RNN_INSTR_WORDS 16
 
@@ -195,17 +198,27 @@ typedef enum {
     RNN_OP_CAST = 9,      /* between float32, int64, int32, uint8 */
     RNN_OP_RECURRENT = 10, /* one LSTM/GRU/RNN layer (a one-layer rnn_stack) */
     RNN_OP_TOPK = 11,      /* k largest/smallest along the middle axis of (outer, n, inner) */
-    RNN_OP_SCATTER = 12    /* ScatterElements: data with updates written at indices on an axis */
+    RNN_OP_SCATTER = 12,   /* ScatterElements: data with updates written at indices on an axis */
+    /* Typed ops: their first int parameter is the rnn_dtype of the data they compute on. */
+    RNN_OP_TBINARY = 13,   /* broadcast integer arithmetic, Mod, comparisons, And/Or/Xor */
+    RNN_OP_TUNARY = 14,    /* integer Neg/Abs, boolean Not */
+    RNN_OP_WHERE = 15,     /* broadcast select by a bool condition (any element size) */
+    RNN_OP_TREDUCE = 16,   /* sum/mean/max/min/prod of int64/int32 over axes */
+    RNN_OP_ARGMAX = 17,    /* ArgMax/ArgMin along the middle axis of (outer, n, inner) */
+    RNN_OP_CUMSUM = 18,    /* (exclusive, reverse) running sum along the middle axis */
+    RNN_OP_REVSEQ = 19     /* ReverseSequence: each batch row's first len steps reversed */
 } rnn_op;
 
-/* Element types of graph tensors. */
-typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3 } rnn_dtype;
+/* Element types of graph tensors. RNN_DT_BOOL is one byte holding 0 or 1. */
+typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RNN_DT_BOOL = 4 } rnn_dtype;
 
-/* Runs the program. On a data error (an index out of range, bad sequence lengths) it
- * stops and returns a status with a message in err (errlen bytes). */
+/* Runs the program. On a data error (an index out of range, bad sequence lengths, an
+ * integer division by zero) or an instruction it refuses, it stops and returns a status with
+ * a message in err (errlen bytes) and, when failed is not NULL, the index of the
+ * instruction that stopped in *failed (-1 when none did). */
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
-                         float *work, char *err, size_t errlen);
+                         float *work, char *err, size_t errlen, int64_t *failed);
 
 /* ---------------------------------------------------------------------------------------
  * Training: forward with saved activations and backward through time for one direction of
