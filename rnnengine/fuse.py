@@ -316,6 +316,17 @@ def _eval_nodes(nodes, env, opset, wanted=None):
     return env
 
 
+SHAPE_KEEPING = ("Identity", "Cast", "Not", "Neg", "ReverseSequence")
+
+
+def _shape_root(name, producer):
+    """The tensor name's shape is that of the returned one (followed through ops that keep
+    the shape of their first input, e.g. the ReverseSequence of a backward layer)."""
+    while name in producer and producer[name]["op"] in SHAPE_KEEPING:
+        name = producer[name]["inputs"][0]
+    return name
+
+
 def _outer_eval(names, producer, tensors, shape_of, opset):
     """Values of outer tensors computed from constants and Shape(x) of the one tensor whose
     shape is given (shape_of = (name, shape)); anything else read: _NoFuse."""
@@ -331,7 +342,7 @@ def _outer_eval(names, producer, tensors, shape_of, opset):
         if n is None:
             raise _NoFuse(f"{name} is not computed from shapes")
         seen.add(name)
-        if n["op"] == "Shape" and n["inputs"][0] == shape_of[0]:
+        if n["op"] == "Shape" and _shape_root(n["inputs"][0], producer) == _shape_root(shape_of[0], producer):
             order.append(("shape", n))
             return
         if n["op"] in ("Loop", "If", "LSTM", "GRU", "RNN") or n["op"] == "Shape":
@@ -432,8 +443,8 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
                 counters.append(k)
                 continue
         states.append(k)
-    if not counters or len(states) not in (2, 3):
-        raise _NoFuse("no time counter or not 2-3 states")
+    if not counters or len(states) not in (1, 2, 3):
+        raise _NoFuse("no time counter or not 1-3 states")
     counter_names = {carried[k] for k in counters}
     # what the body reads from outside: constants, and Gathers along time by the counter
     local = set(bin_) | set(btensors) | set(bprod)
@@ -449,6 +460,10 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
                 outer_reads.add(x)  # must be computed from shapes (the step count): checked below
     # run-time values the body reads besides the sequences: evaluated from X's shape
     shape_vals = [v for v in passthrough.values() if v not in tensors] + sorted(outer_reads)
+    # zeros made from some other tensor's shape (Keras' zeros_like of the output, the masked
+    # steps' output when zero_output_for_mask): (B, H) zeros in the checks below
+    zero_vals = [v for v in shape_vals if _is_zeros(v, producer, tensors)]
+    shape_vals = [v for v in shape_vals if v not in zero_vals]
     # weights: MatMuls of a constant with the input row or a state
     # the body's constants: its initializers, invariant inputs that are constants, and what
     # nodes compute from them alone (e.g. a kernel sliced inside the body)
@@ -523,8 +538,11 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
         raise _NoFuse("kernel shapes")
     G = GH // H
     kind = {4: "LSTM", 3: "GRU", 1: "RNN"}.get(G)
-    if kind is None or len(states) != (3 if kind == "LSTM" else 2):
+    # states: h (and c), with or without the previous output carried beside them
+    n_cell = 2 if kind == "LSTM" else 1
+    if kind is None or len(states) not in (n_cell, n_cell + 1):
         raise _NoFuse("cell kind")
+    carries_out = len(states) == n_cell + 1
     I = W.shape[0]
     # which scan read is the input sequence, which the mask: decided by the MatMul reading it
     x_seq = [x for x in scans if scans[x]["outputs"][0] in {through(n["inputs"][0]) for n in body["nodes"]
@@ -544,9 +562,9 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
         env = {bin_[0]: np.array(i, np.int64), bin_[1]: np.array(True)}
         env.update(btensors)
         for car, v in passthrough.items():
-            env[car] = np.asarray(tensors[v]) if v in tensors else vals[v]
+            env[car] = zero_state if v in zero_vals else np.asarray(tensors[v]) if v in tensors else vals[v]
         for x in outer_reads:
-            env[x] = vals[x]
+            env[x] = zero_state if x in zero_vals else vals[x]
         for k in counters:
             env[carried[k]] = np.asarray(i, np.asarray(tensors[init[k]]).dtype)
         return env
@@ -556,6 +574,7 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     cond_in = ins[1]
     cond_out = bout[0]
     for T, B in ((1, 1), (2, 3), (3, 2), (6, 3)):
+        zero_state = None
         outer = ([ins[0]] if ins[0] else []) + ([cond_in] if cond_in else []) + shape_vals
         vals = dict(zip(outer, _outer_eval(outer, producer, tensors, (x_seq, (T, B, I)), opset)))
         trips = int(np.asarray(vals[ins[0]]).reshape(-1)[0]) if ins[0] else None
@@ -591,7 +610,12 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
         for act in ("Tanh", "Relu", "Sigmoid"):
             hyps.append(({"hidden_size": H, "activations": [act]}, W.T, R.T, bias, 0, act))
     import itertools
-    roles = list(itertools.permutations(range(len(states))))  # (out, h[, c]) -> index in states
+    # roles: (out, h[, c]) -> index in states; out None when the output is not carried
+    if carries_out:
+        roles = list(itertools.permutations(range(len(states))))
+    else:
+        roles = [(None,) + r for r in itertools.permutations(range(len(states)))]
+    modes = [1, 2] if mask_seq else [0]   # masked output: 1 the kept state, 2 zeros
     rng = np.random.default_rng(0)
     trials = []
     for trial in range(3):
@@ -600,6 +624,7 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
         mv = rng.random((T, B, 1)) < 0.5 if mask_seq else None
         sv = [rng.uniform(-1, 1, (B, H)).astype(np.float32) for _ in states]
         i = trial % T
+        zero_state = np.zeros((B, H), np.float32)
         vals = dict(zip(shape_vals, _outer_eval(shape_vals, producer, tensors, (x_seq, (T, B, I)), opset)))
         env = body_env(i, vals)
         for k, v in zip(states, sv):
@@ -616,21 +641,26 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
         got = [env[bout[1 + k]] for k in states] + [env[bout[1 + n_car]]]
         trials.append((xv[i], None if mv is None else mv[i].astype(np.float64), sv, got))
     chosen = None
-    for attrs, Wo, Ro, Bo, lbr, act in hyps:
-        for role in roles:
+    for (attrs, Wo, Ro, Bo, lbr, act), role, mode in itertools.product(hyps, roles, modes):
+        if mode == 1 and role[0] is None:
+            continue   # a repeated output is carried by the loop
+        if True:
             ok = True
             for x, m, sv, got in trials:
-                out0, h0 = sv[role[0]], sv[role[1]]
+                out0, h0 = (None if role[0] is None else sv[role[0]]), sv[role[1]]
                 c0 = sv[role[2]] if kind == "LSTM" else None
-                hn, cn = _ref_cell(kind, x, h0, None if c0 is None else c0.astype(np.float64), Wo, Ro, Bo, lbr, act)
+                hraw, cn = _ref_cell(kind, x, h0, None if c0 is None else c0.astype(np.float64), Wo, Ro, Bo, lbr, act)
                 if m is not None:
-                    hn = m * hn + (1 - m) * h0
+                    hn = m * hraw + (1 - m) * h0
                     cn = None if cn is None else m * cn + (1 - m) * c0
-                    outn = m * hn + (1 - m) * out0   # the body blends its own previous output
+                    # the body blends its own previous output (mode 1) or zeros (mode 2)
+                    outn = m * hraw + (1 - m) * (out0 if mode == 1 else 0.0)
                 else:
-                    outn = hn
+                    hn = outn = hraw
                 want = [None] * len(states)
-                want[role[0]], want[role[1]] = outn, hn
+                if role[0] is not None:
+                    want[role[0]] = outn   # carried as it is written (mode 2: not h)
+                want[role[1]] = hn
                 if kind == "LSTM":
                     want[role[2]] = cn
                 for g, w in zip(got[:-1] + [got[-1]], want + [outn]):
@@ -640,10 +670,8 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
                 if not ok:
                     break
             if ok:
-                chosen = (attrs, Wo, Ro, Bo, role)
+                chosen = (attrs, Wo, Ro, Bo, role, mode)
                 break
-        if chosen:
-            break
     if chosen is None:
         raise _NoFuse("no engine cell computes this body")
     return kind, chosen, x_seq, mask_seq, states, counters, passthrough
@@ -670,14 +698,20 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
             out.append(node)
             continue
         try:
-            kind, (attrs, Wo, Ro, Bo, role), x_seq, mask_seq, states, counters, passthrough = \
+            kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough = \
                 _loop_cell(node, producer, users, tensors, keep, opset)
         except _NoFuse:
             out.append(node)
             continue
         n_car = len(node["inputs"]) - 2
         louts = node["outputs"] + [""] * (n_car + 1 - len(node["outputs"]))
-        used = [o for k, o in enumerate(louts[:n_car]) if o and (o in keep or users.get(o)) and k not in states]
+        finals = {role[1]}
+        if role[0] is not None and mode != 2:
+            finals.add(role[0])
+        if kind == "LSTM":
+            finals.add(role[2])
+        used = [o for k, o in enumerate(louts[:n_car]) if o and (o in keep or users.get(o))
+                and (k not in states or states.index(k) not in finals)]
         if used:
             out.append(node)  # a counter or an invariant is read after the loop: keep it
             continue
@@ -691,7 +725,7 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
         a = dict(attrs)
         rec_ins = [x_seq, base + ".W", base + ".R", base + ".B", "", "", "", ""]
         if mask_seq:
-            a[STEP_MASK] = 1
+            a[STEP_MASK] = mode
             rec_ins.append(mask_seq)
         name = node.get("name") or base
         rec_outs = [base + ".Y", base + ".Yh"] + ([base + ".Yc"] if kind == "LSTM" else [])
@@ -701,12 +735,14 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
             new.append({"op": "Squeeze", "name": name + "/Y", "inputs": [base + ".Y", base + ".axis1"],
                         "outputs": [scan], "attrs": {}})
         # final values: the output and h are both Y_h (equal, as shown above); c is Y_c
-        finals = {role[0]: base + ".Yh", role[1]: base + ".Yh"}
+        finals = {role[1]: base + ".Yh"}
+        if role[0] is not None and mode != 2:
+            finals[role[0]] = base + ".Yh"
         if kind == "LSTM":
             finals[role[2]] = base + ".Yc"
         for j, k in enumerate(states):
             o = louts[k]
-            if o:
+            if o and j in finals:
                 new.append({"op": "Squeeze", "name": f"{name}/state{j}", "inputs": [finals[j], base + ".axis0"],
                             "outputs": [o], "attrs": {}})
         out.extend(new)

@@ -1430,7 +1430,9 @@ class Recurrent(Handler):
                                     consts.get("P"), name=self.node.get("name") or None)
         except (ValueError, TypeError) as e:
             raise UnsupportedError(f"{where(self.node)}: {e}") from None
-        layer.step_mask = 1 if self.attrs.get(STEP_MASK) else 0
+        layer.step_mask = int(self.attrs.get(STEP_MASK) or 0)
+        if layer.step_mask not in (0, 1, 2):
+            self.fail(f"{STEP_MASK} must be 1 or 2, got {layer.step_mask}")
         return layer
 
     def with_step_mask(self, p, x, mask, T, B, I):

@@ -44,7 +44,7 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
         if (cfg->act[k].kind < 0 || cfg->act[k].kind >= RNN_ACT_COUNT) return RNN_STATUS_BAD_ARGUMENT;
     if (P && cfg->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->weight_dtype < RNN_WEIGHTS_F32 || cfg->weight_dtype > RNN_WEIGHTS_I8) return RNN_STATUS_BAD_ARGUMENT;
-    if (cfg->step_mask != 0 && cfg->step_mask != 1) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->step_mask < 0 || cfg->step_mask > 2) return RNN_STATUS_BAD_ARGUMENT;
 
     const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
     /* G*H is a BLAS dimension; W and R must stay far below 2^40 floats. */
@@ -100,11 +100,12 @@ int64_t rnn_cell_forward_floats(const rnn_cell *cell, int64_t T, int64_t B) {
 }
 
 /* Step mask blend after one step (see rnn_cell_config.step_mask): for each active row b,
- *   h[b] = m * h[b] + (1 - m) * h_old[b]   (B, H); c likewise; Y[t, b] = h[b].
+ *   h[b] = m * h[b] + (1 - m) * h_old[b]   (B, H); c likewise;
+ *   Y[t, b] = h[b] (mode 1), or m * h_new[b] + (1 - m) * 0 (mode 2: masked steps output 0).
  * Written exactly as the exported graphs compute it (Cast(m) * new + Cast(!m) * old), so the
  * result is bitwise theirs, NaN and Inf included. */
 static void blend_step_mask(const rnn_seq *s, int64_t step, const float *X, int64_t width, int64_t H,
-                            float *h, const float *h_old, float *c, const float *c_old) {
+                            int32_t mode, float *h, const float *h_old, float *c, const float *c_old) {
     for (int64_t b = 0; b < s->B; b++) {
         const int64_t t = rnn_seq_time(s, step, b);
         if (t < 0) continue;
@@ -113,8 +114,9 @@ static void blend_step_mask(const rnn_seq *s, int64_t step, const float *X, int6
         float *hb = h + b * H, *y = s->Y + t * s->ys_t + b * s->ys_b;
         const float *ho = h_old + b * H;
         for (int64_t j = 0; j < H; j++) {
+            if (mode == 2) y[j] = m * hb[j] + k * 0.0f;
             hb[j] = m * hb[j] + k * ho[j];
-            y[j] = hb[j];
+            if (mode != 2) y[j] = hb[j];
         }
         if (c) {
             float *cb = c + b * H;
@@ -130,7 +132,7 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
     const int64_t H = cell->cfg.hidden_size, I = cell->cfg.input_size, GH = cell->G * H;
     const int64_t N = T * B;
     const int32_t masked = cell->cfg.step_mask;
-    const int64_t width = I + masked; /* floats per input row: the step mask rides last */
+    const int64_t width = I + (masked != 0); /* floats per input row: the step mask rides last */
     float *xproj = work;          /* (T*B, G*H), rows in X's order */
     float *step_work = work + N * GH;
     float *h_old = step_work + rnn_cell_step_floats(cell, B); /* (B, H), step mask only */
@@ -164,6 +166,6 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
         case RNN_CELL_GRU: rnn_gru_step(cell, &s, step, h, step_work); break;
         default: rnn_rnn_step(cell, &s, step, h, step_work); break;
         }
-        if (masked) blend_step_mask(&s, step, X, width, H, h, h_old, c, c_old);
+        if (masked) blend_step_mask(&s, step, X, width, H, masked, h, h_old, c, c_old);
     }
 }

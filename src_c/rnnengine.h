@@ -80,7 +80,7 @@ typedef struct {
     int32_t input_forget;        /* LSTM only: couple forget gate to input gate */
     int32_t linear_before_reset; /* GRU only */
     int32_t weight_dtype;        /* rnn_weight_dtype of the packed weights */
-    int32_t step_mask;           /* 1: a per-row step mask rides in the input (see below) */
+    int32_t step_mask;           /* 1, 2: a per-row step mask rides in the input (see below) */
 } rnn_cell_config;
 
 /* Step mask (cfg.step_mask = 1; the first layer of a stack only): every input row holds
@@ -89,7 +89,9 @@ typedef struct {
  * output are the blend the Keras exports write,
  *     h = m * h_new + (1 - m) * h_old      (c likewise for an LSTM),  Y[t, b] = h,
  * so a masked step keeps the state and repeats it as output, also in the middle of a
- * sequence; computed as written, so NaN and Inf propagate as in onnxruntime. */
+ * sequence; with step_mask = 2 (Keras' zero_output_for_mask, e.g. in Bidirectional) the
+ * output is Y[t, b] = m * h_new + (1 - m) * 0 instead. Computed as written, so NaN and Inf
+ * propagate as in onnxruntime. */
 
 typedef struct rnn_cell rnn_cell;
 

@@ -60,7 +60,7 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
         ly->H = c0->hidden_size;
         ly->I = c0->input_size;
         ly->has_c = c0->kind == RNN_CELL_LSTM;
-        ly->mask = c0->step_mask;
+        ly->mask = c0->step_mask != 0;
         if (ly->D == 2) {
             const rnn_cell_config *c1 = &ly->cell[1]->cfg;
             if (c1->kind != c0->kind || c1->hidden_size != ly->H || c1->input_size != ly->I)

@@ -21,18 +21,6 @@ with open(os.path.join(HERE, "manifest.json")) as f:
 ENTRIES = sorted(MANIFEST["models"], key=lambda e: e["file"])
 I, V = 6, 20
 
-# Patterns whose graphs compute the mask (Equal, Not, Greater on run-time tensors), Keras 3's
-# index arithmetic in front of Gather (int32 Add, Less, Mul) or a backward layer's
-# ReverseSequence at run time: they run once the run-time typed ops are in (branch h-typed);
-# until then conversion or planning refuses them by name (an UnsupportedError, never a
-# wrong answer). Strict: each starts failing as soon as it passes, to be unmarked.
-def needs_typed(e):
-    f = e["file"]
-    if f == "keras2_embed_nomask_lstm.onnx":   # a plain Gather of the tokens
-        return False
-    return "masking_" in f or "embed_" in f or f == "keras3_bidirectional_gru.onnx"
-
-
 def inputs_for(entry, B, T, seed):
     """Random inputs; rows have masked steps trailing, in the middle, first, and at random."""
     rng = np.random.default_rng(seed)
@@ -63,14 +51,6 @@ def ort_run(path, feeds, every=False):
     return dict(zip([o.name for o in sess.get_outputs()], outs)) if every else outs[0]
 
 
-def _mark(e):
-    marks = []
-    if needs_typed(e):
-        marks.append(pytest.mark.xfail(raises=UnsupportedError, strict=True,
-                                       reason="needs run-time int/bool ops (branch h-typed)"))
-    return pytest.param(e, id=e["file"], marks=marks)
-
-
 def test_manifest_has_every_pattern():
     files = {e["file"] for e in ENTRIES}
     for fam in ("keras2", "keras3"):
@@ -83,7 +63,7 @@ def test_manifest_has_every_pattern():
             assert f"{fam}_masking_bidirectional_{kind}.onnx" in files
 
 
-@pytest.mark.parametrize("entry", [_mark(e) for e in ENTRIES])
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e["file"])
 def test_whole_sequence_matches_onnxruntime(entry):
     path = os.path.join(HERE, entry["file"])
     model = rnnengine.convert(path)
@@ -105,7 +85,7 @@ def test_whole_sequence_matches_onnxruntime(entry):
 FORWARD = [e for e in ENTRIES if "bidirectional" not in e["file"] and "Loop" in e["ops"]]
 
 
-@pytest.mark.parametrize("entry", [_mark(e) for e in FORWARD])
+@pytest.mark.parametrize("entry", FORWARD, ids=lambda e: e["file"])
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_stream_equals_whole(entry, chunk):
     path = os.path.join(HERE, entry["file"])
