@@ -127,7 +127,8 @@ def test_masked_step_keeps_state_and_repeats_output():
 
 
 @pytest.mark.parametrize("name", ["keras2_mask_lstm.onnx", "keras3_mask_gru_reset_before.onnx",
-                                  "keras3_mask_simplernn.onnx"])
+                                  "keras3_mask_simplernn.onnx", "keras3_masking_bidirectional_gru.onnx",
+                                  "keras2_embed_lstm.onnx"])
 def test_weight_file_keeps_the_step_mask(name, tmp_path):
     e = next(e for e in ENTRIES if e["file"] == name)
     model = rnnengine.convert(os.path.join(HERE, name))
@@ -190,3 +191,14 @@ def test_nan_and_inf_propagate_as_in_onnxruntime(entry, level):
         _core.kernel_level(_core.kernel_level_max())
     assert np.array_equal(np.isnan(got), np.isnan(want))
     assert max_violation(got, want) <= 1.0
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if "bidirectional" in e["file"] and "Loop" in e["ops"]],
+                         ids=lambda e: e["file"])
+def test_bidirectional_refuses_streams_by_name(entry):
+    """A backward layer needs the whole sequence: a stream is refused naming the node."""
+    from rnnengine.ops import NotStreamableError
+    model = rnnengine.convert(os.path.join(HERE, entry["file"]))
+    feeds = inputs_for(entry, 2, 4, 0)
+    with pytest.raises(NotStreamableError, match="node"):
+        model.stream()({k: v[:, :2] for k, v in feeds.items()})
