@@ -1,5 +1,6 @@
 """fuse.py - recognise recurrent cells written out op by op and map them to engine cells
-(LSTMCell steps here; GRUCell steps in fuse_gru_cells below).
+(LSTMCell steps here; GRUCell steps in fuse_gru_cells below; the Loops tf2onnx writes for
+Keras LSTM / GRU / SimpleRNN layers, masked or not, in fuse_keras_loops at the end).
 
 Exporters write a loop over ``nn.LSTMCell`` as, per time step:
 
@@ -685,7 +686,9 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
     (T, B, 1) by a time counter, computes the cell op by op, and blends every state and its
     output with the mask: new * m + old * (1 - m), the output starting from zeros. When every
     state starts from zeros, the repeated output equals the kept state, so the loop is an ONNX
-    cell whose rows skip masked steps: the C sequence driver's step mask (rnnengine.h). The
+    cell whose rows skip masked steps: the C sequence driver's step mask (rnnengine.h; mode 2
+    when masked steps output zeros instead, as in Bidirectional). A backward layer's loop
+    reads reversed sequences (ReverseSequence before and after it) and maps the same way. The
     rewrite fires only when it is proven: the trip count and condition give exactly T steps
     (evaluated from shapes for several T), the states start from zeros, and the body, run on
     random data, gives what the engine cell gives for one hypothesis of cell kind, gate order,

@@ -202,3 +202,23 @@ def test_bidirectional_refuses_streams_by_name(entry):
     feeds = inputs_for(entry, 2, 4, 0)
     with pytest.raises(NotStreamableError, match="node"):
         model.stream()({k: v[:, :2] for k, v in feeds.items()})
+
+
+@pytest.mark.parametrize("entry", MASK_INPUT, ids=lambda e: e["file"])
+def test_random_masks_match_onnxruntime(entry):
+    """Random mask patterns, densities, batch sizes and lengths (masked runs anywhere, rows
+    masked everywhere or nowhere) against onnxruntime."""
+    path = os.path.join(HERE, entry["file"])
+    model = rnnengine.convert(path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(123)
+    for _ in range(12):
+        B, T = int(rng.integers(1, 7)), int(rng.integers(1, 12))
+        keep = rng.random((B, T)) < rng.uniform(0.1, 0.9)
+        keep[rng.integers(0, B)] = rng.random() < 0.5     # a row all kept or all masked
+        feeds = {"x": rng.standard_normal((B, T, I)).astype(np.float32), "mask": keep}
+        want = dict(zip(names, sess.run(None, feeds)))
+        got = model.run(feeds)
+        for name in names:
+            assert max_violation(got[name], want[name]) <= 1.0, (name, B, T, keep)
