@@ -11,7 +11,8 @@ Patterns (I = 6 features or a vocabulary of 20, H = 8; random weights, fixed see
   masking_*   Masking(mask_value=0.) in front of the layer
   embed_*     Embedding(20, 6, mask_zero=True) in front of the layer (int32 tokens)
   embed_nomask_lstm, bidirectional_{lstm,gru}, masking_bidirectional_{lstm,gru},
-  mask_last_{lstm,gru} (return_sequences=False, return_state=True: a classifier's layer)
+  mask_last_{lstm,gru} (return_sequences=False, return_state=True: a classifier's layer),
+  masking_stack_lstm_gru (Masking -> LSTM -> GRU: the mask flows on to the second layer)
 for LSTM, GRU (reset_after True and False) and SimpleRNN, all return_sequences=True. Each
 export is checked: onnx.checker, then onnxruntime against Keras itself (<= 1e-5) on inputs
 whose masked steps are trailing and in the middle; an export that fails is reported and left
@@ -101,6 +102,10 @@ def export(legacy):
         m = keras.Input((None,), dtype="bool", name="mask")
         outs = getattr(L, kind)(H, return_sequences=False, return_state=True)(x, mask=m)
         models.append((f"mask_last_{kind.lower()}", keras.Model([x, m], outs), ["float", "mask"]))
+
+    x = keras.Input((None, I), name="x")   # a stack: the mask flows on to the second layer
+    y = L.GRU(H, return_sequences=True)(L.LSTM(H, return_sequences=True)(L.Masking(0.0)(x)))
+    models.append(("masking_stack_lstm_gru", keras.Model(x, y), ["float"]))
 
     entries, failures = [], []
     for name, model, kinds in models:
