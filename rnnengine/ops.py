@@ -434,14 +434,30 @@ class Clip(Handler):
         return float(lo), float(hi)
 
     def eval(self, xs):
+        x = xs[0]
+        if x.dtype.kind in "iu" and self.opset >= 11:  # integer bounds, exactly: min(max(x, lo), hi)
+            out = x
+            for k, fn in ((1, np.maximum), (2, np.minimum)):
+                if len(xs) > k and xs[k] is not None:
+                    out = fn(out, np.asarray(xs[k]).astype(x.dtype))
+            return [np.asarray(out).astype(x.dtype)]
         lo, hi = self.bounds(xs)
-        return [np.clip(xs[0], lo, hi).astype(xs[0].dtype)]
+        return [np.clip(x, lo, hi).astype(x.dtype)]
 
     def emit(self, p, xs):
-        lo, hi = self.bounds(xs)
         x = xs[0]
+        if x.dtype in INT_TYPES and self.opset >= 11:  # integer Clip (opset 12): Max, then Min
+            out = x
+            for k, kind in ((1, 5), (2, 6)):
+                if len(xs) > k and xs[k] is not None:
+                    v = xs[k]
+                    if v.dtype != x.dtype:
+                        self.fail(f"bound of type {v.dtype} for an input of type {x.dtype}")
+                    out = emit_tbinary(p, kind, out, v, broadcast_shape(self, out.shape, v.shape), x.dtype)
+            return [out if out is not x else p.alias(x, x.shape)]
+        lo, hi = self.bounds(xs)
         if x.dtype != np.float32:
-            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+            self.fail(f"needs a float32, int64 or int32 input at run time, got {x.dtype}")
         out = p.new(x.shape, np.float32)
         p.emit(OP_UNARY, [x], [out], [25, int(np.prod(x.shape))], [lo, hi])
         return [out]

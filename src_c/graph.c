@@ -108,8 +108,8 @@ static inline float binop(int64_t kind, float a, float b) {
     case 2: return a * b;
     case 3: return a / b;
     case 4: return powf(a, b);
-    case 5: return (a > b || a != a) ? a : b; /* NaN in either operand gives NaN, as onnxruntime */
-    default: return (a < b || a != a) ? a : b;
+    case 5: return a != a ? a : (a > b ? a : b); /* NaN in either operand gives NaN, as onnxruntime */
+    default: return a != a ? a : (a < b ? a : b);
     }
 }
 
@@ -136,6 +136,10 @@ static void op_binary(const int64_t *ip, const float *a, const float *b, float *
         } else if (kind == 2 && sa == 1 && sb == 0) {
             const float v = pb[0];
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] * v;
+        } else if (kind == 5 && sa == 1 && sb == 1) { /* branch-free selects: vectorised */
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] != pa[i] ? pa[i] : (pa[i] > pb[i] ? pa[i] : pb[i]);
+        } else if (kind == 6 && sa == 1 && sb == 1) {
+            for (int64_t i = 0; i < inner; i++) po[i] = pa[i] != pa[i] ? pa[i] : (pa[i] < pb[i] ? pa[i] : pb[i]);
         } else {
             for (int64_t i = 0; i < inner; i++) po[i] = binop(kind, pa[i * sa], pb[i * sb]);
         }
@@ -155,23 +159,37 @@ static void op_binary(const int64_t *ip, const float *a, const float *b, float *
 
 static void op_unary(const int64_t *ip, const float *fp, const float *in, float *out) {
     const int64_t kind = ip[0], n = ip[1];
-    if (out != in) memcpy(out, in, sizeof(float) * (size_t)n);
     if (kind == RNN_ACT_RELU) { /* max(x, 0) that keeps NaN, as onnxruntime */
-        for (int64_t i = 0; i < n; i++) out[i] = out[i] < 0.0f ? 0.0f : out[i];
+        for (int64_t i = 0; i < n; i++) out[i] = in[i] < 0.0f ? 0.0f : in[i];
+        return;
+    }
+    if ((kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID) && out != in) {
+        /* The vector tanh / sigmoid saturate NaN to a number; NaN in gives NaN out, as in
+         * onnxruntime: blocks small enough that in and out are still in cache when the NaNs
+         * are put back. (out == in, never planned, takes the loop below: scalar.) */
+        const rnn_activation act = {(int32_t)kind, fp[0], fp[1]};
+        for (int64_t s = 0; s < n; s += 4096) {
+            const int64_t m = n - s < 4096 ? n - s : 4096;
+            const float *x = in + s;
+            float *y = out + s;
+            memcpy(y, x, sizeof(float) * (size_t)m);
+            int32_t nan = 0;
+            for (int64_t i = 0; i < m; i++) nan |= (int32_t)(x[i] != x[i]); /* vectorised scan */
+            rnn_activation_apply(&act, y, m);
+            if (nan)
+                for (int64_t i = 0; i < m; i++) y[i] = x[i] != x[i] ? x[i] : y[i];
+        }
+        return;
+    }
+    if (out != in) memcpy(out, in, sizeof(float) * (size_t)n);
+    if (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID) {
+        for (int64_t i = 0; i < n; i++)
+            out[i] = kind == RNN_ACT_TANH ? tanhf(out[i]) : 1.0f / (1.0f + expf(-out[i]));
         return;
     }
     if (kind < RNN_ACT_COUNT) {
-        if (out == in && (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID)) { /* in place: scalar, keeps NaN */
-            for (int64_t i = 0; i < n; i++)
-                out[i] = kind == RNN_ACT_TANH ? tanhf(out[i]) : 1.0f / (1.0f + expf(-out[i]));
-            return;
-        }
         rnn_activation act = {(int32_t)kind, fp[0], fp[1]};
         rnn_activation_apply(&act, out, n);
-        /* the vector tanh / sigmoid saturate NaN to a number: NaN in gives NaN out, as onnxruntime */
-        if (kind == RNN_ACT_TANH || kind == RNN_ACT_SIGMOID)
-            for (int64_t i = 0; i < n; i++)
-                if (in[i] != in[i]) out[i] = in[i];
         return;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -310,6 +328,28 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     for (int64_t d = 0; d < nd; d++) total *= ishape[d];
     int64_t idx[MAX_ND] = {0};
     int64_t oo = 0;
+    if ((kind == 2 || kind == 3) && nd > 0 && ostr[nd - 1] == 0 && ishape[nd - 1] > 0) {
+        /* max / min over the innermost axis: rows of L into one output each; the running
+         * max / min ignores NaN (branch-free), a NaN seen makes the result NaN */
+        const int64_t L = ishape[nd - 1];
+        for (int64_t r = 0; r < total; r += L) {
+            const float *row = in + r;
+            float m = out[oo];
+            int nan = m != m;
+            if (kind == 2)
+                for (int64_t i = 0; i < L; i++) { m = row[i] > m ? row[i] : m; nan |= row[i] != row[i]; }
+            else
+                for (int64_t i = 0; i < L; i++) { m = row[i] < m ? row[i] : m; nan |= row[i] != row[i]; }
+            out[oo] = nan ? NAN : m;
+            for (int64_t d = nd - 2; d >= 0; d--) {
+                oo += ostr[d];
+                if (++idx[d] < ishape[d]) break;
+                oo -= ostr[d] * ishape[d];
+                idx[d] = 0;
+            }
+        }
+        return;
+    }
     for (int64_t i = 0; i < total; i++) {
         const float v = in[i];
         switch (kind) {

@@ -134,6 +134,17 @@ def test_int_division_by_zero_is_an_error(op, dtype):
 
 
 @SETTINGS
+@given(data=st.data(), dtype=st.sampled_from(INTS), shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+       bounds=st.sampled_from(["both", "min", "max"]))
+def test_int_clip(data, dtype, shape, bounds):
+    x = data.draw(int_arrays(dtype, shape))
+    lo, hi = (np.array(v, dtype) for v in sorted(data.draw(st.lists(st.integers(-20, 20), min_size=2, max_size=2))))
+    ins = {"both": ["x", "lo", "hi"], "min": ["x", "lo"], "max": ["x", "", "hi"]}[bounds]
+    check([helper.make_node("Clip", ins, ["y"])], [("x", x)] + [(n, v) for n, v in (("lo", lo), ("hi", hi))
+                                                                if n in ins], ["y"])
+
+
+@SETTINGS
 @given(data=st.data(), op=st.sampled_from(["Neg", "Abs"]), dtype=st.sampled_from(INTS),
        shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=4))
 def test_int_unary(data, op, dtype, shape):
@@ -365,6 +376,27 @@ def test_reduce_max_min_nan_propagates(op, axis):
         compare(rnnengine.convert(m).run(feeds)["y"], want, f"y ({mode})")
 
 
+def test_nan_through_the_fast_paths():
+    """Long contiguous arrays (several of the executor's blocks), NaN at random places, in
+    Tanh/Sigmoid, Relu, Max/Min of same-shape operands, and max / min over the innermost axis."""
+    from onnx.reference import ReferenceEvaluator
+    r = np.random.default_rng(11)
+    a, b = (r.standard_normal((3, 5000)).astype(np.float32) for _ in range(2))
+    a[r.random(a.shape) < 0.01] = np.nan
+    b[r.random(b.shape) < 0.01] = np.nan
+    for op in ("Tanh", "Sigmoid", "Relu"):
+        check([helper.make_node(op, ["a"], ["y"])], [("a", a)], ["y"], modes=("runtime",))
+    for op in ("Max", "Min"):
+        check([helper.make_node(op, ["a", "b"], ["y"])], [("a", a), ("b", b)], ["y"], modes=("runtime",))
+    a[2] = r.standard_normal(5000)  # one row without NaN
+    for op in ("ReduceMax", "ReduceMin"):
+        m = make([helper.make_node(op, ["a", "axes"], ["y"])], [("a", a), ("axes", np.array([1], np.int64))], ["y"],
+                 {"a"}, opset=18)
+        want = ReferenceEvaluator(m).run(None, {"a": a})[0]
+        assert np.isnan(want[:2]).all() and not np.isnan(want[2]).any()
+        compare(rnnengine.convert(m).run({"a": a})["y"], want, op)
+
+
 def test_topk_argmax_nan_long_rows():
     """Rows longer than a vector register, NaN scattered: the rules hold there too."""
     r = np.random.default_rng(7)
@@ -454,3 +486,60 @@ def test_executor_refuses_inconsistent_instructions():
                    (9, [1, 7, 4])]:               # Cast to an unknown type
         with pytest.raises(_core.GraphRunError, match="instruction 0"):
             run(op, ip)
+
+
+def test_where_on_bools_against_the_onnx_reference():
+    """onnxruntime has no bool Where kernel: compared with onnx.reference instead."""
+    from onnx.reference import ReferenceEvaluator
+    r = np.random.default_rng(3)
+    c, x, y = r.random((3, 4)) < 0.5, r.random((1, 4)) < 0.5, r.random((3, 1)) < 0.5
+    for runtime in ({"c", "x", "y"}, set()):
+        m = make([helper.make_node("Where", ["c", "x", "y"], ["z"])], [("c", c), ("x", x), ("y", y)], ["z"], runtime)
+        feeds = {n: v for n, v in (("c", c), ("x", x), ("y", y)) if n in runtime}
+        compare(rnnengine.convert(m).run(feeds)["z"], ReferenceEvaluator(m).run(None, feeds)[0], "z")
+
+
+def test_typed_ops_in_a_stream_equal_the_whole_sequence():
+    """A mask built from streamed int tokens (time on axis 0): chunk by chunk equals one run."""
+    tok = np.array([[3, 0], [0, 0], [5, 2], [9, 0], [0, 7], [1, 1], [0, 4]], np.int64)
+    nodes = [helper.make_node("Equal", ["tok", "zero"], ["pad"]), helper.make_node("Not", ["pad"], ["keep"]),
+             helper.make_node("Cast", ["keep"], ["k32"], to=TensorProto.INT32),
+             helper.make_node("Mod", ["tok", "three"], ["m3"]),
+             helper.make_node("Where", ["keep", "m3", "minus"], ["y"]),
+             helper.make_node("Cast", ["k32"], ["kf"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("tok", TensorProto.INT64, ["T", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, None),
+                           helper.make_tensor_value_info("kf", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                           numpy_helper.from_array(np.array(3, np.int64), "three"),
+                           numpy_helper.from_array(np.array(-1, np.int64), "minus")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tok": tok})
+    gm = rnnengine.convert(m)
+    whole = gm.run({"tok": tok})
+    compare(whole["y"], want[0], "y")
+    compare(whole["kf"], want[1], "kf")
+    s = gm.stream()
+    parts = [s.step({"tok": tok[i:i + 3]}) for i in range(0, len(tok), 3)]
+    assert np.array_equal(np.concatenate([p["y"] for p in parts]), want[0])
+    assert np.array_equal(np.concatenate([p["kf"] for p in parts]), want[1])
+
+
+def test_new_ops_survive_a_weight_file(tmp_path):
+    """ReverseSequence, CumSum, ArgMax and Mod stored in a weight file and loaded back run as
+    before, and as onnxruntime."""
+    x = np.random.default_rng(5).standard_normal((4, 3, 2)).astype(np.float32)
+    lens = np.array([4, 1, 3], np.int64)
+    nodes = [helper.make_node("ReverseSequence", ["x", "lens"], ["r"], batch_axis=1, time_axis=0),
+             helper.make_node("CumSum", ["r", "ax"], ["c"], exclusive=1, reverse=1),
+             helper.make_node("ArgMax", ["c"], ["y"], axis=2, keepdims=0, select_last_index=1),
+             helper.make_node("Mod", ["lens", "two"], ["z"], fmod=0)]
+    m = make(nodes, [("x", x), ("lens", lens), ("ax", np.array(0, np.int64)), ("two", np.array(-2, np.int64))],
+             ["y", "z"], {"x", "lens"})
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "lens": lens})
+    rnnengine.save(rnnengine.convert(m), str(tmp_path / "m.rnne"))
+    got = rnnengine.load(str(tmp_path / "m.rnne")).run({"x": x, "lens": lens})
+    compare(got["y"], want[0], "y")
+    compare(got["z"], want[1], "z")
