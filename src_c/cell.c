@@ -113,10 +113,12 @@ static void blend_step_mask(const rnn_seq *s, int64_t step, const float *X, int6
         const float k = 1.0f - m;
         float *hb = h + b * H, *y = s->Y + t * s->ys_t + b * s->ys_b;
         const float *ho = h_old + b * H;
-        for (int64_t j = 0; j < H; j++) {
-            if (mode == 2) y[j] = m * hb[j] + k * 0.0f;
-            hb[j] = m * hb[j] + k * ho[j];
-            if (mode != 2) y[j] = hb[j];
+        if (mode == 2) {
+            for (int64_t j = 0; j < H; j++) y[j] = m * hb[j] + k * 0.0f;
+            for (int64_t j = 0; j < H; j++) hb[j] = m * hb[j] + k * ho[j];
+        } else {
+            for (int64_t j = 0; j < H; j++) hb[j] = m * hb[j] + k * ho[j];
+            memcpy(y, hb, sizeof(float) * (size_t)H);
         }
         if (c) {
             float *cb = c + b * H;
