@@ -703,8 +703,8 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
         try:
             kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough = \
                 _loop_cell(node, producer, users, tensors, keep, opset)
-        except _NoFuse:
-            out.append(node)
+        except Exception:  # noqa: BLE001 - _NoFuse, or a loop of a shape this matcher never met:
+            out.append(node)  # either way it stays a Loop, which runs exactly (only slower)
             continue
         n_car = len(node["inputs"]) - 2
         louts = node["outputs"] + [""] * (n_car + 1 - len(node["outputs"]))
