@@ -28,6 +28,7 @@ cdef extern from "rnnengine.h" nogil:
         int32_t input_forget
         int32_t linear_before_reset
         int32_t weight_dtype
+        int32_t step_mask
 
     ctypedef struct rnn_cell:
         pass

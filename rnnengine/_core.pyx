@@ -125,7 +125,9 @@ cdef class Stack:
 
     ``layers`` is a list of dicts with keys: kind, direction, input_size, hidden_size,
     cells (one dict per direction: act [(kind, alpha, beta)] * 3, clip (float or None),
-    input_forget, linear_before_reset, W, R, B (or None), P (or None); float32 C-contiguous).
+    input_forget, linear_before_reset, W, R, B (or None), P (or None); float32 C-contiguous),
+    and optionally step_mask (1 or 2: input rows carry a per-row step mask as their last float,
+    masked steps repeat the state (1) or output zeros (2); first layer only).
     """
     cdef rnn_stack *ptr
     cdef readonly int input_size, output_size, n_layers, last_hidden
@@ -166,6 +168,8 @@ cdef class Stack:
                     cfg.input_forget = cell["input_forget"]
                     cfg.linear_before_reset = cell["linear_before_reset"]
                     cfg.weight_dtype = WEIGHT_DTYPES[cell.get("weight_dtype", "float32")]
+                    # a step mask rides as one extra float after each input row (rnnengine.h)
+                    cfg.step_mask = int(layer.get("step_mask") or 0)
                     W = cell["W"]
                     R = cell["R"]
                     bp = NULL

@@ -216,13 +216,14 @@ class _Converter:
         _check_state_shapes(nodes, consts, {v.name: _value_info(v)["shape"]
                                             for v in list(g.input) + list(g.value_info) + list(g.output)})
         outputs = [_value_info(o) for o in g.output]
-        from .fuse import fuse_gru_cells, fuse_lstm_cells
+        from .fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
         # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
         keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
+        nodes, self.fused_loops = fuse_keras_loops(nodes, consts, keep, self.opset)
         nodes, self.fused = fuse_lstm_cells(nodes, consts, keep)
         nodes, self.fused_gru = fuse_gru_cells(nodes, consts, keep)
         self._fuse_in_branches(nodes, consts)
-        if self.fused or self.fused_gru:
+        if self.fused or self.fused_gru or self.fused_loops:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
         tensors = {k: v for k, v in consts.items() if k in used or k in {o["name"] for o in outputs}}
@@ -551,6 +552,7 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         "source.fixed_inputs": {k: np.asarray(v).tolist() for k, v in (fixed_inputs or {}).items()},
         "converter.fused_lstm_cells": conv.fused,
         "converter.fused_gru_cells": conv.fused_gru,
+        "converter.fused_keras_loops": conv.fused_loops,
     }
     return graph, tensors, metadata
 

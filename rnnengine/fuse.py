@@ -1,5 +1,6 @@
 """fuse.py - recognise recurrent cells written out op by op and map them to engine cells
-(LSTMCell steps here; GRUCell steps in fuse_gru_cells below).
+(LSTMCell steps here; GRUCell steps in fuse_gru_cells below; the Loops tf2onnx writes for
+Keras LSTM / GRU / SimpleRNN layers, masked or not, in fuse_keras_loops at the end).
 
 Exporters write a loop over ``nn.LSTMCell`` as, per time step:
 
@@ -19,6 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
+# converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
+# a masked row-step keeps the state and repeats it as output (rnnengine.h)
+STEP_MASK = "rnnengine_step_mask"
 
 
 def _index(nodes):
@@ -274,4 +278,476 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
             out.extend(replace[id(n)])
         elif id(n) not in remove:
             out.append(n)
+    return out, count
+
+
+# --- Keras recurrent loops (tf2onnx) -------------------------------------------------------
+
+class _NoFuse(Exception):
+    """The loop is not one this fusion can prove equal to an engine cell: left as it is."""
+
+
+def _eval_nodes(nodes, env, opset, wanted=None):
+    """Evaluates nodes in order with the op handlers' NumPy code; env maps name -> array.
+    With ``wanted``, only the nodes those names depend on run (a missing input: _NoFuse)."""
+    from .ops import OPS
+    if wanted is not None:
+        producer = {o: n for n in nodes for o in n["outputs"] if o}
+        need, stack = set(), list(wanted)
+        while stack:
+            name = stack.pop()
+            n = producer.get(name)
+            if n is None or id(n) in need:
+                continue
+            need.add(id(n))
+            stack.extend(x for x in n["inputs"] if x and x not in env)
+        nodes = [n for n in nodes if id(n) in need]
+    for n in nodes:
+        if n["op"] not in OPS or n["op"] in ("LSTM", "GRU", "RNN"):
+            raise _NoFuse(f"{n['op']} in the loop")
+        xs = []
+        for x in n["inputs"]:
+            if x and x not in env:
+                raise _NoFuse(f"{x} unknown")
+            xs.append(env[x] if x else None)
+        with np.errstate(all="ignore"):
+            vals = OPS[n["op"]](n, opset).eval(xs)
+        for o, v in zip(n["outputs"], vals):
+            if o:
+                env[o] = np.asarray(v)
+    return env
+
+
+SHAPE_KEEPING = ("Identity", "Cast", "Not", "Neg", "ReverseSequence")
+
+
+def _shape_root(name, producer):
+    """The tensor name's shape is that of the returned one (followed through ops that keep
+    the shape of their first input, e.g. the ReverseSequence of a backward layer)."""
+    while name in producer and producer[name]["op"] in SHAPE_KEEPING:
+        name = producer[name]["inputs"][0]
+    return name
+
+
+def _outer_eval(names, producer, tensors, shape_of, opset):
+    """Values of outer tensors computed from constants and Shape(x) of the one tensor whose
+    shape is given (shape_of = (name, shape)); anything else read: _NoFuse."""
+    env, order, seen = {}, [], set()
+
+    def visit(name):
+        if name in env or name in seen or not name:
+            return
+        if name in tensors:
+            env[name] = np.asarray(tensors[name])
+            return
+        n = producer.get(name)
+        if n is None:
+            raise _NoFuse(f"{name} is not computed from shapes")
+        seen.add(name)
+        if n["op"] == "Shape" and _shape_root(n["inputs"][0], producer) == _shape_root(shape_of[0], producer):
+            order.append(("shape", n))
+            return
+        if n["op"] in ("Loop", "If", "LSTM", "GRU", "RNN") or n["op"] == "Shape":
+            raise _NoFuse(f"{name} is not computed from shapes")
+        for x in n["inputs"]:
+            visit(x)
+        order.append(("node", n))
+    for name in names:
+        visit(name)
+    from .ops import OPS
+    for kind, n in order:
+        if kind == "shape":
+            vals = OPS["Shape"](n, opset).eval([np.zeros(shape_of[1], np.float32)])
+        else:
+            xs = [env[x] if x else None for x in n["inputs"]]
+            with np.errstate(all="ignore"):
+                vals = OPS[n["op"]](n, opset).eval(xs)
+        for o, v in zip(n["outputs"], vals):
+            if o:
+                env[o] = np.asarray(v)
+    return [env[n] for n in names]
+
+
+def _is_zeros(name, producer, tensors):
+    """True when the tensor is all zeros whatever the input: a zero constant, Expand of one,
+    or ConstantOfShape with value 0."""
+    if name in tensors:
+        return not np.any(np.asarray(tensors[name]))
+    n = producer.get(name)
+    if n is None:
+        return False
+    if n["op"] == "ConstantOfShape":
+        v = n.get("attrs", {}).get("value")
+        return v is None or not np.any(np.asarray(v))
+    if n["op"] in ("Expand", "Identity", "Cast"):
+        return _is_zeros(n["inputs"][0], producer, tensors)
+    return False
+
+
+def _ref_cell(kind, x, h, c, W, R, B, lbr, act):
+    """One step of the ONNX cell (float64, default gate activations): W (G*H, I), R (G*H, H),
+    B (2*G*H) in ONNX gate order. Returns (h', c')."""
+    x, h = x.astype(np.float64), h.astype(np.float64)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    H = R.shape[1]
+    Wb, Rb = B[:B.size // 2], B[B.size // 2:]
+    if kind == "LSTM":
+        g = x @ W.T + h @ R.T + Wb + Rb
+        i, o, f, cc = (g[:, k * H:(k + 1) * H] for k in range(4))
+        c2 = sig(f) * c + sig(i) * np.tanh(cc)
+        return sig(o) * np.tanh(c2), c2
+    if kind == "GRU":
+        gx, gh = x @ W.T + Wb, h @ R[:2 * H].T + Rb[:2 * H]
+        z, r = sig(gx[:, :H] + gh[:, :H]), sig(gx[:, H:2 * H] + gh[:, H:2 * H])
+        if lbr:
+            n = np.tanh(gx[:, 2 * H:] + r * (h @ R[2 * H:].T + Rb[2 * H:]))
+        else:
+            n = np.tanh(gx[:, 2 * H:] + (r * h) @ R[2 * H:].T + Rb[2 * H:])
+        return (1 - z) * n + z * h, None
+    a = {"Tanh": np.tanh, "Relu": lambda v: np.maximum(v, 0), "Sigmoid": sig}[act]
+    return a(x @ W.T + h @ R.T + Wb + Rb), None
+
+
+def _loop_cell(node, producer, users, tensors, keep, opset):
+    """The engine cell a Keras recurrent Loop computes, or _NoFuse. Returns the nodes that
+    replace the Loop."""
+    body = node["attrs"]["body"]
+    bin_, bout = body["inputs"], body["outputs"]
+    ins = node["inputs"] + [""] * 2
+    n_car = len(node["inputs"]) - 2
+    if len(bout) - 1 - n_car != 1 or n_car < 2:
+        raise _NoFuse("not one scan output")
+    if any(n["op"] in ("Where", "Loop", "If", "Scan") for n in body["nodes"]):
+        # a Where selects (a NaN computed at a masked step is dropped) where the C blend
+        # multiplies (m * new + (1 - m) * old keeps it): not the same for NaN and Inf
+        raise _NoFuse("Where or a nested subgraph in the body")
+    btensors = body.get("tensors", {})
+    bprod = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+
+    def through(name):
+        while name in bprod and bprod[name]["op"] == "Identity":
+            name = bprod[name]["inputs"][0]
+        return name
+    init = node["inputs"][2:]
+    carried = bin_[2:2 + n_car]
+    passthrough, counters, states = {}, [], []
+    for k in range(n_car):
+        out = through(bout[1 + k])
+        if out == carried[k]:
+            passthrough[carried[k]] = init[k]
+            continue
+        p = bprod.get(out)
+        if p is not None and p["op"] == "Add" and carried[k] in p["inputs"]:
+            other = [x for x in p["inputs"] if x != carried[k]]
+            one = btensors.get(other[0], tensors.get(other[0])) if len(other) == 1 else None
+            if one is not None and np.asarray(one).size == 1 and np.asarray(one).item() == 1 \
+                    and init[k] in tensors and np.asarray(tensors[init[k]]).item() == 0:
+                counters.append(k)
+                continue
+        states.append(k)
+    if not counters or len(states) not in (1, 2, 3):
+        raise _NoFuse("no time counter or not 1-3 states")
+    counter_names = {carried[k] for k in counters}
+    # what the body reads from outside: constants, and Gathers along time by the counter
+    local = set(bin_) | set(btensors) | set(bprod)
+    scans, outer_reads = {}, set()
+    for n in body["nodes"]:
+        for x in n["inputs"]:
+            if not x or x in local or x in tensors:
+                continue
+            if n["op"] == "Gather" and n["inputs"][0] == x and through(n["inputs"][1]) in counter_names \
+                    and n.get("attrs", {}).get("axis", 0) == 0:
+                scans[x] = n
+            else:
+                outer_reads.add(x)  # must be computed from shapes (the step count): checked below
+    # run-time values the body reads besides the sequences: evaluated from X's shape
+    shape_vals = [v for v in passthrough.values() if v not in tensors] + sorted(outer_reads)
+    # zeros made from some other tensor's shape (Keras' zeros_like of the output, the masked
+    # steps' output when zero_output_for_mask): (B, H) zeros in the checks below
+    zero_vals = [v for v in shape_vals if _is_zeros(v, producer, tensors)]
+    shape_vals = [v for v in shape_vals if v not in zero_vals]
+    # weights: MatMuls of a constant with the input row or a state
+    # the body's constants: its initializers, invariant inputs that are constants, and what
+    # nodes compute from them alone (e.g. a kernel sliced inside the body)
+    bconst = dict(btensors)
+    for car, v in passthrough.items():
+        if v in tensors:
+            bconst[car] = np.asarray(tensors[v])
+    from .ops import OPS
+    for n in body["nodes"]:
+        if n["op"] in OPS and n["op"] not in ("LSTM", "GRU", "RNN") and n["inputs"] and \
+                all(not x or x in bconst or x in tensors for x in n["inputs"]):
+            try:
+                with np.errstate(all="ignore"):
+                    vals = OPS[n["op"]](n, opset).eval([None if not x else bconst.get(x, tensors.get(x))
+                                                        for x in n["inputs"]])
+            except Exception:
+                continue
+            for o, v in zip(n["outputs"], vals):
+                if o:
+                    bconst[o] = np.asarray(v)
+
+    def const_of(name):
+        name = through(name)
+        if name in bconst:
+            return bconst[name]
+        if name in tensors:
+            return np.asarray(tensors[name])
+        return None
+    xs_names = {n["outputs"][0]: x for x, n in scans.items()}
+    # kernels: the product of the input row (W), the other products (R: a GRU with
+    # reset_after=False applies its last H columns to r * h, so its parts join in order)
+    W, rec = None, []
+    mm_x, mm_h = set(), set()   # outputs of the input / recurrent products
+    for n in body["nodes"]:
+        if n["op"] == "MatMul":
+            a, w = n["inputs"]
+            wv = const_of(w)
+            if wv is None or wv.ndim != 2:
+                raise _NoFuse("MatMul without constant weights")
+            if through(a) in xs_names:
+                if W is not None and W is not wv:
+                    raise _NoFuse("two input kernels")
+                W = wv
+                mm_x.add(n["outputs"][0])
+            else:
+                rec.append(wv)
+                mm_h.add(n["outputs"][0])
+    if W is None or not rec or len({r.shape[0] for r in rec}) != 1:
+        raise _NoFuse("no kernels")
+    R = np.concatenate(rec, axis=1)
+    # biases: added to the input product (bx), to the recurrent one (bh), or to their sum (bx)
+    bx = bh = None
+    for n in body["nodes"]:
+        if n["op"] != "Add":
+            continue
+        for j, x in enumerate(n["inputs"]):
+            v = const_of(x)
+            if v is None or v.dtype.kind != "f" or v.size <= 1:
+                continue
+            other = through(n["inputs"][1 - j]) if len(n["inputs"]) == 2 else None
+            if other in mm_h:
+                if bh is not None:
+                    raise _NoFuse("biases")
+                bh = v
+            else:
+                if bx is not None:
+                    raise _NoFuse("biases")
+                bx = v
+    H = R.shape[0]
+    GH = R.shape[1]
+    if W.shape[1] != GH or GH % H:
+        raise _NoFuse("kernel shapes")
+    G = GH // H
+    kind = {4: "LSTM", 3: "GRU", 1: "RNN"}.get(G)
+    # states: h (and c), with or without the previous output carried beside them
+    n_cell = 2 if kind == "LSTM" else 1
+    if kind is None or len(states) not in (n_cell, n_cell + 1):
+        raise _NoFuse("cell kind")
+    carries_out = len(states) == n_cell + 1
+    I = W.shape[0]
+    # which scan read is the input sequence, which the mask: decided by the MatMul reading it
+    x_seq = [x for x in scans if scans[x]["outputs"][0] in {through(n["inputs"][0]) for n in body["nodes"]
+                                                               if n["op"] == "MatMul"}]
+    if len(x_seq) != 1:
+        raise _NoFuse("input sequence")
+    x_seq = x_seq[0]
+    masks = [x for x in scans if x != x_seq]
+    if len(masks) > 1:
+        raise _NoFuse("more than one mask")
+    mask_seq = masks[0] if masks else None
+    # every state starts from zeros (so the repeated output equals the kept state)
+    for k in states:
+        if not _is_zeros(init[k], producer, tensors):
+            raise _NoFuse("a state does not start from zeros")
+    def body_env(i, vals):
+        env = {bin_[0]: np.array(i, np.int64), bin_[1]: np.array(True)}
+        env.update(btensors)
+        for car, v in passthrough.items():
+            env[car] = zero_state if v in zero_vals else np.asarray(tensors[v]) if v in tensors else vals[v]
+        for x in outer_reads:
+            env[x] = zero_state if x in zero_vals else vals[x]
+        for k in counters:
+            env[carried[k]] = np.asarray(i, np.asarray(tensors[init[k]]).dtype)
+        return env
+
+    # the loop runs exactly T = X_seq.shape[0] times: trip count and condition evaluated
+    # from the shapes for several T
+    cond_in = ins[1]
+    cond_out = bout[0]
+    for T, B in ((1, 1), (2, 3), (3, 2), (6, 3)):
+        zero_state = None
+        outer = ([ins[0]] if ins[0] else []) + ([cond_in] if cond_in else []) + shape_vals
+        vals = dict(zip(outer, _outer_eval(outer, producer, tensors, (x_seq, (T, B, I)), opset)))
+        trips = int(np.asarray(vals[ins[0]]).reshape(-1)[0]) if ins[0] else None
+        runs = 0 if cond_in and not bool(np.asarray(vals[cond_in]).reshape(-1)[0]) else None
+        i = 0
+        while runs is None and i < T + 1:
+            if trips is not None and i >= trips:
+                runs = trips
+                break
+            env = _eval_nodes(body["nodes"], body_env(i, vals), opset, wanted=[cond_out])
+            i += 1
+            if not bool(np.asarray(env[cond_out]).reshape(-1)[0]):
+                runs = i
+        if runs != T:
+            raise _NoFuse(f"the loop does not run T = {T} times")
+    # hypotheses of the engine cell, checked numerically against the body itself
+    def vec(b):
+        return np.zeros(GH) if b is None else np.asarray(b, np.float64).reshape(-1)
+    if bx is not None and bx.size == 2 * GH and bh is None:   # one (2, G*H) bias: input, recurrent
+        bx, bh = bx.reshape(-1)[:GH], bx.reshape(-1)[GH:]
+    if vec(bx).size != GH or vec(bh).size != GH:
+        raise _NoFuse("bias shapes")
+    bias = np.concatenate([vec(bx), vec(bh)])
+    hyps = []
+    if kind == "LSTM":   # Keras gates i, f, c, o -> ONNX i, o, f, c
+        perm = np.concatenate([np.arange(0, H), np.arange(3 * H, 4 * H), np.arange(H, 2 * H), np.arange(2 * H, 3 * H)])
+        hyps.append(({"hidden_size": H}, W.T[perm], R.T[perm], np.concatenate([bias[:GH][perm], bias[GH:][perm]]),
+                     0, None))
+    elif kind == "GRU":   # Keras GRU gates z, r, h = ONNX's order
+        for lbr in (1, 0):
+            hyps.append(({"hidden_size": H, "linear_before_reset": lbr}, W.T, R.T, bias, lbr, None))
+    else:
+        for act in ("Tanh", "Relu", "Sigmoid"):
+            hyps.append(({"hidden_size": H, "activations": [act]}, W.T, R.T, bias, 0, act))
+    import itertools
+    # roles: (out, h[, c]) -> index in states; out None when the output is not carried
+    if carries_out:
+        roles = list(itertools.permutations(range(len(states))))
+    else:
+        roles = [(None,) + r for r in itertools.permutations(range(len(states)))]
+    modes = [1, 2] if mask_seq else [0]   # masked output: 1 the kept state, 2 zeros
+    rng = np.random.default_rng(0)
+    trials = []
+    for trial in range(3):
+        T, B = 4, 5
+        xv = rng.standard_normal((T, B, I)).astype(np.float32)
+        mv = rng.random((T, B, 1)) < 0.5 if mask_seq else None
+        sv = [rng.uniform(-1, 1, (B, H)).astype(np.float32) for _ in states]
+        i = trial % T
+        zero_state = np.zeros((B, H), np.float32)
+        vals = dict(zip(shape_vals, _outer_eval(shape_vals, producer, tensors, (x_seq, (T, B, I)), opset)))
+        env = body_env(i, vals)
+        for k, v in zip(states, sv):
+            env[carried[k]] = v
+        env[x_seq] = xv
+        if mask_seq:
+            env[mask_seq] = mv
+        try:
+            env = _eval_nodes(body["nodes"], env, opset)
+        except _NoFuse:
+            raise
+        except Exception as e:  # a handler refusing these values: not a body we can prove
+            raise _NoFuse(f"body evaluation: {e}") from None
+        got = [env[bout[1 + k]] for k in states] + [env[bout[1 + n_car]]]
+        trials.append((xv[i], None if mv is None else mv[i].astype(np.float64), sv, got))
+    chosen = None
+    for (attrs, Wo, Ro, Bo, lbr, act), role, mode in itertools.product(hyps, roles, modes):
+        if mode == 1 and role[0] is None:
+            continue   # a repeated output is carried by the loop
+        if True:
+            ok = True
+            for x, m, sv, got in trials:
+                out0, h0 = (None if role[0] is None else sv[role[0]]), sv[role[1]]
+                c0 = sv[role[2]] if kind == "LSTM" else None
+                hraw, cn = _ref_cell(kind, x, h0, None if c0 is None else c0.astype(np.float64), Wo, Ro, Bo, lbr, act)
+                if m is not None:
+                    hn = m * hraw + (1 - m) * h0
+                    cn = None if cn is None else m * cn + (1 - m) * c0
+                    # the body blends its own previous output (mode 1) or zeros (mode 2)
+                    outn = m * hraw + (1 - m) * (out0 if mode == 1 else 0.0)
+                else:
+                    hn = outn = hraw
+                want = [None] * len(states)
+                if role[0] is not None:
+                    want[role[0]] = outn   # carried as it is written (mode 2: not h)
+                want[role[1]] = hn
+                if kind == "LSTM":
+                    want[role[2]] = cn
+                for g, w in zip(got[:-1] + [got[-1]], want + [outn]):
+                    if g.shape != w.shape or not np.allclose(g, w, rtol=1e-4, atol=1e-5):
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                chosen = (attrs, Wo, Ro, Bo, role, mode)
+                break
+    if chosen is None:
+        raise _NoFuse("no engine cell computes this body")
+    return kind, chosen, x_seq, mask_seq, states, counters, passthrough
+
+
+def fuse_keras_loops(nodes, tensors, outputs, opset):
+    """Maps the Loops tf2onnx writes for Keras LSTM / GRU / SimpleRNN layers (masked by
+    Embedding(mask_zero=True) or Masking, or not masked) to one engine cell each.
+
+    The body of such a loop reads row t of the input sequence X (T, B, I) and of the mask
+    (T, B, 1) by a time counter, computes the cell op by op, and blends every state and its
+    output with the mask: new * m + old * (1 - m), the output starting from zeros. When every
+    state starts from zeros, the repeated output equals the kept state, so the loop is an ONNX
+    cell whose rows skip masked steps: the C sequence driver's step mask (rnnengine.h; mode 2
+    when masked steps output zeros instead, as in Bidirectional). A backward layer's loop
+    reads reversed sequences (ReverseSequence before and after it) and maps the same way. The
+    rewrite fires only when it is proven: the trip count and condition give exactly T steps
+    (evaluated from shapes for several T), the states start from zeros, and the body, run on
+    random data, gives what the engine cell gives for one hypothesis of cell kind, gate order,
+    roles of the carried values and bias layout. Anything else is left to run as a Loop."""
+    producer, users = _index(nodes)
+    keep = set(outputs)
+    out, count = [], 0
+    for node in nodes:
+        if node["op"] != "Loop":
+            out.append(node)
+            continue
+        try:
+            kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough = \
+                _loop_cell(node, producer, users, tensors, keep, opset)
+        except Exception:  # noqa: BLE001 - _NoFuse, or a loop of a shape this matcher never met:
+            out.append(node)  # either way it stays a Loop, which runs exactly (only slower)
+            continue
+        n_car = len(node["inputs"]) - 2
+        louts = node["outputs"] + [""] * (n_car + 1 - len(node["outputs"]))
+        finals = {role[1]}
+        if role[0] is not None and mode != 2:
+            finals.add(role[0])
+        if kind == "LSTM":
+            finals.add(role[2])
+        used = [o for k, o in enumerate(louts[:n_car]) if o and (o in keep or users.get(o))
+                and (k not in states or states.index(k) not in finals)]
+        if used:
+            out.append(node)  # a counter or an invariant is read after the loop: keep it
+            continue
+        base = f"fused_keras_{kind.lower()}{count}"
+        count += 1
+        tensors[base + ".W"] = np.ascontiguousarray(Wo[None], np.float32)
+        tensors[base + ".R"] = np.ascontiguousarray(Ro[None], np.float32)
+        tensors[base + ".B"] = np.ascontiguousarray(Bo[None], np.float32)
+        tensors[base + ".axis0"] = np.array([0], np.int64)
+        tensors[base + ".axis1"] = np.array([1], np.int64)
+        a = dict(attrs)
+        rec_ins = [x_seq, base + ".W", base + ".R", base + ".B", "", "", "", ""]
+        if mask_seq:
+            a[STEP_MASK] = mode
+            rec_ins.append(mask_seq)
+        name = node.get("name") or base
+        rec_outs = [base + ".Y", base + ".Yh"] + ([base + ".Yc"] if kind == "LSTM" else [])
+        new = [{"op": kind, "name": name, "inputs": rec_ins, "outputs": rec_outs, "attrs": a}]
+        scan = louts[n_car]
+        if scan:
+            new.append({"op": "Squeeze", "name": name + "/Y", "inputs": [base + ".Y", base + ".axis1"],
+                        "outputs": [scan], "attrs": {}})
+        # final values: the output and h are both Y_h (equal, as shown above); c is Y_c
+        finals = {role[1]: base + ".Yh"}
+        if role[0] is not None and mode != 2:
+            finals[role[0]] = base + ".Yh"
+        if kind == "LSTM":
+            finals[role[2]] = base + ".Yc"
+        for j, k in enumerate(states):
+            o = louts[k]
+            if o and j in finals:
+                new.append({"op": "Squeeze", "name": f"{name}/state{j}", "inputs": [finals[j], base + ".axis0"],
+                            "outputs": [o], "attrs": {}})
+        out.extend(new)
     return out, count

@@ -176,7 +176,8 @@ class _Layer:
                 "P": None if self.P is None else self.P[d],
             })
         return {"kind": self.kind, "direction": self.direction, "input_size": self.input_size,
-                "hidden_size": self.hidden_size, "cells": cells}
+                "hidden_size": self.hidden_size, "cells": cells,
+                "step_mask": getattr(self, "step_mask", 0)}
 
     def __repr__(self):
         return (f"{self.kind}(input_size={self.input_size}, hidden_size={self.hidden_size}, "

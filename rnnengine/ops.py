@@ -1484,16 +1484,42 @@ class Recurrent(Handler):
         return allowed
 
     def layer(self, consts):
-        from .fuse import STATELESS
+        from .fuse import STATELESS, STEP_MASK
         from .layers import layer_from_onnx
-        extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS})
+        extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS, STEP_MASK})
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
+        attrs = {k: v for k, v in self.attrs.items() if k != STEP_MASK}
         try:
-            return layer_from_onnx(self.node["op"], self.attrs, consts["W"], consts["R"], consts.get("B"),
-                                   consts.get("P"), name=self.node.get("name") or None)
+            layer = layer_from_onnx(self.node["op"], attrs, consts["W"], consts["R"], consts.get("B"),
+                                    consts.get("P"), name=self.node.get("name") or None)
         except (ValueError, TypeError) as e:
             raise UnsupportedError(f"{where(self.node)}: {e}") from None
+        layer.step_mask = int(self.attrs.get(STEP_MASK) or 0)
+        if layer.step_mask not in (0, 1, 2):
+            self.fail(f"{STEP_MASK} must be 1 or 2, got {layer.step_mask}")
+        return layer
+
+    def with_step_mask(self, p, x, mask, T, B, I):
+        """X (T, B, I) and the step mask (T, B, 1) as the rows the C cell reads with a step
+        mask: (T, B, I + 1), the mask (1.0 / 0.0) last (see rnn_cell_config.step_mask)."""
+        if mask is None:
+            self.fail("a step-masked layer needs its mask input")
+        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in DTYPE_CODE:
+            self.fail(f"the step mask must be ({T}, {B}, 1) bool (the shape the converter proved the "
+                      f"loop for), got {mask.dtype} {mask.shape}")
+        if mask.const is not None:
+            mf = p.const(np.ascontiguousarray((np.asarray(mask.const) != 0).astype(np.float32).reshape(T, B)))
+        elif mask.dtype != np.float32:
+            mf = p.new((T, B), np.float32)
+            p.emit(OP_CAST, [mask], [mf], [DTYPE_CODE[mask.dtype], 0, T * B])
+        else:
+            mf = mask
+        xm = p.new((T, B, I + 1), np.float32)
+        row = [B * (I + 1), I + 1]
+        emit_copy(p, x, xm, (T, B, I), contiguous_strides((T, B, I)), row + [1])
+        emit_copy(p, mf, xm, (T, B), [B, 1], row, dst_off=I)
+        return xm
 
     def emit(self, p, xs):
         kind = self.node["op"]
@@ -1512,6 +1538,12 @@ class Recurrent(Handler):
         B, T = (x.shape[0], x.shape[1]) if layer.layout else (x.shape[1], x.shape[0])
         if x.const is not None:
             x = p.materialize(x)
+        from .fuse import STEP_MASK
+        if self.attrs.get(STEP_MASK):
+            # what the converter makes of Keras loops; other combinations are not tested
+            if layer.layout or layer.direction != "forward" or slots["sequence_lens"] is not None:
+                self.fail("a step mask is supported on forward layers of layout 0 without sequence_lens only")
+            x = self.with_step_mask(p, x, xs[8] if len(xs) > 8 else None, T, B, I)
         lens = slots["sequence_lens"]
         if lens is not None:
             if lens.shape != (B,) or lens.dtype.kind not in "iu":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fuse import STEP_MASK
 from .ops import (OP_CONV1D, NotStreamableError, axis_of, contiguous_strides, emit_copy)
 
 RULES = {}
@@ -580,7 +581,12 @@ def recurrent_check(h, xs):
     if direction != "forward":
         raise NotStreamableError(h.node, f"direction {direction!r} runs backwards in time, so it needs "
                                          "the whole sequence (run the model on whole sequences instead)")
+    masked = bool(h.attrs.get(STEP_MASK))
     for k, v in enumerate(xs[1:], 1):
+        if masked and k == 8 and v is not None:  # a Keras step mask (rnnengine/fuse.py) runs with X
+            if v.final or (v.t is None) != (x.t is None) or (v.t is not None and (v.t != 0 or v.lag != x.lag)):
+                raise NotStreamableError(h.node, "its step mask does not run along time with its input")
+            continue
         if v is not None and k != 4 and (v.t is not None or v.final) and k not in (5, 6):
             raise NotStreamableError(h.node, "its weights change with time")
     for v in xs[5:7]:

@@ -44,6 +44,7 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
         if (cfg->act[k].kind < 0 || cfg->act[k].kind >= RNN_ACT_COUNT) return RNN_STATUS_BAD_ARGUMENT;
     if (P && cfg->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->weight_dtype < RNN_WEIGHTS_F32 || cfg->weight_dtype > RNN_WEIGHTS_I8) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->step_mask < 0 || cfg->step_mask > 2) return RNN_STATUS_BAD_ARGUMENT;
 
     const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
     /* G*H is a BLAS dimension; W and R must stay far below 2^40 floats. */
@@ -93,7 +94,38 @@ int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B) {
 }
 
 int64_t rnn_cell_forward_floats(const rnn_cell *cell, int64_t T, int64_t B) {
-    return T * B * cell->G * cell->cfg.hidden_size + rnn_cell_step_floats(cell, B);
+    /* xproj (T*B, G*H), one step's scratch, and with a step mask the old h and c (B, H) each */
+    const int64_t saved = cell->cfg.step_mask ? 2 * B * cell->cfg.hidden_size : 0;
+    return T * B * cell->G * cell->cfg.hidden_size + rnn_cell_step_floats(cell, B) + saved;
+}
+
+/* Step mask blend after one step (see rnn_cell_config.step_mask): for each active row b,
+ *   h[b] = m * h[b] + (1 - m) * h_old[b]   (B, H); c likewise;
+ *   Y[t, b] = h[b] (mode 1), or m * h_new[b] + (1 - m) * 0 (mode 2: masked steps output 0).
+ * Written exactly as the exported graphs compute it (Cast(m) * new + Cast(!m) * old), so the
+ * result is bitwise theirs, NaN and Inf included. */
+static void blend_step_mask(const rnn_seq *s, int64_t step, const float *X, int64_t width, int64_t H,
+                            int32_t mode, float *h, const float *h_old, float *c, const float *c_old) {
+    for (int64_t b = 0; b < s->B; b++) {
+        const int64_t t = rnn_seq_time(s, step, b);
+        if (t < 0) continue;
+        const float m = X[(t * s->xs_t + b * s->xs_b) * width + (width - 1)] != 0.0f ? 1.0f : 0.0f;
+        const float k = 1.0f - m;
+        float *hb = h + b * H, *y = s->Y + t * s->ys_t + b * s->ys_b;
+        const float *ho = h_old + b * H;
+        if (mode == 2) {
+            for (int64_t j = 0; j < H; j++) y[j] = m * hb[j] + k * 0.0f;
+            for (int64_t j = 0; j < H; j++) hb[j] = m * hb[j] + k * ho[j];
+        } else {
+            for (int64_t j = 0; j < H; j++) hb[j] = m * hb[j] + k * ho[j];
+            memcpy(y, hb, sizeof(float) * (size_t)H);
+        }
+        if (c) {
+            float *cb = c + b * H;
+            const float *co = c_old + b * H;
+            for (int64_t j = 0; j < H; j++) cb[j] = m * cb[j] + k * co[j];
+        }
+    }
 }
 
 void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B, int64_t xs_t,
@@ -101,15 +133,19 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
                       int64_t ys_b, float *h, float *c, float *work) {
     const int64_t H = cell->cfg.hidden_size, I = cell->cfg.input_size, GH = cell->G * H;
     const int64_t N = T * B;
+    const int32_t masked = cell->cfg.step_mask;
+    const int64_t width = I + (masked != 0); /* floats per input row: the step mask rides last */
     float *xproj = work;          /* (T*B, G*H), rows in X's order */
     float *step_work = work + N * GH;
+    float *h_old = step_work + rnn_cell_step_floats(cell, B); /* (B, H), step mask only */
+    float *c_old = h_old + B * H;                              /* (B, H), step mask only */
 
-    /* xproj = X @ W^T + bias_x   (one GEMM for all time steps) */
+    /* xproj = X[:, :I] @ W^T + bias_x   (one GEMM for all time steps) */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
     if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2)
-        rnn_gemm_nt(N, GH, I, 1.0f, X, I, cell->W, I, 1.0f, xproj, GH, 1);
+        rnn_gemm_nt(N, GH, I, 1.0f, X, width, cell->W, I, 1.0f, xproj, GH, 1);
     else
-        rnn_gemm_packed(N, X, I, &cell->Wp, xproj, GH, 1);
+        rnn_gemm_packed(N, X, width, &cell->Wp, xproj, GH, 1);
 
     /* Outputs past each row's length are zero. */
     int64_t max_len = T;
@@ -123,10 +159,15 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
 
     rnn_seq s = {T, B, xproj, xs_t, xs_b, Y, ys_t, ys_b, lens, reverse};
     for (int64_t step = 0; step < max_len; step++) {
+        if (masked) {
+            memcpy(h_old, h, sizeof(float) * (size_t)(B * H));
+            if (c) memcpy(c_old, c, sizeof(float) * (size_t)(B * H));
+        }
         switch (cell->cfg.kind) {
         case RNN_CELL_LSTM: rnn_lstm_step(cell, &s, step, h, c, step_work); break;
         case RNN_CELL_GRU: rnn_gru_step(cell, &s, step, h, step_work); break;
         default: rnn_rnn_step(cell, &s, step, h, step_work); break;
         }
+        if (masked) blend_step_mask(&s, step, X, width, H, masked, h, h_old, c, c_old);
     }
 }

@@ -80,7 +80,18 @@ typedef struct {
     int32_t input_forget;        /* LSTM only: couple forget gate to input gate */
     int32_t linear_before_reset; /* GRU only */
     int32_t weight_dtype;        /* rnn_weight_dtype of the packed weights */
+    int32_t step_mask;           /* 1, 2: a per-row step mask rides in the input (see below) */
 } rnn_cell_config;
+
+/* Step mask (cfg.step_mask = 1; the first layer of a stack only): every input row holds
+ * I + 1 floats, the last being that row's mask m at that step (1 = the step counts, 0 = the
+ * row skips it, as Keras masking does). After each step the state of every row and its
+ * output are the blend the Keras exports write,
+ *     h = m * h_new + (1 - m) * h_old      (c likewise for an LSTM),  Y[t, b] = h,
+ * so a masked step keeps the state and repeats it as output, also in the middle of a
+ * sequence; with step_mask = 2 (Keras' zero_output_for_mask, e.g. in Bidirectional) the
+ * output is Y[t, b] = m * h_new + (1 - m) * 0 instead. Computed as written, so NaN and Inf
+ * propagate as in onnxruntime. */
 
 typedef struct rnn_cell rnn_cell;
 
@@ -102,7 +113,7 @@ typedef struct rnn_stack rnn_stack;
 rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell *const *cells,
                             rnn_stack **out);
 void rnn_stack_free(rnn_stack *stack);
-int32_t rnn_stack_input_size(const rnn_stack *stack);
+int32_t rnn_stack_input_size(const rnn_stack *stack); /* floats per input row (I, +1 with a step mask) */
 int32_t rnn_stack_output_size(const rnn_stack *stack); /* D*H of the last layer */
 
 /* State of the whole stack for B rows, in floats. Layout, layer by layer:

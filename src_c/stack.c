@@ -8,6 +8,7 @@ typedef struct {
     int32_t direction; /* 0 forward, 1 reverse, 2 bidirectional */
     int32_t D, H, I;
     int32_t has_c;     /* LSTM */
+    int32_t mask;      /* 1: input rows carry a step mask after their I floats (layer 0 only) */
     rnn_cell *cell[2];
 } rnn_layer;
 
@@ -59,11 +60,15 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
         ly->H = c0->hidden_size;
         ly->I = c0->input_size;
         ly->has_c = c0->kind == RNN_CELL_LSTM;
+        ly->mask = c0->step_mask != 0;
         if (ly->D == 2) {
             const rnn_cell_config *c1 = &ly->cell[1]->cfg;
             if (c1->kind != c0->kind || c1->hidden_size != ly->H || c1->input_size != ly->I)
                 status = RNN_STATUS_BAD_SHAPE;
+            if (c1->step_mask != c0->step_mask) status = RNN_STATUS_BAD_ARGUMENT;
         }
+        /* only the stack's own input carries a step mask column */
+        if (l > 0 && ly->mask) status = RNN_STATUS_BAD_ARGUMENT;
         if (l > 0 && ly->I != layers[l - 1].D * layers[l - 1].H) status = RNN_STATUS_BAD_SHAPE;
     }
     if (status != RNN_STATUS_OK) {
@@ -74,7 +79,7 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
     return RNN_STATUS_OK;
 }
 
-int32_t rnn_stack_input_size(const rnn_stack *st) { return st->layer[0].I; }
+int32_t rnn_stack_input_size(const rnn_stack *st) { return st->layer[0].I + st->layer[0].mask; }
 int32_t rnn_stack_output_size(const rnn_stack *st) {
     const rnn_layer *ly = &st->layer[st->L - 1];
     return ly->D * ly->H;
