@@ -13,7 +13,7 @@ import pytest
 import rnnengine
 from rnnengine.converter import convert_model
 from rnnengine.ops import UnsupportedError
-from tests.oracle import max_violation
+from oracle import max_violation
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "masking")
 with open(os.path.join(HERE, "manifest.json")) as f:
