@@ -269,6 +269,7 @@ cdef class Stream:
     cdef object _initial        # float32 (S,): what reset() restores
     cdef int64_t _ws1           # workspace floats of one step
     cdef float *_state_p        # data pointer of _state (kept alive by it)
+    cdef bint _busy             # a call is running on this stream (set and tested with the GIL held)
 
     def __cinit__(self, model, Stack stack, int batch_size, initial, bint batch_first):
         if batch_size < 1:
@@ -318,9 +319,13 @@ cdef class Stream:
         cdef float *yp = <float *>cnp.PyArray_DATA(res)
         cdef float *wp = <float *>cnp.PyArray_DATA(_thread_work(self._ws1))
         cdef rnn_status st
-        with nogil:
-            st = rnn_stack_forward(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
-                                   stack.last_hidden, self._state_p, wp)
+        self._enter()
+        try:
+            with nogil:
+                st = rnn_stack_forward(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
+                                       stack.last_hidden, self._state_p, wp)
+        finally:
+            self._busy = False
         if st != RNN_STATUS_OK:
             _check(st, "step")
         return res
@@ -347,12 +352,27 @@ cdef class Stream:
             DH = stack.output_size
             ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
             work = _thread_work(stack.workspace_size(T, B))
-            stack.forward(arr, None, Y.reshape(-1), ys_t, ys_b, stack.last_hidden, self._state,
-                          work[:stack.workspace_size(T, B)], self.batch_first)
+            self._enter()
+            try:
+                stack.forward(arr, None, Y.reshape(-1), ys_t, ys_b, stack.last_hidden, self._state,
+                              work[:stack.workspace_size(T, B)], self.batch_first)
+            finally:
+                self._busy = False
         return Y[:, 0, :] if squeeze and not self.batch_first else (Y[0] if squeeze else Y)
+
+    cdef _enter(self):
+        """Marks the stream in use; a second thread using it at the same time gets an error
+        instead of steps silently lost and a torn state. The GIL is held here, so testing and
+        setting the flag cannot interleave with another thread's."""
+        if self._busy:
+            raise RuntimeError("this stream is being used by another thread at the same time; a stream "
+                               "carries one sequence, so use it from one thread at a time (or fork() it)")
+        self._busy = True
 
     def reset(self):
         """Restores the model's initial state (zeros unless the model defines one)."""
+        self._enter()
+        self._busy = False
         self._state[...] = self._initial
 
     def fork(self):
@@ -368,7 +388,10 @@ cdef class Stream:
 
     def set_state(self, state):
         """Replaces the state (same structure as get_state() returns)."""
-        self._state[...] = self.model._pack_state(state, self.batch_size)
+        packed = self.model._pack_state(state, self.batch_size)
+        self._enter()
+        self._busy = False
+        self._state[...] = packed
 
     def get_state_vector(self):
         """A copy of the raw state (rnn_stack layout); see Model for the structured form."""
@@ -416,6 +439,14 @@ def step_streams(list streams, x, out=None):
     for i in range(n):
         s = streams[i]
         ptrs[i] = <uintptr_t>s._state_ptr()
+    for i in range(n):  # every stream in use for the call (released below, also on error)
+        s = streams[i]
+        try:
+            s._enter()
+        except RuntimeError:
+            for j in range(i):
+                (<Stream>streams[j])._busy = False
+            raise
     # scratch from this thread's buffers (no allocation per call): the batched state after
     # the workspace, in one buffer
     cdef int64_t ws = stack.workspace_size(1, n), ss = stack.state_size(n)
@@ -425,12 +456,16 @@ def step_streams(list streams, x, out=None):
     cdef const float[:, ::1] xv = arr
     cdef float[:, ::1] yv = res
     cdef rnn_status st
-    with nogil:
-        rnn_stack_gather_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
-        st = rnn_stack_forward(stack.ptr, &xv[0, 0], 1, n, 0, NULL, &yv[0, 0], 0, stack.output_size,
-                               stack.last_hidden, &bs[0], &wv[0])
-        if st == RNN_STATUS_OK:
-            rnn_stack_scatter_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
+    try:
+        with nogil:
+            rnn_stack_gather_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
+            st = rnn_stack_forward(stack.ptr, &xv[0, 0], 1, n, 0, NULL, &yv[0, 0], 0, stack.output_size,
+                                   stack.last_hidden, &bs[0], &wv[0])
+            if st == RNN_STATUS_OK:
+                rnn_stack_scatter_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
+    finally:
+        for i in range(n):
+            (<Stream>streams[i])._busy = False
     _check(st, "step_streams")
     return res
 

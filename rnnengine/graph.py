@@ -921,6 +921,10 @@ class GraphModel:
         return GraphStream(self)
 
 
+_BUSY = ("this stream is being used by another thread at the same time; a stream carries one "
+         "sequence, so use it from one thread at a time (or fork() it)")
+
+
 class GraphStream:
     """State held between calls: recurrent layers' own state, the graph's explicit state
     inputs (fed from the paired outputs of the previous call), and the context that ops
@@ -943,6 +947,7 @@ class GraphStream:
         self._taxes = None       # {input name: time axis}, known from the first call
         self._last = None        # the last call's feeds (finish() repeats their other axes)
         self._finished = False
+        self._busy = threading.Lock()  # held during a call: concurrent use raises
         self.delay = 0           # input steps by which outputs along time trail the input
         self.output_axes = {}    # output name -> its time axis (None: a final state or no time)
         self._tail = False       # the plan holds frames back until finish()
@@ -977,7 +982,7 @@ class GraphStream:
     def fork(self):
         other = GraphStream.__new__(GraphStream)
         other.__dict__.update(self.__dict__)
-        other._fast, other._spare, other._ctx = None, {}, {}
+        other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
         other._carried = {k: v.copy() for k, v in self._carried.items()}
         other._aux = dict(self._aux)
@@ -1164,7 +1169,16 @@ class GraphStream:
         """Runs the graph on one chunk and returns its outputs (dict name -> array; only
         the names in ``outputs`` when given, which saves copying the others). Outputs along
         time trail the input by ``self.delay`` steps when an op looks ahead; finish() gives
-        the rest."""
+        the rest. A stream carries one sequence: a call while another thread's call on the
+        same stream runs raises RuntimeError (fork() gives independent streams)."""
+        if not self._busy.acquire(False):
+            raise RuntimeError(_BUSY)
+        try:
+            return self._step(inputs, outputs)
+        finally:
+            self._busy.release()
+
+    def _step(self, inputs, outputs):
         if self._finished:
             raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
@@ -1241,6 +1255,15 @@ class GraphStream:
         return ctx[1]
 
     def finish(self, outputs=None):
+        """Ends the sequence (see _finish_sequence); refuses concurrent use like step()."""
+        if not self._busy.acquire(False):
+            raise RuntimeError(_BUSY)
+        try:
+            return self._finish_sequence(outputs)
+        finally:
+            self._busy.release()
+
+    def _finish_sequence(self, outputs=None):
         """Ends the sequence: flushes what ops along time still hold (the trailing padding
         of a convolution that looks ahead, or of a Pad) and returns those last outputs (an
         empty dict when nothing is held back). The stream then refuses further steps until
