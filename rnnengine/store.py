@@ -88,7 +88,33 @@ def save(model, path, dtype="float32"):
     fileformat.write(path, graph, tensors, dtype=dtype, quantize=quantize, metadata=meta)
 
 
-def check_graph(graph, tensor_names, where="graph"):
+_ATTR_TYPES = {}
+
+
+def _schema(op, opset):
+    """onnx.defs' schema of op at opset (None for an op or opset onnx does not define)."""
+    import onnx.defs
+    try:
+        return onnx.defs.get_schema(op, max(1, min(int(opset or 1), onnx.defs.onnx_opset_version())), "")
+    except Exception:
+        return None
+
+
+def _attr_types(op, opset):
+    """{attribute: ONNX attribute type name} of op at opset (onnx.defs), cached; rnnengine's
+    own converter attributes are integers."""
+    key = (op, opset)
+    hit = _ATTR_TYPES.get(key)
+    if hit is None:
+        from .fuse import STATELESS, STEP_MASK
+        schema = _schema(op, opset)  # None: an op or opset onnx does not define (refused by name later)
+        hit = {} if schema is None else {a: str(t.type).rsplit(".", 1)[-1] for a, t in schema.attributes.items()}
+        hit.update({STATELESS: "INT", STEP_MASK: "INT"})
+        _ATTR_TYPES[key] = hit
+    return hit
+
+
+def check_graph(graph, tensor_names, where="graph", opset=None):
     """Validates the structure of a stored graph before anything uses it (a damaged or
     hand-made file must fail here with a FormatError naming the field, not later)."""
     from .graph import SEQUENCE_OPS
@@ -100,16 +126,79 @@ def check_graph(graph, tensor_names, where="graph"):
     def strings(v, what):
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             fail(f"{what} must be a list of strings")
+
+    def check_arity(n, what):
+        """Inputs an op requires are named (not ""), and their count is one the op takes."""
+        schema = _schema(n["op"], opset)
+        if schema is None:
+            return
+        from .fuse import STEP_MASK
+        ins = n["inputs"]
+        most = schema.max_input
+        if n["op"] in ("LSTM", "GRU", "RNN"):
+            # the converter writes the engine's 8 recurrent slots, plus a fused Keras cell's step
+            # mask as input 8; beyond the op's own inputs only that mask may be named
+            masked = isinstance(n.get("attrs"), dict) and n["attrs"].get(STEP_MASK)
+            for j in range(schema.max_input, len(ins)):
+                if ins[j] and not (j == 8 and masked):
+                    fail(f"{what}: {n['op']} has no input {j} (named {ins[j]!r})")
+            most = 9
+        if not schema.min_input <= len(ins) <= most:
+            fail(f"{what}: {n['op']} takes {schema.min_input} to {most} inputs, got {len(ins)}")
+        for j, formal in enumerate(schema.inputs):
+            if j < len(ins) and not ins[j] and "Single" in str(formal.option):
+                fail(f"{what}: {n['op']} needs its input {formal.name!r} (input {j})")
+
+    def check_attr_type(op, name, v, what):
+        """The JSON type of an attribute against its ONNX type (so handlers never see, say, a
+        string among a Transpose's perm)."""
+        kind = _attr_types(op, opset).get(name)
+        if kind is None:
+            return  # unknown attributes are refused by the op's handler, by name
+        ok = {"INT": lambda x: isinstance(x, int),  # bools are ints in JSON writers too
+              "FLOAT": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+              "STRING": lambda x: isinstance(x, str),
+              "TENSOR": lambda x: isinstance(x, dict) and set(x) == {"tensor"},
+              "GRAPH": lambda x: isinstance(x, dict) and set(x) == {"graph"}}
+        base = kind[:-1] if kind.endswith("S") and kind[:-1] in ok else kind
+        if base not in ok:
+            return
+        if base != kind:  # a list attribute
+            if not isinstance(v, list) or not all(ok[base](x) for x in v):
+                fail(f"{what} must be a list of {base.lower()}s, got {v!r}"[:300])
+        elif not ok[base](v):
+            fail(f"{what} must be a {base.lower()}, got {v!r}"[:300])
+
+    def check_attr(v, what):
+        """An attribute value as _encode writes it: a number, string, bool or null, a list of
+        them, {"tensor": name of a table entry} or {"graph": subgraph}, at any list depth."""
+        if isinstance(v, list):
+            for x in v:
+                check_attr(x, what)
+        elif isinstance(v, dict):
+            if set(v) == {"tensor"}:
+                if not isinstance(v["tensor"], str) or v["tensor"] not in tensor_names:
+                    fail(f"{what} names a missing tensor {v['tensor']!r}")
+            elif set(v) == {"graph"}:
+                check_graph(v["graph"], tensor_names, f"{where}: {what}", opset)
+            else:
+                fail(f"{what} is an object with keys {sorted(map(str, v))}; expected a tensor or a graph")
+        elif not (v is None or isinstance(v, (bool, int, float, str))):
+            fail(f"{what} has a value of type {type(v).__name__}")
     if not isinstance(graph, dict):
         fail("must be an object")
     if where == "graph":
         if not isinstance(graph.get("opset"), int) or not 1 <= graph["opset"] <= 100:
             fail(f"opset must be an integer, got {graph.get('opset')!r}")
+        opset = graph["opset"]
         for key in ("inputs", "outputs"):
             items = graph.get(key)
             if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
                                                       for i in items):
                 fail(f"{key} must be a list of objects with a name")
+        for i in graph["inputs"] + graph["outputs"]:
+            if "shape" not in i or "dtype" not in i:
+                fail(f"input/output {i['name']!r} needs 'dtype' and 'shape' (null when unknown)")
         for i in graph["inputs"]:
             if i.get("dtype") not in ("float32", "int64", "int32", "bool", "uint8"):
                 fail(f"input {i['name']!r} has an unsupported dtype {i.get('dtype')!r}")
@@ -134,11 +223,10 @@ def check_graph(graph, tensor_names, where="graph"):
         strings(n.get("outputs"), f"node {k} outputs")
         if not isinstance(n.get("attrs", {}), dict):
             fail(f"node {k} attrs must be an object")
+        check_arity(n, f"node {k} ({n.get('name')!r})")
         for name, v in n.get("attrs", {}).items():
-            if isinstance(v, dict) and set(v) == {"tensor"} and v["tensor"] not in tensor_names:
-                fail(f"node {k} attribute {name!r} names a missing tensor {v['tensor']!r}")
-            if isinstance(v, dict) and set(v) == {"graph"}:
-                check_graph(v["graph"], tensor_names, f"{where}: node {k} attribute {name!r}")
+            check_attr(v, f"node {k} attribute {name!r}")
+            check_attr_type(n["op"], name, v, f"node {k} ({n.get('name')!r}) attribute {name!r}")
 
 
 CHECKPOINT_KIND = "rnnengine-checkpoint"
