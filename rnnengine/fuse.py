@@ -408,7 +408,7 @@ def _ref_cell(kind, x, h, c, W, R, B, lbr, act):
     return a(x @ W.T + h @ R.T + Wb + Rb), None
 
 
-def _loop_cell(node, producer, users, tensors, keep, opset):
+def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     """The engine cell a Keras recurrent Loop computes, or _NoFuse. Returns the nodes that
     replace the Loop."""
     body = node["attrs"]["body"]
@@ -556,6 +556,10 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     if len(masks) > 1:
         raise _NoFuse("more than one mask")
     mask_seq = masks[0] if masks else None
+    if mask_seq is not None and not _boolean_valued(mask_seq, producer, tensors, bool_inputs):
+        # the step mask keeps or updates whole rows: a mask of other values (a float graph
+        # input, say) blends them, which only the Loop itself computes
+        raise _NoFuse("a mask not proven to hold only 0 and 1")
     # every state starts from zeros (so the repeated output equals the kept state)
     for k in states:
         if not _is_zeros(init[k], producer, tensors):
@@ -620,11 +624,14 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     modes = [1, 2] if mask_seq else [0]   # masked output: 1 the kept state, 2 zeros
     rng = np.random.default_rng(0)
     trials = []
-    for trial in range(3):
+    for trial in range(6):
         T, B = 4, 5
-        xv = rng.standard_normal((T, B, I)).astype(np.float32)
+        # small and large inputs and states: an extra op that is the identity on small values
+        # (a Clip of the cell state) must show
+        scale = (1.0, 8.0, 0.1)[trial % 3]
+        xv = (rng.standard_normal((T, B, I)) * scale).astype(np.float32)
         mv = rng.random((T, B, 1)) < 0.5 if mask_seq else None
-        sv = [rng.uniform(-1, 1, (B, H)).astype(np.float32) for _ in states]
+        sv = [rng.uniform(-scale, scale, (B, H)).astype(np.float32) for _ in states]
         i = trial % T
         zero_state = np.zeros((B, H), np.float32)
         vals = dict(zip(shape_vals, _outer_eval(shape_vals, producer, tensors, (x_seq, (T, B, I)), opset)))
@@ -679,7 +686,33 @@ def _loop_cell(node, producer, users, tensors, keep, opset):
     return kind, chosen, x_seq, mask_seq, states, counters, passthrough
 
 
-def fuse_keras_loops(nodes, tensors, outputs, opset):
+BOOLEAN_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+               "IsNaN", "IsInf"}
+
+
+def _boolean_valued(name, producer, tensors, bool_inputs, depth=0):
+    """True when tensor `name` can only hold 0 and 1: a bool graph input, a constant of 0s and
+    1s, made by a comparison or logic op, a Cast of such a value, or data movement of one."""
+    if name in bool_inputs:
+        return True
+    if name in tensors:
+        v = np.asarray(tensors[name])
+        return v.dtype == np.bool_ or bool(np.isin(v, (0, 1)).all())
+    node = producer.get(name)
+    if node is None or depth > 32:
+        return False
+    op = node["op"]
+    if op in BOOLEAN_OPS:
+        return True
+    if op == "Cast" and node.get("attrs", {}).get("to") == 9:  # to bool
+        return True
+    if op in ("Cast", "Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",
+              "ReverseSequence", "Slice", "Gather"):  # data movement: the values stay those of input 0
+        return _boolean_valued(node["inputs"][0], producer, tensors, bool_inputs, depth + 1)
+    return False
+
+
+def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=()):
     """Maps the Loops tf2onnx writes for Keras LSTM / GRU / SimpleRNN layers (masked by
     Embedding(mask_zero=True) or Masking, or not masked) to one engine cell each.
 
@@ -703,7 +736,7 @@ def fuse_keras_loops(nodes, tensors, outputs, opset):
             continue
         try:
             kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough = \
-                _loop_cell(node, producer, users, tensors, keep, opset)
+                _loop_cell(node, producer, users, tensors, keep, opset, set(bool_inputs))
         except Exception:  # noqa: BLE001 - _NoFuse, or a loop of a shape this matcher never met:
             out.append(node)  # either way it stays a Loop, which runs exactly (only slower)
             continue
