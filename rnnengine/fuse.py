@@ -624,11 +624,11 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     modes = [1, 2] if mask_seq else [0]   # masked output: 1 the kept state, 2 zeros
     rng = np.random.default_rng(0)
     trials = []
-    for trial in range(6):
+    for trial in range(8):
         T, B = 4, 5
         # small and large inputs and states: an extra op that is the identity on small values
         # (a Clip of the cell state) must show
-        scale = (1.0, 8.0, 0.1)[trial % 3]
+        scale = (1.0, 8.0, 0.1, 30.0)[trial % 4]
         xv = (rng.standard_normal((T, B, I)) * scale).astype(np.float32)
         mv = rng.random((T, B, 1)) < 0.5 if mask_seq else None
         sv = [rng.uniform(-scale, scale, (B, H)).astype(np.float32) for _ in states]

@@ -148,3 +148,49 @@ def test_keras_lstm_loop_gating_its_input_by_the_counter_equals_onnxruntime():
     for k, n in enumerate(new):
         b.node.insert(idx + 1 + k, n)
     engine_equals_ort(m, feeds_lstm(mask=np.ones((3, 30), bool)))
+
+
+SRNN3 = os.path.join(HERE, "keras3_mask_simplernn.onnx")
+SRNN_H = "functional_3_1_simple_rnn_1_while_placeholder_3:0"
+
+
+def simplernn_variant(variant):
+    m = onnx.load(SRNN3)
+    b = body_of(m)
+    b.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), n)
+                          for n, v in (("z0", 0), ("six", 6), ("m1", -1), ("p1", 1))])
+    for n in b.node:
+        if n.op_type == "Tanh":
+            if variant == "relu6":
+                n.op_type = "Clip"
+                n.input.extend(["z0", "six"])
+            else:
+                n.op_type = "Relu"
+    if variant == "relu_clip_h":
+        for n in b.node:
+            if n.op_type == "MatMul" and n.input[0] == SRNN_H:
+                n.input[0] = "h_clip"
+        b.node.insert(0, helper.make_node("Clip", [SRNN_H, "m1", "p1"], ["h_clip"]))
+    return m
+
+
+def srnn_feeds(B=3, T=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((B, T, 6)).astype(np.float32), "mask": np.ones((B, T), bool)}
+
+
+def test_keras_simplernn_loop_with_relu6_activation_is_not_fused_as_relu():
+    """Clip(pre, 0, 6) (Keras relu with max_value=6) equals Relu on the proof's trials (their
+    pre-activations stay below 6) and is fused as an RNN with Relu (fuse.py _loop_cell
+    hypotheses Tanh/Relu/Sigmoid); real sequences grow past 6."""
+    engine_equals_ort(simplernn_variant("relu6"), srnn_feeds())
+
+
+def test_keras_relu_simplernn_loop_clipping_its_state_is_not_fused():
+    """Relu SimpleRNN whose body reads Clip(h_prev, -1, 1): the identity on the trial states
+    (uniform in [-1, 1]) but not on a Relu state, which exceeds 1."""
+    engine_equals_ort(simplernn_variant("relu_clip_h"), srnn_feeds())
+
+
+def test_keras_relu_simplernn_loop_equals_onnxruntime():
+    engine_equals_ort(simplernn_variant("relu"), srnn_feeds())
