@@ -1308,25 +1308,13 @@ class GraphStream:
         out = plan.execute(ctx, feeds, self._layer_state, want, into)
         for a, o in self.model.state_pairs:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
-        self._aux = plan.next_aux if plan.next_aux != self._aux else self._aux
+        self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
         return out
 
 
 def _length_inputs(model):
     """Graph inputs that reach a recurrent layer's sequence_lens (packed-sequence exports):
     in a stream they count the valid steps of each row in the chunk."""
-    from .ops import Recurrent
-    slot = Recurrent.SLOTS.index("sequence_lens")
-    names = {i["name"] for i in model.inputs if i["dtype"] in ("int64", "int32")}
-    found, frontier = set(), {}
-    for n in model.graph["nodes"]:
-        for k, x in enumerate(n["inputs"]):
-            src = frontier.get(x, x if x in names else None)
-            if src is None:
-                continue
-            if n["op"] in ("LSTM", "GRU", "RNN") and k == slot:
-                found.add(src)
-            elif n["op"] in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Gather") and k == 0:
-                for o in n["outputs"]:
-                    frontier[o] = src
-    return found
+    from .verify import input_roles  # verify imports this module
+    return {name for name, role in input_roles(model).items() if role[0] == "lengths"}
+

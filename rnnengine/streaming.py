@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from .fuse import STEP_MASK
-from .ops import (OP_CONV1D, NotStreamableError, axis_of, contiguous_strides, emit_copy)
+from .ops import (OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+                  contiguous_strides, emit_copy)
 
 RULES = {}
 
@@ -268,7 +269,6 @@ def reshape_no_steps(p, h, xs):
     if h.node["op"] == "Flatten":
         out_shape = list(h.target(tuple(probe)))
     else:
-        from .ops import _reshape_target
         target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
         if has_tdep(xs[1]):
             target[np.asarray(xs[1].tdep).reshape(-1)] = P
@@ -293,7 +293,6 @@ def squeeze(p, h, xs, outs):
     if len(out.shape) == len(x.shape):
         _set(out, t=x.t, lag=x.lag, scale=x.scale)
         return
-    from .ops import _axes
     axes = _axes(h, xs, 1)
     nd = len(x.shape)
     axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [axis_of(h, a, nd) for a in axes]
@@ -308,7 +307,6 @@ def unsqueeze(p, h, xs, outs):
     if x.t is None:
         _set(out, final=x.final, tdep=np.asarray(x.tdep).reshape(out.shape) if has_tdep(x) else None)
         return
-    from .ops import _axes
     nd = len(out.shape)
     axes = sorted(axis_of(h, a, nd) for a in _axes(h, xs, 1))
     rest = [i for i in range(nd) if i not in axes]
@@ -418,7 +416,6 @@ def slice_(p, h, xs, outs):
     x, out = xs[0], outs[0]
     if out.const is not None and x.t is None and not x.final:
         if has_tdep(x):
-            from .ops import _slice_params
             params = _slice_params(h, x.shape, xs)
             idx = tuple(slice(s, s + n * st if s + n * st >= 0 else None, st) for s, n, st in params)
             _set(out, tdep=np.asarray(x.tdep).reshape(x.shape)[idx])
@@ -428,18 +425,13 @@ def slice_(p, h, xs, outs):
     if x.final:
         _set(out, final=True)
         return
-    from .ops import _slice_params
-    params = _slice_params(h, x.shape, xs)
-    start, n, step = params[x.t]
-    T = x.shape[x.t]
     raw = _raw_slice(h, xs, x.t)
     if raw is not None and raw[2] == 1 and (raw[0] == 0 or raw[0] <= -(2 ** 31)) \
             and (raw[1] >= 2 ** 31 - 1 or raw[3]):
         # the whole time axis by construction (0 or -inf to +inf or to the length itself)
         _set(out, t=x.t, lag=x.lag, scale=x.scale)
         return
-    starts = optional_list(h, xs, 1, "starts")
-    if step == 1 and starts is not None and starts.get(x.t) == -1 and raw is not None and raw[1] >= 2 ** 31 - 1:
+    if raw is not None and raw[:3] == (-1, raw[1], 1) and raw[1] >= 2 ** 31 - 1:
         return _last_step(h, x, out, -1, x.t)  # x[-1:], the last step
     raise NotStreamableError(h.node, "slices the time axis (a chunk holds other steps than the whole "
                                      "sequence)")
@@ -464,23 +456,6 @@ def _raw_slice(h, xs, axis):
         return (0, 2 ** 63 - 1, 1, False)
     k = axes.index(axis)
     return (starts[k], ends[k], 1 if steps is None else steps[k], bool(emask and emask[k]))
-
-
-def optional_list(h, xs, k, what):
-    """{axis: start} of a Slice, from its inputs or attributes."""
-    if h.opset < 10:
-        starts, axes = h.attr("starts"), h.attr("axes")
-    else:
-        def val(j):
-            if len(xs) <= j or xs[j] is None or xs[j].const is None:
-                return None
-            return [int(v) for v in np.asarray(xs[j].const).reshape(-1)]
-        starts, axes = val(1), val(3)
-    if starts is None:
-        return None
-    nd = len(xs[0].shape)
-    axes = list(range(len(starts))) if axes is None else [a % nd for a in axes]
-    return dict(zip(axes, starts))
 
 
 @rule("Split")

@@ -72,6 +72,19 @@ def check_with_ort(path, feeds, want):
             raise AssertionError(f"onnxruntime differs from the framework by {err:.2e}")
 
 
+def stream(why, delay=None):
+    """A manifest entry's streaming expectation: the stream is made (with this delay)."""
+    d = {"expect": "stream", "why": why}
+    if delay:
+        d["delay"] = delay
+    return d
+
+
+def refuse(why):
+    """A manifest entry's streaming expectation: stream() refuses, for this reason."""
+    return {"expect": "refuse", "why": why}
+
+
 # --- PyTorch -----------------------------------------------------------------------------
 
 def torch_models():
@@ -266,15 +279,6 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
 
         def forward(self, x):
             return self.m(x)
-
-    def stream(why, delay=None):
-        d = {"expect": "stream", "why": why}
-        if delay:
-            d["delay"] = delay
-        return d
-
-    def refuse(why):
-        return {"expect": "refuse", "why": why}
 
     base = [("dynamo", 18), ("legacy", 14), ("legacy", 17)]
     xo = [("x", "float", bt)]
@@ -607,15 +611,6 @@ def export_keras(entries, legacy=False):
     keras.utils.set_random_seed(0)
     family = "keras2" if legacy else "keras3"
     failures = []
-
-    def stream(why, delay=None):
-        d = {"expect": "stream", "why": why}
-        if delay:
-            d["delay"] = delay
-        return d
-
-    def refuse(why):
-        return {"expect": "refuse", "why": why}
 
     def seq(*stack, tokens=False):
         inp = keras.Input((None,), dtype="int32", name="ids") if tokens else keras.Input((None, I), name="x")
