@@ -1,11 +1,57 @@
-"""rnnengine: fast, faithful CPU inference for LSTM, GRU and RNN models from ONNX."""
-from ._core import Stream, step_streams
-from .layers import GRU, LSTM, RNN, ACTIVATIONS
-from .model import Model, load_onnx
+"""rnnengine: fast, faithful CPU inference for LSTM, GRU and RNN models from ONNX.
+
+The compiled core (rnnengine._core) is loaded on first use, so the pure-Python parts
+(rnnengine.fileformat, the weight-file reader) import without it.
+"""
+from ._version import __version__
 
 __all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
-           "load", "save"]
-__version__ = "0.1.0"
+           "load", "save", "__version__"]
+
+# public name -> the module that defines it; imported on first access (PEP 562)
+_LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".layers", "GRU": ".layers", "RNN": ".layers",
+         "ACTIVATIONS": ".layers", "Model": ".model", "load_onnx": ".model"}
+
+
+def _core_missing(err):
+    """An ImportError that says why the compiled core is missing and what to do."""
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    hint = ("rnnengine's compiled core (rnnengine._core) is not built here: " + str(err) + ". ")
+    if os.path.exists(os.path.join(root, "setup.py")):
+        hint += (f"Python imported rnnengine from its source tree ({here}), which has no built "
+                 "extension. Install it (pip install . or pip install -e .) and run from another "
+                 "directory, or build in place with `pip install -e .`; `pytest` from the "
+                 "repository root uses the installed package.")
+    else:
+        hint += "Reinstall the package: pip install --force-reinstall rnnengine."
+    return ImportError(hint)
+
+
+def _load_core():
+    try:
+        from . import _core
+    except ImportError as err:
+        if getattr(err, "name", None) in ("rnnengine._core", None) or "_core" in str(err):
+            raise _core_missing(err) from err
+        raise
+    return _core
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'rnnengine' has no attribute {name!r}")
+    _load_core()
+    import importlib
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def convert(source, fixed_inputs=None, state_pairs=None):
@@ -13,6 +59,7 @@ def convert(source, fixed_inputs=None, state_pairs=None):
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
     state inputs and outputs."""
+    _load_core()
     from .converter import convert_model
     from .graph import GraphModel
     graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
@@ -30,5 +77,6 @@ def load(path, verify=True):
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
     :class:`GraphModel`; float32 weights are memory-mapped, not copied. ``verify`` checks
     the file's checksums first."""
+    _load_core()
     from .store import load as _load
     return _load(path, verify)

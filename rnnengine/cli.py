@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from ._version import __version__
+
 DEMO_MODEL = os.path.join(os.path.dirname(__file__), "data", "demo_lstm.onnx")  # load_onnx's test model
 TOLERANCE = 1e-5
 
@@ -551,6 +553,7 @@ def _classes_of(labels, source):
 def build_parser():
     p = argparse.ArgumentParser(prog="rnnengine",
                                 description="Fast, faithful CPU inference for recurrent networks from ONNX.")
+    p.add_argument("--version", action="version", version=f"rnnengine {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="stream the bundled character LSTM beside onnxruntime",
                        description="Streams the bundled character-level LSTM language model (trained by "
