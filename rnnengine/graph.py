@@ -56,14 +56,31 @@ class Plan:
     """The program for one set of input shapes, shared by every run and stream using them."""
 
     def __init__(self, planner):
+        # the tensor table the C verifier checks every instruction against (element type
+        # code and element count per tensor id): intermediates, constants, inputs, states
+        codes, counts = [], []
+        for spec in planner.specs:
+            if spec[0] == "buf":
+                dtype, n = spec[2], int(np.prod(spec[1]))
+            elif spec[0] == "const":
+                dtype, n = spec[1].dtype, spec[1].size  # bool constants are stored as uint8 bytes
+                if len(spec) > 2 and np.dtype(spec[2]) == np.bool_ and dtype.itemsize == 1:
+                    dtype = np.dtype(np.bool_)
+            elif spec[0] == "input":
+                dtype, n = spec[3], int(np.prod(spec[2]))
+            else:  # a stream's state
+                dtype, n = np.float32, planner.state[spec[1]][1].size
+            codes.append(_core.tensor_code(dtype))
+            counts.append(n)
+        self.work_floats = max(16, planner.work)  # what context() allocates
         self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
                                      np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
-                                     planner.stacks, planner.labels)
+                                     planner.stacks, planner.labels, tensor_dtypes=np.array(codes, np.int64),
+                                     tensor_counts=np.array(counts, np.int64), work_floats=self.work_floats)
         self.specs = planner.specs
         self.inputs = planner.input_tids
         self.outputs = planner.outputs
         self.state = planner.state  # key -> (tid, start vector)
-        self.work_floats = planner.work
         self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
         self.recurrent = planner.recurrent
         # streams: the carried context this plan was made for and the one it leaves behind
@@ -86,7 +103,7 @@ class Plan:
             else:
                 continue
             ptrs[tid] = _core.address(bufs[tid])
-        return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(max(16, self.work_floats), np.float32)}
+        return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(self.work_floats, np.float32)}
 
     def execute(self, ctx, feeds, states, want=None, into=None):
         """Runs the program; returns copies of the outputs named in ``want`` (all when None)
@@ -157,7 +174,7 @@ class Planner:
         self.recurrent = []  # per recurrent layer planned: node, T, B, direction, kind
         env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
         for name, (shape, dtype) in feeds.items():
-            tid = self._spec(("input", name))
+            tid = self._spec(("input", name, tuple(shape), np.dtype(dtype)))
             self.input_tids[name] = tid
             env[name] = Value(shape, dtype, tid=tid)
             if streaming and time_axes and name in time_axes:
@@ -209,7 +226,7 @@ class Planner:
                 arr = arr.astype(np.uint8)
             if arr.size == 0:
                 arr = np.zeros(1, arr.dtype)
-            v.tid = self._spec(("const", arr))
+            v.tid = self._spec(("const", arr, v.dtype))  # a bool stays bool in the tensor table
         return v.tid
 
     def derived(self, source, tag, fn):
