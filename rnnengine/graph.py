@@ -479,7 +479,7 @@ class Planner:
                     key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
                     st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
                     carried[k] = self.alias(st, v.shape)
-                    states.append((k, st))
+                    states.append((k, st, v.shape))
         limit = 100000
         if trips is not None and trips > limit:
             raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
@@ -533,8 +533,13 @@ class Planner:
                 raise NotStreamableError(node, f"runs {record['T']} iterations over a chunk of {reads[0][0]} steps, "
                                                "so a chunk's steps would not all be read once")
         outs = list(carried)
-        for k, st in states:
+        self._node = node  # the copies below belong to the Loop (its body's last node was walked last)
+        for k, st, start in states:
             v = carried[k]
+            if v.shape != start or v.dtype != np.float32:  # the next call starts from it as it started here
+                raise UnsupportedError(f"{where(node)}: loop-carried state {k} starts as float32 {start} and ends "
+                                       f"as {v.dtype} {v.shape}; a stream carries it from call to call, so its "
+                                       "shape and type must stay the same")
             emit_copy(self, v, st, [int(np.prod(v.shape))], [1], [1])
         if time_loop:  # after a loop over time: its states are final, its counters the length
             for k, v in enumerate(carried):

@@ -20,8 +20,10 @@
  *   GATHER    ip: esize, outer, n, inner, n_idx    out (outer, n_idx, inner) = data (outer, n, inner)[:, idx]
  *   CONV1D    ip: N, C, L, M, K, Lout, stride, dilation, pad_left, group
  *             out (N, M, Lout) = conv(x (N, C, L), W (M, C/group, K)) + bias (M)
- *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], maps...   fp: value
- *             out[o] = in[sum map_d[o_d] * in_stride[d]], or value when any map_d[o_d] < 0
+ *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], fill, maps...
+ *             out[o] = in[sum map_d[o_d] * in_stride[d]], or the fill element when any
+ *             map_d[o_d] < 0 (fill holds its esize bytes as its low bytes: float32 by its bit
+ *             pattern, integers and bool by value); map_start indexes this ip
  *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min 4 prod), nd, in_shape[nd], out_stride[nd], out_n, count
  *             out_stride is 0 along reduced axes
  *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n      out[i] = (to) in[i], as onnxruntime on x86-64:
@@ -293,13 +295,18 @@ static void op_conv1d(const int64_t *ip, const float *x, const float *W, const f
 
 /* ---- PAD ----------------------------------------------------------------------------- */
 
-static void op_pad(const int64_t *ip, const float *fp, const char *in, char *out) {
+static void op_pad(const int64_t *ip, const char *in, char *out) {
     const int64_t es = ip[0], nd = ip[1];
     const int64_t *oshape = ip + 2, *istr = ip + 2 + nd, *mstart = ip + 2 + 2 * nd;
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= oshape[d];
     int64_t idx[MAX_ND] = {0};
-    const float fval = fp[0];
+    /* the fill element, from the low bytes of its int64 (on any byte order) */
+    const int64_t fw = ip[2 + 3 * nd];
+    const uint8_t f1 = (uint8_t)fw;
+    const uint16_t f2 = (uint16_t)fw;
+    const uint32_t f4 = (uint32_t)fw;
+    const void *fill = es == 1 ? (const void *)&f1 : es == 2 ? (const void *)&f2 : es == 4 ? (const void *)&f4 : (const void *)&fw;
     for (int64_t o = 0; o < total; o++) {
         int64_t off = 0, outside = 0;
         for (int64_t d = 0; d < nd; d++) {
@@ -307,15 +314,7 @@ static void op_pad(const int64_t *ip, const float *fp, const char *in, char *out
             if (m < 0) { outside = 1; break; }
             off += m * istr[d];
         }
-        if (!outside) {
-            memcpy(out + o * es, in + off * es, (size_t)es);
-        } else if (es == 4) {
-            memcpy(out + o * es, &fval, 4);
-        } else {
-            const int64_t v = (int64_t)fval;
-            if (es == 8) memcpy(out + o * es, &v, 8);
-            else memset(out + o * es, (int)v, (size_t)es);
-        }
+        memcpy(out + o * es, outside ? fill : in + off * es, (size_t)es);
         for (int64_t d = nd - 1; d >= 0; d--) {
             if (++idx[d] < oshape[d]) break;
             idx[d] = 0;
@@ -925,7 +924,7 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_CONV1D:
             op_conv1d(ip, T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
             break;
-        case RNN_OP_PAD: op_pad(ip, fp, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_TOPK:
@@ -1174,7 +1173,7 @@ static int verify_instr(vctx *v) {
     const int64_t op = v->in[0], *ip = v->ip, nip = v->nip;
     operand a, b, c, d, y, y2, y3;
     int64_t total, n;
-    if (op != RNN_OP_UNARY && op != RNN_OP_PAD && v->nfp != 0)
+    if (op != RNN_OP_UNARY && v->nfp != 0)
         return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
     if (op == RNN_OP_CAST || op >= RNN_OP_TBINARY) { /* the codes and counts the op checks when it runs */
         const char *why = check_typed(op, ip, nip);
@@ -1317,11 +1316,10 @@ static int verify_instr(vctx *v) {
     }
     case RNN_OP_PAD: {
         if (nip < 2) return bad(v, "too few parameters");
-        const int64_t es = ip[0], nd = ip[1], head = 2 + 3 * nd;
+        const int64_t es = ip[0], nd = ip[1], head = 3 + 3 * nd;
         if (valid_es(v, es)) return 1;
         if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
         if (nip < head) return bad(v, "has %lld int parameters, a pad of rank %lld reads at least %lld", (long long)nip, (long long)nd, (long long)head);
-        if (v->nfp != 1) return bad(v, "has %lld float parameters, the op reads 1", (long long)v->nfp);
         const int64_t *oshape = ip + 2, *istr = ip + 2 + nd, *mstart = ip + 2 + 2 * nd;
         if (sizes(v, "the output", nd, oshape, &total) || unused(v, 1, 1) || get(v, 0, "input", 1, M_ANY, &a) ||
             get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, es, &a, "input") || esize_ok(v, es, &y, "output"))
