@@ -1175,7 +1175,7 @@ static int verify_instr(vctx *v) {
     int64_t total, n;
     if (op != RNN_OP_UNARY && v->nfp != 0)
         return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
-    if (op == RNN_OP_CAST || op >= RNN_OP_TBINARY) { /* the codes and counts the op checks when it runs */
+    if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op < N_OPS)) { /* codes and counts the op checks when it runs */
         const char *why = check_typed(op, ip, nip);
         if (why) return bad(v, "%s", why);
     }
