@@ -536,10 +536,7 @@ class Planner:
         self._node = node  # the copies below belong to the Loop (its body's last node was walked last)
         for k, st, start in states:
             v = carried[k]
-            if v.shape != start or v.dtype != np.float32:  # the next call starts from it as it started here
-                raise UnsupportedError(f"{where(node)}: loop-carried state {k} starts as float32 {start} and ends "
-                                       f"as {v.dtype} {v.shape}; a stream carries it from call to call, so its "
-                                       "shape and type must stay the same")
+            _check_loop_state(node, k, start, v)
             emit_copy(self, v, st, [int(np.prod(v.shape))], [1], [1])
         if time_loop:  # after a loop over time: its states are final, its counters the length
             for k, v in enumerate(carried):
@@ -564,6 +561,15 @@ class Planner:
             if self.streaming:
                 streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+def _check_loop_state(node, k, start, v):
+    """A stream carries a Loop's state from call to call: the next call starts from the value
+    this one ends with, as it started here, so its shape and type must stay the same."""
+    if v.shape != tuple(start) or v.dtype != np.float32:
+        raise UnsupportedError(f"{where(node)}: loop-carried state {k} starts as float32 {tuple(start)} and ends "
+                               f"as {v.dtype} {v.shape}; a stream carries it from call to call, so its shape and "
+                               "type must stay the same")
 
 
 def _outer_reads(node):

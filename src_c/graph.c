@@ -1074,6 +1074,10 @@ static int get(vctx *v, int s, const char *name, int required, unsigned mask, op
     if (id < 0 || id >= v->nt)
         return bad(v, "%s names tensor %lld, the program has tensors 0..%lld", name, (long long)id, (long long)v->nt - 1);
     o->dt = v->tdt[id], o->n = v->tcount[id];
+    if (code_size(o->dt) == 0)
+        return bad(v, "%s is tensor %lld of unknown element type code %lld", name, (long long)id, (long long)o->dt);
+    if (o->n < 0 || o->n > SPAN_LIMIT)
+        return bad(v, "%s is tensor %lld of %lld elements", name, (long long)id, (long long)o->n);
     if (!(mask_of(o->dt) & mask))
         return bad(v, "%s is %s, the instruction takes %s", name, code_name(o->dt), mask_name(mask));
     return 0;
@@ -1434,6 +1438,7 @@ static int verify_instr(vctx *v) {
         const operand s = {sid, sid >= 0 && sid < v->nt ? v->tdt[sid] : -1, sid >= 0 && sid < v->nt ? v->tcount[sid] : 0};
         if (sid < 0 || sid >= v->nt) return bad(v, "state names tensor %lld, the program has tensors 0..%lld", (long long)sid, (long long)v->nt - 1);
         if (s.dt != RNN_DT_F32) return bad(v, "state is %s, the instruction takes float32", code_name(s.dt));
+        if (s.n < 0 || s.n > SPAN_LIMIT) return bad(v, "state is tensor %lld of %lld elements", (long long)sid, (long long)s.n);
         if (get(v, 0, "X", 1, M_F32, &a) || get(v, 1, "sequence_lens", 0, M_I32, &b) ||
             get(v, 2, "initial_h", 0, M_F32, &c) || get(v, 3, "initial_c", 0, M_F32, &d) ||
             get(v, 4, "Y", 1, M_F32, &y) || get(v, 5, "Y_h", 0, M_F32, &y2) || get(v, 6, "Y_c", 0, M_F32, &y3))
@@ -1460,13 +1465,8 @@ rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64
         (n_instr > 0 && !program) || (n_iparams > 0 && !iparams) || (n_tensors > 0 && (!tensor_dtype || !tensor_count)) ||
         (n_stacks > 0 && !stacks))
         return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "the program's tables are missing or of negative size");
-    for (int64_t t = 0; t < n_tensors; t++)
-        if (code_size(tensor_dtype[t]) == 0 || tensor_count[t] < 0 || tensor_count[t] > SPAN_LIMIT) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "tensor %lld has element type code %lld and %lld elements", (long long)t,
-                     (long long)tensor_dtype[t], (long long)tensor_count[t]);
-            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
-        }
+    /* the tensor table's entries are checked where an instruction names them (get), so a
+     * refusal names the instruction and its node */
     vctx v;
     v.tdt = tensor_dtype, v.tcount = tensor_count, v.nt = n_tensors;
     v.stacks = stacks, v.ns = n_stacks, v.work = work_floats;

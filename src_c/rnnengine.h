@@ -226,7 +226,8 @@ typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RN
  * (n_fparams) and of the length the op reads; sizes whose products overflow are refused.
  * What is data (Gather / Scatter indices, sequence lengths, divisors) is checked by the ops
  * when they run. On a refusal: RNN_STATUS_BAD_ARGUMENT, the reason in err ("instruction k
- * (OP): ...") and k in *failed (-1 for a bad tensor table). */
+ * (OP): ...") and k in *failed (-1 when the tables themselves are missing). Table entries
+ * (a known type code, 0 <= count <= 2^62) are checked where an instruction names them. */
 rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
                             int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
                             int64_t n_tensors, rnn_stack *const *stacks, int64_t n_stacks, int64_t work_floats,

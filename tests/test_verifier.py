@@ -147,7 +147,7 @@ def test_operand_element_types():
             [(OP_CAST, [0], [1], [1, 2, 2])], None, [(F32, 2), (I64, 2)])
     refused(r"instruction 0 \(WHERE\): condition is float32, the instruction takes bool",
             [(OP_WHERE, [0, 1, 1], [2], [4, 1, 2, 1, 1, 1])], None, [(F32, 2), (F32, 2), (F32, 2)])
-    refused(r"tensor 1 has element type code 7",
+    refused(r"instruction 0 \(COPY\): output is tensor 1 of unknown element type code 7",
             [(OP_COPY, [0], [1], copy_ip(4, (2,), (1,), (1,)))], None, [(F32, 2), (7, 2)])
     # another type (here float64, 8 bytes) may be moved but not computed on
     program([(OP_COPY, [0], [1], copy_ip(8, (2,), (1,), (1,)))], None, [(_core.tensor_code(np.float64), 2)] * 2)
@@ -249,7 +249,9 @@ def test_sizes_whose_products_overflow():
             [(F32, 1), (F32, 1), (F32, 1)])
     refused(r"the sizes of the data overflow", [(OP_GATHER, [0, 1], [2], [4, big, big, big, 1])], None,
             [(F32, 1), (I64, 1), (F32, 1)])
-    refused(r"tensor 0 has element type code 0 and -5 elements", [], None, [(F32, -5)])
+    refused(r"instruction 0 \(COPY\): input is tensor 0 of -5 elements",
+            [(OP_COPY, [0], [1], copy_ip(4, (1,), (1,), (1,)))], None, [(F32, -5), (F32, 1)])
+    program([], None, [(F32, -5)])  # an entry no instruction names is never used
 
 
 def lstm_stack(I=3, H=2):
