@@ -3,7 +3,7 @@
 """Low-level binding. Use the classes in :mod:`rnnengine` rather than this module."""
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 import threading
@@ -511,16 +511,19 @@ cdef class Program:
     with its own tensor table and workspace.
 
     tensor_dtypes / tensor_counts describe the buffers the program runs over (per tensor id:
-    element type code, see tensor_code, and element count) and work_floats the workspace
+    element type code, see tensor_code, and element count), tensor_writable (optional, per
+    tensor 1 or 0; all 1 when not given) which of them instructions may write (not constants,
+    which may be a read-only mapped weight file, nor inputs, the caller's arrays), and
+    work_floats the workspace
     every run gives; the program is checked against them once, here (rnn_graph_verify), and
     refused with a ProgramError naming the instruction and its node when it does not fit."""
-    cdef readonly object program, iparams, fparams, stacks, labels, tensor_dtypes, tensor_counts
+    cdef readonly object program, iparams, fparams, stacks, labels, tensor_dtypes, tensor_counts, tensor_writable
     cdef readonly int64_t work_floats, n_tensors
     cdef int64_t n_instr
     cdef rnn_stack **stack_ptrs
 
     def __cinit__(self, program, iparams, fparams, list stacks, labels=None, *, tensor_dtypes, tensor_counts,
-                  int64_t work_floats):
+                  int64_t work_floats, tensor_writable=None):
         # labels: per instruction, the node it computes (e.g. "Div node 'idx'"), named by errors
         self.labels = list(labels) if labels is not None else None
         self.stack_ptrs = NULL
@@ -537,8 +540,15 @@ cdef class Program:
         if self.tensor_dtypes.size != self.tensor_counts.size:
             raise ValueError(f"tensor table: {self.tensor_dtypes.size} element types for "
                              f"{self.tensor_counts.size} element counts")
+        if tensor_writable is None:
+            tensor_writable = np.ones(self.tensor_dtypes.size, np.uint8)
+        self.tensor_writable = np.ascontiguousarray(tensor_writable, dtype=np.uint8).reshape(-1)
+        if self.tensor_writable.size != self.tensor_dtypes.size:
+            raise ValueError(f"tensor table: {self.tensor_writable.size} writable flags for "
+                             f"{self.tensor_dtypes.size} tensors")
         if self.tensor_dtypes.size == 0:  # keep the arrays' data pointers valid
             self.tensor_dtypes, self.tensor_counts = np.zeros(1, np.int64), np.zeros(1, np.int64)
+            self.tensor_writable = np.zeros(1, np.uint8)
             n_tensors = 0
         else:
             n_tensors = self.tensor_dtypes.size
@@ -557,7 +567,7 @@ cdef class Program:
             <const int64_t *>cnp.PyArray_DATA(self.program), self.n_instr,
             <const int64_t *>cnp.PyArray_DATA(self.iparams), n_ip, n_fp,
             <const int64_t *>cnp.PyArray_DATA(self.tensor_dtypes), <const int64_t *>cnp.PyArray_DATA(self.tensor_counts),
-            n_tensors, self.stack_ptrs, len(self.stacks), work_floats, err, 320, &failed)
+            <const uint8_t *>cnp.PyArray_DATA(self.tensor_writable), n_tensors, self.stack_ptrs, len(self.stacks), work_floats, err, 320, &failed)
         if st != RNN_STATUS_OK:
             msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
             if self.labels is not None and 0 <= failed < len(self.labels) and self.labels[failed]:

@@ -57,8 +57,10 @@ class Plan:
 
     def __init__(self, planner):
         # the tensor table the C verifier checks every instruction against (element type
-        # code and element count per tensor id): intermediates, constants, inputs, states
+        # code, element count and whether it may be written, per tensor id): intermediates,
+        # constants, inputs, states
         codes, counts = [], []
+        writable = [int(spec[0] in ("buf", "state")) for spec in planner.specs]  # not constants nor inputs
         for spec in planner.specs:
             if spec[0] == "buf":
                 dtype, n = spec[2], int(np.prod(spec[1]))
@@ -76,7 +78,8 @@ class Plan:
         self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
                                      np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
                                      planner.stacks, planner.labels, tensor_dtypes=np.array(codes, np.int64),
-                                     tensor_counts=np.array(counts, np.int64), work_floats=self.work_floats)
+                                     tensor_counts=np.array(counts, np.int64), work_floats=self.work_floats,
+                                     tensor_writable=np.array(writable, np.uint8))
         self.specs = planner.specs
         self.inputs = planner.input_tids
         self.outputs = planner.outputs

@@ -1046,6 +1046,7 @@ typedef struct {
     const int64_t *ip; /* its int parameters */
     int64_t nip, nfp;
     const int64_t *tdt, *tcount; /* the tensor table */
+    const uint8_t *twritable;    /* 0: a constant or input no instruction may write (NULL: all writable) */
     int64_t nt;
     rnn_stack *const *stacks;
     int64_t ns, work;
@@ -1080,6 +1081,8 @@ static int get(vctx *v, int s, const char *name, int required, unsigned mask, op
         return bad(v, "%s is tensor %lld of %lld elements", name, (long long)id, (long long)o->n);
     if (!(mask_of(o->dt) & mask))
         return bad(v, "%s is %s, the instruction takes %s", name, code_name(o->dt), mask_name(mask));
+    if (s >= 4 && v->twritable && !v->twritable[id])
+        return bad(v, "%s is tensor %lld, a constant or input the program must not write", name, (long long)id);
     return 0;
 }
 
@@ -1439,6 +1442,8 @@ static int verify_instr(vctx *v) {
         if (sid < 0 || sid >= v->nt) return bad(v, "state names tensor %lld, the program has tensors 0..%lld", (long long)sid, (long long)v->nt - 1);
         if (s.dt != RNN_DT_F32) return bad(v, "state is %s, the instruction takes float32", code_name(s.dt));
         if (s.n < 0 || s.n > SPAN_LIMIT) return bad(v, "state is tensor %lld of %lld elements", (long long)sid, (long long)s.n);
+        if (v->twritable && !v->twritable[sid])
+            return bad(v, "state is tensor %lld, a constant or input the program must not write", (long long)sid);
         if (get(v, 0, "X", 1, M_F32, &a) || get(v, 1, "sequence_lens", 0, M_I32, &b) ||
             get(v, 2, "initial_h", 0, M_F32, &c) || get(v, 3, "initial_c", 0, M_F32, &d) ||
             get(v, 4, "Y", 1, M_F32, &y) || get(v, 5, "Y_h", 0, M_F32, &y2) || get(v, 6, "Y_c", 0, M_F32, &y3))
@@ -1458,8 +1463,8 @@ static int verify_instr(vctx *v) {
 
 rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
                             int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
-                            int64_t n_tensors, rnn_stack *const *stacks, int64_t n_stacks, int64_t work_floats,
-                            char *err, size_t errlen, int64_t *failed) {
+                            const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
+                            int64_t n_stacks, int64_t work_floats, char *err, size_t errlen, int64_t *failed) {
     if (failed) *failed = -1;
     if (n_instr < 0 || n_iparams < 0 || n_fparams < 0 || n_tensors < 0 || n_stacks < 0 || work_floats < 0 ||
         (n_instr > 0 && !program) || (n_iparams > 0 && !iparams) || (n_tensors > 0 && (!tensor_dtype || !tensor_count)) ||
@@ -1468,7 +1473,7 @@ rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64
     /* the tensor table's entries are checked where an instruction names them (get), so a
      * refusal names the instruction and its node */
     vctx v;
-    v.tdt = tensor_dtype, v.tcount = tensor_count, v.nt = n_tensors;
+    v.tdt = tensor_dtype, v.tcount = tensor_count, v.twritable = tensor_writable, v.nt = n_tensors;
     v.stacks = stacks, v.ns = n_stacks, v.work = work_floats;
     for (int64_t k = 0; k < n_instr; k++) {
         const int64_t *in = program + k * RNN_INSTR_WORDS;

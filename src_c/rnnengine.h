@@ -219,7 +219,9 @@ typedef enum {
 typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RNN_DT_BOOL = 4, RNN_DT_OTHER = 100 } rnn_dtype;
 
 /* Checks a program once, before it ever runs, against the tensors it names: tensor
- * t (0 <= t < n_tensors) holds tensor_count[t] elements of type tensor_dtype[t]; stacks[k]
+ * t (0 <= t < n_tensors) holds tensor_count[t] elements of type tensor_dtype[t], and may be
+ * written only when tensor_writable[t] is 1 (constants and inputs are 0; NULL: every tensor
+ * may be written); stacks[k]
  * is the recurrent stack aux word k names; every run gives a workspace of at least
  * work_floats floats. Every instruction must read and write inside its buffers, on element
  * types its op computes on, with its parameter slices inside iparams (n_iparams) and fparams
@@ -230,8 +232,8 @@ typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RN
  * (a known type code, 0 <= count <= 2^62) are checked where an instruction names them. */
 rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
                             int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
-                            int64_t n_tensors, rnn_stack *const *stacks, int64_t n_stacks, int64_t work_floats,
-                            char *err, size_t errlen, int64_t *failed);
+                            const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
+                            int64_t n_stacks, int64_t work_floats, char *err, size_t errlen, int64_t *failed);
 
 /* Runs the program. On a data error (an index out of range, bad sequence lengths, an
  * integer division by zero) or an instruction it refuses, it stops and returns a status with

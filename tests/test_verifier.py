@@ -31,7 +31,7 @@ def instr(op, ins=(), outs=(), ip_off=0, n_ip=0, fp_off=0, n_fp=0, aux=-1):
     return word
 
 
-def program(instrs, ip, table, fp=(), stacks=(), work=16, labels=None):
+def program(instrs, ip, table, fp=(), stacks=(), work=16, labels=None, tensor_writable=None):
     """A Program of instructions (each (op, ins, outs, ip list[, fp list[, aux]])) with their
     parameters laid out one after the other, over tensors table [(type code, count)]."""
     words, ips, fps = [], [], []
@@ -47,7 +47,7 @@ def program(instrs, ip, table, fp=(), stacks=(), work=16, labels=None):
     return _core.Program(np.array(words, np.int64).reshape(-1, W), np.array(ips, np.int64),
                          np.array(fps if not fp else fp, np.float32), list(stacks), labels,
                          tensor_dtypes=[t for t, _ in table], tensor_counts=[n for _, n in table],
-                         work_floats=work)
+                         work_floats=work, tensor_writable=tensor_writable)
 
 
 def refused(match, *args, **kw):
@@ -311,6 +311,20 @@ def test_workspace_of_conv_and_topk():
             [(OP_TOPK, [0], [1, 2], [F32, 1, 20, 1, 2, 1])], None, [(F32, 20), (F32, 2), (I64, 2)])
 
 
+def test_constants_and_inputs_are_never_written():
+    """Constants may be a read-only mapped weight file and inputs are the caller's arrays: an
+    instruction or a recurrent state that writes one is refused."""
+    copy = (OP_COPY, [0], [1], copy_ip(4, (2,), (1,), (1,)))
+    program([copy], None, [(F32, 2), (F32, 2)], tensor_writable=[0, 1])
+    refused(r"instruction 0 \(COPY\): output is tensor 1, a constant or input the program must not write",
+            [copy], None, [(F32, 2), (F32, 2)], tensor_writable=[1, 0])
+    stack = lstm_stack()
+    run = (OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [2, 1, 0, 1, 2, 1, 4, 1], [], 0)
+    refused(r"instruction 0 \(RECURRENT\): state is tensor 4, a constant or input the program must not write",
+            [run], None, [(F32, 6), (F32, 4), (F32, 2), (F32, 2), (F32, 4)], stacks=[stack],
+            work=stack.workspace_size(2, 1), tensor_writable=[0, 1, 1, 1, 0])
+
+
 def test_the_message_names_the_node_and_run_checks_its_bindings():
     msg = refused(r"^Gemm node 'g': instruction 1 \(MATMUL\): input B has 12 elements, the instruction reads 48$",
                   [(OP_COPY, [0], [1], copy_ip(4, (8,), (1,), (1,))), (OP_MATMUL, [1, 2, -1], [3], [2, 12, 4])],
@@ -414,7 +428,8 @@ def test_every_corpus_plan_passes_the_verifier(entry, monkeypatch):
             continue
         args = (prog.program, prog.iparams, prog.fparams, prog.stacks, prog.labels)
         _core.Program(*args, tensor_dtypes=prog.tensor_dtypes, tensor_counts=prog.tensor_counts,
-                      work_floats=prog.work_floats)
+                      work_floats=prog.work_floats, tensor_writable=prog.tensor_writable)
+        assert prog.tensor_writable.sum() < len(prog.tensor_writable)  # constants / inputs marked
         outs = {int(t) for t in prog.program[:, 5:8].reshape(-1) if t >= 0}
         biggest = max(outs, key=lambda t: prog.tensor_counts[t])
         counts = prog.tensor_counts.copy()
