@@ -17,6 +17,7 @@ one call becomes the input of the next).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -52,6 +53,10 @@ class Value:
         self.fstate = False   # moved from a recurrent layer's final state only
 
 
+_BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
+_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (_core.tensor_code), cached
+
+
 class Plan:
     """The program for one set of input shapes, shared by every run and stream using them."""
 
@@ -59,21 +64,25 @@ class Plan:
         # the tensor table the C verifier checks every instruction against (element type
         # code, element count and whether it may be written, per tensor id): intermediates,
         # constants, inputs, states
-        codes, counts = [], []
-        writable = [int(spec[0] in ("buf", "state")) for spec in planner.specs]  # not constants nor inputs
+        codes, counts, writable = [], [], []
         for spec in planner.specs:
-            if spec[0] == "buf":
-                dtype, n = spec[2], int(np.prod(spec[1]))
-            elif spec[0] == "const":
+            kind = spec[0]
+            if kind == "buf":
+                dtype, n = spec[2], math.prod(spec[1])
+            elif kind == "const":
                 dtype, n = spec[1].dtype, spec[1].size  # bool constants are stored as uint8 bytes
-                if len(spec) > 2 and np.dtype(spec[2]) == np.bool_ and dtype.itemsize == 1:
-                    dtype = np.dtype(np.bool_)
-            elif spec[0] == "input":
-                dtype, n = spec[3], int(np.prod(spec[2]))
+                if len(spec) > 2 and spec[2] == _BOOL and dtype.itemsize == 1:
+                    dtype = _BOOL
+            elif kind == "input":
+                dtype, n = spec[3], math.prod(spec[2])
             else:  # a stream's state
-                dtype, n = np.float32, planner.state[spec[1]][1].size
-            codes.append(_core.tensor_code(dtype))
+                dtype, n = _F32, planner.state[spec[1]][1].size
+            code = _TENSOR_CODES.get(dtype)
+            if code is None:
+                code = _TENSOR_CODES[dtype] = _core.tensor_code(dtype)
+            codes.append(code)
             counts.append(n)
+            writable.append(kind == "buf" or kind == "state")  # not constants nor inputs
         self.work_floats = max(16, planner.work)  # what context() allocates
         self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
                                      np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
