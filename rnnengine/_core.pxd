@@ -95,7 +95,7 @@ cdef extern from "rnnengine.h" nogil:
     rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                                 int64_t n_iparams, int64_t n_fparams, const int64_t *tensor_dtype,
                                 const int64_t *tensor_count, const uint8_t *tensor_writable,
-                                int64_t n_tensors, rnn_stack **stacks,
+                                int64_t n_tensors, rnn_stack **stacks, const int64_t *stack_shape,
                                 int64_t n_stacks, int64_t work_floats, char *err, size_t errlen,
                                 int64_t *failed)
 

@@ -558,8 +558,12 @@ cdef class Program:
         self.stack_ptrs = <rnn_stack **>calloc(max(1, len(stacks)), sizeof(rnn_stack *))
         if self.stack_ptrs == NULL:
             raise MemoryError()
+        # per stack: layers, and D, H, has_c of its last layer (from the Stack, not the caller)
+        stack_shape = np.zeros(4 * max(1, len(stacks)), np.int64)
         for k, s in enumerate(self.stacks):
             self.stack_ptrs[k] = (<Stack?>s).ptr
+            shapes = (<Stack>s).layer_shapes  # (kind, D, H, has_c) per layer (no negative indexing here)
+            stack_shape[4 * k:4 * k + 4] = (len(shapes),) + tuple(shapes[len(shapes) - 1][1:])
         cdef char err[320]
         err[0] = 0
         cdef int64_t failed = -1
@@ -567,7 +571,8 @@ cdef class Program:
             <const int64_t *>cnp.PyArray_DATA(self.program), self.n_instr,
             <const int64_t *>cnp.PyArray_DATA(self.iparams), n_ip, n_fp,
             <const int64_t *>cnp.PyArray_DATA(self.tensor_dtypes), <const int64_t *>cnp.PyArray_DATA(self.tensor_counts),
-            <const uint8_t *>cnp.PyArray_DATA(self.tensor_writable), n_tensors, self.stack_ptrs, len(self.stacks), work_floats, err, 320, &failed)
+            <const uint8_t *>cnp.PyArray_DATA(self.tensor_writable), n_tensors, self.stack_ptrs,
+            <const int64_t *>cnp.PyArray_DATA(stack_shape), len(self.stacks), work_floats, err, 320, &failed)
         if st != RNN_STATUS_OK:
             msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
             if self.labels is not None and 0 <= failed < len(self.labels) and self.labels[failed]:

@@ -1049,6 +1049,7 @@ typedef struct {
     const uint8_t *twritable;    /* 0: a constant or input no instruction may write (NULL: all writable) */
     int64_t nt;
     rnn_stack *const *stacks;
+    const int64_t *stack_shape; /* per stack: layers, D, H, has_c of its last layer */
     int64_t ns, work;
     char msg[200]; /* the reason, when a check fails */
 } vctx;
@@ -1421,6 +1422,11 @@ static int verify_instr(vctx *v) {
         if (aux < 0 || aux >= v->ns || !v->stacks[aux])
             return bad(v, "names stack %lld, the program has %lld", (long long)aux, (long long)v->ns);
         const rnn_stack *st = v->stacks[aux];
+        const int64_t *sh = v->stack_shape + 4 * aux;
+        if (sh[0] != 1 || sh[1] != D || sh[2] != H || sh[3] != has_c)
+            return bad(v, "D %lld, H %lld, has_c %lld, the stack has %lld layer(s) of D %lld, H %lld, has_c %lld",
+                       (long long)D, (long long)H, (long long)has_c, (long long)sh[0], (long long)sh[1],
+                       (long long)sh[2], (long long)sh[3]);
         if (layout != 0 && layout != 1) return bad(v, "layout %lld is not 0 or 1", (long long)layout);
         if (D != 1 && D != 2) return bad(v, "%lld directions", (long long)D);
         if (H < 1 || H > INT32_MAX) return bad(v, "hidden size %lld is out of range", (long long)H);
@@ -1464,17 +1470,18 @@ static int verify_instr(vctx *v) {
 rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
                             int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
                             const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
-                            int64_t n_stacks, int64_t work_floats, char *err, size_t errlen, int64_t *failed) {
+                            const int64_t *stack_shape, int64_t n_stacks, int64_t work_floats, char *err,
+                            size_t errlen, int64_t *failed) {
     if (failed) *failed = -1;
     if (n_instr < 0 || n_iparams < 0 || n_fparams < 0 || n_tensors < 0 || n_stacks < 0 || work_floats < 0 ||
         (n_instr > 0 && !program) || (n_iparams > 0 && !iparams) || (n_tensors > 0 && (!tensor_dtype || !tensor_count)) ||
-        (n_stacks > 0 && !stacks))
+        (n_stacks > 0 && (!stacks || !stack_shape)))
         return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "the program's tables are missing or of negative size");
     /* the tensor table's entries are checked where an instruction names them (get), so a
      * refusal names the instruction and its node */
     vctx v;
     v.tdt = tensor_dtype, v.tcount = tensor_count, v.twritable = tensor_writable, v.nt = n_tensors;
-    v.stacks = stacks, v.ns = n_stacks, v.work = work_floats;
+    v.stacks = stacks, v.stack_shape = stack_shape, v.ns = n_stacks, v.work = work_floats;
     for (int64_t k = 0; k < n_instr; k++) {
         const int64_t *in = program + k * RNN_INSTR_WORDS;
         const int64_t op = in[0];

@@ -222,7 +222,9 @@ typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RN
  * t (0 <= t < n_tensors) holds tensor_count[t] elements of type tensor_dtype[t], and may be
  * written only when tensor_writable[t] is 1 (constants and inputs are 0; NULL: every tensor
  * may be written); stacks[k]
- * is the recurrent stack aux word k names; every run gives a workspace of at least
+ * is the recurrent stack aux word k names, stack_shape[4k..4k+3] its number of layers and
+ * its last layer's D, H and has_c (a RECURRENT instruction runs a one-layer stack of its
+ * own D, H, has_c); every run gives a workspace of at least
  * work_floats floats. Every instruction must read and write inside its buffers, on element
  * types its op computes on, with its parameter slices inside iparams (n_iparams) and fparams
  * (n_fparams) and of the length the op reads; sizes whose products overflow are refused.
@@ -233,7 +235,8 @@ typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RN
 rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
                             int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
                             const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
-                            int64_t n_stacks, int64_t work_floats, char *err, size_t errlen, int64_t *failed);
+                            const int64_t *stack_shape, int64_t n_stacks, int64_t work_floats, char *err,
+                            size_t errlen, int64_t *failed);
 
 /* Runs the program. On a data error (an index out of range, bad sequence lengths, an
  * integer division by zero) or an instruction it refuses, it stops and returns a status with

@@ -286,10 +286,10 @@ def test_recurrent_sizes_against_the_stack():
             [run], None, [(F32, 5)] + table[1:], stacks=[stack], work=work)
     refused(r"Y has 3 elements, the instruction writes 4",
             [run], None, [(F32, 6), (F32, 3)] + table[2:], stacks=[stack], work=work)
-    refused(r"the stack's state is 8 floats for 2 rows, the instruction uses D\*B\*H\*\(1\+has_c\) = 4",
+    refused(r"D 1, H 2, has_c 0, the stack has 1 layer\(s\) of D 1, H 2, has_c 1",
             [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [1, 2, 0, 1, H, 0, 4, 0], [], 0)], None, table,
             stacks=[stack], work=work)
-    refused(r"D \* H = 3, the stack's layer gives 2",
+    refused(r"D 1, H 3, has_c 1, the stack has 1 layer\(s\) of D 1, H 2, has_c 1",
             [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 3, 1, 4, 0], [], 0)], None, table,
             stacks=[stack], work=work)
     refused(r"sequence_lens is float32, the instruction takes int32",
@@ -298,6 +298,15 @@ def test_recurrent_sizes_against_the_stack():
             [(OP_RECURRENT, [0, -1, 5, -1], [1, 2, 3], ip[:7] + [2], [], 0)], None, table[:5] + [(F32, 1)],
             stacks=[stack], work=work)
     refused(r"needs \d+ floats of workspace, the program has 16", [run], None, table, stacks=[stack], work=16)
+    # D and H swapped for a D * H of the same size: the stack would write Y with its own
+    # (found by mutating corpus plans under AddressSanitizer)
+    r = np.random.default_rng(4)
+    bidir = _core.Stack([rnnengine.LSTM(r.standard_normal((2, 8, I)).astype(np.float32),
+                                        r.standard_normal((2, 8, H)).astype(np.float32),
+                                        direction="bidirectional")._spec()])
+    refused(r"D 1, H 4, has_c 1, the stack has 1 layer\(s\) of D 2, H 2, has_c 1",
+            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 4, 1, 4, 0], [], 0)], None,
+            [(F32, 6), (F32, 8), (F32, 4), (F32, 4), (F32, 8)], stacks=[bidir], work=bidir.workspace_size(T, B))
     refused(r"initial_c or Y_c given to a layer without a cell state",
             [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, H, 0, 4, 0], [], 0)], None, table,
             stacks=[gru_stack()], work=work)
