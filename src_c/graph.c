@@ -74,14 +74,14 @@ static void op_copy(const int64_t *ip, const char *src, char *dst) {
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= shape[d];
     if (total == 0) return;
-    if (nd == 0) { memcpy(dst, src, (size_t)es); return; }
+    if (nd == 0) { memmove(dst, src, (size_t)es); return; }
     /* innermost dimension as a run; odometer over the rest */
     const int64_t inner = shape[nd - 1], sin = ss[nd - 1], din = ds[nd - 1];
     int64_t idx[MAX_ND] = {0};
     int64_t so = 0, doff = 0;
     for (int64_t done = 0; done < total; done += inner) {
-        if (sin == 1 && din == 1) {
-            memcpy(dst + doff * es, src + so * es, (size_t)(inner * es));
+        if (sin == 1 && din == 1) { /* memmove: a stream state copied onto itself (a Loop's state reshaped) */
+            memmove(dst + doff * es, src + so * es, (size_t)(inner * es));
         } else if (es == 4) {
             const float *s = (const float *)src + so;
             float *o = (float *)dst + doff;
@@ -775,6 +775,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
     if (op != RNN_OP_WHERE && op != RNN_OP_REVSEQ && dtype_size(dt) == 0) return "unknown element type code";
     switch (op) {
     case RNN_OP_TBINARY: {
+        if (nip < 3) return "too few parameters";
         const int64_t kind = ip[1], nd = ip[2];
         if (nd < 0 || nd > MAX_ND || nip != 3 + 3 * nd) return "rank or parameter count does not fit";
         const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
@@ -802,6 +803,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
         return NULL;
     }
     case RNN_OP_TREDUCE: {
+        if (nip < 3) return "too few parameters";
         const int64_t kind = ip[1], nd = ip[2];
         if (dt != RNN_DT_I64 && dt != RNN_DT_I32) return "integer reductions take int64 or int32";
         if (kind < 0 || kind > 4) return "unknown reduction";
@@ -1181,6 +1183,16 @@ static int verify_instr(vctx *v) {
     const int64_t op = v->in[0], *ip = v->ip, nip = v->nip;
     operand a, b, c, d, y, y2, y3;
     int64_t total, n;
+    /* no op but COPY computes in place: an output is never one of its inputs, nor another output */
+    for (int s = 0; s < 3; s++) {
+        const int64_t o = v->in[5 + s];
+        if (o < 0) continue;
+        for (int r = 0; r < 4 && op != RNN_OP_COPY; r++)
+            if (v->in[1 + r] == o) return bad(v, "output %d is input %d (tensor %lld): the op does not compute in place", s, r, (long long)o);
+        for (int r = 0; r < s; r++)
+            if (v->in[5 + r] == o) return bad(v, "outputs %d and %d are both tensor %lld", r, s, (long long)o);
+        if (op == RNN_OP_RECURRENT && nip > 6 && o == ip[6]) return bad(v, "output %d is the state tensor %lld", s, (long long)o);
+    }
     if (op != RNN_OP_UNARY && v->nfp != 0)
         return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
     if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op < N_OPS)) { /* codes and counts the op checks when it runs */
@@ -1206,10 +1218,11 @@ static int verify_instr(vctx *v) {
     case RNN_OP_BINARY:
     case RNN_OP_TBINARY:
     case RNN_OP_WHERE: {
-        const int64_t h = op == RNN_OP_BINARY ? 0 : 1; /* BINARY: kind, nd; TBINARY: dt, kind, nd; WHERE: es, nd */
+        /* BINARY: kind, nd; TBINARY: dt, kind, nd; WHERE: es, nd (check_typed has checked their counts) */
+        if (op == RNN_OP_BINARY && nip < 2) return bad(v, "too few parameters");
+        const int64_t h = op == RNN_OP_BINARY ? 0 : 1;
         const int64_t nd = op == RNN_OP_WHERE ? ip[1] : ip[1 + h], k = op == RNN_OP_WHERE ? 3 : 2;
         if (op == RNN_OP_BINARY) {
-            if (nip < 2) return bad(v, "too few parameters");
             if (ip[0] < 0 || ip[0] > 6) return bad(v, "unknown arithmetic kind %lld", (long long)ip[0]);
             if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
             if (nparams(v, 2 + 3 * nd)) return 1;

@@ -120,7 +120,7 @@ def test_parameter_slices_outside_the_arrays_or_short():
     refused(r"instruction 0 \(UNARY\): has 1 float parameters, the op reads 2",
             [(OP_UNARY, [0], [1], [1, 2], [0.0])], None, table)
     refused(r"instruction 0 \(MATMUL\): has 2 int parameters, the op reads 3",
-            [(OP_MATMUL, [0, 1, -1], [1], [1, 1])], None, table)
+            [(OP_MATMUL, [0, 0, -1], [1], [1, 1])], None, table)
     refused(r"instruction 0 \(SOFTMAX\): has 1 float parameters, the op reads none",
             [(OP_SOFTMAX, [0], [1], [1, 2, 1, 0], [1.0])], None, table)
 
@@ -293,7 +293,8 @@ def test_recurrent_sizes_against_the_stack():
             [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 3, 1, 4, 0], [], 0)], None, table,
             stacks=[stack], work=work)
     refused(r"sequence_lens is float32, the instruction takes int32",
-            [(OP_RECURRENT, [0, 2, -1, -1], [1, 2, 3], ip, [], 0)], None, table, stacks=[stack], work=work)
+            [(OP_RECURRENT, [0, 6, -1, -1], [1, 2, 3], ip, [], 0)], None, table + [(F32, 1)], stacks=[stack],
+            work=work)
     refused(r"initial_h has 1 elements, the instruction reads 2",
             [(OP_RECURRENT, [0, -1, 5, -1], [1, 2, 3], ip[:7] + [2], [], 0)], None, table[:5] + [(F32, 1)],
             stacks=[stack], work=work)
@@ -318,6 +319,20 @@ def test_workspace_of_conv_and_topk():
             [(F32, 10), (F32, 12), (F32, 12)], work=15)
     refused(r"instruction 0 \(TOPK\): needs 40 floats of workspace, the program has 16",
             [(OP_TOPK, [0], [1, 2], [F32, 1, 20, 1, 2, 1])], None, [(F32, 20), (F32, 2), (I64, 2)])
+
+
+def test_no_op_but_copy_computes_in_place():
+    """An output that is also an input (or another output) is refused, except by COPY, which
+    may copy a stream state onto itself (found by mutating corpus plans under AddressSanitizer:
+    memcpy with overlapping buffers)."""
+    refused(r"instruction 0 \(BINARY\): output 0 is input 1 \(tensor 1\): the op does not compute in place",
+            [(OP_BINARY, [0, 1], [1], [0, 1, 2, 1, 1])], None, [(F32, 2), (F32, 2)])
+    refused(r"instruction 0 \(TOPK\): outputs 0 and 1 are both tensor 1",
+            [(OP_TOPK, [0], [1, 1], [I64, 1, 3, 1, 2, 1])], None, [(I64, 3), (I64, 2)])
+    x = np.arange(4, dtype=np.float32)
+    p = program([(OP_COPY, [0], [0], copy_ip(4, (4,), (1,), (1,)))], None, [(F32, 4)])
+    p.run(*bind(x))
+    assert x.tolist() == [0, 1, 2, 3]
 
 
 def test_constants_and_inputs_are_never_written():
