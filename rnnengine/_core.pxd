@@ -1,5 +1,5 @@
 # _core.pxd - Cython mirror of src_c/rnnengine.h (the one public C header).
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 
 cdef extern from "rnnengine.h" nogil:
     ctypedef enum rnn_status:
@@ -92,6 +92,12 @@ cdef extern from "rnnengine.h" nogil:
     rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                              const float *fparams, void **tensors, rnn_stack **stacks,
                              float *work, char *err, size_t errlen, int64_t *failed)
+    rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                                int64_t n_iparams, int64_t n_fparams, const int64_t *tensor_dtype,
+                                const int64_t *tensor_count, const uint8_t *tensor_writable,
+                                int64_t n_tensors, rnn_stack **stacks, const int64_t *stack_shape,
+                                int64_t n_stacks, int64_t work_floats, char *err, size_t errlen,
+                                int64_t *failed)
 
 
 cdef extern from "rnnengine.h" nogil:

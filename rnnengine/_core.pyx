@@ -3,7 +3,7 @@
 """Low-level binding. Use the classes in :mod:`rnnengine` rather than this module."""
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 import threading
@@ -479,6 +479,27 @@ class GraphRunError(ValueError):
     """The graph executor stopped on bad input data (an index or a length out of range)."""
 
 
+class ProgramError(GraphRunError):
+    """A program refused before it runs (rnn_graph_verify): an instruction would read or
+    write outside the tensors it names, compute on element types its op does not take, or
+    read parameters it was not given. The message names the node and the instruction, e.g.
+    "Gemm node 'g': instruction 7 (MATMUL): input B has 12 elements, the instruction reads 48"."""
+
+
+# element type codes of the tensor table (src_c/rnnengine.h rnn_dtype; RNN_DT_OTHER + size for
+# types the executor only moves)
+_TENSOR_CODES = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
+                 np.dtype(np.bool_): 4}
+DT_OTHER = 100
+
+
+def tensor_code(dtype):
+    """The tensor table's element type code of a NumPy dtype."""
+    dtype = np.dtype(dtype)
+    code = _TENSOR_CODES.get(dtype)
+    return DT_OTHER + dtype.itemsize if code is None else code
+
+
 def address(cnp.ndarray arr):
     """Address of an array's first element (the array must stay alive while it is used)."""
     return <int64_t><uintptr_t>cnp.PyArray_DATA(arr)
@@ -487,40 +508,91 @@ def address(cnp.ndarray arr):
 cdef class Program:
     """A planned graph program (see src_c/graph.c): instructions, their parameters and the
     recurrent stacks they call. Immutable once built; many threads may run it at once, each
-    with its own tensor table and workspace."""
-    cdef readonly object program, iparams, fparams, stacks, labels
+    with its own tensor table and workspace.
+
+    tensor_dtypes / tensor_counts describe the buffers the program runs over (per tensor id:
+    element type code, see tensor_code, and element count), tensor_writable (optional, per
+    tensor 1 or 0; all 1 when not given) which of them instructions may write (not constants,
+    which may be a read-only mapped weight file, nor inputs, the caller's arrays), and
+    work_floats the workspace
+    every run gives; the program is checked against them once, here (rnn_graph_verify), and
+    refused with a ProgramError naming the instruction and its node when it does not fit."""
+    cdef readonly object program, iparams, fparams, stacks, labels, tensor_dtypes, tensor_counts, tensor_writable
+    cdef readonly int64_t work_floats, n_tensors
     cdef int64_t n_instr
     cdef rnn_stack **stack_ptrs
 
-    def __cinit__(self, program, iparams, fparams, list stacks, labels=None):
+    def __cinit__(self, program, iparams, fparams, list stacks, labels=None, *, tensor_dtypes, tensor_counts,
+                  int64_t work_floats, tensor_writable=None):
         # labels: per instruction, the node it computes (e.g. "Div node 'idx'"), named by errors
         self.labels = list(labels) if labels is not None else None
         self.stack_ptrs = NULL
         self.program = np.ascontiguousarray(program, dtype=np.int64).reshape(-1, RNN_INSTR_WORDS)
-        self.iparams = np.ascontiguousarray(iparams, dtype=np.int64)
-        self.fparams = np.ascontiguousarray(fparams, dtype=np.float32)
+        self.iparams = np.ascontiguousarray(iparams, dtype=np.int64).reshape(-1)
+        self.fparams = np.ascontiguousarray(fparams, dtype=np.float32).reshape(-1)
+        cdef int64_t n_ip = self.iparams.size, n_fp = self.fparams.size  # what the verifier checks against
         if self.iparams.size == 0:
             self.iparams = np.zeros(1, np.int64)
         if self.fparams.size == 0:
             self.fparams = np.zeros(1, np.float32)
+        self.tensor_dtypes = np.ascontiguousarray(tensor_dtypes, dtype=np.int64).reshape(-1)
+        self.tensor_counts = np.ascontiguousarray(tensor_counts, dtype=np.int64).reshape(-1)
+        if self.tensor_dtypes.size != self.tensor_counts.size:
+            raise ValueError(f"tensor table: {self.tensor_dtypes.size} element types for "
+                             f"{self.tensor_counts.size} element counts")
+        if tensor_writable is None:
+            tensor_writable = np.ones(self.tensor_dtypes.size, np.uint8)
+        self.tensor_writable = np.ascontiguousarray(tensor_writable, dtype=np.uint8).reshape(-1)
+        if self.tensor_writable.size != self.tensor_dtypes.size:
+            raise ValueError(f"tensor table: {self.tensor_writable.size} writable flags for "
+                             f"{self.tensor_dtypes.size} tensors")
+        if self.tensor_dtypes.size == 0:  # keep the arrays' data pointers valid
+            self.tensor_dtypes, self.tensor_counts = np.zeros(1, np.int64), np.zeros(1, np.int64)
+            self.tensor_writable = np.zeros(1, np.uint8)
+            n_tensors = 0
+        else:
+            n_tensors = self.tensor_dtypes.size
+        self.work_floats = work_floats
         self.n_instr = self.program.shape[0]
         self.stacks = list(stacks)
         self.stack_ptrs = <rnn_stack **>calloc(max(1, len(stacks)), sizeof(rnn_stack *))
         if self.stack_ptrs == NULL:
             raise MemoryError()
+        # per stack: layers, and D, H, has_c of its last layer (from the Stack, not the caller)
+        stack_shape = np.zeros(4 * max(1, len(stacks)), np.int64)
         for k, s in enumerate(self.stacks):
             self.stack_ptrs[k] = (<Stack?>s).ptr
+            shapes = (<Stack>s).layer_shapes  # (kind, D, H, has_c) per layer (no negative indexing here)
+            stack_shape[4 * k:4 * k + 4] = (len(shapes),) + tuple(shapes[len(shapes) - 1][1:])
+        cdef char err[320]
+        err[0] = 0
+        cdef int64_t failed = -1
+        cdef rnn_status st = rnn_graph_verify(
+            <const int64_t *>cnp.PyArray_DATA(self.program), self.n_instr,
+            <const int64_t *>cnp.PyArray_DATA(self.iparams), n_ip, n_fp,
+            <const int64_t *>cnp.PyArray_DATA(self.tensor_dtypes), <const int64_t *>cnp.PyArray_DATA(self.tensor_counts),
+            <const uint8_t *>cnp.PyArray_DATA(self.tensor_writable), n_tensors, self.stack_ptrs,
+            <const int64_t *>cnp.PyArray_DATA(stack_shape), len(self.stacks), work_floats, err, 320, &failed)
+        if st != RNN_STATUS_OK:
+            msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
+            if self.labels is not None and 0 <= failed < len(self.labels) and self.labels[failed]:
+                msg = f"{self.labels[failed]}: {msg}"
+            raise ProgramError(f"the program is refused: {msg}" if failed < 0 else msg)
+        self.n_tensors = n_tensors
 
     def __dealloc__(self):
         free(self.stack_ptrs)
 
     def run(self, cnp.ndarray ptrs, cnp.ndarray work):
         """Runs the program over the tensors whose addresses are in ptrs (int64, one per
-        tensor id) with the float32 workspace work. The GIL is released meanwhile."""
+        tensor id, each bound to a buffer of the size and type the tensor table says) with
+        the float32 workspace work. The GIL is released meanwhile."""
         if ptrs.dtype != np.int64 or not ptrs.flags.c_contiguous:
             raise TypeError("ptrs must be a C-contiguous int64 array")
         if work.dtype != np.float32 or not work.flags.c_contiguous or work.size == 0:
             raise TypeError("work must be a non-empty C-contiguous float32 array")
+        if work.size < self.work_floats:
+            raise ValueError(f"work has {work.size} floats, the program needs {self.work_floats}")
         cdef char err[256]
         err[0] = 0
         cdef const int64_t *prog = <const int64_t *>cnp.PyArray_DATA(self.program)
@@ -531,7 +603,9 @@ cdef class Program:
         cdef int64_t k, n = cnp.PyArray_SIZE(ptrs)
         if self.n_instr == 0:  # nothing to compute (every output a constant or an input)
             return
-        for k in range(n):  # every tensor bound: an unbound one would be a NULL dereference
+        if n < self.n_tensors:
+            raise ValueError(f"ptrs has {n} entries, the program has {self.n_tensors} tensors")
+        for k in range(self.n_tensors):  # every tensor bound: an unbound one would be a NULL dereference
             if tens[k] == NULL:
                 raise ValueError(f"tensor {k} of the program is not bound to a buffer")
         cdef rnn_status st

@@ -17,6 +17,7 @@ one call becomes the input of the next).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -52,18 +53,46 @@ class Value:
         self.fstate = False   # moved from a recurrent layer's final state only
 
 
+_BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
+_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (_core.tensor_code), cached
+
+
 class Plan:
     """The program for one set of input shapes, shared by every run and stream using them."""
 
     def __init__(self, planner):
+        # the tensor table the C verifier checks every instruction against (element type
+        # code, element count and whether it may be written, per tensor id): intermediates,
+        # constants, inputs, states
+        codes, counts, writable = [], [], []
+        for spec in planner.specs:
+            kind = spec[0]
+            if kind == "buf":
+                dtype, n = spec[2], math.prod(spec[1])
+            elif kind == "const":
+                dtype, n = spec[1].dtype, spec[1].size  # bool constants are stored as uint8 bytes
+                if len(spec) > 2 and spec[2] == _BOOL and dtype.itemsize == 1:
+                    dtype = _BOOL
+            elif kind == "input":
+                dtype, n = spec[3], math.prod(spec[2])
+            else:  # a stream's state
+                dtype, n = _F32, planner.state[spec[1]][1].size
+            code = _TENSOR_CODES.get(dtype)
+            if code is None:
+                code = _TENSOR_CODES[dtype] = _core.tensor_code(dtype)
+            codes.append(code)
+            counts.append(n)
+            writable.append(kind == "buf" or kind == "state")  # not constants nor inputs
+        self.work_floats = max(16, planner.work)  # what context() allocates
         self.program = _core.Program(np.array(planner.prog, np.int64).reshape(-1, _core.INSTR_WORDS),
                                      np.array(planner.ip, np.int64), np.array(planner.fp, np.float32),
-                                     planner.stacks, planner.labels)
+                                     planner.stacks, planner.labels, tensor_dtypes=np.array(codes, np.int64),
+                                     tensor_counts=np.array(counts, np.int64), work_floats=self.work_floats,
+                                     tensor_writable=np.array(writable, np.uint8))
         self.specs = planner.specs
         self.inputs = planner.input_tids
         self.outputs = planner.outputs
         self.state = planner.state  # key -> (tid, start vector)
-        self.work_floats = planner.work
         self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
         self.recurrent = planner.recurrent
         # streams: the carried context this plan was made for and the one it leaves behind
@@ -86,7 +115,7 @@ class Plan:
             else:
                 continue
             ptrs[tid] = _core.address(bufs[tid])
-        return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(max(16, self.work_floats), np.float32)}
+        return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(self.work_floats, np.float32)}
 
     def execute(self, ctx, feeds, states, want=None, into=None):
         """Runs the program; returns copies of the outputs named in ``want`` (all when None)
@@ -157,7 +186,7 @@ class Planner:
         self.recurrent = []  # per recurrent layer planned: node, T, B, direction, kind
         env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
         for name, (shape, dtype) in feeds.items():
-            tid = self._spec(("input", name))
+            tid = self._spec(("input", name, tuple(shape), np.dtype(dtype)))
             self.input_tids[name] = tid
             env[name] = Value(shape, dtype, tid=tid)
             if streaming and time_axes and name in time_axes:
@@ -209,7 +238,7 @@ class Planner:
                 arr = arr.astype(np.uint8)
             if arr.size == 0:
                 arr = np.zeros(1, arr.dtype)
-            v.tid = self._spec(("const", arr))
+            v.tid = self._spec(("const", arr, v.dtype))  # a bool stays bool in the tensor table
         return v.tid
 
     def derived(self, source, tag, fn):
@@ -462,7 +491,7 @@ class Planner:
                     key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
                     st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
                     carried[k] = self.alias(st, v.shape)
-                    states.append((k, st))
+                    states.append((k, st, v.shape))
         limit = 100000
         if trips is not None and trips > limit:
             raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
@@ -516,8 +545,10 @@ class Planner:
                 raise NotStreamableError(node, f"runs {record['T']} iterations over a chunk of {reads[0][0]} steps, "
                                                "so a chunk's steps would not all be read once")
         outs = list(carried)
-        for k, st in states:
+        self._node = node  # the copies below belong to the Loop (its body's last node was walked last)
+        for k, st, start in states:
             v = carried[k]
+            _check_loop_state(node, k, start, v)
             emit_copy(self, v, st, [int(np.prod(v.shape))], [1], [1])
         if time_loop:  # after a loop over time: its states are final, its counters the length
             for k, v in enumerate(carried):
@@ -542,6 +573,15 @@ class Planner:
             if self.streaming:
                 streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+def _check_loop_state(node, k, start, v):
+    """A stream carries a Loop's state from call to call: the next call starts from the value
+    this one ends with, as it started here, so its shape and type must stay the same."""
+    if v.shape != tuple(start) or v.dtype != np.float32:
+        raise UnsupportedError(f"{where(node)}: loop-carried state {k} starts as float32 {tuple(start)} and ends "
+                               f"as {v.dtype} {v.shape}; a stream carries it from call to call, so its shape and "
+                               "type must stay the same")
 
 
 def _outer_reads(node):

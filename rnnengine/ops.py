@@ -609,6 +609,8 @@ class Dropout(Handler):
 
 def _reshape_target(h, shape_in, shape, allowzero):
     shape = [int(s) for s in shape]
+    if any(s < -1 for s in shape):
+        h.fail(f"shape {shape} has a dimension below -1 (only -1, 0 and sizes are allowed)")
     out = []
     for i, s in enumerate(shape):
         if s == 0 and not allowzero:
@@ -809,6 +811,8 @@ class Split(Handler):
             if "num_outputs" not in self.attrs and n % n_out:
                 self.fail(f"cannot split {n} evenly into {n_out}")
             split = [min(k, n - i * k) for i in range(n_out)]
+        if any(s < 0 for s in split):
+            self.fail(f"split sizes {split} must not be negative")
         if sum(split) != shape[a] or len(split) != n_out:
             self.fail(f"split {split} does not cover axis {a} of size {shape[a]} with {n_out} outputs")
         return a, split
@@ -947,7 +951,11 @@ class ScatterElements(Handler):
             self.fail(f"reduction {self.attr('reduction')!r} is not supported")
         if len(idx) != len(data) or tuple(idx) != tuple(upd):
             self.fail(f"indices {tuple(idx)} and updates {tuple(upd)} must have the data's rank {len(data)}")
-        return axis_of(self, self.attr("axis", 0), len(data))
+        a = axis_of(self, self.attr("axis", 0), len(data))
+        for d, (i, n) in enumerate(zip(idx, data)):
+            if d != a and i > n:
+                self.fail(f"indices of shape {tuple(idx)} are wider than the data {tuple(data)} on axis {d}")
+        return a
 
     def eval(self, xs):
         data, idx, upd = xs
@@ -1027,6 +1035,9 @@ class Gemm(Handler):
             self.fail("B must be a constant weight matrix")
         if len(a.shape) != 2:
             self.fail(f"A must be 2-D, got shape {a.shape}")
+        if a.dtype != np.float32 or (c is not None and c.dtype != np.float32):
+            self.fail(f"takes float32 A and C at run time, got {a.dtype}"
+                      f"{'' if c is None else f' and {c.dtype}'}")
         if self.attr("transA", 0):
             t = p.new((a.shape[1], a.shape[0]), a.dtype)
             emit_copy(p, a, t, t.shape, [1, a.shape[1]], [a.shape[0], 1])
@@ -1038,6 +1049,8 @@ class Gemm(Handler):
         N = Bt.shape[0]
         if Bt.shape[1] != K:
             self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
+        if c is not None and (len(c.shape) > 2 or any(d not in (1, w) for d, w in zip(reversed(c.shape), (N, M)))):
+            self.fail(f"C of shape {c.shape} does not broadcast to the result ({M}, {N})")
         bias = None
         out = p.new((M, N), np.float32)
         if c is not None and c.const is not None and np.asarray(c.const).size in (1, N) and \
@@ -1080,6 +1093,8 @@ class Softmax(Handler):
 
     def emit(self, p, xs):
         x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
         out = p.new(x.shape, np.float32)
         p.emit(OP_SOFTMAX, [x], [out], list(self.geometry(x.shape)) + [int(self.node["op"] == "LogSoftmax")])
         return [out]
@@ -1175,6 +1190,8 @@ class Conv(Handler):
         bias = xs[2] if len(xs) > 2 else None
         if w.const is None or (bias is not None and bias.const is None):
             self.fail("weights and bias must be constants")
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
         N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, w.shape)
         out = p.new((N, M, Lout), np.float32)
         wc = p.const(np.ascontiguousarray(w.const, np.float32))
@@ -1198,7 +1215,7 @@ class Pad(Handler):
                 return optional_const(self, xs, k, "pads, constant_value and axes")
             pads = [int(v) for v in val(1).reshape(-1)]
             cv = val(2)
-            value = 0.0 if cv is None or cv.size == 0 else float(cv.reshape(-1)[0])
+            value = 0.0 if cv is None or cv.size == 0 else cv.reshape(-1)[0]  # in its own type: int64 exactly
             ax = val(3)
             axes = list(range(nd)) if ax is None else [axis_of(self, a, nd) for a in ax.reshape(-1)]
         if len(pads) != 2 * len(axes):
@@ -1271,15 +1288,20 @@ class Pad(Handler):
         if not int(np.prod(shape)):
             return out
         nd = len(shape)
-        head = 2 + 3 * nd
+        head = 3 + 3 * nd
         starts, pos = [], head
         for m in maps:
             starts.append(pos)
             pos += len(m)
-        ip = [x.dtype.itemsize, nd] + list(shape) + contiguous_strides(x.shape) + starts
+        # the fill element's bytes, as the low bytes of an int64 (float32 by its bit pattern,
+        # integers exactly, bool as 0 / 1)
+        es = x.dtype.itemsize
+        fill = cast_array(np.asarray(value), x.dtype).reshape(1)
+        fill = int(fill.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}[es])[0])
+        ip = [es, nd] + list(shape) + contiguous_strides(x.shape) + starts + [fill]
         for m in maps:
             ip += m
-        p.emit(OP_PAD, [x], [out], ip, [value])
+        p.emit(OP_PAD, [x], [out], ip)
         return out
 
 

@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -19,8 +20,10 @@
  *   GATHER    ip: esize, outer, n, inner, n_idx    out (outer, n_idx, inner) = data (outer, n, inner)[:, idx]
  *   CONV1D    ip: N, C, L, M, K, Lout, stride, dilation, pad_left, group
  *             out (N, M, Lout) = conv(x (N, C, L), W (M, C/group, K)) + bias (M)
- *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], maps...   fp: value
- *             out[o] = in[sum map_d[o_d] * in_stride[d]], or value when any map_d[o_d] < 0
+ *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], fill, maps...
+ *             out[o] = in[sum map_d[o_d] * in_stride[d]], or the fill element when any
+ *             map_d[o_d] < 0 (fill holds its esize bytes as its low bytes: float32 by its bit
+ *             pattern, integers and bool by value); map_start indexes this ip
  *   REDUCE    ip: kind (0 sum 1 mean 2 max 3 min 4 prod), nd, in_shape[nd], out_stride[nd], out_n, count
  *             out_stride is 0 along reduced axes
  *   CAST      ip: from (rnn_dtype), to (rnn_dtype), n      out[i] = (to) in[i], as onnxruntime on x86-64:
@@ -71,14 +74,14 @@ static void op_copy(const int64_t *ip, const char *src, char *dst) {
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= shape[d];
     if (total == 0) return;
-    if (nd == 0) { memcpy(dst, src, (size_t)es); return; }
+    if (nd == 0) { memmove(dst, src, (size_t)es); return; }
     /* innermost dimension as a run; odometer over the rest */
     const int64_t inner = shape[nd - 1], sin = ss[nd - 1], din = ds[nd - 1];
     int64_t idx[MAX_ND] = {0};
     int64_t so = 0, doff = 0;
     for (int64_t done = 0; done < total; done += inner) {
-        if (sin == 1 && din == 1) {
-            memcpy(dst + doff * es, src + so * es, (size_t)(inner * es));
+        if (sin == 1 && din == 1) { /* memmove: a stream state copied onto itself (a Loop's state reshaped) */
+            memmove(dst + doff * es, src + so * es, (size_t)(inner * es));
         } else if (es == 4) {
             const float *s = (const float *)src + so;
             float *o = (float *)dst + doff;
@@ -292,13 +295,18 @@ static void op_conv1d(const int64_t *ip, const float *x, const float *W, const f
 
 /* ---- PAD ----------------------------------------------------------------------------- */
 
-static void op_pad(const int64_t *ip, const float *fp, const char *in, char *out) {
+static void op_pad(const int64_t *ip, const char *in, char *out) {
     const int64_t es = ip[0], nd = ip[1];
     const int64_t *oshape = ip + 2, *istr = ip + 2 + nd, *mstart = ip + 2 + 2 * nd;
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= oshape[d];
     int64_t idx[MAX_ND] = {0};
-    const float fval = fp[0];
+    /* the fill element, from the low bytes of its int64 (on any byte order) */
+    const int64_t fw = ip[2 + 3 * nd];
+    const uint8_t f1 = (uint8_t)fw;
+    const uint16_t f2 = (uint16_t)fw;
+    const uint32_t f4 = (uint32_t)fw;
+    const void *fill = es == 1 ? (const void *)&f1 : es == 2 ? (const void *)&f2 : es == 4 ? (const void *)&f4 : (const void *)&fw;
     for (int64_t o = 0; o < total; o++) {
         int64_t off = 0, outside = 0;
         for (int64_t d = 0; d < nd; d++) {
@@ -306,15 +314,7 @@ static void op_pad(const int64_t *ip, const float *fp, const char *in, char *out
             if (m < 0) { outside = 1; break; }
             off += m * istr[d];
         }
-        if (!outside) {
-            memcpy(out + o * es, in + off * es, (size_t)es);
-        } else if (es == 4) {
-            memcpy(out + o * es, &fval, 4);
-        } else {
-            const int64_t v = (int64_t)fval;
-            if (es == 8) memcpy(out + o * es, &v, 8);
-            else memset(out + o * es, (int)v, (size_t)es);
-        }
+        memcpy(out + o * es, outside ? fill : in + off * es, (size_t)es);
         for (int64_t d = nd - 1; d >= 0; d--) {
             if (++idx[d] < oshape[d]) break;
             idx[d] = 0;
@@ -775,6 +775,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
     if (op != RNN_OP_WHERE && op != RNN_OP_REVSEQ && dtype_size(dt) == 0) return "unknown element type code";
     switch (op) {
     case RNN_OP_TBINARY: {
+        if (nip < 3) return "too few parameters";
         const int64_t kind = ip[1], nd = ip[2];
         if (nd < 0 || nd > MAX_ND || nip != 3 + 3 * nd) return "rank or parameter count does not fit";
         const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
@@ -802,6 +803,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
         return NULL;
     }
     case RNN_OP_TREDUCE: {
+        if (nip < 3) return "too few parameters";
         const int64_t kind = ip[1], nd = ip[2];
         if (dt != RNN_DT_I64 && dt != RNN_DT_I32) return "integer reductions take int64 or int32";
         if (kind < 0 || kind > 4) return "unknown reduction";
@@ -924,7 +926,7 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_CONV1D:
             op_conv1d(ip, T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
             break;
-        case RNN_OP_PAD: op_pad(ip, fp, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_TOPK:
@@ -954,6 +956,567 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         if (st != RNN_STATUS_OK) {
             if (failed) *failed = k;
             return st;
+        }
+    }
+    return RNN_STATUS_OK;
+}
+
+/* ---- the verifier ---------------------------------------------------------------------- */
+/*
+ * rnn_graph_verify checks a whole program once, when it is created, against the tensors it
+ * names: every read and write of every instruction stays inside its buffer, every operand
+ * has an element type the op computes on, every parameter slice lies inside iparams /
+ * fparams and is as long as the op reads. All arithmetic on the sizes it is given is
+ * overflow-checked. Values that are data (Gather / Scatter indices, sequence lengths,
+ * integer divisors) are checked by the ops themselves when they run.
+ */
+
+/* Largest |offset| arithmetic the kernels may do (element offsets and stride * size). */
+#define SPAN_LIMIT ((int64_t)1 << 62)
+
+/* a * b into *r; 0 when the exact product does not fit in int64 (CERT INT32-C). */
+static int mul_ok(int64_t a, int64_t b, int64_t *r) {
+    if (a > 0 ? (b > 0 ? a > INT64_MAX / b : b < INT64_MIN / a)
+              : (b > 0 ? a < INT64_MIN / b : (a != 0 && b < INT64_MAX / a)))
+        return 0;
+    *r = a * b;
+    return 1;
+}
+
+static int add_ok(int64_t a, int64_t b, int64_t *r) {
+    if ((b > 0 && a > INT64_MAX - b) || (b < 0 && a < INT64_MIN - b)) return 0;
+    *r = a + b;
+    return 1;
+}
+
+static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
+                                       "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
+                                       "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ"};
+#define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
+
+/* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
+ * of n bytes (which only ops that move elements, not compute on them, may touch). */
+static int64_t code_size(int64_t dt) {
+    if (dt > RNN_DT_OTHER && dt <= RNN_DT_OTHER + 16) return dt - RNN_DT_OTHER;
+    return dtype_size(dt);
+}
+
+static const char *code_name(int64_t dt) {
+    switch (dt) {
+    case RNN_DT_F32: return "float32";
+    case RNN_DT_I64: return "int64";
+    case RNN_DT_I32: return "int32";
+    case RNN_DT_U8: return "uint8";
+    case RNN_DT_BOOL: return "bool";
+    default: return code_size(dt) ? "a type the executor does not compute on" : "an unknown type";
+    }
+}
+
+/* masks of element types an operand may have */
+#define M_F32 (1u << RNN_DT_F32)
+#define M_I64 (1u << RNN_DT_I64)
+#define M_I32 (1u << RNN_DT_I32)
+#define M_U8 (1u << RNN_DT_U8)
+#define M_BOOL (1u << RNN_DT_BOOL)
+#define M_BYTE (M_U8 | M_BOOL)
+#define M_TYPED (M_F32 | M_I64 | M_I32 | M_BYTE)
+#define M_ANY 0xffffffffu /* any element type: checked by size where it matters */
+
+static unsigned mask_of(int64_t dt) { return dt >= 0 && dt <= RNN_DT_BOOL ? 1u << dt : (dt > RNN_DT_OTHER ? 1u << 31 : 0); }
+
+/* the operand mask of a typed op's element type: bool and uint8 alike */
+static unsigned tmask(int64_t dt) { return dt == RNN_DT_U8 || dt == RNN_DT_BOOL ? M_BYTE : mask_of(dt); }
+
+static const char *mask_name(unsigned m) {
+    switch (m) {
+    case M_F32: return "float32";
+    case M_I64: return "int64";
+    case M_I32: return "int32";
+    case M_BYTE: case M_BOOL: return "bool";
+    case M_I64 | M_I32: return "int64 or int32";
+    default: return "another type";
+    }
+}
+
+/* same element type, bool and uint8 counting as one (one byte each, as the ops read them) */
+static int same_type(int64_t a, int64_t b) {
+    return a == b || ((a == RNN_DT_U8 || a == RNN_DT_BOOL) && (b == RNN_DT_U8 || b == RNN_DT_BOOL));
+}
+
+typedef struct {
+    const int64_t *in; /* the instruction's words */
+    const int64_t *ip; /* its int parameters */
+    int64_t nip, nfp;
+    const int64_t *tdt, *tcount; /* the tensor table */
+    const uint8_t *twritable;    /* 0: a constant or input no instruction may write (NULL: all writable) */
+    int64_t nt;
+    rnn_stack *const *stacks;
+    const int64_t *stack_shape; /* per stack: layers, D, H, has_c of its last layer */
+    int64_t ns, work;
+    char msg[200]; /* the reason, when a check fails */
+} vctx;
+
+static int bad(vctx *v, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(v->msg, sizeof v->msg, fmt, ap);
+    va_end(ap);
+    return 1;
+}
+
+/* instruction slots: 0..3 inputs, 4..6 outputs */
+typedef struct {
+    int64_t id, dt, n; /* tensor id (-1: none), element type code, element count */
+} operand;
+
+/* Operand in slot s named name: a tensor id in range of a type in mask; absent (-1) only
+ * when optional. */
+static int get(vctx *v, int s, const char *name, int required, unsigned mask, operand *o) {
+    const int64_t id = v->in[s < 4 ? 1 + s : 5 + (s - 4)];
+    o->id = id, o->dt = -1, o->n = 0;
+    if (id == -1) return required ? bad(v, "%s is missing", name) : 0;
+    if (id < 0 || id >= v->nt)
+        return bad(v, "%s names tensor %lld, the program has tensors 0..%lld", name, (long long)id, (long long)v->nt - 1);
+    o->dt = v->tdt[id], o->n = v->tcount[id];
+    if (code_size(o->dt) == 0)
+        return bad(v, "%s is tensor %lld of unknown element type code %lld", name, (long long)id, (long long)o->dt);
+    if (o->n < 0 || o->n > SPAN_LIMIT)
+        return bad(v, "%s is tensor %lld of %lld elements", name, (long long)id, (long long)o->n);
+    if (!(mask_of(o->dt) & mask))
+        return bad(v, "%s is %s, the instruction takes %s", name, code_name(o->dt), mask_name(mask));
+    if (s >= 4 && v->twritable && !v->twritable[id])
+        return bad(v, "%s is tensor %lld, a constant or input the program must not write", name, (long long)id);
+    return 0;
+}
+
+/* the slots an op does not use must be empty */
+static int unused(vctx *v, int n_in, int n_out) {
+    for (int s = n_in; s < 4; s++)
+        if (v->in[1 + s] != -1) return bad(v, "input slot %d names tensor %lld, the op takes %d inputs", s, (long long)v->in[1 + s], n_in);
+    for (int s = n_out; s < 3; s++)
+        if (v->in[5 + s] != -1) return bad(v, "output slot %d names tensor %lld, the op has %d outputs", s, (long long)v->in[5 + s], n_out);
+    if (v->in[0] != RNN_OP_RECURRENT && v->in[8] != -1) return bad(v, "aux word %lld set on an op without a stack", (long long)v->in[8]);
+    return 0;
+}
+
+/* o holds at least n elements */
+static int need(vctx *v, const operand *o, const char *name, const char *verb, int64_t n) {
+    if (o->id >= 0 && n > o->n)
+        return bad(v, "%s has %lld elements, the instruction %s %lld", name, (long long)o->n, verb, (long long)n);
+    return 0;
+}
+
+static int nparams(vctx *v, int64_t want) {
+    if (v->nip != want) return bad(v, "has %lld int parameters, the op reads %lld", (long long)v->nip, (long long)want);
+    return 0;
+}
+
+/* product of n sizes, each >= 0, into *total; refuses negative sizes and overflow */
+static int sizes(vctx *v, const char *what, int64_t n, const int64_t *dims, int64_t *total) {
+    int64_t t = 1;
+    for (int64_t d = 0; d < n; d++) {
+        if (dims[d] < 0) return bad(v, "%s has a negative size %lld", what, (long long)dims[d]);
+        if (!mul_ok(t, dims[d], &t) || t > SPAN_LIMIT) return bad(v, "the sizes of %s overflow", what);
+    }
+    *total = t;
+    return 0;
+}
+
+/* A walk over shape (nd, total elements) with strides from element off stays inside o. */
+static int span(vctx *v, const operand *o, const char *name, const char *verb, int64_t nd, const int64_t *shape,
+                const int64_t *stride, int64_t off, int64_t total) {
+    if (o->id < 0 || total == 0) return 0;
+    if (off < -SPAN_LIMIT || off > SPAN_LIMIT) return bad(v, "%s: offset %lld is out of range", name, (long long)off);
+    int64_t lo = off, hi = off;
+    for (int64_t d = 0; d < nd; d++) {
+        int64_t ext, whole;
+        if (!mul_ok(stride[d], shape[d], &whole) || whole > SPAN_LIMIT || whole < -SPAN_LIMIT ||
+            !mul_ok(stride[d], shape[d] - 1, &ext))
+            return bad(v, "%s: stride %lld over %lld elements overflows", name, (long long)stride[d], (long long)shape[d]);
+        if (!add_ok(ext > 0 ? hi : lo, ext, ext > 0 ? &hi : &lo) || hi > SPAN_LIMIT || lo < -SPAN_LIMIT)
+            return bad(v, "%s: offsets overflow", name);
+    }
+    if (lo < 0) return bad(v, "%s: the instruction %s element %lld, before its start", name, verb, (long long)lo);
+    if (hi >= o->n)
+        return bad(v, "%s has %lld elements, the instruction %s %lld", name, (long long)o->n, verb, (long long)hi + 1);
+    return 0;
+}
+
+static int esize_ok(vctx *v, int64_t es, const operand *o, const char *name) {
+    if (code_size(o->dt) != es)
+        return bad(v, "%s has %lld-byte elements (%s), the instruction moves %lld-byte ones", name,
+                   (long long)code_size(o->dt), code_name(o->dt), (long long)es);
+    return 0;
+}
+
+static int valid_es(vctx *v, int64_t es) {
+    if (!(es == 1 || es == 2 || es == 4 || es == 8)) return bad(v, "element size %lld is not 1, 2, 4 or 8", (long long)es);
+    return 0;
+}
+
+/* REDUCE / TREDUCE after its dtype: kind, nd, in_shape[nd], out_stride[nd], out_n, count */
+static int verify_reduce(vctx *v, const int64_t *ip, int64_t nip, unsigned mask, int64_t dt) {
+    operand x, y;
+    if (nip < 2) return bad(v, "too few parameters");
+    const int64_t kind = ip[0], nd = ip[1];
+    if (kind < 0 || kind > 4) return bad(v, "unknown reduction %lld", (long long)kind);
+    if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
+    if (nip != 4 + 2 * nd) return bad(v, "has %lld int parameters, a reduction of rank %lld reads %lld", (long long)nip, (long long)nd, (long long)(4 + 2 * nd));
+    const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd, out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];
+    int64_t total;
+    if (unused(v, 1, 1) || get(v, 0, "input", 1, mask, &x) || get(v, 4, "output", 1, mask, &y) ||
+        sizes(v, "the input", nd, ishape, &total) || need(v, &x, "input", "reads", total))
+        return 1;
+    if (dt >= 0 && (x.dt != dt || y.dt != dt))
+        return bad(v, "input %s and output %s, the instruction computes on %s", code_name(x.dt), code_name(y.dt), code_name(dt));
+    if (out_n < 0 || out_n > SPAN_LIMIT) return bad(v, "output size %lld is out of range", (long long)out_n);
+    if (need(v, &y, "output", "writes", out_n)) return 1;
+    for (int64_t d = 0; d < nd; d++)
+        if (ostr[d] < 0) return bad(v, "a negative output stride %lld", (long long)ostr[d]);
+    const operand o = {y.id, y.dt, out_n}; /* the walk stays within the out_n elements written */
+    if (span(v, &o, "output", "writes", nd, ishape, ostr, 0, total)) return 1;
+    if (count < 0 || (dt == RNN_DT_I32 && count > INT32_MAX)) return bad(v, "element count %lld of the mean is out of range", (long long)count);
+    return 0;
+}
+
+static int verify_instr(vctx *v) {
+    const int64_t op = v->in[0], *ip = v->ip, nip = v->nip;
+    operand a, b, c, d, y, y2, y3;
+    int64_t total, n;
+    /* no op but COPY computes in place: an output is never one of its inputs, nor another output */
+    for (int s = 0; s < 3; s++) {
+        const int64_t o = v->in[5 + s];
+        if (o < 0) continue;
+        for (int r = 0; r < 4 && op != RNN_OP_COPY; r++)
+            if (v->in[1 + r] == o) return bad(v, "output %d is input %d (tensor %lld): the op does not compute in place", s, r, (long long)o);
+        for (int r = 0; r < s; r++)
+            if (v->in[5 + r] == o) return bad(v, "outputs %d and %d are both tensor %lld", r, s, (long long)o);
+        if (op == RNN_OP_RECURRENT && nip > 6 && o == ip[6]) return bad(v, "output %d is the state tensor %lld", s, (long long)o);
+    }
+    if (op != RNN_OP_UNARY && v->nfp != 0)
+        return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
+    if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op < N_OPS)) { /* codes and counts the op checks when it runs */
+        const char *why = check_typed(op, ip, nip);
+        if (why) return bad(v, "%s", why);
+    }
+    switch (op) {
+    case RNN_OP_COPY: {
+        if (nip < 4) return bad(v, "too few parameters");
+        const int64_t es = ip[0], nd = ip[1];
+        if (valid_es(v, es)) return 1;
+        if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
+        if (nparams(v, 4 + 3 * nd) || unused(v, 1, 1) || get(v, 0, "input", 1, M_ANY, &a) ||
+            get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, es, &a, "input") || esize_ok(v, es, &y, "output"))
+            return 1;
+        if (!same_type(a.dt, y.dt)) return bad(v, "copies %s into %s", code_name(a.dt), code_name(y.dt));
+        const int64_t *shape = ip + 4;
+        if (sizes(v, "the copy", nd, shape, &total) || span(v, &a, "input", "reads", nd, shape, ip + 4 + nd, ip[2], total) ||
+            span(v, &y, "output", "writes", nd, shape, ip + 4 + 2 * nd, ip[3], total))
+            return 1;
+        return need(v, &y, "output", "writes", total); /* every element written once: a finite walk */
+    }
+    case RNN_OP_BINARY:
+    case RNN_OP_TBINARY:
+    case RNN_OP_WHERE: {
+        /* BINARY: kind, nd; TBINARY: dt, kind, nd; WHERE: es, nd (check_typed has checked their counts) */
+        if (op == RNN_OP_BINARY && nip < 2) return bad(v, "too few parameters");
+        const int64_t h = op == RNN_OP_BINARY ? 0 : 1;
+        const int64_t nd = op == RNN_OP_WHERE ? ip[1] : ip[1 + h], k = op == RNN_OP_WHERE ? 3 : 2;
+        if (op == RNN_OP_BINARY) {
+            if (ip[0] < 0 || ip[0] > 6) return bad(v, "unknown arithmetic kind %lld", (long long)ip[0]);
+            if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
+            if (nparams(v, 2 + 3 * nd)) return 1;
+        }
+        const int64_t *shape = ip + (op == RNN_OP_BINARY ? 2 : op == RNN_OP_WHERE ? 2 : 3);
+        const int64_t dt = op == RNN_OP_TBINARY ? ip[0] : RNN_DT_F32;
+        const unsigned m = op == RNN_OP_WHERE ? M_ANY : tmask(dt);
+        if (unused(v, (int)k, 1) || sizes(v, "the result", nd, shape, &total)) return 1;
+        if (op == RNN_OP_WHERE) {
+            if (get(v, 0, "condition", 1, M_BYTE, &c) || get(v, 1, "input X", 1, M_ANY, &a) ||
+                get(v, 2, "input Y", 1, M_ANY, &b) || get(v, 4, "output", 1, M_ANY, &y) ||
+                esize_ok(v, ip[0], &a, "input X") || esize_ok(v, ip[0], &b, "input Y") || esize_ok(v, ip[0], &y, "output"))
+                return 1;
+            if (!same_type(a.dt, b.dt) || !same_type(a.dt, y.dt))
+                return bad(v, "X %s, Y %s and output %s differ", code_name(a.dt), code_name(b.dt), code_name(y.dt));
+            if (span(v, &c, "condition", "reads", nd, shape, shape + nd, 0, total) ||
+                span(v, &a, "input X", "reads", nd, shape, shape + 2 * nd, 0, total) ||
+                span(v, &b, "input Y", "reads", nd, shape, shape + 3 * nd, 0, total))
+                return 1;
+        } else {
+            const unsigned ym = op == RNN_OP_TBINARY && ip[1] >= 10 ? M_BYTE : m;
+            if (get(v, 0, "input A", 1, m, &a) || get(v, 1, "input B", 1, m, &b) || get(v, 4, "output", 1, ym, &y))
+                return 1;
+            if (op == RNN_OP_TBINARY && (!same_type(a.dt, dt) || !same_type(b.dt, dt)))
+                return bad(v, "inputs %s and %s, the instruction computes on %s", code_name(a.dt), code_name(b.dt), code_name(dt));
+            if (span(v, &a, "input A", "reads", nd, shape, shape + nd, 0, total) ||
+                span(v, &b, "input B", "reads", nd, shape, shape + 2 * nd, 0, total))
+                return 1;
+        }
+        return need(v, &y, "output", "writes", total);
+    }
+    case RNN_OP_UNARY: {
+        if (nparams(v, 2)) return 1;
+        if (v->nfp != 2) return bad(v, "has %lld float parameters, the op reads 2", (long long)v->nfp);
+        const int64_t kind = ip[0];
+        if (!((kind >= 0 && kind < RNN_ACT_COUNT) || (kind >= 20 && kind <= 29))) return bad(v, "unknown function %lld", (long long)kind);
+        if (sizes(v, "the input", 1, ip + 1, &n) || unused(v, 1, 1) || get(v, 0, "input", 1, M_F32, &a) ||
+            get(v, 4, "output", 1, M_F32, &y))
+            return 1;
+        return need(v, &a, "input", "reads", n) || need(v, &y, "output", "writes", n);
+    }
+    case RNN_OP_MATMUL: {
+        int64_t mk, nk, mn;
+        if (nparams(v, 3) || sizes(v, "the product", 3, ip, &total) || unused(v, 3, 1)) return 1;
+        const int64_t M = ip[0], N = ip[1], K = ip[2];
+        if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return bad(v, "sizes beyond what BLAS takes");
+        mul_ok(M, K, &mk), mul_ok(N, K, &nk), mul_ok(M, N, &mn); /* each size < 2^31: no overflow */
+        if (get(v, 0, "input A", 1, M_F32, &a) || get(v, 1, "input B", 1, M_F32, &b) ||
+            get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
+            return 1;
+        if (M == 0 || N == 0) return 0;
+        return need(v, &a, "input A", "reads", mk) || need(v, &b, "input B", "reads", nk) ||
+               need(v, &c, "bias", "reads", N) || need(v, &y, "output", "writes", mn);
+    }
+    case RNN_OP_SOFTMAX:
+    case RNN_OP_CUMSUM:
+    case RNN_OP_ARGMAX: {
+        const int64_t *g = op == RNN_OP_SOFTMAX ? ip : ip + 1; /* outer, n, inner */
+        if (op == RNN_OP_SOFTMAX && (nparams(v, 4))) return 1;
+        if (op == RNN_OP_SOFTMAX && ip[3] != 0 && ip[3] != 1) return bad(v, "log flag %lld is not 0 or 1", (long long)ip[3]);
+        if (sizes(v, "the input", 3, g, &total) || unused(v, 1, 1)) return 1;
+        const unsigned m = op == RNN_OP_SOFTMAX ? M_F32 : tmask(ip[0]);
+        if (get(v, 0, "input", 1, m, &a) || get(v, 4, "output", 1, op == RNN_OP_ARGMAX ? M_I64 : m, &y)) return 1;
+        if (op != RNN_OP_SOFTMAX && !same_type(a.dt, ip[0]))
+            return bad(v, "input is %s, the instruction computes on %s", code_name(a.dt), code_name(ip[0]));
+        if (op == RNN_OP_CUMSUM && y.dt != a.dt) return bad(v, "input %s, output %s", code_name(a.dt), code_name(y.dt));
+        if (need(v, &a, "input", "reads", total)) return 1;
+        if (op == RNN_OP_ARGMAX) {
+            mul_ok(g[0], g[2], &n);
+            return need(v, &y, "output", "writes", n);
+        }
+        return need(v, &y, "output", "writes", total);
+    }
+    case RNN_OP_GATHER: {
+        int64_t nout;
+        if (nparams(v, 5) || valid_es(v, ip[0]) || sizes(v, "the data", 3, ip + 1, &total) ||
+            sizes(v, "the indices", 1, ip + 4, &n) || unused(v, 2, 1) || get(v, 0, "data", 1, M_ANY, &a) ||
+            get(v, 1, "indices", 1, M_I64, &b) || get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, ip[0], &a, "data"))
+            return 1;
+        if (!same_type(a.dt, y.dt)) return bad(v, "data %s, output %s", code_name(a.dt), code_name(y.dt));
+        const int64_t g[3] = {ip[1], ip[4], ip[3]};
+        if (sizes(v, "the output", 3, g, &nout)) return 1;
+        return need(v, &a, "data", "reads", total) || need(v, &b, "indices", "reads", n) ||
+               need(v, &y, "output", "writes", nout);
+    }
+    case RNN_OP_CONV1D: {
+        if (nparams(v, 10) || sizes(v, "the convolution", 6, ip, &total) || unused(v, 3, 1)) return 1;
+        const int64_t N = ip[0], C = ip[1], L = ip[2], M = ip[3], K = ip[4], Lout = ip[5];
+        const int64_t s = ip[6], dil = ip[7], pad = ip[8], G = ip[9];
+        if (s < 1 || dil < 1 || G < 1) return bad(v, "stride %lld, dilation %lld and group %lld must be >= 1", (long long)s, (long long)dil, (long long)G);
+        if (C % G || M % G) return bad(v, "group %lld does not divide %lld channels and %lld filters", (long long)G, (long long)C, (long long)M);
+        if (pad < -SPAN_LIMIT || pad > SPAN_LIMIT) return bad(v, "padding %lld is out of range", (long long)pad);
+        int64_t x_n, w_n, y_n, ck, col, reach = 0, t;
+        const int64_t xs[3] = {N, C, L}, ws[3] = {M, C / G, K}, ys[3] = {N, M, Lout}, cs[3] = {Lout, C / G, K};
+        if (sizes(v, "the input", 3, xs, &x_n) || sizes(v, "the weights", 3, ws, &w_n) ||
+            sizes(v, "the output", 3, ys, &y_n) || sizes(v, "the column buffer", 3, cs, &col))
+            return 1;
+        if (!mul_ok(C / G, K, &ck)) return bad(v, "the sizes of the kernel overflow");
+        if (M / G > INT32_MAX || Lout > INT32_MAX || ck > INT32_MAX) return bad(v, "sizes beyond what BLAS takes");
+        /* the input position l*stride + k*dil - pad must not overflow */
+        if (Lout > 0 && K > 0 &&
+            (!mul_ok(Lout - 1, s, &reach) || !mul_ok(K - 1, dil, &t) || !add_ok(reach, t, &reach) || reach > SPAN_LIMIT))
+            return bad(v, "stride and dilation reach beyond any input");
+        if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "weights", 1, M_F32, &b) ||
+            get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
+            return 1;
+        if (need(v, &a, "input", "reads", x_n) || need(v, &b, "weights", "reads", w_n) ||
+            need(v, &c, "bias", "reads", M) || need(v, &y, "output", "writes", y_n))
+            return 1;
+        if (col > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)col, (long long)v->work);
+        return 0;
+    }
+    case RNN_OP_PAD: {
+        if (nip < 2) return bad(v, "too few parameters");
+        const int64_t es = ip[0], nd = ip[1], head = 3 + 3 * nd;
+        if (valid_es(v, es)) return 1;
+        if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
+        if (nip < head) return bad(v, "has %lld int parameters, a pad of rank %lld reads at least %lld", (long long)nip, (long long)nd, (long long)head);
+        const int64_t *oshape = ip + 2, *istr = ip + 2 + nd, *mstart = ip + 2 + 2 * nd;
+        if (sizes(v, "the output", nd, oshape, &total) || unused(v, 1, 1) || get(v, 0, "input", 1, M_ANY, &a) ||
+            get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, es, &a, "input") || esize_ok(v, es, &y, "output"))
+            return 1;
+        if (!same_type(a.dt, y.dt)) return bad(v, "pads %s into %s", code_name(a.dt), code_name(y.dt));
+        if (need(v, &y, "output", "writes", total)) return 1;
+        int64_t hi = 0, reads = total > 0;
+        for (int64_t k = 0; k < nd; k++) {
+            int64_t end, mx = -1;
+            if (mstart[k] < head || !add_ok(mstart[k], oshape[k], &end) || end > nip)
+                return bad(v, "the index map of axis %lld lies outside the parameters", (long long)k);
+            if (istr[k] < 0) return bad(v, "a negative input stride %lld", (long long)istr[k]);
+            for (int64_t i = mstart[k]; i < end; i++) {
+                if (ip[i] < -1) return bad(v, "index map entry %lld of axis %lld is below -1", (long long)ip[i], (long long)k);
+                mx = ip[i] > mx ? ip[i] : mx;
+            }
+            if (mx < 0) reads = 0; /* every output along this axis is the constant */
+            int64_t ext;
+            if (mx > 0 && (!mul_ok(mx, istr[k], &ext) || !add_ok(hi, ext, &hi) || hi > SPAN_LIMIT))
+                return bad(v, "input offsets overflow");
+        }
+        if (reads && hi >= a.n)
+            return bad(v, "input has %lld elements, the instruction reads %lld", (long long)a.n, (long long)hi + 1);
+        return 0;
+    }
+    case RNN_OP_REDUCE: return verify_reduce(v, ip, nip, M_F32, -1);
+    case RNN_OP_TREDUCE: return verify_reduce(v, ip + 1, nip - 1, M_I64 | M_I32, ip[0]);
+    case RNN_OP_CAST:
+        if (unused(v, 1, 1) || get(v, 0, "input", 1, M_TYPED, &a) || get(v, 4, "output", 1, M_TYPED, &y)) return 1;
+        if (!same_type(a.dt, ip[0]) || !same_type(y.dt, ip[1]))
+            return bad(v, "input %s and output %s, the instruction casts %s to %s", code_name(a.dt), code_name(y.dt),
+                       code_name(ip[0]), code_name(ip[1]));
+        return need(v, &a, "input", "reads", ip[2]) || need(v, &y, "output", "writes", ip[2]);
+    case RNN_OP_TUNARY:
+        if (unused(v, 1, 1) || get(v, 0, "input", 1, tmask(ip[0]), &a) || get(v, 4, "output", 1, tmask(ip[0]), &y))
+            return 1;
+        return need(v, &a, "input", "reads", ip[2]) || need(v, &y, "output", "writes", ip[2]);
+    case RNN_OP_TOPK: {
+        int64_t nout, g[3];
+        if (nparams(v, 6) || sizes(v, "the input", 3, ip + 1, &total) || unused(v, 1, 2)) return 1;
+        if (code_size(ip[0]) == 0 || ip[0] > RNN_DT_BOOL) return bad(v, "unknown element type code %lld", (long long)ip[0]);
+        if (ip[4] < 0 || ip[4] > ip[2]) return bad(v, "k = %lld is outside [0, %lld]", (long long)ip[4], (long long)ip[2]);
+        g[0] = ip[1], g[1] = ip[4], g[2] = ip[3];
+        sizes(v, "the output", 3, g, &nout); /* <= total */
+        if (get(v, 0, "input", 1, tmask(ip[0]), &a) || get(v, 4, "values", 1, tmask(ip[0]), &y) ||
+            get(v, 5, "indices", 1, M_I64, &y2))
+            return 1;
+        if (!same_type(a.dt, y.dt)) return bad(v, "input %s, values %s", code_name(a.dt), code_name(y.dt));
+        if (need(v, &a, "input", "reads", total) || need(v, &y, "values", "writes", nout) ||
+            need(v, &y2, "indices", "writes", nout))
+            return 1;
+        if (ip[2] > v->work / 2) /* n int64 of scratch */
+            return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)(2 * ip[2]), (long long)v->work);
+        return 0;
+    }
+    case RNN_OP_SCATTER: {
+        if (nip < 2) return bad(v, "too few parameters");
+        const int64_t es = ip[0], nd = ip[1];
+        int64_t in_n;
+        if (valid_es(v, es)) return 1;
+        if (nd < 1 || nd > MAX_ND) return bad(v, "rank %lld is outside 1..%d", (long long)nd, MAX_ND);
+        if (nparams(v, 3 + 2 * nd)) return 1;
+        const int64_t *dshape = ip + 2, *ishape = ip + 2 + nd, axis = ip[2 + 2 * nd];
+        if (axis < 0 || axis >= nd) return bad(v, "axis %lld is outside 0..%lld", (long long)axis, (long long)nd - 1);
+        if (sizes(v, "the data", nd, dshape, &total) || sizes(v, "the indices", nd, ishape, &in_n)) return 1;
+        for (int64_t k = 0; k < nd; k++)
+            if (k != axis && ishape[k] > dshape[k])
+                return bad(v, "indices are %lld wide on axis %lld, the data %lld", (long long)ishape[k], (long long)k,
+                           (long long)dshape[k]);
+        if (unused(v, 3, 1) || get(v, 0, "data", 1, M_ANY, &a) || get(v, 1, "indices", 1, M_I64, &b) ||
+            get(v, 2, "updates", 1, M_ANY, &c) || get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, es, &a, "data"))
+            return 1;
+        if (!same_type(a.dt, c.dt) || !same_type(a.dt, y.dt))
+            return bad(v, "data %s, updates %s and output %s differ", code_name(a.dt), code_name(c.dt), code_name(y.dt));
+        return need(v, &a, "data", "reads", total) || need(v, &b, "indices", "reads", in_n) ||
+               need(v, &c, "updates", "reads", in_n) || need(v, &y, "output", "writes", total);
+    }
+    case RNN_OP_REVSEQ: {
+        if (valid_es(v, ip[0]) || sizes(v, "the input", 3, ip + 1, &total) || unused(v, 2, 1)) return 1;
+        if (ip[4] != 0 && ip[4] != 1) return bad(v, "time_major flag %lld is not 0 or 1", (long long)ip[4]);
+        if (get(v, 0, "input", 1, M_ANY, &a) || get(v, 1, "sequence_lens", 1, M_I64, &b) ||
+            get(v, 4, "output", 1, M_ANY, &y) || esize_ok(v, ip[0], &a, "input"))
+            return 1;
+        if (!same_type(a.dt, y.dt)) return bad(v, "input %s, output %s", code_name(a.dt), code_name(y.dt));
+        return need(v, &a, "input", "reads", total) || need(v, &b, "sequence_lens", "reads", ip[2]) ||
+               need(v, &y, "output", "writes", total);
+    }
+    case RNN_OP_RECURRENT: {
+        if (nparams(v, 8) || unused(v, 4, 3)) return 1;
+        const int64_t T = ip[0], B = ip[1], layout = ip[2], D = ip[3], H = ip[4], has_c = ip[5];
+        const int64_t sid = ip[6], mode = ip[7], aux = v->in[8];
+        if (aux < 0 || aux >= v->ns || !v->stacks[aux])
+            return bad(v, "names stack %lld, the program has %lld", (long long)aux, (long long)v->ns);
+        const rnn_stack *st = v->stacks[aux];
+        const int64_t *sh = v->stack_shape + 4 * aux;
+        if (sh[0] != 1 || sh[1] != D || sh[2] != H || sh[3] != has_c)
+            return bad(v, "D %lld, H %lld, has_c %lld, the stack has %lld layer(s) of D %lld, H %lld, has_c %lld",
+                       (long long)D, (long long)H, (long long)has_c, (long long)sh[0], (long long)sh[1],
+                       (long long)sh[2], (long long)sh[3]);
+        if (layout != 0 && layout != 1) return bad(v, "layout %lld is not 0 or 1", (long long)layout);
+        if (D != 1 && D != 2) return bad(v, "%lld directions", (long long)D);
+        if (H < 1 || H > INT32_MAX) return bad(v, "hidden size %lld is out of range", (long long)H);
+        if (has_c != 0 && has_c != 1) return bad(v, "has_c %lld is not 0 or 1", (long long)has_c);
+        if (mode < 0 || mode > 2) return bad(v, "unknown initial state mode %lld", (long long)mode);
+        int64_t block, state_n, x_n, y_n;
+        const int64_t bs[3] = {D, B, H}, xs[3] = {T, B, rnn_stack_input_size(st)}, ys[2] = {T, 1};
+        if (T < 0 || H < 1 || sizes(v, "the state", 3, bs, &block) || sizes(v, "the input", 3, xs, &x_n) ||
+            sizes(v, "the output", 2, ys, &y_n) || !mul_ok(y_n, block, &y_n) || y_n > SPAN_LIMIT)
+            return bad(v, "sizes T %lld, B %lld, H %lld are out of range", (long long)T, (long long)B, (long long)H);
+        if (T > INT32_MAX || B > INT32_MAX || T * B > INT32_MAX) return bad(v, "T * B beyond what the stack takes");
+        state_n = block * (1 + has_c);
+        if (D * H != rnn_stack_output_size(st))
+            return bad(v, "D * H = %lld, the stack's layer gives %d", (long long)(D * H), (int)rnn_stack_output_size(st));
+        if (rnn_stack_state_floats(st, B) != state_n)
+            return bad(v, "the stack's state is %lld floats for %lld rows, the instruction uses D*B*H*(1+has_c) = %lld",
+                       (long long)rnn_stack_state_floats(st, B), (long long)B, (long long)state_n);
+        const operand s = {sid, sid >= 0 && sid < v->nt ? v->tdt[sid] : -1, sid >= 0 && sid < v->nt ? v->tcount[sid] : 0};
+        if (sid < 0 || sid >= v->nt) return bad(v, "state names tensor %lld, the program has tensors 0..%lld", (long long)sid, (long long)v->nt - 1);
+        if (s.dt != RNN_DT_F32) return bad(v, "state is %s, the instruction takes float32", code_name(s.dt));
+        if (s.n < 0 || s.n > SPAN_LIMIT) return bad(v, "state is tensor %lld of %lld elements", (long long)sid, (long long)s.n);
+        if (v->twritable && !v->twritable[sid])
+            return bad(v, "state is tensor %lld, a constant or input the program must not write", (long long)sid);
+        if (get(v, 0, "X", 1, M_F32, &a) || get(v, 1, "sequence_lens", 0, M_I32, &b) ||
+            get(v, 2, "initial_h", 0, M_F32, &c) || get(v, 3, "initial_c", 0, M_F32, &d) ||
+            get(v, 4, "Y", 1, M_F32, &y) || get(v, 5, "Y_h", 0, M_F32, &y2) || get(v, 6, "Y_c", 0, M_F32, &y3))
+            return 1;
+        if (!has_c && (d.id >= 0 || y3.id >= 0)) return bad(v, "initial_c or Y_c given to a layer without a cell state");
+        if (need(v, &s, "state", "uses", state_n) || need(v, &a, "X", "reads", x_n) || need(v, &b, "sequence_lens", "reads", B) ||
+            need(v, &c, "initial_h", "reads", block) || need(v, &d, "initial_c", "reads", block) ||
+            need(v, &y, "Y", "writes", y_n) || need(v, &y2, "Y_h", "writes", block) || need(v, &y3, "Y_c", "writes", block))
+            return 1;
+        const int64_t w = rnn_stack_workspace_floats(st, T, B);
+        if (w > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)w, (long long)v->work);
+        return 0;
+    }
+    default: return bad(v, "unknown op %lld", (long long)op);
+    }
+}
+
+rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
+                            int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
+                            const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
+                            const int64_t *stack_shape, int64_t n_stacks, int64_t work_floats, char *err,
+                            size_t errlen, int64_t *failed) {
+    if (failed) *failed = -1;
+    if (n_instr < 0 || n_iparams < 0 || n_fparams < 0 || n_tensors < 0 || n_stacks < 0 || work_floats < 0 ||
+        (n_instr > 0 && !program) || (n_iparams > 0 && !iparams) || (n_tensors > 0 && (!tensor_dtype || !tensor_count)) ||
+        (n_stacks > 0 && (!stacks || !stack_shape)))
+        return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, "the program's tables are missing or of negative size");
+    /* the tensor table's entries are checked where an instruction names them (get), so a
+     * refusal names the instruction and its node */
+    vctx v;
+    v.tdt = tensor_dtype, v.tcount = tensor_count, v.twritable = tensor_writable, v.nt = n_tensors;
+    v.stacks = stacks, v.stack_shape = stack_shape, v.ns = n_stacks, v.work = work_floats;
+    for (int64_t k = 0; k < n_instr; k++) {
+        const int64_t *in = program + k * RNN_INSTR_WORDS;
+        const int64_t op = in[0];
+        int64_t end;
+        v.in = in, v.msg[0] = 0;
+        int refused = 0;
+        if (in[9] < 0 || in[10] < 0 || !add_ok(in[9], in[10], &end) || end > n_iparams)
+            refused = bad(&v, "int parameters [%lld, +%lld) lie outside the %lld given", (long long)in[9], (long long)in[10],
+                          (long long)n_iparams);
+        else if (in[11] < 0 || in[12] < 0 || !add_ok(in[11], in[12], &end) || end > n_fparams)
+            refused = bad(&v, "float parameters [%lld, +%lld) lie outside the %lld given", (long long)in[11],
+                          (long long)in[12], (long long)n_fparams);
+        else {
+            v.ip = iparams + in[9], v.nip = in[10], v.nfp = in[12];
+            refused = verify_instr(&v);
+        }
+        if (refused) {
+            char msg[300];
+            if (failed) *failed = k;
+            snprintf(msg, sizeof msg, "instruction %lld (%s): %s", (long long)k,
+                     op >= 0 && op < N_OPS ? OP_NAMES[op] : "unknown op", v.msg);
+            return fail(err, errlen, RNN_STATUS_BAD_ARGUMENT, msg);
         }
     }
     return RNN_STATUS_OK;

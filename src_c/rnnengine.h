@@ -182,8 +182,9 @@ void rnn_gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float *A, i
  *   parameters in iparams   [11] offset, [12] count of the float parameters in fparams.
  * tensors[id] points at tensor id's data (inputs, constants, intermediates, outputs,
  * recurrent state), all C-contiguous; work holds the planner's workspace floats.
- * Instructions check the codes and parameter counts they are given and refuse (an error
- * status and message, never a crash) what does not fit.
+ * rnn_graph_verify checks a program against its tensors once, when it is created; the
+ * instructions also check the codes and parameter counts they are given when they run and
+ * refuse (an error status and message, never a crash) what does not fit.
  * ------------------------------------------------------------------------------------- */
 #define RNN_INSTR_WORDS 16
 
@@ -211,8 +212,31 @@ typedef enum {
     RNN_OP_REVSEQ = 19     /* ReverseSequence: each batch row's first len steps reversed */
 } rnn_op;
 
-/* Element types of graph tensors. RNN_DT_BOOL is one byte holding 0 or 1. */
-typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RNN_DT_BOOL = 4 } rnn_dtype;
+/* Element types of graph tensors. RNN_DT_BOOL is one byte holding 0 or 1. In the tensor
+ * table given to rnn_graph_verify, RNN_DT_OTHER + n (n = 1..16) is another type of n-byte
+ * elements (float64, int8...), which only the ops that move elements (COPY, GATHER, PAD,
+ * WHERE, SCATTER, REVSEQ) may touch. */
+typedef enum { RNN_DT_F32 = 0, RNN_DT_I64 = 1, RNN_DT_I32 = 2, RNN_DT_U8 = 3, RNN_DT_BOOL = 4, RNN_DT_OTHER = 100 } rnn_dtype;
+
+/* Checks a program once, before it ever runs, against the tensors it names: tensor
+ * t (0 <= t < n_tensors) holds tensor_count[t] elements of type tensor_dtype[t], and may be
+ * written only when tensor_writable[t] is 1 (constants and inputs are 0; NULL: every tensor
+ * may be written); stacks[k]
+ * is the recurrent stack aux word k names, stack_shape[4k..4k+3] its number of layers and
+ * its last layer's D, H and has_c (a RECURRENT instruction runs a one-layer stack of its
+ * own D, H, has_c); every run gives a workspace of at least
+ * work_floats floats. Every instruction must read and write inside its buffers, on element
+ * types its op computes on, with its parameter slices inside iparams (n_iparams) and fparams
+ * (n_fparams) and of the length the op reads; sizes whose products overflow are refused.
+ * What is data (Gather / Scatter indices, sequence lengths, divisors) is checked by the ops
+ * when they run. On a refusal: RNN_STATUS_BAD_ARGUMENT, the reason in err ("instruction k
+ * (OP): ...") and k in *failed (-1 when the tables themselves are missing). Table entries
+ * (a known type code, 0 <= count <= 2^62) are checked where an instruction names them. */
+rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams, int64_t n_iparams,
+                            int64_t n_fparams, const int64_t *tensor_dtype, const int64_t *tensor_count,
+                            const uint8_t *tensor_writable, int64_t n_tensors, rnn_stack *const *stacks,
+                            const int64_t *stack_shape, int64_t n_stacks, int64_t work_floats, char *err,
+                            size_t errlen, int64_t *failed);
 
 /* Runs the program. On a data error (an index out of range, bad sequence lengths, an
  * integer division by zero) or an instruction it refuses, it stops and returns a status with

@@ -470,7 +470,8 @@ def test_executor_refuses_inconsistent_instructions():
 
     def run(op, ip):
         word = [op, 0, 1, -1, -1, 2, -1, -1, -1, 0, len(ip), 0, 0, 0, 0, 0]
-        prog = _core.Program(np.array([word], np.int64), np.array(ip, np.int64), np.zeros(1, np.float32), [])
+        prog = _core.Program(np.array([word], np.int64), np.array(ip, np.int64), np.zeros(0, np.float32), [],
+                             tensor_dtypes=[1, 1, 1], tensor_counts=[4, 4, 4], work_floats=16)
         prog.run(ptrs, work)
 
     run(13, [1, 0, 1, 4, 1, 1])  # int64 Add: fine
