@@ -868,6 +868,8 @@ class GraphModel:
             trial.update({a: np.zeros(shapes[a], NP_DTYPES[specs[a]["dtype"]]) for a in shapes})
             try:
                 plan = self.plan(trial)
+            except limits.LimitError:
+                raise  # a trial past a limit proves nothing about the state's shape: refused
             except (UnsupportedError, ValueError) as e:
                 errors.append(e)
                 continue
@@ -922,6 +924,8 @@ class GraphModel:
                 longer[name] = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
             try:
                 plan = self.plan(longer)
+            except limits.LimitError:
+                raise  # whether this is the time axis cannot be told: refused, not guessed
             except Exception:
                 continue
             ts = [a["T"] for a in base.recurrent]
@@ -971,8 +975,9 @@ class GraphModel:
         """A stream: feed it chunks (any number of time steps) and it carries every
         recurrent state on from call to call. Raises NotStreamableError, naming the node and
         the reason, when a chunk-by-chunk run could differ from the whole-sequence run."""
-        if self.mapped_file is not None:
+        if self.mapped_file is not None:  # load(..., mmap=True): every call checks the file
             self.mapped_file.check_unchanged()
+            return _MappedGraphStream(self)
         return GraphStream(self)
 
 
@@ -1035,7 +1040,7 @@ class GraphStream:
         self._finished = False
 
     def fork(self):
-        other = GraphStream.__new__(GraphStream)
+        other = GraphStream.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
@@ -1238,8 +1243,6 @@ class GraphStream:
             raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
         m = self.model
-        if m.mapped_file is not None:  # load(..., mmap=True): the file must still be whole
-            m.mapped_file.check_unchanged()
         fast = self._fast
         if fast is not None and type(inputs) is dict and len(inputs) == len(fast[0]):
             # the same input names, shapes and dtypes as the last call, and a plan that leaves
@@ -1367,6 +1370,20 @@ class GraphStream:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
         self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
         return out
+
+
+class _MappedGraphStream(GraphStream):
+    """A stream of a model loaded with load(..., mmap=True): before every call, one fstat
+    checks that the mapped file was not truncated or rewritten (a read past its new end
+    would kill the process); other streams pay nothing for it."""
+
+    def _step(self, inputs, outputs):
+        self.model.mapped_file.check_unchanged()
+        return GraphStream._step(self, inputs, outputs)
+
+    def finish(self, outputs=None):
+        self.model.mapped_file.check_unchanged()
+        return GraphStream.finish(self, outputs)
 
 
 def _length_inputs(model):

@@ -354,6 +354,7 @@ VICTIM = textwrap.dedent("""
     x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
     before = m.run({"x": x})["y"]
     s = m.stream()  # made before the change, first fed after it
+    f = s.fork()
     if how == "truncate":
         os.truncate(path, 64 * 3)
     elif how == "rewrite":  # overwritten in place by another file of the same size (as cp does)
@@ -362,7 +363,7 @@ VICTIM = textwrap.dedent("""
     else:  # another file renamed over the name (a new inode; the old one stays whole)
         shutil.copy(sys.argv[4], path + ".new")
         os.replace(path + ".new", path)
-    for what in ("run", "stream", "step"):
+    for what in ("run", "stream", "step", "fork"):
         try:
             if what == "run":
                 after = m.run({"x": x})["y"]
@@ -371,7 +372,8 @@ VICTIM = textwrap.dedent("""
                 m.stream()
                 print("stream", "ok")
             else:
-                print("step", "same" if np.array_equal(s({"x": x})["y"], before) else "DIFFERENT")
+                t = s if what == "step" else f
+                print(what, "same" if np.array_equal(t({"x": x})["y"], before) else "DIFFERENT")
         except fileformat.FormatError as e:
             print(what, "FormatError", e)
 """)
@@ -400,11 +402,11 @@ def test_weight_file_changed_on_disk_while_loaded(tmp_path, how):
         lines = r.stdout.strip().splitlines()
         if mode == "mmap" and how != "rename":  # every use after the change raises, naming it
             assert [line.split(" ")[:2] for line in lines] == [["run", "FormatError"], ["stream", "FormatError"],
-                                                               ["step", "FormatError"]], lines
+                                                               ["step", "FormatError"], ["fork", "FormatError"]], lines
             assert all("truncated or rewritten on disk after it was loaded" in line and "load it again" in line
                        for line in lines), lines
         else:  # read into private memory, or a map of the old file: unaffected, the same numbers
-            assert lines == ["run same", "stream ok", "step same"], lines
+            assert lines == ["run same", "stream ok", "step same", "fork same"], lines
 
 
 def test_fileformat_imports_without_the_compiled_extension(tmp_path):
