@@ -250,6 +250,7 @@ class Planner:
         word[8] = aux
         word[9], word[10] = len(self.ip), len(ip)
         word[11], word[12] = len(self.fp), len(fp)
+        self.budget.params(self._node or "the graph", 16 + len(ip) + len(fp))
         self.prog.extend(int(w) for w in word)
         self.labels.append(where(self._node) if self._node else "")
         self.ip.extend(int(v) for v in ip)
@@ -477,9 +478,9 @@ class Planner:
                     states.append((k, st))
         # unrolled: every iteration plans the body's nodes again, counted against
         # max_loop_nodes over the whole plan (nested loops multiply); refused before it starts
-        # when the trip count alone goes past it
+        # when the trip count alone goes past it and the condition cannot stop it earlier
         per_iteration = max(1, len(body["nodes"]))
-        if trips is not None and trips > 0:
+        if trips is not None and trips > 0 and keep_going and _runs_every_trip(body):
             left = self.budget.limits.max_loop_nodes - self.budget.loop_nodes
             total = trips * _unrolled_nodes(body, env)  # nested Loops with constant trip counts included
             if total > left:
@@ -568,17 +569,36 @@ class Planner:
         return outs
 
 
+def _runs_every_trip(body):
+    """True when a Loop body hands its condition on unchanged (through Identities) or sets it
+    to a constant true: nothing but the trip count stops the loop (tf2onnx's while loops,
+    with a huge trip count and a condition computed in the body, may stop any time)."""
+    produced = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+    name, seen = body["outputs"][0], set()
+    while name in produced and produced[name]["op"] == "Identity" and produced[name]["inputs"] and name not in seen:
+        seen.add(name)
+        name = produced[name]["inputs"][0]
+    if len(body.get("inputs", ())) > 1 and name == body["inputs"][1]:
+        return True
+    value = body.get("tensors", {}).get(name)
+    try:
+        return value is not None and bool(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
 def _unrolled_nodes(body, env, depth=0):
     """Nodes planned per iteration of a Loop body: its own, plus those of the Loops nested in
-    it whose trip counts are constants (outer values or the body's own tensors), multiplied
-    out; a Loop whose count is computed in the body counts as one node here (the walk counts
+    it whose trip counts are constants (outer values or the body's own tensors) and that run
+    every trip, multiplied out; another nested Loop counts as one node here (the walk counts
     it when it runs). A lower bound, so the check before unrolling never refuses too much."""
     n = max(1, len(body["nodes"]))
     if depth > 32:
         return n
     local = body.get("tensors", {})
     for sub in body["nodes"]:
-        if sub["op"] == "Loop" and sub["inputs"] and sub["inputs"][0]:
+        if sub["op"] == "Loop" and sub["inputs"] and sub["inputs"][0] and \
+                (len(sub["inputs"]) < 2 or not sub["inputs"][1]) and _runs_every_trip(sub["attrs"]["body"]):
             name = sub["inputs"][0]
             m = local.get(name)
             if m is None and name not in body.get("inputs", ()) and env.get(name) is not None:

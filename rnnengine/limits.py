@@ -173,13 +173,8 @@ def output_elements(op, attrs, xs, planning=False):
             axis = int(attrs.get("axis", 0)) % max(1, len(data))
             return _prod(data[:axis]) * _prod(idx) * _prod(data[axis + 1:])
         if op == "Pad":
-            pads = attrs.get("pads")
-            if pads is None and len(xs) > 1 and xs[1] is not None:
-                pads = vals(1)
-            if pads is None or len(pads) != 2 * len(sh[0]):
-                return None
-            n = len(sh[0])
-            return _prod(int(d) + int(pads[k]) + int(pads[k + n]) for k, d in enumerate(sh[0]))
+            axes = pad_axes(attrs, xs)
+            return None if axes is None else _prod(axes)
         if op == "Concat":
             return sum(_prod(s) for s in sh if s is not None)
         if op == "Conv" and not planning:
@@ -191,6 +186,37 @@ def output_elements(op, attrs, xs, planning=False):
     except (TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError):
         return None  # malformed inputs: the handler refuses them with its own message
     return None
+
+
+PARAM_BYTES = 40  # an instruction parameter while planning: a Python int (28-32 bytes) in a list (8)
+
+
+def pad_axes(attrs, xs):
+    """The output length of each axis of a Pad (None when the pads are not known)."""
+    try:
+        shape = np.shape(xs[0])
+        pads = attrs.get("pads")
+        if pads is None and len(xs) > 1 and xs[1] is not None and not isinstance(xs[1], Shaped):
+            pads = [int(v) for v in np.asarray(xs[1]).reshape(-1)]
+        if pads is None or len(pads) != 2 * len(shape):
+            return None
+        return [max(0, int(d) + int(pads[k]) + int(pads[k + len(shape)])) for k, d in enumerate(shape)]
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _itemsize(node, xs):
+    """Bytes per element of the output output_elements bounds: the data input's for ops that
+    move data, the fill value's for ConstantOfShape, else the widest input's."""
+    def dt(x):
+        return (x.dtype if isinstance(x, (np.ndarray, np.generic, Shaped)) else np.asarray(x).dtype).itemsize
+    op = node["op"]
+    if op == "ConstantOfShape":
+        v = node.get("attrs", {}).get("value")
+        return np.asarray(v).dtype.itemsize if v is not None else 4
+    if op in ("Pad", "Expand", "Tile", "Gather", "Range", "Concat") and xs and xs[0] is not None:
+        return dt(xs[0])
+    return max([dt(x) for x in xs if x is not None] + [1])
 
 
 class Budget:
@@ -234,11 +260,16 @@ class Budget:
         n = output_elements(node["op"], node.get("attrs", {}), xs, planning)
         if n is not None:
             self.elements(node, n)
-            # the bytes too (with the widest input's element size: an upper bound for these ops)
-            itemsize = max([np.dtype(getattr(x, "dtype", np.float64)).itemsize for x in xs if x is not None] + [4])
-            if self.bytes + n * itemsize > self.limits.max_plan_bytes:
-                refuse(node, f"the tensors folded so far and its output would take {self.bytes + n * itemsize} "
+            nbytes = n * _itemsize(node, xs)
+            if planning and node["op"] == "Pad":  # its plan holds an index per output position of each axis
+                nbytes += PARAM_BYTES * sum(pad_axes(node.get("attrs", {}), xs) or ())
+            if self.bytes + nbytes > self.limits.max_plan_bytes:
+                refuse(node, f"the tensors folded so far and its output would take {self.bytes + nbytes} "
                              "bytes", "max_plan_bytes", self.limits.max_plan_bytes)
+
+    def params(self, node, n_words):
+        """n_words more instruction parameters (Python integers while the plan is built)."""
+        self.allocate(node, PARAM_BYTES * n_words, "and instruction parameters planned")
 
     def after_eval(self, node, outs):
         """Counts the folded outputs against the plan's bytes (and any output that is too
