@@ -109,6 +109,10 @@ def _prod(dims):
 def _bshape(*shapes):
     """Broadcast of shapes, permissive (a mismatch takes the larger size; the op itself
     refuses it later): an upper bound of the result's shape."""
+    try:
+        return np.broadcast_shapes(*shapes)  # the common case, in C
+    except ValueError:
+        pass
     nd = max((len(s) for s in shapes), default=0)
     out = []
     for k in range(nd):
@@ -129,12 +133,18 @@ class Shaped:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
 
 
+_GROWING = _BROADCASTING | {"ConstantOfShape", "Expand", "Tile", "Range", "MatMul", "Gemm", "Gather", "Pad", "Concat",
+                            "Conv"}
+
+
 def output_elements(op, attrs, xs, planning=False):
     """An upper bound of the elements of the largest tensor op computes from the NumPy
     inputs xs (None: absent; Shaped: a run-time input, shape only), for the ops whose output
     can be larger than their inputs; None for the others (their outputs are no larger than
     an input). planning: the op is planned for the C executor (a Conv there gathers no
     patches, so only its output counts)."""
+    if op not in _GROWING:
+        return None
     sh = [None if x is None else np.shape(x) for x in xs]
 
     def vals(k):  # a shape-like input's values (a run-time one has none: no bound)
