@@ -4,9 +4,10 @@ The compiled core (rnnengine._core) is loaded on first use, so the pure-Python p
 (rnnengine.fileformat, the weight-file reader) import without it.
 """
 from ._version import __version__
+from .limits import Limits
 
 __all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
-           "load", "save", "__version__"]
+           "load", "save", "Limits", "__version__"]
 
 # public name -> the module that defines it; imported on first access (PEP 562)
 _LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".layers", "GRU": ".layers", "RNN": ".layers",
@@ -54,16 +55,22 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def convert(source, fixed_inputs=None, state_pairs=None):
+def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
     """Converts an ONNX model (path or ModelProto) into a runnable :class:`GraphModel`.
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
-    state inputs and outputs."""
+    state inputs and outputs. ``limits`` (a :class:`Limits`) bounds the conversion and the
+    model's later planning (default: ``rnnengine.limits.defaults()``)."""
+    from . import limits as _limits
     _load_core()
     from .converter import convert_model
     from .graph import GraphModel
-    graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
-    return GraphModel(graph, tensors, metadata)
+    lim = _limits.resolve(limits) if limits is not None else None
+    with _limits.using(lim):
+        graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
+    model = GraphModel(graph, tensors, metadata)
+    model.limits = lim
+    return model
 
 
 def save(model, path, dtype="float32"):
@@ -73,10 +80,13 @@ def save(model, path, dtype="float32"):
     _save(model, path, dtype)
 
 
-def load(path, verify=True):
+def load(path, verify=True, limits=None, mmap=False):
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
-    :class:`GraphModel`; float32 weights are memory-mapped, not copied. ``verify`` checks
-    the file's checksums first."""
+    :class:`GraphModel`. ``verify`` checks the file's checksums first. The file is read into
+    private memory (float32 weights are views of it); ``mmap=True`` maps it instead, shared
+    through the page cache, and checks before every run and stream step that it was not
+    truncated or replaced (docs/FORMAT.md). ``limits`` (a :class:`Limits`) bounds the
+    reading and the model's later planning (default: ``rnnengine.limits.defaults()``)."""
     _load_core()
     from .store import load as _load
-    return _load(path, verify)
+    return _load(path, verify, limits=limits, mmap=mmap)

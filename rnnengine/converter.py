@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import limits
 from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
 from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
 CONVERTER_VERSION = "1"
@@ -77,6 +78,7 @@ class _Converter:
         self.tensors = {}
         self.fixed = {k: np.asarray(v) for k, v in (fixed_inputs or {}).items()}
         self._anon = 0
+        self.budget = limits.Budget()  # the limits in force (rnnengine/limits.py) for the folding
 
     # -- step 2: ONNX protos -> dicts
     def attr_value(self, node, a):
@@ -137,6 +139,7 @@ class _Converter:
         for node in nodes:
             op = node["op"]
             ins = node["inputs"]
+            self.budget.tick(node)
             if op == "If":
                 cond = consts.get(ins[0])
                 if cond is not None:
@@ -151,6 +154,8 @@ class _Converter:
                     for src, dst in zip(branch["outputs"], node["outputs"]):
                         if src in sub:
                             consts[dst] = sub[src]
+                        elif src == dst:
+                            pass  # the branch's own nodes produce the If's output name already
                         else:
                             out.append({"op": "Identity", "name": f"{node['name']}/{dst}", "inputs": [src],
                                         "outputs": [dst], "attrs": {}})
@@ -180,13 +185,16 @@ class _Converter:
                     # arange does not, and earlier versions do not take float16 at all
                     raise ConversionError(f"{where(node)}: Range on float16 is not supported")
                 h = OPS[op](node, self.opset)
+                xs = [consts[n] if n else None for n in ins]
+                self.budget.before_eval(node, xs)  # an output too large is refused before NumPy
                 try:
                     with np.errstate(all="ignore"):
-                        vals = h.eval([consts[n] if n else None for n in ins])
+                        vals = h.eval(xs)
                 except UnsupportedError:
                     raise
                 except Exception as e:
                     raise ConversionError(f"{where(node)}: folding failed: {e}") from None
+                self.budget.after_eval(node, [np.asarray(v) for v in vals])
                 for name, v in zip(node["outputs"], vals):
                     if name:
                         consts[name] = np.asarray(v)
@@ -624,6 +632,7 @@ def check_state_positions(graph, tensors, feeds):
                 recurrent(node, xs)
                 continue
             h = OPS[op](node, opset)
+            limits.check_eval(node, xs)
             with np.errstate(all="ignore"):
                 outs = h.eval(xs)
             for o, v in zip(node["outputs"], outs):

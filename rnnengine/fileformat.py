@@ -30,7 +30,8 @@ FLAG_JSON_ZLIB = 1       # flags bit 0: the JSON block is zlib-compressed (alway
 KNOWN_FLAGS = FLAG_JSON_ZLIB  # a file with any other flag bit set is refused
 
 # --- limits a reader enforces before allocating anything -----------------------------------
-MAX_JSON = 64 << 20      # bytes of JSON text after decompression (a graph needs far less)
+MAX_JSON = 64 << 20      # default bytes of JSON text after decompression (Limits.max_metadata_bytes)
+JSON_CHUNK = 1 << 20     # the JSON block is decompressed this many bytes at a time
 MAX_NDIM = 16            # dimensions of a tensor
 MAX_DIM = 1 << 40        # largest single dimension
 
@@ -195,26 +196,54 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
 # --- reader ----------------------------------------------------------------------------------
 
 class WeightFile:
-    """An open weight file: metadata, graph and tensors (read-only views into a memory map).
-    Use as a context manager or call close(); arrays already handed out stay valid."""
+    """An open weight file: metadata, graph and tensors (read-only views into a memory map,
+    or with use_mmap=False into a private copy of the file). Use as a context manager or
+    call close(); arrays already handed out stay valid.
 
-    def __init__(self, path, verify=True, use_mmap=True):
+    A memory-mapped file must not be truncated while its arrays are in use: reading a page
+    past the new end kills the process (SIGBUS). ``check_unchanged()`` detects a file that
+    was truncated or rewritten in place since it was opened (rnnengine.load reads into
+    private memory by default, where this cannot happen; docs/FORMAT.md, "Reading while the
+    file changes")."""
+
+    def __init__(self, path, verify=True, use_mmap=True, limits=None):
+        from .limits import resolve
         self.path = os.fspath(path)
         self._buf = None
+        self.limits = resolve(limits)
+        self.mapped = bool(use_mmap)
         with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < HEADER.size:
                 raise FormatError(f"{self.path}: {size} bytes is shorter than the {HEADER.size}-byte header "
                                   "(truncated, or not an rnnengine weight file)")
             if use_mmap:
                 self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._fd = os.dup(f.fileno())  # fstat-ed by check_unchanged(); closed by close()
             else:
-                self._buf = f.read()
+                self._buf = f.read()  # a file that shrank meanwhile fails the file_size check
+                self._fd = None
+            self._stat = (st.st_size, st.st_mtime_ns)
         try:
             self._parse(len(self._buf), verify)
         except BaseException:
             self.close()
             raise
+
+    def check_unchanged(self):
+        """Raises FormatError when a memory-mapped file has been truncated or rewritten in
+        place since it was opened (its arrays could read past its end and kill the process,
+        or read other numbers); a no-op for a file read into memory. One fstat of the open
+        file (1-4 us). A file replaced by renaming another over its name is not a change:
+        the map keeps the old file, whole."""
+        if not self.mapped or self._fd is None:
+            return
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != self._stat:
+            raise FormatError(f"{self.path}: the weight file was truncated or rewritten on disk after it was "
+                              f"loaded (size {self._stat[0]} -> {st.st_size} bytes); its memory-mapped weights "
+                              "can no longer be read safely: load it again")
 
     def _fail(self, msg):
         raise FormatError(f"{self.path}: {msg}")
@@ -245,7 +274,7 @@ class WeightFile:
         if zlib.crc32(block, zlib.crc32(bytes(self._buf[:CRC_SPAN]))) != crc:
             self._fail("header/JSON checksum mismatch (the file is damaged)")
         # 3. the JSON block, decompressed with a bound, then its three parts
-        doc = self._json(block, flags)
+        doc = self._json(block, flags, self.limits.max_metadata_bytes)
         if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict) or \
                 not isinstance(doc.get("graph"), dict) or not isinstance(doc.get("tensors"), list):
             self._fail("the JSON block must be an object with 'metadata' and 'graph' (objects) and "
@@ -272,21 +301,52 @@ class WeightFile:
                         zlib.crc32(self._slice(e["scale_offset"], e["scale_nbytes"])) != e["scale_crc32"]:
                     self._fail(f"tensor {name!r}: checksum mismatch in its int8 scales (damaged)")
 
-    def _json(self, block, flags):
-        if flags & FLAG_JSON_ZLIB:
-            try:
-                d = zlib.decompressobj()
-                text = d.decompress(block, MAX_JSON + 1)  # bounded: a zip bomb stops here
-            except zlib.error as e:
-                self._fail(f"the JSON block is not a valid zlib stream ({e})")
-            if len(text) > MAX_JSON:
-                self._fail(f"the JSON block expands past {MAX_JSON} bytes")
+    def _limit(self, what):
+        lim = self.limits.max_metadata_bytes
+        self._fail(f"{what}, more than the limit max_metadata_bytes={lim}; if the file is trusted, raise it "
+                   "with rnnengine.load(..., limits=rnnengine.Limits(max_metadata_bytes=...))")
+
+    def _inflate(self, block, most):
+        """The zlib stream `block` decompressed, refused past `most` bytes. Two passes: the
+        first only counts (a zip bomb is refused holding one chunk at a time), the second
+        fills a buffer of the counted size."""
+        total = 0
+        try:
+            d = zlib.decompressobj()
+            data = block
+            while True:
+                chunk = d.decompress(data, JSON_CHUNK)
+                total += len(chunk)
+                if total > most:
+                    self._limit(f"the JSON block expands past {most} bytes")
+                data = d.unconsumed_tail
+                if not chunk and not data:
+                    break
             if not d.eof or d.unused_data:
                 self._fail("the JSON block's zlib stream is incomplete or followed by other bytes")
+            text = bytearray(total)
+            d, pos, data = zlib.decompressobj(), 0, block
+            while pos < total:
+                chunk = d.decompress(data, JSON_CHUNK)
+                text[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+                data = d.unconsumed_tail
+        except zlib.error as e:
+            self._fail(f"the JSON block is not a valid zlib stream ({e})")
+        return text
+
+    def _json(self, block, flags, most):
+        if flags & FLAG_JSON_ZLIB:
+            text = self._inflate(block, most)
         else:
-            if len(block) > MAX_JSON:
-                self._fail(f"the JSON block is larger than {MAX_JSON} bytes")
+            if len(block) > most:
+                self._limit(f"the JSON block has {len(block)} bytes")
             text = block
+        # parsed, JSON takes up to ~50 times its text in Python objects (an empty list per
+        # 3 bytes of "[],"): the objects the text can make are counted and bounded first
+        cost = 128 * (text.count(b"[") + text.count(b"{")) + 40 * text.count(b",") + 32 * text.count(b'"')
+        if cost > most:
+            self._limit(f"the JSON block's {len(text)} bytes would parse into about {cost} bytes of objects")
         try:
             return json.loads(text.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -397,6 +457,9 @@ class WeightFile:
 
     def close(self):
         buf, self._buf = self._buf, None
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
         if isinstance(buf, mmap.mmap):
             try:
                 buf.close()
@@ -414,8 +477,9 @@ class WeightFile:
                f"{len(getattr(self, 'names', []))} tensors>"
 
 
-def read(path, *, verify=True, mmap=True):
-    """Opens a weight file: memory-mapped (mmap=False reads it into memory), every field
-    checked, and with verify=True every tensor's checksum too (the header/JSON checksum is
-    always checked)."""
-    return WeightFile(path, verify, mmap)
+def read(path, *, verify=True, mmap=True, limits=None):
+    """Opens a weight file: memory-mapped (mmap=False reads it into private memory), every
+    field checked, and with verify=True every tensor's checksum too (the header/JSON
+    checksum is always checked). limits: a rnnengine.Limits (its max_metadata_bytes bounds
+    the JSON block); None: the defaults in force."""
+    return WeightFile(path, verify, mmap, limits)

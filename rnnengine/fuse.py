@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .limits import check_eval
+
 STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
 # converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
 # a masked row-step keeps the state and repeats it as output (rnnengine.h)
@@ -310,6 +312,7 @@ def _eval_nodes(nodes, env, opset, wanted=None):
             if x and x not in env:
                 raise _NoFuse(f"{x} unknown")
             xs.append(env[x] if x else None)
+        check_eval(n, xs)  # rnnengine/limits.py: refused before NumPy allocates
         with np.errstate(all="ignore"):
             vals = OPS[n["op"]](n, opset).eval(xs)
         for o, v in zip(n["outputs"], vals):
@@ -324,7 +327,10 @@ SHAPE_KEEPING = ("Identity", "Cast", "Not", "Neg", "ReverseSequence")
 def _shape_root(name, producer):
     """The tensor name's shape is that of the returned one (followed through ops that keep
     the shape of their first input, e.g. the ReverseSequence of a backward layer)."""
-    while name in producer and producer[name]["op"] in SHAPE_KEEPING:
+    seen = set()
+    while name in producer and producer[name]["op"] in SHAPE_KEEPING and producer[name]["inputs"] and \
+            name not in seen:
+        seen.add(name)  # a node writing its own input (x -> x) would loop forever
         name = producer[name]["inputs"][0]
     return name
 
@@ -360,6 +366,7 @@ def _outer_eval(names, producer, tensors, shape_of, opset):
             vals = OPS["Shape"](n, opset).eval([np.zeros(shape_of[1], np.float32)])
         else:
             xs = [env[x] if x else None for x in n["inputs"]]
+            check_eval(n, xs)
             with np.errstate(all="ignore"):
                 vals = OPS[n["op"]](n, opset).eval(xs)
         for o, v in zip(n["outputs"], vals):
@@ -425,7 +432,9 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     bprod = {o: n for n in body["nodes"] for o in n["outputs"] if o}
 
     def through(name):
-        while name in bprod and bprod[name]["op"] == "Identity":
+        seen = set()
+        while name in bprod and bprod[name]["op"] == "Identity" and bprod[name]["inputs"] and name not in seen:
+            seen.add(name)  # an Identity writing its own input (x -> x) would loop forever
             name = bprod[name]["inputs"][0]
         return name
     init = node["inputs"][2:]
@@ -477,10 +486,11 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     for n in body["nodes"]:
         if n["op"] in OPS and n["op"] not in ("LSTM", "GRU", "RNN") and n["inputs"] and \
                 all(not x or x in bconst or x in tensors for x in n["inputs"]):
+            xs = [None if not x else bconst.get(x, tensors.get(x)) for x in n["inputs"]]
             try:
+                check_eval(n, xs)
                 with np.errstate(all="ignore"):
-                    vals = OPS[n["op"]](n, opset).eval([None if not x else bconst.get(x, tensors.get(x))
-                                                        for x in n["inputs"]])
+                    vals = OPS[n["op"]](n, opset).eval(xs)
             except Exception:
                 continue
             for o, v in zip(n["outputs"], vals):

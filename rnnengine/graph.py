@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from . import _core, streaming
+from . import _core, limits, streaming
 from .streaming import check_outputs as _check_stream_outputs
 from .ops import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
 
@@ -184,6 +184,8 @@ class Planner:
         self.state = {}
         self.input_tids = {}
         self.recurrent = []  # per recurrent layer planned: node, T, B, direction, kind
+        # rnnengine/limits.py: tensor sizes, bytes folded + allocated, Loop nodes unrolled, time
+        self.budget = limits.Budget(getattr(model, "limits", None))
         env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
         for name, (shape, dtype) in feeds.items():
             tid = self._spec(("input", name, tuple(shape), np.dtype(dtype)))
@@ -193,7 +195,8 @@ class Planner:
                 env[name].t = time_axes[name]
             if streaming and name in {a for a, _ in model.state_pairs}:
                 env[name].carried = True
-        self.walk(model.graph["nodes"], env)
+        with limits.using(self.budget.limits):  # the op handlers' own size checks use them too
+            self.walk(model.graph["nodes"], env)
         self.outputs = []
         for o in model.graph["outputs"]:
             if o["name"] not in env:
@@ -216,9 +219,9 @@ class Planner:
         n = 1
         for d in shape:
             n *= int(d)
-        if n > (1 << 31):
-            raise UnsupportedError(f"a run-time tensor of shape {tuple(shape)} would have {n:,} elements; "
-                                   "rnnengine refuses to allocate it")
+        node = self._node or "the graph"
+        self.budget.elements(node, n, f"a run-time tensor of shape {tuple(int(d) for d in shape)}")
+        self.budget.allocate(node, n * dtype.itemsize, "allocated")
         return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
 
     def alias(self, x, shape):
@@ -276,6 +279,7 @@ class Planner:
         word[8] = aux
         word[9], word[10] = len(self.ip), len(ip)
         word[11], word[12] = len(self.fp), len(fp)
+        self.budget.params(self._node or "the graph", 16 + len(ip) + len(fp))
         self.prog.extend(int(w) for w in word)
         self.labels.append(where(self._node) if self._node else "")
         self.ip.extend(int(v) for v in ip)
@@ -287,6 +291,7 @@ class Planner:
         for node in nodes:
             op = node["op"]
             self._node = node
+            self.budget.tick(node)
             if op == "If":
                 cond = env[node["inputs"][0]]
                 if self.streaming and (streaming.timed(cond) or streaming.has_tdep(cond)):
@@ -328,15 +333,22 @@ class Planner:
                                 env[name] = v
                         continue
                 if all(x is None or x.const is not None for x in xs) and op not in ("LSTM", "GRU", "RNN"):
+                    consts = [None if x is None else x.const for x in xs]
+                    self.budget.before_eval(node, consts)  # an output too large is refused before NumPy
                     try:
                         with np.errstate(all="ignore"):
-                            vals = h.eval([None if x is None else x.const for x in xs])
+                            vals = h.eval(consts)
                     except UnsupportedError:
                         raise
                     except Exception as e:  # NumPy refusing the shapes, etc.
                         raise UnsupportedError(f"{where(node)}: {e}") from None
                     outs = [self.const(np.asarray(v)) for v in vals]
+                    self.budget.after_eval(node, [o.const for o in outs])
                 else:
+                    # sizes first: an op planned with a huge output (a Pad of 2**40) is refused
+                    # before its handler builds index maps or buffers for it
+                    self.budget.before_eval(node, [None if x is None else x.const if x.const is not None
+                                                   else limits.Shaped(x.shape, x.dtype) for x in xs], planning=True)
                     outs = h.emit(self, xs)
                 if self.streaming:
                     streaming.propagate(self, h, xs, outs)
@@ -479,8 +491,9 @@ class Planner:
         def passes_through(k):
             """True when the body hands carried value k on unchanged (through Identities):
             a loop invariant such as a weight, not state."""
-            name = body["outputs"][1 + k]
-            while name in produced_by and produced_by[name]["op"] == "Identity":
+            name, seen = body["outputs"][1 + k], set()
+            while name in produced_by and produced_by[name]["op"] == "Identity" and name not in seen:
+                seen.add(name)  # an Identity writing its own input (x -> x) would loop forever
                 name = produced_by[name]["inputs"][0]
             return name == body["inputs"][2 + k]
         # a stream carries a loop's state from call to call when the loop runs over time (or,
@@ -492,20 +505,28 @@ class Planner:
                     st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
                     carried[k] = self.alias(st, v.shape)
                     states.append((k, st, v.shape))
-        limit = 100000
-        if trips is not None and trips > limit:
-            raise UnsupportedError(f"{where(node)}: {trips} iterations are too many to unroll")
+        # unrolled: every iteration plans the body's nodes again, counted against
+        # max_loop_nodes over the whole plan (nested loops multiply); refused before it starts
+        # when the trip count alone goes past it and the condition cannot stop it earlier
+        per_iteration = max(1, len(body["nodes"]))
+        if trips is not None and trips > 0 and keep_going and _runs_every_trip(body):
+            left = self.budget.limits.max_loop_nodes - self.budget.loop_nodes
+            total = trips * _unrolled_nodes(body, env)  # nested Loops with constant trip counts included
+            if total > left:
+                limits.refuse(node, f"unrolling its {trips} iterations of {len(body['nodes'])} body nodes "
+                                    f"(nested Loops included) would plan {self.budget.loop_nodes + total} body nodes",
+                              "max_loop_nodes", self.budget.limits.max_loop_nodes)
         record = {"node": node.get("name") or node["outputs"][0], "T": trips, "B": None, "direction": "forward",
                   "kind": "Loop", "explicit_state": not states}
         self.recurrent.append(record)
         scans = [[] for _ in range(n_scan)]
         # a while loop (no trip count) runs as long as its condition, known when planning,
         # stays true
-        for i in range(trips if trips is not None else limit + 1):
+        i = 0
+        while trips is None or i < trips:
             if not keep_going:
                 break
-            if i == limit:
-                raise UnsupportedError(f"{where(node)}: the loop did not stop within {limit} iterations")
+            self.budget.unroll(node, per_iteration)  # a while loop that never stops ends here
             sub = dict(env)
             names = body["inputs"]
             sub[names[0]] = self.const(np.array(i, np.int64))
@@ -536,6 +557,7 @@ class Planner:
             for k, v in enumerate(res[1 + n_carried:]):
                 scans[k].append(v)
             record["T"] = i + 1
+            i += 1
         if time_loop:
             reads, self.loop_reads = self.loop_reads or [], None
             if len(set(reads)) > 1:
@@ -563,6 +585,9 @@ class Planner:
                 raise UnsupportedError(f"{where(node)}: a loop that runs 0 times has scan outputs of unknown shape")
             shape = (len(vals),) + vals[0].shape
             if all(v.const is not None for v in vals):
+                n = len(vals) * int(np.prod(vals[0].shape))
+                self.budget.elements(node, n, f"scan output {k} of shape {shape}")
+                self.budget.allocate(node, n * vals[0].dtype.itemsize, "folded")
                 outs.append(self.const(np.stack([v.const for v in vals])))
                 continue
             out = self.new(shape, vals[0].dtype)
@@ -582,6 +607,49 @@ def _check_loop_state(node, k, start, v):
         raise UnsupportedError(f"{where(node)}: loop-carried state {k} starts as float32 {tuple(start)} and ends "
                                f"as {v.dtype} {v.shape}; a stream carries it from call to call, so its shape and "
                                "type must stay the same")
+
+
+def _runs_every_trip(body):
+    """True when a Loop body hands its condition on unchanged (through Identities) or sets it
+    to a constant true: nothing but the trip count stops the loop (tf2onnx's while loops,
+    with a huge trip count and a condition computed in the body, may stop any time)."""
+    produced = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+    name, seen = body["outputs"][0], set()
+    while name in produced and produced[name]["op"] == "Identity" and produced[name]["inputs"] and name not in seen:
+        seen.add(name)
+        name = produced[name]["inputs"][0]
+    if len(body.get("inputs", ())) > 1 and name == body["inputs"][1]:
+        return True
+    value = body.get("tensors", {}).get(name)
+    try:
+        return value is not None and bool(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+def _unrolled_nodes(body, env, depth=0):
+    """Nodes planned per iteration of a Loop body: its own, plus those of the Loops nested in
+    it whose trip counts are constants (outer values or the body's own tensors) and that run
+    every trip, multiplied out; another nested Loop counts as one node here (the walk counts
+    it when it runs). A lower bound, so the check before unrolling never refuses too much."""
+    n = max(1, len(body["nodes"]))
+    if depth > 32:
+        return n
+    local = body.get("tensors", {})
+    for sub in body["nodes"]:
+        if sub["op"] == "Loop" and sub["inputs"] and sub["inputs"][0] and \
+                (len(sub["inputs"]) < 2 or not sub["inputs"][1]) and _runs_every_trip(sub["attrs"]["body"]):
+            name = sub["inputs"][0]
+            m = local.get(name)
+            if m is None and name not in body.get("inputs", ()) and env.get(name) is not None:
+                m = env[name].const
+            try:
+                trips = int(np.asarray(m).reshape(-1)[0]) if m is not None else 0
+            except (TypeError, ValueError, IndexError, OverflowError):
+                trips = 0
+            if trips > 0:
+                n += trips * _unrolled_nodes(sub["attrs"]["body"], env, depth + 1)
+    return n
 
 
 def _outer_reads(node):
@@ -604,6 +672,8 @@ class GraphModel:
     recurrent state between calls. ``inputs`` is a dict name -> array, or one array when
     the model has a single input to feed.
     """
+    limits = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
+    mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
 
     def __init__(self, graph, tensors, metadata=None):
         self.graph = graph
@@ -775,6 +845,8 @@ class GraphModel:
     def run(self, inputs):
         """Runs the graph once on whole sequences (no state kept). Returns a dict
         output name -> array. Explicit state inputs default to zeros when omitted."""
+        if self.mapped_file is not None:  # a truncated map would kill the process (SIGBUS)
+            self.mapped_file.check_unchanged()
         feeds = self._check_feeds(inputs, allow_missing={a for a, _ in self.state_pairs})
         for a, _ in self.state_pairs:
             if a not in feeds:
@@ -804,7 +876,8 @@ class GraphModel:
         done = self.__dict__.setdefault("_positions_checked", {})
         if sig not in done:
             from .converter import check_state_positions
-            done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
+            with limits.using(self.limits):
+                done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
 
     def _declared_state_shape(self, spec, feeds):
         """The state's shape with the sizes the declaration and the fed inputs give (None for
@@ -855,6 +928,8 @@ class GraphModel:
             trial.update({a: np.zeros(shapes[a], NP_DTYPES[specs[a]["dtype"]]) for a in shapes})
             try:
                 plan = self.plan(trial)
+            except limits.LimitError:
+                raise  # a trial past a limit proves nothing about the state's shape: refused
             except (UnsupportedError, ValueError) as e:
                 errors.append(e)
                 continue
@@ -909,6 +984,8 @@ class GraphModel:
                 longer[name] = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
             try:
                 plan = self.plan(longer)
+            except limits.LimitError:
+                raise  # whether this is the time axis cannot be told: refused, not guessed
             except Exception:
                 continue
             ts = [a["T"] for a in base.recurrent]
@@ -958,6 +1035,9 @@ class GraphModel:
         """A stream: feed it chunks (any number of time steps) and it carries every
         recurrent state on from call to call. Raises NotStreamableError, naming the node and
         the reason, when a chunk-by-chunk run could differ from the whole-sequence run."""
+        if self.mapped_file is not None:  # load(..., mmap=True): every call checks the file
+            self.mapped_file.check_unchanged()
+            return _MappedGraphStream(self)
         return GraphStream(self)
 
 
@@ -1020,7 +1100,7 @@ class GraphStream:
         self._finished = False
 
     def fork(self):
-        other = GraphStream.__new__(GraphStream)
+        other = GraphStream.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
@@ -1350,6 +1430,20 @@ class GraphStream:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
         self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
         return out
+
+
+class _MappedGraphStream(GraphStream):
+    """A stream of a model loaded with load(..., mmap=True): before every call, one fstat
+    checks that the mapped file was not truncated or rewritten (a read past its new end
+    would kill the process); other streams pay nothing for it."""
+
+    def _step(self, inputs, outputs):
+        self.model.mapped_file.check_unchanged()
+        return GraphStream._step(self, inputs, outputs)
+
+    def finish(self, outputs=None):
+        self.model.mapped_file.check_unchanged()
+        return GraphStream.finish(self, outputs)
 
 
 def _length_inputs(model):

@@ -97,18 +97,19 @@ class Handler:
                   "(it is supported when its inputs are constants or shapes)")
 
 
-MAX_ELEMENTS = 1 << 31  # a tensor larger than this (8 GiB of floats) is refused, not allocated
-
-
 def check_size(h, shape, what="result"):
+    """Refuses a result with a negative dimension, or more elements than the limit
+    max_tensor_elements in force (rnnengine/limits.py), before it is allocated."""
+    from .limits import resolve, refuse
     n = 1
     for d in shape:
         if d < 0:
             h.fail(f"{what} has a negative dimension: {tuple(shape)}")
         n *= int(d)
-    if n > MAX_ELEMENTS:
-        h.fail(f"{what} of shape {tuple(int(d) for d in shape)} has {n:,} elements, more than the "
-               f"{MAX_ELEMENTS:,} rnnengine allocates")
+    most = resolve().max_tensor_elements
+    if n > most:
+        refuse(h.node, f"the {what} of shape {tuple(int(d) for d in shape)} would hold {n} elements",
+               "max_tensor_elements", most)
     return n
 
 

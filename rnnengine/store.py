@@ -148,6 +148,19 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         for j, formal in enumerate(schema.inputs):
             if j < len(ins) and not ins[j] and "Single" in str(formal.option):
                 fail(f"{what}: {n['op']} needs its input {formal.name!r} (input {j})")
+        formals = list(schema.inputs)
+        if formals and "Variadic" in str(formals[-1].option) and n["op"] in OPS:
+            for j in range(len(formals) - 1, len(ins)):  # Concat's, Sum's...: none may be left out
+                if not ins[j]:
+                    fail(f"{what}: {n['op']} input {j} (of {formals[-1].name!r}) is empty")
+        outs = n["outputs"]
+        if not outs or not any(outs) or len(outs) > schema.max_output:
+            fail(f"{what}: {n['op']} has {len(outs)} outputs {str(outs)[:80]}; it writes 1 to {schema.max_output}, "
+                 "at least one of them named")
+        attrs = n.get("attrs")
+        for name, a in schema.attributes.items():
+            if a.required and isinstance(attrs, dict) and name not in attrs:
+                fail(f"{what}: {n['op']} needs its attribute {name!r}")
 
     def check_attr_type(op, name, v, what):
         """The JSON type of an attribute against its ONNX type (so handlers never see, say, a
@@ -202,9 +215,12 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         for i in graph["inputs"]:
             if i.get("dtype") not in ("float32", "int64", "int32", "bool", "uint8"):
                 fail(f"input {i['name']!r} has an unsupported dtype {i.get('dtype')!r}")
-            if i.get("shape") is not None and (not isinstance(i["shape"], list) or not all(
-                    d is None or isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in i["shape"])):
-                fail(f"input {i['name']!r} has an invalid shape {i.get('shape')!r}")
+            if i.get("shape") is not None and (not isinstance(i["shape"], list) or len(i["shape"]) > fileformat.MAX_NDIM
+                                               or not all(d is None or isinstance(d, str) or
+                                                          (type(d) is int and 0 <= d <= fileformat.MAX_DIM)
+                                                          for d in i["shape"])):
+                fail(f"input {i['name']!r} has an invalid shape {str(i.get('shape'))[:80]} (at most "
+                     f"{fileformat.MAX_NDIM} dimensions, each a name, null or an integer in [0, 2**40])")
         pairs = graph.get("state_pairs", [])
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
             fail("state_pairs must be a list of [input, output] pairs")
@@ -267,16 +283,40 @@ def load_checkpoint_model(wf, path):
     return model
 
 
-def load(path, verify=True):
-    """Loads a weight file as a GraphModel (float32 weights memory-mapped, not copied). A
-    training checkpoint loads as its network (see load_checkpoint_model)."""
-    wf = fileformat.read(path, verify=verify)
+def load(path, verify=True, limits=None, mmap=False):
+    """Loads a weight file as a GraphModel. The file is read into private memory (64-byte
+    aligned; float32 weights are views of it, not further copies), so nothing that happens to
+    the file afterwards can affect the model; with mmap=True it is memory-mapped instead
+    (shared with other processes through the page cache) and every run() and stream()
+    first checks that it was not truncated or replaced (docs/FORMAT.md, "Reading while the
+    file changes"). A training checkpoint loads as its network (see load_checkpoint_model).
+    limits: a rnnengine.Limits for the reading and the model's planning."""
+    from .limits import resolve
+    lim = resolve(limits) if limits is not None else None
+    wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
     if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:
-        return load_checkpoint_model(wf, path)
+        model = load_checkpoint_model(wf, path)
+        model.limits = lim
+        if wf.mapped:
+            model.mapped_file = wf
+        return model
     check_graph(wf.graph, set(wf.names))
+    most = wf.limits.max_tensor_elements
+    for i in wf.graph["inputs"]:
+        n = 1
+        for d in i["shape"] or ():
+            n *= d if isinstance(d, int) else 1
+        if n > most:  # a stream's example inputs have the declared shape: refused before allocating them
+            raise fileformat.FormatError(
+                f"{path}: graph input {i['name']!r} declares shape {i['shape']}, {n} elements, more than the "
+                f"limit max_tensor_elements={most}; if the file is trusted, raise it with "
+                "rnnengine.load(..., limits=rnnengine.Limits(max_tensor_elements=...))")
     tensors = {name: wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
+    model.limits = lim
+    if wf.mapped:
+        model.mapped_file = wf
     return model

@@ -456,6 +456,8 @@ def test_bad_json_blocks(tmp_path, block, match):
 
 def test_zip_bomb_json_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(fileformat, "MAX_JSON", 1 << 16)
+    from rnnengine import limits  # the bound the reader applies is Limits.max_metadata_bytes
+    monkeypatch.setattr(limits, "_defaults", limits.Limits(max_metadata_bytes=fileformat.MAX_JSON))
     path = tmp_path / "big.rnne"
     fileformat.write(str(path), {"pad": "x" * (1 << 17)}, {})
     expect(path, "expands past 65536 bytes")
