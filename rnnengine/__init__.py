@@ -2,9 +2,10 @@
 from ._core import Stream, step_streams
 from .layers import GRU, LSTM, RNN, ACTIVATIONS
 from .model import Model, load_onnx
+from .torch_import import from_torch
 
 __all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
-           "load", "save"]
+           "load", "save", "from_torch"]
 __version__ = "0.1.0"
 
 
