@@ -135,9 +135,9 @@ def test_from_torch_matches_the_module_whole_and_streamed(cfg, data):
     while t0 < T:
         n = data.draw(st.integers(1, T - t0))
         chunk = x[:, t0:t0 + n] if bf else x[t0:t0 + n]
-        if n == 1 and data.draw(st.booleans()):
-            parts.append(stream.step(chunk[:, 0] if bf else chunk[0])[:, None] if bf
-                         else stream.step(chunk[:, 0] if bf else chunk[0])[None])
+        if n == 1 and data.draw(st.booleans()):  # one step: x (B, I) -> (B, features)
+            y1 = stream.step(chunk[:, 0] if bf else chunk[0])
+            parts.append(y1[:, None] if bf else y1[None])
         else:
             parts.append(stream.feed(chunk))
         t0 += n
@@ -195,6 +195,50 @@ def test_naive_c_reference_of_the_projected_cell_matches_torch_and_the_engine():
     Y = layer(x)[0]  # the layer alone, ONNX shapes: (T, D, B, proj_size)
     assert Y.shape == (T, 1, 1, P)
     check_close(Y[:, 0], np.array(ref)[:, None], "engine vs reference")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_sequence_lengths_with_projection_match_packed_sequences(bidirectional):
+    """Model.run(lengths=) on a projected stack against torch's pack_padded_sequence: outputs
+    past a row's length are 0, final states are at each row's last step, and a reverse
+    direction starts at each row's own end."""
+    m = make_module("LSTM", 4, 7, layers=2, bidirectional=bidirectional, proj=3, seed=12)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((9, 4, 4)).astype(np.float32)
+    lens = np.array([9, 3, 6, 1], np.int64)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lens), enforce_sorted=False)
+    with torch.no_grad():
+        out, (h, c) = m(packed)
+    y, _ = nn.utils.rnn.pad_packed_sequence(out, total_length=9)
+    model = rnnengine.from_torch(m)
+    Y, final = model.run(x, lengths=lens)
+    check_close(Y, y.numpy(), "output")
+    hn, cn = model.to_torch_state(final)
+    check_close(hn, h.numpy(), "h_n")
+    check_close(cn, c.numpy(), "c_n")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_identity_projection_equals_the_unprojected_onnx_cell(direction):
+    """Every ONNX attribute the projected cell shares with the plain one (peepholes, clip,
+    input_forget, activations, lengths, directions): with Whr = I (proj_size = hidden_size) it
+    must give what the unprojected cell gives (itself checked against onnxruntime)."""
+    rng = np.random.default_rng(13)
+    D, H, I, T, B = 2 if direction == "bidirectional" else 1, 5, 3, 7, 3
+    W = rng.standard_normal((D, 4 * H, I)).astype(np.float32)
+    R = rng.standard_normal((D, 4 * H, H)).astype(np.float32)
+    Bb = rng.standard_normal((D, 8 * H)).astype(np.float32)
+    P = rng.standard_normal((D, 3 * H)).astype(np.float32)
+    attrs = dict(direction=direction, clip=1.5, input_forget=1, activations=["HardSigmoid", "Softsign", "Elu"] * D,
+                 activation_alpha=[0.3, 0.8] * D, activation_beta=[0.4] * D)
+    plain = rnnengine.LSTM(W, R, Bb, P, **attrs)
+    proj = rnnengine.LSTM(W, R, Bb, P, projection=np.broadcast_to(np.eye(H, dtype=np.float32), (D, H, H)), **attrs)
+    assert proj.proj_size == H
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lens = np.array([7, 2, 5], np.int32)
+    h0, c0 = rng.standard_normal((2, D, B, H)).astype(np.float32)
+    for got, want in zip(proj(x, lens, h0, c0), plain(x, lens, h0, c0)):
+        check_close(got, want, direction)
 
 
 def test_step_streams_batches_projected_streams():
