@@ -1,6 +1,8 @@
-"""rnnengine.from_torch against the live PyTorch modules it reads (torch is the oracle here:
-onnxruntime cannot run nn.LSTM(proj_size), which ONNX cannot express), whole sequences and
-streamed chunk by chunk; the gate permutation; the projected LSTM cell's naive C reference."""
+"""rnnengine.from_torch against the live PyTorch modules it reads (torch is the oracle here, run
+in float64 on the same float32 weights: onnxruntime cannot run nn.LSTM(proj_size), which ONNX
+cannot express), whole sequences and streamed chunk by chunk; the gate permutation; the
+projected LSTM cell's naive C reference."""
+import copy
 import json
 import os
 import warnings
@@ -24,7 +26,8 @@ HERE = os.path.dirname(__file__)
 
 
 def make_module(kind, I, H, layers=1, bidirectional=False, bias=True, batch_first=False, proj=0, seed=0):
-    """A module with random weights of scale ~0.6 (uniform +-1/sqrt(H) would keep every gate near 0.5)."""
+    """A module with random weights of scale ~0.6 (uniform +-1/sqrt(H) would keep every gate near 0.5);
+    a Relu RNN's scaled by 1/sqrt(fan-in) so that its unbounded outputs stay of order 1."""
     torch.manual_seed(seed)
     kw = dict(num_layers=layers, bidirectional=bidirectional, bias=bias, batch_first=batch_first)
     if kind == "LSTM":
@@ -33,10 +36,22 @@ def make_module(kind, I, H, layers=1, bidirectional=False, bias=True, batch_firs
         m = nn.GRU(I, H, **kw)
     else:
         m = nn.RNN(I, H, nonlinearity=kind.split("_")[1].lower(), **kw)
+    std = 0.6 if kind != "RNN_RELU" else 0.6 / np.sqrt(max(I, H) * (2 if bidirectional else 1))
     with torch.no_grad():
         for p in m.parameters():
-            p.normal_(0.0, 0.6)
+            p.normal_(0.0, std)
     return m.eval()
+
+
+def run_float64(m, x, hx=None):
+    """The module's forward in float64 on the same float32 weights and inputs: the exact answer
+    both float32 implementations approximate (torch's own float32 forward rounds differently)."""
+    ref = copy.deepcopy(m).double()
+    if hx is not None:
+        hx = tuple(a.double() for a in hx) if isinstance(hx, tuple) else hx.double()
+    with torch.no_grad():
+        y, hn = ref(torch.from_numpy(np.asarray(x)).double(), hx)
+    return y, hn
 
 
 def torch_state(kind, L, D, B, H, proj, rng):
@@ -86,8 +101,7 @@ def test_weights_without_the_permutation_are_detected_as_wrong(kind, monkeypatch
     """The comparison below would fail if from_torch kept PyTorch's gate order."""
     m = make_module(kind, 3, 5, seed=1)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((6, 2, 3)).astype(np.float32))
-    with torch.no_grad():
-        want = m(x)[0].numpy()
+    want = run_float64(m, x.numpy())[0].numpy()
     check_close(rnnengine.from_torch(m).run(x.numpy())[0], want, "with the permutation")
     monkeypatch.setattr(torch_import, "gate_permutation", lambda k, H, *a: np.arange(
         len(GATE_ORDERS[k]["onnx"]) * H))
@@ -115,8 +129,7 @@ def test_from_torch_matches_the_module_whole_and_streamed(cfg, data):
     rng = np.random.default_rng(cfg["seed"])
     x = rng.standard_normal((B, T, I) if bf else (T, B, I)).astype(np.float32)
     hx = torch_state(kind, L, D, B, H, proj, rng) if cfg["with_state"] else None
-    with torch.no_grad():
-        y, hn = m(torch.from_numpy(x), hx)
+    y, hn = run_float64(m, x, hx)
     model = rnnengine.from_torch(m)
     state = model.from_torch_state(hx) if hx is not None else None
     Y, final = model.run(x, state=state)
@@ -155,8 +168,7 @@ def test_projected_lstm_at_every_kernel_level_and_float16(level, weight_dtype):
     float32 model whose weights were rounded to float16 (steps read every weight packed)."""
     m = make_module("LSTM", 6, 24, layers=2, proj=7, seed=3)
     x = np.random.default_rng(3).standard_normal((5, 3, 6)).astype(np.float32)
-    with torch.no_grad():
-        y = m(torch.from_numpy(x))[0].numpy()
+    y = run_float64(m, x)[0].numpy()
     try:
         _core.kernel_level(level)
         if weight_dtype == "float32":
@@ -184,8 +196,7 @@ def test_naive_c_reference_of_the_projected_cell_matches_torch_and_the_engine():
     m = make_module("LSTM", I, H, proj=P, seed=4)
     layer = rnnengine.from_torch(m).layers[0]
     x = np.random.default_rng(4).standard_normal((T, 1, I)).astype(np.float32)
-    with torch.no_grad():
-        y = m(torch.from_numpy(x))[0].numpy()
+    y = run_float64(m, x)[0].numpy()
     h, c = np.zeros(P, np.float32), np.zeros(H, np.float32)
     ref = []
     for t in range(T):
@@ -206,9 +217,10 @@ def test_sequence_lengths_with_projection_match_packed_sequences(bidirectional):
     rng = np.random.default_rng(12)
     x = rng.standard_normal((9, 4, 4)).astype(np.float32)
     lens = np.array([9, 3, 6, 1], np.int64)
-    packed = nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lens), enforce_sorted=False)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x).double(), torch.from_numpy(lens),
+                                               enforce_sorted=False)
     with torch.no_grad():
-        out, (h, c) = m(packed)
+        out, (h, c) = copy.deepcopy(m).double()(packed)  # float64: see run_float64
     y, _ = nn.utils.rnn.pad_packed_sequence(out, total_length=9)
     model = rnnengine.from_torch(m)
     Y, final = model.run(x, lengths=lens)
@@ -248,8 +260,7 @@ def test_step_streams_batches_projected_streams():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((7, 3, 4)).astype(np.float32)
     hx = torch_state("LSTM", 2, 1, 3, 6, 2, rng)
-    with torch.no_grad():
-        y, (h, c) = m(torch.from_numpy(x), hx)
+    y, (h, c) = run_float64(m, x, hx)
     per_row = model.from_torch_state(hx)
     streams = [model.stream(1, state=[(a[:, b:b + 1], cc[:, b:b + 1]) for a, cc in per_row]) for b in range(3)]
     out = np.stack([rnnengine.step_streams(streams, x[t]) for t in range(7)])
@@ -263,8 +274,7 @@ def test_step_streams_batches_projected_streams():
 def test_model_threads_and_int8_run_projected_layers():
     m = make_module("LSTM", 4, 10, layers=2, proj=3, batch_first=True, seed=6)
     x = np.random.default_rng(6).standard_normal((8, 5, 4)).astype(np.float32)
-    with torch.no_grad():
-        y = m(torch.from_numpy(x))[0].numpy()
+    y = run_float64(m, x)[0].numpy()
     check_close(rnnengine.from_torch(m, threads=2).run(x)[0], y, "threads=2")
     q = rnnengine.from_torch(m, weight_dtype="int8").stream(8)
     got = q.feed(x)
@@ -283,11 +293,12 @@ def test_a_container_of_modules_runs_them_in_order(container, batch_first):
     x = rng.standard_normal((2, 6, 3) if batch_first else (6, 2, 3)).astype(np.float32)
     hxs = [torch_state("LSTM", 2, 1, 2, 6, 4, rng), torch_state("GRU", 1, 2, 2, 5, 0, rng),
            torch_state("RNN", 2, 1, 2, 3, 0, rng)]
-    out, finals = torch.from_numpy(x), []
-    with torch.no_grad():
-        for mod, hx in zip(mods, hxs):
-            out, hn = mod(out, hx)
-            finals.append(hn)
+    out, finals = x, []
+    for mod, hx in zip(mods, hxs):
+        out, hn = run_float64(mod, out, hx)
+        out = out.numpy()
+        finals.append(hn)
+    out = torch.from_numpy(out)
     box = nn.ModuleList(mods) if container == "ModuleList" else nn.Sequential(*mods)
     model = rnnengine.from_torch(box)
     assert len(model.layers) == 5 and model.batch_first == batch_first
@@ -321,8 +332,7 @@ def test_training_mode_dropout_warns_and_computes_eval_mode():
     x = np.random.default_rng(10).standard_normal((5, 2, 3)).astype(np.float32)
     with pytest.warns(UserWarning, match="training mode with dropout=0.5"):
         model = rnnengine.from_torch(m)
-    with torch.no_grad():
-        y = m.eval()(torch.from_numpy(x))[0].numpy()
+    y = run_float64(m.eval(), x)[0].numpy()
     check_close(model.run(x)[0], y, "eval-mode result")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
