@@ -133,16 +133,17 @@ class TorchModel(Model):
     """A :class:`rnnengine.Model` made by :func:`from_torch`, with conversions between its
     per-layer state and PyTorch's stacked ``h_n`` / ``(h_n, c_n)`` (one per module)."""
 
-    def __init__(self, layers, modules, **kwargs):
+    def __init__(self, layers, modules, container=False, **kwargs):
         super().__init__(layers, **kwargs)
         self.torch_modules = modules  # per module: (kind, num_layers, num_directions)
+        self.torch_container = container  # made from an nn.Sequential / nn.ModuleList: states are lists
 
     def from_torch_state(self, hx):
         """PyTorch's initial state -> this model's ``state=``: for one module ``h0`` (GRU, RNN)
         or ``(h0, c0)`` (LSTM), h0 of shape (num_layers * D, batch, proj_size or hidden_size),
         c0 (num_layers * D, batch, hidden_size); for a Sequential / ModuleList, a list of those,
         one per module."""
-        entries = [hx] if len(self.torch_modules) == 1 else hx
+        entries = hx if self.torch_container else [hx]
         if not isinstance(entries, (list, tuple)) or len(entries) != len(self.torch_modules):
             raise ValueError(f"from_torch_state: expected a list of {len(self.torch_modules)} states, one per "
                              f"module, got {type(entries).__name__}")
@@ -174,23 +175,30 @@ class TorchModel(Model):
                 out.append((np.concatenate([e[0] for e in part]), np.concatenate([e[1] for e in part])))
             else:
                 out.append(np.concatenate(part))
-        return out[0] if len(out) == 1 else out
+        return out if self.torch_container else out[0]
 
 
-def _modules_of(module):
-    """The recurrent modules in order: the module itself, or the items of a container."""
-    name = type(module).__name__
-    if name in ("Sequential", "ModuleList"):
-        try:  # a container only when it is torch's (a user class of the same name is not)
-            import torch.nn as nn
-            if isinstance(module, (nn.Sequential, nn.ModuleList)):
-                items = list(module)
-                if not items:
-                    raise ValueError(f"from_torch: the {name} is empty")
-                return [(f"{name.lower()}[{k}]", m) for k, m in enumerate(items)]
-        except ImportError:
-            pass
-    return [("the module", module)]
+def _is_container(module):
+    """True for torch's nn.Sequential / nn.ModuleList (not a user class of the same name)."""
+    if type(module).__name__ not in ("Sequential", "ModuleList"):
+        return False
+    try:
+        import torch.nn as nn
+    except ImportError:
+        return False
+    return isinstance(module, (nn.Sequential, nn.ModuleList))
+
+
+def _modules_of(module, where="the module"):
+    """The recurrent modules in order, named for errors: the module itself, or the items of a
+    container (nested containers flattened)."""
+    if not _is_container(module):
+        return [(where, module)]
+    items = list(module)
+    base = type(module).__name__.lower() if where == "the module" else where
+    if not items:
+        raise ValueError(f"from_torch: {base} is an empty {type(module).__name__}")
+    return [pair for k, m in enumerate(items) for pair in _modules_of(m, f"{base}[{k}]")]
 
 
 def from_torch(module, *, weight_dtype="float32", threads=1):
@@ -219,4 +227,5 @@ def from_torch(module, *, weight_dtype="float32", threads=1):
         batch_first = bf
         layers += ls
         modules.append(shape)
-    return TorchModel(layers, modules, batch_first=batch_first, weight_dtype=weight_dtype, threads=threads)
+    return TorchModel(layers, modules, container=_is_container(module), batch_first=batch_first,
+                      weight_dtype=weight_dtype, threads=threads)

@@ -321,8 +321,30 @@ def test_unsupported_modules_are_refused_by_name():
         rnnengine.from_torch(nn.ModuleList([nn.GRU(3, 4), nn.GRU(5, 4)]))
     with pytest.raises(TypeError, match=r"the module: weight_ih_l0 is torch.float64.*module.float\(\)"):
         rnnengine.from_torch(nn.LSTM(3, 4).double())
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="sequential is an empty Sequential"):
         rnnengine.from_torch(nn.Sequential())
+    with pytest.raises(TypeError, match=r"modulelist\[1\]\[0\] \(nn.Linear\) is not an nn.LSTM"):
+        rnnengine.from_torch(nn.ModuleList([nn.GRU(3, 4), nn.Sequential(nn.Linear(4, 2))]))
+
+
+def test_nested_and_one_item_containers():
+    """Nested containers are flattened; a container's states are lists even of one module."""
+    gru, rnn = make_module("GRU", 3, 4, seed=14), make_module("RNN_TANH", 4, 2, layers=2, seed=15)
+    x = np.random.default_rng(14).standard_normal((5, 2, 3)).astype(np.float32)
+    y1, h1 = run_float64(gru, x)
+    y2, h2 = run_float64(rnn, y1.numpy())
+    model = rnnengine.from_torch(nn.Sequential(nn.ModuleList([gru]), nn.Sequential(rnn)))
+    Y, final = model.run(x)
+    check_close(Y, y2.numpy(), "output")
+    got = model.to_torch_state(final)
+    assert isinstance(got, list) and len(got) == 2
+    check_close(got[0], h1.numpy(), "h_n of the GRU")
+    check_close(got[1], h2.numpy(), "h_n of the RNN")
+    one = rnnengine.from_torch(nn.Sequential(gru))
+    h0 = np.random.default_rng(15).standard_normal((1, 2, 4)).astype(np.float32)
+    Y1, f1 = one.run(x, state=one.from_torch_state([h0]))
+    check_close(Y1, run_float64(gru, x, torch.from_numpy(h0))[0].numpy(), "one-item Sequential")
+    assert isinstance(one.to_torch_state(f1), list)
 
 
 def test_training_mode_dropout_warns_and_computes_eval_mode():
