@@ -88,6 +88,7 @@ def _recurrent_layers(module, where):
                         f"(or an nn.Sequential / nn.ModuleList of them){hint}; from_torch converts recurrent "
                         f"layers only: export a whole model with torch.onnx and use rnnengine.convert")
     L = int(module.num_layers)
+    batch_first = bool(getattr(module, "batch_first", False))
     D = 2 if getattr(module, "bidirectional", False) else 1
     bias = bool(getattr(module, "bias", True))
     proj = int(getattr(module, "proj_size", 0) or 0)
@@ -116,7 +117,9 @@ def _recurrent_layers(module, where):
                 Bs.append(np.concatenate([param("bias_ih")[perm], param("bias_hh")[perm]]))
             if proj:
                 Ps.append(param("weight_hr"))  # (P, H): the projection has no gates to reorder
-        attrs = dict(direction="bidirectional" if D == 2 else "forward",
+        # layout 1 (ONNX's batch-first) when the module is batch_first, so a layer called alone
+        # (layer(X)) takes the module's layout too
+        attrs = dict(direction="bidirectional" if D == 2 else "forward", layout=int(batch_first),
                      name=f"{where.replace('the module', kind.lower())}.l{k}")
         W, R, B = np.stack(Ws), np.stack(Rs), np.stack(Bs) if bias else None
         if kind == "LSTM":
@@ -126,7 +129,7 @@ def _recurrent_layers(module, where):
             layers.append(GRU(W, R, B, linear_before_reset=1, **attrs))
         else:
             layers.append(RNN(W, R, B, activations=["Relu" if mode == "RNN_RELU" else "Tanh"], **attrs))
-    return layers, (kind, L, D), bool(getattr(module, "batch_first", False))
+    return layers, (kind, L, D), batch_first
 
 
 class TorchModel(Model):
