@@ -73,6 +73,24 @@ def _describe(module):
     return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn.") else f"{cls.__module__}.{cls.__name__}"
 
 
+def _check_plain_forward(module, where, kind):
+    """Refuses a module whose forward is not torch's own: a subclass that overrides forward(),
+    or forward hooks (which may change the output or, like the old spectral_norm, the weights
+    before each call). rnnengine computes the plain nn.LSTM / GRU / RNN forward."""
+    try:
+        import torch.nn as nn
+    except ImportError:  # duck-typed modules without torch: nothing to compare with
+        return
+    base = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[kind]
+    if isinstance(module, base) and type(module).forward is not base.forward:
+        raise TypeError(f"from_torch: {where} ({_describe(module)}) overrides forward() of nn.{kind}; "
+                        f"rnnengine computes nn.{kind}'s own forward, so it cannot stand in for this module")
+    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks") if getattr(module, h, None)]
+    if hooks:
+        raise TypeError(f"from_torch: {where} ({_describe(module)}) has forward hooks ({', '.join(hooks)}) "
+                        f"that rnnengine would not run; remove them first")
+
+
 def _recurrent_layers(module, where):
     """The rnnengine layers of one nn.LSTM / nn.GRU / nn.RNN, its (num_layers, D, kind) and
     batch_first."""
@@ -87,6 +105,7 @@ def _recurrent_layers(module, where):
         raise TypeError(f"from_torch: {where} ({_describe(module)}) is not an nn.LSTM / nn.GRU / nn.RNN "
                         f"(or an nn.Sequential / nn.ModuleList of them){hint}; from_torch converts recurrent "
                         f"layers only: export a whole model with torch.onnx and use rnnengine.convert")
+    _check_plain_forward(module, where, kind)
     L = int(module.num_layers)
     batch_first = bool(getattr(module, "batch_first", False))
     D = 2 if getattr(module, "bidirectional", False) else 1

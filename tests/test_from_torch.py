@@ -333,6 +333,25 @@ def test_unsupported_modules_are_refused_by_name():
         rnnengine.from_torch(nn.ModuleList([nn.GRU(3, 4), nn.Sequential(nn.Linear(4, 2))]))
 
 
+def test_modules_with_another_forward_are_refused():
+    class Normed(nn.LSTM):
+        def forward(self, x, hx=None):
+            y, state = super().forward(x, hx)
+            return y / (1 + y.abs()), state
+    with pytest.raises(TypeError, match=r"the module \(.*Normed\) overrides forward\(\) of nn.LSTM"):
+        rnnengine.from_torch(Normed(3, 4))
+    m = nn.GRU(3, 4)
+    m.register_forward_hook(lambda mod, inp, out: (out[0] * 2, out[1]))
+    with pytest.raises(TypeError, match=r"sequential\[0\] \(nn.GRU\) has forward hooks \(_forward_hooks\)"):
+        rnnengine.from_torch(nn.Sequential(m))
+
+    class Named(nn.LSTM):  # a subclass that only adds things keeps torch's forward: accepted
+        pass
+    n = Named(3, 4)
+    x = np.random.default_rng(16).standard_normal((4, 1, 3)).astype(np.float32)
+    check_close(rnnengine.from_torch(n).run(x)[0], run_float64(n, x)[0].numpy(), "subclass")
+
+
 def test_nested_and_one_item_containers():
     """Nested containers are flattened; a container's states are lists even of one module."""
     gru, rnn = make_module("GRU", 3, 4, seed=14), make_module("RNN_TANH", 4, 2, layers=2, seed=15)
