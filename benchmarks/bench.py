@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
 import rnnengine  # noqa: E402
+from rnnengine.torch_import import gate_permutation  # noqa: E402
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -107,9 +108,10 @@ def torch_module(kind, W, R, B, threads=1):
     mod = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[kind](I, H)
     # ONNX gate order -> PyTorch: LSTM iofc -> ifgo, GRU zrh -> rzn
     G = GATES[kind]
-    order = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}[kind]
+    rows = gate_permutation(kind, H, source="onnx", target="torch")
+
     def perm(a):
-        return np.concatenate([a[g * H:(g + 1) * H] for g in order])
+        return a[rows]
     with torch.no_grad():
         mod.weight_ih_l0.copy_(torch.from_numpy(perm(W[0])))
         mod.weight_hh_l0.copy_(torch.from_numpy(perm(R[0])))

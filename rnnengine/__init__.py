@@ -7,11 +7,12 @@ from ._version import __version__
 from .limits import Limits
 
 __all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
-           "load", "save", "Limits", "__version__"]
+           "load", "save", "Limits", "from_torch", "__version__"]
 
 # public name -> the module that defines it; imported on first access (PEP 562)
 _LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".layers", "GRU": ".layers", "RNN": ".layers",
-         "ACTIVATIONS": ".layers", "Model": ".model", "load_onnx": ".model"}
+         "ACTIVATIONS": ".layers", "Model": ".model", "load_onnx": ".model",
+         "from_torch": ".torch_import"}
 
 
 def _core_missing(err):

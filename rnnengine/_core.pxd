@@ -29,6 +29,7 @@ cdef extern from "rnnengine.h" nogil:
         int32_t linear_before_reset
         int32_t weight_dtype
         int32_t step_mask
+        int32_t proj_size
 
     ctypedef struct rnn_cell:
         pass
@@ -37,6 +38,8 @@ cdef extern from "rnnengine.h" nogil:
 
     rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const float *R,
                                const float *B, const float *P, rnn_cell **out)
+    rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
+                                         const float *B, const float *P, const float *Whr, rnn_cell **out)
     void rnn_cell_free(rnn_cell *cell)
 
     rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell **cells,
@@ -85,6 +88,8 @@ cdef extern from "internal.h" nogil:
                          int64_t ldc, int accumulate)
     void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                              int64_t ldc, int accumulate)
+    void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
+                            const float *B, const float *Whr, float *h, float *c, float *work)
 
 
 cdef extern from "rnnengine.h" nogil:

@@ -96,6 +96,26 @@ def gemm_packed(const float[:, ::1] A, const float[:, ::1] B, C=None, bint refer
     return out
 
 
+def lstmp_step_reference(const float[::1] x, const float[:, ::1] W, const float[:, ::1] R, B,
+                         const float[:, ::1] Whr, float[::1] h, float[::1] c):
+    """One step of one row of the naive projected-LSTM reference (rnn_lstmp_step_ref in
+    src_c/lstm.c), h (P) and c (H) updated in place; for tests."""
+    cdef int64_t H = c.shape[0], P = h.shape[0], I = x.shape[0]
+    if W.shape[0] != 4 * H or W.shape[1] != I or R.shape[0] != 4 * H or R.shape[1] != P \
+            or Whr.shape[0] != P or Whr.shape[1] != H:
+        raise ValueError("lstmp_step_reference: shapes do not fit x (I), W (4H, I), R (4H, P), Whr (P, H)")
+    cdef const float[::1] Bv
+    cdef const float *bp = NULL
+    if B is not None:
+        Bv = B
+        if Bv.shape[0] != 8 * H:
+            raise ValueError("lstmp_step_reference: B must have 8H floats")
+        bp = &Bv[0]
+    work = np.empty(5 * H, np.float32)
+    cdef float[::1] wv = work
+    rnn_lstmp_step_ref(I, H, P, &x[0], &W[0, 0], &R[0, 0], bp, &Whr[0, 0], &h[0], &c[0], &wv[0])
+
+
 def apply_activation(int kind, float alpha, float beta, x):
     """Applies one activation function of the core to a float32 vector (a copy); for tests."""
     arr = np.array(x, dtype=np.float32, copy=True).reshape(-1)
@@ -127,11 +147,13 @@ cdef class Stack:
     cells (one dict per direction: act [(kind, alpha, beta)] * 3, clip (float or None),
     input_forget, linear_before_reset, W, R, B (or None), P (or None); float32 C-contiguous),
     and optionally step_mask (1 or 2: input rows carry a per-row step mask as their last float,
-    masked steps repeat the state (1) or output zeros (2); first layer only).
+    masked steps repeat the state (1) or output zeros (2); first layer only) and, for an LSTM,
+    proj_size (P > 0: an output projection, each cell then has Whr (P, H) and R (4H, P); h and
+    the layer's output per direction are P floats, c keeps H).
     """
     cdef rnn_stack *ptr
     cdef readonly int input_size, output_size, n_layers, last_hidden
-    cdef readonly tuple layer_shapes  # per layer: (kind, D, H, has_c)
+    cdef readonly tuple layer_shapes  # per layer: (kind, D, H, has_c); last_hidden: floats of its h
 
     def __cinit__(self, list layers):
         self.ptr = NULL
@@ -147,8 +169,10 @@ cdef class Stack:
         cdef const float[:, ::1] R
         cdef const float[::1] Bv
         cdef const float[::1] Pv
+        cdef const float[:, ::1] Whr
         cdef const float *bp
         cdef const float *pp
+        cdef const float *whrp
         shapes = []
         try:
             if dirs == NULL or cells == NULL:
@@ -170,17 +194,22 @@ cdef class Stack:
                     cfg.weight_dtype = WEIGHT_DTYPES[cell.get("weight_dtype", "float32")]
                     # a step mask rides as one extra float after each input row (rnnengine.h)
                     cfg.step_mask = int(layer.get("step_mask") or 0)
+                    cfg.proj_size = int(layer.get("proj_size") or 0)
                     W = cell["W"]
                     R = cell["R"]
                     bp = NULL
                     pp = NULL
+                    whrp = NULL
+                    if cfg.proj_size:
+                        Whr = cell["Whr"]
+                        whrp = &Whr[0, 0]
                     if cell["B"] is not None:
                         Bv = cell["B"]
                         bp = &Bv[0]
                     if cell["P"] is not None:
                         Pv = cell["P"]
                         pp = &Pv[0]
-                    st = rnn_cell_create(&cfg, &W[0, 0], &R[0, 0], bp, pp, &cells[k])
+                    st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
                     _check(st, f"layer {li}: creating a {layer['kind']} cell")
                     k += 1
         except BaseException:
@@ -197,7 +226,7 @@ cdef class Stack:
         self.input_size = rnn_stack_input_size(self.ptr)
         self.output_size = rnn_stack_output_size(self.ptr)
         self.layer_shapes = tuple(shapes)
-        self.last_hidden = shapes[len(shapes) - 1][2]
+        self.last_hidden = layers[n - 1].get("proj_size") or shapes[len(shapes) - 1][2]
 
     def __dealloc__(self):
         rnn_stack_free(self.ptr)

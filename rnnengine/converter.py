@@ -296,7 +296,8 @@ def _check_state_shapes(nodes, consts, declared):
                 f"{where(n)}: hidden_size is {H} but {slot} {name!r} has shape {shown} (last dimension "
                 f"{shape[-1]}, expected {H}): the state shapes contradict hidden_size. This is the invalid "
                 "graph the PyTorch dynamo exporter writes for nn.LSTM(proj_size=...): ONNX LSTM has no "
-                "output projection, so such a layer cannot be expressed in ONNX (export it with proj_size=0)")
+                "output projection, so such a layer cannot be expressed in ONNX; build it from the live module "
+                "with rnnengine.from_torch(module), which runs proj_size")
 
 
 def _toposort(nodes, available):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .limits import check_eval
+from .torch_import import gate_permutation
 
 STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
 # converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
@@ -125,8 +126,7 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
         key = (gx["inputs"][1], gh["inputs"][1], gx["inputs"][2] if len(gx["inputs"]) > 2 else "",
                gh["inputs"][2] if len(gh["inputs"]) > 2 else "")
         if key not in shared:
-            perm = np.concatenate([np.arange(0, H), np.arange(3 * H, 4 * H), np.arange(H, 2 * H),
-                                   np.arange(2 * H, 3 * H)])
+            perm = gate_permutation("LSTM", H, "torch", "onnx")
             Wx = np.asarray(tensors[key[0]], np.float32)[perm][None]
             Rh = np.asarray(tensors[key[1]], np.float32)[perm][None]
 
@@ -248,7 +248,7 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
                gh["inputs"][2] if len(gh["inputs"]) > 2 else "")
         if key not in shared:
             # PyTorch r, z, n -> ONNX z, r, h
-            perm = np.concatenate([np.arange(H, 2 * H), np.arange(0, H), np.arange(2 * H, 3 * H)])
+            perm = gate_permutation("GRU", H, "torch", "onnx")
 
             def bias(name):
                 if not name:

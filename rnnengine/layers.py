@@ -94,7 +94,7 @@ class _Layer:
 
     def __init__(self, W, R, B=None, P=None, *, hidden_size=None, direction="forward",
                  activations=None, activation_alpha=None, activation_beta=None, clip=None,
-                 input_forget=0, linear_before_reset=0, layout=0, name=None):
+                 input_forget=0, linear_before_reset=0, layout=0, name=None, projection=None):
         self.name = name or self.kind
         who = f"{self.kind} {self.name!r}" if name else self.kind
         if isinstance(direction, bytes):
@@ -121,8 +121,18 @@ class _Layer:
         if H <= 0 or W.shape[2] <= 0:
             raise ValueError(f"{who}: W has an empty dimension: {W.shape}")
         I = W.shape[2]
-        if R.shape != (D, G * H, H):
-            raise ValueError(f"{who}: R must have shape ({D}, {G * H}, {H}), got {R.shape}")
+        # an output projection (LSTM only; PyTorch's proj_size): h and the output have Hh floats
+        Hh = H
+        if projection is not None:
+            if self.kind != "LSTM":
+                raise ValueError(f"{who}: an output projection exists only for LSTM (PyTorch proj_size)")
+            projection = float_array(projection, f"{who}: projection", 3)
+            if projection.shape[0] != D or projection.shape[2] != H or projection.shape[1] <= 0:
+                raise ValueError(f"{who}: projection must have shape ({D}, proj_size, {H}), got {projection.shape}")
+            Hh = projection.shape[1]
+        if R.shape != (D, G * H, Hh):
+            extra = " (its last dimension is proj_size, from the projection)" if projection is not None else ""
+            raise ValueError(f"{who}: R must have shape ({D}, {G * H}, {Hh}){extra}, got {R.shape}")
         if B is not None:
             B = float_array(B, f"{who}: B", 2)
             if B.shape != (D, 2 * G * H):
@@ -144,7 +154,9 @@ class _Layer:
         if int(linear_before_reset) not in (0, 1):
             raise ValueError(f"{who}: linear_before_reset must be 0 or 1, got {linear_before_reset}")
         self.W, self.R, self.B, self.P = W, R, B, P
+        self.projection = projection
         self.input_size, self.hidden_size = I, H
+        self.proj_size = Hh if projection is not None else 0
         self.clip = clip
         self.input_forget = int(input_forget)
         self.linear_before_reset = int(linear_before_reset)
@@ -160,9 +172,14 @@ class _Layer:
         self._single = None
 
     @property
+    def h_size(self):
+        """Floats of h per direction (and of the output): proj_size when projected, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    @property
     def output_size(self):
-        """Features per time step this layer gives the next one: directions * hidden_size."""
-        return self.num_directions * self.hidden_size
+        """Features per time step this layer gives the next one: directions * h_size."""
+        return self.num_directions * self.h_size
 
     def _spec(self):
         """The description the C core's Stack is built from."""
@@ -174,13 +191,15 @@ class _Layer:
                 "W": self.W[d], "R": self.R[d],
                 "B": None if self.B is None else self.B[d],
                 "P": None if self.P is None else self.P[d],
+                "Whr": None if self.projection is None else self.projection[d],
             })
         return {"kind": self.kind, "direction": self.direction, "input_size": self.input_size,
                 "hidden_size": self.hidden_size, "cells": cells,
-                "step_mask": getattr(self, "step_mask", 0)}
+                "step_mask": getattr(self, "step_mask", 0), "proj_size": self.proj_size}
 
     def __repr__(self):
-        return (f"{self.kind}(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+        proj = f", proj_size={self.proj_size}" if self.proj_size else ""
+        return (f"{self.kind}(input_size={self.input_size}, hidden_size={self.hidden_size}{proj}, "
                 f"direction={self.direction!r})")
 
     def __call__(self, X, sequence_lens=None, initial_h=None, initial_c=None):
@@ -188,6 +207,7 @@ class _Layer:
 
         Returns ``(Y, Y_h)`` (GRU, RNN) or ``(Y, Y_h, Y_c)`` (LSTM) with ONNX shapes:
         layout 0: Y (T, D, B, H), Y_h (D, B, H); layout 1: Y (B, T, D, H), Y_h (B, D, H).
+        With a projection, Y, Y_h and initial_h have proj_size where H is written (Y_c keeps H).
         """
         from .model import Model
         if self._single is None:
@@ -196,13 +216,17 @@ class _Layer:
 
 
 class LSTM(_Layer):
-    """ONNX LSTM layer. W (D, 4H, I), R (D, 4H, H), B (D, 8H), P (D, 3H); gates i, o, f, c."""
+    """ONNX LSTM layer. W (D, 4H, I), R (D, 4H, H), B (D, 8H), P (D, 3H); gates i, o, f, c.
+
+    ``projection`` (D, proj_size, H) adds PyTorch's output projection (nn.LSTM(proj_size)),
+    which no ONNX operator has: h = projection @ (o * h(c)) has proj_size floats, R is then
+    (D, 4H, proj_size), and c keeps H floats. :func:`rnnengine.from_torch` builds these."""
     kind, gates, n_activations = "LSTM", 4, 3
 
-    def __init__(self, W, R, B=None, P=None, **attrs):
+    def __init__(self, W, R, B=None, P=None, projection=None, **attrs):
         if attrs.get("linear_before_reset"):
             raise ValueError("LSTM has no linear_before_reset attribute")
-        super().__init__(W, R, B, P, **attrs)
+        super().__init__(W, R, B, P, projection=projection, **attrs)
 
 
 class GRU(_Layer):

@@ -2,7 +2,7 @@
 
 State convention (as PyTorch's nn.LSTM / nn.GRU, one entry per layer): an LSTM layer's
 state is a tuple ``(h, c)``, a GRU or RNN layer's state is ``h``; each array has shape
-(num_directions, batch, hidden_size).
+(num_directions, batch, hidden_size) (h of a projected LSTM layer: proj_size instead).
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ def _check_compact_weights(cell, weight_dtype, where, direction):
     """Refuses weights the compact storage cannot hold exactly enough to stay honest: float16
     turns finite values above 65504 into Inf, int8 has no code for +-Inf (NaN is kept: its
     output column is NaN, as in float32)."""
-    for name in ("W", "R"):
-        w = cell[name]
+    for name in ("W", "R", "Whr"):
+        w = cell.get(name)
+        if w is None:
+            continue
         if weight_dtype == "float16":
             bad = np.isfinite(w) & (np.abs(w) > 65504.0)
             why = "exceeds the float16 range (65504)"
@@ -114,6 +116,9 @@ class Model:
         a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
         float array of shape (num_directions, batch, hidden_size)."""
         def shape_of(layer):
+            if layer.proj_size:
+                return (f"({layer.num_directions}, {batch}, {layer.h_size}) for h (proj_size) and "
+                        f"({layer.num_directions}, {batch}, {layer.hidden_size}) for c")
             return f"({layer.num_directions}, {batch}, {layer.hidden_size})"
         if not isinstance(state, (list, tuple)):
             raise TypeError(f"state must be a list with one entry per layer ({len(self.layers)}): (h, c) for an "
@@ -123,7 +128,8 @@ class Model:
                              f"got {type(state).__name__} of length {len(state)}")
         parts = []
         for k, (layer, entry) in enumerate(zip(self.layers, state)):
-            want = (layer.num_directions, batch, layer.hidden_size)
+            want_h = (layer.num_directions, batch, layer.h_size)
+            want_c = (layer.num_directions, batch, layer.hidden_size)
             if layer.kind == "LSTM":
                 if not isinstance(entry, (list, tuple)) or len(entry) != 2:
                     got = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple))
@@ -138,12 +144,14 @@ class Model:
                                      f"of {len(entry)}")
                 arrays = [("h", entry)]
             for nm, a in arrays:
+                want = want_c if nm == "c" else want_h
                 a = float_array(a, f"state[{k}] {nm}")
                 if broadcast and a.shape == (want[0], 1, want[2]):
                     a = np.broadcast_to(a, want)
                 if a.shape != want:
+                    what = "proj_size" if nm == "h" and layer.proj_size else "hidden"
                     raise ValueError(f"state[{k}] {nm} must have shape {want} "
-                                     f"(directions, batch, hidden), got {a.shape}")
+                                     f"(directions, batch, {what}), got {a.shape}")
                 parts.append(a.reshape(-1))
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
@@ -151,11 +159,13 @@ class Model:
         """The flat state vector of the C core -> the per-layer structure (copies)."""
         out, off = [], 0
         for layer in self.layers:
-            shape = (layer.num_directions, batch, layer.hidden_size)
+            shape = (layer.num_directions, batch, layer.h_size)
             n = int(np.prod(shape))
             h = vec[off:off + n].reshape(shape).copy()
             off += n
             if layer.kind == "LSTM":
+                shape = (layer.num_directions, batch, layer.hidden_size)  # c: hidden_size, also projected
+                n = int(np.prod(shape))
                 c = vec[off:off + n].reshape(shape).copy()
                 off += n
                 out.append((h, c))
@@ -199,7 +209,7 @@ class Model:
     def _run_one(self, X, T, B, lens, st):
         Y = np.zeros(X.shape[:2] + (self.output_size,), np.float32)
         if T and B:
-            H = self.layers[-1].hidden_size
+            H = self.layers[-1].h_size
             DH = self.output_size
             ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
             work = np.empty(self._stack.workspace_size(T, B), np.float32)
@@ -224,7 +234,7 @@ class Model:
             sl[axis] = slice(b0, b1)
             return np.ascontiguousarray(a[tuple(sl)])
 
-        DH, H = self.output_size, self.layers[-1].hidden_size
+        DH, H = self.output_size, self.layers[-1].h_size
         Y = np.zeros(X.shape[:2] + (DH,), np.float32)
         ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
         flat = Y.reshape(-1)
@@ -253,13 +263,14 @@ class Model:
         layer = self.layers[0]
         layout = 1 if self.batch_first else 0
         X, T, B = self._input(X)
-        D, H = layer.num_directions, layer.hidden_size
+        D, H, Hh = layer.num_directions, layer.hidden_size, layer.h_size  # Hh: h and Y (proj_size)
         lens = _as_lengths(sequence_lens, B, T, "sequence_lens")
-        state_shape = (B, D, H) if layout else (D, B, H)
 
         def initial(value, nm):
+            n = H if nm == "initial_c" else Hh
+            state_shape = (B, D, n) if layout else (D, B, n)
             if value is None:
-                return np.zeros((D, B, H), np.float32)
+                return np.zeros((D, B, n), np.float32)
             v = float_array(value, nm)
             if v.shape != state_shape:
                 raise ValueError(f"{nm} must have shape {state_shape} "
@@ -272,12 +283,12 @@ class Model:
         h0 = initial(initial_h, "initial_h")
         state = [(h0, initial(initial_c, "initial_c"))] if layer.kind == "LSTM" else [h0]
         st = self._pack_state(state, B)
-        Y = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
+        Y = np.zeros((B, T, D, Hh) if layout else (T, D, B, Hh), np.float32)
         if T and B:
             if layout:
-                ys_t, ys_b, ys_d = D * H, T * D * H, H
+                ys_t, ys_b, ys_d = D * Hh, T * D * Hh, Hh
             else:
-                ys_t, ys_b, ys_d = D * B * H, H, B * H
+                ys_t, ys_b, ys_d = D * B * Hh, Hh, B * Hh
             work = np.empty(self._stack.workspace_size(T, B), np.float32)
             self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, ys_d, st, work, self.batch_first)
         final = self.unpack_state(st, B)[0]

@@ -25,6 +25,7 @@ void rnn_cell_free(rnn_cell *cell) {
     rnn_packed_free(&cell->Wp);
     rnn_packed_free(&cell->Rp);
     rnn_packed_free(&cell->Rhp);
+    rnn_packed_free(&cell->Whrp);
     free(cell->bias_x);
     free(cell->bias_rh);
     free(cell->P);
@@ -35,8 +36,20 @@ const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell) { return &cell-
 
 rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const float *R,
                            const float *B, const float *P, rnn_cell **out) {
+    if (!cfg) return RNN_STATUS_BAD_ARGUMENT;
+    rnn_cell_config plain = *cfg;
+    plain.proj_size = 0; /* no projection, whatever the caller left in the field */
+    return rnn_cell_create_projected(&plain, W, R, B, P, NULL, out);
+}
+
+rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
+                                     const float *B, const float *P, const float *Whr, rnn_cell **out) {
     if (!cfg || !W || !R || !out) return RNN_STATUS_BAD_ARGUMENT;
     *out = NULL;
+    /* a projection: LSTM only, with its weight, and no step mask (Keras has no projection) */
+    if (cfg->proj_size < 0) return RNN_STATUS_BAD_SHAPE;
+    if (cfg->proj_size > 0 && (cfg->kind != RNN_CELL_LSTM || !Whr || cfg->step_mask)) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->proj_size == 0 && Whr) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->kind < RNN_CELL_RNN || cfg->kind > RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->input_size < 0 || cfg->hidden_size <= 0) return RNN_STATUS_BAD_SHAPE;
     if (cfg->has_clip && !(cfg->clip >= 0.0f)) return RNN_STATUS_BAD_ARGUMENT;
@@ -48,7 +61,9 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
 
     const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
     /* G*H is a BLAS dimension; W and R must stay far below 2^40 floats. */
-    if (G * H > INT32_MAX || G * H * (I > H ? I : H) > ((int64_t)1 << 40)) return RNN_STATUS_TOO_LARGE;
+    const int64_t Hh = cfg->proj_size > 0 ? cfg->proj_size : H; /* floats of h: R is (G*H, Hh) */
+    if (G * H > INT32_MAX || G * H * (I > Hh ? I : Hh) > ((int64_t)1 << 40) || Hh * H > ((int64_t)1 << 40))
+        return RNN_STATUS_TOO_LARGE;
 
     rnn_cell *c = calloc(1, sizeof *c);
     if (!c) return RNN_STATUS_OUT_OF_MEMORY;
@@ -63,8 +78,9 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
     rnn_status st = RNN_STATUS_OK;
     const int32_t wd = cfg->weight_dtype;
     if (c->W) st = rnn_packed_init_dtype(&c->Wp, W, G * H, I, I, wd);
-    if (st == RNN_STATUS_OK) st = rnn_packed_init_dtype(&c->Rp, R, split ? 2 * H : G * H, H, H, wd);
+    if (st == RNN_STATUS_OK) st = rnn_packed_init_dtype(&c->Rp, R, split ? 2 * H : G * H, Hh, Hh, wd);
     if (st == RNN_STATUS_OK && split) st = rnn_packed_init_dtype(&c->Rhp, R + 2 * H * H, H, H, H, wd);
+    if (st == RNN_STATUS_OK && Whr) st = rnn_packed_init_dtype(&c->Whrp, Whr, Hh, H, H, wd); /* (P, H) */
     if (st != RNN_STATUS_OK || !c->W || !c->bias_x || !c->bias_rh || (P && !c->P)) {
         rnn_cell_free(c);
         return RNN_STATUS_OUT_OF_MEMORY;
@@ -89,8 +105,8 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
 
 int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B) {
     const int64_t H = cell->cfg.hidden_size;
-    /* gates (B, G*H) + GRU's r * h (B, H) */
-    return B * cell->G * H + B * H;
+    /* gates (B, G*H) + GRU's r * h (B, H); a projected LSTM's projected rows (B, P) */
+    return B * cell->G * H + B * H + (cell->cfg.proj_size > 0 ? B * cell->cfg.proj_size : 0);
 }
 
 int64_t rnn_cell_forward_floats(const rnn_cell *cell, int64_t T, int64_t B) {
@@ -132,7 +148,7 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
                       int64_t xs_b, const int32_t *lens, int32_t reverse, float *Y, int64_t ys_t,
                       int64_t ys_b, float *h, float *c, float *work) {
     const int64_t H = cell->cfg.hidden_size, I = cell->cfg.input_size, GH = cell->G * H;
-    const int64_t N = T * B;
+    const int64_t N = T * B, Hh = rnn_cell_h_size(cell); /* floats of h and of each output row */
     const int32_t masked = cell->cfg.step_mask;
     const int64_t width = I + (masked != 0); /* floats per input row: the step mask rides last */
     float *xproj = work;          /* (T*B, G*H), rows in X's order */
@@ -153,7 +169,7 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
         max_len = 0;
         for (int64_t b = 0; b < B; b++) {
             if (lens[b] > max_len) max_len = lens[b];
-            for (int64_t t = lens[b]; t < T; t++) memset(Y + t * ys_t + b * ys_b, 0, sizeof(float) * (size_t)H);
+            for (int64_t t = lens[b]; t < T; t++) memset(Y + t * ys_t + b * ys_b, 0, sizeof(float) * (size_t)Hh);
         }
     }
 
@@ -164,7 +180,10 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
             if (c) memcpy(c_old, c, sizeof(float) * (size_t)(B * H));
         }
         switch (cell->cfg.kind) {
-        case RNN_CELL_LSTM: rnn_lstm_step(cell, &s, step, h, c, step_work); break;
+        case RNN_CELL_LSTM:
+            if (cell->cfg.proj_size > 0) rnn_lstmp_step(cell, &s, step, h, c, step_work);
+            else rnn_lstm_step(cell, &s, step, h, c, step_work);
+            break;
         case RNN_CELL_GRU: rnn_gru_step(cell, &s, step, h, step_work); break;
         default: rnn_rnn_step(cell, &s, step, h, step_work); break;
         }

@@ -46,14 +46,20 @@ struct rnn_cell {
     float *bias_x;  /* (G*H) biases summed once, added to the input projection */
     float *bias_rh; /* (H) GRU with linear_before_reset: Rbh, applied inside r * (.) */
     float *P;       /* (3*H) LSTM peepholes [Pi; Po; Pf] or NULL */
+    rnn_packed Whrp; /* LSTM with proj_size P: Whr (P, H) packed; Rp then packs R (4H, P) */
 };
+
+/* Floats of h (and of the cell's output per row): proj_size for a projected LSTM, else H. */
+static inline int64_t rnn_cell_h_size(const rnn_cell *cell) {
+    return cell->cfg.proj_size > 0 ? cell->cfg.proj_size : cell->cfg.hidden_size;
+}
 
 /* One direction's pass over a sequence, as seen by a cell's step function. */
 typedef struct {
     int64_t T, B;
     const float *xproj;   /* rows of G*H floats: X @ W^T + bias_x; row (t, b) = t*xs_t + b*xs_b */
     int64_t xs_t, xs_b;
-    float *Y;             /* h of (t, b) goes to Y[t*ys_t + b*ys_b .. +H) */
+    float *Y;             /* h of (t, b) goes to Y[t*ys_t + b*ys_b ..), H floats (P when projected) */
     int64_t ys_t, ys_b;
     const int32_t *lens;  /* (B) or NULL */
     int32_t reverse;
@@ -89,6 +95,12 @@ int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B);
  * in place for active rows; work holds rnn_cell_step_floats(B) floats. */
 void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *c,
                    float *work);
+/* LSTM with projection (cfg.proj_size = P): h (B, P), c (B, H). */
+void rnn_lstmp_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *c,
+                    float *work);
+/* The naive one-row reference of rnn_lstmp_step (lstm.c; default activations only). */
+void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
+                        const float *B, const float *Whr, float *h, float *c, float *work);
 void rnn_gru_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *work);
 void rnn_rnn_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *work);
 

@@ -67,6 +67,108 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
     }
 }
 
+/*
+ * LSTM with an output projection (PyTorch nn.LSTM(proj_size=P); no ONNX operator has it).
+ * The gates are rnn_lstm_step's, except that the recurrence reads the projected h (P floats)
+ * and the cell's output is projected:
+ *   gates = Xt W^T + Ht-1 R^T + biases      R (4H, P), Ht-1 (P)
+ *   Ct    = f . Ct-1 + i . c                (H)
+ *   Ht    = Whr (o . h(Ct))                 Whr (P, H), Ht (P): the state h and the output
+ * The row loop is a copy of rnn_lstm_step's (kept apart so the unprojected hot path is
+ * untouched); the projection is one packed product over all rows after it. The naive
+ * reference is rnn_lstmp_step_ref below; tests compare both with torch.
+ * work: gates (B, 4H), then the projected rows (B, P).
+ */
+void rnn_lstmp_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *c,
+                    float *work) {
+    const rnn_cell_config *cfg = &cell->cfg;
+    const int64_t H = cfg->hidden_size, GH = 4 * H, B = s->B, P = cfg->proj_size;
+    float *gates = work;                 /* (B, 4H) */
+    float *proj = work + B * GH + B * H; /* (B, P) (after the B*H floats GRU steps use) */
+
+    /* gates = h @ R^T   (B, P) @ (P, 4H) -> (B, 4H) */
+    rnn_gemm_packed(B, h, P, &cell->Rp, gates, GH, 0);
+
+    const float *Pi = cell->P, *Po = cell->P ? cell->P + H : NULL, *Pf = cell->P ? cell->P + 2 * H : NULL;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t t = rnn_seq_time(s, step, b);
+        if (t < 0) continue;
+        const float *xp = rnn_seq_xrow(s, t, b, GH);
+        float *g = gates + b * GH;
+        float *gi = g, *go = g + H, *gf = g + 2 * H, *gc = g + 3 * H;
+        float *cb = c + b * H;
+
+        for (int64_t j = 0; j < GH; j++) g[j] += xp[j];
+        if (Pi) {
+            for (int64_t j = 0; j < H; j++) {
+                gi[j] += Pi[j] * cb[j];
+                gf[j] += Pf[j] * cb[j];
+            }
+        }
+        rnn_clip(gi, H, cfg);
+        rnn_clip(gf, H, cfg);
+        rnn_clip(gc, H, cfg);
+        rnn_activation_apply(&cfg->act[0], gi, H);
+        if (cfg->input_forget) {
+            for (int64_t j = 0; j < H; j++) gf[j] = 1.0f - gi[j];
+        } else {
+            rnn_activation_apply(&cfg->act[0], gf, H);
+        }
+        rnn_activation_apply(&cfg->act[1], gc, H);
+
+        for (int64_t j = 0; j < H; j++) cb[j] = gf[j] * cb[j] + gi[j] * gc[j];
+
+        if (Po) {
+            for (int64_t j = 0; j < H; j++) go[j] += Po[j] * cb[j];
+        }
+        rnn_clip(go, H, cfg);
+        rnn_activation_apply(&cfg->act[0], go, H);
+
+        /* o . h(Ct) in the c-gate slot (H floats of row b, stride 4H between rows) */
+        memcpy(gc, cb, sizeof(float) * (size_t)H);
+        rnn_activation_apply(&cfg->act[2], gc, H);
+        for (int64_t j = 0; j < H; j++) gc[j] *= go[j];
+    }
+
+    /* proj = (o . h(Ct)) @ Whr^T   (B, H) @ (H, P) -> (B, P); rows that are past their
+     * length were not touched above and are not copied below */
+    rnn_gemm_packed(B, gates + 3 * H, GH, &cell->Whrp, proj, P, 0);
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t t = rnn_seq_time(s, step, b);
+        if (t < 0) continue;
+        float *y = s->Y + t * s->ys_t + b * s->ys_b;
+        memcpy(h + b * P, proj + b * P, sizeof(float) * (size_t)P);
+        memcpy(y, proj + b * P, sizeof(float) * (size_t)P);
+    }
+}
+
+/* Naive reference of one projected step for one row, plain loops over row-major float32
+ * weights, default activations (Sigmoid, Tanh, Tanh), no clip or peepholes (what PyTorch's
+ * nn.LSTM(proj_size=P) computes):
+ *   x (I), W (4H, I), R (4H, P), B (8H) = [Wb; Rb] or NULL, Whr (P, H);
+ *   h (P) and c (H) updated in place; work holds 5H floats. */
+void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
+                        const float *B, const float *Whr, float *h, float *c, float *work) {
+    float *a = work, *u = work + 4 * H; /* a: gate pre-activations (4H, order i, o, f, c); u (H) */
+    for (int64_t r = 0; r < 4 * H; r++) {
+        double acc = B ? (double)B[r] + B[4 * H + r] : 0.0;
+        for (int64_t k = 0; k < I; k++) acc += (double)W[r * I + k] * x[k];
+        for (int64_t k = 0; k < P; k++) acc += (double)R[r * P + k] * h[k];
+        a[r] = (float)acc;
+    }
+    for (int64_t j = 0; j < H; j++) {
+        const float i = rnn_sigmoidf(a[j]), o = rnn_sigmoidf(a[H + j]), f = rnn_sigmoidf(a[2 * H + j]);
+        const float g = tanhf(a[3 * H + j]);
+        c[j] = f * c[j] + i * g;
+        u[j] = o * tanhf(c[j]);
+    }
+    for (int64_t p = 0; p < P; p++) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < H; j++) acc += (double)Whr[p * H + j] * u[j];
+        h[p] = (float)acc;
+    }
+}
+
 /* ---- training: forward with saved activations, and backward through time ---------------
  * Default activations (f = Sigmoid, g = h = Tanh), clip and peepholes; row-major float32.
  * saved, per (t, b): pre (4H: the gate pre-activations i, o, f, c before clipping),

@@ -81,6 +81,8 @@ typedef struct {
     int32_t linear_before_reset; /* GRU only */
     int32_t weight_dtype;        /* rnn_weight_dtype of the packed weights */
     int32_t step_mask;           /* 1, 2: a per-row step mask rides in the input (see below) */
+    int32_t proj_size;           /* LSTM only: P > 0 projects the output, see rnn_cell_create_projected;
+                                  * 0 = none (every ONNX layer) */
 } rnn_cell_config;
 
 /* Step mask (cfg.step_mask = 1; the first layer of a stack only): every input row holds
@@ -101,11 +103,22 @@ typedef struct rnn_cell rnn_cell;
  * The weights are copied; the caller may free its arrays afterwards. */
 rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const float *R,
                            const float *B, const float *P, rnn_cell **out);
+/* An LSTM cell with an output projection (PyTorch nn.LSTM(proj_size=P), which ONNX cannot
+ * express): cfg.proj_size = P > 0, gates in ONNX order as above, but
+ *   R (4*H, P)  (the recurrence reads the projected h of P floats),
+ *   Whr (P, H)  the projection, and per step, after Ct (H floats) is computed as usual,
+ *   Ht = Whr @ (o . h(Ct))     (P floats: the state h and the output of the cell).
+ * The cell state c keeps H floats. No step mask. rnn_cell_create is this with Whr = NULL
+ * and cfg.proj_size = 0. */
+rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
+                                     const float *B, const float *P, const float *Whr, rnn_cell **out);
 void rnn_cell_free(rnn_cell *cell);
 const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell);
 
 /* A stack of layers; layer l has 1 or 2 directions (forward, reverse or both) and
- * its input is the previous layer's output of size D*H (directions concatenated). */
+ * its input is the previous layer's output of size D*H (directions concatenated).
+ * For a projected LSTM layer (proj_size P) read P for H wherever h or the output is meant:
+ * its output is D*P wide and its h blocks (D, B, P); only its c blocks keep H. */
 typedef struct rnn_stack rnn_stack;
 
 /* direction per layer: 0 forward, 1 reverse, 2 bidirectional. cells[l] holds D cells

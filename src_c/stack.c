@@ -7,7 +7,8 @@
 typedef struct {
     int32_t direction; /* 0 forward, 1 reverse, 2 bidirectional */
     int32_t D, H, I;
-    int32_t has_c;     /* LSTM */
+    int32_t O;         /* floats of h and of each direction's output: H, or P for a projected LSTM */
+    int32_t has_c;     /* LSTM (c keeps H floats) */
     int32_t mask;      /* 1: input rows carry a step mask after their I floats (layer 0 only) */
     rnn_cell *cell[2];
 } rnn_layer;
@@ -58,18 +59,20 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
         if (status != RNN_STATUS_OK) break;
         const rnn_cell_config *c0 = &ly->cell[0]->cfg;
         ly->H = c0->hidden_size;
+        ly->O = c0->proj_size > 0 ? c0->proj_size : c0->hidden_size;
         ly->I = c0->input_size;
         ly->has_c = c0->kind == RNN_CELL_LSTM;
         ly->mask = c0->step_mask != 0;
         if (ly->D == 2) {
             const rnn_cell_config *c1 = &ly->cell[1]->cfg;
-            if (c1->kind != c0->kind || c1->hidden_size != ly->H || c1->input_size != ly->I)
+            if (c1->kind != c0->kind || c1->hidden_size != ly->H || c1->input_size != ly->I ||
+                c1->proj_size != c0->proj_size)
                 status = RNN_STATUS_BAD_SHAPE;
             if (c1->step_mask != c0->step_mask) status = RNN_STATUS_BAD_ARGUMENT;
         }
         /* only the stack's own input carries a step mask column */
         if (l > 0 && ly->mask) status = RNN_STATUS_BAD_ARGUMENT;
-        if (l > 0 && ly->I != layers[l - 1].D * layers[l - 1].H) status = RNN_STATUS_BAD_SHAPE;
+        if (l > 0 && ly->I != layers[l - 1].D * layers[l - 1].O) status = RNN_STATUS_BAD_SHAPE;
     }
     if (status != RNN_STATUS_OK) {
         rnn_stack_free(st);
@@ -82,11 +85,11 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
 int32_t rnn_stack_input_size(const rnn_stack *st) { return st->layer[0].I + st->layer[0].mask; }
 int32_t rnn_stack_output_size(const rnn_stack *st) {
     const rnn_layer *ly = &st->layer[st->L - 1];
-    return ly->D * ly->H;
+    return ly->D * ly->O;
 }
 
 static int64_t layer_state_floats(const rnn_layer *ly, int64_t B) {
-    return (ly->has_c ? 2 : 1) * ly->D * B * ly->H;
+    return ly->D * B * (ly->O + (ly->has_c ? ly->H : 0)); /* h (D, B, O), c (D, B, H) */
 }
 
 int64_t rnn_stack_state_floats(const rnn_stack *st, int64_t B) {
@@ -100,7 +103,7 @@ int64_t rnn_stack_state_offset(const rnn_stack *st, int32_t layer, int64_t B, in
     for (int32_t l = 0; l < layer; l++) off += layer_state_floats(&st->layer[l], B);
     const rnn_layer *ly = &st->layer[layer];
     if (!want_c) return off;
-    return ly->has_c ? off + ly->D * B * ly->H : -1;
+    return ly->has_c ? off + ly->D * B * ly->O : -1;
 }
 
 int64_t rnn_stack_workspace_floats(const rnn_stack *st, int64_t T, int64_t B) {
@@ -109,9 +112,9 @@ int64_t rnn_stack_workspace_floats(const rnn_stack *st, int64_t T, int64_t B) {
         const rnn_layer *ly = &st->layer[l];
         int64_t f = rnn_cell_forward_floats(ly->cell[0], T, B);
         if (f > cell_max) cell_max = f;
-        if (l < st->L - 1 && ly->D * ly->H > inter) inter = ly->D * ly->H;
+        if (l < st->L - 1 && ly->D * ly->O > inter) inter = ly->D * ly->O;
     }
-    /* two ping-pong buffers (T, B, D*H) between layers, then one cell's workspace */
+    /* two ping-pong buffers (T, B, D*O) between layers, then one cell's workspace */
     return 2 * T * B * inter + cell_max;
 }
 
@@ -130,7 +133,7 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
     const int64_t xs_t = batch_first ? 1 : B, xs_b = batch_first ? T : 1;
     int64_t inter = 0;
     for (int32_t l = 0; l < st->L - 1; l++)
-        if (st->layer[l].D * st->layer[l].H > inter) inter = st->layer[l].D * st->layer[l].H;
+        if (st->layer[l].D * st->layer[l].O > inter) inter = st->layer[l].D * st->layer[l].O;
     float *buf[2] = {work, work + T * B * inter};
     float *cell_work = work + 2 * T * B * inter;
 
@@ -138,20 +141,20 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
     int64_t state_off = 0;
     for (int32_t l = 0; l < st->L; l++) {
         const rnn_layer *ly = &st->layer[l];
-        const int64_t H = ly->H, DH = ly->D * H;
+        const int64_t H = ly->H, O = ly->O, DO = ly->D * O; /* O: h and output floats */
         float *out;
         int64_t o_t, o_b, o_d;
         if (l == st->L - 1) {
             out = Y; o_t = ys_t; o_b = ys_b; o_d = ys_d;
         } else {
-            out = buf[l % 2]; o_t = xs_t * DH; o_b = xs_b * DH; o_d = H;
+            out = buf[l % 2]; o_t = xs_t * DO; o_b = xs_b * DO; o_d = O;
         }
         float *h = state + state_off;
-        float *c = ly->has_c ? h + ly->D * B * H : NULL;
+        float *c = ly->has_c ? h + ly->D * B * O : NULL;
         for (int32_t d = 0; d < ly->D; d++) {
             int32_t reverse = ly->direction == 1 || d == 1;
             rnn_cell_forward(ly->cell[d], in, T, B, xs_t, xs_b, lens, reverse, out + d * o_d, o_t, o_b,
-                             h + d * B * H, c ? c + d * B * H : NULL, cell_work);
+                             h + d * B * O, c ? c + d * B * H : NULL, cell_work);
         }
         state_off += layer_state_floats(ly, B);
         in = out;
@@ -159,24 +162,25 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
     return RNN_STATUS_OK;
 }
 
-/* Visits every (layer, block, direction) run of H floats in the state layout. */
+/* Visits every (layer, block, direction) run of the state layout: D runs of h (O floats
+ * each), then for an LSTM D runs of c (H floats each). */
 static void move_states(const rnn_stack *st, float *batched, float *const *streams, int64_t n,
                         int to_batch) {
     int64_t off_b = 0, off_1 = 0;
     for (int32_t l = 0; l < st->L; l++) {
         const rnn_layer *ly = &st->layer[l];
-        const int64_t H = ly->H;
         const int64_t runs = (ly->has_c ? 2 : 1) * ly->D; /* h per direction, then c */
         for (int64_t r = 0; r < runs; r++) {
+            const int64_t w = r < ly->D ? ly->O : ly->H; /* floats of this run */
             for (int64_t i = 0; i < n; i++) {
-                float *b = batched + off_b + (r * n + i) * H;
-                float *s = streams[i] + off_1 + r * H;
-                if (to_batch) memcpy(b, s, sizeof(float) * (size_t)H);
-                else memcpy(s, b, sizeof(float) * (size_t)H);
+                float *b = batched + off_b + i * w;
+                float *s = streams[i] + off_1;
+                if (to_batch) memcpy(b, s, sizeof(float) * (size_t)w);
+                else memcpy(s, b, sizeof(float) * (size_t)w);
             }
+            off_b += n * w;
+            off_1 += w;
         }
-        off_b += runs * n * H;
-        off_1 += runs * H;
     }
 }
 
