@@ -7,6 +7,7 @@ are listed in tests/data/fuzz/known_open.txt: their test is an xfail(strict), wh
 when the fix lands so the line is removed and the input is held to the rule from then on.
 Under tools/ci_sanitize.sh the subprocesses inherit the ASan/UBSan build.
 """
+import concurrent.futures
 import glob
 import os
 import subprocess
@@ -46,12 +47,56 @@ def test_every_open_finding_has_its_input():
     assert not missing, f"known_open.txt names inputs that are not committed: {missing}"
 
 
-@pytest.mark.parametrize("rel", list(_cases()))
-def test_fuzz_input_is_refused_cleanly(rel):
+def _run(rel):
     target = rel.split(os.sep)[0]
     env = dict(os.environ)
     env.pop("RNNE_FUZZ_KNOWN", None)
-    p = subprocess.run([sys.executable, REPRO, target, os.path.join(DATA, "regressions", rel)],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    try:
+        return subprocess.run([sys.executable, REPRO, target, os.path.join(DATA, "regressions", rel)],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        return e  # a hang
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """Every input's subprocess, four at a time (each is mostly Python start-up and imports)."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return dict(zip(INPUTS, pool.map(_run, INPUTS)))
+
+
+@pytest.mark.parametrize("rel", list(_cases()))
+def test_fuzz_input_is_refused_cleanly(rel, outcomes):
+    p = outcomes[rel]
+    assert not isinstance(p, subprocess.TimeoutExpired), f"{rel}: no answer within 120 s (a hang)"
     assert p.returncode == 0 and "RESULT clean" in p.stdout, (
         f"{rel}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def test_the_fuzz_targets_tell_clean_errors_from_bugs():
+    """The allowed set of tools/fuzz/common.classify: the project's errors and its own
+    `raise ValueError(...)` are clean; a KeyError, or a ValueError from inside NumPy, is a bug."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "fuzz"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    import numpy as np
+    import rnnengine
+    from rnnengine.fileformat import FormatError
+
+    def caught(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    bad_file = os.path.join(DATA, "known_open.txt")  # not a weight file
+    assert common.classify(caught(lambda: rnnengine.load(bad_file))) == "clean"
+    assert isinstance(caught(lambda: rnnengine.load(bad_file)), FormatError)
+    assert common.classify(caught(lambda: np.zeros(3).reshape(2, 2))) == "bug"
+    assert common.classify(caught(lambda: {}["x"])) == "bug"
+    gm = rnnengine.convert(os.path.join(ROOT, "tests", "data", "corpus", "torch_legacy_lstm_1layer_op14.onnx"))
+    e = caught(lambda: gm.run({"nope": np.zeros(3, np.float32)}))
+    assert type(e) in (ValueError, TypeError) and common.classify(e) == "clean", e

@@ -158,6 +158,18 @@ def _write(path, data):
     os.replace(path + ".tmp", path)
 
 
+def save_finding(data):
+    """Keeps the input of a Python-exception finding in $RNNE_FUZZ_ARTIFACTS (hunt.py sets it):
+    libFuzzer does not always write its crash-* file when Python exits during seed replay."""
+    d = os.environ.get("RNNE_FUZZ_ARTIFACTS")
+    if d:
+        import hashlib
+        path = os.path.join(d, "pyfinding-" + hashlib.sha1(data).hexdigest())
+        with open(path, "wb") as f:
+            f.write(data)
+        print(f"FINDING-INPUT {path}", file=sys.stderr)
+
+
 ONE_INPUT = {"fuzz_onnx": (one_onnx, ".onnx"), "fuzz_weights": (one_weights, ".rnne")}
 
 
@@ -171,6 +183,9 @@ def onnx_seed_files():
     files += sorted(glob.glob(os.path.join(ROOT, "tests", "data", "masking", "*.onnx")))
     files += [f for f in sorted(glob.glob(os.path.join(ROOT, "rnnengine", "data", "*.onnx")))
               if os.path.getsize(f) < 1_000_000]
+    limit = int(os.environ.get("RNNE_FUZZ_SEED_LIMIT", "0"))  # N evenly spaced models (a short CI run)
+    if 0 < limit < len(files):
+        files = [files[k * len(files) // limit] for k in range(limit)]
     return files
 
 

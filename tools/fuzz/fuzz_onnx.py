@@ -362,7 +362,11 @@ def custom_mutator(data, max_size, seed):
 
 
 def TestOneInput(data):
-    common.one_onnx(data, PATH)
+    try:
+        common.one_onnx(data, PATH)
+    except Exception:
+        common.save_finding(data)
+        raise
 
 
 def main():

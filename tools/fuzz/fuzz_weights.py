@@ -308,7 +308,11 @@ def custom_mutator(data, max_size, seed):
 
 
 def TestOneInput(data):
-    common.one_weights(data, PATH)
+    try:
+        common.one_weights(data, PATH)
+    except Exception:
+        common.save_finding(data)
+        raise
 
 
 def main():

@@ -33,9 +33,14 @@ def main():
     os.makedirs(os.path.join(a.dir, "artifacts"), exist_ok=True)
     known = os.path.join(a.dir, "known.txt")
     open(known, "a").close()
-    env = dict(os.environ, RNNE_FUZZ_KNOWN=known)
+    env = dict(os.environ, RNNE_FUZZ_KNOWN=known, RNNE_FUZZ_ARTIFACTS=os.path.join(a.dir, "artifacts"))
     deadline = time.time() + a.seconds
     total, runs, t0 = 0, 0, time.time()
+    summary = os.path.join(a.dir, "summary.txt")
+    if os.path.exists(summary):  # a continued hunt: the counts go on from the previous driver's
+        m = re.search(r"runs (\d+) total_execs (\d+) elapsed_s (\d+)", open(summary).read())
+        if m:
+            runs, total, t0 = int(m.group(1)), int(m.group(2)), t0 - int(m.group(3))
     while time.time() < deadline - 5:
         runs += 1
         log = os.path.join(a.dir, f"run{runs:03d}.log")
@@ -52,7 +57,7 @@ def main():
             execs = max(execs, int(m.group(1)))
         total += execs
         if rc != 0:
-            art = re.findall(r"Test unit written to (\S+)", text)
+            art = re.findall(r"Test unit written to (\S+)", text) or re.findall(r"FINDING-INPUT (\S+)", text)
             sig = re.search(r"FINDING-SIGNATURE (\S+)", text)
             kind = ("python:" + sig.group(1)) if sig else \
                 next((k for k in ("AddressSanitizer", "UndefinedBehaviorSanitizer", "runtime error", "timeout",

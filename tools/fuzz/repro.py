@@ -18,8 +18,25 @@ def main():
     fn, suffix = common.ONE_INPUT[target]
     with open(path, "rb") as f:
         data = f.read()
-    fn(data, common.scratch_path(suffix))
+    try:
+        fn(data, common.scratch_path(suffix))
+    except Exception as e:
+        print(f"FINDING-NODE {_node_of(e)}", file=sys.stderr)
+        raise
     print("RESULT clean")
+
+
+def _node_of(exc):
+    """The innermost graph node on the traceback (a handler's self.node or a local `node`), for the report."""
+    found, tb = "?", exc.__traceback__
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        node = getattr(loc.get("self"), "node", None) if "self" in loc else None
+        node = node if isinstance(node, dict) else loc.get("node") if isinstance(loc.get("node"), dict) else None
+        if node is not None:
+            found = f"{node.get('op')} {node.get('name')!r} inputs={node.get('inputs')} outputs={node.get('outputs')}"
+        tb = tb.tb_next
+    return found
 
 
 if __name__ == "__main__":
