@@ -2,7 +2,9 @@
 
 Prints "RESULT clean" (refused with a clear error, or ran) and exits 0; a finding is an
 uncaught exception (exit 1, traceback and "FINDING-SIGNATURE ..." on stderr), a crash (a
-signal) or a sanitizer report. Used by tests/test_fuzz_regressions.py, one subprocess per input.
+signal) or a sanitizer report. The address space is limited to 3 GiB (without ASan), so a
+memory blow-up shows as a MemoryError rather than taking the machine's memory.
+Used by tests/test_fuzz_regressions.py, one subprocess per input.
 Known signatures ($RNNE_FUZZ_KNOWN) are NOT skipped here: every finding shows.
 """
 import os
@@ -13,8 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
+MEMORY_LIMIT = 3 << 30  # bytes of address space: a blow-up ends in MemoryError (a finding) within seconds
+
+
 def main():
     target, path = sys.argv[1], sys.argv[2]
+    if "asan" not in os.environ.get("LD_PRELOAD", ""):  # ASan reserves terabytes of address space
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     fn, suffix = common.ONE_INPUT[target]
     with open(path, "rb") as f:
         data = f.read()
