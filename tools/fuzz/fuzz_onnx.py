@@ -24,6 +24,7 @@ with atheris.instrument_imports(include=["rnnengine"]):
     import rnnengine.graph  # noqa: F401
     import rnnengine.store  # noqa: F401
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import AttributeProto, TensorProto  # noqa: E402
 
@@ -163,7 +164,7 @@ def mut_int_tensor(m, r):
     if arr.size == 0:
         return False
     flat = arr.reshape(-1)
-    info = __import__("numpy").iinfo(arr.dtype)
+    info = np.iinfo(arr.dtype)
     v = r.choice(INTS) if r.random() < 0.7 else int(flat[r.randrange(flat.size)]) + r.choice([-1, 1])
     flat[r.randrange(flat.size)] = max(info.min, min(info.max, v))
     new = onnx.numpy_helper.from_array(arr, t.name)
@@ -183,7 +184,6 @@ def mut_loop_trip(m, r):
         n.input.append("")
     k = 0 if r.random() < 0.7 else 1
     name = f"fuzz_loop_{r.randrange(1 << 30)}"
-    np = __import__("numpy")
     if k == 0:
         val = np.array(r.choice([0, 1, 2, 5, -1, 2**31, 2**40, 2**63 - 1]), np.int64)
     else:
