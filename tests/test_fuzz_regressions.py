@@ -32,6 +32,16 @@ def _open_findings():
 
 
 OPEN = _open_findings()
+
+
+def _must_refuse():
+    """Inputs that must be refused at conversion / load (a model that runs them computes
+    garbage: the harness cannot see a silent wrong answer, so these say it)."""
+    with open(os.path.join(DATA, "must_refuse.txt")) as f:
+        return {line.split()[0] for line in f if line.strip() and not line.startswith("#")}
+
+
+MUST_REFUSE = _must_refuse()
 INPUTS = sorted(os.path.relpath(p, os.path.join(DATA, "regressions"))
                 for p in glob.glob(os.path.join(DATA, "regressions", "*", "*")))
 
@@ -43,7 +53,7 @@ def _cases():
 
 
 def test_every_open_finding_has_its_input():
-    missing = [rel for rel in OPEN if rel not in INPUTS]
+    missing = [rel for rel in list(OPEN) + list(MUST_REFUSE) if rel not in INPUTS]
     assert not missing, f"known_open.txt names inputs that are not committed: {missing}"
 
 
@@ -73,6 +83,8 @@ def test_fuzz_input_is_refused_cleanly(rel, outcomes):
     assert not isinstance(p, subprocess.TimeoutExpired), f"{rel}: no answer within {p.timeout} s (a hang)"
     assert p.returncode == 0 and "RESULT clean" in p.stdout, (
         f"{rel}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    if rel in MUST_REFUSE:
+        assert "RESULT clean (refused)" in p.stdout, f"{rel} was accepted; it must be refused\n{p.stdout[-2000:]}"
 
 
 def test_the_fuzz_targets_tell_clean_errors_from_bugs():

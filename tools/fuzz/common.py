@@ -134,21 +134,25 @@ def exercise(gm):
 
 
 def one_onnx(data, path):
-    """fuzz_onnx's test of one input: the bytes as an ONNX file, converted, then exercised."""
+    """fuzz_onnx's test of one input: the bytes as an ONNX file, converted, then exercised.
+    True when the file was refused (a clean error at conversion)."""
     import rnnengine
     _write(path, data)
     gm = guarded(rnnengine.convert, path)
     if gm is not None:
         exercise(gm)
+    return gm is None
 
 
 def one_weights(data, path):
-    """fuzz_weights's test of one input: the bytes as a weight file, loaded, then exercised."""
+    """fuzz_weights's test of one input: the bytes as a weight file, loaded, then exercised.
+    True when the file was refused (a clean error at load)."""
     import rnnengine
     _write(path, data)
     gm = guarded(rnnengine.load, path)
     if gm is not None:
         exercise(gm)
+    return gm is None
 
 
 def _write(path, data):

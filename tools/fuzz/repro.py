@@ -1,6 +1,7 @@
 """Runs one fuzz input exactly as its target does, without atheris: `python tools/fuzz/repro.py fuzz_onnx FILE`.
 
-Prints "RESULT clean" (refused with a clear error, or ran) and exits 0; a finding is an
+Prints "RESULT clean (refused)" (a clear error at conversion / load) or "RESULT clean
+(accepted)" (it converted or loaded; running it then ended cleanly) and exits 0; a finding is an
 uncaught exception (exit 1, traceback and "FINDING-SIGNATURE ..." on stderr), a crash (a
 signal) or a sanitizer report. The address space is limited to 3 GiB (without ASan), so a
 memory blow-up shows as a MemoryError rather than taking the machine's memory.
@@ -27,11 +28,11 @@ def main():
     with open(path, "rb") as f:
         data = f.read()
     try:
-        fn(data, common.scratch_path(suffix))
+        refused = fn(data, common.scratch_path(suffix))
     except Exception as e:
         print(f"FINDING-NODE {_node_of(e)}", file=sys.stderr)
         raise
-    print("RESULT clean")
+    print("RESULT clean", "(refused)" if refused else "(accepted)")
 
 
 def _node_of(exc):
