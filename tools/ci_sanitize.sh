@@ -5,7 +5,8 @@
 #   RNNE_SAN_STEPS="build" tools/ci_sanitize.sh     only build (e.g. for a long fuzz run, tools/fuzz/README.md)
 #
 # Environment: RNNE_SAN_DIR (work directory, default a new /tmp/rnne-san.XXXXXX; kept when set),
-# RNNE_FUZZ_TIME (seconds per fuzz target, default 60), RNNE_SAN_STEPS (any of "build test fuzz").
+# RNNE_FUZZ_TIME (seconds per fuzz target, default 60), RNNE_SAN_STEPS (any of "build test fuzz"),
+# RNNE_FUZZ_KEEP (where a finding's input and log are copied, default /tmp/rnne-fuzz-findings).
 #
 # How: the tree is copied to $RNNE_SAN_DIR/src, a second virtual environment ($RNNE_SAN_DIR/venv)
 # gets an editable install of that copy compiled with -fsanitize=address,undefined, and the ASan
@@ -97,7 +98,9 @@ if [[ " $STEPS " == *" fuzz "* ]]; then
             -max_total_time="$FUZZ_TIME" -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/" \
             -print_final_stats=1 corpus > "$out/log" 2>&1) || {
             grep -v "^INFO: Instrumenting" "$out/log" | grep -v "^#" | tail -60
-            echo "$target: a finding (input in $out/artifacts/)"; failed="$failed $target"; }
+            keep="${RNNE_FUZZ_KEEP:-/tmp/rnne-fuzz-findings}/$target"  # survives the work directory's removal
+            mkdir -p "$keep" && cp "$out"/artifacts/* "$out/log" "$keep"/ 2>/dev/null || true
+            echo "$target: a finding (input and log kept in $keep/)"; failed="$failed $target"; }
         grep -q "found LLVMFuzzerCustomMutator" "$out/log" || { echo "$target: the custom mutator was not used"; exit 1; }
         grep -E "stat::number_of_executed_units|stat::average_exec_per_sec" "$out/log" || true
     done
