@@ -1,0 +1,116 @@
+"""Every input the fuzz targets (tools/fuzz/) ever found a bug with: each must now be refused with a clear error, or run.
+
+The inputs live in tests/data/fuzz/regressions/<target>/<name>; each runs in its own
+subprocess (tools/fuzz/repro.py, exactly the target's test of one input) so that a crash, a
+sanitizer report or a hang fails this test instead of killing pytest. Findings not fixed yet
+are listed in tests/data/fuzz/known_open.txt: their test is an xfail(strict), which turns red
+when the fix lands so the line is removed and the input is held to the rule from then on.
+Under tools/ci_sanitize.sh the subprocesses inherit the ASan/UBSan build.
+"""
+import concurrent.futures
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data", "fuzz")
+REPRO = os.path.join(ROOT, "tools", "fuzz", "repro.py")
+
+
+def _open_findings():
+    out = {}
+    with open(os.path.join(DATA, "known_open.txt")) as f:
+        for line in f:
+            parts = line.split()
+            if parts and not line.startswith("#"):
+                for rel in parts[1:]:
+                    out[rel] = parts[0]
+    return out
+
+
+OPEN = _open_findings()
+
+
+def _must_refuse():
+    """Inputs that must be refused at conversion / load (a model that runs them computes
+    garbage: the harness cannot see a silent wrong answer, so these say it)."""
+    with open(os.path.join(DATA, "must_refuse.txt")) as f:
+        return {line.split()[0] for line in f if line.strip() and not line.startswith("#")}
+
+
+MUST_REFUSE = _must_refuse()
+INPUTS = sorted(os.path.relpath(p, os.path.join(DATA, "regressions"))
+                for p in glob.glob(os.path.join(DATA, "regressions", "*", "*")))
+
+
+def _cases():
+    for rel in INPUTS:
+        marks = [pytest.mark.xfail(strict=True, reason=f"open finding {OPEN[rel]}")] if rel in OPEN else []
+        yield pytest.param(rel, marks=marks, id=rel)
+
+
+def test_every_open_finding_has_its_input():
+    missing = [rel for rel in list(OPEN) + list(MUST_REFUSE) if rel not in INPUTS]
+    assert not missing, f"known_open.txt names inputs that are not committed: {missing}"
+
+
+def _run(rel):
+    """repro.py on one input. An open finding (expected to fail) gets 20 s: a hang or a slow
+    blow-up among them must not hold the suite for minutes; a fixed input gets 120 s."""
+    target = rel.split(os.sep)[0]
+    env = dict(os.environ)
+    env.pop("RNNE_FUZZ_KNOWN", None)
+    try:
+        return subprocess.run([sys.executable, REPRO, target, os.path.join(DATA, "regressions", rel)],
+                              capture_output=True, text=True, timeout=20 if rel in OPEN else 120, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        return e  # a hang
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """Every input's subprocess, four at a time (each is mostly Python start-up and imports)."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return dict(zip(INPUTS, pool.map(_run, INPUTS)))
+
+
+@pytest.mark.parametrize("rel", list(_cases()))
+def test_fuzz_input_is_refused_cleanly(rel, outcomes):
+    p = outcomes[rel]
+    assert not isinstance(p, subprocess.TimeoutExpired), f"{rel}: no answer within {p.timeout} s (a hang)"
+    assert p.returncode == 0 and "RESULT clean" in p.stdout, (
+        f"{rel}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    if rel in MUST_REFUSE:
+        assert "RESULT clean (refused)" in p.stdout, f"{rel} was accepted; it must be refused\n{p.stdout[-2000:]}"
+
+
+def test_the_fuzz_targets_tell_clean_errors_from_bugs():
+    """The allowed set of tools/fuzz/common.classify: the project's errors and its own
+    `raise ValueError(...)` are clean; a KeyError, or a ValueError from inside NumPy, is a bug."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "fuzz"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    import numpy as np
+    import rnnengine
+    from rnnengine.fileformat import FormatError
+
+    def caught(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    bad_file = os.path.join(DATA, "known_open.txt")  # not a weight file
+    assert common.classify(caught(lambda: rnnengine.load(bad_file))) == "clean"
+    assert isinstance(caught(lambda: rnnengine.load(bad_file)), FormatError)
+    assert common.classify(caught(lambda: np.zeros(3).reshape(2, 2))) == "bug"
+    assert common.classify(caught(lambda: {}["x"])) == "bug"
+    gm = rnnengine.convert(os.path.join(ROOT, "tests", "data", "corpus", "torch_legacy_lstm_1layer_op14.onnx"))
+    e = caught(lambda: gm.run({"nope": np.zeros(3, np.float32)}))
+    assert type(e) in (ValueError, TypeError) and common.classify(e) == "clean", e

@@ -1,0 +1,250 @@
+"""Shared by the fuzz targets: which exceptions count as a clean refusal, how a model is exercised, the seeds.
+
+What counts as a bug (the rule: a hostile file gets a clear Python exception, never a crash,
+a hang or gigabytes of memory):
+  * any exception that classify() does not call "clean" (below): an AssertionError,
+    IndexError, KeyError, ZeroDivisionError, RecursionError, MemoryError, OverflowError,
+    EngineError (the C core refused a call: validation missed something), or a bare
+    ValueError/TypeError raised from inside NumPy/onnx/C rather than by a `raise` statement
+    of rnnengine itself;
+  * a crash or signal (under the ASan/UBSan build: any sanitizer report);
+  * a hang (libFuzzer -timeout) or a memory blow-up (libFuzzer -rss_limit_mb).
+"""
+from __future__ import annotations
+
+import glob
+import linecache
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# --- the allowed set, in one place ------------------------------------------------------------
+
+
+def allowed_classes():
+    """The project's own error classes for bad input (all ValueError subclasses) and onnx's
+    parse error. Imported lazily so a target can instrument rnnengine before importing it."""
+    from google.protobuf.message import DecodeError
+    from rnnengine._core import GraphRunError
+    from rnnengine.fileformat import FormatError
+    from rnnengine.onnx_import import OnnxImportError
+    from rnnengine.ops import UnsupportedError  # ConversionError, NotStreamableError are subclasses
+    from rnnengine.opsets import OpsetError
+    return (FormatError, UnsupportedError, OnnxImportError, OpsetError, GraphRunError, DecodeError)
+
+
+# Never clean, whoever raised them: they mean a check is missing.
+BUG_CLASSES = (AssertionError, IndexError, KeyError, ZeroDivisionError, RecursionError, MemoryError,
+               OverflowError, FloatingPointError, AttributeError, NameError, UnboundLocalError, SystemError)
+
+_PKG = os.path.join(ROOT, "rnnengine") + os.sep
+
+
+def _raised_by_rnnengine(exc):
+    """True when the innermost traceback frame is a `raise` statement in rnnengine's own
+    source (a deliberate error with a message), not a call into NumPy/onnx/C that failed."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    fn = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    if not (fn.startswith(_PKG) or "/rnnengine/" in fn.replace(os.sep, "/")):
+        return False
+    line = linecache.getline(fn, tb.tb_lineno).strip()
+    return line.startswith("raise ") or line.startswith("self._fail(") or line.startswith("fail(")
+
+
+def classify(exc):
+    """'clean' for a clear refusal in the user's terms, else 'bug'."""
+    if isinstance(exc, BUG_CLASSES):
+        return "bug"
+    if isinstance(exc, allowed_classes()):
+        return "clean"
+    if type(exc) in (ValueError, TypeError, FileNotFoundError) and _raised_by_rnnengine(exc):
+        return "clean"
+    return "bug"
+
+
+def signature(exc):
+    """A finding's identity: its exception type and the innermost rnnengine line it passed
+    (e.g. "TypeError@rnnengine/ops.py:611"), so one bug found twice is counted once."""
+    where, tb = "?", exc.__traceback__
+    while tb is not None:
+        fn = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/rnnengine/" in fn:
+            where = f"rnnengine/{fn.rsplit('/rnnengine/', 1)[1]}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return f"{type(exc).__name__}@{where}"
+
+
+def _known():
+    """Signatures already reported (a long hunt skips them to look for new ones): one per
+    line in the file named by $RNNE_FUZZ_KNOWN. Empty by default: every bug is a finding."""
+    path = os.environ.get("RNNE_FUZZ_KNOWN")
+    if not path or not os.path.exists(path):
+        return frozenset()
+    with open(path) as f:
+        return frozenset(line.split()[0] for line in f if line.strip() and not line.startswith("#"))
+
+
+KNOWN = _known()
+
+
+def guarded(fn, *args, **kw):
+    """Calls fn; a clean refusal returns None, any other exception propagates (a finding),
+    unless its signature is listed in $RNNE_FUZZ_KNOWN (then it ends this input quietly)."""
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - classified below
+        if classify(e) == "clean" or (KNOWN and signature(e) in KNOWN):
+            return None
+        print(f"FINDING-SIGNATURE {signature(e)}", file=sys.stderr)
+        raise
+
+
+# --- exercising a converted / loaded model ------------------------------------------------------
+
+MAX_FEED_ELEMENTS = 1 << 20  # the harness's own feeds stay small (a user chooses feed sizes)
+
+
+def exercise(gm):
+    """Runs a GraphModel once on small example inputs and once as a stream, so that the
+    planner and the C executor see whatever the file made of the model. Clean refusals at
+    any step end the exercise; anything else propagates."""
+    feeds = guarded(gm.example_feeds)
+    if not feeds:
+        return
+    if sum(int(np.prod(a.shape, dtype=np.float64)) for a in feeds.values()) > MAX_FEED_ELEMENTS:
+        return
+    out = guarded(gm.run, feeds)
+    carried = {a for a, _ in gm.state_pairs}
+    stream = guarded(gm.stream)
+    if stream is None:
+        return
+    chunk = {k: v for k, v in feeds.items() if k not in carried}
+    guarded(stream, chunk)
+    guarded(stream, chunk)  # a second call runs on the carried state
+    return out
+
+
+def one_onnx(data, path):
+    """fuzz_onnx's test of one input: the bytes as an ONNX file, converted, then exercised.
+    True when the file was refused (a clean error at conversion)."""
+    import rnnengine
+    _write(path, data)
+    gm = guarded(rnnengine.convert, path)
+    if gm is not None:
+        exercise(gm)
+    return gm is None
+
+
+def one_weights(data, path):
+    """fuzz_weights's test of one input: the bytes as a weight file, loaded, then exercised.
+    True when the file was refused (a clean error at load)."""
+    import rnnengine
+    _write(path, data)
+    gm = guarded(rnnengine.load, path)
+    if gm is not None:
+        exercise(gm)
+    return gm is None
+
+
+def _write(path, data):
+    # a new file each time (written beside, then renamed): a previous model may still map the old one
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def save_finding(data):
+    """Keeps the input of a Python-exception finding in $RNNE_FUZZ_ARTIFACTS (hunt.py sets it):
+    libFuzzer does not always write its crash-* file when Python exits during seed replay."""
+    d = os.environ.get("RNNE_FUZZ_ARTIFACTS")
+    if d:
+        import hashlib
+        path = os.path.join(d, "pyfinding-" + hashlib.sha1(data).hexdigest())
+        with open(path, "wb") as f:
+            f.write(data)
+        print(f"FINDING-INPUT {path}", file=sys.stderr)
+
+
+ONE_INPUT = {"fuzz_onnx": (one_onnx, ".onnx"), "fuzz_weights": (one_weights, ".rnne")}
+
+
+# --- seeds -----------------------------------------------------------------------------------------
+
+
+def onnx_seed_files():
+    """The committed ONNX models (demo_charlm.onnx, 2 MB, is left out: it would set libFuzzer's
+    max_len and slow every mutation; its LSTM is covered by the smaller models)."""
+    files = sorted(glob.glob(os.path.join(ROOT, "tests", "data", "corpus", "*.onnx")))
+    files += sorted(glob.glob(os.path.join(ROOT, "tests", "data", "masking", "*.onnx")))
+    files += [f for f in sorted(glob.glob(os.path.join(ROOT, "rnnengine", "data", "*.onnx")))
+              if os.path.getsize(f) < 1_000_000]
+    limit = int(os.environ.get("RNNE_FUZZ_SEED_LIMIT", "0"))  # N evenly spaced models (a short CI run)
+    if 0 < limit < len(files):
+        files = [files[k * len(files) // limit] for k in range(limit)]
+    return files
+
+
+def make_onnx_seeds(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    for f in onnx_seed_files():
+        shutil.copy(f, os.path.join(out_dir, os.path.basename(f)))
+    return out_dir
+
+
+def make_weight_seeds(out_dir, dtypes=("float32", "float16", "int8")):
+    """Weight files made from every committed ONNX model that converts, at each storage
+    dtype, plus one small training checkpoint."""
+    import rnnengine
+    os.makedirs(out_dir, exist_ok=True)
+    for f in onnx_seed_files():
+        try:
+            gm = rnnengine.convert(f)
+        except Exception:  # noqa: BLE001 - a model the converter refuses gives no seed
+            continue
+        base = os.path.splitext(os.path.basename(f))[0]
+        for dt in dtypes:
+            try:
+                rnnengine.save(gm, os.path.join(out_dir, f"{base}.{dt}.rnne"), dt)
+            except Exception:  # noqa: BLE001
+                pass
+    try:
+        from rnnengine.train import Network, fit
+        net = Network("LSTM", 9, 8, 9, embedding=4, seed=1)
+        text = np.random.default_rng(5).integers(0, 9, 400)
+        fit(net, text, None, "lm", steps=2, batch_size=4, seq_len=8, seed=2,
+            checkpoint=os.path.join(out_dir, "checkpoint_lstm.rnne"))
+    except Exception as e:  # noqa: BLE001
+        print(f"(no checkpoint seed: {type(e).__name__}: {e})", file=sys.stderr)
+    return out_dir
+
+
+def prepare_corpus(argv, make):
+    """libFuzzer takes corpus directories as positional arguments. When none is given, seeds
+    go to a new temporary directory; an empty given directory is filled with seeds. Returns
+    the argument list to hand to atheris.Setup."""
+    dirs = [a for a in argv[1:] if not a.startswith("-") and os.path.isdir(a)]
+    files = [a for a in argv[1:] if not a.startswith("-") and os.path.isfile(a)]
+    if files:  # running given inputs (a reproducer, -minimize_crash): no seeds needed
+        return argv
+    if not dirs:
+        d = tempfile.mkdtemp(prefix="rnne-fuzz-seeds-")
+        make(d)
+        return argv + [d]
+    if not os.listdir(dirs[0]):
+        make(dirs[0])
+    return argv
+
+
+def scratch_path(suffix):
+    """A per-process file on a RAM disk when there is one."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"rnne-fuzz-{os.getpid()}{suffix}")
