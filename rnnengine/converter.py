@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from . import limits
 from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
-from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
+from .opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
 CONVERTER_VERSION = "1"
 
 
@@ -111,6 +111,10 @@ class _Converter:
                                   f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
         try:
             check_node(n.op_type, self.opset, where(node))
+            check_structure(n.op_type, self.opset, node["inputs"], node["outputs"], {a.name for a in n.attribute},
+                            where(node), attr_types={a.name: onnx.AttributeProto.AttributeType.Name(a.type)
+                                                     for a in n.attribute},
+                            variadic_full=n.op_type in OPS)
         except OpsetError as e:
             raise ConversionError(str(e)) from None
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}

@@ -431,7 +431,11 @@ class Planner:
             seq, pos = xs
             if pos.const is None:
                 raise UnsupportedError(f"{where(node)}: the position must be a constant")
-            return [seq[int(np.asarray(pos.const).reshape(-1)[0])]]
+            at = np.asarray(pos.const).reshape(-1)
+            if at.size != 1 or at.dtype.kind not in "iu" or not -len(seq) <= int(at[0]) < len(seq):
+                raise UnsupportedError(f"{where(node)}: position {at.tolist()[:4]} is not one integer within the "
+                                       f"sequence of {len(seq)} tensors")
+            return [seq[int(at[0])]]
         if op == "SequenceConstruct":
             return [list(xs)]
         if op == "SequenceEmpty":
@@ -861,7 +865,10 @@ class GraphModel:
         ``state: [2, ?, 128]``) from the graph itself: the one shape among the sizes of the
         fed inputs' dimensions that the graph accepts and maps to itself (the paired output
         comes out with the shape of the state that went in)."""
-        spec = next(i for i in self.inputs if i["name"] == name)
+        spec = next((i for i in self.inputs if i["name"] == name), None)
+        if spec is None:
+            raise UnsupportedError(f"state pair {name!r}: the model has no input {name!r} to carry the state in "
+                                   f"(inputs: {[i['name'] for i in self.inputs]})")
         shape = self._declared_state_shape(spec, feeds)
         if any(d is None for d in shape):
             shape = self._probe_state_shapes(feeds)[name]
@@ -1418,6 +1425,16 @@ class GraphStream:
         # explicit state: each paired output is copied straight into the array the next call
         # feeds back (carried arrays are the stream's own, so nothing is allocated for them)
         into = {}
+        if self.model.state_pairs and not plan.__dict__.get("_pairs_checked"):
+            planned = dict(plan.outputs)
+            for a, o in self.model.state_pairs:
+                v = planned.get(o)
+                if v is None or v.shape != feeds[a].shape or v.dtype != feeds[a].dtype:
+                    got = "nothing" if v is None else f"{v.dtype} {v.shape}"
+                    raise UnsupportedError(f"state pair {a}={o}: the stream feeds {o!r} back as {a!r}, but the graph "
+                                           f"makes {got} from a state of {feeds[a].dtype} {feeds[a].shape}; a "
+                                           "carried state must keep its shape and type")
+            plan.__dict__["_pairs_checked"] = True
         for a, o in self.model.state_pairs:
             # feeds[a] (the carried state) is read by this very call: write the next state to
             # the spare buffer, then swap the two

@@ -609,7 +609,10 @@ class Dropout(Handler):
 
 
 def _reshape_target(h, shape_in, shape, allowzero):
-    shape = [int(s) for s in shape]
+    arr = np.asarray(shape)
+    if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
+        h.fail(f"its shape input must be a 1-D int64 tensor, got {arr.dtype} of shape {arr.shape}")
+    shape = [int(s) for s in arr]
     if any(s < -1 for s in shape):
         h.fail(f"shape {shape} has a dimension below -1 (only -1, 0 and sizes are allowed)")
     out = []

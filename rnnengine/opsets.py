@@ -171,3 +171,55 @@ def check_node(op, opset, label):
     if note.startswith(REFUSED):
         raise OpsetError(f"{label}: {op} at opset {opset} (version {v}) is not supported: {note[len(REFUSED):]}")
     return v
+
+
+def schema(op, opset):
+    """onnx.defs' schema of op at opset (None for an op or opset onnx does not define)."""
+    try:
+        return onnx.defs.get_schema(op, max(1, min(int(opset or 1), onnx.defs.onnx_opset_version())), "")
+    except Exception:
+        return None
+
+
+def check_structure(op, opset, inputs, outputs, attrs, label, extra_inputs=(), slots=0, attr_types=None,
+                    variadic_full=True):
+    """Raises OpsetError (naming ``label``) unless a node of ``op`` at ``opset`` has what the
+    ONNX schema requires: an input count the op takes (``extra_inputs``: slot numbers beyond
+    the schema's inputs that rnnengine's own converted cells may name, e.g. a step mask;
+    ``slots``: a length the input list may have with the slots past the schema's left empty),
+    every single (non-optional) input named, no empty member of a variadic input, one to
+    max outputs with at least one named, every required attribute, and, when ``attr_types``
+    (name -> ONNX attribute type name such as "INT", "INTS", "GRAPH") is given, each
+    attribute of the type the schema declares. Handlers can then index inputs and read
+    attributes without guarding against a hostile file's shape of a node."""
+    # an op newer than the graph's opset (a weight file names any opset) is held to its
+    # latest schema; the converter refuses such nodes earlier, by check_node
+    sch = schema(op, opset) or schema(op, onnx.defs.onnx_opset_version())
+    if sch is None:
+        return
+    most = max([sch.max_input, slots] + [j + 1 for j in extra_inputs])
+    for j in range(sch.max_input, len(inputs)):
+        if inputs[j] and j not in extra_inputs:
+            raise OpsetError(f"{label}: {op} has no input {j} (named {inputs[j]!r})")
+    if not sch.min_input <= len(inputs) <= most:
+        raise OpsetError(f"{label}: {op} takes {sch.min_input} to {most} inputs, got {len(inputs)}")
+    formals = list(sch.inputs)
+    for j, formal in enumerate(formals):
+        if j < len(inputs) and not inputs[j] and "Single" in str(formal.option):
+            raise OpsetError(f"{label}: {op} needs its input {formal.name!r} (input {j})")
+    if variadic_full and formals and "Variadic" in str(formals[-1].option):
+        for j in range(len(formals) - 1, len(inputs)):  # Concat's, Sum's...: none may be left out
+            if not inputs[j]:
+                raise OpsetError(f"{label}: {op} input {j} (of {formals[-1].name!r}) is empty")
+    if not outputs or not any(outputs) or len(outputs) > sch.max_output:
+        raise OpsetError(f"{label}: {op} has {len(outputs)} outputs {str(list(outputs))[:80]}; it writes 1 to "
+                         f"{sch.max_output}, at least one of them named")
+    for name, a in sch.attributes.items():
+        if a.required and name not in attrs:
+            raise OpsetError(f"{label}: {op} needs its attribute {name!r}")
+    if attr_types:
+        for name, got in attr_types.items():
+            a = sch.attributes.get(name)
+            want = str(a.type).rsplit(".", 1)[-1] if a is not None else None
+            if want is not None and got != want:
+                raise OpsetError(f"{label}: attribute {name!r} of {op} must be of type {want}, the file gives {got}")

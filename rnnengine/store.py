@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fileformat
+from . import fileformat, opsets
 from .graph import GraphModel
 
 WEIGHT_SLOTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "MatMul": (1,), "Gemm": (1,), "Conv": (1,),
@@ -91,15 +91,6 @@ def save(model, path, dtype="float32"):
 _ATTR_TYPES = {}
 
 
-def _schema(op, opset):
-    """onnx.defs' schema of op at opset (None for an op or opset onnx does not define)."""
-    import onnx.defs
-    try:
-        return onnx.defs.get_schema(op, max(1, min(int(opset or 1), onnx.defs.onnx_opset_version())), "")
-    except Exception:
-        return None
-
-
 def _attr_types(op, opset):
     """{attribute: ONNX attribute type name} of op at opset (onnx.defs), cached; rnnengine's
     own converter attributes are integers."""
@@ -107,7 +98,7 @@ def _attr_types(op, opset):
     hit = _ATTR_TYPES.get(key)
     if hit is None:
         from .fuse import STATELESS, STEP_MASK
-        schema = _schema(op, opset)  # None: an op or opset onnx does not define (refused by name later)
+        schema = opsets.schema(op, opset)  # None: an op or opset onnx does not define (refused by name later)
         hit = {} if schema is None else {a: str(t.type).rsplit(".", 1)[-1] for a, t in schema.attributes.items()}
         hit.update({STATELESS: "INT", STEP_MASK: "INT"})
         _ATTR_TYPES[key] = hit
@@ -128,39 +119,20 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
             fail(f"{what} must be a list of strings")
 
     def check_arity(n, what):
-        """Inputs an op requires are named (not ""), and their count is one the op takes."""
-        schema = _schema(n["op"], opset)
-        if schema is None:
-            return
+        """Inputs an op requires are named (not ""), their count is one the op takes, its
+        required attributes are there (rnnengine.opsets.check_structure, as the converter)."""
         from .fuse import STEP_MASK
-        ins = n["inputs"]
-        most = schema.max_input
-        if n["op"] in ("LSTM", "GRU", "RNN"):
-            # the converter writes the engine's 8 recurrent slots, plus a fused Keras cell's step
-            # mask as input 8; beyond the op's own inputs only that mask may be named
-            masked = isinstance(n.get("attrs"), dict) and n["attrs"].get(STEP_MASK)
-            for j in range(schema.max_input, len(ins)):
-                if ins[j] and not (j == 8 and masked):
-                    fail(f"{what}: {n['op']} has no input {j} (named {ins[j]!r})")
-            most = 9
-        if not schema.min_input <= len(ins) <= most:
-            fail(f"{what}: {n['op']} takes {schema.min_input} to {most} inputs, got {len(ins)}")
-        for j, formal in enumerate(schema.inputs):
-            if j < len(ins) and not ins[j] and "Single" in str(formal.option):
-                fail(f"{what}: {n['op']} needs its input {formal.name!r} (input {j})")
-        formals = list(schema.inputs)
-        if formals and "Variadic" in str(formals[-1].option) and n["op"] in OPS:
-            for j in range(len(formals) - 1, len(ins)):  # Concat's, Sum's...: none may be left out
-                if not ins[j]:
-                    fail(f"{what}: {n['op']} input {j} (of {formals[-1].name!r}) is empty")
-        outs = n["outputs"]
-        if not outs or not any(outs) or len(outs) > schema.max_output:
-            fail(f"{what}: {n['op']} has {len(outs)} outputs {str(outs)[:80]}; it writes 1 to {schema.max_output}, "
-                 "at least one of them named")
-        attrs = n.get("attrs")
-        for name, a in schema.attributes.items():
-            if a.required and isinstance(attrs, dict) and name not in attrs:
-                fail(f"{what}: {n['op']} needs its attribute {name!r}")
+        from .opsets import OpsetError, check_structure
+        attrs = n.get("attrs") if isinstance(n.get("attrs"), dict) else {}
+        # the converter writes the engine's 8 recurrent slots, and a fused Keras cell's step
+        # mask as input 8 of LSTM/GRU/RNN
+        recurrent = n["op"] in ("LSTM", "GRU", "RNN")
+        masked = recurrent and attrs.get(STEP_MASK)
+        try:
+            check_structure(n["op"], opset, n["inputs"], n["outputs"], attrs, what, extra_inputs=(8,) if masked else (),
+                            slots=9 if recurrent else 0, variadic_full=n["op"] in OPS)
+        except OpsetError as e:
+            fail(str(e))
 
     def check_attr_type(op, name, v, what):
         """The JSON type of an attribute against its ONNX type (so handlers never see, say, a
@@ -224,6 +196,11 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         pairs = graph.get("state_pairs", [])
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
             fail("state_pairs must be a list of [input, output] pairs")
+        names_in = {i["name"] for i in graph["inputs"]}
+        names_out = {o["name"] for o in graph["outputs"]}
+        for p in pairs:
+            if p[0] not in names_in or p[1] not in names_out:
+                fail(f"state pair {p!r}: the first must name a graph input and the second an output")
     else:
         strings(graph.get("outputs"), "outputs")
         strings(graph.get("inputs", []), "inputs")

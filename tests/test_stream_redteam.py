@@ -73,9 +73,9 @@ def streams_exactly(m, feeds, axes, sizes):
     return gm
 
 
-def lstm_y(src="x", H=4):
-    return [N("LSTM", [src, "W", "R", "B"], ["Y", "Yh"], hidden_size=H, name="lstm"),
-            N("Squeeze", ["Y", "a1"], ["y"])]
+def lstm_y(src="x", H=4, opset=13):
+    squeeze = N("Squeeze", ["Y", "a1"], ["y"]) if opset >= 13 else N("Squeeze", ["Y"], ["y"], axes=[1])
+    return [N("LSTM", [src, "W", "R", "B"], ["Y", "Yh"], hidden_size=H, name="lstm"), squeeze]
 
 
 def base_inits(rng, I=3, H=4):
@@ -613,7 +613,9 @@ def test_reduce_over_all_axes_and_softmax_opset11_over_time_are_refused():
               base_inits(rng), opset=18)
     with pytest.raises(NotStreamableError, match="'rsum'"):
         rnnengine.convert(m).stream()
-    nodes = lstm_y() + [N("Transpose", ["y"], ["yb"], perm=[1, 0, 2]), N("Softmax", ["yb"], ["sm"], axis=1, name="sm")]
+    # opset 11: Squeeze takes its axes as an attribute (an input from opset 13)
+    nodes = lstm_y(opset=11) + [N("Transpose", ["y"], ["yb"], perm=[1, 0, 2]),
+                                N("Softmax", ["yb"], ["sm"], axis=1, name="sm")]
     m = model(nodes, [vi("x", ["T", 2, 3])], ["sm"], base_inits(rng), opset=11)
     with pytest.raises(NotStreamableError, match="'sm'"):
         rnnengine.convert(m).stream()

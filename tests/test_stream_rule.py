@@ -2,6 +2,8 @@
 calls reproduce the whole-sequence run exactly; ops with a receptive field along time (Conv,
 Pad) carry their context between calls; everything that mixes time steps is refused by name
 when the stream is made."""
+import re
+
 import numpy as np
 
 import pytest
@@ -373,7 +375,13 @@ def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
     if not s.time_axes:
         # nothing reaches a recurrence's time axis (e.g. a mean over the input first): the
         # model takes one fixed step per call, so a call is a step, not a piece of a sequence
-        close(s({"x": x[:chunks[0]]})["y"], gm.run({"x": x[:chunks[0]]})["y"])
+        try:
+            want_step = gm.run({"x": x[:chunks[0]]})["y"]
+        except rnnengine.ops.UnsupportedError as e:  # e.g. reflect padding longer than the chunk
+            with pytest.raises(rnnengine.ops.UnsupportedError, match=re.escape(str(e))):
+                s({"x": x[:chunks[0]]})
+            return
+        close(s({"x": x[:chunks[0]]})["y"], want_step)
         return
     parts, t, k = [], 0, 0
     while t < 11:
