@@ -323,6 +323,9 @@ class Planner:
                         xs.append(None)
                     elif name not in env:
                         raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
+                    elif isinstance(env[name], list):
+                        raise UnsupportedError(f"{where(node)}: input {name!r} is a sequence of tensors; {op} "
+                                               "takes tensors")
                     else:
                         xs.append(env[name])
                 if self.streaming:
@@ -397,6 +400,13 @@ class Planner:
         from .ops import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         xs = [env[n] if n else None for n in node["inputs"]]
+        # which inputs are sequences (lists of values) and which tensors, per op
+        seq_inputs = {"SequenceAt": (0,), "SequenceLength": (0,), "SequenceInsert": (0,), "ConcatFromSequence": (0,)}
+        for k, x in enumerate(xs):
+            if x is not None and isinstance(x, list) != (k in seq_inputs.get(op, ())):
+                raise UnsupportedError(f"{where(node)}: input {k} ({node['inputs'][k]!r}) is "
+                                       f"{'a sequence' if isinstance(x, list) else 'a tensor'}; {op} takes "
+                                       f"{'a tensor' if isinstance(x, list) else 'a sequence'} there")
         if self.streaming and any(streaming.timed(x) or streaming.has_tdep(x) for x in xs
                                   if not isinstance(x, list)):
             raise NotStreamableError(node, f"{op} on a time series is not known to act step by step")
@@ -491,6 +501,11 @@ class Planner:
         n_scan = len(body["outputs"]) - 1 - n_carried
         states = []
         produced_by = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+        if len(body.get("inputs", ())) != 2 + n_carried or n_scan < 0:
+            raise UnsupportedError(f"{where(node)}: its body takes {len(body.get('inputs', ()))} inputs and gives "
+                                   f"{len(body['outputs'])} outputs; with {n_carried} carried values ONNX needs "
+                                   f"{2 + n_carried} inputs (iteration, condition, the values) and at least "
+                                   f"{1 + n_carried} outputs")
 
         def passes_through(k):
             """True when the body hands carried value k on unchanged (through Identities):

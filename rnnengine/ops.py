@@ -668,7 +668,10 @@ def _axes(h, xs, k, name="axes"):
         v = xs[k].const if hasattr(xs[k], "const") else xs[k]
         if v is None:
             h.fail(f"input {name} must be a constant")
-        return [int(a) for a in np.asarray(v).reshape(-1)]
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "iu" and arr.size:
+            h.fail(f"input {name} must hold integers, got {arr.dtype}")
+        return [int(a) for a in arr.reshape(-1)]
     return None
 
 

@@ -194,7 +194,8 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
                 fail(f"input {i['name']!r} has an invalid shape {str(i.get('shape'))[:80]} (at most "
                      f"{fileformat.MAX_NDIM} dimensions, each a name, null or an integer in [0, 2**40])")
         pairs = graph.get("state_pairs", [])
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and
+                                                  all(isinstance(x, str) for x in p) for p in pairs):
             fail("state_pairs must be a list of [input, output] pairs")
         names_in = {i["name"] for i in graph["inputs"]}
         names_out = {o["name"] for o in graph["outputs"]}

@@ -58,6 +58,8 @@ def input_roles(model):
             if n["op"] == "Gather" and k == 1 and n["inputs"][0] in model.tensors:
                 table = model.tensors[n["inputs"][0]]
                 axis = n.get("attrs", {}).get("axis", 0)
+                if not isinstance(axis, int) or not -table.ndim <= axis < table.ndim:
+                    continue  # not a lookup (the Gather is refused when planned)
                 role = ("tokens", int(table.shape[axis]))
                 break
             if n["op"] in ("LSTM", "GRU", "RNN") and k == Recurrent.SLOTS.index("sequence_lens"):

@@ -22,6 +22,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STEPS="${RNNE_SAN_STEPS:-build test fuzz}"
 FUZZ_TIME="${RNNE_FUZZ_TIME:-60}"
+# CI fuzzes from a fixed seed, so a run is repeatable (a new finding shows up on the commit that
+# makes it, not at random); the long runs (tools/fuzz/README.md) use random seeds
+FUZZ_SEED="${RNNE_FUZZ_SEED:-20261201}"
 if [ -n "${RNNE_SAN_DIR:-}" ]; then
     WORK="$RNNE_SAN_DIR"; mkdir -p "$WORK"
 else
@@ -95,7 +98,7 @@ if [[ " $STEPS " == *" fuzz "* ]]; then
         out="$WORK/$target"; rm -rf "$out" && mkdir -p "$out/corpus" "$out/artifacts"
         say "$target for ${FUZZ_TIME}s"
         (cd "$out" && env LD_PRELOAD="$FUZZ_PRELOAD" python "$SRC/tools/fuzz/$target.py" \
-            -max_total_time="$FUZZ_TIME" -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/" \
+            -max_total_time="$FUZZ_TIME" -seed="$FUZZ_SEED" -timeout=30 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/" \
             -print_final_stats=1 corpus > "$out/log" 2>&1) || {
             grep -v "^INFO: Instrumenting" "$out/log" | grep -v "^#" | tail -60
             keep="${RNNE_FUZZ_KEEP:-/tmp/rnne-fuzz-findings}/$target"  # survives the work directory's removal
