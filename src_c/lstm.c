@@ -12,6 +12,43 @@
  *   o = f(clip(Xt Wo^T + Ht-1 Ro^T + Po . Ct + Wbo + Rbo))
  *   Ht = o . h(Ct)
  */
+/* The gate math of one active row, shared by the plain and the projected step: g (4H) holds
+ * Xt W^T + Ht-1 R^T on entry (the input projection xp (4H) is added here); cb (H) is Ct-1 on
+ * entry and Ct on return; on return go (g + H) holds o and gc (g + 3H) holds h(Ct). */
+static inline void lstm_row(const rnn_cell_config *cfg, const float *Pi, const float *Po, const float *Pf,
+                            const float *xp, float *g, float *cb, int64_t H) {
+    float *gi = g, *go = g + H, *gf = g + 2 * H, *gc = g + 3 * H;
+    for (int64_t j = 0; j < 4 * H; j++) g[j] += xp[j];
+    if (Pi) {
+        for (int64_t j = 0; j < H; j++) {
+            gi[j] += Pi[j] * cb[j];
+            gf[j] += Pf[j] * cb[j];
+        }
+    }
+    rnn_clip(gi, H, cfg);
+    rnn_clip(gf, H, cfg);
+    rnn_clip(gc, H, cfg);
+    rnn_activation_apply(&cfg->act[0], gi, H);
+    if (cfg->input_forget) {
+        for (int64_t j = 0; j < H; j++) gf[j] = 1.0f - gi[j];
+    } else {
+        rnn_activation_apply(&cfg->act[0], gf, H);
+    }
+    rnn_activation_apply(&cfg->act[1], gc, H);
+
+    for (int64_t j = 0; j < H; j++) cb[j] = gf[j] * cb[j] + gi[j] * gc[j];
+
+    if (Po) {
+        for (int64_t j = 0; j < H; j++) go[j] += Po[j] * cb[j];
+    }
+    rnn_clip(go, H, cfg);
+    rnn_activation_apply(&cfg->act[0], go, H);
+
+    /* h(Ct) in the c-gate slot */
+    memcpy(gc, cb, sizeof(float) * (size_t)H);
+    rnn_activation_apply(&cfg->act[2], gc, H);
+}
+
 void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h, float *c,
                    float *work) {
     const rnn_cell_config *cfg = &cell->cfg;
@@ -26,39 +63,11 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
         const int64_t t = rnn_seq_time(s, step, b);
         if (t < 0) continue;
         const float *xp = rnn_seq_xrow(s, t, b, GH);
-        float *g = gates + b * GH;
-        float *gi = g, *go = g + H, *gf = g + 2 * H, *gc = g + 3 * H;
-        float *cb = c + b * H, *hb = h + b * H;
+        float *g = gates + b * GH, *go = g + H, *gc = g + 3 * H;
+        float *hb = h + b * H;
+        lstm_row(cfg, Pi, Po, Pf, xp, g, c + b * H, H);
 
-        for (int64_t j = 0; j < GH; j++) g[j] += xp[j];
-        if (Pi) {
-            for (int64_t j = 0; j < H; j++) {
-                gi[j] += Pi[j] * cb[j];
-                gf[j] += Pf[j] * cb[j];
-            }
-        }
-        rnn_clip(gi, H, cfg);
-        rnn_clip(gf, H, cfg);
-        rnn_clip(gc, H, cfg);
-        rnn_activation_apply(&cfg->act[0], gi, H);
-        if (cfg->input_forget) {
-            for (int64_t j = 0; j < H; j++) gf[j] = 1.0f - gi[j];
-        } else {
-            rnn_activation_apply(&cfg->act[0], gf, H);
-        }
-        rnn_activation_apply(&cfg->act[1], gc, H);
-
-        for (int64_t j = 0; j < H; j++) cb[j] = gf[j] * cb[j] + gi[j] * gc[j];
-
-        if (Po) {
-            for (int64_t j = 0; j < H; j++) go[j] += Po[j] * cb[j];
-        }
-        rnn_clip(go, H, cfg);
-        rnn_activation_apply(&cfg->act[0], go, H);
-
-        /* h(Ct) in the c-gate slot, then Ht = o . h(Ct) */
-        memcpy(gc, cb, sizeof(float) * (size_t)H);
-        rnn_activation_apply(&cfg->act[2], gc, H);
+        /* Ht = o . h(Ct) */
         float *y = s->Y + t * s->ys_t + b * s->ys_b;
         for (int64_t j = 0; j < H; j++) {
             hb[j] = go[j] * gc[j];
@@ -74,8 +83,8 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
  *   gates = Xt W^T + Ht-1 R^T + biases      R (4H, P), Ht-1 (P)
  *   Ct    = f . Ct-1 + i . c                (H)
  *   Ht    = Whr (o . h(Ct))                 Whr (P, H), Ht (P): the state h and the output
- * The row loop is a copy of rnn_lstm_step's (kept apart so the unprojected hot path is
- * untouched); the projection is one packed product over all rows after it. The naive
+ * The row math is rnn_lstm_step's (lstm_row); the projection is one packed product over
+ * all rows after it. The naive
  * reference is rnn_lstmp_step_ref below; tests compare both with torch.
  * work: gates (B, 4H), then the projected rows (B, P).
  */
@@ -94,39 +103,9 @@ void rnn_lstmp_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float 
         const int64_t t = rnn_seq_time(s, step, b);
         if (t < 0) continue;
         const float *xp = rnn_seq_xrow(s, t, b, GH);
-        float *g = gates + b * GH;
-        float *gi = g, *go = g + H, *gf = g + 2 * H, *gc = g + 3 * H;
-        float *cb = c + b * H;
-
-        for (int64_t j = 0; j < GH; j++) g[j] += xp[j];
-        if (Pi) {
-            for (int64_t j = 0; j < H; j++) {
-                gi[j] += Pi[j] * cb[j];
-                gf[j] += Pf[j] * cb[j];
-            }
-        }
-        rnn_clip(gi, H, cfg);
-        rnn_clip(gf, H, cfg);
-        rnn_clip(gc, H, cfg);
-        rnn_activation_apply(&cfg->act[0], gi, H);
-        if (cfg->input_forget) {
-            for (int64_t j = 0; j < H; j++) gf[j] = 1.0f - gi[j];
-        } else {
-            rnn_activation_apply(&cfg->act[0], gf, H);
-        }
-        rnn_activation_apply(&cfg->act[1], gc, H);
-
-        for (int64_t j = 0; j < H; j++) cb[j] = gf[j] * cb[j] + gi[j] * gc[j];
-
-        if (Po) {
-            for (int64_t j = 0; j < H; j++) go[j] += Po[j] * cb[j];
-        }
-        rnn_clip(go, H, cfg);
-        rnn_activation_apply(&cfg->act[0], go, H);
-
+        float *g = gates + b * GH, *go = g + H, *gc = g + 3 * H;
+        lstm_row(cfg, Pi, Po, Pf, xp, g, c + b * H, H);
         /* o . h(Ct) in the c-gate slot (H floats of row b, stride 4H between rows) */
-        memcpy(gc, cb, sizeof(float) * (size_t)H);
-        rnn_activation_apply(&cfg->act[2], gc, H);
         for (int64_t j = 0; j < H; j++) gc[j] *= go[j];
     }
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zlib
@@ -23,7 +24,9 @@ import rnnengine
 from rnnengine import fileformat, limits
 from rnnengine.limits import LimitError, Limits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# subprocesses run outside the repository root: `python -c` puts the working directory first on
+# sys.path, and a fresh clone's rnnengine/ there has no compiled core (the installed one is tested)
+OUTSIDE = tempfile.gettempdir()
 
 
 def make(nodes, inits=(), inputs=(), outputs=("y",), opset=17):
@@ -337,7 +340,7 @@ MEASURE = textwrap.dedent("""
 
 def measure(path):
     out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT).stdout
+                         cwd=OUTSIDE).stdout
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     return lines.get("REFUSED"), float(lines["SECONDS"]), float(lines["EXTRA_MB"])
 
@@ -431,7 +434,7 @@ def test_weight_file_changed_on_disk_while_loaded(tmp_path, how):
     rnnengine.save(rnnengine.convert(m), other)
     assert os.path.getsize(path) == os.path.getsize(other)
     r = subprocess.run([sys.executable, "-c", VICTIM, path, how, other], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+                       timeout=120, cwd=OUTSIDE)
     if how == "unchecked":  # the same truncation without the check: the map kills the process
         assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr[-2000:])
         return
@@ -471,7 +474,7 @@ def test_fileformat_imports_without_the_compiled_extension(tmp_path):
         except ImportError as e:
             print("hidden:", e)
     """)
-    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60, cwd=OUTSIDE)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] False", rnnengine.__version__,
                                      "hidden: the compiled extension is hidden"], r.stdout
