@@ -33,6 +33,8 @@ NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool"
 
 SEQUENCE_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
                 "SequenceInsert", "ConcatFromSequence")
+# which inputs of a sequence op are sequences (Python lists while planning); the rest are tensors
+SEQUENCE_INPUTS = {"SequenceAt": (0,), "SequenceLength": (0,), "SequenceInsert": (0,), "ConcatFromSequence": (0,)}
 SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence": {"axis", "new_axis"},
                   "SequenceEmpty": {"dtype"}}
 
@@ -400,10 +402,8 @@ class Planner:
         from .ops import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         xs = [env[n] if n else None for n in node["inputs"]]
-        # which inputs are sequences (lists of values) and which tensors, per op
-        seq_inputs = {"SequenceAt": (0,), "SequenceLength": (0,), "SequenceInsert": (0,), "ConcatFromSequence": (0,)}
         for k, x in enumerate(xs):
-            if x is not None and isinstance(x, list) != (k in seq_inputs.get(op, ())):
+            if x is not None and isinstance(x, list) != (k in SEQUENCE_INPUTS.get(op, ())):
                 raise UnsupportedError(f"{where(node)}: input {k} ({node['inputs'][k]!r}) is "
                                        f"{'a sequence' if isinstance(x, list) else 'a tensor'}; {op} takes "
                                        f"{'a tensor' if isinstance(x, list) else 'a sequence'} there")

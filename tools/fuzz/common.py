@@ -133,26 +133,44 @@ def exercise(gm):
     return out
 
 
-def one_onnx(data, path):
-    """fuzz_onnx's test of one input: the bytes as an ONNX file, converted, then exercised.
-    True when the file was refused (a clean error at conversion)."""
-    import rnnengine
+def one_input(data, path, read):
+    """A target's test of one input: the bytes written to path, read by ``read``
+    (rnnengine.convert or rnnengine.load), then exercised. True when the file was refused
+    (a clean error when read)."""
     _write(path, data)
-    gm = guarded(rnnengine.convert, path)
+    gm = guarded(read, path)
     if gm is not None:
         exercise(gm)
     return gm is None
+
+
+def one_onnx(data, path):
+    """fuzz_onnx's test of one input: the bytes as an ONNX file, converted, then exercised."""
+    import rnnengine
+    return one_input(data, path, rnnengine.convert)
 
 
 def one_weights(data, path):
-    """fuzz_weights's test of one input: the bytes as a weight file, loaded, then exercised.
-    True when the file was refused (a clean error at load)."""
+    """fuzz_weights's test of one input: the bytes as a weight file, loaded, then exercised."""
     import rnnengine
-    _write(path, data)
-    gm = guarded(rnnengine.load, path)
-    if gm is not None:
-        exercise(gm)
-    return gm is None
+    return one_input(data, path, rnnengine.load)
+
+
+def fuzz_main(one, make_seeds, custom_mutator):
+    """A target's entry point: libFuzzer over ``one(data, path)`` with the structure-level
+    ``custom_mutator``, seeded by ``make_seeds`` when the corpus directory is empty; the
+    input of any finding is kept (save_finding)."""
+    import atheris
+    path = scratch_path(".onnx" if one is one_onnx else ".rnne")
+
+    def test_one_input(data):
+        try:
+            one(data, path)
+        except Exception:
+            save_finding(data)
+            raise
+    atheris.Setup(prepare_corpus(sys.argv, make_seeds), test_one_input, custom_mutator=custom_mutator)
+    atheris.Fuzz()
 
 
 def _write(path, data):

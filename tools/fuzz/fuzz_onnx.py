@@ -28,7 +28,6 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import AttributeProto, TensorProto  # noqa: E402
 
-PATH = common.scratch_path(".onnx")
 
 INTS = [0, 1, -1, 2, -2, 3, 4, 7, 8, 16, 23, 64, 127, 128, 255, 256, 1023, 65535, 65536, 2**31 - 1, -2**31,
         2**32, 2**40, 2**62, 2**63 - 1, -2**63]
@@ -361,18 +360,8 @@ def custom_mutator(data, max_size, seed):
     return atheris.Mutate(data, max_size)
 
 
-def TestOneInput(data):
-    try:
-        common.one_onnx(data, PATH)
-    except Exception:
-        common.save_finding(data)
-        raise
-
-
 def main():
-    argv = common.prepare_corpus(sys.argv, common.make_onnx_seeds)
-    atheris.Setup(argv, TestOneInput, custom_mutator=custom_mutator)
-    atheris.Fuzz()
+    common.fuzz_main(common.one_onnx, common.make_onnx_seeds, custom_mutator)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ with atheris.instrument_imports(include=["rnnengine"]):
     import rnnengine.graph  # noqa: F401
     import rnnengine.store  # noqa: F401
 
-PATH = common.scratch_path(".rnne")
 HEADER = struct.Struct("<4sIIIQQQQI12s")
 CRC_SPAN = 48
 
@@ -307,18 +306,8 @@ def custom_mutator(data, max_size, seed):
     return atheris.Mutate(data, max_size)
 
 
-def TestOneInput(data):
-    try:
-        common.one_weights(data, PATH)
-    except Exception:
-        common.save_finding(data)
-        raise
-
-
 def main():
-    argv = common.prepare_corpus(sys.argv, common.make_weight_seeds)
-    atheris.Setup(argv, TestOneInput, custom_mutator=custom_mutator)
-    atheris.Fuzz()
+    common.fuzz_main(common.one_weights, common.make_weight_seeds, custom_mutator)
 
 
 if __name__ == "__main__":
