@@ -401,6 +401,9 @@ class Planner:
         sequence is a Python list of values while planning; nothing of it reaches C."""
         from .ops import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
+        for name in node["inputs"]:
+            if name and name not in env:
+                raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
         xs = [env[n] if n else None for n in node["inputs"]]
         for k, x in enumerate(xs):
             if x is not None and isinstance(x, list) != (k in SEQUENCE_INPUTS.get(op, ())):
