@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from scipy.linalg import blas  # noqa: E402
 
 import rnnengine  # noqa: E402
-from rnnengine.torch_import import gate_permutation  # noqa: E402
+from rnnengine.frontend.torch_import import gate_permutation  # noqa: E402
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 

@@ -1,18 +1,18 @@
 """rnnengine: fast, faithful CPU inference for LSTM, GRU and RNN models from ONNX.
 
 The compiled core (rnnengine._core) is loaded on first use, so the pure-Python parts
-(rnnengine.fileformat, the weight-file reader) import without it.
+(rnnengine.format.weightfile, the weight-file reader) import without it.
 """
-from ._version import __version__
-from .limits import Limits
+from rnnengine._version import __version__
+from rnnengine.limits import Limits
 
 __all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
            "load", "save", "Limits", "from_torch", "__version__"]
 
 # public name -> the module that defines it; imported on first access (PEP 562)
-_LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".layers", "GRU": ".layers", "RNN": ".layers",
-         "ACTIVATIONS": ".layers", "Model": ".model", "load_onnx": ".model",
-         "from_torch": ".torch_import"}
+_LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
+         "ACTIVATIONS": ".runtime.layers", "Model": ".runtime.model", "load_onnx": ".runtime.model",
+         "from_torch": ".frontend.torch_import"}
 
 
 def _core_missing(err):
@@ -33,7 +33,7 @@ def _core_missing(err):
 
 def _load_core():
     try:
-        from . import _core
+        from rnnengine import _core
     except ImportError as err:
         if getattr(err, "name", None) in ("rnnengine._core", None) or "_core" in str(err):
             raise _core_missing(err) from err
@@ -62,10 +62,10 @@ def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
     state inputs and outputs. ``limits`` (a :class:`Limits`) bounds the conversion and the
     model's later planning (default: ``rnnengine.limits.defaults()``)."""
-    from . import limits as _limits
+    from rnnengine import limits as _limits
     _load_core()
-    from .converter import convert_model
-    from .graph import GraphModel
+    from rnnengine.frontend.converter import convert_model
+    from rnnengine.runtime.graph import GraphModel
     lim = _limits.resolve(limits) if limits is not None else None
     with _limits.using(lim):
         graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
@@ -77,7 +77,7 @@ def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
 def save(model, path, dtype="float32"):
     """Writes a converted model to a weight file (docs/FORMAT.md); the weight matrices are
     stored as ``dtype``: "float32", "float16" or "int8" (one scale per row)."""
-    from .store import save as _save
+    from rnnengine.format.store import save as _save
     _save(model, path, dtype)
 
 
@@ -89,5 +89,5 @@ def load(path, verify=True, limits=None, mmap=False):
     truncated or replaced (docs/FORMAT.md). ``limits`` (a :class:`Limits`) bounds the
     reading and the model's later planning (default: ``rnnengine.limits.defaults()``)."""
     _load_core()
-    from .store import load as _load
+    from rnnengine.format.store import load as _load
     return _load(path, verify, limits=limits, mmap=mmap)

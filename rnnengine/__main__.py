@@ -1,6 +1,6 @@
 """`python -m rnnengine ...` runs the command-line tool, as the `rnnengine` command does."""
 import sys
 
-from .cli import main
+from rnnengine.cli.main import main
 
 sys.exit(main())

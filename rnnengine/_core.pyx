@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 cimport numpy as cnp
+from rnnengine.errors import EngineError, GraphRunError, ProgramError  # noqa: F401 (re-exported)
 
 cnp.import_array()
 
@@ -43,10 +44,6 @@ def kernel_level_max():
 CELL_KINDS = {"RNN": 0, "GRU": 1, "LSTM": 2}
 DIRECTIONS = {"forward": 0, "reverse": 1, "bidirectional": 2}
 WEIGHT_DTYPES = {"float32": 0, "float16": 1, "int8": 2}
-
-
-class EngineError(RuntimeError):
-    """The C core refused a call (a bug in validation if it ever reaches a user)."""
 
 
 cdef int _check(rnn_status status, what) except -1:
@@ -242,7 +239,7 @@ cdef class Stack:
 
     def forward(self, const float[:, :, ::1] X, lens, float[::1] Y, int64_t ys_t, int64_t ys_b,
                 int64_t ys_d, float[::1] state, float[::1] work, bint batch_first):
-        """Runs the stack; all buffers are validated by the caller (rnnengine.model)."""
+        """Runs the stack; all buffers are validated by the caller (rnnengine.runtime.model)."""
         cdef int64_t T = X.shape[1] if batch_first else X.shape[0]
         cdef int64_t B = X.shape[0] if batch_first else X.shape[1]
         cdef const int32_t[::1] lv
@@ -502,17 +499,6 @@ def step_streams(list streams, x, out=None):
 # --- graph executor -------------------------------------------------------------------------------
 
 INSTR_WORDS = RNN_INSTR_WORDS
-
-
-class GraphRunError(ValueError):
-    """The graph executor stopped on bad input data (an index or a length out of range)."""
-
-
-class ProgramError(GraphRunError):
-    """A program refused before it runs (rnn_graph_verify): an instruction would read or
-    write outside the tensors it names, compute on element types its op does not take, or
-    read parameters it was not given. The message names the node and the instruction, e.g.
-    "Gemm node 'g': instruction 7 (MATMUL): input B has 12 elements, the instruction reads 48"."""
 
 
 # element type codes of the tensor table (src_c/rnnengine.h rnn_dtype; RNN_DT_OTHER + size for

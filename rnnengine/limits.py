@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .ops import UnsupportedError, where
+from rnnengine.errors import LimitError, UnsupportedError, where  # noqa: F401 (LimitError re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +81,6 @@ def using(limits):
         yield
     finally:
         _active.reset(token)
-
-
-class LimitError(UnsupportedError):
-    """A model goes past a resource limit (the message names the limit, the node, the value
-    and how to raise it). A ValueError, like every refusal of a model."""
 
 
 def _how(name):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import NP_DTYPES
-from .ops import NotStreamableError, Recurrent
+from rnnengine.runtime.graph import NP_DTYPES
+from rnnengine.ops.handlers import NotStreamableError, Recurrent
+from rnnengine.errors import OnnxRuntimeError  # noqa: F401 (re-exported)
 
 # Max error per output: absolute for values of magnitude <= 1, relative above. float32 is
 # checked against onnxruntime; float16 / int8 weight files against the float32 conversion
@@ -214,11 +215,6 @@ def errors(got, want):
     diff = np.where(same, 0.0, np.abs(got - want))
     rel = diff / np.maximum(np.abs(want), 1.0)  # relative above 1, absolute below
     return {"abs": float(np.nan_to_num(diff, nan=np.inf).max()), "rel": float(np.nan_to_num(rel, nan=np.inf).max())}
-
-
-class OnnxRuntimeError(RuntimeError):
-    """onnxruntime refused the model (at session creation or at run); the message carries
-    the first line of onnxruntime's own message."""
 
 
 def _ort_reason(e):

@@ -342,7 +342,7 @@ def test_checkpoint_inspect_run_bench_from_the_command_line(tmp_path, capsys):
 
 
 def test_damaged_checkpoint_is_a_format_error(tmp_path):
-    from rnnengine import fileformat
+    from rnnengine.format import weightfile as fileformat
     fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
                      {"params": np.zeros(3, np.float32)}, quantize=set(),
                      metadata={"train.config": {"kind": "LSTM", "input_size": 2, "hidden_size": 2,
@@ -356,8 +356,8 @@ def test_verify_and_run_report_not_streamable_raised_by_the_stream(tmp_path, cap
     """When model.stream() (or its first call) raises NotStreamableError, verify prints its
     message as the streamed result and still compares whole sequences; run --stream prints it
     and exits 2."""
-    from rnnengine.graph import GraphModel
-    from rnnengine.ops import NotStreamableError
+    from rnnengine.runtime.graph import GraphModel
+    from rnnengine.ops.handlers import NotStreamableError
 
     def refuse(self):
         raise NotStreamableError({"op": "Softmax", "name": "/attn/Softmax"}, "it mixes time steps (axis 1)")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import rnnengine
-from rnnengine.converter import ConversionError
+from rnnengine.frontend.converter import ConversionError
 from rnnengine.verify import TOLERANCE, verify
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "corpus")
@@ -39,7 +39,7 @@ def test_corpus_is_present():
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_ids)
 def test_corpus_model_converts_and_matches_onnxruntime(entry, tmp_path):
-    from rnnengine.store import load, save
+    from rnnengine.format.store import load, save
     path = os.path.join(HERE, entry["file"])
     if entry.get("convert", {}).get("expect") == "refuse":  # an invalid export: refused by name
         with pytest.raises(ConversionError, match=r"node '.+'"):

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
-from rnnengine.converter import ConversionError
+from rnnengine.frontend.converter import ConversionError
 from oracle import make_rnn_model, run_ort
 
 rng = np.random.default_rng(0)

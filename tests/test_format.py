@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rnnengine
-from rnnengine import fileformat
-from rnnengine.fileformat import HEADER, FormatError
+from rnnengine.format import weightfile as fileformat
+from rnnengine.format.weightfile import HEADER, FormatError
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "FORMAT.md")
 
@@ -578,7 +578,7 @@ def test_random_corruption_never_escapes_as_anything_but_format_error(tmp_path_f
 
 
 def test_hand_made_graphs_in_a_valid_file_are_refused_clearly(tmp_path):
-    """The graph JSON of a weight file is checked before use (rnnengine.store): unknown ops,
+    """The graph JSON of a weight file is checked before use (rnnengine.format.store): unknown ops,
     missing fields, wrong types and dangling tensor references raise FormatError naming them."""
     good = {"opset": 17, "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
             "outputs": [{"name": "y", "dtype": "float32", "shape": None}], "state_pairs": [],
@@ -618,7 +618,7 @@ def test_damaged_graph_structures_raise_the_formats_own_error(tmp_path):
     import zlib
 
     import rnnengine
-    from rnnengine.store import load, save
+    from rnnengine.format.store import load, save
     src = os.path.join(os.path.dirname(__file__), "data", "corpus", "torch_legacy_token_lstm_logsoftmax_op14.onnx")
     base = tmp_path / "m.rnne"
     save(rnnengine.convert(src), str(base), "int8")

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import rnnengine  # noqa: E402
-from rnnengine import _core, torch_import  # noqa: E402
-from rnnengine.torch_import import GATE_ORDERS, gate_permutation  # noqa: E402
+from rnnengine import _core  # noqa: E402
+from rnnengine.frontend import torch_import  # noqa: E402
+from rnnengine.frontend.torch_import import GATE_ORDERS, gate_permutation  # noqa: E402
 
 from oracle import max_violation  # noqa: E402
 
@@ -402,7 +403,7 @@ def test_onnx_export_of_proj_size_is_refused_pointing_to_from_torch():
         entries = [e for e in json.load(f)["models"] if e.get("pattern") == "lstm_proj_size"
                    and e.get("convert", {}).get("expect") == "refuse"]
     assert entries
-    from rnnengine.converter import ConversionError
+    from rnnengine.frontend.converter import ConversionError
     for e in entries:
         with pytest.raises(ConversionError, match=r"node '.+'.*rnnengine\.from_torch\(module\)"):
             rnnengine.convert(os.path.join(HERE, "data", "corpus", e["file"]))

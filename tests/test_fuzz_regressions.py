@@ -97,7 +97,7 @@ def test_the_fuzz_targets_tell_clean_errors_from_bugs():
         sys.path.pop(0)
     import numpy as np
     import rnnengine
-    from rnnengine.fileformat import FormatError
+    from rnnengine.format.weightfile import FormatError
 
     def caught(fn):
         try:

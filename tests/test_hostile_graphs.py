@@ -9,8 +9,10 @@ import pytest
 from onnx import TensorProto as TP, helper, numpy_helper
 
 import rnnengine
-from rnnengine import _core, cli, graph, ops
-from rnnengine.ops import UnsupportedError
+from rnnengine import _core, cli
+from rnnengine.runtime import graph
+from rnnengine.ops import handlers as ops
+from rnnengine.ops.handlers import UnsupportedError
 
 ort = pytest.importorskip("onnxruntime")
 

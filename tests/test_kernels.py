@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rnnengine import _core
-from rnnengine.layers import ACTIVATIONS
+from rnnengine.runtime.layers import ACTIVATIONS
 from oracle import np_activation
 
 

@@ -1,7 +1,7 @@
 """Resource limits (rnnengine/limits.py): models that would take gigabytes or hours to fold,
 unroll or read are refused by the limit, naming it, the node and the value, before anything
 is allocated; weight files truncated or replaced on disk while loaded raise instead of killing
-the process; rnnengine.fileformat imports without the compiled extension."""
+the process; rnnengine.format.weightfile imports without the compiled extension."""
 import os
 import shutil
 import signal
@@ -21,7 +21,8 @@ from onnx import helper
 from onnx import numpy_helper as nh
 
 import rnnengine
-from rnnengine import fileformat, limits
+from rnnengine import limits
+from rnnengine.format import weightfile as fileformat
 from rnnengine.limits import LimitError, Limits
 
 # subprocesses run outside the repository root: `python -c` puts the working directory first on
@@ -322,7 +323,7 @@ def forge(path, block):
 
 MEASURE = textwrap.dedent("""
     import resource, sys, time, tracemalloc
-    from rnnengine import fileformat
+    from rnnengine.format import weightfile as fileformat
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     t = time.process_time()  # CPU seconds: the machine's load does not count
@@ -380,7 +381,7 @@ VICTIM = textwrap.dedent("""
     import os, shutil, sys
     import numpy as np
     import rnnengine
-    from rnnengine import fileformat
+    from rnnengine.format import weightfile as fileformat
     path, how, other = sys.argv[1], sys.argv[2], sys.argv[3]
     x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
     models = {"mmap": rnnengine.load(path, mmap=True), "private": rnnengine.load(path)}
@@ -466,8 +467,8 @@ def test_fileformat_imports_without_the_compiled_extension(tmp_path):
                 if name == "rnnengine._core":
                     raise ImportError("the compiled extension is hidden")
         sys.meta_path.insert(0, Hide())
-        from rnnengine import fileformat
-        import rnnengine.fileformat
+        from rnnengine.format import weightfile as fileformat
+        import rnnengine.format.weightfile
         wf = fileformat.read(sys.argv[1])
         print(wf.tensor("W").round(1).tolist(), "rnnengine._core" in sys.modules)
         fileformat.write(sys.argv[1] + "2", {"nodes": []}, {"a": wf.tensor("W")})

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 import rnnengine
-from rnnengine.converter import convert_model
-from rnnengine.ops import UnsupportedError
+from rnnengine.frontend.converter import convert_model
+from rnnengine.ops.handlers import UnsupportedError
 from oracle import max_violation
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "masking")
@@ -209,7 +209,7 @@ def test_nan_and_inf_propagate_as_in_onnxruntime(entry, level):
                          ids=lambda e: e["file"])
 def test_bidirectional_refuses_streams_by_name(entry):
     """A backward layer needs the whole sequence: a stream is refused naming the node."""
-    from rnnengine.ops import NotStreamableError
+    from rnnengine.ops.handlers import NotStreamableError
     model = rnnengine.convert(os.path.join(HERE, entry["file"]))
     feeds = inputs_for(entry, 2, 4, 0)
     with pytest.raises(NotStreamableError, match="node"):

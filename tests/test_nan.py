@@ -308,7 +308,7 @@ def test_each_activation_on_nan_and_inf(name, level):
     at +-Inf, including the vectorised sigmoid / tanh tails (odd lengths)."""
     a, b = ALPHA_BETA.get(name, (0.0, 0.0))
     b = b or 0.0
-    from rnnengine.layers import ACTIVATIONS as KINDS
+    from rnnengine.runtime.layers import ACTIVATIONS as KINDS
     x = np.array([np.nan, np.inf, -np.inf, 0.5, -0.5, np.nan, 3.0, -np.inf, np.inf, np.nan, 1.0], np.float32)
     try:
         _core.kernel_level(level)

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
 from oracle import max_violation
-from rnnengine import opsets
-from rnnengine.converter import ConversionError
-from rnnengine.graph import SEQUENCE_OPS
-from rnnengine.ops import OPS
+from rnnengine.frontend import opsets
+from rnnengine.frontend.converter import ConversionError
+from rnnengine.runtime.graph import SEQUENCE_OPS
+from rnnengine.ops.handlers import OPS
 
 ort = pytest.importorskip("onnxruntime")
 NEWEST = onnx.defs.onnx_opset_version()
@@ -317,7 +317,7 @@ def test_clip_with_an_absent_bound_clips_infinity_like_onnxruntime(opset, runtim
     if runtime:
         got = rnnengine.convert(m).run(feeds)["y"]
     else:
-        from rnnengine.converter import convert_model
+        from rnnengine.frontend.converter import convert_model
         got = convert_model(m)[1]["y"]   # folded at conversion (the graph has no input to run)
     assert want[0] == np.finfo(np.float32).max
     np.testing.assert_array_equal(got, want)

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
 from oracle import max_violation
-from rnnengine.converter import convert_model
-from rnnengine.ops import NotStreamableError, UnsupportedError
+from rnnengine.frontend.converter import convert_model
+from rnnengine.ops.handlers import NotStreamableError, UnsupportedError
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "masking")
 LSTM3 = os.path.join(HERE, "keras3_mask_lstm.onnx")

@@ -12,7 +12,7 @@ import pytest
 
 import rnnengine
 from oracle import max_violation
-from rnnengine.ops import UnsupportedError
+from rnnengine.ops.handlers import UnsupportedError
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import rnnengine
-from rnnengine.ops import NotStreamableError
+from rnnengine.ops.handlers import NotStreamableError
 from rnnengine.verify import ort_session
 from test_stream_rule import F, close, lstm_inits, model, rand
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rnnengine
 from oracle import TOLERANCE
-from rnnengine.ops import NotStreamableError
+from rnnengine.ops.handlers import NotStreamableError
 from rnnengine.verify import ort_session
 
 F = TensorProto.FLOAT
@@ -377,8 +377,8 @@ def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
         # model takes one fixed step per call, so a call is a step, not a piece of a sequence
         try:
             want_step = gm.run({"x": x[:chunks[0]]})["y"]
-        except rnnengine.ops.UnsupportedError as e:  # e.g. reflect padding longer than the chunk
-            with pytest.raises(rnnengine.ops.UnsupportedError, match=re.escape(str(e))):
+        except rnnengine.ops.handlers.UnsupportedError as e:  # e.g. reflect padding longer than the chunk
+            with pytest.raises(rnnengine.ops.handlers.UnsupportedError, match=re.escape(str(e))):
                 s({"x": x[:chunks[0]]})
             return
         close(s({"x": x[:chunks[0]]})["y"], want_step)

@@ -470,7 +470,7 @@ def test_cli_trains_per_sequence_regression_and_forget_bias(tmp_path):
 
 def test_cli_resume_equals_an_uninterrupted_run(tmp_path):
     from rnnengine import cli
-    from rnnengine.fileformat import read
+    from rnnengine.format.weightfile import read
     X, y = classify_data(N=80)
     np.savez(tmp_path / "c.npz", inputs=X, targets=y)
     base = ["train", str(tmp_path / "c.npz"), "--hidden", "8", "--batch", "4", "--quiet", "--lr", "0.01",

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rnnengine
 from oracle import max_violation
 from rnnengine import _core
-from rnnengine.ops import UnsupportedError
+from rnnengine.ops.handlers import UnsupportedError
 
 ET = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
       np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL,
@@ -305,7 +305,7 @@ def test_reverse_sequence_is_not_streamed():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     m = make([helper.make_node("ReverseSequence", ["x", "lens"], ["y"], batch_axis=1, time_axis=0, name="rev")],
              [("x", x), ("lens", np.array([1, 2, 3], np.int64))], ["y"], {"x"})
-    with pytest.raises(rnnengine.ops.NotStreamableError, match="ReverseSequence node 'rev'"):
+    with pytest.raises(rnnengine.ops.handlers.NotStreamableError, match="ReverseSequence node 'rev'"):
         rnnengine.convert(m).stream().step({"x": x})
 
 

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rnnengine
-from rnnengine import _core, graph
-from rnnengine.ops import (OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_GATHER, OP_MATMUL, OP_PAD,
+from rnnengine import _core
+from rnnengine.runtime import graph
+from rnnengine.ops.handlers import (OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_GATHER, OP_MATMUL, OP_PAD,
                            OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK,
                            OP_TREDUCE, OP_UNARY, OP_WHERE)
 

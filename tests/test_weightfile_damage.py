@@ -12,8 +12,9 @@ import zlib
 import pytest
 
 import rnnengine
-from rnnengine import _core, fileformat
-from rnnengine.ops import UnsupportedError
+from rnnengine import _core
+from rnnengine.format import weightfile as fileformat
+from rnnengine.ops.handlers import UnsupportedError
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus")
 MODELS = ["torch_legacy_rnn_1layer_op14.onnx", "keras2_tf2onnx_masking_lstm_op17.onnx",

@@ -31,10 +31,10 @@ def allowed_classes():
     parse error. Imported lazily so a target can instrument rnnengine before importing it."""
     from google.protobuf.message import DecodeError
     from rnnengine._core import GraphRunError
-    from rnnengine.fileformat import FormatError
-    from rnnengine.onnx_import import OnnxImportError
-    from rnnengine.ops import UnsupportedError  # ConversionError, NotStreamableError are subclasses
-    from rnnengine.opsets import OpsetError
+    from rnnengine.format.weightfile import FormatError
+    from rnnengine.frontend.onnx_import import OnnxImportError
+    from rnnengine.ops.handlers import UnsupportedError  # ConversionError, NotStreamableError are subclasses
+    from rnnengine.frontend.opsets import OpsetError
     return (FormatError, UnsupportedError, OnnxImportError, OpsetError, GraphRunError, DecodeError)
 
 

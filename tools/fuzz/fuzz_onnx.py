@@ -20,9 +20,9 @@ import common  # noqa: E402
 
 with atheris.instrument_imports(include=["rnnengine"]):
     import rnnengine  # noqa: F401
-    import rnnengine.converter  # noqa: F401
-    import rnnengine.graph  # noqa: F401
-    import rnnengine.store  # noqa: F401
+    import rnnengine.frontend.converter  # noqa: F401
+    import rnnengine.runtime.graph  # noqa: F401
+    import rnnengine.format.store  # noqa: F401
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402

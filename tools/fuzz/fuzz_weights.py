@@ -24,10 +24,10 @@ import common  # noqa: E402
 
 with atheris.instrument_imports(include=["rnnengine"]):
     import rnnengine
-    import rnnengine.converter  # noqa: F401 - training checkpoints are converted at load
-    import rnnengine.fileformat
-    import rnnengine.graph  # noqa: F401
-    import rnnengine.store  # noqa: F401
+    import rnnengine.frontend.converter  # noqa: F401 - training checkpoints are converted at load
+    import rnnengine.format.weightfile
+    import rnnengine.runtime.graph  # noqa: F401
+    import rnnengine.format.store  # noqa: F401
 
 HEADER = struct.Struct("<4sIIIQQQQI12s")
 CRC_SPAN = 48

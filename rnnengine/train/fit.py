@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from . import _core
+from rnnengine import _core
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -210,7 +210,7 @@ class Network:
         ``logits`` (T, B, O). With state_io, each layer's initial state is an input
         (h0_l, c0_l: (D, B, H)) and its final state an output (hN_l, cN_l), so a stream
         can carry it. Returns the ModelProto (and writes it when path is given)."""
-        from .export import network_to_onnx
+        from rnnengine.train.export import network_to_onnx
         model = network_to_onnx(self, state_io=state_io, opset=opset)
         if path is not None:
             import onnx
@@ -555,13 +555,13 @@ def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
     return loss_and_grad(task, logits, Y, last_only)[0]
 
 
-# --- checkpoints: the weight file (rnnengine.fileformat) ------------------------------------
+# --- checkpoints: the weight file (rnnengine.format.weightfile) ------------------------------------
 
 def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, task=None):
     """Parameters, optimiser state (every hyperparameter), the minibatch generator's state,
     the position in the text and the carried recurrent state (language modelling) in one
     weight file (float32), so a resumed run continues exactly."""
-    from . import fileformat
+    from rnnengine.format import weightfile as fileformat
     tensors = {"params": net.params}
     for l, st in enumerate(carry or []):
         for name, arr in zip(("h", "c"), st if isinstance(st, tuple) else (st,)):
@@ -577,7 +577,7 @@ def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, tas
 
 def load_checkpoint(path):
     """(network, state) where state = {"optimizer": ..., "pos": ...} resumes fit()."""
-    from . import fileformat
+    from rnnengine.format import weightfile as fileformat
     with fileformat.read(path) as wf:
         if wf.graph.get("kind") != "rnnengine-checkpoint":
             raise ValueError(f"{path} is a weight file but not a training checkpoint")

@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layers import GRU, LSTM, RNN, layer_from_onnx
-from .model import Model
-from .opsets import MIN_OPSET, OpsetError, check_node, max_opset
+from rnnengine.runtime.layers import GRU, LSTM, RNN, layer_from_onnx
+from rnnengine.runtime.model import Model
+from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, max_opset
+from rnnengine.errors import OnnxImportError
 
 RECURRENT = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
 GLUE = ("Squeeze", "Unsqueeze", "Transpose", "Reshape", "Identity")
@@ -25,10 +26,6 @@ EXTRA_ATTRS = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": 
 INPUT_SLOTS = {"LSTM": ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"],
                "GRU": ["X", "W", "R", "B", "sequence_lens", "initial_h"],
                "RNN": ["X", "W", "R", "B", "sequence_lens", "initial_h"]}
-
-
-class OnnxImportError(ValueError):
-    """The ONNX graph is not something load_onnx can run faithfully."""
 
 
 def _where(node):

@@ -2,7 +2,7 @@
 
 Steps, each refusing loudly what it cannot do faithfully:
   1. read the ONNX model; check the opset (default domain, 7 to the newest the installed
-     onnx defines), that every op has a handler in rnnengine.ops.OPS (or is If / Loop / a
+     onnx defines), that every op has a handler in rnnengine.ops.handlers.OPS (or is If / Loop / a
      sequence op), that the op's version at that opset is one rnnengine implements
      (rnnengine/opsets.py), and that every attribute is one the handler knows; other
      domains (e.g. com.microsoft::DynamicQuantizeLSTM) are refused by name;
@@ -13,7 +13,7 @@ Steps, each refusing loudly what it cannot do faithfully:
      of every If whose condition is then known, drop nodes nothing uses;
   4. pair explicit state inputs with outputs (h0 -> hn) from the graph's structure, through
      the Ifs left for planning (cells written op by op inside them are fused first).
-The result is run by rnnengine.graph.GraphModel and stored by rnnengine.fileformat.
+The result is run by rnnengine.runtime.graph.GraphModel and stored by rnnengine.format.weightfile.
 """
 from __future__ import annotations
 
@@ -24,14 +24,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import limits
-from .ops import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
-from .opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
+from rnnengine import limits
+from rnnengine.ops.handlers import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
+from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
+from rnnengine.errors import ConversionError  # noqa: F401 (re-exported)
 CONVERTER_VERSION = "1"
-
-
-class ConversionError(UnsupportedError):
-    """The ONNX model cannot be converted faithfully; the message names the node."""
 
 
 def _to_array(tensor, what):
@@ -105,7 +102,7 @@ class _Converter:
                 "default-domain ONNX ops only (quantized contrib ops such as "
                 "com.microsoft::DynamicQuantizeLSTM must be exported unquantized; rnnengine can "
                 "store weights as int8 itself: convert --dtype int8)")
-        from .graph import SEQUENCE_ATTRS, SEQUENCE_OPS
+        from rnnengine.runtime.graph import SEQUENCE_ATTRS, SEQUENCE_OPS
         if n.op_type not in OPS and n.op_type not in ("If", "Loop") + SEQUENCE_OPS:
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
                                   f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
@@ -228,7 +225,7 @@ class _Converter:
         _check_state_shapes(nodes, consts, {v.name: _value_info(v)["shape"]
                                             for v in list(g.input) + list(g.value_info) + list(g.output)})
         outputs = [_value_info(o) for o in g.output]
-        from .fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
+        from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
         # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
         keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
         nodes, self.fused_loops = fuse_keras_loops(nodes, consts, keep, self.opset,
@@ -253,7 +250,7 @@ class _Converter:
         """Fuses the cells written op by op inside If branches left undecided (e.g. silero-vad's
         16 kHz and 8 kHz models when the sample rate is an input), so that their state is a
         recurrent layer's state that pair_states can see. Each branch keeps its own names."""
-        from .fuse import fuse_gru_cells, fuse_lstm_cells
+        from rnnengine.frontend.fuse import fuse_gru_cells, fuse_lstm_cells
         for n in nodes:
             if n["op"] != "If":
                 continue
@@ -554,7 +551,7 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
             if a not in ins or b not in outs:
                 raise ConversionError(f"state pair {a}={b}: {a!r} must be a graph input and {b!r} an output")
         graph["state_pairs"] = [list(p) for p in state_pairs]
-    from . import __version__
+    from rnnengine._version import __version__
     metadata = {
         "general.converter_version": CONVERTER_VERSION,
         "general.rnnengine_version": __version__,
@@ -578,7 +575,7 @@ _MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
 
 
 def _elementwise():
-    from .ops import BINARY, UNARY
+    from rnnengine.ops.handlers import BINARY, UNARY
     return set(BINARY) | set(UNARY) | {"Clip"}
 
 

@@ -1,6 +1,6 @@
 """graph.py - a converted model: its graph planned for concrete input shapes and run in C.
 
-A converted graph (made by rnnengine.converter, stored in the weight file) is a list of
+A converted graph (made by rnnengine.frontend.converter, stored in the weight file) is a list of
 nodes with ONNX semantics at the graph's opset, over named tensors. Running it takes two
 steps:
   1. Planning, once per set of input shapes (cached): the nodes are walked in order with
@@ -23,9 +23,11 @@ import threading
 
 import numpy as np
 
-from . import _core, limits, streaming
-from .streaming import check_outputs as _check_stream_outputs
-from .ops import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
+from rnnengine import _core, limits
+
+from rnnengine.ops import streaming
+from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
+from rnnengine.ops.handlers import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
@@ -399,7 +401,7 @@ class Planner:
     def sequence_op(self, node, env):
         """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
         sequence is a Python list of values while planning; nothing of it reaches C."""
-        from .ops import Concat, Slice, Unsqueeze
+        from rnnengine.ops.handlers import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         for name in node["inputs"]:
             if name and name not in env:
@@ -479,7 +481,7 @@ class Planner:
         (they are for recurrent loops over a time axis: Shape-derived, and `i < T`). In a
         stream, float loop-carried values that start from constants (zero states) are held
         by the stream and carried on from call to call, as a recurrent layer's state is."""
-        from .ops import emit_copy
+        from rnnengine.ops.handlers import emit_copy
         body = node["attrs"]["body"]
         ins = node["inputs"] + [""] * 2
         M = env[ins[0]] if ins[0] else None
@@ -776,7 +778,7 @@ class GraphModel:
                 raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
 
         def roles():
-            from .verify import axis_roles  # on error paths only: it plans probe inputs
+            from rnnengine.verify import axis_roles  # on error paths only: it plans probe inputs
             return axis_roles(self)
 
         def axis_label(name, k):
@@ -859,7 +861,7 @@ class GraphModel:
         """{input name: vocabulary size} of the inputs that index an embedding table (cached)."""
         tokens = self.__dict__.get("_tokens")
         if tokens is None:
-            from .verify import input_roles
+            from rnnengine.verify import input_roles
             tokens = {n: r[1] for n, r in input_roles(self).items() if r[0] == "tokens"}
             self.__dict__["_tokens"] = tokens
         return tokens
@@ -894,13 +896,13 @@ class GraphModel:
 
     def _check_state_positions(self, feeds):
         """Before a stream first runs with these input shapes: every paired output must hand
-        each state element back to its own place (rnnengine.converter.check_state_positions)."""
+        each state element back to its own place (rnnengine.frontend.converter.check_state_positions)."""
         if not self.state_pairs:
             return
         sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
         done = self.__dict__.setdefault("_positions_checked", {})
         if sig not in done:
-            from .converter import check_state_positions
+            from rnnengine.frontend.converter import check_state_positions
             with limits.using(self.limits):
                 done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
 
@@ -1046,7 +1048,7 @@ class GraphModel:
 
     def _batch_of(self, name, axis, feeds):
         """The batch size of the fed data when axis `axis` of input `name` is a batch axis."""
-        from .verify import axis_roles
+        from rnnengine.verify import axis_roles
         roles = axis_roles(self)
         if roles.get(name, {}).get(axis) != "batch":
             return None
@@ -1213,7 +1215,7 @@ class GraphStream:
             shape = spec["shape"]
             if shape is not None and (arr.ndim != len(shape) or any(
                     isinstance(d, int) and d != g for d, g in zip(shape, arr.shape))):
-                from .verify import axis_roles
+                from rnnengine.verify import axis_roles
                 roles = axis_roles(m).get(a, {})
                 shown = ", ".join(str(d) if isinstance(d, int) else roles.get(k, str(d)) for k, d in enumerate(shape))
                 raise ValueError(f"state['inputs'][{a!r}] must have shape ({shown}), got {arr.shape}")
@@ -1269,7 +1271,7 @@ class GraphStream:
                 return
         elif all(first.get(n) == a.shape for n, a in feeds.items()):
             return
-        from .verify import axis_roles
+        from rnnengine.verify import axis_roles
         roles = axis_roles(self.model)
 
         def batch(name, shape):
@@ -1293,7 +1295,7 @@ class GraphStream:
     def _state_mismatch(self, cur, start, feeds):
         """The error for a layer state (from set_state) that does not fit a call, worded with
         the call's inputs and the batch the state was made for."""
-        from .verify import axis_roles
+        from rnnengine.verify import axis_roles
         roles = axis_roles(self.model)
         shown = ", ".join(f"{n}{tuple(a.shape)}" for n, a in feeds.items() if n not in self._carried_names)
         for n, a in feeds.items():
@@ -1484,6 +1486,6 @@ class _MappedGraphStream(GraphStream):
 def _length_inputs(model):
     """Graph inputs that reach a recurrent layer's sequence_lens (packed-sequence exports):
     in a stream they count the valid steps of each row in the chunk."""
-    from .verify import input_roles  # verify imports this module
+    from rnnengine.verify import input_roles  # verify imports this module
     return {name for name, role in input_roles(model).items() if role[0] == "lengths"}
 

@@ -16,8 +16,8 @@ import warnings
 
 import numpy as np
 
-from .layers import GRU, LSTM, RNN
-from .model import Model
+from rnnengine.runtime.layers import GRU, LSTM, RNN
+from rnnengine.runtime.model import Model
 
 # Gate blocks, top to bottom, of the stacked weight matrices in each convention. The letters
 # name the same gates across conventions: LSTM i(nput), f(orget), c(ell candidate; PyTorch's g),

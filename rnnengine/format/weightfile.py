@@ -17,6 +17,7 @@ import struct
 import zlib
 
 import numpy as np
+from rnnengine.errors import FormatError  # noqa: F401 (re-exported)
 
 # --- layout (docs/FORMAT.md, "Layout" and "Header") --------------------------------------
 MAGIC = b"RNNE"          # bytes 0..3 of every weight file
@@ -40,10 +41,6 @@ DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dty
           "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
 PLAIN = ("int64", "int32", "int8", "uint8", "bool")  # non-float input dtypes, stored as they are
 SCALE_KEYS = ("scale_offset", "scale_nbytes", "scale_crc32")  # present exactly on int8-quantized entries
-
-
-class FormatError(ValueError):
-    """The file is not a valid rnnengine weight file (the message says what is wrong)."""
 
 
 def quantization_error_bound(dtype):
@@ -134,7 +131,7 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
             raise ValueError(f"quantize names tensors that are not given: {', '.join(unknown)}")
     meta = {"general.weight_dtype": dtype}
     try:
-        from . import __version__
+        from rnnengine._version import __version__
         meta["general.converter_version"] = __version__
     except ImportError:  # pragma: no cover - the module used outside the package
         pass
@@ -207,7 +204,7 @@ class WeightFile:
     file changes")."""
 
     def __init__(self, path, verify=True, use_mmap=True, limits=None):
-        from .limits import resolve
+        from rnnengine.limits import resolve
         self.path = os.fspath(path)
         self._buf = None
         self.limits = resolve(limits)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core
-from .layers import _Layer, float_array
+from rnnengine import _core
+from rnnengine.runtime.layers import _Layer, float_array
 
 
 def _as_lengths(lengths, B, T, what="lengths"):
@@ -331,5 +331,5 @@ class Model:
 def load_onnx(path_or_model):
     """Loads an ONNX file whose graph is one LSTM/GRU/RNN node or a plain stack of them.
     (Real exported graphs with more glue go through the converter.)"""
-    from .onnx_import import load_stack
+    from rnnengine.frontend.onnx_import import load_stack
     return load_stack(path_or_model)

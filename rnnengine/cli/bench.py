@@ -26,8 +26,8 @@ def _time_calls(fn, n):
 
 
 def bench_model(args):
-    from .cli import _is_weight_file, _kv, _load_any
-    from .verify import ort_session, random_feeds, time_axes
+    from rnnengine.cli.main import _is_weight_file, _kv, _load_any
+    from rnnengine.verify import ort_session, random_feeds, time_axes
 
     model = _load_any(args.file)
     onnx_path = args.onnx or getattr(model, "onnx_source", None) or (None if _is_weight_file(args.file) else args.file)

@@ -15,24 +15,9 @@ import math
 
 import numpy as np
 
+from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
+
 OPS = {}  # op type -> handler class
-
-
-class UnsupportedError(ValueError):
-    """An op, attribute or pattern rnnengine cannot run faithfully."""
-
-
-class NotStreamableError(UnsupportedError):
-    """The graph cannot be streamed: a node on a path from a time-carrying input to an
-    output mixes time steps in a way that chunk-by-chunk calls cannot reproduce exactly.
-    The message reads "not streamable: <op> node '<name>': <reason>"; ``node`` and
-    ``reason`` are kept as attributes."""
-
-    def __init__(self, node, reason):
-        self.node = node.get("name") or node.get("op", "") if isinstance(node, dict) else str(node)
-        self.reason = reason
-        label = where(node) if isinstance(node, dict) else str(node)
-        super().__init__(f"not streamable: {label}: {reason}")
 
 
 def register(*op_types, attrs=()):
@@ -42,10 +27,6 @@ def register(*op_types, attrs=()):
         cls.ATTRS = set(attrs)
         return cls
     return deco
-
-
-def where(node):
-    return f"{node['op']} node {node.get('name') or '(unnamed)'!r}"
 
 
 # C enums (src_c/rnnengine.h)
@@ -100,7 +81,7 @@ class Handler:
 def check_size(h, shape, what="result"):
     """Refuses a result with a negative dimension, or more elements than the limit
     max_tensor_elements in force (rnnengine/limits.py), before it is allocated."""
-    from .limits import resolve, refuse
+    from rnnengine.limits import resolve, refuse
     n = 1
     for d in shape:
         if d < 0:
@@ -1513,8 +1494,8 @@ class Recurrent(Handler):
         return allowed
 
     def layer(self, consts):
-        from .fuse import STATELESS, STEP_MASK
-        from .layers import layer_from_onnx
+        from rnnengine.frontend.fuse import STATELESS, STEP_MASK
+        from rnnengine.runtime.layers import layer_from_onnx
         extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS, STEP_MASK})
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
@@ -1567,7 +1548,7 @@ class Recurrent(Handler):
         B, T = (x.shape[0], x.shape[1]) if layer.layout else (x.shape[1], x.shape[0])
         if x.const is not None:
             x = p.materialize(x)
-        from .fuse import STEP_MASK
+        from rnnengine.frontend.fuse import STEP_MASK
         if self.attrs.get(STEP_MASK):
             # what the converter makes of Keras loops; other combinations are not tested
             if layer.layout or layer.direction != "forward" or slots["sequence_lens"] is not None:
@@ -1598,7 +1579,7 @@ class Recurrent(Handler):
         runtime_init = any(v is not None and v.const is None for v in inits)
         state_floats = int(np.prod(sshape)) * (2 if has_c else 1)
         key = self.node["outputs"][0] or self.node.get("name")
-        from .fuse import STATELESS
+        from rnnengine.frontend.fuse import STATELESS
         if p.streaming and not runtime_init and not self.attrs.get(STATELESS):
             # The stream holds this layer's state: it starts from the constant initial state
             # (or zeros) and carries on from call to call.

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from ._version import __version__
+from rnnengine._version import __version__
 
-DEMO_MODEL = os.path.join(os.path.dirname(__file__), "data", "demo_lstm.onnx")  # load_onnx's test model
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_lstm.onnx")  # load_onnx's test model
 TOLERANCE = 1e-5
 
 
@@ -26,7 +26,7 @@ def _ort_session(path):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-DEMO_CHARLM = os.path.join(os.path.dirname(__file__), "data", "demo_charlm.onnx")
+DEMO_CHARLM = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_charlm.onnx")
 
 
 def cmd_demo(args):
@@ -38,7 +38,7 @@ def cmd_demo(args):
 
     import onnx
 
-    from . import convert
+    from rnnengine import convert
     path = args.model or DEMO_CHARLM
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     if "rnnengine.vocab" not in meta:
@@ -132,15 +132,15 @@ def _value(v):
 
 
 def _is_weight_file(path):
-    from . import fileformat
+    from rnnengine.format import weightfile as fileformat
     with open(path, "rb") as f:
         return f.read(len(fileformat.MAGIC)) == fileformat.MAGIC
 
 
 def _load_any(path, fixed=None):
     """A weight file, or an ONNX file converted in memory."""
-    from . import convert
-    from .store import load
+    from rnnengine import convert
+    from rnnengine.format.store import load
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     if _is_weight_file(path):
@@ -155,9 +155,9 @@ def _progress(msg, t0):
 
 
 def cmd_convert(args):
-    from .converter import convert_model
-    from .graph import GraphModel
-    from .store import save
+    from rnnengine.frontend.converter import convert_model
+    from rnnengine.runtime.graph import GraphModel
+    from rnnengine.format.store import save
     t0 = time.perf_counter()
     fixed = {k: _value(v) for k, v in _kv(args.input, "--input").items()}
     pairs = list(_kv(args.state, "--state").items()) if args.state else None
@@ -175,7 +175,7 @@ def cmd_convert(args):
 
 
 def cmd_inspect(args):
-    from .store import load
+    from rnnengine.format.store import load
     model = load(args.file)
     wf = model.file
     ckpt = getattr(model, "network", None)
@@ -238,9 +238,9 @@ def _print_report(rep):
 
 
 def cmd_verify(args):
-    from . import convert
-    from .store import load
-    from .verify import TOLERANCE, OnnxRuntimeError, verify
+    from rnnengine import convert
+    from rnnengine.format.store import load
+    from rnnengine.verify import TOLERANCE, OnnxRuntimeError, verify
     t0 = time.perf_counter()
     given = {k: _value(v) for k, v in _kv(args.input, "--input").items()}
     dims = _kv(args.dim, "--dim", int)
@@ -301,7 +301,7 @@ def _zero_states(model, feeds):
     stream starts). A state dimension no data input names (tf2onnx gives the batch of x and
     of h0 unrelated symbols) takes the size of a data input's dimension: the one size with
     which the graph runs and gives each paired output its state's shape."""
-    from .graph import NP_DTYPES
+    from rnnengine.runtime.graph import NP_DTYPES
     missing = [(a, o) for a, o in model.state_pairs if a not in feeds]
     out, unknown = {}, []
     for a, o in missing:
@@ -341,7 +341,7 @@ def _stream_run(model, given, chunk):
     time axis whose state is graph I/O (one chunk of audio per call), one entry of a leading
     axis of calls per call. The stream carries the state: state inputs the caller gives are
     where it starts, the others start at zero. Returns (outputs, description)."""
-    from .verify import feed_in_chunks, input_roles, join_chunks, stream_refusal, time_axes
+    from rnnengine.verify import feed_in_chunks, input_roles, join_chunks, stream_refusal, time_axes
     carried = [a for a, _ in model.state_pairs]
     state_outputs = {o for _, o in model.state_pairs}
     calls = None
@@ -432,12 +432,12 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
-    from .bench_model import bench_model
+    from rnnengine.cli.bench import bench_model
     return bench_model(args)
 
 
 def cmd_train(args):
-    from .train import Network, char_vocab, export_char_lm, fit, load_checkpoint
+    from rnnengine.train.fit import Network, char_vocab, export_char_lm, fit, load_checkpoint
     rng_seed = args.seed
     state = None
     if args.resume:
@@ -680,8 +680,8 @@ def main(argv=None):
         return 2
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
-    from .ops import NotStreamableError
-    from .verify import OnnxRuntimeError
+    from rnnengine.ops.handlers import NotStreamableError
+    from rnnengine.verify import OnnxRuntimeError
 
     def one_line(e):
         return " ".join(str(e).split("\n")).strip() or type(e).__name__

@@ -17,6 +17,7 @@ cannot compute, so those versions mean nothing new to it.
 from __future__ import annotations
 
 import onnx.defs
+from rnnengine.errors import OpsetError  # noqa: F401 (re-exported)
 
 MIN_OPSET = 7
 
@@ -133,10 +134,6 @@ VERSIONS = {
     **{op: {11: "introduced"} for op in ("SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
                                          "SequenceInsert", "ConcatFromSequence")},
 }
-
-
-class OpsetError(ValueError):
-    """A node's op version is not one rnnengine implements."""
 
 
 def max_opset():

@@ -4,7 +4,7 @@ rule that follows from it.
 A stream is fed a sequence in chunks along the time axis of its inputs. Its results are
 exact only if every op on a path from a time-carrying input to an output gives, chunk by
 chunk, what it gives on the whole sequence. While a stream's plan is made
-(rnnengine.graph.Planner with streaming=True) every value carries its time information:
+(rnnengine.runtime.graph.Planner with streaming=True) every value carries its time information:
 
   t      the axis of this value that runs along the stream's time (None: no time axis)
   final  the value at the last step seen so far (a recurrent layer's Y_h / Y_c): the whole
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fuse import STEP_MASK
-from .ops import (OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+from rnnengine.frontend.fuse import STEP_MASK
+from rnnengine.ops.handlers import (OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
 RULES = {}

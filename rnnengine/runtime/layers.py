@@ -209,7 +209,7 @@ class _Layer:
         layout 0: Y (T, D, B, H), Y_h (D, B, H); layout 1: Y (B, T, D, H), Y_h (B, D, H).
         With a projection, Y, Y_h and initial_h have proj_size where H is written (Y_c keeps H).
         """
-        from .model import Model
+        from rnnengine.runtime.model import Model
         if self._single is None:
             self._single = Model([self], batch_first=bool(self.layout))
         return self._single._run_onnx(X, sequence_lens, initial_h, initial_c)
