@@ -3,16 +3,31 @@
 The compiled core (rnnengine._core) is loaded on first use, so the pure-Python parts
 (rnnengine.format.weightfile, the weight-file reader) import without it.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from rnnengine._version import __version__
 from rnnengine.limits import Limits
 
-__all__ = ["LSTM", "GRU", "RNN", "Model", "Stream", "step_streams", "load_onnx", "ACTIVATIONS", "convert",
-           "load", "save", "Limits", "from_torch", "__version__"]
+from rnnengine.errors import (ConversionError, EngineError, FormatError, GraphRunError, LimitError,
+                              NotStreamableError, OnnxRuntimeError, OpsetError, ProgramError, RnnEngineError,
+                              UnsupportedError)
 
-# public name -> the module that defines it; imported on first access (PEP 562)
-_LAZY = {"Stream": "._core", "step_streams": "._core", "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
-         "ACTIVATIONS": ".runtime.layers", "Model": ".runtime.model", "load_onnx": ".runtime.model",
-         "from_torch": ".frontend.torch_import"}
+__all__ = ["Model", "Stream", "convert", "load", "save", "from_torch", "step_streams", "LSTM", "GRU", "RNN",
+           "ACTIVATIONS", "Limits", "load_onnx", "__version__",
+           "RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError", "OpsetError",
+           "FormatError", "GraphRunError", "ProgramError", "EngineError", "OnnxRuntimeError"]
+
+if TYPE_CHECKING:
+    from rnnengine.runtime.base import Model
+
+# public name -> the module that defines it; imported on first access (PEP 562), so that
+# `import rnnengine` and the pure-Python parts (rnnengine.format, rnnengine.errors) work
+# without the compiled core
+_LAZY = {"Model": ".runtime.model", "Stream": ".runtime.model", "step_streams": ".runtime.base",
+         "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
+         "ACTIVATIONS": ".runtime.layers", "from_torch": ".frontend.torch_import"}
 
 
 def _core_missing(err):
@@ -56,12 +71,17 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
-    """Converts an ONNX model (path or ModelProto) into a runnable :class:`GraphModel`.
+# The functions below import the runtime on first call: the compiled core is loaded then,
+# not at `import rnnengine` (these imports implement the lazy loading; no circle hides here).
+
+def convert(source: Any, fixed_inputs: dict[str, Any] | None = None,
+            state_pairs: list[tuple[str, str]] | None = None, limits: Limits | None = None) -> Model:
+    """Converts an ONNX model (a path or a ModelProto) into a runnable :class:`Model`.
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
     state inputs and outputs. ``limits`` (a :class:`Limits`) bounds the conversion and the
-    model's later planning (default: ``rnnengine.limits.defaults()``)."""
+    model's later planning (default: ``rnnengine.limits.defaults()``). Raises
+    :class:`ConversionError` (naming the node and the reason) for what it cannot run exactly."""
     from rnnengine import limits as _limits
     _load_core()
     from rnnengine.frontend.converter import convert_model
@@ -74,20 +94,37 @@ def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
     return model
 
 
-def save(model, path, dtype="float32"):
-    """Writes a converted model to a weight file (docs/FORMAT.md); the weight matrices are
-    stored as ``dtype``: "float32", "float16" or "int8" (one scale per row)."""
+def load_onnx(source: Any) -> Model:
+    """Deprecated: the same as :func:`convert` (the one way in for ONNX files)."""
+    import warnings
+    warnings.warn("rnnengine.load_onnx() is rnnengine.convert() now; call convert()", DeprecationWarning,
+                  stacklevel=2)
+    return convert(source)
+
+
+def save(model: Model, path: str, dtype: str = "float32") -> None:
+    """Writes a model to a weight file (docs/FORMAT.md); the weight matrices are stored as
+    ``dtype``: "float32", "float16" or "int8" (one scale per row). :func:`load` reads it
+    back as a converted graph. A model built from layers is written as the ONNX graph of
+    its layers (rnnengine.frontend.layer_export), which cannot hold an LSTM projection
+    (proj_size) or a model-defined initial state (refused, ConversionError)."""
+    _load_core()
     from rnnengine.format.store import save as _save
+    from rnnengine.frontend.layer_export import layers_to_onnx
+    from rnnengine.runtime.model import LayerModel
+    if isinstance(model, LayerModel):
+        model = convert(layers_to_onnx(model))
     _save(model, path, dtype)
 
 
-def load(path, verify=True, limits=None, mmap=False):
+def load(path: str, verify: bool = True, limits: Limits | None = None, mmap: bool = False) -> Model:
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
-    :class:`GraphModel`. ``verify`` checks the file's checksums first. The file is read into
+    :class:`Model`. ``verify`` checks the file's checksums first. The file is read into
     private memory (float32 weights are views of it); ``mmap=True`` maps it instead, shared
     through the page cache, and checks before every run and stream step that it was not
     truncated or replaced (docs/FORMAT.md). ``limits`` (a :class:`Limits`) bounds the
-    reading and the model's later planning (default: ``rnnengine.limits.defaults()``)."""
+    reading and the model's later planning (default: ``rnnengine.limits.defaults()``).
+    Raises :class:`FormatError` for a damaged file."""
     _load_core()
     from rnnengine.format.store import load as _load
     return _load(path, verify, limits=limits, mmap=mmap)

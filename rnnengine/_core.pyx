@@ -281,6 +281,13 @@ cdef cnp.ndarray _thread_work(int64_t n):
     return <cnp.ndarray>buf
 
 
+def _only_x(dict d, what):
+    """The array of a layer-stack stream's dict input {"X": array}."""
+    if len(d) != 1 or "X" not in d:
+        raise ValueError(f"{what}(): a layer-stack model's stream takes the input 'X' only, got {sorted(map(str, d))}")
+    return d["X"]
+
+
 cdef class Stream:
     """Recurrent state of ``batch_size`` rows kept between calls to step() and feed().
 
@@ -314,7 +321,9 @@ cdef class Stream:
     def step(self, x, out=None):
         """Advances one time step. x: (batch_size, input_size), or (input_size,) when
         batch_size is 1. Returns the top layer's output, (batch_size, output_size) or
-        (output_size,), written into ``out`` when given."""
+        (output_size,), written into ``out`` when given. A dict {"X": x} gives {"Y": y}."""
+        if type(x) is dict:
+            return {"Y": self.step(_only_x(x, "step"), out)}
         cdef Stack stack = self.stack
         cdef int64_t B = self.batch_size
         cdef cnp.ndarray arr
@@ -356,10 +365,13 @@ cdef class Stream:
             _check(st, "step")
         return res
 
-    def feed(self, xs):
+    def feed(self, xs, out=None):
         """Advances len(xs) time steps. xs: (T, batch_size, input_size), or
         (batch_size, T, input_size) for a batch_first model; a 2-D (T, input_size) when
-        batch_size is 1. Returns the top layer's outputs in the same layout."""
+        batch_size is 1. Returns the top layer's outputs in the same layout (written into
+        ``out`` when given). A dict {"X": xs} gives {"Y": ys}."""
+        if type(xs) is dict:
+            return {"Y": self.feed(_only_x(xs, "feed"), out)}
         cdef Stack stack = self.stack
         arr = _float_input(xs, "feed(): xs")
         squeeze = arr.ndim == 2 and self.batch_size == 1
@@ -372,7 +384,17 @@ cdef class Stream:
                              f"{'(%d, T, %d)' % (self.batch_size, stack.input_size) if self.batch_first else '(T, %d, %d)' % (self.batch_size, stack.input_size)}"
                              f", got {np.shape(xs)}")
         T = arr.shape[1 - bdim]
-        Y = np.zeros(arr.shape[:2] + (stack.output_size,), np.float32)
+        shape_y = arr.shape[:2] + (stack.output_size,)
+        if out is None:
+            Y = np.zeros(shape_y, np.float32)
+        else:
+            out_shape = ((shape_y[0], shape_y[2]) if not self.batch_first else (shape_y[1], shape_y[2])) \
+                if squeeze else shape_y
+            if not (type(out) is np.ndarray and out.dtype == np.float32 and out.flags.c_contiguous
+                    and out.flags.writeable and out.shape == out_shape):
+                raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {out_shape}")
+            Y = out.reshape(shape_y)
+            Y[...] = 0.0
         if T:
             B = self.batch_size
             DH = stack.output_size
@@ -384,7 +406,20 @@ cdef class Stream:
                               work[:stack.workspace_size(T, B)], self.batch_first)
             finally:
                 self._busy = False
+        if out is not None:
+            return out
         return Y[:, 0, :] if squeeze and not self.batch_first else (Y[0] if squeeze else Y)
+
+    @property
+    def delay(self):
+        """Input steps by which outputs trail the input: 0 (a layer stack never looks ahead)."""
+        return 0
+
+    def finish(self):
+        """Nothing is held back in a layer stack: an empty output (no time steps)."""
+        if self.batch_first:
+            return np.zeros((int(self.batch_size), 0, int(self.stack.output_size)), np.float32)
+        return np.zeros((0, int(self.batch_size), int(self.stack.output_size)), np.float32)
 
     cdef _enter(self):
         """Marks the stream in use; a second thread using it at the same time gets an error

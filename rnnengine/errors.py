@@ -14,7 +14,6 @@ without the compiled core.
     +-- FormatError (ValueError)           not a valid weight file (docs/FORMAT.md)
     +-- GraphRunError (ValueError)         the graph executor stopped on bad input data
     |   +-- ProgramError                     a program refused by the C verifier before it runs
-    +-- OnnxImportError (ValueError)       kept for code written against load_onnx
     +-- EngineError (RuntimeError)         the C core refused a call (a validation bug if a user sees it)
     +-- OnnxRuntimeError (RuntimeError)    onnxruntime (the oracle of `verify`) refused the model
 """
@@ -23,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError",
-           "OpsetError", "FormatError", "GraphRunError", "ProgramError", "OnnxImportError", "EngineError",
+           "OpsetError", "FormatError", "GraphRunError", "ProgramError", "EngineError",
            "OnnxRuntimeError", "where"]
 
 
@@ -79,10 +78,6 @@ class ProgramError(GraphRunError):
     write outside the tensors it names, compute on element types its op does not take, or
     read parameters it was not given. The message names the node and the instruction, e.g.
     "Gemm node 'g': instruction 7 (MATMUL): input B has 12 elements, the instruction reads 48"."""
-
-
-class OnnxImportError(RnnEngineError, ValueError):
-    """The ONNX graph is not something the layer-stack importer can run faithfully."""
 
 
 class EngineError(RnnEngineError, RuntimeError):

@@ -34,9 +34,9 @@ def test_demo_runs_and_agrees_with_onnxruntime(capsys):
 
 
 def test_demo_model_loads_with_state_inputs():
-    m = rnnengine.load_onnx(cli.DEMO_MODEL)
-    assert [k for k, _, _ in m.onnx_info["state_inputs"]] == [0, 0, 1, 1]
-    assert m.streamable
+    m = rnnengine.convert(cli.DEMO_MODEL)
+    assert len(m.state_pairs) == 4  # h and c of two layers, carried by streams
+    assert isinstance(m.stream(), rnnengine.Stream)
 
 
 def test_console_help(tmp_path):

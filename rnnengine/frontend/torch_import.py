@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from rnnengine.runtime.layers import GRU, LSTM, RNN
-from rnnengine.runtime.model import Model
+from rnnengine.runtime.model import LayerModel
 
 # Gate blocks, top to bottom, of the stacked weight matrices in each convention. The letters
 # name the same gates across conventions: LSTM i(nput), f(orget), c(ell candidate; PyTorch's g),
@@ -151,7 +151,7 @@ def _recurrent_layers(module, where):
     return layers, (kind, L, D), batch_first
 
 
-class TorchModel(Model):
+class TorchModel(LayerModel):
     """A :class:`rnnengine.Model` made by :func:`from_torch`, with conversions between its
     per-layer state and PyTorch's stacked ``h_n`` / ``(h_n, c_n)`` (one per module)."""
 

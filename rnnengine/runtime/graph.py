@@ -28,6 +28,7 @@ from rnnengine import _core, limits
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
 from rnnengine.ops.handlers import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
+from rnnengine.runtime.base import Model, Stream
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
@@ -688,14 +689,17 @@ def _outer_reads(node):
     return reads
 
 
-class GraphModel:
-    """A converted model ready to run. Build it with :func:`rnnengine.load` (a weight file)
-    or :func:`rnnengine.convert` (an ONNX file).
+class GraphModel(Model):
+    """A :class:`rnnengine.Model` that is a converted graph, planned into a C program and run
+    by the C graph executor. :func:`rnnengine.convert` (an ONNX file) and
+    :func:`rnnengine.load` (a weight file) give one.
 
     ``run(inputs)`` runs whole sequences; ``stream()`` gives a stream that keeps every
     recurrent state between calls. ``inputs`` is a dict name -> array, or one array when
-    the model has a single input to feed.
+    the model has a single input to feed (its outputs then come back in ``outputs`` order).
     """
+    threads = 1  # run() on one thread
+    weight_dtype = "float32"  # the recurrent kernels read float32 weights
     limits = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
     mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
 
@@ -721,6 +725,58 @@ class GraphModel:
         """Inputs a stream's caller feeds: all inputs but the explicit state ones."""
         carried = {a for a, _ in self.state_pairs}
         return [i["name"] for i in self.inputs if i["name"] not in carried]
+
+    @property
+    def input_names(self):
+        return self.feed_names
+
+    def _as_feeds(self, inputs, lengths, state, who):
+        """run()/feed()'s arguments as one dict of inputs: ``lengths`` goes to the input that
+        feeds the recurrent layers' sequence_lens, ``state`` ({state input: array}, or a
+        stream's get_state() structure, of which only "inputs" applies) to the state inputs."""
+        feeds = dict(inputs) if isinstance(inputs, dict) else None
+        extra = {}
+        if lengths is not None:
+            names = sorted(_length_inputs(self))
+            if len(names) != 1:
+                raise ValueError(f"{who}: lengths= needs one input that feeds the recurrent layers' "
+                                 f"sequence_lens; this model has {names or 'none'}")
+            extra[names[0]] = lengths
+        if state is not None:
+            if not isinstance(state, dict):
+                raise TypeError(f"{who}: state must be a dict {{state input: array}}, got {type(state).__name__}")
+            if set(state) <= {"layers", "inputs", "context"} and isinstance(state.get("inputs", {}), dict):
+                if state.get("layers") or state.get("context"):
+                    raise ValueError(f"{who}: a whole-sequence run starts its recurrent layers from their initial "
+                                     "state; a state with 'layers' or 'context' is a stream's "
+                                     "(model.stream(state=...))")
+                state = state.get("inputs", {})
+            names = [a for a, _ in self.state_pairs]
+            unknown = sorted(map(str, set(state) - set(names)))
+            if unknown:
+                raise ValueError(f"{who}: state has {unknown}, not state input(s) of this model "
+                                 f"(its state inputs: {names or 'none'})")
+            extra.update(state)
+        if not extra:
+            return inputs
+        if feeds is None:
+            data = [n for n in self.feed_names if n not in extra]
+            if len(data) != 1:
+                raise TypeError(f"{who}: this model takes several inputs {data}; pass a dict name -> array")
+            feeds = {data[0]: inputs}
+        for n, v in extra.items():
+            if n in feeds:
+                raise ValueError(f"{who}: input {n!r} given twice (in the dict and as a keyword)")
+            feeds[n] = v
+        return feeds
+
+    def _as_returned(self, inputs, out, outputs=None):
+        """A dict of outputs for a dict of inputs, else the outputs in order (one array alone)."""
+        if isinstance(inputs, dict):
+            return out
+        names = self.outputs if outputs is None else list(outputs)
+        vals = tuple(out[n] for n in names if n in out)
+        return vals[0] if len(vals) == 1 else vals
 
     def _derived_for(self, source, tag, fn):
         key = (id(source), tag)
@@ -866,17 +922,23 @@ class GraphModel:
             self.__dict__["_tokens"] = tokens
         return tokens
 
-    def run(self, inputs):
-        """Runs the graph once on whole sequences (no state kept). Returns a dict
-        output name -> array. Explicit state inputs default to zeros when omitted."""
+    def run(self, inputs, lengths=None, state=None):
+        """Runs the graph once on whole sequences (no state kept). ``inputs``: a dict name ->
+        array (returns a dict output name -> array), or the one array of a model with one
+        input to feed (returns the outputs in ``outputs`` order, one array alone).
+        ``lengths``: the valid steps per row, for the input that feeds the recurrent layers'
+        sequence_lens. ``state``: {state input: array}; explicit state inputs default to
+        zeros when omitted."""
         if self.mapped_file is not None:  # a truncated map would kill the process (SIGBUS)
             self.mapped_file.check_unchanged()
+        given = inputs
+        inputs = self._as_feeds(inputs, lengths, state, "run()")
         feeds = self._check_feeds(inputs, allow_missing={a for a, _ in self.state_pairs})
         for a, _ in self.state_pairs:
             if a not in feeds:
                 feeds[a] = self._zero_state(a, feeds)
         plan = self.plan(feeds)
-        return plan.execute(plan.context(), feeds, {})
+        return self._as_returned(given, plan.execute(plan.context(), feeds, {}))
 
     def _zero_state(self, name, feeds):
         """Zeros for the explicit state input ``name`` (a stream's start, or run() without
@@ -1058,22 +1120,32 @@ class GraphModel:
                     return int(arr.shape[k])
         return None
 
-    def stream(self):
-        """A stream: feed it chunks (any number of time steps) and it carries every
-        recurrent state on from call to call. Raises NotStreamableError, naming the node and
-        the reason, when a chunk-by-chunk run could differ from the whole-sequence run."""
+    def stream(self, batch_size=None, state=None):
+        """A stream: feed it chunks (any number of time steps) or single steps, and it carries
+        every recurrent state on from call to call. ``batch_size``: the rows it carries (the
+        first call's when None; a call with another batch is refused). ``state``: where it
+        starts (get_state()'s structure). Raises NotStreamableError, naming the node and the
+        reason, when a chunk-by-chunk run could differ from the whole-sequence run."""
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if self.mapped_file is not None:  # load(..., mmap=True): every call checks the file
             self.mapped_file.check_unchanged()
-            return _MappedGraphStream(self)
-        return GraphStream(self)
+            s = _MappedGraphStream(self)
+        else:
+            s = GraphStream(self)
+        s.batch_size = None if batch_size is None else int(batch_size)
+        if state is not None:
+            s.set_state(state)
+        return s
 
 
 _BUSY = ("this stream is being used by another thread at the same time; a stream carries one "
          "sequence, so use it from one thread at a time (or fork() it)")
 
 
-class GraphStream:
-    """State held between calls: recurrent layers' own state, the graph's explicit state
+class GraphStream(Stream):
+    """A :class:`rnnengine.Stream` of a graph model. State held between calls: recurrent layers' own state, the graph's explicit state
     inputs (fed from the paired outputs of the previous call), and the context that ops
     along time carry (the last frames a convolution still needs; rnnengine/streaming.py).
 
@@ -1263,6 +1335,15 @@ class GraphStream:
         """A stream keeps its batch size: refuses, in the user's terms, data whose batch differs
         from the first call's (or from the state given to set_state), before planning would
         fail on engine internals. ``feeds``: the checked data inputs of a call."""
+        if self.batch_size is not None and not self.__dict__.get("_batch_checked"):
+            from rnnengine.verify import axis_roles
+            roles = axis_roles(self.model)
+            for n, a in feeds.items():
+                b = next((a.shape[k] for k, r in roles.get(n, {}).items() if r == "batch" and k < a.ndim), None)
+                if b is not None and b != self.batch_size:
+                    raise ValueError(f"input {n!r} has batch {b} (shape {a.shape}) but this stream was made with "
+                                     f"batch_size={self.batch_size}")
+            self._batch_checked = True
         fresh = not self._layer_state and not self._carried
         first = None if fresh else self.__dict__.get("_first_shapes")
         if first is None:
@@ -1309,21 +1390,64 @@ class GraphStream:
         return ValueError(f"this stream's state (from set_state) does not fit the inputs {shown}: it was made for "
                           "another batch size; start another stream with model.stream()")
 
-    def __call__(self, inputs, outputs=None):
-        return self.step(inputs, outputs)
+    batch_size = None  # the rows the stream carries (None: the first call's)
 
-    def step(self, inputs, outputs=None):
-        """Runs the graph on one chunk and returns its outputs (dict name -> array; only
-        the names in ``outputs`` when given, which saves copying the others). Outputs along
-        time trail the input by ``self.delay`` steps when an op looks ahead; finish() gives
-        the rest. A stream carries one sequence: a call while another thread's call on the
-        same stream runs raises RuntimeError (fork() gives independent streams)."""
+    def __call__(self, inputs, outputs=None):
+        return self.feed(inputs, outputs=outputs)
+
+    def feed(self, inputs, out=None, outputs=None):
+        """Runs the graph on one chunk (any number of time steps, along each input's time
+        axis) and returns its outputs: a dict name -> array for a dict, else the outputs in
+        ``model.outputs`` order (one array alone); only the names in ``outputs`` when given,
+        which saves copying the others. Outputs along time trail the input by
+        ``self.delay`` steps when an op looks ahead; finish() gives the rest. A stream
+        carries one sequence: a call while another thread's call on the same stream runs
+        raises RuntimeError (fork() gives independent streams)."""
+        if out is not None:
+            raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            return self._step(inputs, outputs)
+            res = self._step(inputs, outputs)
         finally:
             self._busy.release()
+        self._array_io = not isinstance(inputs, dict)
+        return self.model._as_returned(inputs, res, outputs)
+
+    def step(self, inputs, out=None, outputs=None):
+        """Advances one time step: like feed() with inputs that have no time axis (each
+        output along time then comes back without it too). For a model that takes one
+        fixed-size step per call (no time axis, e.g. a chunk of audio reduced to one
+        recurrent step, see ``time_axes``), the same as feed()."""
+        if out is not None:
+            raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
+        taxes = self._taxes
+        if taxes is None:
+            raise ValueError("this stream does not know its inputs' time axes yet (the model's declared "
+                             "shapes do not tell them): call feed() with a chunk first")
+        if not taxes:
+            return self.feed(inputs, outputs=outputs)
+        if isinstance(inputs, dict):
+            chunk = {n: (np.expand_dims(np.asarray(v), taxes[n]) if n in taxes else v) for n, v in inputs.items()}
+        else:
+            names = [n for n in self.model.feed_names]
+            if len(names) != 1:
+                raise TypeError(f"this model takes several inputs {names}; pass a dict name -> array")
+            if names[0] not in taxes:
+                raise ValueError(f"input {names[0]!r} has no time axis; call feed()")
+            chunk = {names[0]: np.expand_dims(np.asarray(inputs), taxes[names[0]])}
+        if not self._busy.acquire(False):
+            raise RuntimeError(_BUSY)
+        try:
+            res = self._step(chunk, outputs)
+        finally:
+            self._busy.release()
+        for name, t in self.output_axes.items():
+            v = res.get(name)
+            if t is not None and v is not None and t < v.ndim and v.shape[t] == 1:
+                res[name] = np.squeeze(v, axis=t)
+        self._array_io = not isinstance(inputs, dict)
+        return self.model._as_returned(inputs, res, outputs)
 
     def _step(self, inputs, outputs):
         if self._finished:
@@ -1402,13 +1526,17 @@ class GraphStream:
         return ctx[1]
 
     def finish(self, outputs=None):
-        """Ends the sequence (see _finish_sequence); refuses concurrent use like step()."""
+        """Ends the sequence (see _finish_sequence); refuses concurrent use like feed().
+        Returns a dict when the last call was given a dict, else the outputs in order."""
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            return self._finish_sequence(outputs)
+            res = self._finish_sequence(outputs)
         finally:
             self._busy.release()
+        if self.__dict__.get("_array_io") and res:
+            return self.model._as_returned(None, res, outputs)
+        return res
 
     def _finish_sequence(self, outputs=None):
         """Ends the sequence: flushes what ops along time still hold (the trailing padding

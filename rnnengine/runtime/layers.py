@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rnnengine import _core
+
 # name -> (C kind, takes alpha, takes beta, default alpha, default beta).
 # Defaults are those of the ONNX operators of the same name, as the LSTM/GRU/RNN spec says.
 # onnxruntime (1.2x-1.3x) differs when alpha/beta are left out: it uses 0 for Affine's alpha
@@ -209,10 +211,9 @@ class _Layer:
         layout 0: Y (T, D, B, H), Y_h (D, B, H); layout 1: Y (B, T, D, H), Y_h (B, D, H).
         With a projection, Y, Y_h and initial_h have proj_size where H is written (Y_c keeps H).
         """
-        from rnnengine.runtime.model import Model
         if self._single is None:
-            self._single = Model([self], batch_first=bool(self.layout))
-        return self._single._run_onnx(X, sequence_lens, initial_h, initial_c)
+            self._single = _core.Stack([self._spec()])
+        return run_onnx(self, self._single, X, sequence_lens, initial_h, initial_c)
 
 
 class LSTM(_Layer):
@@ -263,3 +264,143 @@ def layer_from_onnx(kind, attrs, W, R, B=None, P=None, name=None):
     if kind == "GRU":
         return GRU(W, R, B, linear_before_reset=at.get("linear_before_reset", 0), **kwargs)
     return RNN(W, R, B, **kwargs)
+
+
+# --- the state and sequence layout of a stack of layers (rnnengine.Model built from layers) ---
+
+def as_lengths(lengths, B, T, what="lengths"):
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"{what} must have shape ({B},) (one length per batch row), got {arr.shape}")
+    if B and (arr.min() < 0 or arr.max() > T):
+        bad = arr[(arr < 0) | (arr > T)]
+        raise ValueError(f"{what} must lie in [0, {T}] (T = {T}), got {bad.tolist()}")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def sequence_input(X, input_size, batch_first, what="X"):
+    """Checks a whole-sequence input; returns (X as float32, T, batch)."""
+    X = float_array(X, what)
+    if X.ndim == 2:
+        raise ValueError(f"{what} must have 3 dimensions "
+                         f"({'batch, T' if batch_first else 'T, batch'}, {input_size}), "
+                         f"got shape {X.shape}; add a batch axis for a single sequence")
+    if X.ndim != 3:
+        raise ValueError(f"{what} must have 3 dimensions "
+                         f"({'batch, T' if batch_first else 'T, batch'}, {input_size}), "
+                         f"got shape {X.shape}")
+    if X.shape[2] != input_size:
+        raise ValueError(f"{what} has {X.shape[2]} features per step (shape {X.shape}), "
+                         f"the model expects {input_size}")
+    B, T = (X.shape[0], X.shape[1]) if batch_first else (X.shape[1], X.shape[0])
+    return X, T, B
+
+
+def pack_state(layers, state, batch, broadcast=False):
+    """The structured state (module doc) -> the C core's flat vector, every entry checked:
+    a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
+    float array of shape (num_directions, batch, hidden_size)."""
+    def shape_of(layer):
+        if layer.proj_size:
+            return (f"({layer.num_directions}, {batch}, {layer.h_size}) for h (proj_size) and "
+                    f"({layer.num_directions}, {batch}, {layer.hidden_size}) for c")
+        return f"({layer.num_directions}, {batch}, {layer.hidden_size})"
+    if not isinstance(state, (list, tuple)):
+        raise TypeError(f"state must be a list with one entry per layer ({len(layers)}): (h, c) for an "
+                        f"LSTM layer, h otherwise, as get_state() returns; got {type(state).__name__}")
+    if len(state) != len(layers):
+        raise ValueError(f"state must be a list with one entry per layer ({len(layers)}), "
+                         f"got {type(state).__name__} of length {len(state)}")
+    parts = []
+    for k, (layer, entry) in enumerate(zip(layers, state)):
+        want_h = (layer.num_directions, batch, layer.h_size)
+        want_c = (layer.num_directions, batch, layer.hidden_size)
+        if layer.kind == "LSTM":
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                got = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple))
+                       else f"a {type(entry).__name__}")
+                raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c) of arrays "
+                                 f"{shape_of(layer)}, got {got}")
+            arrays = [("h", entry[0]), ("c", entry[1])]
+        else:
+            if isinstance(entry, (list, tuple)):
+                raise ValueError(f"state[{k}] of a {layer.kind} layer is h alone, an array {shape_of(layer)} "
+                                 f"(only LSTM layers have a pair (h, c)), got a {type(entry).__name__} "
+                                 f"of {len(entry)}")
+            arrays = [("h", entry)]
+        for nm, a in arrays:
+            want = want_c if nm == "c" else want_h
+            a = float_array(a, f"state[{k}] {nm}")
+            if broadcast and a.shape == (want[0], 1, want[2]):
+                a = np.broadcast_to(a, want)
+            if a.shape != want:
+                what = "proj_size" if nm == "h" and layer.proj_size else "hidden"
+                raise ValueError(f"state[{k}] {nm} must have shape {want} "
+                                 f"(directions, batch, {what}), got {a.shape}")
+            parts.append(a.reshape(-1))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def unpack_state(layers, vec, batch):
+    """The flat state vector of the C core -> the per-layer structure (copies)."""
+    out, off = [], 0
+    for layer in layers:
+        shape = (layer.num_directions, batch, layer.h_size)
+        n = int(np.prod(shape))
+        h = vec[off:off + n].reshape(shape).copy()
+        off += n
+        if layer.kind == "LSTM":
+            shape = (layer.num_directions, batch, layer.hidden_size)  # c: hidden_size, also projected
+            n = int(np.prod(shape))
+            c = vec[off:off + n].reshape(shape).copy()
+            off += n
+            out.append((h, c))
+        else:
+            out.append(h)
+    return out
+
+
+def run_onnx(layer, stack, X, sequence_lens, initial_h, initial_c):
+    """One-layer ONNX operator semantics (LSTM/GRU/RNN.__call__); ``stack`` is the layer's own
+    one-layer _core.Stack."""
+    layout = layer.layout
+    X, T, B = sequence_input(X, layer.input_size, bool(layout))
+    D, H, Hh = layer.num_directions, layer.hidden_size, layer.h_size  # Hh: h and Y (proj_size)
+    lens = as_lengths(sequence_lens, B, T, "sequence_lens")
+
+    def initial(value, nm):
+        n = H if nm == "initial_c" else Hh
+        state_shape = (B, D, n) if layout else (D, B, n)
+        if value is None:
+            return np.zeros((D, B, n), np.float32)
+        v = float_array(value, nm)
+        if v.shape != state_shape:
+            raise ValueError(f"{nm} must have shape {state_shape} "
+                             f"({'batch, directions' if layout else 'directions, batch'}, hidden), "
+                             f"got {v.shape}")
+        return v.transpose(1, 0, 2) if layout else v
+
+    if initial_c is not None and layer.kind != "LSTM":
+        raise ValueError(f"initial_c is an LSTM input; {layer.kind} has none")
+    h0 = initial(initial_h, "initial_h")
+    state = [(h0, initial(initial_c, "initial_c"))] if layer.kind == "LSTM" else [h0]
+    st = pack_state([layer], state, B)
+    Y = np.zeros((B, T, D, Hh) if layout else (T, D, B, Hh), np.float32)
+    if T and B:
+        if layout:
+            ys_t, ys_b, ys_d = D * Hh, T * D * Hh, Hh
+        else:
+            ys_t, ys_b, ys_d = D * B * Hh, Hh, B * Hh
+        work = np.empty(stack.workspace_size(T, B), np.float32)
+        stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, ys_d, st, work, bool(layout))
+    final = unpack_state([layer], st, B)[0]
+    final = list(final) if layer.kind == "LSTM" else [final]
+    for k, a in enumerate(final):
+        if lens is not None:
+            a[:, lens == 0, :] = 0.0  # onnxruntime: a row of length 0 has Y_h = Y_c = 0
+        final[k] = np.ascontiguousarray(a.transpose(1, 0, 2)) if layout else a
+    return (Y, *final)

@@ -1,4 +1,5 @@
-"""A stack of recurrent layers: whole-sequence runs and streams with persistent state.
+"""The layer-stack runtime: a Model that is a stack of recurrent layers, run by the C stack
+directly (no graph executor between the caller and the cells), with streams of the C core.
 
 State convention (as PyTorch's nn.LSTM / nn.GRU, one entry per layer): an LSTM layer's
 state is a tuple ``(h, c)``, a GRU or RNN layer's state is ``h``; each array has shape
@@ -9,21 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from rnnengine import _core
-from rnnengine.runtime.layers import _Layer, float_array
-
-
-def _as_lengths(lengths, B, T, what="lengths"):
-    if lengths is None:
-        return None
-    arr = np.asarray(lengths)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{what} must be an integer array, got dtype {arr.dtype}")
-    if arr.shape != (B,):
-        raise ValueError(f"{what} must have shape ({B},) (one length per batch row), got {arr.shape}")
-    if B and (arr.min() < 0 or arr.max() > T):
-        bad = arr[(arr < 0) | (arr > T)]
-        raise ValueError(f"{what} must lie in [0, {T}] (T = {T}), got {bad.tolist()}")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+from rnnengine.runtime.base import Model, Stream
+from rnnengine.runtime.layers import _Layer, as_lengths, pack_state, sequence_input, unpack_state
 
 
 def _check_compact_weights(cell, weight_dtype, where, direction):
@@ -46,8 +34,13 @@ def _check_compact_weights(cell, weight_dtype, where, direction):
                              f"use weight_dtype='float32' for these weights")
 
 
-class Model:
-    """A stack of recurrent layers run by the C core.
+class LayerModel(Model):
+    """A :class:`rnnengine.Model` that is a stack of recurrent layers run by the C core;
+    ``rnnengine.Model(layers, ...)`` builds one.
+
+    Inputs and outputs: the input ``X`` (``lengths`` as a keyword or a dict entry), the
+    outputs ``Y`` (the top layer's output sequence) and ``state`` (the final state, in the
+    structure of the module doc), so ``Y, state = model.run(X)``.
 
     Parameters
     ----------
@@ -94,11 +87,17 @@ class Model:
         self.output_size = layers[-1].output_size
         self._default = None
         if initial_state is not None:
-            self._default = self._pack_state(initial_state, 1)
+            self._default = pack_state(self.layers, initial_state, 1)
 
     def __repr__(self):
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Model([{inner}], batch_first={self.batch_first})"
+
+    outputs = ["Y", "state"]
+
+    @property
+    def input_names(self):
+        return ["X"]
 
     @property
     def streamable(self):
@@ -106,102 +105,43 @@ class Model:
         return all(layer.direction == "forward" for layer in self.layers)
 
     # --- state <-> the C core's flat vector ------------------------------------------
+    def _pack_state(self, state, batch, broadcast=False):
+        """The structured state -> the C core's flat vector (layers.pack_state)."""
+        return pack_state(self.layers, state, batch, broadcast)
+
+    def unpack_state(self, vec, batch):
+        """The C core's flat state vector -> the structured state (copies)."""
+        return unpack_state(self.layers, vec, batch)
+
     def initial_state_vector(self, batch):
         if self._default is None:
             return np.zeros(self._stack.state_size(batch), np.float32)
-        return self._pack_state(self.unpack_state(self._default, 1), batch, broadcast=True)
-
-    def _pack_state(self, state, batch, broadcast=False):
-        """The structured state (module doc) -> the C core's flat vector, every entry checked:
-        a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
-        float array of shape (num_directions, batch, hidden_size)."""
-        def shape_of(layer):
-            if layer.proj_size:
-                return (f"({layer.num_directions}, {batch}, {layer.h_size}) for h (proj_size) and "
-                        f"({layer.num_directions}, {batch}, {layer.hidden_size}) for c")
-            return f"({layer.num_directions}, {batch}, {layer.hidden_size})"
-        if not isinstance(state, (list, tuple)):
-            raise TypeError(f"state must be a list with one entry per layer ({len(self.layers)}): (h, c) for an "
-                            f"LSTM layer, h otherwise, as get_state() returns; got {type(state).__name__}")
-        if len(state) != len(self.layers):
-            raise ValueError(f"state must be a list with one entry per layer ({len(self.layers)}), "
-                             f"got {type(state).__name__} of length {len(state)}")
-        parts = []
-        for k, (layer, entry) in enumerate(zip(self.layers, state)):
-            want_h = (layer.num_directions, batch, layer.h_size)
-            want_c = (layer.num_directions, batch, layer.hidden_size)
-            if layer.kind == "LSTM":
-                if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                    got = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple))
-                           else f"a {type(entry).__name__}")
-                    raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c) of arrays "
-                                     f"{shape_of(layer)}, got {got}")
-                arrays = [("h", entry[0]), ("c", entry[1])]
-            else:
-                if isinstance(entry, (list, tuple)):
-                    raise ValueError(f"state[{k}] of a {layer.kind} layer is h alone, an array {shape_of(layer)} "
-                                     f"(only LSTM layers have a pair (h, c)), got a {type(entry).__name__} "
-                                     f"of {len(entry)}")
-                arrays = [("h", entry)]
-            for nm, a in arrays:
-                want = want_c if nm == "c" else want_h
-                a = float_array(a, f"state[{k}] {nm}")
-                if broadcast and a.shape == (want[0], 1, want[2]):
-                    a = np.broadcast_to(a, want)
-                if a.shape != want:
-                    what = "proj_size" if nm == "h" and layer.proj_size else "hidden"
-                    raise ValueError(f"state[{k}] {nm} must have shape {want} "
-                                     f"(directions, batch, {what}), got {a.shape}")
-                parts.append(a.reshape(-1))
-        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-
-    def unpack_state(self, vec, batch):
-        """The flat state vector of the C core -> the per-layer structure (copies)."""
-        out, off = [], 0
-        for layer in self.layers:
-            shape = (layer.num_directions, batch, layer.h_size)
-            n = int(np.prod(shape))
-            h = vec[off:off + n].reshape(shape).copy()
-            off += n
-            if layer.kind == "LSTM":
-                shape = (layer.num_directions, batch, layer.hidden_size)  # c: hidden_size, also projected
-                n = int(np.prod(shape))
-                c = vec[off:off + n].reshape(shape).copy()
-                off += n
-                out.append((h, c))
-            else:
-                out.append(h)
-        return out
+        return pack_state(self.layers, unpack_state(self.layers, self._default, 1), batch, broadcast=True)
 
     # --- whole sequences ---------------------------------------------------------------
-    def _input(self, X, what="X"):
-        X = float_array(X, what)
-        if X.ndim == 2:
-            raise ValueError(f"{what} must have 3 dimensions "
-                             f"({'batch, T' if self.batch_first else 'T, batch'}, {self.input_size}), "
-                             f"got shape {X.shape}; add a batch axis for a single sequence")
-        if X.ndim != 3:
-            raise ValueError(f"{what} must have 3 dimensions "
-                             f"({'batch, T' if self.batch_first else 'T, batch'}, {self.input_size}), "
-                             f"got shape {X.shape}")
-        if X.shape[2] != self.input_size:
-            raise ValueError(f"{what} has {X.shape[2]} features per step (shape {X.shape}), "
-                             f"the model expects {self.input_size}")
-        B, T = (X.shape[0], X.shape[1]) if self.batch_first else (X.shape[1], X.shape[0])
-        return X, T, B
-
     def run(self, X, lengths=None, state=None):
         """Runs whole sequences.
 
+        X : an array, or a dict {"X": array, "lengths": array (optional)}, which gives a
+            dict {"Y": Y, "state": final_state} back.
         X : (T, batch, input_size), or (batch, T, input_size) when batch_first.
         lengths : optional (batch,) integers in [0, T]; outputs past a row's length are 0
             and its final state is the state at its last valid step.
         state : optional initial state (see module doc); the model's initial state if None.
         Returns (Y, final_state): Y is (T, batch, output_size) (or batch-first).
         """
-        X, T, B = self._input(X)
-        lens = _as_lengths(lengths, B, T)
-        st = self.initial_state_vector(B) if state is None else self._pack_state(state, B)
+        if isinstance(X, dict):
+            unknown = sorted(map(str, set(X) - {"X", "lengths"}))
+            if unknown or "X" not in X:
+                raise ValueError(f"a layer-stack model takes the inputs 'X' and (optionally) 'lengths', got "
+                                 f"{sorted(map(str, X))}")
+            if "lengths" in X and lengths is not None:
+                raise ValueError("lengths given twice: in the dict and as a keyword")
+            Y, final = self.run(X["X"], X.get("lengths", lengths), state)
+            return {"Y": Y, "state": final}
+        X, T, B = sequence_input(X, self.input_size, self.batch_first)
+        lens = as_lengths(lengths, B, T)
+        st = self.initial_state_vector(B) if state is None else pack_state(self.layers, state, B)
         if self.threads > 1 and B >= 2 * self.threads and T:
             return self._run_split(X, T, B, lens, st)
         return self._run_one(X, T, B, lens, st)
@@ -214,7 +154,7 @@ class Model:
             ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
             work = np.empty(self._stack.workspace_size(T, B), np.float32)
             self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, H, st, work, self.batch_first)
-        return Y, self.unpack_state(st, B)
+        return Y, unpack_state(self.layers, st, B)
 
     def _run_split(self, X, T, B, lens, st):
         """run() with the batch rows split over self.threads threads. Rows are independent,
@@ -226,7 +166,7 @@ class Model:
             self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
             self._pool_size = self.threads
         bounds = np.linspace(0, B, self.threads + 1).astype(int)
-        full = self.unpack_state(st, B)
+        full = unpack_state(self.layers, st, B)
         axis = 0 if self.batch_first else 1
 
         def rows(a, b0, b1):
@@ -244,11 +184,11 @@ class Model:
             # each thread writes its rows straight into Y (strided), with its own state
             b0, b1 = bounds[k], bounds[k + 1]
             sub = [tuple(x[:, b0:b1] for x in e) if isinstance(e, tuple) else e[:, b0:b1] for e in full]
-            sv = self._pack_state(sub, b1 - b0)
+            sv = pack_state(self.layers, sub, b1 - b0)
             work = np.empty(self._stack.workspace_size(T, b1 - b0), np.float32)
             self._stack.forward(rows(X, b0, b1), None if lens is None else np.ascontiguousarray(lens[b0:b1]),
                                 flat[b0 * ys_b:], ys_t, ys_b, H, sv, work, self.batch_first)
-            states[k] = self.unpack_state(sv, b1 - b0)
+            states[k] = unpack_state(self.layers, sv, b1 - b0)
         list(self._pool.map(part, range(len(bounds) - 1)))
         state = []
         for k, layer in enumerate(self.layers):
@@ -258,51 +198,12 @@ class Model:
                 state.append(np.concatenate([r[k] for r in states], axis=1))
         return Y, state
 
-    def _run_onnx(self, X, sequence_lens, initial_h, initial_c):
-        """One-layer ONNX operator semantics (used by LSTM/GRU/RNN.__call__)."""
-        layer = self.layers[0]
-        layout = 1 if self.batch_first else 0
-        X, T, B = self._input(X)
-        D, H, Hh = layer.num_directions, layer.hidden_size, layer.h_size  # Hh: h and Y (proj_size)
-        lens = _as_lengths(sequence_lens, B, T, "sequence_lens")
-
-        def initial(value, nm):
-            n = H if nm == "initial_c" else Hh
-            state_shape = (B, D, n) if layout else (D, B, n)
-            if value is None:
-                return np.zeros((D, B, n), np.float32)
-            v = float_array(value, nm)
-            if v.shape != state_shape:
-                raise ValueError(f"{nm} must have shape {state_shape} "
-                                 f"({'batch, directions' if layout else 'directions, batch'}, hidden), "
-                                 f"got {v.shape}")
-            return v.transpose(1, 0, 2) if layout else v
-
-        if initial_c is not None and layer.kind != "LSTM":
-            raise ValueError(f"initial_c is an LSTM input; {layer.kind} has none")
-        h0 = initial(initial_h, "initial_h")
-        state = [(h0, initial(initial_c, "initial_c"))] if layer.kind == "LSTM" else [h0]
-        st = self._pack_state(state, B)
-        Y = np.zeros((B, T, D, Hh) if layout else (T, D, B, Hh), np.float32)
-        if T and B:
-            if layout:
-                ys_t, ys_b, ys_d = D * Hh, T * D * Hh, Hh
-            else:
-                ys_t, ys_b, ys_d = D * B * Hh, Hh, B * Hh
-            work = np.empty(self._stack.workspace_size(T, B), np.float32)
-            self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, ys_d, st, work, self.batch_first)
-        final = self.unpack_state(st, B)[0]
-        final = list(final) if layer.kind == "LSTM" else [final]
-        for k, a in enumerate(final):
-            if lens is not None:
-                a[:, lens == 0, :] = 0.0  # onnxruntime: a row of length 0 has Y_h = Y_c = 0
-            final[k] = np.ascontiguousarray(a.transpose(1, 0, 2)) if layout else a
-        return (Y, *final)
-
     # --- streams -----------------------------------------------------------------------
     def stream(self, batch_size=1, state=None):
         """A :class:`rnnengine.Stream` of ``batch_size`` rows, starting from ``state``
         (default: the model's initial state). Needs every layer to run forward."""
+        if batch_size is None:
+            batch_size = 1
         if not self.streamable:
             bad = [f"layer {k} is {layer.direction}" for k, layer in enumerate(self.layers)
                    if layer.direction != "forward"]
@@ -324,12 +225,9 @@ class Model:
 
     # Stream.get_state() / set_state(state) (rnnengine._core.Stream) use the structure of the
     # module doc: a list with one entry per layer, (h, c) for LSTM and h otherwise, each
-    # (num_directions, batch_size, hidden_size); set_state checks it with _pack_state and
+    # (num_directions, batch_size, hidden_size); set_state checks it with layers.pack_state and
     # raises TypeError / ValueError naming the entry, before anything changes.
 
 
-def load_onnx(path_or_model):
-    """Loads an ONNX file whose graph is one LSTM/GRU/RNN node or a plain stack of them.
-    (Real exported graphs with more glue go through the converter.)"""
-    from rnnengine.frontend.onnx_import import load_stack
-    return load_stack(path_or_model)
+Model._layer_type = LayerModel
+Stream.register(_core.Stream)

@@ -32,10 +32,9 @@ def allowed_classes():
     from google.protobuf.message import DecodeError
     from rnnengine._core import GraphRunError
     from rnnengine.format.weightfile import FormatError
-    from rnnengine.frontend.onnx_import import OnnxImportError
     from rnnengine.ops.handlers import UnsupportedError  # ConversionError, NotStreamableError are subclasses
     from rnnengine.frontend.opsets import OpsetError
-    return (FormatError, UnsupportedError, OnnxImportError, OpsetError, GraphRunError, DecodeError)
+    return (FormatError, UnsupportedError, OpsetError, GraphRunError, DecodeError)
 
 
 # Never clean, whoever raised them: they mean a check is missing.

@@ -1,0 +1,205 @@
+"""One model type and one stream type: every way of making a model gives a rnnengine.Model
+whose run / stream / step / feed / get_state / set_state / reset / fork follow one calling
+convention, checked here on a layer stack, a converted graph and a weight file."""
+import glob
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import rnnengine
+from oracle import max_violation
+from rnnengine.frontend.layer_export import layers_to_onnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+rng = np.random.default_rng(1234)
+
+
+def f32(*shape, scale=0.5):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def lstm(I, H, D=1, **kw):
+    return rnnengine.LSTM(f32(D, 4 * H, I), f32(D, 4 * H, H), f32(D, 8 * H), **kw)
+
+
+def gru(I, H, D=1, **kw):
+    return rnnengine.GRU(f32(D, 3 * H, I), f32(D, 3 * H, H), f32(D, 6 * H), **kw)
+
+
+def rnn(I, H, D=1, **kw):
+    return rnnengine.RNN(f32(D, H, I), f32(D, H, H), f32(D, 2 * H), **kw)
+
+
+def ort_run(proto, x):
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"X": x})[0]
+
+
+STACKS = {
+    "lstm": lambda: [lstm(3, 5)],
+    "lstm_peephole_clip": lambda: [rnnengine.LSTM(f32(1, 16, 3), f32(1, 16, 4), f32(1, 32), f32(1, 12),
+                                                  clip=0.8, input_forget=1)],
+    "gru_lbr_then_lstm": lambda: [gru(3, 4, linear_before_reset=1), lstm(4, 6)],
+    "bidirectional_gru_then_rnn_relu": lambda: [gru(3, 4, D=2, direction="bidirectional"),
+                                                rnn(8, 5, activations=["Relu"])],
+    "rnn_affine": lambda: [rnn(3, 4, activations=["Affine"], activation_alpha=[0.7], activation_beta=[0.1])],
+    "lstm_custom_acts_bidirectional": lambda: [lstm(3, 4, D=2, direction="bidirectional",
+                                                    activations=["HardSigmoid", "Tanh", "Softsign"] * 2,
+                                                    activation_alpha=[0.3, 0.25], activation_beta=[0.4, 0.45])],
+}
+
+
+def test_every_source_gives_a_model_and_a_stream(tmp_path):
+    layer_model = rnnengine.Model([lstm(3, 5)])
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(layer_model, path)
+    converted = rnnengine.convert(layers_to_onnx(layer_model))
+    loaded = rnnengine.load(path)
+    for m in (layer_model, converted, loaded):
+        assert isinstance(m, rnnengine.Model)
+        assert isinstance(m.stream(), rnnengine.Stream)
+        assert m.input_names == ["X"]
+        assert m.threads >= 1 and m.weight_dtype in ("float32", "float16", "int8")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_a_saved_layer_stack_loads_as_the_same_model(tmp_path, name, batch_first):
+    """save() writes a layer stack as the ONNX graph of its layers; onnxruntime (on that
+    graph), the layer stack and the loaded weight file agree."""
+    model = rnnengine.Model(STACKS[name](), batch_first=batch_first)
+    x = f32(2, 7, 3, scale=1.0) if batch_first else f32(7, 2, 3, scale=1.0)
+    Y, _ = model.run(x)
+    want = ort_run(layers_to_onnx(model), x)
+    assert max_violation(Y, want) <= 1
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(model, path)
+    loaded = rnnengine.load(path)
+    assert loaded.outputs == ["Y"]
+    assert max_violation(loaded.run(x), want) <= 1
+    assert max_violation(loaded.run({"X": x})["Y"], want) <= 1
+
+
+def test_save_refuses_what_onnx_cannot_hold(tmp_path):
+    proj = rnnengine.Model([rnnengine.LSTM(f32(1, 16, 3), f32(1, 16, 2), projection=f32(1, 2, 4))])
+    with pytest.raises(rnnengine.ConversionError, match="proj_size"):
+        rnnengine.save(proj, str(tmp_path / "p.rnne"))
+    h0 = [(f32(1, 1, 5), f32(1, 1, 5))]
+    init = rnnengine.Model([lstm(3, 5)], initial_state=h0)
+    with pytest.raises(rnnengine.ConversionError, match="initial_state"):
+        rnnengine.save(init, str(tmp_path / "i.rnne"))
+    assert not os.path.exists(tmp_path / "p.rnne") and not os.path.exists(tmp_path / "i.rnne")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same two-layer network as a layer stack and as a converted graph."""
+    layer_model = rnnengine.Model([gru(3, 4), lstm(4, 6)])
+    return layer_model, rnnengine.convert(layers_to_onnx(layer_model))
+
+
+def test_run_returns_the_kind_it_is_given(pair):
+    layer_model, graph_model = pair
+    x = f32(6, 2, 3, scale=1.0)
+    Y, state = layer_model.run(x)
+    out = layer_model.run({"X": x})
+    assert set(out) == {"Y", "state"}
+    np.testing.assert_array_equal(out["Y"], Y)
+    g = graph_model.run(x)
+    assert isinstance(g, np.ndarray)
+    np.testing.assert_array_equal(graph_model.run({"X": x})["Y"], g)
+    assert max_violation(g, Y) <= 1
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_step_feed_and_state_follow_one_convention(pair, which):
+    """step() takes one step without a time axis, feed() a chunk; both give what the whole
+    run gives; get_state/set_state/fork/reset round-trip, for both runtimes."""
+    model = pair[which]
+    x = f32(9, 2, 3, scale=1.0)
+    whole = model.run(x)
+    whole = whole[0] if isinstance(whole, tuple) else whole
+    s = model.stream(batch_size=2)
+    assert s.delay == 0
+    got = [s.step(x[0])]
+    got.append(s.feed(x[1:4]))
+    saved = s.get_state()
+    fork = s.fork()
+    got.append(s.step({"X": x[4]})["Y"][None])
+    got.append(s.feed({"X": x[5:]})["Y"])
+    y = np.concatenate([got[0][None]] + got[1:])
+    assert max_violation(y, whole) <= 1
+    # the fork and a stream restored from the saved state continue identically
+    np.testing.assert_array_equal(fork.feed(x[4:]), y[4:])
+    other = model.stream(batch_size=2)
+    other.set_state(saved)
+    np.testing.assert_array_equal(other.feed(x[4:]), y[4:])
+    s.reset()
+    np.testing.assert_array_equal(s.feed(x), y)
+
+
+def test_graph_stream_keeps_the_batch_size_it_was_made_with(pair):
+    s = pair[1].stream(batch_size=3)
+    with pytest.raises(ValueError, match="batch_size=3"):
+        s.feed(f32(4, 2, 3))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        pair[1].stream(batch_size=0)
+
+
+def test_step_streams_takes_any_streams(pair):
+    layer_model, graph_model = pair
+    xs = f32(2, 1, 3, scale=1.0)
+    fast = rnnengine.step_streams([layer_model.stream(), layer_model.stream()], xs[:, 0])
+    slow = rnnengine.step_streams([graph_model.stream(), graph_model.stream()], xs)
+    assert fast.shape == (2, 6) and slow.shape == (2, 1, 6)
+    assert max_violation(slow[:, 0], fast) <= 1
+    with pytest.raises(TypeError, match="not a Stream"):
+        rnnengine.step_streams([graph_model.stream(), object()], xs)
+
+
+def test_graph_run_takes_lengths_and_state_by_keyword():
+    """lengths= feeds the input behind sequence_lens, state= the explicit state inputs;
+    both equal passing them in the dict."""
+    path = os.path.join(HERE, "data", "corpus", "torch_packed_lstm_op17.onnx")
+    if not os.path.exists(path):
+        path = next(p for p in sorted(glob.glob(os.path.join(HERE, "data", "corpus", "*.onnx")))
+                    if "pack" in p)
+    model = rnnengine.convert(path)
+    feeds = model.example_feeds(time=6, batch=3)
+    lens_name = next(n for n in feeds if feeds[n].dtype.kind == "i" and feeds[n].ndim == 1)
+    feeds[lens_name] = np.array([6, 2, 4], feeds[lens_name].dtype)
+    data = {n: (rng.standard_normal(a.shape).astype(a.dtype) if a.dtype.kind == "f" else a)
+            for n, a in feeds.items()}
+    want = model.run(data)
+    rest = {n: a for n, a in data.items() if n != lens_name}
+    got = model.run(rest, lengths=data[lens_name])
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="given twice"):
+        model.run(data, lengths=data[lens_name])
+
+
+def test_graph_state_keyword_equals_state_inputs_in_the_dict():
+    demo = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_lstm.onnx")
+    model = rnnengine.convert(demo)
+    feeds = model.example_feeds(time=5, batch=1)
+    names = [a for a, _ in model.state_pairs]
+    data = {n: rng.standard_normal(a.shape).astype(a.dtype) if a.dtype.kind == "f" else a
+            for n, a in feeds.items()}
+    want = model.run(data)
+    got = model.run({n: a for n, a in data.items() if n not in names}, state={n: data[n] for n in names})
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="not state input"):
+        model.run({n: a for n, a in data.items() if n not in names}, state={"nope": data[names[0]]})
+
+
+def test_every_error_shares_one_base():
+    for name in ("UnsupportedError", "ConversionError", "NotStreamableError", "LimitError", "OpsetError",
+                 "FormatError", "GraphRunError", "ProgramError", "EngineError", "OnnxRuntimeError"):
+        cls = getattr(rnnengine, name)
+        assert issubclass(cls, rnnengine.RnnEngineError), name
+    from rnnengine import _core
+    assert _core.ProgramError is rnnengine.ProgramError and _core.EngineError is rnnengine.EngineError
