@@ -12,7 +12,7 @@ import rnnengine
 from oracle import max_violation
 from rnnengine.frontend import opsets
 from rnnengine.frontend.converter import ConversionError
-from rnnengine.runtime.graph import SEQUENCE_OPS
+from rnnengine.ops import SEQUENCE_OPS
 from rnnengine.ops.handlers import OPS
 
 ort = pytest.importorskip("onnxruntime")

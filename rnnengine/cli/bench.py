@@ -15,6 +15,9 @@ import time
 
 import numpy as np
 
+from rnnengine.cli.common import _is_weight_file, _kv, _load_any
+from rnnengine.verify import ort_session, random_feeds, time_axes
+
 
 def _time_calls(fn, n):
     ts = np.empty(n)
@@ -26,9 +29,6 @@ def _time_calls(fn, n):
 
 
 def bench_model(args):
-    from rnnengine.cli.main import _is_weight_file, _kv, _load_any
-    from rnnengine.verify import ort_session, random_feeds, time_axes
-
     model = _load_any(args.file)
     onnx_path = args.onnx or getattr(model, "onnx_source", None) or (None if _is_weight_file(args.file) else args.file)
     if onnx_path is None:

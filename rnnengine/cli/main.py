@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from rnnengine._version import __version__
+from rnnengine.cli.common import _is_weight_file, _kv, _load_any
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_lstm.onnx")  # load_onnx's test model
 TOLERANCE = 1e-5
@@ -110,16 +111,6 @@ def _softmax(z):
     return e / e.sum()
 
 
-def _kv(items, what, cast=str):
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = cast(v)
-    return out
-
-
 def _value(v):
     """--input values: a .npy file, or a number / comma-separated numbers."""
     if v.endswith(".npy"):
@@ -129,25 +120,6 @@ def _value(v):
     except ValueError:
         raise ValueError(f"--input value {v!r} is neither a .npy file nor numbers") from None
     return np.array(parts[0] if len(parts) == 1 else parts)
-
-
-def _is_weight_file(path):
-    from rnnengine.format import weightfile as fileformat
-    with open(path, "rb") as f:
-        return f.read(len(fileformat.MAGIC)) == fileformat.MAGIC
-
-
-def _load_any(path, fixed=None):
-    """A weight file, or an ONNX file converted in memory."""
-    from rnnengine import convert
-    from rnnengine.format.store import load
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    if _is_weight_file(path):
-        if fixed:
-            raise ValueError("--input NAME=VALUE fixes inputs at conversion; this file is already converted")
-        return load(path)
-    return convert(path, fixed_inputs=fixed)
 
 
 def _progress(msg, t0):

@@ -15,9 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from rnnengine.format import weightfile as fileformat
-
 from rnnengine.frontend import opsets
+from rnnengine.frontend.converter import convert_model
+from rnnengine.frontend.opsets import OpsetError, check_structure
+from rnnengine.limits import resolve
+from rnnengine.ops import OPS, STATELESS, STEP_MASK
 from rnnengine.runtime.graph import GraphModel
+from rnnengine.train.fit import Network
 
 WEIGHT_SLOTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "MatMul": (1,), "Gemm": (1,), "Conv": (1,),
                 "Gather": (0,)}
@@ -99,7 +103,6 @@ def _attr_types(op, opset):
     key = (op, opset)
     hit = _ATTR_TYPES.get(key)
     if hit is None:
-        from rnnengine.frontend.fuse import STATELESS, STEP_MASK
         schema = opsets.schema(op, opset)  # None: an op or opset onnx does not define (refused by name later)
         hit = {} if schema is None else {a: str(t.type).rsplit(".", 1)[-1] for a, t in schema.attributes.items()}
         hit.update({STATELESS: "INT", STEP_MASK: "INT"})
@@ -110,8 +113,6 @@ def _attr_types(op, opset):
 def check_graph(graph, tensor_names, where="graph", opset=None):
     """Validates the structure of a stored graph before anything uses it (a damaged or
     hand-made file must fail here with a FormatError naming the field, not later)."""
-    from rnnengine.runtime.graph import SEQUENCE_OPS
-    from rnnengine.ops.handlers import OPS
 
     def fail(msg):
         raise fileformat.FormatError(f"{where}: {msg}")
@@ -123,8 +124,6 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
     def check_arity(n, what):
         """Inputs an op requires are named (not ""), their count is one the op takes, its
         required attributes are there (rnnengine.frontend.opsets.check_structure, as the converter)."""
-        from rnnengine.frontend.fuse import STEP_MASK
-        from rnnengine.frontend.opsets import OpsetError, check_structure
         attrs = n.get("attrs") if isinstance(n.get("attrs"), dict) else {}
         # the converter writes the engine's 8 recurrent slots, and a fused Keras cell's step
         # mask as input 8 of LSTM/GRU/RNN
@@ -213,7 +212,7 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
     for k, n in enumerate(nodes):
         if not isinstance(n, dict) or not isinstance(n.get("op"), str):
             fail(f"node {k} must be an object with an op")
-        if n["op"] not in OPS and n["op"] not in ("If", "Loop") + SEQUENCE_OPS:
+        if n["op"] not in OPS:
             fail(f"node {k} ({n.get('name')!r}) has op {n['op']!r}, which rnnengine does not run")
         strings(n.get("inputs"), f"node {k} inputs")
         strings(n.get("outputs"), f"node {k} outputs")
@@ -233,8 +232,6 @@ def load_checkpoint_model(wf, path):
     as a runnable model of its network: the graph ``Network.to_onnx()`` exports (without
     state I/O, so streams keep every layer's state), converted. The model's metadata holds
     the converter's and the checkpoint's ("train.*": config, optimizer, step, vocabulary)."""
-    from rnnengine.frontend.converter import convert_model
-    from rnnengine.train.fit import Network
 
     def fail(msg):
         raise fileformat.FormatError(f"{path}: training checkpoint: {msg}")
@@ -271,7 +268,6 @@ def load(path, verify=True, limits=None, mmap=False):
     first checks that it was not truncated or replaced (docs/FORMAT.md, "Reading while the
     file changes"). A training checkpoint loads as its network (see load_checkpoint_model).
     limits: a rnnengine.Limits for the reading and the model's planning."""
-    from rnnengine.limits import resolve
     lim = resolve(limits) if limits is not None else None
     wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
     if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:

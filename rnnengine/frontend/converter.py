@@ -25,9 +25,11 @@ import onnx
 from onnx import numpy_helper
 
 from rnnengine import limits
-from rnnengine.ops.handlers import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
+from rnnengine._version import __version__
+from rnnengine.errors import ConversionError, UnsupportedError, where
+from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
-from rnnengine.errors import ConversionError  # noqa: F401 (re-exported)
+from rnnengine.ops import ONNX_DTYPE, OPS, EnvHandler, Recurrent
 CONVERTER_VERSION = "1"
 
 
@@ -102,27 +104,22 @@ class _Converter:
                 "default-domain ONNX ops only (quantized contrib ops such as "
                 "com.microsoft::DynamicQuantizeLSTM must be exported unquantized; rnnengine can "
                 "store weights as int8 itself: convert --dtype int8)")
-        from rnnengine.runtime.graph import SEQUENCE_ATTRS, SEQUENCE_OPS
-        if n.op_type not in OPS and n.op_type not in ("If", "Loop") + SEQUENCE_OPS:
+        if n.op_type not in OPS:
             raise ConversionError(f"{where(node)}: op {n.op_type!r} is not supported. Supported ops: "
-                                  f"{', '.join(sorted(set(OPS) | {'If', 'Loop'} | set(SEQUENCE_OPS)))}")
+                                  f"{', '.join(sorted(OPS))}")
         try:
             check_node(n.op_type, self.opset, where(node))
             check_structure(n.op_type, self.opset, node["inputs"], node["outputs"], {a.name for a in n.attribute},
                             where(node), attr_types={a.name: onnx.AttributeProto.AttributeType.Name(a.type)
                                                      for a in n.attribute},
-                            variadic_full=n.op_type in OPS)
+                            variadic_full=not issubclass(OPS[n.op_type], EnvHandler))
         except OpsetError as e:
             raise ConversionError(str(e)) from None
         node["attrs"] = {a.name: self.attr_value(node, a) for a in n.attribute}
-        if n.op_type in ("If", "Loop") + SEQUENCE_OPS:
-            allowed = SEQUENCE_ATTRS.get(n.op_type, set()) | ({"then_branch", "else_branch", "body"}
-                                                              if n.op_type in ("If", "Loop") else set())
-            extra = set(node["attrs"]) - allowed
-            if extra:
-                raise ConversionError(f"{where(node)}: attribute(s) {sorted(extra)} not supported")
-        else:
+        try:
             OPS[n.op_type](node, self.opset).check_attrs()
+        except UnsupportedError as e:
+            raise ConversionError(str(e)) from None
         return node
 
     def subgraph(self, g, parent):
@@ -225,7 +222,6 @@ class _Converter:
         _check_state_shapes(nodes, consts, {v.name: _value_info(v)["shape"]
                                             for v in list(g.input) + list(g.value_info) + list(g.output)})
         outputs = [_value_info(o) for o in g.output]
-        from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
         # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
         keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
         nodes, self.fused_loops = fuse_keras_loops(nodes, consts, keep, self.opset,
@@ -250,7 +246,6 @@ class _Converter:
         """Fuses the cells written op by op inside If branches left undecided (e.g. silero-vad's
         16 kHz and 8 kHz models when the sample rate is an input), so that their state is a
         recurrent layer's state that pair_states can see. Each branch keeps its own names."""
-        from rnnengine.frontend.fuse import fuse_gru_cells, fuse_lstm_cells
         for n in nodes:
             if n["op"] != "If":
                 continue
@@ -551,7 +546,6 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
             if a not in ins or b not in outs:
                 raise ConversionError(f"state pair {a}={b}: {a!r} must be a graph input and {b!r} an output")
         graph["state_pairs"] = [list(p) for p in state_pairs]
-    from rnnengine._version import __version__
     metadata = {
         "general.converter_version": CONVERTER_VERSION,
         "general.rnnengine_version": __version__,
@@ -566,150 +560,3 @@ def convert_model(source, fixed_inputs=None, state_pairs=None):
         "converter.fused_keras_loops": conv.fused_loops,
     }
     return graph, tensors, metadata
-
-
-# --- where each element of a paired state goes (checked once per input shapes) -----------
-
-_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Concat", "Split",
-          "Gather", "Expand", "Tile", "Dropout", "Cast"}
-
-
-def _elementwise():
-    from rnnengine.ops.handlers import BINARY, UNARY
-    return set(BINARY) | set(UNARY) | {"Clip"}
-
-
-_ELEMENTWISE = _elementwise()
-
-
-class _Untraceable(Exception):
-    pass
-
-
-def check_state_positions(graph, tensors, feeds):
-    """Checks that every state pair (i, o) hands each element back to its own place: element
-    p of output o must be the final value of the recurrent state element that element p of
-    input i started (e.g. silero-vad's stateN[0] is the h that state[0] started, not c).
-    pair_states matches which layers' states flow; this matches positions, for the concrete
-    input shapes in ``feeds``. It follows the state through the ops that only move data
-    (Gather, Slice, Concat, Reshape, Transpose...), evaluating everything else with NumPy for
-    shapes and If conditions. Raises UnsupportedError on a definite mismatch; returns False
-    when the graph cannot be traced (a Loop, a state passing through arithmetic), True when
-    every element checked out."""
-    pairs = graph.get("state_pairs") or []
-    if not pairs:
-        return True
-    val = {k: np.asarray(v) for k, v in tensors.items()}
-    val.update({k: np.asarray(v) for k, v in feeds.items()})
-    pid, start = {}, {}
-    nxt = 1
-    for a, _ in pairs:
-        n = val[a].size
-        pid[a] = np.arange(nxt, nxt + n, dtype=np.int64).reshape(val[a].shape)
-        start[a] = nxt
-        nxt += n
-    first_slot = nxt
-    origin = {}   # slot id (a Y_h / Y_c element) -> id of the state element it started from (0: none)
-    counter = [first_slot]
-    opset = int(graph["opset"])
-
-    def walk(nodes):
-        for node in nodes:
-            op, ins = node["op"], node["inputs"]
-            if op == "If":
-                cond = val[ins[0]]
-                branch = node["attrs"]["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
-                for k, v in branch.get("tensors", {}).items():
-                    val[k] = np.asarray(v)
-                walk(branch["nodes"])
-                for o, bo in zip(node["outputs"], branch["outputs"]):
-                    val[o] = val[bo]
-                    if bo in pid:
-                        pid[o] = pid[bo]
-                continue
-            if op not in OPS:
-                raise _Untraceable(op)
-            xs = [val[x] if x else None for x in ins]
-            if op in ("LSTM", "GRU", "RNN"):
-                recurrent(node, xs)
-                continue
-            h = OPS[op](node, opset)
-            limits.check_eval(node, xs)
-            with np.errstate(all="ignore"):
-                outs = h.eval(xs)
-            for o, v in zip(node["outputs"], outs):
-                if o:
-                    val[o] = np.asarray(v)
-            if op in _ELEMENTWISE:
-                # an elementwise op keeps every element in its place (state + zeros, as some
-                # exports write): the positions follow the one tracked operand of full shape
-                tracked = [k for k, x in enumerate(ins) if x in pid]
-                o = node["outputs"][0]
-                if len(tracked) == 1 and np.shape(xs[tracked[0]]) == np.shape(val[o]):
-                    pid[o] = pid[ins[tracked[0]]]
-                continue
-            movers = [0] if op != "Concat" else list(range(len(ins)))
-            if op in _MOVES and any(ins[k] in pid for k in movers if ins[k]):
-                ps = list(xs)
-                for k in movers:
-                    ps[k] = pid[ins[k]] if ins[k] in pid else np.zeros(np.shape(xs[k]), np.int64)
-                if op == "Cast":
-                    pouts = [ps[0]]
-                else:
-                    pouts = h.eval(ps)
-                for o, p in zip(node["outputs"], pouts):
-                    if o:
-                        pid[o] = np.asarray(p).astype(np.int64)
-
-    def recurrent(node, xs):
-        a = node["attrs"]
-        layout = int(a.get("layout", 0))
-        D = 2 if a.get("direction", "forward") == "bidirectional" else 1
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node["op"]]
-        H = int(a.get("hidden_size") or xs[1].shape[1] // gates)
-        X = xs[0]
-        T, B = (X.shape[1], X.shape[0]) if layout else (X.shape[0], X.shape[1])
-        sshape = (B, D, H) if layout else (D, B, H)
-        outs = node["outputs"] + ["", "", ""]
-        if outs[0]:
-            val[outs[0]] = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
-        for k, slot in ((1, 5), (2, 6)):
-            if k == 2 and node["op"] != "LSTM":
-                break
-            if not outs[k]:
-                continue
-            val[outs[k]] = np.zeros(sshape, np.float32)
-            init = node["inputs"][slot] if len(node["inputs"]) > slot else ""
-            src = pid.get(init) if init else None
-            ids = np.arange(counter[0], counter[0] + int(np.prod(sshape)), dtype=np.int64)
-            counter[0] += ids.size
-            src = np.zeros(ids.size, np.int64) if src is None or src.size != ids.size else src.reshape(-1)
-            origin.update(zip(ids.tolist(), src.tolist()))
-            pid[outs[k]] = ids.reshape(sshape)
-
-    try:
-        walk(graph["nodes"])
-    except Exception:  # a Loop, a sequence, an op NumPy cannot evaluate here: not traceable
-        return False
-    checked = True
-    owner = sorted((s, a) for a, s in start.items())
-    for a, o in pairs:
-        p = pid.get(o)
-        if p is None or p.shape != val[a].shape:
-            checked = False
-            continue
-        for pos, q in enumerate(p.reshape(-1).tolist()):
-            src = origin.get(q, 0) if q >= first_slot else q
-            if src <= 0:
-                checked = False  # unknown, or started from a constant: nothing to compare
-                continue
-            if src == start[a] + pos:
-                continue
-            b = [name for s, name in owner if s <= src][-1]
-            where_from = np.unravel_index(src - start[b], val[b].shape)
-            raise UnsupportedError(
-                f"state pair {a}={o}: element {tuple(int(i) for i in np.unravel_index(pos, p.shape))} of {o!r} "
-                f"continues element {tuple(int(i) for i in where_from)} of {b!r}, so feeding {o!r} back as {a!r} "
-                "would put the state in the wrong place; give the right pairs (convert --state IN=OUT) or "
-                "feed the state yourself with run()")
-    return checked

@@ -21,11 +21,8 @@ import numpy as np
 
 from rnnengine.limits import check_eval
 from rnnengine.frontend.torch_import import gate_permutation
+from rnnengine.ops.handlers import OPS, STATELESS, STEP_MASK  # noqa: F401 (STATELESS, STEP_MASK re-exported)
 
-STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
-# converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
-# a masked row-step keeps the state and repeats it as output (rnnengine.h)
-STEP_MASK = "rnnengine_step_mask"
 
 
 def _index(nodes):
@@ -292,7 +289,6 @@ class _NoFuse(Exception):
 def _eval_nodes(nodes, env, opset, wanted=None):
     """Evaluates nodes in order with the op handlers' NumPy code; env maps name -> array.
     With ``wanted``, only the nodes those names depend on run (a missing input: _NoFuse)."""
-    from rnnengine.ops.handlers import OPS
     if wanted is not None:
         producer = {o: n for n in nodes for o in n["outputs"] if o}
         need, stack = set(), list(wanted)
@@ -360,7 +356,6 @@ def _outer_eval(names, producer, tensors, shape_of, opset):
         order.append(("node", n))
     for name in names:
         visit(name)
-    from rnnengine.ops.handlers import OPS
     for kind, n in order:
         if kind == "shape":
             vals = OPS["Shape"](n, opset).eval([np.zeros(shape_of[1], np.float32)])
@@ -482,7 +477,6 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     for car, v in passthrough.items():
         if v in tensors:
             bconst[car] = np.asarray(tensors[v])
-    from rnnengine.ops.handlers import OPS
     for n in body["nodes"]:
         if n["op"] in OPS and n["op"] not in ("LSTM", "GRU", "RNN") and n["inputs"] and \
                 all(not x or x in bconst or x in tensors for x in n["inputs"]):

@@ -15,9 +15,76 @@ import math
 
 import numpy as np
 
+from typing import Any, Protocol
+
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
+from rnnengine.limits import refuse, resolve
+from rnnengine.runtime.layers import layer_from_onnx
 
 OPS = {}  # op type -> handler class
+
+# attributes the converter adds to the recurrent nodes it builds (rnnengine/frontend/fuse.py):
+STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
+# converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
+# a masked row-step keeps the state and repeats it as output (rnnengine.h)
+STEP_MASK = "rnnengine_step_mask"
+
+
+class PlannerInterface(Protocol):
+    """What a handler may call on the planner (rnnengine/runtime/graph.py ``Planner``) in
+    ``emit`` (and a control-flow handler in ``plan_node``). Values are planning-time tensors
+    (``Value``: ``shape``, ``dtype``, and ``const`` or a run-time buffer id)."""
+
+    model: Any          # the GraphModel being planned
+    streaming: bool     # planning a stream (chunks) rather than whole sequences
+    finishing: bool     # planning a stream's finish() (the trailing frames)
+    tail: bool          # the plan holds frames back until finish()
+    aux_in: dict[str, int]   # context carried along time into this call (rnnengine/ops/streaming.py)
+    aux_out: dict[str, int]  # ... and out of it
+    recurrent: list[dict[str, Any]]  # the recurrent layers planned so far (B, T per layer)
+
+    def const(self, arr: Any) -> Any:
+        """A constant Value."""
+
+    def new(self, shape: Any, dtype: Any) -> Any:
+        """A fresh run-time buffer of this shape and dtype (refused past the plan's limits)."""
+
+    def alias(self, x: Any, shape: Any) -> Any:
+        """The same buffer as x viewed with another shape (no copy)."""
+
+    def materialize(self, x: Any) -> Any:
+        """x as a run-time buffer (a constant becomes one)."""
+
+    def tid(self, v: Any) -> int:
+        """The buffer id of a Value in the program's tensor table."""
+
+    def derived(self, source: Any, tag: str, fn: Any) -> Any:
+        """fn() computed once per model for this source array and tag (e.g. packed weights)."""
+
+    def need_work(self, floats: int) -> None:
+        """Reserves scratch memory of this many floats for an instruction."""
+
+    def stack(self, handler: Any, consts: Any) -> Any:
+        """The C stack of a recurrent node (shared between nodes with the same weights)."""
+
+    def stack_index(self, stack: Any) -> int:
+        """The index of a stack in the program's stack list."""
+
+    def stream_state(self, key: str, start: Any) -> int:
+        """The buffer id of a state a stream carries between calls, starting from ``start``."""
+
+    def emit(self, op: int, ins: Any, outs: Any, ip: Any, fp: Any = (), aux: int = -1) -> None:
+        """Appends one instruction of the C executor (op code, input/output buffer ids,
+        integer and float parameters); the C verifier checks it when the program is made."""
+
+    def walk(self, nodes: Any, env: dict[str, Any]) -> None:
+        """Plans a list of nodes (a subgraph) in an environment name -> Value."""
+
+    def loop(self, node: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+        """Plans a Loop node (unrolled)."""
+
+    def sequence_op(self, node: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+        """Plans a sequence op."""
 
 
 def register(*op_types, attrs=()):
@@ -81,7 +148,6 @@ class Handler:
 def check_size(h, shape, what="result"):
     """Refuses a result with a negative dimension, or more elements than the limit
     max_tensor_elements in force (rnnengine/limits.py), before it is allocated."""
-    from rnnengine.limits import resolve, refuse
     n = 1
     for d in shape:
         if d < 0:
@@ -1494,8 +1560,6 @@ class Recurrent(Handler):
         return allowed
 
     def layer(self, consts):
-        from rnnengine.frontend.fuse import STATELESS, STEP_MASK
-        from rnnengine.runtime.layers import layer_from_onnx
         extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS, STEP_MASK})
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
@@ -1548,7 +1612,6 @@ class Recurrent(Handler):
         B, T = (x.shape[0], x.shape[1]) if layer.layout else (x.shape[1], x.shape[0])
         if x.const is not None:
             x = p.materialize(x)
-        from rnnengine.frontend.fuse import STEP_MASK
         if self.attrs.get(STEP_MASK):
             # what the converter makes of Keras loops; other combinations are not tested
             if layer.layout or layer.direction != "forward" or slots["sequence_lens"] is not None:
@@ -1579,7 +1642,6 @@ class Recurrent(Handler):
         runtime_init = any(v is not None and v.const is None for v in inits)
         state_floats = int(np.prod(sshape)) * (2 if has_c else 1)
         key = self.node["outputs"][0] or self.node.get("name")
-        from rnnengine.frontend.fuse import STATELESS
         if p.streaming and not runtime_init and not self.attrs.get(STATELESS):
             # The stream holds this layer's state: it starts from the constant initial state
             # (or zeros) and carries on from call to call.

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rnnengine.frontend.fuse import STEP_MASK
-from rnnengine.ops.handlers import (OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+from rnnengine.ops.handlers import (STEP_MASK, OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
 RULES = {}

@@ -27,19 +27,15 @@ from rnnengine import _core, limits
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
-from rnnengine.ops.handlers import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
+from rnnengine.ops.handlers import (OPS, Concat, NotStreamableError, Slice, UnsupportedError, Unsqueeze, emit_copy,
+                                    flatten_conv_inputs, where)
+from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, Stream
+from rnnengine.runtime.roles import axis_roles, input_roles
+from rnnengine.runtime.states import check_state_positions
 
 NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
              "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
-
-
-SEQUENCE_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
-                "SequenceInsert", "ConcatFromSequence")
-# which inputs of a sequence op are sequences (Python lists while planning); the rest are tensors
-SEQUENCE_INPUTS = {"SequenceAt": (0,), "SequenceLength": (0,), "SequenceInsert": (0,), "ConcatFromSequence": (0,)}
-SEQUENCE_ATTRS = {"SplitToSequence": {"axis", "keepdims"}, "ConcatFromSequence": {"axis", "new_axis"},
-                  "SequenceEmpty": {"dtype"}}
 
 
 class Value:
@@ -297,28 +293,11 @@ class Planner:
             op = node["op"]
             self._node = node
             self.budget.tick(node)
-            if op == "If":
-                cond = env[node["inputs"][0]]
-                if self.streaming and (streaming.timed(cond) or streaming.has_tdep(cond)):
-                    raise NotStreamableError(node, "chooses its branch from the sequence length or from "
-                                                   "time-varying data")
-                if cond.const is None:
-                    raise UnsupportedError(
-                        f"{where(node)}: its condition depends on input data; fix the input it depends on "
-                        "at conversion (e.g. --input sr=16000) so the branch can be chosen")
-                branch = node["attrs"]["then_branch" if bool(np.asarray(cond.const).reshape(-1)[0])
-                                       else "else_branch"]
-                sub = dict(env)
-                for name, arr in branch.get("tensors", {}).items():
-                    sub[name] = Value(arr.shape, arr.dtype, const=arr)
-                self.walk(branch["nodes"], sub)
-                outs = [sub[name] for name in branch["outputs"]]
-            elif op == "Loop":
-                outs = self.loop(node, env)
-            elif op in SEQUENCE_OPS:
-                outs = self.sequence_op(node, env)
+            handler_cls = OPS.get(op)
+            if handler_cls is not None and issubclass(handler_cls, EnvHandler):
+                # control flow and sequences act on the environment (rnnengine/ops/control.py)
+                outs = handler_cls(node, opset).plan_node(self, env)
             else:
-                handler_cls = OPS.get(op)
                 if handler_cls is None:
                     raise UnsupportedError(f"{where(node)}: op {op!r} is not supported")
                 h = handler_cls(node, opset)
@@ -402,7 +381,6 @@ class Planner:
     def sequence_op(self, node, env):
         """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
         sequence is a Python list of values while planning; nothing of it reaches C."""
-        from rnnengine.ops.handlers import Concat, Slice, Unsqueeze
         op, at = node["op"], node.get("attrs", {})
         for name in node["inputs"]:
             if name and name not in env:
@@ -482,7 +460,6 @@ class Planner:
         (they are for recurrent loops over a time axis: Shape-derived, and `i < T`). In a
         stream, float loop-carried values that start from constants (zero states) are held
         by the stream and carried on from call to call, as a recurrent layer's state is."""
-        from rnnengine.ops.handlers import emit_copy
         body = node["attrs"]["body"]
         ins = node["inputs"] + [""] * 2
         M = env[ins[0]] if ins[0] else None
@@ -834,7 +811,6 @@ class GraphModel(Model):
                 raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
 
         def roles():
-            from rnnengine.verify import axis_roles  # on error paths only: it plans probe inputs
             return axis_roles(self)
 
         def axis_label(name, k):
@@ -917,7 +893,6 @@ class GraphModel(Model):
         """{input name: vocabulary size} of the inputs that index an embedding table (cached)."""
         tokens = self.__dict__.get("_tokens")
         if tokens is None:
-            from rnnengine.verify import input_roles
             tokens = {n: r[1] for n, r in input_roles(self).items() if r[0] == "tokens"}
             self.__dict__["_tokens"] = tokens
         return tokens
@@ -958,13 +933,12 @@ class GraphModel(Model):
 
     def _check_state_positions(self, feeds):
         """Before a stream first runs with these input shapes: every paired output must hand
-        each state element back to its own place (rnnengine.frontend.converter.check_state_positions)."""
+        each state element back to its own place (rnnengine.runtime.states.check_state_positions)."""
         if not self.state_pairs:
             return
         sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
         done = self.__dict__.setdefault("_positions_checked", {})
         if sig not in done:
-            from rnnengine.frontend.converter import check_state_positions
             with limits.using(self.limits):
                 done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
 
@@ -1110,7 +1084,6 @@ class GraphModel(Model):
 
     def _batch_of(self, name, axis, feeds):
         """The batch size of the fed data when axis `axis` of input `name` is a batch axis."""
-        from rnnengine.verify import axis_roles
         roles = axis_roles(self)
         if roles.get(name, {}).get(axis) != "batch":
             return None
@@ -1287,7 +1260,6 @@ class GraphStream(Stream):
             shape = spec["shape"]
             if shape is not None and (arr.ndim != len(shape) or any(
                     isinstance(d, int) and d != g for d, g in zip(shape, arr.shape))):
-                from rnnengine.verify import axis_roles
                 roles = axis_roles(m).get(a, {})
                 shown = ", ".join(str(d) if isinstance(d, int) else roles.get(k, str(d)) for k, d in enumerate(shape))
                 raise ValueError(f"state['inputs'][{a!r}] must have shape ({shown}), got {arr.shape}")
@@ -1336,7 +1308,6 @@ class GraphStream(Stream):
         from the first call's (or from the state given to set_state), before planning would
         fail on engine internals. ``feeds``: the checked data inputs of a call."""
         if self.batch_size is not None and not self.__dict__.get("_batch_checked"):
-            from rnnengine.verify import axis_roles
             roles = axis_roles(self.model)
             for n, a in feeds.items():
                 b = next((a.shape[k] for k, r in roles.get(n, {}).items() if r == "batch" and k < a.ndim), None)
@@ -1352,7 +1323,6 @@ class GraphStream(Stream):
                 return
         elif all(first.get(n) == a.shape for n, a in feeds.items()):
             return
-        from rnnengine.verify import axis_roles
         roles = axis_roles(self.model)
 
         def batch(name, shape):
@@ -1376,7 +1346,6 @@ class GraphStream(Stream):
     def _state_mismatch(self, cur, start, feeds):
         """The error for a layer state (from set_state) that does not fit a call, worded with
         the call's inputs and the batch the state was made for."""
-        from rnnengine.verify import axis_roles
         roles = axis_roles(self.model)
         shown = ", ".join(f"{n}{tuple(a.shape)}" for n, a in feeds.items() if n not in self._carried_names)
         for n, a in feeds.items():
@@ -1614,6 +1583,5 @@ class _MappedGraphStream(GraphStream):
 def _length_inputs(model):
     """Graph inputs that reach a recurrent layer's sequence_lens (packed-sequence exports):
     in a stream they count the valid steps of each row in the chunk."""
-    from rnnengine.verify import input_roles  # verify imports this module
     return {name for name, role in input_roles(model).items() if role[0] == "lengths"}
 

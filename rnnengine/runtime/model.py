@@ -7,6 +7,8 @@ state is a tuple ``(h, c)``, a GRU or RNN layer's state is ``h``; each array has
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+
 import numpy as np
 
 from rnnengine import _core
@@ -161,7 +163,6 @@ class LayerModel(Model):
         so each thread takes its rows through the whole sequence with its own state and
         workspace: no synchronisation per step. Results equal a one-thread run to float32
         rounding (the input projection's BLAS call sees fewer rows)."""
-        import concurrent.futures as cf
         if getattr(self, "_pool", None) is None or self._pool_size != self.threads:
             self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
             self._pool_size = self.threads

@@ -20,7 +20,11 @@ import time
 
 import numpy as np
 
+import onnx
+
 from rnnengine import _core
+from rnnengine.format import weightfile as fileformat
+from rnnengine.train.export import network_to_onnx
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
@@ -210,10 +214,8 @@ class Network:
         ``logits`` (T, B, O). With state_io, each layer's initial state is an input
         (h0_l, c0_l: (D, B, H)) and its final state an output (hN_l, cN_l), so a stream
         can carry it. Returns the ModelProto (and writes it when path is given)."""
-        from rnnengine.train.export import network_to_onnx
         model = network_to_onnx(self, state_io=state_io, opset=opset)
         if path is not None:
-            import onnx
             onnx.save(model, path)
         return model
 
@@ -561,7 +563,6 @@ def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, tas
     """Parameters, optimiser state (every hyperparameter), the minibatch generator's state,
     the position in the text and the carried recurrent state (language modelling) in one
     weight file (float32), so a resumed run continues exactly."""
-    from rnnengine.format import weightfile as fileformat
     tensors = {"params": net.params}
     for l, st in enumerate(carry or []):
         for name, arr in zip(("h", "c"), st if isinstance(st, tuple) else (st,)):
@@ -577,7 +578,6 @@ def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, tas
 
 def load_checkpoint(path):
     """(network, state) where state = {"optimizer": ..., "pos": ...} resumes fit()."""
-    from rnnengine.format import weightfile as fileformat
     with fileformat.read(path) as wf:
         if wf.graph.get("kind") != "rnnengine-checkpoint":
             raise ValueError(f"{path} is a weight file but not a training checkpoint")
@@ -624,7 +624,6 @@ def char_vocab(text):
 def export_char_lm(net, vocab, path, notes=""):
     """A character language model as ONNX with its state as graph inputs/outputs and its
     vocabulary in the model's metadata (key "rnnengine.vocab", a JSON string)."""
-    import onnx
     model = net.to_onnx(state_io=True)
     for key, value in (("rnnengine.vocab", json.dumps(vocab)), ("rnnengine.notes", notes)):
         entry = model.metadata_props.add()
