@@ -5,6 +5,10 @@ The compiled core (rnnengine._core) is loaded on first use, so the pure-Python p
 """
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from rnnengine._version import __version__
@@ -14,7 +18,8 @@ from rnnengine.errors import (ConversionError, EngineError, FormatError, GraphRu
                               NotStreamableError, OnnxRuntimeError, OpsetError, ProgramError, RnnEngineError,
                               UnsupportedError)
 
-__all__ = ["Model", "Stream", "convert", "load", "save", "from_torch", "step_streams", "LSTM", "GRU", "RNN",
+__all__ = ["Model", "Stream", "convert", "load", "save", "from_torch", "step_streams", "Batcher", "Session",
+           "SessionClosedError", "LSTM", "GRU", "RNN",
            "ACTIVATIONS", "Limits", "load_onnx", "__version__",
            "RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError", "OpsetError",
            "FormatError", "GraphRunError", "ProgramError", "EngineError", "OnnxRuntimeError"]
@@ -27,12 +32,12 @@ if TYPE_CHECKING:
 # without the compiled core
 _LAZY = {"Model": ".runtime.model", "Stream": ".runtime.model", "step_streams": ".runtime.base",
          "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
-         "ACTIVATIONS": ".runtime.layers", "from_torch": ".frontend.torch_import"}
+         "ACTIVATIONS": ".runtime.layers", "from_torch": ".frontend.torch_import",
+         "Batcher": ".runtime.batcher", "Session": ".runtime.batcher", "SessionClosedError": ".runtime.batcher"}
 
 
-def _core_missing(err):
+def _core_missing(err: ImportError) -> ImportError:
     """An ImportError that says why the compiled core is missing and what to do."""
-    import os
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     hint = ("rnnengine's compiled core (rnnengine._core) is not built here: " + str(err) + ". ")
@@ -46,7 +51,7 @@ def _core_missing(err):
     return ImportError(hint)
 
 
-def _load_core():
+def _load_core() -> ModuleType:
     try:
         from rnnengine import _core
     except ImportError as err:
@@ -56,18 +61,17 @@ def _load_core():
     return _core
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'rnnengine' has no attribute {name!r}")
     _load_core()
-    import importlib
     value = getattr(importlib.import_module(mod, __name__), name)
     globals()[name] = value
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
@@ -96,7 +100,6 @@ def convert(source: Any, fixed_inputs: dict[str, Any] | None = None,
 
 def load_onnx(source: Any) -> Model:
     """Deprecated: the same as :func:`convert` (the one way in for ONNX files)."""
-    import warnings
     warnings.warn("rnnengine.load_onnx() is rnnengine.convert() now; call convert()", DeprecationWarning,
                   stacklevel=2)
     return convert(source)

@@ -87,8 +87,9 @@ class PlannerInterface(Protocol):
         """Plans a sequence op."""
 
 
-def register(*op_types, attrs=()):
-    def deco(cls):
+def register(*op_types: str, attrs: tuple[str, ...] | list[str] = ()) -> Any:
+    """Class decorator: the handler of these op types, taking these attributes."""
+    def deco(cls: Any) -> Any:
         for op in op_types:
             OPS[op] = cls
         cls.ATTRS = set(attrs)

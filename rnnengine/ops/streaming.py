@@ -28,6 +28,8 @@ state. Look-ahead (right padding) delays their outputs; `finish` flushes them.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine.ops.handlers import (STEP_MASK, OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
@@ -65,11 +67,13 @@ def check_outputs(p, outputs, state_pairs):
                                      "(it is computed from it), so the next call would not continue the sequence")
 
 
-def timed(v):
+def timed(v: Any) -> bool:
+    """Does this planning-time value run along a stream's time axis (or is it a final state)?"""
     return v is not None and (v.t is not None or v.final)
 
 
-def has_tdep(v):
+def has_tdep(v: Any) -> bool:
+    """Does this value depend on the sequence length (a shape read along time)?"""
     return v is not None and v.tdep is not None and bool(np.any(v.tdep))
 
 

@@ -1,0 +1,392 @@
+"""Many live streams served together: a session batcher.
+
+A service opens one session per user (a microphone, a chat) on one model; each session is
+a stream with its own state. Sessions submit steps from any thread (``session.step(x)``
+blocks) or asyncio task (``await session.astep(x)``); one scheduler thread gathers the
+sessions that have a step waiting and runs them as one batched C call
+(``rnnengine.step_streams``: a layer-stack model's single-row streams, states gathered
+into one batch, stepped, scattered back), then hands each session its output.
+
+Guarantees:
+- a session's calls run in the order they were submitted; sessions never see each
+  other's state (each holds its own);
+- a bad input raises in the session that sent it (checked before it is queued); the others
+  go on;
+- at most ``max_queue`` calls wait at a time: a caller beyond that waits for room
+  (back-pressure) rather than growing memory;
+- a session unused for ``idle_timeout`` seconds is closed and its state freed (its next
+  call raises SessionClosedError).
+
+Knobs: ``max_batch`` (sessions per batched call), ``max_wait_us`` (how long the first
+waiting step may wait for others to join; a batch runs at once when every open session has
+a step waiting), ``threads`` (a batch larger than 2 * threads rows is split over that many
+threads). Steps of a converted graph (not a layer stack), chunks (``feed``) and state calls
+run one by one in the scheduler, in order: correct, not batched.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from rnnengine import _core
+from rnnengine.errors import RnnEngineError
+from rnnengine.runtime.base import Model, Stream
+from rnnengine.runtime.model import LayerModel
+
+__all__ = ["Batcher", "Session", "SessionClosedError"]
+
+
+class SessionClosedError(RnnEngineError, RuntimeError):
+    """The session was closed (by close(), by its batcher closing, or after idle_timeout)."""
+
+
+class _Call:
+    """One submitted call: a step (batchable), or a function run on the session's stream."""
+    __slots__ = ("session", "x", "fn", "done", "result", "error", "loop", "future")
+
+    def __init__(self, session: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> None:
+        self.session = session
+        self.x = x
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future[Any] | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        if self.future is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+        self.done.set()
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class Session:
+    """One stream served by a :class:`Batcher`. ``step(x)`` (blocking) and ``await astep(x)``
+    advance it one step: for a layer stack, x is one row of input (input_size,) and the
+    result one row of output; for a converted graph, x is what its stream's step() takes
+    with batch 1 (a dict or the one array) and the result what it returns. ``feed``/
+    ``afeed`` take a chunk, ``get_state``/``set_state``/``reset``/``fork`` work as on a
+    stream; all run in submission order."""
+
+    def __init__(self, batcher: Batcher, stream: Stream) -> None:
+        self._batcher = batcher
+        self._stream: Stream | None = stream
+        self._pending: collections.deque[_Call] = collections.deque()
+        self._closing = False  # close() called while calls were still waiting
+        self.last_used = time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        return self._stream is None or self._closing
+
+    # --- blocking -------------------------------------------------------------------------
+    def step(self, x: Any, timeout: float | None = None) -> Any:
+        return self._wait(self._batcher._submit(self, self._batcher._check_step(x), None), timeout)
+
+    def feed(self, xs: Any, timeout: float | None = None) -> Any:
+        return self._wait(self._batcher._submit(self, None, _feed_of(xs)), timeout)
+
+    def get_state(self) -> Any:
+        return self._wait(self._batcher._submit(self, None, lambda s: s.get_state()), None)
+
+    def set_state(self, state: Any) -> None:
+        self._wait(self._batcher._submit(self, None, lambda s: s.set_state(state)), None)
+
+    def reset(self) -> None:
+        self._wait(self._batcher._submit(self, None, lambda s: s.reset()), None)
+
+    def fork(self) -> Session:
+        """A new session of the same batcher starting from a copy of this one's state."""
+        stream = self._wait(self._batcher._submit(self, None, lambda s: s.fork()), None)
+        return self._batcher._adopt(stream)
+
+    def close(self) -> None:
+        """Frees the session's state; calls already submitted still run."""
+        self._batcher._close_session(self)
+
+    # --- asyncio --------------------------------------------------------------------------
+    async def astep(self, x: Any) -> Any:
+        return await self._batcher._submit_async(self, self._batcher._check_step(x), None)
+
+    async def afeed(self, xs: Any) -> Any:
+        return await self._batcher._submit_async(self, None, _feed_of(xs))
+
+    @staticmethod
+    def _wait(call: _Call, timeout: float | None) -> Any:
+        if not call.done.wait(timeout):
+            raise TimeoutError(f"the step did not finish within {timeout} s")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _feed_of(xs: Any) -> Callable[[Stream], Any]:
+    return lambda s: s.feed(xs)
+
+
+class Batcher:
+    """Serves many sessions of one model, gathering their steps into batched calls (see the
+    module doc). Use as a context manager, or call close()."""
+
+    def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
+                 idle_timeout: float | None = None, max_queue: int = 4096) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a rnnengine.Model, got {type(model).__name__}")
+        for name, v, lo in (("max_batch", max_batch, 1), ("threads", threads, 1), ("max_queue", max_queue, 1)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not max_wait_us >= 0:
+            raise ValueError(f"max_wait_us must be >= 0, got {max_wait_us!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive seconds or None, got {idle_timeout!r}")
+        self.model = model
+        self.max_batch, self.threads, self.max_queue = int(max_batch), int(threads), int(max_queue)
+        self.max_wait = float(max_wait_us) * 1e-6
+        self.idle_timeout = idle_timeout
+        probe = model.stream(batch_size=1)  # a model that cannot stream is refused here, naming why
+        self._batched = isinstance(model, LayerModel)
+        self._input_size = model.input_size if self._batched else None
+        del probe
+        self._cond = threading.Condition()
+        self._ready: collections.OrderedDict[Session, None] = collections.OrderedDict()  # sessions with work
+        self._sessions: set[Session] = set()
+        self._space = threading.Semaphore(self.max_queue)
+        self._queued = 0
+        self._first_wait: float | None = None
+        self._closed = False
+        self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine-batch") \
+            if self.threads > 1 else None
+        self.counters = {"steps": 0, "batches": 0, "calls": 0, "largest_batch": 0, "most_queued": 0,
+                         "sessions_opened": 0, "sessions_timed_out": 0}
+        self._thread = threading.Thread(target=self._run, name="rnnengine-batcher", daemon=True)
+        self._thread.start()
+
+    # --- sessions -------------------------------------------------------------------------
+    def open(self, state: Any = None) -> Session:
+        """A new session (its own stream of one row), from the model's initial state or from
+        ``state`` (a stream's get_state() structure)."""
+        stream = self.model.stream(batch_size=1)
+        if state is not None:
+            stream.set_state(state)
+        return self._adopt(stream)
+
+    def _adopt(self, stream: Stream) -> Session:
+        with self._cond:
+            if self._closed:
+                raise SessionClosedError("this batcher is closed")
+            s = Session(self, stream)
+            self._sessions.add(s)
+            self.counters["sessions_opened"] += 1
+            return s
+
+    def _close_session(self, s: Session) -> None:
+        with self._cond:
+            self._sessions.discard(s)
+            if s._pending:
+                s._closing = True  # its stream is dropped once the calls it submitted ran
+            else:
+                s._stream = None
+
+    @property
+    def sessions(self) -> int:
+        """Open sessions."""
+        with self._cond:
+            return len(self._sessions)
+
+    # --- submitting -----------------------------------------------------------------------
+    def _check_step(self, x: Any) -> np.ndarray:
+        """One row of step input, checked now so a bad input raises in its own session."""
+        if not self._batched:
+            return x  # type: ignore[no-any-return]  # a graph step: checked by the stream when it runs
+        arr = np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"step(): x must be a float array, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.shape == (1, self._input_size):
+            arr = arr[0]
+        if arr.shape != (self._input_size,):
+            raise ValueError(f"step(): x must have shape ({self._input_size},) (one row of the model's input), "
+                             f"got {np.shape(x)}")
+        return arr
+
+    def _enqueue(self, call: _Call) -> None:
+        s = call.session
+        with self._cond:
+            if self._closed:
+                self._space.release()
+                raise SessionClosedError("this batcher is closed")
+            if s._stream is None or s._closing or s not in self._sessions:
+                self._space.release()
+                raise SessionClosedError("this session is closed (by close(), or after idle_timeout)")
+            s.last_used = time.monotonic()
+            s._pending.append(call)
+            self._queued += 1
+            self.counters["most_queued"] = max(self.counters["most_queued"], self._queued)
+            self._mark_ready(s)
+
+    def _mark_ready(self, s: Session) -> None:
+        if s not in self._ready:
+            self._ready[s] = None
+            if self._first_wait is None:
+                self._first_wait = time.monotonic()
+        self._cond.notify()
+
+    def _submit(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> _Call:
+        call = _Call(s, x, fn)
+        self._space.acquire()  # back-pressure: wait for room
+        self._enqueue(call)
+        return call
+
+    async def _submit_async(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> Any:
+        loop = asyncio.get_running_loop()
+        call = _Call(s, x, fn)
+        call.loop, call.future = loop, loop.create_future()
+        if not self._space.acquire(blocking=False):  # back-pressure without blocking the event loop
+            await loop.run_in_executor(None, self._space.acquire)
+        self._enqueue(call)
+        return await call.future
+
+    # --- the scheduler --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._take()
+                if batch is None:
+                    return
+            if batch:
+                self._execute(batch)
+
+    def _take(self) -> list[_Call] | None:
+        """Waits for work; returns up to max_batch calls (the head call of each ready session),
+        or None once closed and drained. Called with the lock held."""
+        while True:
+            if self.idle_timeout is not None:
+                self._sweep_idle()
+            if not self._ready:
+                if self._closed:
+                    return None
+                self._cond.wait(timeout=None if self.idle_timeout is None else min(self.idle_timeout, 1.0))
+                continue
+            waited = time.monotonic() - (self._first_wait or 0.0)
+            everyone = len(self._ready) >= min(self.max_batch, max(len(self._sessions), 1))
+            if self._closed or everyone or waited >= self.max_wait:
+                break
+            self._cond.wait(timeout=self.max_wait - waited)
+        calls = []
+        for s in list(self._ready)[:self.max_batch]:
+            calls.append(s._pending.popleft())
+            del self._ready[s]
+            if s._pending:  # more work: back in line, behind the others (fairness)
+                self._ready[s] = None
+        self._first_wait = time.monotonic() if self._ready else None
+        return calls
+
+    def _sweep_idle(self) -> None:
+        now = time.monotonic()
+        assert self.idle_timeout is not None
+        for s in [s for s in self._sessions if not s._pending and now - s.last_used > self.idle_timeout]:
+            self._sessions.discard(s)
+            s._stream = None
+            self.counters["sessions_timed_out"] += 1
+
+    def _execute(self, calls: list[_Call]) -> None:
+        steps = [c for c in calls if c.fn is None and c.x is not None]
+        others = [c for c in calls if not (c.fn is None and c.x is not None)]
+        if steps and self._batched:
+            self._run_steps(steps)
+        else:
+            others = steps + others
+        for c in others:
+            stream = c.session._stream
+            try:
+                if stream is None:
+                    raise SessionClosedError("this session is closed")
+                elif c.fn is None:
+                    c.finish(stream.step(c.x))
+                else:
+                    c.finish(c.fn(stream))
+            except Exception as e:  # the error belongs to the session that sent the call
+                c.finish(None, e)
+        with self._cond:
+            self._queued -= len(calls)
+            self.counters["calls"] += len(calls)
+            for c in calls:
+                if c.session._closing and not c.session._pending:
+                    c.session._stream = None
+        for _ in calls:
+            self._space.release()
+
+    def _run_steps(self, steps: list[_Call]) -> None:
+        """Single steps of a layer-stack model's sessions: one batched call (or one per thread)."""
+        live = [c for c in steps if c.session._stream is not None]
+        for c in steps:
+            if c.session._stream is None:
+                c.finish(None, SessionClosedError("this session is closed"))
+        if not live:
+            return
+        n = len(live)
+        self.counters["steps"] += n
+        self.counters["batches"] += 1
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], n)
+        X = np.stack([c.x for c in live])
+        streams = [c.session._stream for c in live]
+        try:
+            if self._pool is not None and n >= 2 * self.threads:
+                bounds = np.linspace(0, n, self.threads + 1).astype(int)
+                parts = list(self._pool.map(lambda k: _core.step_streams(streams[bounds[k]:bounds[k + 1]],
+                                                                         X[bounds[k]:bounds[k + 1]]),
+                                            range(self.threads)))
+                Y = np.concatenate(parts)
+            else:
+                Y = _core.step_streams(streams, X)
+        except Exception:  # inputs were checked: fall back to one call each, so an error stays with its session
+            for c in live:
+                try:
+                    c.finish(c.session._stream.step(c.x))  # type: ignore[union-attr]
+                except Exception as e:
+                    c.finish(None, e)
+            return
+        for k, c in enumerate(live):
+            c.finish(Y[k])
+
+    # --- shutdown -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Runs the calls already submitted, then stops; every session is closed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            for s in self._sessions:
+                s._stream = None
+            self._sessions.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

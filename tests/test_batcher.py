@@ -1,0 +1,204 @@
+"""The session batcher: many sessions stepped from many threads and asyncio tasks give each
+session exactly what its own stream gives, in order, with errors, closing, idle timeouts and
+back-pressure confined to the session they concern."""
+import asyncio
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rnnengine
+from oracle import max_violation
+from rnnengine.runtime.batcher import Batcher, SessionClosedError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+rng = np.random.default_rng(77)
+I, H = 12, 16
+
+
+def f32(*shape, scale=0.4):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return rnnengine.Model([rnnengine.GRU(f32(1, 3 * H, I), f32(1, 3 * H, H), f32(1, 6 * H)),
+                            rnnengine.LSTM(f32(1, 4 * H, H), f32(1, 4 * H, H), f32(1, 8 * H))])
+
+
+def alone(model, seq, state=None):
+    """What one stream of its own gives for this sequence of steps."""
+    s = model.stream(state=state)
+    return np.stack([s.step(x) for x in seq])
+
+
+def test_sessions_from_many_threads_match_their_own_streams(model):
+    n, T = 24, 25
+    xs = f32(n, T, I, scale=1.0)
+    got = [None] * n
+    with Batcher(model, max_batch=16, max_wait_us=3000) as b:
+        def work(i):
+            s = b.open()
+            got[i] = np.stack([s.step(x) for x in xs[i]])
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c = dict(b.counters)
+    for i in range(n):
+        assert max_violation(got[i], alone(model, xs[i])) <= 1, i
+    assert c["steps"] == n * T and c["calls"] == n * T
+    assert 1 < c["largest_batch"] <= 16  # steps were batched, never past max_batch
+    assert c["batches"] < n * T
+
+
+def test_threads_split_a_batch_and_give_the_same_result(model):
+    n, T = 12, 6
+    xs = f32(n, T, I, scale=1.0)
+    with Batcher(model, max_wait_us=20000, threads=2) as b:
+        sessions = [b.open() for _ in range(n)]
+        got = np.zeros((n, T, H), np.float32)
+        for t in range(T):
+            done = []
+            th = [threading.Thread(target=lambda i=i: done.append((i, sessions[i].step(xs[i, t])))) for i in range(n)]
+            for x in th:
+                x.start()
+            for x in th:
+                x.join()
+            for i, y in done:
+                got[i, t] = y
+    for i in range(n):
+        assert max_violation(got[i], alone(model, xs[i])) <= 1
+
+
+def test_asyncio_tasks_do_not_block_the_loop_and_match(model):
+    n, T = 8, 10
+    xs = f32(n, T, I, scale=1.0)
+
+    async def main(b):
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        async def one(i):
+            s = b.open()
+            return np.stack([await s.astep(x) for x in xs[i]])
+        tick = asyncio.create_task(ticker())
+        res = await asyncio.gather(*(one(i) for i in range(n)))
+        tick.cancel()
+        return res, ticks
+    with Batcher(model, max_wait_us=500) as b:
+        res, ticks = asyncio.run(main(b))
+    for i in range(n):
+        assert max_violation(res[i], alone(model, xs[i])) <= 1
+    assert ticks > 0
+
+
+def test_a_bad_input_raises_in_its_session_only(model):
+    xs = f32(6, I, scale=1.0)
+    with Batcher(model, max_wait_us=1000) as b:
+        good, bad = b.open(), b.open()
+        ys = [good.step(xs[0])]
+        with pytest.raises(ValueError, match=r"shape \(12,\)"):
+            bad.step(np.zeros(I + 1, np.float32))
+        with pytest.raises(TypeError, match="float"):
+            bad.step(np.zeros(I, np.int64))
+        ys += [good.step(x) for x in xs[1:]]
+        assert max_violation(np.stack(ys), alone(model, xs)) <= 1
+        # the bad session is unharmed: it still steps from its own (initial) state
+        assert max_violation(bad.step(xs[0]), ys[0]) <= 1
+
+
+def test_state_calls_run_in_order_with_steps(model):
+    xs = f32(8, I, scale=1.0)
+    want = alone(model, xs)
+    with Batcher(model) as b:
+        s = b.open()
+        for x in xs[:4]:
+            s.step(x)
+        saved = s.get_state()
+        fork = s.fork()
+        rest = np.stack([s.step(x) for x in xs[4:]])
+        assert max_violation(rest, want[4:]) <= 1
+        np.testing.assert_array_equal(np.stack([fork.step(x) for x in xs[4:]]), rest)
+        s.set_state(saved)
+        np.testing.assert_array_equal(np.stack([s.step(x) for x in xs[4:]]), rest)
+        s.reset()
+        np.testing.assert_array_equal(s.step(xs[0]), want[0])
+        restored = b.open(state=saved)
+        np.testing.assert_array_equal(restored.step(xs[4]), rest[0])
+        assert max_violation(s.feed(xs[1:, None, :])[:, 0], want[1:]) <= 1
+
+
+def test_closed_and_idle_sessions_refuse_and_free(model):
+    x = f32(I, scale=1.0)
+    with Batcher(model, idle_timeout=0.3) as b:
+        s = b.open()
+        s.step(x)
+        s.close()
+        assert s.closed
+        with pytest.raises(SessionClosedError):
+            s.step(x)
+        idle = b.open()
+        idle.step(x)
+        busy = b.open()
+        deadline = time.monotonic() + 10
+        while not idle.closed and time.monotonic() < deadline:
+            busy.step(x)
+            time.sleep(0.05)
+        assert idle.closed and not busy.closed
+        assert b.counters["sessions_timed_out"] >= 1
+        with pytest.raises(SessionClosedError):
+            idle.step(x)
+    with pytest.raises(SessionClosedError):
+        busy.step(x)  # the batcher is closed
+
+
+def test_a_bounded_queue_holds_callers_back(model):
+    n, T = 16, 8
+    xs = f32(n, T, I, scale=1.0)
+    got = [None] * n
+    with Batcher(model, max_queue=4, max_wait_us=200) as b:
+        def work(i):
+            s = b.open()
+            got[i] = np.stack([s.step(x) for x in xs[i]])
+        th = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert b.counters["most_queued"] <= 4
+        assert b.counters["steps"] == n * T
+    for i in range(n):
+        assert max_violation(got[i], alone(model, xs[i])) <= 1
+
+
+def test_a_converted_graph_is_served_in_order():
+    layer_model = rnnengine.Model([rnnengine.LSTM(f32(1, 4 * H, I), f32(1, 4 * H, H))])
+    from rnnengine.frontend.layer_export import layers_to_onnx
+    graph = rnnengine.convert(layers_to_onnx(layer_model))
+    xs = f32(3, 7, 1, I, scale=1.0)  # a graph step takes the batch axis (1 row)
+    with Batcher(graph) as b:
+        sessions = [b.open() for _ in range(3)]
+        got = [np.stack([s.step(x) for x in xs[i]]) for i, s in enumerate(sessions)]
+    for i in range(3):
+        want = graph.run(xs[i])  # (T, 1, H): the whole sequence
+        assert max_violation(np.stack(got[i]), want) <= 1
+
+
+def test_bad_settings_are_refused(model):
+    for kw in ({"max_batch": 0}, {"threads": 0}, {"max_queue": 0}, {"max_wait_us": -1}, {"idle_timeout": 0}):
+        with pytest.raises(ValueError):
+            Batcher(model, **kw)
+    with pytest.raises(TypeError):
+        Batcher(object())
+    bidir = rnnengine.Model([rnnengine.GRU(f32(2, 3 * H, I), f32(2, 3 * H, H), direction="bidirectional")])
+    with pytest.raises(ValueError, match="forward"):
+        Batcher(bidir)
