@@ -54,7 +54,7 @@ class _Call:
         self.session = session
         self.x = x
         self.fn = fn
-        self.done = threading.Event()
+        self.done = _Done()
         self.result: Any = None
         self.error: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -65,6 +65,24 @@ class _Call:
         if self.future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(_settle, self.future, result, error)
         self.done.set()
+
+
+class _Done:
+    """A one-shot signal, cheaper than threading.Event: a lock created held, released once."""
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._lock.release()  # later waits return at once
+            return True
+        return False
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -1,0 +1,83 @@
+"""Many live streams: N sessions stepped through rnnengine.Batcher vs N streams stepped on
+their own (each by its own thread, as a service without the batcher would), and vs onnxruntime
+with the state passed back by hand, same model, same threads; steps per second and per-step
+latency, engines alternated in one run.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_batcher.py [--sessions 64] [--steps 200] [--hidden 256]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import rnnengine  # noqa: E402
+from rnnengine.runtime.batcher import Batcher  # noqa: E402
+
+
+def run_threads(n, steps, body):
+    """n threads, each calling body(i, k) for k in range(steps); returns (seconds, latencies)."""
+    lat = [[] for _ in range(n)]
+    barrier = threading.Barrier(n + 1)
+
+    def work(i):
+        barrier.wait()
+        for k in range(steps):
+            t0 = time.perf_counter()
+            body(i, k)
+            lat[i].append(time.perf_counter() - t0)
+    th = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in th:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in th:
+        t.join()
+    return time.perf_counter() - t0, np.concatenate([np.array(x) for x in lat])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    I = H = a.hidden
+    model = rnnengine.Model([rnnengine.LSTM((rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32),
+                                            (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32))])
+    xs = rng.standard_normal((a.sessions, a.steps, I)).astype(np.float32)
+    print(f"LSTM I=H={H}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
+          f"{os.cpu_count()} cores; medians over {a.repeats} alternating repeats")
+    res = {"own streams": [], "batcher": []}
+    lats = {"own streams": [], "batcher": []}
+    for _ in range(a.repeats):
+        streams = [model.stream() for _ in range(a.sessions)]
+        sec, lat = run_threads(a.sessions, a.steps, lambda i, k: streams[i].step(xs[i, k]))
+        res["own streams"].append(a.sessions * a.steps / sec)
+        lats["own streams"].append(lat)
+        with Batcher(model, max_batch=a.sessions, max_wait_us=200) as b:
+            sessions = [b.open() for _ in range(a.sessions)]
+            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i, k]))
+            res["batcher"].append(a.sessions * a.steps / sec)
+            lats["batcher"].append(lat)
+            batches = b.counters["batches"]
+        print(f"  batcher: {b.counters['steps'] / batches:.1f} steps per batched call on average")
+    base = np.median(res["own streams"])
+    print("| engine | steps/s | median latency us | p99 latency us | throughput vs own streams |")
+    print("|---|---:|---:|---:|---:|")
+    for k in res:
+        lat = np.concatenate(lats[k]) * 1e6
+        print(f"| {k} | {np.median(res[k]):,.0f} | {np.median(lat):.0f} | {np.percentile(lat, 99):.0f} | "
+              f"{np.median(res[k]) / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
