@@ -641,7 +641,38 @@ def build_parser():
     b.add_argument("--seq", type=int, default=256, help="whole-sequence length (default 256)")
     b.add_argument("--repeats", type=int, default=5)
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve a model's streams over WebSocket and whole runs over HTTP",
+                       description="Serves FILE (a weight file or an ONNX file): GET /stream (WebSocket, one "
+                                   "connection = one session with its own state; binary frames with the header "
+                                   "documented in rnnengine/server.py, or JSON text frames), POST /run (a whole "
+                                   "sequence, JSON), GET /health, GET /metrics (Prometheus text). Steps of "
+                                   "concurrent sessions are batched (rnnengine.Batcher). Needs the extra "
+                                   "[server] (aiohttp).")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--input", action="append", metavar="NAME=VALUE",
+                   help="fix an input of an ONNX file at conversion (e.g. sr=16000), repeatable")
+    s.add_argument("--max-batch", type=int, default=64, help="sessions per batched call (default 64)")
+    s.add_argument("--max-wait-us", type=float, default=200.0,
+                   help="how long a waiting step may wait for others to join its batch (default 200)")
+    s.add_argument("--threads", type=int, default=1, help="threads a large batch is split over (default 1)")
+    s.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="seconds after which an unused session is freed (default 600)")
+    s.set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_serve(args):
+    try:
+        from rnnengine.server import serve  # the [server] extra: aiohttp, imported only here
+    except ImportError as e:
+        raise ValueError(f"rnnengine serve needs the server extra: pip install 'rnnengine[server]' ({e})") from None
+    model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
+    serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
+          threads=args.threads, idle_timeout=args.idle_timeout)
+    return 0
 
 
 def main(argv=None):

@@ -1,0 +1,248 @@
+"""`rnnengine serve MODEL`: a streaming server over the session batcher (extra `[server]`).
+
+Network part: aiohttp (one well-kept library that serves HTTP and WebSocket from one asyncio
+event loop, with graceful shutdown built in; the engine work runs in the batcher's scheduler
+thread and in executor threads, so the event loop never blocks on compute).
+
+Endpoints:
+- ``GET /stream`` (WebSocket): one connection is one session of the model (its own state).
+  Binary frames carry one array (the header below); the reply is the session's first output
+  that is not fed back as state. Text frames carry JSON: ``{"op": "step"|"feed", "x": [...]}``
+  or ``{"op": "step"|"feed", "inputs": {name: [...]}}`` -> ``{"outputs": {name: [...]}}``;
+  ``{"op": "reset"}`` -> ``{"ok": true}``. A malformed frame gets ``{"error": "..."}`` and the
+  connection stays usable; closing the connection frees the session.
+- ``POST /run``: a whole-sequence run, JSON ``{"inputs": {name: [...]}}`` (or ``{"x": [...]}``)
+  -> ``{"outputs": {name: [...]}}``.
+- ``GET /health``: ``{"status": "ok", "sessions": n, ...}``.
+- ``GET /metrics``: counters in the Prometheus text format (sessions open, steps, batches,
+  largest batch, step latency quantiles).
+
+Binary frame (all integers little-endian)::
+
+    offset  size     field
+    0       4        magic b"RNS1"
+    4       1        kind: 0 = step, 1 = feed (client -> server); 2 = output (server -> client)
+    5       1        dtype: 0 = float32, 1 = int64, 2 = int32
+    6       1        ndim, 0..8
+    7       1        reserved, 0
+    8       4*ndim   dims, uint32 each
+    8+4*ndim         the data, C order (exactly prod(dims) * itemsize bytes)
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import struct
+import time
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from rnnengine.runtime.base import Model
+from rnnengine.runtime.batcher import Batcher, Session
+
+MAGIC = b"RNS1"
+KIND_STEP, KIND_FEED, KIND_OUTPUT = 0, 1, 2
+DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<i8"), 2: np.dtype("<i4")}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+MAX_NDIM = 8
+
+
+class FrameError(ValueError):
+    """A binary frame that does not follow the format above."""
+
+
+def encode_frame(arr: np.ndarray, kind: int = KIND_OUTPUT) -> bytes:
+    """One array as a binary frame."""
+    a = np.asarray(arr)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    code = DTYPE_CODES.get(np.dtype(dt).newbyteorder("<"))
+    if code is None:
+        a = a.astype(np.float32)
+        code = 0
+    a = np.ascontiguousarray(a, DTYPES[code])
+    if a.ndim > MAX_NDIM:
+        raise FrameError(f"an array of {a.ndim} dimensions; frames carry at most {MAX_NDIM}")
+    return MAGIC + struct.pack("<BBBB", kind, code, a.ndim, 0) + struct.pack(f"<{a.ndim}I", *a.shape) + a.tobytes()
+
+
+def decode_frame(data: bytes, max_bytes: int = 64 << 20) -> tuple[int, np.ndarray]:
+    """A binary frame -> (kind, array); FrameError names what is wrong."""
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise FrameError("a binary frame starts with the 4 bytes 'RNS1' and an 8-byte header")
+    kind, code, ndim, _ = struct.unpack_from("<BBBB", data, 4)
+    if kind not in (KIND_STEP, KIND_FEED):
+        raise FrameError(f"frame kind {kind}: a client sends 0 (step) or 1 (feed)")
+    if code not in DTYPES:
+        raise FrameError(f"dtype code {code}: 0 (float32), 1 (int64) or 2 (int32)")
+    if ndim > MAX_NDIM:
+        raise FrameError(f"ndim {ndim}: at most {MAX_NDIM}")
+    if len(data) < 8 + 4 * ndim:
+        raise FrameError(f"the header announces {ndim} dims but the frame has {len(data)} bytes")
+    dims = struct.unpack_from(f"<{ndim}I", data, 8)
+    n = 1
+    for d in dims:
+        n *= d
+    need = n * DTYPES[code].itemsize
+    body = len(data) - 8 - 4 * ndim
+    if need > max_bytes:
+        raise FrameError(f"an array of {need} bytes, more than the server takes ({max_bytes})")
+    if body != need:
+        raise FrameError(f"dims {list(dims)} of {DTYPES[code]} need {need} bytes of data, the frame has {body}")
+    arr = np.frombuffer(data, DTYPES[code], count=n, offset=8 + 4 * ndim).reshape(dims)
+    return kind, arr.astype(DTYPES[code].newbyteorder("="), copy=True)
+
+
+def _tolist(v: Any) -> Any:
+    return np.asarray(v).tolist()
+
+
+class Server:
+    """The application: one model, one batcher, the endpoints above."""
+
+    def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
+                 idle_timeout: float | None = 600.0, max_queue: int = 4096) -> None:
+        self.model = model
+        self.batcher = Batcher(model, max_batch=max_batch, max_wait_us=max_wait_us, threads=threads,
+                               idle_timeout=idle_timeout, max_queue=max_queue)
+        carried = {o for _, o in getattr(model, "state_pairs", [])}
+        self.main_output = next((o for o in model.outputs if o not in carried), model.outputs[0])
+        self.latencies: collections.deque[float] = collections.deque(maxlen=10000)
+        self.counters = {"connections": 0, "frames": 0, "bad_frames": 0, "runs": 0}
+        self.started = time.time()
+        self.app = web.Application(client_max_size=64 << 20)
+        self.app.add_routes([web.get("/stream", self.stream), web.post("/run", self.run),
+                             web.get("/health", self.health), web.get("/metrics", self.metrics)])
+        self.app.on_shutdown.append(self._shutdown)
+
+    async def _shutdown(self, app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+
+    # --- one call of a session ---------------------------------------------------------------
+    def _as_returned(self, res: Any) -> dict[str, Any]:
+        if isinstance(res, dict):
+            return res
+        if isinstance(res, tuple):
+            return dict(zip(self.model.outputs, res))
+        return {self.main_output if len(self.model.outputs) > 1 else self.model.outputs[0]: res}
+
+    async def _call(self, session: Session, kind: int, x: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = await (session.astep(x) if kind == KIND_STEP else session.afeed(x))
+        self.latencies.append(time.perf_counter() - t0)
+        return self._as_returned(res)
+
+    async def stream(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=64 << 20)
+        await ws.prepare(request)
+        session = self.batcher.open()
+        self.counters["connections"] += 1
+        try:
+            async for msg in ws:
+                self.counters["frames"] += 1
+                try:
+                    if msg.type == WSMsgType.BINARY:
+                        kind, x = decode_frame(msg.data)
+                        out = await self._call(session, kind, x)
+                        await ws.send_bytes(encode_frame(out[self.main_output]))
+                    elif msg.type == WSMsgType.TEXT:
+                        await ws.send_str(json.dumps(await self._json_call(session, msg.data)))
+                    elif msg.type == WSMsgType.ERROR:
+                        break
+                except Exception as e:  # the frame's error goes back to its sender; the connection stays
+                    self.counters["bad_frames"] += 1
+                    await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        finally:
+            session.close()
+        return ws
+
+    async def _json_call(self, session: Session, text: str) -> dict[str, Any]:
+        try:
+            req = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FrameError(f"a text frame must be JSON: {e}") from None
+        if not isinstance(req, dict):
+            raise FrameError("a text frame is a JSON object with 'op'")
+        op = req.get("op")
+        if op == "reset":
+            await asyncio.get_running_loop().run_in_executor(None, session.reset)
+            return {"ok": True}
+        if op not in ("step", "feed"):
+            raise FrameError(f"unknown op {op!r}: 'step', 'feed' or 'reset'")
+        x = self._json_inputs(req)
+        out = await self._call(session, KIND_STEP if op == "step" else KIND_FEED, x)
+        return {"outputs": {k: _tolist(v) for k, v in out.items()}}
+
+    def _json_inputs(self, req: dict[str, Any]) -> Any:
+        specs = {i["name"]: i for i in getattr(self.model, "inputs", [])
+                 if isinstance(i, dict) and "dtype" in i}
+        if "inputs" in req:
+            if not isinstance(req["inputs"], dict):
+                raise FrameError("'inputs' must be an object {name: array}")
+            return {k: np.asarray(v, dtype=specs[k]["dtype"] if k in specs else np.float32)
+                    for k, v in req["inputs"].items()}
+        if "x" in req:
+            names = self.model.input_names
+            dt = specs[names[0]]["dtype"] if len(names) == 1 and names[0] in specs else np.float32
+            return np.asarray(req["x"], dtype=dt)
+        raise FrameError("give the input as 'x' (the one input) or 'inputs' ({name: array})")
+
+    # --- HTTP --------------------------------------------------------------------------------
+    async def run(self, request: web.Request) -> web.Response:
+        try:
+            req = await request.json()
+            if not isinstance(req, dict):
+                raise FrameError("the body is a JSON object with 'x' or 'inputs'")
+            x = self._json_inputs(req)
+            res = await asyncio.get_running_loop().run_in_executor(None, self.model.run, x)
+        except Exception as e:
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=400)
+        self.counters["runs"] += 1
+        out = res if isinstance(res, dict) else self._as_returned(res)
+        return web.json_response({"outputs": {k: _tolist(v) for k, v in out.items() if not isinstance(v, list)}})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "sessions": self.batcher.sessions,
+                                  "outputs": self.model.outputs, "inputs": self.model.input_names,
+                                  "uptime_s": round(time.time() - self.started, 3)})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        c = self.batcher.counters
+        lat = np.array(self.latencies) if self.latencies else np.zeros(0)
+        lines = [
+            "# HELP rnnengine_sessions_open Sessions (WebSocket connections) open now.",
+            "# TYPE rnnengine_sessions_open gauge", f"rnnengine_sessions_open {self.batcher.sessions}",
+            "# HELP rnnengine_steps_total Steps run in batched calls.",
+            "# TYPE rnnengine_steps_total counter", f"rnnengine_steps_total {c['steps']}",
+            "# HELP rnnengine_calls_total Session calls run (steps, chunks, state calls).",
+            "# TYPE rnnengine_calls_total counter", f"rnnengine_calls_total {c['calls']}",
+            "# HELP rnnengine_batches_total Batched calls into the engine.",
+            "# TYPE rnnengine_batches_total counter", f"rnnengine_batches_total {c['batches']}",
+            "# HELP rnnengine_batch_size_max The largest batch so far.",
+            "# TYPE rnnengine_batch_size_max gauge", f"rnnengine_batch_size_max {c['largest_batch']}",
+            "# HELP rnnengine_sessions_timed_out_total Sessions closed after idle_timeout.",
+            "# TYPE rnnengine_sessions_timed_out_total counter",
+            f"rnnengine_sessions_timed_out_total {c['sessions_timed_out']}",
+            "# HELP rnnengine_bad_frames_total Frames answered with an error.",
+            "# TYPE rnnengine_bad_frames_total counter", f"rnnengine_bad_frames_total {self.counters['bad_frames']}",
+            "# HELP rnnengine_runs_total Whole-sequence runs (POST /run).",
+            "# TYPE rnnengine_runs_total counter", f"rnnengine_runs_total {self.counters['runs']}",
+            "# HELP rnnengine_step_latency_seconds Session call latency over the last 10000 calls.",
+            "# TYPE rnnengine_step_latency_seconds summary",
+        ]
+        for q in (0.5, 0.9, 0.99):
+            v = float(np.quantile(lat, q)) if lat.size else 0.0
+            lines.append(f'rnnengine_step_latency_seconds{{quantile="{q}"}} {v:.9f}')
+        lines += [f"rnnengine_step_latency_seconds_sum {float(lat.sum()):.9f}",
+                  f"rnnengine_step_latency_seconds_count {lat.size}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, **batcher: Any) -> None:
+    """Runs the server until interrupted (SIGINT/SIGTERM: open connections are closed, the
+    calls already submitted finish, then the batcher stops)."""
+    server = Server(model, **batcher)
+    web.run_app(server.app, host=host, port=port, print=lambda *a: print(*a, flush=True),
+                shutdown_timeout=10.0)

@@ -1,0 +1,199 @@
+"""`rnnengine serve`: WebSocket sessions (binary and JSON frames), whole runs over HTTP,
+health and Prometheus metrics; every answer compared with the model run in process."""
+import asyncio
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+import rnnengine  # noqa: E402
+from oracle import max_violation  # noqa: E402
+from rnnengine.frontend.layer_export import layers_to_onnx  # noqa: E402
+from rnnengine.server import FrameError, Server, decode_frame, encode_frame  # noqa: E402
+
+rng = np.random.default_rng(5)
+I, H = 6, 8
+
+
+def f32(*shape, scale=0.5):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return rnnengine.Model([rnnengine.LSTM(f32(1, 4 * H, I), f32(1, 4 * H, H), f32(1, 8 * H))])
+
+
+def with_client(model, body, **kw):
+    async def main():
+        server = Server(model, max_wait_us=1000, **kw)
+        async with TestClient(TestServer(server.app)) as client:
+            return await body(client, server)
+    return asyncio.run(main())
+
+
+def own_stream(model, xs):
+    s = model.stream()
+    return np.stack([s.step(x) for x in xs])
+
+
+def test_frames_round_trip_and_hostile_frames_are_refused():
+    for a in (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, -2], np.int64), np.zeros((0, 4), np.int32)):
+        kind, b = decode_frame(encode_frame(a, kind=0))
+        assert kind == 0 and b.dtype == a.dtype and np.array_equal(a, b)
+    good = encode_frame(np.ones(3, np.float32), kind=0)
+    bad = [b"", b"XXXX" + good[4:], good[:4] + bytes([9]) + good[5:], good[:5] + bytes([7]) + good[6:],
+           good[:6] + bytes([200]) + good[7:], good[:-1], good + b"\0",
+           b"RNS1" + struct.pack("<BBBB", 0, 0, 2, 0) + struct.pack("<2I", 2**31, 2**31)]  # 2^62 floats announced
+    for frame in bad:
+        with pytest.raises(FrameError):
+            decode_frame(frame)
+
+
+def test_websocket_sessions_match_their_own_streams(model):
+    xs = f32(3, 12, I, scale=1.0)
+
+    async def body(client, server):
+        async def one(i):
+            ws = await client.ws_connect("/stream")
+            ys = []
+            for x in xs[i]:
+                await ws.send_bytes(encode_frame(x, kind=0))
+                kind, y = decode_frame_reply(await ws.receive_bytes())
+                ys.append(y)
+            await ws.close()
+            return np.stack(ys)
+        return await asyncio.gather(*(one(i) for i in range(3)))
+    got = with_client(model, body)
+    for i in range(3):
+        assert max_violation(got[i], own_stream(model, xs[i])) <= 1
+
+
+def decode_frame_reply(data):
+    """A server->client frame (kind 2) decoded (decode_frame takes client kinds only)."""
+    assert data[:4] == b"RNS1" and data[4] == 2
+    return decode_frame(data[:4] + bytes([0]) + data[5:])
+
+
+def test_json_frames_reset_and_errors_keep_the_connection(model):
+    xs = f32(4, I, scale=1.0)
+    want = own_stream(model, xs)
+
+    async def body(client, server):
+        ws = await client.ws_connect("/stream")
+        replies = []
+        for frame in ["not json", json.dumps([1, 2]), json.dumps({"op": "jump"}), json.dumps({"op": "step"}),
+                      json.dumps({"op": "step", "x": [1.0, 2.0]})]:
+            await ws.send_str(frame)
+            replies.append(json.loads(await ws.receive_str()))
+        await ws.send_bytes(b"garbage")
+        replies.append(json.loads(await ws.receive_str()))
+        assert all("error" in r for r in replies), replies
+        outs = []
+        for x in xs[:2]:
+            await ws.send_str(json.dumps({"op": "step", "x": x.tolist()}))
+            outs.append(json.loads(await ws.receive_str())["outputs"]["Y"])
+        await ws.send_str(json.dumps({"op": "reset"}))
+        assert json.loads(await ws.receive_str()) == {"ok": True}
+        await ws.send_str(json.dumps({"op": "feed", "inputs": {"X": xs[:, None, :].tolist()}}))
+        fed = json.loads(await ws.receive_str())["outputs"]["Y"]
+        await ws.close()
+        return replies, outs, fed
+    replies, outs, fed = with_client(model, body)
+    assert "shape" in replies[4]["error"]
+    assert max_violation(np.array(outs, np.float32), want[:2]) <= 1
+    assert max_violation(np.array(fed, np.float32)[:, 0], want) <= 1  # from the reset (initial) state
+
+
+def test_a_closed_connection_frees_its_session_and_metrics_count(model):
+    async def body(client, server):
+        ws = await client.ws_connect("/stream")
+        await ws.send_bytes(encode_frame(f32(I), kind=0))
+        await ws.receive_bytes()
+        during = (await (await client.get("/health")).json())["sessions"]
+        await ws.close()
+        for _ in range(100):
+            after = (await (await client.get("/health")).json())["sessions"]
+            if after == 0:
+                break
+            await asyncio.sleep(0.02)
+        metrics = await (await client.get("/metrics")).text()
+        return during, after, metrics
+    during, after, metrics = with_client(model, body)
+    assert during == 1 and after == 0
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert float(values["rnnengine_steps_total"]) == 1
+    assert float(values["rnnengine_sessions_open"]) == 0
+    assert float(values['rnnengine_step_latency_seconds{quantile="0.5"}']) > 0
+
+
+def test_http_run_matches_the_model_and_refuses_bad_bodies(model):
+    x = f32(5, 2, I, scale=1.0)
+
+    async def body(client, server):
+        ok = await (await client.post("/run", json={"x": x.tolist()})).json()
+        bad = await client.post("/run", json={"x": [[1.0]]})
+        return ok, bad.status, await bad.json()
+    ok, status, err = with_client(model, body)
+    Y, _ = model.run(x)
+    assert max_violation(np.array(ok["outputs"]["Y"], np.float32), Y) <= 1
+    assert status == 400 and "error" in err
+
+
+def test_a_converted_graph_is_served_with_its_step_convention(model):
+    graph = rnnengine.convert(layers_to_onnx(model))
+    xs = f32(6, 1, I, scale=1.0)  # a graph stream's step takes the batch axis
+
+    async def body(client, server):
+        ws = await client.ws_connect("/stream")
+        ys = []
+        for x in xs:
+            await ws.send_bytes(encode_frame(x, kind=0))
+            ys.append(decode_frame_reply(await ws.receive_bytes())[1])
+        await ws.close()
+        return np.stack(ys)
+    got = with_client(graph, body)
+    assert max_violation(got[:, 0], own_stream(model, xs[:, 0])) <= 1
+
+
+def test_serve_has_help():
+    r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "serve", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "/stream" in r.stdout and "--port" in r.stdout
+
+
+def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(model, path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    try:
+        health = None
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert health is not None and health["status"] == "ok" and health["sessions"] == 0
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stdout.read()
+    assert os.path.exists(path)
