@@ -16,13 +16,14 @@ from rnnengine.limits import Limits
 
 from rnnengine.errors import (ConversionError, EngineError, FormatError, GraphRunError, LimitError,
                               NotStreamableError, OnnxRuntimeError, OpsetError, ProgramError, RnnEngineError,
-                              UnsupportedError)
+                              SessionClosedError, StateError, UnsupportedError)
 
 __all__ = ["Model", "Stream", "convert", "load", "save", "from_torch", "step_streams", "Batcher", "Session",
-           "SessionClosedError", "LSTM", "GRU", "RNN",
+           "state_to_bytes", "state_from_bytes", "LSTM", "GRU", "RNN",
            "ACTIVATIONS", "Limits", "load_onnx", "__version__",
            "RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError", "OpsetError",
-           "FormatError", "GraphRunError", "ProgramError", "EngineError", "OnnxRuntimeError"]
+           "FormatError", "GraphRunError", "ProgramError", "StateError", "SessionClosedError", "EngineError",
+           "OnnxRuntimeError"]
 
 if TYPE_CHECKING:
     from rnnengine.runtime.base import Model
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 _LAZY = {"Model": ".runtime.model", "Stream": ".runtime.model", "step_streams": ".runtime.base",
          "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
          "ACTIVATIONS": ".runtime.layers", "from_torch": ".frontend.torch_import",
-         "Batcher": ".runtime.batcher", "Session": ".runtime.batcher", "SessionClosedError": ".runtime.batcher"}
+         "Batcher": ".runtime.batcher", "Session": ".runtime.batcher",
+         "state_to_bytes": ".runtime.portable", "state_from_bytes": ".runtime.portable"}
 
 
 def _core_missing(err: ImportError) -> ImportError:

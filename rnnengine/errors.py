@@ -14,6 +14,8 @@ without the compiled core.
     +-- FormatError (ValueError)           not a valid weight file (docs/FORMAT.md)
     +-- GraphRunError (ValueError)         the graph executor stopped on bad input data
     |   +-- ProgramError                     a program refused by the C verifier before it runs
+    +-- StateError (ValueError)            bytes that are not a stream state of this model
+    +-- SessionClosedError (RuntimeError)  a batcher session used after it was closed
     +-- EngineError (RuntimeError)         the C core refused a call (a validation bug if a user sees it)
     +-- OnnxRuntimeError (RuntimeError)    onnxruntime (the oracle of `verify`) refused the model
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError",
-           "OpsetError", "FormatError", "GraphRunError", "ProgramError", "EngineError",
+           "OpsetError", "FormatError", "GraphRunError", "ProgramError", "StateError", "SessionClosedError", "EngineError",
            "OnnxRuntimeError", "where"]
 
 
@@ -78,6 +80,15 @@ class ProgramError(GraphRunError):
     write outside the tensors it names, compute on element types its op does not take, or
     read parameters it was not given. The message names the node and the instruction, e.g.
     "Gemm node 'g': instruction 7 (MATMUL): input B has 12 elements, the instruction reads 48"."""
+
+
+class StateError(RnnEngineError, ValueError):
+    """Bytes that are not a state of this model (another model, another format version,
+    damaged or truncated bytes); the message says which."""
+
+
+class SessionClosedError(RnnEngineError, RuntimeError):
+    """A batcher session used after close(), after its batcher closed, or after idle_timeout."""
 
 
 class EngineError(RnnEngineError, RuntimeError):

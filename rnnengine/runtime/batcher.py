@@ -35,15 +35,11 @@ from typing import Any, Callable
 import numpy as np
 
 from rnnengine import _core
-from rnnengine.errors import RnnEngineError
+from rnnengine.errors import SessionClosedError
 from rnnengine.runtime.base import Model, Stream
 from rnnengine.runtime.model import LayerModel
 
 __all__ = ["Batcher", "Session", "SessionClosedError"]
-
-
-class SessionClosedError(RnnEngineError, RuntimeError):
-    """The session was closed (by close(), by its batcher closing, or after idle_timeout)."""
 
 
 class _Call:
