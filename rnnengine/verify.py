@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rnnengine.runtime.graph import NP_DTYPES
-from rnnengine.ops.handlers import NotStreamableError, Recurrent
+from rnnengine.ops.codes import NP_DTYPES, RECURRENT_OPS, SLOT_SEQUENCE_LENS
+from rnnengine.ops.handlers import NotStreamableError
 from rnnengine.errors import OnnxRuntimeError  # noqa: F401 (re-exported)
 
 # Max error per output: absolute for values of magnitude <= 1, relative above. float32 is
@@ -63,7 +63,7 @@ def input_roles(model):
                     continue  # not a lookup (the Gather is refused when planned)
                 role = ("tokens", int(table.shape[axis]))
                 break
-            if n["op"] in ("LSTM", "GRU", "RNN") and k == Recurrent.SLOTS.index("sequence_lens"):
+            if n["op"] in RECURRENT_OPS and k == SLOT_SEQUENCE_LENS:
                 role = ("lengths",)
                 break
         if role == ("int",) and "len" in spec["name"].lower():

@@ -25,7 +25,8 @@ import onnx
 from onnx import numpy_helper
 
 from rnnengine import limits
-from rnnengine.ops.handlers import ONNX_DTYPE, OPS, Recurrent, UnsupportedError, where
+from rnnengine.ops.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS
+from rnnengine.ops.handlers import OPS, UnsupportedError, where
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
 from rnnengine.errors import ConversionError  # noqa: F401 (re-exported)
 CONVERTER_VERSION = "1"
@@ -180,7 +181,7 @@ class _Converter:
             if op == "Constant":
                 consts[node["outputs"][0]] = OPS["Constant"](node, self.opset).eval([])[0]
                 continue
-            if op in OPS and op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
+            if op in OPS and op not in RECURRENT_OPS and all((not n) or n in consts for n in ins):
                 if op == "Range" and any(n and np.asarray(consts[n]).dtype == np.float16 for n in ins):
                     # Range-27 accumulates float16 in float32 (stash_type); NumPy's float16
                     # arange does not, and earlier versions do not take float16 at all
@@ -279,9 +280,9 @@ def _check_state_shapes(nodes, consts, declared):
     projection, so initial_h / Y_h of size P cannot match hidden_size H). `declared` maps
     tensor names to the shapes the file declares (graph inputs, value_info, outputs)."""
     for n in nodes:
-        if n["op"] not in ("LSTM", "GRU", "RNN"):
+        if n["op"] not in RECURRENT_OPS:
             continue
-        slots = dict(zip(Recurrent.SLOTS, n["inputs"]))
+        slots = dict(zip(RECURRENT_INPUTS, n["inputs"]))
         R = consts.get(slots.get("R") or "")
         H = n.get("attrs", {}).get("hidden_size", R.shape[-1] if R is not None and R.ndim == 3 else None)
         if H is None:
@@ -440,11 +441,11 @@ def pair_states(graph):
                             r.add(o)
                 continue
             ins = ins + _outer_reads(n)
-            if op in ("LSTM", "GRU", "RNN"):
+            if op in RECURRENT_OPS:
                 key = n["outputs"][0] or n["name"] or f"#{counter[0]}"
                 counter[0] += 1
                 path_of[key] = frozenset(path)
-                slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
+                slots = dict(zip(RECURRENT_INPUTS, n["inputs"] + [""] * 8))
                 for inp, r in reach.items():
                     for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
                         if slots.get(slot) and slots[slot] in r:
@@ -630,7 +631,7 @@ def check_state_positions(graph, tensors, feeds):
             if op not in OPS:
                 raise _Untraceable(op)
             xs = [val[x] if x else None for x in ins]
-            if op in ("LSTM", "GRU", "RNN"):
+            if op in RECURRENT_OPS:
                 recurrent(node, xs)
                 continue
             h = OPS[op](node, opset)
@@ -665,8 +666,7 @@ def check_state_positions(graph, tensors, feeds):
         a = node["attrs"]
         layout = int(a.get("layout", 0))
         D = 2 if a.get("direction", "forward") == "bidirectional" else 1
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node["op"]]
-        H = int(a.get("hidden_size") or xs[1].shape[1] // gates)
+        H = int(a.get("hidden_size") or xs[1].shape[1] // GATES[node["op"]])
         X = xs[0]
         T, B = (X.shape[1], X.shape[0]) if layout else (X.shape[0], X.shape[1])
         sshape = (B, D, H) if layout else (D, B, H)

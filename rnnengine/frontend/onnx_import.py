@@ -17,15 +17,10 @@ from rnnengine.runtime.layers import GRU, LSTM, RNN, layer_from_onnx
 from rnnengine.runtime.model import Model
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, max_opset
 from rnnengine.errors import OnnxImportError
+from rnnengine.ops.codes import RECURRENT_INPUTS, RECURRENT_N_INPUTS, recurrent_attrs
 
 RECURRENT = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
 GLUE = ("Squeeze", "Unsqueeze", "Transpose", "Reshape", "Identity")
-COMMON_ATTRS = {"activation_alpha", "activation_beta", "activations", "clip", "direction",
-                "hidden_size", "layout"}
-EXTRA_ATTRS = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": set()}
-INPUT_SLOTS = {"LSTM": ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"],
-               "GRU": ["X", "W", "R", "B", "sequence_lens", "initial_h"],
-               "RNN": ["X", "W", "R", "B", "sequence_lens", "initial_h"]}
 
 
 def _where(node):
@@ -144,14 +139,14 @@ def _follow_glue(graph, name):
 def _layer_from_node(graph, node):
     kind = node.op_type
     at = _attrs(node)
-    allowed = COMMON_ATTRS | EXTRA_ATTRS[kind]
+    allowed = recurrent_attrs(kind)
     if graph.opset < 14:
         allowed = allowed - {"layout"}
     for a in at:
         if a not in allowed:
             raise OnnxImportError(f"{_where(node)}: attribute {a!r} is not an attribute of {kind} "
                                   f"at opset {graph.opset} (known: {', '.join(sorted(allowed))})")
-    slots = dict(zip(INPUT_SLOTS[kind], list(node.input) + [""] * 8))
+    slots = dict(zip(RECURRENT_INPUTS[:RECURRENT_N_INPUTS[kind]], list(node.input) + [""] * 8))
     weights = {}
     for w in ("W", "R", "B", "P"):
         if slots.get(w):

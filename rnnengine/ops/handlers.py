@@ -16,6 +16,17 @@ import math
 import numpy as np
 
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
+# the C enums (src_c/rnnengine.h) and the recurrent ops' tables, defined once in codes.py
+from rnnengine.ops.codes import (  # noqa: F401 (OP_* re-exported)
+    ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
+    ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
+    BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
+    OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
+    REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES as DTYPE_CODE, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
+    UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
+    UNARY_SQRT, recurrent_attrs)
 
 OPS = {}  # op type -> handler class
 
@@ -29,16 +40,7 @@ def register(*op_types, attrs=()):
     return deco
 
 
-# C enums (src_c/rnnengine.h)
-OP_COPY, OP_BINARY, OP_UNARY, OP_MATMUL, OP_SOFTMAX, OP_GATHER, OP_CONV1D, OP_PAD, OP_REDUCE, \
-    OP_CAST, OP_RECURRENT, OP_TOPK, OP_SCATTER, OP_TBINARY, OP_TUNARY, OP_WHERE, OP_TREDUCE, OP_ARGMAX, \
-    OP_CUMSUM, OP_REVSEQ = range(20)
-DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
-              np.dtype(np.bool_): 4}
 INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
-# ONNX TensorProto element types
-ONNX_DTYPE = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-              10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
 class Handler:
@@ -266,8 +268,9 @@ class Range(Handler):
 
 # --- elementwise -------------------------------------------------------------------------
 
-BINARY = {"Add": (0, np.add), "Sub": (1, np.subtract), "Mul": (2, np.multiply), "Div": (3, None),
-          "Pow": (4, np.power), "Max": (5, np.maximum), "Min": (6, np.minimum)}
+BINARY = {"Add": (BIN_ADD, np.add), "Sub": (BIN_SUB, np.subtract), "Mul": (BIN_MUL, np.multiply),
+          "Div": (BIN_DIV, None), "Pow": (BIN_POW, np.power), "Max": (BIN_MAX, np.maximum),
+          "Min": (BIN_MIN, np.minimum)}
 
 
 @register(*BINARY)
@@ -317,7 +320,7 @@ class Binary(Handler):
         return out
 
 
-TBINARY_KIND = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3, "Max": 5, "Min": 6}
+TBINARY_KIND = {"Add": BIN_ADD, "Sub": BIN_SUB, "Mul": BIN_MUL, "Div": BIN_DIV, "Max": BIN_MAX, "Min": BIN_MIN}
 
 
 @register("Mod", attrs=("fmod",))
@@ -343,7 +346,7 @@ class Mod(Handler):
         k = self.kind(a.dtype)
         if a.dtype != b.dtype or (a.dtype not in INT_TYPES and a.dtype != np.float32):
             self.fail(f"Mod on {a.dtype}/{b.dtype} at run time is not supported (float32, int64, int32; one type)")
-        return [emit_tbinary(p, 7 if k == "mod" else 8, a, b, broadcast_shape(self, a.shape, b.shape), a.dtype)]
+        return [emit_tbinary(p, BIN_MOD if k == "mod" else BIN_FMOD, a, b, broadcast_shape(self, a.shape, b.shape), a.dtype)]
 
 
 def _sigmoid(x):
@@ -352,23 +355,23 @@ def _sigmoid(x):
 
 # op -> (C kind, NumPy function of (x, alpha, beta), default alpha, default beta)
 UNARY = {
-    "Relu": (0, lambda x, a, b: np.maximum(x, 0).astype(x.dtype), 0, 0),
-    "Tanh": (1, lambda x, a, b: np.tanh(x), 0, 0),
-    "Sigmoid": (2, lambda x, a, b: _sigmoid(x), 0, 0),
-    "LeakyRelu": (4, lambda x, a, b: np.where(x >= 0, x, a * x).astype(x.dtype), 0.01, 0),
-    "ThresholdedRelu": (5, lambda x, a, b: np.where(x > a, x, 0).astype(x.dtype), 1.0, 0),
-    "HardSigmoid": (7, lambda x, a, b: np.clip(a * x + b, 0, 1).astype(x.dtype), 0.2, 0.5),
-    "Elu": (8, lambda x, a, b: np.where(x >= 0, x, a * (np.exp(x) - 1)).astype(x.dtype), 1.0, 0),
-    "Softsign": (9, lambda x, a, b: (x / (1 + np.abs(x))).astype(x.dtype), 0, 0),
-    "Softplus": (10, lambda x, a, b: np.logaddexp(0, x).astype(x.dtype), 0, 0),
-    "Sqrt": (20, lambda x, a, b: np.sqrt(x), 0, 0),
-    "Exp": (21, lambda x, a, b: np.exp(x), 0, 0),
-    "Log": (22, lambda x, a, b: np.log(x), 0, 0),
-    "Neg": (23, lambda x, a, b: -x, 0, 0),
-    "Abs": (24, lambda x, a, b: np.abs(x), 0, 0),
-    "Reciprocal": (26, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
-    "Floor": (28, lambda x, a, b: np.floor(x), 0, 0),
-    "Ceil": (29, lambda x, a, b: np.ceil(x), 0, 0),
+    "Relu": (ACT_RELU, lambda x, a, b: np.maximum(x, 0).astype(x.dtype), 0, 0),
+    "Tanh": (ACT_TANH, lambda x, a, b: np.tanh(x), 0, 0),
+    "Sigmoid": (ACT_SIGMOID, lambda x, a, b: _sigmoid(x), 0, 0),
+    "LeakyRelu": (ACT_LEAKY_RELU, lambda x, a, b: np.where(x >= 0, x, a * x).astype(x.dtype), 0.01, 0),
+    "ThresholdedRelu": (ACT_THRESHOLDED_RELU, lambda x, a, b: np.where(x > a, x, 0).astype(x.dtype), 1.0, 0),
+    "HardSigmoid": (ACT_HARD_SIGMOID, lambda x, a, b: np.clip(a * x + b, 0, 1).astype(x.dtype), 0.2, 0.5),
+    "Elu": (ACT_ELU, lambda x, a, b: np.where(x >= 0, x, a * (np.exp(x) - 1)).astype(x.dtype), 1.0, 0),
+    "Softsign": (ACT_SOFTSIGN, lambda x, a, b: (x / (1 + np.abs(x))).astype(x.dtype), 0, 0),
+    "Softplus": (ACT_SOFTPLUS, lambda x, a, b: np.logaddexp(0, x).astype(x.dtype), 0, 0),
+    "Sqrt": (UNARY_SQRT, lambda x, a, b: np.sqrt(x), 0, 0),
+    "Exp": (UNARY_EXP, lambda x, a, b: np.exp(x), 0, 0),
+    "Log": (UNARY_LOG, lambda x, a, b: np.log(x), 0, 0),
+    "Neg": (UNARY_NEG, lambda x, a, b: -x, 0, 0),
+    "Abs": (UNARY_ABS, lambda x, a, b: np.abs(x), 0, 0),
+    "Reciprocal": (UNARY_RECIPROCAL, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
+    "Floor": (UNARY_FLOOR, lambda x, a, b: np.floor(x), 0, 0),
+    "Ceil": (UNARY_CEIL, lambda x, a, b: np.ceil(x), 0, 0),
 }
 
 
@@ -393,7 +396,8 @@ class Unary(Handler):
         op = self.node["op"]
         if x.dtype in INT_TYPES and op in ("Neg", "Abs"):
             out = p.new(x.shape, x.dtype)  # wraps: -min and |min| are min, as onnxruntime
-            p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 0 if op == "Neg" else 1, int(np.prod(x.shape))])
+            p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], TUNARY_NEG if op == "Neg" else TUNARY_ABS,
+                                          int(np.prod(x.shape))])
             return [out]
         if x.dtype != np.float32:
             self.fail(f"needs a float32 input at run time{' (or int64 / int32)' if op in ('Neg', 'Abs') else ''}, "
@@ -436,7 +440,7 @@ class Clip(Handler):
         x = xs[0]
         if x.dtype in INT_TYPES and self.opset >= 11:  # integer Clip (opset 12): Max, then Min
             out = x
-            for k, kind in ((1, 5), (2, 6)):
+            for k, kind in ((1, BIN_MAX), (2, BIN_MIN)):
                 if len(xs) > k and xs[k] is not None:
                     v = xs[k]
                     if v.dtype != x.dtype:
@@ -447,15 +451,15 @@ class Clip(Handler):
         if x.dtype != np.float32:
             self.fail(f"needs a float32, int64 or int32 input at run time, got {x.dtype}")
         out = p.new(x.shape, np.float32)
-        p.emit(OP_UNARY, [x], [out], [25, int(np.prod(x.shape))], [lo, hi])
+        p.emit(OP_UNARY, [x], [out], [UNARY_CLIP, int(np.prod(x.shape))], [lo, hi])
         return [out]
 
 
 COMPARE = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
            "GreaterOrEqual": np.greater_equal, "And": np.logical_and, "Or": np.logical_or,
            "Xor": np.logical_xor}
-COMPARE_KIND = {"Equal": 10, "Less": 11, "LessOrEqual": 12, "Greater": 13, "GreaterOrEqual": 14,
-                "And": 15, "Or": 16, "Xor": 17}
+COMPARE_KIND = {"Equal": BIN_EQUAL, "Less": BIN_LESS, "LessOrEqual": BIN_LESS_EQUAL, "Greater": BIN_GREATER,
+                "GreaterOrEqual": BIN_GREATER_EQUAL, "And": BIN_AND, "Or": BIN_OR, "Xor": BIN_XOR}
 
 
 @register(*COMPARE)
@@ -488,7 +492,7 @@ class Not(Handler):
         if x.dtype != np.bool_:
             self.fail(f"needs a bool input, got {x.dtype}")
         out = p.new(x.shape, np.bool_)
-        p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 2, int(np.prod(x.shape))])
+        p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], TUNARY_NOT, int(np.prod(x.shape))])
         return [out]
 
 
@@ -966,7 +970,7 @@ class ScatterElements(Handler):
                 idx = p.const(idx.const.astype(np.int64))
             else:
                 cast = p.new(idx.shape, np.int64)
-                p.emit(OP_CAST, [idx], [cast], [DTYPE_CODE[idx.dtype], 1, int(np.prod(idx.shape))])
+                p.emit(OP_CAST, [idx], [cast], [DTYPE_CODE[idx.dtype], DT_I64, int(np.prod(idx.shape))])
                 idx = cast
         if upd.dtype != data.dtype:
             self.fail(f"updates {upd.dtype} differ from data {data.dtype}")
@@ -1052,7 +1056,7 @@ class Gemm(Handler):
                     self.fail("C with beta != 1 must be a constant")
                 c = p.const(np.asarray(c.const, np.float32) * np.float32(self.attr("beta", 1.0)))
             out2 = p.new((M, N), np.float32)
-            p.emit(OP_BINARY, [out, c], [out2], [0, 2, M, N] + broadcast_strides((M, N), (M, N))
+            p.emit(OP_BINARY, [out, c], [out2], [BIN_ADD, 2, M, N] + broadcast_strides((M, N), (M, N))
                    + broadcast_strides(c.shape, (M, N)))
             out = out2
         return [out]
@@ -1293,7 +1297,8 @@ class Pad(Handler):
         return out
 
 
-REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceProd": 4}
+REDUCE = {"ReduceSum": REDUCE_SUM, "ReduceMean": REDUCE_MEAN, "ReduceMax": REDUCE_MAX, "ReduceMin": REDUCE_MIN,
+          "ReduceProd": REDUCE_PROD}
 
 
 @register(*REDUCE, attrs=("axes", "keepdims", "noop_with_empty_axes"))
@@ -1475,20 +1480,14 @@ class ReverseSequence(Handler):
 
 # --- recurrent layers ----------------------------------------------------------------------
 
-RECURRENT_ATTRS = ("activation_alpha", "activation_beta", "activations", "clip", "direction",
-                   "hidden_size", "layout", "input_forget", "linear_before_reset")
-
-
-@register("LSTM", "GRU", "RNN", attrs=RECURRENT_ATTRS)
+@register(*RECURRENT_OPS, attrs=RECURRENT_ATTRS)
 class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
-    SLOTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+    SLOTS = RECURRENT_INPUTS
 
     def allowed_attrs(self):
-        kind = self.node["op"]
-        extra = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": set()}[kind]
-        allowed = set(RECURRENT_ATTRS) - {"input_forget", "linear_before_reset"} | extra
+        allowed = set(recurrent_attrs(self.node["op"]))
         if self.opset < 14:
             allowed.discard("layout")
         return allowed
@@ -1522,7 +1521,7 @@ class Recurrent(Handler):
             mf = p.const(np.ascontiguousarray((np.asarray(mask.const) != 0).astype(np.float32).reshape(T, B)))
         elif mask.dtype != np.float32:
             mf = p.new((T, B), np.float32)
-            p.emit(OP_CAST, [mask], [mf], [DTYPE_CODE[mask.dtype], 0, T * B])
+            p.emit(OP_CAST, [mask], [mf], [DTYPE_CODE[mask.dtype], DT_F32, T * B])
         else:
             mf = mask
         xm = p.new((T, B, I + 1), np.float32)
@@ -1565,7 +1564,7 @@ class Recurrent(Handler):
                 lens = p.const(lv.astype(np.int32))
             elif lens.dtype != np.int32:
                 cast = p.new((B,), np.int32)
-                p.emit(OP_CAST, [lens], [cast], [DTYPE_CODE[lens.dtype], 2, B])
+                p.emit(OP_CAST, [lens], [cast], [DTYPE_CODE[lens.dtype], DT_I32, B])
                 lens = cast
         has_c = kind == "LSTM"
         sshape = (D, B, H)

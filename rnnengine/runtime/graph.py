@@ -27,10 +27,8 @@ from rnnengine import _core, limits
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
+from rnnengine.ops.codes import NP_DTYPES, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
 from rnnengine.ops.handlers import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
-
-NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
-             "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
 
 
 SEQUENCE_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceLength",
@@ -58,7 +56,7 @@ class Value:
 
 
 _BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
-_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (_core.tensor_code), cached
+_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (codes.tensor_code), cached
 
 
 class Plan:
@@ -83,7 +81,7 @@ class Plan:
                 dtype, n = _F32, planner.state[spec[1]][1].size
             code = _TENSOR_CODES.get(dtype)
             if code is None:
-                code = _TENSOR_CODES[dtype] = _core.tensor_code(dtype)
+                code = _TENSOR_CODES[dtype] = tensor_code(dtype)
             codes.append(code)
             counts.append(n)
             writable.append(kind == "buf" or kind == "state")  # not constants nor inputs

@@ -21,8 +21,7 @@ import time
 import numpy as np
 
 from rnnengine import _core
-
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+from rnnengine.ops.codes import GATES
 
 
 class Network:
