@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from rnnengine import limits
-from rnnengine.ops.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS
+from rnnengine.ops.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS, SLOT_INITIAL_C, SLOT_INITIAL_H
 from rnnengine.ops.handlers import OPS, UnsupportedError, where
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
 from rnnengine.errors import ConversionError  # noqa: F401 (re-exported)
@@ -673,7 +673,7 @@ def check_state_positions(graph, tensors, feeds):
         outs = node["outputs"] + ["", "", ""]
         if outs[0]:
             val[outs[0]] = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
-        for k, slot in ((1, 5), (2, 6)):
+        for k, slot in ((1, SLOT_INITIAL_H), (2, SLOT_INITIAL_C)):  # Y_h from initial_h, Y_c from initial_c
             if k == 2 and node["op"] != "LSTM":
                 break
             if not outs[k]:
