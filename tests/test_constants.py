@@ -192,3 +192,29 @@ def test_codes_module_imports_only_the_standard_library_and_numpy():
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     assert roots <= {"__future__", "typing", "numpy"}
+
+
+def _stub_names(body):
+    names = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname for a in node.names if a.asname == a.name}  # explicit re-exports
+    return {n for n in names if not n.startswith("_")}
+
+
+def test_core_stub_lists_every_public_name_of_the_extension():
+    """rnnengine/_core.pyi (what type checkers see) names exactly the public functions,
+    classes and constants of the compiled module, and each class's public methods and
+    attributes (signatures: `python -m mypy.stubtest rnnengine._core`)."""
+    import types
+    with open(os.path.join(PACKAGE, "_core.pyi")) as f:
+        tree = ast.parse(f.read())
+    runtime = {n for n, v in vars(_core).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert _stub_names(tree.body) == runtime
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        members = {n for n in dir(getattr(_core, cls.name)) if not n.startswith("_")}
+        assert _stub_names(cls.body) == members, cls.name
