@@ -27,7 +27,7 @@ from rnnengine import _core, limits
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
-from rnnengine.ops.codes import NP_DTYPES, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
+from rnnengine.ops.codes import NP_DTYPES, RECURRENT_OPS, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
 from rnnengine.ops.handlers import OPS, NotStreamableError, UnsupportedError, flatten_conv_inputs, where
 
 
@@ -337,7 +337,7 @@ class Planner:
                             if name:
                                 env[name] = v
                         continue
-                if all(x is None or x.const is not None for x in xs) and op not in ("LSTM", "GRU", "RNN"):
+                if all(x is None or x.const is not None for x in xs) and op not in RECURRENT_OPS:
                     consts = [None if x is None else x.const for x in xs]
                     self.budget.before_eval(node, consts)  # an output too large is refused before NumPy
                     try:
@@ -368,7 +368,7 @@ class Planner:
         when the op is planned as usual."""
         op = h.node["op"]
         streaming.precheck(self, h, xs)
-        if op in ("LSTM", "GRU", "RNN"):
+        if op in RECURRENT_OPS:
             streaming.recurrent_check(h, xs)
         elif op == "Conv" and h.as_1d(xs[0].shape, xs[1].shape) is not None and streaming.timed(xs[0]):
             # Keras Conv1D written as a 2-D conv over (N, C, 1, L): the 1-D conv, time on L
