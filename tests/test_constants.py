@@ -61,7 +61,8 @@ def test_python_constants_equal_the_header(header):
 def test_compiled_constants_equal_the_header(header):
     """_core.C_CONSTANTS holds the values the C compiler gave the names (declared in _core.pxd)."""
     compiled = _core.C_CONSTANTS
-    differ = {k: (compiled.get(k), header.get(k)) for k in set(compiled) | set(header) if compiled.get(k) != header.get(k)}
+    differ = {k: (compiled.get(k), header.get(k)) for k in set(compiled) | set(header)
+              if compiled.get(k) != header.get(k)}
     assert differ == {}, "name: (compiled value, header value); rebuild the extension or update _core.pxd"
     assert _core.INSTR_WORDS == codes.INSTR_WORDS
 

@@ -44,8 +44,9 @@ MAX_NDIM = 16            # dimensions of a tensor
 MAX_DIM = 1 << 40        # largest single dimension
 
 # stored dtype name -> little-endian NumPy dtype of the stored elements (FORMAT.md, "dtypes")
-DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
-                                    "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
+    "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
 PLAIN = ("int64", "int32", "int8", "uint8", "bool")  # non-float input dtypes, stored as they are
 SCALE_KEYS = ("scale_offset", "scale_nbytes", "scale_crc32")  # present exactly on int8-quantized entries
 
@@ -169,7 +170,8 @@ def write(path: str | os.PathLike[str], graph: dict[str, Any], tensors: Mapping[
         offset = _align(offset + data.nbytes)
         if scales is not None:
             scales = np.ascontiguousarray(scales, DTYPES["float32"])
-            entry.update(scale_offset=offset, scale_nbytes=scales.nbytes, scale_crc32=zlib.crc32(scales))  # type: ignore[arg-type]  # (a)
+            scale_crc = zlib.crc32(scales)  # type: ignore[arg-type]  # (a)
+            entry.update(scale_offset=offset, scale_nbytes=scales.nbytes, scale_crc32=scale_crc)
             blobs.append((offset, scales))
             offset = _align(offset + scales.nbytes)
         entries.append(entry)

@@ -24,7 +24,7 @@ from rnnengine.ops.codes import (  # noqa: F401 (OP_* re-exported)
     DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
-    REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES as DTYPE_CODE, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
+    REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
     UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
     UNARY_SQRT, recurrent_attrs)
 
@@ -160,7 +160,7 @@ def broadcast_shape(h, *shapes):
 def emit_tbinary(p, kind, a, b, out_shape, out_dtype):
     """One typed binary instruction (src_c/graph.c TBINARY) on a and b of one dtype."""
     out = p.new(out_shape, out_dtype)
-    p.emit(OP_TBINARY, [a, b], [out], [DTYPE_CODE[a.dtype], kind, len(out_shape)] + list(out_shape)
+    p.emit(OP_TBINARY, [a, b], [out], [TENSOR_DTYPES[a.dtype], kind, len(out_shape)] + list(out_shape)
            + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
     return out
 
@@ -346,7 +346,8 @@ class Mod(Handler):
         k = self.kind(a.dtype)
         if a.dtype != b.dtype or (a.dtype not in INT_TYPES and a.dtype != np.float32):
             self.fail(f"Mod on {a.dtype}/{b.dtype} at run time is not supported (float32, int64, int32; one type)")
-        return [emit_tbinary(p, BIN_MOD if k == "mod" else BIN_FMOD, a, b, broadcast_shape(self, a.shape, b.shape), a.dtype)]
+        return [emit_tbinary(p, BIN_MOD if k == "mod" else BIN_FMOD, a, b, broadcast_shape(self, a.shape, b.shape),
+                             a.dtype)]
 
 
 def _sigmoid(x):
@@ -396,7 +397,7 @@ class Unary(Handler):
         op = self.node["op"]
         if x.dtype in INT_TYPES and op in ("Neg", "Abs"):
             out = p.new(x.shape, x.dtype)  # wraps: -min and |min| are min, as onnxruntime
-            p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], TUNARY_NEG if op == "Neg" else TUNARY_ABS,
+            p.emit(OP_TUNARY, [x], [out], [TENSOR_DTYPES[x.dtype], TUNARY_NEG if op == "Neg" else TUNARY_ABS,
                                           int(np.prod(x.shape))])
             return [out]
         if x.dtype != np.float32:
@@ -476,7 +477,7 @@ class Compare(Handler):
         logic = op in ("And", "Or", "Xor")
         if a.dtype != b.dtype:
             self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
-        if (logic and a.dtype != np.bool_) or a.dtype not in DTYPE_CODE:
+        if (logic and a.dtype != np.bool_) or a.dtype not in TENSOR_DTYPES:
             self.fail(f"{op} on {a.dtype} at run time is not supported "
                       f"({'bool' if logic else 'float32, int64, int32, bool'})")
         return [emit_tbinary(p, COMPARE_KIND[op], a, b, broadcast_shape(self, a.shape, b.shape), np.bool_)]
@@ -492,7 +493,7 @@ class Not(Handler):
         if x.dtype != np.bool_:
             self.fail(f"needs a bool input, got {x.dtype}")
         out = p.new(x.shape, np.bool_)
-        p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], TUNARY_NOT, int(np.prod(x.shape))])
+        p.emit(OP_TUNARY, [x], [out], [TENSOR_DTYPES[x.dtype], TUNARY_NOT, int(np.prod(x.shape))])
         return [out]
 
 
@@ -548,13 +549,13 @@ class Cast(Handler):
 
     def emit(self, p, xs):
         x, to = xs[0], self.target()
-        if x.dtype not in DTYPE_CODE or to not in DTYPE_CODE:
+        if x.dtype not in TENSOR_DTYPES or to not in TENSOR_DTYPES:
             self.fail(f"cast from {x.dtype} to {to} at run time is not supported "
                       "(float32, int64, int32, uint8, bool only)")
         if x.dtype == to:
             return [p.alias(x, x.shape)]
         out = p.new(x.shape, to)
-        p.emit(OP_CAST, [x], [out], [DTYPE_CODE[x.dtype], DTYPE_CODE[to], int(np.prod(x.shape))])
+        p.emit(OP_CAST, [x], [out], [TENSOR_DTYPES[x.dtype], TENSOR_DTYPES[to], int(np.prod(x.shape))])
         return [out]
 
 
@@ -923,7 +924,7 @@ class TopK(Handler):
 
     def emit(self, p, xs):
         x = xs[0]
-        if x.dtype not in DTYPE_CODE:
+        if x.dtype not in TENSOR_DTYPES:
             self.fail(f"dtype {x.dtype} is not supported at run time")
         a, k = self.geometry(x.shape, xs)
         shape = list(x.shape)
@@ -931,7 +932,7 @@ class TopK(Handler):
         vals, idx = p.new(tuple(shape), x.dtype), p.new(tuple(shape), np.int64)
         n = x.shape[a]
         p.need_work(2 * n + 2)  # int64 scratch, counted in floats
-        p.emit(OP_TOPK, [x], [vals, idx], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), n,
+        p.emit(OP_TOPK, [x], [vals, idx], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), n,
                                            int(np.prod(x.shape[a + 1:])), k, int(self.attr("largest", 1))])
         return [vals, idx]
 
@@ -970,7 +971,7 @@ class ScatterElements(Handler):
                 idx = p.const(idx.const.astype(np.int64))
             else:
                 cast = p.new(idx.shape, np.int64)
-                p.emit(OP_CAST, [idx], [cast], [DTYPE_CODE[idx.dtype], DT_I64, int(np.prod(idx.shape))])
+                p.emit(OP_CAST, [idx], [cast], [TENSOR_DTYPES[idx.dtype], DT_I64, int(np.prod(idx.shape))])
                 idx = cast
         if upd.dtype != data.dtype:
             self.fail(f"updates {upd.dtype} differ from data {data.dtype}")
@@ -1347,7 +1348,7 @@ class Reduce(Handler):
         if x.dtype == np.float32:
             p.emit(OP_REDUCE, [x], [out], ip)
         else:  # integers: sums and products wrap around, the mean truncates toward 0
-            p.emit(OP_TREDUCE, [x], [out], [DTYPE_CODE[x.dtype]] + ip)
+            p.emit(OP_TREDUCE, [x], [out], [TENSOR_DTYPES[x.dtype]] + ip)
         return [out]
 
 
@@ -1385,11 +1386,11 @@ class ArgMax(Handler):
 
     def emit(self, p, xs):
         x = xs[0]
-        if x.dtype not in DTYPE_CODE or x.dtype == np.bool_:
+        if x.dtype not in TENSOR_DTYPES or x.dtype == np.bool_:
             self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32, uint8)")
         a, out_shape = self.geometry(x.shape)
         out = p.new(out_shape, np.int64)
-        p.emit(OP_ARGMAX, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+        p.emit(OP_ARGMAX, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
                                        int(np.prod(x.shape[a + 1:])), int(self.node["op"] == "ArgMin"),
                                        int(bool(self.attr("select_last_index", 0)))])
         return [out]
@@ -1427,7 +1428,7 @@ class CumSum(Handler):
         if x.dtype != np.float32 and x.dtype not in INT_TYPES:
             self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32)")
         out = p.new(x.shape, x.dtype)
-        p.emit(OP_CUMSUM, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+        p.emit(OP_CUMSUM, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
                                        int(np.prod(x.shape[a + 1:])), int(bool(self.attr("exclusive", 0))),
                                        int(bool(self.attr("reverse", 0)))])
         return [out]
@@ -1514,14 +1515,14 @@ class Recurrent(Handler):
         mask: (T, B, I + 1), the mask (1.0 / 0.0) last (see rnn_cell_config.step_mask)."""
         if mask is None:
             self.fail("a step-masked layer needs its mask input")
-        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in DTYPE_CODE:
+        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in TENSOR_DTYPES:
             self.fail(f"the step mask must be ({T}, {B}, 1) bool (the shape the converter proved the "
                       f"loop for), got {mask.dtype} {mask.shape}")
         if mask.const is not None:
             mf = p.const(np.ascontiguousarray((np.asarray(mask.const) != 0).astype(np.float32).reshape(T, B)))
         elif mask.dtype != np.float32:
             mf = p.new((T, B), np.float32)
-            p.emit(OP_CAST, [mask], [mf], [DTYPE_CODE[mask.dtype], DT_F32, T * B])
+            p.emit(OP_CAST, [mask], [mf], [TENSOR_DTYPES[mask.dtype], DT_F32, T * B])
         else:
             mf = mask
         xm = p.new((T, B, I + 1), np.float32)
@@ -1564,7 +1565,7 @@ class Recurrent(Handler):
                 lens = p.const(lv.astype(np.int32))
             elif lens.dtype != np.int32:
                 cast = p.new((B,), np.int32)
-                p.emit(OP_CAST, [lens], [cast], [DTYPE_CODE[lens.dtype], DT_I32, B])
+                p.emit(OP_CAST, [lens], [cast], [TENSOR_DTYPES[lens.dtype], DT_I32, B])
                 lens = cast
         has_c = kind == "LSTM"
         sshape = (D, B, H)
