@@ -1485,7 +1485,6 @@ class ReverseSequence(Handler):
 class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
-    SLOTS = RECURRENT_INPUTS
 
     def allowed_attrs(self):
         allowed = set(recurrent_attrs(self.node["op"]))
@@ -1533,7 +1532,7 @@ class Recurrent(Handler):
 
     def emit(self, p, xs):
         kind = self.node["op"]
-        slots = dict(zip(self.SLOTS, list(xs) + [None] * 8))
+        slots = dict(zip(RECURRENT_INPUTS, list(xs) + [None] * 8))
         consts = {}
         for w in ("W", "R", "B", "P"):
             if slots[w] is not None:
