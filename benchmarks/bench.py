@@ -31,8 +31,7 @@ from scipy.linalg import blas  # noqa: E402
 
 import rnnengine  # noqa: E402
 from rnnengine.frontend.torch_import import gate_permutation  # noqa: E402
-
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+from rnnengine.codes import GATES  # noqa: E402
 
 
 def timeit(fn, reps, inner):

@@ -11,6 +11,110 @@ cdef extern from "rnnengine.h" nogil:
 
     const char *rnn_status_string(rnn_status status)
 
+    # The header's other enums, declared by name only: the C compiler supplies every value
+    # (_core.C_CONSTANTS; tests/test_constants.py compares them with rnnengine/ops/codes.py).
+    ctypedef enum rnn_cell_kind:
+        RNN_CELL_RNN
+        RNN_CELL_GRU
+        RNN_CELL_LSTM
+
+    ctypedef enum rnn_direction:
+        RNN_DIR_FORWARD
+        RNN_DIR_REVERSE
+        RNN_DIR_BIDIRECTIONAL
+
+    ctypedef enum rnn_weight_dtype:
+        RNN_WEIGHTS_F32
+        RNN_WEIGHTS_F16
+        RNN_WEIGHTS_I8
+
+    ctypedef enum rnn_activation_kind:
+        RNN_ACT_RELU
+        RNN_ACT_TANH
+        RNN_ACT_SIGMOID
+        RNN_ACT_AFFINE
+        RNN_ACT_LEAKY_RELU
+        RNN_ACT_THRESHOLDED_RELU
+        RNN_ACT_SCALED_TANH
+        RNN_ACT_HARD_SIGMOID
+        RNN_ACT_ELU
+        RNN_ACT_SOFTSIGN
+        RNN_ACT_SOFTPLUS
+        RNN_ACT_COUNT
+
+    ctypedef enum rnn_op:
+        RNN_OP_COPY
+        RNN_OP_BINARY
+        RNN_OP_UNARY
+        RNN_OP_MATMUL
+        RNN_OP_SOFTMAX
+        RNN_OP_GATHER
+        RNN_OP_CONV1D
+        RNN_OP_PAD
+        RNN_OP_REDUCE
+        RNN_OP_CAST
+        RNN_OP_RECURRENT
+        RNN_OP_TOPK
+        RNN_OP_SCATTER
+        RNN_OP_TBINARY
+        RNN_OP_TUNARY
+        RNN_OP_WHERE
+        RNN_OP_TREDUCE
+        RNN_OP_ARGMAX
+        RNN_OP_CUMSUM
+        RNN_OP_REVSEQ
+
+    ctypedef enum rnn_binary_kind:
+        RNN_BIN_ADD
+        RNN_BIN_SUB
+        RNN_BIN_MUL
+        RNN_BIN_DIV
+        RNN_BIN_POW
+        RNN_BIN_MAX
+        RNN_BIN_MIN
+        RNN_BIN_MOD
+        RNN_BIN_FMOD
+        RNN_BIN_EQUAL
+        RNN_BIN_LESS
+        RNN_BIN_LESS_EQUAL
+        RNN_BIN_GREATER
+        RNN_BIN_GREATER_EQUAL
+        RNN_BIN_AND
+        RNN_BIN_OR
+        RNN_BIN_XOR
+
+    ctypedef enum rnn_unary_kind:
+        RNN_UNARY_SQRT
+        RNN_UNARY_EXP
+        RNN_UNARY_LOG
+        RNN_UNARY_NEG
+        RNN_UNARY_ABS
+        RNN_UNARY_CLIP
+        RNN_UNARY_RECIPROCAL
+        RNN_UNARY_ERF
+        RNN_UNARY_FLOOR
+        RNN_UNARY_CEIL
+
+    ctypedef enum rnn_tunary_kind:
+        RNN_TUNARY_NEG
+        RNN_TUNARY_ABS
+        RNN_TUNARY_NOT
+
+    ctypedef enum rnn_reduce_kind:
+        RNN_REDUCE_SUM
+        RNN_REDUCE_MEAN
+        RNN_REDUCE_MAX
+        RNN_REDUCE_MIN
+        RNN_REDUCE_PROD
+
+    ctypedef enum rnn_dtype:
+        RNN_DT_F32
+        RNN_DT_I64
+        RNN_DT_I32
+        RNN_DT_U8
+        RNN_DT_BOOL
+        RNN_DT_OTHER
+
     ctypedef struct rnn_activation:
         int32_t kind
         float alpha

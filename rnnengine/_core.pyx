@@ -11,6 +11,8 @@ import threading
 import numpy as np
 cimport numpy as cnp
 from rnnengine.errors import EngineError, GraphRunError, ProgramError  # noqa: F401 (re-exported)
+# the tables shared with C, defined once (tensor_code re-exported for the planner's callers)
+from rnnengine.codes import CELL_KINDS, DIRECTIONS, GATES, WEIGHT_DTYPES, tensor_code  # noqa: F401
 
 cnp.import_array()
 
@@ -41,9 +43,42 @@ def kernel_level(level=None):
 def kernel_level_max():
     return rnn_kernel_level_max()
 
-CELL_KINDS = {"RNN": 0, "GRU": 1, "LSTM": 2}
-DIRECTIONS = {"forward": 0, "reverse": 1, "bidirectional": 2}
-WEIGHT_DTYPES = {"float32": 0, "float16": 1, "int8": 2}
+# Every constant of src_c/rnnengine.h under its C name, its value given by the C compiler (not
+# copied): tests/test_constants.py checks rnnengine.codes against it and against the header.
+C_CONSTANTS = {
+    "RNN_STATUS_OK": RNN_STATUS_OK, "RNN_STATUS_BAD_ARGUMENT": RNN_STATUS_BAD_ARGUMENT,
+    "RNN_STATUS_BAD_SHAPE": RNN_STATUS_BAD_SHAPE, "RNN_STATUS_OUT_OF_MEMORY": RNN_STATUS_OUT_OF_MEMORY,
+    "RNN_STATUS_TOO_LARGE": RNN_STATUS_TOO_LARGE, "RNN_CELL_RNN": RNN_CELL_RNN, "RNN_CELL_GRU": RNN_CELL_GRU,
+    "RNN_CELL_LSTM": RNN_CELL_LSTM, "RNN_DIR_FORWARD": RNN_DIR_FORWARD, "RNN_DIR_REVERSE": RNN_DIR_REVERSE,
+    "RNN_DIR_BIDIRECTIONAL": RNN_DIR_BIDIRECTIONAL, "RNN_WEIGHTS_F32": RNN_WEIGHTS_F32,
+    "RNN_WEIGHTS_F16": RNN_WEIGHTS_F16, "RNN_WEIGHTS_I8": RNN_WEIGHTS_I8, "RNN_ACT_RELU": RNN_ACT_RELU,
+    "RNN_ACT_TANH": RNN_ACT_TANH, "RNN_ACT_SIGMOID": RNN_ACT_SIGMOID, "RNN_ACT_AFFINE": RNN_ACT_AFFINE,
+    "RNN_ACT_LEAKY_RELU": RNN_ACT_LEAKY_RELU, "RNN_ACT_THRESHOLDED_RELU": RNN_ACT_THRESHOLDED_RELU,
+    "RNN_ACT_SCALED_TANH": RNN_ACT_SCALED_TANH, "RNN_ACT_HARD_SIGMOID": RNN_ACT_HARD_SIGMOID,
+    "RNN_ACT_ELU": RNN_ACT_ELU, "RNN_ACT_SOFTSIGN": RNN_ACT_SOFTSIGN, "RNN_ACT_SOFTPLUS": RNN_ACT_SOFTPLUS,
+    "RNN_ACT_COUNT": RNN_ACT_COUNT, "RNN_OP_COPY": RNN_OP_COPY, "RNN_OP_BINARY": RNN_OP_BINARY,
+    "RNN_OP_UNARY": RNN_OP_UNARY, "RNN_OP_MATMUL": RNN_OP_MATMUL, "RNN_OP_SOFTMAX": RNN_OP_SOFTMAX,
+    "RNN_OP_GATHER": RNN_OP_GATHER, "RNN_OP_CONV1D": RNN_OP_CONV1D, "RNN_OP_PAD": RNN_OP_PAD,
+    "RNN_OP_REDUCE": RNN_OP_REDUCE, "RNN_OP_CAST": RNN_OP_CAST, "RNN_OP_RECURRENT": RNN_OP_RECURRENT,
+    "RNN_OP_TOPK": RNN_OP_TOPK, "RNN_OP_SCATTER": RNN_OP_SCATTER, "RNN_OP_TBINARY": RNN_OP_TBINARY,
+    "RNN_OP_TUNARY": RNN_OP_TUNARY, "RNN_OP_WHERE": RNN_OP_WHERE, "RNN_OP_TREDUCE": RNN_OP_TREDUCE,
+    "RNN_OP_ARGMAX": RNN_OP_ARGMAX, "RNN_OP_CUMSUM": RNN_OP_CUMSUM, "RNN_OP_REVSEQ": RNN_OP_REVSEQ,
+    "RNN_BIN_ADD": RNN_BIN_ADD, "RNN_BIN_SUB": RNN_BIN_SUB, "RNN_BIN_MUL": RNN_BIN_MUL,
+    "RNN_BIN_DIV": RNN_BIN_DIV, "RNN_BIN_POW": RNN_BIN_POW, "RNN_BIN_MAX": RNN_BIN_MAX,
+    "RNN_BIN_MIN": RNN_BIN_MIN, "RNN_BIN_MOD": RNN_BIN_MOD, "RNN_BIN_FMOD": RNN_BIN_FMOD,
+    "RNN_BIN_EQUAL": RNN_BIN_EQUAL, "RNN_BIN_LESS": RNN_BIN_LESS, "RNN_BIN_LESS_EQUAL": RNN_BIN_LESS_EQUAL,
+    "RNN_BIN_GREATER": RNN_BIN_GREATER, "RNN_BIN_GREATER_EQUAL": RNN_BIN_GREATER_EQUAL,
+    "RNN_BIN_AND": RNN_BIN_AND, "RNN_BIN_OR": RNN_BIN_OR, "RNN_BIN_XOR": RNN_BIN_XOR,
+    "RNN_UNARY_SQRT": RNN_UNARY_SQRT, "RNN_UNARY_EXP": RNN_UNARY_EXP, "RNN_UNARY_LOG": RNN_UNARY_LOG,
+    "RNN_UNARY_NEG": RNN_UNARY_NEG, "RNN_UNARY_ABS": RNN_UNARY_ABS, "RNN_UNARY_CLIP": RNN_UNARY_CLIP,
+    "RNN_UNARY_RECIPROCAL": RNN_UNARY_RECIPROCAL, "RNN_UNARY_ERF": RNN_UNARY_ERF,
+    "RNN_UNARY_FLOOR": RNN_UNARY_FLOOR, "RNN_UNARY_CEIL": RNN_UNARY_CEIL, "RNN_TUNARY_NEG": RNN_TUNARY_NEG,
+    "RNN_TUNARY_ABS": RNN_TUNARY_ABS, "RNN_TUNARY_NOT": RNN_TUNARY_NOT, "RNN_REDUCE_SUM": RNN_REDUCE_SUM,
+    "RNN_REDUCE_MEAN": RNN_REDUCE_MEAN, "RNN_REDUCE_MAX": RNN_REDUCE_MAX, "RNN_REDUCE_MIN": RNN_REDUCE_MIN,
+    "RNN_REDUCE_PROD": RNN_REDUCE_PROD, "RNN_DT_F32": RNN_DT_F32, "RNN_DT_I64": RNN_DT_I64,
+    "RNN_DT_I32": RNN_DT_I32, "RNN_DT_U8": RNN_DT_U8, "RNN_DT_BOOL": RNN_DT_BOOL,
+    "RNN_DT_OTHER": RNN_DT_OTHER, "RNN_INSTR_WORDS": RNN_INSTR_WORDS,
+}
 
 
 cdef int _check(rnn_status status, what) except -1:
@@ -121,7 +156,7 @@ def apply_activation(int kind, float alpha, float beta, x):
     act.kind = kind
     act.alpha = alpha
     act.beta = beta
-    if not 0 <= kind < 11:
+    if not 0 <= kind < RNN_ACT_COUNT:
         raise ValueError(f"unknown activation kind {kind}")
     if v.shape[0]:
         with nogil:
@@ -177,7 +212,7 @@ cdef class Stack:
             for li, layer in enumerate(layers):
                 dirs[li] = DIRECTIONS[layer["direction"]]
                 kind = CELL_KINDS[layer["kind"]]
-                shapes.append((layer["kind"], len(layer["cells"]), layer["hidden_size"], kind == 2))
+                shapes.append((layer["kind"], len(layer["cells"]), layer["hidden_size"], kind == RNN_CELL_LSTM))
                 for cell in layer["cells"]:
                     cfg.kind = kind
                     cfg.input_size = layer["input_size"]
@@ -536,20 +571,6 @@ def step_streams(list streams, x, out=None):
 INSTR_WORDS = RNN_INSTR_WORDS
 
 
-# element type codes of the tensor table (src_c/rnnengine.h rnn_dtype; RNN_DT_OTHER + size for
-# types the executor only moves)
-_TENSOR_CODES = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
-                 np.dtype(np.bool_): 4}
-DT_OTHER = 100
-
-
-def tensor_code(dtype):
-    """The tensor table's element type code of a NumPy dtype."""
-    dtype = np.dtype(dtype)
-    code = _TENSOR_CODES.get(dtype)
-    return DT_OTHER + dtype.itemsize if code is None else code
-
-
 def address(cnp.ndarray arr):
     """Address of an array's first element (the array must stay alive while it is used)."""
     return <int64_t><uintptr_t>cnp.PyArray_DATA(arr)
@@ -691,7 +712,7 @@ cdef void _cell_from(rnn_train_cell *c, dict spec) except *:
     c.relu = spec.get("relu", 0)
     c.has_clip = spec.get("clip") is not None
     c.clip = spec["clip"] if spec.get("clip") is not None else 0.0
-    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[spec["kind"]]
+    G = GATES[spec["kind"]]
     H, I = spec["H"], spec["I"]
     c.W = _fptr(spec["W"], G * H * I, "W")
     c.R = _fptr(spec["R"], G * H * H, "R")
@@ -728,7 +749,7 @@ def train_backward(dict spec, X, h0, c0, Y, saved, dY, dhT, dcT, dX, dW, dR, dB,
     cdef rnn_train_cell c
     _cell_from(&c, spec)
     cdef int64_t T = X.shape[0], B = X.shape[1], H = spec["H"], I = spec["I"]
-    cdef int64_t G = {"RNN": 1, "GRU": 3, "LSTM": 4}[spec["kind"]]
+    cdef int64_t G = GATES[spec["kind"]]
     cdef const float *xp = _fptr(X, T * B * I, "X")
     cdef const float *h0p = _fptr(h0, B * H, "h0")
     cdef const float *c0p = _fptr(c0, B * H, "c0")

@@ -16,8 +16,11 @@ import contextvars
 import dataclasses
 import math
 import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 from rnnengine.errors import LimitError, UnsupportedError, where  # noqa: F401 (LimitError re-exported)
 
@@ -32,7 +35,7 @@ class Limits:
     max_metadata_bytes: int = 64 << 20       # a weight file's JSON block, decompressed and parsed
     max_planning_seconds: float = 60.0       # wall time of one conversion's folding or one plan
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or \
@@ -42,15 +45,15 @@ class Limits:
 
 
 _defaults = Limits()
-_active = contextvars.ContextVar("rnnengine_limits", default=None)
+_active: contextvars.ContextVar[Limits | None] = contextvars.ContextVar("rnnengine_limits", default=None)
 
 
-def defaults():
+def defaults() -> Limits:
     """The process-wide defaults (what a call without ``limits=`` uses)."""
     return _defaults
 
 
-def set_defaults(limits=None, **changes):
+def set_defaults(limits: Limits | None = None, **changes: Any) -> Limits:
     """Sets the process-wide defaults: a whole Limits, or some fields changed
     (``set_defaults(max_tensor_elements=2**30)``). Returns the previous defaults, so
     ``set_defaults(old)`` restores them."""
@@ -63,7 +66,7 @@ def set_defaults(limits=None, **changes):
     return old
 
 
-def resolve(limits=None):
+def resolve(limits: Limits | None = None) -> Limits:
     """The limits in force: the given ones, else those of the enclosing ``using``, else the
     defaults."""
     if limits is not None:
@@ -74,7 +77,7 @@ def resolve(limits=None):
 
 
 @contextlib.contextmanager
-def using(limits):
+def using(limits: Limits | None) -> Iterator[None]:
     """Makes ``limits`` (None: the defaults at each check) the ones in force inside the block."""
     token = _active.set(resolve(limits) if limits is not None else _active.get())
     try:
@@ -83,25 +86,25 @@ def using(limits):
         _active.reset(token)
 
 
-def _how(name):
+def _how(name: str) -> str:
     return (f"raise it with rnnengine.convert(..., limits=rnnengine.Limits({name}=...)), "
             f"rnnengine.load(..., limits=...) or rnnengine.limits.set_defaults({name}=...)")
 
 
-def refuse(node, what, name, limit):
+def refuse(node: dict[str, Any] | str, what: str, name: str, limit: float) -> NoReturn:
     """Raises LimitError: '<op> node '<name>': <what>, more than the limit <name>=<limit>; raise it ...'."""
     label = where(node) if isinstance(node, dict) else str(node)
     raise LimitError(f"{label}: {what}, more than the limit {name}={limit}; {_how(name)}")
 
 
-def _prod(dims):
+def _prod(dims: Iterable[Any]) -> int:
     n = 1
     for d in dims:
         n *= max(0, int(d))
     return n
 
 
-def _bshape(*shapes):
+def _bshape(*shapes: Sequence[Any]) -> Sequence[int]:
     """Broadcast of shapes, permissive (a mismatch takes the larger size; the op itself
     refuses it later): an upper bound of the result's shape."""
     try:
@@ -124,7 +127,7 @@ class Shaped:
     """A run-time input seen by output_elements: its shape and dtype, no values."""
     __slots__ = ("shape", "dtype")
 
-    def __init__(self, shape, dtype):
+    def __init__(self, shape: Iterable[int], dtype: npt.DTypeLike) -> None:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
 
 
@@ -132,7 +135,7 @@ _GROWING = _BROADCASTING | {"ConstantOfShape", "Expand", "Tile", "Range", "MatMu
                             "Conv"}
 
 
-def output_elements(op, attrs, xs, planning=False):
+def output_elements(op: str, attrs: dict[str, Any], xs: Sequence[Any], planning: bool = False) -> int | None:
     """An upper bound of the elements of the largest tensor op computes from the NumPy
     inputs xs (None: absent; Shaped: a run-time input, shape only), for the ops whose output
     can be larger than their inputs; None for the others (their outputs are no larger than
@@ -140,9 +143,10 @@ def output_elements(op, attrs, xs, planning=False):
     patches, so only its output counts)."""
     if op not in _GROWING:
         return None
-    sh = [None if x is None else np.shape(x) for x in xs]
+    # shapes (None: absent); a malformed input raises below and gives no bound
+    sh: list[Any] = [None if x is None else np.shape(x) for x in xs]
 
-    def vals(k):  # a shape-like input's values (a run-time one has none: no bound)
+    def vals(k: int) -> list[int]:  # a shape-like input's values (a run-time one has none: no bound)
         if isinstance(xs[k], Shaped):
             raise TypeError("a run-time value")
         return [int(v) for v in np.asarray(xs[k]).reshape(-1)]
@@ -196,7 +200,7 @@ def output_elements(op, attrs, xs, planning=False):
 PARAM_BYTES = 40  # an instruction parameter while planning: a Python int (28-32 bytes) in a list (8)
 
 
-def pad_axes(attrs, xs):
+def pad_axes(attrs: dict[str, Any], xs: Sequence[Any]) -> list[int] | None:
     """The output length of each axis of a Pad (None when the pads are not known)."""
     try:
         shape = np.shape(xs[0])
@@ -210,10 +214,10 @@ def pad_axes(attrs, xs):
         return None
 
 
-def _itemsize(node, xs):
+def _itemsize(node: dict[str, Any], xs: Sequence[Any]) -> int:
     """Bytes per element of the output output_elements bounds: the data input's for ops that
     move data, the fill value's for ConstantOfShape, else the widest input's."""
-    def dt(x):
+    def dt(x: Any) -> int:
         return (x.dtype if isinstance(x, (np.ndarray, np.generic, Shaped)) else np.asarray(x).dtype).itemsize
     op = node["op"]
     if op == "ConstantOfShape":
@@ -228,38 +232,38 @@ class Budget:
     """What one conversion or one plan has used of its limits: bytes folded and allocated,
     Loop body nodes unrolled, time since it started."""
 
-    def __init__(self, limits=None):
+    def __init__(self, limits: Limits | None = None) -> None:
         self.limits = resolve(limits)
         self.bytes = 0
         self.loop_nodes = 0
         self.deadline = time.monotonic() + self.limits.max_planning_seconds
 
-    def tick(self, node):
+    def tick(self, node: dict[str, Any] | str) -> None:
         """The planning time budget; cheap enough to call for every node walked."""
         if time.monotonic() > self.deadline:
             refuse(node, f"planning has taken {self.limits.max_planning_seconds:g} s when it reaches this node",
                    "max_planning_seconds", self.limits.max_planning_seconds)
 
-    def elements(self, node, n, what="the output"):
+    def elements(self, node: dict[str, Any] | str, n: int, what: str = "the output") -> None:
         """One tensor of n elements (before it is allocated)."""
         if n > self.limits.max_tensor_elements:
             refuse(node, f"{what} would hold {n} elements", "max_tensor_elements", self.limits.max_tensor_elements)
 
-    def allocate(self, node, nbytes, what="allocated"):
+    def allocate(self, node: dict[str, Any] | str, nbytes: int, what: str = "allocated") -> None:
         """nbytes more folded or allocated by this plan (before they are)."""
         self.bytes += int(nbytes)
         if self.bytes > self.limits.max_plan_bytes:
             refuse(node, f"the tensors {what} so far would take {self.bytes} bytes", "max_plan_bytes",
                    self.limits.max_plan_bytes)
 
-    def unroll(self, node, n):
+    def unroll(self, node: dict[str, Any] | str, n: int) -> None:
         """n more Loop body nodes to plan (one iteration)."""
         self.loop_nodes += int(n)
         if self.loop_nodes > self.limits.max_loop_nodes:
             refuse(node, f"unrolling the Loops of this graph would plan {self.loop_nodes} body nodes",
                    "max_loop_nodes", self.limits.max_loop_nodes)
 
-    def before_eval(self, node, xs, planning=False):
+    def before_eval(self, node: dict[str, Any], xs: Sequence[Any], planning: bool = False) -> None:
         """Refuses folding (or, planning=True, planning) a node whose output would be too
         large, before NumPy or the planner allocates anything for it."""
         n = output_elements(node["op"], node.get("attrs", {}), xs, planning)
@@ -272,11 +276,11 @@ class Budget:
                 refuse(node, f"the tensors folded so far and its output would take {self.bytes + nbytes} "
                              "bytes", "max_plan_bytes", self.limits.max_plan_bytes)
 
-    def params(self, node, n_words):
+    def params(self, node: dict[str, Any] | str, n_words: int) -> None:
         """n_words more instruction parameters (Python integers while the plan is built)."""
         self.allocate(node, PARAM_BYTES * n_words, "and instruction parameters planned")
 
-    def after_eval(self, node, outs):
+    def after_eval(self, node: dict[str, Any] | str, outs: Iterable[Any]) -> None:
         """Counts the folded outputs against the plan's bytes (and any output that is too
         large for an op output_elements does not bound)."""
         for v in outs:
@@ -285,7 +289,7 @@ class Budget:
             self.allocate(node, getattr(v, "nbytes", 8), "folded")
 
 
-def check_eval(node, xs):
+def check_eval(node: dict[str, Any], xs: Sequence[Any]) -> None:
     """Before a NumPy evaluation outside a plan (a fusion's proof, a state-position trace):
     the output size against the limits in force."""
     lim = resolve()

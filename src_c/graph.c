@@ -106,12 +106,12 @@ static void op_copy(const int64_t *ip, const char *src, char *dst) {
 
 static inline float binop(int64_t kind, float a, float b) {
     switch (kind) {
-    case 0: return a + b;
-    case 1: return a - b;
-    case 2: return a * b;
-    case 3: return a / b;
-    case 4: return powf(a, b);
-    case 5: return a != a ? a : (a > b ? a : b); /* NaN in either operand gives NaN, as onnxruntime */
+    case RNN_BIN_ADD: return a + b;
+    case RNN_BIN_SUB: return a - b;
+    case RNN_BIN_MUL: return a * b;
+    case RNN_BIN_DIV: return a / b;
+    case RNN_BIN_POW: return powf(a, b);
+    case RNN_BIN_MAX: return a != a ? a : (a > b ? a : b); /* NaN in either operand gives NaN, as onnxruntime */
     default: return a != a ? a : (a < b ? a : b);
     }
 }
@@ -129,19 +129,19 @@ static void op_binary(const int64_t *ip, const float *a, const float *b, float *
     for (int64_t o = 0; o < total; o += inner) {
         const float *pa = a + ao, *pb = b + bo;
         float *po = out + o;
-        if (kind == 0 && sa == 1 && sb == 1) {
+        if (kind == RNN_BIN_ADD && sa == 1 && sb == 1) {
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] + pb[i];
-        } else if (kind == 2 && sa == 1 && sb == 1) {
+        } else if (kind == RNN_BIN_MUL && sa == 1 && sb == 1) {
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] * pb[i];
-        } else if (kind == 0 && sa == 1 && sb == 0) {
+        } else if (kind == RNN_BIN_ADD && sa == 1 && sb == 0) {
             const float v = pb[0];
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] + v;
-        } else if (kind == 2 && sa == 1 && sb == 0) {
+        } else if (kind == RNN_BIN_MUL && sa == 1 && sb == 0) {
             const float v = pb[0];
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] * v;
-        } else if (kind == 5 && sa == 1 && sb == 1) { /* branch-free selects: vectorised */
+        } else if (kind == RNN_BIN_MAX && sa == 1 && sb == 1) { /* branch-free selects: vectorised */
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] != pa[i] ? pa[i] : (pa[i] > pb[i] ? pa[i] : pb[i]);
-        } else if (kind == 6 && sa == 1 && sb == 1) {
+        } else if (kind == RNN_BIN_MIN && sa == 1 && sb == 1) {
             for (int64_t i = 0; i < inner; i++) po[i] = pa[i] != pa[i] ? pa[i] : (pa[i] < pb[i] ? pa[i] : pb[i]);
         } else {
             for (int64_t i = 0; i < inner; i++) po[i] = binop(kind, pa[i * sa], pb[i * sb]);
@@ -204,16 +204,16 @@ static void op_unary(const int64_t *ip, const float *fp, const float *in, float 
     for (int64_t i = 0; i < n; i++) {
         const float x = out[i];
         switch (kind) {
-        case 20: out[i] = sqrtf(x); break;
-        case 21: out[i] = expf(x); break;
-        case 22: out[i] = logf(x); break;
-        case 23: out[i] = -x; break;
-        case 24: out[i] = fabsf(x); break;
-        case 25: out[i] = x < fp[0] ? fp[0] : (x > fp[1] ? fp[1] : x); break;
-        case 26: out[i] = 1.0f / x; break;
-        case 27: out[i] = erff(x); break;
-        case 28: out[i] = floorf(x); break;
-        case 29: out[i] = ceilf(x); break;
+        case RNN_UNARY_SQRT: out[i] = sqrtf(x); break;
+        case RNN_UNARY_EXP: out[i] = expf(x); break;
+        case RNN_UNARY_LOG: out[i] = logf(x); break;
+        case RNN_UNARY_NEG: out[i] = -x; break;
+        case RNN_UNARY_ABS: out[i] = fabsf(x); break;
+        case RNN_UNARY_CLIP: out[i] = x < fp[0] ? fp[0] : (x > fp[1] ? fp[1] : x); break;
+        case RNN_UNARY_RECIPROCAL: out[i] = 1.0f / x; break;
+        case RNN_UNARY_ERF: out[i] = erff(x); break;
+        case RNN_UNARY_FLOOR: out[i] = floorf(x); break;
+        case RNN_UNARY_CEIL: out[i] = ceilf(x); break;
         default: assert(!"unknown unary kind"); break;
         }
     }
@@ -328,13 +328,14 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     const int64_t kind = ip[0], nd = ip[1];
     const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;
     const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];
-    const float init = kind == 2 ? -INFINITY : (kind == 3 ? INFINITY : (kind == 4 ? 1.0f : 0.0f));
+    const float init = kind == RNN_REDUCE_MAX ? -INFINITY
+                     : (kind == RNN_REDUCE_MIN ? INFINITY : (kind == RNN_REDUCE_PROD ? 1.0f : 0.0f));
     for (int64_t i = 0; i < out_n; i++) out[i] = init;
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= ishape[d];
     int64_t idx[MAX_ND] = {0};
     int64_t oo = 0;
-    if ((kind == 2 || kind == 3) && nd > 0 && ostr[nd - 1] == 0 && ishape[nd - 1] > 0) {
+    if ((kind == RNN_REDUCE_MAX || kind == RNN_REDUCE_MIN) && nd > 0 && ostr[nd - 1] == 0 && ishape[nd - 1] > 0) {
         /* max / min over the innermost axis: rows of L into one output each; the running
          * max / min ignores NaN (branch-free), a NaN seen makes the result NaN */
         const int64_t L = ishape[nd - 1];
@@ -342,7 +343,7 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
             const float *row = in + r;
             float m = out[oo];
             int nan = m != m;
-            if (kind == 2)
+            if (kind == RNN_REDUCE_MAX)
                 for (int64_t i = 0; i < L; i++) { m = row[i] > m ? row[i] : m; nan |= row[i] != row[i]; }
             else
                 for (int64_t i = 0; i < L; i++) { m = row[i] < m ? row[i] : m; nan |= row[i] != row[i]; }
@@ -359,9 +360,9 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     for (int64_t i = 0; i < total; i++) {
         const float v = in[i];
         switch (kind) {
-        case 2: out[oo] = (v > out[oo] || v != v) ? v : out[oo]; break; /* NaN wins, as onnxruntime */
-        case 3: out[oo] = (v < out[oo] || v != v) ? v : out[oo]; break;
-        case 4: out[oo] *= v; break;
+        case RNN_REDUCE_MAX: out[oo] = (v > out[oo] || v != v) ? v : out[oo]; break; /* NaN wins, as onnxruntime */
+        case RNN_REDUCE_MIN: out[oo] = (v < out[oo] || v != v) ? v : out[oo]; break;
+        case RNN_REDUCE_PROD: out[oo] *= v; break;
         default: out[oo] += v; break;
         }
         for (int64_t d = nd - 1; d >= 0; d--) {
@@ -371,7 +372,7 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
             idx[d] = 0;
         }
     }
-    if (kind == 1 && count > 0)
+    if (kind == RNN_REDUCE_MEAN && count > 0)
         for (int64_t i = 0; i < out_n; i++) out[i] /= (float)count;
 }
 
@@ -544,21 +545,21 @@ static inline void odo_next(int64_t nd, const int64_t *shape, int64_t *idx, int 
 #define DEFINE_INT_BINOP(NAME, T, U, TMIN)                                                   \
     static int NAME(int64_t kind, T x, T y, T *r) {                                         \
         switch (kind) {                                                                      \
-        case 0: *r = (T)((U)x + (U)y); return 0;                                            \
-        case 1: *r = (T)((U)x - (U)y); return 0;                                            \
-        case 2: *r = (T)((U)x * (U)y); return 0;                                            \
-        case 3:                                                                              \
+        case RNN_BIN_ADD: *r = (T)((U)x + (U)y); return 0;                                  \
+        case RNN_BIN_SUB: *r = (T)((U)x - (U)y); return 0;                                  \
+        case RNN_BIN_MUL: *r = (T)((U)x * (U)y); return 0;                                  \
+        case RNN_BIN_DIV:                                                                    \
             if (y == 0) return 1;                                                            \
             if (x == TMIN && y == -1) return 2;                                              \
             *r = x / y; /* C division truncates toward 0, as ONNX integer Div */             \
             return 0;                                                                        \
-        case 5: *r = x > y ? x : y; return 0;                                                \
-        case 6: *r = x < y ? x : y; return 0;                                                \
-        case 7:                                                                              \
-        case 8: {                                                                            \
+        case RNN_BIN_MAX: *r = x > y ? x : y; return 0;                                      \
+        case RNN_BIN_MIN: *r = x < y ? x : y; return 0;                                      \
+        case RNN_BIN_MOD:                                                                    \
+        case RNN_BIN_FMOD: {                                                                 \
             if (y == 0) return 1;                                                            \
             T m = y == -1 ? 0 : x % y; /* the dividend's sign (TMIN % -1 is 0, not a trap) */ \
-            if (kind == 7 && m != 0 && ((m < 0) != (y < 0))) m += y; /* the divisor's sign */ \
+            if (kind == RNN_BIN_MOD && m != 0 && ((m < 0) != (y < 0))) m += y; /* the divisor's sign */ \
             *r = m;                                                                          \
             return 0;                                                                        \
         }                                                                                    \
@@ -570,16 +571,18 @@ DEFINE_INT_BINOP(binop_i32, int32_t, uint32_t, INT32_MIN)
 
 static float binop_f32(int64_t kind, float x, float y) {
     switch (kind) {
-    case 8: return fmodf(x, y); /* Mod with fmod=1: std::fmod, as onnxruntime */
+    case RNN_BIN_FMOD: return fmodf(x, y); /* Mod with fmod=1: std::fmod, as onnxruntime */
     default: return binop(kind, x, y);
     }
 }
 
-/* comparison / logic kind (10..17) of two values */
+/* comparison / logic kind (RNN_BIN_EQUAL..RNN_BIN_XOR) of two values */
 #define CMP_KIND(kind, x, y)                                                                 \
-    ((kind) == 10 ? (x) == (y) : (kind) == 11 ? (x) < (y) : (kind) == 12 ? (x) <= (y)        \
-     : (kind) == 13 ? (x) > (y) : (kind) == 14 ? (x) >= (y)                                  \
-     : (kind) == 15 ? ((x) != 0) & ((y) != 0) : (kind) == 16 ? ((x) != 0) | ((y) != 0)       \
+    ((kind) == RNN_BIN_EQUAL ? (x) == (y) : (kind) == RNN_BIN_LESS ? (x) < (y)               \
+     : (kind) == RNN_BIN_LESS_EQUAL ? (x) <= (y) : (kind) == RNN_BIN_GREATER ? (x) > (y)     \
+     : (kind) == RNN_BIN_GREATER_EQUAL ? (x) >= (y)                                          \
+     : (kind) == RNN_BIN_AND ? ((x) != 0) & ((y) != 0)                                       \
+     : (kind) == RNN_BIN_OR ? ((x) != 0) | ((y) != 0)                                        \
      : ((x) != 0) ^ ((y) != 0))
 
 static rnn_status op_tbinary(const int64_t *ip, const void *a, const void *b, void *out, char *err,
@@ -592,7 +595,7 @@ static rnn_status op_tbinary(const int64_t *ip, const void *a, const void *b, vo
     for (int64_t o = 0; o < total; o++, odo_next(nd, shape, idx, 2, st, off)) {
         const int64_t i = off[0], j = off[1];
         int bad = 0;
-        if (kind >= 10) {
+        if (kind >= RNN_BIN_EQUAL) {
             int c;
             switch (dt) {
             case RNN_DT_F32: c = CMP_KIND(kind, ((const float *)a)[i], ((const float *)b)[j]); break;
@@ -627,11 +630,11 @@ static void op_tunary(const int64_t *ip, const void *in, void *out) {
         if (dt == RNN_DT_I64) {
             const int64_t x = ((const int64_t *)in)[i];
             const uint64_t neg = (uint64_t)0 - (uint64_t)x; /* wraps: -INT64_MIN is INT64_MIN */
-            ((int64_t *)out)[i] = (kind == 0 || x < 0) ? (int64_t)neg : x;
+            ((int64_t *)out)[i] = (kind == RNN_TUNARY_NEG || x < 0) ? (int64_t)neg : x;
         } else if (dt == RNN_DT_I32) {
             const int32_t x = ((const int32_t *)in)[i];
             const uint32_t neg = (uint32_t)0 - (uint32_t)x;
-            ((int32_t *)out)[i] = (kind == 0 || x < 0) ? (int32_t)neg : x;
+            ((int32_t *)out)[i] = (kind == RNN_TUNARY_NEG || x < 0) ? (int32_t)neg : x;
         } else {
             ((uint8_t *)out)[i] = ((const uint8_t *)in)[i] == 0; /* Not */
         }
@@ -660,16 +663,17 @@ static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, cons
         const int64_t kind = ip[0], nd = ip[1];                                              \
         const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;                                 \
         const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];                        \
-        const T init = kind == 2 ? TMIN : (kind == 3 ? TMAX : (kind == 4 ? 1 : 0));          \
+        const T init = kind == RNN_REDUCE_MAX ? TMIN                                         \
+                     : (kind == RNN_REDUCE_MIN ? TMAX : (kind == RNN_REDUCE_PROD ? 1 : 0));  \
         for (int64_t i = 0; i < out_n; i++) out[i] = init;                                   \
         int64_t total = 1, idx[MAX_ND] = {0}, oo = 0;                                        \
         for (int64_t d = 0; d < nd; d++) total *= ishape[d];                                 \
         for (int64_t i = 0; i < total; i++) {                                                \
             const T v = in[i];                                                               \
             switch (kind) {                                                                  \
-            case 2: out[oo] = v > out[oo] ? v : out[oo]; break;                              \
-            case 3: out[oo] = v < out[oo] ? v : out[oo]; break;                              \
-            case 4: out[oo] = (T)((U)out[oo] * (U)v); break;                                 \
+            case RNN_REDUCE_MAX: out[oo] = v > out[oo] ? v : out[oo]; break;                 \
+            case RNN_REDUCE_MIN: out[oo] = v < out[oo] ? v : out[oo]; break;                 \
+            case RNN_REDUCE_PROD: out[oo] = (T)((U)out[oo] * (U)v); break;                   \
             default: out[oo] = (T)((U)out[oo] + (U)v); break;                                \
             }                                                                                \
             for (int64_t d = nd - 1; d >= 0; d--) {                                          \
@@ -679,7 +683,7 @@ static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, cons
                 idx[d] = 0;                                                                  \
             }                                                                                \
         }                                                                                    \
-        if (kind == 1 && count > 0)                                                          \
+        if (kind == RNN_REDUCE_MEAN && count > 0)                                            \
             for (int64_t i = 0; i < out_n; i++) out[i] = (T)(out[i] / (T)count);             \
     }
 DEFINE_INT_REDUCE(reduce_i64, int64_t, uint64_t, INT64_MIN, INT64_MAX)
@@ -780,9 +784,11 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
         if (nd < 0 || nd > MAX_ND || nip != 3 + 3 * nd) return "rank or parameter count does not fit";
         const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
         const int is_byte = dt == RNN_DT_U8 || dt == RNN_DT_BOOL;
-        const int ok = (kind >= 10 && kind <= 14) || (kind >= 15 && kind <= 17 && is_byte) ||
-                       (is_int && ((kind >= 0 && kind <= 3) || (kind >= 5 && kind <= 8))) ||
-                       (dt == RNN_DT_F32 && kind == 8);
+        const int ok = (kind >= RNN_BIN_EQUAL && kind <= RNN_BIN_GREATER_EQUAL) ||
+                       (kind >= RNN_BIN_AND && kind <= RNN_BIN_XOR && is_byte) ||
+                       (is_int && ((kind >= RNN_BIN_ADD && kind <= RNN_BIN_DIV) ||
+                                   (kind >= RNN_BIN_MAX && kind <= RNN_BIN_FMOD))) ||
+                       (dt == RNN_DT_F32 && kind == RNN_BIN_FMOD);
         if (!ok) return "an operation this element type does not have";
         for (int64_t d = 0; d < nd; d++)
             if (ip[3 + d] < 0) return "a negative dimension";
@@ -792,7 +798,8 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
         const int64_t kind = ip[1];
         const int is_int = dt == RNN_DT_I64 || dt == RNN_DT_I32;
         if (nip != 3 || ip[2] < 0) return "parameter count or size does not fit";
-        if (!((kind <= 1 && kind >= 0 && is_int) || (kind == 2 && dt == RNN_DT_BOOL)))
+        if (!(((kind == RNN_TUNARY_NEG || kind == RNN_TUNARY_ABS) && is_int) ||
+              (kind == RNN_TUNARY_NOT && dt == RNN_DT_BOOL)))
             return "an operation this element type does not have";
         return NULL;
     }
@@ -806,7 +813,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
         if (nip < 3) return "too few parameters";
         const int64_t kind = ip[1], nd = ip[2];
         if (dt != RNN_DT_I64 && dt != RNN_DT_I32) return "integer reductions take int64 or int32";
-        if (kind < 0 || kind > 4) return "unknown reduction";
+        if (kind < RNN_REDUCE_SUM || kind > RNN_REDUCE_PROD) return "unknown reduction";
         if (nd < 0 || nd > MAX_ND || nip != 5 + 2 * nd) return "rank or parameter count does not fit";
         return NULL;
     }
@@ -1159,7 +1166,7 @@ static int verify_reduce(vctx *v, const int64_t *ip, int64_t nip, unsigned mask,
     operand x, y;
     if (nip < 2) return bad(v, "too few parameters");
     const int64_t kind = ip[0], nd = ip[1];
-    if (kind < 0 || kind > 4) return bad(v, "unknown reduction %lld", (long long)kind);
+    if (kind < RNN_REDUCE_SUM || kind > RNN_REDUCE_PROD) return bad(v, "unknown reduction %lld", (long long)kind);
     if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
     if (nip != 4 + 2 * nd) return bad(v, "has %lld int parameters, a reduction of rank %lld reads %lld", (long long)nip, (long long)nd, (long long)(4 + 2 * nd));
     const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd, out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];
@@ -1223,7 +1230,7 @@ static int verify_instr(vctx *v) {
         const int64_t h = op == RNN_OP_BINARY ? 0 : 1;
         const int64_t nd = op == RNN_OP_WHERE ? ip[1] : ip[1 + h], k = op == RNN_OP_WHERE ? 3 : 2;
         if (op == RNN_OP_BINARY) {
-            if (ip[0] < 0 || ip[0] > 6) return bad(v, "unknown arithmetic kind %lld", (long long)ip[0]);
+            if (ip[0] < RNN_BIN_ADD || ip[0] > RNN_BIN_MIN) return bad(v, "unknown arithmetic kind %lld", (long long)ip[0]);
             if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
             if (nparams(v, 2 + 3 * nd)) return 1;
         }
@@ -1243,7 +1250,7 @@ static int verify_instr(vctx *v) {
                 span(v, &b, "input Y", "reads", nd, shape, shape + 3 * nd, 0, total))
                 return 1;
         } else {
-            const unsigned ym = op == RNN_OP_TBINARY && ip[1] >= 10 ? M_BYTE : m;
+            const unsigned ym = op == RNN_OP_TBINARY && ip[1] >= RNN_BIN_EQUAL ? M_BYTE : m;
             if (get(v, 0, "input A", 1, m, &a) || get(v, 1, "input B", 1, m, &b) || get(v, 4, "output", 1, ym, &y))
                 return 1;
             if (op == RNN_OP_TBINARY && (!same_type(a.dt, dt) || !same_type(b.dt, dt)))
@@ -1258,7 +1265,7 @@ static int verify_instr(vctx *v) {
         if (nparams(v, 2)) return 1;
         if (v->nfp != 2) return bad(v, "has %lld float parameters, the op reads 2", (long long)v->nfp);
         const int64_t kind = ip[0];
-        if (!((kind >= 0 && kind < RNN_ACT_COUNT) || (kind >= 20 && kind <= 29))) return bad(v, "unknown function %lld", (long long)kind);
+        if (!((kind >= 0 && kind < RNN_ACT_COUNT) || (kind >= RNN_UNARY_SQRT && kind <= RNN_UNARY_CEIL))) return bad(v, "unknown function %lld", (long long)kind);
         if (sizes(v, "the input", 1, ip + 1, &n) || unused(v, 1, 1) || get(v, 0, "input", 1, M_F32, &a) ||
             get(v, 4, "output", 1, M_F32, &y))
             return 1;

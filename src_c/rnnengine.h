@@ -121,7 +121,10 @@ const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell);
  * its output is D*P wide and its h blocks (D, B, P); only its c blocks keep H. */
 typedef struct rnn_stack rnn_stack;
 
-/* direction per layer: 0 forward, 1 reverse, 2 bidirectional. cells[l] holds D cells
+/* The direction of a layer. */
+typedef enum { RNN_DIR_FORWARD = 0, RNN_DIR_REVERSE = 1, RNN_DIR_BIDIRECTIONAL = 2 } rnn_direction;
+
+/* direction per layer: an rnn_direction. cells[l] holds D cells
  * (forward first). The stack takes ownership of the cells, also on failure. */
 rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell *const *cells,
                             rnn_stack **out);
@@ -224,6 +227,56 @@ typedef enum {
     RNN_OP_CUMSUM = 18,    /* (exclusive, reverse) running sum along the middle axis */
     RNN_OP_REVSEQ = 19     /* ReverseSequence: each batch row's first len steps reversed */
 } rnn_op;
+
+/* The kind (first int parameter after the dtype of a typed op) that selects an instruction's
+ * function. BINARY (float32) takes ADD..MIN; TBINARY takes ADD..DIV, MAX, MIN, MOD on int64 /
+ * int32, FMOD on float32 / int64 / int32, the comparisons on float32 / int64 / int32 / bool
+ * (a bool result) and AND, OR, XOR on bool. */
+typedef enum {
+    RNN_BIN_ADD = 0,
+    RNN_BIN_SUB = 1,
+    RNN_BIN_MUL = 2,
+    RNN_BIN_DIV = 3,            /* integers: truncated toward 0; by 0 is an error */
+    RNN_BIN_POW = 4,
+    RNN_BIN_MAX = 5,            /* float32: NaN in either operand gives NaN */
+    RNN_BIN_MIN = 6,
+    RNN_BIN_MOD = 7,            /* ONNX Mod fmod=0: the divisor's sign (integers) */
+    RNN_BIN_FMOD = 8,           /* ONNX Mod fmod=1: the dividend's sign, as C fmod */
+    RNN_BIN_EQUAL = 10,
+    RNN_BIN_LESS = 11,
+    RNN_BIN_LESS_EQUAL = 12,
+    RNN_BIN_GREATER = 13,
+    RNN_BIN_GREATER_EQUAL = 14,
+    RNN_BIN_AND = 15,
+    RNN_BIN_OR = 16,
+    RNN_BIN_XOR = 17
+} rnn_binary_kind;
+
+/* UNARY (float32): an rnn_activation_kind (fparams alpha, beta) or one of these. */
+typedef enum {
+    RNN_UNARY_SQRT = 20,
+    RNN_UNARY_EXP = 21,
+    RNN_UNARY_LOG = 22,
+    RNN_UNARY_NEG = 23,
+    RNN_UNARY_ABS = 24,
+    RNN_UNARY_CLIP = 25,        /* fparams lo, hi */
+    RNN_UNARY_RECIPROCAL = 26,
+    RNN_UNARY_ERF = 27,
+    RNN_UNARY_FLOOR = 28,
+    RNN_UNARY_CEIL = 29
+} rnn_unary_kind;
+
+/* TUNARY: NEG and ABS of int64 / int32 (wrapping), NOT of bool. */
+typedef enum { RNN_TUNARY_NEG = 0, RNN_TUNARY_ABS = 1, RNN_TUNARY_NOT = 2 } rnn_tunary_kind;
+
+/* REDUCE (float32) and TREDUCE (int64 / int32). */
+typedef enum {
+    RNN_REDUCE_SUM = 0,
+    RNN_REDUCE_MEAN = 1,
+    RNN_REDUCE_MAX = 2,
+    RNN_REDUCE_MIN = 3,
+    RNN_REDUCE_PROD = 4
+} rnn_reduce_kind;
 
 /* Element types of graph tensors. RNN_DT_BOOL is one byte holding 0 or 1. In the tensor
  * table given to rnn_graph_verify, RNN_DT_OTHER + n (n = 1..16) is another type of n-byte

@@ -5,7 +5,7 @@
 #include <string.h>
 
 typedef struct {
-    int32_t direction; /* 0 forward, 1 reverse, 2 bidirectional */
+    int32_t direction; /* rnn_direction */
     int32_t D, H, I;
     int32_t O;         /* floats of h and of each direction's output: H, or P for a projected LSTM */
     int32_t has_c;     /* LSTM (c keeps H floats) */
@@ -44,7 +44,7 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
     /* Take ownership of every cell first, so failures below free them all. */
     int64_t k = 0;
     for (int32_t l = 0; l < n_layers; l++) {
-        int32_t D = (direction && direction[l] == 2) ? 2 : 1;
+        int32_t D = (direction && direction[l] == RNN_DIR_BIDIRECTIONAL) ? 2 : 1;
         layers[l].direction = direction ? direction[l] : -1;
         layers[l].D = D;
         for (int32_t d = 0; d < D; d++) layers[l].cell[d] = cells ? cells[k++] : NULL;
@@ -53,7 +53,7 @@ rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell
     if (n_layers <= 0 || !direction || !cells) status = RNN_STATUS_BAD_ARGUMENT;
     for (int32_t l = 0; l < n_layers && status == RNN_STATUS_OK; l++) {
         rnn_layer *ly = &layers[l];
-        if (ly->direction < 0 || ly->direction > 2) { status = RNN_STATUS_BAD_ARGUMENT; break; }
+        if (ly->direction < RNN_DIR_FORWARD || ly->direction > RNN_DIR_BIDIRECTIONAL) { status = RNN_STATUS_BAD_ARGUMENT; break; }
         for (int32_t d = 0; d < ly->D; d++)
             if (!ly->cell[d]) status = RNN_STATUS_BAD_ARGUMENT;
         if (status != RNN_STATUS_OK) break;
@@ -152,7 +152,7 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
         float *h = state + state_off;
         float *c = ly->has_c ? h + ly->D * B * O : NULL;
         for (int32_t d = 0; d < ly->D; d++) {
-            int32_t reverse = ly->direction == 1 || d == 1;
+            int32_t reverse = ly->direction == RNN_DIR_REVERSE || d == 1;
             rnn_cell_forward(ly->cell[d], in, T, B, xs_t, xs_b, lens, reverse, out + d * o_d, o_t, o_b,
                              h + d * B * O, c ? c + d * B * H : NULL, cell_work);
         }

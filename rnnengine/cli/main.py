@@ -10,6 +10,7 @@ import numpy as np
 
 from rnnengine._version import __version__
 from rnnengine.cli.common import _is_weight_file, _kv, _load_any
+from rnnengine.codes import RECURRENT_OPS
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_lstm.onnx")  # load_onnx's test model
 TOLERANCE = 1e-5
@@ -54,7 +55,7 @@ def cmd_demo(args):
     shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
     ort_state = {n: np.zeros(shapes[n], np.float32) for n in state_names}
     pairs = dict(model.state_pairs)
-    layers = [n for n in model.graph["nodes"] if n["op"] in ("LSTM", "GRU", "RNN")]
+    layers = [n for n in model.graph["nodes"] if n["op"] in RECURRENT_OPS]
     desc = f"{layers[0]['op']} {len(layers)}x{layers[0]['attrs'].get('hidden_size')}" if layers else "?"
     print(f"rnnengine demo: streaming {os.path.basename(path)} ({desc}, {len(vocab)} characters) one "
           "character per call,\nbeside onnxruntime (its state passed in and out of every session.run).")

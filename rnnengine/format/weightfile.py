@@ -15,9 +15,16 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+import numpy.typing as npt
+
 from rnnengine.errors import FormatError  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from rnnengine.limits import Limits
 
 # --- layout (docs/FORMAT.md, "Layout" and "Header") --------------------------------------
 MAGIC = b"RNNE"          # bytes 0..3 of every weight file
@@ -37,13 +44,14 @@ MAX_NDIM = 16            # dimensions of a tensor
 MAX_DIM = 1 << 40        # largest single dimension
 
 # stored dtype name -> little-endian NumPy dtype of the stored elements (FORMAT.md, "dtypes")
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
-          "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"),
+    "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "bool": np.dtype("?")}
 PLAIN = ("int64", "int32", "int8", "uint8", "bool")  # non-float input dtypes, stored as they are
 SCALE_KEYS = ("scale_offset", "scale_nbytes", "scale_crc32")  # present exactly on int8-quantized entries
 
 
-def quantization_error_bound(dtype):
+def quantization_error_bound(dtype: str) -> float:
     """Per-element error bound of storing a float32 weight w as `dtype` (docs/FORMAT.md):
 
     float32: 0.0 (exact).
@@ -57,11 +65,11 @@ def quantization_error_bound(dtype):
     return bounds[dtype]
 
 
-def _align(n):
+def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def _rows(shape):
+def _rows(shape: Sequence[int]) -> int:
     """int8 scales: one per row, a row being the last axis; (..., K) has prod(...) rows."""
     n = 1
     for d in shape[:-1]:
@@ -69,7 +77,7 @@ def _rows(shape):
     return n
 
 
-def quantize_int8(a):
+def quantize_int8(a: npt.ArrayLike) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
     """Symmetric int8 with one float32 scale per row: (q, scales), a ~= q * scales[row]."""
     a = np.asarray(a, np.float32)
     rows = a.reshape(_rows(a.shape), a.shape[-1] if a.ndim else 1)  # (R, K)
@@ -81,7 +89,8 @@ def quantize_int8(a):
 
 # --- writer ----------------------------------------------------------------------------------
 
-def _stored(name, arr, dtype, chosen):
+def _stored(name: str, arr: npt.NDArray[Any], dtype: str,
+            chosen: bool) -> tuple[str, npt.NDArray[Any], npt.NDArray[np.float32] | None]:
     """(stored dtype name, array to store, int8 row scales or None) for one input tensor."""
     if arr.dtype.kind == "f":
         target = dtype if chosen else "float32"
@@ -108,7 +117,9 @@ def _stored(name, arr, dtype, chosen):
                     f"(supported: float16/32/64, {', '.join(PLAIN)})")
 
 
-def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None):
+def write(path: str | os.PathLike[str], graph: dict[str, Any], tensors: Mapping[str, npt.ArrayLike], *,
+          dtype: str = "float32", quantize: Iterable[str] | None = None,
+          metadata: Mapping[str, Any] | None = None) -> None:
     """Writes a weight file (atomically: a temporary file renamed over `path`).
 
     graph: a JSON-serialisable dict, stored as is. tensors: name -> array. Float tensors are
@@ -129,7 +140,7 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
         unknown = sorted(map(str, quantize - set(tensors)))
         if unknown:
             raise ValueError(f"quantize names tensors that are not given: {', '.join(unknown)}")
-    meta = {"general.weight_dtype": dtype}
+    meta: dict[str, Any] = {"general.weight_dtype": dtype}
     try:
         from rnnengine._version import __version__
         meta["general.converter_version"] = __version__
@@ -140,6 +151,9 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
             raise ValueError(f"metadata keys must be namespaced strings like 'source.producer', got {key!r}")
     meta.update(metadata or {})
 
+    # (a): an ndarray is a buffer, which NumPy's stubs declare (__buffer__, PEP 688) for Python >= 3.12 only
+    entries: list[dict[str, Any]]
+    blobs: list[tuple[int, npt.NDArray[Any]]]
     entries, blobs, offset = [], [], 0  # blobs: (offset in the data section, contiguous array)
     for name, arr in tensors.items():
         arr = np.asarray(arr)
@@ -151,12 +165,13 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
         kind, data, scales = _stored(name, arr, dtype, chosen)
         data = np.ascontiguousarray(data)
         entry = {"name": name, "dtype": kind, "shape": [int(d) for d in arr.shape], "offset": offset,
-                 "nbytes": data.nbytes, "crc32": zlib.crc32(data)}
+                 "nbytes": data.nbytes, "crc32": zlib.crc32(data)}  # type: ignore[arg-type]  # (a)
         blobs.append((offset, data))
         offset = _align(offset + data.nbytes)
         if scales is not None:
             scales = np.ascontiguousarray(scales, DTYPES["float32"])
-            entry.update(scale_offset=offset, scale_nbytes=scales.nbytes, scale_crc32=zlib.crc32(scales))
+            scale_crc = zlib.crc32(scales)  # type: ignore[arg-type]  # (a)
+            entry.update(scale_offset=offset, scale_nbytes=scales.nbytes, scale_crc32=scale_crc)
             blobs.append((offset, scales))
             offset = _align(offset + scales.nbytes)
         entries.append(entry)
@@ -180,7 +195,7 @@ def write(path, graph, tensors, *, dtype="float32", quantize=None, metadata=None
             pos = 0
             for off, data in blobs:
                 f.write(bytes(off - pos))
-                f.write(data.reshape(-1).view(np.uint8))
+                f.write(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # (a)
                 pos = off + data.nbytes
             f.write(bytes(offset - pos))
         os.replace(tmp, path)  # never leave a half-written file under the final name
@@ -203,7 +218,20 @@ class WeightFile:
     private memory by default, where this cannot happen; docs/FORMAT.md, "Reading while the
     file changes")."""
 
-    def __init__(self, path, verify=True, use_mmap=True, limits=None):
+    _buf: mmap.mmap | bytes | None
+    _fd: int | None
+    _stat: tuple[int, int]
+    _entries: dict[str, dict[str, Any]]
+    _data_off: int
+    _data_len: int
+    version: int
+    flags: int
+    metadata: dict[str, Any]
+    graph: dict[str, Any]
+    names: list[str]
+
+    def __init__(self, path: str | os.PathLike[str], verify: bool = True, use_mmap: bool = True,
+                 limits: Limits | None = None) -> None:
         from rnnengine.limits import resolve
         self.path = os.fspath(path)
         self._buf = None
@@ -228,7 +256,7 @@ class WeightFile:
             self.close()
             raise
 
-    def check_unchanged(self):
+    def check_unchanged(self) -> None:
         """Raises FormatError when a memory-mapped file has been truncated or rewritten in
         place since it was opened (its arrays could read past its end and kill the process,
         or read other numbers); a no-op for a file read into memory. One fstat of the open
@@ -242,10 +270,11 @@ class WeightFile:
                               f"loaded (size {self._stat[0]} -> {st.st_size} bytes); its memory-mapped weights "
                               "can no longer be read safely: load it again")
 
-    def _fail(self, msg):
+    def _fail(self, msg: str) -> NoReturn:
         raise FormatError(f"{self.path}: {msg}")
 
-    def _parse(self, size, verify):
+    def _parse(self, size: int, verify: bool) -> None:
+        assert self._buf is not None  # open (set by __init__)
         # 1. the header, field by field, against the file's real size
         magic, version, flags, align, jsize, ntens, data_off, fsize, crc, _ = HEADER.unpack_from(self._buf, 0)
         if magic != MAGIC:
@@ -282,6 +311,7 @@ class WeightFile:
         self.metadata, self.graph = doc["metadata"], doc["graph"]
         # 4. every tensor-table entry, then overlaps, then (verify) the data checksums
         self._data_off, self._data_len = data_off, size - data_off
+        spans: list[tuple[int, int, str]]
         self._entries, spans = {}, []
         for k, e in enumerate(doc["tensors"]):
             self._check_entry(k, e, spans)
@@ -298,12 +328,12 @@ class WeightFile:
                         zlib.crc32(self._slice(e["scale_offset"], e["scale_nbytes"])) != e["scale_crc32"]:
                     self._fail(f"tensor {name!r}: checksum mismatch in its int8 scales (damaged)")
 
-    def _limit(self, what):
+    def _limit(self, what: str) -> NoReturn:
         lim = self.limits.max_metadata_bytes
         self._fail(f"{what}, more than the limit max_metadata_bytes={lim}; if the file is trusted, raise it "
                    "with rnnengine.load(..., limits=rnnengine.Limits(max_metadata_bytes=...))")
 
-    def _inflate(self, block, most):
+    def _inflate(self, block: bytes, most: int) -> bytearray:
         """The zlib stream `block` decompressed, refused past `most` bytes. Two passes: the
         first only counts (a zip bomb is refused holding one chunk at a time), the second
         fills a buffer of the counted size."""
@@ -332,7 +362,8 @@ class WeightFile:
             self._fail(f"the JSON block is not a valid zlib stream ({e})")
         return text
 
-    def _json(self, block, flags, most):
+    def _json(self, block: bytes, flags: int, most: int) -> Any:
+        text: bytes | bytearray
         if flags & FLAG_JSON_ZLIB:
             text = self._inflate(block, most)
         else:
@@ -351,7 +382,7 @@ class WeightFile:
         except (ValueError, RecursionError) as e:
             self._fail(f"the JSON block is not valid JSON ({type(e).__name__}: {e})")
 
-    def _check_entry(self, k, e, spans):
+    def _check_entry(self, k: int, e: Any, spans: list[tuple[int, int, str]]) -> None:
         if not isinstance(e, dict):
             self._fail(f"tensor table entry {k} is not an object")
         name = e.get("name")
@@ -395,7 +426,7 @@ class WeightFile:
             self._check_span(f"{name} (scales)", e["scale_offset"], e["scale_nbytes"], spans)
         self._entries[name] = e
 
-    def _check_span(self, name, off, n, spans):
+    def _check_span(self, name: str, off: int, n: int, spans: list[tuple[int, int, str]]) -> None:
         if off % ALIGNMENT:
             self._fail(f"tensor {name!r}: offset {off} is not a multiple of {ALIGNMENT}")
         if off + n > self._data_len:
@@ -404,24 +435,25 @@ class WeightFile:
         if n:
             spans.append((off, off + n, name))
 
-    def _slice(self, off, n):
+    def _slice(self, off: int, n: int) -> memoryview:
+        assert self._buf is not None  # open (read by _parse only)
         return memoryview(self._buf)[self._data_off + off:self._data_off + off + n]
 
-    def _entry(self, name):
+    def _entry(self, name: str) -> dict[str, Any]:
         if self._buf is None:
             raise ValueError(f"{self.path} is closed")
         if name not in self._entries:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         return self._entries[name]
 
-    def info(self, name):
+    def info(self, name: str) -> dict[str, Any]:
         """{"dtype": stored dtype, "shape", "nbytes", "offset" (from the data section),
         "quantized": True for float16 and int8-with-scales, which tensor() expands to float32}."""
         e = self._entry(name)
         return {"dtype": e["dtype"], "shape": tuple(e["shape"]), "nbytes": e["nbytes"], "offset": e["offset"],
                 "quantized": e["dtype"] == "float16" or "scale_offset" in e}
 
-    def raw(self, name):
+    def raw(self, name: str) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32] | None]:
         """(stored array, int8 row scales or None): read-only views into the file, no copy."""
         e = self._entry(name)
         dt = DTYPES[e["dtype"]]
@@ -431,14 +463,15 @@ class WeightFile:
             scales = self._view(e["scale_offset"], DTYPES["float32"], e["scale_nbytes"] // 4)
         return arr, scales
 
-    def _view(self, off, dt, count):
+    def _view(self, off: int, dt: np.dtype[Any], count: int) -> npt.NDArray[Any]:
         if count == 0:  # an empty tensor may sit at the very end of the file
             a = np.empty(0, dt)
             a.flags.writeable = False
             return a
+        assert self._buf is not None  # open (_entry has checked)
         return np.frombuffer(self._buf, dtype=dt, count=count, offset=self._data_off + off)
 
-    def tensor(self, name):
+    def tensor(self, name: str) -> npt.NDArray[Any]:
         """float32 (a zero-copy view for float32 storage; expanded for float16 and int8 with
         scales) or the stored integer / bool array (a view); read-only in every case."""
         arr, scales = self.raw(name)
@@ -452,7 +485,7 @@ class WeightFile:
         out.flags.writeable = False  # read-only like the views, whatever the storage
         return out
 
-    def close(self):
+    def close(self) -> None:
         buf, self._buf = self._buf, None
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
@@ -463,18 +496,19 @@ class WeightFile:
             except BufferError:
                 pass  # arrays still view the map; it is unmapped when the last of them is gone
 
-    def __enter__(self):
+    def __enter__(self) -> WeightFile:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<WeightFile {self.path!r} version {getattr(self, 'version', '?')}, " \
                f"{len(getattr(self, 'names', []))} tensors>"
 
 
-def read(path, *, verify=True, mmap=True, limits=None):
+def read(path: str | os.PathLike[str], *, verify: bool = True, mmap: bool = True,
+         limits: Limits | None = None) -> WeightFile:
     """Opens a weight file: memory-mapped (mmap=False reads it into private memory), every
     field checked, and with verify=True every tensor's checksum too (the header/JSON
     checksum is always checked). limits: a rnnengine.Limits (its max_metadata_bytes bounds

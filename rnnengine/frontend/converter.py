@@ -28,6 +28,7 @@ from rnnengine import limits
 from rnnengine._version import __version__
 from rnnengine.errors import ConversionError, UnsupportedError, where
 from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
+from rnnengine.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS, SLOT_INITIAL_C, SLOT_INITIAL_H
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
 from rnnengine.ops import ONNX_DTYPE, OPS, EnvHandler, Recurrent
 CONVERTER_VERSION = "1"
@@ -177,7 +178,7 @@ class _Converter:
             if op == "Constant":
                 consts[node["outputs"][0]] = OPS["Constant"](node, self.opset).eval([])[0]
                 continue
-            if op in OPS and op not in ("LSTM", "GRU", "RNN") and all((not n) or n in consts for n in ins):
+            if op in OPS and op not in RECURRENT_OPS and all((not n) or n in consts for n in ins):
                 if op == "Range" and any(n and np.asarray(consts[n]).dtype == np.float16 for n in ins):
                     # Range-27 accumulates float16 in float32 (stash_type); NumPy's float16
                     # arange does not, and earlier versions do not take float16 at all
@@ -274,9 +275,9 @@ def _check_state_shapes(nodes, consts, declared):
     projection, so initial_h / Y_h of size P cannot match hidden_size H). `declared` maps
     tensor names to the shapes the file declares (graph inputs, value_info, outputs)."""
     for n in nodes:
-        if n["op"] not in ("LSTM", "GRU", "RNN"):
+        if n["op"] not in RECURRENT_OPS:
             continue
-        slots = dict(zip(Recurrent.SLOTS, n["inputs"]))
+        slots = dict(zip(RECURRENT_INPUTS, n["inputs"]))
         R = consts.get(slots.get("R") or "")
         H = n.get("attrs", {}).get("hidden_size", R.shape[-1] if R is not None and R.ndim == 3 else None)
         if H is None:
@@ -435,11 +436,11 @@ def pair_states(graph):
                             r.add(o)
                 continue
             ins = ins + _outer_reads(n)
-            if op in ("LSTM", "GRU", "RNN"):
+            if op in RECURRENT_OPS:
                 key = n["outputs"][0] or n["name"] or f"#{counter[0]}"
                 counter[0] += 1
                 path_of[key] = frozenset(path)
-                slots = dict(zip(Recurrent.SLOTS, n["inputs"] + [""] * 8))
+                slots = dict(zip(RECURRENT_INPUTS, n["inputs"] + [""] * 8))
                 for inp, r in reach.items():
                     for slot, tag in (("initial_h", "h"), ("initial_c", "c")):
                         if slots.get(slot) and slots[slot] in r:

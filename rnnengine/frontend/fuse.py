@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from rnnengine.limits import check_eval
+from rnnengine.codes import RECURRENT_OPS
 from rnnengine.frontend.torch_import import gate_permutation
 from rnnengine.ops.handlers import OPS, STATELESS, STEP_MASK  # noqa: F401 (STATELESS, STEP_MASK re-exported)
 
@@ -301,7 +302,7 @@ def _eval_nodes(nodes, env, opset, wanted=None):
             stack.extend(x for x in n["inputs"] if x and x not in env)
         nodes = [n for n in nodes if id(n) in need]
     for n in nodes:
-        if n["op"] not in OPS or n["op"] in ("LSTM", "GRU", "RNN"):
+        if n["op"] not in OPS or n["op"] in RECURRENT_OPS:
             raise _NoFuse(f"{n['op']} in the loop")
         xs = []
         for x in n["inputs"]:
@@ -478,7 +479,7 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
         if v in tensors:
             bconst[car] = np.asarray(tensors[v])
     for n in body["nodes"]:
-        if n["op"] in OPS and n["op"] not in ("LSTM", "GRU", "RNN") and n["inputs"] and \
+        if n["op"] in OPS and n["op"] not in RECURRENT_OPS and n["inputs"] and \
                 all(not x or x in bconst or x in tensors for x in n["inputs"]):
             xs = [None if not x else bconst.get(x, tensors.get(x)) for x in n["inputs"]]
             try:

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from rnnengine.codes import GATES
 from rnnengine.runtime.layers import GRU, LSTM, RNN
 from rnnengine.runtime.model import LayerModel
 
@@ -128,7 +129,7 @@ def _recurrent_layers(module, where):
                                     f"quantized or scripted ones)")
                 return _numpy(getattr(module, name + sfx), f"{where}: {name + sfx}")
             W, R = param("weight_ih"), param("weight_hh")
-            H = W.shape[0] // {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+            H = W.shape[0] // GATES[kind]
             perm = gate_permutation(kind, H, "torch", "onnx")
             Ws.append(W[perm])
             Rs.append(R[perm])

@@ -6,7 +6,8 @@ If, Loop and the sequence ops, registered in the same ``OPS``; streaming.py hold
 the rule that decides whether it can run chunk by chunk exactly. ``PlannerInterface``
 (handlers.py) is what a handler may call on the planner. ``OPS`` is the one answer to
 "which ops does rnnengine run": the converter, the weight-file checks and the planner all
-read it.
+read it. The numbers shared with the C core (src_c/rnnengine.h) and the recurrent ops' tables
+are in rnnengine/codes.py, once.
 """
 from rnnengine.ops import control, handlers
 from rnnengine.ops.control import SEQUENCE_INPUTS, SEQUENCE_OPS, EnvHandler

@@ -18,6 +18,17 @@ import numpy as np
 from typing import Any, Protocol
 
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
+# the C enums (src_c/rnnengine.h) and the recurrent ops' tables, defined once in codes.py
+from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
+    ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
+    ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
+    BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
+    OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
+    REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
+    UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
+    UNARY_SQRT, recurrent_attrs)
 from rnnengine.limits import refuse, resolve
 from rnnengine.runtime.layers import layer_from_onnx
 
@@ -97,16 +108,7 @@ def register(*op_types: str, attrs: tuple[str, ...] | list[str] = ()) -> Any:
     return deco
 
 
-# C enums (src_c/rnnengine.h)
-OP_COPY, OP_BINARY, OP_UNARY, OP_MATMUL, OP_SOFTMAX, OP_GATHER, OP_CONV1D, OP_PAD, OP_REDUCE, \
-    OP_CAST, OP_RECURRENT, OP_TOPK, OP_SCATTER, OP_TBINARY, OP_TUNARY, OP_WHERE, OP_TREDUCE, OP_ARGMAX, \
-    OP_CUMSUM, OP_REVSEQ = range(20)
-DTYPE_CODE = {np.dtype(np.float32): 0, np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3,
-              np.dtype(np.bool_): 4}
 INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
-# ONNX TensorProto element types
-ONNX_DTYPE = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-              10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
 class Handler:
@@ -225,7 +227,7 @@ def broadcast_shape(h, *shapes):
 def emit_tbinary(p, kind, a, b, out_shape, out_dtype):
     """One typed binary instruction (src_c/graph.c TBINARY) on a and b of one dtype."""
     out = p.new(out_shape, out_dtype)
-    p.emit(OP_TBINARY, [a, b], [out], [DTYPE_CODE[a.dtype], kind, len(out_shape)] + list(out_shape)
+    p.emit(OP_TBINARY, [a, b], [out], [TENSOR_DTYPES[a.dtype], kind, len(out_shape)] + list(out_shape)
            + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
     return out
 
@@ -333,8 +335,9 @@ class Range(Handler):
 
 # --- elementwise -------------------------------------------------------------------------
 
-BINARY = {"Add": (0, np.add), "Sub": (1, np.subtract), "Mul": (2, np.multiply), "Div": (3, None),
-          "Pow": (4, np.power), "Max": (5, np.maximum), "Min": (6, np.minimum)}
+BINARY = {"Add": (BIN_ADD, np.add), "Sub": (BIN_SUB, np.subtract), "Mul": (BIN_MUL, np.multiply),
+          "Div": (BIN_DIV, None), "Pow": (BIN_POW, np.power), "Max": (BIN_MAX, np.maximum),
+          "Min": (BIN_MIN, np.minimum)}
 
 
 @register(*BINARY)
@@ -384,7 +387,7 @@ class Binary(Handler):
         return out
 
 
-TBINARY_KIND = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3, "Max": 5, "Min": 6}
+TBINARY_KIND = {"Add": BIN_ADD, "Sub": BIN_SUB, "Mul": BIN_MUL, "Div": BIN_DIV, "Max": BIN_MAX, "Min": BIN_MIN}
 
 
 @register("Mod", attrs=("fmod",))
@@ -410,7 +413,8 @@ class Mod(Handler):
         k = self.kind(a.dtype)
         if a.dtype != b.dtype or (a.dtype not in INT_TYPES and a.dtype != np.float32):
             self.fail(f"Mod on {a.dtype}/{b.dtype} at run time is not supported (float32, int64, int32; one type)")
-        return [emit_tbinary(p, 7 if k == "mod" else 8, a, b, broadcast_shape(self, a.shape, b.shape), a.dtype)]
+        return [emit_tbinary(p, BIN_MOD if k == "mod" else BIN_FMOD, a, b, broadcast_shape(self, a.shape, b.shape),
+                             a.dtype)]
 
 
 def _sigmoid(x):
@@ -419,23 +423,23 @@ def _sigmoid(x):
 
 # op -> (C kind, NumPy function of (x, alpha, beta), default alpha, default beta)
 UNARY = {
-    "Relu": (0, lambda x, a, b: np.maximum(x, 0).astype(x.dtype), 0, 0),
-    "Tanh": (1, lambda x, a, b: np.tanh(x), 0, 0),
-    "Sigmoid": (2, lambda x, a, b: _sigmoid(x), 0, 0),
-    "LeakyRelu": (4, lambda x, a, b: np.where(x >= 0, x, a * x).astype(x.dtype), 0.01, 0),
-    "ThresholdedRelu": (5, lambda x, a, b: np.where(x > a, x, 0).astype(x.dtype), 1.0, 0),
-    "HardSigmoid": (7, lambda x, a, b: np.clip(a * x + b, 0, 1).astype(x.dtype), 0.2, 0.5),
-    "Elu": (8, lambda x, a, b: np.where(x >= 0, x, a * (np.exp(x) - 1)).astype(x.dtype), 1.0, 0),
-    "Softsign": (9, lambda x, a, b: (x / (1 + np.abs(x))).astype(x.dtype), 0, 0),
-    "Softplus": (10, lambda x, a, b: np.logaddexp(0, x).astype(x.dtype), 0, 0),
-    "Sqrt": (20, lambda x, a, b: np.sqrt(x), 0, 0),
-    "Exp": (21, lambda x, a, b: np.exp(x), 0, 0),
-    "Log": (22, lambda x, a, b: np.log(x), 0, 0),
-    "Neg": (23, lambda x, a, b: -x, 0, 0),
-    "Abs": (24, lambda x, a, b: np.abs(x), 0, 0),
-    "Reciprocal": (26, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
-    "Floor": (28, lambda x, a, b: np.floor(x), 0, 0),
-    "Ceil": (29, lambda x, a, b: np.ceil(x), 0, 0),
+    "Relu": (ACT_RELU, lambda x, a, b: np.maximum(x, 0).astype(x.dtype), 0, 0),
+    "Tanh": (ACT_TANH, lambda x, a, b: np.tanh(x), 0, 0),
+    "Sigmoid": (ACT_SIGMOID, lambda x, a, b: _sigmoid(x), 0, 0),
+    "LeakyRelu": (ACT_LEAKY_RELU, lambda x, a, b: np.where(x >= 0, x, a * x).astype(x.dtype), 0.01, 0),
+    "ThresholdedRelu": (ACT_THRESHOLDED_RELU, lambda x, a, b: np.where(x > a, x, 0).astype(x.dtype), 1.0, 0),
+    "HardSigmoid": (ACT_HARD_SIGMOID, lambda x, a, b: np.clip(a * x + b, 0, 1).astype(x.dtype), 0.2, 0.5),
+    "Elu": (ACT_ELU, lambda x, a, b: np.where(x >= 0, x, a * (np.exp(x) - 1)).astype(x.dtype), 1.0, 0),
+    "Softsign": (ACT_SOFTSIGN, lambda x, a, b: (x / (1 + np.abs(x))).astype(x.dtype), 0, 0),
+    "Softplus": (ACT_SOFTPLUS, lambda x, a, b: np.logaddexp(0, x).astype(x.dtype), 0, 0),
+    "Sqrt": (UNARY_SQRT, lambda x, a, b: np.sqrt(x), 0, 0),
+    "Exp": (UNARY_EXP, lambda x, a, b: np.exp(x), 0, 0),
+    "Log": (UNARY_LOG, lambda x, a, b: np.log(x), 0, 0),
+    "Neg": (UNARY_NEG, lambda x, a, b: -x, 0, 0),
+    "Abs": (UNARY_ABS, lambda x, a, b: np.abs(x), 0, 0),
+    "Reciprocal": (UNARY_RECIPROCAL, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
+    "Floor": (UNARY_FLOOR, lambda x, a, b: np.floor(x), 0, 0),
+    "Ceil": (UNARY_CEIL, lambda x, a, b: np.ceil(x), 0, 0),
 }
 
 
@@ -460,7 +464,8 @@ class Unary(Handler):
         op = self.node["op"]
         if x.dtype in INT_TYPES and op in ("Neg", "Abs"):
             out = p.new(x.shape, x.dtype)  # wraps: -min and |min| are min, as onnxruntime
-            p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 0 if op == "Neg" else 1, int(np.prod(x.shape))])
+            p.emit(OP_TUNARY, [x], [out], [TENSOR_DTYPES[x.dtype], TUNARY_NEG if op == "Neg" else TUNARY_ABS,
+                                          int(np.prod(x.shape))])
             return [out]
         if x.dtype != np.float32:
             self.fail(f"needs a float32 input at run time{' (or int64 / int32)' if op in ('Neg', 'Abs') else ''}, "
@@ -503,7 +508,7 @@ class Clip(Handler):
         x = xs[0]
         if x.dtype in INT_TYPES and self.opset >= 11:  # integer Clip (opset 12): Max, then Min
             out = x
-            for k, kind in ((1, 5), (2, 6)):
+            for k, kind in ((1, BIN_MAX), (2, BIN_MIN)):
                 if len(xs) > k and xs[k] is not None:
                     v = xs[k]
                     if v.dtype != x.dtype:
@@ -514,15 +519,15 @@ class Clip(Handler):
         if x.dtype != np.float32:
             self.fail(f"needs a float32, int64 or int32 input at run time, got {x.dtype}")
         out = p.new(x.shape, np.float32)
-        p.emit(OP_UNARY, [x], [out], [25, int(np.prod(x.shape))], [lo, hi])
+        p.emit(OP_UNARY, [x], [out], [UNARY_CLIP, int(np.prod(x.shape))], [lo, hi])
         return [out]
 
 
 COMPARE = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
            "GreaterOrEqual": np.greater_equal, "And": np.logical_and, "Or": np.logical_or,
            "Xor": np.logical_xor}
-COMPARE_KIND = {"Equal": 10, "Less": 11, "LessOrEqual": 12, "Greater": 13, "GreaterOrEqual": 14,
-                "And": 15, "Or": 16, "Xor": 17}
+COMPARE_KIND = {"Equal": BIN_EQUAL, "Less": BIN_LESS, "LessOrEqual": BIN_LESS_EQUAL, "Greater": BIN_GREATER,
+                "GreaterOrEqual": BIN_GREATER_EQUAL, "And": BIN_AND, "Or": BIN_OR, "Xor": BIN_XOR}
 
 
 @register(*COMPARE)
@@ -539,7 +544,7 @@ class Compare(Handler):
         logic = op in ("And", "Or", "Xor")
         if a.dtype != b.dtype:
             self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
-        if (logic and a.dtype != np.bool_) or a.dtype not in DTYPE_CODE:
+        if (logic and a.dtype != np.bool_) or a.dtype not in TENSOR_DTYPES:
             self.fail(f"{op} on {a.dtype} at run time is not supported "
                       f"({'bool' if logic else 'float32, int64, int32, bool'})")
         return [emit_tbinary(p, COMPARE_KIND[op], a, b, broadcast_shape(self, a.shape, b.shape), np.bool_)]
@@ -555,7 +560,7 @@ class Not(Handler):
         if x.dtype != np.bool_:
             self.fail(f"needs a bool input, got {x.dtype}")
         out = p.new(x.shape, np.bool_)
-        p.emit(OP_TUNARY, [x], [out], [DTYPE_CODE[x.dtype], 2, int(np.prod(x.shape))])
+        p.emit(OP_TUNARY, [x], [out], [TENSOR_DTYPES[x.dtype], TUNARY_NOT, int(np.prod(x.shape))])
         return [out]
 
 
@@ -611,13 +616,13 @@ class Cast(Handler):
 
     def emit(self, p, xs):
         x, to = xs[0], self.target()
-        if x.dtype not in DTYPE_CODE or to not in DTYPE_CODE:
+        if x.dtype not in TENSOR_DTYPES or to not in TENSOR_DTYPES:
             self.fail(f"cast from {x.dtype} to {to} at run time is not supported "
                       "(float32, int64, int32, uint8, bool only)")
         if x.dtype == to:
             return [p.alias(x, x.shape)]
         out = p.new(x.shape, to)
-        p.emit(OP_CAST, [x], [out], [DTYPE_CODE[x.dtype], DTYPE_CODE[to], int(np.prod(x.shape))])
+        p.emit(OP_CAST, [x], [out], [TENSOR_DTYPES[x.dtype], TENSOR_DTYPES[to], int(np.prod(x.shape))])
         return [out]
 
 
@@ -986,7 +991,7 @@ class TopK(Handler):
 
     def emit(self, p, xs):
         x = xs[0]
-        if x.dtype not in DTYPE_CODE:
+        if x.dtype not in TENSOR_DTYPES:
             self.fail(f"dtype {x.dtype} is not supported at run time")
         a, k = self.geometry(x.shape, xs)
         shape = list(x.shape)
@@ -994,7 +999,7 @@ class TopK(Handler):
         vals, idx = p.new(tuple(shape), x.dtype), p.new(tuple(shape), np.int64)
         n = x.shape[a]
         p.need_work(2 * n + 2)  # int64 scratch, counted in floats
-        p.emit(OP_TOPK, [x], [vals, idx], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), n,
+        p.emit(OP_TOPK, [x], [vals, idx], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), n,
                                            int(np.prod(x.shape[a + 1:])), k, int(self.attr("largest", 1))])
         return [vals, idx]
 
@@ -1033,7 +1038,7 @@ class ScatterElements(Handler):
                 idx = p.const(idx.const.astype(np.int64))
             else:
                 cast = p.new(idx.shape, np.int64)
-                p.emit(OP_CAST, [idx], [cast], [DTYPE_CODE[idx.dtype], 1, int(np.prod(idx.shape))])
+                p.emit(OP_CAST, [idx], [cast], [TENSOR_DTYPES[idx.dtype], DT_I64, int(np.prod(idx.shape))])
                 idx = cast
         if upd.dtype != data.dtype:
             self.fail(f"updates {upd.dtype} differ from data {data.dtype}")
@@ -1119,7 +1124,7 @@ class Gemm(Handler):
                     self.fail("C with beta != 1 must be a constant")
                 c = p.const(np.asarray(c.const, np.float32) * np.float32(self.attr("beta", 1.0)))
             out2 = p.new((M, N), np.float32)
-            p.emit(OP_BINARY, [out, c], [out2], [0, 2, M, N] + broadcast_strides((M, N), (M, N))
+            p.emit(OP_BINARY, [out, c], [out2], [BIN_ADD, 2, M, N] + broadcast_strides((M, N), (M, N))
                    + broadcast_strides(c.shape, (M, N)))
             out = out2
         return [out]
@@ -1360,7 +1365,8 @@ class Pad(Handler):
         return out
 
 
-REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceProd": 4}
+REDUCE = {"ReduceSum": REDUCE_SUM, "ReduceMean": REDUCE_MEAN, "ReduceMax": REDUCE_MAX, "ReduceMin": REDUCE_MIN,
+          "ReduceProd": REDUCE_PROD}
 
 
 @register(*REDUCE, attrs=("axes", "keepdims", "noop_with_empty_axes"))
@@ -1409,7 +1415,7 @@ class Reduce(Handler):
         if x.dtype == np.float32:
             p.emit(OP_REDUCE, [x], [out], ip)
         else:  # integers: sums and products wrap around, the mean truncates toward 0
-            p.emit(OP_TREDUCE, [x], [out], [DTYPE_CODE[x.dtype]] + ip)
+            p.emit(OP_TREDUCE, [x], [out], [TENSOR_DTYPES[x.dtype]] + ip)
         return [out]
 
 
@@ -1447,11 +1453,11 @@ class ArgMax(Handler):
 
     def emit(self, p, xs):
         x = xs[0]
-        if x.dtype not in DTYPE_CODE or x.dtype == np.bool_:
+        if x.dtype not in TENSOR_DTYPES or x.dtype == np.bool_:
             self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32, uint8)")
         a, out_shape = self.geometry(x.shape)
         out = p.new(out_shape, np.int64)
-        p.emit(OP_ARGMAX, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+        p.emit(OP_ARGMAX, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
                                        int(np.prod(x.shape[a + 1:])), int(self.node["op"] == "ArgMin"),
                                        int(bool(self.attr("select_last_index", 0)))])
         return [out]
@@ -1489,7 +1495,7 @@ class CumSum(Handler):
         if x.dtype != np.float32 and x.dtype not in INT_TYPES:
             self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32)")
         out = p.new(x.shape, x.dtype)
-        p.emit(OP_CUMSUM, [x], [out], [DTYPE_CODE[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
+        p.emit(OP_CUMSUM, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
                                        int(np.prod(x.shape[a + 1:])), int(bool(self.attr("exclusive", 0))),
                                        int(bool(self.attr("reverse", 0)))])
         return [out]
@@ -1542,20 +1548,13 @@ class ReverseSequence(Handler):
 
 # --- recurrent layers ----------------------------------------------------------------------
 
-RECURRENT_ATTRS = ("activation_alpha", "activation_beta", "activations", "clip", "direction",
-                   "hidden_size", "layout", "input_forget", "linear_before_reset")
-
-
-@register("LSTM", "GRU", "RNN", attrs=RECURRENT_ATTRS)
+@register(*RECURRENT_OPS, attrs=RECURRENT_ATTRS)
 class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
-    SLOTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
 
     def allowed_attrs(self):
-        kind = self.node["op"]
-        extra = {"LSTM": {"input_forget"}, "GRU": {"linear_before_reset"}, "RNN": set()}[kind]
-        allowed = set(RECURRENT_ATTRS) - {"input_forget", "linear_before_reset"} | extra
+        allowed = set(recurrent_attrs(self.node["op"]))
         if self.opset < 14:
             allowed.discard("layout")
         return allowed
@@ -1580,14 +1579,14 @@ class Recurrent(Handler):
         mask: (T, B, I + 1), the mask (1.0 / 0.0) last (see rnn_cell_config.step_mask)."""
         if mask is None:
             self.fail("a step-masked layer needs its mask input")
-        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in DTYPE_CODE:
+        if tuple(mask.shape) != (T, B, 1) or mask.dtype not in TENSOR_DTYPES:
             self.fail(f"the step mask must be ({T}, {B}, 1) bool (the shape the converter proved the "
                       f"loop for), got {mask.dtype} {mask.shape}")
         if mask.const is not None:
             mf = p.const(np.ascontiguousarray((np.asarray(mask.const) != 0).astype(np.float32).reshape(T, B)))
         elif mask.dtype != np.float32:
             mf = p.new((T, B), np.float32)
-            p.emit(OP_CAST, [mask], [mf], [DTYPE_CODE[mask.dtype], 0, T * B])
+            p.emit(OP_CAST, [mask], [mf], [TENSOR_DTYPES[mask.dtype], DT_F32, T * B])
         else:
             mf = mask
         xm = p.new((T, B, I + 1), np.float32)
@@ -1598,7 +1597,7 @@ class Recurrent(Handler):
 
     def emit(self, p, xs):
         kind = self.node["op"]
-        slots = dict(zip(self.SLOTS, list(xs) + [None] * 8))
+        slots = dict(zip(RECURRENT_INPUTS, list(xs) + [None] * 8))
         consts = {}
         for w in ("W", "R", "B", "P"):
             if slots[w] is not None:
@@ -1629,7 +1628,7 @@ class Recurrent(Handler):
                 lens = p.const(lv.astype(np.int32))
             elif lens.dtype != np.int32:
                 cast = p.new((B,), np.int32)
-                p.emit(OP_CAST, [lens], [cast], [DTYPE_CODE[lens.dtype], 2, B])
+                p.emit(OP_CAST, [lens], [cast], [TENSOR_DTYPES[lens.dtype], DT_I32, B])
                 lens = cast
         has_c = kind == "LSTM"
         sshape = (D, B, H)

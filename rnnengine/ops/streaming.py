@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
 from rnnengine.ops.handlers import (STEP_MASK, OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
@@ -81,7 +82,7 @@ def propagate(p, h, xs, outs):
     """Sets the time information of `outs` (the outputs of handler h's node) from `xs`."""
     node = h.node
     op = node["op"]
-    if op in ("LSTM", "GRU", "RNN"):
+    if op in RECURRENT_OPS:
         return RULES[op](p, h, xs, outs)
     if not any(timed(x) or has_tdep(x) or (x is not None and (x.perm or x.carried)) for x in xs):
         return None
@@ -144,7 +145,7 @@ def precheck(p, h, xs):
     if h.node["op"] in RULES and RULES[h.node["op"]] is elementwise:
         _timing(h, xs)
     runtime = [x for x in xs if x is not None and x.const is None]
-    if any(x.carried for x in runtime) and any(timed(x) for x in xs) and h.node["op"] not in ("LSTM", "GRU", "RNN"):
+    if any(x.carried for x in runtime) and any(timed(x) for x in xs) and h.node["op"] not in RECURRENT_OPS:
         raise NotStreamableError(h.node, "combines the state fed back from the previous call with the time steps "
                                          "of this one (it holds the whole sequence's initial state only in the "
                                          "first call)")
@@ -593,7 +594,7 @@ def recurrent_check(h, xs):
     return T_axis
 
 
-@rule("LSTM", "GRU", "RNN")
+@rule(*RECURRENT_OPS)
 def recurrent(p, h, xs, outs):
     x = xs[0]
     T_axis = recurrent_check(h, xs)
@@ -603,7 +604,7 @@ def recurrent(p, h, xs, outs):
                 o.fstate = True
         return
     if x.lag or x.scale != 1:
-        if len(xs) > 4 and xs[4] is not None:
+        if len(xs) > SLOT_SEQUENCE_LENS and xs[SLOT_SEQUENCE_LENS] is not None:
             raise NotStreamableError(h.node, "its sequence_lens count the input's steps, but a convolution "
                                              "delays or subsamples what reaches this layer")
     _set(outs[0], t=T_axis, lag=x.lag, scale=x.scale)

@@ -27,15 +27,13 @@ from rnnengine import _core, limits
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
+from rnnengine.codes import NP_DTYPES, RECURRENT_OPS, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
 from rnnengine.ops.handlers import (OPS, Concat, NotStreamableError, Slice, UnsupportedError, Unsqueeze, emit_copy,
                                     flatten_conv_inputs, where)
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, Stream
 from rnnengine.runtime.roles import axis_roles, input_roles
 from rnnengine.runtime.states import check_state_positions
-
-NP_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
-             "uint8": np.uint8, "float64": np.float64, "float16": np.float16, "int8": np.int8}
 
 
 class Value:
@@ -55,7 +53,7 @@ class Value:
 
 
 _BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
-_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (_core.tensor_code), cached
+_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (codes.tensor_code), cached
 
 
 class Plan:
@@ -80,7 +78,7 @@ class Plan:
                 dtype, n = _F32, planner.state[spec[1]][1].size
             code = _TENSOR_CODES.get(dtype)
             if code is None:
-                code = _TENSOR_CODES[dtype] = _core.tensor_code(dtype)
+                code = _TENSOR_CODES[dtype] = tensor_code(dtype)
             codes.append(code)
             counts.append(n)
             writable.append(kind == "buf" or kind == "state")  # not constants nor inputs
@@ -319,7 +317,7 @@ class Planner:
                             if name:
                                 env[name] = v
                         continue
-                if all(x is None or x.const is not None for x in xs) and op not in ("LSTM", "GRU", "RNN"):
+                if all(x is None or x.const is not None for x in xs) and op not in RECURRENT_OPS:
                     consts = [None if x is None else x.const for x in xs]
                     self.budget.before_eval(node, consts)  # an output too large is refused before NumPy
                     try:
@@ -350,7 +348,7 @@ class Planner:
         when the op is planned as usual."""
         op = h.node["op"]
         streaming.precheck(self, h, xs)
-        if op in ("LSTM", "GRU", "RNN"):
+        if op in RECURRENT_OPS:
             streaming.recurrent_check(h, xs)
         elif op == "Conv" and h.as_1d(xs[0].shape, xs[1].shape) is not None and streaming.timed(xs[0]):
             # Keras Conv1D written as a 2-D conv over (N, C, 1, L): the 1-D conv, time on L

@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from rnnengine import _core
+from rnnengine.codes import (ACT_AFFINE, ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SCALED_TANH,
+                                 ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH, ACT_THRESHOLDED_RELU, DIRECTIONS,
+                                 GATES)
 
 # name -> (C kind, takes alpha, takes beta, default alpha, default beta).
 # Defaults are those of the ONNX operators of the same name, as the LSTM/GRU/RNN spec says.
@@ -20,20 +23,19 @@ from rnnengine import _core
 # and beta, ThresholdedRelu's alpha and ScaledTanh's alpha and beta. Files that spell the
 # values out (as exporters do) run identically in both.
 ACTIVATIONS = {
-    "Relu": (0, False, False, 0.0, 0.0),
-    "Tanh": (1, False, False, 0.0, 0.0),
-    "Sigmoid": (2, False, False, 0.0, 0.0),
-    "Affine": (3, True, True, 1.0, 0.0),
-    "LeakyRelu": (4, True, False, 0.01, 0.0),
-    "ThresholdedRelu": (5, True, False, 1.0, 0.0),
-    "ScaledTanh": (6, True, True, 1.0, 1.0),
-    "HardSigmoid": (7, True, True, 0.2, 0.5),
-    "Elu": (8, True, False, 1.0, 0.0),
-    "Softsign": (9, False, False, 0.0, 0.0),
-    "Softplus": (10, False, False, 0.0, 0.0),
+    "Relu": (ACT_RELU, False, False, 0.0, 0.0),
+    "Tanh": (ACT_TANH, False, False, 0.0, 0.0),
+    "Sigmoid": (ACT_SIGMOID, False, False, 0.0, 0.0),
+    "Affine": (ACT_AFFINE, True, True, 1.0, 0.0),
+    "LeakyRelu": (ACT_LEAKY_RELU, True, False, 0.01, 0.0),
+    "ThresholdedRelu": (ACT_THRESHOLDED_RELU, True, False, 1.0, 0.0),
+    "ScaledTanh": (ACT_SCALED_TANH, True, True, 1.0, 1.0),
+    "HardSigmoid": (ACT_HARD_SIGMOID, True, True, 0.2, 0.5),
+    "Elu": (ACT_ELU, True, False, 1.0, 0.0),
+    "Softsign": (ACT_SOFTSIGN, False, False, 0.0, 0.0),
+    "Softplus": (ACT_SOFTPLUS, False, False, 0.0, 0.0),
 }
 _ACT_BY_LOWER = {k.lower(): k for k in ACTIVATIONS}
-DIRECTIONS = ("forward", "reverse", "bidirectional")
 
 
 def float_array(value, what, ndim=None):
@@ -83,7 +85,7 @@ def resolve_activations(kind, n_per_dir, num_dirs, activations, alphas, betas):
                          f"the activations {names} take")
     per_dir = [out[d * n_per_dir:(d + 1) * n_per_dir] for d in range(num_dirs)]
     for acts in per_dir:
-        acts += [(0, 0.0, 0.0)] * (3 - len(acts))
+        acts += [(ACT_RELU, 0.0, 0.0)] * (3 - len(acts))  # unused slots
     return per_dir
 
 
@@ -101,8 +103,8 @@ class _Layer:
         who = f"{self.kind} {self.name!r}" if name else self.kind
         if isinstance(direction, bytes):
             direction = direction.decode()
-        if direction not in DIRECTIONS:
-            raise ValueError(f"{who}: direction must be one of {DIRECTIONS}, got {direction!r}")
+        if not isinstance(direction, str) or direction not in DIRECTIONS:
+            raise ValueError(f"{who}: direction must be one of {tuple(DIRECTIONS)}, got {direction!r}")
         self.direction = direction
         D = 2 if direction == "bidirectional" else 1
         self.num_directions = D
@@ -222,7 +224,8 @@ class LSTM(_Layer):
     ``projection`` (D, proj_size, H) adds PyTorch's output projection (nn.LSTM(proj_size)),
     which no ONNX operator has: h = projection @ (o * h(c)) has proj_size floats, R is then
     (D, 4H, proj_size), and c keeps H floats. :func:`rnnengine.from_torch` builds these."""
-    kind, gates, n_activations = "LSTM", 4, 3
+    kind, n_activations = "LSTM", 3
+    gates = GATES[kind]
 
     def __init__(self, W, R, B=None, P=None, projection=None, **attrs):
         if attrs.get("linear_before_reset"):
@@ -232,7 +235,8 @@ class LSTM(_Layer):
 
 class GRU(_Layer):
     """ONNX GRU layer. W (D, 3H, I), R (D, 3H, H), B (D, 6H); gates z, r, h."""
-    kind, gates, n_activations = "GRU", 3, 2
+    kind, n_activations = "GRU", 2
+    gates = GATES[kind]
 
     def __init__(self, W, R, B=None, **attrs):
         if attrs.get("input_forget"):
@@ -242,7 +246,8 @@ class GRU(_Layer):
 
 class RNN(_Layer):
     """ONNX simple RNN layer. W (D, H, I), R (D, H, H), B (D, 2H)."""
-    kind, gates, n_activations = "RNN", 1, 1
+    kind, n_activations = "RNN", 1
+    gates = GATES[kind]
 
     def __init__(self, W, R, B=None, **attrs):
         for bad in ("input_forget", "linear_before_reset"):

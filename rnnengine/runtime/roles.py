@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rnnengine.ops.handlers import Recurrent
+from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
 
 
 def _consumers(graph):
@@ -54,7 +54,7 @@ def input_roles(model):
                     continue  # not a lookup (the Gather is refused when planned)
                 role = ("tokens", int(table.shape[axis]))
                 break
-            if n["op"] in ("LSTM", "GRU", "RNN") and k == Recurrent.SLOTS.index("sequence_lens"):
+            if n["op"] in RECURRENT_OPS and k == SLOT_SEQUENCE_LENS:
                 role = ("lengths",)
                 break
         if role == ("int",) and "len" in spec["name"].lower():

@@ -7,6 +7,7 @@ import numpy as np
 
 from rnnengine import limits
 from rnnengine.errors import UnsupportedError, where
+from rnnengine.codes import GATES, RECURRENT_OPS, SLOT_INITIAL_C, SLOT_INITIAL_H
 from rnnengine.ops.control import EnvHandler
 from rnnengine.ops.handlers import BINARY, OPS, UNARY
 
@@ -65,7 +66,7 @@ def check_state_positions(graph, tensors, feeds):
             if op not in OPS or issubclass(OPS[op], EnvHandler):  # a Loop, a sequence op
                 raise _Untraceable(op)
             xs = [val[x] if x else None for x in ins]
-            if op in ("LSTM", "GRU", "RNN"):
+            if op in RECURRENT_OPS:
                 recurrent(node, xs)
                 continue
             h = OPS[op](node, opset)
@@ -100,15 +101,14 @@ def check_state_positions(graph, tensors, feeds):
         a = node["attrs"]
         layout = int(a.get("layout", 0))
         D = 2 if a.get("direction", "forward") == "bidirectional" else 1
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node["op"]]
-        H = int(a.get("hidden_size") or xs[1].shape[1] // gates)
+        H = int(a.get("hidden_size") or xs[1].shape[1] // GATES[node["op"]])
         X = xs[0]
         T, B = (X.shape[1], X.shape[0]) if layout else (X.shape[0], X.shape[1])
         sshape = (B, D, H) if layout else (D, B, H)
         outs = node["outputs"] + ["", "", ""]
         if outs[0]:
             val[outs[0]] = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)
-        for k, slot in ((1, 5), (2, 6)):
+        for k, slot in ((1, SLOT_INITIAL_H), (2, SLOT_INITIAL_C)):  # Y_h from initial_h, Y_c from initial_c
             if k == 2 and node["op"] != "LSTM":
                 break
             if not outs[k]:

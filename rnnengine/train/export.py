@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rnnengine.codes import SLOT_P
+
 
 def network_to_onnx(net, state_io=False, opset=14):
     c = net.config
@@ -43,7 +45,7 @@ def network_to_onnx(net, state_io=False, opset=14):
                 ins.append(f"c0_{l}")
                 inputs.append(helper.make_tensor_value_info(f"c0_{l}", TensorProto.FLOAT, [D, "B", H]))
         if c["peepholes"]:
-            while len(ins) < 7:
+            while len(ins) < SLOT_P:  # P is the 8th input
                 ins.append("")
             ins.append(const(f"layer{l}.P", net.tensor(f"layer{l}.P")))
         outs = [f"y{l}", f"hN_{l}"] + ([f"cN_{l}"] if kind == "LSTM" else [])

@@ -24,9 +24,8 @@ import onnx
 
 from rnnengine import _core
 from rnnengine.format import weightfile as fileformat
+from rnnengine.codes import GATES
 from rnnengine.train.export import network_to_onnx
-
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 class Network:
