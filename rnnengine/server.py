@@ -45,7 +45,7 @@ from rnnengine.runtime.batcher import Batcher, Session
 
 MAGIC = b"RNS1"
 KIND_STEP, KIND_FEED, KIND_OUTPUT = 0, 1, 2
-DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<i8"), 2: np.dtype("<i4")}
+DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype("<f4"), 1: np.dtype("<i8"), 2: np.dtype("<i4")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 MAX_NDIM = 8
 
@@ -57,15 +57,15 @@ class FrameError(ValueError):
 def encode_frame(arr: np.ndarray, kind: int = KIND_OUTPUT) -> bytes:
     """One array as a binary frame."""
     a = np.asarray(arr)
-    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-    code = DTYPE_CODES.get(np.dtype(dt).newbyteorder("<"))
+    code = DTYPE_CODES.get(a.dtype.newbyteorder("<"))
     if code is None:
         a = a.astype(np.float32)
         code = 0
     a = np.ascontiguousarray(a, DTYPES[code])
     if a.ndim > MAX_NDIM:
         raise FrameError(f"an array of {a.ndim} dimensions; frames carry at most {MAX_NDIM}")
-    return MAGIC + struct.pack("<BBBB", kind, code, a.ndim, 0) + struct.pack(f"<{a.ndim}I", *a.shape) + a.tobytes()
+    data: bytes = a.tobytes()
+    return MAGIC + struct.pack("<BBBB", kind, code, a.ndim, 0) + struct.pack(f"<{a.ndim}I", *a.shape) + data
 
 
 def decode_frame(data: bytes, max_bytes: int = 64 << 20) -> tuple[int, np.ndarray]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -522,7 +524,8 @@ def _condition_key(name, producer):
     return name, polarity
 
 
-def convert_model(source, fixed_inputs=None, state_pairs=None):
+def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
+                  state_pairs: list[tuple[str, str]] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """ONNX file path or ModelProto -> (graph dict, tensors dict, metadata dict)."""
     if isinstance(source, onnx.ModelProto):
         model, raw = source, source.SerializeToString()

@@ -15,7 +15,7 @@ gives the outputs in ``model.outputs`` order, a single array when there is one.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -123,8 +123,8 @@ def step_streams(streams: Sequence[Stream], xs: Any, out: Any = None) -> Any:
     streams = list(streams)
     if not streams:
         raise ValueError("step_streams() needs at least one stream")
-    if all(type(s) is _core.Stream for s in streams):
-        return _core.step_streams(streams, xs, out)
+    if all(isinstance(s, _core.Stream) for s in streams):  # the layer stack's C streams: one batched call
+        return _core.step_streams(cast("list[Any]", streams), xs, out)
     for i, s in enumerate(streams):
         if not isinstance(s, Stream):
             raise TypeError(f"streams[{i}] is a {type(s).__name__}, not a Stream")

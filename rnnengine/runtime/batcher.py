@@ -181,7 +181,7 @@ class Batcher:
         self.idle_timeout = idle_timeout
         probe = model.stream(batch_size=1)  # a model that cannot stream is refused here, naming why
         self._batched = isinstance(model, LayerModel)
-        self._input_size = model.input_size if self._batched else None
+        self._input_size = getattr(model, "input_size", None)
         del probe
         self._cond = threading.Condition()
         self._ready: collections.OrderedDict[Session, None] = collections.OrderedDict()  # sessions with work
@@ -364,8 +364,8 @@ class Batcher:
         self.counters["steps"] += n
         self.counters["batches"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], n)
-        X = np.stack([c.x for c in live])
-        streams = [c.session._stream for c in live]
+        X = np.stack([c.x for c in live if c.x is not None])
+        streams: list[Any] = [c.session._stream for c in live]
         try:
             if self._pool is not None and n >= 2 * self.threads:
                 bounds = np.linspace(0, n, self.threads + 1).astype(int)

@@ -21,9 +21,12 @@ import math
 import re
 import threading
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine import _core, limits
+from rnnengine.limits import Limits
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
@@ -675,10 +678,10 @@ class GraphModel(Model):
     """
     threads = 1  # run() on one thread
     weight_dtype = "float32"  # the recurrent kernels read float32 weights
-    limits = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
+    limits: Limits | None = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
     mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
 
-    def __init__(self, graph, tensors, metadata=None):
+    def __init__(self, graph: dict[str, Any], tensors: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.graph = graph
         self.tensors = dict(tensors)
         self.metadata = dict(metadata or {})

@@ -39,7 +39,7 @@ __all__ = ["StateError", "state_to_bytes", "state_from_bytes", "model_fingerprin
 MAGIC = b"RNST"
 VERSION = 1
 _HEADER = struct.Struct("<4sHH32sIQI")
-_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "bool": np.dtype("?"),
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "bool": np.dtype("?"),
            "uint8": np.dtype("u1")}
 MAX_SKELETON = 16 << 20
 
@@ -47,7 +47,7 @@ MAX_SKELETON = 16 << 20
 def _hash_array(h: Any, a: np.ndarray) -> None:
     a = np.ascontiguousarray(a)
     h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a).cast("B"))
+    h.update(a.data)
 
 
 def model_fingerprint(model: Any) -> bytes:
