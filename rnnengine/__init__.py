@@ -56,7 +56,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
+def convert(source, fixed_inputs=None, state_pairs=None, limits=None, weight_dtype="float32", threads=1):
     """Converts an ONNX model (path or ModelProto) into a runnable :class:`GraphModel`.
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
@@ -71,7 +71,8 @@ def convert(source, fixed_inputs=None, state_pairs=None, limits=None):
         graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
     model = GraphModel(graph, tensors, metadata)
     model.limits = lim
-    return model
+    from rnnengine.runtime.compact import configure
+    return configure(model, weight_dtype, threads)
 
 
 def save(model, path, dtype="float32"):
@@ -81,7 +82,7 @@ def save(model, path, dtype="float32"):
     _save(model, path, dtype)
 
 
-def load(path, verify=True, limits=None, mmap=False):
+def load(path, verify=True, limits=None, mmap=False, weight_dtype=None, threads=1):
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
     :class:`GraphModel`. ``verify`` checks the file's checksums first. The file is read into
     private memory (float32 weights are views of it); ``mmap=True`` maps it instead, shared
@@ -90,4 +91,4 @@ def load(path, verify=True, limits=None, mmap=False):
     reading and the model's later planning (default: ``rnnengine.limits.defaults()``)."""
     _load_core()
     from rnnengine.format.store import load as _load
-    return _load(path, verify, limits=limits, mmap=mmap)
+    return _load(path, verify, limits=limits, mmap=mmap, weight_dtype=weight_dtype, threads=threads)

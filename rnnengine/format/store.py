@@ -263,14 +263,22 @@ def load_checkpoint_model(wf, path):
     return model
 
 
-def load(path, verify=True, limits=None, mmap=False):
+def load(path, verify=True, limits=None, mmap=False, weight_dtype=None, threads=1):
     """Loads a weight file as a GraphModel. The file is read into private memory (64-byte
     aligned; float32 weights are views of it, not further copies), so nothing that happens to
     the file afterwards can affect the model; with mmap=True it is memory-mapped instead
     (shared with other processes through the page cache) and every run() and stream()
     first checks that it was not truncated or replaced (docs/FORMAT.md, "Reading while the
     file changes"). A training checkpoint loads as its network (see load_checkpoint_model).
-    limits: a rnnengine.Limits for the reading and the model's planning."""
+    limits: a rnnengine.Limits for the reading and the model's planning. weight_dtype: the
+    storage the recurrent kernels read, None for as the file stores it (float16 / int8 weights
+    then reach the kernels exactly as stored; rnnengine/runtime/compact.py); threads: how many
+    threads run() may split the batch over (rnnengine/runtime/split.py)."""
+    from rnnengine.runtime.compact import configure
+    return configure(_load(path, verify, limits, mmap), weight_dtype, threads)
+
+
+def _load(path, verify, limits, mmap):
     from rnnengine.limits import resolve
     lim = resolve(limits) if limits is not None else None
     wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
@@ -296,6 +304,7 @@ def load(path, verify=True, limits=None, mmap=False):
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
+    model.compact_file = wf  # its float16 / int8 recurrent weights reach the kernels as stored
     model.limits = lim
     if wf.mapped:
         model.mapped_file = wf

@@ -24,6 +24,7 @@ import threading
 import numpy as np
 
 from rnnengine import _core, limits
+from rnnengine.runtime import compact, split
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
@@ -697,6 +698,9 @@ class GraphModel:
     the model has a single input to feed.
     """
     limits = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
+    weight_dtype = "float32"  # storage of the recurrent kernels' weights (rnnengine/runtime/compact.py)
+    threads = 1  # run() splits the batch over this many threads when exact (rnnengine/runtime/split.py)
+    thread_split_reason = "threads is 1"  # why the last run() was not split (None: it was)
     mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
 
     def __init__(self, graph, tensors, metadata=None):
@@ -744,7 +748,10 @@ class GraphModel:
         with self._lock:
             if key not in self._stacks:
                 layer = handler.layer(consts)
-                self._stacks[key] = (layer, _core.Stack([layer._spec()]))
+                spec = layer._spec()  # the storage its kernels read: rnnengine/runtime/compact.py
+                self.__dict__.setdefault("_kernel_dtypes", {})[str(node.get("name") or key)] = \
+                    compact.apply(self, node, consts, spec)
+                self._stacks[key] = (layer, _core.Stack([spec]))
             return self._stacks[key]
 
     def plan(self, feeds, streaming=False, time_axes=None, aux=None, finishing=False):
@@ -875,6 +882,10 @@ class GraphModel:
         for a, _ in self.state_pairs:
             if a not in feeds:
                 feeds[a] = self._zero_state(a, feeds)
+        if self.threads > 1:  # batch rows over threads when provably exact (rnnengine/runtime/split.py)
+            out = split.run(self, feeds)
+            if out is not None:
+                return out
         plan = self.plan(feeds)
         return plan.execute(plan.context(), feeds, {})
 
