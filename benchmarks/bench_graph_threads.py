@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import rnnengine
+from rnnengine import _core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "..", "tests", "data", "corpus")
@@ -69,9 +70,24 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    print(f"rnnengine {rnnengine.__version__}, kernel level {rnnengine._core.kernel_level()}, "
+    print(f"rnnengine {rnnengine.__version__}, kernel level {_core.kernel_level()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; batch {args.batch}, "
           f"median of {args.repeats} alternating passes")
+    # what the machine gives two threads right now: the layer stack's own split (Model(threads=2))
+    rng = np.random.default_rng(2)
+    W, R = (rng.standard_normal((1, 512, 64)) * 0.1).astype(np.float32), \
+        (rng.standard_normal((1, 512, 128)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((100, args.batch, 64)).astype(np.float32)
+    print("reference: layer stack Model, LSTM H=128, 100 steps")
+
+    class _Runs:  # Model.run(X) behind the GraphModel-like run(feeds) that compare() times
+        def __init__(self, m):
+            self.m = m
+
+        def run(self, feeds):
+            return self.m.run(feeds)
+    compare("threads", {"1 thread": _Runs(rnnengine.Model([rnnengine.LSTM(W, R)])),
+                        "2 threads": _Runs(rnnengine.Model([rnnengine.LSTM(W, R)], threads=2))}, x, args.repeats)
     tmp = tempfile.mkdtemp()
     for name, path, kw, feeds in models(args.batch):
         print(name)

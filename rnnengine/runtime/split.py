@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import threading
 
 import numpy as np
 
@@ -424,6 +425,23 @@ def decide(model, feeds):
     return result
 
 
+_tls = threading.local()
+
+
+def _context(plan):
+    """This worker thread's buffers for `plan`, reused from run to run (a worker runs one
+    part at a time; streams reuse their contexts across calls the same way)."""
+    cache = getattr(_tls, "contexts", None)
+    if cache is None:
+        cache = _tls.contexts = {}
+    hit = cache.get(id(plan))
+    if hit is None or hit[0] is not plan:
+        if len(cache) >= 8:
+            cache.clear()
+        hit = cache[id(plan)] = (plan, plan.context())
+    return hit[1]
+
+
 def run(model, feeds):
     """run()'s outputs computed over model.threads threads, or None (reason in
     model.thread_split_reason) when splitting cannot be proven exact."""
@@ -445,6 +463,6 @@ def run(model, feeds):
             sl[axes[name]] = slice(b[k], b[k + 1])
             sub[name] = np.ascontiguousarray(a[tuple(sl)])
         plan = model.plan(sub)
-        return plan.execute(plan.context(), sub, {})
+        return plan.execute(_context(plan), sub, {})
     results = list(pool.map(part, range(threads)))
     return {o: np.concatenate([r[o] for r in results], axis=out_axes[o]) for o in results[0]}
