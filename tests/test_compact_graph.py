@@ -232,3 +232,20 @@ def test_stored_codes_are_packed_as_given():
     with pytest.raises(ValueError, match="stored weights must be int8"):
         _core.Stack([{"kind": "RNN", "direction": "forward", "input_size": I, "hidden_size": H,
                       "cells": [dict(cell, stored=(q.astype(np.int16), r, s, rs))]}])
+
+
+def test_stream_of_a_compact_file_continues_the_whole_run(tmp_path):
+    """A stream of an int8 file (packed int8 input projections, chunk by chunk) gives the
+    whole-sequence run's result (BLAS with the stored values widened, 240 rows) to float32
+    rounding: both compute with the stored weights."""
+    from oracle import max_violation
+    m, *_ = recurrent_onnx("LSTM", 1, 0, seed=4)
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(rnnengine.convert(m), path, dtype="int8")
+    model = rnnengine.load(path)
+    x = x_of(60, 4)
+    whole = model.run({"x": x})["Y"]
+    stream = model.stream()
+    got = np.concatenate([stream({"x": x[t:t + 7]})["Y"] for t in range(0, 60, 7)], axis=0)
+    assert compact.kernel_dtypes(model) == {"/rnn/LSTM": "int8"}
+    assert max_violation(got, whole) <= 1.0

@@ -20,6 +20,8 @@ Non-recurrent weights (Gemm, MatMul, Conv, Gather tables) always run in float32.
 """
 from __future__ import annotations
 
+from typing import Any, Iterator, Optional
+
 import numpy as np
 
 from rnnengine.errors import where
@@ -29,14 +31,14 @@ WEIGHT_DTYPES = ("float32", "float16", "int8")
 RECURRENT = ("LSTM", "GRU", "RNN")
 
 
-def stored_weight_dtype(model):
+def stored_weight_dtype(model: Any) -> str:
     """The storage of the weight file the model was loaded from ("float32" otherwise)."""
     wf = getattr(model, "compact_file", None)
     dt = wf.metadata.get("general.weight_dtype") if wf is not None else None
     return dt if dt in WEIGHT_DTYPES else "float32"
 
 
-def configure(model, weight_dtype="float32", threads=1):
+def configure(model: Any, weight_dtype: Optional[str] = "float32", threads: int = 1) -> Any:
     """Sets model.weight_dtype (None: as the weight file stores it) and model.threads, after
     checking them and, for a compact storage, every recurrent node's constant W and R (the
     refusals of the module doc, raised here rather than at the first run). Forgets packed
@@ -65,7 +67,7 @@ def configure(model, weight_dtype="float32", threads=1):
     return model
 
 
-def recurrent_nodes(nodes):
+def recurrent_nodes(nodes: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Every LSTM / GRU / RNN node, also inside If branches and Loop bodies."""
     for n in nodes:
         if n["op"] in RECURRENT:
@@ -75,7 +77,7 @@ def recurrent_nodes(nodes):
                 yield from recurrent_nodes(v["nodes"])
 
 
-def _stored(model, name, value, dtype):
+def _stored(model: Any, name: str, value: Any, dtype: str) -> Optional[tuple[np.ndarray, Optional[np.ndarray]]]:
     """(stored array, row scales or None) when tensor `name` is stored in the model's weight
     file as `dtype` and `value` is that tensor as the model holds it; else None."""
     wf = getattr(model, "compact_file", None)
@@ -87,7 +89,7 @@ def _stored(model, name, value, dtype):
     return wf.raw(name)
 
 
-def apply(model, node, consts, spec):
+def apply(model: Any, node: dict[str, Any], consts: dict[str, np.ndarray], spec: dict[str, Any]) -> str:
     """Sets the storage of one recurrent node's cells in ``spec`` (its ``_Layer._spec()``):
     weight_dtype on every cell and, when the file stores W and R that way, the stored arrays.
     Returns the storage the node's kernels read."""
@@ -110,6 +112,6 @@ def apply(model, node, consts, spec):
     return dtype
 
 
-def kernel_dtypes(model):
+def kernel_dtypes(model: Any) -> dict[str, str]:
     """{node name: storage its kernels read} for the recurrent nodes planned so far."""
     return dict(getattr(model, "_kernel_dtypes", {}))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import threading
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -313,21 +314,22 @@ def _walk(model, nodes, env):
             if any(isinstance(x, list) for x in xs) or any(n and n not in env for n in node["inputs"]):
                 _fail(node, "reads a value the analysis does not follow")
             runtime = [x for x in xs if x is not None and x.const is None]
-            if not runtime or op in SHAPE_ONLY:
-                with np.errstate(all="ignore"):
-                    vals = h.eval([None if x is None else x.dummy() for x in xs])
-                outs = [V(np.shape(v), np.asarray(v).dtype, const=np.asarray(v)) for v in vals]
+            rule = RULES.get(op)
+            if runtime and op not in SHAPE_ONLY and rule is None:
+                _fail(node, f"{op} is not known to keep batch rows independent")
+            if op in ("LSTM", "GRU", "RNN"):
+                if not runtime:
+                    _fail(node, "runs on constants only (not followed)")
+                outs = [V(s, np.float32) for s in _recurrent_shapes(h, xs)[:len(node["outputs"])]]
             else:
-                rule = RULES.get(op)
-                if rule is None:
-                    _fail(node, f"{op} is not known to keep batch rows independent")
-                if op in ("LSTM", "GRU", "RNN"):
-                    shapes = _recurrent_shapes(h, xs)[:len(node["outputs"])]
-                    outs = [V(s, np.float32) for s in shapes]
-                else:
+                try:  # the outputs' shapes (and constants' values): the op on zeros of its inputs' shapes
                     with np.errstate(all="ignore"):
                         vals = h.eval([None if x is None else x.dummy() for x in xs])
-                    outs = [V(np.shape(v), np.asarray(v).dtype) for v in vals]
+                except (UnsupportedError, ValueError, TypeError, IndexError, KeyError) as e:
+                    _fail(node, f"cannot be followed at these shapes ({e})")
+                outs = [V(np.shape(v), np.asarray(v).dtype, const=np.asarray(v) if not runtime or op in SHAPE_ONLY
+                          else None) for v in vals]
+            if runtime and op not in SHAPE_ONLY:
                 for o, b in zip(outs, rule(node, h, xs, outs)):
                     o.b = b
         for name, v in zip(node["outputs"], outs):
@@ -335,7 +337,7 @@ def _walk(model, nodes, env):
                 env[name] = v
 
 
-def analyse(model, feeds, axes):
+def analyse(model: Any, feeds: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, int]:
     """{output: batch axis} when every output row provably depends on the same input row
     only (inputs split along `axes`, {input: axis}); raises NotSplittable naming why not."""
     env = {name: V(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
@@ -356,7 +358,7 @@ def analyse(model, feeds, axes):
     return out
 
 
-def batch_axes(model, feeds):
+def batch_axes(model: Any, feeds: dict[str, np.ndarray]) -> Iterator[tuple[dict[str, int], int]]:
     """Candidate {input: batch axis} assignments: the batch axes rnnengine.verify.axis_roles
     found; an input without one takes its one open (undeclared) axis of the batch's size. With
     no known batch axis at all, each open axis of the first input is tried as the batch."""
@@ -388,11 +390,11 @@ def batch_axes(model, feeds):
             yield axes, size
 
 
-def bounds(n, parts):
+def bounds(n: int, parts: int) -> list[int]:
     return [int(v) for v in np.linspace(0, n, parts + 1).astype(int)]
 
 
-def decide(model, feeds):
+def decide(model: Any, feeds: dict[str, np.ndarray]) -> tuple[Any, Any, Optional[int]]:
     """(axes, out_axes, rows) for a split run of these feeds, or (None, reason, None); cached per shapes."""
     threads = int(getattr(model, "threads", 1))
     sig = (threads,) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
@@ -406,17 +408,19 @@ def decide(model, feeds):
         if rows < 2 * threads:
             reasons.append(f"a batch of {rows} rows gives a thread fewer than 2")
             continue
+        label = "batch on " + ", ".join(f"axis {k} of {n!r}" for n, k in axes.items())
         try:
             out_axes = analyse(model, feeds, axes)
             b = bounds(rows, threads)
             for n in sorted({b[k + 1] - b[k] for k in range(threads)}):  # the row counts the threads get
+                label = f"batch on {', '.join(f'axis {k} of {m!r}' for m, k in axes.items())}, {n} rows per thread"
                 part = {name: np.take(a, range(n), axis=axes[name]) for name, a in feeds.items()}
                 if analyse(model, part, axes) != out_axes:
-                    raise NotSplittable(f"the outputs' batch axes change with {n} rows")
+                    raise NotSplittable("the outputs' batch axes change with the row count")
             result = (axes, out_axes, rows)
             break
         except NotSplittable as e:
-            reasons.append(str(e))
+            reasons.append(f"{label}: {e}")
     if result is None:
         result = (None, "; ".join(dict.fromkeys(reasons)) or "no input has a batch axis that could be told", None)
     if len(cache) > 64:
@@ -442,7 +446,7 @@ def _context(plan):
     return hit[1]
 
 
-def run(model, feeds):
+def run(model: Any, feeds: dict[str, np.ndarray]) -> Optional[dict[str, np.ndarray]]:
     """run()'s outputs computed over model.threads threads, or None (reason in
     model.thread_split_reason) when splitting cannot be proven exact."""
     axes, out_axes, rows = decide(model, feeds)
