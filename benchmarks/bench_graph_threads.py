@@ -3,6 +3,9 @@ float32 vs float16 / int8 recurrent kernels, timed alternately in one process.
 
     python benchmarks/bench_graph_threads.py [--batch 64] [--repeats 7]
 
+Then the per-step latency of a stream of an H=1024 LSTM converted and loaded from float16 /
+int8 files, where a step is bound by reading the weights.
+
 Models: silero-vad (if installed; 64 chunks of 576 samples with their state, one call) and
 corpus LSTM models from tests/data/corpus (64 sequences of 100 steps). For each, every
 variant is timed once per pass, passes alternate the variants (so machine load hits them
@@ -12,6 +15,7 @@ the split run are compared with the one-thread run (max abs difference).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import importlib.util
 import os
 import statistics
@@ -73,7 +77,25 @@ def main():
     print(f"rnnengine {rnnengine.__version__}, kernel level {_core.kernel_level()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; batch {args.batch}, "
           f"median of {args.repeats} alternating passes")
-    # what the machine gives two threads right now: the layer stack's own split (Model(threads=2))
+    # what the machine gives two threads right now: two NumPy matrix products at once, then
+    # the layer stack's own split (Model(threads=2))
+    a = np.random.default_rng(3).random((300, 300)).astype(np.float32)
+
+    def products(_=None):
+        for _ in range(100):
+            a @ a
+    seq, par = [], []
+    with cf.ThreadPoolExecutor(2) as pool:
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            products()
+            products()
+            seq.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            list(pool.map(products, range(2)))
+            par.append(time.perf_counter() - t0)
+    print(f"reference: two NumPy products in 2 threads vs one after the other: "
+          f"x{statistics.median(seq) / statistics.median(par):.2f}")
     rng = np.random.default_rng(2)
     W, R = (rng.standard_normal((1, 512, 64)) * 0.1).astype(np.float32), \
         (rng.standard_normal((1, 512, 128)) * 0.1).astype(np.float32)
@@ -103,6 +125,51 @@ def main():
             rnnengine.save(one, f, dtype=dt)
             variants[f"load({dt} file)"] = rnnengine.load(f)
         compare("weights", variants, feeds, args.repeats)
+    stream_steps(args.repeats)
+
+
+def big_lstm(H=1024, I=256):
+    """A one-LSTM ONNX model, H=1024: a streaming step is bound by reading R (16 MB in float32)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(4)
+    W = (rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32)
+    R = (rng.standard_normal((1, 4 * H, H)) * 0.03).astype(np.float32)
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=H)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, I])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+def stream_steps(repeats):
+    """Per-step latency of a stream of the H=1024 LSTM converted, and loaded from float16 /
+    int8 weight files (the stored storage runs in the kernels)."""
+    tmp = tempfile.mkdtemp()
+    base = rnnengine.convert(big_lstm())
+    variants = {"float32": base}
+    for dt in ("float16", "int8"):
+        f = os.path.join(tmp, f"big.{dt}.rnne")
+        rnnengine.save(base, f, dtype=dt)
+        variants[f"load({dt} file)"] = rnnengine.load(f)
+        if dt == "int8":  # what load() did before: the stored values widened, float32 kernels
+            variants["load(int8, as float32)"] = rnnengine.load(f, weight_dtype="float32")
+    x = np.random.default_rng(5).standard_normal((1, 1, 256)).astype(np.float32)
+    streams = {k: m.stream() for k, m in variants.items()}
+    for s in streams.values():
+        s({"x": x})
+    times = {k: [] for k in streams}
+    for _ in range(repeats):
+        for k, s in streams.items():
+            t0 = time.perf_counter()
+            for _ in range(50):
+                s({"x": x})
+            times[k].append((time.perf_counter() - t0) / 50)
+    print("stream step, LSTM H=1024 I=256, batch 1")
+    b = statistics.median(times["float32"])
+    for k, v in times.items():
+        print(f"  {k:<22} {statistics.median(v) * 1e6:9.1f} us   x{b / statistics.median(v):5.2f}")
 
 
 if __name__ == "__main__":
