@@ -120,6 +120,9 @@ def test_row_wise_tail_splits_and_small_batches_do_not():
     assert two.thread_split_reason is None
     two.run({"x": x[:, :3]})
     assert "fewer than 2" in two.thread_split_reason
+    three = rnnengine.convert(m, threads=3)  # 8 rows: parts of 2, 3 and 3 rows, each analysed
+    assert np.array_equal(one.run({"x": x})["Z"], three.run({"x": x})["Z"])
+    assert three.thread_split_reason is None
 
 
 # --- property: whatever the ops after the layer, a split run equals the one-thread run -------
