@@ -81,22 +81,28 @@ def __dir__() -> list[str]:
 # not at `import rnnengine` (these imports implement the lazy loading; no circle hides here).
 
 def convert(source: Any, fixed_inputs: dict[str, Any] | None = None,
-            state_pairs: list[tuple[str, str]] | None = None, limits: Limits | None = None) -> Model:
+            state_pairs: list[tuple[str, str]] | None = None, limits: Limits | None = None,
+            weight_dtype: str = "float32", threads: int = 1) -> Model:
     """Converts an ONNX model (a path or a ModelProto) into a runnable :class:`Model`.
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
     state inputs and outputs. ``limits`` (a :class:`Limits`) bounds the conversion and the
-    model's later planning (default: ``rnnengine.limits.defaults()``). Raises
+    model's later planning (default: ``rnnengine.limits.defaults()``). ``weight_dtype``
+    ("float32", "float16", "int8"): the storage of the recurrent kernels' weights;
+    ``threads``: how many threads ``run()`` may split the batch rows over (when every row is
+    provably independent; ``model.thread_split_reason`` says why not otherwise). Raises
     :class:`ConversionError` (naming the node and the reason) for what it cannot run exactly."""
     from rnnengine import limits as _limits
     _load_core()
     from rnnengine.frontend.converter import convert_model
+    from rnnengine.runtime.compact import configure
     from rnnengine.runtime.graph import GraphModel
     lim = _limits.resolve(limits) if limits is not None else None
     with _limits.using(lim):
         graph, tensors, metadata = convert_model(source, fixed_inputs, state_pairs)
     model = GraphModel(graph, tensors, metadata)
     model.limits = lim
+    configure(model, weight_dtype, threads)
     return model
 
 
@@ -122,14 +128,17 @@ def save(model: Model, path: str, dtype: str = "float32") -> None:
     _save(model, path, dtype)
 
 
-def load(path: str, verify: bool = True, limits: Limits | None = None, mmap: bool = False) -> Model:
+def load(path: str, verify: bool = True, limits: Limits | None = None, mmap: bool = False,
+         weight_dtype: str | None = None, threads: int = 1) -> Model:
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
     :class:`Model`. ``verify`` checks the file's checksums first. The file is read into
     private memory (float32 weights are views of it); ``mmap=True`` maps it instead, shared
     through the page cache, and checks before every run and stream step that it was not
     truncated or replaced (docs/FORMAT.md). ``limits`` (a :class:`Limits`) bounds the
     reading and the model's later planning (default: ``rnnengine.limits.defaults()``).
-    Raises :class:`FormatError` for a damaged file."""
+    ``weight_dtype``: the storage the recurrent kernels read (None: as the file stores it, so
+    float16 / int8 weights reach the compact kernels exactly as stored); ``threads`` as for
+    :func:`convert`. Raises :class:`FormatError` for a damaged file."""
     _load_core()
     from rnnengine.format.store import load as _load
-    return _load(path, verify, limits=limits, mmap=mmap)
+    return _load(path, verify, limits=limits, mmap=mmap, weight_dtype=weight_dtype, threads=threads)

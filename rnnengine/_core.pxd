@@ -144,6 +144,13 @@ cdef extern from "rnnengine.h" nogil:
                                const float *B, const float *P, rnn_cell **out)
     rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
                                          const float *B, const float *P, const float *Whr, rnn_cell **out)
+    ctypedef struct rnn_stored_weights:
+        const void *W
+        const void *R
+        const float *W_scale
+        const float *R_scale
+    rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, const float *B, const float *P,
+                                      const rnn_stored_weights *stored, rnn_cell **out)
     void rnn_cell_free(rnn_cell *cell)
 
     rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell **cells,
@@ -187,6 +194,10 @@ cdef extern from "internal.h" nogil:
     rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb)
     rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
                                      int32_t dtype)
+    rnn_status rnn_packed_init_stored(rnn_packed *dst, const void *Q, const float *scale, int64_t N, int64_t K,
+                                      int64_t ldq, int32_t dtype)
+    int64_t rnn_packed_unpack(const rnn_packed *p, void *out, float *scale)
+    const rnn_packed *rnn_stack_packed(const rnn_stack *st, int32_t layer, int32_t dir, int32_t which)
     void rnn_packed_free(rnn_packed *p)
     void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                          int64_t ldc, int accumulate)

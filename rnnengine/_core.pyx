@@ -3,7 +3,7 @@
 """Low-level binding. Use the classes in :mod:`rnnengine` rather than this module."""
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 import threading
@@ -172,6 +172,14 @@ cdef object _float_input(x, what):
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+cdef object _stored_codes(a, dtype, shape):
+    """A stored weight as the C-contiguous array of exactly `dtype` and `shape` C reads."""
+    arr = np.asarray(a)
+    if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
+        raise ValueError(f"stored weights must be {np.dtype(dtype)} {tuple(shape)}, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
 cdef class Stack:
     """A compiled stack of recurrent layers (an rnn_stack handle). Immutable; thread-safe.
 
@@ -181,7 +189,10 @@ cdef class Stack:
     and optionally step_mask (1 or 2: input rows carry a per-row step mask as their last float,
     masked steps repeat the state (1) or output zeros (2); first layer only) and, for an LSTM,
     proj_size (P > 0: an output projection, each cell then has Whr (P, H) and R (4H, P); h and
-    the layer's output per direction are P floats, c keeps H).
+    the layer's output per direction are P floats, c keeps H). A cell whose weight_dtype is
+    float16 / int8 may carry "stored": (W, R, W_scale, R_scale), its W and R as a weight file
+    stores them (float16 arrays, or int8 codes with float32 row scales); the kernels then read
+    those exactly (rnn_cell_create_stored), and W must be their float32 values.
     """
     cdef rnn_stack *ptr
     cdef readonly int input_size, output_size, n_layers, last_hidden
@@ -205,6 +216,13 @@ cdef class Stack:
         cdef const float *bp
         cdef const float *pp
         cdef const float *whrp
+        cdef rnn_stored_weights sw
+        cdef const uint16_t[:, ::1] W16
+        cdef const uint16_t[:, ::1] R16
+        cdef const int8_t[:, ::1] Wq
+        cdef const int8_t[:, ::1] Rq
+        cdef const float[::1] Ws
+        cdef const float[::1] Rs
         shapes = []
         try:
             if dirs == NULL or cells == NULL:
@@ -241,7 +259,26 @@ cdef class Stack:
                     if cell["P"] is not None:
                         Pv = cell["P"]
                         pp = &Pv[0]
-                    st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
+                    stored = cell.get("stored")
+                    if stored is None:
+                        st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
+                    else:
+                        sw.W_scale = NULL
+                        sw.R_scale = NULL
+                        if cfg.weight_dtype == 1:  # float16: the halves' bits
+                            W16 = _stored_codes(stored[0], np.float16, (W.shape[0], W.shape[1])).view(np.uint16)
+                            R16 = _stored_codes(stored[1], np.float16, (R.shape[0], R.shape[1])).view(np.uint16)
+                            sw.W = &W16[0, 0]
+                            sw.R = &R16[0, 0]
+                        elif cfg.weight_dtype == 2:
+                            Wq = _stored_codes(stored[0], np.int8, (W.shape[0], W.shape[1]))
+                            Rq = _stored_codes(stored[1], np.int8, (R.shape[0], R.shape[1]))
+                            Ws = _stored_codes(stored[2], np.float32, (W.shape[0],))
+                            Rs = _stored_codes(stored[3], np.float32, (R.shape[0],))
+                            sw.W, sw.R, sw.W_scale, sw.R_scale = &Wq[0, 0], &Rq[0, 0], &Ws[0], &Rs[0]
+                        else:
+                            raise ValueError("stored weights need weight_dtype float16 or int8")
+                        st = rnn_cell_create_stored(&cfg, &W[0, 0], bp, pp, &sw, &cells[k])
                     _check(st, f"layer {li}: creating a {layer['kind']} cell")
                     k += 1
         except BaseException:
@@ -262,6 +299,26 @@ cdef class Stack:
 
     def __dealloc__(self):
         rnn_stack_free(self.ptr)
+
+    def packed_weights(self, int layer, int direction, int which):
+        """What the kernels of one cell read: (elements (N, K) in their storage, float32 /
+        float16 / int8 codes, and the int8 row scales or None), which = 0 W, 1 R (a GRU
+        without linear_before_reset: R[:2H]), 2 that GRU's R[2H:], 3 Whr; None when the cell
+        has none. For tests."""
+        cdef const rnn_packed *p = rnn_stack_packed(self.ptr, layer, direction, which)
+        if p == NULL:
+            return None
+        dt = {0: np.float32, 1: np.float16, 2: np.int8}[p.dtype]
+        out = np.zeros((p.N, p.K), dt)
+        scales = np.zeros(p.N, np.float32) if p.dtype == 2 else None
+        cdef cnp.ndarray o = out
+        cdef float[::1] sv
+        cdef float *sp = NULL
+        if scales is not None and p.N:
+            sv = scales
+            sp = &sv[0]
+        rnn_packed_unpack(p, cnp.PyArray_DATA(o), sp)
+        return out, scales
 
     def state_size(self, int64_t batch):
         return rnn_stack_state_floats(self.ptr, batch)

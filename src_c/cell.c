@@ -42,9 +42,27 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
     return rnn_cell_create_projected(&plain, W, R, B, P, NULL, out);
 }
 
+static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                              const float *P, const float *Whr, const rnn_stored_weights *stored, rnn_cell **out);
+
 rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
                                      const float *B, const float *P, const float *Whr, rnn_cell **out) {
-    if (!cfg || !W || !R || !out) return RNN_STATUS_BAD_ARGUMENT;
+    return cell_create(cfg, W, R, B, P, Whr, NULL, out);
+}
+
+rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, const float *B, const float *P,
+                                  const rnn_stored_weights *stored, rnn_cell **out) {
+    if (!cfg || !stored || !stored->W || !stored->R || cfg->proj_size != 0) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->weight_dtype == RNN_WEIGHTS_I8 ? !stored->W_scale || !stored->R_scale
+                                            : cfg->weight_dtype != RNN_WEIGHTS_F16 || stored->W_scale || stored->R_scale)
+        return RNN_STATUS_BAD_ARGUMENT;
+    return cell_create(cfg, W, NULL, B, P, NULL, stored, out);
+}
+
+/* Both constructors: packs R from its float32 values (R) or as stored (stored, R NULL). */
+static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                              const float *P, const float *Whr, const rnn_stored_weights *stored, rnn_cell **out) {
+    if (!cfg || !W || (!R && !stored) || !out) return RNN_STATUS_BAD_ARGUMENT;
     *out = NULL;
     /* a projection: LSTM only, with its weight, and no step mask (Keras has no projection) */
     if (cfg->proj_size < 0) return RNN_STATUS_BAD_SHAPE;
@@ -77,13 +95,24 @@ rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W,
     const int split = cfg->kind == RNN_CELL_GRU && !cfg->linear_before_reset;
     rnn_status st = RNN_STATUS_OK;
     const int32_t wd = cfg->weight_dtype;
-    if (c->W) st = rnn_packed_init_dtype(&c->Wp, W, G * H, I, I, wd);
-    if (st == RNN_STATUS_OK) st = rnn_packed_init_dtype(&c->Rp, R, split ? 2 * H : G * H, Hh, Hh, wd);
-    if (st == RNN_STATUS_OK && split) st = rnn_packed_init_dtype(&c->Rhp, R + 2 * H * H, H, H, H, wd);
-    if (st == RNN_STATUS_OK && Whr) st = rnn_packed_init_dtype(&c->Whrp, Whr, Hh, H, H, wd); /* (P, H) */
+    if (stored) { /* the file's codes / halves as they are: no second rounding (Hh = H here) */
+        const size_t es = wd == RNN_WEIGHTS_F16 ? 2 : 1;
+        const float *Rs = stored->R_scale;
+        if (c->W) st = rnn_packed_init_stored(&c->Wp, stored->W, stored->W_scale, G * H, I, I, wd);
+        if (st == RNN_STATUS_OK)
+            st = rnn_packed_init_stored(&c->Rp, stored->R, Rs, split ? 2 * H : G * H, H, H, wd);
+        if (st == RNN_STATUS_OK && split)
+            st = rnn_packed_init_stored(&c->Rhp, (const char *)stored->R + (size_t)(2 * H * H) * es,
+                                        Rs ? Rs + 2 * H : NULL, H, H, H, wd);
+    } else {
+        if (c->W) st = rnn_packed_init_dtype(&c->Wp, W, G * H, I, I, wd);
+        if (st == RNN_STATUS_OK) st = rnn_packed_init_dtype(&c->Rp, R, split ? 2 * H : G * H, Hh, Hh, wd);
+        if (st == RNN_STATUS_OK && split) st = rnn_packed_init_dtype(&c->Rhp, R + 2 * H * H, H, H, H, wd);
+        if (st == RNN_STATUS_OK && Whr) st = rnn_packed_init_dtype(&c->Whrp, Whr, Hh, H, H, wd); /* (P, H) */
+    }
     if (st != RNN_STATUS_OK || !c->W || !c->bias_x || !c->bias_rh || (P && !c->P)) {
         rnn_cell_free(c);
-        return RNN_STATUS_OUT_OF_MEMORY;
+        return st != RNN_STATUS_OK ? st : RNN_STATUS_OUT_OF_MEMORY;
     }
     memcpy(c->W, W, sizeof(float) * (size_t)(G * H * I));
     if (P) memcpy(c->P, P, sizeof(float) * (size_t)(3 * H));

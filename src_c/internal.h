@@ -19,6 +19,15 @@ typedef struct {
 rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb);
 rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
                                  int32_t dtype);
+/* Packs weights already stored compact, as they are (no rounding): dtype RNN_WEIGHTS_I8 takes
+ * int8 codes Q (N, K) (row stride ldq) with one float32 scale per row, B[n][k] = scale[n] *
+ * Q[n][k]; RNN_WEIGHTS_F16 takes IEEE half bits Q (N, K) and scale NULL. A weight file's
+ * compact recurrent weights reach the kernels this way (rnn_cell_create_stored). */
+rnn_status rnn_packed_init_stored(rnn_packed *dst, const void *Q, const float *scale, int64_t N, int64_t K,
+                                  int64_t ldq, int32_t dtype);
+/* The packed elements back in row-major (N, K) order, in their storage (float, half bits or
+ * int8 codes), and for int8 the N scales; returns N*K. For tests: what the kernels read. */
+int64_t rnn_packed_unpack(const rnn_packed *p, void *out, float *scale);
 void rnn_packed_free(rnn_packed *p);
 float rnn_half_to_float(uint16_t h);
 /* C (M, N) = A (M, K) @ B^T, or C += ... when accumulate; the AVX2+FMA kernel when the
@@ -48,6 +57,11 @@ struct rnn_cell {
     float *P;       /* (3*H) LSTM peepholes [Pi; Po; Pf] or NULL */
     rnn_packed Whrp; /* LSTM with proj_size P: Whr (P, H) packed; Rp then packs R (4H, P) */
 };
+
+/* The packed weights of layer `layer`, direction `dir` of a stack: which = 0 W, 1 R (GRU
+ * with linear_before_reset = 0: R[:2H]), 2 R[2H:] of that GRU, 3 Whr; NULL when the cell has
+ * none. For tests (rnnengine._core.Stack.packed_weights): what the kernels read. */
+const rnn_packed *rnn_stack_packed(const rnn_stack *st, int32_t layer, int32_t dir, int32_t which);
 
 /* Floats of h (and of the cell's output per row): proj_size for a projected LSTM, else H. */
 static inline int64_t rnn_cell_h_size(const rnn_cell *cell) {

@@ -68,8 +68,8 @@ rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K
     return rnn_packed_init_dtype(dst, B, N, K, ldb, RNN_WEIGHTS_F32);
 }
 
-rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
-                                 int32_t dtype) {
+/* Allocates dst for B (N, K) in `dtype` (data, and the scales of int8), contents unset. */
+static rnn_status packed_alloc(rnn_packed *dst, int64_t N, int64_t K, int32_t dtype) {
     const int64_t P = (N + RNN_PANEL - 1) / RNN_PANEL;
     static const size_t esize[3] = {4, 2, 1};
     dst->N = N;
@@ -86,6 +86,16 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
             rnn_packed_free(dst);
             return RNN_STATUS_OUT_OF_MEMORY;
         }
+    }
+    return RNN_STATUS_OK;
+}
+
+rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
+                                 int32_t dtype) {
+    const int64_t P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const rnn_status st = packed_alloc(dst, N, K, dtype);
+    if (st != RNN_STATUS_OK) return st;
+    if (dtype == RNN_WEIGHTS_I8) {
         for (int64_t n = 0; n < N; n++) { /* symmetric, one scale per output column */
             float amax = 0.0f;
             int finite = 1;
@@ -116,6 +126,41 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
                 }
             }
     return RNN_STATUS_OK;
+}
+
+rnn_status rnn_packed_init_stored(rnn_packed *dst, const void *Q, const float *scale, int64_t N, int64_t K,
+                                  int64_t ldq, int32_t dtype) {
+    if (!Q || (dtype != RNN_WEIGHTS_F16 && dtype != RNN_WEIGHTS_I8) || (dtype == RNN_WEIGHTS_I8) != !!scale)
+        return RNN_STATUS_BAD_ARGUMENT;
+    const int64_t P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const rnn_status st = packed_alloc(dst, N, K, dtype);
+    if (st != RNN_STATUS_OK) return st;
+    if (scale) memcpy(dst->scale, scale, sizeof(float) * (size_t)N); /* the padding columns keep 0 */
+    const uint16_t *hs = Q;
+    const int8_t *qs = Q;
+    uint16_t *h = dst->data;
+    int8_t *q = dst->data;
+    /* the same panel layout as rnn_packed_init_dtype, element for element, no rounding */
+    for (int64_t p = 0; p < P; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < RNN_PANEL; j++) {
+                const int64_t n = p * RNN_PANEL + j, at = (p * K + k) * RNN_PANEL + j;
+                if (dtype == RNN_WEIGHTS_F16) h[at] = n < N ? hs[n * ldq + k] : 0;
+                else q[at] = n < N ? qs[n * ldq + k] : 0;
+            }
+    return RNN_STATUS_OK;
+}
+
+int64_t rnn_packed_unpack(const rnn_packed *p, void *out, float *scale) {
+    static const size_t esize[3] = {4, 2, 1};
+    const size_t es = esize[p->dtype];
+    for (int64_t n = 0; n < p->N; n++)
+        for (int64_t k = 0; k < p->K; k++) {
+            const int64_t at = ((n / RNN_PANEL) * p->K + k) * RNN_PANEL + n % RNN_PANEL;
+            memcpy((char *)out + (size_t)(n * p->K + k) * es, (const char *)p->data + (size_t)at * es, es);
+        }
+    if (scale && p->scale) memcpy(scale, p->scale, sizeof(float) * (size_t)p->N);
+    return p->N * p->K;
 }
 
 /* The packed weight at (panel element `at`) as a float, in any storage. */

@@ -112,6 +112,18 @@ rnn_status rnn_cell_create(const rnn_cell_config *cfg, const float *W, const flo
  * and cfg.proj_size = 0. */
 rnn_status rnn_cell_create_projected(const rnn_cell_config *cfg, const float *W, const float *R,
                                      const float *B, const float *P, const float *Whr, rnn_cell **out);
+/* A cell whose recurrent weights a weight file already stores compact, so the packed kernels
+ * read exactly the stored values (no second rounding): cfg->weight_dtype RNN_WEIGHTS_F16 with
+ * stored->W (G*H, I) and stored->R (G*H, H) as IEEE half bits (uint16, scales NULL), or
+ * RNN_WEIGHTS_I8 with int8 codes and one float32 scale per row (W_scale, R_scale: G*H each),
+ * weight = scale[row] * code. W (G*H, I) is still given as float32 (the stored values widened,
+ * exactly): long sequences' input projections go to BLAS with it. No projection. */
+typedef struct {
+    const void *W, *R;
+    const float *W_scale, *R_scale;
+} rnn_stored_weights;
+rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, const float *B, const float *P,
+                                  const rnn_stored_weights *stored, rnn_cell **out);
 void rnn_cell_free(rnn_cell *cell);
 const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell);
 

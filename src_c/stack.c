@@ -192,3 +192,10 @@ void rnn_stack_scatter_states(const rnn_stack *st, const float *batched, float *
                               int64_t n) {
     move_states(st, (float *)batched, streams, n, 0);
 }
+
+const rnn_packed *rnn_stack_packed(const rnn_stack *st, int32_t layer, int32_t dir, int32_t which) {
+    if (!st || layer < 0 || layer >= st->L || dir < 0 || dir >= st->layer[layer].D) return NULL;
+    const rnn_cell *c = st->layer[layer].cell[dir];
+    const rnn_packed *p = which == 0 ? &c->Wp : which == 1 ? &c->Rp : which == 2 ? &c->Rhp : which == 3 ? &c->Whrp : NULL;
+    return p && p->data ? p : NULL;
+}

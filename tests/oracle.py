@@ -9,6 +9,10 @@ from onnx import TensorProto, helper
 # activation); rtol only matters where unbounded activations (Relu, Affine, Softplus...)
 # let values grow past 1, where float32 rounding is relative.
 TOLERANCE = {np.float32: {"atol": 1e-5, "rtol": 1e-5}}
+# Max abs error of a model whose recurrent weights are stored / computed as float16 or int8,
+# against the float32 model (docs/FORMAT.md, "Quantization and its error bounds"; the
+# bounds `rnnengine verify` applies).
+WEIGHT_DTYPE_ATOL = {"float16": 5e-3, "int8": 5e-2}
 
 
 def max_violation(got, want, dtype=np.float32):

@@ -12,6 +12,8 @@ float32, so the accuracy cost stays in the matrix products.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine.format import weightfile as fileformat
@@ -20,6 +22,7 @@ from rnnengine.frontend.converter import convert_model
 from rnnengine.frontend.opsets import OpsetError, check_structure
 from rnnengine.limits import resolve
 from rnnengine.ops import OPS, STATELESS, STEP_MASK
+from rnnengine.runtime.compact import configure
 from rnnengine.runtime.graph import GraphModel
 from rnnengine.train.fit import Network
 
@@ -81,7 +84,7 @@ def weight_names(graph, tensors):
     return {n for n in names if tensors[n].dtype.kind == "f" and tensors[n].ndim >= 2}
 
 
-def save(model, path, dtype="float32"):
+def save(model: Any, path: str, dtype: str = "float32") -> None:
     """Writes a GraphModel to a weight file; weight matrices stored as `dtype`."""
     if dtype not in ("float32", "float16", "int8"):
         raise ValueError(f"dtype must be float32, float16 or int8, got {dtype!r}")
@@ -260,14 +263,22 @@ def load_checkpoint_model(wf, path):
     return model
 
 
-def load(path, verify=True, limits=None, mmap=False):
+def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False, weight_dtype: str | None = None,
+         threads: int = 1) -> GraphModel:
     """Loads a weight file as a GraphModel. The file is read into private memory (64-byte
     aligned; float32 weights are views of it, not further copies), so nothing that happens to
     the file afterwards can affect the model; with mmap=True it is memory-mapped instead
     (shared with other processes through the page cache) and every run() and stream()
     first checks that it was not truncated or replaced (docs/FORMAT.md, "Reading while the
     file changes"). A training checkpoint loads as its network (see load_checkpoint_model).
-    limits: a rnnengine.Limits for the reading and the model's planning."""
+    limits: a rnnengine.Limits for the reading and the model's planning. weight_dtype: the
+    storage the recurrent kernels read, None for as the file stores it (float16 / int8 weights
+    then reach the kernels exactly as stored; rnnengine/runtime/compact.py); threads: how many
+    threads run() may split the batch over (rnnengine/runtime/split.py)."""
+    return configure(_load(path, verify, limits, mmap), weight_dtype, threads)
+
+
+def _load(path, verify, limits, mmap):
     lim = resolve(limits) if limits is not None else None
     wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
     if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:
@@ -292,6 +303,7 @@ def load(path, verify=True, limits=None, mmap=False):
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
+    model.compact_file = wf  # its float16 / int8 recurrent weights reach the kernels as stored
     model.limits = lim
     if wf.mapped:
         model.mapped_file = wf

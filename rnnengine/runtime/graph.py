@@ -27,6 +27,7 @@ import numpy as np
 
 from rnnengine import _core, limits
 from rnnengine.limits import Limits
+from rnnengine.runtime import compact, split
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
@@ -676,9 +677,10 @@ class GraphModel(Model):
     recurrent state between calls. ``inputs`` is a dict name -> array, or one array when
     the model has a single input to feed (its outputs then come back in ``outputs`` order).
     """
-    threads = 1  # run() on one thread
-    weight_dtype = "float32"  # the recurrent kernels read float32 weights
     limits: Limits | None = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
+    weight_dtype = "float32"  # storage of the recurrent kernels' weights (rnnengine/runtime/compact.py)
+    threads = 1  # run() splits the batch over this many threads when exact (rnnengine/runtime/split.py)
+    thread_split_reason = "threads is 1"  # why the last run() was not split (None: it was)
     mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
 
     def __init__(self, graph: dict[str, Any], tensors: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
@@ -778,7 +780,10 @@ class GraphModel(Model):
         with self._lock:
             if key not in self._stacks:
                 layer = handler.layer(consts)
-                self._stacks[key] = (layer, _core.Stack([layer._spec()]))
+                spec = layer._spec()  # the storage its kernels read: rnnengine/runtime/compact.py
+                self.__dict__.setdefault("_kernel_dtypes", {})[str(node.get("name") or key)] = \
+                    compact.apply(self, node, consts, spec)
+                self._stacks[key] = (layer, _core.Stack([spec]))
             return self._stacks[key]
 
     def plan(self, feeds, streaming=False, time_axes=None, aux=None, finishing=False):
@@ -913,6 +918,10 @@ class GraphModel(Model):
         for a, _ in self.state_pairs:
             if a not in feeds:
                 feeds[a] = self._zero_state(a, feeds)
+        if self.threads > 1:  # batch rows over threads when provably exact (rnnengine/runtime/split.py)
+            out = split.run(self, feeds)
+            if out is not None:
+                return out
         plan = self.plan(feeds)
         return self._as_returned(given, plan.execute(plan.context(), feeds, {}))
 
