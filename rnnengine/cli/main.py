@@ -662,7 +662,34 @@ def build_parser():
     s.add_argument("--idle-timeout", type=float, default=600.0,
                    help="seconds after which an unused session is freed (default 600)")
     s.set_defaults(func=cmd_serve)
+
+    sc = sub.add_parser("score", help="score many whole sequences (shards) locally, on Ray or on Dask",
+                        description="Runs MODEL (a weight file or an ONNX file) on every row of INPUTS (shard "
+                                    "files or directories of them: .npy (rows, T, features), .npz with 'x' and "
+                                    "optional 'lengths', or .parquet with a column 'x', one whole sequence per "
+                                    "row) and writes one output shard per input shard into OUTPUTS (.npz with "
+                                    "'y' and 'lengths', or .parquet with 'y' and the input's other columns). "
+                                    "Every row runs alone, so every engine and worker count gives the same "
+                                    "result. Shards whose output exists are skipped (resume by running again). "
+                                    "--engine ray needs the extra [ray], dask the extra [dask], Parquet pyarrow.")
+    sc.add_argument("model", metavar="MODEL")
+    sc.add_argument("inputs", nargs="+", metavar="INPUTS")
+    sc.add_argument("-o", "--output", required=True, metavar="OUTPUTS", help="directory for the output shards")
+    sc.add_argument("--engine", choices=["local", "ray", "dask"], default="local",
+                    help="local (this process, default), ray (Ray Data actor pool) or dask (a local cluster)")
+    sc.add_argument("--workers", type=int, default=1, help="Ray actors / Dask worker processes (default 1)")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.set_defaults(func=cmd_score)
     return p
+
+
+def cmd_score(args):
+    from rnnengine.scoring import score_files  # imports Ray / Dask only for those engines
+    summary = score_files(args.model, args.inputs, args.output, engine=args.engine, workers=args.workers,
+                          progress=not args.quiet)
+    print(f"scored {summary['rows']} rows in {summary['shards']} shards ({summary['skipped']} already done) "
+          f"with {summary['engine']} in {summary['seconds']} s")
+    return 0
 
 
 def cmd_serve(args):
