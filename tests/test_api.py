@@ -203,3 +203,42 @@ def test_every_error_shares_one_base():
         assert issubclass(cls, rnnengine.RnnEngineError), name
     from rnnengine import _core
     assert _core.ProgramError is rnnengine.ProgramError and _core.EngineError is rnnengine.EngineError
+
+
+def test_step_first_on_a_model_without_a_time_axis():
+    """silero-vad takes one fixed-size chunk per call (no time axis): step() is feed(), also
+    as the very first call (its time axes cannot be guessed before a call)."""
+    import importlib.util
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None:
+        pytest.skip("silero-vad is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx")
+    model = rnnengine.convert(path, fixed_inputs={"sr": 16000})
+    xs = f32(3, 1, 576, scale=0.1)
+    a, b = model.stream(), model.stream()
+    for x in xs:
+        np.testing.assert_array_equal(a.step({"input": x})["output"], b.feed({"input": x})["output"])
+    assert a.time_axes == {}
+
+
+def test_step_first_refuses_when_the_time_axis_cannot_be_told():
+    """A graph without declared shapes: a first step() cannot know where the time axis goes,
+    so it asks for a chunk rather than guessing."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    W, R = f32(1, 16, 3), f32(1, 16, 4)
+    g = helper.make_graph([helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=4)], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    model = rnnengine.convert(m)
+    s = model.stream()
+    with pytest.raises(ValueError, match="feed"):
+        s.step(f32(2, 3))
+    y = s.feed(f32(4, 2, 3))
+    assert y.shape == (4, 1, 2, 4)
+    # without declared shapes the stream still cannot place a step's time axis: a clear refusal
+    with pytest.raises(ValueError, match=r"X must be float32 \(T, B, 3\)"):
+        s.step(f32(2, 3))

@@ -1393,6 +1393,22 @@ class GraphStream(Stream):
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
 
+    def _step_time_axes(self, inputs):
+        """The time axes, for a first call that is step(): the inputs as given are complete (the
+        rank each input declares) and the graph plans with them without a time axis (a model
+        that takes one fixed-size step per call, such as silero-vad) -> {}. Otherwise the time
+        axis cannot be told from a step (which leaves it out): a chunk must come first."""
+        m = self.model
+        feeds = m._check_feeds(inputs, allow_missing=set(self._carried_names))
+        for a in self._carried_names:
+            feeds[a] = self._carried[a] if a in self._carried else m._zero_state(a, feeds)
+        declared = {i["name"]: i["shape"] for i in m.inputs}
+        complete = all(declared.get(n) is not None and len(declared[n]) == a.ndim for n, a in feeds.items())
+        if complete and not m.time_axes(feeds):
+            return {}
+        raise ValueError("this stream does not know its inputs' time axes yet (the model's declared "
+                         "shapes do not tell them): call feed() with a chunk first")
+
     def step(self, inputs, out=None, outputs=None):
         """Advances one time step: like feed() with inputs that have no time axis (each
         output along time then comes back without it too). For a model that takes one
@@ -1402,8 +1418,7 @@ class GraphStream(Stream):
             raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
         taxes = self._taxes
         if taxes is None:
-            raise ValueError("this stream does not know its inputs' time axes yet (the model's declared "
-                             "shapes do not tell them): call feed() with a chunk first")
+            taxes = self._taxes = self._step_time_axes(inputs)
         if not taxes:
             return self.feed(inputs, outputs=outputs)
         if isinstance(inputs, dict):
