@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import warnings
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine.codes import GATES
-from rnnengine.runtime.layers import GRU, LSTM, RNN
+from rnnengine.runtime.layers import GRU, LSTM, RNN, _Layer
 from rnnengine.runtime.model import LayerModel
 
 # Gate blocks, top to bottom, of the stacked weight matrices in each convention. The letters
@@ -30,7 +32,7 @@ GATE_ORDERS = {
 }
 
 
-def gate_permutation(kind, hidden_size, source="torch", target="onnx"):
+def gate_permutation(kind: str, hidden_size: int, source: str = "torch", target: str = "onnx") -> np.ndarray:
     """Row indices ``idx`` (int64, length gates * hidden_size) that reorder stacked gate blocks
     from the ``source`` convention to the ``target`` one: ``W_target = W_source[idx]`` for a
     weight (G*H, K) or a bias (G*H,) of one direction.
@@ -53,7 +55,7 @@ def gate_permutation(kind, hidden_size, source="torch", target="onnx"):
     return np.concatenate([np.arange(b * H, (b + 1) * H) for b in blocks]).astype(np.int64)
 
 
-def _numpy(t, what):
+def _numpy(t: Any, what: str) -> np.ndarray:
     """A parameter or tensor (torch, or anything array-like) as float32 NumPy; torch tensors
     other than float32 are refused rather than silently rounded or widened."""
     dtype = getattr(t, "dtype", None)
@@ -68,13 +70,13 @@ def _numpy(t, what):
 _KINDS = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 
 
-def _describe(module):
+def _describe(module: Any) -> str:
     """nn.Linear for torch's own classes, else module.Class."""
     cls = type(module)
     return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn.") else f"{cls.__module__}.{cls.__name__}"
 
 
-def _check_plain_forward(module, where, kind):
+def _check_plain_forward(module: Any, where: str, kind: str) -> None:
     """Refuses a module whose forward is not torch's own: a subclass that overrides forward(),
     or forward hooks (which may change the output or, like the old spectral_norm, the weights
     before each call). rnnengine computes the plain nn.LSTM / GRU / RNN forward."""
@@ -83,7 +85,7 @@ def _check_plain_forward(module, where, kind):
     except ImportError:  # duck-typed modules without torch: nothing to compare with
         return
     base = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[kind]
-    if isinstance(module, base) and type(module).forward is not base.forward:
+    if isinstance(module, base) and type(module).forward is not base.forward:  # type: ignore[attr-defined]
         raise TypeError(f"from_torch: {where} ({_describe(module)}) overrides forward() of nn.{kind}; "
                         f"rnnengine computes nn.{kind}'s own forward, so it cannot stand in for this module")
     hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks") if getattr(module, h, None)]
@@ -92,7 +94,7 @@ def _check_plain_forward(module, where, kind):
                         f"that rnnengine would not run; remove them first")
 
 
-def _recurrent_layers(module, where):
+def _recurrent_layers(module: Any, where: str) -> tuple[list[_Layer], tuple[str, int, int], bool]:
     """The rnnengine layers of one nn.LSTM / nn.GRU / nn.RNN, its (num_layers, D, kind) and
     batch_first."""
     mode = getattr(module, "mode", None)
@@ -116,13 +118,13 @@ def _recurrent_layers(module, where):
     if getattr(module, "training", False) and dropout > 0 and L > 1:
         warnings.warn(f"from_torch: {where} ({_describe(module)}) is in training mode with dropout={dropout}; "
                       f"rnnengine computes the inference (eval-mode) result, without dropout", stacklevel=3)
-    layers = []
+    layers: list[_Layer] = []
     for k in range(L):
         Ws, Rs, Bs, Ps = [], [], [], []
         for d in range(D):
             sfx = f"_l{k}" + ("_reverse" if d else "")
 
-            def param(name):
+            def param(name: str) -> np.ndarray:
                 if not hasattr(module, name + sfx):
                     raise TypeError(f"from_torch: {where} ({_describe(module)}) has no parameter {name + sfx}; "
                                     f"only plain float nn.LSTM / nn.GRU / nn.RNN modules are read (not "
@@ -156,12 +158,13 @@ class TorchModel(LayerModel):
     """A :class:`rnnengine.Model` made by :func:`from_torch`, with conversions between its
     per-layer state and PyTorch's stacked ``h_n`` / ``(h_n, c_n)`` (one per module)."""
 
-    def __init__(self, layers, modules, container=False, **kwargs):
+    def __init__(self, layers: Any, modules: list[tuple[str, int, int]], container: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(layers, **kwargs)
         self.torch_modules = modules  # per module: (kind, num_layers, num_directions)
         self.torch_container = container  # made from an nn.Sequential / nn.ModuleList: states are lists
 
-    def from_torch_state(self, hx):
+    def from_torch_state(self, hx: Any) -> list[Any]:
         """PyTorch's initial state -> this model's ``state=``: for one module ``h0`` (GRU, RNN)
         or ``(h0, c0)`` (LSTM), h0 of shape (num_layers * D, batch, proj_size or hidden_size),
         c0 (num_layers * D, batch, hidden_size); for a Sequential / ModuleList, a list of those,
@@ -184,13 +187,14 @@ class TorchModel(LayerModel):
                                      f"num_directions = {L * D}, batch, features), got {a.shape}")
             for k in range(L):
                 rows = slice(k * D, (k + 1) * D)
-                state.append((h[rows], c[rows]) if kind == "LSTM" else h[rows])
+                state.append((h[rows], c[rows]) if c is not None else h[rows])
         return state
 
-    def to_torch_state(self, state):
+    def to_torch_state(self, state: list[Any]) -> Any:
         """This model's state (``run()``'s or a stream's ``get_state()``) -> PyTorch's: ``h_n``
         or ``(h_n, c_n)`` for one module, a list of those for a Sequential / ModuleList."""
-        out, at = [], 0
+        out: list[Any] = []
+        at = 0
         for kind, L, D in self.torch_modules:
             part = state[at:at + L]
             at += L
@@ -201,7 +205,7 @@ class TorchModel(LayerModel):
         return out if self.torch_container else out[0]
 
 
-def _is_container(module):
+def _is_container(module: Any) -> bool:
     """True for torch's nn.Sequential / nn.ModuleList (not a user class of the same name)."""
     if type(module).__name__ not in ("Sequential", "ModuleList"):
         return False
@@ -212,7 +216,7 @@ def _is_container(module):
     return isinstance(module, (nn.Sequential, nn.ModuleList))
 
 
-def _modules_of(module, where="the module"):
+def _modules_of(module: Any, where: str = "the module") -> list[tuple[str, Any]]:
     """The recurrent modules in order, named for errors: the module itself, or the items of a
     container (nested containers flattened)."""
     if not _is_container(module):
@@ -224,7 +228,7 @@ def _modules_of(module, where="the module"):
     return [pair for k, m in enumerate(items) for pair in _modules_of(m, f"{base}[{k}]")]
 
 
-def from_torch(module, *, weight_dtype="float32", threads=1):
+def from_torch(module: Any, *, weight_dtype: str = "float32", threads: int = 1) -> TorchModel:
     """An :class:`rnnengine.Model` computing what a live PyTorch module computes in eval mode.
 
     ``module``: an ``nn.LSTM`` (also with ``proj_size``), ``nn.GRU``, ``nn.RNN`` (tanh or relu),
@@ -238,7 +242,9 @@ def from_torch(module, *, weight_dtype="float32", threads=1):
     ``weight_dtype`` and ``threads`` are those of :class:`rnnengine.Model`. The returned model
     also converts states to and from PyTorch's layout (``from_torch_state``, ``to_torch_state``).
     """
-    layers, modules, batch_first = [], [], None
+    layers: list[_Layer] = []
+    modules: list[tuple[str, int, int]] = []
+    batch_first: bool | None = None
     for where, m in _modules_of(module):
         ls, shape, bf = _recurrent_layers(m, where)
         if batch_first is not None and bf != batch_first:

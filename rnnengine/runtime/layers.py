@@ -10,6 +10,8 @@ Layers are stacked into a :class:`rnnengine.Model` for multi-layer runs and stre
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine import _core
@@ -38,7 +40,7 @@ ACTIVATIONS = {
 _ACT_BY_LOWER = {k.lower(): k for k in ACTIVATIONS}
 
 
-def float_array(value, what, ndim=None):
+def float_array(value: Any, what: str, ndim: int | None = None) -> np.ndarray:
     """``value`` as a C-contiguous float32 array; refuses non-float data by name."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
@@ -50,7 +52,8 @@ def float_array(value, what, ndim=None):
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def resolve_activations(kind, n_per_dir, num_dirs, activations, alphas, betas):
+def resolve_activations(kind: str, n_per_dir: int, num_dirs: int, activations: Any, alphas: Any,
+                        betas: Any) -> list[list[tuple[int, float, float]]]:
     """ONNX ``activations``/``activation_alpha``/``activation_beta`` -> [(kind, a, b)] per
     direction. alpha and beta lists are consumed in order by the functions that take them;
     missing entries take the function's default. A list of n_per_dir activations for a
@@ -96,9 +99,11 @@ class _Layer:
     gates = 0
     n_activations = 0
 
-    def __init__(self, W, R, B=None, P=None, *, hidden_size=None, direction="forward",
-                 activations=None, activation_alpha=None, activation_beta=None, clip=None,
-                 input_forget=0, linear_before_reset=0, layout=0, name=None, projection=None):
+    def __init__(self, W: Any, R: Any, B: Any = None, P: Any = None, *, hidden_size: int | None = None,
+                 direction: str | bytes = "forward",
+                 activations: Any = None, activation_alpha: Any = None, activation_beta: Any = None,
+                 clip: float | None = None, input_forget: int = 0, linear_before_reset: int = 0, layout: int = 0,
+                 name: str | None = None, projection: Any = None) -> None:
         self.name = name or self.kind
         who = f"{self.kind} {self.name!r}" if name else self.kind
         if isinstance(direction, bytes):
@@ -173,19 +178,19 @@ class _Layer:
                                              activation_alpha, activation_beta)
         except ValueError as e:
             raise ValueError(f"{who}: {e}") from None
-        self._single = None
+        self._single: Any = None  # this layer's own one-layer _core.Stack, made at the first call
 
     @property
-    def h_size(self):
+    def h_size(self) -> int:
         """Floats of h per direction (and of the output): proj_size when projected, else hidden_size."""
         return self.proj_size or self.hidden_size
 
     @property
-    def output_size(self):
+    def output_size(self) -> int:
         """Features per time step this layer gives the next one: directions * h_size."""
         return self.num_directions * self.h_size
 
-    def _spec(self):
+    def _spec(self) -> dict[str, Any]:
         """The description the C core's Stack is built from."""
         cells = []
         for d in range(self.num_directions):
@@ -201,12 +206,13 @@ class _Layer:
                 "hidden_size": self.hidden_size, "cells": cells,
                 "step_mask": getattr(self, "step_mask", 0), "proj_size": self.proj_size}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         proj = f", proj_size={self.proj_size}" if self.proj_size else ""
         return (f"{self.kind}(input_size={self.input_size}, hidden_size={self.hidden_size}{proj}, "
                 f"direction={self.direction!r})")
 
-    def __call__(self, X, sequence_lens=None, initial_h=None, initial_c=None):
+    def __call__(self, X: Any, sequence_lens: Any = None, initial_h: Any = None,
+                 initial_c: Any = None) -> tuple[np.ndarray, ...]:
         """Runs the layer exactly as the ONNX operator would, in this layer's ``layout``.
 
         Returns ``(Y, Y_h)`` (GRU, RNN) or ``(Y, Y_h, Y_c)`` (LSTM) with ONNX shapes:
@@ -227,7 +233,7 @@ class LSTM(_Layer):
     kind, n_activations = "LSTM", 3
     gates = GATES[kind]
 
-    def __init__(self, W, R, B=None, P=None, projection=None, **attrs):
+    def __init__(self, W: Any, R: Any, B: Any = None, P: Any = None, projection: Any = None, **attrs: Any) -> None:
         if attrs.get("linear_before_reset"):
             raise ValueError("LSTM has no linear_before_reset attribute")
         super().__init__(W, R, B, P, projection=projection, **attrs)
@@ -238,7 +244,7 @@ class GRU(_Layer):
     kind, n_activations = "GRU", 2
     gates = GATES[kind]
 
-    def __init__(self, W, R, B=None, **attrs):
+    def __init__(self, W: Any, R: Any, B: Any = None, **attrs: Any) -> None:
         if attrs.get("input_forget"):
             raise ValueError("GRU has no input_forget attribute")
         super().__init__(W, R, B, None, **attrs)
@@ -249,14 +255,15 @@ class RNN(_Layer):
     kind, n_activations = "RNN", 1
     gates = GATES[kind]
 
-    def __init__(self, W, R, B=None, **attrs):
+    def __init__(self, W: Any, R: Any, B: Any = None, **attrs: Any) -> None:
         for bad in ("input_forget", "linear_before_reset"):
             if attrs.get(bad):
                 raise ValueError(f"RNN has no {bad} attribute")
         super().__init__(W, R, B, None, **attrs)
 
 
-def layer_from_onnx(kind, attrs, W, R, B=None, P=None, name=None):
+def layer_from_onnx(kind: str, attrs: dict[str, Any], W: Any, R: Any, B: Any = None, P: Any = None,
+                    name: str | None = None) -> _Layer:
     """An LSTM / GRU / RNN layer from an ONNX node's attributes (a dict of Python values;
     strings may be bytes) and its constant weights."""
     at = attrs
@@ -273,7 +280,7 @@ def layer_from_onnx(kind, attrs, W, R, B=None, P=None, name=None):
 
 # --- the state and sequence layout of a stack of layers (rnnengine.Model built from layers) ---
 
-def as_lengths(lengths, B, T, what="lengths"):
+def as_lengths(lengths: Any, B: int, T: int, what: str = "lengths") -> np.ndarray | None:
     if lengths is None:
         return None
     arr = np.asarray(lengths)
@@ -287,7 +294,7 @@ def as_lengths(lengths, B, T, what="lengths"):
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def sequence_input(X, input_size, batch_first, what="X"):
+def sequence_input(X: Any, input_size: int, batch_first: bool, what: str = "X") -> tuple[np.ndarray, int, int]:
     """Checks a whole-sequence input; returns (X as float32, T, batch)."""
     X = float_array(X, what)
     if X.ndim == 2:
@@ -305,11 +312,11 @@ def sequence_input(X, input_size, batch_first, what="X"):
     return X, T, B
 
 
-def pack_state(layers, state, batch, broadcast=False):
+def pack_state(layers: list[_Layer], state: Any, batch: int, broadcast: bool = False) -> np.ndarray:
     """The structured state (module doc) -> the C core's flat vector, every entry checked:
     a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
     float array of shape (num_directions, batch, hidden_size)."""
-    def shape_of(layer):
+    def shape_of(layer: _Layer) -> str:
         if layer.proj_size:
             return (f"({layer.num_directions}, {batch}, {layer.h_size}) for h (proj_size) and "
                     f"({layer.num_directions}, {batch}, {layer.hidden_size}) for c")
@@ -350,9 +357,10 @@ def pack_state(layers, state, batch, broadcast=False):
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def unpack_state(layers, vec, batch):
+def unpack_state(layers: list[_Layer], vec: np.ndarray, batch: int) -> list[Any]:
     """The flat state vector of the C core -> the per-layer structure (copies)."""
-    out, off = [], 0
+    out: list[Any] = []
+    off = 0
     for layer in layers:
         shape = (layer.num_directions, batch, layer.h_size)
         n = int(np.prod(shape))
@@ -369,7 +377,8 @@ def unpack_state(layers, vec, batch):
     return out
 
 
-def run_onnx(layer, stack, X, sequence_lens, initial_h, initial_c):
+def run_onnx(layer: _Layer, stack: Any, X: Any, sequence_lens: Any, initial_h: Any,
+             initial_c: Any) -> tuple[np.ndarray, ...]:
     """One-layer ONNX operator semantics (LSTM/GRU/RNN.__call__); ``stack`` is the layer's own
     one-layer _core.Stack."""
     layout = layer.layout
@@ -377,7 +386,7 @@ def run_onnx(layer, stack, X, sequence_lens, initial_h, initial_c):
     D, H, Hh = layer.num_directions, layer.hidden_size, layer.h_size  # Hh: h and Y (proj_size)
     lens = as_lengths(sequence_lens, B, T, "sequence_lens")
 
-    def initial(value, nm):
+    def initial(value: Any, nm: str) -> np.ndarray:
         n = H if nm == "initial_c" else Hh
         state_shape = (B, D, n) if layout else (D, B, n)
         if value is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 
+from typing import Any, cast
+
 import numpy as np
 
 from rnnengine import _core
@@ -16,7 +18,7 @@ from rnnengine.runtime.base import Model, Stream
 from rnnengine.runtime.layers import _Layer, as_lengths, pack_state, sequence_input, unpack_state
 
 
-def _check_compact_weights(cell, weight_dtype, where, direction):
+def _check_compact_weights(cell: dict[str, Any], weight_dtype: str, where: str, direction: int) -> None:
     """Refuses weights the compact storage cannot hold exactly enough to stay honest: float16
     turns finite values above 65504 into Inf, int8 has no code for +-Inf (NaN is kept: its
     output column is NaN, as in float32)."""
@@ -60,7 +62,8 @@ class LayerModel(Model):
         through the whole sequence, so no synchronisation per step); 1 by default.
     """
 
-    def __init__(self, layers, batch_first=False, initial_state=None, weight_dtype="float32", threads=1):
+    def __init__(self, layers: Any, batch_first: bool = False, initial_state: Any = None,
+                 weight_dtype: str = "float32", threads: int = 1) -> None:
         layers = list(layers)
         if not layers:
             raise ValueError("a Model needs at least one layer")
@@ -91,37 +94,37 @@ class LayerModel(Model):
         if initial_state is not None:
             self._default = pack_state(self.layers, initial_state, 1)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Model([{inner}], batch_first={self.batch_first})"
 
     outputs = ["Y", "state"]
 
     @property
-    def input_names(self):
+    def input_names(self) -> list[str]:
         return ["X"]
 
     @property
-    def streamable(self):
+    def streamable(self) -> bool:
         """True when every layer runs forward in time (so it can be fed step by step)."""
         return all(layer.direction == "forward" for layer in self.layers)
 
     # --- state <-> the C core's flat vector ------------------------------------------
-    def _pack_state(self, state, batch, broadcast=False):
+    def _pack_state(self, state: Any, batch: int, broadcast: bool = False) -> np.ndarray:
         """The structured state -> the C core's flat vector (layers.pack_state)."""
         return pack_state(self.layers, state, batch, broadcast)
 
-    def unpack_state(self, vec, batch):
+    def unpack_state(self, vec: np.ndarray, batch: int) -> list[Any]:
         """The C core's flat state vector -> the structured state (copies)."""
         return unpack_state(self.layers, vec, batch)
 
-    def initial_state_vector(self, batch):
+    def initial_state_vector(self, batch: int) -> np.ndarray:
         if self._default is None:
             return np.zeros(self._stack.state_size(batch), np.float32)
         return pack_state(self.layers, unpack_state(self.layers, self._default, 1), batch, broadcast=True)
 
     # --- whole sequences ---------------------------------------------------------------
-    def run(self, X, lengths=None, state=None):
+    def run(self, X: Any, lengths: Any = None, state: Any = None) -> Any:
         """Runs whole sequences.
 
         X : an array, or a dict {"X": array, "lengths": array (optional)}, which gives a
@@ -148,7 +151,8 @@ class LayerModel(Model):
             return self._run_split(X, T, B, lens, st)
         return self._run_one(X, T, B, lens, st)
 
-    def _run_one(self, X, T, B, lens, st):
+    def _run_one(self, X: np.ndarray, T: int, B: int, lens: np.ndarray | None,
+                 st: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         Y = np.zeros(X.shape[:2] + (self.output_size,), np.float32)
         if T and B:
             H = self.layers[-1].h_size
@@ -158,19 +162,21 @@ class LayerModel(Model):
             self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, H, st, work, self.batch_first)
         return Y, unpack_state(self.layers, st, B)
 
-    def _run_split(self, X, T, B, lens, st):
+    def _run_split(self, X: np.ndarray, T: int, B: int, lens: np.ndarray | None,
+                   st: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         """run() with the batch rows split over self.threads threads. Rows are independent,
         so each thread takes its rows through the whole sequence with its own state and
         workspace: no synchronisation per step. Results equal a one-thread run to float32
         rounding (the input projection's BLAS call sees fewer rows)."""
-        if getattr(self, "_pool", None) is None or self._pool_size != self.threads:
-            self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
+        pool: cf.ThreadPoolExecutor | None = self.__dict__.get("_pool")
+        if pool is None or self.__dict__.get("_pool_size") != self.threads:
+            pool = self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
             self._pool_size = self.threads
         bounds = np.linspace(0, B, self.threads + 1).astype(int)
         full = unpack_state(self.layers, st, B)
         axis = 0 if self.batch_first else 1
 
-        def rows(a, b0, b1):
+        def rows(a: np.ndarray, b0: int, b1: int) -> np.ndarray:
             sl = [slice(None)] * a.ndim
             sl[axis] = slice(b0, b1)
             return np.ascontiguousarray(a[tuple(sl)])
@@ -179,9 +185,9 @@ class LayerModel(Model):
         Y = np.zeros(X.shape[:2] + (DH,), np.float32)
         ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
         flat = Y.reshape(-1)
-        states = [None] * (len(bounds) - 1)
+        states: list[list[Any]] = [[] for _ in range(len(bounds) - 1)]
 
-        def part(k):
+        def part(k: int) -> None:
             # each thread writes its rows straight into Y (strided), with its own state
             b0, b1 = bounds[k], bounds[k + 1]
             sub = [tuple(x[:, b0:b1] for x in e) if isinstance(e, tuple) else e[:, b0:b1] for e in full]
@@ -190,8 +196,8 @@ class LayerModel(Model):
             self._stack.forward(rows(X, b0, b1), None if lens is None else np.ascontiguousarray(lens[b0:b1]),
                                 flat[b0 * ys_b:], ys_t, ys_b, H, sv, work, self.batch_first)
             states[k] = unpack_state(self.layers, sv, b1 - b0)
-        list(self._pool.map(part, range(len(bounds) - 1)))
-        state = []
+        list(pool.map(part, range(len(bounds) - 1)))
+        state: list[Any] = []
         for k, layer in enumerate(self.layers):
             if layer.kind == "LSTM":
                 state.append(tuple(np.concatenate([r[k][i] for r in states], axis=1) for i in range(2)))
@@ -200,7 +206,7 @@ class LayerModel(Model):
         return Y, state
 
     # --- streams -----------------------------------------------------------------------
-    def stream(self, batch_size=1, state=None):
+    def stream(self, batch_size: int | None = 1, state: Any = None) -> Stream:
         """A :class:`rnnengine.Stream` of ``batch_size`` rows, starting from ``state``
         (default: the model's initial state). Needs every layer to run forward."""
         if batch_size is None:
@@ -222,7 +228,7 @@ class LayerModel(Model):
         s = _core.Stream(self, self._stack, int(batch_size), init, self.batch_first)
         if state is not None:
             s.set_state(state)
-        return s
+        return cast(Stream, s)  # a registered virtual subclass of rnnengine.Stream
 
     # Stream.get_state() / set_state(state) (rnnengine._core.Stream) use the structure of the
     # module doc: a list with one entry per layer, (h, c) for LSTM and h otherwise, each

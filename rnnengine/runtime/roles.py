@@ -7,6 +7,8 @@ make test inputs. Every function takes the model (it reads ``graph``, ``inputs``
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
@@ -128,7 +130,7 @@ def time_axes(model, feeds):
     return model.time_axes(feeds)
 
 
-def axis_roles(model):
+def axis_roles(model: Any) -> dict[str, dict[int, str]]:
     """{input name: {axis: "batch" | "time"}} for the symbolic axes of the model's inputs,
     found by planning random inputs with the axis one longer (with every axis of the same
     symbol, and if that alone does not plan, with the symbolic axes of the state inputs too):

@@ -94,7 +94,7 @@ def score_row(model: Model, x: np.ndarray) -> np.ndarray:
         y, _ = model.run(xb)
     else:
         y = model.run({_data_input(model): xb})[model.outputs[0]]
-    return np.take(y, 0, axis=b_out)
+    return np.asarray(np.take(y, 0, axis=b_out))
 
 
 def score_rows(model: Model, rows: Iterable[np.ndarray]) -> list[np.ndarray]:
