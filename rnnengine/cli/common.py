@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rnnengine import convert, load
 from rnnengine.format import weightfile as fileformat
-from rnnengine.runtime.base import Model
+
+if TYPE_CHECKING:  # the runtime needs the compiled core, which `rnnengine --help` does not
+    from rnnengine.runtime.base import Model
 
 
 def _kv(items: list[str] | None, what: str, cast: Callable[[str], Any] = str) -> dict[str, Any]:
@@ -26,7 +28,7 @@ def _is_weight_file(path: str) -> bool:
         return f.read(len(fileformat.MAGIC)) == fileformat.MAGIC
 
 
-def _load_any(path: str, fixed: dict[str, Any] | None = None) -> Model:
+def _load_any(path: str, fixed: dict[str, Any] | None = None) -> "Model":
     """A weight file, or an ONNX file converted in memory."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")

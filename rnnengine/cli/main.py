@@ -10,6 +10,7 @@ import numpy as np
 
 from rnnengine._version import __version__
 from rnnengine.cli.common import _is_weight_file, _kv, _load_any
+from rnnengine.errors import NotStreamableError, OnnxRuntimeError
 from rnnengine.codes import RECURRENT_OPS
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_lstm.onnx")  # load_onnx's test model
@@ -711,9 +712,6 @@ def main(argv=None):
         return 2
     if getattr(args, "steps", 1) < 1:
         parser.error("--steps must be at least 1")
-    from rnnengine.ops.handlers import NotStreamableError
-    from rnnengine.verify import OnnxRuntimeError
-
     def one_line(e):
         return " ".join(str(e).split("\n")).strip() or type(e).__name__
     # every failure is one line on stderr, never a traceback; exit 2 (1 is for mismatches)
