@@ -202,3 +202,22 @@ def test_bad_settings_are_refused(model):
     bidir = rnnengine.Model([rnnengine.GRU(f32(2, 3 * H, I), f32(2, 3 * H, H), direction="bidirectional")])
     with pytest.raises(ValueError, match="forward"):
         Batcher(bidir)
+
+
+def test_an_unexpected_failure_reaches_the_callers_and_the_batcher_goes_on(model, monkeypatch):
+    from rnnengine.runtime import batcher as mod
+    x = f32(I, scale=1.0)
+    with Batcher(model) as b:
+        s = b.open()
+        want = s.step(x)
+        real = mod.np.stack
+
+        def broken(*a, **k):
+            raise RuntimeError("injected failure")
+        monkeypatch.setattr(mod.np, "stack", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            s.step(x)
+        monkeypatch.setattr(mod.np, "stack", real)
+        t = b.open()
+        np.testing.assert_array_equal(t.step(x), want)  # the scheduler still runs
+        assert b.counters["most_queued"] <= b.max_queue

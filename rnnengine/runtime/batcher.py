@@ -65,14 +65,19 @@ class _Call:
 
 class _Done:
     """A one-shot signal, cheaper than threading.Event: a lock created held, released once."""
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "_set")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self._set = False
 
     def set(self) -> None:
+        self._set = True
         self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -290,7 +295,16 @@ class Batcher:
                 if batch is None:
                     return
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch)
+                except BaseException as e:  # never leave a caller waiting: the batch's calls get the error
+                    for c in batch:
+                        if not c.done.is_set():
+                            c.finish(None, e)
+                    with self._cond:
+                        self._queued -= len(batch)
+                    for _ in batch:
+                        self._space.release()
 
     def _take(self) -> list[_Call] | None:
         """Waits for work; returns up to max_batch calls (the head call of each ready session),
