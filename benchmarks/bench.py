@@ -334,6 +334,7 @@ def bench_memory(n=1000, H=256):
     import subprocess
     code = f"""
 import numpy as np, rnnengine
+rnnengine.Model  # loads the compiled core (and SciPy's BLAS) now, so r0 includes them
 def rss():  # resident set size now, bytes (Linux)
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
