@@ -221,3 +221,71 @@ def test_an_unexpected_failure_reaches_the_callers_and_the_batcher_goes_on(model
         t = b.open()
         np.testing.assert_array_equal(t.step(x), want)  # the scheduler still runs
         assert b.counters["most_queued"] <= b.max_queue
+
+
+def _serve_graph(graph, seqs, key_in, key_out, **kw):
+    """Each sequence stepped by its own thread through one batcher; returns outputs, counters, reason."""
+    got = [None] * len(seqs)
+    with Batcher(graph, max_wait_us=5000, **kw) as b:
+        def work(i):
+            s = b.open()
+            got[i] = np.stack([s.step({key_in: x})[key_out] for x in seqs[i]])
+        th = [threading.Thread(target=work, args=(i,)) for i in range(len(seqs))]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        return got, dict(b.counters), b.graph_batching
+
+
+def _alone(graph, seq, key_in, key_out):
+    s = graph.stream()
+    return np.stack([s.step({key_in: x})[key_out] for x in seq])
+
+
+def test_a_token_model_with_explicit_state_is_batched():
+    path = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx")
+    graph = rnnengine.convert(path)
+    toks = rng.integers(0, 60, size=(10, 12, 1)).astype(np.int64)
+    got, c, reason = _serve_graph(graph, toks, "tokens", "logits")
+    assert reason is None and c["largest_batch"] > 1 and c["steps"] > 0
+    for i in range(len(toks)):
+        assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
+
+
+def test_silero_vad_sessions_are_batched():
+    import importlib.util
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None:
+        pytest.skip("silero-vad is not installed")
+    graph = rnnengine.convert(os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx"),
+                              fixed_inputs={"sr": 16000})
+    chunks = f32(8, 6, 1, 576, scale=0.1)
+    got, c, reason = _serve_graph(graph, chunks, "input", "output")
+    assert reason is None and c["largest_batch"] > 1
+    for i in range(len(chunks)):
+        assert max_violation(got[i], _alone(graph, chunks[i], "input", "output")) <= 1
+
+
+def test_a_graph_mixing_rows_is_not_batched_and_stays_right():
+    """y = LSTM output minus its mean over the batch: rows depend on each other, so joining
+    sessions would change every answer; the batcher must refuse to batch, naming why."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    W, R = f32(1, 16, 3), f32(1, 16, 4)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "", "", "h0", "c0"], ["Y", "hN", "cN"], hidden_size=4),
+             helper.make_node("ReduceMean", ["Y"], ["m"], axes=[2], keepdims=1),
+             helper.make_node("Sub", ["Y", "m"], ["y"])]
+    st = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "B", 4]) for n in ("h0", "c0")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", 3])] + st,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 1, "B", 4])] +
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "B", 4]) for n in ("hN", "cN")],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    graph = rnnengine.convert(m)
+    seqs = f32(6, 5, 1, 3, scale=1.0)
+    got, c, reason = _serve_graph(graph, seqs, "x", "y")
+    assert reason is not None and "ReduceMean" in reason
+    for i in range(len(seqs)):
+        np.testing.assert_array_equal(got[i], _alone(graph, seqs[i], "x", "y"))

@@ -20,8 +20,14 @@ Guarantees:
 Knobs: ``max_batch`` (sessions per batched call), ``max_wait_us`` (how long the first
 waiting step may wait for others to join; a batch runs at once when every open session has
 a step waiting), ``threads`` (a batch larger than 2 * threads rows is split over that many
-threads). Steps of a converted graph (not a layer stack), chunks (``feed``) and state calls
-run one by one in the scheduler, in order: correct, not batched.
+threads). Steps of a converted graph are batched too when its streams carry their state
+only as explicit graph inputs (silero-vad's ``state``, a token model's ``h0``/``c0``): the
+sessions' inputs and states are joined along their batch axes, the graph runs once, and the
+outputs and next states are split back. That is done only when rnnengine/runtime/split.py
+proves every output row depends on its own input row, and the first batched call of each
+shape is checked against the same sessions stepped one by one (``graph_batching`` says
+whether it is on, and why not). Other graph steps, chunks (``feed``) and state calls run one
+by one in the scheduler, in order: correct, not batched.
 """
 from __future__ import annotations
 
@@ -36,8 +42,11 @@ import numpy as np
 
 from rnnengine import _core
 from rnnengine.errors import SessionClosedError
+from rnnengine.runtime import split
 from rnnengine.runtime.base import Model, Stream
+from rnnengine.runtime.graph import GraphModel, GraphStream, _length_inputs
 from rnnengine.runtime.model import LayerModel
+from rnnengine.runtime.roles import axis_roles
 
 __all__ = ["Batcher", "Session", "SessionClosedError"]
 
@@ -186,6 +195,9 @@ class Batcher:
         self.idle_timeout = idle_timeout
         probe = model.stream(batch_size=1)  # a model that cannot stream is refused here, naming why
         self._batched = isinstance(model, LayerModel)
+        # converted graphs: batched when their state is explicit graph I/O (decided per shapes)
+        self.graph_batching: str | None = None if isinstance(model, GraphModel) else "not a converted graph"
+        self._graph_plans: dict[Any, Any] = {}
         self._input_size = getattr(model, "input_size", None)
         del probe
         self._cond = threading.Condition()
@@ -344,6 +356,8 @@ class Batcher:
         others = [c for c in calls if not (c.fn is None and c.x is not None)]
         if steps and self._batched:
             self._run_steps(steps)
+        elif len(steps) > 1 and self.graph_batching is None:
+            others = self._run_graph_steps(steps) + others
         else:
             others = steps + others
         for c in others:
@@ -398,6 +412,115 @@ class Batcher:
             return
         for k, c in enumerate(live):
             c.finish(Y[k])
+
+    def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
+        """Single steps of a converted graph's sessions as one run (see the module doc);
+        returns the calls it could not batch, which then run one by one."""
+        m = self.model
+        assert isinstance(m, GraphModel)
+        ready, rest = [], []
+        for c in steps:
+            s = c.session._stream
+            if isinstance(s, GraphStream) and s._taxes is not None and not s._layer_state and not s._aux \
+                    and not s._finished and all(a in s._carried for a in s._carried_names):
+                ready.append(c)
+            else:
+                rest.append(c)  # a first step (decides the time axes), or state beyond explicit inputs
+        if len(ready) < 2:
+            return rest + ready
+        first = ready[0].session._stream
+        assert isinstance(first, GraphStream)
+        taxes = first._taxes or {}
+        names = m.feed_names
+        try:
+            per = []
+            for c in ready:
+                x = c.x if isinstance(c.x, dict) else {names[0]: c.x} if len(names) == 1 else None
+                if x is None or set(x) != set(names):
+                    return rest + ready
+                feeds = {n: np.expand_dims(np.asarray(v), taxes[n]) if n in taxes else np.asarray(v)
+                         for n, v in x.items()}
+                s = c.session._stream
+                assert isinstance(s, GraphStream)
+                feeds.update({a: s._carried[a] for a in s._carried_names})
+                per.append(m._check_feeds(feeds))
+            sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(per[0].items()))
+            if any(tuple((n, a.shape, a.dtype.str) for n, a in sorted(f.items())) != sig for f in per):
+                return rest + ready  # sessions with other shapes: one by one
+            plan = self._graph_plan(sig, per[0], len(per))
+            if plan is None:
+                return rest + ready
+            axes, out_axes = plan
+            joined = {n: np.concatenate([f[n] for f in per], axis=axes[n]) for n in per[0]}
+            out = m.run(joined)
+        except Exception:  # anything unexpected: the sessions go one by one (their errors stay theirs)
+            return rest + ready
+        results = []
+        for i, c in enumerate(ready):
+            s = c.session._stream
+            assert isinstance(s, GraphStream)
+            res = {o: np.ascontiguousarray(np.take(v, [i], axis=out_axes[o])) for o, v in out.items()}
+            carried = {a: res[o] for a, o in m.state_pairs}
+            for o, tax in s.output_axes.items():
+                v = res.get(o)
+                if tax is not None and v is not None and tax < v.ndim and v.shape[tax] == 1:
+                    res[o] = np.squeeze(v, axis=tax)
+            results.append((c, s, res, carried))
+        if ("checked", sig) not in self._graph_plans:
+            # the first batch of these shapes: every session also stepped alone (on a fork) and
+            # compared; a difference beyond float32 rounding turns graph batching off for good
+            for c, s, res, carried in results:
+                alone = s.fork()
+                want = alone.step(c.x if isinstance(c.x, dict) else {names[0]: c.x})
+                pairs = [(res[o], want[o]) for o in want] + [(carried[a], alone._carried[a]) for a in carried]
+                if not all(g.shape == w.shape and np.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                           for g, w in pairs):
+                    self.graph_batching = "a batched step differed from the same step alone; steps run one by one"
+                    return rest + ready
+            self._graph_plans[("checked", sig)] = True
+        self.counters["steps"] += len(ready)
+        self.counters["batches"] += 1
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(ready))
+        for c, s, res, carried in results:
+            s._carried.update(carried)
+            s._fast = None
+            c.finish(m._as_returned(c.x, res))
+        return rest
+
+    def _graph_plan(self, sig: Any, feeds: dict[str, np.ndarray], n: int) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(input batch axes, output batch axes) for joining n sessions of these shapes, or None
+        (and graph_batching says why) when it cannot be proven exact. Cached per shapes."""
+        key = (sig, n > 1)
+        if key in self._graph_plans:
+            return self._graph_plans[key]  # type: ignore[no-any-return]
+        m = self.model
+        plan = None
+        roles = axis_roles(m)
+        declared = {i["name"]: i["shape"] for i in m.inputs}
+
+        def batch_axis(name: str) -> int | None:
+            known = next((k for k, r in roles.get(name, {}).items() if r == "batch"), None)
+            if known is not None:
+                return known
+            # else the one axis of size 1 the declaration leaves open (analyse() then proves it)
+            shape = declared.get(name)
+            open_ones = [k for k in range(feeds[name].ndim) if feeds[name].shape[k] == 1
+                         and (shape is None or k >= len(shape) or not isinstance(shape[k], int))]
+            return open_ones[0] if len(open_ones) == 1 else None
+        axes = {name: batch_axis(name) for name in feeds}
+        if _length_inputs(m):
+            self.graph_batching = "the graph takes sequence lengths, which streams count per chunk"
+        elif any(a is None or feeds[name].shape[a] != 1 for name, a in axes.items()):
+            self.graph_batching = "an input's batch axis is not known (or a session has more than one row)"
+        else:
+            joined = {name: np.concatenate([a, a], axis=axes[name]) for name, a in feeds.items()}
+            try:
+                out_axes = split.analyse(m, joined, axes)  # type: ignore[arg-type]
+                plan = (axes, out_axes)
+            except split.NotSplittable as e:
+                self.graph_batching = f"the rows of a batch are not provably independent: {e}"
+        self._graph_plans[key] = plan
+        return plan  # type: ignore[return-value]
 
     # --- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
