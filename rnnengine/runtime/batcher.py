@@ -494,6 +494,7 @@ class Batcher:
         if key in self._graph_plans:
             return self._graph_plans[key]  # type: ignore[no-any-return]
         m = self.model
+        assert isinstance(m, GraphModel)
         plan = None
         roles = axis_roles(m)
         declared = {i["name"]: i["shape"] for i in m.inputs}
