@@ -48,24 +48,33 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--charlm", action="store_true",
+                    help="the bundled character LM (a converted graph with explicit h/c state) instead of an LSTM")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    I = H = a.hidden
-    model = rnnengine.Model([rnnengine.LSTM((rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32),
-                                            (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32))])
-    xs = rng.standard_normal((a.sessions, a.steps, I)).astype(np.float32)
-    print(f"LSTM I=H={H}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
+    if a.charlm:
+        model = rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
+        xs = [[{"tokens": np.array([t], np.int64)} for t in row]
+              for row in rng.integers(0, 60, size=(a.sessions, a.steps))]
+        what = "demo char LM (converted graph, 2x LSTM 192, explicit state)"
+    else:
+        I = H = a.hidden
+        model = rnnengine.Model([rnnengine.LSTM((rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32),
+                                                (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32))])
+        xs = rng.standard_normal((a.sessions, a.steps, I)).astype(np.float32)
+        what = f"LSTM I=H={H}"
+    print(f"{what}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
           f"{os.cpu_count()} cores; medians over {a.repeats} alternating repeats")
     res = {"own streams": [], "batcher": []}
     lats = {"own streams": [], "batcher": []}
     for _ in range(a.repeats):
         streams = [model.stream() for _ in range(a.sessions)]
-        sec, lat = run_threads(a.sessions, a.steps, lambda i, k: streams[i].step(xs[i, k]))
+        sec, lat = run_threads(a.sessions, a.steps, lambda i, k: streams[i].step(xs[i][k]))
         res["own streams"].append(a.sessions * a.steps / sec)
         lats["own streams"].append(lat)
         with Batcher(model, max_batch=a.sessions, max_wait_us=200) as b:
             sessions = [b.open() for _ in range(a.sessions)]
-            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i, k]))
+            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i][k]))
             res["batcher"].append(a.sessions * a.steps / sec)
             lats["batcher"].append(lat)
             batches = b.counters["batches"]
