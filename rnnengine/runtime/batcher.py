@@ -66,10 +66,15 @@ class _Call:
         self.future: asyncio.Future[Any] | None = None
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.done.is_set():
+            return
         self.result, self.error = result, error
-        if self.future is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
         self.done.set()
+        if self.future is not None and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+            except RuntimeError:  # the caller's event loop is closed: nobody waits for this result
+                pass
 
 
 class _Done:
@@ -117,6 +122,7 @@ class Session:
         self._stream: Stream | None = stream
         self._pending: collections.deque[_Call] = collections.deque()
         self._closing = False  # close() called while calls were still waiting
+        self._running = 0  # calls of this session taken by the scheduler and not finished
         self.last_used = time.monotonic()
 
     @property
@@ -125,10 +131,12 @@ class Session:
 
     # --- blocking -------------------------------------------------------------------------
     def step(self, x: Any, timeout: float | None = None) -> Any:
-        return self._wait(self._batcher._submit(self, self._batcher._check_step(x), None), timeout)
+        """One step; ``timeout`` (seconds): a call that has not started by then is withdrawn
+        (not applied) and TimeoutError raised; one already running is waited for."""
+        return self._wait(self._batcher._submit(self, self._batcher._check_step(x), None, timeout), timeout)
 
     def feed(self, xs: Any, timeout: float | None = None) -> Any:
-        return self._wait(self._batcher._submit(self, None, _feed_of(xs)), timeout)
+        return self._wait(self._batcher._submit(self, None, _feed_of(xs), timeout), timeout)
 
     def get_state(self) -> Any:
         return self._wait(self._batcher._submit(self, None, lambda s: s.get_state()), None)
@@ -155,10 +163,14 @@ class Session:
     async def afeed(self, xs: Any) -> Any:
         return await self._batcher._submit_async(self, None, _feed_of(xs))
 
-    @staticmethod
-    def _wait(call: _Call, timeout: float | None) -> Any:
+    def _wait(self, call: _Call, timeout: float | None) -> Any:
         if not call.done.wait(timeout):
-            raise TimeoutError(f"the step did not finish within {timeout} s")
+            if self._batcher._withdraw(call):
+                raise TimeoutError(f"the call did not run within {timeout} s; it was withdrawn (not applied)")
+            call.done.wait()  # already running: it will be applied, so wait for it rather than lose it
+        if call.error is not None:
+            raise call.error
+        return call.result
         if call.error is not None:
             raise call.error
         return call.result
@@ -185,9 +197,9 @@ class Batcher:
         for name, v, lo in (("max_batch", max_batch, 1), ("threads", threads, 1), ("max_queue", max_queue, 1)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not max_wait_us >= 0:
-            raise ValueError(f"max_wait_us must be >= 0, got {max_wait_us!r}")
-        if idle_timeout is not None and not idle_timeout > 0:
+        if not 0 <= max_wait_us <= 10_000_000:
+            raise ValueError(f"max_wait_us must lie in [0, 1e7] (10 s), got {max_wait_us!r}")
+        if idle_timeout is not None and not 0 < idle_timeout < 1e9:
             raise ValueError(f"idle_timeout must be positive seconds or None, got {idle_timeout!r}")
         self.model = model
         self.max_batch, self.threads, self.max_queue = int(max_batch), int(threads), int(max_queue)
@@ -200,12 +212,14 @@ class Batcher:
         self._graph_plans: dict[Any, Any] = {}
         self._input_size = getattr(model, "input_size", None)
         del probe
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # the scheduler waits on it for work
         self._ready: collections.OrderedDict[Session, None] = collections.OrderedDict()  # sessions with work
         self._sessions: set[Session] = set()
-        self._space = threading.Semaphore(self.max_queue)
+        self._room = threading.Condition(self._lock)  # callers wait on it for a queue slot
         self._queued = 0
         self._first_wait: float | None = None
+        self._last_sweep = 0.0
         self._closed = False
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine-batch") \
             if self.threads > 1 else None
@@ -262,20 +276,52 @@ class Batcher:
                              f"got {np.shape(x)}")
         return arr
 
-    def _enqueue(self, call: _Call) -> None:
+    def _enqueue(self, call: _Call, timeout: float | None = None, block: bool = True) -> bool:
+        """Queues a call once a slot is free (back-pressure: at most max_queue calls wait or
+        run); False when ``block`` is False and no slot is free."""
         s = call.session
-        with self._cond:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queued >= self.max_queue and not self._closed:
+                if not block:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no room in the queue (max_queue={self.max_queue}) within {timeout} s; "
+                                       "the call was not submitted")
+                self._room.wait(left)
             if self._closed:
-                self._space.release()
                 raise SessionClosedError("this batcher is closed")
             if s._stream is None or s._closing or s not in self._sessions:
-                self._space.release()
                 raise SessionClosedError("this session is closed (by close(), or after idle_timeout)")
             s.last_used = time.monotonic()
             s._pending.append(call)
             self._queued += 1
             self.counters["most_queued"] = max(self.counters["most_queued"], self._queued)
             self._mark_ready(s)
+            return True
+
+    def _release(self, n: int) -> None:
+        """n calls left the queue (ran, failed or were withdrawn): their slots are free."""
+        with self._lock:
+            self._queued -= n
+            self._room.notify(n)
+
+    def _withdraw(self, call: _Call) -> bool:
+        """Takes a call back if the scheduler has not taken it yet (True), else False."""
+        s = call.session
+        with self._lock:
+            try:
+                s._pending.remove(call)
+            except ValueError:
+                return False
+            if not s._pending:
+                self._ready.pop(s, None)
+                if s._closing:
+                    s._stream = None
+            self._queued -= 1
+            self._room.notify()
+            return True
 
     def _mark_ready(self, s: Session) -> None:
         if s not in self._ready:
@@ -284,39 +330,44 @@ class Batcher:
                 self._first_wait = time.monotonic()
         self._cond.notify()
 
-    def _submit(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> _Call:
+    def _submit(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None,
+                timeout: float | None = None) -> _Call:
         call = _Call(s, x, fn)
-        self._space.acquire()  # back-pressure: wait for room
-        self._enqueue(call)
+        self._enqueue(call, timeout)
         return call
 
     async def _submit_async(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> Any:
         loop = asyncio.get_running_loop()
         call = _Call(s, x, fn)
         call.loop, call.future = loop, loop.create_future()
-        if not self._space.acquire(blocking=False):  # back-pressure without blocking the event loop
-            await loop.run_in_executor(None, self._space.acquire)
-        self._enqueue(call)
-        return await call.future
+        pause = 0.0002
+        while not self._enqueue(call, block=False):  # back-pressure without blocking the event loop
+            await asyncio.sleep(pause)  # (nothing is reserved while waiting: a cancel leaks nothing)
+            pause = min(pause * 2, 0.005)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            self._withdraw(call)  # not yet taken: never applied; already running: it is applied
+            raise
 
     # --- the scheduler --------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            with self._cond:
-                batch = self._take()
-                if batch is None:
-                    return
-            if batch:
-                try:
+            batch: list[_Call] | None = []
+            try:
+                with self._cond:
+                    batch = self._take()
+                    if batch is None:
+                        return
+                if batch:
                     self._execute(batch)
-                except BaseException as e:  # never leave a caller waiting: the batch's calls get the error
-                    for c in batch:
-                        if not c.done.is_set():
-                            c.finish(None, e)
-                    with self._cond:
-                        self._queued -= len(batch)
-                    for _ in batch:
-                        self._space.release()
+            except BaseException as e:  # never leave a caller waiting: the batch's calls get the error
+                for c in batch or ():
+                    c.finish(None, e)  # (a no-op for calls already finished)
+                with self._lock:
+                    for c in batch or ():
+                        c.session._running -= 1
+                self._release(len(batch or ()))
 
     def _take(self) -> list[_Call] | None:
         """Waits for work; returns up to max_batch calls (the head call of each ready session),
@@ -337,6 +388,7 @@ class Batcher:
         calls = []
         for s in list(self._ready)[:self.max_batch]:
             calls.append(s._pending.popleft())
+            s._running += 1
             del self._ready[s]
             if s._pending:  # more work: back in line, behind the others (fairness)
                 self._ready[s] = None
@@ -344,9 +396,15 @@ class Batcher:
         return calls
 
     def _sweep_idle(self) -> None:
+        """Closes sessions unused for idle_timeout (at most one scan a second: a scan visits
+        every open session)."""
         now = time.monotonic()
         assert self.idle_timeout is not None
-        for s in [s for s in self._sessions if not s._pending and now - s.last_used > self.idle_timeout]:
+        if now - self._last_sweep < min(1.0, self.idle_timeout / 2):
+            return
+        self._last_sweep = now
+        for s in [s for s in self._sessions
+                  if not s._pending and not s._running and now - s.last_used > self.idle_timeout]:
             self._sessions.discard(s)
             s._stream = None
             self.counters["sessions_timed_out"] += 1
@@ -371,47 +429,58 @@ class Batcher:
                     c.finish(c.fn(stream))
             except Exception as e:  # the error belongs to the session that sent the call
                 c.finish(None, e)
-        with self._cond:
-            self._queued -= len(calls)
+        now = time.monotonic()
+        with self._lock:
             self.counters["calls"] += len(calls)
             for c in calls:
+                c.session._running -= 1
+                c.session.last_used = now  # a long call does not count as idle time
                 if c.session._closing and not c.session._pending:
                     c.session._stream = None
-        for _ in calls:
-            self._space.release()
+        self._release(len(calls))
 
     def _run_steps(self, steps: list[_Call]) -> None:
-        """Single steps of a layer-stack model's sessions: one batched call (or one per thread)."""
-        live = [c for c in steps if c.session._stream is not None]
+        """Single steps of a layer-stack model's sessions: one batched call (or one per thread).
+        The streams are read once (a close() from another thread cannot change them in the
+        middle); a part whose batched call fails leaves its streams untouched (step_streams
+        writes states back only on success), and only that part's sessions are then stepped
+        one by one, so every error stays with its session and no session steps twice."""
+        pairs: list[tuple[_Call, Any]] = []
         for c in steps:
-            if c.session._stream is None:
+            stream = c.session._stream
+            if stream is None:
                 c.finish(None, SessionClosedError("this session is closed"))
-        if not live:
+            else:
+                pairs.append((c, stream))
+        if not pairs:
             return
-        n = len(live)
+        n = len(pairs)
         self.counters["steps"] += n
         self.counters["batches"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], n)
-        X = np.stack([c.x for c in live if c.x is not None])
-        streams: list[Any] = [c.session._stream for c in live]
-        try:
-            if self._pool is not None and n >= 2 * self.threads:
-                bounds = np.linspace(0, n, self.threads + 1).astype(int)
-                parts = list(self._pool.map(lambda k: _core.step_streams(streams[bounds[k]:bounds[k + 1]],
-                                                                         X[bounds[k]:bounds[k + 1]]),
-                                            range(self.threads)))
-                Y = np.concatenate(parts)
-            else:
-                Y = _core.step_streams(streams, X)
-        except Exception:  # inputs were checked: fall back to one call each, so an error stays with its session
-            for c in live:
-                try:
-                    c.finish(c.session._stream.step(c.x))  # type: ignore[union-attr]
+        X = np.stack([c.x for c, _ in pairs if c.x is not None])
+        parts = 1 if self._pool is None or n < 2 * self.threads else self.threads
+        bounds = [int(b) for b in np.linspace(0, n, parts + 1).astype(int)]
+
+        def part(k: int) -> np.ndarray | BaseException:
+            b0, b1 = bounds[k], bounds[k + 1]
+            try:
+                return _core.step_streams([s for _, s in pairs[b0:b1]], X[b0:b1])  # type: ignore[no-any-return]
+            except Exception as e:
+                return e
+        results = list(self._pool.map(part, range(parts))) if parts > 1 and self._pool is not None \
+            else [part(0)]
+        for k, res in enumerate(results):
+            b0, b1 = bounds[k], bounds[k + 1]
+            for i in range(b0, b1):
+                c, stream = pairs[i]
+                if not isinstance(res, BaseException):
+                    c.finish(res[i - b0])
+                    continue
+                try:  # this part's states were not written: each session steps alone
+                    c.finish(stream.step(c.x))
                 except Exception as e:
                     c.finish(None, e)
-            return
-        for k, c in enumerate(live):
-            c.finish(Y[k])
 
     def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
         """Single steps of a converted graph's sessions as one run (see the module doc);
