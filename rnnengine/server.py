@@ -38,8 +38,9 @@ import time
 from typing import Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
+from rnnengine.errors import SessionClosedError
 from rnnengine.runtime.base import Model
 from rnnengine.runtime.batcher import Batcher, Session
 
@@ -72,7 +73,9 @@ def decode_frame(data: bytes, max_bytes: int = 64 << 20) -> tuple[int, np.ndarra
     """A binary frame -> (kind, array); FrameError names what is wrong."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise FrameError("a binary frame starts with the 4 bytes 'RNS1' and an 8-byte header")
-    kind, code, ndim, _ = struct.unpack_from("<BBBB", data, 4)
+    kind, code, ndim, reserved = struct.unpack_from("<BBBB", data, 4)
+    if reserved:
+        raise FrameError("header byte 7 is reserved and must be 0")
     if kind not in (KIND_STEP, KIND_FEED):
         raise FrameError(f"frame kind {kind}: a client sends 0 (step) or 1 (feed)")
     if code not in DTYPES:
@@ -103,8 +106,12 @@ class Server:
     """The application: one model, one batcher, the endpoints above."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
-                 idle_timeout: float | None = 600.0, max_queue: int = 4096) -> None:
+                 idle_timeout: float | None = 600.0, max_queue: int = 4096, max_elements: int = 1 << 22,
+                 max_text_bytes: int = 4 << 20) -> None:
         self.model = model
+        # per frame: at most max_elements input and output elements (float32: 16 MiB each by
+        # default), and JSON text frames of at most max_text_bytes (JSON parsing costs ~20x)
+        self.max_elements, self.max_text_bytes = int(max_elements), int(max_text_bytes)
         self.batcher = Batcher(model, max_batch=max_batch, max_wait_us=max_wait_us, threads=threads,
                                idle_timeout=idle_timeout, max_queue=max_queue)
         carried = {o for _, o in getattr(model, "state_pairs", [])}
@@ -129,10 +136,26 @@ class Server:
         return {self.main_output if len(self.model.outputs) > 1 else self.model.outputs[0]: res}
 
     async def _call(self, session: Session, kind: int, x: Any) -> dict[str, Any]:
+        self._check_size(kind, x)
         t0 = time.perf_counter()
         res = await (session.astep(x) if kind == KIND_STEP else session.afeed(x))
         self.latencies.append(time.perf_counter() - t0)
         return self._as_returned(res)
+
+    def _check_size(self, kind: int, x: Any) -> None:
+        """Refuses a frame whose input, or (for a layer stack, known in advance) output, would
+        exceed max_elements: a small frame must not make the server build a huge reply."""
+        arrays = list(x.values()) if isinstance(x, dict) else [x]
+        n_in = sum(int(np.asarray(a).size) for a in arrays)
+        if n_in > self.max_elements:
+            raise FrameError(f"{n_in} input elements in one frame, more than the server takes ({self.max_elements})")
+        size_out = getattr(self.model, "output_size", None)
+        size_in = getattr(self.model, "input_size", None)
+        if kind == KIND_FEED and size_out and size_in:  # a layer stack: steps x outputs per step
+            steps = max(1, n_in // size_in)
+            if steps * size_out > self.max_elements:
+                raise FrameError(f"{steps} steps of {size_out} outputs in one frame, more than the server "
+                                 f"returns ({self.max_elements} elements); send smaller chunks")
 
     async def stream(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=64 << 20)
@@ -148,9 +171,16 @@ class Server:
                         out = await self._call(session, kind, x)
                         await ws.send_bytes(encode_frame(out[self.main_output]))
                     elif msg.type == WSMsgType.TEXT:
+                        if len(msg.data) > self.max_text_bytes:
+                            raise FrameError(f"a text frame of {len(msg.data)} bytes, more than the server takes "
+                                             f"({self.max_text_bytes}); use binary frames for large arrays")
                         await ws.send_str(json.dumps(await self._json_call(session, msg.data)))
                     elif msg.type == WSMsgType.ERROR:
                         break
+                except SessionClosedError as e:  # idle timeout or shutdown: this connection is over
+                    await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
+                    break
                 except Exception as e:  # the frame's error goes back to its sender; the connection stays
                     self.counters["bad_frames"] += 1
                     await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
@@ -181,13 +211,29 @@ class Server:
         if "inputs" in req:
             if not isinstance(req["inputs"], dict):
                 raise FrameError("'inputs' must be an object {name: array}")
-            return {k: np.asarray(v, dtype=specs[k]["dtype"] if k in specs else np.float32)
+            return {k: self._json_array(v, specs[k]["dtype"] if k in specs else "float32", k)
                     for k, v in req["inputs"].items()}
         if "x" in req:
             names = self.model.input_names
-            dt = specs[names[0]]["dtype"] if len(names) == 1 and names[0] in specs else np.float32
-            return np.asarray(req["x"], dtype=dt)
+            dt = specs[names[0]]["dtype"] if len(names) == 1 and names[0] in specs else "float32"
+            return self._json_array(req["x"], dt, names[0] if names else "x")
         raise FrameError("give the input as 'x' (the one input) or 'inputs' ({name: array})")
+
+    def _json_array(self, v: Any, dtype: str, name: str) -> np.ndarray:
+        """A JSON value as an array of the input's dtype; integers (token ids, lengths) must be
+        written as integers: 1.9 or true for an integer input is refused, not truncated."""
+        arr = np.asarray(v)
+        if arr.dtype == object:
+            raise FrameError(f"input {name!r}: a ragged or non-numeric JSON array")
+        want = np.dtype(dtype)
+        if want.kind in "iu" and arr.dtype.kind not in "iu" and arr.size:
+            raise FrameError(f"input {name!r} takes integers ({want}), got {arr.dtype} values")
+        if want.kind == "f" and arr.dtype.kind not in "iuf" and arr.size:
+            raise FrameError(f"input {name!r} takes numbers, got {arr.dtype} values")
+        if arr.size > self.max_elements:
+            raise FrameError(f"input {name!r} has {arr.size} elements, more than the server takes "
+                             f"({self.max_elements})")
+        return arr.astype(want)
 
     # --- HTTP --------------------------------------------------------------------------------
     async def run(self, request: web.Request) -> web.Response:

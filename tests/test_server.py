@@ -1,6 +1,7 @@
 """`rnnengine serve`: WebSocket sessions (binary and JSON frames), whole runs over HTTP,
 health and Prometheus metrics; every answer compared with the model run in process."""
 import asyncio
+import os
 import json
 import struct
 import subprocess
@@ -197,3 +198,37 @@ def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
             proc.kill()
     assert proc.returncode == 0, proc.stdout.read()
     assert os.path.exists(path)
+
+
+def test_frames_that_would_cost_too_much_are_refused_and_the_connection_stays(model):
+    async def body(client, server):
+        ws = await client.ws_connect("/stream")
+        replies = []
+        await ws.send_bytes(encode_frame(np.zeros((2000, 1, I), np.float32), kind=1))  # 2000 x H outputs
+        replies.append(json.loads(await ws.receive_str()))
+        await ws.send_str(json.dumps({"op": "step", "x": [0.0] * I, "pad": "y" * 3000}))
+        replies.append(json.loads(await ws.receive_str()))
+        await ws.send_bytes(encode_frame(np.zeros(I, np.float32), kind=0))
+        ok = decode_frame_reply(await ws.receive_bytes())[1]
+        await ws.close()
+        return replies, ok
+    replies, ok = with_client(model, body, max_elements=14000, max_text_bytes=2000)  # in 12000, out 16000
+    assert "steps" in replies[0]["error"] and "text frame" in replies[1]["error"]
+    assert ok.shape == (H,)
+
+
+def test_json_integers_are_not_truncated():
+    """A token model's ids written as 1.9 are refused, not read as 1."""
+    path = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx")
+    graph = rnnengine.convert(path)
+
+    async def body(client, server):
+        ws = await client.ws_connect("/stream")
+        await ws.send_str(json.dumps({"op": "step", "inputs": {"tokens": [1.9]}}))
+        bad = json.loads(await ws.receive_str())
+        await ws.send_str(json.dumps({"op": "step", "inputs": {"tokens": [1]}}))
+        good = json.loads(await ws.receive_str())
+        await ws.close()
+        return bad, good
+    bad, good = with_client(graph, body)
+    assert "integers" in bad["error"] and "logits" in good["outputs"]

@@ -265,6 +265,10 @@ class Batcher:
         """One row of step input, checked now so a bad input raises in its own session."""
         if not self._batched:
             return x  # type: ignore[no-any-return]  # a graph step: checked by the stream when it runs
+        if isinstance(x, dict):  # {"X": x}, as a layer stack's stream takes it
+            if set(x) != {"X"}:
+                raise ValueError(f"step(): a layer-stack model takes the input 'X' only, got {sorted(map(str, x))}")
+            x = x["X"]
         arr = np.asarray(x)
         if arr.dtype.kind != "f":
             raise TypeError(f"step(): x must be a float array, got dtype {arr.dtype}")
