@@ -242,3 +242,18 @@ def test_step_first_refuses_when_the_time_axis_cannot_be_told():
     # without declared shapes the stream still cannot place a step's time axis: a clear refusal
     with pytest.raises(ValueError, match=r"X must be float32 \(T, B, 3\)"):
         s.step(f32(2, 3))
+
+
+def test_threads_keep_the_return_convention_and_layer_streams_refuse_by_name(pair):
+    _, graph_model = pair
+    x = f32(4, 8, 3, scale=1.0)
+    one = graph_model.run(x)
+    graph_model.threads = 2
+    try:
+        two = graph_model.run(x)
+    finally:
+        graph_model.threads = 1
+    assert isinstance(two, np.ndarray) and max_violation(two, one) <= 1
+    bidir = rnnengine.Model([gru(3, 4, D=2, direction="bidirectional")])
+    with pytest.raises(rnnengine.NotStreamableError, match="forward"):
+        bidir.stream()

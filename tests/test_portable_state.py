@@ -153,3 +153,17 @@ def test_a_batcher_session_moves_to_another_batcher():
         rnnengine.state_from_bytes(t, data)
         got = np.stack([t.step(x) for x in xs[3:]])
     np.testing.assert_array_equal(got, want[3:])
+
+
+def test_deep_or_huge_structures_raise_state_error():
+    model = layer_model()
+    target = model.stream()
+    deep = "[" * 100000 + "]" * 100000
+    from rnnengine.runtime.portable import model_fingerprint
+    sk = deep.encode()
+    data = _HEADER.pack(MAGIC, 1, 0, model_fingerprint(model), len(sk), 0, zlib.crc32(b"", zlib.crc32(sk))) + sk
+    with pytest.raises(rnnengine.StateError):
+        rnnengine.state_from_bytes(target, data)
+    for skeleton in ([{"a": ["float32", [0, 2**70], 0]}], [{"a": ["float32", [0] * 65, 0]}]):
+        with pytest.raises(rnnengine.StateError):
+            rnnengine.state_from_bytes(target, craft(model, skeleton))

@@ -167,3 +167,23 @@ def test_bad_shards_are_refused(tmp_path, model_file):
         score_files(path, [str(tmp_path / "missing")], str(tmp_path / "o"), progress=False)
     with pytest.raises(ValueError, match="engine"):
         score_files(path, [str(tmp_path)], str(tmp_path / "o"), engine="spark", progress=False)
+
+
+def test_zero_length_rows_colliding_names_and_a_bad_shard(tmp_path, model_file):
+    path, _ = model_file
+    model = rnnengine.load(path)
+    d = tmp_path / "in"
+    d.mkdir()
+    np.savez(d / "a.npz", x=f32(3, 5, I), lengths=np.array([5, 0, 3]))
+    np.save(d / "z_bad.npy", f32(2, 4, I + 1))  # wrong feature count
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"z_bad.npy, row 0"):
+        score_files(path, [str(d)], out, progress=False)
+    with np.load(os.path.join(out, "a.npz")) as z:  # the good shard was written before the bad one failed
+        assert list(z["lengths"]) == [5, 0, 3]
+        assert np.array_equal(z["y"][0, :5], score_row(model, read_shard(str(d / "a.npz"))[0][0]))
+    (tmp_path / "other").mkdir()
+    np.save(tmp_path / "other" / "a.npy", f32(2, 4, I))
+    with pytest.raises(ValueError, match="would both write"):
+        score_files(path, [str(d / "a.npz"), str(tmp_path / "other" / "a.npy")], str(tmp_path / "o2"),
+                    progress=False)

@@ -45,7 +45,7 @@ def layers_to_onnx(model: Any, opset: int = 14) -> onnx.ModelProto:
         return name
     dims: list[Any] = ["batch", "T"] if layout else ["T", "batch"]
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, dims + [model.input_size])]
-    const("merge_directions", np.array([0, 0, -1], np.int64))
+    # the merged feature size is written out (not -1), so a sequence of 0 steps reshapes too
     x = "X"
     if layout:
         nodes.append(helper.make_node("Transpose", ["X"], ["X.t"], perm=[1, 0, 2], name="batch_first.in"))
@@ -81,7 +81,8 @@ def layers_to_onnx(model: Any, opset: int = 14) -> onnx.ModelProto:
         # (T, D, B, H) -> (T, B, D, H) -> (T, B, D*H)
         nodes.append(helper.make_node("Transpose", [f"{p}.y"], [f"{p}.yt"], perm=[0, 2, 1, 3], name=f"{p}.t"))
         out = "Y" if k == len(layers) - 1 and not layout else f"{p}.out"
-        nodes.append(helper.make_node("Reshape", [f"{p}.yt", "merge_directions"], [out], name=f"{p}.r"))
+        merged = const(f"{p}.merge", np.array([0, 0, layer.output_size], np.int64))
+        nodes.append(helper.make_node("Reshape", [f"{p}.yt", merged], [out], name=f"{p}.r"))
         x = out
     if layout:
         nodes.append(helper.make_node("Transpose", [x], ["Y"], perm=[1, 0, 2], name="batch_first.out"))

@@ -921,7 +921,7 @@ class GraphModel(Model):
         if self.threads > 1:  # batch rows over threads when provably exact (rnnengine/runtime/split.py)
             out = split.run(self, feeds)
             if out is not None:
-                return out
+                return self._as_returned(given, out)
         plan = self.plan(feeds)
         return self._as_returned(given, plan.execute(plan.context(), feeds, {}))
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 import numpy as np
 
 from rnnengine import _core
+from rnnengine.errors import NotStreamableError
 from rnnengine.runtime.base import Model, Stream
 from rnnengine.runtime.layers import _Layer, as_lengths, pack_state, sequence_input, unpack_state
 
@@ -214,8 +215,9 @@ class LayerModel(Model):
         if not self.streamable:
             bad = [f"layer {k} is {layer.direction}" for k, layer in enumerate(self.layers)
                    if layer.direction != "forward"]
-            raise ValueError("a stream feeds time steps in order, so every layer must have "
-                             f"direction 'forward' ({'; '.join(bad)}); use Model.run() for whole sequences")
+            raise NotStreamableError("this layer stack", "a stream feeds time steps in order, so every layer "
+                                     f"must have direction 'forward' ({'; '.join(bad)}); use run() for whole "
+                                     "sequences")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         # streams of one batch size share one read-only initial state (reset() copies it)

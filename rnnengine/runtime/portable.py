@@ -167,6 +167,8 @@ def decode(data: bytes, model: Any) -> Any:
                          "stream of the model it was saved from")
     try:
         skeleton = json.loads(body[:n_skel])
+    except RecursionError:
+        raise StateError("the state's structure is nested too deeply") from None
     except ValueError as e:
         raise StateError(f"the state's structure is not valid JSON: {e}") from None
     blob = memoryview(body)[n_skel:]
@@ -180,7 +182,8 @@ def decode(data: bytes, model: Any) -> Any:
             if set(v) == {"a"}:
                 spec = v["a"]
                 if not (isinstance(spec, list) and len(spec) == 3 and spec[0] in _DTYPES
-                        and isinstance(spec[1], list) and all(type(d) is int and d >= 0 for d in spec[1])
+                        and isinstance(spec[1], list) and len(spec[1]) <= 32
+                        and all(type(d) is int and 0 <= d <= len(blob) for d in spec[1])
                         and type(spec[2]) is int and spec[2] >= 0):
                     raise StateError(f"a damaged array entry in the state: {str(spec)[:80]}")
                 dt = _DTYPES[spec[0]]
@@ -190,8 +193,11 @@ def decode(data: bytes, model: Any) -> Any:
                 end = spec[2] + n * dt.itemsize
                 if end > len(blob):
                     raise StateError(f"an array of the state runs past the data ({end} > {len(blob)} bytes)")
-                return np.frombuffer(blob, dt, count=n, offset=spec[2]).reshape(spec[1]).astype(
-                    dt.newbyteorder("="), copy=True)
+                try:
+                    return np.frombuffer(blob, dt, count=n, offset=spec[2]).reshape(spec[1]).astype(
+                        dt.newbyteorder("="), copy=True)
+                except ValueError as e:
+                    raise StateError(f"a damaged array entry in the state: {e}") from None
             if set(v) == {"t"} and isinstance(v["t"], list):
                 return tuple(dec(x, depth + 1) for x in v["t"])
             if set(v) == {"d"} and isinstance(v["d"], dict):

@@ -172,41 +172,68 @@ def list_shards(inputs: list[str]) -> list[str]:
 def score_files(model_path: str, inputs: list[str], out_dir: str, engine: str = "local", workers: int = 1,
                 progress: bool = True) -> dict[str, Any]:
     """Scores every shard of ``inputs`` whose output is not in ``out_dir`` yet; returns a
-    summary (shards done / skipped, rows, seconds)."""
+    summary (shards done / skipped, rows, seconds). The local engine writes each shard as
+    soon as it is scored; Ray writes each shard as soon as its last row comes back; Dask
+    writes when its computation ends."""
     if engine not in ("local", "ray", "dask"):
         raise ValueError(f"engine must be local, ray or dask, got {engine!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    os.makedirs(out_dir, exist_ok=True)
     shards = list_shards(inputs)
+    outputs: dict[str, str] = {}
+    for s in shards:  # two shards named alike would write one output file: refused up front
+        o = output_path(s, out_dir)
+        if o in outputs:
+            raise ValueError(f"shards {outputs[o]} and {s} would both write {o}; rename one of them")
+        outputs[o] = s
+    os.makedirs(out_dir, exist_ok=True)
     todo = [s for s in shards if not os.path.exists(output_path(s, out_dir))]
     t0 = time.perf_counter()
-    loaded = [(s, *read_shard(s)) for s in todo]
-    rows = [(k, i, r) for k, (_, rs, _) in enumerate(loaded) for i, r in enumerate(rs)]
-    results: dict[tuple[int, int], np.ndarray] = {}
+    n_rows = 0
     if engine == "local":
         model = load_model(model_path)
-        for n, (k, i, r) in enumerate(rows):
-            results[(k, i)] = score_row(model, r)
-            if progress and (n % 100 == 0 or n == len(rows) - 1):
-                _bar(n + 1, len(rows), t0)
-    elif engine == "ray":
-        from rnnengine.scoring.ray_engine import score_with_ray
-        results = score_with_ray(model_path, rows, workers, progress)
+        for shard in todo:
+            rs, extra = read_shard(shard)
+            ys = []
+            for i, r in enumerate(rs):
+                try:
+                    ys.append(score_row(model, r))
+                except Exception as err:
+                    raise type(err)(f"{shard}, row {i}: {err}") if isinstance(err, (ValueError, TypeError)) \
+                        else err
+            write_shard(output_path(shard, out_dir), ys, extra)
+            n_rows += len(rs)
+            if progress:
+                _bar(n_rows, n_rows, t0, f"{len(todo)} shards")
     else:
-        from rnnengine.scoring.dask_engine import score_with_dask
-        results = score_with_dask(model_path, rows, workers, progress)
-    for k, (shard, rs, extra) in enumerate(loaded):
-        write_shard(output_path(shard, out_dir), [results[(k, i)] for i in range(len(rs))], extra)
+        loaded = [(s, *read_shard(s)) for s in todo]
+        rows = [(k, i, r) for k, (_, rs, _) in enumerate(loaded) for i, r in enumerate(rs)]
+        n_rows = len(rows)
+        need = [len(rs) for _, rs, _ in loaded]
+        got: dict[int, dict[int, np.ndarray]] = {k: {} for k in range(len(loaded))}
+
+        def collect(k: int, i: int, y: np.ndarray) -> None:
+            got[k][i] = y
+            if len(got[k]) == need[k]:  # the shard is complete: write it now
+                shard, rs, extra = loaded[k]
+                write_shard(output_path(shard, out_dir), [got[k][j] for j in range(need[k])], extra)
+                del got[k]
+        for k in [k for k in got if need[k] == 0]:  # an empty shard: an empty output
+            write_shard(output_path(loaded[k][0], out_dir), [], loaded[k][2])
+            del got[k]
+        if engine == "ray":
+            from rnnengine.scoring.ray_engine import score_with_ray
+            score_with_ray(model_path, rows, workers, progress, collect)
+        else:
+            from rnnengine.scoring.dask_engine import score_with_dask
+            for (k, i), y in score_with_dask(model_path, rows, workers, progress).items():
+                collect(k, i, y)
     if progress:
         print(file=sys.stderr)
-    return {"shards": len(todo), "skipped": len(shards) - len(todo), "rows": len(rows),
+    return {"shards": len(todo), "skipped": len(shards) - len(todo), "rows": n_rows,
             "seconds": round(time.perf_counter() - t0, 3), "engine": engine}
 
 
-def _bar(done: int, total: int, t0: float) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
+def _bar(done: int, total: int, t0: float, what: str = "") -> None:
     rate = done / max(time.perf_counter() - t0, 1e-9)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows, {rate:.0f} rows/s", end="",
-          file=sys.stderr, flush=True)
+    print(f"\r{done} rows scored, {rate:.0f} rows/s {what}", end="", file=sys.stderr, flush=True)

@@ -30,8 +30,10 @@ class RayScorer:
 
 
 def score_rows_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]], workers: int,
-                        batch_size: int = 16) -> tuple[dict[tuple[int, int], np.ndarray], dict[int, int]]:
-    """{(shard, row): output} and {worker pid: models that process loaded}."""
+                        batch_size: int = 16, collect: Any = None) -> tuple[dict[tuple[int, int], np.ndarray],
+                                                                             dict[int, int]]:
+    """{(shard, row): output} and {worker pid: models that process loaded}; ``collect(shard,
+    row, y)`` is also called for each row as its result streams back."""
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     items = [{"shard": k, "row": i, "x": x} for k, i, x in rows]
@@ -41,15 +43,18 @@ def score_rows_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]]
     results: dict[tuple[int, int], np.ndarray] = {}
     loads: dict[int, int] = {}
     for r in out.iter_rows():
-        results[(int(r["shard"]), int(r["row"]))] = np.asarray(r["y"])
+        key = (int(r["shard"]), int(r["row"]))
+        results[key] = np.asarray(r["y"])
+        if collect is not None:
+            collect(key[0], key[1], results[key])
         loads[int(r["pid"])] = max(loads.get(int(r["pid"]), 0), int(r["loads"]))
     return results, loads
 
 
 def score_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]], workers: int,
-                   progress: bool) -> dict[tuple[int, int], np.ndarray]:
+                   progress: bool, collect: Any = None) -> dict[tuple[int, int], np.ndarray]:
     t0 = time.perf_counter()
-    results, _ = score_rows_with_ray(model_path, rows, workers)
+    results, _ = score_rows_with_ray(model_path, rows, workers, collect=collect)
     if progress:
         print(f"ray: {len(rows)} rows on {workers} actors in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return results
