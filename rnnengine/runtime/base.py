@@ -119,7 +119,8 @@ def step_streams(streams: Sequence[Stream], xs: Any, out: Any = None) -> Any:
     input. Single-row streams of one layer-stack model run as one batched C call
     (``xs`` (n, input_size) -> (n, output_size)); any other streams are stepped in turn and
     their outputs returned as a list (stacked into one array when they are arrays of one
-    shape)."""
+    shape). The batched call is all or nothing; stepped in turn, streams before a failing
+    one have advanced when its error is raised."""
     streams = list(streams)
     if not streams:
         raise ValueError("step_streams() needs at least one stream")

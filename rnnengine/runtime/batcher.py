@@ -27,7 +27,9 @@ outputs and next states are split back. That is done only when rnnengine/runtime
 proves every output row depends on its own input row, and the first batched call of each
 shape is checked against the same sessions stepped one by one (``graph_batching`` says
 whether it is on, and why not). Other graph steps, chunks (``feed``) and state calls run one
-by one in the scheduler, in order: correct, not batched.
+by one in the scheduler, in order: correct, not batched; a long chunk delays the other
+sessions' steps while it runs (the scheduler is one thread), so a service should feed long
+audio in chunks of moderate size.
 """
 from __future__ import annotations
 
