@@ -26,6 +26,18 @@ from rnnengine.ops.handlers import OPS, STATELESS, STEP_MASK  # noqa: F401 (STAT
 
 
 
+
+def _splice(nodes, replace, remove):
+    """The node list with each node in ``replace`` (by id) swapped for its new nodes and the
+    nodes in ``remove`` dropped."""
+    out = []
+    for n in nodes:
+        if id(n) in replace:
+            out.extend(replace[id(n)])
+        elif id(n) not in remove:
+            out.append(n)
+    return out
+
 def _index(nodes):
     producer, users = {}, {}
     for n in nodes:
@@ -155,13 +167,7 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
         remove.update(ids - {id(last)})
     if not replace:
         return nodes, 0
-    out = []
-    for n in nodes:
-        if id(n) in replace:
-            out.extend(replace[id(n)])
-        elif id(n) not in remove:
-            out.append(n)
-    return out, count
+    return _splice(nodes, replace, remove), count
 
 
 def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
@@ -272,13 +278,7 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
         remove.update(ids - {id(add_h)})
     if not replace:
         return nodes, 0
-    out = []
-    for n in nodes:
-        if id(n) in replace:
-            out.extend(replace[id(n)])
-        elif id(n) not in remove:
-            out.append(n)
-    return out, count
+    return _splice(nodes, replace, remove), count
 
 
 # --- Keras recurrent loops (tf2onnx) -------------------------------------------------------
