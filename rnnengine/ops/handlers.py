@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
 # the C enums (src_c/rnnengine.h) and the recurrent ops' tables, defined once in codes.py
@@ -81,8 +81,8 @@ class PlannerInterface(Protocol):
     def stack_index(self, stack: Any) -> int:
         """The index of a stack in the program's stack list."""
 
-    def stream_state(self, key: str, start: Any) -> int:
-        """The buffer id of a state a stream carries between calls, starting from ``start``."""
+    def stream_state(self, key: str, start: Any) -> Any:
+        """A run-time Value holding a state a stream carries between calls, starting from ``start``."""
 
     def emit(self, op: int, ins: Any, outs: Any, ip: Any, fp: Any = (), aux: int = -1) -> None:
         """Appends one instruction of the C executor (op code, input/output buffer ids,
@@ -114,7 +114,7 @@ INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 class Handler:
     ATTRS = set()
 
-    def __init__(self, node, opset):
+    def __init__(self, node: dict[str, Any], opset: int) -> None:
         self.node = node
         self.opset = opset
         self.attrs = node.get("attrs", {})
@@ -199,7 +199,8 @@ def broadcast_strides(shape, out_shape):
     return res
 
 
-def emit_copy(p, src, dst, shape, src_strides, dst_strides, src_off=0, dst_off=0):
+def emit_copy(p: Any, src: Any, dst: Any, shape: Iterable[int], src_strides: Iterable[int], dst_strides: Iterable[int],
+              src_off: int = 0, dst_off: int = 0) -> None:
     shape = list(shape)
     if len(shape) > 8:
         raise UnsupportedError(f"tensors of rank {len(shape)} > 8 are not supported")
@@ -734,7 +735,7 @@ class _View(Handler):
     def eval(self, xs):
         return [xs[0].reshape(self.target(xs[0].shape, _axes(self, xs, 1)))]
 
-    def emit(self, p, xs):
+    def emit(self, p: Any, xs: list[Any]) -> list[Any]:
         return [p.alias(xs[0], self.target(xs[0].shape, _axes(self, xs, 1)))]
 
 
@@ -817,7 +818,7 @@ class Slice(Handler):
         idx = tuple(slice(s, s + n * st if s + n * st >= 0 else None, st) for s, n, st in params)
         return [xs[0][idx]]
 
-    def emit(self, p, xs):
+    def emit(self, p: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
         params = _slice_params(self, x.shape, xs)
         shape = [n for _, n, _ in params]
@@ -834,7 +835,7 @@ class Concat(Handler):
     def eval(self, xs):
         return [np.concatenate(xs, axis=self.attr("axis"))]
 
-    def emit(self, p, xs):
+    def emit(self, p: Any, xs: list[Any]) -> list[Any]:
         nd = len(xs[0].shape)
         a = axis_of(self, self.attr("axis"), nd)
         for x in xs:
@@ -1162,7 +1163,7 @@ class Softmax(Handler):
 
 # --- audio front ends --------------------------------------------------------------------
 
-def flatten_conv_inputs(p, xs):
+def flatten_conv_inputs(p: Any, xs: list[Any]) -> list[Any]:
     """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)."""
     x, w = xs[0], xs[1]
     return [p.alias(x, (x.shape[0], x.shape[1], x.shape[3])),

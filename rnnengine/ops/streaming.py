@@ -28,7 +28,7 @@ state. Look-ahead (right padding) delays their outputs; `finish` flushes them.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -52,7 +52,7 @@ MOVEMENT = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose
             "Concat", "Expand", "Dropout"}
 
 
-def check_outputs(p, outputs, state_pairs):
+def check_outputs(p: Any, outputs: dict[str, Any], state_pairs: Iterable[tuple[str, str]]) -> None:
     """At the end of a stream's plan: outputs must not be numbers computed from the chunk's
     length, and a paired state output must be a layer's final state moved into place (fed back
     as the next call's state it then continues the sequence exactly)."""
@@ -78,7 +78,7 @@ def has_tdep(v: Any) -> bool:
     return v is not None and v.tdep is not None and bool(np.any(v.tdep))
 
 
-def propagate(p, h, xs, outs):
+def propagate(p: Any, h: Any, xs: list[Any], outs: list[Any]) -> None:
     """Sets the time information of `outs` (the outputs of handler h's node) from `xs`."""
     node = h.node
     op = node["op"]
@@ -139,7 +139,7 @@ def _runtime_tdep(h, xs, outs):
 
 # --- elementwise: the same step in, the same step out -------------------------------------
 
-def precheck(p, h, xs):
+def precheck(p: Any, h: Any, xs: list[Any]) -> None:
     """Checks made before an op is planned, whose violation would otherwise surface as a
     shape error (or not at all): time series out of step, state combined with time steps."""
     if h.node["op"] in RULES and RULES[h.node["op"]] is elementwise:
@@ -262,7 +262,7 @@ def reshape(p, h, xs, outs):
     _set(out, t=cands[0], lag=x.lag, scale=x.scale)
 
 
-def reshape_no_steps(p, h, xs):
+def reshape_no_steps(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     """A Reshape of a chunk with no steps (a conv still filling its window, or finish()):
     -1 cannot be inferred from zero elements, so the target is resolved for a chunk of P
     steps (P a length no other dimension has) and the time axis then set back to 0."""
@@ -552,7 +552,7 @@ def reduce(p, h, xs, outs):
 
 # --- recurrent layers ----------------------------------------------------------------------
 
-def recurrent_check(h, xs):
+def recurrent_check(h: Any, xs: list[Any]) -> int:
     """Refuses, before it is planned, a recurrent layer a stream cannot carry forward."""
     x = xs[0]
     direction = h.attrs.get("direction", "forward")
@@ -616,7 +616,7 @@ def recurrent(p, h, xs, outs):
 
 # --- ops with a receptive field along time: carried context ---------------------------------
 
-def conv_along_time(p, h, xs):
+def conv_along_time(p: Any, h: Any, xs: list[Any]) -> bool:
     """True when a Conv's length axis is the stream's time axis (it then streams with carried
     context through emit_conv); refuses convs that mix time otherwise."""
     x = xs[0]
@@ -632,7 +632,7 @@ def conv_along_time(p, h, xs):
     return True
 
 
-def emit_conv(p, h, xs):
+def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     """Conv1d over a chunk with the frames it still needs from earlier chunks.
 
     Along time the whole-sequence conv reads the padded input P = [pl zeros, x, pr zeros]
@@ -695,7 +695,7 @@ def emit_conv(p, h, xs):
     return [out]
 
 
-def pad_along_time(p, h, xs, x_shape):
+def pad_along_time(p: Any, h: Any, xs: list[Any], x_shape: tuple[int, ...]) -> Optional[tuple[int, int]]:
     """(begin, end) padding of the time axis, or None when the Pad leaves time alone."""
     x = xs[0]
     if not timed(x):
@@ -716,7 +716,7 @@ def pad_along_time(p, h, xs, x_shape):
     return b, e
 
 
-def emit_pad(p, h, xs, b, e):
+def emit_pad(p: Any, h: Any, xs: list[Any], b: int, e: int) -> list[Any]:
     """Pad along time in a stream: the leading `b` steps come out before the first chunk, the
     trailing `e` steps at finish(); other axes are padded as usual."""
     x = xs[0]
@@ -746,7 +746,7 @@ def conv_or_pad_without_time(p, h, xs, outs):
             _set(o, t=x.t, final=x.final, lag=x.lag, scale=x.scale)
 
 
-def scan_output(p, node, vals, out, time_loop):
+def scan_output(p: Any, node: dict[str, Any], vals: list[Any], out: Any, time_loop: bool) -> None:
     """The time information of a Loop's scan output: the stacked per-iteration values."""
     if any(v.final for v in vals) or (time_loop and any(v.t is not None for v in vals)):
         raise NotStreamableError(node, "stacks values that already run along time")

@@ -471,7 +471,7 @@ class Batcher:
         def part(k: int) -> np.ndarray | BaseException:
             b0, b1 = bounds[k], bounds[k + 1]
             try:
-                return _core.step_streams([s for _, s in pairs[b0:b1]], X[b0:b1])  # type: ignore[no-any-return]
+                return _core.step_streams([s for _, s in pairs[b0:b1]], X[b0:b1])
             except Exception as e:
                 return e
         results = list(self._pool.map(part, range(parts))) if parts > 1 and self._pool is not None \

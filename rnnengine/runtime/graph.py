@@ -21,31 +21,77 @@ import math
 import re
 import threading
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NotRequired, Optional, TypedDict, \
+    Union, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from rnnengine import _core, limits
+from rnnengine.errors import LimitError, NotStreamableError, UnsupportedError, where
 from rnnengine.limits import Limits
 from rnnengine.runtime import compact, split
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
 from rnnengine.codes import NP_DTYPES, RECURRENT_OPS, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
-from rnnengine.ops.handlers import (OPS, Concat, NotStreamableError, Slice, UnsupportedError, Unsqueeze, emit_copy,
-                                    flatten_conv_inputs, where)
+from rnnengine.ops.handlers import OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, Stream
 from rnnengine.runtime.roles import axis_roles, input_roles
 from rnnengine.runtime.states import check_state_positions
+
+if TYPE_CHECKING:
+    from rnnengine.format.weightfile import WeightFile
+    from rnnengine.ops.handlers import PlannerInterface
+
+Array = npt.NDArray[Any]
+Node = dict[str, Any]  # a node of the converted graph (rnnengine.frontend.converter): op, name, inputs, ...
+# while planning: tensor name -> Value, or a list of Values (an ONNX sequence)
+Env = dict[str, Any]
+# an entry of a plan's tensor table: ("buf", shape, dtype), ("const", array, dtype),
+# ("input", name, shape, dtype) or ("state", key)
+Spec = tuple[Any, ...]
+# run() / feed() / step() take a dict name -> array(-like) and give a dict name -> array, or
+# the one array of a model with one input to feed and give the outputs in order (one array alone)
+Feeds = dict[str, Any]
+Returned = Union[Array, tuple[Array, ...]]
+
+
+class GraphStreamState(TypedDict):
+    """A graph stream's state, as get_state() returns it and set_state() takes it."""
+    layers: dict[str, npt.NDArray[np.float32]]  # recurrent layer / Loop key -> 1-D float32 vector
+    inputs: dict[str, Array]                    # explicit state input -> array
+    context: dict[str, int]                     # what ops along time carry ("conv:<output>", "pad:<output>")
+
+
+class PlanContext(TypedDict):
+    """Buffers for one run of a plan (Plan.context)."""
+    ptrs: npt.NDArray[np.int64]  # the tensor table: an address per tensor id
+    bufs: dict[int, Array]       # tensor id -> the array behind it (intermediates, constants)
+    work: npt.NDArray[np.float32]
+    views: NotRequired[dict[str, Array]]  # output name -> a view of its buffer, made at the first run
 
 
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
     __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried", "fstate")
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    const: Any          # the constant's array, or None for a run-time tensor
+    tid: Optional[int]  # the id of its run-time buffer in the tensor table, once it has one
+    t: Optional[int]
+    final: bool
+    tdep: Any           # None, or a bool array (rnnengine/ops/streaming.py)
+    lag: int
+    scale: int
+    perm: bool
+    carried: bool
+    fstate: bool
 
-    def __init__(self, shape, dtype, const=None, tid=None):
+    def __init__(self, shape: Iterable[Any], dtype: npt.DTypeLike, const: Any = None, tid: Optional[int] = None
+                 ) -> None:
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
         self.const = const
@@ -57,17 +103,20 @@ class Value:
 
 
 _BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
-_TENSOR_CODES = {}  # dtype -> the tensor table's element type code (codes.tensor_code), cached
+# dtype -> the tensor table's element type code (codes.tensor_code), cached
+_TENSOR_CODES: dict[np.dtype[Any], int] = {}
 
 
 class Plan:
     """The program for one set of input shapes, shared by every run and stream using them."""
 
-    def __init__(self, planner):
+    def __init__(self, planner: Planner) -> None:
         # the tensor table the C verifier checks every instruction against (element type
         # code, element count and whether it may be written, per tensor id): intermediates,
         # constants, inputs, states
-        codes, counts, writable = [], [], []
+        codes: list[int] = []
+        counts: list[int] = []
+        writable: list[bool] = []
         for spec in planner.specs:
             kind = spec[0]
             if kind == "buf":
@@ -106,10 +155,10 @@ class Plan:
         self.delay = max(0, max(lags)) if lags else 0
         self.tail = planner.tail
 
-    def context(self):
+    def context(self) -> PlanContext:
         """Buffers for one run: a tensor table with intermediates allocated, constants bound."""
         ptrs = np.zeros(max(1, len(self.specs)), np.int64)
-        bufs = {}
+        bufs: dict[int, Array] = {}
         for tid, spec in enumerate(self.specs):
             if spec[0] == "buf":
                 bufs[tid] = np.zeros(max(1, int(np.prod(spec[1]))), spec[2])
@@ -120,7 +169,9 @@ class Plan:
             ptrs[tid] = _core.address(bufs[tid])
         return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(self.work_floats, np.float32)}
 
-    def execute(self, ctx, feeds, states, want=None, into=None):
+    def execute(self, ctx: PlanContext, feeds: Mapping[str, Array], states: Mapping[str, Array],
+                want: Optional[Collection[str]] = None, into: Optional[Mapping[str, Array]] = None
+                ) -> dict[str, Array]:
         """Runs the program; returns copies of the outputs named in ``want`` (all when None)
         and copies the outputs named in ``into`` (name -> array) into those arrays."""
         ptrs = ctx["ptrs"]
@@ -151,17 +202,18 @@ class Plan:
         return out
 
     @property
-    def _reads(self):
+    def _reads(self) -> list[tuple[str, str, Any, int, np.dtype[Any], tuple[int, ...]]]:
         """How to read each graph output after a run: (name, kind, ref, n, dtype, shape)."""
-        reads = self.__dict__.get("_reads_cache")
+        reads: Optional[list[tuple[str, str, Any, int, np.dtype[Any], tuple[int, ...]]]] = \
+            self.__dict__.get("_reads_cache")
         if reads is None:
             reads = []
             for name, v in self.outputs:
                 n = int(np.prod(v.shape))
                 if v.const is not None:
                     reads.append((name, "const", np.asarray(v.const), n, v.dtype, v.shape))
-                elif self.specs[v.tid][0] == "input":
-                    reads.append((name, "input", self.specs[v.tid][1], n, v.dtype, v.shape))
+                elif self.specs[cast(int, v.tid)][0] == "input":  # not a constant: it has a buffer
+                    reads.append((name, "input", self.specs[cast(int, v.tid)][1], n, v.dtype, v.shape))
                 else:
                     reads.append((name, "buf", v.tid, n, v.dtype, v.shape))
             self.__dict__["_reads_cache"] = reads
@@ -169,27 +221,37 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, model, feeds, streaming, time_axes=None, aux=None, finishing=False):
+    """Plans a graph for concrete input shapes: walks its nodes, folding constants and emitting
+    the C executor's instructions (what Plan then holds)."""
+
+    def __init__(self, model: GraphModel, feeds: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]],
+                 streaming: bool, time_axes: Optional[Mapping[str, int]] = None,
+                 aux: Optional[Mapping[str, int]] = None, finishing: bool = False) -> None:
         self.model = model
         self.streaming = streaming
-        self.aux_in, self.aux_out = dict(aux or {}), {}
+        self.aux_in: dict[str, int] = dict(aux or {})
+        self.aux_out: dict[str, int] = {}
         self.finishing = finishing
         self.tail = False  # in a stream, an op along time holds frames back until finish()
         self.has_time = bool(streaming and time_axes)
-        self.loop_reads = None  # in a loop over time: (steps, lag, scale) of each series it reads
-        self.loop_iter = None  # in a stream, the iteration of the loop over time being planned
-        self.loop_timing = (0, 1)
-        self.specs = []
-        self.prog, self.ip, self.fp = [], [], []
-        self.labels, self._node = [], None  # per instruction, the node it computes (for errors)
+        self.loop_reads: Optional[list[Any]] = None  # in a loop over time: (steps, lag, scale) of each series it reads
+        self.loop_iter: Optional[int] = None  # in a stream, the iteration of the loop over time being planned
+        self.loop_timing: tuple[int, int] = (0, 1)
+        self.specs: list[Spec] = []
+        self.prog: list[int] = []
+        self.ip: list[int] = []
+        self.fp: list[float] = []
+        self.labels: list[str | None] = []  # per instruction, the node it computes (for errors)
+        self._node: Optional[Node] = None
         self.work = 16
-        self.stacks, self._stack_ids = [], {}
-        self.state = {}
-        self.input_tids = {}
-        self.recurrent = []  # per recurrent layer planned: node, T, B, direction, kind
+        self.stacks: list[_core.Stack] = []
+        self._stack_ids: dict[int, int] = {}
+        self.state: dict[str, tuple[int, Array]] = {}
+        self.input_tids: dict[str, int] = {}
+        self.recurrent: list[dict[str, Any]] = []  # per recurrent layer planned: node, T, B, direction, kind
         # rnnengine/limits.py: tensor sizes, bytes folded + allocated, Loop nodes unrolled, time
         self.budget = limits.Budget(getattr(model, "limits", None))
-        env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
+        env: Env = {name: Value(arr.shape, arr.dtype, const=arr) for name, arr in model.tensors.items()}
         for name, (shape, dtype) in feeds.items():
             tid = self._spec(("input", name, tuple(shape), np.dtype(dtype)))
             self.input_tids[name] = tid
@@ -200,7 +262,7 @@ class Planner:
                 env[name].carried = True
         with limits.using(self.budget.limits):  # the op handlers' own size checks use them too
             self.walk(model.graph["nodes"], env)
-        self.outputs = []
+        self.outputs: list[tuple[str, Value]] = []
         for o in model.graph["outputs"]:
             if o["name"] not in env:
                 raise UnsupportedError(f"graph output {o['name']!r} is produced by no node")
@@ -209,15 +271,15 @@ class Planner:
             _check_stream_outputs(self, dict(self.outputs), model.state_pairs)
 
     # -- building blocks used by the op handlers (rnnengine/ops.py)
-    def _spec(self, spec):
+    def _spec(self, spec: Spec) -> int:
         self.specs.append(spec)
         return len(self.specs) - 1
 
-    def const(self, arr):
+    def const(self, arr: npt.ArrayLike) -> Value:
         arr = np.asarray(arr)
         return Value(arr.shape, arr.dtype, const=arr)
 
-    def new(self, shape, dtype):
+    def new(self, shape: Iterable[Any], dtype: npt.DTypeLike) -> Value:
         dtype = np.dtype(dtype)
         n = 1
         for d in shape:
@@ -227,17 +289,17 @@ class Planner:
         self.budget.allocate(node, n * dtype.itemsize, "allocated")
         return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
 
-    def alias(self, x, shape):
+    def alias(self, x: Value, shape: Iterable[Any]) -> Value:
         """The same data seen with another shape (Reshape, Squeeze...): no copy."""
         if x.const is not None:
             return Value(shape, x.dtype, const=np.asarray(x.const).reshape(shape))
         return Value(shape, x.dtype, tid=x.tid)
 
-    def materialize(self, x):
+    def materialize(self, x: Value) -> Value:
         self.tid(x)
         return x
 
-    def tid(self, v):
+    def tid(self, v: Value) -> int:
         if v.tid is None:
             arr = np.ascontiguousarray(v.const)
             if arr.dtype == np.bool_:
@@ -247,31 +309,32 @@ class Planner:
             v.tid = self._spec(("const", arr, v.dtype))  # a bool stays bool in the tensor table
         return v.tid
 
-    def derived(self, source, tag, fn):
+    def derived(self, source: Any, tag: str, fn: Callable[[], Any]) -> Any:
         """fn() computed once per model for a constant (e.g. a transposed weight matrix), so
         plans for other shapes reuse it instead of copying the weights again."""
         return self.model._derived_for(source, tag, fn)
 
-    def need_work(self, floats):
+    def need_work(self, floats: float) -> None:
         self.work = max(self.work, int(floats))
 
-    def stack(self, handler, consts):
+    def stack(self, handler: Any, consts: Any) -> tuple[Any, _core.Stack]:
         return self.model._stack_for(handler, consts)
 
-    def stack_index(self, stack):
+    def stack_index(self, stack: _core.Stack) -> int:
         if id(stack) not in self._stack_ids:
             self._stack_ids[id(stack)] = len(self.stacks)
             self.stacks.append(stack)
         return self._stack_ids[id(stack)]
 
-    def stream_state(self, key, start):
+    def stream_state(self, key: str, start: Array) -> Value:
         if key in self.state:
             raise UnsupportedError(f"two recurrent layers share the state key {key!r}")
         tid = self._spec(("state", key))
         self.state[key] = (tid, start)
         return Value(start.shape, np.float32, tid=tid)
 
-    def emit(self, op, ins, outs, ip, fp=(), aux=-1):
+    def emit(self, op: int, ins: Collection[Optional[Value]], outs: Collection[Optional[Value]], ip: Collection[Any],
+             fp: Collection[Any] = (), aux: int = -1) -> None:
         if len(ins) > 4 or len(outs) > 3:
             raise AssertionError("instruction slots exceeded")
         word = [op] + [-1] * 15
@@ -289,7 +352,7 @@ class Planner:
         self.fp.extend(float(v) for v in fp)
 
     # -- the walk over the nodes
-    def walk(self, nodes, env):
+    def walk(self, nodes: list[Node], env: Env) -> None:
         opset = self.model.opset
         for node in nodes:
             op = node["op"]
@@ -303,7 +366,7 @@ class Planner:
                 if handler_cls is None:
                     raise UnsupportedError(f"{where(node)}: op {op!r} is not supported")
                 h = handler_cls(node, opset)
-                xs = []
+                xs: list[Optional[Value]] = []
                 for name in node["inputs"]:
                     if not name:
                         xs.append(None)
@@ -346,7 +409,7 @@ class Planner:
                     env[name] = v
 
 
-    def emit_streaming(self, h, xs):
+    def emit_streaming(self, h: Any, xs: list[Any]) -> Optional[list[Value]]:
         """In a stream: checks a recurrent layer before it is planned, and plans the ops that
         carry context along time (rnnengine/streaming.py). Returns their outputs, or None
         when the op is planned as usual."""
@@ -380,14 +443,14 @@ class Planner:
             return streaming.reshape_no_steps(self, h, xs)
         return None
 
-    def sequence_op(self, node, env):
+    def sequence_op(self, node: Node, env: Env) -> list[Any]:
         """ONNX sequence ops, as the dynamo exporter writes torch.unbind / torch.stack: a
         sequence is a Python list of values while planning; nothing of it reaches C."""
         op, at = node["op"], node.get("attrs", {})
         for name in node["inputs"]:
             if name and name not in env:
                 raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
-        xs = [env[n] if n else None for n in node["inputs"]]
+        xs: list[Any] = [env[n] if n else None for n in node["inputs"]]  # Values, lists of them, None
         for k, x in enumerate(xs):
             if x is not None and isinstance(x, list) != (k in SEQUENCE_INPUTS.get(op, ())):
                 raise UnsupportedError(f"{where(node)}: input {k} ({node['inputs'][k]!r}) is "
@@ -397,7 +460,7 @@ class Planner:
                                   if not isinstance(x, list)):
             raise NotStreamableError(node, f"{op} on a time series is not known to act step by step")
 
-        def sub(op_type, inputs, attrs):
+        def sub(op_type: str, inputs: list[str], attrs: dict[str, Any]) -> Node:
             return {"op": op_type, "name": node.get("name", ""), "inputs": inputs, "outputs": ["x"], "attrs": attrs}
         if op == "SplitToSequence":
             x = xs[0]
@@ -405,14 +468,15 @@ class Planner:
             if len(xs) > 1 and xs[1] is not None:
                 if xs[1].const is None:
                     raise UnsupportedError(f"{where(node)}: split sizes must be constants")
-                sizes = np.asarray(xs[1].const).reshape(-1)
+                sizes: Any = np.asarray(xs[1].const).reshape(-1)  # an array, or a list of sizes
                 if sizes.size == 1 and np.ndim(xs[1].const) == 0:
                     k = int(sizes[0])
                     sizes = [min(k, x.shape[axis] - i) for i in range(0, x.shape[axis], k)]
                 keep = True
             else:
                 sizes, keep = [1] * x.shape[axis], bool(at.get("keepdims", 1))
-            parts, pos = [], 0
+            parts: list[Value] = []
+            pos = 0
             for n in sizes:
                 sl = Slice(sub("Slice", [], {}), 10)
                 part = sl.emit(self, [x, self.const(np.array([pos])), self.const(np.array([pos + int(n)])),
@@ -424,10 +488,10 @@ class Planner:
                 pos += int(n)
             return [parts]
         if op == "SequenceAt":
-            seq, pos = xs
-            if pos.const is None:
+            seq, index = xs
+            if index.const is None:
                 raise UnsupportedError(f"{where(node)}: the position must be a constant")
-            at = np.asarray(pos.const).reshape(-1)
+            at = np.asarray(index.const).reshape(-1)
             if at.size != 1 or at.dtype.kind not in "iu" or not -len(seq) <= int(at[0]) < len(seq):
                 raise UnsupportedError(f"{where(node)}: position {at.tolist()[:4]} is not one integer within the "
                                        f"sequence of {len(seq)} tensors")
@@ -457,7 +521,7 @@ class Planner:
             return Concat(sub("Concat", [], {"axis": axis}), 13).emit(self, seq)
         raise UnsupportedError(f"{where(node)}: {op} is not supported")
 
-    def loop(self, node, env):
+    def loop(self, node: Node, env: Env) -> list[Any]:
         """ONNX Loop, unrolled: the trip count and the condition must be known when planning
         (they are for recurrent loops over a time axis: Shape-derived, and `i < T`). In a
         stream, float loop-carried values that start from constants (zero states) are held
@@ -481,7 +545,7 @@ class Planner:
                                                    "call, so every chunk would start the recurrence anew")
         trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None
         keep_going = bool(np.asarray(cond.const).reshape(-1)[0]) if cond is not None else True
-        carried = [env[n] if n else None for n in node["inputs"][2:]]
+        carried: list[Any] = [env[n] if n else None for n in node["inputs"][2:]]  # Values (None: absent)
         n_carried = len(carried)
         n_scan = len(body["outputs"]) - 1 - n_carried
         states = []
@@ -492,14 +556,14 @@ class Planner:
                                    f"{2 + n_carried} inputs (iteration, condition, the values) and at least "
                                    f"{1 + n_carried} outputs")
 
-        def passes_through(k):
+        def passes_through(k: int) -> bool:
             """True when the body hands carried value k on unchanged (through Identities):
             a loop invariant such as a weight, not state."""
             name, seen = body["outputs"][1 + k], set()
             while name in produced_by and produced_by[name]["op"] == "Identity" and name not in seen:
                 seen.add(name)  # an Identity writing its own input (x -> x) would loop forever
                 name = produced_by[name]["inputs"][0]
-            return name == body["inputs"][2 + k]
+            return bool(name == body["inputs"][2 + k])
         # a stream carries a loop's state from call to call when the loop runs over time (or,
         # in a model without a time axis, a fixed step per call); another loop starts anew
         if self.streaming and (time_loop or not self.has_time):
@@ -523,7 +587,7 @@ class Planner:
         record = {"node": node.get("name") or node["outputs"][0], "T": trips, "B": None, "direction": "forward",
                   "kind": "Loop", "explicit_state": not states}
         self.recurrent.append(record)
-        scans = [[] for _ in range(n_scan)]
+        scans: list[list[Value]] = [[] for _ in range(n_scan)]
         # a while loop (no trip count) runs as long as its condition, known when planning,
         # stays true
         i = 0
@@ -604,7 +668,7 @@ class Planner:
         return outs
 
 
-def _check_loop_state(node, k, start, v):
+def _check_loop_state(node: Node, k: int, start: Iterable[int], v: Value) -> None:
     """A stream carries a Loop's state from call to call: the next call starts from the value
     this one ends with, as it started here, so its shape and type must stay the same."""
     if v.shape != tuple(start) or v.dtype != np.float32:
@@ -613,7 +677,7 @@ def _check_loop_state(node, k, start, v):
                                "type must stay the same")
 
 
-def _runs_every_trip(body):
+def _runs_every_trip(body: dict[str, Any]) -> bool:
     """True when a Loop body hands its condition on unchanged (through Identities) or sets it
     to a constant true: nothing but the trip count stops the loop (tf2onnx's while loops,
     with a huge trip count and a condition computed in the body, may stop any time)."""
@@ -631,7 +695,7 @@ def _runs_every_trip(body):
         return False
 
 
-def _unrolled_nodes(body, env, depth=0):
+def _unrolled_nodes(body: dict[str, Any], env: Env, depth: int = 0) -> int:
     """Nodes planned per iteration of a Loop body: its own, plus those of the Loops nested in
     it whose trip counts are constants (outer values or the body's own tensors) and that run
     every trip, multiplied out; another nested Loop counts as one node here (the walk counts
@@ -656,9 +720,9 @@ def _unrolled_nodes(body, env, depth=0):
     return n
 
 
-def _outer_reads(node):
+def _outer_reads(node: Node) -> list[str]:
     """Names a node's subgraphs (If branches, Loop bodies) read from the enclosing scope."""
-    reads = []
+    reads: list[str] = []
     for v in node.get("attrs", {}).values():
         if isinstance(v, dict) and "nodes" in v:
             local = set(v.get("tensors", {})) | set(v.get("inputs", []))
@@ -680,37 +744,41 @@ class GraphModel(Model):
     limits: Limits | None = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
     weight_dtype = "float32"  # storage of the recurrent kernels' weights (rnnengine/runtime/compact.py)
     threads = 1  # run() splits the batch over this many threads when exact (rnnengine/runtime/split.py)
-    thread_split_reason = "threads is 1"  # why the last run() was not split (None: it was)
-    mapped_file = None  # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
+    thread_split_reason: Optional[str] = "threads is 1"  # why the last run() was not split (None: it was)
+    # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
+    mapped_file: Optional[WeightFile] = None
+    _probed: dict[tuple[Any, ...], dict[str, tuple[int, ...]]]  # _probe_state_shapes' results, once made
 
     def __init__(self, graph: dict[str, Any], tensors: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.graph = graph
         self.tensors = dict(tensors)
         self.metadata = dict(metadata or {})
         self.opset = int(graph["opset"])
-        self.inputs = graph["inputs"]
+        self.inputs: list[dict[str, Any]] = graph["inputs"]  # name, dtype, shape (ints, symbols, None)
         self.outputs = [o["name"] for o in graph["outputs"]]
-        self.state_pairs = [tuple(p) for p in graph.get("state_pairs", [])]
-        self._plans = {}
-        self._stacks = {}
-        self._derived = {}
+        # (state input, output fed back as it): the graph's explicit state
+        self.state_pairs = cast("list[tuple[str, str]]", [tuple(p) for p in graph.get("state_pairs", [])])
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._stacks: dict[Any, tuple[Any, _core.Stack]] = {}
+        self._derived: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"GraphModel(inputs={[i['name'] for i in self.inputs]}, outputs={self.outputs}, "
                 f"nodes={len(self.graph['nodes'])})")
 
     @property
-    def feed_names(self):
+    def feed_names(self) -> list[str]:
         """Inputs a stream's caller feeds: all inputs but the explicit state ones."""
         carried = {a for a, _ in self.state_pairs}
         return [i["name"] for i in self.inputs if i["name"] not in carried]
 
     @property
-    def input_names(self):
+    def input_names(self) -> list[str]:
         return self.feed_names
 
-    def _as_feeds(self, inputs, lengths, state, who):
+    def _as_feeds(self, inputs: Any, lengths: Optional[npt.ArrayLike], state: Optional[Mapping[str, Any]], who: str
+                  ) -> Any:
         """run()/feed()'s arguments as one dict of inputs: ``lengths`` goes to the input that
         feeds the recurrent layers' sequence_lens, ``state`` ({state input: array}, or a
         stream's get_state() structure, of which only "inputs" applies) to the state inputs."""
@@ -750,7 +818,8 @@ class GraphModel(Model):
             feeds[n] = v
         return feeds
 
-    def _as_returned(self, inputs, out, outputs=None):
+    def _as_returned(self, inputs: object, out: dict[str, Array], outputs: Optional[Iterable[str]] = None
+                     ) -> dict[str, Array] | Returned:
         """A dict of outputs for a dict of inputs, else the outputs in order (one array alone)."""
         if isinstance(inputs, dict):
             return out
@@ -758,7 +827,7 @@ class GraphModel(Model):
         vals = tuple(out[n] for n in names if n in out)
         return vals[0] if len(vals) == 1 else vals
 
-    def _derived_for(self, source, tag, fn):
+    def _derived_for(self, source: Any, tag: str, fn: Callable[[], Any]) -> Any:
         key = (id(source), tag)
         with self._lock:
             hit = self._derived.get(key)
@@ -767,7 +836,7 @@ class GraphModel(Model):
                 self._derived[key] = hit
             return hit[1]
 
-    def _stack_for(self, handler, consts):
+    def _stack_for(self, handler: Any, consts: Any) -> tuple[Any, _core.Stack]:
         node = handler.node
         ins = node["inputs"]
         weights = [ins[k] if k < len(ins) else "" for k in (1, 2, 3, 7)]
@@ -786,7 +855,8 @@ class GraphModel(Model):
                 self._stacks[key] = (layer, _core.Stack([spec]))
             return self._stacks[key]
 
-    def plan(self, feeds, streaming=False, time_axes=None, aux=None, finishing=False):
+    def plan(self, feeds: Mapping[str, Array], streaming: bool = False, time_axes: Optional[Mapping[str, int]] = None,
+             aux: Optional[Mapping[str, int]] = None, finishing: bool = False) -> Plan:
         """The plan for these input shapes (cached). A stream's plan also depends on its
         inputs' time axes and on the context it carries (rnnengine/streaming.py)."""
         key = (streaming, finishing, tuple(sorted((time_axes or {}).items())), tuple(sorted((aux or {}).items()))) \
@@ -802,7 +872,7 @@ class GraphModel(Model):
                 self._plans[key] = plan
         return plan
 
-    def _check_feeds(self, inputs, allow_missing=()):
+    def _check_feeds(self, inputs: Any, allow_missing: Collection[str] = ()) -> dict[str, Array]:
         """The inputs as contiguous arrays of the declared dtypes, checked against the
         declared shapes; mistakes are reported in the user's terms (the input's name, its
         axes as batch / time / features, the shape given), not the engine's."""
@@ -816,10 +886,10 @@ class GraphModel(Model):
             if name not in declared:
                 raise ValueError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
 
-        def roles():
+        def roles() -> dict[str, dict[int, str]]:
             return axis_roles(self)
 
-        def axis_label(name, k):
+        def axis_label(name: str, k: int) -> str:
             spec = declared[name]
             d = spec["shape"][k]
             role = roles().get(name, {}).get(k)
@@ -828,7 +898,7 @@ class GraphModel(Model):
                 return f"{d} features" if sequence and k == len(spec["shape"]) - 1 else str(d)
             return role or (d if isinstance(d, str) and not re.fullmatch(r"(s|unk__)\d+", d) else "?")
 
-        def described(name):
+        def described(name: str) -> str:
             return "(" + ", ".join(axis_label(name, k) for k in range(len(declared[name]["shape"]))) + ")"
         feeds = {}
         for name, spec in declared.items():
@@ -875,27 +945,27 @@ class GraphModel(Model):
         # here when the axis is a known batch or time axis (other symbols are left to planning)
         shared = self.__dict__.get("_shared_dims")
         if shared is None:  # (input, axis) pairs whose symbol also names another input's axis
-            owners = {}
+            owners: dict[str, list[tuple[str, int]]] = {}
             for i in self.inputs:
                 for k, d in enumerate(i["shape"] or ()):
                     if isinstance(d, str):
                         owners.setdefault(d, []).append((i["name"], k))
             shared = self.__dict__["_shared_dims"] = [(n, k, d) for d, o in owners.items() if len(o) > 1
                                                       for n, k in o]
-        seen = {}
+        seen: dict[str, tuple[str, int, int]] = {}
         for name, k, d in shared:
-            arr = feeds.get(name)
-            if arr is None:
+            fed = feeds.get(name)
+            if fed is None:
                 continue
-            n0, k0, g0 = seen.setdefault(d, (name, k, arr.shape[k]))
-            if g0 != arr.shape[k]:
+            n0, k0, g0 = seen.setdefault(d, (name, k, fed.shape[k]))
+            if g0 != fed.shape[k]:
                 role = roles().get(name, {}).get(k) or roles().get(n0, {}).get(k0)
                 if role:
-                    raise ValueError(f"input {name!r} has {role} {arr.shape[k]} (shape {arr.shape}) but input "
+                    raise ValueError(f"input {name!r} has {role} {fed.shape[k]} (shape {fed.shape}) but input "
                                      f"{n0!r} has {role} {g0} (shape {feeds[n0].shape})")
         return feeds
 
-    def _token_inputs(self):
+    def _token_inputs(self) -> dict[str, int]:
         """{input name: vocabulary size} of the inputs that index an embedding table (cached)."""
         tokens = self.__dict__.get("_tokens")
         if tokens is None:
@@ -903,7 +973,15 @@ class GraphModel(Model):
             self.__dict__["_tokens"] = tokens
         return tokens
 
-    def run(self, inputs, lengths=None, state=None):
+    @overload
+    def run(self, inputs: Feeds, lengths: Optional[npt.ArrayLike] = None,
+            state: GraphStreamState | dict[str, Any] | None = None) -> dict[str, Array]: ...
+    @overload
+    def run(self, inputs: npt.ArrayLike, lengths: Optional[npt.ArrayLike] = None,
+            state: GraphStreamState | dict[str, Any] | None = None) -> Returned: ...
+
+    def run(self, inputs: Feeds | npt.ArrayLike, lengths: Optional[npt.ArrayLike] = None,
+            state: GraphStreamState | dict[str, Any] | None = None) -> dict[str, Array] | Returned:
         """Runs the graph once on whole sequences (no state kept). ``inputs``: a dict name ->
         array (returns a dict output name -> array), or the one array of a model with one
         input to feed (returns the outputs in ``outputs`` order, one array alone).
@@ -925,7 +1003,7 @@ class GraphModel(Model):
         plan = self.plan(feeds)
         return self._as_returned(given, plan.execute(plan.context(), feeds, {}))
 
-    def _zero_state(self, name, feeds):
+    def _zero_state(self, name: str, feeds: Mapping[str, Array]) -> Array:
         """Zeros for the explicit state input ``name`` (a stream's start, or run() without
         it). Its shape comes from the graph: static dimensions as declared, named ones from
         the inputs fed with the same name, and any still unknown (e.g. silero-vad's
@@ -936,12 +1014,13 @@ class GraphModel(Model):
         if spec is None:
             raise UnsupportedError(f"state pair {name!r}: the model has no input {name!r} to carry the state in "
                                    f"(inputs: {[i['name'] for i in self.inputs]})")
-        shape = self._declared_state_shape(spec, feeds)
-        if any(d is None for d in shape):
+        declared = self._declared_state_shape(spec, feeds)
+        shape: Iterable[Optional[int]] = declared
+        if any(d is None for d in declared):
             shape = self._probe_state_shapes(feeds)[name]
-        return np.zeros(shape, NP_DTYPES[spec["dtype"]])
+        return np.zeros(cast("list[int]", shape), NP_DTYPES[spec["dtype"]])  # every dimension known now
 
-    def _check_state_positions(self, feeds):
+    def _check_state_positions(self, feeds: Mapping[str, Array]) -> None:
         """Before a stream first runs with these input shapes: every paired output must hand
         each state element back to its own place (rnnengine.runtime.states.check_state_positions)."""
         if not self.state_pairs:
@@ -952,7 +1031,7 @@ class GraphModel(Model):
             with limits.using(self.limits):
                 done[sig] = check_state_positions({**self.graph, "state_pairs": self.state_pairs}, self.tensors, feeds)
 
-    def _declared_state_shape(self, spec, feeds):
+    def _declared_state_shape(self, spec: dict[str, Any], feeds: Mapping[str, Array]) -> list[Optional[int]]:
         """The state's shape with the sizes the declaration and the fed inputs give (None for
         a dimension neither tells)."""
         dims = {}
@@ -965,7 +1044,7 @@ class GraphModel(Model):
             raise ValueError(f"state input {spec['name']!r} has no declared rank: pass it explicitly "
                              f"(to a stream: stream.set_state({{'inputs': {{{spec['name']!r}: array}}}}) "
                              "before the first call)")
-        shape = []
+        shape: list[Optional[int]] = []
         for k, d in enumerate(spec["shape"]):
             if isinstance(d, int) and d >= 0:
                 shape.append(d)
@@ -975,7 +1054,7 @@ class GraphModel(Model):
                 shape.append(self._batch_of(spec["name"], k, feeds))
         return shape
 
-    def _probe_state_shapes(self, feeds):
+    def _probe_state_shapes(self, feeds: Mapping[str, Array]) -> dict[str, tuple[int, ...]]:
         """Shapes of every explicit state input, unknown dimensions found by planning: each
         unknown dimension takes, in turn, each size of a fed input's dimensions (with one
         state input, these are the only sizes a state dimension of a batch can take); a
@@ -983,7 +1062,7 @@ class GraphModel(Model):
         shape. Exactly one such combination must exist, else a ValueError asks for the state."""
         data = {n: a for n, a in feeds.items() if n not in {p for p, _ in self.state_pairs}}
         sig = tuple((n, a.shape, a.dtype.str) for n, a in sorted(data.items()))
-        hit = self.__dict__.setdefault("_probed", {}).get(sig)
+        hit: Optional[dict[str, tuple[int, ...]]] = self.__dict__.setdefault("_probed", {}).get(sig)
         if hit is not None:
             return hit
         specs = {a: next(i for i in self.inputs if i["name"] == a) for a, _ in self.state_pairs}
@@ -994,14 +1073,14 @@ class GraphModel(Model):
             sizes = []
         fits, errors = [], []
         for combo in (np.array(np.meshgrid(*[sizes] * len(holes))).reshape(len(holes), -1).T if sizes else []):
-            shapes = {a: list(shp) for a, shp in partial.items()}
+            shapes: dict[str, list[Any]] = {a: list(shp) for a, shp in partial.items()}  # ints once filled
             for (a, k), g in zip(holes, combo):
                 shapes[a][k] = int(g)
             trial = dict(data)
             trial.update({a: np.zeros(shapes[a], NP_DTYPES[specs[a]["dtype"]]) for a in shapes})
             try:
                 plan = self.plan(trial)
-            except limits.LimitError:
+            except LimitError:
                 raise  # a trial past a limit proves nothing about the state's shape: refused
             except (UnsupportedError, ValueError) as e:
                 errors.append(e)
@@ -1022,7 +1101,7 @@ class GraphModel(Model):
         self._probed[sig] = fits[0]
         return fits[0]
 
-    def time_axes(self, feeds):
+    def time_axes(self, feeds: Mapping[str, Array]) -> dict[str, int]:
         """{input name: axis} of the inputs whose axis is the recurrent time axis: found by
         planning with that symbolic axis much longer (every input axis named by the same
         symbol together, e.g. the data and a mask) and seeing a recurrent layer's T change, or
@@ -1034,7 +1113,7 @@ class GraphModel(Model):
             return {}
         if not base.recurrent:
             return {}
-        groups = {}
+        groups: dict[Any, list[tuple[str, int]]] = {}  # a symbol (or an unnamed axis) -> the axes it names
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds or spec["shape"] is None:
@@ -1057,7 +1136,7 @@ class GraphModel(Model):
                 longer[name] = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
             try:
                 plan = self.plan(longer)
-            except limits.LimitError:
+            except LimitError:
                 raise  # whether this is the time axis cannot be told: refused, not guessed
             except Exception:
                 continue
@@ -1068,7 +1147,7 @@ class GraphModel(Model):
                     found[name] = axis
         return found
 
-    def example_feeds(self, time=23, batch=2):
+    def example_feeds(self, time: int = 23, batch: int = 2) -> Optional[dict[str, Array]]:
         """Zero inputs of the declared shapes (symbolic dimensions: `batch` for names that look
         like a batch, else `time`, a length unlikely to equal any other dimension), for
         deciding what a stream can do before it is fed."""
@@ -1092,7 +1171,7 @@ class GraphModel(Model):
                 return None
         return feeds
 
-    def _batch_of(self, name, axis, feeds):
+    def _batch_of(self, name: str, axis: int, feeds: Mapping[str, Array]) -> Optional[int]:
         """The batch size of the fed data when axis `axis` of input `name` is a batch axis."""
         roles = axis_roles(self)
         if roles.get(name, {}).get(axis) != "batch":
@@ -1103,7 +1182,8 @@ class GraphModel(Model):
                     return int(arr.shape[k])
         return None
 
-    def stream(self, batch_size=None, state=None):
+    def stream(self, batch_size: Optional[int] = None, state: GraphStreamState | dict[str, Any] | None = None
+               ) -> GraphStream:
         """A stream: feed it chunks (any number of time steps) or single steps, and it carries
         every recurrent state on from call to call. ``batch_size``: the rows it carries (the
         first call's when None; a call with another batch is refused). ``state``: where it
@@ -1112,6 +1192,7 @@ class GraphModel(Model):
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        s: GraphStream
         if self.mapped_file is not None:  # load(..., mmap=True): every call checks the file
             self.mapped_file.check_unchanged()
             s = _MappedGraphStream(self)
@@ -1136,26 +1217,27 @@ class GraphStream(Stream):
     a time-carrying input and an output must give, chunk by chunk, exactly what it gives on
     the whole sequence; otherwise NotStreamableError names the node and the reason."""
 
-    def __init__(self, model):
+    def __init__(self, model: GraphModel) -> None:
         self.model = model
         self._paired_outputs = {o for _, o in model.state_pairs}
         self._carried_names = [a for a, _ in model.state_pairs]
-        self._fast = None        # (input signature, plan, context) of the last call
-        self._spare = {}         # explicit state: the buffer of the previous call, reused
-        self._layer_state = {}   # recurrent layer key -> float32 vector
-        self._carried = {}       # explicit state input name -> array
-        self._aux = {}           # context carried by ops along time: key -> int
-        self._ctx = {}
-        self._taxes = None       # {input name: time axis}, known from the first call
-        self._last = None        # the last call's feeds (finish() repeats their other axes)
+        # (input signature, plan, context) of the last call
+        self._fast: Optional[tuple[tuple[tuple[str, tuple[int, ...], np.dtype[Any]], ...], Plan, PlanContext]] = None
+        self._spare: dict[str, Array] = {}  # explicit state: the buffer of the previous call, reused
+        self._layer_state: dict[str, npt.NDArray[np.float32]] = {}  # recurrent layer key -> float32 vector
+        self._carried: dict[str, Array] = {}  # explicit state input name -> array
+        self._aux: dict[str, int] = {}  # context carried by ops along time: key -> int
+        self._ctx: dict[int, tuple[Plan, PlanContext]] = {}  # id(plan) -> (plan, its buffers)
+        self._taxes: Optional[dict[str, int]] = None  # {input name: time axis}, known from the first call
+        self._last: Optional[dict[str, Array]] = None  # the last call's feeds (finish() repeats their other axes)
         self._finished = False
         self._busy = threading.Lock()  # held during a call: concurrent use raises
         self.delay = 0           # input steps by which outputs along time trail the input
-        self.output_axes = {}    # output name -> its time axis (None: a final state or no time)
+        self.output_axes: dict[str, Optional[int]] = {}  # output name -> its time axis (None: a final state or no time)
         self._tail = False       # the plan holds frames back until finish()
         self._decide()
 
-    def _decide(self):
+    def _decide(self) -> None:
         """Plans the graph for example inputs (zeros of the declared shapes) as a stream, so
         that a graph that cannot be streamed is refused now rather than at the first call."""
         m = self.model
@@ -1173,7 +1255,7 @@ class GraphStream(Stream):
         self.delay = plan.delay
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
 
-    def reset(self):
+    def reset(self) -> None:
         self._layer_state.clear()
         self._carried.clear()
         self._aux = {}
@@ -1181,7 +1263,7 @@ class GraphStream(Stream):
         self._last = None
         self._finished = False
 
-    def fork(self):
+    def fork(self) -> GraphStream:
         other = GraphStream.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
@@ -1190,7 +1272,7 @@ class GraphStream(Stream):
         other._aux = dict(self._aux)
         return other
 
-    def get_state(self):
+    def get_state(self) -> GraphStreamState:
         """Every piece of state the stream holds, as copies::
 
             {"layers": {key: vector}, "inputs": {name: array}, "context": {key: int}}
@@ -1207,11 +1289,12 @@ class GraphStream(Stream):
                 "inputs": {k: v.copy() for k, v in self._carried.items()},
                 "context": dict(self._aux)}
 
-    def _layer_keys(self):
+    def _layer_keys(self) -> set[str]:
         """Keys of "layers" the model can have: recurrent nodes' first outputs, Loop outputs."""
-        keys, loops = set(), set()
+        keys: set[Any] = set()  # first outputs (the node's name for an unnamed one)
+        loops: set[str] = set()
 
-        def visit(nodes):
+        def visit(nodes: list[Node]) -> None:
             for n in nodes:
                 if n["op"] in ("LSTM", "GRU", "RNN"):
                     keys.add(n["outputs"][0] or n.get("name"))
@@ -1225,7 +1308,7 @@ class GraphStream(Stream):
         visit(self.model.graph["nodes"])
         return keys | loops
 
-    def set_state(self, state):
+    def set_state(self, state: GraphStreamState | dict[str, Any]) -> None:
         """Replaces the stream's state with ``state``, structured as get_state() returns it (of
         this stream, a fork, or another stream of the same model and batch). Everything is
         checked before anything changes, and a mistake raises TypeError / ValueError naming
@@ -1313,7 +1396,7 @@ class GraphStream(Stream):
         self._carried = carried
         self._aux = aux
 
-    def _check_batch(self, feeds):
+    def _check_batch(self, feeds: Mapping[str, Array]) -> None:
         """A stream keeps its batch size: refuses, in the user's terms, data whose batch differs
         from the first call's (or from the state given to set_state), before planning would
         fail on engine internals. ``feeds``: the checked data inputs of a call."""
@@ -1335,7 +1418,7 @@ class GraphStream(Stream):
             return
         roles = axis_roles(self.model)
 
-        def batch(name, shape):
+        def batch(name: str, shape: tuple[int, ...]) -> Optional[int]:
             return next((shape[k] for k, r in roles.get(name, {}).items() if r == "batch" and k < len(shape)),
                         None)
         for n, a in feeds.items():
@@ -1353,7 +1436,7 @@ class GraphStream(Stream):
                                      f"{s_name!r} is for batch {sb} (shape {st.shape}): a stream keeps its batch "
                                      "size; start another with model.stream()")
 
-    def _state_mismatch(self, cur, start, feeds):
+    def _state_mismatch(self, cur: Array, start: Array, feeds: Mapping[str, Array]) -> ValueError:
         """The error for a layer state (from set_state) that does not fit a call, worded with
         the call's inputs and the batch the state was made for."""
         roles = axis_roles(self.model)
@@ -1369,12 +1452,27 @@ class GraphStream(Stream):
         return ValueError(f"this stream's state (from set_state) does not fit the inputs {shown}: it was made for "
                           "another batch size; start another stream with model.stream()")
 
-    batch_size = None  # the rows the stream carries (None: the first call's)
+    batch_size: Optional[int] = None  # the rows the stream carries (None: the first call's)
+    _array_io: bool  # the last call was given one array (not a dict): finish() returns the same kind
+    _first_shapes: dict[str, tuple[int, ...]]  # the first call's input shapes (_check_batch)
+    _batch_checked: bool  # the first call's batch was checked against batch_size
 
-    def __call__(self, inputs, outputs=None):
+    @overload
+    def __call__(self, inputs: Feeds, outputs: Optional[Collection[str]] = None) -> dict[str, Array]: ...
+    @overload
+    def __call__(self, inputs: npt.ArrayLike, outputs: Optional[Collection[str]] = None) -> Returned: ...
+
+    def __call__(self, inputs: Feeds | npt.ArrayLike, outputs: Optional[Collection[str]] = None
+                 ) -> dict[str, Array] | Returned:
         return self.feed(inputs, outputs=outputs)
 
-    def feed(self, inputs, out=None, outputs=None):
+    @overload
+    def feed(self, inputs: Feeds, out: None = None, outputs: Optional[Collection[str]] = None) -> dict[str, Array]: ...
+    @overload
+    def feed(self, inputs: npt.ArrayLike, out: None = None, outputs: Optional[Collection[str]] = None) -> Returned: ...
+
+    def feed(self, inputs: Feeds | npt.ArrayLike, out: None = None, outputs: Optional[Collection[str]] = None
+             ) -> dict[str, Array] | Returned:
         """Runs the graph on one chunk (any number of time steps, along each input's time
         axis) and returns its outputs: a dict name -> array for a dict, else the outputs in
         ``model.outputs`` order (one array alone); only the names in ``outputs`` when given,
@@ -1393,7 +1491,7 @@ class GraphStream(Stream):
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
 
-    def _step_time_axes(self, inputs):
+    def _step_time_axes(self, inputs: Any) -> dict[str, int]:
         """The time axes, for a first call that is step(): the inputs as given are complete (the
         rank each input declares) and the graph plans with them without a time axis (a model
         that takes one fixed-size step per call, such as silero-vad) -> {}. Otherwise the time
@@ -1409,7 +1507,13 @@ class GraphStream(Stream):
         raise ValueError("this stream does not know its inputs' time axes yet (the model's declared "
                          "shapes do not tell them): call feed() with a chunk first")
 
-    def step(self, inputs, out=None, outputs=None):
+    @overload
+    def step(self, inputs: Feeds, out: None = None, outputs: Optional[Collection[str]] = None) -> dict[str, Array]: ...
+    @overload
+    def step(self, inputs: npt.ArrayLike, out: None = None, outputs: Optional[Collection[str]] = None) -> Returned: ...
+
+    def step(self, inputs: Feeds | npt.ArrayLike, out: None = None, outputs: Optional[Collection[str]] = None
+             ) -> dict[str, Array] | Returned:
         """Advances one time step: like feed() with inputs that have no time axis (each
         output along time then comes back without it too). For a model that takes one
         fixed-size step per call (no time axis, e.g. a chunk of audio reduced to one
@@ -1443,7 +1547,7 @@ class GraphStream(Stream):
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
 
-    def _step(self, inputs, outputs):
+    def _step(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
             raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
@@ -1492,13 +1596,13 @@ class GraphStream(Stream):
         return self._finish(plan, ctx, feeds, want)
 
     @property
-    def time_axes(self):
+    def time_axes(self) -> dict[str, int]:
         """{input name: axis} the stream is fed along (the axes that reach a recurrent layer's
         time axis). Empty for a model that takes one fixed-size step per call (e.g. a chunk
         of audio reduced to one recurrent step): each call is then one step."""
         return dict(self._taxes or {})
 
-    def _plan(self, feeds, finishing=False):
+    def _plan(self, feeds: Mapping[str, Array], finishing: bool = False) -> Plan:
         plan = self.model.plan(feeds, streaming=True, time_axes=self._taxes, aux=self._aux, finishing=finishing)
         for key, (tid, start) in plan.state.items():
             cur = self._layer_state.get(key)
@@ -1511,7 +1615,7 @@ class GraphStream(Stream):
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
         return plan
 
-    def _context(self, plan):
+    def _context(self, plan: Plan) -> PlanContext:
         ctx = self._ctx.get(id(plan))
         if ctx is None or ctx[0] is not plan:
             if len(self._ctx) >= 8:  # per-step calls reuse a handful of contexts
@@ -1519,7 +1623,7 @@ class GraphStream(Stream):
             ctx = self._ctx[id(plan)] = (plan, plan.context())
         return ctx[1]
 
-    def finish(self, outputs=None):
+    def finish(self, outputs: Optional[Collection[str]] = None) -> dict[str, Array] | Returned:
         """Ends the sequence (see _finish_sequence); refuses concurrent use like feed().
         Returns a dict when the last call was given a dict, else the outputs in order."""
         if not self._busy.acquire(False):
@@ -1532,7 +1636,7 @@ class GraphStream(Stream):
             return self.model._as_returned(None, res, outputs)
         return res
 
-    def _finish_sequence(self, outputs=None):
+    def _finish_sequence(self, outputs: Optional[Collection[str]] = None) -> dict[str, Array]:
         """Ends the sequence: flushes what ops along time still hold (the trailing padding
         of a convolution that looks ahead, or of a Pad) and returns those last outputs (an
         empty dict when nothing is held back). The stream then refuses further steps until
@@ -1546,13 +1650,14 @@ class GraphStream(Stream):
         if not self._tail:
             return {}  # nothing held back: every output was given by the calls
         m = self.model
+        taxes = cast("dict[str, int]", self._taxes)  # known once a call was made
         feeds = {}
         for name, arr in self._last.items():
             if name in self._carried:
                 feeds[name] = np.ascontiguousarray(self._carried[name])  # the state the last call left
-            elif name in self._taxes:
+            elif name in taxes:
                 shape = list(arr.shape)
-                shape[self._taxes[name]] = 0
+                shape[taxes[name]] = 0
                 feeds[name] = np.zeros(shape, arr.dtype)
             else:
                 feeds[name] = arr
@@ -1563,7 +1668,8 @@ class GraphStream(Stream):
         plan = self._plan(feeds, finishing=True)
         return self._finish(plan, plan.context(), feeds, None if outputs is None else set(outputs))
 
-    def _finish(self, plan, ctx, feeds, want=None):
+    def _finish(self, plan: Plan, ctx: PlanContext, feeds: Mapping[str, Array], want: Optional[Collection[str]] = None
+                ) -> dict[str, Array]:
         # explicit state: each paired output is copied straight into the array the next call
         # feeds back (carried arrays are the stream's own, so nothing is allocated for them)
         into = {}
@@ -1596,17 +1702,22 @@ class _MappedGraphStream(GraphStream):
     checks that the mapped file was not truncated or rewritten (a read past its new end
     would kill the process); other streams pay nothing for it."""
 
-    def _step(self, inputs, outputs):
-        self.model.mapped_file.check_unchanged()
+    def _step(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
+        cast("WeightFile", self.model.mapped_file).check_unchanged()  # a stream of a mapped model
         return GraphStream._step(self, inputs, outputs)
 
-    def finish(self, outputs=None):
-        self.model.mapped_file.check_unchanged()
+    def finish(self, outputs: Optional[Collection[str]] = None) -> dict[str, Array] | Returned:
+        cast("WeightFile", self.model.mapped_file).check_unchanged()
         return GraphStream.finish(self, outputs)
 
 
-def _length_inputs(model):
+def _length_inputs(model: GraphModel) -> set[str]:
     """Graph inputs that reach a recurrent layer's sequence_lens (packed-sequence exports):
     in a stream they count the valid steps of each row in the chunk."""
     return {name for name, role in input_roles(model).items() if role[0] == "lengths"}
 
+
+if TYPE_CHECKING:
+    def _planner_interface(p: Planner) -> PlannerInterface:
+        """For mypy only: the Planner offers what the op handlers call (ops.handlers.PlannerInterface)."""
+        return p

@@ -7,15 +7,36 @@ make test inputs. Every function takes the model (it reads ``graph``, ``inputs``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
 
+Node = dict[str, Any]  # a node of the converted graph (rnnengine.frontend.converter)
+# an input's role: ("tokens", vocabulary size), ("lengths",) or ("int",)
+Role = tuple[Any, ...]
+Uses = dict[str, list[tuple[Node, int]]]  # tensor name -> (node, input index) pairs that read it
 
-def _consumers(graph):
-    uses = {}
+
+class GraphModelLike(Protocol):
+    """What these functions read of a model (rnnengine.runtime.graph.GraphModel)."""
+
+    @property
+    def graph(self) -> dict[str, Any]: ...
+    @property
+    def inputs(self) -> list[dict[str, Any]]: ...
+    @property
+    def tensors(self) -> dict[str, Any]: ...
+    @property
+    def state_pairs(self) -> list[tuple[str, str]]: ...
+    def plan(self, feeds: dict[str, npt.NDArray[Any]]) -> Any: ...
+    def time_axes(self, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, int]: ...
+
+
+def _consumers(graph: dict[str, Any]) -> Uses:
+    uses: Uses = {}
     for n in graph["nodes"]:
         for k, x in enumerate(n["inputs"]):
             if x:
@@ -23,9 +44,11 @@ def _consumers(graph):
     return uses
 
 
-def _follow(uses, name, through=("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape")):
+def _follow(uses: Uses, name: str, through: tuple[str, ...] = ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape")
+            ) -> list[tuple[Node, int]]:
     """(node, input index) pairs that read `name`, looking through dtype/shape glue."""
-    out, todo, seen = [], [name], set()
+    out: list[tuple[Node, int]] = []
+    todo, seen = [name], set()
     while todo:
         t = todo.pop()
         if t in seen:
@@ -39,15 +62,15 @@ def _follow(uses, name, through=("Cast", "Identity", "Unsqueeze", "Squeeze", "Re
     return out
 
 
-def input_roles(model):
+def input_roles(model: GraphModelLike) -> dict[str, Role]:
     """For each integer input: ("tokens", vocab) when it indexes an embedding, ("lengths",)
     when it reaches a recurrent layer's sequence_lens, else ("int",)."""
     uses = _consumers(model.graph)
-    roles = {}
+    roles: dict[str, Role] = {}
     for spec in model.inputs:
         if spec["dtype"] not in ("int64", "int32"):
             continue
-        role = ("int",)
+        role: Role = ("int",)
         for n, k in _follow(uses, spec["name"]):
             if n["op"] == "Gather" and k == 1 and n["inputs"][0] in model.tensors:
                 table = model.tensors[n["inputs"][0]]
@@ -65,12 +88,13 @@ def input_roles(model):
     return roles
 
 
-def default_dim(name):
+def default_dim(name: object) -> int:
     low = str(name).lower()
     return 2 if ("batch" in low or low in ("b", "n")) else 5
 
 
-def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None, states=True):
+def random_feeds(model: GraphModelLike, dims: dict[Any, int] | None = None, fixed: dict[str, Any] | None = None,
+                 seed: int = 0, time_size: int | None = None, states: bool = True) -> dict[str, npt.NDArray[Any]]:
     """Random valid inputs for every input; explicit state inputs get random values too
     (a non-zero starting state) unless ``states`` is False."""
     rng = np.random.default_rng(seed)
@@ -78,8 +102,8 @@ def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None, states=Tr
     fixed = dict(fixed or {})
     roles = input_roles(model)
     carried = {a for a, _ in model.state_pairs}
-    feeds = {}
-    lengths_inputs = []
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    lengths_inputs: list[tuple[str, list[int], type[Any]]] = []
     for spec in model.inputs:
         name = spec["name"]
         if name in fixed:
@@ -87,7 +111,7 @@ def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None, states=Tr
             continue
         if name in carried and not states:
             continue
-        shape = []
+        shape: list[int] = []
         for d in spec["shape"] or []:
             if isinstance(d, int) and d >= 0:
                 shape.append(d)
@@ -118,28 +142,28 @@ def random_feeds(model, dims=None, fixed=None, seed=0, time_size=None, states=Tr
     return feeds
 
 
-def _guess_time(model, feeds):
+def _guess_time(model: GraphModelLike, feeds: dict[str, npt.NDArray[Any]]) -> Optional[int]:
     axes = time_axes(model, feeds)
     for name, axis in axes.items():
-        return feeds[name].shape[axis]
+        return int(feeds[name].shape[axis])
     return None
 
 
-def time_axes(model, feeds):
+def time_axes(model: GraphModelLike, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, int]:
     """{input name: axis} of the inputs a stream is fed along (GraphModel.time_axes)."""
     return model.time_axes(feeds)
 
 
-def axis_roles(model: Any) -> dict[str, dict[int, str]]:
+def axis_roles(model: GraphModelLike) -> dict[str, dict[int, str]]:
     """{input name: {axis: "batch" | "time"}} for the symbolic axes of the model's inputs,
     found by planning random inputs with the axis one longer (with every axis of the same
     symbol, and if that alone does not plan, with the symbolic axes of the state inputs too):
     a batch axis changes the recurrent layers' batch, a time axis their T. Used to word
     errors in the user's terms; computed once per model."""
-    cached = model.__dict__.get("_axis_roles")
+    cached: Optional[dict[str, dict[int, str]]] = model.__dict__.get("_axis_roles")
     if cached is not None:
         return cached
-    roles = {}
+    roles: dict[str, dict[int, str]] = {}
     model.__dict__["_axis_roles"] = roles
     try:
         feeds = random_feeds(model, seed=0)
@@ -150,7 +174,7 @@ def axis_roles(model: Any) -> dict[str, dict[int, str]]:
         return roles
     carried = {a for a, _ in model.state_pairs}
 
-    def grown(axes):
+    def grown(axes: list[tuple[str, int]]) -> Optional[dict[str, npt.NDArray[Any]]]:
         f = dict(feeds)
         for n, ax in axes:
             if f[n].shape[ax] == 0:
@@ -158,7 +182,7 @@ def axis_roles(model: Any) -> dict[str, dict[int, str]]:
             f[n] = np.concatenate([f[n], np.take(f[n], [-1], axis=ax)], axis=ax)
         return f
 
-    def probe(axes):
+    def probe(axes: list[tuple[str, int]]) -> Optional[str]:
         f = grown(axes)
         if f is None:
             return None

@@ -3,7 +3,10 @@ graph model before a stream first runs with given input shapes; the converter's
 pair_states decided which inputs and outputs pair, this checks positions.)"""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
+import numpy.typing as npt
 
 from rnnengine import limits
 from rnnengine.errors import UnsupportedError, where
@@ -22,7 +25,8 @@ class _Untraceable(Exception):
     pass
 
 
-def check_state_positions(graph, tensors, feeds):
+def check_state_positions(graph: dict[str, Any], tensors: Mapping[str, npt.ArrayLike],
+                          feeds: Mapping[str, npt.ArrayLike]) -> bool:
     """Checks that every state pair (i, o) hands each element back to its own place: element
     p of output o must be the final value of the recurrent state element that element p of
     input i started (e.g. silero-vad's stateN[0] is the h that state[0] started, not c).
@@ -37,7 +41,8 @@ def check_state_positions(graph, tensors, feeds):
         return True
     val = {k: np.asarray(v) for k, v in tensors.items()}
     val.update({k: np.asarray(v) for k, v in feeds.items()})
-    pid, start = {}, {}
+    pid: dict[str, npt.NDArray[np.int64]] = {}  # tensor name -> the id of each of its elements
+    start: dict[str, int] = {}  # state input -> the id of its first element
     nxt = 1
     for a, _ in pairs:
         n = val[a].size
@@ -45,11 +50,11 @@ def check_state_positions(graph, tensors, feeds):
         start[a] = nxt
         nxt += n
     first_slot = nxt
-    origin = {}   # slot id (a Y_h / Y_c element) -> id of the state element it started from (0: none)
+    origin: dict[int, int] = {}  # slot id (a Y_h / Y_c element) -> id of the state element it started from (0: none)
     counter = [first_slot]
     opset = int(graph["opset"])
 
-    def walk(nodes):
+    def walk(nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
             op, ins = node["op"], node["inputs"]
             if op == "If":
@@ -65,7 +70,7 @@ def check_state_positions(graph, tensors, feeds):
                 continue
             if op not in OPS or issubclass(OPS[op], EnvHandler):  # a Loop, a sequence op
                 raise _Untraceable(op)
-            xs = [val[x] if x else None for x in ins]
+            xs: list[Any] = [val[x] if x else None for x in ins]  # arrays, None for an absent input
             if op in RECURRENT_OPS:
                 recurrent(node, xs)
                 continue
@@ -97,7 +102,7 @@ def check_state_positions(graph, tensors, feeds):
                     if o:
                         pid[o] = np.asarray(p).astype(np.int64)
 
-    def recurrent(node, xs):
+    def recurrent(node: dict[str, Any], xs: list[Any]) -> None:
         a = node["attrs"]
         layout = int(a.get("layout", 0))
         D = 2 if a.get("direction", "forward") == "bidirectional" else 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def _batch_axes(model: Model) -> tuple[int, int]:
         axes = (0, 0) if model.batch_first else (1, 1)
     else:
         name = _data_input(model)
-        roles = axis_roles(model).get(name, {})
+        roles = axis_roles(cast(Any, model)).get(name, {})
         b_in = next((k for k, r in roles.items() if r == "batch"), None)
         if b_in is None:
             raise ValueError(f"cannot tell which axis of input {name!r} is the batch axis; scoring needs it")
