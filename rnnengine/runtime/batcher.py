@@ -73,6 +73,10 @@ class _Call:
         self.result, self.error = result, error
         self.done.set()
         if self.future is not None and self.loop is not None:
+            pending = getattr(_settling, "by_loop", None)
+            if pending is not None:  # inside a batch: one wake-up per event loop when it ends
+                pending.setdefault(self.loop, []).append((self.future, result, error))
+                return
             try:
                 self.loop.call_soon_threadsafe(_settle, self.future, result, error)
             except RuntimeError:  # the caller's event loop is closed: nobody waits for this result
@@ -100,6 +104,25 @@ class _Done:
             self._lock.release()  # later waits return at once
             return True
         return False
+
+
+_settling = threading.local()  # the scheduler thread's asyncio results of the current batch, by loop
+
+
+def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, error in items:
+        _settle(fut, result, error)
+
+
+def _flush_settling() -> None:
+    """Hands each event loop the results of the batch that just ran, in one wake-up."""
+    pending = getattr(_settling, "by_loop", None)
+    _settling.by_loop = None
+    for loop, items in (pending or {}).items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, items)
+        except RuntimeError:  # that caller's event loop is closed
+            pass
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -368,7 +391,11 @@ class Batcher:
                     if batch is None:
                         return
                 if batch:
-                    self._execute(batch)
+                    _settling.by_loop = {}
+                    try:
+                        self._execute(batch)
+                    finally:
+                        _flush_settling()
             except BaseException as e:  # never leave a caller waiting: the batch's calls get the error
                 for c in batch or ():
                     c.finish(None, e)  # (a no-op for calls already finished)
