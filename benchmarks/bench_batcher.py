@@ -48,6 +48,9 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--asyncio", action="store_true",
+                    help="one asyncio event loop serving every session (await astep) against the same loop "
+                         "stepping each session's own stream in turn")
     ap.add_argument("--charlm", action="store_true",
                     help="the bundled character LM (a converted graph with explicit h/c state) instead of an LSTM")
     a = ap.parse_args()
@@ -65,6 +68,8 @@ def main():
         what = f"LSTM I=H={H}"
     print(f"{what}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
           f"{os.cpu_count()} cores; medians over {a.repeats} alternating repeats")
+    if a.asyncio:
+        return run_asyncio(model, xs, a)
     res = {"own streams": [], "batcher": []}
     lats = {"own streams": [], "batcher": []}
     for _ in range(a.repeats):
@@ -86,6 +91,36 @@ def main():
         lat = np.concatenate(lats[k]) * 1e6
         print(f"| {k} | {np.median(res[k]):,.0f} | {np.median(lat):.0f} | {np.percentile(lat, 99):.0f} | "
               f"{np.median(res[k]) / base:.2f}x |")
+
+
+def run_asyncio(model, xs, a):
+    import asyncio
+    rates = {"own streams, in turn": [], "batcher (await astep)": []}
+    for _ in range(a.repeats):
+        streams = [model.stream() for _ in range(a.sessions)]
+        t0 = time.perf_counter()
+        for k in range(a.steps):
+            for i in range(a.sessions):
+                streams[i].step(xs[i][k])
+        rates["own streams, in turn"].append(a.sessions * a.steps / (time.perf_counter() - t0))
+
+        async def main(b):
+            sessions = [b.open() for _ in range(a.sessions)]
+
+            async def one(i):
+                for k in range(a.steps):
+                    await sessions[i].astep(xs[i][k])
+            await asyncio.gather(*(one(i) for i in range(a.sessions)))
+        with Batcher(model, max_batch=a.sessions, max_wait_us=500) as b:
+            t0 = time.perf_counter()
+            asyncio.run(main(b))
+            rates["batcher (await astep)"].append(a.sessions * a.steps / (time.perf_counter() - t0))
+            print(f"  batcher: {b.counters['steps'] / max(b.counters['batches'], 1):.1f} steps per batched call")
+    base = np.median(rates["own streams, in turn"])
+    print("| engine (one asyncio loop) | steps/s | vs own streams |")
+    print("|---|---:|---:|")
+    for k, v in rates.items():
+        print(f"| {k} | {np.median(v):,.0f} | {np.median(v) / base:.2f}x |")
 
 
 if __name__ == "__main__":
