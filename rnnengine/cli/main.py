@@ -661,7 +661,9 @@ def build_parser():
                    help="how long a waiting step may wait for others to join its batch (default 200)")
     s.add_argument("--threads", type=int, default=1, help="threads a large batch is split over (default 1)")
     s.add_argument("--idle-timeout", type=float, default=600.0,
-                   help="seconds after which an unused session is freed (default 600)")
+                   help="seconds after which an unused session is freed (default 600; 0: never)")
+    s.add_argument("--max-queue", type=int, default=4096,
+                   help="calls waiting at most; more wait for room (back-pressure, default 4096)")
     s.set_defaults(func=cmd_serve)
 
     sc = sub.add_parser("score", help="score many whole sequences (shards) locally, on Ray or on Dask",
@@ -700,7 +702,7 @@ def cmd_serve(args):
         raise ValueError(f"rnnengine serve needs the server extra: pip install 'rnnengine[server]' ({e})") from None
     model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
-          threads=args.threads, idle_timeout=args.idle_timeout)
+          threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue)
     return 0
 
 
