@@ -48,7 +48,7 @@ if [[ " $STEPS " == *" build "* ]]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "setuptools>=64" wheel "Cython>=3.0" "numpy>=1.25"
     (cd "$SRC" && CFLAGS="$SAN_FLAGS" LDFLAGS="-fsanitize=address,undefined" \
-        "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,fuzz]")
+        "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test-core,fuzz]")
     "$VENV/bin/python" -m pip install -q --no-deps silero-vad
     # The extension must not name a sanitizer runtime itself (distutils links with CFLAGS, so it
     # would): the runtime is chosen at run time by LD_PRELOAD, gcc's for the test suite, atheris's

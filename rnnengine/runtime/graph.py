@@ -1632,7 +1632,7 @@ class GraphStream(Stream):
             res = self._finish_sequence(outputs)
         finally:
             self._busy.release()
-        if self.__dict__.get("_array_io") and res:
+        if self.__dict__.get("_array_io"):  # arrays in, arrays out (an empty tuple when nothing is held)
             return self.model._as_returned(None, res, outputs)
         return res
 
