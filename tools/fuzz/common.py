@@ -155,11 +155,29 @@ def one_weights(data, path):
     return one_input(data, path, rnnengine.load)
 
 
+# The fuzz process's resource limits (rnnengine.Limits), tighter than the library's defaults:
+# the seeds hold at most ~15,000 weights, and a mutated shape that folds or allocates up to the
+# defaults (2**28 elements, 4 GiB) is a legitimate model that only costs time (the first touch
+# of a gigabyte takes 10-20 s on a loaded machine: a false `-timeout`). With these, such an
+# input is refused by a limit in milliseconds, and a timeout or an RSS blow-up means a path no
+# limit bounds. repro.py and tests/test_fuzz_regressions.py keep the library's defaults (what
+# users get); RNNE_FUZZ_LIMITS=default fuzzes with them too.
+FUZZ_LIMITS = dict(max_tensor_elements=1 << 22, max_plan_bytes=256 << 20, max_loop_nodes=100_000)
+
+
+def use_fuzz_limits():
+    """Makes FUZZ_LIMITS the process-wide defaults (in the fuzz process only)."""
+    if os.environ.get("RNNE_FUZZ_LIMITS", "") != "default":
+        from rnnengine import limits
+        limits.set_defaults(**FUZZ_LIMITS)
+
+
 def fuzz_main(one, make_seeds, custom_mutator):
     """A target's entry point: libFuzzer over ``one(data, path)`` with the structure-level
     ``custom_mutator``, seeded by ``make_seeds`` when the corpus directory is empty; the
-    input of any finding is kept (save_finding)."""
+    input of any finding is kept (save_finding). Runs under FUZZ_LIMITS."""
     import atheris
+    use_fuzz_limits()
     path = scratch_path(".onnx" if one is one_onnx else ".rnne")
 
     def test_one_input(data):
