@@ -18,6 +18,7 @@ import numpy as np
 from typing import Any, Protocol
 
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
+from rnnengine.frontend.opsets import schema as opset_schema
 from rnnengine.limits import refuse, resolve
 from rnnengine.runtime.layers import layer_from_onnx
 
@@ -110,6 +111,7 @@ ONNX_DTYPE = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 
 
 class Handler:
     ATTRS = set()
+    PRIVATE_ATTRS = frozenset()  # rnnengine's own attributes: only its converter writes them (weight files)
 
     def __init__(self, node, opset):
         self.node = node
@@ -122,12 +124,22 @@ class Handler:
     def allowed_attrs(self):
         return self.ATTRS
 
-    def check_attrs(self):
-        """Refuses any attribute this handler does not implement (run at conversion)."""
-        allowed = self.allowed_attrs()
-        extra = sorted(set(self.attrs) - set(allowed))
+    def check_attrs(self, stored=False):
+        """Refuses any attribute this handler does not implement, and any the ONNX schema of
+        the op at the graph's opset does not define (an opset-13 Unsqueeze with an ``axes``
+        attribute: onnxruntime refuses the model, and the handler would read an attribute no
+        schema checked the type of). Run at conversion and, with ``stored=True`` (rnnengine's
+        own attributes then allowed), on every node of a weight file when it is loaded."""
+        private = set(self.PRIVATE_ATTRS) if stored else set()
+        allowed = set(self.allowed_attrs()) | private
+        extra = sorted(set(self.attrs) - allowed)
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(allowed)})")
+        sch = opset_schema(self.node["op"], self.opset)
+        undefined = sorted(set(self.attrs) - set(sch.attributes) - private) if sch is not None else []
+        if undefined:
+            self.fail(f"attribute(s) {undefined} are not defined for {self.node['op']} at opset {self.opset} "
+                      f"(its ONNX schema has {sorted(sch.attributes)})")
 
     def attr(self, name, default=None):
         return self.attrs.get(name, default)
@@ -1550,6 +1562,7 @@ class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
     SLOTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+    PRIVATE_ATTRS = frozenset({STATELESS, STEP_MASK})
 
     def allowed_attrs(self):
         kind = self.node["op"]
