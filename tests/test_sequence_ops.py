@@ -266,3 +266,21 @@ def test_a_weight_file_with_such_an_attribute_is_refused_when_loaded(tmp_path):
             f.write(fw.serialize(fields, doc, section))
         with pytest.raises(FormatError, match="Unsqueeze.*'axes'.*not defined.*opset 17"):
             rnnengine.load(path)
+
+
+def test_an_if_branch_output_nothing_produces_is_refused():
+    """The same for an If whose chosen branch names an output nothing computes (KeyError before);
+    the condition comes from the input's shape, so the branch is chosen when planning."""
+    def branch(out):
+        return helper.make_graph([N("Neg", ["x"], ["nx"])], "b", [], [helper.make_tensor_value_info(out, F, None)])
+    nodes = [N("Shape", ["x"], ["s"]), N("Gather", ["s", "zero"], ["d"]), N("Greater", ["d", "zero"], ["c"]),
+             N("If", ["c"], ["y"], then_branch=branch("ghost"), else_branch=branch("nx"))]
+    m = model(nodes, {"zero": np.int64(0)}, xshape=("n", 3), opset=17)
+    feeds = {"x": rand(2, 3)}
+    assert ort_refuses(m, feeds)
+    e = engine_error(m, feeds)
+    assert e is not None and "If" in str(e) and "'ghost'" in str(e), e
+    good = model(nodes[:3] + [N("If", ["c"], ["y"], then_branch=branch("nx"), else_branch=branch("nx"))],
+                 {"zero": np.int64(0)}, xshape=("n", 3), opset=17)
+    (want,), (got,) = both(good, feeds)
+    np.testing.assert_array_equal(got, want)

@@ -65,6 +65,10 @@ class If(EnvHandler):
         for name, arr in branch.get("tensors", {}).items():
             sub[name] = p.const(arr)
         p.walk(branch["nodes"], sub)
+        for name in branch["outputs"]:
+            if name not in sub:
+                raise UnsupportedError(f"{where(node)}: branch output {name!r} is produced by no node of the "
+                                       "branch and is no value outside it")
         return [sub[name] for name in branch["outputs"]]
 
 
