@@ -101,10 +101,17 @@ def guarded(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except Exception as e:  # noqa: BLE001 - classified below
-        if classify(e) == "clean" or (KNOWN and signature(e) in KNOWN):
-            return None
-        print(f"FINDING-SIGNATURE {signature(e)}", file=sys.stderr)
-        raise
+        _refused_cleanly(e)
+        return None
+
+
+def _refused_cleanly(e):
+    """Called while handling e: returns when e is a clean refusal (or a known finding),
+    else reports its signature and re-raises it."""
+    if classify(e) == "clean" or (KNOWN and signature(e) in KNOWN):
+        return
+    print(f"FINDING-SIGNATURE {signature(e)}", file=sys.stderr)
+    raise  # noqa: PLE0704 - the exception being handled by the caller
 
 
 # --- exercising a converted / loaded model ------------------------------------------------------
@@ -121,7 +128,14 @@ def exercise(gm):
         return
     if sum(int(np.prod(a.shape, dtype=np.float64)) for a in feeds.values()) > MAX_FEED_ELEMENTS:
         return
-    out = guarded(gm.run, feeds)
+    from rnnengine.errors import LimitError
+    try:
+        out = gm.run(feeds)
+    except LimitError:
+        return  # a stream plans the same nodes under the same limits: refused again, after as long
+    except Exception as e:  # noqa: BLE001
+        _refused_cleanly(e)
+        out = None
     carried = {a for a, _ in gm.state_pairs}
     stream = guarded(gm.stream)
     if stream is None:
@@ -162,7 +176,12 @@ def one_weights(data, path):
 # input is refused by a limit in milliseconds, and a timeout or an RSS blow-up means a path no
 # limit bounds. repro.py and tests/test_fuzz_regressions.py keep the library's defaults (what
 # users get); RNNE_FUZZ_LIMITS=default fuzzes with them too.
-FUZZ_LIMITS = dict(max_tensor_elements=1 << 22, max_plan_bytes=256 << 20, max_loop_nodes=100_000)
+# The same for time: a while loop whose condition never turns false is refused by
+# max_loop_nodes after as many body nodes as it allows (the default, 10**6, plans for 60 s or
+# more: max_planning_seconds ends it); 20,000 nodes plan in ~3 s on a loaded machine, and
+# max_planning_seconds=5 bounds whatever else walks nodes, well inside libFuzzer's -timeout.
+FUZZ_LIMITS = dict(max_tensor_elements=1 << 22, max_plan_bytes=256 << 20, max_loop_nodes=20_000,
+                   max_planning_seconds=5.0)
 
 
 def use_fuzz_limits():
