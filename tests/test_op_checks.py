@@ -118,3 +118,15 @@ def test_gemm_with_a_1d_b_is_refused():
     m = model([N("Gemm", ["x", "b"], ["y"], transB=1)], {"b": rand(3)}, (2, 3))
     check_refused(m, rand(2, 3), "Gemm", ["B must be 2-D"])
     check_matches(model([N("Gemm", ["x", "b"], ["y"], transB=1)], {"b": rand(4, 3)}, (2, 3)), rand(2, 3))
+
+
+@pytest.mark.parametrize("starts", [np.array([np.nan], np.float32), np.array([1.0], np.float32)])
+def test_slice_bounds_must_be_integers(starts):
+    """A float starts input (NaN: ValueError from int() before; 1.0 was read as 1), as ONNX
+    types it int32/int64; computed from the input's shape so it reaches the planner."""
+    nodes = [N("Shape", ["x"], ["s"], end=1), N("Cast", ["s"], ["sf"], to=F), N("Mul", ["sf", "zero"], ["z"]),
+             N("Add", ["z", "st"], ["starts"]), N("Slice", ["x", "starts", "ends"], ["y"])]
+    inits = {"zero": np.float32(0), "st": starts, "ends": np.array([3])}
+    check_refused(model(nodes, inits, ("n", 3)), rand(2, 3), "Slice", ["starts", "integers"])
+    ok = [N("Slice", ["x", "starts", "ends"], ["y"])]
+    check_matches(model(ok, {"starts": np.array([1]), "ends": np.array([3])}, ("n", 3)), rand(4, 3))

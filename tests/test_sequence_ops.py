@@ -204,7 +204,7 @@ def test_a_sequence_of_mixed_types_is_refused():
     assert e is not None and "different types" in str(e), e
 
 
-def loop_model(body_out="v2", trip="M"):
+def loop_model(body_out="v2", trip="M", M=np.int64(3), cond=np.array(True)):
     """Loop(M=3, cond=true, v) whose body adds one to v; body_out is what the body returns as v."""
     body = helper.make_graph(
         [N("Add", ["v", "one"], ["v2"]), N("Identity", ["cond"], ["cond_out"])], "body",
@@ -212,7 +212,7 @@ def loop_model(body_out="v2", trip="M"):
          helper.make_tensor_value_info("v", F, None)],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info(body_out, F, None)])
     nodes = [N("Loop", [trip, "t", "x"], ["y"], body=body)]
-    return model(nodes, {"M": np.int64(3), "t": np.array(True), "one": np.float32(1)}, xshape=(2, 3))
+    return model(nodes, {"M": M, "t": cond, "one": np.float32(1)}, xshape=(2, 3))
 
 
 def test_loop_matches_onnxruntime():
@@ -284,3 +284,17 @@ def test_an_if_branch_output_nothing_produces_is_refused():
                  {"zero": np.int64(0)}, xshape=("n", 3), opset=17)
     (want,), (got,) = both(good, feeds)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("M,cond,what", [
+    (np.zeros(0, np.int64), np.array(True), "trip count"),     # IndexError before
+    (np.float32(3), np.array(True), "trip count"),             # truncated to 3 before
+    (np.int64(3), np.zeros(0, bool), "condition"),             # IndexError before
+    (np.int64(3), np.array([True, False]), "condition"),
+])
+def test_a_loop_trip_count_or_condition_not_one_value_is_refused(M, cond, what):
+    m, feeds = loop_model(M=M, cond=cond), {"x": rand(2, 3)}
+    if M.size and cond.size:  # onnxruntime 1.x crashes (SIGSEGV) on an empty trip count or condition
+        assert ort_refuses(m, feeds)
+    e = engine_error(m, feeds)
+    assert e is not None and "Loop" in str(e) and what in str(e), e

@@ -802,6 +802,8 @@ def _slice_params(h, shape, xs):
     else:
         def val(k):
             v = optional_const(h, xs, k, "starts, ends, axes and steps")
+            if v is not None and v.dtype.kind not in "iu" and v.size:  # ONNX types them int32/int64
+                h.fail(f"input {k} ({['starts', 'ends', 'axes', 'steps'][k - 1]}) must hold integers, got {v.dtype}")
             return None if v is None else [int(a) for a in v.reshape(-1)]
         starts, ends, axes, steps = val(1), val(2), val(3), val(4)
     nd = len(shape)

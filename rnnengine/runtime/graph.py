@@ -536,8 +536,8 @@ class Planner:
                 if v is not None and v.const is None and v.dtype.kind == "f" and not v.carried:
                     raise NotStreamableError(node, "its loop-carried state starts from a value computed in each "
                                                    "call, so every chunk would start the recurrence anew")
-        trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None
-        keep_going = bool(np.asarray(cond.const).reshape(-1)[0]) if cond is not None else True
+        trips = int(_one_value(node, M.const, "trip count", "iu")) if M is not None else None
+        keep_going = bool(_one_value(node, cond.const, "condition", "biu")) if cond is not None else True
         carried = [env[n] if n else None for n in node["inputs"][2:]]
         n_carried = len(carried)
         n_scan = len(body["outputs"]) - 1 - n_carried
@@ -620,7 +620,7 @@ class Planner:
             c = res[0]
             if c.const is None:
                 raise UnsupportedError(f"{where(node)}: the loop condition depends on run-time data")
-            keep_going = bool(np.asarray(c.const).reshape(-1)[0])
+            keep_going = bool(_one_value(node, c.const, "condition its body gives", "biu"))
             carried = res[1:1 + n_carried]
             for k, v in enumerate(res[1 + n_carried:]):
                 scans[k].append(v)
@@ -666,6 +666,16 @@ class Planner:
             if self.streaming:
                 streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+def _one_value(node, v, what, kinds):
+    """A Loop's trip count or condition: one value of the given NumPy kinds (ONNX: an int64
+    or a bool scalar; an empty tensor raised IndexError, a float trip count was truncated)."""
+    arr = np.asarray(v)
+    if arr.size != 1 or arr.dtype.kind not in kinds:
+        raise UnsupportedError(f"{where(node)}: its {what} must be one {'integer' if kinds == 'iu' else 'boolean'}, "
+                               f"got {arr.dtype} of shape {arr.shape}")
+    return arr.reshape(-1)[0]
 
 
 def _check_loop_state(node, k, start, v):
@@ -995,6 +1005,10 @@ class GraphModel(Model):
         shape = self._declared_state_shape(spec, feeds)
         if any(d is None for d in shape):
             shape = self._probe_state_shapes(feeds)[name]
+        most = limits.resolve(getattr(self, "limits", None)).max_tensor_elements
+        if math.prod(int(d) for d in shape) > most:  # a declared 2**32 (fuzz: MemoryError before)
+            limits.refuse(f"state input {name!r}", f"its zero state of shape {tuple(shape)} would hold "
+                          f"{math.prod(int(d) for d in shape)} elements", "max_tensor_elements", most)
         return np.zeros(shape, NP_DTYPES[spec["dtype"]])
 
     def _check_state_positions(self, feeds):
