@@ -130,3 +130,14 @@ def test_slice_bounds_must_be_integers(starts):
     check_refused(model(nodes, inits, ("n", 3)), rand(2, 3), "Slice", ["starts", "integers"])
     ok = [N("Slice", ["x", "starts", "ends"], ["y"])]
     check_matches(model(ok, {"starts": np.array([1]), "ends": np.array([3])}, ("n", 3)), rand(4, 3))
+
+
+@pytest.mark.parametrize("pads", [np.array([np.nan, 0, 0, 0], np.float32), np.array([1.0, 0, 0, 0], np.float32)])
+def test_pad_pads_must_be_integers(pads):
+    """A float pads input (NaN: ValueError from int() before; 1.0 was read as 1), as ONNX
+    types it int64; computed from the input's shape so it reaches the planner."""
+    nodes = [N("Shape", ["x"], ["s"], end=1), N("Cast", ["s"], ["sf"], to=F), N("Mul", ["sf", "zero"], ["z"]),
+             N("Add", ["z", "p"], ["pads"]), N("Pad", ["x", "pads"], ["y"])]
+    check_refused(model(nodes, {"zero": np.float32(0), "p": pads}, ("n", 3)), rand(2, 3), "Pad", ["pads", "integers"])
+    ok = [N("Pad", ["x", "pads"], ["y"])]
+    check_matches(model(ok, {"pads": np.array([1, 0, 0, 2])}, ("n", 3)), rand(2, 3))

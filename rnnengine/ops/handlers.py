@@ -1319,10 +1319,18 @@ class Pad(Handler):
         else:
             def val(k):
                 return optional_const(self, xs, k, "pads, constant_value and axes")
-            pads = [int(v) for v in val(1).reshape(-1)]
+
+            def ints(k, what):
+                v = val(k)
+                if v is not None and v.dtype.kind not in "iu" and v.size:  # ONNX types them int64 (NaN: ValueError)
+                    self.fail(f"its {what} input must hold integers, got {v.dtype}")
+                return v
+            if ints(1, "pads") is None:
+                self.fail("needs its pads input")
+            pads = [int(v) for v in ints(1, "pads").reshape(-1)]
             cv = val(2)
             value = 0.0 if cv is None or cv.size == 0 else cv.reshape(-1)[0]  # in its own type: int64 exactly
-            ax = val(3)
+            ax = ints(3, "axes")
             axes = list(range(nd)) if ax is None else [axis_of(self, a, nd) for a in ax.reshape(-1)]
         if len(pads) != 2 * len(axes):
             self.fail(f"pads {pads} do not match {len(axes)} axes")
