@@ -109,7 +109,7 @@ def _bshape(*shapes: Sequence[Any]) -> Sequence[int]:
     refuses it later): an upper bound of the result's shape."""
     try:
         return np.broadcast_shapes(*shapes)  # the common case, in C
-    except ValueError:
+    except (ValueError, RuntimeError):  # RuntimeError: more dimensions than NumPy's iterator takes (32)
         pass
     nd = max((len(s) for s in shapes), default=0)
     out = []

@@ -9,6 +9,7 @@ Under tools/ci_sanitize.sh the subprocesses inherit the ASan/UBSan build.
 """
 import concurrent.futures
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,63 @@ def test_the_fuzz_targets_tell_clean_errors_from_bugs():
     gm = rnnengine.convert(os.path.join(ROOT, "tests", "data", "corpus", "torch_legacy_lstm_1layer_op14.onnx"))
     e = caught(lambda: gm.run({"nope": np.zeros(3, np.float32)}))
     assert type(e) in (ValueError, TypeError) and common.classify(e) == "clean", e
+
+
+def _fuzz_module(name):
+    """A fuzz target as a module (atheris is optional: only fuzzing needs it, not its mutator)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools", "fuzz"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+# every JSON type a mutated value can take (json.loads gives these and nothing else)
+JSON_VALUES = [None, True, False, 0, -1, 2**63, 1.5, float("nan"), "", "x", [], [1, "a", None], {}, {"k": 1.5},
+               {"tensor": "x"}, {"graph": {}}]
+
+
+def test_the_weights_mutator_survives_a_value_of_any_json_type(tmp_path):
+    """fuzz_weights.structure_mutate edits a parsed weight file; any JSON value anywhere in it
+    (the long hunt died on "tensors": 1.5 in fix_tensor_crcs) must give a file or None, not an
+    exception. Called directly: custom_mutator's safety net is not what passes this."""
+    import random
+    import rnnengine
+    fw = _fuzz_module("fuzz_weights")
+    gm = rnnengine.convert(os.path.join(ROOT, "tests", "data", "corpus", "torch_legacy_lstm_1layer_op14.onnx"))
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(gm, path)
+    data = open(path, "rb").read()
+    fields, doc, section = fw.parse(data)
+    places = [(p, k) for p, c in fw.containers(doc) for k in (c if isinstance(c, dict) else range(len(c)))]
+    r = random.Random(11)
+    cases = [((), "tensors", 1.5)] + [(p, k, v) for p, k in places for v in JSON_VALUES if r.random() < 0.15]
+    assert len(cases) > 100
+    made = 0
+    for n, (p, k, v) in enumerate(cases):
+        d = json.loads(json.dumps(doc))
+        host = d
+        for step in p:
+            host = host[step]
+        host[k] = v
+        mutated = fw.serialize(fields, d, section)
+        for seed in (n, n + 10_000, n + 20_000):
+            out = fw.structure_mutate(mutated, 1 << 20, seed)
+            assert out is None or isinstance(out, bytes)
+            made += out is not None
+    assert made > len(cases)  # most mutations give a file
+
+
+def test_the_onnx_mutator_survives_chains_of_its_own_edits():
+    """fuzz_onnx.structure_mutate over chains of three edits of committed models: a model or None."""
+    fo = _fuzz_module("fuzz_onnx")
+    files = sorted(glob.glob(os.path.join(ROOT, "tests", "data", "corpus", "*.onnx")))[:12]
+    for f in files:
+        data = open(f, "rb").read()
+        for seed in range(25):
+            cur = data
+            for step in range(3):
+                cur = fo.structure_mutate(cur, seed * 7 + step)
+                if cur is None:
+                    break
+                assert isinstance(cur, bytes)

@@ -20,6 +20,7 @@ from rnnengine.format import weightfile as fileformat
 from rnnengine.frontend import opsets
 from rnnengine.frontend.converter import convert_model
 from rnnengine.frontend.opsets import OpsetError, check_structure
+from rnnengine.errors import UnsupportedError
 from rnnengine.limits import resolve
 from rnnengine.ops import OPS, STATELESS, STEP_MASK
 from rnnengine.runtime.compact import configure
@@ -143,7 +144,7 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         string among a Transpose's perm)."""
         kind = _attr_types(op, opset).get(name)
         if kind is None:
-            return  # unknown attributes are refused by the op's handler, by name
+            return  # unknown attributes are refused by the op's handler, by name (check_attrs)
         ok = {"INT": lambda x: isinstance(x, int),  # bools are ints in JSON writers too
               "FLOAT": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
               "STRING": lambda x: isinstance(x, str),
@@ -222,6 +223,10 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         if not isinstance(n.get("attrs", {}), dict):
             fail(f"node {k} attrs must be an object")
         check_arity(n, f"node {k} ({n.get('name')!r})")
+        try:  # the attributes the op's handler implements and its ONNX schema at the opset defines
+            OPS[n["op"]](n, opset).check_attrs(stored=True)
+        except UnsupportedError as e:
+            fail(str(e))
         for name, v in n.get("attrs", {}).items():
             check_attr(v, f"node {k} attribute {name!r}")
             check_attr_type(n["op"], name, v, f"node {k} ({n.get('name')!r}) attribute {name!r}")

@@ -54,17 +54,26 @@ class If(EnvHandler):
     def plan_node(self, p: Any, env: dict[str, Any]) -> list[Any]:
         node = self.node
         cond = env[node["inputs"][0]]
+        if isinstance(cond, list):
+            raise UnsupportedError(f"{where(node)}: its condition is a sequence of tensors, not a tensor")
         if p.streaming and (streaming.timed(cond) or streaming.has_tdep(cond)):
             raise NotStreamableError(node, "chooses its branch from the sequence length or from time-varying data")
         if cond.const is None:
             raise UnsupportedError(
                 f"{where(node)}: its condition depends on input data; fix the input it depends on "
                 "at conversion (e.g. --input sr=16000) so the branch can be chosen")
-        branch = node["attrs"]["then_branch" if bool(np.asarray(cond.const).reshape(-1)[0]) else "else_branch"]
+        c = np.asarray(cond.const)
+        if c.size != 1 or c.dtype.kind not in "biu":  # ONNX: one bool (an empty one raised IndexError)
+            raise UnsupportedError(f"{where(node)}: its condition must be one boolean, got {c.dtype} of shape {c.shape}")
+        branch = node["attrs"]["then_branch" if bool(c.reshape(-1)[0]) else "else_branch"]
         sub = dict(env)
         for name, arr in branch.get("tensors", {}).items():
             sub[name] = p.const(arr)
         p.walk(branch["nodes"], sub)
+        for name in branch["outputs"]:
+            if name not in sub:
+                raise UnsupportedError(f"{where(node)}: branch output {name!r} is produced by no node of the "
+                                       "branch and is no value outside it")
         return [sub[name] for name in branch["outputs"]]
 
 

@@ -29,6 +29,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
     UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
     UNARY_SQRT, recurrent_attrs)
+from rnnengine.frontend.opsets import schema as opset_schema
 from rnnengine.limits import refuse, resolve
 from rnnengine.runtime.layers import layer_from_onnx
 
@@ -113,6 +114,7 @@ INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 
 class Handler:
     ATTRS = set()
+    PRIVATE_ATTRS = frozenset()  # rnnengine's own attributes: only its converter writes them (weight files)
 
     def __init__(self, node: dict[str, Any], opset: int) -> None:
         self.node = node
@@ -125,12 +127,22 @@ class Handler:
     def allowed_attrs(self):
         return self.ATTRS
 
-    def check_attrs(self):
-        """Refuses any attribute this handler does not implement (run at conversion)."""
-        allowed = self.allowed_attrs()
-        extra = sorted(set(self.attrs) - set(allowed))
+    def check_attrs(self, stored=False):
+        """Refuses any attribute this handler does not implement, and any the ONNX schema of
+        the op at the graph's opset does not define (an opset-13 Unsqueeze with an ``axes``
+        attribute: onnxruntime refuses the model, and the handler would read an attribute no
+        schema checked the type of). Run at conversion and, with ``stored=True`` (rnnengine's
+        own attributes then allowed), on every node of a weight file when it is loaded."""
+        private = set(self.PRIVATE_ATTRS) if stored else set()
+        allowed = set(self.allowed_attrs()) | private
+        extra = sorted(set(self.attrs) - allowed)
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(allowed)})")
+        sch = opset_schema(self.node["op"], self.opset)
+        undefined = sorted(set(self.attrs) - set(sch.attributes) - private) if sch is not None else []
+        if undefined:
+            self.fail(f"attribute(s) {undefined} are not defined for {self.node['op']} at opset {self.opset} "
+                      f"(its ONNX schema has {sorted(sch.attributes)})")
 
     def attr(self, name, default=None):
         return self.attrs.get(name, default)
@@ -302,7 +314,7 @@ class ConstantOfShape(Handler):
     def eval(self, xs):
         v = self.attr("value")
         v = np.zeros(1, np.float32) if v is None else np.asarray(v).reshape(-1)
-        shape = tuple(int(d) for d in np.asarray(xs[0]).reshape(-1))
+        shape = tuple(int_vector(self, xs[0], "shape"))
         check_size(self, shape)
         return [np.full(shape, v[0], dtype=v.dtype)]
 
@@ -797,6 +809,8 @@ def _slice_params(h, shape, xs):
     else:
         def val(k):
             v = optional_const(h, xs, k, "starts, ends, axes and steps")
+            if v is not None and v.dtype.kind not in "iu" and v.size:  # ONNX types them int32/int64
+                h.fail(f"input {k} ({['starts', 'ends', 'axes', 'steps'][k - 1]}) must hold integers, got {v.dtype}")
             return None if v is None else [int(a) for a in v.reshape(-1)]
         starts, ends, axes, steps = val(1), val(2), val(3), val(4)
     nd = len(shape)
@@ -897,20 +911,39 @@ class Split(Handler):
         return outs
 
 
+def int_vector(h, v, what, low=0):
+    """A shape-like input (Expand's shape, Tile's repeats, ConstantOfShape's shape): a 1-D
+    integer tensor of values >= low and at most 8 of them, as a list of ints. ONNX types
+    these int64; a float one was truncated value by value, a NaN raised from int()."""
+    arr = np.asarray(v)
+    if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
+        h.fail(f"its {what} input must be a 1-D int64 tensor, got {arr.dtype} of shape {arr.shape}")
+    if arr.size > 8:
+        h.fail(f"its {what} has {arr.size} values; rnnengine runs tensors of rank <= 8")
+    out = [int(d) for d in arr]
+    if any(d < low for d in out):
+        h.fail(f"its {what} {out} has a value below {low}")
+    return out
+
+
 @register("Expand")
 class Expand(Handler):
+    def target(self, xshape, shape):
+        """(N-D broadcast of the input's shape and the shape input) as ONNX Expand."""
+        target = tuple(int_vector(self, shape, "shape"))
+        try:
+            return tuple(np.broadcast_shapes(tuple(xshape), target))
+        except (ValueError, RuntimeError):
+            self.fail(f"cannot expand {tuple(xshape)} to {target}")
+
     def eval(self, xs):
-        shape = np.broadcast_shapes(xs[0].shape, tuple(int(d) for d in xs[1]))
+        shape = self.target(xs[0].shape, xs[1])
         check_size(self, shape)
         return [np.broadcast_to(xs[0], shape).copy()]
 
     def emit(self, p, xs):
         x = xs[0]
-        target = tuple(int(d) for d in const_input(self, xs[1], "shape"))
-        try:
-            shape = tuple(np.broadcast_shapes(x.shape, target))
-        except ValueError:
-            self.fail(f"cannot expand {x.shape} to {target}")
+        shape = self.target(x.shape, const_input(self, xs[1], "shape"))
         out = p.new(shape, x.dtype)
         emit_copy(p, x, out, shape, broadcast_strides(x.shape, shape), contiguous_strides(shape))
         return [out]
@@ -919,7 +952,9 @@ class Expand(Handler):
 @register("Tile")
 class Tile(Handler):
     def eval(self, xs):
-        reps = [int(r) for r in xs[1]]
+        reps = int_vector(self, xs[1], "repeats")
+        if len(reps) != xs[0].ndim:
+            self.fail(f"repeats {reps} must have one value per dimension of the input {xs[0].shape}")
         check_size(self, [d * r for d, r in zip(xs[0].shape, reps)])
         return [np.tile(xs[0], reps)]
 
@@ -927,8 +962,10 @@ class Tile(Handler):
 @register("Gather", attrs=("axis",))
 class Gather(Handler):
     def eval(self, xs):
+        if not xs[0].shape:
+            self.fail("gathers from a scalar (ONNX Gather's data has rank >= 1)")
         idx = xs[1].astype(np.int64)
-        a = self.attr("axis", 0)
+        a = axis_of(self, self.attr("axis", 0), xs[0].ndim)
         n = xs[0].shape[a]
         if idx.size and (idx.min() < -n or idx.max() >= n):
             self.fail(f"an index lies outside [-{n}, {n})")
@@ -936,6 +973,8 @@ class Gather(Handler):
 
     def emit(self, p, xs):
         data, idx = xs
+        if not data.shape:
+            self.fail("gathers from a scalar (ONNX Gather's data has rank >= 1)")
         a = axis_of(self, self.attr("axis", 0), len(data.shape))
         if idx.dtype not in (np.int64, np.int32):
             self.fail(f"indices must be int32 or int64, got {idx.dtype}")
@@ -1104,6 +1143,8 @@ class Gemm(Handler):
             emit_copy(p, a, t, t.shape, [1, a.shape[1]], [a.shape[0], 1])
             a = t
         B = np.asarray(b.const, np.float32)
+        if B.ndim != 2:
+            self.fail(f"B must be 2-D, got shape {B.shape}")
         Bt = B if self.attr("transB", 0) else B.T
         Bt = np.ascontiguousarray(Bt * np.float32(self.attr("alpha", 1.0)), np.float32)
         M, K = a.shape
@@ -1198,18 +1239,29 @@ class Conv(Handler):
             self.fail(f"only 1-D convolution (N, C, L) is supported, got input {xshape}, weights {wshape}")
         N, C, L = xshape
         M, Cg, K = wshape
+
+        def ints(name, n, default, low):
+            """A list attribute of a 1-D conv: n values >= low, as ONNX requires (onnxruntime
+            refuses others; a longer list was cut to its first values, negative pads cropped)."""
+            v = self.attr(name)
+            if v is None:
+                return default
+            v = [int(a) for a in v]
+            if len(v) != n or any(a < low for a in v):
+                self.fail(f"{name} {v[:8]} must be {n} value{'s' if n > 1 else ''} >= {low} for a 1-D convolution")
+            return v
         g = int(self.attr("group", 1))
-        if Cg * g != C or M % g:
+        if g < 1 or Cg * g != C or M % g:
             self.fail(f"weights {wshape} with group {g} do not fit input channels {C}")
         ks = self.attr("kernel_shape")
         if ks is not None and list(ks) != [K]:
             self.fail(f"kernel_shape {ks} differs from the weights' {K}")
-        s = int((self.attr("strides") or [1])[0])
-        d = int((self.attr("dilations") or [1])[0])
+        (s,), (d,) = ints("strides", 1, [1], 1), ints("dilations", 1, [1], 1)
+        pads = ints("pads", 2, [0, 0], 0)
         ap = self.attr("auto_pad", "NOTSET")
         ap = ap.decode() if isinstance(ap, bytes) else ap
         if ap in ("NOTSET", ""):
-            pl, pr = (self.attr("pads") or [0, 0])
+            pl, pr = pads
         elif ap == "VALID":
             pl = pr = 0
         elif ap in ("SAME_UPPER", "SAME_LOWER"):
@@ -1274,10 +1326,18 @@ class Pad(Handler):
         else:
             def val(k):
                 return optional_const(self, xs, k, "pads, constant_value and axes")
-            pads = [int(v) for v in val(1).reshape(-1)]
+
+            def ints(k, what):
+                v = val(k)
+                if v is not None and v.dtype.kind not in "iu" and v.size:  # ONNX types them int64 (NaN: ValueError)
+                    self.fail(f"its {what} input must hold integers, got {v.dtype}")
+                return v
+            if ints(1, "pads") is None:
+                self.fail("needs its pads input")
+            pads = [int(v) for v in ints(1, "pads").reshape(-1)]
             cv = val(2)
             value = 0.0 if cv is None or cv.size == 0 else cv.reshape(-1)[0]  # in its own type: int64 exactly
-            ax = val(3)
+            ax = ints(3, "axes")
             axes = list(range(nd)) if ax is None else [axis_of(self, a, nd) for a in ax.reshape(-1)]
         if len(pads) != 2 * len(axes):
             self.fail(f"pads {pads} do not match {len(axes)} axes")
@@ -1553,6 +1613,7 @@ class ReverseSequence(Handler):
 class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
+    PRIVATE_ATTRS = frozenset({STATELESS, STEP_MASK})
 
     def allowed_attrs(self):
         allowed = set(recurrent_attrs(self.node["op"]))

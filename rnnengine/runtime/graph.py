@@ -21,8 +21,8 @@ import math
 import re
 import threading
 
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NotRequired, Optional, TypedDict, \
-    Union, cast, overload
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NoReturn, NotRequired, Optional, \
+    TypedDict, Union, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -361,6 +361,9 @@ class Planner:
             handler_cls = OPS.get(op)
             if handler_cls is not None and issubclass(handler_cls, EnvHandler):
                 # control flow and sequences act on the environment (rnnengine/ops/control.py)
+                for name in node["inputs"]:
+                    if name and name not in env:
+                        raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
                 outs = handler_cls(node, opset).plan_node(self, env)
             else:
                 if handler_cls is None:
@@ -462,30 +465,62 @@ class Planner:
 
         def sub(op_type: str, inputs: list[str], attrs: dict[str, Any]) -> Node:
             return {"op": op_type, "name": node.get("name", ""), "inputs": inputs, "outputs": ["x"], "attrs": attrs}
+
+        def fail(msg: str) -> NoReturn:
+            raise UnsupportedError(f"{where(node)}: {msg}")
+
+        def axis_in(a: Any, nd: int, what: str = "axis") -> int:
+            """An axis attribute within [-nd, nd - 1], as a position (ONNX refuses others)."""
+            if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -nd <= int(a) < nd:
+                fail(f"{what} {a!r} is out of range for rank {nd}")
+            return int(a) % nd
+
+        def same_type(seq: list[Value]) -> list[Value]:
+            """ONNX sequences hold tensors of one element type (onnxruntime refuses a mix)."""
+            kinds = sorted({str(v.dtype) for v in seq})
+            if len(kinds) > 1:
+                fail(f"a sequence of tensors of different types {kinds}")
+            return seq
         if op == "SplitToSequence":
+            # SplitToSequence(x, split?) -> [parts of x along axis]: split a scalar k > 0 (chunks of
+            # k, the last one shorter) or a 1-D list of sizes >= 0 summing to x.shape[axis];
+            # without split, parts of 1 (axis dropped unless keepdims)
             x = xs[0]
-            axis = at.get("axis", 0) % max(1, len(x.shape))
+            if not x.shape:
+                fail("cannot split a scalar: its input must have at least one dimension")
+            axis = axis_in(at.get("axis", 0), len(x.shape))
+            dim = x.shape[axis]
             if len(xs) > 1 and xs[1] is not None:
                 if xs[1].const is None:
-                    raise UnsupportedError(f"{where(node)}: split sizes must be constants")
-                sizes: Any = np.asarray(xs[1].const).reshape(-1)  # an array, or a list of sizes
-                if sizes.size == 1 and np.ndim(xs[1].const) == 0:
-                    k = int(sizes[0])
-                    sizes = [min(k, x.shape[axis] - i) for i in range(0, x.shape[axis], k)]
+                    fail("split sizes must be constants")
+                split = np.asarray(xs[1].const)
+                sizes: Any
+                if split.dtype.kind != "i" or split.ndim > 1:
+                    fail(f"split must be an integer scalar or 1-D tensor, got {split.dtype} of shape {split.shape}")
+                if split.ndim == 0:
+                    k = int(split)
+                    if k <= 0:
+                        fail(f"split {k} must be greater than 0")
+                    sizes = [min(k, dim - i) for i in range(0, dim, k)]
+                else:
+                    sizes = [int(n) for n in split]
+                    if any(n < 0 for n in sizes) or sum(sizes) != dim:
+                        fail(f"split sizes {sizes[:8]}{' ...' if len(sizes) > 8 else ''} must be >= 0 and sum to "
+                             f"{dim}, the size of axis {axis} of the input {tuple(x.shape)}")
                 keep = True
             else:
-                sizes, keep = [1] * x.shape[axis], bool(at.get("keepdims", 1))
+                sizes, keep = [1] * dim, bool(at.get("keepdims", 1))
             parts: list[Value] = []
             pos = 0
             for n in sizes:
                 sl = Slice(sub("Slice", [], {}), 10)
-                part = sl.emit(self, [x, self.const(np.array([pos])), self.const(np.array([pos + int(n)])),
+                part = sl.emit(self, [x, self.const(np.array([pos])), self.const(np.array([pos + n])),
                                       self.const(np.array([axis]))])[0] if x.const is None else \
-                    self.const(np.take(x.const, range(pos, pos + int(n)), axis=axis))
+                    self.const(np.take(x.const, range(pos, pos + n), axis=axis))
                 if not keep:
                     part = self.alias(part, tuple(d for i, d in enumerate(part.shape) if i != axis))
                 parts.append(part)
-                pos += int(n)
+                pos += n
             return [parts]
         if op == "SequenceAt":
             seq, index = xs
@@ -497,25 +532,43 @@ class Planner:
                                        f"sequence of {len(seq)} tensors")
             return [seq[int(at[0])]]
         if op == "SequenceConstruct":
-            return [list(xs)]
+            return [same_type(list(xs))]
         if op == "SequenceEmpty":
             return [[]]
         if op == "SequenceLength":
             return [self.const(np.array(len(xs[0]), np.int64))]
         if op == "SequenceInsert":
+            # SequenceInsert(seq, x, position?) -> seq with x before position (in [-n, n]; at the end without)
             seq = list(xs[0])
             if len(xs) > 2 and xs[2] is not None:
-                seq.insert(int(np.asarray(xs[2].const).reshape(-1)[0]), xs[1])
+                if xs[2].const is None:
+                    fail("the position must be a constant")
+                p = np.asarray(xs[2].const).reshape(-1)
+                if p.size != 1 or p.dtype.kind != "i" or not -len(seq) <= int(p[0]) <= len(seq):
+                    fail(f"position {p.tolist()[:4]} is not one integer within [-{len(seq)}, {len(seq)}] "
+                         f"(a sequence of {len(seq)} tensors)")
+                k = int(p[0])
+                seq.insert(k + len(seq) if k < 0 else k, xs[1])
             else:
                 seq.append(xs[1])
-            return [seq]
+            return [same_type(seq)]
         if op == "ConcatFromSequence":
-            seq, axis = xs[0], at.get("axis")
+            # ConcatFromSequence(seq) -> its tensors concatenated along axis (in [-r, r-1]), or
+            # stacked along a new axis (new_axis=1: in [-r-1, r]); all of one type and shape
+            # except along axis
+            seq, axis = same_type(xs[0]), at.get("axis")
+            if not seq:
+                fail("concatenates an empty sequence (ONNX needs at least one tensor)")
             if at.get("new_axis", 0):
-                nd = len(seq[0].shape) + 1
-                ax = axis % nd
+                ax = axis_in(axis, len(seq[0].shape) + 1)
                 seq = [Unsqueeze(sub("Unsqueeze", [], {"axes": [ax]}), 11).emit(self, [v])[0]
                        if v.const is None else self.const(np.expand_dims(v.const, ax)) for v in seq]
+                axis = ax
+            nd = len(seq[0].shape)
+            axis = axis_in(axis, nd)
+            for v in seq:
+                if len(v.shape) != nd or any(v.shape[i] != seq[0].shape[i] for i in range(nd) if i != axis):
+                    fail(f"tensors of shapes {[tuple(v.shape) for v in seq][:8]} do not concatenate on axis {axis}")
             if all(v.const is not None for v in seq):
                 return [self.const(np.concatenate([v.const for v in seq], axis=axis))]
             return Concat(sub("Concat", [], {"axis": axis}), 13).emit(self, seq)
@@ -528,6 +581,14 @@ class Planner:
         by the stream and carried on from call to call, as a recurrent layer's state is."""
         body = node["attrs"]["body"]
         ins = node["inputs"] + [""] * 2
+        for k, name in enumerate(node["inputs"]):
+            if not name:
+                continue
+            if name not in env:
+                raise UnsupportedError(f"{where(node)} reads {name!r}, which nothing produces")
+            if isinstance(env[name], list):
+                raise UnsupportedError(f"{where(node)}: input {k} ({name!r}) is a sequence of tensors; a Loop's "
+                                       "trip count, condition and carried values must be tensors here")
         M = env[ins[0]] if ins[0] else None
         cond = env[ins[1]] if ins[1] else None
         if M is not None and M.const is None or cond is not None and cond.const is None:
@@ -543,9 +604,9 @@ class Planner:
                 if v is not None and v.const is None and v.dtype.kind == "f" and not v.carried:
                     raise NotStreamableError(node, "its loop-carried state starts from a value computed in each "
                                                    "call, so every chunk would start the recurrence anew")
-        trips = int(np.asarray(M.const).reshape(-1)[0]) if M is not None else None
-        keep_going = bool(np.asarray(cond.const).reshape(-1)[0]) if cond is not None else True
-        carried: list[Any] = [env[n] if n else None for n in node["inputs"][2:]]  # Values (None: absent)
+        trips = int(_one_value(node, M.const, "trip count", "iu")) if M is not None else None
+        keep_going = bool(_one_value(node, cond.const, "condition", "biu")) if cond is not None else True
+        carried: list[Any] = [env[n] if n else None for n in node["inputs"][2:]]
         n_carried = len(carried)
         n_scan = len(body["outputs"]) - 1 - n_carried
         states = []
@@ -616,11 +677,18 @@ class Planner:
             finally:
                 if time_loop:
                     self.loop_iter = None
+            for k, name in enumerate(body["outputs"]):
+                if name not in sub:
+                    raise UnsupportedError(f"{where(node)}: body output {k} ({name!r}) is produced by no body node "
+                                           "and is neither a body input nor a value outside the loop")
+                if isinstance(sub[name], list):
+                    raise UnsupportedError(f"{where(node)}: body output {k} ({name!r}) is a sequence of tensors; "
+                                           "a Loop's condition, carried values and scan outputs must be tensors here")
             res = [sub[n] for n in body["outputs"]]
             c = res[0]
             if c.const is None:
                 raise UnsupportedError(f"{where(node)}: the loop condition depends on run-time data")
-            keep_going = bool(np.asarray(c.const).reshape(-1)[0])
+            keep_going = bool(_one_value(node, c.const, "condition its body gives", "biu"))
             carried = res[1:1 + n_carried]
             for k, v in enumerate(res[1 + n_carried:]):
                 scans[k].append(v)
@@ -666,6 +734,16 @@ class Planner:
             if self.streaming:
                 streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+def _one_value(node: Node, v: Any, what: str, kinds: str) -> Any:
+    """A Loop's trip count or condition: one value of the given NumPy kinds (ONNX: an int64
+    or a bool scalar; an empty tensor raised IndexError, a float trip count was truncated)."""
+    arr = np.asarray(v)
+    if arr.size != 1 or arr.dtype.kind not in kinds:
+        raise UnsupportedError(f"{where(node)}: its {what} must be one {'integer' if kinds == 'iu' else 'boolean'}, "
+                               f"got {arr.dtype} of shape {arr.shape}")
+    return arr.reshape(-1)[0]
 
 
 def _check_loop_state(node: Node, k: int, start: Iterable[int], v: Value) -> None:
@@ -1018,7 +1096,12 @@ class GraphModel(Model):
         shape: Iterable[Optional[int]] = declared
         if any(d is None for d in declared):
             shape = self._probe_state_shapes(feeds)[name]
-        return np.zeros(cast("list[int]", shape), NP_DTYPES[spec["dtype"]])  # every dimension known now
+        dims = [int(cast(int, d)) for d in shape]  # every dimension known now
+        most = limits.resolve(getattr(self, "limits", None)).max_tensor_elements
+        if math.prod(dims) > most:  # a declared 2**32 (fuzz: MemoryError before)
+            limits.refuse(f"state input {name!r}", f"its zero state of shape {tuple(dims)} would hold "
+                          f"{math.prod(dims)} elements", "max_tensor_elements", most)
+        return np.zeros(dims, NP_DTYPES[spec["dtype"]])  # every dimension known now
 
     def _check_state_positions(self, feeds: Mapping[str, Array]) -> None:
         """Before a stream first runs with these input shapes: every paired output must hand

@@ -110,6 +110,14 @@ def check_state_positions(graph: dict[str, Any], tensors: Mapping[str, npt.Array
         X = xs[0]
         T, B = (X.shape[1], X.shape[0]) if layout else (X.shape[0], X.shape[1])
         sshape = (B, D, H) if layout else (D, B, H)
+        R = xs[2] if len(xs) > 2 else None
+        if R is None or R.ndim != 3 or R.shape[-1] != H:
+            raise _Untraceable(node["op"])  # hidden_size contradicts R: the planner refuses the layer, naming it
+        most = limits.resolve().max_tensor_elements
+        for shape in (sshape, (T, D, B, H)):  # the zeros below, sized before they are allocated
+            n = int(np.prod(shape, dtype=object))
+            if n > most:
+                limits.refuse(node, f"its state trace would hold {n} elements", "max_tensor_elements", most)
         outs = node["outputs"] + ["", "", ""]
         if outs[0]:
             val[outs[0]] = np.zeros((B, T, D, H) if layout else (T, D, B, H), np.float32)

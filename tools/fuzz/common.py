@@ -101,10 +101,17 @@ def guarded(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except Exception as e:  # noqa: BLE001 - classified below
-        if classify(e) == "clean" or (KNOWN and signature(e) in KNOWN):
-            return None
-        print(f"FINDING-SIGNATURE {signature(e)}", file=sys.stderr)
-        raise
+        _refused_cleanly(e)
+        return None
+
+
+def _refused_cleanly(e):
+    """Called while handling e: returns when e is a clean refusal (or a known finding),
+    else reports its signature and re-raises it."""
+    if classify(e) == "clean" or (KNOWN and signature(e) in KNOWN):
+        return
+    print(f"FINDING-SIGNATURE {signature(e)}", file=sys.stderr)
+    raise  # noqa: PLE0704 - the exception being handled by the caller
 
 
 # --- exercising a converted / loaded model ------------------------------------------------------
@@ -121,7 +128,14 @@ def exercise(gm):
         return
     if sum(int(np.prod(a.shape, dtype=np.float64)) for a in feeds.values()) > MAX_FEED_ELEMENTS:
         return
-    out = guarded(gm.run, feeds)
+    from rnnengine.errors import LimitError
+    try:
+        out = gm.run(feeds)
+    except LimitError:
+        return  # a stream plans the same nodes under the same limits: refused again, after as long
+    except Exception as e:  # noqa: BLE001
+        _refused_cleanly(e)
+        out = None
     carried = {a for a, _ in gm.state_pairs}
     stream = guarded(gm.stream)
     if stream is None:
@@ -155,11 +169,34 @@ def one_weights(data, path):
     return one_input(data, path, rnnengine.load)
 
 
+# The fuzz process's resource limits (rnnengine.Limits), tighter than the library's defaults:
+# the seeds hold at most ~15,000 weights, and a mutated shape that folds or allocates up to the
+# defaults (2**28 elements, 4 GiB) is a legitimate model that only costs time (the first touch
+# of a gigabyte takes 10-20 s on a loaded machine: a false `-timeout`). With these, such an
+# input is refused by a limit in milliseconds, and a timeout or an RSS blow-up means a path no
+# limit bounds. repro.py and tests/test_fuzz_regressions.py keep the library's defaults (what
+# users get); RNNE_FUZZ_LIMITS=default fuzzes with them too.
+# The same for time: a while loop whose condition never turns false is refused by
+# max_loop_nodes after as many body nodes as it allows (the default, 10**6, plans for 60 s or
+# more: max_planning_seconds ends it); 20,000 nodes plan in ~3 s on a loaded machine, and
+# max_planning_seconds=5 bounds whatever else walks nodes, well inside libFuzzer's -timeout.
+FUZZ_LIMITS = dict(max_tensor_elements=1 << 22, max_plan_bytes=256 << 20, max_loop_nodes=20_000,
+                   max_planning_seconds=5.0)
+
+
+def use_fuzz_limits():
+    """Makes FUZZ_LIMITS the process-wide defaults (in the fuzz process only)."""
+    if os.environ.get("RNNE_FUZZ_LIMITS", "") != "default":
+        from rnnengine import limits
+        limits.set_defaults(**FUZZ_LIMITS)
+
+
 def fuzz_main(one, make_seeds, custom_mutator):
     """A target's entry point: libFuzzer over ``one(data, path)`` with the structure-level
     ``custom_mutator``, seeded by ``make_seeds`` when the corpus directory is empty; the
-    input of any finding is kept (save_finding)."""
+    input of any finding is kept (save_finding). Runs under FUZZ_LIMITS."""
     import atheris
+    use_fuzz_limits()
     path = scratch_path(".onnx" if one is one_onnx else ".rnne")
 
     def test_one_input(data):

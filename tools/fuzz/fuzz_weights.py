@@ -10,6 +10,7 @@ reach the checks behind them: header fields, any JSON value (metadata, graph nod
 attributes and wiring, tensor-table entries: names, dtypes, shapes, offsets, sizes),
 tensor data (checksums recomputed), and truncation.
 """
+import contextlib
 import json
 import os
 import random
@@ -17,12 +18,15 @@ import struct
 import sys
 import zlib
 
-import atheris
+try:
+    import atheris
+except ImportError:  # the mutator and parser are usable without it (minimize.py, tests); fuzzing is not
+    atheris = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-with atheris.instrument_imports(include=["rnnengine"]):
+with atheris.instrument_imports(include=["rnnengine"]) if atheris else contextlib.nullcontext():
     import rnnengine
     import rnnengine.frontend.converter  # noqa: F401 - training checkpoints are converted at load
     import rnnengine.format.weightfile
@@ -82,8 +86,12 @@ def serialize(fields, doc, section, fix_counts=True, fix_crc=True, compress=True
 
 
 def fix_tensor_crcs(doc, section):
-    """Recomputes every entry's crc32 / scale_crc32 whose range lies inside the data section."""
-    for e in doc.get("tensors") or ():
+    """Recomputes every entry's crc32 / scale_crc32 whose range lies inside the data section
+    (the tensor table may have been mutated into any JSON value: only a list has entries)."""
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, list):
+        return
+    for e in tensors:
         if not isinstance(e, dict):
             continue
         for off, n, c in (("offset", "nbytes", "crc32"), ("scale_offset", "scale_nbytes", "scale_crc32")):
@@ -300,7 +308,10 @@ def structure_mutate(data, max_size, seed):
 
 def custom_mutator(data, max_size, seed):
     if seed % 5 != 0:  # four in five: structure level, with valid checksums
-        out = structure_mutate(data, max_size, seed)
+        try:
+            out = structure_mutate(data, max_size, seed)
+        except Exception:  # noqa: BLE001 - a mutator bug must not end a long hunt (tests/test_fuzz_regressions.py
+            out = None     # checks structure_mutate on documents with values of every JSON type)
         if out is not None and len(out) <= max_size:
             return out
     return atheris.Mutate(data, max_size)

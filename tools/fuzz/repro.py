@@ -7,6 +7,8 @@ signal) or a sanitizer report. The address space is limited to 3 GiB (without AS
 memory blow-up shows as a MemoryError rather than taking the machine's memory.
 Used by tests/test_fuzz_regressions.py, one subprocess per input.
 Known signatures ($RNNE_FUZZ_KNOWN) are NOT skipped here: every finding shows.
+The library's default resource limits apply (the fuzz process runs under the tighter
+common.FUZZ_LIMITS); `--fuzz-limits` (before the target) runs under those instead.
 """
 import os
 import sys
@@ -20,7 +22,11 @@ MEMORY_LIMIT = 3 << 30  # bytes of address space: a blow-up ends in MemoryError 
 
 
 def main():
-    target, path = sys.argv[1], sys.argv[2]
+    args = sys.argv[1:]
+    if args and args[0] == "--fuzz-limits":
+        args = args[1:]
+        common.use_fuzz_limits()
+    target, path = args[0], args[1]
     if "asan" not in os.environ.get("LD_PRELOAD", ""):  # ASan reserves terabytes of address space
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
