@@ -1246,6 +1246,10 @@ class GraphModel(Model):
                 else:
                     low = str(d).lower()
                     shape.append(batch if ("batch" in low or low in ("b", "n")) else time)
+            most = limits.resolve(getattr(self, "limits", None)).max_tensor_elements
+            if math.prod(shape) > most:  # a declared 2**40 (fuzz: MemoryError / ValueError before)
+                limits.refuse(f"input {spec['name']!r}", f"its declared shape {tuple(shape)} holds "
+                              f"{math.prod(shape)} elements", "max_tensor_elements", most)
             feeds[spec["name"]] = np.zeros(shape, NP_DTYPES[spec["dtype"]])
         for a in carried:
             try:
