@@ -107,8 +107,11 @@ def test_parquet_shards_keep_their_other_columns(model_file, rows, tmp_path):
         np.testing.assert_array_equal(np.asarray(y, np.float32), score_row(model, rows[i]))
 
 
-def test_ray_data_gives_the_single_process_result_loading_once_per_actor(model_file, rows):
+def test_ray_data_gives_the_single_process_result_loading_once_per_actor(model_file, rows, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
+    # Ray's workers start in the driver's directory: from the repository root they would import
+    # the source tree's rnnengine (no compiled core) instead of the installed package
+    monkeypatch.chdir(tmp_path)
     from rnnengine.scoring.ray_engine import score_rows_with_ray
     path, _ = model_file
     model = rnnengine.load(path)
@@ -124,8 +127,9 @@ def test_ray_data_gives_the_single_process_result_loading_once_per_actor(model_f
     assert 1 <= len(loads) <= 2 and set(loads.values()) == {1}  # each actor's process loaded the model once
 
 
-def test_dask_gives_the_single_process_result_loading_once_per_worker(model_file, rows):
+def test_dask_gives_the_single_process_result_loading_once_per_worker(model_file, rows, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
+    monkeypatch.chdir(tmp_path)  # (as for Ray: workers must import the installed package)
     from distributed import Client, LocalCluster
 
     from rnnengine.scoring.dask_engine import score_bag
