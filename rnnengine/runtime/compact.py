@@ -56,7 +56,10 @@ def configure(model: Any, weight_dtype: Optional[str] = "float32", threads: int 
             cell = {k: model.tensors.get(ins[s]) if s < len(ins) else None for k, s in (("W", 1), ("R", 2))}
             if cell["W"] is None or cell["R"] is None:
                 continue  # computed at planning: checked by _stack_for then
-            for d in range(np.asarray(cell["W"]).shape[0] if np.ndim(cell["W"]) == 3 else 0):
+            if np.ndim(cell["W"]) != 3 or np.ndim(cell["R"]) != 3 or \
+                    np.shape(cell["W"])[0] != np.shape(cell["R"])[0]:
+                continue  # malformed weights: the recurrent node refuses them when planned, naming itself
+            for d in range(np.shape(cell["W"])[0]):
                 _check_compact_weights({k: np.asarray(v)[d] for k, v in cell.items()}, weight_dtype, where(node), d)
     model.weight_dtype = weight_dtype
     model.weights_as_stored = as_stored
