@@ -191,6 +191,21 @@ def use_fuzz_limits():
         limits.set_defaults(**FUZZ_LIMITS)
 
 
+def structure_or_bytes(data, max_size, seed, every, structure_mutate, byte_mutate):
+    """A target's custom mutator: ``structure_mutate()`` for all but one in ``every`` seeds (a
+    result that fits in max_size), else libFuzzer's byte mutation ``byte_mutate(data, max_size)``.
+    A mutator bug must not end a long hunt, so its exceptions fall back to bytes too
+    (tests/test_fuzz_regressions.py runs the structure mutators over many seeds)."""
+    if seed % every != 0:
+        try:
+            out = structure_mutate()
+        except Exception:  # noqa: BLE001
+            out = None
+        if out is not None and len(out) <= max_size:
+            return out
+    return byte_mutate(data, max_size)
+
+
 def fuzz_main(one, make_seeds, custom_mutator):
     """A target's entry point: libFuzzer over ``one(data, path)`` with the structure-level
     ``custom_mutator``, seeded by ``make_seeds`` when the corpus directory is empty; the

@@ -47,6 +47,16 @@ OPS = ["LSTM", "GRU", "RNN", "Loop", "If", "Scan", "MatMul", "Gemm", "Conv", "Ga
        "Constant", "Sigmoid", "Tanh", "Relu", "Not", "Equal", "Less", "Greater", "CumSum", "Einsum"]
 
 
+def _edit_list(r, values, pool, k):
+    """Replaces (k < 0.5), appends (k < 0.8) or deletes one element of a repeated field."""
+    if values and k < 0.5:
+        values[r.randrange(len(values))] = r.choice(pool)
+    elif k < 0.8:
+        values.append(r.choice(pool))
+    elif values:
+        del values[r.randrange(len(values))]
+
+
 def graphs(g):
     """The graph and every subgraph (If branches, Loop/Scan bodies)."""
     yield g
@@ -219,19 +229,9 @@ def mut_attr(m, r):
         elif a.ints:
             del a.ints[r.randrange(len(a.ints))]
     elif a.type == AttributeProto.FLOATS:
-        if a.floats and k < 0.5:
-            a.floats[r.randrange(len(a.floats))] = r.choice(FLOATS)
-        elif k < 0.8:
-            a.floats.append(r.choice(FLOATS))
-        elif a.floats:
-            del a.floats[r.randrange(len(a.floats))]
+        _edit_list(r, a.floats, FLOATS, k)
     elif a.type == AttributeProto.STRINGS:
-        if a.strings and k < 0.5:
-            a.strings[r.randrange(len(a.strings))] = r.choice(STRINGS)
-        elif k < 0.8:
-            a.strings.append(r.choice(STRINGS))
-        elif a.strings:
-            del a.strings[r.randrange(len(a.strings))]
+        _edit_list(r, a.strings, STRINGS, k)
     elif a.type == AttributeProto.TENSOR:
         if a.t.dims:
             a.t.dims[r.randrange(len(a.t.dims))] = r.choice(INTS[:16])
@@ -357,14 +357,9 @@ def structure_mutate(data, seed):
 
 
 def custom_mutator(data, max_size, seed):
-    if seed % 4 != 0:  # three in four: structure level
-        try:
-            out = structure_mutate(data, seed)
-        except Exception:  # noqa: BLE001 - a mutator bug must not end a long hunt (tests/test_fuzz_regressions.py
-            out = None     # runs structure_mutate over many seeds)
-        if out is not None and len(out) <= max_size:
-            return out
-    return atheris.Mutate(data, max_size)
+    # three in four: structure level; else bytes
+    return common.structure_or_bytes(data, max_size, seed, 4, lambda: structure_mutate(data, seed),
+                                     atheris.Mutate)
 
 
 def main():

@@ -307,14 +307,9 @@ def structure_mutate(data, max_size, seed):
 
 
 def custom_mutator(data, max_size, seed):
-    if seed % 5 != 0:  # four in five: structure level, with valid checksums
-        try:
-            out = structure_mutate(data, max_size, seed)
-        except Exception:  # noqa: BLE001 - a mutator bug must not end a long hunt (tests/test_fuzz_regressions.py
-            out = None     # checks structure_mutate on documents with values of every JSON type)
-        if out is not None and len(out) <= max_size:
-            return out
-    return atheris.Mutate(data, max_size)
+    # four in five, with valid checksums: structure level; else bytes
+    return common.structure_or_bytes(data, max_size, seed, 5, lambda: structure_mutate(data, max_size, seed),
+                                     atheris.Mutate)
 
 
 def main():
