@@ -18,7 +18,7 @@ from rnnengine.errors import (ConversionError, EngineError, FormatError, GraphRu
                               NotStreamableError, OnnxRuntimeError, OpsetError, ProgramError, RnnEngineError,
                               SessionClosedError, StateError, UnsupportedError)
 
-__all__ = ["Model", "Stream", "convert", "load", "save", "from_torch", "step_streams", "Batcher", "Session",
+__all__ = ["Model", "Stream", "State", "convert", "load", "save", "from_torch", "step_streams", "Batcher", "Session",
            "state_to_bytes", "state_from_bytes", "LSTM", "GRU", "RNN",
            "ACTIVATIONS", "Limits", "load_onnx", "__version__",
            "RnnEngineError", "UnsupportedError", "ConversionError", "NotStreamableError", "LimitError", "OpsetError",
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 # public name -> the module that defines it; imported on first access (PEP 562), so that
 # `import rnnengine` and the pure-Python parts (rnnengine.format, rnnengine.errors) work
 # without the compiled core
-_LAZY = {"Model": ".runtime.model", "Stream": ".runtime.model", "step_streams": ".runtime.base",
+_LAZY = {"Model": ".runtime.model", "Stream": ".runtime.model", "State": ".runtime.base",
+         "step_streams": ".runtime.base",
          "LSTM": ".runtime.layers", "GRU": ".runtime.layers", "RNN": ".runtime.layers",
          "ACTIVATIONS": ".runtime.layers", "from_torch": ".frontend.torch_import",
          "Batcher": ".runtime.batcher", "Session": ".runtime.batcher",

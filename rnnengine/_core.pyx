@@ -535,8 +535,9 @@ cdef class Stream:
         return s
 
     def get_state(self):
-        """A copy of the state: one entry per layer, (h, c) for LSTM and h otherwise,
-        each of shape (num_directions, batch_size, hidden_size)."""
+        """A copy of the state (rnnengine.State): {"layers": {"layer0": (h, c) for an LSTM,
+        h otherwise, ...}, "inputs": {}, "context": {}}, each array of shape
+        (num_directions, batch_size, hidden_size)."""
         return self.model.unpack_state(self._state, self.batch_size)
 
     def set_state(self, state):

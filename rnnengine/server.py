@@ -247,7 +247,8 @@ class Server:
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=400)
         self.counters["runs"] += 1
         out = res if isinstance(res, dict) else self._as_returned(res)
-        return web.json_response({"outputs": {k: _tolist(v) for k, v in out.items() if not isinstance(v, list)}})
+        # arrays only: a layer stack's "state" output (rnnengine.State) stays on the server
+        return web.json_response({"outputs": {k: _tolist(v) for k, v in out.items() if isinstance(v, np.ndarray)}})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "sessions": self.batcher.sessions,

@@ -167,3 +167,17 @@ def _np_reference(kind, attrs, X, W, R, B, sequence_lens, initial_h, initial_c, 
     if layout:
         outs = [outs[0].transpose(2, 0, 1, 3)] + [o.transpose(1, 0, 2) for o in outs[1:]]
     return outs
+
+
+def stack_state(entries):
+    """A layer stack's state (rnnengine.State) from its per-layer entries in order ((h, c) for
+    an LSTM layer, h otherwise)."""
+    return {"layers": {f"layer{k}": e for k, e in enumerate(entries)}, "inputs": {}, "context": {}}
+
+
+def state_entries(state):
+    """The per-layer entries of a layer stack's state, in layer order."""
+    assert set(state) == {"layers", "inputs", "context"} and not state["inputs"] and not state["context"]
+    keys = sorted(state["layers"], key=lambda k: int(k[len("layer"):]))
+    assert keys == [f"layer{k}" for k in range(len(keys))], keys
+    return [state["layers"][k] for k in keys]

@@ -86,7 +86,7 @@ def test_save_refuses_what_onnx_cannot_hold(tmp_path):
     proj = rnnengine.Model([rnnengine.LSTM(f32(1, 16, 3), f32(1, 16, 2), projection=f32(1, 2, 4))])
     with pytest.raises(rnnengine.ConversionError, match="proj_size"):
         rnnengine.save(proj, str(tmp_path / "p.rnne"))
-    h0 = [(f32(1, 1, 5), f32(1, 1, 5))]
+    h0 = {"layers": {"layer0": (f32(1, 1, 5), f32(1, 1, 5))}}
     init = rnnengine.Model([lstm(3, 5)], initial_state=h0)
     with pytest.raises(rnnengine.ConversionError, match="initial_state"):
         rnnengine.save(init, str(tmp_path / "i.rnne"))
@@ -257,3 +257,105 @@ def test_threads_keep_the_return_convention_and_layer_streams_refuse_by_name(pai
     bidir = rnnengine.Model([gru(3, 4, D=2, direction="bidirectional")])
     with pytest.raises(rnnengine.NotStreamableError, match="forward"):
         bidir.stream()
+
+
+# --- one state structure (rnnengine.State) for every stream ------------------------------------
+
+def _same_structure(a, b):
+    """Both states have the same keys everywhere and arrays of the same shapes and dtype."""
+    assert set(a) == set(b) == {"layers", "inputs", "context"}
+    assert sorted(a["layers"]) == sorted(b["layers"]) and sorted(a["inputs"]) == sorted(b["inputs"])
+    for k, u in a["layers"].items():
+        v = b["layers"][k]
+        assert isinstance(u, tuple) == isinstance(v, tuple), k
+        for p, q in zip(u if isinstance(u, tuple) else (u,), v if isinstance(v, tuple) else (v,)):
+            assert p.shape == q.shape and p.dtype == q.dtype == np.float32, (k, p.shape, q.shape)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_layer_stack_and_its_saved_graph_share_one_state_structure(tmp_path, batch):
+    """The state of a layer-stack stream and of the stream of the same model saved and loaded
+    (a graph) have one structure, the same keys and shapes; each continues from the other's."""
+    layers = [lstm(3, 5), gru(5, 4), rnn(4, 6)]
+    stack = rnnengine.Model(layers)
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(stack, path)
+    graph = rnnengine.load(path)
+    X = f32(12, batch, 3, scale=1.0)
+    s1, s2 = stack.stream(batch), graph.stream(batch)
+    y1, y2 = s1.feed(X[:5]), s2.feed(X[:5])
+    assert max_violation(y2, y1) <= 1
+    st1, st2 = s1.get_state(), s2.get_state()
+    _same_structure(st1, st2)
+    assert sorted(st1["layers"]) == ["layer0", "layer1", "layer2"]
+    h, c = st1["layers"]["layer0"]
+    assert h.shape == c.shape == (1, batch, 5) and st1["layers"]["layer1"].shape == (1, batch, 4)
+    for k in st1["layers"]:
+        for p, q in zip(np.atleast_1d(st1["layers"][k]) if not isinstance(st1["layers"][k], tuple)
+                        else st1["layers"][k], st2["layers"][k] if isinstance(st2["layers"][k], tuple)
+                        else np.atleast_1d(st2["layers"][k])):
+            assert max_violation(q, p) <= 1, k
+    # the whole-sequence run from the same state, as the reference for both continuations
+    want, _ = stack.run(X[5:], state=st1)
+    # a graph stream (fresh: never run) takes the layer stack's state, and vice versa
+    g = graph.stream(batch, state=st1)
+    assert max_violation(g.feed(X[5:]), want) <= 1
+    s = stack.stream(batch, state=st2)
+    assert max_violation(s.feed(X[5:]), want) <= 1
+    # so does a graph stream that has run (its shapes are known: checked at once)
+    s2.set_state(st1)
+    assert max_violation(s2.feed(X[5:]), want) <= 1
+
+
+def test_a_graph_stream_checks_a_state_set_before_its_first_call_against_the_model(tmp_path):
+    """Before the first call the graph stream does not know its layers' shapes yet: a state
+    with the wrong shapes is refused at the first call, naming the entry, and nothing runs."""
+    stack = rnnengine.Model([lstm(3, 5)])
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(stack, path)
+    graph = rnnengine.load(path)
+    good = stack.stream(2).get_state()
+    h, c = good["layers"]["layer0"]
+    bad = {"layers": {"layer0": (h, np.concatenate([c, c], axis=2))}}  # c of 10 floats per row, h of 5
+    s = graph.stream(2, state=bad)
+    with pytest.raises(ValueError, match=r"state\['layers'\]\['layer0'\]"):
+        s.feed(f32(4, 2, 3))
+    with pytest.raises(ValueError, match=r"state\['layers'\]\['layer0'\] of an LSTM layer must be a pair \(h, c\)"):
+        rnnengine.Model([lstm(3, 5)]).stream(2, state={"layers": {"layer0": h}})
+
+
+def test_graph_states_of_loops_and_convolutions_are_arrays_of_their_shapes():
+    """Every entry of a converted graph's state has the shape the node holds: a conv front
+    end's kept frames (batch, channels, frames), a recurrent layer's (h, c)/h; set_state of
+    get_state continues exactly (bit for bit), also through the bytes."""
+    path = os.path.join(HERE, "data", "corpus", "torch_dynamo_conv_causal_lstm_op18.onnx")
+    m = rnnengine.convert(path)
+    name = m.input_names[0]
+    spec = next(i for i in m.inputs if i["name"] == name)
+    s = m.stream()
+    ax = s.time_axes.get(name)
+    shape = [d if isinstance(d, int) else 2 for d in spec["shape"]]
+    shape[ax] = 7
+    x = f32(*shape, scale=1.0)
+    s.feed({name: x})
+    st = s.get_state()
+    convs = [k for k in st["layers"] if k.startswith("conv:")]
+    recs = [k for k in st["layers"] if not k.startswith("conv:")]
+    assert convs and recs, sorted(st["layers"])
+    for k in convs:
+        assert isinstance(st["layers"][k], np.ndarray) and st["layers"][k].ndim == 3 and st["layers"][k].shape[0] == 2
+    for k in recs:
+        h, c = st["layers"][k]
+        assert h.ndim == 3 and h.shape == c.shape and h.shape[1] == 2
+    other = m.stream()
+    other.feed({name: x})  # same batch, known shapes
+    other.set_state(st)
+    a, b = s.feed({name: x}), other.feed({name: x})
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    third = m.stream()
+    rnnengine.state_from_bytes(third, rnnengine.state_to_bytes(s))
+    fourth = m.stream(state=s.get_state())
+    c1, c2 = third.feed({name: x}), fourth.feed({name: x})
+    for k in c1:
+        np.testing.assert_array_equal(c1[k], c2[k])

@@ -1,4 +1,6 @@
 """Bad input raises a clear exception naming what was expected and what came; nothing crashes."""
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -115,13 +117,13 @@ def test_model_stack_mismatch_and_state_errors():
     with pytest.raises(ValueError, match="at least one layer"):
         rnnengine.Model([])
     m = rnnengine.Model([lstm()])
-    with pytest.raises(ValueError, match="one entry per layer"):
+    with pytest.raises(TypeError, match=r"state must be a dict \{'layers': \{'layer0': \(h, c\)\}\}.*got list"):
         m.run(np.zeros((2, 1, 3), np.float32), state=[])
-    with pytest.raises(ValueError, match=r"must be a pair \(h, c\)"):
-        m.run(np.zeros((2, 1, 3), np.float32), state=[np.zeros((1, 1, 4), np.float32)])
-    with pytest.raises(ValueError, match=r"state\[0\] c must have shape \(1, 1, 4\)"):
+    with pytest.raises(ValueError, match=r"state\['layers'\]\['layer0'\] of an LSTM layer must be a pair \(h, c\)"):
+        m.run(np.zeros((2, 1, 3), np.float32), state={"layers": {"layer0": np.zeros((1, 1, 4), np.float32)}})
+    with pytest.raises(ValueError, match=r"state\['layers'\]\['layer0'\] c must have shape \(1, 1, 4\)"):
         m.run(np.zeros((2, 1, 3), np.float32),
-              state=[(np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32))])
+              state={"layers": {"layer0": (np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32))}})
 
 
 def test_stream_input_errors():
@@ -311,14 +313,27 @@ def test_layer_stack_stream_set_state_errors_name_the_entry():
     s = m.stream(batch_size=2)
     s.step(rng.standard_normal((2, 3)).astype(np.float32))
     before = s.get_state_vector()
-    (h, c), hg = s.get_state()
+    saved = s.get_state()
+    assert set(saved) == {"layers", "inputs", "context"} and saved["inputs"] == {} and saved["context"] == {}
+    (h, c), hg = saved["layers"]["layer0"], saved["layers"]["layer1"]
+
+    def st(*entries, **parts):
+        return {"layers": dict(zip(("layer0", "layer1"), entries)), **parts}
     cases = [
-        ({"layers": {}}, TypeError, r"state must be a list with one entry per layer \(2\).*got dict"),
-        ([(h, c)], ValueError, "got list of length 1"),
-        ([(h,), hg], ValueError, r"state\[0\] of an LSTM layer must be a pair \(h, c\) of arrays \(1, 2, 4\), got a tuple of 1"),
-        ([(h, c), (hg, hg)], ValueError, r"state\[1\] of a GRU layer is h alone, an array \(1, 2, 4\)"),
-        ([(h[:, :1], c), hg], ValueError, r"state\[0\] h must have shape \(1, 2, 4\) \(directions, batch, hidden\), got \(1, 1, 4\)"),
-        ([(h, c.astype(np.int32)), hg], TypeError, r"state\[0\] c must be a float array"),
+        ([(h, c), hg], TypeError, r"state must be a dict \{'layers': \{'layer0': \(h, c\), 'layer1': h\}\}.*got list "
+                                  r"\(a per-layer list as PyTorch's is not taken"),
+        ({"layers": [(h, c), hg]}, TypeError, r"state\['layers'\] must be a dict"),
+        ({"Layers": {}}, ValueError, r"unknown key\(s\) \['Layers'\]"),
+        (st((h, c)), ValueError, r"state\['layers'\] is missing \['layer1'\]"),
+        ({"layers": {"layer0": (h, c), "layer1": hg, "layer2": hg}}, ValueError,
+         r"state\['layers'\] has \['layer2'\], which this model does not have"),
+        (st((h, c), hg, inputs={"h0": h}), ValueError, r"state\['inputs'\] has \['h0'\], but a layer stack has no explicit"),
+        (st((h,), hg), ValueError, r"state\['layers'\]\['layer0'\] of an LSTM layer must be a pair \(h, c\) of arrays "
+                                   r"\(1, 2, 4\), got a tuple of 1"),
+        (st((h, c), (hg, hg)), ValueError, r"state\['layers'\]\['layer1'\] of a GRU layer is h alone, an array \(1, 2, 4\)"),
+        (st((h[:, :1], c), hg), ValueError, r"state\['layers'\]\['layer0'\] h must have shape \(1, 2, 4\) "
+                                           r"\(directions, batch, hidden\), got \(1, 1, 4\)"),
+        (st((h, c.astype(np.int32)), hg), TypeError, r"state\['layers'\]\['layer0'\] c must be a float array"),
     ]
     for bad, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -334,7 +349,9 @@ def test_graph_stream_set_state_refuses_bad_structures_and_changes_nothing():
     saved = s.get_state()
     keys = sorted(saved["layers"])
     assert saved["inputs"] == {} and len(keys) == 2  # one per LSTM layer
-    vec = saved["layers"][keys[0]]
+    h, c = saved["layers"][keys[0]]  # (h, c) of an LSTM layer: (num_directions, batch, hidden)
+    assert h.shape == c.shape and h.shape[:2] == (1, 2)
+    vec = h
     cases = [
         ([vec], TypeError, r"state must be a dict \{'layers'"),
         ({"layer": saved["layers"]}, ValueError, r"unknown key\(s\) \['layer'\]"),
@@ -342,9 +359,12 @@ def test_graph_stream_set_state_refuses_bad_structures_and_changes_nothing():
          r"state\['layers'\] has \['/other/LSTM_output_0'\], which this stream does not hold"),
         ({"layers": {keys[0]: vec}}, ValueError, r"state\['layers'\] is missing \['" + keys[1] + r"'\].*reset\(\)"),
         ({}, ValueError, "is missing"),
-        ({"layers": {**saved["layers"], keys[0]: vec[:-4]}}, ValueError, f"has {vec.size - 4} floats but this stream's layer holds {vec.size}"),
-        ({"layers": {**saved["layers"], keys[0]: vec.reshape(2, -1)}}, ValueError, "must be a 1-D vector"),
-        ({"layers": {**saved["layers"], keys[0]: vec.astype(np.int64)}}, TypeError, "must be a float32 vector, got int64"),
+        ({"layers": {**saved["layers"], keys[0]: (h, c[:, :1])}}, ValueError,
+         re.escape(f"state['layers'][{keys[0]!r}] c must have shape {tuple(c.shape)} (as this stream holds it), got "
+                   f"(1, 1, {c.shape[2]}): the state is of another batch size")),
+        ({"layers": {**saved["layers"], keys[0]: h}}, ValueError, r"must be a pair \(h, c\) of arrays"),
+        ({"layers": {**saved["layers"], keys[0]: (h, c, c)}}, ValueError, r"must be \(h, c\) for an LSTM layer or one array, got a tuple of 3"),
+        ({"layers": {**saved["layers"], keys[0]: (h, c.astype(np.int64))}}, TypeError, r"\] c must be a float32 array, got int64"),
         ({"layers": saved["layers"], "inputs": {"h0": vec}}, ValueError, r"\['h0'\], which is not state input"),
     ]
     y_next = s({"x": x})["y"]

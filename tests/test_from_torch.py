@@ -263,7 +263,9 @@ def test_step_streams_batches_projected_streams():
     hx = torch_state("LSTM", 2, 1, 3, 6, 2, rng)
     y, (h, c) = run_float64(m, x, hx)
     per_row = model.from_torch_state(hx)
-    streams = [model.stream(1, state=[(a[:, b:b + 1], cc[:, b:b + 1]) for a, cc in per_row]) for b in range(3)]
+    streams = [model.stream(1, state={"layers": {k: (a[:, b:b + 1], cc[:, b:b + 1])
+                                                 for k, (a, cc) in per_row["layers"].items()}})
+               for b in range(3)]
     out = np.stack([rnnengine.step_streams(streams, x[t]) for t in range(7)])
     check_close(out, y.numpy(), "step_streams")
     for b, s in enumerate(streams):
@@ -390,10 +392,11 @@ def test_training_mode_dropout_warns_and_computes_eval_mode():
 def test_projected_state_shapes_are_checked():
     model = rnnengine.from_torch(make_module("LSTM", 3, 6, proj=2, seed=11))
     s = model.stream(2)
-    h, c = s.get_state()[0]
+    h, c = s.get_state()["layers"]["layer0"]
     assert h.shape == (1, 2, 2) and c.shape == (1, 2, 6)
-    with pytest.raises(ValueError, match=r"state\[0\] h must have shape \(1, 2, 2\) \(directions, batch, proj_size\)"):
-        s.set_state([(c, c)])
+    with pytest.raises(ValueError, match=r"state\['layers'\]\['layer0'\] h must have shape \(1, 2, 2\) "
+                                         r"\(directions, batch, proj_size\)"):
+        s.set_state({"layers": {"layer0": (c, c)}})
     with pytest.raises(ValueError, match="projection exists only for LSTM"):
         rnnengine.GRU(np.zeros((1, 6, 2)), np.zeros((1, 6, 2)), projection=np.zeros((1, 1, 2)))
 

@@ -19,7 +19,7 @@ import pytest
 
 import rnnengine
 from rnnengine import _core
-from oracle import max_violation, run_ort
+from oracle import max_violation, run_ort, stack_state
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 N_ACT = {"LSTM": 3, "GRU": 2, "RNN": 1}
@@ -168,7 +168,7 @@ def run_engine(kind, attrs, inputs, level=None, weight_dtype=None):
             return layer_of(kind, attrs, inputs)(*args)
         model = rnnengine.Model([layer_of(kind, attrs, inputs)], weight_dtype=weight_dtype)
         state = [(inputs["initial_h"], inputs["initial_c"])] if kind == "LSTM" else [inputs["initial_h"]]
-        Y, st = model.run(inputs["X"], state=state)
+        Y, st = model.run(inputs["X"], state=stack_state(state))
         return [Y]
     finally:
         _core.kernel_level(_core.kernel_level_max())

@@ -12,7 +12,7 @@ import pytest
 
 import rnnengine
 from rnnengine.runtime.batcher import Batcher
-from rnnengine.runtime.portable import MAGIC, _HEADER
+from rnnengine.runtime.portable import MAGIC, VERSION, _HEADER
 
 rng = np.random.default_rng(11)
 I, H = 5, 7
@@ -117,7 +117,7 @@ def craft(model, skeleton, blob=b""):
     from rnnengine.runtime.portable import model_fingerprint
     sk = json.dumps(skeleton).encode()
     crc = zlib.crc32(blob, zlib.crc32(sk))
-    return _HEADER.pack(MAGIC, 1, 0, model_fingerprint(model), len(sk), len(blob), crc) + sk + blob
+    return _HEADER.pack(MAGIC, VERSION, 0, model_fingerprint(model), len(sk), len(blob), crc) + sk + blob
 
 
 DEEP = [1]
@@ -133,10 +133,11 @@ def test_hostile_structures_with_valid_checksums_are_refused():
                      [{"a": ["float32", [3], 2**62]}], "text", [1, 2]):
         with pytest.raises(rnnengine.StateError):
             rnnengine.state_from_bytes(target, craft(model, skeleton, b"\0" * 16))
-    v2 = bytearray(craft(model, [1]))
-    struct.pack_into("<H", v2, 4, 2)
-    with pytest.raises(rnnengine.StateError, match="version 2"):
-        rnnengine.state_from_bytes(target, bytes(v2))
+    for other in (1, 3):  # 1: the structure before rnnengine.State; 3: a future one
+        v = bytearray(craft(model, [1]))
+        struct.pack_into("<H", v, 4, other)
+        with pytest.raises(rnnengine.StateError, match=f"version {other}; this rnnengine reads version 2"):
+            rnnengine.state_from_bytes(target, bytes(v))
 
 
 def test_a_batcher_session_moves_to_another_batcher():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rnnengine
-from oracle import max_violation
+from oracle import max_violation, stack_state, state_entries
 
 
 def random_layer(kind, rng, I, H, **attrs):
@@ -53,7 +53,7 @@ def test_stacked_model_equals_layers_run_one_after_another():
         finals.append(outs[1:])
         x = y.transpose(0, 2, 1, 3).reshape(T, B, -1)
     assert_close(Y, x)
-    for st, fin in zip(state, finals):
+    for st, fin in zip(state_entries(state), finals):
         h = st[0] if isinstance(st, tuple) else st
         # rows of length > 0 (all here) carry their last valid step's state
         assert_close(h, fin[0])
@@ -71,7 +71,7 @@ def test_stepping_1000_steps_equals_whole_sequence(batch_first):
     stream = model.stream(batch_size=B)
     stepped = np.stack([stream.step(X[t]) for t in range(T)])
     assert_close(stepped, Y)
-    for a, b in zip(stream.get_state(), final):
+    for a, b in zip(state_entries(stream.get_state()), state_entries(final)):
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert_close(u, v)
 
@@ -132,13 +132,13 @@ def test_model_initial_state_is_where_streams_start_and_reset_to():
              rng.standard_normal((1, 1, 8)).astype(np.float32)),
             rng.standard_normal((1, 1, 6)).astype(np.float32),
             rng.standard_normal((1, 1, 7)).astype(np.float32)]
-    model = rnnengine.Model(base.layers, initial_state=init)
+    model = rnnengine.Model(base.layers, initial_state=stack_state(init))
     X = rng.standard_normal((12, 2, model.input_size)).astype(np.float32)
     def rep(a):
         return np.repeat(a, 2, axis=1)
 
     bstate = [(rep(init[0][0]), rep(init[0][1])), rep(init[1]), rep(init[2])]
-    Y_explicit, _ = base.run(X, state=bstate)
+    Y_explicit, _ = base.run(X, state=stack_state(bstate))
     Y_default, _ = model.run(X)
     np.testing.assert_array_equal(Y_default, Y_explicit)
     s = model.stream(batch_size=2)
@@ -235,10 +235,10 @@ def test_threads_split_batch_rows_and_match_one_thread():
     two = rnnengine.Model(layers, batch_first=True, threads=2)
     st = [(rng.standard_normal((2, B, H)).astype(np.float32), rng.standard_normal((2, B, H)).astype(np.float32)),
           rng.standard_normal((1, B, H)).astype(np.float32)]
-    y1, s1 = one.run(X, lengths=lens, state=st)
-    y2, s2 = two.run(X, lengths=lens, state=st)
+    y1, s1 = one.run(X, lengths=lens, state=stack_state(st))
+    y2, s2 = two.run(X, lengths=lens, state=stack_state(st))
     assert np.abs(y1 - y2).max() <= 1e-5
-    for a, b in zip(s1, s2):
+    for a, b in zip(state_entries(s1), state_entries(s2)):
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert np.abs(u - v).max() <= 1e-5
     with pytest.raises(ValueError, match="threads"):

@@ -8,7 +8,8 @@ from typing import Any, assert_type
 import numpy as np
 import numpy.typing as npt
 
-from rnnengine.runtime.graph import GraphModel, GraphStream, GraphStreamState
+from rnnengine.runtime.base import LayerState, State
+from rnnengine.runtime.graph import GraphModel, GraphStream
 
 Array = npt.NDArray[Any]
 Returned = Array | tuple[Array, ...]
@@ -33,8 +34,8 @@ def graph_stream_api(s: GraphStream, x: Array, feeds: dict[str, Array]) -> None:
     assert_type(s(feeds), dict[str, Array])
     assert_type(s.finish(), dict[str, Array] | Returned)
     state = s.get_state()
-    assert_type(state, GraphStreamState)
-    assert_type(state["layers"], dict[str, npt.NDArray[np.float32]])
+    assert_type(state, State)
+    assert_type(state["layers"], dict[str, LayerState])
     assert_type(state["inputs"], dict[str, Array])
     assert_type(state["context"], dict[str, int])
     s.set_state(state)

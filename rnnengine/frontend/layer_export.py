@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnengine.errors import ConversionError
-from rnnengine.runtime.layers import ACTIVATIONS
+from rnnengine.runtime.layers import ACTIVATIONS, layer_key
 
 _ACTIVATION_NAMES = {spec[0]: name for name, spec in ACTIVATIONS.items()}  # C code -> ONNX name
 
@@ -51,7 +51,7 @@ def layers_to_onnx(model: Any, opset: int = 14) -> onnx.ModelProto:
         nodes.append(helper.make_node("Transpose", ["X"], ["X.t"], perm=[1, 0, 2], name="batch_first.in"))
         x = "X.t"
     for k, layer in enumerate(layers):
-        p = f"layer{k}"
+        p = layer_key(k)
         ins = [x, const(f"{p}.W", layer.W), const(f"{p}.R", layer.R),
                const(f"{p}.B", layer.B) if layer.B is not None else ""]
         if layer.P is not None:
@@ -77,9 +77,10 @@ def layers_to_onnx(model: Any, opset: int = 14) -> onnx.ModelProto:
             attrs["input_forget"] = 1
         if layer.kind == "GRU":
             attrs["linear_before_reset"] = layer.linear_before_reset
-        nodes.append(helper.make_node(layer.kind, ins, [f"{p}.y"], name=p, **attrs))
+        # the output is named like the layer (layer_key): the saved graph's stream state keeps the keys
+        nodes.append(helper.make_node(layer.kind, ins, [p], name=p, **attrs))
         # (T, D, B, H) -> (T, B, D, H) -> (T, B, D*H)
-        nodes.append(helper.make_node("Transpose", [f"{p}.y"], [f"{p}.yt"], perm=[0, 2, 1, 3], name=f"{p}.t"))
+        nodes.append(helper.make_node("Transpose", [p], [f"{p}.yt"], perm=[0, 2, 1, 3], name=f"{p}.t"))
         out = "Y" if k == len(layers) - 1 and not layout else f"{p}.out"
         merged = const(f"{p}.merge", np.array([0, 0, layer.output_size], np.int64))
         nodes.append(helper.make_node("Reshape", [f"{p}.yt", merged], [out], name=f"{p}.r"))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import warnings
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from rnnengine.codes import GATES
-from rnnengine.runtime.layers import GRU, LSTM, RNN, _Layer
+from rnnengine.runtime.layers import GRU, LSTM, RNN, _Layer, layer_key, unpack_state
 from rnnengine.runtime.model import LayerModel
 
 # Gate blocks, top to bottom, of the stacked weight matrices in each convention. The letters
@@ -164,8 +164,9 @@ class TorchModel(LayerModel):
         self.torch_modules = modules  # per module: (kind, num_layers, num_directions)
         self.torch_container = container  # made from an nn.Sequential / nn.ModuleList: states are lists
 
-    def from_torch_state(self, hx: Any) -> list[Any]:
-        """PyTorch's initial state -> this model's ``state=``: for one module ``h0`` (GRU, RNN)
+    def from_torch_state(self, hx: Any) -> dict[str, Any]:
+        """PyTorch's initial state -> this model's state (:class:`rnnengine.State`, for
+        ``run(state=)``, ``stream(state=)``, ``set_state``): for one module ``h0`` (GRU, RNN)
         or ``(h0, c0)`` (LSTM), h0 of shape (num_layers * D, batch, proj_size or hidden_size),
         c0 (num_layers * D, batch, hidden_size); for a Sequential / ModuleList, a list of those,
         one per module."""
@@ -173,7 +174,7 @@ class TorchModel(LayerModel):
         if not isinstance(entries, (list, tuple)) or len(entries) != len(self.torch_modules):
             raise ValueError(f"from_torch_state: expected a list of {len(self.torch_modules)} states, one per "
                              f"module, got {type(entries).__name__}")
-        state = []
+        state: list[Any] = []
         for m, ((kind, L, D), entry) in enumerate(zip(self.torch_modules, entries)):
             if kind == "LSTM":
                 if not isinstance(entry, (list, tuple)) or len(entry) != 2:
@@ -188,21 +189,35 @@ class TorchModel(LayerModel):
             for k in range(L):
                 rows = slice(k * D, (k + 1) * D)
                 state.append((h[rows], c[rows]) if c is not None else h[rows])
-        return state
+        return {"layers": {layer_key(k): e for k, e in enumerate(state)}, "inputs": {}, "context": {}}
 
-    def to_torch_state(self, state: list[Any]) -> Any:
+    def to_torch_state(self, state: Mapping[str, Any]) -> Any:
         """This model's state (``run()``'s or a stream's ``get_state()``) -> PyTorch's: ``h_n``
         or ``(h_n, c_n)`` for one module, a list of those for a Sequential / ModuleList."""
+        vec = self._pack_state(dict(state), self._batch_of(state))  # checked as set_state checks it
+        entries = list(unpack_state(self.layers, vec, self._batch_of(state))["layers"].values())
         out: list[Any] = []
         at = 0
         for kind, L, D in self.torch_modules:
-            part = state[at:at + L]
+            part = entries[at:at + L]
             at += L
             if kind == "LSTM":
                 out.append((np.concatenate([e[0] for e in part]), np.concatenate([e[1] for e in part])))
             else:
                 out.append(np.concatenate(part))
         return out if self.torch_container else out[0]
+
+    @staticmethod
+    def _batch_of(state: Mapping[str, Any]) -> int:
+        """The batch size of a state, read off its first layer's h (pack_state checks the rest)."""
+        layers = state.get("layers") if isinstance(state, Mapping) else None
+        first = next(iter(layers.values()), None) if isinstance(layers, Mapping) else None
+        h = first[0] if isinstance(first, (list, tuple)) and first else first
+        shape = np.shape(h) if h is not None else ()
+        if len(shape) != 3:
+            raise ValueError("to_torch_state: state must be this model's state ({'layers': {'layer0': (h, c) or h, "
+                             "...}}), as run() and get_state() return it")
+        return int(shape[1])
 
 
 def _is_container(module: Any) -> bool:

@@ -82,8 +82,10 @@ class PlannerInterface(Protocol):
     def stack_index(self, stack: Any) -> int:
         """The index of a stack in the program's stack list."""
 
-    def stream_state(self, key: str, start: Any) -> Any:
-        """A run-time Value holding a state a stream carries between calls, starting from ``start``."""
+    def stream_state(self, key: str, start: Any, parts: Any) -> Any:
+        """A run-time Value holding a state a stream carries between calls, starting from
+        ``start`` (a flat float32 vector); ``parts``: the shapes it is made of, in order, as
+        the stream's get_state() shows it ((h, c) of an LSTM, one array otherwise)."""
 
     def emit(self, op: int, ins: Any, outs: Any, ip: Any, fp: Any = (), aux: int = -1) -> None:
         """Appends one instruction of the C executor (op code, input/output buffer ids,
@@ -1715,7 +1717,7 @@ class Recurrent(Handler):
                 if v is not None:
                     c = np.asarray(v.const, np.float32)
                     start[k] = c.transpose(1, 0, 2) if layer.layout else c
-            state = p.stream_state(key, start.reshape(-1))
+            state = p.stream_state(key, start.reshape(-1), [sshape] * (2 if has_c else 1))
             mode, init_ins = 1, [None, None]
         else:
             state = p.new((state_floats,), np.float32)

@@ -671,7 +671,7 @@ def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     n_out = (buf_len - span) // s + 1 if buf_len >= span else 0
     # the next call's carry: frames kept (> 0), or frames still to skip (< 0)
     p.aux_out[key] = -skip if skip > 0 else buf_len - n_out * s
-    st = p.stream_state(key, np.zeros(N * C * cap, np.float32))
+    st = p.stream_state(key, np.zeros(N * C * cap, np.float32), [(N, C, cap)])
     buf = p.new((N, C, buf_len), np.float32)
     bst = contiguous_strides((N, C, buf_len))
     if kept:

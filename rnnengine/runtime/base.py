@@ -15,13 +15,43 @@ gives the outputs in ``model.outputs`` order, a single array when there is one.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Mapping, Sequence, cast
+from typing import Any, ClassVar, Mapping, Sequence, TypedDict, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from rnnengine import _core
 
-__all__ = ["Model", "Stream", "step_streams"]
+__all__ = ["Model", "Stream", "State", "LayerState", "step_streams"]
+
+# One stateful node's state in State["layers"]: a recurrent layer's (h, c) (LSTM) or h
+# (GRU, RNN), each float32 (num_directions, batch, hidden_size) as in PyTorch (h of a
+# projected LSTM: proj_size); a Loop's carried value or a convolution's kept frames: one array.
+LayerState = Union[npt.NDArray[np.float32], tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+
+
+class State(TypedDict):
+    """Every stream's state, whatever the model, as ``get_state()`` returns it and
+    ``set_state()``, ``Model.stream(state=)`` and ``Model.run(state=)`` take it::
+
+        {"layers":  {key: (h, c) | h | array},   # each stateful node the stream holds
+         "inputs":  {name: array},               # a graph's explicit state inputs
+         "context": {key: int}}                  # what ops along time carry
+
+    "layers": keyed by the node's first output: "layer0", "layer1", ... for a model built
+    from layers (also the names ``rnnengine.save`` gives them, so a saved and loaded model
+    takes the same state), the recurrent node's first output name for a converted graph.
+    A recurrent layer's entry is ``(h, c)`` for an LSTM and ``h`` otherwise, each float32
+    (num_directions, batch, hidden_size) as in PyTorch; a Loop's carried value
+    ("<output>:loop<k>") and a convolution's kept input frames ("conv:<output>") are one
+    array each. "inputs": one array per state input of a graph's ``state_pairs`` (its
+    dtype and shape); empty for a layer stack. "context": per convolution along time the
+    frames it keeps (negative: still skips), per Pad whether its leading padding was given;
+    empty for a layer stack. Every part is checked before anything changes, and a mistake
+    raises TypeError / ValueError naming the entry."""
+    layers: dict[str, LayerState]
+    inputs: dict[str, npt.NDArray[Any]]
+    context: dict[str, int]
 
 
 class Model(abc.ABC):
@@ -63,8 +93,8 @@ class Model(abc.ABC):
         """Runs whole sequences, no state kept. ``inputs``: a dict name -> array, or the one
         array of a model with one data input. Returns a dict for a dict, else the outputs in
         ``outputs`` order (a single array when there is one). ``lengths``: valid steps per
-        batch row (packed sequences). ``state``: the state to start from (a stream's
-        ``get_state()`` structure for this model; zeros or the model's initial state when
+        batch row (packed sequences). ``state``: the state to start from (:class:`State`,
+        as a stream's ``get_state()`` returns it; zeros or the model's initial state when
         omitted)."""
 
     @abc.abstractmethod
@@ -82,7 +112,8 @@ class Stream(abc.ABC):
     steps (xs with its time axis); both take a dict name -> array or the one data array and
     return the same kind, like :meth:`Model.run`. Feeding a sequence in any chunking gives
     the whole-sequence result. ``get_state()`` / ``set_state(state)`` copy the state out and
-    back (validated before anything changes), ``reset()`` returns to the model's initial
+    back, in the one structure of :class:`State` for every model (validated before anything
+    changes), ``reset()`` returns to the model's initial
     state, ``fork()`` gives an independent copy, ``finish()`` returns what ops that look
     ahead in time still hold back (``delay`` input steps; nothing for a layer stack).
     A stream is used by one thread at a time: a call that overlaps another thread's call on
@@ -99,10 +130,10 @@ class Stream(abc.ABC):
     def feed(self, xs: Any, out: Any = None) -> Any: ...
 
     @abc.abstractmethod
-    def get_state(self) -> Any: ...
+    def get_state(self) -> State: ...
 
     @abc.abstractmethod
-    def set_state(self, state: Any) -> None: ...
+    def set_state(self, state: State | Mapping[str, Any]) -> None: ...
 
     @abc.abstractmethod
     def reset(self) -> None: ...

@@ -22,7 +22,7 @@ import re
 import threading
 
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NoReturn, NotRequired, Optional, \
-    TypedDict, Union, cast, overload
+    Sequence, TypedDict, Union, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,7 @@ from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
 from rnnengine.codes import NP_DTYPES, RECURRENT_OPS, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
 from rnnengine.ops.handlers import OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
-from rnnengine.runtime.base import Model, Stream
+from rnnengine.runtime.base import Model, State, Stream
 from rnnengine.runtime.roles import axis_roles, input_roles
 from rnnengine.runtime.states import check_state_positions
 
@@ -58,11 +58,7 @@ Feeds = dict[str, Any]
 Returned = Union[Array, tuple[Array, ...]]
 
 
-class GraphStreamState(TypedDict):
-    """A graph stream's state, as get_state() returns it and set_state() takes it."""
-    layers: dict[str, npt.NDArray[np.float32]]  # recurrent layer / Loop key -> 1-D float32 vector
-    inputs: dict[str, Array]                    # explicit state input -> array
-    context: dict[str, int]                     # what ops along time carry ("conv:<output>", "pad:<output>")
+GraphStreamState = State  # the name of earlier versions: every stream's state is rnnengine.State
 
 
 class PlanContext(TypedDict):
@@ -145,6 +141,7 @@ class Plan:
         self.inputs = planner.input_tids
         self.outputs = planner.outputs
         self.state = planner.state  # key -> (tid, start vector)
+        self.state_parts = planner.state_parts  # key -> shapes of its parts (State["layers"])
         self.n_instructions = len(planner.prog) // _core.INSTR_WORDS
         self.recurrent = planner.recurrent
         # streams: the carried context this plan was made for and the one it leaves behind
@@ -247,6 +244,9 @@ class Planner:
         self.stacks: list[_core.Stack] = []
         self._stack_ids: dict[int, int] = {}
         self.state: dict[str, tuple[int, Array]] = {}
+        # key -> the shapes of its parts, in order: (h, c) or (h,) of a recurrent layer,
+        # (shape,) of a Loop's carried value or a convolution's kept frames (State["layers"])
+        self.state_parts: dict[str, tuple[tuple[int, ...], ...]] = {}
         self.input_tids: dict[str, int] = {}
         self.recurrent: list[dict[str, Any]] = []  # per recurrent layer planned: node, T, B, direction, kind
         # rnnengine/limits.py: tensor sizes, bytes folded + allocated, Loop nodes unrolled, time
@@ -326,11 +326,14 @@ class Planner:
             self.stacks.append(stack)
         return self._stack_ids[id(stack)]
 
-    def stream_state(self, key: str, start: Array) -> Value:
+    def stream_state(self, key: str, start: Array, parts: Sequence[tuple[int, ...]]) -> Value:
         if key in self.state:
             raise UnsupportedError(f"two recurrent layers share the state key {key!r}")
+        if sum(int(np.prod(s)) for s in parts) != start.size:
+            raise AssertionError(f"state {key!r}: parts {parts} do not cover its {start.size} floats")
         tid = self._spec(("state", key))
         self.state[key] = (tid, start)
+        self.state_parts[key] = tuple(tuple(int(d) for d in s) for s in parts)
         return Value(start.shape, np.float32, tid=tid)
 
     def emit(self, op: int, ins: Collection[Optional[Value]], outs: Collection[Optional[Value]], ip: Collection[Any],
@@ -631,7 +634,8 @@ class Planner:
             for k, v in enumerate(carried):
                 if v is not None and v.const is not None and v.dtype == np.float32 and not passes_through(k):
                     key = f"{node['outputs'][k] or node.get('name')}:loop{k}"
-                    st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1))
+                    st = self.stream_state(key, np.ascontiguousarray(np.asarray(v.const, np.float32)).reshape(-1),
+                                           [tuple(v.shape)])
                     carried[k] = self.alias(st, v.shape)
                     states.append((k, st, v.shape))
         # unrolled: every iteration plans the body's nodes again, counted against
@@ -744,6 +748,15 @@ def _one_value(node: Node, v: Any, what: str, kinds: str) -> Any:
         raise UnsupportedError(f"{where(node)}: its {what} must be one {'integer' if kinds == 'iu' else 'boolean'}, "
                                f"got {arr.dtype} of shape {arr.shape}")
     return arr.reshape(-1)[0]
+
+
+def _differ_in_one_axis(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> bool:
+    """Does every part of two states differ along one and the same axis only (as a state of
+    another batch size does: h and c both)?"""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return False
+    diffs = [{k for k, (p, q) in enumerate(zip(x, y)) if p != q} for x, y in zip(a, b)]
+    return all(len(d) == 1 for d in diffs) and len(set.union(*diffs)) == 1
 
 
 def _check_loop_state(node: Node, k: int, start: Iterable[int], v: Value) -> None:
@@ -1053,13 +1066,13 @@ class GraphModel(Model):
 
     @overload
     def run(self, inputs: Feeds, lengths: Optional[npt.ArrayLike] = None,
-            state: GraphStreamState | dict[str, Any] | None = None) -> dict[str, Array]: ...
+            state: State | Mapping[str, Any] | None = None) -> dict[str, Array]: ...
     @overload
     def run(self, inputs: npt.ArrayLike, lengths: Optional[npt.ArrayLike] = None,
-            state: GraphStreamState | dict[str, Any] | None = None) -> Returned: ...
+            state: State | Mapping[str, Any] | None = None) -> Returned: ...
 
     def run(self, inputs: Feeds | npt.ArrayLike, lengths: Optional[npt.ArrayLike] = None,
-            state: GraphStreamState | dict[str, Any] | None = None) -> dict[str, Array] | Returned:
+            state: State | Mapping[str, Any] | None = None) -> dict[str, Array] | Returned:
         """Runs the graph once on whole sequences (no state kept). ``inputs``: a dict name ->
         array (returns a dict output name -> array), or the one array of a model with one
         input to feed (returns the outputs in ``outputs`` order, one array alone).
@@ -1269,7 +1282,7 @@ class GraphModel(Model):
                     return int(arr.shape[k])
         return None
 
-    def stream(self, batch_size: Optional[int] = None, state: GraphStreamState | dict[str, Any] | None = None
+    def stream(self, batch_size: Optional[int] = None, state: State | Mapping[str, Any] | None = None
                ) -> GraphStream:
         """A stream: feed it chunks (any number of time steps) or single steps, and it carries
         every recurrent state on from call to call. ``batch_size``: the rows it carries (the
@@ -1312,6 +1325,10 @@ class GraphStream(Stream):
         self._fast: Optional[tuple[tuple[tuple[str, tuple[int, ...], np.dtype[Any]], ...], Plan, PlanContext]] = None
         self._spare: dict[str, Array] = {}  # explicit state: the buffer of the previous call, reused
         self._layer_state: dict[str, npt.NDArray[np.float32]] = {}  # recurrent layer key -> float32 vector
+        # key -> the shapes of its parts (the plan's state_parts, known from the first call; before
+        # it, the shapes set_state was given, checked against the plan's at the first call)
+        self._parts: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self._given: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._carried: dict[str, Array] = {}  # explicit state input name -> array
         self._aux: dict[str, int] = {}  # context carried by ops along time: key -> int
         self._ctx: dict[int, tuple[Plan, PlanContext]] = {}  # id(plan) -> (plan, its buffers)
@@ -1344,6 +1361,7 @@ class GraphStream(Stream):
 
     def reset(self) -> None:
         self._layer_state.clear()
+        self._given = {}
         self._carried.clear()
         self._aux = {}
         self._fast = None
@@ -1355,24 +1373,37 @@ class GraphStream(Stream):
         other.__dict__.update(self.__dict__)
         other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
+        other._parts, other._given = dict(self._parts), dict(self._given)
         other._carried = {k: v.copy() for k, v in self._carried.items()}
         other._aux = dict(self._aux)
         return other
 
-    def get_state(self) -> GraphStreamState:
-        """Every piece of state the stream holds, as copies::
+    def get_state(self) -> State:
+        """Every piece of state the stream holds, as copies, in the structure of
+        :class:`rnnengine.State` (the same for every model)::
 
-            {"layers": {key: vector}, "inputs": {name: array}, "context": {key: int}}
+            {"layers": {key: (h, c) | h | array}, "inputs": {name: array}, "context": {key: int}}
 
-        "layers": the state of each recurrent layer whose initial state is not a graph input
-        (and of each Loop carrying state), keyed by the layer's first output (Loops:
-        "<output>:loop<k>"): a 1-D float32 vector, h then c for an LSTM, each
-        (num_directions, batch, hidden_size). "inputs": the graph's explicit state, one array
-        per state input of ``model.state_pairs``, with that input's dtype and shape. Both are
-        empty before the first call (the stream then starts from the model's initial state).
-        "context": what ops along time carry (rnnengine/streaming.py): per convolution the frames
-        it keeps (or, negative, still skips), per Pad whether its leading padding was given."""
-        return {"layers": {k: v.copy() for k, v in self._layer_state.items()},
+        "layers": the state of each recurrent layer whose initial state is not a graph input,
+        keyed by the layer's first output: ``(h, c)`` for an LSTM, ``h`` otherwise, each
+        float32 (num_directions, batch, hidden_size); a Loop carrying state
+        ("<output>:loop<k>"): its value; a convolution along time ("conv:<output>"): the input
+        frames it keeps, (batch, channels, frames). "inputs": the graph's explicit state, one
+        array per state input of ``model.state_pairs``, with that input's dtype and shape. Both
+        are empty before the first call (the stream then starts from the model's initial
+        state). "context": what ops along time carry (rnnengine/ops/streaming.py): per
+        convolution the frames it keeps (or, negative, still skips), per Pad whether its
+        leading padding was given."""
+        layers: dict[str, Any] = {}
+        for k, v in self._layer_state.items():
+            shapes = self._parts.get(k) or self._given.get(k) or ((v.size,),)
+            pieces, at = [], 0
+            for shape in shapes:
+                n = int(np.prod(shape))
+                pieces.append(v[at:at + n].reshape(shape).copy())
+                at += n
+            layers[k] = tuple(pieces) if len(pieces) > 1 else pieces[0]
+        return {"layers": layers,
                 "inputs": {k: v.copy() for k, v in self._carried.items()},
                 "context": dict(self._aux)}
 
@@ -1395,7 +1426,7 @@ class GraphStream(Stream):
         visit(self.model.graph["nodes"])
         return keys | loops
 
-    def set_state(self, state: GraphStreamState | dict[str, Any]) -> None:
+    def set_state(self, state: State | Mapping[str, Any]) -> None:
         """Replaces the stream's state with ``state``, structured as get_state() returns it (of
         this stream, a fork, or another stream of the same model and batch). Everything is
         checked before anything changes, and a mistake raises TypeError / ValueError naming
@@ -1458,19 +1489,33 @@ class GraphStream(Stream):
         if missing:
             raise ValueError(f"state['layers'] is missing {missing} (this stream holds "
                              f"{sorted(self._layer_state)}; reset() returns to the initial state)")
-        new_layers = {}
+        new_layers, given = {}, {}
         for k, v in layers.items():
-            arr = np.asarray(v)
-            if arr.dtype.kind != "f":
-                raise TypeError(f"state['layers'][{k!r}] must be a float32 vector, got {arr.dtype}")
-            if arr.ndim != 1:
-                raise ValueError(f"state['layers'][{k!r}] must be a 1-D vector (as get_state() returns), "
-                                 f"got shape {arr.shape}")
-            cur = self._layer_state.get(k)
-            if cur is not None and cur.size != arr.size:
-                raise ValueError(f"state['layers'][{k!r}] has {arr.size} floats but this stream's layer holds "
-                                 f"{cur.size}: the state is of another batch size or another model")
-            new_layers[k] = np.array(arr, np.float32, copy=True)
+            parts = self._parts.get(k)
+            label = f"state['layers'][{k!r}]"
+            if isinstance(v, (list, tuple)):
+                pieces = list(v)
+                if not pieces or len(pieces) > 2:
+                    raise ValueError(f"{label} must be (h, c) for an LSTM layer or one array, got a "
+                                     f"{type(v).__name__} of {len(pieces)}")
+            else:
+                pieces = [v]
+            if parts is not None and len(parts) != len(pieces):
+                shape = "a pair (h, c) of arrays" if len(parts) == 2 else "one array (h alone, or the node's value)"
+                raise ValueError(f"{label} must be {shape} {' and '.join(map(str, parts))}, got "
+                                 f"{'a pair' if len(pieces) == 2 else 'one array'}")
+            arrays = []
+            for j, piece in enumerate(pieces):
+                arr = np.asarray(piece)
+                what = f"{label}{' ' + 'hc'[j] if len(pieces) == 2 else ''}"
+                if arr.dtype.kind != "f":
+                    raise TypeError(f"{what} must be a float32 array, got {arr.dtype}")
+                if parts is not None and arr.shape != parts[j]:
+                    raise ValueError(f"{what} must have shape {parts[j]} (as this stream holds it), got "
+                                     f"{arr.shape}: the state is of another batch size or another model")
+                arrays.append(np.asarray(arr, np.float32))
+            given[k] = tuple(a.shape for a in arrays)
+            new_layers[k] = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32, copy=True)
         aux = {}
         for k, v in context.items():
             if not isinstance(k, str) or not k.startswith(("conv:", "pad:")) or isinstance(v, bool) or \
@@ -1480,6 +1525,7 @@ class GraphStream(Stream):
             aux[k] = int(v)
         self._fast = None
         self._layer_state = new_layers
+        self._given = {k: g for k, g in given.items() if k not in self._parts}  # checked at the first call
         self._carried = carried
         self._aux = aux
 
@@ -1693,10 +1739,21 @@ class GraphStream(Stream):
         plan = self.model.plan(feeds, streaming=True, time_axes=self._taxes, aux=self._aux, finishing=finishing)
         for key, (tid, start) in plan.state.items():
             cur = self._layer_state.get(key)
+            parts = plan.state_parts[key]
+            given = self._given.get(key)
+            if given is not None and given != parts:  # set before the first call: checked now
+                if not _differ_in_one_axis(given, parts):  # (another batch is worded by _state_mismatch)
+                    raise ValueError(f"state['layers'][{key!r}] (from set_state) has the shapes {given}, "
+                                     f"but for these inputs this model's {key!r} holds {parts}")
+            if cur is not None and cur.shape != start.shape:  # most often a state of another batch
+                raise self._state_mismatch(cur, start, feeds)
+            if given is not None and given != parts:
+                raise ValueError(f"state['layers'][{key!r}] (from set_state) has the shapes {given}, "
+                                 f"but for these inputs this model's {key!r} holds {parts}")
             if cur is None:
                 self._layer_state[key] = start.copy()
-            elif cur.shape != start.shape:
-                raise self._state_mismatch(cur, start, feeds)
+            self._parts[key] = parts
+        self._given = {}
         self.delay = plan.delay
         self._tail = plan.tail
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}

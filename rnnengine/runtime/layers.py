@@ -312,56 +312,87 @@ def sequence_input(X: Any, input_size: int, batch_first: bool, what: str = "X") 
     return X, T, B
 
 
+def layer_key(k: int) -> str:
+    """The key of layer ``k`` of a layer stack in State["layers"] (also the name of its
+    output in the ONNX graph ``rnnengine.save`` writes, so a saved model keeps its keys)."""
+    return f"layer{k}"
+
+
 def pack_state(layers: list[_Layer], state: Any, batch: int, broadcast: bool = False) -> np.ndarray:
-    """The structured state (module doc) -> the C core's flat vector, every entry checked:
-    a list with one entry per layer; (h, c) for an LSTM layer, h alone otherwise; each a
-    float array of shape (num_directions, batch, hidden_size)."""
+    """The state (:class:`rnnengine.State`: {"layers": {"layer0": (h, c) or h, ...}}) -> the
+    C core's flat vector, every entry checked: one entry per layer; (h, c) for an LSTM layer,
+    h alone otherwise; each a float array of shape (num_directions, batch, hidden_size)
+    ("inputs" and "context", when given, must be empty: a layer stack has neither).
+    ``broadcast``: a batch of 1 stands for every row (a model's initial state)."""
+    keys = [layer_key(k) for k in range(len(layers))]
+    structure = ("{'layers': {" + ", ".join(f"{key!r}: {'(h, c)' if layer.kind == 'LSTM' else 'h'}"
+                                           for key, layer in zip(keys, layers)) + "}}, as get_state() returns")
+
     def shape_of(layer: _Layer) -> str:
         if layer.proj_size:
             return (f"({layer.num_directions}, {batch}, {layer.h_size}) for h (proj_size) and "
                     f"({layer.num_directions}, {batch}, {layer.hidden_size}) for c")
         return f"({layer.num_directions}, {batch}, {layer.hidden_size})"
-    if not isinstance(state, (list, tuple)):
-        raise TypeError(f"state must be a list with one entry per layer ({len(layers)}): (h, c) for an "
-                        f"LSTM layer, h otherwise, as get_state() returns; got {type(state).__name__}")
-    if len(state) != len(layers):
-        raise ValueError(f"state must be a list with one entry per layer ({len(layers)}), "
-                         f"got {type(state).__name__} of length {len(state)}")
+    if not isinstance(state, dict):
+        hint = (" (a per-layer list as PyTorch's is not taken: put each layer's entry under its key)"
+                if isinstance(state, (list, tuple)) else "")
+        raise TypeError(f"state must be a dict {structure}; got {type(state).__name__}{hint}")
+    unknown = sorted(map(str, set(state) - {"layers", "inputs", "context"}))
+    if unknown:
+        raise ValueError(f"state has unknown key(s) {unknown}; a stream's state is {structure}")
+    for part in ("inputs", "context"):
+        got = state.get(part, {})
+        if not isinstance(got, dict):
+            raise TypeError(f"state[{part!r}] must be a dict, got {type(got).__name__}")
+        if got:
+            raise ValueError(f"state[{part!r}] has {sorted(map(str, got))}, but a layer stack has no "
+                             f"{'explicit state inputs' if part == 'inputs' else 'ops along time'}")
+    entries = state.get("layers")
+    if not isinstance(entries, dict):
+        raise TypeError(f"state['layers'] must be a dict {structure}; got {type(entries).__name__}")
+    extra = sorted(map(str, set(entries) - set(keys)))
+    if extra:
+        raise ValueError(f"state['layers'] has {extra}, which this model does not have (its layers: {keys})")
+    missing = [key for key in keys if key not in entries]
+    if missing:
+        raise ValueError(f"state['layers'] is missing {missing} (a state gives every layer: {structure})")
     parts = []
-    for k, (layer, entry) in enumerate(zip(layers, state)):
+    for key, layer in zip(keys, layers):
+        entry = entries[key]
+        label = f"state['layers'][{key!r}]"
         want_h = (layer.num_directions, batch, layer.h_size)
         want_c = (layer.num_directions, batch, layer.hidden_size)
         if layer.kind == "LSTM":
             if not isinstance(entry, (list, tuple)) or len(entry) != 2:
                 got = (f"a {type(entry).__name__} of {len(entry)}" if isinstance(entry, (list, tuple))
                        else f"a {type(entry).__name__}")
-                raise ValueError(f"state[{k}] of an LSTM layer must be a pair (h, c) of arrays "
+                raise ValueError(f"{label} of an LSTM layer must be a pair (h, c) of arrays "
                                  f"{shape_of(layer)}, got {got}")
             arrays = [("h", entry[0]), ("c", entry[1])]
         else:
             if isinstance(entry, (list, tuple)):
-                raise ValueError(f"state[{k}] of a {layer.kind} layer is h alone, an array {shape_of(layer)} "
+                raise ValueError(f"{label} of a {layer.kind} layer is h alone, an array {shape_of(layer)} "
                                  f"(only LSTM layers have a pair (h, c)), got a {type(entry).__name__} "
                                  f"of {len(entry)}")
             arrays = [("h", entry)]
         for nm, a in arrays:
             want = want_c if nm == "c" else want_h
-            a = float_array(a, f"state[{k}] {nm}")
+            what_ = f"{label} {nm}" if layer.kind == "LSTM" else label
+            a = float_array(a, what_)
             if broadcast and a.shape == (want[0], 1, want[2]):
                 a = np.broadcast_to(a, want)
             if a.shape != want:
                 what = "proj_size" if nm == "h" and layer.proj_size else "hidden"
-                raise ValueError(f"state[{k}] {nm} must have shape {want} "
-                                 f"(directions, batch, {what}), got {a.shape}")
+                raise ValueError(f"{what_} must have shape {want} (directions, batch, {what}), got {a.shape}")
             parts.append(a.reshape(-1))
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def unpack_state(layers: list[_Layer], vec: np.ndarray, batch: int) -> list[Any]:
-    """The flat state vector of the C core -> the per-layer structure (copies)."""
-    out: list[Any] = []
+def unpack_state(layers: list[_Layer], vec: np.ndarray, batch: int) -> dict[str, Any]:
+    """The flat state vector of the C core -> the state (:class:`rnnengine.State`, copies)."""
+    out: dict[str, Any] = {}
     off = 0
-    for layer in layers:
+    for k, layer in enumerate(layers):
         shape = (layer.num_directions, batch, layer.h_size)
         n = int(np.prod(shape))
         h = vec[off:off + n].reshape(shape).copy()
@@ -371,10 +402,10 @@ def unpack_state(layers: list[_Layer], vec: np.ndarray, batch: int) -> list[Any]
             n = int(np.prod(shape))
             c = vec[off:off + n].reshape(shape).copy()
             off += n
-            out.append((h, c))
+            out[layer_key(k)] = (h, c)
         else:
-            out.append(h)
-    return out
+            out[layer_key(k)] = h
+    return {"layers": out, "inputs": {}, "context": {}}
 
 
 def run_onnx(layer: _Layer, stack: Any, X: Any, sequence_lens: Any, initial_h: Any,
@@ -401,8 +432,8 @@ def run_onnx(layer: _Layer, stack: Any, X: Any, sequence_lens: Any, initial_h: A
     if initial_c is not None and layer.kind != "LSTM":
         raise ValueError(f"initial_c is an LSTM input; {layer.kind} has none")
     h0 = initial(initial_h, "initial_h")
-    state = [(h0, initial(initial_c, "initial_c"))] if layer.kind == "LSTM" else [h0]
-    st = pack_state([layer], state, B)
+    entry = (h0, initial(initial_c, "initial_c")) if layer.kind == "LSTM" else h0
+    st = pack_state([layer], {"layers": {layer_key(0): entry}}, B)
     Y = np.zeros((B, T, D, Hh) if layout else (T, D, B, Hh), np.float32)
     if T and B:
         if layout:
@@ -411,7 +442,7 @@ def run_onnx(layer: _Layer, stack: Any, X: Any, sequence_lens: Any, initial_h: A
             ys_t, ys_b, ys_d = D * B * Hh, Hh, B * Hh
         work = np.empty(stack.workspace_size(T, B), np.float32)
         stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, ys_d, st, work, bool(layout))
-    final = unpack_state([layer], st, B)[0]
+    final = unpack_state([layer], st, B)["layers"][layer_key(0)]
     final = list(final) if layer.kind == "LSTM" else [final]
     for k, a in enumerate(final):
         if lens is not None:

@@ -1,9 +1,10 @@
 """The layer-stack runtime: a Model that is a stack of recurrent layers, run by the C stack
 directly (no graph executor between the caller and the cells), with streams of the C core.
 
-State convention (as PyTorch's nn.LSTM / nn.GRU, one entry per layer): an LSTM layer's
-state is a tuple ``(h, c)``, a GRU or RNN layer's state is ``h``; each array has shape
-(num_directions, batch, hidden_size) (h of a projected LSTM layer: proj_size instead).
+State: :class:`rnnengine.State`, as for every model: ``{"layers": {"layer0": ..., "layer1":
+...}, "inputs": {}, "context": {}}``, an LSTM layer's entry ``(h, c)``, a GRU or RNN layer's
+``h`` (as PyTorch's nn.LSTM / nn.GRU per layer); each array has shape (num_directions, batch,
+hidden_size) (h of a projected LSTM layer: proj_size instead).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from rnnengine import _core
 from rnnengine.errors import NotStreamableError
 from rnnengine.runtime.base import Model, Stream
-from rnnengine.runtime.layers import _Layer, as_lengths, pack_state, sequence_input, unpack_state
+from rnnengine.runtime.layers import _Layer, as_lengths, layer_key, pack_state, sequence_input, unpack_state
 
 
 def _check_compact_weights(cell: dict[str, Any], weight_dtype: str, where: str, direction: int) -> None:
@@ -115,7 +116,7 @@ class LayerModel(Model):
         """The structured state -> the C core's flat vector (layers.pack_state)."""
         return pack_state(self.layers, state, batch, broadcast)
 
-    def unpack_state(self, vec: np.ndarray, batch: int) -> list[Any]:
+    def unpack_state(self, vec: np.ndarray, batch: int) -> dict[str, Any]:
         """The C core's flat state vector -> the structured state (copies)."""
         return unpack_state(self.layers, vec, batch)
 
@@ -153,7 +154,7 @@ class LayerModel(Model):
         return self._run_one(X, T, B, lens, st)
 
     def _run_one(self, X: np.ndarray, T: int, B: int, lens: np.ndarray | None,
-                 st: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+                 st: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         Y = np.zeros(X.shape[:2] + (self.output_size,), np.float32)
         if T and B:
             H = self.layers[-1].h_size
@@ -164,7 +165,7 @@ class LayerModel(Model):
         return Y, unpack_state(self.layers, st, B)
 
     def _run_split(self, X: np.ndarray, T: int, B: int, lens: np.ndarray | None,
-                   st: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+                   st: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """run() with the batch rows split over self.threads threads. Rows are independent,
         so each thread takes its rows through the whole sequence with its own state and
         workspace: no synchronisation per step. Results equal a one-thread run to float32
@@ -174,7 +175,7 @@ class LayerModel(Model):
             pool = self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")
             self._pool_size = self.threads
         bounds = np.linspace(0, B, self.threads + 1).astype(int)
-        full = unpack_state(self.layers, st, B)
+        full = unpack_state(self.layers, st, B)["layers"]
         axis = 0 if self.batch_first else 1
 
         def rows(a: np.ndarray, b0: int, b1: int) -> np.ndarray:
@@ -186,25 +187,26 @@ class LayerModel(Model):
         Y = np.zeros(X.shape[:2] + (DH,), np.float32)
         ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
         flat = Y.reshape(-1)
-        states: list[list[Any]] = [[] for _ in range(len(bounds) - 1)]
+        states: list[dict[str, Any]] = [{} for _ in range(len(bounds) - 1)]
 
         def part(k: int) -> None:
             # each thread writes its rows straight into Y (strided), with its own state
             b0, b1 = bounds[k], bounds[k + 1]
-            sub = [tuple(x[:, b0:b1] for x in e) if isinstance(e, tuple) else e[:, b0:b1] for e in full]
-            sv = pack_state(self.layers, sub, b1 - b0)
+            sub = {k: tuple(x[:, b0:b1] for x in e) if isinstance(e, tuple) else e[:, b0:b1] for k, e in full.items()}
+            sv = pack_state(self.layers, {"layers": sub}, b1 - b0)
             work = np.empty(self._stack.workspace_size(T, b1 - b0), np.float32)
             self._stack.forward(rows(X, b0, b1), None if lens is None else np.ascontiguousarray(lens[b0:b1]),
                                 flat[b0 * ys_b:], ys_t, ys_b, H, sv, work, self.batch_first)
-            states[k] = unpack_state(self.layers, sv, b1 - b0)
+            states[k] = unpack_state(self.layers, sv, b1 - b0)["layers"]
         list(pool.map(part, range(len(bounds) - 1)))
-        state: list[Any] = []
+        layers: dict[str, Any] = {}
         for k, layer in enumerate(self.layers):
+            key = layer_key(k)
             if layer.kind == "LSTM":
-                state.append(tuple(np.concatenate([r[k][i] for r in states], axis=1) for i in range(2)))
+                layers[key] = tuple(np.concatenate([r[key][i] for r in states], axis=1) for i in range(2))
             else:
-                state.append(np.concatenate([r[k] for r in states], axis=1))
-        return Y, state
+                layers[key] = np.concatenate([r[key] for r in states], axis=1)
+        return Y, {"layers": layers, "inputs": {}, "context": {}}
 
     # --- streams -----------------------------------------------------------------------
     def stream(self, batch_size: int | None = 1, state: Any = None) -> Stream:
@@ -232,10 +234,9 @@ class LayerModel(Model):
             s.set_state(state)
         return cast(Stream, s)  # a registered virtual subclass of rnnengine.Stream
 
-    # Stream.get_state() / set_state(state) (rnnengine._core.Stream) use the structure of the
-    # module doc: a list with one entry per layer, (h, c) for LSTM and h otherwise, each
-    # (num_directions, batch_size, hidden_size); set_state checks it with layers.pack_state and
-    # raises TypeError / ValueError naming the entry, before anything changes.
+    # Stream.get_state() / set_state(state) (rnnengine._core.Stream) use rnnengine.State (module
+    # doc); set_state checks it with layers.pack_state and raises TypeError / ValueError naming
+    # the entry, before anything changes.
 
 
 Model._layer_type = LayerModel

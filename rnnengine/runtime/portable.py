@@ -10,7 +10,7 @@ Layout (integers little-endian)::
 
     offset  size  field
     0       4     magic b"RNST"
-    4       2     version (1)
+    4       2     version (2)
     6       2     reserved, 0
     8       32    the model's fingerprint (SHA-256, model_fingerprint below)
     40      4     n_skeleton: bytes of the JSON skeleton
@@ -37,7 +37,9 @@ from rnnengine.errors import StateError
 __all__ = ["StateError", "state_to_bytes", "state_from_bytes", "model_fingerprint"]
 
 MAGIC = b"RNST"
-VERSION = 1
+# 2: the state is rnnengine.State for every stream (version 1 held a layer stack's per-layer
+# list and a graph's flat layer vectors; its bytes are refused by version, not misread)
+VERSION = 2
 _HEADER = struct.Struct("<4sHH32sIQI")
 _DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "bool": np.dtype("?"),
            "uint8": np.dtype("u1")}
