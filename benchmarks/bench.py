@@ -328,6 +328,145 @@ def bench_compact(kind, H, steps, reps, peak):
     return res
 
 
+def _model_bytes(kind, W, R, B, with_state):
+    """The one-layer ONNX model of onnx_session, as bytes."""
+    from onnx import TensorProto, helper, numpy_helper
+    H, I = R.shape[2], W.shape[2]
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"), numpy_helper.from_array(B, "B")]
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I])]
+    node_in = ["X", "W", "R", "B", ""]
+    outs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
+    if with_state:
+        ins.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H]))
+        node_in.append("h0")
+        if kind == "LSTM":
+            ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
+            node_in.append("c0")
+    node = helper.make_node(kind, node_in, outs, hidden_size=H)
+    g = helper.make_graph([node], "b", ins, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def bench_int8_vs_onnxruntime(H, steps, reps, inner=20):
+    """Batch-1 LSTM streaming with compact weights beside onnxruntime's int8 LSTM
+    (DynamicQuantizeLSTM, made by onnxruntime.quantization.quantize_dynamic from the same
+    float32 model), each with its accuracy: the largest output difference from the float32
+    model over `steps` steps of the same input. onnxruntime has no int8 GRU."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    W, R, B = make_weights("LSTM", H, H)
+    xs = np.random.default_rng(6).standard_normal((steps, H)).astype(np.float32)
+    res = {"case": f"stream LSTM I=H={H} int8 vs onnxruntime DynamicQuantizeLSTM", "kind": "LSTM", "H": H,
+           "batch": 1, "bound_us": float("nan"), "engines": {}, "max_abs_error": {}}
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+        with open(src, "wb") as f:
+            f.write(_model_bytes("LSTM", W, R, B, with_state=True))
+        quantize_dynamic(src, dst, op_types_to_quantize=["LSTM"], weight_type=QuantType.QInt8)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = {k: ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"])
+                    for k, p in (("onnxruntime float32", src), ("onnxruntime int8", dst))}
+        ops = [n.op_type for n in __import__("onnx").load(dst).graph.node]
+        if "DynamicQuantizeLSTM" not in ops:
+            raise RuntimeError(f"quantize_dynamic did not make a DynamicQuantizeLSTM: {ops}")
+
+    def ort_stepper(sess):
+        st = {"h0": np.zeros((1, 1, H), np.float32), "c0": np.zeros((1, 1, H), np.float32)}
+
+        def step(x):
+            y, h, c = sess.run(None, {"X": x.reshape(1, 1, H), **st})
+            st["h0"], st["c0"] = h, c
+            return y.reshape(H)
+        return step
+    steppers = {k: ort_stepper(s) for k, s in sessions.items()}
+    models = {dt: rnnengine.Model([layer_of("LSTM", W, R, B)], weight_dtype=dt) for dt in ("float32", "float16", "int8")}
+    for dt, m in models.items():
+        s = m.stream()
+        steppers[f"rnnengine {dt}"] = (lambda s: lambda x: s.step(x))(s)
+    ref = None
+    for name, fn in steppers.items():  # accuracy: each engine's outputs against rnnengine float32
+        y = np.array([fn(x) for x in xs])
+        if ref is None or name == "rnnengine float32":
+            ref = y if name == "rnnengine float32" else ref
+        res["max_abs_error"][name] = y
+    ref = res["max_abs_error"]["rnnengine float32"]
+    res["max_abs_error"] = {k: float(np.abs(v - ref).max()) for k, v in res["max_abs_error"].items()}
+    times = {k: [] for k in steppers}
+    for _ in range(reps):
+        for name, fn in steppers.items():
+            times[name].extend(timeit(lambda: fn(xs[0]), 1, inner))
+    res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                      for k, v in times.items()}
+    return res
+
+
+def bench_cold_start(H=512, layers=2, steps=200):
+    """Time from loading a model file to the first step's output, and the first steps'
+    latency against the steady state, for rnnengine (a weight file: load, stream, step) and
+    onnxruntime (InferenceSession of the ONNX file, run). Each in a fresh Python process
+    (the file in the page cache), so nothing is warm but the disk cache."""
+    import subprocess
+    import tempfile
+    W, R, B = make_weights("LSTM", H, H)
+    model = rnnengine.Model([layer_of("LSTM", W, R, B) for _ in range(layers)])
+    res = {"case": f"cold start LSTM I=H={H} x{layers}", "engines": {}}
+    probe = r"""
+import sys, time
+import numpy as np
+engine, path, H, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+x = np.full((1, H), 0.1, np.float32)
+if engine == "rnnengine":
+    import rnnengine
+    import rnnengine._core  # the compiled core: imported here, not counted as loading the model
+    t0 = time.perf_counter()
+    s = rnnengine.load(path).stream()
+    step = lambda: s.step(x)
+else:
+    import onnxruntime as ort
+    t0 = time.perf_counter()
+    o = ort.SessionOptions(); o.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    step = lambda: sess.run(None, {name: x.reshape(1, 1, H)})
+t_load = time.perf_counter() - t0
+times = []
+for _ in range(steps):
+    a = time.perf_counter(); step(); times.append(time.perf_counter() - a)
+print(t_load, *times)
+"""
+    with tempfile.TemporaryDirectory() as d:
+        wpath, opath = os.path.join(d, "m.rnne"), os.path.join(d, "m.onnx")
+        rnnengine.save(model, wpath)
+        from rnnengine.frontend.layer_export import layers_to_onnx
+        with open(opath, "wb") as f:
+            f.write(layers_to_onnx(model).SerializeToString())
+        runs: dict[str, list[list[float]]] = {"rnnengine": [], "onnxruntime": []}
+        # byte code cached as an installed package has it (pip compiles it at install), so the
+        # first, unmeasured round only writes the caches a PYTHONDONTWRITEBYTECODE would skip
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        for k in range(6):  # alternate the engines' processes
+            for engine, path in (("rnnengine", wpath), ("onnxruntime", opath)):
+                out = subprocess.run([sys.executable, "-c", probe, engine, path, str(H), str(steps)],
+                                     capture_output=True, text=True, check=True, env=env).stdout.split()
+                if k:
+                    runs[engine].append([float(v) for v in out])
+        for engine, rs in runs.items():
+            load = float(np.median([r[0] for r in rs]))
+            first = float(np.median([r[1] for r in rs]))
+            steady = float(np.median([np.median(r[1 + steps // 2:]) for r in rs]))
+            res["engines"][engine] = {"load_ms": load * 1e3, "first_step_us": first * 1e6,
+                                      "load_to_first_output_ms": (load + first) * 1e3,
+                                      "steady_step_us": steady * 1e6, "first_over_steady": first / steady}
+    return res
+
+
 def bench_memory(n=1000, H=256):
     """Resident memory growth of a fresh process that builds an H=256 LSTM and 1,000 streams
     and steps each once, against weights + n x state + 10%."""
@@ -481,6 +620,11 @@ def main(argv=None):
         for batch in ((16,) if a.quick else (1, 16, 64)):
             step(f"2 threads, batch {batch}")
             results.append(bench_sequence("LSTM", 256, 256, 256, batch, reps, peak, threads=2))
+    for H in ((256,) if a.quick else (256, 512, 1024)):
+        step(f"int8 vs onnxruntime DynamicQuantizeLSTM, H={H}")
+        results.append(bench_int8_vs_onnxruntime(H, 100, reps))
+    step("cold start")
+    cold = bench_cold_start(steps=50 if a.quick else 200)
     if not a.quick:
         step("converted models")
         results.extend(bench_graph_models(reps))
@@ -494,9 +638,13 @@ def main(argv=None):
         if "recurrent_fraction_of_peak" in r:
             print(f"\n{r['case']}: recurrent work at {r['recurrent_fraction_of_peak']:.0%} of the SGEMM peak")
         if "max_abs_error" in r:
-            print(f"\n{r['case']}: max abs output difference from float32 over 100 steps: "
+            print(f"\n{r['case']}: max abs output difference from rnnengine float32 over 100 steps: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_error"].items()))
     print(f"\nPython call overhead per stream step (trivial model): {overhead:.2f} us")
+    print(f"{cold['case']} (fresh process, file in the page cache): " + "; ".join(
+        f"{k}: load {v['load_ms']:.1f} ms, first step {v['first_step_us']:.0f} us, load to first output "
+        f"{v['load_to_first_output_ms']:.1f} ms, steady step {v['steady_step_us']:.0f} us "
+        f"(first / steady {v['first_over_steady']:.1f}x)" for k, v in cold["engines"].items()))
     print(f"{mem['case']}: model {mem['model_rss_bytes'] / 1e6:.1f} MB, streams {mem['streams_rss_bytes'] / 1e6:.1f} MB, "
           f"total {mem['total_bytes'] / 1e6:.1f} MB; budget (weights + n x state + 10%) {mem['budget_bytes'] / 1e6:.1f} MB")
     if a.plot:
@@ -504,7 +652,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": machine, "sgemm_gflops": peak / 1e9, "results": results, "memory": mem,
-                       "call_overhead_us": overhead}, f, indent=1)
+                       "call_overhead_us": overhead, "cold_start": cold}, f, indent=1)
 
 
 if __name__ == "__main__":
