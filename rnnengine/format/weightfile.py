@@ -16,15 +16,14 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
+from rnnengine._version import __version__
 from rnnengine.errors import FormatError  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from rnnengine.limits import Limits
+from rnnengine.limits import Limits, resolve
 
 # --- layout (docs/FORMAT.md, "Layout" and "Header") --------------------------------------
 MAGIC = b"RNNE"          # bytes 0..3 of every weight file
@@ -141,11 +140,7 @@ def write(path: str | os.PathLike[str], graph: dict[str, Any], tensors: Mapping[
         if unknown:
             raise ValueError(f"quantize names tensors that are not given: {', '.join(unknown)}")
     meta: dict[str, Any] = {"general.weight_dtype": dtype}
-    try:
-        from rnnengine._version import __version__
-        meta["general.converter_version"] = __version__
-    except ImportError:  # pragma: no cover - the module used outside the package
-        pass
+    meta["general.converter_version"] = __version__
     for key in metadata or {}:
         if not isinstance(key, str) or "." not in key.strip("."):
             raise ValueError(f"metadata keys must be namespaced strings like 'source.producer', got {key!r}")
@@ -232,7 +227,6 @@ class WeightFile:
 
     def __init__(self, path: str | os.PathLike[str], verify: bool = True, use_mmap: bool = True,
                  limits: Limits | None = None) -> None:
-        from rnnengine.limits import resolve
         self.path = os.fspath(path)
         self._buf = None
         self.limits = resolve(limits)
