@@ -170,6 +170,7 @@ cdef extern from "rnnengine.h" nogil:
     int32_t rnn_threads_limit()
     int32_t rnn_threads_set_limit(int32_t n)
     int64_t rnn_threads_set_min_macs(int64_t n)
+    int rnn_threads_set_adaptive(int on)
     void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float **streams, int64_t n)
     void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float **streams,
                                   int64_t n)

@@ -638,6 +638,13 @@ def set_threads_limit(int n):
     return rnn_threads_set_limit(n)
 
 
+def set_threads_adaptive(bint on):
+    """True (default): each product is timed split and on one thread as it runs, and the
+    faster way is used (rnn_threads_set_adaptive); False: always split (tests). Returns the
+    previous setting."""
+    return bool(rnn_threads_set_adaptive(on))
+
+
 def threads_worker_chunks():
     """Chunks of split products the pool's workers have run in this process (for tests)."""
     return rnn_threads_worker_chunks()

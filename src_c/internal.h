@@ -48,6 +48,10 @@ rnn_par *rnn_par_begin(int32_t threads);
 void rnn_par_end(rnn_par *par);
 int32_t rnn_par_threads(const rnn_par *par);
 void rnn_par_run(rnn_par *par, int64_t n_chunks, void (*fn)(void *arg, int64_t chunk), void *arg);
+/* rnn_par_run, or the same chunks in order on the calling thread, whichever has been
+ * faster for this product (key, rows) so far (pool.c: both are timed as they run). */
+void rnn_par_run_tuned(rnn_par *par, const void *key, int64_t rows, int64_t n_chunks,
+                       void (*fn)(void *arg, int64_t chunk), void *arg);
 /* rnn_gemm_packed with B's panels (columns of C) split over the threads of par when the
  * product has at least rnn_threads_min_macs() multiply-adds, else on this thread. Every
  * output column is computed by the same kernel over the same k order either way, so the

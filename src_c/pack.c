@@ -571,5 +571,5 @@ void rnn_gemm_packed_par(rnn_par *par, int64_t M, const float *A, int64_t lda, c
     int64_t per = (P + 4 * n - 1) / (4 * n);
     if (per > 8) per = (per + 7) / 8 * 8;
     par_gemm g = {M, lda, ldc, per, A, Bp, C, accumulate};
-    rnn_par_run(par, (P + per - 1) / per, par_gemm_chunk, &g);
+    rnn_par_run_tuned(par, Bp, M, (P + per - 1) / per, par_gemm_chunk, &g);
 }

@@ -39,7 +39,9 @@
  */
 
 #define RNN_POOL_MAX 16        /* threads (caller included): the 4-bit field above */
-#define RNN_POOL_SPIN_NS 200000 /* a worker spins this long (ns) for the next job, then sleeps */
+#ifndef RNN_POOL_SPIN_NS
+#define RNN_POOL_SPIN_NS 50000 /* a worker spins this long (ns) for the next job, then sleeps */
+#endif
 #define RNN_POOL_YIELD 2000    /* pause loops the caller spins before yielding its core */
 
 #define ST_GEN(s) ((s) >> 44)
@@ -49,6 +51,17 @@
 #define ST_MAKE(gen, act, lo, hi) \
     ((((uint64_t)(gen) & 0xfffffu) << 44) | ((uint64_t)(act) << 40) | ((uint64_t)(lo) << 20) | (uint64_t)(hi))
 
+/* What one product (a key: its packed weights and row count) has cost split and not
+ * split: an average of the recent times (ns) of each way, and how many were seen. */
+#define RNN_TUNE_SLOTS 64
+typedef struct {
+    const void *key;
+    int64_t rows;
+    int64_t ns[2];  /* 0: on the calling thread alone, 1: split */
+    int32_t seen[2];
+    uint32_t calls;
+} tune_slot;
+
 struct rnn_par {
     int32_t n_workers;          /* started workers */
     int32_t active;             /* workers the current holder may use (threads - 1) */
@@ -56,6 +69,7 @@ struct rnn_par {
     int64_t done;               /* finished chunks of the current job (atomic) */
     int32_t sleepers;           /* workers asleep or about to sleep (atomic) */
     int32_t busy;               /* 1 while a caller holds the pool (atomic) */
+    tune_slot tune[RNN_TUNE_SLOTS]; /* per product: split or not (rnn_par_run_tuned) */
     void (*fn)(void *arg, int64_t chunk);
     void *arg;
     pthread_mutex_t mu;
@@ -67,18 +81,30 @@ typedef struct {
     int32_t index; /* 0 .. n_workers-1 */
 } worker_arg;
 
+static int g_adaptive = 1; /* rnn_threads_set_adaptive */
+
+int rnn_threads_set_adaptive(int on) {
+    const int old = g_adaptive;
+    g_adaptive = on != 0;
+    return old;
+}
+
 static int64_t g_worker_chunks = 0; /* chunks run by workers, ever (for tests) */
 
 int64_t rnn_threads_worker_chunks(void) { return __atomic_load_n(&g_worker_chunks, __ATOMIC_RELAXED); }
 
-static void run_chunks(rnn_par *p, int from_front) {
-    for (;;) {
+/* Takes and runs chunks of the current job until none is left; returns how many. */
+static int64_t run_chunks(rnn_par *p, int from_front) {
+    for (int64_t ran = 0;; ran++) {
         uint64_t s = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
         uint64_t lo = ST_LO(s), hi = ST_HI(s);
-        if (lo >= hi) return;
+        if (lo >= hi) return ran;
         const uint64_t next = from_front ? ST_MAKE(ST_GEN(s), ST_ACT(s), lo + 1, hi)
                                          : ST_MAKE(ST_GEN(s), ST_ACT(s), lo, hi - 1);
-        if (!__atomic_compare_exchange_n(&p->state, &s, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+        if (!__atomic_compare_exchange_n(&p->state, &s, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            ran--;
+            continue;
+        }
         p->fn(p->arg, (int64_t)(from_front ? lo : hi - 1));
         if (!from_front) __atomic_fetch_add(&g_worker_chunks, 1, __ATOMIC_RELAXED);
         __atomic_fetch_add(&p->done, 1, __ATOMIC_RELEASE);
@@ -236,6 +262,18 @@ static rnn_par *pool_get(void) {
     return p;
 }
 
+/* Publishes a job of n chunks (fn and arg already set) and wakes sleeping workers. */
+static void publish(rnn_par *p, int64_t n) {
+    __atomic_store_n(&p->done, 0, __ATOMIC_RELAXED);
+    const uint64_t old = __atomic_load_n(&p->state, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->state, ST_MAKE(ST_GEN(old) + 1, p->active, 0, n), __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&p->sleepers, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
 rnn_par *rnn_par_begin(int32_t threads) {
     if (threads <= 1) return NULL;
     const int32_t limit = rnn_threads_limit();
@@ -266,17 +304,55 @@ void rnn_par_run(rnn_par *p, int64_t n_chunks, void (*fn)(void *arg, int64_t chu
      * job is written */
     p->fn = fn;
     p->arg = arg;
-    __atomic_store_n(&p->done, 0, __ATOMIC_RELAXED);
-    const uint64_t old = __atomic_load_n(&p->state, __ATOMIC_RELAXED);
-    __atomic_store_n(&p->state, ST_MAKE(ST_GEN(old) + 1, p->active, 0, n_chunks), __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&p->sleepers, __ATOMIC_SEQ_CST) > 0) {
-        pthread_mutex_lock(&p->mu);
-        pthread_cond_broadcast(&p->cv);
-        pthread_mutex_unlock(&p->mu);
-    }
+    publish(p, n_chunks);
     run_chunks(p, 1);
     for (int i = 0; __atomic_load_n(&p->done, __ATOMIC_ACQUIRE) < n_chunks; i++) {
         if (i < RNN_POOL_YIELD) cpu_relax();
         else sched_yield(); /* a worker holding a chunk was descheduled */
     }
+}
+
+/*
+ * threads = 2 must never be slower than 1. Whether a split gains depends on more than the
+ * size of the product: on whether the other core is free (not on a machine whose cores all
+ * run other work), on whether the weights then fit in each core's cache, on the memory
+ * bandwidth two cores share. So each product (key, rows) is timed both ways as it runs:
+ * the first calls alternate, then the faster way is used, and every RNN_TUNE_EXPLORE-th
+ * call runs the other way to follow a machine whose load changes. Times are averaged with
+ * weight 1/4 for the newest, each sample capped at 4x the average (one preemption must not
+ * decide). Both ways compute the same bits.
+ */
+#define RNN_TUNE_EXPLORE 16
+
+void rnn_par_run_tuned(rnn_par *p, const void *key, int64_t rows, int64_t n_chunks,
+                       void (*fn)(void *arg, int64_t chunk), void *arg) {
+    if (!p || !g_adaptive) {
+        rnn_par_run(p, n_chunks, fn, arg);
+        return;
+    }
+    const uintptr_t h = ((uintptr_t)key >> 6) ^ (uintptr_t)rows * 0x9e3779b1u;
+    tune_slot *t = &p->tune[(h ^ (h >> 7)) % RNN_TUNE_SLOTS];
+    if (t->key != key || t->rows != rows) {
+        memset(t, 0, sizeof *t);
+        t->key = key;
+        t->rows = rows;
+    }
+    t->calls++;
+    int split;
+    if (t->seen[0] < 2 || t->seen[1] < 2) split = t->seen[1] < t->seen[0];
+    else {
+        split = t->ns[1] < t->ns[0];
+        if (t->calls % RNN_TUNE_EXPLORE == 0) split = !split;
+    }
+    const int64_t t0 = now_ns();
+    if (split) rnn_par_run(p, n_chunks, fn, arg);
+    else
+        for (int64_t c = 0; c < n_chunks; c++) fn(arg, c);
+    int64_t ns = now_ns() - t0;
+    if (t->seen[split] == 0) t->ns[split] = ns;
+    else {
+        if (ns > 4 * t->ns[split]) ns = 4 * t->ns[split];
+        t->ns[split] += (ns - t->ns[split]) / 4;
+    }
+    if (t->seen[split] < 1000) t->seen[split]++;
 }

@@ -20,7 +20,9 @@ def two_threads_even_tiny():
     old = _core.threads_limit()
     _core.set_threads_limit(2)
     _core.set_threads_min_macs(0)
+    adaptive = _core.set_threads_adaptive(False)  # every product split, however busy the machine
     yield
+    _core.set_threads_adaptive(adaptive)
     _core.set_threads_min_macs(-1)
     _core.set_threads_limit(old)
 
