@@ -93,20 +93,19 @@ static int64_t g_worker_chunks = 0; /* chunks run by workers, ever (for tests) *
 
 int64_t rnn_threads_worker_chunks(void) { return __atomic_load_n(&g_worker_chunks, __ATOMIC_RELAXED); }
 
-/* Takes and runs chunks of the current job until none is left; returns how many. */
-static int64_t run_chunks(rnn_par *p, int from_front) {
-    for (int64_t ran = 0;; ran++) {
+/* Takes and runs chunks of the current job until none is left. me: -1 for the caller
+ * (from the front), else the worker's index (from the back; only workers the job allows). */
+static void run_chunks(rnn_par *p, int32_t me) {
+    for (;;) {
         uint64_t s = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
-        uint64_t lo = ST_LO(s), hi = ST_HI(s);
-        if (lo >= hi) return ran;
-        const uint64_t next = from_front ? ST_MAKE(ST_GEN(s), ST_ACT(s), lo + 1, hi)
-                                         : ST_MAKE(ST_GEN(s), ST_ACT(s), lo, hi - 1);
-        if (!__atomic_compare_exchange_n(&p->state, &s, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            ran--;
+        const uint64_t lo = ST_LO(s), hi = ST_HI(s);
+        if (lo >= hi || (me >= 0 && (uint64_t)me >= ST_ACT(s))) return;
+        const uint64_t next = me < 0 ? ST_MAKE(ST_GEN(s), ST_ACT(s), lo + 1, hi)
+                                     : ST_MAKE(ST_GEN(s), ST_ACT(s), lo, hi - 1);
+        if (!__atomic_compare_exchange_n(&p->state, &s, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue;
-        }
-        p->fn(p->arg, (int64_t)(from_front ? lo : hi - 1));
-        if (!from_front) __atomic_fetch_add(&g_worker_chunks, 1, __ATOMIC_RELAXED);
+        p->fn(p->arg, (int64_t)(me < 0 ? lo : hi - 1));
+        if (me >= 0) __atomic_fetch_add(&g_worker_chunks, 1, __ATOMIC_RELAXED);
         __atomic_fetch_add(&p->done, 1, __ATOMIC_RELEASE);
     }
 }
@@ -143,7 +142,7 @@ static void *worker_main(void *varg) {
             pthread_mutex_unlock(&p->mu);
         }
         seen = ST_GEN(s);
-        if ((int64_t)me < (int64_t)ST_ACT(s)) run_chunks(p, 0);
+        run_chunks(p, me);
     }
     return NULL; /* not reached: workers live as long as the process */
 }
@@ -305,7 +304,7 @@ void rnn_par_run(rnn_par *p, int64_t n_chunks, void (*fn)(void *arg, int64_t chu
     p->fn = fn;
     p->arg = arg;
     publish(p, n_chunks);
-    run_chunks(p, 1);
+    run_chunks(p, -1);
     for (int i = 0; __atomic_load_n(&p->done, __ATOMIC_ACQUIRE) < n_chunks; i++) {
         if (i < RNN_POOL_YIELD) cpu_relax();
         else sched_yield(); /* a worker holding a chunk was descheduled */
