@@ -59,7 +59,9 @@ typedef struct {
     int64_t rows;
     int64_t ns[2];  /* 0: on the calling thread alone, 1: split */
     int32_t seen[2];
-    uint32_t calls;
+    uint64_t calls;
+    uint64_t next_try;  /* the call at which the slower way is tried again */
+    uint64_t interval;  /* calls between such tries */
 } tune_slot;
 
 struct rnn_par {
@@ -314,14 +316,18 @@ void rnn_par_run(rnn_par *p, int64_t n_chunks, void (*fn)(void *arg, int64_t chu
 /*
  * threads = 2 must never be slower than 1. Whether a split gains depends on more than the
  * size of the product: on whether the other core is free (not on a machine whose cores all
- * run other work), on whether the weights then fit in each core's cache, on the memory
- * bandwidth two cores share. So each product (key, rows) is timed both ways as it runs:
- * the first calls alternate, then the faster way is used, and every RNN_TUNE_EXPLORE-th
- * call runs the other way to follow a machine whose load changes. Times are averaged with
- * weight 1/4 for the newest, each sample capped at 4x the average (one preemption must not
- * decide). Both ways compute the same bits.
+ * run other work, where a worker preempted in the middle of its chunk stalls the job for a
+ * scheduler time slice), on whether the weights then fit in each core's cache, on the
+ * memory bandwidth two cores share. So each product (key, rows) is timed both ways as it
+ * runs: the first calls alternate, then the faster way is used, and the other way is tried
+ * again after RNN_TUNE_FIRST calls, then after twice as many each time it is still slower
+ * (up to RNN_TUNE_LAST), so a machine whose load changes is followed while a way that keeps
+ * losing costs about one call in a thousand. Times are averaged with weight 1/4 for the
+ * newest, each sample capped at 4x the average (one preemption must not decide). Both ways
+ * compute the same bits.
  */
-#define RNN_TUNE_EXPLORE 16
+#define RNN_TUNE_FIRST 16
+#define RNN_TUNE_LAST 1024
 
 void rnn_par_run_tuned(rnn_par *p, const void *key, int64_t rows, int64_t n_chunks,
                        void (*fn)(void *arg, int64_t chunk), void *arg) {
@@ -335,13 +341,17 @@ void rnn_par_run_tuned(rnn_par *p, const void *key, int64_t rows, int64_t n_chun
         memset(t, 0, sizeof *t);
         t->key = key;
         t->rows = rows;
+        t->interval = RNN_TUNE_FIRST;
     }
     t->calls++;
-    int split;
+    int split, trying = 0;
     if (t->seen[0] < 2 || t->seen[1] < 2) split = t->seen[1] < t->seen[0];
     else {
         split = t->ns[1] < t->ns[0];
-        if (t->calls % RNN_TUNE_EXPLORE == 0) split = !split;
+        if (t->calls >= t->next_try) {
+            split = !split; /* the slower way, once */
+            trying = 1;
+        }
     }
     const int64_t t0 = now_ns();
     if (split) rnn_par_run(p, n_chunks, fn, arg);
@@ -354,4 +364,11 @@ void rnn_par_run_tuned(rnn_par *p, const void *key, int64_t rows, int64_t n_chun
         t->ns[split] += (ns - t->ns[split]) / 4;
     }
     if (t->seen[split] < 1000) t->seen[split]++;
+    if (trying) {
+        const int flipped = (t->ns[1] < t->ns[0]) == split; /* the tried way is now the faster */
+        t->interval = flipped ? RNN_TUNE_FIRST : (t->interval * 2 > RNN_TUNE_LAST ? RNN_TUNE_LAST : t->interval * 2);
+        t->next_try = t->calls + t->interval;
+    } else if (t->next_try == 0 && t->seen[0] >= 2 && t->seen[1] >= 2) {
+        t->next_try = t->calls + t->interval;
+    }
 }
