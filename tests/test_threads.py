@@ -219,3 +219,17 @@ def test_limit_follows_the_environment(monkeypatch):
     assert _core.set_threads_limit(0) == cpus
     assert _core.set_threads_limit(3) == 3
     assert _core.set_threads_limit(100) == 16
+
+
+def test_adaptive_choice_between_split_and_one_thread_keeps_the_bits():
+    """With the per-product timing on (the default), calls switch between the split and
+    the one-thread way as the timings say; either way the bits are those of one thread."""
+    _core.set_threads_adaptive(True)
+    layers = [layer("GRU", 31, 75, seed=11, lbr=1), layer("LSTM", 75, 41, seed=12)]
+    a = rnnengine.Model(layers).stream()
+    b = rnnengine.Model(layers, threads=2).stream()
+    xs = np.random.default_rng(13).standard_normal((400, 31)).astype(np.float32)
+    for x in xs:
+        same_bits(a.step(x), b.step(x))
+    X = xs[:50, None, :]
+    same_bits(rnnengine.Model(layers).run(X)[0], rnnengine.Model(layers, threads=2).run(X)[0])
