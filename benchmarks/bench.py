@@ -410,6 +410,11 @@ def bench_stream_threads(kind, H, reps, inner, peak):
     times = {k: [] for k in engines}
     for _ in range(reps):
         for name, fn in engines.items():
+            # the previous engine's idle threads (onnxruntime's spin by default) must not
+            # steal this one's cores: a pause, then a few untimed calls
+            time.sleep(0.005)
+            for _ in range(3):
+                fn()
             times[name].extend(timeit(fn, 1, inner))
     res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
                       for k, v in times.items()}
@@ -443,6 +448,7 @@ def bench_sequence_threads(kind, H, T, reps, peak):
     times = {k: [] for k in engines}
     for _ in range(reps):
         for name, fn in engines.items():
+            time.sleep(0.005)  # as in bench_stream_threads
             fn()  # one untimed call: a thread pool idle since the last engine wakes up
             times[name].extend(timeit(fn, 1, 1) / T)
     res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}

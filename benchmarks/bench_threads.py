@@ -1,7 +1,7 @@
 """Where splitting a batch-1 step over two threads starts to pay (the threshold of
 src_c/pack.c, RNN_PAR_MIN_MACS_DEFAULT): streaming steps of LSTM / GRU / RNN with I = H,
-threads=2 with every product split (threshold 0) against threads=1, side by side in one
-process, alternating in blocks. The product size printed is the recurrent product's
+threads=2 with every product split (threshold 0, per-product timing off) against
+threads=1, side by side in one process, alternating in blocks. The product size printed is the recurrent product's
 multiply-adds, G*H*H (the input projection of a step has the same size here).
 
     python benchmarks/bench_threads.py                 # H = 32 .. 1024
@@ -42,6 +42,7 @@ def main():
     a = p.parse_args()
     _core.set_threads_limit(2)
     _core.set_threads_min_macs(0)  # split everything: the measurement decides
+    _core.set_threads_adaptive(False)  # and always: the raw cost and gain of a split
     print(f"load average {os.getloadavg()[0]:.1f}")
     print("| cell | H | product MACs | 1 thread us | 2 threads us | speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -59,6 +60,7 @@ def main():
             one, two = np.median(times[1]), np.median(times[2])
             print(f"| {kind} | {H} | {GATES[kind] * H * H} | {one:.1f} | {two:.1f} | {one / two:.2f}x |", flush=True)
     _core.set_threads_min_macs(-1)
+    _core.set_threads_adaptive(True)
 
 
 if __name__ == "__main__":

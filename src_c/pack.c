@@ -525,8 +525,16 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
 
 /* ---- the same products split over threads (pool.c) ---- */
 
-/* Products below this many multiply-adds stay on one thread (see rnn_threads_set_min_macs):
- * measured in benchmarks/threads.py. */
+/* Products below this many multiply-adds stay on one thread (see rnn_threads_set_min_macs).
+ * benchmarks/bench_threads.py (every product split, one step per call, I = H) puts the cost
+ * of one split at 0.2-0.5 us when the worker is awake (LSTM/GRU/RNN H=32: 0.5-0.9 us per
+ * step with two products), and a split saves at most half of the product's time, ~1 us per
+ * 32K multiply-adds at the one-core rate of the packed kernels (LSTM H=64, 2 x 16K: 2.1 us
+ * a step). 2^17 (an LSTM H=181 or GRU H=209 recurrent product, ~4 us) keeps the split's
+ * gain several times its cost; above it, each product is still timed both ways as it runs
+ * (pool.c, rnn_par_run_tuned) and split only while that is faster. Measured on 2026-12-01
+ * on a shared 2-core machine with a load average of 12: no size gained then (0.46-0.79x,
+ * the other core being busy), which is what the per-product timing is for. */
 #define RNN_PAR_MIN_MACS_DEFAULT ((int64_t)1 << 17)
 static int64_t g_par_min_macs = RNN_PAR_MIN_MACS_DEFAULT;
 
