@@ -123,6 +123,9 @@ static void *worker_main(void *varg) {
     rnn_par *p = wa->pool;
     const int32_t me = wa->index;
     free(wa);
+#ifdef __GLIBC__
+    pthread_setname_np(pthread_self(), "rnnengine-pool"); /* in top -H and /proc/<pid>/task */
+#endif
     uint64_t seen = ST_GEN(__atomic_load_n(&p->state, __ATOMIC_ACQUIRE));
     for (;;) {
         /* wait for a new job: spin a while, then sleep */
