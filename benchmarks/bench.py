@@ -408,10 +408,14 @@ def bench_stream_threads(kind, H, reps, inner, peak):
     except ImportError:
         pass
     times = {k: [] for k in engines}
-    for _ in range(reps):
-        for name, fn in engines.items():
-            # the previous engine's idle threads (onnxruntime's spin by default) must not
-            # steal this one's cores: a pause, then a few untimed calls
+    names = list(engines)
+    for r in range(reps):
+        # the order rotates from one repetition to the next (an engine's first calls pay
+        # for what the previous one left behind), and the previous engine's idle threads
+        # (onnxruntime's spin by default) must not steal this one's cores: a pause, then a
+        # few untimed calls
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = engines[name]
             time.sleep(0.005)
             for _ in range(3):
                 fn()
@@ -446,9 +450,11 @@ def bench_sequence_threads(kind, H, T, reps, peak):
     except ImportError:
         pass
     times = {k: [] for k in engines}
-    for _ in range(reps):
-        for name, fn in engines.items():
-            time.sleep(0.005)  # as in bench_stream_threads
+    names = list(engines)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # as in bench_stream_threads
+            fn = engines[name]
+            time.sleep(0.005)
             fn()  # one untimed call: a thread pool idle since the last engine wakes up
             times[name].extend(timeit(fn, 1, 1) / T)
     res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}

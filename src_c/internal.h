@@ -44,14 +44,13 @@ void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packe
  * once for every chunk c in [0, n), spread over the caller and the workers, and returns
  * when all are done; with par NULL it runs them in order on the calling thread. */
 typedef struct rnn_par rnn_par;
-rnn_par *rnn_par_begin(int32_t threads);
+rnn_par *rnn_par_begin(int32_t threads, const void *key, int64_t rows, int64_t steps);
 void rnn_par_end(rnn_par *par);
 int32_t rnn_par_threads(const rnn_par *par);
 void rnn_par_run(rnn_par *par, int64_t n_chunks, void (*fn)(void *arg, int64_t chunk), void *arg);
-/* rnn_par_run, or the same chunks in order on the calling thread, whichever has been
- * faster for this product (key, rows) so far (pool.c: both are timed as they run). */
-void rnn_par_run_tuned(rnn_par *par, const void *key, int64_t rows, int64_t n_chunks,
-                       void (*fn)(void *arg, int64_t chunk), void *arg);
+/* rnn_par_begin's key, rows and steps name the kind of call (the stack, its batch rows) and
+ * its time steps: calls of one kind are timed split and on one thread as they run and the
+ * faster way is used (pool.c); rnn_par_threads(par) is 1 when this call does not split. */
 /* rnn_gemm_packed with B's panels (columns of C) split over the threads of par when the
  * product has at least rnn_threads_min_macs() multiply-adds, else on this thread. Every
  * output column is computed by the same kernel over the same k order either way, so the

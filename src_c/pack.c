@@ -531,8 +531,8 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
  * step with two products), and a split saves at most half of the product's time, ~1 us per
  * 32K multiply-adds at the one-core rate of the packed kernels (LSTM H=64, 2 x 16K: 2.1 us
  * a step). 2^17 (an LSTM H=181 or GRU H=209 recurrent product, ~4 us) keeps the split's
- * gain several times its cost; above it, each product is still timed both ways as it runs
- * (pool.c, rnn_par_run_tuned) and split only while that is faster. Measured on 2026-12-01
+ * gain several times its cost; above it, calls are still timed both ways as they run
+ * (pool.c, rnn_par_begin) and split only while that is faster. Measured on 2026-12-01
  * on a shared 2-core machine with a load average of 12: no size gained then (0.46-0.79x,
  * the other core being busy), which is what the per-product timing is for. */
 #define RNN_PAR_MIN_MACS_DEFAULT ((int64_t)1 << 17)
@@ -579,5 +579,5 @@ void rnn_gemm_packed_par(rnn_par *par, int64_t M, const float *A, int64_t lda, c
     int64_t per = (P + 4 * n - 1) / (4 * n);
     if (per > 8) per = (per + 7) / 8 * 8;
     par_gemm g = {M, lda, ldc, per, A, Bp, C, accumulate};
-    rnn_par_run_tuned(par, Bp, M, (P + per - 1) / per, par_gemm_chunk, &g);
+    rnn_par_run(par, (P + per - 1) / per, par_gemm_chunk, &g);
 }

@@ -51,14 +51,17 @@
 #define ST_MAKE(gen, act, lo, hi) \
     ((((uint64_t)(gen) & 0xfffffu) << 44) | ((uint64_t)(act) << 40) | ((uint64_t)(lo) << 20) | (uint64_t)(hi))
 
-/* What one product (a key: its packed weights and row count) has cost split and not
- * split: an average of the recent times (ns) of each way, and how many were seen. */
+/* What calls of one kind (a key: the stack, and the batch rows) have cost per time step,
+ * split and not split: an average of recent times (ns) of each way, and how many were seen. */
 #define RNN_TUNE_SLOTS 64
 typedef struct {
     const void *key;
     int64_t rows;
-    int64_t ns[2];  /* 0: on the calling thread alone, 1: split */
+    int64_t ns[2];      /* per step; 0: on the calling thread alone, 1: split */
     int32_t seen[2];
+    int32_t trial;      /* calls left in a trial of the way `trial_way` (the first is not timed) */
+    int32_t trial_way;
+    int32_t trial_len;
     uint64_t calls;
     uint64_t next_try;  /* the call at which the slower way is tried again */
     uint64_t interval;  /* calls between such tries */
@@ -71,7 +74,11 @@ struct rnn_par {
     int64_t done;               /* finished chunks of the current job (atomic) */
     int32_t sleepers;           /* workers asleep or about to sleep (atomic) */
     int32_t busy;               /* 1 while a caller holds the pool (atomic) */
-    tune_slot tune[RNN_TUNE_SLOTS]; /* per product: split or not (rnn_par_run_tuned) */
+    tune_slot tune[RNN_TUNE_SLOTS]; /* per kind of call: split or not (rnn_par_begin) */
+    tune_slot *slot;            /* the current call's, or NULL (not timed) */
+    int32_t split;              /* the current call splits its products */
+    int32_t timed;              /* the current call's time is recorded */
+    int64_t t0, steps;          /* its start (ns) and time steps */
     void (*fn)(void *arg, int64_t chunk);
     void *arg;
     pthread_mutex_t mu;
@@ -278,7 +285,78 @@ static void publish(rnn_par *p, int64_t n) {
     }
 }
 
-rnn_par *rnn_par_begin(int32_t threads) {
+/*
+ * threads = 2 must never be slower than 1. Whether a split gains depends on more than the
+ * size of the products: on whether the other core is free (not on a machine whose cores all
+ * run other work, where a worker preempted in the middle of its chunk stalls the job for a
+ * scheduler time slice), on whether the weights then fit in each core's cache, on the
+ * memory bandwidth two cores share. So calls of each kind (key, rows) are timed both ways,
+ * per time step, as they run: a few calls on one thread, then a trial of split calls, then
+ * the faster way; the slower way gets a new trial after RNN_TUNE_FIRST calls, then after
+ * twice as many each time it is still slower (up to RNN_TUNE_LAST), so a machine whose load
+ * changes is followed while a way that keeps losing costs a few calls in a thousand. A
+ * trial is RNN_TUNE_TRIAL calls in a row whose first is not timed: a worker asleep since
+ * the last split call needs that call to wake up, and whole calls (not single products)
+ * are compared because between the products of one call a worker stays awake. Times are
+ * averaged with weight 1/4 for the newest, each sample capped at 4x the average (one
+ * preemption must not decide). Both ways compute the same bits.
+ */
+#define RNN_TUNE_FIRST 16
+#define RNN_TUNE_LAST 1024
+#define RNN_TUNE_TRIAL 6
+
+static void tune_choose(rnn_par *p, const void *key, int64_t rows) {
+    const uintptr_t h = ((uintptr_t)key >> 6) ^ (uintptr_t)rows * 0x9e3779b1u;
+    tune_slot *t = &p->tune[(h ^ (h >> 7)) % RNN_TUNE_SLOTS];
+    if (t->key != key || t->rows != rows) {
+        memset(t, 0, sizeof *t);
+        t->key = key;
+        t->rows = rows;
+        t->interval = RNN_TUNE_FIRST;
+    }
+    t->calls++;
+    p->slot = t;
+    p->timed = 1;
+    if (t->trial == 0) {
+        if (t->seen[0] < 2) { /* first a few calls on one thread */
+            p->split = 0;
+            return;
+        }
+        const int best = t->seen[1] >= 2 && t->ns[1] < t->ns[0];
+        if (t->seen[1] >= 2 && t->calls < t->next_try) {
+            p->split = best;
+            return;
+        }
+        t->trial_way = t->seen[1] < 2 ? 1 : !best; /* start a trial of the other way */
+        t->trial = t->trial_len = RNN_TUNE_TRIAL;
+    }
+    p->split = t->trial_way;
+    p->timed = t->trial != t->trial_len; /* the trial's first call wakes the worker */
+    t->trial--;
+}
+
+static void tune_record(rnn_par *p) {
+    tune_slot *t = p->slot;
+    if (!t || !p->timed || p->steps <= 0) return;
+    const int w = p->split;
+    int64_t ns = (now_ns() - p->t0) / p->steps;
+    if (t->seen[w] == 0) t->ns[w] = ns;
+    else {
+        if (ns > 4 * t->ns[w]) ns = 4 * t->ns[w];
+        t->ns[w] += (ns - t->ns[w]) / 4;
+    }
+    if (t->seen[w] < 1000000) t->seen[w]++;
+    if (t->trial_len && t->trial == 0) { /* a trial ended */
+        const int tried_wins = (t->ns[1] < t->ns[0]) == t->trial_way;
+        if (t->seen[0] >= 2 && t->seen[1] >= 2)
+            t->interval = tried_wins ? RNN_TUNE_FIRST
+                                     : (t->interval * 2 > RNN_TUNE_LAST ? RNN_TUNE_LAST : t->interval * 2);
+        t->next_try = t->calls + t->interval;
+        t->trial_len = 0;
+    }
+}
+
+rnn_par *rnn_par_begin(int32_t threads, const void *key, int64_t rows, int64_t steps) {
     if (threads <= 1) return NULL;
     const int32_t limit = rnn_threads_limit();
     if (threads > limit) threads = limit;
@@ -289,18 +367,25 @@ rnn_par *rnn_par_begin(int32_t threads) {
     if (!__atomic_compare_exchange_n(&p->busy, &free_, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
         return NULL; /* another call holds the workers: run on this thread alone */
     p->active = threads - 1 < p->n_workers ? threads - 1 : p->n_workers;
+    p->slot = NULL;
+    p->split = 1;
+    p->steps = steps;
+    if (g_adaptive) tune_choose(p, key, rows);
+    p->t0 = now_ns();
     return p;
 }
 
 void rnn_par_end(rnn_par *p) {
-    if (p) __atomic_store_n(&p->busy, 0, __ATOMIC_RELEASE);
+    if (!p) return;
+    tune_record(p);
+    __atomic_store_n(&p->busy, 0, __ATOMIC_RELEASE);
 }
 
-int32_t rnn_par_threads(const rnn_par *p) { return p ? p->active + 1 : 1; }
+int32_t rnn_par_threads(const rnn_par *p) { return p && p->split ? p->active + 1 : 1; }
 
 void rnn_par_run(rnn_par *p, int64_t n_chunks, void (*fn)(void *arg, int64_t chunk), void *arg) {
     if (n_chunks <= 0) return;
-    if (!p || n_chunks == 1 || n_chunks > 0xfffff) {
+    if (!p || !p->split || n_chunks == 1 || n_chunks > 0xfffff) {
         for (int64_t c = 0; c < n_chunks; c++) fn(arg, c);
         return;
     }
@@ -316,62 +401,3 @@ void rnn_par_run(rnn_par *p, int64_t n_chunks, void (*fn)(void *arg, int64_t chu
     }
 }
 
-/*
- * threads = 2 must never be slower than 1. Whether a split gains depends on more than the
- * size of the product: on whether the other core is free (not on a machine whose cores all
- * run other work, where a worker preempted in the middle of its chunk stalls the job for a
- * scheduler time slice), on whether the weights then fit in each core's cache, on the
- * memory bandwidth two cores share. So each product (key, rows) is timed both ways as it
- * runs: the first calls alternate, then the faster way is used, and the other way is tried
- * again after RNN_TUNE_FIRST calls, then after twice as many each time it is still slower
- * (up to RNN_TUNE_LAST), so a machine whose load changes is followed while a way that keeps
- * losing costs about one call in a thousand. Times are averaged with weight 1/4 for the
- * newest, each sample capped at 4x the average (one preemption must not decide). Both ways
- * compute the same bits.
- */
-#define RNN_TUNE_FIRST 16
-#define RNN_TUNE_LAST 1024
-
-void rnn_par_run_tuned(rnn_par *p, const void *key, int64_t rows, int64_t n_chunks,
-                       void (*fn)(void *arg, int64_t chunk), void *arg) {
-    if (!p || !g_adaptive) {
-        rnn_par_run(p, n_chunks, fn, arg);
-        return;
-    }
-    const uintptr_t h = ((uintptr_t)key >> 6) ^ (uintptr_t)rows * 0x9e3779b1u;
-    tune_slot *t = &p->tune[(h ^ (h >> 7)) % RNN_TUNE_SLOTS];
-    if (t->key != key || t->rows != rows) {
-        memset(t, 0, sizeof *t);
-        t->key = key;
-        t->rows = rows;
-        t->interval = RNN_TUNE_FIRST;
-    }
-    t->calls++;
-    int split, trying = 0;
-    if (t->seen[0] < 2 || t->seen[1] < 2) split = t->seen[1] < t->seen[0];
-    else {
-        split = t->ns[1] < t->ns[0];
-        if (t->calls >= t->next_try) {
-            split = !split; /* the slower way, once */
-            trying = 1;
-        }
-    }
-    const int64_t t0 = now_ns();
-    if (split) rnn_par_run(p, n_chunks, fn, arg);
-    else
-        for (int64_t c = 0; c < n_chunks; c++) fn(arg, c);
-    int64_t ns = now_ns() - t0;
-    if (t->seen[split] == 0) t->ns[split] = ns;
-    else {
-        if (ns > 4 * t->ns[split]) ns = 4 * t->ns[split];
-        t->ns[split] += (ns - t->ns[split]) / 4;
-    }
-    if (t->seen[split] < 1000) t->seen[split]++;
-    if (trying) {
-        const int flipped = (t->ns[1] < t->ns[0]) == split; /* the tried way is now the faster */
-        t->interval = flipped ? RNN_TUNE_FIRST : (t->interval * 2 > RNN_TUNE_LAST ? RNN_TUNE_LAST : t->interval * 2);
-        t->next_try = t->calls + t->interval;
-    } else if (t->next_try == 0 && t->seen[0] >= 2 && t->seen[1] >= 2) {
-        t->next_try = t->calls + t->interval;
-    }
-}

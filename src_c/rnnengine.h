@@ -189,10 +189,10 @@ int32_t rnn_threads_set_limit(int32_t n);
  * and benchmarks (process-wide, not while other threads compute); n < 0 restores the
  * default. Returns the value in force. */
 int64_t rnn_threads_set_min_macs(int64_t n);
-/* 1 (default): each product is timed split and on one thread as it runs, and the faster
- * way is used (src_c/pool.c, rnn_par_run_tuned), so a machine whose other cores are busy
- * with other work falls back to one thread. 0: always split (tests, so that every product
- * really is split). Process-wide; returns the previous setting. */
+/* 1 (default): calls of each stack and batch size are timed split and on one thread as
+ * they run, and the faster way is used (src_c/pool.c, rnn_par_begin), so a machine whose
+ * other cores are busy with other work falls back to one thread. 0: always split (tests,
+ * so that every product really is split). Process-wide; returns the previous setting. */
 int rnn_threads_set_adaptive(int on);
 
 /* Copies the state of n single-row streams into / out of one batched state of n rows

@@ -138,7 +138,7 @@ rnn_status rnn_stack_forward_threads(const rnn_stack *st, const float *X, int64_
         for (int64_t b = 0; b < B; b++)
             if (lens[b] < 0 || lens[b] > T) return RNN_STATUS_BAD_ARGUMENT;
     if (T == 0 || B == 0) return RNN_STATUS_OK;
-    rnn_par *par = rnn_par_begin(threads); /* NULL: this thread alone */
+    rnn_par *par = rnn_par_begin(threads, st, B, T); /* NULL: this thread alone */
     stack_run(st, X, T, B, batch_first, lens, Y, ys_t, ys_b, ys_d, state, work, par);
     rnn_par_end(par);
     return RNN_STATUS_OK;
