@@ -16,10 +16,11 @@ ext = Extension(
     sources=["rnnengine/_core.pyx"] + sorted(glob.glob("src_c/*.c")),
     include_dirs=["src_c", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=["-O3", "-fno-math-errno", "-Wall", "-Wpointer-arith"],
+    extra_compile_args=["-O3", "-fno-math-errno", "-Wall", "-Wpointer-arith", "-pthread"],
     # The shipped extension carries no debug information (about half its size). Sanitizer
     # and debugging builds (CFLAGS with -fsanitize or -g, or RNNENGINE_DEBUG=1) keep it.
-    extra_link_args=[] if _keep_debug else ["-Wl,--strip-debug"],
+    # -pthread: the worker pool of src_c/pool.c
+    extra_link_args=["-pthread"] + ([] if _keep_debug else ["-Wl,--strip-debug"]),
 )
 
 setup(ext_modules=cythonize([ext], compiler_directives={"language_level": 3}))

@@ -328,26 +328,156 @@ def bench_compact(kind, H, steps, reps, peak):
     return res
 
 
-def _model_bytes(kind, W, R, B, with_state):
-    """The one-layer ONNX model of onnx_session, as bytes."""
+def _ort_session_2threads(kind, W, R, B, spinning):
+    """onnxruntime on the one-node model with state inputs, 2 intra-op threads; spinning:
+    its idle threads may spin (its default) or must sleep."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(_onnx_bytes(kind, W, R, B), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_stream_2threads(kind, W, R, B, x, spinning):
+    """onnxruntime with 2 intra-op threads stepping one stream through IOBinding (state
+    outputs bound as the next call's inputs)."""
+    import onnxruntime as ort
+    sess = _ort_session_2threads(kind, W, R, B, spinning)
+    H, I = R.shape[2], W.shape[2]
+    xv = ort.OrtValue.ortvalue_from_numpy(x.reshape(1, 1, I))
+    hs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]
+    cs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]
+    yv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, 1, H), np.float32))
+    flip = [0]
+
+    def ort_io():
+        a, b = flip[0], 1 - flip[0]
+        io = sess.io_binding()
+        io.bind_ortvalue_input("X", xv)
+        io.bind_ortvalue_input("h0", hs[a])
+        io.bind_ortvalue_output("Y", yv)
+        io.bind_ortvalue_output("Y_h", hs[b])
+        if kind == "LSTM":
+            io.bind_ortvalue_input("c0", cs[a])
+            io.bind_ortvalue_output("Y_c", cs[b])
+        sess.run_with_iobinding(io)
+        flip[0] = b
+    return ort_io
+
+
+def _onnx_bytes(kind, W, R, B):
+    """The one-node model of onnx_session (with state inputs), serialised."""
     from onnx import TensorProto, helper, numpy_helper
     H, I = R.shape[2], W.shape[2]
     inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"), numpy_helper.from_array(B, "B")]
-    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I])]
-    node_in = ["X", "W", "R", "B", ""]
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I]),
+           helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H])]
+    node_in = ["X", "W", "R", "B", "", "h0"]
     outs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
-    if with_state:
-        ins.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H]))
-        node_in.append("h0")
-        if kind == "LSTM":
-            ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
-            node_in.append("c0")
+    if kind == "LSTM":
+        ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
+        node_in.append("c0")
     node = helper.make_node(kind, node_in, outs, hidden_size=H)
-    g = helper.make_graph([node], "b", ins, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-                          inits)
+    g = helper.make_graph([node], "b", ins, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
     m.ir_version = 8
     return m.SerializeToString()
+
+
+def bench_stream_threads(kind, H, reps, inner, peak):
+    """2-thread batch-1 streaming (issue 12, part 4): one step per call, rnnengine with
+    threads=2 (each step's products split by gate rows, src_c/pool.c) and threads=1, against
+    onnxruntime with 2 intra-op threads through IOBinding, its idle threads spinning (its
+    default) or not. Engines alternate in blocks of `inner` calls."""
+    I = H
+    W, R, B = make_weights(kind, I, H)
+    G = GATES[kind]
+    x = np.random.default_rng(1).standard_normal(I).astype(np.float32)
+    res = {"case": f"2-thread batch-1 streaming {kind} I=H={H}", "kind": kind, "I": I, "H": H, "batch": 1,
+           "threads": 2, "bound_us": 2 * G * H * (I + H) / peak / 2 * 1e6}
+    engines = {}
+    for t in (2, 1):
+        s = rnnengine.Model([layer_of(kind, W, R, B)], threads=t).stream()
+        y = np.empty(H, np.float32)
+        engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda s=s, y=y: s.step(x, out=y))
+    try:
+        engines["onnxruntime+iobinding 2 threads"] = _ort_stream_2threads(kind, W, R, B, x, spinning=False)
+        engines["onnxruntime+iobinding 2 threads spinning"] = _ort_stream_2threads(kind, W, R, B, x, spinning=True)
+    except ImportError:
+        pass
+    times = {k: [] for k in engines}
+    names = list(engines)
+    for r in range(reps):
+        # the order rotates from one repetition to the next (an engine's first calls pay
+        # for what the previous one left behind), and the previous engine's idle threads
+        # (onnxruntime's spin by default) must not steal this one's cores: a pause, then a
+        # few untimed calls
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = engines[name]
+            time.sleep(0.005)
+            for _ in range(3):
+                fn()
+            times[name].extend(timeit(fn, 1, inner))
+    res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                      for k, v in times.items()}
+    return res
+
+
+def bench_sequence_threads(kind, H, T, reps, peak):
+    """2-thread batch-1 whole sequences (issue 12, part 4): rnnengine threads=2 (the input
+    projection of the whole sequence split as a GEMM, each step's recurrent product by gate
+    rows) and threads=1, against onnxruntime with 2 intra-op threads, spinning or not."""
+    I = H
+    W, R, B = make_weights(kind, I, H)
+    G = GATES[kind]
+    X = np.random.default_rng(2).standard_normal((T, 1, I)).astype(np.float32)
+    res = {"case": f"2-thread batch-1 sequence {kind} I=H={H} T={T}", "kind": kind, "I": I, "H": H, "batch": 1,
+           "T": T, "threads": 2, "bound_us": 2 * G * H * (I + H) / peak / 2 * 1e6}
+    engines = {}
+    for t in (2, 1):
+        m = rnnengine.Model([layer_of(kind, W, R, B)], threads=t)
+        engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda m=m: m.run(X))
+    try:
+        for spin in (False, True):
+            sess = _ort_session_2threads(kind, W, R, B, spin)
+            feeds = {"X": X, "h0": np.zeros((1, 1, H), np.float32)}
+            if kind == "LSTM":
+                feeds["c0"] = np.zeros((1, 1, H), np.float32)
+            engines["onnxruntime 2 threads" + (" spinning" if spin else "")] = (
+                lambda sess=sess, feeds=feeds: sess.run(None, feeds))
+    except ImportError:
+        pass
+    times = {k: [] for k in engines}
+    names = list(engines)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # as in bench_stream_threads
+            fn = engines[name]
+            time.sleep(0.005)
+            fn()  # one untimed call: a thread pool idle since the last engine wakes up
+            times[name].extend(timeit(fn, 1, 1) / T)
+    res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                      for k, v in times.items()}
+    return res
+
+
+def bench_threads_batch1(reps, peak, quick):
+    """The issue-12 part-4 cases: batch 1 on two cores, streaming and whole sequences."""
+    from rnnengine import _core
+    # this script sets OMP_NUM_THREADS=1 (for BLAS and PyTorch), which rnnengine's pool also
+    # reads: allow it two threads here
+    _core.set_threads_limit(2)
+    out = []
+    for kind in ("LSTM", "GRU"):
+        for H in ((512,) if quick else (512, 1024)):
+            print(f"2-thread batch-1 streaming {kind} H={H} ...", file=sys.stderr, flush=True)
+            out.append(bench_stream_threads(kind, H, reps, 20 if H >= 1024 else 50, peak))
+    for kind, H in ((("LSTM", 256),) if quick else (("LSTM", 256), ("LSTM", 512), ("GRU", 512))):
+        print(f"2-thread batch-1 sequence {kind} H={H} ...", file=sys.stderr, flush=True)
+        out.append(bench_sequence_threads(kind, H, 256, reps, peak))
+    _core.set_threads_limit(0)
+    return out
 
 
 def bench_int8_vs_onnxruntime(H, steps, reps, inner=20):
@@ -366,7 +496,7 @@ def bench_int8_vs_onnxruntime(H, steps, reps, inner=20):
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
         with open(src, "wb") as f:
-            f.write(_model_bytes("LSTM", W, R, B, with_state=True))
+            f.write(_onnx_bytes("LSTM", W, R, B))
         quantize_dynamic(src, dst, op_types_to_quantize=["LSTM"], weight_type=QuantType.QInt8)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
@@ -620,6 +750,7 @@ def main(argv=None):
         for batch in ((16,) if a.quick else (1, 16, 64)):
             step(f"2 threads, batch {batch}")
             results.append(bench_sequence("LSTM", 256, 256, 256, batch, reps, peak, threads=2))
+        results.extend(bench_threads_batch1(reps, peak, a.quick))
     for H in ((256,) if a.quick else (256, 512, 1024)):
         step(f"int8 vs onnxruntime DynamicQuantizeLSTM, H={H}")
         results.append(bench_int8_vs_onnxruntime(H, 100, reps))

@@ -164,6 +164,13 @@ cdef extern from "rnnengine.h" nogil:
     rnn_status rnn_stack_forward(const rnn_stack *stack, const float *X, int64_t T, int64_t B,
                                  int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
                                  int64_t ys_b, int64_t ys_d, float *state, float *work)
+    rnn_status rnn_stack_forward_threads(const rnn_stack *stack, const float *X, int64_t T, int64_t B,
+                                         int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
+                                         int64_t ys_b, int64_t ys_d, float *state, float *work, int32_t threads)
+    int32_t rnn_threads_limit()
+    int32_t rnn_threads_set_limit(int32_t n)
+    int64_t rnn_threads_set_min_macs(int64_t n)
+    int rnn_threads_set_adaptive(int on)
     void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float **streams, int64_t n)
     void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float **streams,
                                   int64_t n)
@@ -203,6 +210,7 @@ cdef extern from "internal.h" nogil:
                          int64_t ldc, int accumulate)
     void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                              int64_t ldc, int accumulate)
+    int64_t rnn_threads_worker_chunks()
     void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
                             const float *B, const float *Whr, float *h, float *c, float *work)
 

@@ -330,8 +330,9 @@ cdef class Stack:
         return rnn_stack_workspace_floats(self.ptr, T, batch)
 
     def forward(self, const float[:, :, ::1] X, lens, float[::1] Y, int64_t ys_t, int64_t ys_b,
-                int64_t ys_d, float[::1] state, float[::1] work, bint batch_first):
-        """Runs the stack; all buffers are validated by the caller (rnnengine.runtime.model)."""
+                int64_t ys_d, float[::1] state, float[::1] work, bint batch_first, int threads=1):
+        """Runs the stack; all buffers are validated by the caller (rnnengine.runtime.model).
+        threads > 1 splits each step's products by gate rows (rnn_stack_forward_threads)."""
         cdef int64_t T = X.shape[1] if batch_first else X.shape[0]
         cdef int64_t B = X.shape[0] if batch_first else X.shape[1]
         cdef const int32_t[::1] lv
@@ -354,8 +355,8 @@ cdef class Stack:
             raise ValueError("output buffer too small for its strides")
         cdef rnn_status st
         with nogil:
-            st = rnn_stack_forward(self.ptr, &X[0, 0, 0], T, B, batch_first, lp, &Y[0], ys_t, ys_b,
-                                   ys_d, &state[0], &work[0])
+            st = rnn_stack_forward_threads(self.ptr, &X[0, 0, 0], T, B, batch_first, lp, &Y[0], ys_t, ys_b,
+                                           ys_d, &state[0], &work[0], threads)
         _check(st, "forward")
 
 
@@ -395,6 +396,7 @@ cdef class Stream:
     cdef int64_t _ws1           # workspace floats of one step
     cdef float *_state_p        # data pointer of _state (kept alive by it)
     cdef bint _busy             # a call is running on this stream (set and tested with the GIL held)
+    cdef int _threads           # the model's threads: each step's products split over them
 
     def __cinit__(self, model, Stack stack, int batch_size, initial, bint batch_first):
         if batch_size < 1:
@@ -409,6 +411,7 @@ cdef class Stream:
         self._state = self._initial.copy()
         self._state_p = <float *>cnp.PyArray_DATA(<cnp.ndarray>self._state)
         self._ws1 = stack.workspace_size(1, batch_size)
+        self._threads = max(1, int(getattr(model, "threads", 1) or 1))
 
     def step(self, x, out=None):
         """Advances one time step. x: (batch_size, input_size), or (input_size,) when
@@ -449,8 +452,8 @@ cdef class Stream:
         self._enter()
         try:
             with nogil:
-                st = rnn_stack_forward(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
-                                       stack.last_hidden, self._state_p, wp)
+                st = rnn_stack_forward_threads(stack.ptr, xp, 1, B, 0, NULL, yp, 0, stack.output_size,
+                                               stack.last_hidden, self._state_p, wp, self._threads)
         finally:
             self._busy = False
         if st != RNN_STATUS_OK:
@@ -495,7 +498,7 @@ cdef class Stream:
             self._enter()
             try:
                 stack.forward(arr, None, Y.reshape(-1), ys_t, ys_b, stack.last_hidden, self._state,
-                              work[:stack.workspace_size(T, B)], self.batch_first)
+                              work[:stack.workspace_size(T, B)], self.batch_first, self._threads)
             finally:
                 self._busy = False
         if out is not None:
@@ -610,11 +613,12 @@ def step_streams(list streams, x, out=None):
     cdef const float[:, ::1] xv = arr
     cdef float[:, ::1] yv = res
     cdef rnn_status st
+    cdef int threads = first._threads
     try:
         with nogil:
             rnn_stack_gather_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
-            st = rnn_stack_forward(stack.ptr, &xv[0, 0], 1, n, 0, NULL, &yv[0, 0], 0, stack.output_size,
-                                   stack.last_hidden, &bs[0], &wv[0])
+            st = rnn_stack_forward_threads(stack.ptr, &xv[0, 0], 1, n, 0, NULL, &yv[0, 0], 0, stack.output_size,
+                                           stack.last_hidden, &bs[0], &wv[0], threads)
             if st == RNN_STATUS_OK:
                 rnn_stack_scatter_states(stack.ptr, &bs[0], <float **>&ptrs[0], n)
     finally:
@@ -622,6 +626,35 @@ def step_streams(list streams, x, out=None):
             (<Stream>streams[i])._busy = False
     _check(st, "step_streams")
     return res
+
+
+def threads_limit():
+    """The most threads one call of the C core uses, the caller included (rnn_threads_limit:
+    RNNENGINE_NUM_THREADS, else OMP_NUM_THREADS, capped by the CPUs this process may use)."""
+    return rnn_threads_limit()
+
+
+def set_threads_limit(int n):
+    """Sets that limit (n <= 0: back to the environment); returns the limit in force."""
+    return rnn_threads_set_limit(n)
+
+
+def set_threads_adaptive(bint on):
+    """True (default): each product is timed split and on one thread as it runs, and the
+    faster way is used (rnn_threads_set_adaptive); False: always split (tests). Returns the
+    previous setting."""
+    return bool(rnn_threads_set_adaptive(on))
+
+
+def threads_worker_chunks():
+    """Chunks of split products the pool's workers have run in this process (for tests)."""
+    return rnn_threads_worker_chunks()
+
+
+def set_threads_min_macs(int64_t n):
+    """Products smaller than n multiply-adds stay on one thread (n < 0: the default);
+    returns the value in force. Process-wide; for tests and benchmarks."""
+    return rnn_threads_set_min_macs(n)
 
 
 # --- graph executor -------------------------------------------------------------------------------

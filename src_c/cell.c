@@ -175,7 +175,7 @@ static void blend_step_mask(const rnn_seq *s, int64_t step, const float *X, int6
 
 void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B, int64_t xs_t,
                       int64_t xs_b, const int32_t *lens, int32_t reverse, float *Y, int64_t ys_t,
-                      int64_t ys_b, float *h, float *c, float *work) {
+                      int64_t ys_b, float *h, float *c, float *work, rnn_par *par) {
     const int64_t H = cell->cfg.hidden_size, I = cell->cfg.input_size, GH = cell->G * H;
     const int64_t N = T * B, Hh = rnn_cell_h_size(cell); /* floats of h and of each output row */
     const int32_t masked = cell->cfg.step_mask;
@@ -185,12 +185,13 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
     float *h_old = step_work + rnn_cell_step_floats(cell, B); /* (B, H), step mask only */
     float *c_old = h_old + B * H;                              /* (B, H), step mask only */
 
-    /* xproj = X[:, :I] @ W^T + bias_x   (one GEMM for all time steps) */
+    /* xproj = X[:, :I] @ W^T + bias_x   (one GEMM for all time steps; with threads, its
+     * columns split over them) */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
     if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2)
         rnn_gemm_nt(N, GH, I, 1.0f, X, width, cell->W, I, 1.0f, xproj, GH, 1);
     else
-        rnn_gemm_packed(N, X, width, &cell->Wp, xproj, GH, 1);
+        rnn_gemm_packed_par(par, N, X, width, &cell->Wp, xproj, GH, 1);
 
     /* Outputs past each row's length are zero. */
     int64_t max_len = T;
@@ -202,7 +203,7 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
         }
     }
 
-    rnn_seq s = {T, B, xproj, xs_t, xs_b, Y, ys_t, ys_b, lens, reverse};
+    rnn_seq s = {T, B, xproj, xs_t, xs_b, Y, ys_t, ys_b, lens, reverse, par};
     for (int64_t step = 0; step < max_len; step++) {
         if (masked) {
             memcpy(h_old, h, sizeof(float) * (size_t)(B * H));

@@ -19,7 +19,7 @@ void rnn_gru_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
     const int lbr = cfg->linear_before_reset;
 
     /* gates[:, :2H] = h @ Rzr^T, and with lbr also gates[:, 2H:] = h @ Rh^T */
-    rnn_gemm_packed(B, h, H, &cell->Rp, gates, GH, 0);
+    rnn_gemm_packed_par(s->par, B, h, H, &cell->Rp, gates, GH, 0);
 
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = rnn_seq_time(s, step, b);
@@ -43,7 +43,7 @@ void rnn_gru_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
 
     if (!lbr) {
         /* gates[:, 2H:] = (r . h) @ Rh^T   (B, H) */
-        rnn_gemm_packed(B, rh, H, &cell->Rhp, gates + 2 * H, GH, 0);
+        rnn_gemm_packed_par(s->par, B, rh, H, &cell->Rhp, gates + 2 * H, GH, 0);
     }
 
     for (int64_t b = 0; b < B; b++) {

@@ -37,6 +37,30 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
 void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                          int64_t ldc, int accumulate);
 
+/* ---- threads (pool.c) ----
+ * A forward call that may use more than one thread claims the process-wide pool with
+ * rnn_par_begin (NULL: run serially, e.g. threads = 1, no workers, or another call holds
+ * them) and gives it back with rnn_par_end. rnn_par_run(par, n, fn, arg) calls fn(arg, c)
+ * once for every chunk c in [0, n), spread over the caller and the workers, and returns
+ * when all are done; with par NULL it runs them in order on the calling thread. */
+typedef struct rnn_par rnn_par;
+rnn_par *rnn_par_begin(int32_t threads, const void *key, int64_t rows, int64_t steps);
+void rnn_par_end(rnn_par *par);
+int32_t rnn_par_threads(const rnn_par *par);
+void rnn_par_run(rnn_par *par, int64_t n_chunks, void (*fn)(void *arg, int64_t chunk), void *arg);
+/* rnn_par_begin's key, rows and steps name the kind of call (the stack, its batch rows) and
+ * its time steps: calls of one kind are timed split and on one thread as they run and the
+ * faster way is used (pool.c); rnn_par_threads(par) is 1 when this call does not split. */
+/* rnn_gemm_packed with B's panels (columns of C) split over the threads of par when the
+ * product has at least rnn_threads_min_macs() multiply-adds, else on this thread. Every
+ * output column is computed by the same kernel over the same k order either way, so the
+ * result is bit-identical to rnn_gemm_packed. */
+void rnn_gemm_packed_par(rnn_par *par, int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                         int64_t ldc, int accumulate);
+int64_t rnn_threads_min_macs(void);
+/* How many chunks workers (not callers) have run since the process started (for tests). */
+int64_t rnn_threads_worker_chunks(void);
+
 /* Input projections of at least this many rows go to BLAS sgemm; fewer (streaming steps,
  * also 64 streams stepped together) to the packed kernel, which does not repack W on every
  * call (64 streams of an H=256 LSTM: 650 -> 600 us per step with 128 instead of 64). With
@@ -77,6 +101,7 @@ typedef struct {
     int64_t ys_t, ys_b;
     const int32_t *lens;  /* (B) or NULL */
     int32_t reverse;
+    rnn_par *par;         /* threads for the step's products, or NULL */
 } rnn_seq;
 
 /* Time index that row b processes at step s, or -1 when the row is already finished.
@@ -123,7 +148,7 @@ void rnn_rnn_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
 int64_t rnn_cell_forward_floats(const rnn_cell *cell, int64_t T, int64_t B);
 void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B, int64_t xs_t,
                       int64_t xs_b, const int32_t *lens, int32_t reverse, float *Y, int64_t ys_t,
-                      int64_t ys_b, float *h, float *c, float *work);
+                      int64_t ys_b, float *h, float *c, float *work, rnn_par *par);
 
 /* ---- training helpers (lstm.c, gru.c, rnn.c, train.c) ---- */
 #include <math.h>

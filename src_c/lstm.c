@@ -56,7 +56,7 @@ void rnn_lstm_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *
     float *gates = work; /* (B, 4H) */
 
     /* gates = h @ R^T   (B, 4H) */
-    rnn_gemm_packed(B, h, H, &cell->Rp, gates, GH, 0);
+    rnn_gemm_packed_par(s->par, B, h, H, &cell->Rp, gates, GH, 0);
 
     const float *Pi = cell->P, *Po = cell->P ? cell->P + H : NULL, *Pf = cell->P ? cell->P + 2 * H : NULL;
     for (int64_t b = 0; b < B; b++) {
@@ -96,7 +96,7 @@ void rnn_lstmp_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float 
     float *proj = work + B * GH + B * H; /* (B, P) (after the B*H floats GRU steps use) */
 
     /* gates = h @ R^T   (B, P) @ (P, 4H) -> (B, 4H) */
-    rnn_gemm_packed(B, h, P, &cell->Rp, gates, GH, 0);
+    rnn_gemm_packed_par(s->par, B, h, P, &cell->Rp, gates, GH, 0);
 
     const float *Pi = cell->P, *Po = cell->P ? cell->P + H : NULL, *Pf = cell->P ? cell->P + 2 * H : NULL;
     for (int64_t b = 0; b < B; b++) {
@@ -111,7 +111,7 @@ void rnn_lstmp_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float 
 
     /* proj = (o . h(Ct)) @ Whr^T   (B, H) @ (H, P) -> (B, P); rows that are past their
      * length were not touched above and are not copied below */
-    rnn_gemm_packed(B, gates + 3 * H, GH, &cell->Whrp, proj, P, 0);
+    rnn_gemm_packed_par(s->par, B, gates + 3 * H, GH, &cell->Whrp, proj, P, 0);
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = rnn_seq_time(s, step, b);
         if (t < 0) continue;

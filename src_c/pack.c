@@ -522,3 +522,62 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
 #endif
     rnn_gemm_packed_ref(M, A, lda, Bp, C, ldc, accumulate);
 }
+
+/* ---- the same products split over threads (pool.c) ---- */
+
+/* Products below this many multiply-adds stay on one thread (see rnn_threads_set_min_macs).
+ * benchmarks/bench_threads.py (every product split, one step per call, I = H) puts the cost
+ * of one split at 0.2-0.5 us when the worker is awake (LSTM/GRU/RNN H=32: 0.5-0.9 us per
+ * step with two products), and a split saves at most half of the product's time, ~1 us per
+ * 32K multiply-adds at the one-core rate of the packed kernels (LSTM H=64, 2 x 16K: 2.1 us
+ * a step). 2^17 (an LSTM H=181 or GRU H=209 recurrent product, ~4 us) keeps the split's
+ * gain several times its cost; above it, calls are still timed both ways as they run
+ * (pool.c, rnn_par_begin) and split only while that is faster. Measured on 2026-12-01
+ * on a shared 2-core machine with a load average of 12: no size gained then (0.46-0.79x,
+ * the other core being busy), which is what the per-product timing is for. */
+#define RNN_PAR_MIN_MACS_DEFAULT ((int64_t)1 << 17)
+static int64_t g_par_min_macs = RNN_PAR_MIN_MACS_DEFAULT;
+
+int64_t rnn_threads_min_macs(void) { return g_par_min_macs; }
+
+int64_t rnn_threads_set_min_macs(int64_t n) {
+    g_par_min_macs = n < 0 ? RNN_PAR_MIN_MACS_DEFAULT : n;
+    return g_par_min_macs;
+}
+
+typedef struct {
+    int64_t M, lda, ldc, per; /* per: panels per chunk */
+    const float *A;
+    const rnn_packed *Bp;
+    float *C;
+    int accumulate;
+} par_gemm;
+
+/* Chunk c: panels [c*per, c*per + per) of B, i.e. columns [16*c*per, ...) of C, through the
+ * one-thread kernel on a view of those panels (same layout, so the same sums). */
+static void par_gemm_chunk(void *arg, int64_t c) {
+    const par_gemm *g = arg;
+    const rnn_packed *Bp = g->Bp;
+    static const size_t esize[3] = {4, 2, 1};
+    const int64_t p0 = c * g->per, col = p0 * RNN_PANEL;
+    rnn_packed view = *Bp;
+    view.N = Bp->N - col < g->per * RNN_PANEL ? Bp->N - col : g->per * RNN_PANEL;
+    view.data = (char *)Bp->data + (size_t)(p0 * Bp->K * RNN_PANEL) * esize[Bp->dtype];
+    view.scale = Bp->scale ? Bp->scale + col : NULL;
+    rnn_gemm_packed(g->M, g->A, g->lda, &view, g->C + col, g->ldc, g->accumulate);
+}
+
+void rnn_gemm_packed_par(rnn_par *par, int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                         int64_t ldc, int accumulate) {
+    const int64_t P = (Bp->N + RNN_PANEL - 1) / RNN_PANEL, n = rnn_par_threads(par);
+    if (n <= 1 || M <= 0 || P < 2 || M * Bp->N * Bp->K < g_par_min_macs) {
+        rnn_gemm_packed(M, A, lda, Bp, C, ldc, accumulate);
+        return;
+    }
+    /* about four chunks per thread (a late thread's share is taken by the others), in
+     * groups of 8 panels once large (the AVX-512 matrix-vector kernel's stride) */
+    int64_t per = (P + 4 * n - 1) / (4 * n);
+    if (per > 8) per = (per + 7) / 8 * 8;
+    par_gemm g = {M, lda, ldc, per, A, Bp, C, accumulate};
+    rnn_par_run(par, (P + per - 1) / per, par_gemm_chunk, &g);
+}

@@ -11,7 +11,7 @@ void rnn_rnn_step(const rnn_cell *cell, const rnn_seq *s, int64_t step, float *h
     float *gates = work; /* (B, H) */
 
     /* gates = h @ R^T   (B, H) */
-    rnn_gemm_packed(B, h, H, &cell->Rp, gates, H, 0);
+    rnn_gemm_packed_par(s->par, B, h, H, &cell->Rp, gates, H, 0);
 
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = rnn_seq_time(s, step, b);

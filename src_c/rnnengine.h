@@ -165,6 +165,36 @@ rnn_status rnn_stack_forward(const rnn_stack *stack, const float *X, int64_t T, 
                              int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
                              int64_t ys_b, int64_t ys_d, float *state, float *work);
 
+/* rnn_stack_forward with the products of each step (and the input projection of the whole
+ * sequence) split over up to `threads` threads by gate rows: each thread computes whole
+ * output columns, so the result is bit-identical to threads = 1. Meant for batches too small
+ * to split by rows (batch 1 streams and sequences); products smaller than
+ * rnn_threads_min_macs() multiply-adds stay on the calling thread, where splitting would
+ * cost more than it gains. The threads come from one process-wide pool of
+ * rnn_threads_limit() - 1 workers (src_c/pool.c), made on first use; workers spin briefly
+ * after a call and then sleep (no CPU while idle). A call that finds the pool held by
+ * another thread's call runs on its own thread (never waits, never exceeds the limit); if
+ * no worker can be started everything runs serially. threads <= 1 is rnn_stack_forward. */
+rnn_status rnn_stack_forward_threads(const rnn_stack *stack, const float *X, int64_t T, int64_t B,
+                                     int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
+                                     int64_t ys_b, int64_t ys_d, float *state, float *work, int32_t threads);
+/* The most threads one call uses (the caller included): RNNENGINE_NUM_THREADS, else the
+ * first entry of OMP_NUM_THREADS, capped by the CPUs this process may run on (at most 16),
+ * read on first use. rnn_threads_set_limit(n) sets it (n <= 0: back to the environment)
+ * and returns the limit now in force; the pool keeps the workers it started with, so a
+ * limit raised after first use is capped by them. */
+int32_t rnn_threads_limit(void);
+int32_t rnn_threads_set_limit(int32_t n);
+/* The threshold below which a product is not split (multiply-adds, M*N*K); set for tests
+ * and benchmarks (process-wide, not while other threads compute); n < 0 restores the
+ * default. Returns the value in force. */
+int64_t rnn_threads_set_min_macs(int64_t n);
+/* 1 (default): calls of each stack and batch size are timed split and on one thread as
+ * they run, and the faster way is used (src_c/pool.c, rnn_par_begin), so a machine whose
+ * other cores are busy with other work falls back to one thread. 0: always split (tests,
+ * so that every product really is split). Process-wide; returns the previous setting. */
+int rnn_threads_set_adaptive(int on);
+
 /* Copies the state of n single-row streams into / out of one batched state of n rows
  * (per layer, direction: rows stacked), so independent streams can be stepped together. */
 void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float *const *streams,

@@ -121,6 +121,16 @@ int64_t rnn_stack_workspace_floats(const rnn_stack *st, int64_t T, int64_t B) {
 rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int64_t B,
                              int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
                              int64_t ys_b, int64_t ys_d, float *state, float *work) {
+    return rnn_stack_forward_threads(st, X, T, B, batch_first, lens, Y, ys_t, ys_b, ys_d, state, work, 1);
+}
+
+static void stack_run(const rnn_stack *st, const float *X, int64_t T, int64_t B, int32_t batch_first,
+                      const int32_t *lens, float *Y, int64_t ys_t, int64_t ys_b, int64_t ys_d, float *state,
+                      float *work, rnn_par *par);
+
+rnn_status rnn_stack_forward_threads(const rnn_stack *st, const float *X, int64_t T, int64_t B,
+                                     int32_t batch_first, const int32_t *lens, float *Y, int64_t ys_t,
+                                     int64_t ys_b, int64_t ys_d, float *state, float *work, int32_t threads) {
     if (!st || !state || !work || (T > 0 && B > 0 && (!X || !Y))) return RNN_STATUS_BAD_ARGUMENT;
     if (T < 0 || B < 0) return RNN_STATUS_BAD_SHAPE;
     if (T > INT32_MAX || B > INT32_MAX || T * B > INT32_MAX) return RNN_STATUS_TOO_LARGE;
@@ -128,7 +138,15 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
         for (int64_t b = 0; b < B; b++)
             if (lens[b] < 0 || lens[b] > T) return RNN_STATUS_BAD_ARGUMENT;
     if (T == 0 || B == 0) return RNN_STATUS_OK;
+    rnn_par *par = rnn_par_begin(threads, st, B, T); /* NULL: this thread alone */
+    stack_run(st, X, T, B, batch_first, lens, Y, ys_t, ys_b, ys_d, state, work, par);
+    rnn_par_end(par);
+    return RNN_STATUS_OK;
+}
 
+static void stack_run(const rnn_stack *st, const float *X, int64_t T, int64_t B, int32_t batch_first,
+                      const int32_t *lens, float *Y, int64_t ys_t, int64_t ys_b, int64_t ys_d, float *state,
+                      float *work, rnn_par *par) {
     /* Row (t, b) of every (T, B, width) or (B, T, width) buffer is at t*xs_t + b*xs_b. */
     const int64_t xs_t = batch_first ? 1 : B, xs_b = batch_first ? T : 1;
     int64_t inter = 0;
@@ -154,12 +172,11 @@ rnn_status rnn_stack_forward(const rnn_stack *st, const float *X, int64_t T, int
         for (int32_t d = 0; d < ly->D; d++) {
             int32_t reverse = ly->direction == RNN_DIR_REVERSE || d == 1;
             rnn_cell_forward(ly->cell[d], in, T, B, xs_t, xs_b, lens, reverse, out + d * o_d, o_t, o_b,
-                             h + d * B * O, c ? c + d * B * H : NULL, cell_work);
+                             h + d * B * O, c ? c + d * B * H : NULL, cell_work, par);
         }
         state_off += layer_state_floats(ly, B);
         in = out;
     }
-    return RNN_STATUS_OK;
 }
 
 /* Visits every (layer, block, direction) run of the state layout: D runs of h (O floats

@@ -60,8 +60,13 @@ class LayerModel(Model):
         streaming steps and short chunks are stored. float16 / int8 read 2x / 4x fewer bytes
         per step (faster for large hidden sizes, where a step is bound by memory) at an
         accuracy cost; long sequences still use the float32 weights through BLAS.
-    threads : how many threads run() splits the batch rows over (each thread runs its rows
-        through the whole sequence, so no synchronisation per step); 1 by default.
+    threads : how many threads a call may use; 1 by default. run() on a batch of at least
+        2 * threads rows splits the rows (each thread runs its rows through the whole
+        sequence, so no synchronisation per step); smaller batches (batch 1), and every
+        stream step, split each step's products by gate rows instead (src_c/pool.c: a
+        persistent pool that sleeps when idle, bit-identical to one thread, used only for
+        products large enough to gain). At most rnnengine._core.threads_limit() threads
+        run (RNNENGINE_NUM_THREADS / OMP_NUM_THREADS, capped by the CPUs).
     """
 
     def __init__(self, layers: Any, batch_first: bool = False, initial_state: Any = None,
@@ -161,7 +166,7 @@ class LayerModel(Model):
             DH = self.output_size
             ys_t, ys_b = (DH, T * DH) if self.batch_first else (B * DH, DH)
             work = np.empty(self._stack.workspace_size(T, B), np.float32)
-            self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, H, st, work, self.batch_first)
+            self._stack.forward(X, lens, Y.reshape(-1), ys_t, ys_b, H, st, work, self.batch_first, self.threads)
         return Y, unpack_state(self.layers, st, B)
 
     def _run_split(self, X: np.ndarray, T: int, B: int, lens: np.ndarray | None,
