@@ -72,6 +72,73 @@ def test_cell_gradients_match_finite_differences(kind, opts):
         assert err <= GRAD_TOL, (name, err)
 
 
+def _cell_case(kind, opts, T, B, I, H, seed):
+    rng = np.random.default_rng(seed)
+    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[kind]
+    spec = dict(kind=kind, I=I, H=H, clip=opts.get("clip"), linear_before_reset=opts.get("lbr", 0),
+                relu=opts.get("relu", 0),
+                W=(rng.standard_normal((G * H, I)) * 0.4).astype("f4"),
+                R=(rng.standard_normal((G * H, H)) * 0.4).astype("f4"),
+                B=(rng.standard_normal(2 * G * H) * 0.3).astype("f4"),
+                P=(rng.standard_normal(3 * H) * 0.5).astype("f4") if opts.get("peep") else None)
+    X = rng.standard_normal((T, B, I)).astype("f4")
+    h0 = (rng.standard_normal((B, H)) * 0.5).astype("f4")
+    c0 = (rng.standard_normal((B, H)) * 0.5).astype("f4") if kind == "LSTM" else None
+    dY = rng.standard_normal((T, B, H)).astype("f4")
+    return spec, X, h0, c0, dY
+
+
+def _forward_backward(spec, X, h0, c0, dY):
+    """Every output of train_forward and train_backward (dhT, dcT given) as a dict."""
+    T, B, H, kind = X.shape[0], X.shape[1], spec["H"], spec["kind"]
+    S, Wk = _core.train_sizes(spec, T, B)
+    out = {"Y": np.zeros((T, B, H), "f4"), "hT": np.zeros((B, H), "f4"), "saved": np.zeros(S, "f4"),
+           "cT": np.zeros((B, H), "f4") if kind == "LSTM" else None}
+    _core.train_forward(spec, X, h0, c0, out["Y"], out["hT"], out["cT"], out["saved"], np.zeros(Wk, "f4"))
+    g = {"dW": np.zeros_like(spec["W"]), "dR": np.zeros_like(spec["R"]), "dB": np.zeros_like(spec["B"]),
+         "dP": np.zeros(3 * H, "f4") if spec["P"] is not None else None, "dX": np.zeros_like(X),
+         "dh0": np.zeros_like(h0), "dc0": np.zeros((B, H), "f4") if kind == "LSTM" else None}
+    dhT = np.linspace(-1, 1, B * H, dtype="f4").reshape(B, H)
+    _core.train_backward(spec, X, h0, c0, out["Y"], out["saved"], dY, dhT, dhT[::-1].copy() if kind == "LSTM"
+                         else None, g["dX"], g["dW"], g["dR"], g["dB"], g["dP"], g["dh0"], g["dc0"],
+                         np.zeros(Wk, "f4"))
+    out.update(g)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@pytest.mark.parametrize("H", [8, 37])
+@pytest.mark.parametrize("kind,opts", CELLS, ids=[f"{k}-{'-'.join(f'{a}{b}' for a, b in o.items()) or 'plain'}"
+                                                  for k, o in CELLS])
+def test_vector_training_kernels_match_the_plain_reference(kind, opts, H):
+    """The vectorised element-wise loops of forward and backward (kernel level >= 1) against
+    the plain reference loops (level 0), at widths that are and are not multiples of the
+    vector width, with NaN and Inf in the incoming gradient: same NaN/Inf positions, finite
+    values within GRAD_TOL (the two differ only in rounding: FMA and the products' order)."""
+    if _core.kernel_level_max() < 1:
+        pytest.skip("no vector kernels on this CPU")
+    spec, X, h0, c0, dY = _cell_case(kind, opts, T=6, B=3, I=11, H=H, seed=H)
+    bad = dY.copy()
+    bad[2, 1, 3] = np.nan
+    bad[4, 0, H - 1] = np.inf
+    top = _core.kernel_level()
+    for grad in (dY, bad):
+        try:
+            _core.kernel_level(0)
+            want = _forward_backward(spec, X, h0, c0, grad)
+        finally:
+            _core.kernel_level(top)
+        got = _forward_backward(spec, X, h0, c0, grad)
+        for name, w in want.items():
+            g = got[name]
+            assert np.array_equal(np.isnan(g), np.isnan(w)), name
+            assert np.array_equal(np.isinf(g), np.isinf(w)) and np.array_equal(g[np.isinf(g)], w[np.isinf(w)]), name
+            fin = np.isfinite(w)
+            if grad is dY:  # the clean case: everything finite, and compared everywhere
+                assert fin.all() and np.abs(w).max() > 0, name
+            if fin.any():
+                assert rel_err(g[fin], w[fin].astype(np.float64)) <= GRAD_TOL, name
+
+
 def np_network_loss(net, params64, inputs, targets, task, last_only=False):
     """The whole network in float64 NumPy (reference cells, embedding, head, losses);
     last_only: regression of the last step only (targets (B, O))."""
