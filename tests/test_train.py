@@ -167,13 +167,15 @@ def np_network_loss(net, params64, inputs, targets, task, last_only=False):
 @pytest.mark.parametrize("kind,task,extra", [("LSTM", "lm", {"embedding": 4, "peepholes": True, "clip": 2.0}),
                                              ("GRU", "lm", {"embedding": 3, "linear_before_reset": 1}),
                                              ("RNN", "regress", {}), ("GRU", "regress", {"clip": 1.0})])
-def test_network_gradients_match_finite_differences(kind, task, extra):
-    """Embedding, a 2-layer bidirectional stack, the dense head and both losses, end to end."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_network_gradients_match_finite_differences(kind, task, extra, threads):
+    """Embedding, a 2-layer bidirectional stack, the dense head and both losses, end to end
+    (with threads=2 each batch row runs on its own thread)."""
     rng = np.random.default_rng(3)
     T, B = 4, 2
     vocab_or_in = 6 if "embedding" in extra else 3
     net = Network(kind, vocab_or_in, 4, 3 if task == "regress" else vocab_or_in, num_layers=2, bidirectional=True,
-                  seed=2, **extra)
+                  seed=2, threads=threads, **extra)
     net.params[:] = (rng.standard_normal(net.size) * 0.5).astype("f4")
     if task == "lm":
         inputs = rng.integers(0, vocab_or_in, (T, B))
@@ -191,6 +193,43 @@ def test_network_gradients_match_finite_differences(kind, task, extra):
     for name, (off, shape) in net.slots.items():
         n = int(np.prod(shape))
         assert rel_err(net.grads[off:off + n], want[off:off + n]) <= GRAD_TOL, name
+
+
+@pytest.mark.parametrize("kind,extra,threads,B", [("LSTM", {"embedding": 5, "peepholes": True}, 2, 7),
+                                                  ("GRU", {"bidirectional": True}, 3, 8),
+                                                  ("LSTM", {"num_layers": 2}, 2, 9), ("RNN", {}, 4, 5)])
+def test_threads_split_the_batch_and_give_one_threads_results(kind, extra, threads, B):
+    """threads=N runs blocks of rows on N threads: logits, final state, the input gradient
+    and every parameter gradient equal one thread's, with uneven blocks and a carried state
+    (up to float32 rounding: the kernels group rows differently for fewer rows, and the
+    parameter gradients are summed over blocks)."""
+    rng = np.random.default_rng(B)
+    T, I = 6, 5
+    emb = extra.get("embedding")
+    kw = {k: v for k, v in extra.items()}
+    nets = [Network(kind, I, 19, 4, seed=1, threads=t, **kw) for t in (1, threads)]
+    inputs = rng.integers(0, I, (T, B)) if emb else rng.standard_normal((T, B, I)).astype("f4")
+    state = [(s[0] + 0.3, s[1] - 0.2) if kind == "LSTM" else s + 0.3 for s in nets[0].zero_state(B)]
+    outs = []
+    for net in nets:
+        net.grads[:] = 0
+        logits, new_state = net.forward(inputs, state)
+        d = np.sin(np.arange(logits.size, dtype="f4")).reshape(logits.shape)
+        dX = net.backward(d, input_grad=True)
+        outs.append((logits, new_state, dX, net.grads.copy()))
+    (l1, s1, x1, g1), (l2, s2, x2, g2) = outs
+    assert rel_err(l2, l1.astype(np.float64)) <= 1e-6
+    for a, b in zip(s1, s2):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert u.shape == v.shape and rel_err(v, u.astype(np.float64)) <= 1e-6
+    if emb:
+        assert x1 is None and x2 is None
+    else:
+        assert x1.shape == inputs.shape and rel_err(x2, x1.astype(np.float64)) <= 1e-6
+    assert np.abs(g1).max() > 0 and rel_err(g2, g1.astype(np.float64)) <= 1e-6
+    assert nets[1].backward(d) is None  # no input gradient unless asked for
+    with pytest.raises(ValueError, match="threads"):
+        Network(kind, I, 4, 4, threads=0)
 
 
 def test_optimisers_follow_their_formulas():
