@@ -351,10 +351,6 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
     rnn_gemm_tn(GH, I, T * B, 1.0f, dA, GH, X, I, 1.0f, dW, I);
     rnn_gemm_tn(GH, H, B, 1.0f, dA, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(GH, H, (T - 1) * B, 1.0f, dA + B * GH, GH, Y, H, 1.0f, dR, H);
-    for (int64_t r = 0; r < T * B; r++)
-        for (int64_t j = 0; j < GH; j++) {
-            dB[j] += dA[r * GH + j];
-            dB[GH + j] += dA[r * GH + j];
-        }
+    rnn_train_colsum_add(T * B, GH, dA, dB, dB + GH);
     if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dA, GH, c->W, I, 0.0f, dX, I);
 }

@@ -90,6 +90,17 @@ void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int6
     }
 }
 
+void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, float *dst2) {
+    /* restrict: no overlap, so the compiler vectorises the inner loops */
+    const float *restrict a = A;
+    float *restrict d1 = dst1, *restrict d2 = dst2;
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = 0; j < G; j++) d1[j] += a[r * G + j];
+    if (d2)
+        for (int64_t r = 0; r < N; r++)
+            for (int64_t j = 0; j < G; j++) d2[j] += a[r * G + j];
+}
+
 /* ---- dense layer ------------------------------------------------------------------------ */
 
 void rnn_dense_forward(int64_t N, int64_t K, int64_t O, const float *X, const float *W, const float *b, float *Y) {
