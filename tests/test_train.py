@@ -232,6 +232,23 @@ def test_threads_split_the_batch_and_give_one_threads_results(kind, extra, threa
         Network(kind, I, 4, 4, threads=0)
 
 
+def test_fit_with_threads_follows_one_thread():
+    """A language model (carried state, embedding, 2 layers) trained 6 steps with threads=2
+    follows the one-thread run: the same losses and weights up to float32 rounding."""
+    rng = np.random.default_rng(5)
+    text = rng.integers(0, 7, 3000).astype(np.int32)
+    runs = []
+    for threads in (1, 2):
+        net = Network("LSTM", 7, 12, 7, num_layers=2, embedding=4, seed=3)
+        hist = fit(net, text, None, "lm", steps=6, batch_size=6, seq_len=9, lr=1e-2, threads=threads)
+        assert net.threads == threads
+        runs.append((np.array([h[1] for h in hist]), net.params.copy()))
+    (l1, p1), (l2, p2) = runs
+    assert np.abs(l2 - l1).max() <= 1e-5 * np.abs(l1).max()
+    assert rel_err(p2, p1.astype(np.float64)) <= 1e-5 and not np.array_equal(p1, Network("LSTM", 7, 12, 7, num_layers=2,
+                                                                                        embedding=4, seed=3).params)
+
+
 def test_optimisers_follow_their_formulas():
     rng = np.random.default_rng(4)
     w, g = rng.standard_normal(50).astype("f4"), rng.standard_normal(50).astype("f4")
@@ -571,7 +588,7 @@ def test_cli_trains_per_sequence_regression_and_forget_bias(tmp_path):
     assert net.config["forget_bias"] == 1.0 and net.config["output_size"] == 2
     np.savez(tmp_path / "r1.npz", inputs=X, targets=X.sum(axis=(1, 2)))
     assert cli.main(["train", str(tmp_path / "r1.npz"), "-o", str(tmp_path / "r1.rnne"), "--task", "regress",
-                     "--hidden", "4", "--steps", "2", "--quiet"]) == 0
+                     "--hidden", "4", "--steps", "2", "--quiet", "--threads", "2"]) == 0
 
 
 def test_cli_resume_equals_an_uninterrupted_run(tmp_path):

@@ -13,6 +13,7 @@ at every step, or of the last step with ``last_only=True``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -46,8 +47,9 @@ class Network:
         Rb_f = 0) instead of random, e.g. 1.0 so the cells remember from the first step.
     threads : forward and backward split the batch rows over this many threads (an attribute
         that may be changed; not part of the model's config or its checkpoints). Gradients
-        equal one thread's up to the order of the final sum. With threads > 1, keep BLAS itself
-        to one thread (OPENBLAS_NUM_THREADS=1 or threadpoolctl), or the two oversubscribe.
+        equal one thread's up to float32 rounding (the blocks' gradients are summed). With
+        threads > 1, BLAS runs one thread per call during forward/backward when threadpoolctl
+        is installed; otherwise set OPENBLAS_NUM_THREADS=1, or both would start threads.
     """
 
     def __init__(self, kind, input_size, hidden_size, output_size, num_layers=1, bidirectional=False,
@@ -176,8 +178,9 @@ class Network:
         def rows(st, lo, hi):  # the state of rows lo:hi (axis 1 of each (D, B, H))
             return [tuple(np.ascontiguousarray(a[:, lo:hi]) for a in s) if isinstance(s, tuple)
                     else np.ascontiguousarray(s[:, lo:hi]) for s in st]
-        parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
-            np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b)), blocks))
+        with _blas_one_thread():
+            parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
+                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b)), blocks))
         self._tapes = [p[2] for p in parts]
         logits = np.concatenate([p[0] for p in parts], axis=1)
         new_state = []
@@ -247,9 +250,11 @@ class Network:
         for g in self._grad_bufs:
             g[:] = 0
         targets = [self.grads] + self._grad_bufs
-        dXs = list(_pool(len(blocks)).map(
-            lambda k: self._backward_rows(self._tapes[k], np.ascontiguousarray(dlogits[:, blocks[k][0]:blocks[k][1]]),
-                                          targets[k], input_grad), range(len(blocks))))
+        with _blas_one_thread():
+            dXs = list(_pool(len(blocks)).map(
+                lambda k: self._backward_rows(self._tapes[k],
+                                              np.ascontiguousarray(dlogits[:, blocks[k][0]:blocks[k][1]]),
+                                              targets[k], input_grad), range(len(blocks))))
         for g in self._grad_bufs:
             self.grads += g
         return np.concatenate(dXs, axis=1) if input_grad and not self.config["embedding"] else None
@@ -305,6 +310,20 @@ def _check_threads(threads):
 
 
 _POOLS: dict = {}
+_BLAS: list = []
+
+
+def _blas_one_thread():
+    """A context in which BLAS runs one thread per call (threadpoolctl, when installed), so the
+    batch split's threads do not each start BLAS's own threads on the same cores; without
+    threadpoolctl nothing changes (then set OPENBLAS_NUM_THREADS=1)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    return contextlib.nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
 
 
 def _pool(n):
