@@ -12,7 +12,8 @@ run (engines alternate), 1 and 2 threads: sequences per second for one optimiser
 Threads: rnnengine's ``threads=N`` splits the batch rows over N threads, each calling BLAS
 with one thread (threadpoolctl); PyTorch uses torch.set_num_threads(N). --why also prints
 the rate (GFLOP/s) of each large product of the LSTM 256 step through SciPy's OpenBLAS (what
-rnnengine calls), torch.mm, and rnnengine's packed-panel kernel, one thread, alternating.
+rnnengine calls), torch.mm, and rnnengine's packed-panel kernel (the operand packed once, as a
+training pass does for R), one thread, alternating; and of the char LM's per-step products.
 PyTorch and threadpoolctl are needed (pip install torch==2.13.0 threadpoolctl).
 """
 from __future__ import annotations
@@ -87,7 +88,8 @@ def why(reps):
     rng = np.random.default_rng(1)
     shapes = [("input projection X @ W^T", 2048, 1024, 256), ("dW = dA^T @ X (also dR)", 1024, 256, 2048),
               ("dX = dA @ W", 2048, 256, 1024), ("head X @ W^T", 2048, 256, 256),
-              ("recurrent h @ R^T (per step)", 32, 1024, 256), ("recurrent dA @ R (per step)", 32, 256, 1024)]
+              ("recurrent h @ R^T (per step)", 32, 1024, 256), ("recurrent dA @ R (per step)", 32, 256, 1024),
+              ("char LM h @ R^T (per step)", 32, 768, 192), ("char LM dA @ R (per step)", 32, 192, 768)]
     print("| product (M x N x K) | OpenBLAS GFLOP/s | torch.mm GFLOP/s | packed kernel GFLOP/s |\n|---|---:|---:|---:|")
     for name, M, N, K in shapes:
         A = rng.standard_normal((M, K)).astype(np.float32)
@@ -95,15 +97,16 @@ def why(reps):
         At, Bt = torch.from_numpy(A), torch.from_numpy(Bm)
         BT = np.ascontiguousarray(Bm.T)
         Cp = np.zeros((M, N), np.float32)
+        inner = max(1, int(2e8 // (2 * M * N * K)))  # ~0.1 s of work per sample
         fns = {"blas": lambda: blas.sgemm(1.0, Bm.T, A.T),  # column-major C^T = B^T A^T
                "torch": lambda: torch.mm(At, Bt),
-               "packed": lambda: _core.gemm_packed(A, BT, Cp)}  # includes packing B once
-        inner = max(1, int(2e8 // (2 * M * N * K)))  # ~0.1 s of work per sample
+               # B packed once per sample, then `inner` products (as a pass packs R once)
+               "packed": lambda: _core.train_packed_gemm_repeat(A, BT, Cp, inner)}
         t = {k: [] for k in fns}
         for _ in range(reps):
             for k, f in fns.items():
                 t0 = time.perf_counter()
-                for _ in range(inner):
+                for _ in range(1 if k == "packed" else inner):
                     f()
                 t[k].append((time.perf_counter() - t0) / inner)
         r = {k: 2.0 * M * N * K / np.median(v) / 1e9 for k, v in t.items()}
