@@ -811,6 +811,20 @@ cdef void _cell_from(rnn_train_cell *c, dict spec) except *:
     c.P = _fptr(spec.get("P"), 3 * H, "P")
 
 
+def train_packed_gemm_repeat(const float[:, ::1] A, const float[:, ::1] B, float[:, ::1] C, int64_t repeat):
+    """C = A @ B.T `repeat` times with B packed once (as a training pass packs R once for its
+    T per-step products); for benchmarks/bench_train.py --why (the kernel's rate alone)."""
+    if A.shape[1] != B.shape[1] or C.shape[0] != A.shape[0] or C.shape[1] != B.shape[0]:
+        raise ValueError("train_packed_gemm_repeat: A (M, K), B (N, K) and C (M, N) do not match")
+    cdef int64_t M = A.shape[0], N = B.shape[0], K = A.shape[1], i
+    cdef rnn_packed p
+    _check(rnn_packed_init_dtype(&p, &B[0, 0], N, K, K, WEIGHT_DTYPES["float32"]), "packing")
+    with nogil:
+        for i in range(repeat):
+            rnn_gemm_packed(M, &A[0, 0], K, &p, &C[0, 0], N, 0)
+    rnn_packed_free(&p)
+
+
 def train_sizes(dict spec, int64_t T, int64_t B):
     """(saved floats, work floats) for a forward/backward pair over T steps of B rows."""
     cdef rnn_train_cell c

@@ -129,6 +129,128 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     }
 }
 
+/* The element-wise parts of one backward step for one row. Per column j, with z, r, n the
+ * saved gate values and h = h_{t-1}:
+ *   n part (before the products through Rh):  dht = dh + dy;  dn = dht (1 - z) (1 - n^2) clip'(pre_n)
+ *     dz = dht (h - n);  dh = dht z;  dAx_n = dn;
+ *     lbr: dr = dn ex (ex = h Rh^T + Rbh), dAr_n = dn r;  else dAr_n = dn
+ *   z, r part (after them):  dAx_z = dAr_z = dz z (1 - z) clip'(pre_z);  same for r with dr */
+typedef struct {
+    const float *pre, *post, *ex; /* saved: pre (3H), post (3H: z, r, n), ex (H) */
+    const float *dy, *hb;         /* dY_t (H), h_{t-1} (H) */
+    float *dh, *dz, *dr;          /* (H) each */
+    float *ax, *ar;               /* dAx, dAr rows (3H) */
+} gru_bwd_row;
+
+/* Plain references, columns [j0, H): also the tails of the vector kernels. */
+static void gru_backward_n_ref(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w, int64_t j0) {
+    const float *pre = w->pre, *post = w->post;
+    for (int64_t j = j0; j < H; j++) {
+        const float z = post[j], r = post[H + j], n = post[2 * H + j];
+        const float dht = w->dh[j] + w->dy[j];
+        const float dn_pre = dht * (1.0f - z) * (1.0f - n * n) * rnn_train_clip_grad(c, pre[2 * H + j]);
+        w->dz[j] = dht * (w->hb[j] - n);
+        w->dh[j] = dht * z; /* the direct path; gate paths are added after */
+        w->ax[2 * H + j] = dn_pre;
+        if (c->linear_before_reset) {
+            w->dr[j] = dn_pre * w->ex[j]; /* n_pre = xh + r . hr */
+            w->ar[2 * H + j] = dn_pre * r; /* d hr */
+        } else {
+            w->ar[2 * H + j] = dn_pre; /* n_pre = xh + (r . h) Rh^T */
+        }
+    }
+}
+
+static void gru_backward_zr_ref(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w, int64_t j0) {
+    const float *pre = w->pre, *post = w->post;
+    for (int64_t j = j0; j < H; j++) {
+        const float z = post[j], r = post[H + j];
+        const float dzp = w->dz[j] * z * (1.0f - z) * rnn_train_clip_grad(c, pre[j]);
+        const float drp = w->dr[j] * r * (1.0f - r) * rnn_train_clip_grad(c, pre[H + j]);
+        w->ax[j] = w->ar[j] = dzp;
+        w->ax[H + j] = w->ar[H + j] = drp;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RNN_HAVE_AVX2_TRAIN 1
+#define AVX2T __attribute__((target("avx2,fma")))
+
+/* clip'(x) as 1.0 / 0.0 per lane (NaN -> 0, as the scalar comparisons give). */
+AVX2T static inline __m256 gru_clip_grad8(const rnn_train_cell *c, __m256 x) {
+    if (!c->has_clip) return _mm256_set1_ps(1.0f);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-c->clip), _CMP_GT_OQ),
+                                        _mm256_cmp_ps(x, _mm256_set1_ps(c->clip), _CMP_LT_OQ));
+    return _mm256_and_ps(inside, _mm256_set1_ps(1.0f));
+}
+
+/* The references eight columns at a time, the same operations in the same order. */
+AVX2T static void gru_backward_n_avx2(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const float *pre = w->pre, *post = w->post;
+    int64_t j = 0;
+    for (; j + 8 <= H; j += 8) {
+        const __m256 z = _mm256_loadu_ps(post + j), r = _mm256_loadu_ps(post + H + j);
+        const __m256 n = _mm256_loadu_ps(post + 2 * H + j);
+        const __m256 dht = _mm256_add_ps(_mm256_loadu_ps(w->dh + j), _mm256_loadu_ps(w->dy + j));
+        const __m256 dn = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dht, _mm256_sub_ps(one, z)),
+                                                      _mm256_sub_ps(one, _mm256_mul_ps(n, n))),
+                                        gru_clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
+        _mm256_storeu_ps(w->dz + j, _mm256_mul_ps(dht, _mm256_sub_ps(_mm256_loadu_ps(w->hb + j), n)));
+        _mm256_storeu_ps(w->dh + j, _mm256_mul_ps(dht, z));
+        _mm256_storeu_ps(w->ax + 2 * H + j, dn);
+        if (c->linear_before_reset) {
+            _mm256_storeu_ps(w->dr + j, _mm256_mul_ps(dn, _mm256_loadu_ps(w->ex + j)));
+            _mm256_storeu_ps(w->ar + 2 * H + j, _mm256_mul_ps(dn, r));
+        } else {
+            _mm256_storeu_ps(w->ar + 2 * H + j, dn);
+        }
+    }
+    gru_backward_n_ref(c, H, w, j);
+}
+
+AVX2T static void gru_backward_zr_avx2(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const float *pre = w->pre, *post = w->post;
+    int64_t j = 0;
+    for (; j + 8 <= H; j += 8) {
+        const __m256 z = _mm256_loadu_ps(post + j), r = _mm256_loadu_ps(post + H + j);
+        const __m256 dzp = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w->dz + j), z), _mm256_sub_ps(one, z)),
+                                         gru_clip_grad8(c, _mm256_loadu_ps(pre + j)));
+        const __m256 drp = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w->dr + j), r), _mm256_sub_ps(one, r)),
+                                         gru_clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
+        _mm256_storeu_ps(w->ax + j, dzp);
+        _mm256_storeu_ps(w->ar + j, dzp);
+        _mm256_storeu_ps(w->ax + H + j, drp);
+        _mm256_storeu_ps(w->ar + H + j, drp);
+    }
+    gru_backward_zr_ref(c, H, w, j);
+}
+#endif
+
+/* The vector kernels when the CPU has AVX2+FMA (rnn_kernel_level >= 1), else the references;
+ * tests/test_train.py compares the two (kernel level 0 against the top level). */
+static void gru_backward_n(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w) {
+#ifdef RNN_HAVE_AVX2_TRAIN
+    if (rnn_kernel_level() >= 1) {
+        gru_backward_n_avx2(c, H, w);
+        return;
+    }
+#endif
+    gru_backward_n_ref(c, H, w, 0);
+}
+
+static void gru_backward_zr(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w) {
+#ifdef RNN_HAVE_AVX2_TRAIN
+    if (rnn_kernel_level() >= 1) {
+        gru_backward_zr_avx2(c, H, w);
+        return;
+    }
+#endif
+    gru_backward_zr_ref(c, H, w, 0);
+}
+
 void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                             const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
                             float *dW, float *dR, float *dB, float *dh0, float *work) {
@@ -147,22 +269,10 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
         const float *hp = rnn_train_hprev(h0, Y, zeros, t, B, H);
         float *ax = dAx + t * B * GH, *ar = dAr + t * B * GH;
         for (int64_t b = 0; b < B; b++) {
-            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *ex = sv + 2 * GH;
-            const float *dy = dY ? dY + (t * B + b) * H : zeros, *hb = hp + b * H;
-            for (int64_t j = 0; j < H; j++) {
-                const float z = post[j], r = post[H + j], n = post[2 * H + j];
-                const float dht = dh[b * H + j] + dy[j];
-                const float dn_pre = dht * (1.0f - z) * (1.0f - n * n) * rnn_train_clip_grad(c, pre[2 * H + j]);
-                dz[b * H + j] = dht * (hb[j] - n);
-                dh[b * H + j] = dht * z; /* the direct path; gate paths are added below */
-                ax[b * GH + 2 * H + j] = dn_pre;
-                if (lbr) {
-                    dr[b * H + j] = dn_pre * ex[j];       /* n_pre = xh + r . hr */
-                    ar[b * GH + 2 * H + j] = dn_pre * r;  /* d hr */
-                } else {
-                    ar[b * GH + 2 * H + j] = dn_pre;      /* n_pre = xh + (r . h) Rh^T */
-                }
-            }
+            const float *sv = saved + (t * B + b) * S;
+            const gru_bwd_row r = {sv, sv + GH, sv + 2 * GH, dY ? dY + (t * B + b) * H : zeros, hp + b * H,
+                                   dh + b * H, dz + b * H, dr + b * H, ax + b * GH, ar + b * GH};
+            gru_backward_n(c, H, &r);
         }
         if (lbr) {
             /* dh += d(hr) @ Rh */
@@ -179,14 +289,10 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
             }
         }
         for (int64_t b = 0; b < B; b++) {
-            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH;
-            for (int64_t j = 0; j < H; j++) {
-                const float z = post[j], r = post[H + j];
-                const float dzp = dz[b * H + j] * z * (1.0f - z) * rnn_train_clip_grad(c, pre[j]);
-                const float drp = dr[b * H + j] * r * (1.0f - r) * rnn_train_clip_grad(c, pre[H + j]);
-                ax[b * GH + j] = ar[b * GH + j] = dzp;
-                ax[b * GH + H + j] = ar[b * GH + H + j] = drp;
-            }
+            const float *sv = saved + (t * B + b) * S;
+            const gru_bwd_row r = {sv, sv + GH, NULL, NULL, NULL, NULL, dz + b * H, dr + b * H, ax + b * GH,
+                                   ar + b * GH};
+            gru_backward_zr(c, H, &r);
         }
         /* dh += dA_zr @ Rzr   (B, 2H) @ (2H, H) */
         rnn_train_gemm(pz, &RzrT, B, ar, GH, c->R, H, 2 * H, dh, H, 1, 1);
@@ -204,9 +310,6 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
     rnn_gemm_tn(hrows, H, B, 1.0f, dAr, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(hrows, H, (T - 1) * B, 1.0f, dAr + B * GH, GH, Y, H, 1.0f, dR, H);
     if (!lbr) rnn_gemm_tn(H, H, T * B, 1.0f, dAr + 2 * H, GH, saved + 2 * GH, S, 1.0f, dR + 2 * H * H, H);
-    for (int64_t r = 0; r < T * B; r++)
-        for (int64_t j = 0; j < GH; j++) {
-            dB[j] += dAx[r * GH + j];
-            dB[GH + j] += dAr[r * GH + j];
-        }
+    rnn_train_colsum_add(T * B, GH, dAx, dB, NULL); /* dWb += colsum(dAx) */
+    rnn_train_colsum_add(T * B, GH, dAr, dB + GH, NULL); /* dRb += colsum(dAr) */
 }

@@ -172,6 +172,9 @@ static inline const float *rnn_train_hprev(const float *h0, const float *Y, cons
  * Returns 0 when packing failed (out of memory): callers then use BLAS. One allocation per
  * pass (not per step), freed with rnn_packed_free. */
 int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose);
+/* dst1 (+)= the column sums of A (N, G), and dst2 too when not NULL (the two ONNX bias halves
+ * get the same gradient); A must not overlap dst1 / dst2. */
+void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, float *dst2);
 /* C (B, N) = A (B, K) @ M^T where p packs M (N, K) when ok, else through BLAS with M itself. */
 void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int64_t lda, const float *M,
                     int64_t N, int64_t K, float *C, int64_t ldc, int transposed, int accumulate);

@@ -209,6 +209,114 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
     }
 }
 
+/* The element-wise part of one backward step for one row (everything but the products):
+ * from dh (H, the gradient reaching h_t from step t+1), dy (H, from the output) and dc (H)
+ * to dA (4H: the gradients of the pre-activations i, o, f, c) and dc_{t-1} (in place);
+ * with peepholes dP (3H) accumulates. Per column j:
+ *   dht = dh + dy;  dct = dc + dht o (1 - tanh(c)^2) [+ dpo Po]
+ *   dpo = dht tanh(c) o (1 - o) clip'(pre_o);  dpi = dct g i (1 - i) clip'(pre_i)
+ *   dpf = dct c_{t-1} f (1 - f) clip'(pre_f);  dpc = dct i (1 - g^2) clip'(pre_c)
+ *   dc_{t-1} = dct f [+ dpi Pi + dpf Pf] */
+typedef struct {
+    const float *pre, *post, *cs, *tc; /* saved: pre (4H), post (4H), c_t (H), tanh(c_t) (H) */
+    const float *cp, *dy;              /* c_{t-1} (H), dY_t (H) */
+    float *dh, *dc, *da;               /* dh (H, read), dc (H, updated), dA (4H, written) */
+    float *dP;                         /* (3H) accumulated, or NULL */
+    const float *Pi, *Po, *Pf;         /* peepholes (H each) or NULL */
+} lstm_bwd_row;
+
+/* Plain reference, columns [j0, H): also the tail of the vector kernel. */
+static void lstm_backward_cols_ref(const rnn_train_cell *c, int64_t H, const lstm_bwd_row *r, int64_t j0) {
+    const float *post = r->post, *pre = r->pre, *tc = r->tc, *cp = r->cp, *dy = r->dy;
+    for (int64_t j = j0; j < H; j++) {
+        const float i = post[j], o = post[H + j], f = post[2 * H + j], g = post[3 * H + j];
+        const float dht = r->dh[j] + dy[j];
+        float dct = r->dc[j] + dht * o * (1.0f - tc[j] * tc[j]);
+        const float dpo = dht * tc[j] * o * (1.0f - o) * rnn_train_clip_grad(c, pre[H + j]);
+        if (r->Po) dct += dpo * r->Po[j];
+        const float dpi = dct * g * i * (1.0f - i) * rnn_train_clip_grad(c, pre[j]);
+        const float dpf = dct * cp[j] * f * (1.0f - f) * rnn_train_clip_grad(c, pre[2 * H + j]);
+        const float dpc = dct * i * (1.0f - g * g) * rnn_train_clip_grad(c, pre[3 * H + j]);
+        r->dc[j] = dct * f + (r->Pi ? dpi * r->Pi[j] + dpf * r->Pf[j] : 0.0f);
+        if (r->dP) {
+            r->dP[j] += dpi * cp[j];
+            r->dP[H + j] += dpo * r->cs[j];
+            r->dP[2 * H + j] += dpf * cp[j];
+        }
+        float *da = r->da;
+        da[j] = dpi, da[H + j] = dpo, da[2 * H + j] = dpf, da[3 * H + j] = dpc;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RNN_HAVE_AVX2_TRAIN 1
+#define AVX2T __attribute__((target("avx2,fma")))
+
+/* clip'(x) as 1.0 / 0.0 in each lane: 1 inside (-clip, clip) or without clip (NaN -> 0, as
+ * the scalar comparisons give). */
+AVX2T static inline __m256 clip_grad8(const rnn_train_cell *c, __m256 x) {
+    if (!c->has_clip) return _mm256_set1_ps(1.0f);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-c->clip), _CMP_GT_OQ),
+                                        _mm256_cmp_ps(x, _mm256_set1_ps(c->clip), _CMP_LT_OQ));
+    return _mm256_and_ps(inside, _mm256_set1_ps(1.0f));
+}
+
+/* lstm_backward_cols_ref eight columns at a time, the same operations in the same order
+ * (multiplying by clip' rather than masking, so 0 * Inf stays NaN as in the reference). */
+AVX2T static void lstm_backward_row_avx2(const rnn_train_cell *c, int64_t H, const lstm_bwd_row *r) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const float *post = r->post, *pre = r->pre;
+    int64_t j = 0;
+    for (; j + 8 <= H; j += 8) {
+        const __m256 i = _mm256_loadu_ps(post + j), o = _mm256_loadu_ps(post + H + j);
+        const __m256 f = _mm256_loadu_ps(post + 2 * H + j), g = _mm256_loadu_ps(post + 3 * H + j);
+        const __m256 tc = _mm256_loadu_ps(r->tc + j), cp = _mm256_loadu_ps(r->cp + j);
+        const __m256 dht = _mm256_add_ps(_mm256_loadu_ps(r->dh + j), _mm256_loadu_ps(r->dy + j));
+        __m256 dct = _mm256_add_ps(_mm256_loadu_ps(r->dc + j),
+                                   _mm256_mul_ps(_mm256_mul_ps(dht, o), _mm256_sub_ps(one, _mm256_mul_ps(tc, tc))));
+        const __m256 dpo = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dht, tc), o), _mm256_sub_ps(one, o)),
+                                         clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
+        if (r->Po) dct = _mm256_add_ps(dct, _mm256_mul_ps(dpo, _mm256_loadu_ps(r->Po + j)));
+        const __m256 dpi = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, g), i), _mm256_sub_ps(one, i)),
+                                         clip_grad8(c, _mm256_loadu_ps(pre + j)));
+        const __m256 dpf = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, cp), f), _mm256_sub_ps(one, f)),
+                                         clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
+        const __m256 dpc = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_sub_ps(one, _mm256_mul_ps(g, g))),
+                                         clip_grad8(c, _mm256_loadu_ps(pre + 3 * H + j)));
+        __m256 dcn = _mm256_mul_ps(dct, f);
+        if (r->Pi)
+            dcn = _mm256_add_ps(dcn, _mm256_add_ps(_mm256_mul_ps(dpi, _mm256_loadu_ps(r->Pi + j)),
+                                                   _mm256_mul_ps(dpf, _mm256_loadu_ps(r->Pf + j))));
+        _mm256_storeu_ps(r->dc + j, dcn);
+        if (r->dP) {
+            float *dP = r->dP;
+            _mm256_storeu_ps(dP + j, _mm256_add_ps(_mm256_loadu_ps(dP + j), _mm256_mul_ps(dpi, cp)));
+            _mm256_storeu_ps(dP + H + j, _mm256_add_ps(_mm256_loadu_ps(dP + H + j),
+                                                       _mm256_mul_ps(dpo, _mm256_loadu_ps(r->cs + j))));
+            _mm256_storeu_ps(dP + 2 * H + j, _mm256_add_ps(_mm256_loadu_ps(dP + 2 * H + j), _mm256_mul_ps(dpf, cp)));
+        }
+        _mm256_storeu_ps(r->da + j, dpi);
+        _mm256_storeu_ps(r->da + H + j, dpo);
+        _mm256_storeu_ps(r->da + 2 * H + j, dpf);
+        _mm256_storeu_ps(r->da + 3 * H + j, dpc);
+    }
+    lstm_backward_cols_ref(c, H, r, j);
+}
+#endif
+
+/* The vector kernel when the CPU has AVX2+FMA (rnn_kernel_level >= 1), else the reference;
+ * tests/test_train.py compares the two (kernel level 0 against the top level). */
+static void lstm_backward_row(const rnn_train_cell *c, int64_t H, const lstm_bwd_row *r) {
+#ifdef RNN_HAVE_AVX2_TRAIN
+    if (rnn_kernel_level() >= 1) {
+        lstm_backward_row_avx2(c, H, r);
+        return;
+    }
+#endif
+    lstm_backward_cols_ref(c, H, r, 0);
+}
+
 void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                              const float *c0, const float *Y, const float *saved, const float *dY,
                              const float *dhT, const float *dcT, float *dX, float *dW, float *dR, float *dB,
@@ -225,27 +333,12 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
     const int packed = rnn_train_pack(&RTp, c->R, GH, H, 1);
     for (int64_t t = T - 1; t >= 0; t--) {
         for (int64_t b = 0; b < B; b++) {
-            const float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
-            const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
-            const float *dy = dY ? dY + (t * B + b) * H : zeros;
-            float *da = dA + (t * B + b) * GH, *dhb = dh + b * H, *dcb = dc + b * H;
-            for (int64_t j = 0; j < H; j++) {
-                const float i = post[j], o = post[H + j], f = post[2 * H + j], g = post[3 * H + j];
-                const float dht = dhb[j] + dy[j];
-                float dct = dcb[j] + dht * o * (1.0f - tc[j] * tc[j]);
-                const float dpo = dht * tc[j] * o * (1.0f - o) * rnn_train_clip_grad(c, pre[H + j]);
-                if (Po) dct += dpo * Po[j];
-                const float dpi = dct * g * i * (1.0f - i) * rnn_train_clip_grad(c, pre[j]);
-                const float dpf = dct * cp[j] * f * (1.0f - f) * rnn_train_clip_grad(c, pre[2 * H + j]);
-                const float dpc = dct * i * (1.0f - g * g) * rnn_train_clip_grad(c, pre[3 * H + j]);
-                dcb[j] = dct * f + (Pi ? dpi * Pi[j] + dpf * Pf[j] : 0.0f);
-                if (dP && Pi) {
-                    dP[j] += dpi * cp[j];
-                    dP[H + j] += dpo * cs[j];
-                    dP[2 * H + j] += dpf * cp[j];
-                }
-                da[j] = dpi, da[H + j] = dpo, da[2 * H + j] = dpf, da[3 * H + j] = dpc;
-            }
+            const float *sv = saved + (t * B + b) * S;
+            lstm_bwd_row r = {sv, sv + GH, sv + 2 * GH, sv + 2 * GH + H,
+                              t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH,
+                              dY ? dY + (t * B + b) * H : zeros, dh + b * H, dc + b * H, dA + (t * B + b) * GH,
+                              dP && Pi ? dP : NULL, Pi, Po, Pf};
+            lstm_backward_row(c, H, &r);
         }
         /* dh_{t-1} = dA_t @ R   (B, 4H) @ (4H, H) */
         rnn_train_gemm(packed, &RTp, B, dA + t * B * GH, GH, c->R, H, GH, dh, H, 1, 0);
@@ -258,10 +351,6 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
     rnn_gemm_tn(GH, I, T * B, 1.0f, dA, GH, X, I, 1.0f, dW, I);
     rnn_gemm_tn(GH, H, B, 1.0f, dA, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(GH, H, (T - 1) * B, 1.0f, dA + B * GH, GH, Y, H, 1.0f, dR, H);
-    for (int64_t r = 0; r < T * B; r++)
-        for (int64_t j = 0; j < GH; j++) {
-            dB[j] += dA[r * GH + j];
-            dB[GH + j] += dA[r * GH + j];
-        }
+    rnn_train_colsum_add(T * B, GH, dA, dB, dB + GH);
     if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dA, GH, c->W, I, 0.0f, dX, I);
 }

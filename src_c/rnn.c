@@ -90,10 +90,6 @@ void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
     rnn_gemm_tn(H, I, T * B, 1.0f, dA, H, X, I, 1.0f, dW, I);
     rnn_gemm_tn(H, H, B, 1.0f, dA, H, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(H, H, (T - 1) * B, 1.0f, dA + B * H, H, Y, H, 1.0f, dR, H);
-    for (int64_t r = 0; r < T * B; r++)
-        for (int64_t j = 0; j < H; j++) {
-            dB[j] += dA[r * H + j];
-            dB[H + j] += dA[r * H + j];
-        }
+    rnn_train_colsum_add(T * B, H, dA, dB, dB + H); /* dWb, dRb += colsum(dA) */
     if (dX) rnn_gemm_nn(T * B, I, H, 1.0f, dA, H, c->W, I, 0.0f, dX, I);
 }

@@ -70,8 +70,14 @@ int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, in
     if (!transpose) return rnn_packed_init(p, M, rows, cols, cols) == RNN_STATUS_OK;
     float *t = malloc(sizeof(float) * (size_t)(rows * cols > 0 ? rows * cols : 1));
     if (!t) return 0;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t k = 0; k < cols; k++) t[k * rows + r] = M[r * cols + k];
+    /* t (cols, rows) = M^T in 32 x 32 tiles, so both sides stay in cache (a plain double
+     * loop writes with a stride of `rows` floats: a cache miss per element) */
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+        for (int64_t k0 = 0; k0 < cols; k0 += 32) {
+            const int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows, k1 = k0 + 32 < cols ? k0 + 32 : cols;
+            for (int64_t r = r0; r < r1; r++)
+                for (int64_t k = k0; k < k1; k++) t[k * rows + r] = M[r * cols + k];
+        }
     const int ok = rnn_packed_init(p, t, cols, rows, rows) == RNN_STATUS_OK;
     free(t);
     return ok;
@@ -88,6 +94,17 @@ void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int6
         /* C (B, N) (+)= A (B, K) @ M (N, K)^T */
         rnn_gemm_nt(B, N, K, 1.0f, A, lda, M, K, accumulate ? 1.0f : 0.0f, C, ldc, 1);
     }
+}
+
+void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, float *dst2) {
+    /* restrict: no overlap, so the compiler vectorises the inner loops */
+    const float *restrict a = A;
+    float *restrict d1 = dst1, *restrict d2 = dst2;
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = 0; j < G; j++) d1[j] += a[r * G + j];
+    if (d2)
+        for (int64_t r = 0; r < N; r++)
+            for (int64_t j = 0; j < G; j++) d2[j] += a[r * G + j];
 }
 
 /* ---- dense layer ------------------------------------------------------------------------ */

@@ -72,6 +72,73 @@ def test_cell_gradients_match_finite_differences(kind, opts):
         assert err <= GRAD_TOL, (name, err)
 
 
+def _cell_case(kind, opts, T, B, I, H, seed):
+    rng = np.random.default_rng(seed)
+    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[kind]
+    spec = dict(kind=kind, I=I, H=H, clip=opts.get("clip"), linear_before_reset=opts.get("lbr", 0),
+                relu=opts.get("relu", 0),
+                W=(rng.standard_normal((G * H, I)) * 0.4).astype("f4"),
+                R=(rng.standard_normal((G * H, H)) * 0.4).astype("f4"),
+                B=(rng.standard_normal(2 * G * H) * 0.3).astype("f4"),
+                P=(rng.standard_normal(3 * H) * 0.5).astype("f4") if opts.get("peep") else None)
+    X = rng.standard_normal((T, B, I)).astype("f4")
+    h0 = (rng.standard_normal((B, H)) * 0.5).astype("f4")
+    c0 = (rng.standard_normal((B, H)) * 0.5).astype("f4") if kind == "LSTM" else None
+    dY = rng.standard_normal((T, B, H)).astype("f4")
+    return spec, X, h0, c0, dY
+
+
+def _forward_backward(spec, X, h0, c0, dY):
+    """Every output of train_forward and train_backward (dhT, dcT given) as a dict."""
+    T, B, H, kind = X.shape[0], X.shape[1], spec["H"], spec["kind"]
+    S, Wk = _core.train_sizes(spec, T, B)
+    out = {"Y": np.zeros((T, B, H), "f4"), "hT": np.zeros((B, H), "f4"), "saved": np.zeros(S, "f4"),
+           "cT": np.zeros((B, H), "f4") if kind == "LSTM" else None}
+    _core.train_forward(spec, X, h0, c0, out["Y"], out["hT"], out["cT"], out["saved"], np.zeros(Wk, "f4"))
+    g = {"dW": np.zeros_like(spec["W"]), "dR": np.zeros_like(spec["R"]), "dB": np.zeros_like(spec["B"]),
+         "dP": np.zeros(3 * H, "f4") if spec["P"] is not None else None, "dX": np.zeros_like(X),
+         "dh0": np.zeros_like(h0), "dc0": np.zeros((B, H), "f4") if kind == "LSTM" else None}
+    dhT = np.linspace(-1, 1, B * H, dtype="f4").reshape(B, H)
+    _core.train_backward(spec, X, h0, c0, out["Y"], out["saved"], dY, dhT, dhT[::-1].copy() if kind == "LSTM"
+                         else None, g["dX"], g["dW"], g["dR"], g["dB"], g["dP"], g["dh0"], g["dc0"],
+                         np.zeros(Wk, "f4"))
+    out.update(g)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@pytest.mark.parametrize("H", [8, 37])
+@pytest.mark.parametrize("kind,opts", CELLS, ids=[f"{k}-{'-'.join(f'{a}{b}' for a, b in o.items()) or 'plain'}"
+                                                  for k, o in CELLS])
+def test_vector_training_kernels_match_the_plain_reference(kind, opts, H):
+    """The vectorised element-wise loops of forward and backward (kernel level >= 1) against
+    the plain reference loops (level 0), at widths that are and are not multiples of the
+    vector width, with NaN and Inf in the incoming gradient: same NaN/Inf positions, finite
+    values within GRAD_TOL (the two differ only in rounding: FMA and the products' order)."""
+    if _core.kernel_level_max() < 1:
+        pytest.skip("no vector kernels on this CPU")
+    spec, X, h0, c0, dY = _cell_case(kind, opts, T=6, B=3, I=11, H=H, seed=H)
+    bad = dY.copy()
+    bad[2, 1, 3] = np.nan
+    bad[4, 0, H - 1] = np.inf
+    top = _core.kernel_level()
+    for grad in (dY, bad):
+        try:
+            _core.kernel_level(0)
+            want = _forward_backward(spec, X, h0, c0, grad)
+        finally:
+            _core.kernel_level(top)
+        got = _forward_backward(spec, X, h0, c0, grad)
+        for name, w in want.items():
+            g = got[name]
+            assert np.array_equal(np.isnan(g), np.isnan(w)), name
+            assert np.array_equal(np.isinf(g), np.isinf(w)) and np.array_equal(g[np.isinf(g)], w[np.isinf(w)]), name
+            fin = np.isfinite(w)
+            if grad is dY:  # the clean case: everything finite, and compared everywhere
+                assert fin.all() and np.abs(w).max() > 0, name
+            if fin.any():
+                assert rel_err(g[fin], w[fin].astype(np.float64)) <= GRAD_TOL, name
+
+
 def np_network_loss(net, params64, inputs, targets, task, last_only=False):
     """The whole network in float64 NumPy (reference cells, embedding, head, losses);
     last_only: regression of the last step only (targets (B, O))."""
@@ -100,13 +167,15 @@ def np_network_loss(net, params64, inputs, targets, task, last_only=False):
 @pytest.mark.parametrize("kind,task,extra", [("LSTM", "lm", {"embedding": 4, "peepholes": True, "clip": 2.0}),
                                              ("GRU", "lm", {"embedding": 3, "linear_before_reset": 1}),
                                              ("RNN", "regress", {}), ("GRU", "regress", {"clip": 1.0})])
-def test_network_gradients_match_finite_differences(kind, task, extra):
-    """Embedding, a 2-layer bidirectional stack, the dense head and both losses, end to end."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_network_gradients_match_finite_differences(kind, task, extra, threads):
+    """Embedding, a 2-layer bidirectional stack, the dense head and both losses, end to end
+    (with threads=2 each batch row runs on its own thread)."""
     rng = np.random.default_rng(3)
     T, B = 4, 2
     vocab_or_in = 6 if "embedding" in extra else 3
     net = Network(kind, vocab_or_in, 4, 3 if task == "regress" else vocab_or_in, num_layers=2, bidirectional=True,
-                  seed=2, **extra)
+                  seed=2, threads=threads, **extra)
     net.params[:] = (rng.standard_normal(net.size) * 0.5).astype("f4")
     if task == "lm":
         inputs = rng.integers(0, vocab_or_in, (T, B))
@@ -124,6 +193,60 @@ def test_network_gradients_match_finite_differences(kind, task, extra):
     for name, (off, shape) in net.slots.items():
         n = int(np.prod(shape))
         assert rel_err(net.grads[off:off + n], want[off:off + n]) <= GRAD_TOL, name
+
+
+@pytest.mark.parametrize("kind,extra,threads,B", [("LSTM", {"embedding": 5, "peepholes": True}, 2, 7),
+                                                  ("GRU", {"bidirectional": True}, 3, 8),
+                                                  ("LSTM", {"num_layers": 2}, 2, 9), ("RNN", {}, 4, 5)])
+def test_threads_split_the_batch_and_give_one_threads_results(kind, extra, threads, B):
+    """threads=N runs blocks of rows on N threads: logits, final state, the input gradient
+    and every parameter gradient equal one thread's, with uneven blocks and a carried state
+    (up to float32 rounding: the kernels group rows differently for fewer rows, and the
+    parameter gradients are summed over blocks)."""
+    rng = np.random.default_rng(B)
+    T, I = 6, 5
+    emb = extra.get("embedding")
+    kw = {k: v for k, v in extra.items()}
+    nets = [Network(kind, I, 19, 4, seed=1, threads=t, **kw) for t in (1, threads)]
+    inputs = rng.integers(0, I, (T, B)) if emb else rng.standard_normal((T, B, I)).astype("f4")
+    state = [(s[0] + 0.3, s[1] - 0.2) if kind == "LSTM" else s + 0.3 for s in nets[0].zero_state(B)]
+    outs = []
+    for net in nets:
+        net.grads[:] = 0
+        logits, new_state = net.forward(inputs, state)
+        d = np.sin(np.arange(logits.size, dtype="f4")).reshape(logits.shape)
+        dX = net.backward(d, input_grad=True)
+        outs.append((logits, new_state, dX, net.grads.copy()))
+    (l1, s1, x1, g1), (l2, s2, x2, g2) = outs
+    assert rel_err(l2, l1.astype(np.float64)) <= 1e-6
+    for a, b in zip(s1, s2):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert u.shape == v.shape and rel_err(v, u.astype(np.float64)) <= 1e-6
+    if emb:
+        assert x1 is None and x2 is None
+    else:
+        assert x1.shape == inputs.shape and rel_err(x2, x1.astype(np.float64)) <= 1e-6
+    assert np.abs(g1).max() > 0 and rel_err(g2, g1.astype(np.float64)) <= 1e-6
+    assert nets[1].backward(d) is None  # no input gradient unless asked for
+    with pytest.raises(ValueError, match="threads"):
+        Network(kind, I, 4, 4, threads=0)
+
+
+def test_fit_with_threads_follows_one_thread():
+    """A language model (carried state, embedding, 2 layers) trained 6 steps with threads=2
+    follows the one-thread run: the same losses and weights up to float32 rounding."""
+    rng = np.random.default_rng(5)
+    text = rng.integers(0, 7, 3000).astype(np.int32)
+    runs = []
+    for threads in (1, 2):
+        net = Network("LSTM", 7, 12, 7, num_layers=2, embedding=4, seed=3)
+        hist = fit(net, text, None, "lm", steps=6, batch_size=6, seq_len=9, lr=1e-2, threads=threads)
+        assert net.threads == threads
+        runs.append((np.array([h[1] for h in hist]), net.params.copy()))
+    (l1, p1), (l2, p2) = runs
+    assert np.abs(l2 - l1).max() <= 1e-5 * np.abs(l1).max()
+    assert rel_err(p2, p1.astype(np.float64)) <= 1e-5 and not np.array_equal(p1, Network("LSTM", 7, 12, 7, num_layers=2,
+                                                                                        embedding=4, seed=3).params)
 
 
 def test_optimisers_follow_their_formulas():
@@ -465,7 +588,7 @@ def test_cli_trains_per_sequence_regression_and_forget_bias(tmp_path):
     assert net.config["forget_bias"] == 1.0 and net.config["output_size"] == 2
     np.savez(tmp_path / "r1.npz", inputs=X, targets=X.sum(axis=(1, 2)))
     assert cli.main(["train", str(tmp_path / "r1.npz"), "-o", str(tmp_path / "r1.rnne"), "--task", "regress",
-                     "--hidden", "4", "--steps", "2", "--quiet"]) == 0
+                     "--hidden", "4", "--steps", "2", "--quiet", "--threads", "2"]) == 0
 
 
 def test_cli_resume_equals_an_uninterrupted_run(tmp_path):

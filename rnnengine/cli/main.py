@@ -482,7 +482,8 @@ def cmd_train(args):
         hist = fit(net, tr[0], tr[1], task, args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=lr,
                    optimizer=args.optimizer, clip_norm=args.clip_norm, weight_decay=args.weight_decay,
                    seed=rng_seed, val=va, val_every=args.val_every, progress=not args.quiet, checkpoint=args.output,
-                   checkpoint_every=args.checkpoint_every, state=state, extra={"vocab": vocab} if vocab else None)
+                   checkpoint_every=args.checkpoint_every, state=state, extra={"vocab": vocab} if vocab else None,
+                   threads=args.threads)
     except FloatingPointError as e:  # the loss or gradient became NaN / Inf: say at which step
         print(f"\nrnnengine: error: {e}", file=sys.stderr)
         return 2
@@ -630,6 +631,7 @@ def build_parser():
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
     t.add_argument("--export", metavar="OUT.onnx", help="also export the trained model to ONNX")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1, help="split each batch's rows over this many threads")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

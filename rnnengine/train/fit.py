@@ -13,10 +13,12 @@ at every step, or of the last step with ``last_only=True``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -43,11 +45,16 @@ class Network:
     seed : initialisation (uniform in +-1/sqrt(H), as PyTorch does).
     forget_bias : LSTM only: the forget gate's bias starts at this value (Wb_f = forget_bias,
         Rb_f = 0) instead of random, e.g. 1.0 so the cells remember from the first step.
+    threads : forward and backward split the batch rows over this many threads (an attribute
+        that may be changed; not part of the model's config or its checkpoints). Gradients
+        equal one thread's up to float32 rounding (the blocks' gradients are summed). With
+        threads > 1, BLAS runs one thread per call during forward/backward when threadpoolctl
+        is installed; otherwise set OPENBLAS_NUM_THREADS=1, or both would start threads.
     """
 
     def __init__(self, kind, input_size, hidden_size, output_size, num_layers=1, bidirectional=False,
                  embedding=None, clip=None, peepholes=False, linear_before_reset=0, relu=False, seed=0,
-                 forget_bias=None):
+                 forget_bias=None, threads=1):
         if kind not in GATES:
             raise ValueError(f"kind must be LSTM, GRU or RNN, got {kind!r}")
         if peepholes and kind != "LSTM":
@@ -67,6 +74,8 @@ class Network:
                            linear_before_reset=int(linear_before_reset), relu=bool(relu), seed=int(seed),
                            forget_bias=None if forget_bias is None else float(forget_bias))
         self.kind, self.H, self.L = kind, int(hidden_size), int(num_layers)
+        self.threads = _check_threads(threads)
+        self._tapes, self._grad_bufs = [], []
         self.D = 2 if bidirectional else 1
         self._layout()
         self.params = np.zeros(self.size, np.float32)
@@ -113,9 +122,10 @@ class Network:
         self.size = off
 
     def tensor(self, name, grads=False):
-        """A parameter (or its gradient) as a view into the flat array."""
+        """A parameter (or its gradient; grads may also be another flat array of the same
+        layout) as a view into the flat array."""
         off, shape = self.slots[name]
-        src = self.grads if grads else self.params
+        src = grads if isinstance(grads, np.ndarray) else (self.grads if grads else self.params)
         return src[off:off + int(np.prod(shape))].reshape(shape)
 
     def _spec(self, l, d, grads=False):
@@ -133,25 +143,67 @@ class Network:
         return [(z(), z()) if self.kind == "LSTM" else z() for _ in range(self.L)]
 
     # -- forward / backward over a batch of sequences (time-major)
+    #
+    # With threads > 1 the batch is split into that many contiguous row blocks (each
+    # sequence's rows stay together: every layer, the head and the embedding treat rows
+    # independently), each block runs forward and backward on its own Python thread while
+    # the C calls release the GIL, and the blocks' parameter gradients are summed in block
+    # order (so a run is deterministic for a given thread count). The loss is computed over
+    # the whole batch, between forward and backward, as with one thread.
+    def _blocks(self, B):
+        k = max(1, min(int(self.threads), B))
+        edges = [B * i // k for i in range(k + 1)]
+        return [(edges[i], edges[i + 1]) for i in range(k)]
+
     def forward(self, inputs, state=None):
         """inputs: (T, B, input_size) floats, or (T, B) token ids. Returns the head's outputs
         (T, B, output_size) and the final state; keeps what backward() needs."""
         c = self.config
         if c["embedding"]:
-            ids = np.ascontiguousarray(inputs, dtype=np.int32)
-            if ids.ndim != 2:
-                raise ValueError(f"token inputs must be (T, batch), got shape {ids.shape}")
-            T, B = ids.shape
+            inputs = np.ascontiguousarray(inputs, dtype=np.int32)
+            if inputs.ndim != 2:
+                raise ValueError(f"token inputs must be (T, batch), got shape {inputs.shape}")
+        else:
+            inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+            if inputs.ndim != 3 or inputs.shape[2] != c["input_size"]:
+                raise ValueError(f"inputs must be (T, batch, {c['input_size']}), got shape {inputs.shape}")
+        T, B = inputs.shape[:2]
+        state = self.zero_state(B) if state is None else state
+        blocks = self._blocks(B)
+        if len(blocks) == 1:
+            logits, new_state, tape = self._forward_rows(inputs, state)
+            self._tapes = [tape]
+            return logits, new_state
+
+        def rows(st, lo, hi):  # the state of rows lo:hi (axis 1 of each (D, B, H))
+            return [tuple(np.ascontiguousarray(a[:, lo:hi]) for a in s) if isinstance(s, tuple)
+                    else np.ascontiguousarray(s[:, lo:hi]) for s in st]
+        with _blas_one_thread():
+            parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
+                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b)), blocks))
+        self._tapes = [p[2] for p in parts]
+        logits = np.concatenate([p[0] for p in parts], axis=1)
+        new_state = []
+        for l in range(self.L):
+            per = [p[1][l] for p in parts]
+            if self.kind == "LSTM":
+                new_state.append(tuple(np.concatenate([q[i] for q in per], axis=1) for i in (0, 1)))
+            else:
+                new_state.append(np.concatenate(per, axis=1))
+        return logits, new_state
+
+    def _forward_rows(self, inputs, state):
+        """forward() of one block of rows: (logits, final state, tape for backward)."""
+        c = self.config
+        T, B = inputs.shape[:2]
+        ids = None
+        if c["embedding"]:
+            ids = inputs
             X = np.empty((T, B, c["embedding"]), np.float32)
             _core.embedding_forward(ids.reshape(-1), self.tensor("embedding"), X)
-            self._ids = ids
         else:
-            X = np.ascontiguousarray(inputs, dtype=np.float32)
-            if X.ndim != 3 or X.shape[2] != c["input_size"]:
-                raise ValueError(f"inputs must be (T, batch, {c['input_size']}), got shape {X.shape}")
-            T, B = X.shape[:2]
-        state = self.zero_state(B) if state is None else state
-        self._tape = []
+            X = inputs
+        layers = []
         new_state = []
         for l in range(self.L):
             h0s, c0s = (state[l] if self.kind == "LSTM" else (state[l], None))
@@ -167,44 +219,76 @@ class Network:
                 h0 = np.ascontiguousarray(h0s[d])
                 c0 = np.ascontiguousarray(c0s[d]) if c0s is not None else None
                 _core.train_forward(spec, Xd, h0, c0, Y, hN[d], cN[d] if cN is not None else None, saved, work)
-                out[:, :, d * self.H:(d + 1) * self.H] = Y if d == 0 else Y[::-1]
+                if self.D == 1:
+                    out = Y  # one direction: the layer's output is Y itself (no copy)
+                else:
+                    out[:, :, d * self.H:(d + 1) * self.H] = Y if d == 0 else Y[::-1]
                 dirs.append((Xd, h0, c0, Y, saved))
-            self._tape.append(dirs)
+            layers.append(dirs)
             new_state.append((hN, cN) if self.kind == "LSTM" else hN)
             X = out
-        self._top = X
         logits = np.empty((T, B, c["output_size"]), np.float32)
         _core.dense_forward(X.reshape(T * B, -1), self.tensor("head.W"), self.tensor("head.b"),
                             logits.reshape(T * B, -1))
-        return logits, new_state
+        return logits, new_state, (ids, layers, X)
 
-    def backward(self, dlogits):
+    def backward(self, dlogits, input_grad=False):
         """Accumulates into self.grads the gradients of the loss whose derivative with
         respect to forward()'s outputs is dlogits (T, B, output_size). The final state of
-        forward() is treated as a constant (truncated backprop through time)."""
+        forward() is treated as a constant (truncated backprop through time). The gradient
+        with respect to float inputs is computed only when input_grad is true (it is one more
+        large product, which training does not need) and then returned, else None."""
+        dlogits = np.ascontiguousarray(dlogits, np.float32)
+        blocks = self._blocks(dlogits.shape[1])
+        if len(blocks) != len(self._tapes):
+            raise ValueError("backward() must follow a forward() of the same batch")
+        if len(blocks) == 1:
+            return self._backward_rows(self._tapes[0], dlogits, self.grads, input_grad)
+        # block 0 accumulates into self.grads, the others into zeroed buffers summed after
+        if len(self._grad_bufs) != len(blocks) - 1:
+            self._grad_bufs = [np.empty_like(self.grads) for _ in blocks[1:]]
+        for g in self._grad_bufs:
+            g[:] = 0
+        targets = [self.grads] + self._grad_bufs
+        with _blas_one_thread():
+            dXs = list(_pool(len(blocks)).map(
+                lambda k: self._backward_rows(self._tapes[k],
+                                              np.ascontiguousarray(dlogits[:, blocks[k][0]:blocks[k][1]]),
+                                              targets[k], input_grad), range(len(blocks))))
+        for g in self._grad_bufs:
+            self.grads += g
+        return np.concatenate(dXs, axis=1) if input_grad and not self.config["embedding"] else None
+
+    def _backward_rows(self, tape, dlogits, grads, input_grad):
+        """backward() of one block of rows, accumulating into the flat array grads."""
         c = self.config
+        ids, layers, top = tape
         T, B = dlogits.shape[:2]
-        dX = np.empty_like(self._top)
-        _core.dense_backward(self._top.reshape(T * B, -1), self.tensor("head.W"),
-                             np.ascontiguousarray(dlogits, np.float32).reshape(T * B, -1),
-                             self.tensor("head.W", True), self.tensor("head.b", True), dX.reshape(T * B, -1))
+        dX = np.empty_like(top)
+        _core.dense_backward(top.reshape(T * B, -1), self.tensor("head.W"), dlogits.reshape(T * B, -1),
+                             self.tensor("head.W", grads), self.tensor("head.b", grads), dX.reshape(T * B, -1))
         for l in reversed(range(self.L)):
             dY_all = dX
             dX = None
-            for d, (Xd, h0, c0, Y, saved) in enumerate(self._tape[l]):
-                spec, gspec = self._spec(l, d), self._spec(l, d, grads=True)
-                dY = np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
-                                          else dY_all[::-1, :, d * self.H:(d + 1) * self.H])
+            # the input gradient of layer 0 feeds only the embedding (or the caller)
+            need_dx = l > 0 or bool(c["embedding"]) or input_grad
+            for d, (Xd, h0, c0, Y, saved) in enumerate(layers[l]):
+                spec, gspec = self._spec(l, d), self._spec(l, d, grads=grads)
+                dY = (dY_all if self.D == 1 else
+                      np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
+                                           else dY_all[::-1, :, d * self.H:(d + 1) * self.H]))
                 _, Wk = _core.train_sizes(spec, T, B)
-                dXd = np.empty(Xd.shape, np.float32)
+                dXd = np.empty(Xd.shape, np.float32) if need_dx else None
                 _core.train_backward(spec, Xd, h0, c0, Y, saved, dY, None, None, dXd, gspec["W"], gspec["R"],
                                      gspec["B"], gspec["P"], None, None, np.empty(Wk, np.float32))
-                dXd = dXd if d == 0 else dXd[::-1]
-                dX = dXd if dX is None else dX + dXd
+                if need_dx:
+                    dXd = dXd if d == 0 else dXd[::-1]
+                    dX = dXd if dX is None else dX + dXd
         if c["embedding"]:
-            _core.embedding_backward(self._ids.reshape(-1), np.ascontiguousarray(dX, np.float32),
-                                     self.tensor("embedding", True))
-        return dX
+            _core.embedding_backward(ids.reshape(-1), np.ascontiguousarray(dX, np.float32),
+                                     self.tensor("embedding", grads))
+            return None
+        return dX if input_grad else None
 
     # -- export and conversion back to the engine
     def to_onnx(self, path=None, state_io=False, opset=14):
@@ -217,6 +301,36 @@ class Network:
         if path is not None:
             onnx.save(model, path)
         return model
+
+
+def _check_threads(threads):
+    if isinstance(threads, bool) or int(threads) != threads or int(threads) < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return int(threads)
+
+
+_POOLS: dict = {}
+_BLAS: list = []
+
+
+def _blas_one_thread():
+    """A context in which BLAS runs one thread per call (threadpoolctl, when installed), so the
+    batch split's threads do not each start BLAS's own threads on the same cores; without
+    threadpoolctl nothing changes (then set OPENBLAS_NUM_THREADS=1)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    return contextlib.nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
+
+
+def _pool(n):
+    """A persistent pool of n worker threads (one per thread count, made on first use)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="rnnengine-train")
+    return _POOLS[n]
 
 
 class Adam:
@@ -438,7 +552,7 @@ def _check_resume(opt, optimizer, lr, weight_decay, betas, eps, momentum):
 def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None, optimizer=None,
         clip_norm=1.0, weight_decay=None, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
         checkpoint_every=0, state=None, last_only=False, log=None, betas=None, eps=None, momentum=None,
-        extra=None):
+        extra=None, threads=None):
     """Trains ``net`` for ``steps`` optimiser steps; deterministic given ``seed``.
 
     inputs / targets:
@@ -460,9 +574,12 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None,
     ``state`` from :func:`load_checkpoint`: the optimiser (with every hyperparameter), the
     minibatch random generator and the language model's position and carried state continue,
     so the resumed run equals an uninterrupted one bit for bit. extra: a JSON-able dict stored
-    in the checkpoint (e.g. the vocabulary). Returns the list of (step, train loss, val loss
-    or None).
+    in the checkpoint (e.g. the vocabulary). threads: split each batch's rows over this many
+    threads (sets ``net.threads``; None keeps it; see :class:`Network`). Returns the list of
+    (step, train loss, val loss or None).
     """
+    if threads is not None:
+        net.threads = _check_threads(threads)
     X_all, Y_all, last_only = check_data(net, task, inputs, targets, last_only)
     if val is not None:
         val = check_data(net, task, val[0], val[1] if len(val) > 1 else None, last_only, what="val inputs")[:2]
