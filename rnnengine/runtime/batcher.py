@@ -196,9 +196,6 @@ class Session:
         if call.error is not None:
             raise call.error
         return call.result
-        if call.error is not None:
-            raise call.error
-        return call.result
 
     def __enter__(self) -> Session:
         return self
