@@ -23,7 +23,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
-    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -1204,6 +1204,62 @@ class Softmax(Handler):
 
 # --- audio front ends --------------------------------------------------------------------
 
+def pack_conv_filters(W: Any, group: int) -> Any:
+    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads
+    (src_c/conv.c): per group, panels of 16 filters, each panel (C/group * K, 16) with filter m
+    in lane m % 16 (lanes past the group's filters zero). The array starts on a 64-byte
+    boundary, as the kernels' aligned loads want (C computes an unaligned one with the plain
+    reference kernel)."""
+    W = np.asarray(W, np.float32)
+    M, Cg, K = W.shape
+    Mg = M // group
+    P = -(-Mg // 16)
+    padded = np.zeros((group, P * 16, Cg * K), np.float32)
+    padded[:, :Mg] = W.reshape(group, Mg, Cg * K)
+    panels = padded.reshape(group, P, 16, Cg * K).transpose(0, 1, 3, 2)  # (group, P, Cg*K, 16)
+    n = panels.size
+    buf = np.empty(n + 16, np.float32)
+    start = (-buf.ctypes.data % 64) // 4  # float32 arrays start on 4-byte boundaries
+    out = buf[start:start + n]
+    out[...] = panels.reshape(-1)
+    return out
+
+
+def conv_work_floats(Lout: int, Cg: int, K: int, Mg: int) -> int:
+    """Workspace floats of RNN_OP_CONV1D_PACKED (src_c/conv.c rnn_conv1d_packed_work):
+    one block of up to 64 output positions' im2col rows and their product."""
+    lb = min(Lout, 64)
+    return lb * (Cg * K + -(-Mg // 16) * 16)
+
+
+# output positions from which a Conv goes through the packed filters (emit_conv1d)
+PACKED_CONV_MIN_LENGTH = 4
+
+
+def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]) -> None:
+    """out (N, M, Lout) = conv(x (N, C, L), constant W (M, C/g, K)) + constant bias, with the
+    filters packed once per model (p.derived) for RNN_OP_CONV1D_PACKED; geometry is CONV1D's
+    [N, C, L, M, K, Lout, stride, dilation, pad_left, group]. The planner may later fuse a
+    Relu / LeakyRelu that reads only this output into the instruction (fuse_activations in
+    rnnengine/runtime/graph.py)."""
+    N, C, L, M, K, Lout, s, d, pl, g = geometry
+    if Lout < PACKED_CONV_MIN_LENGTH:
+        # A few dot products: BLAS computes them with its lanes along the filter taps, as
+        # onnxruntime does; the panel kernels sum in another order (lanes along the filters),
+        # and silero-vad's 8 kHz model, streamed three rows at a time, amplifies that rounding
+        # difference past the tolerance of tests/oracle.py. Measured at silero-vad's sizes the
+        # panels gained little there (0.9-1.4x).
+        wc = p.const(np.ascontiguousarray(w.const, np.float32))
+        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
+        p.need_work(Lout * (C // g) * K)
+        p.emit(OP_CONV1D, [x, wc, bc], [out], list(geometry))
+        return
+    packed = p.derived(w.const, f"conv-packed-{g}", lambda: pack_conv_filters(w.const, g))
+    bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32).reshape(-1))
+    p.need_work(conv_work_floats(Lout, C // g, K, M // g))
+    p.emit(OP_CONV1D_PACKED, [x, p.const(packed), bc], [out], list(geometry) + [-1], [0.0])
+
+
 def flatten_conv_inputs(p: Any, xs: list[Any]) -> list[Any]:
     """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)."""
     x, w = xs[0], xs[1]
@@ -1307,10 +1363,7 @@ class Conv(Handler):
             self.fail(f"needs a float32 input at run time, got {x.dtype}")
         N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, w.shape)
         out = p.new((N, M, Lout), np.float32)
-        wc = p.const(np.ascontiguousarray(w.const, np.float32))
-        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
-        p.need_work(Lout * (C // g) * K)
-        p.emit(OP_CONV1D, [x, wc, bc], [out], [N, C, L, M, K, Lout, s, d, pl, g])
+        emit_conv1d(p, x, w, bias, out, [N, C, L, M, K, Lout, s, d, pl, g])
         return [out]
 
 
