@@ -204,6 +204,10 @@ static void op_unary(const int64_t *ip, const float *fp, const float *in, float 
         rnn_activation_apply(&act, out, n);
         return;
     }
+    if (kind == RNN_UNARY_SQRT) { /* a loop of its own: vectorised (sqrtf without errno) */
+        for (int64_t i = 0; i < n; i++) out[i] = sqrtf(out[i]);
+        return;
+    }
     for (int64_t i = 0; i < n; i++) {
         const float x = out[i];
         switch (kind) {
@@ -310,15 +314,29 @@ static void op_pad(const int64_t *ip, const char *in, char *out) {
     const uint16_t f2 = (uint16_t)fw;
     const uint32_t f4 = (uint32_t)fw;
     const void *fill = es == 1 ? (const void *)&f1 : es == 2 ? (const void *)&f2 : es == 4 ? (const void *)&f4 : (const void *)&fw;
-    for (int64_t o = 0; o < total; o++) {
+    if (nd == 0 || total == 0) {
+        if (total) memcpy(out, in, (size_t)es);
+        return;
+    }
+    /* rows along the innermost axis: the outer axes give a row's base offset (or put the
+     * whole row in the padding), the innermost axis' map its elements */
+    const int64_t inner = oshape[nd - 1], *imap = ip + mstart[nd - 1], istep = istr[nd - 1];
+    for (int64_t o = 0; o < total; o += inner) {
         int64_t off = 0, outside = 0;
-        for (int64_t d = 0; d < nd; d++) {
+        for (int64_t d = 0; d < nd - 1; d++) {
             const int64_t m = ip[mstart[d] + idx[d]];
             if (m < 0) { outside = 1; break; }
             off += m * istr[d];
         }
-        memcpy(out + o * es, outside ? fill : in + off * es, (size_t)es);
-        for (int64_t d = nd - 1; d >= 0; d--) {
+        if (es == 4) {
+            const uint32_t *src = (const uint32_t *)(const void *)in + off;
+            uint32_t *dst = (uint32_t *)(void *)out + o;
+            for (int64_t i = 0; i < inner; i++) dst[i] = (outside || imap[i] < 0) ? f4 : src[imap[i] * istep];
+        } else {
+            for (int64_t i = 0; i < inner; i++)
+                memcpy(out + (o + i) * es, (outside || imap[i] < 0) ? fill : in + (off + imap[i] * istep) * es, (size_t)es);
+        }
+        for (int64_t d = nd - 2; d >= 0; d--) {
             if (++idx[d] < oshape[d]) break;
             idx[d] = 0;
         }

@@ -217,7 +217,26 @@ def emit_copy(p: Any, src: Any, dst: Any, shape: Iterable[int], src_strides: Ite
     if len(shape) > 8:
         raise UnsupportedError(f"tensors of rank {len(shape)} > 8 are not supported")
     es = src.dtype.itemsize
-    p.emit(OP_COPY, [src], [dst], [es, len(shape), src_off, dst_off] + shape + list(src_strides) + list(dst_strides))
+    shape, (src_strides, dst_strides) = merge_axes(shape, list(src_strides), list(dst_strides))
+    p.emit(OP_COPY, [src], [dst], [es, len(shape), src_off, dst_off] + shape + src_strides + dst_strides)
+
+
+def merge_axes(shape: list[int], *strides: list[int]) -> tuple[list[int], list[list[int]]]:
+    """The same element walk over fewer axes: axes of size 1 dropped, and an axis merged
+    into the next where every operand steps over it as one run (the C loops of COPY and
+    BINARY take the innermost axis as a run: a Slice or Concat along an outer axis becomes
+    one memmove per block, an elementwise op on (1, 129, 4) one loop of 516)."""
+    if 0 in shape:
+        return list(shape), [list(s) for s in strides]
+    axes = [(n,) + tuple(s[d] for s in strides) for d, n in enumerate(shape) if n != 1]
+    merged: list[tuple[int, ...]] = []
+    for ax in axes:
+        n = ax[0]
+        if merged and all(merged[-1][1 + k] == n * ax[1 + k] for k in range(len(strides))):
+            merged[-1] = (merged[-1][0] * n,) + ax[1:]
+        else:
+            merged.append(ax)
+    return [ax[0] for ax in merged], [[ax[1 + k] for ax in merged] for k in range(len(strides))]
 
 
 def axis_of(h, axis, ndim):
@@ -389,14 +408,24 @@ class Binary(Handler):
         if a.dtype != b.dtype:
             self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
         out_shape = broadcast_shape(self, a.shape, b.shape)
+        if op == "Pow" and a.dtype == np.float32 and b.const is not None and tuple(out_shape) == tuple(a.shape) \
+                and np.size(b.const) > 0 and np.all(np.asarray(b.const) == 2):
+            # x ** 2 as x * x: the correctly rounded square, what onnxruntime computes for an
+            # exponent of 2 (powf's general path costs ~10x more; silero-vad's STFT magnitude)
+            out = p.new(out_shape, np.float32)
+            shape, (st, _) = merge_axes(list(out_shape), broadcast_strides(a.shape, out_shape), contiguous_strides(out_shape))
+            p.emit(OP_BINARY, [a, a], [out], [BIN_MUL, len(shape)] + shape + st + st)
+            return out
         if a.dtype != np.float32:
             if a.dtype not in INT_TYPES or op == "Pow":
                 self.fail(f"{op} on {a.dtype} tensors at run time is not supported (float32, int64, int32"
                           f"{'; Pow: float32' if op == 'Pow' else ''})")
             return emit_tbinary(p, TBINARY_KIND[op], a, b, out_shape, a.dtype)
         out = p.new(out_shape, np.float32)
-        p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(out_shape)] + list(out_shape)
-               + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
+        # the output is contiguous: its strides merge exactly where a's and b's do
+        shape, (sa, sb, _) = merge_axes(list(out_shape), broadcast_strides(a.shape, out_shape),
+                                         broadcast_strides(b.shape, out_shape), contiguous_strides(out_shape))
+        p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(shape)] + shape + sa + sb)
         return out
 
 
