@@ -79,14 +79,14 @@ AVX512 INLINE void block_avx512(const int R, const int Q, const int S, const flo
 }
 
 /* C (M, N) = A (M, K) @ B^T, B packed (64-byte aligned): rows four at a time (then the one
- * to three left), panels two or four at a time, with enough partial sums (block_avx512) for
- * 12 to 16 accumulators. */
+ * to three left); per block of rows, panels (Q) and partial sums (S) for 8 to 16
+ * accumulators: 4 rows x 2 panels x 2 sums, 3 x 1 x 4, 2 x 1 x 8, 1 x 2 x 8. */
 AVX512 static void conv_gemm_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                                     int64_t ldc) {
     const int64_t N = Bp->N, K = Bp->K, P = PANELS(N), stride = K * RNN_PANEL;
     const float *base = (const float *)Bp->data;
     for (int64_t m = 0; m < M;) {
-        const int64_t R = M - m < 4 ? M - m : 4, qmax = R == 1 ? 2 : 1;
+        const int64_t R = M - m < 4 ? M - m : 4, qmax = R == 1 || R == 4 ? 2 : 1;
         for (int64_t p = 0; p < P;) {
             const int64_t q = P - p < qmax ? P - p : qmax;
             const float *a = A + m * lda, *b = base + p * stride;
@@ -97,7 +97,7 @@ AVX512 static void conv_gemm_avx512(int64_t M, const float *A, int64_t lda, cons
                 BLOCK(1, 1, 8); BLOCK(1, 2, 8);
                 BLOCK(2, 1, 8);
                 BLOCK(3, 1, 4);
-                BLOCK(4, 1, 4);
+                BLOCK(4, 1, 4); BLOCK(4, 2, 2);
             default: assert(!"conv_gemm_avx512: rows or panels out of range"); break;
             }
 #undef BLOCK
