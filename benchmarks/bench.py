@@ -663,6 +663,83 @@ def bench_graph_models(reps):
     return results
 
 
+def bench_silero(reps, chunks=625):
+    """silero-vad as shipped on PyPI (when installed: pip install --no-deps silero-vad),
+    streamed one 512-sample chunk (+ 64 samples of context) per call at 16 kHz, rnnengine
+    (state carried by the stream) beside onnxruntime (one intra-op thread, the state passed
+    back by hand), alternating; with the largest difference of the speech probability."""
+    import importlib.util
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    import onnxruntime as ort
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "silero_vad.onnx")
+    model = rnnengine.convert(path, fixed_inputs={"sr": 16000})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(12)
+    t = np.arange(chunks * 512) / 16000.0
+    audio = ((0.05 + 0.5 * (np.sin(2 * np.pi * 1.3 * t) > 0)) * (0.6 * np.sin(2 * np.pi * 220 * t)
+             + 0.3 * rng.standard_normal(t.size))).astype(np.float32)
+    wins = [np.concatenate([np.zeros(64, np.float32), audio])[k * 512: k * 512 + 576][None].copy()
+            for k in range(chunks)]
+    sr = np.array(16000, np.int64)
+    times = {"rnnengine": [], "onnxruntime": []}
+    worst = 0.0
+    for _ in range(reps):
+        stream = model.stream()
+        state = np.zeros((2, 1, 128), np.float32)
+        for x in wins:  # the two alternate chunk by chunk
+            t0 = time.perf_counter()
+            p = stream.feed({"input": x}, outputs=["output"])["output"]
+            t1 = time.perf_counter()
+            q, state = sess.run(["output", "stateN"], {"input": x, "state": state, "sr": sr})
+            t2 = time.perf_counter()
+            times["rnnengine"].append(t1 - t0)
+            times["onnxruntime"].append(t2 - t1)
+            worst = max(worst, float(np.abs(p - q).max()))
+    return [{"case": "silero-vad per chunk (512 samples, 16 kHz)", "bound_us": float("nan"), "max_abs_diff": worst,
+             "engines": {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                         for k, v in times.items()}}]
+
+
+def bench_charlm(reps, steps=400):
+    """The bundled character LM (rnnengine/data/demo_charlm.onnx, `rnnengine demo`) streamed
+    one character per call, rnnengine beside onnxruntime (one intra-op thread, the states
+    passed back by hand), alternating; with the largest difference of the logits."""
+    import onnxruntime as ort
+    from rnnengine.cli import DEMO_CHARLM
+    model = rnnengine.convert(DEMO_CHARLM)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(DEMO_CHARLM, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    pairs = dict(model.state_pairs)
+    inputs = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
+    tokens = np.random.default_rng(13).integers(0, 32, steps)
+    times = {"rnnengine": [], "onnxruntime": []}
+    worst = 0.0
+    for _ in range(reps):
+        stream = model.stream()
+        state = {n: np.zeros(sh, np.float32) for n, sh in inputs.items() if n != "tokens"}
+        for tk in tokens:
+            tok = np.array([[tk]], np.int64)
+            t0 = time.perf_counter()
+            p = stream.feed({"tokens": tok}, outputs=["logits"])["logits"]
+            t1 = time.perf_counter()
+            res = dict(zip(names, sess.run(None, {"tokens": tok, **state})))
+            t2 = time.perf_counter()
+            for n in state:
+                state[n] = res[pairs[n]]
+            times["rnnengine"].append(t1 - t0)
+            times["onnxruntime"].append(t2 - t1)
+            worst = max(worst, float(np.abs(p - res["logits"]).max()))
+    return [{"case": "demo char LM per character", "bound_us": float("nan"), "max_abs_diff": worst,
+             "engines": {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
+                         for k, v in times.items()}}]
+
+
 def call_overhead(reps):
     """Python per-step cost of a stream of a trivial model (RNN 1 -> 1)."""
     m = rnnengine.Model([rnnengine.RNN(np.ones((1, 1, 1), np.float32), np.ones((1, 1, 1), np.float32) * 0.5)])
@@ -759,6 +836,8 @@ def main(argv=None):
     if not a.quick:
         step("converted models")
         results.extend(bench_graph_models(reps))
+    step("silero-vad and the demo char LM")
+    results.extend(bench_silero(2 if a.quick else 5) + bench_charlm(2 if a.quick else 5))
     step("memory")
     mem = bench_memory()
     overhead = call_overhead(reps)
@@ -768,6 +847,8 @@ def main(argv=None):
     for r in results:
         if "recurrent_fraction_of_peak" in r:
             print(f"\n{r['case']}: recurrent work at {r['recurrent_fraction_of_peak']:.0%} of the SGEMM peak")
+        if "max_abs_diff" in r:
+            print(f"\n{r['case']}: largest |rnnengine - onnxruntime| of the output: {r['max_abs_diff']:.1e}")
         if "max_abs_error" in r:
             print(f"\n{r['case']}: max abs output difference from rnnengine float32 over 100 steps: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_error"].items()))

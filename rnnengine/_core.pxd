@@ -63,6 +63,7 @@ cdef extern from "rnnengine.h" nogil:
         RNN_OP_ARGMAX
         RNN_OP_CUMSUM
         RNN_OP_REVSEQ
+        RNN_OP_CONV1D_PACKED
 
     ctypedef enum rnn_binary_kind:
         RNN_BIN_ADD

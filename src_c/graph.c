@@ -20,6 +20,9 @@
  *   GATHER    ip: esize, outer, n, inner, n_idx    out (outer, n_idx, inner) = data (outer, n, inner)[:, idx]
  *   CONV1D    ip: N, C, L, M, K, Lout, stride, dilation, pad_left, group
  *             out (N, M, Lout) = conv(x (N, C, L), W (M, C/group, K)) + bias (M)
+ *   CONV1D_PACKED  ip: as CONV1D, then act (-1 none, RNN_ACT_RELU, RNN_ACT_LEAKY_RELU)
+ *             fp: alpha (LeakyRelu)   in: x, Wp (the filters packed as conv.c describes), bias
+ *             out = act(conv + bias), the same result as CONV1D followed by UNARY act
  *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], fill, maps...
  *             out[o] = in[sum map_d[o_d] * in_stride[d]], or the fill element when any
  *             map_d[o_d] < 0 (fill holds its esize bytes as its low bytes: float32 by its bit
@@ -201,6 +204,10 @@ static void op_unary(const int64_t *ip, const float *fp, const float *in, float 
         rnn_activation_apply(&act, out, n);
         return;
     }
+    if (kind == RNN_UNARY_SQRT) { /* a loop of its own: vectorised (sqrtf without errno) */
+        for (int64_t i = 0; i < n; i++) out[i] = sqrtf(out[i]);
+        return;
+    }
     for (int64_t i = 0; i < n; i++) {
         const float x = out[i];
         switch (kind) {
@@ -307,15 +314,29 @@ static void op_pad(const int64_t *ip, const char *in, char *out) {
     const uint16_t f2 = (uint16_t)fw;
     const uint32_t f4 = (uint32_t)fw;
     const void *fill = es == 1 ? (const void *)&f1 : es == 2 ? (const void *)&f2 : es == 4 ? (const void *)&f4 : (const void *)&fw;
-    for (int64_t o = 0; o < total; o++) {
+    if (nd == 0 || total == 0) {
+        if (total) memcpy(out, in, (size_t)es);
+        return;
+    }
+    /* rows along the innermost axis: the outer axes give a row's base offset (or put the
+     * whole row in the padding), the innermost axis' map its elements */
+    const int64_t inner = oshape[nd - 1], *imap = ip + mstart[nd - 1], istep = istr[nd - 1];
+    for (int64_t o = 0; o < total; o += inner) {
         int64_t off = 0, outside = 0;
-        for (int64_t d = 0; d < nd; d++) {
+        for (int64_t d = 0; d < nd - 1; d++) {
             const int64_t m = ip[mstart[d] + idx[d]];
             if (m < 0) { outside = 1; break; }
             off += m * istr[d];
         }
-        memcpy(out + o * es, outside ? fill : in + off * es, (size_t)es);
-        for (int64_t d = nd - 1; d >= 0; d--) {
+        if (es == 4) {
+            const uint32_t *src = (const uint32_t *)(const void *)in + off;
+            uint32_t *dst = (uint32_t *)(void *)out + o;
+            for (int64_t i = 0; i < inner; i++) dst[i] = (outside || imap[i] < 0) ? f4 : src[imap[i] * istep];
+        } else {
+            for (int64_t i = 0; i < inner; i++)
+                memcpy(out + (o + i) * es, (outside || imap[i] < 0) ? fill : in + (off + imap[i] * istep) * es, (size_t)es);
+        }
+        for (int64_t d = nd - 2; d >= 0; d--) {
             if (++idx[d] < oshape[d]) break;
             idx[d] = 0;
         }
@@ -899,7 +920,7 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         const float *fp = fparams + in[11];
 #define T_(i) (tensors[(i)])
         rnn_status st = RNN_STATUS_OK;
-        if (op == RNN_OP_CAST || op >= RNN_OP_TBINARY) {
+        if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op <= RNN_OP_REVSEQ)) {
             const char *bad = check_typed(op, ip, in[10]);
             if (bad) {
                 char msg[200];
@@ -932,6 +953,9 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_GATHER: st = op_gather(ip, T_(ins[0]), T_(ins[1]), T_(outs[0]), err, errlen); break;
         case RNN_OP_CONV1D:
             op_conv1d(ip, T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
+            break;
+        case RNN_OP_CONV1D_PACKED:
+            rnn_conv1d_packed(ip, fp[0], T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
             break;
         case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
@@ -998,7 +1022,8 @@ static int add_ok(int64_t a, int64_t b, int64_t *r) {
 
 static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
                                        "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
-                                       "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ"};
+                                       "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ",
+                                       "CONV1D_PACKED"};
 #define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 /* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
@@ -1200,9 +1225,9 @@ static int verify_instr(vctx *v) {
             if (v->in[5 + r] == o) return bad(v, "outputs %d and %d are both tensor %lld", r, s, (long long)o);
         if (op == RNN_OP_RECURRENT && nip > 6 && o == ip[6]) return bad(v, "output %d is the state tensor %lld", s, (long long)o);
     }
-    if (op != RNN_OP_UNARY && v->nfp != 0)
+    if (op != RNN_OP_UNARY && op != RNN_OP_CONV1D_PACKED && v->nfp != 0)
         return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
-    if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op < N_OPS)) { /* codes and counts the op checks when it runs */
+    if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op <= RNN_OP_REVSEQ)) { /* codes and counts the op checks when it runs */
         const char *why = check_typed(op, ip, nip);
         if (why) return bad(v, "%s", why);
     }
@@ -1315,8 +1340,13 @@ static int verify_instr(vctx *v) {
         return need(v, &a, "data", "reads", total) || need(v, &b, "indices", "reads", n) ||
                need(v, &y, "output", "writes", nout);
     }
-    case RNN_OP_CONV1D: {
-        if (nparams(v, 10) || sizes(v, "the convolution", 6, ip, &total) || unused(v, 3, 1)) return 1;
+    case RNN_OP_CONV1D:
+    case RNN_OP_CONV1D_PACKED: {
+        const int packed = op == RNN_OP_CONV1D_PACKED;
+        if (nparams(v, packed ? 11 : 10) || sizes(v, "the convolution", 6, ip, &total) || unused(v, 3, 1)) return 1;
+        if (packed && v->nfp != 1) return bad(v, "has %lld float parameters, the op reads 1", (long long)v->nfp);
+        if (packed && ip[10] != -1 && ip[10] != RNN_ACT_RELU && ip[10] != RNN_ACT_LEAKY_RELU)
+            return bad(v, "fused activation %lld is not -1 (none), Relu or LeakyRelu", (long long)ip[10]);
         const int64_t N = ip[0], C = ip[1], L = ip[2], M = ip[3], K = ip[4], Lout = ip[5];
         const int64_t s = ip[6], dil = ip[7], pad = ip[8], G = ip[9];
         if (s < 1 || dil < 1 || G < 1) return bad(v, "stride %lld, dilation %lld and group %lld must be >= 1", (long long)s, (long long)dil, (long long)G);
@@ -1336,7 +1366,16 @@ static int verify_instr(vctx *v) {
         if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "weights", 1, M_F32, &b) ||
             get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
             return 1;
-        if (need(v, &a, "input", "reads", x_n) || need(v, &b, "weights", "reads", w_n) ||
+        if (packed) { /* panels of 16 filters: the sizes of conv.c, each product now known to fit */
+            const int64_t panels = (M / G + 15) / 16, lb = Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK;
+            int64_t wk;
+            if (!mul_ok(G, panels, &t) || !mul_ok(t, 16, &t) || !mul_ok(t, ck, &t) || t > SPAN_LIMIT ||
+                !mul_ok(panels, 16, &wk) || !add_ok(wk, ck, &wk) || !mul_ok(wk, lb, &wk) || wk > SPAN_LIMIT)
+                return bad(v, "the packed filters' or the workspace's size overflows");
+            w_n = rnn_conv1d_packed_floats(M, C / G, K, G);
+            col = rnn_conv1d_packed_work(Lout, C / G, K, M / G);
+        }
+        if (need(v, &a, "input", "reads", x_n) || need(v, &b, packed ? "packed filters" : "weights", "reads", w_n) ||
             need(v, &c, "bias", "reads", M) || need(v, &y, "output", "writes", y_n))
             return 1;
         if (col > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)col, (long long)v->work);

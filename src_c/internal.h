@@ -179,6 +179,14 @@ void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, flo
 void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int64_t lda, const float *M,
                     int64_t N, int64_t K, float *C, int64_t ldc, int transposed, int accumulate);
 
+/* Conv1d over filters packed into 16-filter panels (conv.c; layout and parameters there and in
+ * graph.c, RNN_OP_CONV1D_PACKED). Outputs are computed RNN_CONV_BLOCK positions at a time. */
+#define RNN_CONV_BLOCK 64
+int64_t rnn_conv1d_packed_floats(int64_t M, int64_t Cg, int64_t K, int64_t G);
+int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg);
+void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const float *Wp, const float *bias,
+                       float *out, float *work);
+
 int64_t rnn_lstm_saved_floats(int64_t H);
 int64_t rnn_gru_saved_floats(int64_t H);
 int64_t rnn_rnn_saved_floats(int64_t H);

@@ -72,7 +72,7 @@ CASES = {
              [("w", R.standard_normal((3, 2, 2)).astype(np.float32))]),
         {"x": R.random((1, 2, 5)) < 0.5}, False, ops.Conv,
         r"Conv node 'cv': needs a float32 input at run time, got bool",
-        r"Conv node 'cv': instruction 0 \(CONV1D\): input is bool, the instruction takes float32"),
+        r"Conv node 'cv': instruction 0 \(CONV1D_PACKED\): input is bool, the instruction takes float32"),
     "gemm_over_uint8": (
         make([helper.make_node("Gemm", ["x", "w"], ["y"], name="g")], [("x", TP.UINT8, [2, 3])], [("y", TP.FLOAT)],
              [("w", R.standard_normal((3, 4)).astype(np.float32))]),

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import rnnengine
 from rnnengine import _core
 from rnnengine.runtime import graph
-from rnnengine.ops.handlers import (OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_GATHER, OP_MATMUL, OP_PAD,
+from rnnengine.ops.handlers import (OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_GATHER, OP_MATMUL, OP_PAD,
                            OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK,
                            OP_TREDUCE, OP_UNARY, OP_WHERE)
 
@@ -320,6 +320,35 @@ def test_workspace_of_conv_and_topk():
             [(F32, 10), (F32, 12), (F32, 12)], work=15)
     refused(r"instruction 0 \(TOPK\): needs 40 floats of workspace, the program has 16",
             [(OP_TOPK, [0], [1, 2], [F32, 1, 20, 1, 2, 1])], None, [(F32, 20), (F32, 2), (I64, 2)])
+
+
+def test_packed_conv_filters_workspace_and_activation_checked():
+    # N 1, C 2, L 5, M 3, K 2 -> Lout 4: one panel of 16 filters x (2*2) taps = 64 floats of
+    # packed filters; workspace 4 positions x (4 taps + 16 lanes) = 80 floats (src_c/conv.c)
+    geo = [1, 2, 5, 3, 2, 4, 1, 1, 0, 1]
+    table = [(F32, 10), (F32, 64), (F32, 3), (F32, 12)]
+    ok = program([(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [-1], [0.0])], None, table, work=80)
+    x, wp, b, y = (np.arange(10, dtype=np.float32), np.zeros(64, np.float32), np.array([1, 2, -3], np.float32),
+                   np.zeros(12, np.float32))
+    ok.run(np.array([_core.address(a) for a in (x, wp, b, y)], np.int64), np.zeros(80, np.float32))
+    assert y.tolist() == [1] * 4 + [2] * 4 + [-3] * 4  # zero filters: the bias
+    refused(r"instruction 0 \(CONV1D_PACKED\): packed filters has 63 elements, the instruction reads 64",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [-1], [0.0])], None, [table[0], (F32, 63)] + table[2:], work=80)
+    refused(r"needs 80 floats of workspace, the program has 79",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [-1], [0.0])], None, table, work=79)
+    refused(r"fused activation 2 is not -1 \(none\), Relu or LeakyRelu",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [2], [0.0])], None, table, work=80)
+    refused(r"has 0 float parameters, the op reads 1",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [-1], [])], None, table, work=80)
+    refused(r"has 10 int parameters, the op reads 11",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo, [0.0])], None, table, work=80)
+    refused(r"output has 11 elements, the instruction writes 12",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo + [-1], [0.0])], None, table[:3] + [(F32, 11)], work=80)
+    refused(r"group 2 does not divide 2 channels and 3 filters",
+            [(OP_CONV1D_PACKED, [0, 1, 2], [3], geo[:9] + [2, -1], [0.0])], None, table, work=80)
+    # float parameters stay refused on the other ops
+    refused(r"instruction 0 \(CONV1D\): has 1 float parameters, the op reads none",
+            [(OP_CONV1D, [0, 1, 2], [3], geo, [0.0])], None, [table[0], (F32, 12)] + table[2:], work=80)
 
 
 def test_no_op_but_copy_computes_in_place():

@@ -23,7 +23,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
-    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -219,7 +219,26 @@ def emit_copy(p: Any, src: Any, dst: Any, shape: Iterable[int], src_strides: Ite
     if len(shape) > 8:
         raise UnsupportedError(f"tensors of rank {len(shape)} > 8 are not supported")
     es = src.dtype.itemsize
-    p.emit(OP_COPY, [src], [dst], [es, len(shape), src_off, dst_off] + shape + list(src_strides) + list(dst_strides))
+    shape, (src_strides, dst_strides) = merge_axes(shape, list(src_strides), list(dst_strides))
+    p.emit(OP_COPY, [src], [dst], [es, len(shape), src_off, dst_off] + shape + src_strides + dst_strides)
+
+
+def merge_axes(shape: list[int], *strides: list[int]) -> tuple[list[int], list[list[int]]]:
+    """The same element walk over fewer axes: axes of size 1 dropped, and an axis merged
+    into the next where every operand steps over it as one run (the C loops of COPY and
+    BINARY take the innermost axis as a run: a Slice or Concat along an outer axis becomes
+    one memmove per block, an elementwise op on (1, 129, 4) one loop of 516)."""
+    if 0 in shape:
+        return list(shape), [list(s) for s in strides]
+    axes = [(n,) + tuple(s[d] for s in strides) for d, n in enumerate(shape) if n != 1]
+    merged: list[tuple[int, ...]] = []
+    for ax in axes:
+        n = ax[0]
+        if merged and all(merged[-1][1 + k] == n * ax[1 + k] for k in range(len(strides))):
+            merged[-1] = (merged[-1][0] * n,) + ax[1:]
+        else:
+            merged.append(ax)
+    return [ax[0] for ax in merged], [[ax[1 + k] for ax in merged] for k in range(len(strides))]
 
 
 def axis_of(h, axis, ndim):
@@ -391,14 +410,24 @@ class Binary(Handler):
         if a.dtype != b.dtype:
             self.fail(f"inputs of types {a.dtype} and {b.dtype} (ONNX {op} takes one type)")
         out_shape = broadcast_shape(self, a.shape, b.shape)
+        if op == "Pow" and a.dtype == np.float32 and b.const is not None and tuple(out_shape) == tuple(a.shape) \
+                and np.size(b.const) > 0 and np.all(np.asarray(b.const) == 2):
+            # x ** 2 as x * x: the correctly rounded square, what onnxruntime computes for an
+            # exponent of 2 (powf's general path costs ~10x more; silero-vad's STFT magnitude)
+            out = p.new(out_shape, np.float32)
+            shape, (st, _) = merge_axes(list(out_shape), broadcast_strides(a.shape, out_shape), contiguous_strides(out_shape))
+            p.emit(OP_BINARY, [a, a], [out], [BIN_MUL, len(shape)] + shape + st + st)
+            return out
         if a.dtype != np.float32:
             if a.dtype not in INT_TYPES or op == "Pow":
                 self.fail(f"{op} on {a.dtype} tensors at run time is not supported (float32, int64, int32"
                           f"{'; Pow: float32' if op == 'Pow' else ''})")
             return emit_tbinary(p, TBINARY_KIND[op], a, b, out_shape, a.dtype)
         out = p.new(out_shape, np.float32)
-        p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(out_shape)] + list(out_shape)
-               + broadcast_strides(a.shape, out_shape) + broadcast_strides(b.shape, out_shape))
+        # the output is contiguous: its strides merge exactly where a's and b's do
+        shape, (sa, sb, _) = merge_axes(list(out_shape), broadcast_strides(a.shape, out_shape),
+                                         broadcast_strides(b.shape, out_shape), contiguous_strides(out_shape))
+        p.emit(OP_BINARY, [a, b], [out], [BINARY[self.node["op"]][0], len(shape)] + shape + sa + sb)
         return out
 
 
@@ -1206,6 +1235,62 @@ class Softmax(Handler):
 
 # --- audio front ends --------------------------------------------------------------------
 
+def pack_conv_filters(W: Any, group: int) -> Any:
+    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads
+    (src_c/conv.c): per group, panels of 16 filters, each panel (C/group * K, 16) with filter m
+    in lane m % 16 (lanes past the group's filters zero). The array starts on a 64-byte
+    boundary, as the kernels' aligned loads want (C computes an unaligned one with the plain
+    reference kernel)."""
+    W = np.asarray(W, np.float32)
+    M, Cg, K = W.shape
+    Mg = M // group
+    P = -(-Mg // 16)
+    padded = np.zeros((group, P * 16, Cg * K), np.float32)
+    padded[:, :Mg] = W.reshape(group, Mg, Cg * K)
+    panels = padded.reshape(group, P, 16, Cg * K).transpose(0, 1, 3, 2)  # (group, P, Cg*K, 16)
+    n = panels.size
+    buf = np.empty(n + 16, np.float32)
+    start = (-buf.ctypes.data % 64) // 4  # float32 arrays start on 4-byte boundaries
+    out = buf[start:start + n]
+    out[...] = panels.reshape(-1)
+    return out
+
+
+def conv_work_floats(Lout: int, Cg: int, K: int, Mg: int) -> int:
+    """Workspace floats of RNN_OP_CONV1D_PACKED (src_c/conv.c rnn_conv1d_packed_work):
+    one block of up to 64 output positions' im2col rows and their product."""
+    lb = min(Lout, 64)
+    return lb * (Cg * K + -(-Mg // 16) * 16)
+
+
+# output positions from which a Conv goes through the packed filters (emit_conv1d)
+PACKED_CONV_MIN_LENGTH = 4
+
+
+def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]) -> None:
+    """out (N, M, Lout) = conv(x (N, C, L), constant W (M, C/g, K)) + constant bias, with the
+    filters packed once per model (p.derived) for RNN_OP_CONV1D_PACKED; geometry is CONV1D's
+    [N, C, L, M, K, Lout, stride, dilation, pad_left, group]. The planner may later fuse a
+    Relu / LeakyRelu that reads only this output into the instruction (fuse_activations in
+    rnnengine/runtime/graph.py)."""
+    N, C, L, M, K, Lout, s, d, pl, g = geometry
+    if Lout < PACKED_CONV_MIN_LENGTH:
+        # A few dot products: BLAS computes them with its lanes along the filter taps, as
+        # onnxruntime does; the panel kernels sum in another order (lanes along the filters),
+        # and silero-vad's 8 kHz model, streamed three rows at a time, amplifies that rounding
+        # difference past the tolerance of tests/oracle.py. Measured at silero-vad's sizes the
+        # panels gained little there (0.9-1.4x).
+        wc = p.const(np.ascontiguousarray(w.const, np.float32))
+        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
+        p.need_work(Lout * (C // g) * K)
+        p.emit(OP_CONV1D, [x, wc, bc], [out], list(geometry))
+        return
+    packed = p.derived(w.const, f"conv-packed-{g}", lambda: pack_conv_filters(w.const, g))
+    bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32).reshape(-1))
+    p.need_work(conv_work_floats(Lout, C // g, K, M // g))
+    p.emit(OP_CONV1D_PACKED, [x, p.const(packed), bc], [out], list(geometry) + [-1], [0.0])
+
+
 def flatten_conv_inputs(p: Any, xs: list[Any]) -> list[Any]:
     """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)."""
     x, w = xs[0], xs[1]
@@ -1309,10 +1394,7 @@ class Conv(Handler):
             self.fail(f"needs a float32 input at run time, got {x.dtype}")
         N, C, L, M, K, Lout, s, d, pl, pr, g = self.geometry(x.shape, w.shape)
         out = p.new((N, M, Lout), np.float32)
-        wc = p.const(np.ascontiguousarray(w.const, np.float32))
-        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
-        p.need_work(Lout * (C // g) * K)
-        p.emit(OP_CONV1D, [x, wc, bc], [out], [N, C, L, M, K, Lout, s, d, pl, g])
+        emit_conv1d(p, x, w, bias, out, [N, C, L, M, K, Lout, s, d, pl, g])
         return [out]
 
 

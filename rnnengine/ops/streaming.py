@@ -33,7 +33,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
-from rnnengine.ops.handlers import (STEP_MASK, OP_CONV1D, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+from rnnengine.ops.handlers import (STEP_MASK, emit_conv1d, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
 RULES = {}
@@ -683,10 +683,7 @@ def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
         emit_copy(p, z, buf, (N, C, tail), contiguous_strides((N, C, tail)), bst, dst_off=kept + n_in)
     out = p.new((N, M, n_out), np.float32)
     if n_out:
-        wc = p.const(np.ascontiguousarray(w.const, np.float32))
-        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
-        p.need_work(n_out * (C // g) * K)
-        p.emit(OP_CONV1D, [buf, wc, bc], [out], [N, C, buf_len, M, K, n_out, s, d, 0, g])
+        emit_conv1d(p, buf, w, bias, out, [N, C, buf_len, M, K, n_out, s, d, 0, g])
     rest = p.aux_out[key]
     if rest > 0:  # the unconsumed tail becomes the next call's carry
         emit_copy(p, buf, st, (N, C, rest), bst, [C * cap, cap, 1], src_off=buf_len - rest)

@@ -34,7 +34,8 @@ from rnnengine.runtime import compact, split
 
 from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
-from rnnengine.codes import NP_DTYPES, RECURRENT_OPS, tensor_code  # noqa: F401 (NP_DTYPES re-exported)
+from rnnengine.codes import (ACT_LEAKY_RELU, ACT_RELU, NP_DTYPES, OP_CONV1D_PACKED, OP_RECURRENT, OP_UNARY,  # noqa: F401
+                             RECURRENT_OPS, tensor_code)  # (NP_DTYPES re-exported)
 from rnnengine.ops.handlers import OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, State, Stream
@@ -269,6 +270,7 @@ class Planner:
             self.outputs.append((o["name"], env[o["name"]]))
         if streaming and self.has_time:
             _check_stream_outputs(self, dict(self.outputs), model.state_pairs)
+        fuse_activations(self)
 
     # -- building blocks used by the op handlers (rnnengine/ops.py)
     def _spec(self, spec: Spec) -> int:
@@ -738,6 +740,62 @@ class Planner:
             if self.streaming:
                 streaming.scan_output(self, node, vals, out, time_loop)
         return outs
+
+
+# activations a packed conv computes in its own store (src_c/conv.c): the same selects as UNARY
+_FUSABLE_ACTS = (ACT_RELU, ACT_LEAKY_RELU)
+
+
+def fuse_activations(p: Planner) -> None:
+    """Folds a Relu / LeakyRelu into the packed conv before it (RNN_OP_CONV1D_PACKED's act
+    parameter), where the program shows it changes nothing but the instruction count: the
+    conv's output is an intermediate buffer that only the activation reads and nothing else
+    writes, and the activation's output is a buffer only it writes. The conv then writes the
+    activation's output directly and the activation's instruction is dropped; the result is
+    bit for bit the same (both apply the same select to the same float)."""
+    W = _core.INSTR_WORDS
+    n = len(p.prog) // W
+    if not any(p.prog[k * W] == OP_CONV1D_PACKED for k in range(n)):
+        return
+    reads: dict[int, list[int]] = {}
+    writes: dict[int, list[int]] = {}
+    for k in range(n):
+        word = p.prog[k * W:(k + 1) * W]
+        for t in word[1:5]:
+            if t >= 0:
+                reads.setdefault(t, []).append(k)
+        for t in word[5:8]:
+            if t >= 0:
+                writes.setdefault(t, []).append(k)
+        if word[0] == OP_RECURRENT:  # its state tensor: read and written through a parameter
+            t = p.ip[word[9] + 6]
+            reads.setdefault(t, []).append(k)
+            writes.setdefault(t, []).append(k)
+    kept = {v.tid for _, v in p.outputs if v.tid is not None}
+    drop: set[int] = set()
+    for k in range(n):
+        word = p.prog[k * W:(k + 1) * W]
+        if word[0] != OP_CONV1D_PACKED or p.ip[word[9] + 10] != -1:
+            continue
+        t = word[5]
+        if t in kept or p.specs[t][0] != "buf" or writes.get(t) != [k] or len(reads.get(t, [])) != 1:
+            continue
+        j = reads[t][0]
+        act = p.prog[j * W:(j + 1) * W]
+        if j <= k or act[0] != OP_UNARY or act[1] != t or p.ip[act[9]] not in _FUSABLE_ACTS:
+            continue
+        u = act[5]
+        geo = p.ip[word[9]:word[9] + 6]
+        if p.specs[u][0] != "buf" or writes.get(u) != [j] or p.ip[act[9] + 1] != geo[0] * geo[3] * geo[5]:
+            continue
+        p.prog[k * W + 5] = u
+        p.ip[word[9] + 10] = p.ip[act[9]]
+        p.fp[word[11]] = p.fp[act[11]]  # LeakyRelu's alpha
+        p.labels[k] = f"{p.labels[k]} + {p.labels[j]}"
+        drop.add(j)
+    if drop:
+        p.prog = [w for k in range(n) if k not in drop for w in p.prog[k * W:(k + 1) * W]]
+        p.labels = [lab for k, lab in enumerate(p.labels) if k not in drop]
 
 
 def _one_value(node: Node, v: Any, what: str, kinds: str) -> Any:
