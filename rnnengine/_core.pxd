@@ -221,6 +221,9 @@ cdef extern from "rnnengine.h" nogil:
     rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                              const float *fparams, void **tensors, rnn_stack **stacks,
                              float *work, char *err, size_t errlen, int64_t *failed)
+    rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                                     const float *fparams, void **tensors, rnn_stack **stacks,
+                                     float *work, char *err, size_t errlen, int64_t *failed, int32_t threads)
     rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                                 int64_t n_iparams, int64_t n_fparams, const int64_t *tensor_dtype,
                                 const int64_t *tensor_count, const uint8_t *tensor_writable,

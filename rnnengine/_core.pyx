@@ -746,10 +746,11 @@ cdef class Program:
     def __dealloc__(self):
         free(self.stack_ptrs)
 
-    def run(self, cnp.ndarray ptrs, cnp.ndarray work):
+    def run(self, cnp.ndarray ptrs, cnp.ndarray work, int threads=1):
         """Runs the program over the tensors whose addresses are in ptrs (int64, one per
         tensor id, each bound to a buffer of the size and type the tensor table says) with
-        the float32 workspace work. The GIL is released meanwhile."""
+        the float32 workspace work; the recurrent layers' products split over up to
+        ``threads`` threads (bit-identical to 1). The GIL is released meanwhile."""
         if ptrs.dtype != np.int64 or not ptrs.flags.c_contiguous:
             raise TypeError("ptrs must be a C-contiguous int64 array")
         if work.dtype != np.float32 or not work.flags.c_contiguous or work.size == 0:
@@ -774,7 +775,8 @@ cdef class Program:
         cdef rnn_status st
         cdef int64_t failed = -1
         with nogil:
-            st = rnn_graph_run(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256, &failed)
+            st = rnn_graph_run_threads(prog, self.n_instr, ip, fp, tens, self.stack_ptrs, w, err, 256, &failed,
+                                       threads)
         if st != RNN_STATUS_OK:
             msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
             if self.labels is not None and 0 <= failed < len(self.labels) and self.labels[failed]:

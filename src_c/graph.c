@@ -859,7 +859,7 @@ static const char *check_typed(int64_t op, const int64_t *ip, int64_t nip) {
 
 static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *const *tensors,
                                const int64_t *ins, const int64_t *outs, float *work, char *err,
-                               size_t errlen) {
+                               size_t errlen, int32_t threads) {
     const int64_t T = ip[0], B = ip[1], layout = ip[2], D = ip[3], H = ip[4], has_c = ip[5];
     const int64_t init_mode = ip[7];
     float *state = tensors[ip[6]];
@@ -887,7 +887,8 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
     }
     /* Y (T, D, B, H) for layout 0, (B, T, D, H) for layout 1 */
     const int64_t ys_t = layout ? D * H : D * B * H, ys_b = layout ? T * D * H : H, ys_d = layout ? H : B * H;
-    rnn_status st = rnn_stack_forward(stack, X, T, B, (int32_t)layout, lens, Y, ys_t, ys_b, ys_d, state, work);
+    rnn_status st = rnn_stack_forward_threads(stack, X, T, B, (int32_t)layout, lens, Y, ys_t, ys_b, ys_d, state,
+                                              work, threads);
     if (st != RNN_STATUS_OK) return fail(err, errlen, st, "recurrent layer: the stack refused its inputs");
     /* Y_h, Y_c: (D, B, H) for layout 0, (B, D, H) for layout 1. Rows of length 0 give 0, as
      * onnxruntime does, except in a stream, where such a row's state simply carries on. */
@@ -910,6 +911,12 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
                          float *work, char *err, size_t errlen, int64_t *failed) {
+    return rnn_graph_run_threads(program, n_instr, iparams, fparams, tensors, stacks, work, err, errlen, failed, 1);
+}
+
+rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                                 const float *fparams, void *const *tensors, rnn_stack *const *stacks,
+                                 float *work, char *err, size_t errlen, int64_t *failed, int32_t threads) {
     if (failed) *failed = -1;
     if (!program || !tensors || n_instr < 0) return RNN_STATUS_BAD_ARGUMENT;
     for (int64_t k = 0; k < n_instr; k++) {
@@ -977,7 +984,7 @@ rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t 
         case RNN_OP_CUMSUM: op_cumsum(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REVSEQ: st = op_revseq(ip, T_(ins[0]), T_(ins[1]), T_(outs[0]), err, errlen); break;
         case RNN_OP_RECURRENT:
-            st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen);
+            st = op_recurrent(ip, stacks[in[8]], tensors, ins, outs, work, err, errlen, threads);
             break;
         default:
             if (failed) *failed = k;

@@ -354,6 +354,11 @@ rnn_status rnn_graph_verify(const int64_t *program, int64_t n_instr, const int64
 rnn_status rnn_graph_run(const int64_t *program, int64_t n_instr, const int64_t *iparams,
                          const float *fparams, void *const *tensors, rnn_stack *const *stacks,
                          float *work, char *err, size_t errlen, int64_t *failed);
+/* rnn_graph_run with the recurrent layers' products split over up to `threads` threads
+ * (rnn_stack_forward_threads: bit-identical to threads = 1). */
+rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const int64_t *iparams,
+                                 const float *fparams, void *const *tensors, rnn_stack *const *stacks,
+                                 float *work, char *err, size_t errlen, int64_t *failed, int32_t threads);
 
 /* ---------------------------------------------------------------------------------------
  * Training: forward with saved activations and backward through time for one direction of

@@ -168,17 +168,19 @@ class Plan:
         return {"ptrs": ptrs, "bufs": bufs, "work": np.zeros(self.work_floats, np.float32)}
 
     def execute(self, ctx: PlanContext, feeds: Mapping[str, Array], states: Mapping[str, Array],
-                want: Optional[Collection[str]] = None, into: Optional[Mapping[str, Array]] = None
-                ) -> dict[str, Array]:
+                want: Optional[Collection[str]] = None, into: Optional[Mapping[str, Array]] = None,
+                threads: int = 1) -> dict[str, Array]:
         """Runs the program; returns copies of the outputs named in ``want`` (all when None)
-        and copies the outputs named in ``into`` (name -> array) into those arrays."""
+        and copies the outputs named in ``into`` (name -> array) into those arrays.
+        ``threads``: the recurrent layers' products split over up to that many threads by gate
+        rows (bit-identical to one thread)."""
         ptrs = ctx["ptrs"]
         address = _core.address
         for name, tid in self.inputs.items():
             ptrs[tid] = address(feeds[name])
         for key, (tid, _) in self.state.items():
             ptrs[tid] = address(states[key])
-        self.program.run(ptrs, ctx["work"])
+        self.program.run(ptrs, ctx["work"], threads)
         out = {}
         views = ctx.get("views")
         if views is None:  # output views of this context's buffers, made once
@@ -892,7 +894,9 @@ class GraphModel(Model):
     """
     limits: Limits | None = None  # rnnengine.Limits given to convert()/load(); None: the defaults in force when planning
     weight_dtype = "float32"  # storage of the recurrent kernels' weights (rnnengine/runtime/compact.py)
-    threads = 1  # run() splits the batch over this many threads when exact (rnnengine/runtime/split.py)
+    # run() splits the batch rows over this many threads when exact (rnnengine/runtime/split.py);
+    # otherwise, and in streams, each recurrent layer's products split by gate rows (pool.c)
+    threads = 1
     thread_split_reason: Optional[str] = "threads is 1"  # why the last run() was not split (None: it was)
     # load(..., mmap=True): the memory-mapped WeightFile, checked before each run
     mapped_file: Optional[WeightFile] = None
@@ -1149,8 +1153,8 @@ class GraphModel(Model):
             out = split.run(self, feeds)
             if out is not None:
                 return self._as_returned(given, out)
-        plan = self.plan(feeds)
-        return self._as_returned(given, plan.execute(plan.context(), feeds, {}))
+        plan = self.plan(feeds)  # (rows not split: each recurrent product splits by gate rows)
+        return self._as_returned(given, plan.execute(plan.context(), feeds, {}, threads=self.threads))
 
     def _zero_state(self, name: str, feeds: Mapping[str, Array]) -> Array:
         """Zeros for the explicit state input ``name`` (a stream's start, or run() without
@@ -1892,7 +1896,7 @@ class GraphStream(Stream):
             if spare is None or spare.shape != feeds[a].shape or spare.dtype != feeds[a].dtype:
                 spare = np.empty_like(feeds[a])
             into[o] = spare
-        out = plan.execute(ctx, feeds, self._layer_state, want, into)
+        out = plan.execute(ctx, feeds, self._layer_state, want, into, threads=self.model.threads)
         for a, o in self.model.state_pairs:
             self._spare[a], self._carried[a] = self._carried[a], into[o]
         self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
