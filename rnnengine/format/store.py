@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rnnengine.format import weightfile as fileformat
+from rnnengine.format.panels import PanelCache
 from rnnengine.frontend import opsets
 from rnnengine.frontend.converter import convert_model
 from rnnengine.frontend.opsets import OpsetError, check_structure
@@ -269,7 +270,7 @@ def load_checkpoint_model(wf, path):
 
 
 def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False, weight_dtype: str | None = None,
-         threads: int = 1) -> GraphModel:
+         threads: int = 1, shared: bool | str = False) -> GraphModel:
     """Loads a weight file as a GraphModel. The file is read into private memory (64-byte
     aligned; float32 weights are views of it, not further copies), so nothing that happens to
     the file afterwards can affect the model; with mmap=True it is memory-mapped instead
@@ -279,8 +280,15 @@ def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False,
     limits: a rnnengine.Limits for the reading and the model's planning. weight_dtype: the
     storage the recurrent kernels read, None for as the file stores it (float16 / int8 weights
     then reach the kernels exactly as stored; rnnengine/runtime/compact.py); threads: how many
-    threads run() may split the batch over (rnnengine/runtime/split.py)."""
-    return configure(_load(path, verify, limits, mmap), weight_dtype, threads)
+    threads run() may split the batch over (rnnengine/runtime/split.py). shared: True (the
+    cache at path + ".panels") or a cache path: the file is mapped and the recurrent stacks
+    read their packed panels from the panel cache (rnnengine/format/panels.py)."""
+    if not isinstance(shared, (bool, str)):
+        raise TypeError(f"shared must be True, False or the panel cache's path, got {type(shared).__name__}")
+    model = _load(path, verify, limits, mmap or bool(shared))
+    if shared:
+        model.panel_cache = PanelCache(shared if isinstance(shared, str) else str(path) + ".panels", model.file)
+    return configure(model, weight_dtype, threads)
 
 
 def _load(path, verify, limits, mmap):

@@ -1,0 +1,352 @@
+"""The panel cache (rnnengine/format/panels.py, docs/FORMAT.md "The panel cache"): recurrent
+weights mapped from a file shared by processes, bit-identical results, and a stale, damaged or
+hostile cache never read unchecked."""
+import json
+import os
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+import rnnengine
+from rnnengine import _core
+from rnnengine.errors import NotStreamableError
+from rnnengine.format import panels
+
+rng = np.random.default_rng(14)
+
+
+def _layers(kind, I, H, direction="forward", lbr=0):
+    D = 2 if direction == "bidirectional" else 1
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    W = rng.standard_normal((D, G * H, I)).astype(np.float32)
+    R = rng.standard_normal((D, G * H, H)).astype(np.float32) * 0.3
+    B = rng.standard_normal((D, 2 * G * H)).astype(np.float32)
+    extra = {"linear_before_reset": lbr} if kind == "GRU" else {}
+    return getattr(rnnengine, kind)(W, R, B, direction=direction, **extra)
+
+
+def _file(tmp_path, name, layers, dtype="float32"):
+    path = str(tmp_path / name)
+    rnnengine.save(rnnengine.Model(layers), path, dtype=dtype)
+    return path
+
+
+def _stacks(model):
+    return [s for _, s in model._stacks.values()]
+
+
+def _run(model, X):
+    """run() on the whole sequence, and step by step in a stream when the model streams."""
+    y = model.run(X)
+    try:
+        s = model.stream(batch_size=X.shape[1])
+    except NotStreamableError:  # a layer that runs backwards in time
+        return y
+    return y, [s.step(X[t]) for t in range(X.shape[0])]
+
+
+def _same(a, b):
+    """Bit for bit (NaN payloads included), through nested tuples / lists / dicts."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+CASES = [
+    ("lstm", [("LSTM", 7, 37, "forward", 0), ("LSTM", 37, 19, "bidirectional", 0)]),
+    ("gru_split", [("GRU", 5, 33, "bidirectional", 0)]),   # R packed in two parts (Rp, Rhp)
+    ("gru_lbr", [("GRU", 5, 17, "forward", 1)]),
+    ("rnn", [("RNN", 9, 21, "reverse", 0)]),
+]
+
+
+def test_panel_width_is_the_kernels():
+    assert panels.PANEL_WIDTH == _core.panel_width()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("name,spec", CASES, ids=[c[0] for c in CASES])
+def test_shared_results_are_bit_identical(tmp_path, name, spec, dtype):
+    path = _file(tmp_path, f"{name}.rnne", [_layers(*s) for s in spec], dtype)
+    X = rng.standard_normal((6, 3, spec[0][1])).astype(np.float32)
+    X[2, 1, 0] = np.nan  # NaN propagates the same way through mapped panels
+    want = _run(rnnengine.load(path), X)
+    for attempt in ("writes the cache", "maps the cache"):
+        model = rnnengine.load(path, shared=True)
+        got = _run(model, X)
+        assert _same(got, want), attempt
+        assert all(s.mapped for s in _stacks(model)) and _stacks(model), attempt
+        assert model.panel_cache.status.startswith("wrote" if attempt == "writes the cache" else "mapped")
+    # what the kernels read is what a private packing reads
+    private = rnnengine.load(path)
+    private.run(X)
+    for (a, b) in zip(_stacks(private), _stacks(model)):
+        for d in range(a.layer_shapes[0][1]):
+            for w in range(3):
+                ra, rb = a.panel_raw(0, d, w), b.panel_raw(0, d, w)
+                assert (ra is None) == (rb is None)
+                if ra is not None:
+                    assert _same(ra[:2] if ra[1] is not None else ra[:1], rb[:2] if rb[1] is not None else rb[:1])
+
+
+def _maps():
+    """[(start, end, path)] of this process's file-backed mappings."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out.append((a, b, parts[5].strip()))
+    return out
+
+
+def test_panels_are_read_from_the_file_mapping(tmp_path):
+    """Structural proof of sharing: every panel the kernels read lies inside a read-only
+    mapping of the cache file (pages of the page cache, one copy for all processes)."""
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 8, 40), _layers("GRU", 40, 24)])
+    model = rnnengine.load(path, shared=True)
+    model.run(rng.standard_normal((2, 1, 8)).astype(np.float32))
+    cache = os.path.realpath(path + ".panels")
+    maps = [(a, b) for a, b, p in _maps() if os.path.realpath(p.replace(" (deleted)", "")) == cache]
+    addrs = [s.panel_address(0, 0, w) for s in _stacks(model) for w in range(3)]
+    addrs = [a for a in addrs if a is not None]
+    assert len(addrs) >= 4 and maps
+    assert all(any(a <= x < b for a, b in maps) for x in addrs)
+    # a model loaded without sharing packs into private memory instead
+    plain = rnnengine.load(path, mmap=True)
+    plain.run(rng.standard_normal((2, 1, 8)).astype(np.float32))
+    x = _stacks(plain)[0].panel_address(0, 0, 0)
+    assert not any(a <= x < b for a, b in maps) and not _stacks(plain)[0].mapped
+
+
+def test_second_load_maps_without_writing(tmp_path):
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 4, 20)])
+    X = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    rnnengine.load(path, shared=True).run(X)
+    st = os.stat(path + ".panels")
+    m = rnnengine.load(path, shared=True)
+    m.run(X)
+    st2 = os.stat(path + ".panels")
+    assert (st.st_ino, st.st_mtime_ns) == (st2.st_ino, st2.st_mtime_ns)
+    assert m.panel_cache.status.startswith("mapped")
+
+
+def test_explicit_cache_path_and_weight_dtype(tmp_path):
+    """A cache path elsewhere; the kernels' storage chosen at load is part of the key."""
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 6, 24)])
+    cache = str(tmp_path / "elsewhere.panels")
+    X = rng.standard_normal((4, 2, 6)).astype(np.float32)
+    for dt in ("float32", "int8", "float16", "float32"):
+        want = rnnengine.load(path, weight_dtype=dt).run(X)
+        m = rnnengine.load(path, shared=cache, weight_dtype=dt)
+        assert _same(m.run(X), want) and all(s.mapped for s in _stacks(m))
+    assert os.path.exists(cache) and not os.path.exists(path + ".panels")
+
+
+# --- stale, damaged and hostile caches: never read unchecked --------------------------------
+
+def _built(tmp_path):
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 5, 18), _layers("GRU", 18, 11)])
+    X = rng.standard_normal((5, 2, 5)).astype(np.float32)
+    want = _run(rnnengine.load(path), X)
+    rnnengine.load(path, shared=True).run(X)
+    return path, path + ".panels", X, want
+
+
+def _rewrite_table(cache, edit):
+    """The cache with its table edited by `edit(doc)` and a correct checksum (what an
+    attacker who knows the format writes)."""
+    buf = bytearray(open(cache, "rb").read())
+    f = list(panels.HEADER.unpack_from(buf, 0))
+    doc = json.loads(bytes(buf[64:64 + f[4]]))
+    edit(doc)
+    block = json.dumps(doc).encode()
+    data = bytes(buf[f[5]:])
+    f[4] = len(block)
+    f[5] = -(-(64 + len(block)) // 64) * 64
+    f[6] = f[5] + len(data)
+    f[9] = 0
+    f[9] = zlib.crc32(block, zlib.crc32(panels.HEADER.pack(*f)[:panels.CRC_SPAN]))
+    out = panels.HEADER.pack(*f) + block
+    out += bytes(f[5] - len(out)) + data
+    open(cache, "wb").write(out)
+
+
+def _set_header(cache, index, value, fix_crc=True):
+    buf = bytearray(open(cache, "rb").read())
+    f = list(panels.HEADER.unpack_from(buf, 0))
+    f[index] = value
+    if fix_crc:
+        f[9] = 0
+        f[9] = zlib.crc32(bytes(buf[64:64 + f[4]]), zlib.crc32(panels.HEADER.pack(*f)[:panels.CRC_SPAN]))
+    buf[:64] = panels.HEADER.pack(*f)
+    open(cache, "wb").write(buf)
+
+
+def _entry(doc, i=0):
+    return doc["entries"][i]
+
+
+DAMAGE = {
+    "panel byte flipped": ("data", None),
+    "scale of another model": ("data_tail", None),
+    "truncated": ("truncate", "bytes, the file has"),
+    "empty": ("empty", "shorter than"),
+    "magic": (("header", 0, b"XXXX"), "wrong magic"),
+    "version": (("header", 1, 2), "version 2"),
+    "panel width": (("header", 2, 8), "8-column panels"),
+    "alignment": (("header", 3, 32), "aligned to 32"),
+    "header crc": (("header_nocrc", 7, 1), "checksum"),
+    "other weight file": (("header", 8, 12345), "another weight file"),
+    "table not json": (("table_raw", b"{not json"), "not JSON"),
+    "entries missing": (("table", lambda d: d.pop("entries")), "'entries' list"),
+    "entry not an object": (("table", lambda d: d["entries"].append(7)), "field 'stack'"),
+    "offset past the end": (("table", lambda d: _entry(d).update(offset=1 << 40)), "past the end"),
+    "misaligned offset": (("table", lambda d: _entry(d).update(offset=_entry(d)["offset"] + 4)), "misaligned"),
+    "negative offset": (("table", lambda d: _entry(d).update(offset=-64)), "field 'offset'"),
+    "float field": (("table", lambda d: _entry(d).update(N=3.0)), "field 'N'"),
+    "bool field": (("table", lambda d: _entry(d).update(cell=True)), "field 'cell'"),
+    "huge N": (("table", lambda d: _entry(d).update(N=1 << 47)), "bytes;"),
+    "wrong size": (("table", lambda d: _entry(d).update(K=_entry(d)["K"] + 1)), "bytes;"),
+    "overlap": (("table", lambda d: _entry(d, 1).update(offset=_entry(d)["offset"])), "overlap"),
+    "listed twice": (("table", lambda d: d["entries"].append(dict(_entry(d)))), "listed twice"),
+    "unknown dtype": (("table", lambda d: _entry(d).update(dtype="int4")), "unknown"),
+    "scales on float32": (("table", lambda d: _entry(d).update(scale_offset=0, scale_nbytes=4)), "int8 panels only"),
+    "shape swapped": (("table", lambda d: [e.update(N=e["K"], K=e["N"]) for e in d["entries"]
+                                           if e["N"] != e["K"]][:1]), None),
+    "stacks swapped": (("table", lambda d: [_entry(d, i).update(stack=_entry(d, j)["stack"])
+                                           for i, j in ((0, -1), (-1, 0))]), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_bad_cache_is_refused_and_rebuilt(tmp_path, case):
+    path, cache, X, want = _built(tmp_path)
+    how, message = DAMAGE[case]
+    if how == "data":  # a panel value changed: the table is intact, the content comparison catches it
+        buf = bytearray(open(cache, "rb").read())
+        buf[-100] ^= 0x40
+        open(cache, "wb").write(buf)
+    elif how == "data_tail":
+        buf = bytearray(open(cache, "rb").read())
+        buf[-8:] = np.float32([1e30, -1e30]).tobytes()
+        open(cache, "wb").write(buf)
+    elif how == "truncate":
+        os.truncate(cache, os.path.getsize(cache) - 64)
+    elif how == "empty":
+        open(cache, "wb").close()
+    elif how[0] in ("header", "header_nocrc"):
+        _set_header(cache, how[1], how[2], fix_crc=how[0] == "header")
+    elif how[0] == "table_raw":
+        _rewrite_table(cache, lambda d: None)
+        buf = bytearray(open(cache, "rb").read())
+        f = list(panels.HEADER.unpack_from(buf, 0))
+        buf[64:64 + len(how[1])] = how[1]
+        f[4] = len(how[1])
+        f[9] = 0
+        f[9] = zlib.crc32(how[1], zlib.crc32(panels.HEADER.pack(*f)[:panels.CRC_SPAN]))
+        buf[:64] = panels.HEADER.pack(*f)
+        open(cache, "wb").write(buf)
+    else:
+        _rewrite_table(cache, how[1])
+    if message is not None:
+        with pytest.raises(panels.CacheInvalid, match=message):
+            panels.read(cache, rnnengine.load(path, mmap=True).file)
+    model = rnnengine.load(path, shared=True)
+    if message is not None:
+        assert "not used" in model.panel_cache.status and message in model.panel_cache.status
+    assert _same(_run(model, X), want)
+    assert model.panel_cache.status.startswith("wrote"), model.panel_cache.status
+    assert all(s.mapped for s in _stacks(model))
+    # rebuilt: the next process maps it as it is
+    again = rnnengine.load(path, shared=True)
+    assert _same(_run(again, X), want) and again.panel_cache.status.startswith("mapped")
+
+
+def test_cache_of_a_changed_weight_file_is_rebuilt(tmp_path):
+    path, cache, X, _ = _built(tmp_path)
+    _file(tmp_path, "m.rnne", [_layers("LSTM", 5, 18), _layers("GRU", 18, 11)])  # new weights, same name
+    want = _run(rnnengine.load(path), X)
+    m = rnnengine.load(path, shared=True)
+    assert "another weight file" in m.panel_cache.status
+    assert _same(_run(m, X), want)
+
+
+def test_unwritable_cache_warns_and_runs_private(tmp_path):
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 4, 12)])
+    X = rng.standard_normal((3, 1, 4)).astype(np.float32)
+    want = rnnengine.load(path).run(X)
+    m = rnnengine.load(path, shared=str(tmp_path / "no" / "such" / "dir" / "c.panels"))
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        got = m.run(X)
+    assert _same(got, want) and not any(s.mapped for s in _stacks(m))
+
+
+def test_load_rejects_a_bad_shared_argument(tmp_path):
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 4, 12)])
+    with pytest.raises(TypeError, match="shared"):
+        rnnengine.load(path, shared=3)
+
+
+# --- the binding's checks on mapped buffers --------------------------------------------------
+
+def _spec(H=20, I=6):
+    layer = _layers("LSTM", I, H)
+    spec = layer._spec()
+    private = _core.Stack([spec])
+    raw = [private.panel_raw(0, 0, w) for w in range(2)]
+    return spec, private, raw
+
+
+def _aligned(data):
+    buf = np.zeros(data.nbytes + 128, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    out = buf[off:off + data.nbytes]
+    out[:] = data
+    return out
+
+
+def test_mapped_stack_equals_private_stack():
+    spec, private, raw = _spec()
+    cell = dict(spec["cells"][0], mapped={"W": spec["cells"][0]["W"], "Wp": (_aligned(raw[0][0]), None),
+                                          "Rp": (_aligned(raw[1][0]), None), "Rhp": None})
+    mapped = _core.Stack([dict(spec, cells=[cell])])
+    assert mapped.mapped and not private.mapped
+    X = rng.standard_normal((5, 3, 6)).astype(np.float32)
+    outs = []
+    for s in (private, mapped):
+        Y = np.zeros(5 * 3 * 20, np.float32)
+        state = np.zeros(s.state_size(3), np.float32)
+        s.forward(X, None, Y, 3 * 20, 20, 20, state, np.zeros(s.workspace_size(5, 3), np.float32), False)
+        outs.append((Y, state))
+    assert _same(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bad", ["short", "misaligned", "dtype", "scales", "W shape", "Rhp"])
+def test_mapped_buffers_are_checked(bad):
+    spec, _, raw = _spec()
+    Wp, Rp = _aligned(raw[0][0]), _aligned(raw[1][0])
+    m = {"W": spec["cells"][0]["W"], "Wp": (Wp, None), "Rp": (Rp, None), "Rhp": None}
+    if bad == "short":
+        m["Rp"] = (Rp[:-64], None)
+    elif bad == "misaligned":
+        buf = np.zeros(Wp.nbytes + 128, np.uint8)
+        off = (-buf.ctypes.data) % 64 + 4
+        m["Wp"] = (buf[off:off + Wp.nbytes], None)
+    elif bad == "dtype":
+        m["Wp"] = (Wp.view(np.int8), None)
+    elif bad == "scales":
+        m["Wp"] = (Wp, np.ones(Wp.nbytes // 4, np.float32))
+    elif bad == "W shape":
+        m["W"] = np.zeros((3, 3), np.float32)
+    else:
+        m["Rhp"] = (Rp, None)
+    with pytest.raises(ValueError):
+        _core.Stack([dict(spec, cells=[dict(spec["cells"][0], mapped=m)])])
