@@ -193,6 +193,8 @@ cdef const void *_panel_ptr(object panel, int64_t N, int64_t K, int32_t dtype, o
     for int8, ceil(N/16)*16 scales; appends what it points into to `borrowed`."""
     cdef int64_t w = rnn_panel_width(), padded = (N + w - 1) // w * w
     cdef int64_t want = padded * K * (4, 2, 1)[dtype]
+    if panel is None:
+        raise ValueError(f"{what}: mapped panels missing")
     data, scales = panel
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1 \
             or not data.flags.c_contiguous or data.shape[0] != want:
@@ -216,27 +218,17 @@ cdef const void *_panel_ptr(object panel, int64_t N, int64_t K, int32_t dtype, o
     return cnp.PyArray_DATA(d)
 
 
-cdef int _create_mapped(rnn_cell_config *cfg, dict mapped, const float *bp, const float *pp,
-                        list borrowed, rnn_cell **out) except -1:
-    """rnn_cell_create_mapped over the buffers of a cell's "mapped" entry (see Stack)."""
+cdef int _create_mapped(rnn_cell_config *cfg, const float *W, const float *R, const float *bp, const float *pp,
+                        const rnn_stored_weights *sw, dict mapped, list borrowed, rnn_cell **out) except -1:
+    """rnn_cell_create_mapped over the panels of a cell's "mapped" entry (see Stack), after
+    checking their sizes here; C compares their bytes with a packing of W and R."""
     cdef rnn_mapped_weights m
-    cdef const float[:, ::1] W = mapped["W"]
-    cdef int64_t H = cfg.hidden_size, I = cfg.input_size
+    cdef int64_t H = cfg.hidden_size
     cdef int64_t G = 4 if cfg.kind == RNN_CELL_LSTM else (3 if cfg.kind == RNN_CELL_GRU else 1)
     cdef bint split = cfg.kind == RNN_CELL_GRU and not cfg.linear_before_reset
     if cfg.proj_size:
-        raise ValueError("mapped weights: no projection")
-    if W.shape[0] != G * H or W.shape[1] != I:
-        raise ValueError(f"mapped W must be ({G * H}, {I}), got ({W.shape[0]}, {W.shape[1]})")
-    borrowed.append(mapped["W"])
-    cdef cnp.ndarray one
-    if W.shape[0] * W.shape[1]:
-        m.W = &W[0, 0]
-    else:  # I = 0: nothing is read, but the pointer must not be NULL
-        one = np.zeros(1, np.float32)
-        borrowed.append(one)
-        m.W = <const float *>cnp.PyArray_DATA(one)
-    m.Wp = _panel_ptr(mapped["Wp"], G * H, I, cfg.weight_dtype, borrowed, &m.Wp_scale, "W")
+        raise ValueError("mapped panels: no projection")
+    m.Wp = _panel_ptr(mapped["Wp"], G * H, cfg.input_size, cfg.weight_dtype, borrowed, &m.Wp_scale, "W")
     m.Rp = _panel_ptr(mapped["Rp"], 2 * H if split else G * H, H, cfg.weight_dtype, borrowed, &m.Rp_scale, "R")
     m.Rhp = NULL
     m.Rhp_scale = NULL
@@ -244,7 +236,12 @@ cdef int _create_mapped(rnn_cell_config *cfg, dict mapped, const float *bp, cons
         m.Rhp = _panel_ptr(mapped["Rhp"], H, H, cfg.weight_dtype, borrowed, &m.Rhp_scale, "R[2H:]")
     elif mapped.get("Rhp") is not None:
         raise ValueError("mapped Rhp is for a GRU with linear_before_reset = 0 only")
-    return <int>rnn_cell_create_mapped(cfg, bp, pp, &m, out)
+    cdef rnn_status st
+    with nogil:
+        st = rnn_cell_create_mapped(cfg, W, R, bp, pp, sw, &m, out)
+    if st == RNN_STATUS_BAD_ARGUMENT:
+        raise ValueError("mapped panels differ from the packing of W and R (a stale or damaged panel cache)")
+    return <int>st
 
 
 cdef class Stack:
@@ -261,12 +258,13 @@ cdef class Stack:
     stores them (float16 arrays, or int8 codes with float32 row scales); the kernels then read
     those exactly (rnn_cell_create_stored), and W must be their float32 values.
 
-    A cell may instead carry "mapped": {"W": float32 (G*H, I), "Wp": panel, "Rp": panel,
-    "Rhp": panel or None}, each panel (uint8 bytes, int8 scales float32 or None): the buffers
-    rnn_cell_create_mapped reads in place (typically views of the panel cache file, shared by
-    every process serving the model; rnnengine/format/panels.py). Their sizes, dtypes and
-    alignment are checked here; their contents must be what packing W and R gives (the panel
-    cache compares them byte for byte with a fresh packing before it hands them over).
+    A cell may also carry "mapped": {"Wp": panel, "Rp": panel, "Rhp": panel or None}, each
+    panel (uint8 bytes, int8 scales float32 or None): the packed panels the cell then reads in
+    place instead of packing its own (rnn_cell_create_mapped; typically views of the panel
+    cache file, shared by every process serving the model: rnnengine/format/panels.py). Their
+    sizes, dtypes and alignment are checked here, and C compares every byte with a packing of
+    the cell's W and R (or "stored"), panel by panel: different panels raise ValueError. The
+    cell also reads its W in place. The stack keeps these buffers alive.
     """
     cdef rnn_stack *ptr
     cdef readonly int input_size, output_size, n_layers, last_hidden
@@ -337,11 +335,7 @@ cdef class Stack:
                         Pv = cell["P"]
                         pp = &Pv[0]
                     stored = cell.get("stored")
-                    if cell.get("mapped") is not None:
-                        st = <rnn_status>_create_mapped(&cfg, cell["mapped"], bp, pp, borrowed, &cells[k])
-                    elif stored is None:
-                        st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
-                    else:
+                    if stored is not None:
                         sw.W_scale = NULL
                         sw.R_scale = NULL
                         if cfg.weight_dtype == 1:  # float16: the halves' bits
@@ -357,6 +351,15 @@ cdef class Stack:
                             sw.W, sw.R, sw.W_scale, sw.R_scale = &Wq[0, 0], &Rq[0, 0], &Ws[0], &Rs[0]
                         else:
                             raise ValueError("stored weights need weight_dtype float16 or int8")
+                    if cell.get("mapped") is not None:
+                        # the cell reads W in place (not copied): kept alive with the stack
+                        borrowed.append(cell["W"])
+                        st = <rnn_status>_create_mapped(&cfg, &W[0, 0], NULL if stored is not None else &R[0, 0],
+                                                        bp, pp, &sw if stored is not None else NULL,
+                                                        cell["mapped"], borrowed, &cells[k])
+                    elif stored is None:
+                        st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
+                    else:
                         st = rnn_cell_create_stored(&cfg, &W[0, 0], bp, pp, &sw, &cells[k])
                     _check(st, f"layer {li}: creating a {layer['kind']} cell")
                     k += 1

@@ -151,21 +151,59 @@ static void set_biases(rnn_cell *c, const float *B) {
     }
 }
 
-rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *B, const float *P,
+/* Whether the panels at `mapped` (and for int8 `mscale`) hold what packing the (N, K)
+ * matrix gives: B float32 rows, or Q stored rows (halves / int8 codes with qscale). Packs 16
+ * rows at a time (one panel; packing is row by row, so a panel alone packs the same bytes as
+ * within the whole matrix, its int8 scales included). 1 equal, 0 different, -1 no memory. */
+static int panels_equal(const void *mapped, const float *mscale, const float *B, const void *Q,
+                        const float *qscale, int64_t N, int64_t K, int32_t dtype) {
+    const size_t es = dtype == RNN_WEIGHTS_F32 ? 4 : dtype == RNN_WEIGHTS_F16 ? 2 : 1;
+    const size_t bytes = (size_t)K * RNN_PANEL * es;
+    for (int64_t n0 = 0; n0 < N; n0 += RNN_PANEL) {
+        const int64_t w = N - n0 < RNN_PANEL ? N - n0 : RNN_PANEL;
+        rnn_packed p;
+        const rnn_status st = Q ? rnn_packed_init_stored(&p, (const char *)Q + (size_t)(n0 * K) * es,
+                                                         qscale ? qscale + n0 : NULL, w, K, K, dtype)
+                                : rnn_packed_init_dtype(&p, B + n0 * K, w, K, K, dtype);
+        if (st != RNN_STATUS_OK) return -1;
+        int same = memcmp(p.data, (const char *)mapped + (size_t)(n0 / RNN_PANEL) * bytes, bytes) == 0;
+        if (same && p.scale) same = memcmp(p.scale, mscale + n0, sizeof(float) * RNN_PANEL) == 0;
+        rnn_packed_free(&p);
+        if (!same) return 0;
+    }
+    return 1;
+}
+
+rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                                  const float *P, const rnn_stored_weights *stored,
                                   const rnn_mapped_weights *m, rnn_cell **out) {
-    if (!cfg || !m || !out || cfg->proj_size != 0) return RNN_STATUS_BAD_ARGUMENT;
+    if (!cfg || !W || !m || !out || cfg->proj_size != 0 || (!R) == (!stored)) return RNN_STATUS_BAD_ARGUMENT;
     *out = NULL;
     const rnn_status bad = check_config(cfg, 0, P != NULL);
     if (bad != RNN_STATUS_OK) return bad;
     const int split = cfg->kind == RNN_CELL_GRU && !cfg->linear_before_reset;
     const int32_t wd = cfg->weight_dtype, q = wd == RNN_WEIGHTS_I8;
+    if (stored && (!stored->W || !stored->R || wd == RNN_WEIGHTS_F32 || q != !!stored->W_scale || q != !!stored->R_scale))
+        return RNN_STATUS_BAD_ARGUMENT;
     /* the kernels use aligned loads on panels (pack.c); scales are read unaligned */
 #define RNN_ALIGNED(p) ((p) && ((uintptr_t)(p) & 63u) == 0)
-    if (!m->W || !RNN_ALIGNED(m->Wp) || !RNN_ALIGNED(m->Rp) || (split ? !RNN_ALIGNED(m->Rhp) : m->Rhp != NULL))
+    if (!RNN_ALIGNED(m->Wp) || !RNN_ALIGNED(m->Rp) || (split ? !RNN_ALIGNED(m->Rhp) : m->Rhp != NULL))
         return RNN_STATUS_BAD_ARGUMENT;
 #undef RNN_ALIGNED
     if (q != !!m->Wp_scale || q != !!m->Rp_scale || (split && q) != !!m->Rhp_scale) return RNN_STATUS_BAD_ARGUMENT;
     const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
+    const int64_t NR = split ? 2 * H : G * H;
+    /* never trust the mapped bytes: each must be what packing gives here and now */
+    const size_t es = wd == RNN_WEIGHTS_F16 ? 2 : 1;
+    const void *QW = stored ? stored->W : NULL, *QR = stored ? stored->R : NULL;
+    const float *SW = stored ? stored->W_scale : NULL, *SR = stored ? stored->R_scale : NULL;
+    int eq = panels_equal(m->Wp, m->Wp_scale, W, QW, SW, G * H, I, wd);
+    if (eq == 1) eq = panels_equal(m->Rp, m->Rp_scale, R, QR, SR, NR, H, wd);
+    if (eq == 1 && split)
+        eq = panels_equal(m->Rhp, m->Rhp_scale, R ? R + 2 * H * H : NULL,
+                          QR ? (const char *)QR + (size_t)(2 * H * H) * es : NULL, SR ? SR + 2 * H : NULL, H, H, wd);
+    if (eq != 1) return eq < 0 ? RNN_STATUS_OUT_OF_MEMORY : RNN_STATUS_BAD_ARGUMENT;
+
     rnn_cell *c = calloc(1, sizeof *c);
     if (!c) return RNN_STATUS_OUT_OF_MEMORY;
     c->cfg = *cfg;
@@ -179,9 +217,9 @@ rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *B, co
     }
     /* the kernels only read W and the panels; const is dropped to fit rnn_packed */
     c->borrowed = 1;
-    c->W = (float *)m->W;
+    c->W = (float *)W;
     c->Wp = (rnn_packed){G * H, I, wd, (void *)m->Wp, (float *)m->Wp_scale};
-    c->Rp = (rnn_packed){split ? 2 * H : G * H, H, wd, (void *)m->Rp, (float *)m->Rp_scale};
+    c->Rp = (rnn_packed){NR, H, wd, (void *)m->Rp, (float *)m->Rp_scale};
     if (split) c->Rhp = (rnn_packed){H, H, wd, (void *)m->Rhp, (float *)m->Rhp_scale};
     if (P) memcpy(c->P, P, sizeof(float) * (size_t)(3 * H));
     set_biases(c, B);

@@ -315,8 +315,8 @@ def _aligned(data):
 
 def test_mapped_stack_equals_private_stack():
     spec, private, raw = _spec()
-    cell = dict(spec["cells"][0], mapped={"W": spec["cells"][0]["W"], "Wp": (_aligned(raw[0][0]), None),
-                                          "Rp": (_aligned(raw[1][0]), None), "Rhp": None})
+    cell = dict(spec["cells"][0], mapped={"Wp": (_aligned(raw[0][0]), None), "Rp": (_aligned(raw[1][0]), None),
+                                          "Rhp": None})
     mapped = _core.Stack([dict(spec, cells=[cell])])
     assert mapped.mapped and not private.mapped
     X = rng.standard_normal((5, 3, 6)).astype(np.float32)
@@ -329,11 +329,13 @@ def test_mapped_stack_equals_private_stack():
     assert _same(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("bad", ["short", "misaligned", "dtype", "scales", "W shape", "Rhp"])
+@pytest.mark.parametrize("bad", ["short", "misaligned", "dtype", "scales", "missing", "Rhp", "one byte",
+                                 "last padding byte", "other weights"])
 def test_mapped_buffers_are_checked(bad):
+    """The binding checks sizes and alignment; C compares every byte with a packing."""
     spec, _, raw = _spec()
     Wp, Rp = _aligned(raw[0][0]), _aligned(raw[1][0])
-    m = {"W": spec["cells"][0]["W"], "Wp": (Wp, None), "Rp": (Rp, None), "Rhp": None}
+    m = {"Wp": (Wp, None), "Rp": (Rp, None), "Rhp": None}
     if bad == "short":
         m["Rp"] = (Rp[:-64], None)
     elif bad == "misaligned":
@@ -344,9 +346,19 @@ def test_mapped_buffers_are_checked(bad):
         m["Wp"] = (Wp.view(np.int8), None)
     elif bad == "scales":
         m["Wp"] = (Wp, np.ones(Wp.nbytes // 4, np.float32))
-    elif bad == "W shape":
-        m["W"] = np.zeros((3, 3), np.float32)
-    else:
+    elif bad == "missing":
+        m["Rp"] = None
+    elif bad == "Rhp":
         m["Rhp"] = (Rp, None)
+    elif bad == "one byte":
+        Rp[Rp.nbytes // 2] ^= 1
+    elif bad == "last padding byte":  # H=20: 4G*H = 80 rows, 5 full panels; W has I=6 columns
+        spec2, _, raw2 = _spec(H=19)    # 76 rows: the last panel has 4 zero padding rows
+        Wp2 = _aligned(raw2[0][0])
+        Wp2[-1] = 1
+        spec, m = spec2, {"Wp": (Wp2, None), "Rp": (_aligned(raw2[1][0]), None), "Rhp": None}
+    else:  # panels of another model of the same shape
+        other = _spec()[2]
+        m["Rp"] = (_aligned(other[1][0]), None)
     with pytest.raises(ValueError):
         _core.Stack([dict(spec, cells=[dict(spec["cells"][0], mapped=m)])])

@@ -10,9 +10,10 @@ kernels (rnn_cell_create_mapped): the page cache holds one copy for all processe
 Trust: the cache is derived data that anyone able to write beside the model may have
 changed, so it is never read unchecked. Opening it checks every header and table field
 (sizes, offsets, alignment, overlaps, checksum) and that it was made from this very weight
-file (its size and header checksum); then each stack is first packed privately as without a
-cache, and its mapped panels are used only when they equal that packing byte for byte; the
-private copy is then freed. A cache that fails any check is ignored and written again
+file (its size and header checksum); then C accepts a layer's mapped panels only when they
+equal, byte for byte, what packing the layer's weights gives (rnn_cell_create_mapped packs
+one 16-row panel at a time to compare, so no private copy of the weights is made). A cache
+that fails any check is ignored and written again
 (atomically: a new file renamed over the old one, so processes that mapped the old one keep
 reading it, whole). Results are therefore bit-identical with and without sharing.
 """
@@ -25,7 +26,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable
 
 import numpy as np
 
@@ -187,38 +188,41 @@ class PanelCache:
         except (CacheInvalid, OSError, ValueError) as e:
             self.entries, self.status = {}, f"{path} not used ({e}); it is rebuilt"
 
-    def share(self, key: str, spec: dict[str, Any], private: Any) -> Any:
-        """The stack of `spec` reading its panels from the cache, or `private` (the stack
-        packed as without a cache) when the spec cannot be mapped. A stack whose panels are
-        missing from the cache, or differ from `private`'s, is written to the cache first."""
-        from rnnengine import _core  # the compiled core; format/ stays importable without it
+    def share(self, key: str, spec: dict[str, Any], pack: Callable[[], Any]) -> Any:
+        """The stack of `spec` reading its panels from the cache (C compares them with a
+        packing of the spec's weights, panel by panel, before accepting them), else the stack
+        `pack()` builds in private memory, whose panels are then written to the cache and
+        mapped in turn (or, when the cache cannot be written, used as they are)."""
         if spec.get("proj_size") or len(spec["cells"]) > 2:
-            return private
+            return pack()  # projections are not cached (docs/FORMAT.md)
+        try:
+            return self._mapped(key, spec)
+        except ValueError:
+            pass  # missing, stale or damaged: packed afresh and written below
+        private = pack()
         raw = {}
         for d in range(len(spec["cells"])):
             for w, which in enumerate(WHICH):
                 got = private.panel_raw(0, d, w)
                 if got is not None:
                     raw[key, d, which] = got
-        if not all(self._same(k, v) for k, v in raw.items()):
-            if not self._rewrite(raw):
-                return private
+        if not self._rewrite(raw):
+            return private
+        del private  # its panels are freed: the mapped ones replace them
+        return self._mapped(key, spec)
+
+    def _mapped(self, key: str, spec: dict[str, Any]) -> Any:
+        """The stack of `spec` over the cache's panels for `key` (ValueError when they are
+        missing or differ from the spec's weights)."""
+        from rnnengine import _core  # the compiled core; format/ stays importable without it
         cells = []
         for d, cell in enumerate(spec["cells"]):
-            mapped: dict[str, Any] = {"W": cell["W"]}
-            for which in WHICH:  # only the panels the private packing has, each compared above
-                hit = self.entries[key, d, which] if (key, d, which) in raw else None
+            mapped = {}
+            for which in WHICH:
+                hit = self.entries.get((key, d, which))
                 mapped[which] = None if hit is None else (hit[0], hit[1])
-            cells.append({k: v for k, v in cell.items() if k != "stored"} | {"mapped": mapped})
+            cells.append(dict(cell, mapped=mapped))
         return _core.Stack([dict(spec, cells=cells)])
-
-    def _same(self, k: tuple[str, int, str], v: tuple[Any, Any, int, int, str]) -> bool:
-        hit = self.entries.get(k)
-        if hit is None or hit[2:] != v[2:] or not np.array_equal(hit[0], v[0]):
-            return False
-        # scales compared as bytes (NaN scales mark NaN columns)
-        return (hit[1] is None) == (v[1] is None) and (v[1] is None or np.array_equal(hit[1].view(np.uint32),
-                                                                                      v[1].view(np.uint32)))
 
     def _rewrite(self, raw: dict[tuple[str, int, str], Any]) -> bool:
         """Writes the cache again with `raw` replacing or adding its entries, then maps it.
@@ -234,4 +238,4 @@ class PanelCache:
             self.status = f"cannot write {self.path}: {e}"
             return False
         self.status = f"wrote and mapped {self.path}"
-        return all(self._same(k, v) for k, v in raw.items())
+        return True
