@@ -9,12 +9,14 @@ them). RSS is not reported: it counts shared pages once per process.
     python benchmarks/bench_memory.py                      # LSTM H=1024 x 2 layers, float32 + int8
     python benchmarks/bench_memory.py --hidden 512 --workers 3 --modes mmap shared
 
-Each worker is a fresh Python (`python -c`), so the numbers include the interpreter, NumPy
-and the extension (the "baseline" column: a worker that imports rnnengine and loads nothing).
-What matters is the growth per added worker, compared with the weight bytes of the file.
-Modes: "read" = rnnengine.load(path) (the file read into private memory), "mmap" =
-load(path, mmap=True), "shared" = load(path, shared=True) (panels mapped from the panel cache
-beside the file, docs/FORMAT.md "The panel cache").
+Each worker is a fresh Python (`python -c`), so its memory includes the interpreter, NumPy and
+the extension. To isolate the model, every measurement is made twice with the same number of
+workers: with the model, and with a tiny model of the same kind (H=8, same storage, same
+mode: same imports and code paths). "model USS / PSS per worker" is the difference of the
+two, per worker: the private memory (USS) and the share of all memory (PSS) the model's
+weights cost each worker. The issue's target: for 2 or more workers, each worker's model USS
+(and the growth of the group's total PSS per added worker) at most 10% of the weight bytes.
+One worker alone has every page of a mapped file to itself, so its USS counts the file too.
 """
 from __future__ import annotations
 
@@ -31,13 +33,12 @@ WORKER = r"""
 import sys, os, numpy as np
 import rnnengine
 path, mode, hidden, inp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if mode != "baseline":
-    kw = {"read": {}, "mmap": {"mmap": True}, "shared": {"shared": True}}[mode]
-    model = rnnengine.load(path, **kw)
-    x = np.random.default_rng(0).standard_normal((3, 2, inp)).astype(np.float32)
-    y = model.run(x)           # a whole sequence: packs / maps every layer
-    s = model.stream(batch_size=1)
-    s.step(x[0, :1])           # a stream step: the streaming plan too
+kw = {"read": {}, "mmap": {"mmap": True}, "shared": {"shared": True}}[mode]
+model = rnnengine.load(path, **kw)
+x = np.random.default_rng(0).standard_normal((3, 2, inp)).astype(np.float32)
+y = model.run(x)           # a whole sequence: packs / maps every layer
+s = model.stream(batch_size=1)
+s.step(x[0, :1])           # a stream step: the streaming plan too
 print("ready", flush=True)
 sys.stdin.readline()           # held alive until the parent has measured every worker
 """
@@ -107,35 +108,31 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["read", "mmap", "shared"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        base = measure("", "baseline", 1, args.hidden, args.input)[0]
-        print(f"baseline worker (imports only): USS {base[0] / 1024:.1f} MB, PSS {base[1] / 1024:.1f} MB")
-        print("| file | mode | workers | USS per worker MB | PSS per worker MB | extra USS per added worker "
-              "(% of weights) | extra PSS per added worker (% of weights) |")
+        print(f"LSTM H={args.hidden} I={args.input} x {args.layers} layers; {args.workers} workers at most")
+        print("| file (weight bytes) | mode | workers | model USS per worker MB | (% of weights) | "
+              "model PSS per worker MB | total PSS growth per added worker (% of weights) |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for dtype in args.dtypes:
             path = os.path.join(d, f"lstm_{dtype}.rnne")
             size = make_file(path, args.hidden, args.input, args.layers, dtype)
+            tiny = os.path.join(d, f"tiny_{dtype}.rnne")
+            make_file(tiny, 8, args.input, args.layers, dtype)
             for mode in args.modes:
-                if mode == "shared":  # the first load builds the cache; measure the steady state
+                if mode == "shared":  # the first load writes the cache; measure the steady state
                     measure(path, mode, 1, args.hidden, args.input)
-                first = None
+                    measure(tiny, mode, 1, 8, args.input)
+                first_pss = None
                 for n in range(1, args.workers + 1):
-                    r = measure(path, mode, n, args.hidden, args.input)
-                    uss = sum(u for u, _ in r) / n
-                    pss = sum(p for _, p in r) / n
-                    tot_u, tot_p = sum(u for u, _ in r), sum(p for _, p in r)
-                    if first is None:
-                        first = (tot_u, tot_p)
-                        extra = "-"
+                    big = measure(path, mode, n, args.hidden, args.input)
+                    small = measure(tiny, mode, n, 8, args.input)
+                    uss = (sum(u for u, _ in big) - sum(u for u, _ in small)) / n  # kB per worker
+                    pss_total = sum(p for _, p in big) - sum(p for _, p in small)
+                    if first_pss is None:
+                        first_pss, growth = pss_total, "-"
                     else:
-                        # growth of the whole group's memory per added worker, minus the
-                        # interpreter's own baseline, as a share of the file's bytes
-                        du = ((tot_u - first[0]) / (n - 1) - base[0]) * 1024 / size * 100
-                        dp = ((tot_p - first[1]) / (n - 1) - base[1]) * 1024 / size * 100
-                        extra = f"{du:.1f}% | {dp:.1f}%"
+                        growth = f"{(pss_total - first_pss) / (n - 1) * 1024 / size * 100:.1f}%"
                     print(f"| {dtype} ({size / 2**20:.1f} MB) | {mode} | {n} | {uss / 1024:.1f} | "
-                          f"{pss / 1024:.1f} | {extra if first and n > 1 else '- | -'} |", flush=True)
-
+                          f"{uss * 1024 / size * 100:.1f}% | {pss_total / n / 1024:.1f} | {growth} |", flush=True)
 
 if __name__ == "__main__":
     main()

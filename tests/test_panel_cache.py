@@ -126,6 +126,23 @@ def test_panels_are_read_from_the_file_mapping(tmp_path):
     assert not any(a <= x < b for a, b in maps) and not _stacks(plain)[0].mapped
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_widened_tensors_are_read_from_the_file_mapping(tmp_path, dtype):
+    """A compact file's tensors widened to float32 (what the model holds, and the float32 W
+    of its recurrent layers) are views of the cache too, equal to the private widening."""
+    path = _file(tmp_path, "m.rnne", [_layers("GRU", 6, 30)], dtype)
+    model = rnnengine.load(path, shared=True)
+    private = rnnengine.load(path)
+    cache = os.path.realpath(path + ".panels")
+    maps = [(a, b) for a, b, p in _maps() if os.path.realpath(p) == cache]
+    quantized = [n for n in model.file.names if model.file.info(n)["quantized"]]
+    assert len(quantized) == 2  # W and R
+    for n in quantized:
+        a = model.tensors[n]
+        assert _same(a, private.tensors[n]) and not a.flags.writeable
+        assert any(lo <= a.ctypes.data < hi for lo, hi in maps)
+
+
 def test_second_load_maps_without_writing(tmp_path):
     path = _file(tmp_path, "m.rnne", [_layers("LSTM", 4, 20)])
     X = rng.standard_normal((3, 2, 4)).astype(np.float32)
@@ -362,3 +379,34 @@ def test_mapped_buffers_are_checked(bad):
         m["Rp"] = (_aligned(other[1][0]), None)
     with pytest.raises(ValueError):
         _core.Stack([dict(spec, cells=[dict(spec["cells"][0], mapped=m)])])
+
+
+@pytest.mark.parametrize("damage", ["value", "size", "layout"])
+def test_damaged_widened_tensor_is_rebuilt(tmp_path, damage):
+    path = _file(tmp_path, "m.rnne", [_layers("LSTM", 5, 14)], "int8")
+    X = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    want = _run(rnnengine.load(path), X)
+    rnnengine.load(path, shared=True).run(X)
+    cache = path + ".panels"
+    src = rnnengine.load(path, mmap=True).file
+    tensor_keys = [k for k in panels.read(cache, src) if k[2] == panels.TENSOR]
+    assert len(tensor_keys) == 2
+    if damage == "value":  # one float of a widened W changed: the chunked comparison catches it
+        buf = bytearray(open(cache, "rb").read())
+        f = panels.HEADER.unpack_from(buf, 0)
+        e = [e for e in json.loads(bytes(buf[64:64 + f[4]]))["entries"] if e["which"] == panels.TENSOR][0]
+        at = f[5] + e["offset"] + e["nbytes"] // 2
+        buf[at:at + 4] = np.float32(0.125).tobytes()
+        open(cache, "wb").write(buf)
+    elif damage == "size":
+        _rewrite_table(cache, lambda d: [e.update(N=e["N"] - 1, nbytes=e["nbytes"] - 4)
+                                         for e in d["entries"] if e["which"] == panels.TENSOR])
+    else:
+        _rewrite_table(cache, lambda d: [e.update(K=2) for e in d["entries"] if e["which"] == panels.TENSOR])
+        with pytest.raises(panels.CacheInvalid, match="K 1"):
+            panels.read(cache, src)
+    m = rnnengine.load(path, shared=True)
+    assert m.panel_cache.status.startswith("wrote")
+    assert _same(_run(m, X), want)
+    private = rnnengine.load(path)
+    assert all(_same(m.tensors[k[0].split("|", 1)[1]], private.tensors[k[0].split("|", 1)[1]]) for k in tensor_keys)

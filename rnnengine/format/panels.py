@@ -41,6 +41,8 @@ HEADER = struct.Struct("<4sIIIQQQQII8s")
 CRC_SPAN = 52            # meta_crc32 covers header bytes [0, 52) followed by the JSON block
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 WHICH = ("Wp", "Rp", "Rhp")  # Stack.panel_raw's which = 0, 1, 2
+TENSOR = "tensor"            # `which` of an entry holding a compact tensor widened to float32
+CHUNK = 1 << 13              # elements compared at a time: small scratch, reused (see _widened)
 assert HEADER.size == 64
 
 
@@ -62,9 +64,10 @@ def write(path: str, source: Any, entries: dict[tuple[str, int, str], tuple[Any,
     """Writes a panel cache for weight file `source` (a WeightFile) atomically: a temporary
     file in the same directory, renamed over `path`. entries: {(stack key, cell, which):
     (data uint8, scales float32 or None, N, K, dtype)}."""
-    table, offset = [], 0
+    table: list[dict[str, Any]] = []
+    offset = 0
     for (key, cell, which), (data, scales, n, k, dtype) in sorted(entries.items()):
-        e = {"stack": key, "cell": cell, "which": which, "dtype": dtype, "N": n, "K": k,
+        e: dict[str, Any] = {"stack": key, "cell": cell, "which": which, "dtype": dtype, "N": n, "K": k,
              "offset": offset, "nbytes": int(data.nbytes)}
         offset = _align(offset + data.nbytes)
         if scales is not None:
@@ -83,10 +86,10 @@ def write(path: str, source: Any, entries: dict[tuple[str, int, str], tuple[Any,
             f.write(block)
             for e, (data, scales, *_) in zip(table, (entries[k] for k in sorted(entries))):
                 f.seek(data_off + e["offset"])
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                f.write(np.ascontiguousarray(data).data)
                 if scales is not None:
                     f.seek(data_off + e["scale_offset"])
-                    f.write(memoryview(np.ascontiguousarray(scales)).cast("B"))
+                    f.write(np.ascontiguousarray(scales).data)
             f.truncate(size)
         os.replace(tmp, path)
     except BaseException:
@@ -134,18 +137,21 @@ def read(path: str, source: Any) -> dict[tuple[str, int, str], tuple[Any, Any, i
     out: dict[tuple[str, int, str], tuple[Any, Any, int, int, str]] = {}
     spans = []
     whole = np.frombuffer(buf, np.uint8)  # read-only: the map is ACCESS_READ
-    for i, e in enumerate(doc["entries"]):
+    for i, ent in enumerate(doc["entries"]):
         def field(name: str, kind: type) -> Any:
-            v = e.get(name) if isinstance(e, dict) else None
-            if type(v) is not kind or (kind is int and not 0 <= v < 1 << 48):
+            v: Any = ent.get(name) if isinstance(ent, dict) else None
+            in_range = kind is not int or (type(v) is int and 0 <= v < 1 << 48)
+            if type(v) is not kind or not in_range:  # bool is not int here
                 raise CacheInvalid(f"entry {i}: field {name!r} must be {kind.__name__}"
                                    f"{' in [0, 2**48)' if kind is int else ''}, got {str(v)[:40]}")
             return v
         key, cell, which, dtype = field("stack", str), field("cell", int), field("which", str), field("dtype", str)
         n, k, off, nbytes = field("N", int), field("K", int), field("offset", int), field("nbytes", int)
-        if which not in WHICH or dtype not in ITEMSIZE or cell > 1:
+        if which not in WHICH + (TENSOR,) or dtype not in ITEMSIZE or cell > 1:
             raise CacheInvalid(f"entry {i}: which {which!r}, dtype {dtype!r} or cell {cell} unknown")
-        want, want_scales = panel_bytes(n, k, dtype)
+        if which == TENSOR and (dtype != "float32" or k != 1 or cell != 0):
+            raise CacheInvalid(f"entry {i}: a widened tensor is float32, K 1, cell 0")
+        want, want_scales = (n * 4, 0) if which == TENSOR else panel_bytes(n, k, dtype)
         if nbytes != want:
             raise CacheInvalid(f"entry {i}: {nbytes} bytes; {n} x {k} {dtype} panels have {want}")
         if (key, cell, which) in out:
@@ -156,7 +162,7 @@ def read(path: str, source: Any) -> dict[tuple[str, int, str], tuple[Any, Any, i
             if sbytes != want_scales:
                 raise CacheInvalid(f"entry {i}: {sbytes} scale bytes, expected {want_scales}")
             ranges.append((soff, sbytes))
-        elif "scale_offset" in e or "scale_nbytes" in e:
+        elif "scale_offset" in ent or "scale_nbytes" in ent:
             raise CacheInvalid(f"entry {i}: scales belong to int8 panels only")
         for o, nb in ranges:
             if o % ALIGNMENT or data_off + o + nb > size:
@@ -170,6 +176,21 @@ def read(path: str, source: Any) -> dict[tuple[str, int, str], tuple[Any, Any, i
         if b0 < a1:
             raise CacheInvalid(f"entries {i} and {j} overlap")
     return out
+
+
+def _widened(stored: Any, scales: Any) -> Any:
+    """(start, float32 chunk) over WeightFile.tensor's widening of a float16 / int8 tensor,
+    a few rows at a time: the same elementwise operations, so the same bits."""
+    if scales is None:  # float16
+        flat = stored.reshape(-1)
+        for i in range(0, flat.size, CHUNK):
+            yield i, flat[i:i + CHUNK].astype(np.float32)
+        return
+    k = stored.shape[-1] if stored.ndim else 1
+    q = stored.reshape(len(scales), k)
+    rows = max(1, CHUNK // max(k, 1))
+    for r in range(0, len(scales), rows):
+        yield r * k, (q[r:r + rows].astype(np.float32) * scales[r:r + rows, None]).reshape(-1)
 
 
 class PanelCache:
@@ -187,6 +208,44 @@ class PanelCache:
             self.entries, self.status = {}, f"no cache at {path} yet"
         except (CacheInvalid, OSError, ValueError) as e:
             self.entries, self.status = {}, f"{path} not used ({e}); it is rebuilt"
+
+    def tensors(self) -> dict[str, Any]:
+        """{name: float32 array} of the weight file's float16 / int8 tensors widened (exactly
+        what WeightFile.tensor gives), as read-only views of the cache: one shared copy for
+        all processes instead of one expanded copy each. Each entry is compared with the
+        widening of the stored values chunk by chunk before it is used; missing or different
+        ones are widened here and the cache is written again (or, when it cannot be, the
+        private arrays are returned)."""
+        names = [n for n in self.source.names if self.source.info(n)["quantized"]]
+        out, missing = {}, {}
+        for name in names:
+            view = self._tensor(name)
+            if view is None:
+                missing[name] = self.source.tensor(name)
+            else:
+                out[name] = view
+        if missing:
+            raw = {(f"{TENSOR}|{n}", 0, TENSOR): (a.reshape(-1).view(np.uint8), None, a.size, 1, "float32")
+                   for n, a in missing.items()}
+            if not self._rewrite(raw):
+                return out | missing
+            for name, a in missing.items():
+                view = self._tensor(name)
+                out[name] = a if view is None else view
+        return out
+
+    def _tensor(self, name: str) -> Any:
+        """The cache's copy of tensor `name` widened, when it equals the widening of the
+        stored values bit for bit; else None."""
+        hit = self.entries.get((f"{TENSOR}|{name}", 0, TENSOR))
+        stored, scales = self.source.raw(name)
+        if hit is None or hit[2] != stored.size:
+            return None
+        got = hit[0].view(np.uint32)
+        for start, chunk in _widened(stored, scales):
+            if not np.array_equal(got[start:start + chunk.size], chunk.view(np.uint32)):
+                return None
+        return hit[0].view(np.float32).reshape(stored.shape)
 
     def share(self, key: str, spec: dict[str, Any], pack: Callable[[], Any]) -> Any:
         """The stack of `spec` reading its panels from the cache (C compares them with a

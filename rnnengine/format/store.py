@@ -285,13 +285,11 @@ def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False,
     read their packed panels from the panel cache (rnnengine/format/panels.py)."""
     if not isinstance(shared, (bool, str)):
         raise TypeError(f"shared must be True, False or the panel cache's path, got {type(shared).__name__}")
-    model = _load(path, verify, limits, mmap or bool(shared))
-    if shared:
-        model.panel_cache = PanelCache(shared if isinstance(shared, str) else str(path) + ".panels", model.file)
-    return configure(model, weight_dtype, threads)
+    cache = str(path) + ".panels" if shared is True else shared or None
+    return configure(_load(path, verify, limits, mmap or bool(shared), cache), weight_dtype, threads)
 
 
-def _load(path, verify, limits, mmap):
+def _load(path, verify, limits, mmap, cache_path=None):
     lim = resolve(limits) if limits is not None else None
     wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
     if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:
@@ -301,6 +299,7 @@ def _load(path, verify, limits, mmap):
             model.mapped_file = wf
         return model
     check_graph(wf.graph, set(wf.names))
+    cache = PanelCache(cache_path, wf) if cache_path else None  # not for checkpoints: their weights are new arrays
     most = wf.limits.max_tensor_elements
     for i in wf.graph["inputs"]:
         n = 1
@@ -311,13 +310,18 @@ def _load(path, verify, limits, mmap):
                 f"{path}: graph input {i['name']!r} declares shape {i['shape']}, {n} elements, more than the "
                 f"limit max_tensor_elements={most}; if the file is trusted, raise it with "
                 "rnnengine.load(..., limits=rnnengine.Limits(max_tensor_elements=...))")
-    tensors = {name: wf.tensor(name) for name in wf.names}
+    # float16 / int8 tensors widened to float32: from the panel cache when shared (one copy
+    # for all processes), else private arrays
+    widened = cache.tensors() if cache is not None else {}
+    tensors = {name: widened[name] if name in widened else wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
     model.compact_file = wf  # its float16 / int8 recurrent weights reach the kernels as stored
     model.limits = lim
+    if cache is not None:
+        model.panel_cache = cache
     if wf.mapped:
         model.mapped_file = wf
     return model
