@@ -410,3 +410,25 @@ def test_damaged_widened_tensor_is_rebuilt(tmp_path, damage):
     assert _same(_run(m, X), want)
     private = rnnengine.load(path)
     assert all(_same(m.tensors[k[0].split("|", 1)[1]], private.tensors[k[0].split("|", 1)[1]]) for k in tensor_keys)
+
+
+def test_fuzz_target_oracle_on_mutated_caches(tmp_path):
+    """tools/fuzz/fuzz_panels.py's oracle over a hundred of its own structure mutations
+    (header fields, any table value with a valid checksum, data bytes) of both seeds: every
+    model loads and computes exactly what it computes without a cache."""
+    import random
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "fuzz"))
+    import fuzz_panels
+    seeds = fuzz_panels.make_seeds(str(tmp_path / "seeds"))
+    inputs = [open(os.path.join(seeds, n), "rb").read() for n in sorted(os.listdir(seeds))]
+    cache = str(tmp_path / "c.panels")
+    r = random.Random(7)
+    mutated = 0
+    for k in range(100):
+        data = inputs[k % 2]
+        for _ in range(r.randrange(1, 4)):  # chains of edits
+            data = fuzz_panels.structure_mutate(data, 1 << 20, r.randrange(1 << 30)) or data
+        mutated += data != inputs[k % 2]
+        fuzz_panels.one_panels(data, cache)
+    assert mutated > 80
