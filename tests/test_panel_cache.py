@@ -432,3 +432,63 @@ def test_fuzz_target_oracle_on_mutated_caches(tmp_path):
         mutated += data != inputs[k % 2]
         fuzz_panels.one_panels(data, cache)
     assert mutated > 80
+
+
+_WORKER = r"""
+import sys, numpy as np, rnnengine
+m = rnnengine.load(sys.argv[1], shared=True)
+x = np.random.default_rng(0).standard_normal((3, 2, int(sys.argv[2]))).astype(np.float32)
+m.run(x)
+m.stream(batch_size=1).step(x[0, :1])
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _smaps(pid, path):
+    """(USS of the process, {field: kB} summed over its mappings of `path`) in kB."""
+    uss, fields, cur = 0, {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            p = line.split()
+            if "-" in p[0] and not p[0].endswith(":"):
+                cur = len(p) >= 6 and os.path.realpath(p[5]) == os.path.realpath(path)
+            elif p[-1] == "kB":
+                k = p[0].rstrip(":")
+                if k in ("Private_Clean", "Private_Dirty"):
+                    uss += int(p[1])
+                if cur:
+                    fields[k] = fields.get(k, 0) + int(p[1])
+    return uss, fields
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_three_processes_share_one_copy(tmp_path, dtype):
+    """Three processes serving one file: every page of the panel cache they read is shared
+    (none private), and each one's private memory exceeds that of a process serving a tiny
+    model of the same kind by far less than the weight bytes (issue 14: <= 10%)."""
+    import subprocess
+    import sys
+    big = _file(tmp_path, "big.rnne", [_layers("LSTM", 64, 768)], dtype)
+    tiny = _file(tmp_path, "tiny.rnne", [_layers("LSTM", 64, 8)], dtype)
+    for p in (big, tiny):  # the cache is written once, before the workers start (as documented)
+        rnnengine.load(p, shared=True).run(np.zeros((1, 1, 64), np.float32))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, p, "64"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env, text=True) for p in (big, big, big, tiny, tiny, tiny)]
+    try:
+        assert all(p.stdout.readline().strip() == "ready" for p in procs)
+        stats = [_smaps(p.pid, big + ".panels") for p in procs]
+    finally:
+        for p in procs:
+            p.stdin.write("\n")
+            p.stdin.flush()
+        for p in procs:
+            p.wait()
+    weight_kb = os.path.getsize(big) / 1024
+    cache_kb = os.path.getsize(big + ".panels") / 1024
+    for uss, cache in stats[:3]:
+        assert cache["Rss"] >= 0.9 * (cache_kb - 64)  # the kernels read the mapped pages...
+        assert cache["Private_Clean"] + cache["Private_Dirty"] == 0  # ...which all three share
+    extra = np.mean([u for u, _ in stats[:3]]) - np.mean([u for u, _ in stats[3:]])
+    assert extra < 0.1 * weight_kb, (extra, weight_kb)

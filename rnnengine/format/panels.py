@@ -267,8 +267,12 @@ class PanelCache:
                     raw[key, d, which] = got
         if not self._rewrite(raw):
             return private
-        del private  # its panels are freed: the mapped ones replace them
-        return self._mapped(key, spec)
+        try:
+            return self._mapped(key, spec)  # the private panels are freed on return
+        except ValueError as e:  # the file changed between writing and mapping it
+            warnings.warn(f"rnnengine: the panel cache {self.path} changed while it was written ({e}); "
+                          "this layer's weights stay in private memory", RuntimeWarning, stacklevel=4)
+            return private
 
     def _mapped(self, key: str, spec: dict[str, Any]) -> Any:
         """The stack of `spec` over the cache's panels for `key` (ValueError when they are
