@@ -291,6 +291,8 @@ cdef class Stack:
         cdef const float *pp
         cdef const float *whrp
         cdef rnn_stored_weights sw
+        cdef const rnn_stored_weights *swp
+        cdef const float *rp
         cdef const uint16_t[:, ::1] W16
         cdef const uint16_t[:, ::1] R16
         cdef const int8_t[:, ::1] Wq
@@ -354,9 +356,14 @@ cdef class Stack:
                     if cell.get("mapped") is not None:
                         # the cell reads W in place (not copied): kept alive with the stack
                         borrowed.append(cell["W"])
-                        st = <rnn_status>_create_mapped(&cfg, &W[0, 0], NULL if stored is not None else &R[0, 0],
-                                                        bp, pp, &sw if stored is not None else NULL,
-                                                        cell["mapped"], borrowed, &cells[k])
+                        rp = NULL
+                        swp = NULL
+                        if stored is None:
+                            rp = &R[0, 0]
+                        else:
+                            swp = &sw
+                        st = <rnn_status>_create_mapped(&cfg, &W[0, 0], rp, bp, pp, swp, cell["mapped"], borrowed,
+                                                        &cells[k])
                     elif stored is None:
                         st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
                     else:
