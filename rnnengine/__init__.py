@@ -130,7 +130,7 @@ def save(model: Model, path: str, dtype: str = "float32") -> None:
 
 
 def load(path: str, verify: bool = True, limits: Limits | None = None, mmap: bool = False,
-         weight_dtype: str | None = None, threads: int = 1) -> Model:
+         weight_dtype: str | None = None, threads: int = 1, shared: bool | str = False) -> Model:
     """Loads a weight file written by :func:`save` or ``rnnengine convert`` as a
     :class:`Model`. ``verify`` checks the file's checksums first. The file is read into
     private memory (float32 weights are views of it); ``mmap=True`` maps it instead, shared
@@ -139,7 +139,12 @@ def load(path: str, verify: bool = True, limits: Limits | None = None, mmap: boo
     reading and the model's later planning (default: ``rnnengine.limits.defaults()``).
     ``weight_dtype``: the storage the recurrent kernels read (None: as the file stores it, so
     float16 / int8 weights reach the compact kernels exactly as stored); ``threads`` as for
-    :func:`convert`. Raises :class:`FormatError` for a damaged file."""
+    :func:`convert`. ``shared=True`` (implies ``mmap=True``) also maps the recurrent layers'
+    packed weights from the panel cache beside the file (``path + ".panels"``, or the path
+    given as ``shared``), written on first use and checked against the model before every
+    use, so that processes serving the same file share one copy of the weights
+    (docs/FORMAT.md, "The panel cache"). Raises :class:`FormatError` for a damaged file."""
     _load_core()
     from rnnengine.format.store import load as _load
-    return _load(path, verify, limits=limits, mmap=mmap, weight_dtype=weight_dtype, threads=threads)
+    return _load(path, verify, limits=limits, mmap=mmap, weight_dtype=weight_dtype, threads=threads,
+                 shared=shared)

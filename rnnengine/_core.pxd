@@ -152,6 +152,17 @@ cdef extern from "rnnengine.h" nogil:
         const float *R_scale
     rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, const float *B, const float *P,
                                       const rnn_stored_weights *stored, rnn_cell **out)
+    ctypedef struct rnn_mapped_weights:
+        const void *Wp
+        const void *Rp
+        const void *Rhp
+        const float *Wp_scale
+        const float *Rp_scale
+        const float *Rhp_scale
+    rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                                      const float *P, const rnn_stored_weights *stored,
+                                      const rnn_mapped_weights *mapped, rnn_cell **out)
+    int32_t rnn_panel_width()
     void rnn_cell_free(rnn_cell *cell)
 
     rnn_status rnn_stack_create(int32_t n_layers, const int32_t *direction, rnn_cell **cells,

@@ -5,6 +5,7 @@
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uintptr_t
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 
 import threading
 
@@ -38,6 +39,11 @@ def kernel_level(level=None):
     if level is not None:
         rnn_set_kernel_level(int(level))
     return rnn_kernel_level()
+
+
+def panel_width():
+    """Columns per packed panel (src_c/pack.c): the layout the panel cache stores."""
+    return rnn_panel_width()
 
 
 def kernel_level_max():
@@ -181,6 +187,64 @@ cdef object _stored_codes(a, dtype, shape):
     return np.ascontiguousarray(arr)
 
 
+cdef const void *_panel_ptr(object panel, int64_t N, int64_t K, int32_t dtype, object borrowed,
+                            const float **scale, what) except? NULL:
+    """The data pointer of one mapped panel (uint8 bytes, scales or None), after checking
+    that it holds exactly the panels of an (N, K) matrix in `dtype` (pack.c's layout) and,
+    for int8, ceil(N/16)*16 scales; appends what it points into to `borrowed`."""
+    cdef int64_t w = rnn_panel_width(), padded = (N + w - 1) // w * w
+    cdef int64_t want = padded * K * (4, 2, 1)[dtype]
+    if panel is None:
+        raise ValueError(f"{what}: mapped panels missing")
+    data, scales = panel
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1 \
+            or not data.flags.c_contiguous or data.shape[0] != want:
+        raise ValueError(f"{what}: mapped panels must be {want} contiguous uint8 bytes "
+                         f"({N} x {K} {('float32', 'float16', 'int8')[dtype]} in panels of {w})")
+    if (dtype == 2) != (scales is not None):
+        raise ValueError(f"{what}: int8 panels need their scales, other storage none")
+    cdef cnp.ndarray d = data
+    cdef cnp.ndarray sc
+    scale[0] = NULL
+    if scales is not None:
+        if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or scales.ndim != 1 \
+                or not scales.flags.c_contiguous or scales.shape[0] != padded:
+            raise ValueError(f"{what}: mapped scales must be {padded} contiguous float32")
+        sc = scales
+        scale[0] = <const float *>cnp.PyArray_DATA(sc)
+        borrowed.append(scales)
+    if (<uintptr_t>cnp.PyArray_DATA(d)) % 64:
+        raise ValueError(f"{what}: mapped panels must start at a 64-byte aligned address")
+    borrowed.append(data)
+    return cnp.PyArray_DATA(d)
+
+
+cdef int _create_mapped(rnn_cell_config *cfg, const float *W, const float *R, const float *bp, const float *pp,
+                        const rnn_stored_weights *sw, dict mapped, list borrowed, rnn_cell **out) except -1:
+    """rnn_cell_create_mapped over the panels of a cell's "mapped" entry (see Stack), after
+    checking their sizes here; C compares their bytes with a packing of W and R."""
+    cdef rnn_mapped_weights m
+    cdef int64_t H = cfg.hidden_size
+    cdef int64_t G = 4 if cfg.kind == RNN_CELL_LSTM else (3 if cfg.kind == RNN_CELL_GRU else 1)
+    cdef bint split = cfg.kind == RNN_CELL_GRU and not cfg.linear_before_reset
+    if cfg.proj_size:
+        raise ValueError("mapped panels: no projection")
+    m.Wp = _panel_ptr(mapped["Wp"], G * H, cfg.input_size, cfg.weight_dtype, borrowed, &m.Wp_scale, "W")
+    m.Rp = _panel_ptr(mapped["Rp"], 2 * H if split else G * H, H, cfg.weight_dtype, borrowed, &m.Rp_scale, "R")
+    m.Rhp = NULL
+    m.Rhp_scale = NULL
+    if split:
+        m.Rhp = _panel_ptr(mapped["Rhp"], H, H, cfg.weight_dtype, borrowed, &m.Rhp_scale, "R[2H:]")
+    elif mapped.get("Rhp") is not None:
+        raise ValueError("mapped Rhp is for a GRU with linear_before_reset = 0 only")
+    cdef rnn_status st
+    with nogil:
+        st = rnn_cell_create_mapped(cfg, W, R, bp, pp, sw, &m, out)
+    if st == RNN_STATUS_BAD_ARGUMENT:
+        raise ValueError("mapped panels differ from the packing of W and R (a stale or damaged panel cache)")
+    return <int>st
+
+
 cdef class Stack:
     """A compiled stack of recurrent layers (an rnn_stack handle). Immutable; thread-safe.
 
@@ -194,10 +258,20 @@ cdef class Stack:
     float16 / int8 may carry "stored": (W, R, W_scale, R_scale), its W and R as a weight file
     stores them (float16 arrays, or int8 codes with float32 row scales); the kernels then read
     those exactly (rnn_cell_create_stored), and W must be their float32 values.
+
+    A cell may also carry "mapped": {"Wp": panel, "Rp": panel, "Rhp": panel or None}, each
+    panel (uint8 bytes, int8 scales float32 or None): the packed panels the cell then reads in
+    place instead of packing its own (rnn_cell_create_mapped; typically views of the panel
+    cache file, shared by every process serving the model: rnnengine/format/panels.py). Their
+    sizes, dtypes and alignment are checked here, and C compares every byte with a packing of
+    the cell's W and R (or "stored"), panel by panel: different panels raise ValueError. The
+    cell also reads its W in place. The stack keeps these buffers alive.
     """
     cdef rnn_stack *ptr
     cdef readonly int input_size, output_size, n_layers, last_hidden
     cdef readonly tuple layer_shapes  # per layer: (kind, D, H, has_c); last_hidden: floats of its h
+    cdef readonly bint mapped         # its cells read W and the panels from the callers' buffers
+    cdef object _borrowed             # those buffers (kept alive as long as the cells read them)
 
     def __cinit__(self, list layers):
         self.ptr = NULL
@@ -218,6 +292,8 @@ cdef class Stack:
         cdef const float *pp
         cdef const float *whrp
         cdef rnn_stored_weights sw
+        cdef const rnn_stored_weights *swp
+        cdef const float *rp
         cdef const uint16_t[:, ::1] W16
         cdef const uint16_t[:, ::1] R16
         cdef const int8_t[:, ::1] Wq
@@ -225,6 +301,7 @@ cdef class Stack:
         cdef const float[::1] Ws
         cdef const float[::1] Rs
         shapes = []
+        borrowed = []
         try:
             if dirs == NULL or cells == NULL:
                 raise MemoryError()
@@ -261,9 +338,7 @@ cdef class Stack:
                         Pv = cell["P"]
                         pp = &Pv[0]
                     stored = cell.get("stored")
-                    if stored is None:
-                        st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
-                    else:
+                    if stored is not None:
                         sw.W_scale = NULL
                         sw.R_scale = NULL
                         if cfg.weight_dtype == 1:  # float16: the halves' bits
@@ -279,6 +354,20 @@ cdef class Stack:
                             sw.W, sw.R, sw.W_scale, sw.R_scale = &Wq[0, 0], &Rq[0, 0], &Ws[0], &Rs[0]
                         else:
                             raise ValueError("stored weights need weight_dtype float16 or int8")
+                    if cell.get("mapped") is not None:
+                        # the cell reads W in place (not copied): kept alive with the stack
+                        borrowed.append(cell["W"])
+                        rp = NULL
+                        swp = NULL
+                        if stored is None:
+                            rp = &R[0, 0]
+                        else:
+                            swp = &sw
+                        st = <rnn_status>_create_mapped(&cfg, &W[0, 0], rp, bp, pp, swp, cell["mapped"], borrowed,
+                                                        &cells[k])
+                    elif stored is None:
+                        st = rnn_cell_create_projected(&cfg, &W[0, 0], &R[0, 0], bp, pp, whrp, &cells[k])
+                    else:
                         st = rnn_cell_create_stored(&cfg, &W[0, 0], bp, pp, &sw, &cells[k])
                     _check(st, f"layer {li}: creating a {layer['kind']} cell")
                     k += 1
@@ -296,6 +385,8 @@ cdef class Stack:
         self.input_size = rnn_stack_input_size(self.ptr)
         self.output_size = rnn_stack_output_size(self.ptr)
         self.layer_shapes = tuple(shapes)
+        self.mapped = bool(borrowed)
+        self._borrowed = borrowed
         self.last_hidden = layers[n - 1].get("proj_size") or shapes[len(shapes) - 1][2]
 
     def __dealloc__(self):
@@ -320,6 +411,34 @@ cdef class Stack:
             sp = &sv[0]
         rnn_packed_unpack(p, cnp.PyArray_DATA(o), sp)
         return out, scales
+
+    def panel_raw(self, int layer, int direction, int which):
+        """The packed panels of one cell exactly as the kernels read them (which as in
+        packed_weights): (data as uint8 bytes, int8 scales float32 (ceil(N/16)*16) or None,
+        N, K, dtype name), copies; None when the cell has none. What the panel cache stores."""
+        cdef const rnn_packed *p = rnn_stack_packed(self.ptr, layer, direction, which)
+        if p == NULL:
+            return None
+        cdef int64_t w = rnn_panel_width(), padded = (p.N + w - 1) // w * w
+        cdef int64_t nbytes = padded * p.K * (4, 2, 1)[p.dtype]
+        data = np.empty(nbytes, np.uint8)
+        cdef cnp.ndarray d = data
+        if nbytes:
+            memcpy(cnp.PyArray_DATA(d), p.data, nbytes)
+        scales = None
+        cdef cnp.ndarray sc
+        if p.scale != NULL:
+            scales = np.empty(padded, np.float32)
+            sc = scales
+            if padded:
+                memcpy(cnp.PyArray_DATA(sc), p.scale, padded * sizeof(float))
+        return data, scales, p.N, p.K, ("float32", "float16", "int8")[p.dtype]
+
+    def panel_address(self, int layer, int direction, int which):
+        """The address of one cell's panel data (which as in packed_weights), or None. For
+        tests: where the kernels read from (a mapped stack: inside the panel cache's map)."""
+        cdef const rnn_packed *p = rnn_stack_packed(self.ptr, layer, direction, which)
+        return None if p == NULL else <uintptr_t>p.data
 
     def state_size(self, int64_t batch):
         return rnn_stack_state_floats(self.ptr, batch)

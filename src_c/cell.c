@@ -1,6 +1,7 @@
 /* cell.c - creation of a cell (weight packing) and the sequence driver shared by all kinds. */
 #include "internal.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,11 +22,13 @@ static int32_t gates_of(int32_t kind) {
 
 void rnn_cell_free(rnn_cell *cell) {
     if (!cell) return;
-    free(cell->W);
-    rnn_packed_free(&cell->Wp);
-    rnn_packed_free(&cell->Rp);
-    rnn_packed_free(&cell->Rhp);
-    rnn_packed_free(&cell->Whrp);
+    if (!cell->borrowed) {
+        free(cell->W);
+        rnn_packed_free(&cell->Wp);
+        rnn_packed_free(&cell->Rp);
+        rnn_packed_free(&cell->Rhp);
+        rnn_packed_free(&cell->Whrp);
+    }
     free(cell->bias_x);
     free(cell->bias_rh);
     free(cell->P);
@@ -59,21 +62,18 @@ rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, co
     return cell_create(cfg, W, NULL, B, P, NULL, stored, out);
 }
 
-/* Both constructors: packs R from its float32 values (R) or as stored (stored, R NULL). */
-static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
-                              const float *P, const float *Whr, const rnn_stored_weights *stored, rnn_cell **out) {
-    if (!cfg || !W || (!R && !stored) || !out) return RNN_STATUS_BAD_ARGUMENT;
-    *out = NULL;
+/* The checks every constructor makes on cfg (has_whr, has_p: a projection / peepholes given). */
+static rnn_status check_config(const rnn_cell_config *cfg, int has_whr, int has_p) {
     /* a projection: LSTM only, with its weight, and no step mask (Keras has no projection) */
     if (cfg->proj_size < 0) return RNN_STATUS_BAD_SHAPE;
-    if (cfg->proj_size > 0 && (cfg->kind != RNN_CELL_LSTM || !Whr || cfg->step_mask)) return RNN_STATUS_BAD_ARGUMENT;
-    if (cfg->proj_size == 0 && Whr) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->proj_size > 0 && (cfg->kind != RNN_CELL_LSTM || !has_whr || cfg->step_mask)) return RNN_STATUS_BAD_ARGUMENT;
+    if (cfg->proj_size == 0 && has_whr) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->kind < RNN_CELL_RNN || cfg->kind > RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->input_size < 0 || cfg->hidden_size <= 0) return RNN_STATUS_BAD_SHAPE;
     if (cfg->has_clip && !(cfg->clip >= 0.0f)) return RNN_STATUS_BAD_ARGUMENT;
     for (int k = 0; k < 3; k++)
         if (cfg->act[k].kind < 0 || cfg->act[k].kind >= RNN_ACT_COUNT) return RNN_STATUS_BAD_ARGUMENT;
-    if (P && cfg->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
+    if (has_p && cfg->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->weight_dtype < RNN_WEIGHTS_F32 || cfg->weight_dtype > RNN_WEIGHTS_I8) return RNN_STATUS_BAD_ARGUMENT;
     if (cfg->step_mask < 0 || cfg->step_mask > 2) return RNN_STATUS_BAD_ARGUMENT;
 
@@ -82,6 +82,21 @@ static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const 
     const int64_t Hh = cfg->proj_size > 0 ? cfg->proj_size : H; /* floats of h: R is (G*H, Hh) */
     if (G * H > INT32_MAX || G * H * (I > Hh ? I : Hh) > ((int64_t)1 << 40) || Hh * H > ((int64_t)1 << 40))
         return RNN_STATUS_TOO_LARGE;
+    return RNN_STATUS_OK;
+}
+
+/* bias_x = Wb + Rb, except the GRU h gate with linear_before_reset (see cell_create). */
+static void set_biases(rnn_cell *c, const float *B);
+
+/* Both constructors: packs R from its float32 values (R) or as stored (stored, R NULL). */
+static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                              const float *P, const float *Whr, const rnn_stored_weights *stored, rnn_cell **out) {
+    if (!cfg || !W || (!R && !stored) || !out) return RNN_STATUS_BAD_ARGUMENT;
+    *out = NULL;
+    const rnn_status bad = check_config(cfg, Whr != NULL, P != NULL);
+    if (bad != RNN_STATUS_OK) return bad;
+    const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
+    const int64_t Hh = cfg->proj_size > 0 ? cfg->proj_size : H; /* floats of h: R is (G*H, Hh) */
 
     rnn_cell *c = calloc(1, sizeof *c);
     if (!c) return RNN_STATUS_OUT_OF_MEMORY;
@@ -116,21 +131,103 @@ static rnn_status cell_create(const rnn_cell_config *cfg, const float *W, const 
     }
     memcpy(c->W, W, sizeof(float) * (size_t)(G * H * I));
     if (P) memcpy(c->P, P, sizeof(float) * (size_t)(3 * H));
-    if (B) {
-        const float *Wb = B, *Rb = B + G * H;
-        /* Biases summed once: bias_x = Wb + Rb, except the GRU h gate with
-         * linear_before_reset, where Rbh sits inside r * (H Rh^T + Rbh). */
-        for (int64_t j = 0; j < G * H; j++) c->bias_x[j] = Wb[j] + Rb[j];
-        if (cfg->kind == RNN_CELL_GRU && cfg->linear_before_reset) {
-            for (int64_t j = 0; j < H; j++) {
-                c->bias_x[2 * H + j] = Wb[2 * H + j];
-                c->bias_rh[j] = Rb[2 * H + j];
-            }
-        }
-    }
+    set_biases(c, B);
     *out = c;
     return RNN_STATUS_OK;
 }
+
+static void set_biases(rnn_cell *c, const float *B) {
+    if (!B) return;
+    const int64_t H = c->cfg.hidden_size, G = c->G;
+    const float *Wb = B, *Rb = B + G * H;
+    /* Biases summed once: bias_x = Wb + Rb, except the GRU h gate with
+     * linear_before_reset, where Rbh sits inside r * (H Rh^T + Rbh). */
+    for (int64_t j = 0; j < G * H; j++) c->bias_x[j] = Wb[j] + Rb[j];
+    if (c->cfg.kind == RNN_CELL_GRU && c->cfg.linear_before_reset) {
+        for (int64_t j = 0; j < H; j++) {
+            c->bias_x[2 * H + j] = Wb[2 * H + j];
+            c->bias_rh[j] = Rb[2 * H + j];
+        }
+    }
+}
+
+/* Whether the panels at `mapped` (and for int8 `mscale`) hold what packing the (N, K)
+ * matrix gives: B float32 rows, or Q stored rows (halves / int8 codes with qscale). Packs 16
+ * rows at a time (one panel; packing is row by row, so a panel alone packs the same bytes as
+ * within the whole matrix, its int8 scales included). 1 equal, 0 different, -1 no memory. */
+static int panels_equal(const void *mapped, const float *mscale, const float *B, const void *Q,
+                        const float *qscale, int64_t N, int64_t K, int32_t dtype) {
+    const size_t es = dtype == RNN_WEIGHTS_F32 ? 4 : dtype == RNN_WEIGHTS_F16 ? 2 : 1;
+    const size_t bytes = (size_t)K * RNN_PANEL * es;
+    for (int64_t n0 = 0; n0 < N; n0 += RNN_PANEL) {
+        const int64_t w = N - n0 < RNN_PANEL ? N - n0 : RNN_PANEL;
+        rnn_packed p;
+        const rnn_status st = Q ? rnn_packed_init_stored(&p, (const char *)Q + (size_t)(n0 * K) * es,
+                                                         qscale ? qscale + n0 : NULL, w, K, K, dtype)
+                                : rnn_packed_init_dtype(&p, B + n0 * K, w, K, K, dtype);
+        if (st != RNN_STATUS_OK) return -1;
+        int same = memcmp(p.data, (const char *)mapped + (size_t)(n0 / RNN_PANEL) * bytes, bytes) == 0;
+        if (same && p.scale) same = memcmp(p.scale, mscale + n0, sizeof(float) * RNN_PANEL) == 0;
+        rnn_packed_free(&p);
+        if (!same) return 0;
+    }
+    return 1;
+}
+
+rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                                  const float *P, const rnn_stored_weights *stored,
+                                  const rnn_mapped_weights *m, rnn_cell **out) {
+    if (!cfg || !W || !m || !out || cfg->proj_size != 0 || (!R) == (!stored)) return RNN_STATUS_BAD_ARGUMENT;
+    *out = NULL;
+    const rnn_status bad = check_config(cfg, 0, P != NULL);
+    if (bad != RNN_STATUS_OK) return bad;
+    const int split = cfg->kind == RNN_CELL_GRU && !cfg->linear_before_reset;
+    const int32_t wd = cfg->weight_dtype, q = wd == RNN_WEIGHTS_I8;
+    if (stored && (!stored->W || !stored->R || wd == RNN_WEIGHTS_F32 || q != !!stored->W_scale || q != !!stored->R_scale))
+        return RNN_STATUS_BAD_ARGUMENT;
+    /* the kernels use aligned loads on panels (pack.c); scales are read unaligned */
+#define RNN_ALIGNED(p) ((p) && ((uintptr_t)(p) & 63u) == 0)
+    if (!RNN_ALIGNED(m->Wp) || !RNN_ALIGNED(m->Rp) || (split ? !RNN_ALIGNED(m->Rhp) : m->Rhp != NULL))
+        return RNN_STATUS_BAD_ARGUMENT;
+#undef RNN_ALIGNED
+    if (q != !!m->Wp_scale || q != !!m->Rp_scale || (split && q) != !!m->Rhp_scale) return RNN_STATUS_BAD_ARGUMENT;
+    const int64_t H = cfg->hidden_size, I = cfg->input_size, G = gates_of(cfg->kind);
+    const int64_t NR = split ? 2 * H : G * H;
+    /* never trust the mapped bytes: each must be what packing gives here and now */
+    const size_t es = wd == RNN_WEIGHTS_F16 ? 2 : 1;
+    const void *QW = stored ? stored->W : NULL, *QR = stored ? stored->R : NULL;
+    const float *SW = stored ? stored->W_scale : NULL, *SR = stored ? stored->R_scale : NULL;
+    int eq = panels_equal(m->Wp, m->Wp_scale, W, QW, SW, G * H, I, wd);
+    if (eq == 1) eq = panels_equal(m->Rp, m->Rp_scale, R, QR, SR, NR, H, wd);
+    if (eq == 1 && split)
+        eq = panels_equal(m->Rhp, m->Rhp_scale, R ? R + 2 * H * H : NULL,
+                          QR ? (const char *)QR + (size_t)(2 * H * H) * es : NULL, SR ? SR + 2 * H : NULL, H, H, wd);
+    if (eq != 1) return eq < 0 ? RNN_STATUS_OUT_OF_MEMORY : RNN_STATUS_BAD_ARGUMENT;
+
+    rnn_cell *c = calloc(1, sizeof *c);
+    if (!c) return RNN_STATUS_OUT_OF_MEMORY;
+    c->cfg = *cfg;
+    c->G = (int32_t)G;
+    c->bias_x = calloc((size_t)(G * H), sizeof(float));
+    c->bias_rh = calloc((size_t)H, sizeof(float));
+    if (P) c->P = malloc(sizeof(float) * (size_t)(3 * H));
+    if (!c->bias_x || !c->bias_rh || (P && !c->P)) {
+        rnn_cell_free(c); /* borrowed is still 0 here, and W and the panels NULL */
+        return RNN_STATUS_OUT_OF_MEMORY;
+    }
+    /* the kernels only read W and the panels; const is dropped to fit rnn_packed */
+    c->borrowed = 1;
+    c->W = (float *)W;
+    c->Wp = (rnn_packed){G * H, I, wd, (void *)m->Wp, (float *)m->Wp_scale};
+    c->Rp = (rnn_packed){NR, H, wd, (void *)m->Rp, (float *)m->Rp_scale};
+    if (split) c->Rhp = (rnn_packed){H, H, wd, (void *)m->Rhp, (float *)m->Rhp_scale};
+    if (P) memcpy(c->P, P, sizeof(float) * (size_t)(3 * H));
+    set_biases(c, B);
+    *out = c;
+    return RNN_STATUS_OK;
+}
+
+int32_t rnn_panel_width(void) { return RNN_PANEL; }
 
 int64_t rnn_cell_step_floats(const rnn_cell *cell, int64_t B) {
     const int64_t H = cell->cfg.hidden_size;

@@ -80,6 +80,7 @@ struct rnn_cell {
     float *bias_rh; /* (H) GRU with linear_before_reset: Rbh, applied inside r * (.) */
     float *P;       /* (3*H) LSTM peepholes [Pi; Po; Pf] or NULL */
     rnn_packed Whrp; /* LSTM with proj_size P: Whr (P, H) packed; Rp then packs R (4H, P) */
+    int32_t borrowed; /* W and the panels belong to the caller (rnn_cell_create_mapped): not freed */
 };
 
 /* The packed weights of layer `layer`, direction `dir` of a stack: which = 0 W, 1 R (GRU

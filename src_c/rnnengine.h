@@ -124,6 +124,30 @@ typedef struct {
 } rnn_stored_weights;
 rnn_status rnn_cell_create_stored(const rnn_cell_config *cfg, const float *W, const float *B, const float *P,
                                   const rnn_stored_weights *stored, rnn_cell **out);
+/* A cell that reads its packed weights from memory it does not own, typically pages of a
+ * file mapped read-only and shared by every process serving the same model (the panel cache,
+ * docs/FORMAT.md): no panel is allocated, and W is not copied. Arguments as for
+ * rnn_cell_create (stored NULL) or rnn_cell_create_stored (stored given, R NULL), plus
+ * `mapped`: the panels rnn_cell_create would pack for this cfg (layout: rnn_panel_width()
+ * columns per panel, see pack.c): Wp from W (G*H, I), Rp from R (G*H, H), or for a GRU with
+ * linear_before_reset = 0 Rp from R[:2H] and Rhp from R[2H:]; each 64-byte aligned, in
+ * cfg->weight_dtype; for int8 also their scales, ceil(N/16)*16 floats each (else NULL).
+ * The mapped bytes are not trusted: they are compared with a packing of W / R / stored, one
+ * panel at a time (a few kB of scratch), and RNN_STATUS_BAD_ARGUMENT is returned when any
+ * byte differs, when a buffer is NULL or misaligned, or when scales do not match
+ * weight_dtype. The caller keeps W and the mapped buffers alive and unchanged until
+ * rnn_cell_free (the cell reads W in place for BLAS input projections). B and P are copied.
+ * No projection (cfg->proj_size must be 0). The sizes are the caller's contract (the Cython
+ * binding checks them). */
+typedef struct {
+    const void *Wp, *Rp, *Rhp;
+    const float *Wp_scale, *Rp_scale, *Rhp_scale;
+} rnn_mapped_weights;
+rnn_status rnn_cell_create_mapped(const rnn_cell_config *cfg, const float *W, const float *R, const float *B,
+                                  const float *P, const rnn_stored_weights *stored,
+                                  const rnn_mapped_weights *mapped, rnn_cell **out);
+/* Columns per packed panel (16): the layout rnn_cell_create_mapped's panels must have. */
+int32_t rnn_panel_width(void);
 void rnn_cell_free(rnn_cell *cell);
 const rnn_cell_config *rnn_cell_get_config(const rnn_cell *cell);
 

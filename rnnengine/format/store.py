@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rnnengine.format import weightfile as fileformat
+from rnnengine.format.panels import PanelCache
 from rnnengine.frontend import opsets
 from rnnengine.frontend.converter import convert_model
 from rnnengine.frontend.opsets import OpsetError, check_structure
@@ -269,7 +270,7 @@ def load_checkpoint_model(wf, path):
 
 
 def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False, weight_dtype: str | None = None,
-         threads: int = 1) -> GraphModel:
+         threads: int = 1, shared: bool | str = False) -> GraphModel:
     """Loads a weight file as a GraphModel. The file is read into private memory (64-byte
     aligned; float32 weights are views of it, not further copies), so nothing that happens to
     the file afterwards can affect the model; with mmap=True it is memory-mapped instead
@@ -279,11 +280,16 @@ def load(path: str, verify: bool = True, limits: Any = None, mmap: bool = False,
     limits: a rnnengine.Limits for the reading and the model's planning. weight_dtype: the
     storage the recurrent kernels read, None for as the file stores it (float16 / int8 weights
     then reach the kernels exactly as stored; rnnengine/runtime/compact.py); threads: how many
-    threads run() may split the batch over (rnnengine/runtime/split.py)."""
-    return configure(_load(path, verify, limits, mmap), weight_dtype, threads)
+    threads run() may split the batch over (rnnengine/runtime/split.py). shared: True (the
+    cache at path + ".panels") or a cache path: the file is mapped and the recurrent stacks
+    read their packed panels from the panel cache (rnnengine/format/panels.py)."""
+    if not isinstance(shared, (bool, str)):
+        raise TypeError(f"shared must be True, False or the panel cache's path, got {type(shared).__name__}")
+    cache = str(path) + ".panels" if shared is True else shared or None
+    return configure(_load(path, verify, limits, mmap or bool(shared), cache), weight_dtype, threads)
 
 
-def _load(path, verify, limits, mmap):
+def _load(path, verify, limits, mmap, cache_path=None):
     lim = resolve(limits) if limits is not None else None
     wf = fileformat.read(path, verify=verify, mmap=mmap, limits=lim)
     if isinstance(wf.graph, dict) and wf.graph.get("kind") == CHECKPOINT_KIND:
@@ -293,6 +299,7 @@ def _load(path, verify, limits, mmap):
             model.mapped_file = wf
         return model
     check_graph(wf.graph, set(wf.names))
+    cache = PanelCache(cache_path, wf) if cache_path else None  # not for checkpoints: their weights are new arrays
     most = wf.limits.max_tensor_elements
     for i in wf.graph["inputs"]:
         n = 1
@@ -303,13 +310,18 @@ def _load(path, verify, limits, mmap):
                 f"{path}: graph input {i['name']!r} declares shape {i['shape']}, {n} elements, more than the "
                 f"limit max_tensor_elements={most}; if the file is trusted, raise it with "
                 "rnnengine.load(..., limits=rnnengine.Limits(max_tensor_elements=...))")
-    tensors = {name: wf.tensor(name) for name in wf.names}
+    # float16 / int8 tensors widened to float32: from the panel cache when shared (one copy
+    # for all processes), else private arrays
+    widened = cache.tensors() if cache is not None else {}
+    tensors = {name: widened[name] if name in widened else wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
     model.compact_file = wf  # its float16 / int8 recurrent weights reach the kernels as stored
     model.limits = lim
+    if cache is not None:
+        model.panel_cache = cache
     if wf.mapped:
         model.mapped_file = wf
     return model

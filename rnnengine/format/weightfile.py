@@ -221,6 +221,8 @@ class WeightFile:
     _data_len: int
     version: int
     flags: int
+    meta_crc32: int
+    file_size: int
     metadata: dict[str, Any]
     graph: dict[str, Any]
     names: list[str]
@@ -302,6 +304,7 @@ class WeightFile:
         if len(doc["tensors"]) != ntens:
             self._fail(f"the header counts {ntens} tensors, the table lists {len(doc['tensors'])}")
         self.version, self.flags = version, flags
+        self.meta_crc32, self.file_size = crc, size  # the file's identity (the panel cache keys on it)
         self.metadata, self.graph = doc["metadata"], doc["graph"]
         # 4. every tensor-table entry, then overlaps, then (verify) the data checksums
         self._data_off, self._data_len = data_off, size - data_off

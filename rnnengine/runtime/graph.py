@@ -1005,7 +1005,12 @@ class GraphModel(Model):
                 spec = layer._spec()  # the storage its kernels read: rnnengine/runtime/compact.py
                 self.__dict__.setdefault("_kernel_dtypes", {})[str(node.get("name") or key)] = \
                     compact.apply(self, node, consts, spec)
-                self._stacks[key] = (layer, _core.Stack([spec]))
+                cache = getattr(self, "panel_cache", None)
+                if cache is not None:  # load(shared=True): the panels from the shared cache file
+                    stack = cache.share(f"{self.weight_dtype}|{key!r}", spec, lambda: _core.Stack([spec]))
+                else:
+                    stack = _core.Stack([spec])
+                self._stacks[key] = (layer, stack)
             return self._stacks[key]
 
     def plan(self, feeds: Mapping[str, Array], streaming: bool = False, time_axes: Optional[Mapping[str, int]] = None,

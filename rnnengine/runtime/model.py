@@ -26,7 +26,13 @@ def _check_compact_weights(cell: dict[str, Any], weight_dtype: str, where: str, 
     output column is NaN, as in float32)."""
     for name in ("W", "R", "Whr"):
         w = cell.get(name)
-        if w is None:
+        if w is None or not np.size(w):
+            continue
+        # First the extremes, which NumPy reduces without a temporary array (fmax/fmin skip
+        # NaN): no weight-sized scratch at load, which glibc could keep in the heap of every
+        # process serving the model (load(shared=True)). Only a suspect matrix is searched.
+        hi, lo = np.fmax.reduce(w, axis=None), np.fmin.reduce(w, axis=None)
+        if (-65504.0 <= lo and hi <= 65504.0) if weight_dtype == "float16" else not (np.isinf(hi) or np.isinf(lo)):
             continue
         if weight_dtype == "float16":
             bad = np.isfinite(w) & (np.abs(w) > 65504.0)
