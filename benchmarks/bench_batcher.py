@@ -62,16 +62,25 @@ def main():
         what = "demo char LM (converted graph, 2x LSTM 192, explicit state)"
     else:
         I = H = a.hidden
-        model = rnnengine.Model([rnnengine.LSTM((rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32),
-                                                (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32))])
+        W = (rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32)
+        R = (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32)
+        model = rnnengine.Model([rnnengine.LSTM(W, R)])
         xs = rng.standard_normal((a.sessions, a.steps, I)).astype(np.float32)
         what = f"LSTM I=H={H}"
     print(f"{what}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
           f"{os.cpu_count()} cores; medians over {a.repeats} alternating repeats")
     if a.asyncio:
         return run_asyncio(model, xs, a)
-    res = {"own streams": [], "batcher": []}
-    lats = {"own streams": [], "batcher": []}
+    cores = os.cpu_count() or 1
+    # the batcher's one scheduler thread runs each batched step; with the model's threads it
+    # splits that step's products over the cores (the streams of "own streams" use every core
+    # through their own threads)
+    wide = rnnengine.Model(model.layers, threads=cores) if not a.charlm and cores > 1 else None
+    ort_step = None if a.charlm else onnxruntime_stepper(W, R, H)
+    names = ["own streams", "batcher"] + ([f"batcher, model threads={cores}"] if wide else []) + \
+        (["onnxruntime session per client"] if ort_step else [])
+    res = {k: [] for k in names}
+    lats = {k: [] for k in names}
     for _ in range(a.repeats):
         streams = [model.stream() for _ in range(a.sessions)]
         sec, lat = run_threads(a.sessions, a.steps, lambda i, k: streams[i].step(xs[i][k]))
@@ -84,6 +93,17 @@ def main():
             lats["batcher"].append(lat)
             batches = b.counters["batches"]
         print(f"  batcher: {b.counters['steps'] / batches:.1f} steps per batched call on average")
+        if wide is not None:
+            with Batcher(wide, max_batch=a.sessions, max_wait_us=200) as b:
+                sessions = [b.open() for _ in range(a.sessions)]
+                sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i][k]))
+                res[names[2]].append(a.sessions * a.steps / sec)
+                lats[names[2]].append(lat)
+        if ort_step is not None:
+            steppers = [ort_step() for _ in range(a.sessions)]
+            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: steppers[i](xs[i][k]))
+            res[names[-1]].append(a.sessions * a.steps / sec)
+            lats[names[-1]].append(lat)
     base = np.median(res["own streams"])
     print("| engine | steps/s | median latency us | p99 latency us | throughput vs own streams |")
     print("|---|---:|---:|---:|---:|")
@@ -91,6 +111,40 @@ def main():
         lat = np.concatenate(lats[k]) * 1e6
         print(f"| {k} | {np.median(res[k]):,.0f} | {np.median(lat):.0f} | {np.percentile(lat, 99):.0f} | "
               f"{np.median(res[k]) / base:.2f}x |")
+
+
+def onnxruntime_stepper(W, R, H):
+    """A factory of per-client onnxruntime steppers (one InferenceSession each, 1 intra-op
+    thread, not spinning), the state passed out and back in by hand; None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    I = W.shape[2]
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1, I]),
+           helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, H]),
+           helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, 1, H])]
+    node = helper.make_node("LSTM", ["X", "W", "R", "", "", "h0", "c0"], ["Y", "Y_h", "Y_c"], hidden_size=H)
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("Y", "Y_h", "Y_c")]
+    g = helper.make_graph([node], "b", ins, outs, [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    data = m.SerializeToString()
+
+    def make():
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        o.inter_op_num_threads = 1
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(data, o, providers=["CPUExecutionProvider"])
+        st = {"h0": np.zeros((1, 1, H), np.float32), "c0": np.zeros((1, 1, H), np.float32)}
+
+        def step(x):
+            y, st["h0"], st["c0"] = sess.run(None, {"X": x.reshape(1, 1, I), **st})
+            return y
+        return step
+    return make
 
 
 def run_asyncio(model, xs, a):
