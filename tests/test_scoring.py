@@ -191,3 +191,23 @@ def test_zero_length_rows_colliding_names_and_a_bad_shard(tmp_path, model_file):
     with pytest.raises(ValueError, match="would both write"):
         score_files(path, [str(d / "a.npz"), str(tmp_path / "other" / "a.npy")], str(tmp_path / "o2"),
                     progress=False)
+
+
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_shared_scoring_maps_the_panel_cache_and_gives_the_same_result(model_file, rows, tmp_path, engine):
+    """`score --shared`: each worker loads the weight file with shared=True (its packed weights
+    mapped from the panel cache beside it, written on first use); the outputs are exactly the
+    unshared ones."""
+    if engine == "dask":
+        pytest.importorskip("distributed")
+    import shutil
+    src, _ = model_file
+    path = str(tmp_path / "m.rnne")
+    shutil.copy(src, path)
+    in_dir = shards(tmp_path, rows[:40])
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "score", path, in_dir, "-o", out, "--engine", engine,
+                        "--workers", "2", "--shared"], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(path + ".panels")  # the cache the workers mapped
+    check_outputs(rnnengine.load(src), in_dir, out)

@@ -684,6 +684,9 @@ def build_parser():
                     help="local (this process, default), ray (Ray Data actor pool) or dask (a local cluster)")
     sc.add_argument("--workers", type=int, default=1, help="Ray actors / Dask worker processes (default 1)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.add_argument("--shared", action="store_true",
+                    help="a weight file's packed weights mapped from its panel cache (MODEL.panels, written on "
+                         "first use), so the workers on one machine share one copy of them")
     sc.set_defaults(func=cmd_score)
     return p
 
@@ -691,7 +694,7 @@ def build_parser():
 def cmd_score(args):
     from rnnengine.scoring import score_files  # imports Ray / Dask only for those engines
     summary = score_files(args.model, args.inputs, args.output, engine=args.engine, workers=args.workers,
-                          progress=not args.quiet)
+                          progress=not args.quiet, shared=args.shared)
     print(f"scored {summary['rows']} rows in {summary['shards']} shards ({summary['skipped']} already done) "
           f"with {summary['engine']} in {summary['seconds']} s")
     return 0

@@ -26,7 +26,8 @@ from typing import Any, Iterable, cast
 
 import numpy as np
 
-from rnnengine.cli.common import _load_any
+from rnnengine import load
+from rnnengine.cli.common import _is_weight_file, _load_any
 from rnnengine.runtime.base import Model
 from rnnengine.runtime.model import LayerModel
 from rnnengine.runtime.roles import axis_roles
@@ -39,12 +40,14 @@ _MODELS: dict[str, Model] = {}
 LOADS = {"count": 0}  # models loaded by this process (each worker loads its model once)
 
 
-def load_model(path: str) -> Model:
-    """The model in ``path`` (a weight file or an ONNX file), loaded once per process."""
+def load_model(path: str, shared: bool = False) -> Model:
+    """The model in ``path`` (a weight file or an ONNX file), loaded once per process.
+    ``shared``: a weight file's packed weights are mapped from its panel cache
+    (``rnnengine.load(path, shared=True)``), so the workers on one machine share one copy."""
     key = os.path.abspath(path)
     model = _MODELS.get(key)
     if model is None:
-        model = _load_any(key)
+        model = load(key, shared=True) if shared and _is_weight_file(key) else _load_any(key)
         _MODELS[key] = model
         LOADS["count"] += 1
     return model
@@ -170,7 +173,7 @@ def list_shards(inputs: list[str]) -> list[str]:
 
 
 def score_files(model_path: str, inputs: list[str], out_dir: str, engine: str = "local", workers: int = 1,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, shared: bool = False) -> dict[str, Any]:
     """Scores every shard of ``inputs`` whose output is not in ``out_dir`` yet; returns a
     summary (shards done / skipped, rows, seconds). The local engine writes each shard as
     soon as it is scored; Ray writes each shard as soon as its last row comes back; Dask
@@ -191,7 +194,7 @@ def score_files(model_path: str, inputs: list[str], out_dir: str, engine: str = 
     t0 = time.perf_counter()
     n_rows = 0
     if engine == "local":
-        model = load_model(model_path)
+        model = load_model(model_path, shared)
         for shard in todo:
             rs, extra = read_shard(shard)
             ys = []
@@ -223,10 +226,10 @@ def score_files(model_path: str, inputs: list[str], out_dir: str, engine: str = 
             del got[k]
         if engine == "ray":
             from rnnengine.scoring.ray_engine import score_with_ray
-            score_with_ray(model_path, rows, workers, progress, collect)
+            score_with_ray(model_path, rows, workers, progress, collect, shared=shared)
         else:
             from rnnengine.scoring.dask_engine import score_with_dask
-            for (k, i), y in score_with_dask(model_path, rows, workers, progress).items():
+            for (k, i), y in score_with_dask(model_path, rows, workers, progress, shared=shared).items():
                 collect(k, i, y)
     if progress:
         print(file=sys.stderr)

@@ -21,11 +21,12 @@ class ModelPlugin(WorkerPlugin):
     """Loads the model when a worker starts (or when the plugin is registered)."""
     name = PLUGIN_NAME
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, shared: bool = False) -> None:
         self.model_path = os.path.abspath(model_path)
+        self.shared = shared
 
     def setup(self, worker: Any) -> None:
-        worker.rnnengine_model = load_model(self.model_path)
+        worker.rnnengine_model = load_model(self.model_path, self.shared)
 
 
 def _score_partition(part: list[tuple[int, int, np.ndarray]]) -> list[tuple[int, int, np.ndarray, int, int]]:
@@ -34,9 +35,9 @@ def _score_partition(part: list[tuple[int, int, np.ndarray]]) -> list[tuple[int,
 
 
 def score_bag(client: Client, model_path: str, rows: list[tuple[int, int, np.ndarray]],
-              partitions: int) -> tuple[dict[tuple[int, int], np.ndarray], dict[int, int]]:
+              partitions: int, shared: bool = False) -> tuple[dict[tuple[int, int], np.ndarray], dict[int, int]]:
     """{(shard, row): output} and {worker pid: models that process loaded}, on ``client``."""
-    client.register_plugin(ModelPlugin(model_path))
+    client.register_plugin(ModelPlugin(model_path, shared))
     bag = db.from_sequence(rows, npartitions=max(1, min(partitions, len(rows))))
     out = bag.map_partitions(_score_partition).compute(scheduler=client.get)
     results = {(k, i): y for k, i, y, _, _ in out}
@@ -47,11 +48,11 @@ def score_bag(client: Client, model_path: str, rows: list[tuple[int, int, np.nda
 
 
 def score_with_dask(model_path: str, rows: list[tuple[int, int, np.ndarray]], workers: int,
-                    progress: bool) -> dict[tuple[int, int], np.ndarray]:
+                    progress: bool, shared: bool = False) -> dict[tuple[int, int], np.ndarray]:
     t0 = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        results, _ = score_bag(client, model_path, rows, partitions=4 * workers)
+        results, _ = score_bag(client, model_path, rows, partitions=4 * workers, shared=shared)
     if progress:
         print(f"dask: {len(rows)} rows on {workers} workers in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return results

@@ -17,8 +17,8 @@ from rnnengine.scoring import LOADS, load_model, score_row
 class RayScorer:
     """The callable class of ``map_batches``: one per actor, the model loaded once."""
 
-    def __init__(self, model_path: str) -> None:
-        self.model = load_model(model_path)
+    def __init__(self, model_path: str, shared: bool = False) -> None:
+        self.model = load_model(model_path, shared)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ys = [score_row(self.model, np.asarray(x)) for x in batch["x"]]
@@ -30,15 +30,15 @@ class RayScorer:
 
 
 def score_rows_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]], workers: int,
-                        batch_size: int = 16, collect: Any = None) -> tuple[dict[tuple[int, int], np.ndarray],
-                                                                             dict[int, int]]:
+                        batch_size: int = 16, collect: Any = None, shared: bool = False
+                        ) -> tuple[dict[tuple[int, int], np.ndarray], dict[int, int]]:
     """{(shard, row): output} and {worker pid: models that process loaded}; ``collect(shard,
     row, y)`` is also called for each row as its result streams back."""
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     items = [{"shard": k, "row": i, "x": x} for k, i, x in rows]
     ds = ray.data.from_items(items)
-    out = ds.map_batches(RayScorer, fn_constructor_args=(os.path.abspath(model_path),), concurrency=workers,
+    out = ds.map_batches(RayScorer, fn_constructor_args=(os.path.abspath(model_path), shared), concurrency=workers,
                          batch_size=batch_size, batch_format="numpy")
     results: dict[tuple[int, int], np.ndarray] = {}
     loads: dict[int, int] = {}
@@ -52,9 +52,9 @@ def score_rows_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]]
 
 
 def score_with_ray(model_path: str, rows: list[tuple[int, int, np.ndarray]], workers: int,
-                   progress: bool, collect: Any = None) -> dict[tuple[int, int], np.ndarray]:
+                   progress: bool, collect: Any = None, shared: bool = False) -> dict[tuple[int, int], np.ndarray]:
     t0 = time.perf_counter()
-    results, _ = score_rows_with_ray(model_path, rows, workers, collect=collect)
+    results, _ = score_rows_with_ray(model_path, rows, workers, collect=collect, shared=shared)
     if progress:
         print(f"ray: {len(rows)} rows on {workers} actors in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return results
