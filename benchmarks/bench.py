@@ -151,26 +151,7 @@ def bench_stream(kind, I, H, reps, inner, peak):
                 state["c0"] = out[2]
         engines["onnxruntime"] = ort_plain
 
-        import onnxruntime as ort
-        xv = ort.OrtValue.ortvalue_from_numpy(x.reshape(1, 1, I))
-        hs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]
-        cs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]
-        yv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, 1, H), np.float32))
-        flip = [0]
-
-        def ort_io():
-            a, b = flip[0], 1 - flip[0]
-            io = sess.io_binding()
-            io.bind_ortvalue_input("X", xv)
-            io.bind_ortvalue_input("h0", hs[a])
-            io.bind_ortvalue_output("Y", yv)
-            io.bind_ortvalue_output("Y_h", hs[b])
-            if kind == "LSTM":
-                io.bind_ortvalue_input("c0", cs[a])
-                io.bind_ortvalue_output("Y_c", cs[b])
-            sess.run_with_iobinding(io)
-            flip[0] = b
-        engines["onnxruntime+iobinding"] = ort_io
+        engines["onnxruntime+iobinding"] = _iobinding_stepper(sess, kind, x, I, H)
     except ImportError:
         pass
 
@@ -343,9 +324,14 @@ def _ort_session_2threads(kind, W, R, B, spinning):
 def _ort_stream_2threads(kind, W, R, B, x, spinning):
     """onnxruntime with 2 intra-op threads stepping one stream through IOBinding (state
     outputs bound as the next call's inputs)."""
-    import onnxruntime as ort
     sess = _ort_session_2threads(kind, W, R, B, spinning)
-    H, I = R.shape[2], W.shape[2]
+    return _iobinding_stepper(sess, kind, x, W.shape[2], R.shape[2])
+
+
+def _iobinding_stepper(sess, kind, x, I, H):
+    """One stream step per call through IOBinding: the state outputs of a call are bound as
+    the next call's inputs (two buffers each, swapped), x bound once."""
+    import onnxruntime as ort
     xv = ort.OrtValue.ortvalue_from_numpy(x.reshape(1, 1, I))
     hs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]
     cs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, H), np.float32)) for _ in range(2)]

@@ -172,18 +172,7 @@ static void gru_backward_zr_ref(const rnn_train_cell *c, int64_t H, const gru_bw
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define RNN_HAVE_AVX2_TRAIN 1
-#define AVX2T __attribute__((target("avx2,fma")))
-
-/* clip'(x) as 1.0 / 0.0 per lane (NaN -> 0, as the scalar comparisons give). */
-AVX2T static inline __m256 gru_clip_grad8(const rnn_train_cell *c, __m256 x) {
-    if (!c->has_clip) return _mm256_set1_ps(1.0f);
-    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-c->clip), _CMP_GT_OQ),
-                                        _mm256_cmp_ps(x, _mm256_set1_ps(c->clip), _CMP_LT_OQ));
-    return _mm256_and_ps(inside, _mm256_set1_ps(1.0f));
-}
+#ifdef RNN_HAVE_AVX2_TRAIN
 
 /* The references eight columns at a time, the same operations in the same order. */
 AVX2T static void gru_backward_n_avx2(const rnn_train_cell *c, int64_t H, const gru_bwd_row *w) {
@@ -196,7 +185,7 @@ AVX2T static void gru_backward_n_avx2(const rnn_train_cell *c, int64_t H, const 
         const __m256 dht = _mm256_add_ps(_mm256_loadu_ps(w->dh + j), _mm256_loadu_ps(w->dy + j));
         const __m256 dn = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dht, _mm256_sub_ps(one, z)),
                                                       _mm256_sub_ps(one, _mm256_mul_ps(n, n))),
-                                        gru_clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
+                                        rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
         _mm256_storeu_ps(w->dz + j, _mm256_mul_ps(dht, _mm256_sub_ps(_mm256_loadu_ps(w->hb + j), n)));
         _mm256_storeu_ps(w->dh + j, _mm256_mul_ps(dht, z));
         _mm256_storeu_ps(w->ax + 2 * H + j, dn);
@@ -217,9 +206,9 @@ AVX2T static void gru_backward_zr_avx2(const rnn_train_cell *c, int64_t H, const
     for (; j + 8 <= H; j += 8) {
         const __m256 z = _mm256_loadu_ps(post + j), r = _mm256_loadu_ps(post + H + j);
         const __m256 dzp = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w->dz + j), z), _mm256_sub_ps(one, z)),
-                                         gru_clip_grad8(c, _mm256_loadu_ps(pre + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + j)));
         const __m256 drp = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w->dr + j), r), _mm256_sub_ps(one, r)),
-                                         gru_clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
         _mm256_storeu_ps(w->ax + j, dzp);
         _mm256_storeu_ps(w->ar + j, dzp);
         _mm256_storeu_ps(w->ax + H + j, drp);

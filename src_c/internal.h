@@ -162,6 +162,23 @@ static inline float rnn_train_clip(const rnn_train_cell *c, float x) {
 static inline float rnn_train_clip_grad(const rnn_train_cell *c, float x) {
     return !c->has_clip || (x > -c->clip && x < c->clip) ? 1.0f : 0.0f;
 }
+/* The vectorised backward loops of lstm.c and gru.c (beside their plain references), built
+ * with a target attribute so the file needs no CPU flags; run when rnn_kernel_level() >= 1. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RNN_HAVE_AVX2_TRAIN 1
+#define AVX2T __attribute__((target("avx2,fma")))
+
+/* rnn_train_clip_grad in each of eight lanes: 1.0 inside (-clip, clip) or without clip, else
+ * 0.0 (NaN -> 0, as the scalar comparisons give). */
+AVX2T static inline __m256 rnn_train_clip_grad8(const rnn_train_cell *c, __m256 x) {
+    if (!c->has_clip) return _mm256_set1_ps(1.0f);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-c->clip), _CMP_GT_OQ),
+                                        _mm256_cmp_ps(x, _mm256_set1_ps(c->clip), _CMP_LT_OQ));
+    return _mm256_and_ps(inside, _mm256_set1_ps(1.0f));
+}
+#endif
+
 /* h_{t-1} of rows (B, H): h0 (or zeros) at t = 0, else Y[t-1]. */
 static inline const float *rnn_train_hprev(const float *h0, const float *Y, const float *zeros, int64_t t,
                                            int64_t B, int64_t H) {

@@ -248,19 +248,7 @@ static void lstm_backward_cols_ref(const rnn_train_cell *c, int64_t H, const lst
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define RNN_HAVE_AVX2_TRAIN 1
-#define AVX2T __attribute__((target("avx2,fma")))
-
-/* clip'(x) as 1.0 / 0.0 in each lane: 1 inside (-clip, clip) or without clip (NaN -> 0, as
- * the scalar comparisons give). */
-AVX2T static inline __m256 clip_grad8(const rnn_train_cell *c, __m256 x) {
-    if (!c->has_clip) return _mm256_set1_ps(1.0f);
-    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-c->clip), _CMP_GT_OQ),
-                                        _mm256_cmp_ps(x, _mm256_set1_ps(c->clip), _CMP_LT_OQ));
-    return _mm256_and_ps(inside, _mm256_set1_ps(1.0f));
-}
+#ifdef RNN_HAVE_AVX2_TRAIN
 
 /* lstm_backward_cols_ref eight columns at a time, the same operations in the same order
  * (multiplying by clip' rather than masking, so 0 * Inf stays NaN as in the reference). */
@@ -276,14 +264,14 @@ AVX2T static void lstm_backward_row_avx2(const rnn_train_cell *c, int64_t H, con
         __m256 dct = _mm256_add_ps(_mm256_loadu_ps(r->dc + j),
                                    _mm256_mul_ps(_mm256_mul_ps(dht, o), _mm256_sub_ps(one, _mm256_mul_ps(tc, tc))));
         const __m256 dpo = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dht, tc), o), _mm256_sub_ps(one, o)),
-                                         clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + H + j)));
         if (r->Po) dct = _mm256_add_ps(dct, _mm256_mul_ps(dpo, _mm256_loadu_ps(r->Po + j)));
         const __m256 dpi = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, g), i), _mm256_sub_ps(one, i)),
-                                         clip_grad8(c, _mm256_loadu_ps(pre + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + j)));
         const __m256 dpf = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, cp), f), _mm256_sub_ps(one, f)),
-                                         clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + 2 * H + j)));
         const __m256 dpc = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_sub_ps(one, _mm256_mul_ps(g, g))),
-                                         clip_grad8(c, _mm256_loadu_ps(pre + 3 * H + j)));
+                                         rnn_train_clip_grad8(c, _mm256_loadu_ps(pre + 3 * H + j)));
         __m256 dcn = _mm256_mul_ps(dct, f);
         if (r->Pi)
             dcn = _mm256_add_ps(dcn, _mm256_add_ps(_mm256_mul_ps(dpi, _mm256_loadu_ps(r->Pi + j)),
