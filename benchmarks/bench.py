@@ -64,33 +64,14 @@ def make_weights(kind, I, H, seed=0):
 
 def onnx_session(kind, W, R, B, with_state, threads=1):
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    G = GATES[kind]
-    H = R.shape[2]
-    I = W.shape[2]
-    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"), numpy_helper.from_array(B, "B")]
-    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I])]
-    node_in = ["X", "W", "R", "B", ""]
-    outs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
-    if with_state:
-        ins.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H]))
-        node_in.append("h0")
-        if kind == "LSTM":
-            ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
-            node_in.append("c0")
-    node = helper.make_node(kind, node_in, outs, hidden_size=H)
-    g = helper.make_graph([node], "b", ins, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
-    m.ir_version = 8
+    m = _onnx_bytes(kind, W, R, B, with_state)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     # engines alternate in one process: onnxruntime's idle pool threads must not spin on the
     # core the next engine needs
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    del G
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"])
 
 
 def layer_of(kind, W, R, B):
@@ -353,18 +334,20 @@ def _iobinding_stepper(sess, kind, x, I, H):
     return ort_io
 
 
-def _onnx_bytes(kind, W, R, B):
-    """The one-node model of onnx_session (with state inputs), serialised."""
+def _onnx_bytes(kind, W, R, B, with_state=True):
+    """The one-node model of onnx_session (with or without state inputs), serialised."""
     from onnx import TensorProto, helper, numpy_helper
     H, I = R.shape[2], W.shape[2]
     inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"), numpy_helper.from_array(B, "B")]
-    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I]),
-           helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H])]
-    node_in = ["X", "W", "R", "B", "", "h0"]
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "N", I])]
+    node_in = ["X", "W", "R", "B", ""]
     outs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
-    if kind == "LSTM":
-        ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
-        node_in.append("c0")
+    if with_state:
+        ins.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", H]))
+        node_in.append("h0")
+        if kind == "LSTM":
+            ins.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [1, "N", H]))
+            node_in.append("c0")
     node = helper.make_node(kind, node_in, outs, hidden_size=H)
     g = helper.make_graph([node], "b", ins, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
