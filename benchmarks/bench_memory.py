@@ -58,8 +58,11 @@ def smaps(pid: int) -> dict[str, int]:
 def measure(path: str, mode: str, n: int, hidden: int, inp: int) -> list[tuple[int, int]]:
     """(USS kB, PSS kB) of each of n workers alive together."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    # the workers start beside the weight file, not in a source checkout (whose rnnengine/
+    # has no compiled core when the package is installed rather than built in place)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, path, mode, str(hidden), str(inp)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                              cwd=os.path.dirname(os.path.abspath(path)))
              for _ in range(n)]
     try:
         for p in procs:

@@ -474,10 +474,15 @@ def test_three_processes_share_one_copy(tmp_path, dtype):
     for p in (big, tiny):  # the cache is written once, before the workers start (as documented)
         rnnengine.load(p, shared=True).run(np.zeros((1, 1, 64), np.float32))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    # (cwd: not the repository root, where `import rnnengine` would find the source tree
+    # rather than the installed package with its compiled core)
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, p, "64"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env, text=True) for p in (big, big, big, tiny, tiny, tiny)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                              cwd=str(tmp_path)) for p in (big, big, big, tiny, tiny, tiny)]
     try:
-        assert all(p.stdout.readline().strip() == "ready" for p in procs)
+        for p in procs:
+            line = p.stdout.readline().strip()
+            assert line == "ready", (line, p.poll(), p.stderr.read()[-2000:] if p.poll() is not None else "")
         stats = [_smaps(p.pid, big + ".panels") for p in procs]
     finally:
         for p in procs:
