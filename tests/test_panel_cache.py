@@ -496,4 +496,9 @@ def test_three_processes_share_one_copy(tmp_path, dtype):
         assert cache["Rss"] >= 0.9 * (cache_kb - 64)  # the kernels read the mapped pages...
         assert cache["Private_Clean"] + cache["Private_Dirty"] == 0  # ...which all three share
     extra = np.mean([u for u, _ in stats[:3]]) - np.mean([u for u, _ in stats[3:]])
-    assert extra < 0.1 * weight_kb, (extra, weight_kb)
+    # Under AddressSanitizer (the CI's sanitizer step preloads libasan) every process's private
+    # memory grows with what it touches (shadow memory, the allocator's quarantine: ~11 MB here
+    # for a 10 MB model), so the budget is checked on the normal build only; the sharing itself
+    # (no private page of the cache, above) is checked under both.
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        assert extra < 0.1 * weight_kb, (extra, weight_kb)
