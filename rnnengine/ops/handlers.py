@@ -845,7 +845,17 @@ def _slice_params(h, shape, xs):
             return None if v is None else [int(a) for a in v.reshape(-1)]
         starts, ends, axes, steps = val(1), val(2), val(3), val(4)
     nd = len(shape)
-    axes = list(range(len(starts))) if axes is None else [axis_of(h, a, nd) for a in axes]
+    if starts is None or ends is None:
+        h.fail("starts and ends are required")
+    n = len(starts)
+    if len(ends) != n or (axes is not None and len(axes) != n) or (steps is not None and len(steps) != n):
+        h.fail(f"starts, ends, axes and steps must have one entry each per sliced axis, got lengths "
+               f"{n}, {len(ends)}, {None if axes is None else len(axes)}, {None if steps is None else len(steps)}")
+    if axes is None and n > nd:
+        h.fail(f"{n} starts for an input of rank {nd} (without axes, entry k slices axis k)")
+    axes = list(range(n)) if axes is None else [axis_of(h, a, nd) for a in axes]
+    if len(set(axes)) != len(axes):
+        h.fail(f"axes {axes} name an axis twice")
     steps = [1] * len(axes) if steps is None else steps
     res = [(0, d, 1) for d in shape]
     for a, s, e, st in zip(axes, starts, ends, steps):
