@@ -187,6 +187,32 @@ cdef extern from "rnnengine.h" nogil:
     void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float **streams,
                                   int64_t n)
 
+    ctypedef enum rnn_batch_result:
+        RNN_BATCH_OK
+        RNN_BATCH_CLOSED
+        RNN_BATCH_TIMEOUT
+        RNN_BATCH_FULL
+        RNN_BATCH_BAD_SLOT
+        RNN_BATCH_FAILED
+    enum: RNN_BATCH_MAX_SLOTS
+    ctypedef struct rnn_batcher:
+        pass
+    rnn_status rnn_batcher_create(const rnn_stack *stack, int64_t ys_d, int32_t max_batch, int64_t max_wait_ns,
+                                  int32_t max_queue, int32_t max_slots, int32_t threads, rnn_batcher **out)
+    void rnn_batcher_stop(rnn_batcher *b)
+    void rnn_batcher_free(rnn_batcher *b)
+    int32_t rnn_batcher_open(rnn_batcher *b, const float *state)
+    int32_t rnn_batcher_close_slot(rnn_batcher *b, int32_t slot)
+    float *rnn_batcher_slot_state(rnn_batcher *b, int32_t slot)
+    int32_t rnn_batcher_step(rnn_batcher *b, int32_t slot, const float *x, float *y, int64_t timeout_ns,
+                             int32_t *status)
+    int32_t rnn_batcher_submit(rnn_batcher *b, int32_t slot, const float *x, float *y)
+    int32_t rnn_batcher_withdraw(rnn_batcher *b, int32_t slot)
+    int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, int32_t cap,
+                                    int64_t timeout_ns)
+    void rnn_batcher_counters(rnn_batcher *b, int64_t *out)
+    void rnn_batcher_inject_failures(rnn_batcher *b, int32_t n)
+
     ctypedef void (*rnn_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
                                   float *a, int *lda, float *b, int *ldb, float *beta, float *c,
                                   int *ldc)

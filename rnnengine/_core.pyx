@@ -70,6 +70,9 @@ C_CONSTANTS = {
     "RNN_OP_TUNARY": RNN_OP_TUNARY, "RNN_OP_WHERE": RNN_OP_WHERE, "RNN_OP_TREDUCE": RNN_OP_TREDUCE,
     "RNN_OP_ARGMAX": RNN_OP_ARGMAX, "RNN_OP_CUMSUM": RNN_OP_CUMSUM, "RNN_OP_REVSEQ": RNN_OP_REVSEQ,
     "RNN_OP_CONV1D_PACKED": RNN_OP_CONV1D_PACKED,
+    "RNN_BATCH_OK": RNN_BATCH_OK, "RNN_BATCH_CLOSED": RNN_BATCH_CLOSED, "RNN_BATCH_TIMEOUT": RNN_BATCH_TIMEOUT,
+    "RNN_BATCH_FULL": RNN_BATCH_FULL, "RNN_BATCH_BAD_SLOT": RNN_BATCH_BAD_SLOT, "RNN_BATCH_FAILED": RNN_BATCH_FAILED,
+    "RNN_BATCH_MAX_SLOTS": RNN_BATCH_MAX_SLOTS,
     "RNN_BIN_ADD": RNN_BIN_ADD, "RNN_BIN_SUB": RNN_BIN_SUB, "RNN_BIN_MUL": RNN_BIN_MUL,
     "RNN_BIN_DIV": RNN_BIN_DIV, "RNN_BIN_POW": RNN_BIN_POW, "RNN_BIN_MAX": RNN_BIN_MAX,
     "RNN_BIN_MIN": RNN_BIN_MIN, "RNN_BIN_MOD": RNN_BIN_MOD, "RNN_BIN_FMOD": RNN_BIN_FMOD,
@@ -746,6 +749,206 @@ def step_streams(list streams, x, out=None):
             (<Stream>streams[i])._busy = False
     _check(st, "step_streams")
     return res
+
+
+# --- the session batcher's core (src_c/batch.c) ---------------------------------------------
+
+cdef class BatchCore:
+    """The C side of rnnengine.Batcher for a layer-stack model: slots holding single-row
+    states in pooled memory, and a scheduler thread (C, no GIL) stepping the rows submitted
+    to them in batches. Users meet it through rnnengine.Batcher / Session, which make sure a
+    slot has at most one call in flight (the C side refuses a second with BAD_SLOT)."""
+    cdef rnn_batcher *ptr
+    cdef readonly Stack stack
+    cdef readonly int input_size, output_size
+    cdef readonly int64_t state_size
+    cdef int _threads
+
+    def __cinit__(self, Stack stack, int max_batch, double max_wait_us, int max_queue, int max_slots,
+                  int threads):
+        self.ptr = NULL
+        self.stack = stack
+        self.input_size = stack.input_size
+        self.output_size = stack.output_size
+        self.state_size = stack.state_size(1)
+        self._threads = threads
+        cdef rnn_batcher *b = NULL
+        st = rnn_batcher_create(stack.ptr, stack.last_hidden, max_batch, <int64_t>(max_wait_us * 1000.0),
+                                max_queue, max_slots, threads, &b)
+        _check(st, "Batcher")
+        self.ptr = b
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            with nogil:
+                rnn_batcher_free(self.ptr)
+            self.ptr = NULL
+
+    def stop(self):
+        """Runs the rows already queued, then ends the scheduler thread."""
+        with nogil:
+            rnn_batcher_stop(self.ptr)
+
+    cdef int _raise(self, int32_t r, int32_t status, what) except -1:
+        from rnnengine.errors import SessionClosedError
+        if r == RNN_BATCH_CLOSED:
+            raise SessionClosedError("this batcher is closed")
+        if r == RNN_BATCH_TIMEOUT:
+            raise TimeoutError(f"{what}: the step did not start within the timeout; it was withdrawn (not applied)")
+        if r == RNN_BATCH_FULL:
+            raise RuntimeError(f"{what}: no room (max_queue steps in flight or max_sessions open)")
+        if r == RNN_BATCH_BAD_SLOT:
+            raise SessionClosedError("this session is closed")
+        if r == RNN_BATCH_FAILED:
+            _check(<rnn_status>status, what)
+        raise EngineError(f"{what}: unknown result {r}")
+
+    def open(self, cnp.ndarray state):
+        """A new slot holding a copy of ``state`` (float32, state_size floats); its id."""
+        if not (state.dtype == np.float32 and state.flags.c_contiguous and state.size == self.state_size):
+            raise ValueError(f"a slot's state is {self.state_size} contiguous float32 values")
+        cdef int32_t r = rnn_batcher_open(self.ptr, <const float *>cnp.PyArray_DATA(state))
+        if r < 0:
+            if -r == RNN_BATCH_FULL:
+                raise RuntimeError("no room for another session: max_sessions are open")
+            self._raise(-r, RNN_STATUS_OUT_OF_MEMORY, "open")
+        return r
+
+    def close_slot(self, int32_t slot):
+        cdef int32_t r = rnn_batcher_close_slot(self.ptr, slot)
+        if r != RNN_BATCH_OK:
+            self._raise(r, 0, "close")
+
+    cdef float *_state(self, int32_t slot) except NULL:
+        cdef float *p = rnn_batcher_slot_state(self.ptr, slot)
+        if p == NULL:
+            from rnnengine.errors import SessionClosedError
+            raise SessionClosedError("this session is closed")
+        return p
+
+    def get_state(self, int32_t slot):
+        """A copy of an idle slot's state (state_size floats)."""
+        cdef float *p = self._state(slot)
+        out = np.empty(self.state_size, np.float32)
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>out), p, self.state_size * sizeof(float))
+        return out
+
+    def set_state(self, int32_t slot, cnp.ndarray v):
+        if not (v.dtype == np.float32 and v.flags.c_contiguous and v.size == self.state_size):
+            raise ValueError(f"a slot's state is {self.state_size} contiguous float32 values")
+        cdef float *p = self._state(slot)
+        memcpy(p, cnp.PyArray_DATA(v), self.state_size * sizeof(float))
+
+    cdef cnp.ndarray _row(self, x, what):
+        """x as one contiguous float32 row of input_size values (a view when it is one)."""
+        cdef cnp.ndarray arr
+        if type(x) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32 \
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x):
+            arr = <cnp.ndarray>x
+        else:
+            arr = _float_input(x, what)
+        if cnp.PyArray_SIZE(arr) != self.input_size or not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[0] == 1)):
+            raise ValueError(f"{what} must have shape ({self.input_size},) (one row of the model's input), "
+                             f"got {np.shape(x)}")
+        return arr
+
+    def step(self, int32_t slot, x, double timeout=-1.0):
+        """One step of a slot (blocks until its batch has run); the output row."""
+        cdef cnp.ndarray arr = self._row(x, "step(): x")
+        cdef cnp.ndarray y = np.empty(self.output_size, np.float32)
+        cdef const float *xp = <const float *>cnp.PyArray_DATA(arr)
+        cdef float *yp = <float *>cnp.PyArray_DATA(y)
+        cdef int64_t t_ns = <int64_t>(timeout * 1e9) if timeout >= 0 else -1
+        cdef int32_t r, status = 0
+        with nogil:
+            r = rnn_batcher_step(self.ptr, slot, xp, yp, t_ns, &status)
+        if r != RNN_BATCH_OK:
+            self._raise(r, status, "step")
+        return y
+
+    def check_row(self, x):
+        """x as the contiguous float32 row submit() takes (raises naming what is wrong)."""
+        return self._row(x, "step(): x")
+
+    def submit(self, int32_t slot, cnp.ndarray x, cnp.ndarray y):
+        """Queues a step without waiting: x from check_row(), y a float32 array of output_size
+        values; both must stay alive until completions() hands the slot out. Returns an
+        rnn_batch_result (OK, or FULL: try again later; others raise)."""
+        if not (x.dtype == np.float32 and x.flags.c_contiguous and x.size == self.input_size and
+                y.dtype == np.float32 and y.flags.c_contiguous and y.flags.writeable and y.size == self.output_size):
+            raise ValueError("submit(): x and y must be contiguous float32 rows of the model's sizes")
+        cdef int32_t r = rnn_batcher_submit(self.ptr, slot, <const float *>cnp.PyArray_DATA(x),
+                                            <float *>cnp.PyArray_DATA(y))
+        if r != RNN_BATCH_OK and r != RNN_BATCH_FULL:
+            self._raise(r, 0, "step")
+        return r
+
+    def withdraw(self, int32_t slot):
+        """True: the slot's submitted step had not started and never will."""
+        return bool(rnn_batcher_withdraw(self.ptr, slot))
+
+    def completions(self, double timeout):
+        """Waits up to ``timeout`` s for submitted steps to finish: a list of (slot, error or
+        None); None once the scheduler has ended and nothing is left."""
+        cdef int32_t ids[256]
+        cdef int32_t res[256]
+        cdef int64_t t_ns = <int64_t>(timeout * 1e9)
+        cdef int32_t n
+        with nogil:
+            n = rnn_batcher_completions(self.ptr, ids, res, 256, t_ns)
+        if n < 0:
+            return None
+        out = []
+        for k in range(n):
+            err = None
+            if (res[k] & 0xff) != RNN_BATCH_OK:
+                try:
+                    self._raise(res[k] & 0xff, res[k] >> 8, "step")
+                except Exception as e:
+                    err = e
+            out.append((ids[k], err))
+        return out
+
+    def feed(self, int32_t slot, xs):
+        """Steps an idle slot over a chunk xs (T, input_size) in the caller's thread (the
+        scheduler goes on with the other slots); (T, output_size)."""
+        arr = _float_input(xs, "feed(): xs")
+        if arr.ndim == 3 and arr.shape[1] == 1:
+            arr = arr[:, 0, :]
+        if arr.ndim != 2 or arr.shape[1] != self.input_size:
+            raise ValueError(f"feed() expects xs of shape (T, {self.input_size}) or (T, 1, {self.input_size}), "
+                             f"got {np.shape(xs)}")
+        arr = np.ascontiguousarray(arr)
+        cdef int64_t T = arr.shape[0]
+        Y = np.zeros((T, self.output_size), np.float32)
+        if T == 0:
+            return Y
+        cdef float *p = self._state(slot)
+        cdef int64_t ws = self.stack.workspace_size(T, 1)
+        work = _thread_work(ws)
+        cdef const float *xp = <const float *>cnp.PyArray_DATA(<cnp.ndarray>arr)
+        cdef float *yp = <float *>cnp.PyArray_DATA(<cnp.ndarray>Y)
+        cdef float *wp = <float *>cnp.PyArray_DATA(<cnp.ndarray>work)
+        cdef rnn_stack *sp = self.stack.ptr
+        cdef int64_t O = self.output_size, hd = self.stack.last_hidden
+        cdef int threads = self._threads
+        cdef rnn_status st
+        with nogil:
+            st = rnn_stack_forward_threads(sp, xp, T, 1, 0, NULL, yp, O, O, hd, p, wp, threads)
+        _check(st, "feed")
+        return Y
+
+    @property
+    def counters(self):
+        """steps, batches, largest_batch, most_queued, queued, open (slots)."""
+        cdef int64_t c[6]
+        rnn_batcher_counters(self.ptr, c)
+        return {"steps": c[0], "batches": c[1], "largest_batch": c[2], "most_queued": c[3], "queued": c[4],
+                "open": c[5]}
+
+    def _inject_failures(self, int32_t n):
+        """Tests: the next n batched calls fail without touching any state."""
+        rnn_batcher_inject_failures(self.ptr, n)
 
 
 def threads_limit():

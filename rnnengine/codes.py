@@ -20,6 +20,15 @@ STATUS_BAD_SHAPE: Final = 2
 STATUS_OUT_OF_MEMORY: Final = 3
 STATUS_TOO_LARGE: Final = 4
 
+# --- rnn_batch_result (src_c/batch.c, the session batcher) ------------------------------------
+BATCH_OK: Final = 0
+BATCH_CLOSED: Final = 1
+BATCH_TIMEOUT: Final = 2
+BATCH_FULL: Final = 3
+BATCH_BAD_SLOT: Final = 4
+BATCH_FAILED: Final = 5
+BATCH_MAX_SLOTS: Final = 1048576
+
 # --- rnn_cell_kind, rnn_direction, rnn_weight_dtype ------------------------------------------
 CELL_RNN: Final = 0
 CELL_GRU: Final = 1

@@ -226,6 +226,59 @@ void rnn_stack_gather_states(const rnn_stack *stack, float *batched, float *cons
 void rnn_stack_scatter_states(const rnn_stack *stack, const float *batched, float *const *streams,
                               int64_t n);
 
+/* The session batcher (src_c/batch.c): many single-row streams ("slots") of one stack whose
+ * rows, submitted from any threads, are stepped together in batches by one scheduler thread
+ * of its own. Slot states live in the batcher's pooled memory; a caller blocks in
+ * rnn_batcher_step (no lock of the caller's held) until its row has run. Results: */
+typedef enum {
+    RNN_BATCH_OK = 0,
+    RNN_BATCH_CLOSED = 1,   /* the batcher is stopped */
+    RNN_BATCH_TIMEOUT = 2,  /* not started within the timeout: withdrawn, never applied */
+    RNN_BATCH_FULL = 3,     /* no room: max_queue rows in flight, or max_slots sessions open */
+    RNN_BATCH_BAD_SLOT = 4, /* not an open slot, or one with a row already in flight */
+    RNN_BATCH_FAILED = 5    /* the batched call failed (its rnn_status given): states unchanged */
+} rnn_batch_result;
+#define RNN_BATCH_MAX_SLOTS 1048576
+typedef struct rnn_batcher rnn_batcher;
+
+/* Starts the scheduler. ys_d: as rnn_stack_forward's (floats per direction of the output);
+ * max_batch rows per batched call; a row waits at most max_wait_ns for others to join
+ * (none when every open slot has a row queued); at most max_queue rows in flight (queued
+ * or running: more submitters wait, or get RNN_BATCH_FULL); at most max_slots slots;
+ * threads: as rnn_stack_forward_threads's. The stack must outlive the batcher. */
+rnn_status rnn_batcher_create(const rnn_stack *stack, int64_t ys_d, int32_t max_batch, int64_t max_wait_ns,
+                              int32_t max_queue, int32_t max_slots, int32_t threads, rnn_batcher **out);
+/* Runs the rows already queued, then ends the scheduler; later calls get RNN_BATCH_CLOSED. */
+void rnn_batcher_stop(rnn_batcher *b);
+void rnn_batcher_free(rnn_batcher *b); /* stops first; no call may be inside the batcher */
+/* A new slot holding a copy of `state` (rnn_stack_state_floats(stack, 1) floats): its id
+ * (>= 0), or minus an rnn_batch_result (CLOSED, FULL, FAILED when out of memory). */
+int32_t rnn_batcher_open(rnn_batcher *b, const float *state);
+/* Frees an idle slot (RNN_BATCH_BAD_SLOT when it has a row in flight or is not open). */
+int32_t rnn_batcher_close_slot(rnn_batcher *b, int32_t slot);
+/* The state of an idle slot, for its owner to read or write while it submits nothing
+ * (NULL when the slot is not open or has a row in flight). */
+float *rnn_batcher_slot_state(rnn_batcher *b, int32_t slot);
+/* One step of a slot: x (input size floats) in, y (output size floats) out, both the
+ * caller's until this returns. Blocks until done. timeout_ns >= 0: a row not started by
+ * then is withdrawn (RNN_BATCH_TIMEOUT); one already running is waited for. *status: the
+ * rnn_status behind RNN_BATCH_FAILED. */
+int32_t rnn_batcher_step(rnn_batcher *b, int32_t slot, const float *x, float *y, int64_t timeout_ns,
+                         int32_t *status);
+/* The same without waiting (x and y stay alive until its completion is handed out by
+ * rnn_batcher_completions); RNN_BATCH_FULL instead of waiting for room. */
+int32_t rnn_batcher_submit(rnn_batcher *b, int32_t slot, const float *x, float *y);
+/* 1: the slot's submitted row had not started and never will; 0: it runs (or ran). */
+int32_t rnn_batcher_withdraw(rnn_batcher *b, int32_t slot);
+/* Waits up to timeout_ns for submitted steps to finish; writes up to cap slot ids and their
+ * results (rnn_batch_result | rnn_status << 8); returns how many, 0 on timeout, -1 once the
+ * scheduler has ended and nothing is left. */
+int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, int32_t cap, int64_t timeout_ns);
+/* steps, batched calls, largest batch, most rows in flight, rows in flight now, open slots. */
+void rnn_batcher_counters(rnn_batcher *b, int64_t out[6]);
+/* Tests: the next n batched calls fail (RNN_STATUS_BAD_ARGUMENT) without touching a state. */
+void rnn_batcher_inject_failures(rnn_batcher *b, int32_t n);
+
 /* The BLAS entry points, Fortran sgemm/sgemv (column-major). Set once at import by the
  * binding from SciPy's cython_blas; without it a naive reference GEMM is used. */
 typedef void (*rnn_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,

@@ -13,6 +13,9 @@ TOLERANCE = {np.float32: {"atol": 1e-5, "rtol": 1e-5}}
 # against the float32 model (docs/FORMAT.md, "Quantization and its error bounds"; the
 # bounds `rnnengine verify` applies).
 WEIGHT_DTYPE_ATOL = {"float16": 5e-3, "int8": 5e-2}
+# Max abs difference of a session stepped in a batch by rnnengine.Batcher from the same
+# session stepped alone (issue 13): the same kernels, only the rows of the products differ.
+BATCHED_ATOL = 1e-6
 
 
 def max_violation(got, want, dtype=np.float32):

@@ -204,20 +204,50 @@ def test_bad_settings_are_refused(model):
         Batcher(bidir)
 
 
-def test_an_unexpected_failure_reaches_the_callers_and_the_batcher_goes_on(model, monkeypatch):
-    from rnnengine.runtime import batcher as mod
-    x = f32(I, scale=1.0)
-    with Batcher(model) as b:
+def test_a_failed_batched_call_reaches_each_caller_and_leaves_every_state(model):
+    """The C scheduler's batched call fails (fault injected in src_c/batch.c): every session
+    of that batch gets the error, no state moved, and the batcher goes on."""
+    from rnnengine.errors import EngineError
+    xs = f32(3, 2, I, scale=1.0)
+    with Batcher(model, max_wait_us=200_000) as b:
+        sessions = [b.open() for _ in range(3)]
+        first = [s.step(x[0]) for s, x in zip(sessions, xs)]
+        b._core._inject_failures(1)
+        errors = [None] * 3
+
+        def work(i):
+            try:
+                sessions[i].step(xs[i, 1])
+            except EngineError as e:
+                errors[i] = e
+        th = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert all(e is not None and "step" in str(e) for e in errors), errors
+        assert b.counters["batches"] >= 2
+        for i, s in enumerate(sessions):  # the failed step left each state where it was
+            np.testing.assert_array_equal(first[i], alone(model, xs[i, :1])[0])
+            assert max_violation(s.step(xs[i, 1]), alone(model, xs[i])[1]) <= 1
+
+
+def test_an_unexpected_failure_in_the_graph_scheduler_reaches_the_callers_and_it_goes_on(monkeypatch):
+    layer_model = rnnengine.Model([rnnengine.LSTM(f32(1, 4 * H, I), f32(1, 4 * H, H))])
+    from rnnengine.frontend.layer_export import layers_to_onnx
+    graph = rnnengine.convert(layers_to_onnx(layer_model))
+    x = f32(1, I, scale=1.0)
+    with Batcher(graph) as b:
         s = b.open()
         want = s.step(x)
-        real = mod.np.stack
+        real = b._execute
 
-        def broken(*a, **k):
+        def broken(calls):
             raise RuntimeError("injected failure")
-        monkeypatch.setattr(mod.np, "stack", broken)
+        monkeypatch.setattr(b, "_execute", broken)
         with pytest.raises(RuntimeError, match="injected"):
             s.step(x)
-        monkeypatch.setattr(mod.np, "stack", real)
+        monkeypatch.setattr(b, "_execute", real)
         t = b.open()
         np.testing.assert_array_equal(t.step(x), want)  # the scheduler still runs
         assert b.counters["most_queued"] <= b.max_queue

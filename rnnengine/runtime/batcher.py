@@ -2,40 +2,51 @@
 
 A service opens one session per user (a microphone, a chat) on one model; each session is
 a stream with its own state. Sessions submit steps from any thread (``session.step(x)``
-blocks) or asyncio task (``await session.astep(x)``); one scheduler thread gathers the
-sessions that have a step waiting and runs them as one batched C call
-(``rnnengine.step_streams``: a layer-stack model's single-row streams, states gathered
-into one batch, stepped, scattered back), then hands each session its output.
+blocks) or asyncio task (``await session.astep(x)``); the steps that are waiting are run as
+one batched call, and each session gets its own output.
 
-Guarantees:
-- a session's calls run in the order they were submitted; sessions never see each
-  other's state (each holds its own);
+Two engines behind one API:
+
+- **A layer-stack model** (``rnnengine.Model(layers)``, a weight file of one): served by the
+  C core (src_c/batch.c). Each session is a slot whose state lives in the batcher's pooled
+  memory; ``step`` hands the C scheduler a pointer to its row and sleeps in the kernel (the
+  GIL released) until its batch has run; the scheduler is a C thread that never takes the
+  GIL: it gathers the waiting rows and states, runs one batched step (split over
+  ``threads`` by gate rows), scatters the states and outputs back and wakes each caller.
+  ``astep`` submits without blocking and one notifier thread hands each event loop the
+  results of a batch in one wake-up. Chunks (``feed``) and state calls run in the caller's
+  own thread on the session's slot (the scheduler goes on with the others meanwhile).
+- **A converted graph**: one Python scheduler thread. Steps are batched when its streams
+  carry their state only as explicit graph inputs (silero-vad's ``state``, a token model's
+  ``h0``/``c0``): the sessions' inputs and states are joined along their batch axes, the
+  graph runs once, and the outputs and next states are split back. That is done only when
+  rnnengine/runtime/split.py proves every output row depends on its own input row, and the
+  first batched call of each shape is checked against the same sessions stepped one by one
+  (``graph_batching`` says whether it is on, and why not). Other graph steps, chunks and
+  state calls run one by one in the scheduler, in order: correct, not batched; a long chunk
+  delays the other sessions' steps while it runs, so a service should feed long audio in
+  chunks of moderate size.
+
+Guarantees (both engines):
+- a session's calls run in the order they were made (one at a time: a second call on the
+  same session waits for the first); sessions never see each other's state;
 - a bad input raises in the session that sent it (checked before it is queued); the others
-  go on;
-- at most ``max_queue`` calls wait at a time: a caller beyond that waits for room
-  (back-pressure) rather than growing memory;
+  go on; a batched call that fails leaves every state as it was and raises in each of its
+  sessions;
+- at most ``max_queue`` calls wait or run at a time: a caller beyond that waits for room
+  (back-pressure) rather than growing memory; at most ``max_sessions`` sessions are open;
 - a session unused for ``idle_timeout`` seconds is closed and its state freed (its next
   call raises SessionClosedError).
 
 Knobs: ``max_batch`` (sessions per batched call), ``max_wait_us`` (how long the first
 waiting step may wait for others to join; a batch runs at once when every open session has
-a step waiting), ``threads`` (a batch larger than 2 * threads rows is split over that many
-threads). Steps of a converted graph are batched too when its streams carry their state
-only as explicit graph inputs (silero-vad's ``state``, a token model's ``h0``/``c0``): the
-sessions' inputs and states are joined along their batch axes, the graph runs once, and the
-outputs and next states are split back. That is done only when rnnengine/runtime/split.py
-proves every output row depends on its own input row, and the first batched call of each
-shape is checked against the same sessions stepped one by one (``graph_batching`` says
-whether it is on, and why not). Other graph steps, chunks (``feed``) and state calls run one
-by one in the scheduler, in order: correct, not batched; a long chunk delays the other
-sessions' steps while it runs (the scheduler is one thread), so a service should feed long
-audio in chunks of moderate size.
+a step waiting), ``threads`` (threads of each batched call: a layer stack's products are
+split by gate rows; a converted graph's batch of more than 2 * threads rows by rows).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures as cf
 import threading
 import time
 from typing import Any, Callable
@@ -43,6 +54,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rnnengine import _core
+from rnnengine.codes import BATCH_FULL, BATCH_MAX_SLOTS
 from rnnengine.errors import SessionClosedError
 from rnnengine.runtime import split
 from rnnengine.runtime.base import Model, Stream
@@ -57,7 +69,7 @@ class _Call:
     """One submitted call: a step (batchable), or a function run on the session's stream."""
     __slots__ = ("session", "x", "fn", "done", "result", "error", "loop", "future")
 
-    def __init__(self, session: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> None:
+    def __init__(self, session: _QueuedSession, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> None:
         self.session = session
         self.x = x
         self.fn = fn
@@ -140,7 +152,222 @@ class Session:
     result one row of output; for a converted graph, x is what its stream's step() takes
     with batch 1 (a dict or the one array) and the result what it returns. ``feed``/
     ``afeed`` take a chunk, ``get_state``/``set_state``/``reset``/``fork`` work as on a
-    stream; all run in submission order."""
+    stream; all run in the order they were made. Made by :meth:`Batcher.open`."""
+
+    last_used: float  # time.monotonic() of the end of its last call (idle_timeout counts from it)
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def step(self, x: Any, timeout: float | None = None) -> Any:
+        """One step; ``timeout`` (seconds): a call that has not started by then is withdrawn
+        (not applied) and TimeoutError raised; one already running is waited for."""
+        raise NotImplementedError
+
+    def feed(self, xs: Any, timeout: float | None = None) -> Any:
+        """A chunk of steps, as the model's stream.feed() takes it."""
+        raise NotImplementedError
+
+    def get_state(self) -> Any:
+        raise NotImplementedError
+
+    def set_state(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def fork(self) -> Session:
+        """A new session of the same batcher starting from a copy of this one's state."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees the session's state; a call already made still runs."""
+        raise NotImplementedError
+
+    async def astep(self, x: Any) -> Any:
+        """step() for asyncio: never blocks the event loop."""
+        raise NotImplementedError
+
+    async def afeed(self, xs: Any) -> Any:
+        """feed() for asyncio: never blocks the event loop."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SlotSession(Session):
+    """A layer-stack model's session: a slot of the C batcher (src_c/batch.c). Its calls take
+    turns on ``_turn`` (one in flight: the C side holds one row per slot); an asynchronous
+    step's turn is given back by the notifier thread when the step is done."""
+
+    def __init__(self, batcher: Batcher, slot: int) -> None:
+        assert batcher._core is not None
+        self._batcher = batcher
+        self._core: _core.BatchCore = batcher._core
+        self._slot: int | None = slot
+        self._turn = threading.Lock()
+        self._closing = False  # close() called while a call was running: freed when it ends
+        self.last_used = time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        return self._slot is None or self._closing
+
+    def _closed_error(self) -> SessionClosedError:
+        return SessionClosedError("this batcher is closed" if self._batcher._closed else
+                                  "this session is closed (by close(), or after idle_timeout)")
+
+    def _take(self, timeout: float | None = None) -> int:
+        """Waits for this session's turn; its slot."""
+        if self.closed:
+            raise self._closed_error()
+        if not self._turn.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"another call of this session was still running after {timeout} s; "
+                               "this one was not made (not applied)")
+        slot = self._slot
+        if slot is None or self._closing:
+            self._turn.release()
+            raise self._closed_error()
+        return slot
+
+    def _give(self) -> None:
+        """Ends a call: frees the slot if close() came meanwhile, and passes the turn on."""
+        self.last_used = time.monotonic()
+        if self._closing:
+            self._free()
+        self._turn.release()
+
+    def _free(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._batcher._forget(self)
+            if not self._batcher._closed:
+                self._core.close_slot(slot)
+
+    def step(self, x: Any, timeout: float | None = None) -> Any:
+        if type(x) is dict:
+            x = _only_x(x)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        slot = self._take(timeout)
+        try:
+            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            return self._core.step(slot, x, left)
+        finally:
+            self._give()
+
+    def feed(self, xs: Any, timeout: float | None = None) -> Any:
+        """A chunk (T, input_size), or (T, 1, input_size) (batch_first: (1, T, input_size)),
+        run in this thread on the session's state; the outputs in the same layout."""
+        if type(xs) is dict:
+            xs = _only_x(xs)
+        arr = np.asarray(xs)
+        first = bool(getattr(self._batcher.model, "batch_first", False))
+        rows = arr[0] if arr.ndim == 3 and first else arr
+        slot = self._take(timeout)
+        try:
+            ys = self._core.feed(slot, rows)
+        finally:
+            self._give()
+        if arr.ndim == 3:
+            return ys[None] if first else ys[:, None, :]
+        return ys
+
+    def get_state(self) -> Any:
+        slot = self._take()
+        try:
+            vec = self._core.get_state(slot)
+        finally:
+            self._give()
+        return self._batcher.model.unpack_state(vec, 1)  # type: ignore[attr-defined]
+
+    def set_state(self, state: Any) -> None:
+        packed = np.ascontiguousarray(self._batcher.model._pack_state(state, 1), np.float32)  # type: ignore[attr-defined]
+        self._set_vector(packed)
+
+    def _set_vector(self, vec: np.ndarray) -> None:
+        slot = self._take()
+        try:
+            self._core.set_state(slot, vec)
+        finally:
+            self._give()
+
+    def reset(self) -> None:
+        self._set_vector(self._batcher._initial)
+
+    def fork(self) -> Session:
+        slot = self._take()
+        try:
+            vec = self._core.get_state(slot)
+        finally:
+            self._give()
+        return self._batcher._open_slot(vec)
+
+    def close(self) -> None:
+        if self._slot is None:
+            return
+        if self._turn.acquire(blocking=False):
+            try:
+                self._free()
+            finally:
+                self._turn.release()
+        else:
+            self._closing = True  # the call running now frees the slot when it ends
+
+    async def astep(self, x: Any) -> Any:
+        row = self._core.check_row(_only_x(x) if type(x) is dict else x)
+        if self.closed:
+            raise self._closed_error()
+        pause = 0.0002
+        while not self._turn.acquire(blocking=False):  # another call of this session runs
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        submitted = False
+        slot = self._slot
+        try:
+            if slot is None or self._closing:
+                raise self._closed_error()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Any] = loop.create_future()
+            y = np.empty(self._core.output_size, np.float32)
+            self._batcher._inflight[slot] = (self, fut, loop, row, y)
+            self._batcher._start_notifier()
+            pause = 0.0002
+            while self._core.submit(slot, row, y) == BATCH_FULL:  # back-pressure without blocking the loop
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.005)
+            submitted = True
+        finally:
+            if not submitted:  # nothing queued: nobody else gives the turn back
+                if slot is not None:
+                    self._batcher._inflight.pop(slot, None)
+                self._give()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._core.withdraw(slot):  # not started: never applied, and never handed out
+                self._batcher._inflight.pop(slot, None)
+                self._give()
+            raise  # (else it runs; the notifier gives the turn back)
+
+    async def afeed(self, xs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, self.feed, xs)
+
+
+def _only_x(x: dict[str, Any]) -> Any:
+    if set(x) != {"X"}:
+        raise ValueError(f"step(): a layer-stack model takes the input 'X' only, got {sorted(map(str, x))}")
+    return x["X"]
+
+
+class _QueuedSession(Session):
+    """A converted graph's session: its calls queue in the Python scheduler, which runs them
+    on the session's own stream (see the module doc)."""
 
     def __init__(self, batcher: Batcher, stream: Stream) -> None:
         self._batcher = batcher
@@ -197,11 +424,6 @@ class Session:
             raise call.error
         return call.result
 
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _feed_of(xs: Any) -> Callable[[Stream], Any]:
@@ -210,67 +432,126 @@ def _feed_of(xs: Any) -> Callable[[Stream], Any]:
 
 class Batcher:
     """Serves many sessions of one model, gathering their steps into batched calls (see the
-    module doc). Use as a context manager, or call close()."""
+    module doc). Use as a context manager, or call close().
+
+    max_batch: sessions per batched call. max_wait_us: how long the first waiting step may
+    wait for others to join (a batch runs at once when every open session has a step
+    waiting). threads: threads of each batched call of a layer-stack model (its products
+    split by gate rows; a converted graph runs with its model's own threads). idle_timeout:
+    seconds after which an unused session is closed. max_queue: calls waiting or running at
+    most (more callers wait). max_sessions: sessions open at most (open() beyond raises)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
-                 idle_timeout: float | None = None, max_queue: int = 4096) -> None:
+                 idle_timeout: float | None = None, max_queue: int = 4096, max_sessions: int = 65536) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a rnnengine.Model, got {type(model).__name__}")
-        for name, v, lo in (("max_batch", max_batch, 1), ("threads", threads, 1), ("max_queue", max_queue, 1)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name, v, lo, hi in (("max_batch", max_batch, 1, 1 << 20), ("threads", threads, 1, 1024),
+                                ("max_queue", max_queue, 1, 1 << 30),
+                                ("max_sessions", max_sessions, 1, BATCH_MAX_SLOTS)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
         if not 0 <= max_wait_us <= 10_000_000:
             raise ValueError(f"max_wait_us must lie in [0, 1e7] (10 s), got {max_wait_us!r}")
         if idle_timeout is not None and not 0 < idle_timeout < 1e9:
             raise ValueError(f"idle_timeout must be positive seconds or None, got {idle_timeout!r}")
         self.model = model
         self.max_batch, self.threads, self.max_queue = int(max_batch), int(threads), int(max_queue)
+        self.max_sessions = int(max_sessions)
         self.max_wait = float(max_wait_us) * 1e-6
         self.idle_timeout = idle_timeout
         probe = model.stream(batch_size=1)  # a model that cannot stream is refused here, naming why
-        self._batched = isinstance(model, LayerModel)
         # converted graphs: batched when their state is explicit graph I/O (decided per shapes)
         self.graph_batching: str | None = None if isinstance(model, GraphModel) else "not a converted graph"
+        self._lock = threading.RLock()
+        self._sessions: set[Session] = set()
+        self._closed = False
+        self._counts = {"steps": 0, "batches": 0, "calls": 0, "largest_batch": 0, "most_queued": 0,
+                        "sessions_opened": 0, "sessions_timed_out": 0}
+        self._core: _core.BatchCore | None = None
+        stack = getattr(model, "_stack", None)
+        if isinstance(model, LayerModel) and stack is not None and stack.input_size == model.input_size:
+            # a layer stack: the C slots and scheduler (module doc)
+            self._initial = np.ascontiguousarray(probe.get_state_vector(), np.float32)  # type: ignore[attr-defined]
+            self._core = _core.BatchCore(stack, self.max_batch, float(max_wait_us), self.max_queue,
+                                         self.max_sessions, self.threads)
+            self._inflight: dict[int, tuple[_SlotSession, asyncio.Future[Any], asyncio.AbstractEventLoop,
+                                            np.ndarray, np.ndarray]] = {}
+            self._notifier: threading.Thread | None = None
+            self._stopping = threading.Event()
+            self._sweeper: threading.Thread | None = None
+            if idle_timeout is not None:
+                self._sweeper = threading.Thread(target=self._sweep_slots, name="rnnengine-batcher-idle", daemon=True)
+                self._sweeper.start()
+            del probe
+            return
+        del probe
         self._graph_plans: dict[Any, Any] = {}
         self._graph_ctx: dict[int, Any] = {}
         self._feeds_ok: set[Any] = set()
-        self._input_size = getattr(model, "input_size", None)
-        del probe
-        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # the scheduler waits on it for work
-        self._ready: collections.OrderedDict[Session, None] = collections.OrderedDict()  # sessions with work
-        self._sessions: set[Session] = set()
+        self._ready: collections.OrderedDict[_QueuedSession, None] = collections.OrderedDict()  # sessions with work
         self._room = threading.Condition(self._lock)  # callers wait on it for a queue slot
         self._queued = 0
         self._first_wait: float | None = None
         self._last_sweep = 0.0
-        self._closed = False
-        self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine-batch") \
-            if self.threads > 1 else None
-        self.counters = {"steps": 0, "batches": 0, "calls": 0, "largest_batch": 0, "most_queued": 0,
-                         "sessions_opened": 0, "sessions_timed_out": 0}
         self._thread = threading.Thread(target=self._run, name="rnnengine-batcher", daemon=True)
         self._thread.start()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """steps (stepped in batches), batches, calls (every call run), largest_batch,
+        most_queued (calls waiting or running at once, at most), sessions_opened,
+        sessions_timed_out."""
+        with self._lock:
+            out = dict(self._counts)
+        if self._core is not None:
+            c = self._core.counters
+            out.update(steps=c["steps"], batches=c["batches"], largest_batch=c["largest_batch"],
+                       most_queued=c["most_queued"], calls=c["steps"] + out["calls"])
+        return out
 
     # --- sessions -------------------------------------------------------------------------
     def open(self, state: Any = None) -> Session:
         """A new session (its own stream of one row), from the model's initial state or from
         ``state`` (a stream's get_state() structure)."""
+        if self._core is not None:
+            vec = self._initial if state is None else \
+                np.ascontiguousarray(self.model._pack_state(state, 1), np.float32)  # type: ignore[attr-defined]
+            return self._open_slot(vec)
         stream = self.model.stream(batch_size=1)
         if state is not None:
             stream.set_state(state)
         return self._adopt(stream)
 
-    def _adopt(self, stream: Stream) -> Session:
-        with self._cond:
-            if self._closed:
-                raise SessionClosedError("this batcher is closed")
-            s = Session(self, stream)
+    def _room_for_one(self) -> None:
+        if self._closed:
+            raise SessionClosedError("this batcher is closed")
+        if len(self._sessions) >= self.max_sessions:
+            raise RuntimeError(f"max_sessions ({self.max_sessions}) sessions are open; close some or raise "
+                               "Batcher(max_sessions=)")
+
+    def _open_slot(self, vec: np.ndarray) -> Session:
+        assert self._core is not None
+        with self._lock:
+            self._room_for_one()
+            s = _SlotSession(self, self._core.open(vec))
             self._sessions.add(s)
-            self.counters["sessions_opened"] += 1
+            self._counts["sessions_opened"] += 1
             return s
 
-    def _close_session(self, s: Session) -> None:
+    def _forget(self, s: Session) -> None:
+        with self._lock:
+            self._sessions.discard(s)
+
+    def _adopt(self, stream: Stream) -> Session:
+        with self._cond:
+            self._room_for_one()
+            s = _QueuedSession(self, stream)
+            self._sessions.add(s)
+            self._counts["sessions_opened"] += 1
+            return s
+
+    def _close_session(self, s: _QueuedSession) -> None:
         with self._cond:
             self._sessions.discard(s)
             if s._pending:
@@ -281,28 +562,61 @@ class Batcher:
     @property
     def sessions(self) -> int:
         """Open sessions."""
-        with self._cond:
+        with self._lock:
             return len(self._sessions)
 
-    # --- submitting -----------------------------------------------------------------------
-    def _check_step(self, x: Any) -> np.ndarray:
-        """One row of step input, checked now so a bad input raises in its own session."""
-        if not self._batched:
-            return x  # type: ignore[no-any-return]  # a graph step: checked by the stream when it runs
-        if isinstance(x, dict):  # {"X": x}, as a layer stack's stream takes it
-            if set(x) != {"X"}:
-                raise ValueError(f"step(): a layer-stack model takes the input 'X' only, got {sorted(map(str, x))}")
-            x = x["X"]
-        arr = np.asarray(x)
-        if arr.dtype.kind != "f":
-            raise TypeError(f"step(): x must be a float array, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.shape == (1, self._input_size):
-            arr = arr[0]
-        if arr.shape != (self._input_size,):
-            raise ValueError(f"step(): x must have shape ({self._input_size},) (one row of the model's input), "
-                             f"got {np.shape(x)}")
-        return arr
+    # --- the C engine's helper threads ------------------------------------------------------
+    def _start_notifier(self) -> None:
+        if self._notifier is None:
+            with self._lock:
+                if self._notifier is None:
+                    self._notifier = threading.Thread(target=self._notify, name="rnnengine-batcher-async",
+                                                      daemon=True)
+                    self._notifier.start()
+
+    def _notify(self) -> None:
+        """Hands asynchronous steps their results: one wake-up per event loop per batch."""
+        core = self._core
+        assert core is not None
+        while True:
+            done = core.completions(0.5)
+            if done is None:
+                return
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+            for slot, err in done:
+                entry = self._inflight.pop(slot, None)
+                if entry is None:
+                    continue
+                session, fut, loop, _row, y = entry
+                session._give()  # the step is done: the session's next call may start
+                by_loop.setdefault(loop, []).append((fut, y if err is None else None, err))
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle_all, items)
+                except RuntimeError:  # that caller's event loop is closed: nobody waits
+                    pass
+
+    def _sweep_slots(self) -> None:
+        """Closes sessions unused for idle_timeout (a scan at most every second)."""
+        assert self.idle_timeout is not None
+        while not self._stopping.wait(min(1.0, self.idle_timeout / 2)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self._sessions if now - s.last_used > self.idle_timeout]
+            for s in idle:
+                assert isinstance(s, _SlotSession)
+                if s._turn.acquire(blocking=False):  # not in a call now
+                    try:
+                        if s._slot is not None and time.monotonic() - s.last_used > self.idle_timeout:
+                            s._free()
+                            with self._lock:
+                                self._counts["sessions_timed_out"] += 1
+                    finally:
+                        s._turn.release()
+
+    # --- submitting (converted graphs) ------------------------------------------------------
+    def _check_step(self, x: Any) -> Any:
+        return x  # a graph step: checked by the stream when it runs
 
     def _enqueue(self, call: _Call, timeout: float | None = None, block: bool = True) -> bool:
         """Queues a call once a slot is free (back-pressure: at most max_queue calls wait or
@@ -325,7 +639,7 @@ class Batcher:
             s.last_used = time.monotonic()
             s._pending.append(call)
             self._queued += 1
-            self.counters["most_queued"] = max(self.counters["most_queued"], self._queued)
+            self._counts["most_queued"] = max(self._counts["most_queued"], self._queued)
             self._mark_ready(s)
             return True
 
@@ -351,20 +665,20 @@ class Batcher:
             self._room.notify()
             return True
 
-    def _mark_ready(self, s: Session) -> None:
+    def _mark_ready(self, s: _QueuedSession) -> None:
         if s not in self._ready:
             self._ready[s] = None
             if self._first_wait is None:
                 self._first_wait = time.monotonic()
         self._cond.notify()
 
-    def _submit(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None,
+    def _submit(self, s: _QueuedSession, x: np.ndarray | None, fn: Callable[[Stream], Any] | None,
                 timeout: float | None = None) -> _Call:
         call = _Call(s, x, fn)
         self._enqueue(call, timeout)
         return call
 
-    async def _submit_async(self, s: Session, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> Any:
+    async def _submit_async(self, s: _QueuedSession, x: np.ndarray | None, fn: Callable[[Stream], Any] | None) -> Any:
         loop = asyncio.get_running_loop()
         call = _Call(s, x, fn)
         call.loop, call.future = loop, loop.create_future()
@@ -435,18 +749,16 @@ class Batcher:
         if now - self._last_sweep < min(1.0, self.idle_timeout / 2):
             return
         self._last_sweep = now
-        for s in [s for s in self._sessions
-                  if not s._pending and not s._running and now - s.last_used > self.idle_timeout]:
+        for s in [s for s in self._sessions if isinstance(s, _QueuedSession)
+                  and not s._pending and not s._running and now - s.last_used > self.idle_timeout]:
             self._sessions.discard(s)
             s._stream = None
-            self.counters["sessions_timed_out"] += 1
+            self._counts["sessions_timed_out"] += 1
 
     def _execute(self, calls: list[_Call]) -> None:
         steps = [c for c in calls if c.fn is None and c.x is not None]
         others = [c for c in calls if not (c.fn is None and c.x is not None)]
-        if steps and self._batched:
-            self._run_steps(steps)
-        elif len(steps) > 1 and self.graph_batching is None:
+        if len(steps) > 1 and self.graph_batching is None:
             others = self._run_graph_steps(steps) + others
         else:
             others = steps + others
@@ -463,56 +775,13 @@ class Batcher:
                 c.finish(None, e)
         now = time.monotonic()
         with self._lock:
-            self.counters["calls"] += len(calls)
+            self._counts["calls"] += len(calls)
             for c in calls:
                 c.session._running -= 1
                 c.session.last_used = now  # a long call does not count as idle time
                 if c.session._closing and not c.session._pending:
                     c.session._stream = None
         self._release(len(calls))
-
-    def _run_steps(self, steps: list[_Call]) -> None:
-        """Single steps of a layer-stack model's sessions: one batched call (or one per thread).
-        The streams are read once (a close() from another thread cannot change them in the
-        middle); a part whose batched call fails leaves its streams untouched (step_streams
-        writes states back only on success), and only that part's sessions are then stepped
-        one by one, so every error stays with its session and no session steps twice."""
-        pairs: list[tuple[_Call, Any]] = []
-        for c in steps:
-            stream = c.session._stream
-            if stream is None:
-                c.finish(None, SessionClosedError("this session is closed"))
-            else:
-                pairs.append((c, stream))
-        if not pairs:
-            return
-        n = len(pairs)
-        self.counters["steps"] += n
-        self.counters["batches"] += 1
-        self.counters["largest_batch"] = max(self.counters["largest_batch"], n)
-        X = np.stack([c.x for c, _ in pairs if c.x is not None])
-        parts = 1 if self._pool is None or n < 2 * self.threads else self.threads
-        bounds = [int(b) for b in np.linspace(0, n, parts + 1).astype(int)]
-
-        def part(k: int) -> np.ndarray | BaseException:
-            b0, b1 = bounds[k], bounds[k + 1]
-            try:
-                return _core.step_streams([s for _, s in pairs[b0:b1]], X[b0:b1])
-            except Exception as e:
-                return e
-        results = list(self._pool.map(part, range(parts))) if parts > 1 and self._pool is not None \
-            else [part(0)]
-        for k, res in enumerate(results):
-            b0, b1 = bounds[k], bounds[k + 1]
-            for i in range(b0, b1):
-                c, stream = pairs[i]
-                if not isinstance(res, BaseException):
-                    c.finish(res[i - b0])
-                    continue
-                try:  # this part's states were not written: each session steps alone
-                    c.finish(stream.step(c.x))
-                except Exception as e:
-                    c.finish(None, e)
 
     def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
         """Single steps of a converted graph's sessions as one run (see the module doc);
@@ -595,9 +864,9 @@ class Batcher:
                     self.graph_batching = "a batched step differed from the same step alone; steps run one by one"
                     return rest + ready
             self._graph_plans[("checked", sig)] = True
-        self.counters["steps"] += len(ready)
-        self.counters["batches"] += 1
-        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(ready))
+        self._counts["steps"] += len(ready)
+        self._counts["batches"] += 1
+        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(ready))
         for c, s, res, carried in results:
             s._carried.update(carried)
             s._fast = None
@@ -643,16 +912,29 @@ class Batcher:
     # --- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
         """Runs the calls already submitted, then stops; every session is closed."""
-        with self._cond:
+        with self._lock:
             self._closed = True
+        if self._core is not None:
+            self._core.stop()  # the rows already queued run first
+            if self._notifier is not None:
+                self._notifier.join()
+            self._stopping.set()
+            if self._sweeper is not None:
+                self._sweeper.join()
+            with self._lock:
+                for s in self._sessions:
+                    assert isinstance(s, _SlotSession)
+                    s._closing = True
+                self._sessions.clear()
+            return
+        with self._cond:
             self._cond.notify_all()
         self._thread.join()
         with self._cond:
             for s in self._sessions:
+                assert isinstance(s, _QueuedSession)
                 s._stream = None
             self._sessions.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
 
     def __enter__(self) -> Batcher:
         return self
