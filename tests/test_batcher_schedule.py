@@ -209,3 +209,27 @@ def test_a_thousand_sessions_from_16_threads_and_asyncio_tasks():
     assert steps > 8_000
     assert grown < 50, f"RSS grew {grown:.1f} MB over a second pass of 1,000 sessions"
     assert time.monotonic() - t0 < 240
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_schedules_of_silero_vad_match_each_session_alone(data):
+    """A state that is not contiguous per row once joined ((2, n, 128)): see
+    test_batcher.test_graph_sessions_batched_then_alone_keep_their_own_state."""
+    import importlib.util
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None:
+        pytest.skip("silero-vad is not installed")
+    graph = _silero(os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx"))
+    with Batcher(graph, max_wait_us=2000) as b:
+        mirror = Mirror(graph, b, lambda: {"input": f32(1, 576, scale=0.1)}, lambda y: y["output"])
+        drive(mirror, data)
+
+
+_SILERO = {}
+
+
+def _silero(path):
+    if path not in _SILERO:
+        _SILERO[path] = rnnengine.convert(path, fixed_inputs={"sr": 16000})
+    return _SILERO[path]

@@ -846,7 +846,10 @@ class Batcher:
             s = c.session._stream
             assert isinstance(s, GraphStream)
             res = {o: v[(slice(None),) * out_axes[o] + (slice(i, i + 1),)] for o, v in out.items()}
-            carried = {a: res[o] for a, o in m.state_pairs}
+            # the next state as arrays the stream owns: contiguous copies, never views of the joined
+            # output (a stream writes its next state into the buffer it carried the call before,
+            # double-buffered: a view of a row of `out` made it write over memory it does not own)
+            carried = {a: np.array(res[o], order="C", copy=True) for a, o in m.state_pairs}
             for o, tax in s.output_axes.items():
                 v = res.get(o)
                 if tax is not None and v is not None and tax < v.ndim and v.shape[tax] == 1:
