@@ -1,34 +1,54 @@
-"""Many live streams: N sessions stepped through rnnengine.Batcher vs N streams stepped on
-their own (each by its own thread, as a service without the batcher would), and vs onnxruntime
-with the state passed back by hand, same model, same threads; steps per second and per-step
-latency, engines alternated in one run.
+"""Many live streams (issue 13's load benchmark): N concurrent clients each stepping one
+session of one model, engines side by side in one run (alternated, medians of repeats):
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_batcher.py [--sessions 64] [--steps 200] [--hidden 256]
+- "batcher": rnnengine.Batcher, one session per client (client threads calling step());
+- "own streams": each client steps its own rnnengine stream (no batching; the GIL is
+  released in C, so they use both cores);
+- "onnxruntime per client": an onnxruntime session per client, state passed out and back in
+  by hand (onnxruntime is stateless);
+- with --server: `rnnengine serve` started as a subprocess on a free localhost port, each
+  client a WebSocket connection (aiohttp, asyncio, one client process) sending binary step
+  frames (rnnengine/server.py).
+
+Models: an LSTM I=H=256 (--model lstm), silero-vad as shipped (--model silero: the PyPI
+package's ONNX file, converted; 576-sample chunks at 16 kHz) or the bundled char LM
+(--model charlm). Reports steps/s and the median / p99 latency of one step per client.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_batcher.py --clients 1,8,64,256 [--model lstm] [--server]
+        [--steps 100] [--repeats 2] [--plot out.png] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import rnnengine
+from rnnengine.runtime.batcher import Batcher
 
-import rnnengine  # noqa: E402
-from rnnengine.runtime.batcher import Batcher  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_threads(n, steps, body):
-    """n threads, each calling body(i, k) for k in range(steps); returns (seconds, latencies)."""
+    """n threads, each calling body(i, k) for k in range(steps); returns (steps/s, latencies s)."""
     lat = [[] for _ in range(n)]
     barrier = threading.Barrier(n + 1)
 
     def work(i):
+        body(i, 0)  # a first step, untimed: plans, buffers and threads made before the clock starts
         barrier.wait()
-        for k in range(steps):
+        for k in range(1, steps):
             t0 = time.perf_counter()
             body(i, k)
             lat[i].append(time.perf_counter() - t0)
@@ -39,83 +59,33 @@ def run_threads(n, steps, body):
     t0 = time.perf_counter()
     for t in th:
         t.join()
-    return time.perf_counter() - t0, np.concatenate([np.array(x) for x in lat])
+    return n * (steps - 1) / (time.perf_counter() - t0), np.concatenate([np.array(x) for x in lat])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--asyncio", action="store_true",
-                    help="one asyncio event loop serving every session (await astep) against the same loop "
-                         "stepping each session's own stream in turn")
-    ap.add_argument("--charlm", action="store_true",
-                    help="the bundled character LM (a converted graph with explicit h/c state) instead of an LSTM")
-    a = ap.parse_args()
+# --- models -----------------------------------------------------------------------------------
+
+class Case:
+    """A model, its per-client inputs, how a step's input is given to each engine, and an
+    onnxruntime stepper factory (None when onnxruntime is missing)."""
+
+    def __init__(self, name, model, xs, as_feed, ort_factory, path_for_server, frame=lambda x: x):
+        self.name, self.model, self.xs, self.as_feed = name, model, xs, as_feed
+        self.ort_factory, self.path_for_server, self.frame = ort_factory, path_for_server, frame
+
+
+def lstm_case(n, steps, H, tmp):
     rng = np.random.default_rng(0)
-    if a.charlm:
-        model = rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
-        xs = [[{"tokens": np.array([t], np.int64)} for t in row]
-              for row in rng.integers(0, 60, size=(a.sessions, a.steps))]
-        what = "demo char LM (converted graph, 2x LSTM 192, explicit state)"
-    else:
-        I = H = a.hidden
-        W = (rng.standard_normal((1, 4 * H, I)) * 0.05).astype(np.float32)
-        R = (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32)
-        model = rnnengine.Model([rnnengine.LSTM(W, R)])
-        xs = rng.standard_normal((a.sessions, a.steps, I)).astype(np.float32)
-        what = f"LSTM I=H={H}"
-    print(f"{what}, {a.sessions} sessions x {a.steps} steps, one thread per session, "
-          f"{os.cpu_count()} cores; medians over {a.repeats} alternating repeats")
-    if a.asyncio:
-        return run_asyncio(model, xs, a)
-    cores = os.cpu_count() or 1
-    # the batcher's one scheduler thread runs each batched step; with the model's threads it
-    # splits that step's products over the cores (the streams of "own streams" use every core
-    # through their own threads)
-    wide = rnnengine.Model(model.layers, threads=cores) if not a.charlm and cores > 1 else None
-    ort_step = None if a.charlm else onnxruntime_stepper(W, R, H)
-    names = ["own streams", "batcher"] + ([f"batcher, model threads={cores}"] if wide else []) + \
-        (["onnxruntime session per client"] if ort_step else [])
-    res = {k: [] for k in names}
-    lats = {k: [] for k in names}
-    for _ in range(a.repeats):
-        streams = [model.stream() for _ in range(a.sessions)]
-        sec, lat = run_threads(a.sessions, a.steps, lambda i, k: streams[i].step(xs[i][k]))
-        res["own streams"].append(a.sessions * a.steps / sec)
-        lats["own streams"].append(lat)
-        with Batcher(model, max_batch=a.sessions, max_wait_us=200) as b:
-            sessions = [b.open() for _ in range(a.sessions)]
-            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i][k]))
-            res["batcher"].append(a.sessions * a.steps / sec)
-            lats["batcher"].append(lat)
-            batches = b.counters["batches"]
-        print(f"  batcher: {b.counters['steps'] / batches:.1f} steps per batched call on average")
-        if wide is not None:
-            with Batcher(wide, max_batch=a.sessions, max_wait_us=200) as b:
-                sessions = [b.open() for _ in range(a.sessions)]
-                sec, lat = run_threads(a.sessions, a.steps, lambda i, k: sessions[i].step(xs[i][k]))
-                res[names[2]].append(a.sessions * a.steps / sec)
-                lats[names[2]].append(lat)
-        if ort_step is not None:
-            steppers = [ort_step() for _ in range(a.sessions)]
-            sec, lat = run_threads(a.sessions, a.steps, lambda i, k: steppers[i](xs[i][k]))
-            res[names[-1]].append(a.sessions * a.steps / sec)
-            lats[names[-1]].append(lat)
-    base = np.median(res["own streams"])
-    print("| engine | steps/s | median latency us | p99 latency us | throughput vs own streams |")
-    print("|---|---:|---:|---:|---:|")
-    for k in res:
-        lat = np.concatenate(lats[k]) * 1e6
-        print(f"| {k} | {np.median(res[k]):,.0f} | {np.median(lat):.0f} | {np.percentile(lat, 99):.0f} | "
-              f"{np.median(res[k]) / base:.2f}x |")
+    W = (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32)
+    R = (rng.standard_normal((1, 4 * H, H)) * 0.05).astype(np.float32)
+    model = rnnengine.Model([rnnengine.LSTM(W, R)])
+    path = os.path.join(tmp, "lstm.rnne")
+    rnnengine.save(model, path)
+    xs = rng.standard_normal((n, steps, H)).astype(np.float32)
+    # the server serves the saved file: a converted graph, whose step takes (1, I)
+    return Case(f"LSTM I=H={H}", model, xs, lambda x: x, lstm_ort(W, R, H), path, frame=lambda x: x[None])
 
 
-def onnxruntime_stepper(W, R, H):
-    """A factory of per-client onnxruntime steppers (one InferenceSession each, 1 intra-op
-    thread, not spinning), the state passed out and back in by hand; None without onnxruntime."""
+def lstm_ort(W, R, H):
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
@@ -133,11 +103,7 @@ def onnxruntime_stepper(W, R, H):
     data = m.SerializeToString()
 
     def make():
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = 1
-        o.inter_op_num_threads = 1
-        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(data, o, providers=["CPUExecutionProvider"])
+        sess = ort_session(ort, data)
         st = {"h0": np.zeros((1, 1, H), np.float32), "c0": np.zeros((1, 1, H), np.float32)}
 
         def step(x):
@@ -147,34 +113,241 @@ def onnxruntime_stepper(W, R, H):
     return make
 
 
-def run_asyncio(model, xs, a):
-    import asyncio
-    rates = {"own streams, in turn": [], "batcher (await astep)": []}
-    for _ in range(a.repeats):
-        streams = [model.stream() for _ in range(a.sessions)]
-        t0 = time.perf_counter()
-        for k in range(a.steps):
-            for i in range(a.sessions):
-                streams[i].step(xs[i][k])
-        rates["own streams, in turn"].append(a.sessions * a.steps / (time.perf_counter() - t0))
+def ort_session(ort, model):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.inter_op_num_threads = 1
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
 
-        async def main(b):
-            sessions = [b.open() for _ in range(a.sessions)]
+
+def silero_case(n, steps):
+    import importlib.util
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None:
+        sys.exit("--model silero needs the silero-vad package (pip install --no-deps silero-vad)")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx")
+    model = rnnengine.convert(path, fixed_inputs={"sr": 16000})
+    rng = np.random.default_rng(0)
+    xs = (rng.standard_normal((n, steps, 1, 576)) * 0.1).astype(np.float32)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+
+    def make():
+        sess = ort_session(ort, path)
+        st = {"state": np.zeros((2, 1, 128), np.float32)}
+        sr = np.array(16000, np.int64)
+
+        def step(x):
+            y, st["state"] = sess.run(None, {"input": x, "sr": sr, **st})
+            return y
+        return step
+    return Case("silero-vad (576-sample chunks)", model, xs, lambda x: {"input": x},
+                make if ort is not None else None, path)
+
+
+def charlm_case(n, steps):
+    path = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx")
+    model = rnnengine.convert(path)
+    rng = np.random.default_rng(0)
+    xs = rng.integers(0, 60, size=(n, steps, 1)).astype(np.int64)
+    return Case("demo char LM (2x LSTM 192)", model, xs, lambda x: {"tokens": x}, None, path)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+class Server:
+    """`rnnengine serve PATH` in a subprocess on a free localhost port."""
+
+    def __init__(self, path, extra=()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        args = [sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(self.port), *extra]
+        if path.endswith(".onnx") and "silero" in path:
+            args += ["--input", "sr=16000"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=tempfile.gettempdir())
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    sys.exit(f"rnnengine serve failed:\n{self.proc.stdout.read()}")
+                time.sleep(0.1)
+        sys.exit("rnnengine serve did not answer /health in 60 s")
+
+    def close(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_ws_clients(port, xs, frame):
+    """len(xs) WebSocket clients in one asyncio loop, each stepping its own session through
+    binary frames; returns (steps/s, latencies s)."""
+    import aiohttp
+
+    from rnnengine.server import KIND_STEP, encode_frame
+    n, steps = xs.shape[0], xs.shape[1]
+    lat = []
+    ready = [0]
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            conns = [await http.ws_connect(f"http://127.0.0.1:{port}/stream", max_msg_size=1 << 24)
+                     for _ in range(n)]
 
             async def one(i):
-                for k in range(a.steps):
-                    await sessions[i].astep(xs[i][k])
-            await asyncio.gather(*(one(i) for i in range(a.sessions)))
-        with Batcher(model, max_batch=a.sessions, max_wait_us=500) as b:
+                ws = conns[i]
+                mine = []
+                await ws.send_bytes(encode_frame(frame(xs[i, 0]), KIND_STEP))  # untimed first step
+                await ws.receive()
+                ready[0] += 1
+                if ready[0] == n:
+                    warm.set()
+                await start.wait()
+                for k in range(1, steps):
+                    t0 = time.perf_counter()
+                    await ws.send_bytes(encode_frame(frame(xs[i, k]), KIND_STEP))
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        raise RuntimeError(f"server replied {msg.type}: {msg.data!r}")
+                    if msg.data[4] != 2:
+                        raise RuntimeError(f"server replied with frame kind {msg.data[4]}")
+                    mine.append(time.perf_counter() - t0)
+                lat.extend(mine)
+            start, warm = asyncio.Event(), asyncio.Event()
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            await warm.wait()  # every client's first step done: the clock starts
             t0 = time.perf_counter()
-            asyncio.run(main(b))
-            rates["batcher (await astep)"].append(a.sessions * a.steps / (time.perf_counter() - t0))
-            print(f"  batcher: {b.counters['steps'] / max(b.counters['batches'], 1):.1f} steps per batched call")
-    base = np.median(rates["own streams, in turn"])
-    print("| engine (one asyncio loop) | steps/s | vs own streams |")
-    print("|---|---:|---:|")
-    for k, v in rates.items():
-        print(f"| {k} | {np.median(v):,.0f} | {np.median(v) / base:.2f}x |")
+            start.set()
+            await asyncio.gather(*tasks)
+            sec = time.perf_counter() - t0
+            for ws in conns:
+                await ws.close()
+            return sec
+    sec = asyncio.run(main())
+    return n * (steps - 1) / sec, np.array(lat)
+
+
+# --- one measurement ------------------------------------------------------------------------
+
+def measure(case, n, a, server):
+    model, xs, feed = case.model, case.xs[:n], case.as_feed
+    engines = {}
+
+    def own():
+        streams = [model.stream() for _ in range(n)]
+        return run_threads(n, a.steps, lambda i, k: streams[i].step(feed(xs[i][k])))
+
+    def batcher():
+        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us) as b:
+            sessions = [b.open() for _ in range(n)]
+            res = run_threads(n, a.steps, lambda i, k: sessions[i].step(feed(xs[i][k])))
+            c = b.counters
+        return res + (c["steps"] / max(c["batches"], 1),)
+    engines["own streams"] = own
+    engines["batcher"] = batcher
+    if case.ort_factory is not None:
+        def ort_clients():
+            steppers = [case.ort_factory() for _ in range(n)]
+            return run_threads(n, a.steps, lambda i, k: steppers[i](xs[i][k]))
+        engines["onnxruntime per client"] = ort_clients
+    if server is not None:
+        engines["server (WebSocket)"] = lambda: run_ws_clients(server.port, xs, case.frame)
+    rates = {k: [] for k in engines}
+    lats = {k: [] for k in engines}
+    per_batch = []
+    for _ in range(a.repeats):
+        for k, fn in engines.items():
+            res = fn()
+            rates[k].append(res[0])
+            lats[k].append(res[1])
+            if len(res) > 2:
+                per_batch.append(res[2])
+    rows = []
+    for k in engines:
+        lat = np.concatenate(lats[k]) * 1e6
+        rows.append({"clients": n, "engine": k, "steps_per_s": float(np.median(rates[k])),
+                     "p50_us": float(np.median(lat)), "p99_us": float(np.percentile(lat, 99))})
+    return rows, float(np.mean(per_batch)) if per_batch else 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", default="1,8,64,256", help="comma-separated client counts")
+    ap.add_argument("--model", choices=["lstm", "silero", "charlm"], default="lstm")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-wait-us", type=float, default=200.0)
+    ap.add_argument("--server", action="store_true", help="also through `rnnengine serve` on localhost")
+    ap.add_argument("--plot", help="write a plot (throughput and p99 latency vs clients) here")
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args()
+    clients = [int(c) for c in a.clients.split(",")]
+    n_max = max(clients)
+    with tempfile.TemporaryDirectory() as tmp:
+        case = lstm_case(n_max, a.steps, a.hidden, tmp) if a.model == "lstm" else \
+            silero_case(n_max, a.steps) if a.model == "silero" else charlm_case(n_max, a.steps)
+        server = Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us)]) if a.server else None
+        print(f"{case.name}: {a.steps} steps per client, {os.cpu_count()} cores, medians of {a.repeats} "
+              f"alternating repeats")
+        rows = []
+        try:
+            for n in clients:
+                got, per_batch = measure(case, n, a, server)
+                base = next(r["steps_per_s"] for r in got if r["engine"] == "own streams")
+                ort = next((r["steps_per_s"] for r in got if r["engine"] == "onnxruntime per client"), None)
+                for r in got:
+                    r["vs_own"] = r["steps_per_s"] / base
+                    r["vs_ort"] = r["steps_per_s"] / ort if ort else None
+                    if r["engine"] == "batcher":
+                        r["steps_per_batch"] = per_batch
+                rows += got
+                print(f"  {n} clients done (batcher: {per_batch:.1f} steps per batched call)", flush=True)
+        finally:
+            if server is not None:
+                server.close()
+    print(f"\n{case.name}\n")
+    print("| clients | engine | steps/s | p50 latency µs | p99 latency µs | vs own streams | vs onnxruntime |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        vo = "" if r["vs_ort"] is None else f"{r['vs_ort']:.2f}x"
+        print(f"| {r['clients']} | {r['engine']} | {r['steps_per_s']:,.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+              f"{r['vs_own']:.2f}x | {vo} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": case.name, "rows": rows}, f, indent=1)
+    if a.plot:
+        plot(rows, case.name, a.plot)
+
+
+def plot(rows, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for engine in dict.fromkeys(r["engine"] for r in rows):
+        rs = [r for r in rows if r["engine"] == engine]
+        ax1.plot([r["clients"] for r in rs], [r["steps_per_s"] for r in rs], "o-", label=engine)
+        ax2.plot([r["clients"] for r in rs], [r["p99_us"] / 1000 for r in rs], "o-", label=engine)
+    for ax, yl in ((ax1, "steps/s (all clients)"), (ax2, "p99 latency of one step (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(yl)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

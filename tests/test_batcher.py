@@ -183,9 +183,11 @@ def test_a_bounded_queue_holds_callers_back(model):
 def test_a_converted_graph_is_served_in_order():
     layer_model = rnnengine.Model([rnnengine.LSTM(f32(1, 4 * H, I), f32(1, 4 * H, H))])
     from rnnengine.frontend.layer_export import layers_to_onnx
-    graph = rnnengine.convert(layers_to_onnx(layer_model))
+    # float16 kernels: not a float32 layer stack, so the Python scheduler serves it one by one
+    graph = rnnengine.convert(layers_to_onnx(layer_model), weight_dtype="float16")
     xs = f32(3, 7, 1, I, scale=1.0)  # a graph step takes the batch axis (1 row)
     with Batcher(graph) as b:
+        assert b._core is None
         sessions = [b.open() for _ in range(3)]
         got = [np.stack([s.step(x) for x in xs[i]]) for i, s in enumerate(sessions)]
     for i in range(3):
@@ -233,11 +235,10 @@ def test_a_failed_batched_call_reaches_each_caller_and_leaves_every_state(model)
 
 
 def test_an_unexpected_failure_in_the_graph_scheduler_reaches_the_callers_and_it_goes_on(monkeypatch):
-    layer_model = rnnengine.Model([rnnengine.LSTM(f32(1, 4 * H, I), f32(1, 4 * H, H))])
-    from rnnengine.frontend.layer_export import layers_to_onnx
-    graph = rnnengine.convert(layers_to_onnx(layer_model))
-    x = f32(1, I, scale=1.0)
+    graph = rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
+    x = {"tokens": np.array([3], np.int64)}
     with Batcher(graph) as b:
+        assert b._core is None  # (a graph with its own state inputs: the Python scheduler)
         s = b.open()
         want = s.step(x)
         real = b._execute
@@ -249,7 +250,8 @@ def test_an_unexpected_failure_in_the_graph_scheduler_reaches_the_callers_and_it
             s.step(x)
         monkeypatch.setattr(b, "_execute", real)
         t = b.open()
-        np.testing.assert_array_equal(t.step(x), want)  # the scheduler still runs
+        got = t.step(x)  # the scheduler still runs
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
         assert b.counters["most_queued"] <= b.max_queue
 
 
@@ -354,3 +356,44 @@ def test_a_graph_mixing_rows_is_not_batched_and_stays_right():
     assert reason is not None and "ReduceMean" in reason
     for i in range(len(seqs)):
         np.testing.assert_array_equal(got[i], _alone(graph, seqs[i], "x", "y"))
+
+
+def test_a_saved_layer_stack_is_served_by_the_c_batcher_with_the_graphs_convention(model, tmp_path):
+    """rnnengine.load of a saved layer stack gives a converted graph; the batcher recognises it
+    (runtime.batcher.layer_stack_of), serves it with its C engine, and its sessions keep the
+    graph stream's convention: a step takes (1, I) (or {"X": ...}) and gives (1, H) (or {"Y": ...});
+    feed takes (T, 1, I); the state has the graph's structure."""
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(model, path)
+    graph = rnnengine.load(path)
+    xs = f32(4, 6, 1, I, scale=1.0)
+    with Batcher(graph, max_wait_us=2000) as b:
+        assert b._core is not None and b.graph_batching is None
+        got = [None] * 4
+
+        def work(i):
+            s = b.open()
+            got[i] = np.stack([s.step(x) if k % 2 else s.step({"X": x})["Y"] for k, x in enumerate(xs[i])])
+        th = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert b.counters["largest_batch"] > 1
+        s, ref = b.open(), graph.stream()
+        np.testing.assert_allclose(s.feed(xs[0]), ref.feed(xs[0]), rtol=0, atol=1e-6)
+        st, want_st = s.get_state(), ref.get_state()
+        assert set(st["layers"]) == set(want_st["layers"])
+        for key in st["layers"]:
+            parts = [v if isinstance(v, tuple) else (v,) for v in (st["layers"][key], want_st["layers"][key])]
+            assert len(parts[0]) == len(parts[1])
+            for a, w in zip(*parts):
+                np.testing.assert_allclose(a, w, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"shape \(1, 12\)"):
+            s.step(np.zeros(I, np.float32))  # the graph's convention: a batch axis of one
+    for i in range(4):
+        want = _alone(graph, xs[i], "X", "Y")
+        assert np.abs(got[i] - want).max() <= 1e-6
+    # compact kernels (int8 here) are not a float32 layer stack: the graph engine serves them
+    with Batcher(rnnengine.load(path, weight_dtype="int8")) as b:
+        assert b._core is None

@@ -661,7 +661,7 @@ def build_parser():
     s.add_argument("--max-batch", type=int, default=64, help="sessions per batched call (default 64)")
     s.add_argument("--max-wait-us", type=float, default=200.0,
                    help="how long a waiting step may wait for others to join its batch (default 200)")
-    s.add_argument("--threads", type=int, default=1, help="threads a large batch is split over (default 1)")
+    s.add_argument("--threads", type=int, default=1, help="threads of each batched call (default 1)")
     s.add_argument("--idle-timeout", type=float, default=600.0,
                    help="seconds after which an unused session is freed (default 600; 0: never)")
     s.add_argument("--max-queue", type=int, default=4096,

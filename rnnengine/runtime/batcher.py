@@ -251,22 +251,31 @@ class _SlotSession(Session):
                 self._core.close_slot(slot)
 
     def step(self, x: Any, timeout: float | None = None) -> Any:
-        if type(x) is dict:
+        given = x
+        if self._batcher._graph_io:
+            x = self._batcher._graph_row(x)
+        elif type(x) is dict:
             x = _only_x(x)
         deadline = None if timeout is None else time.monotonic() + timeout
         slot = self._take(timeout)
         try:
             left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            return self._core.step(slot, x, left)
+            y = self._core.step(slot, x, left)
         finally:
             self._give()
+        return self._batcher._graph_out(given, y[None]) if self._batcher._graph_io else y
 
     def feed(self, xs: Any, timeout: float | None = None) -> Any:
         """A chunk (T, input_size), or (T, 1, input_size) (batch_first: (1, T, input_size)),
         run in this thread on the session's state; the outputs in the same layout."""
+        given = xs
         if type(xs) is dict:
             xs = _only_x(xs)
         arr = np.asarray(xs)
+        graph_io = self._batcher._graph_io
+        if graph_io and (arr.ndim != 3 or arr.shape[1] != 1):
+            raise ValueError(f"input 'X' of feed() must have shape (T, 1, {self._core.input_size}) (time, a batch "
+                             f"of one, features), got {arr.shape}")
         first = bool(getattr(self._batcher.model, "batch_first", False))
         rows = arr[0] if arr.ndim == 3 and first else arr
         slot = self._take(timeout)
@@ -275,8 +284,8 @@ class _SlotSession(Session):
         finally:
             self._give()
         if arr.ndim == 3:
-            return ys[None] if first else ys[:, None, :]
-        return ys
+            ys = ys[None] if first else ys[:, None, :]
+        return self._batcher._graph_out(given, ys) if graph_io else ys
 
     def get_state(self) -> Any:
         slot = self._take()
@@ -284,10 +293,10 @@ class _SlotSession(Session):
             vec = self._core.get_state(slot)
         finally:
             self._give()
-        return self._batcher.model.unpack_state(vec, 1)  # type: ignore[attr-defined]
+        return self._batcher._stack_model.unpack_state(vec, 1)
 
     def set_state(self, state: Any) -> None:
-        packed = np.ascontiguousarray(self._batcher.model._pack_state(state, 1), np.float32)  # type: ignore[attr-defined]
+        packed = np.ascontiguousarray(self._batcher._stack_model._pack_state(state, 1), np.float32)
         self._set_vector(packed)
 
     def _set_vector(self, vec: np.ndarray) -> None:
@@ -320,7 +329,12 @@ class _SlotSession(Session):
             self._closing = True  # the call running now frees the slot when it ends
 
     async def astep(self, x: Any) -> Any:
-        row = self._core.check_row(_only_x(x) if type(x) is dict else x)
+        graph_io = self._batcher._graph_io
+        row = self._core.check_row(self._batcher._graph_row(x) if graph_io else _only_x(x) if type(x) is dict else x)
+        y = await self._astep(row)
+        return self._batcher._graph_out(x, y[None]) if graph_io else y
+
+    async def _astep(self, row: np.ndarray) -> Any:
         if self.closed:
             raise self._closed_error()
         pause = 0.0002
@@ -430,6 +444,57 @@ def _feed_of(xs: Any) -> Callable[[Stream], Any]:
     return lambda s: s.feed(xs)
 
 
+_STACK_ATTRS = {"hidden_size", "direction", "activations", "activation_alpha", "activation_beta", "clip",
+                "input_forget", "linear_before_reset"}
+
+
+def layer_stack_of(model: Model) -> LayerModel | None:
+    """The layer-stack model a converted graph is, when it is exactly what rnnengine.save
+    writes for one (rnnengine/frontend/layer_export.py): input X (T, batch, I); per layer a
+    forward LSTM / GRU / RNN with no initial state or lengths, a Transpose (0, 2, 1, 3) and a
+    Reshape to (T, batch, H); output Y; float32 kernels. Else None. Its weights are copies
+    (a memory-mapped file changing later cannot reach them). The batcher serves such a
+    weight file with its C engine; the caller checks a few steps of both agree."""
+    import rnnengine as _rnne
+    if not isinstance(model, GraphModel) or getattr(model, "weight_dtype", None) != "float32":
+        return None
+    nodes, tensors = model.graph.get("nodes") or [], model.tensors
+    if [i["name"] for i in model.inputs] != ["X"] or list(model.outputs) != ["Y"] or model.state_pairs \
+            or not nodes or len(nodes) % 3:
+        return None
+    x, layers = "X", []
+    for k in range(len(nodes) // 3):
+        rec, tr, rs = nodes[3 * k:3 * k + 3]
+        attrs = dict(rec.get("attrs") or {})
+        ins = list(rec.get("inputs") or [])
+        if rec.get("op") not in ("LSTM", "GRU", "RNN") or len(ins) not in (3, 4) or ins[0] != x \
+                or not set(attrs) <= _STACK_ATTRS or attrs.get("direction", "forward") != "forward" \
+                or len(rec.get("outputs") or []) != 1 or any(n and n not in tensors for n in ins[1:]):
+            return None
+        p = rec["outputs"][0]
+        H = attrs.get("hidden_size")
+        merge = tensors.get((rs.get("inputs") or ["", ""])[1:2][0]) if len(rs.get("inputs") or []) == 2 else None
+        if tr.get("op") != "Transpose" or tr.get("inputs") != [p] or (tr.get("attrs") or {}).get("perm") != [0, 2, 1, 3] \
+                or rs.get("op") != "Reshape" or rs["inputs"][0] != tr["outputs"][0] or merge is None \
+                or [int(v) for v in np.asarray(merge).reshape(-1)] != [0, 0, H] or (rs.get("attrs") or {}):
+            return None
+        W, R = (np.array(tensors[n], np.float32) for n in ins[1:3])
+        B = np.array(tensors[ins[3]], np.float32) if len(ins) == 4 and ins[3] else None
+        attrs.pop("hidden_size", None)
+        try:
+            layers.append(getattr(_rnne, rec["op"])(W, R, B, **attrs))
+        except Exception:  # anything the layer classes do not take: not a plain stack
+            return None
+        x = rs["outputs"][0]
+    if x != "Y":
+        return None
+    try:
+        stack = LayerModel(layers, threads=int(getattr(model, "threads", 1) or 1))
+    except Exception:
+        return None
+    return stack if stack.input_size == model.inputs[0]["shape"][-1] else None
+
+
 class Batcher:
     """Serves many sessions of one model, gathering their steps into batched calls (see the
     module doc). Use as a context manager, or call close().
@@ -468,10 +533,16 @@ class Batcher:
         self._counts = {"steps": 0, "batches": 0, "calls": 0, "largest_batch": 0, "most_queued": 0,
                         "sessions_opened": 0, "sessions_timed_out": 0}
         self._core: _core.BatchCore | None = None
-        stack = getattr(model, "_stack", None)
-        if isinstance(model, LayerModel) and stack is not None and stack.input_size == model.input_size:
-            # a layer stack: the C slots and scheduler (module doc)
-            self._initial = np.ascontiguousarray(probe.get_state_vector(), np.float32)  # type: ignore[attr-defined]
+        # a layer stack (or a converted graph that is exactly one, e.g. a saved layer stack):
+        # the C slots and scheduler (module doc); sessions of such a graph keep its calling
+        # convention (a step takes (1, input_size) and gives (1, output_size), a dict gives a dict)
+        stack_model = model if isinstance(model, LayerModel) else self._stack_of_graph(model)
+        self._graph_io = stack_model is not None and stack_model is not model
+        stack = getattr(stack_model, "_stack", None)
+        if stack_model is not None and stack is not None and stack.input_size == stack_model.input_size:
+            self._stack_model: LayerModel = stack_model
+            self.graph_batching = None
+            self._initial = np.ascontiguousarray(stack_model.stream().get_state_vector(), np.float32)  # type: ignore[attr-defined]
             self._core = _core.BatchCore(stack, self.max_batch, float(max_wait_us), self.max_queue,
                                          self.max_sessions, self.threads)
             self._inflight: dict[int, tuple[_SlotSession, asyncio.Future[Any], asyncio.AbstractEventLoop,
@@ -497,6 +568,36 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="rnnengine-batcher", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _stack_of_graph(model: Model) -> LayerModel | None:
+        """layer_stack_of(model), used only when a few random steps of both agree within
+        BATCHED_ATOL-sized rounding (1e-6): a graph the match misreads is never served by it."""
+        stack = layer_stack_of(model)
+        if stack is None:
+            return None
+        rng = np.random.default_rng(13)
+        xs = rng.standard_normal((4, stack.input_size)).astype(np.float32)
+        graph_stream, stack_stream = model.stream(), stack.stream()
+        for x in xs:
+            want = np.asarray(graph_stream.step(x[None]))
+            got = stack_stream.step(x)[None]
+            if want.shape != got.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
+                return None
+        return stack
+
+    def _graph_row(self, x: Any) -> Any:
+        """A converted graph's step input ({"X": (1, input_size)} or the array) as one row."""
+        a = _only_x(x) if type(x) is dict else x
+        shape = np.shape(a)
+        if len(shape) != 2 or shape[0] != 1:
+            raise ValueError(f"input 'X' of a step must have shape (1, {self._stack_model.input_size}) (a batch "
+                             f"of one row of features), got {shape}")
+        return np.asarray(a)[0]
+
+    @staticmethod
+    def _graph_out(x: Any, y: np.ndarray) -> Any:
+        return {"Y": y} if type(x) is dict else y
+
     @property
     def counters(self) -> dict[str, int]:
         """steps (stepped in batches), batches, calls (every call run), largest_batch,
@@ -516,7 +617,7 @@ class Batcher:
         ``state`` (a stream's get_state() structure)."""
         if self._core is not None:
             vec = self._initial if state is None else \
-                np.ascontiguousarray(self.model._pack_state(state, 1), np.float32)  # type: ignore[attr-defined]
+                np.ascontiguousarray(self._stack_model._pack_state(state, 1), np.float32)
             return self._open_slot(vec)
         stream = self.model.stream(batch_size=1)
         if state is not None:
