@@ -54,7 +54,18 @@ def _gemm_ok(n, tensors):
     a = n.get("attrs", {})
     return (n["op"] == "Gemm" and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
             and not a.get("transA", 0) and len(n["inputs"]) >= 2 and n["inputs"][1] in tensors
+            and np.asarray(tensors[n["inputs"][1]]).dtype.kind == "f"
             and (len(n["inputs"]) < 3 or not n["inputs"][2] or n["inputs"][2] in tensors))
+
+
+def _bias_fits(tensors, name, n):
+    """A Gemm's C that is one float per output column, the same for every row (absent, a
+    scalar, (n,) or (1, n)): what a cell's bias is. Anything else (a bias per row, a wrong
+    length) is not a cell step, and the ops stay as they are (their handlers check them)."""
+    if not name:
+        return True
+    b = np.asarray(tensors[name])
+    return b.dtype.kind == "f" and (b.size == 1 and b.ndim <= 2 or b.shape in ((n,), (1, n)))
 
 
 def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
@@ -125,6 +136,8 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
             continue
         gx, gh = (g2, g1) if W1.shape[1] == H else (g1, g2)
         if tensors[gh["inputs"][1]].shape[1] != H:
+            continue
+        if not all(_bias_fits(tensors, g["inputs"][2] if len(g["inputs"]) > 2 else "", 4 * H) for g in (gx, gh)):
             continue
         inner = [add, g1, g2, split] + acts + [m_f, m_i, add_c, tanh_c[0], m_h]
         ids = {id(n) for n in inner}
@@ -242,6 +255,8 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
                 Wh.shape[1] != Wh.shape[0] // 3:
             continue
         H = Wh.shape[1]
+        if not all(_bias_fits(tensors, g["inputs"][2] if len(g["inputs"]) > 2 else "", 3 * H) for g in (gx, gh)):
+            continue
         inner = [gx, gh, split_i, split_h, add_r, sig_r, add_z, sig_z, mul, add_n, tanh, sub, mul_z, add_h]
         ids = {id(n) for n in inner}
         interm = ([gx["outputs"][0], gh["outputs"][0]] + split_i["outputs"] + split_h["outputs"]

@@ -1047,7 +1047,10 @@ class TopK(Handler):
             v = xs[1].const if hasattr(xs[1], "const") else xs[1]
             if v is None:
                 self.fail("k must be a constant")
-            k = int(np.asarray(v).reshape(-1)[0])
+            kv = np.asarray(v)
+            if kv.size != 1 or kv.dtype.kind not in "iu":
+                self.fail(f"K must hold one integer (a 1-D tensor of one value), got {kv.dtype} of shape {kv.shape}")
+            k = int(kv.reshape(-1)[0])
         if not 0 <= k <= shape[a]:
             self.fail(f"k = {k} is out of range for axis {a} of size {shape[a]}")
         return a, k
