@@ -74,6 +74,10 @@ struct rnn_batcher {
     int32_t n_inflight;     /* QUEUED + RUNNING: bounded by max_queue */
     int32_t *ring;          /* completed asynchronous steps */
     int32_t ring_head, ring_count;
+    int32_t *wake;          /* completed blocking steps whose callers are still to be woken */
+    int32_t wake_head, wake_count;
+    int chain;              /* wake callers one after another (1), or all at once (0: RNNE_BATCH_BURST=1, set
+                             * for the side-by-side measurement in benchmarks/bench_batcher.py) */
     int32_t want;           /* rows the scheduler waits for: min(max_batch, n_open) */
     int32_t sched_waiting;  /* the scheduler sleeps on `work` */
     int32_t fail_next;      /* fault injection (tests): fail this many batched calls */
@@ -139,6 +143,17 @@ static void update_want(rnn_batcher *b) {
     if (b->sched_waiting) pthread_cond_signal(&b->work); /* fewer sessions: maybe enough now */
 }
 
+/* Wakes the caller of the oldest completed blocking step (lock held). Each woken caller wakes
+ * the next one as it leaves (rnn_batcher_step), so the callers of a batch come back one after
+ * another, each finding Python's GIL about free, rather than all at once to queue for it. */
+static void wake_next(rnn_batcher *b) {
+    if (b->wake_count == 0) return;
+    int32_t id = b->wake[b->wake_head];
+    b->wake_head = (b->wake_head + 1) % b->max_slots;
+    b->wake_count--;
+    sem_post(&slot_at(b, id)->done);
+}
+
 /* Marks n taken slots done with one result (lock held). */
 static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t result, rnn_status st) {
     int any_async = 0;
@@ -154,10 +169,14 @@ static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t 
             b->ring[(b->ring_head + b->ring_count) % b->max_slots] = ids[k];
             b->ring_count++;
             any_async = 1;
+        } else if (b->chain) {
+            b->wake[(b->wake_head + b->wake_count) % b->max_slots] = ids[k];
+            b->wake_count++;
         } else {
             sem_post(&s->done);
         }
     }
+    wake_next(b);
     if (any_async) pthread_cond_broadcast(&b->done_cv);
     pthread_cond_broadcast(&b->room);
 }
@@ -237,6 +256,7 @@ void rnn_batcher_free(rnn_batcher *b) {
     free(b->state_pages);
     free(b->free_ids);
     free(b->ring);
+    free(b->wake);
     free(b->X);
     free(b->Y);
     free(b->bstate);
@@ -284,13 +304,15 @@ rnn_status rnn_batcher_create(const rnn_stack *stack, int64_t ys_d, int32_t max_
     b->state_pages = (float **)calloc((size_t)pages, sizeof(float *));
     b->free_ids = (int32_t *)malloc((size_t)max_slots * sizeof(int32_t));
     b->ring = (int32_t *)malloc((size_t)max_slots * sizeof(int32_t));
+    b->wake = (int32_t *)malloc((size_t)max_slots * sizeof(int32_t));
+    b->chain = getenv("RNNE_BATCH_BURST") == NULL;
     b->X = (float *)malloc((size_t)(max_batch * b->I) * sizeof(float));
     b->Y = (float *)malloc((size_t)(max_batch * b->O) * sizeof(float));
     b->bstate = (float *)malloc((size_t)rnn_stack_state_floats(stack, max_batch) * sizeof(float));
     b->work_buf = (float *)malloc((size_t)rnn_stack_workspace_floats(stack, 1, max_batch) * sizeof(float));
     b->sptr = (float **)malloc((size_t)max_batch * sizeof(float *));
     b->ids = (int32_t *)malloc((size_t)max_batch * sizeof(int32_t));
-    if (!b->slot_pages || !b->state_pages || !b->free_ids || !b->ring || !b->X || !b->Y || !b->bstate ||
+    if (!b->slot_pages || !b->state_pages || !b->free_ids || !b->ring || !b->wake || !b->X || !b->Y || !b->bstate ||
         !b->work_buf || !b->sptr || !b->ids) {
         rnn_batcher_free(b);
         return RNN_STATUS_OUT_OF_MEMORY;
@@ -461,6 +483,7 @@ int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, i
     if (!waited)
         while (sem_wait(&s->done) != 0 && errno == EINTR) {}
     pthread_mutex_lock(&b->mu);
+    wake_next(b);
     int32_t r = s->result;
     if (status) *status = s->status;
     pthread_mutex_unlock(&b->mu);

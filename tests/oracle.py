@@ -13,8 +13,11 @@ TOLERANCE = {np.float32: {"atol": 1e-5, "rtol": 1e-5}}
 # against the float32 model (docs/FORMAT.md, "Quantization and its error bounds"; the
 # bounds `rnnengine verify` applies).
 WEIGHT_DTYPE_ATOL = {"float16": 5e-3, "int8": 5e-2}
-# Max abs difference of a session stepped in a batch by rnnengine.Batcher from the same
-# session stepped alone (issue 13): the same kernels, only the rows of the products differ.
+# Max difference of a session stepped in a batch by rnnengine.Batcher from the same session
+# stepped alone (issue 13): the same kernels, only the rows of the products (so their order of
+# summation) differ: |got - want| <= BATCHED_ATOL * max(1, |want|) (1e-6 absolute for outputs of
+# magnitude <= 1, e.g. every bounded activation; relative beyond, e.g. a token model's logits,
+# where one float32 rounding of a value near 10 is already ~1e-6).
 BATCHED_ATOL = 1e-6
 
 

@@ -1,13 +1,14 @@
 """The session batcher under schedules nobody wrote by hand: hypothesis draws sessions that
 join and leave at random, step concurrently in bursts, fork, reset, save and restore their
 state and feed chunks; each session's outputs must equal what its own stream gives for the
-same calls (within oracle.BATCHED_ATOL). And a stress run: 1,000 sessions driven by 16
+same calls (within oracle.BATCHED_ATOL, relative beyond magnitude 1). And a stress run: 1,000 sessions driven by 16
 threads plus asyncio tasks, random bursts, sessions closed and reopened on the way: no lost
 step, no crossed state (each session's outputs are its own sequence's, checked against a
 whole-sequence run), memory bounded, time bounded."""
 import asyncio
 import concurrent.futures as cf
 import os
+import re
 import resource
 import threading
 import time
@@ -45,10 +46,11 @@ POOL = cf.ThreadPoolExecutor(8)
 
 
 def close_enough(got, want):
-    got, want = np.asarray(got), np.asarray(want)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape
-    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
-    assert diff <= BATCHED_ATOL, diff
+    if got.size:
+        worst = float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
+        assert worst <= BATCHED_ATOL, worst
 
 
 class Mirror:
@@ -85,8 +87,13 @@ class Mirror:
         elif what == "save":
             self.live[k][2] = (s.get_state(), ref.get_state())
         elif what == "restore" and saved is not None:
+            try:
+                ref.set_state(saved[1])
+            except ValueError as e:  # (a graph's state saved before its first call, restored after it)
+                with pytest.raises(ValueError, match=re.escape(str(e).split(" (")[0])):
+                    s.set_state(saved[0])
+                return
             s.set_state(saved[0])
-            ref.set_state(saved[1])
 
 
 def drive(mirror, data, feed=None):
