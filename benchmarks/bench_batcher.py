@@ -15,7 +15,7 @@ package's ONNX file, converted; 576-sample chunks at 16 kHz) or the bundled char
 (--model charlm). Reports steps/s and the median / p99 latency of one step per client.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_batcher.py --clients 1,8,64,256 [--model lstm] [--server]
-        [--steps 100] [--repeats 2] [--plot out.png] [--json out.json]
+        [--steps 100] [--repeats 2] [--compare-wake] [--plot out.png] [--json out.json]
 """
 from __future__ import annotations
 
@@ -254,6 +254,14 @@ def measure(case, n, a, server):
         return res + (c["steps"] / max(c["batches"], 1),)
     engines["own streams"] = own
     engines["batcher"] = batcher
+    if a.compare_wake:
+        def burst():  # the C engine waking a batch's callers all at once (src_c/batch.c, `chain`)
+            os.environ["RNNE_BATCH_BURST"] = "1"
+            try:
+                return batcher()
+            finally:
+                del os.environ["RNNE_BATCH_BURST"]
+        engines["batcher, callers woken at once"] = burst
     if case.ort_factory is not None:
         def ort_clients():
             steppers = [case.ort_factory() for _ in range(n)]
@@ -288,6 +296,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-wait-us", type=float, default=200.0)
     ap.add_argument("--server", action="store_true", help="also through `rnnengine serve` on localhost")
+    ap.add_argument("--compare-wake", action="store_true",
+                    help="also the C batcher waking a batch's callers all at once (RNNE_BATCH_BURST=1)")
     ap.add_argument("--plot", help="write a plot (throughput and p99 latency vs clients) here")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
