@@ -69,15 +69,19 @@ def encode_frame(arr: np.ndarray, kind: int = KIND_OUTPUT) -> bytes:
     return MAGIC + struct.pack("<BBBB", kind, code, a.ndim, 0) + struct.pack(f"<{a.ndim}I", *a.shape) + data
 
 
-def decode_frame(data: bytes, max_bytes: int = 64 << 20) -> tuple[int, np.ndarray]:
-    """A binary frame -> (kind, array); FrameError names what is wrong."""
+def decode_frame(data: bytes, max_bytes: int = 64 << 20,
+                 kinds: tuple[int, ...] = (KIND_STEP, KIND_FEED)) -> tuple[int, np.ndarray]:
+    """A binary frame -> (kind, array); FrameError names what is wrong. ``kinds``: the kinds
+    accepted (the server takes a client's step and feed frames; a client reading the
+    server's replies passes ``kinds=(KIND_OUTPUT,)``)."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise FrameError("a binary frame starts with the 4 bytes 'RNS1' and an 8-byte header")
     kind, code, ndim, reserved = struct.unpack_from("<BBBB", data, 4)
     if reserved:
         raise FrameError("header byte 7 is reserved and must be 0")
-    if kind not in (KIND_STEP, KIND_FEED):
-        raise FrameError(f"frame kind {kind}: a client sends 0 (step) or 1 (feed)")
+    if kind not in kinds:
+        raise FrameError(f"frame kind {kind}: expected {' or '.join(map(str, kinds))} "
+                         "(a client sends 0 (step) or 1 (feed); the server replies 2 (output))")
     if code not in DTYPES:
         raise FrameError(f"dtype code {code}: 0 (float32), 1 (int64) or 2 (int32)")
     if ndim > MAX_NDIM:

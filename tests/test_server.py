@@ -77,9 +77,9 @@ def test_websocket_sessions_match_their_own_streams(model):
 
 
 def decode_frame_reply(data):
-    """A server->client frame (kind 2) decoded (decode_frame takes client kinds only)."""
-    assert data[:4] == b"RNS1" and data[4] == 2
-    return decode_frame(data[:4] + bytes([0]) + data[5:])
+    """A server->client frame (kind 2) decoded."""
+    from rnnengine.server import KIND_OUTPUT
+    return decode_frame(data, kinds=(KIND_OUTPUT,))
 
 
 def test_json_frames_reset_and_errors_keep_the_connection(model):
@@ -232,3 +232,53 @@ def test_json_integers_are_not_truncated():
         return bad, good
     bad, good = with_client(graph, body)
     assert "integers" in bad["error"] and "logits" in good["outputs"]
+
+
+def test_the_readme_client_snippet_runs_against_rnnengine_serve(tmp_path):
+    """README's client example, run as written against `rnnengine serve` of a saved layer stack
+    of input size 16 (only the port and the last print changed): the binary and the JSON step
+    give what the model's own stream gives."""
+    import re
+    import signal
+    import socket
+    import time
+    import urllib.request
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    code = re.search(r"A client \(here with aiohttp.*?```python\n(.*?)```", readme, re.S).group(1)
+    last = 'print(y, (await ws.receive_json())["outputs"])'
+    assert last in code
+    code = code.replace("127.0.0.1:8000", "127.0.0.1:{port}").replace(
+        last, 'import json; print(json.dumps([y.tolist(), (await ws.receive_json())["outputs"]]))')
+    rng = np.random.default_rng(5)
+    stack = rnnengine.Model([rnnengine.LSTM((rng.standard_normal((1, 48, 16)) * 0.3).astype(np.float32),
+                                            (rng.standard_normal((1, 48, 12)) * 0.3).astype(np.float32))])
+    path = str(tmp_path / "model.rnne")
+    rnnengine.save(stack, path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = tmp_path / "client.py"
+        client.write_text(code.replace("{port}", str(port)))
+        out = subprocess.run([sys.executable, str(client)], capture_output=True, text=True, timeout=120,
+                             cwd=str(tmp_path))
+        assert out.returncode == 0, out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    got_bin, got_json = json.loads(out.stdout)
+    xs = np.random.default_rng(0).standard_normal((10, 1, 16), np.float32)
+    s = stack.stream()
+    want = [s.step(x[0]) for x in xs]
+    np.testing.assert_allclose(np.asarray(got_bin).reshape(-1), want[-1], rtol=0, atol=1e-6)
+    (name, value), = got_json.items()
+    np.testing.assert_allclose(np.asarray(value).reshape(-1), s.step(xs[-1][0]), rtol=0, atol=1e-6)
