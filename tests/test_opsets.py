@@ -2,6 +2,8 @@
 (rnnengine/opsets.py) matches onnx.defs, models at opsets 22..newest convert and match
 onnxruntime whole and streamed, and op versions rnnengine does not implement are refused
 by name."""
+import os
+
 import numpy as np
 import onnx
 import onnx.defs
@@ -321,3 +323,36 @@ def test_clip_with_an_absent_bound_clips_infinity_like_onnxruntime(opset, runtim
         got = convert_model(m)[1]["y"]   # folded at conversion (the graph has no input to run)
     assert want[0] == np.finfo(np.float32).max
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_schema_table_is_what_onnx_defs_says():
+    """rnnengine/frontend/schemas.py (what loading a weight file checks nodes against, without
+    importing onnx) is exactly tools/gen_op_schemas.py's output for the installed onnx."""
+    import importlib.util
+    import rnnengine.frontend.schemas as table
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gen_op_schemas", os.path.join(root, "tools", "gen_op_schemas.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(table.__file__) as f:
+        assert f.read() == gen.render(), "stale: run python tools/gen_op_schemas.py"
+
+
+def test_loading_a_weight_file_does_not_import_onnx(tmp_path):
+    """A weight file is checked against the schema table: the cold start of a service that
+    loads one does not pay for importing onnx (nor the converter, nor training)."""
+    import subprocess
+    import sys
+    import numpy as np
+    import rnnengine
+    path = str(tmp_path / "m.rnne")
+    rng = np.random.default_rng(0)
+    rnnengine.save(rnnengine.Model([rnnengine.GRU(rng.standard_normal((1, 12, 3)).astype(np.float32),
+                                                  rng.standard_normal((1, 12, 4)).astype(np.float32))]), path)
+    code = ("import sys, numpy as np, rnnengine; m = rnnengine.load(sys.argv[1]); "
+            "m.stream().step(np.zeros((1, 3), np.float32)); "
+            "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('onnx', 'torch') "
+            "or k in ('rnnengine.frontend.converter', 'rnnengine.train.fit')); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

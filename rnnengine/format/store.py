@@ -19,14 +19,12 @@ import numpy as np
 from rnnengine.format import weightfile as fileformat
 from rnnengine.format.panels import PanelCache
 from rnnengine.frontend import opsets
-from rnnengine.frontend.converter import convert_model
 from rnnengine.frontend.opsets import OpsetError, check_structure
 from rnnengine.errors import UnsupportedError
 from rnnengine.limits import resolve
 from rnnengine.ops import OPS, STATELESS, STEP_MASK
 from rnnengine.runtime.compact import configure
 from rnnengine.runtime.graph import GraphModel
-from rnnengine.train.fit import Network
 
 WEIGHT_SLOTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "MatMul": (1,), "Gemm": (1,), "Conv": (1,),
                 "Gather": (0,)}
@@ -248,6 +246,7 @@ def load_checkpoint_model(wf, path):
     if not isinstance(cfg, dict):
         fail("metadata 'train.config' (the network's configuration) is missing")
     try:
+        from rnnengine.train.fit import Network  # a training checkpoint only (imports onnx for export)
         net = Network(**cfg)
     except (TypeError, ValueError) as e:
         fail(f"metadata 'train.config' does not describe a network ({e})")
@@ -258,6 +257,7 @@ def load_checkpoint_model(wf, path):
         fail(f"tensor 'params' is {params.dtype} {params.shape}; train.config needs float32 {net.params.shape}")
     net.params[:] = params
     proto = net.to_onnx()
+    from rnnengine.frontend.converter import convert_model  # (imports onnx)
     graph, tensors, meta = convert_model(proto)
     meta.update({k: v for k, v in wf.metadata.items() if k.startswith("train.")})
     meta["source.file"] = None

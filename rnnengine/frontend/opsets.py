@@ -16,8 +16,10 @@ cannot compute, so those versions mean nothing new to it.
 """
 from __future__ import annotations
 
-import onnx.defs
+from typing import Any
+
 from rnnengine.errors import OpsetError  # noqa: F401 (re-exported)
+from rnnengine.frontend.schemas import ONNX_OPSET, SCHEMAS
 
 MIN_OPSET = 7
 
@@ -139,16 +141,45 @@ VERSIONS = {
 def max_opset():
     """The newest opset rnnengine accepts: the newest the installed onnx package defines
     (every op version up to it is either in VERSIONS or refused by check_node)."""
+    import onnx.defs  # the converter's path (it reads ONNX): not imported to load a weight file
     return onnx.defs.onnx_opset_version()
 
 
 def op_version(op, opset):
     """The version of ``op`` a model importing ``opset`` uses (its since_version), or None
     when the op does not exist at that opset."""
+    import onnx.defs
     try:
         return onnx.defs.get_schema(op, opset, "").since_version
     except onnx.defs.SchemaError:
         return None
+
+
+class _Formal:
+    __slots__ = ("name", "option")
+
+    def __init__(self, name: str, option: str) -> None:
+        self.name, self.option = name, option
+
+
+class _Attr:
+    __slots__ = ("type", "required")
+
+    def __init__(self, type_: str, required: bool) -> None:
+        self.type, self.required = type_, required
+
+
+class _Schema:
+    """The part of an onnx.defs.OpSchema rnnengine reads, from rnnengine/frontend/schemas.py."""
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        since, self.min_input, self.max_input, self.max_output, formals, attrs = row
+        self.since_version = since
+        self.inputs = [_Formal(n, o) for n, o in formals]
+        self.attributes = {n: _Attr(t, r) for n, t, r in attrs}
+
+
+_TABLE: dict[tuple[str, int], _Schema | None] = {}
 
 
 def check_node(op, opset, label):
@@ -171,9 +202,23 @@ def check_node(op, opset, label):
 
 
 def schema(op, opset):
-    """onnx.defs' schema of op at opset (None for an op or opset onnx does not define)."""
+    """onnx.defs' schema of op at opset (None for an op or opset onnx does not define): for the
+    ops rnnengine implements, from the table generated from onnx.defs (schemas.py; no onnx
+    import), else from onnx.defs itself."""
     try:
-        return onnx.defs.get_schema(op, max(1, min(int(opset or 1), onnx.defs.onnx_opset_version())), "")
+        at = max(1, min(int(opset or 1), ONNX_OPSET))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    rows = SCHEMAS.get(op)
+    if rows is not None:
+        key = (op, at)
+        if key not in _TABLE:
+            row = max((r for r in rows if r[0] <= at), key=lambda r: r[0], default=None)
+            _TABLE[key] = None if row is None else _Schema(row)
+        return _TABLE[key]
+    try:
+        import onnx.defs
+        return onnx.defs.get_schema(op, max(1, min(at, onnx.defs.onnx_opset_version())), "")
     except Exception:
         return None
 
@@ -191,7 +236,7 @@ def check_structure(op, opset, inputs, outputs, attrs, label, extra_inputs=(), s
     attributes without guarding against a hostile file's shape of a node."""
     # an op newer than the graph's opset (a weight file names any opset) is held to its
     # latest schema; the converter refuses such nodes earlier, by check_node
-    sch = schema(op, opset) or schema(op, onnx.defs.onnx_opset_version())
+    sch = schema(op, opset) or schema(op, ONNX_OPSET)
     if sch is None:
         return
     most = max([sch.max_input, slots] + [j + 1 for j in extra_inputs])
