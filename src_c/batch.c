@@ -428,6 +428,18 @@ static void enqueue(rnn_batcher *b, int32_t id, rnn_slot *s, const float *x, flo
     if (b->sched_waiting && (b->n_queued == 1 || b->n_queued >= b->want)) pthread_cond_signal(&b->work);
 }
 
+/* Takes a queued row back (lock held): 1 when it had not started (it never will), else 0. */
+static int withdraw_locked(rnn_batcher *b, int32_t id, rnn_slot *s) {
+    if (s->state != SLOT_QUEUED) return 0;
+    queue_remove(b, id);
+    s->state = SLOT_IDLE;
+    s->x = NULL;
+    s->y = NULL;
+    b->n_inflight--;
+    pthread_cond_broadcast(&b->room);
+    return 1;
+}
+
 int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, int64_t timeout_ns,
                          int32_t *status) {
     if (status) *status = RNN_STATUS_OK;
@@ -467,17 +479,10 @@ int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, i
         waited = r == 0;
         if (!waited) {
             pthread_mutex_lock(&b->mu);
-            if (s->state == SLOT_QUEUED) { /* not started: withdrawn, never applied */
-                queue_remove(b, id);
-                s->state = SLOT_IDLE;
-                s->x = NULL;
-                s->y = NULL;
-                b->n_inflight--;
-                pthread_cond_broadcast(&b->room);
-                pthread_mutex_unlock(&b->mu);
-                return RNN_BATCH_TIMEOUT;
-            }
-            pthread_mutex_unlock(&b->mu); /* already running: it will be applied, so wait for it */
+            int withdrawn = withdraw_locked(b, id, s); /* not started: withdrawn, never applied */
+            pthread_mutex_unlock(&b->mu);
+            if (withdrawn) return RNN_BATCH_TIMEOUT;
+            /* already running: it will be applied, so wait for it */
         }
     }
     if (!waited)
@@ -507,16 +512,7 @@ int32_t rnn_batcher_withdraw(rnn_batcher *b, int32_t id) {
     if (!b) return 0;
     pthread_mutex_lock(&b->mu);
     rnn_slot *s = live_slot(b, id);
-    int32_t r = 0;
-    if (s && s->state == SLOT_QUEUED) {
-        queue_remove(b, id);
-        s->state = SLOT_IDLE;
-        s->x = NULL;
-        s->y = NULL;
-        b->n_inflight--;
-        pthread_cond_broadcast(&b->room);
-        r = 1;
-    }
+    int32_t r = s ? withdraw_locked(b, id, s) : 0;
     pthread_mutex_unlock(&b->mu);
     return r;
 }

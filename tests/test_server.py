@@ -168,29 +168,37 @@ def test_serve_has_help():
     assert r.returncode == 0 and "/stream" in r.stdout and "--port" in r.stdout
 
 
-def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
-    import os
-    import signal
+def serve_command(path, cwd):
+    """`rnnengine serve PATH` on a free localhost port, once it answers /health: (process, port)."""
     import socket
     import time
     import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(cwd))
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    return proc, port
+
+
+def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
+    import signal
+    import urllib.request
     path = str(tmp_path / "m.rnne")
     rnnengine.save(model, path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    proc, port = serve_command(path, tmp_path)
     try:
-        health = None
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    health = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert health is not None and health["status"] == "ok" and health["sessions"] == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            health = json.loads(r.read())
+        assert health["status"] == "ok" and health["sessions"] == 0
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
@@ -198,7 +206,6 @@ def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
             proc.kill()
     assert proc.returncode == 0, proc.stdout.read()
     assert os.path.exists(path)
-
 
 def test_frames_that_would_cost_too_much_are_refused_and_the_connection_stays(model):
     async def body(client, server):
@@ -240,9 +247,6 @@ def test_the_readme_client_snippet_runs_against_rnnengine_serve(tmp_path):
     give what the model's own stream gives."""
     import re
     import signal
-    import socket
-    import time
-    import urllib.request
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()
     code = re.search(r"A client \(here with aiohttp.*?```python\n(.*?)```", readme, re.S).group(1)
@@ -255,18 +259,8 @@ def test_the_readme_client_snippet_runs_against_rnnengine_serve(tmp_path):
                                             (rng.standard_normal((1, 48, 12)) * 0.3).astype(np.float32))])
     path = str(tmp_path / "model.rnne")
     rnnengine.save(stack, path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    proc, port = serve_command(path, tmp_path)
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         client = tmp_path / "client.py"
         client.write_text(code.replace("{port}", str(port)))
         out = subprocess.run([sys.executable, str(client)], capture_output=True, text=True, timeout=120,

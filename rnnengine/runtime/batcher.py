@@ -641,33 +641,30 @@ class Batcher:
             stream.set_state(state)
         return self._adopt(stream)
 
-    def _room_for_one(self) -> None:
-        if self._closed:
-            raise SessionClosedError("this batcher is closed")
-        if len(self._sessions) >= self.max_sessions:
-            raise RuntimeError(f"max_sessions ({self.max_sessions}) sessions are open; close some or raise "
-                               "Batcher(max_sessions=)")
-
-    def _open_slot(self, vec: np.ndarray) -> Session:
-        assert self._core is not None
+    def _add(self, make: Callable[[], Session]) -> Session:
+        """A new session from make(), counted, when the batcher is open and has room."""
         with self._lock:
-            self._room_for_one()
-            s = _SlotSession(self, self._core.open(vec))
+            if self._closed:
+                raise SessionClosedError("this batcher is closed")
+            if len(self._sessions) >= self.max_sessions:
+                raise RuntimeError(f"max_sessions ({self.max_sessions}) sessions are open; close some or raise "
+                                   "Batcher(max_sessions=)")
+            s = make()
             self._sessions.add(s)
             self._counts["sessions_opened"] += 1
             return s
+
+    def _open_slot(self, vec: np.ndarray) -> Session:
+        core = self._core
+        assert core is not None
+        return self._add(lambda: _SlotSession(self, core.open(vec)))
 
     def _forget(self, s: Session) -> None:
         with self._lock:
             self._sessions.discard(s)
 
     def _adopt(self, stream: Stream) -> Session:
-        with self._cond:
-            self._room_for_one()
-            s = _QueuedSession(self, stream)
-            self._sessions.add(s)
-            self._counts["sessions_opened"] += 1
-            return s
+        return self._add(lambda: _QueuedSession(self, stream))
 
     def _close_session(self, s: _QueuedSession) -> None:
         with self._cond:
