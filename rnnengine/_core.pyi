@@ -90,6 +90,7 @@ def step_streams(streams: list[Stream], x: npt.ArrayLike, out: _F32 | None = Non
 class BatchCore:
     """The C side of rnnengine.Batcher for a layer-stack model (src_c/batch.c)."""
 
+    stack: Stack
     input_size: int
     output_size: int
     state_size: int

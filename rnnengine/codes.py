@@ -130,7 +130,7 @@ DT_BOOL: Final = 4
 DT_OTHER: Final = 100  # + the element size: a type the executor only moves (float64, int8, ...)
 
 # The C prefixes of the constants above: RNN_ + one of these (tests/test_constants.py).
-C_PREFIXES: Final = ("STATUS_", "CELL_", "DIR_", "WEIGHTS_", "ACT_", "INSTR_", "OP_", "BIN_", "UNARY_",
+C_PREFIXES: Final = ("STATUS_", "BATCH_", "CELL_", "DIR_", "WEIGHTS_", "ACT_", "INSTR_", "OP_", "BIN_", "UNARY_",
                      "TUNARY_", "REDUCE_", "DT_")
 
 
