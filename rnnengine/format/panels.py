@@ -25,10 +25,13 @@ import os
 import struct
 import tempfile
 import warnings
+import weakref
 import zlib
 from typing import Any, Callable
 
 import numpy as np
+
+from rnnengine.errors import FormatError
 
 MAGIC = b"RNNP"
 VERSION = 1
@@ -100,15 +103,25 @@ def write(path: str, source: Any, entries: dict[tuple[str, int, str], tuple[Any,
         raise
 
 
-def read(path: str, source: Any) -> dict[tuple[str, int, str], tuple[Any, Any, int, int, str]]:
+def read(path: str, source: Any, opened: list[Any] | None = None
+         ) -> dict[tuple[str, int, str], tuple[Any, Any, int, int, str]]:
     """The entries of the panel cache at `path` as read-only views of its map, after checking
     every field and that it was made from weight file `source`. Raises CacheInvalid naming
-    the first problem (FileNotFoundError when there is no cache)."""
+    the first problem (FileNotFoundError when there is no cache). opened: when given, gets
+    (fd, (size, mtime_ns)) of the mapped file appended (PanelCache.check_unchanged)."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < HEADER.size:
-            raise CacheInvalid(f"{size} bytes, shorter than the {HEADER.size}-byte header")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        st = os.fstat(f.fileno())
+        out = _read(f, st.st_size, source)
+        if opened is not None:  # the mapped file itself (not whatever later has its name)
+            opened.append((os.dup(f.fileno()), (st.st_size, st.st_mtime_ns)))
+    return out
+
+
+def _read(f: Any, size: int, source: Any) -> dict[tuple[str, int, str], tuple[Any, Any, int, int, str]]:
+    """read() of the open file f of `size` bytes."""
+    if size < HEADER.size:
+        raise CacheInvalid(f"{size} bytes, shorter than the {HEADER.size}-byte header")
+    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     (magic, version, width, align, jsize, data_off, fsize, src_size, src_crc, crc, _) = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CacheInvalid(f"wrong magic {magic!r} (expected {MAGIC!r})")
@@ -193,6 +206,11 @@ def _widened(stored: Any, scales: Any) -> Any:
         yield r * k, (q[r:r + rows].astype(np.float32) * scales[r:r + rows, None]).reshape(-1)
 
 
+def _close_all(opened: list[tuple[int, Any]]) -> None:
+    for fd, _ in opened:
+        os.close(fd)
+
+
 class PanelCache:
     """The panel cache of one loaded model (GraphModel.panel_cache): maps the file when the
     model is loaded, gives each recurrent stack its mapped panels when they equal a fresh
@@ -201,13 +219,31 @@ class PanelCache:
     def __init__(self, path: str, source: Any) -> None:
         self.path, self.source = path, source
         self.status = "not read"  # what happened, for users and tests
+        # every map whose pages stacks and tensors may read: a descriptor of its file, with
+        # the file's size and time then (closed when the cache is collected)
+        self._opened: list[tuple[int, tuple[int, int]]] = []
+        weakref.finalize(self, _close_all, self._opened)
         try:
-            self.entries = read(path, source)
+            self.entries = read(path, source, self._opened)
             self.status = f"mapped {path}"
         except FileNotFoundError:
             self.entries, self.status = {}, f"no cache at {path} yet"
         except (CacheInvalid, OSError, ValueError) as e:
             self.entries, self.status = {}, f"{path} not used ({e}); it is rebuilt"
+
+    def check_unchanged(self) -> None:
+        """Raises FormatError when a mapped cache file was truncated or written again in place
+        since it was read: the stacks read its pages (rnn_cell_create_mapped compared them
+        with a packing only when each stack was made), so new bytes would silently change the
+        numbers, and a truncation would kill the process (SIGBUS). One fstat per map, as for
+        the weight file (WeightFile.check_unchanged, which calls this). A cache renamed over
+        the name is no change: the map keeps the old file, whole."""
+        for fd, (size, mtime) in self._opened:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                raise FormatError(f"{self.path}: the panel cache was truncated or rewritten in place after it was "
+                                  f"mapped (size {size} -> {st.st_size} bytes); its mapped panels can no longer "
+                                  "be trusted: load the model again")
 
     def tensors(self) -> dict[str, Any]:
         """{name: float32 array} of the weight file's float16 / int8 tensors widened (exactly
@@ -294,7 +330,7 @@ class PanelCache:
         keep = {k: v for k, v in self.entries.items() if k[0] not in {r[0] for r in raw}}
         try:
             write(self.path, self.source, keep | raw)
-            self.entries = read(self.path, self.source)
+            self.entries = read(self.path, self.source, self._opened)
         except (OSError, CacheInvalid) as e:
             warnings.warn(f"rnnengine: the panel cache {self.path} cannot be written ({e}); this model's "
                           "recurrent weights stay in private memory", RuntimeWarning, stacklevel=4)

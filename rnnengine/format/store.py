@@ -322,6 +322,7 @@ def _load(path, verify, limits, mmap, cache_path=None):
     model.limits = lim
     if cache is not None:
         model.panel_cache = cache
+        wf.derived_checks.append(cache.check_unchanged)  # its stacks read the cache's map
     if wf.mapped:
         model.mapped_file = wf
     return model

@@ -16,7 +16,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -233,6 +233,9 @@ class WeightFile:
         self._buf = None
         self.limits = resolve(limits)
         self.mapped = bool(use_mmap)
+        # checks of files derived from this one whose maps the model reads too (its panel
+        # cache: rnnengine/format/panels.py), run by check_unchanged
+        self.derived_checks: list[Callable[[], None]] = []
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
             size = st.st_size
@@ -257,7 +260,9 @@ class WeightFile:
         place since it was opened (its arrays could read past its end and kill the process,
         or read other numbers); a no-op for a file read into memory. One fstat of the open
         file (1-4 us). A file replaced by renaming another over its name is not a change:
-        the map keeps the old file, whole."""
+        the map keeps the old file, whole. The files in derived_checks are checked too."""
+        for check in self.derived_checks:
+            check()
         if not self.mapped or self._fd is None:
             return
         st = os.fstat(self._fd)
