@@ -339,6 +339,70 @@ AVX2F16 static void gemv_compact_avx2(const float *a, const rnn_packed *Bp, floa
     }
 }
 
+/* Compact weights, several rows of A (small batches, and the input projection of a whole
+ * sequence): panels outer, rows in groups of four inner, so each 16-wide panel row is widened
+ * once per k and used by four rows instead of being read and widened once per row. Every
+ * output column of every row is the same chain as in gemv_compact_avx2 (one FMA per k in
+ * order from zero, then the int8 scale, then the optional accumulate), so a row gets the same
+ * bits whatever batch it is in, and a whole sequence the bits of the same steps streamed. */
+AVX2F16 static void gemm_compact_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                                      int64_t ldc, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t col = p * RNN_PANEL, w = N - col < RNN_PANEL ? N - col : RNN_PANEL, at0 = p * K * RNN_PANEL;
+        __m256 slo = _mm256_set1_ps(1.0f), shi = slo;
+        if (Bp->scale) {
+            slo = _mm256_loadu_ps(Bp->scale + col);
+            shi = _mm256_loadu_ps(Bp->scale + col + 8);
+        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const float *a0 = A + m * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+            __m256 l0 = _mm256_setzero_ps(), h0 = _mm256_setzero_ps(), l1 = _mm256_setzero_ps(), h1 = _mm256_setzero_ps();
+            __m256 l2 = _mm256_setzero_ps(), h2 = _mm256_setzero_ps(), l3 = _mm256_setzero_ps(), h3 = _mm256_setzero_ps();
+            int64_t at = at0;
+            for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
+                const __m256 bl = load8(Bp, at), bh = load8(Bp, at + 8);
+                __m256 x = _mm256_broadcast_ss(a0 + k);
+                l0 = _mm256_fmadd_ps(x, bl, l0);
+                h0 = _mm256_fmadd_ps(x, bh, h0);
+                x = _mm256_broadcast_ss(a1 + k);
+                l1 = _mm256_fmadd_ps(x, bl, l1);
+                h1 = _mm256_fmadd_ps(x, bh, h1);
+                x = _mm256_broadcast_ss(a2 + k);
+                l2 = _mm256_fmadd_ps(x, bl, l2);
+                h2 = _mm256_fmadd_ps(x, bh, h2);
+                x = _mm256_broadcast_ss(a3 + k);
+                l3 = _mm256_fmadd_ps(x, bl, l3);
+                h3 = _mm256_fmadd_ps(x, bh, h3);
+            }
+            if (Bp->scale) {
+                l0 = _mm256_mul_ps(l0, slo), h0 = _mm256_mul_ps(h0, shi);
+                l1 = _mm256_mul_ps(l1, slo), h1 = _mm256_mul_ps(h1, shi);
+                l2 = _mm256_mul_ps(l2, slo), h2 = _mm256_mul_ps(h2, shi);
+                l3 = _mm256_mul_ps(l3, slo), h3 = _mm256_mul_ps(h3, shi);
+            }
+            float *c = C + m * ldc + col;
+            store_panel(c, w, l0, h0, accumulate);
+            store_panel(c + ldc, w, l1, h1, accumulate);
+            store_panel(c + 2 * ldc, w, l2, h2, accumulate);
+            store_panel(c + 3 * ldc, w, l3, h3, accumulate);
+        }
+        for (; m < M; m++) {
+            const float *a = A + m * lda;
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            int64_t at = at0;
+            for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
+                const __m256 x = _mm256_broadcast_ss(a + k);
+                lo = _mm256_fmadd_ps(x, load8(Bp, at), lo);
+                hi = _mm256_fmadd_ps(x, load8(Bp, at + 8), hi);
+            }
+            if (Bp->scale) lo = _mm256_mul_ps(lo, slo), hi = _mm256_mul_ps(hi, shi);
+            store_panel(C + m * ldc + col, w, lo, hi, accumulate);
+        }
+    }
+}
+
 /* AVX-512F versions of the float32 kernels: a 16-column panel row is one zmm register, so a
  * product needs half the instructions of the AVX2 kernels. Every output still accumulates
  * a[k] * b[k] with one FMA per k in order, exactly as the AVX2 kernels do, so both give the
@@ -460,12 +524,77 @@ AVX512 static void gemm_packed_avx512(int64_t M, const float *A, int64_t lda, co
     }
 }
 
+/* gemm_compact_avx2 with a 16-column panel row in one zmm register (widened by one
+ * instruction pair), eight rows x two panels at a time as gemm_packed_avx512 does. Per output
+ * lane the arithmetic is gemv_compact_avx2's exactly (FMA chain over k from zero, times the
+ * scale, plus C when accumulating), so this gives the same bits as the batch-1 kernel. */
+#define AVX512F16 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512F16 static inline __m512 load16(const rnn_packed *Bp, int64_t at) {
+    if (Bp->dtype == RNN_WEIGHTS_F16)
+        return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)((const uint16_t *)Bp->data + at)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)((const int8_t *)Bp->data + at))));
+}
+
+AVX512F16 static inline void store16_scaled(float *c, int64_t w, __m512 v, const float *scale, int accumulate) {
+    const __mmask16 m = (__mmask16)(w >= 16 ? 0xffff : ((1u << w) - 1));
+    /* the explicit-rounding forms are never fused into one FMA by the compiler (GCC contracts
+     * a plain multiply and add), so the scale and the sum round separately, as in the AVX2
+     * kernels that the batch-1 step runs */
+    if (scale) v = _mm512_mul_round_ps(v, _mm512_loadu_ps(scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (accumulate) v = _mm512_add_round_ps(v, _mm512_maskz_loadu_ps(m, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_storeu_ps(c, m, v);
+}
+
+AVX512F16 static void gemm_compact_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
+                                          float *C, int64_t ldc, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    for (int64_t p = 0; p < P; p += 2) {
+        const int two = p + 1 < P;
+        const int64_t b0 = p * stride, b1 = two ? b0 + stride : b0;
+        const int64_t col = p * RNN_PANEL, w0 = N - col, w1 = N - col - RNN_PANEL;
+        const float *s0 = Bp->scale ? Bp->scale + col : NULL, *s1 = Bp->scale ? Bp->scale + col + RNN_PANEL : NULL;
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) {
+            __m512 c0[8], c1[8];
+            for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+            const float *a = A + m * lda;
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 u = load16(Bp, b0 + k * RNN_PANEL), v = load16(Bp, b1 + k * RNN_PANEL);
+                for (int r = 0; r < 8; r++) {
+                    const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+                    c0[r] = _mm512_fmadd_ps(x, u, c0[r]);
+                    c1[r] = _mm512_fmadd_ps(x, v, c1[r]);
+                }
+            }
+            for (int r = 0; r < 8; r++) {
+                float *cr = C + (m + r) * ldc + col;
+                store16_scaled(cr, w0, c0[r], s0, accumulate);
+                if (two) store16_scaled(cr + RNN_PANEL, w1, c1[r], s1, accumulate);
+            }
+        }
+        for (; m < M; m++) {
+            const float *a = A + m * lda;
+            __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 x = _mm512_set1_ps(a[k]);
+                u0 = _mm512_fmadd_ps(x, load16(Bp, b0 + k * RNN_PANEL), u0);
+                u1 = _mm512_fmadd_ps(x, load16(Bp, b1 + k * RNN_PANEL), u1);
+            }
+            store16_scaled(C + m * ldc + col, w0, u0, s0, accumulate);
+            if (two) store16_scaled(C + m * ldc + col + RNN_PANEL, w1, u1, s1, accumulate);
+        }
+    }
+}
+
 /* Panels outer, rows inner: a panel (K x 16 floats) is read from memory once and reused
  * from L1 by every group of rows. */
 AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                   float *C, int64_t ldc, int accumulate) {
     if (Bp->dtype != RNN_WEIGHTS_F32) {
-        for (int64_t m = 0; m < M; m++) gemv_compact_avx2(A + m * lda, Bp, C + m * ldc, accumulate);
+        if (M == 1) gemv_compact_avx2(A, Bp, C, accumulate);
+        else gemm_compact_avx2(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
     if (M == 1) {
@@ -513,6 +642,10 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
     const int level = rnn_kernel_level();
     if (level == 2 && Bp->dtype == RNN_WEIGHTS_F32) {
         gemm_packed_avx512(M, A, lda, Bp, C, ldc, accumulate);
+        return;
+    }
+    if (level == 2 && M > 1) { /* compact, several rows (one row: gemv_compact_avx2 below) */
+        gemm_compact_avx512(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
     if (level >= 1) {
