@@ -340,11 +340,32 @@ AVX2F16 static void gemv_compact_avx2(const float *a, const rnn_packed *Bp, floa
 }
 
 /* Compact weights, several rows of A (small batches, and the input projection of a whole
- * sequence): panels outer, rows in groups of four inner, so each 16-wide panel row is widened
- * once per k and used by four rows instead of being read and widened once per row. Every
- * output column of every row is the same chain as in gemv_compact_avx2 (one FMA per k in
- * order from zero, then the int8 scale, then the optional accumulate), so a row gets the same
- * bits whatever batch it is in, and a whole sequence the bits of the same steps streamed. */
+ * sequence): panels outer, rows in groups of four (then two, then one) inner, so each 16-wide
+ * panel row is widened once per k and used by every row of the group instead of being read
+ * and widened once per row. Every output column of every row is the same chain as in
+ * gemv_compact_avx2 (one FMA per k in order from zero, then the int8 scale, then the optional
+ * accumulate), so a row gets the same bits whatever batch it is in, and a whole sequence the
+ * bits of the same steps streamed. */
+AVX2F16 static inline __attribute__((always_inline)) void compact_rows_avx2(
+    int nr, const float *A, int64_t lda, const rnn_packed *Bp, int64_t at0, int64_t K, __m256 slo, __m256 shi,
+    float *C, int64_t ldc, int64_t w, int accumulate) {
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < nr; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int64_t at = at0;
+    for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
+        const __m256 bl = load8(Bp, at), bh = load8(Bp, at + 8);
+        for (int r = 0; r < nr; r++) {
+            const __m256 x = _mm256_broadcast_ss(A + r * lda + k);
+            lo[r] = _mm256_fmadd_ps(x, bl, lo[r]);
+            hi[r] = _mm256_fmadd_ps(x, bh, hi[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        if (Bp->scale) lo[r] = _mm256_mul_ps(lo[r], slo), hi[r] = _mm256_mul_ps(hi[r], shi);
+        store_panel(C + r * ldc, w, lo[r], hi[r], accumulate);
+    }
+}
+
 AVX2F16 static void gemm_compact_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                                       int64_t ldc, int accumulate) {
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
@@ -356,50 +377,12 @@ AVX2F16 static void gemm_compact_avx2(int64_t M, const float *A, int64_t lda, co
             shi = _mm256_loadu_ps(Bp->scale + col + 8);
         }
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            const float *a0 = A + m * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-            __m256 l0 = _mm256_setzero_ps(), h0 = _mm256_setzero_ps(), l1 = _mm256_setzero_ps(), h1 = _mm256_setzero_ps();
-            __m256 l2 = _mm256_setzero_ps(), h2 = _mm256_setzero_ps(), l3 = _mm256_setzero_ps(), h3 = _mm256_setzero_ps();
-            int64_t at = at0;
-            for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
-                const __m256 bl = load8(Bp, at), bh = load8(Bp, at + 8);
-                __m256 x = _mm256_broadcast_ss(a0 + k);
-                l0 = _mm256_fmadd_ps(x, bl, l0);
-                h0 = _mm256_fmadd_ps(x, bh, h0);
-                x = _mm256_broadcast_ss(a1 + k);
-                l1 = _mm256_fmadd_ps(x, bl, l1);
-                h1 = _mm256_fmadd_ps(x, bh, h1);
-                x = _mm256_broadcast_ss(a2 + k);
-                l2 = _mm256_fmadd_ps(x, bl, l2);
-                h2 = _mm256_fmadd_ps(x, bh, h2);
-                x = _mm256_broadcast_ss(a3 + k);
-                l3 = _mm256_fmadd_ps(x, bl, l3);
-                h3 = _mm256_fmadd_ps(x, bh, h3);
-            }
-            if (Bp->scale) {
-                l0 = _mm256_mul_ps(l0, slo), h0 = _mm256_mul_ps(h0, shi);
-                l1 = _mm256_mul_ps(l1, slo), h1 = _mm256_mul_ps(h1, shi);
-                l2 = _mm256_mul_ps(l2, slo), h2 = _mm256_mul_ps(h2, shi);
-                l3 = _mm256_mul_ps(l3, slo), h3 = _mm256_mul_ps(h3, shi);
-            }
-            float *c = C + m * ldc + col;
-            store_panel(c, w, l0, h0, accumulate);
-            store_panel(c + ldc, w, l1, h1, accumulate);
-            store_panel(c + 2 * ldc, w, l2, h2, accumulate);
-            store_panel(c + 3 * ldc, w, l3, h3, accumulate);
+        for (; m + 4 <= M; m += 4) compact_rows_avx2(4, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
+        if (m + 2 <= M) {
+            compact_rows_avx2(2, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
+            m += 2;
         }
-        for (; m < M; m++) {
-            const float *a = A + m * lda;
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-            int64_t at = at0;
-            for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
-                const __m256 x = _mm256_broadcast_ss(a + k);
-                lo = _mm256_fmadd_ps(x, load8(Bp, at), lo);
-                hi = _mm256_fmadd_ps(x, load8(Bp, at + 8), hi);
-            }
-            if (Bp->scale) lo = _mm256_mul_ps(lo, slo), hi = _mm256_mul_ps(hi, shi);
-            store_panel(C + m * ldc + col, w, lo, hi, accumulate);
-        }
+        if (m < M) compact_rows_avx2(1, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
     }
 }
 
@@ -546,6 +529,26 @@ AVX512F16 static inline void store16_scaled(float *c, int64_t w, __m512 v, const
     _mm512_mask_storeu_ps(c, m, v);
 }
 
+/* nr rows (1..8, a constant where called, so the loops unroll) against panels b0 and b1. */
+AVX512F16 static inline __attribute__((always_inline)) void compact_rows_avx512(
+    int nr, const float *a, int64_t lda, const rnn_packed *Bp, int64_t b0, int64_t b1, int two, int64_t K,
+    float *C, int64_t ldc, int64_t w0, int64_t w1, const float *s0, const float *s1, int accumulate) {
+    __m512 c0[8], c1[8];
+    for (int r = 0; r < nr; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 u = load16(Bp, b0 + k * RNN_PANEL), v = load16(Bp, b1 + k * RNN_PANEL);
+        for (int r = 0; r < nr; r++) {
+            const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+            c0[r] = _mm512_fmadd_ps(x, u, c0[r]);
+            c1[r] = _mm512_fmadd_ps(x, v, c1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        store16_scaled(C + r * ldc, w0, c0[r], s0, accumulate);
+        if (two) store16_scaled(C + r * ldc + RNN_PANEL, w1, c1[r], s1, accumulate);
+    }
+}
+
 AVX512F16 static void gemm_compact_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                           float *C, int64_t ldc, int accumulate) {
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
@@ -555,36 +558,21 @@ AVX512F16 static void gemm_compact_avx512(int64_t M, const float *A, int64_t lda
         const int64_t b0 = p * stride, b1 = two ? b0 + stride : b0;
         const int64_t col = p * RNN_PANEL, w0 = N - col, w1 = N - col - RNN_PANEL;
         const float *s0 = Bp->scale ? Bp->scale + col : NULL, *s1 = Bp->scale ? Bp->scale + col + RNN_PANEL : NULL;
+        /* groups of 8, then one group of 4, 2 and 1 as needed: each pair of panel rows is
+         * read and widened once per group */
         int64_t m = 0;
-        for (; m + 8 <= M; m += 8) {
-            __m512 c0[8], c1[8];
-            for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
-            const float *a = A + m * lda;
-            for (int64_t k = 0; k < K; k++) {
-                const __m512 u = load16(Bp, b0 + k * RNN_PANEL), v = load16(Bp, b1 + k * RNN_PANEL);
-                for (int r = 0; r < 8; r++) {
-                    const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-                    c0[r] = _mm512_fmadd_ps(x, u, c0[r]);
-                    c1[r] = _mm512_fmadd_ps(x, v, c1[r]);
-                }
-            }
-            for (int r = 0; r < 8; r++) {
-                float *cr = C + (m + r) * ldc + col;
-                store16_scaled(cr, w0, c0[r], s0, accumulate);
-                if (two) store16_scaled(cr + RNN_PANEL, w1, c1[r], s1, accumulate);
-            }
+        for (; m + 8 <= M; m += 8)
+            compact_rows_avx512(8, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+        if (m + 4 <= M) {
+            compact_rows_avx512(4, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+            m += 4;
         }
-        for (; m < M; m++) {
-            const float *a = A + m * lda;
-            __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k++) {
-                const __m512 x = _mm512_set1_ps(a[k]);
-                u0 = _mm512_fmadd_ps(x, load16(Bp, b0 + k * RNN_PANEL), u0);
-                u1 = _mm512_fmadd_ps(x, load16(Bp, b1 + k * RNN_PANEL), u1);
-            }
-            store16_scaled(C + m * ldc + col, w0, u0, s0, accumulate);
-            if (two) store16_scaled(C + m * ldc + col + RNN_PANEL, w1, u1, s1, accumulate);
+        if (m + 2 <= M) {
+            compact_rows_avx512(2, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+            m += 2;
         }
+        if (m < M)
+            compact_rows_avx512(1, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
     }
 }
 
