@@ -529,6 +529,34 @@ AVX512F16 static inline void store16_scaled(float *c, int64_t w, __m512 v, const
     _mm512_mask_storeu_ps(c, m, v);
 }
 
+/* One row of A (batch-1 steps and sequences): eight panels at once, as gemv_packed_avx512
+ * does for float32 (eight accumulators cover the FMA latency, and a widened panel row is one
+ * register instead of two). Per lane the same chain as gemv_compact_avx2, so the same bits. */
+AVX512F16 static void gemv_compact_avx512(const float *a, const rnn_packed *Bp, float *c, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    int64_t p = 0;
+    for (; p + 8 <= P; p += 8) {
+        const int64_t b = p * stride;
+        __m512 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m512 x = _mm512_set1_ps(a[k]);
+            for (int q = 0; q < 8; q++) acc[q] = _mm512_fmadd_ps(x, load16(Bp, b + q * stride + k * RNN_PANEL), acc[q]);
+        }
+        for (int q = 0; q < 8; q++) {
+            const int64_t col = (p + q) * RNN_PANEL;
+            store16_scaled(c + col, N - col, acc[q], Bp->scale ? Bp->scale + col : NULL, accumulate);
+        }
+    }
+    for (; p < P; p++) {
+        const int64_t b = p * stride, col = p * RNN_PANEL;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), load16(Bp, b + k * RNN_PANEL), acc);
+        store16_scaled(c + col, N - col, acc, Bp->scale ? Bp->scale + col : NULL, accumulate);
+    }
+}
+
 /* nr rows (1..8, a constant where called, so the loops unroll) against panels b0 and b1. */
 AVX512F16 static inline __attribute__((always_inline)) void compact_rows_avx512(
     int nr, const float *a, int64_t lda, const rnn_packed *Bp, int64_t b0, int64_t b1, int two, int64_t K,
@@ -551,6 +579,10 @@ AVX512F16 static inline __attribute__((always_inline)) void compact_rows_avx512(
 
 AVX512F16 static void gemm_compact_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                           float *C, int64_t ldc, int accumulate) {
+    if (M == 1) {
+        gemv_compact_avx512(A, Bp, C, accumulate);
+        return;
+    }
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
     const int64_t stride = K * RNN_PANEL;
     for (int64_t p = 0; p < P; p += 2) {
@@ -632,7 +664,7 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
         gemm_packed_avx512(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
-    if (level == 2 && M > 1) { /* compact, several rows (one row: gemv_compact_avx2 below) */
+    if (level == 2) { /* compact weights */
         gemm_compact_avx512(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }

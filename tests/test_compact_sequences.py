@@ -76,6 +76,28 @@ def test_multi_row_compact_kernel_equals_each_row_alone_and_the_reference(level,
                 assert np.all(np.abs(got - ref) <= bound)
 
 
+@pytest.mark.skipif(_core.kernel_level_max() < 2, reason="this CPU has no AVX-512F")
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_avx512_compact_kernels_give_the_avx2_bits(dtype):
+    """The AVX-512 compact kernels (one row: eight panels at once; several rows) give the
+    AVX2 kernels' bits, so streaming steps keep their results on either CPU."""
+    rng = np.random.default_rng(21)
+    for M in (1, 2, 5, 8, 11):
+        for N, K in ((5, 3), (130, 33), (257, 64), (16 * 9, 40)):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            B = rng.standard_normal((N, K)).astype(np.float32)
+            C0 = rng.standard_normal((M, N)).astype(np.float32)
+            out = {}
+            try:
+                for lv in (1, 2):
+                    _core.kernel_level(lv)
+                    out[lv] = (_core.gemm_packed(A, B, dtype=dtype), _core.gemm_packed(A, B, C0.copy(), dtype=dtype))
+            finally:
+                _core.kernel_level(_core.kernel_level_max())
+            for a, b in zip(out[1], out[2]):
+                same_bits(a, b, f"M={M} N={N} K={K}")
+
+
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv > 0], indirect=True)
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_multi_row_compact_kernel_propagates_nan_and_inf(level, dtype):
