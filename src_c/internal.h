@@ -74,8 +74,9 @@ int64_t rnn_threads_worker_chunks(void);
  * panels shared between processes), through the same kernels as streaming steps. The input
  * projection (T*B rows at once) reads the compact W through the packed kernels too, so run()
  * equals the same steps streamed bit for bit, except below AVX-512 above RNN_COMPACT_MAX_BATCH
- * rows, where it goes the float32 cells' way (BLAS sgemm over the float32 W for 128 rows or
- * more; run() then differs from the streamed steps by W's rounding to float16/int8).
+ * rows, and at any batch on the plain portable kernels (kernel level 0, no AVX2), where it
+ * goes the float32 cells' way (BLAS sgemm over the float32 W for 128 rows or more; run() then
+ * differs from the streamed steps by W's rounding to float16/int8).
  * Measured 2026-12-01 on a shared 2-core AVX-512 Xeon (load ~4, one thread, T=64, I=H, LSTM
  * 512 / 1024 and GRU 512; run() time of the float32 model over that of the float16 / int8
  * models, one process, alternating, best of 5), with the projection on the compact kernels:

@@ -117,6 +117,16 @@ def test_multi_row_compact_kernel_propagates_nan_and_inf(level, dtype):
 
 # --- whole sequences against the same steps streamed ----------------------------------
 
+def rounded_as_packed(M, dtype):
+    """M (D, N, K) rounded as the packer stores it (float16, or int8 with one symmetric scale
+    per row), back in float32 (exact for float16; int8 codes times scale, rounded once)."""
+    if dtype == "float16":
+        return M.astype(np.float16).astype(np.float32)
+    amax = np.abs(M).max(axis=2, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return (np.clip(np.rint(M / scale), -127, 127) * scale).astype(np.float32)
+
+
 def streamed(model, X):
     """X (T, B, I) fed one step at a time through one stream of batch B."""
     s = model.stream(batch_size=X.shape[1])
@@ -131,7 +141,7 @@ def state_arrays(state):
     return out
 
 
-@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv > 0], indirect=True)
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("kind, lbr, peep", CASES)
 def test_sequence_equals_streamed_steps_bit_for_bit(kind, lbr, peep, dtype, level):
@@ -161,18 +171,24 @@ def test_sequence_equals_streamed_steps_bit_for_bit(kind, lbr, peep, dtype, leve
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv < 2], indirect=True)
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_large_batches_below_avx512_take_the_float32_projection_within_the_bound(dtype, level):
-    """Above RNN_COMPACT_MAX_BATCH rows below AVX-512, the input projection is float32 BLAS
-    (where it beats the compact kernel): the sequence differs from the streamed steps by W's
-    rounding only, within the compact-weight bound of tests/oracle.py."""
+    """Above RNN_COMPACT_MAX_BATCH rows below AVX-512 (and at any batch on the portable
+    kernels), the input projection is float32 BLAS (where it beats the compact kernel): the
+    sequence differs from the streamed steps by W's rounding only, within the compact-weight
+    bound of tests/oracle.py, and the recurrence still reads the compact R."""
     kind, I, H = "LSTM", 24, 40
     W, R, B = weights(kind, I, H)
     model = rnnengine.Model([make_layer(kind, W, R, B)], weight_dtype=dtype)
-    X = np.random.default_rng(9).standard_normal((40, COMPACT_MAX_BATCH + 3, I)).astype(np.float32)
-    Y = model.run(X)[0]
-    Ys = streamed(model, X)[0]
-    assert np.abs(Y - Ys).max() <= WEIGHT_DTYPE_ATOL[dtype]
-    Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
-    assert np.abs(Y - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
+    for batch in (COMPACT_MAX_BATCH + 3,) + ((1,) if level == 0 else ()):
+        X = np.random.default_rng(9).standard_normal((max(40, -(-130 // batch)), batch, I)).astype(np.float32)
+        Y = model.run(X)[0]
+        Ys = streamed(model, X)[0]
+        assert 0 < np.abs(Y - Ys).max() <= WEIGHT_DTYPE_ATOL[dtype]
+        Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
+        assert 0 < np.abs(Y - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
+        # float32 W, compact R: the model with only R rounded to the compact storage
+        Rq = rounded_as_packed(R, dtype)
+        Ymix = rnnengine.Model([make_layer(kind, W, Rq, B)]).run(X)[0]
+        assert np.abs(Y - Ymix).max() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -257,3 +273,24 @@ def test_threads_split_compact_sequences_bit_for_bit(kind, dtype):
         _core.set_threads_adaptive(adaptive)
         _core.set_threads_min_macs(-1)
         _core.set_threads_limit(old)
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv > 0], indirect=True)
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_weight_file_stored_compact_runs_sequences_as_its_steps(tmp_path, kind, dtype, level):
+    """A weight file stored as float16 / int8, loaded as stored (a converted graph): its
+    whole-sequence run equals its stream fed one step at a time, bit for bit (before, the
+    sequence's input projection was float32 BLAS over the widened stored values)."""
+    I, H, T = 12, 33, 150
+    W, R, B = weights(kind, I, H, seed=6)
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(rnnengine.Model([make_layer(kind, W, R, B)]), path, dtype=dtype)
+    model = rnnengine.load(path)
+    X = np.random.default_rng(13).standard_normal((T, 1, I)).astype(np.float32)
+    whole = model.run({"X": X})["Y"]
+    stream = model.stream()
+    steps = np.concatenate([stream({"X": X[t:t + 1]})["Y"] for t in range(T)], axis=0)
+    same_bits(whole, steps, "Y")
+    Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
+    assert 0 < np.abs(whole - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
