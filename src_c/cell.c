@@ -283,9 +283,14 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
     float *c_old = h_old + B * H;                              /* (B, H), step mask only */
 
     /* xproj = X[:, :I] @ W^T + bias_x   (one GEMM for all time steps; with threads, its
-     * columns split over them) */
+     * columns split over them). float16/int8 cells read their compact W through the packed
+     * kernels whatever T is (below AVX-512: up to RNN_COMPACT_MAX_BATCH rows; never on the
+     * plain portable kernels, far slower than BLAS for many rows), so a whole
+     * sequence gives the bits of the same steps streamed one by one (internal.h). */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
-    if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2)
+    const int compact_w = cell->cfg.weight_dtype != RNN_WEIGHTS_F32 && rnn_kernel_level() >= 1 &&
+                          B <= RNN_COMPACT_MAX_BATCH;
+    if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2 && !compact_w)
         rnn_gemm_nt(N, GH, I, 1.0f, X, width, cell->W, I, 1.0f, xproj, GH, 1);
     else
         rnn_gemm_packed_par(par, N, X, width, &cell->Wp, xproj, GH, 1);

@@ -339,6 +339,53 @@ AVX2F16 static void gemv_compact_avx2(const float *a, const rnn_packed *Bp, floa
     }
 }
 
+/* Compact weights, several rows of A (small batches, and the input projection of a whole
+ * sequence): panels outer, rows in groups of four (then two, then one) inner, so each 16-wide
+ * panel row is widened once per k and used by every row of the group instead of being read
+ * and widened once per row. Every output column of every row is the same chain as in
+ * gemv_compact_avx2 (one FMA per k in order from zero, then the int8 scale, then the optional
+ * accumulate), so a row gets the same bits whatever batch it is in, and a whole sequence the
+ * bits of the same steps streamed. */
+AVX2F16 static inline __attribute__((always_inline)) void compact_rows_avx2(
+    int nr, const float *A, int64_t lda, const rnn_packed *Bp, int64_t at0, int64_t K, __m256 slo, __m256 shi,
+    float *C, int64_t ldc, int64_t w, int accumulate) {
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < nr; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int64_t at = at0;
+    for (int64_t k = 0; k < K; k++, at += RNN_PANEL) {
+        const __m256 bl = load8(Bp, at), bh = load8(Bp, at + 8);
+        for (int r = 0; r < nr; r++) {
+            const __m256 x = _mm256_broadcast_ss(A + r * lda + k);
+            lo[r] = _mm256_fmadd_ps(x, bl, lo[r]);
+            hi[r] = _mm256_fmadd_ps(x, bh, hi[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        if (Bp->scale) lo[r] = _mm256_mul_ps(lo[r], slo), hi[r] = _mm256_mul_ps(hi[r], shi);
+        store_panel(C + r * ldc, w, lo[r], hi[r], accumulate);
+    }
+}
+
+AVX2F16 static void gemm_compact_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
+                                      int64_t ldc, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t col = p * RNN_PANEL, w = N - col < RNN_PANEL ? N - col : RNN_PANEL, at0 = p * K * RNN_PANEL;
+        __m256 slo = _mm256_set1_ps(1.0f), shi = slo;
+        if (Bp->scale) {
+            slo = _mm256_loadu_ps(Bp->scale + col);
+            shi = _mm256_loadu_ps(Bp->scale + col + 8);
+        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) compact_rows_avx2(4, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
+        if (m + 2 <= M) {
+            compact_rows_avx2(2, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
+            m += 2;
+        }
+        if (m < M) compact_rows_avx2(1, A + m * lda, lda, Bp, at0, K, slo, shi, C + m * ldc + col, ldc, w, accumulate);
+    }
+}
+
 /* AVX-512F versions of the float32 kernels: a 16-column panel row is one zmm register, so a
  * product needs half the instructions of the AVX2 kernels. Every output still accumulates
  * a[k] * b[k] with one FMA per k in order, exactly as the AVX2 kernels do, so both give the
@@ -460,12 +507,114 @@ AVX512 static void gemm_packed_avx512(int64_t M, const float *A, int64_t lda, co
     }
 }
 
+/* gemm_compact_avx2 with a 16-column panel row in one zmm register (widened by one
+ * instruction pair), eight rows x two panels at a time as gemm_packed_avx512 does. Per output
+ * lane the arithmetic is gemv_compact_avx2's exactly (FMA chain over k from zero, times the
+ * scale, plus C when accumulating), so this gives the same bits as the batch-1 kernel. */
+#define AVX512F16 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512F16 static inline __m512 load16(const rnn_packed *Bp, int64_t at) {
+    if (Bp->dtype == RNN_WEIGHTS_F16)
+        return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)((const uint16_t *)Bp->data + at)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)((const int8_t *)Bp->data + at))));
+}
+
+AVX512F16 static inline void store16_scaled(float *c, int64_t w, __m512 v, const float *scale, int accumulate) {
+    const __mmask16 m = (__mmask16)(w >= 16 ? 0xffff : ((1u << w) - 1));
+    /* the explicit-rounding forms are never fused into one FMA by the compiler (GCC contracts
+     * a plain multiply and add), so the scale and the sum round separately, as in the AVX2
+     * kernels that the batch-1 step runs */
+    if (scale) v = _mm512_mul_round_ps(v, _mm512_loadu_ps(scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (accumulate) v = _mm512_add_round_ps(v, _mm512_maskz_loadu_ps(m, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_storeu_ps(c, m, v);
+}
+
+/* One row of A (batch-1 steps and sequences): eight panels at once, as gemv_packed_avx512
+ * does for float32 (eight accumulators cover the FMA latency, and a widened panel row is one
+ * register instead of two). Per lane the same chain as gemv_compact_avx2, so the same bits. */
+AVX512F16 static void gemv_compact_avx512(const float *a, const rnn_packed *Bp, float *c, int accumulate) {
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    int64_t p = 0;
+    for (; p + 8 <= P; p += 8) {
+        const int64_t b = p * stride;
+        __m512 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) {
+            const __m512 x = _mm512_set1_ps(a[k]);
+            for (int q = 0; q < 8; q++) acc[q] = _mm512_fmadd_ps(x, load16(Bp, b + q * stride + k * RNN_PANEL), acc[q]);
+        }
+        for (int q = 0; q < 8; q++) {
+            const int64_t col = (p + q) * RNN_PANEL;
+            store16_scaled(c + col, N - col, acc[q], Bp->scale ? Bp->scale + col : NULL, accumulate);
+        }
+    }
+    for (; p < P; p++) {
+        const int64_t b = p * stride, col = p * RNN_PANEL;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), load16(Bp, b + k * RNN_PANEL), acc);
+        store16_scaled(c + col, N - col, acc, Bp->scale ? Bp->scale + col : NULL, accumulate);
+    }
+}
+
+/* nr rows (1..8, a constant where called, so the loops unroll) against panels b0 and b1. */
+AVX512F16 static inline __attribute__((always_inline)) void compact_rows_avx512(
+    int nr, const float *a, int64_t lda, const rnn_packed *Bp, int64_t b0, int64_t b1, int two, int64_t K,
+    float *C, int64_t ldc, int64_t w0, int64_t w1, const float *s0, const float *s1, int accumulate) {
+    __m512 c0[8], c1[8];
+    for (int r = 0; r < nr; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 u = load16(Bp, b0 + k * RNN_PANEL), v = load16(Bp, b1 + k * RNN_PANEL);
+        for (int r = 0; r < nr; r++) {
+            const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+            c0[r] = _mm512_fmadd_ps(x, u, c0[r]);
+            c1[r] = _mm512_fmadd_ps(x, v, c1[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        store16_scaled(C + r * ldc, w0, c0[r], s0, accumulate);
+        if (two) store16_scaled(C + r * ldc + RNN_PANEL, w1, c1[r], s1, accumulate);
+    }
+}
+
+AVX512F16 static void gemm_compact_avx512(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
+                                          float *C, int64_t ldc, int accumulate) {
+    if (M == 1) {
+        gemv_compact_avx512(A, Bp, C, accumulate);
+        return;
+    }
+    const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const int64_t stride = K * RNN_PANEL;
+    for (int64_t p = 0; p < P; p += 2) {
+        const int two = p + 1 < P;
+        const int64_t b0 = p * stride, b1 = two ? b0 + stride : b0;
+        const int64_t col = p * RNN_PANEL, w0 = N - col, w1 = N - col - RNN_PANEL;
+        const float *s0 = Bp->scale ? Bp->scale + col : NULL, *s1 = Bp->scale ? Bp->scale + col + RNN_PANEL : NULL;
+        /* groups of 8, then one group of 4, 2 and 1 as needed: each pair of panel rows is
+         * read and widened once per group */
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8)
+            compact_rows_avx512(8, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+        if (m + 4 <= M) {
+            compact_rows_avx512(4, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+            m += 4;
+        }
+        if (m + 2 <= M) {
+            compact_rows_avx512(2, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+            m += 2;
+        }
+        if (m < M)
+            compact_rows_avx512(1, A + m * lda, lda, Bp, b0, b1, two, K, C + m * ldc + col, ldc, w0, w1, s0, s1, accumulate);
+    }
+}
+
 /* Panels outer, rows inner: a panel (K x 16 floats) is read from memory once and reused
  * from L1 by every group of rows. */
 AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp,
                                   float *C, int64_t ldc, int accumulate) {
     if (Bp->dtype != RNN_WEIGHTS_F32) {
-        for (int64_t m = 0; m < M; m++) gemv_compact_avx2(A + m * lda, Bp, C + m * ldc, accumulate);
+        if (M == 1) gemv_compact_avx2(A, Bp, C, accumulate);
+        else gemm_compact_avx2(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
     if (M == 1) {
@@ -513,6 +662,10 @@ void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *B
     const int level = rnn_kernel_level();
     if (level == 2 && Bp->dtype == RNN_WEIGHTS_F32) {
         gemm_packed_avx512(M, A, lda, Bp, C, ldc, accumulate);
+        return;
+    }
+    if (level == 2) { /* compact weights */
+        gemm_compact_avx512(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
     if (level >= 1) {

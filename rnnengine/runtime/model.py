@@ -62,10 +62,14 @@ class LayerModel(Model):
     initial_state : optional default state (see module doc) with batch size 1,
         broadcast to every row; zeros when omitted. Streams start from it and
         reset() returns to it.
-    weight_dtype : "float32" (default), "float16" or "int8": how the packed weights used by
-        streaming steps and short chunks are stored. float16 / int8 read 2x / 4x fewer bytes
-        per step (faster for large hidden sizes, where a step is bound by memory) at an
-        accuracy cost; long sequences still use the float32 weights through BLAS.
+    weight_dtype : "float32" (default), "float16" or "int8": how the packed recurrent weights
+        are stored, for streaming steps and whole sequences alike. float16 / int8 read 2x / 4x
+        fewer bytes per step (faster for large hidden sizes, where a step is bound by memory:
+        batch 1 and small batches) at an accuracy cost. run() reads the same compact R and W
+        as the same steps streamed and gives their bits; only below AVX-512, on batches of
+        more than 2 rows (and on CPUs without AVX2), the input projection of a sequence is
+        float32 BLAS over the float32 W, which is faster there (src_c/internal.h, RNN_COMPACT_MAX_BATCH, with the
+        measurements), and the result differs from the streamed steps by W's rounding.
     threads : how many threads a call may use; 1 by default. run() on a batch of at least
         2 * threads rows splits the rows (each thread runs its rows through the whole
         sequence, so no synchronisation per step); smaller batches (batch 1), and every
