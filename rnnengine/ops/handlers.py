@@ -847,6 +847,8 @@ def _slice_params(h, shape, xs):
     nd = len(shape)
     if starts is None or ends is None:
         h.fail("starts and ends are required")
+    if nd == 0:
+        h.fail("the input is a scalar (rank 0): there is no axis to slice")
     n = len(starts)
     if len(ends) != n or (axes is not None and len(axes) != n) or (steps is not None and len(steps) != n):
         h.fail(f"starts, ends, axes and steps must have one entry each per sliced axis, got lengths "
