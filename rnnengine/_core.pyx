@@ -982,7 +982,7 @@ cdef class GraphStep:
     # data inputs i: name, tid, numpy type number, vocabulary (0: not token ids), bytes, and per
     # mode (0: feed, 1: step) its rank and dims at shape_at[2i + mode]
     cdef int64_t n_in
-    cdef tuple in_names
+    cdef tuple in_names, in_dtypes
     cdef int64_t *in_tid
     cdef int64_t *in_type
     cdef int64_t *in_vocab
@@ -1080,6 +1080,7 @@ cdef class GraphStep:
         # data inputs
         self.n_in = len(inputs)
         self.in_names = tuple(i[0] for i in inputs)
+        self.in_dtypes = tuple(np.dtype(i[2]) for i in inputs)
         types, nbytes, nds, vocab = [], [], [], []
         for name, tid, dtype, fshape, sshape, voc in inputs:
             dt = np.dtype(dtype)
@@ -1193,24 +1194,46 @@ cdef class GraphStep:
         self.tables.append(a)
         return <int64_t *>cnp.PyArray_DATA(a)
 
-    cdef inline bint _fits(self, object obj, int64_t i, int mode):
-        """Is obj an ndarray of exactly input i's shape (in this mode), dtype and C order, with
-        token ids inside the vocabulary? (If so, its address is bound.)"""
-        if not cnp.PyArray_CheckExact(obj):
-            return False
-        cdef cnp.ndarray a = <cnp.ndarray>obj
-        cdef int64_t nd = self.in_nd[2 * i + mode], k, n, v
+    cdef inline bint _shape_fits(self, cnp.ndarray a, int64_t i, int mode):
+        """Has a exactly input i's shape in this mode?"""
+        cdef int64_t nd = self.in_nd[2 * i + mode], k
         cdef const int64_t *shape = self.shapes + self.in_shape_at[2 * i + mode]
-        cdef cnp.npy_intp *dims
-        cdef int t = cnp.PyArray_TYPE(a)
-        if cnp.PyArray_NDIM(a) != nd or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISNOTSWAPPED(a):
+        if cnp.PyArray_NDIM(a) != nd:
             return False
-        if t != self.in_type[i] and not cnp.PyArray_EquivTypenums(t, <int>self.in_type[i]):
-            return False
-        dims = cnp.PyArray_DIMS(a)
+        cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
         for k in range(nd):
             if dims[k] != shape[k]:
                 return False
+        return True
+
+    cdef object _converted(self, object obj, int64_t i, int mode):
+        """obj converted to input i's dtype in C order (a new array), when only its dtype, byte
+        order or memory layout keep it from being run as it is, and the checked path would
+        convert it the same way (GraphModel._check_feeds: a number of the same kind, or an
+        unsigned integer for a signed one; astype, then C order); else None."""
+        if not cnp.PyArray_CheckExact(obj) or not self._shape_fits(<cnp.ndarray>obj, i, mode):
+            return None
+        want = self.in_dtypes[i]
+        got = (<cnp.ndarray>obj).dtype
+        if got.kind != want.kind and not (want.kind == "i" and got.kind == "u"):
+            return None
+        return np.ascontiguousarray(obj.astype(want) if got != want else obj)
+
+    cdef inline void *_fits(self, object obj, int64_t i, int mode):
+        """obj's data when it is an ndarray of exactly input i's shape (in this mode), dtype
+        and C order, with token ids inside the vocabulary; else NULL. (Bound by the caller once
+        it holds the stream's lock: another thread's run may be reading the table.)"""
+        if not cnp.PyArray_CheckExact(obj):
+            return NULL
+        cdef cnp.ndarray a = <cnp.ndarray>obj
+        cdef int64_t k, n, v
+        cdef int t = cnp.PyArray_TYPE(a)
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISNOTSWAPPED(a):
+            return NULL
+        if t != self.in_type[i] and not cnp.PyArray_EquivTypenums(t, <int>self.in_type[i]):
+            return NULL
+        if not self._shape_fits(a, i, mode):
+            return NULL
         cdef void *data = cnp.PyArray_DATA(a)
         cdef int64_t vocab = self.in_vocab[i]
         if vocab > 0:  # token ids: outside -vocab..vocab-1 the checked path words the error
@@ -1219,14 +1242,13 @@ cdef class GraphStep:
                 for k in range(n):
                     v = (<const int64_t *>data)[k]
                     if v < -vocab or v >= vocab:
-                        return False
+                        return NULL
             else:
                 for k in range(n):
                     v = (<const int32_t *>data)[k]
                     if v < -vocab or v >= vocab:
-                        return False
-        self.ptrs[self.in_tid[i]] = data
-        return True
+                        return NULL
+        return data
 
     cdef int _file_changed(self) except -1:
         """1 when the mapped weight file's size or time differ from when it was opened (the
@@ -1311,9 +1333,13 @@ cdef class GraphStep:
         new array} for the names in ``want`` (all when None), in the shapes feed() gives."""
         cdef int64_t i, j
         cdef cnp.ndarray a
+        cdef void *data
         for i in range(self.n_in):
             obj = feeds[self.in_names[i]]
-            if not self._fits(obj, i, 0):
+            data = self._fits(obj, i, 0)
+            if data != NULL:
+                self.ptrs[self.in_tid[i]] = data
+            else:
                 a = np.ascontiguousarray(obj)
                 if a.nbytes != self.in_nbytes[i] or a.dtype.num != self.in_type[i] and \
                         not cnp.PyArray_EquivTypenums(a.dtype.num, <int>self.in_type[i]):
@@ -1355,14 +1381,36 @@ cdef class GraphStep:
         if step and not self.step_ok:
             return None
         cdef bint as_dict = type(inputs) is dict
+        cdef void *data[64]
+        cdef list refs = None  # the arrays run, held (the caller's dict may change meanwhile)
         if as_dict:
-            if PyDict_Size(inputs) != self.n_in:
+            if PyDict_Size(inputs) != self.n_in or self.n_in > 64:
                 return None
+            refs = []
             for i in range(self.n_in):
                 p = PyDict_GetItem(inputs, self.in_names[i])
-                if p == NULL or not self._fits(<object>p, i, mode):
+                if p == NULL:
                     return None
-        elif self.n_in != 1 or not self._fits(inputs, 0, mode):
+                obj = <object>p
+                data[i] = self._fits(obj, i, mode)
+                if data[i] == NULL:  # another dtype or layout: converted as the checked path would
+                    obj = self._converted(obj, i, mode)
+                    if obj is None:
+                        return None
+                    data[i] = self._fits(obj, i, mode)
+                    if data[i] == NULL:
+                        return None
+                refs.append(obj)
+        elif self.n_in == 1:
+            data[0] = self._fits(inputs, 0, mode)
+            if data[0] == NULL:
+                refs = [self._converted(inputs, 0, mode)]
+                if refs[0] is None:
+                    return None
+                data[0] = self._fits(refs[0], 0, mode)
+                if data[0] == NULL:
+                    return None
+        else:
             return None
         if self.track_last and step:
             return None  # finish() needs the chunk-shaped inputs: the checked path keeps them
@@ -1396,13 +1444,15 @@ cdef class GraphStep:
         if not self.acquire(False):
             return None  # another thread's call is running: the checked path raises
         try:
+            for i in range(self.n_in):
+                self.ptrs[self.in_tid[i]] = data[i]
             res = self._run(wp, mode)
         finally:
             self.release()
         s = self.stream
         s._array_io = not as_dict
         if self.track_last:  # finish() repeats the last chunk's other axes (feed mode only)
-            last = dict(inputs) if as_dict else {self.in_names[0]: inputs}
+            last = {self.in_names[i]: (refs[i] if refs is not None else inputs) for i in range(self.n_in)}
             for j in range(self.n_car):
                 last[self.car_names[j]] = self.car_bufs[j][self.cur]
             s._last = last

@@ -1831,10 +1831,14 @@ class GraphStream(Stream):
         return step
 
     def _bind(self, plan: Plan, feeds: Mapping[str, Array]) -> _core.GraphStep:
-        """A GraphStep for ``plan``: its context's buffers, the data inputs with the shapes
-        feed() and step() give them (step() without the time axis), each explicit state with the
-        output the program writes the next state into, the layer states, the outputs with
-        their shapes per mode (step() drops a time axis of length 1, as it always did)."""
+        """A GraphStep for ``plan`` (checked by its constructor against the program's tensor table)."""
+        return _core.GraphStep(*self._step_args(plan, feeds))
+
+    def _step_args(self, plan: Plan, feeds: Mapping[str, Array]) -> tuple[Any, ...]:
+        """GraphStep's arguments for ``plan``: its context's buffers, the data inputs with the
+        shapes feed() and step() give them (step() without the time axis), each explicit state
+        with the output the program writes the next state into, the layer states, the outputs
+        with their shapes per mode (step() drops a time axis of length 1, as it always did)."""
         m = self.model
         pairs = m.state_pairs
         planned = dict(plan.outputs)
@@ -1894,9 +1898,8 @@ class GraphStream(Stream):
             stepped = shape[:ax] + shape[ax + 1:] if taxes and ax is not None and ax < len(shape) and shape[ax] == 1 \
                 else shape
             outputs.append((name, tid, const, dtype, shape, stepped))
-        return _core.GraphStep(plan, plan.program, self, m, dict(ctx["bufs"]), len(ctx["work"]),
-                               inputs, states, [(k, tid) for k, (tid, _) in plan.state.items()], outputs,
-                               m.mapped_file, bool(plan.tail), step_ok)
+        return (plan, plan.program, self, m, dict(ctx["bufs"]), len(ctx["work"]), inputs, states,
+                [(k, tid) for k, (tid, _) in plan.state.items()], outputs, m.mapped_file, bool(plan.tail), step_ok)
 
     def finish(self, outputs: Optional[Collection[str]] = None) -> dict[str, Array] | Returned:
         """Ends the sequence (see _finish_sequence); refuses concurrent use like feed().
