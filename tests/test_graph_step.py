@@ -13,6 +13,7 @@ import pytest
 import rnnengine
 from rnnengine import _core
 from rnnengine.cli import DEMO_CHARLM
+from oracle import TOLERANCE
 from rnnengine.errors import EngineError, FormatError
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "corpus")
@@ -370,3 +371,37 @@ def test_a_mapped_weight_file_rewritten_after_compiled_calls_is_refused(tmp_path
         _call(s, how, x)
     with pytest.raises(FormatError, match="truncated or rewritten"):
         s.step(x)
+
+
+def test_a_transpose_that_moves_only_axes_of_one_is_no_copy():
+    """The char LM moves each layer's Y (T, D, B, H) to (T, B, D, H): with D = 1 the same
+    elements in the same order, planned as a view (no instruction), for any batch; a transpose
+    of (T, B) with both longer than 1 stays a copy. All give onnxruntime's numbers."""
+    from rnnengine.verify import ort_session
+    import onnx
+    lm = rnnengine.convert(DEMO_CHARLM)
+    sess = ort_session(onnx.load(DEMO_CHARLM))
+    rng = np.random.default_rng(13)
+    for B in (1, 3):
+        tokens = rng.integers(0, 96, (5, B))
+        zeros = {n: np.zeros((1, B, 192), np.float32) for n in ("h0_0", "c0_0", "h0_1", "c0_1")}
+        got = lm.run({"tokens": tokens, **zeros})
+        plan = lm.plan({"tokens": tokens, **zeros})
+        assert not any("Transpose" in (lab or "") for lab in plan.program.labels)
+        want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"tokens": tokens, **zeros})))
+        for k in got:
+            np.testing.assert_allclose(got[k], want[k], **TOLERANCE[np.float32])
+    from test_stream_rule import model
+    from onnx import TensorProto, helper
+    m = model([helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 3, 2], name="t")],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, 4, 1])], ["y"], {})
+    gm = rnnengine.convert(m)
+    x = rng.standard_normal((3, 1, 4, 1)).astype(np.float32)
+    assert [lab for lab in gm.plan({"x": x}).program.labels] == []  # (3, 4) keep their order
+    np.testing.assert_array_equal(gm.run({"x": x})["y"], x.transpose(1, 0, 3, 2))
+    m = model([helper.make_node("Transpose", ["x"], ["y"], perm=[2, 1, 0], name="t")],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, 4])], ["y"], {})
+    gm = rnnengine.convert(m)
+    x = rng.standard_normal((3, 1, 4)).astype(np.float32)
+    assert len(gm.plan({"x": x}).program.labels) == 1  # (3, 4) -> (4, 3): a copy
+    np.testing.assert_array_equal(gm.run({"x": x})["y"], x.transpose(2, 1, 0))
