@@ -936,6 +936,8 @@ cdef extern from *:
 
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_Size
 from cpython.object cimport PyObject
+from cpython.weakref cimport PyWeakref_GetObject
+import weakref
 
 cdef int64_t _code_bytes(int64_t code):
     """Bytes per element of a tensor table type code (rnn_dtype; RNN_DT_OTHER + n: n bytes)."""
@@ -974,7 +976,8 @@ cdef class GraphStep:
     which raises the error in the user's terms or plans anew, then runs through run()."""
     cdef readonly object plan
     cdef Program program
-    cdef object stream, model, mapped_file, acquire, release, bufs
+    cdef object stream_ref, model, mapped_file, acquire, release, bufs  # (the stream by a weak reference:
+    # the stream holds this object, which then never keeps it alive in a cycle)
     cdef object ptrs_arr, work_arr, tables
     cdef void **ptrs
     cdef float *work
@@ -1030,7 +1033,8 @@ cdef class GraphStep:
         shape) per graph output; bufs: tid -> the array bound there for good (intermediates,
         constants)."""
         cdef int64_t k, j, t, nb
-        self.plan, self.program, self.stream, self.model = plan, program, stream, model
+        self.plan, self.program, self.model = plan, program, model
+        self.stream_ref = weakref.ref(stream)
         self.mapped_file = mapped_file
         self.track_last, self.step_ok = track_last, step_ok
         self.acquire, self.release = stream._busy.acquire, stream._busy.release
@@ -1265,7 +1269,12 @@ cdef class GraphStep:
         size0, mtime0 = wf._stat
         return 0 if (size == size0 and mtime == mtime0) else 1
 
-    cdef dict _run(self, const uint8_t *want, int mode):
+    cdef object _stream(self):
+        """The stream (None once it is gone)."""
+        cdef PyObject *p = PyWeakref_GetObject(self.stream_ref)
+        return None if <object>p is None else <object>p
+
+    cdef dict _run(self, stream, const uint8_t *want, int mode):
         """Binds the state buffers, runs the program (GIL released) and returns copies of the
         outputs (all, or those flagged in want) in this mode's shapes; then the state buffers
         swap roles and the stream's carried dict names the new state."""
@@ -1321,7 +1330,7 @@ cdef class GraphStep:
                 src = ptrs[tid] if tid >= 0 else cnp.PyArray_DATA(<cnp.ndarray>self.car_src_const[j])
                 memcpy(self.car_data[2 * j + 1 - cur], src, self.car_nbytes[j])
         self.cur = 1 - cur
-        carried = self.stream._carried
+        carried = stream._carried
         for j in range(self.n_car):
             PyDict_SetItem(carried, self.car_names[j], self.car_bufs[j][1 - cur])
         return res
@@ -1334,6 +1343,9 @@ cdef class GraphStep:
         cdef int64_t i, j
         cdef cnp.ndarray a
         cdef void *data
+        stream = self._stream()
+        if stream is None:
+            raise EngineError("GraphStep.run: the stream is gone")
         for i in range(self.n_in):
             obj = feeds[self.in_names[i]]
             data = self._fits(obj, i, 0)
@@ -1346,7 +1358,7 @@ cdef class GraphStep:
                     raise EngineError(f"GraphStep.run: input {self.in_names[i]!r} does not fit the plan")
                 self.ptrs[self.in_tid[i]] = cnp.PyArray_DATA(a)  # (token ids checked by the caller)
                 feeds[self.in_names[i]] = a  # kept alive by the caller's dict during the run
-        carried = self.stream._carried
+        carried = stream._carried
         for j in range(self.n_car):  # a state set from outside (set_state, the batcher): copied in
             cur = self.car_bufs[j][self.cur]
             given = carried[self.car_names[j]]
@@ -1356,7 +1368,7 @@ cdef class GraphStep:
                                       f"the plan carries {cur.shape}")
                 np.copyto(cur, given)
                 carried[self.car_names[j]] = cur
-        layers = self.stream._layer_state
+        layers = stream._layer_state
         for j in range(self.n_ls):
             a = layers[self.ls_keys[j]]
             if not (a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
@@ -1366,11 +1378,11 @@ cdef class GraphStep:
             self.ptrs[self.ls_tid[j]] = cnp.PyArray_DATA(a)
             self.ls_arrs[j] = a
         if want is None:
-            return self._run(NULL, 0)
+            return self._run(stream, NULL, 0)
         mask = np.zeros(max(1, self.n_out), np.uint8)
         for name in want:
             mask[self.out_index[name]] = 1
-        return self._run(<const uint8_t *>cnp.PyArray_DATA(mask), 0)
+        return self._run(stream, <const uint8_t *>cnp.PyArray_DATA(mask), 0)
 
     def call(self, inputs, outputs, bint step):
         """The fast path of feed() (step False) and step() (True): their result, or None when
@@ -1415,12 +1427,15 @@ cdef class GraphStep:
         if self.track_last and step:
             return None  # finish() needs the chunk-shaped inputs: the checked path keeps them
         # the state bound last must still be the stream's (set_state, reset and the batcher replace it)
-        carried = self.stream._carried
+        s = self._stream()
+        if s is None:
+            return None
+        carried = s._carried
         for j in range(self.n_car):
             p = PyDict_GetItem(carried, self.car_names[j])
             if p == NULL or <object>p is not self.car_bufs[j][self.cur]:
                 return None
-        layers = self.stream._layer_state
+        layers = s._layer_state
         for j in range(self.n_ls):
             p = PyDict_GetItem(layers, self.ls_keys[j])
             if p == NULL or <object>p is not self.ls_arrs[j]:
@@ -1446,10 +1461,9 @@ cdef class GraphStep:
         try:
             for i in range(self.n_in):
                 self.ptrs[self.in_tid[i]] = data[i]
-            res = self._run(wp, mode)
+            res = self._run(s, wp, mode)
         finally:
             self.release()
-        s = self.stream
         s._array_io = not as_dict
         if self.track_last:  # finish() repeats the last chunk's other axes (feed mode only)
             last = {self.in_names[i]: (refs[i] if refs is not None else inputs) for i in range(self.n_in)}

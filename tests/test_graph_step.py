@@ -405,3 +405,22 @@ def test_a_transpose_that_moves_only_axes_of_one_is_no_copy():
     x = rng.standard_normal((3, 1, 4)).astype(np.float32)
     assert len(gm.plan({"x": x}).program.labels) == 1  # (3, 4) -> (4, 3): a copy
     np.testing.assert_array_equal(gm.run({"x": x})["y"], x.transpose(2, 1, 0))
+
+
+def test_a_stream_is_freed_when_its_last_reference_goes():
+    """The bound call refers to its stream weakly: no reference cycle keeps a dropped stream's
+    buffers alive until the cyclic garbage collector runs."""
+    import gc
+    import weakref
+    m, make, how = MODELS["vad"]
+    s = m.stream()
+    for _ in range(2):
+        _call(s, how, make(np.random.default_rng(14)))
+    assert s._fast is not None
+    ref = weakref.ref(s)
+    gc.disable()
+    try:
+        del s
+        assert ref() is None
+    finally:
+        gc.enable()
