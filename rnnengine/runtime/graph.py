@@ -8,7 +8,11 @@ steps:
      that depends only on input shapes) or a run-time tensor. Every node with a run-time
      input is turned into instructions for the C executor (src_c/graph.c), with all
      strides, broadcasts and axes resolved. Recurrent layers are packed once per model.
-  2. Execution: one call into C per run or stream step, the GIL released.
+  2. Execution: one call into C per run or stream step, the GIL released. A stream binds
+     each plan it runs once (rnnengine._core.GraphStep: the plan's buffers, its layer states,
+     two buffers per explicit state that the calls alternate between); a call with the
+     input names, shapes and dtypes of the last plan is then one compiled call that checks
+     the caller's arrays in C, runs and copies the outputs out (GraphStream.feed / step).
 
 Streams keep two kinds of state between calls: the state of recurrent layers whose
 initial state is not a graph input (held per layer), and explicit state carried by the
