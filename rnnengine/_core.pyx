@@ -1106,6 +1106,580 @@ cdef class Program:
             raise GraphRunError(msg)
 
 
+# --- a graph stream's bound call (GraphStream in rnnengine/runtime/graph.py) -------------------
+# The per-call path of a converted graph's stream in one compiled call: everything a call needs
+# is bound once per (stream, plan) and each call only checks the caller's arrays and runs.
+
+cdef extern from *:
+    """
+    #include <sys/stat.h>
+    /* An open file's size and modification time in ns, as Python's os.fstat gives them
+     * (st_size, st_mtime_ns). 0: done; -1: fstat failed; -2: no nanosecond time on this
+     * platform (the caller asks Python instead). */
+    static int rnn_py_fstat(int fd, long long *size, long long *mtime_ns) {
+    #if defined(__linux__)
+        struct stat st;
+        if (fstat(fd, &st) != 0) return -1;
+        *size = (long long)st.st_size;
+        *mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + (long long)st.st_mtim.tv_nsec;
+        return 0;
+    #elif defined(__APPLE__)
+        struct stat st;
+        if (fstat(fd, &st) != 0) return -1;
+        *size = (long long)st.st_size;
+        *mtime_ns = (long long)st.st_mtimespec.tv_sec * 1000000000LL + (long long)st.st_mtimespec.tv_nsec;
+        return 0;
+    #else
+        (void)fd; (void)size; (void)mtime_ns;
+        return -2;
+    #endif
+    }
+    """
+    int rnn_py_fstat(int fd, long long *size, long long *mtime_ns) nogil
+
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_Size
+from cpython.object cimport PyObject
+from cpython.weakref cimport PyWeakref_GetObject
+import weakref
+
+cdef int64_t _code_bytes(int64_t code):
+    """Bytes per element of a tensor table type code (rnn_dtype; RNN_DT_OTHER + n: n bytes)."""
+    if code == 0 or code == 2:   # float32, int32
+        return 4
+    if code == 1:                # int64
+        return 8
+    if code == 3 or code == 4:   # uint8, bool
+        return 1
+    if 100 < code <= 116:
+        return code - 100
+    return -1
+
+
+cdef cnp.ndarray _i64(values):
+    return np.ascontiguousarray(np.asarray(values, dtype=np.int64).reshape(-1)) if len(values) else np.zeros(1, np.int64)
+
+
+cdef class GraphStep:
+    """One stream's calls of one planned program (made by GraphStream, rnnengine/runtime/graph.py).
+
+    Bound once: the tensor table with the plan's intermediates and constants, two buffers per
+    explicit state input (``state`` fed back from ``stateN``) that successive calls alternate
+    between, so the next state is written by the program itself into the buffer the previous
+    call read, and nothing is copied (an output that is not a buffer of its own, e.g. the state
+    input handed back unchanged, is copied); what every input and output is. Every size is
+    checked here against the program's tensor table (the table rnn_graph_verify checked the
+    instructions against), never taken on trust.
+
+    call() is the whole per-call path of a stream fed arrays of the names, shapes and dtypes the
+    plan was made for: exact ndarray type, shape, dtype (native byte order), C order and token
+    ids inside the vocabulary are tested in C; the mapped weight file is fstat-ed; the stream's
+    busy lock refuses concurrent use; the program runs without the GIL; the outputs are copied
+    into new arrays. Anything else (other shapes, other dtypes, a state replaced by set_state or
+    the batcher, a bad token, a lock held) returns None, and the stream takes its checked path,
+    which raises the error in the user's terms or plans anew, then runs through run()."""
+    cdef readonly object plan
+    cdef Program program
+    cdef object stream_ref, model, mapped_file, acquire, release, bufs  # (the stream by a weak reference:
+    # the stream holds this object, which then never keeps it alive in a cycle)
+    cdef object ptrs_arr, work_arr, tables
+    cdef void **ptrs
+    cdef float *work
+    cdef int64_t n_tensors
+    # data inputs i: name, tid, numpy type number, vocabulary (0: not token ids), bytes, and per
+    # mode (0: feed, 1: step) its rank and dims at shape_at[2i + mode]
+    cdef int64_t n_in
+    cdef tuple in_names, in_dtypes
+    cdef int64_t *in_tid
+    cdef int64_t *in_type
+    cdef int64_t *in_vocab
+    cdef int64_t *in_nbytes
+    cdef int64_t *in_nd
+    cdef int64_t *in_shape_at
+    cdef int64_t *shapes
+    # explicit state j: name, its input tid, the paired output's tid when the program writes
+    # it into the spare buffer directly (-1: copied from src after the run), bytes
+    cdef int64_t n_car
+    cdef tuple car_names
+    cdef list car_bufs         # per state [buffer 0, buffer 1]
+    cdef void **car_data       # data pointers of car_bufs, 2 per state
+    cdef int64_t *car_in_tid
+    cdef int64_t *car_out_tid
+    cdef int64_t *car_src_tid  # copy mode: the tid the output is read from (-1: a constant)
+    cdef int64_t *car_nbytes
+    cdef tuple car_src_const
+    cdef int cur               # which of the two buffers holds the current state
+    # recurrent layers' own state k: key, tid, floats; the arrays bound last
+    cdef int64_t n_ls
+    cdef tuple ls_keys
+    cdef list ls_arrs
+    cdef int64_t *ls_tid
+    cdef int64_t *ls_floats
+    # outputs o: name, source tid (-1: constant), type number, bytes, rank and dims per mode
+    cdef int64_t n_out
+    cdef readonly tuple out_names
+    cdef dict out_index
+    cdef tuple out_const
+    cdef int64_t *out_tid
+    cdef int64_t *out_type
+    cdef int64_t *out_nbytes
+    cdef int64_t *out_nd
+    cdef int64_t *out_shape_at
+    cdef tuple model_outputs
+    cdef readonly bint step_ok, track_last
+
+    def __cinit__(self, plan, Program program, stream, model, dict bufs, int64_t work_floats, list inputs,
+                  list carried, list states, list outputs, mapped_file, bint track_last, bint step_ok):
+        """inputs: (name, tid, dtype, feed shape, step shape, vocabulary or 0) per data input;
+        carried: (name, input tid, dtype, shape, output tid or -1, source tid or -1, source
+        constant or None) per explicit state; states: (key, tid) per recurrent layer state;
+        outputs: (name, source tid or -1, source constant or None, dtype, feed shape, step
+        shape) per graph output; bufs: tid -> the array bound there for good (intermediates,
+        constants)."""
+        cdef int64_t k, j, t, nb
+        self.plan, self.program, self.model = plan, program, model
+        self.stream_ref = weakref.ref(stream)
+        self.mapped_file = mapped_file
+        self.track_last, self.step_ok = track_last, step_ok
+        self.acquire, self.release = stream._busy.acquire, stream._busy.release
+        self.model_outputs = tuple(model.outputs)
+        n = self.n_tensors = program.n_tensors
+        counts, codes = program.tensor_counts.tolist(), program.tensor_dtypes.tolist()
+
+        def tensor_bytes(int64_t tid, what):
+            if not 0 <= tid < n:
+                raise EngineError(f"GraphStep: {what} names tensor {tid}, the program has {n}")
+            b = _code_bytes(codes[tid])
+            if b < 0:
+                raise EngineError(f"GraphStep: {what}: tensor {tid} has an unknown type code {codes[tid]}")
+            return counts[tid] * b
+
+        self.ptrs_arr = np.zeros(max(1, n), np.int64)
+        self.ptrs = <void **>cnp.PyArray_DATA(self.ptrs_arr)
+        self.work_arr = np.zeros(max(16, work_floats), np.float32)
+        if work_floats < program.work_floats:
+            raise EngineError(f"GraphStep: a workspace of {work_floats} floats, the program needs {program.work_floats}")
+        self.work = <float *>cnp.PyArray_DATA(self.work_arr)
+        bound = set()
+        self.bufs = bufs
+        for t, arr in bufs.items():
+            if not (isinstance(arr, np.ndarray) and arr.flags.c_contiguous) or arr.nbytes < tensor_bytes(t, "a buffer"):
+                raise EngineError(f"GraphStep: the buffer of tensor {t} is not a C-contiguous array of its size")
+            self.ptrs[t] = cnp.PyArray_DATA(<cnp.ndarray>arr)
+            bound.add(t)
+
+        per_call = set()
+
+        def claim(int64_t tid, what, bint rebinds_buffer=False):
+            """A tensor bound per call, by one role only (a state's paired output replaces
+            the buffer the context gave it)."""
+            tensor_bytes(tid, what)
+            if tid in per_call or (tid in bound and not rebinds_buffer):
+                raise EngineError(f"GraphStep: {what}: tensor {tid} is bound twice")
+            bound.add(tid)
+            per_call.add(tid)
+
+        self.tables = []
+        shapes, shape_at = [], []
+
+        def add_shape(shape):
+            shape_at.append(len(shapes))
+            shapes.extend(int(d) for d in shape)
+        # data inputs
+        self.n_in = len(inputs)
+        self.in_names = tuple(i[0] for i in inputs)
+        self.in_dtypes = tuple(np.dtype(i[2]) for i in inputs)
+        types, nbytes, nds, vocab = [], [], [], []
+        for name, tid, dtype, fshape, sshape, voc in inputs:
+            dt = np.dtype(dtype)
+            claim(tid, f"input {name!r}")
+            nb = int(np.prod(fshape, dtype=np.int64)) * dt.itemsize
+            if nb != tensor_bytes(tid, name) or int(np.prod(sshape, dtype=np.int64)) * dt.itemsize != nb:
+                raise EngineError(f"GraphStep: input {name!r} of shape {tuple(fshape)} does not fill tensor {tid}")
+            types.append(dt.num)
+            nbytes.append(nb)
+            vocab.append(int(voc) if dt.kind == "i" and dt.itemsize in (4, 8) else 0)
+            nds.extend((len(fshape), len(sshape)))
+            add_shape(fshape)
+            add_shape(sshape)
+        self.in_tid = self._table([i[1] for i in inputs])
+        self.in_type = self._table(types)
+        self.in_nbytes = self._table(nbytes)
+        self.in_vocab = self._table(vocab)
+        self.in_nd = self._table(nds)
+        # explicit state
+        self.n_car = len(carried)
+        self.car_names = tuple(c[0] for c in carried)
+        self.car_bufs = []
+        consts = []
+        outs_seen = set()
+        nbytes, out_tids, src_tids = [], [], []
+        for name, tid, dtype, shape, out_tid, src_tid, src_const in carried:
+            claim(tid, f"state input {name!r}")
+            pair = [np.zeros(shape, dtype), np.zeros(shape, dtype)]
+            nb = pair[0].nbytes
+            if nb != tensor_bytes(tid, name):
+                raise EngineError(f"GraphStep: state {name!r} of shape {tuple(shape)} does not fill tensor {tid}")
+            if out_tid >= 0:  # written in place: the output's own buffer, bound per call
+                claim(out_tid, f"the output paired with {name!r}", True)
+                if tensor_bytes(out_tid, name) != nb:
+                    raise EngineError(f"GraphStep: the output paired with {name!r} has another size")
+            elif src_tid >= 0:
+                if tensor_bytes(src_tid, name) < nb:
+                    raise EngineError(f"GraphStep: the output paired with {name!r} is smaller than the state")
+            elif not (isinstance(src_const, np.ndarray) and src_const.flags.c_contiguous and src_const.nbytes >= nb):
+                raise EngineError(f"GraphStep: the constant paired with {name!r} is not an array of its size")
+            self.car_bufs.append(pair)
+            consts.append(src_const)
+            nbytes.append(nb)
+            out_tids.append(out_tid)
+            src_tids.append(src_tid)
+        self.car_src_const = tuple(consts)
+        self.car_in_tid = self._table([c[1] for c in carried])
+        self.car_out_tid = self._table(out_tids)
+        self.car_src_tid = self._table(src_tids)
+        self.car_nbytes = self._table(nbytes)
+        self.car_data = <void **>calloc(max(1, 2 * self.n_car), sizeof(void *))
+        if self.car_data == NULL:
+            raise MemoryError()
+        for j in range(self.n_car):
+            for k in range(2):
+                self.car_data[2 * j + k] = cnp.PyArray_DATA(<cnp.ndarray>self.car_bufs[j][k])
+        self.cur = 0
+        # recurrent layers' own state (float32 vectors the program updates in place)
+        self.n_ls = len(states)
+        self.ls_keys = tuple(s[0] for s in states)
+        self.ls_arrs = [None] * self.n_ls
+        floats = []
+        for key, tid in states:
+            claim(tid, f"layer state {key!r}")
+            if codes[tid] != 0:
+                raise EngineError(f"GraphStep: layer state {key!r} is not float32")
+            floats.append(counts[tid])
+        self.ls_tid = self._table([s[1] for s in states])
+        self.ls_floats = self._table(floats)
+        # outputs
+        self.n_out = len(outputs)
+        self.out_names = tuple(o[0] for o in outputs)
+        self.out_index = {name: k for k, name in enumerate(self.out_names)}
+        consts, types, nbytes, nds = [], [], [], []
+        for name, tid, const, dtype, fshape, sshape in outputs:
+            dt = np.dtype(dtype)
+            nb = int(np.prod(fshape, dtype=np.int64)) * dt.itemsize
+            if int(np.prod(sshape, dtype=np.int64)) * dt.itemsize != nb:
+                raise EngineError(f"GraphStep: output {name!r}: shapes {fshape} and {sshape} differ in size")
+            if tid >= 0:
+                if tensor_bytes(tid, f"output {name!r}") < nb:
+                    raise EngineError(f"GraphStep: output {name!r} of shape {tuple(fshape)} is larger than tensor {tid}")
+            elif not (isinstance(const, np.ndarray) and const.flags.c_contiguous and const.nbytes >= nb):
+                raise EngineError(f"GraphStep: the constant output {name!r} is not an array of its size")
+            if len(fshape) > 64 or len(sshape) > 64:
+                raise EngineError(f"GraphStep: output {name!r} has more than 64 dimensions")
+            consts.append(const)
+            types.append(dt.num)
+            nbytes.append(nb)
+            nds.extend((len(fshape), len(sshape)))
+            add_shape(fshape)
+            add_shape(sshape)
+        self.out_const = tuple(consts)
+        self.out_tid = self._table([o[1] for o in outputs])
+        self.out_type = self._table(types)
+        self.out_nbytes = self._table(nbytes)
+        self.out_nd = self._table(nds)
+        self.shapes = self._table(shapes)
+        self.in_shape_at = self._table(shape_at[:2 * self.n_in])
+        self.out_shape_at = self._table(shape_at[2 * self.n_in:])
+        for t in range(n):  # every tensor bound now or per call: an unbound one would be a NULL dereference
+            if t not in bound:
+                raise EngineError(f"GraphStep: tensor {t} of the program is not bound")
+
+    def __dealloc__(self):
+        free(self.car_data)
+
+    cdef int64_t *_table(self, values) except NULL:
+        """An int64 table kept alive by this object (its address stays valid)."""
+        cdef cnp.ndarray a = _i64(values)
+        self.tables.append(a)
+        return <int64_t *>cnp.PyArray_DATA(a)
+
+    cdef inline bint _shape_fits(self, cnp.ndarray a, int64_t i, int mode):
+        """Has a exactly input i's shape in this mode?"""
+        cdef int64_t nd = self.in_nd[2 * i + mode], k
+        cdef const int64_t *shape = self.shapes + self.in_shape_at[2 * i + mode]
+        if cnp.PyArray_NDIM(a) != nd:
+            return False
+        cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+        for k in range(nd):
+            if dims[k] != shape[k]:
+                return False
+        return True
+
+    cdef object _converted(self, object obj, int64_t i, int mode):
+        """obj converted to input i's dtype in C order (a new array), when only its dtype, byte
+        order or memory layout keep it from being run as it is, and the checked path would
+        convert it the same way (GraphModel._check_feeds: a number of the same kind, or an
+        unsigned integer for a signed one; astype, then C order); else None."""
+        if not cnp.PyArray_CheckExact(obj) or not self._shape_fits(<cnp.ndarray>obj, i, mode):
+            return None
+        want = self.in_dtypes[i]
+        got = (<cnp.ndarray>obj).dtype
+        if got.kind != want.kind and not (want.kind == "i" and got.kind == "u"):
+            return None
+        return np.ascontiguousarray(obj.astype(want) if got != want else obj)
+
+    cdef inline void *_fits(self, object obj, int64_t i, int mode):
+        """obj's data when it is an ndarray of exactly input i's shape (in this mode), dtype
+        and C order, with token ids inside the vocabulary; else NULL. (Bound by the caller once
+        it holds the stream's lock: another thread's run may be reading the table.)"""
+        if not cnp.PyArray_CheckExact(obj):
+            return NULL
+        cdef cnp.ndarray a = <cnp.ndarray>obj
+        cdef int64_t k, n, v
+        cdef int t = cnp.PyArray_TYPE(a)
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISNOTSWAPPED(a):
+            return NULL
+        if t != self.in_type[i] and not cnp.PyArray_EquivTypenums(t, <int>self.in_type[i]):
+            return NULL
+        if not self._shape_fits(a, i, mode):
+            return NULL
+        cdef void *data = cnp.PyArray_DATA(a)
+        cdef int64_t vocab = self.in_vocab[i]
+        if vocab > 0:  # token ids: outside -vocab..vocab-1 the checked path words the error
+            n = self.in_nbytes[i] // cnp.PyArray_ITEMSIZE(a)
+            if cnp.PyArray_ITEMSIZE(a) == 8:
+                for k in range(n):
+                    v = (<const int64_t *>data)[k]
+                    if v < -vocab or v >= vocab:
+                        return NULL
+            else:
+                for k in range(n):
+                    v = (<const int32_t *>data)[k]
+                    if v < -vocab or v >= vocab:
+                        return NULL
+        return data
+
+    cdef int _file_changed(self) except -1:
+        """1 when the mapped weight file's size or time differ from when it was opened (the
+        caller then lets WeightFile.check_unchanged raise), else 0; as that method, a closed
+        file is not checked."""
+        wf = self.mapped_file
+        fd = wf._fd
+        if fd is None:
+            return 0
+        cdef long long size = 0, mtime = 0
+        if rnn_py_fstat(<int>fd, &size, &mtime) != 0:
+            wf.check_unchanged()  # fstat failed, or no nanosecond time here: Python's check decides
+            return 0
+        size0, mtime0 = wf._stat
+        return 0 if (size == size0 and mtime == mtime0) else 1
+
+    cdef object _stream(self):
+        """The stream (None once it is gone)."""
+        cdef PyObject *p = PyWeakref_GetObject(self.stream_ref)
+        return None if <object>p is None else <object>p
+
+    cdef dict _run(self, stream, const uint8_t *want, int mode):
+        """Binds the state buffers, runs the program (GIL released) and returns copies of the
+        outputs (all, or those flagged in want) in this mode's shapes; then the state buffers
+        swap roles and the stream's carried dict names the new state."""
+        cdef int64_t j, o, tid
+        cdef int cur = self.cur
+        cdef void **ptrs = self.ptrs
+        for j in range(self.n_car):
+            ptrs[self.car_in_tid[j]] = self.car_data[2 * j + cur]
+            if self.car_out_tid[j] >= 0:
+                ptrs[self.car_out_tid[j]] = self.car_data[2 * j + 1 - cur]
+        cdef int threads = 1
+        t = self.model.threads
+        if t is not None and t > 1:
+            threads = t
+        cdef Program P = self.program
+        cdef char err[256]
+        err[0] = 0
+        cdef const int64_t *prog = <const int64_t *>cnp.PyArray_DATA(P.program)
+        cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(P.iparams)
+        cdef const float *fp = <const float *>cnp.PyArray_DATA(P.fparams)
+        cdef rnn_status st = RNN_STATUS_OK
+        cdef int64_t failed = -1
+        if P.n_instr:
+            with nogil:
+                st = rnn_graph_run_threads(prog, P.n_instr, ip, fp, ptrs, P.stack_ptrs, self.work, err, 256, &failed,
+                                           threads)
+        if st != RNN_STATUS_OK:
+            msg = err.decode("utf-8", "replace") if err[0] else rnn_status_string(st).decode()
+            if P.labels is not None and 0 <= failed < len(P.labels) and P.labels[failed]:
+                msg = f"{P.labels[failed]}: {msg}"
+            raise GraphRunError(msg)
+        cdef dict res = {}
+        cdef cnp.ndarray arr
+        cdef const void *src
+        cdef cnp.npy_intp dims[64]
+        cdef int64_t nd, k
+        cdef const int64_t *shape
+        for o in range(self.n_out):
+            if want != NULL and not want[o]:
+                continue
+            tid = self.out_tid[o]
+            src = ptrs[tid] if tid >= 0 else cnp.PyArray_DATA(<cnp.ndarray>self.out_const[o])
+            nd = self.out_nd[2 * o + mode]
+            shape = self.shapes + self.out_shape_at[2 * o + mode]
+            for k in range(nd):
+                dims[k] = shape[k]
+            arr = <cnp.ndarray>cnp.PyArray_EMPTY(<int>nd, dims, <int>self.out_type[o], 0)
+            memcpy(cnp.PyArray_DATA(arr), src, self.out_nbytes[o])
+            res[self.out_names[o]] = arr
+        for j in range(self.n_car):  # states the program did not write in place: copied
+            if self.car_out_tid[j] < 0:
+                tid = self.car_src_tid[j]
+                src = ptrs[tid] if tid >= 0 else cnp.PyArray_DATA(<cnp.ndarray>self.car_src_const[j])
+                memcpy(self.car_data[2 * j + 1 - cur], src, self.car_nbytes[j])
+        self.cur = 1 - cur
+        carried = stream._carried
+        for j in range(self.n_car):
+            PyDict_SetItem(carried, self.car_names[j], self.car_bufs[j][1 - cur])
+        return res
+
+    def run(self, dict feeds, want=None):
+        """The checked path's run: ``feeds`` holds every input (data and explicit state) as
+        the stream checked it, of the shapes the plan was made for; the layer states are the
+        stream's current vectors. The caller holds the stream's busy lock. Returns {output:
+        new array} for the names in ``want`` (all when None), in the shapes feed() gives."""
+        cdef int64_t i, j
+        cdef cnp.ndarray a
+        cdef void *data
+        stream = self._stream()
+        if stream is None:
+            raise EngineError("GraphStep.run: the stream is gone")
+        for i in range(self.n_in):
+            obj = feeds[self.in_names[i]]
+            data = self._fits(obj, i, 0)
+            if data != NULL:
+                self.ptrs[self.in_tid[i]] = data
+            else:
+                a = np.ascontiguousarray(obj)
+                if a.nbytes != self.in_nbytes[i] or a.dtype.num != self.in_type[i] and \
+                        not cnp.PyArray_EquivTypenums(a.dtype.num, <int>self.in_type[i]):
+                    raise EngineError(f"GraphStep.run: input {self.in_names[i]!r} does not fit the plan")
+                self.ptrs[self.in_tid[i]] = cnp.PyArray_DATA(a)  # (token ids checked by the caller)
+                feeds[self.in_names[i]] = a  # kept alive by the caller's dict during the run
+        carried = stream._carried
+        for j in range(self.n_car):  # a state set from outside (set_state, the batcher): copied in
+            cur = self.car_bufs[j][self.cur]
+            given = carried[self.car_names[j]]
+            if given is not cur:
+                if np.shape(given) != cur.shape:
+                    raise EngineError(f"GraphStep.run: state {self.car_names[j]!r} of shape {np.shape(given)}, "
+                                      f"the plan carries {cur.shape}")
+                np.copyto(cur, given)
+                carried[self.car_names[j]] = cur
+        layers = stream._layer_state
+        for j in range(self.n_ls):
+            a = layers[self.ls_keys[j]]
+            if not (a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+                    and a.size == self.ls_floats[j]):
+                raise EngineError(f"GraphStep.run: layer state {self.ls_keys[j]!r} is not a writeable float32 "
+                                  f"vector of {self.ls_floats[j]}")
+            self.ptrs[self.ls_tid[j]] = cnp.PyArray_DATA(a)
+            self.ls_arrs[j] = a
+        if want is None:
+            return self._run(stream, NULL, 0)
+        mask = np.zeros(max(1, self.n_out), np.uint8)
+        for name in want:
+            mask[self.out_index[name]] = 1
+        return self._run(stream, <const uint8_t *>cnp.PyArray_DATA(mask), 0)
+
+    def call(self, inputs, outputs, bint step):
+        """The fast path of feed() (step False) and step() (True): their result, or None when
+        this call is not one this object runs (see the class doc)."""
+        cdef int mode = 1 if step else 0
+        cdef int64_t i, j, k
+        cdef PyObject *p
+        if step and not self.step_ok:
+            return None
+        cdef bint as_dict = type(inputs) is dict
+        cdef void *data[64]
+        cdef list refs = None  # the arrays run, held (the caller's dict may change meanwhile)
+        if as_dict:
+            if PyDict_Size(inputs) != self.n_in or self.n_in > 64:
+                return None
+            refs = []
+            for i in range(self.n_in):
+                p = PyDict_GetItem(inputs, self.in_names[i])
+                if p == NULL:
+                    return None
+                obj = <object>p
+                data[i] = self._fits(obj, i, mode)
+                if data[i] == NULL:  # another dtype or layout: converted as the checked path would
+                    obj = self._converted(obj, i, mode)
+                    if obj is None:
+                        return None
+                    data[i] = self._fits(obj, i, mode)
+                    if data[i] == NULL:
+                        return None
+                refs.append(obj)
+        elif self.n_in == 1:
+            data[0] = self._fits(inputs, 0, mode)
+            if data[0] == NULL:
+                refs = [self._converted(inputs, 0, mode)]
+                if refs[0] is None:
+                    return None
+                data[0] = self._fits(refs[0], 0, mode)
+                if data[0] == NULL:
+                    return None
+        else:
+            return None
+        if self.track_last and step:
+            return None  # finish() needs the chunk-shaped inputs: the checked path keeps them
+        # the state bound last must still be the stream's (set_state, reset and the batcher replace it)
+        s = self._stream()
+        if s is None:
+            return None
+        carried = s._carried
+        for j in range(self.n_car):
+            p = PyDict_GetItem(carried, self.car_names[j])
+            if p == NULL or <object>p is not self.car_bufs[j][self.cur]:
+                return None
+        layers = s._layer_state
+        for j in range(self.n_ls):
+            p = PyDict_GetItem(layers, self.ls_keys[j])
+            if p == NULL or <object>p is not self.ls_arrs[j]:
+                return None
+        cdef uint8_t want[256]
+        cdef const uint8_t *wp = NULL
+        if outputs is not None:
+            if self.n_out > 256:
+                return None
+            for k in range(self.n_out):
+                want[k] = 0
+            for name in outputs:
+                p = PyDict_GetItem(self.out_index, name) if type(name) is str else NULL
+                if p == NULL:
+                    return None  # unknown: the checked path names it
+                want[<int64_t><object>p] = 1
+            wp = want
+        if self.mapped_file is not None and self._file_changed():
+            self.mapped_file.check_unchanged()  # raises FormatError naming the file
+            return None
+        if not self.acquire(False):
+            return None  # another thread's call is running: the checked path raises
+        try:
+            for i in range(self.n_in):
+                self.ptrs[self.in_tid[i]] = data[i]
+            res = self._run(s, wp, mode)
+        finally:
+            self.release()
+        s._array_io = not as_dict
+        if self.track_last:  # finish() repeats the last chunk's other axes (feed mode only)
+            last = {self.in_names[i]: (refs[i] if refs is not None else inputs) for i in range(self.n_in)}
+            for j in range(self.n_car):
+                last[self.car_names[j]] = self.car_bufs[j][self.cur]
+            s._last = last
+        if as_dict:
+            return res
+        names = self.model_outputs if outputs is None else list(outputs)
+        vals = tuple([res[n] for n in names if n in res])
+        return vals[0] if len(vals) == 1 else vals
+
+
 # --- training (src_c/lstm.c, gru.c, rnn.c, train.c) --------------------------------------------
 # Thin wrappers: rnnengine.train validates shapes and owns every buffer; these check what the
 # C code relies on (dtype, contiguity, sizes) and release the GIL around the loops.

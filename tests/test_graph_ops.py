@@ -473,7 +473,7 @@ def test_token_model_steps_with_one_call_into_c():
     steps += [s({"ids": ids[:, t:t + 1]})["logp"] for t in range(2, 9)]
     assert max_violation(np.concatenate(steps, axis=1), whole["logp"]) <= 0.1
     assert gm._plans == plans  # the one-token stream plan is made once and reused
-    plan = s._fast[1]
+    plan = s._fast.plan
     assert plan.n_instructions <= 8
 
 

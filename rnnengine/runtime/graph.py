@@ -8,7 +8,11 @@ steps:
      that depends only on input shapes) or a run-time tensor. Every node with a run-time
      input is turned into instructions for the C executor (src_c/graph.c), with all
      strides, broadcasts and axes resolved. Recurrent layers are packed once per model.
-  2. Execution: one call into C per run or stream step, the GIL released.
+  2. Execution: one call into C per run or stream step, the GIL released. A stream binds
+     each plan it runs once (rnnengine._core.GraphStep: the plan's buffers, its layer states,
+     two buffers per explicit state that the calls alternate between); a call with the
+     input names, shapes and dtypes of the last plan is then one compiled call that checks
+     the caller's arrays in C, runs and copies the outputs out (GraphStream.feed / step).
 
 Streams keep two kinds of state between calls: the state of recurrent layers whose
 initial state is not a graph input (held per layer), and explicit state carried by the
@@ -1388,9 +1392,9 @@ class GraphStream(Stream):
         self.model = model
         self._paired_outputs = {o for _, o in model.state_pairs}
         self._carried_names = [a for a, _ in model.state_pairs]
-        # (input signature, plan, context) of the last call
-        self._fast: Optional[tuple[tuple[tuple[str, tuple[int, ...], np.dtype[Any]], ...], Plan, PlanContext]] = None
-        self._spare: dict[str, Array] = {}  # explicit state: the buffer of the previous call, reused
+        # the bound call (rnnengine._core.GraphStep) of the last plan, when its calls can repeat
+        # it (one that leaves the carried context as it found it): feed() and step() try it first
+        self._fast: Optional[_core.GraphStep] = None
         self._layer_state: dict[str, npt.NDArray[np.float32]] = {}  # recurrent layer key -> float32 vector
         # key -> the shapes of its parts (the plan's state_parts, known from the first call; before
         # it, the shapes set_state was given, checked against the plan's at the first call)
@@ -1398,7 +1402,7 @@ class GraphStream(Stream):
         self._given: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._carried: dict[str, Array] = {}  # explicit state input name -> array
         self._aux: dict[str, int] = {}  # context carried by ops along time: key -> int
-        self._ctx: dict[int, tuple[Plan, PlanContext]] = {}  # id(plan) -> (plan, its buffers)
+        self._steps: dict[int, _core.GraphStep] = {}  # id(plan) -> its bound call (buffers, state)
         self._taxes: Optional[dict[str, int]] = None  # {input name: time axis}, known from the first call
         self._last: Optional[dict[str, Array]] = None  # the last call's feeds (finish() repeats their other axes)
         self._finished = False
@@ -1438,7 +1442,7 @@ class GraphStream(Stream):
     def fork(self) -> GraphStream:
         other = GraphStream.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other._fast, other._spare, other._ctx, other._busy = None, {}, {}, threading.Lock()
+        other._fast, other._steps, other._busy = None, {}, threading.Lock()
         other._layer_state = {k: v.copy() for k, v in self._layer_state.items()}
         other._parts, other._given = dict(self._parts), dict(self._given)
         other._carried = {k: v.copy() for k, v in self._carried.items()}
@@ -1680,6 +1684,11 @@ class GraphStream(Stream):
         ``self.delay`` steps when an op looks ahead; finish() gives the rest. A stream
         carries one sequence: a call while another thread's call on the same stream runs
         raises RuntimeError (fork() gives independent streams)."""
+        fast = self._fast
+        if fast is not None and out is None:  # the inputs of the last plan: one compiled call
+            res = fast.call(inputs, outputs, False)
+            if res is not None:
+                return res  # type: ignore[no-any-return]
         if out is not None:
             raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
         if not self._busy.acquire(False):
@@ -1718,6 +1727,11 @@ class GraphStream(Stream):
         output along time then comes back without it too). For a model that takes one
         fixed-size step per call (no time axis, e.g. a chunk of audio reduced to one
         recurrent step, see ``time_axes``), the same as feed()."""
+        fast = self._fast
+        if fast is not None and out is None:  # the inputs of the last plan, without the time axis
+            res = fast.call(inputs, outputs, True)
+            if res is not None:
+                return res  # type: ignore[no-any-return]
         if out is not None:
             raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
         taxes = self._taxes
@@ -1752,22 +1766,6 @@ class GraphStream(Stream):
             raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
         m = self.model
-        fast = self._fast
-        if fast is not None and type(inputs) is dict and len(inputs) == len(fast[0]):
-            # the same input names, shapes and dtypes as the last call, and a plan that leaves
-            # the carried context as it found it: its plan and buffers again
-            sig, plan, ctx = fast
-            try:
-                ok = all(type(a := inputs[n]) is np.ndarray and a.shape == sh and a.dtype == dt
-                         and a.flags.c_contiguous for n, sh, dt in sig)
-            except KeyError:
-                ok = False
-            if ok:
-                feeds = dict(inputs)
-                for a in self._carried_names:
-                    feeds[a] = self._carried[a]
-                self._last = feeds
-                return self._finish(plan, ctx, feeds, want)
         carried_names = self._carried_names
         if isinstance(inputs, dict):
             for a in carried_names:
@@ -1786,14 +1784,14 @@ class GraphStream(Stream):
         plan = self._plan(feeds)
         if want is not None and not want <= set(m.outputs):
             raise ValueError(f"unknown outputs {sorted(want - set(m.outputs))}; the model's are {m.outputs}")
-        ctx = self._context(plan)
-        if isinstance(inputs, dict) and all(isinstance(v, np.ndarray) for v in inputs.values()) and \
-                plan.next_aux == plan.aux_in:
-            self._fast = (tuple((n, feeds[n].shape, feeds[n].dtype) for n in inputs), plan, ctx)
-        else:
-            self._fast = None
+        bound = self._bound(plan, feeds)
+        # a plan that leaves the carried context as it found it runs again for the same inputs:
+        # the next calls try its bound call first
+        self._fast = bound if plan.next_aux == plan.aux_in else None
         self._last = feeds
-        return self._finish(plan, ctx, feeds, want)
+        out = bound.run(feeds, want)
+        self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
+        return out
 
     @property
     def time_axes(self) -> dict[str, int]:
@@ -1826,13 +1824,86 @@ class GraphStream(Stream):
         self.output_axes = {name: t for name, (t, final, lag) in plan.time.items()}
         return plan
 
-    def _context(self, plan: Plan) -> PlanContext:
-        ctx = self._ctx.get(id(plan))
-        if ctx is None or ctx[0] is not plan:
-            if len(self._ctx) >= 8:  # per-step calls reuse a handful of contexts
-                self._ctx.clear()
-            ctx = self._ctx[id(plan)] = (plan, plan.context())
-        return ctx[1]
+    def _bound(self, plan: Plan, feeds: Mapping[str, Array]) -> _core.GraphStep:
+        """The bound call of this plan for this stream (made at its first use, kept for a
+        handful of plans: per-step calls alternate between few)."""
+        step = self._steps.get(id(plan))
+        if step is None or step.plan is not plan:
+            if len(self._steps) >= 8:
+                self._steps.clear()
+            step = self._steps[id(plan)] = self._bind(plan, feeds)
+        return step
+
+    def _bind(self, plan: Plan, feeds: Mapping[str, Array]) -> _core.GraphStep:
+        """A GraphStep for ``plan`` (checked by its constructor against the program's tensor table)."""
+        return _core.GraphStep(*self._step_args(plan, feeds))
+
+    def _step_args(self, plan: Plan, feeds: Mapping[str, Array]) -> tuple[Any, ...]:
+        """GraphStep's arguments for ``plan``: its context's buffers, the data inputs with the
+        shapes feed() and step() give them (step() without the time axis), each explicit state
+        with the output the program writes the next state into, the layer states, the outputs
+        with their shapes per mode (step() drops a time axis of length 1, as it always did)."""
+        m = self.model
+        pairs = m.state_pairs
+        planned = dict(plan.outputs)
+        for a, o in pairs:  # a carried state keeps its shape and type
+            v = planned.get(o)
+            if v is None or v.shape != feeds[a].shape or v.dtype != feeds[a].dtype:
+                got = "nothing" if v is None else f"{v.dtype} {v.shape}"
+                raise UnsupportedError(f"state pair {a}={o}: the stream feeds {o!r} back as {a!r}, but the graph "
+                                       f"makes {got} from a state of {feeds[a].dtype} {feeds[a].shape}; a "
+                                       "carried state must keep its shape and type")
+        ctx = plan.context()
+        taxes = self._taxes or {}
+        tokens = m._token_inputs()
+        step_ok = True
+        inputs = []
+        for name in m.feed_names:
+            if name not in feeds:
+                continue
+            arr = feeds[name]
+            shape = arr.shape
+            stepped = shape
+            if name in taxes:  # step() gives it without the time axis (of length 1 in this plan)
+                t = taxes[name]
+                if t < len(shape) and shape[t] == 1:
+                    stepped = shape[:t] + shape[t + 1:]
+                else:
+                    step_ok = False
+            inputs.append((name, plan.inputs[name], arr.dtype, shape, stepped, tokens.get(name, 0)))
+        reads = {name: (kind, ref, n, dtype, shape) for name, kind, ref, n, dtype, shape in plan._reads}
+
+        def source(name: str) -> tuple[int, Optional[Array]]:
+            """Where output ``name`` is read after a run: (tensor id, None), or (-1, constant)."""
+            kind, ref = reads[name][:2]
+            if kind == "const":
+                return -1, np.ascontiguousarray(ref)
+            return (plan.inputs[ref] if kind == "input" else int(ref)), None
+        states = []
+        written: set[int] = set()
+        for a, o in pairs:
+            kind, ref = reads[o][:2]
+            tid, const = source(o)
+            if const is not None:  # (copied as np.copyto would: cast to the state's type)
+                const = np.ascontiguousarray(np.broadcast_to(const, feeds[a].shape).astype(feeds[a].dtype))
+            # the program writes the next state straight into the spare buffer when the output
+            # is a buffer of its own (not an input, a constant, or another pair's output)
+            out_tid = tid if kind == "buf" and tid not in written else -1
+            if out_tid >= 0:
+                written.add(out_tid)
+            states.append((a, plan.inputs[a], feeds[a].dtype, feeds[a].shape, out_tid, tid, const))
+        outputs = []
+        axes = {name: t for name, (t, final, lag) in plan.time.items()}
+        for name, (kind, ref, n, dtype, shape) in reads.items():
+            tid, const = source(name)
+            if const is not None:  # returned as the constant is (its own type and shape)
+                dtype, shape = const.dtype, const.shape
+            ax = axes.get(name)
+            stepped = shape[:ax] + shape[ax + 1:] if taxes and ax is not None and ax < len(shape) and shape[ax] == 1 \
+                else shape
+            outputs.append((name, tid, const, dtype, shape, stepped))
+        return (plan, plan.program, self, m, dict(ctx["bufs"]), len(ctx["work"]), inputs, states,
+                [(k, tid) for k, (tid, _) in plan.state.items()], outputs, m.mapped_file, bool(plan.tail), step_ok)
 
     def finish(self, outputs: Optional[Collection[str]] = None) -> dict[str, Array] | Returned:
         """Ends the sequence (see _finish_sequence); refuses concurrent use like feed().
@@ -1877,34 +1948,8 @@ class GraphStream(Stream):
             if name in feeds:
                 feeds[name] = np.zeros_like(feeds[name])
         plan = self._plan(feeds, finishing=True)
-        return self._finish(plan, plan.context(), feeds, None if outputs is None else set(outputs))
-
-    def _finish(self, plan: Plan, ctx: PlanContext, feeds: Mapping[str, Array], want: Optional[Collection[str]] = None
-                ) -> dict[str, Array]:
-        # explicit state: each paired output is copied straight into the array the next call
-        # feeds back (carried arrays are the stream's own, so nothing is allocated for them)
-        into = {}
-        if self.model.state_pairs and not plan.__dict__.get("_pairs_checked"):
-            planned = dict(plan.outputs)
-            for a, o in self.model.state_pairs:
-                v = planned.get(o)
-                if v is None or v.shape != feeds[a].shape or v.dtype != feeds[a].dtype:
-                    got = "nothing" if v is None else f"{v.dtype} {v.shape}"
-                    raise UnsupportedError(f"state pair {a}={o}: the stream feeds {o!r} back as {a!r}, but the graph "
-                                           f"makes {got} from a state of {feeds[a].dtype} {feeds[a].shape}; a "
-                                           "carried state must keep its shape and type")
-            plan.__dict__["_pairs_checked"] = True
-        for a, o in self.model.state_pairs:
-            # feeds[a] (the carried state) is read by this very call: write the next state to
-            # the spare buffer, then swap the two
-            spare = self._spare.get(a)
-            if spare is None or spare.shape != feeds[a].shape or spare.dtype != feeds[a].dtype:
-                spare = np.empty_like(feeds[a])
-            into[o] = spare
-        out = plan.execute(ctx, feeds, self._layer_state, want, into, threads=self.model.threads)
-        for a, o in self.model.state_pairs:
-            self._spare[a], self._carried[a] = self._carried[a], into[o]
-        self._aux = plan.next_aux  # the plan's own dict: never changed in place (set_state makes a new one)
+        out = self._bind(plan, feeds).run(feeds, None if outputs is None else set(outputs))
+        self._aux = plan.next_aux
         return out
 
 
