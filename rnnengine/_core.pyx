@@ -1462,6 +1462,9 @@ cdef class GraphStep:
         caller then lets WeightFile.check_unchanged raise), else 0; as that method, a closed
         file is not checked."""
         wf = self.mapped_file
+        if wf.derived_checks:  # files mapped beside it (a panel cache): Python's check covers them all
+            wf.check_unchanged()
+            return 0
         fd = wf._fd
         if fd is None:
             return 0
