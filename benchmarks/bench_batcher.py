@@ -199,7 +199,8 @@ def run_ws_clients(port, xs, frame):
     ready = [0]
 
     async def main():
-        async with aiohttp.ClientSession() as http:
+        # limit=0: no cap on open connections (aiohttp's default of 100 would hold the 101st client back)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             conns = [await http.ws_connect(f"http://127.0.0.1:{port}/stream", max_msg_size=1 << 24)
                      for _ in range(n)]
 
