@@ -311,8 +311,10 @@ def main():
         print(f"{case.name}: {a.steps} steps per client, {os.cpu_count()} cores, medians of {a.repeats} "
               f"alternating repeats")
         rows = []
+        print("\n| clients | engine | steps/s | p50 latency µs | p99 latency µs | vs own streams | vs onnxruntime |")
+        print("|---:|---|---:|---:|---:|---:|---:|", flush=True)
         try:
-            for n in clients:
+            for n in clients:  # each client count's rows printed as soon as measured
                 got, per_batch = measure(case, n, a, server)
                 base = next(r["steps_per_s"] for r in got if r["engine"] == "own streams")
                 ort = next((r["steps_per_s"] for r in got if r["engine"] == "onnxruntime per client"), None)
@@ -321,18 +323,15 @@ def main():
                     r["vs_ort"] = r["steps_per_s"] / ort if ort else None
                     if r["engine"] == "batcher":
                         r["steps_per_batch"] = per_batch
+                    vo = "" if r["vs_ort"] is None else f"{r['vs_ort']:.2f}x"
+                    print(f"| {r['clients']} | {r['engine']} | {r['steps_per_s']:,.0f} | {r['p50_us']:.0f} | "
+                          f"{r['p99_us']:.0f} | {r['vs_own']:.2f}x | {vo} |", flush=True)
                 rows += got
-                print(f"  {n} clients done (batcher: {per_batch:.1f} steps per batched call)", flush=True)
         finally:
             if server is not None:
                 server.close()
-    print(f"\n{case.name}\n")
-    print("| clients | engine | steps/s | p50 latency µs | p99 latency µs | vs own streams | vs onnxruntime |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        vo = "" if r["vs_ort"] is None else f"{r['vs_ort']:.2f}x"
-        print(f"| {r['clients']} | {r['engine']} | {r['steps_per_s']:,.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
-              f"{r['vs_own']:.2f}x | {vo} |")
+    print(f"\n({case.name}; batcher steps per batched call: "
+          + ", ".join(f"{r['clients']} clients {r['steps_per_batch']:.1f}" for r in rows if "steps_per_batch" in r) + ")")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": case.name, "rows": rows}, f, indent=1)
