@@ -11,7 +11,7 @@ import pytest
 import rnnengine
 from rnnengine import _core
 from rnnengine.codes import GATES
-from tests.oracle import WEIGHT_DTYPE_ATOL, run_ort
+from oracle import WEIGHT_DTYPE_ATOL, run_ort
 
 LEVELS = [lv for lv in (0, 1, 2) if lv <= _core.kernel_level_max()]
 COMPACT_MAX_BATCH = 2  # RNN_COMPACT_MAX_BATCH in src_c/internal.h (below AVX-512)
