@@ -501,3 +501,15 @@ def test_layer_state_of_another_batch_given_to_set_state_is_named_at_the_call():
     with pytest.raises(ValueError, match=r"^input 'x' has batch 3 \(shape \(3, 3, 6\)\) but this stream's state "
                                          r"is for batch 2: a stream keeps its batch size"):
         other({"x": rng.standard_normal((3, 3, 6)).astype(np.float32)})
+
+
+def test_a_state_input_or_output_paired_twice_is_refused():
+    """Each carried state is one input fed back from one output: state_pairs naming an input
+    (or an output) twice are refused at conversion, naming it (a weight file saying so is
+    refused when loaded: tests/data/fuzz/regressions/fuzz_weights/state-pair-named-twice)."""
+    import os
+    path = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_lstm.onnx")
+    with pytest.raises(rnnengine.ConversionError, match=r"input\(s\) \['h0_0'\] more than once"):
+        rnnengine.convert(path, state_pairs=[("h0_0", "hN_0"), ("h0_0", "hN_1")])
+    with pytest.raises(rnnengine.ConversionError, match=r"output\(s\) \['hN_0'\] more than once"):
+        rnnengine.convert(path, state_pairs=[("h0_0", "hN_0"), ("c0_0", "hN_0")])

@@ -206,6 +206,11 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         for p in pairs:
             if p[0] not in names_in or p[1] not in names_out:
                 fail(f"state pair {p!r}: the first must name a graph input and the second an output")
+        for k, what in ((0, "input"), (1, "output")):
+            names = [p[k] for p in pairs]
+            twice = sorted({x for x in names if names.count(x) > 1})
+            if twice:  # one carried state per input, fed back from one output each
+                fail(f"state_pairs name the {what}(s) {twice} more than once")
     else:
         strings(graph.get("outputs"), "outputs")
         strings(graph.get("inputs", []), "inputs")

@@ -549,6 +549,12 @@ def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
         for a, b in state_pairs:
             if a not in ins or b not in outs:
                 raise ConversionError(f"state pair {a}={b}: {a!r} must be a graph input and {b!r} an output")
+        for k, what in ((0, "input"), (1, "output")):
+            names = [p[k] for p in state_pairs]
+            twice = sorted({x for x in names if names.count(x) > 1})
+            if twice:
+                raise ConversionError(f"state_pairs name the {what}(s) {twice} more than once: each state input "
+                                      "is fed back from one output of its own")
         graph["state_pairs"] = [list(p) for p in state_pairs]
     metadata = {
         "general.converter_version": CONVERTER_VERSION,
