@@ -490,9 +490,10 @@ def layer_stack_of(model: Model) -> LayerModel | None:
             return None
         p = rec["outputs"][0]
         H = attrs.get("hidden_size")
-        merge = tensors.get((rs.get("inputs") or ["", ""])[1:2][0]) if len(rs.get("inputs") or []) == 2 else None
+        rs_in = list(rs.get("inputs") or [])
+        merge = tensors.get(rs_in[1]) if len(rs_in) == 2 else None
         if tr.get("op") != "Transpose" or tr.get("inputs") != [p] or (tr.get("attrs") or {}).get("perm") != [0, 2, 1, 3] \
-                or rs.get("op") != "Reshape" or rs["inputs"][0] != tr["outputs"][0] or merge is None \
+                or rs.get("op") != "Reshape" or merge is None or rs_in[0] != (tr.get("outputs") or [None])[0] \
                 or [int(v) for v in np.asarray(merge).reshape(-1)] != [0, 0, H] or (rs.get("attrs") or {}):
             return None
         W, R = (np.array(tensors[n], np.float32) for n in ins[1:3])
