@@ -174,6 +174,8 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
                 fail(f"{what} is an object with keys {sorted(map(str, v))}; expected a tensor or a graph")
         elif not (v is None or isinstance(v, (bool, int, float, str))):
             fail(f"{what} has a value of type {type(v).__name__}")
+        elif isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 63):
+            fail(f"{what} holds {v}, outside the 64-bit integers of ONNX attributes")
     if not isinstance(graph, dict):
         fail("must be an object")
     if where == "graph":

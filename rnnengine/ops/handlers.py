@@ -924,7 +924,10 @@ class Split(Handler):
             v = xs[1].const if hasattr(xs[1], "const") else xs[1]
             if v is None:
                 self.fail("input split must be a constant")
-            split = [int(s) for s in np.asarray(v).reshape(-1)]
+            arr = np.asarray(v)
+            if arr.dtype.kind not in "iu":
+                self.fail(f"input split must hold integers, got {arr.dtype}")
+            split = [int(s) for s in arr.reshape(-1)]
         n_out = len(self.node["outputs"])
         if split is None:
             n = shape[a]

@@ -66,6 +66,8 @@ Returned = Union[Array, tuple[Array, ...]]
 GraphStreamState = State  # the name of earlier versions: every stream's state is rnnengine.State
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
 class PlanContext(TypedDict):
     """Buffers for one run of a plan (Plan.context)."""
     ptrs: npt.NDArray[np.int64]  # the tensor table: an address per tensor id
@@ -357,9 +359,14 @@ class Planner:
         word[9], word[10] = len(self.ip), len(ip)
         word[11], word[12] = len(self.fp), len(fp)
         self.budget.params(self._node or "the graph", 16 + len(ip) + len(fp))
+        ints = [int(v) for v in ip]
+        if ints and (min(ints) < _INT64_MIN or max(ints) > _INT64_MAX):  # a hostile attribute (2**63 strides)
+            bad = next(v for v in ints if not _INT64_MIN <= v <= _INT64_MAX)
+            raise UnsupportedError(f"{where(self._node) if self._node else 'the graph'}: a size or index of {bad} "
+                                   "does not fit in 64 bits")
         self.prog.extend(int(w) for w in word)
         self.labels.append(where(self._node) if self._node else "")
-        self.ip.extend(int(v) for v in ip)
+        self.ip.extend(ints)
         self.fp.extend(float(v) for v in fp)
 
     # -- the walk over the nodes
