@@ -210,6 +210,7 @@ cdef extern from "rnnengine.h" nogil:
     int32_t rnn_batcher_withdraw(rnn_batcher *b, int32_t slot)
     int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, int32_t cap,
                                     int64_t timeout_ns)
+    void rnn_batcher_set_notify_fd(rnn_batcher *b, int fd)
     void rnn_batcher_counters(rnn_batcher *b, int64_t *out)
     void rnn_batcher_inject_failures(rnn_batcher *b, int32_t n)
 

@@ -887,6 +887,12 @@ cdef class BatchCore:
         """True: the slot's submitted step had not started and never will."""
         return bool(rnn_batcher_withdraw(self.ptr, slot))
 
+    def set_notify_fd(self, int fd):
+        """fd >= 0: the scheduler writes a byte to fd (a non-blocking pipe) when asynchronous
+        steps complete and none were pending, so an event loop watching it can collect them
+        with completions(0); -1: no writes. The fd must stay open until set back to -1."""
+        rnn_batcher_set_notify_fd(self.ptr, fd)
+
     def completions(self, double timeout):
         """Waits up to ``timeout`` s for submitted steps to finish: a list of (slot, error or
         None); None once the scheduler has ended and nothing is left."""

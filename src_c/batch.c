@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /*
  * A service opens one session per user and steps it one row at a time from that user's
@@ -81,6 +82,8 @@ struct rnn_batcher {
     int32_t want;           /* rows the scheduler waits for: min(max_batch, n_open) */
     int32_t sched_waiting;  /* the scheduler sleeps on `work` */
     int32_t fail_next;      /* fault injection (tests): fail this many batched calls */
+    int notify_fd;          /* rnn_batcher_set_notify_fd: -1, or a pipe written when completions arrive */
+    int notify_pending;     /* a byte is written and rnn_batcher_completions not called since */
     int stop, exited, started;
     pthread_t thread;
 
@@ -177,7 +180,14 @@ static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t 
         }
     }
     wake_next(b);
-    if (any_async) pthread_cond_broadcast(&b->done_cv);
+    if (any_async) {
+        pthread_cond_broadcast(&b->done_cv);
+        if (b->notify_fd >= 0 && !b->notify_pending) {
+            /* one byte wakes the event loop; a full pipe (EAGAIN) already holds a wake-up */
+            const char one = 1;
+            b->notify_pending = write(b->notify_fd, &one, 1) == 1;
+        }
+    }
     pthread_cond_broadcast(&b->room);
 }
 
@@ -290,6 +300,7 @@ rnn_status rnn_batcher_create(const rnn_stack *stack, int64_t ys_d, int32_t max_
     b->max_slots = max_slots;
     b->threads = threads;
     b->q_head = b->q_tail = -1;
+    b->notify_fd = -1;
     b->want = 1;
     pthread_mutex_init(&b->mu, NULL);
     pthread_condattr_t ca;
@@ -525,6 +536,7 @@ int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, 
         struct timespec ts = ts_of(deadline);
         if (pthread_cond_timedwait(&b->done_cv, &b->mu, &ts) == ETIMEDOUT) break;
     }
+    b->notify_pending = 0; /* the next completions write a new byte */
     int32_t n = 0;
     while (n < cap && b->ring_count > 0) {
         int32_t id = b->ring[b->ring_head];
@@ -539,6 +551,14 @@ int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, 
     if (n == 0 && b->exited) n = -1;
     pthread_mutex_unlock(&b->mu);
     return n;
+}
+
+void rnn_batcher_set_notify_fd(rnn_batcher *b, int fd) {
+    if (!b) return;
+    pthread_mutex_lock(&b->mu);
+    b->notify_fd = fd < 0 ? -1 : fd;
+    b->notify_pending = 0;
+    pthread_mutex_unlock(&b->mu);
 }
 
 void rnn_batcher_counters(rnn_batcher *b, int64_t out[6]) {

@@ -274,6 +274,12 @@ int32_t rnn_batcher_withdraw(rnn_batcher *b, int32_t slot);
  * results (rnn_batch_result | rnn_status << 8); returns how many, 0 on timeout, -1 once the
  * scheduler has ended and nothing is left. */
 int32_t rnn_batcher_completions(rnn_batcher *b, int32_t *ids, int32_t *results, int32_t cap, int64_t timeout_ns);
+/* fd >= 0: after a batch adds completions while none are pending, the scheduler writes one
+ * byte to fd (a non-blocking pipe an event loop watches), so the loop itself can collect
+ * them with rnn_batcher_completions (timeout 0) without a helper thread; a later batch
+ * writes again once rnn_batcher_completions has been called. -1: no writes. The fd is the
+ * caller's: it must stay open until this is called again with -1 or the batcher is freed. */
+void rnn_batcher_set_notify_fd(rnn_batcher *b, int fd);
 /* steps, batched calls, largest batch, most rows in flight, rows in flight now, open slots. */
 void rnn_batcher_counters(rnn_batcher *b, int64_t out[6]);
 /* Tests: the next n batched calls fail (RNN_STATUS_BAD_ARGUMENT) without touching a state. */

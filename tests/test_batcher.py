@@ -101,6 +101,79 @@ def test_asyncio_tasks_do_not_block_the_loop_and_match(model):
     assert ticks > 0
 
 
+def _open_fds():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+class _LoopWithoutReaders(asyncio.SelectorEventLoop):
+    """An event loop that cannot watch file descriptors (like Windows' proactor loop)."""
+
+    def add_reader(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("loops", ["two loops in two threads", "a loop without add_reader"])
+def test_event_loops_collect_their_own_results(model, loops):
+    """Asynchronous steps are handed out by whichever watching loop reads the scheduler's
+    wake-up byte (a result for another loop goes to that loop), or by the notifier thread for
+    a loop that cannot watch a pipe; each session gets its own results, in order."""
+    n, T = 6, 30
+    xs = f32(2, n, T, I, scale=1.0)
+    got = [None, None]
+
+    async def main(k, b):
+        async def one(i):
+            s = b.open()
+            return np.stack([await s.astep(x) for x in xs[k, i]])
+        got[k] = await asyncio.gather(*(one(i) for i in range(n)))
+    fds = _open_fds()
+    with Batcher(model, max_wait_us=300) as b:
+        if loops == "two loops in two threads":
+            th = [threading.Thread(target=lambda k=k: asyncio.run(main(k, b))) for k in range(2)]
+            for t in th:
+                t.start()
+            for t in th:
+                t.join()
+            assert b._notifier is None  # both loops read the pipe themselves
+        else:
+            for k in range(2):
+                loop = _LoopWithoutReaders()
+                try:
+                    loop.run_until_complete(main(k, b))
+                finally:
+                    loop.close()
+            assert b._notifier is not None
+    for k in range(2):
+        for i in range(n):
+            assert max_violation(got[k][i], alone(model, xs[k, i])) <= 1, (k, i)
+    if fds is not None:
+        assert _open_fds() == fds  # the pipe is closed with the batcher
+
+
+def test_closing_with_asynchronous_steps_queued_settles_each(model):
+    """close() from inside the loop, with steps still queued: each awaiting task gets its
+    result (the rows queued before close run) and later steps are refused."""
+    n = 16
+    xs = f32(n, I, scale=1.0)
+
+    async def main():
+        b = Batcher(model, max_wait_us=50_000)  # the rows wait: close() finds them queued
+        ss = [b.open() for _ in range(n)]
+        tasks = [asyncio.create_task(s.astep(x)) for s, x in zip(ss, xs)]
+        await asyncio.sleep(0)  # every task submits
+        b.close()
+        res = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        with pytest.raises(SessionClosedError):
+            await ss[0].astep(xs[0])
+        return res
+    fds = _open_fds()
+    res = asyncio.run(main())
+    for i in range(n):
+        assert max_violation(res[i], alone(model, xs[i:i + 1])[0]) <= 1
+    if fds is not None:
+        assert _open_fds() == fds
+
+
 def test_a_bad_input_raises_in_its_session_only(model):
     xs = f32(6, I, scale=1.0)
     with Batcher(model, max_wait_us=1000) as b:

@@ -13,8 +13,10 @@ Two engines behind one API:
   GIL released) until its batch has run; the scheduler is a C thread that never takes the
   GIL: it gathers the waiting rows and states, runs one batched step (split over
   ``threads`` by gate rows), scatters the states and outputs back and wakes each caller.
-  ``astep`` submits without blocking and one notifier thread hands each event loop the
-  results of a batch in one wake-up. Chunks (``feed``) and state calls run in the caller's
+  ``astep`` submits without blocking; after a batch the scheduler writes one byte to a pipe
+  each event loop in use watches, and the loop collects the batch's results itself (one
+  wake-up per batch, no thread in between; a loop that cannot watch a pipe is served by a
+  notifier thread). Chunks (``feed``) and state calls run in the caller's
   own thread on the session's slot (the scheduler goes on with the others meanwhile).
 - **A converted graph**: one Python scheduler thread. Steps are batched when its streams
   carry their state only as explicit graph inputs (silero-vad's ``state``, a token model's
@@ -47,7 +49,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
+import weakref
 import time
 from time import monotonic as _monotonic
 from typing import Any, Callable
@@ -367,7 +371,7 @@ class _SlotSession(Session):
             fut: asyncio.Future[Any] = loop.create_future()
             y = np.empty(self._core.output_size, np.float32)
             self._batcher._inflight[slot] = (self, fut, loop, row, y)
-            self._batcher._start_notifier()
+            self._batcher._watch(loop)
             pause = 0.0002
             while self._core.submit(slot, row, y) == BATCH_FULL:  # back-pressure without blocking the loop
                 await asyncio.sleep(pause)
@@ -566,6 +570,8 @@ class Batcher:
             self._inflight: dict[int, tuple[_SlotSession, asyncio.Future[Any], asyncio.AbstractEventLoop,
                                             np.ndarray, np.ndarray]] = {}
             self._notifier: threading.Thread | None = None
+            self._pipe: tuple[int, int] | None = None  # the scheduler's wake-up byte for event loops (_watch)
+            self._watched: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, bool] = weakref.WeakKeyDictionary()
             self._stopping = threading.Event()
             self._sweeper: threading.Thread | None = None
             if idle_timeout is not None:
@@ -681,6 +687,107 @@ class Batcher:
         with self._lock:
             return len(self._sessions)
 
+    # --- handing asynchronous steps their results -------------------------------------------
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Makes ``loop`` collect this batcher's finished asynchronous steps itself: after a
+        batch, the C scheduler writes one byte to a pipe the loop watches, and the loop's reader
+        (_collect) takes the results, one wake-up per batch and no thread in between. A loop that
+        cannot watch file descriptors (Windows' proactor loop) is served by the notifier thread."""
+        if loop in self._watched:
+            return
+        assert self._core is not None
+        with self._lock:
+            if loop in self._watched or self._closed:
+                return  # (a closed batcher refuses the submit that follows)
+            if self._pipe is None:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)  # the scheduler must never block on a full pipe
+                self._pipe = (r, w)
+                self._core.set_notify_fd(w)
+            try:
+                loop.add_reader(self._pipe[0], self._collect, loop)
+                self._watched[loop] = True
+            except NotImplementedError:
+                self._watched[loop] = False
+                self._start_notifier()
+
+    def _collect(self, here: asyncio.AbstractEventLoop | None = None) -> None:
+        """The event loop's reader: hands out every finished asynchronous step."""
+        core, pipe = self._core, self._pipe
+        if core is None or pipe is None:
+            return
+        try:
+            os.read(pipe[0], 4096)  # first: a batch finishing after completions() writes anew
+        except OSError:  # (BlockingIOError: another watching loop took the byte)
+            pass
+        while True:
+            done = core.completions(0.0)
+            if not done:
+                return
+            self._hand_out(done, here)
+
+    def _hand_out(self, done: list[tuple[int, BaseException | None]],
+                  here: asyncio.AbstractEventLoop | None = None) -> None:
+        """Gives each finished step's session its turn back and settles its future: at once for
+        ``here`` (the loop running this), else in one call_soon_threadsafe per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for slot, err in done:
+            entry = self._inflight.pop(slot, None)
+            if entry is None:
+                continue
+            session, fut, loop, _row, y = entry
+            session._give()  # the step is done: the session's next call may start
+            by_loop.setdefault(loop, []).append((fut, y if err is None else None, err))
+        for loop, items in by_loop.items():
+            if loop is here:
+                _settle_all(items)
+                continue
+            try:
+                loop.call_soon_threadsafe(_settle_all, items)
+            except RuntimeError:  # that caller's event loop is closed: nobody waits
+                pass
+
+    def _unwatch(self) -> None:
+        """After the scheduler has stopped: hands out what is left, takes the reader off every
+        watching loop and closes the pipe once no loop can read it."""
+        assert self._core is not None
+        if self._pipe is None:
+            return
+        while True:  # the rows run by stop(): their callers still wait
+            done = self._core.completions(0.0)
+            if not done:
+                break
+            self._hand_out(done)
+        self._core.set_notify_fd(-1)
+        r, w = self._pipe
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        later = [loop for loop, reads in list(self._watched.items()) if reads and not loop.is_closed()]
+        self._watched.clear()
+        left = [len(later)]
+
+        def release(loop: asyncio.AbstractEventLoop | None) -> None:
+            if loop is not None:
+                loop.remove_reader(r)
+            left[0] -= 1
+            if left[0] <= 0:
+                os.close(r)
+                os.close(w)
+        if not later:
+            left[0] = 1
+            release(None)
+        for loop in later:
+            if loop is running:
+                release(loop)
+                continue
+            try:  # remove_reader belongs to the loop's own thread
+                loop.call_soon_threadsafe(release, loop)
+            except RuntimeError:  # closed meanwhile
+                release(None)
+
     # --- the C engine's helper threads ------------------------------------------------------
     def _start_notifier(self) -> None:
         if self._notifier is None:
@@ -698,19 +805,7 @@ class Batcher:
             done = core.completions(0.5)
             if done is None:
                 return
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
-            for slot, err in done:
-                entry = self._inflight.pop(slot, None)
-                if entry is None:
-                    continue
-                session, fut, loop, _row, y = entry
-                session._give()  # the step is done: the session's next call may start
-                by_loop.setdefault(loop, []).append((fut, y if err is None else None, err))
-            for loop, items in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_settle_all, items)
-                except RuntimeError:  # that caller's event loop is closed: nobody waits
-                    pass
+            self._hand_out(done)
 
     def _sweep_slots(self) -> None:
         """Closes sessions unused for idle_timeout (a scan at most every second)."""
@@ -1037,6 +1132,7 @@ class Batcher:
             self._core.stop()  # the rows already queued run first
             if self._notifier is not None:
                 self._notifier.join()
+            self._unwatch()
             self._stopping.set()
             if self._sweeper is not None:
                 self._sweeper.join()
