@@ -2,6 +2,8 @@
 session of one model, engines side by side in one run (alternated, medians of repeats):
 
 - "batcher": rnnengine.Batcher, one session per client (client threads calling step());
+- "batcher, asyncio tasks": the same, the clients being asyncio tasks in one event loop
+  (``await session.astep(x)``), as in an asyncio service;
 - "own streams": each client steps its own rnnengine stream (no batching; the GIL is
   released in C, so they use both cores);
 - "onnxruntime per client": an onnxruntime session per client, state passed out and back in
@@ -60,6 +62,34 @@ def run_threads(n, steps, body):
     for t in th:
         t.join()
     return n * (steps - 1) / (time.perf_counter() - t0), np.concatenate([np.array(x) for x in lat])
+
+
+def run_tasks(n, steps, body):
+    """n asyncio tasks in one event loop, each awaiting body(i, k) for k in range(steps);
+    returns (steps/s, latencies s)."""
+    lat = [[] for _ in range(n)]
+
+    async def main():
+        async def one(i):
+            await body(i, 0)  # a first step, untimed
+            ready[0] += 1
+            if ready[0] == n:
+                warm.set()
+            await start.wait()
+            for k in range(1, steps):
+                t0 = time.perf_counter()
+                await body(i, k)
+                lat[i].append(time.perf_counter() - t0)
+        ready = [0]
+        start, warm = asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await warm.wait()
+        t0 = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t0
+    sec = asyncio.run(main())
+    return n * (steps - 1) / sec, np.concatenate([np.array(x) for x in lat])
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -253,8 +283,16 @@ def measure(case, n, a, server):
             res = run_threads(n, a.steps, lambda i, k: sessions[i].step(feed(xs[i][k])))
             c = b.counters
         return res + (c["steps"] / max(c["batches"], 1),)
+    def batcher_tasks():
+        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us) as b:
+            sessions = [b.open() for _ in range(n)]
+
+            async def body(i, k):
+                return await sessions[i].astep(feed(xs[i][k]))
+            return run_tasks(n, a.steps, body)
     engines["own streams"] = own
     engines["batcher"] = batcher
+    engines["batcher, asyncio tasks"] = batcher_tasks
     if a.compare_wake:
         def burst():  # the C engine waking a batch's callers all at once (src_c/batch.c, `chain`)
             os.environ["RNNE_BATCH_BURST"] = "1"

@@ -53,6 +53,7 @@ import os
 import threading
 import weakref
 import time
+from asyncio import get_running_loop as _running_loop
 from time import monotonic as _monotonic
 from typing import Any, Callable
 
@@ -350,13 +351,10 @@ class _SlotSession(Session):
             self._closing = True  # the call running now frees the slot when it ends
 
     async def astep(self, x: Any) -> Any:
-        graph_io = self._batcher._graph_io
-        row = self._core.check_row(self._batcher._graph_row(x) if graph_io else _only_x(x) if type(x) is dict else x)
-        y = await self._astep(row)
-        return self._batcher._graph_out(x, y[None]) if graph_io else y
-
-    async def _astep(self, row: np.ndarray) -> Any:
-        if self.closed:
+        batcher = self._batcher
+        graph_io = batcher._graph_io
+        row = self._core.check_row(batcher._graph_row(x) if graph_io else _only_x(x) if type(x) is dict else x)
+        if self._slot is None or self._closing:
             raise self._closed_error()
         pause = 0.0002
         while not self._turn.acquire(blocking=False):  # another call of this session runs
@@ -367,11 +365,12 @@ class _SlotSession(Session):
         try:
             if slot is None or self._closing:
                 raise self._closed_error()
-            loop = asyncio.get_running_loop()
+            loop = _running_loop()
+            if loop is not batcher._last_loop:
+                batcher._watch(loop)
             fut: asyncio.Future[Any] = loop.create_future()
             y = np.empty(self._core.output_size, np.float32)
-            self._batcher._inflight[slot] = (self, fut, loop, row, y)
-            self._batcher._watch(loop)
+            batcher._inflight[slot] = (self, fut, loop, row, y)
             pause = 0.0002
             while self._core.submit(slot, row, y) == BATCH_FULL:  # back-pressure without blocking the loop
                 await asyncio.sleep(pause)
@@ -380,15 +379,16 @@ class _SlotSession(Session):
         finally:
             if not submitted:  # nothing queued: nobody else gives the turn back
                 if slot is not None:
-                    self._batcher._inflight.pop(slot, None)
+                    batcher._inflight.pop(slot, None)
                 self._give()
         try:
-            return await fut
+            y = await fut
         except asyncio.CancelledError:
             if self._core.withdraw(slot):  # not started: never applied, and never handed out
-                self._batcher._inflight.pop(slot, None)
+                batcher._inflight.pop(slot, None)
                 self._give()
-            raise  # (else it runs; the notifier gives the turn back)
+            raise  # (else it runs; the loop's reader gives the turn back)
+        return batcher._graph_out(x, y[None]) if graph_io else y
 
     async def afeed(self, xs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, self.feed, xs)
@@ -572,6 +572,7 @@ class Batcher:
             self._notifier: threading.Thread | None = None
             self._pipe: tuple[int, int] | None = None  # the scheduler's wake-up byte for event loops (_watch)
             self._watched: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, bool] = weakref.WeakKeyDictionary()
+            self._last_loop: asyncio.AbstractEventLoop | None = None  # the last loop _watch saw (a fast check)
             self._stopping = threading.Event()
             self._sweeper: threading.Thread | None = None
             if idle_timeout is not None:
@@ -694,6 +695,7 @@ class Batcher:
         (_collect) takes the results, one wake-up per batch and no thread in between. A loop that
         cannot watch file descriptors (Windows' proactor loop) is served by the notifier thread."""
         if loop in self._watched:
+            self._last_loop = loop
             return
         assert self._core is not None
         with self._lock:
@@ -708,6 +710,7 @@ class Batcher:
             try:
                 loop.add_reader(self._pipe[0], self._collect, loop)
                 self._watched[loop] = True
+                self._last_loop = loop
             except NotImplementedError:
                 self._watched[loop] = False
                 self._start_notifier()
@@ -767,6 +770,7 @@ class Batcher:
             running = None
         later = [loop for loop, reads in list(self._watched.items()) if reads and not loop.is_closed()]
         self._watched.clear()
+        self._last_loop = None
         left = [len(later)]
 
         def release(loop: asyncio.AbstractEventLoop | None) -> None:
