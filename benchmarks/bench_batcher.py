@@ -64,32 +64,34 @@ def run_threads(n, steps, body):
     return n * (steps - 1) / (time.perf_counter() - t0), np.concatenate([np.array(x) for x in lat])
 
 
-def run_tasks(n, steps, body):
-    """n asyncio tasks in one event loop, each awaiting body(i, k) for k in range(steps);
-    returns (steps/s, latencies s)."""
+async def timed_tasks(n, steps, body):
+    """n asyncio tasks, each awaiting body(i, k) for k in range(steps), the first step of each
+    untimed; returns (steps/s, latencies s)."""
     lat = [[] for _ in range(n)]
+    ready = [0]
+    start, warm = asyncio.Event(), asyncio.Event()
 
-    async def main():
-        async def one(i):
-            await body(i, 0)  # a first step, untimed
-            ready[0] += 1
-            if ready[0] == n:
-                warm.set()
-            await start.wait()
-            for k in range(1, steps):
-                t0 = time.perf_counter()
-                await body(i, k)
-                lat[i].append(time.perf_counter() - t0)
-        ready = [0]
-        start, warm = asyncio.Event(), asyncio.Event()
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        await warm.wait()
-        t0 = time.perf_counter()
-        start.set()
-        await asyncio.gather(*tasks)
-        return time.perf_counter() - t0
-    sec = asyncio.run(main())
-    return n * (steps - 1) / sec, np.concatenate([np.array(x) for x in lat])
+    async def one(i):
+        await body(i, 0)  # a first step, untimed
+        ready[0] += 1
+        if ready[0] == n:
+            warm.set()
+        await start.wait()
+        for k in range(1, steps):
+            t0 = time.perf_counter()
+            await body(i, k)
+            lat[i].append(time.perf_counter() - t0)
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    await warm.wait()  # every client's first step done: the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    return n * (steps - 1) / (time.perf_counter() - t0), np.concatenate([np.array(x) for x in lat])
+
+
+def run_tasks(n, steps, body):
+    """timed_tasks in an event loop of its own."""
+    return asyncio.run(timed_tasks(n, steps, body))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -225,8 +227,6 @@ def run_ws_clients(port, xs, frame):
 
     from rnnengine.server import KIND_STEP, encode_frame
     n, steps = xs.shape[0], xs.shape[1]
-    lat = []
-    ready = [0]
 
     async def main():
         # limit=0: no cap on open connections (aiohttp's default of 100 would hold the 101st client back)
@@ -234,37 +234,18 @@ def run_ws_clients(port, xs, frame):
             conns = [await http.ws_connect(f"http://127.0.0.1:{port}/stream", max_msg_size=1 << 24)
                      for _ in range(n)]
 
-            async def one(i):
-                ws = conns[i]
-                mine = []
-                await ws.send_bytes(encode_frame(frame(xs[i, 0]), KIND_STEP))  # untimed first step
-                await ws.receive()
-                ready[0] += 1
-                if ready[0] == n:
-                    warm.set()
-                await start.wait()
-                for k in range(1, steps):
-                    t0 = time.perf_counter()
-                    await ws.send_bytes(encode_frame(frame(xs[i, k]), KIND_STEP))
-                    msg = await ws.receive()
-                    if msg.type != aiohttp.WSMsgType.BINARY:
-                        raise RuntimeError(f"server replied {msg.type}: {msg.data!r}")
-                    if msg.data[4] != 2:
-                        raise RuntimeError(f"server replied with frame kind {msg.data[4]}")
-                    mine.append(time.perf_counter() - t0)
-                lat.extend(mine)
-            start, warm = asyncio.Event(), asyncio.Event()
-            tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            await warm.wait()  # every client's first step done: the clock starts
-            t0 = time.perf_counter()
-            start.set()
-            await asyncio.gather(*tasks)
-            sec = time.perf_counter() - t0
+            async def body(i, k):
+                await conns[i].send_bytes(encode_frame(frame(xs[i, k]), KIND_STEP))
+                msg = await conns[i].receive()
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    raise RuntimeError(f"server replied {msg.type}: {msg.data!r}")
+                if msg.data[4] != 2:
+                    raise RuntimeError(f"server replied with frame kind {msg.data[4]}")
+            res = await timed_tasks(n, steps, body)
             for ws in conns:
                 await ws.close()
-            return sec
-    sec = asyncio.run(main())
-    return n * (steps - 1) / sec, np.array(lat)
+            return res
+    return asyncio.run(main())
 
 
 # --- one measurement ------------------------------------------------------------------------
