@@ -310,7 +310,7 @@ def test_a_failed_batched_call_reaches_each_caller_and_leaves_every_state(model)
 def test_an_unexpected_failure_in_the_graph_scheduler_reaches_the_callers_and_it_goes_on(monkeypatch):
     graph = rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
     x = {"tokens": np.array([3], np.int64)}
-    with Batcher(graph) as b:
+    with Batcher(graph, batch_graphs=True) as b:
         assert b._core is None  # (a graph with its own state inputs: the Python scheduler)
         s = b.open()
         want = s.step(x)
@@ -352,7 +352,7 @@ def test_a_token_model_with_explicit_state_is_batched():
     path = os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx")
     graph = rnnengine.convert(path)
     toks = rng.integers(0, 60, size=(10, 12, 1)).astype(np.int64)
-    got, c, reason = _serve_graph(graph, toks, "tokens", "logits")
+    got, c, reason = _serve_graph(graph, toks, "tokens", "logits", batch_graphs=True)
     assert reason is None and c["largest_batch"] > 1 and c["steps"] > 0
     for i in range(len(toks)):
         assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
@@ -366,7 +366,7 @@ def test_silero_vad_sessions_are_batched():
     graph = rnnengine.convert(os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx"),
                               fixed_inputs={"sr": 16000})
     chunks = f32(8, 6, 1, 576, scale=0.1)
-    got, c, reason = _serve_graph(graph, chunks, "input", "output")
+    got, c, reason = _serve_graph(graph, chunks, "input", "output", batch_graphs=True)
     assert reason is None and c["largest_batch"] > 1
     for i in range(len(chunks)):
         assert max_violation(got[i], _alone(graph, chunks[i], "input", "output")) <= 1
@@ -386,7 +386,7 @@ def test_graph_sessions_batched_then_alone_keep_their_own_state():
                               fixed_inputs={"sr": 16000})
     for n, pattern in ((2, "BABBBB"), (3, "BAABBB"), (3, "BABABB")):  # A: all at once, B: one by one
         xs = f32(n, len(pattern), 1, 576, scale=0.1)
-        with Batcher(graph, max_wait_us=0) as b:  # one by one never waits for the others
+        with Batcher(graph, max_wait_us=0, batch_graphs=True) as b:  # one by one never waits for the others
             sessions = [b.open() for _ in range(n)]
             got = [[] for _ in range(n)]
             for t, p in enumerate(pattern):
@@ -405,6 +405,113 @@ def test_graph_sessions_batched_then_alone_keep_their_own_state():
             assert b.counters["largest_batch"] == n
         for i in range(n):
             assert max_violation(np.stack(got[i]), _alone(graph, xs[i], "input", "output")) <= 1, (pattern, i)
+
+
+def _charlm():
+    return rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
+
+
+def test_graph_sessions_run_in_their_callers_threads_when_not_batched():
+    """batch_graphs=False: each session's calls run in the thread that makes them (the
+    scheduler thread runs none), and give what the session's own stream gives."""
+    graph = _charlm()
+    toks = rng.integers(0, 60, size=(6, 10, 1)).astype(np.int64)
+    ran_in = set()
+    with Batcher(graph, batch_graphs=False) as b:
+        real = b._execute
+        b._execute = lambda calls: (ran_in.add("scheduler"), real(calls))[1]
+        got = [None] * len(toks)
+
+        def work(i):
+            s = b.open()
+            got[i] = np.stack([s.step({"tokens": x})["logits"] for x in toks[i]])
+            st = s.get_state()
+            s.reset()
+            s.set_state(st)
+            fed = s.fork().feed({"tokens": toks[i]})["logits"]  # the chunk: (T, 1) tokens
+            got[i] = np.concatenate([got[i], fed.reshape(got[i].shape)])
+        th = [threading.Thread(target=work, args=(i,)) for i in range(len(toks))]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert "batch_graphs=False" in b.graph_batching and b.counters["batches"] == 0
+    assert not ran_in  # no session had two calls at once: none went through the scheduler
+    for i in range(len(toks)):
+        s = graph.stream()
+        want = np.stack([s.step({"tokens": x})["logits"] for x in toks[i]])
+        want = np.concatenate([want, s.feed({"tokens": toks[i]})["logits"].reshape(want.shape)])
+        assert max_violation(got[i], want) <= 1, i
+
+
+def test_one_graph_session_from_four_threads_runs_each_call_once_in_turn():
+    """Calls on one session from four threads at once (the second queues behind the first,
+    which runs in its caller's thread): no step lost or doubled, the state never torn."""
+    graph = _charlm()
+    x = {"tokens": np.array([7], np.int64)}
+    with Batcher(graph, batch_graphs=False) as b:
+        s = b.open()
+        outs = [[] for _ in range(4)]
+        th = [threading.Thread(target=lambda k=k: outs[k].extend(s.step(x)["logits"] for _ in range(100)))
+              for k in range(4)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        last = s.step(x)["logits"]
+    ref = graph.stream()
+    for _ in range(400):
+        ref.step(x)
+    assert max_violation(last, ref.step(x)["logits"]) <= 1
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_asyncio_steps_not_batched_run_in_the_loop_or_its_executor(monkeypatch, inline):
+    """batch_graphs=False and asyncio: short steps run inside the event loop; once steps take
+    longer than _INLINE_MAX on average (forced to 0 here), in the loop's executor. Both give
+    each session what its own stream gives."""
+    import rnnengine.runtime.batcher as batcher_module
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX", 10.0 if inline else 0.0)
+    graph = _charlm()
+    toks = rng.integers(0, 60, size=(5, 12, 1)).astype(np.int64)
+    threads = set()
+
+    async def main(b):
+        async def one(i):
+            s = b.open()
+            out = []
+            for x in toks[i]:
+                out.append((await s.astep({"tokens": x}))["logits"])
+            return np.stack(out)
+        return await asyncio.gather(*(one(i) for i in range(len(toks))))
+    with Batcher(graph, batch_graphs=False) as b:
+        real = b._run_claimed
+        b._run_claimed = lambda *a: (threads.add(threading.get_ident()), real(*a))[1]
+        got = asyncio.run(main(b))
+        assert b._inline_steps is inline
+    # inline: every step in the loop's thread (this one); else most in executor threads
+    assert (threads == {threading.get_ident()}) is inline
+    for i in range(len(toks)):
+        assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_batching_a_graph_is_kept_only_when_it_pays(monkeypatch, pays):
+    """batch_graphs=None: the first batch of a shape is timed against its steps alone; when
+    batching does not pay, the sessions go on in their callers' threads (with the same
+    results). The threshold is forced here so that the outcome does not depend on timing."""
+    import rnnengine.runtime.batcher as batcher_module
+    monkeypatch.setattr(batcher_module, "_BATCH_PAYS", 1e9 if pays else 0.0)
+    graph = _charlm()
+    toks = rng.integers(0, 60, size=(4, 8, 1)).astype(np.int64)
+    got, c, reason = _serve_graph(graph, toks, "tokens", "logits")
+    assert c["batches"] >= 1  # the first batch ran (and was timed) either way
+    if pays:
+        assert reason is None
+    else:
+        assert reason is not None and "does not pay" in reason
+    for i in range(len(toks)):
+        assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
 
 
 def test_a_graph_mixing_rows_is_not_batched_and_stays_right():

@@ -136,7 +136,7 @@ def test_random_schedules_of_a_layer_stack_match_each_session_alone(stack_model,
                                                                   HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_schedules_of_a_converted_token_model_match_each_session_alone(token_model, data):
-    with Batcher(token_model, max_wait_us=2000) as b:
+    with Batcher(token_model, max_wait_us=2000, batch_graphs=True) as b:
         mirror = Mirror(token_model, b, lambda: {"tokens": rng.integers(0, 60, size=(1,)).astype(np.int64)},
                         lambda y: y["logits"])
         drive(mirror, data)
@@ -219,8 +219,8 @@ def test_a_thousand_sessions_from_16_threads_and_asyncio_tasks():
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_random_schedules_of_silero_vad_match_each_session_alone(data):
+@given(data=st.data(), batch_graphs=st.sampled_from([True, False]))
+def test_random_schedules_of_silero_vad_match_each_session_alone(data, batch_graphs):
     """A state that is not contiguous per row once joined ((2, n, 128)): see
     test_batcher.test_graph_sessions_batched_then_alone_keep_their_own_state."""
     import importlib.util
@@ -228,7 +228,7 @@ def test_random_schedules_of_silero_vad_match_each_session_alone(data):
     if spec is None:
         pytest.skip("silero-vad is not installed")
     graph = _silero(os.path.join(spec.submodule_search_locations[0], "data", "silero_vad.onnx"))
-    with Batcher(graph, max_wait_us=2000) as b:
+    with Batcher(graph, max_wait_us=2000, batch_graphs=batch_graphs) as b:
         mirror = Mirror(graph, b, lambda: {"input": f32(1, 576, scale=0.1)}, lambda y: y["output"])
         drive(mirror, data)
 

@@ -24,10 +24,15 @@ Two engines behind one API:
   graph runs once, and the outputs and next states are split back. That is done only when
   rnnengine/runtime/split.py proves every output row depends on its own input row, and the
   first batched call of each shape is checked against the same sessions stepped one by one
-  (``graph_batching`` says whether it is on, and why not). Other graph steps, chunks and
-  state calls run one by one in the scheduler, in order: correct, not batched; a long chunk
-  delays the other sessions' steps while it runs, so a service should feed long audio in
-  chunks of moderate size.
+  (``graph_batching`` says whether it is on, and why not). Batching must also pay: the first
+  batch is timed against the same steps alone, and a model whose batch does not cost well
+  under its rows alone (silero-vad's convolutions; the demo char LM, whose Python join and
+  split cost more than batching saves) is not batched (``batch_graphs`` overrides). Whenever graph
+  steps are not batched, a session's calls run in the caller's own thread (the GIL released
+  in C, so sessions use every core); a call made while the same session has one running
+  queues behind it, and the scheduler runs it next, in order. Otherwise chunks and state
+  calls run one by one in the scheduler: a long chunk delays the other sessions' steps
+  while it runs, so a service should feed long audio in chunks of moderate size.
 
 Guarantees (both engines):
 - a session's calls run in the order they were made (one at a time: a second call on the
@@ -410,6 +415,7 @@ class _QueuedSession(Session):
         self._pending: collections.deque[_Call] = collections.deque()
         self._closing = False  # close() called while calls were still waiting
         self._running = 0  # calls of this session taken by the scheduler and not finished
+        self._inline_runs = 0  # its asynchronous steps run inside the event loop so far
         self.last_used = time.monotonic()
 
     @property
@@ -417,27 +423,36 @@ class _QueuedSession(Session):
         return self._stream is None or self._closing
 
     # --- blocking -------------------------------------------------------------------------
+    def _do(self, x: Any, fn: Callable[[Stream], Any] | None, timeout: float | None = None) -> Any:
+        """A step (fn None) or fn(stream): in this thread when the batcher runs graph calls in
+        their callers' threads and this session is idle, else queued for the scheduler."""
+        b = self._batcher
+        if b._direct:
+            stream = b._claim(self)
+            if stream is not None:
+                return b._run_claimed(self, stream, x, fn)
+        return self._wait(b._submit(self, x, fn, timeout), timeout)
+
     def step(self, x: Any, timeout: float | None = None) -> Any:
         """One step; ``timeout`` (seconds): a call that has not started by then is withdrawn
         (not applied) and TimeoutError raised; one already running is waited for."""
-        return self._wait(self._batcher._submit(self, self._batcher._check_step(x), None, timeout), timeout)
+        return self._do(self._batcher._check_step(x), None, timeout)
 
     def feed(self, xs: Any, timeout: float | None = None) -> Any:
-        return self._wait(self._batcher._submit(self, None, _feed_of(xs), timeout), timeout)
+        return self._do(None, _feed_of(xs), timeout)
 
     def get_state(self) -> Any:
-        return self._wait(self._batcher._submit(self, None, lambda s: s.get_state()), None)
+        return self._do(None, lambda s: s.get_state())
 
     def set_state(self, state: Any) -> None:
-        self._wait(self._batcher._submit(self, None, lambda s: s.set_state(state)), None)
+        self._do(None, lambda s: s.set_state(state))
 
     def reset(self) -> None:
-        self._wait(self._batcher._submit(self, None, lambda s: s.reset()), None)
+        self._do(None, lambda s: s.reset())
 
     def fork(self) -> Session:
         """A new session of the same batcher starting from a copy of this one's state."""
-        stream = self._wait(self._batcher._submit(self, None, lambda s: s.fork()), None)
-        return self._batcher._adopt(stream)
+        return self._batcher._adopt(self._do(None, lambda s: s.fork()))
 
     def close(self) -> None:
         """Frees the session's state; calls already submitted still run."""
@@ -445,10 +460,27 @@ class _QueuedSession(Session):
 
     # --- asyncio --------------------------------------------------------------------------
     async def astep(self, x: Any) -> Any:
-        return await self._batcher._submit_async(self, self._batcher._check_step(x), None)
+        b = self._batcher
+        if b._direct:
+            if b._inline_steps:  # short steps: run in the loop itself, cheaper than a thread hand-off
+                stream = b._claim(self)
+                if stream is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        return b._run_claimed(self, stream, x, None)
+                    finally:
+                        self._inline_runs += 1
+                        if self._inline_runs > 2:  # (a stream's first steps plan and bind its program)
+                            b._timed_inline(time.perf_counter() - t0)
+            # else a worker thread of the loop's executor runs it: the loop is not held up
+            return await asyncio.get_running_loop().run_in_executor(None, self._do, b._check_step(x), None)
+        return await b._submit_async(self, b._check_step(x), None)
 
     async def afeed(self, xs: Any) -> Any:
-        return await self._batcher._submit_async(self, None, _feed_of(xs))
+        b = self._batcher
+        if b._direct:
+            return await asyncio.get_running_loop().run_in_executor(None, self._do, None, _feed_of(xs))
+        return await b._submit_async(self, None, _feed_of(xs))
 
     def _wait(self, call: _Call, timeout: float | None) -> Any:
         if not call.done.wait(timeout):
@@ -459,6 +491,30 @@ class _QueuedSession(Session):
             raise call.error
         return call.result
 
+
+
+# Graph steps stay batched (Batcher(batch_graphs=None)) when a batch's run costs at most this
+# share of the same steps run alone (measured once, on the first batch of each shape). Well
+# below 1: the Python scheduler also joins and splits every batch on one thread, while steps
+# not batched run in their callers' threads on every core. Measured on 2 cores (64 client
+# threads, benchmarks/bench_batcher.py): the demo char LM's batch of 8 runs in ~0.5 of its
+# steps alone, yet batched it gave 0.3-0.5x the steps/s of the same sessions not batched.
+_BATCH_PAYS = 0.3
+
+# A direct asynchronous step (graph steps not batched) runs inside the event loop while steps
+# take at most this long (s); after a longer one, in the loop's executor (a thread hand-off
+# costs ~50-100 µs: more than a short step itself).
+_INLINE_MAX = 0.0005
+
+
+def _best_of(n: int, fn: Callable[[], Any]) -> float:
+    """The shortest of n timed calls of fn (seconds)."""
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _feed_of(xs: Any) -> Callable[[Stream], Any]:
@@ -526,10 +582,17 @@ class Batcher:
     waiting). threads: threads of each batched call of a layer-stack model (its products
     split by gate rows; a converted graph runs with its model's own threads). idle_timeout:
     seconds after which an unused session is closed. max_queue: calls waiting or running at
-    most (more callers wait). max_sessions: sessions open at most (open() beyond raises)."""
+    most (more callers wait). max_sessions: sessions open at most (open() beyond raises).
+    batch_graphs (a converted graph whose steps can be batched): None, batched while that
+    pays (the first batch of each shape is timed against its steps alone; when it costs more
+    than 0.3 of them, the sessions go on in their callers' threads); True, always batched;
+    False, never: each session's calls run in the thread that makes them, on every core
+    (asyncio: a step in the event loop while steps take under 0.5 ms, else in its executor;
+    a chunk in its executor)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
-                 idle_timeout: float | None = None, max_queue: int = 4096, max_sessions: int = 65536) -> None:
+                 idle_timeout: float | None = None, max_queue: int = 4096, max_sessions: int = 65536,
+                 batch_graphs: bool | None = None) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a rnnengine.Model, got {type(model).__name__}")
         for name, v, lo, hi in (("max_batch", max_batch, 1, 1 << 20), ("threads", threads, 1, 1024),
@@ -541,7 +604,10 @@ class Batcher:
             raise ValueError(f"max_wait_us must lie in [0, 1e7] (10 s), got {max_wait_us!r}")
         if idle_timeout is not None and not 0 < idle_timeout < 1e9:
             raise ValueError(f"idle_timeout must be positive seconds or None, got {idle_timeout!r}")
+        if batch_graphs not in (None, True, False):
+            raise ValueError(f"batch_graphs must be None (measure), True or False, got {batch_graphs!r}")
         self.model = model
+        self.batch_graphs = batch_graphs
         self.max_batch, self.threads, self.max_queue = int(max_batch), int(threads), int(max_queue)
         self.max_sessions = int(max_sessions)
         self.max_wait = float(max_wait_us) * 1e-6
@@ -581,6 +647,13 @@ class Batcher:
             del probe
             return
         del probe
+        # a converted graph's calls run in their callers' threads (_QueuedSession._direct) when its
+        # steps are not batched: never slower than the scheduler running them one by one
+        self._direct = False
+        self._inline_steps = True  # direct asynchronous steps run in the event loop while they are short
+        self._inline_mean = 0.0  # their decaying mean duration (s)
+        if batch_graphs is False:
+            self._no_batching("batch_graphs=False: sessions run in their callers' threads")
         self._graph_plans: dict[Any, Any] = {}
         self._graph_ctx: dict[int, Any] = {}
         self._feeds_ok: set[Any] = set()
@@ -681,6 +754,43 @@ class Batcher:
                 s._closing = True  # its stream is dropped once the calls it submitted ran
             else:
                 s._stream = None
+
+    def _claim(self, s: _QueuedSession) -> Stream | None:
+        """Direct mode: the session's stream, marked running, when it has no call waiting or
+        running (its calls keep their order); None when it has (the call is queued instead)."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosedError("this batcher is closed")
+            if s._stream is None or s._closing or s not in self._sessions:
+                raise SessionClosedError("this session is closed (by close(), or after idle_timeout)")
+            if s._pending or s._running:
+                return None
+            s._running += 1
+            s.last_used = time.monotonic()
+            return s._stream
+
+    def _timed_inline(self, seconds: float) -> None:
+        """An asynchronous step run inside the event loop took this long: once steps take
+        longer than _INLINE_MAX on average (a decaying one: a lone slow step, such as a pause
+        of the machine, does not count), they go to the loop's executor (the loop must not be
+        held up by long steps)."""
+        self._inline_mean = 0.9 * self._inline_mean + 0.1 * seconds
+        if self._inline_mean > _INLINE_MAX:
+            self._inline_steps = False
+
+    def _run_claimed(self, s: _QueuedSession, stream: Stream, x: Any, fn: Callable[[Stream], Any] | None) -> Any:
+        """Runs a claimed session's call in this thread (the GIL released in C)."""
+        try:
+            return stream.step(x) if fn is None else fn(stream)
+        finally:
+            with self._cond:
+                s._running -= 1
+                s.last_used = time.monotonic()
+                self._counts["calls"] += 1
+                if s._closing and not s._pending:
+                    s._stream = None
+                if s._pending:  # a call queued meanwhile (another thread of this session): the scheduler's
+                    self._cond.notify()
 
     @property
     def sessions(self) -> int:
@@ -936,18 +1046,19 @@ class Batcher:
         while True:
             if self.idle_timeout is not None:
                 self._sweep_idle()
-            if not self._ready:
-                if self._closed:
+            takeable = [s for s in self._ready if not s._running]  # (a direct call runs: later)
+            if not takeable:
+                if self._closed and not self._ready:
                     return None
                 self._cond.wait(timeout=None if self.idle_timeout is None else min(self.idle_timeout, 1.0))
                 continue
             waited = time.monotonic() - (self._first_wait or 0.0)
-            everyone = len(self._ready) >= min(self.max_batch, max(len(self._sessions), 1))
+            everyone = len(takeable) >= min(self.max_batch, max(len(self._sessions), 1))
             if self._closed or everyone or waited >= self.max_wait:
                 break
             self._cond.wait(timeout=self.max_wait - waited)
         calls = []
-        for s in list(self._ready)[:self.max_batch]:
+        for s in takeable[:self.max_batch]:
             calls.append(s._pending.popleft())
             s._running += 1
             del self._ready[s]
@@ -1073,15 +1184,30 @@ class Batcher:
         if ("checked", sig) not in self._graph_plans:
             # the first batch of these shapes: every session also stepped alone (on a fork) and
             # compared; a difference beyond float32 rounding turns graph batching off for good
+            t_alone = 0.0  # one session's step alone (warm, best of 3) times the batch's rows
             for c, s, res, carried in results:
                 alone = s.fork()
-                want = alone.step(c.x if isinstance(c.x, dict) else {names[0]: c.x})
+                x = c.x if isinstance(c.x, dict) else {names[0]: c.x}
+                want = alone.step(x)
                 pairs = [(res[o], want[o]) for o in want] + [(carried[a], alone._carried[a]) for a in carried]
                 if not all(g.shape == w.shape and np.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
                            for g, w in pairs):
-                    self.graph_batching = "a batched step differed from the same step alone; steps run one by one"
+                    self._no_batching("a batched step differed from the same step alone; steps run one by one")
                     return rest + ready
+                if self.batch_graphs is None and not t_alone:  # warm: the fork's next steps
+                    t_alone = len(results) * _best_of(3, lambda: alone.step(x))
             self._graph_plans[("checked", sig)] = True
+            if self.batch_graphs is None:
+                # batching pays when a batch costs clearly less than its rows alone (an LSTM's
+                # products: yes; convolutions, whose cost per row does not drop: no). When it
+                # does not, the rows are better run alone in their callers' threads, on both cores.
+                t_batch = _best_of(2, lambda: run_plan.execute(ctx[1], {n: np.concatenate([f[n] for f in per],
+                                                                                           axis=axes[n])
+                                                                        for n in per[0]}, {}))
+                if t_batch > _BATCH_PAYS * t_alone:
+                    self._no_batching(f"a batch of {len(ready)} steps took {t_batch * 1e6:.0f} µs, the same steps "
+                                      f"alone {t_alone * 1e6:.0f} µs: batching does not pay for this model, so "
+                                      "sessions run in their callers' threads")
         self._counts["steps"] += len(ready)
         self._counts["batches"] += 1
         self._counts["largest_batch"] = max(self._counts["largest_batch"], len(ready))
@@ -1090,6 +1216,13 @@ class Batcher:
             s._fast = None
             c.finish(m._as_returned(c.x, res))
         return rest
+
+    def _no_batching(self, reason: str) -> None:
+        """Graph steps are not batched from now on (``graph_batching`` says why): each session's
+        calls then run in its caller's thread (_QueuedSession._direct), the GIL released in C,
+        rather than one after another in the scheduler thread."""
+        self.graph_batching = reason
+        self._direct = True
 
     def _graph_plan(self, sig: Any, feeds: dict[str, np.ndarray], n: int) -> tuple[dict[str, int], dict[str, int]] | None:
         """(input batch axes, output batch axes) for joining n sessions of these shapes, or None
@@ -1114,16 +1247,16 @@ class Batcher:
             return open_ones[0] if len(open_ones) == 1 else None
         axes = {name: batch_axis(name) for name in feeds}
         if _length_inputs(m):
-            self.graph_batching = "the graph takes sequence lengths, which streams count per chunk"
+            self._no_batching("the graph takes sequence lengths, which streams count per chunk")
         elif any(a is None or feeds[name].shape[a] != 1 for name, a in axes.items()):
-            self.graph_batching = "an input's batch axis is not known (or a session has more than one row)"
+            self._no_batching("an input's batch axis is not known (or a session has more than one row)")
         else:
             joined = {name: np.concatenate([a, a], axis=axes[name]) for name, a in feeds.items()}
             try:
                 out_axes = split.analyse(m, joined, axes)  # type: ignore[arg-type]
                 plan = (axes, out_axes)
             except split.NotSplittable as e:
-                self.graph_batching = f"the rows of a batch are not provably independent: {e}"
+                self._no_batching(f"the rows of a batch are not provably independent: {e}")
         self._graph_plans[key] = plan
         return plan  # type: ignore[return-value]
 
