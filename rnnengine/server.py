@@ -111,13 +111,13 @@ class Server:
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait_us: float = 200.0, threads: int = 1,
                  idle_timeout: float | None = 600.0, max_queue: int = 4096, max_elements: int = 1 << 22,
-                 max_text_bytes: int = 4 << 20) -> None:
+                 max_text_bytes: int = 4 << 20, batch_graphs: bool | None = None) -> None:
         self.model = model
         # per frame: at most max_elements input and output elements (float32: 16 MiB each by
         # default), and JSON text frames of at most max_text_bytes (JSON parsing costs ~20x)
         self.max_elements, self.max_text_bytes = int(max_elements), int(max_text_bytes)
         self.batcher = Batcher(model, max_batch=max_batch, max_wait_us=max_wait_us, threads=threads,
-                               idle_timeout=idle_timeout, max_queue=max_queue)
+                               idle_timeout=idle_timeout, max_queue=max_queue, batch_graphs=batch_graphs)
         carried = {o for _, o in getattr(model, "state_pairs", [])}
         self.main_output = next((o for o in model.outputs if o not in carried), model.outputs[0])
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)

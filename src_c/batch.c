@@ -28,6 +28,15 @@
  * Waiting to fill a batch: the scheduler runs as soon as every open session has a row
  * queued (or max_batch have), otherwise when the oldest queued row has waited max_wait_ns.
  *
+ * A blocking step that finds no batch being computed computes one at once in its caller's
+ * thread: its own row and the rows queued (up to max_batch), with the same buffers, waking
+ * those rows' callers as the scheduler would. That saves the hand-off to the scheduler and
+ * back (two thread wake-ups, 20-50 us each on a shared machine, which made a lone session
+ * 2x slower than its own stream); batches still form from the rows that arrive while one is
+ * computed. Those queue for the scheduler (or the next such caller), which waits until that
+ * batch is done: one batch is computed at a time, whoever computes it. Asynchronous steps
+ * always go through the scheduler (an event loop must not compute).
+ *
  * Slot life: FREE -> (open) IDLE -> (submit) QUEUED -> (taken) RUNNING -> (done) IDLE;
  * QUEUED -> IDLE when withdrawn (a timed-out or cancelled call: never applied); IDLE -> FREE
  * on close. A slot's state may be read or written by its owner (rnn_batcher_slot_state) only
@@ -81,6 +90,7 @@ struct rnn_batcher {
                              * for the side-by-side measurement in benchmarks/bench_batcher.py) */
     int32_t want;           /* rows the scheduler waits for: min(max_batch, n_open) */
     int32_t sched_waiting;  /* the scheduler sleeps on `work` */
+    int32_t running;        /* a batch is being computed (by the scheduler, or inline by a caller) */
     int32_t fail_next;      /* fault injection (tests): fail this many batched calls */
     int notify_fd;          /* rnn_batcher_set_notify_fd: -1, or a pipe written when completions arrive */
     int notify_pending;     /* a byte is written and rnn_batcher_completions not called since */
@@ -191,19 +201,55 @@ static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t 
     pthread_cond_broadcast(&b->room);
 }
 
+/* Computes the rows of slots b->ids[0..n) (RUNNING: no lock needed) as one batch, with the
+ * batcher's buffers; on success scatters the states and outputs back. A failed call leaves
+ * every state as it was. Called by whoever set b->running. */
+static rnn_status compute_rows(rnn_batcher *b, int32_t n, int fail) {
+    for (int32_t k = 0; k < n; ++k) {
+        rnn_slot *s = slot_at(b, b->ids[k]);
+        memcpy(b->X + k * b->I, s->x, (size_t)b->I * sizeof(float));
+        b->sptr[k] = state_at(b, b->ids[k]);
+    }
+    if (fail) return RNN_STATUS_BAD_ARGUMENT;
+    rnn_stack_gather_states(b->stack, b->bstate, b->sptr, n);
+    rnn_status st = rnn_stack_forward_threads(b->stack, b->X, 1, n, 0, NULL, b->Y, 0, b->O, b->ys_d, b->bstate,
+                                              b->work_buf, b->threads);
+    if (st == RNN_STATUS_OK) {
+        rnn_stack_scatter_states(b->stack, b->bstate, b->sptr, n);
+        for (int32_t k = 0; k < n; ++k)
+            memcpy(slot_at(b, b->ids[k])->y, b->Y + k * b->O, (size_t)b->O * sizeof(float));
+    }
+    return st;
+}
+
+/* After a batch of n rows (lock held): counters, and the scheduler told if rows queued. */
+static void batch_done(rnn_batcher *b, int32_t n, rnn_status st) {
+    if (st == RNN_STATUS_OK) b->steps += n;
+    b->batches++;
+    if (n > b->largest) b->largest = n;
+    b->running = 0;
+    if (b->sched_waiting && (b->n_queued > 0 || b->stop)) pthread_cond_signal(&b->work);
+}
+
+static int take_failure(rnn_batcher *b) {
+    int fail = b->fail_next > 0;
+    if (fail) b->fail_next--;
+    return fail;
+}
+
 static void *scheduler(void *arg) {
     rnn_batcher *b = (rnn_batcher *)arg;
     pthread_mutex_lock(&b->mu);
     for (;;) {
-        while (b->n_queued == 0 && !b->stop) {
-            b->sched_waiting = 1;
+        while ((b->n_queued == 0 || b->running) && !(b->stop && !b->running)) {
+            b->sched_waiting = 1; /* no rows, or a caller computes a batch inline: wait for it */
             pthread_cond_wait(&b->work, &b->mu);
             b->sched_waiting = 0;
         }
         if (b->n_queued == 0) break; /* stopped, and every queued row has run */
         /* let more rows join: until every open session (or max_batch) has one queued, or
          * the oldest queued row has waited max_wait_ns */
-        while (!b->stop && b->n_queued > 0 && b->n_queued < b->want) {
+        while (!b->stop && b->n_queued > 0 && b->n_queued < b->want && !b->running) {
             int64_t deadline = slot_at(b, b->q_head)->t_queued + b->max_wait_ns;
             if (now_ns(CLOCK_MONOTONIC) >= deadline) break;
             struct timespec ts = ts_of(deadline);
@@ -211,7 +257,7 @@ static void *scheduler(void *arg) {
             pthread_cond_timedwait(&b->work, &b->mu, &ts);
             b->sched_waiting = 0;
         }
-        if (b->n_queued == 0) continue; /* all withdrawn meanwhile */
+        if (b->n_queued == 0 || b->running) continue; /* all withdrawn meanwhile, or a caller runs */
         int32_t n = 0;
         while (n < b->max_batch && b->q_head >= 0) {
             int32_t id = b->q_head;
@@ -219,33 +265,15 @@ static void *scheduler(void *arg) {
             slot_at(b, id)->state = SLOT_RUNNING;
             b->ids[n++] = id;
         }
-        int fail = b->fail_next > 0;
-        if (fail) b->fail_next--;
+        int fail = take_failure(b);
+        b->running = 1;
         pthread_mutex_unlock(&b->mu);
 
-        /* RUNNING slots are ours alone: no lock while computing */
-        for (int32_t k = 0; k < n; ++k) {
-            rnn_slot *s = slot_at(b, b->ids[k]);
-            memcpy(b->X + k * b->I, s->x, (size_t)b->I * sizeof(float));
-            b->sptr[k] = state_at(b, b->ids[k]);
-        }
-        rnn_status st = RNN_STATUS_BAD_ARGUMENT;
-        if (!fail) {
-            rnn_stack_gather_states(b->stack, b->bstate, b->sptr, n);
-            st = rnn_stack_forward_threads(b->stack, b->X, 1, n, 0, NULL, b->Y, 0, b->O, b->ys_d, b->bstate,
-                                           b->work_buf, b->threads);
-        }
-        if (st == RNN_STATUS_OK) { /* a failed call leaves every state as it was */
-            rnn_stack_scatter_states(b->stack, b->bstate, b->sptr, n);
-            for (int32_t k = 0; k < n; ++k)
-                memcpy(slot_at(b, b->ids[k])->y, b->Y + k * b->O, (size_t)b->O * sizeof(float));
-        }
+        rnn_status st = compute_rows(b, n, fail); /* RUNNING slots are ours alone: no lock */
 
         pthread_mutex_lock(&b->mu);
         finish_slots(b, b->ids, n, st == RNN_STATUS_OK ? RNN_BATCH_OK : RNN_BATCH_FAILED, st);
-        if (st == RNN_STATUS_OK) b->steps += n;
-        b->batches++;
-        if (n > b->largest) b->largest = n;
+        batch_done(b, n, st);
     }
     b->exited = 1;
     pthread_cond_broadcast(&b->done_cv);
@@ -476,6 +504,43 @@ int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, i
     if (b->stop) {
         pthread_mutex_unlock(&b->mu);
         return RNN_BATCH_CLOSED;
+    }
+    if (!b->running) { /* no batch is being computed: this caller computes one now, its own row
+                        * first, then the rows queued (up to max_batch), whose callers it wakes */
+        s->x = x;
+        s->y = y;
+        s->async = 0;
+        s->state = SLOT_RUNNING;
+        b->n_inflight++;
+        if (b->n_inflight > b->most_inflight) b->most_inflight = b->n_inflight;
+        int32_t n = 0;
+        b->ids[n++] = id;
+        while (n < b->max_batch && b->q_head >= 0) {
+            int32_t q = b->q_head;
+            queue_remove(b, q);
+            slot_at(b, q)->state = SLOT_RUNNING;
+            b->ids[n++] = q;
+        }
+        int fail = take_failure(b);
+        b->running = 1;
+        pthread_mutex_unlock(&b->mu);
+
+        rnn_status st = compute_rows(b, n, fail);
+
+        pthread_mutex_lock(&b->mu);
+        int32_t result = st == RNN_STATUS_OK ? RNN_BATCH_OK : RNN_BATCH_FAILED;
+        s->state = SLOT_IDLE; /* this caller's own row: nobody waits on its semaphore */
+        s->result = result;
+        s->status = (int32_t)st;
+        s->x = NULL;
+        s->y = NULL;
+        b->n_inflight--;
+        if (n > 1) finish_slots(b, b->ids + 1, n - 1, result, st); /* the others' (wakes them) */
+        pthread_cond_broadcast(&b->room);
+        batch_done(b, n, st);
+        if (status) *status = s->status;
+        pthread_mutex_unlock(&b->mu);
+        return result;
     }
     enqueue(b, id, s, x, y, 0);
     pthread_mutex_unlock(&b->mu);

@@ -163,6 +163,33 @@ def test_a_converted_graph_is_served_with_its_step_convention(model):
     assert max_violation(got[:, 0], own_stream(model, xs[:, 0])) <= 1
 
 
+@pytest.mark.parametrize("batch_graphs", [True, False])
+def test_a_token_model_is_served_batched_or_in_the_loop(batch_graphs):
+    """Concurrent connections to a graph with explicit state (the demo char LM): batched
+    (batch_graphs=True) or each session's steps run alone (False: inside the event loop);
+    each connection gets what its own stream gives."""
+    graph = rnnengine.convert(os.path.join(os.path.dirname(rnnengine.__file__), "data", "demo_charlm.onnx"))
+    toks = rng.integers(0, 60, size=(4, 8, 1)).astype(np.int64)
+
+    async def body(client, server):
+        async def one(i):
+            ws = await client.ws_connect("/stream")
+            ys = []
+            for x in toks[i]:
+                await ws.send_bytes(encode_frame(x, kind=0))
+                ys.append(decode_frame_reply(await ws.receive_bytes())[1])
+            await ws.close()
+            return np.stack(ys)
+        got = await asyncio.gather(*(one(i) for i in range(len(toks))))
+        return got, server.batcher.graph_batching
+    got, reason = with_client(graph, body, batch_graphs=batch_graphs)
+    assert (reason is None) is batch_graphs
+    for i in range(len(toks)):
+        s = graph.stream()
+        want = np.stack([s.step({"tokens": x})["logits"] for x in toks[i]])
+        assert max_violation(got[i], want) <= 1, i
+
+
 def test_serve_has_help():
     r = subprocess.run([sys.executable, "-m", "rnnengine.cli", "serve", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "/stream" in r.stdout and "--port" in r.stdout

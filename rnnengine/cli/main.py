@@ -666,6 +666,10 @@ def build_parser():
                    help="seconds after which an unused session is freed (default 600; 0: never)")
     s.add_argument("--max-queue", type=int, default=4096,
                    help="calls waiting at most; more wait for room (back-pressure, default 4096)")
+    s.add_argument("--batch-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="a converted graph's steps batched while that pays (auto, default), always (on) "
+                        "or never (off: each session's steps run alone: in the event loop while short, else on "
+                        "worker threads)")
     s.set_defaults(func=cmd_serve)
 
     sc = sub.add_parser("score", help="score many whole sequences (shards) locally, on Ray or on Dask",
@@ -707,7 +711,8 @@ def cmd_serve(args):
         raise ValueError(f"rnnengine serve needs the server extra: pip install 'rnnengine[server]' ({e})") from None
     model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
-          threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue)
+          threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue,
+          batch_graphs={"auto": None, "on": True, "off": False}[args.batch_graphs])
     return 0
 
 

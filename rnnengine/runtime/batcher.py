@@ -500,6 +500,7 @@ class _QueuedSession(Session):
 # threads, benchmarks/bench_batcher.py): the demo char LM's batch of 8 runs in ~0.5 of its
 # steps alone, yet batched it gave 0.3-0.5x the steps/s of the same sessions not batched.
 _BATCH_PAYS = 0.3
+_PROBE_ROWS = 8  # rows of the batch that decides it before sessions come together (Batcher._probe)
 
 # A direct asynchronous step (graph steps not batched) runs inside the event loop while steps
 # take at most this long (s); after a longer one, in the loop's executor (a thread hand-off
@@ -650,6 +651,7 @@ class Batcher:
         # a converted graph's calls run in their callers' threads (_QueuedSession._direct) when its
         # steps are not batched: never slower than the scheduler running them one by one
         self._direct = False
+        self._probed = False  # the lone-session batching probe ran (_probe)
         self._inline_steps = True  # direct asynchronous steps run in the event loop while they are short
         self._inline_mean = 0.0  # their decaying mean duration (s)
         if batch_graphs is False:
@@ -1084,6 +1086,8 @@ class Batcher:
     def _execute(self, calls: list[_Call]) -> None:
         steps = [c for c in calls if c.fn is None and c.x is not None]
         others = [c for c in calls if not (c.fn is None and c.x is not None)]
+        if len(steps) == 1 and self.batch_graphs is None and not self._probed and self.graph_batching is None:
+            self._probe(steps[0])  # (a lone session: does batching pay? if not, it goes on in its thread)
         if len(steps) > 1 and self.graph_batching is None:
             others = self._run_graph_steps(steps) + others
         else:
@@ -1108,6 +1112,24 @@ class Batcher:
                 if c.session._closing and not c.session._pending:
                     c.session._stream = None
         self._release(len(calls))
+
+    def _probe(self, call: _Call) -> None:
+        """Decides whether batching pays (batch_graphs=None) before sessions come together: a
+        batch of _PROBE_ROWS forks of this call's session, stepped with its input, is checked
+        and timed like a first batch (_run_graph_steps). Not counted in the counters."""
+        stream = call.session._stream
+        if not isinstance(stream, GraphStream) or stream._taxes is None or \
+                not all(a in stream._carried for a in stream._carried_names):
+            return  # a session's first step decides its time axes and makes its state: the next one probes
+        self._probed = True
+        saved = {k: self._counts[k] for k in ("steps", "batches", "largest_batch")}
+        try:
+            self._run_graph_steps([_Call(_QueuedSession(self, stream.fork()), call.x, None)
+                                   for _ in range(_PROBE_ROWS)])
+        except Exception:  # the probe only informs the decision: the call itself runs as usual
+            pass
+        finally:
+            self._counts.update(saved)
 
     def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
         """Single steps of a converted graph's sessions as one run (see the module doc);
