@@ -473,7 +473,10 @@ def test_three_processes_share_one_copy(tmp_path, dtype):
     tiny = _file(tmp_path, "tiny.rnne", [_layers("LSTM", 64, 8)], dtype)
     for p in (big, tiny):  # the cache is written once, before the workers start (as documented)
         rnnengine.load(p, shared=True).run(np.zeros((1, 1, 64), np.float32))
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    # Python's own allocator takes memory in 1 MiB arenas: one more or less in any of the six
+    # processes, as its objects happen to fall (seen in 1 run of 3 on a loaded machine), is 40%
+    # of this model's int8 weights; with the C allocator (one arena) it grows in small steps
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1")
     # (cwd: not the repository root, where `import rnnengine` would find the source tree
     # rather than the installed package with its compiled core)
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, p, "64"], stdin=subprocess.PIPE,
@@ -495,10 +498,13 @@ def test_three_processes_share_one_copy(tmp_path, dtype):
     for uss, cache in stats[:3]:
         assert cache["Rss"] >= 0.9 * (cache_kb - 64)  # the kernels read the mapped pages...
         assert cache["Private_Clean"] + cache["Private_Dirty"] == 0  # ...which all three share
-    extra = np.mean([u for u, _ in stats[:3]]) - np.mean([u for u, _ in stats[3:]])
+    # medians: one process of six touching a few hundred kB more than its twins (an allocator
+    # arena, a thread's stack, on a loaded machine) is noise; a private copy of the weights
+    # shows in all three
+    extra = np.median([u for u, _ in stats[:3]]) - np.median([u for u, _ in stats[3:]])
     # Under AddressSanitizer (the CI's sanitizer step preloads libasan) every process's private
     # memory grows with what it touches (shadow memory, the allocator's quarantine: ~11 MB here
     # for a 10 MB model), so the budget is checked on the normal build only; the sharing itself
     # (no private page of the cache, above) is checked under both.
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
-        assert extra < 0.1 * weight_kb, (extra, weight_kb)
+        assert extra < 0.1 * weight_kb, (extra, weight_kb, [u for u, _ in stats])
