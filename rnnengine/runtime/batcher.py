@@ -295,6 +295,15 @@ class _SlotSession(Session):
     def feed(self, xs: Any, timeout: float | None = None) -> Any:
         """A chunk (T, input_size), or (T, 1, input_size) (batch_first: (1, T, input_size)),
         run in this thread on the session's state; the outputs in the same layout."""
+        rows, finish = self._feed_args(xs)
+        slot = self._take(timeout)
+        try:
+            return finish(self._core.feed(slot, rows))
+        finally:
+            self._give()
+
+    def _feed_args(self, xs: Any) -> tuple[Any, Callable[[np.ndarray], Any]]:
+        """feed()'s rows for the C side, and what makes its outputs (T, output_size) the caller's layout."""
         given = xs
         if type(xs) is dict:
             xs = _only_x(xs)
@@ -305,14 +314,12 @@ class _SlotSession(Session):
                              f"of one, features), got {arr.shape}")
         first = bool(getattr(self._batcher.model, "batch_first", False))
         rows = arr[0] if arr.ndim == 3 and first else arr
-        slot = self._take(timeout)
-        try:
-            ys = self._core.feed(slot, rows)
-        finally:
-            self._give()
-        if arr.ndim == 3:
-            ys = ys[None] if first else ys[:, None, :]
-        return self._batcher._graph_out(given, ys) if graph_io else ys
+
+        def finish(ys: np.ndarray) -> Any:
+            if arr.ndim == 3:
+                ys = ys[None] if first else ys[:, None, :]
+            return self._batcher._graph_out(given, ys) if graph_io else ys
+        return rows, finish
 
     def get_state(self) -> Any:
         slot = self._take()
@@ -392,11 +399,37 @@ class _SlotSession(Session):
             if self._core.withdraw(slot):  # not started: never applied, and never handed out
                 batcher._inflight.pop(slot, None)
                 self._give()
-            raise  # (else it runs; the loop's reader gives the turn back)
+            else:  # it runs, and its result gives the turn back: this loop may be gone by then
+                batcher._start_notifier()  # (asyncio.run ending cancels its tasks, then closes)
+            raise
         return batcher._graph_out(x, y[None]) if graph_io else y
 
     async def afeed(self, xs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, self.feed, xs)
+        """The chunk runs in a worker thread of the loop's executor; the session's turn is taken
+        here first, in the loop's thread (as astep takes it), so calls keep their order."""
+        rows, finish = self._feed_args(xs)
+        if self.closed:
+            raise self._closed_error()
+        pause = 0.0002
+        while not self._turn.acquire(blocking=False):  # another call of this session runs
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        slot = self._slot
+        if slot is None or self._closing:
+            self._give()
+            raise self._closed_error()
+
+        def run() -> Any:  # the turn is given back when the chunk is done, even if the caller is cancelled
+            try:
+                return finish(self._core.feed(slot, rows))
+            finally:
+                self._give()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(None, run)
+        except BaseException:  # not submitted: nothing else gives the turn back
+            self._give()
+            raise
+        return await fut
 
 
 def _only_x(x: dict[str, Any]) -> Any:
@@ -460,11 +493,18 @@ class _QueuedSession(Session):
 
     # --- asyncio --------------------------------------------------------------------------
     async def astep(self, x: Any) -> Any:
+        return await self._acall(self._batcher._check_step(x), None)
+
+    async def afeed(self, xs: Any) -> Any:
+        return await self._acall(None, _feed_of(xs))
+
+    async def _acall(self, x: Any, fn: Callable[[Stream], Any] | None) -> Any:
         b = self._batcher
         if b._direct:
-            if b._inline_steps:  # short steps: run in the loop itself, cheaper than a thread hand-off
-                stream = b._claim(self)
-                if stream is not None:
+            # claimed here, in the loop's thread, so that calls keep the order they were made in
+            stream = b._claim(self)
+            if stream is not None:
+                if fn is None and b._inline_steps:  # a short step: in the loop, cheaper than a hand-off
                     t0 = time.perf_counter()
                     try:
                         return b._run_claimed(self, stream, x, None)
@@ -472,15 +512,9 @@ class _QueuedSession(Session):
                         self._inline_runs += 1
                         if self._inline_runs > 2:  # (a stream's first steps plan and bind its program)
                             b._timed_inline(time.perf_counter() - t0)
-            # else a worker thread of the loop's executor runs it: the loop is not held up
-            return await asyncio.get_running_loop().run_in_executor(None, self._do, b._check_step(x), None)
-        return await b._submit_async(self, b._check_step(x), None)
-
-    async def afeed(self, xs: Any) -> Any:
-        b = self._batcher
-        if b._direct:
-            return await asyncio.get_running_loop().run_in_executor(None, self._do, None, _feed_of(xs))
-        return await b._submit_async(self, None, _feed_of(xs))
+                # else a worker thread of the loop's executor runs it (claimed: nothing overtakes it)
+                return await asyncio.get_running_loop().run_in_executor(None, b._run_claimed, self, stream, x, fn)
+        return await b._submit_async(self, x, fn)
 
     def _wait(self, call: _Call, timeout: float | None) -> Any:
         if not call.done.wait(timeout):
@@ -651,11 +685,14 @@ class Batcher:
         # a converted graph's calls run in their callers' threads (_QueuedSession._direct) when its
         # steps are not batched: never slower than the scheduler running them one by one
         self._direct = False
+        self._direct_running = 0  # calls running in their callers' threads (_claim)
         self._probed = False  # the lone-session batching probe ran (_probe)
         self._inline_steps = True  # direct asynchronous steps run in the event loop while they are short
         self._inline_mean = 0.0  # their decaying mean duration (s)
         if batch_graphs is False:
             self._no_batching("batch_graphs=False: sessions run in their callers' threads")
+        elif batch_graphs is None and self.max_batch < 2:
+            self._no_batching("max_batch=1: nothing to batch, so sessions run in their callers' threads")
         self._graph_plans: dict[Any, Any] = {}
         self._graph_ctx: dict[int, Any] = {}
         self._feeds_ok: set[Any] = set()
@@ -769,6 +806,7 @@ class Batcher:
                 return None
             s._running += 1
             s.last_used = time.monotonic()
+            self._direct_running += 1
             return s._stream
 
     def _timed_inline(self, seconds: float) -> None:
@@ -787,8 +825,11 @@ class Batcher:
         finally:
             with self._cond:
                 s._running -= 1
+                self._direct_running -= 1
                 s.last_used = time.monotonic()
                 self._counts["calls"] += 1
+                if self._closed and not self._direct_running:
+                    self._cond.notify_all()  # close() waits for the calls running in callers' threads
                 if s._closing and not s._pending:
                     s._stream = None
                 if s._pending:  # a call queued meanwhile (another thread of this session): the scheduler's
@@ -867,7 +908,9 @@ class Batcher:
         """After the scheduler has stopped: hands out what is left, takes the reader off every
         watching loop and closes the pipe once no loop can read it."""
         assert self._core is not None
-        if self._pipe is None:
+        with self._lock:
+            pipe, self._pipe = self._pipe, None  # a second close() finds nothing to close
+        if pipe is None:
             return
         while True:  # the rows run by stop(): their callers still wait
             done = self._core.completions(0.0)
@@ -875,7 +918,7 @@ class Batcher:
                 break
             self._hand_out(done)
         self._core.set_notify_fd(-1)
-        r, w = self._pipe
+        r, w = pipe
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -1123,6 +1166,7 @@ class Batcher:
             return  # a session's first step decides its time axes and makes its state: the next one probes
         self._probed = True
         saved = {k: self._counts[k] for k in ("steps", "batches", "largest_batch")}
+        checked = {k for k in self._graph_plans if isinstance(k, tuple) and k and k[0] == "checked"}
         try:
             self._run_graph_steps([_Call(_QueuedSession(self, stream.fork()), call.x, None)
                                    for _ in range(_PROBE_ROWS)])
@@ -1130,6 +1174,11 @@ class Batcher:
             pass
         finally:
             self._counts.update(saved)
+            # its rows are alike (one session's forks): a graph that mixes rows can pass their
+            # check, so the first batch of real sessions is still checked against its steps alone
+            for k in [k for k in self._graph_plans if isinstance(k, tuple) and k and k[0] == "checked"]:
+                if k not in checked:
+                    del self._graph_plans[k]
 
     def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
         """Single steps of a converted graph's sessions as one run (see the module doc);
@@ -1305,6 +1354,8 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join()
         with self._cond:
+            while self._direct_running:  # calls running in their callers' threads finish first
+                self._cond.wait()
             for s in self._sessions:
                 assert isinstance(s, _QueuedSession)
                 s._stream = None
