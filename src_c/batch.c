@@ -231,10 +231,20 @@ static void batch_done(rnn_batcher *b, int32_t n, rnn_status st) {
     if (b->sched_waiting && (b->n_queued > 0 || b->stop)) pthread_cond_signal(&b->work);
 }
 
-static int take_failure(rnn_batcher *b) {
-    int fail = b->fail_next > 0;
-    if (fail) b->fail_next--;
-    return fail;
+/* Starts a batch (lock held): the queued rows join b->ids after the n already there, up to
+ * max_batch, in arrival order; marks it running. Returns the batch's size; *fail: fault
+ * injection (tests) says this batched call fails. */
+static int32_t start_batch(rnn_batcher *b, int32_t n, int *fail) {
+    while (n < b->max_batch && b->q_head >= 0) {
+        int32_t id = b->q_head;
+        queue_remove(b, id);
+        slot_at(b, id)->state = SLOT_RUNNING;
+        b->ids[n++] = id;
+    }
+    *fail = b->fail_next > 0;
+    if (*fail) b->fail_next--;
+    b->running = 1;
+    return n;
 }
 
 static void *scheduler(void *arg) {
@@ -258,15 +268,8 @@ static void *scheduler(void *arg) {
             b->sched_waiting = 0;
         }
         if (b->n_queued == 0 || b->running) continue; /* all withdrawn meanwhile, or a caller runs */
-        int32_t n = 0;
-        while (n < b->max_batch && b->q_head >= 0) {
-            int32_t id = b->q_head;
-            queue_remove(b, id);
-            slot_at(b, id)->state = SLOT_RUNNING;
-            b->ids[n++] = id;
-        }
-        int fail = take_failure(b);
-        b->running = 1;
+        int fail;
+        int32_t n = start_batch(b, 0, &fail);
         pthread_mutex_unlock(&b->mu);
 
         rnn_status st = compute_rows(b, n, fail); /* RUNNING slots are ours alone: no lock */
@@ -513,16 +516,9 @@ int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, i
         s->state = SLOT_RUNNING;
         b->n_inflight++;
         if (b->n_inflight > b->most_inflight) b->most_inflight = b->n_inflight;
-        int32_t n = 0;
-        b->ids[n++] = id;
-        while (n < b->max_batch && b->q_head >= 0) {
-            int32_t q = b->q_head;
-            queue_remove(b, q);
-            slot_at(b, q)->state = SLOT_RUNNING;
-            b->ids[n++] = q;
-        }
-        int fail = take_failure(b);
-        b->running = 1;
+        b->ids[0] = id;
+        int fail;
+        int32_t n = start_batch(b, 1, &fail);
         pthread_mutex_unlock(&b->mu);
 
         rnn_status st = compute_rows(b, n, fail);

@@ -61,19 +61,24 @@ def test_websocket_sessions_match_their_own_streams(model):
     xs = f32(3, 12, I, scale=1.0)
 
     async def body(client, server):
-        async def one(i):
-            ws = await client.ws_connect("/stream")
-            ys = []
-            for x in xs[i]:
-                await ws.send_bytes(encode_frame(x, kind=0))
-                kind, y = decode_frame_reply(await ws.receive_bytes())
-                ys.append(y)
-            await ws.close()
-            return np.stack(ys)
-        return await asyncio.gather(*(one(i) for i in range(3)))
+        return await step_connections(client, xs)
     got = with_client(model, body)
     for i in range(3):
         assert max_violation(got[i], own_stream(model, xs[i])) <= 1
+
+
+async def step_connections(client, seqs):
+    """One WebSocket connection per sequence, all at once, each stepping its sequence in
+    binary frames; the outputs of each."""
+    async def one(seq):
+        ws = await client.ws_connect("/stream")
+        ys = []
+        for x in seq:
+            await ws.send_bytes(encode_frame(x, kind=0))
+            ys.append(decode_frame_reply(await ws.receive_bytes())[1])
+        await ws.close()
+        return np.stack(ys)
+    return await asyncio.gather(*(one(seq) for seq in seqs))
 
 
 def decode_frame_reply(data):
@@ -152,13 +157,7 @@ def test_a_converted_graph_is_served_with_its_step_convention(model):
     xs = f32(6, 1, I, scale=1.0)  # a graph stream's step takes the batch axis
 
     async def body(client, server):
-        ws = await client.ws_connect("/stream")
-        ys = []
-        for x in xs:
-            await ws.send_bytes(encode_frame(x, kind=0))
-            ys.append(decode_frame_reply(await ws.receive_bytes())[1])
-        await ws.close()
-        return np.stack(ys)
+        return (await step_connections(client, [xs]))[0]
     got = with_client(graph, body)
     assert max_violation(got[:, 0], own_stream(model, xs[:, 0])) <= 1
 
@@ -172,16 +171,7 @@ def test_a_token_model_is_served_batched_or_in_the_loop(batch_graphs):
     toks = rng.integers(0, 60, size=(4, 8, 1)).astype(np.int64)
 
     async def body(client, server):
-        async def one(i):
-            ws = await client.ws_connect("/stream")
-            ys = []
-            for x in toks[i]:
-                await ws.send_bytes(encode_frame(x, kind=0))
-                ys.append(decode_frame_reply(await ws.receive_bytes())[1])
-            await ws.close()
-            return np.stack(ys)
-        got = await asyncio.gather(*(one(i) for i in range(len(toks))))
-        return got, server.batcher.graph_batching
+        return await step_connections(client, toks), server.batcher.graph_batching
     got, reason = with_client(graph, body, batch_graphs=batch_graphs)
     assert (reason is None) is batch_graphs
     for i in range(len(toks)):
