@@ -513,3 +513,33 @@ def test_a_state_input_or_output_paired_twice_is_refused():
         rnnengine.convert(path, state_pairs=[("h0_0", "hN_0"), ("h0_0", "hN_1")])
     with pytest.raises(rnnengine.ConversionError, match=r"output\(s\) \['hN_0'\] more than once"):
         rnnengine.convert(path, state_pairs=[("h0_0", "hN_0"), ("c0_0", "hN_0")])
+
+
+def test_a_graph_input_declared_twice_is_refused_and_an_output_listed_twice_is_kept():
+    """Two declarations of one input name (which would a feed be checked against?) are refused
+    at conversion, as onnxruntime refuses them ("Duplicate definition-site"); a weight file
+    saying so is refused when loaded (tests/data/fuzz/regressions/fuzz_weights/input-declared-twice,
+    an IndexError before). An output listed twice is valid ONNX (onnxruntime returns it twice):
+    it converts, saves and loads."""
+    import tempfile
+
+    from onnx import TensorProto, helper
+
+    def model(inputs, outputs):
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", inputs, outputs)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+    x23 = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    x_b34 = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    with pytest.raises(rnnengine.ConversionError, match=r"declares the input\(s\) \['x'\] more than once"):
+        rnnengine.convert(model([x23, x_b34], [y]))
+    twice = rnnengine.convert(model([x23], [y, y]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/m.rnne"
+        rnnengine.save(twice, path)
+        back = rnnengine.load(path)
+        x = rng.standard_normal((2, 3)).astype(np.float32)
+        assert back.outputs == ["y", "y"]
+        np.testing.assert_array_equal(back.run({"x": x})["y"], np.maximum(x, 0))

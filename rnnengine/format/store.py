@@ -190,6 +190,10 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         for i in graph["inputs"] + graph["outputs"]:
             if "shape" not in i or "dtype" not in i:
                 fail(f"input/output {i['name']!r} needs 'dtype' and 'shape' (null when unknown)")
+        names = [i["name"] for i in graph["inputs"]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # one declaration per name: which shape would a feed be checked against? (an output
+            fail(f"inputs declare {twice} more than once")  # listed twice is allowed, as in ONNX)
         for i in graph["inputs"]:
             if i.get("dtype") not in ("float32", "int64", "int32", "bool", "uint8"):
                 fail(f"input {i['name']!r} has an unsupported dtype {i.get('dtype')!r}")

@@ -209,6 +209,10 @@ class _Converter:
         g = model.graph
         consts = {t.name: _to_array(t, f"initializer {t.name!r}") for t in g.initializer}
         inputs = [_value_info(i) for i in g.input if i.name not in consts]
+        names = [i["name"] for i in inputs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (onnxruntime: "Duplicate definition-site")
+            raise ConversionError(f"the graph declares the input(s) {twice} more than once")
         for name, v in self.fixed.items():
             if name not in {i["name"] for i in inputs}:
                 raise ConversionError(f"--input {name}: the model has no input {name!r} "
