@@ -179,8 +179,10 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
     if not isinstance(graph, dict):
         fail("must be an object")
     if where == "graph":
-        if not isinstance(graph.get("opset"), int) or not 1 <= graph["opset"] <= 100:
-            fail(f"opset must be an integer, got {graph.get('opset')!r}")
+        if not isinstance(graph.get("opset"), int) or not opsets.MIN_OPSET <= graph["opset"] <= 100:
+            # (the converter's range: older ops differ, e.g. Concat-1's axis defaulted to 1)
+            fail(f"opset must be an integer from {opsets.MIN_OPSET}, the oldest rnnengine converts, "
+                 f"got {graph.get('opset')!r}")
         opset = graph["opset"]
         for key in ("inputs", "outputs"):
             items = graph.get(key)
