@@ -1187,12 +1187,16 @@ class GraphModel(Model):
         shape: Iterable[Optional[int]] = declared
         if any(d is None for d in declared):
             shape = self._probe_state_shapes(feeds)[name]
-        dims = [int(cast(int, d)) for d in shape]  # every dimension known now
+        return self._zero_array(name, [int(cast(int, d)) for d in shape], spec["dtype"])  # every dimension known now
+
+    def _zero_array(self, name: str, dims: list[int], dtype: str) -> Array:
+        """A zero state for input ``name``, refused (LimitError) past max_tensor_elements: a
+        declared dimension of 2**31 must not allocate gigabytes (fuzz: MemoryError before)."""
         most = limits.resolve(getattr(self, "limits", None)).max_tensor_elements
-        if math.prod(dims) > most:  # a declared 2**32 (fuzz: MemoryError before)
+        if math.prod(dims) > most:
             limits.refuse(f"state input {name!r}", f"its zero state of shape {tuple(dims)} would hold "
                           f"{math.prod(dims)} elements", "max_tensor_elements", most)
-        return np.zeros(dims, NP_DTYPES[spec["dtype"]])  # every dimension known now
+        return np.zeros(dims, NP_DTYPES[dtype])
 
     def _check_state_positions(self, feeds: Mapping[str, Array]) -> None:
         """Before a stream first runs with these input shapes: every paired output must hand
@@ -1251,7 +1255,7 @@ class GraphModel(Model):
             for (a, k), g in zip(holes, combo):
                 shapes[a][k] = int(g)
             trial = dict(data)
-            trial.update({a: np.zeros(shapes[a], NP_DTYPES[specs[a]["dtype"]]) for a in shapes})
+            trial.update({a: self._zero_array(a, shapes[a], specs[a]["dtype"]) for a in shapes})
             try:
                 plan = self.plan(trial)
             except LimitError:
