@@ -19,7 +19,7 @@ import numpy as np
 from rnnengine.format import weightfile as fileformat
 from rnnengine.format.panels import PanelCache
 from rnnengine.frontend import opsets
-from rnnengine.frontend.opsets import OpsetError, check_structure
+from rnnengine.frontend.opsets import OpsetError, check_structure, repeated
 from rnnengine.errors import UnsupportedError
 from rnnengine.limits import resolve
 from rnnengine.ops import OPS, STATELESS, STEP_MASK
@@ -192,8 +192,7 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
         for i in graph["inputs"] + graph["outputs"]:
             if "shape" not in i or "dtype" not in i:
                 fail(f"input/output {i['name']!r} needs 'dtype' and 'shape' (null when unknown)")
-        names = [i["name"] for i in graph["inputs"]]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated([i["name"] for i in graph["inputs"]])
         if twice:  # one declaration per name: which shape would a feed be checked against? (an output
             fail(f"inputs declare {twice} more than once")  # listed twice is allowed, as in ONNX)
         for i in graph["inputs"]:
@@ -215,8 +214,7 @@ def check_graph(graph, tensor_names, where="graph", opset=None):
             if p[0] not in names_in or p[1] not in names_out:
                 fail(f"state pair {p!r}: the first must name a graph input and the second an output")
         for k, what in ((0, "input"), (1, "output")):
-            names = [p[k] for p in pairs]
-            twice = sorted({x for x in names if names.count(x) > 1})
+            twice = repeated([p[k] for p in pairs])
             if twice:  # one carried state per input, fed back from one output each
                 fail(f"state_pairs name the {what}(s) {twice} more than once")
     else:

@@ -31,7 +31,7 @@ from rnnengine._version import __version__
 from rnnengine.errors import ConversionError, UnsupportedError, where
 from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
 from rnnengine.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS, SLOT_INITIAL_C, SLOT_INITIAL_H
-from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset
+from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset, repeated
 from rnnengine.ops import ONNX_DTYPE, OPS, EnvHandler, Recurrent
 CONVERTER_VERSION = "1"
 
@@ -209,8 +209,7 @@ class _Converter:
         g = model.graph
         consts = {t.name: _to_array(t, f"initializer {t.name!r}") for t in g.initializer}
         inputs = [_value_info(i) for i in g.input if i.name not in consts]
-        names = [i["name"] for i in inputs]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated([i["name"] for i in inputs])
         if twice:  # (onnxruntime: "Duplicate definition-site")
             raise ConversionError(f"the graph declares the input(s) {twice} more than once")
         for name, v in self.fixed.items():
@@ -554,8 +553,7 @@ def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
             if a not in ins or b not in outs:
                 raise ConversionError(f"state pair {a}={b}: {a!r} must be a graph input and {b!r} an output")
         for k, what in ((0, "input"), (1, "output")):
-            names = [p[k] for p in state_pairs]
-            twice = sorted({x for x in names if names.count(x) > 1})
+            twice = repeated([p[k] for p in state_pairs])
             if twice:
                 raise ConversionError(f"state_pairs name the {what}(s) {twice} more than once: each state input "
                                       "is fed back from one output of its own")

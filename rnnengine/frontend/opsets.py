@@ -23,6 +23,17 @@ from rnnengine.frontend.schemas import ONNX_OPSET, SCHEMAS
 
 MIN_OPSET = 7
 
+
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted: a graph's inputs and its state pairs name
+    each input (and, for state pairs, each output) once (the converter and the weight-file
+    reader refuse the rest, naming them)."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for n in names:
+        (twice if n in seen else seen).add(n)
+    return sorted(twice)
+
 BF16 = "adds bfloat16 (types only)"
 INTS = "adds integer types (types only)"
 LOWBIT = "adds float8 / int4 / float4 / int2 / float6 types (types only)"
