@@ -368,10 +368,8 @@ class _SlotSession(Session):
         row = self._core.check_row(batcher._graph_row(x) if graph_io else _only_x(x) if type(x) is dict else x)
         if self._slot is None or self._closing:
             raise self._closed_error()
-        pause = 0.0002
-        while not self._turn.acquire(blocking=False):  # another call of this session runs
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        if not self._turn.acquire(blocking=False):  # another call of this session runs
+            await _backoff_until(lambda: self._turn.acquire(blocking=False))
         submitted = False
         slot = self._slot
         try:
@@ -383,10 +381,8 @@ class _SlotSession(Session):
             fut: asyncio.Future[Any] = loop.create_future()
             y = np.empty(self._core.output_size, np.float32)
             batcher._inflight[slot] = (self, fut, loop, row, y)
-            pause = 0.0002
-            while self._core.submit(slot, row, y) == BATCH_FULL:  # back-pressure without blocking the loop
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.005)
+            if self._core.submit(slot, row, y) == BATCH_FULL:  # back-pressure without blocking the loop
+                await _backoff_until(lambda: self._core.submit(slot, row, y) != BATCH_FULL)
             submitted = True
         finally:
             if not submitted:  # nothing queued: nobody else gives the turn back
@@ -410,10 +406,8 @@ class _SlotSession(Session):
         rows, finish = self._feed_args(xs)
         if self.closed:
             raise self._closed_error()
-        pause = 0.0002
-        while not self._turn.acquire(blocking=False):  # another call of this session runs
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        if not self._turn.acquire(blocking=False):  # another call of this session runs
+            await _backoff_until(lambda: self._turn.acquire(blocking=False))
         slot = self._slot
         if slot is None or self._closing:
             self._give()
@@ -430,6 +424,16 @@ class _SlotSession(Session):
             self._give()
             raise
         return await fut
+
+
+async def _backoff_until(ready: Callable[[], bool]) -> None:
+    """Awaits until ready() (which may take what it waits for) is true, sleeping 0.2 ms, then
+    twice as long each time up to 5 ms: a turn or queue room without blocking the event loop.
+    The hot paths call ready() once themselves first and come here only to wait."""
+    pause = 0.0002
+    while not ready():
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.005)
 
 
 def _only_x(x: dict[str, Any]) -> Any:
@@ -1052,10 +1056,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         call = _Call(s, x, fn)
         call.loop, call.future = loop, loop.create_future()
-        pause = 0.0002
-        while not self._enqueue(call, block=False):  # back-pressure without blocking the event loop
-            await asyncio.sleep(pause)  # (nothing is reserved while waiting: a cancel leaks nothing)
-            pause = min(pause * 2, 0.005)
+        # back-pressure without blocking the event loop (nothing is reserved while waiting: a
+        # cancel leaks nothing)
+        await _backoff_until(lambda: self._enqueue(call, block=False))
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -1165,24 +1168,17 @@ class Batcher:
                 not all(a in stream._carried for a in stream._carried_names):
             return  # a session's first step decides its time axes and makes its state: the next one probes
         self._probed = True
-        saved = {k: self._counts[k] for k in ("steps", "batches", "largest_batch")}
-        checked = {k for k in self._graph_plans if isinstance(k, tuple) and k and k[0] == "checked"}
         try:
             self._run_graph_steps([_Call(_QueuedSession(self, stream.fork()), call.x, None)
-                                   for _ in range(_PROBE_ROWS)])
+                                   for _ in range(_PROBE_ROWS)], probe=True)
         except Exception:  # the probe only informs the decision: the call itself runs as usual
             pass
-        finally:
-            self._counts.update(saved)
-            # its rows are alike (one session's forks): a graph that mixes rows can pass their
-            # check, so the first batch of real sessions is still checked against its steps alone
-            for k in [k for k in self._graph_plans if isinstance(k, tuple) and k and k[0] == "checked"]:
-                if k not in checked:
-                    del self._graph_plans[k]
 
-    def _run_graph_steps(self, steps: list[_Call]) -> list[_Call]:
+    def _run_graph_steps(self, steps: list[_Call], probe: bool = False) -> list[_Call]:
         """Single steps of a converted graph's sessions as one run (see the module doc);
-        returns the calls it could not batch, which then run one by one."""
+        returns the calls it could not batch, which then run one by one. probe (_probe): the
+        batch is not counted, and its check does not stand for the shape's first batch (its
+        rows are one session's forks, alike: a graph mixing rows could pass it)."""
         m = self.model
         assert isinstance(m, GraphModel)
         ready, rest = [], []
@@ -1267,7 +1263,8 @@ class Batcher:
                     return rest + ready
                 if self.batch_graphs is None and not t_alone:  # warm: the fork's next steps
                     t_alone = len(results) * _best_of(3, lambda: alone.step(x))
-            self._graph_plans[("checked", sig)] = True
+            if not probe:
+                self._graph_plans[("checked", sig)] = True
             if self.batch_graphs is None:
                 # batching pays when a batch costs clearly less than its rows alone (an LSTM's
                 # products: yes; convolutions, whose cost per row does not drop: no). When it
@@ -1279,9 +1276,10 @@ class Batcher:
                     self._no_batching(f"a batch of {len(ready)} steps took {t_batch * 1e6:.0f} µs, the same steps "
                                       f"alone {t_alone * 1e6:.0f} µs: batching does not pay for this model, so "
                                       "sessions run in their callers' threads")
-        self._counts["steps"] += len(ready)
-        self._counts["batches"] += 1
-        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(ready))
+        if not probe:
+            self._counts["steps"] += len(ready)
+            self._counts["batches"] += 1
+            self._counts["largest_batch"] = max(self._counts["largest_batch"], len(ready))
         for c, s, res, carried in results:
             s._carried.update(carried)
             s._fast = None
