@@ -167,8 +167,11 @@ static void wake_next(rnn_batcher *b) {
     sem_post(&slot_at(b, id)->done);
 }
 
-/* Marks n taken slots done with one result (lock held). */
-static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t result, rnn_status st) {
+/* Marks n taken slots done with one result (lock held) and hands each out: to the completion
+ * ring, or to its waiting caller; `computer` is the slot whose own caller computed the batch
+ * (it waits on nothing), or -1. */
+static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t result, rnn_status st,
+                         int32_t computer) {
     int any_async = 0;
     for (int32_t k = 0; k < n; ++k) {
         rnn_slot *s = slot_at(b, ids[k]);
@@ -178,7 +181,9 @@ static void finish_slots(rnn_batcher *b, const int32_t *ids, int32_t n, int32_t 
         s->x = NULL;
         s->y = NULL;
         b->n_inflight--;
-        if (s->async) {
+        if (ids[k] == computer) {
+            continue;
+        } else if (s->async) {
             b->ring[(b->ring_head + b->ring_count) % b->max_slots] = ids[k];
             b->ring_count++;
             any_async = 1;
@@ -275,7 +280,7 @@ static void *scheduler(void *arg) {
         rnn_status st = compute_rows(b, n, fail); /* RUNNING slots are ours alone: no lock */
 
         pthread_mutex_lock(&b->mu);
-        finish_slots(b, b->ids, n, st == RNN_STATUS_OK ? RNN_BATCH_OK : RNN_BATCH_FAILED, st);
+        finish_slots(b, b->ids, n, st == RNN_STATUS_OK ? RNN_BATCH_OK : RNN_BATCH_FAILED, st, -1);
         batch_done(b, n, st);
     }
     b->exited = 1;
@@ -525,14 +530,7 @@ int32_t rnn_batcher_step(rnn_batcher *b, int32_t id, const float *x, float *y, i
 
         pthread_mutex_lock(&b->mu);
         int32_t result = st == RNN_STATUS_OK ? RNN_BATCH_OK : RNN_BATCH_FAILED;
-        s->state = SLOT_IDLE; /* this caller's own row: nobody waits on its semaphore */
-        s->result = result;
-        s->status = (int32_t)st;
-        s->x = NULL;
-        s->y = NULL;
-        b->n_inflight--;
-        if (n > 1) finish_slots(b, b->ids + 1, n - 1, result, st); /* the others' (wakes them) */
-        pthread_cond_broadcast(&b->room);
+        finish_slots(b, b->ids, n, result, st, id); /* wakes the other rows' callers */
         batch_done(b, n, st);
         if (status) *status = s->status;
         pthread_mutex_unlock(&b->mu);
