@@ -88,7 +88,7 @@ async def timed_tasks(n, steps, body):
             await body(i, k)
             lat[i].append(time.perf_counter() - t0)
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
-    await warm.wait()  # every client's first step done: the clock starts
+    await warm.wait()  # every client's warm-up steps done: the clock starts
     t0 = time.perf_counter()
     start.set()
     await asyncio.gather(*tasks)
