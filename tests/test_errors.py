@@ -543,3 +543,24 @@ def test_a_graph_input_declared_twice_is_refused_and_an_output_listed_twice_is_k
         x = rng.standard_normal((2, 3)).astype(np.float32)
         assert back.outputs == ["y", "y"]
         np.testing.assert_array_equal(back.run({"x": x})["y"], np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("target", [[2**63 - 1, -1, 8], [2**62 + 1, 4, -1]])
+def test_reshape_sizes_whose_int64_product_wraps_around_are_refused(target):
+    """Reshape's target shape is checked with exact products: in int64, (2**63 - 1) * 8 wraps to
+    -8, and [2**63 - 1, -1, 8] then seemed to hold 4,232 elements (-1 became -529), so the
+    output view crashed NumPy at run time (fuzz: output-view-dim-2e63-unminimised). Refused,
+    naming the node; a shape that fits still reshapes as onnxruntime does."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 23, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "s"], ["y"], name="bad")]
+    g = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(np.array(target, np.int64), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(rnnengine.UnsupportedError, match=r"Reshape node 'bad': cannot reshape \(2, 23, 8\)"):
+        rnnengine.convert(m).run({"x": np.zeros((2, 23, 8), np.float32)})
+    import onnxruntime as ort
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([46, -1], np.int64), "s"))
+    feed = {"x": rng.standard_normal((2, 23, 8)).astype(np.float32)}
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(rnnengine.convert(m).run(feed)["y"], want)

@@ -130,6 +130,7 @@ def switch_off_the_planner_check(monkeypatch, which):
         monkeypatch.setattr(graph, "_check_loop_state", lambda *a: None)
     else:  # the handler's refusals become no-ops: it goes on planning what it was given
         monkeypatch.setattr(which, "fail", lambda self, msg: None)
+        monkeypatch.setattr(graph.Planner, "_check_view", lambda *a: None)  # nor are its views checked
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -139,6 +140,19 @@ def test_refused_by_the_c_verifier_when_the_planner_lets_it_through(name, route,
     model = rnnengine.convert(m) if route == "convert" else weight_file(m, tmp_path)
     switch_off_the_planner_check(monkeypatch, which)
     with pytest.raises(_core.ProgramError, match=c_msg):
+        run(model, feeds, stream)
+
+
+@pytest.mark.parametrize("route", ["convert", "weight file"])
+def test_a_view_that_does_not_hold_its_input_is_refused_by_the_planner(route, tmp_path, monkeypatch):
+    """Behind the Reshape handler's own checks, the planner checks every view a handler asks
+    for (sizes >= 0, exactly the input's elements, exact integers): with the handler's
+    refusals switched off, the negative dims are refused there, naming the node."""
+    m, feeds, stream, which, _, _ = CASES["reshape_to_negative_dims"]
+    model = rnnengine.convert(m) if route == "convert" else weight_file(m, tmp_path)
+    monkeypatch.setattr(which, "fail", lambda self, msg: None)
+    with pytest.raises(UnsupportedError, match=r"Reshape node 'rs': a view of shape \(-2, -3\) does not hold "
+                                               r"the 6 elements of its input of shape \(2, 3\)"):
         run(model, feeds, stream)
 
 

@@ -720,15 +720,17 @@ def _reshape_target(h, shape_in, shape, allowzero):
             out.append(shape_in[i])
         else:
             out.append(s)
-    n = int(np.prod(shape_in))
+    # exact products (math.prod over Python ints): np.prod wraps around in int64, and a
+    # hostile [2**63 - 1, -1, 8] then "fits" 4,232 elements (fuzz: output-view-dim-2e63)
+    n = math.prod(int(d) for d in shape_in)
     if out.count(-1) > 1:
         h.fail(f"shape {shape} has more than one -1")
     if -1 in out:
-        rest = int(np.prod([d for d in out if d != -1]))
+        rest = math.prod(d for d in out if d != -1)
         if rest == 0 or n % rest:
             h.fail(f"cannot reshape {tuple(shape_in)} to {shape}")
         out[out.index(-1)] = n // rest
-    if int(np.prod(out)) != n:
+    if math.prod(out) != n:
         h.fail(f"cannot reshape {tuple(shape_in)} ({n} elements) to {out}")
     return tuple(out)
 

@@ -300,10 +300,21 @@ class Planner:
         return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
 
     def alias(self, x: Value, shape: Iterable[Any]) -> Value:
-        """The same data seen with another shape (Reshape, Squeeze...): no copy."""
+        """The same data seen with another shape (Reshape, Squeeze...): no copy. The planner
+        does not trust the handler's shape: sizes must be non-negative and hold exactly the
+        elements of x (exact integers, no int64 wrap-around)."""
+        shape = tuple(int(d) for d in shape)
+        self._check_view(x, shape)
         if x.const is not None:
             return Value(shape, x.dtype, const=np.asarray(x.const).reshape(shape))
         return Value(shape, x.dtype, tid=x.tid)
+
+    def _check_view(self, x: Value, shape: tuple[int, ...]) -> None:
+        n = math.prod(int(d) for d in x.shape)
+        if any(d < 0 for d in shape) or math.prod(shape) != n:
+            raise UnsupportedError(f"{where(self._node) if self._node else 'the graph'}: a view of shape "
+                                   f"{shape} does not hold the {n} elements of its input of shape "
+                                   f"{tuple(int(d) for d in x.shape)}")
 
     def materialize(self, x: Value) -> Value:
         self.tid(x)
