@@ -3,14 +3,17 @@ session of one model, engines side by side in one run (alternated, medians of re
 
 - "batcher": rnnengine.Batcher, one session per client (client threads calling step());
 - "batcher, asyncio tasks": the same, the clients being asyncio tasks in one event loop
-  (``await session.astep(x)``), as in an asyncio service;
+  (``await session.astep(x)``), as in an asyncio service; "batcher, uvloop tasks": the same
+  on uvloop's event loop (what aiohttp and uvicorn services commonly run on), when uvloop
+  is installed and --loop is not asyncio;
 - "own streams": each client steps its own rnnengine stream (no batching; the GIL is
   released in C, so they use both cores);
 - "onnxruntime per client": an onnxruntime session per client, state passed out and back in
   by hand (onnxruntime is stateless);
 - with --server: `rnnengine serve` started as a subprocess on a free localhost port, each
-  client a WebSocket connection (aiohttp, asyncio, one client process) sending binary step
-  frames (rnnengine/server.py).
+  client a WebSocket connection (aiohttp, one client process) sending binary step frames
+  (rnnengine/server.py); the server and the client process both run the event loop --loop
+  chooses (default auto: uvloop when installed).
 
 Models: an LSTM I=H=256 (--model lstm), silero-vad as shipped (--model silero: the PyPI
 package's ONNX file, converted; 576-sample chunks at 16 kHz) or the bundled char LM
@@ -95,9 +98,31 @@ async def timed_tasks(n, steps, body):
     return n * (steps - WARMUP) / (time.perf_counter() - t0), np.concatenate([np.array(x) for x in lat])
 
 
-def run_tasks(n, steps, body):
+def new_loop(kind):
+    """A fresh event loop: "asyncio" (the standard one) or "uvloop"."""
+    if kind == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def has_uvloop():
+    try:
+        import uvloop  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def run_loop(kind, coro):
+    """coro run to its end in a fresh event loop of the given kind."""
+    with asyncio.Runner(loop_factory=lambda: new_loop(kind)) as r:
+        return r.run(coro)
+
+
+def run_tasks(n, steps, body, kind="asyncio"):
     """timed_tasks in an event loop of its own."""
-    return asyncio.run(timed_tasks(n, steps, body))
+    return run_loop(kind, timed_tasks(n, steps, body))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -226,7 +251,7 @@ class Server:
             self.proc.kill()
 
 
-def run_ws_clients(port, xs, frame):
+def run_ws_clients(port, xs, frame, kind):
     """len(xs) WebSocket clients in one asyncio loop, each stepping its own session through
     binary frames; returns (steps/s, latencies s)."""
     import aiohttp
@@ -251,7 +276,7 @@ def run_ws_clients(port, xs, frame):
             for ws in conns:
                 await ws.close()
             return res
-    return asyncio.run(main())
+    return run_loop(kind, main())
 
 
 # --- one measurement ------------------------------------------------------------------------
@@ -270,16 +295,18 @@ def measure(case, n, a, server):
             res = run_threads(n, a.steps, lambda i, k: sessions[i].step(feed(xs[i][k])))
             c = b.counters
         return res + (c["steps"] / max(c["batches"], 1),)
-    def batcher_tasks():
+    def batcher_tasks(kind):
         with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us, batch_graphs=a.batch_graphs) as b:
             sessions = [b.open() for _ in range(n)]
 
             async def body(i, k):
                 return await sessions[i].astep(feed(xs[i][k]))
-            return run_tasks(n, a.steps, body)
+            return run_tasks(n, a.steps, body, kind)
     engines["own streams"] = own
     engines["batcher"] = batcher
-    engines["batcher, asyncio tasks"] = batcher_tasks
+    engines["batcher, asyncio tasks"] = lambda: batcher_tasks("asyncio")
+    if a.loop == "uvloop":
+        engines["batcher, uvloop tasks"] = lambda: batcher_tasks("uvloop")
     if a.compare_wake:
         def burst():  # the C engine waking a batch's callers all at once (src_c/batch.c, `chain`)
             os.environ["RNNE_BATCH_BURST"] = "1"
@@ -294,7 +321,7 @@ def measure(case, n, a, server):
             return run_threads(n, a.steps, lambda i, k: steppers[i](xs[i][k]))
         engines["onnxruntime per client"] = ort_clients
     if server is not None:
-        engines["server (WebSocket)"] = lambda: run_ws_clients(server.port, xs, case.frame)
+        engines["server (WebSocket)"] = lambda: run_ws_clients(server.port, xs, case.frame, a.loop)
     rates = {k: [] for k in engines}
     lats = {k: [] for k in engines}
     per_batch = []
@@ -324,20 +351,26 @@ def main():
     ap.add_argument("--batch-graphs", choices=["auto", "on", "off"], default="auto",
                     help="Batcher(batch_graphs=None / True / False) for a converted graph")
     ap.add_argument("--server", action="store_true", help="also through `rnnengine serve` on localhost")
+    ap.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                    help="event loop of the server and of the WebSocket clients, and whether the uvloop-tasks "
+                         "row is run (auto: uvloop when installed)")
     ap.add_argument("--compare-wake", action="store_true",
                     help="also the C batcher waking a batch's callers all at once (RNNE_BATCH_BURST=1)")
     ap.add_argument("--plot", help="write a plot (throughput and p99 latency vs clients) here")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
     a.batch_graphs = {"auto": None, "on": True, "off": False}[a.batch_graphs]
+    if a.loop == "auto":
+        a.loop = "uvloop" if has_uvloop() else "asyncio"
     clients = [int(c) for c in a.clients.split(",")]
     n_max = max(clients)
     with tempfile.TemporaryDirectory() as tmp:
         case = lstm_case(n_max, a.steps, a.hidden, tmp) if a.model == "lstm" else \
             silero_case(n_max, a.steps) if a.model == "silero" else charlm_case(n_max, a.steps)
-        server = Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us)]) if a.server else None
+        server = Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us), "--loop", a.loop]) \
+            if a.server else None
         print(f"{case.name}: {a.steps} steps per client, {os.cpu_count()} cores, medians of {a.repeats} "
-              f"alternating repeats")
+              f"alternating repeats; server and WebSocket clients on {a.loop}")
         rows = []
         print("\n| clients | engine | steps/s | p50 latency µs | p99 latency µs | vs own streams | vs onnxruntime |")
         print("|---:|---|---:|---:|---:|---:|---:|", flush=True)

@@ -122,6 +122,7 @@ class Server:
         self.main_output = next((o for o in model.outputs if o not in carried), model.outputs[0])
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.counters = {"connections": 0, "frames": 0, "bad_frames": 0, "runs": 0}
+        self._sockets: set[web.WebSocketResponse] = set()  # open /stream connections
         self.started = time.time()
         self.app = web.Application(client_max_size=64 << 20)
         self.app.add_routes([web.get("/stream", self.stream), web.post("/run", self.run),
@@ -129,6 +130,11 @@ class Server:
         self.app.on_shutdown.append(self._shutdown)
 
     async def _shutdown(self, app: web.Application) -> None:
+        """Graceful shutdown: each open WebSocket is closed (GOING_AWAY; its handler then frees
+        its session), then the batcher stops. Without the first part aiohttp waits its
+        shutdown_timeout for handlers that only end when their clients leave."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                               for ws in list(self._sockets)), return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
 
     # --- one call of a session ---------------------------------------------------------------
@@ -166,6 +172,7 @@ class Server:
         await ws.prepare(request)
         session = self.batcher.open()
         self.counters["connections"] += 1
+        self._sockets.add(ws)
         try:
             async for msg in ws:
                 self.counters["frames"] += 1
@@ -189,6 +196,7 @@ class Server:
                     self.counters["bad_frames"] += 1
                     await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         finally:
+            self._sockets.discard(ws)
             session.close()
         return ws
 
@@ -291,9 +299,31 @@ class Server:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, **batcher: Any) -> None:
+def event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop | None:
+    """The event loop `serve` runs on: "uvloop" (libuv's, installed with the [server] extra
+    where it exists: not on Windows), "asyncio" (the standard one: None, aiohttp makes it) or
+    "auto" (uvloop when it is installed). uvloop cuts the per-frame cost of the event loop's
+    network work: measured in BENCHMARKS.md ("the server")."""
+    if kind not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"the event loop must be auto, uvloop or asyncio, not {kind!r}")
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise ValueError("the uvloop event loop needs uvloop: pip install 'rnnengine[server]' "
+                             "(uvloop does not exist on Windows)") from None
+        return None
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, loop: str = "auto", **batcher: Any) -> None:
     """Runs the server until interrupted (SIGINT/SIGTERM: open connections are closed, the
-    calls already submitted finish, then the batcher stops)."""
+    calls already submitted finish, then the batcher stops). loop: see event_loop()."""
+    ev = event_loop(loop)
     server = Server(model, **batcher)
+    print(f"event loop: {'uvloop' if ev is not None else 'asyncio'}", flush=True)
     web.run_app(server.app, host=host, port=port, print=lambda *a: print(*a, flush=True),
-                shutdown_timeout=10.0)
+                shutdown_timeout=10.0, loop=ev)

@@ -90,7 +90,21 @@ def test_threads_split_a_batch_and_give_the_same_result(model):
         assert max_violation(got[i], alone(model, xs[i])) <= 1
 
 
-def test_asyncio_tasks_do_not_block_the_loop_and_match(model):
+def run_in(kind, coro):
+    """coro run in a fresh event loop: the standard one, or uvloop's (the [server] extra's,
+    which services also run on: the batcher's asyncio API must work the same on both)."""
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            return r.run(coro)
+    return asyncio.run(coro)
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_asyncio_tasks_do_not_block_the_loop_and_match(model, kind):
     n, T = 8, 10
     xs = f32(n, T, I, scale=1.0)
 
@@ -111,7 +125,8 @@ def test_asyncio_tasks_do_not_block_the_loop_and_match(model):
         tick.cancel()
         return res, ticks
     with Batcher(model, max_wait_us=500) as b:
-        res, ticks = asyncio.run(main(b))
+        res, ticks = run_in(kind, main(b))
+        assert b._notifier is None  # the loop (either kind) read the scheduler's pipe itself
     for i in range(n):
         assert max_violation(res[i], alone(model, xs[i])) <= 1
     assert ticks > 0
@@ -491,7 +506,8 @@ def test_one_graph_session_from_four_threads_runs_each_call_once_in_turn():
     assert max_violation(last, ref.step(x)["logits"]) <= 1
 
 
-def test_asyncio_calls_of_a_graph_session_keep_their_order():
+@pytest.mark.parametrize("kind", LOOPS)
+def test_asyncio_calls_of_a_graph_session_keep_their_order(kind):
     """Calls not batched run in callers' threads; asyncio calls made one after another on one
     session (a chunk in the executor, then a step) still run in that order."""
     graph = _charlm()
@@ -507,11 +523,12 @@ def test_asyncio_calls_of_a_graph_session_keep_their_order():
                 s = b.open()
                 out.append((await asyncio.gather(s.afeed({"tokens": toks}), s.astep(x)))[1])
             return out
-        for got in asyncio.run(main()):
+        for got in run_in(kind, main()):
             assert max_violation(got["logits"], want) <= 1
 
 
-def test_asyncio_calls_of_a_layer_stack_session_keep_their_order(model):
+@pytest.mark.parametrize("kind", LOOPS)
+def test_asyncio_calls_of_a_layer_stack_session_keep_their_order(model, kind):
     """The C engine's sessions: a chunk (in the executor) then a step, made one after another
     from asyncio, run in that order."""
     xs, x = f32(40, I, scale=1.0), f32(I, scale=1.0)
@@ -523,7 +540,7 @@ def test_asyncio_calls_of_a_layer_stack_session_keep_their_order(model):
                 s = b.open()
                 out.append((await asyncio.gather(s.afeed(xs), s.astep(x)))[1])
             return out
-        for got in asyncio.run(main()):
+        for got in run_in(kind, main()):
             assert max_violation(got, want) <= 1
 
 

@@ -185,15 +185,15 @@ def test_serve_has_help():
     assert r.returncode == 0 and "/stream" in r.stdout and "--port" in r.stdout
 
 
-def serve_command(path, cwd):
-    """`rnnengine serve PATH` on a free localhost port, once it answers /health: (process, port)."""
+def serve_command(path, cwd, *args):
+    """`rnnengine serve PATH [args]` on a free localhost port, once it answers /health: (process, port)."""
     import socket
     import time
     import urllib.request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "rnnengine.cli", "serve", path, "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(cwd))
     for _ in range(300):
         try:
@@ -206,22 +206,46 @@ def serve_command(path, cwd):
     return proc, port
 
 
-def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path, loop):
+    """On either event loop (--loop): a session's steps over WebSocket match its own stream,
+    and SIGTERM with that session still open closes its connection (GOING_AWAY) and ends the
+    server cleanly."""
     import signal
     import urllib.request
+
+    from rnnengine.server import KIND_STEP
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
     path = str(tmp_path / "m.rnne")
     rnnengine.save(model, path)
-    proc, port = serve_command(path, tmp_path)
+    proc, port = serve_command(path, tmp_path, "--loop", loop)
+    xs = rng.standard_normal((5, I)).astype(np.float32)
+    ref = model.stream()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
             health = json.loads(r.read())
         assert health["status"] == "ok" and health["sessions"] == 0
-        proc.send_signal(signal.SIGTERM)
+
+        async def client():
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(f"http://127.0.0.1:{port}/stream")
+                for x in xs:
+                    await ws.send_bytes(encode_frame(x[None], KIND_STEP))  # a saved model steps (1, I)
+                    _, y = decode_frame_reply(await ws.receive_bytes())
+                    assert max_violation(y.reshape(-1), ref.step(x)) <= 1
+                proc.send_signal(signal.SIGTERM)  # the session is still open
+                msg = await ws.receive()  # closed by the server at once, not after aiohttp's shutdown_timeout
+                assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY,
+                                                           "server shutdown")
+        asyncio.run(client())
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, proc.stdout.read()
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    assert f"event loop: {loop}" in out
     assert os.path.exists(path)
 
 def test_frames_that_would_cost_too_much_are_refused_and_the_connection_stays(model):

@@ -670,6 +670,9 @@ def build_parser():
                    help="a converted graph's steps batched while that pays (auto, default), always (on) "
                         "or never (off: each session's steps run alone: in the event loop while short, else on "
                         "worker threads)")
+    s.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="the event loop: uvloop (installed with the [server] extra, not on Windows), the standard "
+                        "asyncio one, or auto (uvloop when installed, default)")
     s.set_defaults(func=cmd_serve)
 
     sc = sub.add_parser("score", help="score many whole sequences (shards) locally, on Ray or on Dask",
@@ -712,7 +715,7 @@ def cmd_serve(args):
     model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
           threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue,
-          batch_graphs={"auto": None, "on": True, "off": False}[args.batch_graphs])
+          batch_graphs={"auto": None, "on": True, "off": False}[args.batch_graphs], loop=args.loop)
     return 0
 
 
