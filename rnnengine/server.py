@@ -123,6 +123,9 @@ class Server:
         self.latencies: collections.deque[float] = collections.deque(maxlen=10000)
         self.counters = {"connections": 0, "frames": 0, "bad_frames": 0, "runs": 0}
         self._sockets: set[web.WebSocketResponse] = set()  # open /stream connections
+        self._closing = False  # set by _shutdown: no new calls
+        self._calls = 0  # frames being answered
+        self.drain_seconds = 5.0  # how long shutdown waits for the calls in flight
         self.started = time.time()
         self.app = web.Application(client_max_size=64 << 20)
         self.app.add_routes([web.get("/stream", self.stream), web.post("/run", self.run),
@@ -130,9 +133,16 @@ class Server:
         self.app.on_shutdown.append(self._shutdown)
 
     async def _shutdown(self, app: web.Application) -> None:
-        """Graceful shutdown: each open WebSocket is closed (GOING_AWAY; its handler then frees
-        its session), then the batcher stops. Without the first part aiohttp waits its
-        shutdown_timeout for handlers that only end when their clients leave."""
+        """Graceful shutdown: no new calls start; the calls in flight finish and send their
+        replies (for up to drain_seconds); then each open WebSocket is closed (GOING_AWAY,
+        "server shutdown"; its handler frees its session) and the batcher stops. Without
+        closing them aiohttp would wait its shutdown_timeout for handlers that only end when
+        their clients leave."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_seconds
+        while self._calls and loop.time() < deadline:
+            await asyncio.sleep(0.005)
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
                                for ws in list(self._sockets)), return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
@@ -169,36 +179,57 @@ class Server:
 
     async def stream(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=64 << 20)
-        await ws.prepare(request)
-        session = self.batcher.open()
-        self.counters["connections"] += 1
-        self._sockets.add(ws)
+        self._sockets.add(ws)  # before prepare(): a shutdown starting meanwhile closes it too
         try:
-            async for msg in ws:
-                self.counters["frames"] += 1
-                try:
-                    if msg.type == WSMsgType.BINARY:
-                        kind, x = decode_frame(msg.data)
-                        out = await self._call(session, kind, x)
-                        await ws.send_bytes(encode_frame(out[self.main_output]))
-                    elif msg.type == WSMsgType.TEXT:
-                        if len(msg.data) > self.max_text_bytes:
-                            raise FrameError(f"a text frame of {len(msg.data)} bytes, more than the server takes "
-                                             f"({self.max_text_bytes}); use binary frames for large arrays")
-                        await ws.send_str(json.dumps(await self._json_call(session, msg.data)))
-                    elif msg.type == WSMsgType.ERROR:
+            await ws.prepare(request)
+            if self._closing:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                return ws
+            session = self.batcher.open()
+            self.counters["connections"] += 1
+            try:
+                async for msg in ws:
+                    if self._closing:  # shutting down: no new calls (_shutdown closes this connection)
                         break
-                except SessionClosedError as e:  # idle timeout or shutdown: this connection is over
-                    await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
-                    break
-                except Exception as e:  # the frame's error goes back to its sender; the connection stays
-                    self.counters["bad_frames"] += 1
-                    await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+                    self._calls += 1  # a call in flight: _shutdown lets it send its reply first
+                    try:
+                        if not await self._answer(ws, session, msg):
+                            break
+                    except ConnectionResetError:  # the peer left (or the connection closed) mid-reply
+                        break
+                    finally:
+                        self._calls -= 1
+            finally:
+                session.close()
         finally:
             self._sockets.discard(ws)
-            session.close()
         return ws
+
+    async def _answer(self, ws: web.WebSocketResponse, session: Session, msg: Any) -> bool:
+        """Answers one frame; False when the connection is over."""
+        self.counters["frames"] += 1
+        try:
+            if msg.type == WSMsgType.BINARY:
+                kind, x = decode_frame(msg.data)
+                out = await self._call(session, kind, x)
+                await ws.send_bytes(encode_frame(out[self.main_output]))
+            elif msg.type == WSMsgType.TEXT:
+                if len(msg.data) > self.max_text_bytes:
+                    raise FrameError(f"a text frame of {len(msg.data)} bytes, more than the server takes "
+                                     f"({self.max_text_bytes}); use binary frames for large arrays")
+                await ws.send_str(json.dumps(await self._json_call(session, msg.data)))
+            elif msg.type == WSMsgType.ERROR:
+                return False
+        except ConnectionResetError:  # the connection is gone: nobody to answer (not a bad frame)
+            raise
+        except SessionClosedError as e:  # idle timeout: this connection is over
+            await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"session closed")
+            return False
+        except Exception as e:  # the frame's error goes back to its sender; the connection stays
+            self.counters["bad_frames"] += 1
+            await ws.send_str(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return True
 
     async def _json_call(self, session: Session, text: str) -> dict[str, Any]:
         try:
@@ -299,31 +330,35 @@ class Server:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-def event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop | None:
-    """The event loop `serve` runs on: "uvloop" (libuv's, installed with the [server] extra
-    where it exists: not on Windows), "asyncio" (the standard one: None, aiohttp makes it) or
-    "auto" (uvloop when it is installed). uvloop cuts the per-frame cost of the event loop's
-    network work: measured in BENCHMARKS.md ("the server")."""
+def loop_kind(kind: str = "auto") -> str:
+    """The event loop `serve` runs on, "uvloop" or "asyncio", for a request of "uvloop"
+    (libuv's loop, installed with the [server] extra where it exists: not on Windows),
+    "asyncio" (the standard one) or "auto" (uvloop when it is installed). uvloop cuts the
+    event loop's per-frame cost (BENCHMARKS.md, the server rows)."""
     if kind not in ("auto", "uvloop", "asyncio"):
         raise ValueError(f"the event loop must be auto, uvloop or asyncio, not {kind!r}")
     if kind == "asyncio":
-        return None
+        return kind
     try:
-        import uvloop
+        import uvloop  # noqa: F401
     except ImportError:
         if kind == "uvloop":
             raise ValueError("the uvloop event loop needs uvloop: pip install 'rnnengine[server]' "
                              "(uvloop does not exist on Windows)") from None
-        return None
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+        return "asyncio"
+    return "uvloop"
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, loop: str = "auto", **batcher: Any) -> None:
-    """Runs the server until interrupted (SIGINT/SIGTERM: open connections are closed, the
-    calls already submitted finish, then the batcher stops). loop: see event_loop()."""
-    ev = event_loop(loop)
+    """Runs the server until interrupted (SIGINT/SIGTERM: the calls in flight send their
+    replies, open connections are closed, then the batcher stops). loop: "auto", "uvloop" or
+    "asyncio" (loop_kind())."""
+    kind = loop_kind(loop)
     server = Server(model, **batcher)
-    print(f"event loop: {'uvloop' if ev is not None else 'asyncio'}", flush=True)
+    ev: asyncio.AbstractEventLoop | None = None
+    if kind == "uvloop":
+        import uvloop
+        ev = uvloop.new_event_loop()
+    print(f"event loop: {kind}", flush=True)
     web.run_app(server.app, host=host, port=port, print=lambda *a: print(*a, flush=True),
                 shutdown_timeout=10.0, loop=ev)

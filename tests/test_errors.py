@@ -564,3 +564,27 @@ def test_reshape_sizes_whose_int64_product_wraps_around_are_refused(target):
     feed = {"x": rng.standard_normal((2, 23, 8)).astype(np.float32)}
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_array_equal(rnnengine.convert(m).run(feed)["y"], want)
+
+
+def test_names_that_are_not_utf8_text_are_refused_naming_the_field():
+    """protobuf returns a string field holding invalid UTF-8 as bytes; the converter refuses such
+    a name where it stands (fuzz: an attribute name, a TypeError while sorting attribute names
+    before) instead of carrying bytes into the graph. The bytes are patched into a valid model's
+    serialisation (the protobuf API itself refuses to set them)."""
+    def patched(old, new):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        g = helper.make_graph([helper.make_node("LeakyRelu", ["x"], ["y"], name="lr", alpha=0.5)], "g", [x], [y])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        data = m.SerializeToString()
+        assert data.count(old) == 1 and len(old) == len(new)
+        back = onnx.ModelProto()
+        back.ParseFromString(data.replace(old, new))
+        return back
+    with pytest.raises(ConversionError, match=r"an attribute name of node 'lr' is not valid UTF-8 text: b'al\\xffha'"):
+        rnnengine.convert(patched(b"alpha", b"al\xffha"))
+    with pytest.raises(ConversionError, match=r"the op type of node 'lr' is not valid UTF-8 text"):
+        rnnengine.convert(patched(b"LeakyRelu", b"Leaky\xfeelu"))
+    with pytest.raises(ConversionError, match=r"the name of a graph input is not valid UTF-8 text"):
+        rnnengine.convert(patched(b"Z\x13\n\x01x", b"Z\x13\n\x01\xff"))

@@ -156,6 +156,38 @@ def test_a_view_that_does_not_hold_its_input_is_refused_by_the_planner(route, tm
         run(model, feeds, stream)
 
 
+@pytest.mark.parametrize("route", ["convert", "weight file"])
+def test_a_view_with_the_wrong_element_count_is_refused_by_the_planner(route, tmp_path, monkeypatch):
+    """The element-count branch of the planner's view check: Reshape to [2**62 + 1, 4, -1]
+    (whose int64 product wraps around to 4) with the handler's refusals switched off asks
+    for a view (2**62 + 1, 4, 0) of 6 elements: refused by the planner, naming the node."""
+    m = make([helper.make_node("Reshape", ["x", "s"], ["y"], name="rs")], [("x", TP.FLOAT, [2, 3])],
+             [("y", TP.FLOAT)], [("s", np.array([2**62 + 1, 4, -1], np.int64))])
+    model = rnnengine.convert(m) if route == "convert" else weight_file(m, tmp_path)
+    monkeypatch.setattr(ops.Reshape, "fail", lambda self, msg: None)
+    with pytest.raises(UnsupportedError, match=r"Reshape node 'rs': a view of shape \(4611686018427387905, 4, 0\) "
+                                               r"does not hold the 6 elements"):
+        run(model, {"x": X23}, False)
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_empty_tensors_with_huge_sizes_are_refused_by_a_limit(concat):
+    """An empty tensor of shape (2**63 - 1, 0) holds 0 elements, so counting elements does not
+    bound it; NumPy cannot make it (a raw ValueError before), and a Concat of two would have a
+    size of 2**64 - 2. Every size is bounded: refused by max_tensor_elements, naming the node."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Slice", ["r", "st", "en", "ax"], ["z"], name="empty"),
+             helper.make_node("Reshape", ["z", "s"], ["v" if concat else "y"], name="rs", allowzero=1)]
+    if concat:
+        nodes.append(helper.make_node("Concat", ["v", "v"], ["y"], name="cat", axis=0))
+    m = make(nodes, [("x", TP.FLOAT, [2, 3])], [("y", TP.FLOAT)],
+             [("st", np.array([0], np.int64)), ("en", np.array([0], np.int64)), ("ax", np.array([0], np.int64)),
+              ("s", np.array([2**63 - 1, 0], np.int64))])
+    with pytest.raises(rnnengine.LimitError, match=r"Reshape node 'rs': a view of shape \(9223372036854775807, 0\) "
+                                                   r"has sizes whose product.* max_tensor_elements"):
+        rnnengine.convert(m).run({"x": X23})
+
+
 def test_the_valid_neighbours_still_run_like_onnxruntime():
     """Each hostile model made valid (a loop state that keeps its shape, indices within the data,
     sizes >= 0, float inputs, a C of (N,), a real shape): runs and matches onnxruntime, so the

@@ -317,3 +317,78 @@ def test_the_readme_client_snippet_runs_against_rnnengine_serve(tmp_path):
     np.testing.assert_allclose(np.asarray(got_bin).reshape(-1), want[-1], rtol=0, atol=1e-6)
     (name, value), = got_json.items()
     np.testing.assert_allclose(np.asarray(value).reshape(-1), s.step(xs[-1][0]), rtol=0, atol=1e-6)
+
+
+def test_a_call_in_flight_at_shutdown_sends_its_reply_then_the_connection_closes(model, caplog):
+    """Shutdown lets a call in flight finish and send its reply (not a reply written to a
+    closed socket, counted as a bad frame and logged as a handler error), then closes the
+    connection with GOING_AWAY; no new call starts meanwhile."""
+    import logging
+
+    from aiohttp import web
+
+    from rnnengine.server import KIND_STEP
+    x = f32(1, I)
+
+    async def main():
+        server = Server(model, max_wait_us=1000)
+        call = server._call
+
+        async def slow(session, kind, arr):  # the result in hand, not sent yet, when shutdown starts
+            res = await call(session, kind, arr)
+            await asyncio.sleep(0.3)
+            return res
+        server._call = slow
+        runner = web.AppRunner(server.app, shutdown_timeout=10.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/stream")
+            await ws.send_bytes(encode_frame(x, KIND_STEP))
+            await asyncio.sleep(0.1)
+            cleanup = asyncio.create_task(runner.cleanup())
+            reply = await ws.receive()
+            closing = await ws.receive()
+            await cleanup
+        return server, reply, closing
+    with caplog.at_level(logging.ERROR, logger="aiohttp"):
+        server, reply, closing = asyncio.run(main())
+    assert reply.type == aiohttp.WSMsgType.BINARY
+    assert max_violation(decode_frame_reply(reply.data)[1], model.stream().step(x[0])) <= 1
+    assert (closing.type, closing.data, closing.extra) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY,
+                                                           "server shutdown")
+    assert server.counters["bad_frames"] == 0 and server._calls == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_serve_refuses_an_unknown_or_missing_event_loop_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """--loop auto runs on uvloop when it is installed, else the standard loop; an unknown
+    name, or uvloop asked for where it is missing, is refused by name (the CLI does so before
+    it loads the model)."""
+    import builtins
+
+    from rnnengine import cli
+    from rnnengine.server import loop_kind
+    assert loop_kind("asyncio") == "asyncio"
+    try:
+        import uvloop  # noqa: F401
+        assert loop_kind("auto") == loop_kind("uvloop") == "uvloop"
+    except ImportError:
+        assert loop_kind("auto") == "asyncio"
+    with pytest.raises(ValueError, match="must be auto, uvloop or asyncio, not 'tokio'"):
+        loop_kind("tokio")
+    real_import = builtins.__import__
+
+    def no_uvloop(name, *a, **kw):
+        if name == "uvloop":
+            raise ImportError("No module named 'uvloop'")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_uvloop)
+    assert loop_kind("auto") == "asyncio"
+    with pytest.raises(ValueError, match=r"needs uvloop: pip install 'rnnengine\[server\]'"):
+        loop_kind("uvloop")
+    missing = str(tmp_path / "no-such-model.rnne")  # not read: the loop is refused first
+    assert cli.main(["serve", missing, "--loop", "uvloop"]) != 0
+    assert "needs uvloop" in capsys.readouterr().err

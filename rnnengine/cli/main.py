@@ -709,9 +709,10 @@ def cmd_score(args):
 
 def cmd_serve(args):
     try:
-        from rnnengine.server import serve  # the [server] extra: aiohttp, imported only here
+        from rnnengine.server import loop_kind, serve  # the [server] extra: aiohttp, imported only here
     except ImportError as e:
         raise ValueError(f"rnnengine serve needs the server extra: pip install 'rnnengine[server]' ({e})") from None
+    loop_kind(args.loop)  # --loop uvloop without uvloop: refused before the model is loaded
     model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
           threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue,

@@ -527,6 +527,46 @@ def _condition_key(name, producer):
     return name, polarity
 
 
+def _check_text(model: onnx.ModelProto) -> None:
+    """Refuses a model whose names are not text: protobuf hands back a string field that is
+    not valid UTF-8 as bytes (fuzz: an attribute named b'linear_b\\xdafore_reset' was a
+    TypeError while sorting attribute names). Checked: opset domains, and in every graph and
+    subgraph the names of inputs, outputs, value_info, initializers and symbolic dimensions,
+    and each node's name, op type, domain, inputs, outputs and attribute names."""
+    def text(v: Any, what: str) -> None:
+        if not isinstance(v, str):
+            raise ConversionError(f"{what} is not valid UTF-8 text: {v!r}")
+
+    for o in model.opset_import:
+        text(o.domain, "an opset domain")
+
+    def graph(g: Any) -> None:
+        for coll, what in ((g.input, "graph input"), (g.output, "graph output"), (g.value_info, "value_info"),
+                           (g.initializer, "initializer")):
+            for v in coll:
+                text(v.name, f"the name of a {what}")
+                if what != "initializer" and v.type.HasField("tensor_type"):
+                    for d in v.type.tensor_type.shape.dim:
+                        text(d.dim_param, f"a symbolic dimension of {what} {v.name!r}")
+        for n in g.node:
+            text(n.name, "a node name")
+            label = f"node {n.name or '(unnamed)'!r}"
+            text(n.op_type, f"the op type of {label}")
+            text(n.domain, f"the domain of {label}")
+            for k, v in enumerate(n.input):
+                text(v, f"input {k} of {label}")
+            for k, v in enumerate(n.output):
+                text(v, f"output {k} of {label}")
+            for a in n.attribute:
+                text(a.name, f"an attribute name of {label}")
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        graph(sub)
+    graph(model.graph)
+
+
 def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
                   state_pairs: list[tuple[str, str]] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """ONNX file path or ModelProto -> (graph dict, tensors dict, metadata dict)."""
@@ -544,6 +584,7 @@ def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
             model = onnx.load(path)
         except Exception as e:
             raise ConversionError(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    _check_text(model)
     conv = _Converter(model, fixed_inputs)
     graph, tensors = conv.convert(model)
     if state_pairs is not None:

@@ -750,7 +750,7 @@ class Flatten(Handler):
     def target(self, shape):
         a = self.attr("axis", 1)
         a = a + len(shape) if a < 0 else a
-        return (int(np.prod(shape[:a])), int(np.prod(shape[a:])))
+        return (math.prod(shape[:a]), math.prod(shape[a:]))  # exact: np.prod wraps around in int64
 
     def eval(self, xs):
         return [xs[0].reshape(self.target(xs[0].shape))]
@@ -1232,9 +1232,9 @@ class Softmax(Handler):
         nd = len(shape)
         if self.opset < 13:
             a = axis_of(self, self.attr("axis", 1), nd)
-            return int(np.prod(shape[:a])), int(np.prod(shape[a:])), 1
+            return math.prod(shape[:a]), math.prod(shape[a:]), 1
         a = axis_of(self, self.attr("axis", -1), nd)
-        return int(np.prod(shape[:a])), shape[a], int(np.prod(shape[a + 1:]))
+        return math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:])
 
     def eval(self, xs):
         x = xs[0]

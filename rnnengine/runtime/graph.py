@@ -291,11 +291,11 @@ class Planner:
 
     def new(self, shape: Iterable[Any], dtype: npt.DTypeLike) -> Value:
         dtype = np.dtype(dtype)
-        n = 1
-        for d in shape:
-            n *= int(d)
+        shape = tuple(int(d) for d in shape)
+        n = math.prod(shape)
         node = self._node or "the graph"
-        self.budget.elements(node, n, f"a run-time tensor of shape {tuple(int(d) for d in shape)}")
+        self._check_dims(shape, "a run-time tensor")
+        self.budget.elements(node, n, f"a run-time tensor of shape {shape}")
         self.budget.allocate(node, n * dtype.itemsize, "allocated")
         return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
 
@@ -315,6 +315,16 @@ class Planner:
             raise UnsupportedError(f"{where(self._node) if self._node else 'the graph'}: a view of shape "
                                    f"{shape} does not hold the {n} elements of its input of shape "
                                    f"{tuple(int(d) for d in x.shape)}")
+        self._check_dims(shape, "a view")
+
+    def _check_dims(self, shape: tuple[int, ...], what: str) -> None:
+        """Every size bounded, not only the product: an empty tensor of shape (2**63 - 1, 0)
+        holds 0 elements, but NumPy cannot make it, and a Concat of two would be 2**64 - 2."""
+        bound = math.prod(d for d in shape if d > 0)
+        if bound > self.budget.limits.max_tensor_elements:
+            limits.refuse(self._node or "the graph", f"{what} of shape {shape} has sizes whose product, "
+                          f"without its zero sizes, is {bound}", "max_tensor_elements",
+                          self.budget.limits.max_tensor_elements)
 
     def materialize(self, x: Value) -> Value:
         self.tid(x)

@@ -183,8 +183,9 @@ def one_weights(data, path):
 # seed Loop is fused into a cell), so unrolling is reached only by mutants, and each input
 # plans up to six times (run, time axes, stream decisions, steps). Measured on 400 inputs of a
 # long run's corpus, one core: 20,000 -> 28.7 ms mean per input (the 10 slowest, unrolled
-# loops, 58% of the time), 500 -> 13.5 ms; a loop over 500 nodes is refused by the limit,
-# the same code path as over 20,000.
+# loops, 58% of the time), 500 -> 13.5 ms. The cost: what the planner does after unrolling
+# (loop-state checks, carried stream state) is explored for unrolls of up to 500 nodes only;
+# larger ones reach the limit's refusal. The regression inputs replay under the defaults.
 FUZZ_LIMITS = dict(max_tensor_elements=1 << 22, max_plan_bytes=256 << 20, max_loop_nodes=500,
                    max_planning_seconds=5.0)
 
