@@ -50,21 +50,15 @@ def test_sessions_stay_on_their_replica_and_move_exactly_when_it_dies(tmp_path, 
         app = StreamDeployment.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(path)
         handle = serve.run(app, name="rnne", route_prefix=None)
         sessions = [RemoteSession(handle) for _ in range(n)]
+        # no checkpoints: a call routed to a replica that does not hold it (best-effort routing,
+        # before Serve's routers learn where the session is) is tried again, not lost
+        bare = RemoteSession(handle, checkpoint=False)
         refs = [local.stream(1) for _ in range(n)]
+        bare_ref = local.stream(1)
         for t in range(4):
             for k, (s, r) in enumerate(zip(sessions, refs)):
                 np.testing.assert_array_equal(s.step(X[k][t]), r.step(X[k][t]))
-        # a session without checkpoints lives only on its replica; routing is best effort, so on
-        # a loaded machine one of its calls may reach the other replica, which refuses it
-        # (SessionLostError, as below): such a session is replaced, up to 5 times
-        for attempt in range(5):
-            bare, bare_ref = RemoteSession(handle, checkpoint=False), local.stream(1)
-            try:
-                for t in range(4):
-                    np.testing.assert_array_equal(bare.feed(X[0][t:t + 1]), bare_ref.feed(X[0][t:t + 1]))
-                break
-            except SessionLostError:
-                assert attempt < 4, "every session without checkpoints was routed away from its replica"
+            np.testing.assert_array_equal(bare.feed(X[0][t:t + 1]), bare_ref.feed(X[0][t:t + 1]))
         # Serve's multiplexed routing sends a session's calls to the replica holding it (best
         # effort: a call routed elsewhere is refused there and the session restored, exactly)
         holders = [holder(s) for s in sessions]

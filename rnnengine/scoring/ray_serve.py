@@ -20,8 +20,9 @@ session has taken. When a call reaches a replica that does not hold the session 
 count (the replica restarted, the session was evicted or routed elsewhere), the replica
 refuses it rather than start from a fresh state, and ``RemoteSession`` restores the last
 bytes there and repeats the call: the stream continues exactly, never silently from zeros.
-``checkpoint=False`` skips the bytes (less traffic; a lost session then raises
-``SessionLostError``).
+``checkpoint=False`` skips the bytes (less traffic): a call that reaches a replica not
+holding the session is tried again a few times (routing is best effort until Serve's routers
+learn where the session is), and a session lost with its replica raises ``SessionLostError``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from rnnengine.runtime.portable import state_from_bytes, state_to_bytes
 from rnnengine.scoring import load_model
 
 __all__ = ["StreamDeployment", "RemoteSession", "SessionLostError", "MAX_SESSIONS"]
+
+MISROUTE_TRIES = 12  # a call of a session without checkpoints refused by a live replica: tried again (~0.8 s)
 
 MAX_SESSIONS = 4096  # sessions one replica holds (least recently used evicted: restored on return)
 
@@ -162,6 +165,7 @@ class RemoteSession:
 
     def _call(self, method: str, x: Any) -> Any:
         deadline = time.monotonic() + self.retry_seconds
+        misrouted = 0
         while True:
             try:
                 r = self._remote("call", method, x, self.calls, self.checkpoint)
@@ -171,6 +175,15 @@ class RemoteSession:
                 why = r["lost"]
             except _GONE as e:  # the replica died during the call: what it did is gone with it
                 why = f"its replica went away ({type(e).__name__})"
+            else:
+                # a live replica that does not hold the session: Serve's routers learn where a
+                # session is held a moment after its first call (on a loaded machine, seconds),
+                # and route at random until then. With no state to move, the call is tried
+                # again (MISROUTE_TRIES times), so that it can reach the replica holding it.
+                if self.state is None and self.calls and misrouted < MISROUTE_TRIES:
+                    misrouted += 1
+                    time.sleep(0.01 * misrouted)
+                    continue
             if self.state is None and self.calls:
                 raise SessionLostError(f"session {self.session_id}: {why}; no state to restore it from"
                                        f"{' (checkpoint=False)' if not self.checkpoint else ''}")
