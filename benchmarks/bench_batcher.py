@@ -12,8 +12,8 @@ session of one model, engines side by side in one run (alternated, medians of re
   by hand (onnxruntime is stateless);
 - with --server: `rnnengine serve` started as a subprocess on a free localhost port, each
   client a WebSocket connection (aiohttp, one client process) sending binary step frames
-  (rnnengine/server.py); the server and the client process both run the event loop --loop
-  chooses (default auto: uvloop when installed).
+  (rnnengine/server.py); the client process runs the event loop --loop chooses (default
+  auto: uvloop when installed), the server each of --server-loops (one server and one row each).
 
 Models: an LSTM I=H=256 (--model lstm), silero-vad as shipped (--model silero: the PyPI
 package's ONNX file, converted; 576-sample chunks at 16 kHz) or the bundled char LM
@@ -320,8 +320,8 @@ def measure(case, n, a, server):
             steppers = [case.ort_factory() for _ in range(n)]
             return run_threads(n, a.steps, lambda i, k: steppers[i](xs[i][k]))
         engines["onnxruntime per client"] = ort_clients
-    if server is not None:
-        engines["server (WebSocket)"] = lambda: run_ws_clients(server.port, xs, case.frame, a.loop)
+    for kind, srv in (server or {}).items():  # one `rnnengine serve` per event loop
+        engines[f"server (WebSocket, {kind})"] = lambda srv=srv: run_ws_clients(srv.port, xs, case.frame, a.loop)
     rates = {k: [] for k in engines}
     lats = {k: [] for k in engines}
     per_batch = []
@@ -352,8 +352,10 @@ def main():
                     help="Batcher(batch_graphs=None / True / False) for a converted graph")
     ap.add_argument("--server", action="store_true", help="also through `rnnengine serve` on localhost")
     ap.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
-                    help="event loop of the server and of the WebSocket clients, and whether the uvloop-tasks "
-                         "row is run (auto: uvloop when installed)")
+                    help="event loop of the WebSocket clients (and of the server unless --server-loops), and "
+                         "whether the uvloop-tasks row is run (auto: uvloop when installed)")
+    ap.add_argument("--server-loops", help="comma-separated event loops to serve on, one server and one row each "
+                                           "(e.g. uvloop,asyncio; default: --loop's)")
     ap.add_argument("--compare-wake", action="store_true",
                     help="also the C batcher waking a batch's callers all at once (RNNE_BATCH_BURST=1)")
     ap.add_argument("--plot", help="write a plot (throughput and p99 latency vs clients) here")
@@ -367,10 +369,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         case = lstm_case(n_max, a.steps, a.hidden, tmp) if a.model == "lstm" else \
             silero_case(n_max, a.steps) if a.model == "silero" else charlm_case(n_max, a.steps)
-        server = Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us), "--loop", a.loop]) \
-            if a.server else None
+        server = {kind: Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us), "--loop", kind])
+                  for kind in (a.server_loops or a.loop).split(",")} if a.server else None
         print(f"{case.name}: {a.steps} steps per client, {os.cpu_count()} cores, medians of {a.repeats} "
-              f"alternating repeats; server and WebSocket clients on {a.loop}")
+              f"alternating repeats; WebSocket clients on {a.loop}")
         rows = []
         print("\n| clients | engine | steps/s | p50 latency µs | p99 latency µs | vs own streams | vs onnxruntime |")
         print("|---:|---|---:|---:|---:|---:|---:|", flush=True)
@@ -389,8 +391,8 @@ def main():
                           f"{r['p99_us']:.0f} | {r['vs_own']:.2f}x | {vo} |", flush=True)
                 rows += got
         finally:
-            if server is not None:
-                server.close()
+            for srv in (server or {}).values():
+                srv.close()
     print(f"\n({case.name}; batcher steps per batched call: "
           + ", ".join(f"{r['clients']} clients {r['steps_per_batch']:.1f}" for r in rows if "steps_per_batch" in r) + ")")
     if a.json:
