@@ -31,7 +31,7 @@ class Limits:
     that a hand-made or damaged model could otherwise push into gigabytes or hours."""
     max_tensor_elements: int = 1 << 28       # elements of any one tensor folded or allocated
     max_plan_bytes: int = 4 << 30            # bytes one conversion or one plan may fold + allocate
-    max_loop_nodes: int = 1_000_000          # body nodes unrolled over all Loops of a plan, nested too
+    max_loop_nodes: int = 1_000_000          # nodes unrolled in a plan: Loop bodies (nested too), sequence elements
     max_metadata_bytes: int = 64 << 20       # a weight file's JSON block, decompressed and parsed
     max_planning_seconds: float = 60.0       # wall time of one conversion's folding or one plan
 
@@ -256,12 +256,13 @@ class Budget:
             refuse(node, f"the tensors {what} so far would take {self.bytes} bytes", "max_plan_bytes",
                    self.limits.max_plan_bytes)
 
-    def unroll(self, node: dict[str, Any] | str, n: int) -> None:
-        """n more Loop body nodes to plan (one iteration)."""
+    def unroll(self, node: dict[str, Any] | str, n: int, what: str = "unrolling the Loops of this graph") -> None:
+        """n more nodes unrolled into the plan: a Loop body's (one iteration), or the elements of
+        a sequence split from a tensor (one Slice each)."""
         self.loop_nodes += int(n)
         if self.loop_nodes > self.limits.max_loop_nodes:
-            refuse(node, f"unrolling the Loops of this graph would plan {self.loop_nodes} body nodes",
-                   "max_loop_nodes", self.limits.max_loop_nodes)
+            refuse(node, f"{what} would bring the nodes unrolled in this plan (Loop bodies, sequence elements) "
+                         f"to {self.loop_nodes}", "max_loop_nodes", self.limits.max_loop_nodes)
 
     def before_eval(self, node: dict[str, Any], xs: Sequence[Any], planning: bool = False) -> None:
         """Refuses folding (or, planning=True, planning) a node whose output would be too

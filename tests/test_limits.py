@@ -248,6 +248,22 @@ def test_a_loop_that_never_stops_is_refused():
     refused(lambda: gm.run({"x": np.ones((1, 4), np.float32)}), "max_loop_nodes", "Loop node 'forever'", 2002)
 
 
+def test_a_sequence_split_from_a_tensor_counts_against_max_loop_nodes():
+    """SplitToSequence plans one Slice per tensor of the sequence (a fuzzed model split a
+    tensor into ~13,000 and took 2.4 s per plan): those count against max_loop_nodes with the
+    Loop bodies. Within the limit it runs like onnxruntime."""
+    m = make([helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=0, name="unbind"),
+              helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0, new_axis=1, name="stack")],
+             inputs=[inp("x", [2, 40])])
+    x = np.random.default_rng(3).standard_normal((2, 40)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(rnnengine.convert(m, limits=Limits(max_loop_nodes=40)).run({"x": x})["y"], want)
+    gm = rnnengine.convert(m, limits=Limits(max_loop_nodes=39))
+    with pytest.raises(LimitError, match=r"SplitToSequence node 'unbind': splitting into a sequence of 40 tensors "
+                                         r"would bring the nodes unrolled .* to 40, more than the limit max_loop_nodes=39"):
+        gm.run({"x": x})
+
+
 def test_planning_time_is_bounded():
     gm = rnnengine.convert(nested_loops(20, 50), limits=Limits(max_planning_seconds=0.05))
     t = time.perf_counter()

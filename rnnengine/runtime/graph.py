@@ -549,6 +549,7 @@ class Planner:
                 keep = True
             else:
                 sizes, keep = [1] * dim, bool(at.get("keepdims", 1))
+            self.budget.unroll(node, len(sizes), f"splitting into a sequence of {len(sizes)} tensors")
             parts: list[Value] = []
             pos = 0
             for n in sizes:
