@@ -249,6 +249,15 @@ class Budget:
         if n > self.limits.max_tensor_elements:
             refuse(node, f"{what} would hold {n} elements", "max_tensor_elements", self.limits.max_tensor_elements)
 
+    def sizes(self, node: dict[str, Any] | str, shape: Sequence[int], what: str) -> None:
+        """Every size of a tensor bounded, not only the product: an empty tensor of shape
+        (2**63 - 1, 0) holds 0 elements, but NumPy cannot make it, and a Concat of two would
+        be 2**64 - 2."""
+        bound = _prod(d for d in shape if d > 0)
+        if bound > self.limits.max_tensor_elements:
+            refuse(node, f"{what} of shape {tuple(shape)} has sizes whose product, without its zero sizes, is "
+                         f"{bound}", "max_tensor_elements", self.limits.max_tensor_elements)
+
     def allocate(self, node: dict[str, Any] | str, nbytes: int, what: str = "allocated") -> None:
         """nbytes more folded or allocated by this plan (before they are)."""
         self.bytes += int(nbytes)

@@ -294,10 +294,10 @@ class Planner:
         shape = tuple(int(d) for d in shape)
         n = math.prod(shape)
         node = self._node or "the graph"
-        self._check_dims(shape, "a run-time tensor")
+        self.budget.sizes(node, shape, "a run-time tensor")
         self.budget.elements(node, n, f"a run-time tensor of shape {shape}")
         self.budget.allocate(node, n * dtype.itemsize, "allocated")
-        return Value(shape, dtype, tid=self._spec(("buf", tuple(int(d) for d in shape), dtype)))
+        return Value(shape, dtype, tid=self._spec(("buf", shape, dtype)))
 
     def alias(self, x: Value, shape: Iterable[Any]) -> Value:
         """The same data seen with another shape (Reshape, Squeeze...): no copy. The planner
@@ -315,16 +315,7 @@ class Planner:
             raise UnsupportedError(f"{where(self._node) if self._node else 'the graph'}: a view of shape "
                                    f"{shape} does not hold the {n} elements of its input of shape "
                                    f"{tuple(int(d) for d in x.shape)}")
-        self._check_dims(shape, "a view")
-
-    def _check_dims(self, shape: tuple[int, ...], what: str) -> None:
-        """Every size bounded, not only the product: an empty tensor of shape (2**63 - 1, 0)
-        holds 0 elements, but NumPy cannot make it, and a Concat of two would be 2**64 - 2."""
-        bound = math.prod(d for d in shape if d > 0)
-        if bound > self.budget.limits.max_tensor_elements:
-            limits.refuse(self._node or "the graph", f"{what} of shape {shape} has sizes whose product, "
-                          f"without its zero sizes, is {bound}", "max_tensor_elements",
-                          self.budget.limits.max_tensor_elements)
+        self.budget.sizes(self._node or "the graph", shape, "a view")
 
     def materialize(self, x: Value) -> Value:
         self.tid(x)
