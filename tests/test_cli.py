@@ -2,12 +2,16 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rnnengine
 from rnnengine import cli
+from rnnengine.train.fit import Network
 
 
 def test_bundled_demo_model_is_the_committed_generator_output():
@@ -348,9 +352,44 @@ def test_damaged_checkpoint_is_a_format_error(tmp_path):
                      {"params": np.zeros(3, np.float32)}, quantize=set(),
                      metadata={"train.config": {"kind": "LSTM", "input_size": 2, "hidden_size": 2,
                                                 "output_size": 2}})
-    with pytest.raises(fileformat.FormatError, match="tensor 'params' is float32 \\(3,\\); train.config needs"):
+    with pytest.raises(fileformat.FormatError, match="the config needs 54 parameters, the checkpoint holds 3"):
         rnnengine.load(str(tmp_path / "bad.rnne"))
     assert cli.main(["inspect", str(tmp_path / "bad.rnne")]) == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_layers": 10 ** 9}, "num_layers must be an integer from 1 to 54"),  # once looped for minutes
+    ({"hidden_size": 10 ** 12}, "hidden_size must be an integer"),  # once allocated terabytes
+    ({"num_layers": 2}, "the config needs 102 parameters, the checkpoint holds 54"),
+    ({"input_size": 2.5}, "input_size must be an integer"),
+    ({"output_size": True}, "output_size must be an integer"),
+    ({"kind": "LSTMX"}, "kind must be one of"),
+    ({"threads": 2}, "unknown config field"),
+    ({"hidden_size": None}, "hidden_size must be an integer"),
+])
+def test_hostile_checkpoint_config_is_refused_before_layout(tmp_path, change, message):
+    """A checkpoint's train.config is untrusted: its sizes are checked against the stored
+    parameters (exact count, closed form) before the network is laid out or allocated."""
+    from rnnengine.format import weightfile as fileformat
+    cfg = {"kind": "LSTM", "input_size": 2, "hidden_size": 2, "output_size": 2}
+    assert Network.parameter_count(cfg) == 54 == Network(**cfg).size
+    fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
+                     {"params": np.zeros(54, np.float32)}, quantize=set(), metadata={"train.config": {**cfg, **change}})
+    t0 = time.perf_counter()
+    with pytest.raises(fileformat.FormatError, match=message):
+        rnnengine.load(str(tmp_path / "bad.rnne"))
+    assert time.perf_counter() - t0 < 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["LSTM", "GRU", "RNN"]), I=st.integers(1, 6), H=st.integers(1, 6), O=st.integers(1, 4),
+       L=st.integers(1, 3), bi=st.booleans(), emb=st.one_of(st.none(), st.integers(1, 4)), peep=st.booleans())
+def test_parameter_count_closed_form_equals_the_layout(kind, I, H, O, L, bi, emb, peep):
+    cfg = dict(kind=kind, input_size=I, hidden_size=H, output_size=O, num_layers=L, bidirectional=bi,
+               embedding=emb, peepholes=peep and kind == "LSTM")
+    net = Network(**cfg)
+    assert Network.parameter_count(net.config) == net.size == sum(int(np.prod(s)) for _, s in net.slots.values())
+    assert Network.from_config(net.config, net.size).size == net.size
 
 
 def test_verify_and_run_report_not_streamable_raised_by_the_stream(tmp_path, capsys, monkeypatch):

@@ -256,16 +256,16 @@ def load_checkpoint_model(wf, path):
     cfg = wf.metadata.get("train.config")
     if not isinstance(cfg, dict):
         fail("metadata 'train.config' (the network's configuration) is missing")
-    try:
-        from rnnengine.train.fit import Network  # a training checkpoint only (imports onnx for export)
-        net = Network(**cfg)
-    except (TypeError, ValueError) as e:
-        fail(f"metadata 'train.config' does not describe a network ({e})")
     if "params" not in wf.names:
         fail("tensor 'params' is missing")
     params = wf.tensor("params")
-    if params.shape != net.params.shape or params.dtype != np.float32:
-        fail(f"tensor 'params' is {params.dtype} {params.shape}; train.config needs float32 {net.params.shape}")
+    if params.ndim != 1 or params.dtype != np.float32:
+        fail(f"tensor 'params' is {params.dtype} {params.shape}; a checkpoint's parameters are one float32 vector")
+    try:  # sizes checked against the stored parameters before anything is laid out or allocated
+        from rnnengine.train.fit import Network  # a training checkpoint only (imports onnx for export)
+        net = Network.from_config(cfg, params.size)
+    except (TypeError, ValueError, KeyError) as e:
+        fail(f"metadata 'train.config' does not describe a network of the stored 'params' ({e})")
     net.params[:] = params
     proto = net.to_onnx()
     from rnnengine.frontend.converter import convert_model  # (imports onnx)

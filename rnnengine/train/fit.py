@@ -14,6 +14,7 @@ at every step, or of the last step with ``last_only=True``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import sys
@@ -96,6 +97,48 @@ class Network:
                 b = self.tensor(f"layer{l}.B")  # (D, 8H): Wb then Rb, gates i, o, f, c
                 b[:, 2 * H:3 * H] = forget_bias
                 b[:, 6 * H:7 * H] = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, n_params):
+        """The network a stored config (a checkpoint's ``train.config``, untrusted) describes,
+        whose flat parameters hold n_params elements. The sizes are checked and the parameter
+        count computed exactly (parameter_count) before anything is laid out or allocated, so
+        a hostile config (a billion layers, a hidden size of 10^12) is refused at once with
+        ValueError instead of looping or allocating."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"the config must be an object, got {type(cfg).__name__}")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "threads"}
+        unknown = sorted(str(k) for k in cfg if k not in known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        if cfg.get("kind") not in GATES:
+            raise ValueError(f"kind must be one of {sorted(GATES)}, got {cfg.get('kind')!r}")
+        missing = [k for k in ("input_size", "hidden_size", "output_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"missing field(s) {missing}")
+        for name in ("input_size", "hidden_size", "output_size", "num_layers", "embedding"):
+            v = cfg.get(name, 1)
+            if name == "embedding" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= max(n_params, 1):
+                raise ValueError(f"{name} must be an integer from 1 to {max(n_params, 1)} (the parameters' "
+                                 f"elements), got {v!r}")
+        need = cls.parameter_count(cfg)
+        if need != n_params:
+            raise ValueError(f"the config needs {need} parameters, the checkpoint holds {n_params}")
+        return cls(**cfg)
+
+    @staticmethod
+    def parameter_count(cfg):
+        """Elements of the flat parameter array of the network cfg describes (the layout of
+        _layout, in closed form: exact Python integers, O(1) whatever the sizes)."""
+        G, H = GATES[cfg["kind"]], int(cfg["hidden_size"])
+        D = 2 if cfg.get("bidirectional") else 1
+        E, I, O, L = cfg.get("embedding"), int(cfg["input_size"]), int(cfg["output_size"]), int(cfg.get("num_layers", 1))
+        first = int(E) if E else I
+        per_layer = D * G * H * H + D * 2 * G * H + (D * 3 * H if cfg.get("peepholes") else 0)
+        return ((I * int(E)) if E else 0) + D * G * H * first + (L - 1) * D * G * H * D * H + L * per_layer \
+            + O * D * H + O
 
     def _layout(self):
         c = self.config
@@ -697,8 +740,7 @@ def load_checkpoint(path):
     with fileformat.read(path) as wf:
         if wf.graph.get("kind") != "rnnengine-checkpoint":
             raise ValueError(f"{path} is a weight file but not a training checkpoint")
-        cfg = dict(wf.metadata["train.config"])
-        net = Network(**cfg)
+        net = Network.from_config(wf.metadata["train.config"], wf.tensor("params").size)
         net.params[:] = wf.tensor("params")
         sc = wf.metadata["train.optimizer_state"]
         if wf.metadata["train.optimizer"] == "Adam":
