@@ -250,6 +250,8 @@ cdef extern from "internal.h" nogil:
     void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                              int64_t ldc, int accumulate)
     int64_t rnn_threads_worker_chunks()
+    int64_t rnn_stft_table_floats(int64_t K)
+    int64_t rnn_stft_work(int64_t K)
     void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
                             const float *B, const float *Whr, float *h, float *c, float *work)
 

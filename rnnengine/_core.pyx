@@ -46,6 +46,11 @@ def panel_width():
     return rnn_panel_width()
 
 
+def stft_sizes(int64_t K):
+    """(table floats, workspace floats) of RNN_OP_STFT for frames of K samples (src_c/stft.c)."""
+    return rnn_stft_table_floats(K), rnn_stft_work(K)
+
+
 def kernel_level_max():
     return rnn_kernel_level_max()
 

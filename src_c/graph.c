@@ -23,6 +23,9 @@
  *   CONV1D_PACKED  ip: as CONV1D, then act (-1 none, RNN_ACT_RELU, RNN_ACT_LEAKY_RELU)
  *             fp: alpha (LeakyRelu)   in: x, Wp (the filters packed as conv.c describes), bias
  *             out = act(conv + bias), the same result as CONV1D followed by UNARY act
+ *   STFT      ip: N, L, Lout, K, stride, pad_left, sign   in: x (N, 1, L), W (K + 2, 1, K), table
+ *             out (N, K + 2, Lout) = CONV1D of x with W, W a windowed DFT basis (sign: of its
+ *             sine rows), computed by FFT from the window and twiddles in table (stft.c)
  *   PAD       ip: esize, nd, out_shape[nd], in_stride[nd], map_start[nd], fill, maps...
  *             out[o] = in[sum map_d[o_d] * in_stride[d]], or the fill element when any
  *             map_d[o_d] < 0 (fill holds its esize bytes as its low bytes: float32 by its bit
@@ -964,6 +967,7 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
         case RNN_OP_CONV1D_PACKED:
             rnn_conv1d_packed(ip, fp[0], T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
             break;
+        case RNN_OP_STFT: rnn_stft(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0]), work); break;
         case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
@@ -1030,7 +1034,7 @@ static int add_ok(int64_t a, int64_t b, int64_t *r) {
 static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
                                        "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
                                        "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ",
-                                       "CONV1D_PACKED"};
+                                       "CONV1D_PACKED", "STFT"};
 #define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 /* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
@@ -1386,6 +1390,28 @@ static int verify_instr(vctx *v) {
             need(v, &c, "bias", "reads", M) || need(v, &y, "output", "writes", y_n))
             return 1;
         if (col > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)col, (long long)v->work);
+        return 0;
+    }
+    case RNN_OP_STFT: {
+        if (nparams(v, 7) || unused(v, 3, 1)) return 1;
+        const int64_t N = ip[0], L = ip[1], Lout = ip[2], K = ip[3], s = ip[4], pad = ip[5], sign = ip[6];
+        if (K < 4 || K > (1 << 20) || (K & (K - 1))) return bad(v, "frame length %lld is not a power of two from 4 to 2^20", (long long)K);
+        if (s < 1) return bad(v, "stride %lld must be >= 1", (long long)s);
+        if (sign != 1 && sign != -1) return bad(v, "sign %lld is not 1 or -1", (long long)sign);
+        if (pad < -SPAN_LIMIT || pad > SPAN_LIMIT) return bad(v, "padding %lld is out of range", (long long)pad);
+        int64_t x_n, y_n, w_n, reach = 0;
+        const int64_t xs[2] = {N, L}, ys[3] = {N, K + 2, Lout}, ws[2] = {K + 2, K};
+        if (sizes(v, "the input", 2, xs, &x_n) || sizes(v, "the output", 3, ys, &y_n) || sizes(v, "the filters", 2, ws, &w_n))
+            return 1;
+        if (Lout > 0 && (!mul_ok(Lout - 1, s, &reach) || !add_ok(reach, K, &reach) || reach > SPAN_LIMIT))
+            return bad(v, "the stride reaches beyond any input");
+        if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "filters", 1, M_F32, &b) || get(v, 2, "table", 1, M_F32, &c) ||
+            get(v, 4, "output", 1, M_F32, &y))
+            return 1;
+        if (need(v, &a, "input", "reads", x_n) || need(v, &b, "filters", "reads", w_n) ||
+            need(v, &c, "table", "reads", rnn_stft_table_floats(K)) || need(v, &y, "output", "writes", y_n))
+            return 1;
+        if (rnn_stft_work(K) > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)rnn_stft_work(K), (long long)v->work);
         return 0;
     }
     case RNN_OP_PAD: {

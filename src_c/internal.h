@@ -230,6 +230,11 @@ int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg);
 void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const float *Wp, const float *bias,
                        float *out, float *work);
 
+/* A Conv1d whose filters are a windowed DFT basis, by FFT (stft.c; RNN_OP_STFT in graph.c). */
+int64_t rnn_stft_table_floats(int64_t K);
+int64_t rnn_stft_work(int64_t K);
+void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *table, float *out, float *work);
+
 int64_t rnn_lstm_saved_floats(int64_t H);
 int64_t rnn_gru_saved_floats(int64_t H);
 int64_t rnn_rnn_saved_floats(int64_t H);

@@ -17,13 +17,14 @@ import numpy as np
 
 from typing import Any, Iterable, Protocol
 
+from rnnengine import _core
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
 # the C enums (src_c/rnnengine.h) and the recurrent ops' tables, defined once in codes.py
 from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
-    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_STFT, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -1290,6 +1291,57 @@ def conv_work_floats(Lout: int, Cg: int, K: int, Mg: int) -> int:
 PACKED_CONV_MIN_LENGTH = 4
 
 
+def dft_basis(W: Any) -> Any:
+    """(table, sign) when the Conv filters W (M, 1, K) are a windowed DFT basis, as audio
+    front ends compute their STFT (silero-vad: a periodic Hann window): K a power of two from
+    4, M = K + 2, and every stored value within float32 rounding of the formula
+    (src_c/stft.c): W[f, 0, n] = w[n] cos(2 pi f n / K), W[K/2 + 1 + f, 0, n] = sign w[n]
+    sin(2 pi f n / K), f = 0 .. K/2, the window w being W[0, 0] itself. table is what
+    RNN_OP_STFT reads: the window, the FFT's twiddles and the split step's (computed in float64
+    and rounded). None when W is anything else: the Conv is then computed as one.
+
+    The test of "within rounding": |W - formula| <= 2 eps |w|max, eps = 2^-23. A float32
+    basis stored from exact values is within 0.5 ulp of each (silero-vad's: 0.48 eps), plus the
+    rounding of w itself; the FFT's result then differs from the direct product by at most
+    2 eps |w|max sum|x| over the frame, the size of the direct product's own rounding."""
+    W = np.asarray(W)
+    if W.ndim != 3 or W.shape[1] != 1 or W.dtype != np.float32:
+        return None
+    M, _, K = W.shape
+    if K < 4 or K > 1 << 20 or K & (K - 1) or M != K + 2 or not np.isfinite(W).all():
+        return None
+    h = K // 2
+    w = W[0, 0].astype(np.float64)
+    top = float(np.abs(w).max())
+    if top == 0.0:
+        return None
+    n = np.arange(K)
+    f = np.arange(h + 1)[:, None]
+    angle = 2 * np.pi * ((f * n) % K) / K  # reduced exactly before the product with 2 pi
+    tol = 2.0 * 2.0 ** -23 * top
+    if np.abs(W[:h + 1, 0].astype(np.float64) - w * np.cos(angle)).max() > tol:
+        return None
+    sine = w * np.sin(angle)
+    im = W[h + 1:, 0].astype(np.float64)
+    if np.abs(im - sine).max() <= tol:
+        sign = 1
+    elif np.abs(im + sine).max() <= tol:
+        sign = -1
+    else:
+        return None
+    parts = [w]
+    e = np.arange(h // 2)
+    s = 1
+    while s < h:  # FFT stage of s interleaved sequences: the twiddle of each e, expanded
+        parts += [np.cos(2 * np.pi * (e - e % s) / h), np.sin(2 * np.pi * (e - e % s) / h)]
+        s *= 2
+    k = np.arange(h + 1)
+    parts += [np.cos(2 * np.pi * k / K), np.sin(2 * np.pi * k / K)]
+    table = np.concatenate(parts).astype(np.float32)
+    assert table.size == _core.stft_sizes(K)[0]
+    return table, sign
+
+
 def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]) -> None:
     """out (N, M, Lout) = conv(x (N, C, L), constant W (M, C/g, K)) + constant bias, with the
     filters packed once per model (p.derived) for RNN_OP_CONV1D_PACKED; geometry is CONV1D's
@@ -1297,6 +1349,14 @@ def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]
     Relu / LeakyRelu that reads only this output into the instruction (fuse_activations in
     rnnengine/runtime/graph.py)."""
     N, C, L, M, K, Lout, s, d, pl, g = geometry
+    if C == 1 and g == 1 and d == 1 and (bias is None or not np.any(bias.const)):
+        found = p.derived(w.const, "stft-table", lambda: dft_basis(w.const))
+        if found is not None:  # an STFT front end: by FFT, reading no filters (src_c/stft.c)
+            table, sign = found
+            p.need_work(_core.stft_sizes(K)[1])
+            p.emit(OP_STFT, [x, p.const(np.ascontiguousarray(w.const, np.float32)), p.const(table)], [out],
+                   [N, L, Lout, K, s, pl, sign])
+            return
     if Lout < PACKED_CONV_MIN_LENGTH:
         # A few dot products: BLAS computes them with its lanes along the filter taps, as
         # onnxruntime does; the panel kernels sum in another order (lanes along the filters),
