@@ -136,9 +136,11 @@ int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg) 
     return lb * (Cg * K + PANELS(Mg) * RNN_PANEL);
 }
 
-/* colT (lb, Cg*K) for outputs l0 .. l0+lb-1 of one group's input xg (Cg, L). */
-static void im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t stride, int64_t dil, int64_t pad,
-                   int64_t l0, int64_t lb, float *colT) {
+/* colT (lb, Cg*K) for outputs l0 .. l0+lb-1 of one group's input xg (Cg, L):
+ * colT[l][c*K + k] = xg[c][(l0 + l)*stride + k*dil - pad], 0 in the padding. Also the
+ * column buffer of the reference CONV1D (graph.c). */
+void rnn_im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t stride, int64_t dil, int64_t pad,
+                int64_t l0, int64_t lb, float *colT) {
     const int64_t CK = Cg * K;
     for (int64_t l = 0; l < lb; l++) {
         float *row = colT + l * CK;
@@ -146,9 +148,26 @@ static void im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t st
         if (dil == 1 && p0 >= 0 && p0 + K <= L) { /* the whole window inside: K samples per channel */
             if (K >= 16)
                 for (int64_t c = 0; c < Cg; c++) memcpy(row + c * K, xg + c * L + p0, sizeof(float) * (size_t)K);
+            else if (K == 3) /* the most common kernel: unrolled */
+                for (int64_t c = 0; c < Cg; c++) {
+                    const float *s = xg + c * L + p0;
+                    row[c * 3] = s[0], row[c * 3 + 1] = s[1], row[c * 3 + 2] = s[2];
+                }
             else /* a few taps: a call per channel would cost more than the copy */
                 for (int64_t c = 0; c < Cg; c++)
                     for (int64_t k = 0; k < K; k++) row[c * K + k] = xg[c * L + p0 + k];
+            continue;
+        }
+        if (dil == 1) { /* taps lo .. hi-1 inside the input, the others in the padding */
+            const int64_t lo = p0 >= 0 ? 0 : (-p0 < K ? -p0 : K);
+            const int64_t hi = L - p0 >= K ? K : (L - p0 > lo ? L - p0 : lo);
+            for (int64_t c = 0; c < Cg; c++) {
+                float *r = row + c * K;
+                const float *s = xg + c * L; /* tap k reads s[p0 + k] */
+                for (int64_t k = 0; k < lo; k++) r[k] = 0.0f;
+                for (int64_t k = lo; k < hi; k++) r[k] = s[p0 + k];
+                for (int64_t k = hi; k < K; k++) r[k] = 0.0f;
+            }
             continue;
         }
         for (int64_t c = 0; c < Cg; c++)
@@ -184,25 +203,23 @@ void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const flo
                      * `stride` (the STFT conv of an audio front end: no copy) */
                     A = xg + first, lda = stride;
                 } else {
-                    im2col(xg, Cg, L, K, stride, dil, pad, l0, lb, colT);
+                    rnn_im2col(xg, Cg, L, K, stride, dil, pad, l0, lb, colT);
                 }
                 if (CK == 0) memset(prod, 0, sizeof(float) * (size_t)(lb * Mg));
                 else conv_gemm(lb, A, lda, &wp, prod, Mg, aligned);
-                /* out[n, g*Mg + m, l0 + l] = act(prod[l][m] + bias), the transpose of prod */
-                for (int64_t m = 0; m < Mg; m++) {
-                    float *o = out + (n * M + g * Mg + m) * Lout + l0;
-                    const float *pm = prod + m;
-                    if (bias) {
-                        const float b = bias[g * Mg + m];
-                        for (int64_t l = 0; l < lb; l++) o[l] = pm[l * Mg] + b;
-                    } else {
-                        for (int64_t l = 0; l < lb; l++) o[l] = pm[l * Mg];
+                /* out[n, g*Mg + m, l0 + l] = act(prod[l][m] + bias), the transpose of prod, in
+                 * one pass (the activation as op_unary / rnn_activation_apply: the NaN-keeping
+                 * selects; no bias adds nothing, so -0 stays -0) */
+                float *og = out + (n * M + g * Mg) * Lout + l0;
+                for (int64_t l = 0; l < lb; l++) {
+                    const float *pl = prod + l * Mg;
+                    float *o = og + l;
+                    for (int64_t m = 0; m < Mg; m++) {
+                        float v = bias ? pl[m] + bias[g * Mg + m] : pl[m];
+                        if (act == RNN_ACT_RELU) v = v < 0.0f ? 0.0f : v;
+                        else if (act == RNN_ACT_LEAKY_RELU) v = v >= 0.0f ? v : alpha * v;
+                        o[m * Lout] = v;
                     }
-                    /* as op_unary / rnn_activation_apply: the NaN-keeping selects */
-                    if (act == RNN_ACT_RELU)
-                        for (int64_t l = 0; l < lb; l++) o[l] = o[l] < 0.0f ? 0.0f : o[l];
-                    else if (act == RNN_ACT_LEAKY_RELU)
-                        for (int64_t l = 0; l < lb; l++) o[l] = o[l] >= 0.0f ? o[l] : alpha * o[l];
                 }
             }
         }

@@ -285,14 +285,7 @@ static void op_conv1d(const int64_t *ip, const float *x, const float *W, const f
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < G; g++) {
             const float *xg = x + (n * C + g * Cg) * L;
-            for (int64_t l = 0; l < Lout; l++) {
-                float *row = colT + l * CK;
-                for (int64_t c = 0; c < Cg; c++)
-                    for (int64_t k = 0; k < K; k++) {
-                        const int64_t p = l * stride + k * dil - pad;
-                        row[c * K + k] = (p >= 0 && p < L) ? xg[c * L + p] : 0.0f;
-                    }
-            }
+            rnn_im2col(xg, Cg, L, K, stride, dil, pad, 0, Lout, colT);
             float *og = out + (n * M + g * Mg) * Lout;
             /* og (Mg, Lout) = W_g (Mg, CK) @ colT (Lout, CK)^T */
             rnn_gemm_nt(Mg, Lout, CK, 1.0f, W + g * Mg * CK, CK, colT, CK, 0.0f, og, Lout, 1);

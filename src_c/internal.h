@@ -229,6 +229,8 @@ int64_t rnn_conv1d_packed_floats(int64_t M, int64_t Cg, int64_t K, int64_t G);
 int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg);
 void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const float *Wp, const float *bias,
                        float *out, float *work);
+void rnn_im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t stride, int64_t dil, int64_t pad,
+                int64_t l0, int64_t lb, float *colT);
 
 /* A Conv1d whose filters are a windowed DFT basis, by FFT (stft.c; RNN_OP_STFT in graph.c). */
 int64_t rnn_stft_table_floats(int64_t K);
