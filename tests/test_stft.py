@@ -284,3 +284,20 @@ def test_verifier_refuses_hostile_stft_instructions(change, message):
     with pytest.raises(ValueError, match=message):
         _core.Program(np.array([word], np.int64), np.array(list(ip.values()), np.int64), np.zeros(1, np.float32), [],
                       None, tensor_dtypes=[F32] * 4, tensor_counts=list(sizes.values()), work_floats=work)
+
+
+def test_recognising_a_large_basis_keeps_its_temporaries_small():
+    """dft_basis checks the filters a block of rows at a time: a frame of 4096 samples (67 MB
+    of filters) needs temporaries of tens of MB, not the (K/2) x K float64 arrays (hundreds of
+    MB; a K of 16384 would have taken gigabytes while planning)."""
+    import tracemalloc
+    K = 4096
+    W = basis(K, hann(K))
+    tracemalloc.start()
+    try:
+        found = dft_basis(W)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found is not None and found[1] == -1
+    assert peak < 64 * 2 ** 20, peak

@@ -1316,19 +1316,24 @@ def dft_basis(W: Any) -> Any:
     if top == 0.0:
         return None
     n = np.arange(K)
-    f = np.arange(h + 1)[:, None]
-    angle = 2 * np.pi * ((f * n) % K) / K  # reduced exactly before the product with 2 pi
     tol = 2.0 * 2.0 ** -23 * top
-    if np.abs(W[:h + 1, 0].astype(np.float64) - w * np.cos(angle)).max() > tol:
+
+    def off(rows: Any, sign: int) -> float:
+        """The largest distance of rows f of the cosine (sign 0) or sine filters from the formula."""
+        angle = 2 * np.pi * ((rows[:, None] * n) % K) / K  # reduced exactly before the product with 2 pi
+        stored = W[rows if sign == 0 else h + 1 + rows, 0].astype(np.float64)
+        want = w * np.cos(angle) if sign == 0 else sign * w * np.sin(angle)
+        return float(np.abs(stored - want).max())
+    one = np.array([1])
+    if off(one, 0) > tol:  # most filters fail at once, on the first cosine row
         return None
-    sine = w * np.sin(angle)
-    im = W[h + 1:, 0].astype(np.float64)
-    if np.abs(im - sine).max() <= tol:
-        sign = 1
-    elif np.abs(im + sine).max() <= tol:
-        sign = -1
-    else:
-        return None
+    sign = 1 if off(one, 1) <= tol else -1
+    # every row, a block at a time (temporaries of at most 2^20 float64, whatever K is)
+    block = max(1, (1 << 20) // K)
+    for f0 in range(0, h + 1, block):
+        rows = np.arange(f0, min(h + 1, f0 + block))
+        if off(rows, 0) > tol or off(rows, sign) > tol:
+            return None
     parts = [w]
     e = np.arange(h // 2)
     s = 1

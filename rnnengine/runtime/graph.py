@@ -824,6 +824,15 @@ def fuse_activations(p: Planner) -> None:
         p.labels = [lab for k, lab in enumerate(p.labels) if k not in drop]
 
 
+def _rebuilds(e: BaseException) -> bool:
+    """Whether type(e)(*e.args) makes the same error (so a refusal can be kept and raised again)."""
+    try:
+        again = type(e)(*e.args)
+    except Exception:  # noqa: BLE001 - an error type with another constructor: not kept
+        return False
+    return str(again) == str(e)
+
+
 def _one_value(node: Node, v: Any, what: str, kinds: str) -> Any:
     """A Loop's trip count or condition: one value of the given NumPy kinds (ONNX: an int64
     or a bool scalar; an empty tensor raised IndexError, a float trip count was truncated)."""
@@ -935,7 +944,8 @@ class GraphModel(Model):
         self.outputs = [o["name"] for o in graph["outputs"]]
         # (state input, output fed back as it): the graph's explicit state
         self.state_pairs = cast("list[tuple[str, str]]", [tuple(p) for p in graph.get("state_pairs", [])])
-        self._plans: dict[tuple[Any, ...], Plan] = {}
+        # plans by input shapes, and refusals (error type, args) of shapes that cannot be planned
+        self._plans: dict[tuple[Any, ...], Plan | tuple[type[BaseException], tuple[Any, ...]]] = {}
         self._stacks: dict[Any, tuple[Any, _core.Stack]] = {}
         self._derived: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
@@ -1044,10 +1054,24 @@ class GraphModel(Model):
         key = (streaming, finishing, tuple(sorted((time_axes or {}).items())), tuple(sorted((aux or {}).items()))) \
             + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
         plan = self._plans.get(key)
+        if isinstance(plan, tuple):  # these shapes were refused before: the same error, not planned again
+            raise plan[0](*plan[1])
         if plan is None:
-            planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming,
-                              time_axes=time_axes, aux=aux, finishing=finishing)
-            plan = Plan(planner)
+            try:
+                planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming,
+                                  time_axes=time_axes, aux=aux, finishing=finishing)
+                plan = Plan(planner)
+            except (UnsupportedError, NotStreamableError, ValueError, TypeError) as e:
+                # A refusal depends on the shapes only, so it is kept too: deciding what a new
+                # stream can do plans shapes that fail (too short for a convolution, a batch
+                # other than the state's), ~10 ms per stream of silero-vad when planned again
+                # for every stream. (A LimitError is not kept: max_planning_seconds is wall time.)
+                if not isinstance(e, LimitError) and _rebuilds(e):
+                    with self._lock:
+                        if len(self._plans) > 64:
+                            self._plans.clear()
+                        self._plans[key] = (type(e), e.args)
+                raise
             with self._lock:
                 if len(self._plans) > 64:
                     self._plans.clear()
