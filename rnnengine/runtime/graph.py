@@ -1321,13 +1321,13 @@ class GraphModel(Model):
         planning with that symbolic axis much longer (every input axis named by the same
         symbol together, e.g. the data and a mask) and seeing a recurrent layer's T change, or
         a loop over time unroll further, while the batch sizes stay. A stream is fed chunks
-        along these axes."""
-        try:
-            base = self.plan(feeds)
-        except Exception:
-            return {}
-        if not base.recurrent:
-            return {}
+        along these axes.
+
+        The feeds may be a stream's first chunk, too short to tell: a convolution with a long
+        kernel or stride plans no frame (or refuses) from a few samples, so neither length
+        reaches a recurrent layer. A symbol's axes are then tried much longer too (up to
+        4096), rather than taking the input for one without time (whose chunks would then
+        run as separate sequences)."""
         groups: dict[Any, list[tuple[str, int]]] = {}  # a symbol (or an unnamed axis) -> the axes it names
         for spec in self.inputs:
             name = spec["name"]
@@ -1339,27 +1339,59 @@ class GraphModel(Model):
                 if axis >= feeds[name].ndim or not feeds[name].shape[axis]:
                     continue
                 groups.setdefault(d if isinstance(d, str) and d else (name, axis), []).append((name, axis))
-        found = {}
-        for members in groups.values():
-            if len({feeds[n].shape[k] for n, k in members}) != 1:
-                continue
-            longer = dict(feeds)
-            for name, axis in members:
-                # much longer: one step more may not change T behind a strided convolution
-                arr = longer[name]
-                n = arr.shape[axis]
-                longer[name] = np.take(arr, np.arange(n + max(n, 32)) % n, axis=axis)
+
+        def lengthened(base: Mapping[str, Array], members: list[tuple[str, int]], n_new: int) -> dict[str, Array]:
+            out = dict(base)
+            for name, axis in members:  # repeats the given samples along the axis
+                arr = out[name]
+                out[name] = np.take(arr, np.arange(n_new) % arr.shape[axis], axis=axis)
+            return out
+
+        def try_plan(f: Mapping[str, Array], probing: bool = False) -> Optional[Plan]:
             try:
-                plan = self.plan(longer)
+                return self.plan(f)
             except LimitError:
+                if probing:  # a length rnnengine chose, not the caller: not this one
+                    return None
                 raise  # whether this is the time axis cannot be told: refused, not guessed
             except Exception:
+                return None
+
+        def frames(plan: Optional[Plan]) -> list[Any]:
+            """The recurrent layers' T, or [] when the plan tells nothing (none, or one with none)."""
+            if plan is None or not plan.recurrent:
+                return []
+            ts = [a["T"] for a in plan.recurrent]
+            return [] if 0 in ts else ts
+
+        given = try_plan(feeds)
+        found = {}
+        for members in groups.values():
+            sizes = {feeds[n].shape[k] for n, k in members}
+            if len(sizes) != 1:
                 continue
-            ts = [a["T"] for a in base.recurrent]
-            ts2 = [a["T"] for a in plan.recurrent]
-            if {a["B"] for a in plan.recurrent} == {a["B"] for a in base.recurrent} and ts != ts2:
-                for name, axis in members:
-                    found[name] = axis
+            n = sizes.pop()
+            # bases: the feeds as given; when they plan no frame, the axis much longer
+            bases = [(n, given)]
+            if not frames(given):
+                bases += [(m, None) for m in (256, 1024, 4096) if m > n]
+            for m, plan in bases:
+                if plan is None and m != n:
+                    plan = try_plan(lengthened(feeds, members, m), probing=True)
+                if not frames(plan):
+                    continue
+                assert plan is not None
+                # much longer: one step more may not change T behind a strided convolution (nor
+                # 32 behind a stride of 64), so longer and longer until T changes
+                for extra in (max(m, 32), 1024, 4096):
+                    longer = try_plan(lengthened(feeds, members, m + extra), probing=m != n or extra > max(m, 32))
+                    if longer is not None and frames(longer) \
+                            and {a["B"] for a in longer.recurrent} == {a["B"] for a in plan.recurrent} \
+                            and frames(longer) != frames(plan):
+                        for name, axis in members:
+                            found[name] = axis
+                        break
+                break  # a base that plans frames decides
         return found
 
     def example_feeds(self, time: int = 23, batch: int = 2) -> Optional[dict[str, Array]]:
