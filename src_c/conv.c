@@ -145,7 +145,7 @@ void rnn_im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t strid
     for (int64_t l = 0; l < lb; l++) {
         float *row = colT + l * CK;
         const int64_t p0 = (l0 + l) * stride - pad; /* the input position of tap 0 */
-        if (dil == 1 && p0 >= 0 && p0 + K <= L) { /* the whole window inside: K samples per channel */
+        if (dil == 1 && p0 >= 0 && p0 <= L - K) { /* the whole window inside: K samples per channel */
             if (K >= 16)
                 for (int64_t c = 0; c < Cg; c++) memcpy(row + c * K, xg + c * L + p0, sizeof(float) * (size_t)K);
             else if (K == 3) /* the most common kernel: unrolled */

@@ -1363,10 +1363,12 @@ static int verify_instr(vctx *v) {
             return 1;
         if (!mul_ok(C / G, K, &ck)) return bad(v, "the sizes of the kernel overflow");
         if (M / G > INT32_MAX || Lout > INT32_MAX || ck > INT32_MAX) return bad(v, "sizes beyond what BLAS takes");
-        /* the input position l*stride + k*dil - pad must not overflow */
+        /* the input position l*stride + k*dil - pad (and a window's end past it) must not
+         * overflow: reach + |pad| + K within SPAN_LIMIT */
         if (Lout > 0 && K > 0 &&
-            (!mul_ok(Lout - 1, s, &reach) || !mul_ok(K - 1, dil, &t) || !add_ok(reach, t, &reach) || reach > SPAN_LIMIT))
-            return bad(v, "stride and dilation reach beyond any input");
+            (!mul_ok(Lout - 1, s, &reach) || !mul_ok(K - 1, dil, &t) || !add_ok(reach, t, &reach) ||
+             !add_ok(reach, pad < 0 ? -pad : pad, &reach) || !add_ok(reach, K, &reach) || reach > SPAN_LIMIT))
+            return bad(v, "stride, dilation and padding reach beyond any input");
         if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "weights", 1, M_F32, &b) ||
             get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
             return 1;
@@ -1396,8 +1398,9 @@ static int verify_instr(vctx *v) {
         const int64_t xs[2] = {N, L}, ys[3] = {N, K + 2, Lout}, ws[2] = {K + 2, K};
         if (sizes(v, "the input", 2, xs, &x_n) || sizes(v, "the output", 3, ys, &y_n) || sizes(v, "the filters", 2, ws, &w_n))
             return 1;
-        if (Lout > 0 && (!mul_ok(Lout - 1, s, &reach) || !add_ok(reach, K, &reach) || reach > SPAN_LIMIT))
-            return bad(v, "the stride reaches beyond any input");
+        if (Lout > 0 && (!mul_ok(Lout - 1, s, &reach) || !add_ok(reach, K, &reach) ||
+                         !add_ok(reach, pad < 0 ? -pad : pad, &reach) || reach > SPAN_LIMIT))
+            return bad(v, "the stride and padding reach beyond any input");
         if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "filters", 1, M_F32, &b) || get(v, 2, "table", 1, M_F32, &c) ||
             get(v, 4, "output", 1, M_F32, &y))
             return 1;

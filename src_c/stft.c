@@ -208,7 +208,7 @@ void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *ta
             const int64_t p0 = l * stride - pad;
             float *o = out + n * M * Lout + l; /* out[n, m, l] = o[m * Lout] */
             int finite = 1;
-            if (p0 >= 0 && p0 + K <= L) { /* z[m] = a[2m] + i a[2m+1], a the windowed frame */
+            if (p0 >= 0 && p0 <= L - K) { /* z[m] = a[2m] + i a[2m+1], a the windowed frame */
                 const float *v = xn + p0;
 #ifdef RNN_HAVE_STFT_AVX512
                 if (wide) finite = window_avx512(h, w, v, zr, zi);

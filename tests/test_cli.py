@@ -366,6 +366,12 @@ def test_damaged_checkpoint_is_a_format_error(tmp_path):
     ({"kind": "LSTMX"}, "kind must be one of"),
     ({"threads": 2}, "unknown config field"),
     ({"hidden_size": None}, "hidden_size must be an integer"),
+    ({"clip": 10 ** 400}, "clip must be a finite number > 0"),  # float() overflowed (OverflowError)
+    ({"forget_bias": 10 ** 400}, "forget_bias must be a finite number"),
+    ({"clip": -1.0}, "clip must be a finite number > 0"),  # loaded, then failed at run()
+    ({"kind": "GRU", "linear_before_reset": 7}, "linear_before_reset must be 0 or 1"),
+    ({"bidirectional": "yes"}, "bidirectional must be true or false"),
+    ({"seed": -3}, "seed must be a non-negative integer"),
 ])
 def test_hostile_checkpoint_config_is_refused_before_layout(tmp_path, change, message):
     """A checkpoint's train.config is untrusted: its sizes are checked against the stored
@@ -373,6 +379,16 @@ def test_hostile_checkpoint_config_is_refused_before_layout(tmp_path, change, me
     from rnnengine.format import weightfile as fileformat
     cfg = {"kind": "LSTM", "input_size": 2, "hidden_size": 2, "output_size": 2}
     assert Network.parameter_count(cfg) == 54 == Network(**cfg).size
+    if change.get("kind") == "GRU":
+        cfg = {**cfg, "kind": "GRU"}
+        change = {k: v for k, v in change.items() if k != "kind"}
+        n = Network.parameter_count(cfg)
+        fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
+                         {"params": np.zeros(n, np.float32)}, quantize=set(),
+                         metadata={"train.config": {**cfg, **change}})
+        with pytest.raises(fileformat.FormatError, match=message):
+            rnnengine.load(str(tmp_path / "bad.rnne"))
+        return
     fileformat.write(str(tmp_path / "bad.rnne"), {"kind": "rnnengine-checkpoint"},
                      {"params": np.zeros(54, np.float32)}, quantize=set(), metadata={"train.config": {**cfg, **change}})
     t0 = time.perf_counter()
@@ -426,3 +442,18 @@ def test_the_cli_from_a_source_tree_without_the_core_helps_and_then_says_what_to
                        cwd=tmp_path)
     # (an editable install's import hook may still find the built core: then the demo just runs)
     assert r.returncode == 0 or ("pip install" in r.stderr and "Traceback" not in r.stderr), r.stderr
+
+
+def test_a_checkpoint_of_more_layers_than_a_stored_network_may_have_is_refused_quickly(tmp_path):
+    """RNN layers of H=1 cost 4 parameters each: 1001 of them fit in 16 KB, and loading built
+    the exported graph layer by layer (20,000 layers: 12.7 s, 481 MB)."""
+    from rnnengine.format import weightfile as fileformat
+    from rnnengine.train.fit import MAX_STORED_LAYERS
+    cfg = {"kind": "RNN", "input_size": 1, "hidden_size": 1, "output_size": 1, "num_layers": MAX_STORED_LAYERS + 1}
+    n = Network.parameter_count(cfg)
+    fileformat.write(str(tmp_path / "deep.rnne"), {"kind": "rnnengine-checkpoint"},
+                     {"params": np.zeros(n, np.float32)}, quantize=set(), metadata={"train.config": cfg})
+    t0 = time.perf_counter()
+    with pytest.raises(fileformat.FormatError, match="num_layers 1001 is more than a stored network may have"):
+        rnnengine.load(str(tmp_path / "deep.rnne"))
+    assert time.perf_counter() - t0 < 5

@@ -361,3 +361,76 @@ def test_a_spectrogram_model_streams_exactly_in_any_chunks(K, hop_div, pad, chun
     s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
     close(np.concatenate([p["spec"] for p in parts], axis=2), whole["spec"])
     close(np.concatenate([p["y"] for p in parts], axis=0), whole["y"])
+
+
+# --- found by review ----------------------------------------------------------------------------
+
+def test_taps_where_the_window_is_zero_must_be_zero_too():
+    """The tolerance is per tap (2 eps |w[n]|): a basis whose filters hold 2e-7 where the Hann
+    window is 0 (tap 0) was accepted by a tolerance on the window's largest value, and an
+    impulse there gave 0 where onnxruntime gives 2e-4 (20x the tolerance)."""
+    K = 64
+    W = basis(K, hann(K))
+    off = W.copy()
+    off[1:, 0, 0] = 2e-7 * np.where(np.arange(1, K + 2) % 2, 1, -1)
+    assert dft_basis(W) is not None and dft_basis(off) is None
+    x = np.zeros((1, 1, 4 * K), np.float32)
+    x[0, 0, ::K] = 1000.0
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[K], kernel_shape=[K])
+    gm, _ = check(model_of([node], [("x", x)], ["y"], [("w", off)]), {"x": x})
+    assert OP_STFT not in _plan_ops(gm, {"x": x})
+
+
+def test_a_zero_bias_of_the_wrong_length_is_refused_as_for_any_conv():
+    K = 64
+    x = rng.standard_normal((1, 1, 300)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[16], kernel_shape=[K])
+    gm = rnnengine.convert(model_of([node], [("x", x)], ["y"], [("w", basis(K, hann(K))), ("b", np.zeros(3, np.float32))]))
+    with pytest.raises(ValueError, match="bias"):
+        gm.run({"x": x})
+
+
+@pytest.mark.parametrize("op", ["stft", "conv"])
+def test_verifier_bounds_the_padding_with_the_stride(op):
+    """A stride of 2^62 - K with a padding of -2^62 passed the verifier (the padding was not
+    counted in the reach), and the window test p0 + K <= L wrapped around: the frames read the
+    K floats before the input."""
+    K, L, Lout, s, pad = 4, 8, 2, 2 ** 62 - 4, -(2 ** 62)
+    if op == "stft":
+        W = basis(K, hann(K))
+        table, sign = dft_basis(W)
+        ip = [1, L, Lout, K, s, pad, sign]
+        counts = [L, W.size, table.size, (K + 2) * Lout]
+        work = _core.stft_sizes(K)[1]
+        opcode = OP_STFT
+    else:
+        ip = [1, 1, L, 2, K, Lout, s, 1, pad, 1]
+        counts = [L, 2 * K, 2, 2 * Lout]
+        work = 64
+        opcode = OP_CONV1D
+    word = [opcode, 0, 1, 2, -1, 3, -1, -1, -1, 0, len(ip), 0, 0] + [0] * (_core.INSTR_WORDS - 13)
+    with pytest.raises(ValueError, match="padding reach beyond any input"):
+        _core.Program(np.array([word], np.int64), np.array(ip, np.int64), np.zeros(1, np.float32), [], None,
+                      tensor_dtypes=[F32] * 4, tensor_counts=counts, work_floats=work)
+
+
+def test_a_plan_that_failed_for_want_of_memory_is_not_kept_as_a_refusal(monkeypatch):
+    """Plan refusals are cached by shapes, but a constant fold that ran out of memory (reported
+    as UnsupportedError by the planner) may succeed on the next call."""
+    from rnnengine.ops import handlers
+    x = np.ones((2, 3), np.float32)
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Expand", ["c", "shape"], ["e"]),
+             helper.make_node("Add", ["x", "e"], ["y"])]
+    gm = rnnengine.convert(model_of(nodes, [("x", x)], ["y"], [("c", np.ones((1, 3), np.float32))]))
+    orig, calls = handlers.Expand.eval, []
+
+    def flaky(self, xs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("Unable to allocate 24 B for an array")
+        return orig(self, xs)
+    monkeypatch.setattr(handlers.Expand, "eval", flaky)
+    with pytest.raises(Exception):
+        gm.run({"x": x})
+    np.testing.assert_array_equal(gm.run({"x": x})["y"], x + 1)
+    assert len(calls) == 2

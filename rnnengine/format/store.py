@@ -264,7 +264,7 @@ def load_checkpoint_model(wf, path):
     try:  # sizes checked against the stored parameters before anything is laid out or allocated
         from rnnengine.train.fit import Network  # a training checkpoint only (imports onnx for export)
         net = Network.from_config(cfg, params.size)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         fail(f"metadata 'train.config' does not describe a network of the stored 'params' ({e})")
     net.params[:] = params
     proto = net.to_onnx()

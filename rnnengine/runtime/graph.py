@@ -824,6 +824,18 @@ def fuse_activations(p: Planner) -> None:
         p.labels = [lab for k, lab in enumerate(p.labels) if k not in drop]
 
 
+def _transient(e: BaseException) -> bool:
+    """Whether e, or an error that caused it, may not happen again for the same shapes."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (MemoryError, RecursionError, LimitError)):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _rebuilds(e: BaseException) -> bool:
     """Whether type(e)(*e.args) makes the same error (so a refusal can be kept and raised again)."""
     try:
@@ -1061,12 +1073,15 @@ class GraphModel(Model):
                 planner = Planner(self, {n: (a.shape, a.dtype) for n, a in feeds.items()}, streaming,
                                   time_axes=time_axes, aux=aux, finishing=finishing)
                 plan = Plan(planner)
-            except (UnsupportedError, NotStreamableError, ValueError, TypeError) as e:
+            except (UnsupportedError, ValueError, TypeError) as e:
                 # A refusal depends on the shapes only, so it is kept too: deciding what a new
                 # stream can do plans shapes that fail (too short for a convolution, a batch
                 # other than the state's), ~10 ms per stream of silero-vad when planned again
-                # for every stream. (A LimitError is not kept: max_planning_seconds is wall time.)
-                if not isinstance(e, LimitError) and _rebuilds(e):
+                # for every stream. Not kept: a LimitError (max_planning_seconds is wall time),
+                # an error caused by running out of memory or stack (the planner reports a
+                # failed constant fold as UnsupportedError), an error type that does not
+                # rebuild from its arguments.
+                if not isinstance(e, LimitError) and not _transient(e) and _rebuilds(e):
                     with self._lock:
                         if len(self._plans) > 64:
                             self._plans.clear()

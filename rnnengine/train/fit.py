@@ -31,6 +31,11 @@ from rnnengine.codes import GATES
 from rnnengine.train.export import network_to_onnx
 
 
+# The most layers a stored network (a training checkpoint's train.config) may have: a few
+# bytes of parameters per layer would otherwise make loading build a graph of any size.
+MAX_STORED_LAYERS = 1000
+
+
 class Network:
     """Parameters and forward/backward of embedding -> recurrent stack -> dense head.
 
@@ -123,6 +128,27 @@ class Network:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= max(n_params, 1):
                 raise ValueError(f"{name} must be an integer from 1 to {max(n_params, 1)} (the parameters' "
                                  f"elements), got {v!r}")
+        if cfg.get("num_layers", 1) > MAX_STORED_LAYERS:  # a few bytes per layer would build a huge graph
+            raise ValueError(f"num_layers {cfg['num_layers']} is more than a stored network may have "
+                             f"({MAX_STORED_LAYERS})")
+        for name in ("clip", "forget_bias"):  # numbers that must be finite (clip also > 0)
+            v = cfg.get(name)
+            if v is None:
+                continue
+            try:
+                f = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+            except OverflowError:  # an integer beyond any float (JSON allows 10**400)
+                f = math.nan
+            if not math.isfinite(f) or (name == "clip" and not f > 0):
+                raise ValueError(f"{name} must be a finite number{' > 0' if name == 'clip' else ''}, got {v!r}")
+        for name in ("bidirectional", "peepholes", "relu"):
+            if not isinstance(cfg.get(name, False), bool):
+                raise ValueError(f"{name} must be true or false, got {cfg[name]!r}")
+        if cfg.get("linear_before_reset", 0) not in (0, 1) or isinstance(cfg.get("linear_before_reset", 0), float):
+            raise ValueError(f"linear_before_reset must be 0 or 1, got {cfg['linear_before_reset']!r}")
+        seed = cfg.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         need = cls.parameter_count(cfg)
         if need != n_params:
             raise ValueError(f"the config needs {need} parameters, the checkpoint holds {n_params}")
