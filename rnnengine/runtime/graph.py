@@ -1356,10 +1356,15 @@ class GraphModel(Model):
                 groups.setdefault(d if isinstance(d, str) and d else (name, axis), []).append((name, axis))
 
         def lengthened(base: Mapping[str, Array], members: list[tuple[str, int]], n_new: int) -> dict[str, Array]:
+            """The feeds with these axes n_new long: read-only views (stride 0 along the axis),
+            no data: planning reads shapes and dtypes only (a probe of 4096 rows of a
+            (batch, 65535, 6) input would otherwise allocate 6 GiB)."""
             out = dict(base)
-            for name, axis in members:  # repeats the given samples along the axis
+            for name, axis in members:
                 arr = out[name]
-                out[name] = np.take(arr, np.arange(n_new) % arr.shape[axis], axis=axis)
+                shape = list(arr.shape)
+                shape[axis] = n_new
+                out[name] = np.broadcast_to(np.take(arr, [0], axis=axis), shape)
             return out
 
         def try_plan(f: Mapping[str, Array], probing: bool = False) -> Optional[Plan]:

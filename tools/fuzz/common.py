@@ -268,10 +268,41 @@ def onnx_seed_files():
     return files
 
 
+def stft_seed_model(K=64, hop=16, H=4):
+    """A spectrogram front end (a Conv over a Hann-windowed DFT basis, which rnnengine runs as
+    RNN_OP_STFT, src_c/stft.c; then |X|^2 and a GRU over the frames), an onnx.ModelProto: no
+    committed model has such filters, so the FFT path would go unfuzzed."""
+    from onnx import TensorProto, helper, numpy_helper
+    n, F = np.arange(K), K // 2 + 1
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * n / K)
+    a = 2 * np.pi * np.arange(F)[:, None] * n / K
+    basis = np.concatenate([w * np.cos(a), -w * np.sin(a)]).astype(np.float32)[:, None, :]
+    rng = np.random.default_rng(7)
+    inits = {"w": basis, "s0": np.array([0], np.int64), "s1": np.array([F], np.int64),
+             "s2": np.array([2 * F], np.int64), "ax": np.array([1], np.int64),
+             "W": (rng.standard_normal((1, 3 * H, F)) * 0.1).astype(np.float32),
+             "R": (rng.standard_normal((1, 3 * H, H)) * 0.3).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["spec"], strides=[hop], kernel_shape=[K], pads=[K // 2, K // 2]),
+             helper.make_node("Slice", ["spec", "s0", "s1", "ax"], ["re"]),
+             helper.make_node("Slice", ["spec", "s1", "s2", "ax"], ["im"]),
+             helper.make_node("Mul", ["re", "re"], ["re2"]), helper.make_node("Mul", ["im", "im"], ["im2"]),
+             helper.make_node("Add", ["re2", "im2"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["pt"], perm=[2, 0, 1]),
+             helper.make_node("GRU", ["pt", "W", "R"], ["y"], hidden_size=H)]
+    g = helper.make_graph(nodes, "stft_front_end", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1, "T"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 def make_onnx_seeds(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     for f in onnx_seed_files():
         shutil.copy(f, os.path.join(out_dir, os.path.basename(f)))
+    with open(os.path.join(out_dir, "generated_stft_front_end.onnx"), "wb") as f:
+        f.write(stft_seed_model().SerializeToString())
     return out_dir
 
 
@@ -291,6 +322,10 @@ def make_weight_seeds(out_dir, dtypes=("float32", "float16", "int8")):
                 rnnengine.save(gm, os.path.join(out_dir, f"{base}.{dt}.rnne"), dt)
             except Exception:  # noqa: BLE001
                 pass
+    try:  # the STFT front end (RNN_OP_STFT) as a weight file too
+        rnnengine.save(rnnengine.convert(stft_seed_model()), os.path.join(out_dir, "generated_stft_front_end.rnne"))
+    except Exception as e:  # noqa: BLE001
+        print(f"(no STFT seed: {type(e).__name__}: {e})", file=sys.stderr)
     try:
         from rnnengine.train import Network, fit
         net = Network("LSTM", 9, 8, 9, embedding=4, seed=1)
