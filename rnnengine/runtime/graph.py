@@ -1360,11 +1360,15 @@ class GraphModel(Model):
             no data: planning reads shapes and dtypes only (a probe of 4096 rows of a
             (batch, 65535, 6) input would otherwise allocate 6 GiB)."""
             out = dict(base)
-            for name, axis in members:
-                arr = out[name]
-                shape = list(arr.shape)
-                shape[axis] = n_new
-                out[name] = np.broadcast_to(np.take(arr, [0], axis=axis), shape)
+            axes: dict[str, list[int]] = {}
+            for name, axis in members:  # (one symbol may name several axes of one input)
+                axes.setdefault(name, []).append(axis)
+            for name, which in axes.items():
+                small, shape = base[name], list(base[name].shape)
+                for axis in which:  # one element along each lengthened axis: only ever smaller
+                    small = np.take(small, [0], axis=axis)
+                    shape[axis] = n_new
+                out[name] = np.broadcast_to(small, shape)
             return out
 
         def try_plan(f: Mapping[str, Array], probing: bool = False) -> Optional[Plan]:
