@@ -567,7 +567,9 @@ def bench_cold_start(H=512, layers=2, steps=200):
     latency against the steady state, for rnnengine (a weight file: load, stream, step) and
     onnxruntime (InferenceSession of the ONNX file, run). Each in a fresh Python process
     (the file in the page cache), so nothing is warm but the disk cache. Then a further
-    stream's first step (a new session of a model in use; onnxruntime: one more run)."""
+    stream's first step (a new session of a model in use; onnxruntime: one more run), and,
+    on its own, the engine's import (``import rnnengine`` and its compiled core vs ``import
+    onnxruntime``, NumPy already imported)."""
     import subprocess
     import tempfile
     W, R, B = make_weights("LSTM", H, H)
@@ -578,6 +580,7 @@ import sys, time
 import numpy as np
 engine, path, H, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 x = np.full((1, H), 0.1, np.float32)
+ti = time.perf_counter()  # the engine's import (numpy already imported): reported on its own
 if engine == "rnnengine":
     import rnnengine
     import rnnengine._core  # the compiled core: imported here, not counted as loading the model
@@ -601,7 +604,7 @@ t_load = time.perf_counter() - t0
 times = []
 for _ in range(steps):
     a = time.perf_counter(); step(); times.append(time.perf_counter() - a)
-print(t_load, *times, again())
+print(t_load, *times, again(), t0 - ti)
 """
     with tempfile.TemporaryDirectory() as d:
         wpath, opath = os.path.join(d, "m.rnne"), os.path.join(d, "m.onnx")
@@ -624,10 +627,11 @@ print(t_load, *times, again())
             first = float(np.median([r[1] for r in rs]))
             steady = float(np.median([np.median(r[1 + steps // 2:1 + steps]) for r in rs]))
             further = float(np.median([r[1 + steps] for r in rs]))
+            imported = float(np.median([r[2 + steps] for r in rs]))
             res["engines"][engine] = {"load_ms": load * 1e3, "first_step_us": first * 1e6,
                                       "load_to_first_output_ms": (load + first) * 1e3,
                                       "steady_step_us": steady * 1e6, "first_over_steady": first / steady,
-                                      "further_stream_first_step_us": further * 1e6}
+                                      "further_stream_first_step_us": further * 1e6, "import_ms": imported * 1e3}
     return res
 
 
@@ -922,7 +926,7 @@ def main(argv=None):
                   + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_error"].items()))
     print(f"\nPython call overhead per stream step (trivial model): {overhead:.2f} us")
     print(f"{cold['case']} (fresh process, file in the page cache): " + "; ".join(
-        f"{k}: load {v['load_ms']:.1f} ms, first step {v['first_step_us']:.0f} us, load to first output "
+        f"{k}: import {v['import_ms']:.0f} ms, load {v['load_ms']:.1f} ms, first step {v['first_step_us']:.0f} us, load to first output "
         f"{v['load_to_first_output_ms']:.1f} ms, steady step {v['steady_step_us']:.0f} us "
         f"(first / steady {v['first_over_steady']:.1f}x), a further stream's first step "
         f"{v['further_stream_first_step_us']:.0f} us" for k, v in cold["engines"].items()))

@@ -19,8 +19,48 @@ cnp.import_array()
 
 # --- BLAS: SciPy's sgemm and sgemv, taken from scipy.linalg.cython_blas at import (as scikit-learn does),
 # so the package needs no BLAS at build time.
+def _cython_blas():
+    """scipy.linalg.cython_blas without importing scipy.linalg: that package's import pulls in
+    numpy.testing and numpy.f2py (0.3-0.4 s of every process start on the benchmark machine;
+    the module alone: ~35 ms). It is loaded from its file as the import system loads it, then
+    taken out of sys.modules again, so that a later ``import scipy.linalg.cython_blas`` goes
+    through the import system as usual: it gets this same module (CPython keeps extension
+    modules loaded) and sets it on scipy.linalg. Already imported, or not where a SciPy wheel
+    keeps it: the plain import."""
+    import sys
+    name = "scipy.linalg.cython_blas"
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    try:
+        import importlib.machinery
+        import importlib.util
+        import os
+        spec = importlib.util.find_spec("scipy")  # finds the package without importing it
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "linalg")
+        path = next(p for p in (os.path.join(folder, "cython_blas" + s)
+                                for s in importlib.machinery.EXTENSION_SUFFIXES) if os.path.isfile(p))
+        loader = importlib.machinery.ExtensionFileLoader(name, path)
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+        loader.exec_module(mod)
+        mod.__pyx_capi__["sgemm"], mod.__pyx_capi__["sgemv"]
+    except Exception:
+        mod = None
+    finally:
+        if sys.modules.get(name) is not None and sys.modules.get(name) is mod:
+            del sys.modules[name]
+    if mod is None:
+        from scipy.linalg import cython_blas
+        mod = cython_blas
+    return mod
+
+
+_blas_module = None  # kept: the capsules' functions live in its shared library
+
+
 def _install_blas():
-    from scipy.linalg import cython_blas
+    global _blas_module
+    cython_blas = _blas_module = _cython_blas()
     capsule = cython_blas.__pyx_capi__["sgemm"]
     rnn_blas_set_sgemm(<rnn_sgemm_fn>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)))
     capsule = cython_blas.__pyx_capi__["sgemv"]

@@ -11,6 +11,38 @@ def test_blas_is_installed_from_scipy():
     assert _core.blas_available()
 
 
+def _fresh(code):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_the_core_takes_scipy_blas_without_importing_scipy_linalg():
+    """_core loads scipy.linalg.cython_blas alone (scipy.linalg's import costs ~0.3 s of every
+    process start), leaves it out of sys.modules, and a later import of it by anyone goes
+    through the import system as usual: the same module, set on scipy.linalg, BLAS working."""
+    got = _fresh(
+        "import sys, numpy as np\n"
+        "from rnnengine import _core\n"
+        "print('scipy.linalg' in sys.modules, 'scipy.linalg.cython_blas' in sys.modules)\n"
+        "A = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
+        "print(np.array_equal(_core.gemm_nt(A, A, True), A @ A.T))\n"
+        "import scipy.linalg.cython_blas\n"
+        "import scipy.linalg, scipy.linalg.blas\n"
+        "print(scipy.linalg.cython_blas is _core._blas_module, hasattr(scipy.linalg, 'cython_blas'))\n"
+        "print(np.array_equal(scipy.linalg.blas.sgemm(1.0, A, A.T), A @ A.T))\n")
+    assert got == ["False", "False", "True", "True", "True", "True"]
+
+
+def test_the_core_uses_scipy_linalg_when_it_is_imported_first():
+    got = _fresh("import scipy.linalg.cython_blas as cb\n"
+                 "from rnnengine import _core\n"
+                 "print(_core._blas_module is cb, _core.blas_available())\n")
+    assert got == ["True", "True"]
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (3, 17, 5), (17, 3, 255), (1, 1023, 17), (64, 40, 1)])
 @pytest.mark.parametrize("use_blas", [True, False])
 def test_gemm_nt_matches_numpy(M, N, K, use_blas):
