@@ -611,7 +611,7 @@ def test_asyncio_steps_not_batched_run_in_the_loop_or_its_executor(monkeypatch, 
     longer than _INLINE_MAX on average (forced to 0 here), in the loop's executor. Both give
     each session what its own stream gives."""
     import rnnengine.runtime.batcher as batcher_module
-    monkeypatch.setattr(batcher_module, "_INLINE_MAX", 10.0 if inline else 0.0)
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX", 10.0 if inline else 1e-9)
     graph = _charlm()
     toks = rng.integers(0, 60, size=(5, 12, 1)).astype(np.int64)
     threads = set()
@@ -631,6 +631,75 @@ def test_asyncio_steps_not_batched_run_in_the_loop_or_its_executor(monkeypatch, 
         assert b._inline_steps is inline
     # inline: every step in the loop's thread (this one); else most in executor threads
     assert (threads == {threading.get_ident()}) is inline
+    for i in range(len(toks)):
+        assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
+
+
+def test_asyncio_steps_inline_choice_survives_a_pause_and_follows_the_steps():
+    """The choice between the loop and its executor: a lone slow step (a 5 ms pause of the
+    machine) leaves steps in the loop; a run of slow steps sends them to the executor; then
+    one step in every _INLINE_PROBE_GAP runs in the loop, timed, and short ones bring the
+    steps back. (Before, one 5 ms pause sent a service's 40 µs steps to the executor for
+    good: a thread hand-off per step, 1.5-2x the server's CPU per step on silero-vad.)"""
+    import rnnengine.runtime.batcher as bm
+    with Batcher(_charlm(), batch_graphs=False) as b:
+        for _ in range(20):
+            b._timed_inline(40e-6)
+        b._timed_inline(5e-3)
+        assert b._inline_steps
+        slow = 0
+        while b._inline_steps:
+            b._timed_inline(5e-3)
+            slow += 1
+        assert 2 <= slow <= 10
+        due = [b._inline_probe_due() for _ in range(bm._INLINE_PROBE_GAP)]
+        assert due == [False] * (bm._INLINE_PROBE_GAP - 1) + [True]
+        b._timed_inline(3e-3)  # a probe that finds a long step: the next one twice as far
+        assert b._inline_probe_gap == 2 * bm._INLINE_PROBE_GAP and not b._inline_steps
+        probes = 0
+        while not b._inline_steps:
+            b._timed_inline(40e-6)
+            assert b._inline_probe_gap == bm._INLINE_PROBE_GAP
+            probes += 1
+            assert probes < 20
+        assert probes >= 2  # (nor is a single short probe)
+
+
+def test_asyncio_steps_come_back_to_the_loop_after_slow_ones(monkeypatch):
+    """End to end: steps slowed to 10 ms (_INLINE_MAX 5 ms here, so that a slow build's real
+    steps stay short) go to the executor; once they are short again the probes bring them
+    back, and every session still gets what its own stream gives."""
+    import rnnengine.runtime.batcher as bm
+    monkeypatch.setattr(bm, "_INLINE_MAX", 0.005)
+    graph = _charlm()
+    toks = rng.integers(0, 60, size=(4, 150, 1)).astype(np.int64)
+    where = []
+    slow = [True]
+
+    async def main(b):
+        async def one(i):
+            s = b.open()
+            out = []
+            for k, x in enumerate(toks[i]):
+                if i == 0 and k == 40:
+                    slow[0] = False
+                out.append((await s.astep({"tokens": x}))["logits"])
+            return np.stack(out)
+        return await asyncio.gather(*(one(i) for i in range(len(toks))))
+    with Batcher(graph, batch_graphs=False) as b:
+        real = b._run_claimed
+
+        def run(*a):
+            if slow[0]:
+                time.sleep(0.01)
+            where.append(threading.get_ident())
+            return real(*a)
+        b._run_claimed = run
+        got = asyncio.run(main(b))
+        assert b._inline_steps
+    me = threading.get_ident()
+    assert any(t != me for t in where[:160])  # the slow steps went to the executor
+    assert all(t == me for t in where[-100:])  # and the short ones came back to the loop
     for i in range(len(toks)):
         assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
 

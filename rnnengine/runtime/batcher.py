@@ -508,7 +508,8 @@ class _QueuedSession(Session):
             # claimed here, in the loop's thread, so that calls keep the order they were made in
             stream = b._claim(self)
             if stream is not None:
-                if fn is None and b._inline_steps:  # a short step: in the loop, cheaper than a hand-off
+                if fn is None and (b._inline_steps or b._inline_probe_due()):  # a short step: in the loop,
+                    # cheaper than a hand-off (or, now and then, a timed probe whether steps are short again)
                     t0 = time.perf_counter()
                     try:
                         return b._run_claimed(self, stream, x, None)
@@ -544,6 +545,9 @@ _PROBE_ROWS = 8  # rows of the batch that decides it before sessions come togeth
 # take at most this long (s); after a longer one, in the loop's executor (a thread hand-off
 # costs ~50-100 µs: more than a short step itself).
 _INLINE_MAX = 0.0005
+# While they run in the executor, one step in this many runs in the loop, timed (the gap
+# doubles after each probe that finds a long step, up to the max; a short one resets it).
+_INLINE_PROBE_GAP, _INLINE_PROBE_GAP_MAX = 32, 4096
 
 
 def _best_of(n: int, fn: Callable[[], Any]) -> float:
@@ -693,6 +697,8 @@ class Batcher:
         self._probed = False  # the lone-session batching probe ran (_probe)
         self._inline_steps = True  # direct asynchronous steps run in the event loop while they are short
         self._inline_mean = 0.0  # their decaying mean duration (s)
+        self._inline_probe_in = 0  # (steps in the executor) steps until the next one runs in the loop, timed
+        self._inline_probe_gap = _INLINE_PROBE_GAP
         if batch_graphs is False:
             self._no_batching("batch_graphs=False: sessions run in their callers' threads")
         elif batch_graphs is None and self.max_batch < 2:
@@ -814,13 +820,32 @@ class Batcher:
             return s._stream
 
     def _timed_inline(self, seconds: float) -> None:
-        """An asynchronous step run inside the event loop took this long: once steps take
-        longer than _INLINE_MAX on average (a decaying one: a lone slow step, such as a pause
-        of the machine, does not count), they go to the loop's executor (the loop must not be
-        held up by long steps)."""
-        self._inline_mean = 0.9 * self._inline_mean + 0.1 * seconds
-        if self._inline_mean > _INLINE_MAX:
-            self._inline_steps = False
+        """An asynchronous step run inside the event loop took this long. Once steps take
+        longer than _INLINE_MAX on average, they go to the loop's executor (the loop must not
+        be held up by long steps); once the probes (_inline_probe_due) bring the average under
+        half of it, they come back (a probe weighs 0.5: three or four short ones). The average
+        decays (0.9 per step) and each step counts for at most 4 x _INLINE_MAX, so a lone slow step (a pause of the machine, a collection)
+        does not move them: it took a 5 ms pause to send a service's 40 µs steps to the
+        executor for good, where a thread hand-off per step cost more than the step."""
+        w = 0.1 if self._inline_steps else 0.5  # (a probe is one step in many: it weighs more)
+        mean = self._inline_mean = (1 - w) * self._inline_mean + w * min(seconds, 4 * _INLINE_MAX)
+        if self._inline_steps:
+            if mean > _INLINE_MAX:
+                self._inline_steps = False
+                self._inline_probe_in = self._inline_probe_gap = _INLINE_PROBE_GAP
+        else:
+            # the next probe: soon while steps are short, ever later while they are long
+            self._inline_probe_gap = _INLINE_PROBE_GAP if seconds <= _INLINE_MAX else \
+                min(2 * self._inline_probe_gap, _INLINE_PROBE_GAP_MAX)
+            self._inline_probe_in = self._inline_probe_gap
+            if mean <= _INLINE_MAX / 2:
+                self._inline_steps = True
+
+    def _inline_probe_due(self) -> bool:
+        """Steps in the executor: True for the one in every _inline_probe_gap that runs in the
+        loop again, timed (_timed_inline), so the choice follows the steps' cost."""
+        self._inline_probe_in -= 1
+        return self._inline_probe_in <= 0
 
     def _run_claimed(self, s: _QueuedSession, stream: Stream, x: Any, fn: Callable[[Stream], Any] | None) -> Any:
         """Runs a claimed session's call in this thread (the GIL released in C)."""
