@@ -1416,7 +1416,41 @@ class GraphModel(Model):
                             found[name] = axis
                         break
                 break  # a base that plans frames decides
+        if not found and not self.state_pairs and given is not None and not given.recurrent:
+            found = self._context_axes(feeds, groups, given, lengthened, try_plan)
         return found
+
+    def _context_axes(self, feeds: Mapping[str, Array], groups: dict[Any, list[tuple[str, int]]], given: Plan,
+                      lengthened: Callable[..., dict[str, Array]],
+                      try_plan: Callable[..., Optional[Plan]]) -> dict[str, int]:
+        """time_axes for a graph that keeps no state (no recurrent layer, no state input): a
+        symbolic axis is its time axis when the outputs grow with it and streaming along it
+        carries context from one call to the next (a convolution's frames, a look-ahead), as
+        a temporal convolution network's does. Taking such a graph's calls as independent
+        runs would give chunks convolved without their neighbours, not what run() gives on
+        the whole sequence. An axis along which nothing is carried (pointwise ops: either
+        reading gives the same) or that cannot be streamed (a pooling over it: a classifier
+        of fixed windows, one per call) leaves the calls independent, as before."""
+        out: dict[str, int] = {}
+        shapes = [v.shape for _, v in given.outputs]
+        for members in groups.values():
+            sizes = {feeds[n].shape[k] for n, k in members}
+            if len(sizes) != 1 or len({n for n, _ in members}) != len(members):
+                continue  # (one symbol on two axes of one input: not a time axis)
+            n = sizes.pop()
+            longer = try_plan(lengthened(feeds, members, n + max(n, 32)), probing=True)
+            if longer is None or [v.shape for _, v in longer.outputs] == shapes:
+                continue
+            axes = {name: axis for name, axis in members}
+            try:
+                streamed = self.plan(feeds, streaming=True, time_axes=axes)
+            except LimitError:
+                raise  # whether this is the time axis cannot be told: refused, not guessed
+            except Exception:
+                continue
+            if streamed.state or streamed.next_aux or streamed.delay or streamed.tail:
+                out.update(axes)
+        return out
 
     def example_feeds(self, time: int = 23, batch: int = 2) -> Optional[dict[str, Array]]:
         """Zero inputs of the declared shapes (symbolic dimensions: `batch` for names that look
