@@ -223,7 +223,8 @@ def test_step_first_on_a_model_without_a_time_axis():
 
 def test_step_first_refuses_when_the_time_axis_cannot_be_told():
     """A graph without declared shapes: a first step() cannot know where the time axis goes,
-    so it asks for a chunk rather than guessing."""
+    so it asks for a chunk rather than guessing. A chunk tells it (every axis of the data is
+    probed), and later steps place it there."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     W, R = f32(1, 16, 3), f32(1, 16, 4)
@@ -237,11 +238,13 @@ def test_step_first_refuses_when_the_time_axis_cannot_be_told():
     s = model.stream()
     with pytest.raises(ValueError, match="feed"):
         s.step(f32(2, 3))
-    y = s.feed(f32(4, 2, 3))
+    xs = f32(5, 2, 3)
+    y = s.feed(xs[:4])
     assert y.shape == (4, 1, 2, 4)
-    # without declared shapes the stream still cannot place a step's time axis: a clear refusal
-    with pytest.raises(ValueError, match=r"X must be float32 \(T, B, 3\)"):
-        s.step(f32(2, 3))
+    assert s.time_axes == {"X": 0}
+    last = s.step(xs[4])
+    assert last.shape == (1, 2, 4)
+    np.testing.assert_allclose(np.concatenate([y, last[None]]), model.run(xs), rtol=1e-5, atol=1e-6)
 
 
 def test_threads_keep_the_return_convention_and_layer_streams_refuse_by_name(pair):

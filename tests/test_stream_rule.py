@@ -176,6 +176,50 @@ def test_a_stateless_network_without_context_along_an_axis_keeps_one_call_per_st
             close(s({"x": x})["y"], gm.run({"x": x})["y"])
 
 
+def conv_lstm(rng, shape, pads=(0, 0), K=4, stride=2):
+    """x -> Conv (K, stride) -> (T', B, 4) -> LSTM -> Y, x declared with `shape` (None: no
+    shape at all, as some hand-made or converted graphs declare it)."""
+    C, M, H = 3, 4, 5
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["c"], kernel_shape=[K], strides=[stride], pads=list(pads),
+                              name="conv"),
+             helper.make_node("Transpose", ["c"], ["ct"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["ct", "W", "R"], ["Y"], hidden_size=H, name="lstm")]
+    return model(nodes, [helper.make_tensor_value_info("x", F, shape)], ["Y"],
+                 {"Wc": rand(rng, M, C, K), "W": rand(rng, 1, 4 * H, M) * 0.5, "R": rand(rng, 1, 4 * H, H) * 0.5})
+
+
+@pytest.mark.parametrize("chunks", [[10], [2, 10], [1, 3, 5]])
+def test_an_input_without_a_declared_shape_is_streamed_along_its_time_axis(chunks):
+    """No declared shape names a symbolic axis, yet the stream must find the time axis (by
+    probing every axis of the data): before, it took the calls as separate sequences and
+    convolved each chunk alone (16 frames instead of 19, no error)."""
+    rng = np.random.default_rng(2)
+    m = conv_lstm(rng, None)
+    x = rand(rng, 1, 3, 40)
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})
+    close(whole["Y"], ort_session(m).run(None, {"x": x})[0])
+    s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
+    assert s.time_axes == {"x": 2}
+    close(np.concatenate([p["Y"] for p in parts], axis=0), whole["Y"])
+
+
+def test_a_first_chunk_that_cannot_tell_the_time_axis_is_refused():
+    """A first chunk that reaches the LSTM as no frame, with every longer probe refused by a
+    resource limit: the time axis cannot be told, so the call raises (before: {}, and the
+    chunks ran as separate sequences)."""
+    rng = np.random.default_rng(4)
+    m = conv_lstm(rng, None, pads=(3, 3), K=8, stride=4)
+    x = rand(rng, 1, 3, 1)
+    assert rnnengine.convert(m).plan({"x": x}).recurrent[0]["T"] == 0
+    gm = rnnengine.convert(m, limits=rnnengine.Limits(max_tensor_elements=300))
+    with pytest.raises(ValueError, match="cannot tell which input axis is time; feed a longer first chunk"):
+        gm.stream()({"x": x})
+    s = rnnengine.convert(m).stream()  # the library's limits: the probes plan, and the axis is found
+    s({"x": x})
+    assert s.time_axes == {"x": 2}
+
+
 def lstm_inits(rng, I, H, D=1):
     return {"W": rand(rng, D, 4 * H, I), "R": rand(rng, D, 4 * H, H), "B": rand(rng, D, 8 * H)}
 

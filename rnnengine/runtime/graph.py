@@ -1331,7 +1331,7 @@ class GraphModel(Model):
         self._probed[sig] = fits[0]
         return fits[0]
 
-    def time_axes(self, feeds: Mapping[str, Array]) -> dict[str, int]:
+    def time_axes(self, feeds: Mapping[str, Array], first_chunk: bool = False) -> dict[str, int]:
         """{input name: axis} of the inputs whose axis is the recurrent time axis: found by
         planning with that symbolic axis much longer (every input axis named by the same
         symbol together, e.g. the data and a mask) and seeing a recurrent layer's T change, or
@@ -1342,13 +1342,24 @@ class GraphModel(Model):
         kernel or stride plans no frame (or refuses) from a few samples, so neither length
         reaches a recurrent layer. A symbol's axes are then tried much longer too (up to
         4096), rather than taking the input for one without time (whose chunks would then
-        run as separate sequences)."""
+        run as separate sequences).
+
+        ``first_chunk``: the feeds are a stream's first call, and its answer is final. When
+        they reach a recurrent layer as no frame at all and no longer probe plans (a resource
+        limit refusing them, say), the time axis cannot be told: ValueError, rather than {}
+        (which would run every chunk as a separate sequence)."""
         groups: dict[Any, list[tuple[str, int]]] = {}  # a symbol (or an unnamed axis) -> the axes it names
+        carried = {a for a, _ in self.state_pairs}
         for spec in self.inputs:
             name = spec["name"]
-            if name not in feeds or spec["shape"] is None:
+            if name not in feeds:
                 continue
-            for axis, d in enumerate(spec["shape"]):
+            shape = spec["shape"]
+            if shape is None:  # no declared shape: any axis of the data may be time (the state is carried whole)
+                if name in carried:
+                    continue
+                shape = [None] * feeds[name].ndim
+            for axis, d in enumerate(shape):
                 if isinstance(d, int) and d >= 0:
                     continue
                 if axis >= feeds[name].ndim or not feeds[name].shape[axis]:
@@ -1418,6 +1429,12 @@ class GraphModel(Model):
                 break  # a base that plans frames decides
         if not found and not self.state_pairs and given is not None and not given.recurrent:
             found = self._context_axes(feeds, groups, given, lengthened, try_plan)
+        if not found and first_chunk and given is not None and any(a["T"] == 0 for a in given.recurrent):
+            layer = next(a for a in given.recurrent if a["T"] == 0)
+            raise ValueError(
+                f"this first chunk reaches the recurrent layer {layer['node']!r} "
+                f"as no time step, and longer probes of its symbolic axes could not be planned either, so the "
+                f"stream cannot tell which input axis is time; feed a longer first chunk")
         return found
 
     def _context_axes(self, feeds: Mapping[str, Array], groups: dict[Any, list[tuple[str, int]]], given: Plan,
@@ -1849,7 +1866,7 @@ class GraphStream(Stream):
             feeds[a] = self._carried[a] if a in self._carried else m._zero_state(a, feeds)
         declared = {i["name"]: i["shape"] for i in m.inputs}
         complete = all(declared.get(n) is not None and len(declared[n]) == a.ndim for n, a in feeds.items())
-        if complete and not m.time_axes(feeds):
+        if complete and not m.time_axes(feeds, first_chunk=True):
             return {}
         raise ValueError("this stream does not know its inputs' time axes yet (the model's declared "
                          "shapes do not tell them): call feed() with a chunk first")
@@ -1917,7 +1934,7 @@ class GraphStream(Stream):
                 self._carried[a] = m._zero_state(a, feeds)
             feeds[a] = np.ascontiguousarray(self._carried[a])
         if self._taxes is None:
-            self._taxes = m.time_axes(feeds)
+            self._taxes = m.time_axes(feeds, first_chunk=True)
         m._check_state_positions(feeds)
         plan = self._plan(feeds)
         if want is not None and not want <= set(m.outputs):
