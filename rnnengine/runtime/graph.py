@@ -1348,6 +1348,20 @@ class GraphModel(Model):
         they reach a recurrent layer as no frame at all and no longer probe plans (a resource
         limit refusing them, say), the time axis cannot be told: ValueError, rather than {}
         (which would run every chunk as a separate sequence)."""
+        # planning reads shapes and dtypes only, and so does this answer: kept per shapes (each
+        # new stream of a model in use asks it again at its first call)
+        memo_key = (first_chunk,) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+        memo: dict[Any, dict[str, int]] = self.__dict__.setdefault("_time_axes_memo", {})
+        if memo_key in memo:
+            return dict(memo[memo_key])
+        found = self._find_time_axes(feeds, first_chunk)
+        with self._lock:
+            if len(memo) > 64:
+                memo.clear()
+            memo[memo_key] = dict(found)
+        return found
+
+    def _find_time_axes(self, feeds: Mapping[str, Array], first_chunk: bool) -> dict[str, int]:
         groups: dict[Any, list[tuple[str, int]]] = {}  # a symbol (or an unnamed axis) -> the axes it names
         carried = {a for a, _ in self.state_pairs}
         for spec in self.inputs:
@@ -1400,11 +1414,13 @@ class GraphModel(Model):
             return [] if 0 in ts else ts
 
         given = try_plan(feeds)
-        found = {}
-        for members in groups.values():
+
+        def decides(members: list[tuple[str, int]]) -> bool:
+            """Whether these axes, lengthened together, change a recurrent layer's T (and no
+            batch): the time axis."""
             sizes = {feeds[n].shape[k] for n, k in members}
             if len(sizes) != 1:
-                continue
+                return False
             n = sizes.pop()
             # bases: the feeds as given; when they plan no frame, the axis much longer
             bases = [(n, given)]
@@ -1423,10 +1439,26 @@ class GraphModel(Model):
                     if longer is not None and frames(longer) \
                             and {a["B"] for a in longer.recurrent} == {a["B"] for a in plan.recurrent} \
                             and frames(longer) != frames(plan):
-                        for name, axis in members:
-                            found[name] = axis
-                        break
-                break  # a base that plans frames decides
+                        return True
+                return False  # a base that plans frames decides
+            return False
+
+        found: dict[str, int] = {}
+        for members in groups.values():
+            if decides(members):
+                found.update(members)
+        if not found and len(groups) > 1:
+            # one length named by several symbols (tf2onnx names each input's dynamic axes
+            # apart, unk__N): no symbol lengthened alone plans (the data and a mask must
+            # agree), so the axes of one fed length are tried together
+            by_size: dict[int, list[tuple[str, int]]] = {}
+            for members in groups.values():
+                for name, axis in members:
+                    by_size.setdefault(feeds[name].shape[axis], []).append((name, axis))
+            tried = [sorted(m) for m in groups.values()]
+            for union in by_size.values():
+                if sorted(union) not in tried and len({n for n, _ in union}) == len(union) and decides(union):
+                    found.update(union)
         if not found and not self.state_pairs and given is not None and not given.recurrent:
             found = self._context_axes(feeds, groups, given, lengthened, try_plan)
         if not found and first_chunk and given is not None and any(a["T"] == 0 for a in given.recurrent):
@@ -1580,6 +1612,12 @@ class GraphStream(Stream):
         except NotStreamableError:
             raise
         except Exception:  # e.g. shapes the example cannot guess: decided at the first call
+            return
+        if not taxes:
+            # the example's lengths are guesses (every symbolic axis but a batch's 23 long): no
+            # time axis found in them may still be one in the data (two symbols of one
+            # length, tf2onnx's unk__N, tell apart only by their fed lengths), so the first
+            # call decides; a plan without time axes checks nothing about streaming anyway
             return
         self._taxes = taxes
         self.delay = plan.delay
