@@ -704,6 +704,38 @@ def test_asyncio_steps_come_back_to_the_loop_after_slow_ones(monkeypatch):
         assert max_violation(got[i], _alone(graph, toks[i], "tokens", "logits")) <= 1
 
 
+def test_asyncio_probes_of_short_sessions_do_not_keep_long_steps_in_the_loop(monkeypatch):
+    """Steps in the executor and sessions of two steps each (a session's first steps are
+    never timed): no probe is taken on them, so the long steps stay out of the event loop
+    (before the fix: once a probe fell on an untimed step, every later step ran in the loop)."""
+    import rnnengine.runtime.batcher as bm
+    monkeypatch.setattr(bm, "_INLINE_MAX", 0.005)
+    tok = {"tokens": np.zeros((1,), np.int64)}
+    where = []
+
+    async def main(b):
+        s = b.open()
+        for _ in range(40):
+            await s.astep(tok)
+        assert not b._inline_steps
+        where.clear()
+        for _ in range(60):
+            s = b.open()
+            for _ in range(2):
+                await s.astep(tok)
+            s.close()
+    with Batcher(_charlm(), batch_graphs=False) as b:
+        real = b._run_claimed
+
+        def run(*a):
+            time.sleep(0.01)
+            where.append(threading.get_ident())
+            return real(*a)
+        b._run_claimed = run
+        asyncio.run(main(b))
+    assert threading.get_ident() not in where
+
+
 @pytest.mark.parametrize("pays", [True, False])
 def test_batching_a_graph_is_kept_only_when_it_pays(monkeypatch, pays):
     """batch_graphs=None: the first batch of a shape is timed against its steps alone; when

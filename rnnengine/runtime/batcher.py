@@ -452,7 +452,7 @@ class _QueuedSession(Session):
         self._pending: collections.deque[_Call] = collections.deque()
         self._closing = False  # close() called while calls were still waiting
         self._running = 0  # calls of this session taken by the scheduler and not finished
-        self._inline_runs = 0  # its asynchronous steps run inside the event loop so far
+        self._steps_run = 0  # its asynchronous steps run directly so far (in the loop or its executor)
         self.last_used = time.monotonic()
 
     @property
@@ -508,14 +508,17 @@ class _QueuedSession(Session):
             # claimed here, in the loop's thread, so that calls keep the order they were made in
             stream = b._claim(self)
             if stream is not None:
-                if fn is None and (b._inline_steps or b._inline_probe_due()):  # a short step: in the loop,
-                    # cheaper than a hand-off (or, now and then, a timed probe whether steps are short again)
+                # a stream's first steps plan and bind its program: never timed, never a probe
+                warm = fn is None and self._steps_run > 2
+                if fn is None:
+                    self._steps_run += 1
+                if fn is None and (b._inline_steps or (warm and b._inline_probe_due())):  # a short step: in
+                    # the loop, cheaper than a hand-off (or, now and then, a timed probe whether steps are short again)
                     t0 = time.perf_counter()
                     try:
                         return b._run_claimed(self, stream, x, None)
                     finally:
-                        self._inline_runs += 1
-                        if self._inline_runs > 2:  # (a stream's first steps plan and bind its program)
+                        if warm:
                             b._timed_inline(time.perf_counter() - t0)
                 # else a worker thread of the loop's executor runs it (claimed: nothing overtakes it)
                 return await asyncio.get_running_loop().run_in_executor(None, b._run_claimed, self, stream, x, fn)

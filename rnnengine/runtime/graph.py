@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NoReturn, NotRequired, Optional, \
     Sequence, TypedDict, Union, cast, overload
@@ -928,6 +929,245 @@ def _outer_reads(node: Node) -> list[str]:
     return reads
 
 
+Members = list[tuple[str, int]]  # (input name, axis) pairs lengthened together
+
+
+def _reaching_recurrence(graph: dict[str, Any]) -> set[str]:
+    """The graph inputs from which a recurrent layer, or a node holding subgraphs (a Loop, an
+    If: they may hold one, and read outer values implicitly), is reached through the data
+    flow: the only inputs whose axes can be a recurrent layer's time axis."""
+    def reads(node: Node) -> set[str]:
+        names = {x for x in node["inputs"] if x}
+        for v in node.get("attrs", {}).values():
+            if isinstance(v, dict) and "nodes" in v:
+                for inner in v["nodes"]:
+                    names |= reads(inner)
+        return names
+    nodes = graph["nodes"]
+    deps: dict[str, set[str]] = {i["name"]: {i["name"]} for i in graph["inputs"]}  # value -> inputs it comes from
+    out: set[str] = set()
+    for node in nodes:  # (a converted graph's nodes are in topological order)
+        came = set().union(*(deps.get(x, set()) for x in reads(node)))
+        if node["op"] in RECURRENT_OPS or any(isinstance(v, dict) and "nodes" in v for v in node.get("attrs", {}).values()):
+            out |= came
+        for o in node["outputs"]:
+            if o:
+                deps[o] = came
+    return out
+
+
+class _TimeAxes:
+    """GraphModel.time_axes for one set of feeds: which input axes are time, found by planning
+    probes (the feeds with some axes lengthened, as stride-0 views: planning reads shapes and
+    dtypes only).
+
+    Candidates: each symbol's axes (every axis of an input declared without a shape counts as
+    a symbol of its own; a carried state input's are never time), then, when none decides,
+    the axes of one fed length across inputs, one per input (one length named by several
+    symbols: tf2onnx names each input's dynamic axes apart, unk__N, so no symbol lengthened
+    alone plans when the data and a mask must agree). A candidate is time when lengthening it
+    changes a recurrent layer's T (or a loop over time unrolls further) and no batch; in a
+    graph that keeps no state, when the outputs grow with it and streaming along it carries
+    context (_context). Every probe counts against max_planning_seconds, all together."""
+
+    MAX_UNIONS = 32  # candidate unions of one fed length tried at most (inputs x axes of that length)
+
+    def __init__(self, model: GraphModel, feeds: Mapping[str, Array], lim: Limits) -> None:
+        self.model, self.feeds = model, feeds
+        self.deadline = time.monotonic() + lim.max_planning_seconds
+        self.lim = lim
+        self.limited: LimitError | bool = False  # a probe refused by a limit: an answer not certain to keep
+        self.not_streamable: Optional[NotStreamableError] = None  # (context_time: outputs grow, no stream)
+        self.groups: list[Members] = []
+        by_symbol: dict[Any, Members] = {}
+        carried = {a for a, _ in model.state_pairs}
+        for spec in model.inputs:
+            name = spec["name"]
+            if name not in feeds:
+                continue
+            shape = spec["shape"]
+            if shape is None:  # no declared shape: any axis of the data may be time (the state is carried whole)
+                if name in carried:
+                    continue
+                shape = [None] * feeds[name].ndim
+            for axis, d in enumerate(shape):
+                if isinstance(d, int) and d >= 0:
+                    continue
+                if axis >= feeds[name].ndim or not feeds[name].shape[axis]:
+                    continue
+                by_symbol.setdefault(d if isinstance(d, str) and d else (name, axis), []).append((name, axis))
+        self.groups = list(by_symbol.values())
+        self.reaches_recurrence = _reaching_recurrence(model.graph)
+        self.given = self.plan(feeds)
+
+    # --- probes ---------------------------------------------------------------------------
+    def plan(self, f: Mapping[str, Array], probing: bool = False) -> Optional[Plan]:
+        """The plan for these feeds, or None when they do not plan. A LimitError: raised for
+        the caller's own lengths (whether this is the time axis cannot be told: refused, not
+        guessed); for a probe (a length rnnengine chose), None, noted."""
+        if time.monotonic() > self.deadline:
+            limits.refuse("stream", "deciding which input axes are time took longer than that (planning probes "
+                          "of every symbolic axis)", "max_planning_seconds", self.lim.max_planning_seconds)
+        try:
+            return self.model.plan(f)
+        except LimitError as e:
+            if probing:
+                self.limited = self.limited or e
+                return None
+            raise
+        except Exception:
+            return None
+
+    def lengthened(self, members: Members, n_new: int) -> dict[str, Array]:
+        """The feeds with these axes n_new long: read-only views (stride 0 along the axis),
+        no data (a probe of 4096 rows of a (batch, 65535, 6) input would otherwise allocate
+        6 GiB)."""
+        out = dict(self.feeds)
+        axes: dict[str, list[int]] = {}
+        for name, axis in members:  # (one symbol may name several axes of one input)
+            axes.setdefault(name, []).append(axis)
+        for name, which in axes.items():
+            small, shape = self.feeds[name], list(self.feeds[name].shape)
+            for axis in which:  # one element along each lengthened axis: only ever smaller
+                small = np.take(small, [0], axis=axis)
+                shape[axis] = n_new
+            out[name] = np.broadcast_to(small, shape)
+        return out
+
+    @staticmethod
+    def frames(plan: Optional[Plan]) -> list[Any]:
+        """The recurrent layers' T, or [] when the plan tells nothing (none, or one with none)."""
+        if plan is None or not plan.recurrent:
+            return []
+        ts = [a["T"] for a in plan.recurrent]
+        return [] if 0 in ts else ts
+
+    def length(self, members: Members) -> Optional[int]:
+        sizes = {self.feeds[n].shape[k] for n, k in members}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def unions(self) -> list[Members]:
+        """Axes of one fed length, one per input, over two inputs or more (not a symbol's own)."""
+        import itertools
+        by_len: dict[int, dict[str, list[int]]] = {}
+        for members in self.groups:
+            for name, axis in members:
+                by_len.setdefault(self.feeds[name].shape[axis], {}).setdefault(name, []).append(axis)
+        own = [sorted(m) for m in self.groups]
+        out: list[Members] = []
+        for per_input in by_len.values():
+            names = sorted(per_input)
+            for r in range(len(names), 1, -1):
+                for chosen in itertools.combinations(names, r):
+                    for axes in itertools.product(*(per_input[n] for n in chosen)):
+                        union = sorted(zip(chosen, axes))
+                        if union not in own and len(out) < self.MAX_UNIONS:
+                            out.append(union)
+        return out
+
+    def recurrent_time(self, members: Members) -> bool:
+        """Whether these axes, lengthened together, change a recurrent layer's T and no batch."""
+        n = self.length(members)
+        if n is None or not any(name in self.reaches_recurrence for name, _ in members):
+            return False  # (inputs no recurrent layer or loop reads, even through others: not its time)
+        given = self.given
+        # bases: the feeds as given; when they plan no frame (a first chunk too short for a
+        # convolution's kernel or stride), the axes much longer
+        bases = [(n, given)]
+        if not self.frames(given):
+            bases += [(m, None) for m in (256, 1024, 4096) if m > n]
+        for m, plan in bases:
+            if plan is None and m != n:
+                plan = self.plan(self.lengthened(members, m), probing=True)
+            if not self.frames(plan):
+                continue
+            assert plan is not None
+            batches = {a["B"] for a in plan.recurrent}
+            # much longer: one step more may not change T behind a strided convolution (nor
+            # 32 behind a stride of 64), so longer and longer until T changes
+            for extra in (max(m, 32), 1024, 4096):
+                longer = self.plan(self.lengthened(members, m + extra), probing=m != n or extra > max(m, 32))
+                if longer is None:
+                    return False  # longer does not plan (a feature axis, or coupled to another): nor will longer still
+                if self.frames(longer):
+                    if {a["B"] for a in longer.recurrent} != batches:
+                        return False  # a batch axis: longer probes tell nothing more (and cost more)
+                    if self.frames(longer) != self.frames(plan):
+                        return True
+            return False  # a base that plans frames decides
+        return False
+
+    def context_time(self, members: Members) -> bool:
+        """For a graph that keeps no state (no recurrent layer, no state input): whether the
+        outputs grow with these axes and streaming along them carries context from one call
+        to the next (a convolution's frames, a look-ahead), as a temporal convolution
+        network's does. Calls of such a graph taken as independent runs would give chunks
+        convolved without their neighbours. Nothing carried (pointwise ops): either reading
+        gives the same, so not time. Outputs growing along axes that cannot be streamed (a
+        pooling over them beside a convolution's output): NotStreamableError, raised by
+        find() when no candidate is time."""
+        n = self.length(members)
+        if n is None or len({name for name, _ in members}) != len(members):
+            return False  # (one symbol on two axes of one input: not a time axis)
+        given = self.given
+        assert given is not None
+        longer = self.plan(self.lengthened(members, n + max(n, 32)), probing=True)
+        if longer is None or [v.shape for _, v in longer.outputs] == [v.shape for _, v in given.outputs]:
+            return False
+        try:
+            streamed = self.model.plan(self.feeds, streaming=True, time_axes=dict(members))
+        except NotStreamableError as e:
+            self.not_streamable = self.not_streamable or e
+            return False
+        except LimitError as e:
+            self.limited = self.limited or e
+            return False
+        except Exception:
+            return False
+        return bool(streamed.state or streamed.next_aux or streamed.delay or streamed.tail)
+
+    # --- the answer -----------------------------------------------------------------------
+    def find(self, first_chunk: bool) -> tuple[dict[str, int], bool]:
+        """({input name: time axis}, whether no limit shaped the answer). ``first_chunk``: the
+        feeds are a stream's first call and the answer is final: a chunk that reaches a
+        recurrent layer as no frame while no probe decides raises ValueError (rather than {},
+        which would run every chunk as a separate sequence)."""
+        found: dict[str, int] = {}
+        stateless = not self.model.state_pairs and self.given is not None and not self.given.recurrent
+        for test in (self.recurrent_time, self.context_time) if stateless else (self.recurrent_time,):
+            for members in self.groups:
+                if test(members):
+                    found.update(members)
+            if not found and len(self.groups) > 1:
+                for union in self.unions():
+                    if test(union):
+                        found.update(union)
+                        break
+            if found:
+                return found, not self.limited
+        e = self.not_streamable
+        if e is not None:
+            rest = str(e).removeprefix("not streamable: ")
+            label = rest[:len(rest) - len(e.reason) - 2] if rest.endswith(e.reason) else e.node
+            raise NotStreamableError(label, f"{e.reason} (the graph keeps no state, but its outputs grow along the "
+                                            f"input axes a stream would be fed, so calls taken one by one would not "
+                                            f"give what run() gives on the whole sequence; for independent windows, "
+                                            f"call run() on each)") from e
+        if first_chunk and isinstance(self.limited, LimitError):
+            # no axis decided, and a probe that might have decided one was refused: the time
+            # axes cannot be told within the limits (not guessed: {} runs chunks apart)
+            raise LimitError(f"this stream cannot tell which input axes are time: a probe input longer along them "
+                             f"was refused ({self.limited})") from self.limited
+        given = self.given
+        if first_chunk and given is not None and any(a["T"] == 0 for a in given.recurrent):
+            layer = next(a for a in given.recurrent if a["T"] == 0)
+            raise ValueError(
+                f"this first chunk reaches the recurrent layer {layer['node']!r} as no time step, and longer probes "
+                f"of its symbolic axes could not be planned either, so the stream cannot tell which input axis is "
+                f"time; feed a longer first chunk")
+        return found, not self.limited
+
+
 class GraphModel(Model):
     """A :class:`rnnengine.Model` that is a converted graph, planned into a C program and run
     by the C graph executor. :func:`rnnengine.convert` (an ONNX file) and
@@ -1348,158 +1588,22 @@ class GraphModel(Model):
         they reach a recurrent layer as no frame at all and no longer probe plans (a resource
         limit refusing them, say), the time axis cannot be told: ValueError, rather than {}
         (which would run every chunk as a separate sequence)."""
-        # planning reads shapes and dtypes only, and so does this answer: kept per shapes (each
-        # new stream of a model in use asks it again at its first call)
-        memo_key = (first_chunk,) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
+        # planning reads shapes and dtypes only, and so does this answer: kept per shapes and
+        # limits in force (each new stream of a model in use asks it again at its first call);
+        # an answer that a limit shaped (a probe refused) is not kept
+        lim = limits.resolve(getattr(self, "limits", None))
+        memo_key = (first_chunk, lim) + tuple((n, a.shape, a.dtype.str) for n, a in sorted(feeds.items()))
         memo: dict[Any, dict[str, int]] = self.__dict__.setdefault("_time_axes_memo", {})
-        if memo_key in memo:
-            return dict(memo[memo_key])
-        found = self._find_time_axes(feeds, first_chunk)
-        with self._lock:
-            if len(memo) > 64:
-                memo.clear()
-            memo[memo_key] = dict(found)
+        hit = memo.get(memo_key)
+        if hit is not None:
+            return dict(hit)
+        found, sure = _TimeAxes(self, feeds, lim).find(first_chunk)
+        if sure:
+            with self._lock:
+                if len(memo) > 64:
+                    memo.clear()
+                memo[memo_key] = dict(found)
         return found
-
-    def _find_time_axes(self, feeds: Mapping[str, Array], first_chunk: bool) -> dict[str, int]:
-        groups: dict[Any, list[tuple[str, int]]] = {}  # a symbol (or an unnamed axis) -> the axes it names
-        carried = {a for a, _ in self.state_pairs}
-        for spec in self.inputs:
-            name = spec["name"]
-            if name not in feeds:
-                continue
-            shape = spec["shape"]
-            if shape is None:  # no declared shape: any axis of the data may be time (the state is carried whole)
-                if name in carried:
-                    continue
-                shape = [None] * feeds[name].ndim
-            for axis, d in enumerate(shape):
-                if isinstance(d, int) and d >= 0:
-                    continue
-                if axis >= feeds[name].ndim or not feeds[name].shape[axis]:
-                    continue
-                groups.setdefault(d if isinstance(d, str) and d else (name, axis), []).append((name, axis))
-
-        def lengthened(base: Mapping[str, Array], members: list[tuple[str, int]], n_new: int) -> dict[str, Array]:
-            """The feeds with these axes n_new long: read-only views (stride 0 along the axis),
-            no data: planning reads shapes and dtypes only (a probe of 4096 rows of a
-            (batch, 65535, 6) input would otherwise allocate 6 GiB)."""
-            out = dict(base)
-            axes: dict[str, list[int]] = {}
-            for name, axis in members:  # (one symbol may name several axes of one input)
-                axes.setdefault(name, []).append(axis)
-            for name, which in axes.items():
-                small, shape = base[name], list(base[name].shape)
-                for axis in which:  # one element along each lengthened axis: only ever smaller
-                    small = np.take(small, [0], axis=axis)
-                    shape[axis] = n_new
-                out[name] = np.broadcast_to(small, shape)
-            return out
-
-        def try_plan(f: Mapping[str, Array], probing: bool = False) -> Optional[Plan]:
-            try:
-                return self.plan(f)
-            except LimitError:
-                if probing:  # a length rnnengine chose, not the caller: not this one
-                    return None
-                raise  # whether this is the time axis cannot be told: refused, not guessed
-            except Exception:
-                return None
-
-        def frames(plan: Optional[Plan]) -> list[Any]:
-            """The recurrent layers' T, or [] when the plan tells nothing (none, or one with none)."""
-            if plan is None or not plan.recurrent:
-                return []
-            ts = [a["T"] for a in plan.recurrent]
-            return [] if 0 in ts else ts
-
-        given = try_plan(feeds)
-
-        def decides(members: list[tuple[str, int]]) -> bool:
-            """Whether these axes, lengthened together, change a recurrent layer's T (and no
-            batch): the time axis."""
-            sizes = {feeds[n].shape[k] for n, k in members}
-            if len(sizes) != 1:
-                return False
-            n = sizes.pop()
-            # bases: the feeds as given; when they plan no frame, the axis much longer
-            bases = [(n, given)]
-            if not frames(given):
-                bases += [(m, None) for m in (256, 1024, 4096) if m > n]
-            for m, plan in bases:
-                if plan is None and m != n:
-                    plan = try_plan(lengthened(feeds, members, m), probing=True)
-                if not frames(plan):
-                    continue
-                assert plan is not None
-                # much longer: one step more may not change T behind a strided convolution (nor
-                # 32 behind a stride of 64), so longer and longer until T changes
-                for extra in (max(m, 32), 1024, 4096):
-                    longer = try_plan(lengthened(feeds, members, m + extra), probing=m != n or extra > max(m, 32))
-                    if longer is not None and frames(longer) \
-                            and {a["B"] for a in longer.recurrent} == {a["B"] for a in plan.recurrent} \
-                            and frames(longer) != frames(plan):
-                        return True
-                return False  # a base that plans frames decides
-            return False
-
-        found: dict[str, int] = {}
-        for members in groups.values():
-            if decides(members):
-                found.update(members)
-        if not found and len(groups) > 1:
-            # one length named by several symbols (tf2onnx names each input's dynamic axes
-            # apart, unk__N): no symbol lengthened alone plans (the data and a mask must
-            # agree), so the axes of one fed length are tried together
-            by_size: dict[int, list[tuple[str, int]]] = {}
-            for members in groups.values():
-                for name, axis in members:
-                    by_size.setdefault(feeds[name].shape[axis], []).append((name, axis))
-            tried = [sorted(m) for m in groups.values()]
-            for union in by_size.values():
-                if sorted(union) not in tried and len({n for n, _ in union}) == len(union) and decides(union):
-                    found.update(union)
-        if not found and not self.state_pairs and given is not None and not given.recurrent:
-            found = self._context_axes(feeds, groups, given, lengthened, try_plan)
-        if not found and first_chunk and given is not None and any(a["T"] == 0 for a in given.recurrent):
-            layer = next(a for a in given.recurrent if a["T"] == 0)
-            raise ValueError(
-                f"this first chunk reaches the recurrent layer {layer['node']!r} "
-                f"as no time step, and longer probes of its symbolic axes could not be planned either, so the "
-                f"stream cannot tell which input axis is time; feed a longer first chunk")
-        return found
-
-    def _context_axes(self, feeds: Mapping[str, Array], groups: dict[Any, list[tuple[str, int]]], given: Plan,
-                      lengthened: Callable[..., dict[str, Array]],
-                      try_plan: Callable[..., Optional[Plan]]) -> dict[str, int]:
-        """time_axes for a graph that keeps no state (no recurrent layer, no state input): a
-        symbolic axis is its time axis when the outputs grow with it and streaming along it
-        carries context from one call to the next (a convolution's frames, a look-ahead), as
-        a temporal convolution network's does. Taking such a graph's calls as independent
-        runs would give chunks convolved without their neighbours, not what run() gives on
-        the whole sequence. An axis along which nothing is carried (pointwise ops: either
-        reading gives the same) or that cannot be streamed (a pooling over it: a classifier
-        of fixed windows, one per call) leaves the calls independent, as before."""
-        out: dict[str, int] = {}
-        shapes = [v.shape for _, v in given.outputs]
-        for members in groups.values():
-            sizes = {feeds[n].shape[k] for n, k in members}
-            if len(sizes) != 1 or len({n for n, _ in members}) != len(members):
-                continue  # (one symbol on two axes of one input: not a time axis)
-            n = sizes.pop()
-            longer = try_plan(lengthened(feeds, members, n + max(n, 32)), probing=True)
-            if longer is None or [v.shape for _, v in longer.outputs] == shapes:
-                continue
-            axes = {name: axis for name, axis in members}
-            try:
-                streamed = self.plan(feeds, streaming=True, time_axes=axes)
-            except LimitError:
-                raise  # whether this is the time axis cannot be told: refused, not guessed
-            except Exception:
-                continue
-            if streamed.state or streamed.next_aux or streamed.delay or streamed.tail:
-                out.update(axes)
-        return out
 
     def example_feeds(self, time: int = 23, batch: int = 2) -> Optional[dict[str, Array]]:
         """Zero inputs of the declared shapes (symbolic dimensions: `batch` for names that look
