@@ -355,7 +355,8 @@ def main():
                     help="event loop of the WebSocket clients (and of the server unless --server-loops), and "
                          "whether the uvloop-tasks row is run (auto: uvloop when installed)")
     ap.add_argument("--server-loops", help="comma-separated event loops to serve on, one server and one row each "
-                                           "(e.g. uvloop,asyncio; default: --loop's)")
+                                           "(e.g. uvloop,asyncio; default: --loop's); LOOP:N serves with "
+                                           "--workers N (e.g. uvloop:2)")
     ap.add_argument("--compare-wake", action="store_true",
                     help="also the C batcher waking a batch's callers all at once (RNNE_BATCH_BURST=1)")
     ap.add_argument("--plot", help="write a plot (throughput and p99 latency vs clients) here")
@@ -369,8 +370,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         case = lstm_case(n_max, a.steps, a.hidden, tmp) if a.model == "lstm" else \
             silero_case(n_max, a.steps) if a.model == "silero" else charlm_case(n_max, a.steps)
-        server = {kind: Server(case.path_for_server, ["--max-wait-us", str(a.max_wait_us), "--loop", kind])
-                  for kind in (a.server_loops or a.loop).split(",")} if a.server else None
+        server = None
+        if a.server:  # one server per entry: LOOP or LOOP:WORKERS (rnnengine serve --workers)
+            server = {}
+            for item in (a.server_loops or a.loop).split(","):
+                kind, _, workers = item.partition(":")
+                extra = ["--max-wait-us", str(a.max_wait_us), "--loop", kind] + (["--workers", workers] if workers else [])
+                server[kind + (f", {workers} workers" if workers else "")] = Server(case.path_for_server, extra)
         print(f"{case.name}: {a.steps} steps per client, {os.cpu_count()} cores, medians of {a.repeats} "
               f"alternating repeats; WebSocket clients on {a.loop}")
         rows = []

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import socket
 import struct
 import time
 from typing import Any
@@ -294,7 +296,7 @@ class Server:
         return web.json_response({"outputs": {k: _tolist(v) for k, v in out.items() if isinstance(v, np.ndarray)}})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "sessions": self.batcher.sessions,
+        return web.json_response({"status": "ok", "sessions": self.batcher.sessions, "pid": os.getpid(),
                                   "outputs": self.model.outputs, "inputs": self.model.input_names,
                                   "uptime_s": round(time.time() - self.started, 3)})
 
@@ -349,10 +351,12 @@ def loop_kind(kind: str = "auto") -> str:
     return "uvloop"
 
 
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, loop: str = "auto", **batcher: Any) -> None:
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, loop: str = "auto",
+          sock: socket.socket | None = None, **batcher: Any) -> None:
     """Runs the server until interrupted (SIGINT/SIGTERM: the calls in flight send their
     replies, open connections are closed, then the batcher stops). loop: "auto", "uvloop" or
-    "asyncio" (loop_kind())."""
+    "asyncio" (loop_kind()). sock: a listening socket to accept on instead of host:port (a
+    worker of run_workers)."""
     kind = loop_kind(loop)
     server = Server(model, **batcher)
     ev: asyncio.AbstractEventLoop | None = None
@@ -360,5 +364,73 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, loop: str = "
         import uvloop
         ev = uvloop.new_event_loop()
     print(f"event loop: {kind}", flush=True)
-    web.run_app(server.app, host=host, port=port, print=lambda *a: print(*a, flush=True),
-                shutdown_timeout=10.0, loop=ev)
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
+    web.run_app(server.app, print=lambda *a: print(*a, flush=True), shutdown_timeout=10.0, loop=ev, **where)
+
+
+def run_workers(worker_command: list[str], host: str, port: int, workers: int, restarts: int = 5) -> int:
+    """`rnnengine serve --workers N`: one listening socket on host:port, and N worker
+    processes (``worker_command`` + ``--worker-fd FD``), each a whole server (its own model,
+    batcher and event loop) accepting connections from that socket. One event loop runs on
+    one core: its Python per frame (WebSocket framing, socket writes) and the steps it runs
+    inline bound a single process, so a machine with more cores serves more sessions with
+    more workers. A connection (a session) stays with the worker that accepted it. /health
+    and /metrics answer for that worker (its pid is in /health).
+
+    SIGTERM or SIGINT: each worker shuts down gracefully (its calls in flight answered, its
+    connections closed), then this process returns 0. A worker that exits unexpectedly is
+    started again, at most ``restarts`` times in a row when it dies within 10 s of its start
+    (then every worker is stopped and this returns 1)."""
+    import signal
+    import subprocess
+    sock = socket.create_server((host, port), backlog=1024)
+    sock.set_inheritable(True)
+    fd = sock.fileno()
+    print(f"listening on http://{host}:{sock.getsockname()[1]} with {workers} worker processes", flush=True)
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def start() -> tuple[subprocess.Popen[bytes], float]:
+        return subprocess.Popen([*worker_command, "--worker-fd", str(fd)], pass_fds=(fd,)), time.monotonic()
+    procs = [start() for _ in range(workers)]
+    failures, code = 0, 0
+    try:
+        while not stopping:
+            time.sleep(0.1)
+            for k, (proc, started) in enumerate(procs):
+                if proc.poll() is None or stopping:
+                    continue
+                failures = failures + 1 if time.monotonic() - started < 10 else 0
+                if failures > restarts:
+                    print(f"rnnengine serve: a worker exited {failures} times in a row within 10 s of its "
+                          f"start (last exit code {proc.returncode}); stopping", flush=True)
+                    stopping.append(0)
+                    code = 1
+                    break
+                print(f"rnnengine serve: worker {proc.pid} exited with code {proc.returncode}; starting another",
+                      flush=True)
+                procs[k] = start()
+    finally:
+        if stopping and stopping[0] == signal.SIGINT:
+            # (Ctrl-C reaches the whole process group: the workers are shutting down already;
+            # a second signal would cut their graceful shutdown short)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and any(p.poll() is None for p, _ in procs):
+                time.sleep(0.05)
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        sock.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return code

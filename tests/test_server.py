@@ -248,6 +248,76 @@ def test_the_command_serves_and_shuts_down_gracefully(model, tmp_path, loop):
     assert f"event loop: {loop}" in out
     assert os.path.exists(path)
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_share_the_port_restart_and_shut_down(model, tmp_path):
+    """--workers 2: two server processes accept on one port; sessions on either match their
+    own streams; a worker killed is started again; SIGTERM ends them all cleanly."""
+    import signal
+    import time
+    import urllib.request
+
+    from rnnengine.server import KIND_STEP
+    path = str(tmp_path / "m.rnne")
+    rnnengine.save(model, path)
+    proc, port = serve_command(path, tmp_path, "--workers", "2", "--loop", "asyncio")
+    xs = rng.standard_normal((6, 4, I)).astype(np.float32)
+
+    def workers(n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kids = _children(proc.pid)
+            if len(kids) == n:
+                return kids
+            time.sleep(0.1)
+        raise AssertionError(f"{_children(proc.pid)} workers, wanted {n}")
+
+    def health():
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("no /health")
+
+    async def sessions():
+        async with aiohttp.ClientSession() as http:
+            async def one(seq):
+                ws = await http.ws_connect(f"http://127.0.0.1:{port}/stream")
+                ref, got = model.stream(), []
+                for x in seq:
+                    await ws.send_bytes(encode_frame(x[None], KIND_STEP))
+                    got.append(decode_frame_reply(await ws.receive_bytes())[1].reshape(-1))
+                await ws.close()
+                return max(max_violation(g, ref.step(x)) for g, x in zip(got, seq))
+            return await asyncio.gather(*(one(seq) for seq in xs))
+    try:
+        first = workers(2)
+        assert health()["pid"] in first
+        assert max(asyncio.run(sessions())) <= 1
+        os.kill(first[0], signal.SIGKILL)
+        time.sleep(0.5)
+        again = workers(2)
+        assert first[0] not in again and first[1] in again
+        health()
+        assert max(asyncio.run(sessions())) <= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    assert "with 2 worker processes" in out and f"worker {first[0]} exited" in out
+    for pid in again:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
 def test_frames_that_would_cost_too_much_are_refused_and_the_connection_stays(model):
     async def body(client, server):
         ws = await client.ws_connect("/stream")

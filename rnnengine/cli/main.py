@@ -673,6 +673,11 @@ def build_parser():
     s.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="the event loop: uvloop (installed with the [server] extra, not on Windows), the standard "
                         "asyncio one, or auto (uvloop when installed, default)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes accepting connections on the one port (default 1): an event loop "
+                        "runs on one core, so a machine with more cores serves more sessions with more workers; "
+                        "a connection stays with its worker")
+    s.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)  # (a worker of --workers)
     s.set_defaults(func=cmd_serve)
 
     sc = sub.add_parser("score", help="score many whole sequences (shards) locally, on Ray or on Dask",
@@ -713,10 +718,27 @@ def cmd_serve(args):
     except ImportError as e:
         raise ValueError(f"rnnengine serve needs the server extra: pip install 'rnnengine[server]' ({e})") from None
     loop_kind(args.loop)  # --loop uvloop without uvloop: refused before the model is loaded
+    if not 1 <= args.workers <= 256:
+        raise ValueError(f"--workers must be 1 to 256, got {args.workers}")
+    if args.workers > 1 and args.worker_fd is None:
+        from rnnengine.server import run_workers
+        del_me = _load_any(args.file, _kv(args.input, "--input", _value) or None)  # refused here, not per worker
+        del del_me
+        command = [sys.executable, "-m", "rnnengine.cli", "serve", args.file, "--max-batch", str(args.max_batch),
+                   "--max-wait-us", repr(args.max_wait_us), "--threads", str(args.threads),
+                   "--idle-timeout", repr(args.idle_timeout), "--max-queue", str(args.max_queue),
+                   "--batch-graphs", args.batch_graphs, "--loop", args.loop]
+        for item in args.input or ():
+            command += ["--input", item]
+        return run_workers(command, args.host, args.port, args.workers)
     model = _load_any(args.file, _kv(args.input, "--input", _value) or None)
+    sock = None
+    if args.worker_fd is not None:
+        import socket
+        sock = socket.socket(fileno=args.worker_fd)
     serve(model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_us=args.max_wait_us,
           threads=args.threads, idle_timeout=args.idle_timeout or None, max_queue=args.max_queue,
-          batch_graphs={"auto": None, "on": True, "off": False}[args.batch_graphs], loop=args.loop)
+          batch_graphs={"auto": None, "on": True, "off": False}[args.batch_graphs], loop=args.loop, sock=sock)
     return 0
 
 
