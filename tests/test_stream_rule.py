@@ -55,6 +55,30 @@ def stream_in_chunks(gm, feeds, axis, sizes):
     return s, parts
 
 
+def streams_like_onnxruntime(m, feeds, chunks, axes, out, cat):
+    """Converts m, checks its whole run of `feeds` against onnxruntime, streams the feeds in
+    chunks along axis axes[name] of each input (then finish()), checks the stream's time axes
+    are `axes` and the chunks' output `out`, joined along `cat`, equal the whole run."""
+    gm = rnnengine.convert(m)
+    whole = gm.run(feeds)[out]
+    names = [o.name for o in m.graph.output]
+    close(whole, ort_session(m).run(None, feeds)[names.index(out)])
+    s = gm.stream()
+    T = feeds[next(iter(axes))].shape[axes[next(iter(axes))]]
+    parts, t, k = [], 0, 0
+    while t < T:
+        n = chunks[k % len(chunks)]
+        k += 1
+        parts.append(s({name: np.take(a, range(t, min(T, t + n)), axis=axes[name]) for name, a in feeds.items()}))
+        t += n
+    tail = s.finish()
+    if tail:
+        parts.append(tail)
+    assert s.time_axes == axes
+    close(np.concatenate([p[out] for p in parts], axis=cat), whole)
+    return s
+
+
 def conv_front_end(rng, C, M, K, dil, stride, pads, group, pad_node, H=5):
     """x (B, C, T) [-> Pad along time] -> Conv -> Relu -> (T', B, M) -> GRU -> y, plus the conv
     output itself."""
@@ -147,14 +171,8 @@ def test_a_stateless_convolution_network_streams_along_its_time_axis(K1, K2, dil
     s1, s2 = K1 - 1, dil * (K2 - 1)
     pads = {"valid": ((0, 0), (0, 0)), "causal": ((s1, 0), (s2, 0)),
             "centred": ((s1 // 2, s1 - s1 // 2), (s2 // 2, s2 - s2 // 2))}[kind]
-    m = tcn(rng, 3, 4, K1, K2, dil, *pads)
-    x = rand(rng, 2, 3, T)
-    gm = rnnengine.convert(m)
-    whole = gm.run({"x": x})
-    close(whole["y"], ort_session(m).run(None, {"x": x})[0])
-    s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
-    assert s.time_axes == {"x": 2}
-    close(np.concatenate([p["y"] for p in parts], axis=2), whole["y"])
+    s = streams_like_onnxruntime(tcn(rng, 3, 4, K1, K2, dil, *pads), {"x": rand(rng, 2, 3, T)}, chunks, {"x": 2},
+                                 "y", 2)
     if kind == "causal":
         assert s.delay == 0
 
@@ -194,14 +212,7 @@ def test_an_input_without_a_declared_shape_is_streamed_along_its_time_axis(chunk
     probing every axis of the data): before, it took the calls as separate sequences and
     convolved each chunk alone (16 frames instead of 19, no error)."""
     rng = np.random.default_rng(2)
-    m = conv_lstm(rng, None)
-    x = rand(rng, 1, 3, 40)
-    gm = rnnengine.convert(m)
-    whole = gm.run({"x": x})
-    close(whole["Y"], ort_session(m).run(None, {"x": x})[0])
-    s, parts = stream_in_chunks(gm, {"x": x}, 2, chunks)
-    assert s.time_axes == {"x": 2}
-    close(np.concatenate([p["Y"] for p in parts], axis=0), whole["Y"])
+    streams_like_onnxruntime(conv_lstm(rng, None), {"x": rand(rng, 1, 3, 40)}, chunks, {"x": 2}, "Y", 0)
 
 
 @pytest.mark.parametrize("B,chunk", [(1, 4), (1, 1), (2, 2), (2, 3)])
@@ -222,16 +233,10 @@ def test_one_time_length_named_by_two_symbols_is_streamed_along_both(names, B, c
     m = model(nodes, [helper.make_tensor_value_info("x", F, [b, 3, t]), helper.make_tensor_value_info("z", F, [s_, b2, H])],
               ["out"], {"Wc": rand(rng, 4, 3, 3), "W": rand(rng, 1, 4 * H, 4), "R": rand(rng, 1, 4 * H, H) * 0.5,
                         "ax": np.array([1], np.int64)})
-    x, z = rand(rng, B, 3, 12), rand(rng, 12, B, H)
-    gm = rnnengine.convert(m)
-    whole = gm.run({"x": x, "z": z})["out"]
-    close(whole, ort_session(m).run(None, {"x": x, "z": z})[0])
-    s = gm.stream()
     # (a first chunk as long as the batch: the batch and time axes of one fed length, tried
     # one per input; a chunk of 1: z's time axis broadcasts, found with x's all the same)
-    parts = [s({"x": x[:, :, k:k + chunk], "z": z[k:k + chunk]})["out"] for k in range(0, 12, chunk)]
-    assert s.time_axes == {"x": 2, "z": 0}
-    close(np.concatenate(parts, axis=0), whole)
+    streams_like_onnxruntime(m, {"x": rand(rng, B, 3, 12), "z": rand(rng, 12, B, H)}, [chunk], {"x": 2, "z": 0},
+                             "out", 0)
 
 
 @pytest.mark.parametrize("names", [("B", "T", "B", "T"), ("unk__1", "unk__2", "unk__3", "unk__4")])
@@ -245,13 +250,8 @@ def test_a_stateless_network_with_a_mask_named_apart_streams_along_both(names):
     m = model(nodes, [helper.make_tensor_value_info("x", F, [names[0], 3, names[1]]),
                       helper.make_tensor_value_info("mask", F, [names[2], 1, names[3]])], ["y"],
               {"W1": rand(rng, 4, 3, 3), "W2": rand(rng, 2, 4, 3)})
-    x, mask = rand(rng, 1, 3, 12), (rng.random((1, 1, 12)) > 0.3).astype(np.float32)
-    gm = rnnengine.convert(m)
-    whole = gm.run({"x": x, "mask": mask})["y"]
-    close(whole, ort_session(m).run(None, {"x": x, "mask": mask})[0])
-    s, parts = stream_in_chunks(gm, {"x": x, "mask": mask}, 2, [4])
-    assert s.time_axes == {"x": 2, "mask": 2}
-    close(np.concatenate([p["y"] for p in parts], axis=2), whole)
+    feeds = {"x": rand(rng, 1, 3, 12), "mask": (rng.random((1, 1, 12)) > 0.3).astype(np.float32)}
+    streams_like_onnxruntime(m, feeds, [4], {"x": 2, "mask": 2}, "y", 2)
 
 
 def test_a_stateless_network_pooling_beside_a_convolution_output_is_refused():
