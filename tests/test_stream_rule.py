@@ -329,6 +329,25 @@ def test_probing_an_undeclared_input_stays_small():
 
 
 
+def test_probing_many_inputs_of_one_length_tries_a_bounded_number_of_unions():
+    """40 undeclared rank-6 inputs of one length beside an LSTM over a fixed-shape input:
+    nothing is time, so the axes of one length are tried together, one per input; the
+    candidates are capped (enumerating them all is exponential: 6**40 ways for 40 inputs)."""
+    from rnnengine.runtime.graph import _TimeAxes
+    rng = np.random.default_rng(0)
+    H, n = 3, 40
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=H, name="lstm")] + \
+        [helper.make_node("ReduceSum", [f"e{i}"], [f"r{i}"], keepdims=0) for i in range(n)]
+    m = model(nodes, [helper.make_tensor_value_info("x", F, [5, 1, 4])] +
+              [helper.make_tensor_value_info(f"e{i}", F, None) for i in range(n)], ["Y"] + [f"r{i}" for i in range(n)],
+              {"W": rand(rng, 1, 4 * H, 4), "R": rand(rng, 1, 4 * H, H)})
+    gm = rnnengine.convert(m)
+    feeds = {"x": rand(rng, 5, 1, 4), **{f"e{i}": np.zeros((2,) * 6, np.float32) for i in range(n)}}
+    probe = _TimeAxes(gm, feeds, rnnengine.limits.resolve(None))
+    assert len(probe.unions()) == _TimeAxes.MAX_UNIONS
+    assert gm.time_axes(feeds) == {}
+
+
 def test_a_first_chunk_that_cannot_tell_the_time_axis_is_refused():
     """A first chunk that reaches the LSTM as no frame, with every longer probe refused by a
     resource limit: the time axis cannot be told, so the call raises (before: {}, and the

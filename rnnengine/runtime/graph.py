@@ -1061,8 +1061,10 @@ class _TimeAxes:
                 for chosen in itertools.combinations(names, r):
                     for axes in itertools.product(*(per_input[n] for n in chosen)):
                         union = sorted(zip(chosen, axes))
-                        if union not in own and len(out) < self.MAX_UNIONS:
+                        if union not in own:
                             out.append(union)
+                            if len(out) >= self.MAX_UNIONS:  # (the enumeration itself is exponential)
+                                return out
         return out
 
     def recurrent_time(self, members: Members) -> bool:
