@@ -12,9 +12,12 @@ def test_blas_is_installed_from_scipy():
 
 
 def _fresh(code):
+    """Runs code in a fresh interpreter, outside the source tree (an installed package's
+    compiled core, not the checkout's sources); its stdout split."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    import tempfile
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
