@@ -54,8 +54,8 @@ class NotStreamableError(UnsupportedError):
     def __init__(self, node: dict[str, Any] | str, reason: str) -> None:
         self.node = (node.get("name") or node.get("op", "")) if isinstance(node, dict) else str(node)
         self.reason = reason
-        label = where(node) if isinstance(node, dict) else str(node)
-        super().__init__(f"not streamable: {label}: {reason}")
+        self.label = where(node) if isinstance(node, dict) else str(node)  # "<op> node '<name>'"
+        super().__init__(f"not streamable: {self.label}: {reason}")
 
 
 class LimitError(UnsupportedError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import itertools
 import threading
 import time
 
@@ -968,7 +969,7 @@ class _TimeAxes:
     alone plans when the data and a mask must agree). A candidate is time when lengthening it
     changes a recurrent layer's T (or a loop over time unrolls further) and no batch; in a
     graph that keeps no state, when the outputs grow with it and streaming along it carries
-    context (_context). Every probe counts against max_planning_seconds, all together."""
+    context (context_time). Every probe counts against max_planning_seconds, all together."""
 
     MAX_UNIONS = 32  # candidate unions of one fed length tried at most (inputs x axes of that length)
 
@@ -1048,7 +1049,6 @@ class _TimeAxes:
 
     def unions(self) -> list[Members]:
         """Axes of one fed length, one per input, over two inputs or more (not a symbol's own)."""
-        import itertools
         by_len: dict[int, dict[str, list[int]]] = {}
         for members in self.groups:
             for name, axis in members:
@@ -1149,9 +1149,7 @@ class _TimeAxes:
                 return found, not self.limited
         e = self.not_streamable
         if e is not None:
-            rest = str(e).removeprefix("not streamable: ")
-            label = rest[:len(rest) - len(e.reason) - 2] if rest.endswith(e.reason) else e.node
-            raise NotStreamableError(label, f"{e.reason} (the graph keeps no state, but its outputs grow along the "
+            raise NotStreamableError(e.label, f"{e.reason} (the graph keeps no state, but its outputs grow along the "
                                             f"input axes a stream would be fed, so calls taken one by one would not "
                                             f"give what run() gives on the whole sequence; for independent windows, "
                                             f"call run() on each)") from e
