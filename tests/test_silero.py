@@ -1,7 +1,12 @@
 """silero-vad as shipped on PyPI (installed with --no-deps; see README's test command): every
 .onnx file the package ships converts with its state paired automatically (also through the
 If on the sample rate), runs whole like onnxruntime, and streams from a zero state without
-help, chunk by chunk equal to onnxruntime run with the state passed back."""
+help, chunk by chunk equal to onnxruntime run with the state passed back.
+
+faster-whisper ships its own export of silero-vad v6 (faster_whisper/assets/silero_vad_v6.onnx,
+PyTorch 2.8, opset 18: the 576-sample windows along axis 0, one LSTM step per window, h and c
+carried as inputs): the same tests take every .onnx file of its assets too, when installed
+(README's test command installs it with --no-deps)."""
 import glob
 import importlib.util
 import os
@@ -16,10 +21,25 @@ from rnnengine.ops.handlers import UnsupportedError
 
 ort = pytest.importorskip("onnxruntime")
 
-_spec = importlib.util.find_spec("silero_vad")
-INSTALLED = _spec is not None and bool(_spec.submodule_search_locations)
-DATA = os.path.join(list(_spec.submodule_search_locations)[0], "data") if INSTALLED else ""
-FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(DATA, "*.onnx"))) if INSTALLED else []
+
+
+def _package_dir(package, sub):
+    """The folder `sub` of an installed package (found without importing it: faster-whisper
+    is installed without its dependencies), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+
+
+DATA = _package_dir("silero_vad", "data") or ""
+INSTALLED = bool(DATA)
+FW_ASSETS = _package_dir("faster_whisper", "assets")
+# test id -> path: silero-vad's files by their names, faster-whisper's as faster_whisper/<name>
+PATHS = {os.path.basename(p): p for p in sorted(glob.glob(os.path.join(DATA, "*.onnx")))} if INSTALLED else {}
+PATHS.update({"faster_whisper/" + os.path.basename(p): p
+              for p in sorted(glob.glob(os.path.join(FW_ASSETS, "*.onnx")))} if FW_ASSETS else {})
+FILES = list(PATHS)
 # the tests of the shipped files; the synthetic If-pairing tests at the end run regardless
 needs_silero = pytest.mark.skipif(not INSTALLED, reason="silero-vad is not installed (README's test command "
                                 "installs it: pip install --no-deps silero-vad)")
@@ -32,6 +52,12 @@ CHUNK = {16000: (512, 64), 8000: (256, 32)}
 def test_the_package_ships_onnx_files():
     # every file below is tested; a release that drops them all must not pass silently
     assert "silero_vad.onnx" in FILES, FILES
+
+
+@pytest.mark.skipif(FW_ASSETS is None, reason="faster-whisper is not installed (README's test command installs "
+                    "it: pip install --no-deps faster-whisper)")
+def test_faster_whisper_ships_its_vad_model():
+    assert "faster_whisper/silero_vad_v6.onnx" in FILES, FILES
 
 
 def _inputs(path):
@@ -73,9 +99,8 @@ def _session(path):
 
 
 @pytest.mark.parametrize("fname", FILES)
-@needs_silero
 def test_state_is_paired_automatically(fname):
-    path = os.path.join(DATA, fname)
+    path = PATHS[fname]
     inputs = _inputs(path)
     want = _expected_pairs(inputs)
     assert sorted(rnnengine.convert(path).state_pairs) == want
@@ -85,13 +110,12 @@ def test_state_is_paired_automatically(fname):
         assert sorted(rnnengine.convert(path, fixed_inputs={"sr": sr}).state_pairs) == want
 
 
-@pytest.mark.parametrize("fname", [f for f in FILES if "sr" in _inputs(os.path.join(DATA, f))])
-@needs_silero
+@pytest.mark.parametrize("fname", [f for f in FILES if "sr" in _inputs(PATHS[f])])
 def test_sample_rate_left_as_input_is_refused_by_name_or_computed_exactly(fname):
     # a branch (If) on sr is chosen when planning, so there sr must be fixed at conversion: a
     # model converted without it refuses to run, naming the node, instead of picking a branch.
     # Where sr only enters arithmetic (silero_vad_16k_op15), it runs at run time like onnxruntime.
-    path = os.path.join(DATA, fname)
+    path = PATHS[fname]
     model = rnnengine.convert(path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     x = _audio(np.random.default_rng(3), 576)[None]
@@ -108,7 +132,7 @@ def test_sample_rate_left_as_input_is_refused_by_name_or_computed_exactly(fname)
 
 def _cases():
     for f in FILES:
-        inputs = _inputs(os.path.join(DATA, f))
+        inputs = _inputs(PATHS[f])
         if "h" in inputs:
             continue  # the sequence model has its own test below
         for sr in _rates(inputs):
@@ -116,9 +140,8 @@ def _cases():
 
 
 @pytest.mark.parametrize("fname,sr", list(_cases()))
-@needs_silero
 def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
-    path = os.path.join(DATA, fname)
+    path = PATHS[fname]
     inputs = _inputs(path)
     chunk, context = CHUNK[sr]
     fixed_batch = inputs["input"][0]
@@ -156,11 +179,10 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
         assert max_violation(got["stateN"], want[1]) <= 1
 
 
-@pytest.mark.parametrize("fname", [f for f in FILES if "h" in _inputs(os.path.join(DATA, f))])
-@needs_silero
+@pytest.mark.parametrize("fname", [f for f in FILES if "h" in _inputs(PATHS[f])])
 def test_sequence_model_whole_and_streamed(fname):
     # input (windows, 576): one LSTM step per 576-sample window; h, c carried explicitly
-    path = os.path.join(DATA, fname)
+    path = PATHS[fname]
     rng = np.random.default_rng(7)
     chunk, context = CHUNK[16000]
     n = 10
@@ -186,6 +208,18 @@ def test_sequence_model_whole_and_streamed(fname):
     assert checks and all(checks)
     assert max_violation(stream.get_state()["inputs"]["h"], want_h) <= 1
     assert max_violation(stream.get_state()["inputs"]["c"], want_c) <= 1
+    # a given (non-zero, non-symmetric) state: whole and streamed from it, as onnxruntime
+    h0 = (rng.standard_normal((1, 1, 128)) * 0.5).astype(np.float32)
+    c0 = (rng.standard_normal((1, 1, 128)) * 2.0 + 0.3).astype(np.float32)
+    want = sess.run(["speech_probs", "hn", "cn"], {"input": wins, "h": h0, "c": c0})
+    got = model.run({"input": wins, "h": h0, "c": c0})
+    for name, w in zip(("speech_probs", "hn", "cn"), want):
+        assert max_violation(got[name], w) <= 1, name
+    assert max_violation(want[0], want_p) > 1  # the state matters
+    stream = model.stream()
+    stream.set_state({"inputs": {"h": h0, "c": c0}})
+    parts = [stream({"input": wins[a:b]})["speech_probs"] for a, b in ((0, 5), (5, 6), (6, n))]
+    assert max_violation(np.concatenate(parts), want[0]) <= 1
 
 
 @needs_silero
