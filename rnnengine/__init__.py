@@ -84,7 +84,8 @@ def __dir__() -> list[str]:
 def convert(source: Any, fixed_inputs: dict[str, Any] | None = None,
             state_pairs: list[tuple[str, str]] | None = None, limits: Limits | None = None,
             weight_dtype: str = "float32", threads: int = 1) -> Model:
-    """Converts an ONNX model (a path or a ModelProto) into a runnable :class:`Model`.
+    """Converts an ONNX model (a path, a ModelProto, or its serialized bytes) into a runnable
+    :class:`Model`.
     ``fixed_inputs`` (name -> value) bakes inputs in as constants (e.g. a sample rate);
     ``state_pairs`` [(input, output), ...] overrides the automatic pairing of explicit
     state inputs and outputs. ``limits`` (a :class:`Limits`) bounds the conversion and the

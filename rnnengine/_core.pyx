@@ -1468,14 +1468,24 @@ cdef class GraphStep:
         """obj converted to input i's dtype in C order (a new array), when only its dtype, byte
         order or memory layout keep it from being run as it is, and the checked path would
         convert it the same way (GraphModel._check_feeds: a number of the same kind, or an
-        unsigned integer for a signed one; astype, then C order); else None."""
+        unsigned integer for a signed one; astype, then C order); else None. A conversion that
+        could change a value (integers narrowed: the checked path range-checks them; floats
+        narrowed past their range) is left to the checked path, which refuses it by name."""
         if not cnp.PyArray_CheckExact(obj) or not self._shape_fits(<cnp.ndarray>obj, i, mode):
             return None
         want = self.in_dtypes[i]
         got = (<cnp.ndarray>obj).dtype
         if got.kind != want.kind and not (want.kind == "i" and got.kind == "u"):
             return None
-        return np.ascontiguousarray(obj.astype(want) if got != want else obj)
+        if got == want:
+            return np.ascontiguousarray(obj)
+        if np.can_cast(got, want, "safe"):
+            return np.ascontiguousarray(obj.astype(want))
+        if got.kind == "f":  # float64 fed to a float32 input: rounded, unless a value overflows
+            with np.errstate(over="ignore"):
+                new = obj.astype(want)
+            return np.ascontiguousarray(new) if np.array_equal(np.isfinite(new), np.isfinite(obj)) else None
+        return None
 
     cdef inline void *_fits(self, object obj, int64_t i, int mode):
         """obj's data when it is an ndarray of exactly input i's shape (in this mode), dtype

@@ -57,10 +57,14 @@
  *   REVSEQ    ip: esize, T, B, inner, time_major   in: x (T, B, inner) if time_major else
  *             (B, T, inner), lens (int64, B)   out[t, b] = x[len_b - 1 - t, b] for t < len_b,
  *             else x[t, b]
- *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode
+ *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode, started_id
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
  *             2: copied from initial_h / initial_c. The final state stays in the state tensor.
+ *             started_id: -1, or (a stream with sequence_lens) a float32 tensor of B flags
+ *             the stream keeps, 1 for a row that has had a step: such a row's Y_h / Y_c at
+ *             length 0 is its state carried on (its sequence ended in an earlier call), a
+ *             row that never had one gives 0 as in a whole run (its sequence is empty).
  */
 
 #define MAX_ND 8
@@ -859,6 +863,7 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
     const int64_t T = ip[0], B = ip[1], layout = ip[2], D = ip[3], H = ip[4], has_c = ip[5];
     const int64_t init_mode = ip[7];
     float *state = tensors[ip[6]];
+    float *started = ip[8] >= 0 ? tensors[ip[8]] : NULL;
     const float *X = tensors[ins[0]];
     const int32_t *lens = ins[1] >= 0 ? tensors[ins[1]] : NULL;
     float *Y = tensors[outs[0]];
@@ -887,7 +892,8 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
                                               work, threads);
     if (st != RNN_STATUS_OK) return fail(err, errlen, st, "recurrent layer: the stack refused its inputs");
     /* Y_h, Y_c: (D, B, H) for layout 0, (B, D, H) for layout 1. Rows of length 0 give 0, as
-     * onnxruntime does, except in a stream, where such a row's state simply carries on. */
+     * onnxruntime does for an empty sequence, except in a stream for a row that has had a step
+     * in an earlier call (started): its sequence ended there, and its state carries on. */
     for (int64_t k = 0; k < (has_c ? 2 : 1); k++) {
         if (outs[1 + k] < 0) continue;
         float *dst = tensors[outs[1 + k]];
@@ -895,10 +901,14 @@ static rnn_status op_recurrent(const int64_t *ip, const rnn_stack *stack, void *
         for (int64_t d = 0; d < D; d++)
             for (int64_t b = 0; b < B; b++) {
                 float *o = dst + (layout ? (b * D + d) * H : (d * B + b) * H);
-                if (lens && lens[b] == 0 && init_mode != 1) memset(o, 0, sizeof(float) * (size_t)H);
+                const int carried = started ? started[b] != 0.0f : init_mode == 1;
+                if (lens && lens[b] == 0 && !carried) memset(o, 0, sizeof(float) * (size_t)H);
                 else memcpy(o, src + (d * B + b) * H, sizeof(float) * (size_t)H);
             }
     }
+    if (started && lens)
+        for (int64_t b = 0; b < B; b++)
+            if (lens[b] > 0) started[b] = 1.0f;
     return RNN_STATUS_OK;
 }
 
@@ -1504,9 +1514,9 @@ static int verify_instr(vctx *v) {
                need(v, &y, "output", "writes", total);
     }
     case RNN_OP_RECURRENT: {
-        if (nparams(v, 8) || unused(v, 4, 3)) return 1;
+        if (nparams(v, 9) || unused(v, 4, 3)) return 1;
         const int64_t T = ip[0], B = ip[1], layout = ip[2], D = ip[3], H = ip[4], has_c = ip[5];
-        const int64_t sid = ip[6], mode = ip[7], aux = v->in[8];
+        const int64_t sid = ip[6], mode = ip[7], fid = ip[8], aux = v->in[8];
         if (aux < 0 || aux >= v->ns || !v->stacks[aux])
             return bad(v, "names stack %lld, the program has %lld", (long long)aux, (long long)v->ns);
         const rnn_stack *st = v->stacks[aux];
@@ -1547,6 +1557,18 @@ static int verify_instr(vctx *v) {
             need(v, &c, "initial_h", "reads", block) || need(v, &d, "initial_c", "reads", block) ||
             need(v, &y, "Y", "writes", y_n) || need(v, &y2, "Y_h", "writes", block) || need(v, &y3, "Y_c", "writes", block))
             return 1;
+        if (fid != -1) { /* the started flags: B floats the op reads and writes, apart from every operand */
+            if (fid < 0 || fid >= v->nt)
+                return bad(v, "started flags name tensor %lld, the program has tensors 0..%lld", (long long)fid, (long long)v->nt - 1);
+            if (v->tdt[fid] != RNN_DT_F32) return bad(v, "started flags are %s, the instruction takes float32", code_name(v->tdt[fid]));
+            if (v->tcount[fid] < B) return bad(v, "started flags have %lld elements, the instruction uses %lld", (long long)v->tcount[fid], (long long)B);
+            if (v->twritable && !v->twritable[fid])
+                return bad(v, "started flags are tensor %lld, a constant or input the program must not write", (long long)fid);
+            if (b.id < 0) return bad(v, "started flags without sequence_lens");
+            if (fid == sid) return bad(v, "started flags are the state tensor %lld", (long long)fid);
+            for (int r = 0; r < 7; r++)
+                if (v->in[1 + r] == fid) return bad(v, "started flags are operand %d (tensor %lld)", r, (long long)fid);
+        }
         const int64_t w = rnn_stack_workspace_floats(st, T, B);
         if (w > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)w, (long long)v->work);
         return 0;

@@ -56,6 +56,37 @@ def test_missing_weights_and_bad_attributes():
         rnnengine.GRU(W[:, :12], R[:, :12], input_forget=1)
 
 
+def test_one_directions_activations_for_both_directions():
+    # the Python layers' shorthand: 3 functions for a bidirectional LSTM mean the same 3, with
+    # the same alpha / beta, in both directions (the review found the reverse direction's
+    # HardSigmoid silently left at its default 0.2 / 0.5)
+    r = np.random.default_rng(5)
+    W2, R2 = (r.standard_normal((2, 16, k)).astype(np.float32) for k in (3, 4))
+    x = r.standard_normal((4, 2, 3)).astype(np.float32)
+    short = rnnengine.LSTM(W2, R2, direction="bidirectional", activations=["HardSigmoid", "Tanh", "Tanh"],
+                           activation_alpha=[0.3], activation_beta=[0.4])
+    full = rnnengine.LSTM(W2, R2, direction="bidirectional", activations=["HardSigmoid", "Tanh", "Tanh"] * 2,
+                          activation_alpha=[0.3, 0.3], activation_beta=[0.4, 0.4])
+    for a, b in zip(short(x), full(x)):
+        np.testing.assert_array_equal(a, b)
+    want = run_ort("LSTM", {"hidden_size": 4, "direction": "bidirectional",
+                            "activations": ["HardSigmoid", "Tanh", "Tanh"] * 2, "activation_alpha": [0.3, 0.3],
+                            "activation_beta": [0.4, 0.4]}, {"X": x, "W": W2, "R": R2})
+    assert np.abs(short(x)[1] - want[1]).max() < 1e-5
+    # an ONNX file must list 6 (onnxruntime refuses 3): refused by name, not guessed
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=4, direction="bidirectional", name="bi",
+                            activations=["HardSigmoid", "Tanh", "Tanh"], activation_alpha=[0.3],
+                            activation_beta=[0.4])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", 2, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W2, "W"), numpy_helper.from_array(R2, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    with pytest.raises(ValueError, match=r"LSTM node 'bi': LSTM is bidirectional and lists 3 activations; the "
+                                         r"operator takes 6 \(3 per direction, forward first\)"):
+        rnnengine.convert(m).run({"X": x})
+
+
 def test_activation_names_are_case_insensitive_like_onnxruntime():
     a = lstm(activations=["sigmoid", "TANH", "Tanh"])
     b = lstm()
@@ -588,3 +619,28 @@ def test_names_that_are_not_utf8_text_are_refused_naming_the_field():
         rnnengine.convert(patched(b"LeakyRelu", b"Leaky\xfeelu"))
     with pytest.raises(ConversionError, match=r"the name of a graph input is not valid UTF-8 text"):
         rnnengine.convert(patched(b"Z\x13\n\x01x", b"Z\x13\n\x01\xff"))
+
+
+def test_convert_takes_bytes_and_refuses_external_data_it_cannot_place(tmp_path):
+    # a serialized model converts like its file; its external data (weights in a file beside the
+    # model) is read only from a path: a ModelProto or bytes has no directory, and reading the
+    # name from the working directory would put whatever file is there into the weights
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(2, 2) + 1, "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = np.array([[1.0, -2.0]], np.float32)
+    want = x @ (np.arange(4, dtype=np.float32).reshape(2, 2) + 1)
+    np.testing.assert_array_equal(rnnengine.convert(m.SerializeToString()).run({"x": x})["y"], want)
+    path = tmp_path / "ext.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
+    np.testing.assert_array_equal(rnnengine.convert(str(path)).run({"x": x})["y"], want)
+    unloaded = onnx.load(str(path), load_external_data=False)
+    for source in (unloaded, unloaded.SerializeToString()):
+        with pytest.raises(ConversionError, match=r"initializer 'w': its data is in an external file; convert the "
+                                                  r"model from its path"):
+            rnnengine.convert(source)
+    with pytest.raises(ConversionError, match=r"the bytes given \(5\) are not a serialized ONNX model"):
+        rnnengine.convert(b"\xff\xff\xff\xff\xff")

@@ -97,7 +97,7 @@ def test_tensor_ids_out_of_range():
             [(OP_COPY, [0, 1], [1], copy_ip(4, (2,), (1,), (1,)))], None, [(F32, 2), (F32, 2)])
     refused(r"instruction 1 \(RECURRENT\): names stack 0, the program has 0",
             [(OP_COPY, [0], [1], copy_ip(4, (2,), (1,), (1,))),
-             (OP_RECURRENT, [0], [1], [1, 1, 0, 1, 1, 0, 0, 0], [], 0)], None, [(F32, 2), (F32, 2)])
+             (OP_RECURRENT, [0], [1], [1, 1, 0, 1, 1, 0, 0, 0, -1], [], 0)], None, [(F32, 2), (F32, 2)])
 
 
 def test_parameter_slices_outside_the_arrays_or_short():
@@ -273,7 +273,7 @@ def test_recurrent_sizes_against_the_stack():
     """T=2, B=1, I=3, H=2 LSTM: X 6 floats, Y 4, state D*B*H*(1+has_c) = 4, Y_h/Y_c 2."""
     stack = lstm_stack()
     T, B, I, H = 2, 1, 3, 2
-    ip = [T, B, 0, 1, H, 1, 4, 0]
+    ip = [T, B, 0, 1, H, 1, 4, 0, -1]
     work = stack.workspace_size(T, B)
     table = [(F32, 6), (F32, 4), (F32, 2), (F32, 2), (F32, 4), (I32, 1)]
     run = (OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], ip, [], 0)
@@ -288,16 +288,16 @@ def test_recurrent_sizes_against_the_stack():
     refused(r"Y has 3 elements, the instruction writes 4",
             [run], None, [(F32, 6), (F32, 3)] + table[2:], stacks=[stack], work=work)
     refused(r"D 1, H 2, has_c 0, the stack has 1 layer\(s\) of D 1, H 2, has_c 1",
-            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [1, 2, 0, 1, H, 0, 4, 0], [], 0)], None, table,
+            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [1, 2, 0, 1, H, 0, 4, 0, -1], [], 0)], None, table,
             stacks=[stack], work=work)
     refused(r"D 1, H 3, has_c 1, the stack has 1 layer\(s\) of D 1, H 2, has_c 1",
-            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 3, 1, 4, 0], [], 0)], None, table,
+            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 3, 1, 4, 0, -1], [], 0)], None, table,
             stacks=[stack], work=work)
     refused(r"sequence_lens is float32, the instruction takes int32",
             [(OP_RECURRENT, [0, 6, -1, -1], [1, 2, 3], ip, [], 0)], None, table + [(F32, 1)], stacks=[stack],
             work=work)
     refused(r"initial_h has 1 elements, the instruction reads 2",
-            [(OP_RECURRENT, [0, -1, 5, -1], [1, 2, 3], ip[:7] + [2], [], 0)], None, table[:5] + [(F32, 1)],
+            [(OP_RECURRENT, [0, -1, 5, -1], [1, 2, 3], ip[:7] + [2, -1], [], 0)], None, table[:5] + [(F32, 1)],
             stacks=[stack], work=work)
     refused(r"needs \d+ floats of workspace, the program has 16", [run], None, table, stacks=[stack], work=16)
     # D and H swapped for a D * H of the same size: the stack would write Y with its own
@@ -307,10 +307,10 @@ def test_recurrent_sizes_against_the_stack():
                                         r.standard_normal((2, 8, H)).astype(np.float32),
                                         direction="bidirectional")._spec()])
     refused(r"D 1, H 4, has_c 1, the stack has 1 layer\(s\) of D 2, H 2, has_c 1",
-            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 4, 1, 4, 0], [], 0)], None,
+            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, 4, 1, 4, 0, -1], [], 0)], None,
             [(F32, 6), (F32, 8), (F32, 4), (F32, 4), (F32, 8)], stacks=[bidir], work=bidir.workspace_size(T, B))
     refused(r"initial_c or Y_c given to a layer without a cell state",
-            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, H, 0, 4, 0], [], 0)], None, table,
+            [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [T, B, 0, 1, H, 0, 4, 0, -1], [], 0)], None, table,
             stacks=[gru_stack()], work=work)
 
 
@@ -365,6 +365,45 @@ def test_no_op_but_copy_computes_in_place():
     assert x.tolist() == [0, 1, 2, 3]
 
 
+def test_recurrent_started_flags():
+    """A stream's sequence_lens flags (ip[8]): B float32s the op reads and writes, apart from
+    every operand and the state; a row at length 0 gives its state only once it has had a step."""
+    stack = lstm_stack()
+    T, B, I, H = 2, 2, 3, 2
+    work = stack.workspace_size(T, B)
+    # 0 X, 1 Y, 2 Y_h, 3 Y_c, 4 state, 5 lens, 6 flags
+    table = [(F32, T * B * I), (F32, T * B * H), (F32, B * H), (F32, B * H), (F32, 2 * B * H), (I32, B), (F32, B)]
+    ip = [T, B, 0, 1, H, 1, 4, 1, 6]
+    run = (OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], ip, [], 0)
+    p = program([run], None, table, stacks=[stack], work=work)
+    state0 = np.arange(1, 2 * B * H + 1, dtype=np.float32)  # a stream's carried state: nonzero
+    x, y, yh, yc = np.ones(T * B * I, np.float32), *(np.zeros(n, np.float32) for n in (T * B * H, B * H, B * H))
+    for flags, lens, want_row1 in (([0, 0], [2, 0], "zero"), ([1, 1], [2, 0], "state"), ([0, 0], [0, 0], "zero")):
+        state, fl = state0.copy(), np.array(flags, np.float32)
+        p.run(*bind(x, y, yh, yc, state, np.array(lens, np.int32), fl, work=work))
+        h_row1 = yh.reshape(B, H)[1]
+        if want_row1 == "zero":  # never had a step: an empty sequence's final state
+            assert np.all(h_row1 == 0), (flags, lens, h_row1)
+        else:  # ended in an earlier call: its state, carried on unchanged
+            assert np.array_equal(h_row1, state0[H:2 * H]), (flags, lens, h_row1)
+        assert np.array_equal(state.reshape(2, B, H)[:, 1], state0.reshape(2, B, H)[:, 1])  # length 0: untouched
+        assert fl.tolist() == [1.0 if lens[0] > 0 or flags[0] else 0.0, float(flags[1])]
+    refused(r"started flags without sequence_lens", [(OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], ip, [], 0)],
+            None, table, stacks=[stack], work=work)
+    refused(r"started flags are int32, the instruction takes float32", [run], None, table[:6] + [(I32, B)],
+            stacks=[stack], work=work)
+    refused(r"started flags have 1 elements, the instruction uses 2", [run], None, table[:6] + [(F32, 1)],
+            stacks=[stack], work=work)
+    refused(r"started flags are the state tensor 4", [(OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], ip[:8] + [4], [], 0)],
+            None, table, stacks=[stack], work=work)
+    refused(r"started flags are operand 4 \(tensor 1\)",
+            [(OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], ip[:8] + [1], [], 0)], None, table, stacks=[stack], work=work)
+    refused(r"started flags name tensor 9, the program has tensors 0..6",
+            [(OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], ip[:8] + [9], [], 0)], None, table, stacks=[stack], work=work)
+    refused(r"started flags are tensor 6, a constant or input the program must not write", [run], None, table,
+            stacks=[stack], work=work, tensor_writable=[1] * 6 + [0])
+
+
 def test_constants_and_inputs_are_never_written():
     """Constants may be a read-only mapped weight file and inputs are the caller's arrays: an
     instruction or a recurrent state that writes one is refused."""
@@ -373,7 +412,7 @@ def test_constants_and_inputs_are_never_written():
     refused(r"instruction 0 \(COPY\): output is tensor 1, a constant or input the program must not write",
             [copy], None, [(F32, 2), (F32, 2)], tensor_writable=[1, 0])
     stack = lstm_stack()
-    run = (OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [2, 1, 0, 1, 2, 1, 4, 1], [], 0)
+    run = (OP_RECURRENT, [0, -1, -1, -1], [1, 2, 3], [2, 1, 0, 1, 2, 1, 4, 1, -1], [], 0)
     refused(r"instruction 0 \(RECURRENT\): state is tensor 4, a constant or input the program must not write",
             [run], None, [(F32, 6), (F32, 4), (F32, 2), (F32, 2), (F32, 4)], stacks=[stack],
             work=stack.workspace_size(2, 1), tensor_writable=[0, 1, 1, 1, 0])
@@ -417,7 +456,7 @@ def test_run_time_checks_of_index_values():
             rv.run(*bind(data, np.array(bad, np.int64), out))
     stack = lstm_stack()
     w = stack.workspace_size(2, 1)
-    rec = program([(OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], [2, 1, 0, 1, 2, 1, 4, 0], [], 0)], None,
+    rec = program([(OP_RECURRENT, [0, 5, -1, -1], [1, 2, 3], [2, 1, 0, 1, 2, 1, 4, 0, -1], [], 0)], None,
                   [(F32, 6), (F32, 4), (F32, 2), (F32, 2), (F32, 4), (I32, 1)], stacks=[stack], work=w)
     bufs = [np.ones(6, np.float32), np.zeros(4, np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32),
             np.zeros(4, np.float32)]

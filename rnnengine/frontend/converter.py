@@ -38,6 +38,11 @@ CONVERTER_VERSION = "1"
 
 def _to_array(tensor, what):
     """An ONNX tensor as a NumPy array; a damaged tensor is a ConversionError naming it."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        # onnx.load(path) has read a file's external data already; a ModelProto or bytes has no
+        # directory to find it in, and numpy_helper would read it from the working directory
+        raise ConversionError(f"{what}: its data is in an external file; convert the model from its path "
+                              "(the directory that holds that file)")
     try:
         return numpy_helper.to_array(tensor)
     except Exception as e:
@@ -569,10 +574,19 @@ def _check_text(model: onnx.ModelProto) -> None:
 
 def convert_model(source: Any, fixed_inputs: dict[str, Any] | None = None,
                   state_pairs: list[tuple[str, str]] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """ONNX file path or ModelProto -> (graph dict, tensors dict, metadata dict)."""
+    """ONNX file path, ModelProto or serialized model (bytes) -> (graph dict, tensors dict,
+    metadata dict)."""
     if isinstance(source, onnx.ModelProto):
         model, raw = source, source.SerializeToString()
         path = None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        raw, path = bytes(source), None
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(raw)
+        except Exception as e:
+            raise ConversionError(f"the bytes given ({len(raw)}) are not a serialized ONNX model "
+                                  f"({type(e).__name__}: {e})") from None
     else:
         path = os.fspath(source)
         if not os.path.exists(path):

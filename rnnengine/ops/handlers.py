@@ -1854,17 +1854,15 @@ class Recurrent(Handler):
             x = self.with_step_mask(p, x, xs[8] if len(xs) > 8 else None, T, B, I)
         lens = slots["sequence_lens"]
         if lens is not None:
-            if lens.shape != (B,) or lens.dtype.kind not in "iu":
-                self.fail(f"sequence_lens must be int ({B},), got {lens.dtype} {lens.shape}")
+            # int32, the operator's type T1 (onnxruntime refuses others): an int64 length cast
+            # down could wrap (2**32 + 2 run as 2)
+            if lens.shape != (B,) or lens.dtype != np.int32:
+                self.fail(f"sequence_lens must be int32 ({B},), got {lens.dtype} {lens.shape}")
             if lens.const is not None:
                 lv = lens.const.astype(np.int64)
                 if lv.size and (lv.min() < 0 or lv.max() > T):
                     self.fail(f"sequence_lens {lv.tolist()} must lie in [0, T = {T}]")
                 lens = p.const(lv.astype(np.int32))
-            elif lens.dtype != np.int32:
-                cast = p.new((B,), np.int32)
-                p.emit(OP_CAST, [lens], [cast], [TENSOR_DTYPES[lens.dtype], DT_I32, B])
-                lens = cast
         has_c = kind == "LSTM"
         sshape = (D, B, H)
         inits = [slots["initial_h"], slots["initial_c"] if has_c else None]
@@ -1911,6 +1909,12 @@ class Recurrent(Handler):
         p.need_work(stack.workspace_size(T, B))
         p.recurrent.append({"node": self.node.get("name") or key, "T": T, "B": B, "direction": layer.direction,
                             "kind": kind, "explicit_state": runtime_init})
+        started = -1
+        if p.streaming and lens is not None and not self.attrs.get(STATELESS):
+            # per row, whether it has had a step in an earlier call: a row at length 0 then ended
+            # its sequence there (its Y_h / Y_c: the state carried on), else its sequence is empty
+            # (0, as in a whole run). Kept by the stream beside the layer's state.
+            started = p.tid(p.stream_state(f"{key}:started", np.zeros(B, np.float32), [(B,)]))
         p.emit(OP_RECURRENT, [x, lens, init_ins[0], init_ins[1]], [Y, Yh, Yc],
-               [T, B, layer.layout, D, H, int(has_c), p.tid(state), mode], aux=p.stack_index(stack))
+               [T, B, layer.layout, D, H, int(has_c), p.tid(state), mode, started], aux=p.stack_index(stack))
         return [Y, Yh] + ([Yc] if has_c else [])

@@ -577,6 +577,13 @@ def recurrent_check(h: Any, xs: list[Any]) -> int:
                                              "convert --state IN=OUT)")
     if x.final:
         raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
+    lens = xs[SLOT_SEQUENCE_LENS] if len(xs) > SLOT_SEQUENCE_LENS else None
+    if lens is not None and lens.const is not None and x.t is not None:
+        # the lengths count the steps of the whole sequence; a stream would apply them anew to
+        # every chunk (steps past them computed in a later chunk, or a length past the chunk)
+        raise NotStreamableError(h.node, "its sequence_lens are constants counting the whole sequence's "
+                                         "steps, which a stream cannot apply chunk by chunk (give them as an "
+                                         "input: per call, the valid steps of each row in that chunk)")
     if h.node["op"] == "LSTM" and x.t is not None:
         fed = [v is not None and v.const is None for v in (list(xs[5:7]) + [None, None])[:2]]
         if fed[0] != fed[1]:

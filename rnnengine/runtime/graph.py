@@ -277,6 +277,9 @@ class Planner:
         for o in model.graph["outputs"]:
             if o["name"] not in env:
                 raise UnsupportedError(f"graph output {o['name']!r} is produced by no node")
+            if not isinstance(env[o["name"]], Value):  # a sequence (SplitToSequence...) or other non-tensor
+                raise UnsupportedError(f"graph output {o['name']!r} is a sequence of tensors; rnnengine's "
+                                       "outputs are tensors (concatenate it in the model, or output its items)")
             self.outputs.append((o["name"], env[o["name"]]))
         if streaming and self.has_time:
             _check_stream_outputs(self, dict(self.outputs), model.state_pairs)
@@ -795,10 +798,11 @@ def fuse_activations(p: Planner) -> None:
         for t in word[5:8]:
             if t >= 0:
                 writes.setdefault(t, []).append(k)
-        if word[0] == OP_RECURRENT:  # its state tensor: read and written through a parameter
-            t = p.ip[word[9] + 6]
-            reads.setdefault(t, []).append(k)
-            writes.setdefault(t, []).append(k)
+        if word[0] == OP_RECURRENT:  # its state tensor (and started flags): read and written through parameters
+            for t in (p.ip[word[9] + 6], p.ip[word[9] + 8]):
+                if t >= 0:
+                    reads.setdefault(t, []).append(k)
+                    writes.setdefault(t, []).append(k)
     kept = {v.tid for _, v in p.outputs if v.tid is not None}
     drop: set[int] = set()
     for k in range(n):
@@ -1370,8 +1374,20 @@ class GraphModel(Model):
             arr = np.asarray(inputs[name])
             want = np.dtype(NP_DTYPES[spec["dtype"]])
             if arr.dtype != want:
-                if want.kind == arr.dtype.kind or (want.kind == "i" and arr.dtype.kind == "u"):
+                if want.kind in "iu" and arr.dtype.kind in "iu":
+                    # NumPy's default int64 fed to an int32 input (sequence_lens): converted only
+                    # when every value fits, never wrapped (2**32 + 2 is not 2)
+                    info = np.iinfo(want)
+                    if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+                        raise ValueError(f"input {name!r} is {want}: its values {int(arr.min())}..{int(arr.max())} "
+                                         f"(given as {arr.dtype}) do not fit")
                     arr = arr.astype(want)
+                elif want.kind == arr.dtype.kind:
+                    with np.errstate(over="ignore"):
+                        new = arr.astype(want)
+                    if want.kind == "f" and arr.size and not np.array_equal(np.isfinite(new), np.isfinite(arr)):
+                        raise ValueError(f"input {name!r} is {want}: values given as {arr.dtype} overflow it")
+                    arr = new
                 else:
                     raise TypeError(f"input {name!r} must be {want}, got {arr.dtype} (shape {arr.shape})")
             shape = spec["shape"]
@@ -1756,7 +1772,10 @@ class GraphStream(Stream):
         keyed by the layer's first output: ``(h, c)`` for an LSTM, ``h`` otherwise, each
         float32 (num_directions, batch, hidden_size); a Loop carrying state
         ("<output>:loop<k>"): its value; a convolution along time ("conv:<output>"): the input
-        frames it keeps, (batch, channels, frames). "inputs": the graph's explicit state, one
+        frames it keeps, (batch, channels, frames); a recurrent layer fed sequence_lens
+        ("<output>:started"): per row 1.0 once it has had a step (a row at length 0 then ended
+        its sequence in an earlier call and keeps its state; one that never started gives a
+        zero final state, as a whole run of an empty sequence). "inputs": the graph's explicit state, one
         array per state input of ``model.state_pairs``, with that input's dtype and shape. Both
         are empty before the first call (the stream then starts from the model's initial
         state). "context": what ops along time carry (rnnengine/ops/streaming.py): per
@@ -1784,6 +1803,7 @@ class GraphStream(Stream):
             for n in nodes:
                 if n["op"] in ("LSTM", "GRU", "RNN"):
                     keys.add(n["outputs"][0] or n.get("name"))
+                    keys.add(f"{n['outputs'][0] or n.get('name')}:started")  # with sequence_lens
                 if n["op"] == "Conv":  # the frames a conv along time carries (rnnengine/streaming.py)
                     keys.add("conv:" + (n["outputs"][0] or n.get("name", "")))
                 if n["op"] == "Loop":

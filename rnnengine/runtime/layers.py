@@ -57,16 +57,18 @@ def resolve_activations(kind: str, n_per_dir: int, num_dirs: int, activations: A
     """ONNX ``activations``/``activation_alpha``/``activation_beta`` -> [(kind, a, b)] per
     direction. alpha and beta lists are consumed in order by the functions that take them;
     missing entries take the function's default. A list of n_per_dir activations for a
-    bidirectional layer is used for both directions."""
+    bidirectional layer is used for both directions, and so are its alpha and beta lists."""
     defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[kind]
     names = list(activations) if activations is not None else defaults * num_dirs
+    alphas = [float(a) for a in (alphas or [])]
+    betas = [float(b) for b in (betas or [])]
     if len(names) == n_per_dir and num_dirs == 2:
-        names = names * 2
+        # one direction's functions for both: with their alpha / beta values, each direction
+        # consuming the same ones (not the second direction left with the defaults)
+        names, alphas, betas = names * 2, alphas * 2, betas * 2
     if len(names) != n_per_dir * num_dirs:
         raise ValueError(f"{kind} with {num_dirs} direction(s) needs {n_per_dir * num_dirs} activations "
                          f"({n_per_dir} per direction), got {len(names)}: {names}")
-    alphas = [float(a) for a in (alphas or [])]
-    betas = [float(b) for b in (betas or [])]
     ia = ib = 0
     out = []
     for raw in names:
@@ -267,6 +269,16 @@ def layer_from_onnx(kind: str, attrs: dict[str, Any], W: Any, R: Any, B: Any = N
     """An LSTM / GRU / RNN layer from an ONNX node's attributes (a dict of Python values;
     strings may be bytes) and its constant weights."""
     at = attrs
+    acts, direction = at.get("activations"), at.get("direction", "forward")
+    if isinstance(direction, bytes):
+        direction = direction.decode()
+    cls: type[_Layer] | None = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}.get(kind)
+    n_per_dir = cls.n_activations if cls is not None else 0
+    if direction == "bidirectional" and acts is not None and len(acts) == n_per_dir:
+        # the operator takes n_per_dir functions per direction (onnxruntime refuses a short
+        # list); the Python layers' shorthand (one list for both) is not guessed for a file
+        raise ValueError(f"{kind} is bidirectional and lists {n_per_dir} activations; the operator takes "
+                         f"{2 * n_per_dir} ({n_per_dir} per direction, forward first)")
     kwargs = dict(hidden_size=at.get("hidden_size"), direction=at.get("direction", "forward"),
                   activations=at.get("activations"), activation_alpha=at.get("activation_alpha"),
                   activation_beta=at.get("activation_beta"), clip=at.get("clip"), layout=at.get("layout", 0),
