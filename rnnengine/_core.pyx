@@ -1477,14 +1477,14 @@ cdef class GraphStep:
         got = (<cnp.ndarray>obj).dtype
         if got.kind != want.kind and not (want.kind == "i" and got.kind == "u"):
             return None
-        if got == want:
-            return np.ascontiguousarray(obj)
+        if got == want:  # (np.asarray with order="C": ascontiguousarray would make rank 0 rank 1)
+            return np.asarray(obj, order="C")
         if np.can_cast(got, want, "safe"):
-            return np.ascontiguousarray(obj.astype(want))
+            return np.asarray(obj.astype(want), order="C")
         if got.kind == "f":  # float64 fed to a float32 input: rounded, unless a value overflows
             with np.errstate(over="ignore"):
                 new = obj.astype(want)
-            return np.ascontiguousarray(new) if np.array_equal(np.isfinite(new), np.isfinite(obj)) else None
+            return np.asarray(new, order="C") if np.array_equal(np.isfinite(new), np.isfinite(obj)) else None
         return None
 
     cdef inline void *_fits(self, object obj, int64_t i, int mode):
@@ -1619,7 +1619,7 @@ cdef class GraphStep:
             if data != NULL:
                 self.ptrs[self.in_tid[i]] = data
             else:
-                a = np.ascontiguousarray(obj)
+                a = np.asarray(obj, order="C")
                 if a.nbytes != self.in_nbytes[i] or a.dtype.num != self.in_type[i] and \
                         not cnp.PyArray_EquivTypenums(a.dtype.num, <int>self.in_type[i]):
                     raise EngineError(f"GraphStep.run: input {self.in_names[i]!r} does not fit the plan")

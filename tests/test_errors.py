@@ -644,3 +644,41 @@ def test_convert_takes_bytes_and_refuses_external_data_it_cannot_place(tmp_path)
             rnnengine.convert(source)
     with pytest.raises(ConversionError, match=r"the bytes given \(5\) are not a serialized ONNX model"):
         rnnengine.convert(b"\xff\xff\xff\xff\xff")
+
+
+@pytest.mark.parametrize("acts, alpha, beta, refused", [
+    (["Affine"], None, None, "Affine needs its alpha"),
+    (["Affine"], [0.5], None, "Affine needs its beta"),
+    (["ScaledTanh"], [2.0], None, "ScaledTanh needs its beta"),
+    (["ThresholdedRelu"], None, None, "ThresholdedRelu needs its alpha"),
+    (["HardSigmoid"], None, None, None),   # defaults onnxruntime and the ONNX op agree on
+    (["LeakyRelu"], None, None, None),
+    (["Elu"], None, None, None),
+    (["Affine"], [0.5], [0.1], None),
+])
+def test_activation_values_left_out_are_refused_where_onnxruntime_and_onnx_disagree(acts, alpha, beta, refused):
+    # found by the differential fuzzer (tools/fuzz/diff_onnx.py): onnxruntime's recurrent ops
+    # take 0 for a missing Affine / ScaledTanh / ThresholdedRelu value, the ONNX operators of
+    # those names 1.0; rnnengine took the latter, silently differing from onnxruntime (15.2 off)
+    r = np.random.default_rng(9)
+    W1, R1 = (r.standard_normal((1, 4, k)).astype(np.float32) * 0.8 for k in (3, 4))
+    x = r.standard_normal((3, 2, 3)).astype(np.float32)
+    attrs = {"hidden_size": 4, "activations": acts}
+    if alpha is not None:
+        attrs["activation_alpha"] = alpha
+    if beta is not None:
+        attrs["activation_beta"] = beta
+    node = helper.make_node("RNN", ["X", "W", "R"], ["Y"], name="rnn", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", 2, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W1, "W"), numpy_helper.from_array(R1, "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    if refused:
+        with pytest.raises(ValueError, match=f"RNN node 'rnn'.*activation {refused} given"):
+            rnnengine.convert(m).run({"X": x})
+        with pytest.raises(ValueError, match=f"activation {refused} given"):
+            rnnengine.RNN(W1, R1, activations=acts, activation_alpha=alpha, activation_beta=beta)
+        return
+    want = run_ort("RNN", attrs, {"X": x, "W": W1, "R": R1})[0]
+    np.testing.assert_allclose(rnnengine.convert(m).run({"X": x})["Y"], want, atol=1e-6)

@@ -636,3 +636,51 @@ def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
     axis = s.output_axes["y"]
     got = parts[-1]["y"] if axis is None else np.concatenate([p["y"] for p in parts], axis=axis)
     close(got, whole["y"])
+
+
+def test_a_rank_0_constant_output_keeps_its_shape_in_a_stream():
+    # found by the differential fuzzer (tools/fuzz/diff_onnx.py): a stream returned a scalar
+    # constant output as shape (1,) (np.ascontiguousarray makes rank 0 rank 1); run() gave ()
+    rng = np.random.default_rng(4)
+    H = 3
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["Y"], hidden_size=H),
+             helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(7, np.int64)))]
+    m = model(nodes, [helper.make_tensor_value_info("x", F, ["T", 2, 4])], ["Y", "k"],
+              {"W": rand(rng, 1, 3 * H, 4), "R": rand(rng, 1, 3 * H, H)})
+    m.graph.output[1].type.tensor_type.elem_type = TensorProto.INT64
+    gm = rnnengine.convert(m)
+    x = rand(rng, 5, 2, 4)
+    want = ort_session(m).run(None, {"x": x})
+    assert gm.run({"x": x})["k"].shape == want[1].shape == ()
+    s = gm.stream()
+    outs = [s({"x": x[a:b]}) for a, b in ((0, 2), (2, 3), (3, 5))]  # the first call plans; later ones are bound
+    for o in outs:
+        assert o["k"].shape == () and o["k"] == 7
+    assert s.step({"x": x[0]})["k"].shape == ()
+    close(np.concatenate([o["Y"] for o in outs]), want[0])
+
+
+def test_outputs_computed_from_the_fed_back_state_are_refused():
+    # found by the differential fuzzer: an output computed from a state input (here a Slice,
+    # then a Relu of it) was, in a stream, the state as each call began, where the whole run
+    # reads the initial state once; and such a value combined with the time steps after a
+    # computation (not a plain move) slipped past the check that refuses the moved one
+    rng = np.random.default_rng(5)
+    H = 3
+    base = [helper.make_node("GRU", ["x", "W", "R", "", "", "h0"], ["Y", "hn"], hidden_size=H),
+            helper.make_node("Squeeze", ["Y", "ax1"], ["y"])]
+    inits = {"W": rand(rng, 1, 3 * H, 4), "R": rand(rng, 1, 3 * H, H), "ax1": np.array([1], np.int64)}
+    ins = [helper.make_tensor_value_info("x", F, ["T", 2, 4]), helper.make_tensor_value_info("h0", F, [1, 2, H])]
+    x = rand(rng, 5, 2, 4)
+    for extra, outs, what in (
+            ([helper.make_node("Relu", ["h0"], ["r0"])], ["y", "hn", "r0"], r"output node 'r0': is computed from the state"),
+            ([helper.make_node("Relu", ["h0"], ["r0"]), helper.make_node("Squeeze", ["r0", "ax0"], ["r1"]),
+              helper.make_node("Add", ["y", "r1"], ["z"])], ["z", "hn"], r"Add node .*combines the state fed back")):
+        m = model(base + extra, ins, outs, {**inits, "ax0": np.array([0], np.int64)})
+        gm = rnnengine.convert(m)
+        assert gm.state_pairs == [("h0", "hn")]
+        h0 = rand(rng, 1, 2, H)
+        whole = gm.run({"x": x, "h0": h0})
+        close(whole[outs[0]], ort_session(m).run(None, {"x": x, "h0": h0})[0])
+        with pytest.raises(NotStreamableError, match=what):
+            gm.stream()({"x": x[:2]})

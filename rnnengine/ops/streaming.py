@@ -60,6 +60,12 @@ def check_outputs(p: Any, outputs: dict[str, Any], state_pairs: Iterable[tuple[s
         if has_tdep(v) or (v.const is not None and v.t is not None):
             raise NotStreamableError({"op": "output", "name": name}, "is computed from the length of the chunk, "
                                                                      "not from the whole sequence")
+    paired = {o for _, o in state_pairs}
+    for name, v in outputs.items():
+        if v.fromstate and name not in paired:
+            raise NotStreamableError({"op": "output", "name": name},
+                                     "is computed from the state the stream feeds back, as it stands when each call "
+                                     "begins, where the whole run reads the initial state once")
     for a, o in state_pairs:
         v = outputs.get(o)
         if v is not None and not v.fstate:
@@ -84,10 +90,10 @@ def propagate(p: Any, h: Any, xs: list[Any], outs: list[Any]) -> None:
     op = node["op"]
     if op in RECURRENT_OPS:
         return RULES[op](p, h, xs, outs)
-    if not any(timed(x) or has_tdep(x) or (x is not None and (x.perm or x.carried)) for x in xs):
+    if not any(timed(x) or has_tdep(x) or (x is not None and (x.perm or x.fromstate)) for x in xs):
         return None
     runtime = [x for x in xs if x is not None and x.const is None]
-    if any(x.carried for x in runtime) and any(timed(x) for x in xs):
+    if any(x.fromstate for x in runtime) and any(timed(x) for x in xs):
         raise NotStreamableError(node, "combines the state fed back from the previous call with the time steps "
                                        "of this one (it holds the whole sequence's initial state only in the "
                                        "first call)")
@@ -112,9 +118,11 @@ def propagate(p: Any, h: Any, xs: list[Any], outs: list[Any]) -> None:
     moved = op in MOVEMENT and bool(runtime)
     carried = moved and all(x.carried for x in runtime)
     fstate = moved and all(x.fstate for x in runtime)
+    # values computed from explicit state inputs hold the state as it stood when each call began
+    fromstate = any(x.fromstate for x in runtime)
     for o in outs:
         if o is not None and o.const is None:
-            o.perm, o.carried, o.fstate = perm, carried, fstate
+            o.perm, o.carried, o.fstate, o.fromstate = perm, carried, fstate, fromstate
 
 
 def _set(v, t=None, final=False, lag=0, scale=1, tdep=None):
@@ -145,7 +153,7 @@ def precheck(p: Any, h: Any, xs: list[Any]) -> None:
     if h.node["op"] in RULES and RULES[h.node["op"]] is elementwise:
         _timing(h, xs)
     runtime = [x for x in xs if x is not None and x.const is None]
-    if any(x.carried for x in runtime) and any(timed(x) for x in xs) and h.node["op"] not in RECURRENT_OPS:
+    if any(x.fromstate for x in runtime) and any(timed(x) for x in xs) and h.node["op"] not in RECURRENT_OPS:
         raise NotStreamableError(h.node, "combines the state fed back from the previous call with the time steps "
                                          "of this one (it holds the whole sequence's initial state only in the "
                                          "first call)")

@@ -81,7 +81,8 @@ class PlanContext(TypedDict):
 class Value:
     """A tensor during planning: its shape and dtype, and either its constant value or the
     id of the run-time buffer that will hold it."""
-    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried", "fstate")
+    __slots__ = ("shape", "dtype", "const", "tid", "t", "final", "tdep", "lag", "scale", "perm", "carried", "fstate",
+                 "fromstate")
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     const: Any          # the constant's array, or None for a run-time tensor
@@ -94,6 +95,7 @@ class Value:
     perm: bool
     carried: bool
     fstate: bool
+    fromstate: bool
 
     def __init__(self, shape: Iterable[Any], dtype: npt.DTypeLike, const: Any = None, tid: Optional[int] = None
                  ) -> None:
@@ -105,6 +107,7 @@ class Value:
         self.t, self.final, self.tdep, self.lag, self.scale, self.perm = None, False, None, 0, 1, False
         self.carried = False  # moved from explicit state inputs only (the stream feeds them back)
         self.fstate = False   # moved from a recurrent layer's final state only
+        self.fromstate = False  # computed from explicit state inputs (other than by a recurrent layer)
 
 
 _BOOL, _F32 = np.dtype(np.bool_), np.dtype(np.float32)
@@ -270,7 +273,7 @@ class Planner:
             if streaming and time_axes and name in time_axes:
                 env[name].t = time_axes[name]
             if streaming and name in {a for a, _ in model.state_pairs}:
-                env[name].carried = True
+                env[name].carried = env[name].fromstate = True
         with limits.using(self.budget.limits):  # the op handlers' own size checks use them too
             self.walk(model.graph["nodes"], env)
         self.outputs: list[tuple[str, Value]] = []
@@ -2094,7 +2097,7 @@ class GraphStream(Stream):
         for a in carried_names:
             if a not in self._carried:
                 self._carried[a] = m._zero_state(a, feeds)
-            feeds[a] = np.ascontiguousarray(self._carried[a])
+            feeds[a] = np.asarray(self._carried[a], order="C")  # (ascontiguousarray makes rank 0 rank 1)
         if self._taxes is None:
             self._taxes = m.time_axes(feeds, first_chunk=True)
         m._check_state_positions(feeds)
@@ -2194,7 +2197,7 @@ class GraphStream(Stream):
             """Where output ``name`` is read after a run: (tensor id, None), or (-1, constant)."""
             kind, ref = reads[name][:2]
             if kind == "const":
-                return -1, np.ascontiguousarray(ref)
+                return -1, np.asarray(ref, order="C")  # a rank-0 constant stays rank 0
             return (plan.inputs[ref] if kind == "input" else int(ref)), None
         states = []
         written: set[int] = set()
@@ -2202,7 +2205,7 @@ class GraphStream(Stream):
             kind, ref = reads[o][:2]
             tid, const = source(o)
             if const is not None:  # (copied as np.copyto would: cast to the state's type)
-                const = np.ascontiguousarray(np.broadcast_to(const, feeds[a].shape).astype(feeds[a].dtype))
+                const = np.asarray(np.broadcast_to(const, feeds[a].shape).astype(feeds[a].dtype), order="C")
             # the program writes the next state straight into the spare buffer when the output
             # is a buffer of its own (not an input, a constant, or another pair's output)
             out_tid = tid if kind == "buf" and tid not in written else -1
@@ -2253,7 +2256,7 @@ class GraphStream(Stream):
         feeds = {}
         for name, arr in self._last.items():
             if name in self._carried:
-                feeds[name] = np.ascontiguousarray(self._carried[name])  # the state the last call left
+                feeds[name] = np.asarray(self._carried[name], order="C")  # the state the last call left
             elif name in taxes:
                 shape = list(arr.shape)
                 shape[taxes[name]] = 0

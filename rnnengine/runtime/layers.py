@@ -20,18 +20,21 @@ from rnnengine.codes import (ACT_AFFINE, ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RE
                                  GATES)
 
 # name -> (C kind, takes alpha, takes beta, default alpha, default beta).
-# Defaults are those of the ONNX operators of the same name, as the LSTM/GRU/RNN spec says.
-# onnxruntime (1.2x-1.3x) differs when alpha/beta are left out: it uses 0 for Affine's alpha
-# and beta, ThresholdedRelu's alpha and ScaledTanh's alpha and beta. Files that spell the
-# values out (as exporters do) run identically in both.
-ACTIVATIONS = {
+# Defaults are those of the ONNX operators of the same name where onnxruntime's LSTM/GRU/RNN
+# take the same (HardSigmoid, LeakyRelu, Elu). None: no default both agree on, so the value
+# must be given: for Affine's alpha and beta, ThresholdedRelu's alpha and ScaledTanh's alpha
+# and beta, the standalone operators' defaults (1.0; 1.0, 1.0) differ from what onnxruntime's
+# recurrent operators take when the values are left out (0). Computing either would differ
+# from one of them without an error, so a model leaving them out is refused by name
+# (exporters spell them out).
+ACTIVATIONS: dict[str, tuple[int, bool, bool, float | None, float | None]] = {
     "Relu": (ACT_RELU, False, False, 0.0, 0.0),
     "Tanh": (ACT_TANH, False, False, 0.0, 0.0),
     "Sigmoid": (ACT_SIGMOID, False, False, 0.0, 0.0),
-    "Affine": (ACT_AFFINE, True, True, 1.0, 0.0),
+    "Affine": (ACT_AFFINE, True, True, None, None),
     "LeakyRelu": (ACT_LEAKY_RELU, True, False, 0.01, 0.0),
-    "ThresholdedRelu": (ACT_THRESHOLDED_RELU, True, False, 1.0, 0.0),
-    "ScaledTanh": (ACT_SCALED_TANH, True, True, 1.0, 1.0),
+    "ThresholdedRelu": (ACT_THRESHOLDED_RELU, True, False, None, 0.0),
+    "ScaledTanh": (ACT_SCALED_TANH, True, True, None, None),
     "HardSigmoid": (ACT_HARD_SIGMOID, True, True, 0.2, 0.5),
     "Elu": (ACT_ELU, True, False, 1.0, 0.0),
     "Softsign": (ACT_SOFTSIGN, False, False, 0.0, 0.0),
@@ -56,7 +59,8 @@ def resolve_activations(kind: str, n_per_dir: int, num_dirs: int, activations: A
                         betas: Any) -> list[list[tuple[int, float, float]]]:
     """ONNX ``activations``/``activation_alpha``/``activation_beta`` -> [(kind, a, b)] per
     direction. alpha and beta lists are consumed in order by the functions that take them;
-    missing entries take the function's default. A list of n_per_dir activations for a
+    missing entries take the function's default where it has one both onnxruntime and the
+    ONNX operator agree on (ACTIVATIONS), else raise. A list of n_per_dir activations for a
     bidirectional layer is used for both directions, and so are its alpha and beta lists."""
     defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[kind]
     names = list(activations) if activations is not None else defaults * num_dirs
@@ -84,6 +88,12 @@ def resolve_activations(kind: str, n_per_dir: int, num_dirs: int, activations: A
         if has_b and ib < len(betas):
             b = betas[ib]
             ib += 1
+        for value, what in ((a, "alpha"), (b, "beta")):
+            if value is None:
+                raise ValueError(f"activation {canon} needs its {what} given (activation_{what}): the ONNX "
+                                 f"recurrent operators define no default for it, and onnxruntime (0) and "
+                                 f"the {canon} operator (1.0) differ")
+        assert a is not None and b is not None
         out.append((ckind, a, b))
     if ia < len(alphas) or ib < len(betas):
         raise ValueError(f"activation_alpha {alphas} / activation_beta {betas} have more values than "

@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""Differential fuzzing against onnxruntime: silent wrong answers, not crashes.
+
+    python tools/fuzz/diff_onnx.py --seconds 600 --dir /var/tmp/diff [--seed 0]
+
+fuzz_onnx.py looks for crashes and unclean errors on hostile files. This one looks for the
+worst bug of all (README, "the first rule"): a result that differs from onnxruntime without an
+error. It takes the committed models (tests/data/corpus, tests/data/masking), edits them in
+ways that keep most of them valid (attributes: activations, clip, direction, hidden sizes,
+axes, perms; small integer constants: shapes, axes, slice bounds; float weights scaled,
+negated, zeroed or given a NaN/Inf; node wiring; op types; declared dims), draws inputs
+(symbolic sizes 1-6, values of several scales) and, whenever onnxruntime runs the model:
+
+  * rnnengine must refuse it cleanly (common.classify) or give every output of onnxruntime's
+    shape, within the tolerance of tests/oracle.py (integer and boolean outputs exactly);
+  * a stream of it, fed the same inputs in chunks of random sizes along the time axes it
+    finds (then finish()), must refuse cleanly or give the whole run's outputs.
+
+A finding (a mismatch, an unclean exception, or a hang: the watchdog ends the worker after
+--hang seconds inside rnnengine) is written to DIR/findings/NNNN.onnx with its inputs
+(NNNN.npz) and what differed (NNNN.txt); DIR/summary.txt holds the counts. A worker that
+dies (a hang inside onnxruntime or rnnengine, a crash) is restarted by the supervisor; the
+model it was on is kept as DIR/findings/NNNN-died.onnx when rnnengine was running it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+SMALL_INTS = [0, 1, -1, 2, -2, 3, 4, 5, 6, 7, 8, 16]
+ACTS = ["Sigmoid", "Tanh", "Relu", "HardSigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh", "Elu",
+        "Softsign", "Softplus"]
+SEMANTIC_FLOATS = [0.0, -0.0, 0.5, 1.0, -1.0, 2.0, 3.0, 0.1, 1e-3, 10.0, float("inf"), float("nan")]
+SWAP_OPS = {"Sigmoid": ["Tanh", "Relu", "Softsign"], "Tanh": ["Sigmoid", "Relu"], "Relu": ["Sigmoid", "Tanh"],
+            "Add": ["Sub", "Mul", "Max", "Min"], "Sub": ["Add", "Mul"], "Mul": ["Add", "Sub", "Div"],
+            "Softmax": ["LogSoftmax"], "LogSoftmax": ["Softmax"], "ReduceMean": ["ReduceSum", "ReduceMax"],
+            "LSTM": ["LSTM"], "GRU": ["GRU"], "RNN": ["RNN"], "MatMul": ["MatMul"], "Max": ["Min"], "Min": ["Max"]}
+
+
+def seeds():
+    paths = sorted(glob.glob(os.path.join(ROOT, "tests", "data", "corpus", "*.onnx")))
+    paths += sorted(glob.glob(os.path.join(ROOT, "tests", "data", "masking", "*.onnx")))
+    return paths
+
+
+# --- edits that keep most models valid ------------------------------------------------------
+
+def mut_rnn_attr(m, r, fo):
+    """An attribute of an LSTM/GRU/RNN node: activations (with alpha/beta), clip, direction,
+    linear_before_reset, input_forget, layout."""
+    from onnx import helper
+    nodes = [n for _, n in fo.all_nodes(m) if n.op_type in ("LSTM", "GRU", "RNN")]
+    if not nodes:
+        return False
+    n = r.choice(nodes)
+    attrs = {a.name: a for a in n.attribute}
+    k = r.random()
+    ngates = {"LSTM": 3, "GRU": 2, "RNN": 1}[n.op_type]
+    dirs = 2 if "direction" in attrs and attrs["direction"].s == b"bidirectional" else 1
+
+    def put(name, value):
+        for i, a in enumerate(n.attribute):
+            if a.name == name:
+                del n.attribute[i]
+                break
+        if value is not None:
+            n.attribute.append(helper.make_attribute(name, value))
+    if k < 0.35:
+        acts = [r.choice(ACTS) for _ in range(ngates * dirs)]
+        put("activations", acts)
+        if r.random() < 0.6:
+            put("activation_alpha", [r.choice([0.1, 0.5, 1.0, 2.0, 0.01]) for _ in acts])
+        if r.random() < 0.5:
+            put("activation_beta", [r.choice([0.0, 0.5, 1.0, -0.5]) for _ in acts])
+    elif k < 0.5:
+        put("clip", r.choice([0.1, 0.5, 1.0, 3.0, 100.0]) if r.random() < 0.9 else None)
+    elif k < 0.6 and n.op_type == "GRU":
+        put("linear_before_reset", r.choice([0, 1]))
+    elif k < 0.7 and n.op_type == "LSTM":
+        put("input_forget", r.choice([0, 1]))
+    elif k < 0.8:
+        put("direction", r.choice(["forward", "reverse"]) if dirs == 1 else "bidirectional")
+    else:
+        put("layout", r.choice([0, 1]))
+    return True
+
+
+def mut_attr(m, r, fo):
+    """Any INT/INTS/FLOAT attribute, to small values (axes, perms, keepdims, alpha...)."""
+    from onnx import AttributeProto
+    nodes = [n for _, n in fo.all_nodes(m) if n.attribute]
+    if not nodes:
+        return False
+    n = r.choice(nodes)
+    a = r.choice(n.attribute)
+    if a.type == AttributeProto.INT:
+        a.i = r.choice(SMALL_INTS)
+    elif a.type == AttributeProto.INTS and a.ints:
+        if r.random() < 0.5 and len(a.ints) >= 2:  # a permutation stays a permutation
+            i, j = r.sample(range(len(a.ints)), 2)
+            a.ints[i], a.ints[j] = a.ints[j], a.ints[i]
+        else:
+            a.ints[r.randrange(len(a.ints))] = r.choice(SMALL_INTS)
+    elif a.type == AttributeProto.FLOAT:
+        a.f = r.choice(SEMANTIC_FLOATS)
+    elif a.type == AttributeProto.FLOATS and a.floats:
+        a.floats[r.randrange(len(a.floats))] = r.choice(SEMANTIC_FLOATS)
+    else:
+        return False
+    return True
+
+
+def mut_int_const(m, r, fo):
+    """An element of a small integer initializer/constant (shapes, axes, starts, ends, steps,
+    pads, indices) to a small value."""
+    import numpy as np
+    import onnx
+    ts = [t for t in fo.tensors(m) if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)]
+    if not ts:
+        return False
+    t = r.choice(ts)
+    try:
+        arr = onnx.numpy_helper.to_array(t).copy()
+    except Exception:  # noqa: BLE001
+        return False
+    if arr.size == 0 or arr.size > 64:
+        return False
+    flat = arr.reshape(-1)
+    i = r.randrange(flat.size)
+    flat[i] = r.choice(SMALL_INTS) if r.random() < 0.6 else int(flat[i]) + r.choice([-1, 1])
+    new = onnx.numpy_helper.from_array(arr, t.name)
+    t.ClearField("int64_data")
+    t.ClearField("int32_data")
+    t.raw_data = new.raw_data
+    return True
+
+
+def mut_float_const(m, r, fo):
+    """A float initializer scaled (saturating the gates), negated, zeroed, or one element made
+    NaN / Inf / huge."""
+    import numpy as np
+    import onnx
+    ts = [t for t in fo.tensors(m) if t.data_type == onnx.TensorProto.FLOAT]
+    if not ts:
+        return False
+    t = r.choice(ts)
+    try:
+        arr = onnx.numpy_helper.to_array(t).astype(np.float32).copy()
+    except Exception:  # noqa: BLE001
+        return False
+    if arr.size == 0:
+        return False
+    k = r.random()
+    if k < 0.5:
+        arr *= np.float32(r.choice([0.0, -1.0, 0.1, 3.0, 10.0, 100.0]))
+    else:
+        arr.reshape(-1)[r.randrange(arr.size)] = np.float32(r.choice([float("nan"), float("inf"), -float("inf"),
+                                                                         1e30, -1e30, 0.0]))
+    new = onnx.numpy_helper.from_array(arr, t.name)
+    t.ClearField("float_data")
+    t.raw_data = new.raw_data
+    return True
+
+
+def mut_op_type(m, r, fo):
+    nodes = [n for _, n in fo.all_nodes(m) if n.op_type in SWAP_OPS]
+    if not nodes:
+        return False
+    n = r.choice(nodes)
+    n.op_type = r.choice(SWAP_OPS[n.op_type])
+    return True
+
+
+def mut_wiring(m, r, fo):
+    """One node input re-pointed at another value of the same graph, or two inputs swapped."""
+    gn = fo.all_nodes(m)
+    if not gn:
+        return False
+    g, n = r.choice(gn)
+    pool = [i.name for i in g.input] + [o for x in g.node for o in x.output if o]
+    if not n.input or not pool:
+        return False
+    if r.random() < 0.3 and len(n.input) >= 2:
+        i, j = r.sample(range(len(n.input)), 2)
+        n.input[i], n.input[j] = n.input[j], n.input[i]
+    else:
+        n.input[r.randrange(len(n.input))] = r.choice(pool)
+    return True
+
+
+def mut_graph_output(m, r, fo):
+    """An intermediate value made a graph output too (exposes ops whose result was hidden)."""
+    from onnx import helper
+    outs = [o for n in m.graph.node for o in n.output if o]
+    have = {o.name for o in m.graph.output}
+    cand = [o for o in outs if o not in have]
+    if not cand:
+        return False
+    m.graph.output.append(helper.make_empty_tensor_value_info(r.choice(cand)))
+    return True
+
+
+MUTATIONS = [mut_rnn_attr, mut_rnn_attr, mut_attr, mut_int_const, mut_int_const, mut_float_const, mut_float_const,
+             mut_op_type, mut_wiring, mut_graph_output, mut_graph_output]
+
+
+def mutate(data, r, fo):
+    import onnx
+    m = onnx.ModelProto()
+    m.ParseFromString(data)
+    for _ in range(r.choice([0, 1, 1, 2, 3])):
+        for _ in range(5):
+            try:
+                if r.choice(MUTATIONS)(m, r, fo):
+                    break
+            except (ValueError, TypeError, IndexError):
+                continue
+    return m.SerializeToString()
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+_NP = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+       "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8",
+       "tensor(uint8)": "uint8"}
+
+
+def draw_feeds(sess, r, given):
+    """Inputs for onnxruntime's declared inputs: one size per symbol (1-6), the committed
+    feeds' values when their shapes fit (masks, token ids), else random ones."""
+    import numpy as np
+    rng = np.random.default_rng(r.randrange(1 << 30))
+    sizes, feeds = {}, {}
+    scale = r.choice([0.1, 1.0, 1.0, 3.0, 10.0])
+    for i in sess.get_inputs():
+        if i.type not in _NP:
+            return None
+        shape = []
+        for d in i.shape:
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            else:
+                key = d if isinstance(d, str) and d else f"?{len(sizes)}"
+                shape.append(sizes.setdefault(key, r.choice([1, 1, 2, 3, 4, 5, 6])))
+        if any(s > 4096 for s in shape) or int(np.prod(shape)) > 1 << 20:
+            return None
+        dt = np.dtype(_NP[i.type])
+        g = given.get(i.name)
+        if g is not None and g.dtype == dt and g.ndim == len(shape) and r.random() < 0.5:
+            # the committed feeds (a mask, token ids): their symbolic sizes are taken as drawn
+            for d, v in zip(i.shape, g.shape):
+                if isinstance(d, str) and d and sizes.get(d, v) != v:
+                    break
+            else:
+                for d, v in zip(i.shape, g.shape):
+                    if isinstance(d, str) and d:
+                        sizes[d] = v
+                feeds[i.name] = g
+                continue
+        if dt.kind == "f":
+            feeds[i.name] = (rng.standard_normal(shape) * scale + 0.1).astype(dt)
+        elif dt.kind == "b":
+            feeds[i.name] = rng.random(shape) < 0.7
+        else:
+            feeds[i.name] = rng.integers(0, 4, shape).astype(dt)
+    return feeds
+
+
+# --- comparison -----------------------------------------------------------------------------
+
+def compare(got, want, what):
+    """None when got equals want (within tolerance for floats), else a description."""
+    import numpy as np
+    from oracle import max_violation
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return f"{what}: shape {got.shape}, onnxruntime {want.shape}"
+    if want.dtype.kind == "f":
+        v = max_violation(got.astype(np.float64), want.astype(np.float64))
+        if v > 1:
+            idx = np.unravel_index(int(np.nanargmax(np.where(np.isnan(got) != np.isnan(want), np.inf,
+                                                            np.abs(got.astype(np.float64) - want)))), got.shape) \
+                if got.size else ()
+            return f"{what}: max violation {v:.3g} at {idx}: {got[idx]!r} vs {want[idx]!r}"
+        return None
+    if got.dtype.kind not in "iub" or not np.array_equal(got, want):
+        return f"{what}: {got.dtype} {got.ravel()[:8]} vs {want.dtype} {want.ravel()[:8]}"
+    return None
+
+
+class Finding(Exception):
+    pass
+
+
+def check_one(data, feeds_rng, counts):
+    """Runs one model through onnxruntime and rnnengine. Returns what happened (a key of counts)
+    or raises Finding(description)."""
+    import numpy as np
+    import onnxruntime as ort
+    import common
+    import rnnengine
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.log_severity_level = 4
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001
+        return "ort_refused", None
+    feeds = draw_feeds(sess, feeds_rng, counts.get("_given", {}))
+    if feeds is None:
+        return "ort_refused", None
+    _last_feeds[0] = feeds
+    try:
+        want = sess.run(None, feeds)
+    except Exception:  # noqa: BLE001
+        return "ort_refused", feeds
+    names = [o.name for o in sess.get_outputs()]
+    _phase[0] = "rnnengine"
+    try:
+        gm = rnnengine.convert(data)
+        got = gm.run(feeds)
+    except Exception as e:  # noqa: BLE001
+        if common.classify(e) == "clean":
+            return "refused", feeds
+        raise Finding(f"unclean {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        _phase[0] = "ort"
+    for name, w in zip(names, want):
+        if name not in got:
+            raise Finding(f"output {name!r} missing from run(): {sorted(got)}")
+        bad = compare(got[name], w, f"run() output {name!r}")
+        if bad:
+            raise Finding(bad)
+    # the stream: the same inputs in chunks along its time axes, against the whole run
+    _phase[0] = "rnnengine"
+    try:
+        return stream_check(gm, feeds, got, feeds_rng), feeds
+    except Finding:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if common.classify(e) == "clean":
+            return "matched_stream_refused", feeds
+        raise Finding(f"stream: unclean {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        _phase[0] = "ort"
+
+
+def stream_check(gm, feeds, whole, r):
+    import numpy as np
+    states = {a for a, _ in gm.state_pairs}
+    s = gm.stream()
+    if states:
+        s.set_state({"inputs": {a: feeds[a] for a in states if a in feeds}})
+    data = {k: v for k, v in feeds.items() if k not in states}
+    axes = {k: v for k, v in gm.time_axes(feeds).items() if k not in states}
+    if not axes:
+        return "matched_no_time"
+    if any(k not in axes and v.dtype.kind in "iu" for k, v in data.items()):
+        # an integer input without time (sequence lengths): its per-call meaning is the
+        # caller's (README: each row's valid steps in that chunk), not the whole value again
+        return "matched_no_time"
+    T = {data[n].shape[a] for n, a in axes.items()}
+    if len(T) != 1:
+        return "matched_no_time"
+    T = T.pop()
+    parts, t = [], 0
+    while t < T:
+        n = r.choice([1, 1, 2, 3, 5, T])
+        parts.append(s({k: (np.take(v, range(t, min(T, t + n)), axis=axes[k]) if k in axes else v)
+                        for k, v in data.items()}))
+        t += n
+    tail = s.finish()
+    if tail:
+        parts.append(tail)
+    if s.time_axes != axes:
+        raise Finding(f"stream time axes {s.time_axes} != time_axes() {axes}")
+    for name, ax in s.output_axes.items():
+        if name not in whole:
+            continue
+        if ax is None:  # a final state or a value without time: the last call's
+            last = next((p[name] for p in reversed(parts) if name in p), None)
+            if last is None:
+                continue
+            bad = compare(last, whole[name], f"stream output {name!r} (last call)")
+        else:
+            got = np.concatenate([p[name] for p in parts if name in p], axis=ax)
+            bad = compare(got, whole[name], f"stream output {name!r} (chunks joined along {ax})")
+        if bad:
+            raise Finding(bad + f"; chunks {[tuple(v.shape) for p in parts for v in p.values()][:6]}")
+    return "matched_stream"
+
+
+_phase = ["ort"]
+_last_feeds: list = [None]  # the inputs of the model being checked (written with a finding)
+
+
+def worker(a):
+    import numpy as np
+    os.makedirs(os.path.join(a.dir, "findings"), exist_ok=True)
+    import fuzz_onnx as fo  # the graph walkers (graphs, all_nodes, tensors)
+    paths = seeds()
+    given = {}
+    blobs = []
+    for p in paths:
+        blobs.append(open(p, "rb").read())
+        npz = p[:-5] + ".feeds.npz"
+        if os.path.exists(npz):
+            given.update(dict(np.load(npz)))
+    counts = {"_given": given}
+    r = random.Random(a.seed)
+    deadline = time.time() + a.seconds
+    stats_path = os.path.join(a.dir, f"worker{a.seed}.json")
+    stats = json.load(open(stats_path)) if os.path.exists(stats_path) else {}
+    started = [time.time()]
+
+    def watchdog():
+        while True:
+            time.sleep(1)
+            if _phase[0] == "rnnengine" and time.time() - started[0] > a.hang:
+                write_finding(a.dir, open(os.path.join(a.dir, f"current{a.seed}.onnx"), "rb").read(), None,
+                              f"hang: over {a.hang} s inside rnnengine")
+                os._exit(3)
+    threading.Thread(target=watchdog, daemon=True).start()
+    n = 0
+    while time.time() < deadline:
+        i = r.randrange(len(blobs))
+        data = mutate(blobs[i], r, fo)
+        with open(os.path.join(a.dir, f"current{a.seed}.onnx"), "wb") as f:
+            f.write(data)
+        started[0] = time.time()
+        try:
+            what, feeds = check_one(data, r, counts)
+        except Finding as e:
+            what = "finding"
+            write_finding(a.dir, data, _last_feeds[0], f"seed model {os.path.basename(paths[i])}\n{e}")
+        stats[what] = stats.get(what, 0) + 1
+        n += 1
+        if n % 20 == 0:
+            json.dump(stats, open(stats_path, "w"))
+    json.dump(stats, open(stats_path, "w"))
+
+
+def write_finding(d, data, feeds, text):
+    fd = os.path.join(d, "findings")
+    k = len(glob.glob(os.path.join(fd, "*.txt")))
+    with open(os.path.join(fd, f"{k:04d}.onnx"), "wb") as f:
+        f.write(data)
+    if feeds is not None:
+        import numpy as np
+        np.savez(os.path.join(fd, f"{k:04d}.npz"), **feeds)
+    with open(os.path.join(fd, f"{k:04d}.txt"), "w") as f:
+        f.write(text)
+    print(f"FINDING {k:04d}: {text.splitlines()[0] if text else ''}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=600)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hang", type=int, default=60, help="seconds inside rnnengine that count as a hang")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    if a.worker:
+        worker(a)
+        return
+    deadline = time.time() + a.seconds
+    seed = a.seed
+    while time.time() < deadline - 2:
+        rc = subprocess.call([sys.executable, os.path.abspath(__file__), "--worker", "--dir", a.dir,
+                              "--seed", str(seed), "--hang", str(a.hang),
+                              "--seconds", str(int(deadline - time.time()))])
+        if rc != 0:
+            cur = os.path.join(a.dir, f"current{seed}.onnx")
+            if rc != 3 and os.path.exists(cur):  # 3: the watchdog wrote the hang itself
+                write_finding(a.dir, open(cur, "rb").read(), None,
+                              f"worker died (exit {rc}) on this model: onnxruntime or rnnengine")
+            print(f"worker {seed} exited with {rc}; restarting with the next seed", flush=True)
+            seed += 1000
+    total = {}
+    for p in glob.glob(os.path.join(a.dir, "worker*.json")):
+        for k, v in json.load(open(p)).items():
+            total[k] = total.get(k, 0) + v
+    with open(os.path.join(a.dir, "summary.txt"), "w") as f:
+        f.write(json.dumps(total, sort_keys=True) + "\n")
+    print(total)
+
+
+if __name__ == "__main__":
+    main()
