@@ -175,3 +175,32 @@ def test_the_onnx_mutator_survives_chains_of_its_own_edits():
                 if cur is None:
                     break
                 assert isinstance(cur, bytes)
+
+
+def test_the_differential_fuzzer_tells_agreement_from_a_difference():
+    """tools/fuzz/diff_onnx.py: unmutated committed models agree with onnxruntime (whole and
+    streamed); a model whose run differs from onnxruntime is a finding."""
+    import random
+
+    import numpy as np
+    d = _fuzz_module("diff_onnx")
+    fo = _fuzz_module("fuzz_onnx")
+    names = ["torch_legacy_lstm_1layer_op14.onnx", "torch_dynamo_gru_2layer_batchfirst_op18.onnx",
+             "keras3_tf2onnx_masking_lstm_op17.onnx", "torch_legacy_kws_conv_gru_softmax_op17.onnx"]
+    outcomes = set()
+    for n in names:
+        data = open(os.path.join(ROOT, "tests", "data", "corpus", n), "rb").read()
+        for seed in range(3):
+            what, _ = d.check_one(data, random.Random(seed), {})
+            outcomes.add(what)
+        for seed in range(5):  # mutated: any outcome but an unclean exception of the harness itself
+            try:
+                d.check_one(d.mutate(data, random.Random(seed), fo), random.Random(seed), {})
+            except d.Finding:
+                pass
+    assert outcomes <= {"matched_stream", "matched_no_time", "matched_stream_refused"}, outcomes
+    assert "matched_stream" in outcomes
+    with pytest.raises(d.Finding, match="max violation"):
+        raise d.Finding(d.compare(np.ones(3, np.float32), np.ones(3, np.float32) * 1.1, "y"))
+    assert d.compare(np.ones(3, np.float32), np.ones(3, np.float32), "y") is None
+    assert "shape" in d.compare(np.ones(3, np.float32), np.ones(2, np.float32), "y")

@@ -69,7 +69,8 @@ def test_activation_matches_numpy(name):
     kind, has_a, has_b, da, db = ACTIVATIONS[name]
     rng = np.random.default_rng(kind)
     x = np.concatenate([rng.standard_normal(200) * 4, [-30.0, -1.0, 0.0, 1.0, 30.0]]).astype(np.float32)
-    for alpha, beta in [(da, db), (0.7, -0.3), (1.6, 0.9)]:
+    # (defaults None: no agreed default, the value must be given; 1.0 stands in for it here)
+    for alpha, beta in [(1.0 if da is None else da, 1.0 if db is None else db), (0.7, -0.3), (1.6, 0.9)]:
         got = _core.apply_activation(kind, alpha, beta, x)
         want = np_activation(name, alpha, beta)(x.astype(np.float64))
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-7, err_msg=f"{name}({alpha}, {beta})")

@@ -68,6 +68,18 @@ def _bias_fits(tensors, name, n):
     return b.dtype.kind == "f" and (b.size == 1 and b.ndim <= 2 or b.shape in ((n,), (1, n)))
 
 
+def _even_split(split, tensors, axis_ok=(1, -1)):
+    """A Split along the gates' axis into equal parts (no sizes given, or all sizes equal)."""
+    if split.get("attrs", {}).get("axis", 0) not in axis_ok:
+        return False
+    sizes = split.get("attrs", {}).get("split")
+    if sizes is None and len(split["inputs"]) > 1 and split["inputs"][1]:
+        if split["inputs"][1] not in tensors:
+            return False
+        sizes = np.asarray(tensors[split["inputs"][1]]).reshape(-1).tolist()
+    return sizes is None or len(set(int(v) for v in sizes)) == 1
+
+
 def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
     """Returns nodes with every recognised LSTMCell step replaced by an LSTM node (new names
     start with ``prefix``, which keeps the cells of different If branches apart)."""
@@ -86,7 +98,7 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
         if split["op"] != "Split" or len(split["outputs"]) != 4:
             continue
         add = producer.get(split["inputs"][0])
-        if add is None or add["op"] != "Add" or split.get("attrs", {}).get("axis", 0) not in (1, -1):
+        if add is None or add["op"] != "Add" or not _even_split(split, tensors):
             continue
         g1, g2 = (producer.get(x) for x in add["inputs"])
         if g1 is None or g2 is None or not (_gemm_ok(g1, tensors) and _gemm_ok(g2, tensors)):
@@ -145,6 +157,8 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
             + [m_f["outputs"][0], m_i["outputs"][0], tanh_c[0]["outputs"][0]]
         if not all(only_users(x, ids) for x in interm):
             continue
+        if c_prev in set(interm) | {c_new, h_new}:
+            continue  # the "previous cell state" is one of the step's own values: not an LSTM cell
         # the weights in ONNX order (i, o, f, c) from PyTorch's (i, f, g, o), made once per weight set
         key = (gx["inputs"][1], gh["inputs"][1], gx["inputs"][2] if len(gx["inputs"]) > 2 else "",
                gh["inputs"][2] if len(gh["inputs"]) > 2 else "")
@@ -225,7 +239,8 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
         split_i, split_h = producer.get(i_n), producer.get(h_n)
         if not (split_i and split_h and split_i["op"] == split_h["op"] == "Split"
                 and len(split_i["outputs"]) == len(split_h["outputs"]) == 3
-                and split_i["outputs"][2] == i_n and split_h["outputs"][2] == h_n):
+                and split_i["outputs"][2] == i_n and split_h["outputs"][2] == h_n
+                and _even_split(split_i, tensors) and _even_split(split_h, tensors)):
             continue
         add_r = producer.get(sig_r["inputs"][0])
         if add_r is None or add_r["op"] != "Add" or set(add_r["inputs"]) != {split_i["outputs"][0], split_h["outputs"][0]}:
@@ -584,6 +599,22 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     for k in states:
         if not _is_zeros(init[k], producer, tensors):
             raise _NoFuse("a state does not start from zeros")
+    # the step's results may depend on the step number and on the sequence length (values
+    # from the shapes) only through the Gathers that read step i of a sequence: an engine cell
+    # computes every step alike. (The numeric trials below run a few steps of short sequences;
+    # a body that resets its state from step 5 on, or scales it by T < 7, passed them.)
+    tainted = {bin_[0], bin_[1]} | {carried[k] for k in counters} | \
+        {car for car, v in passthrough.items() if v not in tensors and v not in zero_vals} | \
+        {x for x in outer_reads if x not in zero_vals}
+    gathers = {n["outputs"][0] for n in scans.values()}
+    for n in body["nodes"]:
+        if any(o in gathers for o in n["outputs"]):
+            continue
+        if any(x in tainted for x in n["inputs"] if x):
+            tainted.update(o for o in n["outputs"] if o)
+    for k in list(states) + [n_car]:
+        if through(bout[1 + k]) in tainted:
+            raise _NoFuse("the step's result depends on the step number or the sequence length")
     def body_env(i, vals):
         env = {bin_[0]: np.array(i, np.int64), bin_[1]: np.array(True)}
         env.update(btensors)
@@ -599,11 +630,16 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     # from the shapes for several T
     cond_in = ins[1]
     cond_out = bout[0]
-    for T, B in ((1, 1), (2, 3), (3, 2), (6, 3)):
+    # (longer T: a cap on the steps shows; the trip count alone, without running the body, at 2**20)
+    for T, B in ((1, 1), (2, 3), (3, 2), (6, 3), (17, 2), (257, 1), (1 << 20, 1)):
         zero_state = None
         outer = ([ins[0]] if ins[0] else []) + ([cond_in] if cond_in else []) + shape_vals
         vals = dict(zip(outer, _outer_eval(outer, producer, tensors, (x_seq, (T, B, I)), opset)))
         trips = int(np.asarray(vals[ins[0]]).reshape(-1)[0]) if ins[0] else None
+        if T > 257:
+            if trips is not None and trips < T:
+                raise _NoFuse(f"the loop does not run T = {T} times")
+            continue
         runs = 0 if cond_in and not bool(np.asarray(vals[cond_in]).reshape(-1)[0]) else None
         i = 0
         while runs is None and i < T + 1:

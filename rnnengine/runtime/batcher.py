@@ -1276,7 +1276,9 @@ class Batcher:
                 if tax is not None and v is not None and tax < v.ndim and v.shape[tax] == 1:
                     res[o] = np.squeeze(v, axis=tax)
             results.append((c, s, res, carried))
-        if ("checked", sig) not in self._graph_plans:
+        # checked once per shapes and per number of rows joined (a graph whose rows interact,
+        # say through its batch size used as a value, can agree at one row count only)
+        if ("checked", sig, len(ready)) not in self._graph_plans:
             # the first batch of these shapes: every session also stepped alone (on a fork) and
             # compared; a difference beyond float32 rounding turns graph batching off for good
             t_alone = 0.0  # one session's step alone (warm, best of 3) times the batch's rows
@@ -1292,7 +1294,7 @@ class Batcher:
                 if self.batch_graphs is None and not t_alone:  # warm: the fork's next steps
                     t_alone = len(results) * _best_of(3, lambda: alone.step(x))
             if not probe:
-                self._graph_plans[("checked", sig)] = True
+                self._graph_plans[("checked", sig, len(ready))] = True
             if self.batch_graphs is None:
                 # batching pays when a batch costs clearly less than its rows alone (an LSTM's
                 # products: yes; convolutions, whose cost per row does not drop: no). When it

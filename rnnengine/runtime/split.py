@@ -45,11 +45,14 @@ class NotSplittable(Exception):
 
 
 class V:
-    """A value while analysing: its shape, and either its constant value or its batch axis."""
-    __slots__ = ("shape", "dtype", "const", "b")
+    """A value while analysing: its shape, and either its constant value or its batch axis.
+    ``bdep``: for a constant of shape arithmetic, a bool mask of the elements that are (or
+    are computed from) the batch size, None when none is."""
+    __slots__ = ("shape", "dtype", "const", "b", "bdep")
 
     def __init__(self, shape, dtype, const=None, b=None):
         self.shape, self.dtype, self.const, self.b = tuple(int(d) for d in shape), np.dtype(dtype), const, b
+        self.bdep = None
 
     def dummy(self):
         return self.const if self.const is not None else np.zeros(self.shape, self.dtype)
@@ -279,6 +282,70 @@ RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshap
 RULES.update({op: reduce for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")})
 SHAPE_ONLY = ("Shape", "Size")  # their result is a constant (shape arithmetic)
+# inputs (by slot) that are shapes, axes, indices or sizes, not data: a constant there that
+# is the batch size (a Reshape target of B rows) is checked by the analysis at the threads'
+# row counts; anywhere else it is the batch size used as a value, which each thread's rows see
+# as a different number
+SHAPE_SLOTS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Pad": {1, 3}, "Tile": {1}, "Squeeze": {1},
+               "Unsqueeze": {1}, "Split": {1}, "ConstantOfShape": {0}, "Range": set(), "TopK": {1},
+               "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "ReduceProd": {1},
+               "ReduceL1": {1}, "ReduceL2": {1}, "ReduceLogSumExp": {1}, "ReduceSumSquare": {1}, "CumSum": {1}}
+
+
+def _batch_dependence(node, xs, outs):
+    """Follows which constant elements are the batch size (Shape / Size of a value with a
+    batch axis) through shape arithmetic, element by element where it moves them (Gather,
+    Slice, Concat, reshapes, Cast) and wholly where it computes; refuses such a constant fed to
+    an op with run-time data as a value."""
+    op = node["op"]
+    runtime = any(x is not None and x.const is None for x in xs)
+    if op in ("Shape", "Size"):
+        x = xs[0]
+        if x.b is None or outs[0].const is None:
+            return
+        if op == "Size":
+            outs[0].bdep = np.ones(np.shape(outs[0].const), bool)
+            return
+        full = np.zeros(len(x.shape), bool)
+        full[x.b] = True
+        start, end = node.get("attrs", {}).get("start", 0), node.get("attrs", {}).get("end", None)
+        part = full[start:end] if end is not None else full[start:]
+        outs[0].bdep = part if part.shape == np.shape(outs[0].const) else np.ones(np.shape(outs[0].const), bool)
+        return
+    # a batch size only in shape slots shapes the result, whose values are the data's (zeros of
+    # B rows, a table expanded to B rows): those shapes are checked at the threads' row counts
+    dep = [k for k, x in enumerate(xs) if x is not None and x.bdep is not None and x.bdep.any()
+           and k not in SHAPE_SLOTS.get(op, set())]
+    if not dep:
+        return
+    if runtime:
+        _fail(node, "uses the batch size as a value (each thread's rows would see a different one)")
+    out = outs[0]
+    if out.const is None:
+        return
+    mask = None
+    x0 = xs[0]
+    try:
+        if op in ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten") and dep == [0]:
+            mask = x0.bdep.reshape(np.shape(out.const))
+        elif op == "Gather" and dep == [0] and x0.bdep.ndim == 1:
+            mask = np.take(x0.bdep, np.asarray(xs[1].const, np.int64), axis=0)
+        elif op == "Slice" and dep == [0] and x0.bdep.ndim == 1:
+            idx = np.arange(x0.bdep.size)
+            starts, ends = (np.asarray(xs[k].const).reshape(-1) for k in (1, 2))
+            steps = np.asarray(xs[4].const).reshape(-1) if len(xs) > 4 and xs[4] is not None else [1]
+            mask = x0.bdep[idx[slice(int(starts[0]), int(ends[0]), int(steps[0]))]]
+        elif op == "Concat" and all(x is not None and x.const is not None for x in xs):
+            mask = np.concatenate([x.bdep if x.bdep is not None else np.zeros(np.shape(x.const), bool)
+                                   for x in xs], axis=int(node.get("attrs", {}).get("axis", 0)))
+    except (ValueError, IndexError, TypeError):
+        mask = None
+    if mask is None or np.shape(mask) != np.shape(out.const):
+        mask = np.ones(np.shape(out.const), bool)  # computed from it: every element may be
+    out.bdep = np.asarray(mask, bool)
+    for o in outs[1:]:
+        if o is not None and o.const is not None:
+            o.bdep = np.ones(np.shape(o.const), bool)
 
 
 def _recurrent_shapes(h, xs):
@@ -330,6 +397,7 @@ def _walk(model, nodes, env):
                     _fail(node, f"cannot be followed at these shapes ({e})")
                 outs = [V(np.shape(v), np.asarray(v).dtype, const=np.asarray(v) if not runtime or op in SHAPE_ONLY
                           else None) for v in vals]
+            _batch_dependence(node, xs, outs)
             if runtime and op not in SHAPE_ONLY:
                 for o, b in zip(outs, rule(node, h, xs, outs)):
                     o.b = b

@@ -1,0 +1,131 @@
+"""The converter fuses a tf2onnx Keras recurrent Loop into one engine layer only when it can
+prove the body is that layer's step at every step of every sequence length (rnnengine/
+frontend/fuse.py, _loop_cell). Bodies that look like the step but depend on the step number or
+on the sequence length, and loops capped below T steps, are left as Loops and run op by op,
+equal to onnxruntime. (Found by a red-team review: the numeric trials ran steps 0-3 of
+sequences of 4, and the trip count was tried at T <= 6, so all three were fused and differed.)"""
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import rnnengine
+from oracle import max_violation
+from rnnengine.verify import ort_session
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus")
+SEED = os.path.join(CORPUS, "keras3_tf2onnx_masking_lstm_op17.onnx")
+P = "functional_12_1/lstm_8_1/while/"
+H_NEW, C_NEW = P + "lstm_cell_1/mul_2:0", P + "lstm_cell_1/add_1:0"
+STEP = "functional_12_1_lstm_8_1_while_placeholder:0"  # the step number the Gathers read
+LENGTH = "functional_12_1_lstm_8_1_while_functional_12_1_lstm_8_1_strided_slice_3_1_0:0"  # T, loop-invariant
+
+
+def gated_by(m, source, bound):
+    """The body's new h and c multiplied by float(source < bound) before the mask blends."""
+    body = next(n for n in m.graph.node if n.op_type == "Loop").attribute[0].g
+    body.initializer.append(numpy_helper.from_array(np.array(bound, np.int32), "t_bound"))
+    extra = [helper.make_node("Less", [source, "t_bound"], ["t_less"]),
+             helper.make_node("Cast", ["t_less"], ["t_gate"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", [H_NEW, "t_gate"], ["t_h"]),
+             helper.make_node("Mul", [C_NEW, "t_gate"], ["t_c"])]
+    for n in body.node:
+        if n.op_type == "Mul" and n.name.endswith(("SelectV2__1907", "SelectV2_1__1895", "SelectV2_2__1883")):
+            for k, x in enumerate(n.input):
+                n.input[k] = {H_NEW: "t_h", C_NEW: "t_c"}.get(x, x)
+    at = next(i for i, n in enumerate(body.node) if n.output[0] == H_NEW) + 1
+    for k, n in enumerate(extra):
+        body.node.insert(at + k, n)
+
+
+def capped(m, cap):
+    """The Loop's trip count replaced by min(M, cap)."""
+    g = m.graph
+    k = next(i for i, n in enumerate(g.node) if n.op_type == "Loop")
+    g.initializer.append(numpy_helper.from_array(np.array(cap, np.int64), "t_cap"))
+    g.node.insert(k, helper.make_node("Min", [g.node[k].input[0], "t_cap"], ["t_M"]))
+    g.node[k + 1].input[0] = "t_M"
+
+
+@pytest.mark.parametrize("edit", ["reset_from_step_5", "zero_when_T_at_least_7", "trip_count_capped_at_7",
+                                  "trip_count_capped_at_300", "unchanged"])
+def test_a_loop_that_is_not_a_plain_step_is_not_fused(edit):
+    m = onnx.load(SEED)
+    if edit == "reset_from_step_5":
+        gated_by(m, STEP, 5)
+    elif edit == "zero_when_T_at_least_7":
+        gated_by(m, LENGTH, 7)
+    elif edit == "trip_count_capped_at_7":
+        capped(m, 7)
+    elif edit == "trip_count_capped_at_300":
+        capped(m, 300)
+    onnx.checker.check_model(m)
+    gm = rnnengine.convert(m)
+    assert gm.metadata["converter.fused_keras_loops"] == (1 if edit == "unchanged" else 0)
+    rng = np.random.default_rng(0)
+    for T in (3, 9):
+        x = rng.standard_normal((2, T, 6)).astype(np.float32)
+        want = ort_session(m).run(None, {"x": x})
+        got = gm.run({"x": x})
+        for o, w in zip([o.name for o in m.graph.output], want):
+            assert got[o].shape == w.shape and max_violation(got[o], w) <= 1, (edit, T, o)
+
+
+def _cell_model(nodes, inputs, inits):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    return m
+
+
+def _check(m, feeds, fused_key):
+    gm = rnnengine.convert(m)
+    assert gm.metadata[fused_key] == 0
+    want = ort_session(m).run(None, feeds)[0]
+    got = gm.run(feeds)["y"]
+    assert got.shape == want.shape and max_violation(got, want) <= 1
+
+
+def test_a_gru_cell_split_along_the_batch_axis_is_not_fused():
+    # review: the GRU cell fuser did not check its Splits' axis (axis 0 with H = 1 is a valid
+    # graph onnxruntime broadcasts to (3, 3); it came back as a (3, 1) GRU step)
+    rng = np.random.default_rng(0)
+    I, H, B = 2, 1, 3
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["gx"], transB=1),
+             helper.make_node("Split", ["gx"], ["i_r", "i_z", "i_n"], axis=0, num_outputs=3),
+             helper.make_node("Gemm", ["h", "R"], ["gh"], transB=1),
+             helper.make_node("Split", ["gh"], ["h_r", "h_z", "h_n"], axis=0, num_outputs=3),
+             helper.make_node("Add", ["h_r", "i_r"], ["ar"]), helper.make_node("Sigmoid", ["ar"], ["r"]),
+             helper.make_node("Add", ["h_z", "i_z"], ["az"]), helper.make_node("Sigmoid", ["az"], ["z"]),
+             helper.make_node("Mul", ["h_n", "r"], ["hnr"]), helper.make_node("Add", ["i_n", "hnr"], ["an"]),
+             helper.make_node("Tanh", ["an"], ["n"]), helper.make_node("Sub", ["h", "n"], ["d"]),
+             helper.make_node("Mul", ["d", "z"], ["dz"]), helper.make_node("Add", ["dz", "n"], ["y"])]
+    m = _cell_model(nodes, [("x", [B, I]), ("h", [B, H])],
+                    {"W": rng.standard_normal((3 * H, I)).astype(np.float32),
+                     "R": rng.standard_normal((3 * H, H)).astype(np.float32)})
+    feeds = {"x": rng.standard_normal((B, I)).astype(np.float32), "h": rng.standard_normal((B, H)).astype(np.float32)}
+    _check(m, feeds, "converter.fused_gru_cells")
+
+
+def test_an_lstm_cell_whose_previous_state_is_its_own_gate_is_not_fused():
+    # review: c' = sigmoid(f) * tanh(g) + sigmoid(i) * tanh(g) took tanh(g) for c_prev, fused,
+    # then failed with an error about a node the user never wrote
+    rng = np.random.default_rng(0)
+    I, H, B = 3, 4, 2
+    nodes = [helper.make_node("Gemm", ["h", "R"], ["gh"], transB=1), helper.make_node("Gemm", ["x", "W"], ["gx"], transB=1),
+             helper.make_node("Add", ["gh", "gx"], ["g"]),
+             helper.make_node("Split", ["g"], ["i", "f", "gg", "o"], axis=1, num_outputs=4),
+             helper.make_node("Sigmoid", ["i"], ["si"]), helper.make_node("Sigmoid", ["f"], ["sf"]),
+             helper.make_node("Tanh", ["gg"], ["tg"]), helper.make_node("Sigmoid", ["o"], ["so"]),
+             helper.make_node("Mul", ["sf", "tg"], ["mf"]), helper.make_node("Mul", ["si", "tg"], ["mi"]),
+             helper.make_node("Add", ["mf", "mi"], ["c"]), helper.make_node("Tanh", ["c"], ["tc"]),
+             helper.make_node("Mul", ["so", "tc"], ["y"])]
+    m = _cell_model(nodes, [("x", [B, I]), ("h", [B, H])],
+                    {"W": rng.standard_normal((4 * H, I)).astype(np.float32),
+                     "R": rng.standard_normal((4 * H, H)).astype(np.float32)})
+    feeds = {"x": rng.standard_normal((B, I)).astype(np.float32), "h": rng.standard_normal((B, H)).astype(np.float32)}
+    _check(m, feeds, "converter.fused_lstm_cells")
