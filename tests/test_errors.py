@@ -682,3 +682,20 @@ def test_activation_values_left_out_are_refused_where_onnxruntime_and_onnx_disag
         return
     want = run_ort("RNN", attrs, {"X": x, "W": W1, "R": R1})[0]
     np.testing.assert_allclose(rnnengine.convert(m).run({"X": x})["Y"], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("op, attrs", [("ReduceMean", {"keepdims": 4}), ("ReduceSum", {"keepdims": -1}),
+                                       ("ArgMax", {"select_last_index": 2}), ("CumSum", {"reverse": 3})])
+def test_a_flag_attribute_other_than_0_or_1_is_refused(op, attrs):
+    # found by the differential fuzzer: ReduceMean keepdims=4 ran keeping the axis (a truth
+    # test) where onnxruntime drops it (keepdims == 1): shape (1, 3, 4) against (3, 4)
+    ins = ["x", "ax"] if op == "CumSum" else ["x"]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "ax")] if op == "CumSum" else []
+    g = helper.make_graph([helper.make_node(op, ins, ["y"], name="n", **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    name = next(iter(attrs))
+    with pytest.raises(ValueError, match=rf"{op} node 'n': attribute {name} must be 0 or 1"):
+        rnnengine.convert(m).run({"x": np.ones((2, 3, 4), np.float32)})

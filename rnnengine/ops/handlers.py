@@ -150,6 +150,14 @@ class Handler:
     def attr(self, name, default=None):
         return self.attrs.get(name, default)
 
+    def flag(self, name, default):
+        """A 0/1 attribute (keepdims, transA, ...) as a bool; any other value is refused: peers
+        read it differently (onnxruntime takes keepdims=4 as false, a truthiness test as true)."""
+        v = self.attrs.get(name, default)
+        if not isinstance(v, (bool, int, np.integer)) or int(v) not in (0, 1):
+            self.fail(f"attribute {name} must be 0 or 1, got {v!r}")
+        return bool(v)
+
     def validate(self, xs):
         """Checks at conversion what the constant inputs allow (xs: arrays or None)."""
 
@@ -1069,7 +1077,7 @@ class TopK(Handler):
     def eval(self, xs):
         x = xs[0]
         a, k = self.geometry(x.shape, xs)
-        largest = self.attr("largest", 1)
+        largest = self.flag("largest", 1)
         # NaN counts as larger than every number (onnxruntime); ties keep the lower index
         nan = np.isnan(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
         if x.dtype.kind == "f":
@@ -1095,7 +1103,7 @@ class TopK(Handler):
         n = x.shape[a]
         p.need_work(2 * n + 2)  # int64 scratch, counted in floats
         p.emit(OP_TOPK, [x], [vals, idx], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), n,
-                                           int(np.prod(x.shape[a + 1:])), k, int(self.attr("largest", 1))])
+                                           int(np.prod(x.shape[a + 1:])), k, int(self.flag("largest", 1))])
         return [vals, idx]
 
 
@@ -1174,9 +1182,9 @@ class MatMul(Handler):
 class Gemm(Handler):
     def eval(self, xs):
         A, B = xs[0], xs[1]
-        if self.attr("transA", 0):
+        if self.flag("transA", 0):
             A = A.T
-        if self.attr("transB", 0):
+        if self.flag("transB", 0):
             B = B.T
         y = self.attr("alpha", 1.0) * (A @ B)
         if len(xs) > 2 and xs[2] is not None:
@@ -1193,14 +1201,14 @@ class Gemm(Handler):
         if a.dtype != np.float32 or (c is not None and c.dtype != np.float32):
             self.fail(f"takes float32 A and C at run time, got {a.dtype}"
                       f"{'' if c is None else f' and {c.dtype}'}")
-        if self.attr("transA", 0):
+        if self.flag("transA", 0):
             t = p.new((a.shape[1], a.shape[0]), a.dtype)
             emit_copy(p, a, t, t.shape, [1, a.shape[1]], [a.shape[0], 1])
             a = t
         B = np.asarray(b.const, np.float32)
         if B.ndim != 2:
             self.fail(f"B must be 2-D, got shape {B.shape}")
-        Bt = B if self.attr("transB", 0) else B.T
+        Bt = B if self.flag("transB", 0) else B.T
         Bt = np.ascontiguousarray(Bt * np.float32(self.attr("alpha", 1.0)), np.float32)
         M, K = a.shape
         N = Bt.shape[0]
@@ -1609,7 +1617,7 @@ class Reduce(Handler):
         axes = _axes(self, xs, 1)
         nd = len(shape)
         if not axes:
-            if self.attr("noop_with_empty_axes", 0):
+            if self.flag("noop_with_empty_axes", 0):
                 return []
             return list(range(nd))
         return sorted({axis_of(self, a, nd) for a in axes})
@@ -1620,7 +1628,7 @@ class Reduce(Handler):
         if not axes:
             return [x]
         op = self.node["op"]
-        keep = bool(self.attr("keepdims", 1))
+        keep = self.flag("keepdims", 1)
         if op == "ReduceMean" and x.dtype.kind in "iu":  # the exact sum, truncated toward 0
             total = np.sum(x, axis=tuple(axes), keepdims=keep, dtype=x.dtype)
             count = int(np.prod([x.shape[a] for a in axes]))
@@ -1636,7 +1644,7 @@ class Reduce(Handler):
         axes = self.axes(x.shape, xs)
         if not axes:
             return [x]
-        keep = bool(self.attr("keepdims", 1))
+        keep = self.flag("keepdims", 1)
         kept = [1 if i in axes else d for i, d in enumerate(x.shape)]
         shape = tuple(kept) if keep else tuple(d for i, d in enumerate(x.shape) if i not in axes)
         kst = contiguous_strides(kept)
@@ -1663,7 +1671,7 @@ class ArgMax(Handler):
         a = axis_of(self, self.attr("axis", 0), len(shape))
         if shape[a] == 0:
             self.fail(f"axis {a} is empty: no position to return")
-        keep = bool(self.attr("keepdims", 1))
+        keep = self.flag("keepdims", 1)
         out = tuple(1 if i == a else d for i, d in enumerate(shape)) if keep else \
             tuple(d for i, d in enumerate(shape) if i != a)
         return a, out
@@ -1671,7 +1679,7 @@ class ArgMax(Handler):
     def eval(self, xs):
         x = xs[0]
         a, out_shape = self.geometry(x.shape)
-        is_min, last = self.node["op"] == "ArgMin", bool(self.attr("select_last_index", 0))
+        is_min, last = self.node["op"] == "ArgMin", self.flag("select_last_index", 0)
         best = np.take(x, 0, axis=a)
         at = np.zeros(best.shape, np.int64)
         with np.errstate(invalid="ignore"):
@@ -1693,7 +1701,7 @@ class ArgMax(Handler):
         out = p.new(out_shape, np.int64)
         p.emit(OP_ARGMAX, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
                                        int(np.prod(x.shape[a + 1:])), int(self.node["op"] == "ArgMin"),
-                                       int(bool(self.attr("select_last_index", 0)))])
+                                       int(self.flag("select_last_index", 0))])
         return [out]
 
 
@@ -1714,7 +1722,7 @@ class CumSum(Handler):
     def eval(self, xs):
         x = xs[0]
         a = self.axis(x, xs)
-        rev, excl = bool(self.attr("reverse", 0)), bool(self.attr("exclusive", 0))
+        rev, excl = self.flag("reverse", 0), self.flag("exclusive", 0)
         v = np.flip(x, a) if rev else x
         with np.errstate(all="ignore"):
             c = np.cumsum(v, axis=a, dtype=x.dtype)
@@ -1730,8 +1738,8 @@ class CumSum(Handler):
             self.fail(f"{x.dtype} is not supported at run time (float32, int64, int32)")
         out = p.new(x.shape, x.dtype)
         p.emit(OP_CUMSUM, [x], [out], [TENSOR_DTYPES[x.dtype], int(np.prod(x.shape[:a])), x.shape[a],
-                                       int(np.prod(x.shape[a + 1:])), int(bool(self.attr("exclusive", 0))),
-                                       int(bool(self.attr("reverse", 0)))])
+                                       int(np.prod(x.shape[a + 1:])), int(self.flag("exclusive", 0)),
+                                       int(self.flag("reverse", 0))])
         return [out]
 
 
