@@ -223,7 +223,11 @@ static void op_unary(const int64_t *ip, const float *fp, const float *in, float 
         case RNN_UNARY_LOG: out[i] = logf(x); break;
         case RNN_UNARY_NEG: out[i] = -x; break;
         case RNN_UNARY_ABS: out[i] = fabsf(x); break;
-        case RNN_UNARY_CLIP: out[i] = x < fp[0] ? fp[0] : (x > fp[1] ? fp[1] : x); break;
+        case RNN_UNARY_CLIP: { /* min(max(x, lo), hi): hi wins when lo > hi, as onnxruntime; NaN stays */
+            const float t = x < fp[0] ? fp[0] : x;
+            out[i] = t > fp[1] ? fp[1] : t;
+            break;
+        }
         case RNN_UNARY_RECIPROCAL: out[i] = 1.0f / x; break;
         case RNN_UNARY_ERF: out[i] = erff(x); break;
         case RNN_UNARY_FLOOR: out[i] = floorf(x); break;
@@ -245,9 +249,10 @@ static void op_softmax(const int64_t *ip, const float *in, float *out) {
             for (int64_t i = 0; i < n; i++) mx = x[i * inner] > mx ? x[i * inner] : mx;
             double sum = 0.0;
             for (int64_t i = 0; i < n; i++) sum += exp((double)x[i * inner] - mx);
-            if (logsm) {
-                const float lse = (float)log(sum) + mx;
-                for (int64_t i = 0; i < n; i++) y[i * inner] = x[i * inner] - lse;
+            if (logsm) { /* x - max - log(sum) in double: lse rounded to float first lost the
+                          * small part beside a large max (1e6 + 1.3 -> 1e6 + 1.25) */
+                const double l = log(sum);
+                for (int64_t i = 0; i < n; i++) y[i * inner] = (float)(((double)x[i * inner] - mx) - l);
             } else {
                 const double inv = 1.0 / sum;
                 for (int64_t i = 0; i < n; i++) y[i * inner] = (float)(exp((double)x[i * inner] - mx) * inv);
@@ -679,8 +684,10 @@ static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, cons
 }
 
 /* ip as REDUCE after the dtype; one integer type T with unsigned twin U */
+/* Integer reductions; 1 when a sum or product overflows T (onnxruntime saturates some and
+ * computes a mean exactly: an overflow is refused rather than wrapped). */
 #define DEFINE_INT_REDUCE(NAME, T, U, TMIN, TMAX)                                            \
-    static void NAME(const int64_t *ip, const T *in, T *out) {                               \
+    static int NAME(const int64_t *ip, const T *in, T *out) {                                \
         const int64_t kind = ip[0], nd = ip[1];                                              \
         const int64_t *ishape = ip + 2, *ostr = ip + 2 + nd;                                 \
         const int64_t out_n = ip[2 + 2 * nd], count = ip[3 + 2 * nd];                        \
@@ -694,8 +701,12 @@ static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, cons
             switch (kind) {                                                                  \
             case RNN_REDUCE_MAX: out[oo] = v > out[oo] ? v : out[oo]; break;                 \
             case RNN_REDUCE_MIN: out[oo] = v < out[oo] ? v : out[oo]; break;                 \
-            case RNN_REDUCE_PROD: out[oo] = (T)((U)out[oo] * (U)v); break;                   \
-            default: out[oo] = (T)((U)out[oo] + (U)v); break;                                \
+            case RNN_REDUCE_PROD:                                                            \
+                if (__builtin_mul_overflow(out[oo], v, &out[oo])) return 1;                  \
+                break;                                                                       \
+            default:                                                                         \
+                if (__builtin_add_overflow(out[oo], v, &out[oo])) return 1;                  \
+                break;                                                                       \
             }                                                                                \
             for (int64_t d = nd - 1; d >= 0; d--) {                                          \
                 oo += ostr[d];                                                               \
@@ -706,6 +717,7 @@ static void op_where(const int64_t *ip, const uint8_t *cond, const char *x, cons
         }                                                                                    \
         if (kind == RNN_REDUCE_MEAN && count > 0)                                            \
             for (int64_t i = 0; i < out_n; i++) out[i] = (T)(out[i] / (T)count);             \
+        return 0;                                                                            \
     }
 DEFINE_INT_REDUCE(reduce_i64, int64_t, uint64_t, INT64_MIN, INT64_MAX)
 DEFINE_INT_REDUCE(reduce_i32, int32_t, uint32_t, INT32_MIN, INT32_MAX)
@@ -984,8 +996,10 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
         case RNN_OP_TUNARY: op_tunary(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_WHERE: op_where(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0])); break;
         case RNN_OP_TREDUCE:
-            if (ip[0] == RNN_DT_I64) reduce_i64(ip + 1, T_(ins[0]), T_(outs[0]));
-            else reduce_i32(ip + 1, T_(ins[0]), T_(outs[0]));
+            if (ip[0] == RNN_DT_I64 ? reduce_i64(ip + 1, T_(ins[0]), T_(outs[0]))
+                                    : reduce_i32(ip + 1, T_(ins[0]), T_(outs[0])))
+                st = fail(err, errlen, RNN_STATUS_BAD_ARGUMENT,
+                          "integer reduction overflows its type (onnxruntime saturates or widens; refused)");
             break;
         case RNN_OP_ARGMAX: op_argmax(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CUMSUM: op_cumsum(ip, T_(ins[0]), T_(outs[0])); break;

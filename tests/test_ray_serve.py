@@ -48,6 +48,9 @@ def test_sessions_stay_on_their_replica_and_move_exactly_when_it_dies(tmp_path, 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         app = StreamDeployment.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(path)
+        # handles only, no HTTP: without the proxy actor, whose start timed out on a loaded
+        # 2-core machine (Ray killed it: ActorDiedError in serve.run)
+        serve.start(proxy_location="Disabled")
         handle = serve.run(app, name="rnne", route_prefix=None)
         sessions = [RemoteSession(handle) for _ in range(n)]
         # no checkpoints: a call routed to a replica that does not hold it (best-effort routing,

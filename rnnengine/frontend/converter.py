@@ -244,8 +244,12 @@ class _Converter:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
         tensors = {k: v for k, v in consts.items() if k in used or k in {o["name"] for o in outputs}}
+        out_names = {o["name"] for o in outputs}
         for t in list(tensors):
             if tensors[t].dtype == np.float64:
+                if t in out_names:  # (a float64 result computed at conversion: rounding it is not it)
+                    raise ConversionError(f"graph output {t!r} is a float64 constant; rnnengine computes and "
+                                          "returns float32, int64, int32, uint8 and bool")
                 tensors[t] = tensors[t].astype(np.float32)
         graph = {"opset": self.opset, "inputs": inputs, "outputs": outputs, "nodes": nodes}
         _hoist_subgraph_tensors(graph["nodes"], tensors)

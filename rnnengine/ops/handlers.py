@@ -555,7 +555,11 @@ class Clip(Handler):
         if x.dtype.kind in "iu":  # opset < 11: float bounds clipped to the integer range
             info = np.iinfo(x.dtype)
             return [np.clip(x, x.dtype.type(max(lo, info.min)), x.dtype.type(min(hi, info.max)))]
-        return [np.clip(x, lo, hi).astype(x.dtype)]
+        # the C kernel's rule (RNN_UNARY_CLIP): min(max(x, lo), hi) by comparisons, so a NaN bound
+        # clips nothing (np.clip would make every element NaN) and hi wins when lo > hi
+        with np.errstate(invalid="ignore"):
+            t = np.where(x < lo, lo, x)
+            return [np.where(t > hi, hi, t).astype(x.dtype)]
 
     def emit(self, p, xs):
         x = xs[0]
@@ -692,8 +696,8 @@ class Identity(Handler):
 
 @register("Dropout", attrs=("ratio", "seed", "is_test"))
 class Dropout(Handler):
-    """Inference: the identity (and an all-true mask when asked for). training_mode given as
-    a constant true is refused."""
+    """Inference: the identity (and the mask onnxruntime gives, when asked for). training_mode
+    given as a constant true is refused."""
 
     def check(self, xs):
         if len(xs) > 2 and xs[2] is not None:
@@ -705,13 +709,21 @@ class Dropout(Handler):
         if len(xs) > 2 and self.node["inputs"][2]:
             self.check(xs)
 
+    def mask(self, shape, dtype):
+        """The inference mask as onnxruntime gives it: all true from opset 12 (the spec's
+        "all ones"), all false at opsets 10-11, zeros of the input's type at 7-9 (where the
+        mask has the input's type)."""
+        if self.opset >= 12:
+            return np.ones(shape, bool)
+        return np.zeros(shape, bool if self.opset >= 10 else dtype)
+
     def eval(self, xs):
         self.check(xs)
-        return [xs[0], np.ones(xs[0].shape, bool)][: len(self.node["outputs"])]
+        return [xs[0], self.mask(xs[0].shape, xs[0].dtype)][: len(self.node["outputs"])]
 
     def emit(self, p, xs):
         self.check(xs)
-        return [xs[0], p.const(np.ones(xs[0].shape, bool))][: len(self.node["outputs"])]
+        return [xs[0], p.const(self.mask(xs[0].shape, xs[0].dtype))][: len(self.node["outputs"])]
 
 
 def _reshape_target(h, shape_in, shape, allowzero):
@@ -877,8 +889,24 @@ def _slice_params(h, shape, xs):
     for a, s, e, st in zip(axes, starts, ends, steps):
         if st == 0:
             h.fail("a slice step of 0")
-        r = range(*slice(s, e, st).indices(shape[a]))
-        res[a] = (r.start, len(r), st)
+        d = shape[a]
+        if st < 0 and e in (2**31 - 1, 2**63 - 1):
+            # onnxruntime reads this end as "through the first element", the ONNX spec (and its
+            # shape inference) as the last element: neither can be computed without differing
+            h.fail(f"ends {e} with a negative step: onnxruntime and the ONNX spec read it differently "
+                   "(write the end as -(2**63 - 1) to run to the first element)")
+        # the ONNX spec: a negative index counts from the end, then starts and ends are clamped
+        # to [0, d] for a positive step and to [0, d - 1] / [-1, d - 1] for a negative one (not
+        # Python's slice rules: a start below -d with a negative step still takes element 0)
+        s = s + d if s < 0 else s
+        e = e + d if e < 0 else e
+        if st > 0:
+            s, e = min(max(s, 0), d), min(max(e, 0), d)
+            n = max(0, -(-(e - s) // st))
+        else:
+            s, e = min(max(s, 0), d - 1), min(max(e, -1), d - 1)
+            n = max(0, -(-(s - e) // -st)) if d else 0
+        res[a] = (s if n else 0, n, st)
     return res
 
 
@@ -1170,7 +1198,15 @@ class MatMul(Handler):
         K, N = B.shape
         if a.shape[-1:] != (K,):
             self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
-        shape = tuple(a.shape[:-1]) + (N,)
+        # B's leading unit axes still broadcast into the result's batch axes (numpy.matmul):
+        # (3, 4) @ (1, 4, 5) is (1, 3, 5), (4,) @ (1, 4, 5) is (1, 5); the data is the same
+        lead = tuple(b.shape[:-2])
+        if len(a.shape) == 1:
+            shape = lead + (N,)
+        else:
+            batch = tuple(a.shape[:-2])
+            batch = (1,) * max(0, len(lead) - len(batch)) + batch
+            shape = batch + (a.shape[-2], N)
         out = p.new(shape, np.float32)
         Bt = p.derived(b.const, "T", lambda: np.ascontiguousarray(B.T))
         p.emit(OP_MATMUL, [a, p.const(Bt), None], [out],
@@ -1527,6 +1563,10 @@ class Pad(Handler):
             begin[a], end[a] = pads[i], pads[i + len(axes)]
         if mode not in ("constant", "reflect", "edge", "wrap"):
             self.fail(f"mode {mode!r} is not supported")
+        if mode == "wrap" and any((b < 0 < e) or (e < 0 < b) for b, e in zip(begin, end)):
+            # onnxruntime wraps around the cropped axis, the ONNX reference refuses such pads
+            self.fail(f"mode 'wrap' with pads that crop one end and extend the other ({pads}): "
+                      "onnxruntime and the ONNX reference disagree")
         return mode, begin, end, value
 
     @staticmethod
@@ -1629,10 +1669,21 @@ class Reduce(Handler):
             return [x]
         op = self.node["op"]
         keep = self.flag("keepdims", 1)
-        if op == "ReduceMean" and x.dtype.kind in "iu":  # the exact sum, truncated toward 0
-            total = np.sum(x, axis=tuple(axes), keepdims=keep, dtype=x.dtype)
-            count = int(np.prod([x.shape[a] for a in axes]))
-            return [int_divmod(self, total, np.array(count, x.dtype), "div") if count else total]
+        count = int(np.prod([x.shape[a] for a in axes]))
+        if x.dtype.kind in "iu" and op in ("ReduceSum", "ReduceMean", "ReduceProd"):
+            # exactly (Python integers), refused when the result leaves the type, as the C
+            # kernel does (onnxruntime saturates some and widens a mean); a mean truncates toward 0
+            exact = (np.prod if op == "ReduceProd" else np.sum)(x.astype(object), axis=tuple(axes), keepdims=keep)
+            exact = np.asarray(exact, dtype=object)
+            info = np.iinfo(x.dtype)
+            if exact.size and (min(exact.flat) < info.min or max(exact.flat) > info.max):
+                self.fail(f"the integer {op[6:].lower()} overflows {x.dtype}")
+            total = exact.astype(x.dtype)
+            if op == "ReduceMean":
+                return [int_divmod(self, total, np.array(count, x.dtype), "div") if count else total]
+            return [total]
+        if op == "ReduceMean" and count == 0:  # the kernel's (and onnxruntime's) 0, not NumPy's NaN
+            return [np.zeros(np.sum(x, axis=tuple(axes), keepdims=keep).shape, x.dtype)]
         fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min,
               "ReduceProd": np.prod}[op]
         return [fn(x, axis=tuple(axes), keepdims=keep).astype(x.dtype)]
@@ -1656,7 +1707,7 @@ class Reduce(Handler):
         ip = [REDUCE[self.node["op"]], len(x.shape)] + list(x.shape) + ostr + [int(np.prod(shape)), count]
         if x.dtype == np.float32:
             p.emit(OP_REDUCE, [x], [out], ip)
-        else:  # integers: sums and products wrap around, the mean truncates toward 0
+        else:  # integers: an overflowing sum or product is refused when it runs; a mean truncates toward 0
             p.emit(OP_TREDUCE, [x], [out], [TENSOR_DTYPES[x.dtype]] + ip)
         return [out]
 
