@@ -126,18 +126,11 @@ def mut_attr(m, r, fo):
 def mut_int_const(m, r, fo):
     """An element of a small integer initializer/constant (shapes, axes, starts, ends, steps,
     pads, indices) to a small value."""
-    import numpy as np
     import onnx
-    ts = [t for t in fo.tensors(m) if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)]
-    if not ts:
+    picked = fo.pick_int_tensor(m, r, max_size=64)
+    if picked is None:
         return False
-    t = r.choice(ts)
-    try:
-        arr = onnx.numpy_helper.to_array(t).copy()
-    except Exception:  # noqa: BLE001
-        return False
-    if arr.size == 0 or arr.size > 64:
-        return False
+    t, arr = picked
     flat = arr.reshape(-1)
     i = r.randrange(flat.size)
     flat[i] = r.choice(SMALL_INTS) if r.random() < 0.6 else int(flat[i]) + r.choice([-1, 1])
@@ -308,10 +301,7 @@ class Finding(Exception):
 def check_one(data, feeds_rng, counts):
     """Runs one model through onnxruntime and rnnengine. Returns what happened (a key of counts)
     or raises Finding(description)."""
-    import numpy as np
     import onnxruntime as ort
-    import common
-    import rnnengine
     try:
         so = ort.SessionOptions()
         so.intra_op_num_threads = so.inter_op_num_threads = 1
@@ -328,16 +318,10 @@ def check_one(data, feeds_rng, counts):
     except Exception:  # noqa: BLE001
         return "ort_refused", feeds
     names = [o.name for o in sess.get_outputs()]
-    _phase[0] = "rnnengine"
-    try:
-        gm = rnnengine.convert(data)
-        got = gm.run(feeds)
-    except Exception as e:  # noqa: BLE001
-        if common.classify(e) == "clean":
-            return "refused", feeds
-        raise Finding(f"unclean {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        _phase[0] = "ort"
+    done = _in_rnnengine(lambda: _convert_and_run(data, feeds), "refused", "")
+    if isinstance(done, str):
+        return done, feeds
+    gm, got = done
     nonfinite = _has_nonfinite(data, feeds)
     for name, w in zip(names, want):
         if name not in got:
@@ -348,15 +332,29 @@ def check_one(data, feeds_rng, counts):
         if bad:
             raise Finding(bad)
     # the stream: the same inputs in chunks along its time axes, against the whole run
+    return _in_rnnengine(lambda: stream_check(gm, feeds, got, feeds_rng), "matched_stream_refused",
+                         "stream: "), feeds
+
+
+def _convert_and_run(data, feeds):
+    import rnnengine
+    gm = rnnengine.convert(data)
+    return gm, gm.run(feeds)
+
+
+def _in_rnnengine(fn, refused, what):
+    """fn() timed by the watchdog as rnnengine's; a clean refusal gives `refused`, any other
+    exception a Finding."""
+    import common
     _phase[0] = "rnnengine"
     try:
-        return stream_check(gm, feeds, got, feeds_rng), feeds
+        return fn()
     except Finding:
         raise
     except Exception as e:  # noqa: BLE001
         if common.classify(e) == "clean":
-            return "matched_stream_refused", feeds
-        raise Finding(f"stream: unclean {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            return refused
+        raise Finding(f"{what}unclean {type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
         _phase[0] = "ort"
 

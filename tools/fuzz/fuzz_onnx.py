@@ -163,19 +163,29 @@ def mut_tensor_shape(m, r):
     return True
 
 
-def mut_int_tensor(m, r):
-    """An element of an integer initializer or constant: shapes, axes, starts/ends, indices,
-    Loop trip counts and the like."""
+def pick_int_tensor(m, r, max_size=None):
+    """(tensor, a copy of its values) of a random integer initializer or constant (int32 /
+    int64, readable, not empty, at most max_size elements), or None."""
     ts = [t for t in tensors(m) if t.data_type in (TensorProto.INT64, TensorProto.INT32)]
     if not ts:
-        return False
+        return None
     t = r.choice(ts)
     try:
         arr = onnx.numpy_helper.to_array(t).copy()
     except Exception:  # noqa: BLE001
+        return None
+    if arr.size == 0 or (max_size is not None and arr.size > max_size):
+        return None
+    return t, arr
+
+
+def mut_int_tensor(m, r):
+    """An element of an integer initializer or constant: shapes, axes, starts/ends, indices,
+    Loop trip counts and the like."""
+    picked = pick_int_tensor(m, r)
+    if picked is None:
         return False
-    if arr.size == 0:
-        return False
+    t, arr = picked
     flat = arr.reshape(-1)
     info = np.iinfo(arr.dtype)
     v = r.choice(INTS) if r.random() < 0.7 else int(flat[r.randrange(flat.size)]) + r.choice([-1, 1])
