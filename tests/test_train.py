@@ -622,3 +622,56 @@ def test_cli_refuses_stray_labels_and_changed_options(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.rnne"), "--steps", "1", "--quiet",
                      "--resume", str(tmp_path / "c.rnne"), "--lr", "0.5"]) == 2
     assert "resuming a checkpoint trained with lr=0.002" in capsys.readouterr().err
+
+
+def test_misshapen_states_gradients_and_ids_are_refused_not_run():
+    # found by a red-team review of the training path: each of these ran and gave a result
+    # (a (1, B, 5) h for H = 4 was read as is; rows 4-7 of a batch-8 state were memory; a
+    # dlogits of another T gave head gradients of the wrong size; ids >= 2**31 wrapped)
+    from rnnengine.train import Network, loss_and_grad
+    net = Network("GRU", 5, 4, 6, seed=0)
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"state\[0\] h must be float \(1, 4, 4\)"):
+        net.forward(x, [np.zeros((1, 4, 5), np.float32)])
+    with pytest.raises(ValueError, match=r"state\[0\] h must be float \(1, 4, 4\)"):
+        net.forward(x, [np.zeros((1, 8, 4), np.float32)])
+    with pytest.raises(ValueError, match=r"state must be a list of 1 layer state"):
+        net.forward(x, [])
+    with pytest.raises(ValueError, match=r"at least one time step and one row"):
+        net.forward(x[:0])
+    logits, _ = net.forward(x)
+    with pytest.raises(ValueError, match=r"dlogits must have the shape of forward\(\)'s logits \(3, 4, 6\)"):
+        net.backward(np.zeros((6, 4, 6), np.float32))
+    lm = Network("LSTM", 5, 4, 5, embedding=3, seed=0)
+    for bad in ([[2**32 + 1]], [[1.7]], [[-1]]):
+        with pytest.raises(ValueError, match=r"inputs"):
+            lm.forward(np.array(bad))
+    out, _ = lm.forward(np.array([[1]]))
+    for tg in (np.array([[2**32 + 2]]), np.array([[-5]]), np.array([[5]])):
+        with pytest.raises(ValueError, match=r"target .* is outside 0..4"):
+            loss_and_grad("lm", out, tg)
+    assert loss_and_grad("lm", out, np.array([[-1]]))[0] == 0.0  # -1: ignored
+
+
+def test_a_resume_keeps_batch_size_seq_len_and_clip_norm(tmp_path):
+    # the review: resumed with batch_size 4 (trained with 8) ran on the first 4 carried rows;
+    # resumed without clip_norm (trained with 0.01) clipped at 1.0: both differed silently
+    from rnnengine.train import Network, fit, load_checkpoint
+    ids = np.random.default_rng(1).integers(0, 6, 4000)
+    path = str(tmp_path / "c.rnne")
+
+    def run(steps, **kw):
+        net = Network("LSTM", 6, 8, 6, embedding=4, seed=0)
+        fit(net, ids, None, "lm", steps, batch_size=8, seq_len=10, clip_norm=0.01, checkpoint=path, **kw)
+        return net
+    whole = run(6)
+    run(3)
+    net, state = load_checkpoint(path)
+    assert state["options"] == {"batch_size": 8, "seq_len": 10, "clip_norm": 0.01}
+    with pytest.raises(ValueError, match=r"trained with batch_size=8, but batch_size=4 was given"):
+        fit(net, ids, None, "lm", 3, batch_size=4, state=state)
+    with pytest.raises(ValueError, match=r"trained with clip_norm=0.01, but clip_norm=1.0 was given"):
+        fit(net, ids, None, "lm", 3, clip_norm=1.0, state=state)
+    net, state = load_checkpoint(path)
+    fit(net, ids, None, "lm", 3, state=state)  # the checkpoint's options
+    np.testing.assert_array_equal(net.params, whole.params)

@@ -417,6 +417,10 @@ def cmd_train(args):
     if args.resume:
         net, state = load_checkpoint(args.resume)
         print(f"resuming {args.resume} at step {state['optimizer'].t}", file=sys.stderr)
+    # --batch / --seq-len / --clip-norm: on --resume the checkpoint's unless given (fit refuses others)
+    stored = state["options"] if state else {}
+    shown_batch = args.batch if args.batch is not None else stored.get("batch_size") or 32
+    seq_len = args.seq_len if args.seq_len is not None else stored.get("seq_len") or 64
     if args.data.endswith(".npy"):
         ids = np.load(args.data)
         if ids.dtype.kind not in "iu" or ids.ndim != 1:
@@ -430,7 +434,7 @@ def cmd_train(args):
         task, vocab = "lm", None
         ids = ids.astype(np.int32)
         n_val = int(len(ids) * args.val_fraction)
-        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
+        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > seq_len else None)
         in_size = out_size = int(ids.max()) + 1 if len(ids) else 0
     elif args.data.endswith(".npz"):
         task = args.task or "classify"
@@ -467,7 +471,7 @@ def cmd_train(args):
                                  f"{''.join(unknown)[:40]!r}")
             ids = np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
         n_val = int(len(ids) * args.val_fraction)
-        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > args.seq_len else None)
+        tr, va = (ids[:len(ids) - n_val], None), ((ids[len(ids) - n_val:], None) if n_val > seq_len else None)
         in_size = out_size = len(vocab)
     if state is None:
         net = Network(args.kind, in_size, args.hidden, out_size, num_layers=args.layers,
@@ -476,10 +480,13 @@ def cmd_train(args):
     elif args.forget_bias is not None:
         raise ValueError("--forget-bias initialises a new network; a resumed one keeps its trained biases")
     print(f"rnnengine train: {task}, {net.kind} {net.L}x{net.H}, {net.size:,} parameters, "
-          f"{args.steps} steps of {args.batch} x {args.seq_len}", file=sys.stderr)
+          f"{args.steps} steps of {shown_batch} x {seq_len}", file=sys.stderr)
     lr = args.lr if (args.lr is not None or state) else 2e-3
     try:
-        hist = fit(net, tr[0], tr[1], task, args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=lr,
+        hist = fit(net, tr[0], tr[1], task, args.steps,
+                   batch_size=args.batch if args.batch is not None or state else 32,
+                   seq_len=args.seq_len if args.seq_len is not None or state else (64 if task == "lm" else None),
+                   lr=lr,
                    optimizer=args.optimizer, clip_norm=args.clip_norm, weight_decay=args.weight_decay,
                    seed=rng_seed, val=va, val_every=args.val_every, progress=not args.quiet, checkpoint=args.output,
                    checkpoint_every=args.checkpoint_every, state=state, extra={"vocab": vocab} if vocab else None,
@@ -617,14 +624,16 @@ def build_parser():
     t.add_argument("--layers", type=int, default=1)
     t.add_argument("--embedding", type=int, default=32, help="token embedding size (lm)")
     t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch", type=int, default=32)
-    t.add_argument("--seq-len", type=int, default=64, help="time steps per update (truncated BPTT)")
+    t.add_argument("--batch", type=int, help="sequences per update (default 32; on --resume the checkpoint's)")
+    t.add_argument("--seq-len", type=int, help="time steps per update (truncated BPTT; default 64; on --resume "
+                                              "the checkpoint's)")
     t.add_argument("--lr", type=float, help="learning rate (default 2e-3; on --resume the checkpoint's)")
     t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam; on --resume the checkpoint's")
     t.add_argument("--weight-decay", type=float, help="decoupled (adam) or L2 (sgd) weight decay (default 0)")
     t.add_argument("--forget-bias", type=float, metavar="B",
                    help="LSTM: start every forget-gate bias at B (e.g. 1.0) instead of random")
-    t.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    t.add_argument("--clip-norm", type=float, help="global gradient-norm clip (0: off; default 1.0; on --resume "
+                                                 "the checkpoint's)")
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--checkpoint-every", type=int, default=200)

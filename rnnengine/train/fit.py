@@ -206,6 +206,28 @@ class Network:
              "P": self.tensor(f"layer{l}.P", grads)[d] if c["peepholes"] else None}
         return s
 
+    def _checked_state(self, state, batch):
+        """``state`` as forward() takes it (zero_state's structure), each array float32 of
+        (D, batch, H); anything else is refused by name (a (1, B, 5) h for H = 4 ran before)."""
+        want = (self.D, batch, self.H)
+        if not isinstance(state, (list, tuple)) or len(state) != self.L:
+            raise ValueError(f"state must be a list of {self.L} layer state(s) (zero_state's structure), got "
+                             f"{type(state).__name__}{'' if not isinstance(state, (list, tuple)) else f' of {len(state)}'}")
+        out = []
+        for l, st in enumerate(state):
+            parts = st if self.kind == "LSTM" else (st,)
+            if self.kind == "LSTM" and (not isinstance(st, (list, tuple)) or len(st) != 2):
+                raise ValueError(f"state[{l}] of an LSTM must be (h, c), each {want}")
+            arrs = []
+            for name, a in zip(("h", "c"), parts):
+                a = np.asarray(a)
+                if a.shape != want or a.dtype.kind != "f":
+                    raise ValueError(f"state[{l}] {name} must be float {want} (directions, batch, hidden), "
+                                     f"got {a.dtype} {a.shape}")
+                arrs.append(np.ascontiguousarray(a, np.float32))
+            out.append(tuple(arrs) if self.kind == "LSTM" else arrs[0])
+        return out
+
     def zero_state(self, batch):
         """One (D, B, H) h per layer, and c for LSTM: [(h, c)] or [h]."""
         z = lambda: np.zeros((self.D, batch, self.H), np.float32)  # noqa: E731
@@ -229,15 +251,20 @@ class Network:
         (T, B, output_size) and the final state; keeps what backward() needs."""
         c = self.config
         if c["embedding"]:
-            inputs = np.ascontiguousarray(inputs, dtype=np.int32)
-            if inputs.ndim != 2:
-                raise ValueError(f"token inputs must be (T, batch), got shape {inputs.shape}")
+            raw = np.asarray(inputs)
+            if raw.ndim != 2:
+                raise ValueError(f"token inputs must be (T, batch), got shape {raw.shape}")
+            # whole numbers inside the vocabulary (an id of 2**32 + 1 cast to int32 became 1)
+            inputs = np.ascontiguousarray(check_ids(raw, "inputs", c["input_size"], "vocabulary"), dtype=np.int32)
         else:
             inputs = np.ascontiguousarray(inputs, dtype=np.float32)
             if inputs.ndim != 3 or inputs.shape[2] != c["input_size"]:
                 raise ValueError(f"inputs must be (T, batch, {c['input_size']}), got shape {inputs.shape}")
         T, B = inputs.shape[:2]
-        state = self.zero_state(B) if state is None else state
+        if T == 0 or B == 0:
+            raise ValueError(f"inputs must have at least one time step and one row, got shape {inputs.shape}")
+        state = self.zero_state(B) if state is None else self._checked_state(state, B)
+        self._logits_shape = (T, B, c["output_size"])
         blocks = self._blocks(B)
         if len(blocks) == 1:
             logits, new_state, tape = self._forward_rows(inputs, state)
@@ -308,6 +335,11 @@ class Network:
         with respect to float inputs is computed only when input_grad is true (it is one more
         large product, which training does not need) and then returned, else None."""
         dlogits = np.ascontiguousarray(dlogits, np.float32)
+        want = getattr(self, "_logits_shape", None)
+        if want is None:
+            raise ValueError("backward() must follow a forward()")
+        if dlogits.shape != want:
+            raise ValueError(f"dlogits must have the shape of forward()'s logits {want}, got {dlogits.shape}")
         blocks = self._blocks(dlogits.shape[1])
         if len(blocks) != len(self._tapes):
             raise ValueError("backward() must follow a forward() of the same batch")
@@ -442,6 +474,19 @@ def loss_and_grad(task, logits, targets, last_only=False):
     """Loss value and d(loss)/d(logits) for a task (see module doc)."""
     T, B, O = logits.shape
     d = np.zeros_like(logits)
+    if task in ("lm", "classify"):
+        # classes 0..O-1, or -1 (ignored); a target of 2**32 + 2 cast to int32 became 2
+        raw = np.asarray(targets)
+        want = (T, B) if task == "lm" else (B,)
+        if raw.size != int(np.prod(want)):
+            raise ValueError(f"{task} targets must be {want} (one class per {'step and row' if task == 'lm' else 'row'}), "
+                             f"got shape {raw.shape}")
+        if raw.dtype.kind not in "iub" and not (raw.dtype.kind == "f" and np.all(raw == np.round(raw))):
+            raise ValueError(f"targets must be whole class numbers, got {raw.dtype}")
+        bad = (raw < -1) | (raw >= O)
+        if bad.any():
+            raise ValueError(f"target {raw.reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]]} is outside 0..{O - 1} "
+                             "(or -1 to ignore that step)")
     if task == "lm":
         tg = np.ascontiguousarray(targets, np.int32).reshape(-1)
         loss = _core.softmax_xent(logits.reshape(T * B, O), tg, d.reshape(T * B, O))
@@ -618,8 +663,8 @@ def _check_resume(opt, optimizer, lr, weight_decay, betas, eps, momentum):
                              f"was given; leave it out to continue with the checkpoint's value")
 
 
-def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None, optimizer=None,
-        clip_norm=1.0, weight_decay=None, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
+def fit(net, inputs, targets, task, steps, batch_size=None, seq_len=None, lr=None, optimizer=None,
+        clip_norm=None, weight_decay=None, seed=0, val=None, val_every=0, progress=False, checkpoint=None,
         checkpoint_every=0, state=None, last_only=False, log=None, betas=None, eps=None, momentum=None,
         extra=None, threads=None):
     """Trains ``net`` for ``steps`` optimiser steps; deterministic given ``seed``.
@@ -637,7 +682,9 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None,
     a ValueError; a non-finite loss or gradient stops training with a FloatingPointError
     naming the step.
     optimizer: "adam" (default; betas (0.9, 0.999), eps 1e-8, weight_decay decoupled) or "sgd"
-    (momentum 0.9, weight_decay as L2); lr 1e-3 and weight_decay 0 unless given.
+    (momentum 0.9, weight_decay as L2); lr 1e-3 and weight_decay 0 unless given. batch_size
+    (default 16), seq_len (lm: default 64) and clip_norm (default 1.0; 0: off) are kept in the
+    checkpoint: a resume takes them from it, and refuses other values given.
     val: (inputs, targets) evaluated every ``val_every`` steps (loss in the log).
     checkpoint: a path written every ``checkpoint_every`` steps and at the end. Resume with
     ``state`` from :func:`load_checkpoint`: the optimiser (with every hyperparameter), the
@@ -652,6 +699,17 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None,
     X_all, Y_all, last_only = check_data(net, task, inputs, targets, last_only)
     if val is not None:
         val = check_data(net, task, val[0], val[1] if len(val) > 1 else None, last_only, what="val inputs")[:2]
+    options = {"batch_size": batch_size, "seq_len": seq_len, "clip_norm": clip_norm}
+    if state:
+        for key, stored in (state.get("options") or {}).items():
+            if key in options and stored is not None:
+                if options[key] is not None and options[key] != stored:
+                    raise ValueError(f"resuming a checkpoint trained with {key}={stored!r}, but {key}={options[key]!r} "
+                                     "was given; leave it out to continue with the checkpoint's value")
+                options[key] = stored
+    defaults = {"batch_size": 16, "seq_len": 64 if task == "lm" else None, "clip_norm": 1.0}
+    options = {k: defaults[k] if v is None else v for k, v in options.items()}
+    batch_size, seq_len, clip_norm = options["batch_size"], options["seq_len"], options["clip_norm"]
     if int(batch_size) < 1 or int(steps) < 0:
         raise ValueError(f"batch_size must be positive and steps non-negative, got {batch_size}, {steps}")
     rng = np.random.default_rng(seed)
@@ -672,7 +730,6 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None,
     pos = 0
     if task == "lm":
         seq = X_all
-        seq_len = seq_len or 64
         span = (len(seq) - 1) // batch_size
         if span < seq_len + 1:
             raise ValueError(f"the text is too short for {batch_size} streams of {seq_len} steps")
@@ -713,10 +770,11 @@ def fit(net, inputs, targets, task, steps, batch_size=16, seq_len=None, lr=None,
             log(step, loss, vloss)
         bar.update(step, loss, xb.size, "" if vloss is None else f"val {vloss:.4f}")
         if checkpoint and checkpoint_every and step % checkpoint_every == 0:
-            save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task)
+            save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task,
+                            options=options)
     bar.close()
     if checkpoint:
-        save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task)
+        save_checkpoint(checkpoint, net, opt, pos=pos, extra=extra, carry=carry, rng=rng, task=task, options=options)
     return history
 
 
@@ -744,7 +802,7 @@ def evaluate(net, task, inputs, targets=None, last_only=False, seq_len=256):
 
 # --- checkpoints: the weight file (rnnengine.format.weightfile) ------------------------------------
 
-def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, task=None):
+def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, task=None, options=None):
     """Parameters, optimiser state (every hyperparameter), the minibatch generator's state,
     the position in the text and the carried recurrent state (language modelling) in one
     weight file (float32), so a resumed run continues exactly."""
@@ -756,6 +814,8 @@ def save_checkpoint(path, net, opt, pos=0, extra=None, carry=None, rng=None, tas
     tensors.update({f"optimizer.{k}": v for k, v in arrays.items()})
     meta = {"train.config": net.config, "train.optimizer": type(opt).__name__, "train.optimizer_state": scalars,
             "train.pos": int(pos), "train.extra": extra or {}, "train.task": task,
+            # batch_size, seq_len, clip_norm: a resume given others would silently train another run
+            "train.options": dict(options or {}),
             # the generator's state holds 128-bit integers: kept as decimal strings in JSON
             "train.rng": None if rng is None else _rng_to_json(rng.bit_generator.state)}
     fileformat.write(path, {"kind": "rnnengine-checkpoint"}, tensors, quantize=set(), metadata=meta)
@@ -786,6 +846,7 @@ def load_checkpoint(path):
         rng = wf.metadata.get("train.rng")
         return net, {"optimizer": opt, "pos": wf.metadata.get("train.pos", 0), "carry": carry,
                      "extra": wf.metadata.get("train.extra", {}), "task": wf.metadata.get("train.task"),
+                     "options": wf.metadata.get("train.options") or {},
                      "rng": None if rng is None else _rng_from_json(rng)}
 
 
