@@ -699,3 +699,16 @@ def test_a_flag_attribute_other_than_0_or_1_is_refused(op, attrs):
     name = next(iter(attrs))
     with pytest.raises(ValueError, match=rf"{op} node 'n': attribute {name} must be 0 or 1"):
         rnnengine.convert(m).run({"x": np.ones((2, 3, 4), np.float32)})
+
+
+def test_a_layer_with_layout_1_in_a_model_is_refused():
+    # review: Model([LSTM(..., layout=1)]) read (B, T, I) input as (T, B, I): 0.18 off, no error
+    r = np.random.default_rng(8)
+    lstm1 = rnnengine.LSTM(r.standard_normal((1, 16, 3)).astype(np.float32),
+                           r.standard_normal((1, 16, 4)).astype(np.float32), layout=1)
+    with pytest.raises(ValueError, match=r"layers\[0\] has layout=1.*Model\(layers, batch_first=True\)"):
+        rnnengine.Model([lstm1])
+    x = r.standard_normal((2, 5, 3)).astype(np.float32)  # (B, T, I)
+    plain = rnnengine.LSTM(lstm1.W, lstm1.R)
+    np.testing.assert_allclose(rnnengine.Model([plain], batch_first=True).run(x)[0], lstm1(x)[0][:, :, 0, :],
+                               atol=1e-6)
