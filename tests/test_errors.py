@@ -712,3 +712,21 @@ def test_a_layer_with_layout_1_in_a_model_is_refused():
     plain = rnnengine.LSTM(lstm1.W, lstm1.R)
     np.testing.assert_allclose(rnnengine.Model([plain], batch_first=True).run(x)[0], lstm1(x)[0][:, :, 0, :],
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["Split", "Concat", "Softmax", "LogSoftmax", "ArgMax", "CumSum", "TopK"])
+def test_an_axis_of_a_scalar_is_refused_by_name(op):
+    # the weights fuzz hunt (on 7919b26): a Split of a scalar raised IndexError (shape[axis]);
+    # the same for every op taking an axis, at run time
+    extra = {"CumSum": [np.array(0, np.int64)], "TopK": [np.array([1], np.int64)]}.get(op, [])
+    inits = [numpy_helper.from_array(v, f"c{k}") for k, v in enumerate(extra)]
+    outs = ["y", "i"] if op == "TopK" else ["y"]
+    attrs = {"axis": 0} if op == "Concat" else {}
+    g = helper.make_graph([helper.make_node(op, ["x"] + [f"c{k}" for k in range(len(extra))], outs, name="n", **attrs)],
+                          "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                          [helper.make_empty_tensor_value_info(o) for o in outs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(ValueError, match=rf"{op} node 'n': takes an axis \(-?\d\) of its input, which is a scalar"):
+        rnnengine.convert(m).run({"x": np.array(1.5, np.float32)})

@@ -252,9 +252,11 @@ def merge_axes(shape: list[int], *strides: list[int]) -> tuple[list[int], list[l
 
 def axis_of(h, axis, ndim):
     a = int(axis)
-    if not -ndim <= a < max(ndim, 1):
+    if ndim == 0:  # (every op taking an axis reads shape[axis]: an IndexError on a scalar before)
+        h.fail(f"takes an axis ({a}) of its input, which is a scalar (rank 0)")
+    if not -ndim <= a < ndim:
         h.fail(f"axis {a} is out of range for rank {ndim}")
-    return a % max(ndim, 1)
+    return a % ndim
 
 
 def broadcast_shape(h, *shapes):
