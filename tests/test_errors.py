@@ -706,12 +706,12 @@ def test_a_layer_with_layout_1_in_a_model_is_refused():
     r = np.random.default_rng(8)
     lstm1 = rnnengine.LSTM(r.standard_normal((1, 16, 3)).astype(np.float32),
                            r.standard_normal((1, 16, 4)).astype(np.float32), layout=1)
-    with pytest.raises(ValueError, match=r"layers\[0\] has layout=1.*Model\(layers, batch_first=True\)"):
+    with pytest.raises(ValueError, match=r"layers\[0\] has layout=1 \(batch first\).*Model\(layers, batch_first=True\)"):
         rnnengine.Model([lstm1])
     x = r.standard_normal((2, 5, 3)).astype(np.float32)  # (B, T, I)
-    plain = rnnengine.LSTM(lstm1.W, lstm1.R)
-    np.testing.assert_allclose(rnnengine.Model([plain], batch_first=True).run(x)[0], lstm1(x)[0][:, :, 0, :],
-                               atol=1e-6)
+    for layer in (lstm1, rnnengine.LSTM(lstm1.W, lstm1.R)):  # batch_first=True: the layer's layout agrees
+        np.testing.assert_allclose(rnnengine.Model([layer], batch_first=True).run(x)[0], lstm1(x)[0][:, :, 0, :],
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("op", ["Split", "Concat", "Softmax", "LogSoftmax", "ArgMax", "CumSum", "TopK"])

@@ -87,11 +87,13 @@ class LayerModel(Model):
         for k, layer in enumerate(layers):
             if not isinstance(layer, _Layer):
                 raise TypeError(f"layers[{k}] is a {type(layer).__name__}, not an LSTM/GRU/RNN layer")
-            if getattr(layer, "layout", 0):
-                # a stack reads (T, batch, I), or (batch, T, I) with batch_first=True: a layer's own
-                # layout=1 was ignored here (its input read as time-major: 0.18 off, no error)
-                raise ValueError(f"layers[{k}] has layout=1, which applies to a layer called alone; a Model "
-                                 "takes Model(layers, batch_first=True) for (batch, T, features) input")
+            if getattr(layer, "layout", 0) and not batch_first:
+                # a stack reads (T, batch, I), or (batch, T, I) with batch_first=True, whatever its
+                # layers' own layout (from_torch gives a batch_first module's layers layout=1 and the
+                # Model batch_first=True); a layout=1 layer in a time-major Model was read time-major
+                # (0.18 off, no error)
+                raise ValueError(f"layers[{k}] has layout=1 (batch first), but the Model reads (T, batch, "
+                                 "features): give Model(layers, batch_first=True) for (batch, T, features) input")
             if k and layer.input_size != layers[k - 1].output_size:
                 raise ValueError(f"layers[{k}] ({layer!r}) takes input_size {layer.input_size}, but "
                                  f"layers[{k - 1}] gives {layers[k - 1].output_size} features")
