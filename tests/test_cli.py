@@ -457,3 +457,31 @@ def test_a_checkpoint_of_more_layers_than_a_stored_network_may_have_is_refused_q
     with pytest.raises(fileformat.FormatError, match="num_layers 1001 is more than a stored network may have"):
         rnnengine.load(str(tmp_path / "deep.rnne"))
     assert time.perf_counter() - t0 < 5
+
+
+def test_train_resume_takes_the_checkpoints_batch_and_clip(tmp_path, capsys):
+    # --batch / --seq-len / --clip-norm default to the checkpoint's on --resume, and other values
+    # are refused; a checkpoint written before it kept them (no train.options) resumes with the
+    # CLI's defaults as it did (the review of this change: it fell back to fit's 16 and failed)
+    from rnnengine.train.fit import load_checkpoint, save_checkpoint
+    ids = (np.arange(4000) * 7 % 11).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    ck = str(tmp_path / "ck.rnne")
+    assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", ck, "--steps", "2", "--hidden", "8", "--quiet",
+                     "--seq-len", "16", "--batch", "8", "--clip-norm", "0.5"]) == 0
+    net, st = load_checkpoint(ck)
+    assert st["options"] == {"batch_size": 8, "seq_len": 16, "clip_norm": 0.5}
+    assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", ck, "--resume", ck, "--steps", "2", "--quiet"]) == 0
+    assert "2 steps of 8 x 16" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", ck, "--resume", ck, "--steps", "2", "--quiet",
+                     "--batch", "4"]) != 0
+    assert "trained with batch_size=8, but batch_size=4" in capsys.readouterr().err
+    net, st = load_checkpoint(ck)
+    old = str(tmp_path / "old.rnne")  # as written before train.options (its batch was the CLI's 32)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = st["rng"]
+    save_checkpoint(old, net, st["optimizer"], pos=st["pos"], extra=st["extra"], carry=None, rng=rng, task="lm")
+    assert load_checkpoint(old)[1]["options"] == {}
+    assert cli.main(["train", str(tmp_path / "ids.npy"), "-o", old, "--resume", old, "--steps", "1", "--quiet",
+                     "--seq-len", "16"]) == 0
+    assert "1 steps of 32 x 16" in capsys.readouterr().err

@@ -171,3 +171,38 @@ def test_int64_sequence_lens_in_the_file_are_refused_like_onnxruntime():
     X = rng.standard_normal((4, 2, 3)).astype(np.float32)
     with pytest.raises(ValueError, match=r"GRU node 'rec': sequence_lens must be int32 \(2,\), got int64"):
         rnnengine.convert(m).run({"X": X, "L": np.array([2**32 + 2, 4], np.int64)})
+
+
+@pytest.mark.parametrize("offset", [0, -1])
+def test_lengths_computed_from_the_chunk_stream_only_when_they_are_its_length(offset):
+    # review of this change: lengths = Expand(Shape(X)[0], [B]) (every row runs the whole chunk)
+    # are plan-time constants equal to each chunk's length: streamed exactly, not refused as
+    # constant lengths; T - 1 is not the chunk's length and is refused
+    rng = np.random.default_rng(9)
+    B, I, H = 2, 3, 4
+    inits = {"W": rng.standard_normal((1, 3 * H, I)).astype(np.float32),
+             "R": rng.standard_normal((1, 3 * H, H)).astype(np.float32),
+             "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
+             "off": np.array(offset, np.int64)}
+    nodes = [helper.make_node("Shape", ["X"], ["s"]), helper.make_node("Gather", ["s", "i0"], ["t"], axis=0),
+             helper.make_node("Add", ["t", "off"], ["t2"]),
+             helper.make_node("Gather", ["s", "i1"], ["b"], axis=0), helper.make_node("Unsqueeze", ["b", "ax0"], ["bb"]),
+             helper.make_node("Expand", ["t2", "bb"], ["l64"]), helper.make_node("Cast", ["l64"], ["L"], to=TensorProto.INT32),
+             helper.make_node("GRU", ["X", "W", "R", "", "L"], ["Y", "Y_h"], hidden_size=H, name="rec")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", B, I])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("Y", "Y_h")],
+                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    gm = rnnengine.convert(m)
+    X = rng.standard_normal((6, B, I)).astype(np.float32)
+    want = ort_session(m).run(None, {"X": X})
+    assert max_violation(gm.run({"X": X})["Y"], want[0]) <= 1
+    if offset:
+        with pytest.raises(NotStreamableError, match=r"its sequence_lens are constants"):
+            gm.stream()({"X": X[:3]})
+        return
+    s = gm.stream()
+    parts = [s({"X": X[k:k + 3]}) for k in (0, 3)]
+    assert max_violation(np.concatenate([p["Y"] for p in parts]), want[0]) <= 1
+    assert max_violation(parts[-1]["Y_h"], want[1]) <= 1

@@ -484,7 +484,8 @@ def cmd_train(args):
     lr = args.lr if (args.lr is not None or state) else 2e-3
     try:
         hist = fit(net, tr[0], tr[1], task, args.steps,
-                   batch_size=args.batch if args.batch is not None or state else 32,
+                   # (None: the checkpoint's; one written before train.options kept none: the CLI's 32)
+                   batch_size=args.batch if args.batch is not None or stored.get("batch_size") else 32,
                    seq_len=args.seq_len if args.seq_len is not None or state else (64 if task == "lm" else None),
                    lr=lr,
                    optimizer=args.optimizer, clip_norm=args.clip_norm, weight_decay=args.weight_decay,

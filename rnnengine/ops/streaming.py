@@ -586,7 +586,10 @@ def recurrent_check(h: Any, xs: list[Any]) -> int:
     if x.final:
         raise NotStreamableError(h.node, "runs over a final state as if it were a sequence")
     lens = xs[SLOT_SEQUENCE_LENS] if len(xs) > SLOT_SEQUENCE_LENS else None
-    if lens is not None and lens.const is not None and x.t is not None:
+    T_axis = 1 if int(h.attrs.get("layout", 0)) else 0
+    full = lens is not None and lens.const is not None and has_tdep(lens) and x.t is not None \
+        and bool(np.all(np.asarray(lens.const) == x.shape[T_axis]))
+    if lens is not None and lens.const is not None and x.t is not None and not full:
         # the lengths count the steps of the whole sequence; a stream would apply them anew to
         # every chunk (steps past them computed in a later chunk, or a length past the chunk)
         raise NotStreamableError(h.node, "its sequence_lens are constants counting the whole sequence's "
