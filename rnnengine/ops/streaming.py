@@ -605,7 +605,6 @@ def recurrent_check(h: Any, xs: list[Any]) -> int:
         raise NotStreamableError(h.node, "its batch rows arrive in an order computed from the data (e.g. "
                                          "sorted by sequence length), which can change from chunk to chunk, so "
                                          "its carried state would meet the wrong rows")
-    T_axis = 1 if int(h.attrs.get("layout", 0)) else 0
     if x.t is not None and x.t != T_axis:
         raise NotStreamableError(h.node, f"runs its recurrence over axis {T_axis} of X, but the stream's time "
                                          f"is axis {x.t}")
