@@ -283,14 +283,14 @@ void rnn_cell_forward(const rnn_cell *cell, const float *X, int64_t T, int64_t B
     float *c_old = h_old + B * H;                              /* (B, H), step mask only */
 
     /* xproj = X[:, :I] @ W^T + bias_x   (one GEMM for all time steps; with threads, its
-     * columns split over them). float16/int8 cells read their compact W through the packed
-     * kernels whatever T is (below AVX-512: up to RNN_COMPACT_MAX_BATCH rows; never on the
-     * plain portable kernels, far slower than BLAS for many rows), so a whole
-     * sequence gives the bits of the same steps streamed one by one (internal.h). */
+     * columns split over them) through the packed kernels, in the cell's storage (float32,
+     * float16 or int8), whatever the number of rows: each row's projection is then the same
+     * bits whether it is one streamed step, one row of a batch (the session batcher's joined
+     * sessions), or one step of a whole sequence (internal.h, RNN_BLAS_MIN_ROWS). Only on the
+     * plain portable kernels (kernel level 0, no AVX2), far slower than BLAS for many rows,
+     * do 128 rows or more go to BLAS sgemm over the float32 W. */
     for (int64_t r = 0; r < N; r++) memcpy(xproj + r * GH, cell->bias_x, sizeof(float) * (size_t)GH);
-    const int compact_w = cell->cfg.weight_dtype != RNN_WEIGHTS_F32 && rnn_kernel_level() >= 1 &&
-                          B <= RNN_COMPACT_MAX_BATCH;
-    if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() < 2 && !compact_w)
+    if (N >= RNN_BLAS_MIN_ROWS && rnn_kernel_level() == 0)
         rnn_gemm_nt(N, GH, I, 1.0f, X, width, cell->W, I, 1.0f, xproj, GH, 1);
     else
         rnn_gemm_packed_par(par, N, X, width, &cell->Wp, xproj, GH, 1);

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -15,7 +16,8 @@
  *   BINARY    ip: kind (0 add 1 sub 2 mul 3 div 4 pow 5 max 6 min), nd, shape[nd],
  *                 a_stride[nd], b_stride[nd]       out (contiguous, shape) = a (op) b
  *   UNARY     ip: kind, n   fp: alpha, beta        out[i] = f(in[i])
- *   MATMUL    ip: M, N, K                          out (M, N) = A (M, K) @ Bt (N, K)^T + bias (N)
+ *   MATMUL    ip: M, N, K                          out (M, N) = A (M, K) @ B (N, K)^T + bias (N),
+ *             in: A, Bp (B packed in panels of 16 rows, pack.c's layout), bias or -1
  *   SOFTMAX   ip: outer, n, inner, log             over the middle axis of (outer, n, inner)
  *   GATHER    ip: esize, outer, n, inner, n_idx    out (outer, n_idx, inner) = data (outer, n, inner)[:, idx]
  *   CONV1D    ip: N, C, L, M, K, Lout, stride, dilation, pad_left, group
@@ -970,8 +972,14 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
                 if (ins[2] < 0) memset(C, 0, sizeof(float) * (size_t)(M * N));
                 break;
             }
-            /* C (M, N) = A (M, K) @ Bt (N, K)^T (+ C when there is a bias) */
-            rnn_gemm_nt(M, N, K, 1.0f, T_(ins[0]), K, T_(ins[1]), K, ins[2] >= 0 ? 1.0f : 0.0f, C, N, 1);
+            /* C (M, N) = A (M, K) @ B^T (+ C when there is a bias), B (N, K) packed into panels
+             * at plan time (pack.c's layout): every row of C is its own chain over k, so a row
+             * has the same bits whatever other rows share the call (a stream's batch, the
+             * session batcher's joined sessions, a whole sequence's time steps). Not 64-byte
+             * aligned (the kernels' aligned loads): the plain reference kernel. */
+            const rnn_packed bp = {N, K, RNN_WEIGHTS_F32, (void *)T_(ins[1]), NULL};
+            if (((uintptr_t)T_(ins[1]) & 63) == 0) rnn_gemm_packed(M, T_(ins[0]), K, &bp, C, N, ins[2] >= 0);
+            else rnn_gemm_packed_ref(M, T_(ins[0]), K, &bp, C, N, ins[2] >= 0);
             break;
         }
         case RNN_OP_SOFTMAX: op_softmax(ip, T_(ins[0]), T_(outs[0])); break;
@@ -1329,12 +1337,13 @@ static int verify_instr(vctx *v) {
         if (nparams(v, 3) || sizes(v, "the product", 3, ip, &total) || unused(v, 3, 1)) return 1;
         const int64_t M = ip[0], N = ip[1], K = ip[2];
         if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return bad(v, "sizes beyond what BLAS takes");
-        mul_ok(M, K, &mk), mul_ok(N, K, &nk), mul_ok(M, N, &mn); /* each size < 2^31: no overflow */
-        if (get(v, 0, "input A", 1, M_F32, &a) || get(v, 1, "input B", 1, M_F32, &b) ||
+        /* B is packed: ceil(N/16) panels of K x 16 floats (each size < 2^31: no overflow) */
+        mul_ok(M, K, &mk), mul_ok((N + RNN_PANEL - 1) / RNN_PANEL * RNN_PANEL, K, &nk), mul_ok(M, N, &mn);
+        if (get(v, 0, "input A", 1, M_F32, &a) || get(v, 1, "packed B", 1, M_F32, &b) ||
             get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
             return 1;
         if (M == 0 || N == 0) return 0;
-        return need(v, &a, "input A", "reads", mk) || need(v, &b, "input B", "reads", nk) ||
+        return need(v, &a, "input A", "reads", mk) || need(v, &b, "packed B", "reads", nk) ||
                need(v, &c, "bias", "reads", N) || need(v, &y, "output", "writes", mn);
     }
     case RNN_OP_SOFTMAX:

@@ -61,38 +61,20 @@ int64_t rnn_threads_min_macs(void);
 /* How many chunks workers (not callers) have run since the process started (for tests). */
 int64_t rnn_threads_worker_chunks(void);
 
-/* Input projections of at least this many rows go to BLAS sgemm; fewer (streaming steps,
- * also 64 streams stepped together) to the packed kernel, which does not repack W on every
- * call (64 streams of an H=256 LSTM: 650 -> 600 us per step with 128 instead of 64). With
- * the AVX-512 kernels the packed kernel takes every size: it matches OpenBLAS on one thread
- * and, unlike concurrent OpenBLAS calls, scales when Model(threads=2) splits the batch
- * (batch 16, H=256: 121 -> 120 us per step through BLAS, 125 -> 68 us packed). */
+/* Input projections (rnn_cell_forward) go through the packed kernels at every number of rows,
+ * in the cell's storage, so a row's projection has the same bits as one streamed step, one
+ * row of a batch or one step of a whole sequence: run() equals the same steps streamed, and a
+ * session stepped inside the session batcher equals the session stepped alone, bit for bit.
+ * With rows in L2-sized blocks (pack.c, row_block) the packed kernels are level with or ahead
+ * of OpenBLAS's sgemm at every size measured (AVX2 and AVX-512 machines; pack.c gives the
+ * AVX2 numbers). Before 2026-12-02, below AVX-512, 128 rows or more went to sgemm, and
+ * float16/int8 cells above batch 2 took the float32 W there: a session of a compact model
+ * stepped in a batch of 64 sessions two steps at a time was then 4e-2 (int8) / 1.3e-3
+ * (float16) off the same session alone. Only the plain portable kernels (kernel level 0, no
+ * AVX2) still send this many rows to sgemm over the float32 W (their reference loops are far
+ * slower), so there a whole sequence or a large batch differs from the steps streamed by
+ * rounding (float32) or by W's storage rounding (float16/int8). */
 #define RNN_BLAS_MIN_ROWS 128
-
-/* Whole sequences (and chunks) of float16/int8 cells. The recurrent product always reads the
- * compact R (a cell keeps no float32 R: that would cost the memory the storage saves, and the
- * panels shared between processes), through the same kernels as streaming steps. The input
- * projection (T*B rows at once) reads the compact W through the packed kernels too, so run()
- * equals the same steps streamed bit for bit, except below AVX-512 above RNN_COMPACT_MAX_BATCH
- * rows, and at any batch on the plain portable kernels (kernel level 0, no AVX2), where it
- * goes the float32 cells' way (BLAS sgemm over the float32 W for 128 rows or more; run() then
- * differs from the streamed steps by W's rounding to float16/int8).
- * Measured 2026-12-01 on a shared 2-core AVX-512 Xeon (load ~4, one thread, T=64, I=H, LSTM
- * 512 / 1024 and GRU 512; run() time of the float32 model over that of the float16 / int8
- * models, one process, alternating, best of 5), with the projection on the compact kernels:
- *   AVX-512 (level 2)  B=1: 1.4-3.0x  B=2: 1.6-2.5x  B=4: 1.3-1.9x  B=8: 1.1-1.5x
- *                      B=12: 0.8-1.9x  B=16: 0.75-1.2x  B=32: 0.94-1.14x
- *   AVX2 (level 1)     B=1: 1.3-1.8x  B=2: 1.1-1.9x  B=4: 0.6-0.8x  B=8: 0.4-0.9x
- * and with it on BLAS from B=12: B=16: 0.8-1.0x  B=32: 0.65-0.94x. At batch 1-2 a step reads
- * R once and is bound by those bytes; from batch 4 on AVX2, OpenBLAS's float32 projection
- * beats the compact AVX2 kernel (which widens every weight it reads) by more than the compact
- * recurrence gains. With AVX-512 the compact kernel is level with the float32 packed kernel
- * (which is what float32 cells use there) at every batch, so no threshold applies.
- * With this rule and the AVX-512 one-row kernel, same conditions (load 4-8), LSTM 1024 / GRU
- * 512 float16 and int8 over float32: AVX-512 B=1: 2.0-3.3x, B=4: 1.5-2.5x, B=8: 1.1-1.6x,
- * B=16: 0.93-1.18x; AVX2 B=1-2 (compact projection): 1.2-2.2x, B=3-8 (BLAS projection,
- * compact R): LSTM 1.1-2.2x, GRU 0.8-1.2x, B=16: 0.8-1.0x. */
-#define RNN_COMPACT_MAX_BATCH 2
 
 struct rnn_cell {
     rnn_cell_config cfg;

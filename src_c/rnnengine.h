@@ -333,7 +333,7 @@ typedef enum {
     RNN_OP_COPY = 0,      /* strided copy: Transpose, Slice, Concat part, Expand, Split */
     RNN_OP_BINARY = 1,    /* broadcast Add/Sub/Mul/Div/Pow/Max/Min */
     RNN_OP_UNARY = 2,     /* activations and elementwise math */
-    RNN_OP_MATMUL = 3,    /* (M, K) @ Bt(N, K)^T + bias(N) */
+    RNN_OP_MATMUL = 3,    /* (M, K) @ B(N, K)^T + bias(N), B packed in panels (pack.c) */
     RNN_OP_SOFTMAX = 4,   /* (outer, n, inner) softmax or log-softmax over n */
     RNN_OP_GATHER = 5,    /* (outer, n, inner) rows picked by int64 indices */
     RNN_OP_CONV1D = 6,    /* (N, C, L) * W (M, C/g, K) + bias */

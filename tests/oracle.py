@@ -14,11 +14,13 @@ TOLERANCE = {np.float32: {"atol": 1e-5, "rtol": 1e-5}}
 # bounds `rnnengine verify` applies).
 WEIGHT_DTYPE_ATOL = {"float16": 5e-3, "int8": 5e-2}
 # Max difference of a session stepped in a batch by rnnengine.Batcher from the same session
-# stepped alone (issue 13): the same kernels, only the rows of the products (so their order of
-# summation) differ: |got - want| <= BATCHED_ATOL * max(1, |want|) (1e-6 absolute for outputs of
-# magnitude <= 1, e.g. every bounded activation; relative beyond, e.g. a token model's logits,
-# where one float32 rounding of a value near 10 is already ~1e-6).
-BATCHED_ATOL = 1e-6
+# stepped alone (issue 13 asks for <= 1e-6): none. Every kernel computes a row of a batch with
+# the same chain of sums whatever other rows share the call (the packed products of
+# src_c/pack.c, MatMul included; per-row convolutions, reductions and softmax), so a batched
+# session gets the bits it gets alone. Until 2026-12-02 a MatMul went to BLAS (sgemv for one
+# row, sgemm for several: the demo char LM's logits were up to 1.9e-6 relative off), and below
+# AVX-512 an input projection of 128 rows or more too.
+BATCHED_ATOL = 0.0
 
 
 def max_violation(got, want, dtype=np.float32):

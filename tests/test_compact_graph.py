@@ -237,8 +237,8 @@ def test_stored_codes_are_packed_as_given():
 def test_stream_of_a_compact_file_continues_the_whole_run(tmp_path):
     """A stream of an int8 file (packed int8 input projections, chunk by chunk) gives the
     whole-sequence run's result to float32 rounding: both compute with the stored weights
-    (the run's projection of 240 rows through the compact kernels on AVX-512, or through
-    BLAS over the stored values widened below it: src_c/internal.h, RNN_COMPACT_MAX_BATCH)."""
+    (the run's projection of 240 rows through the compact kernels, or on the portable
+    kernels through BLAS over the stored values widened: src_c/internal.h, RNN_BLAS_MIN_ROWS)."""
     from oracle import max_violation
     m, *_ = recurrent_onnx("LSTM", 1, 0, seed=4)
     path = str(tmp_path / "m.rnne")

@@ -1,8 +1,9 @@
 """float16 / int8 weights in whole sequences (issue 12, part 3): run() reads the compact R
 (and W) that streaming steps read, so a sequence equals the same steps streamed one by one,
-bit for bit, in every direction, with threads, with lengths; below AVX-512 above
-RNN_COMPACT_MAX_BATCH rows the input projection goes through float32 BLAS and the result is
-within the compact-weight bound of the streamed steps instead (src_c/internal.h). The
+bit for bit, in every direction, with threads, with lengths, at every batch size on the AVX2
+and AVX-512 kernels; only on the portable kernels (no AVX2) 128 rows or more go through float32
+BLAS and the result is within the compact-weight bound of the streamed steps instead
+(src_c/internal.h, RNN_BLAS_MIN_ROWS). The
 multi-row compact kernels behind this (src_c/pack.c) equal the one-row kernel per row and the
 plain reference."""
 import numpy as np
@@ -14,7 +15,7 @@ from rnnengine.codes import GATES
 from oracle import WEIGHT_DTYPE_ATOL, run_ort
 
 LEVELS = [lv for lv in (0, 1, 2) if lv <= _core.kernel_level_max()]
-COMPACT_MAX_BATCH = 2  # RNN_COMPACT_MAX_BATCH in src_c/internal.h (below AVX-512)
+BLAS_MIN_ROWS = 128  # RNN_BLAS_MIN_ROWS in src_c/internal.h (the portable kernels only)
 
 
 @pytest.fixture
@@ -145,16 +146,16 @@ def state_arrays(state):
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("kind, lbr, peep", CASES)
 def test_sequence_equals_streamed_steps_bit_for_bit(kind, lbr, peep, dtype, level):
-    """run() over T steps (T*B >= 128 rows: before, the float32 BLAS projection) equals the
-    same steps streamed with the same weight_dtype, outputs and final state, bit for bit, at
-    the batch sizes that take the compact projection; a two-layer stack too."""
+    """run() over T steps (T*B >= 128 rows: before 2026-12-02, below AVX-512 above batch 2, the
+    float32 BLAS projection) equals the same steps streamed with the same weight_dtype,
+    outputs and final state, bit for bit, at every batch size; a two-layer stack too."""
     I, H = 19, 37
     W, R, B = weights(kind, I, H)
     P = (np.random.default_rng(4).standard_normal((1, 3 * H)) * 0.3).astype(np.float32) if peep else None
     W2, R2, B2 = weights(kind, H, 21, seed=5)
     layers = [make_layer(kind, W, R, B, lbr=lbr, P=P), make_layer(kind, W2, R2, B2, lbr=lbr)]
     model = rnnengine.Model(layers, weight_dtype=dtype)
-    batches = (1, 2, 5, 9) if level == 2 else (1, COMPACT_MAX_BATCH)
+    batches = (1, 2, 5, 9, 33)
     for batch in batches:
         T = max(8, -(-160 // batch))
         X = np.random.default_rng(batch).standard_normal((T, batch, I)).astype(np.float32)
@@ -168,27 +169,30 @@ def test_sequence_equals_streamed_steps_bit_for_bit(kind, lbr, peep, dtype, leve
         assert 0 < np.abs(Y - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
 
 
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv < 2], indirect=True)
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_large_batches_below_avx512_take_the_float32_projection_within_the_bound(dtype, level):
-    """Above RNN_COMPACT_MAX_BATCH rows below AVX-512 (and at any batch on the portable
-    kernels), the input projection is float32 BLAS (where it beats the compact kernel): the
+def test_portable_kernels_take_the_float32_projection_for_many_rows_within_the_bound(dtype):
+    """On the portable kernels (kernel level 0: no AVX2), an input projection of
+    RNN_BLAS_MIN_ROWS rows or more is float32 BLAS (the reference loops are far slower): the
     sequence differs from the streamed steps by W's rounding only, within the compact-weight
     bound of tests/oracle.py, and the recurrence still reads the compact R."""
     kind, I, H = "LSTM", 24, 40
     W, R, B = weights(kind, I, H)
     model = rnnengine.Model([make_layer(kind, W, R, B)], weight_dtype=dtype)
-    for batch in (COMPACT_MAX_BATCH + 3,) + ((1,) if level == 0 else ()):
-        X = np.random.default_rng(9).standard_normal((max(40, -(-130 // batch)), batch, I)).astype(np.float32)
-        Y = model.run(X)[0]
-        Ys = streamed(model, X)[0]
-        assert 0 < np.abs(Y - Ys).max() <= WEIGHT_DTYPE_ATOL[dtype]
-        Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
-        assert 0 < np.abs(Y - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
-        # float32 W, compact R: the model with only R rounded to the compact storage
-        Rq = rounded_as_packed(R, dtype)
-        Ymix = rnnengine.Model([make_layer(kind, W, Rq, B)]).run(X)[0]
-        assert np.abs(Y - Ymix).max() <= 1e-4
+    _core.kernel_level(0)
+    try:
+        for batch in (5, 1):
+            X = np.random.default_rng(9).standard_normal((max(40, -(-BLAS_MIN_ROWS // batch)), batch, I)).astype(np.float32)
+            Y = model.run(X)[0]
+            Ys = streamed(model, X)[0]
+            assert 0 < np.abs(Y - Ys).max() <= WEIGHT_DTYPE_ATOL[dtype]
+            Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
+            assert 0 < np.abs(Y - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
+            # float32 W, compact R: the model with only R rounded to the compact storage
+            Rq = rounded_as_packed(R, dtype)
+            Ymix = rnnengine.Model([make_layer(kind, W, Rq, B)]).run(X)[0]
+            assert np.abs(Y - Ymix).max() <= 1e-4
+    finally:
+        _core.kernel_level(_core.kernel_level_max())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -238,7 +242,7 @@ def test_rows_of_a_batch_with_lengths_equal_each_row_alone(dtype):
     I, H, T = 11, 45, 50
     W, R, B = weights("GRU", I, H, seed=2)
     model = rnnengine.Model([make_layer("GRU", W, R, B)], weight_dtype=dtype)
-    batch = COMPACT_MAX_BATCH if _core.kernel_level_max() < 2 else 7
+    batch = 7
     X = np.random.default_rng(12).standard_normal((T, batch, I)).astype(np.float32)
     lens = np.linspace(T, 3, batch).astype(np.int32)
     Y, st = model.run(X, lengths=lens)
@@ -266,8 +270,6 @@ def test_threads_split_compact_sequences_bit_for_bit(kind, dtype):
         two = rnnengine.Model([make_layer(kind, W, R, B)], weight_dtype=dtype, threads=2)
         for batch in (1, 4):
             X = np.random.default_rng(batch).standard_normal((T, batch, I)).astype(np.float32)
-            if batch > COMPACT_MAX_BATCH and _core.kernel_level_max() < 2:
-                continue  # one thread would take the BLAS projection, the halves not
             same_bits(two.run(X)[0], one.run(X)[0], f"batch {batch}")
     finally:
         _core.set_threads_adaptive(adaptive)

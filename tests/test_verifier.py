@@ -16,7 +16,7 @@ from rnnengine import _core
 from rnnengine.runtime import graph
 from rnnengine.ops.handlers import (OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_GATHER, OP_MATMUL, OP_PAD,
                            OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK,
-                           OP_TREDUCE, OP_UNARY, OP_WHERE)
+                           OP_TREDUCE, OP_UNARY, OP_WHERE, pack_panels)
 
 F32, I64, I32, U8, BOOL = 0, 1, 2, 3, 4
 W = _core.INSTR_WORDS
@@ -73,13 +73,14 @@ def test_a_valid_program_is_accepted_and_runs():
     r = np.random.default_rng(0)
     x = r.standard_normal((3, 4)).astype(np.float32)
     b = r.standard_normal(3).astype(np.float32)
-    wt = r.standard_normal((5, 3)).astype(np.float32)  # Bt (N, K)
+    wt = r.standard_normal((5, 3)).astype(np.float32)  # B (N, K), packed in one panel of 16 rows
+    wp = pack_panels(wt)
     xt, s, y = np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32), np.zeros((4, 5), np.float32)
     p = program([(OP_COPY, [0], [1], copy_ip(4, (4, 3), (1, 4), (3, 1))),
                  (OP_BINARY, [1, 2], [3], [0, 2, 4, 3, 3, 1, 0, 1]),
                  (OP_MATMUL, [3, 4, -1], [5], [4, 5, 3])], None,
-                [(F32, 12), (F32, 12), (F32, 3), (F32, 12), (F32, 15), (F32, 20)])
-    p.run(*bind(x, xt, b, s, wt, y))
+                [(F32, 12), (F32, 12), (F32, 3), (F32, 12), (F32, 48), (F32, 20)])
+    p.run(*bind(x, xt, b, s, wp, y))
     np.testing.assert_allclose(y, (x.T + b) @ wt.T, rtol=1e-5, atol=1e-6)
     assert p.n_tensors == 6 and p.work_floats == 16
 
@@ -173,10 +174,11 @@ def test_reads_and_writes_stay_inside_their_buffers():
     p.run(*bind(x, y))
     assert y.tolist() == [3, 2, 1, 0]
     # MATMUL operands, the bias and the output by their sizes
-    refused(r"instruction 0 \(MATMUL\): input B has 12 elements, the instruction reads 48",
-            [(OP_MATMUL, [0, 1, -1], [2], [2, 12, 4])], None, [(F32, 8), (F32, 12), (F32, 24)])
+    # (B packed: ceil(N / 16) panels of K x 16 floats, 48 for N=12, K=4 stored unpacked)
+    refused(r"instruction 0 \(MATMUL\): packed B has 48 elements, the instruction reads 64",
+            [(OP_MATMUL, [0, 1, -1], [2], [2, 12, 4])], None, [(F32, 8), (F32, 48), (F32, 24)])
     refused(r"bias has 3 elements, the instruction reads 4",
-            [(OP_MATMUL, [0, 1, 2], [3], [2, 4, 3])], None, [(F32, 6), (F32, 12), (F32, 3), (F32, 8)])
+            [(OP_MATMUL, [0, 1, 2], [3], [2, 4, 3])], None, [(F32, 6), (F32, 48), (F32, 3), (F32, 8)])
     refused(r"instruction 0 \(SOFTMAX\): output has 5 elements, the instruction writes 6",
             [(OP_SOFTMAX, [0], [1], [2, 3, 1, 0])], None, [(F32, 6), (F32, 5)])
     refused(r"instruction 0 \(GATHER\): output has 3 elements, the instruction writes 4",
@@ -419,9 +421,9 @@ def test_constants_and_inputs_are_never_written():
 
 
 def test_the_message_names_the_node_and_run_checks_its_bindings():
-    msg = refused(r"^Gemm node 'g': instruction 1 \(MATMUL\): input B has 12 elements, the instruction reads 48$",
+    msg = refused(r"^Gemm node 'g': instruction 1 \(MATMUL\): packed B has 48 elements, the instruction reads 64$",
                   [(OP_COPY, [0], [1], copy_ip(4, (8,), (1,), (1,))), (OP_MATMUL, [1, 2, -1], [3], [2, 12, 4])],
-                  None, [(F32, 8), (F32, 8), (F32, 12), (F32, 24)],
+                  None, [(F32, 8), (F32, 8), (F32, 48), (F32, 24)],
                   labels=["Transpose node 't'", "Gemm node 'g'"])
     assert "Transpose" not in msg
     p = program([(OP_COPY, [0], [1], copy_ip(4, (2,), (1,), (1,)))], None, [(F32, 2), (F32, 2)], work=32)

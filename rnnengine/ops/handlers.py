@@ -1183,6 +1183,16 @@ class ScatterElements(Handler):
 
 # --- dense layers ------------------------------------------------------------------------
 
+def pack_panels(Bt: Any) -> Any:
+    """Weights Bt (N, K) in the panel layout RNN_OP_MATMUL reads (src_c/pack.c): ceil(N/16)
+    panels of (K, 16), row n of Bt in lane n % 16 (lanes past N zero), 64-byte aligned. The
+    packed kernels sum each output over k in order, so a row of the product has the same bits
+    whatever other rows share the call: a stream's batch, the session batcher's sessions, a
+    whole sequence's time steps."""
+    Bt = np.asarray(Bt, np.float32)
+    return pack_conv_filters(Bt.reshape(Bt.shape[0], 1, Bt.shape[1]), 1)
+
+
 @register("MatMul")
 class MatMul(Handler):
     def eval(self, xs):
@@ -1210,8 +1220,8 @@ class MatMul(Handler):
             batch = (1,) * max(0, len(lead) - len(batch)) + batch
             shape = batch + (a.shape[-2], N)
         out = p.new(shape, np.float32)
-        Bt = p.derived(b.const, "T", lambda: np.ascontiguousarray(B.T))
-        p.emit(OP_MATMUL, [a, p.const(Bt), None], [out],
+        Bp = p.derived(b.const, "matmul-panels", lambda: pack_panels(np.ascontiguousarray(B.T)))
+        p.emit(OP_MATMUL, [a, p.const(Bp), None], [out],
                [int(np.prod(a.shape[:-1])), N, K])
         return [out]
 
@@ -1256,11 +1266,13 @@ class Gemm(Handler):
             self.fail(f"C of shape {c.shape} does not broadcast to the result ({M}, {N})")
         bias = None
         out = p.new((M, N), np.float32)
+        Bp = p.derived(b.const, f"gemm-panels-{int(self.flag('transB', 0))}-{float(self.attr('alpha', 1.0))!r}",
+                       lambda: pack_panels(Bt))
         if c is not None and c.const is not None and np.asarray(c.const).size in (1, N) and \
                 np.asarray(c.const).ndim <= 2 and (np.asarray(c.const).ndim < 2 or np.asarray(c.const).shape[0] == 1):
             bias = p.const(np.broadcast_to(np.asarray(c.const, np.float32).reshape(-1) * np.float32(self.attr("beta", 1.0)), (N,)).copy())
             c = None
-        p.emit(OP_MATMUL, [a, p.const(Bt), bias], [out], [M, N, K])
+        p.emit(OP_MATMUL, [a, p.const(Bp), bias], [out], [M, N, K])
         if c is not None:
             if self.attr("beta", 1.0) != 1.0:
                 if c.const is None:

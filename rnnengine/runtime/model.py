@@ -66,10 +66,10 @@ class LayerModel(Model):
         are stored, for streaming steps and whole sequences alike. float16 / int8 read 2x / 4x
         fewer bytes per step (faster for large hidden sizes, where a step is bound by memory:
         batch 1 and small batches) at an accuracy cost. run() reads the same compact R and W
-        as the same steps streamed and gives their bits; only below AVX-512, on batches of
-        more than 2 rows (and on CPUs without AVX2), the input projection of a sequence is
-        float32 BLAS over the float32 W, which is faster there (src_c/internal.h, RNN_COMPACT_MAX_BATCH, with the
-        measurements), and the result differs from the streamed steps by W's rounding.
+        as the same steps streamed and gives their bits, at every batch size; only on CPUs
+        without AVX2 (the portable kernels), the input projection of 128 rows or more is
+        float32 BLAS over the float32 W (src_c/internal.h, RNN_BLAS_MIN_ROWS), and the
+        result differs from the streamed steps by W's rounding.
     threads : how many threads a call may use; 1 by default. run() on a batch of at least
         2 * threads rows splits the rows (each thread runs its rows through the whole
         sequence, so no synchronisation per step); smaller batches (batch 1), and every

@@ -22,10 +22,11 @@ row-independent:
   full batch (a literal Reshape target of 64 rows) fails there and is refused.
 
 The reason a run was not split is ``model.thread_split_reason`` (None after a split run).
-Results equal the one-thread run's bit for bit, except that an op whose kernel choice
-depends on its row count (a recurrent layer's input projection goes to BLAS from 128 rows
-below AVX-512, a MatMul likewise) may round differently on fewer rows: within float32
-rounding then, as for ``Model(threads=N)``.
+Results equal the one-thread run's bit for bit: the recurrent layers' input projections and
+MatMul / Gemm compute each row with the same chain of sums whatever the number of rows
+(src_c/pack.c; on a CPU without AVX2 an input projection of 128 rows or more goes to BLAS,
+and fewer rows may then round differently, within float32 rounding, as for
+``Model(threads=N)``).
 """
 from __future__ import annotations
 
