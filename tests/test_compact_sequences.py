@@ -59,12 +59,13 @@ CASES = [("LSTM", 0, False), ("LSTM", 0, True), ("GRU", 0, False), ("GRU", 1, Fa
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_multi_row_compact_kernel_equals_each_row_alone_and_the_reference(level, dtype):
     """Rows in groups of 8 / 4 / 2 / 1 (AVX-512) or 4 / 2 / 1 (AVX2) against panels widened
-    once per group give each row the bits of the one-row kernel; odd sizes, sizes that are
-    not multiples of 16, with and without accumulation; within float32 rounding of the plain
-    reference."""
+    once per group, and from 8 rows on AVX2 against panels widened once per call, 256 values
+    of k at a time (K = 300, 513: the sums carried over chunks), in blocks of rows (300 rows)
+    give each row the bits of the one-row kernel; odd sizes, sizes that are not multiples of
+    16, with and without accumulation; within float32 rounding of the plain reference."""
     rng = np.random.default_rng(level * 10 + len(dtype))
-    for M in (2, 3, 4, 5, 7, 8, 9, 13, 16, 23):
-        for N, K in ((1, 1), (17, 3), (33, 7), (47, 19), (100, 65)):
+    for M in (2, 3, 4, 5, 7, 8, 9, 13, 16, 23, 300):
+        for N, K in ((1, 1), (17, 3), (33, 7), (47, 19), (100, 65), (21, 300), (18, 513)):
             A = rng.standard_normal((M, K)).astype(np.float32)
             B = rng.standard_normal((N, K)).astype(np.float32)
             for C0 in (None, rng.standard_normal((M, N)).astype(np.float32)):
