@@ -1280,14 +1280,16 @@ class Batcher:
         # say through its batch size used as a value, can agree at one row count only)
         if ("checked", sig, len(ready)) not in self._graph_plans:
             # the first batch of these shapes: every session also stepped alone (on a fork) and
-            # compared; a difference beyond float32 rounding turns graph batching off for good
+            # compared; any difference turns graph batching off for good (every kernel computes a
+            # row with the same sums whatever rows share the call, src_c/pack.c, so rows that are
+            # independent give the same bits batched as alone; a difference means they interact)
             t_alone = 0.0  # one session's step alone (warm, best of 3) times the batch's rows
             for c, s, res, carried in results:
                 alone = s.fork()
                 x = c.x if isinstance(c.x, dict) else {names[0]: c.x}
                 want = alone.step(x)
                 pairs = [(res[o], want[o]) for o in want] + [(carried[a], alone._carried[a]) for a in carried]
-                if not all(g.shape == w.shape and np.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                if not all(g.shape == w.shape and g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True)
                            for g, w in pairs):
                     self._no_batching("a batched step differed from the same step alone; steps run one by one")
                     return rest + ready
