@@ -12,8 +12,13 @@
 /*
  * exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its Taylor
  * polynomial of degree 7 (truncation error < 6e-9 relative); x is clamped to [-87, 89]
- * so 2^n stays a normal float or, past ~88.5, becomes +Inf. sigmoid(x) = 1 / (1 + exp(-x)); tanh(x) = (e - 1) / (e + 1)
- * with e = exp(2x) and |x| clamped to 9 (tanh(9) rounds to 1 in float32).
+ * so 2^n stays a normal float or, past ~88.5, becomes +Inf. sigmoid(x) = 1 / (1 + exp(-x)).
+ * tanh(x) = sign(x) m / (m + 2) with m = exp(2|x|) - 1 and |x| clamped to 9 (tanh(9) rounds
+ * to 1 in float32), m computed without cancellation: 2^n * q + (2^n - 1), q = exp(r) - 1 by the same
+ * polynomial without its constant term (so near 0, where n = 0, m is q itself). tanh is then
+ * accurate relative to its value near 0 too: (e - 1) / (e + 1) with e = exp(2x), used until
+ * 2026-12-02, lost the low bits of small results (tanh(2.68e-4) was 5e-5 off, relative; a
+ * mutated Keras cell dividing by it was 5x the tolerance off onnxruntime).
  *
  * NaN in gives NaN out, as in onnxruntime: the clamps keep NaN (the portable code compares
  * with < and >, which are false for NaN; _mm256_max_ps / _mm256_min_ps return their second
@@ -21,7 +26,8 @@
  * +-Inf saturate like large finite values (sigmoid 1 / ~0, tanh +-1).
  *
  * Max error against float64 over 2M points of [-20, 20] (asserted in tests/test_kernels.py
- * for both kernels): sigmoid 1e-7 absolute, tanh 2e-7 absolute.
+ * for both kernels): sigmoid 1e-7 absolute, tanh 2e-7 absolute and 4 ulps (relative) for
+ * |tanh| < 0.5.
  */
 
 static const float LOG2E = 1.44269504088896341f;
@@ -58,11 +64,33 @@ static void sigmoid_ref(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = 1.0f / (1.0f + exp_ref(-x[i]));
 }
 
+/* exp(x) - 1 for |x| <= 2 * TANH_MAX: 2^n * q + (2^n - 1), q = exp(r) - 1 (exact to a few
+ * ulps relative, also where x is near 0 and n = 0) */
+static float expm1_ref(float x) {
+    float n = nearbyintf(x * LOG2E);
+    float r = x - n * LN2_HI;
+    r = r - n * LN2_LO;
+    float p = C7;
+    p = p * r + C6;
+    p = p * r + C5;
+    p = p * r + C4;
+    p = p * r + C3;
+    p = p * r + C2;
+    p = p * r + 1.0f;
+    const float q = p * r;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return scale * q + (scale - 1.0f);
+}
+
 static void tanh_ref(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
-        float v = x[i] < -TANH_MAX ? -TANH_MAX : (x[i] > TANH_MAX ? TANH_MAX : x[i]);
-        float e = exp_ref(2.0f * v);
-        x[i] = (e - 1.0f) / (e + 1.0f);
+        if (x[i] != x[i]) continue; /* NaN stays (the int conversion in expm1_ref would be undefined) */
+        /* on |x|, then the sign of x: odd, as the AVX2 kernel */
+        const float a = fabsf(x[i]) > TANH_MAX ? TANH_MAX : fabsf(x[i]);
+        const float m = expm1_ref(2.0f * a);
+        x[i] = copysignf(m / (m + 2.0f), x[i]);
     }
 }
 
@@ -95,11 +123,31 @@ AVX2 static inline __m256 sigmoid8(__m256 x) {
     return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
+/* exp(x) - 1 for |x| <= 2 * TANH_MAX, as expm1_ref */
+AVX2 static inline __m256 expm1_8(__m256 x) {
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(C7);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 q = _mm256_mul_ps(p, r);
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 scale = _mm256_castsi256_ps(e);
+    return _mm256_fmadd_ps(scale, q, _mm256_sub_ps(scale, _mm256_set1_ps(1.0f)));
+}
+
 AVX2 static inline __m256 tanh8(__m256 x) {
-    __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(TANH_MAX);
-    x = _mm256_min_ps(lim, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), x)); /* NaN stays */
-    __m256 e = exp8(_mm256_add_ps(x, x));
-    return _mm256_div_ps(_mm256_sub_ps(e, one), _mm256_add_ps(e, one));
+    /* on |x|, then the sign of x: odd (tanh(-x) = -tanh(x) bit for bit, tanh(-0) = -0) */
+    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+    __m256 a = _mm256_min_ps(_mm256_set1_ps(TANH_MAX), _mm256_xor_ps(x, sign)); /* NaN stays */
+    __m256 m = expm1_8(_mm256_add_ps(a, a));
+    return _mm256_or_ps(_mm256_div_ps(m, _mm256_add_ps(m, _mm256_set1_ps(2.0f))), sign);
 }
 
 /* The tail (n % 8 elements) goes through the same vector code via a small buffer, so

@@ -333,6 +333,8 @@ def check_one(data, feeds_rng, counts):
             return "nan_kept", feeds  # IEEE NaN / Inf where onnxruntime's recurrent kernels clamp (README)
         if bad and _ort_recurrent_off_spec(data, feeds):
             return "ort_off_spec", feeds
+        if bad and _ort_unstable(data, feeds, names, want):
+            return "ill_conditioned", feeds
         if bad:
             raise Finding(bad)
     # the stream: the same inputs in chunks along its time axes, against the whole run
@@ -461,15 +463,56 @@ def _ort_recurrent_off_spec(data, feeds):
     return False
 
 
+def _ort_unstable(data, feeds, names, want, tries=3):
+    """Is the model so ill-conditioned that onnxruntime disagrees with itself beyond
+    tests/oracle.py's tolerance when every float weight and input moves by its last bit
+    (relative 2^-23, random signs)? Then rounding alone, not a bug, can put two correct
+    engines that far apart (a mutated Keras LSTM cell dividing by tanh(g) near 0: outputs
+    near 1872 that moved by 0.09 between the engines, found in the eleventh session)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import fuzz_onnx as fo
+    r = np.random.default_rng(len(data))
+    for _ in range(tries):
+        m = onnx.ModelProto()
+        m.ParseFromString(data)
+        for t in fo.tensors(m):
+            if t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            try:
+                a = onnx.numpy_helper.to_array(t)
+            except Exception:  # noqa: BLE001
+                continue
+            a = (a * (1 + r.choice([-1.0, 1.0], a.shape) * 2.0 ** -23)).astype(np.float32)
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+        moved = {k: (v * (1 + r.choice([-1.0, 1.0], v.shape) * 2.0 ** -23)).astype(v.dtype)
+                 if np.asarray(v).dtype == np.float32 else v for k, v in feeds.items()}
+        try:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+            so.log_severity_level = 4
+            again = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, moved)
+        except Exception:  # noqa: BLE001
+            return False
+        if any(compare(a, w, n) for n, a, w in zip(names, again, want)):
+            return True
+    return False
+
+
 def _only_where_nonfinite(got, want):
-    """The outputs differ only where rnnengine's is NaN or Inf (a non-finite value it kept)."""
+    """The outputs differ only where either is NaN or Inf: a non-finite value rnnengine kept
+    where onnxruntime's recurrent kernels clamp it, or, in a model whose own run overflows
+    (1 / h of a mutated Keras loop), a value that one engine's last-bit rounding of a tiny
+    divisor took to Inf or NaN and the other's to a finite one (a Keras loop divided by its
+    state: onnxruntime NaN where rnnengine gave 0.058, found in the eleventh session)."""
     import numpy as np
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         return False
     with np.errstate(invalid="ignore"):
         close = np.isclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
-    return bool(np.all(close | ~np.isfinite(got)))
+    return bool(np.all(close | ~np.isfinite(got) | ~np.isfinite(want)))
 
 
 def stream_check(gm, feeds, whole, r):
