@@ -1648,9 +1648,12 @@ class GraphModel(Model):
                     low = str(d).lower()
                     shape.append(batch if ("batch" in low or low in ("b", "n")) else time)
             most = limits.resolve(getattr(self, "limits", None)).max_tensor_elements
-            if math.prod(shape) > most:  # a declared 2**40 (fuzz: MemoryError / ValueError before)
+            # every dim counts, a 0 beside it too: NumPy refuses (0, 2**63 - 1) as "too big"
+            # (fuzz, eleventh session: a ValueError from np.zeros before)
+            if math.prod(max(d, 1) for d in shape) > most:  # a declared 2**40 (fuzz: MemoryError before)
                 limits.refuse(f"input {spec['name']!r}", f"its declared shape {tuple(shape)} holds "
-                              f"{math.prod(shape)} elements", "max_tensor_elements", most)
+                              f"{math.prod(max(d, 1) for d in shape)} elements (counting 0 as 1)",
+                              "max_tensor_elements", most)
             feeds[spec["name"]] = np.zeros(shape, NP_DTYPES[spec["dtype"]])
         for a in carried:
             try:
