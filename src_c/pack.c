@@ -386,14 +386,17 @@ AVX2F16 static void gemm_compact_avx2(int64_t M, const float *A, int64_t lda, co
     }
 }
 
-/* Compact weights, many rows (whole sequences, large batches): each panel is widened to float32
- * once, RNN_WIDEN_K values of k at a time, into a buffer every group of four rows then reads
- * as the float32 kernel reads its panels, instead of widening every panel row once per group
- * (which halves the rate: 18 vs 37 GFLOP/s at 512 x 2048 x 512 on an AVX2 EPYC). Each output
- * is still one FMA chain over k in order from zero (a chunk continues from the partial sums
- * the previous chunk left in `part`, stored exactly as floats), then the int8 scale, then
- * the optional accumulate: the bits of gemv_compact_avx2 and compact_rows_avx2. M is at most
- * RNN_WIDEN_ROWS (rnn_gemm_packed's row blocks are smaller). */
+/* Compact weights, many rows (whole sequences, large batches): for each block of up to
+ * RNN_WIDEN_ROWS rows, each panel is widened to float32 once, RNN_WIDEN_K values of k at a
+ * time, into a buffer every group of four rows then reads as the float32 kernel reads its
+ * panels, instead of widening every panel row once per group (which halves the rate: 18 vs
+ * 37 GFLOP/s at 512 x 2048 x 512 on an AVX2 EPYC). Each output is still one FMA chain over k
+ * in order from zero (a chunk continues from the partial sums the previous chunk left in
+ * `part`, stored exactly as floats), then the int8 scale, then the optional accumulate: the
+ * bits of gemv_compact_avx2 and compact_rows_avx2. The two buffers take 10 KB of stack (a
+ * Python thread may have as little as 32 KB: 32 KB of buffers here crashed one). Measured
+ * on the AVX2 EPYC, int8 / float16 GFLOP/s: 512 x 2048 x 512 35.9 / 36.2, 64 x 1024 x 1024
+ * 34.8 / 35.8 (float32 36-38; 64 values of k at a time: 31-33). */
 /* nr rows of A against a widened panel chunk of kn values of k: the chains continue from
  * part (when `more`) and end back in part. */
 AVX2 static inline __attribute__((always_inline)) void wide_rows_avx2(int nr, const float *a, int64_t lda,
@@ -418,37 +421,40 @@ AVX2 static inline __attribute__((always_inline)) void wide_rows_avx2(int nr, co
     }
 }
 
-#define RNN_WIDEN_K 256
-#define RNN_WIDEN_ROWS 256
+#define RNN_WIDEN_K 128
+#define RNN_WIDEN_ROWS 32
 AVX2F16 static void gemm_compact_wide_avx2(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                                            int64_t ldc, int accumulate) {
     float wide[RNN_WIDEN_K * RNN_PANEL] __attribute__((aligned(64)));
     float part[RNN_WIDEN_ROWS * RNN_PANEL] __attribute__((aligned(64)));
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;
-    assert(M <= RNN_WIDEN_ROWS);
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t col = p * RNN_PANEL, w = N - col < RNN_PANEL ? N - col : RNN_PANEL;
-        for (int64_t k0 = 0; k0 < K; k0 += RNN_WIDEN_K) {
-            const int64_t kn = K - k0 < RNN_WIDEN_K ? K - k0 : RNN_WIDEN_K;
-            int64_t at = (p * K + k0) * RNN_PANEL;
-            for (int64_t k = 0; k < kn; k++, at += RNN_PANEL) {
-                _mm256_store_ps(wide + k * RNN_PANEL, load8(Bp, at));
-                _mm256_store_ps(wide + k * RNN_PANEL + 8, load8(Bp, at + 8));
+    for (int64_t m0 = 0; m0 < M; m0 += RNN_WIDEN_ROWS) {
+        const int64_t mb = M - m0 < RNN_WIDEN_ROWS ? M - m0 : RNN_WIDEN_ROWS;
+        const float *Ab = A + m0 * lda;
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t col = p * RNN_PANEL, w = N - col < RNN_PANEL ? N - col : RNN_PANEL;
+            for (int64_t k0 = 0; k0 < K; k0 += RNN_WIDEN_K) {
+                const int64_t kn = K - k0 < RNN_WIDEN_K ? K - k0 : RNN_WIDEN_K;
+                int64_t at = (p * K + k0) * RNN_PANEL;
+                for (int64_t k = 0; k < kn; k++, at += RNN_PANEL) {
+                    _mm256_store_ps(wide + k * RNN_PANEL, load8(Bp, at));
+                    _mm256_store_ps(wide + k * RNN_PANEL + 8, load8(Bp, at + 8));
+                }
+                int64_t m = 0;
+                for (; m + 4 <= mb; m += 4) wide_rows_avx2(4, Ab + m * lda + k0, lda, wide, kn, part + m * RNN_PANEL, k0 > 0);
+                for (; m < mb; m++) wide_rows_avx2(1, Ab + m * lda + k0, lda, wide, kn, part + m * RNN_PANEL, k0 > 0);
             }
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4) wide_rows_avx2(4, A + m * lda + k0, lda, wide, kn, part + m * RNN_PANEL, k0 > 0);
-            for (; m < M; m++) wide_rows_avx2(1, A + m * lda + k0, lda, wide, kn, part + m * RNN_PANEL, k0 > 0);
-        }
-        __m256 slo = _mm256_set1_ps(1.0f), shi = slo;
-        if (Bp->scale) {
-            slo = _mm256_loadu_ps(Bp->scale + col);
-            shi = _mm256_loadu_ps(Bp->scale + col + 8);
-        }
-        for (int64_t m = 0; m < M; m++) {
-            __m256 lo = K ? _mm256_load_ps(part + m * RNN_PANEL) : _mm256_setzero_ps();
-            __m256 hi = K ? _mm256_load_ps(part + m * RNN_PANEL + 8) : _mm256_setzero_ps();
-            if (Bp->scale) lo = _mm256_mul_ps(lo, slo), hi = _mm256_mul_ps(hi, shi);
-            store_panel(C + m * ldc + col, w, lo, hi, accumulate);
+            __m256 slo = _mm256_set1_ps(1.0f), shi = slo;
+            if (Bp->scale) {
+                slo = _mm256_loadu_ps(Bp->scale + col);
+                shi = _mm256_loadu_ps(Bp->scale + col + 8);
+            }
+            for (int64_t m = 0; m < mb; m++) {
+                __m256 lo = K ? _mm256_load_ps(part + m * RNN_PANEL) : _mm256_setzero_ps();
+                __m256 hi = K ? _mm256_load_ps(part + m * RNN_PANEL + 8) : _mm256_setzero_ps();
+                if (Bp->scale) lo = _mm256_mul_ps(lo, slo), hi = _mm256_mul_ps(hi, shi);
+                store_panel(C + (m0 + m) * ldc + col, w, lo, hi, accumulate);
+            }
         }
     }
 }

@@ -297,3 +297,34 @@ def test_weight_file_stored_compact_runs_sequences_as_its_steps(tmp_path, kind, 
     same_bits(whole, steps, "Y")
     Y32 = rnnengine.Model([make_layer(kind, W, R, B)]).run(X)[0]
     assert 0 < np.abs(whole - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
+
+
+def test_compact_sequences_run_on_a_small_thread_stack():
+    """A Python thread may have as little as 32 KiB of stack (threading.stack_size): the
+    compact many-row kernel's buffers (src_c/pack.c, gemm_compact_wide_avx2) took 32 KB of it
+    and crashed (SIGSEGV) a float16 LSTM's run() of 8 rows there; in a subprocess, so that a
+    crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+    code = """
+import threading, numpy as np, rnnengine
+from rnnengine import _core
+rng = np.random.default_rng(0)
+W = (rng.standard_normal((1, 128, 32)) / 6).astype(np.float32)
+R = (rng.standard_normal((1, 128, 32)) / 6).astype(np.float32)
+out = []
+def work():
+    for dt in ("float16", "int8"):
+        m = rnnengine.Model([rnnengine.LSTM(W, R, np.zeros((1, 256), np.float32))], weight_dtype=dt)
+        out.append(m.run(rng.standard_normal((300, 1, 32)).astype(np.float32))[0].shape)
+        A, B = rng.standard_normal((300, 513)).astype(np.float32), rng.standard_normal((40, 513)).astype(np.float32)
+        out.append(_core.gemm_packed(A, B, dtype=dt).shape)
+threading.stack_size(32768)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(out)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "[(300, 1, 32), (300, 40), (300, 1, 32), (300, 40)]"

@@ -328,12 +328,16 @@ def check_one(data, feeds_rng, counts):
             raise Finding(f"output {name!r} missing from run(): {sorted(got)}")
         bad = compare(got[name], w, f"run() output {name!r}")
         if bad and nonfinite is None:
-            nonfinite = _has_nonfinite(data, feeds) or _ort_made_nonfinite(data, feeds)
-        if bad and nonfinite and _only_where_nonfinite(got[name], w):
-            return "nan_kept", feeds  # IEEE NaN / Inf where onnxruntime's recurrent kernels clamp (README)
+            given = _has_nonfinite(data, feeds)
+            nonfinite = (given, given or _ort_made_nonfinite(data, feeds))
+        # IEEE NaN / Inf that rnnengine kept where onnxruntime's recurrent kernels clamp (README);
+        # and, only where no NaN / Inf was given (weights, inputs) but the model overflowed inside,
+        # onnxruntime's NaN / Inf where rnnengine's rounding stayed finite
+        if bad and nonfinite[1] and _only_where_nonfinite(got[name], w, either=not nonfinite[0]):
+            return "nan_kept", feeds
         if bad and _ort_recurrent_off_spec(data, feeds):
             return "ort_off_spec", feeds
-        if bad and _ort_unstable(data, feeds, names, want):
+        if bad and _ort_unstable(data, feeds, names, want, got):
             return "ill_conditioned", feeds
         if bad:
             raise Finding(bad)
@@ -463,17 +467,27 @@ def _ort_recurrent_off_spec(data, feeds):
     return False
 
 
-def _ort_unstable(data, feeds, names, want, tries=3):
-    """Is the model so ill-conditioned that onnxruntime disagrees with itself beyond
-    tests/oracle.py's tolerance when every float weight and input moves by its last bit
+def _ort_unstable(data, feeds, names, want, got, tries=3):
+    """Is the model so ill-conditioned that onnxruntime disagrees with itself by as much as it
+    disagrees with rnnengine, when every float weight and input moves by its last bit
     (relative 2^-23, random signs)? Then rounding alone, not a bug, can put two correct
-    engines that far apart (a mutated Keras LSTM cell dividing by tanh(g) near 0: outputs
-    near 1872 that moved by 0.09 between the engines, found in the eleventh session)."""
+    engines that far apart (a mutated Keras LSTM cell dividing by tanh(g) near 0, outputs near
+    1872). Only tensors of several values, not all whole numbers, move: an exponent of 2.0 or a
+    threshold moved by a bit is another model (Pow(x, 2.0000002) of a negative x is NaN), and
+    counting that as instability set aside a simulated bug on the VAD seeds (review, eleventh
+    session). Every element where rnnengine is off onnxruntime beyond the tolerance must be
+    within 4x onnxruntime's own largest move there."""
     import numpy as np
     import onnx
     import onnxruntime as ort
     import fuzz_onnx as fo
+    from oracle import TOLERANCE
+
+    def movable(a):
+        a = np.asarray(a)
+        return a.dtype == np.float32 and a.size > 1 and np.isfinite(a).all() and not np.all(a == np.round(a))
     r = np.random.default_rng(len(data))
+    spread = [np.zeros(np.shape(w)) for w in want]
     for _ in range(tries):
         m = onnx.ModelProto()
         m.ParseFromString(data)
@@ -484,10 +498,11 @@ def _ort_unstable(data, feeds, names, want, tries=3):
                 a = onnx.numpy_helper.to_array(t)
             except Exception:  # noqa: BLE001
                 continue
-            a = (a * (1 + r.choice([-1.0, 1.0], a.shape) * 2.0 ** -23)).astype(np.float32)
-            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
-        moved = {k: (v * (1 + r.choice([-1.0, 1.0], v.shape) * 2.0 ** -23)).astype(v.dtype)
-                 if np.asarray(v).dtype == np.float32 else v for k, v in feeds.items()}
+            if movable(a):
+                a = (a * (1 + r.choice([-1.0, 1.0], a.shape) * 2.0 ** -23)).astype(np.float32)
+                t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+        moved = {k: (v * (1 + r.choice([-1.0, 1.0], v.shape) * 2.0 ** -23)).astype(v.dtype) if movable(v) else v
+                 for k, v in feeds.items()}
         try:
             so = ort.SessionOptions()
             so.intra_op_num_threads = so.inter_op_num_threads = 1
@@ -495,24 +510,39 @@ def _ort_unstable(data, feeds, names, want, tries=3):
             again = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, moved)
         except Exception:  # noqa: BLE001
             return False
-        if any(compare(a, w, n) for n, a, w in zip(names, again, want)):
-            return True
-    return False
+        for i, (a, w) in enumerate(zip(again, want)):
+            if np.shape(a) != np.shape(w) or np.asarray(w).dtype.kind != "f":
+                return False
+            with np.errstate(invalid="ignore"):
+                d = np.abs(np.asarray(a, np.float64) - w)
+            spread[i] = np.maximum(spread[i], np.where(np.isfinite(d), d, 0.0))
+    tol = TOLERANCE[np.float32]
+    for name, w, s in zip(names, want, spread):
+        g = np.asarray(got[name], np.float64)
+        w = np.asarray(w, np.float64)
+        with np.errstate(invalid="ignore"):
+            off = np.abs(g - w)
+            bad = ~(off <= tol["atol"] + tol["rtol"] * np.abs(w)) & ~(np.isnan(g) & np.isnan(w))
+        if bad.any() and not np.all(off[bad] <= 4 * s[bad]):
+            return False
+    return bool(any(s.any() for s in spread))
 
 
-def _only_where_nonfinite(got, want):
-    """The outputs differ only where either is NaN or Inf: a non-finite value rnnengine kept
-    where onnxruntime's recurrent kernels clamp it, or, in a model whose own run overflows
-    (1 / h of a mutated Keras loop), a value that one engine's last-bit rounding of a tiny
-    divisor took to Inf or NaN and the other's to a finite one (a Keras loop divided by its
-    state: onnxruntime NaN where rnnengine gave 0.058, found in the eleventh session)."""
+def _only_where_nonfinite(got, want, either=False):
+    """The outputs differ only where rnnengine's is NaN or Inf (a non-finite value it kept
+    where onnxruntime's recurrent kernels clamp it); with `either`, also where onnxruntime's
+    is: for a model whose weights and inputs are finite but whose own run overflows (1 / h of
+    a mutated Keras loop), one engine's last-bit rounding of a tiny divisor can reach Inf or
+    NaN and the other's stay finite (onnxruntime NaN where rnnengine gave 0.058, eleventh
+    session). Not with a NaN given in the weights or inputs: rnnengine turning that NaN into
+    a number is a bug to report (the review of the eleventh session)."""
     import numpy as np
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         return False
     with np.errstate(invalid="ignore"):
         close = np.isclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
-    return bool(np.all(close | ~np.isfinite(got) | ~np.isfinite(want)))
+    return bool(np.all(close | ~np.isfinite(got) | (either & ~np.isfinite(want))))
 
 
 def stream_check(gm, feeds, whole, r):
