@@ -288,4 +288,15 @@ def test_the_differential_fuzzer_sets_aside_onnxruntime_leaving_the_formulas():
     got, want = np.array([0.0, 1.0], np.float32), np.array([np.nan, 1.0], np.float32)
     assert not d._only_where_nonfinite(got, want) and d._only_where_nonfinite(got, want, either=True)
     assert d._only_where_nonfinite(want, got)
+    # the mutator itself: INT64_MAX + 1 ended a worker (OverflowError) in the eleventh session
+    import onnx
+    big = helper.make_model(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "s")]))
+    fo = _fuzz_module("fuzz_onnx")
+    for seed in range(100):
+        one = onnx.ModelProto()
+        one.CopyFrom(big)
+        assert d.mut_int_const(one, random.Random(seed), fo) is not False
     assert "shape" in d.compare(np.ones(3, np.float32), np.ones(2, np.float32), "y")

@@ -126,6 +126,7 @@ def mut_attr(m, r, fo):
 def mut_int_const(m, r, fo):
     """An element of a small integer initializer/constant (shapes, axes, starts, ends, steps,
     pads, indices) to a small value."""
+    import numpy as np
     import onnx
     picked = fo.pick_int_tensor(m, r, max_size=64)
     if picked is None:
@@ -133,7 +134,9 @@ def mut_int_const(m, r, fo):
     t, arr = picked
     flat = arr.reshape(-1)
     i = r.randrange(flat.size)
-    flat[i] = r.choice(SMALL_INTS) if r.random() < 0.6 else int(flat[i]) + r.choice([-1, 1])
+    v = r.choice(SMALL_INTS) if r.random() < 0.6 else int(flat[i]) + r.choice([-1, 1])
+    info = np.iinfo(flat.dtype)
+    flat[i] = v if info.min <= v <= info.max else r.choice(SMALL_INTS)  # INT64_MAX + 1 ended the worker
     new = onnx.numpy_helper.from_array(arr, t.name)
     t.ClearField("int64_data")
     t.ClearField("int32_data")
