@@ -40,9 +40,8 @@ static const float C7 = 1.0f / 5040.0f, C6 = 1.0f / 720.0f, C5 = 1.0f / 120.0f, 
                    C3 = 1.0f / 6.0f, C2 = 0.5f;
 
 /* --- portable reference ---------------------------------------------------------------- */
-static float exp_ref(float x) {
-    if (x != x) return x; /* NaN: the int conversion below would be undefined */
-    x = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
+/* x = n ln2 + r; returns p with exp(r) = p r + 1 (Horner to the r^1 term); n, r out */
+static float exp_poly_ref(float x, float *n_out, float *r_out) {
     float n = nearbyintf(x * LOG2E);
     float r = x - n * LN2_HI;
     r = r - n * LN2_LO;
@@ -53,11 +52,24 @@ static float exp_ref(float x) {
     p = p * r + C3;
     p = p * r + C2;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    *n_out = n;
+    *r_out = r;
+    return p;
+}
+
+static float pow2_ref(float n) { /* 2^n for integral n in [-126, 128] */
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return scale;
+}
+
+static float exp_ref(float x) {
+    if (x != x) return x; /* NaN: the int conversion below would be undefined */
+    x = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
+    float n, r;
+    const float poly = exp_poly_ref(x, &n, &r); /* n, r set before they are read */
+    return (poly * r + 1.0f) * pow2_ref(n);
 }
 
 static void sigmoid_ref(float *x, int64_t n) {
@@ -67,20 +79,9 @@ static void sigmoid_ref(float *x, int64_t n) {
 /* exp(x) - 1 for |x| <= 2 * TANH_MAX: 2^n * q + (2^n - 1), q = exp(r) - 1 (exact to a few
  * ulps relative, also where x is near 0 and n = 0) */
 static float expm1_ref(float x) {
-    float n = nearbyintf(x * LOG2E);
-    float r = x - n * LN2_HI;
-    r = r - n * LN2_LO;
-    float p = C7;
-    p = p * r + C6;
-    p = p * r + C5;
-    p = p * r + C4;
-    p = p * r + C3;
-    p = p * r + C2;
-    p = p * r + 1.0f;
-    const float q = p * r;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
+    float n, r;
+    const float poly = exp_poly_ref(x, &n, &r); /* n, r set before they are read */
+    const float q = poly * r, scale = pow2_ref(n);
     return scale * q + (scale - 1.0f);
 }
 
@@ -98,10 +99,8 @@ static void tanh_ref(float *x, int64_t n) {
 #ifdef RNN_HAVE_AVX2_VMATH
 #define AVX2 __attribute__((target("avx2,fma")))
 
-AVX2 static inline __m256 exp8(__m256 x) {
-    /* x second in max/min: a NaN x passes through (its conversion below gives a finite
-     * 2^n, and p is NaN) */
-    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+/* x = n ln2 + r; returns p with exp(r) = p r + 1 (Horner to the r^1 term); n, r out */
+AVX2 static inline __m256 exp_poly8(__m256 x, __m256 *n_out, __m256 *r_out) {
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
@@ -113,9 +112,22 @@ AVX2 static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C3));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    *n_out = n;
+    *r_out = r;
+    return p;
+}
+
+AVX2 static inline __m256 pow2_8(__m256 n) { /* 2^n for integral n in [-126, 128] */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
+AVX2 static inline __m256 exp8(__m256 x) {
+    /* x second in max/min: a NaN x passes through (its conversion below gives a finite
+     * 2^n, and p is NaN) */
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+    __m256 n, r;
+    const __m256 poly = exp_poly8(x, &n, &r); /* n, r set before they are read */
+    return _mm256_mul_ps(_mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f)), pow2_8(n));
 }
 
 AVX2 static inline __m256 sigmoid8(__m256 x) {
@@ -125,20 +137,9 @@ AVX2 static inline __m256 sigmoid8(__m256 x) {
 
 /* exp(x) - 1 for |x| <= 2 * TANH_MAX, as expm1_ref */
 AVX2 static inline __m256 expm1_8(__m256 x) {
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 p = _mm256_set1_ps(C7);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C5));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256 q = _mm256_mul_ps(p, r);
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 scale = _mm256_castsi256_ps(e);
+    __m256 n, r;
+    const __m256 poly = exp_poly8(x, &n, &r); /* n, r set before they are read */
+    const __m256 q = _mm256_mul_ps(poly, r), scale = pow2_8(n);
     return _mm256_fmadd_ps(scale, q, _mm256_sub_ps(scale, _mm256_set1_ps(1.0f)));
 }
 
