@@ -299,7 +299,7 @@ def test_weight_file_stored_compact_runs_sequences_as_its_steps(tmp_path, kind, 
     assert 0 < np.abs(whole - Y32).max() <= WEIGHT_DTYPE_ATOL[dtype]
 
 
-def test_compact_sequences_run_on_a_small_thread_stack():
+def test_compact_sequences_run_on_a_small_thread_stack(tmp_path):
     """A Python thread may have as little as 32 KiB of stack (threading.stack_size): the
     compact many-row kernel's buffers (src_c/pack.c, gemm_compact_wide_avx2) took 32 KB of it
     and crashed (SIGSEGV) a float16 LSTM's run() of 8 rows there; in a subprocess, so that a
@@ -325,6 +325,8 @@ t.start()
 t.join()
 print(out)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # (run from an empty folder: from the checkout, `import rnnengine` would find its source
+    # tree, which has no compiled core when the package is installed rather than in place)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "[(300, 1, 32), (300, 40), (300, 1, 32), (300, 40)]"
