@@ -76,7 +76,10 @@ def _even_split(split, tensors, axis_ok=(1, -1)):
     if sizes is None and len(split["inputs"]) > 1 and split["inputs"][1]:
         if split["inputs"][1] not in tensors:
             return False
-        sizes = np.asarray(tensors[split["inputs"][1]]).reshape(-1).tolist()
+        given = np.asarray(tensors[split["inputs"][1]])
+        if given.dtype.kind not in "iu":  # float sizes (a NaN: a ValueError before; fuzz) are no Split to fuse
+            return False
+        sizes = given.reshape(-1).tolist()
     return sizes is None or len(set(int(v) for v in sizes)) == 1
 
 
