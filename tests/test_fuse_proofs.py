@@ -129,3 +129,46 @@ def test_an_lstm_cell_whose_previous_state_is_its_own_gate_is_not_fused():
                      "R": rng.standard_normal((4 * H, H)).astype(np.float32)})
     feeds = {"x": rng.standard_normal((B, I)).astype(np.float32), "h": rng.standard_normal((B, H)).astype(np.float32)}
     _check(m, feeds, "converter.fused_lstm_cells")
+
+
+MASKZERO = os.path.join(CORPUS, "keras2_tf2onnx_embedding_maskzero_lstm_op17.onnx")
+
+
+def _zeros_chain_matmul_swapped(m):
+    """The peeled step that Keras' zeros_like(output) is computed from, with its recurrent
+    MatMul's inputs swapped: an invalid model (onnxruntime fails on it)."""
+    n = next(n for n in m.graph.node if n.name == "model_11/lstm_7/PartitionedCall/MatMul_1")
+    n.input[0], n.input[1] = n.input[1], n.input[0]
+
+
+def _zero_state_of_rank_3(m):
+    """The initial h and c Expanded to (2, B, H): onnxruntime runs the body on (2, B, H)."""
+    g = m.graph
+    n = next(n for n in g.node if n.name == "model_11/lstm_7/zeros_1")
+    g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "t_two"))
+    g.node.insert(list(g.node).index(n), helper.make_node("Concat", ["t_two", n.input[1]], ["t_shape3"], axis=0))
+    n.input[1] = "t_shape3"
+
+
+@pytest.mark.parametrize("edit", [_zeros_chain_matmul_swapped, _zero_state_of_rank_3])
+def test_a_loop_whose_zero_state_is_not_b_by_h_is_not_fused(edit):
+    # fuzz (eleventh session): the fusion took every zero state for (B, H) zeros without
+    # computing its shape, so the loop and the chain that made its zeros were dropped and an
+    # invalid model answered (3, 7, 8). Now the zeros are computed on trial inputs; the Loop stays
+    # and its chain is refused by name, as onnxruntime refuses it.
+    m = onnx.load(MASKZERO)
+    edit(m)
+    feeds = dict(np.load(MASKZERO.replace(".onnx", ".feeds.npz")))
+    with pytest.raises(Exception, match="ONNXRuntimeError"):
+        ort_session(m).run(None, feeds)
+    with pytest.raises(rnnengine.UnsupportedError, match=r"node '|node \"") as e:
+        rnnengine.convert(m).run(feeds)
+    assert "model_11/lstm_7/" in str(e.value)
+
+
+def test_the_zero_state_check_keeps_the_real_exports_fused():
+    # the unedited export (zeros from Shape(embedding) and from a peeled first step) and a
+    # stacked pair (the second layer's zeros computed through the first, fused, layer)
+    assert rnnengine.convert(MASKZERO).metadata["converter.fused_keras_loops"] == 1
+    stack = os.path.join(os.path.dirname(CORPUS), "masking", "keras3_masking_stack_lstm_gru.onnx")
+    assert rnnengine.convert(stack).metadata["converter.fused_keras_loops"] == 2

@@ -236,7 +236,7 @@ class _Converter:
         # values read inside If / Loop subgraphs must survive the rewrite like graph outputs
         keep = [o["name"] for o in outputs] + [x for n in nodes for x in _outer_reads(n)]
         nodes, self.fused_loops = fuse_keras_loops(nodes, consts, keep, self.opset,
-                                                   {i["name"] for i in inputs if i["dtype"] == "bool"})
+                                                   {i["name"] for i in inputs if i["dtype"] == "bool"}, inputs)
         nodes, self.fused = fuse_lstm_cells(nodes, consts, keep)
         nodes, self.fused_gru = fuse_gru_cells(nodes, consts, keep)
         self._fuse_in_branches(nodes, consts)

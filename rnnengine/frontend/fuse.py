@@ -17,10 +17,12 @@ is just as correct, only slower.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rnnengine.limits import check_eval
-from rnnengine.codes import RECURRENT_OPS
+from rnnengine.codes import NP_DTYPES, RECURRENT_OPS
 from rnnengine.frontend.torch_import import gate_permutation
 from rnnengine.ops.handlers import OPS, STATELESS, STEP_MASK  # noqa: F401 (STATELESS, STEP_MASK re-exported)
 
@@ -742,7 +744,82 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
                 break
     if chosen is None:
         raise _NoFuse("no engine cell computes this body")
-    return kind, chosen, x_seq, mask_seq, states, counters, passthrough
+    zeros = [init[k] for k in states] + zero_vals
+    return kind, chosen, x_seq, mask_seq, states, counters, passthrough, zeros
+
+
+# sizes given to the symbolic dimensions of the graph inputs when the shapes of a loop's
+# outer values are computed (two trials; distinct sizes within each, so B and T never match)
+_TRIAL_SIZES = ((3, 5, 7, 11, 13, 17, 19), (4, 6, 8, 10, 12, 14, 16))
+_TRIAL_MAX_ELEMENTS = 1 << 22   # all trial inputs together (their declared fixed dims count)
+
+
+def _trial_inputs(inputs, sizes):
+    """Zero arrays of the graph inputs' declared shapes, symbolic dimensions given `sizes`
+    (the same name the same size); None when an input's rank is unknown."""
+    named, env, total = {}, {}, 0
+    for spec in inputs:
+        if spec.get("shape") is None or spec.get("dtype") not in NP_DTYPES:
+            return None
+        shape = []
+        for j, d in enumerate(spec["shape"]):
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+                continue
+            key = d if isinstance(d, str) and d else (spec["name"], j)
+            if key not in named:
+                k = len(named)
+                named[key] = sizes[k] if k < len(sizes) else sizes[-1] + 2 * (k - len(sizes) + 1)
+            shape.append(named[key])
+        total += math.prod(max(d, 1) for d in shape)   # (0, 2**63 - 1) counts too
+        if total > _TRIAL_MAX_ELEMENTS:
+            return None   # inputs declared this large: no trial, the loop stays a Loop
+        env[spec["name"]] = np.zeros(shape, NP_DTYPES[spec["dtype"]])
+    return env
+
+
+def _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, I, H):
+    """The fused cell takes every state as (B, H) zeros, where X is (T, B, I). Proven here
+    for the tensors the loop starts from (Keras' zeros and zeros_like(output), computed from the
+    inputs' shapes: a peeled step, an Expand of the batch size) by computing them on zero inputs
+    of two sets of sizes: any other shape (a (2, B, H) state makes onnxruntime's body compute
+    (2, B, H) steps), or a chain that cannot be computed (an invalid MatMul inside it, which
+    onnxruntime refuses), keeps the Loop (fuzz, eleventh session: a zeros_like chain whose
+    MatMul had its inputs swapped was dropped with the loop, and the invalid model answered)."""
+    if not trial_envs:
+        raise _NoFuse("no trial inputs")
+    for env in trial_envs:
+        if env is None:
+            raise _NoFuse("a graph input of unknown rank")
+        wanted = [x_seq] + zeros
+        try:
+            _eval_nodes(_needed(nodes, wanted, env), env, opset)
+        except _NoFuse:
+            raise
+        except Exception as e:  # noqa: BLE001 - a chain onnxruntime would refuse too
+            raise _NoFuse(f"the outer values do not compute: {e}") from None
+        xs = env[x_seq].shape
+        if len(xs) != 3 or xs[2] != I:
+            raise _NoFuse(f"X is {xs}, not (T, B, {I})")
+        for z in zeros:
+            if env[z].shape != (xs[1], H):
+                raise _NoFuse(f"a state starts from {env[z].shape} zeros, not (B, H) = {(xs[1], H)}")
+
+
+def _needed(nodes, wanted, env):
+    """The nodes (in order) that compute `wanted` from what env holds; a Loop, If or Scan
+    among them: _NoFuse (the fused loops' outputs are in env already)."""
+    producer = {o: n for n in nodes for o in n["outputs"] if o}
+    need, stack = set(), [w for w in wanted if w not in env]
+    while stack:
+        n = producer.get(stack.pop())
+        if n is None or id(n) in need:
+            continue
+        if n["op"] in ("Loop", "If", "Scan"):
+            raise _NoFuse(f"{n['op']} {n.get('name')!r} among the outer values")
+        need.add(id(n))
+        stack.extend(x for x in n["inputs"] if x and x not in env)
+    return [n for n in nodes if id(n) in need]
 
 
 BOOLEAN_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
@@ -771,7 +848,7 @@ def _boolean_valued(name, producer, tensors, bool_inputs, depth=0):
     return False
 
 
-def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=()):
+def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None):
     """Maps the Loops tf2onnx writes for Keras LSTM / GRU / SimpleRNN layers (masked by
     Embedding(mask_zero=True) or Masking, or not masked) to one engine cell each.
 
@@ -785,8 +862,18 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=()):
     rewrite fires only when it is proven: the trip count and condition give exactly T steps
     (evaluated from shapes for several T), the states start from zeros, and the body, run on
     random data, gives what the engine cell gives for one hypothesis of cell kind, gate order,
-    roles of the carried values and bias layout. Anything else is left to run as a Loop."""
+    roles of the carried values and bias layout, and the states start from (B, H) zeros,
+    computed from zero inputs (`inputs`: the graph inputs as the converter lists them) of two
+    sets of sizes. Anything else is left to run as a Loop."""
     producer, users = _index(nodes)
+    # outer values computed on trial inputs, shared by the loops (a fused loop's outputs are
+    # set to zeros of its output shapes, for the layer stacked on it)
+    trial_envs = []
+    for sizes in _TRIAL_SIZES if any(n["op"] == "Loop" for n in nodes) else ():
+        env = _trial_inputs(inputs or [], sizes) if inputs is not None else None
+        if env is not None:
+            env.update((k, np.asarray(v)) for k, v in tensors.items())
+        trial_envs.append(env)
     keep = set(outputs)
     out, count = [], 0
     for node in nodes:
@@ -794,8 +881,10 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=()):
             out.append(node)
             continue
         try:
-            kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough = \
+            kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough, zeros = \
                 _loop_cell(node, producer, users, tensors, keep, opset, set(bool_inputs))
+            H = Ro.shape[-1]
+            _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, Wo.shape[-1], H)
         except Exception:  # noqa: BLE001 - _NoFuse, or a loop of a shape this matcher never met:
             out.append(node)  # either way it stays a Loop, which runs exactly (only slower)
             continue
@@ -842,4 +931,11 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=()):
                 new.append({"op": "Squeeze", "name": f"{name}/state{j}", "inputs": [finals[j], base + ".axis0"],
                             "outputs": [o], "attrs": {}})
         out.extend(new)
+        for env in trial_envs:   # zeros of the fused cell's output shapes, for a layer stacked on it
+            T, B = env[x_seq].shape[:2]
+            if scan:
+                env[scan] = np.zeros((T, B, H), np.float32)
+            for j, k in enumerate(states):
+                if louts[k] and j in finals:
+                    env[louts[k]] = np.zeros((B, H), np.float32)
     return out, count
