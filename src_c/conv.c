@@ -109,17 +109,12 @@ AVX512 static void conv_gemm_avx512(int64_t M, const float *A, int64_t lda, cons
 #define RNN_HAVE_CONV_AVX512 1
 #endif
 
-/* C (R, N) = A (R, K) @ B^T, B packed: the kernel above where the CPU has AVX-512, else
- * pack.c's (running sums). Wp not 64-byte aligned (the kernels' aligned loads): the plain
- * reference kernel. */
-static void conv_gemm(int64_t R, const float *A, int64_t lda, const rnn_packed *Bp, float *C, int64_t ldc,
-                      int aligned) {
-    if (!aligned) {
-        rnn_gemm_packed_ref(R, A, lda, Bp, C, ldc, 0);
-        return;
-    }
+/* C (R, N) = A (R, K) @ B^T, B packed: the kernel above where the CPU has AVX-512 and the
+ * panels are 64-byte aligned (its aligned loads), else pack.c's (which takes the plain
+ * reference kernel for panels not aligned). */
+static void conv_gemm(int64_t R, const float *A, int64_t lda, const rnn_packed *Bp, float *C, int64_t ldc) {
 #ifdef RNN_HAVE_CONV_AVX512
-    if (rnn_kernel_level() == 2) {
+    if (rnn_kernel_level() == 2 && ((uintptr_t)Bp->data & 63) == 0) {
         conv_gemm_avx512(R, A, lda, Bp, C, ldc);
         return;
     }
@@ -184,7 +179,6 @@ void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const flo
     const int64_t stride = ip[6], dil = ip[7], pad = ip[8], G = ip[9], act = ip[10];
     const int64_t Cg = C / G, Mg = M / G, CK = Cg * K;
     const int64_t group_floats = PANELS(Mg) * RNN_PANEL * CK;
-    const int aligned = ((uintptr_t)Wp & 63) == 0;
     float *colT = work;                                                       /* (lb, CK) */
     float *prod = work + (Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK) * CK; /* (lb, Mg) */
     if (Mg == 0 || Lout == 0) return;
@@ -206,7 +200,7 @@ void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const flo
                     rnn_im2col(xg, Cg, L, K, stride, dil, pad, l0, lb, colT);
                 }
                 if (CK == 0) memset(prod, 0, sizeof(float) * (size_t)(lb * Mg));
-                else conv_gemm(lb, A, lda, &wp, prod, Mg, aligned);
+                else conv_gemm(lb, A, lda, &wp, prod, Mg);
                 /* out[n, g*Mg + m, l0 + l] = act(prod[l][m] + bias), the transpose of prod, in
                  * one pass (the activation as op_unary / rnn_activation_apply: the NaN-keeping
                  * selects; no bias adds nothing, so -0 stays -0) */

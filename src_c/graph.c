@@ -975,11 +975,9 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
             /* C (M, N) = A (M, K) @ B^T (+ C when there is a bias), B (N, K) packed into panels
              * at plan time (pack.c's layout): every row of C is its own chain over k, so a row
              * has the same bits whatever other rows share the call (a stream's batch, the
-             * session batcher's joined sessions, a whole sequence's time steps). Not 64-byte
-             * aligned (the kernels' aligned loads): the plain reference kernel. */
+             * session batcher's joined sessions, a whole sequence's time steps). */
             const rnn_packed bp = {N, K, RNN_WEIGHTS_F32, (void *)T_(ins[1]), NULL};
-            if (((uintptr_t)T_(ins[1]) & 63) == 0) rnn_gemm_packed(M, T_(ins[0]), K, &bp, C, N, ins[2] >= 0);
-            else rnn_gemm_packed_ref(M, T_(ins[0]), K, &bp, C, N, ins[2] >= 0);
+            rnn_gemm_packed(M, T_(ins[0]), K, &bp, C, N, ins[2] >= 0);
             break;
         }
         case RNN_OP_SOFTMAX: op_softmax(ip, T_(ins[0]), T_(outs[0])); break;

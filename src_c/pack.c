@@ -750,6 +750,12 @@ static void gemm_packed_block(int64_t M, const float *A, int64_t lda, const rnn_
 void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                      int64_t ldc, int accumulate) {
     if (M <= 0 || Bp->N <= 0) return;
+    if (((uintptr_t)Bp->data & 63) != 0) {
+        /* the kernels load panels aligned: panels the planner placed elsewhere (a graph's
+         * packed MatMul or conv weights inside a weight file) go through the reference */
+        rnn_gemm_packed_ref(M, A, lda, Bp, C, ldc, accumulate);
+        return;
+    }
     const int64_t rb = row_block(Bp->K);
     for (int64_t m = 0; m < M; m += rb)
         gemm_packed_block(M - m < rb ? M - m : rb, A + m * lda, lda, Bp, C + m * ldc, ldc, accumulate);
