@@ -172,3 +172,33 @@ def test_the_zero_state_check_keeps_the_real_exports_fused():
     assert rnnengine.convert(MASKZERO).metadata["converter.fused_keras_loops"] == 1
     stack = os.path.join(os.path.dirname(CORPUS), "masking", "keras3_masking_stack_lstm_gru.onnx")
     assert rnnengine.convert(stack).metadata["converter.fused_keras_loops"] == 2
+
+
+def test_a_zero_state_whose_shape_depends_on_the_values_fed_is_not_fused():
+    # (B + max(ids), H) zeros are (B, H) on the trial's zero inputs; at batch 1 onnxruntime
+    # broadcasts the body to (1 + max(ids), H) rows and answers (4, 7, 8). Fused, the model
+    # answered (1, 7, 8) without an error (before the shape-dependence check). Now the Loop
+    # stays: rnnengine gives onnxruntime's answer or refuses by name.
+    m = onnx.load(MASKZERO)
+    g = m.graph
+    n = next(n for n in g.node if n.name == "model_11/lstm_7/zeros_1")
+    k = list(g.node).index(n)
+    g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "t_zero1"))
+    new = [helper.make_node("ReduceMax", ["ids"], ["t_max"], keepdims=0),
+           helper.make_node("Cast", ["t_max"], ["t_max64"], to=TensorProto.INT64),
+           helper.make_node("Unsqueeze", ["t_max64", "t_zero1"], ["t_max1"]),
+           helper.make_node("Concat", ["t_max1", "t_zero1"], ["t_pad"], axis=0),
+           helper.make_node("Add", [n.input[1], "t_pad"], ["t_shape"])]
+    for j, x in enumerate(new):
+        g.node.insert(k + j, x)
+    n.input[1] = "t_shape"
+    ids = np.array([[2, 1, 3, 0, 0, 0, 0]], np.int32)
+    want = ort_session(m).run(None, {"ids": ids})[0]
+    assert want.shape == (4, 7, 8)
+    try:
+        gm = rnnengine.convert(m)
+        got = gm.run({"ids": ids})["lstm_7"]
+    except rnnengine.UnsupportedError as e:
+        assert "model_11/lstm_7/" in str(e)
+        return
+    assert got.shape == want.shape and max_violation(got, want) <= 1

@@ -749,8 +749,10 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
 
 
 # sizes given to the symbolic dimensions of the graph inputs when the shapes of a loop's
-# outer values are computed (two trials; distinct sizes within each, so B and T never match)
-_TRIAL_SIZES = ((3, 5, 7, 11, 13, 17, 19), (4, 6, 8, 10, 12, 14, 16))
+# outer values are computed (distinct sizes within a trial, so B and T never match; batch
+# and time 1 and 2 in the last two, where shape arithmetic could special-case them)
+_TRIAL_SIZES = ((3, 5, 7, 11, 13, 17, 19), (4, 6, 8, 10, 12, 14, 16), (1, 2, 3, 4, 5, 6, 7),
+                (2, 1, 3, 4, 5, 6, 7))
 _TRIAL_MAX_ELEMENTS = 1 << 22   # all trial inputs together (their declared fixed dims count)
 
 
@@ -778,11 +780,12 @@ def _trial_inputs(inputs, sizes):
     return env
 
 
-def _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, I, H):
+def _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, I, H, shape_dep):
     """The fused cell takes every state as (B, H) zeros, where X is (T, B, I). Proven here
     for the tensors the loop starts from (Keras' zeros and zeros_like(output), computed from the
     inputs' shapes: a peeled step, an Expand of the batch size) by computing them on zero inputs
-    of two sets of sizes: any other shape (a (2, B, H) state makes onnxruntime's body compute
+    of several sets of sizes, where their shapes depend on the inputs' shapes only (shape_dep,
+    _taint): any other shape (a (2, B, H) state makes onnxruntime's body compute
     (2, B, H) steps), or a chain that cannot be computed (an invalid MatMul inside it, which
     onnxruntime refuses), keeps the Loop (fuzz, eleventh session: a zeros_like chain whose
     MatMul had its inputs swapped was dropped with the loop, and the invalid model answered)."""
@@ -802,8 +805,51 @@ def _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, I, H):
         if len(xs) != 3 or xs[2] != I:
             raise _NoFuse(f"X is {xs}, not (T, B, {I})")
         for z in zeros:
+            if z in shape_dep:
+                # (B + max(ids), H) zeros are (B, H) on the trial's zero inputs only
+                raise _NoFuse(f"the shape of the zeros {z!r} depends on the values fed")
             if env[z].shape != (xs[1], H):
                 raise _NoFuse(f"a state starts from {env[z].shape} zeros, not (B, H) = {(xs[1], H)}")
+
+
+# ops whose output shape follows from their inputs' shapes and attributes alone, and, for
+# the rest that the converter reads, the inputs whose values decide the output shape; any
+# other op: every input (Loop, If, NonZero-like and sequence ops)
+_SHAPE_FREE = frozenset({
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Ceil", "Clip", "Concat", "Conv", "CumSum", "Div",
+    "Dropout", "Elu", "Equal", "Exp", "Flatten", "Floor", "Gather", "Gemm", "Greater", "GreaterOrEqual",
+    "HardSigmoid", "Identity", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max",
+    "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "ReverseSequence", "Scatter",
+    "ScatterElements", "Shape", "Sigmoid", "Size", "Softmax", "Softplus", "Softsign", "Sqrt", "Sub", "Tanh",
+    "ThresholdedRelu", "Transpose", "Where", "Xor"})
+_SHAPE_INPUTS_FROM = {"ConstantOfShape": 0, "Reshape": 1, "Expand": 1, "Tile": 1, "Slice": 1, "Pad": 1,
+                      "Squeeze": 1, "Unsqueeze": 1, "Split": 1, "TopK": 1, "ReduceMax": 1, "ReduceMean": 1,
+                      "ReduceMin": 1, "ReduceProd": 1, "ReduceSum": 1}
+
+
+def _taint(node, value_dep, shape_dep):
+    """Marks node's outputs in value_dep (their values may depend on the values fed to the
+    graph) and shape_dep (their shapes may): Shape and Size give values from shapes only,
+    ConstantOfShape a value from its attribute."""
+    ins = [x for x in node["inputs"]]
+    op = node["op"]
+    if op in _SHAPE_FREE:
+        sizing = []
+    elif op in _SHAPE_INPUTS_FROM:
+        sizing = ins[_SHAPE_INPUTS_FROM[op]:]
+    else:
+        sizing = ins
+    shaped = any(x in shape_dep for x in ins if x) or any(x in value_dep for x in sizing if x)
+    if op in ("Shape", "Size"):
+        valued = bool(ins) and ins[0] in shape_dep
+    elif op == "ConstantOfShape":
+        valued = False
+    else:
+        valued = any(x in value_dep for x in ins if x) or op in ("Loop", "If", "Scan")
+    for o in node["outputs"]:
+        if o:
+            (value_dep.add if valued else value_dep.discard)(o)
+            (shape_dep.add if shaped else shape_dep.discard)(o)
 
 
 def _needed(nodes, wanted, env):
@@ -863,8 +909,9 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
     (evaluated from shapes for several T), the states start from zeros, and the body, run on
     random data, gives what the engine cell gives for one hypothesis of cell kind, gate order,
     roles of the carried values and bias layout, and the states start from (B, H) zeros,
-    computed from zero inputs (`inputs`: the graph inputs as the converter lists them) of two
-    sets of sizes. Anything else is left to run as a Loop."""
+    computed from zero inputs (`inputs`: the graph inputs as the converter lists them) of
+    several sets of sizes, from the inputs' shapes only. Anything else is left to run as a
+    Loop."""
     producer, users = _index(nodes)
     # outer values computed on trial inputs, shared by the loops (a fused loop's outputs are
     # set to zeros of its output shapes, for the layer stacked on it)
@@ -876,15 +923,18 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
         trial_envs.append(env)
     keep = set(outputs)
     out, count = [], 0
+    value_dep, shape_dep = {i["name"] for i in inputs or []}, set()   # _taint, in node order
     for node in nodes:
         if node["op"] != "Loop":
             out.append(node)
+            _taint(node, value_dep, shape_dep)
             continue
+        _taint(node, value_dep, shape_dep)   # (refined below when the loop is fused)
         try:
             kind, (attrs, Wo, Ro, Bo, role, mode), x_seq, mask_seq, states, counters, passthrough, zeros = \
                 _loop_cell(node, producer, users, tensors, keep, opset, set(bool_inputs))
             H = Ro.shape[-1]
-            _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, Wo.shape[-1], H)
+            _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, Wo.shape[-1], H, shape_dep)
         except Exception:  # noqa: BLE001 - _NoFuse, or a loop of a shape this matcher never met:
             out.append(node)  # either way it stays a Loop, which runs exactly (only slower)
             continue
@@ -931,6 +981,9 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
                 new.append({"op": "Squeeze", "name": f"{name}/state{j}", "inputs": [finals[j], base + ".axis0"],
                             "outputs": [o], "attrs": {}})
         out.extend(new)
+        for o in louts:   # the fused cell's output shapes follow X's
+            if o:
+                (shape_dep.add if x_seq in shape_dep else shape_dep.discard)(o)
         for env in trial_envs:   # zeros of the fused cell's output shapes, for a layer stacked on it
             T, B = env[x_seq].shape[:2]
             if scan:
