@@ -202,3 +202,63 @@ def test_a_zero_state_whose_shape_depends_on_the_values_fed_is_not_fused():
         assert "model_11/lstm_7/" in str(e)
         return
     assert got.shape == want.shape and max_violation(got, want) <= 1
+
+
+def _lstm_cell_nodes(split_inputs=("g",)):
+    return [helper.make_node("Gemm", ["h", "R"], ["gh"], transB=1), helper.make_node("Gemm", ["x", "W"], ["gx"], transB=1),
+            helper.make_node("Add", ["gx", "gh"], ["g"]),
+            helper.make_node("Split", list(split_inputs), ["i", "f", "gg", "o"], axis=1,
+                             **({} if len(split_inputs) > 1 else {"num_outputs": 4})),
+            helper.make_node("Sigmoid", ["i"], ["si"]), helper.make_node("Sigmoid", ["f"], ["sf"]),
+            helper.make_node("Tanh", ["gg"], ["tg"]), helper.make_node("Sigmoid", ["o"], ["so"]),
+            helper.make_node("Mul", ["sf", "c"], ["mf"]), helper.make_node("Mul", ["si", "tg"], ["mi"]),
+            helper.make_node("Add", ["mf", "mi"], ["c2"]), helper.make_node("Tanh", ["c2"], ["tc"]),
+            helper.make_node("Mul", ["so", "tc"], ["y"])]
+
+
+def test_a_cell_split_whose_sizes_do_not_cover_the_gates_is_refused():
+    # review: Split(g, [1, 1, 1, 1]) of an 8-wide gate row (H = 2) is an invalid model that
+    # onnxruntime refuses; the LSTM fusion checked only that the sizes were equal, and answered
+    rng = np.random.default_rng(0)
+    I, H, B = 3, 2, 2
+    m = _cell_model(_lstm_cell_nodes(("g", "sz")), [("x", [B, I]), ("h", [B, H]), ("c", [B, H])],
+                    {"W": rng.standard_normal((4 * H, I)).astype(np.float32),
+                     "R": rng.standard_normal((4 * H, H)).astype(np.float32), "sz": np.ones(4, np.int64)})
+    feeds = {k: rng.standard_normal((B, n)).astype(np.float32) for k, n in (("x", I), ("h", H), ("c", H))}
+    with pytest.raises(Exception, match="split"):
+        ort_session(m)
+    with pytest.raises(rnnengine.UnsupportedError, match="Split node"):
+        rnnengine.convert(m).run(feeds)
+
+
+def test_a_tensor_of_the_model_named_like_a_fused_weight_is_not_overwritten():
+    # review: the fusions named their weights fused_lstm_cell0.W/.R/.B and wrote them over a
+    # model's own tensor of that name; a Mul reading it got the fused bias (zeros) instead
+    rng = np.random.default_rng(0)
+    I, H, B = 3, 2, 2
+    nodes = _lstm_cell_nodes() + [helper.make_node("Mul", ["w", "fused_lstm_cell0.B"], ["z"])]
+    m = _cell_model(nodes, [("x", [B, I]), ("h", [B, H]), ("c", [B, H]), ("w", [B, 8 * H])],
+                    {"W": rng.standard_normal((4 * H, I)).astype(np.float32),
+                     "R": rng.standard_normal((4 * H, H)).astype(np.float32),
+                     "fused_lstm_cell0.B": rng.standard_normal((1, 8 * H)).astype(np.float32)})
+    m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    feeds = {k: rng.standard_normal((B, n)).astype(np.float32) for k, n in (("x", I), ("h", H), ("c", H), ("w", 8 * H))}
+    want = ort_session(m).run(None, feeds)
+    gm = rnnengine.convert(m)
+    assert gm.metadata["converter.fused_lstm_cells"] == 1
+    got = gm.run(feeds)
+    for name, w in zip(("y", "z"), want):
+        assert max_violation(got[name], w) <= 1, name
+    # and beside a fused Keras loop
+    k = onnx.load(SEED)
+    k.graph.initializer.append(numpy_helper.from_array(np.full((1, 64), 3.0, np.float32), "fused_keras_lstm0.B"))
+    k.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 64]))
+    k.graph.node.append(helper.make_node("Mul", ["w", "fused_keras_lstm0.B"], ["z"]))
+    k.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64]))
+    feeds = {"x": rng.standard_normal((2, 5, 6)).astype(np.float32), "w": np.ones((2, 64), np.float32)}
+    want = ort_session(k).run(None, feeds)
+    gm = rnnengine.convert(k)
+    assert gm.metadata["converter.fused_keras_loops"] == 1
+    got = gm.run(feeds)
+    for o, w in zip([o.name for o in k.graph.output], want):
+        assert max_violation(got[o], w) <= 1, o

@@ -70,8 +70,32 @@ def _bias_fits(tensors, name, n):
     return b.dtype.kind == "f" and (b.size == 1 and b.ndim <= 2 or b.shape in ((n,), (1, n)))
 
 
-def _even_split(split, tensors, axis_ok=(1, -1)):
-    """A Split along the gates' axis into equal parts (no sizes given, or all sizes equal)."""
+def _names_in_use(nodes, tensors, outputs):
+    """Every value name the graph holds: the new names of a rewrite must be none of them."""
+    names = set(tensors) | set(outputs)
+    for n in nodes:
+        names.update(n["inputs"])
+        names.update(n["outputs"])
+    return names
+
+
+def _free_base(stem, taken):
+    """stem + the first number k such that no name in use is stem+k or starts with
+    stem+k+'.' (the rewrite's names all do): a model's own tensor named like ours
+    ('fused_lstm_cell0.B', review) is never overwritten. Adds the base to taken."""
+    k = 0
+    while True:
+        base = f"{stem}{k}"
+        if base not in taken and not any(t.startswith(base + ".") for t in taken):
+            taken.add(base)
+            return base
+        k += 1
+
+
+def _even_split(split, tensors, axis_ok=(1, -1), width=None):
+    """A Split along the gates' axis into equal parts (no sizes given, or all sizes equal and,
+    with `width`, adding up to it: [1, 1, 1, 1] of an 8-wide gate row is an invalid model
+    that onnxruntime refuses, not a cell)."""
     if split.get("attrs", {}).get("axis", 0) not in axis_ok:
         return False
     sizes = split.get("attrs", {}).get("split")
@@ -82,7 +106,10 @@ def _even_split(split, tensors, axis_ok=(1, -1)):
         if given.dtype.kind not in "iu":  # float sizes (a NaN: a ValueError before; fuzz) are no Split to fuse
             return False
         sizes = given.reshape(-1).tolist()
-    return sizes is None or len(set(int(v) for v in sizes)) == 1
+    if sizes is None:
+        return True
+    sizes = [int(v) for v in sizes]
+    return len(set(sizes)) == 1 and (width is None or sum(sizes) == width)
 
 
 def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
@@ -94,6 +121,7 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
     remove = set()
     shared = {}
     count = 0
+    taken = _names_in_use(nodes, tensors, outputs)
 
     def only_users(name, allowed):
         us = users.get(name, [])
@@ -149,7 +177,8 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
         if W1.ndim != 2 or W2.ndim != 2 or W1.shape[0] != W2.shape[0] or W1.shape[0] % 4:
             continue
         H = W1.shape[0] // 4
-        if not (g1["attrs"].get("transB", 0) and g2["attrs"].get("transB", 0)):
+        if not (g1["attrs"].get("transB", 0) and g2["attrs"].get("transB", 0)) or \
+                not _even_split(split, tensors, width=4 * H):
             continue
         gx, gh = (g2, g1) if W1.shape[1] == H else (g1, g2)
         if tensors[gh["inputs"][1]].shape[1] != H:
@@ -177,7 +206,7 @@ def fuse_lstm_cells(nodes, tensors, outputs, prefix=""):
                     return np.zeros(4 * H, np.float32)
                 return np.broadcast_to(np.asarray(tensors[name], np.float32).reshape(-1), (4 * H,))[perm]
             Bb = np.concatenate([bias(key[2]), bias(key[3])])[None]
-            base = f"{prefix}fused_lstm_cell{len(shared)}"
+            base = _free_base(f"{prefix}fused_lstm_cell", taken)
             tensors[base + ".W"], tensors[base + ".R"], tensors[base + ".B"] = Wx, Rh, np.ascontiguousarray(Bb)
             tensors[base + ".axis0"] = np.array([0], np.int64)
             shared[key] = base
@@ -218,6 +247,7 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
     keep_names = set(outputs)
     replace, remove, shared = {}, set(), {}
     count = 0
+    taken = _names_in_use(nodes, tensors, outputs)
 
     def sole(name, op):
         us = users.get(name, [])
@@ -272,7 +302,8 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
             continue
         Wx, Wh = tensors[gx["inputs"][1]], tensors[gh["inputs"][1]]
         if Wx.ndim != 2 or Wh.ndim != 2 or Wx.shape[0] != Wh.shape[0] or Wx.shape[0] % 3 or \
-                Wh.shape[1] != Wh.shape[0] // 3:
+                Wh.shape[1] != Wh.shape[0] // 3 or not _even_split(split_i, tensors, width=Wx.shape[0]) or \
+                not _even_split(split_h, tensors, width=Wx.shape[0]):
             continue
         H = Wh.shape[1]
         if not all(_bias_fits(tensors, g["inputs"][2] if len(g["inputs"]) > 2 else "", 3 * H) for g in (gx, gh)):
@@ -293,7 +324,7 @@ def fuse_gru_cells(nodes, tensors, outputs, prefix=""):
                 if not name:
                     return np.zeros(3 * H, np.float32)
                 return np.broadcast_to(np.asarray(tensors[name], np.float32).reshape(-1), (3 * H,))[perm]
-            base = f"{prefix}fused_gru_cell{len(shared)}"
+            base = _free_base(f"{prefix}fused_gru_cell", taken)
             tensors[base + ".W"] = np.asarray(Wx, np.float32)[perm][None]
             tensors[base + ".R"] = np.asarray(Wh, np.float32)[perm][None]
             tensors[base + ".B"] = np.ascontiguousarray(np.concatenate([bias(key[2]), bias(key[3])])[None])
@@ -924,6 +955,7 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
     keep = set(outputs)
     out, count = [], 0
     value_dep, shape_dep = {i["name"] for i in inputs or []}, set()   # _taint, in node order
+    taken = None
     for node in nodes:
         if node["op"] != "Loop":
             out.append(node)
@@ -950,7 +982,9 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
         if used:
             out.append(node)  # a counter or an invariant is read after the loop: keep it
             continue
-        base = f"fused_keras_{kind.lower()}{count}"
+        if taken is None:
+            taken = _names_in_use(nodes, tensors, outputs)
+        base = _free_base(f"fused_keras_{kind.lower()}", taken)
         count += 1
         tensors[base + ".W"] = np.ascontiguousarray(Wo[None], np.float32)
         tensors[base + ".R"] = np.ascontiguousarray(Ro[None], np.float32)
