@@ -262,3 +262,48 @@ def test_a_tensor_of_the_model_named_like_a_fused_weight_is_not_overwritten():
     got = gm.run(feeds)
     for o, w in zip([o.name for o in k.graph.output], want):
         assert max_violation(got[o], w) <= 1, o
+
+
+def test_a_condition_capped_beyond_the_sampled_steps_is_not_fused():
+    # review: cond = the body's own condition And step < 299 ran T = 400 as 300 steps in
+    # onnxruntime; the fusion, which ran the condition step by step only up to T = 257, took it
+    # for a plain loop and answered 400 steps. The condition must now be a monotone test of the
+    # step, checked at T - 2 and T - 1 for T up to 2**20.
+    m = onnx.load(SEED)
+    body = next(n for n in m.graph.node if n.op_type == "Loop").attribute[0].g
+    body.initializer.append(numpy_helper.from_array(np.array(299, np.int64), "t_cap"))
+    body.node.extend([helper.make_node("Less", [body.input[0].name, "t_cap"], ["t_lt"]),
+                      helper.make_node("And", [body.output[0].name, "t_lt"], ["t_cond"])])
+    body.output[0].name = "t_cond"
+    onnx.checker.check_model(m)
+    gm = rnnengine.convert(m)
+    assert gm.metadata["converter.fused_keras_loops"] == 0
+    x = np.random.default_rng(0).standard_normal((2, 400, 6)).astype(np.float32)
+    want = ort_session(m).run(None, {"x": x})[0]
+    got = gm.run({"x": x})["lstm_8"]
+    assert want.shape == (2, 300, 8) and got.shape == want.shape and max_violation(got, want) <= 1
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_a_body_with_an_op_beyond_the_cell_is_not_fused(clip):
+    # review: a SimpleRNN(relu) body whose new state is clipped at +-1e4 is the plain cell on
+    # the fusion's numeric trials (values up to ~30) and fused; at inputs x 1e5 onnxruntime
+    # gave 1e4 and rnnengine 1.8e5. Bodies must now hold only the ops of the exporter's cells.
+    m = onnx.load(os.path.join(CORPUS, "keras3_tf2onnx_masking_simplernn_op17.onnx"))
+    body = next(n for n in m.graph.node if n.op_type == "Loop").attribute[0].g
+    k, t = next((k, n) for k, n in enumerate(body.node) if n.op_type == "Tanh")
+    t.op_type = "Relu"
+    if clip:
+        out, t.output[0] = t.output[0], "t_relu"
+        body.initializer.extend([numpy_helper.from_array(np.array(-1e4, np.float32), "t_lo"),
+                                 numpy_helper.from_array(np.array(1e4, np.float32), "t_hi")])
+        body.node.insert(k + 1, helper.make_node("Clip", ["t_relu", "t_lo", "t_hi"], [out]))
+    onnx.checker.check_model(m)
+    gm = rnnengine.convert(m)
+    assert gm.metadata["converter.fused_keras_loops"] == (0 if clip else 1)
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e5):
+        x = (rng.standard_normal((2, 5, 6)) * scale).astype(np.float32)
+        want = ort_session(m).run(None, {"x": x})[0]
+        got = gm.run({"x": x})[m.graph.output[0].name]
+        assert got.shape == want.shape and max_violation(got, want) <= 1, scale

@@ -477,6 +477,78 @@ def _ref_cell(kind, x, h, c, W, R, B, lbr, act):
     return a(x @ W.T + h @ R.T + Wb + Rb), None
 
 
+# the ops of the loop bodies tf2onnx writes for Keras LSTM / GRU / SimpleRNN layers (Keras 2
+# and 3, masked or not; tests/data/corpus and tests/data/masking), and Relu for SimpleRNN(
+# activation='relu'): no op that clips, selects or compares values beyond the step counter
+_KERAS_BODY_OPS = frozenset({"Add", "And", "Cast", "Gather", "Identity", "Less", "MatMul", "Mul", "Not",
+                             "Relu", "Sigmoid", "Slice", "Split", "Squeeze", "Sub", "Tanh", "Unsqueeze"})
+
+
+_WIDENING_CASTS = (1, 6, 7, 10, 11, 16)   # to float, int32, int64, float16, double, bfloat16
+
+
+def _check_monotone_condition(body, cond_out, steps, carried, const_of):
+    """(carried: the loop-carried values that change; steps: the step and its counters.)
+    _NoFuse unless the body's condition is an And of loop-invariant values and Less(a, b)
+    with a = a step counter (`steps`) + constants >= 0 (through Identity and widening Casts) and
+    b loop-invariant; and no Less, And feeds anything but the condition (a Less of the state
+    would be a threshold the numeric trials cannot see)."""
+    bprod = {o: n for n in body["nodes"] for o in n["outputs"] if o}
+    varying, grew = set(steps) | set(carried), True
+    while grew:   # values that change from step to step (to a fixed point: any node order)
+        grew = False
+        for n in body["nodes"]:
+            if any(x in varying for x in n["inputs"] if x) and not all(o in varying for o in n["outputs"] if o):
+                varying.update(o for o in n["outputs"] if o)
+                grew = True
+    cond_nodes = set()
+
+    def increasing(x, depth=0):
+        if depth > 64:
+            return False
+        if x in steps:
+            return True
+        n = bprod.get(x)
+        if n is None:
+            return False
+        cond_nodes.add(id(n))
+        if n["op"] == "Identity" or (n["op"] == "Cast" and n.get("attrs", {}).get("to") in _WIDENING_CASTS):
+            return increasing(n["inputs"][0], depth + 1)
+        if n["op"] == "Add" and len(n["inputs"]) == 2:
+            for a, c in (n["inputs"], n["inputs"][::-1]):
+                v = const_of(c)
+                if v is not None and v.size == 1 and v.dtype.kind in "iuf" and float(v.reshape(-1)[0]) >= 0 \
+                        and increasing(a, depth + 1):
+                    return True
+        return False
+
+    def monotone(x, depth=0):
+        if x not in varying:
+            return True
+        n = bprod.get(x)
+        if n is None or depth > 64:
+            return False
+        cond_nodes.add(id(n))
+        if n["op"] == "Identity":
+            return monotone(n["inputs"][0], depth + 1)
+        if n["op"] == "And":
+            return all(monotone(y, depth + 1) for y in n["inputs"])
+        if n["op"] == "Less" and len(n["inputs"]) == 2:
+            return increasing(n["inputs"][0]) and n["inputs"][1] not in varying
+        return False
+    if not monotone(cond_out):
+        raise _NoFuse("the loop condition is not a monotone test of the step")
+    cond_names = {o for n in body["nodes"] if id(n) in cond_nodes for o in n["outputs"]} | {cond_out}
+    for n in body["nodes"]:
+        if id(n) in cond_nodes:
+            continue
+        if n["op"] in ("Less", "And"):
+            raise _NoFuse(f"a {n['op']} outside the loop condition")
+        if any(x in cond_names and bprod.get(x) is not None and bprod[x]["op"] in ("Less", "And")
+               for x in n["inputs"] if x):
+            raise _NoFuse("the loop condition feeds the step")
+
+
 def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     """The engine cell a Keras recurrent Loop computes, or _NoFuse. Returns the nodes that
     replace the Loop."""
@@ -486,10 +558,13 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     n_car = len(node["inputs"]) - 2
     if len(bout) - 1 - n_car != 1 or n_car < 2:
         raise _NoFuse("not one scan output")
-    if any(n["op"] in ("Where", "Loop", "If", "Scan") for n in body["nodes"]):
-        # a Where selects (a NaN computed at a masked step is dropped) where the C blend
-        # multiplies (m * new + (1 - m) * old keeps it): not the same for NaN and Inf
-        raise _NoFuse("Where or a nested subgraph in the body")
+    other = sorted({n["op"] for n in body["nodes"]} - _KERAS_BODY_OPS)
+    if other:
+        # the numeric trials below see values of moderate size only: an op that is the
+        # identity there and not beyond (a custom cell's Clip or Min of its state at 50, review)
+        # must not be in a body taken for a plain cell. (Where: it selects, so a NaN computed at
+        # a masked step is dropped, where the C blend multiplies, m * new + (1 - m) * old.)
+        raise _NoFuse(f"{other} in the body")
     btensors = body.get("tensors", {})
     bprod = {o: n for n in body["nodes"] for o in n["outputs"] if o}
 
@@ -666,28 +741,28 @@ def _loop_cell(node, producer, users, tensors, keep, opset, bool_inputs=()):
     # from the shapes for several T
     cond_in = ins[1]
     cond_out = bout[0]
-    # (longer T: a cap on the steps shows; the trip count alone, without running the body, at 2**20)
+    # The condition the body computes must be monotone in the step i: an And of loop-invariant
+    # booleans and Less(a, b), a the step (or the counter) plus a constant >= 0 through widening
+    # Casts, b loop-invariant. It is then true up to some step and false from it on, so the
+    # loop runs exactly T times iff it is true at step T - 2 and false at T - 1 (or the trip
+    # count, at least T - 1 steps true, is T). Checked at T from 1 to 2**20; sampling the
+    # steps without the structure missed a cap at 299 (review: And(cond, i < 299)).
+    _check_monotone_condition(body, cond_out, {bin_[0]} | counter_names, set(carried) - set(passthrough), const_of)
     for T, B in ((1, 1), (2, 3), (3, 2), (6, 3), (17, 2), (257, 1), (1 << 20, 1)):
         zero_state = None
         outer = ([ins[0]] if ins[0] else []) + ([cond_in] if cond_in else []) + shape_vals
         vals = dict(zip(outer, _outer_eval(outer, producer, tensors, (x_seq, (T, B, I)), opset)))
         trips = int(np.asarray(vals[ins[0]]).reshape(-1)[0]) if ins[0] else None
-        if T > 257:
-            if trips is not None and trips < T:
-                raise _NoFuse(f"the loop does not run T = {T} times")
-            continue
-        runs = 0 if cond_in and not bool(np.asarray(vals[cond_in]).reshape(-1)[0]) else None
-        i = 0
-        while runs is None and i < T + 1:
-            if trips is not None and i >= trips:
-                runs = trips
-                break
+        if cond_in and not bool(np.asarray(vals[cond_in]).reshape(-1)[0]):
+            raise _NoFuse(f"the loop does not run T = {T} times")   # no step at all
+
+        def cond_at(i):
             env = _eval_nodes(body["nodes"], body_env(i, vals), opset, wanted=[cond_out])
-            i += 1
-            if not bool(np.asarray(env[cond_out]).reshape(-1)[0]):
-                runs = i
-        if runs != T:
-            raise _NoFuse(f"the loop does not run T = {T} times")
+            return bool(np.asarray(env[cond_out]).reshape(-1)[0])
+        if T >= 2 and not cond_at(T - 2):
+            raise _NoFuse(f"the loop does not run T = {T} times")   # stops before step T - 1
+        if trips is not None and trips < T or (trips != T and cond_at(T - 1)):
+            raise _NoFuse(f"the loop does not run T = {T} times")   # fewer, or more than T
     # hypotheses of the engine cell, checked numerically against the body itself
     def vec(b):
         return np.zeros(GH) if b is None else np.asarray(b, np.float64).reshape(-1)
