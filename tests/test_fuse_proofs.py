@@ -307,3 +307,27 @@ def test_a_body_with_an_op_beyond_the_cell_is_not_fused(clip):
         want = ort_session(m).run(None, {"x": x})[0]
         got = gm.run({"x": x})[m.graph.output[0].name]
         assert got.shape == want.shape and max_violation(got, want) <= 1, scale
+
+
+@pytest.mark.parametrize("name", ["keras3_tf2onnx_gru_reset_after_op17", "keras3_tf2onnx_masking_lstm_op17"])
+def test_a_fused_keras_loop_refuses_a_run_of_zero_steps_as_the_loop_does(name):
+    # review: at T = 0 onnxruntime's Loop answers (0, 0, 8) (or fails on the peeled step of a
+    # masked layer); the fused cell answered (2, 0, 8) where the unfused Loop refuses. The
+    # fused cell now refuses too, naming the loop; a stream's empty chunk is still empty.
+    path = os.path.join(CORPUS, name + ".onnx")
+    gm = rnnengine.convert(path)
+    assert gm.metadata["converter.fused_keras_loops"] == 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
+    m = onnx.load(path)
+    try:
+        want = ort_session(m).run(None, {"x": x[:, :0]})[0]
+        assert want.shape != (2, 0, 8)   # onnxruntime's Loop does not give the layer's shape
+    except Exception as e:  # noqa: BLE001
+        assert "ONNXRuntimeError" in str(e)
+    with pytest.raises(rnnengine.UnsupportedError, match="runs 0 times"):
+        gm.run({"x": x[:, :0]})
+    s = gm.stream()
+    out = m.graph.output[0].name
+    assert s.feed({"x": x[:, :0]})[out].shape == (2, 0, 8)
+    whole = gm.run({"x": x})[out]
+    assert np.array_equal(s.feed({"x": x})[out], whole)

@@ -24,7 +24,7 @@ import numpy as np
 from rnnengine.limits import check_eval
 from rnnengine.codes import NP_DTYPES, RECURRENT_OPS
 from rnnengine.frontend.torch_import import gate_permutation
-from rnnengine.ops.handlers import OPS, STATELESS, STEP_MASK  # noqa: F401 (STATELESS, STEP_MASK re-exported)
+from rnnengine.ops.handlers import KERAS_LOOP, OPS, STATELESS, STEP_MASK  # noqa: F401 (STATELESS, STEP_MASK re-exported)
 
 
 
@@ -1067,6 +1067,7 @@ def fuse_keras_loops(nodes, tensors, outputs, opset, bool_inputs=(), inputs=None
         tensors[base + ".axis0"] = np.array([0], np.int64)
         tensors[base + ".axis1"] = np.array([1], np.int64)
         a = dict(attrs)
+        a[KERAS_LOOP] = 1
         rec_ins = [x_seq, base + ".W", base + ".R", base + ".B", "", "", "", ""]
         if mask_seq:
             a[STEP_MASK] = mode

@@ -41,6 +41,10 @@ STATELESS = "rnnengine_stateless"  # converter-made cells start from their given
 # converter-made cells with a per-row step mask (Keras masking): input 8 is the mask (T, B, 1);
 # a masked row-step keeps the state and repeats it as output (rnnengine.h)
 STEP_MASK = "rnnengine_step_mask"
+# converter-made cells that replace a Keras while-loop: a whole run of T = 0 steps is refused,
+# as the Loop it replaces is (onnxruntime's Loop answers (0, 0, H) or fails); a stream's empty
+# chunk is still empty
+KERAS_LOOP = "rnnengine_keras_loop"
 
 
 class PlannerInterface(Protocol):
@@ -1859,7 +1863,7 @@ class ReverseSequence(Handler):
 class Recurrent(Handler):
     """ONNX LSTM / GRU / RNN. The weights must be constants; the layer becomes a one-layer
     rnn_stack packed once per model (see graph.Planner.stack)."""
-    PRIVATE_ATTRS = frozenset({STATELESS, STEP_MASK})
+    PRIVATE_ATTRS = frozenset({STATELESS, STEP_MASK, KERAS_LOOP})
 
     def allowed_attrs(self):
         allowed = set(recurrent_attrs(self.node["op"]))
@@ -1868,10 +1872,10 @@ class Recurrent(Handler):
         return allowed
 
     def layer(self, consts):
-        extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - {STATELESS, STEP_MASK})
+        extra = sorted(set(self.attrs) - set(self.allowed_attrs()) - self.PRIVATE_ATTRS)
         if extra:
             self.fail(f"attribute(s) {extra} not supported (known: {sorted(self.allowed_attrs())})")
-        attrs = {k: v for k, v in self.attrs.items() if k != STEP_MASK}
+        attrs = {k: v for k, v in self.attrs.items() if k not in (STEP_MASK, KERAS_LOOP)}
         try:
             layer = layer_from_onnx(self.node["op"], attrs, consts["W"], consts["R"], consts.get("B"),
                                     consts.get("P"), name=self.node.get("name") or None)
@@ -1918,6 +1922,9 @@ class Recurrent(Handler):
         if x.dtype != np.float32 or len(x.shape) != 3 or x.shape[2] != I:
             self.fail(f"X must be float32 ({'B, T' if layer.layout else 'T, B'}, {I}), got {x.dtype} {x.shape}")
         B, T = (x.shape[0], x.shape[1]) if layer.layout else (x.shape[1], x.shape[0])
+        if self.attrs.get(KERAS_LOOP) and T == 0 and not p.streaming:
+            self.fail("the Keras loop this layer replaces runs 0 times here (T = 0): such a Loop has no "
+                      "defined output shape (onnxruntime answers (0, 0, H) or fails); feed at least one step")
         if x.const is not None:
             x = p.materialize(x)
         if self.attrs.get(STEP_MASK):
