@@ -9,10 +9,13 @@ chunk, what it gives on the whole sequence. While a stream's plan is made
   t      the axis of this value that runs along the stream's time (None: no time axis)
   final  the value at the last step seen so far (a recurrent layer's Y_h / Y_c): the whole
          sequence's value once the stream has been fed all of it
-  tdep   for small integer constants (shape arithmetic): a boolean mask of the elements whose
-         value is the chunk's length (Shape of a time-carrying tensor), so that a Reshape or
-         ConstantOfShape built from it is known to have its time axis there, and arithmetic
-         that uses the length as a number (a mean over time) is refused
+  tdep   for small integer constants (shape arithmetic): a mask of the elements that depend on
+         the chunk's length: EXACT (1) where the value is the length itself (Shape of a
+         time-carrying tensor, moved or cast), so that a Reshape or ConstantOfShape built from
+         it is known to have its time axis there; DERIVED (2) where it is computed from it
+         (T - 1, T * B, a loop's step): never taken for the length (x[:T - 1] is not the whole
+         axis), and refused wherever used as a number or an index (a mean over time, a feature
+         picked at T - 1)
   lag    how many input steps step j of this value trails input step j by (a convolution's
          output j reads up to input step j + span - 1 - left padding; a Pad's leading steps
          run ahead); values combined step by step must have the same lag
@@ -37,6 +40,9 @@ from rnnengine.ops.handlers import (STEP_MASK, emit_conv1d, NotStreamableError, 
                   contiguous_strides, emit_copy)
 
 RULES = {}
+EXACT, DERIVED = 1, 2   # tdep mask values (above); a bool mask's True is EXACT
+# ops whose output element is its input element (a length stays the length)
+_VALUE_PRESERVING = frozenset({"Identity", "Cast", "CastLike", "Dropout"})
 
 
 def rule(*ops):
@@ -108,7 +114,7 @@ def propagate(p: Any, h: Any, xs: list[Any], outs: list[Any]) -> None:
             # result may be the length (refused wherever used as a number or an axis)
             for o in outs:
                 if o is not None and o.const is not None and o.tdep is None and o.t is None:
-                    o.tdep = np.ones(np.shape(o.const), bool)
+                    o.tdep = np.full(np.shape(o.const), DERIVED, np.int8)
     # rows put in an order computed from run-time data (e.g. sorted by length): the order
     # can differ from chunk to chunk, which a recurrent layer's carried state must not see
     perm = any(x is not None and x.perm for x in xs) or \
@@ -191,12 +197,14 @@ def elementwise(p, h, xs, outs):
     lag, scale = _timing(h, xs)
     tdep = None
     if all(o.const is not None for o in outs):
-        masks = [np.broadcast_to(x.tdep, x.shape) if has_tdep(x) else np.zeros(x.shape, bool)
+        masks = [np.broadcast_to(np.asarray(x.tdep, np.int8), x.shape) if has_tdep(x) else np.zeros(x.shape, np.int8)
                  for x in xs if x is not None]
         try:
-            tdep = np.logical_or.reduce([np.broadcast_to(m, out.shape) for m in masks]) if masks else None
+            tdep = np.maximum.reduce([np.broadcast_to(m, out.shape) for m in masks]) if masks else None
         except ValueError:
             tdep = None
+        if tdep is not None and h.node["op"] not in _VALUE_PRESERVING:
+            tdep = np.where(tdep != 0, DERIVED, 0).astype(np.int8)   # T - 1, T * B: not the length
     for o in outs[:1]:
         _set(o, t=t, final=bool(finals) and t is None, lag=lag, scale=scale, tdep=tdep)
     for o in outs[1:]:  # Dropout's mask
@@ -226,13 +234,18 @@ def _mask_of(x, n):
     return np.asarray(x.tdep).reshape(-1) if has_tdep(x) else np.zeros(n, bool)
 
 
-def _shape_axis(h, x, what):
-    """The one element of a shape vector that is the chunk length, or None."""
+def _shape_axis(h, x, what, exact=True):
+    """The one element of a shape vector that is the chunk length, or None. exact=False: an
+    element computed from the length is returned too (the caller checks its value)."""
     if not has_tdep(x):
         return None
-    idx = np.flatnonzero(np.asarray(x.tdep).reshape(-1))
+    mask = np.asarray(x.tdep).reshape(-1)
+    idx = np.flatnonzero(mask)
     if len(idx) != 1:
         raise NotStreamableError(h.node, f"its {what} uses the sequence length in {len(idx)} places")
+    if exact and mask[idx[0]] != EXACT:
+        raise NotStreamableError(h.node, f"its {what} is computed from the sequence length (not the length "
+                                         "itself), so a chunk's would differ from the whole sequence's")
     return int(idx[0])
 
 
@@ -255,15 +268,33 @@ def reshape(p, h, xs, outs):
         return
     a, T = x.t, x.shape[x.t]
     before = int(np.prod(x.shape[:a]))
-    target = _shape_axis(h, xs[1], "target shape") if h.node["op"] == "Reshape" and len(xs) > 1 else None
+    target = _shape_axis(h, xs[1], "target shape", exact=False) if h.node["op"] == "Reshape" and len(xs) > 1 \
+        else None
     cands = [b for b in range(len(out.shape))
              if out.shape[b] == T and int(np.prod(out.shape[:b])) == before]
     if target is not None:
         cands = [b for b in cands if b == target]
-    if len(cands) > 1 and h.node["op"] == "Reshape" and xs[1].const is not None:
-        spec = [int(v) for v in np.asarray(xs[1].const).reshape(-1)]
-        inferred = [b for b in cands if b < len(spec) and spec[b] == -1]  # a chunk of 1: the -1
-        cands = inferred or cands
+    if len(cands) > 1:
+        # several axes fit (a chunk of 1 step reshaped to (1, 1, 1)): where the time axis goes
+        # is where a chunk of P steps puts its P (P a length no other dimension has). Taking
+        # the first fit put time on the batch axis of a Conv after Reshape [0, 0, 0] (review).
+        P = 10007
+        probe = list(x.shape)
+        probe[a] = P
+        try:
+            if h.node["op"] == "Flatten":
+                pshape = list(h.target(tuple(probe)))
+            else:
+                target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
+                if has_tdep(xs[1]):
+                    target[np.asarray(xs[1].tdep).reshape(-1) != 0] = P
+                pshape = list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
+        except Exception:  # noqa: BLE001 - a target that does not scale with time
+            pshape = []
+        cands = [b for b in cands if b < len(pshape) and pshape[b] == P and int(np.prod(pshape[:b])) == before]
+        if len(cands) != 1:
+            raise NotStreamableError(h.node, f"reshapes the time axis {a} of {x.shape} into {out.shape}, and "
+                                             "where time goes cannot be told from a chunk of this length")
     if not cands:
         raise NotStreamableError(h.node, f"reshapes the time axis {a} of {x.shape} into {out.shape}, "
                                          "mixing time with other axes")
@@ -405,6 +436,8 @@ def gather(p, h, xs, outs):
             _set(out)
             return
         return _last_step(h, data, out, idx.const, a)
+    if has_tdep(idx):
+        raise NotStreamableError(h.node, "picks along another axis at an index computed from the sequence length")
     t = data.t if data.t < a else data.t + len(idx.shape) - 1
     _set(out, t=t, lag=data.lag, scale=data.scale)
 
@@ -437,6 +470,7 @@ def slice_(p, h, xs, outs):
     if x.final:
         _set(out, final=True)
         return
+    _no_length_params(h, xs, x.t)
     raw = _raw_slice(h, xs, x.t)
     if raw is not None and raw[2] == 1 and (raw[0] == 0 or raw[0] <= -(2 ** 31)) \
             and (raw[1] >= 2 ** 31 - 1 or raw[3]):
@@ -447,6 +481,23 @@ def slice_(p, h, xs, outs):
         return _last_step(h, x, out, -1, x.t)  # x[-1:], the last step
     raise NotStreamableError(h.node, "slices the time axis (a chunk holds other steps than the whole "
                                      "sequence)")
+
+
+def _no_length_params(h, xs, t):
+    """Refuses a Slice of a time series whose starts, axes or steps, or whose end on another
+    axis than time, depend on the chunk's length (x[..., :T] cuts features at the chunk length)."""
+    if h.opset < 10:
+        return
+    nd = len(xs[0].shape)
+    if any(has_tdep(v) for v in xs[1:2] + xs[3:5] if v is not None):
+        raise NotStreamableError(h.node, "its starts, axes or steps depend on the sequence length")
+    if len(xs) > 2 and has_tdep(xs[2]):
+        emask = np.asarray(xs[2].tdep).reshape(-1)
+        axes = list(range(len(emask))) if len(xs) <= 3 or xs[3] is None or xs[3].const is None else \
+            [int(a) % nd for a in np.asarray(xs[3].const).reshape(-1)]
+        if any(m and a != t for m, a in zip(emask, axes)):
+            raise NotStreamableError(h.node, "slices an axis other than time at a position computed from the "
+                                             "sequence length")
 
 
 def _raw_slice(h, xs, axis):
@@ -467,7 +518,7 @@ def _raw_slice(h, xs, axis):
     if axis not in axes:
         return (0, 2 ** 63 - 1, 1, False)
     k = axes.index(axis)
-    return (starts[k], ends[k], 1 if steps is None else steps[k], bool(emask and emask[k]))
+    return (starts[k], ends[k], 1 if steps is None else steps[k], bool(emask and emask[k] == EXACT))
 
 
 @rule("Split")
@@ -476,6 +527,8 @@ def split(p, h, xs, outs):
     a, _ = h.sizes(x.shape, xs)
     if x.t == a:
         raise NotStreamableError(h.node, "splits the time axis")
+    if (x.t is not None or x.final) and any(has_tdep(v) for v in xs[1:]):
+        raise NotStreamableError(h.node, "splits at sizes computed from the sequence length")
     for o in outs:
         _set(o, t=x.t, final=x.final, lag=x.lag, scale=x.scale)
 

@@ -89,7 +89,7 @@ class Value:
     tid: Optional[int]  # the id of its run-time buffer in the tensor table, once it has one
     t: Optional[int]
     final: bool
-    tdep: Any           # None, or a bool array (rnnengine/ops/streaming.py)
+    tdep: Any           # None, or a mask: EXACT / DERIVED elements (rnnengine/ops/streaming.py)
     lag: int
     scale: int
     perm: bool
@@ -707,11 +707,11 @@ class Planner:
                 if i == 0:
                     self.loop_reads = []
                 # positions counted within the chunk: only good for reading step i
-                sub[names[0]].tdep = np.ones((), bool)
+                sub[names[0]].tdep = np.full((), streaming.DERIVED, np.int8)
                 for name, v in zip(names[2:], carried):
                     if v is not None and v.const is not None and v.dtype.kind in "iu":
                         sub[name] = self.const(v.const)
-                        sub[name].tdep = np.ones(v.shape, bool)
+                        sub[name].tdep = np.full(v.shape, streaming.DERIVED, np.int8)
             try:
                 self.walk(body["nodes"], sub)
             finally:
@@ -1097,13 +1097,32 @@ class _TimeAxes:
             for extra in (max(m, 32), 1024, 4096):
                 longer = self.plan(self.lengthened(members, m + extra), probing=m != n or extra > max(m, 32))
                 if longer is None:
-                    return False  # longer does not plan (a feature axis, or coupled to another): nor will longer still
+                    # longer does not plan: a feature axis, or one coupled to another, or a time
+                    # axis bounded by a table (x + pe[Range(T)] with 40 rows, review: taken for
+                    # no time axis, every chunk then ran as its own sequence). Shorter tells:
+                    # a time axis changes T there, a feature axis does not plan either.
+                    return self.shorter_changes_time(members, m, plan, batches)
                 if self.frames(longer):
                     if {a["B"] for a in longer.recurrent} != batches:
                         return False  # a batch axis: longer probes tell nothing more (and cost more)
                     if self.frames(longer) != self.frames(plan):
                         return True
             return False  # a base that plans frames decides
+        return False
+
+    def shorter_changes_time(self, members: Members, m: int, plan: Plan, batches: set[Any]) -> bool:
+        """Whether these axes, m long in `plan`, change the recurrent layers' T (and no
+        batch) when shortened to m - 1 or m // 2 steps."""
+        for k in sorted({m - 1, m // 2}, reverse=True):
+            if k < 1 or k == m:
+                continue
+            shorter = self.plan(self.lengthened(members, k), probing=True)
+            if self.frames(shorter):
+                assert shorter is not None
+                if {a["B"] for a in shorter.recurrent} != batches:
+                    return False
+                if self.frames(shorter) != self.frames(plan):
+                    return True
         return False
 
     def context_time(self, members: Members) -> bool:
