@@ -388,7 +388,9 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
     for (int64_t i = 0; i < total; i++) {
         const float v = in[i];
         switch (kind) {
-        case RNN_REDUCE_MAX: out[oo] = (v > out[oo] || v != v) ? v : out[oo]; break; /* NaN wins, as onnxruntime */
+        /* NaN wins, as in NumPy and PyTorch (onnxruntime 1.32's ReduceMax/Min give NaN only
+         * for some positions of the NaN in the row: tests/test_nan.py) */
+        case RNN_REDUCE_MAX: out[oo] = (v > out[oo] || v != v) ? v : out[oo]; break;
         case RNN_REDUCE_MIN: out[oo] = (v < out[oo] || v != v) ? v : out[oo]; break;
         case RNN_REDUCE_PROD: out[oo] *= v; break;
         default: out[oo] += v; break;

@@ -389,6 +389,31 @@ BINARY = {"Add": (BIN_ADD, np.add), "Sub": (BIN_SUB, np.subtract), "Mul": (BIN_M
           "Min": (BIN_MIN, np.minimum)}
 
 
+def _pow_eval(h, a, b):
+    """Pow as onnxruntime computes it: powf for float32 (NumPy takes a one-element exponent of
+    0.5 for sqrt, which gives NaN for -inf and -0 for -0 where powf gives +inf and +0: the
+    exponent is given as an array of the result's size); integers as the double pow
+    converted back (exact below 2**53, refused beyond or outside the type, where the
+    conversion is undefined in C and NumPy's exact wrapping power differs)."""
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    n = math.prod(shape)
+    if a.dtype.kind in "iu":
+        with np.errstate(all="ignore"):
+            f = np.power(np.broadcast_to(a, shape).astype(np.float64), np.broadcast_to(b, shape).astype(np.float64))
+        info = np.iinfo(a.dtype)
+        if n and not (np.all(np.isfinite(f)) and np.all(np.abs(f) < 2.0 ** 53) and f.min() >= info.min
+                      and f.max() <= info.max):
+            h.fail(f"integer Pow results beyond +-2**53 or outside {a.dtype} (onnxruntime converts a double "
+                   "pow back, undefined there)")
+        return np.trunc(f).astype(a.dtype)
+    aa = np.broadcast_to(a, shape).reshape(-1)
+    bb = np.broadcast_to(b, shape).astype(a.dtype).reshape(-1)
+    if n == 1:  # (a size-1 exponent takes NumPy's scalar fast paths)
+        aa, bb = np.concatenate([aa, aa]), np.concatenate([bb, bb])
+    with np.errstate(all="ignore"):
+        return np.power(aa, bb.copy())[:n].reshape(shape).astype(a.dtype)
+
+
 @register(*BINARY)
 class Binary(Handler):
     def eval(self, xs):
@@ -404,7 +429,7 @@ class Binary(Handler):
                 return [int_divmod(self, a, b, "div")]
             return [(a / b).astype(a.dtype)]
         if op == "Pow":
-            return [np.power(a, b).astype(a.dtype)]
+            return [_pow_eval(self, a, b)]
         return [BINARY[op][1](a, b).astype(np.result_type(a, b) if a.dtype == b.dtype else a.dtype)]
 
     def emit(self, p, xs):
@@ -653,6 +678,15 @@ def cast_array(x, to):
     byte); float -> bool is x != 0 (NaN -> True)."""
     x = np.asarray(x)
     to = np.dtype(to)
+    if x.dtype.kind == "f" and to in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        # in range: truncated toward 0 (3e9 -> 3000000000, not through int32); out of range,
+        # NaN or infinite: undefined in C (x86 gives values that differ by target): refused
+        v = x.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            ok = (v > -1.0) & (v < float(2 ** (to.itemsize * 8)))
+        if not np.all(ok):
+            raise ValueError(f"Cast to {to} of {v[~ok].reshape(-1)[0]!r}: out of range of {to} (undefined)")
+        return np.trunc(v).astype(to)
     if x.dtype.kind == "f" and to.kind in "iu":
         wide = np.dtype(np.int64) if to == np.int64 else np.dtype(np.int32)
         lim = float(2 ** (wide.itemsize * 8 - 1))
@@ -776,6 +810,8 @@ class Reshape(Handler):
 class Flatten(Handler):
     def target(self, shape):
         a = self.attr("axis", 1)
+        if not (-len(shape) if self.opset >= 11 else 0) <= a <= len(shape):
+            self.fail(f"axis {a} is out of range for rank {len(shape)}")
         a = a + len(shape) if a < 0 else a
         return (math.prod(shape[:a]), math.prod(shape[a:]))  # exact: np.prod wraps around in int64
 
@@ -814,7 +850,7 @@ class _View(Handler):
 @register("Squeeze", attrs=("axes",))
 class Squeeze(_View):
     def target(self, shape, axes):
-        if axes is None:
+        if not axes:  # none given, or an empty axes input: every axis of size 1 (as onnxruntime)
             return tuple(d for d in shape if d != 1)
         axes = {axis_of(self, a, len(shape)) for a in axes}
         for a in axes:
@@ -974,6 +1010,10 @@ class Split(Handler):
                 self.fail(f"input split must hold integers, got {arr.dtype}")
             split = [int(s) for s in arr.reshape(-1)]
         n_out = len(self.node["outputs"])
+        if "num_outputs" in self.attrs and int(self.attr("num_outputs")) != n_out:
+            self.fail(f"num_outputs = {self.attr('num_outputs')} but the node has {n_out} outputs")
+        if split is None and self.opset >= 18 and "num_outputs" not in self.attrs:
+            self.fail("needs the split input or the num_outputs attribute (opset 18)")
         if split is None:
             n = shape[a]
             k = -(-n // n_out) if "num_outputs" in self.attrs else n // n_out
@@ -1106,6 +1146,9 @@ class TopK(Handler):
             k = int(kv.reshape(-1)[0])
         if not 0 <= k <= shape[a]:
             self.fail(f"k = {k} is out of range for axis {a} of size {shape[a]}")
+        if not self.attr("sorted", 1) and k > 1:
+            # the order of unsorted results is onnxruntime's implementation (heap order), not a rule
+            self.fail("sorted = 0 with k > 1 is not supported (the order of the results is unspecified)")
         return a, k
 
     def eval(self, xs):
@@ -1162,7 +1205,12 @@ class ScatterElements(Handler):
         idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             self.fail("an index is out of range")
-        np.put_along_axis(out, idx, upd, axis=a)
+        # element j of the indices and updates goes to the same place on every axis but a (where
+        # the index is): np.put_along_axis would instead stretch indices narrower than the data
+        # over its other axes, writing rows onnxruntime leaves alone (review)
+        grid = list(np.indices(idx.shape, sparse=True))
+        grid[a] = idx
+        out[tuple(grid)] = upd
         return [out]
 
     def emit(self, p, xs):
@@ -1239,7 +1287,7 @@ class Gemm(Handler):
         if self.flag("transB", 0):
             B = B.T
         y = self.attr("alpha", 1.0) * (A @ B)
-        if len(xs) > 2 and xs[2] is not None:
+        if len(xs) > 2 and xs[2] is not None and self.attr("beta", 1.0) != 0:  # beta 0: C unread (a NaN in it too)
             y = y + self.attr("beta", 1.0) * xs[2]
         return [y.astype(np.float32)]
 
@@ -1268,6 +1316,8 @@ class Gemm(Handler):
             self.fail(f"shapes {a.shape} and {B.shape} do not multiply")
         if c is not None and (len(c.shape) > 2 or any(d not in (1, w) for d, w in zip(reversed(c.shape), (N, M)))):
             self.fail(f"C of shape {c.shape} does not broadcast to the result ({M}, {N})")
+        if self.attr("beta", 1.0) == 0:
+            c = None  # C is not read (onnxruntime: 0 * NaN in C does not reach the result)
         bias = None
         out = p.new((M, N), np.float32)
         Bp = p.derived(b.const, f"gemm-panels-{int(self.flag('transB', 0))}-{float(self.attr('alpha', 1.0))!r}",

@@ -338,7 +338,7 @@ def squeeze(p, h, xs, outs):
         return
     axes = _axes(h, xs, 1)
     nd = len(x.shape)
-    axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [axis_of(h, a, nd) for a in axes]
+    axes = [i for i, d in enumerate(x.shape) if d == 1] if not axes else [axis_of(h, a, nd) for a in axes]
     if x.t in axes:
         raise NotStreamableError(h.node, "squeezes away the time axis (a chunk of one step would lose it)")
     _set(out, t=x.t - sum(1 for a in axes if a < x.t), lag=x.lag, scale=x.scale)
