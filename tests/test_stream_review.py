@@ -139,3 +139,61 @@ def test_a_slice_to_the_length_itself_still_streams():
         got = np.concatenate([p["Y"] for p in parts], axis=0)
         assert np.allclose(got, whole["Y"], rtol=1e-5, atol=1e-6) and \
             np.allclose(parts[-1]["Yh"], whole["Yh"], rtol=1e-5, atol=1e-6), sizes
+
+
+def _loop_counter_model(start):
+    """A Loop over time (trip count T) carrying k from `start`, + 1 per step, stacking 2 x[i];
+    then Slice(ys, 0, k) -> LSTM. k ends at T + start: the length only when start is 0."""
+    rng = np.random.default_rng(0)
+    V = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Add", ["k_in", "one"], ["k_out"]), helper.make_node("Identity", ["c_in"], ["c_out"]),
+         helper.make_node("Gather", ["x", "i"], ["xi"], axis=0), helper.make_node("Add", ["xi", "xi"], ["yi"])],
+        "body", [V("i", TensorProto.INT64, []), V("c_in", TensorProto.BOOL, []), V("k_in", TensorProto.INT64, [1])],
+        [V("c_out", TensorProto.BOOL, []), V("k_out", TensorProto.INT64, [1]), V("yi", TensorProto.FLOAT, ["B", I])],
+        [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "i0", "i1"], ["T1"]),
+             helper.make_node("Squeeze", ["T1", "i0"], ["T"]),
+             helper.make_node("Loop", ["T", "true", "k0"], ["kf", "ys"], body=body),
+             helper.make_node("Slice", ["ys", "i0", "kf", "i0"], ["ycut"]),
+             helper.make_node("LSTM", ["ycut", "W", "R", "B"], ["Y", "Yh"], hidden_size=H)]
+    return _model(nodes, ["T", 1, I], dict(i0=np.array([0], np.int64), i1=np.array([1], np.int64),
+                                           k0=np.array([start], np.int64), true=np.array(True), **_lstm(rng, I)))
+
+
+@pytest.mark.parametrize("start", [-1, 0])
+def test_a_loop_counter_is_the_length_only_when_it_counts_from_zero(start):
+    # review of this session's change: after a loop over time every carried integer was marked
+    # as the chunk's length, so Slice(ys, 0, k) with k = T - 1 was taken for the whole axis and
+    # each chunk lost a step; k counted from 0 (k = T) still streams
+    m = _loop_counter_model(start)
+    x = np.random.default_rng(1).standard_normal((7, 1, I)).astype(np.float32)
+    gm, whole = _check_run(m, x)
+    for sizes in ((1,), (2,), (3,), (2, 5)):
+        if start:
+            with pytest.raises(NotStreamableError):
+                _streamed(gm, x, sizes, 0)
+            continue
+        s, parts = _streamed(gm, x, sizes, 0)
+        got = np.concatenate([p["Y"] for p in parts], axis=0)
+        assert got.shape == whole["Y"].shape and np.allclose(got, whole["Y"], rtol=1e-5, atol=1e-6), sizes
+
+
+def test_a_reshape_to_a_cast_shape_after_a_look_ahead_conv_streams():
+    # review of this session's change: a chunk the centred conv holds back (no output steps yet)
+    # reshaped its target through the int8 length mask as indices (every axis set to the probe)
+    rng = np.random.default_rng(0)
+    F, C = 4, 6
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("Conv", ["xt", "Wc"], ["y"], pads=[1, 1]),
+             helper.make_node("Shape", ["y"], ["s"]), helper.make_node("Cast", ["s"], ["s2"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["y", "s2"], ["z"]),
+             helper.make_node("Transpose", ["z"], ["zt"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["zt", "W", "R", "B"], ["Y", "Yh"], hidden_size=H)]
+    m = _model(nodes, ["B", "T", F], dict(Wc=(rng.standard_normal((C, F, 3)) * .3).astype(np.float32), **_lstm(rng, C)))
+    x = rng.standard_normal((2, 7, F)).astype(np.float32)
+    gm, whole = _check_run(m, x)
+    for sizes in ((1,), (2,), (3,), (7,)):
+        s, parts = _streamed(gm, x, sizes, 1)
+        got = np.concatenate([p["Y"] for p in parts if "Y" in p], axis=s.output_axes["Y"])
+        assert got.shape == whole["Y"].shape and np.allclose(got, whole["Y"], rtol=1e-5, atol=1e-6), sizes

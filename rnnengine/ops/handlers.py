@@ -850,8 +850,13 @@ class _View(Handler):
 @register("Squeeze", attrs=("axes",))
 class Squeeze(_View):
     def target(self, shape, axes):
-        if not axes:  # none given, or an empty axes input: every axis of size 1 (as onnxruntime)
+        if axes is None:
             return tuple(d for d in shape if d != 1)
+        if not axes:
+            # onnxruntime's kernel squeezes every unit axis, its graph optimiser none (review:
+            # (1, 2, 1, 3) or (2, 3) by session options): no one answer to give
+            self.fail("an empty axes input is ambiguous (onnxruntime squeezes every unit axis or none, "
+                      "depending on its graph optimisations); give the axes, or none")
         axes = {axis_of(self, a, len(shape)) for a in axes}
         for a in axes:
             if shape[a] != 1:

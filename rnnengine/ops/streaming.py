@@ -314,7 +314,11 @@ def reshape_no_steps(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     else:
         target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
         if has_tdep(xs[1]):
-            target[np.asarray(xs[1].tdep).reshape(-1)] = P
+            mask = np.asarray(xs[1].tdep).reshape(-1)
+            if np.any(mask == DERIVED):
+                raise NotStreamableError(h.node, "reshapes a chunk with no steps to a shape computed from the "
+                                                 "sequence length")
+            target[mask != 0] = P
         out_shape = list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
     fake = type(x)(probe, x.dtype, tid=-1)
     fake.t, fake.lag, fake.scale = x.t, x.lag, x.scale
@@ -338,7 +342,7 @@ def squeeze(p, h, xs, outs):
         return
     axes = _axes(h, xs, 1)
     nd = len(x.shape)
-    axes = [i for i, d in enumerate(x.shape) if d == 1] if not axes else [axis_of(h, a, nd) for a in axes]
+    axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [axis_of(h, a, nd) for a in axes]
     if x.t in axes:
         raise NotStreamableError(h.node, "squeezes away the time axis (a chunk of one step would lose it)")
     _set(out, t=x.t - sum(1 for a in axes if a < x.t), lag=x.lag, scale=x.scale)

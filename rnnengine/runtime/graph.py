@@ -646,6 +646,7 @@ class Planner:
         trips = int(_one_value(node, M.const, "trip count", "iu")) if M is not None else None
         keep_going = bool(_one_value(node, cond.const, "condition", "biu")) if cond is not None else True
         carried: list[Any] = [env[n] if n else None for n in node["inputs"][2:]]
+        initial = list(carried)
         n_carried = len(carried)
         n_scan = len(body["outputs"]) - 1 - n_carried
         states = []
@@ -664,6 +665,22 @@ class Planner:
                 seen.add(name)  # an Identity writing its own input (x -> x) would loop forever
                 name = produced_by[name]["inputs"][0]
             return bool(name == body["inputs"][2 + k])
+
+        def counts_steps(k: int) -> bool:
+            """True when carried value k starts at 0 and the body adds 1 to it: after a loop over
+            time it is the chunk's length (any other counter, one from -1 say, is computed from
+            the length, not the length: review, a Slice to it dropped a step per chunk)."""
+            v0 = initial[k]
+            if v0 is None or v0.const is None or np.asarray(v0.const).size != 1 or \
+                    np.asarray(v0.const).reshape(-1)[0] != 0:
+                return False
+            add = produced_by.get(body["outputs"][1 + k])
+            if add is None or add["op"] != "Add" or len(add["inputs"]) != 2 or body["inputs"][2 + k] not in add["inputs"]:
+                return False
+            other = [x for x in add["inputs"] if x != body["inputs"][2 + k]]
+            one = env.get(other[0]) if len(other) == 1 else None
+            c = one.const if isinstance(one, Value) else body.get("tensors", {}).get(other[0]) if other else None
+            return c is not None and np.asarray(c).size == 1 and np.asarray(c).reshape(-1)[0] == 1
         # a stream carries a loop's state from call to call when the loop runs over time (or,
         # in a model without a time axis, a fixed step per call); another loop starts anew
         if self.streaming and (time_loop or not self.has_time):
@@ -755,7 +772,7 @@ class Planner:
                     if v.const is None:
                         v.final = v.fstate = True
                     else:
-                        v.tdep = np.ones(v.shape, bool)
+                        v.tdep = np.full(v.shape, streaming.EXACT if counts_steps(k) else streaming.DERIVED, np.int8)
         for k, vals in enumerate(scans):
             if not vals:
                 raise UnsupportedError(f"{where(node)}: a loop that runs 0 times has scan outputs of unknown shape")
