@@ -197,3 +197,22 @@ def test_a_reshape_to_a_cast_shape_after_a_look_ahead_conv_streams():
         s, parts = _streamed(gm, x, sizes, 1)
         got = np.concatenate([p["Y"] for p in parts if "Y" in p], axis=s.output_axes["Y"])
         assert got.shape == whole["Y"].shape and np.allclose(got, whole["Y"], rtol=1e-5, atol=1e-6), sizes
+
+
+def test_a_time_axis_fixed_by_a_reshape_to_the_example_length_is_refused():
+    # review: torch.onnx.export(dynamo=True) of a time-major nn.LSTM reshapes Y to the example's
+    # length, [6, -1, H]. A first chunk of 3 planned (3 x 2 rows reshape to (6, 1, H)), longer and
+    # shorter ones did not, and the stream ran with no time axis: each chunk (6, 1, 5) where the
+    # whole run gives (6, 2, 5), without an error.
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y4"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y4", "one"], ["Y3"]),
+             helper.make_node("Reshape", ["Y3", "fixed"], ["Y"])]
+    m = _model(nodes, ["T", "B", I], dict(one=np.array([1], np.int64), fixed=np.array([6, -1, H], np.int64),
+                                          **_lstm(rng, I)), outputs=("Y",))
+    x = rng.standard_normal((6, 2, I)).astype(np.float32)
+    gm, whole = _check_run(m, x)
+    assert whole["Y"].shape == (6, 2, H)
+    for sizes in ((3,), (2,), (1,)):
+        with pytest.raises(rnnengine.RnnEngineError):
+            _streamed(gm, x, sizes, 0)

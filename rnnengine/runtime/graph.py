@@ -1003,6 +1003,9 @@ class _TimeAxes:
         self.lim = lim
         self.limited: LimitError | bool = False  # a probe refused by a limit: an answer not certain to keep
         self.not_streamable: Optional[NotStreamableError] = None  # (context_time: outputs grow, no stream)
+        # axes as long as a recurrent layer's T whose longer and shorter probes all failed to
+        # plan: time, or not, cannot be told (a Reshape to the export's example length)
+        self.undecided: list[Members] = []
         self.groups: list[Members] = []
         by_symbol: dict[Any, Members] = {}
         carried = {a for a, _ in model.state_pairs}
@@ -1118,7 +1121,7 @@ class _TimeAxes:
                     # axis bounded by a table (x + pe[Range(T)] with 40 rows, review: taken for
                     # no time axis, every chunk then ran as its own sequence). Shorter tells:
                     # a time axis changes T there, a feature axis does not plan either.
-                    return self.shorter_changes_time(members, m, plan, batches)
+                    return self.shorter_changes_time(members, m, plan, batches, n)
                 if self.frames(longer):
                     if {a["B"] for a in longer.recurrent} != batches:
                         return False  # a batch axis: longer probes tell nothing more (and cost more)
@@ -1127,19 +1130,24 @@ class _TimeAxes:
             return False  # a base that plans frames decides
         return False
 
-    def shorter_changes_time(self, members: Members, m: int, plan: Plan, batches: set[Any]) -> bool:
+    def shorter_changes_time(self, members: Members, m: int, plan: Plan, batches: set[Any], n: int) -> bool:
         """Whether these axes, m long in `plan`, change the recurrent layers' T (and no
-        batch) when shortened to m - 1 or m // 2 steps."""
+        batch) when shortened to m - 1 or m // 2 steps. When nothing shorter plans either and
+        the axes, fed n long (n >= 2), are as long as a layer's T: noted as undecided."""
+        planned = False
         for k in sorted({m - 1, m // 2}, reverse=True):
             if k < 1 or k == m:
                 continue
             shorter = self.plan(self.lengthened(members, k), probing=True)
+            planned = planned or shorter is not None
             if self.frames(shorter):
                 assert shorter is not None
                 if {a["B"] for a in shorter.recurrent} != batches:
                     return False
                 if self.frames(shorter) != self.frames(plan):
                     return True
+        if not planned and m == n >= 2 and n in self.frames(plan):
+            self.undecided.append(members)
         return False
 
     def context_time(self, members: Members) -> bool:
@@ -1203,6 +1211,16 @@ class _TimeAxes:
                                             f"input axes a stream would be fed, so calls taken one by one would not "
                                             f"give what run() gives on the whole sequence; for independent windows, "
                                             f"call run() on each)") from e
+        if first_chunk and self.undecided:
+            # (review: a dynamo export of a time-major LSTM reshapes Y to the example's length,
+            # [6, -1, 5]; a first chunk of 3 planned, 2 and 4 did not, and the stream ran with no
+            # time axis: each chunk reshaped on its own, (6, 1, 5) for the whole run's (6, 2, 5))
+            name, axis = self.undecided[0][0]
+            raise NotStreamableError({"op": "input", "name": name},
+                                     f"axis {axis} is as long as the recurrent layers' steps ({self.feeds[name].shape[axis]}), "
+                                     "but the graph plans at no other length along it (a shape fixed in the graph, "
+                                     "e.g. a Reshape to the exported example's length), so whether it is time "
+                                     "cannot be told")
         if first_chunk and isinstance(self.limited, LimitError):
             # no axis decided, and a probe that might have decided one was refused: the time
             # axes cannot be told within the limits (not guessed: {} runs chunks apart)
