@@ -31,8 +31,8 @@ int64_t rnn_packed_unpack(const rnn_packed *p, void *out, float *scale);
 void rnn_packed_free(rnn_packed *p);
 float rnn_half_to_float(uint16_t h);
 /* C (M, N) = A (M, K) @ B^T, or C += ... when accumulate; the AVX2+FMA kernel when the
- * CPU has it (rnn_kernel_level) and Bp->data is 64-byte aligned (the kernels' aligned
- * loads), else the plain reference rnn_gemm_packed_ref (same bits per row, slower). */
+ * CPU has it (rnn_kernel_level) and Bp->data is aligned for the kernels' aligned loads
+ * (float32 64 bytes, float16/int8 16), else the plain reference rnn_gemm_packed_ref. */
 void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                      int64_t ldc, int accumulate);
 void rnn_gemm_packed_ref(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,

@@ -750,9 +750,11 @@ static void gemm_packed_block(int64_t M, const float *A, int64_t lda, const rnn_
 void rnn_gemm_packed(int64_t M, const float *A, int64_t lda, const rnn_packed *Bp, float *C,
                      int64_t ldc, int accumulate) {
     if (M <= 0 || Bp->N <= 0) return;
-    if (((uintptr_t)Bp->data & 63) != 0) {
-        /* the kernels load panels aligned: panels the planner placed elsewhere (a graph's
-         * packed MatMul or conv weights inside a weight file) go through the reference */
+    if (((uintptr_t)Bp->data & (Bp->dtype == RNN_WEIGHTS_F32 ? 63 : 15)) != 0) {
+        /* the kernels load panels aligned (float32: 64 bytes; the compact kernels' rows of 16
+         * halves or int8 codes: 16 bytes, which every panel of a split view keeps): panels
+         * placed elsewhere (a graph's packed MatMul or conv weights inside a weight file) go
+         * through the reference */
         rnn_gemm_packed_ref(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
