@@ -148,6 +148,9 @@ def test_reduce_max_keeps_a_nan_wherever_it_sits(const_x):
         m, feeds = _single(op, x, {"axes": [1], "keepdims": 0}, const_x=const_x)
         got = rnnengine.convert(m).run(feeds)["y"]
         assert np.array_equal(got, ref(x, axis=1), equal_nan=True)
-        import torch
+        try:
+            import torch   # (the main CI installs it; the sanitizer build's venv does not)
+        except ImportError:
+            continue
         assert np.array_equal(got, getattr(torch, op[6:].lower())(torch.from_numpy(x), dim=1).values.numpy(),
                               equal_nan=True)
