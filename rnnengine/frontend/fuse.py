@@ -368,8 +368,8 @@ def _eval_nodes(nodes, env, opset, wanted=None):
             stack.extend(x for x in n["inputs"] if x and x not in env)
         nodes = [n for n in nodes if id(n) in need]
     for n in nodes:
-        if n["op"] not in OPS or n["op"] in RECURRENT_OPS:
-            raise _NoFuse(f"{n['op']} in the loop")
+        if n["op"] not in OPS or n["op"] in RECURRENT_OPS or n["op"] in ("Loop", "If", "Scan"):
+            raise _NoFuse(f"{n['op']} {n.get('name')!r} is not evaluated here")
         xs = []
         for x in n["inputs"]:
             if x and x not in env:
@@ -902,7 +902,7 @@ def _check_outer_shapes(nodes, trial_envs, opset, x_seq, zeros, I, H, shape_dep)
             raise _NoFuse("a graph input of unknown rank")
         wanted = [x_seq] + zeros
         try:
-            _eval_nodes(_needed(nodes, wanted, env), env, opset)
+            _eval_nodes(nodes, env, opset, wanted=wanted)   # (a fused loop's outputs are in env)
         except _NoFuse:
             raise
         except Exception as e:  # noqa: BLE001 - a chain onnxruntime would refuse too
@@ -937,7 +937,7 @@ def _taint(node, value_dep, shape_dep):
     """Marks node's outputs in value_dep (their values may depend on the values fed to the
     graph) and shape_dep (their shapes may): Shape and Size give values from shapes only,
     ConstantOfShape a value from its attribute."""
-    ins = [x for x in node["inputs"]]
+    ins = node["inputs"]
     op = node["op"]
     if op in _SHAPE_FREE:
         sizing = []
@@ -956,22 +956,6 @@ def _taint(node, value_dep, shape_dep):
         if o:
             (value_dep.add if valued else value_dep.discard)(o)
             (shape_dep.add if shaped else shape_dep.discard)(o)
-
-
-def _needed(nodes, wanted, env):
-    """The nodes (in order) that compute `wanted` from what env holds; a Loop, If or Scan
-    among them: _NoFuse (the fused loops' outputs are in env already)."""
-    producer = {o: n for n in nodes for o in n["outputs"] if o}
-    need, stack = set(), [w for w in wanted if w not in env]
-    while stack:
-        n = producer.get(stack.pop())
-        if n is None or id(n) in need:
-            continue
-        if n["op"] in ("Loop", "If", "Scan"):
-            raise _NoFuse(f"{n['op']} {n.get('name')!r} among the outer values")
-        need.add(id(n))
-        stack.extend(x for x in n["inputs"] if x and x not in env)
-    return [n for n in nodes if id(n) in need]
 
 
 BOOLEAN_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",

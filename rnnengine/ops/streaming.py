@@ -276,22 +276,14 @@ def reshape(p, h, xs, outs):
         cands = [b for b in cands if b == target]
     if len(cands) > 1:
         # several axes fit (a chunk of 1 step reshaped to (1, 1, 1)): where the time axis goes
-        # is where a chunk of P steps puts its P (P a length no other dimension has). Taking
-        # the first fit put time on the batch axis of a Conv after Reshape [0, 0, 0] (review).
-        P = 10007
-        probe = list(x.shape)
-        probe[a] = P
+        # is where a chunk of P steps puts its P. Taking the first fit put time on the batch
+        # axis of a Conv after Reshape [0, 0, 0] (review).
         try:
-            if h.node["op"] == "Flatten":
-                pshape = list(h.target(tuple(probe)))
-            else:
-                target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
-                if has_tdep(xs[1]):
-                    target[np.asarray(xs[1].tdep).reshape(-1) != 0] = P
-                pshape = list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
+            pshape = _probe_reshape(h, x, xs)
         except Exception:  # noqa: BLE001 - a target that does not scale with time
             pshape = []
-        cands = [b for b in cands if b < len(pshape) and pshape[b] == P and int(np.prod(pshape[:b])) == before]
+        cands = [b for b in cands if b < len(pshape) and pshape[b] == PROBE_STEPS and
+                 int(np.prod(pshape[:b])) == before]
         if len(cands) != 1:
             raise NotStreamableError(h.node, f"reshapes the time axis {a} of {x.shape} into {out.shape}, and "
                                              "where time goes cannot be told from a chunk of this length")
@@ -301,25 +293,33 @@ def reshape(p, h, xs, outs):
     _set(out, t=cands[0], lag=x.lag, scale=x.scale)
 
 
+PROBE_STEPS = 10007   # a chunk length no other dimension has
+
+
+def _probe_reshape(h: Any, x: Any, xs: list[Any]) -> list[int]:
+    """The output shape of this Reshape / Flatten for a chunk of PROBE_STEPS steps (the
+    target's elements computed from the length taken as PROBE_STEPS)."""
+    probe = list(x.shape)
+    probe[x.t] = PROBE_STEPS
+    if h.node["op"] == "Flatten":
+        return list(h.target(tuple(probe)))
+    target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
+    if has_tdep(xs[1]):
+        target[np.asarray(xs[1].tdep).reshape(-1) != 0] = PROBE_STEPS
+    return list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
+
+
 def reshape_no_steps(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     """A Reshape of a chunk with no steps (a conv still filling its window, or finish()):
-    -1 cannot be inferred from zero elements, so the target is resolved for a chunk of P
-    steps (P a length no other dimension has) and the time axis then set back to 0."""
-    P = 10007
+    -1 cannot be inferred from zero elements, so the target is resolved for a chunk of
+    PROBE_STEPS steps and the time axis then set back to 0."""
     x = xs[0]
+    if h.node["op"] != "Flatten" and has_tdep(xs[1]) and np.any(np.asarray(xs[1].tdep) == DERIVED):
+        raise NotStreamableError(h.node, "reshapes a chunk with no steps to a shape computed from the "
+                                         "sequence length")
+    out_shape = _probe_reshape(h, x, xs)
     probe = list(x.shape)
-    probe[x.t] = P
-    if h.node["op"] == "Flatten":
-        out_shape = list(h.target(tuple(probe)))
-    else:
-        target = np.asarray(xs[1].const, np.int64).reshape(-1).copy()
-        if has_tdep(xs[1]):
-            mask = np.asarray(xs[1].tdep).reshape(-1)
-            if np.any(mask == DERIVED):
-                raise NotStreamableError(h.node, "reshapes a chunk with no steps to a shape computed from the "
-                                                 "sequence length")
-            target[mask != 0] = P
-        out_shape = list(_reshape_target(h, tuple(probe), target, h.attr("allowzero", 0)))
+    probe[x.t] = PROBE_STEPS
     fake = type(x)(probe, x.dtype, tid=-1)
     fake.t, fake.lag, fake.scale = x.t, x.lag, x.scale
     out = type(x)(out_shape, x.dtype, tid=-1)
