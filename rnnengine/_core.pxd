@@ -65,6 +65,7 @@ cdef extern from "rnnengine.h" nogil:
         RNN_OP_REVSEQ
         RNN_OP_CONV1D_PACKED
         RNN_OP_STFT
+        RNN_OP_LAYERNORM
 
     ctypedef enum rnn_binary_kind:
         RNN_BIN_ADD

@@ -81,6 +81,7 @@ OP_CUMSUM: Final = 18
 OP_REVSEQ: Final = 19
 OP_CONV1D_PACKED: Final = 20
 OP_STFT: Final = 21
+OP_LAYERNORM: Final = 22
 
 # --- rnn_binary_kind (BINARY, TBINARY), rnn_unary_kind (UNARY), rnn_tunary_kind, rnn_reduce_kind
 BIN_ADD: Final = 0

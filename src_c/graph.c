@@ -59,6 +59,11 @@
  *   REVSEQ    ip: esize, T, B, inner, time_major   in: x (T, B, inner) if time_major else
  *             (B, T, inner), lens (int64, B)   out[t, b] = x[len_b - 1 - t, b] for t < len_b,
  *             else x[t, b]
+ *   LAYERNORM ip: outer, n   fp: epsilon   in: x (outer, n), scale (n) | -1, bias (n) | -1
+ *             out: y (outer, n), mean (outer) | -1, inv_std (outer) | -1. Per row, in double:
+ *             mean, var = mean((x - mean)^2) (two passes, the ONNX function's definition),
+ *             inv_std = 1 / sqrt(var + epsilon); y = (x - mean) inv_std scale + bias,
+ *             rounded once. n >= 1 (onnxruntime refuses an empty row)
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode, started_id
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -260,6 +265,38 @@ static void op_softmax(const int64_t *ip, const float *in, float *out) {
                 for (int64_t i = 0; i < n; i++) y[i * inner] = (float)(exp((double)x[i * inner] - mx) * inv);
             }
         }
+    }
+}
+
+/* ---- LAYERNORM ------------------------------------------------------------------------ */
+
+/* Two passes in double: onnxruntime's CPU kernel takes var = E[x^2] - E[x]^2 in float32,
+ * which cancels when |mean| >> std (rows offset by 1e3 with std 1e-2 lose every digit); the
+ * ONNX function subtracts the mean first, as here. A NaN or an infinity anywhere in a row
+ * makes the whole row NaN, as in onnxruntime (inf - inf). */
+static void op_layernorm(const int64_t *ip, float eps, const float *x, const float *scale, const float *bias,
+                         float *y, float *mean_out, float *inv_out) {
+    const int64_t outer = ip[0], n = ip[1];
+    for (int64_t o = 0; o < outer; o++) {
+        const float *xr = x + o * n;
+        float *yr = y + o * n;
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++) sum += xr[i];
+        const double mean = sum / (double)n;
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            const double d = xr[i] - mean;
+            ss += d * d;
+        }
+        const double inv = 1.0 / sqrt(ss / (double)n + (double)eps);
+        for (int64_t i = 0; i < n; i++) {
+            double v = (xr[i] - mean) * inv;
+            if (scale) v *= scale[i];
+            if (bias) v += bias[i];
+            yr[i] = (float)v;
+        }
+        if (mean_out) mean_out[o] = (float)mean;
+        if (inv_out) inv_out[o] = (float)inv;
     }
 }
 
@@ -991,6 +1028,10 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
             rnn_conv1d_packed(ip, fp[0], T_(ins[0]), T_(ins[1]), ins[2] >= 0 ? T_(ins[2]) : NULL, T_(outs[0]), work);
             break;
         case RNN_OP_STFT: rnn_stft(ip, T_(ins[0]), T_(ins[1]), T_(ins[2]), T_(outs[0]), work); break;
+        case RNN_OP_LAYERNORM:
+            op_layernorm(ip, fp[0], T_(ins[0]), ins[1] >= 0 ? T_(ins[1]) : NULL, ins[2] >= 0 ? T_(ins[2]) : NULL,
+                         T_(outs[0]), outs[1] >= 0 ? T_(outs[1]) : NULL, outs[2] >= 0 ? T_(outs[2]) : NULL);
+            break;
         case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
@@ -1059,7 +1100,7 @@ static int add_ok(int64_t a, int64_t b, int64_t *r) {
 static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
                                        "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
                                        "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ",
-                                       "CONV1D_PACKED", "STFT"};
+                                       "CONV1D_PACKED", "STFT", "LAYERNORM"};
 #define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 /* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
@@ -1261,7 +1302,7 @@ static int verify_instr(vctx *v) {
             if (v->in[5 + r] == o) return bad(v, "outputs %d and %d are both tensor %lld", r, s, (long long)o);
         if (op == RNN_OP_RECURRENT && nip > 6 && o == ip[6]) return bad(v, "output %d is the state tensor %lld", s, (long long)o);
     }
-    if (op != RNN_OP_UNARY && op != RNN_OP_CONV1D_PACKED && v->nfp != 0)
+    if (op != RNN_OP_UNARY && op != RNN_OP_CONV1D_PACKED && op != RNN_OP_LAYERNORM && v->nfp != 0)
         return bad(v, "has %lld float parameters, the op reads none", (long long)v->nfp);
     if (op == RNN_OP_CAST || (op >= RNN_OP_TBINARY && op <= RNN_OP_REVSEQ)) { /* codes and counts the op checks when it runs */
         const char *why = check_typed(op, ip, nip);
@@ -1419,6 +1460,18 @@ static int verify_instr(vctx *v) {
             return 1;
         if (col > v->work) return bad(v, "needs %lld floats of workspace, the program has %lld", (long long)col, (long long)v->work);
         return 0;
+    }
+    case RNN_OP_LAYERNORM: {
+        if (nparams(v, 2) || sizes(v, "the input", 2, ip, &total) || unused(v, 3, 3)) return 1;
+        if (v->nfp != 1) return bad(v, "has %lld float parameters, the op reads 1", (long long)v->nfp);
+        const int64_t outer = ip[0], n = ip[1];
+        if (n < 1) return bad(v, "normalises rows of %lld elements (at least 1)", (long long)n);
+        if (get(v, 0, "input", 1, M_F32, &a) || get(v, 1, "scale", 0, M_F32, &b) || get(v, 2, "bias", 0, M_F32, &c) ||
+            get(v, 4, "output", 1, M_F32, &y) || get(v, 5, "mean", 0, M_F32, &y2) || get(v, 6, "inv_std", 0, M_F32, &y3))
+            return 1;
+        return need(v, &a, "input", "reads", total) || need(v, &b, "scale", "reads", n) ||
+               need(v, &c, "bias", "reads", n) || need(v, &y, "output", "writes", total) ||
+               need(v, &y2, "mean", "writes", outer) || need(v, &y3, "inv_std", "writes", outer);
     }
     case RNN_OP_STFT: {
         if (nparams(v, 7) || unused(v, 3, 1)) return 1;

@@ -132,6 +132,7 @@ VERSIONS = {
                 13: "normalises along one axis, default -1 (implemented)"},
     "LogSoftmax": {1: "coerces to 2-D at axis (implemented)", 11: NEG_AXIS,
                    13: "normalises along one axis, default -1 (implemented)"},
+    "LayerNormalization": {17: "introduced (axis, epsilon; stash_type 1; Scale / B broadcast to X) (implemented)"},
     "Conv": {1: "convolution", 11: "clarified auto_pad / kernel_shape (no change in the result)", 22: BF16},
     "Pad": {2: "pads / value attributes (implemented)", 11: "pads / constant_value inputs (implemented); " + INTS,
             13: "more types (types only)", 18: "axes input (implemented)", 19: "wrap mode (implemented)",

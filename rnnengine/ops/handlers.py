@@ -24,7 +24,8 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_ELU, ACT_HARD_SIGMOID, ACT_LEAKY_RELU, ACT_RELU, ACT_SIGMOID, ACT_SOFTPLUS, ACT_SOFTSIGN, ACT_TANH,
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
-    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_STFT, OP_CUMSUM, OP_GATHER, OP_MATMUL, OP_PAD,
+    DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_STFT, OP_CUMSUM, OP_GATHER, OP_LAYERNORM,
+    OP_MATMUL, OP_PAD,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -1372,6 +1373,98 @@ class Softmax(Handler):
         out = p.new(x.shape, np.float32)
         p.emit(OP_SOFTMAX, [x], [out], list(self.geometry(x.shape)) + [int(self.node["op"] == "LogSoftmax")])
         return [out]
+
+
+@register("LayerNormalization", attrs=("axis", "epsilon", "stash_type"))
+class LayerNormalization(Handler):
+    """LayerNormalization-17 (nn.LayerNorm as both PyTorch exporters write it from opset 17,
+    Keras LayerNormalization through tf2onnx): over the axes [axis, rank) of each row,
+    Y = (X - mean) / sqrt(var + epsilon) * Scale + B with var = mean((X - mean)^2); outputs
+    Mean and InvStdDev (optional) of shape X.shape[:axis] + 1s.
+
+    Numerics: the statistics are computed in float64, var in two passes, as the ONNX function
+    defines it; onnxruntime's CPU kernel takes var = E[x^2] - E[x]^2 in float32, which cancels
+    when |mean| >> std (a row offset by 1e3 with a spread of 1e-2): there onnxruntime is the
+    one far from the exact value. Scale and B broadcast to X's shape without growing it
+    (onnxruntime 1.32's rule). Refused: stash_type other than 1 (float32 statistics), inputs
+    other than float32, and an empty row (onnxruntime refuses it too)."""
+
+    def geometry(self, xshape, others):
+        """(axis, outer, n) for an X of this shape; `others`: (what, shape or None) of Scale, B."""
+        r = len(xshape)
+        a = axis_of(self, self.attr("axis", -1), r)
+        stash = self.attr("stash_type", 1)
+        if not isinstance(stash, (int, np.integer)) or int(stash) != 1:
+            self.fail(f"stash_type {stash!r} is not supported (only 1: float32 statistics)")
+        eps = self.attr("epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (float, int, np.floating, np.integer)):
+            self.fail(f"epsilon must be a float, got {eps!r}")
+        n = math.prod(xshape[a:])
+        if n == 0:
+            self.fail(f"normalises over X's axes {a}.. of shape {tuple(xshape[a:])}, which hold no element "
+                      "(onnxruntime refuses an empty row too)")
+        for what, shape in others:
+            if shape is None:
+                continue
+            if len(shape) > r or any(d not in (1, w) for d, w in zip(reversed(shape), reversed(xshape))):
+                self.fail(f"{what} of shape {tuple(shape)} does not broadcast to X's shape {tuple(xshape)} "
+                          "without growing it")
+        return a, math.prod(xshape[:a]), n
+
+    def epsilon(self):
+        return np.float32(self.attr("epsilon", 1e-5))  # (a float32 attribute; C adds it in double)
+
+    def eval(self, xs):
+        x, scale = xs[0], xs[1]
+        bias = xs[2] if len(xs) > 2 else None
+        for what, v in (("X", x), ("Scale", scale), ("B", bias)):
+            if v is not None and v.dtype != np.float32:
+                self.fail(f"{what} is {v.dtype}; only float32 is supported")
+        a, _, _ = self.geometry(x.shape, [("Scale", scale.shape), ("B", None if bias is None else bias.shape)])
+        axes = tuple(range(a, x.ndim))
+        xd = x.astype(np.float64)
+        mean = xd.mean(axis=axes, keepdims=True)
+        var = ((xd - mean) ** 2).mean(axis=axes, keepdims=True)
+        inv = 1.0 / np.sqrt(var + np.float64(self.epsilon()))
+        y = (xd - mean) * inv * scale.astype(np.float64)
+        if bias is not None:
+            y = y + bias.astype(np.float64)
+        return [y.astype(np.float32), mean.astype(np.float32), inv.astype(np.float32)]
+
+    def emit(self, p, xs):
+        x, scale = xs[0], xs[1]
+        bias = xs[2] if len(xs) > 2 else None
+        if scale is None:
+            self.fail("Scale is required")
+        for what, v in (("X", x), ("Scale", scale), ("B", bias)):
+            if v is not None and v.dtype != np.float32:
+                self.fail(f"takes float32 inputs at run time, got {what} of {v.dtype}")
+        a, outer, n = self.geometry(x.shape, [("Scale", scale.shape), ("B", None if bias is None else bias.shape)])
+        r = len(x.shape)
+
+        def row(v):
+            """A constant Scale / B that is the same for every row, as the n values the
+            kernel reads; None when it is not (it is then applied by broadcast afterwards)."""
+            if v is None or v.const is None:
+                return None
+            c = np.asarray(v.const, np.float32).reshape((1,) * (r - v.const.ndim) + tuple(v.const.shape))
+            if any(d != 1 for d in c.shape[:a]):
+                return None
+            return p.const(np.ascontiguousarray(np.broadcast_to(c, (1,) * a + tuple(x.shape[a:])).reshape(-1)))
+        s_row, b_row = row(scale), row(bias)
+        fused = s_row is not None and (bias is None or b_row is not None)
+        outputs = self.node["outputs"]
+        stats = tuple(x.shape[:a]) + (1,) * (r - a)
+        y = p.new(tuple(x.shape), np.float32)
+        mean = p.new(stats, np.float32) if len(outputs) > 1 and outputs[1] else None
+        inv = p.new(stats, np.float32) if len(outputs) > 2 and outputs[2] else None
+        p.emit(OP_LAYERNORM, [x, s_row if fused else None, b_row if fused else None], [y, mean, inv],
+               [outer, n], [float(self.epsilon())])
+        if not fused:  # a per-row or run-time Scale / B: the broadcast product and sum
+            y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, y, scale)
+            if bias is not None:
+                y = Binary({**self.node, "op": "Add"}, 14).emit2(p, y, bias)
+        return [y, mean, inv][:max(1, len(outputs))]
 
 
 # --- audio front ends --------------------------------------------------------------------

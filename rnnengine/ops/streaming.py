@@ -582,6 +582,30 @@ def softmax(p, h, xs, outs):
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
 
 
+@rule("LayerNormalization")
+def layernorm(p, h, xs, outs):
+    x = xs[0]
+    if any(timed(v) or has_tdep(v) for v in xs[1:]):
+        raise NotStreamableError(h.node, "its Scale or B changes with time")
+    if x.final:
+        for o in outs:
+            if o is not None:
+                _set(o, final=True)
+        return
+    if x.t is None:
+        raise NotStreamableError(h.node, "normalises a value computed from the sequence length")
+    r = len(x.shape)
+    if x.t >= axis_of(h, h.attr("axis", -1), r):
+        raise NotStreamableError(h.node, "normalises over the time axis (needs the whole sequence)")
+    for v in xs[1:]:
+        k = x.t - (r - len(v.shape)) if v is not None else -1
+        if k >= 0 and v.shape[k] != 1:
+            raise NotStreamableError(h.node, f"scales the time axis by a tensor of fixed length {v.shape[k]} along it")
+    for o in outs:
+        if o is not None:
+            _set(o, t=x.t, lag=x.lag, scale=x.scale)
+
+
 def _reduced_axes(h, x, xs):
     op = h.node["op"]
     if op in ("ArgMax", "ArgMin", "CumSum", "TopK"):

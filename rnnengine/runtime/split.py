@@ -14,7 +14,7 @@ row-independent:
   operand may not vary along the batch axis), MatMul / Gemm / Conv with constant weights and
   the batch outside the contracted axis, Transpose, Reshape-like ops that keep the batch as
   its own axis with the same row blocks (a Reshape merging the batch with another axis is
-  refused), Slice / Gather / Concat / Split / Pad / Expand / Softmax / reductions / CumSum /
+  refused), Slice / Gather / Concat / Split / Pad / Expand / Softmax / LayerNormalization / reductions / CumSum /
   ArgMax / TopK along other axes only, LSTM / GRU / RNN with their batch axis on the batch,
   If with a constant condition (its branch followed), shape arithmetic (constants);
   anything else (Loop, sequence ops, ops without a rule) is refused;
@@ -236,6 +236,24 @@ def along_axis(node, h, xs, outs):
     return [b] * len(outs)
 
 
+def layernorm(node, h, xs, outs):
+    """LayerNormalization: each row normalised over the axes [axis, rank), which must all
+    follow the batch axis; Scale and B constants of one value along the batch axis."""
+    x = xs[0]
+    r = len(x.shape)
+    if x.b >= _axis(h.attrs.get("axis", -1), r):
+        _fail(node, "normalises over the batch axis")
+    for v in xs[1:]:
+        if v is None:
+            continue
+        if v.const is None:
+            _fail(node, "has a run-time Scale or B")
+        k = x.b - (r - len(v.shape))
+        if k >= 0 and v.shape[k] != 1:
+            _fail(node, "its Scale or B is as long as the batch along the batch axis")
+    return [x.b] * len(outs)
+
+
 def reduce(node, h, xs, outs):
     x = xs[0]
     r = len(x.shape)
@@ -278,7 +296,7 @@ RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshap
               "Unsqueeze": reshape_like, "Slice": slice_, "Gather": gather, "Concat": concat, "Split": split,
               "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv,
               "Softmax": along_axis, "LogSoftmax": along_axis, "Hardmax": along_axis, "ArgMax": along_axis,
-              "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis,
+              "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis, "LayerNormalization": layernorm,
               "LSTM": recurrent, "GRU": recurrent, "RNN": recurrent})
 RULES.update({op: reduce for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")})
