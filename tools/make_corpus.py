@@ -280,6 +280,27 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
         def forward(self, x):
             return self.m(x)
 
+    class Normed(nn.Module):
+        """nn.LayerNorm over the input features, a recurrent layer, nn.LayerNorm over its
+        outputs, a Linear head (pre- and post-norm, as in speech and token models). Both
+        exporters write LayerNormalization from opset 17; the legacy exporter below 17
+        spells it out (ReduceMean, Sub, Pow, Sqrt, Div, Mul, Add)."""
+
+        def __init__(self, kind):
+            super().__init__()
+            self.n0 = nn.LayerNorm(I)
+            self.r = getattr(nn, kind)(I, H, batch_first=True)
+            self.n1 = nn.LayerNorm(H, eps=1e-3)
+            self.o = nn.Linear(H, 5)
+            with torch.no_grad():  # non-trivial affine parameters (nn.LayerNorm starts at 1 and 0)
+                for n in (self.n0, self.n1):
+                    n.weight.uniform_(0.5, 1.5)
+                    n.bias.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            y, _ = self.r(self.n0(x))
+            return self.o(self.n1(y))
+
     base = [("dynamo", 18), ("legacy", 14), ("legacy", 17)]
     xo = [("x", "float", bt)]
     models = []
@@ -361,6 +382,12 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                                           "weight_hr dropped, and an initial_c of the real hidden size (8); the "
                                           "file does not compute nn.LSTM(proj_size): the engine must refuse it, "
                                           "naming the LSTM node"}}))
+    for kind in ("LSTM", "GRU"):
+        models.append((f"layernorm_{kind.lower()}_layernorm_linear", Normed(kind), (x_bf,), xo, ["logits"],
+                       f"nn.LayerNorm -> nn.{kind} (batch first) -> nn.LayerNorm -> nn.Linear",
+                       {"pattern": "layernorm", "exports": base + [("dynamo", 22), ("legacy", 23)],
+                        "streaming": stream("layer norms over the features of each step and a forward "
+                                            "recurrence")}))
     return models
 
 

@@ -132,6 +132,13 @@ VERSIONS = {
                 13: "normalises along one axis, default -1 (implemented)"},
     "LogSoftmax": {1: "coerces to 2-D at axis (implemented)", 11: NEG_AXIS,
                    13: "normalises along one axis, default -1 (implemented)"},
+    "Erf": {9: "introduced", 13: BF16},
+    "Gelu": {20: "introduced (approximate none / tanh, implemented)"},
+    "PRelu": {7: "numpy-style unidirectional broadcast of the slope (implemented)", 9: INTS, 16: BF16},
+    "BatchNormalization": {7: "is_test dropped; spatial attribute (spatial=1 implemented, 0 refused)",
+                           9: "spatial dropped (per channel) (implemented)", 14: "training_mode attribute (0 "
+                           "implemented: inference with the stored statistics; 1 refused)", 15: "scale / bias / "
+                           "statistics may have their own float types (float32 implemented)"},
     "LayerNormalization": {17: "introduced (axis, epsilon; stash_type 1; Scale / B broadcast to X) (implemented)"},
     "Conv": {1: "convolution", 11: "clarified auto_pad / kernel_shape (no change in the result)", 22: BF16},
     "Pad": {2: "pads / value attributes (implemented)", 11: "pads / constant_value inputs (implemented); " + INTS,

@@ -29,7 +29,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
-    UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
+    UNARY_ABS, UNARY_CEIL, UNARY_CLIP, UNARY_ERF, UNARY_EXP, UNARY_FLOOR, UNARY_LOG, UNARY_NEG, UNARY_RECIPROCAL,
     UNARY_SQRT, recurrent_attrs)
 from rnnengine.frontend.opsets import schema as opset_schema
 from rnnengine.limits import refuse, resolve
@@ -525,6 +525,8 @@ UNARY = {
     "Reciprocal": (UNARY_RECIPROCAL, lambda x, a, b: (1 / x).astype(x.dtype), 0, 0),
     "Floor": (UNARY_FLOOR, lambda x, a, b: np.floor(x), 0, 0),
     "Ceil": (UNARY_CEIL, lambda x, a, b: np.ceil(x), 0, 0),
+    # (NumPy has no erf: math.erf per element, in float64, rounded once; C: erff)
+    "Erf": (UNARY_ERF, lambda x, a, b: np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype), 0, 0),
 }
 
 
@@ -558,6 +560,129 @@ class Unary(Handler):
         out = p.new(x.shape, np.float32)
         p.emit(OP_UNARY, [x], [out], [kind, int(np.prod(x.shape))], [a, b])
         return [out]
+
+
+def emit_chain(h, p, x, steps):
+    """Elementwise float32 steps on x, each one instruction rounded once: ("mul" | "add",
+    a number) or (a unary op's name,). For ops the ONNX function defines as such a chain."""
+    for step in steps:
+        if step[0] in ("mul", "add"):
+            x = Binary({**h.node, "op": "Mul" if step[0] == "mul" else "Add"}, 14).emit2(
+                p, x, p.const(np.asarray(step[1], np.float32)))
+        else:
+            x = Unary({**h.node, "op": step[0], "attrs": {}}, 13).emit(p, [x])[0]
+    return x
+
+
+@register("Gelu", attrs=("approximate",))
+class Gelu(Handler):
+    """Gelu-20: x/2 (1 + erf(x / sqrt 2)), or with approximate="tanh"
+    x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); computed in float32 step by step as the
+    ONNX function writes it. (Exporters below opset 20 write the same chain as separate
+    nodes: Div / Erf / Add / Mul.)"""
+
+    def mode(self):
+        m = self.attr("approximate", "none")
+        m = m.decode() if isinstance(m, bytes) else m
+        if m not in ("none", "tanh"):
+            self.fail(f"approximate={m!r} is not defined (none or tanh)")
+        return m
+
+    def eval(self, xs):
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"X is {x.dtype}; only float32 is supported")
+        xd = x.astype(np.float64)
+        if self.mode() == "none":
+            y = 0.5 * xd * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(xd / math.sqrt(2.0)))
+        else:
+            y = 0.5 * xd * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd ** 3)))
+        return [y.astype(np.float32)]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+        if self.mode() == "none":
+            inner = emit_chain(self, p, x, [("mul", np.float32(1 / math.sqrt(2.0))), ("Erf",)])
+        else:
+            cube = Binary({**self.node, "op": "Mul"}, 14).emit2(p, Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, x), x)
+            poly = Binary({**self.node, "op": "Add"}, 14).emit2(p, x, emit_chain(self, p, cube, [("mul", 0.044715)]))
+            inner = emit_chain(self, p, poly, [("mul", np.float32(math.sqrt(2.0 / math.pi))), ("Tanh",)])
+        half = emit_chain(self, p, inner, [("add", 1.0)])
+        return [emit_chain(self, p, Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, half), [("mul", 0.5)])]
+
+
+@register("PRelu")
+class PRelu(Handler):
+    """x where x >= 0, slope * x elsewhere; slope broadcasts to X (unidirectionally: the
+    output has X's shape). NaN stays NaN."""
+
+    def check(self, x, slope):
+        if x.dtype != np.float32 or slope.dtype != np.float32:
+            self.fail(f"takes float32 X and slope, got {x.dtype} and {slope.dtype}")
+        if broadcast_shape(self, x.shape, slope.shape) != tuple(x.shape):
+            self.fail(f"slope of shape {tuple(slope.shape)} does not broadcast to X's shape {tuple(x.shape)}")
+
+    def eval(self, xs):
+        x, slope = xs
+        self.check(x, slope)
+        return [np.where(x < 0, x * slope, x).astype(np.float32)]
+
+    def emit(self, p, xs):
+        x, slope = xs
+        self.check(x, slope)
+        neg = Compare({**self.node, "op": "Less"}, 13).emit(p, [x, p.const(np.zeros((), np.float32))])[0]
+        scaled = Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, slope)
+        return Where({**self.node, "op": "Where"}, 16).emit(p, [neg, scaled, x])
+
+
+@register("BatchNormalization", attrs=("epsilon", "momentum", "spatial", "training_mode"))
+class BatchNormalization(Handler):
+    """Inference-mode BatchNormalization over channel axis 1 of (N, C, ...):
+    Y = (X - mean) / sqrt(var + epsilon) * scale + B with the stored statistics, computed as
+    onnxruntime computes it: per channel a = scale / sqrt(var + epsilon) and
+    b = B - mean * a (float64, rounded to float32 once), then Y = X * a + b in float32.
+    Refused: training_mode=1 (batch statistics, running-mean outputs), spatial=0 (opset 7's
+    per-element statistics), run-time statistics, other types than float32."""
+
+    def affine(self, xs):
+        x = xs[0]
+        if self.flag("training_mode", 0):
+            self.fail("training_mode=1 (statistics of the batch itself) is not supported: export the model in "
+                      "eval mode")
+        if not self.flag("spatial", 1):
+            self.fail("spatial=0 (statistics per element, opset 7) is not supported")
+        if len(self.node["outputs"]) > 1 and any(self.node["outputs"][1:]):
+            self.fail("running mean / variance outputs exist only in training mode")
+        if len(x.shape) < 2:
+            self.fail(f"X must have a channel axis 1, got shape {tuple(x.shape)}")
+        C = x.shape[1]
+        params = []
+        for k, what in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")):
+            v = optional_const(self, xs, k, what)
+            if v is None:
+                self.fail(f"input {what} is required")
+            if v.dtype != np.float32 or v.shape != (C,):
+                self.fail(f"{what} must be float32 of shape ({C},), got {v.dtype} of shape {tuple(v.shape)}")
+            params.append(v.astype(np.float64))
+        if x.dtype != np.float32:
+            self.fail(f"X must be float32, got {x.dtype}")
+        scale, bias, mean, var = params
+        eps = np.float64(np.float32(self.attr("epsilon", 1e-5)))
+        a = scale / np.sqrt(var + eps)
+        b = bias - mean * a
+        tail = (1,) * (len(x.shape) - 2)
+        return a.astype(np.float32).reshape((C,) + tail), b.astype(np.float32).reshape((C,) + tail)
+
+    def eval(self, xs):
+        a, b = self.affine(xs)
+        return [(xs[0] * a + b).astype(np.float32)]
+
+    def emit(self, p, xs):
+        a, b = self.affine(xs)
+        y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], p.const(a))
+        return [Binary({**self.node, "op": "Add"}, 14).emit2(p, y, p.const(b))]
 
 
 @register("Clip", attrs=("min", "max"))

@@ -582,6 +582,20 @@ def softmax(p, h, xs, outs):
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
 
 
+@rule("BatchNormalization")
+def batchnorm(p, h, xs, outs):
+    """A per-channel affine map on axis 1 (the statistics are constants)."""
+    x = xs[0]
+    if x.final:
+        _set(outs[0], final=True)
+        return
+    if x.t is None:
+        raise NotStreamableError(h.node, "normalises a value computed from the sequence length")
+    if x.t == 1:
+        raise NotStreamableError(h.node, "its channel axis is the time axis (one statistic per time step)")
+    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+
+
 @rule("LayerNormalization")
 def layernorm(p, h, xs, outs):
     x = xs[0]

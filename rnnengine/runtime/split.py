@@ -254,6 +254,15 @@ def layernorm(node, h, xs, outs):
     return [x.b] * len(outs)
 
 
+def batchnorm(node, h, xs, outs):
+    """BatchNormalization: constant statistics per channel (axis 1), not the batch axis."""
+    if xs[0].b == 1:
+        _fail(node, "its channel axis is the batch axis")
+    if any(v is not None and v.const is None for v in xs[1:]):
+        _fail(node, "has run-time statistics")
+    return [xs[0].b] + [None] * (len(outs) - 1)
+
+
 def reduce(node, h, xs, outs):
     x = xs[0]
     r = len(x.shape)
@@ -297,6 +306,7 @@ RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshap
               "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv,
               "Softmax": along_axis, "LogSoftmax": along_axis, "Hardmax": along_axis, "ArgMax": along_axis,
               "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis, "LayerNormalization": layernorm,
+              "BatchNormalization": batchnorm,
               "LSTM": recurrent, "GRU": recurrent, "RNN": recurrent})
 RULES.update({op: reduce for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")})

@@ -44,7 +44,8 @@ OPS = ["LSTM", "GRU", "RNN", "Loop", "If", "Scan", "MatMul", "Gemm", "Conv", "Ga
        "Slice", "Concat", "Squeeze", "Unsqueeze", "Expand", "Tile", "ConstantOfShape", "Range", "Shape",
        "Cast", "Where", "ReverseSequence", "Split", "Pad", "ReduceMean", "Softmax", "Add", "Mul", "Identity",
        "SequenceAt", "SequenceInsert", "SplitToSequence", "ConcatFromSequence", "NonZero", "TopK", "Resize",
-       "Constant", "Sigmoid", "Tanh", "Relu", "Not", "Equal", "Less", "Greater", "CumSum", "Einsum"]
+       "Constant", "Sigmoid", "Tanh", "Relu", "Not", "Equal", "Less", "Greater", "CumSum", "Einsum",
+       "LayerNormalization"]
 
 
 def _edit_list(r, values, pool, k):

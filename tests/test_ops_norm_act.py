@@ -1,0 +1,162 @@
+"""Erf, Gelu (opset 20), PRelu and BatchNormalization (inference mode): against onnxruntime
+on random non-symmetric data, NaN and infinities included; streams through them equal the
+whole run; what they cannot compute exactly is refused naming the node."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import rnnengine
+from oracle import max_violation
+from rnnengine.errors import NotStreamableError
+
+F = TensorProto.FLOAT
+rng = np.random.default_rng(2024)
+
+
+def one_node(op, xshape, inits=(), attrs=None, opset=17, outs=("y",), name="n", sym=None):
+    shape = list(xshape)
+    for axis in sym or ():
+        shape[axis] = "T"
+    node = helper.make_node(op, ["x"] + [n for n, _ in inits], list(outs), name=name, **(attrs or {}))
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, shape)],
+                          [helper.make_tensor_value_info(o, F, None) for o in outs],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10 if opset >= 20 else 8
+    return m
+
+
+def check(m, x):
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    gm = rnnengine.convert(m)
+    got = gm.run({"x": x})[m.graph.output[0].name]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert max_violation(got[ok], want[ok]) <= 1.0, float(np.abs(got[ok] - want[ok]).max())
+    return gm, got
+
+
+def data(shape, scale=3.0):
+    x = (rng.standard_normal(shape) * scale + 0.3).astype(np.float32)
+    flat = x.reshape(-1)
+    if flat.size >= 6:
+        flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 40.0]
+    return x
+
+
+def test_erf():
+    check(one_node("Erf", (4, 50)), data((4, 50)))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_opset20(approximate):
+    check(one_node("Gelu", (3, 40), attrs={"approximate": approximate}, opset=20), data((3, 40)))
+
+
+def test_gelu_unknown_approximation_refused():
+    m = one_node("Gelu", (3, 4), attrs={"approximate": "fast"}, opset=20, name="g1")
+    with pytest.raises(rnnengine.UnsupportedError, match="g1.*approximate='fast'"):
+        rnnengine.convert(m).run({"x": np.ones((3, 4), np.float32)})
+
+
+@pytest.mark.parametrize("slope_shape", [(1,), (5, 1), (5, 7), (7,), ()])
+def test_prelu(slope_shape):
+    slope = (rng.standard_normal(slope_shape) * 0.5).astype(np.float32)
+    check(one_node("PRelu", (2, 5, 7), [("s", slope)]), data((2, 5, 7)))
+
+
+def test_prelu_slope_that_grows_x_is_refused():
+    m = one_node("PRelu", (5,), [("s", np.ones((2, 5), np.float32))], name="p1")
+    with pytest.raises(rnnengine.UnsupportedError, match="p1.*does not broadcast to X"):
+        rnnengine.convert(m).run({"x": np.ones(5, np.float32)})
+
+
+def bn_inits(C):
+    return [("s", rng.uniform(0.5, 2, C).astype(np.float32)), ("b", rng.standard_normal(C).astype(np.float32)),
+            ("mean", rng.standard_normal(C).astype(np.float32)), ("var", rng.uniform(0.1, 3, C).astype(np.float32))]
+
+
+@pytest.mark.parametrize("opset,xshape", [(9, (2, 4, 9)), (14, (2, 4)), (15, (3, 4, 9)), (15, (1, 4, 2, 5))])
+def test_batchnorm(opset, xshape):
+    check(one_node("BatchNormalization", xshape, bn_inits(4), attrs={"epsilon": 1e-3}, opset=opset), data(xshape))
+
+
+def test_batchnorm_training_mode_refused():
+    m = one_node("BatchNormalization", (2, 4, 3), bn_inits(4), attrs={"training_mode": 1}, opset=15, name="bn1")
+    with pytest.raises(rnnengine.UnsupportedError, match="bn1.*training_mode=1"):
+        rnnengine.convert(m).run({"x": np.ones((2, 4, 3), np.float32)})
+
+
+def test_batchnorm_wrong_statistics_shape_refused():
+    inits = bn_inits(4)
+    inits[3] = ("var", np.ones(5, np.float32))
+    m = one_node("BatchNormalization", (2, 4, 3), inits, opset=15, name="bn2")
+    with pytest.raises(rnnengine.UnsupportedError, match=r"bn2.*var must be float32 of shape \(4,\)"):
+        rnnengine.convert(m).run({"x": np.ones((2, 4, 3), np.float32)})
+
+
+def conv_bn_prelu_gru(opset=15):
+    """(B, C=3, T) -> Conv1d(k=3, pad 1) -> BatchNormalization -> PRelu (per channel)
+    -> Transpose to (T, B, 8) -> GRU -> Y (T, 1, B, 6) -> erf(Y / sqrt 2) + 1 (GELU's chain)."""
+    r = np.random.default_rng(5)
+    C, M, H = 3, 8, 6
+    inits = [("w", r.standard_normal((M, C, 3)).astype(np.float32) * 0.4), ("cb", r.standard_normal(M).astype(np.float32)),
+             ("slope", (r.standard_normal((M, 1)) * 0.3).astype(np.float32)),
+             ("W", r.standard_normal((1, 3 * H, M)).astype(np.float32) * 0.4),
+             ("R", r.standard_normal((1, 3 * H, H)).astype(np.float32) * 0.4),
+             ("half", np.array(0.7071067, np.float32)), ("one", np.array(1.0, np.float32))]
+    inits += bn_inits(M)
+    nodes = [helper.make_node("Conv", ["x", "w", "cb"], ["c"], pads=[1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("PRelu", ["n", "slope"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["t"], perm=[2, 0, 1]),
+             helper.make_node("GRU", ["t", "W", "R"], ["Y"], hidden_size=H),
+             helper.make_node("Mul", ["Y", "half"], ["yh"]),
+             helper.make_node("Erf", ["yh"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["B", C, "T"])],
+                          [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_conv_batchnorm_prelu_gru_erf_streams_as_the_whole_run(chunk):
+    m = conv_bn_prelu_gru()
+    x = np.random.default_rng(6).standard_normal((2, 3, 20)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})["y"]
+    assert max_violation(whole, want) <= 1.0
+    s = gm.stream()
+    parts = [s({"x": x[:, :, t:t + chunk]})["y"] for t in range(0, 20, chunk)]
+    parts.append(s.finish()["y"])
+    np.testing.assert_array_equal(np.concatenate(parts, axis=0), whole)
+
+
+def test_batchnorm_whose_channels_are_time_is_not_streamable():
+    """A GRU's Y (T, 1, B, H) moved to (B, T, H): BatchNormalization's channel axis 1 is then
+    time, its statistics one per step of the exported length. Refused (the time axis is
+    undecidable there, or the rule refuses the channel axis on time)."""
+    r = np.random.default_rng(3)
+    H, T = 4, 5
+    inits = [("W", r.standard_normal((1, 3 * H, 2)).astype(np.float32)),
+             ("R", r.standard_normal((1, 3 * H, H)).astype(np.float32)), ("ax", np.array([1], np.int64))]
+    inits += bn_inits(T)
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["Y"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y", "ax"], ["y3"]),
+             helper.make_node("Transpose", ["y3"], ["bt"], perm=[1, 0, 2]),
+             helper.make_node("BatchNormalization", ["bt", "s", "b", "mean", "var"], ["y"], name="bn3")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["T", "B", 2])],
+                          [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    x = np.random.default_rng(1).standard_normal((T, 2, 2)).astype(np.float32)
+    gm, _ = check(m, x)
+    with pytest.raises(NotStreamableError):
+        gm.stream()({"x": x})
