@@ -1,6 +1,7 @@
 /* graph.c - the graph executor: a flat program of planned instructions over tensors. */
 #include "internal.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -60,10 +61,10 @@
  *             (B, T, inner), lens (int64, B)   out[t, b] = x[len_b - 1 - t, b] for t < len_b,
  *             else x[t, b]
  *   LAYERNORM ip: outer, n   fp: epsilon   in: x (outer, n), scale (n) | -1, bias (n) | -1
- *             out: y (outer, n), mean (outer) | -1, inv_std (outer) | -1. Per row, in double:
- *             mean, var = mean((x - mean)^2) (two passes, the ONNX function's definition),
- *             inv_std = 1 / sqrt(var + epsilon); y = (x - mean) inv_std scale + bias,
- *             rounded once. n >= 1 (onnxruntime refuses an empty row)
+ *             out: y (outer, n), mean (outer) | -1, inv_std (outer) | -1. Per row: mean
+ *             rounded to float32, var = mean((x - mean)^2) in double (two passes, the ONNX
+ *             function's definition), inv_std = 1 / sqrt(var + epsilon); y = (x - mean)
+ *             inv_std scale + bias, rounded once. n >= 1 (onnxruntime refuses an empty row)
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode, started_id
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -270,10 +271,15 @@ static void op_softmax(const int64_t *ip, const float *in, float *out) {
 
 /* ---- LAYERNORM ------------------------------------------------------------------------ */
 
-/* Two passes in double: onnxruntime's CPU kernel takes var = E[x^2] - E[x]^2 in float32,
- * which cancels when |mean| >> std (rows offset by 1e3 with std 1e-2 lose every digit); the
- * ONNX function subtracts the mean first, as here. A NaN or an infinity anywhere in a row
- * makes the whole row NaN, as in onnxruntime (inf - inf). */
+/* As the ONNX function defines it at stash_type 1: Mean is a float32 value (the sum taken in
+ * double and rounded once; a sum beyond float32's range gives +-inf, as float32 arithmetic
+ * does), D = X - Mean, Var = mean(D^2) in a second pass (in double; D^2 or the sum beyond
+ * float32's range gives Var = inf, so InvStdDev 0 and Y = B, as onnxruntime and the ONNX
+ * reference give), InvStdDev = 1 / sqrt(Var + epsilon), Y = D InvStdDev Scale + B rounded once.
+ * Equal to onnxruntime 1.32 within float32 tolerance also on rows 1e5 times their spread
+ * from zero (tests/test_layernorm.py), where a float32 sum for the mean (onnx.reference's)
+ * is not. A NaN anywhere in a row makes Y and InvStdDev NaN (an infinity too; Mean is then +-inf
+ * as in the ONNX reference, where onnxruntime gives NaN). */
 static void op_layernorm(const int64_t *ip, float eps, const float *x, const float *scale, const float *bias,
                          float *y, float *mean_out, float *inv_out) {
     const int64_t outer = ip[0], n = ip[1];
@@ -282,20 +288,23 @@ static void op_layernorm(const int64_t *ip, float eps, const float *x, const flo
         float *yr = y + o * n;
         double sum = 0.0;
         for (int64_t i = 0; i < n; i++) sum += xr[i];
-        const double mean = sum / (double)n;
+        const float mean = fabs(sum) > FLT_MAX ? (float)(sum > 0 ? INFINITY : -INFINITY) : (float)(sum / (double)n);
         double ss = 0.0;
+        int over = 0;
         for (int64_t i = 0; i < n; i++) {
-            const double d = xr[i] - mean;
-            ss += d * d;
+            const double d = (double)xr[i] - mean, dd = d * d;
+            over |= dd > FLT_MAX;
+            ss += dd;
         }
-        const double inv = 1.0 / sqrt(ss / (double)n + (double)eps);
+        const double var = isnan(ss) ? ss : over || ss > FLT_MAX ? INFINITY : ss / (double)n;
+        const double inv = 1.0 / sqrt(var + (double)eps);
         for (int64_t i = 0; i < n; i++) {
-            double v = (xr[i] - mean) * inv;
+            double v = ((double)xr[i] - mean) * inv;
             if (scale) v *= scale[i];
             if (bias) v += bias[i];
             yr[i] = (float)v;
         }
-        if (mean_out) mean_out[o] = (float)mean;
+        if (mean_out) mean_out[o] = mean;
         if (inv_out) inv_out[o] = (float)inv;
     }
 }

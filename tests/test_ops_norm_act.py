@@ -55,6 +55,14 @@ def test_gelu_opset20(approximate):
     check(one_node("Gelu", (3, 40), attrs={"approximate": approximate}, opset=20), data((3, 40)))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_near_the_top_of_float32(approximate):
+    """(0.5 x)(1 + ...), onnxruntime's order: x (1 + ...) first overflows above 1.7e38."""
+    x = np.array([[1.6e38, 1.8e38, 2e38, 3.4e38, -3.4e38, 1e-30]], np.float32)
+    _, got = check(one_node("Gelu", (1, 6), attrs={"approximate": approximate}, opset=20), x)
+    assert np.isfinite(got[0, :4]).all()
+
+
 def test_gelu_unknown_approximation_refused():
     m = one_node("Gelu", (3, 4), attrs={"approximate": "fast"}, opset=20, name="g1")
     with pytest.raises(rnnengine.UnsupportedError, match="g1.*approximate='fast'"):
@@ -81,6 +89,15 @@ def bn_inits(C):
 @pytest.mark.parametrize("opset,xshape", [(9, (2, 4, 9)), (14, (2, 4)), (15, (3, 4, 9)), (15, (1, 4, 2, 5))])
 def test_batchnorm(opset, xshape):
     check(one_node("BatchNormalization", xshape, bn_inits(4), attrs={"epsilon": 1e-3}, opset=opset), data(xshape))
+
+
+def test_batchnorm_large_running_mean_rounds_as_onnxruntime():
+    """b = B - mean * a cancels when X sits near a large mean: a and b must be rounded as
+    onnxruntime rounds them (float32 steps), not computed in float64 (5e-4 off before)."""
+    inits = [("s", np.array([0.7], np.float32)), ("b", np.array([0.1], np.float32)),
+             ("mean", np.array([12345.6], np.float32)), ("var", np.array([1.7], np.float32))]
+    x = np.array([[[12345.6, 12345.601, 12345.599, 12346.0]]], np.float32)
+    _, got = check(one_node("BatchNormalization", (1, 1, 4), inits, opset=15), x)
 
 
 def test_batchnorm_training_mode_refused():

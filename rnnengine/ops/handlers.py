@@ -36,6 +36,7 @@ from rnnengine.limits import refuse, resolve
 from rnnengine.runtime.layers import layer_from_onnx
 
 OPS = {}  # op type -> handler class
+F32_MAX = float(np.finfo(np.float32).max)
 
 # attributes the converter adds to the recurrent nodes it builds (rnnengine/frontend/fuse.py):
 STATELESS = "rnnengine_stateless"  # converter-made cells start from their given state every call
@@ -596,7 +597,8 @@ class Gelu(Handler):
         if self.mode() == "none":
             y = 0.5 * xd * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(xd / math.sqrt(2.0)))
         else:
-            y = 0.5 * xd * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd ** 3)))
+            with np.errstate(over="ignore", invalid="ignore"):  # (x^3 of 1e38: tanh(inf) = 1)
+                y = 0.5 * xd * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd ** 3)))
         return [y.astype(np.float32)]
 
     def emit(self, p, xs):
@@ -609,8 +611,9 @@ class Gelu(Handler):
             cube = Binary({**self.node, "op": "Mul"}, 14).emit2(p, Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, x), x)
             poly = Binary({**self.node, "op": "Add"}, 14).emit2(p, x, emit_chain(self, p, cube, [("mul", 0.044715)]))
             inner = emit_chain(self, p, poly, [("mul", np.float32(math.sqrt(2.0 / math.pi))), ("Tanh",)])
-        half = emit_chain(self, p, inner, [("add", 1.0)])
-        return [emit_chain(self, p, Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, half), [("mul", 0.5)])]
+        one_plus = emit_chain(self, p, inner, [("add", 1.0)])
+        # (0.5 x) (1 + ...), in onnxruntime's order: x (1 + ...) first overflows above 1.7e38
+        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, emit_chain(self, p, x, [("mul", 0.5)]), one_plus)]
 
 
 @register("PRelu")
@@ -641,8 +644,10 @@ class PRelu(Handler):
 class BatchNormalization(Handler):
     """Inference-mode BatchNormalization over channel axis 1 of (N, C, ...):
     Y = (X - mean) / sqrt(var + epsilon) * scale + B with the stored statistics, computed as
-    onnxruntime computes it: per channel a = scale / sqrt(var + epsilon) and
-    b = B - mean * a (float64, rounded to float32 once), then Y = X * a + b in float32.
+    onnxruntime computes it, every step in float32: per channel inv = 1 / sqrt(var + epsilon),
+    a = inv * scale, b = B - mean * a, then Y = X * a + b (a, b rounded as onnxruntime rounds
+    them: with a large mean, b = B - mean * a cancels, and a float64 b differs from its by
+    more than the tolerance).
     Refused: training_mode=1 (batch statistics, running-mean outputs), spatial=0 (opset 7's
     per-element statistics), run-time statistics, other types than float32."""
 
@@ -665,19 +670,21 @@ class BatchNormalization(Handler):
                 self.fail(f"input {what} is required")
             if v.dtype != np.float32 or v.shape != (C,):
                 self.fail(f"{what} must be float32 of shape ({C},), got {v.dtype} of shape {tuple(v.shape)}")
-            params.append(v.astype(np.float64))
+            params.append(v)
         if x.dtype != np.float32:
             self.fail(f"X must be float32, got {x.dtype}")
         scale, bias, mean, var = params
-        eps = np.float64(np.float32(self.attr("epsilon", 1e-5)))
-        a = scale / np.sqrt(var + eps)
-        b = bias - mean * a
+        one, eps = np.float32(1), np.float32(self.attr("epsilon", 1e-5))
+        with np.errstate(all="ignore"):
+            inv = one / np.sqrt(var + eps)
+            a = inv * scale
+            b = bias - mean * a
         tail = (1,) * (len(x.shape) - 2)
-        return a.astype(np.float32).reshape((C,) + tail), b.astype(np.float32).reshape((C,) + tail)
+        return a.reshape((C,) + tail), b.reshape((C,) + tail)
 
     def eval(self, xs):
         a, b = self.affine(xs)
-        return [(xs[0] * a + b).astype(np.float32)]
+        return [((xs[0] * a).astype(np.float32) + b).astype(np.float32)]
 
     def emit(self, p, xs):
         a, b = self.affine(xs)
@@ -1507,10 +1514,10 @@ class LayerNormalization(Handler):
     Y = (X - mean) / sqrt(var + epsilon) * Scale + B with var = mean((X - mean)^2); outputs
     Mean and InvStdDev (optional) of shape X.shape[:axis] + 1s.
 
-    Numerics: the statistics are computed in float64, var in two passes, as the ONNX function
-    defines it; onnxruntime's CPU kernel takes var = E[x^2] - E[x]^2 in float32, which cancels
-    when |mean| >> std (a row offset by 1e3 with a spread of 1e-2): there onnxruntime is the
-    one far from the exact value. Scale and B broadcast to X's shape without growing it
+    Numerics (src_c/graph.c op_layernorm): as the ONNX function defines it at stash_type 1,
+    the mean a float32 value, var = mean((X - mean)^2) in a second pass (in float64, float32's
+    overflow kept: var inf, Y = B). Equal to onnxruntime also on rows 1e5 times their spread
+    from zero, where a float32 sum for the mean (onnx.reference's) is not. Scale and B broadcast to X's shape without growing it
     (onnxruntime 1.32's rule). Refused: stash_type other than 1 (float32 statistics), inputs
     other than float32, and an empty row (onnxruntime refuses it too)."""
 
@@ -1548,8 +1555,15 @@ class LayerNormalization(Handler):
         a, _, _ = self.geometry(x.shape, [("Scale", scale.shape), ("B", None if bias is None else bias.shape)])
         axes = tuple(range(a, x.ndim))
         xd = x.astype(np.float64)
-        mean = xd.mean(axis=axes, keepdims=True)
-        var = ((xd - mean) ** 2).mean(axis=axes, keepdims=True)
+        # as src_c/graph.c op_layernorm: the mean a float32 value (+-inf where float32's sum
+        # overflows); Var inf where a square or the sum of squares leaves float32's range
+        total = xd.sum(axis=axes, keepdims=True)
+        mean = np.where(np.abs(total) > F32_MAX, np.sign(total) * np.inf,
+                        (total / math.prod(x.shape[a:])).astype(np.float32)).astype(np.float64)
+        dd = (xd - mean) ** 2
+        ss = dd.sum(axis=axes, keepdims=True)
+        over = (dd > F32_MAX).any(axis=axes, keepdims=True) | (ss > F32_MAX)
+        var = np.where(np.isnan(ss), np.nan, np.where(over, np.inf, ss / math.prod(x.shape[a:])))
         inv = 1.0 / np.sqrt(var + np.float64(self.epsilon()))
         y = (xd - mean) * inv * scale.astype(np.float64)
         if bias is not None:
