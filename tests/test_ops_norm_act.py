@@ -177,3 +177,41 @@ def test_batchnorm_whose_channels_are_time_is_not_streamable():
     gm, _ = check(m, x)
     with pytest.raises(NotStreamableError):
         gm.stream()({"x": x})
+
+
+@pytest.mark.parametrize("attrs", [{}, {"alpha": 1.2, "gamma": 0.9}])
+def test_selu(attrs):
+    check(one_node("Selu", (3, 30), attrs=attrs), data((3, 30)))
+
+
+@pytest.mark.parametrize("xshape", [(2, 3, 7), (2, 3, 4, 5)])
+def test_global_average_pool(xshape):
+    check(one_node("GlobalAveragePool", xshape), data(xshape))
+
+
+def lstm_then(op_nodes, out, H=4):
+    r = np.random.default_rng(12)
+    inits = [("W", r.standard_normal((1, 4 * H, 2)).astype(np.float32)),
+             ("R", r.standard_normal((1, 4 * H, H)).astype(np.float32)), ("perm_any", np.array([0], np.int64))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=H)] + op_nodes
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["T", "B", 2])],
+                          [helper.make_tensor_value_info(out, F, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_global_pool_over_features_streams_and_over_time_is_refused():
+    x = np.random.default_rng(2).standard_normal((8, 3, 2)).astype(np.float32)
+    # Y (T, 1, B, H): GlobalAveragePool over (B, H) per step -> (T, 1, 1, 1): streams
+    m = lstm_then([helper.make_node("GlobalAveragePool", ["Y"], ["y"])], "y")
+    gm, whole = check(m, x)
+    s = gm.stream()
+    np.testing.assert_array_equal(np.concatenate([s({"x": x[t:t + 3]})["y"] for t in range(0, 8, 3)]), whole)
+    # Y moved to (1, B, H, T): pooled over (H, T), time included
+    m = lstm_then([helper.make_node("Transpose", ["Y"], ["yt"], perm=[1, 2, 3, 0]),
+                   helper.make_node("GlobalAveragePool", ["yt"], ["y"], name="gp_time")], "y")
+    gm, _ = check(m, x)
+    with pytest.raises(NotStreamableError, match="gp_time.*time"):
+        gm.stream()({"x": x[:3]})

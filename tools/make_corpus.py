@@ -699,6 +699,13 @@ def export_keras(entries, legacy=False):
                                              tokens=True),
                        "Embedding(20, 5) -> LSTM (no mask)", {"pattern": "embedding", "feeds": {"ids": ids},
                                                               "streaming": fwd}))
+    # a Dense on every step: tf2onnx writes Keras' Tensordot, Reshape(x, [-1, F]) -> MatMul ->
+    # Reshape(Shape(x)[:2] + [N]) (the converter lets the MatMul read x itself)
+    models.append(("lstm_dense", seq(layers.LSTM(H, return_sequences=True), layers.Dense(5)),
+                   "LSTM -> Dense(5) on every step", {"pattern": "dense_on_sequence", "streaming": fwd}))
+    models.append(("gru_dense_softmax", seq(layers.GRU(H, return_sequences=True), layers.Dense(5, activation="softmax")),
+                   "GRU -> Dense(5, softmax) on every step (keyword spotting)",
+                   {"pattern": "dense_on_sequence", "streaming": fwd}))
     for name, model, notes, meta in models:
         fname = f"{family}_tf2onnx_{name}_op17.onnx"
         path = os.path.join(OUT, fname)

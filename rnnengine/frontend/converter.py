@@ -240,6 +240,7 @@ class _Converter:
         nodes, self.fused = fuse_lstm_cells(nodes, consts, keep)
         nodes, self.fused_gru = fuse_gru_cells(nodes, consts, keep)
         self._fuse_in_branches(nodes, consts)
+        self.unflattened = _unflatten_matmuls(nodes, consts, keep)
         if self.fused or self.fused_gru or self.fused_loops:
             nodes = _toposort(nodes, set(consts) | {i["name"] for i in inputs})
         nodes, used = _prune(nodes, [o["name"] for o in outputs])
@@ -347,6 +348,50 @@ def _outer_reads(node):
                         reads.append(x)
                 local.update(n["outputs"])
     return reads
+
+
+def _unflatten_matmuls(nodes, consts, keep):
+    """A Dense layer on a sequence as tf2onnx writes it (Keras' Tensordot):
+    Reshape(X, [-1, K]) -> MatMul(W of shape (K, N)) -> Reshape(S), S computed from Shape(X).
+    The MatMul is made to read X itself, the first Reshape is left unused (pruned): its
+    result X.shape[:-1] + (N,) holds the same rows in the same order as the (rows, N) it
+    replaces, each row computed with the same chain of sums (src_c/pack.c), so the second
+    Reshape, S untouched, gets the same data. Whenever the rewritten graph runs it gives the
+    original's bits; where X's last axis is not K (the original would regroup X's elements
+    into rows of K) the MatMul refuses it. Without the flattening the time axis stays an axis
+    of its own, and a stream goes through the Dense (merging it with the batch is refused).
+    Returns how many were rewritten."""
+    readers: dict = {}
+    for n in nodes:
+        for k, x in enumerate(n["inputs"]):
+            if x:
+                readers.setdefault(x, []).append((n, k))
+        for x in _outer_reads(n):
+            readers.setdefault(x, []).append((n, -1))
+    producer = {o: n for n in nodes for o in n["outputs"] if o}
+    kept = set(keep)
+    count = 0
+    for m in nodes:
+        if m["op"] != "MatMul" or len(m["inputs"]) != 2 or not m["outputs"] or not m["outputs"][0]:
+            continue
+        flat, w = m["inputs"]
+        r1 = producer.get(flat)
+        W = consts.get(w)
+        out = m["outputs"][0]
+        after = readers.get(out, [])
+        if r1 is None or r1["op"] != "Reshape" or len(r1["inputs"]) != 2 or r1.get("attrs", {}).get("allowzero"):
+            continue
+        target = consts.get(r1["inputs"][1])
+        if W is None or np.ndim(W) != 2 or target is None or flat in kept or out in kept:
+            continue
+        t = np.asarray(target)
+        if t.dtype.kind not in "iu" or t.shape != (2,) or int(t[0]) != -1 or int(t[1]) != W.shape[0]:
+            continue
+        if len(readers.get(flat, [])) != 1 or len(after) != 1 or after[0][0]["op"] != "Reshape" or after[0][1] != 0:
+            continue
+        m["inputs"] = [r1["inputs"][0], w]
+        count += 1
+    return count
 
 
 def _prune(nodes, outputs):

@@ -133,6 +133,8 @@ VERSIONS = {
     "LogSoftmax": {1: "coerces to 2-D at axis (implemented)", 11: NEG_AXIS,
                    13: "normalises along one axis, default -1 (implemented)"},
     "Erf": {9: "introduced", 13: BF16},
+    "Selu": {6: CONSUMED, 22: BF16},
+    "GlobalAveragePool": {1: "mean over the axes after (N, C) (implemented)", 22: BF16},
     "Gelu": {20: "introduced (approximate none / tanh, implemented)"},
     "PRelu": {7: "numpy-style unidirectional broadcast of the slope (implemented)", 9: INTS, 16: BF16},
     "BatchNormalization": {7: "is_test dropped; spatial attribute (spatial=1 implemented, 0 refused)",

@@ -616,6 +616,30 @@ class Gelu(Handler):
         return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, emit_chain(self, p, x, [("mul", 0.5)]), one_plus)]
 
 
+@register("Selu", attrs=("alpha", "gamma"))
+class Selu(Handler):
+    """gamma * (x if x > 0 else alpha (exp(x) - 1)): Elu(alpha) then the product by gamma
+    (defaults: alpha 1.67326319..., gamma 1.05070102..., the float32 values of the spec's)."""
+
+    def params(self):
+        a, g = self.attr("alpha", 1.67326319217681884765625), self.attr("gamma", 1.05070102214813232421875)
+        for name, v in (("alpha", a), ("gamma", g)):
+            if isinstance(v, bool) or not isinstance(v, (float, int, np.floating, np.integer)):
+                self.fail(f"{name} must be a float, got {v!r}")
+        return float(np.float32(a)), float(np.float32(g))
+
+    def elu(self, a):
+        return Unary({**self.node, "op": "Elu", "attrs": {"alpha": a}}, 6)
+
+    def eval(self, xs):
+        a, g = self.params()
+        return [(self.elu(a).eval(xs[:1])[0] * np.float32(g)).astype(xs[0].dtype)]
+
+    def emit(self, p, xs):
+        a, g = self.params()
+        return [emit_chain(self, p, self.elu(a).emit(p, xs[:1])[0], [("mul", g)])]
+
+
 @register("PRelu")
 class PRelu(Handler):
     """x where x >= 0, slope * x elsewhere; slope broadcasts to X (unidirectionally: the
@@ -2015,6 +2039,29 @@ class Reduce(Handler):
         else:  # integers: an overflowing sum or product is refused when it runs; a mean truncates toward 0
             p.emit(OP_TREDUCE, [x], [out], [TENSOR_DTYPES[x.dtype]] + ip)
         return [out]
+
+
+@register("GlobalAveragePool")
+class GlobalPool(Handler):
+    """The mean over every axis after (N, C), kept as 1s: ReduceMean over axes 2.. . tf2onnx
+    writes it for a mean over the last axis (Keras 3 LayerNormalization's moments, after a
+    transpose). float32 only. (GlobalMaxPool is not taken: onnxruntime's max skips a NaN or
+    not depending on where it sits, where ReduceMax propagates it.)"""
+
+    def reduce(self, x):
+        if len(x.shape) < 3:
+            self.fail(f"needs (N, C, spatial...) of rank 3 or more, got shape {tuple(x.shape)}")
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input, got {x.dtype}")
+        if any(d == 0 for d in x.shape[2:]):
+            self.fail(f"pools over an empty spatial axis (shape {tuple(x.shape)})")
+        return Reduce({**self.node, "op": "ReduceMean", "attrs": {"axes": list(range(2, len(x.shape))), "keepdims": 1}}, 13)
+
+    def eval(self, xs):
+        return self.reduce(xs[0]).eval(xs[:1])
+
+    def emit(self, p, xs):
+        return self.reduce(xs[0]).emit(p, xs[:1])
 
 
 @register("ArgMax", "ArgMin", attrs=("axis", "keepdims", "select_last_index"))

@@ -582,6 +582,19 @@ def softmax(p, h, xs, outs):
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
 
 
+@rule("GlobalAveragePool")
+def global_pool(p, h, xs, outs):
+    x = xs[0]
+    if x.final:
+        _set(outs[0], final=True)
+        return
+    if x.t is None:
+        raise NotStreamableError(h.node, "pools a value computed from the sequence length")
+    if x.t >= 2:
+        raise NotStreamableError(h.node, "pools over the time axis (needs the whole sequence)")
+    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+
+
 @rule("BatchNormalization")
 def batchnorm(p, h, xs, outs):
     """A per-channel affine map on axis 1 (the statistics are constants)."""

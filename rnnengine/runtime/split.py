@@ -254,6 +254,13 @@ def layernorm(node, h, xs, outs):
     return [x.b] * len(outs)
 
 
+def global_pool(node, h, xs, outs):
+    """GlobalAveragePool: over axes 2.., which must not hold the batch."""
+    if xs[0].b >= 2:
+        _fail(node, "pools over the batch axis")
+    return [xs[0].b]
+
+
 def batchnorm(node, h, xs, outs):
     """BatchNormalization: constant statistics per channel (axis 1), not the batch axis."""
     if xs[0].b == 1:
@@ -306,7 +313,7 @@ RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshap
               "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv,
               "Softmax": along_axis, "LogSoftmax": along_axis, "Hardmax": along_axis, "ArgMax": along_axis,
               "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis, "LayerNormalization": layernorm,
-              "BatchNormalization": batchnorm,
+              "BatchNormalization": batchnorm, "GlobalAveragePool": global_pool,
               "LSTM": recurrent, "GRU": recurrent, "RNN": recurrent})
 RULES.update({op: reduce for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")})
