@@ -1,8 +1,9 @@
 """A Dense layer on a sequence as tf2onnx writes it (Keras' Tensordot): Reshape(x, [-1, K]) ->
-MatMul(W) -> Reshape(Shape(x)[:2] + [N]). The converter lets the MatMul read x itself
-(rnnengine/frontend/converter.py _unflatten_matmuls), so the time axis stays an axis of its
+MatMul(W) -> Reshape(Shape(x)[:2] + [N]). The converter marks the first Reshape so that it
+checks its target and passes x on (rnnengine/frontend/converter.py _unflatten_matmuls):
+the MatMul computes the same rows from x itself, and the time axis stays an axis of its
 own: whole runs equal onnxruntime, streams equal the whole run, and where the rewrite would
-change the meaning (x's last axis not K) the MatMul refuses instead."""
+change the meaning (rows that are not x's last axis) the marked Reshape refuses instead."""
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,7 +16,7 @@ F = TensorProto.FLOAT
 I, H, N = 3, 5, 4
 
 
-def tensordot_model(feature_dim=H, second_target=None, extra_reader=False):
+def tensordot_model(feature_dim=H, second_target=None, extra_reader=False, computed_rows=False):
     """x (B, T, I) -> LSTM (time-major inside, as tf2onnx) -> (B, T, H) -> Dense(N) written as
     Tensordot. second_target: replaces the computed Shape(x)[:2] + [N] by a constant."""
     r = np.random.default_rng(3)
@@ -37,10 +38,16 @@ def tensordot_model(feature_dim=H, second_target=None, extra_reader=False):
     nodes += [helper.make_node("Shape", [src], ["shp"]),
               helper.make_node("Gather", ["shp", "free"], ["lead"], axis=0),
               helper.make_node("Concat", ["lead", "n"], ["target"], axis=0),
-              helper.make_node("Reshape", [src, "flat"], ["rows"], name="td_reshape"),
+              helper.make_node("Reshape", [src, "rowshape" if computed_rows else "flat"], ["rows"], name="td_reshape"),
               helper.make_node("MatMul", ["rows", "Wd"], ["prod"], name="td_matmul"),
               helper.make_node("Reshape", ["prod", "target" if second_target is None else "fixed"], ["back"]),
               helper.make_node("Add", ["back", "bd"], ["y"])]
+    if computed_rows:  # as tf2onnx writes it when shapes are unknown: [prod(dims free), prod(dims axes)]
+        inits["axes"] = np.array([2], np.int64)
+        nodes[-4:-4] = [helper.make_node("Gather", ["shp", "axes"], ["dk"], axis=0),
+                        helper.make_node("ReduceProd", ["lead"], ["nrows"], keepdims=1),
+                        helper.make_node("ReduceProd", ["dk"], ["ncols"], keepdims=1),
+                        helper.make_node("Concat", ["nrows", "ncols"], ["rowshape"], axis=0)]
     outs = ["y"]
     if second_target is not None:
         inits["fixed"] = np.asarray(second_target, np.int64)
@@ -64,8 +71,8 @@ def test_dense_on_a_sequence_streams_as_the_whole_run(chunk):
     m = tensordot_model()
     x = np.random.default_rng(4).standard_normal((2, 9, I)).astype(np.float32)
     gm = rnnengine.convert(m)
-    matmul = next(n for n in gm.graph["nodes"] if n["op"] == "MatMul")
-    assert matmul["inputs"][0] == "seq"  # reads the sequence, not its flattened rows
+    flat = next(n for n in gm.graph["nodes"] if n["outputs"] == ["rows"])
+    assert flat["attrs"].get("rnnengine_rows_view") == 1  # passes the sequence on, checked
     whole = gm.run({"x": x})["y"]
     assert max_violation(whole, ort_run(m, {"x": x})[0]) <= 1.0
     s = gm.stream()
@@ -73,10 +80,25 @@ def test_dense_on_a_sequence_streams_as_the_whole_run(chunk):
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_rows_computed_from_the_shape_stream_too(chunk, tmp_path):
+    m = tensordot_model(computed_rows=True)
+    x = np.random.default_rng(8).standard_normal((3, 8, I)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})["y"]
+    assert max_violation(whole, ort_run(m, {"x": x})[0]) <= 1.0
+    s = gm.stream()
+    parts = [s({"x": x[:, t:t + chunk]})["y"] for t in range(0, 8, chunk)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+    path = str(tmp_path / "td.rnne")  # the mark is stored and read back (docs/FORMAT.md)
+    rnnengine.save(gm, path)
+    np.testing.assert_array_equal(rnnengine.load(path).run({"x": x})["y"], whole)
+
+
 def test_rows_that_are_not_the_last_axis_are_refused_not_regrouped():
-    """Rows of K = x's last axis: the rewrite holds (equal to onnxruntime). Rows of K = twice
+    """Rows of K = x's last axis: the mark holds (equal to onnxruntime). Rows of K = twice
     x's last axis regroup two steps' features into one row: onnxruntime computes that; the
-    rewritten MatMul refuses it, naming itself (never a different answer)."""
+    marked Reshape refuses it, naming itself (never a different answer)."""
     m = tensordot_model(feature_dim=H)
     x = np.random.default_rng(5).standard_normal((2, 4, I)).astype(np.float32)
     gm = rnnengine.convert(m)
@@ -90,7 +112,7 @@ def test_rows_that_are_not_the_last_axis_are_refused_not_regrouped():
             init.CopyFrom(numpy_helper.from_array(
                 np.random.default_rng(6).standard_normal((2 * H, N)).astype(np.float32), "Wd"))
     ort_run(r, {"x": x})  # onnxruntime runs it
-    with pytest.raises(rnnengine.UnsupportedError, match="td_matmul"):
+    with pytest.raises(rnnengine.UnsupportedError, match="td_reshape.*not the rows of the last axis"):
         rnnengine.convert(r).run({"x": x})
 
 
@@ -98,7 +120,7 @@ def test_flattened_rows_read_elsewhere_are_left_alone():
     m = tensordot_model(extra_reader=True)
     x = np.random.default_rng(7).standard_normal((2, 5, I)).astype(np.float32)
     gm = rnnengine.convert(m)
-    assert any(n["op"] == "Reshape" and n["outputs"] == ["rows"] for n in gm.graph["nodes"])
+    assert not any(n["attrs"].get("rnnengine_rows_view") for n in gm.graph["nodes"])
     got = gm.run({"x": x})
     for name, w in zip(("y", "rowsum"), ort_run(m, {"x": x})):
         assert max_violation(got[name], w) <= 1.0, name

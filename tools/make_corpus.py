@@ -700,7 +700,7 @@ def export_keras(entries, legacy=False):
                        "Embedding(20, 5) -> LSTM (no mask)", {"pattern": "embedding", "feeds": {"ids": ids},
                                                               "streaming": fwd}))
     # a Dense on every step: tf2onnx writes Keras' Tensordot, Reshape(x, [-1, F]) -> MatMul ->
-    # Reshape(Shape(x)[:2] + [N]) (the converter lets the MatMul read x itself)
+    # Reshape(Shape(x)[:2] + [N]) (the converter marks the first Reshape: rnnengine_rows_view)
     models.append(("lstm_dense", seq(layers.LSTM(H, return_sequences=True), layers.Dense(5)),
                    "LSTM -> Dense(5) on every step", {"pattern": "dense_on_sequence", "streaming": fwd}))
     models.append(("gru_dense_softmax", seq(layers.GRU(H, return_sequences=True), layers.Dense(5, activation="softmax")),

@@ -22,7 +22,7 @@ from rnnengine.frontend import opsets
 from rnnengine.frontend.opsets import OpsetError, check_structure, repeated
 from rnnengine.errors import UnsupportedError
 from rnnengine.limits import resolve
-from rnnengine.ops import KERAS_LOOP, OPS, STATELESS, STEP_MASK
+from rnnengine.ops import KERAS_LOOP, OPS, ROWS_VIEW, STATELESS, STEP_MASK
 from rnnengine.runtime.compact import configure
 from rnnengine.runtime.graph import GraphModel
 
@@ -108,7 +108,7 @@ def _attr_types(op, opset):
     if hit is None:
         schema = opsets.schema(op, opset)  # None: an op or opset onnx does not define (refused by name later)
         hit = {} if schema is None else {a: str(t.type).rsplit(".", 1)[-1] for a, t in schema.attributes.items()}
-        hit.update({STATELESS: "INT", STEP_MASK: "INT", KERAS_LOOP: "INT"})
+        hit.update({STATELESS: "INT", STEP_MASK: "INT", KERAS_LOOP: "INT", ROWS_VIEW: "INT"})
         _ATTR_TYPES[key] = hit
     return hit
 

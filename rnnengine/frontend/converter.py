@@ -32,7 +32,7 @@ from rnnengine.errors import ConversionError, UnsupportedError, where
 from rnnengine.frontend.fuse import fuse_gru_cells, fuse_keras_loops, fuse_lstm_cells
 from rnnengine.codes import GATES, ONNX_DTYPE, RECURRENT_INPUTS, RECURRENT_OPS, SLOT_INITIAL_C, SLOT_INITIAL_H
 from rnnengine.frontend.opsets import MIN_OPSET, OpsetError, check_node, check_structure, max_opset, repeated
-from rnnengine.ops import ONNX_DTYPE, OPS, EnvHandler, Recurrent
+from rnnengine.ops import ONNX_DTYPE, OPS, ROWS_VIEW, EnvHandler, Recurrent
 CONVERTER_VERSION = "1"
 
 
@@ -352,15 +352,14 @@ def _outer_reads(node):
 
 def _unflatten_matmuls(nodes, consts, keep):
     """A Dense layer on a sequence as tf2onnx writes it (Keras' Tensordot):
-    Reshape(X, [-1, K]) -> MatMul(W of shape (K, N)) -> Reshape(S), S computed from Shape(X).
-    The MatMul is made to read X itself, the first Reshape is left unused (pruned): its
-    result X.shape[:-1] + (N,) holds the same rows in the same order as the (rows, N) it
-    replaces, each row computed with the same chain of sums (src_c/pack.c), so the second
-    Reshape, S untouched, gets the same data. Whenever the rewritten graph runs it gives the
-    original's bits; where X's last axis is not K (the original would regroup X's elements
-    into rows of K) the MatMul refuses it. Without the flattening the time axis stays an axis
-    of its own, and a stream goes through the Dense (merging it with the batch is refused).
-    Returns how many were rewritten."""
+    Reshape(X, [-1, K] or [prod(X.shape[:-1]), X.shape[-1]] computed from Shape(X)) -> MatMul(W
+    of shape (K, N)) -> Reshape(S). The first Reshape is marked ROWS_VIEW: when planned it
+    checks that its target makes rows of X's last axis (refused, naming it, otherwise) and
+    passes X on unchanged, so the MatMul computes X.shape[:-1] + (N,), the same rows in the
+    same order as the (rows, N) it replaces, each with the same chain of sums
+    (src_c/pack.c); the second Reshape, S untouched, gets the same data. Without the
+    flattening the time axis stays an axis of its own, and a stream goes through the Dense
+    (merging time with the batch is refused). Returns how many were marked."""
     readers: dict = {}
     for n in nodes:
         for k, x in enumerate(n["inputs"]):
@@ -381,15 +380,11 @@ def _unflatten_matmuls(nodes, consts, keep):
         after = readers.get(out, [])
         if r1 is None or r1["op"] != "Reshape" or len(r1["inputs"]) != 2 or r1.get("attrs", {}).get("allowzero"):
             continue
-        target = consts.get(r1["inputs"][1])
-        if W is None or np.ndim(W) != 2 or target is None or flat in kept or out in kept:
-            continue
-        t = np.asarray(target)
-        if t.dtype.kind not in "iu" or t.shape != (2,) or int(t[0]) != -1 or int(t[1]) != W.shape[0]:
+        if W is None or np.ndim(W) != 2 or flat in kept or out in kept:
             continue
         if len(readers.get(flat, [])) != 1 or len(after) != 1 or after[0][0]["op"] != "Reshape" or after[0][1] != 0:
             continue
-        m["inputs"] = [r1["inputs"][0], w]
+        r1.setdefault("attrs", {})[ROWS_VIEW] = 1
         count += 1
     return count
 

@@ -47,6 +47,10 @@ STEP_MASK = "rnnengine_step_mask"
 # as the Loop it replaces is (onnxruntime's Loop answers (0, 0, H) or fails); a stream's empty
 # chunk is still empty
 KERAS_LOOP = "rnnengine_keras_loop"
+# converter-made mark on a Reshape that flattens X into rows of its last axis for a MatMul
+# (Keras' Tensordot): it leaves X as it is, after checking that its target is exactly
+# [-1 or prod(X.shape[:-1]), X.shape[-1]] (rnnengine/frontend/converter.py _unflatten_matmuls)
+ROWS_VIEW = "rnnengine_rows_view"
 
 
 class PlannerInterface(Protocol):
@@ -955,11 +959,30 @@ def _reshape_target(h, shape_in, shape, allowzero):
 
 @register("Reshape", attrs=("allowzero",))
 class Reshape(Handler):
+    PRIVATE_ATTRS = frozenset({ROWS_VIEW})
+
+    def rows_view(self, shape_in, target):
+        """With ROWS_VIEW: X itself, once the target is proven to make rows of X's last axis
+        in X's own order (then the MatMul reading them computes the same rows from X)."""
+        t = np.asarray(target)
+        n = len(shape_in)
+        rows = math.prod(int(d) for d in shape_in[:-1]) if n else None
+        if not (n >= 1 and t.ndim == 1 and t.dtype.kind in "iu" and t.size == 2 and int(t[1]) == shape_in[-1]
+                and int(t[0]) in (-1, rows)):
+            self.fail(f"a Dense written as Tensordot: its rows {t.tolist()} are not the rows of the last axis "
+                      f"of {tuple(shape_in)} (the converter let the MatMul read the input itself)")
+
     def eval(self, xs):
+        if self.attrs.get(ROWS_VIEW):
+            self.rows_view(xs[0].shape, xs[1])
+            return [xs[0]]
         return [xs[0].reshape(_reshape_target(self, xs[0].shape, xs[1], self.attr("allowzero", 0)))]
 
     def emit(self, p, xs):
         shape = const_input(self, xs[1], "shape")
+        if self.attrs.get(ROWS_VIEW):
+            self.rows_view(xs[0].shape, shape)
+            return [xs[0]]
         return [p.alias(xs[0], _reshape_target(self, xs[0].shape, shape, self.attr("allowzero", 0)))]
 
 

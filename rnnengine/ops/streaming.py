@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
-from rnnengine.ops.handlers import (STEP_MASK, emit_conv1d, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+from rnnengine.ops.handlers import (ROWS_VIEW, STEP_MASK, emit_conv1d, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
 RULES = {}
@@ -257,6 +257,8 @@ def constant_of_shape(p, h, xs, outs):
 @rule("Reshape", "Flatten")
 def reshape(p, h, xs, outs):
     x, out = xs[0], outs[0]
+    if h.attrs.get(ROWS_VIEW):  # X itself (its target, [B * T, K] in a stream, only checked)
+        return
     if x.const is not None and x.t is None and not x.final:
         if h.node["op"] == "Reshape" and has_tdep(xs[1]):
             _set(out, t=_shape_axis(h, xs[1], "target shape"))
