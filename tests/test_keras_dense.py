@@ -73,6 +73,7 @@ def test_dense_on_a_sequence_streams_as_the_whole_run(chunk):
     gm = rnnengine.convert(m)
     flat = next(n for n in gm.graph["nodes"] if n["outputs"] == ["rows"])
     assert flat["attrs"].get("rnnengine_rows_view") == 1  # passes the sequence on, checked
+    assert next(n for n in gm.graph["nodes"] if n["outputs"] == ["back"])["attrs"].get("rnnengine_rows_view") == 2
     whole = gm.run({"x": x})["y"]
     assert max_violation(whole, ort_run(m, {"x": x})[0]) <= 1.0
     s = gm.stream()
@@ -124,3 +125,13 @@ def test_flattened_rows_read_elsewhere_are_left_alone():
     got = gm.run({"x": x})
     for name, w in zip(("y", "rowsum"), ort_run(m, {"x": x})):
         assert max_violation(got[name], w) <= 1.0, name
+
+
+def test_a_zero_in_the_second_target_that_reads_the_product_shape_is_refused():
+    """Reshape(prod, [0, -1]) copies dimension 0 of its input: rows in the original, B after
+    the mark; the marked Reshape refuses rather than give (B, T * N) for (rows, N)."""
+    m = tensordot_model(second_target=[0, -1])
+    x = np.random.default_rng(9).standard_normal((2, 3, I)).astype(np.float32)
+    assert ort_run(m, {"x": x})[0].shape == (6, N)
+    with pytest.raises(rnnengine.UnsupportedError, match="reads the dimensions of the"):
+        rnnengine.convert(m).run({"x": x})

@@ -353,11 +353,14 @@ def _outer_reads(node):
 def _unflatten_matmuls(nodes, consts, keep):
     """A Dense layer on a sequence as tf2onnx writes it (Keras' Tensordot):
     Reshape(X, [-1, K] or [prod(X.shape[:-1]), X.shape[-1]] computed from Shape(X)) -> MatMul(W
-    of shape (K, N)) -> Reshape(S). The first Reshape is marked ROWS_VIEW: when planned it
+    of shape (K, N)) -> Reshape(S). The first Reshape is marked ROWS_VIEW 1: when planned it
     checks that its target makes rows of X's last axis (refused, naming it, otherwise) and
     passes X on unchanged, so the MatMul computes X.shape[:-1] + (N,), the same rows in the
     same order as the (rows, N) it replaces, each with the same chain of sums
-    (src_c/pack.c); the second Reshape, S untouched, gets the same data. Without the
+    (src_c/pack.c). The second is marked ROWS_VIEW 2: it gets the same data, and refuses a
+    target S that would resolve differently against the new shape than against (rows, N)
+    (a 0 copies a dimension of its input); so the result is the original's wherever the
+    marked graph runs. Without the
     flattening the time axis stays an axis of its own, and a stream goes through the Dense
     (merging time with the batch is refused). Returns how many were marked."""
     readers: dict = {}
@@ -384,7 +387,11 @@ def _unflatten_matmuls(nodes, consts, keep):
             continue
         if len(readers.get(flat, [])) != 1 or len(after) != 1 or after[0][0]["op"] != "Reshape" or after[0][1] != 0:
             continue
+        r2 = after[0][0]
+        if r1.get("attrs", {}).get(ROWS_VIEW) or r2.get("attrs", {}).get(ROWS_VIEW):
+            continue  # (a Reshape between two Dense layers: one mark each)
         r1.setdefault("attrs", {})[ROWS_VIEW] = 1
+        r2.setdefault("attrs", {})[ROWS_VIEW] = 2
         count += 1
     return count
 

@@ -47,9 +47,10 @@ STEP_MASK = "rnnengine_step_mask"
 # as the Loop it replaces is (onnxruntime's Loop answers (0, 0, H) or fails); a stream's empty
 # chunk is still empty
 KERAS_LOOP = "rnnengine_keras_loop"
-# converter-made mark on a Reshape that flattens X into rows of its last axis for a MatMul
-# (Keras' Tensordot): it leaves X as it is, after checking that its target is exactly
-# [-1 or prod(X.shape[:-1]), X.shape[-1]] (rnnengine/frontend/converter.py _unflatten_matmuls)
+# converter-made marks of a Keras Tensordot, Reshape -> MatMul -> Reshape
+# (rnnengine/frontend/converter.py _unflatten_matmuls): 1 on the Reshape flattening X into rows
+# of its last axis (it passes X on, after checking that its target makes exactly those rows),
+# 2 on the Reshape after the MatMul (its target resolved as against the (rows, N) product)
 ROWS_VIEW = "rnnengine_rows_view"
 
 
@@ -962,27 +963,38 @@ class Reshape(Handler):
     PRIVATE_ATTRS = frozenset({ROWS_VIEW})
 
     def rows_view(self, shape_in, target):
-        """With ROWS_VIEW: X itself, once the target is proven to make rows of X's last axis
-        in X's own order (then the MatMul reading them computes the same rows from X)."""
-        t = np.asarray(target)
-        n = len(shape_in)
-        rows = math.prod(int(d) for d in shape_in[:-1]) if n else None
-        if not (n >= 1 and t.ndim == 1 and t.dtype.kind in "iu" and t.size == 2 and int(t[1]) == shape_in[-1]
-                and int(t[0]) in (-1, rows)):
-            self.fail(f"a Dense written as Tensordot: its rows {t.tolist()} are not the rows of the last axis "
-                      f"of {tuple(shape_in)} (the converter let the MatMul read the input itself)")
+        """ROWS_VIEW 1 (the flattening Reshape): X's shape, once its target is proven to make
+        rows of X's last axis in X's own order (so the MatMul reading them computes the same
+        rows from X). ROWS_VIEW 2 (the Reshape after that MatMul): its target as resolved
+        against X.shape[:-1] + (N,), once proven to be what it is against the (rows, N) the
+        MatMul had computed (a 0 in the target copies a dimension of its input)."""
+        allowzero = self.attr("allowzero", 0)
+        if not shape_in:
+            self.fail("a Dense written as Tensordot over a scalar")
+        flat = (math.prod(int(d) for d in shape_in[:-1]), int(shape_in[-1]))
+        if self.attrs.get(ROWS_VIEW) == 1:
+            if _reshape_target(self, shape_in, target, allowzero) != flat:
+                self.fail(f"a Dense written as Tensordot: its rows {np.asarray(target).tolist()} are not the rows of "
+                          f"the last axis of {tuple(shape_in)} (the converter let the MatMul read the input itself)")
+            return tuple(shape_in)
+        out = _reshape_target(self, shape_in, target, allowzero)
+        if _reshape_target(self, flat, target, allowzero) != out:
+            self.fail(f"a Dense written as Tensordot: target {np.asarray(target).tolist()} reads the dimensions of the "
+                      f"(rows, N) product, which the converter replaced by {tuple(shape_in)}")
+        return out
 
     def eval(self, xs):
         if self.attrs.get(ROWS_VIEW):
-            self.rows_view(xs[0].shape, xs[1])
-            return [xs[0]]
+            return [xs[0].reshape(self.rows_view(xs[0].shape, xs[1]))]
         return [xs[0].reshape(_reshape_target(self, xs[0].shape, xs[1], self.attr("allowzero", 0)))]
 
     def emit(self, p, xs):
         shape = const_input(self, xs[1], "shape")
-        if self.attrs.get(ROWS_VIEW):
+        if self.attrs.get(ROWS_VIEW) == 1:
             self.rows_view(xs[0].shape, shape)
             return [xs[0]]
+        if self.attrs.get(ROWS_VIEW):
+            return [p.alias(xs[0], self.rows_view(xs[0].shape, shape))]
         return [p.alias(xs[0], _reshape_target(self, xs[0].shape, shape, self.attr("allowzero", 0)))]
 
 

@@ -257,7 +257,7 @@ def constant_of_shape(p, h, xs, outs):
 @rule("Reshape", "Flatten")
 def reshape(p, h, xs, outs):
     x, out = xs[0], outs[0]
-    if h.attrs.get(ROWS_VIEW):  # X itself (its target, [B * T, K] in a stream, only checked)
+    if h.attrs.get(ROWS_VIEW) == 1:  # X itself (its target, [B * T, K] in a stream, only checked)
         return
     if x.const is not None and x.t is None and not x.final:
         if h.node["op"] == "Reshape" and has_tdep(xs[1]):
