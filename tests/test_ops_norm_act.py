@@ -215,3 +215,40 @@ def test_global_pool_over_features_streams_and_over_time_is_refused():
     gm, _ = check(m, x)
     with pytest.raises(NotStreamableError, match="gp_time.*time"):
         gm.stream()({"x": x[:3]})
+
+
+def test_hardswish_and_mish():
+    check(one_node("HardSwish", (3, 30), opset=14), data((3, 30)))
+    check(one_node("Mish", (3, 30), opset=18), data((3, 30)))
+
+
+@pytest.mark.parametrize("op", ["ReduceSumSquare", "ReduceL1", "ReduceL2"])
+@pytest.mark.parametrize("opset,keep", [(13, 1), (18, 0)])
+def test_reduce_norms(op, opset, keep):
+    x = data((3, 4, 5))
+    x[np.isinf(x)] = 7.0  # (infinities: inf both ways; NaN kept)
+    if opset < 18:
+        m = one_node(op, (3, 4, 5), attrs={"axes": [-1], "keepdims": keep}, opset=opset)
+    else:
+        m = one_node(op, (3, 4, 5), [("axes", np.array([1, 2], np.int64))], attrs={"keepdims": keep}, opset=opset)
+    check(m, x)
+
+
+@pytest.mark.parametrize("xshape", [(2, 3, 9), (1, 4, 2, 5)])
+def test_instance_normalization(xshape):
+    C = xshape[1]
+    inits = [("s", rng.uniform(0.5, 2, C).astype(np.float32)), ("b", rng.standard_normal(C).astype(np.float32))]
+    x = (rng.standard_normal(xshape) * 2 + 1).astype(np.float32)
+    check(one_node("InstanceNormalization", xshape, inits, attrs={"epsilon": 1e-3}), x)
+
+
+def test_instance_normalization_over_time_is_not_streamable():
+    """(B, C, T) as nn.InstanceNorm1d sees a sequence: statistics over time."""
+    C = 3
+    inits = [("s", np.ones(C, np.float32)), ("b", np.zeros(C, np.float32))]
+    m = one_node("InstanceNormalization", (2, C, 6), inits, sym=[2], name="inorm")
+    x = rng.standard_normal((2, C, 6)).astype(np.float32)
+    gm, _ = check(m, x)
+    with pytest.raises(NotStreamableError):
+        s = gm.stream()
+        s({"x": x[:, :, :3]})

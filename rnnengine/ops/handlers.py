@@ -621,6 +621,37 @@ class Gelu(Handler):
         return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, emit_chain(self, p, x, [("mul", 0.5)]), one_plus)]
 
 
+@register("HardSwish")
+class HardSwish(Handler):
+    """x * max(0, min(1, x / 6 + 1/2)): HardSigmoid(1/6, 1/2), then the product by x."""
+
+    def sig(self):
+        return Unary({**self.node, "op": "HardSigmoid", "attrs": {"alpha": 1 / 6, "beta": 0.5}}, 6)
+
+    def eval(self, xs):
+        if xs[0].dtype != np.float32:
+            self.fail(f"needs a float32 input, got {xs[0].dtype}")
+        return [(xs[0] * self.sig().eval(xs[:1])[0]).astype(np.float32)]
+
+    def emit(self, p, xs):
+        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], self.sig().emit(p, xs[:1])[0])]
+
+
+@register("Mish")
+class Mish(Handler):
+    """x * tanh(softplus(x)), each step rounded to float32."""
+
+    def eval(self, xs):
+        x = xs[0]
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input, got {x.dtype}")
+        return [(x * np.tanh(np.logaddexp(np.float32(0), x))).astype(np.float32)]
+
+    def emit(self, p, xs):
+        t = emit_chain(self, p, xs[0], [("Softplus",), ("Tanh",)])
+        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], t)]
+
+
 @register("Selu", attrs=("alpha", "gamma"))
 class Selu(Handler):
     """gamma * (x if x > 0 else alpha (exp(x) - 1)): Elu(alpha) then the product by gamma
@@ -2097,6 +2128,81 @@ class GlobalPool(Handler):
 
     def emit(self, p, xs):
         return self.reduce(xs[0]).emit(p, xs[:1])
+
+
+@register("ReduceSumSquare", "ReduceL1", "ReduceL2", attrs=("axes", "keepdims", "noop_with_empty_axes"))
+class ReduceNorm(Handler):
+    """ReduceSumSquare = ReduceSum(x * x), ReduceL1 = ReduceSum(|x|), ReduceL2 =
+    sqrt(ReduceSum(x * x)): each element rounded once, then the float32 ReduceSum (F.normalize,
+    Keras 2 LayerNormalization). float32 only."""
+
+    def sum(self):
+        return Reduce({**self.node, "op": "ReduceSum"}, self.opset)  # (axes from the attribute or input 1)
+
+    def check(self, x):
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input, got {x.dtype}")
+
+    def eval(self, xs):
+        x = xs[0]
+        self.check(x)
+        op = self.node["op"]
+        inner = np.abs(x) if op == "ReduceL1" else (x * x).astype(np.float32)
+        total = self.sum().eval([inner] + list(xs[1:]))[0]
+        return [np.sqrt(total).astype(np.float32) if op == "ReduceL2" else total]
+
+    def emit(self, p, xs):
+        x = xs[0]
+        self.check(x)
+        op = self.node["op"]
+        if op == "ReduceL1":
+            inner = Unary({**self.node, "op": "Abs", "attrs": {}}, 13).emit(p, [x])[0]
+        else:
+            inner = Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, x)
+        total = self.sum().emit(p, [inner] + list(xs[1:]))[0]
+        if op == "ReduceL2":
+            total = Unary({**self.node, "op": "Sqrt", "attrs": {}}, 13).emit(p, [total])[0]
+        return [total]
+
+
+@register("InstanceNormalization", attrs=("epsilon",))
+class InstanceNormalization(Handler):
+    """(N, C, spatial...): each (n, c) normalised over its spatial axes, then scale[c] and
+    B[c]: the LayerNormalization kernel over axes 2.. (mean a correctly rounded float32
+    value, variance in a second pass) and the per-channel affine map by broadcast. Written by
+    both PyTorch exporters for nn.InstanceNorm1d and nn.GroupNorm. float32 only."""
+
+    def parts(self, xs):
+        x = xs[0]
+        if len(x.shape) < 3:
+            self.fail(f"needs (N, C, spatial...) of rank 3 or more, got shape {tuple(x.shape)}")
+        C = x.shape[1]
+        for k, what in ((1, "scale"), (2, "B")):
+            v = xs[k] if len(xs) > k else None
+            if v is None:
+                self.fail(f"input {what} is required")
+            if v.dtype != np.float32 or tuple(v.shape) != (C,):
+                self.fail(f"{what} must be float32 of shape ({C},), got {v.dtype} of shape {tuple(v.shape)}")
+        if x.dtype != np.float32:
+            self.fail(f"X must be float32, got {x.dtype}")
+        ln = LayerNormalization({**self.node, "op": "LayerNormalization", "outputs": self.node["outputs"][:1],
+                                 "attrs": {"axis": 2, "epsilon": self.attr("epsilon", 1e-5)}}, 17)
+        tail = (1,) * (len(x.shape) - 2)
+        return ln, (C,) + tail
+
+    def eval(self, xs):
+        ln, shape = self.parts(xs)
+        z = ln.eval([xs[0], np.ones(xs[0].shape[2:], np.float32)])[0]
+        y = (z * xs[1].reshape(shape)).astype(np.float32)
+        return [(y + xs[2].reshape(shape)).astype(np.float32)]
+
+    def emit(self, p, xs):
+        ln, shape = self.parts(xs)
+        z = ln.emit(p, [xs[0], p.const(np.ones(xs[0].shape[2:], np.float32))])[0]
+        scale = p.alias(xs[1], shape) if xs[1].const is None else p.const(np.asarray(xs[1].const).reshape(shape))
+        bias = p.alias(xs[2], shape) if xs[2].const is None else p.const(np.asarray(xs[2].const).reshape(shape))
+        y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, z, scale)
+        return [Binary({**self.node, "op": "Add"}, 14).emit2(p, y, bias)]
 
 
 @register("ArgMax", "ArgMin", attrs=("axis", "keepdims", "select_last_index"))

@@ -597,6 +597,20 @@ def global_pool(p, h, xs, outs):
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
 
 
+@rule("InstanceNormalization")
+def instance_norm(p, h, xs, outs):
+    x = xs[0]
+    if x.final:
+        _set(outs[0], final=True)
+        return
+    if x.t is None:
+        raise NotStreamableError(h.node, "normalises a value computed from the sequence length")
+    if x.t >= 1:
+        raise NotStreamableError(h.node, "normalises over the time axis (needs the whole sequence)" if x.t >= 2 else
+                                 "its channel axis is the time axis")
+    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+
+
 @rule("BatchNormalization")
 def batchnorm(p, h, xs, outs):
     """A per-channel affine map on axis 1 (the statistics are constants)."""

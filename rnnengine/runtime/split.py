@@ -261,6 +261,15 @@ def global_pool(node, h, xs, outs):
     return [xs[0].b]
 
 
+def instance_norm(node, h, xs, outs):
+    """InstanceNormalization: each (n, c) over axes 2..; the batch must be axis 0."""
+    if xs[0].b != 0:
+        _fail(node, "normalises with the batch off axis 0")
+    if any(v is not None and v.const is None for v in xs[1:]):
+        _fail(node, "has a run-time scale or B")
+    return [0]
+
+
 def batchnorm(node, h, xs, outs):
     """BatchNormalization: constant statistics per channel (axis 1), not the batch axis."""
     if xs[0].b == 1:
@@ -313,7 +322,7 @@ RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshap
               "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv,
               "Softmax": along_axis, "LogSoftmax": along_axis, "Hardmax": along_axis, "ArgMax": along_axis,
               "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis, "LayerNormalization": layernorm,
-              "BatchNormalization": batchnorm, "GlobalAveragePool": global_pool,
+              "BatchNormalization": batchnorm, "GlobalAveragePool": global_pool, "InstanceNormalization": instance_norm,
               "LSTM": recurrent, "GRU": recurrent, "RNN": recurrent})
 RULES.update({op: reduce for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                     "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")})
