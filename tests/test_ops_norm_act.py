@@ -252,3 +252,14 @@ def test_instance_normalization_over_time_is_not_streamable():
     with pytest.raises(NotStreamableError):
         s = gm.stream()
         s({"x": x[:, :, :3]})
+
+
+def test_l2_normalised_features_stream_as_the_whole_run():
+    """F.normalize(lstm(x), dim=-1) as the legacy exporter writes it: ReduceL2 over the
+    features (keepdims), Clip, Expand, Div."""
+    m = lstm_then([helper.make_node("ReduceL2", ["Y"], ["n"], axes=[-1], keepdims=1),
+                   helper.make_node("Div", ["Y", "n"], ["y"])], "y")
+    x = np.random.default_rng(4).standard_normal((7, 2, 2)).astype(np.float32)
+    gm, whole = check(m, x)
+    s = gm.stream()
+    np.testing.assert_array_equal(np.concatenate([s({"x": x[t:t + 2]})["y"] for t in range(0, 7, 2)]), whole)
