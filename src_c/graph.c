@@ -431,6 +431,25 @@ static void op_reduce(const int64_t *ip, const float *in, float *out) {
         }
         return;
     }
+    if ((kind == RNN_REDUCE_SUM || kind == RNN_REDUCE_MEAN) && nd > 0) {
+        /* a sum / mean over the innermost axes (the reduced ones a suffix of the shape: a mean
+         * over features, GlobalAveragePool, LayerNormalization spelled out): each output is a
+         * contiguous block of G elements, summed in double and rounded once. A float32
+         * running sum of n values errs by up to ~n ulps of the largest partial sum; a variance
+         * computed from such a mean (x - mean over offset data) magnifies that error. */
+        int64_t k = nd, G = 1, ok = 1;
+        while (k > 0 && ostr[k - 1] == 0) G *= ishape[--k];
+        for (int64_t d = 0; d < k; d++) ok &= ostr[d] != 0 || ishape[d] <= 1;
+        if (ok && k < nd && G > 0 && out_n * G == total) {
+            for (int64_t g = 0; g < out_n; g++) {
+                const float *row = in + g * G;
+                double s = 0.0;
+                for (int64_t i = 0; i < G; i++) s += row[i];
+                out[g] = (float)(kind == RNN_REDUCE_MEAN && count > 0 ? s / (double)count : s);
+            }
+            return;
+        }
+    }
     for (int64_t i = 0; i < total; i++) {
         const float v = in[i];
         switch (kind) {

@@ -135,3 +135,45 @@ def test_a_zero_in_the_second_target_that_reads_the_product_shape_is_refused():
     assert ort_run(m, {"x": x})[0].shape == (6, N)
     with pytest.raises(rnnengine.UnsupportedError, match="reads the dimensions of the"):
         rnnengine.convert(m).run({"x": x})
+
+
+def test_a_chunk_with_no_steps_passes_through_the_dense():
+    m = tensordot_model()
+    x = np.random.default_rng(10).standard_normal((2, 6, I)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    whole = gm.run({"x": x})["y"]
+    s = gm.stream()
+    parts = [s({"x": x[:, :3]})["y"], s({"x": x[:, 3:3]})["y"], s({"x": x[:, 3:]})["y"]]
+    assert parts[1].shape == (2, 0, N)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_a_constant_target_that_is_not_rows_is_left_unmarked():
+    """[1, -1, K] keeps a leading 1: not the pattern, the graph runs as written."""
+    m = tensordot_model()
+    for init in m.graph.initializer:
+        if init.name == "flat":
+            init.CopyFrom(numpy_helper.from_array(np.array([1, -1, H], np.int64), "flat"))
+    x = np.random.default_rng(11).standard_normal((2, 4, I)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    assert not any(n["attrs"].get("rnnengine_rows_view") for n in gm.graph["nodes"])
+    assert max_violation(gm.run({"x": x})["y"], ort_run(m, {"x": x})[0]) <= 1.0
+
+
+@pytest.mark.parametrize("mark", [1, 2, 3, True, -1])
+def test_a_weight_file_mark_outside_the_pattern_is_refused(tmp_path, mark):
+    """rnnengine_rows_view written by hand on a Reshape -> Softmax: passing the input on
+    would give (2, 3, 4) for (6, 4); the file is refused when loaded."""
+    nodes = [helper.make_node("Reshape", ["x", "t"], ["r"], name="r"),
+             helper.make_node("Softmax", ["r"], ["y"], axis=0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["B", 3, 4])],
+                          [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(np.array([6, 4], np.int64), "t")])
+    mo = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mo.ir_version = 8
+    gm = rnnengine.convert(mo)
+    next(n for n in gm.graph["nodes"] if n["name"] == "r").setdefault("attrs", {})["rnnengine_rows_view"] = mark
+    path = str(tmp_path / "edited.rnne")
+    rnnengine.save(gm, path)
+    with pytest.raises(rnnengine.FormatError, match="rnnengine_rows_view"):
+        rnnengine.load(path)

@@ -263,3 +263,20 @@ def test_l2_normalised_features_stream_as_the_whole_run():
     gm, whole = check(m, x)
     s = gm.stream()
     np.testing.assert_array_equal(np.concatenate([s({"x": x[t:t + 2]})["y"] for t in range(0, 7, 2)]), whole)
+
+
+@pytest.mark.parametrize("op,attrs", [("GlobalAveragePool", {}), ("ReduceMean", {"axes": [-1]}),
+                                      ("ReduceSum", {"axes": [1, 2]})])
+def test_sums_over_the_innermost_axes_are_correctly_rounded(op, attrs):
+    """Rows far from zero: the sum / mean of each row in double, rounded once (a float32
+    running sum errs by up to ~n ulps of the partial sums; x - mean then magnifies it).
+    Checked against NumPy's float64 sum rounded to float32; onnxruntime's own float32 sum can
+    differ from it by an ulp, which a graph computing x - mean amplifies (README)."""
+    x = (1000.0 + np.random.default_rng(3).standard_normal((3, 4, 64))).astype(np.float32)
+    opset = 11 if op == "ReduceSum" else 17
+    m = one_node(op, x.shape, attrs=attrs, opset=opset)
+    got = rnnengine.convert(m).run({"x": x})["y"]
+    axes = (2,) if op != "ReduceSum" else (1, 2)
+    s = x.astype(np.float64).sum(axis=axes, keepdims=True)
+    want = (s / x.shape[2] if op != "ReduceSum" else s).astype(np.float32)
+    np.testing.assert_array_equal(got, want)

@@ -22,7 +22,7 @@ from rnnengine.frontend import opsets
 from rnnengine.frontend.opsets import OpsetError, check_structure, repeated
 from rnnengine.errors import UnsupportedError
 from rnnengine.limits import resolve
-from rnnengine.ops import KERAS_LOOP, OPS, ROWS_VIEW, STATELESS, STEP_MASK
+from rnnengine.ops import KERAS_LOOP, OPS, ROWS_VIEW, STATELESS, STEP_MASK, rows_view_errors
 from rnnengine.runtime.compact import configure
 from rnnengine.runtime.graph import GraphModel
 
@@ -327,6 +327,9 @@ def _load(path, verify, limits, mmap, cache_path=None):
     tensors = {name: widened[name] if name in widened else wf.tensor(name) for name in wf.names}
     graph = dict(wf.graph)
     graph["nodes"] = [_decode_node(n, tensors) for n in graph["nodes"]]
+    marks = rows_view_errors(graph["nodes"], tensors)
+    if marks:  # (a mark elsewhere would pass a Reshape's input on unchanged)
+        raise fileformat.FormatError(f"{path}: {marks[0]}")
     model = GraphModel(graph, {k: v for k, v in tensors.items() if not k.startswith("attr:")}, wf.metadata)
     model.file = wf
     model.compact_file = wf  # its float16 / int8 recurrent weights reach the kernels as stored

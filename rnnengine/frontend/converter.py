@@ -385,6 +385,9 @@ def _unflatten_matmuls(nodes, consts, keep):
             continue
         if W is None or np.ndim(W) != 2 or flat in kept or out in kept:
             continue
+        target = consts.get(r1["inputs"][1])
+        if target is not None and (np.ndim(target) != 1 or np.size(target) != 2):
+            continue  # (a constant target that is not rows: left as it is)
         if len(readers.get(flat, [])) != 1 or len(after) != 1 or after[0][0]["op"] != "Reshape" or after[0][1] != 0:
             continue
         r2 = after[0][0]

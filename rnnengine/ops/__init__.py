@@ -11,8 +11,8 @@ are in rnnengine/codes.py, once.
 """
 from rnnengine.ops import control, handlers
 from rnnengine.ops.control import SEQUENCE_INPUTS, SEQUENCE_OPS, EnvHandler
-from rnnengine.ops.handlers import (KERAS_LOOP, ROWS_VIEW, ONNX_DTYPE, OPS, STATELESS, STEP_MASK, Handler, PlannerInterface, Recurrent,
+from rnnengine.ops.handlers import (KERAS_LOOP, ROWS_VIEW, rows_view_errors, ONNX_DTYPE, OPS, STATELESS, STEP_MASK, Handler, PlannerInterface, Recurrent,
                                     register)
 
 __all__ = ["OPS", "Handler", "EnvHandler", "PlannerInterface", "Recurrent", "register", "ONNX_DTYPE",
-           "SEQUENCE_OPS", "SEQUENCE_INPUTS", "STATELESS", "STEP_MASK", "KERAS_LOOP", "ROWS_VIEW", "control", "handlers"]
+           "SEQUENCE_OPS", "SEQUENCE_INPUTS", "STATELESS", "STEP_MASK", "KERAS_LOOP", "ROWS_VIEW", "rows_view_errors", "control", "handlers"]

@@ -126,6 +126,50 @@ def register(*op_types: str, attrs: tuple[str, ...] | list[str] = ()) -> Any:
 INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 
 
+def rows_view_errors(nodes: list[dict[str, Any]], consts: Any) -> list[str]:
+    """Where the ROWS_VIEW marks of a graph (a weight file's, or the converter's) are not
+    the pattern the converter writes: 1 on a Reshape whose output only one MatMul reads, by a
+    constant 2-D matrix, whose output only one Reshape marked 2 reads (as its data); 2 only
+    there. A mark anywhere else would pass a Reshape's input on unchanged: refused."""
+    errors = []
+    readers: dict[str, list[tuple[dict[str, Any], int]]] = {}
+    for n in nodes:
+        for k, x in enumerate(n.get("inputs", [])):
+            if x:
+                readers.setdefault(x, []).append((n, k))
+    for n in nodes:
+        mark = n.get("attrs", {}).get(ROWS_VIEW)
+        if mark is None:
+            continue
+        label = f"{n.get('op')} node {n.get('name') or (n.get('outputs') or ['?'])[0]!r}"
+        if isinstance(mark, bool) or mark not in (1, 2) or n.get("op") != "Reshape":
+            errors.append(f"{label}: {ROWS_VIEW} {mark!r} (only 1 or 2, on a Reshape)")
+            continue
+        if mark != 1:
+            continue
+        out = (n.get("outputs") or [""])[0]
+        r = readers.get(out, [])
+        m = r[0][0] if len(r) == 1 and r[0][1] == 0 else None
+        w = m["inputs"][1] if m is not None and m.get("op") == "MatMul" and len(m.get("inputs", [])) == 2 else None
+        after = readers.get((m.get("outputs") or [""])[0], []) if w is not None else []
+        if w is None or w not in consts or np.ndim(consts[w]) != 2 or len(after) != 1 or after[0][1] != 0 \
+                or after[0][0].get("op") != "Reshape" or after[0][0].get("attrs", {}).get(ROWS_VIEW) != 2:
+            errors.append(f"{label}: {ROWS_VIEW} 1 is not followed by the one MatMul (by a constant matrix) "
+                          f"and the Reshape marked 2 it is written for")
+    marked2 = [n for n in nodes if n.get("attrs", {}).get(ROWS_VIEW) == 2 and not isinstance(n["attrs"][ROWS_VIEW], bool)]
+    fed = set()
+    for n in nodes:
+        if n.get("attrs", {}).get(ROWS_VIEW) == 1:
+            m = readers.get((n.get("outputs") or [""])[0], [(None, 0)])[0][0]
+            if m is not None:
+                fed.update(id(r[0]) for r in readers.get((m.get("outputs") or [""])[0], []))
+    for n in marked2:
+        if id(n) not in fed:
+            errors.append(f"Reshape node {n.get('name') or (n.get('outputs') or ['?'])[0]!r}: {ROWS_VIEW} 2 without "
+                          "the Reshape marked 1 and the MatMul it is written for")
+    return errors
+
+
 class Handler:
     ATTRS = set()
     PRIVATE_ATTRS = frozenset()  # rnnengine's own attributes: only its converter writes them (weight files)
@@ -662,7 +706,12 @@ class Selu(Handler):
         for name, v in (("alpha", a), ("gamma", g)):
             if isinstance(v, bool) or not isinstance(v, (float, int, np.floating, np.integer)):
                 self.fail(f"{name} must be a float, got {v!r}")
-        return float(np.float32(a)), float(np.float32(g))
+        a32, g32 = np.float32(a), np.float32(g)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(a32) and np.isfinite(g32) and np.isfinite(a32 * g32)
+        if not finite:  # (onnxruntime multiplies gamma * alpha first: NaN at x = 0 where Elu gives 0)
+            self.fail(f"alpha {a!r} and gamma {g!r} must be finite, with a finite float32 product")
+        return float(a32), float(g32)
 
     def elu(self, a):
         return Unary({**self.node, "op": "Elu", "attrs": {"alpha": a}}, 6)
@@ -1004,6 +1053,8 @@ class Reshape(Handler):
             self.fail("a Dense written as Tensordot over a scalar")
         flat = (math.prod(int(d) for d in shape_in[:-1]), int(shape_in[-1]))
         if self.attrs.get(ROWS_VIEW) == 1:
+            if flat[0] * flat[1] == 0:
+                return tuple(shape_in)  # (no rows: a stream's chunk with no steps)
             if _reshape_target(self, shape_in, target, allowzero) != flat:
                 self.fail(f"a Dense written as Tensordot: its rows {np.asarray(target).tolist()} are not the rows of "
                           f"the last axis of {tuple(shape_in)} (the converter let the MatMul read the input itself)")

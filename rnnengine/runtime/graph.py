@@ -42,7 +42,7 @@ from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
 from rnnengine.codes import (ACT_LEAKY_RELU, ACT_RELU, NP_DTYPES, OP_CONV1D_PACKED, OP_RECURRENT, OP_UNARY,  # noqa: F401
                              RECURRENT_OPS, tensor_code)  # (NP_DTYPES re-exported)
-from rnnengine.ops.handlers import OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
+from rnnengine.ops.handlers import OPS, ROWS_VIEW, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, State, Stream
 from rnnengine.runtime.roles import axis_roles, input_roles
@@ -480,7 +480,8 @@ class Planner:
             tp = streaming.pad_along_time(self, h, xs, xs[0].shape)
             if tp is not None:
                 return streaming.emit_pad(self, h, xs, *tp)
-        elif op in ("Reshape", "Flatten") and xs[0].t is not None and xs[0].shape[xs[0].t] == 0:
+        elif op in ("Reshape", "Flatten") and xs[0].t is not None and xs[0].shape[xs[0].t] == 0 \
+                and h.attrs.get(ROWS_VIEW) != 1:  # (a rows view passes its input on, steps or none)
             return streaming.reshape_no_steps(self, h, xs)
         return None
 
