@@ -584,45 +584,39 @@ def softmax(p, h, xs, outs):
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
 
 
-@rule("GlobalAveragePool")
-def global_pool(p, h, xs, outs):
-    x = xs[0]
-    if x.final:
-        _set(outs[0], final=True)
-        return
-    if x.t is None:
-        raise NotStreamableError(h.node, "pools a value computed from the sequence length")
-    if x.t >= 2:
-        raise NotStreamableError(h.node, "pools over the time axis (needs the whole sequence)")
-    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
-
-
-@rule("InstanceNormalization")
-def instance_norm(p, h, xs, outs):
+def _steps_apart(h, xs, outs, why_not):
+    """The rule of an op that computes each step apart unless its axes reach time: the output
+    keeps x's time axis; why_not(t): the reason a time axis t cannot stream, or None."""
     x = xs[0]
     if x.final:
         _set(outs[0], final=True)
         return
     if x.t is None:
         raise NotStreamableError(h.node, "normalises a value computed from the sequence length")
-    if x.t >= 1:
-        raise NotStreamableError(h.node, "normalises over the time axis (needs the whole sequence)" if x.t >= 2 else
-                                 "its channel axis is the time axis")
+    why = why_not(x.t)
+    if why:
+        raise NotStreamableError(h.node, why)
     _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+
+
+@rule("GlobalAveragePool")
+def global_pool(p, h, xs, outs):
+    """The mean over axes 2.. ."""
+    _steps_apart(h, xs, outs, lambda t: "pools over the time axis (needs the whole sequence)" if t >= 2 else None)
+
+
+@rule("InstanceNormalization")
+def instance_norm(p, h, xs, outs):
+    """Each (n, c) over axes 2.., then a per-channel affine map."""
+    _steps_apart(h, xs, outs, lambda t: "normalises over the time axis (needs the whole sequence)" if t >= 2 else
+                 "its channel axis is the time axis" if t == 1 else None)
 
 
 @rule("BatchNormalization")
 def batchnorm(p, h, xs, outs):
     """A per-channel affine map on axis 1 (the statistics are constants)."""
-    x = xs[0]
-    if x.final:
-        _set(outs[0], final=True)
-        return
-    if x.t is None:
-        raise NotStreamableError(h.node, "normalises a value computed from the sequence length")
-    if x.t == 1:
-        raise NotStreamableError(h.node, "its channel axis is the time axis (one statistic per time step)")
-    _set(outs[0], t=x.t, lag=x.lag, scale=x.scale)
+    _steps_apart(h, xs, outs, lambda t: "its channel axis is the time axis (one statistic per time step)"
+                 if t == 1 else None)
 
 
 @rule("LayerNormalization")
