@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -596,6 +596,7 @@ def random_graph(rng, ops, T_sym="T"):
 @settings(max_examples=200, deadline=None)
 @given(ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4), seed=st.integers(0, 10 ** 6),
        chunks=st.lists(st.integers(1, 5), min_size=1, max_size=3))
+@example(ops=["conv", "gather_last", "lstm"], seed=2, chunks=[2])  # (a run of 2 steps fails as the call does)
 def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
     if not any(o in ("lstm", "gru_reverse", "rnn_bidirectional") for o in ops):
         ops = ["lstm"] + ops  # a recurrent layer makes the time axis
@@ -619,8 +620,10 @@ def test_random_graphs_stream_exactly_or_are_refused(ops, seed, chunks):
         # model takes one fixed step per call, so a call is a step, not a piece of a sequence
         try:
             want_step = gm.run({"x": x[:chunks[0]]})["y"]
-        except rnnengine.ops.handlers.UnsupportedError as e:  # e.g. reflect padding longer than the chunk
-            with pytest.raises(rnnengine.ops.handlers.UnsupportedError, match=re.escape(str(e))):
+        except (rnnengine.ops.handlers.UnsupportedError, rnnengine.GraphRunError) as e:
+            # e.g. reflect padding longer than the chunk; Y[-1] of a conv's zero frames (a
+            # Gather index out of range when it runs): the call fails as the run does
+            with pytest.raises(type(e), match=re.escape(str(e))):
                 s({"x": x[:chunks[0]]})
             return
         close(s({"x": x[:chunks[0]]})["y"], want_step)
