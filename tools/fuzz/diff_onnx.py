@@ -427,8 +427,8 @@ def _ort_recurrent_off_spec(data, feeds):
     values (an initial state of 1e30: its GRU gives -1 where the formulas, in float64, give
     0.63). True when the model's first node whose output differs from rnnengine's is such an op,
     its inputs agree, and rnnengine's output is within tests/oracle.py's tolerance of
-    oracle.np_reference (the formulas in float64, on onnxruntime's own inputs to the node) while
-    onnxruntime's is not."""
+    oracle.np_reference (the formulas in float64, on onnxruntime's own inputs to the node), or
+    within what the node's conditioning allows (_within_conditioning), while onnxruntime's is not."""
     import numpy as np
     import onnx
     import rnnengine
@@ -463,11 +463,43 @@ def _ort_recurrent_off_spec(data, feeds):
             ref = np_reference(node.op_type, attrs, **args)
         except Exception:  # noqa: BLE001
             return False
-        for o, r in zip(node.output, ref):
-            if o in differs and (max_violation(ours[o], r) > 1 or max_violation(want[o], r) <= 1):
+        for k, (o, r) in enumerate(zip(node.output, ref)):
+            if o in differs and (max_violation(want[o], r) <= 1 or
+                                 not _within_conditioning(ours[o], r, node.op_type, attrs, args, k)):
                 return False
         return True
     return False
+
+
+def _within_conditioning(got, ref, op, attrs, args, k, tries=3):
+    """rnnengine's output k of a recurrent node is within tolerance of the formulas in float64
+    (`ref`), or, where it is not, within 4x of how far those formulas themselves move when every
+    float input moves by its last bit (relative 2^-23, random signs): a GRU whose state of 1e21
+    meets a reset gate of 1e-18 cannot be computed closer in float32 (the thirteenth session's
+    findings 0000 and 0002: rnnengine 2.8-5x the tolerance off the float64 formulas, which moved
+    25-57x under those one-bit moves; onnxruntime 3.6-1e5x off)."""
+    import numpy as np
+    from oracle import TOLERANCE, np_reference
+    tol = TOLERANCE[np.float32]
+    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    with np.errstate(invalid="ignore"):
+        off = np.abs(g - r)
+        bad = ~(off <= tol["atol"] + tol["rtol"] * np.abs(r)) & ~(np.isnan(g) & np.isnan(r))
+    if not bad.any():
+        return True
+    rng = np.random.default_rng(int(bad.sum()))
+    spread = np.zeros(r.shape)
+    for _ in range(tries):
+        moved = {nm: (a * (1 + rng.choice([-1.0, 1.0], a.shape) * 2.0 ** -23)).astype(np.float32)
+                 if a.dtype == np.float32 else a for nm, a in args.items()}
+        try:
+            r2 = np.asarray(np_reference(op, attrs, **moved)[k], np.float64)
+        except Exception:  # noqa: BLE001
+            return False
+        with np.errstate(invalid="ignore"):
+            d = np.abs(r2 - r)
+        spread = np.maximum(spread, np.where(np.isfinite(d), d, 0.0))
+    return bool(np.all(off[bad] <= 4 * spread[bad]))
 
 
 def _ort_unstable(data, feeds, names, want, got, tries=3):
