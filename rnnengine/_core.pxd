@@ -66,6 +66,7 @@ cdef extern from "rnnengine.h" nogil:
         RNN_OP_CONV1D_PACKED
         RNN_OP_STFT
         RNN_OP_LAYERNORM
+        RNN_OP_POOL1D
 
     ctypedef enum rnn_binary_kind:
         RNN_BIN_ADD

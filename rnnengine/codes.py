@@ -82,6 +82,7 @@ OP_REVSEQ: Final = 19
 OP_CONV1D_PACKED: Final = 20
 OP_STFT: Final = 21
 OP_LAYERNORM: Final = 22
+OP_POOL1D: Final = 23
 
 # --- rnn_binary_kind (BINARY, TBINARY), rnn_unary_kind (UNARY), rnn_tunary_kind, rnn_reduce_kind
 BIN_ADD: Final = 0

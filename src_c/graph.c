@@ -65,6 +65,13 @@
  *             rounded to float32, var = mean((x - mean)^2) in double (two passes, the ONNX
  *             function's definition), inv_std = 1 / sqrt(var + epsilon); y = (x - mean)
  *             inv_std scale + bias, rounded once. n >= 1 (onnxruntime refuses an empty row)
+ *   POOL1D    ip: rows, L, Lout, K, stride, dilation, off, lo, hi, kind, cnt_lo, cnt_hi
+ *             in: x (rows, L)   out: y (rows, Lout). Tap k of output j is position
+ *             p = j*stride + k*dilation - off; only taps with lo <= p < hi (0 <= lo <= hi <= L)
+ *             are read. kind 0 (max): the largest, a NaN among them gives NaN, no tap -inf;
+ *             kind 1 (average, padding excluded): their float32 sum (in tap order) divided by
+ *             their number; kind 2 (average, padding counted): that sum divided by the number
+ *             of taps with cnt_lo <= p < cnt_hi (the padded input's extent)
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode, started_id
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -306,6 +313,45 @@ static void op_layernorm(const int64_t *ip, float eps, const float *x, const flo
         }
         if (mean_out) mean_out[o] = mean;
         if (inv_out) inv_out[o] = (float)inv;
+    }
+}
+
+/* ---- POOL1D ------------------------------------------------------------------------- */
+
+/* A naive loop over windows and taps: pooling is a few operations per output, bound by
+ * reading x. Max keeps a NaN (as PyTorch and the ONNX reference do; onnxruntime 1.32's MaxPool
+ * skips NaN and never goes below -FLT_MAX, README "Departures"); average sums in tap order
+ * and divides once, onnxruntime's rounding. */
+static void op_pool1d(const int64_t *ip, const float *x, float *y) {
+    const int64_t rows = ip[0], L = ip[1], Lout = ip[2], K = ip[3], s = ip[4], d = ip[5], off = ip[6];
+    const int64_t lo = ip[7], hi = ip[8], kind = ip[9], cnt_lo = ip[10], cnt_hi = ip[11];
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * L;
+        float *yr = y + r * Lout;
+        for (int64_t j = 0; j < Lout; j++) {
+            const int64_t p0 = j * s - off;
+            if (kind == 0) {
+                float m = -INFINITY;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t p = p0 + k * d;
+                    if (p < lo || p >= hi) continue;
+                    const float v = xr[p];
+                    if (v > m || v != v) m = v; /* once NaN, neither test moves m */
+                }
+                yr[j] = m;
+            } else {
+                float sum = 0.0f;
+                int64_t n = 0, c = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t p = p0 + k * d;
+                    c += p >= cnt_lo && p < cnt_hi;
+                    if (p < lo || p >= hi) continue;
+                    sum += xr[p];
+                    n++;
+                }
+                yr[j] = sum / (float)(kind == 1 ? n : c);
+            }
+        }
     }
 }
 
@@ -1060,6 +1106,7 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
             op_layernorm(ip, fp[0], T_(ins[0]), ins[1] >= 0 ? T_(ins[1]) : NULL, ins[2] >= 0 ? T_(ins[2]) : NULL,
                          T_(outs[0]), outs[1] >= 0 ? T_(outs[1]) : NULL, outs[2] >= 0 ? T_(outs[2]) : NULL);
             break;
+        case RNN_OP_POOL1D: op_pool1d(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
@@ -1128,7 +1175,7 @@ static int add_ok(int64_t a, int64_t b, int64_t *r) {
 static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
                                        "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
                                        "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ",
-                                       "CONV1D_PACKED", "STFT", "LAYERNORM"};
+                                       "CONV1D_PACKED", "STFT", "LAYERNORM", "POOL1D"};
 #define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 /* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
@@ -1500,6 +1547,26 @@ static int verify_instr(vctx *v) {
         return need(v, &a, "input", "reads", total) || need(v, &b, "scale", "reads", n) ||
                need(v, &c, "bias", "reads", n) || need(v, &y, "output", "writes", total) ||
                need(v, &y2, "mean", "writes", outer) || need(v, &y3, "inv_std", "writes", outer);
+    }
+    case RNN_OP_POOL1D: {
+        if (nparams(v, 12) || unused(v, 1, 1)) return 1;
+        const int64_t rows = ip[0], L = ip[1], Lout = ip[2], K = ip[3], s = ip[4], dil = ip[5], off = ip[6];
+        const int64_t lo = ip[7], hi = ip[8], kind = ip[9], cnt_lo = ip[10], cnt_hi = ip[11];
+        int64_t x_n = 0, y_n = 0, reach = 0, t;
+        const int64_t xs[2] = {rows, L}, ys[2] = {rows, Lout};
+        if (sizes(v, "the input", 2, xs, &x_n) || sizes(v, "the output", 2, ys, &y_n)) return 1;
+        if (K < 1 || s < 1 || dil < 1) return bad(v, "kernel %lld, stride %lld and dilation %lld must be >= 1", (long long)K, (long long)s, (long long)dil);
+        if (kind < 0 || kind > 2) return bad(v, "unknown pooling kind %lld", (long long)kind);
+        if (lo < 0 || lo > hi || hi > L) return bad(v, "reads positions [%lld, %lld) of rows of %lld", (long long)lo, (long long)hi, (long long)L);
+        if (off < -SPAN_LIMIT || off > SPAN_LIMIT || cnt_lo < -SPAN_LIMIT || cnt_lo > SPAN_LIMIT ||
+            cnt_hi < -SPAN_LIMIT || cnt_hi > SPAN_LIMIT)
+            return bad(v, "offset or counted extent out of range");
+        /* j*s + k*d - off must not overflow: (Lout-1)*s + (K-1)*d + |off| within SPAN_LIMIT */
+        if (Lout > 0 && (!mul_ok(Lout - 1, s, &reach) || !mul_ok(K - 1, dil, &t) || !add_ok(reach, t, &reach) ||
+                         !add_ok(reach, off < 0 ? -off : off, &reach) || reach > SPAN_LIMIT))
+            return bad(v, "stride, dilation and offset reach beyond any input");
+        if (get(v, 0, "input", 1, M_F32, &a) || get(v, 4, "output", 1, M_F32, &y)) return 1;
+        return need(v, &a, "input", "reads", x_n) || need(v, &y, "output", "writes", y_n);
     }
     case RNN_OP_STFT: {
         if (nparams(v, 7) || unused(v, 3, 1)) return 1;

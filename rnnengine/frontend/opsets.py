@@ -147,6 +147,12 @@ VERSIONS = {
                            "statistics may have their own float types (float32 implemented)"},
     "LayerNormalization": {17: "introduced (axis, epsilon; stash_type 1; Scale / B broadcast to X) (implemented)"},
     "Conv": {1: "convolution", 11: "clarified auto_pad / kernel_shape (no change in the result)", 22: BF16},
+    "MaxPool": {1: "largest of each window, 1-D (implemented)", 8: "storage_order and the Indices output (Indices "
+                "refused)", 10: "ceil_mode, dilations (implemented)", 11: "clarified pads (no change in the result)",
+                12: "int8 / uint8 (types only)", 22: BF16},
+    "AveragePool": {7: "mean of each window, 1-D; count_include_pad (implemented)",
+                    10: "ceil_mode (implemented)", 11: "clarified pads (no change in the result)",
+                    19: "dilations (1 only; others refused)", 22: BF16},
     "Pad": {2: "pads / value attributes (implemented)", 11: "pads / constant_value inputs (implemented); " + INTS,
             13: "more types (types only)", 18: "axes input (implemented)", 19: "wrap mode (implemented)",
             21: LOWBIT, 23: LOWBIT, 24: LOWBIT, 25: LOWBIT},

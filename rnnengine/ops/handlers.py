@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Optional, Protocol
 
 from rnnengine import _core
 from rnnengine.errors import NotStreamableError, UnsupportedError, where  # noqa: F401 (re-exported)
@@ -25,7 +25,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
     DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_STFT, OP_CUMSUM, OP_GATHER, OP_LAYERNORM,
-    OP_MATMUL, OP_PAD,
+    OP_MATMUL, OP_PAD, OP_POOL1D,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -1871,11 +1871,56 @@ def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]
 
 
 def flatten_conv_inputs(p: Any, xs: list[Any]) -> list[Any]:
-    """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)."""
-    x, w = xs[0], xs[1]
-    return [p.alias(x, (x.shape[0], x.shape[1], x.shape[3])),
-            p.const(np.asarray(w.const).reshape(w.shape[0], w.shape[1], w.shape[3])) if w.const is not None
-            else p.alias(w, (w.shape[0], w.shape[1], w.shape[3]))] + list(xs[2:])
+    """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)
+    (a pool: its input only)."""
+    x = xs[0]
+    flat = [p.alias(x, (x.shape[0], x.shape[1], x.shape[3]))]
+    if len(xs) == 1:
+        return flat
+    w = xs[1]
+    return flat + [p.const(np.asarray(w.const).reshape(w.shape[0], w.shape[1], w.shape[3])) if w.const is not None
+                   else p.alias(w, (w.shape[0], w.shape[1], w.shape[3]))] + list(xs[2:])
+
+
+def window_1d(h: Any, L: int, K: int, ceil: bool = False) -> tuple[int, int, int, int, int]:
+    """(stride, dilation, pad_left, pad_right, Lout) of a 1-D window op (Conv, MaxPool,
+    AveragePool) with a kernel of K taps over L steps, from the node's strides, dilations,
+    pads and auto_pad. With `ceil` (a pool's ceil_mode) the last window may hang past the
+    padded input, but, as in onnxruntime and PyTorch, never starts in the right padding."""
+    def ints(name, n, default, low):
+        """A list attribute: n values >= low, as ONNX requires (onnxruntime refuses others;
+        a longer list was cut to its first values, negative pads cropped)."""
+        v = h.attr(name)
+        if v is None:
+            return default
+        v = [int(a) for a in v]
+        if len(v) != n or any(a < low for a in v):
+            h.fail(f"{name} {v[:8]} must be {n} value{'s' if n > 1 else ''} >= {low} for a 1-D {h.node['op']}")
+        return v
+    (s,), (d,) = ints("strides", 1, [1], 1), ints("dilations", 1, [1], 1)
+    pads = ints("pads", 2, [0, 0], 0)
+    ap = h.attr("auto_pad", "NOTSET")
+    ap = ap.decode() if isinstance(ap, bytes) else ap
+    if ap in ("NOTSET", ""):
+        pl, pr = pads
+    elif ap == "VALID":
+        pl = pr = 0
+    elif ap in ("SAME_UPPER", "SAME_LOWER"):
+        out = -(-L // s)
+        total = max(0, (out - 1) * s + (K - 1) * d + 1 - L)
+        pl = total // 2 if ap == "SAME_UPPER" else total - total // 2
+        pr = total - pl
+    else:
+        h.fail(f"auto_pad {ap!r} is not supported")
+    if ceil and ap not in ("NOTSET", ""):
+        h.fail(f"ceil_mode=1 with auto_pad {ap} is not supported")
+    room = L + pl + pr - d * (K - 1) - 1
+    Lout = (-(-room // s) if ceil else room // s) + 1
+    if ceil and Lout > 0 and (Lout - 1) * s >= L + pl:
+        Lout -= 1  # that window would start in the right padding
+    if Lout < 0:
+        h.fail(f"input length {L} is too short for kernel {K}")
+    return s, d, int(pl), int(pr), Lout
 
 
 @register("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
@@ -1905,42 +1950,14 @@ class Conv(Handler):
             self.fail(f"only 1-D convolution (N, C, L) is supported, got input {xshape}, weights {wshape}")
         N, C, L = xshape
         M, Cg, K = wshape
-
-        def ints(name, n, default, low):
-            """A list attribute of a 1-D conv: n values >= low, as ONNX requires (onnxruntime
-            refuses others; a longer list was cut to its first values, negative pads cropped)."""
-            v = self.attr(name)
-            if v is None:
-                return default
-            v = [int(a) for a in v]
-            if len(v) != n or any(a < low for a in v):
-                self.fail(f"{name} {v[:8]} must be {n} value{'s' if n > 1 else ''} >= {low} for a 1-D convolution")
-            return v
         g = int(self.attr("group", 1))
         if g < 1 or Cg * g != C or M % g:
             self.fail(f"weights {wshape} with group {g} do not fit input channels {C}")
         ks = self.attr("kernel_shape")
         if ks is not None and list(ks) != [K]:
             self.fail(f"kernel_shape {ks} differs from the weights' {K}")
-        (s,), (d,) = ints("strides", 1, [1], 1), ints("dilations", 1, [1], 1)
-        pads = ints("pads", 2, [0, 0], 0)
-        ap = self.attr("auto_pad", "NOTSET")
-        ap = ap.decode() if isinstance(ap, bytes) else ap
-        if ap in ("NOTSET", ""):
-            pl, pr = pads
-        elif ap == "VALID":
-            pl = pr = 0
-        elif ap in ("SAME_UPPER", "SAME_LOWER"):
-            out = -(-L // s)
-            total = max(0, (out - 1) * s + (K - 1) * d + 1 - L)
-            pl = total // 2 if ap == "SAME_UPPER" else total - total // 2
-            pr = total - pl
-        else:
-            self.fail(f"auto_pad {ap!r} is not supported")
-        Lout = (L + pl + pr - d * (K - 1) - 1) // s + 1
-        if Lout < 0:
-            self.fail(f"input length {L} is too short for kernel {K}")
-        return N, C, L, M, K, Lout, s, d, int(pl), int(pr), g
+        s, d, pl, pr, Lout = window_1d(self, L, K)
+        return N, C, L, M, K, Lout, s, d, pl, pr, g
 
     def eval(self, xs):
         flat = self.as_1d(np.shape(xs[0]), np.shape(xs[1]))
@@ -1975,6 +1992,159 @@ class Conv(Handler):
         out = p.new((N, M, Lout), np.float32)
         emit_conv1d(p, x, w, bias, out, [N, C, L, M, K, Lout, s, d, pl, g])
         return [out]
+
+
+POOL_MAX, POOL_AVG_EXCLUDE, POOL_AVG_INCLUDE = 0, 1, 2  # RNN_OP_POOL1D's kinds (src_c/graph.c)
+WINDOW_OPS = ("Conv", "MaxPool", "AveragePool")  # ops with a window along their last axis (streams carry frames)
+
+
+def first_empty_window(Lout: int, K: int, s: int, d: int, off: int, lo: int, hi: int) -> Optional[int]:
+    """The first output j of a pool whose taps j*s + k*d - off (k < K) all miss [lo, hi), or
+    None. Only windows reaching past lo or hi can miss: those at either end are checked."""
+    def empty(j):
+        start = j * s - off
+        k0 = max(0, -(-(lo - start) // d))  # the first tap at or after lo
+        return not (k0 < K and start + k0 * d < hi)
+    head = min(Lout, (lo + off) // s + 1)
+    tail = max(head, min(Lout, (hi + off - (K - 1) * d) // s))
+    for j in list(range(head)) + list(range(tail, Lout)):
+        if empty(j):
+            return j
+    return None
+
+
+@register("MaxPool", "AveragePool", attrs=("auto_pad", "ceil_mode", "count_include_pad", "dilations",
+                                             "kernel_shape", "pads", "storage_order", "strides"))
+class Pool(Handler):
+    """MaxPool / AveragePool over the length axis of (N, C, L), or of (N, C, 1, L) with a
+    kernel of height 1 (tf2onnx's Keras MaxPooling1D / AveragePooling1D); float32.
+
+    Semantics, as onnxruntime 1.32 computes them: windows of K taps, `dilations` apart,
+    `strides` apart, over the input padded by `pads` / `auto_pad` (each pad < K, as
+    onnxruntime requires); ceil_mode adds a last window that hangs past the padded input
+    unless it would start in the right padding. Average: the float32 sum of the window's
+    input taps in order, divided by their number (count_include_pad=0) or by the number of
+    taps inside the padded input (count_include_pad=1). Max: the largest input tap; a NaN
+    among them gives NaN, as in PyTorch and the ONNX reference, where onnxruntime skips NaN
+    and gives -3.4e38 for a window of -inf (README, "Departures"). The second output of
+    MaxPool (Indices) and AveragePool with dilations are refused."""
+
+    def kind(self):
+        op = self.node["op"]
+        if op == "MaxPool":
+            if "count_include_pad" in self.attrs:
+                self.fail("count_include_pad is an AveragePool attribute")
+            if len([o for o in self.node["outputs"] if o]) > 1:
+                self.fail("its Indices output is not supported")
+            return POOL_MAX
+        if "storage_order" in self.attrs:
+            self.fail("storage_order is a MaxPool attribute")
+        if any(int(v) != 1 for v in (self.attr("dilations") or [])):
+            self.fail(f"dilations {list(self.attr('dilations'))} of an average are not supported")
+        return POOL_AVG_INCLUDE if self.flag("count_include_pad", 0) else POOL_AVG_EXCLUDE
+
+    def as_1d(self, xshape, _w=None):
+        """A pool over (N, C, 1, L) with a kernel of height 1: the same handler over (N, C, L)."""
+        ks = self.attr("kernel_shape")
+        if len(xshape) != 4 or xshape[2] != 1 or ks is None or len(ks) != 2 or int(ks[0]) != 1:
+            return None
+        a = dict(self.attrs)
+        a["kernel_shape"] = [int(ks[1])]
+        for name in ("strides", "dilations"):
+            v = a.get(name)
+            if v is not None:
+                if len(v) != 2 or int(v[0]) < 1:
+                    self.fail(f"{name} {list(v)} of a pool over (N, C, 1, L) must be 2 values >= 1")
+                a[name] = [int(v[1])]
+        pads = a.get("pads")
+        if pads is not None:
+            if len(pads) != 4 or int(pads[0]) or int(pads[2]):
+                self.fail(f"pads {list(pads)} pad the height axis of a pool over (N, C, 1, L)")
+            a["pads"] = [int(pads[1]), int(pads[3])]
+        return type(self)(dict(self.node, attrs=a), self.opset)
+
+    def geometry(self, xshape):
+        """(N, C, L, K, Lout, stride, dilation, pad_left, pad_right, ceil) of the pool."""
+        ks = self.attr("kernel_shape")
+        if len(xshape) != 3 or ks is None or len(ks) != 1:
+            self.fail(f"only 1-D pooling over (N, C, L) or (N, C, 1, L) is supported, got input {list(xshape)}, "
+                      f"kernel_shape {None if ks is None else list(ks)}")
+        N, C, L = (int(v) for v in xshape)
+        K = int(ks[0])
+        if K < 1:
+            self.fail(f"kernel_shape {list(ks)} must be >= 1")
+        ceil = bool(self.flag("ceil_mode", 0))
+        s, d, pl, pr, Lout = window_1d(self, L, K, ceil)
+        if pl >= K or pr >= K:
+            self.fail(f"pads {[pl, pr]} must be smaller than the kernel {K} (onnxruntime refuses them)")
+        self.check_partial(L + pl + pr, d * (K - 1) + 1, s)
+        return N, C, L, K, Lout, s, d, pl, pr, ceil
+
+    def check_partial(self, padded, span, s):
+        """onnxruntime pools an input (with its padding) shorter than one window, by less than
+        a stride, as one window of the steps there are; refused here."""
+        if padded < span and padded > span - s:
+            self.fail(f"its input, {padded} steps with padding, is shorter than one window of {span} steps "
+                      "(onnxruntime pools them as one partial window; not supported)")
+
+    def check_windows(self, Lout, K, s, d, off, lo, hi):
+        j = first_empty_window(Lout, K, s, d, off, lo, hi)
+        if j is not None:
+            self.fail(f"window {j} holds only padding (dilation {d} steps over the {hi - lo} input steps): "
+                      "onnxruntime gives -3.4e38 or NaN there; refused")
+
+    def eval(self, xs):
+        flat = self.as_1d(np.shape(xs[0]))
+        if flat is not None:
+            return [flat.eval([xs[0][:, :, 0]])[0][:, :, None, :]]
+        x = np.asarray(xs[0])
+        if x.dtype != np.float32:
+            self.fail(f"pools float32 tensors, got {x.dtype}")
+        kind = self.kind()
+        N, C, L, K, Lout, s, d, pl, pr, _ = self.geometry(x.shape)
+        self.check_windows(Lout, K, s, d, pl, 0, L)
+        j = np.arange(Lout) * s - pl
+        acc = np.full((N, C, Lout), -np.inf if kind == POOL_MAX else 0.0, np.float32)
+        n = np.zeros(Lout, np.int64)
+        c = np.zeros(Lout, np.int64)
+        for k in range(K):  # taps in order: the float32 sum's rounding, NaN kept by max
+            pos = j + k * d
+            ok = (pos >= 0) & (pos < L)
+            v = x[:, :, np.clip(pos, 0, max(L - 1, 0))] if L else np.zeros((N, C, Lout), np.float32)
+            if kind == POOL_MAX:
+                acc = np.where(ok & ((v > acc) | np.isnan(v)), v, acc)
+            else:
+                acc = np.where(ok, acc + v, acc).astype(np.float32)
+            n += ok
+            c += (pos >= -pl) & (pos < L + pr)
+        if kind != POOL_MAX:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                acc = acc / (n if kind == POOL_AVG_EXCLUDE else c).astype(np.float32)
+        return [acc.astype(np.float32)]
+
+    def emit(self, p, xs):
+        flat = self.as_1d(xs[0].shape)
+        if flat is not None:
+            y = flat.emit(p, flatten_conv_inputs(p, xs[:1]))[0]
+            return [p.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))]
+        x = xs[0]
+        kind = self.kind()
+        if x.dtype != np.float32:
+            self.fail(f"needs a float32 input at run time, got {x.dtype}")
+        N, C, L, K, Lout, s, d, pl, pr, _ = self.geometry(x.shape)
+        out = p.new((N, C, Lout), np.float32)
+        emit_pool1d(p, self, x, out, kind, [N * C, L, Lout, K, s, d, pl, 0, L, -pl, L + pr])
+        return [out]
+
+
+def emit_pool1d(p: Any, h: Pool, x: Any, out: Any, kind: int, g: list[int]) -> None:
+    """RNN_OP_POOL1D over x (rows, L) into out (rows, Lout); g is [rows, L, Lout, K, stride,
+    dilation, off, lo, hi, cnt_lo, cnt_hi] (src_c/graph.c), each window checked to hold an
+    input step."""
+    rows, L, Lout, K, s, d, off, lo, hi, cnt_lo, cnt_hi = g
+    h.check_windows(Lout, K, s, d, off, lo, hi)
+    if rows * Lout:
+        p.emit(OP_POOL1D, [x], [out], [rows, L, Lout, K, s, d, off, lo, hi, kind, cnt_lo, cnt_hi])
 
 
 @register("Pad", attrs=("mode", "pads", "value"))

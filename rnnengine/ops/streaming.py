@@ -25,8 +25,8 @@ RULES maps each op type to a function that checks its inputs and sets its output
 information, or raises NotStreamableError naming the node and the reason. An op that is not
 in RULES and sees time refuses: an op is streamed only when it is known to be exact.
 
-Ops with a receptive field along time (Conv with kernel > 1, Pad along time) stream with
-carried context: `emit_conv` and `emit_pad` keep the frames they still need in the stream's
+Ops with a receptive field along time (Conv, MaxPool, AveragePool, Pad along time) stream
+with carried context: `emit_window` and `emit_pad` keep the frames they still need in the stream's
 state. Look-ahead (right padding) delays their outputs; `finish` flushes them.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from rnnengine.codes import RECURRENT_OPS, SLOT_SEQUENCE_LENS
-from rnnengine.ops.handlers import (ROWS_VIEW, STEP_MASK, emit_conv1d, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
+from rnnengine.ops.handlers import (ROWS_VIEW, STEP_MASK, emit_conv1d, emit_pool1d, NotStreamableError, _axes, _reshape_target, _slice_params, axis_of,
                   contiguous_strides, emit_copy)
 
 RULES = {}
@@ -752,8 +752,8 @@ def recurrent(p, h, xs, outs):
 # --- ops with a receptive field along time: carried context ---------------------------------
 
 def conv_along_time(p: Any, h: Any, xs: list[Any]) -> bool:
-    """True when a Conv's length axis is the stream's time axis (it then streams with carried
-    context through emit_conv); refuses convs that mix time otherwise."""
+    """True when a Conv's or a pool's length axis is the stream's time axis (it then streams
+    with carried context through emit_window); refuses those that mix time otherwise."""
     x = xs[0]
     if not timed(x):
         return False
@@ -762,27 +762,44 @@ def conv_along_time(p: Any, h: Any, xs: list[Any]) -> bool:
     if not x.final and x.t == 0:
         return False  # time runs along the conv's batch axis (a window per step): step by step
     if x.final or x.t != len(x.shape) - 1:
-        raise NotStreamableError(h.node, "convolves over the channels of a time series (time must be the "
+        raise NotStreamableError(h.node, f"{'convolves' if h.node['op'] == 'Conv' else 'pools'} over the "
+                                         "channels of a time series (time must be the "
                                          "length axis)")
     return True
 
 
-def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
-    """Conv1d over a chunk with the frames it still needs from earlier chunks.
+def emit_window(p: Any, h: Any, xs: list[Any]) -> list[Any]:
+    """Conv1d, MaxPool or AveragePool over a chunk, with the frames it still needs from
+    earlier chunks.
 
-    Along time the whole-sequence conv reads the padded input P = [pl zeros, x, pr zeros]
-    and writes output j from P[j*s, j*s + span), span = d*(K-1) + 1. The stream keeps the
-    unconsumed tail of P (`carry` frames, starting with the pl zeros) in its state; each call
+    Along time the whole-sequence op reads the padded input P = [pl pads, x, pr pads] and
+    writes output j from P[j*s, j*s + span), span = d*(K-1) + 1. The stream keeps the
+    unconsumed tail of P (`carry` frames, starting with the pl pads) in its state; each call
     appends the chunk, emits every window that is complete, and keeps the rest. finish()
-    appends the pr zeros. A negative carry is a number of frames to skip (stride > span)."""
-    x, w = xs[0], xs[1]
-    bias = xs[2] if len(xs) > 2 else None
-    if w.const is None or (bias is not None and bias.const is None):
-        h.fail("weights and bias must be constants")
-    L = x.shape[2]
-    K0 = w.shape[2] if len(w.shape) == 3 else 1
+    appends the pr pads. A negative carry is a number of frames to skip (stride > span). A
+    pool reads only the input frames of its buffer (from `lo`, after the left pads it still
+    holds, up to `hi`, before the right pads): the stream counts the input steps it has seen,
+    up to the number of frames it keeps."""
+    x = xs[0]
+    conv = h.node["op"] == "Conv"
+    if conv:
+        w = xs[1]
+        bias = xs[2] if len(xs) > 2 else None
+        if w.const is None or (bias is not None and bias.const is None):
+            h.fail("weights and bias must be constants")
+        K0 = w.shape[2] if len(w.shape) == 3 else 1
+    else:
+        kind = h.kind()
+        K0 = int(h.attr("kernel_shape")[0])
     long_enough = (x.shape[0], x.shape[1], 4 * (K0 * 8 + 8))  # the geometry of a long input: pads, span
-    N, C, _, M, K, _, s, d, pl, pr, g = h.geometry(long_enough, w.shape)
+    if conv:
+        N, C, _, M, K, _, s, d, pl, pr, g = h.geometry(long_enough, w.shape)
+    else:
+        N, C, _, K, _, s, d, pl, pr, ceil = h.geometry(long_enough)
+        if ceil and s > 1:
+            raise NotStreamableError(h.node, f"ceil_mode=1 with stride {s}: its last window depends on where "
+                                             "the whole sequence ends")
+        M = C
     ap = h.attr("auto_pad", "NOTSET")
     ap = ap.decode() if isinstance(ap, bytes) else ap
     if ap in ("SAME_UPPER", "SAME_LOWER") and s > 1:
@@ -790,12 +807,14 @@ def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
                                          "the whole sequence's length")
     if pl < 0 or pr < 0:
         raise NotStreamableError(h.node, "negative padding crops the time axis")
+    L = x.shape[2]
     span = d * (K - 1) + 1
     p.tail = p.tail or pr > 0
-    key = "conv:" + (h.node["outputs"][0] or h.node.get("name", ""))
+    name = h.node["outputs"][0] or h.node.get("name", "")
+    key = "conv:" + name
     cap = max(span - 1, pl)
     carry = p.aux_in.get(key, pl)
-    # incoming frames: the chunk, then (finish) the pr zeros; a pending skip eats them first
+    # incoming frames: the chunk, then (finish) the pr pads; a pending skip eats them first
     skip, kept = max(0, -carry), max(0, carry)
     used = min(skip, L)
     tail0 = pr if p.finishing else 0
@@ -817,8 +836,21 @@ def emit_conv(p: Any, h: Any, xs: list[Any]) -> list[Any]:
         z = p.const(np.zeros((N, C, tail), np.float32))
         emit_copy(p, z, buf, (N, C, tail), contiguous_strides((N, C, tail)), bst, dst_off=kept + n_in)
     out = p.new((N, M, n_out), np.float32)
-    if n_out:
+    if conv and n_out:
         emit_conv1d(p, buf, w, bias, out, [N, C, buf_len, M, K, n_out, s, d, 0, g])
+    elif not conv:
+        seen = p.aux_in.get(key + ":seen", 0)  # input steps before this call, counted up to cap
+        p.aux_out[key + ":seen"] = min(cap, seen + L)
+        # a window emitted before: set once; until then the buffer holds the whole padded input
+        p.aux_out[key + ":out"] = 1 if n_out or p.aux_in.get(key + ":out") else 0
+        if not p.aux_out[key + ":out"] and s > 1:
+            p.tail = True  # finish() must see whether the steps form one partial window
+            if p.finishing:
+                h.check_partial(buf_len, span, s)
+        if n_out:
+            lo = max(0, kept - seen) if carry > 0 else 0  # left pads still in the buffer
+            emit_pool1d(p, h, p.alias(buf, (N * C, buf_len)), p.alias(out, (N * C, n_out)), kind,
+                        [N * C, buf_len, n_out, K, s, d, 0, lo, kept + n_in, 0, buf_len])
     rest = p.aux_out[key]
     if rest > 0:  # the unconsumed tail becomes the next call's carry
         emit_copy(p, buf, st, (N, C, rest), bst, [C * cap, cap, 1], src_off=buf_len - rest)
@@ -867,9 +899,10 @@ def emit_pad(p: Any, h: Any, xs: list[Any], b: int, e: int) -> list[Any]:
     return [out]
 
 
-@rule("Conv", "Pad")
+@rule("Conv", "Pad", "MaxPool", "AveragePool")
 def conv_or_pad_without_time(p, h, xs, outs):
-    """Conv / Pad whose time axis is left alone (handled by emit_conv / emit_pad otherwise)."""
+    """Conv / Pad / a pool whose time axis is left alone (handled by emit_window / emit_pad
+    otherwise)."""
     x = xs[0]
     if any(has_tdep(v) for v in xs[1:]):
         raise NotStreamableError(h.node, "its parameters depend on the sequence length")

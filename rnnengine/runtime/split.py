@@ -214,6 +214,13 @@ def conv(node, h, xs, outs):
     return [0]
 
 
+def pool(node, h, xs, outs):
+    """MaxPool / AveragePool: along the last axis, which must not hold the batch."""
+    if xs[0].b == len(xs[0].shape) - 1:
+        _fail(node, "pools along the batch axis")
+    return [xs[0].b]
+
+
 def along_axis(node, h, xs, outs):
     """Softmax, ArgMax, CumSum, TopK...: one axis (an attribute, or CumSum's input 1)."""
     x = xs[0]
@@ -319,7 +326,7 @@ def recurrent(node, h, xs, outs):
 RULES = {op: elementwise for op in ELEMENTWISE}
 RULES.update({"Transpose": transpose, "Reshape": reshape_like, "Flatten": reshape_like, "Squeeze": reshape_like,
               "Unsqueeze": reshape_like, "Slice": slice_, "Gather": gather, "Concat": concat, "Split": split,
-              "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv,
+              "Pad": pad, "Expand": expand, "MatMul": matmul, "Gemm": gemm, "Conv": conv, "MaxPool": pool, "AveragePool": pool,
               "Softmax": along_axis, "LogSoftmax": along_axis, "Hardmax": along_axis, "ArgMax": along_axis,
               "ArgMin": along_axis, "CumSum": along_axis, "TopK": along_axis, "LayerNormalization": layernorm,
               "BatchNormalization": batchnorm, "GlobalAveragePool": global_pool, "InstanceNormalization": instance_norm,

@@ -45,7 +45,8 @@ OPS = ["LSTM", "GRU", "RNN", "Loop", "If", "Scan", "MatMul", "Gemm", "Conv", "Ga
        "Cast", "Where", "ReverseSequence", "Split", "Pad", "ReduceMean", "Softmax", "Add", "Mul", "Identity",
        "SequenceAt", "SequenceInsert", "SplitToSequence", "ConcatFromSequence", "NonZero", "TopK", "Resize",
        "Constant", "Sigmoid", "Tanh", "Relu", "Not", "Equal", "Less", "Greater", "CumSum", "Einsum",
-       "LayerNormalization", "BatchNormalization", "Gelu", "Erf", "PRelu", "Selu", "GlobalAveragePool"]
+       "LayerNormalization", "BatchNormalization", "Gelu", "Erf", "PRelu", "Selu", "GlobalAveragePool",
+       "MaxPool", "AveragePool"]
 
 
 def _edit_list(r, values, pool, k):
