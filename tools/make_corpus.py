@@ -56,6 +56,11 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "tests", "data", "corpus")
+ONLY: list[str] = []  # --only: export just the models whose name contains one of these
+
+
+def selected(name):
+    return not ONLY or any(o in name for o in ONLY)
 MANIFEST = os.path.join(OUT, "manifest.json")
 I, H = 6, 8  # input and hidden sizes of the sequence models
 
@@ -262,6 +267,22 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                 return torch.softmax(self.o(y), dim=-1)
             return y, (h[0] if isinstance(h, tuple) else h)
 
+    class ConvPool(nn.Module):
+        """Conv1d(k=3, padding=1) -> ReLU -> a pool along time -> a recurrent layer -> Linear
+        (a CRNN front end: keyword spotting, sound events)."""
+
+        def __init__(self, kind, pool):
+            super().__init__()
+            self.c = nn.Conv1d(I, 8, 3, padding=1)
+            self.p = pool
+            self.r = getattr(nn, kind)(8, H, batch_first=True)
+            self.o = nn.Linear(H, 5)
+
+        def forward(self, x):
+            z = self.p(torch.relu(self.c(x.transpose(1, 2))))
+            y, _ = self.r(z.transpose(1, 2))
+            return self.o(y)
+
     class MeanPool(nn.Module):
         def __init__(self):
             super().__init__()
@@ -332,6 +353,15 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                    {"pattern": "kws_conv_gru", "exports": base,
                     "streaming": stream("a centred k=3 conv (1 step of look-ahead), a forward GRU and per-frame "
                                         "ops", 1)}))
+    for name, pool, kind, desc in (
+            ("conv_maxpool_gru_linear", nn.MaxPool1d(2), "GRU", "MaxPool1d(2)"),
+            ("conv_avgpool_lstm_linear", nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), "LSTM",
+             "AvgPool1d(3, stride=2, padding=1, count_include_pad=False)")):
+        models.append((name, ConvPool(kind, pool), (x_bf,), xo, ["logits"],
+                       f"Conv1d(k=3, padding=1) -> ReLU -> {desc} -> nn.{kind} -> nn.Linear",
+                       {"pattern": "conv_pool", "exports": base,
+                        "streaming": stream("a centred conv (1 step of look-ahead), then a pool whose window "
+                                            "reaches 1 step further, then a forward recurrence", 2)}))
     models.append(("meanpool_gru_linear", MeanPool(), (x_bf,), xo, ["logits"], "GRU -> mean over time -> Linear",
                    {"pattern": "mean_pool", "exports": base,
                     "streaming": refuse("ReduceMean over the time axis needs the whole sequence")}))
@@ -402,11 +432,11 @@ def export_torch(entries):
     failures = []
     # every (exporter, opset) run of any model; the dynamo exporter first: after legacy
     # exports in the same process it fails on RNNs
-    runs = list(dict.fromkeys(r for m in torch_models() for r in m[6]["exports"]))
+    runs = list(dict.fromkeys(r for m in torch_models() if selected(m[0]) for r in m[6]["exports"]))
     runs.sort(key=lambda r: (r[0] != "dynamo", r[0], r[1]))
     for exporter, opset in runs:
         for name, module, args, ins, outs, notes, meta in torch_models():
-            if (exporter, opset) not in meta["exports"]:
+            if (exporter, opset) not in meta["exports"] or not selected(name):
                 continue
             tag = {"dynamo": "dynamo", "legacy": "legacy", "legacy-vc": "legacy_vc"}[exporter]
             fname = f"torch_{tag}_{name}_op{opset}.onnx"
@@ -707,6 +737,8 @@ def export_keras(entries, legacy=False):
                    "GRU -> Dense(5, softmax) on every step (keyword spotting)",
                    {"pattern": "dense_on_sequence", "streaming": fwd}))
     for name, model, notes, meta in models:
+        if not selected(name):
+            continue
         fname = f"{family}_tf2onnx_{name}_op17.onnx"
         path = os.path.join(OUT, fname)
         specs = [tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=t.name.split(":")[0])
@@ -839,7 +871,11 @@ def main():
     ap.add_argument("--triage", action="store_true",
                     help="run this checkout's engine over the pattern models and sort them into 'models' "
                          "(pass) and 'pending' (fail, with the message); needs rnnengine installed")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="export only the models whose name contains NAME (repeatable), keeping every other "
+                         "file and entry as it is: re-exporting a family renames nodes in every file")
     args = ap.parse_args()
+    ONLY[:] = args.only
     if not (args.torch or args.keras or args.keras2 or args.triage):
         ap.error("say --torch, --keras, --keras2 (Keras 2 in a process of its own) and/or --triage")
     if args.keras2 and args.keras:
@@ -855,12 +891,14 @@ def main():
         import onnx
         import onnxruntime
         manifest["generated_with"].update({"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__})
+        def replaced(f):
+            return f.startswith(prefix) and selected(f)
         for f in os.listdir(OUT):
-            if f.startswith(prefix) and f.endswith((".onnx", ".npz")):
+            if replaced(f) and f.endswith((".onnx", ".npz")):
                 os.remove(os.path.join(OUT, f))
         for key in ("models", "pending"):
-            manifest[key] = [e for e in manifest[key] if not e["file"].startswith(prefix)]
-        manifest["export_failures"] = [f for f in manifest.get("export_failures", []) if not f[0].startswith(prefix)]
+            manifest[key] = [e for e in manifest[key] if not replaced(e["file"])]
+        manifest["export_failures"] = [f for f in manifest.get("export_failures", []) if not replaced(f[0])]
         entries = []
         res = fn(entries)
         if isinstance(res, tuple):
