@@ -101,16 +101,23 @@ def test_auto_pad_equals_onnxruntime(op, auto_pad):
         np.testing.assert_array_equal(got, want)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(op=st.sampled_from(["MaxPool", "AveragePool"]), L=st.integers(4, 40), K=st.integers(1, 4),
-       s=st.integers(1, 4), pl=st.integers(0, 3), pr=st.integers(0, 3), inc=st.booleans(), seed=st.integers(0, 999))
-def test_keras_form_over_n_c_1_l_equals_onnxruntime(op, L, K, s, pl, pr, inc, seed):
-    """tf2onnx writes Keras MaxPooling1D / AveragePooling1D as a 2-D pool over (N, C, 1, L)."""
+       s=st.integers(1, 4), pl=st.integers(0, 3), pr=st.integers(0, 3), inc=st.booleans(), seed=st.integers(0, 999),
+       keras2=st.booleans())
+def test_keras_forms_over_n_c_1_l_and_n_c_l_1_equal_onnxruntime(op, L, K, s, pl, pr, inc, seed, keras2):
+    """tf2onnx writes Keras 3 MaxPooling1D / AveragePooling1D as a 2-D pool over (N, C, 1, L),
+    Keras 2's over (N, C, L, 1)."""
     pl, pr = min(pl, K - 1), min(pr, K - 1)
     if L + pl + pr < K:
         return
-    x = np.random.default_rng(seed).standard_normal((2, 5, 1, L)).astype(np.float32) * 3
-    attrs = dict(kernel_shape=[1, K], strides=[1, s], pads=[0, pl, 0, pr])
+    r = np.random.default_rng(seed)
+    if keras2:
+        x = r.standard_normal((2, 5, L, 1)).astype(np.float32) * 3
+        attrs = dict(kernel_shape=[K, 1], strides=[s, 1], pads=[pl, 0, pr, 0])
+    else:
+        x = r.standard_normal((2, 5, 1, L)).astype(np.float32) * 3
+        attrs = dict(kernel_shape=[1, K], strides=[1, s], pads=[0, pl, 0, pr])
     if op == "AveragePool":
         attrs["count_include_pad"] = int(inc)
     got, want = both(pool_model(op, x.shape, **attrs), x)
@@ -146,6 +153,7 @@ def test_nan_and_infinities_propagate_as_in_pytorch():
 @pytest.mark.parametrize("op,shape,attrs,outputs,match", [
     ("MaxPool", (1, 2, 9), dict(kernel_shape=[3]), ("y", "idx"), "Indices"),
     ("MaxPool", (1, 2, 4, 9), dict(kernel_shape=[2, 3]), ("y",), "only 1-D pooling"),
+    ("MaxPool", (1, 2, 1, 9), dict(kernel_shape=[1, 3], pads=[1, 0, 0, 0]), ("y",), "unit axis"),
     ("AveragePool", (1, 2, 9), dict(kernel_shape=[3], dilations=[2]), ("y",), "dilations"),
     ("MaxPool", (1, 2, 9), dict(kernel_shape=[2], strides=[3], dilations=[3], pads=[1, 1]), ("y",), None),
     ("MaxPool", (1, 2, 2), dict(kernel_shape=[2], dilations=[3], pads=[1, 1]), ("y",), "only padding"),

@@ -736,6 +736,21 @@ def export_keras(entries, legacy=False):
     models.append(("gru_dense_softmax", seq(layers.GRU(H, return_sequences=True), layers.Dense(5, activation="softmax")),
                    "GRU -> Dense(5, softmax) on every step (keyword spotting)",
                    {"pattern": "dense_on_sequence", "streaming": fwd}))
+    # a CRNN front end: Conv1D -> MaxPooling1D -> LSTM (tf2onnx writes the pool as a 2-D MaxPool
+    # over (N, C, 1, L)); an AveragePooling1D(padding="same") with a stride pads by an amount that
+    # depends on the whole sequence's length (auto_pad SAME_UPPER): whole sequences only
+    models.append(("conv_maxpool_lstm_dense", seq(layers.Conv1D(8, 3, padding="same", activation="relu"),
+                                                  layers.MaxPooling1D(2), layers.LSTM(H, return_sequences=True),
+                                                  layers.Dense(5)),
+                   "Conv1D(8, 3, padding='same', relu) -> MaxPooling1D(2) -> LSTM -> Dense(5)",
+                   {"pattern": "conv_pool", "streaming": stream("a centred conv (1 step of look-ahead), a pool "
+                                                                "reaching 1 step further, a forward LSTM", 2)}))
+    models.append(("conv_avgpool_same_gru", seq(layers.Conv1D(8, 3, padding="causal", activation="relu"),
+                                                layers.AveragePooling1D(3, strides=2, padding="same"),
+                                                layers.GRU(H, return_sequences=True)),
+                   "Conv1D(8, 3, padding='causal', relu) -> AveragePooling1D(3, strides=2, padding='same') -> GRU",
+                   {"pattern": "conv_pool", "streaming": refuse("auto_pad SAME with stride 2 pads by an amount "
+                                                                "that depends on the whole sequence's length")}))
     for name, model, notes, meta in models:
         if not selected(name):
             continue

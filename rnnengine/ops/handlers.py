@@ -1871,15 +1871,22 @@ def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]
 
 
 def flatten_conv_inputs(p: Any, xs: list[Any]) -> list[Any]:
-    """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K)
-    (a pool: its input only)."""
+    """(N, C, 1, L) input and (M, C/g, 1, K) weights seen as (N, C, L) and (M, C/g, K) (a
+    pool: its input only, (N, C, 1, L) or (N, C, L, 1))."""
     x = xs[0]
-    flat = [p.alias(x, (x.shape[0], x.shape[1], x.shape[3]))]
+    flat = [p.alias(x, (x.shape[0], x.shape[1], x.shape[2] * x.shape[3]))]
     if len(xs) == 1:
         return flat
     w = xs[1]
     return flat + [p.const(np.asarray(w.const).reshape(w.shape[0], w.shape[1], w.shape[3])) if w.const is not None
                    else p.alias(w, (w.shape[0], w.shape[1], w.shape[3]))] + list(xs[2:])
+
+
+def unflatten_shape(shape: Iterable[int], long_axis: int) -> tuple[int, ...]:
+    """The (N, M, Lout) result of a 1-D window op seen as the 4-D op's: (N, M, 1, Lout) when
+    L was axis 3, (N, M, Lout, 1) when axis 2."""
+    N, M, L = shape
+    return (N, M, 1, L) if long_axis == 3 else (N, M, L, 1)
 
 
 def window_1d(h: Any, L: int, K: int, ceil: bool = False) -> tuple[int, int, int, int, int]:
@@ -1943,7 +1950,9 @@ class Conv(Handler):
             if len(pads) != 4 or int(pads[0]) or int(pads[2]):
                 self.fail(f"pads {list(pads)} pad the height axis of a conv over (N, C, 1, L)")
             a["pads"] = [int(pads[1]), int(pads[3])]
-        return type(self)(dict(self.node, attrs=a), self.opset)
+        flat = type(self)(dict(self.node, attrs=a), self.opset)
+        flat.long_axis = 3
+        return flat
 
     def geometry(self, xshape, wshape):
         if len(xshape) != 3 or len(wshape) != 3:
@@ -2044,24 +2053,34 @@ class Pool(Handler):
         return POOL_AVG_INCLUDE if self.flag("count_include_pad", 0) else POOL_AVG_EXCLUDE
 
     def as_1d(self, xshape, _w=None):
-        """A pool over (N, C, 1, L) with a kernel of height 1: the same handler over (N, C, L)."""
+        """A pool over (N, C, 1, L) with a kernel [1, K] (tf2onnx's Keras 3 pooling), or over
+        (N, C, L, 1) with a kernel [K, 1] (Keras 2): the same handler over (N, C, L), with
+        `long_axis` 3 or 2, the axis of L."""
         ks = self.attr("kernel_shape")
-        if len(xshape) != 4 or xshape[2] != 1 or ks is None or len(ks) != 2 or int(ks[0]) != 1:
+        if len(xshape) != 4 or ks is None or len(ks) != 2:
             return None
+        la = 3 if xshape[2] == 1 and int(ks[0]) == 1 else 2 if xshape[3] == 1 and int(ks[1]) == 1 else None
+        if la is None:
+            return None
+        k, one = la - 2, 3 - la  # the kernel's position of L, and of the unit axis
         a = dict(self.attrs)
-        a["kernel_shape"] = [int(ks[1])]
+        a["kernel_shape"] = [int(ks[k])]
         for name in ("strides", "dilations"):
             v = a.get(name)
             if v is not None:
-                if len(v) != 2 or int(v[0]) < 1:
-                    self.fail(f"{name} {list(v)} of a pool over (N, C, 1, L) must be 2 values >= 1")
-                a[name] = [int(v[1])]
+                if len(v) != 2 or int(v[one]) < 1:
+                    self.fail(f"{name} {list(v)} of a pool over {'(N, C, 1, L)' if la == 3 else '(N, C, L, 1)'} "
+                              "must be 2 values >= 1")
+                a[name] = [int(v[k])]
         pads = a.get("pads")
         if pads is not None:
-            if len(pads) != 4 or int(pads[0]) or int(pads[2]):
-                self.fail(f"pads {list(pads)} pad the height axis of a pool over (N, C, 1, L)")
-            a["pads"] = [int(pads[1]), int(pads[3])]
-        return type(self)(dict(self.node, attrs=a), self.opset)
+            if len(pads) != 4 or int(pads[one]) or int(pads[2 + one]):
+                self.fail(f"pads {list(pads)} pad the unit axis of a pool over "
+                          f"{'(N, C, 1, L)' if la == 3 else '(N, C, L, 1)'}")
+            a["pads"] = [int(pads[k]), int(pads[2 + k])]
+        flat = type(self)(dict(self.node, attrs=a), self.opset)
+        flat.long_axis = la
+        return flat
 
     def geometry(self, xshape):
         """(N, C, L, K, Lout, stride, dilation, pad_left, pad_right, ceil) of the pool."""
@@ -2096,7 +2115,9 @@ class Pool(Handler):
     def eval(self, xs):
         flat = self.as_1d(np.shape(xs[0]))
         if flat is not None:
-            return [flat.eval([xs[0][:, :, 0]])[0][:, :, None, :]]
+            x = np.asarray(xs[0])
+            y = flat.eval([x.reshape(x.shape[0], x.shape[1], -1)])[0]
+            return [y.reshape(unflatten_shape(y.shape, flat.long_axis))]
         x = np.asarray(xs[0])
         if x.dtype != np.float32:
             self.fail(f"pools float32 tensors, got {x.dtype}")
@@ -2126,7 +2147,7 @@ class Pool(Handler):
         flat = self.as_1d(xs[0].shape)
         if flat is not None:
             y = flat.emit(p, flatten_conv_inputs(p, xs[:1]))[0]
-            return [p.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))]
+            return [p.alias(y, unflatten_shape(y.shape, flat.long_axis))]
         x = xs[0]
         kind = self.kind()
         if x.dtype != np.float32:

@@ -42,7 +42,7 @@ from rnnengine.ops import streaming
 from rnnengine.ops.streaming import check_outputs as _check_stream_outputs
 from rnnengine.codes import (ACT_LEAKY_RELU, ACT_RELU, NP_DTYPES, OP_CONV1D_PACKED, OP_RECURRENT, OP_UNARY,  # noqa: F401
                              RECURRENT_OPS, tensor_code)  # (NP_DTYPES re-exported)
-from rnnengine.ops.handlers import OPS, ROWS_VIEW, WINDOW_OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs
+from rnnengine.ops.handlers import OPS, ROWS_VIEW, WINDOW_OPS, Concat, Slice, Unsqueeze, emit_copy, flatten_conv_inputs, unflatten_shape
 from rnnengine.ops.control import SEQUENCE_INPUTS, EnvHandler
 from rnnengine.runtime.base import Model, State, Stream
 from rnnengine.runtime.roles import axis_roles, input_roles
@@ -459,20 +459,22 @@ class Planner:
         if op in RECURRENT_OPS:
             streaming.recurrent_check(h, xs)
         elif op in WINDOW_OPS and h.as_1d(*[v.shape for v in xs[:2]]) is not None and streaming.timed(xs[0]):
-            # Keras Conv1D / MaxPooling1D written as a 2-D op over (N, C, 1, L): the 1-D op, time on L
+            # Keras Conv1D / pooling written as a 2-D op over (N, C, 1, L) (or a pool over
+            # (N, C, L, 1)): the 1-D op, time on L
             flat = h.as_1d(*[v.shape for v in xs[:2]])
+            la = flat.long_axis
             ys = flatten_conv_inputs(self, xs)
-            ys[0].t, ys[0].final, ys[0].lag, ys[0].scale = (2 if xs[0].t == 3 else xs[0].t), xs[0].final, \
+            ys[0].t, ys[0].final, ys[0].lag, ys[0].scale = (2 if xs[0].t == la else xs[0].t), xs[0].final, \
                 xs[0].lag, xs[0].scale
-            if xs[0].t not in (0, 3):
+            if xs[0].t not in (0, la):
                 raise NotStreamableError(h.node, f"{'convolves' if op == 'Conv' else 'pools'} over the channels of a time series")
             if streaming.conv_along_time(self, flat, ys):
                 y = streaming.emit_window(self, flat, ys)[0]
             else:
                 y = flat.emit(self, ys)[0]
                 y.t, y.lag, y.scale = ys[0].t, ys[0].lag, ys[0].scale
-            out = self.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))
-            out.t, out.lag, out.scale = (3 if y.t == 2 else y.t), y.lag, y.scale
+            out = self.alias(y, unflatten_shape(y.shape, la))
+            out.t, out.lag, out.scale = (la if y.t == 2 else y.t), y.lag, y.scale
             return [out]
         elif op in WINDOW_OPS and streaming.conv_along_time(self, h, xs):
             return streaming.emit_window(self, h, xs)

@@ -215,8 +215,8 @@ def conv(node, h, xs, outs):
 
 
 def pool(node, h, xs, outs):
-    """MaxPool / AveragePool: along the last axis, which must not hold the batch."""
-    if xs[0].b == len(xs[0].shape) - 1:
+    """MaxPool / AveragePool: over the axes after (N, C), which must not hold the batch."""
+    if xs[0].b >= 2:
         _fail(node, "pools along the batch axis")
     return [xs[0].b]
 
