@@ -612,13 +612,18 @@ class Unary(Handler):
         return [out]
 
 
+def emit_binary(h, p, op, a, b):
+    """a (op) b, float32 elementwise (Add, Mul, ...), planned as a node of h's: one
+    instruction, rounded once. For handlers whose ONNX function is such a chain."""
+    return Binary({**h.node, "op": op}, 14).emit2(p, a, b)
+
+
 def emit_chain(h, p, x, steps):
     """Elementwise float32 steps on x, each one instruction rounded once: ("mul" | "add",
     a number) or (a unary op's name,). For ops the ONNX function defines as such a chain."""
     for step in steps:
         if step[0] in ("mul", "add"):
-            x = Binary({**h.node, "op": "Mul" if step[0] == "mul" else "Add"}, 14).emit2(
-                p, x, p.const(np.asarray(step[1], np.float32)))
+            x = emit_binary(h, p, "Mul" if step[0] == "mul" else "Add", x, p.const(np.asarray(step[1], np.float32)))
         else:
             x = Unary({**h.node, "op": step[0], "attrs": {}}, 13).emit(p, [x])[0]
     return x
@@ -657,12 +662,12 @@ class Gelu(Handler):
         if self.mode() == "none":
             inner = emit_chain(self, p, x, [("mul", np.float32(1 / math.sqrt(2.0))), ("Erf",)])
         else:
-            cube = Binary({**self.node, "op": "Mul"}, 14).emit2(p, Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, x), x)
-            poly = Binary({**self.node, "op": "Add"}, 14).emit2(p, x, emit_chain(self, p, cube, [("mul", 0.044715)]))
+            cube = emit_binary(self, p, "Mul", emit_binary(self, p, "Mul", x, x), x)
+            poly = emit_binary(self, p, "Add", x, emit_chain(self, p, cube, [("mul", 0.044715)]))
             inner = emit_chain(self, p, poly, [("mul", np.float32(math.sqrt(2.0 / math.pi))), ("Tanh",)])
         one_plus = emit_chain(self, p, inner, [("add", 1.0)])
         # (0.5 x) (1 + ...), in onnxruntime's order: x (1 + ...) first overflows above 1.7e38
-        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, emit_chain(self, p, x, [("mul", 0.5)]), one_plus)]
+        return [emit_binary(self, p, "Mul", emit_chain(self, p, x, [("mul", 0.5)]), one_plus)]
 
 
 @register("HardSwish")
@@ -678,7 +683,7 @@ class HardSwish(Handler):
         return [(xs[0] * self.sig().eval(xs[:1])[0]).astype(np.float32)]
 
     def emit(self, p, xs):
-        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], self.sig().emit(p, xs[:1])[0])]
+        return [emit_binary(self, p, "Mul", xs[0], self.sig().emit(p, xs[:1])[0])]
 
 
 @register("Mish")
@@ -693,7 +698,7 @@ class Mish(Handler):
 
     def emit(self, p, xs):
         t = emit_chain(self, p, xs[0], [("Softplus",), ("Tanh",)])
-        return [Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], t)]
+        return [emit_binary(self, p, "Mul", xs[0], t)]
 
 
 @register("Selu", attrs=("alpha", "gamma"))
@@ -745,7 +750,7 @@ class PRelu(Handler):
         x, slope = xs
         self.check(x, slope)
         neg = Compare({**self.node, "op": "Less"}, 13).emit(p, [x, p.const(np.zeros((), np.float32))])[0]
-        scaled = Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, slope)
+        scaled = emit_binary(self, p, "Mul", x, slope)
         return Where({**self.node, "op": "Where"}, 16).emit(p, [neg, scaled, x])
 
 
@@ -797,8 +802,8 @@ class BatchNormalization(Handler):
 
     def emit(self, p, xs):
         a, b = self.affine(xs)
-        y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, xs[0], p.const(a))
-        return [Binary({**self.node, "op": "Add"}, 14).emit2(p, y, p.const(b))]
+        y = emit_binary(self, p, "Mul", xs[0], p.const(a))
+        return [emit_binary(self, p, "Add", y, p.const(b))]
 
 
 @register("Clip", attrs=("min", "max"))
@@ -1741,9 +1746,9 @@ class LayerNormalization(Handler):
         p.emit(OP_LAYERNORM, [x, s_row if fused else None, b_row if fused else None], [y, mean, inv],
                [outer, n], [float(self.epsilon())])
         if not fused:  # a per-row or run-time Scale / B: the broadcast product and sum
-            y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, y, scale)
+            y = emit_binary(self, p, "Mul", y, scale)
             if bias is not None:
-                y = Binary({**self.node, "op": "Add"}, 14).emit2(p, y, bias)
+                y = emit_binary(self, p, "Add", y, bias)
         return [y, mean, inv][:max(1, len(outputs))]
 
 
@@ -1990,7 +1995,7 @@ class Conv(Handler):
         flat = self.as_1d(xs[0].shape, xs[1].shape)
         if flat is not None:
             y = flat.emit(p, flatten_conv_inputs(p, xs))[0]
-            return [p.alias(y, (y.shape[0], y.shape[1], 1, y.shape[2]))]
+            return [p.alias(y, unflatten_shape(y.shape, flat.long_axis))]
         x, w = xs[0], xs[1]
         bias = xs[2] if len(xs) > 2 else None
         if w.const is None or (bias is not None and bias.const is None):
@@ -2403,7 +2408,7 @@ class ReduceNorm(Handler):
         if op == "ReduceL1":
             inner = Unary({**self.node, "op": "Abs", "attrs": {}}, 13).emit(p, [x])[0]
         else:
-            inner = Binary({**self.node, "op": "Mul"}, 14).emit2(p, x, x)
+            inner = emit_binary(self, p, "Mul", x, x)
         total = self.sum().emit(p, [inner] + list(xs[1:]))[0]
         if op == "ReduceL2":
             total = Unary({**self.node, "op": "Sqrt", "attrs": {}}, 13).emit(p, [total])[0]
@@ -2446,8 +2451,8 @@ class InstanceNormalization(Handler):
         z = ln.emit(p, [xs[0], p.const(np.ones(xs[0].shape[2:], np.float32))])[0]
         scale = p.alias(xs[1], shape) if xs[1].const is None else p.const(np.asarray(xs[1].const).reshape(shape))
         bias = p.alias(xs[2], shape) if xs[2].const is None else p.const(np.asarray(xs[2].const).reshape(shape))
-        y = Binary({**self.node, "op": "Mul"}, 14).emit2(p, z, scale)
-        return [Binary({**self.node, "op": "Add"}, 14).emit2(p, y, bias)]
+        y = emit_binary(self, p, "Mul", z, scale)
+        return [emit_binary(self, p, "Add", y, bias)]
 
 
 @register("ArgMax", "ArgMin", attrs=("axis", "keepdims", "select_last_index"))
