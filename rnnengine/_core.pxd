@@ -67,6 +67,7 @@ cdef extern from "rnnengine.h" nogil:
         RNN_OP_STFT
         RNN_OP_LAYERNORM
         RNN_OP_POOL1D
+        RNN_OP_BMATMUL
 
     ctypedef enum rnn_binary_kind:
         RNN_BIN_ADD

@@ -83,6 +83,7 @@ OP_CONV1D_PACKED: Final = 20
 OP_STFT: Final = 21
 OP_LAYERNORM: Final = 22
 OP_POOL1D: Final = 23
+OP_BMATMUL: Final = 24
 
 # --- rnn_binary_kind (BINARY, TBINARY), rnn_unary_kind (UNARY), rnn_tunary_kind, rnn_reduce_kind
 BIN_ADD: Final = 0

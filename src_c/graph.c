@@ -72,6 +72,10 @@
  *             kind 1 (average, padding excluded): their float32 sum (in tap order) divided by
  *             their number; kind 2 (average, padding counted): that sum divided by the number
  *             of taps with cnt_lo <= p < cnt_hi (the padded input's extent)
+ *   BMATMUL   ip: nd, M, N, K, batch[nd], a_stride[nd], b_stride[nd]   in: A, B   out: Y
+ *             for each batch index i (odometer over batch[nd]): Y[i] (M, N, contiguous, the
+ *             i-th block of Y) = A[sum i*a_stride] (M, K) @ B[sum i*b_stride] (K, N), each
+ *             operand's matrix contiguous at that element offset; a stride 0 broadcasts
  *   RECURRENT ip: T, B, layout, D, H, has_c, state_id, init_mode, started_id
  *             in: X, lens (int32) | -1, initial_h | -1, initial_c | -1; out: Y, Y_h | -1, Y_c | -1
  *             init_mode 0: zero state; 1: the state tensor already holds it (a stream);
@@ -351,6 +355,31 @@ static void op_pool1d(const int64_t *ip, const float *x, float *y) {
                 }
                 yr[j] = sum / (float)(kind == 1 ? n : c);
             }
+        }
+    }
+}
+
+/* ---- BMATMUL ------------------------------------------------------------------------ */
+
+/* One product per batch index, through BLAS (rnn_gemm_nn; a naive loop without it): each
+ * matrix's result depends on its own operands only, so a batch row gets the same bits whatever
+ * the other rows (a thread split included). */
+static void op_bmatmul(const int64_t *ip, const float *A, const float *B, float *Y) {
+    const int64_t nd = ip[0], M = ip[1], N = ip[2], K = ip[3];
+    const int64_t *shape = ip + 4, *as = ip + 4 + nd, *bs = ip + 4 + 2 * nd;
+    int64_t total = 1;
+    for (int64_t d = 0; d < nd; d++) total *= shape[d];
+    int64_t idx[MAX_ND] = {0}, ao = 0, bo = 0;
+    for (int64_t i = 0; i < total; i++) {
+        rnn_gemm_nn(M, N, K, 1.0f, A + ao, K, B + bo, N, 0.0f, Y + i * M * N, N);
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            idx[d]++;
+            ao += as[d];
+            bo += bs[d];
+            if (idx[d] < shape[d]) break;
+            ao -= as[d] * shape[d];
+            bo -= bs[d] * shape[d];
+            idx[d] = 0;
         }
     }
 }
@@ -1107,6 +1136,7 @@ rnn_status rnn_graph_run_threads(const int64_t *program, int64_t n_instr, const 
                          T_(outs[0]), outs[1] >= 0 ? T_(outs[1]) : NULL, outs[2] >= 0 ? T_(outs[2]) : NULL);
             break;
         case RNN_OP_POOL1D: op_pool1d(ip, T_(ins[0]), T_(outs[0])); break;
+        case RNN_OP_BMATMUL: op_bmatmul(ip, T_(ins[0]), T_(ins[1]), T_(outs[0])); break;
         case RNN_OP_PAD: op_pad(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_REDUCE: op_reduce(ip, T_(ins[0]), T_(outs[0])); break;
         case RNN_OP_CAST: op_cast(ip, T_(ins[0]), T_(outs[0])); break;
@@ -1175,7 +1205,7 @@ static int add_ok(int64_t a, int64_t b, int64_t *r) {
 static const char *const OP_NAMES[] = {"COPY",   "BINARY", "UNARY",   "MATMUL",  "SOFTMAX", "GATHER", "CONV1D",
                                        "PAD",    "REDUCE", "CAST",    "RECURRENT", "TOPK",  "SCATTER",
                                        "TBINARY", "TUNARY", "WHERE",  "TREDUCE", "ARGMAX",  "CUMSUM", "REVSEQ",
-                                       "CONV1D_PACKED", "STFT", "LAYERNORM", "POOL1D"};
+                                       "CONV1D_PACKED", "STFT", "LAYERNORM", "POOL1D", "BMATMUL"};
 #define N_OPS ((int64_t)(sizeof OP_NAMES / sizeof OP_NAMES[0]))
 
 /* Element size of a tensor table code: an rnn_dtype, or RNN_DT_OTHER + n for another type
@@ -1567,6 +1597,30 @@ static int verify_instr(vctx *v) {
             return bad(v, "stride, dilation and offset reach beyond any input");
         if (get(v, 0, "input", 1, M_F32, &a) || get(v, 4, "output", 1, M_F32, &y)) return 1;
         return need(v, &a, "input", "reads", x_n) || need(v, &y, "output", "writes", y_n);
+    }
+    case RNN_OP_BMATMUL: {
+        if (nip < 4) return bad(v, "too few parameters");
+        const int64_t nd = ip[0], M = ip[1], N = ip[2], K = ip[3];
+        if (nd < 0 || nd > MAX_ND) return bad(v, "rank %lld is outside 0..%d", (long long)nd, MAX_ND);
+        if (nparams(v, 4 + 3 * nd) || unused(v, 2, 1)) return 1;
+        const int64_t mnk[3] = {M, N, K}, *shape = ip + 4, *as = ip + 4 + nd, *bs = ip + 4 + 2 * nd;
+        int64_t batch, mk, kn, mn, y_n;
+        if (sizes(v, "the matrices", 3, mnk, &total) || sizes(v, "the batch", nd, shape, &batch)) return 1;
+        if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return bad(v, "sizes beyond what BLAS takes");
+        if (!mul_ok(M, K, &mk) || !mul_ok(K, N, &kn) || !mul_ok(M, N, &mn) || !mul_ok(batch, mn, &y_n) || y_n > SPAN_LIMIT)
+            return bad(v, "the sizes of the product overflow");
+        if (get(v, 0, "A", 1, M_F32, &a) || get(v, 1, "B", 1, M_F32, &b) || get(v, 4, "output", 1, M_F32, &y)) return 1;
+        for (int64_t d = 0; d < nd; d++)
+            if (as[d] < 0 || bs[d] < 0) return bad(v, "a negative batch stride");
+        if (batch > 0 && mn > 0) { /* every matrix of A and B inside its tensor */
+            const operand a1 = {a.id, a.dt, a.n - mk + 1}, b1 = {b.id, b.dt, b.n - kn + 1};
+            if (mk > a.n) return bad(v, "A has %lld elements, a matrix of it %lld", (long long)a.n, (long long)mk);
+            if (kn > b.n) return bad(v, "B has %lld elements, a matrix of it %lld", (long long)b.n, (long long)kn);
+            if (span(v, &a1, "A (where a matrix may start)", "starts a matrix at", nd, shape, as, 0, batch) ||
+                span(v, &b1, "B (where a matrix may start)", "starts a matrix at", nd, shape, bs, 0, batch))
+                return 1;
+        }
+        return need(v, &y, "output", "writes", y_n);
     }
     case RNN_OP_STFT: {
         if (nparams(v, 7) || unused(v, 3, 1)) return 1;

@@ -354,7 +354,8 @@ typedef enum {
     RNN_OP_CONV1D_PACKED = 20, /* CONV1D with filters packed at plan time, fused bias + Relu */
     RNN_OP_STFT = 21,          /* CONV1D whose filters are a windowed DFT basis, by FFT (stft.c) */
     RNN_OP_LAYERNORM = 22,     /* LayerNormalization over the last axes of (outer, n) rows */
-    RNN_OP_POOL1D = 23         /* MaxPool / AveragePool along the rows of (rows, L) */
+    RNN_OP_POOL1D = 23,        /* MaxPool / AveragePool along the rows of (rows, L) */
+    RNN_OP_BMATMUL = 24        /* batched MatMul of two run-time operands (numpy.matmul broadcasting) */
 } rnn_op;
 
 /* The kind (first int parameter after the dtype of a typed op) that selects an instruction's

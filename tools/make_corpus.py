@@ -267,6 +267,20 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                 return torch.softmax(self.o(y), dim=-1)
             return y, (h[0] if isinstance(h, tuple) else h)
 
+    class SelfAttention(nn.Module):
+        """A recurrent layer, scaled dot-product self-attention over its outputs (both operands
+        of the MatMuls computed at run time), a Linear head."""
+
+        def __init__(self, kind):
+            super().__init__()
+            self.r = getattr(nn, kind)(I, H, batch_first=True)
+            self.o = nn.Linear(H, 5)
+
+        def forward(self, x):
+            y, _ = self.r(x)
+            a = torch.softmax(y @ y.transpose(1, 2) / H ** 0.5, dim=-1)
+            return self.o(a @ y)
+
     class ConvPool(nn.Module):
         """Conv1d(k=3, padding=1) -> ReLU -> a pool along time -> a recurrent layer -> Linear
         (a CRNN front end: keyword spotting, sound events)."""
@@ -353,6 +367,11 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                    {"pattern": "kws_conv_gru", "exports": base,
                     "streaming": stream("a centred k=3 conv (1 step of look-ahead), a forward GRU and per-frame "
                                         "ops", 1)}))
+    for kind in ("LSTM", "GRU"):
+        models.append((f"{kind.lower()}_selfattention_linear", SelfAttention(kind), (x_bf,), xo, ["logits"],
+                       f"nn.{kind} -> softmax(Y Y^T / sqrt(H)) Y (self-attention) -> nn.Linear",
+                       {"pattern": "self_attention", "exports": base,
+                        "streaming": refuse("attention weighs every step by every other: the whole sequence")}))
     for name, pool, kind, desc in (
             ("conv_maxpool_gru_linear", nn.MaxPool1d(2), "GRU", "MaxPool1d(2)"),
             ("conv_avgpool_lstm_linear", nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), "LSTM",

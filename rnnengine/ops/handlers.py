@@ -25,7 +25,7 @@ from rnnengine.codes import (  # noqa: F401 (OP_* re-exported)
     ACT_THRESHOLDED_RELU, BIN_ADD, BIN_AND, BIN_DIV, BIN_EQUAL, BIN_FMOD, BIN_GREATER, BIN_GREATER_EQUAL,
     BIN_LESS, BIN_LESS_EQUAL, BIN_MAX, BIN_MIN, BIN_MOD, BIN_MUL, BIN_OR, BIN_POW, BIN_SUB, BIN_XOR, DT_F32,
     DT_I32, DT_I64, OP_ARGMAX, OP_BINARY, OP_CAST, OP_CONV1D, OP_CONV1D_PACKED, OP_COPY, OP_STFT, OP_CUMSUM, OP_GATHER, OP_LAYERNORM,
-    OP_MATMUL, OP_PAD, OP_POOL1D,
+    OP_BMATMUL, OP_MATMUL, OP_PAD, OP_POOL1D,
     OP_RECURRENT, OP_REDUCE, OP_REVSEQ, OP_SCATTER, OP_SOFTMAX, OP_TBINARY, OP_TOPK, OP_TREDUCE, OP_TUNARY,
     OP_UNARY, OP_WHERE, ONNX_DTYPE, RECURRENT_ATTRS, RECURRENT_INPUTS, RECURRENT_OPS, REDUCE_MAX, REDUCE_MEAN,
     REDUCE_MIN, REDUCE_PROD, REDUCE_SUM, TENSOR_DTYPES, TUNARY_ABS, TUNARY_NEG, TUNARY_NOT,
@@ -1536,11 +1536,12 @@ class MatMul(Handler):
 
     def emit(self, p, xs):
         a, b = xs
-        if b.const is None:
-            self.fail("the right-hand operand must be a constant weight matrix")
-        B = np.asarray(b.const, np.float32)
-        while B.ndim > 2 and B.shape[0] == 1:
-            B = B[0]
+        if b.const is not None:
+            B = np.asarray(b.const, np.float32)
+            while B.ndim > 2 and B.shape[0] == 1:
+                B = B[0]
+        if b.const is None or B.ndim != 2:
+            return [self.emit_batched(p, a, b)]
         if B.ndim != 2 or a.dtype != np.float32:
             self.fail(f"supports float32 (..., K) @ (K, N) with constant weights, got {a.shape} @ {b.shape}")
         K, N = B.shape
@@ -1560,6 +1561,41 @@ class MatMul(Handler):
         p.emit(OP_MATMUL, [a, p.const(Bp), None], [out],
                [int(np.prod(a.shape[:-1])), N, K])
         return [out]
+
+    def emit_batched(self, p, a, b):
+        """numpy.matmul of two run-time operands (attention: scores = Q K^T, then scores @ V),
+        or of a constant B with its own batch axes: one BLAS product per batch index
+        (RNN_OP_BMATMUL), the batch axes broadcast as numpy.matmul does; float32. A 1-D
+        operand is a row (A) or a column (B), its axis dropped from the result."""
+        if a.dtype != np.float32 or b.dtype != np.float32:
+            self.fail(f"multiplies float32 tensors at run time, got {a.dtype} and {b.dtype}")
+        if not a.shape or not b.shape:
+            self.fail("MatMul of a scalar is not defined")
+        a2 = p.alias(a, (1,) + tuple(a.shape)) if len(a.shape) == 1 else a
+        b2 = p.alias(b, tuple(b.shape) + (1,)) if len(b.shape) == 1 else b
+        (M, K), (K2, N) = a2.shape[-2:], b2.shape[-2:]
+        if K != K2:
+            self.fail(f"shapes {list(a.shape)} and {list(b.shape)} do not multiply (K {K} and {K2})")
+        ba, bb = tuple(a2.shape[:-2]), tuple(b2.shape[:-2])
+        batch = broadcast_shape(self, ba, bb)
+        nd = len(batch)
+        if nd > 8:
+            self.fail(f"{nd} batch axes (at most 8)")
+
+        def strides(shape, mat):
+            full = (1,) * (nd - len(shape)) + shape
+            st = contiguous_strides(full + (1,))[:-1]
+            return [int(s) * mat if n != 1 else 0 for s, n in zip(st, full)]
+        out_shape = batch + (M, N)
+        out = p.new(out_shape, np.float32)
+        p.emit(OP_BMATMUL, [a2, b2], [out], [nd, M, N, K] + list(batch) + strides(ba, M * K) + strides(bb, K * N))
+        if len(a.shape) == 1 and len(b.shape) == 1:
+            return p.alias(out, batch)
+        if len(a.shape) == 1:
+            return p.alias(out, batch + (N,))
+        if len(b.shape) == 1:
+            return p.alias(out, batch + (M,))
+        return out
 
 
 @register("Gemm", attrs=("alpha", "beta", "transA", "transB", "broadcast"))

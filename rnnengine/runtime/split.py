@@ -189,11 +189,17 @@ def expand(node, h, xs, outs):
 
 def matmul(node, h, xs, outs):
     a, b = xs
-    if a.b is None or b.const is None or len(b.shape) > 2:
-        _fail(node, "multiplies by a run-time or batched right-hand matrix")
-    if len(a.shape) < 2 or a.b == len(a.shape) - 1:
+    if a.b is None or len(a.shape) < 2 or a.b == len(a.shape) - 1:
         _fail(node, "contracts over the batch axis")
-    return [a.b + len(outs[0].shape) - len(a.shape)]
+    out_b = a.b + len(outs[0].shape) - len(a.shape)
+    if b.const is not None and len(b.shape) <= 2:
+        return [out_b]
+    # two run-time operands (attention) or a batched B: one product per batch index, so a
+    # block of rows splits when the batch is a batch axis of both, aligned from the right
+    if a.b < len(a.shape) - 2 and b.b is not None and len(b.shape) >= 3 and \
+            b.b - len(b.shape) == a.b - len(a.shape):
+        return [out_b]
+    _fail(node, "multiplies by a right-hand matrix that does not carry the same batch axis")
 
 
 def gemm(node, h, xs, outs):
