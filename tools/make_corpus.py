@@ -281,6 +281,21 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
             a = torch.softmax(y @ y.transpose(1, 2) / H ** 0.5, dim=-1)
             return self.o(a @ y)
 
+    class MHA(nn.Module):
+        """A recurrent layer, nn.MultiheadAttention(H, 2 heads) over its outputs, the mean over
+        time, a Linear head (a sequence classifier)."""
+
+        def __init__(self):
+            super().__init__()
+            self.r = nn.LSTM(I, H, batch_first=True)
+            self.a = nn.MultiheadAttention(H, 2, batch_first=True)
+            self.o = nn.Linear(H, 5)
+
+        def forward(self, x):
+            y, _ = self.r(x)
+            z, _ = self.a(y, y, y, need_weights=False)
+            return self.o(z.mean(dim=1))
+
     class ConvPool(nn.Module):
         """Conv1d(k=3, padding=1) -> ReLU -> a pool along time -> a recurrent layer -> Linear
         (a CRNN front end: keyword spotting, sound events)."""
@@ -372,6 +387,10 @@ def torch_pattern_models(x_bf, bt, SeqInit, Packed):
                        f"nn.{kind} -> softmax(Y Y^T / sqrt(H)) Y (self-attention) -> nn.Linear",
                        {"pattern": "self_attention", "exports": base,
                         "streaming": refuse("attention weighs every step by every other: the whole sequence")}))
+    models.append(("lstm_multiheadattention_mean_linear", MHA(), (x_bf,), xo, ["logits"],
+                   "nn.LSTM -> nn.MultiheadAttention(H, 2 heads) -> mean over time -> nn.Linear",
+                   {"pattern": "self_attention", "exports": base,
+                    "streaming": refuse("attention and the mean over time need the whole sequence")}))
     for name, pool, kind, desc in (
             ("conv_maxpool_gru_linear", nn.MaxPool1d(2), "GRU", "MaxPool1d(2)"),
             ("conv_avgpool_lstm_linear", nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), "LSTM",
