@@ -367,6 +367,7 @@ static void op_pool1d(const int64_t *ip, const float *x, float *y) {
 static void op_bmatmul(const int64_t *ip, const float *A, const float *B, float *Y) {
     const int64_t nd = ip[0], M = ip[1], N = ip[2], K = ip[3];
     const int64_t *shape = ip + 4, *as = ip + 4 + nd, *bs = ip + 4 + 2 * nd;
+    if (M == 0 || N == 0) return; /* an empty result: no product to walk (the batch may be huge) */
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= shape[d];
     int64_t idx[MAX_ND] = {0}, ao = 0, bo = 0;

@@ -167,3 +167,67 @@ def test_the_instruction_computes_each_batch_product():
 def test_the_c_verifier_refuses_hostile_bmatmul_instructions(counts, ip, dtypes, match):
     with pytest.raises(_core.ProgramError, match=match):
         bmm_program(counts, ip, dtypes)
+
+
+def test_an_empty_product_over_a_huge_batch_returns_at_once():
+    """M = 0: nothing is read or written, whatever the batch (2**62 passed the verifier and the
+    kernel walked it: the review of the fourteenth session)."""
+    import time
+    bufs = [np.zeros(1, np.float32) for _ in range(3)]
+    p = bmm_program((0, 0, 0), [1, 0, 5, 4, 2**62, 0, 0])
+    t = time.perf_counter()
+    p.run(np.array([_core.address(v) for v in bufs], np.int64), np.zeros(1, np.float32))
+    assert time.perf_counter() - t < 1.0
+
+
+def lstm_then(nodes_after, extra_inputs=(), H=4, I=3):
+    """x (T, B, I) -> LSTM -> Y (B, T, H) batch first -> nodes_after -> y."""
+    r = np.random.default_rng(1)
+    inits = {"W": r.standard_normal((1, 4 * H, I)).astype(np.float32) * .5,
+             "R": r.standard_normal((1, 4 * H, H)).astype(np.float32) * .5,
+             "v": r.standard_normal(H).astype(np.float32), "ax": np.array([1], np.int64)}
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["Y4"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y4", "ax"], ["Yt"]),
+             helper.make_node("Transpose", ["Yt"], ["Y"], perm=[1, 0, 2])] + nodes_after
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["T", "B", I])] + list(extra_inputs),
+                          [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_column_vector_b_keeps_the_batch_and_time_axes_in_place():
+    """Y (B, T, H) @ v (H,) is (B, T): the batch stays axis 0 for a thread split, and time axis 1
+    for a stream (both were shifted by one; the review of the fourteenth session: 2 threads gave
+    (4, 6) for (8, 3), a stream reported time on axis 0)."""
+    m = lstm_then([helper.make_node("MatMul", ["Y", "v"], ["y"], name="mm")])
+    x = np.random.default_rng(2).standard_normal((6, 8, 3)).astype(np.float32)
+    one = rnnengine.convert(m).run({"x": x})["y"]
+    assert one.shape == (8, 6) and max_violation(one, ort_session(m).run(None, {"x": x})[0]) <= 1
+    two = rnnengine.convert(m, threads=2)
+    np.testing.assert_array_equal(two.run({"x": x})["y"], one)
+    assert two.thread_split_reason is None
+    s = rnnengine.convert(m).stream()
+    parts = [s({"x": x[t:t + 2]})["y"] for t in range(0, 6, 2)]
+    assert s.output_axes["y"] == 1
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), one)
+    # ... so a softmax over the last axis is over time: refused
+    m = lstm_then([helper.make_node("MatMul", ["Y", "v"], ["s"], name="mm"),
+                   helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="sm")])
+    with pytest.raises(NotStreamableError, match="sm.*time"):
+        rnnengine.convert(m).stream()({"x": x[:2]})
+
+
+def test_time_steps_as_the_rows_of_a_run_time_product_are_refused_in_a_stream():
+    """Y (B, T, H) @ Wr (H, 2), Wr a graph input: one BLAS product per batch row whose rows are
+    the steps; BLAS rounds a row differently with the number of rows, so chunks would not give
+    the whole run's bits: refused, naming the node."""
+    m = lstm_then([helper.make_node("MatMul", ["Y", "Wr"], ["y"], name="mm_rt")],
+                  [helper.make_tensor_value_info("Wr", F, [4, 2])])
+    x = np.random.default_rng(3).standard_normal((6, 2, 3)).astype(np.float32)
+    wr = np.random.default_rng(4).standard_normal((4, 2)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    assert max_violation(gm.run({"x": x, "Wr": wr})["y"], ort_session(m).run(None, {"x": x, "Wr": wr})[0]) <= 1
+    with pytest.raises(NotStreamableError, match="mm_rt.*rows of one product"):
+        gm.stream()({"x": x[:2], "Wr": wr})

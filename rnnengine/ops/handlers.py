@@ -1534,15 +1534,25 @@ class MatMul(Handler):
     def eval(self, xs):
         return [np.matmul(xs[0], xs[1])]
 
+    @staticmethod
+    def weight_matrix(b):
+        """A constant B as the (K, N) matrix of the packed path (a 1-D B as a column), or None
+        when the product goes to RNN_OP_BMATMUL (a run-time B, or a constant one with batch
+        axes), whose rows are summed by BLAS in an order that depends on how many rows the
+        call has."""
+        if b.const is None:
+            return None
+        B = np.asarray(b.const, np.float32)
+        while B.ndim > 2 and B.shape[0] == 1:
+            B = B[0]
+        return B[:, None] if B.ndim == 1 else B if B.ndim == 2 else None
+
     def emit(self, p, xs):
         a, b = xs
-        if b.const is not None:
-            B = np.asarray(b.const, np.float32)
-            while B.ndim > 2 and B.shape[0] == 1:
-                B = B[0]
-        if b.const is None or B.ndim != 2:
+        B = self.weight_matrix(b)
+        if B is None:
             return [self.emit_batched(p, a, b)]
-        if B.ndim != 2 or a.dtype != np.float32:
+        if a.dtype != np.float32:
             self.fail(f"supports float32 (..., K) @ (K, N) with constant weights, got {a.shape} @ {b.shape}")
         K, N = B.shape
         if a.shape[-1:] != (K,):
@@ -1560,6 +1570,8 @@ class MatMul(Handler):
         Bp = p.derived(b.const, "matmul-panels", lambda: pack_panels(np.ascontiguousarray(B.T)))
         p.emit(OP_MATMUL, [a, p.const(Bp), None], [out],
                [int(np.prod(a.shape[:-1])), N, K])
+        if len(b.shape) == 1:  # a column: its axis dropped from the result
+            return [p.alias(out, shape[:-1])]
         return [out]
 
     def emit_batched(self, p, a, b):

@@ -550,7 +550,11 @@ def matmul(p, h, xs, outs):
         return
     if a.t == len(a.shape) - 1:
         raise NotStreamableError(h.node, "sums over the time axis (it is the contracted axis)")
-    _set(out, t=a.t + len(out.shape) - len(a.shape), lag=a.lag, scale=a.scale)
+    if a.t == len(a.shape) - 2 and h.weight_matrix(b) is None:
+        raise NotStreamableError(h.node, "multiplies the time steps, as the rows of one product, by a run-time "
+                                         "or batched matrix: BLAS rounds a row differently with the chunk's length")
+    # a 1-D B drops A's last axis (time keeps its place); otherwise A's matrix axes come last
+    _set(out, t=a.t if len(b.shape) == 1 else a.t + len(out.shape) - len(a.shape), lag=a.lag, scale=a.scale)
 
 
 @rule("Gemm")

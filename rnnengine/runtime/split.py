@@ -189,9 +189,13 @@ def expand(node, h, xs, outs):
 
 def matmul(node, h, xs, outs):
     a, b = xs
-    if a.b is None or len(a.shape) < 2 or a.b == len(a.shape) - 1:
+    if a.b is None:
+        _fail(node, "its left operand does not carry the batch")
+    if len(a.shape) < 2 or a.b == len(a.shape) - 1:
         _fail(node, "contracts over the batch axis")
-    out_b = a.b + len(outs[0].shape) - len(a.shape)
+    # a 1-D B drops A's last axis (the batch keeps its place); otherwise the result has A's
+    # matrix axes last, behind the broadcast batch axes
+    out_b = a.b if len(b.shape) == 1 else a.b + len(outs[0].shape) - len(a.shape)
     if b.const is not None and len(b.shape) <= 2:
         return [out_b]
     # two run-time operands (attention) or a batched B: one product per batch index, so a
