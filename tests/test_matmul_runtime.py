@@ -231,3 +231,12 @@ def test_time_steps_as_the_rows_of_a_run_time_product_are_refused_in_a_stream():
     assert max_violation(gm.run({"x": x, "Wr": wr})["y"], ort_session(m).run(None, {"x": x, "Wr": wr})[0]) <= 1
     with pytest.raises(NotStreamableError, match="mm_rt.*rows of one product"):
         gm.stream()({"x": x[:2], "Wr": wr})
+
+
+def test_weight_file_round_trip(tmp_path):
+    m = self_attention_after_lstm()
+    x = np.random.default_rng(7).standard_normal((3, 9, 6)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    path = str(tmp_path / "attn.rnne")
+    rnnengine.save(gm, path)
+    np.testing.assert_array_equal(rnnengine.load(path).run({"x": x})["y"], gm.run({"x": x})["y"])
