@@ -322,10 +322,19 @@ static void op_layernorm(const int64_t *ip, float eps, const float *x, const flo
 
 /* ---- POOL1D ------------------------------------------------------------------------- */
 
-/* A naive loop over windows and taps: pooling is a few operations per output, bound by
- * reading x. Max keeps a NaN (as PyTorch and the ONNX reference do; onnxruntime 1.32's MaxPool
- * skips NaN and never goes below -FLT_MAX, README "Departures"); average sums in tap order
- * and divides once, onnxruntime's rounding. */
+/* The taps k in [0, K) of a window starting at p0 whose positions p0 + k*d lie in [a, b)
+ * (the verifier bounds every operand by 2^60, so nothing here overflows). */
+static void taps_within(int64_t p0, int64_t d, int64_t K, int64_t a, int64_t b, int64_t *k0, int64_t *k1) {
+    int64_t lo = a > p0 ? (a - p0 + d - 1) / d : 0, hi = b > p0 ? (b - p0 + d - 1) / d : 0;
+    *k0 = lo < K ? lo : K;
+    *k1 = hi < K ? hi : K;
+    if (*k1 < *k0) *k1 = *k0;
+}
+
+/* A naive loop over windows and their input taps: pooling is a few operations per output,
+ * bound by reading x. Max keeps a NaN (as PyTorch and the ONNX reference do; onnxruntime 1.32's
+ * MaxPool skips NaN and never goes below -FLT_MAX, README "Accuracy"); average sums in tap
+ * order and divides once, onnxruntime's rounding. */
 static void op_pool1d(const int64_t *ip, const float *x, float *y) {
     const int64_t rows = ip[0], L = ip[1], Lout = ip[2], K = ip[3], s = ip[4], d = ip[5], off = ip[6];
     const int64_t lo = ip[7], hi = ip[8], kind = ip[9], cnt_lo = ip[10], cnt_hi = ip[11];
@@ -334,26 +343,21 @@ static void op_pool1d(const int64_t *ip, const float *x, float *y) {
         float *yr = y + r * Lout;
         for (int64_t j = 0; j < Lout; j++) {
             const int64_t p0 = j * s - off;
+            int64_t k0, k1; /* only the taps that read [lo, hi): a kernel of 1e11 with one input tap is one step */
+            taps_within(p0, d, K, lo, hi, &k0, &k1);
             if (kind == 0) {
                 float m = -INFINITY;
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t p = p0 + k * d;
-                    if (p < lo || p >= hi) continue;
-                    const float v = xr[p];
+                for (int64_t k = k0; k < k1; k++) {
+                    const float v = xr[p0 + k * d];
                     if (v > m || v != v) m = v; /* once NaN, neither test moves m */
                 }
                 yr[j] = m;
             } else {
                 float sum = 0.0f;
-                int64_t n = 0, c = 0;
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t p = p0 + k * d;
-                    c += p >= cnt_lo && p < cnt_hi;
-                    if (p < lo || p >= hi) continue;
-                    sum += xr[p];
-                    n++;
-                }
-                yr[j] = sum / (float)(kind == 1 ? n : c);
+                for (int64_t k = k0; k < k1; k++) sum += xr[p0 + k * d];
+                int64_t c0, c1;
+                if (kind == 2) taps_within(p0, d, K, cnt_lo, cnt_hi, &c0, &c1);
+                yr[j] = sum / (float)(kind == 1 ? k1 - k0 : c1 - c0);
             }
         }
     }
@@ -1589,13 +1593,14 @@ static int verify_instr(vctx *v) {
         if (K < 1 || s < 1 || dil < 1) return bad(v, "kernel %lld, stride %lld and dilation %lld must be >= 1", (long long)K, (long long)s, (long long)dil);
         if (kind < 0 || kind > 2) return bad(v, "unknown pooling kind %lld", (long long)kind);
         if (lo < 0 || lo > hi || hi > L) return bad(v, "reads positions [%lld, %lld) of rows of %lld", (long long)lo, (long long)hi, (long long)L);
-        if (off < -SPAN_LIMIT || off > SPAN_LIMIT || cnt_lo < -SPAN_LIMIT || cnt_lo > SPAN_LIMIT ||
-            cnt_hi < -SPAN_LIMIT || cnt_hi > SPAN_LIMIT)
+        const int64_t lim = (int64_t)1 << 60; /* op_pool1d's tap arithmetic adds three such values */
+        if (off < -lim || off > lim || cnt_lo < -lim || cnt_lo > lim || cnt_hi < -lim || cnt_hi > lim)
             return bad(v, "offset or counted extent out of range");
-        /* j*s + k*d - off must not overflow: (Lout-1)*s + (K-1)*d + |off| within SPAN_LIMIT */
+        /* j*s + k*d - off must not overflow: (Lout-1)*s + (K-1)*d + |off| within 2^60 */
         if (Lout > 0 && (!mul_ok(Lout - 1, s, &reach) || !mul_ok(K - 1, dil, &t) || !add_ok(reach, t, &reach) ||
-                         !add_ok(reach, off < 0 ? -off : off, &reach) || reach > SPAN_LIMIT))
+                         !add_ok(reach, off < 0 ? -off : off, &reach) || reach > lim))
             return bad(v, "stride, dilation and offset reach beyond any input");
+        if (dil > lim) return bad(v, "dilation %lld is out of range", (long long)dil);
         if (get(v, 0, "input", 1, M_F32, &a) || get(v, 4, "output", 1, M_F32, &y)) return 1;
         return need(v, &a, "input", "reads", x_n) || need(v, &y, "output", "writes", y_n);
     }

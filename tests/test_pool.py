@@ -335,3 +335,107 @@ def test_weight_file_round_trip(tmp_path):
     if tail:
         parts.append(tail["p"])
     np.testing.assert_array_equal(np.concatenate(parts, axis=2), gm.run({"x": x})["p"])
+
+
+# --- the review of the fourteenth session ------------------------------------------------------
+
+@pytest.mark.parametrize("op,attrs,match", [
+    ("MaxPool", dict(kernel_shape=[3], dilations=[2], auto_pad="SAME_UPPER"), "dilation 2"),  # ort: [3,4,5,6,5]
+    ("AveragePool", dict(kernel_shape=[1], strides=[4], auto_pad="SAME_UPPER"), "negative padding"),  # ort crops
+])
+def test_auto_pad_same_that_onnxruntime_sizes_its_own_way_is_refused(op, attrs, match):
+    with pytest.raises(UnsupportedError, match=match):
+        rnnengine.convert(pool_model(op, (1, 2, 12), **attrs)).run({"x": np.ones((1, 2, 12), np.float32)})
+
+
+def test_conv_auto_pad_same_with_a_stride_beyond_the_kernel_is_refused():
+    """onnxruntime pads by -3 (crops: windows at 1, 5, 9) where TensorFlow pads by 0 (0, 4, 8);
+    rnnengine answered TensorFlow's, silently unlike onnxruntime."""
+    w = np.ones((1, 1, 1), np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[1], strides=[4],
+                                            auto_pad="SAME_UPPER")], "g",
+                          [helper.make_tensor_value_info("x", F, [1, 1, 12])], [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = np.arange(12, dtype=np.float32).reshape(1, 1, 12)
+    assert ort_session(m).run(None, {"x": x})[0].ravel().tolist() == [1, 5, 9]
+    with pytest.raises(UnsupportedError, match="conv.*negative padding"):
+        rnnengine.convert(m).run({"x": x})
+
+
+@pytest.mark.parametrize("const", [False, True])
+def test_a_huge_kernel_reads_only_its_input_taps(const):
+    """kernel_shape 1e11 (1e8 folded) with pads K - 1: one input tap per window; the kernel and
+    the folding walked every tap (a hang)."""
+    import time
+    K = 10**8 if const else 10**11
+    c = np.arange(1, 4, dtype=np.float32).reshape(1, 1, 3)
+    nodes = [helper.make_node("MaxPool", ["c" if const else "x"], ["y"], name="pool", kernel_shape=[K], pads=[K - 1, 0])]
+    g = helper.make_graph(nodes, "g", [] if const else [helper.make_tensor_value_info("x", F, [1, 1, 3])],
+                          [helper.make_tensor_value_info("y", F, None)], [numpy_helper.from_array(c, "c")] if const else [])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    feeds = {} if const else {"x": c}
+    t = time.perf_counter()
+    got = rnnengine.convert(m).run(feeds)["y"]
+    assert time.perf_counter() - t < 20
+    np.testing.assert_array_equal(got, ort_session(m).run(None, feeds)[0])
+
+
+def test_a_stream_whose_first_chunk_is_refused_finds_its_time_axis_from_the_next():
+    """A first chunk too short for pool2's window raised, and the stream kept 'no time axis'
+    for good: every later chunk ran as a sequence of its own."""
+    nodes = [helper.make_node("MaxPool", ["x"], ["o0"], name="pool0", kernel_shape=[2], pads=[1, 1]),
+             helper.make_node("MaxPool", ["o0"], ["o1"], name="pool1", kernel_shape=[1], strides=[6]),
+             helper.make_node("MaxPool", ["o1"], ["o2"], name="pool2", kernel_shape=[3], strides=[6], dilations=[2])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["B", 3, "T"])],
+                          [helper.make_tensor_value_info(o, F, None) for o in ("o0", "o1", "o2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    gm = rnnengine.convert(m)
+    x = np.random.default_rng(0).standard_normal((2, 3, 80)).astype(np.float32)
+    s = gm.stream()
+    with pytest.raises(UnsupportedError):
+        s({"x": x[:, :, :2]})
+    parts = [s({"x": x[:, :, 2:40]}), s({"x": x[:, :, 40:]}), s.finish()]
+    assert s.time_axes == {"x": 2}
+    whole = gm.run({"x": x[:, :, 2:]})  # the refused chunk was not taken
+    for k in ("o0", "o1"):
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts if k in p], axis=2), whole[k])
+
+
+def test_keras2_form_with_a_unit_kernel_streams_one_step_at_a_time():
+    """(N, C, T, 1), kernel [1, 1], strides [2, 1]: a one-step chunk (N, C, 1, 1) fits both 4-D
+    forms; the stream's time axis decides (it raised at the second call)."""
+    m = pool_model("MaxPool", ["B", 3, "T", 1], kernel_shape=[1, 1], strides=[2, 1])
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 1)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    s = gm.stream()
+    parts = [s({"x": x[:, :, :2]})["y"]] + [s({"x": x[:, :, t:t + 1]})["y"] for t in range(2, 9)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=2), gm.run({"x": x})["y"])
+
+
+def test_a_stream_too_short_for_one_window_fails_at_finish_as_the_whole_run():
+    rng = np.random.default_rng(3)
+    m = conv_pool_lstm(rng, "MaxPool", 4, 1, (0, 0))
+    x = rng.standard_normal((1, 3, 2)).astype(np.float32)
+    gm = rnnengine.convert(m)
+    with pytest.raises(UnsupportedError, match="too short"):
+        gm.run({"x": x})
+    s = gm.stream()
+    s({"x": x})
+    with pytest.raises(UnsupportedError, match="too short"):
+        s.finish()
+
+
+def test_folding_an_empty_4d_constant():
+    c = np.zeros((0, 3, 1, 5), np.float32)
+    nodes = [helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[1, 2]),
+             helper.make_node("Add", ["p", "z"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("z", F, [1])], [helper.make_tensor_value_info("y", F, None)],
+                          [numpy_helper.from_array(c, "c")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    z = {"z": np.zeros(1, np.float32)}
+    assert rnnengine.convert(m).run(z)["y"].shape == ort_session(m).run(None, z)[0].shape == (0, 3, 1, 4)

@@ -1942,11 +1942,13 @@ def unflatten_shape(shape: Iterable[int], long_axis: int) -> tuple[int, ...]:
     return (N, M, 1, L) if long_axis == 3 else (N, M, L, 1)
 
 
-def window_1d(h: Any, L: int, K: int, ceil: bool = False) -> tuple[int, int, int, int, int]:
+def window_1d(h: Any, L: int, K: int, ceil: bool = False, pool: bool = False) -> tuple[int, int, int, int, int]:
     """(stride, dilation, pad_left, pad_right, Lout) of a 1-D window op (Conv, MaxPool,
     AveragePool) with a kernel of K taps over L steps, from the node's strides, dilations,
     pads and auto_pad. With `ceil` (a pool's ceil_mode) the last window may hang past the
-    padded input, but, as in onnxruntime and PyTorch, never starts in the right padding."""
+    padded input, but, as in onnxruntime and PyTorch, never starts in the right padding. A
+    `pool` shorter than its window by more than a stride has onnxruntime's count of windows
+    (its division truncates toward zero: none, where a floor gives -1)."""
     def ints(name, n, default, low):
         """A list attribute: n values >= low, as ONNX requires (onnxruntime refuses others;
         a longer list was cut to its first values, negative pads cropped)."""
@@ -1966,8 +1968,13 @@ def window_1d(h: Any, L: int, K: int, ceil: bool = False) -> tuple[int, int, int
     elif ap == "VALID":
         pl = pr = 0
     elif ap in ("SAME_UPPER", "SAME_LOWER"):
+        if d != 1:  # onnxruntime refuses it for Conv, and sizes a pool's padding without the dilation
+            h.fail(f"auto_pad {ap} with dilation {d} is not supported")
         out = -(-L // s)
-        total = max(0, (out - 1) * s + (K - 1) * d + 1 - L)
+        total = (out - 1) * s + K - L
+        if total < 0:  # onnxruntime crops (a negative pad), TensorFlow pads by 0: they disagree
+            h.fail(f"auto_pad {ap} with stride {s} over a kernel of {K} needs a negative padding for "
+                   f"{L} steps (onnxruntime crops the input there, TensorFlow does not); refused")
         pl = total // 2 if ap == "SAME_UPPER" else total - total // 2
         pr = total - pl
     else:
@@ -1975,7 +1982,7 @@ def window_1d(h: Any, L: int, K: int, ceil: bool = False) -> tuple[int, int, int
     if ceil and ap not in ("NOTSET", ""):
         h.fail(f"ceil_mode=1 with auto_pad {ap} is not supported")
     room = L + pl + pr - d * (K - 1) - 1
-    Lout = (-(-room // s) if ceil else room // s) + 1
+    Lout = (-(-room // s) if ceil else -(-room // s) if pool and room < 0 else room // s) + 1
     if ceil and Lout > 0 and (Lout - 1) * s >= L + pl:
         Lout -= 1  # that window would start in the right padding
     if Lout < 0:
@@ -2060,13 +2067,21 @@ POOL_MAX, POOL_AVG_EXCLUDE, POOL_AVG_INCLUDE = 0, 1, 2  # RNN_OP_POOL1D's kinds 
 WINDOW_OPS = ("Conv", "MaxPool", "AveragePool")  # ops with a window along their last axis (streams carry frames)
 
 
+def taps_within(p0: int, d: int, K: int, a: int, b: int) -> tuple[int, int]:
+    """The taps k in [k0, k1) of [0, K) of a window starting at p0 (dilation d) whose
+    positions p0 + k*d lie in [a, b); src_c/graph.c's taps_within."""
+    lo = -(-(a - p0) // d) if a > p0 else 0
+    hi = -(-(b - p0) // d) if b > p0 else 0
+    k0, k1 = min(lo, K), min(hi, K)
+    return k0, max(k0, k1)
+
+
 def first_empty_window(Lout: int, K: int, s: int, d: int, off: int, lo: int, hi: int) -> Optional[int]:
     """The first output j of a pool whose taps j*s + k*d - off (k < K) all miss [lo, hi), or
     None. Only windows reaching past lo or hi can miss: those at either end are checked."""
     def empty(j):
-        start = j * s - off
-        k0 = max(0, -(-(lo - start) // d))  # the first tap at or after lo
-        return not (k0 < K and start + k0 * d < hi)
+        k0, k1 = taps_within(j * s - off, d, K, lo, hi)
+        return k0 == k1
     head = min(Lout, (lo + off) // s + 1)
     tail = max(head, min(Lout, (hi + off - (K - 1) * d) // s))
     for j in list(range(head)) + list(range(tail, Lout)):
@@ -2105,31 +2120,34 @@ class Pool(Handler):
             self.fail(f"dilations {list(self.attr('dilations'))} of an average are not supported")
         return POOL_AVG_INCLUDE if self.flag("count_include_pad", 0) else POOL_AVG_EXCLUDE
 
-    def as_1d(self, xshape, _w=None):
+    def as_1d(self, xshape, _w=None, prefer=None):
         """A pool over (N, C, 1, L) with a kernel [1, K] (tf2onnx's Keras 3 pooling), or over
         (N, C, L, 1) with a kernel [K, 1] (Keras 2): the same handler over (N, C, L), with
-        `long_axis` 3 or 2, the axis of L."""
+        `long_axis` 3 or 2, the axis of L. The unit axis must have a kernel, stride and
+        dilation of 1 and no padding; when both axes qualify (a chunk of one step through a
+        kernel [1, 1]) the axis `prefer` (a stream's time axis), else 3."""
         ks = self.attr("kernel_shape")
         if len(xshape) != 4 or ks is None or len(ks) != 2:
             return None
-        la = 3 if xshape[2] == 1 and int(ks[0]) == 1 else 2 if xshape[3] == 1 and int(ks[1]) == 1 else None
-        if la is None:
+        st, dl, pads = self.attr("strides") or [1, 1], self.attr("dilations") or [1, 1], self.attr("pads") or [0, 0, 0, 0]
+        if len(st) != 2 or len(dl) != 2 or len(pads) != 4:
+            self.fail(f"strides {list(st)}, dilations {list(dl)} and pads {list(pads)} do not fit a 2-D kernel")
+
+        def unit(axis):  # axis (2 or 3) of the input is a unit axis the pool leaves alone
+            i = axis - 2
+            return xshape[axis] == 1 and int(ks[i]) == 1 and int(st[i]) == 1 and int(dl[i]) == 1 and \
+                int(pads[i]) == 0 and int(pads[2 + i]) == 0
+        options = [la for la in (3, 2) if unit(5 - la)]
+        if not options:
             return None
-        k, one = la - 2, 3 - la  # the kernel's position of L, and of the unit axis
+        la = prefer if prefer in options else options[0]
+        k = la - 2  # the attributes' position of L
         a = dict(self.attrs)
         a["kernel_shape"] = [int(ks[k])]
         for name in ("strides", "dilations"):
-            v = a.get(name)
-            if v is not None:
-                if len(v) != 2 or int(v[one]) < 1:
-                    self.fail(f"{name} {list(v)} of a pool over {'(N, C, 1, L)' if la == 3 else '(N, C, L, 1)'} "
-                              "must be 2 values >= 1")
-                a[name] = [int(v[k])]
-        pads = a.get("pads")
-        if pads is not None:
-            if len(pads) != 4 or int(pads[one]) or int(pads[2 + one]):
-                self.fail(f"pads {list(pads)} pad the unit axis of a pool over "
-                          f"{'(N, C, 1, L)' if la == 3 else '(N, C, L, 1)'}")
+            if a.get(name) is not None:
+                a[name] = [int(a[name][k])]
+        if a.get("pads") is not None:
             a["pads"] = [int(pads[k]), int(pads[2 + k])]
         flat = type(self)(dict(self.node, attrs=a), self.opset)
         flat.long_axis = la
@@ -2139,14 +2157,15 @@ class Pool(Handler):
         """(N, C, L, K, Lout, stride, dilation, pad_left, pad_right, ceil) of the pool."""
         ks = self.attr("kernel_shape")
         if len(xshape) != 3 or ks is None or len(ks) != 1:
-            self.fail(f"only 1-D pooling over (N, C, L) or (N, C, 1, L) is supported, got input {list(xshape)}, "
+            self.fail(f"only 1-D pooling is supported: over (N, C, L), or over (N, C, 1, L) / (N, C, L, 1) whose unit "
+                      f"axis has kernel, stride and dilation 1 and no padding; got input {list(xshape)}, "
                       f"kernel_shape {None if ks is None else list(ks)}")
         N, C, L = (int(v) for v in xshape)
         K = int(ks[0])
         if K < 1:
             self.fail(f"kernel_shape {list(ks)} must be >= 1")
         ceil = bool(self.flag("ceil_mode", 0))
-        s, d, pl, pr, Lout = window_1d(self, L, K, ceil)
+        s, d, pl, pr, Lout = window_1d(self, L, K, ceil, pool=True)
         if pl >= K or pr >= K:
             self.fail(f"pads {[pl, pr]} must be smaller than the kernel {K} (onnxruntime refuses them)")
         self.check_partial(L + pl + pr, d * (K - 1) + 1, s)
@@ -2154,10 +2173,14 @@ class Pool(Handler):
 
     def check_partial(self, padded, span, s):
         """onnxruntime pools an input (with its padding) shorter than one window, by less than
-        a stride, as one window of the steps there are; refused here."""
-        if padded < span and padded > span - s:
+        a stride, as one window of the steps there are (refused here), and refuses one
+        shorter by more than that, up to an exact multiple of the stride (no window)."""
+        room = padded - span
+        if span - s < padded < span:
             self.fail(f"its input, {padded} steps with padding, is shorter than one window of {span} steps "
                       "(onnxruntime pools them as one partial window; not supported)")
+        if room < 0 and -((-room) // s) + 1 < 0:
+            self.fail(f"its input, {padded} steps with padding, is too short for a window of {span} steps")
 
     def check_windows(self, Lout, K, s, d, off, lo, hi):
         j = first_empty_window(Lout, K, s, d, off, lo, hi)
@@ -2169,7 +2192,7 @@ class Pool(Handler):
         flat = self.as_1d(np.shape(xs[0]))
         if flat is not None:
             x = np.asarray(xs[0])
-            y = flat.eval([x.reshape(x.shape[0], x.shape[1], -1)])[0]
+            y = flat.eval([x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])])[0]
             return [y.reshape(unflatten_shape(y.shape, flat.long_axis))]
         x = np.asarray(xs[0])
         if x.dtype != np.float32:
@@ -2177,24 +2200,21 @@ class Pool(Handler):
         kind = self.kind()
         N, C, L, K, Lout, s, d, pl, pr, _ = self.geometry(x.shape)
         self.check_windows(Lout, K, s, d, pl, 0, L)
-        j = np.arange(Lout) * s - pl
-        acc = np.full((N, C, Lout), -np.inf if kind == POOL_MAX else 0.0, np.float32)
-        n = np.zeros(Lout, np.int64)
-        c = np.zeros(Lout, np.int64)
-        for k in range(K):  # taps in order: the float32 sum's rounding, NaN kept by max
-            pos = j + k * d
-            ok = (pos >= 0) & (pos < L)
-            v = x[:, :, np.clip(pos, 0, max(L - 1, 0))] if L else np.zeros((N, C, Lout), np.float32)
-            if kind == POOL_MAX:
-                acc = np.where(ok & ((v > acc) | np.isnan(v)), v, acc)
-            else:
-                acc = np.where(ok, acc + v, acc).astype(np.float32)
-            n += ok
-            c += (pos >= -pl) & (pos < L + pr)
-        if kind != POOL_MAX:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                acc = acc / (n if kind == POOL_AVG_EXCLUDE else c).astype(np.float32)
-        return [acc.astype(np.float32)]
+        out = np.empty((N, C, Lout), np.float32)
+        for j in range(Lout):  # each window's input taps only (a kernel of 1e11 may hold one)
+            p0 = j * s - pl
+            k0, k1 = taps_within(p0, d, K, 0, L)
+            w = x[:, :, p0 + k0 * d: p0 + (k1 - 1) * d + 1: d] if k1 > k0 else np.zeros((N, C, 0), np.float32)
+            acc = np.full((N, C), -np.inf if kind == POOL_MAX else 0.0, np.float32)
+            for k in range(w.shape[2]):  # in tap order: the float32 sum's rounding, a NaN kept by max
+                v = w[:, :, k]
+                acc = np.where((v > acc) | np.isnan(v), v, acc) if kind == POOL_MAX else (acc + v).astype(np.float32)
+            if kind != POOL_MAX:
+                c0, c1 = taps_within(p0, d, K, -pl, L + pr) if kind == POOL_AVG_INCLUDE else (k0, k1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    acc = acc / np.float32(c1 - c0)
+            out[:, :, j] = acc
+        return [out]
 
     def emit(self, p, xs):
         flat = self.as_1d(xs[0].shape)

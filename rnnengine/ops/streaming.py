@@ -847,8 +847,8 @@ def emit_window(p: Any, h: Any, xs: list[Any]) -> list[Any]:
         p.aux_out[key + ":seen"] = min(cap, seen + L)
         # a window emitted before: set once; until then the buffer holds the whole padded input
         p.aux_out[key + ":out"] = 1 if n_out or p.aux_in.get(key + ":out") else 0
-        if not p.aux_out[key + ":out"] and s > 1:
-            p.tail = True  # finish() must see whether the steps form one partial window
+        if not p.aux_out[key + ":out"]:
+            p.tail = True  # finish() must see whether the steps make a window, a partial one or none
             if p.finishing:
                 h.check_partial(buf_len, span, s)
         if n_out:

@@ -461,7 +461,7 @@ class Planner:
         elif op in WINDOW_OPS and h.as_1d(*[v.shape for v in xs[:2]]) is not None and streaming.timed(xs[0]):
             # Keras Conv1D / pooling written as a 2-D op over (N, C, 1, L) (or a pool over
             # (N, C, L, 1)): the 1-D op, time on L
-            flat = h.as_1d(*[v.shape for v in xs[:2]])
+            flat = h.as_1d(xs[0].shape, xs[1].shape) if op == "Conv" else h.as_1d(xs[0].shape, prefer=xs[0].t)
             la = flat.long_axis
             ys = flatten_conv_inputs(self, xs)
             ys[0].t, ys[0].final, ys[0].lag, ys[0].scale = (2 if xs[0].t == la else xs[0].t), xs[0].final, \
@@ -2081,7 +2081,7 @@ class GraphStream(Stream):
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            res = self._step(inputs, outputs)
+            res = self._first_call(lambda: self._step(inputs, outputs), first=self._last is None)
         finally:
             self._busy.release()
         self._array_io = not isinstance(inputs, dict)
@@ -2123,9 +2123,11 @@ class GraphStream(Stream):
             raise ValueError("out= is taken by layer-stack streams; a graph stream returns new arrays")
         taxes = self._taxes
         if taxes is None:
-            taxes = self._taxes = self._step_time_axes(inputs)
+            taxes = self._step_time_axes(inputs)
         if not taxes:
-            return self.feed(inputs, outputs=outputs)
+            self._taxes = taxes
+            return self._first_call(lambda: self.feed(inputs, outputs=outputs), first=self._last is None)
+        self._taxes = taxes
         if isinstance(inputs, dict):
             chunk = {n: (np.expand_dims(np.asarray(v), taxes[n]) if n in taxes else v) for n, v in inputs.items()}
         else:
@@ -2138,7 +2140,7 @@ class GraphStream(Stream):
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            res = self._step(chunk, outputs)
+            res = self._first_call(lambda: self._step(chunk, outputs), first=self._last is None)
         finally:
             self._busy.release()
         for name, t in self.output_axes.items():
@@ -2147,6 +2149,18 @@ class GraphStream(Stream):
                 res[name] = np.squeeze(v, axis=t)
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
+
+    def _first_call(self, call: Callable[[], Any], first: bool) -> Any:
+        """call(); when the stream's first call fails, the time axes found for it are
+        forgotten, so the next call finds them from its own chunk (a first chunk too short
+        for a pool's window found none, and every later chunk ran as a sequence of its own:
+        the review of the fourteenth session)."""
+        try:
+            return call()
+        except BaseException:
+            if first:
+                self._taxes = None
+            raise
 
     def _step(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
