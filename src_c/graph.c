@@ -363,6 +363,19 @@ static void op_pool1d(const int64_t *ip, const float *x, float *y) {
     }
 }
 
+/* Steps the multi-index idx of a row-major walk over shape (nd) by one element, keeping the
+ * element offsets off[k] of k strided operands (strides st[k][nd], 0 where broadcast). */
+static inline void odo_next(int64_t nd, const int64_t *shape, int64_t *idx, int k,
+                            const int64_t *const *st, int64_t *off) {
+    for (int64_t d = nd - 1; d >= 0; d--) {
+        idx[d]++;
+        for (int j = 0; j < k; j++) off[j] += st[j][d];
+        if (idx[d] < shape[d]) return;
+        for (int j = 0; j < k; j++) off[j] -= st[j][d] * shape[d];
+        idx[d] = 0;
+    }
+}
+
 /* ---- BMATMUL ------------------------------------------------------------------------ */
 
 /* One product per batch index, through BLAS (rnn_gemm_nn; a naive loop without it): each
@@ -374,18 +387,11 @@ static void op_bmatmul(const int64_t *ip, const float *A, const float *B, float 
     if (M == 0 || N == 0) return; /* an empty result: no product to walk (the batch may be huge) */
     int64_t total = 1;
     for (int64_t d = 0; d < nd; d++) total *= shape[d];
-    int64_t idx[MAX_ND] = {0}, ao = 0, bo = 0;
+    int64_t idx[MAX_ND] = {0}, off[2] = {0, 0};
+    const int64_t *const st[2] = {as, bs};
     for (int64_t i = 0; i < total; i++) {
-        rnn_gemm_nn(M, N, K, 1.0f, A + ao, K, B + bo, N, 0.0f, Y + i * M * N, N);
-        for (int64_t d = nd - 1; d >= 0; d--) {
-            idx[d]++;
-            ao += as[d];
-            bo += bs[d];
-            if (idx[d] < shape[d]) break;
-            ao -= as[d] * shape[d];
-            bo -= bs[d] * shape[d];
-            idx[d] = 0;
-        }
+        rnn_gemm_nn(M, N, K, 1.0f, A + off[0], K, B + off[1], N, 0.0f, Y + i * M * N, N);
+        odo_next(nd, shape, idx, 2, st, off);
     }
 }
 
@@ -699,19 +705,6 @@ static int64_t dtype_size(int64_t dt) {
     case RNN_DT_U8: return 1;
     case RNN_DT_BOOL: return 1;
     default: return 0;
-    }
-}
-
-/* Steps the multi-index idx of a row-major walk over shape (nd) by one element, keeping the
- * element offsets off[k] of k strided operands (strides st[k][nd], 0 where broadcast). */
-static inline void odo_next(int64_t nd, const int64_t *shape, int64_t *idx, int k,
-                            const int64_t *const *st, int64_t *off) {
-    for (int64_t d = nd - 1; d >= 0; d--) {
-        idx[d]++;
-        for (int j = 0; j < k; j++) off[j] += st[j][d];
-        if (idx[d] < shape[d]) return;
-        for (int j = 0; j < k; j++) off[j] -= st[j][d] * shape[d];
-        idx[d] = 0;
     }
 }
 

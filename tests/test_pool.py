@@ -292,19 +292,21 @@ def test_a_stream_refuses_ceil_mode_with_a_stride_and_takes_it_without():
     np.testing.assert_array_equal(np.concatenate(parts, axis=2), whole["p"])
 
 
-def test_a_stream_shorter_than_one_window_fails_as_the_whole_run_does():
-    """Three steps and a window of 4 (stride 2): onnxruntime pools them as one partial window,
-    the whole run refuses it, and so does the stream at finish()."""
+@pytest.mark.parametrize("K,s,T,match", [
+    (4, 2, 3, "partial window"),  # onnxruntime pools the 3 steps as one partial window
+    (4, 1, 2, "too short"),       # onnxruntime refuses it
+])
+def test_a_stream_shorter_than_one_window_fails_at_finish_as_the_whole_run_does(K, s, T, match):
     rng = np.random.default_rng(1)
-    m = conv_pool_lstm(rng, "AveragePool", 4, 2, (0, 0))
-    x = rng.standard_normal((1, 3, 3)).astype(np.float32)
+    m = conv_pool_lstm(rng, "AveragePool", K, s, (0, 0))
+    x = rng.standard_normal((1, 3, T)).astype(np.float32)
     gm = rnnengine.convert(m)
-    with pytest.raises(UnsupportedError, match="partial window"):
+    with pytest.raises(UnsupportedError, match=match):
         gm.run({"x": x})
-    s = gm.stream()
-    s({"x": x})
-    with pytest.raises(UnsupportedError, match="partial window"):
-        s.finish()
+    st_ = gm.stream()
+    st_({"x": x})
+    with pytest.raises(UnsupportedError, match=match):
+        st_.finish()
 
 
 def test_thread_split_of_a_pooled_batch_equals_one_thread():
@@ -414,19 +416,6 @@ def test_keras2_form_with_a_unit_kernel_streams_one_step_at_a_time():
     s = gm.stream()
     parts = [s({"x": x[:, :, :2]})["y"]] + [s({"x": x[:, :, t:t + 1]})["y"] for t in range(2, 9)]
     np.testing.assert_array_equal(np.concatenate(parts, axis=2), gm.run({"x": x})["y"])
-
-
-def test_a_stream_too_short_for_one_window_fails_at_finish_as_the_whole_run():
-    rng = np.random.default_rng(3)
-    m = conv_pool_lstm(rng, "MaxPool", 4, 1, (0, 0))
-    x = rng.standard_normal((1, 3, 2)).astype(np.float32)
-    gm = rnnengine.convert(m)
-    with pytest.raises(UnsupportedError, match="too short"):
-        gm.run({"x": x})
-    s = gm.stream()
-    s({"x": x})
-    with pytest.raises(UnsupportedError, match="too short"):
-        s.finish()
 
 
 def test_folding_an_empty_4d_constant():

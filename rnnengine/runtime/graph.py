@@ -28,7 +28,7 @@ import threading
 import time
 
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NoReturn, NotRequired, Optional, \
-    Sequence, TypedDict, Union, cast, overload
+    Sequence, TypedDict, TypeVar, Union, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -1752,6 +1752,7 @@ class GraphModel(Model):
         return s
 
 
+_R = TypeVar("_R")
 _BUSY = ("this stream is being used by another thread at the same time; a stream carries one "
          "sequence, so use it from one thread at a time (or fork() it)")
 
@@ -2150,7 +2151,7 @@ class GraphStream(Stream):
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
 
-    def _first_call(self, call: Callable[[], Any], first: bool) -> Any:
+    def _first_call(self, call: Callable[[], _R], first: bool) -> _R:
         """call(); when the stream's first call fails, the time axes found for it are
         forgotten, so the next call finds them from its own chunk (a first chunk too short
         for a pool's window found none, and every later chunk ran as a sequence of its own:
