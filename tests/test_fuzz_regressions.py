@@ -205,6 +205,20 @@ def test_the_differential_fuzzer_tells_agreement_from_a_difference():
     assert d.compare(np.ones(3, np.float32), np.ones(3, np.float32), "y") is None
 
 
+def _gru_with_constant_weights(attrs, X, W, R, B, h0):
+    """A one-GRU model (bytes) with X and initial_h as inputs and W, R, B as initializers
+    (rnnengine takes the weights as constants)."""
+    from onnx import numpy_helper
+    from oracle import make_rnn_model
+    m = make_rnn_model("GRU", attrs, {"X": X, "W": W, "R": R, "B": B, "initial_h": h0})
+    keep = [i for i in m.graph.input if i.name in ("X", "initial_h")]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    m.graph.initializer.extend([numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
+                                numpy_helper.from_array(B, "B")])
+    return m.SerializeToString()
+
+
 def test_the_differential_fuzzer_sets_aside_onnxruntime_leaving_the_formulas():
     """Two known differences are not findings (tools/fuzz/README.md): onnxruntime's GRU with an
     initial state of 1e30 gives -1 where the operator's formulas (tests/oracle.py np_reference,
@@ -224,14 +238,7 @@ def test_the_differential_fuzzer_sets_aside_onnxruntime_leaving_the_formulas():
     B = (r.standard_normal((1, 6 * H)) * 0.3).astype(np.float32)
     X, h0 = r.standard_normal((5, 4, I)).astype(np.float32) * 3, np.full((1, 4, H), 1e30, np.float32)
     attrs = dict(hidden_size=H, linear_before_reset=1)
-    m = make_rnn_model("GRU", attrs, {"X": X, "W": W, "R": R, "B": B, "initial_h": h0})
-    # W, R, B as initializers: rnnengine takes the weights as constants
-    keep = [i for i in m.graph.input if i.name in ("X", "initial_h")]
-    del m.graph.input[:]
-    m.graph.input.extend(keep)
-    m.graph.initializer.extend([numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
-                                numpy_helper.from_array(B, "B")])
-    data = m.SerializeToString()
+    data = _gru_with_constant_weights(attrs, X, W, R, B, h0)
     feeds = {"X": X, "initial_h": h0}
     ref = np_reference("GRU", attrs, X, W, R, B, initial_h=h0)[0]
     theirs = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
@@ -325,20 +332,12 @@ def test_the_differential_fuzzer_sets_aside_a_gru_beyond_float32():
     themselves move 25-57x the tolerance when the inputs move by their last bit, so no float32
     engine can do better and it is not a finding (`ort_off_spec` through
     _within_conditioning). An output off the formulas by more than that stays a finding."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-    from oracle import make_rnn_model, max_violation, np_reference
+    from oracle import max_violation, np_reference
     import onnxruntime as ort
     import rnnengine
     d = _fuzz_module("diff_onnx")
     attrs, X, W, R, B, h0 = _huge_state_gru(198)
-    m = make_rnn_model("GRU", attrs, {"X": X, "W": W, "R": R, "B": B, "initial_h": h0})
-    keep = [i for i in m.graph.input if i.name in ("X", "initial_h")]
-    del m.graph.input[:]
-    m.graph.input.extend(keep)
-    m.graph.initializer.extend([numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
-                                numpy_helper.from_array(B, "B")])
-    data, feeds = m.SerializeToString(), {"X": X, "initial_h": h0}
+    data, feeds = _gru_with_constant_weights(attrs, X, W, R, B, h0), {"X": X, "initial_h": h0}
     ref = np_reference("GRU", attrs, X, W, R, B, initial_h=h0)[0]
     ours = rnnengine.convert(data).run(feeds)["Y"]
     theirs = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
