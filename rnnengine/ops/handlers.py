@@ -1982,7 +1982,7 @@ def window_1d(h: Any, L: int, K: int, ceil: bool = False, pool: bool = False) ->
     if ceil and ap not in ("NOTSET", ""):
         h.fail(f"ceil_mode=1 with auto_pad {ap} is not supported")
     room = L + pl + pr - d * (K - 1) - 1
-    Lout = (-(-room // s) if ceil else -(-room // s) if pool and room < 0 else room // s) + 1
+    Lout = (-(-room // s) if ceil or (pool and room < 0) else room // s) + 1
     if ceil and Lout > 0 and (Lout - 1) * s >= L + pl:
         Lout -= 1  # that window would start in the right padding
     if Lout < 0:
@@ -2093,8 +2093,8 @@ def first_empty_window(Lout: int, K: int, s: int, d: int, off: int, lo: int, hi:
 @register("MaxPool", "AveragePool", attrs=("auto_pad", "ceil_mode", "count_include_pad", "dilations",
                                              "kernel_shape", "pads", "storage_order", "strides"))
 class Pool(Handler):
-    """MaxPool / AveragePool over the length axis of (N, C, L), or of (N, C, 1, L) with a
-    kernel of height 1 (tf2onnx's Keras MaxPooling1D / AveragePooling1D); float32.
+    """MaxPool / AveragePool over the length axis of (N, C, L), or of tf2onnx's (N, C, 1, L)
+    / (N, C, L, 1) forms of Keras MaxPooling1D / AveragePooling1D (as_1d); float32.
 
     Semantics, as onnxruntime 1.32 computes them: windows of K taps, `dilations` apart,
     `strides` apart, over the input padded by `pads` / `auto_pad` (each pad < K, as
@@ -2103,7 +2103,7 @@ class Pool(Handler):
     input taps in order, divided by their number (count_include_pad=0) or by the number of
     taps inside the padded input (count_include_pad=1). Max: the largest input tap; a NaN
     among them gives NaN, as in PyTorch and the ONNX reference, where onnxruntime skips NaN
-    and gives -3.4e38 for a window of -inf (README, "Departures"). The second output of
+    and gives -3.4e38 for a window of -inf (README, "Accuracy"). The second output of
     MaxPool (Indices) and AveragePool with dilations are refused."""
 
     def kind(self):

@@ -794,7 +794,7 @@ def emit_window(p: Any, h: Any, xs: list[Any]) -> list[Any]:
         K0 = w.shape[2] if len(w.shape) == 3 else 1
     else:
         kind = h.kind()
-        K0 = int(h.attr("kernel_shape")[0])
+        K0 = int((h.attr("kernel_shape") or [1])[0])  # (a missing one is refused by geometry)
     long_enough = (x.shape[0], x.shape[1], 4 * (K0 * 8 + 8))  # the geometry of a long input: pads, span
     if conv:
         N, C, _, M, K, _, s, d, pl, pr, g = h.geometry(long_enough, w.shape)
@@ -814,8 +814,7 @@ def emit_window(p: Any, h: Any, xs: list[Any]) -> list[Any]:
     L = x.shape[2]
     span = d * (K - 1) + 1
     p.tail = p.tail or pr > 0
-    name = h.node["outputs"][0] or h.node.get("name", "")
-    key = "conv:" + name
+    key = "conv:" + (h.node["outputs"][0] or h.node.get("name", ""))
     cap = max(span - 1, pl)
     carry = p.aux_in.get(key, pl)
     # incoming frames: the chunk, then (finish) the pr pads; a pending skip eats them first

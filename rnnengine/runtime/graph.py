@@ -28,7 +28,7 @@ import threading
 import time
 
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, NoReturn, NotRequired, Optional, \
-    Sequence, TypedDict, TypeVar, Union, cast, overload
+    Sequence, TypedDict, Union, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -1752,7 +1752,6 @@ class GraphModel(Model):
         return s
 
 
-_R = TypeVar("_R")
 _BUSY = ("this stream is being used by another thread at the same time; a stream carries one "
          "sequence, so use it from one thread at a time (or fork() it)")
 
@@ -2082,7 +2081,7 @@ class GraphStream(Stream):
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            res = self._first_call(lambda: self._step(inputs, outputs), first=self._last is None)
+            res = self._step(inputs, outputs)
         finally:
             self._busy.release()
         self._array_io = not isinstance(inputs, dict)
@@ -2127,7 +2126,7 @@ class GraphStream(Stream):
             taxes = self._step_time_axes(inputs)
         if not taxes:
             self._taxes = taxes
-            return self._first_call(lambda: self.feed(inputs, outputs=outputs), first=self._last is None)
+            return self.feed(inputs, outputs=outputs)
         self._taxes = taxes
         if isinstance(inputs, dict):
             chunk = {n: (np.expand_dims(np.asarray(v), taxes[n]) if n in taxes else v) for n, v in inputs.items()}
@@ -2141,7 +2140,7 @@ class GraphStream(Stream):
         if not self._busy.acquire(False):
             raise RuntimeError(_BUSY)
         try:
-            res = self._first_call(lambda: self._step(chunk, outputs), first=self._last is None)
+            res = self._step(chunk, outputs)
         finally:
             self._busy.release()
         for name, t in self.output_axes.items():
@@ -2151,19 +2150,20 @@ class GraphStream(Stream):
         self._array_io = not isinstance(inputs, dict)
         return self.model._as_returned(inputs, res, outputs)
 
-    def _first_call(self, call: Callable[[], _R], first: bool) -> _R:
-        """call(); when the stream's first call fails, the time axes found for it are
+    def _step(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
+        """One call. When the stream's first call fails, the time axes found for it are
         forgotten, so the next call finds them from its own chunk (a first chunk too short
         for a pool's window found none, and every later chunk ran as a sequence of its own:
         the review of the fourteenth session)."""
+        first = self._last is None
         try:
-            return call()
+            return self._step_once(inputs, outputs)
         except BaseException:
             if first:
                 self._taxes = None
             raise
 
-    def _step(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
+    def _step_once(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
             raise ValueError("this stream was finished; call reset() to start a new sequence")
         want = None if outputs is None else set(outputs)
