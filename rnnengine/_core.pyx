@@ -86,6 +86,21 @@ def panel_width():
     return rnn_panel_width()
 
 
+def conv_pack(const float[:, :, ::1] W, int64_t group, float[::1] out):
+    """Writes conv filters W (M, C/group, K) into `out` in the packed layout of
+    RNN_OP_CONV1D_PACKED (src_c/conv.c, rnn_conv1d_pack): rnn_conv1d_packed_floats floats."""
+    cdef int64_t M = W.shape[0], Cg = W.shape[1], K = W.shape[2]
+    if group <= 0 or M % group != 0:
+        raise ValueError(f"conv_pack: {M} filters do not split into {group} groups")
+    if out.shape[0] != rnn_conv1d_packed_floats(M, Cg, K, group):
+        raise ValueError(f"conv_pack: out has {out.shape[0]} floats, the layout takes "
+                         f"{rnn_conv1d_packed_floats(M, Cg, K, group)}")
+    if M * Cg * K == 0:
+        return
+    with nogil:
+        rnn_conv1d_pack(&W[0, 0, 0], M, Cg, K, group, &out[0])
+
+
 def stft_sizes(int64_t K):
     """(table floats, workspace floats) of RNN_OP_STFT for frames of K samples (src_c/stft.c)."""
     return rnn_stft_table_floats(K), rnn_stft_work(K)

@@ -22,7 +22,8 @@
  * computed as a complex FFT of half the length over z[m] = a[2m] + i a[2m+1] (radix 2 in
  * Stockham's self-sorting order: each stage reads one buffer and writes the other, so there
  * is no bit-reversed permutation, and every stage reads z[e] and z[e + h/2] for e < h/2, the
- * same contiguous pattern whatever its length, which the AVX-512 kernel runs 16 lanes wide)
+ * same contiguous pattern whatever its length, which the AVX-512 and AVX2 kernels run 16 and
+ * 8 lanes wide, with the same bits as the plain loops)
  * and the split step
  *
  *   E = (Z[f] + conj Z[h-f]) / 2,  O = (Z[f] - conj Z[h-f]) / 2i,  X[f] = E + e^{-2 pi i f / K} O
@@ -191,6 +192,98 @@ AVX512 static int window_avx512(int64_t h, const float *w, const float *v, float
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The same three steps 8 lanes wide for AVX2 CPUs (h a multiple of 16), with the same
+ * operations in the same order as the reference (a multiply, then an add: no FMA), so the
+ * three kernels give the same bits. */
+#define AVX2S __attribute__((target("avx2")))
+
+/* stage_ref, 8 values of e at a time: for s >= 8 the results are runs of 8; below, the 16
+ * results of 8 values of e interleave the sums and the rest in runs of s (unpack by floats
+ * for s = 1, by pairs for s = 2, halves for s = 4), then the 128-bit halves are put in order */
+AVX2S static void stage_avx2(int64_t h, int t, const float *xr, const float *xi, float *yr, float *yi,
+                             const float *c, const float *sn) {
+    const int64_t half = h / 2, s = (int64_t)1 << t;
+    for (int64_t e = 0; e < half; e += 8) {
+        const __m256 ar = _mm256_loadu_ps(xr + e), ai = _mm256_loadu_ps(xi + e);
+        const __m256 br = _mm256_loadu_ps(xr + e + half), bi = _mm256_loadu_ps(xi + e + half);
+        const __m256 cc = _mm256_loadu_ps(c + e), ss = _mm256_loadu_ps(sn + e);
+        const __m256 dr = _mm256_sub_ps(ar, br), di = _mm256_sub_ps(ai, bi);
+        const __m256 sr = _mm256_add_ps(ar, br), si = _mm256_add_ps(ai, bi);
+        const __m256 tr = _mm256_add_ps(_mm256_mul_ps(dr, cc), _mm256_mul_ps(di, ss));
+        const __m256 ti = _mm256_sub_ps(_mm256_mul_ps(di, cc), _mm256_mul_ps(dr, ss));
+        if (s >= 8) {
+            const int64_t at = 2 * e - (e & (s - 1));
+            _mm256_storeu_ps(yr + at, sr), _mm256_storeu_ps(yi + at, si);
+            _mm256_storeu_ps(yr + at + s, tr), _mm256_storeu_ps(yi + at + s, ti);
+            continue;
+        }
+        __m256 lr, hr, li, hi;
+        if (s == 1) {
+            lr = _mm256_unpacklo_ps(sr, tr), hr = _mm256_unpackhi_ps(sr, tr);
+            li = _mm256_unpacklo_ps(si, ti), hi = _mm256_unpackhi_ps(si, ti);
+        } else if (s == 2) {
+            lr = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(sr), _mm256_castps_pd(tr)));
+            hr = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(sr), _mm256_castps_pd(tr)));
+            li = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(si), _mm256_castps_pd(ti)));
+            hi = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(si), _mm256_castps_pd(ti)));
+        } else { /* s == 4: the halves themselves are the runs */
+            lr = sr, hr = tr, li = si, hi = ti;
+        }
+        _mm256_storeu_ps(yr + 2 * e, _mm256_permute2f128_ps(lr, hr, 0x20));
+        _mm256_storeu_ps(yr + 2 * e + 8, _mm256_permute2f128_ps(lr, hr, 0x31));
+        _mm256_storeu_ps(yi + 2 * e, _mm256_permute2f128_ps(li, hi, 0x20));
+        _mm256_storeu_ps(yi + 2 * e + 8, _mm256_permute2f128_ps(li, hi, 0x31));
+    }
+}
+
+/* 1 when all 8 lanes are finite (x * 0 is 0 for finite x, NaN for NaN and +-Inf) */
+AVX2S static inline int finite8(__m256 v) {
+    const __m256 zero = _mm256_setzero_ps();
+    return _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(v, zero), zero, _CMP_EQ_OQ)) == 0xff;
+}
+
+/* split_ref for f < h, 8 at a time (Z[h - f] read as a reversed load ending at Z[h] = Z[0]);
+ * f = h is left to split_ref. 1 when every result is finite. */
+AVX2S static int split_avx2(int64_t h, const float *zr, const float *zi, const float *pc, const float *ps,
+                            float *tr, float *ti) {
+    const __m256i rev = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256 half = _mm256_set1_ps(0.5f);
+    int ok = 1;
+    for (int64_t f = 0; f < h; f += 8) {
+        const __m256 ar = _mm256_loadu_ps(zr + f), ai = _mm256_loadu_ps(zi + f);
+        const __m256 br = _mm256_permutevar8x32_ps(_mm256_loadu_ps(zr + h - f - 7), rev);
+        const __m256 bi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(zi + h - f - 7), rev);
+        const __m256 c = _mm256_loadu_ps(pc + f), s = _mm256_loadu_ps(ps + f);
+        const __m256 er = _mm256_mul_ps(half, _mm256_add_ps(ar, br)), ei = _mm256_mul_ps(half, _mm256_sub_ps(ai, bi));
+        const __m256 or_ = _mm256_mul_ps(half, _mm256_add_ps(ai, bi)), oi = _mm256_mul_ps(half, _mm256_sub_ps(br, ar));
+        const __m256 xr = _mm256_add_ps(er, _mm256_add_ps(_mm256_mul_ps(c, or_), _mm256_mul_ps(s, oi)));
+        const __m256 xi = _mm256_add_ps(ei, _mm256_sub_ps(_mm256_mul_ps(c, oi), _mm256_mul_ps(s, or_)));
+        ok &= finite8(xr) & finite8(xi);
+        _mm256_storeu_ps(tr + f, xr), _mm256_storeu_ps(ti + f, xi);
+    }
+    return ok;
+}
+
+/* (xr, xi)[m] = w[2m] v[2m], w[2m+1] v[2m+1] for m < h (h a multiple of 8): the products of 16
+ * samples, their even and odd lanes gathered by a shuffle within each half and a reorder of
+ * the 64-bit pairs. 1 when every v is finite. */
+AVX2S static int window_avx2(int64_t h, const float *w, const float *v, float *xr, float *xi) {
+    int ok = 1;
+    for (int64_t m = 0; m < h; m += 8) {
+        const __m256 v0 = _mm256_loadu_ps(v + 2 * m), v1 = _mm256_loadu_ps(v + 2 * m + 8);
+        ok &= finite8(v0) & finite8(v1);
+        const __m256 p0 = _mm256_mul_ps(v0, _mm256_loadu_ps(w + 2 * m)), p1 = _mm256_mul_ps(v1, _mm256_loadu_ps(w + 2 * m + 8));
+        const __m256 ev = _mm256_shuffle_ps(p0, p1, _MM_SHUFFLE(2, 0, 2, 0)); /* p0 0 2 p1 0 2 | p0 4 6 p1 4 6 */
+        const __m256 od = _mm256_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 1, 3, 1));
+        _mm256_storeu_ps(xr + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), _MM_SHUFFLE(3, 1, 2, 0))));
+        _mm256_storeu_ps(xi + m, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), _MM_SHUFFLE(3, 1, 2, 0))));
+    }
+    return ok;
+}
+#define RNN_HAVE_STFT_AVX2 1
+#endif
+
 void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *table, float *out, float *work) {
     const int64_t N = ip[0], L = ip[1], Lout = ip[2], K = ip[3], stride = ip[4], pad = ip[5], sign = ip[6];
     const int64_t h = K / 2, F = h + 1, M = 2 * F, stages = log2_of(h);
@@ -202,6 +295,11 @@ void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *ta
 #else
     const int wide = 0;
 #endif
+#ifdef RNN_HAVE_STFT_AVX2
+    const int wide2 = !wide && rnn_kernel_level() >= 1 && h >= 16; /* (h/2 a multiple of 8) */
+#else
+    const int wide2 = 0;
+#endif
     for (int64_t n = 0; n < N; n++) {
         const float *xn = x + n * L;
         for (int64_t l = 0; l < Lout; l++) {
@@ -212,6 +310,10 @@ void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *ta
                 const float *v = xn + p0;
 #ifdef RNN_HAVE_STFT_AVX512
                 if (wide) finite = window_avx512(h, w, v, zr, zi);
+                else
+#endif
+#ifdef RNN_HAVE_STFT_AVX2
+                if (wide2) finite = window_avx2(h, w, v, zr, zi);
                 else
 #endif
                 {
@@ -234,6 +336,10 @@ void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *ta
                     if (wide) stage_avx512(h, (int)t, ar, ai, br, bi, c, sn);
                     else
 #endif
+#ifdef RNN_HAVE_STFT_AVX2
+                    if (wide2) stage_avx2(h, (int)t, ar, ai, br, bi, c, sn);
+                    else
+#endif
                         stage_ref(h, (int64_t)1 << t, ar, ai, br, bi, c, sn);
                     float *u = ar; ar = br; br = u;
                     u = ai; ai = bi; bi = u;
@@ -242,6 +348,13 @@ void rnn_stft(const int64_t *ip, const float *x, const float *W, const float *ta
 #ifdef RNN_HAVE_STFT_AVX512
                 if (wide) {
                     finite = split_avx512(h, ar, ai, pc, ps, tr, ti);
+                    split_ref(h, h, ar, ai, pc, ps, tr, ti);
+                    finite &= isfinite(tr[h]) && isfinite(ti[h]);
+                } else
+#endif
+#ifdef RNN_HAVE_STFT_AVX2
+                if (wide2) {
+                    finite = split_avx2(h, ar, ai, pc, ps, tr, ti);
                     split_ref(h, h, ar, ai, pc, ps, tr, ti);
                     finite &= isfinite(tr[h]) && isfinite(ti[h]);
                 } else

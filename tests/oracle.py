@@ -189,3 +189,36 @@ def state_entries(state):
     keys = sorted(state["layers"], key=lambda k: int(k[len("layer"):]))
     assert keys == [f"layer{k}" for k in range(len(keys))], keys
     return [state["layers"][k] for k in keys]
+
+
+# --- float64 evaluation of a whole ONNX graph -------------------------------------------
+def float64_evaluator(model):
+    """The ONNX reference evaluator (onnx.reference, NumPy) on a copy of `model` computed in
+    float64: float32 initializers, Constant tensors, Cast targets and value types (subgraphs
+    included) become float64. Feed it float64 arrays. For models where onnxruntime's own
+    float32 rounding is a sizeable part of the tolerance (an ill-conditioned graph: small
+    moves of an intermediate amplified downstream), this is the exact answer both engines
+    are judged against."""
+    import copy
+
+    from onnx import AttributeProto, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    m = copy.deepcopy(model)
+
+    def to64(g):
+        for i, t in enumerate(g.initializer):
+            if t.data_type == TensorProto.FLOAT:
+                g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+        for node in g.node:
+            for a in node.attribute:
+                if a.name == "to" and node.op_type == "Cast" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.DOUBLE
+                elif a.type == AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+                elif a.type == AttributeProto.GRAPH:
+                    to64(a.g)
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+                v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    to64(m.graph)
+    return ReferenceEvaluator(m)

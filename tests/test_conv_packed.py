@@ -28,6 +28,10 @@ GEOMETRIES = [
     (1, 3, 7, 40, 4, 1, 3, 5, 1),          # windows mostly in the padding
     (1, 7, 1, 5, 1, 1, 1, 0, 1),           # one position (a MatMul shape)
     (1, 16, 66, 48, 2, 1, 1, 0, 2),        # 48 / 2 = 24 filters per group: a partial panel
+    (1, 129, 2, 128, 3, 1, 1, 1, 1),       # silero-vad's encoder streamed at 8 kHz: one frame
+    (1, 128, 2, 64, 3, 2, 1, 1, 1),        # a tap in the padding and a stride: one position
+    (2, 64, 3, 64, 3, 1, 1, 1, 1),         # three positions: fewer than a block of four rows
+    (1, 130, 12, 36, 3, 2, 1, 1, 2),       # 195 taps in four parts of 48-49, two groups of two panels
 ]
 
 
@@ -94,13 +98,22 @@ def test_packed_conv_equals_reference_and_exact(geo):
     ref = run_conv(OP_CONV1D, geo, x, W.reshape(-1), b)
     within_rounding(fast, exact, mag)
     within_rounding(ref, exact, mag)
-    # the packing is what the layout says: filter m of group gi at panel m // 16, lane m % 16
+    # the packing is what the layout says (src_c/conv.c): per group, the Cg*K taps in four
+    # parts [i*CK//4, (i+1)*CK//4) from 64 taps on (else one), each part P panels of (its
+    # taps, 16), filter m of the group at panel m // 16, lane m % 16, lanes past the group's
+    # filters zero
     packed = pack_conv_filters(W, g)
-    Mg, P = M // g, -(-(M // g) // 16)
-    panels = packed.reshape(g, P, (C // g) * K, 16)
-    m = Mg - 1
-    assert np.array_equal(panels[g - 1, m // 16, :, m % 16], W[M - 1].reshape(-1))
-    assert packed.ctypes.data % 64 == 0
+    Mg, P, CK = M // g, -(-(M // g) // 16), (C // g) * K
+    assert packed.size == g * P * 16 * CK and packed.ctypes.data % 64 == 0
+    want = []
+    for gi in range(g):
+        Wg = np.zeros((P * 16, CK), np.float32)
+        Wg[:Mg] = W[gi * Mg:(gi + 1) * Mg].reshape(Mg, CK)
+        parts = 4 if CK >= 64 else 1
+        for i in range(parts):
+            part = Wg[:, i * CK // parts:(i + 1) * CK // parts]                       # (P*16, n)
+            want.append(part.reshape(P, 16, -1).transpose(0, 2, 1).reshape(-1))  # (P, n, 16)
+    assert np.array_equal(packed, np.concatenate(want))
 
 
 @pytest.mark.parametrize("geo", [GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[3]])
@@ -212,14 +225,42 @@ def rand_f32(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def test_silero_sized_stream_uses_packed_filters_for_long_outputs_only():
-    # 4 or more output positions go through the panels; fewer stay on BLAS (emit_conv1d)
+def test_constant_filters_go_through_the_panels_at_every_length():
+    # however few output positions (a streamed chunk of one frame), a Conv with constant
+    # filters is RNN_OP_CONV1D_PACKED: filters packed once at planning. Until 2026-12-03 fewer
+    # than 4 positions went to BLAS (RNN_OP_CONV1D), which re-packed them at every call.
     x = rand_f32(1, 4, 6)
     w = rand_f32(16, 4, 3)
-    for L, packed in ((6, True), (4, False)):
+    for L in (6, 4, 3, 1):
         xx = x[:, :, :L].copy()
-        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3])
+        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3], pads=[1, 1])
         gm, _ = check(model_of([node], [("x", xx)], ["y"], [("w", w)]), {"x": xx})
         ops = _plan_ops(gm, {"x": xx})[0]
-        assert (OP_CONV1D_PACKED in ops) == packed and (OP_CONV1D in ops) == (not packed)
+        assert OP_CONV1D_PACKED in ops and OP_CONV1D not in ops, (L, ops)
         assert isinstance(gm, rnnengine.Model)
+
+
+@pytest.mark.parametrize("C,K,stride,pads", [(40, 3, 1, [1, 1]), (70, 5, 2, [2, 1]), (8, 3, 1, [1, 1])])
+def test_stream_equals_the_whole_run_bit_for_bit_at_every_chunking(C, K, stride, pads):
+    # every output is the same parts and chains whatever the call's positions (src_c/conv.c,
+    # "Order of the sums"), so chunks of 1-7 steps give the whole run's bits: 120 and 350 taps
+    # (four parts), 24 (one chain)
+    x = rand_f32(2, C, 23)
+    w = rand_f32(32, C, K)
+    b = rand_f32(32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[K], strides=[stride], pads=pads)
+    m = model_of([node], [("x", x)], ["y"], [("w", w), ("b", b)])
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[2].dim_param = "B", "T"  # batch and time symbolic: a stream
+    gm, whole = check(m, {"x": x})
+    for sizes in ([1], [2, 3], [3, 1, 4], [5], [7, 2]):
+        s = gm.stream()
+        parts, t, k = [], 0, 0
+        while t < x.shape[2]:
+            n = sizes[k % len(sizes)]
+            parts.append(s({"x": x[:, :, t:t + n]})["y"])
+            t, k = t + n, k + 1
+        tail = s.finish()
+        if tail:
+            parts.append(tail["y"])
+        assert np.array_equal(np.concatenate(parts, axis=2), whole["y"]), sizes

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 import rnnengine
-from oracle import max_violation
+from oracle import float64_evaluator, max_violation
 from rnnengine.ops.handlers import UnsupportedError
 
 ort = pytest.importorskip("onnxruntime")
@@ -139,6 +139,18 @@ def _cases():
             yield pytest.param(f, sr, id=f"{f}-{sr}")
 
 
+# A file fed a rate it was not made for: silero_vad_16k_op15 is a 16 kHz model that takes sr
+# only as arithmetic, so it runs on 8 kHz chunks, off its design, where the graph is
+# ill-conditioned. Measured (2026-12-03) with a float64 evaluation of the same graph: one
+# ulp of random sign on the STFT magnitudes moves the output by up to 1.7x the tolerance; on
+# the first row of this test's batch of 3, a few ulps of rounding in the encoder's convs
+# become 2.1-3.2x the tolerance in onnxruntime's state and 1.6-2.3x in rnnengine's. No
+# float32 engine is within the tolerance of the exact answer there, so the test holds
+# rnnengine to being no farther from it than onnxruntime is, chunk by chunk (and to
+# onnxruntime at the tolerance, as everywhere); elsewhere to both at the tolerance.
+OFF_DESIGN = {("silero_vad_16k_op15.onnx", 8000)}
+
+
 @pytest.mark.parametrize("fname,sr", list(_cases()))
 def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
     path = PATHS[fname]
@@ -146,6 +158,7 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
     chunk, context = CHUNK[sr]
     fixed_batch = inputs["input"][0]
     rng = np.random.default_rng(sr + len(fname))
+    exact = float64_evaluator(onnx.load(path))
     for batch in ([1] if fixed_batch else [1, 3]):
         n_chunks = 8
         x = np.stack([_audio(rng, chunk * n_chunks) for _ in range(batch)])
@@ -154,17 +167,25 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
         model = rnnengine.convert(path, fixed_inputs={"sr": sr} if "sr" in inputs else None)
         stream = model.stream()                      # no set_state: starts from zeros
         state = np.zeros((2, batch, 128), np.float32)
+        state64 = np.zeros((2, batch, 128))
         probs = []
         for k in range(n_chunks):
             feed = {"input": wins[k], "state": state}
+            feed64 = {"input": wins[k].astype(np.float64), "state": state64}
             if "sr" in inputs:
-                feed["sr"] = np.array(sr, np.int64)
+                feed["sr"] = feed64["sr"] = np.array(sr, np.int64)
             want, state = sess.run(["output", "stateN"], feed)
+            want64, state64 = exact.run(["output", "stateN"], feed64)
             got = stream({"input": wins[k]})
             assert got["output"].shape == want.shape
+            # the float64 answer: within the tolerance, or off design no farther than onnxruntime
+            bound = max(1.0, max_violation(want, want64), max_violation(state, state64)) \
+                if (fname, sr) in OFF_DESIGN else 1.0
+            assert max_violation(got["output"], want64) <= bound, (k, got["output"], want64)
+            assert max_violation(got["stateN"], state64) <= bound, k
             assert max_violation(got["output"], want) <= 1, (k, got["output"], want)
             assert max_violation(got["stateN"], state) <= 1, k
-            assert max_violation(stream.get_state()["inputs"]["state"], state) <= 1, k
+            assert np.array_equal(stream.get_state()["inputs"]["state"], got["stateN"]), k
             probs.append(want)
         assert np.ptp(np.concatenate(probs)) > 1e-3  # the signal moves the probability
         # every element of stateN was traced back to the element of state it continues
@@ -177,6 +198,9 @@ def test_streams_from_zeros_like_onnxruntime_chunk_by_chunk(fname, sr):
         got = model.run({"input": wins[0]})
         assert max_violation(got["output"], want[0]) <= 1
         assert max_violation(got["stateN"], want[1]) <= 1
+        # the whole run's first chunk is the stream's first chunk, bit for bit
+        first = model.stream()({"input": wins[0]})
+        assert np.array_equal(got["output"], first["output"]) and np.array_equal(got["stateN"], first["stateN"])
 
 
 @pytest.mark.parametrize("fname", [f for f in FILES if "h" in _inputs(PATHS[f])])

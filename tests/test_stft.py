@@ -5,9 +5,9 @@ DFT basis (rnnengine/ops/handlers.py, dft_basis) computed without its filters.
   both signs, any window), and which are not (one value off by more than rounding, other
   shapes, a bias, several channels): those stay Conv;
 - the op against an exact float64 convolution with the stored filters, within the rounding of
-  a float32 sum, on both kernel levels (AVX-512 and the portable one), with padding, batches,
-  strides and many frames; NaN and Inf exactly where the direct product (RNN_OP_CONV1D) has
-  them;
+  a float32 sum, on every kernel level (AVX-512, AVX2 and the portable one, bit for bit
+  alike), with padding, batches, strides and many frames; NaN and Inf exactly where the
+  direct product (RNN_OP_CONV1D) has them;
 - models against onnxruntime (an STFT magnitude as audio front ends compute it), silero-vad
   planned with the op;
 - the C verifier refusing hostile instructions of the op.
@@ -156,30 +156,36 @@ GEOMETRIES = [
     (1, 1, 640, 258, 256, 128, 1, 0, 1),    # silero-vad 16 kHz, one chunk
     (1, 1, 320, 130, 128, 64, 1, 0, 1),     # silero-vad 8 kHz
     (3, 1, 1000, 66, 64, 16, 1, 0, 1),      # a batch, 58 frames, the AVX-512 stages' smallest h (32)
-    (2, 1, 300, 34, 32, 7, 1, 20, 1),       # h = 16 (portable stages), frames reaching into the padding
+    (2, 1, 300, 34, 32, 7, 1, 20, 1),       # h = 16 (AVX2's smallest; portable below AVX2), frames into the padding
+    (1, 1, 100, 18, 16, 4, 1, 2, 1),        # h = 8: the portable stages at every level
     (1, 1, 9, 6, 4, 1, 1, 3, 1),            # the smallest K, padded on both sides
     (1, 1, 5000, 514, 512, 160, 1, 256, 1), # a speech front end: K 512, hop 160, centred frames
 ]
 
 
+LEVELS = [lv for lv in (2, 1, 0) if lv <= _core.kernel_level_max()]
+
+
 @pytest.mark.parametrize("geo", GEOMETRIES)
 @pytest.mark.parametrize("window", ["hann", "random"])
-@pytest.mark.parametrize("level", ["max", 0])
+@pytest.mark.parametrize("level", LEVELS)
 def test_fft_equals_the_exact_convolution_within_rounding(geo, window, level):
     N, C, L, M, K, s, d, pl, g = geo
     w = WINDOWS[window](K)
     W = basis(K, w, sign=1 if window == "random" else -1)
     x = (rng.standard_normal((N, 1, L)) * 3).astype(np.float32)
     exact, _ = conv64(x, W, np.zeros(M, np.float32), s, 1, pl, 1, lout_of(*geo))
-    got = run_stft(geo, x, W, None if level == "max" else level)
+    got = run_stft(geo, x, W, level)
     assert got.shape == exact.shape
     within_fft_rounding(got, exact, frame_magnitudes(x, W[0, 0], geo))
+    # the AVX-512, AVX2 and portable stages do the same operations in the same order
+    assert np.array_equal(got, run_stft(geo, x, W, 0))
     # the direct product (the Conv it replaces) is within the same rounding
     direct = run_conv(OP_CONV1D, geo, x, W.reshape(-1), np.zeros(M, np.float32))
     within_fft_rounding(direct, exact, frame_magnitudes(x, W[0, 0], geo))
 
 
-@pytest.mark.parametrize("level", ["max", 0])
+@pytest.mark.parametrize("level", LEVELS)
 def test_nan_and_inf_where_the_direct_product_has_them(level):
     geo = (2, 1, 700, 130, 128, 50, 1, 10, 1)
     W = basis(128, hann(128))
@@ -188,7 +194,7 @@ def test_nan_and_inf_where_the_direct_product_has_them(level):
     x[0, 0, 300] = np.inf      # frames 4-6 of row 0
     x[1, 0, 520] = -np.inf     # row 1
     x[1, 0, 100] = 3e38        # finite, but products overflow
-    got = run_stft(geo, x, W, None if level == "max" else level)
+    got = run_stft(geo, x, W, level)
     ref = run_conv(OP_CONV1D, geo, x, W.reshape(-1), np.zeros(130, np.float32))
     assert np.isnan(ref).any() and np.isinf(ref).any()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))

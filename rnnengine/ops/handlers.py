@@ -1526,7 +1526,13 @@ def pack_panels(Bt: Any) -> Any:
     whatever other rows share the call: a stream's batch, the session batcher's sessions, a
     whole sequence's time steps."""
     Bt = np.asarray(Bt, np.float32)
-    return pack_conv_filters(Bt.reshape(Bt.shape[0], 1, Bt.shape[1]), 1)
+    N, K = Bt.shape
+    P = -(-N // 16)
+    padded = np.zeros((P * 16, K), np.float32)
+    padded[:N] = Bt
+    out = aligned_floats(P * 16 * K)
+    out[...] = padded.reshape(P, 16, K).transpose(0, 2, 1).reshape(-1)  # (P, K, 16)
+    return out
 
 
 @register("MatMul")
@@ -1802,24 +1808,23 @@ class LayerNormalization(Handler):
 
 # --- audio front ends --------------------------------------------------------------------
 
-def pack_conv_filters(W: Any, group: int) -> Any:
-    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads
-    (src_c/conv.c): per group, panels of 16 filters, each panel (C/group * K, 16) with filter m
-    in lane m % 16 (lanes past the group's filters zero). The array starts on a 64-byte
-    boundary, as the kernels' aligned loads want (C computes an unaligned one with the plain
-    reference kernel)."""
-    W = np.asarray(W, np.float32)
-    M, Cg, K = W.shape
-    Mg = M // group
-    P = -(-Mg // 16)
-    padded = np.zeros((group, P * 16, Cg * K), np.float32)
-    padded[:, :Mg] = W.reshape(group, Mg, Cg * K)
-    panels = padded.reshape(group, P, 16, Cg * K).transpose(0, 1, 3, 2)  # (group, P, Cg*K, 16)
-    n = panels.size
+def aligned_floats(n: int) -> Any:
+    """An uninitialised float32 array of n elements starting on a 64-byte boundary, as the
+    packed kernels' aligned loads want (C computes an unaligned one with the plain reference
+    kernel)."""
     buf = np.empty(n + 16, np.float32)
     start = (-buf.ctypes.data % 64) // 4  # float32 arrays start on 4-byte boundaries
-    out = buf[start:start + n]
-    out[...] = panels.reshape(-1)
+    return buf[start:start + n]
+
+
+def pack_conv_filters(W: Any, group: int) -> Any:
+    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads, written
+    by C (src_c/conv.c rnn_conv1d_pack, where the layout is specified: per group, the taps in
+    four parts, each part panels of 16 filters), 64-byte aligned."""
+    W = np.ascontiguousarray(W, np.float32)
+    M, Cg, K = W.shape
+    out = aligned_floats(-(-(M // group) // 16) * 16 * group * Cg * K)
+    _core.conv_pack(W, group, out)
     return out
 
 
@@ -1829,9 +1834,6 @@ def conv_work_floats(Lout: int, Cg: int, K: int, Mg: int) -> int:
     lb = min(Lout, 64)
     return lb * (Cg * K + -(-Mg // 16) * 16)
 
-
-# output positions from which a Conv goes through the packed filters (emit_conv1d)
-PACKED_CONV_MIN_LENGTH = 4
 
 
 def dft_basis(W: Any) -> Any:
@@ -1906,17 +1908,6 @@ def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]
             p.emit(OP_STFT, [x, p.const(np.ascontiguousarray(w.const, np.float32)), p.const(table)], [out],
                    [N, L, Lout, K, s, pl, sign])
             return
-    if Lout < PACKED_CONV_MIN_LENGTH:
-        # A few dot products: BLAS computes them with its lanes along the filter taps, as
-        # onnxruntime does; the panel kernels sum in another order (lanes along the filters),
-        # and silero-vad's 8 kHz model, streamed three rows at a time, amplifies that rounding
-        # difference past the tolerance of tests/oracle.py. Measured at silero-vad's sizes the
-        # panels gained little there (0.9-1.4x).
-        wc = p.const(np.ascontiguousarray(w.const, np.float32))
-        bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32))
-        p.need_work(Lout * (C // g) * K)
-        p.emit(OP_CONV1D, [x, wc, bc], [out], list(geometry))
-        return
     packed = p.derived(w.const, f"conv-packed-{g}", lambda: pack_conv_filters(w.const, g))
     bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32).reshape(-1))
     p.need_work(conv_work_floats(Lout, C // g, K, M // g))
