@@ -28,7 +28,7 @@
  * 0.19 e-6 against onnxruntime's 0.39 / 0.37 / 0.18 e-6 and one chain's 0.65 / 0.44 / 0.23
  * e-6; on silero-vad's 16 kHz file fed 8 kHz audio, an ill-conditioned graph, one chain put
  * the LSTM state 9-14x the tolerance off the float64 answer where onnxruntime is 2-3x off
- * and the parts PARTS_MEASURED off (tests/test_silero.py). Below 64 taps one chain is kept:
+ * and the parts 1.6-2.3x off (tests/test_silero.py). Below 64 taps one chain is kept:
  * it gave onnxruntime's bits on the small convs of tests/test_pool.py, and a split would cost
  * more calls than it saves rounding.
  *
