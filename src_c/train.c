@@ -143,13 +143,23 @@ double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t
         }
         float mx = z[0];
         for (int64_t k = 1; k < C; k++) mx = z[k] > mx ? z[k] : mx;
+        /* one exp per logit: e_k = exp(z_k - mx) summed in double and, when the gradient is
+         * wanted, kept (as float) in dz until the sum is known */
         double sum = 0.0;
-        for (int64_t k = 0; k < C; k++) sum += exp((double)(z[k] - mx));
+        if (dz)
+            for (int64_t k = 0; k < C; k++) {
+                const double e = exp((double)(z[k] - mx));
+                sum += e;
+                dz[k] = (float)e;
+            }
+        else
+            for (int64_t k = 0; k < C; k++) sum += exp((double)(z[k] - mx));
         const double lse = log(sum) + mx;
         loss += lse - z[targets[n]];
         if (dz) {
-            /* d(mean loss)/dz = (softmax(z) - onehot) / count */
-            for (int64_t k = 0; k < C; k++) dz[k] = (float)(exp((double)z[k] - lse) / (double)count);
+            /* d(mean loss)/dz = (softmax(z) - onehot) / count, softmax(z)_k = e_k / sum */
+            const double scale = 1.0 / (sum * (double)count);
+            for (int64_t k = 0; k < C; k++) dz[k] = (float)((double)dz[k] * scale);
             dz[targets[n]] -= (float)(1.0 / (double)count);
         }
     }
