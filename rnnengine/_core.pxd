@@ -256,7 +256,9 @@ cdef extern from "internal.h" nogil:
     int64_t rnn_threads_worker_chunks()
     int64_t rnn_stft_table_floats(int64_t K)
     int64_t rnn_conv1d_packed_floats(int64_t M, int64_t Cg, int64_t K, int64_t G)
-    void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, float *out)
+    int64_t rnn_conv1d_packed_work(int64_t N, int64_t Lout, int64_t Cg, int64_t K, int64_t Mg)
+    int64_t rnn_conv1d_parts(int64_t CK, int64_t Lout)
+    void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, int64_t parts, float *out)
     int64_t rnn_stft_work(int64_t K)
     void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const float *W, const float *R,
                             const float *B, const float *Whr, float *h, float *c, float *work)

@@ -86,19 +86,35 @@ def panel_width():
     return rnn_panel_width()
 
 
-def conv_pack(const float[:, :, ::1] W, int64_t group, float[::1] out):
+def conv_parts(int64_t CK, int64_t Lout):
+    """Partial sums RNN_OP_CONV1D_PACKED adds per output for a call of Lout positions of a
+    conv of CK taps (src_c/conv.c rnn_conv1d_parts): 1 or 4; the packing follows it."""
+    return rnn_conv1d_parts(CK, Lout)
+
+
+def conv_pack(const float[:, :, ::1] W, int64_t group, int64_t parts, float[::1] out):
     """Writes conv filters W (M, C/group, K) into `out` in the packed layout of
-    RNN_OP_CONV1D_PACKED (src_c/conv.c, rnn_conv1d_pack): rnn_conv1d_packed_floats floats."""
+    RNN_OP_CONV1D_PACKED for sums in `parts` parts (src_c/conv.c, rnn_conv1d_pack):
+    rnn_conv1d_packed_floats floats."""
     cdef int64_t M = W.shape[0], Cg = W.shape[1], K = W.shape[2]
     if group <= 0 or M % group != 0:
         raise ValueError(f"conv_pack: {M} filters do not split into {group} groups")
+    if parts != 1 and parts != 4:
+        raise ValueError(f"conv_pack: {parts} parts (1 or 4)")
     if out.shape[0] != rnn_conv1d_packed_floats(M, Cg, K, group):
         raise ValueError(f"conv_pack: out has {out.shape[0]} floats, the layout takes "
                          f"{rnn_conv1d_packed_floats(M, Cg, K, group)}")
     if M * Cg * K == 0:
         return
     with nogil:
-        rnn_conv1d_pack(&W[0, 0, 0], M, Cg, K, group, &out[0])
+        rnn_conv1d_pack(&W[0, 0, 0], M, Cg, K, group, parts, &out[0])
+
+
+def conv_work(int64_t N, int64_t Lout, int64_t Cg, int64_t K, int64_t Mg):
+    """Workspace floats of RNN_OP_CONV1D_PACKED (src_c/conv.c rnn_conv1d_packed_work)."""
+    if min(N, Lout, Cg, K, Mg) < 0 or max(N, Lout, Cg, K, Mg) > (1 << 40):
+        raise ValueError("conv_work: sizes out of range")
+    return rnn_conv1d_packed_work(N, Lout, Cg, K, Mg)
 
 
 def stft_sizes(int64_t K):

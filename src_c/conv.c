@@ -16,26 +16,27 @@
  * reference beside it is op_conv1d in graph.c (im2col + rnn_gemm_nt), which the tests
  * compare against on odd sizes.
  *
- * Order of the sums: from RNN_CONV_SPLIT_TAPS = 64 taps on, the Cg*K taps of an output are
- * split into RNN_CONV_PARTS = 4 parts of consecutive taps, part i the taps [b_i, b_{i+1})
- * with b_i = i * Cg*K / 4 (fewer taps: one part, b_1 = Cg*K); each part is one FMA chain in
- * the order of the taps (rnn_gemm_packed, pack.c: the same bits on AVX2 and AVX-512 and
- * whatever the number of rows), and the parts are added in order: ((p0 + p1) + p2) + p3,
- * then the bias. So an output has the same bits whatever the call's positions (a stream's
- * chunks, the whole sequence, one frame) and on every CPU with AVX2. Four partial sums of a
- * quarter of the taps each round about like onnxruntime's convolution: measured on
- * silero-vad's encoder convs (192-387 taps) from the float64 answer, mean error 0.44 / 0.35 /
- * 0.19 e-6 against onnxruntime's 0.39 / 0.37 / 0.18 e-6 and one chain's 0.65 / 0.44 / 0.23
- * e-6; on silero-vad's 16 kHz file fed 8 kHz audio, an ill-conditioned graph, one chain put
- * the LSTM state 9-14x the tolerance off the float64 answer where onnxruntime is 2-3x off
- * and the parts 1.6-2.3x off (tests/test_silero.py). Below 64 taps one chain is kept:
- * it gave onnxruntime's bits on the small convs of tests/test_pool.py, and a split would cost
- * more calls than it saves rounding.
+ * Order of the sums: each output is one FMA chain over its Cg*K taps in order
+ * (rnn_gemm_packed, pack.c: the same bits on AVX2 and AVX-512 and whatever the number of
+ * rows), the order of onnxruntime's convolution when it has several positions (bit for bit
+ * on an AVX2 EPYC). Except a call of 1-3 positions of a conv of RNN_CONV_SPLIT_TAPS = 64
+ * taps or more (a streamed chunk of a frame or three: silero-vad's encoder), where
+ * onnxruntime takes a matrix-vector kernel that splits its sums: there the taps are split
+ * into RNN_CONV_PARTS = 4 parts of consecutive taps, part i the taps [b_i, b_{i+1}) with b_i
+ * = i * Cg*K / 4, each a chain, added in order ((p0 + p1) + p2) + p3, then the bias
+ * (rnn_conv1d_parts). Measured on silero-vad's encoder convs from the float64 answer, mean
+ * error 0.44 / 0.35 / 0.19 e-6 against onnxruntime's 0.39 / 0.37 / 0.18 e-6 and one chain's
+ * 0.65 / 0.44 / 0.23 e-6; on silero-vad's 16 kHz file fed 8 kHz audio, an ill-conditioned
+ * graph, one chain put the LSTM state 9-14x the tolerance off the float64 answer (7x off
+ * onnxruntime), where onnxruntime is 2-3x off and the parts 1.6-2.3x (0.8x off onnxruntime;
+ * tests/test_silero.py). A stream fed 1-3 frames per call therefore rounds such a conv
+ * (not a smaller one) unlike its whole run: within the tolerance, not bit for bit.
  *
  * Packed filter layout (float32, rnn_conv1d_packed_floats of them, written by
- * rnn_conv1d_pack): groups one after the other, group_floats = P * 16 * Cg*K each with P =
+ * rnn_conv1d_pack for the parts the planned call sums in): groups one after the other, group_floats = P * 16 * Cg*K each with P =
  * ceil(Mg/16); within a group, the parts one after the other, part i at float P * 16 * b_i,
- * holding the P panels of the pack.c layout of those taps: filter g*Mg + m in panel m / 16,
+ * holding the P panels of the pack.c layout of those taps (one part: the pack.c layout of the
+ * group), filter g*Mg + m in panel m / 16,
  * lane m % 16, element [P*16*b_i + (panel * (b_{i+1} - b_i) + k - b_i) * 16 + lane] =
  * W[g*Mg + m, k / K, k % K] for b_i <= k < b_{i+1}; lanes past Mg zero. Parts start 64 bytes
  * apart times a whole number, so they are aligned when the buffer is: the kernels load
@@ -48,16 +49,19 @@
 
 #define PANELS(m) (((m) + RNN_PANEL - 1) / RNN_PANEL)
 
-/* parts of an im2col row of CK taps, and the first tap of part i */
-static int64_t parts_of(int64_t CK) { return CK >= RNN_CONV_SPLIT_TAPS ? RNN_CONV_PARTS : 1; }
-static int64_t part_start(int64_t CK, int64_t i) { return i * CK / parts_of(CK); }
+int64_t rnn_conv1d_parts(int64_t CK, int64_t Lout) {
+    return CK >= RNN_CONV_SPLIT_TAPS && Lout < 4 ? RNN_CONV_PARTS : 1;
+}
 
-void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, float *out) {
+/* the first tap of part i of an im2col row of CK taps in `parts` */
+static int64_t part_start(int64_t CK, int64_t parts, int64_t i) { return i * CK / parts; }
+
+void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, int64_t parts, float *out) {
     const int64_t Mg = M / G, CK = Cg * K, P = PANELS(Mg);
     memset(out, 0, sizeof(float) * (size_t)rnn_conv1d_packed_floats(M, Cg, K, G));
     for (int64_t g = 0; g < G; g++)
-        for (int64_t i = 0; i < parts_of(CK); i++) {
-            const int64_t b0 = part_start(CK, i), b1 = part_start(CK, i + 1), n = b1 - b0;
+        for (int64_t i = 0; i < parts; i++) {
+            const int64_t b0 = part_start(CK, parts, i), b1 = part_start(CK, parts, i + 1), n = b1 - b0;
             float *part = out + g * P * RNN_PANEL * CK + P * RNN_PANEL * b0;
             for (int64_t m = 0; m < Mg; m++)
                 for (int64_t k = b0; k < b1; k++)
@@ -69,8 +73,18 @@ int64_t rnn_conv1d_packed_floats(int64_t M, int64_t Cg, int64_t K, int64_t G) {
     return G * PANELS(M / G) * RNN_PANEL * Cg * K;
 }
 
-int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg) {
-    const int64_t lb = Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK;
+/* Batch rows whose positions one block takes together: with fewer than RNN_CONV_BLOCK
+ * positions (a streamed chunk, a short sequence), as many whole rows as fit, so that each
+ * panel of filters read serves many rows (a batch of streams: the session batcher); one row
+ * for a single channel (its windows are read in place, one row at a time). */
+static int64_t rows_together(int64_t N, int64_t Cg, int64_t Lout) {
+    if (Cg == 1 || Lout <= 0 || Lout >= RNN_CONV_BLOCK) return 1;
+    const int64_t nb = RNN_CONV_BLOCK / Lout;
+    return nb < N ? nb : (N > 1 ? N : 1);
+}
+
+int64_t rnn_conv1d_packed_work(int64_t N, int64_t Lout, int64_t Cg, int64_t K, int64_t Mg) {
+    const int64_t lb = (Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK) * rows_together(N, Cg, Lout);
     return lb * (Cg * K + PANELS(Mg) * RNN_PANEL);
 }
 
@@ -137,52 +151,58 @@ void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const flo
                        float *out, float *work) {
     const int64_t N = ip[0], C = ip[1], L = ip[2], M = ip[3], K = ip[4], Lout = ip[5];
     const int64_t stride = ip[6], dil = ip[7], pad = ip[8], G = ip[9], act = ip[10];
-    const int64_t Cg = C / G, Mg = M / G, CK = Cg * K;
+    const int64_t Cg = C / G, Mg = M / G, CK = Cg * K, together = rows_together(N, Cg, Lout);
+    const int64_t parts = rnn_conv1d_parts(CK, Lout);
     const int64_t group_floats = PANELS(Mg) * RNN_PANEL * CK;
-    float *colT = work;                                                       /* (lb, CK) */
-    float *prod = work + (Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK) * CK; /* (lb, Mg) */
+    float *colT = work;                                                                  /* (rows, CK) */
+    float *prod = work + (Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK) * together * CK; /* (rows, Mg) */
     if (Mg == 0 || Lout == 0) return;
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t g = 0; g < G; g++) {
-            const float *xg = x + (n * C + g * Cg) * L;
-            const float *wg = Wp + g * group_floats;
+    for (int64_t g = 0; g < G; g++) {
+        const float *wg = Wp + g * group_floats;
+        for (int64_t n0 = 0; n0 < N; n0 += together) {
+            const int64_t nb = N - n0 < together ? N - n0 : together; /* batch rows n0 .. n0+nb-1 */
             for (int64_t l0 = 0; l0 < Lout; l0 += RNN_CONV_BLOCK) {
-                const int64_t lb = Lout - l0 < RNN_CONV_BLOCK ? Lout - l0 : RNN_CONV_BLOCK;
+                const int64_t lb = Lout - l0 < RNN_CONV_BLOCK ? Lout - l0 : RNN_CONV_BLOCK, rows = nb * lb;
                 const float *A = colT;
                 int64_t lda = CK;
                 const int64_t first = l0 * stride - pad, last = (l0 + lb - 1) * stride - pad + K;
-                if (Cg == 1 && dil == 1 && first >= 0 && last <= L) {
+                if (nb == 1 && Cg == 1 && dil == 1 && first >= 0 && last <= L) {
                     /* one channel, windows inside the input: row l of colT is the input from
                      * position l*stride - pad on, so the input itself is colT with row stride
                      * `stride` (the STFT conv of an audio front end: no copy) */
-                    A = xg + first, lda = stride;
+                    A = x + (n0 * C + g * Cg) * L + first, lda = stride;
                 } else {
-                    rnn_im2col(xg, Cg, L, K, stride, dil, pad, l0, lb, colT);
+                    for (int64_t j = 0; j < nb; j++) /* row j's positions at colT rows j*lb .. */
+                        rnn_im2col(x + ((n0 + j) * C + g * Cg) * L, Cg, L, K, stride, dil, pad, l0, lb,
+                                   colT + j * lb * CK);
                 }
                 /* prod = the parts' products added in order (comment at the top) */
                 int none = 1;
-                for (int64_t i = 0; i < parts_of(CK); i++) {
-                    const int64_t b0 = part_start(CK, i), n = part_start(CK, i + 1) - b0;
-                    if (n == 0) continue;
-                    const rnn_packed part = {Mg, n, RNN_WEIGHTS_F32, (void *)(wg + PANELS(Mg) * RNN_PANEL * b0), NULL};
-                    rnn_gemm_packed(lb, A + b0, lda, &part, prod, Mg, !none);
+                for (int64_t i = 0; i < parts; i++) {
+                    const int64_t b0 = part_start(CK, parts, i), taps = part_start(CK, parts, i + 1) - b0;
+                    if (taps == 0) continue;
+                    const rnn_packed part = {Mg, taps, RNN_WEIGHTS_F32, (void *)(wg + PANELS(Mg) * RNN_PANEL * b0), NULL};
+                    rnn_gemm_packed(rows, A + b0, lda, &part, prod, Mg, !none);
                     none = 0;
                 }
-                if (none) memset(prod, 0, sizeof(float) * (size_t)(lb * Mg)); /* no taps */
-                /* out[n, g*Mg + m, l0 + l] = act(prod[l][m] + bias), the transpose of prod, in
-                 * one pass (the activation as op_unary / rnn_activation_apply: the NaN-keeping
-                 * selects; no bias adds nothing, so -0 stays -0) */
-                float *og = out + (n * M + g * Mg) * Lout + l0;
-                for (int64_t l = 0; l < lb; l++) {
-                    const float *pl = prod + l * Mg;
-                    float *o = og + l;
-                    for (int64_t m = 0; m < Mg; m++) {
-                        float v = bias ? pl[m] + bias[g * Mg + m] : pl[m];
-                        if (act == RNN_ACT_RELU) v = v < 0.0f ? 0.0f : v;
-                        else if (act == RNN_ACT_LEAKY_RELU) v = v >= 0.0f ? v : alpha * v;
-                        o[m * Lout] = v;
+                if (none) memset(prod, 0, sizeof(float) * (size_t)(rows * Mg)); /* no taps */
+                /* out[n0 + j, g*Mg + m, l0 + l] = act(prod[j*lb + l][m] + bias), the transpose
+                 * of prod, in one pass (the activation as op_unary / rnn_activation_apply: the
+                 * NaN-keeping selects; no bias adds nothing, so -0 stays -0) */
+                for (int64_t j = 0; j < nb; j++) {
+                    float *og = out + ((n0 + j) * M + g * Mg) * Lout + l0;
+                    for (int64_t l = 0; l < lb; l++) {
+                        const float *pl = prod + (j * lb + l) * Mg;
+                        float *o = og + l;
+                        for (int64_t m = 0; m < Mg; m++) {
+                            float v = bias ? pl[m] + bias[g * Mg + m] : pl[m];
+                            if (act == RNN_ACT_RELU) v = v < 0.0f ? 0.0f : v;
+                            else if (act == RNN_ACT_LEAKY_RELU) v = v >= 0.0f ? v : alpha * v;
+                            o[m * Lout] = v;
+                        }
                     }
                 }
             }
         }
+    }
 }

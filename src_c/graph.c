@@ -1550,13 +1550,14 @@ static int verify_instr(vctx *v) {
             get(v, 2, "bias", 0, M_F32, &c) || get(v, 4, "output", 1, M_F32, &y))
             return 1;
         if (packed) { /* panels of 16 filters: the sizes of conv.c, each product now known to fit */
-            const int64_t panels = (M / G + 15) / 16, lb = Lout < RNN_CONV_BLOCK ? Lout : RNN_CONV_BLOCK;
+            /* (the workspace's rows, those of one block, are at most RNN_CONV_BLOCK) */
+            const int64_t panels = (M / G + 15) / 16, lb = RNN_CONV_BLOCK;
             int64_t wk;
             if (!mul_ok(G, panels, &t) || !mul_ok(t, 16, &t) || !mul_ok(t, ck, &t) || t > SPAN_LIMIT ||
                 !mul_ok(panels, 16, &wk) || !add_ok(wk, ck, &wk) || !mul_ok(wk, lb, &wk) || wk > SPAN_LIMIT)
                 return bad(v, "the packed filters' or the workspace's size overflows");
             w_n = rnn_conv1d_packed_floats(M, C / G, K, G);
-            col = rnn_conv1d_packed_work(Lout, C / G, K, M / G);
+            col = rnn_conv1d_packed_work(N, Lout, C / G, K, M / G);
         }
         if (need(v, &a, "input", "reads", x_n) || need(v, &b, packed ? "packed filters" : "weights", "reads", w_n) ||
             need(v, &c, "bias", "reads", M) || need(v, &y, "output", "writes", y_n))

@@ -209,10 +209,11 @@ void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int6
  * graph.c, RNN_OP_CONV1D_PACKED). Outputs are computed RNN_CONV_BLOCK positions at a time. */
 #define RNN_CONV_BLOCK 64
 #define RNN_CONV_PARTS 4       /* partial sums per output, each over a quarter of the taps, */
-#define RNN_CONV_SPLIT_TAPS 64 /* from this many taps (C/group * K) on */
+#define RNN_CONV_SPLIT_TAPS 64 /* in calls of 1-3 positions of this many taps (C/group * K) on */
+int64_t rnn_conv1d_parts(int64_t CK, int64_t Lout);
 int64_t rnn_conv1d_packed_floats(int64_t M, int64_t Cg, int64_t K, int64_t G);
-void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, float *out);
-int64_t rnn_conv1d_packed_work(int64_t Lout, int64_t Cg, int64_t K, int64_t Mg);
+void rnn_conv1d_pack(const float *W, int64_t M, int64_t Cg, int64_t K, int64_t G, int64_t parts, float *out);
+int64_t rnn_conv1d_packed_work(int64_t N, int64_t Lout, int64_t Cg, int64_t K, int64_t Mg);
 void rnn_conv1d_packed(const int64_t *ip, float alpha, const float *x, const float *Wp, const float *bias,
                        float *out, float *work);
 void rnn_im2col(const float *xg, int64_t Cg, int64_t L, int64_t K, int64_t stride, int64_t dil, int64_t pad,

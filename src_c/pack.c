@@ -691,8 +691,10 @@ AVX2 static void gemm_packed_avx2(int64_t M, const float *A, int64_t lda, const 
         else gemm_compact_wide_avx2(M, A, lda, Bp, C, ldc, accumulate);
         return;
     }
-    if (M == 1) {
-        gemv_packed_avx2(A, Bp, C, accumulate);
+    if (M < 4) { /* 1-3 rows (a streamed conv's frames, a small batch): a row at a time over
+                  * four panels, 8 accumulators, where the panel-outer loop below would give a
+                  * row 2 (latency-bound); the same chains, so the same bits */
+        for (int64_t m = 0; m < M; m++) gemv_packed_avx2(A + m * lda, Bp, C + m * ldc, accumulate);
         return;
     }
     const int64_t N = Bp->N, K = Bp->K, P = (N + RNN_PANEL - 1) / RNN_PANEL;

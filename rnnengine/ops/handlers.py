@@ -1817,22 +1817,23 @@ def aligned_floats(n: int) -> Any:
     return buf[start:start + n]
 
 
-def pack_conv_filters(W: Any, group: int) -> Any:
-    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads, written
-    by C (src_c/conv.c rnn_conv1d_pack, where the layout is specified: per group, the taps in
-    four parts, each part panels of 16 filters), 64-byte aligned."""
+def pack_conv_filters(W: Any, group: int, parts: int = 1) -> Any:
+    """Conv filters W (M, C/group, K) in the packed layout RNN_OP_CONV1D_PACKED reads for sums
+    in `parts` parts (_core.conv_parts), written by C (src_c/conv.c rnn_conv1d_pack, where the
+    layout is specified: per group, the taps in parts, each part panels of 16 filters),
+    64-byte aligned."""
     W = np.ascontiguousarray(W, np.float32)
     M, Cg, K = W.shape
     out = aligned_floats(-(-(M // group) // 16) * 16 * group * Cg * K)
-    _core.conv_pack(W, group, out)
+    _core.conv_pack(W, group, parts, out)
     return out
 
 
-def conv_work_floats(Lout: int, Cg: int, K: int, Mg: int) -> int:
-    """Workspace floats of RNN_OP_CONV1D_PACKED (src_c/conv.c rnn_conv1d_packed_work):
-    one block of up to 64 output positions' im2col rows and their product."""
-    lb = min(Lout, 64)
-    return lb * (Cg * K + -(-Mg // 16) * 16)
+def conv_work_floats(N: int, Lout: int, Cg: int, K: int, Mg: int) -> int:
+    """Workspace floats of RNN_OP_CONV1D_PACKED, from C (src_c/conv.c
+    rnn_conv1d_packed_work): one block's im2col rows (up to 64: the positions of as many
+    batch rows as fit) and their product."""
+    return int(_core.conv_work(N, Lout, Cg, K, Mg))
 
 
 
@@ -1908,9 +1909,10 @@ def emit_conv1d(p: Any, x: Any, w: Any, bias: Any, out: Any, geometry: list[int]
             p.emit(OP_STFT, [x, p.const(np.ascontiguousarray(w.const, np.float32)), p.const(table)], [out],
                    [N, L, Lout, K, s, pl, sign])
             return
-    packed = p.derived(w.const, f"conv-packed-{g}", lambda: pack_conv_filters(w.const, g))
+    parts = _core.conv_parts((C // g) * K, Lout)  # the order of the sums (src_c/conv.c)
+    packed = p.derived(w.const, f"conv-packed-{g}-{parts}", lambda: pack_conv_filters(w.const, g, parts))
     bc = None if bias is None else p.const(np.ascontiguousarray(bias.const, np.float32).reshape(-1))
-    p.need_work(conv_work_floats(Lout, C // g, K, M // g))
+    p.need_work(conv_work_floats(N, Lout, C // g, K, M // g))
     p.emit(OP_CONV1D_PACKED, [x, p.const(packed), bc], [out], list(geometry) + [-1], [0.0])
 
 
