@@ -134,6 +134,7 @@ static inline void rnn_clip(float *x, int64_t n, const rnn_cell_config *cfg) {
 /* Vectorised elementwise functions (vmath.c), in place over x[0..n). */
 int rnn_kernel_level(void);
 void rnn_vsigmoid(float *x, int64_t n);
+void rnn_vexp(float *x, int64_t n); /* exp, x clamped to [-87, 89] first (vmath.c) */
 void rnn_vtanh(float *x, int64_t n);
 
 /* Scratch floats one step of the cell needs for B rows. */

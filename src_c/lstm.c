@@ -165,6 +165,8 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
         for (int64_t j = 0; j < GH; j++) xproj[r * GH + j] = c->B ? c->B[j] + c->B[GH + j] : 0.0f;
     rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
+    const int has_clip = c->has_clip;
+    const float clip = c->clip;
     rnn_packed Rp;
     const int packed = rnn_train_pack(&Rp, c->R, GH, H, 0);
     for (int64_t t = 0; t < T; t++) {
@@ -178,16 +180,29 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
             float *y = Y + (t * B + b) * H;
             /* pre-activations (o's peephole term is added once c is known), then the
              * activations over whole gate blocks with the vectorised sigmoid / tanh */
-            for (int64_t j = 0; j < GH; j++) pre[j] = a[j] + xp[j];
-            if (Pi)
-                for (int64_t j = 0; j < H; j++) {
-                    pre[j] += Pi[j] * cp[j];
-                    pre[2 * H + j] += Pf[j] * cp[j];
-                }
-            for (int64_t j = 0; j < GH; j++) post[j] = rnn_train_clip(c, pre[j]);
+            {   /* the clip read once into locals: with c's fields reread at every store (they
+                 * may alias the floats written, as far as the compiler knows) these loops
+                 * did not vectorise (6% of a char LM training step) */
+                float *restrict pr = pre, *restrict po = post;
+                const float *restrict av = a, *restrict xv = xp;
+                for (int64_t j = 0; j < GH; j++) pr[j] = av[j] + xv[j];
+                if (Pi)
+                    for (int64_t j = 0; j < H; j++) {
+                        pr[j] += Pi[j] * cp[j];
+                        pr[2 * H + j] += Pf[j] * cp[j];
+                    }
+                if (has_clip)
+                    for (int64_t j = 0; j < GH; j++) po[j] = pr[j] < -clip ? -clip : (pr[j] > clip ? clip : pr[j]);
+                else
+                    memcpy(po, pr, sizeof(float) * (size_t)GH);
+            }
             rnn_vsigmoid(post, 3 * H); /* i, o (recomputed below with a peephole), f */
             rnn_vtanh(post + 3 * H, H); /* g */
-            for (int64_t j = 0; j < H; j++) cs[j] = post[2 * H + j] * cp[j] + post[j] * post[3 * H + j];
+            {
+                float *restrict cv = cs;
+                const float *restrict pv = post, *restrict cpv = cp;
+                for (int64_t j = 0; j < H; j++) cv[j] = pv[2 * H + j] * cpv[j] + pv[j] * pv[3 * H + j];
+            }
             if (Po) {
                 for (int64_t j = 0; j < H; j++) {
                     pre[H + j] += Po[j] * cs[j];
@@ -197,7 +212,11 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
             }
             memcpy(tc, cs, sizeof(float) * (size_t)H);
             rnn_vtanh(tc, H);
-            for (int64_t j = 0; j < H; j++) y[j] = post[H + j] * tc[j];
+            {
+                float *restrict yv = y;
+                const float *restrict ov = post + H, *restrict tv = tc;
+                for (int64_t j = 0; j < H; j++) yv[j] = ov[j] * tv[j];
+            }
         }
     }
     rnn_packed_free(&Rp);

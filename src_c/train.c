@@ -143,17 +143,19 @@ double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t
         }
         float mx = z[0];
         for (int64_t k = 1; k < C; k++) mx = z[k] > mx ? z[k] : mx;
-        /* one exp per logit: e_k = exp(z_k - mx) summed in double and, when the gradient is
-         * wanted, kept (as float) in dz until the sum is known */
+        /* e_k = exp(z_k - mx) by the vectorised float32 exp (vmath.c: a few ulps; arguments
+         * below -87 give ~1e-38 for 0, invisible in a sum that holds exp(0) = 1), summed in
+         * double; kept in dz (when the gradient is wanted, else a block at a time on the stack)
+         * until the sum is known */
         double sum = 0.0;
-        if (dz)
-            for (int64_t k = 0; k < C; k++) {
-                const double e = exp((double)(z[k] - mx));
-                sum += e;
-                dz[k] = (float)e;
-            }
-        else
-            for (int64_t k = 0; k < C; k++) sum += exp((double)(z[k] - mx));
+        float block[256];
+        for (int64_t k0 = 0; k0 < C; k0 += 256) {
+            const int64_t nk = C - k0 < 256 ? C - k0 : 256;
+            float *e = dz ? dz + k0 : block;
+            for (int64_t k = 0; k < nk; k++) e[k] = z[k0 + k] - mx;
+            rnn_vexp(e, nk);
+            for (int64_t k = 0; k < nk; k++) sum += (double)e[k];
+        }
         const double lse = log(sum) + mx;
         loss += lse - z[targets[n]];
         if (dz) {

@@ -166,7 +166,18 @@ AVX2 static inline __m256 tanh8(__m256 x) {
     }
 APPLY8(sigmoid_avx2, sigmoid8)
 APPLY8(tanh_avx2, tanh8)
+APPLY8(exp_avx2, exp8)
 #endif
+
+void rnn_vexp(float *x, int64_t n) {
+#ifdef RNN_HAVE_AVX2_VMATH
+    if (rnn_kernel_level() >= 1) {
+        exp_avx2(x, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) x[i] = exp_ref(x[i]);
+}
 
 void rnn_vsigmoid(float *x, int64_t n) {
 #ifdef RNN_HAVE_AVX2_VMATH
