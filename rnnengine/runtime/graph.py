@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rnnengine import _core, limits
-from rnnengine.errors import LimitError, NotStreamableError, UnsupportedError, where
+from rnnengine.errors import GraphRunError, LimitError, NotStreamableError, UnsupportedError, where
 from rnnengine.limits import Limits
 from rnnengine.runtime import compact, split
 
@@ -1787,6 +1787,7 @@ class GraphStream(Stream):
         self.delay = 0           # input steps by which outputs along time trail the input
         self.output_axes: dict[str, Optional[int]] = {}  # output name -> its time axis (None: a final state or no time)
         self._tail = False       # the plan holds frames back until finish()
+        self._lengths = sorted(_length_inputs(model))  # inputs counting each row's valid steps per chunk
         self._decide()
 
     def _decide(self) -> None:
@@ -2073,7 +2074,15 @@ class GraphStream(Stream):
         raises RuntimeError (fork() gives independent streams)."""
         fast = self._fast
         if fast is not None and out is None:  # the inputs of the last plan: one compiled call
-            res = fast.call(inputs, outputs, False)
+            try:
+                res = fast.call(inputs, outputs, False)
+            except GraphRunError as e:  # a length past the chunk: said as the checked path says it
+                if self._lengths and isinstance(inputs, dict):
+                    try:
+                        self._check_lengths({k: np.asarray(v) for k, v in inputs.items()})
+                    except ValueError as mine:
+                        raise mine from e
+                raise
             if res is not None:
                 return res  # type: ignore[no-any-return]
         if out is not None:
@@ -2163,6 +2172,28 @@ class GraphStream(Stream):
                 self._taxes = None
             raise
 
+    def _check_lengths(self, feeds: dict[str, Array]) -> None:
+        """A length input (it feeds sequence_lens) counts each row's valid steps in this chunk
+        (README, "Sequence lengths in streams"): a value past the chunk's steps is the whole
+        sequence's length given by mistake, refused in those terms (the recurrent node would
+        refuse it naming its sequence_lens)."""
+        if not self._lengths or not self._taxes:
+            return
+        n = next((feeds[k].shape[ax] for k, ax in self._taxes.items() if k in feeds), None)
+        if n is None:
+            return
+        for name in self._lengths:
+            v = feeds.get(name)
+            if v is None or v.size == 0:
+                continue
+            bad = np.flatnonzero((v.reshape(-1) < 0) | (v.reshape(-1) > n))
+            if bad.size:
+                row = int(bad[0])
+                raise ValueError(f"input {name!r} counts each row's valid steps in this chunk, 0 to {n} (the chunk's "
+                                 f"steps): row {row} has {int(v.reshape(-1)[row])}. For a row whose whole sequence "
+                                 "has L steps, a chunk starting at step t0 with n steps takes clip(L - t0, 0, n) "
+                                 "(README, \"Sequence lengths in streams\")")
+
     def _step_once(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
             raise ValueError("this stream was finished; call reset() to start a new sequence")
@@ -2182,6 +2213,7 @@ class GraphStream(Stream):
             feeds[a] = np.asarray(self._carried[a], order="C")  # (ascontiguousarray makes rank 0 rank 1)
         if self._taxes is None:
             self._taxes = m.time_axes(feeds, first_chunk=True)
+        self._check_lengths(feeds)
         m._check_state_positions(feeds)
         plan = self._plan(feeds)
         if want is not None and not want <= set(m.outputs):
