@@ -143,6 +143,7 @@ double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t
         }
         float mx = z[0];
         for (int64_t k = 1; k < C; k++) mx = z[k] > mx ? z[k] : mx;
+        const float zt = z[targets[n]]; /* read before dz (which may be z itself) is written */
         /* e_k = exp(z_k - mx) by the vectorised float32 exp (vmath.c: a few ulps; arguments
          * below -87 give ~1e-38 for 0, invisible in a sum that holds exp(0) = 1), summed in
          * double; kept in dz (when the gradient is wanted, else a block at a time on the stack)
@@ -157,7 +158,7 @@ double rnn_softmax_xent(int64_t N, int64_t C, const float *logits, const int32_t
             for (int64_t k = 0; k < nk; k++) sum += (double)e[k];
         }
         const double lse = log(sum) + mx;
-        loss += lse - z[targets[n]];
+        loss += lse - zt;
         if (dz) {
             /* d(mean loss)/dz = (softmax(z) - onehot) / count, softmax(z)_k = e_k / sum */
             const double scale = 1.0 / (sum * (double)count);

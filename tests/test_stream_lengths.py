@@ -210,22 +210,25 @@ def test_lengths_computed_from_the_chunk_stream_only_when_they_are_its_length(of
 
 def test_whole_sequence_lengths_fed_to_a_stream_are_refused_in_the_users_terms():
     # the packed-sequence export as users bring it: a stream told the whole sequences' lengths
-    # (not each chunk's valid steps) is refused naming the input and the rule, on the first
-    # call and on a later one that takes the compiled fast path; the state is left as it was
+    # (not each chunk's valid steps) is refused by the recurrent node, and the error names the
+    # input and the rule, on the first call and on a later one that takes the compiled fast
+    # path; the state is left as it was. (The check is C's: the review of the fifteenth session
+    # found a Python pre-check refusing valid calls, with two time inputs or an int input
+    # named like a length.)
     import os
     path = os.path.join(os.path.dirname(__file__), "data", "corpus", "torch_legacy_packed_lstm_sorted_op14.onnx")
     gm = rnnengine.convert(path)
     x = np.random.default_rng(4).standard_normal((3, 9, 6)).astype(np.float32)
     lens = np.array([9, 6, 2])
     whole = gm.run({"x": x, "lens": lens})
-    with pytest.raises(ValueError, match=r"input 'lens' counts each row's valid steps in this chunk, 0 to 3 "
-                                         r"\(the chunk's steps\): row 0 has 9\..*clip\(L - t0, 0, n\)"):
+    with pytest.raises(ValueError, match=r"sequence_lens\[0\] = 9 lies outside \[0, T = 3\]: in a stream, input "
+                                         r"'lens' counts each row's valid steps in this chunk.*clip\(L - t0, 0, n\)"):
         gm.stream()({"x": x[:, :3], "lens": lens})
     s = gm.stream()
     outs = []
     for t0 in (0, 3, 6):
         if t0 == 6:  # the same shapes as the call before: the fast path
-            with pytest.raises(ValueError, match=r"row 0 has 9"):
+            with pytest.raises(ValueError, match=r"sequence_lens\[0\] = 9 lies outside.*input 'lens' counts"):
                 s({"x": x[:, 6:9], "lens": lens})
         outs.append(s({"x": x[:, t0:t0 + 3], "lens": np.clip(lens - t0, 0, 3)}))
     assert np.array_equal(np.concatenate([o["y"] for o in outs], axis=1), whole["y"])

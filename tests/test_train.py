@@ -675,3 +675,18 @@ def test_a_resume_keeps_batch_size_seq_len_and_clip_norm(tmp_path):
     net, state = load_checkpoint(path)
     fit(net, ids, None, "lm", 3, state=state)  # the checkpoint's options
     np.testing.assert_array_equal(net.params, whole.params)
+
+
+def test_softmax_xent_in_place_gives_the_loss_of_separate_buffers():
+    # dlogits may be the logits' own buffer (the review of the fifteenth session: the target's
+    # logit was read after the buffer was overwritten, a wrong loss)
+    rng = np.random.default_rng(11)
+    z = (rng.standard_normal((7, 13)) * 3).astype(np.float32)
+    t = rng.integers(-1, 13, 7).astype(np.int32)
+    d = np.empty_like(z)
+    loss = _core.softmax_xent(z, t, d)
+    zz = z.copy()
+    assert _core.softmax_xent(zz, t, zz) == loss
+    assert np.array_equal(zz, d)
+    want = np.mean([np.log(np.exp(z[i].astype(np.float64)).sum()) - z[i, t[i]] for i in range(7) if t[i] >= 0])
+    assert abs(loss - want) <= 1e-6

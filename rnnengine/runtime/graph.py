@@ -2076,13 +2076,11 @@ class GraphStream(Stream):
         if fast is not None and out is None:  # the inputs of the last plan: one compiled call
             try:
                 res = fast.call(inputs, outputs, False)
-            except GraphRunError as e:  # a length past the chunk: said as the checked path says it
-                if self._lengths and isinstance(inputs, dict):
-                    try:
-                        self._check_lengths({k: np.asarray(v) for k, v in inputs.items()})
-                    except ValueError as mine:
-                        raise mine from e
-                raise
+            except GraphRunError as e:
+                said = self._reworded(e)
+                if said is e:
+                    raise
+                raise said from e
             if res is not None:
                 return res  # type: ignore[no-any-return]
         if out is not None:
@@ -2125,7 +2123,13 @@ class GraphStream(Stream):
         recurrent step, see ``time_axes``), the same as feed()."""
         fast = self._fast
         if fast is not None and out is None:  # the inputs of the last plan, without the time axis
-            res = fast.call(inputs, outputs, True)
+            try:
+                res = fast.call(inputs, outputs, True)
+            except GraphRunError as e:
+                said = self._reworded(e)
+                if said is e:
+                    raise
+                raise said from e
             if res is not None:
                 return res  # type: ignore[no-any-return]
         if out is not None:
@@ -2167,32 +2171,32 @@ class GraphStream(Stream):
         first = self._last is None
         try:
             return self._step_once(inputs, outputs)
+        except GraphRunError as e:
+            if first:
+                self._taxes = None
+            said = self._reworded(e)
+            if said is e:
+                raise
+            raise said from e
         except BaseException:
             if first:
                 self._taxes = None
             raise
 
-    def _check_lengths(self, feeds: dict[str, Array]) -> None:
-        """A length input (it feeds sequence_lens) counts each row's valid steps in this chunk
-        (README, "Sequence lengths in streams"): a value past the chunk's steps is the whole
-        sequence's length given by mistake, refused in those terms (the recurrent node would
-        refuse it naming its sequence_lens)."""
-        if not self._lengths or not self._taxes:
-            return
-        n = next((feeds[k].shape[ax] for k, ax in self._taxes.items() if k in feeds), None)
-        if n is None:
-            return
-        for name in self._lengths:
-            v = feeds.get(name)
-            if v is None or v.size == 0:
-                continue
-            bad = np.flatnonzero((v.reshape(-1) < 0) | (v.reshape(-1) > n))
-            if bad.size:
-                row = int(bad[0])
-                raise ValueError(f"input {name!r} counts each row's valid steps in this chunk, 0 to {n} (the chunk's "
-                                 f"steps): row {row} has {int(v.reshape(-1)[row])}. For a row whose whole sequence "
-                                 "has L steps, a chunk starting at step t0 with n steps takes clip(L - t0, 0, n) "
-                                 "(README, \"Sequence lengths in streams\")")
+    def _reworded(self, e: GraphRunError) -> Exception:
+        """C's refusal of a recurrent layer's sequence_lens past the chunk's steps, said in the
+        stream's terms: a length input counts each row's valid steps in this chunk (README,
+        "Sequence lengths in streams"), so a value past them is most likely the whole
+        sequence's length given by mistake. Other errors are returned as they are."""
+        text = str(e)
+        if "sequence_lens[" not in text or "lies outside [0, T = " not in text:
+            return e
+        named = f"input {self._lengths[0]!r}" if len(self._lengths) == 1 else (
+            f"the inputs {self._lengths}" if self._lengths else "the input that feeds it")
+        return ValueError(f"{text}: in a stream, {named} counts each row's valid steps in this chunk (0 to the "
+                          "chunk's steps), not the whole sequence's: for a row whose whole sequence has L steps, "
+                          "a chunk starting at step t0 with n steps takes clip(L - t0, 0, n) (README, \"Sequence "
+                          "lengths in streams\")")
 
     def _step_once(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
@@ -2213,7 +2217,6 @@ class GraphStream(Stream):
             feeds[a] = np.asarray(self._carried[a], order="C")  # (ascontiguousarray makes rank 0 rank 1)
         if self._taxes is None:
             self._taxes = m.time_axes(feeds, first_chunk=True)
-        self._check_lengths(feeds)
         m._check_state_positions(feeds)
         plan = self._plan(feeds)
         if want is not None and not want <= set(m.outputs):
