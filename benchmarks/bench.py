@@ -355,40 +355,61 @@ def _onnx_bytes(kind, W, R, B, with_state=True):
     return m.SerializeToString()
 
 
+def _alternate_in_phases(phases, reps, sample, warm=1):
+    """{engine: times} for engine groups measured one phase after the other, the engines of a
+    phase alternating (the order rotating each repetition, a 5 ms pause and untimed calls
+    before each block). phases: callables returning {name: fn}, built only when their phase
+    starts and dropped after it, so that no engine's threads live while another phase runs.
+    Measured 2026-12-03 (2 vCPUs): with onnxruntime's two 2-thread sessions alive in the
+    process (even idle, with the 5 ms pause), rnnengine's threads=2 lost its gain (GRU 512
+    streaming 88.5 vs 87.4 us for threads=1, LSTM 512 124.2 vs 118.9); in a phase of its own
+    it had it (64.4 / 56.6 vs 88 us, 74.8 vs 120): onnxruntime's pool threads hold the second
+    core. sample(fn) -> list of per-call seconds."""
+    times = {}
+    for build in phases:
+        engines = build()
+        names = list(engines)
+        for name in names:
+            times.setdefault(name, [])
+        for r in range(reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = engines[name]
+                time.sleep(0.005)
+                for _ in range(warm):  # untimed calls: a thread pool idle since the last engine wakes up
+                    fn()
+                times[name].extend(sample(fn))
+        del engines
+    return times
+
+
 def bench_stream_threads(kind, H, reps, inner, peak):
     """2-thread batch-1 streaming (issue 12, part 4): one step per call, rnnengine with
     threads=2 (each step's products split by gate rows, src_c/pool.c) and threads=1, against
     onnxruntime with 2 intra-op threads through IOBinding, its idle threads spinning (its
-    default) or not. Engines alternate in blocks of `inner` calls."""
+    default) or not. rnnengine's two engines alternate in blocks of `inner` calls, then
+    onnxruntime's two, in a phase of their own (_alternate_in_phases says why)."""
     I = H
     W, R, B = make_weights(kind, I, H)
     G = GATES[kind]
     x = np.random.default_rng(1).standard_normal(I).astype(np.float32)
     res = {"case": f"2-thread batch-1 streaming {kind} I=H={H}", "kind": kind, "I": I, "H": H, "batch": 1,
            "threads": 2, "bound_us": 2 * G * H * (I + H) / peak / 2 * 1e6}
-    engines = {}
-    for t in (2, 1):
-        s = rnnengine.Model([layer_of(kind, W, R, B)], threads=t).stream()
-        y = np.empty(H, np.float32)
-        engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda s=s, y=y: s.step(x, out=y))
-    try:
-        engines["onnxruntime+iobinding 2 threads"] = _ort_stream_2threads(kind, W, R, B, x, spinning=False)
-        engines["onnxruntime+iobinding 2 threads spinning"] = _ort_stream_2threads(kind, W, R, B, x, spinning=True)
-    except ImportError:
-        pass
-    times = {k: [] for k in engines}
-    names = list(engines)
-    for r in range(reps):
-        # the order rotates from one repetition to the next (an engine's first calls pay
-        # for what the previous one left behind), and the previous engine's idle threads
-        # (onnxruntime's spin by default) must not steal this one's cores: a pause, then a
-        # few untimed calls
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = engines[name]
-            time.sleep(0.005)
-            for _ in range(3):
-                fn()
-            times[name].extend(timeit(fn, 1, inner))
+
+    def ours():
+        engines = {}
+        for t in (2, 1):
+            s = rnnengine.Model([layer_of(kind, W, R, B)], threads=t).stream()
+            y = np.empty(H, np.float32)
+            engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda s=s, y=y: s.step(x, out=y))
+        return engines
+
+    def theirs():
+        try:
+            return {"onnxruntime+iobinding 2 threads": _ort_stream_2threads(kind, W, R, B, x, spinning=False),
+                    "onnxruntime+iobinding 2 threads spinning": _ort_stream_2threads(kind, W, R, B, x, spinning=True)}
+        except ImportError:
+            return {}
+    times = _alternate_in_phases([ours, theirs], reps, lambda fn: timeit(fn, 1, inner), warm=3)
     res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
                       for k, v in times.items()}
     return res
@@ -397,35 +418,36 @@ def bench_stream_threads(kind, H, reps, inner, peak):
 def bench_sequence_threads(kind, H, T, reps, peak):
     """2-thread batch-1 whole sequences (issue 12, part 4): rnnengine threads=2 (the input
     projection of the whole sequence split as a GEMM, each step's recurrent product by gate
-    rows) and threads=1, against onnxruntime with 2 intra-op threads, spinning or not."""
+    rows) and threads=1, then, in a phase of their own, onnxruntime with 2 intra-op threads,
+    spinning or not (_alternate_in_phases)."""
     I = H
     W, R, B = make_weights(kind, I, H)
     G = GATES[kind]
     X = np.random.default_rng(2).standard_normal((T, 1, I)).astype(np.float32)
     res = {"case": f"2-thread batch-1 sequence {kind} I=H={H} T={T}", "kind": kind, "I": I, "H": H, "batch": 1,
            "T": T, "threads": 2, "bound_us": 2 * G * H * (I + H) / peak / 2 * 1e6}
-    engines = {}
-    for t in (2, 1):
-        m = rnnengine.Model([layer_of(kind, W, R, B)], threads=t)
-        engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda m=m: m.run(X))
-    try:
-        for spin in (False, True):
-            sess = _ort_session_2threads(kind, W, R, B, spin)
-            feeds = {"X": X, "h0": np.zeros((1, 1, H), np.float32)}
-            if kind == "LSTM":
-                feeds["c0"] = np.zeros((1, 1, H), np.float32)
-            engines["onnxruntime 2 threads" + (" spinning" if spin else "")] = (
-                lambda sess=sess, feeds=feeds: sess.run(None, feeds))
-    except ImportError:
-        pass
-    times = {k: [] for k in engines}
-    names = list(engines)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # as in bench_stream_threads
-            fn = engines[name]
-            time.sleep(0.005)
-            fn()  # one untimed call: a thread pool idle since the last engine wakes up
-            times[name].extend(timeit(fn, 1, 1) / T)
+
+    def ours():
+        engines = {}
+        for t in (2, 1):
+            m = rnnengine.Model([layer_of(kind, W, R, B)], threads=t)
+            engines["rnnengine" if t == 2 else "rnnengine 1 thread"] = (lambda m=m: m.run(X))
+        return engines
+
+    def theirs():
+        engines = {}
+        try:
+            for spin in (False, True):
+                sess = _ort_session_2threads(kind, W, R, B, spin)
+                feeds = {"X": X, "h0": np.zeros((1, 1, H), np.float32)}
+                if kind == "LSTM":
+                    feeds["c0"] = np.zeros((1, 1, H), np.float32)
+                engines["onnxruntime 2 threads" + (" spinning" if spin else "")] = (
+                    lambda sess=sess, feeds=feeds: sess.run(None, feeds))
+        except ImportError:
+            pass
+        return engines
+    times = _alternate_in_phases([ours, theirs], reps, lambda fn: list(np.asarray(timeit(fn, 1, 1)) / T))
     res["engines"] = {k: {"median_us": float(np.median(v) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6)}
                       for k, v in times.items()}
     return res
