@@ -169,32 +169,21 @@ APPLY8(tanh_avx2, tanh8)
 APPLY8(exp_avx2, exp8)
 #endif
 
-void rnn_vexp(float *x, int64_t n) {
-#ifdef RNN_HAVE_AVX2_VMATH
-    if (rnn_kernel_level() >= 1) {
-        exp_avx2(x, n);
-        return;
-    }
-#endif
+static void exp_ref_array(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = exp_ref(x[i]);
 }
 
-void rnn_vsigmoid(float *x, int64_t n) {
+/* rnn_vexp, rnn_vsigmoid, rnn_vtanh: the AVX2 kernel where the CPU has it, else the reference */
 #ifdef RNN_HAVE_AVX2_VMATH
-    if (rnn_kernel_level() >= 1) {
-        sigmoid_avx2(x, n);
-        return;
+#define DISPATCH(name, avx2, ref)                   \
+    void name(float *x, int64_t n) {                \
+        if (rnn_kernel_level() >= 1) avx2(x, n);    \
+        else ref(x, n);                             \
     }
+#else
+#define DISPATCH(name, avx2, ref) \
+    void name(float *x, int64_t n) { ref(x, n); }
 #endif
-    sigmoid_ref(x, n);
-}
-
-void rnn_vtanh(float *x, int64_t n) {
-#ifdef RNN_HAVE_AVX2_VMATH
-    if (rnn_kernel_level() >= 1) {
-        tanh_avx2(x, n);
-        return;
-    }
-#endif
-    tanh_ref(x, n);
-}
+DISPATCH(rnn_vexp, exp_avx2, exp_ref_array)
+DISPATCH(rnn_vsigmoid, sigmoid_avx2, sigmoid_ref)
+DISPATCH(rnn_vtanh, tanh_avx2, tanh_ref)

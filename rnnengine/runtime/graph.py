@@ -1787,7 +1787,6 @@ class GraphStream(Stream):
         self.delay = 0           # input steps by which outputs along time trail the input
         self.output_axes: dict[str, Optional[int]] = {}  # output name -> its time axis (None: a final state or no time)
         self._tail = False       # the plan holds frames back until finish()
-        self._lengths = sorted(_length_inputs(model))  # inputs counting each row's valid steps per chunk
         self._decide()
 
     def _decide(self) -> None:
@@ -2077,10 +2076,7 @@ class GraphStream(Stream):
             try:
                 res = fast.call(inputs, outputs, False)
             except GraphRunError as e:
-                said = self._reworded(e)
-                if said is e:
-                    raise
-                raise said from e
+                self._raise_reworded(e)
             if res is not None:
                 return res  # type: ignore[no-any-return]
         if out is not None:
@@ -2126,10 +2122,7 @@ class GraphStream(Stream):
             try:
                 res = fast.call(inputs, outputs, True)
             except GraphRunError as e:
-                said = self._reworded(e)
-                if said is e:
-                    raise
-                raise said from e
+                self._raise_reworded(e)
             if res is not None:
                 return res  # type: ignore[no-any-return]
         if out is not None:
@@ -2171,32 +2164,28 @@ class GraphStream(Stream):
         first = self._last is None
         try:
             return self._step_once(inputs, outputs)
-        except GraphRunError as e:
+        except BaseException as e:
             if first:
                 self._taxes = None
-            said = self._reworded(e)
-            if said is e:
-                raise
-            raise said from e
-        except BaseException:
-            if first:
-                self._taxes = None
+            if isinstance(e, GraphRunError):
+                self._raise_reworded(e)
             raise
 
-    def _reworded(self, e: GraphRunError) -> Exception:
-        """C's refusal of a recurrent layer's sequence_lens past the chunk's steps, said in the
-        stream's terms: a length input counts each row's valid steps in this chunk (README,
-        "Sequence lengths in streams"), so a value past them is most likely the whole
-        sequence's length given by mistake. Other errors are returned as they are."""
+    def _raise_reworded(self, e: GraphRunError) -> NoReturn:
+        """Raises e, or, for C's refusal of a recurrent layer's sequence_lens past the chunk's
+        steps, a ValueError in the stream's terms (from e): a length input counts each row's
+        valid steps in this chunk (README, "Sequence lengths in streams"), so a value past
+        them is most likely the whole sequence's length given by mistake."""
         text = str(e)
         if "sequence_lens[" not in text or "lies outside [0, T = " not in text:
-            return e
-        named = f"input {self._lengths[0]!r}" if len(self._lengths) == 1 else (
-            f"the inputs {self._lengths}" if self._lengths else "the input that feeds it")
-        return ValueError(f"{text}: in a stream, {named} counts each row's valid steps in this chunk (0 to the "
-                          "chunk's steps), not the whole sequence's: for a row whose whole sequence has L steps, "
-                          "a chunk starting at step t0 with n steps takes clip(L - t0, 0, n) (README, \"Sequence "
-                          "lengths in streams\")")
+            raise e
+        lengths = sorted(_length_inputs(self.model))  # found only now: the error path alone needs them
+        named = f"input {lengths[0]!r}" if len(lengths) == 1 else (
+            f"the inputs {lengths}" if lengths else "the input that feeds it")
+        raise ValueError(f"{text}: in a stream, {named} counts each row's valid steps in this chunk (0 to the "
+                         "chunk's steps), not the whole sequence's: for a row whose whole sequence has L steps, "
+                         "a chunk starting at step t0 with n steps takes clip(L - t0, 0, n) (README, \"Sequence "
+                         "lengths in streams\")") from e
 
     def _step_once(self, inputs: Any, outputs: Optional[Collection[str]]) -> dict[str, Array]:
         if self._finished:
