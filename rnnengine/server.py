@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import os
 import socket
 import struct
+import sys
 import time
 from typing import Any
 
@@ -57,18 +59,35 @@ class FrameError(ValueError):
     """A binary frame that does not follow the format above."""
 
 
+_HEAD = struct.Struct("<4sBBBB")  # magic, kind, dtype, ndim, reserved
+_DIMS = [struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1)]
+_LITTLE = sys.byteorder == "little"
+# encode_frame's headers by (kind, dtype, shape): a session's replies all have one shape, and
+# building the header costs more than the data's bytes; bounded (cleared when full)
+_HEADERS: dict[tuple[int, np.dtype[Any], tuple[int, ...]], bytes] = {}
+_HEADERS_MAX = 256
+
+
 def encode_frame(arr: np.ndarray, kind: int = KIND_OUTPUT) -> bytes:
     """One array as a binary frame."""
-    a = np.asarray(arr)
+    a = arr if type(arr) is np.ndarray else np.asarray(arr)
+    key = (kind, a.dtype, a.shape)
+    head = _HEADERS.get(key)
+    if head is not None:  # a dtype the frame carries as it is (tobytes() writes C order)
+        return head + a.tobytes()
     code = DTYPE_CODES.get(a.dtype.newbyteorder("<"))
-    if code is None:
-        a = a.astype(np.float32)
+    if code is None:  # any other dtype travels as float32
         code = 0
-    a = np.ascontiguousarray(a, DTYPES[code])
+    as_is = a.dtype == DTYPES[code]  # only then may the header be reused for this key
+    a = a.astype(DTYPES[code], copy=False)  # (tobytes() below writes C order; a 0-d array stays 0-d)
     if a.ndim > MAX_NDIM:
         raise FrameError(f"an array of {a.ndim} dimensions; frames carry at most {MAX_NDIM}")
-    data: bytes = a.tobytes()
-    return MAGIC + struct.pack("<BBBB", kind, code, a.ndim, 0) + struct.pack(f"<{a.ndim}I", *a.shape) + data
+    head = _HEAD.pack(MAGIC, kind, code, a.ndim, 0) + _DIMS[a.ndim].pack(*a.shape)
+    if as_is:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = head
+    return head + a.tobytes()
 
 
 def decode_frame(data: bytes, max_bytes: int = 64 << 20,
@@ -76,32 +95,35 @@ def decode_frame(data: bytes, max_bytes: int = 64 << 20,
     """A binary frame -> (kind, array); FrameError names what is wrong. ``kinds``: the kinds
     accepted (the server takes a client's step and feed frames; a client reading the
     server's replies passes ``kinds=(KIND_OUTPUT,)``)."""
-    if len(data) < 8 or data[:4] != MAGIC:
+    if len(data) < 8:
         raise FrameError("a binary frame starts with the 4 bytes 'RNS1' and an 8-byte header")
-    kind, code, ndim, reserved = struct.unpack_from("<BBBB", data, 4)
+    magic, kind, code, ndim, reserved = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError("a binary frame starts with the 4 bytes 'RNS1' and an 8-byte header")
     if reserved:
         raise FrameError("header byte 7 is reserved and must be 0")
     if kind not in kinds:
         raise FrameError(f"frame kind {kind}: expected {' or '.join(map(str, kinds))} "
                          "(a client sends 0 (step) or 1 (feed); the server replies 2 (output))")
-    if code not in DTYPES:
+    dtype = DTYPES.get(code)
+    if dtype is None:
         raise FrameError(f"dtype code {code}: 0 (float32), 1 (int64) or 2 (int32)")
     if ndim > MAX_NDIM:
         raise FrameError(f"ndim {ndim}: at most {MAX_NDIM}")
     if len(data) < 8 + 4 * ndim:
         raise FrameError(f"the header announces {ndim} dims but the frame has {len(data)} bytes")
-    dims = struct.unpack_from(f"<{ndim}I", data, 8)
-    n = 1
-    for d in dims:
-        n *= d
-    need = n * DTYPES[code].itemsize
+    dims = _DIMS[ndim].unpack_from(data, 8)
+    n = math.prod(dims)
+    need = n * dtype.itemsize
     body = len(data) - 8 - 4 * ndim
     if need > max_bytes:
         raise FrameError(f"an array of {need} bytes, more than the server takes ({max_bytes})")
     if body != need:
-        raise FrameError(f"dims {list(dims)} of {DTYPES[code]} need {need} bytes of data, the frame has {body}")
-    arr = np.frombuffer(data, DTYPES[code], count=n, offset=8 + 4 * ndim).reshape(dims)
-    return kind, arr.astype(DTYPES[code].newbyteorder("="), copy=True)
+        raise FrameError(f"dims {list(dims)} of {dtype} need {need} bytes of data, the frame has {body}")
+    arr = np.frombuffer(data, dtype, count=n, offset=8 + 4 * ndim)
+    # a writable copy in the machine's byte order
+    arr = arr.copy() if _LITTLE else arr.astype(dtype.newbyteorder("="))
+    return kind, arr.reshape(dims)
 
 
 def _tolist(v: Any) -> Any:
@@ -167,8 +189,11 @@ class Server:
     def _check_size(self, kind: int, x: Any) -> None:
         """Refuses a frame whose input, or (for a layer stack, known in advance) output, would
         exceed max_elements: a small frame must not make the server build a huge reply."""
-        arrays = list(x.values()) if isinstance(x, dict) else [x]
-        n_in = sum(int(np.asarray(a).size) for a in arrays)
+        if type(x) is np.ndarray:
+            n_in = x.size
+        else:
+            arrays = list(x.values()) if isinstance(x, dict) else [x]
+            n_in = sum(int(np.asarray(a).size) for a in arrays)
         if n_in > self.max_elements:
             raise FrameError(f"{n_in} input elements in one frame, more than the server takes ({self.max_elements})")
         size_out = getattr(self.model, "output_size", None)

@@ -57,6 +57,27 @@ def test_frames_round_trip_and_hostile_frames_are_refused():
             decode_frame(frame)
 
 
+def test_frame_headers_follow_each_array():
+    """encode_frame keeps the headers it built by (kind, dtype, shape): every variant, in turn
+    and repeated, still round-trips exactly (the header read back independently with struct)."""
+    base = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
+    variants = [base, base.T, base[:, ::2], base.astype(">f4"), base.astype(np.float64),
+                base.astype(np.int64), base.astype(">i8"), base.astype(np.int32), base[0], np.float32(2.5),
+                base.reshape(1, 12), base.reshape(12), base.astype(np.float16)]
+    for _ in range(2):  # the second pass reads the kept headers
+        for kind in (0, 1, 2):
+            for a in variants:
+                frame = encode_frame(a, kind=kind)
+                magic, k, code, ndim, reserved = struct.unpack_from("<4sBBBB", frame)
+                dims = struct.unpack_from(f"<{ndim}I", frame, 8)
+                assert (magic, k, reserved, dims) == (b"RNS1", kind, 0, np.shape(a))
+                _, b = decode_frame(frame, kinds=(kind,))
+                want = np.asarray(a)
+                want = want.astype(np.float32) if want.dtype.kind == "f" else want
+                assert b.dtype == want.dtype.newbyteorder("=") and np.array_equal(b, want)
+                b[...] = 0  # decoded arrays are the caller's own (writable, not views of the frame)
+
+
 def test_websocket_sessions_match_their_own_streams(model):
     xs = f32(3, 12, I, scale=1.0)
 
