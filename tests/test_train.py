@@ -232,6 +232,52 @@ def test_threads_split_the_batch_and_give_one_threads_results(kind, extra, threa
         Network(kind, I, 4, 4, threads=0)
 
 
+@pytest.mark.parametrize("kind,extra,threads", [("LSTM", {"embedding": 5, "num_layers": 2}, 1),
+                                                ("LSTM", {"embedding": 5, "num_layers": 2}, 2),
+                                                ("GRU", {"bidirectional": True, "num_layers": 2}, 2),
+                                                ("RNN", {}, 1)])
+def test_passes_reusing_internal_buffers_equal_a_fresh_network(kind, extra, threads):
+    """A network keeps its internal buffers (saved activations, work, layer outputs) between
+    passes. Passes of other data and other lengths in between change nothing: each pass
+    equals the same pass of a network given a new buffer at every use, bit for bit; arrays returned earlier (logits,
+    states, input gradients) are never written by a later pass."""
+    rng = np.random.default_rng(3)
+    I, B = 5, 6
+    emb = extra.get("embedding")
+
+    def data(T):
+        return rng.integers(0, I, (T, B)) if emb else rng.standard_normal((T, B, I)).astype("f4")
+
+    def pass_(net, x):
+        net.grads[:] = 0
+        logits, state = net.forward(x)
+        d = np.cos(np.arange(logits.size, dtype="f4")).reshape(logits.shape)
+        dx = net.backward(d, input_grad=True)
+        return logits, state, dx, net.grads.copy()
+
+    def flat(res):
+        logits, state, dx, g = res
+        parts = [logits, g] + ([] if dx is None else [dx])
+        for s in state:
+            parts += list(s) if isinstance(s, tuple) else [s]
+        return [p.copy() for p in parts], parts
+
+    reused = Network(kind, I, 11, 4, seed=2, threads=threads, **extra)
+    fresh = Network(kind, I, 11, 4, seed=2, threads=threads, **extra)
+    fresh._scratch = lambda key, shape: np.full(shape, np.nan, np.float32)  # a new buffer for every use
+    xs = [data(7), data(3), data(7), data(9)]
+    kept = []
+    for x in xs:
+        got_copy, got_live = flat(pass_(reused, x))
+        want, _ = flat(pass_(fresh, x))
+        for a, b in zip(got_copy, want):
+            assert np.array_equal(a, b)
+        kept.append((got_copy, got_live))
+    for copies, live in kept:  # what earlier passes returned is unchanged
+        for a, b in zip(copies[:1] + copies[2:], live[:1] + live[2:]):  # (grads is the network's own)
+            assert np.array_equal(a, b)
+
+
 def test_fit_with_threads_follows_one_thread():
     """A language model (carried state, embedding, 2 layers) trained 6 steps with threads=2
     follows the one-thread run: the same losses and weights up to float32 rounding."""

@@ -82,6 +82,7 @@ class Network:
         self.kind, self.H, self.L = kind, int(hidden_size), int(num_layers)
         self.threads = _check_threads(threads)
         self._tapes, self._grad_bufs = [], []
+        self._scratch_bufs = {}  # _scratch(): internal buffers kept between passes
         self.D = 2 if bidirectional else 1
         self._layout()
         self.params = np.zeros(self.size, np.float32)
@@ -246,6 +247,18 @@ class Network:
         edges = [B * i // k for i in range(k + 1)]
         return [(edges[i], edges[i + 1]) for i in range(k)]
 
+    def _scratch(self, key, shape):
+        """An internal float32 buffer of this shape, kept between passes: the saved activations,
+        work space, layer outputs and gradients of a training step are tens of MB, and fresh
+        ones every step cost the kernel's page faults (~4% of a char LM step, measured). Only
+        for arrays that stay inside the network (the tape backward() reads, never an array
+        returned to the caller); key names one use (it includes the layer, direction and block
+        of rows, so no two live arrays share one)."""
+        a = self._scratch_bufs.get(key)
+        if a is None or a.shape != shape:
+            a = self._scratch_bufs[key] = np.empty(shape, np.float32)
+        return a
+
     def forward(self, inputs, state=None):
         """inputs: (T, B, input_size) floats, or (T, B) token ids. Returns the head's outputs
         (T, B, output_size) and the final state; keeps what backward() needs."""
@@ -276,7 +289,7 @@ class Network:
                     else np.ascontiguousarray(s[:, lo:hi]) for s in st]
         with _blas_one_thread():
             parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
-                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b)), blocks))
+                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b), b[0]), blocks))
         self._tapes = [p[2] for p in parts]
         logits = np.concatenate([p[0] for p in parts], axis=1)
         new_state = []
@@ -288,14 +301,15 @@ class Network:
                 new_state.append(np.concatenate(per, axis=1))
         return logits, new_state
 
-    def _forward_rows(self, inputs, state):
-        """forward() of one block of rows: (logits, final state, tape for backward)."""
+    def _forward_rows(self, inputs, state, rows=0):
+        """forward() of one block of rows (the first being ``rows``): (logits, final state,
+        tape for backward)."""
         c = self.config
         T, B = inputs.shape[:2]
         ids = None
         if c["embedding"]:
             ids = inputs
-            X = np.empty((T, B, c["embedding"]), np.float32)
+            X = self._scratch(("emb", rows), (T, B, c["embedding"]))
             _core.embedding_forward(ids.reshape(-1), self.tensor("embedding"), X)
         else:
             X = inputs
@@ -303,15 +317,15 @@ class Network:
         new_state = []
         for l in range(self.L):
             h0s, c0s = (state[l] if self.kind == "LSTM" else (state[l], None))
-            out = np.empty((T, B, self.D * self.H), np.float32)
+            out = self._scratch(("out", l, rows), (T, B, self.D * self.H)) if self.D > 1 else None
             hN, cN = np.empty_like(h0s), (np.empty_like(c0s) if c0s is not None else None)
             dirs = []
             for d in range(self.D):
                 spec = self._spec(l, d)
                 Xd = X if d == 0 else np.ascontiguousarray(X[::-1])
                 S, Wk = _core.train_sizes(spec, T, B)
-                Y = np.empty((T, B, self.H), np.float32)
-                saved, work = np.empty(S, np.float32), np.empty(Wk, np.float32)
+                Y = self._scratch(("Y", l, d, rows), (T, B, self.H))
+                saved, work = self._scratch(("saved", l, d, rows), (S,)), self._scratch(("work", rows), (Wk,))
                 h0 = np.ascontiguousarray(h0s[d])
                 c0 = np.ascontiguousarray(c0s[d]) if c0s is not None else None
                 _core.train_forward(spec, Xd, h0, c0, Y, hN[d], cN[d] if cN is not None else None, saved, work)
@@ -344,7 +358,7 @@ class Network:
         if len(blocks) != len(self._tapes):
             raise ValueError("backward() must follow a forward() of the same batch")
         if len(blocks) == 1:
-            return self._backward_rows(self._tapes[0], dlogits, self.grads, input_grad)
+            return self._backward_rows(self._tapes[0], dlogits, self.grads, input_grad, 0)
         # block 0 accumulates into self.grads, the others into zeroed buffers summed after
         if len(self._grad_bufs) != len(blocks) - 1:
             self._grad_bufs = [np.empty_like(self.grads) for _ in blocks[1:]]
@@ -355,17 +369,18 @@ class Network:
             dXs = list(_pool(len(blocks)).map(
                 lambda k: self._backward_rows(self._tapes[k],
                                               np.ascontiguousarray(dlogits[:, blocks[k][0]:blocks[k][1]]),
-                                              targets[k], input_grad), range(len(blocks))))
+                                              targets[k], input_grad, blocks[k][0]), range(len(blocks))))
         for g in self._grad_bufs:
             self.grads += g
         return np.concatenate(dXs, axis=1) if input_grad and not self.config["embedding"] else None
 
-    def _backward_rows(self, tape, dlogits, grads, input_grad):
-        """backward() of one block of rows, accumulating into the flat array grads."""
+    def _backward_rows(self, tape, dlogits, grads, input_grad, rows=0):
+        """backward() of one block of rows (the first being ``rows``), accumulating into the
+        flat array grads."""
         c = self.config
         ids, layers, top = tape
         T, B = dlogits.shape[:2]
-        dX = np.empty_like(top)
+        dX = self._scratch(("dtop", rows), top.shape)
         _core.dense_backward(top.reshape(T * B, -1), self.tensor("head.W"), dlogits.reshape(T * B, -1),
                              self.tensor("head.W", grads), self.tensor("head.b", grads), dX.reshape(T * B, -1))
         for l in reversed(range(self.L)):
@@ -379,9 +394,11 @@ class Network:
                       np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
                                            else dY_all[::-1, :, d * self.H:(d + 1) * self.H]))
                 _, Wk = _core.train_sizes(spec, T, B)
-                dXd = np.empty(Xd.shape, np.float32) if need_dx else None
+                # (a returned input gradient is the caller's: a fresh array)
+                dXd = None if not need_dx else (np.empty(Xd.shape, np.float32) if l == 0 and input_grad else
+                                                self._scratch(("dX", l, d, rows), Xd.shape))
                 _core.train_backward(spec, Xd, h0, c0, Y, saved, dY, None, None, dXd, gspec["W"], gspec["R"],
-                                     gspec["B"], gspec["P"], None, None, np.empty(Wk, np.float32))
+                                     gspec["B"], gspec["P"], None, None, self._scratch(("work", rows), (Wk,)))
                 if need_dx:
                     dXd = dXd if d == 0 else dXd[::-1]
                     dX = dXd if dX is None else dX + dXd
