@@ -15,6 +15,10 @@ session of one model, engines side by side in one run (alternated, medians of re
   (rnnengine/server.py); the client process runs the event loop --loop chooses (default
   auto: uvloop when installed), the server each of --server-loops (one server and one row each).
 
+For a layer stack, two "bound" rows give what no batcher of these clients can beat on this
+machine: all the clients' rows of a step in batched calls of up to 64 rows, back to back from
+one thread (no scheduling, no Python per client), on one and two threads.
+
 Models: an LSTM I=H=256 (--model lstm), silero-vad as shipped (--model silero: the PyPI
 package's ONNX file, converted; 576-sample chunks at 16 kHz) or the bundled char LM
 (--model charlm). Reports steps/s and the median / p99 latency of one step per client.
@@ -134,6 +138,7 @@ class Case:
     def __init__(self, name, model, xs, as_feed, ort_factory, path_for_server, frame=lambda x: x):
         self.name, self.model, self.xs, self.as_feed = name, model, xs, as_feed
         self.ort_factory, self.path_for_server, self.frame = ort_factory, path_for_server, frame
+        self.bound_models = {}  # threads -> the same layer stack, for the "bound" rows
 
 
 def lstm_case(n, steps, H, tmp):
@@ -145,7 +150,9 @@ def lstm_case(n, steps, H, tmp):
     rnnengine.save(model, path)
     xs = rng.standard_normal((n, steps, H)).astype(np.float32)
     # the server serves the saved file: a converted graph, whose step takes (1, I)
-    return Case(f"LSTM I=H={H}", model, xs, lambda x: x, lstm_ort(W, R, H), path, frame=lambda x: x[None])
+    case = Case(f"LSTM I=H={H}", model, xs, lambda x: x, lstm_ort(W, R, H), path, frame=lambda x: x[None])
+    case.bound_models = {1: model, 2: rnnengine.Model([rnnengine.LSTM(W, R)], threads=2)}
+    return case
 
 
 def lstm_ort(W, R, H):
@@ -279,6 +286,25 @@ def run_ws_clients(port, xs, frame, kind):
     return run_loop(kind, main())
 
 
+def run_bound(model, xs, steps):
+    """What any batcher of these clients could reach: every client's row of a step in batched
+    calls of at most 64 rows (the batcher's max_batch), called back to back from one thread,
+    with no scheduling, no Python per client and no waiting. Returns (steps/s, the latency of
+    one whole step of all clients)."""
+    n = xs.shape[0]
+    by_step = np.ascontiguousarray(xs.transpose(1, 0, 2))  # (steps, clients, I), not timed
+    groups = [(lo, min(n, lo + 64)) for lo in range(0, n, 64)]
+    streams = [model.stream(batch_size=hi - lo) for lo, hi in groups]
+    lat = []
+    for k in range(steps):
+        t0 = time.perf_counter()
+        for s, (lo, hi) in zip(streams, groups):
+            s.step(by_step[k, lo:hi])
+        if k >= WARMUP:
+            lat.append(time.perf_counter() - t0)
+    return n * len(lat) / sum(lat), np.array(lat)
+
+
 # --- one measurement ------------------------------------------------------------------------
 
 def measure(case, n, a, server):
@@ -290,13 +316,13 @@ def measure(case, n, a, server):
         return run_threads(n, a.steps, lambda i, k: streams[i].step(feed(xs[i][k])))
 
     def batcher():
-        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us, batch_graphs=a.batch_graphs) as b:
+        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us, batch_graphs=a.batch_graphs, threads=a.threads) as b:
             sessions = [b.open() for _ in range(n)]
             res = run_threads(n, a.steps, lambda i, k: sessions[i].step(feed(xs[i][k])))
             c = b.counters
         return res + (c["steps"] / max(c["batches"], 1),)
     def batcher_tasks(kind):
-        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us, batch_graphs=a.batch_graphs) as b:
+        with Batcher(model, max_batch=64, max_wait_us=a.max_wait_us, batch_graphs=a.batch_graphs, threads=a.threads) as b:
             sessions = [b.open() for _ in range(n)]
 
             async def body(i, k):
@@ -320,6 +346,9 @@ def measure(case, n, a, server):
             steppers = [case.ort_factory() for _ in range(n)]
             return run_threads(n, a.steps, lambda i, k: steppers[i](xs[i][k]))
         engines["onnxruntime per client"] = ort_clients
+    for t, m in case.bound_models.items():
+        engines[f"bound: all rows in batched calls, {t} thread{'s' if t > 1 else ''}"] = \
+            lambda m=m: run_bound(m, xs, a.steps)
     for kind, srv in (server or {}).items():  # one `rnnengine serve` per event loop
         engines[f"server (WebSocket, {kind})"] = lambda srv=srv: run_ws_clients(srv.port, xs, case.frame, a.loop)
     rates = {k: [] for k in engines}
@@ -348,6 +377,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-wait-us", type=float, default=200.0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="Batcher(threads=N): the threads a batched call of a layer stack splits its rows over")
     ap.add_argument("--batch-graphs", choices=["auto", "on", "off"], default="auto",
                     help="Batcher(batch_graphs=None / True / False) for a converted graph")
     ap.add_argument("--server", action="store_true", help="also through `rnnengine serve` on localhost")
