@@ -387,7 +387,17 @@ def bench_stream_threads(kind, H, reps, inner, peak):
     threads=2 (each step's products split by gate rows, src_c/pool.c) and threads=1, against
     onnxruntime with 2 intra-op threads through IOBinding, its idle threads spinning (its
     default) or not. rnnengine's two engines alternate in blocks of `inner` calls, then
-    onnxruntime's two, in a phase of their own (_alternate_in_phases says why)."""
+    onnxruntime's two, in a phase of their own (_alternate_in_phases says why).
+
+    The blocks must be long: measured 2026-12-03 (2 vCPUs, GRU 512, blocks of 300 after the
+    other engine's block and a 5 ms pause), the median split step was 72.5 us over a block's
+    first 25 calls and 46.3 us from the 50th on (one thread: 84.3 us throughout). The second
+    core, idle for those ~10 ms, takes ~2 ms to come back to speed; blocks of 50 calls (the
+    method until then) measured that transient (GRU 512: 1.40-1.52x one thread's speed where
+    the steady state is 1.78-2.06x). A stream stepped back to back sees the steady state; one
+    whose steps come far apart (live audio: a chunk every 32 ms) pays the worker's wake-up
+    at every step, and the pool's timing (src_c/pool.c) then keeps the step on one thread
+    if splitting does not gain."""
     I = H
     W, R, B = make_weights(kind, I, H)
     G = GATES[kind]
@@ -463,7 +473,9 @@ def bench_threads_batch1(reps, peak, quick):
     for kind in ("LSTM", "GRU"):
         for H in ((512,) if quick else (512, 1024)):
             print(f"2-thread batch-1 streaming {kind} H={H} ...", file=sys.stderr, flush=True)
-            out.append(bench_stream_threads(kind, H, reps, 20 if H >= 1024 else 50, peak))
+            # blocks of >= 20 ms: the first ~25 split steps after the second core idled (the
+            # other engine's block and the pause) run slower (bench_stream_threads says)
+            out.append(bench_stream_threads(kind, H, reps, 100 if H >= 1024 else 300, peak))
     for kind, H in ((("LSTM", 256),) if quick else (("LSTM", 256), ("LSTM", 512), ("GRU", 512))):
         print(f"2-thread batch-1 sequence {kind} H={H} ...", file=sys.stderr, flush=True)
         out.append(bench_sequence_threads(kind, H, 256, reps, peak))
