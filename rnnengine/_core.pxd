@@ -293,6 +293,7 @@ cdef extern from "rnnengine.h" nogil:
         const float *R
         const float *B
         const float *P
+        int32_t x_projected
     int64_t rnn_train_saved_floats(const rnn_train_cell *cell, int64_t T, int64_t B)
     int64_t rnn_train_work_floats(const rnn_train_cell *cell, int64_t T, int64_t B)
     rnn_status rnn_train_forward(const rnn_train_cell *cell, int64_t T, int64_t B, const float *X,

@@ -1805,6 +1805,12 @@ cdef void _cell_from(rnn_train_cell *c, dict spec) except *:
     c.R = _fptr(spec["R"], G * H * H, "R")
     c.B = _fptr(spec.get("B"), 2 * G * H, "B")
     c.P = _fptr(spec.get("P"), 3 * H, "P")
+    c.x_projected = 1 if spec.get("x_projected") else 0
+
+
+cdef int64_t _x_cols(dict spec):
+    """Floats per row of X (and dX): I, or G*H when X is the caller's input product."""
+    return GATES[spec["kind"]] * spec["H"] if spec.get("x_projected") else spec["I"]
 
 
 def train_packed_gemm_repeat(const float[:, ::1] A, const float[:, ::1] B, float[:, ::1] C, int64_t repeat):
@@ -1832,7 +1838,7 @@ def train_forward(dict spec, X, h0, c0, Y, hT, cT, saved, work):
     cdef rnn_train_cell c
     _cell_from(&c, spec)
     cdef int64_t T = X.shape[0], B = X.shape[1], H = spec["H"]
-    cdef const float *xp = _fptr(X, T * B * spec["I"], "X")
+    cdef const float *xp = _fptr(X, T * B * _x_cols(spec), "X")
     cdef const float *h0p = _fptr(h0, B * H, "h0")
     cdef const float *c0p = _fptr(c0, B * H, "c0")
     cdef float *yp = _fptr(Y, T * B * H, "Y")
@@ -1851,7 +1857,7 @@ def train_backward(dict spec, X, h0, c0, Y, saved, dY, dhT, dcT, dX, dW, dR, dB,
     _cell_from(&c, spec)
     cdef int64_t T = X.shape[0], B = X.shape[1], H = spec["H"], I = spec["I"]
     cdef int64_t G = GATES[spec["kind"]]
-    cdef const float *xp = _fptr(X, T * B * I, "X")
+    cdef const float *xp = _fptr(X, T * B * _x_cols(spec), "X")
     cdef const float *h0p = _fptr(h0, B * H, "h0")
     cdef const float *c0p = _fptr(c0, B * H, "c0")
     cdef const float *yp = _fptr(Y, T * B * H, "Y")
@@ -1859,7 +1865,7 @@ def train_backward(dict spec, X, h0, c0, Y, saved, dY, dhT, dcT, dX, dW, dR, dB,
     cdef const float *dyp = _fptr(dY, T * B * H, "dY")
     cdef const float *dhp = _fptr(dhT, B * H, "dhT")
     cdef const float *dcp = _fptr(dcT, B * H, "dcT")
-    cdef float *dxp = _fptr(dX, T * B * I, "dX")
+    cdef float *dxp = _fptr(dX, T * B * _x_cols(spec), "dX")
     cdef float *dwp = _fptr(dW, G * H * I, "dW")
     cdef float *drp = _fptr(dR, G * H * H, "dR")
     cdef float *dbp = _fptr(dB, 2 * G * H, "dB")

@@ -75,7 +75,7 @@ int64_t rnn_gru_saved_floats(int64_t H) { return 7 * H; }
 
 void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                            float *Y, float *hT, float *saved, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size, GH = 3 * H, S = 7 * H;
+    const int64_t H = c->hidden_size, GH = 3 * H, S = 7 * H;
     const int lbr = c->linear_before_reset;
     float *xproj = work, *gates = xproj + 2 * T * B * GH, *zeros = gates + B * GH, *rh = zeros + B * H;
     for (int64_t k = 0; k < B * H; k++) zeros[k] = 0.0f;
@@ -83,7 +83,7 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     for (int64_t r = 0; r < T * B; r++)
         for (int64_t j = 0; j < GH; j++)
             xproj[r * GH + j] = c->B ? c->B[j] + (lbr && j >= 2 * H ? 0.0f : c->B[GH + j]) : 0.0f;
-    rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, 1.0f, xproj, GH, 1);
+    rnn_train_input_forward(c, T * B, GH, X, xproj, 1);
     const float *Rh = c->R + 2 * H * H;
     rnn_packed Rp, Rhp;
     const int64_t nrows = lbr ? GH : 2 * H;
@@ -243,7 +243,7 @@ static void gru_backward_zr(const rnn_train_cell *c, int64_t H, const gru_bwd_ro
 void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                             const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
                             float *dW, float *dR, float *dB, float *dh0, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size, GH = 3 * H, S = 7 * H;
+    const int64_t H = c->hidden_size, GH = 3 * H, S = 7 * H;
     const int lbr = c->linear_before_reset;
     float *dAx = work, *dAr = dAx + T * B * GH, *tmp = dAr + T * B * GH;
     float *zeros = tmp + B * GH, *dh = zeros + B * H, *dz = dh + B * H, *dr = dz + B * H, *drh = dr + B * H;
@@ -292,8 +292,7 @@ void rnn_gru_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
         for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
     if (T == 0) return;
     /* dW += dAx^T X;  dX = dAx @ W */
-    rnn_gemm_tn(GH, I, T * B, 1.0f, dAx, GH, X, I, 1.0f, dW, I);
-    if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dAx, GH, c->W, I, 0.0f, dX, I);
+    rnn_train_input_backward(c, T * B, GH, dAx, GH, X, dW, dX);
     /* dRzr += dAr_zr^T H_{t-1};  dRh += dAr_h^T (lbr: H_{t-1}; else r . H_{t-1}) */
     const int64_t hrows = lbr ? GH : 2 * H;
     rnn_gemm_tn(hrows, H, B, 1.0f, dAr, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);

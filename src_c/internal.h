@@ -199,6 +199,13 @@ static inline const float *rnn_train_hprev(const float *h0, const float *Y, cons
  * Returns 0 when packing failed (out of memory): callers then use BLAS. One allocation per
  * pass (not per step), freed with rnn_packed_free. */
 int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose);
+/* The input's part of a pass, the one place the cells read W (or, with c->x_projected, take
+ * the caller's product instead): xproj (N, GH) += X @ W^T, or += X; xproj holds the biases
+ * (init = 1) or nothing yet (init = 0). Backward: dW += dAx^T X and dX = dAx @ W (dX may be
+ * NULL), dAx's rows lda apart; with c->x_projected, dX = dAx and dW is left alone. */
+void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj, int init);
+void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *dAx, int64_t lda,
+                              const float *X, float *dW, float *dX);
 /* dst1 (+)= the column sums of A (N, G), and dst2 too when not NULL (the two ONNX bias halves
  * get the same gradient); A must not overlap dst1 / dst2. */
 void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, float *dst2);

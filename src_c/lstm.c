@@ -157,7 +157,7 @@ int64_t rnn_lstm_saved_floats(int64_t H) { return 10 * H; }
 
 void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                             const float *c0, float *Y, float *hT, float *cT, float *saved, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size, GH = 4 * H, S = 10 * H;
+    const int64_t H = c->hidden_size, GH = 4 * H, S = 10 * H;
     float *xproj = work, *gates = xproj + T * B * GH, *zeros = gates + B * GH;
     memset(zeros, 0, sizeof(float) * (size_t)(B * H));
     /* xproj = X @ W^T + Wb + Rb   (T*B, 4H): the bias sum written once (into gates, free
@@ -166,7 +166,7 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
         for (int64_t j = 0; j < GH; j++) gates[j] = c->B[j] + c->B[GH + j];
         for (int64_t r = 0; r < T * B; r++) memcpy(xproj + r * GH, gates, sizeof(float) * (size_t)GH);
     }
-    rnn_gemm_nt(T * B, GH, I, 1.0f, X, I, c->W, I, c->B ? 1.0f : 0.0f, xproj, GH, 1);
+    rnn_train_input_forward(c, T * B, GH, X, xproj, c->B != NULL);
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
     const int has_clip = c->has_clip;
     const float clip = c->clip;
@@ -337,7 +337,7 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
                              const float *c0, const float *Y, const float *saved, const float *dY,
                              const float *dhT, const float *dcT, float *dX, float *dW, float *dR, float *dB,
                              float *dP, float *dh0, float *dc0, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size, GH = 4 * H, S = 10 * H;
+    const int64_t H = c->hidden_size, GH = 4 * H, S = 10 * H;
     float *dA = work, *zeros = dA + T * B * GH, *dh = zeros + B * H, *dc = dh + B * H;
     memset(zeros, 0, sizeof(float) * (size_t)(B * H));
     for (int64_t k = 0; k < B * H; k++) {
@@ -363,10 +363,9 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
     if (dh0) memcpy(dh0, dh, sizeof(float) * (size_t)(B * H));
     if (dc0) memcpy(dc0, dc, sizeof(float) * (size_t)(B * H));
     if (T == 0) return;
-    /* dW += dA^T X;  dR += dA^T H_{t-1};  dWb, dRb += colsum(dA);  dX = dA @ W */
-    rnn_gemm_tn(GH, I, T * B, 1.0f, dA, GH, X, I, 1.0f, dW, I);
+    /* dR += dA^T H_{t-1};  dWb, dRb += colsum(dA);  dW += dA^T X and dX = dA @ W */
     rnn_gemm_tn(GH, H, B, 1.0f, dA, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(GH, H, (T - 1) * B, 1.0f, dA + B * GH, GH, Y, H, 1.0f, dR, H);
     rnn_train_colsum_add(T * B, GH, dA, dB, dB + GH);
-    if (dX) rnn_gemm_nn(T * B, I, GH, 1.0f, dA, GH, c->W, I, 0.0f, dX, I);
+    rnn_train_input_backward(c, T * B, GH, dA, GH, X, dW, dX);
 }

@@ -36,13 +36,13 @@ int64_t rnn_rnn_saved_floats(int64_t H) { return H; }
 
 void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                            float *Y, float *hT, float *saved, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size;
+    const int64_t H = c->hidden_size;
     float *xproj = work, *gates = xproj + T * B * H, *zeros = gates + B * H;
     for (int64_t k = 0; k < B * H; k++) zeros[k] = 0.0f;
     /* xproj = X @ W^T + Wb + Rb */
     for (int64_t r = 0; r < T * B; r++)
         for (int64_t j = 0; j < H; j++) xproj[r * H + j] = c->B ? c->B[j] + c->B[H + j] : 0.0f;
-    rnn_gemm_nt(T * B, H, I, 1.0f, X, I, c->W, I, 1.0f, xproj, H, 1);
+    rnn_train_input_forward(c, T * B, H, X, xproj, 1);
     rnn_packed Rp;
     const int packed = rnn_train_pack(&Rp, c->R, H, H, 0);
     for (int64_t t = 0; t < T; t++) {
@@ -66,7 +66,7 @@ void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
 void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                             const float *Y, const float *saved, const float *dY, const float *dhT, float *dX,
                             float *dW, float *dR, float *dB, float *dh0, float *work) {
-    const int64_t H = c->hidden_size, I = c->input_size;
+    const int64_t H = c->hidden_size;
     float *dA = work, *zeros = dA + T * B * H, *dh = zeros + B * H;
     for (int64_t k = 0; k < B * H; k++) {
         zeros[k] = 0.0f;
@@ -87,9 +87,8 @@ void rnn_rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, const
     if (dh0)
         for (int64_t k = 0; k < B * H; k++) dh0[k] = dh[k];
     if (T == 0) return;
-    rnn_gemm_tn(H, I, T * B, 1.0f, dA, H, X, I, 1.0f, dW, I);
     rnn_gemm_tn(H, H, B, 1.0f, dA, H, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(H, H, (T - 1) * B, 1.0f, dA + B * H, H, Y, H, 1.0f, dR, H);
     rnn_train_colsum_add(T * B, H, dA, dB, dB + H); /* dWb, dRb += colsum(dA) */
-    if (dX) rnn_gemm_nn(T * B, I, H, 1.0f, dA, H, c->W, I, 0.0f, dX, I);
+    rnn_train_input_backward(c, T * B, H, dA, H, X, dW, dX); /* dW += dA^T X;  dX = dA @ W */
 }

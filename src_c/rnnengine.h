@@ -467,6 +467,10 @@ typedef struct {
     const float *R;              /* (G*H, H) */
     const float *B;              /* (2*G*H) = [Wb; Rb] */
     const float *P;              /* (3*H) = [Pi; Po; Pf] or NULL (LSTM) */
+    int32_t x_projected;         /* 1: X is (T, B, G*H), the input's product X_in @ W^T made by the
+                                  * caller (an embedding's rows through a table, rnnengine.train);
+                                  * W is then not read, dW not written, and dX is that product's
+                                  * gradient (T, B, G*H) */
 } rnn_train_cell;
 
 /* Floats of the saved activations and of the workspace for T steps of B rows. */

@@ -63,6 +63,31 @@ rnn_status rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, con
     return RNN_STATUS_OK;
 }
 
+/* ---- the input's product ------------------------------------------------------------------ */
+void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj, int init) {
+    if (c->x_projected) {
+        if (init)
+            for (int64_t k = 0; k < N * GH; k++) xproj[k] += X[k];
+        else
+            memcpy(xproj, X, sizeof(float) * (size_t)(N * GH));
+        return;
+    }
+    const int64_t I = c->input_size;
+    rnn_gemm_nt(N, GH, I, 1.0f, X, I, c->W, I, init ? 1.0f : 0.0f, xproj, GH, 1);
+}
+
+void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *dAx, int64_t lda,
+                              const float *X, float *dW, float *dX) {
+    if (c->x_projected) {
+        if (dX)
+            for (int64_t r = 0; r < N; r++) memcpy(dX + r * GH, dAx + r * lda, sizeof(float) * (size_t)GH);
+        return;
+    }
+    const int64_t I = c->input_size;
+    if (dW) rnn_gemm_tn(GH, I, N, 1.0f, dAx, lda, X, I, 1.0f, dW, I); /* dW += dAx^T X */
+    if (dX) rnn_gemm_nn(N, I, GH, 1.0f, dAx, lda, c->W, I, 0.0f, dX, I); /* dX = dAx @ W */
+}
+
 /* ---- packed weights for the per-step products ------------------------------------------ */
 
 int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose) {

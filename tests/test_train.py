@@ -164,19 +164,25 @@ def np_network_loss(net, params64, inputs, targets, task, last_only=False):
     return ((z - targets) ** 2).mean()
 
 
-@pytest.mark.parametrize("kind,task,extra", [("LSTM", "lm", {"embedding": 4, "peepholes": True, "clip": 2.0}),
-                                             ("GRU", "lm", {"embedding": 3, "linear_before_reset": 1}),
-                                             ("RNN", "regress", {}), ("GRU", "regress", {"clip": 1.0})])
+@pytest.mark.parametrize("kind,task,extra,B", [("LSTM", "lm", {"embedding": 4, "peepholes": True, "clip": 2.0}, 2),
+                                               ("LSTM", "lm", {"embedding": 4, "peepholes": True, "clip": 2.0}, 4),
+                                               ("GRU", "lm", {"embedding": 3, "linear_before_reset": 1}, 2),
+                                               ("GRU", "lm", {"embedding": 3, "linear_before_reset": 1}, 4),
+                                               ("RNN", "lm", {"embedding": 2}, 4),
+                                               ("RNN", "regress", {}, 2), ("GRU", "regress", {"clip": 1.0}, 2)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_network_gradients_match_finite_differences(kind, task, extra, threads):
+def test_network_gradients_match_finite_differences(kind, task, extra, B, threads):
     """Embedding, a 2-layer bidirectional stack, the dense head and both losses, end to end
-    (with threads=2 each batch row runs on its own thread)."""
+    (with threads=2 each batch row runs on its own thread). With 16 tokens (B = 4) against a
+    vocabulary of 6 the embedding goes through the first layer's tables, with 8 it does not
+    (Network._folds_embedding, asserted here)."""
     rng = np.random.default_rng(3)
-    T, B = 4, 2
+    T = 4
     vocab_or_in = 6 if "embedding" in extra else 3
     net = Network(kind, vocab_or_in, 4, 3 if task == "regress" else vocab_or_in, num_layers=2, bidirectional=True,
                   seed=2, threads=threads, **extra)
     net.params[:] = (rng.standard_normal(net.size) * 0.5).astype("f4")
+    assert net._folds_embedding(T * B) == (task == "lm" and B == 4)
     if task == "lm":
         inputs = rng.integers(0, vocab_or_in, (T, B))
         targets = rng.integers(0, vocab_or_in, (T, B))
@@ -276,6 +282,38 @@ def test_passes_reusing_internal_buffers_equal_a_fresh_network(kind, extra, thre
     for copies, live in kept:  # what earlier passes returned is unchanged
         for a, b in zip(copies[:1] + copies[2:], live[:1] + live[2:]):  # (grads is the network's own)
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind,extra,threads", [("LSTM", {"num_layers": 2}, 1),
+                                                ("GRU", {"bidirectional": True, "linear_before_reset": 1}, 2),
+                                                ("RNN", {"bidirectional": True, "num_layers": 2}, 1),
+                                                ("LSTM", {"peepholes": True, "clip": 1.5}, 2)])
+def test_embedding_through_tables_equals_the_embedding_rows(kind, extra, threads):
+    """The first layer's input product taken as rows of the tables E @ W^T (when the vocabulary
+    is small against the tokens) gives the logits, final state and every gradient of the
+    product with the embedding rows, up to float32 rounding (the same sums regrouped)."""
+    rng = np.random.default_rng(11)
+    T, B, V = 9, 6, 7
+    ids, targets = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
+    params = None
+    state_of = {}
+    for fold in (False, True):
+        net = Network(kind, V, 13, V, embedding=5, seed=4, threads=threads, **extra)
+        if params is None:
+            params = (rng.standard_normal(net.size) * 0.4).astype("f4")
+        net.params[:] = params
+        assert net._folds_embedding(T * B)  # 2 x 7 <= 54 tokens: the tables by default
+        net._folds_embedding = lambda tokens, fold=fold: fold
+        net.grads[:] = 0
+        logits, state = net.forward(ids)
+        net.backward(loss_and_grad("lm", logits, targets)[1])
+        state_of[fold] = (logits, state, net.grads.copy())
+    (l0, s0, g0), (l1, s1, g1) = state_of[False], state_of[True]
+    assert rel_err(l1, l0.astype(np.float64)) <= 1e-6
+    for a, b in zip(s0, s1):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert rel_err(v, u.astype(np.float64)) <= 1e-6
+    assert np.abs(g0).max() > 0 and rel_err(g1, g0.astype(np.float64)) <= 1e-5
 
 
 def test_fit_with_threads_follows_one_thread():

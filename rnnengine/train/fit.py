@@ -279,8 +279,9 @@ class Network:
         state = self.zero_state(B) if state is None else self._checked_state(state, B)
         self._logits_shape = (T, B, c["output_size"])
         blocks = self._blocks(B)
+        fold = self._folds_embedding(T * B)
         if len(blocks) == 1:
-            logits, new_state, tape = self._forward_rows(inputs, state)
+            logits, new_state, tape = self._forward_rows(inputs, state, 0, fold)
             self._tapes = [tape]
             return logits, new_state
 
@@ -289,7 +290,7 @@ class Network:
                     else np.ascontiguousarray(s[:, lo:hi]) for s in st]
         with _blas_one_thread():
             parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
-                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b), b[0]), blocks))
+                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b), b[0], fold), blocks))
         self._tapes = [p[2] for p in parts]
         logits = np.concatenate([p[0] for p in parts], axis=1)
         new_state = []
@@ -301,16 +302,48 @@ class Network:
                 new_state.append(np.concatenate(per, axis=1))
         return logits, new_state
 
-    def _forward_rows(self, inputs, state, rows=0):
+    def _folds_embedding(self, tokens):
+        """Whether a pass of this many tokens (T x batch) runs the embedding through the first
+        layer's tables (_embedding_product): the product of the embedding rows with the first
+        layer's W costs tokens x G*H x E multiply-adds each way (forward, dW, the embedding's
+        gradient), the tables vocabulary x G*H x E, so they pay when the vocabulary is well
+        below the tokens (char LM: 95 against 2,048; 4% of its step). Decided from the whole
+        batch, so every thread count takes the same path."""
+        return bool(self.config["embedding"]) and 2 * self.config["input_size"] <= tokens
+
+    def _embedding_product(self, ids, d, rows):
+        """The first layer's input product for direction d, X_in @ W^T with X_in the embedding
+        rows of ids (T, B), as rows of the table E @ W^T (vocabulary, G*H): the same sums
+        regrouped (tests/test_train.py compares both paths)."""
+        W, emb = self._spec(0, d)["W"], self.tensor("embedding")
+        table = self._scratch(("table", d, rows), (emb.shape[0], W.shape[0]))
+        np.matmul(emb, W.T, out=table)
+        xp = self._scratch(("xproj", d, rows), ids.shape + (W.shape[0],))
+        _core.embedding_forward(ids.reshape(-1), table, xp)
+        return xp
+
+    def _embedding_grads(self, ids, d, dxp, grads, rows):
+        """From the gradient of _embedding_product's rows (T, B, G*H): the table's gradient
+        (each token's rows summed), then W's (dTable^T E) and the embedding's (dTable W)."""
+        W, emb = self._spec(0, d)["W"], self.tensor("embedding")
+        dtable = self._scratch(("dtable", d, rows), (emb.shape[0], W.shape[0]))
+        dtable[:] = 0
+        _core.embedding_backward(ids.reshape(-1), dxp, dtable)
+        self._spec(0, d, grads=grads)["W"][...] += dtable.T @ emb
+        self.tensor("embedding", grads)[...] += dtable @ W
+
+    def _forward_rows(self, inputs, state, rows=0, fold=False):
         """forward() of one block of rows (the first being ``rows``): (logits, final state,
-        tape for backward)."""
+        tape for backward). fold: the embedding goes through the first layer's tables."""
         c = self.config
         T, B = inputs.shape[:2]
         ids = None
-        if c["embedding"]:
+        if c["embedding"] and not fold:
             ids = inputs
             X = self._scratch(("emb", rows), (T, B, c["embedding"]))
             _core.embedding_forward(ids.reshape(-1), self.tensor("embedding"), X)
+        elif fold:
+            ids = X = inputs
         else:
             X = inputs
         layers = []
@@ -323,6 +356,9 @@ class Network:
             for d in range(self.D):
                 spec = self._spec(l, d)
                 Xd = X if d == 0 else np.ascontiguousarray(X[::-1])
+                if fold and l == 0:  # Xd: token ids; the cell takes their product with W
+                    spec["x_projected"] = True
+                    Xd = self._embedding_product(Xd, d, rows)
                 S, Wk = _core.train_sizes(spec, T, B)
                 Y = self._scratch(("Y", l, d, rows), (T, B, self.H))
                 saved, work = self._scratch(("saved", l, d, rows), (S,)), self._scratch(("work", rows), (Wk,))
@@ -340,7 +376,7 @@ class Network:
         logits = np.empty((T, B, c["output_size"]), np.float32)
         _core.dense_forward(X.reshape(T * B, -1), self.tensor("head.W"), self.tensor("head.b"),
                             logits.reshape(T * B, -1))
-        return logits, new_state, (ids, layers, X)
+        return logits, new_state, (ids, layers, X, fold)
 
     def backward(self, dlogits, input_grad=False):
         """Accumulates into self.grads the gradients of the loss whose derivative with
@@ -378,7 +414,7 @@ class Network:
         """backward() of one block of rows (the first being ``rows``), accumulating into the
         flat array grads."""
         c = self.config
-        ids, layers, top = tape
+        ids, layers, top, fold = tape
         T, B = dlogits.shape[:2]
         dX = self._scratch(("dtop", rows), top.shape)
         _core.dense_backward(top.reshape(T * B, -1), self.tensor("head.W"), dlogits.reshape(T * B, -1),
@@ -388,8 +424,11 @@ class Network:
             dX = None
             # the input gradient of layer 0 feeds only the embedding (or the caller)
             need_dx = l > 0 or bool(c["embedding"]) or input_grad
+            folded = fold and l == 0  # dXd: the gradient of the input product (_embedding_grads)
             for d, (Xd, h0, c0, Y, saved) in enumerate(layers[l]):
                 spec, gspec = self._spec(l, d), self._spec(l, d, grads=grads)
+                if folded:
+                    spec["x_projected"] = True
                 dY = (dY_all if self.D == 1 else
                       np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
                                            else dY_all[::-1, :, d * self.H:(d + 1) * self.H]))
@@ -399,9 +438,13 @@ class Network:
                                                 self._scratch(("dX", l, d, rows), Xd.shape))
                 _core.train_backward(spec, Xd, h0, c0, Y, saved, dY, None, None, dXd, gspec["W"], gspec["R"],
                                      gspec["B"], gspec["P"], None, None, self._scratch(("work", rows), (Wk,)))
-                if need_dx:
+                if folded:
+                    self._embedding_grads(ids if d == 0 else np.ascontiguousarray(ids[::-1]), d, dXd, grads, rows)
+                elif need_dx:
                     dXd = dXd if d == 0 else dXd[::-1]
                     dX = dXd if dX is None else dX + dXd
+        if fold:
+            return None
         if c["embedding"]:
             _core.embedding_backward(ids.reshape(-1), np.ascontiguousarray(dX, np.float32),
                                      self.tensor("embedding", grads))
