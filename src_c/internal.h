@@ -204,6 +204,9 @@ int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, in
  * (init = 1) or nothing yet (init = 0). Backward: dW += dAx^T X and dX = dAx @ W (dX may be
  * NULL), dAx's rows lda apart; with c->x_projected, dX = dAx and dW is left alone. */
 void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj, int init);
+/* The input's product alone (no biases): X @ W^T written to xproj and returned, or X itself
+ * (nothing written) when the caller made it (c->x_projected). */
+const float *rnn_train_input_product(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj);
 void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *dAx, int64_t lda,
                               const float *X, float *dW, float *dX);
 /* dst1 (+)= the column sums of A (N, G), and dst2 too when not NULL (the two ONNX bias halves

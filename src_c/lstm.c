@@ -152,21 +152,20 @@ void rnn_lstmp_step_ref(int64_t I, int64_t H, int64_t P, const float *x, const f
  * Default activations (f = Sigmoid, g = h = Tanh), clip and peepholes; row-major float32.
  * saved, per (t, b): pre (4H: the gate pre-activations i, o, f, c before clipping),
  *                    post (4H: i, o, f, g after activation), c (H), tanh(c) (H).
- * work: xproj / dA (T*B, 4H), gates (B, 4H), zeros (B, H), dh (B, H), dc (B, H). */
+ * work: xproj / dA (T*B, 4H), gates (B, 4H), zeros (B, H), forward: Wb + Rb (4H); backward: dh,
+ *       dc (B, H) and the column sums of dA (4H). */
 int64_t rnn_lstm_saved_floats(int64_t H) { return 10 * H; }
 
 void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const float *X, const float *h0,
                             const float *c0, float *Y, float *hT, float *cT, float *saved, float *work) {
     const int64_t H = c->hidden_size, GH = 4 * H, S = 10 * H;
-    float *xproj = work, *gates = xproj + T * B * GH, *zeros = gates + B * GH;
+    float *xproj = work, *gates = xproj + T * B * GH, *zeros = gates + B * GH, *bsum = zeros + B * H;
     memset(zeros, 0, sizeof(float) * (size_t)(B * H));
-    /* xproj = X @ W^T + Wb + Rb   (T*B, 4H): the bias sum written once (into gates, free
-     * until the loop), then copied to every row */
-    if (c->B) {
-        for (int64_t j = 0; j < GH; j++) gates[j] = c->B[j] + c->B[GH + j];
-        for (int64_t r = 0; r < T * B; r++) memcpy(xproj + r * GH, gates, sizeof(float) * (size_t)GH);
-    }
-    rnn_train_input_forward(c, T * B, GH, X, xproj, c->B != NULL);
+    /* the input's product X @ W^T (T*B, 4H), in xproj or the caller's own; the biases
+     * Wb + Rb (bsum: within work's second block, as T*B >= 1 there) are added per row below */
+    const float *xin = T > 0 && B > 0 ? rnn_train_input_product(c, T * B, GH, X, xproj) : xproj;
+    if (T > 0 && B > 0)
+        for (int64_t j = 0; j < GH; j++) bsum[j] = c->B ? c->B[j] + c->B[GH + j] : 0.0f;
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
     const int has_clip = c->has_clip;
     const float clip = c->clip;
@@ -179,7 +178,7 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
         for (int64_t b = 0; b < B; b++) {
             float *sv = saved + (t * B + b) * S, *pre = sv, *post = sv + GH, *cs = sv + 2 * GH, *tc = cs + H;
             const float *cp = t == 0 ? (c0 ? c0 + b * H : zeros) : saved + ((t - 1) * B + b) * S + 2 * GH;
-            const float *a = gates + b * GH, *xp = xproj + (t * B + b) * GH;
+            const float *a = gates + b * GH, *xp = xin + (t * B + b) * GH;
             float *y = Y + (t * B + b) * H;
             /* pre-activations (o's peephole term is added once c is known), then the
              * activations over whole gate blocks with the vectorised sigmoid / tanh */
@@ -187,14 +186,14 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
                 /* no clip and no peepholes: backward never reads `pre` (clip' is 1), so the
                  * pre-activations go straight into `post` (a 4H write and copy less per row) */
                 float *restrict po = post;
-                const float *restrict av = a, *restrict xv = xp;
-                for (int64_t j = 0; j < GH; j++) po[j] = av[j] + xv[j];
+                const float *restrict av = a, *restrict xv = xp, *restrict bv = bsum;
+                for (int64_t j = 0; j < GH; j++) po[j] = av[j] + xv[j] + bv[j];
             } else {   /* the clip read once into locals: with c's fields reread at every store
                  * (they may alias the floats written, as far as the compiler knows) these
                  * loops did not vectorise (6% of a char LM training step) */
                 float *restrict pr = pre, *restrict po = post;
-                const float *restrict av = a, *restrict xv = xp;
-                for (int64_t j = 0; j < GH; j++) pr[j] = av[j] + xv[j];
+                const float *restrict av = a, *restrict xv = xp, *restrict bv = bsum;
+                for (int64_t j = 0; j < GH; j++) pr[j] = av[j] + xv[j] + bv[j];
                 if (Pi)
                     for (int64_t j = 0; j < H; j++) {
                         pr[j] += Pi[j] * cp[j];
@@ -338,8 +337,9 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
                              const float *dhT, const float *dcT, float *dX, float *dW, float *dR, float *dB,
                              float *dP, float *dh0, float *dc0, float *work) {
     const int64_t H = c->hidden_size, GH = 4 * H, S = 10 * H;
-    float *dA = work, *zeros = dA + T * B * GH, *dh = zeros + B * H, *dc = dh + B * H;
+    float *dA = work, *zeros = dA + T * B * GH, *dh = zeros + B * H, *dc = dh + B * H, *dAsum = dc + B * H;
     memset(zeros, 0, sizeof(float) * (size_t)(B * H));
+    if (T > 0 && B > 0) memset(dAsum, 0, sizeof(float) * (size_t)GH); /* (work holds it only when T*B >= 1) */
     for (int64_t k = 0; k < B * H; k++) {
         dh[k] = dhT ? dhT[k] : 0.0f;
         dc[k] = dcT ? dcT[k] : 0.0f;
@@ -355,6 +355,11 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
                               dY ? dY + (t * B + b) * H : zeros, dh + b * H, dc + b * H, dA + (t * B + b) * GH,
                               dP && Pi ? dP : NULL, Pi, Po, Pf};
             lstm_backward_row(c, H, &r);
+            {   /* the bias gradient's column sums, while the row is in L1 (not a pass over dA) */
+                float *restrict acc = dAsum;
+                const float *restrict da = r.da;
+                for (int64_t j = 0; j < GH; j++) acc[j] += da[j];
+            }
         }
         /* dh_{t-1} = dA_t @ R   (B, 4H) @ (4H, H) */
         rnn_train_gemm(packed, &RTp, B, dA + t * B * GH, GH, c->R, H, GH, dh, H, 1, 0);
@@ -362,10 +367,13 @@ void rnn_lstm_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, cons
     rnn_packed_free(&RTp);
     if (dh0) memcpy(dh0, dh, sizeof(float) * (size_t)(B * H));
     if (dc0) memcpy(dc0, dc, sizeof(float) * (size_t)(B * H));
-    if (T == 0) return;
-    /* dR += dA^T H_{t-1};  dWb, dRb += colsum(dA);  dW += dA^T X and dX = dA @ W */
+    if (T == 0 || B == 0) return; /* (no rows: nothing to add) */
+    /* dWb, dRb += colsum(dA);  dR += dA^T H_{t-1};  dW += dA^T X and dX = dA @ W */
+    for (int64_t j = 0; j < GH; j++) {
+        dB[j] += dAsum[j];
+        dB[GH + j] += dAsum[j];
+    }
     rnn_gemm_tn(GH, H, B, 1.0f, dA, GH, h0 ? h0 : zeros, H, 1.0f, dR, H);
     rnn_gemm_tn(GH, H, (T - 1) * B, 1.0f, dA + B * GH, GH, Y, H, 1.0f, dR, H);
-    rnn_train_colsum_add(T * B, GH, dA, dB, dB + GH);
     rnn_train_input_backward(c, T * B, GH, dA, GH, X, dW, dX);
 }

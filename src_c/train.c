@@ -76,6 +76,12 @@ void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, con
     rnn_gemm_nt(N, GH, I, 1.0f, X, I, c->W, I, init ? 1.0f : 0.0f, xproj, GH, 1);
 }
 
+const float *rnn_train_input_product(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj) {
+    if (c->x_projected) return X;
+    rnn_train_input_forward(c, N, GH, X, xproj, 0);
+    return xproj;
+}
+
 void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *dAx, int64_t lda,
                               const float *X, float *dW, float *dX) {
     if (c->x_projected) {
