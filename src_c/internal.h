@@ -19,6 +19,9 @@ typedef struct {
 rnn_status rnn_packed_init(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb);
 rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int64_t K, int64_t ldb,
                                  int32_t dtype);
+/* float32 panels of M^T for a row-major M (rows, cols): N = cols, K = rows, the same layout
+ * as rnn_packed_init of M^T, read straight from M (no transposed copy). */
+rnn_status rnn_packed_init_t(rnn_packed *dst, const float *M, int64_t rows, int64_t cols);
 /* Packs weights already stored compact, as they are (no rounding): dtype RNN_WEIGHTS_I8 takes
  * int8 codes Q (N, K) (row stride ldq) with one float32 scale per row, B[n][k] = scale[n] *
  * Q[n][k]; RNN_WEIGHTS_F16 takes IEEE half bits Q (N, K) and scale NULL. A weight file's

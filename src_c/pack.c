@@ -113,6 +113,17 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
     float *f = dst->data;
     uint16_t *h = dst->data;
     int8_t *q = dst->data;
+    if (dtype == RNN_WEIGHTS_F32) { /* the same layout without a test per element */
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t n0 = p * RNN_PANEL, w = N - n0 < RNN_PANEL ? N - n0 : RNN_PANEL;
+            for (int64_t k = 0; k < K; k++) {
+                float *o = f + (p * K + k) * RNN_PANEL;
+                for (int64_t j = 0; j < w; j++) o[j] = B[(n0 + j) * ldb + k];
+                for (int64_t j = w; j < RNN_PANEL; j++) o[j] = 0.0f;
+            }
+        }
+        return RNN_STATUS_OK;
+    }
     for (int64_t p = 0; p < P; p++)
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = 0; j < RNN_PANEL; j++) {
@@ -125,6 +136,23 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
                     q[at] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
                 }
             }
+    return RNN_STATUS_OK;
+}
+
+rnn_status rnn_packed_init_t(rnn_packed *dst, const float *M, int64_t rows, int64_t cols) {
+    /* the panels of B = M^T (N = cols, K = rows): B[n][k] = M[k][n], so element j of panel p
+     * at depth k is M[k][p*16 + j]: for each row of M, 16 consecutive floats per panel */
+    const int64_t N = cols, K = rows, P = (N + RNN_PANEL - 1) / RNN_PANEL;
+    const rnn_status st = packed_alloc(dst, N, K, RNN_WEIGHTS_F32);
+    if (st != RNN_STATUS_OK) return st;
+    float *f = dst->data;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t n0 = p * RNN_PANEL, w = N - n0 < RNN_PANEL ? N - n0 : RNN_PANEL;
+            float *o = f + (p * K + k) * RNN_PANEL;
+            memcpy(o, M + k * cols + n0, sizeof(float) * (size_t)w);
+            for (int64_t j = w; j < RNN_PANEL; j++) o[j] = 0.0f;
+        }
     return RNN_STATUS_OK;
 }
 

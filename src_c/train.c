@@ -98,20 +98,8 @@ void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, co
 
 int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose) {
     memset(p, 0, sizeof *p);
-    if (!transpose) return rnn_packed_init(p, M, rows, cols, cols) == RNN_STATUS_OK;
-    float *t = malloc(sizeof(float) * (size_t)(rows * cols > 0 ? rows * cols : 1));
-    if (!t) return 0;
-    /* t (cols, rows) = M^T in 32 x 32 tiles, so both sides stay in cache (a plain double
-     * loop writes with a stride of `rows` floats: a cache miss per element) */
-    for (int64_t r0 = 0; r0 < rows; r0 += 32)
-        for (int64_t k0 = 0; k0 < cols; k0 += 32) {
-            const int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows, k1 = k0 + 32 < cols ? k0 + 32 : cols;
-            for (int64_t r = r0; r < r1; r++)
-                for (int64_t k = k0; k < k1; k++) t[k * rows + r] = M[r * cols + k];
-        }
-    const int ok = rnn_packed_init(p, t, cols, rows, rows) == RNN_STATUS_OK;
-    free(t);
-    return ok;
+    return (transpose ? rnn_packed_init_t(p, M, rows, cols) : rnn_packed_init(p, M, rows, cols, cols)) ==
+           RNN_STATUS_OK;
 }
 
 void rnn_train_gemm(int ok, const rnn_packed *p, int64_t B, const float *A, int64_t lda, const float *M,
