@@ -212,6 +212,10 @@ void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, con
 const float *rnn_train_input_product(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj);
 void rnn_train_input_backward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *dAx, int64_t lda,
                               const float *X, float *dW, float *dX);
+/* C (M, N) (+)= A (M, K) @ W^T (W: (N, K)), or with transposed @ W (W: (K, N)), through W
+ * packed for this call (BLAS when packing fails). */
+void rnn_train_gemm_weights(int64_t M, const float *A, int64_t lda, const float *W, int64_t wrows, int64_t wcols,
+                            int transposed, float *C, int64_t ldc, int accumulate);
 /* dst1 (+)= the column sums of A (N, G), and dst2 too when not NULL (the two ONNX bias halves
  * get the same gradient); A must not overlap dst1 / dst2. */
 void rnn_train_colsum_add(int64_t N, int64_t G, const float *A, float *dst1, float *dst2);
