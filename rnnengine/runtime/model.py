@@ -8,7 +8,6 @@ hidden_size) (h of a projected LSTM layer: proj_size instead).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 
 from typing import Any, cast
 
@@ -192,6 +191,7 @@ class LayerModel(Model):
         so each thread takes its rows through the whole sequence with its own state and
         workspace: no synchronisation per step. Results equal a one-thread run to float32
         rounding (the input projection's BLAS call sees fewer rows)."""
+        import concurrent.futures as cf  # here: its import (with logging's) was 4 ms of every load()
         pool: cf.ThreadPoolExecutor | None = self.__dict__.get("_pool")
         if pool is None or self.__dict__.get("_pool_size") != self.threads:
             pool = self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="rnnengine")

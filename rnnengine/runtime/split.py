@@ -30,7 +30,6 @@ and fewer rows may then round differently, within float32 rounding, as for
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import math
 import threading
 from typing import Any, Iterator, Optional
@@ -587,6 +586,7 @@ def run(model: Any, feeds: dict[str, np.ndarray]) -> Optional[dict[str, np.ndarr
     threads = int(model.threads)
     pool = model.__dict__.get("_split_pool")
     if pool is None or pool._max_workers != threads:
+        import concurrent.futures as cf  # here, not at import: (with logging) 4 ms of every load()
         pool = model.__dict__["_split_pool"] = cf.ThreadPoolExecutor(threads, thread_name_prefix="rnnengine-split")
     b = bounds(rows, threads)
 
