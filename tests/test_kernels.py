@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import rnnengine
 from rnnengine import _core
 from rnnengine.runtime.layers import ACTIVATIONS
 from oracle import np_activation
@@ -259,3 +260,29 @@ def test_avx512_kernels_equal_avx2_bit_for_bit(M, N, K):
     np.testing.assert_array_equal(avx2_acc, avx512_acc)
     want = A.astype(np.float64) @ B.T.astype(np.float64)
     assert np.all(np.abs(avx512 - want) <= 1e-5 * np.sqrt(K) * (1 + np.abs(want)))
+
+
+@pytest.mark.parametrize("I,H", [(21, 13), (512, 512), (8, 4), (7, 16)])
+def test_float32_panels_hold_the_documented_layout_at_every_kernel_level(I, H):
+    """The float32 packer (AVX2: 8 x 8 register transposes over full panels, the scalar loop
+    for the last K % 8 and a partial last panel) writes data[(p*K + k)*16 + j] = B[p*16 + j][k],
+    zero past N, built here independently with NumPy, at every kernel level; large panels
+    (on 2 MB pages) included."""
+    rng = np.random.default_rng(I * 1000 + H)
+    W = rng.standard_normal((1, 4 * H, I)).astype(np.float32)
+    R = rng.standard_normal((1, 4 * H, H)).astype(np.float32)
+    w = _core.panel_width()
+    for level in range(_core.kernel_level_max() + 1):
+        _core.kernel_level(level)
+        try:
+            stack = rnnengine.Model([rnnengine.LSTM(W, R)])._stack
+            for which, M in ((0, W[0]), (1, R[0])):
+                data, scales, N, K, dtype = stack.panel_raw(0, 0, which)
+                assert (N, K, dtype, scales) == (M.shape[0], M.shape[1], "float32", None)
+                P = -(-N // w)
+                padded = np.zeros((P * w, K), np.float32)
+                padded[:N] = M
+                want = padded.reshape(P, w, K).transpose(0, 2, 1).reshape(-1)  # (p, k, j)
+                assert np.array_equal(data.view(np.float32), want), (level, which)
+        finally:
+            _core.kernel_level(_core.kernel_level_max())
