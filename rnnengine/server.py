@@ -70,6 +70,8 @@ _HEADERS_MAX = 256
 
 def encode_frame(arr: np.ndarray, kind: int = KIND_OUTPUT) -> bytes:
     """One array as a binary frame."""
+    if type(kind) is not int or kind not in (KIND_STEP, KIND_FEED, KIND_OUTPUT):
+        raise FrameError(f"frame kind {kind!r}: 0 (step), 1 (feed) or 2 (output)")
     a = arr if type(arr) is np.ndarray else np.asarray(arr)
     key = (kind, a.dtype, a.shape)
     head = _HEADERS.get(key)

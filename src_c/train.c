@@ -15,6 +15,7 @@ static rnn_status check_cell(const rnn_train_cell *c, int64_t T, int64_t B) {
     if (c->hidden_size <= 0 || c->input_size <= 0 || T < 0 || B < 0) return RNN_STATUS_BAD_SHAPE;
     if (c->has_clip && !(c->clip > 0.0f)) return RNN_STATUS_BAD_ARGUMENT;
     if (c->P && c->kind != RNN_CELL_LSTM) return RNN_STATUS_BAD_ARGUMENT;
+    if (c->x_projected != 0 && c->x_projected != 1) return RNN_STATUS_BAD_ARGUMENT; /* (an unset field) */
     if (T * B > INT32_MAX || gates_of_kind(c->kind) * c->hidden_size * (int64_t)c->input_size > INT32_MAX)
         return RNN_STATUS_TOO_LARGE;
     return RNN_STATUS_OK;

@@ -76,6 +76,9 @@ def test_frame_headers_follow_each_array():
                 want = want.astype(np.float32) if want.dtype.kind == "f" else want
                 assert b.dtype == want.dtype.newbyteorder("=") and np.array_equal(b, want)
                 b[...] = 0  # decoded arrays are the caller's own (writable, not views of the frame)
+    for kind in (2.0, 3, -1, True, "2"):  # refused whether or not a header for kind 2 is kept
+        with pytest.raises(FrameError, match="frame kind"):
+            encode_frame(base, kind=kind)
 
 
 def test_websocket_sessions_match_their_own_streams(model):

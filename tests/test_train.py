@@ -316,6 +316,44 @@ def test_embedding_through_tables_equals_the_embedding_rows(kind, extra, threads
     assert np.abs(g0).max() > 0 and rel_err(g1, g0.astype(np.float64)) <= 1e-5
 
 
+@pytest.mark.parametrize("where", ["unused embedding row", "layer0.W"])
+def test_embedding_tables_propagate_nan_like_the_embedding_rows(where):
+    """A NaN in an embedding row no token of the batch uses leaves every gradient as the
+    embedding rows' products leave it (finite); a NaN in W spreads the same way on both
+    paths (review finding: the tables' products over the whole vocabulary made 0 x NaN)."""
+    rng = np.random.default_rng(5)
+    T, B, V = 6, 4, 7
+    ids, targets = rng.integers(0, V - 1, (T, B)), rng.integers(0, V, (T, B))  # token V-1 unused
+    grads = {}
+    for fold in (False, True):
+        net = Network("LSTM", V, 9, V, embedding=4, seed=3)
+        if where == "layer0.W":
+            net.tensor("layer0.W")[0, 3, 2] = np.nan
+        else:
+            net.tensor("embedding")[V - 1] = np.nan
+        net._folds_embedding = lambda tokens, fold=fold: fold
+        logits, _ = net.forward(ids)
+        net.backward(loss_and_grad("lm", logits, targets)[1])
+        grads[fold] = net.grads.copy()
+    assert np.array_equal(np.isnan(grads[True]), np.isnan(grads[False]))
+    if where != "layer0.W":
+        assert np.isfinite(grads[True]).all()
+
+
+def test_internal_buffers_stay_bounded_over_batch_sizes():
+    """Buffers are kept per block of rows by the block's index: batches of changing sizes
+    over two threads replace them, never add new sets (review finding: keyed by the block's
+    first row, every batch size kept a set for good)."""
+    net = Network("LSTM", 5, 8, 3, num_layers=2, seed=0, threads=2)
+    rng = np.random.default_rng(0)
+    sizes = []
+    for B in (8, 7, 6, 5, 9, 8):
+        logits, _ = net.forward(rng.standard_normal((4, B, 5)).astype("f4"))
+        net.backward(np.ones_like(logits))
+        sizes.append(len(net._scratch_bufs))
+    assert len(set(sizes)) == 1, sizes
+
+
 def test_fit_with_threads_follows_one_thread():
     """A language model (carried state, embedding, 2 layers) trained 6 steps with threads=2
     follows the one-thread run: the same losses and weights up to float32 rounding."""

@@ -252,8 +252,9 @@ class Network:
         work space, layer outputs and gradients of a training step are tens of MB, and fresh
         ones every step cost the kernel's page faults (~4% of a char LM step, measured). Only
         for arrays that stay inside the network (the tape backward() reads, never an array
-        returned to the caller); key names one use (it includes the layer, direction and block
-        of rows, so no two live arrays share one)."""
+        returned to the caller); key names one use (it includes the layer, direction and index
+        of the block of rows, so no two live arrays share one, and the set stays bounded
+        whatever the batch sizes: another shape replaces the buffer)."""
         a = self._scratch_bufs.get(key)
         if a is None or a.shape != shape:
             a = self._scratch_bufs[key] = np.empty(shape, np.float32)
@@ -289,8 +290,9 @@ class Network:
             return [tuple(np.ascontiguousarray(a[:, lo:hi]) for a in s) if isinstance(s, tuple)
                     else np.ascontiguousarray(s[:, lo:hi]) for s in st]
         with _blas_one_thread():
-            parts = list(_pool(len(blocks)).map(lambda b: self._forward_rows(
-                np.ascontiguousarray(inputs[:, b[0]:b[1]]), rows(state, *b), b[0], fold), blocks))
+            parts = list(_pool(len(blocks)).map(lambda k: self._forward_rows(
+                np.ascontiguousarray(inputs[:, blocks[k][0]:blocks[k][1]]), rows(state, *blocks[k]), k, fold),
+                range(len(blocks))))
         self._tapes = [p[2] for p in parts]
         logits = np.concatenate([p[0] for p in parts], axis=1)
         new_state = []
@@ -329,12 +331,16 @@ class Network:
         dtable = self._scratch(("dtable", d, rows), (emb.shape[0], W.shape[0]))
         dtable[:] = 0
         _core.embedding_backward(ids.reshape(-1), dxp, dtable)
-        self._spec(0, d, grads=grads)["W"][...] += dtable.T @ emb
-        self.tensor("embedding", grads)[...] += dtable @ W
+        # only the tokens that occur, as the embedding rows' products read them: an unused
+        # row's zero gradient times a NaN or Inf in that embedding row (or in W) would be NaN
+        used = np.unique(ids)
+        self._spec(0, d, grads=grads)["W"][...] += dtable[used].T @ emb[used]
+        self.tensor("embedding", grads)[used] += dtable[used] @ W
 
     def _forward_rows(self, inputs, state, rows=0, fold=False):
-        """forward() of one block of rows (the first being ``rows``): (logits, final state,
-        tape for backward). fold: the embedding goes through the first layer's tables."""
+        """forward() of one block of rows (``rows``: the block's index, which keys its
+        buffers): (logits, final state, tape for backward). fold: the embedding goes through
+        the first layer's tables."""
         c = self.config
         T, B = inputs.shape[:2]
         ids = None
@@ -405,14 +411,14 @@ class Network:
             dXs = list(_pool(len(blocks)).map(
                 lambda k: self._backward_rows(self._tapes[k],
                                               np.ascontiguousarray(dlogits[:, blocks[k][0]:blocks[k][1]]),
-                                              targets[k], input_grad, blocks[k][0]), range(len(blocks))))
+                                              targets[k], input_grad, k), range(len(blocks))))
         for g in self._grad_bufs:
             self.grads += g
         return np.concatenate(dXs, axis=1) if input_grad and not self.config["embedding"] else None
 
     def _backward_rows(self, tape, dlogits, grads, input_grad, rows=0):
-        """backward() of one block of rows (the first being ``rows``), accumulating into the
-        flat array grads."""
+        """backward() of one block of rows (``rows``: the block's index), accumulating into
+        the flat array grads."""
         c = self.config
         ids, layers, top, fold = tape
         T, B = dlogits.shape[:2]
