@@ -922,7 +922,10 @@ def main(argv=None):
         step(f"compact weights H={H}")
         results.append(bench_compact("LSTM", H, 100, reps, peak))
     if (os.cpu_count() or 1) >= 2:
-        for batch in ((16,) if a.quick else (1, 16, 64)):
+        # (batch 1 on two threads: bench_threads_batch1 below, in phases of its own and with
+        # rnnengine's pool allowed two threads; this script's OMP_NUM_THREADS=1 caps it at one
+        # elsewhere, so a batch-1 row here measured one thread against onnxruntime's two)
+        for batch in ((16,) if a.quick else (16, 64)):
             step(f"2 threads, batch {batch}")
             results.append(bench_sequence("LSTM", 256, 256, 256, batch, reps, peak, threads=2))
         results.extend(bench_threads_batch1(reps, peak, a.quick))
