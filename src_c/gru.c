@@ -83,7 +83,7 @@ void rnn_gru_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     for (int64_t r = 0; r < T * B; r++)
         for (int64_t j = 0; j < GH; j++)
             xproj[r * GH + j] = c->B ? c->B[j] + (lbr && j >= 2 * H ? 0.0f : c->B[GH + j]) : 0.0f;
-    rnn_train_input_forward(c, T * B, GH, X, xproj, 1);
+    rnn_train_input_forward(c, T * B, GH, X, xproj);
     const float *Rh = c->R + 2 * H * H;
     rnn_packed Rp, Rhp;
     const int64_t nrows = lbr ? GH : 2 * H;

@@ -203,10 +203,10 @@ static inline const float *rnn_train_hprev(const float *h0, const float *Y, cons
  * pass (not per step), freed with rnn_packed_free. */
 int rnn_train_pack(rnn_packed *p, const float *M, int64_t rows, int64_t cols, int transpose);
 /* The input's part of a pass, the one place the cells read W (or, with c->x_projected, take
- * the caller's product instead): xproj (N, GH) += X @ W^T, or += X; xproj holds the biases
- * (init = 1) or nothing yet (init = 0). Backward: dW += dAx^T X and dX = dAx @ W (dX may be
- * NULL), dAx's rows lda apart; with c->x_projected, dX = dAx and dW is left alone. */
-void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj, int init);
+ * the caller's product instead): xproj (N, GH), holding the biases, += X @ W^T, or += X.
+ * Backward: dW += dAx^T X and dX = dAx @ W (dX may be NULL), dAx's rows lda apart; with
+ * c->x_projected, dX = dAx and dW is left alone. */
+void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj);
 /* The input's product alone (no biases): X @ W^T written to xproj and returned, or X itself
  * (nothing written) when the caller made it (c->x_projected). */
 const float *rnn_train_input_product(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj);

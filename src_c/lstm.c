@@ -163,9 +163,11 @@ void rnn_lstm_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const
     memset(zeros, 0, sizeof(float) * (size_t)(B * H));
     /* the input's product X @ W^T (T*B, 4H), in xproj or the caller's own; the biases
      * Wb + Rb (bsum: within work's second block, as T*B >= 1 there) are added per row below */
-    const float *xin = T > 0 && B > 0 ? rnn_train_input_product(c, T * B, GH, X, xproj) : xproj;
-    if (T > 0 && B > 0)
+    const float *xin = xproj;
+    if (T > 0 && B > 0) {
+        xin = rnn_train_input_product(c, T * B, GH, X, xproj);
         for (int64_t j = 0; j < GH; j++) bsum[j] = c->B ? c->B[j] + c->B[GH + j] : 0.0f;
+    }
     const float *Pi = c->P, *Po = c->P ? c->P + H : NULL, *Pf = c->P ? c->P + 2 * H : NULL;
     const int has_clip = c->has_clip;
     const float clip = c->clip;

@@ -154,13 +154,12 @@ rnn_status rnn_packed_init_dtype(rnn_packed *dst, const float *B, int64_t N, int
         }
         return RNN_STATUS_OK;
     }
-    for (int64_t p = 0; p < P; p++)
+    for (int64_t p = 0; p < P; p++) /* float16 / int8: rounded element by element */
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = 0; j < RNN_PANEL; j++) {
                 const int64_t n = p * RNN_PANEL + j, at = (p * K + k) * RNN_PANEL + j;
                 const float v = n < N ? B[n * ldb + k] : 0.0f;
-                if (dtype == RNN_WEIGHTS_F32) f[at] = v;
-                else if (dtype == RNN_WEIGHTS_F16) h[at] = float_to_half(v);
+                if (dtype == RNN_WEIGHTS_F16) h[at] = float_to_half(v);
                 else {
                     const float r = n < N && dst->scale[n] == dst->scale[n] ? nearbyintf(v / dst->scale[n]) : 0.0f;
                     q[at] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));

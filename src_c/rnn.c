@@ -42,7 +42,7 @@ void rnn_rnn_train_forward(const rnn_train_cell *c, int64_t T, int64_t B, const 
     /* xproj = X @ W^T + Wb + Rb */
     for (int64_t r = 0; r < T * B; r++)
         for (int64_t j = 0; j < H; j++) xproj[r * H + j] = c->B ? c->B[j] + c->B[H + j] : 0.0f;
-    rnn_train_input_forward(c, T * B, H, X, xproj, 1);
+    rnn_train_input_forward(c, T * B, H, X, xproj);
     rnn_packed Rp;
     const int packed = rnn_train_pack(&Rp, c->R, H, H, 0);
     for (int64_t t = 0; t < T; t++) {

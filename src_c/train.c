@@ -65,21 +65,19 @@ rnn_status rnn_train_backward(const rnn_train_cell *c, int64_t T, int64_t B, con
 }
 
 /* ---- the input's product ------------------------------------------------------------------ */
-void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj, int init) {
+void rnn_train_input_forward(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj) {
     if (c->x_projected) {
-        if (init)
-            for (int64_t k = 0; k < N * GH; k++) xproj[k] += X[k];
-        else
-            memcpy(xproj, X, sizeof(float) * (size_t)(N * GH));
+        for (int64_t k = 0; k < N * GH; k++) xproj[k] += X[k];
         return;
     }
     const int64_t I = c->input_size;
-    rnn_train_gemm_weights(N, X, I, c->W, GH, I, 0, xproj, GH, init); /* xproj (+)= X @ W^T */
+    rnn_train_gemm_weights(N, X, I, c->W, GH, I, 0, xproj, GH, 1); /* xproj += X @ W^T */
 }
 
 const float *rnn_train_input_product(const rnn_train_cell *c, int64_t N, int64_t GH, const float *X, float *xproj) {
     if (c->x_projected) return X;
-    rnn_train_input_forward(c, N, GH, X, xproj, 0);
+    const int64_t I = c->input_size;
+    rnn_train_gemm_weights(N, X, I, c->W, GH, I, 0, xproj, GH, 0); /* xproj = X @ W^T */
     return xproj;
 }
 

@@ -8,7 +8,6 @@ hidden_size) (h of a projected LSTM layer: proj_size instead).
 """
 from __future__ import annotations
 
-
 from typing import Any, cast
 
 import numpy as np

@@ -198,13 +198,17 @@ class Network:
         src = grads if isinstance(grads, np.ndarray) else (self.grads if grads else self.params)
         return src[off:off + int(np.prod(shape))].reshape(shape)
 
-    def _spec(self, l, d, grads=False):
+    def _spec(self, l, d, grads=False, projected=False):
+        """The C cell of layer l, direction d (its gradients' views with grads); projected: its
+        input is the caller's product with W (the embedding's tables, _embedding_product)."""
         c = self.config
         s = {"kind": self.kind, "H": self.H, "I": (c["embedding"] or c["input_size"]) if l == 0 else self.D * self.H,
              "clip": c["clip"], "linear_before_reset": c["linear_before_reset"], "relu": int(c["relu"]),
              "W": self.tensor(f"layer{l}.W", grads)[d], "R": self.tensor(f"layer{l}.R", grads)[d],
              "B": self.tensor(f"layer{l}.B", grads)[d],
              "P": self.tensor(f"layer{l}.P", grads)[d] if c["peepholes"] else None}
+        if projected:
+            s["x_projected"] = True
         return s
 
     def _checked_state(self, state, batch):
@@ -313,22 +317,22 @@ class Network:
         batch, so every thread count takes the same path."""
         return bool(self.config["embedding"]) and 2 * self.config["input_size"] <= tokens
 
-    def _embedding_product(self, ids, d, rows):
+    def _embedding_product(self, ids, d, block):
         """The first layer's input product for direction d, X_in @ W^T with X_in the embedding
         rows of ids (T, B), as rows of the table E @ W^T (vocabulary, G*H): the same sums
         regrouped (tests/test_train.py compares both paths)."""
         W, emb = self._spec(0, d)["W"], self.tensor("embedding")
-        table = self._scratch(("table", d, rows), (emb.shape[0], W.shape[0]))
+        table = self._scratch(("table", d, block), (emb.shape[0], W.shape[0]))
         np.matmul(emb, W.T, out=table)
-        xp = self._scratch(("xproj", d, rows), ids.shape + (W.shape[0],))
+        xp = self._scratch(("xproj", d, block), ids.shape + (W.shape[0],))
         _core.embedding_forward(ids.reshape(-1), table, xp)
         return xp
 
-    def _embedding_grads(self, ids, d, dxp, grads, rows):
+    def _embedding_grads(self, ids, d, dxp, grads, block):
         """From the gradient of _embedding_product's rows (T, B, G*H): the table's gradient
         (each token's rows summed), then W's (dTable^T E) and the embedding's (dTable W)."""
         W, emb = self._spec(0, d)["W"], self.tensor("embedding")
-        dtable = self._scratch(("dtable", d, rows), (emb.shape[0], W.shape[0]))
+        dtable = self._scratch(("dtable", d, block), (emb.shape[0], W.shape[0]))
         dtable[:] = 0
         _core.embedding_backward(ids.reshape(-1), dxp, dtable)
         # only the tokens that occur, as the embedding rows' products read them: an unused
@@ -337,37 +341,32 @@ class Network:
         self._spec(0, d, grads=grads)["W"][...] += dtable[used].T @ emb[used]
         self.tensor("embedding", grads)[used] += dtable[used] @ W
 
-    def _forward_rows(self, inputs, state, rows=0, fold=False):
-        """forward() of one block of rows (``rows``: the block's index, which keys its
-        buffers): (logits, final state, tape for backward). fold: the embedding goes through
-        the first layer's tables."""
+    def _forward_rows(self, inputs, state, block=0, fold=False):
+        """forward() of one block of rows (``block``: its index, which keys its buffers):
+        (logits, final state, tape for backward). fold: the embedding goes through the first
+        layer's tables (layer 0 then takes the token ids themselves)."""
         c = self.config
         T, B = inputs.shape[:2]
-        ids = None
+        ids = inputs if c["embedding"] else None
+        X = inputs
         if c["embedding"] and not fold:
-            ids = inputs
-            X = self._scratch(("emb", rows), (T, B, c["embedding"]))
+            X = self._scratch(("emb", block), (T, B, c["embedding"]))
             _core.embedding_forward(ids.reshape(-1), self.tensor("embedding"), X)
-        elif fold:
-            ids = X = inputs
-        else:
-            X = inputs
         layers = []
         new_state = []
         for l in range(self.L):
             h0s, c0s = (state[l] if self.kind == "LSTM" else (state[l], None))
-            out = self._scratch(("out", l, rows), (T, B, self.D * self.H)) if self.D > 1 else None
+            out = self._scratch(("out", l, block), (T, B, self.D * self.H)) if self.D > 1 else None
             hN, cN = np.empty_like(h0s), (np.empty_like(c0s) if c0s is not None else None)
             dirs = []
             for d in range(self.D):
-                spec = self._spec(l, d)
+                spec = self._spec(l, d, projected=fold and l == 0)
                 Xd = X if d == 0 else np.ascontiguousarray(X[::-1])
                 if fold and l == 0:  # Xd: token ids; the cell takes their product with W
-                    spec["x_projected"] = True
-                    Xd = self._embedding_product(Xd, d, rows)
+                    Xd = self._embedding_product(Xd, d, block)
                 S, Wk = _core.train_sizes(spec, T, B)
-                Y = self._scratch(("Y", l, d, rows), (T, B, self.H))
-                saved, work = self._scratch(("saved", l, d, rows), (S,)), self._scratch(("work", rows), (Wk,))
+                Y = self._scratch(("Y", l, d, block), (T, B, self.H))
+                saved, work = self._scratch(("saved", l, d, block), (S,)), self._scratch(("work", block), (Wk,))
                 h0 = np.ascontiguousarray(h0s[d])
                 c0 = np.ascontiguousarray(c0s[d]) if c0s is not None else None
                 _core.train_forward(spec, Xd, h0, c0, Y, hN[d], cN[d] if cN is not None else None, saved, work)
@@ -416,13 +415,13 @@ class Network:
             self.grads += g
         return np.concatenate(dXs, axis=1) if input_grad and not self.config["embedding"] else None
 
-    def _backward_rows(self, tape, dlogits, grads, input_grad, rows=0):
-        """backward() of one block of rows (``rows``: the block's index), accumulating into
-        the flat array grads."""
+    def _backward_rows(self, tape, dlogits, grads, input_grad, block=0):
+        """backward() of one block of rows (``block``: its index), accumulating into the flat
+        array grads."""
         c = self.config
         ids, layers, top, fold = tape
         T, B = dlogits.shape[:2]
-        dX = self._scratch(("dtop", rows), top.shape)
+        dX = self._scratch(("dtop", block), top.shape)
         _core.dense_backward(top.reshape(T * B, -1), self.tensor("head.W"), dlogits.reshape(T * B, -1),
                              self.tensor("head.W", grads), self.tensor("head.b", grads), dX.reshape(T * B, -1))
         for l in reversed(range(self.L)):
@@ -432,20 +431,18 @@ class Network:
             need_dx = l > 0 or bool(c["embedding"]) or input_grad
             folded = fold and l == 0  # dXd: the gradient of the input product (_embedding_grads)
             for d, (Xd, h0, c0, Y, saved) in enumerate(layers[l]):
-                spec, gspec = self._spec(l, d), self._spec(l, d, grads=grads)
-                if folded:
-                    spec["x_projected"] = True
+                spec, gspec = self._spec(l, d, projected=folded), self._spec(l, d, grads=grads)
                 dY = (dY_all if self.D == 1 else
                       np.ascontiguousarray(dY_all[:, :, d * self.H:(d + 1) * self.H] if d == 0
                                            else dY_all[::-1, :, d * self.H:(d + 1) * self.H]))
                 _, Wk = _core.train_sizes(spec, T, B)
                 # (a returned input gradient is the caller's: a fresh array)
                 dXd = None if not need_dx else (np.empty(Xd.shape, np.float32) if l == 0 and input_grad else
-                                                self._scratch(("dX", l, d, rows), Xd.shape))
+                                                self._scratch(("dX", l, d, block), Xd.shape))
                 _core.train_backward(spec, Xd, h0, c0, Y, saved, dY, None, None, dXd, gspec["W"], gspec["R"],
-                                     gspec["B"], gspec["P"], None, None, self._scratch(("work", rows), (Wk,)))
+                                     gspec["B"], gspec["P"], None, None, self._scratch(("work", block), (Wk,)))
                 if folded:
-                    self._embedding_grads(ids if d == 0 else np.ascontiguousarray(ids[::-1]), d, dXd, grads, rows)
+                    self._embedding_grads(ids if d == 0 else np.ascontiguousarray(ids[::-1]), d, dXd, grads, block)
                 elif need_dx:
                     dXd = dXd if d == 0 else dXd[::-1]
                     dX = dXd if dX is None else dX + dXd
